@@ -1,0 +1,133 @@
+"""/v1/files: upload (multipart, streamed), list, retrieve, delete, content."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+from control_plane import files as file_repo
+from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.errors import ApiError, not_found
+from control_plane.api.schemas import FileDeleted, FilePublic, Page
+from control_plane.datasets import DatasetError, validate_jsonl
+from control_plane.ids import new_id
+from control_plane.storage import file_key
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+@router.post("", response_model=FilePublic)
+def upload_file(
+    services: ServicesDep,
+    caller: Writer,
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+) -> FilePublic:
+    """Validate a JSONL dataset and store it; nothing is kept when it is refused."""
+    if purpose not in file_repo.PURPOSES:
+        raise ApiError(
+            400, "invalid_purpose", f"purpose must be 'fine-tune', not {purpose!r}", "purpose"
+        )
+    filename = (file.filename or "upload.jsonl").replace("/", "_").replace("\\", "_")[:255]
+    settings = services.settings
+    try:
+        stats = validate_jsonl(
+            file.file,
+            max_bytes=settings.max_upload_bytes,
+            max_example_tokens=settings.max_example_tokens,
+        )
+    except DatasetError as exc:
+        status = 413 if exc.code == "file_too_large" else 400
+        raise ApiError(status, exc.code, f"{filename}: {exc.message}", "file") from exc
+    file.file.seek(0)
+    file_id = new_id("file")
+    key = file_key(caller.tenant_id, file_id)
+    info = services.store.put_stream(
+        key, file.file, max_bytes=settings.max_upload_bytes, write_once=True
+    )
+    try:
+        with services.engine.begin() as conn:
+            record = file_repo.insert_file(
+                conn,
+                file_id=file_id,
+                tenant_id=caller.tenant_id,
+                filename=filename,
+                purpose=purpose,
+                size=info.size,
+                sha256=info.sha256,
+                object_key=key,
+                format=stats.format,
+                examples=stats.examples,
+                tokens=stats.tokens,
+            )
+    except Exception:
+        services.store.delete(key)
+        raise
+    return FilePublic.of(record)
+
+
+@router.get("", response_model=Page)
+def list_files(
+    conn: ConnDep,
+    caller: Caller,
+    services: ServicesDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 100,
+) -> Page:
+    try:
+        found, more = file_repo.list_files(
+            conn, caller.tenant_id, purpose=purpose, after=after, limit=limit
+        )
+    except LookupError:
+        raise not_found("file", after or "", "after") from None
+    data = [FilePublic.of(f) for f in found]
+    return Page(
+        data=data,
+        has_more=more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{file_id}", response_model=FilePublic)
+def retrieve_file(file_id: str, conn: ConnDep, caller: Caller) -> FilePublic:
+    record = file_repo.get_file(conn, caller.tenant_id, file_id)
+    if record is None:
+        raise not_found("file", file_id)
+    return FilePublic.of(record)
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, conn: ConnDep, caller: Writer, services: ServicesDep) -> FileDeleted:
+    record = file_repo.get_file(conn, caller.tenant_id, file_id)
+    if record is None:
+        raise not_found("file", file_id)
+    user = file_repo.used_by_unfinished_job(conn, file_id)
+    if user is not None:
+        raise ApiError(
+            409,
+            "file_in_use",
+            f"File {file_id} is used by job {user}, which has not finished; cancel it or wait.",
+        )
+    file_repo.mark_deleted(conn, caller.tenant_id, file_id)
+    conn.commit()
+    services.store.delete(record.object_key)
+    return FileDeleted(id=file_id)
+
+
+@router.get("/{file_id}/content")
+def file_content(
+    file_id: str, conn: ConnDep, caller: Caller, services: ServicesDep
+) -> StreamingResponse:
+    record = file_repo.get_file(conn, caller.tenant_id, file_id)
+    if record is None:
+        raise not_found("file", file_id)
+    stream = services.store.open_stream(record.object_key, expected_sha256=record.sha256)
+    return StreamingResponse(
+        stream,
+        media_type="application/jsonl",
+        headers={"Content-Length": str(record.bytes), "X-Content-SHA256": record.sha256},
+    )

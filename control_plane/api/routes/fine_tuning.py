@@ -1,0 +1,200 @@
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query
+from pydantic import ValidationError
+
+from control_plane import base_models, jobs
+from control_plane import events as event_repo
+from control_plane import files as file_repo
+from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.errors import ApiError, describe_validation_errors, not_found
+from control_plane.api.schemas import CheckpointPublic, EventPublic, JobCreate, JobPublic, Page
+from control_plane.hyperparameters import Hyperparameters
+from control_plane.queue import JobStateError
+from control_plane.records import JobRecord
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def _public(conn: ConnDep, job: JobRecord) -> JobPublic:
+    base = base_models.get_base_model(conn, job.base_model_id)
+    return JobPublic.of(job, base.name if base else job.base_model_id)
+
+
+def _owned_job(conn: ConnDep, caller: Caller, job_id: str) -> JobRecord:
+    job = jobs.get_job(conn, caller.tenant_id, job_id)
+    if job is None:
+        raise not_found("fine_tuning_job", job_id)
+    return job
+
+
+def _file_for_training(conn: ConnDep, tenant_id: str, file_id: str, param: str) -> None:
+    record = file_repo.get_file(conn, tenant_id, file_id)
+    if record is None:
+        raise ApiError(400, "file_not_found", f"{param}: no file with id {file_id!r}", param)
+    if record.purpose != "fine-tune":
+        raise ApiError(
+            400,
+            "invalid_file_purpose",
+            f"{param}: file {file_id} was not uploaded with purpose 'fine-tune'",
+            param,
+        )
+
+
+@router.post("", response_model=JobPublic)
+def create_job(
+    body: JobCreate,
+    conn: ConnDep,
+    caller: Writer,
+    services: ServicesDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> JobPublic:
+    try:
+        hp = Hyperparameters(**body.merged_hyperparameters())
+    except ValidationError as exc:
+        message, param = describe_validation_errors(list(exc.errors()))
+        raise ApiError(
+            400,
+            "invalid_hyperparameters",
+            f"hyperparameters: {message}",
+            f"hyperparameters.{param}" if param else "hyperparameters",
+        ) from None
+    except TypeError as exc:
+        raise ApiError(
+            400, "invalid_hyperparameters", f"hyperparameters: {exc}", "hyperparameters"
+        ) from None
+    base = base_models.get_base_model(conn, body.model)
+    if base is None:
+        raise ApiError(
+            400,
+            "model_not_found",
+            f"model: no base model named {body.model!r}; list them with GET /v1/models",
+            "model",
+        )
+    if base.status != "ready":
+        raise ApiError(
+            400,
+            "model_not_ready",
+            f"model: base model {base.name} is {base.status}, not ready",
+            "model",
+        )
+    _file_for_training(conn, caller.tenant_id, body.training_file, "training_file")
+    if body.validation_file is not None:
+        _file_for_training(conn, caller.tenant_id, body.validation_file, "validation_file")
+    new = jobs.NewJob(
+        tenant_id=caller.tenant_id,
+        base_model_id=base.id,
+        training_file_id=body.training_file,
+        validation_file_id=body.validation_file,
+        hyperparameters=hp.model_dump(mode="json"),
+        suffix=body.suffix,
+        adapter_name=body.adapter_name,
+        priority=body.priority,
+        max_attempts=body.max_attempts or services.settings.max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    try:
+        job, created = jobs.create_job(conn, new)
+    except jobs.IdempotencyConflictError as exc:
+        raise ApiError(409, "idempotency_key_reused", str(exc), "Idempotency-Key") from None
+    public = _public(conn, job)
+    if created:
+        conn.commit()
+        services.dispatch_validation(job.id)
+    return public
+
+
+@router.get("", response_model=Page)
+def list_jobs(
+    conn: ConnDep,
+    caller: Caller,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page:
+    try:
+        found, more = jobs.list_jobs(conn, caller.tenant_id, after=after, limit=limit)
+    except LookupError:
+        raise not_found("fine_tuning_job", after or "", "after") from None
+    data = [_public(conn, j) for j in found]
+    return Page(
+        data=data,
+        has_more=more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def retrieve_job(job_id: str, conn: ConnDep, caller: Caller) -> JobPublic:
+    return _public(conn, _owned_job(conn, caller, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, conn: ConnDep, caller: Writer, services: ServicesDep) -> JobPublic:
+    _owned_job(conn, caller, job_id)
+    try:
+        job = services.queue.request_cancel(job_id)
+    except JobStateError as exc:
+        raise ApiError(
+            409,
+            "job_not_cancellable",
+            f"Job {job_id} is already {exc.status}; only unfinished jobs can be cancelled.",
+        ) from None
+    return _public(conn, job)
+
+
+@router.get("/{job_id}/events", response_model=Page)
+def list_events(
+    job_id: str,
+    conn: ConnDep,
+    caller: Caller,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
+) -> Page:
+    """Newest first (OpenAI's order) unless `order=asc`; `after` is an event id."""
+    _owned_job(conn, caller, job_id)
+    after_id: int | None = None
+    if after is not None:
+        try:
+            after_id = int(after.removeprefix("ftevent-"))
+        except ValueError:
+            raise ApiError(
+                400, "invalid_cursor", f"after: {after!r} is not an event id", "after"
+            ) from None
+    found = event_repo.list_events(
+        conn, job_id, after=after_id, limit=limit + 1, newest_first=order == "desc"
+    )
+    data = [EventPublic.of(e) for e in found[:limit]]
+    return Page(
+        data=data,
+        has_more=len(found) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=Page)
+def list_checkpoints(
+    job_id: str,
+    conn: ConnDep,
+    caller: Caller,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> Page:
+    _owned_job(conn, caller, job_id)
+    try:
+        found, more = jobs.list_checkpoints(conn, job_id, after=after, limit=limit)
+    except LookupError:
+        raise not_found("checkpoint", after or "", "after") from None
+    data = [CheckpointPublic.of(c) for c in found]
+    return Page(
+        data=data,
+        has_more=more,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )

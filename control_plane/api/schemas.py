@@ -1,0 +1,310 @@
+"""Request and response schemas, OpenAI-shaped where OpenAI has the same thing."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from control_plane.records import (
+    BaseModelRecord,
+    CheckpointRecord,
+    FileRecord,
+    JobEventRecord,
+    JobRecord,
+)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _ts(value: datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+class Page(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool = False
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FilePublic(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None = None
+    sha256: str
+    format: str | None
+    examples: int | None
+    tokens: int | None
+
+    @classmethod
+    def of(cls, f: FileRecord) -> FilePublic:
+        return cls(
+            id=f.id,
+            bytes=f.bytes,
+            created_at=_ts(f.created_at) or 0,
+            filename=f.filename,
+            purpose=f.purpose,
+            status=f.status,
+            status_details=f.status_details,
+            sha256=f.sha256,
+            format=f.format,
+            examples=f.examples,
+            tokens=f.tokens,
+        )
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: dict[str, Any] | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(BaseModel):
+    """OpenAI's job-create body plus loraforge's own fields; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    hyperparameters: dict[str, Any] | None = None
+    method: Method | None = None
+    suffix: str | None = Field(default=None, max_length=64)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = None
+    integrations: list[Any] | None = None
+    # loraforge's own.
+    priority: int = Field(default=0, ge=-100, le=100)
+    adapter_name: str | None = None
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
+
+    @field_validator("suffix", "adapter_name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError(
+                "use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("integrations are not supported by loraforge")
+        return value
+
+    def merged_hyperparameters(self) -> dict[str, Any]:
+        """Top-level `hyperparameters`, or `method.supervised.hyperparameters`, without 'auto'."""
+        raw: dict[str, Any] = dict(self.hyperparameters or {})
+        if self.method is not None and self.method.supervised is not None:
+            raw.update(self.method.supervised.hyperparameters or {})
+        merged = {k: v for k, v in raw.items() if v != "auto"}
+        if self.seed is not None:
+            merged["seed"] = self.seed
+        return merged
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    error: JobError | None
+    fine_tuned_model: str | None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str] = []
+    seed: int
+    status: str
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None = None
+    integrations: list[Any] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any]
+    # loraforge's own.
+    priority: int
+    attempt: int
+    max_attempts: int
+    progress: float | None
+    eta_seconds: float | None
+    adapter_name: str | None
+    suffix: str | None
+
+    @classmethod
+    def of(cls, job: JobRecord, base_name: str) -> JobPublic:
+        hp = job.hyperparameters
+        error = None
+        if job.error_code and job.status in ("failed", "queued", "cancelled"):
+            error = JobError(
+                code=job.error_code, message=job.error_message or "", param=job.error_param
+            )
+        estimated = None
+        if job.status == "running" and job.eta_seconds is not None:
+            estimated = int(datetime.now().timestamp() + job.eta_seconds)
+        return cls(
+            id=job.id,
+            created_at=_ts(job.created_at) or 0,
+            finished_at=_ts(job.finished_at),
+            error=error,
+            fine_tuned_model=job.fine_tuned_model,
+            hyperparameters=hp,
+            model=base_name,
+            organization_id=job.tenant_id,
+            seed=int(hp.get("seed", 0)),
+            status=job.status,
+            trained_tokens=job.trained_tokens,
+            training_file=job.training_file_id,
+            validation_file=job.validation_file_id,
+            estimated_finish=estimated,
+            method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+            priority=job.priority,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            progress=job.progress,
+            eta_seconds=job.eta_seconds,
+            adapter_name=job.adapter_name,
+            suffix=job.suffix,
+        )
+
+
+class EventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, e: JobEventRecord) -> EventPublic:
+        return cls(
+            id=f"ftevent-{e.id}",
+            created_at=_ts(e.created_at) or 0,
+            level=e.level,
+            message=e.message,
+            type=e.type,
+            data=e.data,
+        )
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int
+
+    @classmethod
+    def of(cls, c: CheckpointRecord) -> CheckpointPublic:
+        return cls(
+            id=c.id,
+            created_at=_ts(c.created_at) or 0,
+            fine_tuned_model_checkpoint=f"{c.job_id}:ckpt-step-{c.step}",
+            fine_tuning_job_id=c.job_id,
+            metrics=c.metrics or {},
+            step_number=c.step,
+        )
+
+
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # loraforge's own: what kind of model, and for adapters the base they apply to.
+    kind: Literal["base", "adapter"]
+    base_model: str | None = None
+
+
+class BaseModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    source: str = Field(min_length=1, max_length=2000)
+    source_kind: Literal["gguf", "dir", "hub", "object"]
+    revision: str | None = Field(default=None, max_length=200)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    architecture: str | None = Field(default=None, max_length=100)
+    parameter_count: int | None = Field(default=None, ge=1)
+    has_chat_template: bool = False
+
+
+class BaseModelPublic(BaseModel):
+    id: str
+    object: Literal["base_model"] = "base_model"
+    name: str
+    source: str
+    source_kind: str
+    revision: str | None
+    sha256: str | None
+    architecture: str | None
+    parameter_count: int | None
+    has_chat_template: bool
+    status: str
+    created_at: int
+
+    @classmethod
+    def of(cls, b: BaseModelRecord) -> BaseModelPublic:
+        return cls(
+            id=b.id,
+            name=b.name,
+            source=b.source,
+            source_kind=b.source_kind,
+            revision=b.revision,
+            sha256=b.sha256,
+            architecture=b.architecture,
+            parameter_count=b.parameter_count,
+            has_chat_template=b.has_chat_template,
+            status=b.status,
+            created_at=_ts(b.created_at) or 0,
+        )
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(default="default", min_length=1, max_length=128)
+    role: Literal["admin", "member", "reader"] = "member"
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str
+    prefix: str
+    role: str
+    created_at: int
+    revoked: bool
+    key: str | None = None  # the plaintext, only in the response that created it

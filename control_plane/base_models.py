@@ -1,0 +1,73 @@
+"""Registered base models: the frozen checkpoints that adapters are trained against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from sqlalchemy import Connection, Table, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from control_plane.ids import new_id
+from control_plane.models import BaseModel
+from control_plane.records import BaseModelRecord
+
+base_models = cast(Table, BaseModel.__table__)
+
+SOURCE_KINDS = ("gguf", "dir", "hub", "object")
+
+
+class BaseModelExistsError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class NewBaseModel:
+    name: str
+    source: str
+    source_kind: str
+    revision: str | None = None
+    sha256: str | None = None
+    architecture: str | None = None
+    parameter_count: int | None = None
+    has_chat_template: bool = False
+    status: str = "ready"
+
+
+def register_base_model(conn: Connection, new: NewBaseModel) -> BaseModelRecord:
+    try:
+        with conn.begin_nested():
+            row = conn.execute(
+                insert(base_models)
+                .values(id=new_id("base"), **new.__dict__)
+                .returning(*base_models.c)
+            ).one()
+    except IntegrityError as exc:
+        raise BaseModelExistsError(
+            f"a base model named {new.name!r} is already registered"
+        ) from exc
+    return BaseModelRecord.from_row(row)
+
+
+def update_base_model(conn: Connection, base_id: str, **values: object) -> BaseModelRecord:
+    row = conn.execute(
+        update(base_models)
+        .where(base_models.c.id == base_id)
+        .values(**values)
+        .returning(*base_models.c)
+    ).one()
+    return BaseModelRecord.from_row(row)
+
+
+def get_base_model(conn: Connection, name_or_id: str) -> BaseModelRecord | None:
+    row = conn.execute(
+        select(base_models).where(
+            or_(base_models.c.name == name_or_id, base_models.c.id == name_or_id)
+        )
+    ).one_or_none()
+    return BaseModelRecord.from_row(row) if row else None
+
+
+def list_base_models(conn: Connection) -> list[BaseModelRecord]:
+    rows = conn.execute(select(base_models).order_by(base_models.c.created_at)).all()
+    return [BaseModelRecord.from_row(r) for r in rows]

@@ -1,0 +1,173 @@
+"""The `loraforge` command: bring the platform up, administer it, run its parts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from control_plane.settings import Settings
+
+DEFAULT_TENANT = "default"
+
+
+def _database_url(settings: Settings) -> str:
+    from control_plane import db
+
+    return db.resolve_database_url(settings)
+
+
+def ensure_admin_key(settings: Settings, database_url: str) -> str:
+    """The admin key of the default tenant, created on first start and kept in LORAFORGE_HOME.
+
+    Keys are stored hashed, so the plaintext lives only in `<home>/admin-key` (mode 0600): a
+    second `up` finds it there and prints it again.
+    """
+    from control_plane import db, tenants
+
+    key_file = settings.home / "admin-key"
+    engine = db.make_engine(database_url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            if key_file.exists():
+                existing = key_file.read_text().strip()
+                if tenants.authenticate(conn, settings.secret_key, existing) is not None:
+                    return existing
+            tenant = tenants.get_tenant_by_name(conn, DEFAULT_TENANT) or tenants.create_tenant(
+                conn, DEFAULT_TENANT
+            )
+            _, plaintext = tenants.create_api_key(
+                conn, settings.secret_key, tenant.id, role="admin", name="bootstrap"
+            )
+    finally:
+        engine.dispose()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(plaintext + "\n")
+    return plaintext
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from control_plane import db
+
+    url = _database_url(settings)
+    if args.revision.startswith("-") or args.downgrade:
+        db.downgrade(url, args.revision)
+    else:
+        db.upgrade(url, args.revision)
+    print(f"schema at {args.revision}")
+    return 0
+
+
+def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
+    from control_plane import db, tenants
+
+    url = _database_url(settings)
+    db.upgrade(url)
+    engine = db.make_engine(url, pool_size=1)
+    try:
+        with engine.begin() as conn:
+            tenant = tenants.get_tenant_by_name(conn, args.tenant)
+            if tenant is None:
+                tenant = tenants.create_tenant(
+                    conn, args.tenant, max_running_jobs=args.max_running_jobs
+                )
+            _, plaintext = tenants.create_api_key(
+                conn, settings.secret_key, tenant.id, role=args.role, name=args.name
+            )
+    finally:
+        engine.dispose()
+    print(plaintext)
+    return 0
+
+
+def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
+    """The celery worker as a child process that shares this process's settings."""
+    env = dict(os.environ)
+    env["LORAFORGE_DATABASE_URL"] = database_url
+    env["LORAFORGE_HOME"] = str(settings.home)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "control_plane.tasks:celery_app",
+            "worker",
+            "--pool=threads",
+            "--concurrency=2",
+            "--loglevel=WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-B",
+            "-s",
+            str(settings.home / "celerybeat-schedule"),
+        ],
+        env=env,
+    )
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from control_plane import db, tasks
+    from control_plane.api.app import create_app
+    from control_plane.services import build_services
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    url = _database_url(settings)
+    db.upgrade(url)
+    key = ensure_admin_key(settings, url)
+    services = build_services(settings, database_url=url)
+    tasks.configure(services)
+    celery = start_celery_worker(url, settings)
+    port = args.port or settings.port
+    base = f"http://{settings.host}:{port}"
+    print(f"loraforge is up at {base}  (OpenAPI: {base}/docs)")
+    print(f"admin key: {key}")
+    print(f"data: {settings.home}")
+    sys.stdout.flush()
+    try:
+        uvicorn.run(create_app(services), host=settings.host, port=port, log_level="warning")
+    finally:
+        celery.terminate()
+        celery.wait(timeout=30)
+        services.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the embedded platform (PostgreSQL, API, celery)")
+    up.add_argument("--port", type=int, default=None)
+    up.set_defaults(func=cmd_up)
+
+    migrate = sub.add_parser("migrate", help="bring the database schema to a revision")
+    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.add_argument("--downgrade", action="store_true")
+    migrate.set_defaults(func=cmd_migrate)
+
+    admin = sub.add_parser("admin", help="administration")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    create_key = admin_sub.add_parser("create-key", help="create an API key (and its tenant)")
+    create_key.add_argument("--tenant", default=DEFAULT_TENANT)
+    create_key.add_argument("--role", choices=("admin", "member", "reader"), default="admin")
+    create_key.add_argument("--name", default="cli")
+    create_key.add_argument("--max-running-jobs", type=int, default=None)
+    create_key.set_defaults(func=cmd_create_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    return int(args.func(args, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

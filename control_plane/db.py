@@ -1,0 +1,111 @@
+"""Database connections: URL normalisation, the embedded PostgreSQL, engines and migrations.
+
+Nothing here runs at import time: callers build engines from a `Settings` object.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from control_plane.settings import Settings
+
+_embedded_lock = threading.Lock()
+_embedded_servers: dict[Path, Any] = {}
+
+
+def normalize_url(url: str) -> str:
+    """Use the psycopg 3 driver whatever flavour of PostgreSQL URL was given."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def libpq_url(url: str) -> str:
+    """The same URL for libpq (psycopg.connect), without SQLAlchemy's driver suffix."""
+    parsed = make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
+
+def start_embedded_postgres(data_dir: Path) -> str:
+    """Start (or find running) a real PostgreSQL through `pgserver`; return its URL.
+
+    The server keeps running after this process exits so that a second `loraforge up` and the
+    trainers find the same data; it is started at most once per process.
+    """
+    import pgserver
+
+    data_dir = data_dir.resolve()
+    with _embedded_lock:
+        server = _embedded_servers.get(data_dir)
+        if server is None:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            server = pgserver.get_server(data_dir, cleanup_mode=None)  # type: ignore[attr-defined]
+            _embedded_servers[data_dir] = server
+        return normalize_url(str(server.get_uri()))
+
+
+def resolve_database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return normalize_url(settings.database_url)
+    return start_embedded_postgres(settings.home / "pgdata")
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    return create_engine(
+        normalize_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        future=True,
+    )
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+# Tables in the database that are not loraforge's schema (kombu's SQLAlchemy transport, used as
+# the embedded celery broker, creates its own).
+FOREIGN_TABLE_PREFIXES = ("kombu_",)
+
+
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """Alembic filter: compare and migrate only loraforge's own tables."""
+    if type_ == "table" and name is not None:
+        return not name.startswith(FOREIGN_TABLE_PREFIXES)
+    return True
+
+
+def migrations_dir() -> Path:
+    import migrations
+
+    return Path(migrations.__file__).resolve().parent
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Bring the schema to `revision` (alembic is the only way the schema changes)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str = "base") -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)

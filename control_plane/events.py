@@ -1,0 +1,52 @@
+"""Job events: ordered per job, written in the same transaction as the change they describe."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, insert, select
+
+from control_plane.models import JobEvent
+from control_plane.records import JobEventRecord
+
+events = cast(Table, JobEvent.__table__)
+
+
+def add_event(
+    conn: Connection,
+    job_id: str,
+    message: str,
+    *,
+    type: str = "message",
+    level: str = "info",
+    data: dict[str, Any] | None = None,
+) -> int:
+    """Append one event to a job's stream; returns its id (monotonic per database)."""
+    result = conn.execute(
+        insert(events)
+        .values(job_id=job_id, message=message, type=type, level=level, data=data)
+        .returning(events.c.id)
+    )
+    return int(result.scalar_one())
+
+
+def list_events(
+    conn: Connection,
+    job_id: str,
+    *,
+    after: int | None = None,
+    limit: int = 20,
+    newest_first: bool = True,
+) -> list[JobEventRecord]:
+    """A page of a job's events. `after` is an event id: the page continues past it in order."""
+    query = select(events).where(events.c.job_id == job_id)
+    if newest_first:
+        if after is not None:
+            query = query.where(events.c.id < after)
+        query = query.order_by(events.c.id.desc())
+    else:
+        if after is not None:
+            query = query.where(events.c.id > after)
+        query = query.order_by(events.c.id.asc())
+    rows = conn.execute(query.limit(limit)).all()
+    return [JobEventRecord.from_row(row) for row in rows]

@@ -1,0 +1,118 @@
+"""Uploaded dataset files: rows in Postgres, bytes in the object store, scoped per tenant."""
+
+from __future__ import annotations
+
+from typing import cast
+
+from sqlalchemy import Connection, Table, and_, func, insert, or_, select, update
+
+from control_plane.models import File
+from control_plane.records import FileRecord
+
+files = cast(Table, File.__table__)
+
+PURPOSES = ("fine-tune",)
+
+
+def insert_file(
+    conn: Connection,
+    *,
+    file_id: str,
+    tenant_id: str,
+    filename: str,
+    purpose: str,
+    size: int,
+    sha256: str,
+    object_key: str,
+    format: str | None,
+    examples: int | None,
+    tokens: int | None,
+) -> FileRecord:
+    row = conn.execute(
+        insert(files)
+        .values(
+            id=file_id,
+            tenant_id=tenant_id,
+            filename=filename,
+            purpose=purpose,
+            bytes=size,
+            sha256=sha256,
+            object_key=object_key,
+            status="processed",
+            format=format,
+            examples=examples,
+            tokens=tokens,
+        )
+        .returning(*files.c)
+    ).one()
+    return FileRecord.from_row(row)
+
+
+def get_file(conn: Connection, tenant_id: str, file_id: str) -> FileRecord | None:
+    row = conn.execute(
+        select(files).where(
+            files.c.id == file_id, files.c.tenant_id == tenant_id, files.c.deleted_at.is_(None)
+        )
+    ).one_or_none()
+    return FileRecord.from_row(row) if row else None
+
+
+def get_file_unscoped(conn: Connection, file_id: str) -> FileRecord | None:
+    row = conn.execute(select(files).where(files.c.id == file_id)).one_or_none()
+    return FileRecord.from_row(row) if row else None
+
+
+def list_files(
+    conn: Connection,
+    tenant_id: str,
+    *,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = 100,
+) -> tuple[list[FileRecord], bool]:
+    query = select(files).where(files.c.tenant_id == tenant_id, files.c.deleted_at.is_(None))
+    if purpose is not None:
+        query = query.where(files.c.purpose == purpose)
+    if after is not None:
+        cursor = conn.execute(
+            select(files.c.created_at, files.c.id).where(
+                files.c.id == after, files.c.tenant_id == tenant_id
+            )
+        ).one_or_none()
+        if cursor is None:
+            raise LookupError(after)
+        query = query.where(
+            or_(
+                files.c.created_at < cursor.created_at,
+                and_(files.c.created_at == cursor.created_at, files.c.id < cursor.id),
+            )
+        )
+    rows = conn.execute(
+        query.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit + 1)
+    ).all()
+    return [FileRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def mark_deleted(conn: Connection, tenant_id: str, file_id: str) -> bool:
+    """Soft delete: jobs and lineage keep referring to the id and its sha256."""
+    result = conn.execute(
+        update(files)
+        .where(files.c.id == file_id, files.c.tenant_id == tenant_id, files.c.deleted_at.is_(None))
+        .values(deleted_at=func.now())
+    )
+    return result.rowcount == 1
+
+
+def used_by_unfinished_job(conn: Connection, file_id: str) -> str | None:
+    """The id of an unfinished job that still needs this file, if any."""
+    from control_plane.models import Job
+
+    jobs = Job.__table__
+    return conn.execute(
+        select(jobs.c.id)
+        .where(
+            or_(jobs.c.training_file_id == file_id, jobs.c.validation_file_id == file_id),
+            jobs.c.status.in_(("validating_files", "queued", "running", "cancelling")),
+        )
+        .limit(1)
+    ).scalar()

@@ -1,0 +1,20 @@
+"""Public identifiers: a readable prefix and a random suffix (OpenAI-style `file-...`)."""
+
+from __future__ import annotations
+
+import secrets
+
+PREFIXES = {
+    "tenant": "tenant",
+    "key": "key",
+    "file": "file",
+    "job": "ftjob",
+    "checkpoint": "ftckpt",
+    "base": "base",
+    "adapter": "adapter",
+    "version": "adver",
+}
+
+
+def new_id(kind: str) -> str:
+    return f"{PREFIXES[kind]}-{secrets.token_hex(12)}"

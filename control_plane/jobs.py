@@ -1,0 +1,197 @@
+"""Job records: creation (with idempotency), tenant-scoped reads, pagination, checkpoints.
+
+State transitions after creation belong to `control_plane.queue`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, and_, insert, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from control_plane.events import add_event
+from control_plane.ids import new_id
+from control_plane.models import Job, JobCheckpoint
+from control_plane.records import CheckpointRecord, JobRecord
+
+jobs = cast(Table, Job.__table__)
+checkpoints = cast(Table, JobCheckpoint.__table__)
+
+
+class IdempotencyConflictError(Exception):
+    """The idempotency key was used before with a different request body."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    tenant_id: str
+    base_model_id: str
+    training_file_id: str
+    validation_file_id: str | None
+    hyperparameters: dict[str, Any]
+    suffix: str | None = None
+    adapter_name: str | None = None
+    priority: int = 0
+    max_attempts: int = 3
+    idempotency_key: str | None = None
+
+    def request_hash(self) -> str:
+        body = {k: v for k, v in self.__dict__.items() if k not in ("idempotency_key", "tenant_id")}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:
+    """Insert a job in `validating_files`; returns (job, created).
+
+    With an idempotency key, a repeat of the same request returns the first job; the same key
+    with a different body raises `IdempotencyConflictError`.
+    """
+    request_hash = new.request_hash()
+    if new.idempotency_key is not None:
+        existing = _by_idempotency_key(conn, new.tenant_id, new.idempotency_key)
+        if existing is not None:
+            return _replay(existing, request_hash), False
+    values = {
+        "id": new_id("job"),
+        "tenant_id": new.tenant_id,
+        "status": "validating_files",
+        "base_model_id": new.base_model_id,
+        "training_file_id": new.training_file_id,
+        "validation_file_id": new.validation_file_id,
+        "hyperparameters": new.hyperparameters,
+        "suffix": new.suffix,
+        "adapter_name": new.adapter_name,
+        "priority": new.priority,
+        "max_attempts": new.max_attempts,
+        "idempotency_key": new.idempotency_key,
+        "request_hash": request_hash,
+    }
+    try:
+        with conn.begin_nested():
+            row = conn.execute(insert(jobs).values(**values).returning(*jobs.c)).one()
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the race.
+        assert new.idempotency_key is not None
+        existing = _by_idempotency_key(conn, new.tenant_id, new.idempotency_key)
+        if existing is None:
+            raise
+        return _replay(existing, request_hash), False
+    add_event(conn, row.id, "Validating training file", data={"status": "validating_files"})
+    return JobRecord.from_row(row), True
+
+
+def _by_idempotency_key(conn: Connection, tenant_id: str, key: str) -> Any:
+    return conn.execute(
+        select(jobs).where(jobs.c.tenant_id == tenant_id, jobs.c.idempotency_key == key)
+    ).one_or_none()
+
+
+def _replay(row: Any, request_hash: str) -> JobRecord:
+    if row.request_hash != request_hash:
+        raise IdempotencyConflictError(
+            "this Idempotency-Key was already used for a different request; "
+            "use a new key for a new job"
+        )
+    return JobRecord.from_row(row)
+
+
+def get_job(conn: Connection, tenant_id: str, job_id: str) -> JobRecord | None:
+    row = conn.execute(
+        select(jobs).where(jobs.c.id == job_id, jobs.c.tenant_id == tenant_id)
+    ).one_or_none()
+    return JobRecord.from_row(row) if row else None
+
+
+def get_job_unscoped(conn: Connection, job_id: str) -> JobRecord | None:
+    """For trainers and celery tasks, which act for whichever tenant owns the job."""
+    row = conn.execute(select(jobs).where(jobs.c.id == job_id)).one_or_none()
+    return JobRecord.from_row(row) if row else None
+
+
+def list_jobs(
+    conn: Connection, tenant_id: str, *, after: str | None, limit: int
+) -> tuple[list[JobRecord], bool]:
+    """Newest first; `after` is the id of the last job of the previous page."""
+    query = select(jobs).where(jobs.c.tenant_id == tenant_id)
+    if after is not None:
+        cursor = conn.execute(
+            select(jobs.c.created_at, jobs.c.id).where(
+                jobs.c.id == after, jobs.c.tenant_id == tenant_id
+            )
+        ).one_or_none()
+        if cursor is None:
+            raise LookupError(after)
+        query = query.where(
+            or_(
+                jobs.c.created_at < cursor.created_at,
+                and_(jobs.c.created_at == cursor.created_at, jobs.c.id < cursor.id),
+            )
+        )
+    rows = conn.execute(
+        query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
+    ).all()
+    return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def add_checkpoint(
+    conn: Connection, job_id: str, step: int, object_prefix: str, metrics: dict[str, Any] | None
+) -> CheckpointRecord:
+    """Record a checkpoint once its files are in the object store (idempotent per step)."""
+    existing = conn.execute(
+        select(checkpoints).where(checkpoints.c.job_id == job_id, checkpoints.c.step == step)
+    ).one_or_none()
+    if existing is not None:
+        return CheckpointRecord.from_row(existing)
+    row = conn.execute(
+        insert(checkpoints)
+        .values(
+            id=new_id("checkpoint"),
+            job_id=job_id,
+            step=step,
+            object_prefix=object_prefix,
+            metrics=metrics,
+        )
+        .returning(*checkpoints.c)
+    ).one()
+    return CheckpointRecord.from_row(row)
+
+
+def list_checkpoints(
+    conn: Connection, job_id: str, *, after: str | None = None, limit: int = 100
+) -> tuple[list[CheckpointRecord], bool]:
+    """Newest step first; `after` is a checkpoint id from the previous page."""
+    query = select(checkpoints).where(checkpoints.c.job_id == job_id)
+    if after is not None:
+        step = conn.execute(
+            select(checkpoints.c.step).where(
+                checkpoints.c.id == after, checkpoints.c.job_id == job_id
+            )
+        ).scalar()
+        if step is None:
+            raise LookupError(after)
+        query = query.where(checkpoints.c.step < step)
+    rows = conn.execute(query.order_by(checkpoints.c.step.desc()).limit(limit + 1)).all()
+    return [CheckpointRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+
+
+def latest_checkpoint(conn: Connection, job_id: str) -> CheckpointRecord | None:
+    found, _ = list_checkpoints(conn, job_id, limit=1)
+    return found[0] if found else None
+
+
+def list_succeeded_models(conn: Connection, tenant_id: str) -> list[JobRecord]:
+    """Succeeded jobs of a tenant that produced a model, newest first."""
+    rows = conn.execute(
+        select(jobs)
+        .where(
+            jobs.c.tenant_id == tenant_id,
+            jobs.c.status == "succeeded",
+            jobs.c.fine_tuned_model.is_not(None),
+        )
+        .order_by(jobs.c.finished_at.desc())
+    ).all()
+    return [JobRecord.from_row(r) for r in rows]

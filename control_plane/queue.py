@@ -1,0 +1,491 @@
+"""The Postgres job queue: every state transition of a job, and nothing else.
+
+Jobs are the queue. A claim is one statement (`FOR UPDATE SKIP LOCKED` + `UPDATE ... RETURNING`)
+ordered by priority, then fair share between tenants (running + queued rank, then the tenant
+served least recently), then base affinity, then age. A claimed
+job holds a lease that its worker renews by heartbeat; an expired lease puts the job back (or
+fails it past `max_attempts`). Idle workers wait on `LISTEN/NOTIFY` rather than polling.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, text
+
+from control_plane.db import libpq_url
+from control_plane.events import add_event
+from control_plane.records import JobRecord
+
+JOBS_CHANNEL = "loraforge_jobs"
+CANCEL_CHANNEL = "loraforge_cancel"
+ACTIVE_STATUSES = ("running", "cancelling")
+# A claim ranks every claimable job but locks among the best few only; more claimers than this
+# claiming at the same instant could find all of them locked and see an empty queue for a moment.
+CLAIM_CANDIDATES = 64
+
+
+class JobStateError(Exception):
+    """A transition that the job's current state does not allow."""
+
+    def __init__(self, job_id: str, status: str, action: str) -> None:
+        super().__init__(f"job {job_id} is {status}: it cannot be {action}")
+        self.job_id = job_id
+        self.status = status
+        self.action = action
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What a worker learns when it renews its lease."""
+
+    held: bool
+    cancel_requested: bool
+
+
+_CLAIM = text(
+    """
+    WITH running AS (
+        SELECT tenant_id, count(*) AS n FROM jobs
+        WHERE status IN ('running', 'cancelling') GROUP BY tenant_id
+    ),
+    eligible AS (
+        SELECT j.id, j.priority, j.base_model_id, j.created_at, t.last_claimed_at,
+               coalesce(r.n, 0) + row_number() OVER (
+                   PARTITION BY j.tenant_id
+                   ORDER BY j.priority DESC,
+                            (j.base_model_id IS NOT DISTINCT FROM :prefer) DESC,
+                            j.created_at, j.id
+               ) AS share
+        FROM jobs j
+        JOIN tenants t ON t.id = j.tenant_id
+        LEFT JOIN running r ON r.tenant_id = j.tenant_id
+        WHERE j.status = 'queued' AND j.run_after <= now()
+          AND coalesce(r.n, 0) < coalesce(t.max_running_jobs, :default_limit)
+          AND j.tenant_id <> ALL(CAST(:excluded AS text[]))
+    ),
+    candidates AS MATERIALIZED (
+        SELECT id, row_number() OVER (
+                   ORDER BY priority DESC, share, last_claimed_at ASC NULLS FIRST,
+                            (base_model_id IS NOT DISTINCT FROM :prefer) DESC, created_at, id
+               ) AS position
+        FROM eligible
+        ORDER BY position
+        LIMIT :candidates
+    ),
+    picked AS (
+        SELECT j.id FROM candidates c JOIN jobs j ON j.id = c.id
+        WHERE j.status = 'queued'
+        ORDER BY c.position
+        LIMIT 1
+        FOR UPDATE OF j SKIP LOCKED
+    ),
+    claimed AS (
+        UPDATE jobs SET status = 'running',
+                        attempt = jobs.attempt + 1,
+                        lease_owner = :worker,
+                        lease_expires_at = now() + make_interval(secs => :lease),
+                        started_at = coalesce(jobs.started_at, now()),
+                        error_code = NULL, error_message = NULL, error_param = NULL
+        FROM picked WHERE jobs.id = picked.id
+        RETURNING jobs.*
+    ),
+    -- The tenant row's lock serialises concurrent claims for one tenant (see claim()).
+    stamped AS (
+        UPDATE tenants SET last_claimed_at = clock_timestamp()
+        FROM claimed WHERE tenants.id = claimed.tenant_id
+        RETURNING tenants.id
+    ),
+    logged AS (
+        INSERT INTO job_events (job_id, message, data)
+        SELECT id,
+               'Job started by ' || :worker || ' (attempt ' || attempt || ' of '
+                   || max_attempts || ')',
+               jsonb_build_object('status', 'running', 'attempt', attempt, 'worker', :worker)
+        FROM claimed
+        RETURNING job_id
+    )
+    SELECT claimed.* FROM claimed
+    WHERE EXISTS (SELECT 1 FROM stamped) AND EXISTS (SELECT 1 FROM logged)
+    """
+)
+
+_TENANT_RUNNING = text(
+    """
+    SELECT count(*) FILTER (WHERE j.status IN ('running', 'cancelling')) AS running,
+           coalesce(t.max_running_jobs, :default_limit) AS max_running
+    FROM tenants t LEFT JOIN jobs j ON j.tenant_id = t.id
+    WHERE t.id = :tenant GROUP BY t.max_running_jobs
+    """
+)
+
+
+class JobQueue:
+    """State transitions of jobs. Every method runs its own short transaction."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        lease_seconds: float = 60.0,
+        retry_backoff_seconds: float = 10.0,
+        max_running_per_tenant: int = 4,
+    ) -> None:
+        self.engine = engine
+        self.lease_seconds = lease_seconds
+        self.retry_backoff_seconds = retry_backoff_seconds
+        self.max_running_per_tenant = max_running_per_tenant
+
+    # -- entering the queue -------------------------------------------------------------
+
+    def mark_queued(self, job_id: str) -> JobRecord:
+        """`validating_files → queued` once the dataset passed validation; wakes idle workers."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    "UPDATE jobs SET status = 'queued', run_after = now() "
+                    "WHERE id = :id AND status = 'validating_files' RETURNING *"
+                ),
+                {"id": job_id},
+            ).one_or_none()
+            if row is None:
+                raise JobStateError(job_id, self._status(conn, job_id), "queued")
+            add_event(conn, job_id, "Files validated; job queued", data={"status": "queued"})
+            conn.execute(
+                text("SELECT pg_notify(:ch, :payload)"),
+                {"ch": JOBS_CHANNEL, "payload": row.base_model_id},
+            )
+        return JobRecord.from_row(row)
+
+    def mark_validation_failed(
+        self, job_id: str, *, code: str, message: str, param: str | None = None
+    ) -> JobRecord:
+        """`validating_files → failed` with the reason (a line number where there is one)."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    "UPDATE jobs SET status = 'failed', finished_at = now(), error_code = :code, "
+                    "error_message = :message, error_param = :param "
+                    "WHERE id = :id AND status = 'validating_files' RETURNING *"
+                ),
+                {"id": job_id, "code": code, "message": message, "param": param},
+            ).one_or_none()
+            if row is None:
+                raise JobStateError(job_id, self._status(conn, job_id), "failed by validation")
+            add_event(
+                conn,
+                job_id,
+                f"Validation failed: {message}",
+                level="error",
+                data={"status": "failed", "code": code},
+            )
+        return JobRecord.from_row(row)
+
+    # -- claiming and holding -------------------------------------------------------------
+
+    def claim(self, worker_id: str, *, prefer_base_model_id: str | None = None) -> JobRecord | None:
+        """Claim the next job for `worker_id`, or None when nothing is claimable now."""
+        excluded: list[str] = []
+        while True:
+            with self.engine.begin() as conn:
+                row = conn.execute(
+                    _CLAIM,
+                    {
+                        "worker": worker_id,
+                        "lease": self.lease_seconds,
+                        "prefer": prefer_base_model_id,
+                        "default_limit": self.max_running_per_tenant,
+                        "excluded": excluded,
+                        "candidates": CLAIM_CANDIDATES,
+                    },
+                ).one_or_none()
+                if row is None:
+                    return None
+                if self._within_tenant_limit(conn, row.tenant_id):
+                    return JobRecord.from_row(row)
+                conn.rollback()
+            excluded.append(row.tenant_id)
+
+    def _within_tenant_limit(self, conn: Connection, tenant_id: str) -> bool:
+        """Re-check the tenant's running count after the claim statement.
+
+        The claim locked the tenant's row (stamping `last_claimed_at`), so this statement, with a
+        snapshot taken after that lock, sees every claim for the tenant committed before it.
+        """
+        counts = conn.execute(
+            _TENANT_RUNNING, {"tenant": tenant_id, "default_limit": self.max_running_per_tenant}
+        ).one()
+        return int(counts.running) <= int(counts.max_running)
+
+    def heartbeat(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        progress: float | None = None,
+        eta_seconds: float | None = None,
+    ) -> Heartbeat:
+        """Renew the lease. `held=False` means the lease was lost: stop work on this job."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease), "
+                    "progress = coalesce(:progress, progress), eta_seconds = coalesce(:eta, eta_seconds) "
+                    "WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling') "
+                    "RETURNING cancel_requested"
+                ),
+                {
+                    "id": job_id,
+                    "worker": worker_id,
+                    "lease": self.lease_seconds,
+                    "progress": progress,
+                    "eta": eta_seconds,
+                },
+            ).one_or_none()
+        if row is None:
+            return Heartbeat(held=False, cancel_requested=False)
+        return Heartbeat(held=True, cancel_requested=bool(row.cancel_requested))
+
+    # -- leaving the queue ----------------------------------------------------------------
+
+    def complete(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        fine_tuned_model: str | None = None,
+        trained_tokens: int | None = None,
+        in_transaction: Callable[[Connection], Any] | None = None,
+    ) -> JobRecord | None:
+        """Mark the job `succeeded`; `in_transaction` commits with it (e.g. the adapter version).
+
+        Returns None, and commits nothing, when the worker no longer holds the lease.
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    "UPDATE jobs SET status = 'succeeded', finished_at = now(), progress = 1.0, "
+                    "eta_seconds = 0, lease_owner = NULL, lease_expires_at = NULL, "
+                    "fine_tuned_model = coalesce(:model, fine_tuned_model), "
+                    "trained_tokens = coalesce(:tokens, trained_tokens) "
+                    "WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling') "
+                    "RETURNING *"
+                ),
+                {
+                    "id": job_id,
+                    "worker": worker_id,
+                    "model": fine_tuned_model,
+                    "tokens": trained_tokens,
+                },
+            ).one_or_none()
+            if row is None:
+                return None
+            if in_transaction is not None:
+                in_transaction(conn)
+            add_event(
+                conn, job_id, "The job has successfully completed", data={"status": "succeeded"}
+            )
+        return JobRecord.from_row(row)
+
+    def fail(
+        self,
+        job_id: str,
+        worker_id: str,
+        *,
+        code: str,
+        message: str,
+        retryable: bool = True,
+    ) -> JobRecord | None:
+        """Give the job back: requeued with backoff while attempts remain, else `failed`.
+
+        A job whose cancellation was requested ends `cancelled` instead. Returns None when the
+        worker no longer holds the lease.
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    """
+                    UPDATE jobs SET
+                      status = CASE
+                        WHEN cancel_requested THEN 'cancelled'
+                        WHEN :retryable AND attempt < max_attempts THEN 'queued'
+                        ELSE 'failed' END,
+                      run_after = now() + make_interval(secs => :backoff * power(2, greatest(attempt - 1, 0))),
+                      finished_at = CASE WHEN cancel_requested OR NOT (:retryable AND attempt < max_attempts)
+                                         THEN now() END,
+                      lease_owner = NULL, lease_expires_at = NULL,
+                      error_code = :code, error_message = :message
+                    WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling')
+                    RETURNING *
+                    """
+                ),
+                {
+                    "id": job_id,
+                    "worker": worker_id,
+                    "code": code,
+                    "message": message,
+                    "retryable": retryable,
+                    "backoff": self.retry_backoff_seconds,
+                },
+            ).one_or_none()
+            if row is None:
+                return None
+            self._record_release(conn, row, reason=message)
+        return JobRecord.from_row(row)
+
+    def finish_cancelled(self, job_id: str, worker_id: str) -> JobRecord | None:
+        """The worker stopped a job whose cancellation was requested."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    "UPDATE jobs SET status = 'cancelled', finished_at = now(), lease_owner = NULL, "
+                    "lease_expires_at = NULL WHERE id = :id AND lease_owner = :worker "
+                    "AND status IN ('running', 'cancelling') RETURNING *"
+                ),
+                {"id": job_id, "worker": worker_id},
+            ).one_or_none()
+            if row is None:
+                return None
+            add_event(conn, job_id, "Job cancelled", data={"status": "cancelled"})
+        return JobRecord.from_row(row)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancel at once when not started; ask the worker (NOTIFY + heartbeat) when running."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    """
+                    UPDATE jobs SET
+                      status = CASE WHEN status IN ('validating_files', 'queued') THEN 'cancelled'
+                                    ELSE 'cancelling' END,
+                      finished_at = CASE WHEN status IN ('validating_files', 'queued') THEN now() END,
+                      cancel_requested = true
+                    WHERE id = :id AND status IN ('validating_files', 'queued', 'running', 'cancelling')
+                    RETURNING *, (SELECT status FROM jobs WHERE id = :id) AS previous_status
+                    """
+                ),
+                {"id": job_id},
+            ).one_or_none()
+            if row is None:
+                raise JobStateError(job_id, self._status(conn, job_id), "cancelled")
+            if row.previous_status != row.status:
+                message = "Job cancelled" if row.status == "cancelled" else "Cancellation requested"
+                add_event(conn, job_id, message, data={"status": row.status})
+            if row.status == "cancelling":
+                conn.execute(
+                    text("SELECT pg_notify(:ch, :id)"), {"ch": CANCEL_CHANNEL, "id": job_id}
+                )
+        return JobRecord.from_row(row)
+
+    def reap_expired_leases(self) -> list[JobRecord]:
+        """Return jobs whose lease expired to the queue (attempts left) or fail/cancel them."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                text(
+                    """
+                    UPDATE jobs SET
+                      status = CASE
+                        WHEN cancel_requested THEN 'cancelled'
+                        WHEN attempt >= max_attempts THEN 'failed'
+                        ELSE 'queued' END,
+                      run_after = now() + make_interval(secs => :backoff * power(2, greatest(attempt - 1, 0))),
+                      finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN now() END,
+                      error_code = CASE WHEN cancel_requested THEN error_code ELSE 'lease_expired' END,
+                      error_message = CASE WHEN cancel_requested THEN error_message ELSE
+                        'the worker ' || coalesce(lease_owner, '?') || ' stopped renewing its lease'
+                        || CASE WHEN attempt >= max_attempts
+                                THEN ' and the job used all ' || max_attempts || ' attempts' ELSE '' END
+                      END,
+                      lease_owner = NULL, lease_expires_at = NULL
+                    WHERE id IN (
+                      SELECT id FROM jobs WHERE status IN ('running', 'cancelling')
+                        AND lease_expires_at < now() FOR UPDATE SKIP LOCKED
+                    )
+                    RETURNING *
+                    """
+                ),
+                {"backoff": self.retry_backoff_seconds},
+            ).all()
+            for row in rows:
+                self._record_release(conn, row, reason=row.error_message or "lease expired")
+        return [JobRecord.from_row(row) for row in rows]
+
+    def _record_release(self, conn: Connection, row: Any, *, reason: str) -> None:
+        if row.status == "queued":
+            add_event(
+                conn,
+                row.id,
+                f"Attempt {row.attempt} of {row.max_attempts} ended ({reason}); job requeued",
+                level="warn",
+                data={"status": "queued", "attempt": row.attempt},
+            )
+            conn.execute(
+                text("SELECT pg_notify(:ch, :payload)"),
+                {"ch": JOBS_CHANNEL, "payload": row.base_model_id},
+            )
+        elif row.status == "failed":
+            add_event(
+                conn,
+                row.id,
+                f"Job failed: {reason}",
+                level="error",
+                data={"status": "failed", "code": row.error_code},
+            )
+        else:
+            add_event(conn, row.id, "Job cancelled", data={"status": row.status})
+
+    def update_progress(
+        self, job_id: str, worker_id: str, *, progress: float, eta_seconds: float | None
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE jobs SET progress = :p, eta_seconds = :eta "
+                    "WHERE id = :id AND lease_owner = :worker"
+                ),
+                {"id": job_id, "worker": worker_id, "p": progress, "eta": eta_seconds},
+            )
+
+    @staticmethod
+    def _status(conn: Connection, job_id: str) -> str:
+        status = conn.execute(
+            text("SELECT status FROM jobs WHERE id = :id"), {"id": job_id}
+        ).scalar()
+        return str(status) if status is not None else "missing"
+
+
+class QueueListener:
+    """A LISTEN connection on which idle workers sleep until a job is queued or cancelled."""
+
+    def __init__(
+        self, database_url: str, channels: tuple[str, ...] = (JOBS_CHANNEL, CANCEL_CHANNEL)
+    ) -> None:
+        self._conn = psycopg.connect(libpq_url(database_url), autocommit=True)
+        for channel in channels:
+            self._conn.execute(f"LISTEN {channel}")
+
+    def wait(self, timeout: float) -> list[tuple[str, str]]:
+        """Block until at least one notification arrives or `timeout` passes; drain what came."""
+        received: list[tuple[str, str]] = []
+        deadline = time.monotonic() + timeout
+        for notify in self._conn.notifies(
+            timeout=max(deadline - time.monotonic(), 0), stop_after=1
+        ):
+            received.append((notify.channel, notify.payload))
+        # Drain whatever else already arrived without blocking.
+        for notify in self._conn.notifies(timeout=0):
+            received.append((notify.channel, notify.payload))
+        return received
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> QueueListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,78 @@
+"""One settings object, read from `LORAFORGE_*` environment variables, that validates itself."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".loraforge"
+
+
+class Settings(BaseSettings):
+    """Configuration of every loraforge process (API, celery, trainers, CLI).
+
+    With nothing set, it describes the embedded default: an embedded PostgreSQL under
+    `home`, a local directory as the object store and a local Ray instance.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LORAFORGE_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    home: Path = Field(default_factory=_default_home)
+
+    # Database: unset means the embedded PostgreSQL (pgserver) under `home`.
+    database_url: str | None = None
+
+    # Object store: S3 when a bucket is set, else a local directory.
+    s3_bucket: str | None = None
+    s3_prefix: str = "loraforge"
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    local_store_dir: Path | None = None
+
+    # Celery broker: Redis (or any kombu URL) when set; else kombu's SQLAlchemy transport over
+    # the same PostgreSQL, so that the embedded default needs no second server.
+    broker_url: str | None = None
+
+    # Ray: unset starts (or joins) a local instance.
+    ray_address: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    public_url: str | None = None
+
+    # Limits.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_example_tokens: int = Field(default=32768, ge=1)
+    max_running_jobs_per_tenant: int = Field(default=4, ge=1)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    lease_seconds: float = Field(default=60.0, gt=0)
+    retry_backoff_seconds: float = Field(default=10.0, ge=0)
+    page_limit_max: int = Field(default=100, ge=1)
+
+    # Secret that peppers API-key hashes; must be changed outside development.
+    secret_key: str = "dev-insecure-secret"
+
+    @model_validator(mode="after")
+    def _refuse_default_secret(self) -> Settings:
+        if self.environment == "production" and self.secret_key == "dev-insecure-secret":
+            raise ValueError(
+                "LORAFORGE_SECRET_KEY must be set when LORAFORGE_ENVIRONMENT=production"
+            )
+        return self
+
+    @cached_property
+    def object_store_root(self) -> Path:
+        return self.local_store_dir or self.home / "objects"
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None

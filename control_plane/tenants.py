@@ -1,0 +1,117 @@
+"""Tenants and their API keys. Keys are shown once and stored only as a keyed hash."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import cast
+
+from sqlalchemy import Connection, Table, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from control_plane.ids import new_id
+from control_plane.models import ROLES, ApiKey, Tenant
+from control_plane.records import ApiKeyRecord, TenantRecord
+
+tenants = cast(Table, Tenant.__table__)
+api_keys = cast(Table, ApiKey.__table__)
+
+KEY_PREFIX = "lf-"
+
+
+class TenantExistsError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: a tenant, through one key, with one role."""
+
+    tenant_id: str
+    key_id: str
+    role: str
+
+    def can_write(self) -> bool:
+        return self.role in ("admin", "member")
+
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def hash_key(secret_key: str, api_key: str) -> str:
+    return hmac.new(secret_key.encode(), api_key.encode(), hashlib.sha256).hexdigest()
+
+
+def create_tenant(
+    conn: Connection, name: str, *, max_running_jobs: int | None = None
+) -> TenantRecord:
+    try:
+        with conn.begin_nested():
+            row = conn.execute(
+                insert(tenants)
+                .values(id=new_id("tenant"), name=name, max_running_jobs=max_running_jobs)
+                .returning(*tenants.c)
+            ).one()
+    except IntegrityError as exc:
+        raise TenantExistsError(f"a tenant named {name!r} already exists") from exc
+    return TenantRecord.from_row(row)
+
+
+def get_tenant_by_name(conn: Connection, name: str) -> TenantRecord | None:
+    row = conn.execute(select(tenants).where(tenants.c.name == name)).one_or_none()
+    return TenantRecord.from_row(row) if row else None
+
+
+def create_api_key(
+    conn: Connection, secret_key: str, tenant_id: str, *, role: str, name: str = "default"
+) -> tuple[ApiKeyRecord, str]:
+    """Create a key; returns its record and the plaintext, which is never stored."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = conn.execute(
+        insert(api_keys)
+        .values(
+            id=new_id("key"),
+            tenant_id=tenant_id,
+            name=name,
+            prefix=plaintext[:10],
+            key_hash=hash_key(secret_key, plaintext),
+            role=role,
+        )
+        .returning(*api_keys.c)
+    ).one()
+    return ApiKeyRecord.from_row(row), plaintext
+
+
+def authenticate(conn: Connection, secret_key: str, api_key: str) -> Principal | None:
+    row = conn.execute(
+        select(api_keys.c.id, api_keys.c.tenant_id, api_keys.c.role).where(
+            api_keys.c.key_hash == hash_key(secret_key, api_key), api_keys.c.revoked_at.is_(None)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return Principal(tenant_id=row.tenant_id, key_id=row.id, role=row.role)
+
+
+def list_api_keys(conn: Connection, tenant_id: str) -> list[ApiKeyRecord]:
+    rows = conn.execute(
+        select(api_keys).where(api_keys.c.tenant_id == tenant_id).order_by(api_keys.c.created_at)
+    ).all()
+    return [ApiKeyRecord.from_row(row) for row in rows]
+
+
+def revoke_api_key(conn: Connection, tenant_id: str, key_id: str) -> bool:
+    result = conn.execute(
+        update(api_keys)
+        .where(
+            api_keys.c.id == key_id,
+            api_keys.c.tenant_id == tenant_id,
+            api_keys.c.revoked_at.is_(None),
+        )
+        .values(revoked_at=func.now())
+    )
+    return result.rowcount == 1

@@ -1,0 +1,134 @@
+"""Fixtures that run the real API: services on the test database, a celery worker on a real
+broker (kombu's SQLAlchemy transport on PostgreSQL, as in the embedded default), the app in
+process (TestClient) and on a real socket (uvicorn) for the official `openai` client."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from control_plane import db, tasks
+from control_plane.api.app import create_app
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore
+from tests.factories import make_base, make_key, make_tenant
+
+
+@pytest.fixture(scope="session")
+def broker_url(pg_admin_url: str) -> Iterator[str]:
+    """A database of its own for the celery broker, shared by the whole session."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"lf_broker_{secrets.token_hex(4)}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    url = make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    yield "sqla+" + db.normalize_url(url)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def celery_worker(broker_url: str) -> Iterator[None]:
+    from celery.contrib.testing.worker import start_worker
+
+    tasks.celery_app.conf.broker_url = broker_url
+    tasks.celery_app.conf.broker_transport_options = {"polling_interval": 0.1}
+    with start_worker(
+        tasks.celery_app,
+        pool="threads",
+        concurrency=2,
+        perform_ping_check=False,
+        loglevel="WARNING",
+    ):
+        yield
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home", max_upload_bytes=1024 * 1024, lease_seconds=30)
+
+
+@pytest.fixture
+def services(
+    settings: Settings, database_url: str, broker_url: str, celery_worker: None, tmp_path: Path
+) -> Iterator[Services]:
+    built = build_services(
+        settings, database_url=database_url, store=LocalObjectStore(tmp_path / "objects")
+    )
+    tasks.configure(built, broker_url=broker_url)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def app(services: Services) -> FastAPI:
+    return create_app(services)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def live_url(app: FastAPI) -> Iterator[str]:
+    """The app on a real socket, for clients that speak HTTP (openai, the CLI)."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    tenant_id: str
+    admin: str
+    member: str
+    reader: str
+
+    def headers(self, role: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {getattr(self, role)}"}
+
+
+def _tenant(engine: Engine, name: str) -> TenantKeys:
+    tenant = make_tenant(engine, name)
+    return TenantKeys(
+        tenant_id=tenant.id,
+        admin=make_key(engine, tenant.id, "admin"),
+        member=make_key(engine, tenant.id, "member"),
+        reader=make_key(engine, tenant.id, "reader"),
+    )
+
+
+@pytest.fixture
+def tenant_a(services: Services) -> TenantKeys:
+    return _tenant(services.engine, "tenant-a")
+
+
+@pytest.fixture
+def tenant_b(services: Services) -> TenantKeys:
+    return _tenant(services.engine, "tenant-b")
+
+
+@pytest.fixture
+def base_name(services: Services) -> str:
+    return make_base(services.engine, "tiny-llama").name

@@ -1,0 +1,94 @@
+"""Shared fixtures: a real PostgreSQL, one database per test cloned from a migrated template.
+
+The server is `LORAFORGE_TEST_DATABASE_URL` when set, else the machine's server on
+127.0.0.1:5432 when one answers, else an embedded one started through `pgserver`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from control_plane import db
+
+pytest_plugins = ["tests.s3_server", "tests.api_harness"]
+
+LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=2):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """libpq URL of a maintenance database on a real PostgreSQL server."""
+    url = os.environ.get("LORAFORGE_TEST_DATABASE_URL")
+    if url:
+        yield db.libpq_url(url)
+        return
+    if _reachable(LOCAL_SERVER):
+        yield LOCAL_SERVER
+        return
+    import pgserver
+
+    with tempfile.TemporaryDirectory(prefix="loraforge-pg-") as data_dir:
+        server = pgserver.get_server(Path(data_dir), cleanup_mode="stop")
+        yield db.libpq_url(str(server.get_uri()))
+        server.cleanup()
+
+
+def _with_database(admin_url: str, name: str) -> str:
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def _admin_execute(admin_url: str, sql: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_admin_url: str) -> Iterator[str]:
+    """A database migrated to head once per session; tests clone it."""
+    name = f"lf_template_{secrets.token_hex(4)}"
+    _admin_execute(pg_admin_url, f'CREATE DATABASE "{name}"')
+    db.upgrade(_with_database(pg_admin_url, name))
+    yield name
+    _admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_database_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty database (for migration tests)."""
+    name = f"lf_empty_{secrets.token_hex(4)}"
+    _admin_execute(pg_admin_url, f'CREATE DATABASE "{name}"')
+    yield db.normalize_url(_with_database(pg_admin_url, name))
+    _admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
+    """SQLAlchemy URL of this test's own database, at the migration head."""
+    name = f"lf_test_{secrets.token_hex(6)}"
+    _admin_execute(pg_admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield db.normalize_url(_with_database(pg_admin_url, name))
+    _admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = db.make_engine(database_url, pool_size=12)
+    yield eng
+    eng.dispose()

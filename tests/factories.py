@@ -1,0 +1,98 @@
+"""Rows for tests, written through the same repositories the product uses."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import Engine, insert
+
+from control_plane import base_models, jobs, tenants
+from control_plane import files as file_repo
+from control_plane.hyperparameters import Hyperparameters
+from control_plane.ids import new_id
+from control_plane.models import Job
+from control_plane.records import BaseModelRecord, FileRecord, TenantRecord
+
+SECRET = "dev-insecure-secret"
+
+
+def make_tenant(engine: Engine, name: str, *, max_running_jobs: int | None = None) -> TenantRecord:
+    with engine.begin() as conn:
+        return tenants.create_tenant(conn, name, max_running_jobs=max_running_jobs)
+
+
+def make_key(engine: Engine, tenant_id: str, role: str = "admin") -> str:
+    with engine.begin() as conn:
+        _, plaintext = tenants.create_api_key(conn, SECRET, tenant_id, role=role)
+    return plaintext
+
+
+def make_base(engine: Engine, name: str = "tiny-llama") -> BaseModelRecord:
+    with engine.begin() as conn:
+        return base_models.register_base_model(
+            conn, base_models.NewBaseModel(name=name, source=f"dir:///{name}", source_kind="dir")
+        )
+
+
+def make_file(engine: Engine, tenant_id: str) -> FileRecord:
+    file_id = new_id("file")
+    with engine.begin() as conn:
+        return file_repo.insert_file(
+            conn,
+            file_id=file_id,
+            tenant_id=tenant_id,
+            filename="train.jsonl",
+            purpose="fine-tune",
+            size=10,
+            sha256=hashlib.sha256(file_id.encode()).hexdigest(),
+            object_key=f"tenants/{tenant_id}/files/{file_id}",
+            format="text",
+            examples=1,
+            tokens=3,
+        )
+
+
+def enqueue_jobs(
+    engine: Engine,
+    tenant_id: str,
+    base_id: str,
+    file_id: str,
+    count: int,
+    *,
+    priority: int = 0,
+    max_attempts: int = 3,
+) -> list[str]:
+    """Insert `count` jobs straight into `queued` (the state validation leaves them in)."""
+    hp = Hyperparameters().model_dump(mode="json")
+    rows = [
+        {
+            "id": new_id("job"),
+            "tenant_id": tenant_id,
+            "status": "queued",
+            "base_model_id": base_id,
+            "training_file_id": file_id,
+            "hyperparameters": hp,
+            "priority": priority,
+            "max_attempts": max_attempts,
+        }
+        for _ in range(count)
+    ]
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 500):
+            conn.execute(insert(Job.__table__), rows[start : start + 500])
+    return [r["id"] for r in rows]
+
+
+def create_validating_job(engine: Engine, tenant_id: str, base_id: str, file_id: str) -> str:
+    with engine.begin() as conn:
+        job, _ = jobs.create_job(
+            conn,
+            jobs.NewJob(
+                tenant_id=tenant_id,
+                base_model_id=base_id,
+                training_file_id=file_id,
+                validation_file_id=None,
+                hyperparameters=Hyperparameters().model_dump(mode="json"),
+            ),
+        )
+    return job.id

@@ -1,0 +1,220 @@
+"""The Postgres queue against a real PostgreSQL: exactly-once claims, leases, retries, fairness."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+from sqlalchemy import Engine, text
+
+from control_plane.queue import CANCEL_CHANNEL, JOBS_CHANNEL, JobQueue, JobStateError, QueueListener
+from tests.factories import create_validating_job, enqueue_jobs, make_base, make_file, make_tenant
+
+
+@pytest.fixture
+def world(engine: Engine) -> dict[str, str]:
+    tenant = make_tenant(engine, "acme", max_running_jobs=1000)
+    base = make_base(engine)
+    file = make_file(engine, tenant.id)
+    return {"tenant": tenant.id, "base": base.id, "file": file.id}
+
+
+def _status(engine: Engine, job_id: str) -> tuple[str, int, str | None]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT status, attempt, error_message FROM jobs WHERE id = :id"), {"id": job_id}
+        ).one()
+    return row.status, row.attempt, row.error_message
+
+
+def test_eight_claimers_drain_2000_jobs_each_exactly_once(
+    engine: Engine, world: dict[str, str]
+) -> None:
+    ids = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 2000)
+    queue = JobQueue(engine, max_running_per_tenant=1000)
+    claimed: list[str] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def claimer(n: int) -> None:
+        try:
+            while True:
+                job = queue.claim(f"worker-{n}")
+                if job is None:
+                    return
+                assert job.status == "running" and job.attempt == 1
+                with lock:
+                    claimed.append(job.id)
+                assert queue.complete(job.id, f"worker-{n}") is not None
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    counts = Counter(claimed)
+    assert len(claimed) == 2000
+    assert set(counts) == set(ids)
+    assert max(counts.values()) == 1
+    with engine.connect() as conn:
+        statuses = dict(
+            conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).all()
+        )
+    assert statuses == {"succeeded": 2000}
+
+
+def test_expired_lease_returns_job_and_attempt_rises(engine: Engine, world: dict[str, str]) -> None:
+    [job_id] = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 1)
+    queue = JobQueue(engine, lease_seconds=0.2, retry_backoff_seconds=0)
+    first = queue.claim("w1")
+    assert first is not None and first.attempt == 1
+    assert queue.reap_expired_leases() == []  # lease still valid
+    time.sleep(0.3)
+    reaped = queue.reap_expired_leases()
+    assert [j.id for j in reaped] == [job_id]
+    assert _status(engine, job_id)[0] == "queued"
+    # The worker that lost its lease learns it and cannot complete the job any more.
+    assert queue.heartbeat(job_id, "w1").held is False
+    assert queue.complete(job_id, "w1") is None
+    second = queue.claim("w2")
+    assert second is not None and second.id == job_id and second.attempt == 2
+
+
+def test_job_past_max_attempts_fails_with_reason(engine: Engine, world: dict[str, str]) -> None:
+    [job_id] = enqueue_jobs(
+        engine, world["tenant"], world["base"], world["file"], 1, max_attempts=2
+    )
+    queue = JobQueue(engine, lease_seconds=0.1, retry_backoff_seconds=0)
+    for worker in ("w1", "w2"):
+        assert queue.claim(worker) is not None
+        time.sleep(0.15)
+        queue.reap_expired_leases()
+    status, attempt, error = _status(engine, job_id)
+    assert (status, attempt) == ("failed", 2)
+    assert (
+        error is not None and "w2 stopped renewing its lease" in error and "all 2 attempts" in error
+    )
+    assert queue.claim("w3") is None
+
+
+def test_retryable_failure_backs_off_then_fails_for_good(
+    engine: Engine, world: dict[str, str]
+) -> None:
+    [job_id] = enqueue_jobs(
+        engine, world["tenant"], world["base"], world["file"], 1, max_attempts=3
+    )
+    queue = JobQueue(engine, retry_backoff_seconds=30)
+    assert queue.claim("w1") is not None
+    requeued = queue.fail(job_id, "w1", code="oom", message="out of memory", retryable=True)
+    assert requeued is not None and requeued.status == "queued"
+    assert queue.claim("w1") is None  # backing off for 30 s
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET run_after = now() WHERE id = :id"), {"id": job_id})
+    assert queue.claim("w1") is not None
+    final = queue.fail(job_id, "w1", code="bad_data", message="no examples left", retryable=False)
+    assert (
+        final is not None and final.status == "failed" and final.error_message == "no examples left"
+    )
+
+
+def test_cancel_queued_and_claimed_jobs(engine: Engine, world: dict[str, str]) -> None:
+    queued_id, running_id = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 2)
+    queue = JobQueue(engine)
+    running = queue.claim("w1")
+    assert running is not None
+    # The claim takes the oldest; whichever it took, cancel both.
+    if running.id != running_id:
+        queued_id, running_id = running_id, queued_id
+    assert queue.request_cancel(queued_id).status == "cancelled"
+    assert queue.request_cancel(running_id).status == "cancelling"
+    beat = queue.heartbeat(running_id, "w1")
+    assert beat.held and beat.cancel_requested
+    done = queue.finish_cancelled(running_id, "w1")
+    assert done is not None and done.status == "cancelled"
+    with pytest.raises(JobStateError):
+        queue.request_cancel(running_id)
+    assert queue.claim("w2") is None
+
+
+def test_fair_share_serves_small_tenant_early(engine: Engine) -> None:
+    base = make_base(engine)
+    big = make_tenant(engine, "big", max_running_jobs=10000)
+    small = make_tenant(engine, "small", max_running_jobs=10000)
+    enqueue_jobs(engine, big.id, base.id, make_file(engine, big.id).id, 500)
+    small_ids = set(enqueue_jobs(engine, small.id, base.id, make_file(engine, small.id).id, 5))
+    queue = JobQueue(engine, max_running_per_tenant=10000)
+    # Claims that stay running, and claims that complete at once: B is served among the first few.
+    order = [queue.claim(f"w{i}") for i in range(3)]
+    assert any(j is not None and j.id in small_ids for j in order[:2])
+    for job in order:
+        assert job is not None
+        queue.complete(job.id, job.lease_owner or "")
+    tenants_seen = []
+    for i in range(10):
+        job = queue.claim(f"x{i}")
+        assert job is not None
+        tenants_seen.append(job.tenant_id)
+        queue.complete(job.id, f"x{i}")
+    # Completed instantly, the two tenants alternate until the small one runs out.
+    assert tenants_seen.count(small.id) >= 4
+
+
+def test_priority_then_affinity(engine: Engine, world: dict[str, str]) -> None:
+    other_base = make_base(engine, "other-base")
+    low = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 1, priority=0)
+    high = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 1, priority=5)
+    on_other = enqueue_jobs(engine, world["tenant"], other_base.id, world["file"], 1, priority=0)
+    queue = JobQueue(engine, max_running_per_tenant=1000)
+    first = queue.claim("w", prefer_base_model_id=other_base.id)
+    assert first is not None and first.id == high[0]
+    queue.complete(first.id, "w")
+    second = queue.claim("w", prefer_base_model_id=other_base.id)
+    assert second is not None and second.id == on_other[0]
+    queue.complete(second.id, "w")
+    third = queue.claim("w", prefer_base_model_id=other_base.id)
+    assert third is not None and third.id == low[0]
+
+
+def test_per_tenant_running_limit_holds_under_concurrency(engine: Engine) -> None:
+    base = make_base(engine)
+    limited = make_tenant(engine, "limited", max_running_jobs=2)
+    enqueue_jobs(engine, limited.id, base.id, make_file(engine, limited.id).id, 20)
+    queue = JobQueue(engine)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claimer(n: int) -> None:
+        job = queue.claim(f"w{n}")
+        if job is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == 2
+    with engine.connect() as conn:
+        running = conn.execute(text("SELECT count(*) FROM jobs WHERE status = 'running'")).scalar()
+    assert running == 2
+
+
+def test_idle_worker_is_woken_by_notify(
+    engine: Engine, database_url: str, world: dict[str, str]
+) -> None:
+    job_id = create_validating_job(engine, world["tenant"], world["base"], world["file"])
+    queue = JobQueue(engine)
+    with QueueListener(database_url) as listener:
+        assert listener.wait(0.05) == []
+        threading.Timer(0.2, queue.mark_queued, args=(job_id,)).start()
+        woke = listener.wait(10)
+        assert (JOBS_CHANNEL, world["base"]) in woke
+        assert queue.claim("w") is not None
+        threading.Timer(0.1, queue.request_cancel, args=(job_id,)).start()
+        assert (CANCEL_CHANNEL, job_id) in listener.wait(10)
