@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from control_plane.registry_cli import add_registry_commands
 from control_plane.settings import Settings
 
 DEFAULT_TENANT = "default"
@@ -83,11 +85,67 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
-    """The celery worker as a child process that shares this process's settings."""
+def cmd_base_add(args: argparse.Namespace, settings: Settings) -> int:
+    """Register a base from a model directory or a GGUF file (workers do the inspection)."""
+    from control_plane import db
+    from control_plane.services import build_services
+    from workers.base_models import BaseModelError
+    from workers.base_registration import register_base
+
+    url = _database_url(settings)
+    db.upgrade(url)
+    services = build_services(settings, database_url=url)
+    try:
+        record = register_base(
+            services, args.name, Path(args.source), revision=args.revision, progress=True
+        )
+    except BaseModelError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        services.close()
+    print(
+        f"{record.name}: {record.architecture}, {record.parameter_count} parameters, sha256 {record.sha256}"
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """Run this node's trainer actors (one per GPU, one on the CPU) until interrupted."""
+    import ray
+
+    from control_plane import db
+    from workers.actor import start_trainers
+
+    url = _database_url(settings)
+    db.upgrade(url)
+    actors = start_trainers(settings, url, count=args.trainers)
+    print(f"{len(actors)} trainer(s) running; Ctrl-C stops them")
+    sys.stdout.flush()
+    try:
+        ray.get([actor.run.remote() for actor in actors])
+    except KeyboardInterrupt:
+        ray.get([actor.stop.remote() for actor in actors])
+    return 0
+
+
+def start_trainer_process(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
+    """`loraforge worker` as a child process sharing this process's settings."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "control_plane.cli", "worker"],
+        env=_child_env(database_url, settings),
+    )
+
+
+def _child_env(database_url: str, settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env["LORAFORGE_DATABASE_URL"] = database_url
     env["LORAFORGE_HOME"] = str(settings.home)
+    return env
+
+
+def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
+    """The celery worker as a child process that shares this process's settings."""
     return subprocess.Popen(
         [
             sys.executable,
@@ -106,7 +164,7 @@ def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Pop
             "-s",
             str(settings.home / "celerybeat-schedule"),
         ],
-        env=env,
+        env=_child_env(database_url, settings),
     )
 
 
@@ -124,6 +182,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     services = build_services(settings, database_url=url)
     tasks.configure(services)
     celery = start_celery_worker(url, settings)
+    trainer = None if args.no_trainer else start_trainer_process(url, settings)
     port = args.port or settings.port
     base = f"http://{settings.host}:{port}"
     print(f"loraforge is up at {base}  (OpenAPI: {base}/docs)")
@@ -133,10 +192,21 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     try:
         uvicorn.run(create_app(services), host=settings.host, port=port, log_level="warning")
     finally:
-        celery.terminate()
-        celery.wait(timeout=30)
+        for child in (celery, trainer):
+            if child is not None:
+                child.terminate()
+                child.wait(timeout=30)
         services.close()
     return 0
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.demo_run import run_demo
+
+    def start_children(url: str, settings: Settings) -> list[subprocess.Popen[bytes]]:
+        return [start_celery_worker(url, settings), start_trainer_process(url, settings)]
+
+    return run_demo(settings, ensure_admin_key=ensure_admin_key, start_children=start_children)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,7 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the embedded platform (PostgreSQL, API, celery)")
     up.add_argument("--port", type=int, default=None)
+    up.add_argument("--no-trainer", action="store_true", help="do not start a local trainer")
     up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="bring the platform up, train an adapter on SmolLM2, compare")
+    demo.set_defaults(func=cmd_demo)
+
+    worker = sub.add_parser("worker", help="run trainer actors on Ray (one per GPU, or the CPU)")
+    worker.add_argument("--trainers", type=int, default=None, help="default: one per GPU, or 1")
+    worker.set_defaults(func=cmd_worker)
+
+    base = sub.add_parser("base", help="base models")
+    base_sub = base.add_subparsers(dest="base_command", required=True)
+    base_add = base_sub.add_parser("add", help="register a model directory or a GGUF file")
+    base_add.add_argument("name")
+    base_add.add_argument("source", help="a Hugging Face model directory or a .gguf file")
+    base_add.add_argument("--revision", default=None)
+    base_add.set_defaults(func=cmd_base_add)
+
+    add_registry_commands(sub)
 
     migrate = sub.add_parser("migrate", help="bring the database schema to a revision")
     migrate.add_argument("revision", nargs="?", default="head")

@@ -2,7 +2,8 @@
 
 Broker: `LORAFORGE_BROKER_URL` (Redis on a cluster) when set; otherwise kombu's SQLAlchemy
 transport over loraforge's own PostgreSQL, so the embedded default needs no second server (its
-cost is polling: 1 s by default, lowered here to 0.25 s). The celery app object exists at import
+cost is polling: up to 1 s before a task starts; kombu passes this transport's options to
+`create_engine`, so its polling interval is not configurable from celery). The celery app object exists at import
 time (the `celery -A control_plane.tasks` CLI needs it); its configuration and the services it
 uses are built lazily from `Settings`.
 """
@@ -58,8 +59,6 @@ def configure(services: Services, *, broker_url: str | None = None) -> Celery:
     celery_app.conf.broker_url = broker_url or broker_url_for(
         services.settings, services.database_url
     )
-    if celery_app.conf.broker_url.startswith("sqla+"):
-        celery_app.conf.broker_transport_options = {"polling_interval": 0.25}
     services.dispatch_validation = dispatch_validation
     return celery_app
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -44,7 +46,6 @@ def celery_worker(broker_url: str) -> Iterator[None]:
     from celery.contrib.testing.worker import start_worker
 
     tasks.celery_app.conf.broker_url = broker_url
-    tasks.celery_app.conf.broker_transport_options = {"polling_interval": 0.1}
     with start_worker(
         tasks.celery_app,
         pool="threads",
@@ -83,9 +84,9 @@ def client(app: FastAPI) -> Iterator[TestClient]:
         yield test_client
 
 
-@pytest.fixture
-def live_url(app: FastAPI) -> Iterator[str]:
-    """The app on a real socket, for clients that speak HTTP (openai, the CLI)."""
+@contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Serve an ASGI app on a real socket (127.0.0.1, a free port) for the block's duration."""
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -93,9 +94,18 @@ def live_url(app: FastAPI) -> Iterator[str]:
     while not server.started:
         thread.join(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_url(app: FastAPI) -> Iterator[str]:
+    """The app on a real socket, for clients that speak HTTP (openai, the CLI)."""
+    with serve(app) as url:
+        yield url
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from control_plane.api.errors import install_error_handlers
 from control_plane.api.limits import BodySizeLimit
-from control_plane.api.routes import api_keys, base_models, files, fine_tuning, models
+from control_plane.api.routes import adapters, api_keys, base_models, files, fine_tuning, models
 from control_plane.services import Services
 
 
@@ -26,6 +26,7 @@ def create_app(services: Services) -> FastAPI:
         models.router,
         base_models.router,
         api_keys.router,
+        adapters.router,
     ):
         app.include_router(router)
     app.add_middleware(

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import openai
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
 from control_plane.services import Services
-from tests.api_harness import TenantKeys
+from tests.api_harness import TenantKeys, serve
 
 CHAT = [
     {
@@ -118,7 +121,7 @@ def test_oversize_long_example_fails_job_in_validation(
     client: TestClient, services: Services, tenant_a: TenantKeys, base_name: str
 ) -> None:
     file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
-    services.settings.max_example_tokens = 2  # a tighter limit now than at upload time
+    services.settings.max_example_tokens = 1  # a tighter limit now than at upload time
     job = client.post(
         "/v1/fine_tuning/jobs",
         headers=tenant_a.headers(),
@@ -238,31 +241,42 @@ def test_bad_uploads_leave_nothing_behind(
 
 
 def test_upload_limit_is_enforced_while_streaming(
-    live_url: str, services: Services, tenant_a: TenantKeys
+    app: FastAPI, services: Services, tenant_a: TenantKeys
 ) -> None:
-    """A chunked body without Content-Length is cut off at the limit, not read to the end."""
-    import httpx
+    """A chunked body without Content-Length is refused once it passes the limit: the app stops
+    reading there instead of spooling all of it first."""
+    received = 0
 
-    sent = 0
+    async def counting_app(scope: Any, receive: Any, send: Any) -> None:
+        async def counted() -> Any:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
 
-    def body() -> Any:
-        nonlocal sent
-        boundary = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
-        yield boundary
+        await app(scope, counted, send)
+
+    def body() -> Iterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
         for _ in range(64):  # 64 MiB if read to the end; the limit is 1 MiB
-            sent += 1
             yield b'{"text": "' + b"y" * (1024 * 1024) + b'"}\n'
         yield b"\r\n--b--\r\n"
 
-    response = httpx.post(
-        f"{live_url}/v1/files",
-        headers={**tenant_a.headers(), "Content-Type": "multipart/form-data; boundary=b"},
-        content=body(),
-        timeout=30,
-    )
-    assert response.status_code == 413
-    assert response.json()["error"]["code"] == "file_too_large"
-    assert sent < 64
+    with serve(counting_app) as url:
+        try:
+            response = httpx.post(
+                f"{url}/v1/files",
+                headers={**tenant_a.headers(), "Content-Type": "multipart/form-data; boundary=b"},
+                content=body(),
+                timeout=60,
+            )
+        except httpx.HTTPError:
+            response = None  # the server may close the connection while the client still sends
+    if response is not None:
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "file_too_large"
+    limit = services.settings.max_upload_bytes
+    assert received <= limit + 64 * 1024 + 2 * 1024 * 1024, received
     assert objects(services) == []
 
 

@@ -1,0 +1,438 @@
+"""/v1/adapters: the adapter registry over HTTP.
+
+Adapters and their versions (by number, alias or `latest`), lineage, files (presigned S3 URLs,
+or streamed by the API where the store has no such URLs), aliases and their history, version
+deletion, and the serving-cluster index with an ETag so that an unchanged poll costs a 304.
+Everything is scoped to the caller's tenant: another tenant's adapter is a 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from control_plane import registry
+from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.errors import ApiError
+from control_plane.api.schemas import Page
+from control_plane.registry import (
+    AdapterRecord,
+    AdapterVersionRecord,
+    AliasEventRecord,
+    AliasRecord,
+)
+from control_plane.storage import ObjectNotFoundError
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+PRESIGN_SECONDS = 300
+
+_STATUS: dict[type[registry.RegistryError], int] = {
+    registry.AdapterNotFoundError: 404,
+    registry.VersionNotFoundError: 404,
+    registry.AliasNotFoundError: 404,
+    registry.BaseModelNotFoundError: 404,
+    registry.VersionInUseError: 409,
+    registry.BaseModelMismatchError: 409,
+    registry.StoreUnavailableError: 503,
+}
+
+
+@contextmanager
+def registry_errors() -> Iterator[None]:
+    """Map the registry's refusals to API errors with the same stable codes."""
+    try:
+        yield
+    except registry.RegistryError as exc:
+        status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 400)
+        raise ApiError(status, exc.code, exc.message, exc.param) from None
+
+
+def _ts(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class AdapterFile(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class AdapterPublic(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    base_model: str
+    latest_version: int
+    version_count: int
+    created_at: int
+
+    @classmethod
+    def of(cls, a: AdapterRecord) -> AdapterPublic:
+        return cls(
+            id=a.id,
+            name=a.name,
+            base_model=a.base_model_name,
+            latest_version=a.latest_version,
+            version_count=a.version_count,
+            created_at=_ts(a.created_at),
+        )
+
+
+class VersionPublic(BaseModel):
+    id: str
+    object: Literal["adapter.version"] = "adapter.version"
+    adapter: str
+    version: int
+    model: str = Field(description="stable id `name@version`: the job's fine_tuned_model")
+    base_model: str
+    job_id: str | None
+    parent: str | None = Field(description="`name@version` this version continued from")
+    files: list[AdapterFile]
+    metrics: dict[str, Any]
+    aliases: list[str]
+    created_at: int
+
+    @classmethod
+    def of(cls, v: AdapterVersionRecord) -> VersionPublic:
+        return cls(
+            id=v.id,
+            adapter=v.adapter_name,
+            version=v.number,
+            model=v.model_id,
+            base_model=v.base_model_name,
+            job_id=v.job_id,
+            parent=v.parent_ref,
+            files=[AdapterFile(**f) for f in v.files],
+            metrics=v.metrics,
+            aliases=v.aliases,
+            created_at=_ts(v.created_at),
+        )
+
+
+class LineagePublic(BaseModel):
+    object: Literal["adapter.lineage"] = "adapter.lineage"
+    id: str
+    adapter: str
+    version: int
+    lineage: dict[str, Any]
+
+
+class FileDownload(AdapterFile):
+    url: str
+    via: Literal["presigned", "api"] = Field(
+        description="`api` URLs need the API key; presigned URLs must be fetched without it"
+    )
+    expires_in: int | None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    adapter: str
+    version: int
+    data: list[FileDownload]
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = Field(ge=1)
+
+
+class AliasPublic(BaseModel):
+    object: Literal["adapter.alias"] = "adapter.alias"
+    adapter: str
+    name: str
+    version: int
+    version_id: str
+    updated_by: str | None
+    updated_at: int
+
+    @classmethod
+    def of(cls, a: AliasRecord) -> AliasPublic:
+        return cls(
+            adapter=a.adapter_name,
+            name=a.name,
+            version=a.version,
+            version_id=a.version_id,
+            updated_by=a.updated_by,
+            updated_at=_ts(a.updated_at),
+        )
+
+
+class AliasDeleted(BaseModel):
+    object: Literal["adapter.alias"] = "adapter.alias"
+    adapter: str
+    name: str
+    deleted: bool = True
+
+
+class AliasEventPublic(BaseModel):
+    id: int
+    object: Literal["adapter.alias_event"] = "adapter.alias_event"
+    adapter: str
+    alias: str
+    from_version: int | None
+    to_version: int | None = Field(description="None when the alias was deleted")
+    actor_key_id: str | None
+    created_at: float
+
+    @classmethod
+    def of(cls, e: AliasEventRecord) -> AliasEventPublic:
+        return cls(
+            id=e.id,
+            adapter=e.adapter_name,
+            alias=e.alias,
+            from_version=e.from_version,
+            to_version=e.to_version,
+            actor_key_id=e.actor_key_id,
+            created_at=e.created_at.timestamp(),
+        )
+
+
+class VersionDeleted(BaseModel):
+    id: str
+    object: Literal["adapter.version"] = "adapter.version"
+    adapter: str
+    version: int
+    deleted: bool = True
+    objects_removed: bool
+
+
+class ServingIndexPublic(BaseModel):
+    object: Literal["adapter.index"] = "adapter.index"
+    base_model: str
+    alias: str
+    etag: str
+    data: list[VersionPublic]
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+@router.get("", response_model=Page)
+def list_adapters(
+    conn: ConnDep,
+    caller: Caller,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 100,
+) -> Page:
+    """The tenant's adapters, by name; `after` is the name of the last one on the last page."""
+    found, more = registry.list_adapters(conn, caller.tenant_id, after=after, limit=limit)
+    data = [AdapterPublic.of(a) for a in found]
+    return Page(
+        data=data,
+        has_more=more,
+        first_id=data[0].name if data else None,
+        last_id=data[-1].name if data else None,
+    )
+
+
+@router.get("/index", response_model=ServingIndexPublic)
+def serving_index(
+    conn: ConnDep,
+    caller: Caller,
+    base_model: Annotated[str, Query(min_length=1, max_length=200)],
+    alias: Annotated[str, Query(min_length=1, max_length=registry.ALIAS_MAX)] = registry.LATEST,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """What a serving cluster of `base_model` should load: for each adapter, the version
+    `alias` points at (or the latest). Poll with `If-None-Match: <ETag>`: 304 when unchanged."""
+    with registry_errors():
+        index = registry.serving_index(conn, caller.tenant_id, base_model, alias)
+    etag = f'"{index.etag}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    body = ServingIndexPublic(
+        base_model=index.base_model,
+        alias=index.alias,
+        etag=index.etag,
+        data=[VersionPublic.of(v) for v in index.versions],
+    )
+    return JSONResponse(body.model_dump(mode="json"), headers=headers)
+
+
+@router.get("/{name}", response_model=AdapterPublic)
+def retrieve_adapter(name: str, conn: ConnDep, caller: Caller) -> AdapterPublic:
+    with registry_errors():
+        return AdapterPublic.of(registry.get_adapter(conn, caller.tenant_id, name))
+
+
+@router.get("/{name}/versions", response_model=Page)
+def list_versions(
+    name: str,
+    conn: ConnDep,
+    caller: Caller,
+    after: Annotated[int | None, Query(ge=1)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page:
+    """Newest first; `after` is the version number of the last one on the previous page."""
+    with registry_errors():
+        found, more = registry.list_versions(
+            conn, caller.tenant_id, name, before=after, limit=limit
+        )
+    data = [VersionPublic.of(v) for v in found]
+    return Page(
+        data=data,
+        has_more=more,
+        first_id=str(data[0].version) if data else None,
+        last_id=str(data[-1].version) if data else None,
+    )
+
+
+@router.get("/{name}/versions/{ref}", response_model=VersionPublic)
+def retrieve_version(name: str, ref: str, conn: ConnDep, caller: Caller) -> VersionPublic:
+    """A version by number, alias, or `latest`."""
+    with registry_errors():
+        return VersionPublic.of(registry.resolve_version(conn, caller.tenant_id, name, ref))
+
+
+@router.get("/{name}/versions/{ref}/lineage", response_model=LineagePublic)
+def version_lineage(name: str, ref: str, conn: ConnDep, caller: Caller) -> LineagePublic:
+    """Everything the version was made from, exactly as the trainer recorded it."""
+    with registry_errors():
+        v = registry.resolve_version(conn, caller.tenant_id, name, ref)
+    return LineagePublic(id=v.id, adapter=v.adapter_name, version=v.number, lineage=v.lineage)
+
+
+@router.get("/{name}/versions/{ref}/files", response_model=FileList)
+def version_files(
+    name: str,
+    ref: str,
+    request: Request,
+    conn: ConnDep,
+    caller: Caller,
+    services: ServicesDep,
+    expires_in: Annotated[int, Query(ge=1, le=3600)] = PRESIGN_SECONDS,
+) -> FileList:
+    """Where to download each file: a short-lived presigned URL on S3, else this API."""
+    with registry_errors():
+        v = registry.resolve_version(conn, caller.tenant_id, name, ref)
+    api = (services.settings.public_url or str(request.base_url)).rstrip("/")
+    data = []
+    for f in v.files:
+        presigned = services.store.presigned_url(v.object_prefix + f["name"], expires_in)
+        if presigned is not None:
+            data.append(FileDownload(**f, url=presigned, via="presigned", expires_in=expires_in))
+        else:
+            url = f"{api}/v1/adapters/{v.adapter_name}/versions/{v.number}/files/{f['name']}"
+            data.append(FileDownload(**f, url=url, via="api", expires_in=None))
+    return FileList(adapter=v.adapter_name, version=v.number, data=data)
+
+
+@router.get("/{name}/versions/{number}/files/{filename}")
+def download_file(
+    name: str, number: int, filename: str, conn: ConnDep, caller: Caller, services: ServicesDep
+) -> StreamingResponse:
+    """The file's bytes, streamed and verified; `X-Content-SHA256` says what they hash to."""
+    with registry_errors():
+        v = registry.resolve_version(conn, caller.tenant_id, name, number)
+    f = v.file(filename)
+    if f is None:
+        raise ApiError(404, "file_not_found", f"{v.model_id} has no file {filename!r}")
+    try:
+        stream = services.store.open_stream(
+            v.object_prefix + f["name"], expected_sha256=f["sha256"]
+        )
+    except ObjectNotFoundError:
+        raise ApiError(
+            410, "file_gone", f"{v.model_id}: {filename} is missing from the object store"
+        ) from None
+    return StreamingResponse(
+        stream,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(f["size"]),
+            "X-Content-SHA256": f["sha256"],
+            "Content-Disposition": f'attachment; filename="{f["name"]}"',
+        },
+    )
+
+
+@router.delete("/{name}/versions/{number}", response_model=VersionDeleted)
+def delete_version(
+    name: str, number: int, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> VersionDeleted:
+    """Delete a version and its objects; refused (409) while an alias points at it."""
+    with registry_errors():
+        v = registry.delete_version(conn, caller.tenant_id, name, number)
+    conn.commit()
+    removed = True
+    try:
+        registry.remove_version_objects(services.store, v.object_prefix)
+    except Exception:
+        registry.log.warning("objects of %s stay behind", v.object_prefix, exc_info=True)
+        removed = False
+    return VersionDeleted(
+        id=v.id, adapter=v.adapter_name, version=v.number, objects_removed=removed
+    )
+
+
+@router.get("/{name}/aliases", response_model=Page)
+def list_aliases(name: str, conn: ConnDep, caller: Caller) -> Page:
+    with registry_errors():
+        found = registry.list_aliases(conn, caller.tenant_id, name)
+    return Page(data=[AliasPublic.of(a) for a in found])
+
+
+@router.put("/{name}/aliases/{alias}", response_model=AliasPublic)
+def set_alias(
+    name: str,
+    alias: str,
+    body: AliasUpdate,
+    conn: ConnDep,
+    caller: Writer,
+    services: ServicesDep,
+) -> AliasPublic:
+    """Create or move an alias; the move is recorded with the calling key and the time."""
+    with registry_errors():
+        record = registry.set_alias(
+            conn,
+            services.store,
+            tenant_id=caller.tenant_id,
+            adapter_name=name,
+            alias=alias,
+            version=body.version,
+            actor_key_id=caller.key_id,
+        )
+    conn.commit()
+    return AliasPublic.of(record)
+
+
+@router.delete("/{name}/aliases/{alias}", response_model=AliasDeleted)
+def delete_alias(
+    name: str, alias: str, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> AliasDeleted:
+    with registry_errors():
+        registry.delete_alias(
+            conn,
+            services.store,
+            tenant_id=caller.tenant_id,
+            adapter_name=name,
+            alias=alias,
+            actor_key_id=caller.key_id,
+        )
+    conn.commit()
+    return AliasDeleted(adapter=name, name=alias)
+
+
+@router.get("/{name}/aliases/{alias}/history", response_model=Page)
+def alias_history(name: str, alias: str, conn: ConnDep, caller: Caller) -> Page:
+    """Every set, move and delete of the alias, oldest first (kept after the alias is gone)."""
+    with registry_errors():
+        found = registry.alias_history(conn, caller.tenant_id, name, alias)
+    return Page(data=[AliasEventPublic.of(e) for e in found])
