@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-trainer", action="store_true", help="do not start a local trainer")
     up.set_defaults(func=cmd_up)
 
-    demo = sub.add_parser("demo", help="bring the platform up, train an adapter on SmolLM2, compare")
+    demo = sub.add_parser(
+        "demo", help="bring the platform up, train an adapter on SmolLM2, compare"
+    )
     demo.set_defaults(func=cmd_demo)
 
     worker = sub.add_parser("worker", help="run trainer actors on Ray (one per GPU, or the CPU)")

@@ -116,10 +116,10 @@ _CLAIM = text(
 
 _TENANT_RUNNING = text(
     """
-    SELECT count(*) FILTER (WHERE j.status IN ('running', 'cancelling')) AS running,
+    SELECT (SELECT count(*) FROM jobs j
+            WHERE j.tenant_id = t.id AND j.status IN ('running', 'cancelling')) AS running,
            coalesce(t.max_running_jobs, :default_limit) AS max_running
-    FROM tenants t LEFT JOIN jobs j ON j.tenant_id = t.id
-    WHERE t.id = :tenant GROUP BY t.max_running_jobs
+    FROM tenants t WHERE t.id = :tenant
     """
 )
 

@@ -54,6 +54,7 @@ MANIFEST_FORMAT = "loraforge.adapter-manifest/1"
 NAME_MAX = 128
 ALIAS_MAX = 64
 LATEST = "latest"
+MAX_VERSION = 2**31 - 1
 RESERVED_ADAPTER_NAMES = frozenset({"index"})  # `/v1/adapters/index` is the serving index
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -118,6 +119,10 @@ class StoreUnavailableError(RegistryError):
 # --------------------------------------------------------------------------- names
 
 
+def _is_number(ref: str) -> bool:
+    return ref.isascii() and ref.isdigit()
+
+
 def validate_name(value: str, what: str = "adapter name", *, max_length: int = NAME_MAX) -> str:
     """Return `value` if it is a safe registry name, else raise `InvalidNameError`.
 
@@ -155,7 +160,7 @@ def validate_alias_name(alias: str) -> str:
     """Aliases may not look like version numbers or be `latest`, so a reference is never
     ambiguous."""
     validate_name(alias, "alias", max_length=ALIAS_MAX)
-    if alias.isdigit() or alias == LATEST:
+    if _is_number(alias) or alias == LATEST:
         raise InvalidNameError(
             f"alias {alias!r} is reserved or looks like a version", param="alias"
         )
@@ -167,7 +172,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
     name, _, version = ref.partition("@")
     validate_adapter_name(name)
     version = version or LATEST
-    if not version.isdigit() and version != LATEST:
+    if not _is_number(version) and version != LATEST:
         validate_alias_name(version)
     return name, version
 
@@ -323,7 +328,7 @@ def list_versions(
         "ORDER BY v.number DESC LIMIT :limit",
         tenant=tenant_id,
         name=name,
-        before=before if before is not None else 2**31 - 1,
+        before=before if before is not None else MAX_VERSION,
         limit=limit + 1,
     )
     return found[:limit], len(found) > limit
@@ -336,7 +341,9 @@ def resolve_version(
     validate_adapter_name(name)
     ref = str(ref)
     scope = "a.tenant_id = :tenant AND a.name = :name"
-    if ref.isdigit():
+    if _is_number(ref):
+        if int(ref) > MAX_VERSION:
+            raise VersionNotFoundError(f"adapter {name!r} has no version {ref}")
         found = _versions(
             conn, f"{scope} AND v.number = :n", tenant=tenant_id, name=name, n=int(ref)
         )
@@ -357,7 +364,7 @@ def resolve_version(
     if found:
         return found[0]
     get_adapter(conn, tenant_id, name)  # raises AdapterNotFoundError when that is the reason
-    if ref.isdigit() or ref == LATEST:
+    if _is_number(ref) or ref == LATEST:
         raise VersionNotFoundError(f"adapter {name!r} has no version {ref}")
     raise AliasNotFoundError(f"adapter {name!r} has no alias {ref!r}")
 

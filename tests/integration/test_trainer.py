@@ -1,0 +1,305 @@
+"""Trainers end to end: real Postgres queue, real object store, real transformers + peft on the
+shipped tiny Llama, and real Ray actors for the kill-and-resume path."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from sqlalchemy import text
+from transformers import AutoModelForCausalLM
+
+from control_plane import base_models, jobs, registry
+from control_plane import files as file_repo
+from control_plane.datasets import validate_jsonl
+from control_plane.events import list_events
+from control_plane.hyperparameters import Hyperparameters
+from control_plane.ids import new_id
+from control_plane.records import JobRecord
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from control_plane.storage import file_key
+from tests.factories import make_tenant
+from workers.recipe import ResidentBase
+from workers.runner import JobRunner
+from workers.testbase import TEST_BASE_PATH
+
+RECORDS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
+    }
+    for a in range(4)
+    for b in range(4)
+]
+FAST = {
+    "n_epochs": 3,
+    "batch_size": 4,
+    "learning_rate_multiplier": 10,
+    "lora_rank": 8,
+    "max_seq_length": 64,
+}
+
+
+@pytest.fixture
+def trainer_services(database_url: str, tmp_path: Path) -> Iterator[Services]:
+    settings = Settings(
+        home=tmp_path / "home",
+        local_store_dir=tmp_path / "objects",
+        lease_seconds=4,
+        retry_backoff_seconds=0,
+    )
+    services = build_services(settings, database_url=database_url)
+    yield services
+    services.close()
+
+
+@pytest.fixture
+def world(trainer_services: Services) -> dict[str, str]:
+    tenant = make_tenant(trainer_services.engine, "acme", max_running_jobs=10)
+    with trainer_services.engine.begin() as conn:
+        base = base_models.register_base_model(
+            conn,
+            base_models.NewBaseModel(
+                name="tiny-llama", source=str(TEST_BASE_PATH), source_kind="dir"
+            ),
+        )
+    return {"tenant": tenant.id, "base": base.id}
+
+
+def upload_records(services: Services, tenant_id: str, records: list[dict[str, Any]]) -> str:
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    stats = validate_jsonl(io.BytesIO(data), max_bytes=10**7, max_example_tokens=10**5)
+    file_id = new_id("file")
+    key = file_key(tenant_id, file_id)
+    info = services.store.put_bytes(key, data)
+    with services.engine.begin() as conn:
+        file_repo.insert_file(
+            conn,
+            file_id=file_id,
+            tenant_id=tenant_id,
+            filename="train.jsonl",
+            purpose="fine-tune",
+            size=info.size,
+            sha256=info.sha256,
+            object_key=key,
+            format=stats.format,
+            examples=stats.examples,
+            tokens=stats.tokens,
+        )
+    return file_id
+
+
+def submit(
+    services: Services, world: dict[str, str], *, records: list[dict[str, Any]] = RECORDS, **hp: Any
+) -> str:
+    file_id = upload_records(services, world["tenant"], records)
+    with services.engine.begin() as conn:
+        job, _ = jobs.create_job(
+            conn,
+            jobs.NewJob(
+                tenant_id=world["tenant"],
+                base_model_id=world["base"],
+                training_file_id=file_id,
+                validation_file_id=None,
+                hyperparameters=Hyperparameters(**{**FAST, **hp}).model_dump(mode="json"),
+                adapter_name="sums",
+            ),
+        )
+    services.queue.mark_queued(job.id)
+    return job.id
+
+
+def job_row(services: Services, job_id: str) -> JobRecord:
+    with services.engine.connect() as conn:
+        found = jobs.get_job_unscoped(conn, job_id)
+    assert found is not None
+    return found
+
+
+def metric_events(services: Services, job_id: str) -> list[dict[str, Any]]:
+    with services.engine.connect() as conn:
+        found = list_events(conn, job_id, limit=10_000, newest_first=False)
+    return [e.data or {} for e in found if e.type == "metrics"]
+
+
+def messages(services: Services, job_id: str) -> list[str]:
+    with services.engine.connect() as conn:
+        return [e.message for e in list_events(conn, job_id, limit=10_000, newest_first=False)]
+
+
+def run_one(runner: JobRunner) -> str:
+    job = runner.services.queue.claim(
+        runner.worker_id, prefer_base_model_id=runner.resident_base_id
+    )
+    assert job is not None
+    return runner.run(job)
+
+
+def test_job_trains_publishes_and_adapter_changes_outputs(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    job_id = submit(trainer_services, world)
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    assert run_one(runner) == "succeeded"
+    job = job_row(trainer_services, job_id)
+    assert job.status == "succeeded" and job.fine_tuned_model
+    losses = [m["train_loss"] for m in metric_events(trainer_services, job_id) if "train_loss" in m]
+    assert len(losses) >= 3 and losses[-1] < losses[0]
+    statuses = [
+        m for m in messages(trainer_services, job_id) if m.startswith(("Job started", "The job"))
+    ]
+    assert (
+        statuses[0].startswith("Job started")
+        and statuses[-1] == "The job has successfully completed"
+    )
+    # The published version pulls into a PEFT directory that loads on the base and changes it.
+    with trainer_services.engine.connect() as conn:
+        version = registry.resolve_version(conn, world["tenant"], "sums", "latest")
+    assert version.job_id == job_id
+    target = tmp_path / "pulled"
+    for entry in version.files:
+        trainer_services.store.download_to(
+            version.object_prefix.rstrip("/") + "/" + entry["name"],
+            target / entry["name"],
+            expected_sha256=entry["sha256"],
+        )
+    base = AutoModelForCausalLM.from_pretrained(TEST_BASE_PATH, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    before = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, target)
+    assert not torch.allclose(adapted(ids).logits, before)
+
+
+def test_base_stays_resident_and_untouched_across_jobs(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    first, second = submit(trainer_services, world), submit(trainer_services, world)
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    loads = ResidentBase.load_count
+    assert run_one(runner) == "succeeded"
+    assert runner.resident is not None
+    fingerprint = runner.resident.state_fingerprint()
+    assert run_one(runner) == "succeeded"
+    assert ResidentBase.load_count == loads + 1
+    assert runner.resident.state_fingerprint() == fingerprint
+    assert any("already resident" in m for m in messages(trainer_services, second))
+    assert any(m.startswith("Loaded base tiny-llama") for m in messages(trainer_services, first))
+
+
+def test_cancel_running_job_stops_within_five_seconds(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    job_id = submit(trainer_services, world, records=RECORDS * 8, n_epochs=20, batch_size=2)
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(run_one(runner)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not metric_events(trainer_services, job_id):
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.2)
+    asked = time.monotonic()
+    trainer_services.queue.request_cancel(job_id)
+    thread.join(30)
+    stopped_after = time.monotonic() - asked
+    assert outcome == ["cancelled"]
+    assert job_row(trainer_services, job_id).status == "cancelled"
+    assert stopped_after < 5, f"took {stopped_after:.1f}s"
+
+
+def test_bad_hyperparameters_fail_the_job_and_the_runner_goes_on(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    bad = submit(trainer_services, world, target_modules=["no_such_proj"])
+    good = submit(trainer_services, world, n_epochs=1)
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    stop = threading.Event()
+    assert runner.run_forever(stop, idle_wait=0.1, max_jobs=2) == 2
+    failed = job_row(trainer_services, bad)
+    assert failed.status == "failed" and failed.error_code == "training_error"
+    assert "no_such_proj" in (failed.error_message or "")
+    assert job_row(trainer_services, good).status == "succeeded"
+
+
+def test_empty_data_after_filtering_fails_with_reason(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    # Every example is longer than max_seq_length allows for its answer: nothing is trainable.
+    long = [{"prompt": "word " * 200, "completion": "yes"}]
+    job_id = submit(trainer_services, world, records=long, max_seq_length=16)
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    assert run_one(runner) == "failed"
+    assert "no" in (job_row(trainer_services, job_id).error_message or "").lower()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}},
+    )
+    yield
+    ray.shutdown()
+
+
+def test_killed_actor_job_resumes_from_checkpoint_on_a_new_actor(
+    ray_cluster: None, trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    import ray
+
+    from workers.actor import TrainerActor
+
+    job_id = submit(
+        trainer_services,
+        world,
+        records=RECORDS * 4,
+        n_epochs=6,
+        batch_size=2,
+        checkpoint_every_steps=4,
+    )
+    settings_json = trainer_services.settings.model_dump_json()
+    first = TrainerActor.remote(
+        settings_json, trainer_services.database_url, "actor-1", str(tmp_path / "a1")
+    )
+    first.run.remote(max_jobs=1, idle_wait=0.2)
+    deadline = time.monotonic() + 240
+    while True:
+        with trainer_services.engine.connect() as conn:
+            checkpoint = jobs.latest_checkpoint(conn, job_id)
+        if checkpoint is not None:
+            break
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.2)
+    pid = ray.get(first.stats.remote())["pid"]
+    os.kill(pid, 9)  # the process dies mid-job: no clean-up, no lease release
+    time.sleep(trainer_services.settings.lease_seconds + 1)
+    second = TrainerActor.remote(
+        settings_json, trainer_services.database_url, "actor-2", str(tmp_path / "a2")
+    )
+    assert ray.get(second.run.remote(max_jobs=1, idle_wait=0.2), timeout=300) == 1
+    job = job_row(trainer_services, job_id)
+    assert job.status == "succeeded" and job.attempt == 2
+    resumed = [m for m in messages(trainer_services, job_id) if m.startswith("resumed from step")]
+    assert resumed and int(resumed[0].split()[3]) >= checkpoint.step > 0
+    with trainer_services.engine.connect() as conn:
+        versions = conn.execute(
+            text("SELECT count(*) FROM adapter_versions WHERE job_id = :j"), {"j": job_id}
+        ).scalar()
+    assert versions == 1
+    ray.kill(second)

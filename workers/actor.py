@@ -1,0 +1,107 @@
+"""Ray trainer actors: one long-lived actor per GPU (one on the CPU where there is none).
+
+Each actor owns a `JobRunner`, so the base it loaded stays resident across the jobs it claims.
+Ray's token authentication (on by default for a local cluster since Ray 2.60) stays on: a local
+instance started here writes its token under `~/.ray`, and processes Ray starts inherit it; to
+join a remote cluster, set `RAY_AUTH_TOKEN` (or the token file) as Ray documents.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from control_plane.services import build_services
+from control_plane.settings import Settings
+from workers.recipe import ResidentBase
+from workers.runner import JobRunner
+
+
+def init_ray(settings: Settings, *, num_cpus: int | None = None) -> None:
+    """Join `LORAFORGE_RAY_ADDRESS`, or start a local Ray instance (the embedded default)."""
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+
+
+def _import_roots() -> list[str]:
+    """Where `control_plane` and `workers` are importable from, for Ray's worker processes."""
+    root = str(Path(__file__).resolve().parent.parent)
+    existing = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [root, *existing]
+
+
+@ray.remote(max_concurrency=4)
+class TrainerActor:
+    """A trainer: claims jobs (preferring its resident base), trains, publishes, repeats."""
+
+    def __init__(
+        self, settings_json: str, database_url: str, worker_id: str, work_dir: str
+    ) -> None:
+        settings = Settings.model_validate_json(settings_json)
+        self.services = build_services(settings, database_url=database_url)
+        self.runner = JobRunner(self.services, worker_id, work_dir=Path(work_dir))
+        self.stop_event = threading.Event()
+
+    def run(self, max_jobs: int | None = None, idle_wait: float = 5.0) -> int:
+        """The claim → train → publish loop; returns how many jobs it ran."""
+        return self.runner.run_forever(self.stop_event, idle_wait=idle_wait, max_jobs=max_jobs)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.runner.worker_id,
+            "pid": os.getpid(),
+            "jobs_done": self.runner.jobs_done,
+            "base_loads": ResidentBase.load_count,
+            "resident_base_id": self.runner.resident_base_id,
+        }
+
+
+def trainer_count() -> int:
+    """One trainer per GPU; one on the CPU where there is none."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def start_trainers(settings: Settings, database_url: str, *, count: int | None = None) -> list[Any]:
+    """Start the trainer actors of this node and their loops; returns the actor handles."""
+    init_ray(settings)
+    count = count or trainer_count()
+    gpus = 1 if trainer_count() > 0 and _has_gpu() else 0
+    actors = []
+    for index in range(count):
+        worker_id = f"{socket.gethostname()}-trainer-{index}-{os.getpid()}"
+        actor = TrainerActor.options(num_gpus=gpus, num_cpus=1, name=None).remote(
+            settings.model_dump_json(),
+            database_url,
+            worker_id,
+            str(settings.home / "worker" / f"trainer-{index}"),
+        )
+        actors.append(actor)
+    for actor in actors:
+        actor.run.remote()
+    return actors
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

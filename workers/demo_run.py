@@ -1,0 +1,133 @@
+"""`loraforge demo`: the whole platform on the embedded default, end to end, on a real model.
+
+Brings up the embedded platform (PostgreSQL through pgserver, the API, celery, a Ray trainer),
+makes SmolLM2-135M-Instruct available, uploads the shipped dataset (a skill the base lacks and a
+program can check), trains, shows progress with the loss, pulls the published version, and
+prints held-out answers of the base and of the adapter side by side with a score for each.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from typing import Any
+
+from control_plane import db, tasks
+from control_plane.api.app import create_app
+from control_plane.client import LoraforgeClient
+from control_plane.services import build_services
+from control_plane.settings import Settings
+
+BASE_NAME = "SmolLM2-135M-Instruct"
+ADAPTER_NAME = "demo-json-extract"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve(app: Any, port: int) -> Any:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
+
+
+def _follow(client: LoraforgeClient, job_id: str) -> dict[str, Any]:
+    """A progress bar over the job's optimizer steps, with the loss; returns the final job."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, unit="step", desc="training", dynamic_ncols=True)
+    after: str | None = None
+    try:
+        while True:
+            page = client.list_events(job_id, after=after, order="asc")
+            for event in page["data"]:
+                after = event["id"]
+                data = event.get("data") or {}
+                if event["type"] == "metrics" and "step" in data:
+                    bar.total = max(int(data.get("total_steps") or bar.total), 1)
+                    bar.n = int(data["step"])
+                    loss = data.get("train_loss")
+                    if loss is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                    bar.refresh()
+                elif event["type"] != "metrics":
+                    bar.write(f"  {event['message']}")
+            job = client.retrieve_job(job_id)
+            if job["status"] in ("succeeded", "failed", "cancelled") and not page["has_more"]:
+                return dict(job)
+            time.sleep(1.0)
+    finally:
+        bar.close()
+
+
+def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) -> int:
+    from workers.base_registration import register_base
+    from workers.demo import DEMO_HYPERPARAMETERS, demo_data_dir, evaluate, load_heldout
+    from workers.smollm2 import ensure_smollm2
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    url = db.resolve_database_url(settings)
+    db.upgrade(url)
+    key = ensure_admin_key(settings, url)
+    base_dir = ensure_smollm2(settings.home / "bases", progress=True)
+    services = build_services(settings, database_url=url)
+    register_base(services, BASE_NAME, base_dir)
+    tasks.configure(services)
+    children: list[subprocess.Popen[bytes]] = start_children(url, settings)
+    port = _free_port()
+    server = _serve(create_app(services), port)
+    base_url = f"http://127.0.0.1:{port}"
+    print(f"loraforge is up at {base_url} (admin key in {settings.home / 'admin-key'})")
+    try:
+        with LoraforgeClient(base_url, key, timeout=120) as client:
+            uploaded = client.upload_file(demo_data_dir() / "train.jsonl")
+            print(
+                f"uploaded {uploaded['id']}: {uploaded['examples']} examples, {uploaded['tokens']} tokens"
+            )
+            started = time.monotonic()
+            job = client.create_job(
+                model=BASE_NAME,
+                training_file=uploaded["id"],
+                adapter_name=ADAPTER_NAME,
+                hyperparameters=DEMO_HYPERPARAMETERS.model_dump(mode="json"),
+            )
+            print(f"job {job['id']} submitted")
+            final = _follow(client, job["id"])
+            if final["status"] != "succeeded":
+                print(f"job {final['status']}: {json.dumps(final.get('error'))}")
+                return 1
+            print(f"trained in {time.monotonic() - started:.0f}s")
+            version = client.get_version(ADAPTER_NAME, "latest")
+            print(
+                f"adapter version: {ADAPTER_NAME}@{version['version']} ({final['fine_tuned_model']})"
+            )
+            target = client.pull(
+                f"{ADAPTER_NAME}@{version['version']}", settings.home / "pulled" / ADAPTER_NAME
+            )
+            print(f"pulled to {target}")
+        heldout = load_heldout()
+        base_score, adapter_score, rows = evaluate(base_dir, target, heldout)
+        for row in rows[:5]:
+            print(f"\nprompt:   {row['prompt']}")
+            print(f"base:     {row['base_answer']!r}")
+            print(f"adapter:  {row['adapter_answer']!r}")
+        print(
+            f"\nheld-out: base {base_score}/{len(heldout)} → adapter {adapter_score}/{len(heldout)}"
+        )
+        return 0
+    finally:
+        server.should_exit = True
+        for child in children:
+            child.terminate()
+            child.wait(timeout=30)
+        services.close()

@@ -1,0 +1,202 @@
+"""Padding-free training compute: packed rows, attention within each example, loss where trained.
+
+The training recipe's kernels, kept apart from its loop:
+
+- `pack` concatenates the examples of a micro-batch into one row (position ids restart per
+  example), so no FLOP is spent on padding;
+- `packed_sdpa_attention`, registered with transformers as `PACKED_ATTENTION`, runs causal
+  attention example by example from the row's boundaries, so examples never see each other and no
+  `tokens x tokens` mask is built;
+- `LinearCrossEntropy` applies the output head and the cross-entropy only at positions that carry
+  a label, chunk by chunk, with the gradient computed in the same pass: the `tokens x vocabulary`
+  logits of a whole batch (49k columns for SmolLM2) never exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from workers.formatting import IGNORE_INDEX, TokenizedExample
+
+PACKED_ATTENTION = "loraforge_packed_sdpa"
+# Largest logits chunk, in elements (64 MiB of fp32): bounds memory whatever the vocabulary.
+LOGITS_CHUNK_ELEMENTS = 1 << 24
+
+
+def rows_of_tokens(
+    examples: Sequence[TokenizedExample], max_tokens: int
+) -> Iterator[list[TokenizedExample]]:
+    """Consecutive groups of examples holding at most `max_tokens` tokens (or one example)."""
+    row: list[TokenizedExample] = []
+    tokens = 0
+    for example in examples:
+        if row and tokens + len(example) > max_tokens:
+            yield row
+            row, tokens = [], 0
+        row.append(example)
+        tokens += len(example)
+    if row:
+        yield row
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """Examples concatenated into one row, with what attention and the loss need to keep them apart.
+
+    `cu_seq_lens` are the cumulative example boundaries; `target_positions` the positions whose
+    next token is trained on, and `targets` those next tokens.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seq_lens: torch.Tensor
+    target_positions: torch.Tensor
+    targets: torch.Tensor
+
+
+def pack(examples: Sequence[TokenizedExample], device: torch.device) -> PackedRow:
+    """Pack examples into one row: no padding anywhere."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    boundaries = [0]
+    target_positions: list[int] = []
+    targets: list[int] = []
+    for example in examples:
+        offset = len(input_ids)
+        input_ids += example.input_ids
+        positions += range(len(example))
+        boundaries.append(len(input_ids))
+        for index, label in enumerate(example.labels[1:]):
+            if label != IGNORE_INDEX:
+                target_positions.append(offset + index)
+                targets.append(label)
+
+    def tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return PackedRow(
+        input_ids=tensor(input_ids)[None],
+        position_ids=tensor(positions)[None],
+        cu_seq_lens=torch.tensor(boundaries, dtype=torch.int32, device=device),
+        target_positions=tensor(target_positions),
+        targets=tensor(targets),
+    )
+
+
+def packed_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal attention within each packed example (`cu_seq_lens_q`), never across them.
+
+    Without packing information (generation, a caller's own forward) it is plain sdpa.
+    """
+    boundaries = kwargs.get("cu_seq_lens_q")
+    if boundaries is None or query.shape[0] != 1:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    edges = boundaries.tolist()
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            dropout_p=dropout if module.training else 0.0,
+            is_causal=True,
+            scale=scaling,
+        )
+        for start, end in pairwise(edges)
+    ]
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+_PACKED_FORWARD: ContextVar[bool] = ContextVar("loraforge_packed_forward", default=False)
+
+
+def _packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """No mask for packed rows (attention is split per example: a mask would cost T x T); sdpa's
+    mask for any other forward."""
+    return None if _PACKED_FORWARD.get() else sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_sdpa_attention)
+AttentionMaskInterface.register(PACKED_ATTENTION, _packed_mask)
+
+
+def packed_hidden_states(backbone: nn.Module, row: PackedRow) -> torch.Tensor:
+    """The backbone's last hidden states for a packed row, `[tokens, hidden]`.
+
+    The model must use `PACKED_ATTENTION` (`set_attn_implementation`), else examples would
+    attend to each other.
+    """
+    token = _PACKED_FORWARD.set(True)
+    try:
+        output = backbone(
+            input_ids=row.input_ids,
+            position_ids=row.position_ids,
+            use_cache=False,
+            cu_seq_lens_q=row.cu_seq_lens,
+        )
+    finally:
+        _PACKED_FORWARD.reset(token)
+    return output.last_hidden_state[0]
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk.
+
+    The gradient with respect to `hidden` is computed in the forward pass (the loss is a terminal
+    scalar), so logits never outlive their chunk and the head runs once per token. `weight` is
+    the frozen output head: it gets no gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        if weight.requires_grad:
+            raise ValueError("LinearCrossEntropy gives the output head no gradient: freeze it")
+        chunk = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        weight = weight.to(hidden.dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = (hidden[start : start + chunk] @ weight.T).float()
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            wanted = targets[start : start + chunk]
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits[rows, wanted]).sum()
+            if grad is not None:
+                probabilities = logits.sub_(log_norm[:, None]).exp_()
+                probabilities[rows, wanted] -= 1.0
+                grad[start : start + chunk] = probabilities.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None
