@@ -258,6 +258,7 @@ def ray_cluster() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.mark.ray
 def test_killed_actor_job_resumes_from_checkpoint_on_a_new_actor(
     ray_cluster: None, trainer_services: Services, world: dict[str, str], tmp_path: Path
 ) -> None:
