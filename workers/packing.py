@@ -119,18 +119,27 @@ def packed_sdpa_attention(
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     edges = boundaries.tolist()
+    dropout = dropout if module.training else 0.0
     outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout if module.training else 0.0,
-            is_causal=True,
-            scale=scaling,
+        causal_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scaling, dropout
         )
         for start, end in pairwise(edges)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def causal_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    dropout: float,
+) -> torch.Tensor:
+    """Causal attention of one example, `[1, heads, tokens, head_dim]`."""
+    return F.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, is_causal=True, scale=scaling
+    )
 
 
 _PACKED_FORWARD: ContextVar[bool] = ContextVar("loraforge_packed_forward", default=False)

@@ -8,6 +8,7 @@ Everything is scoped to the caller's tenant: another tenant's adapter is a 404.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -30,6 +31,7 @@ from control_plane.registry import (
 from control_plane.storage import ObjectNotFoundError
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+log = logging.getLogger(__name__)
 
 PRESIGN_SECONDS = 300
 VersionNumber = Annotated[int, Path(ge=1, le=registry.MAX_VERSION)]
@@ -381,7 +383,7 @@ def delete_version(
     try:
         registry.remove_version_objects(services.store, v.object_prefix)
     except Exception:
-        registry.log.warning("objects of %s stay behind", v.object_prefix, exc_info=True)
+        log.warning("objects of %s stay behind", v.object_prefix, exc_info=True)
         removed = False
     return VersionDeleted(
         id=v.id, adapter=v.adapter_name, version=v.number, objects_removed=removed
