@@ -35,6 +35,7 @@ class NewJob:
     hyperparameters: dict[str, Any]
     suffix: str | None = None
     adapter_name: str | None = None
+    parent_version_id: str | None = None
     priority: int = 0
     max_attempts: int = 3
     idempotency_key: str | None = None
@@ -65,6 +66,7 @@ def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:
         "hyperparameters": new.hyperparameters,
         "suffix": new.suffix,
         "adapter_name": new.adapter_name,
+        "parent_version_id": new.parent_version_id,
         "priority": new.priority,
         "max_attempts": new.max_attempts,
         "idempotency_key": new.idempotency_key,

@@ -102,6 +102,7 @@ class JobRecord(_FromRow):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    parent_version_id: str | None
 
     @property
     def is_terminal(self) -> bool:

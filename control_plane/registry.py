@@ -105,6 +105,10 @@ class BaseModelMismatchError(RegistryError):
     code = "base_model_mismatch"
 
 
+class AdapterShapeMismatchError(RegistryError):
+    code = "adapter_shape_mismatch"
+
+
 class AdapterFilesError(RegistryError):
     code = "adapter_files_missing"
 
@@ -394,6 +398,30 @@ def resolve_parent(
     return parent
 
 
+# LoRA settings that fix the adapter's shape: a job continuing from a version inherits them.
+ADAPTER_SHAPE = ("lora_rank", "lora_alpha", "target_modules", "use_dora", "use_rslora")
+
+
+def continued_hyperparameters(
+    parent: AdapterVersionRecord, requested: dict[str, Any]
+) -> dict[str, Any]:
+    """`requested` plus the parent's adapter-shape settings it leaves out; a requested value
+    that differs from the parent's is refused (the parent's weights would not fit)."""
+    inherited = parent.lineage.get("hyperparameters") or {}
+    merged = dict(requested)
+    for key in ADAPTER_SHAPE:
+        if key not in inherited:
+            continue
+        if key in requested and requested[key] != inherited[key]:
+            raise AdapterShapeMismatchError(
+                f"{parent.model_id} was trained with {key}={inherited[key]!r}; a job continuing "
+                f"from it must keep that value (leave {key} out to inherit it)",
+                param=f"hyperparameters.{key}",
+            )
+        merged[key] = inherited[key]
+    return merged
+
+
 def job_parent_version(conn: Connection, job_id: str) -> AdapterVersionRecord | None:
     """The version a job continues from, if it names one (for the trainer)."""
     parent_id = conn.execute(
@@ -641,6 +669,18 @@ def delete_version(
         raise VersionInUseError(
             f"{version.model_id} is the target of alias(es) {', '.join(version.aliases)}; "
             "move or delete them first"
+        )
+    waiting = conn.execute(
+        text(
+            "SELECT id FROM jobs WHERE parent_version_id = :id "
+            "AND status NOT IN ('succeeded', 'failed', 'cancelled') ORDER BY created_at LIMIT 1"
+        ),
+        {"id": version.id},
+    ).scalar()
+    if waiting is not None:
+        raise VersionInUseError(
+            f"{version.model_id} is the starting point of unfinished job {waiting}; "
+            "cancel it or wait for it to finish first"
         )
     conn.execute(text("DELETE FROM adapter_versions WHERE id = :id"), {"id": version.id})
     return version

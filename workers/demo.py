@@ -443,6 +443,8 @@ def run_local(
     train_limit: int | None = None,
 ) -> dict[str, Any]:
     """Train the demo adapter with the recipe alone (no platform) and evaluate it; print figures."""
+    import torch
+
     from workers.recipe import ResidentBase, TrainHooks, train_adapter
     from workers.smollm2 import ensure_smollm2
 
@@ -457,13 +459,13 @@ def run_local(
         del data
         print(f"  [{kind}] {message}", file=sys.stderr, flush=True)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = train_adapter(base, train, None, hp, TrainHooks(on_event=on_event), output_dir)
-    train_s = time.perf_counter() - started
+    train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     assert result.adapter_dir is not None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     base_score, adapter_score, rows = evaluate(base_dir, result.adapter_dir, heldout)
-    eval_s = time.perf_counter() - started
+    eval_s, eval_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     print(format_rows(rows))
     print(summary(base_score, adapter_score, len(heldout)))
     figures = {
@@ -471,11 +473,14 @@ def run_local(
         "steps": result.global_step,
         "trained_tokens": result.trained_tokens,
         "train_s": round(train_s, 1),
+        "train_cpu_s": round(train_cpu_s, 1),
         "tokens_per_s": round(result.trained_tokens / train_s, 1),
         "final_train_loss": result.final_train_loss,
         "precision": result.precision,
         "base_load_s": round(load_s, 1),
         "eval_s": round(eval_s, 1),
+        "eval_cpu_s": round(eval_cpu_s, 1),
+        "torch_threads": torch.get_num_threads(),
         "base_score": base_score,
         "adapter_score": adapter_score,
         "heldout": len(heldout),

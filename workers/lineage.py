@@ -8,6 +8,7 @@ from typing import Any
 
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
+from control_plane.registry import AdapterVersionRecord
 from workers.recipe import ResidentBase, TrainResult
 
 LIBRARIES = ("torch", "transformers", "peft", "loraforge")
@@ -44,6 +45,7 @@ def build_lineage(
     eval_file: FileRecord | None,
     result: TrainResult,
     resident: ResidentBase,
+    parent: AdapterVersionRecord | None = None,
 ) -> dict[str, Any]:
     files = [_file(train_file, "training")]
     if eval_file is not None:
@@ -62,7 +64,14 @@ def build_lineage(
         "datasets": files,
         "hyperparameters": hp.model_dump(mode="json"),
         "libraries": library_versions(),
-        "parent_version": None,
+        "parent_version": None
+        if parent is None
+        else {
+            "id": parent.id,
+            "model_id": parent.model_id,
+            "job_id": parent.job_id,
+            "files": parent.files,
+        },
         "metrics": {
             "final_train_loss": result.final_train_loss,
             "final_eval_loss": result.final_eval_loss,

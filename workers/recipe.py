@@ -220,11 +220,16 @@ def train_adapter(
     hooks: TrainHooks,
     output_dir: Path,
     resume_dir: Path | None = None,
+    init_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a fresh LoRA adapter on the resident base; the base is left exactly as it was."""
+    """Train a LoRA adapter on the resident base; the base is left exactly as it was.
+
+    The adapter starts fresh, or from the PEFT adapter in `init_dir` (a job that continues from
+    a published version); a `resume_dir` checkpoint of this same job wins over both.
+    """
     recipe = LoraRecipe(base, hp, hooks, Path(output_dir))
     try:
-        recipe.setup(train_records, eval_records, resume_dir)
+        recipe.setup(train_records, eval_records, resume_dir, init_dir)
         return recipe.train()
     finally:
         recipe.cleanup()
@@ -238,6 +243,7 @@ def train_adapter_distributed(
     hooks: TrainHooks,
     output_dir: Path,
     resume_dir: Path | None = None,
+    init_dir: Path | None = None,
 ) -> TrainResult:
     """`train_adapter` for one rank of a data-parallel job (`hp.num_gpus` ranks).
 
@@ -258,7 +264,7 @@ def train_adapter_distributed(
     rank, world_size = dist.get_rank(), dist.get_world_size()
     recipe = LoraRecipe(base, hp, hooks, Path(output_dir), rank=rank, world_size=world_size)
     try:
-        recipe.setup(train_records, eval_records, resume_dir)
+        recipe.setup(train_records, eval_records, resume_dir, init_dir)
         return recipe.train()
     finally:
         recipe.cleanup()
@@ -305,8 +311,10 @@ class LoraRecipe:
         train_records: list[dict[str, Any]],
         eval_records: list[dict[str, Any]] | None,
         resume_dir: Path | None,
+        init_dir: Path | None = None,
     ) -> None:
-        """Tokenize the data, attach a fresh adapter, build optimizer and schedule, maybe resume."""
+        """Tokenize the data, attach an adapter (fresh or from `init_dir`), build optimizer and
+        schedule, maybe resume."""
         hp, base = self.hp, self.base
         self.precision = self._check_precision()
         self.train_set, self.eval_set = self._datasets(train_records, eval_records)
@@ -323,6 +331,8 @@ class LoraRecipe:
         self.model.train()
         self.backbone = base.model.get_decoder()
         self.lm_head = base.model.get_output_embeddings()
+        if init_dir is not None and resume_dir is None:
+            self._load_initial_adapter(Path(init_dir))
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._trainable = params
@@ -403,6 +413,33 @@ class LoraRecipe:
             },
         )
         return train_set, eval_set
+
+    def _load_initial_adapter(self, init_dir: Path) -> None:
+        """Start from a published adapter's weights instead of a fresh initialisation."""
+        assert self.model is not None
+        path = init_dir / ADAPTER_WEIGHTS
+        if not path.is_file():
+            raise TrainingError(f"the adapter to continue from has no {ADAPTER_WEIGHTS}")
+        weights = load_file(path, device=str(self.base.device))
+        expected = get_peft_model_state_dict(self.model, adapter_name=ADAPTER_NAME)
+        missing = sorted(set(expected) - set(weights))
+        unexpected = sorted(set(weights) - set(expected))
+        wrong_shape = sorted(
+            k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape
+        )
+        if missing or unexpected or wrong_shape:
+            first = (missing or unexpected or wrong_shape)[0]
+            raise TrainingError(
+                "the adapter to continue from does not fit this job's LoRA settings "
+                f"({len(missing)} missing, {len(unexpected)} unexpected, {len(wrong_shape)} "
+                f"wrongly shaped tensors, e.g. {first}); keep its rank and target modules"
+            )
+        set_peft_model_state_dict(self.model, weights, adapter_name=ADAPTER_NAME)
+        self._event(
+            "log",
+            f"starting from the weights of the adapter to continue from ({len(weights)} tensors)",
+            {"initial_adapter_tensors": len(weights)},
+        )
 
     def _resume(self, resume_dir: Path) -> None:
         """Load adapter, optimizer and schedule state; the loop continues at the saved step."""

@@ -125,14 +125,22 @@ class JobRunner:
                     else None
                 )
                 checkpoint = jobs.latest_checkpoint(conn, job.id)
+                parent = registry.job_parent_version(conn, job.id)
             if base is None or train_file is None:
                 raise TrainingError("the job's base model or training file no longer exists")
+            if job.parent_version_id is not None and parent is None:
+                raise TrainingError("the adapter version this job continues from was deleted")
             resident = self._resident_base(job, base, hp)
             train_records = self._records(train_file, job_dir / "train.jsonl")
             eval_records = self._records(eval_file, job_dir / "eval.jsonl") if eval_file else None
-            resume_dir = None
+            resume_dir = init_dir = None
             if checkpoint is not None:
                 resume_dir = self._download_checkpoint(checkpoint.object_prefix, job_dir / "resume")
+            elif parent is not None:
+                init_dir = registry.fetch_version_files(
+                    self.services.store, parent, job_dir / "init"
+                )
+                self._event(job, f"Continuing from {parent.model_id}", {"parent": parent.model_id})
             hooks = TrainHooks(
                 on_event=lambda kind, message, data: self._on_event(
                     job, signals, kind, message, data
@@ -141,7 +149,14 @@ class JobRunner:
                 on_checkpoint=lambda step, directory: self._on_checkpoint(job, step, directory),
             )
             result = train_adapter(
-                resident, train_records, eval_records, hp, hooks, job_dir / "out", resume_dir
+                resident,
+                train_records,
+                eval_records,
+                hp,
+                hooks,
+                job_dir / "out",
+                resume_dir,
+                init_dir,
             )
         except (TrainingError, BaseModelError) as exc:
             code = "training_error" if isinstance(exc, TrainingError) else "base_model_unavailable"
@@ -163,7 +178,7 @@ class JobRunner:
             cancelled = queue.finish_cancelled(job.id, self.worker_id)
             return cancelled.status if cancelled else "lease_lost"
         assert result.adapter_dir is not None
-        lineage = build_lineage(job, base, hp, train_file, eval_file, result, resident)
+        lineage = build_lineage(job, base, hp, train_file, eval_file, result, resident, parent)
         try:
             published = registry.publish_job_adapter(
                 self.services,

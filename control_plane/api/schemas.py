@@ -96,6 +96,9 @@ class JobCreate(BaseModel):
     # loraforge's own.
     priority: int = Field(default=0, ge=-100, le=100)
     adapter_name: str | None = None
+    # `name`, `name@<version>` or `name@<alias>` of one of the caller's adapters on the same
+    # base: its weights are the starting point and it becomes the new version's parent.
+    continue_from: str | None = Field(default=None, min_length=1, max_length=300)
     max_attempts: int | None = Field(default=None, ge=1, le=20)
 
     @field_validator("suffix", "adapter_name")
@@ -159,9 +162,10 @@ class JobPublic(BaseModel):
     eta_seconds: float | None
     adapter_name: str | None
     suffix: str | None
+    continue_from: str | None = None
 
     @classmethod
-    def of(cls, job: JobRecord, base_name: str) -> JobPublic:
+    def of(cls, job: JobRecord, base_name: str, parent_ref: str | None = None) -> JobPublic:
         hp = job.hyperparameters
         error = None
         if job.error_code and job.status in ("failed", "queued", "cancelled"):
@@ -194,6 +198,7 @@ class JobPublic(BaseModel):
             eta_seconds=job.eta_seconds,
             adapter_name=job.adapter_name,
             suffix=job.suffix,
+            continue_from=parent_ref,
         )
 
 

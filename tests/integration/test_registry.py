@@ -834,3 +834,103 @@ def test_publish_refuses_a_directory_without_peft_files(
     assert WEIGHTS in str(caught.value) and not caught.value.retryable
     assert version_count(services.engine) == 0
     assert job_row(services.engine, job.id).status == "running"
+
+
+def test_job_create_continues_from_a_version_over_the_api(
+    services: Services,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    first = publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    second = publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
+    make_base(services.engine, "other-base")
+    with services.engine.begin() as conn:
+        # The parent was trained at rank 4 on q/v only: a continuing job must take that shape.
+        conn.execute(
+            text(
+                "UPDATE adapter_versions SET lineage = jsonb_set(jsonb_set(lineage, "
+                "'{hyperparameters,lora_rank}', '4'), '{hyperparameters,target_modules}', "
+                '\'["q_proj", "v_proj"]\')'
+            )
+        )
+    a = tenant_a.headers()
+    assert (
+        client.put("/v1/adapters/bot/aliases/prod", json={"version": 1}, headers=a).status_code
+        == 200
+    )
+    training_file = make_file(services.engine, tenant_a.tenant_id).id
+    body = {"model": "tiny-llama", "training_file": training_file}
+
+    def jobs_written() -> int:
+        with services.engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM jobs")).scalar_one())
+
+    before = jobs_written()
+    created = client.post(
+        "/v1/fine_tuning/jobs",
+        json={**body, "continue_from": "bot@prod", "hyperparameters": {"n_epochs": 2}},
+        headers=a,
+    )
+    assert created.status_code == 200, created.text
+    job = created.json()
+    assert job["continue_from"] == "bot@1"
+    assert job["hyperparameters"]["lora_rank"] == 4
+    assert job["hyperparameters"]["target_modules"] == ["q_proj", "v_proj"]
+    assert job["hyperparameters"]["n_epochs"] == 2
+    with services.engine.connect() as conn:
+        assert registry.job_parent_version(conn, job["id"]).id == first.id  # type: ignore[union-attr]
+    latest = client.post("/v1/fine_tuning/jobs", json={**body, "continue_from": "bot"}, headers=a)
+    assert latest.json()["continue_from"] == "bot@2"
+    assert (
+        client.get(f"/v1/fine_tuning/jobs/{latest.json()['id']}", headers=a).json()["continue_from"]
+        == second.model_id
+    )
+    assert jobs_written() == before + 2
+
+    for ref, hp, code, param in (
+        ("bot@9", {}, "version_not_found", "continue_from"),
+        ("bot@canary", {}, "alias_not_found", "continue_from"),
+        ("nope", {}, "adapter_not_found", "continue_from"),
+        ("../bot", {}, "invalid_name", "continue_from"),
+        ("bot@1", {"lora_rank": 8}, "adapter_shape_mismatch", "hyperparameters.lora_rank"),
+        ("bot@1", {"target_modules": "all-linear"}, "adapter_shape_mismatch", None),
+    ):
+        refused = client.post(
+            "/v1/fine_tuning/jobs",
+            json={**body, "continue_from": ref, "hyperparameters": hp},
+            headers=a,
+        )
+        assert refused.status_code == 400, (ref, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == code, (ref, error)
+        assert param is None or error["param"] == param
+        assert error["message"]
+    mismatch = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "other-base", "training_file": training_file, "continue_from": "bot@1"},
+        headers=a,
+    )
+    assert mismatch.status_code == 400
+    assert mismatch.json()["error"]["code"] == "base_model_mismatch"
+    assert "trained on base model tiny-llama" in mismatch.json()["error"]["message"]
+    # Another tenant cannot continue from tenant a's adapter: it does not exist for them.
+    b_file = make_file(services.engine, tenant_b.tenant_id).id
+    foreign = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-llama", "training_file": b_file, "continue_from": "bot@1"},
+        headers=tenant_b.headers(),
+    )
+    assert foreign.status_code == 400
+    assert foreign.json()["error"]["code"] == "adapter_not_found"
+    assert jobs_written() == before + 2
+
+    # A version an unfinished job starts from cannot be deleted until that job ends.
+    refused = client.delete("/v1/adapters/bot/versions/2", headers=a)
+    assert refused.status_code == 409
+    assert latest.json()["id"] in refused.json()["error"]["message"]
+    cancelled = client.post(f"/v1/fine_tuning/jobs/{latest.json()['id']}/cancel", headers=a)
+    assert cancelled.json()["status"] == "cancelled"
+    assert client.delete("/v1/adapters/bot/versions/2", headers=a).status_code == 200

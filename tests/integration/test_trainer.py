@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load as safetensors_load
 from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
@@ -102,7 +103,12 @@ def upload_records(services: Services, tenant_id: str, records: list[dict[str, A
 
 
 def submit(
-    services: Services, world: dict[str, str], *, records: list[dict[str, Any]] = RECORDS, **hp: Any
+    services: Services,
+    world: dict[str, str],
+    *,
+    records: list[dict[str, Any]] = RECORDS,
+    parent_version_id: str | None = None,
+    **hp: Any,
 ) -> str:
     file_id = upload_records(services, world["tenant"], records)
     with services.engine.begin() as conn:
@@ -115,6 +121,7 @@ def submit(
                 validation_file_id=None,
                 hyperparameters=Hyperparameters(**{**FAST, **hp}).model_dump(mode="json"),
                 adapter_name="sums",
+                parent_version_id=parent_version_id,
             ),
         )
     services.queue.mark_queued(job.id)
@@ -180,6 +187,45 @@ def test_job_trains_publishes_and_adapter_changes_outputs(
     before = base(ids).logits
     adapted = PeftModel.from_pretrained(base, target)
     assert not torch.allclose(adapted(ids).logits, before)
+
+
+def version_weights(services: Services, version: registry.AdapterVersionRecord) -> dict[str, Any]:
+    entry = version.file("adapter_model.safetensors")
+    assert entry is not None
+    data = services.store.get_bytes(version.object_prefix + entry["name"])
+    return safetensors_load(data)
+
+
+def test_job_continuing_from_a_version_starts_from_its_weights(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    submit(trainer_services, world)
+    assert run_one(runner) == "succeeded"
+    with trainer_services.engine.connect() as conn:
+        parent = registry.resolve_version(conn, world["tenant"], "sums", "1")
+    # A step size too small to move anything: what comes out is what went in.
+    still = {"learning_rate_multiplier": 1e-9, "n_epochs": 1}
+    continued = submit(trainer_services, world, parent_version_id=parent.id, **still)
+    fresh = submit(trainer_services, world, **still)
+    assert run_one(runner) == "succeeded" and run_one(runner) == "succeeded"
+    with trainer_services.engine.connect() as conn:
+        child = registry.resolve_version(conn, world["tenant"], "sums", "2")
+        unrelated = registry.resolve_version(conn, world["tenant"], "sums", "3")
+    assert child.job_id == continued and unrelated.job_id == fresh
+    assert child.parent_version_id == parent.id and child.parent_ref == "sums@1"
+    assert child.lineage["parent_version"]["model_id"] == parent.model_id
+    assert unrelated.parent_version_id is None and unrelated.lineage["parent_version"] is None
+    assert any(
+        m.startswith("Continuing from sums@1") for m in messages(trainer_services, continued)
+    )
+    start, got, zero = (version_weights(trainer_services, v) for v in (parent, child, unrelated))
+    lora_b = [k for k in start if "lora_B" in k]
+    assert lora_b and set(got) == set(start)
+    for key in start:
+        torch.testing.assert_close(got[key], start[key], atol=1e-4, rtol=0)
+    # A fresh adapter starts with B = 0, far from the parent's trained B.
+    assert all(zero[k].abs().max() < 1e-4 < start[k].abs().max() for k in lora_b)
 
 
 def test_base_stays_resident_and_untouched_across_jobs(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query
 from pydantic import ValidationError
 
-from control_plane import base_models, jobs
+from control_plane import base_models, jobs, registry
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
@@ -22,7 +22,39 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 def _public(conn: ConnDep, job: JobRecord) -> JobPublic:
     base = base_models.get_base_model(conn, job.base_model_id)
-    return JobPublic.of(job, base.name if base else job.base_model_id)
+    parent = (
+        registry.get_version_by_id(conn, job.parent_version_id) if job.parent_version_id else None
+    )
+    return JobPublic.of(
+        job, base.name if base else job.base_model_id, parent.model_id if parent else None
+    )
+
+
+def _hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
+    try:
+        return Hyperparameters(**raw)
+    except ValidationError as exc:
+        message, param = describe_validation_errors(list(exc.errors()))
+        raise ApiError(
+            400,
+            "invalid_hyperparameters",
+            f"hyperparameters: {message}",
+            f"hyperparameters.{param}" if param else "hyperparameters",
+        ) from None
+    except TypeError as exc:
+        raise ApiError(
+            400, "invalid_hyperparameters", f"hyperparameters: {exc}", "hyperparameters"
+        ) from None
+
+
+def _parent(
+    conn: ConnDep, tenant_id: str, ref: str, base_model_id: str
+) -> registry.AdapterVersionRecord:
+    """The version `continue_from` names, on the job's base; 400 with the reason otherwise."""
+    try:
+        return registry.resolve_parent(conn, tenant_id, ref, base_model_id=base_model_id)
+    except registry.RegistryError as exc:
+        raise ApiError(400, exc.code, f"continue_from: {exc.message}", "continue_from") from None
 
 
 def _owned_job(conn: ConnDep, caller: Caller, job_id: str) -> JobRecord:
@@ -53,20 +85,8 @@ def create_job(
     services: ServicesDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
-    try:
-        hp = Hyperparameters(**body.merged_hyperparameters())
-    except ValidationError as exc:
-        message, param = describe_validation_errors(list(exc.errors()))
-        raise ApiError(
-            400,
-            "invalid_hyperparameters",
-            f"hyperparameters: {message}",
-            f"hyperparameters.{param}" if param else "hyperparameters",
-        ) from None
-    except TypeError as exc:
-        raise ApiError(
-            400, "invalid_hyperparameters", f"hyperparameters: {exc}", "hyperparameters"
-        ) from None
+    requested = body.merged_hyperparameters()
+    hp = _hyperparameters(requested)
     base = base_models.get_base_model(conn, body.model)
     if base is None:
         raise ApiError(
@@ -85,6 +105,14 @@ def create_job(
     _file_for_training(conn, caller.tenant_id, body.training_file, "training_file")
     if body.validation_file is not None:
         _file_for_training(conn, caller.tenant_id, body.validation_file, "validation_file")
+    parent = None
+    if body.continue_from is not None:
+        parent = _parent(conn, caller.tenant_id, body.continue_from, base.id)
+        try:
+            inherited = registry.continued_hyperparameters(parent, requested)
+        except registry.RegistryError as exc:
+            raise ApiError(400, exc.code, exc.message, exc.param) from None
+        hp = _hyperparameters(inherited)
     new = jobs.NewJob(
         tenant_id=caller.tenant_id,
         base_model_id=base.id,
@@ -93,6 +121,7 @@ def create_job(
         hyperparameters=hp.model_dump(mode="json"),
         suffix=body.suffix,
         adapter_name=body.adapter_name,
+        parent_version_id=parent.id if parent else None,
         priority=body.priority,
         max_attempts=body.max_attempts or services.settings.max_attempts,
         idempotency_key=idempotency_key,
