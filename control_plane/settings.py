@@ -44,6 +44,8 @@ class Settings(BaseSettings):
 
     # Ray: unset starts (or joins) a local instance.
     ray_address: str | None = None
+    # CPUs each Ray Train worker of a multi-GPU (num_gpus > 1) job reserves.
+    ray_train_cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -347,6 +347,10 @@ class ObjectStore(ABC):
         """A time-limited GET URL for the object, or None where the store has no such thing."""
 
     @abstractmethod
+    def location(self, key: str) -> str:
+        """Where a key (or prefix) lies, for people: `file:///...` or `s3://bucket/...`."""
+
+    @abstractmethod
     def _open_reader(self, key: str) -> tuple[Iterator[bytes], Callable[[], None], str | None]:
         """Open the object for reading: (chunks, close, recorded sha256 if known).
 
@@ -593,6 +597,10 @@ class LocalObjectStore(ObjectStore):
         validate_key(key)
         return None
 
+    def location(self, key: str) -> str:
+        trail = "/" if key.endswith("/") else ""
+        return (self.root / validate_key(key.rstrip("/"))).as_uri() + trail
+
 
 # --------------------------------------------------------------------------- S3
 
@@ -651,6 +659,10 @@ class S3ObjectStore(ObjectStore):
 
     def _key_of(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    def location(self, key: str) -> str:
+        trail = "/" if key.endswith("/") else ""
+        return f"s3://{self.bucket}/{self._full(validate_key(key.rstrip('/')))}{trail}"
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet (dev, CI and bundled MinIO)."""

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-from control_plane import db, tasks
+from control_plane import db, registry, tasks
 from control_plane.api.app import create_app
 from control_plane.client import LoraforgeClient
 from control_plane.services import build_services
@@ -72,7 +72,14 @@ def _follow(client: LoraforgeClient, job_id: str) -> dict[str, Any]:
 
 def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) -> int:
     from workers.base_registration import register_base
-    from workers.demo import DEMO_HYPERPARAMETERS, demo_data_dir, evaluate, load_heldout
+    from workers.demo import (
+        DEMO_HYPERPARAMETERS,
+        demo_data_dir,
+        evaluate,
+        format_rows,
+        load_heldout,
+        summary,
+    )
     from workers.smollm2 import ensure_smollm2
 
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -108,22 +115,20 @@ def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) 
                 return 1
             print(f"trained in {time.monotonic() - started:.0f}s")
             version = client.get_version(ADAPTER_NAME, "latest")
-            print(
-                f"adapter version: {ADAPTER_NAME}@{version['version']} ({final['fine_tuned_model']})"
-            )
+            with services.engine.connect() as conn:
+                record = registry.get_version_by_id(conn, version["id"])
+            assert record is not None
+            where = services.store.location(record.object_prefix)
+            print(f"adapter version {final['fine_tuned_model']} is stored at {where}")
             target = client.pull(
                 f"{ADAPTER_NAME}@{version['version']}", settings.home / "pulled" / ADAPTER_NAME
             )
             print(f"pulled to {target}")
         heldout = load_heldout()
+        print(f"scoring {len(heldout)} held-out prompts (none is in the training set)...")
         base_score, adapter_score, rows = evaluate(base_dir, target, heldout)
-        for row in rows[:5]:
-            print(f"\nprompt:   {row['prompt']}")
-            print(f"base:     {row['base_answer']!r}")
-            print(f"adapter:  {row['adapter_answer']!r}")
-        print(
-            f"\nheld-out: base {base_score}/{len(heldout)} → adapter {adapter_score}/{len(heldout)}"
-        )
+        print(format_rows(rows))
+        print(summary(base_score, adapter_score, len(heldout)))
         return 0
     finally:
         server.should_exit = True

@@ -9,7 +9,7 @@ from typing import Any
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.registry import AdapterVersionRecord
-from workers.recipe import ResidentBase, TrainResult
+from workers.recipe import TrainResult
 
 LIBRARIES = ("torch", "transformers", "peft", "loraforge")
 
@@ -44,7 +44,6 @@ def build_lineage(
     train_file: FileRecord,
     eval_file: FileRecord | None,
     result: TrainResult,
-    resident: ResidentBase,
     parent: AdapterVersionRecord | None = None,
 ) -> dict[str, Any]:
     files = [_file(train_file, "training")]
@@ -58,7 +57,7 @@ def build_lineage(
             "id": base.id,
             "name": base.name,
             "revision": base.revision,
-            "sha256": base.sha256 or resident.sha256,
+            "sha256": base.sha256 or result.base_sha256,
             "architecture": base.architecture,
         },
         "datasets": files,

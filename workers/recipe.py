@@ -210,6 +210,7 @@ class TrainResult:
     trained_tokens: int
     stopped: bool
     precision: str
+    base_sha256: str | None = None
 
 
 def train_adapter(
@@ -714,6 +715,7 @@ class LoraRecipe:
             trained_tokens=self.progress.trained_tokens,
             stopped=stopped,
             precision=self.precision,
+            base_sha256=self.base.sha256,
         )
 
     def _event(self, kind: str, message: str, data: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ from control_plane.services import Services
 from control_plane.storage import ObjectStoreError, base_model_prefix, checkpoint_prefix
 from workers.base_models import BaseCache, BaseModelError
 from workers.lineage import build_lineage
-from workers.recipe import ResidentBase, TrainHooks, TrainingError, train_adapter
+from workers.recipe import ResidentBase, TrainHooks, TrainingError, TrainResult, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,6 @@ class JobRunner:
                 raise TrainingError("the job's base model or training file no longer exists")
             if job.parent_version_id is not None and parent is None:
                 raise TrainingError("the adapter version this job continues from was deleted")
-            resident = self._resident_base(job, base, hp)
             train_records = self._records(train_file, job_dir / "train.jsonl")
             eval_records = self._records(eval_file, job_dir / "eval.jsonl") if eval_file else None
             resume_dir = init_dir = None
@@ -148,16 +147,21 @@ class JobRunner:
                 should_stop=signals.should_stop,
                 on_checkpoint=lambda step, directory: self._on_checkpoint(job, step, directory),
             )
-            result = train_adapter(
-                resident,
-                train_records,
-                eval_records,
-                hp,
-                hooks,
-                job_dir / "out",
-                resume_dir,
-                init_dir,
-            )
+            if hp.num_gpus > 1:
+                result = self._train_distributed(
+                    job, base, hp, train_records, eval_records, job_dir, resume_dir, init_dir
+                )
+            else:
+                result = train_adapter(
+                    self._resident_base(job, base, hp),
+                    train_records,
+                    eval_records,
+                    hp,
+                    hooks,
+                    job_dir / "out",
+                    resume_dir,
+                    init_dir,
+                )
         except (TrainingError, BaseModelError) as exc:
             code = "training_error" if isinstance(exc, TrainingError) else "base_model_unavailable"
             failed = queue.fail(
@@ -178,7 +182,7 @@ class JobRunner:
             cancelled = queue.finish_cancelled(job.id, self.worker_id)
             return cancelled.status if cancelled else "lease_lost"
         assert result.adapter_dir is not None
-        lineage = build_lineage(job, base, hp, train_file, eval_file, result, resident, parent)
+        lineage = build_lineage(job, base, hp, train_file, eval_file, result, parent)
         try:
             published = registry.publish_job_adapter(
                 self.services,
@@ -195,6 +199,35 @@ class JobRunner:
             )
             return failed.status if failed else "lease_lost"
         return "succeeded" if published is not None else "lease_lost"
+
+    def _train_distributed(
+        self,
+        job: JobRecord,
+        base: BaseModelRecord,
+        hp: Hyperparameters,
+        train_records: list[dict[str, Any]],
+        eval_records: list[dict[str, Any]] | None,
+        job_dir: Path,
+        resume_dir: Path | None,
+        init_dir: Path | None,
+    ) -> TrainResult:
+        """A job over `hp.num_gpus` Ray Train workers; they load the base themselves, so the
+        one resident here stays as it is."""
+        from workers.distributed import train_on_ray_train
+
+        self._event(job, f"Training on {hp.num_gpus} Ray Train workers", {"workers": hp.num_gpus})
+        return train_on_ray_train(
+            self.services,
+            self.worker_id,
+            job,
+            base,
+            hp,
+            train_records,
+            eval_records,
+            job_dir / "out",
+            resume_dir=resume_dir,
+            init_dir=init_dir,
+        )
 
     # -- the base -------------------------------------------------------------------------------
 
@@ -267,14 +300,7 @@ class JobRunner:
         return target
 
     def _on_checkpoint(self, job: JobRecord, step: int, directory: Path) -> None:
-        prefix = checkpoint_prefix(job.tenant_id, job.id, step)
-        store = self.services.store
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            key = prefix + path.relative_to(directory).as_posix()
-            if store.head(key) is None:
-                store.put_file(key, path)
-        with self.services.engine.begin() as conn:
-            jobs.add_checkpoint(conn, job.id, step, prefix, {"step": step})
+        store_checkpoint(self.services, job, step, directory)
 
     # -- events and heartbeat ------------------------------------------------------------------
 
@@ -284,13 +310,10 @@ class JobRunner:
         if kind == "metrics":
             signals.progress = data.get("fraction_done", signals.progress)
             signals.eta_seconds = data.get("eta_s", signals.eta_seconds)
-        self._event(job, message, data, type="metrics" if kind == "metrics" else "message")
+        record_event(self.services, job.id, kind, message, data)
 
-    def _event(
-        self, job: JobRecord, message: str, data: dict[str, Any], *, type: str = "message"
-    ) -> None:
-        with self.services.engine.begin() as conn:
-            add_event(conn, job.id, message, type=type, data=data)
+    def _event(self, job: JobRecord, message: str, data: dict[str, Any]) -> None:
+        record_event(self.services, job.id, "log", message, data)
 
     def _heartbeat(self, job: JobRecord, signals: _JobSignals, stop: threading.Event) -> None:
         while not stop.wait(self.heartbeat_seconds):
@@ -314,3 +337,25 @@ class JobRunner:
         path = self.work_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def record_event(
+    services: Services, job_id: str, kind: str, message: str, data: dict[str, Any]
+) -> None:
+    """A training event as a job event (`metrics` events keep their type)."""
+    with services.engine.begin() as conn:
+        add_event(
+            conn, job_id, message, type="metrics" if kind == "metrics" else "message", data=data
+        )
+
+
+def store_checkpoint(services: Services, job: JobRecord, step: int, directory: Path) -> None:
+    """Upload a checkpoint directory under the job and list it (idempotent per step)."""
+    prefix = checkpoint_prefix(job.tenant_id, job.id, step)
+    store = services.store
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        key = prefix + path.relative_to(directory).as_posix()
+        if store.head(key) is None:
+            store.put_file(key, path)
+    with services.engine.begin() as conn:
+        jobs.add_checkpoint(conn, job.id, step, prefix, {"step": step})

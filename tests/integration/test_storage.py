@@ -414,6 +414,20 @@ def test_s3_keys_live_under_prefix(s3_store: S3ObjectStore) -> None:
     assert [o["Key"] for o in raw["Contents"]] == ["loraforge/a/b"]
 
 
+def test_locations_name_the_object_where_it_lies(
+    s3_store: S3ObjectStore, local_store: LocalObjectStore
+) -> None:
+    s3_store.put_bytes("a/b", b"x")
+    assert s3_store.location("a/b") == f"s3://{s3_store.bucket}/loraforge/a/b"
+    assert s3_store.location("a/") == f"s3://{s3_store.bucket}/loraforge/a/"
+    local_store.put_bytes("a/b", b"x")
+    assert Path(local_store.location("a/b").removeprefix("file://")).read_bytes() == b"x"
+    assert local_store.location("a/").endswith("/a/")
+    for store in (s3_store, local_store):
+        with pytest.raises(ValueError):
+            store.location("../escape")
+
+
 def test_s3_head_of_foreign_object_uses_its_checksum(s3_store: S3ObjectStore) -> None:
     s3_store.client.put_object(
         Bucket=s3_store.bucket, Key="loraforge/foreign", Body=b"hello", ChecksumAlgorithm="SHA256"

@@ -350,3 +350,48 @@ def test_killed_actor_job_resumes_from_checkpoint_on_a_new_actor(
         ).scalar()
     assert versions == 1
     ray.kill(second)
+
+
+@pytest.mark.ray
+def test_multi_worker_job_trains_over_ray_train_like_one_process(
+    ray_cluster: None, trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """`num_gpus: 2` on CPU: two Ray Train workers with gloo make the single-process update."""
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    single = submit(trainer_services, world, n_epochs=2, checkpoint_every_steps=4)
+    assert run_one(runner) == "succeeded"
+    pair = submit(trainer_services, world, n_epochs=2, checkpoint_every_steps=4, num_gpus=2)
+    assert run_one(runner) == "succeeded", job_row(trainer_services, pair).error_message
+    said = messages(trainer_services, pair)
+    assert "Training on 2 Ray Train workers" in said
+    losses = [m["train_loss"] for m in metric_events(trainer_services, pair) if "train_loss" in m]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    with trainer_services.engine.connect() as conn:
+        one = registry.resolve_version(conn, world["tenant"], "sums", "1")
+        two = registry.resolve_version(conn, world["tenant"], "sums", "2")
+        steps = [c.step for c in jobs.list_checkpoints(conn, pair)[0]]
+    assert (one.job_id, two.job_id) == (single, pair)
+    assert steps and 4 in steps  # rank 0 wrote checkpoints to the store, listed by the API
+    assert two.lineage["metrics"]["steps"] == one.lineage["metrics"]["steps"]
+    a, b = version_weights(trainer_services, one), version_weights(trainer_services, two)
+    assert set(a) == set(b)
+    for key in a:
+        torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0.05, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.ray
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpu_job_trains_over_ray_train_with_nccl(
+    ray_cluster: None, trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    job_id = submit(trainer_services, world, n_epochs=2, num_gpus=2)
+    assert run_one(runner) == "succeeded", job_row(trainer_services, job_id).error_message
+    assert "Training on 2 Ray Train workers" in messages(trainer_services, job_id)
+    assert any(m.get("device") == "cuda" for m in map(dict, _event_data(trainer_services, job_id)))
+
+
+def _event_data(services: Services, job_id: str) -> list[dict[str, Any]]:
+    with services.engine.connect() as conn:
+        return [e.data or {} for e in list_events(conn, job_id, limit=10_000, newest_first=False)]

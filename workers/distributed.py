@@ -1,0 +1,217 @@
+"""One job over several GPUs (or CPU workers): Ray Train's `TorchTrainer`, the same recipe.
+
+A trainer actor that claims a job with `num_gpus > 1` calls `train_on_ray_train`: Ray Train
+starts `num_gpus` workers with a process group (nccl on GPUs, gloo on CPUs); each loads the
+job's base (from its node's cache, as a trainer does) and runs `train_adapter_distributed`.
+Rank 0 talks to the platform as a single trainer would: job events, checkpoints to the object
+store, the cancel/lease check (through the job's heartbeat, under the claiming trainer's
+worker id), and at the end it hands the adapter back through a Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from control_plane.hyperparameters import Hyperparameters
+from control_plane.records import BaseModelRecord, JobRecord
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from workers.recipe import TrainHooks, TrainingError, TrainResult
+
+ADAPTER_REPORT = "loraforge_adapter"
+
+
+def pack_dir(directory: Path | None) -> dict[str, bytes] | None:
+    """A small directory (a checkpoint, an adapter) as {relative path: bytes}, to ship to
+    workers on other nodes."""
+    if directory is None:
+        return None
+    return {
+        p.relative_to(directory).as_posix(): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def unpack_dir(files: dict[str, bytes] | None, target: Path) -> Path | None:
+    if files is None:
+        return None
+    for name, data in files.items():
+        path = target / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return target
+
+
+class _RankZeroLink:
+    """Rank 0's line to the platform: events, checkpoints, and the stop signal."""
+
+    def __init__(self, services: Services, job: JobRecord, worker_id: str) -> None:
+        from workers.runner import record_event, store_checkpoint
+
+        self.services, self.job, self.worker_id = services, job, worker_id
+        self._record_event, self._store_checkpoint = record_event, store_checkpoint
+        self.progress: float | None = None
+        self.eta: float | None = None
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.done.wait(1.0):
+            try:
+                beat = self.services.queue.heartbeat(
+                    self.job.id, self.worker_id, progress=self.progress, eta_seconds=self.eta
+                )
+            except Exception:  # a blip: the lease has slack
+                continue
+            if not beat.held or beat.cancel_requested:
+                self.stop.set()
+
+    def hooks(self) -> TrainHooks:
+        def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
+            if kind == "metrics":
+                self.progress = data.get("fraction_done", self.progress)
+                self.eta = data.get("eta_s", self.eta)
+            self._record_event(self.services, self.job.id, kind, message, data)
+
+        return TrainHooks(
+            on_event=on_event,
+            should_stop=self.stop.is_set,
+            on_checkpoint=lambda step, d: self._store_checkpoint(self.services, self.job, step, d),
+        )
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker, inside the process group Ray Train set up."""
+    import ray.train
+    import torch
+
+    from workers.recipe import ResidentBase, train_adapter_distributed
+    from workers.runner import JobRunner
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    settings = Settings.model_validate_json(config["settings_json"])
+    services = build_services(settings, database_url=config["database_url"])
+    job: JobRecord = config["job"]
+    hp: Hyperparameters = config["hp"]
+    link = _RankZeroLink(services, job, config["worker_id"]) if rank == 0 else None
+    try:
+        if not torch.cuda.is_available():
+            torch.set_num_threads(max(1, config["threads_per_worker"]))
+        # The base, from this node's verified cache (or its directory), like any trainer.
+        fetcher = JobRunner(
+            services,
+            f"{config['worker_id']}-rank{rank}",
+            work_dir=settings.home / "worker" / "ray-train",
+        )
+        base = ResidentBase.load(fetcher.materialize_base(config["base"]), precision=hp.precision)
+        with tempfile.TemporaryDirectory(prefix=f"{job.id}-rank{rank}-") as tmp:
+            work = Path(tmp)
+            resume_dir = unpack_dir(config["resume"], work / "resume")
+            init_dir = unpack_dir(config["init"], work / "init")
+            hooks = link.hooks() if link is not None else TrainHooks()
+            result = train_adapter_distributed(
+                base,
+                config["train_records"],
+                config["eval_records"],
+                hp,
+                hooks,
+                work / "out",
+                resume_dir,
+                init_dir,
+            )
+            metrics = {ADAPTER_REPORT: asdict(result) | {"adapter_dir": None}}
+            if rank == 0 and result.adapter_dir is not None:
+                checkpoint = ray.train.Checkpoint.from_directory(str(result.adapter_dir))
+                ray.train.report(metrics, checkpoint=checkpoint)
+            else:
+                ray.train.report(metrics)
+    finally:
+        if link is not None:
+            link.close()
+        services.close()
+
+
+def train_on_ray_train(
+    services: Services,
+    worker_id: str,
+    job: JobRecord,
+    base: BaseModelRecord,
+    hp: Hyperparameters,
+    train_records: list[dict[str, Any]],
+    eval_records: list[dict[str, Any]] | None,
+    output_dir: Path,
+    *,
+    resume_dir: Path | None = None,
+    init_dir: Path | None = None,
+) -> TrainResult:
+    """Train one job over `hp.num_gpus` Ray Train workers; returns rank 0's result, with the
+    adapter copied into `output_dir / "adapter"`."""
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        raise TrainingError(
+            f"the job asks for {hp.num_gpus} GPUs/workers: that needs a Ray cluster "
+            "(run it on `loraforge worker`)"
+        )
+    use_gpu = bool(torch.cuda.is_available())
+    settings = services.settings
+    cpus = settings.ray_train_cpus_per_worker
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={
+            "settings_json": settings.model_dump_json(),
+            "database_url": services.database_url,
+            "worker_id": worker_id,
+            "job": job,
+            "base": base,
+            "hp": hp,
+            "train_records": train_records,
+            "eval_records": eval_records,
+            "resume": pack_dir(resume_dir),
+            "init": pack_dir(init_dir),
+            "threads_per_worker": max(1, int(cpus)),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=hp.num_gpus, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(
+            name=f"{job.id}-attempt{job.attempt}", storage_path=str(output_dir / "ray-train")
+        ),
+    )
+    try:
+        outcome = trainer.fit()
+    except Exception as exc:  # Ray Train wraps the workers' errors
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, TrainingError) or "TrainingError" in str(exc):
+            message = str(cause) if isinstance(cause, TrainingError) else _first_line(exc)
+            raise TrainingError(message) from exc
+        raise
+    reported = (outcome.metrics or {}).get(ADAPTER_REPORT)
+    if reported is None:
+        raise TrainingError("the distributed run ended without a result from rank 0")
+    adapter_dir = None
+    if outcome.checkpoint is not None:
+        adapter_dir = Path(outcome.checkpoint.to_directory(str(output_dir / "adapter")))
+    return TrainResult(**(reported | {"adapter_dir": adapter_dir}))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln for ln in str(exc).splitlines() if "TrainingError" in ln]
+    return lines[-1].split("TrainingError:", 1)[-1].strip() if lines else str(exc)
