@@ -44,6 +44,7 @@ from sqlalchemy.engine import make_url
 
 from control_plane import base_models, db, jobs, tenants
 from control_plane import files as file_repo
+from control_plane.api.serve import serve_in_thread as serve
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
 from control_plane.models import Job
@@ -279,24 +280,6 @@ def count_status(engine: Engine, status: str) -> int:
 
 
 # -- 1. jobs created through the API -----------------------------------------------------------
-
-
-@contextmanager
-def serve(app: Any) -> Iterator[str]:
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def bench_api_enqueue(url: str, count: int, machine: str, work_dir: Path) -> None:

@@ -26,7 +26,6 @@ import shutil
 import statistics
 import struct
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +35,11 @@ from typing import Any
 
 import httpx
 import psycopg
-import uvicorn
 from sqlalchemy.engine import make_url
 
 from control_plane import base_models, db, files, jobs, registry, tenants
 from control_plane.api.app import create_app
+from control_plane.api.serve import serve_in_thread
 from control_plane.client import LoraforgeClient
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
@@ -85,24 +84,6 @@ def moto_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
-
-
-@contextmanager
-def serve(services: Services) -> Iterator[str]:
-    config = uvicorn.Config(
-        create_app(services), host="127.0.0.1", port=0, log_level="warning", lifespan="off"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        thread.join(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def write_adapter(directory: Path, size_mb: int) -> None:
@@ -281,7 +262,7 @@ def main() -> None:
         try:
             write_adapter(work / "adapter", args.size_mb)
             key, version = publish_one(services, work / "adapter")
-            with serve(services) as url:
+            with serve_in_thread(create_app(services)) as url:
                 httpx.put(
                     f"{url}/v1/adapters/{ADAPTER}/aliases/prod",
                     json={"version": version.number},

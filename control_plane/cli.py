@@ -138,9 +138,12 @@ def start_trainer_process(database_url: str, settings: Settings) -> subprocess.P
 
 
 def _child_env(database_url: str, settings: Settings) -> dict[str, str]:
+    """This process's environment plus every setting, so that children (celery, trainers) see
+    the same database, store, broker and limits however this process got them."""
     env = dict(os.environ)
+    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
+        env[f"LORAFORGE_{name.upper()}"] = str(value)
     env["LORAFORGE_DATABASE_URL"] = database_url
-    env["LORAFORGE_HOME"] = str(settings.home)
     return env
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery import Celery
 
-from control_plane import base_models, datasets
+from control_plane import base_models, datasets, db
 from control_plane import files as file_repo
 from control_plane.jobs import get_job_unscoped
 from control_plane.queue import JobStateError
@@ -49,6 +49,22 @@ def broker_url_for(settings: Settings, database_url: str) -> str:
     if settings.broker_url:
         return settings.broker_url
     return "sqla+" + database_url
+
+
+def broker_url_from_environment() -> str | None:
+    """The broker a `celery -A control_plane.tasks worker` process must use, from `LORAFORGE_*`
+    (the broker URL, or the database it shares); None when neither is set."""
+    settings = Settings()
+    if settings.broker_url:
+        return settings.broker_url
+    if settings.database_url:
+        return broker_url_for(settings, db.normalize_url(settings.database_url))
+    return None
+
+
+# A worker started by the celery CLI connects before any task runs: point it at loraforge's
+# broker now, not only when the first task builds the services (celery's default is amqp://).
+celery_app.conf.broker_url = broker_url_from_environment()
 
 
 def configure(services: Services, *, broker_url: str | None = None) -> Celery:

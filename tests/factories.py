@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+from typing import Any
 
 from sqlalchemy import Engine, insert
 
 from control_plane import base_models, jobs, tenants
 from control_plane import files as file_repo
+from control_plane.datasets import validate_jsonl
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
 from control_plane.models import Job
 from control_plane.records import BaseModelRecord, FileRecord, TenantRecord
+from control_plane.services import Services
+from control_plane.storage import file_key
 
 SECRET = "dev-insecure-secret"
 
@@ -96,3 +102,27 @@ def create_validating_job(engine: Engine, tenant_id: str, base_id: str, file_id:
             ),
         )
     return job.id
+
+
+def upload_records(services: Services, tenant_id: str, records: list[dict[str, Any]]) -> str:
+    """A validated JSONL file in the services' store and its row, as an upload leaves them."""
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    stats = validate_jsonl(io.BytesIO(data), max_bytes=10**7, max_example_tokens=10**5)
+    file_id = new_id("file")
+    key = file_key(tenant_id, file_id)
+    info = services.store.put_bytes(key, data)
+    with services.engine.begin() as conn:
+        file_repo.insert_file(
+            conn,
+            file_id=file_id,
+            tenant_id=tenant_id,
+            filename="train.jsonl",
+            purpose="fine-tune",
+            size=info.size,
+            sha256=info.sha256,
+            object_key=key,
+            format=stats.format,
+            examples=stats.examples,
+            tokens=stats.tokens,
+        )
+    return file_id

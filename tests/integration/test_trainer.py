@@ -3,8 +3,6 @@ shipped tiny Llama, and real Ray actors for the kill-and-resume path."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import threading
 import time
@@ -20,16 +18,12 @@ from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
 from control_plane import base_models, jobs, registry
-from control_plane import files as file_repo
-from control_plane.datasets import validate_jsonl
 from control_plane.events import list_events
 from control_plane.hyperparameters import Hyperparameters
-from control_plane.ids import new_id
 from control_plane.records import JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
-from control_plane.storage import file_key
-from tests.factories import make_tenant
+from tests.factories import make_tenant, upload_records
 from workers.recipe import ResidentBase
 from workers.runner import JobRunner
 from workers.testbase import TEST_BASE_PATH
@@ -77,29 +71,6 @@ def world(trainer_services: Services) -> dict[str, str]:
             ),
         )
     return {"tenant": tenant.id, "base": base.id}
-
-
-def upload_records(services: Services, tenant_id: str, records: list[dict[str, Any]]) -> str:
-    data = "".join(json.dumps(r) + "\n" for r in records).encode()
-    stats = validate_jsonl(io.BytesIO(data), max_bytes=10**7, max_example_tokens=10**5)
-    file_id = new_id("file")
-    key = file_key(tenant_id, file_id)
-    info = services.store.put_bytes(key, data)
-    with services.engine.begin() as conn:
-        file_repo.insert_file(
-            conn,
-            file_id=file_id,
-            tenant_id=tenant_id,
-            filename="train.jsonl",
-            purpose="fine-tune",
-            size=info.size,
-            sha256=info.sha256,
-            object_key=key,
-            format=stats.format,
-            examples=stats.examples,
-            tokens=stats.tokens,
-        )
-    return file_id
 
 
 def submit(
