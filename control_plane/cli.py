@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from control_plane.registry_cli import add_registry_commands
 from control_plane.settings import Settings
@@ -171,6 +172,23 @@ def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Pop
     )
 
 
+def _ensure_default_base(services: Any) -> None:
+    """Make SmolLM2-135M-Instruct available; without it (offline) the platform still serves."""
+    from workers.base_models import BaseModelError
+    from workers.base_registration import ensure_default_base
+
+    try:
+        base = ensure_default_base(services, progress=True)
+    except BaseModelError as exc:
+        print(
+            f"warning: the default base is not available ({exc}); register one with "
+            "`loraforge base add NAME PATH`",
+            file=sys.stderr,
+        )
+        return
+    print(f"base model {base.name} ready")
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -183,6 +201,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     db.upgrade(url)
     key = ensure_admin_key(settings, url)
     services = build_services(settings, database_url=url)
+    if not args.no_default_base:
+        _ensure_default_base(services)
     tasks.configure(services)
     celery = start_celery_worker(url, settings)
     trainer = None if args.no_trainer else start_trainer_process(url, settings)
@@ -219,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the embedded platform (PostgreSQL, API, celery)")
     up.add_argument("--port", type=int, default=None)
     up.add_argument("--no-trainer", action="store_true", help="do not start a local trainer")
+    up.add_argument(
+        "--no-default-base",
+        action="store_true",
+        help="do not fetch and register SmolLM2-135M-Instruct",
+    )
     up.set_defaults(func=cmd_up)
 
     demo = sub.add_parser(

@@ -56,10 +56,20 @@ class TrainerActor:
         self.services = build_services(settings, database_url=database_url)
         self.runner = JobRunner(self.services, worker_id, work_dir=Path(work_dir))
         self.stop_event = threading.Event()
+        self.loop_lock = threading.Lock()
 
     def run(self, max_jobs: int | None = None, idle_wait: float = 5.0) -> int:
-        """The claim → train → publish loop; returns how many jobs it ran."""
-        return self.runner.run_forever(self.stop_event, idle_wait=idle_wait, max_jobs=max_jobs)
+        """The claim → train → publish loop; returns how many jobs it ran.
+
+        One loop per actor: the actor takes concurrent calls (for `stop` and `stats`), and a
+        second loop would train two jobs at once on the one resident base.
+        """
+        if not self.loop_lock.acquire(blocking=False):
+            raise RuntimeError(f"trainer {self.runner.worker_id} is already running its loop")
+        try:
+            return self.runner.run_forever(self.stop_event, idle_wait=idle_wait, max_jobs=max_jobs)
+        finally:
+            self.loop_lock.release()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -82,7 +92,8 @@ def trainer_count() -> int:
 
 
 def start_trainers(settings: Settings, database_url: str, *, count: int | None = None) -> list[Any]:
-    """Start the trainer actors of this node and their loops; returns the actor handles."""
+    """Start the trainer actors of this node; returns their handles (call `run` once on each
+    to start its loop)."""
     init_ray(settings)
     count = count or trainer_count()
     gpus = 1 if trainer_count() > 0 and _has_gpu() else 0
@@ -96,8 +107,6 @@ def start_trainers(settings: Settings, database_url: str, *, count: int | None =
             str(settings.home / "worker" / f"trainer-{index}"),
         )
         actors.append(actor)
-    for actor in actors:
-        actor.run.remote()
     return actors
 
 

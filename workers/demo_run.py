@@ -19,8 +19,8 @@ from control_plane.api.serve import serve_in_thread
 from control_plane.client import LoraforgeClient
 from control_plane.services import build_services
 from control_plane.settings import Settings
+from workers.smollm2 import MODEL_NAME
 
-BASE_NAME = "SmolLM2-135M-Instruct"
 ADAPTER_NAME = "demo-json-extract"
 
 
@@ -54,7 +54,7 @@ def _follow(client: LoraforgeClient, job_id: str) -> dict[str, Any]:
 
 
 def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) -> int:
-    from workers.base_registration import register_base
+    from workers.base_registration import ensure_default_base
     from workers.demo import (
         DEMO_HYPERPARAMETERS,
         demo_data_dir,
@@ -69,9 +69,9 @@ def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) 
     url = db.resolve_database_url(settings)
     db.upgrade(url)
     key = ensure_admin_key(settings, url)
-    base_dir = ensure_smollm2(settings.home / "bases", progress=True)
     services = build_services(settings, database_url=url)
-    register_base(services, BASE_NAME, base_dir)
+    ensure_default_base(services, progress=True)
+    base_dir = ensure_smollm2(settings.home / "bases", progress=False)  # cached by now
     tasks.configure(services)
     children: list[subprocess.Popen[bytes]] = start_children(url, settings)
     try:
@@ -86,7 +86,7 @@ def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) 
             )
             started = time.monotonic()
             job = client.create_job(
-                model=BASE_NAME,
+                model=MODEL_NAME,
                 training_file=uploaded["id"],
                 adapter_name=ADAPTER_NAME,
                 hyperparameters=DEMO_HYPERPARAMETERS.model_dump(mode="json"),

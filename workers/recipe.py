@@ -550,6 +550,7 @@ class LoraRecipe:
             f"step {progress.global_step}/{self.total_steps} loss {progress.last_loss:.4f}",
             {
                 "step": progress.global_step,
+                "total_steps": self.total_steps,
                 "epoch": progress.global_step / self.steps_per_epoch,
                 "train_loss": progress.last_loss,
                 "learning_rate": learning_rate,

@@ -177,3 +177,34 @@ def test_smollm2_imports_loads_and_knows_paris(smollm2_cache):
         output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+@pytest.mark.realmodel
+def test_default_base_is_registered_once_and_listed_on_a_fresh_install(
+    smollm2_cache, database_url, tmp_path
+):
+    """What `loraforge up` does on a fresh install: SmolLM2 imported, stored, listed."""
+    from fastapi.testclient import TestClient
+
+    from control_plane.api.app import create_app
+    from control_plane.services import build_services
+    from control_plane.settings import Settings
+    from control_plane.storage import base_model_prefix
+    from tests.factories import make_key, make_tenant
+    from workers.base_registration import ensure_default_base
+    from workers.smollm2 import MODEL_NAME
+
+    settings = Settings(home=tmp_path / "home")
+    services = build_services(settings, database_url=database_url)
+    try:
+        first = ensure_default_base(services, progress=False, cache_root=smollm2_cache)
+        again = ensure_default_base(services, progress=False, cache_root=smollm2_cache)
+        assert again.id == first.id and first.name == MODEL_NAME
+        assert first.architecture == "LlamaForCausalLM" and first.has_chat_template
+        assert first.sha256 and services.store.list_keys(base_model_prefix(first.sha256))
+        key = make_key(services.engine, make_tenant(services.engine, "acme").id, "reader")
+        with TestClient(create_app(services)) as client:
+            listed = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+        assert MODEL_NAME in [m["id"] for m in listed["data"]]
+    finally:
+        services.close()

@@ -153,6 +153,7 @@ def test_loss_falls_and_metrics_are_reported(reference: Run):
         assert metric["tokens_per_s"] > 0 and metric["peak_memory_mib"] > 0
         assert metric["learning_rate"] >= 0 and metric["eta_s"] >= 0
     assert steps[-1]["fraction_done"] == 1.0 and steps[-1]["epoch"] == 2.0
+    assert {m["total_steps"] for m in steps} == {6}
     assert any("precision bf16" in message for kind, message, _ in recorder.events)
     assert sorted(recorder.checkpoints) == [2, 3, 4, 6]  # every 2 steps and each epoch's end
 
