@@ -170,7 +170,7 @@ def run_baseline(model_dir: str, steps: int) -> dict[str, Any]:
             per_device_eval_batch_size=BATCH_SIZE,
             max_steps=steps,
             learning_rate=hp.learning_rate,
-            warmup_ratio=hp.warmup_ratio,
+            warmup_steps=math.ceil(hp.warmup_ratio * steps),
             lr_scheduler_type="cosine",
             bf16=bf16_supported(torch.device("cpu")),
             use_cpu=True,

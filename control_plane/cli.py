@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from control_plane.registry_cli import add_registry_commands
@@ -98,7 +98,7 @@ def cmd_base_add(args: argparse.Namespace, settings: Settings) -> int:
     services = build_services(settings, database_url=url)
     try:
         record = register_base(
-            services, args.name, Path(args.source), revision=args.revision, progress=True
+            services, args.name, args.source, revision=args.revision, progress=True
         )
     except BaseModelError as exc:
         print(f"refused: {exc}", file=sys.stderr)
@@ -123,10 +123,20 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     actors = start_trainers(settings, url, count=args.trainers)
     print(f"{len(actors)} trainer(s) running; Ctrl-C stops them")
     sys.stdout.flush()
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # a parent's terminate() stops them the same way
+    loops = [actor.run.remote() for actor in actors]
     try:
-        ray.get([actor.run.remote() for actor in actors])
+        ray.get(loops)
     except KeyboardInterrupt:
-        ray.get([actor.stop.remote() for actor in actors])
+        # A running job stops at its next step and goes back to the queue for its next attempt.
+        ray.get([actor.stop.remote() for actor in actors], timeout=10)
+        ray.wait(loops, num_returns=len(loops), timeout=15)
+    finally:
+        ray.shutdown()
     return 0
 
 
@@ -259,7 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     base_sub = base.add_subparsers(dest="base_command", required=True)
     base_add = base_sub.add_parser("add", help="register a model directory or a GGUF file")
     base_add.add_argument("name")
-    base_add.add_argument("source", help="a Hugging Face model directory or a .gguf file")
+    base_add.add_argument(
+        "source",
+        help="a Hugging Face model directory, a .gguf file, an s3://bucket/prefix URI, "
+        "or a hub id (org/name)",
+    )
     base_add.add_argument("--revision", default=None)
     base_add.set_defaults(func=cmd_base_add)
 

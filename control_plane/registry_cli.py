@@ -16,7 +16,13 @@ from control_plane.settings import Settings
 
 
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
-    from control_plane.client import ChecksumError, LoraforgeClient, LoraforgeError
+    from control_plane.client import (
+        ChecksumError,
+        LoraforgeClient,
+        LoraforgeError,
+        smallest_vllm_max_lora_rank,
+        vllm_problems,
+    )
 
     url = args.url or os.environ.get("LORAFORGE_URL") or f"http://{settings.host}:{settings.port}"
     api_key = args.api_key or os.environ.get("LORAFORGE_API_KEY")
@@ -30,6 +36,16 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         print(f"pull failed: {exc}", file=sys.stderr)
         return 1
     print(path)
+    problems = vllm_problems(path)
+    for problem in problems:
+        print(f"note: vLLM would not load this adapter: {problem}", file=sys.stderr)
+    if not problems:
+        rank = json.loads((path / "adapter_config.json").read_text())["r"]
+        print(
+            f"vLLM: --enable-lora --max-lora-rank {smallest_vllm_max_lora_rank(rank)} "
+            f"--lora-modules {path.name}={path}",
+            file=sys.stderr,
+        )
     return 0
 
 

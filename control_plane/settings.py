@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     # the same PostgreSQL, so that the embedded default needs no second server.
     broker_url: str | None = None
 
+    # Hugging Face hub for bases registered by hub id (unset: huggingface_hub's default).
+    hf_endpoint: str | None = None
+
     # Ray: unset starts (or joins) a local instance.
     ray_address: str | None = None
     # CPUs each Ray Train worker of a multi-GPU (num_gpus > 1) job reserves.

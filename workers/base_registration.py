@@ -1,4 +1,5 @@
-"""Register a base model from a real source: a Hugging Face directory or a single GGUF file.
+"""Register a base model from a real source: a Hugging Face model directory (a local path or an
+`s3://bucket/prefix` URI), a hub id (where the cluster reaches a hub), or a single GGUF file.
 
 The checkpoint is inspected (a directory that is not a supported causal LM is refused with the
 reason), a GGUF file is dequantized once into a bf16 safetensors checkpoint, and the result is
@@ -7,8 +8,10 @@ stored under `base-models/<sha256>/` so that every trainer fetches the same veri
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from control_plane import base_models
 from control_plane.records import BaseModelRecord
@@ -25,28 +28,105 @@ def upload_checkpoint(services: Services, checkpoint_dir: Path, sha256: str) -> 
             services.store.put_file(key, path)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def fetch_source(
+    services: Services, source: str, work_dir: Path, *, revision: str | None = None
+) -> tuple[Path, str]:
+    """A local path for `source` and its kind (`dir`, `gguf`, `s3`, `hub`), fetching it first
+    when it lies in an object store or on a hub."""
+    if source.startswith("s3://"):
+        return _fetch_s3(services, source, work_dir / "s3"), "s3"
+    local = Path(source.removeprefix("file://")).expanduser()
+    if local.exists():
+        return local, "gguf" if local.is_file() else "dir"
+    hub_id = source.removeprefix("hf://")
+    if _HUB_ID.match(hub_id):
+        return _fetch_hub(hub_id, revision, work_dir / "hub", services.settings.hf_endpoint), "hub"
+    raise BaseModelError(
+        f"{source}: no such file or directory (give a model directory, a .gguf file, an "
+        "s3://bucket/prefix URI or a Hugging Face hub id like org/name)"
+    )
+
+
+def _fetch_s3(services: Services, uri: str, target: Path) -> Path:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from control_plane.storage import make_s3_client
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    settings = services.settings
+    client: Any = make_s3_client(
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        access_key_id=settings.s3_access_key_id,
+        secret_access_key=settings.s3_secret_access_key,
+    )
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        if len(keys) == 1 and keys[0] == prefix and prefix.endswith(".gguf"):
+            target.mkdir(parents=True, exist_ok=True)
+            path = target / Path(prefix).name
+            client.download_file(bucket, prefix, str(path))
+            return path
+        directory = prefix.rstrip("/") + "/" if prefix else ""
+        keys = [k for k in keys if k.startswith(directory) and not k.endswith("/")]
+        if not keys:
+            raise BaseModelError(f"{uri}: no objects under that prefix")
+        for key in keys:
+            path = target / key[len(directory) :]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, key, str(path))
+    except (BotoCoreError, ClientError) as exc:
+        raise BaseModelError(f"{uri}: could not read it from the object store: {exc}") from exc
+    return target
+
+
+def _fetch_hub(repo_id: str, revision: str | None, target: Path, endpoint: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                local_dir=target,
+                endpoint=endpoint,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # offline, unknown repo, gated: all say the same to the user
+        raise BaseModelError(
+            f"{repo_id}: could not download it from the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "where the cluster cannot reach a hub, register a local directory or an s3:// copy"
+        ) from exc
+
+
 def register_base(
     services: Services,
     name: str,
-    source: Path,
+    source: Path | str,
     *,
     revision: str | None = None,
     progress: bool = False,
 ) -> BaseModelRecord:
-    """Inspect or import `source`, store the checkpoint, and record the base (idempotent by name)."""
+    """Fetch, inspect or import `source`, store the checkpoint, and record the base
+    (idempotent by name)."""
     with services.engine.connect() as conn:
         existing = base_models.get_base_model(conn, name)
     if existing is not None:
         return existing
-    source = Path(source)
     with tempfile.TemporaryDirectory(prefix="loraforge-base-") as tmp:
-        if source.is_file():
-            info: BaseModelInfo = import_gguf(source, Path(tmp) / "checkpoint", progress=progress)
+        local, origin = fetch_source(services, str(source), Path(tmp), revision=revision)
+        if local.is_file():
+            info: BaseModelInfo = import_gguf(local, Path(tmp) / "checkpoint", progress=progress)
             checkpoint, kind = Path(tmp) / "checkpoint", "gguf"
-        elif source.is_dir():
-            info, checkpoint, kind = inspect_model_dir(source), source, "dir"
         else:
-            raise BaseModelError(f"{source} is neither a GGUF file nor a model directory")
+            info, checkpoint = inspect_model_dir(local), local
+            kind = {"s3": "object", "hub": "hub"}.get(origin, "dir")
         upload_checkpoint(services, checkpoint, info.sha256)
     with services.engine.begin() as conn:
         return base_models.register_base_model(

@@ -208,3 +208,72 @@ def test_default_base_is_registered_once_and_listed_on_a_fresh_install(
         assert MODEL_NAME in [m["id"] for m in listed["data"]]
     finally:
         services.close()
+
+
+@pytest.fixture
+def registering_services(database_url, tmp_path, moto_server):
+    from control_plane.services import build_services
+    from control_plane.settings import Settings
+    from tests.s3_server import S3_ACCESS_KEY_ID, S3_REGION, S3_SECRET_ACCESS_KEY
+
+    settings = Settings(
+        home=tmp_path / "home",
+        s3_endpoint_url=moto_server,
+        s3_region=S3_REGION,
+        s3_access_key_id=S3_ACCESS_KEY_ID,
+        s3_secret_access_key=S3_SECRET_ACCESS_KEY,
+    )
+    services = build_services(settings, database_url=database_url)
+    yield services
+    services.close()
+
+
+def test_base_registers_from_an_object_store_uri(registering_services, s3_store):
+    """A model directory in any bucket (`s3://bucket/prefix`), fetched, inspected and stored."""
+    from control_plane.storage import base_model_prefix
+    from workers.base_registration import register_base
+
+    for path in sorted(p for p in TEST_BASE_PATH.rglob("*") if p.is_file()):
+        s3_store.client.upload_file(
+            str(path), s3_store.bucket, f"models/tiny/{path.relative_to(TEST_BASE_PATH)}"
+        )
+    uri = f"s3://{s3_store.bucket}/models/tiny"
+    record = register_base(registering_services, "tiny-from-s3", uri)
+    assert (record.source, record.source_kind) == (uri, "object")
+    assert record.sha256 == inspect_model_dir(TEST_BASE_PATH).sha256
+    assert record.architecture == "LlamaForCausalLM" and record.has_chat_template
+    stored = registering_services.store.list_keys(base_model_prefix(record.sha256))
+    assert any(k.endswith("model.safetensors") for k in stored)
+
+    for bad, reason in (
+        (f"s3://{s3_store.bucket}/models/nothing-here", "no objects under that prefix"),
+        ("s3://no-such-bucket-lf/models/tiny", "could not read it from the object store"),
+        ("/no/such/dir", "no such file or directory"),
+    ):
+        with pytest.raises(BaseModelError, match=reason):
+            register_base(registering_services, "refused", bad)
+
+
+def test_hub_id_without_a_reachable_hub_is_refused_with_the_reason(database_url, tmp_path):
+    import socket
+
+    from control_plane.services import build_services
+    from control_plane.settings import Settings
+    from workers.base_registration import register_base
+
+    # No hub is reachable here: point at an address where nothing answers, as a cluster
+    # without one would see it.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    settings = Settings(home=tmp_path / "home", hf_endpoint=dead)
+    services = build_services(settings, database_url=database_url)
+    try:
+        with pytest.raises(BaseModelError, match="could not download it from the Hugging Face"):
+            register_base(services, "smol", "HuggingFaceTB/SmolLM2-135M-Instruct")
+        with services.engine.connect() as conn:
+            from control_plane import base_models
+
+            assert base_models.get_base_model(conn, "smol") is None
+    finally:
+        services.close()

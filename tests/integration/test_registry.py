@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from control_plane import registry
-from control_plane.client import ChecksumError, LoraforgeClient
+from control_plane.client import ChecksumError, LoraforgeClient, vllm_problems
 from control_plane.records import BaseModelRecord, JobRecord
 from control_plane.registry_cli import add_registry_commands
 from control_plane.services import Services, build_services
@@ -264,6 +264,7 @@ def test_publish_list_alias_pull_and_load_with_peft(
         config = json.loads((target / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == "served-tiny"
         assert config["peft_type"] == "LORA"
+        assert vllm_problems(target) == []  # vLLM's --lora-modules would take it as it is
         assert (target / WEIGHTS).read_bytes() == (peft_adapter / WEIGHTS).read_bytes()
         assert torch.equal(logits(target), logits(peft_adapter))
         assert not torch.equal(logits(target), logits(None))
@@ -934,3 +935,33 @@ def test_job_create_continues_from_a_version_over_the_api(
     cancelled = client.post(f"/v1/fine_tuning/jobs/{latest.json()['id']}/cancel", headers=a)
     assert cancelled.json()["status"] == "cancelled"
     assert client.delete("/v1/adapters/bot/versions/2", headers=a).status_code == 200
+
+
+def test_vllm_rules_name_what_a_serving_cluster_would_refuse(
+    peft_adapter: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from control_plane.client import smallest_vllm_max_lora_rank
+
+    def variant(name: str, **changes: Any) -> Path:
+        out = tmp_path / name
+        shutil.copytree(peft_adapter, out)
+        config = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return out
+
+    assert vllm_problems(peft_adapter) == []
+    for name, changes, expected in (
+        ("dora", {"use_dora": True}, "DoRA"),
+        ("bias", {"bias": "all"}, "bias"),
+        ("saved", {"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ("huge", {"r": 1024}, "max-lora-rank"),
+        ("ia3", {"peft_type": "IA3"}, "peft_type"),
+    ):
+        problems = vllm_problems(variant(name, **changes))
+        assert len(problems) == 1 and expected in problems[0], (name, problems)
+    missing = variant("missing")
+    (missing / WEIGHTS).unlink()
+    assert "adapter_model.safetensors" in vllm_problems(missing)[0]
+    assert [smallest_vllm_max_lora_rank(r) for r in (4, 16, 17, 512, 513)] == [8, 16, 32, 512, None]
