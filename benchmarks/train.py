@@ -6,7 +6,8 @@ RSS figures are separate. Prints one JSON line per measurement:
 
 - `train`: real (non-pad) tokens/s over steps 2..N, peak RSS, final loss (eval loss on the same
   held-out set after the same number of steps), each against the baseline, and the fraction of a
-  bf16 ceiling (measured bf16 matmul FLOP/s divided by 4 x parameters per token: forward plus
+  ceiling: measured matmul FLOP/s in the precision the run trained in (bf16 where the CPU has
+  it, else fp32; both runs use the same) divided by 4 x parameters per token (forward plus
   activation gradients; a frozen base computes no weight gradients).
 - `claim_to_first_step`: seconds from taking a job to its first optimizer step, with the base
   loaded cold (`ResidentBase.load` + first step) and already resident (first step only).
@@ -232,13 +233,14 @@ def run_claim_to_first_step(model_dir: str) -> dict[str, Any]:
     return {"cold_s": cold, "resident_s": resident}
 
 
-def bf16_matmul_flops() -> tuple[float, float]:
-    """Measured bf16 matmul throughput (FLOP per second, and per CPU-second of this process)."""
+def matmul_flops(precision: str) -> tuple[float, float]:
+    """Measured matmul throughput in `precision` (FLOP per second, and per CPU-second)."""
     import torch
 
     size = 2048
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
     a @ b
     repeats = 5
     wall, cpu = time.perf_counter(), time.process_time()
@@ -295,7 +297,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     ours = in_subprocess("run_loraforge", model_dir, args.steps)
     baseline = in_subprocess("run_baseline", model_dir, args.steps)
-    flops, flops_per_cpu_s = bf16_matmul_flops()
+    flops, flops_per_cpu_s = matmul_flops(ours["precision"])
     ceiling, cpu_ceiling = flops / (4 * parameters), flops_per_cpu_s / (4 * parameters)
     load_after = os.getloadavg()[0]
     print(
@@ -316,9 +318,10 @@ def main() -> None:
                 "baseline_final_loss": round(baseline["final_loss"], 4),
                 "train_loss_last5": round(ours["train_loss_last"], 4),
                 "baseline_train_loss_last5": round(baseline["train_loss_last"], 4),
-                "bf16_ceiling_tokens_per_s": round(ceiling, 1),
-                "fraction_of_bf16_ceiling": round(ours["tokens_per_s"] / ceiling, 3),
-                "fraction_of_bf16_ceiling_cpu": round(ours["tokens_per_cpu_s"] / cpu_ceiling, 3),
+                "precision": ours["precision"],
+                "ceiling_tokens_per_s": round(ceiling, 1),
+                "fraction_of_ceiling": round(ours["tokens_per_s"] / ceiling, 3),
+                "fraction_of_ceiling_cpu": round(ours["tokens_per_cpu_s"] / cpu_ceiling, 3),
                 "steps": args.steps,
                 "load_average": [round(load_before, 1), round(load_after, 1)],
                 "machine": machine(),

@@ -114,17 +114,18 @@ def packed_sdpa_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    edges = boundaries.tolist()
+    # split (not slicing): its backward is one concatenation, where each slice's backward would
+    # write a zero-filled row-sized gradient per example.
+    lengths = [end - start for start, end in pairwise(boundaries.tolist())]
     dropout = dropout if module.training else 0.0
     outputs = [
-        causal_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scaling, dropout
+        causal_attention(q, k, v, scaling, dropout)
+        for q, k, v in zip(
+            query.split(lengths, dim=2),
+            key.split(lengths, dim=2),
+            value.split(lengths, dim=2),
+            strict=True,
         )
-        for start, end in pairwise(edges)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
@@ -136,9 +137,16 @@ def causal_attention(
     scaling: float | None,
     dropout: float,
 ) -> torch.Tensor:
-    """Causal attention of one example, `[1, heads, tokens, head_dim]`."""
+    """Causal attention of one example, `[1, heads, tokens, head_dim]`; grouped-query attention
+    (fewer key/value heads) without repeating keys and values in memory."""
     return F.scaled_dot_product_attention(
-        query, key, value, dropout_p=dropout, is_causal=True, scale=scaling
+        query,
+        key,
+        value,
+        dropout_p=dropout,
+        is_causal=True,
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
     )
 
 
@@ -189,18 +197,24 @@ class LinearCrossEntropy(torch.autograd.Function):
         if weight.requires_grad:
             raise ValueError("LinearCrossEntropy gives the output head no gradient: freeze it")
         chunk = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # softmax in at least float32 (bf16 logits would lose the loss)
+        accumulate = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=accumulate, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         weight = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start : start + chunk] @ weight.T).float()
-            rows = torch.arange(logits.shape[0], device=logits.device)
-            wanted = targets[start : start + chunk]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += (log_norm - logits[rows, wanted]).sum()
+            logits = (hidden[start : start + chunk] @ weight.T).to(accumulate)
+            wanted = targets[start : start + chunk, None]
+            # log-softmax in place, one pass each: max, exp, sum (no logsumexp temporaries)
+            peak = logits.amax(dim=-1, keepdim=True)
+            target_logit = logits.gather(1, wanted)
+            probabilities = logits.sub_(peak).exp_()
+            norm = probabilities.sum(dim=-1, keepdim=True)
+            total += (norm.log() + peak - target_logit).sum()
             if grad is not None:
-                probabilities = logits.sub_(log_norm[:, None]).exp_()
-                probabilities[rows, wanted] -= 1.0
+                probabilities.div_(norm).scatter_add_(
+                    1, wanted, probabilities.new_full(wanted.shape, -1.0)
+                )
                 grad[start : start + chunk] = probabilities.to(weight.dtype) @ weight
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return total

@@ -14,6 +14,9 @@ Where the time and memory go, and what the recipe does about it:
   The backbone runs to hidden states, only positions with a label go through `lm_head`, in chunks,
   and the loss gradient is computed in the same pass (`LinearCrossEntropy`): no logits survive a
   chunk and `lm_head` runs once per trained token instead of three times.
+- LoRA layers: plain LoRA layers run as one autograd node each (`workers.fused_lora`): the scaled
+  low-rank update accumulates into the base output instead of being a second output-sized
+  tensor that is scaled and added (and the same in the backward).
 - Precision: the frozen base stays in bf16 (never an fp32 copy) where the hardware has bf16; the
   LoRA weights and AdamW state are fp32, and their matmuls run in bf16 under autocast.
 
@@ -32,7 +35,7 @@ import shutil
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +63,7 @@ from workers.formatting import (
     TokenizedExample,
     tokenize_records,
 )
+from workers.fused_lora import fused_lora_layers
 from workers.packing import (
     PACKED_ATTENTION,
     LinearCrossEntropy,
@@ -75,6 +79,10 @@ TRAINER_STATE = "trainer_state.pt"
 MAX_GRAD_NORM = 1.0
 # Tokens per packed row at evaluation time.
 EVAL_ROW_TOKENS = 8192
+# Most tokens per packed row in training: a step's (micro-)batch runs as rows of at most this
+# many tokens, one forward/backward each, so the activations kept for a backward are bounded by
+# this, not by the longest batch; the step's update is the same.
+TRAIN_ROW_TOKENS = 1024
 # Hyperparameters that may change between a checkpoint and its resumption.
 _RESUMABLE_CHANGES = {"checkpoint_every_steps", "eval_every_steps", "num_gpus"}
 
@@ -304,6 +312,7 @@ class LoraRecipe:
         self.model: PeftModel | None = None
         self.progress = _Progress()
         self._previous_checkpoint: Path | None = None
+        self._exit_stack = ExitStack()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -330,6 +339,7 @@ class LoraRecipe:
         if hp.gradient_checkpointing:
             base.model.activation_checkpointing_enable({"use_reentrant": False})
         self.model.train()
+        fused = self._exit_stack.enter_context(fused_lora_layers(self.model))
         self.backbone = base.model.get_decoder()
         self.lm_head = base.model.get_output_embeddings()
         if init_dir is not None and resume_dir is None:
@@ -350,8 +360,13 @@ class LoraRecipe:
         self._event(
             "log",
             f"training {sum(p.numel() for p in params):,} LoRA parameters (rank {hp.lora_rank}) "
-            f"on {len(self.train_set.examples)} examples, {self.total_steps} steps",
-            {"trainable_parameters": sum(p.numel() for p in params), "steps": self.total_steps},
+            f"on {len(self.train_set.examples)} examples, {self.total_steps} steps "
+            f"({fused} fused LoRA layers)",
+            {
+                "trainable_parameters": sum(p.numel() for p in params),
+                "steps": self.total_steps,
+                "fused_lora_layers": fused,
+            },
         )
         if resume_dir is not None:
             self._resume(Path(resume_dir))
@@ -522,12 +537,11 @@ class LoraRecipe:
             if self._stop_requested():
                 self.optimizer.zero_grad(set_to_none=True)
                 return False
-            if not micro:
-                continue
-            with self._autocast():
-                loss = self._loss_sum(micro)
-            (loss / targets).backward()
-            loss_sum += loss.detach()
+            for row in rows_of_tokens(micro, TRAIN_ROW_TOKENS):
+                with self._autocast():
+                    loss = self._loss_sum(row)
+                (loss / targets).backward()
+                loss_sum += loss.detach()
         if self.world_size > 1:
             loss_sum = self._all_reduce_gradients(loss_sum)
         nn.utils.clip_grad_norm_(self._trainable, MAX_GRAD_NORM)
@@ -688,6 +702,7 @@ class LoraRecipe:
     def cleanup(self) -> None:
         """Remove the adapter and every training switch: the base returns to its loaded state."""
         model = self.base.model
+        self._exit_stack.close()
         if self.model is not None:
             self.model.unload()
             self.model = None

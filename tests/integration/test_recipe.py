@@ -12,16 +12,29 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from control_plane.hyperparameters import Hyperparameters
-from workers.formatting import TokenizedExample
+from workers.formatting import TokenizedExample, tokenize_records
+from workers.fused_lora import fused_lora_layers
 from workers.packing import PACKED_ATTENTION, LinearCrossEntropy, pack, packed_hidden_states
-from workers.recipe import ResidentBase, TrainHooks, TrainingError, TrainResult, train_adapter
+from workers.recipe import (
+    LoraRecipe,
+    ResidentBase,
+    TrainHooks,
+    TrainingError,
+    TrainResult,
+    bf16_supported,
+    train_adapter,
+)
 from workers.testbase import TEST_BASE_PATH
+
+# What `precision="auto"` resolves to here (bf16 where the CPU multiplies bf16), and the other.
+MACHINE_PRECISION = "bf16" if bf16_supported(torch.device("cpu")) else "fp32"
+OTHER_PRECISION = "fp32" if MACHINE_PRECISION == "bf16" else "bf16"
 
 CAPITALS = {
     "France": "Paris",
@@ -141,7 +154,7 @@ def assert_same_adapter(left: Path, right: Path) -> None:
 def test_loss_falls_and_metrics_are_reported(reference: Run):
     result, recorder = reference.result, reference.recorder
     assert (result.global_step, result.total_steps, result.stopped) == (6, 6, False)
-    assert result.precision == "bf16"
+    assert result.precision == MACHINE_PRECISION
     steps = recorder.metrics("train_loss")
     assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
     first_epoch = sum(m["train_loss"] for m in steps[:3]) / 3
@@ -154,7 +167,7 @@ def test_loss_falls_and_metrics_are_reported(reference: Run):
         assert metric["learning_rate"] >= 0 and metric["eta_s"] >= 0
     assert steps[-1]["fraction_done"] == 1.0 and steps[-1]["epoch"] == 2.0
     assert {m["total_steps"] for m in steps} == {6}
-    assert any("precision bf16" in message for kind, message, _ in recorder.events)
+    assert any(f"precision {MACHINE_PRECISION}" in m for _, m, _ in recorder.events)
     assert sorted(recorder.checkpoints) == [2, 3, 4, 6]  # every 2 steps and each epoch's end
 
 
@@ -260,7 +273,7 @@ def test_should_stop_ends_the_job_within_one_step(
         ({"lora_rank": 48}, RECORDS, r"lora_rank 48 is larger than .*k_proj \(64x32\)"),
         ({}, [{"messages": [{"role": "user", "content": "hello?"}]}] * 3, "no training example"),
         ({"max_seq_length": 16}, [{"prompt": "word " * 40, "completion": "x"}], "no training"),
-        ({"precision": "fp32"}, RECORDS, "resident in bf16"),
+        ({"precision": OTHER_PRECISION}, RECORDS, f"resident in {MACHINE_PRECISION}"),
     ],
 )
 def test_jobs_that_cannot_train_are_refused_with_a_reason(
@@ -300,18 +313,35 @@ def test_eval_dora_rslora_checkpointing_and_accumulation(
     PeftModel.from_pretrained(plain, result.adapter_dir)
 
 
-def test_gradient_accumulation_does_not_change_the_update(base: ResidentBase, tmp_path):
-    """The loss is a mean over every trained token of the step, however the step is split."""
+@pytest.mark.parametrize("split_by", ["accumulation", "row_tokens"])
+def test_splitting_a_step_does_not_change_the_update(
+    base: ResidentBase, tmp_path, monkeypatch, split_by
+):
+    """The loss is a mean over every trained token of the step, however the step is split: into
+    gradient-accumulation micro-batches, or into packed rows of at most TRAIN_ROW_TOKENS."""
     hp = HP.model_copy(update={"n_epochs": 1})
     whole = train_adapter(base, RECORDS, None, hp, TrainHooks(), tmp_path / "whole")
+    rows: list[int] = []
+    loss_sum = LoraRecipe._loss_sum
+
+    def counting_loss_sum(recipe: LoraRecipe, examples: list[TokenizedExample]) -> torch.Tensor:
+        rows.append(sum(len(e) for e in examples))
+        return loss_sum(recipe, examples)
+
+    monkeypatch.setattr(LoraRecipe, "_loss_sum", counting_loss_sum)
+    update: dict[str, Any] = {}
+    if split_by == "accumulation":
+        update["gradient_accumulation_steps"] = 4
+    else:
+        monkeypatch.setattr("workers.recipe.TRAIN_ROW_TOKENS", 40)
     split = train_adapter(
-        base,
-        RECORDS,
-        None,
-        hp.model_copy(update={"gradient_accumulation_steps": 4}),
-        TrainHooks(),
-        tmp_path / "split",
+        base, RECORDS, None, hp.model_copy(update=update), TrainHooks(), tmp_path / "split"
     )
+    steps = whole.total_steps
+    assert len(rows) >= 2 * steps  # every step ran as several forward/backward passes
+    if split_by == "row_tokens":
+        longest = max(len(e) for e in tokenize_records(RECORDS, base.tokenizer, 512).examples)
+        assert max(rows) <= max(40, longest)
     assert whole.adapter_dir is not None and split.adapter_dir is not None
     a, b = adapter_tensors(whole.adapter_dir), adapter_tensors(split.adapter_dir)
     for key in a:
@@ -350,6 +380,52 @@ def test_packed_row_attends_within_each_example_only(base: ResidentBase):
             [backbone(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0] for e in examples]
         )
     torch.testing.assert_close(packed.float(), separate.float(), rtol=0.02, atol=0.02)
+
+
+def _lora_gradients(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_lora_and_packed_attention_match_peft_on_separate_examples():
+    """The training kernels (fused LoRA layers, packed attention split per example, chunked
+    cross-entropy) give peft's loss and LoRA gradients on a float64 model, so only a bug shows."""
+    model = AutoModelForCausalLM.from_pretrained(
+        TEST_BASE_PATH, dtype=torch.float64, attn_implementation="sdpa"
+    )
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    examples = [
+        TokenizedExample(tuple(range(10, 30)), (-100,) * 8 + tuple(range(30, 42))),
+        TokenizedExample(tuple(range(40, 47)), (-100,) * 3 + tuple(range(50, 54))),
+        TokenizedExample(tuple(range(5, 18)), (-100,) * 2 + tuple(range(60, 71))),
+    ]
+    expected = torch.zeros((), dtype=torch.float64)
+    for example in examples:
+        logits = peft_model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+        labels = torch.tensor(example.labels[1:])
+        expected = expected + F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+    expected.backward()
+    reference = _lora_gradients(peft_model)
+    peft_model.zero_grad(set_to_none=True)
+
+    layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+    model.set_attn_implementation(PACKED_ATTENTION)
+    with fused_lora_layers(peft_model) as fused:
+        assert fused == len(layers) > 0
+        row = pack(examples, torch.device("cpu"))
+        hidden = packed_hidden_states(model.get_decoder(), row)[row.target_positions]
+        loss = LinearCrossEntropy.apply(hidden, model.get_output_embeddings().weight, row.targets)
+        loss.backward()
+    model.set_attn_implementation("sdpa")
+    assert all("forward" not in m.__dict__ for m in layers)  # peft's own forward is back
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-9)
+    gradients = _lora_gradients(peft_model)
+    assert gradients.keys() == reference.keys() and len(gradients) == 2 * len(layers)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(
+            gradient, reference[name], rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def _rank_main(rank: int, world_size: int, port: int, output_dir: str) -> None:
