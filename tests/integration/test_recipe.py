@@ -428,6 +428,34 @@ def test_fused_lora_and_packed_attention_match_peft_on_separate_examples():
         )
 
 
+def test_fused_lora_under_bf16_autocast_matches_peft():
+    """The path bf16 machines train on (bf16 base, fp32 LoRA weights, bf16 autocast): the fused
+    layer computes in bf16 as peft's separate matmuls do, and gives fp32 gradients."""
+    model = AutoModelForCausalLM.from_pretrained(TEST_BASE_PATH, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    ids = torch.tensor([list(range(10, 40))])
+
+    def loss_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        peft_model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = peft_model(input_ids=ids).logits[0, :-1].float()
+        loss = F.cross_entropy(logits, ids[0, 1:])
+        loss.backward()
+        return loss.detach(), _lora_gradients(peft_model)
+
+    expected, reference = loss_and_gradients()
+    with fused_lora_layers(peft_model):
+        loss, gradients = loss_and_gradients()
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    assert gradients.keys() == reference.keys()
+    for name, gradient in gradients.items():
+        assert gradient.dtype == torch.float32
+        cosine = F.cosine_similarity(gradient.flatten(), reference[name].flatten(), dim=0)
+        assert cosine > 0.99, name
+
+
 def _rank_main(rank: int, world_size: int, port: int, output_dir: str) -> None:
     """One rank of a gloo process group, as Ray Train's TorchTrainer would set it up."""
     import os
