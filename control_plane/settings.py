@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     # CPUs each Ray Train worker of a multi-GPU (num_gpus > 1) job reserves.
     ray_train_cpus_per_worker: float = Field(default=1.0, gt=0, le=256)
+    # torch threads of a trainer actor. Ray starts an actor with one thread per CPU it reserves
+    # (one), which would leave a CPU trainer on one core; None: every CPU the process may use.
+    trainer_threads: int | None = Field(default=None, ge=1, le=1024)
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from control_plane.services import build_services
 from control_plane.settings import Settings
@@ -53,6 +54,7 @@ class TrainerActor:
         self, settings_json: str, database_url: str, worker_id: str, work_dir: str
     ) -> None:
         settings = Settings.model_validate_json(settings_json)
+        torch.set_num_threads(trainer_threads(settings))
         self.services = build_services(settings, database_url=database_url)
         self.runner = JobRunner(self.services, worker_id, work_dir=Path(work_dir))
         self.stop_event = threading.Event()
@@ -81,13 +83,17 @@ class TrainerActor:
             "jobs_done": self.runner.jobs_done,
             "base_loads": ResidentBase.load_count,
             "resident_base_id": self.runner.resident_base_id,
+            "torch_threads": torch.get_num_threads(),
         }
+
+
+def trainer_threads(settings: Settings) -> int:
+    """`settings.trainer_threads`, else every CPU this process may run on."""
+    return settings.trainer_threads or len(os.sched_getaffinity(0))
 
 
 def trainer_count() -> int:
     """One trainer per GPU; one on the CPU where there is none."""
-    import torch
-
     return max(torch.cuda.device_count(), 1)
 
 
@@ -111,6 +117,4 @@ def start_trainers(settings: Settings, database_url: str, *, count: int | None =
 
 
 def _has_gpu() -> bool:
-    import torch
-
     return bool(torch.cuda.is_available())

@@ -307,7 +307,10 @@ def test_killed_actor_job_resumes_from_checkpoint_on_a_new_actor(
     # One loop per actor: a second `run` while the first trains is refused, not run beside it.
     with pytest.raises(ray.exceptions.RayTaskError, match="already running its loop"):
         ray.get(first.run.remote(max_jobs=1, idle_wait=0.2), timeout=60)
-    pid = ray.get(first.stats.remote())["pid"]
+    stats = ray.get(first.stats.remote())
+    # Ray starts an actor with one thread per reserved CPU; the trainer uses every CPU.
+    assert stats["torch_threads"] == len(os.sched_getaffinity(0))
+    pid = stats["pid"]
     os.kill(pid, 9)  # the process dies mid-job: no clean-up, no lease release
     time.sleep(trainer_services.settings.lease_seconds + 1)
     second = TrainerActor.remote(
