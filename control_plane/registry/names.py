@@ -18,6 +18,18 @@ NAME_MAX = 128
 ALIAS_MAX = 64
 LATEST = "latest"
 MAX_VERSION = 2**31 - 1
+# The base model's fields a version's lineage records (and rebuild restores).
+BASE_MODEL_LINEAGE_FIELDS = (
+    "id",
+    "name",
+    "source",
+    "source_kind",
+    "revision",
+    "sha256",
+    "architecture",
+    "parameter_count",
+    "has_chat_template",
+)
 RESERVED_ADAPTER_NAMES = frozenset({"index"})  # `/v1/adapters/index` is the serving index
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -22,6 +22,7 @@ from control_plane.records import JobRecord
 from control_plane.registry.aliases import remove_version_objects
 from control_plane.registry.names import (
     ADAPTER_FILES,
+    BASE_MODEL_LINEAGE_FIELDS,
     MANIFEST,
     MANIFEST_FORMAT,
     NAME_MAX,
@@ -193,20 +194,7 @@ def publish_job_adapter(
                 "parent_ref": plan.parent.model_id if plan.parent else None,
                 "created_at": created_at.isoformat(),
             },
-            "base_model": {
-                k: getattr(plan.base, k)
-                for k in (
-                    "id",
-                    "name",
-                    "source",
-                    "source_kind",
-                    "revision",
-                    "sha256",
-                    "architecture",
-                    "parameter_count",
-                    "has_chat_template",
-                )
-            },
+            "base_model": {k: getattr(plan.base, k) for k in BASE_MODEL_LINEAGE_FIELDS},
             "files": [{"name": n, "size": size, "sha256": sha} for n, _, size, sha in local],
             "lineage": lineage,
             "metrics": metrics,

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
-from control_plane.registry.names import MANIFEST, MANIFEST_FORMAT
+from control_plane.registry.names import BASE_MODEL_LINEAGE_FIELDS, MANIFEST, MANIFEST_FORMAT
 from control_plane.storage import (
     ObjectStore,
     ObjectStoreError,
@@ -93,17 +93,7 @@ def _restore_version(conn: Connection, m: dict[str, Any]) -> bool:
         text("INSERT INTO tenants (id, name) VALUES (:id, :name) ON CONFLICT DO NOTHING"),
         {"id": tenant["id"], "name": tenant["name"]},
     )
-    base_cols = (
-        "id",
-        "name",
-        "source",
-        "source_kind",
-        "revision",
-        "sha256",
-        "architecture",
-        "parameter_count",
-        "has_chat_template",
-    )
+    base_cols = BASE_MODEL_LINEAGE_FIELDS
     conn.execute(
         text(
             f"INSERT INTO base_models ({', '.join(base_cols)}) "
