@@ -132,7 +132,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     try:
         ray.get(loops)
     except KeyboardInterrupt:
-        # A running job stops at its next step and goes back to the queue for its next attempt.
+        # A running job stops at its next step, checkpoints it and goes back to the queue at once.
         ray.get([actor.stop.remote() for actor in actors], timeout=10)
         ray.wait(loops, num_returns=len(loops), timeout=15)
     finally:

@@ -337,6 +337,44 @@ class JobQueue:
             self._record_release(conn, row, reason=message)
         return JobRecord.from_row(row)
 
+    def hand_back(self, job_id: str, worker_id: str, *, reason: str) -> JobRecord | None:
+        """The worker is shutting down: the job is queued again at once, without using up an
+        attempt (it resumes from its newest checkpoint). A job whose cancellation was requested
+        ends `cancelled`. Returns None when the worker no longer holds the lease."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    """
+                    UPDATE jobs SET
+                      status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+                      finished_at = CASE WHEN cancel_requested THEN now() END,
+                      attempt = CASE WHEN cancel_requested THEN attempt
+                                     ELSE greatest(attempt - 1, 0) END,
+                      run_after = now(), lease_owner = NULL, lease_expires_at = NULL
+                    WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling')
+                    RETURNING *
+                    """
+                ),
+                {"id": job_id, "worker": worker_id},
+            ).one_or_none()
+            if row is None:
+                return None
+            if row.status == "queued":
+                add_event(
+                    conn,
+                    job_id,
+                    f"Handed back to the queue ({reason}); it resumes from its newest checkpoint",
+                    level="warn",
+                    data={"status": "queued", "handed_back_by": worker_id},
+                )
+                conn.execute(
+                    text("SELECT pg_notify(:ch, :payload)"),
+                    {"ch": JOBS_CHANNEL, "payload": row.base_model_id},
+                )
+            else:
+                add_event(conn, job_id, "Job cancelled", data={"status": row.status})
+        return JobRecord.from_row(row)
+
     def finish_cancelled(self, job_id: str, worker_id: str) -> JobRecord | None:
         """The worker stopped a job whose cancellation was requested."""
         with self.engine.begin() as conn:

@@ -204,6 +204,9 @@ class TrainHooks:
     on_event: Callable[[str, str, dict[str, Any]], None] = _no_event
     should_stop: Callable[[], bool] = _never
     on_checkpoint: Callable[[int, Path], None] = _no_checkpoint
+    # Asked when the loop stops early: whether to write a checkpoint of the step reached first
+    # (a worker shutting down hands its job back; a cancelled job needs none).
+    checkpoint_on_stop: Callable[[], bool] = _never
 
 
 @dataclass(frozen=True)
@@ -499,6 +502,9 @@ class LoraRecipe:
             batch = self._step_examples(epoch, position)
             if not self._optimizer_step(batch):
                 self._event("log", f"stopped at step {progress.global_step}", {})
+                advanced = progress.global_step > progress.first_step
+                if self.rank == 0 and advanced and self.hooks.checkpoint_on_stop():
+                    self.save_checkpoint()
                 return self._result(None, eval_loss, stopped=True)
             step = progress.global_step
             if self.rank != 0:

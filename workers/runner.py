@@ -41,11 +41,17 @@ class _JobSignals:
 
     cancel: threading.Event = field(default_factory=threading.Event)
     lease_lost: threading.Event = field(default_factory=threading.Event)
+    # The runner's stop: the worker is shutting down and hands the job back.
+    shutdown: threading.Event = field(default_factory=threading.Event)
     progress: float | None = None
     eta_seconds: float | None = None
 
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lease_lost.is_set()
+        return self.cancel.is_set() or self.lease_lost.is_set() or self.shutdown.is_set()
+
+    def handing_back(self) -> bool:
+        """Stopping for a shutdown only: the job goes back to the queue, with a checkpoint."""
+        return self.shutdown.is_set() and not (self.cancel.is_set() or self.lease_lost.is_set())
 
 
 class JobRunner:
@@ -91,15 +97,18 @@ class JobRunner:
                         on_idle()
                     listener.wait(idle_wait)
                     continue
-                self.run(job)
+                self.run(job, shutdown=stop)
                 ran += 1
         return ran
 
     # -- one job ----------------------------------------------------------------------------
 
-    def run(self, job: JobRecord) -> str:
-        """Run one claimed job to an end state (or until its lease is lost); returns the status."""
-        signals = _JobSignals()
+    def run(self, job: JobRecord, shutdown: threading.Event | None = None) -> str:
+        """Run one claimed job to an end state (or until its lease is lost); returns the status.
+
+        When `shutdown` is set meanwhile, the job stops at the next step, checkpoints it and is
+        handed back to the queue for another worker (status `queued`)."""
+        signals = _JobSignals(shutdown=shutdown or threading.Event())
         stop_beat = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job, signals, stop_beat), daemon=True)
         beat.start()
@@ -146,6 +155,7 @@ class JobRunner:
                 ),
                 should_stop=signals.should_stop,
                 on_checkpoint=lambda step, directory: self._on_checkpoint(job, step, directory),
+                checkpoint_on_stop=signals.handing_back,
             )
             if hp.num_gpus > 1:
                 result = self._train_distributed(
@@ -179,6 +189,10 @@ class JobRunner:
         if result.stopped:
             if signals.lease_lost.is_set():
                 return "lease_lost"
+            if signals.handing_back():
+                reason = f"worker {self.worker_id} is shutting down"
+                handed = queue.hand_back(job.id, self.worker_id, reason=reason)
+                return handed.status if handed else "lease_lost"
             cancelled = queue.finish_cancelled(job.id, self.worker_id)
             return cancelled.status if cancelled else "lease_lost"
         assert result.adapter_dir is not None

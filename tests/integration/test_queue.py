@@ -141,6 +141,26 @@ def test_cancel_queued_and_claimed_jobs(engine: Engine, world: dict[str, str]) -
     assert queue.claim("w2") is None
 
 
+def test_hand_back_requeues_at_once_without_using_an_attempt(
+    engine: Engine, world: dict[str, str]
+) -> None:
+    kept_id, cancelled_id = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 2)
+    queue = JobQueue(engine, retry_backoff_seconds=3600)  # a failure would wait an hour
+    first, second = queue.claim("w1"), queue.claim("w1")
+    assert first is not None and second is not None
+    if first.id != kept_id:
+        first, second = second, first
+    assert queue.hand_back(kept_id, "w2", reason="not its lease") is None
+    handed = queue.hand_back(kept_id, "w1", reason="worker w1 is shutting down")
+    assert handed is not None and handed.status == "queued" and handed.attempt == 0
+    queue.request_cancel(cancelled_id)
+    ended = queue.hand_back(cancelled_id, "w1", reason="worker w1 is shutting down")
+    assert ended is not None and ended.status == "cancelled"
+    again = queue.claim("w2")  # at once: no backoff
+    assert again is not None and again.id == kept_id and again.attempt == 1
+    assert queue.hand_back(kept_id, "w1", reason="stale worker") is None
+
+
 def test_fair_share_serves_small_tenant_early(engine: Engine) -> None:
     base = make_base(engine)
     big = make_tenant(engine, "big", max_running_jobs=10000)

@@ -117,6 +117,13 @@ def messages(services: Services, job_id: str) -> list[str]:
         return [e.message for e in list_events(conn, job_id, limit=10_000, newest_first=False)]
 
 
+def done_steps(services: Services, job_id: str) -> int:
+    """The job's total optimizer steps, as its metrics report them."""
+    return int(
+        [m for m in metric_events(services, job_id) if "total_steps" in m][-1]["total_steps"]
+    )
+
+
 def run_one(runner: JobRunner) -> str:
     job = runner.services.queue.claim(
         runner.worker_id, prefer_base_model_id=runner.resident_base_id
@@ -234,6 +241,44 @@ def test_cancel_running_job_stops_within_five_seconds(
     assert outcome == ["cancelled"]
     assert job_row(trainer_services, job_id).status == "cancelled"
     assert stopped_after < 5, f"took {stopped_after:.1f}s"
+
+
+def test_a_stopping_worker_checkpoints_and_hands_its_job_back(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker told to stop (SIGTERM, a pod going away) does not leave its job to the lease:
+    it checkpoints the step reached, the job is queued again at once without using up an
+    attempt, and the next worker resumes from that step."""
+    job_id = submit(trainer_services, world, records=RECORDS * 8, n_epochs=3, batch_size=2)
+    first = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    stop = threading.Event()
+    ran: list[int] = []
+    thread = threading.Thread(target=lambda: ran.append(first.run_forever(stop, idle_wait=0.1)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len([m for m in metric_events(trainer_services, job_id) if "train_loss" in m]) < 3:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.1)
+    stop.set()
+    thread.join(30)
+    assert ran == [1]
+    handed = job_row(trainer_services, job_id)
+    assert handed.status == "queued" and handed.lease_owner is None
+    assert handed.attempt == 0  # a hand-back is not a failed attempt
+    with trainer_services.engine.connect() as conn:
+        checkpoint = jobs.latest_checkpoint(conn, job_id)
+    trained = max(m["step"] for m in metric_events(trainer_services, job_id) if "train_loss" in m)
+    assert checkpoint is not None and checkpoint.step == trained >= 3
+    assert any(m.startswith("Handed back to the queue") for m in messages(trainer_services, job_id))
+
+    second = JobRunner(trainer_services, "w2", work_dir=tmp_path / "w2")
+    assert run_one(second) == "succeeded"
+    done = job_row(trainer_services, job_id)
+    assert done.status == "succeeded" and done.attempt == 1
+    resumed = [m for m in messages(trainer_services, job_id) if m.startswith("resumed from step")]
+    assert resumed == [
+        f"resumed from step {checkpoint.step} of {done_steps(trainer_services, job_id)}"
+    ]
 
 
 def test_bad_hyperparameters_fail_the_job_and_the_runner_goes_on(
