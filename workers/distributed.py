@@ -143,6 +143,32 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         services.close()
 
 
+class ClusterBusyError(Exception):
+    """The Ray cluster could run the job, but not now: its resources are held (retry later)."""
+
+
+def check_cluster_fits(workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """Refuse a job the Ray cluster cannot place, instead of waiting for it without end:
+    `TrainingError` when the whole cluster is too small, `ClusterBusyError` when it is busy
+    (trainer actors hold a CPU or a GPU each)."""
+    import ray
+
+    wanted = {"CPU": workers * cpus_per_worker} | ({"GPU": float(workers)} if use_gpu else {})
+    total, free = ray.cluster_resources(), ray.available_resources()
+    for resource, amount in wanted.items():
+        asked = f"the job asks for {workers} Ray Train workers ({amount:g} {resource})"
+        if total.get(resource, 0.0) < amount:
+            raise TrainingError(
+                f"{asked}; the Ray cluster has {total.get(resource, 0.0):g} {resource} in all: "
+                "ask for fewer workers (num_gpus) or lower ray_train_cpus_per_worker"
+            )
+        if free.get(resource, 0.0) < amount:
+            raise ClusterBusyError(
+                f"{asked}; {free.get(resource, 0.0):g} of the cluster's "
+                f"{total[resource]:g} {resource} are free now (trainer actors hold the rest)"
+            )
+
+
 def train_on_ray_train(
     services: Services,
     worker_id: str,
@@ -171,6 +197,7 @@ def train_on_ray_train(
     use_gpu = bool(torch.cuda.is_available())
     settings = services.settings
     cpus = settings.ray_train_cpus_per_worker
+    check_cluster_fits(hp.num_gpus, cpus, use_gpu)
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={

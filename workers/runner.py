@@ -29,6 +29,7 @@ from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError, base_model_prefix, checkpoint_prefix
 from workers.base_models import BaseCache, BaseModelError
+from workers.distributed import ClusterBusyError
 from workers.lineage import build_lineage
 from workers.recipe import ResidentBase, TrainHooks, TrainingError, TrainResult, train_adapter
 
@@ -172,6 +173,11 @@ class JobRunner:
                     resume_dir,
                     init_dir,
                 )
+        except ClusterBusyError as exc:
+            failed = queue.fail(
+                job.id, self.worker_id, code="insufficient_resources", message=str(exc)
+            )
+            return failed.status if failed else "lease_lost"
         except (TrainingError, BaseModelError) as exc:
             code = "training_error" if isinstance(exc, TrainingError) else "base_model_unavailable"
             failed = queue.fail(

@@ -375,6 +375,39 @@ def test_killed_actor_job_resumes_from_checkpoint_on_a_new_actor(
 
 
 @pytest.mark.ray
+def test_multi_worker_job_the_cluster_cannot_place_is_refused_not_left_waiting(
+    ray_cluster: None, trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """A job asking for more Ray Train workers than the cluster has fails with the reason; one
+    the cluster could place but not now (an actor holds its CPUs) is retried later. Neither
+    waits without end for resources."""
+    import ray
+
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    too_big = submit(trainer_services, world, num_gpus=3)  # 3 workers x 1 CPU on 2 CPUs
+    assert run_one(runner) == "failed"
+    failed = job_row(trainer_services, too_big)
+    assert failed.error_code == "training_error"
+    assert "asks for 3 Ray Train workers (3 CPU); the Ray cluster has 2 CPU in all" in (
+        failed.error_message or ""
+    )
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()  # what a resident trainer actor holds
+    ray.get(holder.ready.remote())
+    busy = submit(trainer_services, world, num_gpus=2)
+    assert run_one(runner) == "queued"  # given back for a later attempt, with the reason
+    row = job_row(trainer_services, busy)
+    assert row.error_code == "insufficient_resources" and row.attempt == 1
+    assert "1 of the cluster's 2 CPU are free now" in (row.error_message or "")
+    ray.kill(holder)
+
+
+@pytest.mark.ray
 def test_multi_worker_job_trains_over_ray_train_like_one_process(
     ray_cluster: None, trainer_services: Services, world: dict[str, str], tmp_path: Path
 ) -> None:
