@@ -29,6 +29,13 @@ ACTIVE_STATUSES = ("running", "cancelling")
 CLAIM_CANDIDATES = 64
 
 
+def _notify_queued(conn: Connection, base_model_id: str) -> None:
+    """Wake idle workers (LISTEN on JOBS_CHANNEL): a job for this base became claimable."""
+    conn.execute(
+        text("SELECT pg_notify(:ch, :payload)"), {"ch": JOBS_CHANNEL, "payload": base_model_id}
+    )
+
+
 class JobStateError(Exception):
     """A transition that the job's current state does not allow."""
 
@@ -155,10 +162,7 @@ class JobQueue:
             if row is None:
                 raise JobStateError(job_id, self._status(conn, job_id), "queued")
             add_event(conn, job_id, "Files validated; job queued", data={"status": "queued"})
-            conn.execute(
-                text("SELECT pg_notify(:ch, :payload)"),
-                {"ch": JOBS_CHANNEL, "payload": row.base_model_id},
-            )
+            _notify_queued(conn, row.base_model_id)
         return JobRecord.from_row(row)
 
     def mark_validation_failed(
@@ -367,10 +371,7 @@ class JobQueue:
                     level="warn",
                     data={"status": "queued", "handed_back_by": worker_id},
                 )
-                conn.execute(
-                    text("SELECT pg_notify(:ch, :payload)"),
-                    {"ch": JOBS_CHANNEL, "payload": row.base_model_id},
-                )
+                _notify_queued(conn, row.base_model_id)
             else:
                 add_event(conn, job_id, "Job cancelled", data={"status": row.status})
         return JobRecord.from_row(row)
@@ -461,10 +462,7 @@ class JobQueue:
                 level="warn",
                 data={"status": "queued", "attempt": row.attempt},
             )
-            conn.execute(
-                text("SELECT pg_notify(:ch, :payload)"),
-                {"ch": JOBS_CHANNEL, "payload": row.base_model_id},
-            )
+            _notify_queued(conn, row.base_model_id)
         elif row.status == "failed":
             add_event(
                 conn,
