@@ -290,6 +290,8 @@ def test_idempotency_key(
     again = client.post("/v1/fine_tuning/jobs", headers=headers, json=body)
     assert first.status_code == again.status_code == 200
     assert first.json()["id"] == again.json()["id"]
+    # The celery validation writes events of its own: count once it has queued the job.
+    wait_for_status(client, tenant_a, first.json()["id"], {"queued"})
     before = counts(services)
     conflict = client.post(
         "/v1/fine_tuning/jobs", headers=headers, json={**body, "hyperparameters": {"n_epochs": 2}}
