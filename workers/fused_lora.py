@@ -77,7 +77,7 @@ def lora_linear(
     autocast = torch.is_autocast_enabled(device)
     dtype = torch.get_autocast_dtype(device) if autocast else weight.dtype
     with torch.autocast(device, enabled=False):
-        result = LoraLinearFunction.apply(
+        return LoraLinearFunction.apply(
             x.to(dtype),
             weight.to(dtype),
             None if bias is None else bias.to(dtype),
@@ -85,7 +85,6 @@ def lora_linear(
             lora_b.to(dtype),
             scaling,
         )
-    return result
 
 
 def _fusable(module: LoraLinear) -> bool:

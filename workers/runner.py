@@ -173,19 +173,19 @@ class JobRunner:
                     resume_dir,
                     init_dir,
                 )
-        except ClusterBusyError as exc:
-            failed = queue.fail(
-                job.id, self.worker_id, code="insufficient_resources", message=str(exc)
-            )
-            return failed.status if failed else "lease_lost"
         except (TrainingError, BaseModelError) as exc:
             code = "training_error" if isinstance(exc, TrainingError) else "base_model_unavailable"
             failed = queue.fail(
                 job.id, self.worker_id, code=code, message=str(exc), retryable=False
             )
             return failed.status if failed else "lease_lost"
-        except ObjectStoreError as exc:
-            failed = queue.fail(job.id, self.worker_id, code="object_store_error", message=str(exc))
+        except (ObjectStoreError, ClusterBusyError) as exc:  # retried later
+            code = (
+                "object_store_error"
+                if isinstance(exc, ObjectStoreError)
+                else "insufficient_resources"
+            )
+            failed = queue.fail(job.id, self.worker_id, code=code, message=str(exc))
             return failed.status if failed else "lease_lost"
         except Exception as exc:  # a bug or a fault: give the job back for another attempt
             log.exception("job %s failed on %s", job.id, self.worker_id)
