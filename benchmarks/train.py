@@ -13,6 +13,14 @@ RSS figures are separate. Prints one JSON line per measurement:
   loaded cold (`ResidentBase.load` + first step) and already resident (first step only).
 
 The data is synthetic chat with skewed (log-normal) lengths: mean ~100 tokens, p95 ~200, max 450.
+
+`--random-weights SHAPE` trains a randomly initialised Llama-shaped model instead (SmolLM2's
+tokenizer; `smollm2-135m` is SmolLM2's own shape, `llama-1b` Llama 3.2 1B's with SmolLM2's
+vocabulary): throughput depends on the shapes, not on the weights, so it measures where the real
+weights are not at hand (a lent GPU machine reaches no package index). Where CUDA is available both
+runs train on the GPU (hide it with `CUDA_VISIBLE_DEVICES=` to measure the CPU); the ceiling is
+then a measured bf16 matmul on the GPU, its fraction the model FLOPs utilisation (`mfu`), and peak
+GPU memory is printed beside peak RSS.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,24 @@ LORA_RANK = 16
 MAX_SEQ_LENGTH = 512
 EVAL_EXAMPLES = 48
 SEED = 42
+
+# Llama shapes for --random-weights (vocabulary and special tokens come from the tokenizer).
+SHAPES: dict[str, dict[str, int]] = {
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+    },
+    "llama-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+    },
+}
 
 _SUBJECTS = ["the cat", "a farmer", "my sister", "the old robot", "our teacher", "a small bird"]
 _VERBS = ["finds", "paints", "carries", "forgets", "builds", "watches", "repairs", "sells"]
@@ -71,12 +99,39 @@ def synthetic_records(count: int, tokenizer: Any, seed: int) -> list[dict[str, A
     return records
 
 
-def _hyperparameters(steps: int) -> Any:
+def random_model_dir(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    """Save a seeded, randomly initialised bf16 Llama of `shape` with the tokenizer beside it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SHAPES[shape],
+    )
+    torch.manual_seed(SEED)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+    return out
+
+
+def _hyperparameters(steps: int, batch_size: int) -> Any:
     from control_plane.hyperparameters import Hyperparameters
 
     return Hyperparameters(
         n_epochs=1,
-        batch_size=BATCH_SIZE,
+        batch_size=batch_size,
         lora_rank=LORA_RANK,
         lora_alpha=2 * LORA_RANK,
         target_modules="all-linear",
@@ -91,12 +146,18 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_loraforge(model_dir: str, steps: int) -> dict[str, Any]:
+def _peak_gpu_mib() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def run_loraforge(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
     """Train with `train_adapter` on a freshly loaded resident base; figures from its events."""
     from workers.recipe import ResidentBase, TrainHooks, train_adapter
 
     base = ResidentBase.load(Path(model_dir))
-    records = synthetic_records(steps * BATCH_SIZE + EVAL_EXAMPLES, base.tokenizer, SEED)
+    records = synthetic_records(steps * batch_size + EVAL_EXAMPLES, base.tokenizer, SEED)
     train, held_out = records[:-EVAL_EXAMPLES], records[-EVAL_EXAMPLES:]
     stamps: list[tuple[float, float, dict[str, Any]]] = []
 
@@ -106,7 +167,12 @@ def run_loraforge(model_dir: str, steps: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         result = train_adapter(
-            base, train, held_out, _hyperparameters(steps), TrainHooks(on_event), Path(tmp)
+            base,
+            train,
+            held_out,
+            _hyperparameters(steps, batch_size),
+            TrainHooks(on_event),
+            Path(tmp),
         )
     tokens = sum(data["tokens"] for _, _, data in stamps[1:])
     losses = [data["train_loss"] for _, _, data in stamps]
@@ -114,6 +180,7 @@ def run_loraforge(model_dir: str, steps: int) -> dict[str, Any]:
         "tokens_per_s": tokens / (stamps[-1][0] - stamps[0][0]),
         "tokens_per_cpu_s": tokens / (stamps[-1][1] - stamps[0][1]),
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_gpu_mib": _peak_gpu_mib(),
         "final_loss": result.final_eval_loss,
         "train_loss_last": sum(losses[-5:]) / len(losses[-5:]),
         "steps": result.global_step,
@@ -121,7 +188,7 @@ def run_loraforge(model_dir: str, steps: int) -> dict[str, Any]:
     }
 
 
-def run_baseline(model_dir: str, steps: int) -> dict[str, Any]:
+def run_baseline(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
     """The same job through `transformers.Trainer` + peft, as its documentation suggests."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -135,11 +202,11 @@ def run_baseline(model_dir: str, steps: int) -> dict[str, Any]:
     )
 
     from workers.formatting import tokenize_records
-    from workers.recipe import bf16_supported
+    from workers.recipe import bf16_supported, default_device
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = synthetic_records(steps * BATCH_SIZE + EVAL_EXAMPLES, tokenizer, SEED)
-    hp = _hyperparameters(steps)
+    records = synthetic_records(steps * batch_size + EVAL_EXAMPLES, tokenizer, SEED)
+    hp = _hyperparameters(steps, batch_size)
 
     def dataset(part: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
         """The same tokenization and loss mask as loraforge's (a list is a map-style dataset)."""
@@ -167,14 +234,14 @@ def run_baseline(model_dir: str, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
-            per_device_train_batch_size=BATCH_SIZE,
-            per_device_eval_batch_size=BATCH_SIZE,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
             max_steps=steps,
             learning_rate=hp.learning_rate,
             warmup_steps=math.ceil(hp.warmup_ratio * steps),
             lr_scheduler_type="cosine",
-            bf16=bf16_supported(torch.device("cpu")),
-            use_cpu=True,
+            bf16=bf16_supported(default_device()),
+            use_cpu=default_device().type == "cpu",
             logging_steps=1,
             save_strategy="no",
             report_to=[],
@@ -198,19 +265,20 @@ def run_baseline(model_dir: str, steps: int) -> dict[str, Any]:
         "tokens_per_s": sum(train_tokens[1:]) / (stamps[-1][0] - stamps[0][0]),
         "tokens_per_cpu_s": sum(train_tokens[1:]) / (stamps[-1][1] - stamps[0][1]),
         "peak_rss_mib": _peak_rss_mib(),
+        "peak_gpu_mib": _peak_gpu_mib(),
         "final_loss": eval_loss,
         "train_loss_last": sum(losses[-5:]) / len(losses[-5:]),
         "steps": len(stamps),
     }
 
 
-def run_claim_to_first_step(model_dir: str) -> dict[str, Any]:
+def run_claim_to_first_step(model_dir: str, batch_size: int) -> dict[str, Any]:
     """Seconds to the first optimizer step with the base cold, then resident (a second job)."""
     from workers.recipe import ResidentBase, TrainHooks, train_adapter
 
     def first_step(base: ResidentBase | None, started: float) -> tuple[ResidentBase, float]:
         resident = base or ResidentBase.load(Path(model_dir))
-        records = synthetic_records(BATCH_SIZE * 2, resident.tokenizer, SEED)
+        records = synthetic_records(batch_size * 2, resident.tokenizer, SEED)
         reached: list[float] = []
 
         def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
@@ -222,7 +290,7 @@ def run_claim_to_first_step(model_dir: str) -> dict[str, Any]:
                 resident,
                 records,
                 None,
-                _hyperparameters(2),
+                _hyperparameters(2, batch_size),
                 TrainHooks(on_event, should_stop=lambda: bool(reached)),
                 Path(tmp),
             )
@@ -234,18 +302,24 @@ def run_claim_to_first_step(model_dir: str) -> dict[str, Any]:
 
 
 def matmul_flops(precision: str) -> tuple[float, float]:
-    """Measured matmul throughput in `precision` (FLOP per second, and per CPU-second)."""
+    """Measured matmul throughput in `precision` (FLOP per second, and per CPU-second).
+
+    On the CPU a 2048-cube product; on a GPU an 8192-cube one, timed after a synchronize."""
     import torch
 
-    size = 2048
+    cuda = torch.cuda.is_available()
+    size, repeats = (8192, 20) if cuda else (2048, 5)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b
-    repeats = 5
+    a = torch.randn(size, size, dtype=dtype, device="cuda" if cuda else "cpu")
+    b = torch.randn_like(a)
+    for _ in range(3 if cuda else 1):
+        a @ b
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeats):
         a @ b
+    sync()
     flops = 2 * size**3 * repeats
     return flops / (time.perf_counter() - wall), flops / (time.process_time() - cpu)
 
@@ -276,34 +350,87 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    cores = len(os.sched_getaffinity(0))
+    described = (
+        f"{cpu}, {cores} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    if torch.cuda.is_available():
+        described = f"{torch.cuda.get_device_name()} ({described})"
+    return described
+
+
+@contextmanager
+def model_under_test(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+    """(directory, label) of the model to train: SmolLM2, or random weights of a shape."""
+    from workers.smollm2 import ensure_smollm2
+
+    if args.random_weights is None:
+        yield str(ensure_smollm2(args.cache)), "smollm2_135m"
+        return
+    tokenizer_dir = args.tokenizer or ensure_smollm2(args.cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = random_model_dir(args.random_weights, tokenizer_dir, Path(tmp))
+        yield str(path), f"random_{args.random_weights.replace('-', '_')}"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that pick the model and batch (shared with `benchmarks.profile_train`)."""
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("LORAFORGE_HOME", Path.home() / ".loraforge")) / "bases",
+        help="where SmolLM2 is cached (fetched there on first use)",
+    )
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="examples per step")
+    parser.add_argument(
+        "--random-weights",
+        choices=sorted(SHAPES),
+        help="train a randomly initialised Llama of this shape instead of SmolLM2's weights",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="tokenizer directory for --random-weights (default: the cached SmolLM2's)",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
-    parser.add_argument(
-        "--cache",
-        type=Path,
-        default=Path(os.environ.get("LORAFORGE_HOME", Path.home() / ".loraforge")) / "bases",
-    )
+    add_model_arguments(parser)
     args = parser.parse_args()
+    with model_under_test(args) as (model_dir, label):
+        measure(model_dir, label, args.steps, args.batch_size)
+
+
+def measure(model_dir: str, label: str, steps: int, batch_size: int) -> None:
+    """Both runs on `model_dir`, then the claim-to-first-step timing; one JSON line each."""
+    import torch
 
     from workers.base_models import inspect_model_dir
-    from workers.smollm2 import ensure_smollm2
 
-    model_dir = str(ensure_smollm2(args.cache))
     parameters = inspect_model_dir(Path(model_dir)).parameter_count
     load_before = os.getloadavg()[0]
-    ours = in_subprocess("run_loraforge", model_dir, args.steps)
-    baseline = in_subprocess("run_baseline", model_dir, args.steps)
+    ours = in_subprocess("run_loraforge", model_dir, steps, batch_size)
+    baseline = in_subprocess("run_baseline", model_dir, steps, batch_size)
     flops, flops_per_cpu_s = matmul_flops(ours["precision"])
     ceiling, cpu_ceiling = flops / (4 * parameters), flops_per_cpu_s / (4 * parameters)
     load_after = os.getloadavg()[0]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu: dict[str, Any] = {}
+    if ours["peak_gpu_mib"] is not None:
+        gpu = {
+            "peak_gpu_mib": round(ours["peak_gpu_mib"], 1),
+            "baseline_peak_gpu_mib": round(baseline["peak_gpu_mib"], 1),
+            "gpu_memory_ratio": round(ours["peak_gpu_mib"] / baseline["peak_gpu_mib"], 3),
+            "mfu": round(ours["tokens_per_s"] / ceiling, 3),
+            "baseline_mfu": round(baseline["tokens_per_s"] / ceiling, 3),
+        }
     print(
         json.dumps(
             {
-                "name": "train_smollm2_135m_lora_r16_batch8",
+                "name": f"train_{label}_lora_r{LORA_RANK}_batch{batch_size}_{device}",
+                "parameters": parameters,
                 "tokens_per_s": round(ours["tokens_per_s"], 1),
                 "peak_rss_mib": round(ours["peak_rss_mib"], 1),
                 "baseline_tokens_per_s": round(baseline["tokens_per_s"], 1),
@@ -322,18 +449,19 @@ def main() -> None:
                 "ceiling_tokens_per_s": round(ceiling, 1),
                 "fraction_of_ceiling": round(ours["tokens_per_s"] / ceiling, 3),
                 "fraction_of_ceiling_cpu": round(ours["tokens_per_cpu_s"] / cpu_ceiling, 3),
-                "steps": args.steps,
+                "steps": steps,
+                **gpu,
                 "load_average": [round(load_before, 1), round(load_after, 1)],
                 "machine": machine(),
             }
         ),
         flush=True,
     )
-    claim = in_subprocess("run_claim_to_first_step", model_dir)
+    claim = in_subprocess("run_claim_to_first_step", model_dir, batch_size)
     print(
         json.dumps(
             {
-                "name": "claim_to_first_step_smollm2_135m",
+                "name": f"claim_to_first_step_{label}_{device}",
                 "cold_s": round(claim["cold_s"], 2),
                 "resident_s": round(claim["resident_s"], 2),
                 "speedup": round(claim["cold_s"] / claim["resident_s"], 2),
