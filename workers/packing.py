@@ -6,7 +6,10 @@ The training recipe's kernels, kept apart from its loop:
   example), so no FLOP is spent on padding;
 - `packed_sdpa_attention`, registered with transformers as `PACKED_ATTENTION`, runs causal
   attention example by example from the row's boundaries, so examples never see each other and no
-  `tokens x tokens` mask is built;
+  `tokens x tokens` mask is built. Each example goes through sdpa's fused kernel, or, for a short
+  example in bf16 on a CPU, through `ExplicitCausalAttention` (four batched matmuls and a
+  softmax): there the fused kernel's backward costs eight times its forward (measured: 16 of a
+  step's 58 ms per layer on a 2-core bf16 CPU);
 - `LinearCrossEntropy` applies the output head and the cross-entropy only at positions that carry
   a label, chunk by chunk, with the gradient computed in the same pass: the `tokens x vocabulary`
   logits of a whole batch (49k columns for SmolLM2) never exist.
@@ -15,10 +18,11 @@ The training recipe's kernels, kept apart from its loop:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,25 @@ from workers.formatting import IGNORE_INDEX, TokenizedExample
 PACKED_ATTENTION = "loraforge_packed_sdpa"
 # Largest logits chunk, in elements (64 MiB of fp32): bounds memory whatever the vocabulary.
 LOGITS_CHUNK_ELEMENTS = 1 << 24
+# Longest example that `ExplicitCausalAttention` takes: it keeps the heads x tokens x tokens
+# probabilities for the backward (4.5 MiB a layer for 9 heads at 512 tokens in bf16).
+EXPLICIT_ATTENTION_MAX_TOKENS = 512
+
+AttentionKernel = Literal["auto", "sdpa", "explicit"]
+_ATTENTION_KERNEL: ContextVar[AttentionKernel] = ContextVar(
+    "loraforge_attention_kernel", default="auto"
+)
+
+
+@contextmanager
+def attention_kernel(kind: AttentionKernel) -> Iterator[None]:
+    """Pin the per-example attention kernel (`auto`: explicit for short bf16 examples on a CPU,
+    sdpa otherwise); for measurements and tests."""
+    token = _ATTENTION_KERNEL.set(kind)
+    try:
+        yield
+    finally:
+        _ATTENTION_KERNEL.reset(token)
 
 
 def rows_of_tokens(
@@ -88,7 +111,9 @@ def pack(examples: Sequence[TokenizedExample], device: torch.device) -> PackedRo
     return PackedRow(
         input_ids=tensor(input_ids)[None],
         position_ids=tensor(positions)[None],
-        cu_seq_lens=torch.tensor(boundaries, dtype=torch.int32, device=device),
+        # on the CPU whatever the device: attention reads the boundaries in every layer, and
+        # reading them from a GPU would wait for it each time
+        cu_seq_lens=torch.tensor(boundaries, dtype=torch.int32),
         target_positions=tensor(target_positions),
         targets=tensor(targets),
     )
@@ -139,6 +164,15 @@ def causal_attention(
 ) -> torch.Tensor:
     """Causal attention of one example, `[1, heads, tokens, head_dim]`; grouped-query attention
     (fewer key/value heads) without repeating keys and values in memory."""
+    kind = _ATTENTION_KERNEL.get()
+    if kind == "auto":
+        short = query.shape[2] <= EXPLICIT_ATTENTION_MAX_TOKENS
+        cpu_bf16 = query.device.type == "cpu" and query.dtype == torch.bfloat16
+        kind = "explicit" if short and cpu_bf16 else "sdpa"
+    if kind == "explicit" and dropout == 0.0:
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        output: torch.Tensor = ExplicitCausalAttention.apply(query, key, value, scale)
+        return output
     return F.scaled_dot_product_attention(
         query,
         key,
@@ -148,6 +182,61 @@ def causal_attention(
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
     )
+
+
+class ExplicitCausalAttention(torch.autograd.Function):
+    """Causal (grouped-query) attention of one example as batched matmuls, softmax in float32.
+
+    Query heads that share a key/value head are stacked along the token axis, so each matmul is
+    one `bmm` over the key/value heads and keys and values are never repeated. The probabilities
+    (input dtype) are kept for the backward, which is the textbook one: dV = Pᵀ dO,
+    dS = P ⊙ (dO Vᵀ - rowsum(dO ⊙ O)), dQ = s·dS K, dK = s·dSᵀ Q, with elementwise work in float32 (or float64).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        _, heads, tokens, dim = query.shape
+        kv_heads = key.shape[1]
+        group = heads // kv_heads
+        q = query.reshape(kv_heads, group * tokens, dim)
+        k = key.reshape(kv_heads, tokens, dim)
+        v = value.reshape(kv_heads, tokens, dim)
+        with torch.autocast(query.device.type, enabled=False):
+            scores = torch.bmm(q, k.transpose(1, 2)).view(kv_heads, group, tokens, tokens)
+            future = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).triu_(1)
+            accumulate = torch.promote_types(query.dtype, torch.float32)
+            scores = scores.to(accumulate).mul_(scale).masked_fill_(future, float("-inf"))
+            probabilities = torch.softmax(scores, dim=-1).to(query.dtype)
+            probabilities = probabilities.view(kv_heads, group * tokens, tokens)
+            output = torch.bmm(probabilities, v)
+        ctx.save_for_backward(q, k, v, probabilities, output)
+        ctx.scale = scale
+        return output.view(1, heads, tokens, dim)
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, probabilities, output = ctx.saved_tensors
+        kv_heads, rows, dim = q.shape
+        tokens = k.shape[1]
+        grad_o = grad_output.reshape(kv_heads, rows, dim).to(q.dtype)
+        accumulate = torch.promote_types(q.dtype, torch.float32)
+        with torch.autocast(q.device.type, enabled=False):
+            grad_v = torch.bmm(probabilities.transpose(1, 2), grad_o)
+            grad_p = torch.bmm(grad_o, v.transpose(1, 2)).to(accumulate)
+            row_dot = (grad_o.to(accumulate) * output).sum(dim=-1, keepdim=True)
+            grad_s = grad_p.sub_(row_dot).mul_(probabilities).mul_(ctx.scale).to(q.dtype)
+            grad_q = torch.bmm(grad_s, k)
+            grad_k = torch.bmm(grad_s.transpose(1, 2), q)
+        return (
+            grad_q.view(1, kv_heads * rows // tokens, tokens, dim),
+            grad_k.view(1, kv_heads, tokens, dim),
+            grad_v.view(1, kv_heads, tokens, dim),
+            None,
+        )
 
 
 _PACKED_FORWARD: ContextVar[bool] = ContextVar("loraforge_packed_forward", default=False)

@@ -20,7 +20,16 @@ from transformers import AutoModelForCausalLM
 from control_plane.hyperparameters import Hyperparameters
 from workers.formatting import TokenizedExample, tokenize_records
 from workers.fused_lora import fused_lora_layers
-from workers.packing import PACKED_ATTENTION, LinearCrossEntropy, pack, packed_hidden_states
+from workers.packing import (
+    EXPLICIT_ATTENTION_MAX_TOKENS,
+    PACKED_ATTENTION,
+    ExplicitCausalAttention,
+    LinearCrossEntropy,
+    attention_kernel,
+    causal_attention,
+    pack,
+    packed_hidden_states,
+)
 from workers.recipe import (
     LoraRecipe,
     ResidentBase,
@@ -386,9 +395,11 @@ def _lora_gradients(model: PeftModel) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_fused_lora_and_packed_attention_match_peft_on_separate_examples():
-    """The training kernels (fused LoRA layers, packed attention split per example, chunked
-    cross-entropy) give peft's loss and LoRA gradients on a float64 model, so only a bug shows."""
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
+def test_fused_lora_and_packed_attention_match_peft_on_separate_examples(kernel):
+    """The training kernels (fused LoRA layers, packed attention split per example through either
+    attention kernel, chunked cross-entropy) give peft's loss and LoRA gradients on a float64
+    model, so only a bug shows."""
     model = AutoModelForCausalLM.from_pretrained(
         TEST_BASE_PATH, dtype=torch.float64, attn_implementation="sdpa"
     )
@@ -411,7 +422,7 @@ def test_fused_lora_and_packed_attention_match_peft_on_separate_examples():
 
     layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
     model.set_attn_implementation(PACKED_ATTENTION)
-    with fused_lora_layers(peft_model) as fused:
+    with fused_lora_layers(peft_model) as fused, attention_kernel(kernel):
         assert fused == len(layers) > 0
         row = pack(examples, torch.device("cpu"))
         hidden = packed_hidden_states(model.get_decoder(), row)[row.target_positions]
@@ -426,6 +437,48 @@ def test_fused_lora_and_packed_attention_match_peft_on_separate_examples():
         torch.testing.assert_close(
             gradient, reference[name], rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
+def test_explicit_attention_matches_sdpa_with_gradients(heads, kv_heads):
+    """Grouped-query and plain causal attention: output and all three input gradients as sdpa's
+    (float64, to rounding), and within bf16 rounding when run in bf16."""
+    torch.manual_seed(0)
+    shapes = [(1, heads, 29, 16), (1, kv_heads, 29, 16), (1, kv_heads, 29, 16)]
+    inputs = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+    grad_output = torch.randn(1, heads, 29, 16, dtype=torch.float64)
+
+    def run(kernel, dtype):
+        leaves = [x.detach().to(dtype, copy=True).requires_grad_() for x in inputs]
+        if kernel == "explicit":
+            out = ExplicitCausalAttention.apply(*leaves, 0.25)
+        else:
+            out = F.scaled_dot_product_attention(
+                *leaves, is_causal=True, scale=0.25, enable_gqa=heads != kv_heads
+            )
+        out.backward(grad_output.to(dtype))
+        return [out.detach().double(), *(x.grad.double() for x in leaves)]
+
+    reference = run("sdpa", torch.float64)
+    for mine, expected in zip(run("explicit", torch.float64), reference, strict=True):
+        torch.testing.assert_close(mine, expected, rtol=1e-12, atol=1e-12)
+    for mine, expected in zip(run("explicit", torch.bfloat16), reference, strict=True):
+        assert ((mine - expected).norm() / expected.norm()).item() < 2e-2
+
+
+def test_auto_attention_is_explicit_for_short_bf16_cpu_examples_only(monkeypatch):
+    calls = []
+    original = ExplicitCausalAttention.apply
+    monkeypatch.setattr(
+        ExplicitCausalAttention, "apply", lambda *a: calls.append(a[0].shape) or original(*a)
+    )
+    for tokens, dtype in [(40, torch.bfloat16), (40, torch.float32)]:
+        q, k, v = (torch.randn(1, 2, tokens, 8, dtype=dtype) for _ in range(3))
+        causal_attention(q, k, v, None, 0.0)
+    long = EXPLICIT_ATTENTION_MAX_TOKENS + 1
+    q, k, v = (torch.randn(1, 2, long, 8, dtype=torch.bfloat16) for _ in range(3))
+    causal_attention(q, k, v, None, 0.0)
+    assert calls == [torch.Size([1, 2, 40, 8])]
 
 
 def test_fused_lora_under_bf16_autocast_matches_peft():
