@@ -29,10 +29,14 @@ def time_kernel(kernel: str, dtype: Any, lengths: list[int], repeats: int) -> tu
 
     torch.manual_seed(0)
     total = sum(lengths)
-    query = torch.randn(1, HEADS, total, HEAD_DIM, dtype=dtype, requires_grad=True)
-    key = torch.randn(1, KV_HEADS, total, HEAD_DIM, dtype=dtype, requires_grad=True)
-    value = torch.randn(1, KV_HEADS, total, HEAD_DIM, dtype=dtype, requires_grad=True)
-    grad = torch.randn(1, HEADS, total, HEAD_DIM, dtype=dtype)
+
+    def projected(heads: int) -> Any:
+        """`[1, heads, tokens, dim]` laid out as a projection's `[1, tokens, heads, dim]`, as the
+        model's attention receives it (the layout changes the kernels' speed)."""
+        return torch.randn(1, total, heads, HEAD_DIM, dtype=dtype).transpose(1, 2)
+
+    query, key, value = (projected(h).requires_grad_() for h in (HEADS, KV_HEADS, KV_HEADS))
+    grad = projected(HEADS)
 
     def forward() -> Any:
         parts = zip(
