@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import cast
 
@@ -15,6 +16,20 @@ from control_plane.records import BaseModelRecord
 base_models = cast(Table, BaseModel.__table__)
 
 SOURCE_KINDS = ("gguf", "dir", "hub", "object")
+# A Hugging Face hub id, `org/name` (written `hf://org/name` too).
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def source_kind_of(source: str) -> str:
+    """What a source string names, before anything is fetched (the import records the kind it
+    found): an `s3://` URI, a `.gguf` file, a hub id like `org/name`, else a directory."""
+    if source.startswith("s3://"):
+        return "object"
+    if source.lower().endswith(".gguf"):
+        return "gguf"
+    if HUB_ID.match(source.removeprefix("hf://")):
+        return "hub"
+    return "dir"
 
 
 class BaseModelExistsError(Exception):
@@ -32,6 +47,7 @@ class NewBaseModel:
     parameter_count: int | None = None
     has_chat_template: bool = False
     status: str = "ready"
+    error_message: str | None = None
 
 
 def register_base_model(conn: Connection, new: NewBaseModel) -> BaseModelRecord:
@@ -47,6 +63,17 @@ def register_base_model(conn: Connection, new: NewBaseModel) -> BaseModelRecord:
             f"a base model named {new.name!r} is already registered"
         ) from exc
     return BaseModelRecord.from_row(row)
+
+
+def cleared_facts() -> dict[str, object]:
+    """The checkpoint facts of a base whose import starts again (an earlier try failed)."""
+    return {
+        "sha256": None,
+        "architecture": None,
+        "parameter_count": None,
+        "has_chat_template": False,
+        "error_message": None,
+    }
 
 
 def update_base_model(conn: Connection, base_id: str, **values: object) -> BaseModelRecord:

@@ -116,6 +116,8 @@ class BaseModel(Base):
     parameter_count: Mapped[int | None] = mapped_column(BigInteger)
     has_chat_template: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="ready")
+    # Why an import (status `failed`) did not give a usable checkpoint.
+    error_message: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
 
 

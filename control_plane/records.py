@@ -71,6 +71,7 @@ class BaseModelRecord(_FromRow):
     has_chat_template: bool
     status: str
     created_at: datetime
+    error_message: str | None = None
 
 
 @dataclass(frozen=True)

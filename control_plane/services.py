@@ -15,6 +15,7 @@ from control_plane.settings import Settings
 from control_plane.storage import ObjectStore, make_object_store
 
 ValidationDispatcher = Callable[[str], None]
+ImportDispatcher = Callable[[str], None]
 # Given a base model, a function counting an example's tokens with its tokenizer (None: estimate).
 TokenCounterFactory = Callable[[BaseModelRecord], Callable[[dict[str, Any]], int] | None]
 
@@ -28,6 +29,8 @@ class Services:
     store: ObjectStore
     # Starts dataset validation for a job (a celery task in production; see control_plane.tasks).
     dispatch_validation: ValidationDispatcher = field(default=lambda job_id: None)
+    # Starts the import of a base model registered over the API (a celery task likewise).
+    dispatch_base_import: ImportDispatcher = field(default=lambda base_id: None)
     token_counter: TokenCounterFactory = field(default=lambda base: None)
 
     def close(self) -> None:

@@ -76,6 +76,7 @@ def configure(services: Services, *, broker_url: str | None = None) -> Celery:
         services.settings, services.database_url
     )
     services.dispatch_validation = dispatch_validation
+    services.dispatch_base_import = dispatch_base_import
     return celery_app
 
 
@@ -96,6 +97,19 @@ def dispatch_validation(job_id: str) -> None:
 @celery_app.task(name="loraforge.validate_job_files")
 def validate_job_files(job_id: str) -> str:
     return run_validation(get_services(), job_id)
+
+
+def dispatch_base_import(base_id: str) -> None:
+    import_base_model.delay(base_id)
+
+
+@celery_app.task(name="loraforge.import_base_model")
+def import_base_model(base_id: str) -> str:
+    """Fetch, inspect or import a base registered over the API (see
+    `workers.base_registration.import_registered_base`)."""
+    from workers.base_registration import import_registered_base
+
+    return import_registered_base(get_services(), base_id)
 
 
 @celery_app.task(name="loraforge.reap_expired_leases")

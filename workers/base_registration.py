@@ -8,7 +8,6 @@ stored under `base-models/<sha256>/` so that every trainer fetches the same veri
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,9 +27,6 @@ def upload_checkpoint(services: Services, checkpoint_dir: Path, sha256: str) -> 
             services.store.put_file(key, path)
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
 def fetch_source(
     services: Services, source: str, work_dir: Path, *, revision: str | None = None
 ) -> tuple[Path, str]:
@@ -42,7 +38,7 @@ def fetch_source(
     if local.exists():
         return local, "gguf" if local.is_file() else "dir"
     hub_id = source.removeprefix("hf://")
-    if _HUB_ID.match(hub_id):
+    if base_models.HUB_ID.match(hub_id):
         return _fetch_hub(hub_id, revision, work_dir / "hub", services.settings.hf_endpoint), "hub"
     raise BaseModelError(
         f"{source}: no such file or directory (give a model directory, a .gguf file, an "
@@ -105,6 +101,32 @@ def _fetch_hub(repo_id: str, revision: str | None, target: Path, endpoint: str |
         ) from exc
 
 
+def fetch_and_store(
+    services: Services, source: Path | str, *, revision: str | None = None, progress: bool = False
+) -> tuple[BaseModelInfo, str]:
+    """Fetch `source`, inspect it (or import a GGUF file), upload the checkpoint under its
+    sha256; the checkpoint's facts and the source's kind (`dir`, `gguf`, `object`, `hub`)."""
+    with tempfile.TemporaryDirectory(prefix="loraforge-base-") as tmp:
+        local, origin = fetch_source(services, str(source), Path(tmp), revision=revision)
+        if local.is_file():
+            info: BaseModelInfo = import_gguf(local, Path(tmp) / "checkpoint", progress=progress)
+            checkpoint, kind = Path(tmp) / "checkpoint", "gguf"
+        else:
+            info, checkpoint = inspect_model_dir(local), local
+            kind = {"s3": "object", "hub": "hub"}.get(origin, "dir")
+        upload_checkpoint(services, checkpoint, info.sha256)
+    return info, kind
+
+
+def _facts(info: BaseModelInfo) -> dict[str, Any]:
+    return {
+        "sha256": info.sha256,
+        "architecture": info.architecture,
+        "parameter_count": info.parameter_count,
+        "has_chat_template": info.has_chat_template,
+    }
+
+
 def register_base(
     services: Services,
     name: str,
@@ -119,29 +141,42 @@ def register_base(
         existing = base_models.get_base_model(conn, name)
     if existing is not None:
         return existing
-    with tempfile.TemporaryDirectory(prefix="loraforge-base-") as tmp:
-        local, origin = fetch_source(services, str(source), Path(tmp), revision=revision)
-        if local.is_file():
-            info: BaseModelInfo = import_gguf(local, Path(tmp) / "checkpoint", progress=progress)
-            checkpoint, kind = Path(tmp) / "checkpoint", "gguf"
-        else:
-            info, checkpoint = inspect_model_dir(local), local
-            kind = {"s3": "object", "hub": "hub"}.get(origin, "dir")
-        upload_checkpoint(services, checkpoint, info.sha256)
+    info, kind = fetch_and_store(services, source, revision=revision, progress=progress)
     with services.engine.begin() as conn:
         return base_models.register_base_model(
             conn,
             base_models.NewBaseModel(
-                name=name,
-                source=str(source),
-                source_kind=kind,
-                revision=revision,
-                sha256=info.sha256,
-                architecture=info.architecture,
-                parameter_count=info.parameter_count,
-                has_chat_template=info.has_chat_template,
+                name=name, source=str(source), source_kind=kind, revision=revision, **_facts(info)
             ),
         )
+
+
+def import_registered_base(services: Services, base_id: str) -> str:
+    """Complete a base registered over the API (status `registering`): fetch, inspect or import
+    and store its checkpoint, then mark it `ready` with the checkpoint's facts, or `failed` with
+    the reason a person can act on. Returns the status it leaves; a base in any other status
+    is left alone (a repeated task does nothing)."""
+    with services.engine.connect() as conn:
+        record = base_models.get_base_model(conn, base_id)
+    if record is None or record.status != "registering":
+        return record.status if record else "missing"
+    try:
+        info, kind = fetch_and_store(services, record.source, revision=record.revision)
+    except BaseModelError as exc:
+        values: dict[str, Any] = {"status": "failed", "error_message": str(exc)}
+    except Exception as exc:
+        with services.engine.begin() as conn:
+            base_models.update_base_model(
+                conn,
+                base_id,
+                status="failed",
+                error_message=f"the import broke ({type(exc).__name__}: {exc}); register again",
+            )
+        raise
+    else:
+        values = {"status": "ready", "source_kind": kind, "error_message": None, **_facts(info)}
+    with services.engine.begin() as conn:
+        return base_models.update_base_model(conn, base_id, **values).status
 
 
 def ensure_default_base(

@@ -6,7 +6,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from control_plane.records import (
     BaseModelRecord,
@@ -255,16 +255,40 @@ class ModelPublic(BaseModel):
 
 
 class BaseModelCreate(BaseModel):
+    """A base to import: `name` and `source` (a model directory or `.gguf` file where the workers
+    run, an `s3://bucket/prefix` URI, or a hub id), maybe `revision`. The server fetches it,
+    refuses what is not a supported causal LM, dequantizes a GGUF file, and stores the
+    checkpoint; the base is `registering` until then, `ready` or `failed` (with the reason)
+    after. With `sha256` (and `source_kind`), the record of a checkpoint already stored under
+    `base-models/<sha256>/` instead, `ready` at once."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
     source: str = Field(min_length=1, max_length=2000)
-    source_kind: Literal["gguf", "dir", "hub", "object"]
+    source_kind: Literal["gguf", "dir", "hub", "object"] | None = None
     revision: str | None = Field(default=None, max_length=200)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     architecture: str | None = Field(default=None, max_length=100)
     parameter_count: int | None = Field(default=None, ge=1)
-    has_chat_template: bool = False
+    has_chat_template: bool | None = None
+
+    @model_validator(mode="after")
+    def _imported_or_declared(self) -> BaseModelCreate:
+        if self.sha256 is None:
+            given = [
+                field
+                for field in ("architecture", "parameter_count", "has_chat_template")
+                if getattr(self, field) is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)}: read from the checkpoint when the server imports it; "
+                    "leave them out, or give sha256 to record a checkpoint already stored"
+                )
+        elif self.source_kind is None:
+            raise ValueError("source_kind: required with sha256 (one of gguf, dir, hub, object)")
+        return self
 
 
 class BaseModelPublic(BaseModel):
@@ -279,6 +303,8 @@ class BaseModelPublic(BaseModel):
     parameter_count: int | None
     has_chat_template: bool
     status: str
+    # why the import failed (status `failed`), in words a person can act on
+    error: str | None = None
     created_at: int
 
     @classmethod
@@ -294,6 +320,7 @@ class BaseModelPublic(BaseModel):
             parameter_count=b.parameter_count,
             has_chat_template=b.has_chat_template,
             status=b.status,
+            error=b.error_message,
             created_at=_ts(b.created_at) or 0,
         )
 

@@ -277,3 +277,167 @@ def test_hub_id_without_a_reachable_hub_is_refused_with_the_reason(database_url,
             assert base_models.get_base_model(conn, "smol") is None
     finally:
         services.close()
+
+
+# -- registration over the API: imported by a celery task, then ready or failed with the reason
+
+
+def _wait_for_base(client, keys, name: str) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        body = client.get(f"/v1/base_models/{name}", headers=keys.headers("reader")).json()
+        if body["status"] != "registering" or time.monotonic() > deadline:
+            return body
+        time.sleep(0.2)
+
+
+def _training_file(client, keys) -> str:
+    record = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    }
+    response = client.post(
+        "/v1/files",
+        headers=keys.headers(),
+        files={"file": ("train.jsonl", (json.dumps(record) + "\n").encode(), "application/jsonl")},
+        data={"purpose": "fine-tune"},
+    )
+    assert response.status_code == 200, response.text
+    return str(response.json()["id"])
+
+
+def test_base_registered_over_the_api_is_imported_checked_and_stored(
+    client, services, tenant_a, tmp_path
+):
+    from control_plane.storage import base_model_prefix
+
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    copy_testbase(model_dir)
+    body = {"name": "tiny-rest", "source": str(model_dir)}
+    created = client.post("/v1/base_models", json=body, headers=tenant_a.headers())
+    assert created.status_code == 202, created.text
+    assert created.json()["status"] == "registering" and created.json()["sha256"] is None
+
+    ready = _wait_for_base(client, tenant_a, "tiny-rest")
+    info = inspect_model_dir(TEST_BASE_PATH)
+    assert ready["status"] == "ready" and ready["error"] is None, ready
+    facts = ("sha256", "architecture", "parameter_count", "has_chat_template", "source_kind")
+    assert tuple(ready[f] for f in facts) == (
+        info.sha256,
+        "LlamaForCausalLM",
+        info.parameter_count,
+        True,
+        "dir",
+    )
+    stored = services.store.list_keys(base_model_prefix(info.sha256))
+    assert any(k.endswith("model.safetensors") for k in stored)
+    models = client.get("/v1/models", headers=tenant_a.headers("reader")).json()["data"]
+    assert "tiny-rest" in [m["id"] for m in models]
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "tiny-rest", "training_file": _training_file(client, tenant_a)},
+        headers=tenant_a.headers(),
+    )
+    assert job.status_code == 200, job.text
+
+    again = client.post("/v1/base_models", json=body, headers=tenant_a.headers())
+    assert again.status_code == 409 and again.json()["error"]["param"] == "name"
+
+
+def test_an_import_that_fails_says_why_refuses_jobs_and_can_be_retried(
+    client, services, tenant_a, tmp_path
+):
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    copy_testbase(encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    good_config = dict(config)
+    config.update(architectures=["BertModel"], model_type="bert")
+    (encoder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BaseModelError) as refused:
+        inspect_model_dir(encoder)
+
+    for name, source, reason in (
+        ("encoder", str(encoder), str(refused.value)),
+        ("nowhere", str(tmp_path / "missing"), "no such file or directory"),
+    ):
+        created = client.post(
+            "/v1/base_models", json={"name": name, "source": source}, headers=tenant_a.headers()
+        )
+        assert created.status_code == 202, created.text
+        failed = _wait_for_base(client, tenant_a, name)
+        assert failed["status"] == "failed" and reason in failed["error"], failed
+        assert failed["sha256"] is None
+    assert services.store.list_keys("base-models/") == []  # nothing half-stored
+
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "encoder", "training_file": _training_file(client, tenant_a)},
+        headers=tenant_a.headers(),
+    )
+    assert job.status_code == 400
+    assert job.json()["error"]["code"] == "model_not_ready"
+    assert str(refused.value) in job.json()["error"]["message"]
+
+    # fixed where it lies, registered again under the same name: imported this time
+    (encoder / "config.json").write_text(json.dumps(good_config))
+    retried = client.post(
+        "/v1/base_models",
+        json={"name": "encoder", "source": str(encoder)},
+        headers=tenant_a.headers(),
+    )
+    assert retried.status_code == 202, retried.text
+    assert retried.json()["id"] == failed_id(services, "encoder")
+    ready = _wait_for_base(client, tenant_a, "encoder")
+    assert ready["status"] == "ready" and ready["error"] is None
+    assert ready["sha256"] == inspect_model_dir(encoder).sha256
+
+
+def failed_id(services, name: str) -> str:
+    from control_plane import base_models
+
+    with services.engine.connect() as conn:
+        record = base_models.get_base_model(conn, name)
+    assert record is not None
+    return record.id
+
+
+def test_a_job_on_a_base_still_importing_is_refused(client, services, tenant_a):
+    from control_plane import base_models
+
+    with services.engine.begin() as conn:
+        base_models.register_base_model(
+            conn,
+            base_models.NewBaseModel(
+                name="slow", source="/models/slow", source_kind="dir", status="registering"
+            ),
+        )
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        json={"model": "slow", "training_file": _training_file(client, tenant_a)},
+        headers=tenant_a.headers(),
+    )
+    assert job.status_code == 400
+    assert "still being imported" in job.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "role", "status", "message"),
+    [
+        ({"architecture": "LlamaForCausalLM"}, "admin", 400, "read from the checkpoint"),
+        ({"sha256": "a" * 64}, "admin", 400, "source_kind: required with sha256"),
+        ({}, "member", 403, "admin role"),
+        ({"sha256": "a" * 64, "source_kind": "dir"}, "admin", 200, None),
+    ],
+)
+def test_registration_body_is_checked(client, tenant_a, body, role, status, message):
+    response = client.post(
+        "/v1/base_models",
+        json={"name": "declared", "source": "/models/declared", **body},
+        headers=tenant_a.headers(role),
+    )
+    assert response.status_code == status, response.text
+    if message is not None:
+        assert message in response.json()["error"]["message"]
+    else:  # a stored checkpoint's record: ready at once, nothing to import
+        assert response.json()["status"] == "ready"

@@ -2,25 +2,83 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import logging
+
+from fastapi import APIRouter, Response
 
 from control_plane import base_models
-from control_plane.api.deps import Admin, Caller, ConnDep
+from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page
 
 router = APIRouter(prefix="/v1/base_models", tags=["base-models"])
 
 
+log = logging.getLogger(__name__)
+
+
 @router.post("", response_model=BaseModelPublic)
-def register_base_model(body: BaseModelCreate, conn: ConnDep, caller: Admin) -> BaseModelPublic:
-    try:
-        record = base_models.register_base_model(
-            conn, base_models.NewBaseModel(**body.model_dump())
+def register_base_model(
+    body: BaseModelCreate,
+    conn: ConnDep,
+    caller: Admin,
+    services: ServicesDep,
+    response: Response,
+) -> BaseModelPublic:
+    """Import a base (202, `registering`; a task fetches and checks it), or record a stored
+    checkpoint given its sha256 (200, `ready`). A failed import is retried by registering the
+    same name again."""
+    if body.sha256 is not None:
+        try:
+            record = base_models.register_base_model(
+                conn,
+                base_models.NewBaseModel(
+                    **body.model_dump(exclude={"has_chat_template", "source_kind"}),
+                    source_kind=str(body.source_kind),
+                    has_chat_template=bool(body.has_chat_template),
+                ),
+            )
+        except base_models.BaseModelExistsError as exc:
+            raise ApiError(409, "base_model_exists", str(exc), "name") from None
+        conn.commit()
+        return BaseModelPublic.of(record)
+
+    kind = body.source_kind or base_models.source_kind_of(body.source)
+    existing = base_models.get_base_model(conn, body.name)
+    if existing is not None and existing.name == body.name and existing.status == "failed":
+        record = base_models.update_base_model(
+            conn,
+            existing.id,
+            **base_models.cleared_facts(),
+            source=body.source,
+            source_kind=kind,
+            revision=body.revision,
+            status="registering",
         )
-    except base_models.BaseModelExistsError as exc:
-        raise ApiError(409, "base_model_exists", str(exc), "name") from None
+    else:
+        try:
+            record = base_models.register_base_model(
+                conn,
+                base_models.NewBaseModel(
+                    name=body.name,
+                    source=body.source,
+                    source_kind=kind,
+                    revision=body.revision,
+                    status="registering",
+                ),
+            )
+        except base_models.BaseModelExistsError as exc:
+            raise ApiError(409, "base_model_exists", str(exc), "name") from None
     conn.commit()
+    try:
+        services.dispatch_base_import(record.id)
+    except Exception:
+        log.exception("could not dispatch the import of base %s", record.id)
+        reason = "the import could not be started (the task broker did not answer); register again"
+        base_models.update_base_model(conn, record.id, status="failed", error_message=reason)
+        conn.commit()
+        raise ApiError(503, "import_not_started", reason) from None
+    response.status_code = 202
     return BaseModelPublic.of(record)
 
 

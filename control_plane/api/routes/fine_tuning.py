@@ -96,10 +96,15 @@ def create_job(
             "model",
         )
     if base.status != "ready":
+        why = {
+            "registering": "its checkpoint is still being imported; submit again once "
+            f"GET /v1/base_models/{base.name} says ready",
+            "failed": f"its import failed: {base.error_message}; an admin can register it again",
+        }.get(base.status, "not ready")
         raise ApiError(
             400,
             "model_not_ready",
-            f"model: base model {base.name} is {base.status}, not ready",
+            f"model: base model {base.name} is {base.status}: {why}",
             "model",
         )
     _file_for_training(conn, caller.tenant_id, body.training_file, "training_file")

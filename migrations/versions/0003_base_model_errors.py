@@ -1,0 +1,22 @@
+"""base model import errors
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-28 04:20:00.000000
+"""
+
+from alembic import op
+import sqlalchemy as sa
+
+revision = '0003'
+down_revision = '0002'
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column('base_models', sa.Column('error_message', sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    op.drop_column('base_models', 'error_message')
