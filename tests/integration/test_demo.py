@@ -15,7 +15,7 @@ import pytest
 
 from workers import demo
 
-# Half the examples (the demo trains one epoch over all 320).
+# Four fifths of the examples (the demo trains one epoch over all 200).
 TEST_TRAIN_EXAMPLES = 160
 TEST_HYPERPARAMETERS = demo.DEMO_HYPERPARAMETERS.model_copy(update={"n_epochs": 1})
 
