@@ -12,8 +12,14 @@
 # do not travel).
 # It needs what the machine's Python lacks as wheels in .whl (transformers and peft at the
 # versions pyproject.toml resolves to, pydantic with its dependencies) and SmolLM2's tokenizer
-# files in $TOK; both are git-ignored and travel with `carry`. JSON lines go to stdout and to
-# $OUT, logs to $OUT.
+# files in $TOK; both are git-ignored (.git/info/exclude) and travel with `carry`. Made with:
+#   pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 transformers==5.24.0 peft==0.21.2 \
+#     pydantic==2.14.4 pydantic_core==2.50.5 annotated-types typing-inspection \
+#     typing_extensions==4.16.0
+#   mkdir -p .devcarry/smollm2-tokenizer && cp <the cached SmolLM2 import>/{config,tokenizer,\
+#     tokenizer_config,generation_config}.json .devcarry/smollm2-tokenizer/
+# JSON lines go to stdout and to $OUT, logs to $OUT.
 set -u
 OUT=${OUT:-$(mktemp -d)}
 PY=${PY:-python3}
