@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Connection, Table, insert, or_, select, update
+from sqlalchemy import Connection, Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.ids import new_id
@@ -51,11 +51,13 @@ class NewBaseModel:
 
 
 def register_base_model(conn: Connection, new: NewBaseModel) -> BaseModelRecord:
+    """Insert a base; one `registering` records when its import was asked for."""
+    requested = {"import_requested_at": func.now()} if new.status == "registering" else {}
     try:
         with conn.begin_nested():
             row = conn.execute(
                 insert(base_models)
-                .values(id=new_id("base"), **new.__dict__)
+                .values(id=new_id("base"), **new.__dict__, **requested)
                 .returning(*base_models.c)
             ).one()
     except IntegrityError as exc:

@@ -118,6 +118,8 @@ class BaseModel(Base):
     status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="ready")
     # Why an import (status `failed`) did not give a usable checkpoint.
     error_message: Mapped[str | None] = mapped_column(Text)
+    # When the running import (status `registering`) was asked for.
+    import_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
 
 

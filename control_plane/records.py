@@ -72,6 +72,7 @@ class BaseModelRecord(_FromRow):
     status: str
     created_at: datetime
     error_message: str | None = None
+    import_requested_at: datetime | None = None
 
 
 @dataclass(frozen=True)

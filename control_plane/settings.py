@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1, le=100)
     lease_seconds: float = Field(default=60.0, gt=0)
     retry_backoff_seconds: float = Field(default=10.0, ge=0)
+    # A base import still `registering` after this long is taken for lost (its celery worker
+    # died): registering the name again starts it anew.
+    base_import_timeout_seconds: float = Field(default=4 * 3600.0, gt=0)
     page_limit_max: int = Field(default=100, ge=1)
 
     # Secret that peppers API-key hashes; must be changed outside development.

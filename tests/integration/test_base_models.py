@@ -402,16 +402,21 @@ def failed_id(services, name: str) -> str:
     return record.id
 
 
-def test_a_job_on_a_base_still_importing_is_refused(client, services, tenant_a):
+def test_a_base_still_importing_refuses_jobs_and_is_started_anew_once_taken_for_lost(
+    client, services, tenant_a, tmp_path
+):
+    from sqlalchemy import text
+
     from control_plane import base_models
 
     with services.engine.begin() as conn:
-        base_models.register_base_model(
+        slow = base_models.register_base_model(
             conn,
             base_models.NewBaseModel(
                 name="slow", source="/models/slow", source_kind="dir", status="registering"
             ),
         )
+    assert slow.import_requested_at is not None
     job = client.post(
         "/v1/fine_tuning/jobs",
         json={"model": "slow", "training_file": _training_file(client, tenant_a)},
@@ -419,6 +424,29 @@ def test_a_job_on_a_base_still_importing_is_refused(client, services, tenant_a):
     )
     assert job.status_code == 400
     assert "still being imported" in job.json()["error"]["message"]
+
+    model_dir = tmp_path / "tiny"
+    model_dir.mkdir()
+    copy_testbase(model_dir)
+    body = {"name": "slow", "source": str(model_dir)}
+    in_flight = client.post("/v1/base_models", json=body, headers=tenant_a.headers())
+    assert in_flight.status_code == 409  # its import may still be running
+
+    # asked for longer ago than base_import_timeout_seconds: its worker is taken for dead
+    seconds = services.settings.base_import_timeout_seconds + 3600
+    with services.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE base_models SET import_requested_at = now() - make_interval(secs => :s)"
+                " WHERE id = :id"
+            ),
+            {"s": seconds, "id": slow.id},
+        )
+    restarted = client.post("/v1/base_models", json=body, headers=tenant_a.headers())
+    assert restarted.status_code == 202, restarted.text
+    assert restarted.json()["id"] == slow.id
+    ready = _wait_for_base(client, tenant_a, "slow")
+    assert ready["status"] == "ready" and ready["sha256"] == inspect_model_dir(model_dir).sha256
 
 
 @pytest.mark.parametrize(

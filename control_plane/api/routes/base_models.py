@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Response
+from sqlalchemy import func
 
 from control_plane import base_models
 from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page
+from control_plane.records import BaseModelRecord
 
 router = APIRouter(prefix="/v1/base_models", tags=["base-models"])
 
@@ -26,8 +29,8 @@ def register_base_model(
     response: Response,
 ) -> BaseModelPublic:
     """Import a base (202, `registering`; a task fetches and checks it), or record a stored
-    checkpoint given its sha256 (200, `ready`). A failed import is retried by registering the
-    same name again."""
+    checkpoint given its sha256 (200, `ready`). A failed import, or one registering for longer
+    than `base_import_timeout_seconds`, is started anew by registering the same name again."""
     if body.sha256 is not None:
         try:
             record = base_models.register_base_model(
@@ -45,7 +48,8 @@ def register_base_model(
 
     kind = body.source_kind or base_models.source_kind_of(body.source)
     existing = base_models.get_base_model(conn, body.name)
-    if existing is not None and existing.name == body.name and existing.status == "failed":
+    timeout = timedelta(seconds=services.settings.base_import_timeout_seconds)
+    if existing is not None and existing.name == body.name and _retryable(existing, timeout):
         record = base_models.update_base_model(
             conn,
             existing.id,
@@ -54,6 +58,7 @@ def register_base_model(
             source_kind=kind,
             revision=body.revision,
             status="registering",
+            import_requested_at=func.now(),
         )
     else:
         try:
@@ -80,6 +85,18 @@ def register_base_model(
         raise ApiError(503, "import_not_started", reason) from None
     response.status_code = 202
     return BaseModelPublic.of(record)
+
+
+def _retryable(base: BaseModelRecord, timeout: timedelta) -> bool:
+    """A failed import, or one `registering` for longer than `timeout` (its worker died)."""
+    if base.status == "failed":
+        return True
+    started = base.import_requested_at
+    return (
+        base.status == "registering"
+        and started is not None
+        and datetime.now(UTC) - started > timeout
+    )
 
 
 @router.get("", response_model=Page)
