@@ -9,7 +9,7 @@ The training recipe's kernels, kept apart from its loop:
   `tokens x tokens` mask is built. Each example goes through sdpa's fused kernel, or, for a short
   example in bf16 on a CPU, through `ExplicitCausalAttention` (four batched matmuls and a
   softmax): there the fused kernel's backward costs eight times its forward (measured: 16 of a
-  step's 58 ms per layer on a 2-core bf16 CPU);
+  step's 61 ms per layer on a 2-core bf16 CPU);
 - `LinearCrossEntropy` applies the output head and the cross-entropy only at positions that carry
   a label, chunk by chunk, with the gradient computed in the same pass: the `tokens x vocabulary`
   logits of a whole batch (49k columns for SmolLM2) never exist.

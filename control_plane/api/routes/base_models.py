@@ -6,7 +6,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Response
-from sqlalchemy import func
+from sqlalchemy import Connection, func
 
 from control_plane import base_models
 from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
@@ -32,17 +32,14 @@ def register_base_model(
     checkpoint given its sha256 (200, `ready`). A failed import, or one registering for longer
     than `base_import_timeout_seconds`, is started anew by registering the same name again."""
     if body.sha256 is not None:
-        try:
-            record = base_models.register_base_model(
-                conn,
-                base_models.NewBaseModel(
-                    **body.model_dump(exclude={"has_chat_template", "source_kind"}),
-                    source_kind=str(body.source_kind),
-                    has_chat_template=bool(body.has_chat_template),
-                ),
-            )
-        except base_models.BaseModelExistsError as exc:
-            raise ApiError(409, "base_model_exists", str(exc), "name") from None
+        record = _insert(
+            conn,
+            base_models.NewBaseModel(
+                **body.model_dump(exclude={"has_chat_template", "source_kind"}),
+                source_kind=str(body.source_kind),
+                has_chat_template=bool(body.has_chat_template),
+            ),
+        )
         conn.commit()
         return BaseModelPublic.of(record)
 
@@ -61,19 +58,16 @@ def register_base_model(
             import_requested_at=func.now(),
         )
     else:
-        try:
-            record = base_models.register_base_model(
-                conn,
-                base_models.NewBaseModel(
-                    name=body.name,
-                    source=body.source,
-                    source_kind=kind,
-                    revision=body.revision,
-                    status="registering",
-                ),
-            )
-        except base_models.BaseModelExistsError as exc:
-            raise ApiError(409, "base_model_exists", str(exc), "name") from None
+        record = _insert(
+            conn,
+            base_models.NewBaseModel(
+                name=body.name,
+                source=body.source,
+                source_kind=kind,
+                revision=body.revision,
+                status="registering",
+            ),
+        )
     conn.commit()
     try:
         services.dispatch_base_import(record.id)
@@ -85,6 +79,13 @@ def register_base_model(
         raise ApiError(503, "import_not_started", reason) from None
     response.status_code = 202
     return BaseModelPublic.of(record)
+
+
+def _insert(conn: Connection, new: base_models.NewBaseModel) -> BaseModelRecord:
+    try:
+        return base_models.register_base_model(conn, new)
+    except base_models.BaseModelExistsError as exc:
+        raise ApiError(409, "base_model_exists", str(exc), "name") from None
 
 
 def _retryable(base: BaseModelRecord, timeout: timedelta) -> bool:
