@@ -17,10 +17,12 @@ The training recipe's kernels, kept apart from its loop:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import pairwise
 from typing import Any, Literal
 
@@ -192,13 +194,25 @@ def causal_attention(
         )
 
 
+@lru_cache(maxsize=64)
+def _causal_bias(tokens: int, group: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`[group * tokens, tokens]`: 0 where a query (of any of `group` stacked heads) may attend,
+    -inf above the diagonal. Cached: every layer of a step asks for the same lengths."""
+    future = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu_(1)
+    bias = torch.zeros(tokens, tokens, dtype=dtype, device=device).masked_fill_(future, -math.inf)
+    return bias.repeat(group, 1)
+
+
 class ExplicitCausalAttention(torch.autograd.Function):
     """Causal (grouped-query) attention of one example as batched matmuls, softmax in float32.
 
     Query heads that share a key/value head are stacked along the token axis, so each matmul is
-    one `bmm` over the key/value heads and keys and values are never repeated. The probabilities
-    (input dtype) are kept for the backward, which is the textbook one: dV = Pᵀ dO,
-    dS = P ⊙ (dO Vᵀ - rowsum(dO ⊙ O)), dQ = s·dS K, dK = s·dSᵀ Q, with elementwise work in float32 (or float64).
+    one `bmm` over the key/value heads and keys and values are never repeated. The scale and the
+    causal mask go into the scores' matmul (`baddbmm`), the softmax reads them into float32 and
+    the probabilities are kept in the input dtype for the backward, which is the textbook one:
+    dV = Pᵀ dO, dS = P ⊙ (dP - rowsum(dP ⊙ P)) with dP = dO Vᵀ (softmax's own backward kernel,
+    float32 inside), dQ = s·dS K, dK = s·dSᵀ Q. Nine operations a call, forward and backward:
+    short examples are many calls, so their count matters as much as their arithmetic.
     """
 
     @staticmethod
@@ -212,14 +226,12 @@ class ExplicitCausalAttention(torch.autograd.Function):
         k = key.reshape(kv_heads, tokens, dim)
         v = value.reshape(kv_heads, tokens, dim)
         with torch.autocast(query.device.type, enabled=False):
-            scores = torch.bmm(q, k.transpose(1, 2)).view(kv_heads, group, tokens, tokens)
-            future = torch.ones(tokens, tokens, dtype=torch.bool, device=query.device).triu_(1)
+            bias = _causal_bias(tokens, group, query.dtype, query.device)
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
             accumulate = torch.promote_types(query.dtype, torch.float32)
-            scores = scores.to(accumulate).mul_(scale).masked_fill_(future, float("-inf"))
-            probabilities = torch.softmax(scores, dim=-1).to(query.dtype)
-            probabilities = probabilities.view(kv_heads, group * tokens, tokens)
+            probabilities = torch.softmax(scores, dim=-1, dtype=accumulate).to(query.dtype)
             output = torch.bmm(probabilities, v)
-        ctx.save_for_backward(q, k, v, probabilities, output)
+        ctx.save_for_backward(q, k, v, probabilities)
         ctx.scale = scale
         return output.view(1, heads, tokens, dim)
 
@@ -227,18 +239,16 @@ class ExplicitCausalAttention(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, probabilities, output = ctx.saved_tensors
+        q, k, v, probabilities = ctx.saved_tensors
         kv_heads, rows, dim = q.shape
         tokens = k.shape[1]
         grad_o = grad_output.reshape(kv_heads, rows, dim).to(q.dtype)
-        accumulate = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
             grad_v = torch.bmm(probabilities.transpose(1, 2), grad_o)
-            grad_p = torch.bmm(grad_o, v.transpose(1, 2)).to(accumulate)
-            row_dot = (grad_o.to(accumulate) * output).sum(dim=-1, keepdim=True)
-            grad_s = grad_p.sub_(row_dot).mul_(probabilities).mul_(ctx.scale).to(q.dtype)
-            grad_q = torch.bmm(grad_s, k)
-            grad_k = torch.bmm(grad_s.transpose(1, 2), q)
+            grad_p = torch.bmm(grad_o, v.transpose(1, 2))
+            grad_s = torch.ops.aten._softmax_backward_data(grad_p, probabilities, -1, q.dtype)
+            grad_q = torch.bmm(grad_s, k).mul_(ctx.scale)
+            grad_k = torch.bmm(grad_s.transpose(1, 2), q).mul_(ctx.scale)
         return (
             grad_q.view(1, kv_heads * rows // tokens, tokens, dim),
             grad_k.view(1, kv_heads, tokens, dim),
@@ -279,44 +289,89 @@ def packed_hidden_states(backbone: nn.Module, row: PackedRow) -> torch.Tensor:
     return output.last_hidden_state[0]
 
 
+class LogitsWorkspace:
+    """The buffers `LinearCrossEntropy` computes each chunk's logits and softmax in, kept from one
+    call to the next.
+
+    A chunk's float32 softmax is 64 MiB: allocated afresh for every chunk, its pages are faulted
+    in (and zeroed by the kernel) each time, which on a CPU costs as much as the arithmetic on it
+    (measured on a 2-core bf16 CPU: a fresh 341 x 49152 float32 copy 27 ms, into a kept buffer
+    3 ms). A training run holds one and drops it at the end.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def buffer(
+        self, rows: int, columns: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """A `rows x columns` tensor of `dtype` on `device`, uninitialised, reused when it fits."""
+        key = (dtype, device)
+        kept = self._buffers.get(key)
+        if kept is None or kept.numel() < rows * columns:
+            kept = self._buffers[key] = torch.empty(rows * columns, dtype=dtype, device=device)
+        return kept[: rows * columns].view(rows, columns)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T` against `targets`, chunk by chunk.
 
     The gradient with respect to `hidden` is computed in the forward pass (the loss is a terminal
     scalar), so logits never outlive their chunk and the head runs once per token. `weight` is
-    the frozen output head: it gets no gradient.
+    the frozen output head: it gets no gradient. The chunks' logits live in `workspace` (a fresh
+    one when none is given).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        workspace: LogitsWorkspace | None = None,
     ) -> torch.Tensor:
         if weight.requires_grad:
             raise ValueError("LinearCrossEntropy gives the output head no gradient: freeze it")
-        chunk = max(1, LOGITS_CHUNK_ELEMENTS // weight.shape[0])
+        workspace = workspace or LogitsWorkspace()
+        vocabulary = weight.shape[0]
+        chunk = max(1, LOGITS_CHUNK_ELEMENTS // vocabulary)
         # softmax in at least float32 (bf16 logits would lose the loss)
         accumulate = torch.promote_types(hidden.dtype, torch.float32)
         total = torch.zeros((), dtype=accumulate, device=hidden.device)
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         weight = weight.to(hidden.dtype)
+        rows = min(chunk, hidden.shape[0])
+        logits_buffer = workspace.buffer(rows, vocabulary, hidden.dtype, hidden.device)
+        in_place = accumulate == hidden.dtype  # float32 logits: the softmax overwrites them
+        softmax_buffer = (
+            logits_buffer
+            if in_place
+            else workspace.buffer(rows, vocabulary, accumulate, hidden.device)
+        )
         for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start : start + chunk] @ weight.T).to(accumulate)
+            part = hidden[start : start + chunk]
             wanted = targets[start : start + chunk, None]
-            # log-softmax in place, one pass each: max, exp, sum (no logsumexp temporaries)
-            peak = logits.amax(dim=-1, keepdim=True)
-            target_logit = logits.gather(1, wanted)
-            probabilities = logits.sub_(peak).exp_()
+            logits = torch.mm(part, weight.T, out=logits_buffer[: part.shape[0]])
+            peak = logits.amax(dim=-1, keepdim=True).to(accumulate)
+            target_logit = logits.gather(1, wanted).to(accumulate)
+            # log-softmax in place, one pass each: cast, shift, exp, sum (no logsumexp temporaries)
+            probabilities = logits if in_place else softmax_buffer[: part.shape[0]].copy_(logits)
+            probabilities.sub_(peak).exp_()
             norm = probabilities.sum(dim=-1, keepdim=True)
             total += (norm.log() + peak - target_logit).sum()
             if grad is not None:
                 probabilities.div_(norm).scatter_add_(
                     1, wanted, probabilities.new_full(wanted.shape, -1.0)
                 )
-                grad[start : start + chunk] = probabilities.to(weight.dtype) @ weight
+                if not in_place:
+                    logits.copy_(probabilities)
+                torch.mm(logits, weight, out=grad[start : start + chunk])
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_total: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None
+        return grad * grad_total.to(grad.dtype), None, None, None

@@ -64,9 +64,11 @@ from workers.formatting import (
     tokenize_records,
 )
 from workers.fused_lora import fused_lora_layers
+from workers.fused_norm import fused_rms_norms
 from workers.packing import (
     PACKED_ATTENTION,
     LinearCrossEntropy,
+    LogitsWorkspace,
     pack,
     packed_hidden_states,
     rows_of_tokens,
@@ -343,15 +345,23 @@ class LoraRecipe:
             base.model.activation_checkpointing_enable({"use_reentrant": False})
         self.model.train()
         fused = self._exit_stack.enter_context(fused_lora_layers(self.model))
+        norms = self._exit_stack.enter_context(fused_rms_norms(self.model))
         self.backbone = base.model.get_decoder()
         self.lm_head = base.model.get_output_embeddings()
+        self._logits_workspace = LogitsWorkspace()
         if init_dir is not None and resume_dir is None:
             self._load_initial_adapter(Path(init_dir))
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._trainable = params
         self.optimizer = torch.optim.AdamW(
-            params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=(0.9, 0.999)
+            params,
+            lr=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=(0.9, 0.999),
+            # one kernel for all the LoRA tensors, not a dozen ops per tensor (on a CPU: 6 ms a
+            # step against 23 for SmolLM2's 420 tensors)
+            fused=self.base.device.type in ("cpu", "cuda"),
         )
         warmup = math.ceil(hp.warmup_ratio * self.total_steps)
         schedule = (
@@ -364,11 +374,12 @@ class LoraRecipe:
             "log",
             f"training {sum(p.numel() for p in params):,} LoRA parameters (rank {hp.lora_rank}) "
             f"on {len(self.train_set.examples)} examples, {self.total_steps} steps "
-            f"({fused} fused LoRA layers)",
+            f"({fused} fused LoRA layers, {norms} fused RMSNorms)",
             {
                 "trainable_parameters": sum(p.numel() for p in params),
                 "steps": self.total_steps,
                 "fused_lora_layers": fused,
+                "fused_rms_norms": norms,
             },
         )
         if resume_dir is not None:
@@ -587,7 +598,9 @@ class LoraRecipe:
         """Summed next-token cross-entropy over the trained tokens of `examples`, packed in a row."""
         row = pack(examples, self.base.device)
         selected = packed_hidden_states(self.backbone, row)[row.target_positions]
-        return LinearCrossEntropy.apply(selected, self.lm_head.weight, row.targets)
+        return LinearCrossEntropy.apply(
+            selected, self.lm_head.weight, row.targets, self._logits_workspace
+        )
 
     @torch.no_grad()
     def _evaluate(self) -> float | None:
@@ -709,6 +722,7 @@ class LoraRecipe:
         """Remove the adapter and every training switch: the base returns to its loaded state."""
         model = self.base.model
         self._exit_stack.close()
+        self._logits_workspace = LogitsWorkspace()  # its buffers go with the job
         if self.model is not None:
             self.model.unload()
             self.model = None

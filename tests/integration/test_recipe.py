@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from control_plane.hyperparameters import Hyperparameters
 from workers.formatting import TokenizedExample, tokenize_records
 from workers.fused_lora import fused_lora_layers
+from workers.fused_norm import RMSNormFunction, fused_rms_norms
 from workers.packing import (
     EXPLICIT_ATTENTION_MAX_TOKENS,
     PACKED_ATTENTION,
@@ -412,17 +414,25 @@ def test_fused_lora_and_packed_attention_match_peft_on_separate_examples(kernel)
         TokenizedExample(tuple(range(5, 18)), (-100,) * 2 + tuple(range(60, 71))),
     ]
     expected = torch.zeros((), dtype=torch.float64)
-    for example in examples:
-        logits = peft_model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
-        labels = torch.tensor(example.labels[1:])
-        expected = expected + F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+    # the norms in float64 on both sides (transformers' compute in float32: see the norm's test)
+    with fused_rms_norms(peft_model):
+        for example in examples:
+            logits = peft_model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1]
+            labels = torch.tensor(example.labels[1:])
+            expected = expected + F.cross_entropy(
+                logits, labels, reduction="sum", ignore_index=-100
+            )
     expected.backward()
     reference = _lora_gradients(peft_model)
     peft_model.zero_grad(set_to_none=True)
 
     layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
     model.set_attn_implementation(PACKED_ATTENTION)
-    with fused_lora_layers(peft_model) as fused, attention_kernel(kernel):
+    with (
+        fused_lora_layers(peft_model) as fused,
+        fused_rms_norms(peft_model),
+        attention_kernel(kernel),
+    ):
         assert fused == len(layers) > 0
         row = pack(examples, torch.device("cpu"))
         hidden = packed_hidden_states(model.get_decoder(), row)[row.target_positions]
@@ -437,6 +447,65 @@ def test_fused_lora_and_packed_attention_match_peft_on_separate_examples(kernel)
         torch.testing.assert_close(
             gradient, reference[name], rtol=1e-7, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+def _norm_and_gradients(
+    norm: Any, x: torch.Tensor, grad: torch.Tensor, fused: bool
+) -> tuple[torch.Tensor, ...]:
+    x = x.detach().clone().requires_grad_(True)
+    norm.weight.grad = None
+    out = RMSNormFunction.apply(x, norm.weight, norm.variance_epsilon) if fused else norm(x)
+    out.backward(grad)
+    return out.detach(), x.grad, norm.weight.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_matches_transformers(dtype):
+    """Same output bit for bit as transformers' LlamaRMSNorm (both compute in float32), the same
+    gradients for the input and a trainable weight up to float32 rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48))
+    x = torch.randn(2, 7, 48, dtype=dtype) * 3 + 0.5
+    grad = torch.randn(2, 7, 48, dtype=dtype)
+    out, grad_x, grad_weight = _norm_and_gradients(norm, x, grad, fused=True)
+    ref_out, ref_grad_x, ref_grad_weight = _norm_and_gradients(norm, x, grad, fused=False)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(grad_x, ref_grad_x, **tolerance)
+    torch.testing.assert_close(grad_weight, ref_grad_weight, **tolerance)
+
+
+def test_fused_rms_norm_gradients_are_exact_in_float64():
+    """Against autograd through the formula itself, in float64: only a wrong derivative shows."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, w: RMSNormFunction.apply(a, w, 1e-6), (x, weight))
+    expected = weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(RMSNormFunction.apply(x, weight, 1e-6), expected)
+
+
+def test_fused_rms_norms_take_llama_style_norms_only():
+    """Norms whose forward is Llama's are fused (and restored on exit); Gemma's `1 + weight`
+    norm keeps its own forward."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    model = AutoModelForCausalLM.from_pretrained(TEST_BASE_PATH, dtype=torch.float32)
+    model.extra = nn.ModuleList([Qwen2RMSNorm(8), GemmaRMSNorm(8)])
+    norms = [m for m in model.modules() if m.__class__.__name__.endswith("RMSNorm")]
+    with fused_rms_norms(model) as fused:
+        patched = [m for m in norms if "forward" in m.__dict__]
+        assert fused == len(patched) == 2 * model.config.num_hidden_layers + 2
+        assert model.extra[0] in patched and model.extra[1] not in patched
+        x = torch.randn(1, 4, 8)
+        torch.testing.assert_close(model.extra[0](x), Qwen2RMSNorm.forward(model.extra[0], x))
+    assert all("forward" not in m.__dict__ for m in norms)
 
 
 @pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (4, 4)])
