@@ -411,11 +411,16 @@ def test_multi_worker_job_the_cluster_cannot_place_is_refused_not_left_waiting(
 def test_multi_worker_job_trains_over_ray_train_like_one_process(
     ray_cluster: None, trainer_services: Services, world: dict[str, str], tmp_path: Path
 ) -> None:
-    """`num_gpus: 2` on CPU: two Ray Train workers with gloo make the single-process update."""
+    """`num_gpus: 2` on CPU: two Ray Train workers with gloo make the single-process update.
+
+    In float32 on any machine: in bf16 the two ranks' packed rows (other shapes, other roundings)
+    move near-zero weights apart by more than the comparison allows, which is not what it tests.
+    """
     runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
-    single = submit(trainer_services, world, n_epochs=2, checkpoint_every_steps=4)
+    fp32 = {"n_epochs": 2, "checkpoint_every_steps": 4, "precision": "fp32"}
+    single = submit(trainer_services, world, **fp32)
     assert run_one(runner) == "succeeded"
-    pair = submit(trainer_services, world, n_epochs=2, checkpoint_every_steps=4, num_gpus=2)
+    pair = submit(trainer_services, world, **fp32, num_gpus=2)
     assert run_one(runner) == "succeeded", job_row(trainer_services, pair).error_message
     said = messages(trainer_services, pair)
     assert "Training on 2 Ray Train workers" in said
