@@ -16,7 +16,8 @@ Where the time and memory go, and what the recipe does about it:
   chunk and `lm_head` runs once per trained token instead of three times.
 - LoRA layers: plain LoRA layers run as one autograd node each (`workers.fused_lora`): the scaled
   low-rank update accumulates into the base output instead of being a second output-sized
-  tensor that is scaled and added (and the same in the backward).
+  tensor that is scaled and added (and the same in the backward). Llama-style RMSNorms run as
+  one node each too (`workers.fused_norm`), and AdamW as one fused kernel.
 - Precision: the frozen base stays in bf16 (never an fp32 copy) where the hardware has bf16; the
   LoRA weights and AdamW state are fp32, and their matmuls run in bf16 under autocast.
 
