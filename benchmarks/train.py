@@ -1,6 +1,6 @@
 """Training throughput and memory: loraforge's recipe against a plain Hugging Face Trainer + peft.
 
-Run: `python -m benchmarks.train [--steps N]`. Same machine, same data, same LoRA (r16, alpha 32,
+Run: `python -m benchmarks.train [--steps N] [--rounds R]`. Same machine, same data, same LoRA (r16, alpha 32,
 all-linear), batch 8, on SmolLM2-135M-Instruct; each run in its own spawned process so that peak
 RSS figures are separate. Prints one JSON line per measurement:
 
@@ -8,7 +8,10 @@ RSS figures are separate. Prints one JSON line per measurement:
   held-out set after the same number of steps), each against the baseline, and the fraction of a
   ceiling: measured matmul FLOP/s in the precision the run trained in (bf16 where the CPU has
   it, else fp32; both runs use the same) divided by 4 x parameters per token (forward plus
-  activation gradients; a frozen base computes no weight gradients).
+  activation gradients; a frozen base computes no weight gradients), measured before, between
+  and after the two runs (`matmul_tflops`; the median is the ceiling): on a shared machine the
+  rate drifts, and a line whose three differ compared runs at different machine speeds. With
+  `--rounds R` both runs are measured R times, the baseline first in odd rounds.
 - `claim_to_first_step`: seconds from taking a job to its first optimizer step, with the base
   loaded cold (`ResidentBase.load` + first step) and already resident (first step only).
 
@@ -324,6 +327,12 @@ def matmul_flops(precision: str) -> tuple[float, float]:
     return flops / (time.perf_counter() - wall), flops / (time.process_time() - cpu)
 
 
+def _bf16_here() -> bool:
+    from workers.recipe import bf16_supported, default_device
+
+    return bf16_supported(default_device())
+
+
 def _child(target: str, queue: Any, *args: Any) -> None:
     queue.put(globals()[target](*args))
 
@@ -397,23 +406,41 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure both runs this many times, in alternating order (a line per round)",
+    )
     add_model_arguments(parser)
     args = parser.parse_args()
     with model_under_test(args) as (model_dir, label):
-        measure(model_dir, label, args.steps, args.batch_size)
+        for round_ in range(args.rounds):
+            measure(model_dir, label, args.steps, args.batch_size, round_)
+        claim_to_first_step(model_dir, label, args.batch_size)
 
 
-def measure(model_dir: str, label: str, steps: int, batch_size: int) -> None:
-    """Both runs on `model_dir`, then the claim-to-first-step timing; one JSON line each."""
+def measure(model_dir: str, label: str, steps: int, batch_size: int, round_: int = 0) -> None:
+    """Both runs on `model_dir` (loraforge first in even rounds, the baseline first in odd ones);
+    one JSON line.
+
+    A shared machine's speed drifts: the matmul rate is measured before, between and after the
+    runs (`matmul_tflops`), so a line shows whether the two ran on the same machine speed."""
     import torch
 
     from workers.base_models import inspect_model_dir
 
     parameters = inspect_model_dir(Path(model_dir)).parameter_count
+    precision = "bf16" if _bf16_here() else "fp32"
     load_before = os.getloadavg()[0]
-    ours = in_subprocess("run_loraforge", model_dir, steps, batch_size)
-    baseline = in_subprocess("run_baseline", model_dir, steps, batch_size)
-    flops, flops_per_cpu_s = matmul_flops(ours["precision"])
+    probes = [matmul_flops(precision)]
+    runs: dict[str, dict[str, Any]] = {}
+    for name in ("run_loraforge", "run_baseline")[:: -1 if round_ % 2 else 1]:
+        runs[name] = in_subprocess(name, model_dir, steps, batch_size)
+        probes.append(matmul_flops(precision))
+    ours, baseline = runs["run_loraforge"], runs["run_baseline"]
+    flops = sorted(p[0] for p in probes)[1]  # the median of the three
+    flops_per_cpu_s = sorted(p[1] for p in probes)[1]
     ceiling, cpu_ceiling = flops / (4 * parameters), flops_per_cpu_s / (4 * parameters)
     load_after = os.getloadavg()[0]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -451,12 +478,22 @@ def measure(model_dir: str, label: str, steps: int, batch_size: int) -> None:
                 "fraction_of_ceiling_cpu": round(ours["tokens_per_cpu_s"] / cpu_ceiling, 3),
                 "steps": steps,
                 **gpu,
+                "round": round_,
+                "first": "loraforge" if round_ % 2 == 0 else "baseline",
+                "matmul_tflops": [round(p[0] / 1e12, 3) for p in probes],
                 "load_average": [round(load_before, 1), round(load_after, 1)],
                 "machine": machine(),
             }
         ),
         flush=True,
     )
+
+
+def claim_to_first_step(model_dir: str, label: str, batch_size: int) -> None:
+    """Claim to first optimizer step, cold and resident; one JSON line."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     claim = in_subprocess("run_claim_to_first_step", model_dir, batch_size)
     print(
         json.dumps(
