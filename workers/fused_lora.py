@@ -16,8 +16,8 @@ path. Under autocast the matmuls run in the autocast dtype, as peft's do.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -118,13 +118,19 @@ def _fused_forward(module: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: An
 
 
 @contextmanager
-def fused_lora_layers(model: nn.Module) -> Iterator[int]:
+def forwards_replaced(modules: list[nn.Module], forward: Callable[..., Any]) -> Iterator[int]:
+    """Point each module's `forward` at `forward` (bound to it); yields how many; on exit the
+    modules' class forward is theirs again."""
+    for module in modules:
+        module.forward = forward.__get__(module)  # type: ignore[method-assign]
+    try:
+        yield len(modules)
+    finally:
+        for module in modules:
+            module.__dict__.pop("forward", None)
+
+
+def fused_lora_layers(model: nn.Module) -> AbstractContextManager[int]:
     """Run the model's plain LoRA layers through `LoraLinearFunction`; yields how many."""
     fused = [m for m in model.modules() if isinstance(m, LoraLinear) and _fusable(m)]
-    for module in fused:
-        module.forward = _fused_forward.__get__(module)  # type: ignore[method-assign]
-    try:
-        yield len(fused)
-    finally:
-        for module in fused:
-            module.__dict__.pop("forward", None)
+    return forwards_replaced(fused, _fused_forward)

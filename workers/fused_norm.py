@@ -15,14 +15,15 @@ forward on exit. Others (Gemma's `1 + weight`, OLMo-2's order) keep their own.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from workers.fused_lora import forwards_replaced
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -76,14 +77,7 @@ def _fused_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tens
     return output
 
 
-@contextmanager
-def fused_rms_norms(model: nn.Module) -> Iterator[int]:
+def fused_rms_norms(model: nn.Module) -> AbstractContextManager[int]:
     """Run the model's Llama-style RMSNorms through `RMSNormFunction`; yields how many."""
     fused = [m for m in model.modules() if _llama_forward(type(m))]
-    for module in fused:
-        module.forward = _fused_forward.__get__(module)  # type: ignore[method-assign]
-    try:
-        yield len(fused)
-    finally:
-        for module in fused:
-            module.__dict__.pop("forward", None)
+    return forwards_replaced(fused, _fused_forward)
