@@ -7,7 +7,8 @@
 #   gpu_profile  the recipe's step on that model under the profiler (GPU and host time);
 #   attention    per-example attention kernels, sdpa against explicit, on two CPU cores;
 #   cpu_profile  the recipe's step under the profiler on two CPU cores (GPU hidden);
-#   cpu_train    the CPU benchmark in bf16 on two physical cores with the GPU hidden.
+#   cpu_train    the CPU benchmark in bf16 on two physical cores with the GPU hidden
+#                ($CPU_ROUNDS rounds in alternating order).
 # The CPU parts use SmolLM2's shape with random weights (SmolLM2's own weights are 270 MB and
 # do not travel).
 # It needs what the machine's Python lacks as wheels in .whl (transformers and peft at the
@@ -26,6 +27,7 @@ PY=${PY:-python3}
 TOK=${TOK:-.devcarry/smollm2-tokenizer}
 GPU_STEPS=${GPU_STEPS:-30}
 CPU_STEPS=${CPU_STEPS:-12}
+CPU_ROUNDS=${CPU_ROUNDS:-1}
 PARTS=${PARTS:-gpu_train cpu_profile cpu_train}
 WHEELS=${WHEELS-.whl}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -76,8 +78,9 @@ for part in $PARTS; do
     cpu_profile) on_two_cores timeout 100 "$PY" -m benchmarks.profile_train \
       "${RANDOM_SMOLLM2[@]}" --steps 5 >"$OUT/$part.json" 2>"$OUT/$part.log" ;
       show_profile "$part" ;;
-    cpu_train) on_two_cores timeout 300 "$PY" -m benchmarks.train "${RANDOM_SMOLLM2[@]}" \
-      --steps "$CPU_STEPS" 2>"$OUT/$part.log" | json_lines "$part" ;;
+    cpu_train) on_two_cores timeout $((300 * CPU_ROUNDS)) "$PY" -m benchmarks.train \
+      "${RANDOM_SMOLLM2[@]}" --steps "$CPU_STEPS" --rounds "$CPU_ROUNDS" 2>"$OUT/$part.log" \
+      | json_lines "$part" ;;
     *) echo "unknown part $part" ;;
   esac
 done
