@@ -1,8 +1,8 @@
 """Training throughput and memory: loraforge's recipe against a plain Hugging Face Trainer + peft.
 
-Run: `python -m benchmarks.train [--steps N] [--rounds R]`. Same machine, same data, same LoRA (r16, alpha 32,
-all-linear), batch 8, on SmolLM2-135M-Instruct; each run in its own spawned process so that peak
-RSS figures are separate. Prints one JSON line per measurement:
+Run: `python -m benchmarks.train [--steps N] [--rounds R]`. Same machine, same data, same LoRA
+(r16, alpha 32, all-linear), batch 8, on SmolLM2-135M-Instruct; each run in its own spawned
+process so that peak RSS figures are separate. Prints one JSON line per measurement:
 
 - `train`: real (non-pad) tokens/s over steps 2..N, peak RSS, final loss (eval loss on the same
   held-out set after the same number of steps), each against the baseline, and the fraction of a

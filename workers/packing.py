@@ -201,8 +201,7 @@ def _causal_bias(tokens: int, group: int, dtype: torch.dtype, device: torch.devi
     """`[group * tokens, tokens]`: 0 where a query (of any of `group` stacked heads) may attend,
     -inf above the diagonal. Cached: every layer of a step asks for the same lengths (a step has
     a few distinct ones; at most 32 kept, 1.5 MiB each at 512 tokens and 3 heads a group)."""
-    future = torch.ones(tokens, tokens, dtype=torch.bool, device=device).triu_(1)
-    bias = torch.zeros(tokens, tokens, dtype=dtype, device=device).masked_fill_(future, -math.inf)
+    bias = torch.full((tokens, tokens), -math.inf, dtype=dtype, device=device).triu_(1)
     return bias.repeat(group, 1)
 
 
