@@ -2,7 +2,7 @@
 
 Run: `python -m benchmarks.attention [--repeats N]`. One layer of SmolLM2-135M (9 query heads,
 3 key/value heads, head size 64) over a batch of 8 examples with `benchmarks.train`'s log-normal
-lengths (mean ~100 tokens), through `workers.packing.causal_attention` with each kernel pinned;
+lengths (mean ~100 tokens), through `workers.kernels.packing.causal_attention` with each kernel pinned;
 in bf16 where the CPU has it, and in fp32. One JSON line per precision: milliseconds per layer
 for each kernel (sdpa is the baseline), and the forward's share.
 """
@@ -25,7 +25,7 @@ def time_kernel(kernel: str, dtype: Any, lengths: list[int], repeats: int) -> tu
     """(forward ms, forward + backward ms) per layer, after two warm-up passes."""
     import torch
 
-    from workers.packing import attention_kernel, causal_attention
+    from workers.kernels.packing import attention_kernel, causal_attention
 
     torch.manual_seed(0)
     total = sum(lengths)
@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from workers.recipe import bf16_supported
+    from workers.training.recipe import bf16_supported
 
     rng = random.Random(42)
     sigma = 0.5

@@ -33,7 +33,7 @@ def profile(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, schedule
 
-    from workers.recipe import ResidentBase, TrainHooks, train_adapter
+    from workers.training.recipe import ResidentBase, TrainHooks, train_adapter
 
     base = ResidentBase.load(Path(model_dir))
     records = synthetic_records(steps * batch_size + EVAL_EXAMPLES, base.tokenizer, SEED)

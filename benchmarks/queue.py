@@ -47,8 +47,8 @@ from control_plane import files as file_repo
 from control_plane.api.serve import serve_in_thread as serve
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
-from control_plane.models import Job
 from control_plane.queue import JOBS_CHANNEL, JobQueue, QueueListener
+from control_plane.tables import Job
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET = "dev-insecure-secret"
@@ -285,11 +285,11 @@ def count_status(engine: Engine, status: str) -> int:
 def bench_api_enqueue(url: str, count: int, machine: str, work_dir: Path) -> None:
     import httpx
 
-    from control_plane import tasks
     from control_plane.api.app import create_app
     from control_plane.services import build_services
     from control_plane.settings import Settings
     from control_plane.storage import LocalObjectStore
+    from loraforge import tasks
 
     settings = Settings(home=work_dir / "home", max_upload_bytes=1024 * 1024)
     services = build_services(

@@ -6,7 +6,7 @@
   127.0.0.1, port 0) with httpx, from one and from several client threads: requests/s and
   latency percentiles, against the same version fetched by number (the baseline; `ratio` is
   alias requests/s over by-number requests/s).
-- Pull: `LoraforgeClient.pull` of a version with a `--size-mb` safetensors file from a moto S3
+- Pull: `Client.pull` of a version with a `--size-mb` safetensors file from a moto S3
   server (presigned URL, sha256 verified, fsynced, swapped in), against a plain GET of the same
   object from the same server written to disk: MB/s of each, and their ratio.
 
@@ -40,10 +40,10 @@ from sqlalchemy.engine import make_url
 from control_plane import base_models, db, files, jobs, registry, tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.client import LoraforgeClient
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import S3ObjectStore, make_s3_client
+from loraforge.client import Client
 
 MB = 1024 * 1024
 TIMEOUT = 120.0
@@ -208,7 +208,7 @@ def bench_pull(
     object_url = store.presigned_url(version.object_prefix + weights["name"], 600)
     assert object_url is not None
     raw_times, pull_times = [], []
-    with LoraforgeClient(url, key, timeout=TIMEOUT) as sdk, httpx.Client(timeout=TIMEOUT) as http:
+    with Client(url, key, timeout=TIMEOUT) as sdk, httpx.Client(timeout=TIMEOUT) as http:
         for attempt in range(3):
             target = work / f"raw-{attempt}"
             start = time.perf_counter()

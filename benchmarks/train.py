@@ -157,7 +157,7 @@ def _peak_gpu_mib() -> float | None:
 
 def run_loraforge(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
     """Train with `train_adapter` on a freshly loaded resident base; figures from its events."""
-    from workers.recipe import ResidentBase, TrainHooks, train_adapter
+    from workers.training.recipe import ResidentBase, TrainHooks, train_adapter
 
     base = ResidentBase.load(Path(model_dir))
     records = synthetic_records(steps * batch_size + EVAL_EXAMPLES, base.tokenizer, SEED)
@@ -204,8 +204,8 @@ def run_baseline(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
         TrainingArguments,
     )
 
-    from workers.formatting import tokenize_records
-    from workers.recipe import bf16_supported, default_device
+    from workers.training.formatting import tokenize_records
+    from workers.training.recipe import bf16_supported, default_device
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = synthetic_records(steps * batch_size + EVAL_EXAMPLES, tokenizer, SEED)
@@ -277,7 +277,7 @@ def run_baseline(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
 
 def run_claim_to_first_step(model_dir: str, batch_size: int) -> dict[str, Any]:
     """Seconds to the first optimizer step with the base cold, then resident (a second job)."""
-    from workers.recipe import ResidentBase, TrainHooks, train_adapter
+    from workers.training.recipe import ResidentBase, TrainHooks, train_adapter
 
     def first_step(base: ResidentBase | None, started: float) -> tuple[ResidentBase, float]:
         resident = base or ResidentBase.load(Path(model_dir))
@@ -328,7 +328,7 @@ def matmul_flops(precision: str) -> tuple[float, float]:
 
 
 def _bf16_here() -> bool:
-    from workers.recipe import bf16_supported, default_device
+    from workers.training.recipe import bf16_supported, default_device
 
     return bf16_supported(default_device())
 
@@ -371,7 +371,7 @@ def machine() -> str:
 @contextmanager
 def model_under_test(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
     """(directory, label) of the model to train: SmolLM2, or random weights of a shape."""
-    from workers.smollm2 import ensure_smollm2
+    from workers.bases.smollm2 import ensure_smollm2
 
     if args.random_weights is None:
         yield str(ensure_smollm2(args.cache)), "smollm2_135m"
@@ -428,7 +428,7 @@ def measure(model_dir: str, label: str, steps: int, batch_size: int, round_: int
     runs (`matmul_tflops`), so a line shows whether the two ran on the same machine speed."""
     import torch
 
-    from workers.base_models import inspect_model_dir
+    from workers.bases.checkpoints import inspect_model_dir
 
     parameters = inspect_model_dir(Path(model_dir)).parameter_count
     precision = "bf16" if _bf16_here() else "fp32"

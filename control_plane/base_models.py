@@ -10,10 +10,10 @@ from sqlalchemy import Connection, Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.ids import new_id
-from control_plane.models import BaseModel
 from control_plane.records import BaseModelRecord
+from control_plane.tables import BaseModelRow
 
-base_models = cast(Table, BaseModel.__table__)
+base_models = cast(Table, BaseModelRow.__table__)
 
 SOURCE_KINDS = ("gguf", "dir", "hub", "object")
 # A Hugging Face hub id, `org/name` (written `hf://org/name` too).

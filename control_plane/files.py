@@ -6,8 +6,8 @@ from typing import cast
 
 from sqlalchemy import Connection, Table, and_, func, insert, or_, select, update
 
-from control_plane.models import File
 from control_plane.records import FileRecord
+from control_plane.tables import File
 
 files = cast(Table, File.__table__)
 
@@ -105,7 +105,7 @@ def mark_deleted(conn: Connection, tenant_id: str, file_id: str) -> bool:
 
 def used_by_unfinished_job(conn: Connection, file_id: str) -> str | None:
     """The id of an unfinished job that still needs this file, if any."""
-    from control_plane.models import Job
+    from control_plane.tables import Job
 
     jobs = Job.__table__
     return conn.execute(

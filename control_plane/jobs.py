@@ -10,13 +10,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, insert, or_, select
+from sqlalchemy import Connection, Table, and_, func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.events import add_event
 from control_plane.ids import new_id
-from control_plane.models import Job, JobCheckpoint
 from control_plane.records import CheckpointRecord, JobRecord
+from control_plane.tables import Job, JobCheckpoint
 
 jobs = cast(Table, Job.__table__)
 checkpoints = cast(Table, JobCheckpoint.__table__)
@@ -197,3 +197,10 @@ def list_succeeded_models(conn: Connection, tenant_id: str) -> list[JobRecord]:
         .order_by(jobs.c.finished_at.desc())
     ).all()
     return [JobRecord.from_row(r) for r in rows]
+
+
+def stuck_in_validation(conn: Connection, *, older_than_seconds: float) -> list[str]:
+    """Ids of jobs still in `validating_files` after this long (their task was lost)."""
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
+    query = select(jobs.c.id).where(jobs.c.status == "validating_files", jobs.c.created_at < cutoff)
+    return list(conn.execute(query).scalars())

@@ -27,7 +27,7 @@ class Services:
     engine: Engine
     queue: JobQueue
     store: ObjectStore
-    # Starts dataset validation for a job (a celery task in production; see control_plane.tasks).
+    # Starts dataset validation for a job (a celery task in production; see loraforge.tasks).
     dispatch_validation: ValidationDispatcher = field(default=lambda job_id: None)
     # Starts the import of a base model registered over the API (a celery task likewise).
     dispatch_base_import: ImportDispatcher = field(default=lambda base_id: None)

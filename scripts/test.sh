@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set up, lint, type-check, run the whole suite against real PostgreSQL
+# The test command: set up, lint, check the import layers (pyproject's [tool.importlinter]),
+# type-check, run the whole suite against real PostgreSQL
 # (the machine's on 127.0.0.1:5432 when it answers, else an embedded one), real Ray, a real
 # S3-protocol server and real transformers + peft.
 set -euo pipefail
@@ -7,5 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/lint-imports --no-cache
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

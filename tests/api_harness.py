@@ -14,12 +14,13 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from control_plane import db, tasks
+from control_plane import db
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
+from loraforge import tasks
 from tests.factories import make_base, make_key, make_tenant
 
 

@@ -14,10 +14,10 @@ from control_plane import files as file_repo
 from control_plane.datasets import validate_jsonl
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
-from control_plane.models import Job
 from control_plane.records import BaseModelRecord, FileRecord, TenantRecord
 from control_plane.services import Services
 from control_plane.storage import file_key
+from control_plane.tables import Job
 
 SECRET = "dev-insecure-secret"
 

@@ -19,8 +19,8 @@ import torch
 
 from control_plane.services import build_services
 from control_plane.settings import Settings
-from workers.recipe import ResidentBase
 from workers.runner import JobRunner
+from workers.training.recipe import ResidentBase
 
 
 def init_ray(settings: Settings, *, num_cpus: int | None = None) -> None:

@@ -20,7 +20,7 @@ from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import BaseModelRecord, JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
-from workers.recipe import TrainHooks, TrainingError, TrainResult
+from workers.training.recipe import TrainHooks, TrainingError, TrainResult
 
 ADAPTER_REPORT = "loraforge_adapter"
 
@@ -96,8 +96,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from workers.recipe import ResidentBase, train_adapter_distributed
     from workers.runner import JobRunner
+    from workers.training.recipe import ResidentBase, train_adapter_distributed
 
     context = ray.train.get_context()
     rank = context.get_world_rank()

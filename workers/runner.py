@@ -28,10 +28,16 @@ from control_plane.queue import QueueListener
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError, base_model_prefix, checkpoint_prefix
-from workers.base_models import BaseCache, BaseModelError
+from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.distributed import ClusterBusyError
-from workers.lineage import build_lineage
-from workers.recipe import ResidentBase, TrainHooks, TrainingError, TrainResult, train_adapter
+from workers.training.lineage import build_lineage
+from workers.training.recipe import (
+    ResidentBase,
+    TrainHooks,
+    TrainingError,
+    TrainResult,
+    train_adapter,
+)
 
 log = logging.getLogger(__name__)
 

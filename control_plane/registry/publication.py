@@ -16,7 +16,6 @@ from typing import Any, Protocol, cast
 from sqlalchemy import Connection, Engine, Table, insert, text
 
 from control_plane.ids import new_id
-from control_plane.models import AdapterVersion
 from control_plane.queue import JobQueue
 from control_plane.records import JobRecord
 from control_plane.registry.aliases import remove_version_objects
@@ -45,6 +44,7 @@ from control_plane.storage import (
     ObjectStoreError,
     adapter_version_prefix,
 )
+from control_plane.tables import AdapterVersion
 
 log = logging.getLogger(__name__)
 versions_table = cast(Table, AdapterVersion.__table__)

@@ -219,6 +219,30 @@ class ObjectStore(ABC):
     def list_keys(self, prefix: str) -> list[str]:
         """Sorted keys that start with `prefix` (a plain string prefix, as in S3)."""
 
+    def put_directory(
+        self, prefix: str, directory: Path, *, skip_existing: bool = False
+    ) -> dict[str, ObjectInfo]:
+        """Store every file under `directory` at `prefix` + its relative POSIX path; returns
+        {relative path: info}. With `skip_existing`, a key already stored is left as it is (a
+        content-addressed prefix such as a base's sha256, or a retried checkpoint upload)."""
+        stored: dict[str, ObjectInfo] = {}
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            name = path.relative_to(directory).as_posix()
+            existing = self.head(prefix + name) if skip_existing else None
+            stored[name] = existing or self.put_file(prefix + name, path)
+        return stored
+
+    def download_prefix(self, prefix: str, target: Path) -> list[Path]:
+        """Write every object under `prefix` into `target` at its key's remainder, each one
+        verified and written atomically (`download_to`); returns the paths, [] when nothing is
+        stored there."""
+        paths = []
+        for key in self.list_keys(prefix):
+            path = target / key[len(prefix) :]
+            self.download_to(key, path)
+            paths.append(path)
+        return paths
+
     def delete_prefix(self, prefix: str) -> int:
         """Remove every object whose key starts with `prefix`; return how many.
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from workers.base_models import (
+from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.bases.checkpoints import (
     BaseCache,
     BaseModelError,
     import_gguf,
     inspect_model_dir,
     weights_sha256,
 )
-from workers.testbase import TEST_BASE_PATH
 
 
 def copy_testbase(target: Path) -> None:
@@ -149,7 +149,7 @@ def test_smollm2_imports_loads_and_knows_paris(smollm2_cache):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.smollm2 import ensure_smollm2
+    from workers.bases.smollm2 import ensure_smollm2
 
     path = ensure_smollm2(smollm2_cache, progress=False)
     started = time.perf_counter()
@@ -191,8 +191,8 @@ def test_default_base_is_registered_once_and_listed_on_a_fresh_install(
     from control_plane.settings import Settings
     from control_plane.storage import base_model_prefix
     from tests.factories import make_key, make_tenant
-    from workers.base_registration import ensure_default_base
-    from workers.smollm2 import MODEL_NAME
+    from workers.bases.registration import ensure_default_base
+    from workers.bases.smollm2 import MODEL_NAME
 
     settings = Settings(home=tmp_path / "home")
     services = build_services(settings, database_url=database_url)
@@ -231,7 +231,7 @@ def registering_services(database_url, tmp_path, moto_server):
 def test_base_registers_from_an_object_store_uri(registering_services, s3_store):
     """A model directory in any bucket (`s3://bucket/prefix`), fetched, inspected and stored."""
     from control_plane.storage import base_model_prefix
-    from workers.base_registration import register_base
+    from workers.bases.registration import register_base
 
     for path in sorted(p for p in TEST_BASE_PATH.rglob("*") if p.is_file()):
         s3_store.client.upload_file(
@@ -259,7 +259,7 @@ def test_hub_id_without_a_reachable_hub_is_refused_with_the_reason(database_url,
 
     from control_plane.services import build_services
     from control_plane.settings import Settings
-    from workers.base_registration import register_base
+    from workers.bases.registration import register_base
 
     # No hub is reachable here: point at an address where nothing answers, as a cluster
     # without one would see it.

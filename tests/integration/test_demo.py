@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from workers import demo
+from loraforge.demo import skill as demo
 
 # Four fifths of the examples (the demo trains one epoch over all 200).
 TEST_TRAIN_EXAMPLES = 160
@@ -22,7 +22,7 @@ TEST_HYPERPARAMETERS = demo.DEMO_HYPERPARAMETERS.model_copy(update={"n_epochs": 
 
 @pytest.fixture(scope="module")
 def smollm2_path() -> Path:
-    from workers.smollm2 import ensure_smollm2
+    from workers.bases.smollm2 import ensure_smollm2
 
     default = Path.home() / ".cache" / "loraforge" / "test-bases"
     return ensure_smollm2(
@@ -35,7 +35,7 @@ def smollm2_path() -> Path:
 def test_demo_adapter_clearly_beats_the_base_on_heldout_prompts(smollm2_path, tmp_path):
     from transformers import AutoTokenizer
 
-    from workers.recipe import ResidentBase, TrainHooks, train_adapter
+    from workers.training.recipe import ResidentBase, TrainHooks, train_adapter
 
     heldout = demo.load_heldout()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)

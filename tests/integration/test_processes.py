@@ -1,6 +1,6 @@
 """The child processes `loraforge up` and `loraforge demo` start, started the same way.
 
-The API tests run celery in-process; here the worker is the real `celery -A control_plane.tasks`
+The API tests run celery in-process; here the worker is the real `celery -A loraforge.tasks`
 child with the environment the CLI gives it, so it must find loraforge's broker (kombu's
 SQLAlchemy transport on the same PostgreSQL) and store by itself.
 """
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from control_plane import jobs, tasks
-from control_plane.cli import start_celery_worker
+from control_plane import jobs
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
+from loraforge import tasks
+from loraforge.cli import start_celery_worker
 from tests.factories import create_validating_job, make_base, make_tenant, upload_records
 
 RECORDS = [{"prompt": f"{n} + 1 =", "completion": f" {n + 1}"} for n in range(5)]

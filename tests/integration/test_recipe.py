@@ -19,10 +19,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from control_plane.hyperparameters import Hyperparameters
-from workers.formatting import TokenizedExample, tokenize_records
-from workers.fused_lora import fused_lora_layers
-from workers.fused_norm import RMSNormFunction, fused_rms_norms
-from workers.packing import (
+from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.kernels.fused_lora import fused_lora_layers
+from workers.kernels.fused_norm import RMSNormFunction, fused_rms_norms
+from workers.kernels.packing import (
     EXPLICIT_ATTENTION_MAX_TOKENS,
     PACKED_ATTENTION,
     ExplicitCausalAttention,
@@ -32,7 +32,8 @@ from workers.packing import (
     pack,
     packed_hidden_states,
 )
-from workers.recipe import (
+from workers.training.formatting import TokenizedExample, tokenize_records
+from workers.training.recipe import (
     LoraRecipe,
     ResidentBase,
     TrainHooks,
@@ -41,7 +42,6 @@ from workers.recipe import (
     bf16_supported,
     train_adapter,
 )
-from workers.testbase import TEST_BASE_PATH
 
 # What `precision="auto"` resolves to here (bf16 where the CPU multiplies bf16), and the other.
 MACHINE_PRECISION = "bf16" if bf16_supported(torch.device("cpu")) else "fp32"
@@ -344,7 +344,7 @@ def test_splitting_a_step_does_not_change_the_update(
     if split_by == "accumulation":
         update["gradient_accumulation_steps"] = 4
     else:
-        monkeypatch.setattr("workers.recipe.TRAIN_ROW_TOKENS", 40)
+        monkeypatch.setattr("workers.training.recipe.TRAIN_ROW_TOKENS", 40)
     split = train_adapter(
         base, RECORDS, None, hp.model_copy(update=update), TrainHooks(), tmp_path / "split"
     )
@@ -360,7 +360,7 @@ def test_splitting_a_step_does_not_change_the_update(
 
 
 def test_chunked_cross_entropy_matches_full_logits(monkeypatch):
-    monkeypatch.setattr("workers.packing.LOGITS_CHUNK_ELEMENTS", 7 * 50)  # 7 rows per chunk
+    monkeypatch.setattr("workers.kernels.packing.LOGITS_CHUNK_ELEMENTS", 7 * 50)  # 7 rows per chunk
     torch.manual_seed(0)
     hidden = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64)
@@ -584,7 +584,7 @@ def _rank_main(rank: int, world_size: int, port: int, output_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from workers.recipe import train_adapter_distributed
+    from workers.training.recipe import train_adapter_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -26,16 +26,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from control_plane import registry
-from control_plane.client import ChecksumError, LoraforgeClient, vllm_problems
 from control_plane.records import BaseModelRecord, JobRecord
-from control_plane.registry_cli import add_registry_commands
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore, ObjectStore, S3ObjectStore
+from loraforge.client import ChecksumError, Client, vllm_problems
+from loraforge.registry_cli import add_registry_commands
 from tests.api_harness import TenantKeys
 from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.fixtures.testbase import TEST_BASE_PATH
 from tests.s3_server import S3_ACCESS_KEY_ID, S3_PREFIX, S3_REGION, S3_SECRET_ACCESS_KEY
-from workers.testbase import TEST_BASE_PATH
 
 BOTH = pytest.mark.parametrize("store_kind", ["local", "s3"])
 WEIGHTS = "adapter_model.safetensors"
@@ -257,7 +257,7 @@ def test_publish_list_alias_pull_and_load_with_peft(
     assert {f["via"] for f in files} == {"presigned" if store_kind_of(store) == "s3" else "api"}
 
     target = tmp_path / "serving" / "support-bot"
-    with LoraforgeClient(live_url, tenant_a.reader) as sdk:
+    with Client(live_url, tenant_a.reader) as sdk:
         assert sdk.lineage("support-bot", "prod") == lineage_for(job)
         pulled = sdk.pull("support-bot@prod", target, base_model_name="served-tiny")
         assert pulled == target
@@ -517,7 +517,7 @@ def test_corrupted_object_fails_pull_and_leaves_the_target_as_it_was(
     publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
     second = publish_new(services, tenant_a.tenant_id, base, peft_adapter, "bot")
     target = tmp_path / "pulled" / "bot"
-    with LoraforgeClient(live_url, tenant_a.reader) as sdk:
+    with Client(live_url, tenant_a.reader) as sdk:
         sdk.pull("bot@1", target)
         before = tree(target.parent)
         flip_byte(store, second.object_prefix + WEIGHTS)
@@ -571,7 +571,7 @@ def test_unsafe_names_are_refused_with_4xx(
         publish(services, job, peft_adapter)
     assert job_row(services.engine, job.id).status == "running"
     assert not any("escape" in k for k in store.list_keys(""))
-    with pytest.raises(ValueError), LoraforgeClient("http://127.0.0.1:9", "k") as sdk:
+    with pytest.raises(ValueError), Client("http://127.0.0.1:9", "k") as sdk:
         sdk.pull("../bot@1", Path("unused"))
 
 
@@ -942,7 +942,7 @@ def test_vllm_rules_name_what_a_serving_cluster_would_refuse(
 ) -> None:
     import shutil
 
-    from control_plane.client import smallest_vllm_max_lora_rank
+    from loraforge.client import smallest_vllm_max_lora_rank
 
     def variant(name: str, **changes: Any) -> Path:
         out = tmp_path / name

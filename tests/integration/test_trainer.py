@@ -24,9 +24,9 @@ from control_plane.records import JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from tests.factories import make_tenant, upload_records
-from workers.recipe import ResidentBase
+from tests.fixtures.testbase import TEST_BASE_PATH
 from workers.runner import JobRunner
-from workers.testbase import TEST_BASE_PATH
+from workers.training.recipe import ResidentBase
 
 RECORDS = [
     {

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from workers import demo
+from loraforge.demo import skill as demo
 
 
 def test_generators_are_deterministic():

@@ -7,14 +7,14 @@ import copy
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from workers.formatting import (
+from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.training.formatting import (
     IGNORE_INDEX,
     DatasetFormatError,
     TokenizedExample,
     tokenize_record,
     tokenize_records,
 )
-from workers.testbase import TEST_BASE_PATH
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from workers.formatting import IGNORE_INDEX, TokenizedExample
+from workers.training.formatting import IGNORE_INDEX, TokenizedExample
 
 PACKED_ATTENTION = "loraforge_packed_sdpa"
 # Largest logits chunk, in elements (64 MiB of fp32): bounds memory whatever the vocabulary.

@@ -3,53 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
-from typing import Any
 
-from control_plane.registry_cli import add_registry_commands
 from control_plane.settings import Settings
-
-DEFAULT_TENANT = "default"
+from loraforge.embedded import (
+    DEFAULT_TENANT,
+    ensure_admin_key,
+    make_default_base_available,
+    start_celery_worker,
+    start_trainer_process,
+)
+from loraforge.registry_cli import add_registry_commands
 
 
 def _database_url(settings: Settings) -> str:
     from control_plane import db
 
     return db.resolve_database_url(settings)
-
-
-def ensure_admin_key(settings: Settings, database_url: str) -> str:
-    """The admin key of the default tenant, created on first start and kept in LORAFORGE_HOME.
-
-    Keys are stored hashed, so the plaintext lives only in `<home>/admin-key` (mode 0600): a
-    second `up` finds it there and prints it again.
-    """
-    from control_plane import db, tenants
-
-    key_file = settings.home / "admin-key"
-    engine = db.make_engine(database_url, pool_size=1)
-    try:
-        with engine.begin() as conn:
-            if key_file.exists():
-                existing = key_file.read_text().strip()
-                if tenants.authenticate(conn, settings.secret_key, existing) is not None:
-                    return existing
-            tenant = tenants.get_tenant_by_name(conn, DEFAULT_TENANT) or tenants.create_tenant(
-                conn, DEFAULT_TENANT
-            )
-            _, plaintext = tenants.create_api_key(
-                conn, settings.secret_key, tenant.id, role="admin", name="bootstrap"
-            )
-    finally:
-        engine.dispose()
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.touch(mode=0o600)
-    key_file.write_text(plaintext + "\n")
-    return plaintext
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,8 +62,8 @@ def cmd_base_add(args: argparse.Namespace, settings: Settings) -> int:
     """Register a base from a model directory or a GGUF file (workers do the inspection)."""
     from control_plane import db
     from control_plane.services import build_services
-    from workers.base_models import BaseModelError
-    from workers.base_registration import register_base
+    from workers.bases.checkpoints import BaseModelError
+    from workers.bases.registration import register_base
 
     url = _database_url(settings)
     db.upgrade(url)
@@ -140,71 +112,13 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def start_trainer_process(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
-    """`loraforge worker` as a child process sharing this process's settings."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "control_plane.cli", "worker"],
-        env=_child_env(database_url, settings),
-    )
-
-
-def _child_env(database_url: str, settings: Settings) -> dict[str, str]:
-    """This process's environment plus every setting, so that children (celery, trainers) see
-    the same database, store, broker and limits however this process got them."""
-    env = dict(os.environ)
-    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
-        env[f"LORAFORGE_{name.upper()}"] = str(value)
-    env["LORAFORGE_DATABASE_URL"] = database_url
-    return env
-
-
-def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
-    """The celery worker as a child process that shares this process's settings."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "control_plane.tasks:celery_app",
-            "worker",
-            "--pool=threads",
-            "--concurrency=2",
-            "--loglevel=WARNING",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-B",
-            "-s",
-            str(settings.home / "celerybeat-schedule"),
-        ],
-        env=_child_env(database_url, settings),
-    )
-
-
-def _ensure_default_base(services: Any) -> None:
-    """Make SmolLM2-135M-Instruct available; without it (offline) the platform still serves."""
-    from workers.base_models import BaseModelError
-    from workers.base_registration import ensure_default_base
-
-    try:
-        base = ensure_default_base(services, progress=True)
-    except BaseModelError as exc:
-        print(
-            f"warning: the default base is not available ({exc}); register one with "
-            "`loraforge base add NAME PATH`",
-            file=sys.stderr,
-        )
-        return
-    print(f"base model {base.name} ready")
-
-
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from control_plane import db, tasks
+    from control_plane import db
     from control_plane.api.app import create_app
     from control_plane.services import build_services
+    from loraforge import tasks
 
     settings.home.mkdir(parents=True, exist_ok=True)
     url = _database_url(settings)
@@ -212,7 +126,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     key = ensure_admin_key(settings, url)
     services = build_services(settings, database_url=url)
     if not args.no_default_base:
-        _ensure_default_base(services)
+        make_default_base_available(services)
     tasks.configure(services)
     celery = start_celery_worker(url, settings)
     trainer = None if args.no_trainer else start_trainer_process(url, settings)
@@ -234,12 +148,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from workers.demo_run import run_demo
+    from loraforge.demo.run import run_demo
 
-    def start_children(url: str, settings: Settings) -> list[subprocess.Popen[bytes]]:
-        return [start_celery_worker(url, settings), start_trainer_process(url, settings)]
-
-    return run_demo(settings, ensure_admin_key=ensure_admin_key, start_children=start_children)
+    return run_demo(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from typing import Any
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.registry import AdapterVersionRecord
-from workers.recipe import TrainResult
+from workers.training.recipe import TrainResult
 
 LIBRARIES = ("torch", "transformers", "peft", "loraforge")
 

@@ -1,6 +1,6 @@
 """The Python SDK: loraforge's REST API over httpx, and `pull` for serving clusters.
 
-`LoraforgeClient` is what the CLI, the operator and users' scripts talk to; it never touches
+`Client` is what the CLI, the operator and users' scripts talk to; it never touches
 the database or the object store directly (presigned URLs aside). `pull` writes a PEFT
 directory that `PeftModel.from_pretrained` and vLLM's `--lora-modules` / `load_lora_adapter`
 load as is: every file verified against its sha256, the directory swapped in atomically, and
@@ -73,7 +73,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class LoraforgeClient:
+class Client:
     """A tenant's view of one loraforge API (`Authorization: Bearer <api_key>`)."""
 
     def __init__(
@@ -95,7 +95,7 @@ class LoraforgeClient:
         self._http.close()
         self._plain.close()
 
-    def __enter__(self) -> LoraforgeClient:
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,15 +13,15 @@ Everything here is deterministic and offline:
   (phrasings that put the facts in different orders, some with a distracting year). Held-out
   examples use first names, surnames, cities and jobs that no training example contains, so a
   held-out prompt cannot be answered from memory, only by extracting.
-- `workers/demo_data/train.jsonl` and `heldout.jsonl` are written from them by
-  `python -m workers.demo --write-data` and ship with the project (`demo_data_dir()`).
+- `loraforge/demo/data/train.jsonl` and `heldout.jsonl` are written from them by
+  `python -m loraforge.demo.skill --write-data` and ship with the project (`demo_data_dir()`).
   A training line is a chat record `{"messages": [system, user, assistant]}` (what the platform
   accepts as a dataset); a held-out line is `{"messages": [system, user], "expected": {...}}`.
 - `score`: strict check of one answer. `generate_answers`: greedy decoding with the chat template.
   `evaluate`: the base's score, then the base + adapter's, with rows for a side-by-side print.
 - `DEMO_HYPERPARAMETERS`: what the demo's job asks for (measured on a 2-core CPU in bf16).
 
-`python -m workers.demo --local` trains and evaluates in-process (no platform), for measuring.
+`python -m loraforge.demo.skill --local` trains and evaluates in-process (no platform), for measuring.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ HELDOUT_SIZE = 20
 TRAIN_SEED = 20240611
 HELDOUT_SEED = 77
 
-# What the demo's job asks for: see the module docstring of workers.recipe for the loop.
+# What the demo's job asks for: see the module docstring of workers.training.recipe for the loop.
 DEMO_HYPERPARAMETERS = Hyperparameters(
     n_epochs=1,
     batch_size=8,
@@ -229,7 +229,7 @@ def generate_heldout(count: int = HELDOUT_SIZE, seed: int = HELDOUT_SEED) -> lis
 
 def demo_data_dir() -> Path:
     """Where the shipped `train.jsonl` and `heldout.jsonl` live."""
-    return Path(__file__).resolve().parent / "demo_data"
+    return Path(__file__).resolve().parent / "data"
 
 
 def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -379,7 +379,7 @@ def evaluate(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.recipe import default_device, resolve_precision
+    from workers.training.recipe import default_device, resolve_precision
 
     device = default_device()
     dtype = torch.bfloat16 if resolve_precision("auto", device) == "bf16" else torch.float32
@@ -445,8 +445,8 @@ def run_local(
     """Train the demo adapter with the recipe alone (no platform) and evaluate it; print figures."""
     import torch
 
-    from workers.recipe import ResidentBase, TrainHooks, train_adapter
-    from workers.smollm2 import ensure_smollm2
+    from workers.bases.smollm2 import ensure_smollm2
+    from workers.training.recipe import ResidentBase, TrainHooks, train_adapter
 
     base_dir = ensure_smollm2(cache_root, progress=True)
     train = load_train()[:train_limit]
@@ -491,7 +491,7 @@ def run_local(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m loraforge.demo.skill", description=__doc__)
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--write-data", action="store_true", help="regenerate demo_data/*.jsonl")
     action.add_argument("--local", action="store_true", help="train + evaluate in-process")

@@ -103,7 +103,7 @@ class File(Base):
     __table_args__ = (Index("ix_files_tenant_created", "tenant_id", "created_at"),)
 
 
-class BaseModel(Base):
+class BaseModelRow(Base):
     __tablename__ = "base_models"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -16,9 +16,9 @@ from control_plane.settings import Settings
 
 
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
-    from control_plane.client import (
+    from loraforge.client import (
         ChecksumError,
-        LoraforgeClient,
+        Client,
         LoraforgeError,
         smallest_vllm_max_lora_rank,
         vllm_problems,
@@ -30,7 +30,7 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
         print("pull needs an API key: --api-key or LORAFORGE_API_KEY", file=sys.stderr)
         return 2
     try:
-        with LoraforgeClient(url, api_key) as client:
+        with Client(url, api_key) as client:
             path = client.pull(args.ref, args.dir, base_model_name=args.base_model_name)
     except (LoraforgeError, ChecksumError, ValueError, OSError) as exc:
         print(f"pull failed: {exc}", file=sys.stderr)

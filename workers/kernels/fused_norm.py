@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from workers.fused_lora import forwards_replaced
+from workers.kernels.fused_lora import forwards_replaced
 
 
 class RMSNormFunction(torch.autograd.Function):

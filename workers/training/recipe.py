@@ -9,15 +9,15 @@ base resident across many jobs and the Trainer owns its model.
 Where the time and memory go, and what the recipe does about it:
 
 - Padding: the examples of a micro-batch are packed into one row and attention runs within each
-  example (`workers.packing`), so no FLOP is spent on pad tokens or across example boundaries.
+  example (`workers.kernels.packing`), so no FLOP is spent on pad tokens or across example boundaries.
 - Logits: a 49k-word vocabulary makes `batch x seq x vocab` logits the largest tensor of a step.
   The backbone runs to hidden states, only positions with a label go through `lm_head`, in chunks,
   and the loss gradient is computed in the same pass (`LinearCrossEntropy`): no logits survive a
   chunk and `lm_head` runs once per trained token instead of three times.
-- LoRA layers: plain LoRA layers run as one autograd node each (`workers.fused_lora`): the scaled
+- LoRA layers: plain LoRA layers run as one autograd node each (`workers.kernels.fused_lora`): the scaled
   low-rank update accumulates into the base output instead of being a second output-sized
   tensor that is scaled and added (and the same in the backward). Llama-style RMSNorms run as
-  one node each too (`workers.fused_norm`), and AdamW as one fused kernel.
+  one node each too (`workers.kernels.fused_norm`), and AdamW as one fused kernel.
 - Precision: the frozen base stays in bf16 (never an fp32 copy) where the hardware has bf16; the
   LoRA weights and AdamW state are fp32, and their matmuls run in bf16 under autocast.
 
@@ -57,22 +57,22 @@ from transformers import (
 )
 
 from control_plane.hyperparameters import Hyperparameters
-from workers.base_models import weights_sha256
-from workers.formatting import (
-    DatasetFormatError,
-    TokenizedDataset,
-    TokenizedExample,
-    tokenize_records,
-)
-from workers.fused_lora import fused_lora_layers
-from workers.fused_norm import fused_rms_norms
-from workers.packing import (
+from workers.bases.checkpoints import weights_sha256
+from workers.kernels.fused_lora import fused_lora_layers
+from workers.kernels.fused_norm import fused_rms_norms
+from workers.kernels.packing import (
     PACKED_ATTENTION,
     LinearCrossEntropy,
     LogitsWorkspace,
     pack,
     packed_hidden_states,
     rows_of_tokens,
+)
+from workers.training.formatting import (
+    DatasetFormatError,
+    TokenizedDataset,
+    TokenizedExample,
+    tokenize_records,
 )
 
 Precision = Literal["bf16", "fp32"]

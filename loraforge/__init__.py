@@ -1,0 +1,12 @@
+"""loraforge: fine-tune LLMs with LoRA on a shared frozen base; versioned adapters with lineage.
+
+`from loraforge import Client` is the HTTP SDK (httpx only: what serving clusters and the
+operator need). The rest of this package is the composition root that wires the control plane
+and the workers together: the `loraforge` CLI (`loraforge.cli`), the embedded platform
+(`loraforge.embedded`), the celery app and its tasks (`loraforge.tasks`) and the demo
+(`loraforge.demo`). It is the only package that imports both `control_plane` and `workers`.
+"""
+
+from loraforge.client import ChecksumError, Client, LoraforgeError, TargetNotEmptyError
+
+__all__ = ["ChecksumError", "Client", "LoraforgeError", "TargetNotEmptyError"]
