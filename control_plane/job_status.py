@@ -1,0 +1,40 @@
+"""The one vocabulary for a job's state, and the sets the queue and the API reason with.
+
+A job moves `validating_files → queued → running → succeeded | failed | cancelled`
+(`cancelling` sits between `running` and `cancelled` while the worker winds down). Code
+compares with these members, never with bare strings; SQL binds the sets as parameters
+(`status = ANY(:active)` or SQLAlchemy's `in_()`) so no status list is written twice.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class JobStatus(StrEnum):
+    """Where a job stands. A `StrEnum`, so a member is its own database and JSON value."""
+
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.RUNNING, JobStatus.CANCELLING})
+"""A worker holds the job's lease: it counts against the tenant's running limit."""
+
+TERMINAL: frozenset[JobStatus] = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+"""The job is over: nothing moves it again."""
+
+UNFINISHED: frozenset[JobStatus] = frozenset(JobStatus) - TERMINAL
+"""Not over yet: waiting for validation, queued, or held by a worker."""
+
+
+def as_values(statuses: frozenset[JobStatus]) -> list[str]:
+    """A set as a sorted list of plain strings, ready to bind as `= ANY(:param)` in SQL."""
+    return sorted(str(status) for status in statuses)
