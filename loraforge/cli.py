@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
 
 from control_plane.settings import Settings
-from loraforge.embedded import (
-    DEFAULT_TENANT,
-    ensure_admin_key,
-    make_default_base_available,
-    start_celery_worker,
-    start_trainer_process,
-)
+from loraforge.embedded import DEFAULT_TENANT, embedded_platform, stop_on_sigterm
 from loraforge.registry_cli import add_registry_commands
+from loraforge.serve_cli import add_serve_commands
+from loraforge.supervise import HomeInUseError
 
 
 def _database_url(settings: Settings) -> str:
@@ -85,72 +80,52 @@ def cmd_base_add(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run this node's trainer actors (one per GPU, one on the CPU) until interrupted."""
-    import ray
-
     from control_plane import db
-    from workers.actor import start_trainers
+    from loraforge.worker import run_worker
 
     url = _database_url(settings)
     db.upgrade(url)
-    actors = start_trainers(settings, url, count=args.trainers)
-    print(f"{len(actors)} trainer(s) running; Ctrl-C stops them")
-    sys.stdout.flush()
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)  # a parent's terminate() stops them the same way
-    loops = [actor.run.remote() for actor in actors]
-    try:
-        ray.get(loops)
-    except KeyboardInterrupt:
-        # A running job stops at its next step, checkpoints it and goes back to the queue at once.
-        ray.get([actor.stop.remote() for actor in actors], timeout=10)
-        ray.wait(loops, num_returns=len(loops), timeout=15)
-    finally:
-        ray.shutdown()
-    return 0
+    stop_on_sigterm()  # a parent's SIGTERM stops the trainers the way Ctrl-C does
+    return run_worker(settings, url, count=args.trainers)
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """The embedded platform until Ctrl-C or SIGTERM; then every child it started stops."""
     import uvicorn
 
-    from control_plane import db
     from control_plane.api.app import create_app
-    from control_plane.services import build_services
-    from loraforge import tasks
 
-    settings.home.mkdir(parents=True, exist_ok=True)
-    url = _database_url(settings)
-    db.upgrade(url)
-    key = ensure_admin_key(settings, url)
-    services = build_services(settings, database_url=url)
-    if not args.no_default_base:
-        make_default_base_available(services)
-    tasks.configure(services)
-    celery = start_celery_worker(url, settings)
-    trainer = None if args.no_trainer else start_trainer_process(url, settings)
-    port = args.port or settings.port
-    base = f"http://{settings.host}:{port}"
-    print(f"loraforge is up at {base}  (OpenAPI: {base}/docs)")
-    print(f"admin key: {key}")
-    print(f"data: {settings.home}")
-    sys.stdout.flush()
+    stop_on_sigterm()
     try:
-        uvicorn.run(create_app(services), host=settings.host, port=port, log_level="warning")
-    finally:
-        for child in (celery, trainer):
-            if child is not None:
-                child.terminate()
-                child.wait(timeout=30)
-        services.close()
+        with embedded_platform(
+            settings, trainer=not args.no_trainer, default_base=not args.no_default_base
+        ) as platform:
+            port = args.port or settings.port
+            base = f"http://{settings.host}:{port}"
+            print(f"loraforge is up at {base}  (OpenAPI: {base}/docs)")
+            print(f"admin key: {platform.admin_key}")
+            print(f"data: {settings.home}")
+            sys.stdout.flush()
+            app = create_app(platform.services)
+            uvicorn.run(app, host=settings.host, port=port, log_level="warning")
+    except HomeInUseError as exc:
+        print(f"loraforge up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    print("loraforge stopped", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from loraforge.demo.run import run_demo
 
-    return run_demo(settings)
+    stop_on_sigterm()
+    try:
+        return run_demo(settings)
+    except HomeInUseError as exc:
+        print(f"loraforge demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     base_add.set_defaults(func=cmd_base_add)
 
     add_registry_commands(sub)
+    add_serve_commands(sub)
 
     migrate = sub.add_parser("migrate", help="bring the database schema to a revision")
     migrate.add_argument("revision", nargs="?", default="head")

@@ -1,17 +1,39 @@
-"""The embedded platform's parts, shared by `loraforge up` and `loraforge demo`: the bootstrap
-admin key, the child processes (celery with beat, the trainer worker) and the default base."""
+"""The embedded platform that `loraforge up` and `loraforge demo` run: its PostgreSQL, the
+bootstrap admin key, the supervised children (celery with beat, the trainer worker) and the
+default base.
+
+`embedded_platform()` owns all of it for as long as its `with` block runs: it takes the home's
+lock (one `up` per home), starts the embedded PostgreSQL (restarted if it stops answering), the
+children (restarted when they exit), and on the way out stops the children (SIGTERM to their
+process groups, up to `TRAINER_STOP_GRACE_S` for a trainer to checkpoint its step, then
+SIGKILL) and the PostgreSQL it started. Whoever runs it turns SIGTERM into KeyboardInterrupt
+(`stop_on_sigterm`), so Kubernetes', systemd's and Docker's stop ends it the way Ctrl-C does.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import subprocess
+import signal
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
 
 from control_plane import db, tenants
-from control_plane.services import Services
+from control_plane.services import Services, build_services
 from control_plane.settings import Settings
+from loraforge import tasks
+from loraforge.supervise import ChildSpec, HomeLock, Supervisor
 from workers.bases.checkpoints import BaseModelError
 from workers.bases.registration import ensure_default_base
+
+# A trainer stopped with SIGTERM finishes its step, checkpoints it and hands the job back.
+TRAINER_STOP_GRACE_S = 30.0
+CELERY_STOP_GRACE_S = 10.0
 
 DEFAULT_TENANT = "default"
 
@@ -44,15 +66,7 @@ def ensure_admin_key(settings: Settings, database_url: str) -> str:
     return plaintext
 
 
-def start_trainer_process(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
-    """`loraforge worker` as a child process sharing this process's settings."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "loraforge.cli", "worker"],
-        env=_child_env(database_url, settings),
-    )
-
-
-def _child_env(database_url: str, settings: Settings) -> dict[str, str]:
+def child_env(database_url: str, settings: Settings) -> dict[str, str]:
     """This process's environment plus every setting, so that children (celery, trainers) see
     the same database, store, broker and limits however this process got them."""
     env = dict(os.environ)
@@ -62,9 +76,20 @@ def _child_env(database_url: str, settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Popen[bytes]:
-    """The celery worker as a child process that shares this process's settings."""
-    return subprocess.Popen(
+def trainer_spec(database_url: str, settings: Settings) -> ChildSpec:
+    """`loraforge worker` as a child sharing this process's settings."""
+    return ChildSpec(
+        "trainer worker",
+        [sys.executable, "-m", "loraforge.cli", "worker"],
+        child_env(database_url, settings),
+        stop_grace_s=TRAINER_STOP_GRACE_S,
+    )
+
+
+def celery_spec(database_url: str, settings: Settings) -> ChildSpec:
+    """The celery worker with its beat (queue maintenance) as a child."""
+    return ChildSpec(
+        "celery",
         [
             sys.executable,
             "-m",
@@ -82,8 +107,103 @@ def start_celery_worker(database_url: str, settings: Settings) -> subprocess.Pop
             "-s",
             str(settings.home / "celerybeat-schedule"),
         ],
-        env=_child_env(database_url, settings),
+        child_env(database_url, settings),
+        stop_grace_s=CELERY_STOP_GRACE_S,
     )
+
+
+class EmbeddedPostgres:
+    """The PostgreSQL (through `pgserver`) that an embedded platform owns: started with it,
+    restarted when it stops answering, stopped with it."""
+
+    name = "embedded PostgreSQL"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start the server (or find it running) and return its SQLAlchemy URL."""
+        import pgserver
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: this object decides when the server stops, not pgserver's atexit.
+        self._server = pgserver.get_server(self.data_dir, cleanup_mode=None)  # type: ignore[attr-defined]
+        return db.normalize_url(str(self._server.get_uri()))
+
+    def alive(self) -> bool:
+        try:
+            with psycopg.connect(db.libpq_url(self._server.get_uri()), connect_timeout=3) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
+    def restart(self) -> None:
+        with self._server._lock:  # pgserver's own inter-process lock around starting a server
+            self._server.ensure_postgres_running()
+
+    def stop(self) -> None:
+        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
+
+        if self._server is None:
+            return
+        with contextlib.suppress(Exception):  # already stopped
+            pg_ctl(
+                ["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user
+            )
+        self._server = None
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What a running embedded platform gives its caller."""
+
+    database_url: str
+    admin_key: str
+    services: Services
+    supervisor: Supervisor
+
+
+@contextlib.contextmanager
+def embedded_platform(
+    settings: Settings, *, trainer: bool = True, default_base: bool = True
+) -> Iterator[Platform]:
+    """Run the embedded platform for the duration of the block (see the module docstring)."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with HomeLock(settings.home), contextlib.ExitStack() as stack:
+        postgres: EmbeddedPostgres | None = None
+        if settings.embedded_database:
+            postgres = EmbeddedPostgres(settings.home / "pgdata")
+            stack.callback(postgres.stop)
+            url = postgres.start()
+        else:
+            url = db.resolve_database_url(settings)
+        db.upgrade(url)
+        key = ensure_admin_key(settings, url)
+        services = build_services(settings, database_url=url)
+        stack.callback(services.close)
+        if default_base:
+            make_default_base_available(services)
+        tasks.configure(services)
+        specs = [celery_spec(url, settings)]
+        if trainer:
+            specs.append(trainer_spec(url, settings))
+        supervisor = Supervisor(specs, watched=[postgres] if postgres is not None else [])
+        stack.callback(supervisor.stop)
+        supervisor.start()
+        yield Platform(url, key, services, supervisor)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (what Kubernetes, systemd and Docker send) end the process as Ctrl-C does:
+    a KeyboardInterrupt that runs every `finally` (uvicorn re-raises the signal it captured
+    once it has shut down, which lands here)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def make_default_base_available(services: Services) -> None:

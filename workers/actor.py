@@ -101,19 +101,24 @@ def start_trainers(settings: Settings, database_url: str, *, count: int | None =
     """Start the trainer actors of this node; returns their handles (call `run` once on each
     to start its loop)."""
     init_ray(settings)
-    count = count or trainer_count()
-    gpus = 1 if trainer_count() > 0 and _has_gpu() else 0
-    actors = []
-    for index in range(count):
-        worker_id = f"{socket.gethostname()}-trainer-{index}-{os.getpid()}"
-        actor = TrainerActor.options(num_gpus=gpus, num_cpus=1, name=None).remote(
-            settings.model_dump_json(),
-            database_url,
-            worker_id,
-            str(settings.home / "worker" / f"trainer-{index}"),
-        )
-        actors.append(actor)
-    return actors
+    return [
+        start_trainer(settings, database_url, index) for index in range(count or trainer_count())
+    ]
+
+
+def start_trainer(settings: Settings, database_url: str, index: int, *, generation: int = 0) -> Any:
+    """Start trainer `index` of this node (`generation` counts its replacements, so that a
+    replacement never takes the lease identity of the actor it replaces)."""
+    init_ray(settings)
+    gpus = 1 if _has_gpu() else 0
+    suffix = f".{generation}" if generation else ""
+    worker_id = f"{socket.gethostname()}-trainer-{index}{suffix}-{os.getpid()}"
+    return TrainerActor.options(num_gpus=gpus, num_cpus=1, name=None).remote(
+        settings.model_dump_json(),
+        database_url,
+        worker_id,
+        str(settings.home / "worker" / f"trainer-{index}"),
+    )
 
 
 def _has_gpu() -> bool:

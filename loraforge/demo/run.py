@@ -12,14 +12,12 @@ import json
 import time
 from typing import Any
 
-from control_plane import db, registry
+from control_plane import registry
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.services import build_services
 from control_plane.settings import Settings
-from loraforge import tasks
 from loraforge.client import Client
-from loraforge.embedded import ensure_admin_key, start_celery_worker, start_trainer_process
+from loraforge.embedded import embedded_platform
 from workers.bases.smollm2 import MODEL_NAME
 
 ADAPTER_NAME = "demo-json-extract"
@@ -66,19 +64,14 @@ def run_demo(settings: Settings) -> int:
     from workers.bases.registration import ensure_default_base
     from workers.bases.smollm2 import ensure_smollm2
 
-    settings.home.mkdir(parents=True, exist_ok=True)
-    url = db.resolve_database_url(settings)
-    db.upgrade(url)
-    key = ensure_admin_key(settings, url)
-    services = build_services(settings, database_url=url)
-    ensure_default_base(services, progress=True)
-    base_dir = ensure_smollm2(settings.home / "bases", progress=False)  # cached by now
-    tasks.configure(services)
-    children = [start_celery_worker(url, settings), start_trainer_process(url, settings)]
-    try:
+    # The platform stops (every child, and PostgreSQL) before the scoring, which needs no server.
+    with embedded_platform(settings, default_base=False) as platform:
+        services = platform.services
+        ensure_default_base(services, progress=True)
+        base_dir = ensure_smollm2(settings.home / "bases", progress=False)  # cached by now
         with (
             serve_in_thread(create_app(services)) as base_url,
-            Client(base_url, key, timeout=120) as client,
+            Client(base_url, platform.admin_key, timeout=120) as client,
         ):
             print(f"loraforge is up at {base_url} (admin key in {settings.home / 'admin-key'})")
             uploaded = client.upload_file(demo_data_dir() / "train.jsonl")
@@ -108,14 +101,9 @@ def run_demo(settings: Settings) -> int:
                 f"{ADAPTER_NAME}@{version['version']}", settings.home / "pulled" / ADAPTER_NAME
             )
             print(f"pulled to {target}")
-        heldout = load_heldout()
-        print(f"scoring {len(heldout)} held-out prompts (none is in the training set)...")
-        base_score, adapter_score, rows = evaluate(base_dir, target, heldout)
-        print(format_rows(rows))
-        print(summary(base_score, adapter_score, len(heldout)))
-        return 0
-    finally:
-        for child in children:
-            child.terminate()
-            child.wait(timeout=30)
-        services.close()
+    heldout = load_heldout()
+    print(f"scoring {len(heldout)} held-out prompts (none is in the training set)...")
+    base_score, adapter_score, rows = evaluate(base_dir, target, heldout)
+    print(format_rows(rows))
+    print(summary(base_score, adapter_score, len(heldout)))
+    return 0

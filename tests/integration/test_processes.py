@@ -7,6 +7,7 @@ SQLAlchemy transport on the same PostgreSQL) and store by itself.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from control_plane import jobs
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from loraforge import tasks
-from loraforge.cli import start_celery_worker
+from loraforge.embedded import celery_spec
 from tests.factories import create_validating_job, make_base, make_tenant, upload_records
 
 RECORDS = [{"prompt": f"{n} + 1 =", "completion": f" {n + 1}"} for n in range(5)]
@@ -41,7 +42,8 @@ def test_celery_worker_child_validates_jobs_over_the_database_broker(
     file_id = upload_records(services, tenant.id, RECORDS)
     job_id = create_validating_job(services.engine, tenant.id, base.id, file_id)
     broker = tasks.broker_url_for(services.settings, services.database_url)
-    child = start_celery_worker(services.database_url, services.settings)
+    spec = celery_spec(services.database_url, services.settings)
+    child = subprocess.Popen(list(spec.argv), env=spec.env)
     try:
         with tasks.celery_app.connection_for_write(broker) as connection:
             tasks.validate_job_files.apply_async((job_id,), connection=connection)

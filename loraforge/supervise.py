@@ -1,0 +1,221 @@
+"""Supervision of what `loraforge up` and `loraforge demo` start, and single ownership of a home.
+
+- `HomeLock`: one `up` (or `demo`) per `LORAFORGE_HOME`. An exclusive `flock` on
+  `<home>/up.lock`, with the holder's pid written in it; the kernel drops it when the process
+  ends however it ends (kill -9 included), so a stale lock never blocks a later start.
+- `Child`: a child process in a process group of its own, so that stopping it reaches what it
+  started too (celery's pool, the worker's local Ray instance and its trainer actors). Stopping
+  sends SIGTERM to the group, waits a bounded grace, then SIGKILLs the group.
+- `Supervisor`: restarts a child that exits while the platform runs (backoff doubling from 1 s to
+  30 s, reset once a child has stayed up for a minute), and restarts the embedded PostgreSQL when
+  it stops answering; each restart is one log line that says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol
+
+import psutil
+
+log = logging.getLogger("loraforge.supervise")
+
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0
+
+
+class HomeInUseError(Exception):
+    """Another `loraforge up` or `demo` holds this home."""
+
+
+class HomeLock:
+    """Exclusive ownership of a home while `up` or `demo` runs (see the module docstring)."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = Path(home) / "up.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise HomeInUseError(
+                f"{self.path.parent} is in use by a running loraforge (pid {holder}); stop it "
+                f"first (Ctrl-C there, or `kill -TERM {holder}`), or set LORAFORGE_HOME to "
+                "another directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> HomeLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+@dataclass
+class ChildSpec:
+    """How to start one supervised child, and how long it may take to stop on SIGTERM."""
+
+    name: str
+    argv: Sequence[str]
+    env: dict[str, str]
+    stop_grace_s: float = 10.0
+
+
+@dataclass
+class Child:
+    """One running child (restarted in place by the supervisor)."""
+
+    spec: ChildSpec
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff_s: float = BACKOFF_START_S
+    restart_at: float | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        # A session of its own: the child leads a process group that SIGTERM/SIGKILL reach whole.
+        self.process = subprocess.Popen(
+            list(self.spec.argv), env=self.spec.env, start_new_session=True
+        )
+        self.started_at = time.monotonic()
+        self.restart_at = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def exited(self) -> int | None:
+        """The exit code once the child has ended (None while it runs)."""
+        return self.process.poll() if self.process is not None else None
+
+    def signal_group(self, signum: int) -> None:
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signum)
+
+    def kill_session(self) -> None:
+        """SIGKILL every process left in the child's session: its group, and the groups its
+        descendants made for themselves (Ray gives each worker process a group of its own)."""
+        if self.process is None:
+            return
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError, PermissionError):
+                if os.getsid(proc.pid) == self.process.pid:
+                    proc.kill()
+
+
+class Watched(Protocol):
+    """A dependency the supervisor keeps alive (the embedded PostgreSQL)."""
+
+    name: str
+
+    def alive(self) -> bool: ...
+
+    def restart(self) -> None: ...
+
+
+@dataclass
+class Supervisor:
+    """Starts the children, restarts them when they exit, and stops them all together."""
+
+    specs: Sequence[ChildSpec]
+    watched: Sequence[Watched] = ()
+    check_every_s: float = 1.0
+    children: list[Child] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    on_restart: Callable[[str, str], None] | None = None
+
+    def start(self) -> None:
+        self.children = [Child(spec) for spec in self.specs]
+        for child in self.children:
+            child.start()
+        self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.check_every_s):
+            for dependency in self.watched:
+                self._check_dependency(dependency)
+            for child in self.children:
+                self._check_child(child)
+
+    def _check_dependency(self, dependency: Watched) -> None:
+        if self._stop.is_set() or dependency.alive():
+            return
+        self._say(dependency.name, f"{dependency.name} stopped answering; restarting it")
+        try:
+            dependency.restart()
+        except Exception as exc:  # retried at the next check
+            self._say(dependency.name, f"restarting {dependency.name} failed: {exc}")
+
+    def _check_child(self, child: Child) -> None:
+        now = time.monotonic()
+        if child.restart_at is not None:
+            if now >= child.restart_at and not self._stop.is_set():
+                child.restarts += 1
+                child.start()
+            return
+        code = child.exited()
+        if code is None:
+            if now - child.started_at > STABLE_AFTER_S:
+                child.backoff_s = BACKOFF_START_S
+            return
+        child.restart_at = now + child.backoff_s
+        self._say(
+            child.spec.name,
+            f"{child.spec.name} (pid {child.pid}) exited with code {code}; "
+            f"restarting it in {child.backoff_s:.0f} s",
+        )
+        child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
+
+    def _say(self, name: str, message: str) -> None:
+        log.warning("loraforge: %s", message)
+        if self.on_restart is not None:
+            self.on_restart(name, message)
+
+    def stop(self) -> None:
+        """SIGTERM every child's group at once, wait up to each one's grace, SIGKILL the rest."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.check_every_s + 5)
+        for child in self.children:
+            child.signal_group(signal.SIGTERM)
+        for child in self.children:
+            if child.process is None:
+                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=child.spec.stop_grace_s)
+            # What outlives the grace (a grandchild that ignored SIGTERM) is killed, all of it.
+            child.kill_session()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.process.wait(timeout=5)
