@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import cast
 
-from sqlalchemy import Connection, Table, and_, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Table, func, insert, select, update
 
+from control_plane.pagination import newest_first
 from control_plane.records import FileRecord
 from control_plane.tables import File
 
@@ -70,27 +71,20 @@ def list_files(
     after: str | None = None,
     limit: int = 100,
 ) -> tuple[list[FileRecord], bool]:
-    query = select(files).where(files.c.tenant_id == tenant_id, files.c.deleted_at.is_(None))
+    """Newest first, deleted files left out; `after` is the id of the last file of the
+    previous page."""
+    filters: list[ColumnElement[bool]] = [files.c.deleted_at.is_(None)]
     if purpose is not None:
-        query = query.where(files.c.purpose == purpose)
-    if after is not None:
-        cursor = conn.execute(
-            select(files.c.created_at, files.c.id).where(
-                files.c.id == after, files.c.tenant_id == tenant_id
-            )
-        ).one_or_none()
-        if cursor is None:
-            raise LookupError(after)
-        query = query.where(
-            or_(
-                files.c.created_at < cursor.created_at,
-                and_(files.c.created_at == cursor.created_at, files.c.id < cursor.id),
-            )
-        )
-    rows = conn.execute(
-        query.order_by(files.c.created_at.desc(), files.c.id.desc()).limit(limit + 1)
-    ).all()
-    return [FileRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+        filters.append(files.c.purpose == purpose)
+    rows, more = newest_first(
+        conn,
+        files,
+        scope=files.c.tenant_id == tenant_id,
+        filters=filters,
+        after=after,
+        limit=limit,
+    )
+    return [FileRecord.from_row(r) for r in rows], more
 
 
 def mark_deleted(conn: Connection, tenant_id: str, file_id: str) -> bool:
@@ -101,18 +95,3 @@ def mark_deleted(conn: Connection, tenant_id: str, file_id: str) -> bool:
         .values(deleted_at=func.now())
     )
     return result.rowcount == 1
-
-
-def used_by_unfinished_job(conn: Connection, file_id: str) -> str | None:
-    """The id of an unfinished job that still needs this file, if any."""
-    from control_plane.tables import Job
-
-    jobs = Job.__table__
-    return conn.execute(
-        select(jobs.c.id)
-        .where(
-            or_(jobs.c.training_file_id == file_id, jobs.c.validation_file_id == file_id),
-            jobs.c.status.in_(("validating_files", "queued", "running", "cancelling")),
-        )
-        .limit(1)
-    ).scalar()

@@ -34,6 +34,9 @@ TERMINAL: frozenset[JobStatus] = frozenset(
 UNFINISHED: frozenset[JobStatus] = frozenset(JobStatus) - TERMINAL
 """Not over yet: waiting for validation, queued, or held by a worker."""
 
+WAITING: frozenset[JobStatus] = UNFINISHED - ACTIVE
+"""Not claimed by a worker yet: cancelling one of these ends it at once."""
+
 
 def as_values(statuses: frozenset[JobStatus]) -> list[str]:
     """A set as a sorted list of plain strings, ready to bind as `= ANY(:param)` in SQL."""

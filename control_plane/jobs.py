@@ -1,6 +1,8 @@
-"""Job records: creation (with idempotency), tenant-scoped reads, pagination, checkpoints.
+"""Job records: creation (with idempotency), reads, pagination, checkpoints.
 
-State transitions after creation belong to `control_plane.queue`.
+The one home of SQL that reads `jobs` (and of the two writes that are not state changes: the
+insert, and rebuild restoring a continue-from link). State transitions after creation belong
+to `control_plane.queue`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, and_, func, insert, or_, select
+from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.events import add_event
 from control_plane.ids import new_id
+from control_plane.job_status import UNFINISHED, JobStatus, as_values
+from control_plane.pagination import newest_first, trim
 from control_plane.records import CheckpointRecord, JobRecord
-from control_plane.tables import Job, JobCheckpoint
+from control_plane.tables import AdapterVersion, Job, JobCheckpoint
 
 jobs = cast(Table, Job.__table__)
 checkpoints = cast(Table, JobCheckpoint.__table__)
+versions = cast(Table, AdapterVersion.__table__)
 
 
 class IdempotencyConflictError(Exception):
@@ -59,7 +64,7 @@ def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:
     values = {
         "id": new_id("job"),
         "tenant_id": new.tenant_id,
-        "status": "validating_files",
+        "status": JobStatus.VALIDATING_FILES,
         "base_model_id": new.base_model_id,
         "training_file_id": new.training_file_id,
         "validation_file_id": new.validation_file_id,
@@ -82,7 +87,7 @@ def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:
         if existing is None:
             raise
         return _replay(existing, request_hash), False
-    add_event(conn, row.id, "Validating training file", data={"status": "validating_files"})
+    add_event(conn, row.id, "Validating training file", data={"status": JobStatus.VALIDATING_FILES})
     return JobRecord.from_row(row), True
 
 
@@ -114,29 +119,19 @@ def get_job_unscoped(conn: Connection, job_id: str) -> JobRecord | None:
     return JobRecord.from_row(row) if row else None
 
 
+def job_parent_version_id(conn: Connection, job_id: str) -> str | None:
+    """The id of the version a job continues from, as its row says now."""
+    return conn.execute(select(jobs.c.parent_version_id).where(jobs.c.id == job_id)).scalar()
+
+
 def list_jobs(
     conn: Connection, tenant_id: str, *, after: str | None, limit: int
 ) -> tuple[list[JobRecord], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
-    query = select(jobs).where(jobs.c.tenant_id == tenant_id)
-    if after is not None:
-        cursor = conn.execute(
-            select(jobs.c.created_at, jobs.c.id).where(
-                jobs.c.id == after, jobs.c.tenant_id == tenant_id
-            )
-        ).one_or_none()
-        if cursor is None:
-            raise LookupError(after)
-        query = query.where(
-            or_(
-                jobs.c.created_at < cursor.created_at,
-                and_(jobs.c.created_at == cursor.created_at, jobs.c.id < cursor.id),
-            )
-        )
-    rows = conn.execute(
-        query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit + 1)
-    ).all()
-    return [JobRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+    rows, more = newest_first(
+        conn, jobs, scope=jobs.c.tenant_id == tenant_id, after=after, limit=limit
+    )
+    return [JobRecord.from_row(r) for r in rows], more
 
 
 def add_checkpoint(
@@ -176,8 +171,10 @@ def list_checkpoints(
         if step is None:
             raise LookupError(after)
         query = query.where(checkpoints.c.step < step)
-    rows = conn.execute(query.order_by(checkpoints.c.step.desc()).limit(limit + 1)).all()
-    return [CheckpointRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+    rows, more = trim(
+        conn.execute(query.order_by(checkpoints.c.step.desc()).limit(limit + 1)).all(), limit
+    )
+    return [CheckpointRecord.from_row(r) for r in rows], more
 
 
 def latest_checkpoint(conn: Connection, job_id: str) -> CheckpointRecord | None:
@@ -191,7 +188,7 @@ def list_succeeded_models(conn: Connection, tenant_id: str) -> list[JobRecord]:
         select(jobs)
         .where(
             jobs.c.tenant_id == tenant_id,
-            jobs.c.status == "succeeded",
+            jobs.c.status == JobStatus.SUCCEEDED,
             jobs.c.fine_tuned_model.is_not(None),
         )
         .order_by(jobs.c.finished_at.desc())
@@ -202,5 +199,53 @@ def list_succeeded_models(conn: Connection, tenant_id: str) -> list[JobRecord]:
 def stuck_in_validation(conn: Connection, *, older_than_seconds: float) -> list[str]:
     """Ids of jobs still in `validating_files` after this long (their task was lost)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
-    query = select(jobs.c.id).where(jobs.c.status == "validating_files", jobs.c.created_at < cutoff)
+    query = select(jobs.c.id).where(
+        jobs.c.status == JobStatus.VALIDATING_FILES, jobs.c.created_at < cutoff
+    )
     return list(conn.execute(query).scalars())
+
+
+def unfinished_job_using_file(conn: Connection, file_id: str) -> str | None:
+    """The id of an unfinished job that still needs this file (to train or evaluate on)."""
+    return conn.execute(
+        select(jobs.c.id)
+        .where(
+            (jobs.c.training_file_id == file_id) | (jobs.c.validation_file_id == file_id),
+            jobs.c.status.in_(as_values(UNFINISHED)),
+        )
+        .limit(1)
+    ).scalar()
+
+
+def unfinished_job_continuing_from(conn: Connection, version_id: str) -> str | None:
+    """The oldest unfinished job that starts from this adapter version, if any."""
+    return conn.execute(
+        select(jobs.c.id)
+        .where(jobs.c.parent_version_id == version_id, jobs.c.status.in_(as_values(UNFINISHED)))
+        .order_by(jobs.c.created_at)
+        .limit(1)
+    ).scalar()
+
+
+def committed_models(conn: Connection, job_ids: list[str]) -> dict[str, str | None]:
+    """For each of these jobs that exists: the model it committed (`name@version`), or None
+    when it has not succeeded. Rebuild uses it to tell a committed version's manifest from
+    one a crash left behind."""
+    rows = conn.execute(
+        select(jobs.c.id, jobs.c.status, jobs.c.fine_tuned_model).where(jobs.c.id.in_(job_ids))
+    )
+    return {r.id: r.fine_tuned_model if r.status == JobStatus.SUCCEEDED else None for r in rows}
+
+
+def restore_parent_version(conn: Connection, job_id: str, version_id: str) -> None:
+    """Relink a job to the version it continued from (rebuild), unless it already names one
+    or that version was not restored."""
+    conn.execute(
+        update(jobs)
+        .where(
+            jobs.c.id == job_id,
+            jobs.c.parent_version_id.is_(None),
+            select(versions.c.id).where(versions.c.id == version_id).exists(),
+        )
+        .values(parent_version_id=version_id)
+    )

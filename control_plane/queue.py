@@ -19,14 +19,32 @@ from sqlalchemy import Connection, Engine, text
 
 from control_plane.db import libpq_url
 from control_plane.events import add_event
+from control_plane.job_status import ACTIVE, UNFINISHED, WAITING, JobStatus, as_values
 from control_plane.records import JobRecord
 
 JOBS_CHANNEL = "loraforge_jobs"
 CANCEL_CHANNEL = "loraforge_cancel"
-ACTIVE_STATUSES = ("running", "cancelling")
 # A claim ranks every claimable job but locks among the best few only; more claimers than this
 # claiming at the same instant could find all of them locked and see an empty queue for a moment.
 CLAIM_CANDIDATES = 64
+
+
+# Every statement here binds the statuses it names (`:queued`, `:running`, ...) and the sets
+# (`status = ANY(:active)`), so the vocabulary lives in `control_plane.job_status` alone.
+_STATUSES: dict[str, Any] = {
+    **{status.name.lower(): status.value for status in JobStatus},
+    "active": as_values(ACTIVE),
+    "unfinished": as_values(UNFINISHED),
+    "waiting": as_values(WAITING),
+}
+
+# When a retried job may run again: `retry_backoff_seconds` doubled per attempt used.
+_BACKOFF_RUN_AFTER = "now() + make_interval(secs => :backoff * power(2, greatest(attempt - 1, 0)))"
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    """A statement's parameters plus the statuses and status sets that every statement binds."""
+    return {**_STATUSES, **values}
 
 
 def _notify_queued(conn: Connection, base_model_id: str) -> None:
@@ -58,7 +76,7 @@ _CLAIM = text(
     """
     WITH running AS (
         SELECT tenant_id, count(*) AS n FROM jobs
-        WHERE status IN ('running', 'cancelling') GROUP BY tenant_id
+        WHERE status = ANY(:active) GROUP BY tenant_id
     ),
     eligible AS (
         SELECT j.id, j.priority, j.base_model_id, j.created_at, t.last_claimed_at,
@@ -71,7 +89,7 @@ _CLAIM = text(
         FROM jobs j
         JOIN tenants t ON t.id = j.tenant_id
         LEFT JOIN running r ON r.tenant_id = j.tenant_id
-        WHERE j.status = 'queued' AND j.run_after <= now()
+        WHERE j.status = :queued AND j.run_after <= now()
           AND coalesce(r.n, 0) < coalesce(t.max_running_jobs, :default_limit)
           AND j.tenant_id <> ALL(CAST(:excluded AS text[]))
     ),
@@ -86,13 +104,13 @@ _CLAIM = text(
     ),
     picked AS (
         SELECT j.id FROM candidates c JOIN jobs j ON j.id = c.id
-        WHERE j.status = 'queued'
+        WHERE j.status = :queued
         ORDER BY c.position
         LIMIT 1
         FOR UPDATE OF j SKIP LOCKED
     ),
     claimed AS (
-        UPDATE jobs SET status = 'running',
+        UPDATE jobs SET status = :running,
                         attempt = jobs.attempt + 1,
                         lease_owner = :worker,
                         lease_expires_at = now() + make_interval(secs => :lease),
@@ -112,7 +130,7 @@ _CLAIM = text(
         SELECT id,
                'Job started by ' || :worker || ' (attempt ' || attempt || ' of '
                    || max_attempts || ')',
-               jsonb_build_object('status', 'running', 'attempt', attempt, 'worker', :worker)
+               jsonb_build_object('status', CAST(:running AS text), 'attempt', attempt, 'worker', :worker)
         FROM claimed
         RETURNING job_id
     )
@@ -121,10 +139,51 @@ _CLAIM = text(
     """
 )
 
+_FAIL = text(
+    f"""
+    UPDATE jobs SET
+      status = CASE
+        WHEN cancel_requested THEN :cancelled
+        WHEN :retryable AND attempt < max_attempts THEN :queued
+        ELSE :failed END,
+      run_after = {_BACKOFF_RUN_AFTER},
+      finished_at = CASE WHEN cancel_requested OR NOT (:retryable AND attempt < max_attempts)
+                         THEN now() END,
+      lease_owner = NULL, lease_expires_at = NULL,
+      error_code = :code, error_message = :message
+    WHERE id = :id AND lease_owner = :worker AND status = ANY(:active)
+    RETURNING *
+    """
+)
+
+_REAP = text(
+    f"""
+    UPDATE jobs SET
+      status = CASE
+        WHEN cancel_requested THEN :cancelled
+        WHEN attempt >= max_attempts THEN :failed
+        ELSE :queued END,
+      run_after = {_BACKOFF_RUN_AFTER},
+      finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN now() END,
+      error_code = CASE WHEN cancel_requested THEN error_code ELSE 'lease_expired' END,
+      error_message = CASE WHEN cancel_requested THEN error_message ELSE
+        'the worker ' || coalesce(lease_owner, '?') || ' stopped renewing its lease'
+        || CASE WHEN attempt >= max_attempts
+                THEN ' and the job used all ' || max_attempts || ' attempts' ELSE '' END
+      END,
+      lease_owner = NULL, lease_expires_at = NULL
+    WHERE id IN (
+      SELECT id FROM jobs WHERE status = ANY(:active)
+        AND lease_expires_at < now() FOR UPDATE SKIP LOCKED
+    )
+    RETURNING *
+    """
+)
+
 _TENANT_RUNNING = text(
     """
     SELECT (SELECT count(*) FROM jobs j
-            WHERE j.tenant_id = t.id AND j.status IN ('running', 'cancelling')) AS running,
+            WHERE j.tenant_id = t.id AND j.status = ANY(:active)) AS running,
            coalesce(t.max_running_jobs, :default_limit) AS max_running
     FROM tenants t WHERE t.id = :tenant
     """
@@ -154,14 +213,16 @@ class JobQueue:
         with self.engine.begin() as conn:
             row = conn.execute(
                 text(
-                    "UPDATE jobs SET status = 'queued', run_after = now() "
-                    "WHERE id = :id AND status = 'validating_files' RETURNING *"
+                    "UPDATE jobs SET status = :queued, run_after = now() "
+                    "WHERE id = :id AND status = :validating_files RETURNING *"
                 ),
-                {"id": job_id},
+                _params(id=job_id),
             ).one_or_none()
             if row is None:
-                raise JobStateError(job_id, self._status(conn, job_id), "queued")
-            add_event(conn, job_id, "Files validated; job queued", data={"status": "queued"})
+                raise JobStateError(job_id, self._status(conn, job_id), JobStatus.QUEUED)
+            add_event(
+                conn, job_id, "Files validated; job queued", data={"status": JobStatus.QUEUED}
+            )
             _notify_queued(conn, row.base_model_id)
         return JobRecord.from_row(row)
 
@@ -172,11 +233,11 @@ class JobQueue:
         with self.engine.begin() as conn:
             row = conn.execute(
                 text(
-                    "UPDATE jobs SET status = 'failed', finished_at = now(), error_code = :code, "
+                    "UPDATE jobs SET status = :failed, finished_at = now(), error_code = :code, "
                     "error_message = :message, error_param = :param "
-                    "WHERE id = :id AND status = 'validating_files' RETURNING *"
+                    "WHERE id = :id AND status = :validating_files RETURNING *"
                 ),
-                {"id": job_id, "code": code, "message": message, "param": param},
+                _params(id=job_id, code=code, message=message, param=param),
             ).one_or_none()
             if row is None:
                 raise JobStateError(job_id, self._status(conn, job_id), "failed by validation")
@@ -185,7 +246,7 @@ class JobQueue:
                 job_id,
                 f"Validation failed: {message}",
                 level="error",
-                data={"status": "failed", "code": code},
+                data={"status": JobStatus.FAILED, "code": code},
             )
         return JobRecord.from_row(row)
 
@@ -198,14 +259,14 @@ class JobQueue:
             with self.engine.begin() as conn:
                 row = conn.execute(
                     _CLAIM,
-                    {
-                        "worker": worker_id,
-                        "lease": self.lease_seconds,
-                        "prefer": prefer_base_model_id,
-                        "default_limit": self.max_running_per_tenant,
-                        "excluded": excluded,
-                        "candidates": CLAIM_CANDIDATES,
-                    },
+                    _params(
+                        worker=worker_id,
+                        lease=self.lease_seconds,
+                        prefer=prefer_base_model_id,
+                        default_limit=self.max_running_per_tenant,
+                        excluded=excluded,
+                        candidates=CLAIM_CANDIDATES,
+                    ),
                 ).one_or_none()
                 if row is None:
                     return None
@@ -221,7 +282,8 @@ class JobQueue:
         snapshot taken after that lock, sees every claim for the tenant committed before it.
         """
         counts = conn.execute(
-            _TENANT_RUNNING, {"tenant": tenant_id, "default_limit": self.max_running_per_tenant}
+            _TENANT_RUNNING,
+            _params(tenant=tenant_id, default_limit=self.max_running_per_tenant),
         ).one()
         return int(counts.running) <= int(counts.max_running)
 
@@ -239,16 +301,16 @@ class JobQueue:
                 text(
                     "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease), "
                     "progress = coalesce(:progress, progress), eta_seconds = coalesce(:eta, eta_seconds) "
-                    "WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling') "
+                    "WHERE id = :id AND lease_owner = :worker AND status = ANY(:active) "
                     "RETURNING cancel_requested"
                 ),
-                {
-                    "id": job_id,
-                    "worker": worker_id,
-                    "lease": self.lease_seconds,
-                    "progress": progress,
-                    "eta": eta_seconds,
-                },
+                _params(
+                    id=job_id,
+                    worker=worker_id,
+                    lease=self.lease_seconds,
+                    progress=progress,
+                    eta=eta_seconds,
+                ),
             ).one_or_none()
         if row is None:
             return Heartbeat(held=False, cancel_requested=False)
@@ -272,26 +334,24 @@ class JobQueue:
         with self.engine.begin() as conn:
             row = conn.execute(
                 text(
-                    "UPDATE jobs SET status = 'succeeded', finished_at = now(), progress = 1.0, "
+                    "UPDATE jobs SET status = :succeeded, finished_at = now(), progress = 1.0, "
                     "eta_seconds = 0, lease_owner = NULL, lease_expires_at = NULL, "
                     "fine_tuned_model = coalesce(:model, fine_tuned_model), "
                     "trained_tokens = coalesce(:tokens, trained_tokens) "
-                    "WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling') "
+                    "WHERE id = :id AND lease_owner = :worker AND status = ANY(:active) "
                     "RETURNING *"
                 ),
-                {
-                    "id": job_id,
-                    "worker": worker_id,
-                    "model": fine_tuned_model,
-                    "tokens": trained_tokens,
-                },
+                _params(id=job_id, worker=worker_id, model=fine_tuned_model, tokens=trained_tokens),
             ).one_or_none()
             if row is None:
                 return None
             if in_transaction is not None:
                 in_transaction(conn)
             add_event(
-                conn, job_id, "The job has successfully completed", data={"status": "succeeded"}
+                conn,
+                job_id,
+                "The job has successfully completed",
+                data={"status": JobStatus.SUCCEEDED},
             )
         return JobRecord.from_row(row)
 
@@ -311,30 +371,15 @@ class JobQueue:
         """
         with self.engine.begin() as conn:
             row = conn.execute(
-                text(
-                    """
-                    UPDATE jobs SET
-                      status = CASE
-                        WHEN cancel_requested THEN 'cancelled'
-                        WHEN :retryable AND attempt < max_attempts THEN 'queued'
-                        ELSE 'failed' END,
-                      run_after = now() + make_interval(secs => :backoff * power(2, greatest(attempt - 1, 0))),
-                      finished_at = CASE WHEN cancel_requested OR NOT (:retryable AND attempt < max_attempts)
-                                         THEN now() END,
-                      lease_owner = NULL, lease_expires_at = NULL,
-                      error_code = :code, error_message = :message
-                    WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling')
-                    RETURNING *
-                    """
+                _FAIL,
+                _params(
+                    id=job_id,
+                    worker=worker_id,
+                    code=code,
+                    message=message,
+                    retryable=retryable,
+                    backoff=self.retry_backoff_seconds,
                 ),
-                {
-                    "id": job_id,
-                    "worker": worker_id,
-                    "code": code,
-                    "message": message,
-                    "retryable": retryable,
-                    "backoff": self.retry_backoff_seconds,
-                },
             ).one_or_none()
             if row is None:
                 return None
@@ -350,26 +395,26 @@ class JobQueue:
                 text(
                     """
                     UPDATE jobs SET
-                      status = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END,
+                      status = CASE WHEN cancel_requested THEN :cancelled ELSE :queued END,
                       finished_at = CASE WHEN cancel_requested THEN now() END,
                       attempt = CASE WHEN cancel_requested THEN attempt
                                      ELSE greatest(attempt - 1, 0) END,
                       run_after = now(), lease_owner = NULL, lease_expires_at = NULL
-                    WHERE id = :id AND lease_owner = :worker AND status IN ('running', 'cancelling')
+                    WHERE id = :id AND lease_owner = :worker AND status = ANY(:active)
                     RETURNING *
                     """
                 ),
-                {"id": job_id, "worker": worker_id},
+                _params(id=job_id, worker=worker_id),
             ).one_or_none()
             if row is None:
                 return None
-            if row.status == "queued":
+            if row.status == JobStatus.QUEUED:
                 add_event(
                     conn,
                     job_id,
                     f"Handed back to the queue ({reason}); it resumes from its newest checkpoint",
                     level="warn",
-                    data={"status": "queued", "handed_back_by": worker_id},
+                    data={"status": JobStatus.QUEUED, "handed_back_by": worker_id},
                 )
                 _notify_queued(conn, row.base_model_id)
             else:
@@ -381,15 +426,15 @@ class JobQueue:
         with self.engine.begin() as conn:
             row = conn.execute(
                 text(
-                    "UPDATE jobs SET status = 'cancelled', finished_at = now(), lease_owner = NULL, "
+                    "UPDATE jobs SET status = :cancelled, finished_at = now(), lease_owner = NULL, "
                     "lease_expires_at = NULL WHERE id = :id AND lease_owner = :worker "
-                    "AND status IN ('running', 'cancelling') RETURNING *"
+                    "AND status = ANY(:active) RETURNING *"
                 ),
-                {"id": job_id, "worker": worker_id},
+                _params(id=job_id, worker=worker_id),
             ).one_or_none()
             if row is None:
                 return None
-            add_event(conn, job_id, "Job cancelled", data={"status": "cancelled"})
+            add_event(conn, job_id, "Job cancelled", data={"status": JobStatus.CANCELLED})
         return JobRecord.from_row(row)
 
     def request_cancel(self, job_id: str) -> JobRecord:
@@ -399,22 +444,22 @@ class JobQueue:
                 text(
                     """
                     UPDATE jobs SET
-                      status = CASE WHEN status IN ('validating_files', 'queued') THEN 'cancelled'
-                                    ELSE 'cancelling' END,
-                      finished_at = CASE WHEN status IN ('validating_files', 'queued') THEN now() END,
+                      status = CASE WHEN status = ANY(:waiting) THEN :cancelled ELSE :cancelling END,
+                      finished_at = CASE WHEN status = ANY(:waiting) THEN now() END,
                       cancel_requested = true
-                    WHERE id = :id AND status IN ('validating_files', 'queued', 'running', 'cancelling')
+                    WHERE id = :id AND status = ANY(:unfinished)
                     RETURNING *, (SELECT status FROM jobs WHERE id = :id) AS previous_status
                     """
                 ),
-                {"id": job_id},
+                _params(id=job_id),
             ).one_or_none()
             if row is None:
-                raise JobStateError(job_id, self._status(conn, job_id), "cancelled")
+                raise JobStateError(job_id, self._status(conn, job_id), JobStatus.CANCELLED)
             if row.previous_status != row.status:
-                message = "Job cancelled" if row.status == "cancelled" else "Cancellation requested"
+                cancelled = row.status == JobStatus.CANCELLED
+                message = "Job cancelled" if cancelled else "Cancellation requested"
                 add_event(conn, job_id, message, data={"status": row.status})
-            if row.status == "cancelling":
+            if row.status == JobStatus.CANCELLING:
                 conn.execute(
                     text("SELECT pg_notify(:ch, :id)"), {"ch": CANCEL_CHANNEL, "id": job_id}
                 )
@@ -423,68 +468,31 @@ class JobQueue:
     def reap_expired_leases(self) -> list[JobRecord]:
         """Return jobs whose lease expired to the queue (attempts left) or fail/cancel them."""
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                text(
-                    """
-                    UPDATE jobs SET
-                      status = CASE
-                        WHEN cancel_requested THEN 'cancelled'
-                        WHEN attempt >= max_attempts THEN 'failed'
-                        ELSE 'queued' END,
-                      run_after = now() + make_interval(secs => :backoff * power(2, greatest(attempt - 1, 0))),
-                      finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN now() END,
-                      error_code = CASE WHEN cancel_requested THEN error_code ELSE 'lease_expired' END,
-                      error_message = CASE WHEN cancel_requested THEN error_message ELSE
-                        'the worker ' || coalesce(lease_owner, '?') || ' stopped renewing its lease'
-                        || CASE WHEN attempt >= max_attempts
-                                THEN ' and the job used all ' || max_attempts || ' attempts' ELSE '' END
-                      END,
-                      lease_owner = NULL, lease_expires_at = NULL
-                    WHERE id IN (
-                      SELECT id FROM jobs WHERE status IN ('running', 'cancelling')
-                        AND lease_expires_at < now() FOR UPDATE SKIP LOCKED
-                    )
-                    RETURNING *
-                    """
-                ),
-                {"backoff": self.retry_backoff_seconds},
-            ).all()
+            rows = conn.execute(_REAP, _params(backoff=self.retry_backoff_seconds)).all()
             for row in rows:
                 self._record_release(conn, row, reason=row.error_message or "lease expired")
         return [JobRecord.from_row(row) for row in rows]
 
     def _record_release(self, conn: Connection, row: Any, *, reason: str) -> None:
-        if row.status == "queued":
+        if row.status == JobStatus.QUEUED:
             add_event(
                 conn,
                 row.id,
                 f"Attempt {row.attempt} of {row.max_attempts} ended ({reason}); job requeued",
                 level="warn",
-                data={"status": "queued", "attempt": row.attempt},
+                data={"status": JobStatus.QUEUED, "attempt": row.attempt},
             )
             _notify_queued(conn, row.base_model_id)
-        elif row.status == "failed":
+        elif row.status == JobStatus.FAILED:
             add_event(
                 conn,
                 row.id,
                 f"Job failed: {reason}",
                 level="error",
-                data={"status": "failed", "code": row.error_code},
+                data={"status": JobStatus.FAILED, "code": row.error_code},
             )
         else:
             add_event(conn, row.id, "Job cancelled", data={"status": row.status})
-
-    def update_progress(
-        self, job_id: str, worker_id: str, *, progress: float, eta_seconds: float | None
-    ) -> None:
-        with self.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "UPDATE jobs SET progress = :p, eta_seconds = :eta "
-                    "WHERE id = :id AND lease_owner = :worker"
-                ),
-                {"id": job_id, "worker": worker_id, "p": progress, "eta": eta_seconds},
-            )
 
     @staticmethod
     def _status(conn: Connection, job_id: str) -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Self
 
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
+from control_plane.job_status import JobStatus
 
 
 class _FromRow:
@@ -79,7 +79,7 @@ class BaseModelRecord(_FromRow):
 class JobRecord(_FromRow):
     id: str
     tenant_id: str
-    status: str
+    status: JobStatus
     base_model_id: str
     training_file_id: str
     validation_file_id: str | None
@@ -106,9 +106,9 @@ class JobRecord(_FromRow):
     finished_at: datetime | None
     parent_version_id: str | None
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.status in TERMINAL_STATUSES
+    def __post_init__(self) -> None:
+        # The column holds the plain string; the record holds the enum member.
+        object.__setattr__(self, "status", JobStatus(self.status))
 
 
 @dataclass(frozen=True)

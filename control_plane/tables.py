@@ -28,6 +28,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from control_plane.job_status import JobStatus
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -36,15 +38,8 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATUSES = (
-    "validating_files",
-    "queued",
-    "running",
-    "cancelling",
-    "succeeded",
-    "failed",
-    "cancelled",
-)
+# The check constraint's list, in `JobStatus`'s order (as revision 0001 wrote it).
+JOB_STATUSES = tuple(status.value for status in JobStatus)
 ROLES = ("admin", "member", "reader")
 
 
@@ -134,7 +129,7 @@ class Job(Base):
             "ix_jobs_claimable",
             "priority",
             "created_at",
-            postgresql_where=text("status = 'queued'"),
+            postgresql_where=text(f"status = '{JobStatus.QUEUED}'"),
         ),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),

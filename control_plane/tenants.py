@@ -59,6 +59,11 @@ def create_tenant(
     return TenantRecord.from_row(row)
 
 
+def get_tenant(conn: Connection, tenant_id: str) -> TenantRecord | None:
+    row = conn.execute(select(tenants).where(tenants.c.id == tenant_id)).one_or_none()
+    return TenantRecord.from_row(row) if row else None
+
+
 def get_tenant_by_name(conn: Connection, name: str) -> TenantRecord | None:
     row = conn.execute(select(tenants).where(tenants.c.name == name)).one_or_none()
     return TenantRecord.from_row(row) if row else None

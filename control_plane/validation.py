@@ -8,6 +8,7 @@ from pathlib import Path
 
 from control_plane import datasets
 from control_plane import files as file_repo
+from control_plane.job_status import JobStatus
 from control_plane.jobs import get_job_unscoped
 from control_plane.queue import JobStateError
 from control_plane.records import FileRecord
@@ -16,10 +17,13 @@ from control_plane.storage import ObjectStoreError
 
 
 def run_validation(services: Services, job_id: str) -> str:
-    """Validate a job's files; the job becomes `queued`, or `failed` with line and reason."""
+    """Validate a job's files; the job becomes `queued`, or `failed` with line and reason.
+
+    Returns the job's new status, or "skipped" when the job was not (or no longer) validating.
+    """
     with services.engine.connect() as conn:
         job = get_job_unscoped(conn, job_id)
-        if job is None or job.status != "validating_files":
+        if job is None or job.status != JobStatus.VALIDATING_FILES:
             return "skipped"
         wanted = [("training_file", job.training_file_id)]
         if job.validation_file_id:
@@ -42,12 +46,12 @@ def run_validation(services: Services, job_id: str) -> str:
             services.queue.mark_validation_failed(job_id, code=code, message=message, param=param)
         except JobStateError:
             return "skipped"
-        return "failed"
+        return JobStatus.FAILED
     try:
         services.queue.mark_queued(job_id)
     except JobStateError:
         return "skipped"
-    return "queued"
+    return JobStatus.QUEUED
 
 
 def _validate_file(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from control_plane.job_status import JobStatus
 from control_plane.records import (
     BaseModelRecord,
     CheckpointRecord,
@@ -23,12 +25,29 @@ def _ts(value: datetime | None) -> int | None:
     return int(value.timestamp()) if value is not None else None
 
 
-class Page(BaseModel):
+T = TypeVar("T", bound=BaseModel)
+
+
+class Page(BaseModel, Generic[T]):
+    """A list response (OpenAI's shape): `Page[JobPublic]` documents its items' schema."""
+
     object: Literal["list"] = "list"
-    data: list[Any]
+    data: list[T]
     has_more: bool = False
     first_id: str | None = None
     last_id: str | None = None
+
+
+def page_of(
+    data: Sequence[T], *, has_more: bool = False, cursor: Callable[[T], str] | None = None
+) -> Page[T]:
+    """The one way routes build a `Page`. For a paginated list, `cursor` gives an item's
+    cursor (what `after` takes), reported for the first and last item; a whole list (no
+    `cursor`) reports none."""
+    items = list(data)
+    first = cursor(items[0]) if cursor is not None and items else None
+    last = cursor(items[-1]) if cursor is not None and items else None
+    return Page[T](data=items, has_more=has_more, first_id=first, last_id=last)
 
 
 class FilePublic(BaseModel):
@@ -128,6 +147,11 @@ class JobCreate(BaseModel):
         return merged
 
 
+# A job in these states shows its last error: why it failed, why its last attempt ended (queued
+# again), or what its worker reported before it was cancelled.
+_SHOWS_ERROR = frozenset({JobStatus.FAILED, JobStatus.QUEUED, JobStatus.CANCELLED})
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -168,12 +192,12 @@ class JobPublic(BaseModel):
     def of(cls, job: JobRecord, base_name: str, parent_ref: str | None = None) -> JobPublic:
         hp = job.hyperparameters
         error = None
-        if job.error_code and job.status in ("failed", "queued", "cancelled"):
+        if job.error_code and job.status in _SHOWS_ERROR:
             error = JobError(
                 code=job.error_code, message=job.error_message or "", param=job.error_param
             )
         estimated = None
-        if job.status == "running" and job.eta_seconds is not None:
+        if job.status == JobStatus.RUNNING and job.eta_seconds is not None:
             estimated = int(datetime.now().timestamp() + job.eta_seconds)
         return cls(
             id=job.id,

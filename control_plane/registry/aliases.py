@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from control_plane.jobs import unfinished_job_continuing_from
 from control_plane.registry.names import (
     ALIASES_FILE,
     MANIFEST,
@@ -243,13 +244,7 @@ def delete_version(
             f"{version.model_id} is the target of alias(es) {', '.join(version.aliases)}; "
             "move or delete them first"
         )
-    waiting = conn.execute(
-        text(
-            "SELECT id FROM jobs WHERE parent_version_id = :id "
-            "AND status NOT IN ('succeeded', 'failed', 'cancelled') ORDER BY created_at LIMIT 1"
-        ),
-        {"id": version.id},
-    ).scalar()
+    waiting = unfinished_job_continuing_from(conn, version.id)
     if waiting is not None:
         raise VersionInUseError(
             f"{version.model_id} is the starting point of unfinished job {waiting}; "

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from control_plane.storage import (
     ObjectStoreError,
 )
@@ -33,7 +31,9 @@ BASE_MODEL_LINEAGE_FIELDS = (
 RESERVED_ADAPTER_NAMES = frozenset({"index"})  # `/v1/adapters/index` is the serving index
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-STORE_ERRORS = (ObjectStoreError, OSError, BotoCoreError, ClientError)
+# What a failing object store raises: its own family (S3's errors translated inside
+# `storage/`), or the local disk's.
+STORE_ERRORS = (ObjectStoreError, OSError)
 
 # --------------------------------------------------------------------------- errors
 

@@ -15,9 +15,11 @@ from typing import Any, Protocol, cast
 
 from sqlalchemy import Connection, Engine, Table, insert, text
 
+from control_plane.base_models import get_base_model
 from control_plane.ids import new_id
+from control_plane.jobs import job_parent_version_id
 from control_plane.queue import JobQueue
-from control_plane.records import JobRecord
+from control_plane.records import BaseModelRecord, JobRecord
 from control_plane.registry.aliases import remove_version_objects
 from control_plane.registry.names import (
     ADAPTER_FILES,
@@ -36,7 +38,7 @@ from control_plane.registry.reads import (
     AdapterVersionRecord,
     PublishedVersion,
     get_version_by_id,
-    query_versions,
+    version_for_job,
 )
 from control_plane.storage import (
     ObjectExistsError,
@@ -45,6 +47,7 @@ from control_plane.storage import (
     adapter_version_prefix,
 )
 from control_plane.tables import AdapterVersion
+from control_plane.tenants import get_tenant
 
 log = logging.getLogger(__name__)
 versions_table = cast(Table, AdapterVersion.__table__)
@@ -65,14 +68,9 @@ class RegistryParts(Protocol):
 @dataclass(frozen=True)
 class _Plan:
     tenant_name: str
-    base: Any
+    base: BaseModelRecord
     adapter_name: str
     parent: AdapterVersionRecord | None
-
-
-def _version_for_job(conn: Connection, job_id: str) -> AdapterVersionRecord | None:
-    found = query_versions(conn, "v.job_id = :job", job=job_id)
-    return found[0] if found else None
 
 
 def derive_adapter_name(base_name: str, suffix: str) -> str:
@@ -83,24 +81,19 @@ def derive_adapter_name(base_name: str, suffix: str) -> str:
 
 
 def _plan(conn: Connection, job: JobRecord) -> _Plan:
-    row = conn.execute(
-        text(
-            "SELECT t.name AS tenant_name, j.parent_version_id FROM jobs j "
-            "JOIN tenants t ON t.id = j.tenant_id WHERE j.id = :job"
-        ),
-        {"job": job.id},
-    ).one()
-    base = conn.execute(
-        text("SELECT * FROM base_models WHERE id = :id"), {"id": job.base_model_id}
-    ).one()
-    parent = get_version_by_id(conn, row.parent_version_id) if row.parent_version_id else None
+    tenant = get_tenant(conn, job.tenant_id)
+    base = get_base_model(conn, job.base_model_id)
+    assert tenant is not None and base is not None  # a job's tenant and base outlive it
+    # The row's link, not the record's: the record may predate it (rebuild restores links).
+    parent_id = job_parent_version_id(conn, job.id)
+    parent = get_version_by_id(conn, parent_id) if parent_id else None
     if job.adapter_name:
         name = job.adapter_name
     elif parent is not None and parent.tenant_id == job.tenant_id:
         name = parent.adapter_name
     else:
         name = derive_adapter_name(base.name, job.suffix or job.id)
-    return _Plan(row.tenant_name, base, validate_adapter_name(name), parent)
+    return _Plan(tenant.name, base, validate_adapter_name(name), parent)
 
 
 def _local_files(adapter_dir: Path) -> list[tuple[str, Path, int, str]]:
@@ -166,7 +159,7 @@ def publish_job_adapter(
     worth a retry.
     """
     with parts.engine.connect() as conn:
-        existing = _version_for_job(conn, job.id)
+        existing = version_for_job(conn, job.id)
         if existing is not None:
             return PublishedVersion(existing, created=False)
         plan = _plan(conn, job)
@@ -242,7 +235,7 @@ def publish_job_adapter(
     with parts.engine.connect() as conn:
         if done is None:  # lease lost, or a duplicate publish of this job committed first
             _discard(parts.store, prefix)
-            existing = _version_for_job(conn, job.id)
+            existing = version_for_job(conn, job.id)
             return PublishedVersion(existing, created=False) if existing else None
         published = get_version_by_id(conn, version_id)
     assert published is not None

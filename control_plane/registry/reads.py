@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, text
+from sqlalchemy import ColumnElement, Connection, String, Table, and_, func, select
+from sqlalchemy import cast as sa_cast
 
+from control_plane.jobs import job_parent_version_id
+from control_plane.pagination import trim
 from control_plane.records import _FromRow
 from control_plane.registry.names import (
     LATEST,
@@ -27,6 +31,7 @@ from control_plane.registry.names import (
     validate_adapter_name,
     validate_alias_name,
 )
+from control_plane.tables import Adapter, AdapterAlias, AdapterVersion, BaseModelRow
 
 # --------------------------------------------------------------------------- records
 
@@ -110,54 +115,95 @@ class ServingIndex:
 
 # --------------------------------------------------------------------------- reads
 
-_ADAPTERS = """
-    SELECT a.id, a.tenant_id, a.name, a.base_model_id, b.name AS base_model_name, a.created_at,
-           max(v.number) AS latest_version, count(v.id) AS version_count
-    FROM adapters a
-    JOIN base_models b ON b.id = a.base_model_id
-    JOIN adapter_versions v ON v.adapter_id = a.id
-    WHERE a.tenant_id = :tenant {where}
-    GROUP BY a.id, b.name
-    ORDER BY a.name
-"""
+_adapters = cast(Table, Adapter.__table__).alias("a")
+_versions = cast(Table, AdapterVersion.__table__).alias("v")
+_aliases = cast(Table, AdapterAlias.__table__).alias("al")
+_bases = cast(Table, BaseModelRow.__table__).alias("b")
+_parents = cast(Table, AdapterVersion.__table__).alias("pv")
+_parent_adapters = cast(Table, Adapter.__table__).alias("pa")
 
-_VERSIONS = """
-    SELECT v.id, v.adapter_id, a.tenant_id, a.name AS adapter_name, a.base_model_id,
-           b.name AS base_model_name, v.number, v.job_id, v.parent_version_id,
-           pa.name || '@' || pv.number AS parent_ref, v.files, v.lineage, v.metrics,
-           v.object_prefix, v.created_at,
-           ARRAY(SELECT al.name FROM adapter_aliases al WHERE al.version_id = v.id
-                 ORDER BY al.name) AS aliases
-    FROM adapter_versions v
-    JOIN adapters a ON a.id = v.adapter_id
-    JOIN base_models b ON b.id = a.base_model_id
-    LEFT JOIN adapter_versions pv ON pv.id = v.parent_version_id
-    LEFT JOIN adapters pa ON pa.id = pv.adapter_id
-"""
+# The adapters that have at least one version, with their latest number and version count.
+_ADAPTERS = (
+    select(
+        _adapters.c.id,
+        _adapters.c.tenant_id,
+        _adapters.c.name,
+        _adapters.c.base_model_id,
+        _bases.c.name.label("base_model_name"),
+        _adapters.c.created_at,
+        func.max(_versions.c.number).label("latest_version"),
+        func.count(_versions.c.id).label("version_count"),
+    )
+    .select_from(
+        _adapters.join(_bases, _bases.c.id == _adapters.c.base_model_id).join(
+            _versions, _versions.c.adapter_id == _adapters.c.id
+        )
+    )
+    .group_by(_adapters.c.id, _bases.c.name)
+    .order_by(_adapters.c.name)
+)
+
+# Every field of `AdapterVersionRecord`: the version, its adapter and base, its parent's
+# `name@number`, and the names of the aliases pointing at it.
+_VERSIONS = select(
+    _versions.c.id,
+    _versions.c.adapter_id,
+    _adapters.c.tenant_id,
+    _adapters.c.name.label("adapter_name"),
+    _adapters.c.base_model_id,
+    _bases.c.name.label("base_model_name"),
+    _versions.c.number,
+    _versions.c.job_id,
+    _versions.c.parent_version_id,
+    (_parent_adapters.c.name + "@" + sa_cast(_parents.c.number, String)).label("parent_ref"),
+    _versions.c.files,
+    _versions.c.lineage,
+    _versions.c.metrics,
+    _versions.c.object_prefix,
+    _versions.c.created_at,
+    func.array(
+        select(_aliases.c.name)
+        .where(_aliases.c.version_id == _versions.c.id)
+        .order_by(_aliases.c.name)
+        .scalar_subquery()
+    ).label("aliases"),
+).select_from(
+    _versions.join(_adapters, _adapters.c.id == _versions.c.adapter_id)
+    .join(_bases, _bases.c.id == _adapters.c.base_model_id)
+    .outerjoin(_parents, _parents.c.id == _versions.c.parent_version_id)
+    .outerjoin(_parent_adapters, _parent_adapters.c.id == _parents.c.adapter_id)
+)
 
 
-def query_versions(conn: Connection, where: str, **params: Any) -> list[AdapterVersionRecord]:
-    rows = conn.execute(text(f"{_VERSIONS} WHERE {where}"), params).all()
+def _query_versions(
+    conn: Connection,
+    *where: ColumnElement[bool],
+    order_by: Sequence[ColumnElement[Any]] = (),
+    limit: int | None = None,
+) -> list[AdapterVersionRecord]:
+    """Versions matching `where` (clauses on the aliased tables above), as records."""
+    rows = conn.execute(_VERSIONS.where(*where).order_by(*order_by).limit(limit)).all()
     return [AdapterVersionRecord.from_row(r) for r in rows]
+
+
+def _of_adapter(tenant_id: str, name: str) -> ColumnElement[bool]:
+    return and_(_adapters.c.tenant_id == tenant_id, _adapters.c.name == name)
 
 
 def list_adapters(
     conn: Connection, tenant_id: str, *, after: str | None = None, limit: int = 100
 ) -> tuple[list[AdapterRecord], bool]:
     """The tenant's adapters that have at least one version, by name; `after` is a name."""
-    where = "AND a.name > :after" if after is not None else ""
-    rows = conn.execute(
-        text(_ADAPTERS.format(where=where) + " LIMIT :limit"),
-        {"tenant": tenant_id, "after": after, "limit": limit + 1},
-    ).all()
-    return [AdapterRecord.from_row(r) for r in rows[:limit]], len(rows) > limit
+    query = _ADAPTERS.where(_adapters.c.tenant_id == tenant_id)
+    if after is not None:
+        query = query.where(_adapters.c.name > after)
+    rows, more = trim(conn.execute(query.limit(limit + 1)).all(), limit)
+    return [AdapterRecord.from_row(r) for r in rows], more
 
 
 def get_adapter(conn: Connection, tenant_id: str, name: str) -> AdapterRecord:
     validate_adapter_name(name)
-    row = conn.execute(
-        text(_ADAPTERS.format(where="AND a.name = :name")), {"tenant": tenant_id, "name": name}
-    ).one_or_none()
+    row = conn.execute(_ADAPTERS.where(_of_adapter(tenant_id, name))).one_or_none()
     if row is None:
         raise AdapterNotFoundError(f"no adapter named {name!r}")
     return AdapterRecord.from_row(row)
@@ -168,16 +214,23 @@ def list_versions(
 ) -> tuple[list[AdapterVersionRecord], bool]:
     """Newest first; `before` is the number of the last version of the previous page."""
     get_adapter(conn, tenant_id, name)
-    found = query_versions(
+    found = _query_versions(
         conn,
-        "a.tenant_id = :tenant AND a.name = :name AND v.number < :before "
-        "ORDER BY v.number DESC LIMIT :limit",
-        tenant=tenant_id,
-        name=name,
-        before=before if before is not None else MAX_VERSION,
+        _of_adapter(tenant_id, name),
+        _versions.c.number < (before if before is not None else MAX_VERSION),
+        order_by=[_versions.c.number.desc()],
         limit=limit + 1,
     )
-    return found[:limit], len(found) > limit
+    return trim(found, limit)
+
+
+def _alias_target(alias: str) -> ColumnElement[bool]:
+    """The version that the adapter's alias `alias` points at."""
+    return _versions.c.id.in_(
+        select(_aliases.c.version_id).where(
+            _aliases.c.adapter_id == _adapters.c.id, _aliases.c.name == alias
+        )
+    )
 
 
 def resolve_version(
@@ -186,27 +239,16 @@ def resolve_version(
     """A version of the tenant's adapter by number, alias, or `latest`."""
     validate_adapter_name(name)
     ref = str(ref)
-    scope = "a.tenant_id = :tenant AND a.name = :name"
+    scope = _of_adapter(tenant_id, name)
     if is_number(ref):
         if int(ref) > MAX_VERSION:
             raise VersionNotFoundError(f"adapter {name!r} has no version {ref}")
-        found = query_versions(
-            conn, f"{scope} AND v.number = :n", tenant=tenant_id, name=name, n=int(ref)
-        )
+        found = _query_versions(conn, scope, _versions.c.number == int(ref))
     elif ref == LATEST:
-        found = query_versions(
-            conn, f"{scope} ORDER BY v.number DESC LIMIT 1", tenant=tenant_id, name=name
-        )
+        found = _query_versions(conn, scope, order_by=[_versions.c.number.desc()], limit=1)
     else:
         validate_alias_name(ref)
-        found = query_versions(
-            conn,
-            f"{scope} AND v.id = (SELECT al.version_id FROM adapter_aliases al "
-            "WHERE al.adapter_id = a.id AND al.name = :alias)",
-            tenant=tenant_id,
-            name=name,
-            alias=ref,
-        )
+        found = _query_versions(conn, scope, _alias_target(ref))
     if found:
         return found[0]
     get_adapter(conn, tenant_id, name)  # raises AdapterNotFoundError when that is the reason
@@ -217,7 +259,13 @@ def resolve_version(
 
 def get_version_by_id(conn: Connection, version_id: str) -> AdapterVersionRecord | None:
     """Unscoped, for trainers and celery tasks acting for whichever tenant owns it."""
-    found = query_versions(conn, "v.id = :id", id=version_id)
+    found = _query_versions(conn, _versions.c.id == version_id)
+    return found[0] if found else None
+
+
+def version_for_job(conn: Connection, job_id: str) -> AdapterVersionRecord | None:
+    """The version a job published, if it did (a job publishes at most one)."""
+    found = _query_versions(conn, _versions.c.job_id == job_id)
     return found[0] if found else None
 
 
@@ -266,9 +314,7 @@ def continued_hyperparameters(
 
 def job_parent_version(conn: Connection, job_id: str) -> AdapterVersionRecord | None:
     """The version a job continues from, if it names one (for the trainer)."""
-    parent_id = conn.execute(
-        text("SELECT parent_version_id FROM jobs WHERE id = :id"), {"id": job_id}
-    ).scalar()
+    parent_id = job_parent_version_id(conn, job_id)
     return get_version_by_id(conn, parent_id) if parent_id else None
 
 
@@ -277,23 +323,24 @@ def serving_index(conn: Connection, tenant_id: str, base_model: str, alias: str)
     of each adapter), with an ETag that changes exactly when that content changes."""
     if alias != LATEST:
         validate_alias_name(alias)
-    base_id = conn.execute(
-        text("SELECT id FROM base_models WHERE name = :name"), {"name": base_model}
-    ).scalar()
+    base_id = conn.execute(select(_bases.c.id).where(_bases.c.name == base_model)).scalar()
     if base_id is None:
         raise BaseModelNotFoundError(f"no base model named {base_model!r}", param="base_model")
-    scope = "a.tenant_id = :tenant AND a.base_model_id = :base"
     if alias == LATEST:
-        chosen = (
-            "v.number = (SELECT max(v2.number) FROM adapter_versions v2 WHERE v2.adapter_id = a.id)"
+        newest = cast(Table, AdapterVersion.__table__).alias("v2")
+        chosen = _versions.c.number == (
+            select(func.max(newest.c.number))
+            .where(newest.c.adapter_id == _adapters.c.id)
+            .scalar_subquery()
         )
     else:
-        chosen = (
-            "v.id IN (SELECT al.version_id FROM adapter_aliases al "
-            "WHERE al.adapter_id = a.id AND al.name = :alias)"
-        )
-    found = query_versions(
-        conn, f"{scope} AND {chosen} ORDER BY a.name", tenant=tenant_id, base=base_id, alias=alias
+        chosen = _alias_target(alias)
+    found = _query_versions(
+        conn,
+        _adapters.c.tenant_id == tenant_id,
+        _adapters.c.base_model_id == base_id,
+        chosen,
+        order_by=[_adapters.c.name],
     )
     content = [[v.adapter_name, v.number, v.id, v.files] for v in found]
     digest = hashlib.sha256(

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
+from control_plane.jobs import committed_models, restore_parent_version
 from control_plane.registry.names import BASE_MODEL_LINEAGE_FIELDS, MANIFEST, MANIFEST_FORMAT
 from control_plane.storage import (
     ObjectStore,
@@ -62,21 +63,14 @@ def _one_per_job(
             kept.append(m)
         else:
             by_job.setdefault(job_id, []).append(m)
-    jobs = {
-        r.id: r
-        for r in conn.execute(
-            text("SELECT id, status, fine_tuned_model FROM jobs WHERE id = ANY(:ids)"),
-            {"ids": list(by_job)},
-        )
-    }
+    committed_by_job = committed_models(conn, list(by_job))
     for job_id, group in by_job.items():
         group.sort(key=lambda m: m["version"]["number"])
-        job = jobs.get(job_id)
         chosen: dict[str, Any] | None
-        if job is None:
+        if job_id not in committed_by_job:
             chosen = group[-1]
         else:
-            committed = job.fine_tuned_model if job.status == "succeeded" else None
+            committed = committed_by_job[job_id]
             matches = [m for m in group if m["version"]["model_id"] == committed]
             chosen = matches[0] if matches else None
         for m in group:
@@ -230,14 +224,7 @@ def rebuild_from_manifests(engine: Engine, store: ObjectStore) -> RebuildReport:
                     ),
                     {"p": parent, "v": version},
                 )
-                conn.execute(
-                    text(
-                        "UPDATE jobs SET parent_version_id = :p WHERE id = :job "
-                        "AND parent_version_id IS NULL "
-                        "AND EXISTS (SELECT 1 FROM adapter_versions WHERE id = :p)"
-                    ),
-                    {"p": parent, "job": m["version"]["job_id"]},
-                )
+                restore_parent_version(conn, m["version"]["job_id"], parent)
         conn.execute(
             text(
                 "UPDATE adapters a SET next_version = greatest(a.next_version, v.top + 1) "

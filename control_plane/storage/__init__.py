@@ -26,6 +26,7 @@ from control_plane.storage.interface import (
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
+    ObjectStoreUnavailableError,
     ObjectTooLargeError,
     VerifiedStream,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "ObjectNotFoundError",
     "ObjectStore",
     "ObjectStoreError",
+    "ObjectStoreUnavailableError",
     "ObjectTooLargeError",
     "S3ObjectStore",
     "VerifiedStream",

@@ -37,6 +37,12 @@ class ObjectStoreError(Exception):
     """Base of every error the object store raises on purpose."""
 
 
+class ObjectStoreUnavailableError(ObjectStoreError):
+    """The store's backend failed the request: unreachable, refused credentials or
+    permissions, throttled. Each store translates its client's own errors (botocore's) into
+    this, so that callers outside `storage/` handle one family of errors."""
+
+
 class ObjectExistsError(ObjectStoreError):
     """A write-once write found the key already taken."""
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import io
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from control_plane.storage.interface import (
     CHUNK_SIZE,
@@ -24,6 +25,7 @@ from control_plane.storage.interface import (
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
+    ObjectStoreUnavailableError,
     copy_hashing,
     hash_file,
     verify,
@@ -44,6 +46,32 @@ def _b64(digest: bytes) -> str:
 
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _s3_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Translate botocore's errors that a method lets through into `ObjectStoreUnavailableError`:
+    nothing outside `storage/` sees (or imports) botocore."""
+
+    @functools.wraps(method)
+    def translated(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (BotoCoreError, ClientError) as exc:
+            raise ObjectStoreUnavailableError(f"S3 {method.__name__} failed: {exc}") from exc
+
+    return translated
+
+
+def _translated_chunks(key: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The body's chunks, with a failure mid-read translated like `_s3_errors` does."""
+    try:
+        yield from chunks
+    except (BotoCoreError, ClientError) as exc:
+        raise ObjectStoreUnavailableError(f"S3 read of {key!r} failed: {exc}") from exc
 
 
 _NOT_FOUND_CODES = {"404", "NoSuchKey", "NotFound"}
@@ -97,6 +125,7 @@ class S3ObjectStore(ObjectStore):
         trail = "/" if key.endswith("/") else ""
         return f"s3://{self.bucket}/{self._full(validate_key(key.rstrip('/')))}{trail}"
 
+    @_s3_errors
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist yet (dev, CI and bundled MinIO)."""
         try:
@@ -117,6 +146,7 @@ class S3ObjectStore(ObjectStore):
 
     # writes
 
+    @_s3_errors
     def put_file(
         self, key: str, path: Path, *, sha256: str | None = None, write_once: bool = False
     ) -> ObjectInfo:
@@ -127,6 +157,7 @@ class S3ObjectStore(ObjectStore):
             self._upload(key, src, size, digest, write_once=write_once)
         return ObjectInfo(key=key, size=size, sha256=digest)
 
+    @_s3_errors
     def put_stream(
         self,
         key: str,
@@ -144,6 +175,7 @@ class S3ObjectStore(ObjectStore):
             self._upload(key, spool, size, digest, write_once=write_once)
         return ObjectInfo(key=key, size=size, sha256=digest)
 
+    @_s3_errors
     def put_bytes(self, key: str, data: bytes, *, write_once: bool = False) -> ObjectInfo:
         validate_key(key)
         digest = hashlib.sha256(data).hexdigest()
@@ -229,6 +261,7 @@ class S3ObjectStore(ObjectStore):
 
     # reads
 
+    @_s3_errors
     def _open_reader(self, key: str) -> tuple[Iterator[bytes], Callable[[], None], str | None]:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self._full(key))
@@ -238,8 +271,9 @@ class S3ObjectStore(ObjectStore):
             raise
         body = response["Body"]
         recorded = response.get("Metadata", {}).get("sha256")
-        return body.iter_chunks(CHUNK_SIZE), body.close, recorded
+        return _translated_chunks(key, body.iter_chunks(CHUNK_SIZE)), body.close, recorded
 
+    @_s3_errors
     def head(self, key: str) -> ObjectInfo | None:
         validate_key(key)
         try:
@@ -265,6 +299,7 @@ class S3ObjectStore(ObjectStore):
                 return stream.info()
         return ObjectInfo(key=key, size=size, sha256=sha)
 
+    @_s3_errors
     def exists(self, key: str) -> bool:
         validate_key(key)
         try:
@@ -275,6 +310,7 @@ class S3ObjectStore(ObjectStore):
             raise
         return True
 
+    @_s3_errors
     def list_keys(self, prefix: str) -> list[str]:
         validate_prefix(prefix)
         full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
@@ -286,9 +322,11 @@ class S3ObjectStore(ObjectStore):
 
     # deletes
 
+    @_s3_errors
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._full(validate_key(key)))
 
+    @_s3_errors
     def delete_prefix(self, prefix: str) -> int:
         if not validate_prefix(prefix):
             raise ValueError("delete_prefix needs a non-empty prefix")
@@ -303,6 +341,7 @@ class S3ObjectStore(ObjectStore):
                 raise ObjectStoreError(f"could not delete {len(errors)} objects: {errors[:3]}")
         return len(keys)
 
+    @_s3_errors
     def presigned_url(self, key: str, expires_s: int = 300) -> str | None:
         if not 1 <= expires_s <= MAX_PRESIGN_SECONDS:
             raise ValueError(f"expires_s must be between 1 and {MAX_PRESIGN_SECONDS}")

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from control_plane import registry
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError
-from control_plane.api.schemas import Page
+from control_plane.api.schemas import Page, page_of
 from control_plane.registry import (
     AdapterRecord,
     AdapterVersionRecord,
@@ -226,22 +226,16 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
-@router.get("", response_model=Page)
+@router.get("", response_model=Page[AdapterPublic])
 def list_adapters(
     conn: ConnDep,
     caller: Caller,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 100,
-) -> Page:
+) -> Page[AdapterPublic]:
     """The tenant's adapters, by name; `after` is the name of the last one on the last page."""
     found, more = registry.list_adapters(conn, caller.tenant_id, after=after, limit=limit)
-    data = [AdapterPublic.of(a) for a in found]
-    return Page(
-        data=data,
-        has_more=more,
-        first_id=data[0].name if data else None,
-        last_id=data[-1].name if data else None,
-    )
+    return page_of([AdapterPublic.of(a) for a in found], has_more=more, cursor=lambda a: a.name)
 
 
 @router.get("/index", response_model=ServingIndexPublic)
@@ -275,25 +269,21 @@ def retrieve_adapter(name: str, conn: ConnDep, caller: Caller) -> AdapterPublic:
         return AdapterPublic.of(registry.get_adapter(conn, caller.tenant_id, name))
 
 
-@router.get("/{name}/versions", response_model=Page)
+@router.get("/{name}/versions", response_model=Page[VersionPublic])
 def list_versions(
     name: str,
     conn: ConnDep,
     caller: Caller,
     after: Annotated[int | None, Query(ge=1, le=registry.MAX_VERSION)] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> Page:
+) -> Page[VersionPublic]:
     """Newest first; `after` is the version number of the last one on the previous page."""
     with registry_errors():
         found, more = registry.list_versions(
             conn, caller.tenant_id, name, before=after, limit=limit
         )
-    data = [VersionPublic.of(v) for v in found]
-    return Page(
-        data=data,
-        has_more=more,
-        first_id=str(data[0].version) if data else None,
-        last_id=str(data[-1].version) if data else None,
+    return page_of(
+        [VersionPublic.of(v) for v in found], has_more=more, cursor=lambda v: str(v.version)
     )
 
 
@@ -390,11 +380,11 @@ def delete_version(
     )
 
 
-@router.get("/{name}/aliases", response_model=Page)
-def list_aliases(name: str, conn: ConnDep, caller: Caller) -> Page:
+@router.get("/{name}/aliases", response_model=Page[AliasPublic])
+def list_aliases(name: str, conn: ConnDep, caller: Caller) -> Page[AliasPublic]:
     with registry_errors():
         found = registry.list_aliases(conn, caller.tenant_id, name)
-    return Page(data=[AliasPublic.of(a) for a in found])
+    return page_of([AliasPublic.of(a) for a in found])
 
 
 @router.put("/{name}/aliases/{alias}", response_model=AliasPublic)
@@ -438,9 +428,9 @@ def delete_alias(
     return AliasDeleted(adapter=name, name=alias)
 
 
-@router.get("/{name}/aliases/{alias}/history", response_model=Page)
-def alias_history(name: str, alias: str, conn: ConnDep, caller: Caller) -> Page:
+@router.get("/{name}/aliases/{alias}/history", response_model=Page[AliasEventPublic])
+def alias_history(name: str, alias: str, conn: ConnDep, caller: Caller) -> Page[AliasEventPublic]:
     """Every set, move and delete of the alias, oldest first (kept after the alias is gone)."""
     with registry_errors():
         found = registry.alias_history(conn, caller.tenant_id, name, alias)
-    return Page(data=[AliasEventPublic.of(e) for e in found])
+    return page_of([AliasEventPublic.of(e) for e in found])

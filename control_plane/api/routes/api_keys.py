@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from control_plane import tenants
 from control_plane.api.deps import Admin, ConnDep, ServicesDep
 from control_plane.api.errors import not_found
-from control_plane.api.schemas import ApiKeyCreate, ApiKeyPublic, Page
+from control_plane.api.schemas import ApiKeyCreate, ApiKeyPublic, Page, page_of
 from control_plane.records import ApiKeyRecord
 
 router = APIRouter(prefix="/v1/api_keys", tags=["api-keys"])
@@ -36,9 +36,9 @@ def create_key(
     return _public(record, plaintext)
 
 
-@router.get("", response_model=Page)
-def list_keys(conn: ConnDep, caller: Admin) -> Page:
-    return Page(data=[_public(k) for k in tenants.list_api_keys(conn, caller.tenant_id)])
+@router.get("", response_model=Page[ApiKeyPublic])
+def list_keys(conn: ConnDep, caller: Admin) -> Page[ApiKeyPublic]:
+    return page_of([_public(k) for k in tenants.list_api_keys(conn, caller.tenant_id)])
 
 
 @router.delete("/{key_id}", response_model=ApiKeyPublic)

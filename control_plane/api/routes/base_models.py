@@ -11,7 +11,7 @@ from sqlalchemy import Connection, func
 from control_plane import base_models
 from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError, not_found
-from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page
+from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page, page_of
 from control_plane.records import BaseModelRecord
 
 router = APIRouter(prefix="/v1/base_models", tags=["base-models"])
@@ -100,9 +100,9 @@ def _retryable(base: BaseModelRecord, timeout: timedelta) -> bool:
     )
 
 
-@router.get("", response_model=Page)
-def list_base_models(conn: ConnDep, caller: Caller) -> Page:
-    return Page(data=[BaseModelPublic.of(b) for b in base_models.list_base_models(conn)])
+@router.get("", response_model=Page[BaseModelPublic])
+def list_base_models(conn: ConnDep, caller: Caller) -> Page[BaseModelPublic]:
+    return page_of([BaseModelPublic.of(b) for b in base_models.list_base_models(conn)])
 
 
 @router.get("/{name:path}", response_model=BaseModelPublic)

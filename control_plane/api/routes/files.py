@@ -8,9 +8,10 @@ from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from control_plane import files as file_repo
+from control_plane import jobs
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
-from control_plane.api.schemas import FileDeleted, FilePublic, Page
+from control_plane.api.schemas import FileDeleted, FilePublic, Page, page_of
 from control_plane.datasets import DatasetError, validate_jsonl
 from control_plane.ids import new_id
 from control_plane.storage import file_key
@@ -68,7 +69,7 @@ def upload_file(
     return FilePublic.of(record)
 
 
-@router.get("", response_model=Page)
+@router.get("", response_model=Page[FilePublic])
 def list_files(
     conn: ConnDep,
     caller: Caller,
@@ -76,20 +77,14 @@ def list_files(
     purpose: str | None = None,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 100,
-) -> Page:
+) -> Page[FilePublic]:
     try:
         found, more = file_repo.list_files(
             conn, caller.tenant_id, purpose=purpose, after=after, limit=limit
         )
     except LookupError:
         raise not_found("file", after or "", "after") from None
-    data = [FilePublic.of(f) for f in found]
-    return Page(
-        data=data,
-        has_more=more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return page_of([FilePublic.of(f) for f in found], has_more=more, cursor=lambda f: f.id)
 
 
 @router.get("/{file_id}", response_model=FilePublic)
@@ -105,7 +100,7 @@ def delete_file(file_id: str, conn: ConnDep, caller: Writer, services: ServicesD
     record = file_repo.get_file(conn, caller.tenant_id, file_id)
     if record is None:
         raise not_found("file", file_id)
-    user = file_repo.used_by_unfinished_job(conn, file_id)
+    user = jobs.unfinished_job_using_file(conn, file_id)
     if user is not None:
         raise ApiError(
             409,

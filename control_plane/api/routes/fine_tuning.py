@@ -12,8 +12,16 @@ from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, describe_validation_errors, not_found
-from control_plane.api.schemas import CheckpointPublic, EventPublic, JobCreate, JobPublic, Page
+from control_plane.api.schemas import (
+    CheckpointPublic,
+    EventPublic,
+    JobCreate,
+    JobPublic,
+    Page,
+    page_of,
+)
 from control_plane.hyperparameters import Hyperparameters
+from control_plane.pagination import trim
 from control_plane.queue import JobStateError
 from control_plane.records import JobRecord
 
@@ -28,6 +36,11 @@ def _public(conn: ConnDep, job: JobRecord) -> JobPublic:
     return JobPublic.of(
         job, base.name if base else job.base_model_id, parent.model_id if parent else None
     )
+
+
+def _id(item: JobPublic | EventPublic | CheckpointPublic) -> str:
+    """An item's cursor: the id that `after` takes."""
+    return item.id
 
 
 def _hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
@@ -142,24 +155,18 @@ def create_job(
     return public
 
 
-@router.get("", response_model=Page)
+@router.get("", response_model=Page[JobPublic])
 def list_jobs(
     conn: ConnDep,
     caller: Caller,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> Page:
+) -> Page[JobPublic]:
     try:
         found, more = jobs.list_jobs(conn, caller.tenant_id, after=after, limit=limit)
     except LookupError:
         raise not_found("fine_tuning_job", after or "", "after") from None
-    data = [_public(conn, j) for j in found]
-    return Page(
-        data=data,
-        has_more=more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return page_of([_public(conn, j) for j in found], has_more=more, cursor=_id)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
@@ -181,7 +188,7 @@ def cancel_job(job_id: str, conn: ConnDep, caller: Writer, services: ServicesDep
     return _public(conn, job)
 
 
-@router.get("/{job_id}/events", response_model=Page)
+@router.get("/{job_id}/events", response_model=Page[EventPublic])
 def list_events(
     job_id: str,
     conn: ConnDep,
@@ -189,7 +196,7 @@ def list_events(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
-) -> Page:
+) -> Page[EventPublic]:
     """Newest first (OpenAI's order) unless `order=asc`; `after` is an event id."""
     _owned_job(conn, caller, job_id)
     after_id: int | None = None
@@ -203,32 +210,21 @@ def list_events(
     found = event_repo.list_events(
         conn, job_id, after=after_id, limit=limit + 1, newest_first=order == "desc"
     )
-    data = [EventPublic.of(e) for e in found[:limit]]
-    return Page(
-        data=data,
-        has_more=len(found) > limit,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    page, more = trim(found, limit)
+    return page_of([EventPublic.of(e) for e in page], has_more=more, cursor=_id)
 
 
-@router.get("/{job_id}/checkpoints", response_model=Page)
+@router.get("/{job_id}/checkpoints", response_model=Page[CheckpointPublic])
 def list_checkpoints(
     job_id: str,
     conn: ConnDep,
     caller: Caller,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
-) -> Page:
+) -> Page[CheckpointPublic]:
     _owned_job(conn, caller, job_id)
     try:
         found, more = jobs.list_checkpoints(conn, job_id, after=after, limit=limit)
     except LookupError:
         raise not_found("checkpoint", after or "", "after") from None
-    data = [CheckpointPublic.of(c) for c in found]
-    return Page(
-        data=data,
-        has_more=more,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-    )
+    return page_of([CheckpointPublic.of(c) for c in found], has_more=more, cursor=_id)

@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from control_plane import base_models, jobs
 from control_plane.api.deps import Caller, ConnDep
 from control_plane.api.errors import not_found
-from control_plane.api.schemas import ModelPublic, Page
+from control_plane.api.schemas import ModelPublic, Page, page_of
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -35,9 +35,9 @@ def _all_models(conn: ConnDep, caller: Caller) -> list[ModelPublic]:
     return found
 
 
-@router.get("", response_model=Page)
-def list_models(conn: ConnDep, caller: Caller) -> Page:
-    return Page(data=_all_models(conn, caller))
+@router.get("", response_model=Page[ModelPublic])
+def list_models(conn: ConnDep, caller: Caller) -> Page[ModelPublic]:
+    return page_of(_all_models(conn, caller))
 
 
 @router.get("/{model_id:path}", response_model=ModelPublic)
