@@ -42,13 +42,13 @@ from psycopg import sql
 from sqlalchemy import Engine, insert, text
 from sqlalchemy.engine import make_url
 
-from control_plane import base_models, db, jobs, tenants
+from control_plane import base_catalog, db, jobs, tenants
 from control_plane import files as file_repo
 from control_plane.api.serve import serve_in_thread as serve
+from control_plane.db.tables import Job
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
 from control_plane.queue import JOBS_CHANNEL, JobQueue, QueueListener
-from control_plane.tables import Job
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET = "dev-insecure-secret"
@@ -186,8 +186,8 @@ def make_key(engine: Engine, tenant_id: str) -> str:
 
 def make_base(engine: Engine, name: str) -> str:
     with engine.begin() as conn:
-        return base_models.register_base_model(
-            conn, base_models.NewBaseModel(name=name, source=f"dir:///{name}", source_kind="dir")
+        return base_catalog.register_base_model(
+            conn, base_catalog.NewBaseModel(name=name, source=f"dir:///{name}", source_kind="dir")
         ).id
 
 

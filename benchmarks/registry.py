@@ -37,7 +37,7 @@ import httpx
 import psycopg
 from sqlalchemy.engine import make_url
 
-from control_plane import base_models, db, files, jobs, registry, tenants
+from control_plane import base_catalog, db, files, jobs, registry, tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
 from control_plane.services import Services, build_services
@@ -114,8 +114,8 @@ def publish_one(services: Services, adapter_dir: Path) -> tuple[str, registry.Ad
     with services.engine.begin() as conn:
         tenant = tenants.create_tenant(conn, "bench")
         _, key = tenants.create_api_key(conn, settings.secret_key, tenant.id, role="admin")
-        base = base_models.register_base_model(
-            conn, base_models.NewBaseModel(name="bench-base", source="dir:///b", source_kind="dir")
+        base = base_catalog.register_base_model(
+            conn, base_catalog.NewBaseModel(name="bench-base", source="dir:///b", source_kind="dir")
         )
         file_id = "file-bench"
         files.insert_file(

@@ -6,8 +6,8 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, insert, select
 
+from control_plane.db.tables import JobEvent
 from control_plane.records import JobEventRecord
-from control_plane.tables import JobEvent
 
 events = cast(Table, JobEvent.__table__)
 

@@ -6,9 +6,9 @@ from typing import cast
 
 from sqlalchemy import ColumnElement, Connection, Table, func, insert, select, update
 
+from control_plane.db.tables import File
 from control_plane.pagination import newest_first
 from control_plane.records import FileRecord
-from control_plane.tables import File
 
 files = cast(Table, File.__table__)
 

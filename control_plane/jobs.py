@@ -15,12 +15,12 @@ from typing import Any, cast
 from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from control_plane.db.tables import AdapterVersion, Job, JobCheckpoint
 from control_plane.events import add_event
 from control_plane.ids import new_id
 from control_plane.job_status import UNFINISHED, JobStatus, as_values
 from control_plane.pagination import newest_first, trim
 from control_plane.records import CheckpointRecord, JobRecord
-from control_plane.tables import AdapterVersion, Job, JobCheckpoint
 
 jobs = cast(Table, Job.__table__)
 checkpoints = cast(Table, JobCheckpoint.__table__)

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from sqlalchemy import Engine
 
 from control_plane import db
 from control_plane.queue import JobQueue
-from control_plane.records import BaseModelRecord
 from control_plane.settings import Settings
 from control_plane.storage import ObjectStore, make_object_store
 
 ValidationDispatcher = Callable[[str], None]
 ImportDispatcher = Callable[[str], None]
-# Given a base model, a function counting an example's tokens with its tokenizer (None: estimate).
-TokenCounterFactory = Callable[[BaseModelRecord], Callable[[dict[str, Any]], int] | None]
 
 
 @dataclass
@@ -31,7 +27,6 @@ class Services:
     dispatch_validation: ValidationDispatcher = field(default=lambda job_id: None)
     # Starts the import of a base model registered over the API (a celery task likewise).
     dispatch_base_import: ImportDispatcher = field(default=lambda base_id: None)
-    token_counter: TokenCounterFactory = field(default=lambda base: None)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -11,9 +11,9 @@ from typing import cast
 from sqlalchemy import Connection, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from control_plane.db.tables import ROLES, ApiKey, Tenant
 from control_plane.ids import new_id
 from control_plane.records import ApiKeyRecord, TenantRecord
-from control_plane.tables import ROLES, ApiKey, Tenant
 
 tenants = cast(Table, Tenant.__table__)
 api_keys = cast(Table, ApiKey.__table__)

@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from control_plane.db import include_name
-from control_plane.tables import Base
+from control_plane.db.tables import Base
 
 target_metadata = Base.metadata
 

@@ -9,15 +9,15 @@ from typing import Any
 
 from sqlalchemy import Engine, insert
 
-from control_plane import base_models, jobs, tenants
+from control_plane import base_catalog, jobs, tenants
 from control_plane import files as file_repo
 from control_plane.datasets import validate_jsonl
+from control_plane.db.tables import Job
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
 from control_plane.records import BaseModelRecord, FileRecord, TenantRecord
 from control_plane.services import Services
 from control_plane.storage import file_key
-from control_plane.tables import Job
 
 SECRET = "dev-insecure-secret"
 
@@ -35,8 +35,8 @@ def make_key(engine: Engine, tenant_id: str, role: str = "admin") -> str:
 
 def make_base(engine: Engine, name: str = "tiny-llama") -> BaseModelRecord:
     with engine.begin() as conn:
-        return base_models.register_base_model(
-            conn, base_models.NewBaseModel(name=name, source=f"dir:///{name}", source_kind="dir")
+        return base_catalog.register_base_model(
+            conn, base_catalog.NewBaseModel(name=name, source=f"dir:///{name}", source_kind="dir")
         )
 
 

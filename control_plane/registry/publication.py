@@ -15,7 +15,8 @@ from typing import Any, Protocol, cast
 
 from sqlalchemy import Connection, Engine, Table, insert, text
 
-from control_plane.base_models import get_base_model
+from control_plane.base_catalog import get_base_model
+from control_plane.db.tables import AdapterVersion
 from control_plane.ids import new_id
 from control_plane.jobs import job_parent_version_id
 from control_plane.queue import JobQueue
@@ -46,7 +47,6 @@ from control_plane.storage import (
     ObjectStoreError,
     adapter_version_prefix,
 )
-from control_plane.tables import AdapterVersion
 from control_plane.tenants import get_tenant
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from typing import Any, cast
 from sqlalchemy import ColumnElement, Connection, String, Table, and_, func, select
 from sqlalchemy import cast as sa_cast
 
+from control_plane.db.tables import Adapter, AdapterAlias, AdapterVersion, BaseModelRow
 from control_plane.jobs import job_parent_version_id
 from control_plane.pagination import trim
 from control_plane.records import _FromRow
@@ -31,7 +32,6 @@ from control_plane.registry.names import (
     validate_adapter_name,
     validate_alias_name,
 )
-from control_plane.tables import Adapter, AdapterAlias, AdapterVersion, BaseModelRow
 
 # --------------------------------------------------------------------------- records
 

@@ -15,6 +15,7 @@ from typing import Any
 from control_plane import registry
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
+from control_plane.job_status import TERMINAL, JobStatus
 from control_plane.settings import Settings
 from loraforge.client import Client
 from loraforge.embedded import embedded_platform
@@ -45,7 +46,7 @@ def _follow(client: Client, job_id: str) -> dict[str, Any]:
                 elif event["type"] != "metrics":
                     bar.write(f"  {event['message']}")
             job = client.retrieve_job(job_id)
-            if job["status"] in ("succeeded", "failed", "cancelled") and not page["has_more"]:
+            if job["status"] in TERMINAL and not page["has_more"]:
                 return dict(job)
             time.sleep(1.0)
     finally:
@@ -87,7 +88,7 @@ def run_demo(settings: Settings) -> int:
             )
             print(f"job {job['id']} submitted")
             final = _follow(client, job["id"])
-            if final["status"] != "succeeded":
+            if final["status"] != JobStatus.SUCCEEDED:
                 print(f"job {final['status']}: {json.dumps(final.get('error'))}")
                 return 1
             print(f"trained in {time.monotonic() - started:.0f}s")

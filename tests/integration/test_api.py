@@ -403,3 +403,18 @@ def test_job_pagination_and_file_in_use(
 def test_openapi_is_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v1/fine_tuning/jobs" in spec["paths"] and "/v1/files" in spec["paths"]
+
+
+def test_openapi_documents_the_item_schema_of_every_list(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+
+    def item_schema(path: str) -> str:
+        response = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
+        page = spec["components"]["schemas"][response["schema"]["$ref"].rsplit("/", 1)[-1]]
+        return str(page["properties"]["data"]["items"]["$ref"].rsplit("/", 1)[-1])
+
+    assert item_schema("/v1/fine_tuning/jobs") == "JobPublic"
+    assert item_schema("/v1/files") == "FilePublic"
+    assert item_schema("/v1/fine_tuning/jobs/{job_id}/events") == "EventPublic"
+    assert item_schema("/v1/adapters/{name}/versions") == "VersionPublic"
+    assert item_schema("/v1/models") == "ModelPublic"

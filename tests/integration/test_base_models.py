@@ -272,7 +272,7 @@ def test_hub_id_without_a_reachable_hub_is_refused_with_the_reason(database_url,
         with pytest.raises(BaseModelError, match="could not download it from the Hugging Face"):
             register_base(services, "smol", "HuggingFaceTB/SmolLM2-135M-Instruct")
         with services.engine.connect() as conn:
-            from control_plane import base_models
+            from control_plane import base_catalog as base_models
 
             assert base_models.get_base_model(conn, "smol") is None
     finally:
@@ -394,7 +394,7 @@ def test_an_import_that_fails_says_why_refuses_jobs_and_can_be_retried(
 
 
 def failed_id(services, name: str) -> str:
-    from control_plane import base_models
+    from control_plane import base_catalog as base_models
 
     with services.engine.connect() as conn:
         record = base_models.get_base_model(conn, name)
@@ -407,7 +407,7 @@ def test_a_base_still_importing_refuses_jobs_and_is_started_anew_once_taken_for_
 ):
     from sqlalchemy import text
 
-    from control_plane import base_models
+    from control_plane import base_catalog as base_models
 
     with services.engine.begin() as conn:
         slow = base_models.register_base_model(

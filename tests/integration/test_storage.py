@@ -25,6 +25,7 @@ from control_plane.storage import (
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
+    ObjectStoreUnavailableError,
     ObjectTooLargeError,
     S3ObjectStore,
     adapter_version_prefix,
@@ -499,3 +500,19 @@ def test_key_layout_matches_design() -> None:
 def test_key_layout_refuses_bad_parts(make_key: Any) -> None:
     with pytest.raises(ValueError):
         make_key()
+
+
+def test_s3_failures_reach_callers_as_object_store_errors(s3_store: S3ObjectStore) -> None:
+    """Outside `storage/` nothing handles botocore: a bucket that is gone surfaces as an
+    `ObjectStoreUnavailableError`, for writes, listings, reads and deletes alike."""
+    gone = S3ObjectStore(s3_store.client, "no-such-bucket")
+    for attempt in (
+        lambda: gone.put_bytes("a/b.txt", b"x"),
+        lambda: gone.list_keys("a/"),
+        lambda: gone.get_bytes("a/b.txt"),
+        lambda: gone.delete_prefix("a/"),
+    ):
+        with pytest.raises(ObjectStoreUnavailableError) as caught:
+            attempt()
+        assert isinstance(caught.value, ObjectStoreError)
+        assert "NoSuchBucket" in str(caught.value) or "bucket" in str(caught.value).lower()

@@ -17,7 +17,8 @@ from safetensors.torch import load as safetensors_load
 from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
-from control_plane import base_models, jobs, registry
+from control_plane import base_catalog as base_models
+from control_plane import jobs, registry
 from control_plane.events import list_events
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import JobRecord

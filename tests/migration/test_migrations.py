@@ -8,7 +8,7 @@ from sqlalchemy import create_engine, inspect, pool
 
 from control_plane import db
 from control_plane.db import include_name
-from control_plane.tables import Base
+from control_plane.db.tables import Base
 
 
 def _tables(url: str) -> set[str]:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, Response
 from sqlalchemy import Connection, func
 
-from control_plane import base_models
+from control_plane import base_catalog
 from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page, page_of
@@ -34,7 +34,7 @@ def register_base_model(
     if body.sha256 is not None:
         record = _insert(
             conn,
-            base_models.NewBaseModel(
+            base_catalog.NewBaseModel(
                 **body.model_dump(exclude={"has_chat_template", "source_kind"}),
                 source_kind=str(body.source_kind),
                 has_chat_template=bool(body.has_chat_template),
@@ -43,14 +43,14 @@ def register_base_model(
         conn.commit()
         return BaseModelPublic.of(record)
 
-    kind = body.source_kind or base_models.source_kind_of(body.source)
-    existing = base_models.get_base_model(conn, body.name)
+    kind = body.source_kind or base_catalog.source_kind_of(body.source)
+    existing = base_catalog.get_base_model(conn, body.name)
     timeout = timedelta(seconds=services.settings.base_import_timeout_seconds)
     if existing is not None and existing.name == body.name and _retryable(existing, timeout):
-        record = base_models.update_base_model(
+        record = base_catalog.update_base_model(
             conn,
             existing.id,
-            **base_models.cleared_facts(),
+            **base_catalog.cleared_facts(),
             source=body.source,
             source_kind=kind,
             revision=body.revision,
@@ -60,7 +60,7 @@ def register_base_model(
     else:
         record = _insert(
             conn,
-            base_models.NewBaseModel(
+            base_catalog.NewBaseModel(
                 name=body.name,
                 source=body.source,
                 source_kind=kind,
@@ -74,17 +74,17 @@ def register_base_model(
     except Exception:
         log.exception("could not dispatch the import of base %s", record.id)
         reason = "the import could not be started (the task broker did not answer); register again"
-        base_models.update_base_model(conn, record.id, status="failed", error_message=reason)
+        base_catalog.update_base_model(conn, record.id, status="failed", error_message=reason)
         conn.commit()
         raise ApiError(503, "import_not_started", reason) from None
     response.status_code = 202
     return BaseModelPublic.of(record)
 
 
-def _insert(conn: Connection, new: base_models.NewBaseModel) -> BaseModelRecord:
+def _insert(conn: Connection, new: base_catalog.NewBaseModel) -> BaseModelRecord:
     try:
-        return base_models.register_base_model(conn, new)
-    except base_models.BaseModelExistsError as exc:
+        return base_catalog.register_base_model(conn, new)
+    except base_catalog.BaseModelExistsError as exc:
         raise ApiError(409, "base_model_exists", str(exc), "name") from None
 
 
@@ -102,12 +102,12 @@ def _retryable(base: BaseModelRecord, timeout: timedelta) -> bool:
 
 @router.get("", response_model=Page[BaseModelPublic])
 def list_base_models(conn: ConnDep, caller: Caller) -> Page[BaseModelPublic]:
-    return page_of([BaseModelPublic.of(b) for b in base_models.list_base_models(conn)])
+    return page_of([BaseModelPublic.of(b) for b in base_catalog.list_base_models(conn)])
 
 
 @router.get("/{name:path}", response_model=BaseModelPublic)
 def retrieve_base_model(name: str, conn: ConnDep, caller: Caller) -> BaseModelPublic:
-    record = base_models.get_base_model(conn, name)
+    record = base_catalog.get_base_model(conn, name)
     if record is None:
         raise not_found("base_model", name)
     return BaseModelPublic.of(record)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from pydantic import ValidationError
 
-from control_plane import base_models, jobs, registry
+from control_plane import base_catalog, jobs, registry
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
 def _public(conn: ConnDep, job: JobRecord) -> JobPublic:
-    base = base_models.get_base_model(conn, job.base_model_id)
+    base = base_catalog.get_base_model(conn, job.base_model_id)
     parent = (
         registry.get_version_by_id(conn, job.parent_version_id) if job.parent_version_id else None
     )
@@ -100,7 +100,7 @@ def create_job(
 ) -> JobPublic:
     requested = body.merged_hyperparameters()
     hp = _hyperparameters(requested)
-    base = base_models.get_base_model(conn, body.model)
+    base = base_catalog.get_base_model(conn, body.model)
     if base is None:
         raise ApiError(
             400,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from control_plane import base_models, jobs
+from control_plane import base_catalog, jobs
 from control_plane.api.deps import Caller, ConnDep
 from control_plane.api.errors import not_found
 from control_plane.api.schemas import ModelPublic, Page, page_of
@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _all_models(conn: ConnDep, caller: Caller) -> list[ModelPublic]:
-    bases = base_models.list_base_models(conn)
+    bases = base_catalog.list_base_models(conn)
     names = {b.id: b.name for b in bases}
     found = [
         ModelPublic(

@@ -1,4 +1,4 @@
-"""Database connections: URL normalisation, the embedded PostgreSQL, engines and migrations.
+"""Database connections: URL normalisation, the embedded PostgreSQL, and engines.
 
 Nothing here runs at import time: callers build engines from a `Settings` object.
 """
@@ -11,7 +11,6 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
 
 from control_plane.settings import Settings
 
@@ -65,47 +64,3 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         pool_pre_ping=True,
         future=True,
     )
-
-
-def make_session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
-
-
-# Tables in the database that are not loraforge's schema (kombu's SQLAlchemy transport, used as
-# the embedded celery broker, creates its own).
-FOREIGN_TABLE_PREFIXES = ("kombu_",)
-
-
-def include_name(name: str | None, type_: str, parent_names: object) -> bool:
-    """Alembic filter: compare and migrate only loraforge's own tables."""
-    if type_ == "table" and name is not None:
-        return not name.startswith(FOREIGN_TABLE_PREFIXES)
-    return True
-
-
-def migrations_dir() -> Path:
-    import migrations
-
-    return Path(migrations.__file__).resolve().parent
-
-
-def alembic_config(url: str) -> Any:
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(migrations_dir()))
-    config.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
-    return config
-
-
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the schema to `revision` (alembic is the only way the schema changes)."""
-    from alembic import command
-
-    command.upgrade(alembic_config(url), revision)
-
-
-def downgrade(url: str, revision: str = "base") -> None:
-    from alembic import command
-
-    command.downgrade(alembic_config(url), revision)

@@ -9,9 +9,9 @@ from typing import cast
 from sqlalchemy import Connection, Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from control_plane.db.tables import BaseModelRow
 from control_plane.ids import new_id
 from control_plane.records import BaseModelRecord
-from control_plane.tables import BaseModelRow
 
 base_models = cast(Table, BaseModelRow.__table__)
 
