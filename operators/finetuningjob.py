@@ -1,0 +1,233 @@
+"""`FineTuningJob`: submit the spec as one loraforge job and mirror that job into status.
+
+`reconcile` is called on every tick of the object's timer. It submits once (the object's UID is
+the API's idempotency key, so an operator restarted between the submission and its status write
+gets the same job back, never a second one), then copies the job's state, progress, ETA, latest
+metrics and, on success, the adapter version with its digest and lineage into status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loraforge.client import Client, LoraforgeError
+from operators.conditions import set_condition
+from operators.kube import KubeApi
+
+PHASES = {
+    "validating_files": "Submitted",
+    "queued": "Queued",
+    "running": "Running",
+    "cancelling": "Cancelling",
+    "succeeded": "Succeeded",
+    "failed": "Failed",
+    "cancelled": "Cancelled",
+}
+FINISHED = {"Succeeded", "Failed", "Cancelled"}
+
+
+class TemporaryFailure(Exception):
+    """The API or a download did not answer: the next tick tries again."""
+
+
+def snake(name: str) -> str:
+    """`loraRank` → `lora_rank` (the CRD speaks Kubernetes' camelCase, the API snake_case)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def version_digest(files: list[dict[str, Any]]) -> str:
+    """One digest for a version: sha256 over its files' names and sha256, in name order."""
+    lines = "".join(f"{f['name']} {f['sha256']}\n" for f in sorted(files, key=lambda f: f["name"]))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def job_body(
+    spec: dict[str, Any], training_file: str, validation_file: str | None
+) -> dict[str, Any]:
+    """The POST /v1/fine_tuning/jobs body the spec describes."""
+    hp = {snake(k): v for k, v in (spec.get("hyperparameters") or {}).items()}
+    if hp.get("target_modules") == ["all-linear"]:
+        hp["target_modules"] = "all-linear"
+    body: dict[str, Any] = {
+        "model": spec["model"],
+        "training_file": training_file,
+        "hyperparameters": hp,
+        "priority": spec.get("priority", 0),
+    }
+    optional = {
+        "validation_file": validation_file,
+        "adapter_name": spec.get("adapterName"),
+        "suffix": spec.get("suffix"),
+        "continue_from": spec.get("continueFrom"),
+        "max_attempts": spec.get("maxAttempts"),
+    }
+    return body | {k: v for k, v in optional.items() if v is not None}
+
+
+def upload_dataset(
+    client: Client, kube: KubeApi, namespace: str, dataset: dict[str, Any], filename: str
+) -> str:
+    """The file id of `dataset`: as given, or uploaded from its URL or Secret key."""
+    if "fileId" in dataset:
+        return str(dataset["fileId"])
+    if "url" in dataset:
+        try:
+            response = httpx.get(dataset["url"], timeout=120, follow_redirects=True)
+        except httpx.HTTPError as exc:
+            raise TemporaryFailure(f"dataset.url: {exc}") from None
+        if response.status_code >= 400:
+            raise LoraforgeError(
+                400, "dataset_download_failed", f"dataset.url answered {response.status_code}"
+            )
+        content = response.content
+    else:
+        ref = dataset["secretRef"]
+        data = kube.secret_data(namespace, ref["name"])
+        if ref["key"] not in data:
+            raise LoraforgeError(
+                400, "dataset_secret_key_missing", f"Secret {ref['name']} has no key {ref['key']}"
+            )
+        content = data[ref["key"]].encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / filename
+        path.write_bytes(content)
+        return str(client.upload_file(path)["id"])
+
+
+def _failed(status: dict[str, Any], error: LoraforgeError) -> dict[str, Any]:
+    conditions = set_condition(
+        status.get("conditions") or [], "Failed", True, error.code, error.message
+    )
+    return status | {
+        "phase": "Failed",
+        "error": {"code": error.code, "message": error.message, "param": error.param or ""},
+        "conditions": conditions,
+    }
+
+
+def _submit(
+    client: Client, kube: KubeApi, body: dict[str, Any], status: dict[str, Any]
+) -> dict[str, Any]:
+    meta, spec = body["metadata"], body["spec"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = dict(status)
+    if "trainingFileId" not in status:
+        status["trainingFileId"] = upload_dataset(
+            client, kube, namespace, spec["dataset"], f"{name}.jsonl"
+        )
+    if spec.get("validationDataset") and "validationFileId" not in status:
+        status["validationFileId"] = upload_dataset(
+            client, kube, namespace, spec["validationDataset"], f"{name}-validation.jsonl"
+        )
+    request = job_body(spec, status["trainingFileId"], status.get("validationFileId"))
+    job = client.create_job(idempotency_key=meta["uid"], **request)
+    conditions = set_condition(
+        status.get("conditions") or [], "Submitted", True, "JobCreated", f"job {job['id']}"
+    )
+    return status | {"jobId": job["id"], "conditions": conditions}
+
+
+def _latest_metrics(client: Client, job_id: str) -> dict[str, Any] | None:
+    events = client.list_events(job_id, order="desc", limit=50)["data"]
+    return next((e["data"] for e in events if e["type"] == "metrics" and e["data"]), None)
+
+
+def _mirror(client: Client, job: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    phase = PHASES.get(job["status"], "Submitted")
+    conditions = status.get("conditions") or []
+    conditions = set_condition(conditions, "Running", phase == "Running", job["status"])
+    out = status | {
+        "phase": phase,
+        "jobStatus": job["status"],
+        "progress": job.get("progress"),
+        "etaSeconds": job.get("eta_seconds") if phase == "Running" else None,
+        "error": None,
+    }
+    metrics = _latest_metrics(client, job["id"])
+    if metrics is not None:
+        out["metrics"] = metrics
+    if job.get("finished_at"):
+        out["finishedAt"] = datetime.fromtimestamp(job["finished_at"], UTC).isoformat()
+    if job.get("error"):
+        error = job["error"]
+        out["error"] = {k: error.get(k) or "" for k in ("code", "message", "param")}
+    if phase in FINISHED:
+        reason = (job.get("error") or {}).get("code") or job["status"]
+        message = (job.get("error") or {}).get("message") or ""
+        conditions = set_condition(conditions, phase, True, reason, message)
+    if phase == "Succeeded" and job.get("fine_tuned_model") and "adapter" not in status:
+        name, _, number = job["fine_tuned_model"].partition("@")
+        version = client.get_version(name, number)
+        out["adapter"] = {
+            "name": name,
+            "version": version["version"],
+            "model": version["model"],
+            "digest": version_digest(version["files"]),
+            "lineage": client.lineage(name, version["version"]),
+        }
+    out["conditions"] = conditions
+    return out
+
+
+def reconcile(
+    client: Client,
+    kube: KubeApi,
+    body: dict[str, Any],
+    *,
+    delete: Callable[[], None] | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The object's new status (a transient API or download failure raises `TemporaryFailure`)."""
+    spec, meta = body["spec"], body["metadata"]
+    status = {k: v for k, v in (body.get("status") or {}).items() if k != "kopf"}
+    generation = meta.get("generation")
+    if "jobId" not in status:
+        if status.get("phase") == "Failed" and status.get("observedGeneration") == generation:
+            return status  # refused as it stands: a changed spec is tried again
+        if spec.get("suspend"):
+            conditions = set_condition(
+                status.get("conditions") or [], "Submitted", False, "Suspended"
+            )
+            return status | {"phase": "Suspended", "conditions": conditions}
+        status["observedGeneration"] = generation
+        try:
+            status = _submit(client, kube, body, status)
+        except LoraforgeError as exc:
+            if exc.status >= 500 or exc.status == 429:
+                raise TemporaryFailure(str(exc)) from None
+            return _failed(status, exc)
+        except httpx.HTTPError as exc:
+            raise TemporaryFailure(f"loraforge API: {exc}") from None
+    try:
+        job = client.retrieve_job(status["jobId"])
+        status = _mirror(client, job, status)
+    except (LoraforgeError, httpx.HTTPError) as exc:
+        raise TemporaryFailure(f"loraforge API: {exc}") from None
+    ttl = spec.get("ttlSecondsAfterFinished")
+    if ttl is not None and delete is not None and status.get("finishedAt"):
+        finished = datetime.fromisoformat(status["finishedAt"]).timestamp()
+        if (now or datetime.now(UTC).timestamp()) >= finished + ttl:
+            delete()
+    return status
+
+
+def cancel(client: Client, status: dict[str, Any]) -> str | None:
+    """On deletion: cancel the job unless it finished. Returns what was done, for an event."""
+    job_id = status.get("jobId")
+    if not job_id or status.get("phase") in FINISHED:
+        return None
+    try:
+        client.cancel_job(job_id)
+    except LoraforgeError as exc:
+        if exc.status in (404, 409):  # gone, or finished meanwhile
+            return None
+        raise
+    return f"cancelled job {job_id}"

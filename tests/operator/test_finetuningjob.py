@@ -1,0 +1,153 @@
+"""`FineTuningJob` through kopf against the fake API server and the real control plane."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from operators.finetuningjob import version_digest
+from tests.operator.conftest import FakeKube, Platform, eventually, running_operator
+
+pytestmark = [pytest.mark.operator, pytest.mark.asyncio]
+
+RECORDS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
+    }
+    for a in range(4)
+    for b in range(4)
+]
+FAST = {
+    "nEpochs": 3,
+    "batchSize": 4,
+    "learningRateMultiplier": 10,
+    "loraRank": 8,
+    "maxSeqLength": 64,
+}
+
+
+async def given_credentials(kube: FakeKube, platform: Platform) -> None:
+    await kube.secret("loraforge-api", {"url": platform.url, "apiKey": platform.keys.member})
+
+
+def job(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "loraforge.dev/v1alpha1",
+        "kind": "FineTuningJob",
+        "metadata": {"name": name},
+        "spec": {"credentialsSecretRef": {"name": "loraforge-api"}, "model": "tiny-llama", **spec},
+    }
+
+
+def status_of(kube: FakeKube, name: str, key: str) -> Any:
+    async def probe() -> Any:
+        found = await kube.get("finetuningjobs", name)
+        return (found or {}).get("status", {}).get(key)
+
+    return probe
+
+
+async def test_a_finetuningjob_becomes_exactly_one_job_and_ends_succeeded_with_its_version(
+    kube: FakeKube, platform: Platform
+) -> None:
+    await given_credentials(kube, platform)
+    data = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    await kube.secret("sums-data", {"train.jsonl": data})
+    spec = {
+        "dataset": {"secretRef": {"name": "sums-data", "key": "train.jsonl"}},
+        "adapterName": "sums",
+        "hyperparameters": FAST,
+    }
+    await kube.create("finetuningjobs", job("sums", **spec))
+    async with running_operator(kube):
+        job_id = await eventually(status_of(kube, "sums", "jobId"), what="a submitted job")
+    # The operator stops, and the status write that recorded the job is lost: a restarted
+    # operator submits again with the same idempotency key (the object's UID) and gets the same
+    # job back, never a second one.
+    await kube.patch("finetuningjobs", "sums", {"status": {"jobId": None}})
+    async with running_operator(kube):
+        await eventually(
+            lambda: _phase_is(kube, "sums", "Succeeded"), timeout=180, what="Succeeded"
+        )
+    status = (await kube.get("finetuningjobs", "sums") or {})["status"]
+    with platform.client() as client:
+        jobs = client.request("GET", "/v1/fine_tuning/jobs")["data"]
+        version = client.get_version("sums", 1)
+    assert [j["id"] for j in jobs] == [job_id] and status["jobId"] == job_id
+    assert status["jobStatus"] == "succeeded" and status["progress"] == pytest.approx(1.0)
+    assert status["adapter"]["model"] == "sums@1" and status["adapter"]["version"] == 1
+    assert status["adapter"]["digest"] == version_digest(version["files"])
+    assert status["adapter"]["lineage"]["job_id"] == job_id
+    assert status["adapter"]["lineage"]["datasets"][0]["sha256"]
+    assert "train_loss" in status["metrics"] or "final_train_loss" in status["metrics"]
+    assert status["observedGeneration"] == 1
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Submitted"]["status"] == "True"
+    assert conditions["Succeeded"]["status"] == "True"
+    assert conditions["Running"]["status"] == "False"
+    assert await kube.events("Succeeded")
+
+
+async def _phase_is(kube: FakeKube, name: str, phase: str) -> bool:
+    found = await kube.get("finetuningjobs", name)
+    return bool(found) and found.get("status", {}).get("phase") == phase
+
+
+async def test_deleting_a_running_finetuningjob_cancels_its_job(
+    kube: FakeKube, platform: Platform
+) -> None:
+    await given_credentials(kube, platform)
+    with platform.client() as client:
+        data = "".join(json.dumps(r) + "\n" for r in RECORDS * 8)
+        path = platform.services.settings.home / "long.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(data)
+        file_id = client.upload_file(path)["id"]
+    spec = {
+        "dataset": {"fileId": file_id},
+        "hyperparameters": {**FAST, "nEpochs": 20, "batchSize": 2},
+    }
+    await kube.create("finetuningjobs", job("long", **spec))
+    async with running_operator(kube):
+        await eventually(lambda: _phase_is(kube, "long", "Running"), timeout=120, what="Running")
+        job_id = await status_of(kube, "long", "jobId")()
+        await kube.delete("finetuningjobs", "long")
+        # The finalizer holds the object until the job is told to cancel.
+        await eventually(lambda: _gone(kube, "long"), timeout=30, what="the object to be released")
+    with platform.client() as client:
+        for _ in range(100):
+            state = client.retrieve_job(job_id)["status"]
+            if state == "cancelled":
+                break
+            await asyncio.sleep(0.2)
+    assert state == "cancelled"
+
+
+async def _gone(kube: FakeKube, name: str) -> bool:
+    return await kube.get("finetuningjobs", name) is None
+
+
+async def test_a_spec_the_api_refuses_ends_failed_with_the_api_error_code(
+    kube: FakeKube, platform: Platform
+) -> None:
+    await given_credentials(kube, platform)
+    bad = job("bad", dataset={"fileId": "file-nope"}, model="no-such-base")
+    await kube.create("finetuningjobs", bad)
+    async with running_operator(kube):
+        await eventually(lambda: _phase_is(kube, "bad", "Failed"), what="Failed")
+        await asyncio.sleep(1.5)  # further ticks leave a refused spec alone
+    status = (await kube.get("finetuningjobs", "bad") or {})["status"]
+    assert status["error"]["code"] == "model_not_found"
+    assert "no base model named 'no-such-base'" in status["error"]["message"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "model_not_found"
+    assert "jobId" not in status
+    with platform.client() as client:
+        assert client.request("GET", "/v1/fine_tuning/jobs")["data"] == []
+    assert len(await kube.events("Failed")) == 1
