@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/hadolint Dockerfile
 .venv/bin/lint-imports --no-cache
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
