@@ -21,6 +21,8 @@ class Services:
     settings: Settings
     database_url: str
     engine: Engine
+    # API keys are checked on their own small pool (see Settings.auth_pool_size).
+    auth_engine: Engine
     queue: JobQueue
     store: ObjectStore
     # Starts dataset validation for a job (a celery task in production; see loraforge.tasks).
@@ -30,6 +32,7 @@ class Services:
 
     def close(self) -> None:
         self.engine.dispose()
+        self.auth_engine.dispose()
 
 
 def build_object_store(settings: Settings) -> ObjectStore:
@@ -52,7 +55,20 @@ def build_services(
     dispatch_validation: ValidationDispatcher | None = None,
 ) -> Services:
     url = database_url or db.resolve_database_url(settings)
-    engine = db.make_engine(url)
+    engine = db.make_engine(
+        url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        connect_timeout=settings.db_connect_timeout_seconds,
+    )
+    auth_engine = db.make_engine(
+        url,
+        pool_size=settings.auth_pool_size,
+        max_overflow=0,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        connect_timeout=settings.db_connect_timeout_seconds,
+    )
     queue = JobQueue(
         engine,
         lease_seconds=settings.lease_seconds,
@@ -63,6 +79,7 @@ def build_services(
         settings=settings,
         database_url=url,
         engine=engine,
+        auth_engine=auth_engine,
         queue=queue,
         store=store or build_object_store(settings),
     )

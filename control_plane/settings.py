@@ -69,6 +69,19 @@ class Settings(BaseSettings):
     base_import_timeout_seconds: float = Field(default=4 * 3600.0, gt=0)
     page_limit_max: int = Field(default=100, ge=1)
 
+    # Database pools of one API process. A request holds at most one connection of the main pool
+    # (`DB_POOL_SIZE` + `DB_POOL_OVERFLOW`); once all are taken, a request waits up to
+    # `DB_POOL_TIMEOUT_SECONDS` and is then answered 503 with Retry-After, never left hanging.
+    # API keys are checked on a separate small pool (`AUTH_POOL_SIZE`), and a checked key is
+    # remembered for `AUTH_CACHE_SECONDS` (a revoked key stops working within that time), so a
+    # flood of bad keys cannot take the connections authenticated requests need.
+    db_pool_size: int = Field(default=10, ge=1, le=1000)
+    db_pool_overflow: int = Field(default=10, ge=0, le=1000)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0, le=300)
+    db_connect_timeout_seconds: int = Field(default=5, ge=1, le=300)
+    auth_pool_size: int = Field(default=2, ge=1, le=100)
+    auth_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
+
     # Secret that peppers API-key hashes; must be changed outside development.
     secret_key: str = "dev-insecure-secret"
 

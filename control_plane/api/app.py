@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
 
+from control_plane.api.deps import PrincipalCache
 from control_plane.api.errors import install_error_handlers
 from control_plane.api.limits import BodySizeLimit
-from control_plane.api.routes import adapters, api_keys, base_models, files, fine_tuning, models
+from control_plane.api.routes import (
+    adapters,
+    api_keys,
+    base_models,
+    files,
+    fine_tuning,
+    health,
+    models,
+)
 from control_plane.services import Services
 
 
@@ -19,6 +26,9 @@ def create_app(services: Services) -> FastAPI:
         description="Fine-tune LLMs with LoRA on a shared frozen base; version and pull adapters.",
     )
     app.state.services = services
+    app.state.principals = PrincipalCache(
+        services.settings.secret_key, services.settings.auth_cache_seconds
+    )
     install_error_handlers(app)
     for router in (
         files.router,
@@ -27,15 +37,12 @@ def create_app(services: Services) -> FastAPI:
         base_models.router,
         api_keys.router,
         adapters.router,
+        health.router,
     ):
         app.include_router(router)
     app.add_middleware(
         BodySizeLimit,
         limit=services.settings.max_upload_bytes + 64 * 1024,
     )
-
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok"}
 
     return app

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -31,8 +33,52 @@ def get_connection(services: ServicesDep) -> Iterator[Connection]:
 ConnDep = Annotated[Connection, Depends(get_connection)]
 
 
+class PrincipalCache:
+    """Keys checked in the last `ttl` seconds, by their hash: an authenticated client's next
+    requests need no database round trip (a revoked key stops working within `ttl`)."""
+
+    def __init__(self, secret_key: str, ttl: float, max_entries: int = 10_000) -> None:
+        self.secret_key = secret_key
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, tenants.Principal]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tenants.Principal | None:
+        digest = tenants.hash_key(self.secret_key, key)
+        with self._lock:
+            hit = self._entries.get(digest)
+            if hit is None or hit[0] < time.monotonic():
+                self._entries.pop(digest, None)
+                return None
+            return hit[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def put(self, key: str, principal: tenants.Principal) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            digest = tenants.hash_key(self.secret_key, key)
+            self._entries[digest] = (time.monotonic() + self.ttl, principal)
+
+
+def get_principals(request: Request) -> PrincipalCache:
+    cache: PrincipalCache = request.app.state.principals
+    return cache
+
+
+PrincipalsDep = Annotated[PrincipalCache, Depends(get_principals)]
+
+
 def get_principal(
-    services: ServicesDep, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> tenants.Principal:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise ApiError(
@@ -42,8 +88,15 @@ def get_principal(
             "(an admin creates keys with 'loraforge admin create-key').",
         )
     key = authorization[7:].strip()
-    with services.engine.connect() as conn:
-        principal = tenants.authenticate(conn, services.settings.secret_key, key)
+    cache = get_principals(request)
+    principal = cache.get(key)
+    if principal is None:
+        # The auth pool, not the request's: a flood of bad keys waits here, not in front of the
+        # connections that authenticated requests use.
+        with services.auth_engine.connect() as conn:
+            principal = tenants.authenticate(conn, services.settings.secret_key, key)
+        if principal is not None:
+            cache.put(key, principal)
     if principal is None:
         raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
     return principal

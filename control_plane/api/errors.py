@@ -7,8 +7,11 @@ unless it is a bug.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -73,6 +76,38 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     return "; ".join(messages), first or None
 
 
+class RateLimitedLog:
+    """At most one line per `every` seconds per message kind, with the count of the silenced
+    ones: an outage answered a thousand times a second must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0) -> None:
+        self.logger = logger
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._silenced: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(message, -self.every) < self.every:
+                self._silenced[message] = self._silenced.get(message, 0) + 1
+                return
+            self._last[message] = now
+            silenced = self._silenced.pop(message, 0)
+        suffix = f" ({silenced} more like it since the last line)" if silenced else ""
+        self.logger.warning(message + suffix, *args)
+
+
+_outage_log = RateLimitedLog(log)
+
+
+def _unavailable(code: str, message: str, retry_after: int) -> JSONResponse:
+    return JSONResponse(
+        error_body(503, code, message), 503, headers={"Retry-After": str(retry_after)}
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -89,6 +124,20 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "http_error"
         )
         return JSONResponse(error_body(exc.status_code, code, str(exc.detail)), exc.status_code)
+
+    @app.exception_handler(sqlalchemy.exc.TimeoutError)
+    async def _pool_exhausted(_: Request, exc: sqlalchemy.exc.TimeoutError) -> JSONResponse:
+        _outage_log.warning("database pool exhausted: answering 503 server_busy")
+        return _unavailable("server_busy", "The server is busy; retry in a second.", 1)
+
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _database_down(_: Request, exc: sqlalchemy.exc.OperationalError) -> JSONResponse:
+        _outage_log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0])
+        return _unavailable(
+            "database_unavailable",
+            "The database is unavailable; nothing was changed. Retry in a few seconds.",
+            5,
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -56,11 +56,23 @@ def resolve_database_url(settings: Settings) -> str:
     return start_embedded_postgres(settings.home / "pgdata")
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    max_overflow: int | None = None,
+    pool_timeout: float = 30.0,
+    connect_timeout: int = 10,
+) -> Engine:
+    """A pooled engine. `pool_timeout`: how long a checkout waits for a free connection before
+    `sqlalchemy.exc.TimeoutError`; `connect_timeout`: how long a new connection may take (a
+    database that does not answer fails fast instead of hanging the caller)."""
     return create_engine(
         normalize_url(url),
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
+        pool_timeout=pool_timeout,
         pool_pre_ping=True,
+        connect_args={"connect_timeout": connect_timeout},
         future=True,
     )

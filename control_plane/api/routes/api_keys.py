@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from control_plane import tenants
-from control_plane.api.deps import Admin, ConnDep, ServicesDep
+from control_plane.api.deps import Admin, ConnDep, PrincipalsDep, ServicesDep
 from control_plane.api.errors import not_found
 from control_plane.api.schemas import ApiKeyCreate, ApiKeyPublic, Page, page_of
 from control_plane.records import ApiKeyRecord
@@ -42,9 +42,12 @@ def list_keys(conn: ConnDep, caller: Admin) -> Page[ApiKeyPublic]:
 
 
 @router.delete("/{key_id}", response_model=ApiKeyPublic)
-def revoke_key(key_id: str, conn: ConnDep, caller: Admin) -> ApiKeyPublic:
+def revoke_key(
+    key_id: str, conn: ConnDep, caller: Admin, principals: PrincipalsDep
+) -> ApiKeyPublic:
     if not tenants.revoke_api_key(conn, caller.tenant_id, key_id):
         raise not_found("api_key", key_id)
     conn.commit()
+    principals.clear()  # this process forgets it now; other API replicas within their TTL
     record = next(k for k in tenants.list_api_keys(conn, caller.tenant_id) if k.id == key_id)
     return _public(record)

@@ -1,0 +1,61 @@
+"""/healthz (the process lives) and /readyz (its dependencies answer): unauthenticated, cheap.
+
+Kubernetes restarts a pod whose liveness fails and stops sending traffic to one whose readiness
+fails; a database outage is therefore a readiness failure (503, naming what is down), never a
+liveness one: restarting the API would not bring PostgreSQL back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from control_plane.api.deps import ServicesDep
+from control_plane.storage import ObjectStoreError
+
+router = APIRouter(tags=["health"])
+
+READINESS_PROBE_KEY = "healthcheck/readyz"
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, Any]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "a dependency does not answer"}})
+def readyz(services: ServicesDep) -> JSONResponse:
+    """`ready` when the database and the object store answer; otherwise 503 and, for each
+    dependency, `ok` or why not."""
+    checks = {"database": _database(services), "object_store": _object_store(services)}
+    ready = all(result == "ok" for result in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks},
+        status_code=200 if ready else 503,
+        headers=None if ready else {"Retry-After": "5"},
+    )
+
+
+def _database(services: ServicesDep) -> str:
+    try:
+        with services.auth_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        return f"unavailable: {_first_line(exc)}"
+    return "ok"
+
+
+def _object_store(services: ServicesDep) -> str:
+    try:
+        services.store.head(READINESS_PROBE_KEY)  # a missing key is an answer too
+    except (ObjectStoreError, OSError) as exc:
+        return f"unavailable: {_first_line(exc)}"
+    return "ok"
+
+
+def _first_line(exc: BaseException) -> str:
+    text_ = str(exc).strip()
+    return text_.splitlines()[0][:200] if text_ else type(exc).__name__

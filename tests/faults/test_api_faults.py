@@ -1,0 +1,148 @@
+"""The API under bursts and through a database outage: 503 with Retry-After, never a 500 or a
+hang; readiness tells the truth; the log stays readable; recovery needs no restart."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.engine import make_url
+
+from control_plane.api.app import create_app
+from control_plane.api.serve import serve_in_thread
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore
+from tests.factories import make_key, make_tenant
+from tests.faults.tcp_proxy import CuttableProxy
+
+pytestmark = [pytest.mark.faults]
+
+# Every answer in a burst comes within this bound (or is a 503 with Retry-After).
+ANSWER_BOUND_S = 15.0
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[CuttableProxy]:
+    url = make_url(database_url)
+    p = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def proxied_services(database_url: str, proxy: CuttableProxy, tmp_path: Path) -> Iterator[Services]:
+    through_proxy = (
+        make_url(database_url)
+        .set(host="127.0.0.1", port=proxy.port)
+        .render_as_string(hide_password=False)
+    )
+    settings = Settings(home=tmp_path / "home", db_pool_timeout_seconds=2)
+    services = build_services(
+        settings, database_url=through_proxy, store=LocalObjectStore(tmp_path / "objects")
+    )
+    yield services
+    services.close()
+
+
+@pytest.fixture
+def api(proxied_services: Services) -> Iterator[str]:
+    with serve_in_thread(create_app(proxied_services)) as url:
+        yield url
+
+
+def test_a_burst_of_200_requests_half_with_bad_keys_gets_no_500_and_real_clients_are_served(
+    proxied_services: Services, api: str
+) -> None:
+    tenant = make_tenant(proxied_services.engine, "burst")
+    good = {"Authorization": f"Bearer {make_key(proxied_services.engine, tenant.id, 'member')}"}
+    with httpx.Client(base_url=api, timeout=60) as http:
+        assert http.get("/v1/fine_tuning/jobs", headers=good).status_code == 200
+
+    def one(n: int) -> tuple[int, float, str | None]:
+        headers = good if n % 2 else {"Authorization": f"Bearer lf-made-up-{n}"}
+        started = time.monotonic()
+        with httpx.Client(base_url=api, timeout=60) as http:
+            response = http.get("/v1/fine_tuning/jobs", headers=headers)
+        return response.status_code, time.monotonic() - started, response.headers.get("retry-after")
+
+    during: dict[str, float | int] = {}
+
+    def legitimate() -> None:
+        time.sleep(0.5)
+        started = time.monotonic()
+        with httpx.Client(base_url=api, timeout=60) as http:
+            during["status"] = http.get("/v1/fine_tuning/jobs", headers=good).status_code
+        during["seconds"] = time.monotonic() - started
+
+    probe = threading.Thread(target=legitimate)
+    probe.start()
+    with ThreadPoolExecutor(max_workers=200) as pool:
+        answers = list(pool.map(one, range(200)))
+    probe.join()
+
+    statuses = [status for status, _, _ in answers]
+    assert 500 not in statuses
+    assert {s for n, s in enumerate(statuses) if n % 2} <= {200, 503}  # good keys
+    assert {s for n, s in enumerate(statuses) if not n % 2} <= {401, 503}  # made-up keys
+    for status, seconds, retry_after in answers:
+        assert seconds < ANSWER_BOUND_S or (status == 503 and retry_after), (status, seconds)
+        if status == 503:
+            assert retry_after is not None
+    assert during["status"] == 200, during
+    assert during["seconds"] < ANSWER_BOUND_S
+
+
+def test_a_database_outage_answers_503_with_retry_after_and_recovers_without_a_restart(
+    proxied_services: Services,
+    proxy: CuttableProxy,
+    api: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tenant = make_tenant(proxied_services.engine, "outage")
+    key = make_key(proxied_services.engine, tenant.id, "member")
+    known = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=api, timeout=30) as http:
+        assert http.get("/v1/fine_tuning/jobs", headers=known).status_code == 200
+        assert http.get("/readyz").json()["status"] == "ready"
+
+        proxy.cut()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            answers = [
+                http.get("/v1/fine_tuning/jobs", headers=known),
+                http.get("/v1/files", headers={"Authorization": "Bearer lf-unknown"}),
+                http.post(
+                    "/v1/fine_tuning/jobs",
+                    headers=known,
+                    json={"model": "tiny", "training_file": "file-x"},
+                ),
+            ]
+            answers += [http.get("/v1/fine_tuning/jobs", headers=known) for _ in range(40)]
+        for response in answers:
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "database_unavailable"
+            assert int(response.headers["retry-after"]) > 0
+        outage_lines = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+        assert 1 <= len(outage_lines) <= 2, len(outage_lines)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"]
+        checks = ready.json()["checks"]
+        assert checks["database"].startswith("unavailable") and checks["object_store"] == "ok"
+        assert http.get("/healthz").status_code == 200  # alive: restarting would not help
+
+        proxy.restore()
+        time.sleep(0.2)
+        assert http.get("/v1/fine_tuning/jobs", headers=known).status_code == 200
+        assert http.get("/readyz").status_code == 200
+        assert (
+            http.get("/v1/files", headers={"Authorization": "Bearer lf-unknown"}).status_code == 401
+        )
