@@ -156,20 +156,28 @@ _FAIL = text(
     """
 )
 
+# A lease that expired means its trainer was lost (killed, out of memory, node gone): the
+# platform's fault, not the job's. The job goes back at once with its attempt given back
+# (`attempt - 1`: the next claim runs the same attempt again) and one more interruption; only
+# after `max_interruptions` of them does it fail.
 _REAP = text(
-    f"""
+    """
     UPDATE jobs SET
       status = CASE
         WHEN cancel_requested THEN :cancelled
-        WHEN attempt >= max_attempts THEN :failed
+        WHEN interruptions + 1 >= :max_interruptions THEN :failed
         ELSE :queued END,
-      run_after = {_BACKOFF_RUN_AFTER},
-      finished_at = CASE WHEN cancel_requested OR attempt >= max_attempts THEN now() END,
+      attempt = CASE WHEN cancel_requested OR interruptions + 1 >= :max_interruptions
+                     THEN attempt ELSE greatest(attempt - 1, 0) END,
+      interruptions = interruptions + 1,
+      run_after = now(),
+      finished_at = CASE WHEN cancel_requested OR interruptions + 1 >= :max_interruptions
+                         THEN now() END,
       error_code = CASE WHEN cancel_requested THEN error_code ELSE 'lease_expired' END,
       error_message = CASE WHEN cancel_requested THEN error_message ELSE
         'the worker ' || coalesce(lease_owner, '?') || ' stopped renewing its lease'
-        || CASE WHEN attempt >= max_attempts
-                THEN ' and the job used all ' || max_attempts || ' attempts' ELSE '' END
+        || CASE WHEN interruptions + 1 >= :max_interruptions
+                THEN ' (' || (interruptions + 1) || ' trainers lost in all)' ELSE '' END
       END,
       lease_owner = NULL, lease_expires_at = NULL
     WHERE id IN (
@@ -200,11 +208,13 @@ class JobQueue:
         lease_seconds: float = 60.0,
         retry_backoff_seconds: float = 10.0,
         max_running_per_tenant: int = 4,
+        max_interruptions: int = 5,
     ) -> None:
         self.engine = engine
         self.lease_seconds = lease_seconds
         self.retry_backoff_seconds = retry_backoff_seconds
         self.max_running_per_tenant = max_running_per_tenant
+        self.max_interruptions = max_interruptions
 
     # -- entering the queue -------------------------------------------------------------
 
@@ -468,13 +478,28 @@ class JobQueue:
     def reap_expired_leases(self) -> list[JobRecord]:
         """Return jobs whose lease expired to the queue (attempts left) or fail/cancel them."""
         with self.engine.begin() as conn:
-            rows = conn.execute(_REAP, _params(backoff=self.retry_backoff_seconds)).all()
+            rows = conn.execute(_REAP, _params(max_interruptions=self.max_interruptions)).all()
             for row in rows:
-                self._record_release(conn, row, reason=row.error_message or "lease expired")
+                self._record_release(
+                    conn, row, reason=row.error_message or "lease expired", attempt_used=False
+                )
         return [JobRecord.from_row(row) for row in rows]
 
-    def _record_release(self, conn: Connection, row: Any, *, reason: str) -> None:
-        if row.status == JobStatus.QUEUED:
+    def _record_release(
+        self, conn: Connection, row: Any, *, reason: str, attempt_used: bool = True
+    ) -> None:
+        if row.status == JobStatus.QUEUED and not attempt_used:
+            add_event(
+                conn,
+                row.id,
+                f"Attempt {row.attempt + 1} of {row.max_attempts} interrupted ({reason}); job "
+                f"requeued, the attempt not counted (interruption {row.interruptions} of "
+                f"{self.max_interruptions})",
+                level="warn",
+                data={"status": JobStatus.QUEUED, "attempt": row.attempt},
+            )
+            _notify_queued(conn, row.base_model_id)
+        elif row.status == JobStatus.QUEUED:
             add_event(
                 conn,
                 row.id,

@@ -90,6 +90,7 @@ class JobRecord(_FromRow):
     priority: int
     attempt: int
     max_attempts: int
+    interruptions: int
     run_after: datetime
     lease_owner: str | None
     lease_expires_at: datetime | None

@@ -74,6 +74,7 @@ def build_services(
         lease_seconds=settings.lease_seconds,
         retry_backoff_seconds=settings.retry_backoff_seconds,
         max_running_per_tenant=settings.max_running_jobs_per_tenant,
+        max_interruptions=settings.max_interruptions,
     )
     services = Services(
         settings=settings,

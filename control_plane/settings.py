@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     max_example_tokens: int = Field(default=32768, ge=1)
     max_running_jobs_per_tenant: int = Field(default=4, ge=1)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # A lease lost with its trainer does not use up an attempt; after this many such losses the
+    # job fails (a job that takes its trainer down every time must not loop for ever).
+    max_interruptions: int = Field(default=5, ge=1, le=1000)
     lease_seconds: float = Field(default=60.0, gt=0)
     retry_backoff_seconds: float = Field(default=10.0, ge=0)
     # A base import still `registering` after this long is taken for lost (its celery worker

@@ -149,6 +149,9 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="3")
+    # Leases lost with their trainer (killed, node gone): the platform's faults, which give the
+    # attempt back; bounded apart (a job that kills every trainer it runs on must end).
+    interruptions: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     run_after: Mapped[datetime] = _now()
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
