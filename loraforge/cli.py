@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from control_plane.settings import Settings
 from loraforge.embedded import DEFAULT_TENANT, embedded_platform, stop_on_sigterm
+from loraforge.operator_cli import add_operator_command
 from loraforge.registry_cli import add_registry_commands
 from loraforge.serve_cli import add_serve_commands
 from loraforge.supervise import HomeInUseError
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     base_add.set_defaults(func=cmd_base_add)
 
     add_registry_commands(sub)
+    add_operator_command(sub)
     add_serve_commands(sub)
 
     migrate = sub.add_parser("migrate", help="bring the database schema to a revision")

@@ -99,6 +99,10 @@ def preflight(spec: dict[str, Any], version: dict[str, Any], directory: Path) ->
     return problems
 
 
+def _is_preflight(adapter: dict[str, Any]) -> bool:
+    return str(adapter.get("failed", "")).startswith("preflight")
+
+
 def pod_url(pod: dict[str, Any], vllm: dict[str, Any]) -> str | None:
     """The pod's vLLM URL: its IP and the container port named `portName` (else `port`)."""
     ip = (pod.get("status") or {}).get("podIP")
@@ -182,7 +186,8 @@ class _Sync:
                 digest=version_digest(version["files"]),
                 path=root / f"{name}@{number}",
                 refusals=old.get("refusals", 0) if same else 0,
-                failed=old.get("failed", "") if same else "",
+                # A refusal by vLLM stays with its version; preflight is judged afresh each time.
+                failed=old.get("failed", "") if same and not _is_preflight(old) else "",
             )
             if not same:
                 self.events.append(Event("Normal", "Resolved", f"{name} → version {number}"))
@@ -216,9 +221,9 @@ class _Sync:
     # -- pods -------------------------------------------------------------------------------
 
     def needed(self) -> set[str]:
-        """Served names that must stay loaded: the desired ones, and the current ones until
-        their successor is everywhere."""
-        names = {a.served for a in self.loadable()}
+        """Served names to keep loaded: the desired ones (a version vLLM refused on one pod
+        stays where it loaded), and the current ones until their successor is everywhere."""
+        names = {a.served for a in self.adapters}
         names |= {f"{a.name}@{a.current}" for a in self.adapters if a.current is not None}
         return names
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import kmock
@@ -31,7 +32,6 @@ from workers.runner import JobRunner
 NAMESPACE = "serving"
 GROUP_PATH = f"/apis/loraforge.dev/v1alpha1/namespaces/{NAMESPACE}"
 BASE = "tiny-llama"
-T = TypeVar("T")
 _uids = itertools.count(1)
 
 
@@ -143,12 +143,14 @@ async def running_operator(kube: FakeKube, *, sync_seconds: float = 0.5) -> Asyn
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 60, what: str = "condition"
-) -> T:
-    """Poll `probe` until it returns something truthy."""
+    probe: Callable[[], Any], *, timeout: float = 60, what: str = "condition"
+) -> Any:
+    """Poll `probe` (a function or a coroutine function) until it returns something truthy."""
     deadline = time.monotonic() + timeout
     while True:
-        found = await probe()
+        found = probe()
+        if inspect.isawaitable(found):
+            found = await found
         if found:
             return found
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

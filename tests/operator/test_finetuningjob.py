@@ -95,8 +95,8 @@ async def test_a_finetuningjob_becomes_exactly_one_job_and_ends_succeeded_with_i
 
 
 async def _phase_is(kube: FakeKube, name: str, phase: str) -> bool:
-    found = await kube.get("finetuningjobs", name)
-    return bool(found) and found.get("status", {}).get("phase") == phase
+    found = await kube.get("finetuningjobs", name) or {}
+    return bool(found.get("status", {}).get("phase") == phase)
 
 
 async def test_deleting_a_running_finetuningjob_cancels_its_job(

@@ -1,0 +1,76 @@
+"""The CRDs (the chart's files, their single source) and the example manifests against them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+pytestmark = pytest.mark.operator
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT / "helm" / "loraforge" / "files" / "crds"
+
+
+def crds() -> dict[str, dict[str, Any]]:
+    found = [yaml.safe_load(p.read_text()) for p in sorted(CRDS.glob("loraforge.dev_*.yaml"))]
+    return {c["spec"]["names"]["kind"]: c for c in found}
+
+
+def validator(kind: str) -> jsonschema.Draft4Validator:
+    # Kubernetes' structural schemas are OpenAPI v3.0: draft 4's boolean exclusiveMinimum.
+    (version,) = crds()[kind]["spec"]["versions"]
+    return jsonschema.Draft4Validator(version["schema"]["openAPIV3Schema"])
+
+
+def examples() -> list[dict[str, Any]]:
+    return [
+        doc
+        for path in sorted((ROOT / "examples").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc["apiVersion"].startswith("loraforge.dev/")
+    ]
+
+
+def test_the_crds_serve_v1alpha1_with_a_status_subresource_and_printer_columns() -> None:
+    found = crds()
+    assert set(found) == {"FineTuningJob", "AdapterSync"}
+    for crd in found.values():
+        assert crd["spec"]["group"] == "loraforge.dev" and crd["spec"]["scope"] == "Namespaced"
+        (version,) = crd["spec"]["versions"]
+        assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+        assert "Phase" in [c["name"] for c in version["additionalPrinterColumns"]]
+
+
+def test_every_example_manifest_validates_against_its_crd() -> None:
+    docs = examples()
+    assert {d["kind"] for d in docs} == {"FineTuningJob", "AdapterSync"}
+    for doc in docs:
+        validator(doc["kind"]).validate(doc)
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "why"),
+    [
+        ("FineTuningJob", {"dataset": {"fileId": "f", "url": "https://x"}}, "dataset"),
+        ("FineTuningJob", {"hyperparameters": {"loraRank": 0}}, "loraRank"),
+        ("FineTuningJob", {"hyperparameters": {"n_epochs": 3}}, "n_epochs"),
+        ("AdapterSync", {"vllm": {"maxLoraRank": 24}}, "maxLoraRank"),
+        ("AdapterSync", {"storage": {"path": "relative/dir"}}, "path"),
+        (
+            "AdapterSync",
+            {"podSelector": {"matchExpressions": [{"key": "a", "operator": "Near"}]}},
+            "operator",
+        ),
+    ],
+)
+def test_the_schema_refuses_what_a_schema_can_say(
+    kind: str, change: dict[str, Any], why: str
+) -> None:
+    doc = next(d for d in examples() if d["kind"] == kind)
+    bad = {**doc, "spec": {**doc["spec"], **change}}
+    errors = list(validator(kind).iter_errors(bad))
+    assert errors and any(why in (str(e.path) + e.message) for e in errors)
