@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 
 from control_plane import db, tenants
@@ -129,6 +130,7 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: this object decides when the server stops, not pgserver's atexit.
         self._server = pgserver.get_server(self.data_dir, cleanup_mode=None)  # type: ignore[attr-defined]
+        self.restart()  # pgserver hands out a cached handle: its server may have stopped since
         return db.normalize_url(str(self._server.get_uri()))
 
     def alive(self) -> bool:
@@ -143,16 +145,29 @@ class EmbeddedPostgres:
         with self._server._lock:  # pgserver's own inter-process lock around starting a server
             self._server.ensure_postgres_running()
 
-    def stop(self) -> None:
-        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
-
-        if self._server is None:
-            return
-        with contextlib.suppress(Exception):  # already stopped
-            pg_ctl(
-                ["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user
-            )
+    def stop(self, timeout: float = 30.0) -> None:
+        """Fast shutdown (SIGINT to the postmaster: what `pg_ctl stop -m fast` sends; signalled
+        directly because pg_ctl runs as pgserver's system user, who may not read the path)."""
         self._server = None
+        postmaster = postmaster_pid(self.data_dir)
+        if postmaster is None:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(postmaster)
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout)
+            except psutil.TimeoutExpired:
+                process.kill()
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The pid of the PostgreSQL serving `data_dir`, if one is running."""
+    with contextlib.suppress(FileNotFoundError, ValueError, IndexError):
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+        if psutil.pid_exists(pid):
+            return pid
+    return None
 
 
 @dataclass(frozen=True)
