@@ -65,7 +65,7 @@ def main() -> None:
 
     import torch
 
-    from workers.training.recipe import bf16_supported
+    from workers.training.device import bf16_supported
 
     rng = random.Random(42)
     sigma = 0.5

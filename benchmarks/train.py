@@ -204,8 +204,8 @@ def run_baseline(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
         TrainingArguments,
     )
 
+    from workers.training.device import bf16_supported, default_device
     from workers.training.formatting import tokenize_records
-    from workers.training.recipe import bf16_supported, default_device
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = synthetic_records(steps * batch_size + EVAL_EXAMPLES, tokenizer, SEED)
@@ -328,7 +328,7 @@ def matmul_flops(precision: str) -> tuple[float, float]:
 
 
 def _bf16_here() -> bool:
-    from workers.training.recipe import bf16_supported, default_device
+    from workers.training.device import bf16_supported, default_device
 
     return bf16_supported(default_device())
 

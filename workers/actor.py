@@ -113,7 +113,8 @@ def start_trainer(settings: Settings, database_url: str, index: int, *, generati
     gpus = 1 if _has_gpu() else 0
     suffix = f".{generation}" if generation else ""
     worker_id = f"{socket.gethostname()}-trainer-{index}{suffix}-{os.getpid()}"
-    return TrainerActor.options(num_gpus=gpus, num_cpus=1, name=None).remote(
+    # `ray.remote` made the class an actor class: mypy sees the class it was written as.
+    return TrainerActor.options(num_gpus=gpus, num_cpus=1, name=None).remote(  # type: ignore[attr-defined]
         settings.model_dump_json(),
         database_url,
         worker_id,

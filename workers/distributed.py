@@ -2,16 +2,17 @@
 
 A trainer actor that claims a job with `num_gpus > 1` calls `train_on_ray_train`: Ray Train
 starts `num_gpus` workers with a process group (nccl on GPUs, gloo on CPUs); each loads the
-job's base (from its node's cache, as a trainer does) and runs `train_adapter_distributed`.
-Rank 0 talks to the platform as a single trainer would: job events, checkpoints to the object
-store, the cancel/lease check (through the job's heartbeat, under the claiming trainer's
-worker id), and at the end it hands the adapter back through a Ray Train checkpoint.
+job's base (from its node's cache, as a trainer does) and runs `train_adapter` as one rank.
+Rank 0 talks to the platform as a single trainer would, through the same `workers.job_io`: job
+events, checkpoints to the object store, the cancel/lease check (through the job's heartbeat,
+under the claiming trainer's worker id), and at the end it hands the adapter back through a
+Ray Train checkpoint.
 """
 
 from __future__ import annotations
 
 import tempfile
-import threading
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,15 @@ from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import BaseModelRecord, JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
-from workers.training.recipe import TrainHooks, TrainingError, TrainResult
+from workers.bases.checkpoints import BaseCache
+from workers.job_io import JobSignals, LeaseHeartbeat, job_hooks, materialize_base
+from workers.training.recipe import (
+    ResidentBase,
+    TrainHooks,
+    TrainingError,
+    TrainResult,
+    train_adapter,
+)
 
 ADAPTER_REPORT = "loraforge_adapter"
 
@@ -47,99 +56,56 @@ def unpack_dir(files: dict[str, bytes] | None, target: Path) -> Path | None:
     return target
 
 
-class _RankZeroLink:
-    """Rank 0's line to the platform: events, checkpoints, and the stop signal."""
-
-    def __init__(self, services: Services, job: JobRecord, worker_id: str) -> None:
-        from workers.runner import record_event, store_checkpoint
-
-        self.services, self.job, self.worker_id = services, job, worker_id
-        self._record_event, self._store_checkpoint = record_event, store_checkpoint
-        self.progress: float | None = None
-        self.eta: float | None = None
-        self.stop = threading.Event()
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-        self.thread.start()
-
-    def _beat(self) -> None:
-        while not self.done.wait(1.0):
-            try:
-                beat = self.services.queue.heartbeat(
-                    self.job.id, self.worker_id, progress=self.progress, eta_seconds=self.eta
-                )
-            except Exception:  # a blip: the lease has slack
-                continue
-            if not beat.held or beat.cancel_requested:
-                self.stop.set()
-
-    def hooks(self) -> TrainHooks:
-        def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
-            if kind == "metrics":
-                self.progress = data.get("fraction_done", self.progress)
-                self.eta = data.get("eta_s", self.eta)
-            self._record_event(self.services, self.job.id, kind, message, data)
-
-        return TrainHooks(
-            on_event=on_event,
-            should_stop=self.stop.is_set,
-            on_checkpoint=lambda step, d: self._store_checkpoint(self.services, self.job, step, d),
-        )
-
-    def close(self) -> None:
-        self.done.set()
-        self.thread.join()
-
-
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker, inside the process group Ray Train set up."""
     import ray.train
     import torch
 
-    from workers.runner import JobRunner
-    from workers.training.recipe import ResidentBase, train_adapter_distributed
-
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     settings = Settings.model_validate_json(config["settings_json"])
     services = build_services(settings, database_url=config["database_url"])
     job: JobRecord = config["job"]
     hp: Hyperparameters = config["hp"]
-    link = _RankZeroLink(services, job, config["worker_id"]) if rank == 0 else None
-    try:
-        if not torch.cuda.is_available():
-            torch.set_num_threads(max(1, config["threads_per_worker"]))
-        # The base, from this node's verified cache (or its directory), like any trainer.
-        fetcher = JobRunner(
-            services,
-            f"{config['worker_id']}-rank{rank}",
-            work_dir=settings.home / "worker" / "ray-train",
+    signals = JobSignals()
+    # Rank 0 keeps the job's lease (under the claiming trainer's id) and hears a cancellation.
+    heartbeat: AbstractContextManager[object] = (
+        LeaseHeartbeat(
+            services.queue,
+            job.id,
+            config["worker_id"],
+            signals,
+            interval_s=config["heartbeat_seconds"],
         )
-        base = ResidentBase.load(fetcher.materialize_base(config["base"]), precision=hp.precision)
-        with tempfile.TemporaryDirectory(prefix=f"{job.id}-rank{rank}-") as tmp:
-            work = Path(tmp)
-            resume_dir = unpack_dir(config["resume"], work / "resume")
-            init_dir = unpack_dir(config["init"], work / "init")
-            hooks = link.hooks() if link is not None else TrainHooks()
-            result = train_adapter_distributed(
-                base,
-                config["train_records"],
-                config["eval_records"],
-                hp,
-                hooks,
-                work / "out",
-                resume_dir,
-                init_dir,
-            )
-            metrics = {ADAPTER_REPORT: asdict(result) | {"adapter_dir": None}}
-            if rank == 0 and result.adapter_dir is not None:
-                checkpoint = ray.train.Checkpoint.from_directory(str(result.adapter_dir))
-                ray.train.report(metrics, checkpoint=checkpoint)
-            else:
-                ray.train.report(metrics)
+        if rank == 0
+        else nullcontext()
+    )
+    try:
+        with heartbeat:
+            if not torch.cuda.is_available():
+                torch.set_num_threads(max(1, config["threads_per_worker"]))
+            # The base, from this node's verified cache (or its directory), like any trainer.
+            cache = BaseCache(settings.home / "worker" / "ray-train" / "bases")
+            path = materialize_base(services.store, cache, config["base"])
+            base = ResidentBase.load(path, precision=hp.precision)
+            with tempfile.TemporaryDirectory(prefix=f"{job.id}-rank{rank}-") as tmp:
+                work = Path(tmp)
+                result = train_adapter(
+                    base,
+                    config["train_records"],
+                    config["eval_records"],
+                    hp,
+                    job_hooks(services, job, signals) if rank == 0 else TrainHooks(),
+                    work / "out",
+                    unpack_dir(config["resume"], work / "resume"),
+                    unpack_dir(config["init"], work / "init"),
+                )
+                metrics = {ADAPTER_REPORT: asdict(result) | {"adapter_dir": None}}
+                if rank == 0 and result.adapter_dir is not None:
+                    checkpoint = ray.train.Checkpoint.from_directory(str(result.adapter_dir))
+                    ray.train.report(metrics, checkpoint=checkpoint)
+                else:
+                    ray.train.report(metrics)
     finally:
-        if link is not None:
-            link.close()
         services.close()
 
 
@@ -181,9 +147,11 @@ def train_on_ray_train(
     *,
     resume_dir: Path | None = None,
     init_dir: Path | None = None,
+    heartbeat_seconds: float = 1.0,
 ) -> TrainResult:
     """Train one job over `hp.num_gpus` Ray Train workers; returns rank 0's result, with the
-    adapter copied into `output_dir / "adapter"`."""
+    adapter copied into `output_dir / "adapter"`. Rank 0 renews the job's lease every
+    `heartbeat_seconds`, as the claiming trainer does."""
     import ray
     import torch
     from ray.train import RunConfig, ScalingConfig
@@ -212,6 +180,7 @@ def train_on_ray_train(
             "resume": pack_dir(resume_dir),
             "init": pack_dir(init_dir),
             "threads_per_worker": max(1, int(cpus)),
+            "heartbeat_seconds": heartbeat_seconds,
         },
         scaling_config=ScalingConfig(
             num_workers=hp.num_gpus, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}

@@ -1,10 +1,12 @@
 """Run claimed jobs on a resident base: fetch, train, checkpoint, publish, and the loop around it.
 
 A `JobRunner` belongs to one trainer (one Ray actor, or one process in tests). It keeps one base
-resident across jobs, renews each job's lease from a heartbeat thread (which is also how a
-cancellation or a lost lease reaches the training loop), turns training events into job events,
-uploads checkpoints, resumes a retried job from its newest checkpoint, and publishes the adapter
-through the registry. Jobs that cannot succeed fail with their reason; the runner survives.
+resident across jobs, keeps each job's lease by heartbeat (which is also how a cancellation or a
+lost lease reaches the training loop), resumes a retried job from its newest checkpoint, hands a
+job over several workers to `workers.distributed`, and publishes the adapter through the
+registry. Jobs that cannot succeed fail with their reason (`FAILURES`); the runner survives.
+What it shares with rank 0 of a distributed job (events, checkpoints, the heartbeat, the base
+cache) lives in `workers.job_io`.
 """
 
 from __future__ import annotations
@@ -15,50 +17,64 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
-from control_plane import base_models, jobs, registry
+from control_plane import base_catalog, jobs, registry
 from control_plane import files as file_repo
 from control_plane.datasets import iter_examples
-from control_plane.events import add_event
 from control_plane.hyperparameters import Hyperparameters
+from control_plane.job_status import JobStatus
 from control_plane.queue import QueueListener
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
-from control_plane.storage import ObjectStoreError, base_model_prefix, checkpoint_prefix
+from control_plane.storage import ObjectStoreError
 from workers.bases.checkpoints import BaseCache, BaseModelError
-from workers.distributed import ClusterBusyError
+from workers.distributed import ClusterBusyError, train_on_ray_train
+from workers.job_io import JobSignals, LeaseHeartbeat, job_hooks, materialize_base, record_event
 from workers.training.lineage import build_lineage
-from workers.training.recipe import (
-    ResidentBase,
-    TrainHooks,
-    TrainingError,
-    TrainResult,
-    train_adapter,
-)
+from workers.training.recipe import ResidentBase, TrainingError, TrainResult, train_adapter
 
 log = logging.getLogger(__name__)
 
+LEASE_LOST: Final = "lease_lost"
+"""What `JobRunner.run` returns when the job's lease went elsewhere: its state is not this
+worker's to tell any more."""
 
-@dataclass
-class _JobSignals:
-    """Set by the heartbeat thread, read by the training loop between steps."""
+RunOutcome = JobStatus | Literal["lease_lost"]
 
-    cancel: threading.Event = field(default_factory=threading.Event)
-    lease_lost: threading.Event = field(default_factory=threading.Event)
-    # The runner's stop: the worker is shutting down and hands the job back.
-    shutdown: threading.Event = field(default_factory=threading.Event)
-    progress: float | None = None
-    eta_seconds: float | None = None
+FAILURES: dict[type[Exception], tuple[str, bool]] = {
+    TrainingError: ("training_error", False),
+    BaseModelError: ("base_model_unavailable", False),
+    ObjectStoreError: ("object_store_error", True),
+    ClusterBusyError: ("insufficient_resources", True),
+    registry.RegistryError: ("publish_failed", False),
+    registry.StoreUnavailableError: ("publish_failed", True),
+}
+"""How a failure ends a job: exception type → (error code, whether another attempt may succeed).
+The most specific type along the exception's MRO wins; an exception not listed is a bug or a
+fault, logged with its traceback and retried as `worker_error`."""
 
-    def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lease_lost.is_set() or self.shutdown.is_set()
 
-    def handing_back(self) -> bool:
-        """Stopping for a shutdown only: the job goes back to the queue, with a checkpoint."""
-        return self.shutdown.is_set() and not (self.cancel.is_set() or self.lease_lost.is_set())
+def failure_of(exc: Exception) -> tuple[str, bool] | None:
+    """The job's (error code, retryable) for `exc`, or None when `FAILURES` does not know it."""
+    for kind in type(exc).__mro__:
+        if kind in FAILURES:
+            return FAILURES[kind]
+    return None
+
+
+@dataclass(frozen=True)
+class _JobInputs:
+    """What a job trains from, read once at its start."""
+
+    hp: Hyperparameters
+    base: BaseModelRecord
+    train_file: FileRecord
+    eval_file: FileRecord | None
+    parent: registry.AdapterVersionRecord | None
+    resume_prefix: str | None
 
 
 class JobRunner:
@@ -110,150 +126,150 @@ class JobRunner:
 
     # -- one job ----------------------------------------------------------------------------
 
-    def run(self, job: JobRecord, shutdown: threading.Event | None = None) -> str:
-        """Run one claimed job to an end state (or until its lease is lost); returns the status.
+    def run(self, job: JobRecord, shutdown: threading.Event | None = None) -> RunOutcome:
+        """Run one claimed job to an end state (or until its lease is lost); returns the status
+        (or `LEASE_LOST`).
 
         When `shutdown` is set meanwhile, the job stops at the next step, checkpoints it and is
         handed back to the queue for another worker (status `queued`)."""
-        signals = _JobSignals(shutdown=shutdown or threading.Event())
-        stop_beat = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job, signals, stop_beat), daemon=True)
-        beat.start()
+        signals = JobSignals(shutdown=shutdown or threading.Event())
         job_dir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=self._ensure_dir("jobs")))
+        heartbeat = LeaseHeartbeat(
+            self.services.queue,
+            job.id,
+            self.worker_id,
+            signals,
+            interval_s=self.heartbeat_seconds,
+        )
         try:
-            return self._run(job, signals, job_dir)
+            with heartbeat:
+                return self._run(job, signals, job_dir)
         finally:
-            stop_beat.set()
-            beat.join()
             shutil.rmtree(job_dir, ignore_errors=True)
             self.jobs_done += 1
 
-    def _run(self, job: JobRecord, signals: _JobSignals, job_dir: Path) -> str:
-        queue = self.services.queue
+    def _run(self, job: JobRecord, signals: JobSignals, job_dir: Path) -> RunOutcome:
+        """Train and publish; a failure anywhere ends the job as `FAILURES` says."""
         try:
-            hp = Hyperparameters(**job.hyperparameters)
-            with self.services.engine.connect() as conn:
-                base = base_models.get_base_model(conn, job.base_model_id)
-                train_file = file_repo.get_file_unscoped(conn, job.training_file_id)
-                eval_file = (
-                    file_repo.get_file_unscoped(conn, job.validation_file_id)
-                    if job.validation_file_id
-                    else None
-                )
-                checkpoint = jobs.latest_checkpoint(conn, job.id)
-                parent = registry.job_parent_version(conn, job.id)
-            if base is None or train_file is None:
-                raise TrainingError("the job's base model or training file no longer exists")
-            if job.parent_version_id is not None and parent is None:
-                raise TrainingError("the adapter version this job continues from was deleted")
-            train_records = self._records(train_file, job_dir / "train.jsonl")
-            eval_records = self._records(eval_file, job_dir / "eval.jsonl") if eval_file else None
-            resume_dir = init_dir = None
-            if checkpoint is not None:
-                resume_dir = self._download_checkpoint(checkpoint.object_prefix, job_dir / "resume")
-            elif parent is not None:
-                init_dir = registry.fetch_version_files(
-                    self.services.store, parent, job_dir / "init"
-                )
-                self._event(job, f"Continuing from {parent.model_id}", {"parent": parent.model_id})
-            hooks = TrainHooks(
-                on_event=lambda kind, message, data: self._on_event(
-                    job, signals, kind, message, data
-                ),
-                should_stop=signals.should_stop,
-                on_checkpoint=lambda step, directory: self._on_checkpoint(job, step, directory),
-                checkpoint_on_stop=signals.handing_back,
-            )
-            if hp.num_gpus > 1:
-                result = self._train_distributed(
-                    job, base, hp, train_records, eval_records, job_dir, resume_dir, init_dir
-                )
-            else:
-                result = train_adapter(
-                    self._resident_base(job, base, hp),
-                    train_records,
-                    eval_records,
-                    hp,
-                    hooks,
-                    job_dir / "out",
-                    resume_dir,
-                    init_dir,
-                )
-        except (TrainingError, BaseModelError) as exc:
-            code = "training_error" if isinstance(exc, TrainingError) else "base_model_unavailable"
-            failed = queue.fail(
-                job.id, self.worker_id, code=code, message=str(exc), retryable=False
-            )
-            return failed.status if failed else "lease_lost"
-        except (ObjectStoreError, ClusterBusyError) as exc:  # retried later
-            code = (
-                "object_store_error"
-                if isinstance(exc, ObjectStoreError)
-                else "insufficient_resources"
-            )
-            failed = queue.fail(job.id, self.worker_id, code=code, message=str(exc))
-            return failed.status if failed else "lease_lost"
-        except Exception as exc:  # a bug or a fault: give the job back for another attempt
-            log.exception("job %s failed on %s", job.id, self.worker_id)
-            message = f"{type(exc).__name__}: {exc}"
-            failed = queue.fail(job.id, self.worker_id, code="worker_error", message=message)
-            return failed.status if failed else "lease_lost"
-        if result.stopped:
-            if signals.lease_lost.is_set():
-                return "lease_lost"
-            if signals.handing_back():
-                reason = f"worker {self.worker_id} is shutting down"
-                handed = queue.hand_back(job.id, self.worker_id, reason=reason)
-                return handed.status if handed else "lease_lost"
-            cancelled = queue.finish_cancelled(job.id, self.worker_id)
-            return cancelled.status if cancelled else "lease_lost"
-        assert result.adapter_dir is not None
-        lineage = build_lineage(job, base, hp, train_file, eval_file, result, parent)
-        try:
-            published = registry.publish_job_adapter(
-                self.services,
-                job=job,
-                worker_id=self.worker_id,
-                adapter_dir=result.adapter_dir,
-                lineage=lineage,
-                metrics=lineage["metrics"],
-            )
-        except registry.RegistryError as exc:
-            retry = isinstance(exc, registry.StoreUnavailableError)
-            failed = queue.fail(
-                job.id, self.worker_id, code="publish_failed", message=str(exc), retryable=retry
-            )
-            return failed.status if failed else "lease_lost"
-        return "succeeded" if published is not None else "lease_lost"
+            inputs = self._inputs(job)
+            result = self._train(job, inputs, signals, job_dir)
+            if not result.stopped:
+                return self._publish(job, inputs, result)
+        except Exception as exc:
+            return self._fail(job, exc)
+        return self._stopped(job, signals)
 
-    def _train_distributed(
-        self,
-        job: JobRecord,
-        base: BaseModelRecord,
-        hp: Hyperparameters,
-        train_records: list[dict[str, Any]],
-        eval_records: list[dict[str, Any]] | None,
-        job_dir: Path,
-        resume_dir: Path | None,
-        init_dir: Path | None,
+    def _inputs(self, job: JobRecord) -> _JobInputs:
+        hp = Hyperparameters(**job.hyperparameters)
+        with self.services.engine.connect() as conn:
+            base = base_catalog.get_base_model(conn, job.base_model_id)
+            train_file = file_repo.get_file_unscoped(conn, job.training_file_id)
+            eval_file = (
+                file_repo.get_file_unscoped(conn, job.validation_file_id)
+                if job.validation_file_id
+                else None
+            )
+            checkpoint = jobs.latest_checkpoint(conn, job.id)
+            parent = registry.job_parent_version(conn, job.id)
+        if base is None or train_file is None:
+            raise TrainingError("the job's base model or training file no longer exists")
+        if job.parent_version_id is not None and parent is None:
+            raise TrainingError("the adapter version this job continues from was deleted")
+        resume_prefix = checkpoint.object_prefix if checkpoint is not None else None
+        return _JobInputs(hp, base, train_file, eval_file, parent, resume_prefix)
+
+    def _train(
+        self, job: JobRecord, inputs: _JobInputs, signals: JobSignals, job_dir: Path
     ) -> TrainResult:
-        """A job over `hp.num_gpus` Ray Train workers; they load the base themselves, so the
-        one resident here stays as it is."""
-        from workers.distributed import train_on_ray_train
-
-        self._event(job, f"Training on {hp.num_gpus} Ray Train workers", {"workers": hp.num_gpus})
-        return train_on_ray_train(
-            self.services,
-            self.worker_id,
-            job,
-            base,
-            hp,
+        """The job's data and starting point fetched, then trained here on the resident base,
+        or over `num_gpus` Ray Train workers."""
+        store, hp = self.services.store, inputs.hp
+        train_records = self._records(inputs.train_file, job_dir / "train.jsonl")
+        eval_records = (
+            self._records(inputs.eval_file, job_dir / "eval.jsonl") if inputs.eval_file else None
+        )
+        resume_dir = init_dir = None
+        if inputs.resume_prefix is not None:
+            resume_dir = job_dir / "resume"
+            store.download_prefix(inputs.resume_prefix, resume_dir)
+        elif inputs.parent is not None:
+            init_dir = registry.fetch_version_files(store, inputs.parent, job_dir / "init")
+            parent_id = inputs.parent.model_id
+            self._event(job, f"Continuing from {parent_id}", {"parent": parent_id})
+        if hp.num_gpus > 1:
+            # Ray Train's workers load the base themselves: the one resident here stays as it is.
+            self._event(
+                job, f"Training on {hp.num_gpus} Ray Train workers", {"workers": hp.num_gpus}
+            )
+            return train_on_ray_train(
+                self.services,
+                self.worker_id,
+                job,
+                inputs.base,
+                hp,
+                train_records,
+                eval_records,
+                job_dir / "out",
+                resume_dir=resume_dir,
+                init_dir=init_dir,
+                heartbeat_seconds=self.heartbeat_seconds,
+            )
+        return train_adapter(
+            self._resident_base(job, inputs.base, hp),
             train_records,
             eval_records,
+            hp,
+            job_hooks(self.services, job, signals),
             job_dir / "out",
-            resume_dir=resume_dir,
-            init_dir=init_dir,
+            resume_dir,
+            init_dir,
         )
+
+    def _publish(self, job: JobRecord, inputs: _JobInputs, result: TrainResult) -> RunOutcome:
+        assert result.adapter_dir is not None
+        lineage = build_lineage(
+            job,
+            inputs.base,
+            inputs.hp,
+            inputs.train_file,
+            inputs.eval_file,
+            result,
+            inputs.parent,
+        )
+        published = registry.publish_job_adapter(
+            self.services,
+            job=job,
+            worker_id=self.worker_id,
+            adapter_dir=result.adapter_dir,
+            lineage=lineage,
+            metrics=lineage["metrics"],
+        )
+        return JobStatus.SUCCEEDED if published is not None else LEASE_LOST
+
+    def _stopped(self, job: JobRecord, signals: JobSignals) -> RunOutcome:
+        """A job stopped before its end: its lease lost, handed back, or cancelled."""
+        queue = self.services.queue
+        if signals.lease_lost.is_set():
+            return LEASE_LOST
+        if signals.handing_back():
+            reason = f"worker {self.worker_id} is shutting down"
+            handed = queue.hand_back(job.id, self.worker_id, reason=reason)
+            return handed.status if handed else LEASE_LOST
+        cancelled = queue.finish_cancelled(job.id, self.worker_id)
+        return cancelled.status if cancelled else LEASE_LOST
+
+    def _fail(self, job: JobRecord, exc: Exception) -> RunOutcome:
+        """End the job for `exc` with its code, for good or for another attempt (`FAILURES`)."""
+        known = failure_of(exc)
+        if known is None:
+            log.exception("job %s failed on %s", job.id, self.worker_id)
+            code, retryable, message = "worker_error", True, f"{type(exc).__name__}: {exc}"
+        else:
+            (code, retryable), message = known, str(exc)
+        failed = self.services.queue.fail(
+            job.id, self.worker_id, code=code, message=message, retryable=retryable
+        )
+        return failed.status if failed else LEASE_LOST
 
     # -- the base -------------------------------------------------------------------------------
 
@@ -271,7 +287,7 @@ class JobRunner:
             self.resident = None
             self.resident_base_id = None
         started = time.monotonic()
-        path = self.materialize_base(base)
+        path = materialize_base(self.services.store, self.cache, base)
         self.resident = ResidentBase.load(path, precision=hp.precision)
         self.resident_base_id = base.id
         self._event(
@@ -285,103 +301,17 @@ class JobRunner:
         )
         return self.resident
 
-    def materialize_base(self, base: BaseModelRecord) -> Path:
-        """A verified local checkpoint directory for a registered base.
-
-        Bases registered with their weights' sha256 are fetched from the object store into the
-        local cache (and re-fetched when a cached copy no longer matches); a directory base
-        registered by path alone is used where it lies.
-        """
-        if base.sha256 is None:
-            path = Path(base.source.removeprefix("file://"))
-            if base.source_kind != "dir" or not path.is_dir():
-                raise BaseModelError(
-                    f"base {base.name}: {base.source} is not a directory on this worker "
-                    "and no stored copy is recorded"
-                )
-            return path
-        prefix = base_model_prefix(base.sha256)
-        store = self.services.store
-
-        def fetch(target: Path) -> None:
-            keys = store.list_keys(prefix)
-            if not keys:
-                raise BaseModelError(f"base {base.name}: nothing stored under {prefix}")
-            for key in keys:
-                store.download_to(key, target / key[len(prefix) :])
-
-        return self.cache.get(base.sha256, fetch)
-
-    # -- data and checkpoints --------------------------------------------------------------------
+    # -- data and events -----------------------------------------------------------------------
 
     def _records(self, record: FileRecord, local: Path) -> list[dict[str, Any]]:
         self.services.store.download_to(record.object_key, local, expected_sha256=record.sha256)
         with local.open("rb") as fh:
             return list(iter_examples(fh))
 
-    def _download_checkpoint(self, prefix: str, target: Path) -> Path:
-        store = self.services.store
-        for key in store.list_keys(prefix):
-            store.download_to(key, target / key[len(prefix) :])
-        return target
-
-    def _on_checkpoint(self, job: JobRecord, step: int, directory: Path) -> None:
-        store_checkpoint(self.services, job, step, directory)
-
-    # -- events and heartbeat ------------------------------------------------------------------
-
-    def _on_event(
-        self, job: JobRecord, signals: _JobSignals, kind: str, message: str, data: dict[str, Any]
-    ) -> None:
-        if kind == "metrics":
-            signals.progress = data.get("fraction_done", signals.progress)
-            signals.eta_seconds = data.get("eta_s", signals.eta_seconds)
-        record_event(self.services, job.id, kind, message, data)
-
     def _event(self, job: JobRecord, message: str, data: dict[str, Any]) -> None:
         record_event(self.services, job.id, "log", message, data)
-
-    def _heartbeat(self, job: JobRecord, signals: _JobSignals, stop: threading.Event) -> None:
-        while not stop.wait(self.heartbeat_seconds):
-            try:
-                beat = self.services.queue.heartbeat(
-                    job.id,
-                    self.worker_id,
-                    progress=signals.progress,
-                    eta_seconds=signals.eta_seconds,
-                )
-            except Exception:  # a database blip: the lease has slack, try again next beat
-                log.warning("heartbeat for %s failed", job.id, exc_info=True)
-                continue
-            if not beat.held:
-                signals.lease_lost.set()
-                return
-            if beat.cancel_requested:
-                signals.cancel.set()
 
     def _ensure_dir(self, name: str) -> Path:
         path = self.work_dir / name
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-def record_event(
-    services: Services, job_id: str, kind: str, message: str, data: dict[str, Any]
-) -> None:
-    """A training event as a job event (`metrics` events keep their type)."""
-    with services.engine.begin() as conn:
-        add_event(
-            conn, job_id, message, type="metrics" if kind == "metrics" else "message", data=data
-        )
-
-
-def store_checkpoint(services: Services, job: JobRecord, step: int, directory: Path) -> None:
-    """Upload a checkpoint directory under the job and list it (idempotent per step)."""
-    prefix = checkpoint_prefix(job.tenant_id, job.id, step)
-    store = services.store
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        key = prefix + path.relative_to(directory).as_posix()
-        if store.head(key) is None:
-            store.put_file(key, path)
-    with services.engine.begin() as conn:
-        jobs.add_checkpoint(conn, job.id, step, prefix, {"step": step})

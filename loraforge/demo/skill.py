@@ -379,7 +379,7 @@ def evaluate(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.training.recipe import default_device, resolve_precision
+    from workers.training.device import default_device, resolve_precision
 
     device = default_device()
     dtype = torch.bfloat16 if resolve_precision("auto", device) == "bf16" else torch.float32

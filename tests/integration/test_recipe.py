@@ -32,6 +32,7 @@ from workers.kernels.packing import (
     pack,
     packed_hidden_states,
 )
+from workers.training.device import bf16_supported
 from workers.training.formatting import TokenizedExample, tokenize_records
 from workers.training.recipe import (
     LoraRecipe,
@@ -39,7 +40,6 @@ from workers.training.recipe import (
     TrainHooks,
     TrainingError,
     TrainResult,
-    bf16_supported,
     train_adapter,
 )
 
@@ -584,15 +584,13 @@ def _rank_main(rank: int, world_size: int, port: int, output_dir: str) -> None:
 
     import torch.distributed as dist
 
-    from workers.training.recipe import train_adapter_distributed
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         base = ResidentBase.load(TEST_BASE_PATH)
         hp = HP.model_copy(update={"num_gpus": world_size})
-        result = train_adapter_distributed(
+        result = train_adapter(
             base, RECORDS, None, hp, TrainHooks(), Path(output_dir) / f"rank{rank}"
         )
         assert result.global_step == 6 and not result.stopped

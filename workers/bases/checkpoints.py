@@ -129,7 +129,7 @@ def _count_parameters(path: Path) -> tuple[int, str]:
             for size in entry["shape"]:
                 count *= int(size)
             total += count
-            by_dtype[entry["dtype"]] += count
+            by_dtype[str(entry["dtype"])] += count
     if not total:
         raise BaseModelError(f"{path} weight files hold no tensors")
     dtype = by_dtype.most_common(1)[0][0]

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from control_plane import base_models
+from control_plane import base_catalog
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services
 from control_plane.storage import base_model_prefix
@@ -20,11 +20,9 @@ from workers.bases.checkpoints import BaseModelError, BaseModelInfo, import_gguf
 
 
 def upload_checkpoint(services: Services, checkpoint_dir: Path, sha256: str) -> None:
-    prefix = base_model_prefix(sha256)
-    for path in sorted(p for p in checkpoint_dir.rglob("*") if p.is_file()):
-        key = prefix + path.relative_to(checkpoint_dir).as_posix()
-        if services.store.head(key) is None:
-            services.store.put_file(key, path)
+    """Store a base's checkpoint under its weights' sha256, where every trainer fetches it
+    (content-addressed: files already stored there are left as they are)."""
+    services.store.put_directory(base_model_prefix(sha256), checkpoint_dir, skip_existing=True)
 
 
 def fetch_source(
@@ -38,7 +36,7 @@ def fetch_source(
     if local.exists():
         return local, "gguf" if local.is_file() else "dir"
     hub_id = source.removeprefix("hf://")
-    if base_models.HUB_ID.match(hub_id):
+    if base_catalog.HUB_ID.match(hub_id):
         return _fetch_hub(hub_id, revision, work_dir / "hub", services.settings.hf_endpoint), "hub"
     raise BaseModelError(
         f"{source}: no such file or directory (give a model directory, a .gguf file, an "
@@ -138,14 +136,14 @@ def register_base(
     """Fetch, inspect or import `source`, store the checkpoint, and record the base
     (idempotent by name)."""
     with services.engine.connect() as conn:
-        existing = base_models.get_base_model(conn, name)
+        existing = base_catalog.get_base_model(conn, name)
     if existing is not None:
         return existing
     info, kind = fetch_and_store(services, source, revision=revision, progress=progress)
     with services.engine.begin() as conn:
-        return base_models.register_base_model(
+        return base_catalog.register_base_model(
             conn,
-            base_models.NewBaseModel(
+            base_catalog.NewBaseModel(
                 name=name, source=str(source), source_kind=kind, revision=revision, **_facts(info)
             ),
         )
@@ -157,7 +155,7 @@ def import_registered_base(services: Services, base_id: str) -> str:
     the reason a person can act on. Returns the status it leaves; a base in any other status
     is left alone (a repeated task does nothing)."""
     with services.engine.connect() as conn:
-        record = base_models.get_base_model(conn, base_id)
+        record = base_catalog.get_base_model(conn, base_id)
     if record is None or record.status != "registering":
         return record.status if record else "missing"
     try:
@@ -166,7 +164,7 @@ def import_registered_base(services: Services, base_id: str) -> str:
         values: dict[str, Any] = {"status": "failed", "error_message": str(exc)}
     except Exception as exc:
         with services.engine.begin() as conn:
-            base_models.update_base_model(
+            base_catalog.update_base_model(
                 conn,
                 base_id,
                 status="failed",
@@ -176,7 +174,7 @@ def import_registered_base(services: Services, base_id: str) -> str:
     else:
         values = {"status": "ready", "source_kind": kind, "error_message": None, **_facts(info)}
     with services.engine.begin() as conn:
-        return base_models.update_base_model(conn, base_id, **values).status
+        return base_catalog.update_base_model(conn, base_id, **values).status
 
 
 def ensure_default_base(
@@ -188,7 +186,7 @@ def ensure_default_base(
     from workers.bases.smollm2 import MODEL_NAME, ensure_smollm2
 
     with services.engine.connect() as conn:
-        existing = base_models.get_base_model(conn, MODEL_NAME)
+        existing = base_catalog.get_base_model(conn, MODEL_NAME)
     if existing is not None:
         return existing
     base_dir = ensure_smollm2(cache_root or services.settings.home / "bases", progress=progress)

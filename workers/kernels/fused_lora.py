@@ -30,7 +30,7 @@ class LoraLinearFunction(torch.autograd.Function):
     """Forward and backward of a LoRA linear layer with a frozen base weight and bias."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -49,7 +49,7 @@ class LoraLinearFunction(torch.autograd.Function):
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None, torch.Tensor | None, None]:
         rows, weight, lora_a, lora_b, projected = ctx.saved_tensors
@@ -122,7 +122,7 @@ def forwards_replaced(modules: list[nn.Module], forward: Callable[..., Any]) -> 
     """Point each module's `forward` at `forward` (bound to it); yields how many; on exit the
     modules' class forward is theirs again."""
     for module in modules:
-        module.forward = forward.__get__(module)  # type: ignore[method-assign]
+        module.forward = forward.__get__(module)
     try:
         yield len(modules)
     finally:

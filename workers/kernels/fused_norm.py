@@ -31,9 +31,7 @@ class RMSNormFunction(torch.autograd.Function):
     does (float64 inputs stay float64: there transformers' float32 would be the loss)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         accumulate = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
             wide = x.to(accumulate, copy=True)
@@ -42,7 +40,7 @@ class RMSNormFunction(torch.autograd.Function):
             return weight * wide.mul_(inverse_rms).to(x.dtype)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, inverse_rms = ctx.saved_tensors
@@ -62,7 +60,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 @cache
-def _llama_forward(cls: type) -> bool:
+def _llama_forward(cls: type[nn.Module]) -> bool:
     """Whether `cls.forward` is LlamaRMSNorm's, source line for line."""
     try:
         return inspect.getsource(cls.forward) == inspect.getsource(LlamaRMSNorm.forward)
@@ -79,5 +77,5 @@ def _fused_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tens
 
 def fused_rms_norms(model: nn.Module) -> AbstractContextManager[int]:
     """Run the model's Llama-style RMSNorms through `RMSNormFunction`; yields how many."""
-    fused = [m for m in model.modules() if _llama_forward(type(m))]
+    fused = [m for m in model.modules() if _llama_forward(m.__class__)]
     return forwards_replaced(fused, _fused_forward)

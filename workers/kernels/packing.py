@@ -36,7 +36,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from workers.training.formatting import IGNORE_INDEX, TokenizedExample
+from workers.kernels.example import IGNORE_INDEX, TokenizedExample
 
 PACKED_ATTENTION = "loraforge_packed_sdpa"
 # Largest logits chunk, in elements (64 MiB of fp32): bounds memory whatever the vocabulary.
@@ -218,7 +218,7 @@ class ExplicitCausalAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
     ) -> torch.Tensor:
         _, heads, tokens, dim = query.shape
@@ -238,7 +238,7 @@ class ExplicitCausalAttention(torch.autograd.Function):
         return output.view(1, heads, tokens, dim)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, probabilities = ctx.saved_tensors
@@ -325,7 +325,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -372,7 +372,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, grad_total: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors

@@ -24,31 +24,13 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+# The example type lives below the kernels that pack it; formatting is where callers meet it.
+from workers.kernels.example import IGNORE_INDEX as IGNORE_INDEX
+from workers.kernels.example import TokenizedExample as TokenizedExample
 
 
 class DatasetFormatError(ValueError):
     """A record is not one of the supported shapes (the control plane should have refused it)."""
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """One training example: token ids and, aligned with them, the label of each (-100: none)."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.input_ids) != len(self.labels):
-            raise ValueError("input_ids and labels must have the same length")
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def trainable_tokens(self) -> int:
-        """How many tokens are predicted with a loss (the first token is never predicted)."""
-        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,171 @@
+"""A claimed job's line to the platform, the same for a trainer and for rank 0 of a Ray Train job.
+
+What both the runner (one trainer, one process) and `workers.distributed` (rank 0 of a job over
+several Ray Train workers) need, written once: the heartbeat that keeps the job's lease and
+brings a cancellation or a lost lease to the training loop (`LeaseHeartbeat`), the recipe's
+hooks that turn training events into job events and upload checkpoints (`job_hooks`), and the
+job's base fetched from the object store into the local cache (`materialize_base`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from control_plane import jobs
+from control_plane.events import add_event
+from control_plane.queue import JobQueue
+from control_plane.records import BaseModelRecord, JobRecord
+from control_plane.services import Services
+from control_plane.storage import ObjectStore, base_model_prefix, checkpoint_prefix
+from workers.bases.checkpoints import BaseCache, BaseModelError
+from workers.training.interface import TrainHooks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobSignals:
+    """Set by the heartbeat (and the runner's shutdown), read by the training loop between steps."""
+
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+    # The runner's stop: the worker is shutting down and hands the job back.
+    shutdown: threading.Event = field(default_factory=threading.Event)
+    progress: float | None = None
+    eta_seconds: float | None = None
+
+    def should_stop(self) -> bool:
+        return self.cancel.is_set() or self.lease_lost.is_set() or self.shutdown.is_set()
+
+    def handing_back(self) -> bool:
+        """Stopping for a shutdown only: the job goes back to the queue, with a checkpoint."""
+        return self.shutdown.is_set() and not (self.cancel.is_set() or self.lease_lost.is_set())
+
+
+class LeaseHeartbeat:
+    """Renews a claimed job's lease every `interval_s` seconds from a daemon thread while it is
+    entered, reporting the job's progress.
+
+    A lost lease sets `signals.lease_lost` and ends the beating (another worker may hold the job
+    now); a requested cancellation sets `signals.cancel`. A beat that fails (a database blip) is
+    logged and tried again at the next one: the lease has slack for that.
+    """
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        job_id: str,
+        worker_id: str,
+        signals: JobSignals,
+        *,
+        interval_s: float,
+    ) -> None:
+        self.queue, self.job_id, self.worker_id = queue, job_id, worker_id
+        self.signals, self.interval_s = signals, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        signals = self.signals
+        while not self._stop.wait(self.interval_s):
+            try:
+                beat = self.queue.heartbeat(
+                    self.job_id,
+                    self.worker_id,
+                    progress=signals.progress,
+                    eta_seconds=signals.eta_seconds,
+                )
+            except Exception:
+                log.warning(
+                    "heartbeat of job %s by %s failed; retrying in %.1fs",
+                    self.job_id,
+                    self.worker_id,
+                    self.interval_s,
+                    exc_info=True,
+                )
+                continue
+            if not beat.held:
+                log.warning("job %s: %s lost its lease", self.job_id, self.worker_id)
+                signals.lease_lost.set()
+                return
+            if beat.cancel_requested:
+                signals.cancel.set()
+
+
+def record_event(
+    services: Services, job_id: str, kind: str, message: str, data: dict[str, Any]
+) -> None:
+    """A training event as a job event (`metrics` events keep their type)."""
+    with services.engine.begin() as conn:
+        add_event(
+            conn, job_id, message, type="metrics" if kind == "metrics" else "message", data=data
+        )
+
+
+def job_hooks(services: Services, job: JobRecord, signals: JobSignals) -> TrainHooks:
+    """The recipe's hooks for a claimed job: events become job events (metrics also feed the
+    heartbeat's progress), checkpoints go to the object store, the signals stop the loop, and
+    a worker handing the job back checkpoints first."""
+
+    def on_event(kind: str, message: str, data: dict[str, Any]) -> None:
+        if kind == "metrics":
+            signals.progress = data.get("fraction_done", signals.progress)
+            signals.eta_seconds = data.get("eta_s", signals.eta_seconds)
+        record_event(services, job.id, kind, message, data)
+
+    return TrainHooks(
+        on_event=on_event,
+        should_stop=signals.should_stop,
+        on_checkpoint=lambda step, directory: store_checkpoint(services, job, step, directory),
+        checkpoint_on_stop=signals.handing_back,
+    )
+
+
+def store_checkpoint(services: Services, job: JobRecord, step: int, directory: Path) -> None:
+    """Upload a checkpoint directory under the job and list it (idempotent per step)."""
+    prefix = checkpoint_prefix(job.tenant_id, job.id, step)
+    services.store.put_directory(prefix, directory, skip_existing=True)
+    with services.engine.begin() as conn:
+        jobs.add_checkpoint(conn, job.id, step, prefix, {"step": step})
+
+
+def materialize_base(store: ObjectStore, cache: BaseCache, base: BaseModelRecord) -> Path:
+    """A verified local checkpoint directory for a registered base.
+
+    Bases registered with their weights' sha256 are fetched from the object store into the
+    local cache (and re-fetched when a cached copy no longer matches); a directory base
+    registered by path alone is used where it lies.
+    """
+    if base.sha256 is None:
+        path = Path(base.source.removeprefix("file://"))
+        if base.source_kind != "dir" or not path.is_dir():
+            raise BaseModelError(
+                f"base {base.name}: {base.source} is not a directory on this worker "
+                "and no stored copy is recorded"
+            )
+        return path
+    prefix = base_model_prefix(base.sha256)
+
+    def fetch(target: Path) -> None:
+        if not store.download_prefix(prefix, target):
+            raise BaseModelError(f"base {base.name}: nothing stored under {prefix}")
+
+    return cache.get(base.sha256, fetch)

@@ -1,0 +1,57 @@
+"""What a training run and its caller exchange: hooks in, a result out, a refusal with a reason.
+
+The recipe knows nothing of queues, leases or object stores; whoever runs it (a trainer's job
+runner, rank 0 of a Ray Train job, the demo, a benchmark) passes `TrainHooks` and reads the
+`TrainResult`. A `TrainingError` means the job cannot train as specified: another attempt would
+fail the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class TrainingError(Exception):
+    """The job cannot train as specified (data, hyperparameters); the message says why."""
+
+
+def _no_event(kind: str, message: str, data: dict[str, Any]) -> None:
+    del kind, message, data
+
+
+def _never() -> bool:
+    return False
+
+
+def _no_checkpoint(step: int, directory: Path) -> None:
+    del step, directory
+
+
+@dataclass
+class TrainHooks:
+    """How a job talks to its caller: events out, a stop signal in, checkpoints out."""
+
+    on_event: Callable[[str, str, dict[str, Any]], None] = _no_event
+    should_stop: Callable[[], bool] = _never
+    on_checkpoint: Callable[[int, Path], None] = _no_checkpoint
+    # Asked when the loop stops early: whether to write a checkpoint of the step reached first
+    # (a worker shutting down hands its job back; a cancelled job needs none).
+    checkpoint_on_stop: Callable[[], bool] = _never
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a job produced; `adapter_dir` is None when it was stopped before the end."""
+
+    adapter_dir: Path | None
+    global_step: int
+    total_steps: int
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    trained_tokens: int
+    stopped: bool
+    precision: str
+    base_sha256: str | None = None
