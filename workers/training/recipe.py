@@ -26,9 +26,8 @@ Where the time and memory go, and what the recipe does about it:
 - Precision: the frozen base stays in bf16 (never an fp32 copy) where the hardware has bf16; the
   LoRA weights and AdamW state are fp32, and their matmuls run in bf16 under autocast.
 
-Reproducibility: the data order of an epoch is a permutation seeded by (seed, epoch) and the
-torch RNG is reseeded by (seed, step) before every optimizer step (LoRA dropout), so a run resumed
-from a checkpoint replays exactly the steps an uninterrupted run takes.
+Reproducibility: the data order of an epoch is seeded by (seed, epoch) and the torch RNG by
+(seed, step) before every optimizer step, so a resumed run replays the uninterrupted one's steps.
 """
 
 from __future__ import annotations
@@ -54,12 +53,7 @@ from workers.kernels.packing import (
     packed_hidden_states,
     rows_of_tokens,
 )
-from workers.training.checkpointing import (
-    data_sha256,
-    read_checkpoint,
-    staged,
-    write_checkpoint,
-)
+from workers.training.checkpointing import data_sha256, read_checkpoint, staged, write_checkpoint
 from workers.training.data import (
     dataset_summary,
     epoch_order,
@@ -70,12 +64,7 @@ from workers.training.data import (
 from workers.training.device import Precision, peak_memory_mib, precision_reason
 from workers.training.formatting import TokenizedExample
 from workers.training.interface import TrainHooks, TrainingError, TrainResult
-from workers.training.lora import (
-    attached_adapter,
-    load_initial_adapter,
-    lora_config,
-    write_adapter,
-)
+from workers.training.lora import attached_adapter, load_initial_adapter, lora_config, write_adapter
 from workers.training.optimizer import MAX_GRAD_NORM, adamw, lr_schedule
 from workers.training.ranks import all_reduce_gradients, process_group_rank, rank_zero_decides
 from workers.training.resident import ResidentBase
