@@ -364,7 +364,9 @@ def test_killed_actor_job_resumes_from_checkpoint_on_a_new_actor(
     )
     assert ray.get(second.run.remote(max_jobs=1, idle_wait=0.2), timeout=300) == 1
     job = job_row(trainer_services, job_id)
-    assert job.status == "succeeded" and job.attempt == 2
+    assert (
+        job.status == "succeeded" and job.attempt == 1 and job.interruptions == 1
+    )  # the platform lost it
     resumed = [m for m in messages(trainer_services, job_id) if m.startswith("resumed from step")]
     assert resumed and int(resumed[0].split()[3]) >= checkpoint.step > 0
     with trainer_services.engine.connect() as conn:
