@@ -13,6 +13,7 @@ SIGKILL) and the PostgreSQL it started. Whoever runs it turns SIGTERM into Keybo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -72,7 +73,9 @@ def child_env(database_url: str, settings: Settings) -> dict[str, str]:
     the same database, store, broker and limits however this process got them."""
     env = dict(os.environ)
     for name, value in settings.model_dump(mode="json", exclude_none=True).items():
-        env[f"LORAFORGE_{name.upper()}"] = str(value)
+        # Lists and mappings as JSON: how pydantic-settings reads complex values back.
+        text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+        env[f"LORAFORGE_{name.upper()}"] = text
     env["LORAFORGE_DATABASE_URL"] = database_url
     return env
 

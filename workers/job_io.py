@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
+
+import psycopg
+import sqlalchemy.exc
 
 from control_plane import jobs
 from control_plane.events import add_event
@@ -26,6 +31,42 @@ from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.training.interface import TrainHooks
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    psycopg.OperationalError,
+)
+"""What a database that is restarting or failing over raises: a blip, not the job's fault."""
+
+
+def through_blips(call: Callable[[], T], *, what: str, patience_s: float = 120.0) -> T:
+    """`call()`, retried while the database is unreachable: backoff from 0.5 s doubling to 5 s,
+    for up to `patience_s` (then the error goes up). One warning when the blip starts and one
+    when it ends, not one per retry."""
+    delay, deadline, failing = 0.5, time.monotonic() + patience_s, False
+    while True:
+        try:
+            result = call()
+        except DATABASE_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            if not failing:
+                log.warning("%s: database unavailable (%s); retrying", what, _first_line(exc))
+                failing = True
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if failing:
+            log.warning("%s: database back", what)
+        return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @dataclass
@@ -113,11 +154,16 @@ class LeaseHeartbeat:
 def record_event(
     services: Services, job_id: str, kind: str, message: str, data: dict[str, Any]
 ) -> None:
-    """A training event as a job event (`metrics` events keep their type)."""
-    with services.engine.begin() as conn:
-        add_event(
-            conn, job_id, message, type="metrics" if kind == "metrics" else "message", data=data
-        )
+    """A training event as a job event (`metrics` events keep their type); waits out a
+    database blip rather than failing the job."""
+
+    def write() -> None:
+        with services.engine.begin() as conn:
+            add_event(
+                conn, job_id, message, type="metrics" if kind == "metrics" else "message", data=data
+            )
+
+    through_blips(write, what=f"job {job_id} event")
 
 
 def job_hooks(services: Services, job: JobRecord, signals: JobSignals) -> TrainHooks:
@@ -143,8 +189,12 @@ def store_checkpoint(services: Services, job: JobRecord, step: int, directory: P
     """Upload a checkpoint directory under the job and list it (idempotent per step)."""
     prefix = checkpoint_prefix(job.tenant_id, job.id, step)
     services.store.put_directory(prefix, directory, skip_existing=True)
-    with services.engine.begin() as conn:
-        jobs.add_checkpoint(conn, job.id, step, prefix, {"step": step})
+
+    def record() -> None:
+        with services.engine.begin() as conn:
+            jobs.add_checkpoint(conn, job.id, step, prefix, {"step": step})
+
+    through_blips(record, what=f"job {job.id} checkpoint {step}")
 
 
 def materialize_base(store: ObjectStore, cache: BaseCache, base: BaseModelRecord) -> Path:

@@ -32,7 +32,14 @@ from control_plane.services import Services
 from control_plane.storage import ObjectStoreError
 from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.distributed import ClusterBusyError, train_on_ray_train
-from workers.job_io import JobSignals, LeaseHeartbeat, job_hooks, materialize_base, record_event
+from workers.job_io import (
+    JobSignals,
+    LeaseHeartbeat,
+    job_hooks,
+    materialize_base,
+    record_event,
+    through_blips,
+)
 from workers.training.lineage import build_lineage
 from workers.training.recipe import ResidentBase, TrainingError, TrainResult, train_adapter
 
@@ -109,12 +116,12 @@ class JobRunner:
     ) -> int:
         """Claim and run jobs until `stop` is set (or `max_jobs` ran); sleep on NOTIFY when idle."""
         ran = 0
-        with QueueListener(self.services.database_url) as listener:
+        listener = through_blips(
+            lambda: QueueListener(self.services.database_url), what="LISTEN", patience_s=600
+        )
+        with listener:
             while not stop.is_set() and (max_jobs is None or ran < max_jobs):
-                self.services.queue.reap_expired_leases()
-                job = self.services.queue.claim(
-                    self.worker_id, prefer_base_model_id=self.resident_base_id
-                )
+                job = through_blips(self._reap_and_claim, what="claim", patience_s=600)
                 if job is None:
                     if on_idle is not None:
                         on_idle()
@@ -123,6 +130,10 @@ class JobRunner:
                 self.run(job, shutdown=stop)
                 ran += 1
         return ran
+
+    def _reap_and_claim(self) -> JobRecord | None:
+        self.services.queue.reap_expired_leases()
+        return self.services.queue.claim(self.worker_id, prefer_base_model_id=self.resident_base_id)
 
     # -- one job ----------------------------------------------------------------------------
 
@@ -266,8 +277,11 @@ class JobRunner:
             code, retryable, message = "worker_error", True, f"{type(exc).__name__}: {exc}"
         else:
             (code, retryable), message = known, str(exc)
-        failed = self.services.queue.fail(
-            job.id, self.worker_id, code=code, message=message, retryable=retryable
+        failed = through_blips(
+            lambda: self.services.queue.fail(
+                job.id, self.worker_id, code=code, message=message, retryable=retryable
+            ),
+            what=f"job {job.id} failure",
         )
         return failed.status if failed else LEASE_LOST
 

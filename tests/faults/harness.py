@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import psutil
 
-from loraforge.client import Client
+from loraforge.client import Client, LoraforgeError
 from tests.fixtures.testbase import TEST_BASE_PATH
 
 BASE_NAME = "tiny"
@@ -220,7 +220,11 @@ def wait_for_status(
     client: Client, job_id: str, statuses: set[str], timeout: float
 ) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
-        job = client.retrieve_job(job_id)
+        try:
+            job = client.retrieve_job(job_id)
+        except LoraforgeError as exc:
+            assert exc.status == 503, exc  # while a dependency comes back: retryable, never 500
+            return None
         return dict(job) if job["status"] in statuses else None
 
     result: dict[str, Any] = wait_for(f"job {job_id} to reach {statuses}", reached, timeout, 0.5)
