@@ -337,16 +337,25 @@ class JobQueue:
         trained_tokens: int | None = None,
         in_transaction: Callable[[Connection], Any] | None = None,
     ) -> JobRecord | None:
-        """Mark the job `succeeded`; `in_transaction` commits with it (e.g. the adapter version).
+        """`running → succeeded`; `in_transaction` commits with it (e.g. the adapter version).
+
+        A job whose cancellation was requested, even while it was being published, ends
+        `cancelled` instead (`cancelling → cancelled`), without `in_transaction`: a cancel
+        answered `cancelling` never ends in a success. The row lock orders this against
+        `request_cancel`: a cancel after this commit finds the job finished (409).
 
         Returns None, and commits nothing, when the worker no longer holds the lease.
         """
         with self.engine.begin() as conn:
             row = conn.execute(
                 text(
-                    "UPDATE jobs SET status = :succeeded, finished_at = now(), progress = 1.0, "
-                    "eta_seconds = 0, lease_owner = NULL, lease_expires_at = NULL, "
-                    "fine_tuned_model = coalesce(:model, fine_tuned_model), "
+                    "UPDATE jobs SET finished_at = now(), lease_owner = NULL, "
+                    "lease_expires_at = NULL, "
+                    "status = CASE WHEN cancel_requested THEN :cancelled ELSE :succeeded END, "
+                    "progress = CASE WHEN cancel_requested THEN progress ELSE 1.0 END, "
+                    "eta_seconds = CASE WHEN cancel_requested THEN eta_seconds ELSE 0 END, "
+                    "fine_tuned_model = CASE WHEN cancel_requested THEN fine_tuned_model "
+                    "ELSE coalesce(:model, fine_tuned_model) END, "
                     "trained_tokens = coalesce(:tokens, trained_tokens) "
                     "WHERE id = :id AND lease_owner = :worker AND status = ANY(:active) "
                     "RETURNING *"
@@ -355,6 +364,9 @@ class JobQueue:
             ).one_or_none()
             if row is None:
                 return None
+            if row.status == JobStatus.CANCELLED:
+                add_event(conn, job_id, "Job cancelled", data={"status": JobStatus.CANCELLED})
+                return JobRecord.from_row(row)
             if in_transaction is not None:
                 in_transaction(conn)
             add_event(

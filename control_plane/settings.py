@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     auth_pool_size: int = Field(default=2, ge=1, le=100)
     auth_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
 
+    # Tenants whose admin keys are platform operators: only they register base models (which
+    # reads a path or bucket on the server); only these tenants' keys see a base's server-side
+    # source. The embedded default's tenant is one. As an environment variable, a JSON list: '["default", "ops"]'.
+    platform_operator_tenants: list[str] = Field(default_factory=lambda: ["default"])
+
     # Secret that peppers API-key hashes; must be changed outside development.
     secret_key: str = "dev-insecure-secret"
 

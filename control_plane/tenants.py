@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,6 +39,17 @@ class Principal:
 
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+
+def is_operator_tenant(conn: Connection, tenant_id: str, operator_tenants: Collection[str]) -> bool:
+    """Whether the tenant is named in `operator_tenants` (the setting
+    `platform_operator_tenants`): the platform's own tenant, whose admins are platform operators
+    (they register what all tenants share: base models) and whose keys see the server-side
+    details of those."""
+    name = conn.execute(
+        select(tenants.c.name).where(tenants.c.id == tenant_id)
+    ).scalar_one_or_none()
+    return name is not None and name in operator_tenants
 
 
 def hash_key(secret_key: str, api_key: str) -> str:

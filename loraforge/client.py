@@ -65,6 +65,16 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return name, version or "latest"
 
 
+def _corrupt_on_server(response: httpx.Response) -> str | None:
+    """What the stored object hashes to, when the API refused to serve it as corrupt
+    (`502 checksum_mismatch`); else None."""
+    try:
+        error = response.json()["error"]
+        return str(error["actual_sha256"]) if error["code"] == "checksum_mismatch" else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -223,8 +233,9 @@ class Client:
         """Make `target_dir` hold version `ref` (`name[@version|alias]`, default the latest).
 
         Every file is verified against the registry's sha256 before the directory is swapped
-        in; a corrupt object raises `ChecksumError` (file, expected, actual) and leaves
-        `target_dir` as it was. `base_model_name` rewrites `base_model_name_or_path` in
+        in; a corrupt object raises `ChecksumError` (file, expected, actual), or, when the API
+        streams a corrupt file of more than a chunk and cuts it short, `httpx.TransportError`;
+        either way `target_dir` is left as it was. `base_model_name` rewrites `base_model_name_or_path` in
         `adapter_config.json` (vLLM's resolver wants the served model's name there). When
         `target_dir` already holds that version, intact, nothing is downloaded.
         """
@@ -264,6 +275,8 @@ class Client:
         with client.stream("GET", entry["url"], headers=headers) as response:
             if response.status_code >= 400:
                 response.read()
+                if (refused := _corrupt_on_server(response)) is not None:
+                    raise ChecksumError(entry["name"], expected, refused)
                 self._raise_for(response)
             with path.open("wb") as out:
                 for chunk in response.iter_bytes(_CHUNK):

@@ -16,10 +16,13 @@ from control_plane.settings import Settings
 
 
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
+    import httpx
+
     from loraforge.client import (
         ChecksumError,
         Client,
         LoraforgeError,
+        TargetNotEmptyError,
         smallest_vllm_max_lora_rank,
         vllm_problems,
     )
@@ -32,8 +35,11 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with Client(url, api_key) as client:
             path = client.pull(args.ref, args.dir, base_model_name=args.base_model_name)
-    except (LoraforgeError, ChecksumError, ValueError, OSError) as exc:
+    except (LoraforgeError, ChecksumError, TargetNotEmptyError, ValueError, OSError) as exc:
         print(f"pull failed: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:  # unreachable API, or a download cut short
+        print(f"pull failed: {url}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     print(path)
     problems = vllm_problems(path)

@@ -57,7 +57,13 @@ def celery_worker(broker_url: str) -> Iterator[None]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", max_upload_bytes=1024 * 1024, lease_seconds=30)
+    # tenant-a's admin is a platform operator (registers bases); tenant-b's is not.
+    return Settings(
+        home=tmp_path / "home",
+        max_upload_bytes=1024 * 1024,
+        lease_seconds=30,
+        platform_operator_tenants=["default", "tenant-a"],
+    )
 
 
 @pytest.fixture

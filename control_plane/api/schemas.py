@@ -114,13 +114,14 @@ class JobCreate(BaseModel):
     integrations: list[Any] | None = None
     # loraforge's own.
     priority: int = Field(default=0, ge=-100, le=100)
-    adapter_name: str | None = None
+    # checked at create with the registry's own rule (`registry.validate_adapter_name`)
+    adapter_name: str | None = Field(default=None, max_length=200)
     # `name`, `name@<version>` or `name@<alias>` of one of the caller's adapters on the same
     # base: its weights are the starting point and it becomes the new version's parent.
     continue_from: str | None = Field(default=None, min_length=1, max_length=300)
     max_attempts: int | None = Field(default=None, ge=1, le=20)
 
-    @field_validator("suffix", "adapter_name")
+    @field_validator("suffix")
     @classmethod
     def _name(cls, value: str | None) -> str | None:
         if value is not None and not NAME_PATTERN.match(value):
@@ -315,11 +316,19 @@ class BaseModelCreate(BaseModel):
         return self
 
 
+IMPORT_FAILED_FOR_TENANTS = (
+    "the import failed; a platform operator can see why and register the base again"
+)
+
+
 class BaseModelPublic(BaseModel):
     id: str
     object: Literal["base_model"] = "base_model"
     name: str
-    source: str
+    source: str | None = Field(
+        description="where the checkpoint was read from on the server: shown to the keys of "
+        "the platform operators' tenants only (`platform_operator_tenants`), else null"
+    )
     source_kind: str
     revision: str | None
     sha256: str | None
@@ -327,16 +336,23 @@ class BaseModelPublic(BaseModel):
     parameter_count: int | None
     has_chat_template: bool
     status: str
-    # why the import failed (status `failed`), in words a person can act on
+    # why the import failed (status `failed`), in words a person can act on; the server-side
+    # details only to platform operators
     error: str | None = None
     created_at: int
 
     @classmethod
-    def of(cls, b: BaseModelRecord) -> BaseModelPublic:
+    def of(cls, b: BaseModelRecord, *, platform_operator: bool) -> BaseModelPublic:
+        """The base as a key of a platform operator's tenant sees it (`platform_operator`), or
+        as other tenants do: without its server-side source or the import's error (which names
+        paths on the server)."""
+        error = b.error_message
+        if error is not None and not platform_operator:
+            error = IMPORT_FAILED_FOR_TENANTS
         return cls(
             id=b.id,
             name=b.name,
-            source=b.source,
+            source=b.source if platform_operator else None,
             source_kind=b.source_kind,
             revision=b.revision,
             sha256=b.sha256,
@@ -344,7 +360,7 @@ class BaseModelPublic(BaseModel):
             parameter_count=b.parameter_count,
             has_chat_template=b.has_chat_template,
             status=b.status,
-            error=b.error_message,
+            error=error,
             created_at=_ts(b.created_at) or 0,
         )
 

@@ -130,7 +130,11 @@ def validate_name(value: str, what: str = "adapter name", *, max_length: int = N
 def validate_adapter_name(name: str) -> str:
     validate_name(name)
     if name in RESERVED_ADAPTER_NAMES:
-        raise InvalidNameError(f"adapter name {name!r} is reserved", param="adapter name")
+        raise InvalidNameError(
+            f"adapter name {name!r} is reserved (/v1/adapters/{name} is a route of the API); "
+            "choose another name",
+            param="adapter name",
+        )
     return name
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, Table, insert, text
 from control_plane.base_catalog import get_base_model
 from control_plane.db.tables import AdapterVersion
 from control_plane.ids import new_id
+from control_plane.job_status import JobStatus
 from control_plane.jobs import job_parent_version_id
 from control_plane.queue import JobQueue
 from control_plane.records import BaseModelRecord, JobRecord
@@ -153,7 +154,9 @@ def publish_job_adapter(
     `succeeded`, all or nothing.
 
     Returns the job's existing version (`created=False`) when it was already published, and
-    None when `worker_id` no longer holds the job's lease (nothing becomes visible). Raises
+    None when `worker_id` no longer holds the job's lease or the job's cancellation was
+    requested before the commit (the job ends `cancelled`); either way nothing becomes
+    visible. Raises
     `StoreUnavailableError` (retryable) when the object store fails, leaving no version row
     and the job running, for the caller to fail retryably; other `RegistryError`s are not
     worth a retry.
@@ -232,6 +235,9 @@ def publish_job_adapter(
     except BaseException:
         _discard(parts.store, prefix)
         raise
+    if done is not None and done.status == JobStatus.CANCELLED:
+        _discard(parts.store, prefix)  # cancelled during publication: no version was committed
+        return None
     with parts.engine.connect() as conn:
         if done is None:  # lease lost, or a duplicate publish of this job committed first
             _discard(parts.store, prefix)

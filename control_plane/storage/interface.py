@@ -78,6 +78,15 @@ class ChecksumMismatchError(ObjectStoreError):
         self.actual = actual
 
 
+class SizeMismatchError(ObjectStoreError):
+    """An object holds more bytes than the size recorded for it."""
+
+    def __init__(self, key: str, size: int) -> None:
+        super().__init__(f"object {key!r} is longer than its recorded {size} bytes")
+        self.key = key
+        self.size = size
+
+
 # --------------------------------------------------------------------------- shared plumbing
 
 
@@ -145,6 +154,8 @@ class VerifiedStream(Iterator[bytes]):
             raise StopIteration
         try:
             chunk = next(self._chunks)
+            while not chunk:  # an empty chunk would let `held_back` release the last byte early
+                chunk = next(self._chunks)
         except StopIteration:
             self.close()
             actual = self._digest.hexdigest()
@@ -157,6 +168,36 @@ class VerifiedStream(Iterator[bytes]):
         self.size += len(chunk)
         self._digest.update(chunk)
         return chunk
+
+    def held_back(self, size: int) -> Iterator[bytes]:
+        """The chunks, released so that the bytes completing `size` go out only once verified.
+
+        For a body sent with `Content-Length: size`: a client sees a complete response only when
+        the sha256 checked out; on a mismatch the body ends short, which every HTTP client
+        reports as a failure (the server has already sent its 200). Two chunks are read now, so
+        an object of at most one chunk is verified before this returns, and its mismatch raises
+        here, while a proper error can still be answered. Holds at most two chunks in memory.
+        """
+        first = next(self, None)
+        following = next(self, None) if first is not None else None
+        if first is None or following is None:  # read to the end already: verified
+            return iter([first] if first is not None else [])
+        return self._release(first, following, size)
+
+    def _release(self, pending: bytes, following: bytes, size: int) -> Iterator[bytes]:
+        """Yield each chunk once the next one has been read, the last once the stream ended
+        and its sha256 checked out; a stream longer than `size` stops short of it."""
+        sent = 0
+        upcoming: bytes | None = following
+        with self:
+            while upcoming is not None:
+                if sent + len(pending) + len(upcoming) > size:
+                    raise SizeMismatchError(self.key, size)
+                yield pending
+                sent += len(pending)
+                pending = upcoming
+                upcoming = next(self, None)
+            yield pending
 
     def info(self) -> ObjectInfo:
         """Size and verified sha256, once the stream has been read to the end."""

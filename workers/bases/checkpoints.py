@@ -16,6 +16,7 @@ import json
 import shutil
 import struct
 import tempfile
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,6 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GGUF_MAGIC = b"GGUF"
+# transformers resolves its names lazily, and two threads resolving them at once (two base
+# imports in celery's thread pool) can get a bogus ImportError: they are imported under this lock.
+_TRANSFORMERS_IMPORT = threading.Lock()
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _SAFETENSORS_DTYPES = {
     "BF16": "bfloat16",
@@ -99,7 +103,8 @@ def inspect_model_dir(path: Path) -> BaseModelInfo:
 
 def _causal_lm_architecture(config: dict[str, object], path: Path) -> str:
     """The config's architecture if transformers knows it as a causal LM."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    with _TRANSFORMERS_IMPORT:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures:
@@ -170,9 +175,10 @@ def import_gguf(gguf_path: Path, out_dir: Path, progress: bool = False) -> BaseM
     pays the dequantization again; a plain bf16 checkpoint trains and loads like any other. The
     directory appears atomically: it is written next to `out_dir` and renamed into place.
     """
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    with _TRANSFORMERS_IMPORT:
+        import torch
+        from tqdm.auto import tqdm
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     with gguf_path.open("rb") as handle:

@@ -15,11 +15,12 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane import registry
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError
 from control_plane.api.schemas import Page, page_of
 from control_plane.registry import (
@@ -335,30 +336,28 @@ def download_file(
     conn: ConnDep,
     caller: Caller,
     services: ServicesDep,
-) -> StreamingResponse:
-    """The file's bytes, streamed and verified; `X-Content-SHA256` says what they hash to."""
+) -> Response:
+    """The file's bytes, streamed; never a complete 200 unless they match their sha256
+    (`X-Content-SHA256`): see `control_plane.api.downloads`."""
     with registry_errors():
         v = registry.resolve_version(conn, caller.tenant_id, name, number)
     f = v.file(filename)
     if f is None:
         raise ApiError(404, "file_not_found", f"{v.model_id} has no file {filename!r}")
     try:
-        stream = services.store.open_stream(
-            v.object_prefix + f["name"], expected_sha256=f["sha256"]
+        return verified_download(
+            services.store,
+            v.object_prefix + f["name"],
+            sha256=f["sha256"],
+            size=f["size"],
+            filename=f["name"],
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{f["name"]}"'},
         )
     except ObjectNotFoundError:
         raise ApiError(
             410, "file_gone", f"{v.model_id}: {filename} is missing from the object store"
         ) from None
-    return StreamingResponse(
-        stream,
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(f["size"]),
-            "X-Content-SHA256": f["sha256"],
-            "Content-Disposition": f'attachment; filename="{f["name"]}"',
-        },
-    )
 
 
 @router.delete("/{name}/versions/{number}", response_model=VersionDeleted)

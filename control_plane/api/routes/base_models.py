@@ -1,4 +1,11 @@
-"""/v1/base_models: register (admin) and list the frozen bases adapters are trained on."""
+"""/v1/base_models: register (platform operators) and list the frozen bases adapters are
+trained on.
+
+A base is shared by every tenant and registering one reads a path or bucket on the server, so
+only platform operators (admins of the tenants `platform_operator_tenants` names) register bases,
+and only those tenants' keys see a base's server-side source and import errors; every tenant
+lists the bases and trains on them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,13 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, Response
 from sqlalchemy import Connection, func
 
-from control_plane import base_catalog
+from control_plane import base_catalog, tenants
 from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page, page_of
 from control_plane.records import BaseModelRecord
+from control_plane.services import Services
+from control_plane.tenants import Principal
 
 router = APIRouter(prefix="/v1/base_models", tags=["base-models"])
 
@@ -31,6 +40,14 @@ def register_base_model(
     """Import a base (202, `registering`; a task fetches and checks it), or record a stored
     checkpoint given its sha256 (200, `ready`). A failed import, or one registering for longer
     than `base_import_timeout_seconds`, is started anew by registering the same name again."""
+    if not _operator_tenant(conn, caller, services):
+        raise ApiError(
+            403,
+            "platform_operator_required",
+            "Registering a base model is a platform operator's action (it reads a path or "
+            "bucket on the server, and the base serves every tenant): use an admin key of a "
+            "tenant named in LORAFORGE_PLATFORM_OPERATOR_TENANTS.",
+        )
     if body.sha256 is not None:
         record = _insert(
             conn,
@@ -41,7 +58,7 @@ def register_base_model(
             ),
         )
         conn.commit()
-        return BaseModelPublic.of(record)
+        return BaseModelPublic.of(record, platform_operator=True)
 
     kind = body.source_kind or base_catalog.source_kind_of(body.source)
     existing = base_catalog.get_base_model(conn, body.name)
@@ -78,7 +95,12 @@ def register_base_model(
         conn.commit()
         raise ApiError(503, "import_not_started", reason) from None
     response.status_code = 202
-    return BaseModelPublic.of(record)
+    return BaseModelPublic.of(record, platform_operator=True)
+
+
+def _operator_tenant(conn: Connection, caller: Principal, services: Services) -> bool:
+    operators = services.settings.platform_operator_tenants
+    return tenants.is_operator_tenant(conn, caller.tenant_id, operators)
 
 
 def _insert(conn: Connection, new: base_catalog.NewBaseModel) -> BaseModelRecord:
@@ -101,13 +123,21 @@ def _retryable(base: BaseModelRecord, timeout: timedelta) -> bool:
 
 
 @router.get("", response_model=Page[BaseModelPublic])
-def list_base_models(conn: ConnDep, caller: Caller) -> Page[BaseModelPublic]:
-    return page_of([BaseModelPublic.of(b) for b in base_catalog.list_base_models(conn)])
+def list_base_models(conn: ConnDep, caller: Caller, services: ServicesDep) -> Page[BaseModelPublic]:
+    operator = _operator_tenant(conn, caller, services)
+    return page_of(
+        [
+            BaseModelPublic.of(b, platform_operator=operator)
+            for b in base_catalog.list_base_models(conn)
+        ]
+    )
 
 
 @router.get("/{name:path}", response_model=BaseModelPublic)
-def retrieve_base_model(name: str, conn: ConnDep, caller: Caller) -> BaseModelPublic:
+def retrieve_base_model(
+    name: str, conn: ConnDep, caller: Caller, services: ServicesDep
+) -> BaseModelPublic:
     record = base_catalog.get_base_model(conn, name)
     if record is None:
         raise not_found("base_model", name)
-    return BaseModelPublic.of(record)
+    return BaseModelPublic.of(record, platform_operator=_operator_tenant(conn, caller, services))

@@ -5,16 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response
 
 from control_plane import files as file_repo
 from control_plane import jobs
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.schemas import FileDeleted, FilePublic, Page, page_of
 from control_plane.datasets import DatasetError, validate_jsonl
 from control_plane.ids import new_id
-from control_plane.storage import file_key
+from control_plane.storage import ObjectNotFoundError, file_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -114,15 +115,22 @@ def delete_file(file_id: str, conn: ConnDep, caller: Writer, services: ServicesD
 
 
 @router.get("/{file_id}/content")
-def file_content(
-    file_id: str, conn: ConnDep, caller: Caller, services: ServicesDep
-) -> StreamingResponse:
+def file_content(file_id: str, conn: ConnDep, caller: Caller, services: ServicesDep) -> Response:
+    """The file's bytes, never a complete 200 unless they match their sha256
+    (`X-Content-SHA256`); see `control_plane.api.downloads`."""
     record = file_repo.get_file(conn, caller.tenant_id, file_id)
     if record is None:
         raise not_found("file", file_id)
-    stream = services.store.open_stream(record.object_key, expected_sha256=record.sha256)
-    return StreamingResponse(
-        stream,
-        media_type="application/jsonl",
-        headers={"Content-Length": str(record.bytes), "X-Content-SHA256": record.sha256},
-    )
+    try:
+        return verified_download(
+            services.store,
+            record.object_key,
+            sha256=record.sha256,
+            size=record.bytes,
+            filename=record.filename,
+            media_type="application/jsonl",
+        )
+    except ObjectNotFoundError:
+        raise ApiError(
+            410, "file_gone", f"File {file_id}: its bytes are missing from the object store"
+        ) from None

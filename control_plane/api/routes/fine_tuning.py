@@ -7,12 +7,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query
 from pydantic import ValidationError
 
-from control_plane import base_catalog, jobs, registry
+from control_plane import base_catalog, jobs, registry, tenants
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, describe_validation_errors, not_found
 from control_plane.api.schemas import (
+    IMPORT_FAILED_FOR_TENANTS,
     CheckpointPublic,
     EventPublic,
     JobCreate,
@@ -70,6 +71,19 @@ def _parent(
         raise ApiError(400, exc.code, f"continue_from: {exc.message}", "continue_from") from None
 
 
+def _adapter_name(name: str) -> None:
+    """Refuse now, not after the training, a name the registry would refuse at publication."""
+    try:
+        registry.validate_adapter_name(name)
+    except registry.RegistryError as exc:
+        raise ApiError(
+            400,
+            exc.code,
+            f"adapter_name: {exc.message}; the registry would refuse to publish under it",
+            "adapter_name",
+        ) from None
+
+
 def _owned_job(conn: ConnDep, caller: Caller, job_id: str) -> JobRecord:
     job = jobs.get_job(conn, caller.tenant_id, job_id)
     if job is None:
@@ -98,6 +112,8 @@ def create_job(
     services: ServicesDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
+    if body.adapter_name is not None:
+        _adapter_name(body.adapter_name)
     requested = body.merged_hyperparameters()
     hp = _hyperparameters(requested)
     base = base_catalog.get_base_model(conn, body.model)
@@ -109,10 +125,17 @@ def create_job(
             "model",
         )
     if base.status != "ready":
+        failure = (
+            f"its import failed: {base.error_message}; register it again"
+            if tenants.is_operator_tenant(
+                conn, caller.tenant_id, services.settings.platform_operator_tenants
+            )
+            else IMPORT_FAILED_FOR_TENANTS
+        )
         why = {
             "registering": "its checkpoint is still being imported; submit again once "
             f"GET /v1/base_models/{base.name} says ready",
-            "failed": f"its import failed: {base.error_message}; an admin can register it again",
+            "failed": failure,
         }.get(base.status, "not ready")
         raise ApiError(
             400,
