@@ -3,12 +3,18 @@
 Jobs are the queue. A claim is one statement (`FOR UPDATE SKIP LOCKED` + `UPDATE ... RETURNING`)
 ordered by priority, then fair share between tenants (running + queued rank, then the tenant
 served least recently), then base affinity, then age. A claimed
-job holds a lease that its worker renews by heartbeat; an expired lease puts the job back (or
-fails it past `max_attempts`). Idle workers wait on `LISTEN/NOTIFY` rather than polling.
+job holds a lease that its worker renews by heartbeat; an expired lease (its trainer lost) puts
+the job back without using an attempt, up to `max_interruptions`. Idle workers wait on
+`LISTEN/NOTIFY` rather than polling.
+
+Longer than the house's ~450 lines on purpose: each transition's statement stands beside the
+one method that runs it, with its guard and its event; splitting them apart would separate a
+statement from the promise it keeps.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +27,8 @@ from control_plane.db import libpq_url
 from control_plane.events import add_event
 from control_plane.job_status import ACTIVE, UNFINISHED, WAITING, JobStatus, as_values
 from control_plane.records import JobRecord
+
+log = logging.getLogger(__name__)
 
 JOBS_CHANNEL = "loraforge_jobs"
 CANCEL_CHANNEL = "loraforge_cancel"
@@ -540,30 +548,52 @@ class JobQueue:
 
 
 class QueueListener:
-    """A LISTEN connection on which idle workers sleep until a job is queued or cancelled."""
+    """A LISTEN connection on which idle workers sleep until a job is queued or cancelled.
+
+    A lost connection (the database restarted) is reopened at the next `wait`; while the
+    database stays away, `wait` sleeps its timeout and returns nothing, so the caller's next
+    claim (which retries on its own) finds what was queued meanwhile.
+    """
 
     def __init__(
         self, database_url: str, channels: tuple[str, ...] = (JOBS_CHANNEL, CANCEL_CHANNEL)
     ) -> None:
-        self._conn = psycopg.connect(libpq_url(database_url), autocommit=True)
-        for channel in channels:
+        self._url = libpq_url(database_url)
+        self._channels = channels
+        self._conn: psycopg.Connection[Any] | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        self._conn = psycopg.connect(self._url, autocommit=True, connect_timeout=5)
+        for channel in self._channels:
             self._conn.execute(f"LISTEN {channel}")
 
     def wait(self, timeout: float) -> list[tuple[str, str]]:
         """Block until at least one notification arrives or `timeout` passes; drain what came."""
         received: list[tuple[str, str]] = []
         deadline = time.monotonic() + timeout
-        for notify in self._conn.notifies(
-            timeout=max(deadline - time.monotonic(), 0), stop_after=1
-        ):
-            received.append((notify.channel, notify.payload))
-        # Drain whatever else already arrived without blocking.
-        for notify in self._conn.notifies(timeout=0):
-            received.append((notify.channel, notify.payload))
+        try:
+            if self._conn is None or self._conn.closed:
+                self._connect()
+            assert self._conn is not None
+            for notify in self._conn.notifies(
+                timeout=max(deadline - time.monotonic(), 0), stop_after=1
+            ):
+                received.append((notify.channel, notify.payload))
+            # Drain whatever else already arrived without blocking.
+            for notify in self._conn.notifies(timeout=0):
+                received.append((notify.channel, notify.payload))
+        except psycopg.OperationalError as exc:
+            log.warning("LISTEN connection lost (%s); reopening it", str(exc).strip()[:200])
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            time.sleep(max(deadline - time.monotonic(), 0))
         return received
 
     def close(self) -> None:
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def __enter__(self) -> QueueListener:
         return self
