@@ -34,6 +34,13 @@ def add_operator_command(subparsers: Any) -> None:
         default=10.0,
         help="how often a FineTuningJob's status follows its job (default 10)",
     )
+    parser.add_argument(
+        "--only",
+        choices=("finetuningjobs", "adaptersyncs"),
+        action="append",
+        default=None,
+        help="serve only this kind (repeatable); a serving cluster runs --only=adaptersyncs",
+    )
     parser.add_argument("--verbose", action="store_true")
     parser.set_defaults(func=run_operator)
 
@@ -46,10 +53,10 @@ def run_operator(args: argparse.Namespace, _settings: object = None) -> int:
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
     registry = kopf.OperatorRegistry()
-    register(
-        registry,
-        OperatorConfig(sync_seconds=args.sync_seconds, job_poll_seconds=args.job_poll_seconds),
-    )
+    config = OperatorConfig(sync_seconds=args.sync_seconds, job_poll_seconds=args.job_poll_seconds)
+    if args.only:
+        config.resources = frozenset(args.only)
+    register(registry, config)
     namespaces = args.namespace
     asyncio.run(
         kopf.operator(

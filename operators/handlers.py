@@ -8,8 +8,9 @@ never need a handler of their own; deleting a `FineTuningJob` cancels its job (a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
@@ -18,6 +19,8 @@ from operators.kube import KubeApi, KubeError, api_client
 
 GROUP, VERSION = "loraforge.dev", "v1alpha1"
 FINALIZER = "loraforge.dev/operator"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclass
@@ -28,6 +31,9 @@ class OperatorConfig:
     sync_seconds: float = 30.0
     job_poll_seconds: float = 10.0
     connection: kopf.ConnectionInfo | None = None
+    # The kinds this operator serves: a serving cluster runs AdapterSync alone (`--only`), with
+    # RBAC for nothing else.
+    resources: frozenset[str] = frozenset({"finetuningjobs", "adaptersyncs"})
 
 
 class _State:
@@ -42,6 +48,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         if state.kube is None:
             raise kopf.TemporaryError("not logged in to Kubernetes yet", delay=1)
         return state.kube
+
+    def watching(resource: str, decorator: Callable[[_F], _F]) -> Callable[[_F], _F]:
+        """`decorator` when this operator serves `resource`; otherwise the handler is left out
+        (kopf would watch the kind, and list calls outside its RBAC would fail)."""
+        return decorator if resource in config.resources else (lambda handler: handler)
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -65,8 +76,11 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         if state.kube is not None:
             state.kube.close()
 
-    @kopf.timer(
-        GROUP, VERSION, "finetuningjobs", interval=config.job_poll_seconds, registry=registry
+    @watching(
+        "finetuningjobs",
+        kopf.timer(
+            GROUP, VERSION, "finetuningjobs", interval=config.job_poll_seconds, registry=registry
+        ),
     )
     def mirror_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         raw: dict[str, Any] = dict(body)
@@ -89,7 +103,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             kopf.event(body, type=kind, reason=str(status.get("phase")), message=_why(status))
         patch.status.update(status)
 
-    @kopf.on.delete(GROUP, VERSION, "finetuningjobs", registry=registry)
+    @watching("finetuningjobs", kopf.on.delete(GROUP, VERSION, "finetuningjobs", registry=registry))
     def cancel_job(body: kopf.Body, **_: Any) -> None:
         raw: dict[str, Any] = dict(body)
         api = kube()
@@ -103,7 +117,10 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         if done:
             kopf.info(body, reason="Cancelled", message=done)
 
-    @kopf.timer(GROUP, VERSION, "adaptersyncs", interval=config.sync_seconds, registry=registry)
+    @watching(
+        "adaptersyncs",
+        kopf.timer(GROUP, VERSION, "adaptersyncs", interval=config.sync_seconds, registry=registry),
+    )
     def sync_adapters(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         raw: dict[str, Any] = dict(body)
         meta, spec = raw["metadata"], raw["spec"]
