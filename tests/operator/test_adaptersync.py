@@ -142,7 +142,9 @@ async def test_an_adaptersync_follows_the_alias_from_v1_to_v2_in_every_selected_
         assert all([i["servedName"] for i in p["loaded"]] == ["sums@2"] for p in status["pods"])
         assert status["adapters"][0]["digest"].startswith("sha256:")
         assert conditions(status)["Ready"]["status"] == "True"
-        assert await kube.events("Moved") and await kube.events("Unloaded")
+        # kopf posts Events in the background: wait for them rather than race their posting.
+        await eventually(lambda: kube.events("Moved"), what="the Moved event")
+        await eventually(lambda: kube.events("Unloaded"), what="the Unloaded event")
 
         # A container restarts: vLLM comes back empty, the pod's restart count goes up.
         stable[1].restart()
