@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+DEFAULT_TENANT = "default"
+"""The tenant the embedded default creates and whose bootstrap admin key `up` prints."""
+
 
 def _default_home() -> Path:
     return Path.home() / ".loraforge"
@@ -88,7 +91,7 @@ class Settings(BaseSettings):
     # Tenants whose admin keys are platform operators: only they register base models (which
     # reads a path or bucket on the server); only these tenants' keys see a base's server-side
     # source. The embedded default's tenant is one. As an environment variable, a JSON list: '["default", "ops"]'.
-    platform_operator_tenants: list[str] = Field(default_factory=lambda: ["default"])
+    platform_operator_tenants: list[str] = Field(default_factory=lambda: [DEFAULT_TENANT])
 
     # Secret that peppers API-key hashes; must be changed outside development.
     secret_key: str = "dev-insecure-secret"

@@ -6,12 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from control_plane.settings import Settings
-from loraforge.embedded import DEFAULT_TENANT, embedded_platform, stop_on_sigterm
+from control_plane.settings import DEFAULT_TENANT, Settings
 from loraforge.operator_cli import add_operator_command
 from loraforge.registry_cli import add_registry_commands
 from loraforge.serve_cli import add_serve_commands
-from loraforge.supervise import HomeInUseError
+from loraforge.supervise import HomeInUseError, stop_on_sigterm
 
 
 def _database_url(settings: Settings) -> str:
@@ -95,6 +94,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from control_plane.api.app import create_app
+    from loraforge.embedded import embedded_platform
 
     stop_on_sigterm()
     try:

@@ -7,7 +7,8 @@ lock (one `up` per home), starts the embedded PostgreSQL (restarted if it stops 
 children (restarted when they exit), and on the way out stops the children (SIGTERM to their
 process groups, up to `TRAINER_STOP_GRACE_S` for a trainer to checkpoint its step, then
 SIGKILL) and the PostgreSQL it started. Whoever runs it turns SIGTERM into KeyboardInterrupt
-(`stop_on_sigterm`), so Kubernetes', systemd's and Docker's stop ends it the way Ctrl-C does.
+(`loraforge.supervise.stop_on_sigterm`), so that Kubernetes', systemd's and Docker's stop ends
+it the way Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import psycopg
 
 from control_plane import db, tenants
 from control_plane.services import Services, build_services
-from control_plane.settings import Settings
+from control_plane.settings import DEFAULT_TENANT, Settings
 from loraforge import tasks
 from loraforge.supervise import ChildSpec, HomeLock, Supervisor
 from workers.bases.checkpoints import BaseModelError
@@ -36,8 +37,6 @@ from workers.bases.registration import ensure_default_base
 # A trainer stopped with SIGTERM finishes its step, checkpoints it and hands the job back.
 TRAINER_STOP_GRACE_S = 30.0
 CELERY_STOP_GRACE_S = 10.0
-
-DEFAULT_TENANT = "default"
 
 
 def ensure_admin_key(settings: Settings, database_url: str) -> str:
@@ -211,17 +210,6 @@ def embedded_platform(
         stack.callback(supervisor.stop)
         supervisor.start()
         yield Platform(url, key, services, supervisor)
-
-
-def stop_on_sigterm() -> None:
-    """Make SIGTERM (what Kubernetes, systemd and Docker send) end the process as Ctrl-C does:
-    a KeyboardInterrupt that runs every `finally` (uvicorn re-raises the signal it captured
-    once it has shut down, which lands here)."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 def make_default_base_available(services: Services) -> None:

@@ -36,6 +36,32 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (what Kubernetes, systemd and Docker send) end the process as Ctrl-C does:
+    a KeyboardInterrupt that runs every `finally` (uvicorn re-raises the signal it captured
+    once it has shut down, which lands here)."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+@dataclass
+class RestartBackoff:
+    """How long to wait before restarting something that stopped: 1 s, doubling to 30 s, and
+    back to 1 s once it had stayed up for a minute."""
+
+    delay_s: float = BACKOFF_START_S
+
+    def next_delay(self, ran_for_s: float) -> float:
+        if ran_for_s > STABLE_AFTER_S:
+            self.delay_s = BACKOFF_START_S
+        delay = self.delay_s
+        self.delay_s = min(delay * 2, BACKOFF_MAX_S)
+        return delay
+
+
 class HomeInUseError(Exception):
     """Another `loraforge up` or `demo` holds this home."""
 
@@ -97,7 +123,7 @@ class Child:
     spec: ChildSpec
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
-    backoff_s: float = BACKOFF_START_S
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
     restart_at: float | None = None
     restarts: int = 0
 
@@ -187,16 +213,14 @@ class Supervisor:
             return
         code = child.exited()
         if code is None:
-            if now - child.started_at > STABLE_AFTER_S:
-                child.backoff_s = BACKOFF_START_S
             return
-        child.restart_at = now + child.backoff_s
+        delay = child.backoff.next_delay(now - child.started_at)
+        child.restart_at = now + delay
         self._say(
             child.spec.name,
             f"{child.spec.name} (pid {child.pid}) exited with code {code}; "
-            f"restarting it in {child.backoff_s:.0f} s",
+            f"restarting it in {delay:.0f} s",
         )
-        child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)
 
     def _say(self, name: str, message: str) -> None:
         log.warning("loraforge: %s", message)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from control_plane.settings import Settings
-from loraforge.supervise import BACKOFF_MAX_S, BACKOFF_START_S, STABLE_AFTER_S
+from loraforge.supervise import RestartBackoff
 from workers.actor import start_trainer, trainer_count
+from workers.job_io import first_line
 
 log = logging.getLogger("loraforge.worker")
 
@@ -33,7 +34,7 @@ class TrainerSlot:
     actor: Any
     generation: int = 0
     started_at: float = 0.0
-    backoff_s: float = BACKOFF_START_S
+    backoff: RestartBackoff = field(default_factory=RestartBackoff)
     restart_at: float | None = None
 
 
@@ -41,7 +42,7 @@ def _why(ref: Any) -> str:
     try:
         ray.get(ref)
     except ray.exceptions.RayError as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
     return "its loop returned"
 
 
@@ -57,22 +58,22 @@ def run_worker(settings: Settings, database_url: str, *, count: int | None = Non
     print(f"{len(slots)} trainer(s) running; Ctrl-C stops them", flush=True)
     try:
         while True:
-            ready, _ = ray.wait(list(loops), num_returns=1, timeout=1.0) if loops else ([], [])
-            if not loops:
+            if loops:
+                ready, _ = ray.wait(list(loops), num_returns=1, timeout=1.0)
+            else:  # every trainer is waiting out its backoff
+                ready = []
                 time.sleep(1.0)
             now = time.monotonic()
             for ref in ready:
                 slot = loops.pop(ref)
-                if now - slot.started_at > STABLE_AFTER_S:
-                    slot.backoff_s = BACKOFF_START_S
-                slot.restart_at = now + slot.backoff_s
+                delay = slot.backoff.next_delay(now - slot.started_at)
+                slot.restart_at = now + delay
                 message = (
                     f"loraforge worker: trainer {slot.index} stopped ({_why(ref)}); "
-                    f"starting a new one in {slot.backoff_s:.0f} s"
+                    f"starting a new one in {delay:.0f} s"
                 )
                 log.warning(message)
                 print(message, file=sys.stderr, flush=True)
-                slot.backoff_s = min(slot.backoff_s * 2, BACKOFF_MAX_S)
             for slot in slots:
                 if slot.restart_at is not None and now >= slot.restart_at:
                     slot.generation += 1

@@ -54,7 +54,7 @@ def through_blips(call: Callable[[], T], *, what: str, patience_s: float = 120.0
             if time.monotonic() + delay > deadline:
                 raise
             if not failing:
-                log.warning("%s: database unavailable (%s); retrying", what, _first_line(exc))
+                log.warning("%s: database unavailable (%s); retrying", what, first_line(exc))
                 failing = True
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -64,7 +64,8 @@ def through_blips(call: Callable[[], T], *, what: str, patience_s: float = 120.0
         return result
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception in one short line (drivers and Ray write paragraphs), for log lines."""
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 

@@ -102,6 +102,12 @@ class RateLimitedLog:
 _outage_log = RateLimitedLog(log)
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception in one short line (drivers write paragraphs), for logs and status fields."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 def _unavailable(code: str, message: str, retry_after: int) -> JSONResponse:
     return JSONResponse(
         error_body(503, code, message), 503, headers={"Retry-After": str(retry_after)}
@@ -132,7 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(sqlalchemy.exc.OperationalError)
     async def _database_down(_: Request, exc: sqlalchemy.exc.OperationalError) -> JSONResponse:
-        _outage_log.warning("database unavailable: %s", str(exc.orig).strip().splitlines()[0])
+        _outage_log.warning("database unavailable: %s", first_line(exc.orig or exc))
         return _unavailable(
             "database_unavailable",
             "The database is unavailable; nothing was changed. Retry in a few seconds.",

@@ -16,8 +16,7 @@ from fastapi.testclient import TestClient
 
 from control_plane import base_catalog
 from control_plane.services import Services
-from control_plane.settings import Settings
-from loraforge.embedded import DEFAULT_TENANT
+from control_plane.settings import DEFAULT_TENANT, Settings
 from tests.api_harness import TenantKeys
 from tests.fixtures.testbase import TEST_BASE_PATH
 from tests.integration.test_reliability_api import jsonl_of_size, stored_file

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from control_plane.api.deps import ServicesDep
+from control_plane.api.errors import first_line
 from control_plane.storage import ObjectStoreError
 
 router = APIRouter(tags=["health"])
@@ -44,7 +45,7 @@ def _database(services: ServicesDep) -> str:
         with services.auth_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        return f"unavailable: {_first_line(exc)}"
+        return f"unavailable: {first_line(exc)}"
     return "ok"
 
 
@@ -52,10 +53,5 @@ def _object_store(services: ServicesDep) -> str:
     try:
         services.store.head(READINESS_PROBE_KEY)  # a missing key is an answer too
     except (ObjectStoreError, OSError) as exc:
-        return f"unavailable: {_first_line(exc)}"
+        return f"unavailable: {first_line(exc)}"
     return "ok"
-
-
-def _first_line(exc: BaseException) -> str:
-    text_ = str(exc).strip()
-    return text_.splitlines()[0][:200] if text_ else type(exc).__name__
