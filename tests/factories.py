@@ -22,6 +22,19 @@ from control_plane.storage import file_key
 SECRET = "dev-insecure-secret"
 
 
+# Sixteen chat examples a tiny base learns in seconds ("What is 2 plus 3?" → "2 plus 3 is 5.").
+ADDITION_CHATS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+        ]
+    }
+    for a in range(4)
+    for b in range(4)
+]
+
+
 def make_tenant(engine: Engine, name: str, *, max_running_jobs: int | None = None) -> TenantRecord:
     with engine.begin() as conn:
         return tenants.create_tenant(conn, name, max_running_jobs=max_running_jobs)
@@ -108,6 +121,16 @@ def upload_records(services: Services, tenant_id: str, records: list[dict[str, A
     """A validated JSONL file in the services' store and its row, as an upload leaves them."""
     data = "".join(json.dumps(r) + "\n" for r in records).encode()
     stats = validate_jsonl(io.BytesIO(data), max_bytes=10**7, max_example_tokens=10**5)
+    return store_file(
+        services, tenant_id, data, format=stats.format, examples=stats.examples, tokens=stats.tokens
+    )
+
+
+def store_file(
+    services: Services, tenant_id: str, data: bytes, *, format: str, examples: int, tokens: int
+) -> str:
+    """`data` in the services' store and a file row for it with the given counts (the dataset
+    checks are the caller's)."""
     file_id = new_id("file")
     key = file_key(tenant_id, file_id)
     info = services.store.put_bytes(key, data)
@@ -121,8 +144,8 @@ def upload_records(services: Services, tenant_id: str, records: list[dict[str, A
             size=info.size,
             sha256=info.sha256,
             object_key=key,
-            format=stats.format,
-            examples=stats.examples,
-            tokens=stats.tokens,
+            format=format,
+            examples=examples,
+            tokens=tokens,
         )
     return file_id

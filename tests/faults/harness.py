@@ -25,19 +25,11 @@ import httpx
 import psutil
 
 from loraforge.client import Client, LoraforgeError
+from loraforge.embedded import postmaster_pid
+from tests.factories import ADDITION_CHATS as RECORDS
 from tests.fixtures.testbase import TEST_BASE_PATH
 
 BASE_NAME = "tiny"
-RECORDS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]
-    }
-    for a in range(4)
-    for b in range(4)
-]
 # Long enough on the tiny base (a few hundred steps, checkpoints every 8) to fault it mid-job.
 LONG_JOB = {
     "n_epochs": 40,
@@ -113,18 +105,15 @@ class RunningPlatform:
         return [p for p in self.descendants() if "TrainerActor" in _name(p)]
 
     def postgres_pid(self) -> int | None:
-        pid_file = self.home / "pgdata" / "postmaster.pid"
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            return int(pid_file.read_text().split()[0])
-        return None
+        return postmaster_pid(self.home / "pgdata")
 
-    def pg_ctl(self, *args: str) -> None:
-        """pgserver's own pg_ctl on this platform's data directory (as its system user)."""
-        from pgserver._commands import pg_ctl  # type: ignore[attr-defined]
-
-        pg_ctl(
-            list(args), pgdata=self.home / "pgdata", user="pgserver" if os.geteuid() == 0 else None
-        )
+    def crash_postgres(self) -> None:
+        """PostgreSQL goes away at once, as a crash would (SIGQUIT: `pg_ctl stop -m
+        immediate`); returns once `up` has started it again."""
+        pid = self.postgres_pid()
+        assert pid is not None, "no PostgreSQL is running"
+        psutil.Process(pid).send_signal(signal.SIGQUIT)
+        wait_for("PostgreSQL restarted", lambda: self.postgres_pid() not in (None, pid), 60)
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> float:
         """Send `signum` to `up`; seconds until it exited."""

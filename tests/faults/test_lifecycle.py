@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from control_plane.settings import Settings
-from loraforge.embedded import embedded_platform
+from loraforge.embedded import embedded_platform, postmaster_pid
 from loraforge.supervise import HomeInUseError
 from tests.faults.harness import _alive, platform_env, running_platform, wait_for
 
@@ -63,7 +63,8 @@ def test_the_embedded_platform_leaves_nothing_running_when_its_block_ends(
             180,
         )
         started = me.children(recursive=True)
-        postmaster = int((settings.home / "pgdata" / "postmaster.pid").read_text().split()[0])
+        postmaster = postmaster_pid(settings.home / "pgdata")
+        assert postmaster is not None
         with pytest.raises(HomeInUseError), embedded_platform(settings, default_base=False):
             pass
         assert platform.supervisor.children[0].exited() is None

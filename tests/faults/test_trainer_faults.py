@@ -6,7 +6,6 @@ import os
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.faults.harness import (
@@ -60,22 +59,14 @@ def test_postgres_stopping_mid_job_and_while_idle_costs_neither_job_anything(
         wait_for("a checkpoint", lambda: _checkpointed(client, job_id), 180)
 
         # Mid-job: PostgreSQL goes away at once (as a crash would); `up` restarts it.
-        first = platform.postgres_pid()
-        assert first is not None
-        psutil.Process(first).send_signal(signal.SIGQUIT)  # `pg_ctl stop -m immediate`
-        wait_for("PostgreSQL restarted", lambda: platform.postgres_pid() not in (None, first), 60)
+        platform.crash_postgres()
         job = wait_for_status(client, job_id, {"succeeded", "failed", "cancelled"}, 300)
         assert job["status"] == "succeeded", job
         assert job["attempt"] == 1
         assert "stopped answering; restarting it" in platform.log()
 
         # While the trainer is idle: it must still hear about the next job.
-        second_pid = platform.postgres_pid()
-        assert second_pid is not None
-        psutil.Process(second_pid).send_signal(signal.SIGQUIT)
-        wait_for(
-            "PostgreSQL restarted", lambda: platform.postgres_pid() not in (None, second_pid), 60
-        )
+        platform.crash_postgres()
         next_job = wait_for("the API back", lambda: _try_submit(client, file_id), 60)
         done = wait_for_status(client, next_job, {"succeeded", "failed", "cancelled"}, 300)
         assert done["status"] == "succeeded", done

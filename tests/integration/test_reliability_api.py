@@ -25,17 +25,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from control_plane import files as file_repo
 from control_plane import registry
-from control_plane.ids import new_id
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
-from control_plane.storage import CHUNK_SIZE, ObjectStore, file_key
+from control_plane.storage import CHUNK_SIZE, ObjectStore
 from loraforge.cli import main
 from loraforge.client import ChecksumError, Client
 from tests.api_harness import TenantKeys
-from tests.factories import make_base
+from tests.factories import make_base, store_file
 from tests.integration.test_registry import claim_job, flip_byte, lineage_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -69,24 +67,7 @@ def base(services: Services) -> BaseModelRecord:
 
 def stored_file(services: Services, tenant_id: str, data: bytes) -> str:
     """A file row and its bytes, as an upload leaves them (without the dataset checks)."""
-    file_id = new_id("file")
-    key = file_key(tenant_id, file_id)
-    info = services.store.put_bytes(key, data)
-    with services.engine.begin() as conn:
-        file_repo.insert_file(
-            conn,
-            file_id=file_id,
-            tenant_id=tenant_id,
-            filename="train.jsonl",
-            purpose="fine-tune",
-            size=info.size,
-            sha256=info.sha256,
-            object_key=key,
-            format="text",
-            examples=1,
-            tokens=1,
-        )
-    return file_id
+    return store_file(services, tenant_id, data, format="text", examples=1, tokens=1)
 
 
 def jsonl_of_size(size: int) -> bytes:

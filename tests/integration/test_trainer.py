@@ -24,21 +24,12 @@ from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
+from tests.factories import ADDITION_CHATS as RECORDS
 from tests.factories import make_tenant, upload_records
 from tests.fixtures.testbase import TEST_BASE_PATH
 from workers.runner import JobRunner
 from workers.training.recipe import ResidentBase
 
-RECORDS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]
-    }
-    for a in range(4)
-    for b in range(4)
-]
 FAST = {
     "n_epochs": 3,
     "batch_size": 4,

@@ -9,20 +9,11 @@ from typing import Any
 import pytest
 
 from operators.finetuningjob import version_digest
+from tests.factories import ADDITION_CHATS as RECORDS
 from tests.operator.conftest import FakeKube, Platform, eventually, running_operator
 
 pytestmark = [pytest.mark.operator, pytest.mark.asyncio]
 
-RECORDS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]
-    }
-    for a in range(4)
-    for b in range(4)
-]
 FAST = {
     "nEpochs": 3,
     "batchSize": 4,
