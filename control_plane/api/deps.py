@@ -23,16 +23,6 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_connection(services: ServicesDep) -> Iterator[Connection]:
-    """One connection per request. Routes that write call `conn.commit()` themselves, before they
-    answer; anything uncommitted is rolled back when the connection closes."""
-    with services.engine.connect() as conn:
-        yield conn
-
-
-ConnDep = Annotated[Connection, Depends(get_connection)]
-
-
 class PrincipalCache:
     """Keys checked in the last `ttl` seconds, by their hash: an authenticated client's next
     requests need no database round trip (a revoked key stops working within `ttl`)."""
@@ -103,6 +93,18 @@ def get_principal(
 
 
 Caller = Annotated[tenants.Principal, Depends(get_principal)]
+
+
+def get_connection(services: ServicesDep, _: Caller) -> Iterator[Connection]:
+    """One connection per request, checked out only once the caller is authenticated: a flood of
+    bad keys waits on the small auth pool and never holds a connection that authenticated
+    requests need. Routes that write call `conn.commit()` themselves, before they answer;
+    anything uncommitted is rolled back when the connection closes."""
+    with services.engine.connect() as conn:
+        yield conn
+
+
+ConnDep = Annotated[Connection, Depends(get_connection)]
 
 
 def require_writer(principal: Caller) -> tenants.Principal:

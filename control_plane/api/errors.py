@@ -99,9 +99,6 @@ class RateLimitedLog:
         self.logger.warning(message + suffix, *args)
 
 
-_outage_log = RateLimitedLog(log)
-
-
 def first_line(exc: BaseException) -> str:
     """An exception in one short line (drivers write paragraphs), for logs and status fields."""
     text = str(exc).strip()
@@ -115,6 +112,9 @@ def _unavailable(code: str, message: str, retry_after: int) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    # One rate limit per app, so that two apps in one process (tests) do not silence each other.
+    outage_log = RateLimitedLog(log)
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.status, exc.code, exc.message, exc.param), exc.status)
@@ -133,12 +133,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(sqlalchemy.exc.TimeoutError)
     async def _pool_exhausted(_: Request, exc: sqlalchemy.exc.TimeoutError) -> JSONResponse:
-        _outage_log.warning("database pool exhausted: answering 503 server_busy")
+        outage_log.warning("database pool exhausted: answering 503 server_busy")
         return _unavailable("server_busy", "The server is busy; retry in a second.", 1)
 
     @app.exception_handler(sqlalchemy.exc.OperationalError)
     async def _database_down(_: Request, exc: sqlalchemy.exc.OperationalError) -> JSONResponse:
-        _outage_log.warning("database unavailable: %s", first_line(exc.orig or exc))
+        outage_log.warning("database unavailable: %s", first_line(exc.orig or exc))
         return _unavailable(
             "database_unavailable",
             "The database is unavailable; nothing was changed. Retry in a few seconds.",
