@@ -290,3 +290,24 @@ class AliasEvent(Base):
     to_version: Mapped[int | None] = mapped_column(Integer)
     actor_key_id: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = _now()
+
+
+class Trainer(Base):
+    """A trainer process as it last reported itself (upserted on every heartbeat, idle or busy);
+    one silent for longer than a lease is gone."""
+
+    __tablename__ = "trainers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    pid: Mapped[int] = mapped_column(Integer, nullable=False)
+    device: Mapped[str] = mapped_column(String(64), nullable=False)
+    resident_base: Mapped[str | None] = mapped_column(String(255))
+    current_job_id: Mapped[str | None] = mapped_column(String(64))
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    step_seconds: Mapped[float | None] = mapped_column(Float)
+    peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = _now()
+    last_heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
+    )

@@ -1,0 +1,93 @@
+"""The trainer registry: each trainer process upserts its row on every heartbeat, idle or busy,
+so that readiness, the dashboard and `/metrics` can say which trainers are alive, what each
+holds resident and what it is training. A trainer silent for longer than a lease is gone; its
+row stays (until `forget_gone`) so that a page can show when it was last heard from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import cast
+
+from sqlalchemy import Connection, Table, delete, func, select
+from sqlalchemy.dialects.postgresql import insert
+
+from control_plane.db.tables import Trainer
+
+trainers = cast(Table, Trainer.__table__)
+
+
+@dataclass(frozen=True)
+class TrainerReport:
+    """What a trainer says about itself on a heartbeat."""
+
+    id: str
+    host: str
+    pid: int
+    device: str
+    resident_base: str | None = None
+    current_job_id: str | None = None
+    tokens_per_second: float | None = None
+    step_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainerRecord:
+    id: str
+    host: str
+    pid: int
+    device: str
+    resident_base: str | None
+    current_job_id: str | None
+    tokens_per_second: float | None
+    step_seconds: float | None
+    peak_memory_bytes: int | None
+    started_at: datetime
+    last_heartbeat_at: datetime
+    alive: bool
+
+
+def report(conn: Connection, trainer: TrainerReport) -> None:
+    """Upsert the trainer's row with the database's clock as its heartbeat (not committed)."""
+    values = {
+        "id": trainer.id,
+        "host": trainer.host,
+        "pid": trainer.pid,
+        "device": trainer.device,
+        "resident_base": trainer.resident_base,
+        "current_job_id": trainer.current_job_id,
+        "tokens_per_second": trainer.tokens_per_second,
+        "step_seconds": trainer.step_seconds,
+        "peak_memory_bytes": trainer.peak_memory_bytes,
+    }
+    statement = insert(trainers).values(**values, last_heartbeat_at=func.now())
+    updated = {k: statement.excluded[k] for k in values if k != "id"}
+    conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=[trainers.c.id], set_={**updated, "last_heartbeat_at": func.now()}
+        )
+    )
+
+
+def list_trainers(
+    conn: Connection, lease_seconds: float, *, include_gone: bool = True
+) -> list[TrainerRecord]:
+    """Every known trainer, alive first then by id; `alive` means heard from within a lease."""
+    alive = trainers.c.last_heartbeat_at > func.now() - timedelta(seconds=lease_seconds)
+    query = select(trainers, alive.label("alive")).order_by(alive.desc(), trainers.c.id)
+    if not include_gone:
+        query = query.where(alive)
+    return [TrainerRecord(**row._mapping) for row in conn.execute(query)]
+
+
+def count_alive(conn: Connection, lease_seconds: float) -> int:
+    alive = trainers.c.last_heartbeat_at > func.now() - timedelta(seconds=lease_seconds)
+    return int(conn.execute(select(func.count()).where(alive)).scalar_one())
+
+
+def forget_gone(conn: Connection, older_than_seconds: float) -> int:
+    """Delete the rows of trainers silent for longer than `older_than_seconds` (not committed)."""
+    cutoff = func.now() - timedelta(seconds=older_than_seconds)
+    return conn.execute(delete(trainers).where(trainers.c.last_heartbeat_at < cutoff)).rowcount
