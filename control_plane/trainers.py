@@ -71,6 +71,11 @@ def report(conn: Connection, trainer: TrainerReport) -> None:
     )
 
 
+def remove(conn: Connection, trainer_id: str) -> None:
+    """A trainer that stops cleanly takes its row with it (not committed)."""
+    conn.execute(delete(trainers).where(trainers.c.id == trainer_id))
+
+
 def list_trainers(
     conn: Connection, lease_seconds: float, *, include_gone: bool = True
 ) -> list[TrainerRecord]:

@@ -1,9 +1,11 @@
 """Celery: the background tasks (dataset validation, base import, queue maintenance).
 
 Broker: `LORAFORGE_BROKER_URL` (Redis on a cluster) when set; otherwise kombu's SQLAlchemy
-transport over loraforge's own PostgreSQL, so the embedded default needs no second server (its
-cost is polling: up to 1 s before a task starts; kombu passes this transport's options to
-`create_engine`, so its polling interval is not configurable from celery). The celery app object exists at import
+transport over loraforge's own PostgreSQL (`loraforge.broker`, which makes a database outage a
+reconnect with backoff instead of a flood of tracebacks), so the embedded default needs no
+second server (its cost is polling: up to 1 s before a task starts; kombu passes this
+transport's options to `create_engine`, so its polling interval is not configurable from
+celery). The celery app object exists at import
 time (the `celery -A loraforge.tasks` CLI needs it); its configuration and the services it
 uses are built lazily from `Settings`.
 """
@@ -15,24 +17,33 @@ import threading
 
 from celery import Celery
 
-from control_plane import db, jobs
+from control_plane import db, jobs, trainers
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.validation import run_validation
+from loraforge import broker
 from workers.bases.registration import import_registered_base
 
 log = logging.getLogger(__name__)
 
+broker.register()
 celery_app = Celery("loraforge")
 celery_app.conf.update(
     task_ignore_result=True,
     task_acks_late=True,
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
+    # Through a broker outage of any length: celery backs off to a try every 30 s and carries
+    # on when the broker is back (`up` or Kubernetes would restart a worker that gave up).
+    broker_connection_max_retries=None,
+    # A task running when the broker goes away is cancelled and redelivered (celery 6's
+    # default; every task here is idempotent), which also silences celery 5's warning about it.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
     worker_hijack_root_logger=False,
     beat_schedule={
         "reap-expired-leases": {"task": "loraforge.reap_expired_leases", "schedule": 15.0},
         "redispatch-validation": {"task": "loraforge.redispatch_validation", "schedule": 60.0},
+        "forget-gone-trainers": {"task": "loraforge.forget_gone_trainers", "schedule": 600.0},
     },
 )
 
@@ -43,7 +54,7 @@ _services: Services | None = None
 def broker_url_for(settings: Settings, database_url: str) -> str:
     if settings.broker_url:
         return settings.broker_url
-    return "sqla+" + database_url
+    return f"{broker.SCHEME}+{database_url}"
 
 
 def broker_url_from_environment() -> str | None:
@@ -119,3 +130,14 @@ def redispatch_validation() -> int:
     for job_id in stuck:
         dispatch_validation(job_id)
     return len(stuck)
+
+
+# A trainer silent this long is not coming back under its id (a replacement takes a new one).
+FORGET_TRAINERS_AFTER_S = 24 * 3600.0
+
+
+@celery_app.task(name="loraforge.forget_gone_trainers")
+def forget_gone_trainers() -> int:
+    """Drop the trainer registry's rows of trainers silent for a day (shown as gone until then)."""
+    with get_services().engine.begin() as conn:
+        return trainers.forget_gone(conn, older_than_seconds=FORGET_TRAINERS_AFTER_S)

@@ -21,12 +21,13 @@ from typing import Any, Self, TypeVar
 import psycopg
 import sqlalchemy.exc
 
-from control_plane import jobs
+from control_plane import jobs, trainers
 from control_plane.events import add_event
 from control_plane.queue import JobQueue
 from control_plane.records import BaseModelRecord, JobRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStore, base_model_prefix, checkpoint_prefix
+from control_plane.trainers import TrainerReport
 from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.training.interface import TrainHooks
 
@@ -80,6 +81,8 @@ class JobSignals:
     shutdown: threading.Event = field(default_factory=threading.Event)
     progress: float | None = None
     eta_seconds: float | None = None
+    # The latest `metrics` event's data, for the trainer registry.
+    last_metrics: dict[str, Any] = field(default_factory=dict)
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.lease_lost.is_set() or self.shutdown.is_set()
@@ -152,6 +155,61 @@ class LeaseHeartbeat:
                 signals.cancel.set()
 
 
+class TrainerPresence:
+    """Upserts this trainer's row in the trainer registry every `interval_s` seconds from a
+    daemon thread while entered, idle or busy, with what `snapshot()` says; removes the row on
+    a clean exit (a trainer that dies just goes silent and shows as gone after a lease).
+
+    Presence is best effort: a failed report (a database blip) is one warning when the failing
+    starts and one when it ends, and never touches training.
+    """
+
+    def __init__(
+        self, services: Services, snapshot: Callable[[], TrainerReport], *, interval_s: float
+    ) -> None:
+        self.services, self.snapshot, self.interval_s = services, snapshot, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="trainer-presence", daemon=True)
+        self._failing = False
+
+    def __enter__(self) -> Self:
+        self.report_once()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            with self.services.engine.begin() as conn:
+                trainers.remove(conn, self.snapshot().id)
+        except DATABASE_ERRORS as error:
+            log.warning("trainer registry: could not remove this trainer (%s)", first_line(error))
+
+    def report_once(self) -> bool:
+        try:
+            with self.services.engine.begin() as conn:
+                trainers.report(conn, self.snapshot())
+        except DATABASE_ERRORS as exc:
+            if not self._failing:
+                log.warning("trainer registry: report failed (%s); retrying", first_line(exc))
+                self._failing = True
+            return False
+        if self._failing:
+            log.warning("trainer registry: reporting again")
+            self._failing = False
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.report_once()
+
+
 def record_event(
     services: Services, job_id: str, kind: str, message: str, data: dict[str, Any]
 ) -> None:
@@ -176,6 +234,7 @@ def job_hooks(services: Services, job: JobRecord, signals: JobSignals) -> TrainH
         if kind == "metrics":
             signals.progress = data.get("fraction_done", signals.progress)
             signals.eta_seconds = data.get("eta_s", signals.eta_seconds)
+            signals.last_metrics = data
         record_event(services, job.id, kind, message, data)
 
     return TrainHooks(

@@ -12,7 +12,9 @@ cache) lives in `workers.job_io`.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -30,16 +32,19 @@ from control_plane.queue import QueueListener
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError
+from control_plane.trainers import TrainerReport
 from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.distributed import ClusterBusyError, train_on_ray_train
 from workers.job_io import (
     JobSignals,
     LeaseHeartbeat,
+    TrainerPresence,
     job_hooks,
     materialize_base,
     record_event,
     through_blips,
 )
+from workers.training.device import describe_device
 from workers.training.lineage import build_lineage
 from workers.training.recipe import ResidentBase, TrainingError, TrainResult, train_adapter
 
@@ -102,7 +107,12 @@ class JobRunner:
         self.cache = BaseCache(self.work_dir / "bases")
         self.resident: ResidentBase | None = None
         self.resident_base_id: str | None = None
+        self.resident_base_name: str | None = None
         self.jobs_done = 0
+        # What the trainer registry shows: the job in hand and its signals (metrics, progress).
+        self.current: tuple[JobRecord, JobSignals] | None = None
+        self.started_pid = os.getpid()
+        self.device = describe_device()
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -119,7 +129,8 @@ class JobRunner:
         listener = through_blips(
             lambda: QueueListener(self.services.database_url), what="LISTEN", patience_s=600
         )
-        with listener:
+        presence = TrainerPresence(self.services, self.snapshot, interval_s=self.presence_seconds())
+        with listener, presence:
             while not stop.is_set() and (max_jobs is None or ran < max_jobs):
                 job = through_blips(self._reap_and_claim, what="claim", patience_s=600)
                 if job is None:
@@ -130,6 +141,26 @@ class JobRunner:
                 self.run(job, shutdown=stop)
                 ran += 1
         return ran
+
+    def presence_seconds(self) -> float:
+        """How often the trainer registry hears from this trainer: four times a lease."""
+        return min(max(self.services.settings.lease_seconds / 4, 0.5), 15.0)
+
+    def snapshot(self) -> TrainerReport:
+        """This trainer as the trainer registry shows it."""
+        metrics = self.current[1].last_metrics if self.current else {}
+        peak_mib = metrics.get("peak_memory_mib")
+        return TrainerReport(
+            id=self.worker_id,
+            host=socket.gethostname(),
+            pid=self.started_pid,
+            device=self.device,
+            resident_base=self.resident_base_name,
+            current_job_id=self.current[0].id if self.current else None,
+            tokens_per_second=metrics.get("tokens_per_s"),
+            step_seconds=metrics.get("step_s"),
+            peak_memory_bytes=int(peak_mib * 2**20) if peak_mib is not None else None,
+        )
 
     def _reap_and_claim(self) -> JobRecord | None:
         self.services.queue.reap_expired_leases()
@@ -152,10 +183,12 @@ class JobRunner:
             signals,
             interval_s=self.heartbeat_seconds,
         )
+        self.current = (job, signals)
         try:
             with heartbeat:
                 return self._run(job, signals, job_dir)
         finally:
+            self.current = None
             shutil.rmtree(job_dir, ignore_errors=True)
             self.jobs_done += 1
 
@@ -300,10 +333,12 @@ class JobRunner:
             self._event(job, f"Evicting resident base to load {base.name}", {})
             self.resident = None
             self.resident_base_id = None
+            self.resident_base_name = None
         started = time.monotonic()
         path = materialize_base(self.services.store, self.cache, base)
         self.resident = ResidentBase.load(path, precision=hp.precision)
         self.resident_base_id = base.id
+        self.resident_base_name = base.name
         self._event(
             job,
             f"Loaded base {base.name} in {time.monotonic() - started:.1f}s ({self.resident.precision})",

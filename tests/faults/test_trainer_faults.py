@@ -6,9 +6,11 @@ import os
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.faults.harness import (
+    RunningPlatform,
     event_messages,
     register_tiny_base,
     running_platform,
@@ -35,6 +37,7 @@ def test_a_killed_trainer_is_replaced_and_its_job_resumes_from_its_checkpoint(
         file_id = upload_dataset(client, tmp_path)
         job_id = submit(client, file_id, "killed")
         step = wait_for("a checkpoint", lambda: _checkpointed(client, job_id), 180)
+        assert _trainers_alive(platform) == 1
         [actor] = platform.trainer_actors()
         os.kill(actor.pid, signal.SIGKILL)  # mid-job: no clean-up, no lease release
 
@@ -47,6 +50,12 @@ def test_a_killed_trainer_is_replaced_and_its_job_resumes_from_its_checkpoint(
         replacement = platform.trainer_actors()
         assert replacement and replacement[0].pid != actor.pid
         assert "trainer 0 stopped" in platform.log()
+        # Readiness counts the replacement, not the dead one (silent past a lease: gone).
+        wait_for("one trainer alive", lambda: _trainers_alive(platform) == 1, 30)
+
+
+def _trainers_alive(platform: RunningPlatform) -> int:
+    return int(httpx.get(platform.url + "/readyz", timeout=10).json()["trainers"]["alive"])
 
 
 def test_postgres_stopping_mid_job_and_while_idle_costs_neither_job_anything(

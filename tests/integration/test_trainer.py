@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
 from control_plane import base_catalog as base_models
-from control_plane import jobs, registry
+from control_plane import jobs, registry, trainers
 from control_plane.events import list_events
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import JobRecord
@@ -271,6 +271,67 @@ def test_a_stopping_worker_checkpoints_and_hands_its_job_back(
     assert resumed == [
         f"resumed from step {checkpoint.step} of {done_steps(trainer_services, job_id)}"
     ]
+
+
+def test_a_trainer_reports_itself_idle_and_busy_and_leaves_the_registry_when_it_stops(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """The trainer registry (what /readyz, /metrics and the dashboard read) hears from a trainer
+    while it waits and while it trains, with the job in hand, its base and its speed."""
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run_forever, args=(stop,), kwargs={"idle_wait": 0.1})
+
+    def row() -> trainers.TrainerRecord | None:
+        with trainer_services.engine.connect() as conn:
+            found = [t for t in trainers.list_trainers(conn, lease_seconds=4) if t.id == "w1"]
+        return found[0] if found else None
+
+    def wait_until(check: Callable[[trainers.TrainerRecord], bool]) -> trainers.TrainerRecord:
+        deadline = time.monotonic() + 120
+        while True:
+            found = row()
+            if found is not None and check(found):
+                return found
+            assert time.monotonic() < deadline and thread.is_alive(), found
+            time.sleep(0.1)
+
+    thread.start()
+    try:
+        idle = wait_until(lambda t: t.alive)
+        assert idle.current_job_id is None and idle.resident_base is None
+        assert idle.device.startswith("cpu (") and idle.pid == os.getpid()
+
+        job_id = submit(trainer_services, world, records=RECORDS * 8, n_epochs=3, batch_size=2)
+        busy = wait_until(lambda t: t.current_job_id == job_id and t.tokens_per_second is not None)
+        assert busy.resident_base == "tiny-llama"
+        assert busy.step_seconds is not None and busy.step_seconds > 0
+        assert busy.peak_memory_bytes is not None and busy.peak_memory_bytes > 0
+        assert busy.last_heartbeat_at > idle.last_heartbeat_at
+    finally:
+        stop.set()
+        thread.join(60)
+    assert row() is None  # a clean stop takes the row with it
+
+
+def test_a_silent_trainer_shows_as_gone_and_is_forgotten_later(trainer_services: Services) -> None:
+    report = trainers.TrainerReport(id="t-silent", host="node-a", pid=7, device="cpu (fp32)")
+    with trainer_services.engine.begin() as conn:
+        trainers.report(conn, report)
+        trainers.report(conn, trainers.TrainerReport(id="t-live", host="node-b", pid=8, device="x"))
+        conn.execute(
+            text(
+                "UPDATE trainers SET last_heartbeat_at = now() - interval '10 seconds' "
+                "WHERE id = 't-silent'"
+            )
+        )
+    with trainer_services.engine.begin() as conn:
+        listed = trainers.list_trainers(conn, lease_seconds=4)
+        assert [(t.id, t.alive) for t in listed] == [("t-live", True), ("t-silent", False)]
+        assert trainers.count_alive(conn, lease_seconds=4) == 1
+        assert trainers.count_alive(conn, lease_seconds=60) == 2
+        assert trainers.forget_gone(conn, older_than_seconds=5) == 1
+        assert [t.id for t in trainers.list_trainers(conn, lease_seconds=4)] == ["t-live"]
 
 
 def test_bad_hyperparameters_fail_the_job_and_the_runner_goes_on(

@@ -23,6 +23,14 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def describe_device(device: torch.device | None = None) -> str:
+    """The device in a few words for the trainer registry: `cuda (NVIDIA H200)`, `cpu (bf16)`."""
+    device = device or default_device()
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"[:64]
+    return f"{device.type} ({'bf16' if bf16_supported(device) else 'fp32'})"
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively (CUDA with bf16, or a CPU with oneDNN bf16 support)."""
     if device.type == "cuda":

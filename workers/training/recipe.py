@@ -332,6 +332,7 @@ class LoraRecipe:
                 "learning_rate": learning_rate,
                 "tokens": tokens,
                 "tokens_per_s": tokens / elapsed,
+                "step_s": elapsed,
                 "peak_memory_mib": peak_memory_mib(self.base.device),
                 "fraction_done": done,
                 "eta_s": per_step * (self.total_steps - progress.global_step),

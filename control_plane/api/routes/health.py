@@ -13,6 +13,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from control_plane import trainers
 from control_plane.api.deps import ServicesDep
 from control_plane.api.errors import first_line
 from control_plane.storage import ObjectStoreError
@@ -30,11 +31,17 @@ def healthz() -> dict[str, Any]:
 @router.get("/readyz", responses={503: {"description": "a dependency does not answer"}})
 def readyz(services: ServicesDep) -> JSONResponse:
     """`ready` when the database and the object store answer; otherwise 503 and, for each
-    dependency, `ok` or why not."""
+    dependency, `ok` or why not. `trainers` says how many trainers were heard from within a
+    lease: information, not a condition (with none, the API still takes jobs into the queue,
+    and taking the API out of its Service would not bring a trainer back)."""
     checks = {"database": _database(services), "object_store": _object_store(services)}
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
+        {
+            "status": "ready" if ready else "not_ready",
+            "checks": checks,
+            "trainers": _trainers(services) if checks["database"] == "ok" else None,
+        },
         status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": "5"},
     )
@@ -47,6 +54,16 @@ def _database(services: ServicesDep) -> str:
     except Exception as exc:
         return f"unavailable: {first_line(exc)}"
     return "ok"
+
+
+def _trainers(services: ServicesDep) -> dict[str, Any]:
+    try:
+        with services.auth_engine.connect() as conn:
+            alive = trainers.count_alive(conn, services.settings.lease_seconds)
+    except Exception as exc:
+        return {"alive": None, "note": f"unknown: {first_line(exc)}"}
+    note = "" if alive else "no trainer alive: jobs wait in the queue until one starts"
+    return {"alive": alive, "note": note}
 
 
 def _object_store(services: ServicesDep) -> str:

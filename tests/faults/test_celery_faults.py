@@ -1,0 +1,114 @@
+"""Celery through a database outage (its broker is the database in the embedded default and on
+a cluster without Redis): a bounded log, no traceback storm, and work again without a restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from sqlalchemy import text
+from sqlalchemy.engine import Engine, make_url
+
+from loraforge import broker
+from tests.faults.harness import platform_env, wait_for
+from tests.faults.tcp_proxy import CuttableProxy
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+OUTAGE_S = 20
+# What celery may write in OUTAGE_S seconds of outage: one "lost" warning and a few reconnect
+# tries with backoff (about 600 bytes each); before loraforge.broker it wrote ~260 KB.
+LOG_BOUND_BYTES = 6_000
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[CuttableProxy]:
+    url = make_url(database_url)
+    p = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def celery_worker(database_url: str, proxy: CuttableProxy, tmp_path: Path) -> Iterator[Path]:
+    """`loraforge celery worker` whose database (and so broker) is behind the proxy."""
+    through_proxy = (
+        make_url(database_url)
+        .set(host="127.0.0.1", port=proxy.port)
+        .render_as_string(hide_password=False)
+    )
+    env = platform_env(tmp_path / "home", 0, LORAFORGE_DATABASE_URL=through_proxy)
+    log_path = tmp_path / "celery.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "loraforge.cli",
+                "celery",
+                "worker",
+                "--pool=solo",
+                "-l",
+                "info",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for("celery connected", lambda: b"Connected to" in log_path.read_bytes(), 60)
+        wait_for("celery ready", lambda: b"ready." in log_path.read_bytes(), 60)
+        yield log_path
+        assert process.poll() is None, "celery exited:\n" + log_path.read_text()
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _stale_trainer(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO trainers (id, host, pid, device, last_heartbeat_at) "
+                "VALUES ('t-old', 'node', 1, 'cpu', now() - interval '2 days')"
+            )
+        )
+
+
+def _trainer_ids(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(text("SELECT id FROM trainers")).scalars())
+
+
+def test_celery_logs_a_bounded_rate_through_a_database_outage_and_works_after_it(
+    database_url: str, engine: Engine, proxy: CuttableProxy, celery_worker: Path
+) -> None:
+    before = os.path.getsize(celery_worker)
+    proxy.cut()
+    time.sleep(OUTAGE_S)
+    during = celery_worker.read_bytes()[before:]
+    proxy.restore()
+
+    assert len(during) <= LOG_BOUND_BYTES, during.decode(errors="replace")
+    assert b"Traceback" not in during and b"RestartFreqExceeded" not in during
+    assert b"Trying again in" in during  # it says what it does: backing off, not dead
+
+    # Back up: the same worker consumes again, with no restart.
+    wait_for(
+        "celery reconnected", lambda: celery_worker.read_bytes().count(b"Connected to") >= 2, 60
+    )
+    _stale_trainer(engine)
+    broker.register()
+    producer = Celery("probe", broker=f"{broker.SCHEME}+{database_url}")
+    producer.send_task("loraforge.forget_gone_trainers")
+    wait_for("the task run after the outage", lambda: "t-old" not in _trainer_ids(engine), 60)
