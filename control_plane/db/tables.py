@@ -131,8 +131,19 @@ class Job(Base):
             "created_at",
             postgresql_where=text(f"status = '{JobStatus.QUEUED}'"),
         ),
-        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # A tenant's line of queued jobs for one base, in the claim's order (revision 0006).
+        Index(
+            "ix_jobs_queue_front",
+            "tenant_id",
+            "base_model_id",
+            text("priority DESC"),
+            "created_at",
+            "id",
+            postgresql_where=text(f"status = '{JobStatus.QUEUED}'"),
+        ),
+        # Keyset pages of a tenant's jobs, newest first by (created_at, id), read off the index.
+        Index("ix_jobs_tenant_created_id", "tenant_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -311,3 +322,61 @@ class Trainer(Base):
     last_heartbeat_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now(), index=True
     )
+
+
+# --------------------------------------------------------------------------- queue bookkeeping
+
+# How `queue_heads` rows are ranked: the claim's order, one row per (tenant, base) line.
+_QUEUE_FRONT = (
+    text("top_priority DESC"),
+    "running",
+    text("last_served_at NULLS FIRST"),
+    "head_created_at",
+    "head_id",
+)
+
+
+class TenantQueueStats(Base):
+    """A tenant's queued and running jobs and when the queue last served it, so that neither the
+    claim nor the dashboard counts jobs. Kept exact by triggers on `jobs` (revision 0006) in the
+    statement that moves a job; the claim's lock on this row serialises one tenant's claims."""
+
+    __tablename__ = "tenant_queue_stats"
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    queued: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    running: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class QueueHead(Base):
+    """One line of the queue, (tenant, base model): its queued count and its head (the best
+    queued job by priority, age, id, backing off or not), beside copies of the tenant's running
+    count and served time, so one index walks the lines in the claim's order. Kept by the same
+    triggers as `TenantQueueStats`."""
+
+    __tablename__ = "queue_heads"
+    __table_args__ = (
+        Index("ix_queue_heads_front", *_QUEUE_FRONT, postgresql_where=text("queued > 0")),
+        Index(
+            "ix_queue_heads_base_front",
+            "base_model_id",
+            *_QUEUE_FRONT,
+            postgresql_where=text("queued > 0"),
+        ),
+    )
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    base_model_id: Mapped[str] = mapped_column(
+        ForeignKey("base_models.id", ondelete="CASCADE"), primary_key=True
+    )
+    queued: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    top_priority: Mapped[int | None] = mapped_column(Integer)
+    head_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    head_id: Mapped[str | None] = mapped_column(String(64))
+    running: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
