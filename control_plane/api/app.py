@@ -14,8 +14,10 @@ from control_plane.api.routes import (
     files,
     fine_tuning,
     health,
+    job_streams,
     models,
 )
+from control_plane.dashboard import mount_dashboard
 from control_plane.services import Services
 
 
@@ -33,6 +35,7 @@ def create_app(services: Services) -> FastAPI:
     for router in (
         files.router,
         fine_tuning.router,
+        job_streams.router,
         models.router,
         base_models.router,
         api_keys.router,
@@ -44,5 +47,6 @@ def create_app(services: Services) -> FastAPI:
         BodySizeLimit,
         limit=services.settings.max_upload_bytes + 64 * 1024,
     )
+    mount_dashboard(app)
 
     return app

@@ -1,0 +1,130 @@
+"""Server-Sent Events over polling with short checkouts.
+
+A stream lives for minutes while its client watches; holding a pooled connection (or a
+LISTEN) that long would let a few open browser tabs take the API's small pool. Instead each
+stream polls about once a second, each poll checking out a connection for one short read and
+handing it back, and sends only what changed. A client that reconnects sends `Last-Event-ID`
+and continues where it left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from control_plane import jobs
+from control_plane.events import list_events
+from control_plane.job_status import TERMINAL
+from control_plane.records import JobEventRecord, JobRecord
+from control_plane.services import Services
+
+POLL_SECONDS = 1.0
+KEEPALIVE_SECONDS = 15.0
+MAX_STREAM_SECONDS = 600.0
+"""A stream ends after this long; the browser's EventSource reconnects with Last-Event-ID, so
+no stream outlives a deploy by more than this."""
+EVENTS_PER_POLL = 500
+
+HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MEDIA_TYPE = "text/event-stream"
+
+
+def frame(data: str, *, event: str | None = None, id: str | int | None = None) -> str:
+    """One SSE message; multi-line data becomes several `data:` lines, as the spec says."""
+    lines = []
+    if event is not None:
+        lines.append(f"event: {event}")
+    if id is not None:
+        lines.append(f"id: {id}")
+    lines.extend(f"data: {line}" for line in data.split("\n"))
+    return "\n".join(lines) + "\n\n"
+
+
+def json_frame(payload: Any, *, event: str | None = None, id: str | int | None = None) -> str:
+    return frame(json.dumps(payload, separators=(",", ":")), event=event, id=id)
+
+
+def comment(text: str = "keep-alive") -> str:
+    return f": {text}\n\n"
+
+
+def parse_event_id(value: str | None) -> int | None:
+    """An event cursor as clients send it (`123` or `ftevent-123`); None when absent or bad."""
+    if not value:
+        return None
+    try:
+        return int(value.removeprefix("ftevent-"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class JobChange:
+    """What one poll found: the job as it is now and its events since the last poll."""
+
+    job: JobRecord
+    events: list[JobEventRecord]
+    status_changed: bool
+    final: bool
+    """The job is over and these are its last events: the stream ends after this change."""
+
+
+async def follow_job(
+    services: Services,
+    tenant_id: str,
+    job_id: str,
+    after_event_id: int | None,
+    is_disconnected: Callable[[], Awaitable[bool]],
+) -> AsyncIterator[JobChange | None]:
+    """Poll a job until it is over and its events are all sent, or the client goes away.
+
+    Yields a `JobChange` whenever the job's row or its events moved, and None when a
+    keep-alive is due. Ends when the job is terminal and no events are left, when the job
+    is gone (or never was the tenant's), or after `MAX_STREAM_SECONDS`.
+    """
+    cursor = after_event_id
+    last_row: JobRecord | None = None
+    started = idle_since = time.monotonic()
+
+    def poll() -> tuple[JobRecord | None, list[JobEventRecord]]:
+        with services.engine.connect() as conn:
+            job = jobs.get_job(conn, tenant_id, job_id)
+            if job is None:
+                return None, []
+            found = list_events(
+                conn, job_id, after=cursor, limit=EVENTS_PER_POLL, newest_first=False
+            )
+            return job, found
+
+    while time.monotonic() - started < MAX_STREAM_SECONDS:
+        if await is_disconnected():
+            return
+        job, found = await run_in_threadpool(poll)
+        if job is None:
+            return
+        if found:
+            cursor = found[-1].id
+        changed = job != last_row
+        if found or changed:
+            status_changed = last_row is None or job.status != last_row.status
+            last_row = job
+            idle_since = time.monotonic()
+            final = job.status in TERMINAL and len(found) < EVENTS_PER_POLL
+            yield JobChange(job, found, status_changed, final)
+            if final:
+                return
+            if len(found) == EVENTS_PER_POLL:
+                continue  # more waiting: no pause
+        elif time.monotonic() - idle_since > KEEPALIVE_SECONDS:
+            idle_since = time.monotonic()
+            yield None
+        if job.status in TERMINAL and not found:
+            yield JobChange(job, [], False, True)
+            return
+        await asyncio.sleep(POLL_SECONDS)

@@ -1,0 +1,33 @@
+"""The web dashboard: server-rendered pages (Jinja2 + htmx + uPlot + Pico CSS) served by the
+control plane itself, at `/`, with the same tenancy as the REST API.
+
+A page signs in with an API key once; the browser then holds only a signed session cookie
+that names the key's id (never the key), so revoking the key ends the session at the next
+request. Pages call the same domain functions (and, for writes, the same REST route functions)
+as the API, so a rule is written once. The front-end libraries are vendored under
+`static/vendor/` by `scripts/vendor_frontend.py`: nothing is fetched from the internet at run
+time, and the Content-Security-Policy allows no inline script.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from control_plane.dashboard.render import install_page_errors
+from control_plane.dashboard.routes import adapters, auth, jobs, new_job, platform
+from control_plane.dashboard.security import SecurityHeaders
+
+STATIC = Path(__file__).parent / "static"
+
+
+def mount_dashboard(app: FastAPI) -> None:
+    """Add the dashboard's pages, streams and static files to the API's app."""
+    # new_job first: `/jobs/new` must match before `/jobs/{job_id}`.
+    for router in (auth.router, new_job.router, jobs.router, adapters.router, platform.router):
+        app.include_router(router, include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    install_page_errors(app)
+    app.add_middleware(SecurityHeaders)

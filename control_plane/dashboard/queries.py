@@ -1,0 +1,217 @@
+"""The reads only the dashboard makes, each one statement: the session's key by id, a page of
+jobs filtered by status or searched, the jobs a live table shows, a job's status changes and
+latest metrics, its loss curve downsampled, and queued/running counts per tenant.
+
+Everything else the pages show comes from the domain modules the REST API uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Float,
+    Integer,
+    Table,
+    and_,
+    func,
+    or_,
+    select,
+)
+
+from control_plane.db.tables import ApiKey, Job, JobEvent, Tenant
+from control_plane.job_status import ACTIVE, JobStatus, as_values
+from control_plane.pagination import newest_first
+from control_plane.records import JobEventRecord, JobRecord
+from control_plane.tenants import Principal
+
+_keys = cast(Table, ApiKey.__table__)
+_tenants = cast(Table, Tenant.__table__)
+_jobs = cast(Table, Job.__table__)
+_events = cast(Table, JobEvent.__table__)
+
+MAX_CHART_POINTS = 1000
+"""A loss series sent to a page holds at most this many points, however long the job ran."""
+
+
+def principal_by_key_id(conn: Connection, key_id: str) -> tuple[Principal, str] | None:
+    """The principal of an unrevoked key, with its tenant's name; None once it is revoked or
+    deleted (the session cookie names keys by id)."""
+    row = conn.execute(
+        select(_keys.c.id, _keys.c.tenant_id, _keys.c.role, _tenants.c.name)
+        .join(_tenants, _tenants.c.id == _keys.c.tenant_id)
+        .where(_keys.c.id == key_id, _keys.c.revoked_at.is_(None))
+    ).one_or_none()
+    if row is None:
+        return None
+    return Principal(tenant_id=row.tenant_id, key_id=row.id, role=row.role), row.name
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def jobs_page(
+    conn: Connection,
+    tenant_id: str,
+    *,
+    status: JobStatus | None,
+    search: str | None,
+    after: str | None,
+    limit: int,
+) -> tuple[list[JobRecord], bool]:
+    """Newest first, optionally only one status, optionally matching `search` (a job id, or
+    part of an adapter name or model); `after` is the last job id of the previous page
+    (`LookupError` when it is not one of the tenant's jobs)."""
+    filters: list[ColumnElement[bool]] = []
+    if status is not None:
+        filters.append(_jobs.c.status == status)
+    if search:
+        filters.append(
+            or_(
+                _jobs.c.id == search,
+                _jobs.c.adapter_name.ilike(_like(search)),
+                _jobs.c.fine_tuned_model.ilike(_like(search)),
+            )
+        )
+    rows, more = newest_first(
+        conn,
+        _jobs,
+        scope=_jobs.c.tenant_id == tenant_id,
+        filters=filters,
+        after=after,
+        limit=limit,
+    )
+    return [JobRecord.from_row(r) for r in rows], more
+
+
+def jobs_by_id(conn: Connection, tenant_id: str, job_ids: Sequence[str]) -> list[JobRecord]:
+    """The tenant's jobs among `job_ids` (others' ids are left out as unknown)."""
+    if not job_ids:
+        return []
+    rows = conn.execute(
+        select(_jobs).where(_jobs.c.tenant_id == tenant_id, _jobs.c.id.in_(list(job_ids)))
+    ).all()
+    return [JobRecord.from_row(r) for r in rows]
+
+
+def newer_jobs(conn: Connection, tenant_id: str, than_job_id: str | None) -> int:
+    """How many of the tenant's jobs were created after this one (all of them for None)."""
+    query = select(func.count()).where(_jobs.c.tenant_id == tenant_id)
+    if than_job_id is not None:
+        created = (
+            select(_jobs.c.created_at)
+            .where(_jobs.c.id == than_job_id, _jobs.c.tenant_id == tenant_id)
+            .scalar_subquery()
+        )
+        query = query.where(_jobs.c.created_at > created)
+    return int(conn.execute(query).scalar_one())
+
+
+def status_changes(conn: Connection, job_id: str, limit: int = 50) -> list[JobEventRecord]:
+    """A job's events that record a change of status, oldest first: its timeline."""
+    rows = conn.execute(
+        select(_events)
+        .where(_events.c.job_id == job_id, _events.c.data["status"].is_not(None))
+        .order_by(_events.c.id)
+        .limit(limit)
+    ).all()
+    return [JobEventRecord.from_row(r) for r in rows]
+
+
+def latest_event_id(conn: Connection, job_id: str) -> int:
+    found = conn.execute(select(func.max(_events.c.id)).where(_events.c.job_id == job_id))
+    return int(found.scalar() or 0)
+
+
+def latest_training_metrics(conn: Connection, job_id: str) -> dict[str, Any] | None:
+    """The data of the job's last training-step metrics event (tokens/s, step, total)."""
+    return conn.execute(
+        select(_events.c.data)
+        .where(
+            _events.c.job_id == job_id,
+            _events.c.type == "metrics",
+            _events.c.data["train_loss"].is_not(None),
+        )
+        .order_by(_events.c.id.desc())
+        .limit(1)
+    ).scalar()
+
+
+@dataclass(frozen=True)
+class Series:
+    """One loss curve as a page draws it: `steps` and `values` of equal length."""
+
+    steps: list[float]
+    values: list[float]
+    points_in_job: int
+    downsampled: bool
+
+
+def loss_series(
+    conn: Connection, job_id: str, field: str, max_points: int = MAX_CHART_POINTS
+) -> Series:
+    """The job's `field` (`train_loss`, `eval_loss`) against step, at most `max_points` points.
+
+    Past that, the step range is cut into `max_points` equal buckets and each bucket becomes
+    its mean step and mean loss, computed in PostgreSQL: a job with 100,000 steps sends a
+    page the same curve a chart of that width could draw, not 100,000 points.
+    """
+    value = _events.c.data[field].astext.cast(Float)
+    step = _events.c.data["step"].astext.cast(Float)
+    where = and_(
+        _events.c.job_id == job_id,
+        _events.c.type == "metrics",
+        _events.c.data[field].is_not(None),
+    )
+    bounds = conn.execute(select(func.count(), func.min(step), func.max(step)).where(where)).one()
+    count, low, high = int(bounds[0]), bounds[1], bounds[2]
+    if count <= max_points:
+        rows = conn.execute(select(step, value).where(where).order_by(_events.c.id)).all()
+        return Series([r[0] for r in rows], [r[1] for r in rows], count, downsampled=False)
+    bucket = func.width_bucket(step, low, high + 1e-9, max_points).label("bucket")
+    inner = select(bucket, step.label("step"), value.label("value")).where(where).subquery()
+    rows = conn.execute(
+        select(func.avg(inner.c.step), func.avg(inner.c.value))
+        .group_by(inner.c.bucket)
+        .order_by(inner.c.bucket)
+    ).all()
+    return Series([r[0] for r in rows], [r[1] for r in rows], count, downsampled=True)
+
+
+@dataclass(frozen=True)
+class TenantQueue:
+    tenant_name: str
+    validating: int
+    queued: int
+    running: int
+
+
+def queue_counts(conn: Connection, tenant_id: str | None) -> list[TenantQueue]:
+    """Unfinished jobs per tenant by stage; one tenant's, or every tenant's for None."""
+
+    def count(statuses: Sequence[str]) -> Any:
+        return func.count().filter(_jobs.c.status.in_(list(statuses))).cast(Integer)
+
+    query = (
+        select(
+            _tenants.c.name,
+            count([JobStatus.VALIDATING_FILES]),
+            count([JobStatus.QUEUED]),
+            count(as_values(ACTIVE)),
+        )
+        .select_from(_jobs.join(_tenants, _tenants.c.id == _jobs.c.tenant_id))
+        .where(
+            _jobs.c.status.in_([JobStatus.VALIDATING_FILES, JobStatus.QUEUED, *as_values(ACTIVE)])
+        )
+        .group_by(_tenants.c.name)
+        .order_by(_tenants.c.name)
+    )
+    if tenant_id is not None:
+        query = query.where(_jobs.c.tenant_id == tenant_id)
+    return [TenantQueue(r[0], r[1], r[2], r[3]) for r in conn.execute(query)]

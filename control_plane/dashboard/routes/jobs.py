@@ -1,0 +1,336 @@
+"""The jobs table and the job page, and the streams that keep them live."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
+
+from control_plane import base_catalog, jobs, registry
+from control_plane import events as event_repo
+from control_plane import files as file_repo
+from control_plane.api import sse
+from control_plane.api.deps import ServicesDep, require_writer
+from control_plane.api.errors import ApiError
+from control_plane.api.routes import fine_tuning
+from control_plane.dashboard import queries
+from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, page, render
+from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
+from control_plane.hyperparameters import Hyperparameters
+from control_plane.job_status import TERMINAL, UNFINISHED, JobStatus
+from control_plane.records import FileRecord, JobEventRecord, JobRecord
+
+router = APIRouter()
+
+PAGE_SIZE = 20
+LOG_PAGE = 50
+NOTICES = {
+    "cancel-requested": "Cancellation requested: the job stops within a few seconds.",
+    "cancelled": "The job was cancelled.",
+    "not-cancellable": "The job had already finished; there was nothing to cancel.",
+}
+
+
+def _base_names(conn: Connection) -> dict[str, str]:
+    return {b.id: b.name for b in base_catalog.list_base_models(conn)}
+
+
+def _row_html(job: JobRecord, bases: dict[str, str]) -> str:
+    return render("_job_row.html", job=job, base=bases.get(job.base_model_id, job.base_model_id))
+
+
+@router.get("/jobs")
+def jobs_page(
+    request: Request,
+    session: CurrentSession,
+    conn: PageConn,
+    status: str | None = None,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    wanted = JobStatus(status) if status in set(JobStatus) else None
+    search = (q or "").strip() or None
+    try:
+        found, more = queries.jobs_page(
+            conn,
+            session.principal.tenant_id,
+            status=wanted,
+            search=search,
+            after=after,
+            limit=PAGE_SIZE,
+        )
+    except LookupError:
+        raise PageNotFound() from None
+    filtered = wanted is not None or search is not None or after is not None
+    bases = _base_names(conn)
+    context: dict[str, Any] = {
+        "jobs": found,
+        "rows": [_row_html(j, bases) for j in found],
+        "more": more,
+        "status": wanted,
+        "q": search or "",
+        "after": after,
+        "statuses": list(JobStatus),
+        "filtered": filtered,
+        "stream_url": "/jobs/stream?"
+        + "&".join([f"ids={j.id}" for j in found] + ([f"newest={found[0].id}"] if found else [])),
+    }
+    if request.headers.get("hx-request") and request.headers.get("hx-target") == "jobs-table":
+        return fragment("_jobs_table.html", session=session, **context)
+    return page(request, "jobs.html", session, **context)
+
+
+def _row_state(job: JobRecord) -> tuple[Any, ...]:
+    return (job.status, job.progress, job.trained_tokens, job.started_at, job.finished_at)
+
+
+@router.get("/jobs/stream")
+async def jobs_stream(
+    request: Request,
+    session: CurrentSession,
+    services: ServicesDep,
+    ids: Annotated[list[str], Query(max_length=64)] = [],  # noqa: B006 - FastAPI copies it
+    newest: Annotated[str | None, Query(max_length=64)] = None,
+) -> StreamingResponse:
+    """`row` events (a table row's new HTML) when a listed job moves; `newer` (a count) when
+    jobs were submitted since the page was drawn."""
+    tenant_id = session.principal.tenant_id
+    job_ids = ids[:PAGE_SIZE]
+
+    def poll() -> tuple[list[JobRecord], int, dict[str, str]]:
+        with services.engine.connect() as conn:
+            found = queries.jobs_by_id(conn, tenant_id, job_ids)
+            return found, queries.newer_jobs(conn, tenant_id, newest), _base_names(conn)
+
+    async def body() -> AsyncIterator[str]:
+        sent: dict[str, tuple[Any, ...]] = {}
+        newer_sent = 0
+        quiet = 0.0
+        for _ in range(int(sse.MAX_STREAM_SECONDS / sse.POLL_SECONDS)):
+            if await request.is_disconnected():
+                return
+            found, newer, bases = await run_in_threadpool(poll)
+            for job in found:
+                state = _row_state(job)
+                if sent.get(job.id) != state:
+                    sent[job.id] = state
+                    yield sse.frame(_row_html(job, bases), event="row", id=None)
+                    quiet = 0.0
+            if newer != newer_sent:
+                newer_sent = newer
+                yield sse.frame(str(newer), event="newer")
+            quiet += sse.POLL_SECONDS
+            if quiet >= sse.KEEPALIVE_SECONDS:
+                quiet = 0.0
+                yield sse.comment()
+            await asyncio.sleep(sse.POLL_SECONDS)
+
+    return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+
+# --------------------------------------------------------------------------- the job page
+
+
+def _owned(conn: Connection, session: Session, job_id: str) -> JobRecord:
+    job = jobs.get_job(conn, session.principal.tenant_id, job_id)
+    if job is None:
+        raise PageNotFound()
+    return job
+
+
+def _file(conn: Connection, tenant_id: str, file_id: str | None) -> FileRecord | None:
+    if file_id is None:
+        return None
+    record = file_repo.get_file_unscoped(conn, file_id)
+    return record if record is not None and record.tenant_id == tenant_id else None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the live part of a job page shows."""
+
+    job: JobRecord
+    base_name: str
+    timeline: list[JobEventRecord]
+    checkpoints: list[Any]
+    latest: dict[str, Any] | None
+    adapter_link: str | None
+
+
+def _summary(conn: Connection, job: JobRecord) -> Summary:
+    base = base_catalog.get_base_model(conn, job.base_model_id)
+    checkpoints, _ = jobs.list_checkpoints(conn, job.id, limit=20)
+    link = None
+    if job.fine_tuned_model and "@" in job.fine_tuned_model:
+        name, _, number = job.fine_tuned_model.rpartition("@")
+        link = f"/adapters/{name}#v{number}"
+    return Summary(
+        job=job,
+        base_name=base.name if base else job.base_model_id,
+        timeline=queries.status_changes(conn, job.id),
+        checkpoints=checkpoints,
+        latest=queries.latest_training_metrics(conn, job.id),
+        adapter_link=link,
+    )
+
+
+def _summary_html(summary: Summary, session: Session) -> str:
+    return render(
+        "_job_summary.html",
+        s=summary,
+        session=session,
+        cancellable=session.principal.can_write() and summary.job.status in UNFINISHED,
+    )
+
+
+def _event_html(event: JobEventRecord) -> str:
+    return render("_event.html", e=event)
+
+
+@router.get("/jobs/{job_id}")
+def job_page(
+    job_id: str,
+    request: Request,
+    session: CurrentSession,
+    conn: PageConn,
+    notice: str | None = None,
+) -> Response:
+    job = _owned(conn, session, job_id)
+    summary = _summary(conn, job)
+    recent = event_repo.list_events(conn, job.id, limit=LOG_PAGE + 1)
+    events, older = recent[:LOG_PAGE], len(recent) > LOG_PAGE
+    parent = (
+        registry.get_version_by_id(conn, job.parent_version_id) if job.parent_version_id else None
+    )
+    defaults = Hyperparameters().model_dump(mode="json")
+    return page(
+        request,
+        "job.html",
+        session,
+        job=job,
+        summary_html=_summary_html(summary, session),
+        events=[_event_html(e) for e in events],
+        oldest_event=events[-1].id if events else None,
+        older=older,
+        stream_after=events[0].id if events else 0,
+        finished=job.status in TERMINAL,
+        hyperparameters=[(k, v, v != defaults.get(k)) for k, v in job.hyperparameters.items()],
+        training_file=_file(conn, job.tenant_id, job.training_file_id),
+        validation_file=_file(conn, job.tenant_id, job.validation_file_id),
+        parent=parent,
+        base_name=summary.base_name,
+        notice=NOTICES.get(notice or ""),
+    )
+
+
+@router.get("/jobs/{job_id}/events")
+def older_events(
+    job_id: str,
+    session: CurrentSession,
+    conn: PageConn,
+    before: Annotated[int, Query(ge=0)],
+) -> Response:
+    """The page of events before `before`, for the log's "older events" button."""
+    job = _owned(conn, session, job_id)
+    found = event_repo.list_events(conn, job.id, after=before, limit=LOG_PAGE + 1)
+    events, older = found[:LOG_PAGE], len(found) > LOG_PAGE
+    return fragment(
+        "_older_events.html",
+        job=job,
+        events=[_event_html(e) for e in events],
+        oldest_event=events[-1].id if events else None,
+        older=older,
+    )
+
+
+@router.get("/jobs/{job_id}/metrics.json")
+def job_metrics(job_id: str, session: CurrentSession, conn: PageConn) -> JSONResponse:
+    """The loss curves, downsampled on the server (`queries.loss_series`), and the id of the
+    last event they include, from which the page's stream continues."""
+    job = _owned(conn, session, job_id)
+    last_event = queries.latest_event_id(conn, job.id)
+    train = queries.loss_series(conn, job.id, "train_loss")
+    evaluation = queries.loss_series(conn, job.id, "eval_loss")
+    return JSONResponse(
+        {
+            "train": {"steps": train.steps, "values": train.values},
+            "eval": {"steps": evaluation.steps, "values": evaluation.values},
+            "points_in_job": train.points_in_job + evaluation.points_in_job,
+            "downsampled": train.downsampled or evaluation.downsampled,
+            "max_points": queries.MAX_CHART_POINTS,
+            "last_event_id": last_event,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _metric_point(event: JobEventRecord) -> dict[str, Any] | None:
+    data = event.data or {}
+    if event.type != "metrics" or "step" not in data:
+        return None
+    if "train_loss" not in data and "eval_loss" not in data:
+        return None
+    return {
+        "step": data["step"],
+        "train_loss": data.get("train_loss"),
+        "eval_loss": data.get("eval_loss"),
+    }
+
+
+@router.get("/jobs/{job_id}/stream")
+async def job_stream(
+    job_id: str,
+    request: Request,
+    session: CurrentSession,
+    services: ServicesDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+) -> StreamingResponse:
+    """The job page's stream: `log` (an event's HTML), `metric` (a chart point), `summary`
+    (the live panel's HTML) and `end`."""
+    cursor = sse.parse_event_id(request.headers.get("last-event-id")) or after
+
+    def summary_of(job: JobRecord) -> str:
+        with services.engine.connect() as conn:
+            return _summary_html(_summary(conn, job), session)
+
+    async def body() -> AsyncIterator[str]:
+        async for change in sse.follow_job(
+            services, session.principal.tenant_id, job_id, cursor, request.is_disconnected
+        ):
+            if change is None:
+                yield sse.comment()
+                continue
+            for event in change.events:
+                yield sse.frame(_event_html(event), event="log", id=event.id)
+                point = _metric_point(event)
+                if point is not None:
+                    yield sse.json_frame(point, event="metric")
+            yield sse.frame(await run_in_threadpool(summary_of, change.job), event="summary")
+            if change.final:
+                yield sse.frame(str(change.job.status), event="end")
+
+    return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel(job_id: str, session: CheckedSession, conn: PageConn, services: ServicesDep) -> Response:
+    """Cancel through the REST route's own function (the same rules, the same event)."""
+    job = _owned(conn, session, job_id)
+    try:
+        require_writer(session.principal)
+    except ApiError as exc:
+        raise PageForbidden(exc.message) from None
+    try:
+        cancelled = fine_tuning.cancel_job(job.id, conn, session.principal, services)
+        notice = "cancelled" if cancelled.status == JobStatus.CANCELLED else "cancel-requested"
+    except ApiError as exc:
+        if exc.status == 404:
+            raise PageNotFound() from None
+        notice = "not-cancellable"
+    return RedirectResponse(f"/jobs/{job.id}?notice={notice}", status_code=303)

@@ -1,0 +1,221 @@
+"""The new-job page: pick a ready base, upload a dataset (validated as it is chosen), set the
+hyperparameters, submit; the browser then follows the new job's page.
+
+The upload and the submission call the REST routes' own functions (`POST /v1/files`,
+`POST /v1/fine_tuning/jobs`), so the page refuses exactly what the API refuses, with the
+same messages.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi.responses import RedirectResponse, Response
+from pydantic.fields import FieldInfo
+from sqlalchemy import Connection
+
+from control_plane import base_catalog, registry
+from control_plane.api.deps import ServicesDep, require_writer
+from control_plane.api.errors import ApiError
+from control_plane.api.routes import files as file_routes
+from control_plane.api.routes import fine_tuning
+from control_plane.api.schemas import JobCreate
+from control_plane.dashboard.render import PageForbidden, fragment, page
+from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
+from control_plane.datasets import DatasetError
+from control_plane.hyperparameters import BASE_LEARNING_RATE, Hyperparameters
+
+router = APIRouter()
+
+# One line each for the knobs that are LoRA's own (shown under their fields).
+EXPLAINED = {
+    "lora_rank": "Rank r of the low-rank update B·A: its capacity. 8-64 is usual; the adapter's "
+    "size grows linearly with it.",
+    "lora_alpha": "Scale of the update (alpha / r multiplies B·A); usually one to two times the rank.",
+    "lora_dropout": "Dropout on the adapter's input during training; 0-0.1 helps small datasets.",
+    "target_modules": "Which linear layers get an adapter: 'all-linear', or names such as "
+    "q_proj, v_proj.",
+    "use_dora": "DoRA: learns each weight's magnitude apart from its direction (vLLM cannot "
+    "serve DoRA adapters).",
+    "use_rslora": "rsLoRA: scales by alpha / √r, so high ranks keep learning.",
+    "learning_rate_multiplier": f"Multiplies the base learning rate of {BASE_LEARNING_RATE:g}.",
+}
+# Shown first; the rest sit under "More settings".
+MAIN_FIELDS = (
+    "n_epochs",
+    "batch_size",
+    "learning_rate_multiplier",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "use_dora",
+    "use_rslora",
+    "max_seq_length",
+)
+
+
+@dataclass(frozen=True)
+class FieldView:
+    """A hyperparameter as the form shows it."""
+
+    name: str
+    kind: str  # number | checkbox | select | text
+    default: Any
+    value: Any
+    help: str
+    step: str
+    choices: list[str]
+
+
+def _kind(info: FieldInfo) -> tuple[str, str, list[str]]:
+    annotation = info.annotation
+    if annotation is bool:
+        return "checkbox", "", []
+    if annotation is int:
+        return "number", "1", []
+    if annotation is float:
+        return "number", "any", []
+    if typing.get_origin(annotation) is typing.Literal:
+        return "select", "", [str(a) for a in typing.get_args(annotation)]
+    return "text", "", []
+
+
+def _fields(values: dict[str, str]) -> tuple[list[FieldView], list[FieldView]]:
+    main: list[FieldView] = []
+    more: list[FieldView] = []
+    for name, info in Hyperparameters.model_fields.items():
+        kind, step, choices = _kind(info)
+        default = info.get_default(call_default_factory=True)
+        shown = values.get(name, "on" if default is True else default)
+        if kind == "checkbox" and values:
+            shown = values.get(name) == "on"
+        view = FieldView(
+            name=name,
+            kind=kind,
+            default=default,
+            value=shown,
+            help=EXPLAINED.get(name, info.description or ""),
+            step=step,
+            choices=choices,
+        )
+        (main if name in MAIN_FIELDS else more).append(view)
+    return main, more
+
+
+def requested_hyperparameters(form: dict[str, str]) -> dict[str, Any]:
+    """The form's hyperparameters that differ from the defaults (a continued job inherits the
+    rest from its parent, as over the API)."""
+    defaults = Hyperparameters().model_dump(mode="json")
+    requested: dict[str, Any] = {}
+    for name, info in Hyperparameters.model_fields.items():
+        kind, _, _ = _kind(info)
+        if kind == "checkbox":
+            value: Any = form.get(name) == "on"
+        else:
+            raw = form.get(name, "").strip()
+            if raw == "":
+                continue
+            value = raw
+            if name == "target_modules" and raw != "all-linear":
+                value = [m.strip() for m in raw.split(",") if m.strip()]
+        if str(value) != str(defaults[name]) and value != defaults[name]:
+            requested[name] = value
+    return requested
+
+
+async def form_fields(request: Request) -> dict[str, str]:
+    form = await request.form()
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+FormFields = Annotated[dict[str, str], Depends(form_fields)]
+
+
+def _new_job_page(
+    request: Request,
+    session: Session,
+    conn: Connection,
+    values: dict[str, str],
+    *,
+    error: str | None = None,
+    status_code: int = 200,
+) -> Response:
+    bases = [b for b in base_catalog.list_base_models(conn) if b.status == "ready"]
+    adapters, _ = registry.list_adapters(conn, session.principal.tenant_id, after=None, limit=100)
+    main, more = _fields(values)
+    return page(
+        request,
+        "new_job.html",
+        session,
+        status_code=status_code,
+        bases=bases,
+        adapters=adapters,
+        main_fields=main,
+        more_fields=more,
+        values=values,
+        error=error,
+    )
+
+
+@router.get("/jobs/new")
+def new_job_form(request: Request, session: CurrentSession, conn: PageConn) -> Response:
+    return _new_job_page(request, session, conn, {})
+
+
+@router.post("/jobs/new/dataset")
+def upload_dataset(session: CheckedSession, services: ServicesDep, file: UploadFile) -> Response:
+    """Validate and store the chosen dataset; the answer is the result panel (counts, or the
+    line and reason) and, on success, the file id the job form submits."""
+    try:
+        caller = require_writer(session.principal)
+        stored = file_routes.upload_file(services, caller, file, "fine-tune")
+    except ApiError as exc:
+        cause = exc.__cause__
+        line = cause.line if isinstance(cause, DatasetError) else None
+        reason = cause.detail if isinstance(cause, DatasetError) else exc.message
+        return fragment(
+            "_dataset_result.html", ok=False, filename=file.filename, line=line, reason=reason
+        )
+    return fragment("_dataset_result.html", ok=True, filename=file.filename, file=stored)
+
+
+@router.post("/jobs/new")
+def submit_job(
+    request: Request,
+    session: CheckedSession,
+    conn: PageConn,
+    services: ServicesDep,
+    form: FormFields,
+) -> Response:
+    try:
+        caller = require_writer(session.principal)
+    except ApiError as exc:
+        raise PageForbidden(exc.message) from None
+    training_file = form.get("training_file", "").strip()
+    if not training_file:
+        return _new_job_page(
+            request,
+            session,
+            conn,
+            form,
+            error="Choose a dataset first: a job starts only from a file that passed validation.",
+            status_code=400,
+        )
+    try:
+        body = JobCreate(
+            model=form.get("model", ""),
+            training_file=training_file,
+            hyperparameters=requested_hyperparameters(form),
+            adapter_name=form.get("adapter_name", "").strip() or None,
+            continue_from=form.get("continue_from", "").strip() or None,
+        )
+        job = fine_tuning.create_job(body, conn, caller, services, idempotency_key=None)
+    except ApiError as exc:
+        return _new_job_page(request, session, conn, form, error=exc.message, status_code=400)
+    except ValueError as exc:  # pydantic's ValidationError of JobCreate
+        return _new_job_page(request, session, conn, form, error=str(exc), status_code=400)
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)

@@ -1,0 +1,70 @@
+"""The platform as a tenant sees it: the queue (queued and running jobs per tenant), the
+trainers (host, device, resident base, current job, tokens/s, last heartbeat; one silent past
+its lease shows as gone), and the base models.
+
+A platform operator's admin (an admin of a tenant in `platform_operator_tenants`) sees every
+tenant's counts and every trainer's job; anyone else sees their own tenant's counts, and a
+trainer busy with another tenant's job shows only that it is busy.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from sqlalchemy import Connection
+
+from control_plane import base_catalog, tenants, trainers
+from control_plane.api.deps import ServicesDep
+from control_plane.api.schemas import BaseModelPublic
+from control_plane.dashboard import queries
+from control_plane.dashboard.render import page
+from control_plane.dashboard.sessions import CurrentSession, PageConn, Session
+from control_plane.services import Services
+
+router = APIRouter()
+
+
+def _operator(conn: Connection, session: Session, services: Services) -> bool:
+    return tenants.is_operator_tenant(
+        conn, session.principal.tenant_id, services.settings.platform_operator_tenants
+    )
+
+
+@router.get("/queue")
+def queue_page(
+    request: Request, session: CurrentSession, conn: PageConn, services: ServicesDep
+) -> Response:
+    sees_all = session.principal.is_admin() and _operator(conn, session, services)
+    counts = queries.queue_counts(conn, None if sees_all else session.principal.tenant_id)
+    workers = trainers.list_trainers(conn, services.settings.lease_seconds)
+    own_jobs = {
+        j.id
+        for j in queries.jobs_by_id(
+            conn,
+            session.principal.tenant_id,
+            [t.current_job_id for t in workers if t.current_job_id],
+        )
+    }
+    return page(
+        request,
+        "queue.html",
+        session,
+        counts=counts,
+        sees_all=sees_all,
+        trainers=workers,
+        own_jobs=own_jobs,
+        bases={b.id: b.name for b in base_catalog.list_base_models(conn)},
+        lease_seconds=services.settings.lease_seconds,
+    )
+
+
+@router.get("/bases")
+def bases_page(
+    request: Request, session: CurrentSession, conn: PageConn, services: ServicesDep
+) -> Response:
+    operator = _operator(conn, session, services)
+    bases = [
+        BaseModelPublic.of(b, platform_operator=operator)
+        for b in base_catalog.list_base_models(conn)
+    ]
+    return page(request, "bases.html", session, bases=bases, operator=operator)

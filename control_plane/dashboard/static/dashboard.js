@@ -1,0 +1,192 @@
+// loraforge dashboard: live updates over Server-Sent Events, the loss chart (uPlot),
+// confirmations and copy buttons. Loaded as a file (the CSP forbids inline script).
+"use strict";
+
+(function () {
+  // ---- confirmations: a form with data-confirm asks before it is sent
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (form instanceof HTMLFormElement && form.dataset.confirm) {
+      if (!window.confirm(form.dataset.confirm)) event.preventDefault();
+    }
+  }, true);
+
+  // ---- copy buttons
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest ? event.target.closest("button[data-copy]") : null;
+    if (!button) return;
+    var text = button.dataset.copy;
+    var done = function () { button.textContent = "Copied"; setTimeout(function () { button.textContent = "Copy"; }, 1500); };
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(done, function () { selectText(button); });
+    } else {
+      selectText(button);
+    }
+  });
+
+  function selectText(button) {
+    var code = button.parentElement.querySelector("code");
+    if (!code) return;
+    var range = document.createRange();
+    range.selectNodeContents(code);
+    var selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    button.textContent = "Press Ctrl+C";
+  }
+
+  function replaceWithHtml(element, html) {
+    var template = document.createElement("template");
+    template.innerHTML = html.trim();
+    var fresh = template.content.firstElementChild;
+    if (!fresh) return null;
+    element.replaceWith(fresh);
+    if (window.htmx) window.htmx.process(fresh);
+    return fresh;
+  }
+
+  // ---- the jobs table: rows replaced as their jobs move
+  var jobsStream = null, followedTable = null;
+  function followJobsTable() {
+    var table = document.getElementById("jobs-table");
+    if (table === followedTable) return;
+    if (jobsStream) { jobsStream.close(); jobsStream = null; }
+    followedTable = table;
+    if (!table || !table.dataset.stream) return;
+    jobsStream = new EventSource(table.dataset.stream);
+    jobsStream.addEventListener("row", function (event) {
+      var template = document.createElement("template");
+      template.innerHTML = event.data.trim();
+      var fresh = template.content.firstElementChild;
+      var current = fresh && document.getElementById(fresh.id);
+      if (current) replaceWithHtml(current, event.data);
+    });
+    jobsStream.addEventListener("newer", function (event) {
+      var count = parseInt(event.data, 10) || 0;
+      var banner = document.getElementById("newer-jobs");
+      if (!banner) return;
+      document.getElementById("newer-count").textContent = String(count);
+      banner.hidden = count === 0;
+    });
+  }
+
+  // ---- the job page: log, chart, summary
+  function followJob() {
+    var live = document.getElementById("job-live");
+    if (!live) return;
+    var chart = lossChart();
+    if (live.dataset.finished === "true") return;
+    var stream = new EventSource(live.dataset.stream);
+    stream.addEventListener("log", function (event) {
+      var log = document.getElementById("event-log");
+      var template = document.createElement("template");
+      template.innerHTML = event.data.trim();
+      var item = template.content.firstElementChild;
+      if (item && !document.getElementById(item.id)) log.prepend(item);
+    });
+    stream.addEventListener("metric", function (event) {
+      if (chart) chart.add(JSON.parse(event.data));
+    });
+    stream.addEventListener("summary", function (event) {
+      var summary = document.getElementById("job-summary");
+      if (summary) replaceWithHtml(summary, event.data);
+    });
+    stream.addEventListener("end", function () {
+      stream.close();
+      live.dataset.finished = "true";
+    });
+  }
+
+  // The loss chart: train and eval loss against step; points arrive over the stream.
+  function lossChart() {
+    var holder = document.getElementById("loss-chart");
+    if (!holder || !window.uPlot) return null;
+    var steps = [], train = [], evalLoss = [], index = new Map(), plot = null, pending = [];
+    var logToggle = document.getElementById("log-scale");
+    var note = document.getElementById("chart-note");
+
+    function put(step, trainLoss, evaluation) {
+      var at = index.get(step);
+      if (at === undefined) {
+        // Steps arrive in order; keep the arrays sorted all the same.
+        var position = steps.length;
+        while (position > 0 && steps[position - 1] > step) position--;
+        steps.splice(position, 0, step);
+        train.splice(position, 0, null);
+        evalLoss.splice(position, 0, null);
+        index.clear();
+        for (var i = 0; i < steps.length; i++) index.set(steps[i], i);
+        at = position;
+      }
+      if (trainLoss !== null && trainLoss !== undefined) train[at] = trainLoss;
+      if (evaluation !== null && evaluation !== undefined) evalLoss[at] = evaluation;
+    }
+
+    function build() {
+      if (plot) plot.destroy();
+      var width = Math.max(320, holder.clientWidth || 600);
+      plot = new uPlot({
+        width: width,
+        height: 320,
+        cursor: { drag: { x: true, y: false } },
+        scales: { x: { time: false }, y: { distr: logToggle && logToggle.checked ? 3 : 1 } },
+        axes: [
+          { label: "step" },
+          { label: "loss", size: 60 },
+        ],
+        series: [
+          { label: "step" },
+          { label: "train loss", stroke: "#2563eb", width: 1.5, spanGaps: true, value: fmt },
+          { label: "eval loss", stroke: "#dc2626", width: 2, spanGaps: true, points: { show: true, size: 6 }, value: fmt },
+        ],
+      }, [steps, train, evalLoss], holder);
+    }
+
+    function fmt(u, v) { return v === null || v === undefined ? "—" : v.toFixed(4); }
+    function redraw() { if (plot) plot.setData([steps, train, evalLoss]); }
+
+    var chart = {
+      add: function (point) {
+        if (!plot) { pending.push(point); return; }
+        put(point.step, point.train_loss, point.eval_loss);
+        redraw();
+        holder.dataset.points = String(steps.length);
+      },
+    };
+
+    fetch(holder.dataset.metrics, { credentials: "same-origin" })
+      .then(function (response) { return response.json(); })
+      .then(function (body) {
+        body.train.steps.forEach(function (s, i) { put(s, body.train.values[i], null); });
+        body.eval.steps.forEach(function (s, i) { put(s, null, body.eval.values[i]); });
+        build();
+        pending.forEach(function (p) { put(p.step, p.train_loss, p.eval_loss); });
+        pending = [];
+        redraw();
+        holder.dataset.points = String(steps.length);
+        holder.dataset.ready = "true";
+        if (note) {
+          note.textContent = steps.length === 0
+            ? "No metrics yet: points appear as the trainer reports its steps."
+            : body.downsampled
+              ? "Showing " + steps.length.toLocaleString() + " points summarising " + body.points_in_job.toLocaleString() + " (mean per step bucket)."
+              : "";
+        }
+      });
+
+    if (logToggle) logToggle.addEventListener("change", build);
+    window.addEventListener("resize", function () {
+      if (plot) plot.setSize({ width: Math.max(320, holder.clientWidth), height: 320 });
+    });
+    return chart;
+  }
+
+  function start() {
+    followJobsTable();
+    followJob();
+  }
+
+  document.addEventListener("DOMContentLoaded", start);
+  // The filter form swaps the table in place: follow the new rows.
+  document.addEventListener("htmx:afterSettle", followJobsTable);
+})();
