@@ -1,0 +1,205 @@
+"""The dashboard's tables and pages in a real browser: the jobs table (filter, search, cursor
+pages, live rows), a job with 100,000 metric events, queue and workers, base models, empty
+states."""
+
+from __future__ import annotations
+
+import re
+
+from playwright.sync_api import Page, expect
+from sqlalchemy import text
+
+from control_plane import base_catalog, trainers
+from control_plane.dashboard.queries import MAX_CHART_POINTS
+from control_plane.services import Services
+from tests.api_harness import TenantKeys
+from tests.browser.conftest import sign_in
+from tests.factories import enqueue_jobs, make_base, make_file
+
+
+def named_jobs(
+    services: Services, keys: TenantKeys, base_id: str, count: int, name: str
+) -> list[str]:
+    ids = enqueue_jobs(
+        services.engine,
+        keys.tenant_id,
+        base_id,
+        make_file(services.engine, keys.tenant_id).id,
+        count,
+    )
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET adapter_name = :name WHERE id = ANY(:ids)"),
+            {"name": name, "ids": ids},
+        )
+    return ids
+
+
+def test_new_tenants_see_what_to_do_next_on_every_page(
+    live_url: str, page: Page, tenant_a: TenantKeys
+) -> None:
+    sign_in(page, live_url, tenant_a.admin)
+    expect(page.locator("#jobs-empty a[href='/jobs/new']")).to_be_visible()
+    page.click("nav a[href='/adapters']")
+    expect(page.locator("#adapters-empty")).to_contain_text("Start a job")
+    page.click("nav a[href='/queue']")
+    expect(page.locator("#queue-empty")).to_be_visible()
+    expect(page.locator("#trainers-empty")).to_contain_text("loraforge up")
+    page.click("nav a[href='/bases']")
+    expect(page.locator("#bases-empty")).to_contain_text("loraforge base add")
+    page.click("nav a[href='/jobs/new']")
+    expect(page.locator("#no-bases")).to_be_visible()
+
+
+def test_the_jobs_table_filters_searches_pages_and_updates_live(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys
+) -> None:
+    base = make_base(services.engine, "tiny-llama")
+    older = named_jobs(services, tenant_a, base.id, 20, "alpha")
+    newer = named_jobs(services, tenant_a, base.id, 5, "beta")
+    sign_in(page, live_url, tenant_a.admin)
+    rows = page.locator("#jobs-table tbody tr")
+    expect(rows).to_have_count(20)
+    # Newest first (each batch shares its transaction's time: its order within is by id).
+    adapters = page.locator("#jobs-table tbody tr td:nth-child(4)")
+    assert adapters.all_inner_texts() == ["beta"] * 5 + ["alpha"] * 15
+
+    page.click("#older-jobs")
+    expect(rows).to_have_count(5)
+    assert adapters.all_inner_texts() == ["alpha"] * 5
+    assert page.locator("#older-jobs").count() == 0
+
+    page.goto(f"{live_url}/jobs")
+    page.fill("#job-search", "beta")
+    expect(rows).to_have_count(5)
+    page.fill("#job-search", older[3])
+    expect(rows).to_have_count(1)
+    page.fill("#job-search", "")
+    expect(rows).to_have_count(20)
+
+    # Live: a cancelled row changes in place; a job submitted meanwhile is announced.
+    services.queue.request_cancel(newer[-1])
+    expect(page.locator(f"#job-{newer[-1]} .status")).to_have_text("cancelled")
+    named_jobs(services, tenant_a, base.id, 1, "gamma")
+    expect(page.locator("#newer-jobs")).to_be_visible()
+    expect(page.locator("#newer-count")).to_have_text("1")
+
+    page.select_option("#status-filter", "cancelled")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_id(f"job-{newer[-1]}")
+
+
+def test_a_job_with_100000_metric_events_opens_with_a_bounded_number_of_points(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys
+) -> None:
+    base = make_base(services.engine, "tiny-llama")
+    (job_id,) = named_jobs(services, tenant_a, base.id, 1, "long-run")
+    with services.engine.begin() as conn:
+        conn.execute(
+            text(
+                """
+                INSERT INTO job_events (job_id, type, message, data)
+                SELECT :job, 'metrics', 'step ' || g,
+                       CASE WHEN g % 1000 = 0
+                            THEN jsonb_build_object('step', g, 'eval_loss', 3.0 / (1 + g / 5000.0))
+                            ELSE jsonb_build_object('step', g, 'total_steps', 100000,
+                                   'train_loss', 3.0 / (1 + g / 5000.0) + (g % 7) / 100.0,
+                                   'tokens_per_s', 1234.5)
+                       END
+                FROM generate_series(1, 100000) AS g
+                """
+            ),
+            {"job": job_id},
+        )
+    sign_in(page, live_url, tenant_a.admin)
+    with page.expect_response(re.compile(r".*/metrics\.json$")) as metrics:
+        page.goto(f"{live_url}/jobs/{job_id}")
+    body = metrics.value.json()
+    assert body["points_in_job"] == 100_000 and body["downsampled"]
+    assert len(body["train"]["steps"]) <= MAX_CHART_POINTS
+    assert len(body["eval"]["steps"]) == 100  # fewer than the bound: sent as they are
+    assert len(metrics.value.body()) < 100_000  # bytes, for 100,000 points in the job
+    page.wait_for_selector("#loss-chart[data-ready=true]")
+    drawn = int(page.get_attribute("#loss-chart", "data-points") or 0)
+    assert 0 < drawn <= MAX_CHART_POINTS + 100
+    expect(page.locator("#chart-note")).to_contain_text("summarising 100,000")
+    expect(page.locator("#event-log li")).to_have_count(50)
+    page.click("#older-events button")
+    expect(page.locator("#event-log li")).to_have_count(100)
+    page.check("#log-scale")
+    expect(page.locator("#loss-chart canvas")).to_have_count(1)
+
+
+def test_queue_and_workers_show_counts_per_tenant_and_each_trainer(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, tenant_b: TenantKeys
+) -> None:
+    base = make_base(services.engine, "tiny-llama")
+    named_jobs(services, tenant_a, base.id, 3, "a-jobs")
+    (theirs,) = named_jobs(services, tenant_b, base.id, 1, "b-jobs")
+    with services.engine.begin() as conn:
+        for name, job in (("trainer-busy", theirs), ("trainer-gone", None)):
+            trainers.report(
+                conn,
+                trainers.TrainerReport(
+                    id=name,
+                    host="gpu-node-1",
+                    pid=42,
+                    device="cuda:0 NVIDIA H100",
+                    resident_base="tiny-llama",
+                    current_job_id=job,
+                    tokens_per_second=5120.0,
+                ),
+            )
+        conn.execute(
+            text(
+                "UPDATE trainers SET last_heartbeat_at = now() - interval '1 hour' WHERE id = 'trainer-gone'"
+            )
+        )
+    # tenant-a's admin is a platform operator: every tenant's line, every trainer's job.
+    sign_in(page, live_url, tenant_a.admin)
+    page.goto(f"{live_url}/queue")
+    expect(page.locator("#queue-counts tbody tr")).to_have_count(2)
+    expect(page.locator("#queue-counts")).to_contain_text("tenant-b")
+    busy = page.locator("#trainers tr", has_text="trainer-busy")
+    expect(busy).to_contain_text("alive")
+    expect(busy).to_contain_text("cuda:0 NVIDIA H100")
+    expect(busy).to_contain_text("5,120")
+    expect(busy).to_contain_text(theirs)
+    expect(page.locator("#trainers tr", has_text="trainer-gone")).to_contain_text("gone")
+
+    # tenant-b's member: its own line only; tenant-a sees its own and not b's job id.
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_b.member)
+    page.goto(f"{live_url}/queue")
+    expect(page.locator("#queue-counts tbody tr")).to_have_count(1)
+    expect(page.locator("#queue-counts")).not_to_contain_text("tenant-a")
+    expect(page.locator("#trainers tr", has_text="trainer-busy")).to_contain_text(theirs)
+
+
+def test_base_models_show_status_and_the_failure_reason_to_operators_only(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, tenant_b: TenantKeys
+) -> None:
+    make_base(services.engine, "tiny-llama")
+    with services.engine.begin() as conn:
+        base_catalog.register_base_model(
+            conn,
+            base_catalog.NewBaseModel(
+                name="broken-base",
+                source="/srv/models/broken",
+                source_kind="dir",
+                status="failed",
+                error_message="config.json is missing in /srv/models/broken",
+            ),
+        )
+    sign_in(page, live_url, tenant_a.admin)
+    page.goto(f"{live_url}/bases")
+    expect(page.locator("#bases tr", has_text="broken-base")).to_contain_text(
+        "config.json is missing"
+    )
+    expect(page.locator("#bases tr", has_text="tiny-llama")).to_contain_text("ready")
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_b.admin)
+    page.goto(f"{live_url}/bases")
+    row = page.locator("#bases tr", has_text="broken-base")
+    expect(row).to_contain_text("failed")
+    expect(row).not_to_contain_text("/srv/models")

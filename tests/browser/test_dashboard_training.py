@@ -1,0 +1,181 @@
+"""The dashboard with a real trainer on the tiny test base: start a job from the New-job page,
+watch it train without reloading, follow it to its adapter, move an alias; cancel a running
+job from its page."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from playwright.sync_api import Page, expect
+from sqlalchemy import text
+
+from control_plane import base_catalog
+from control_plane.services import Services
+from tests.api_harness import TenantKeys
+from tests.browser.conftest import jsonl, sign_in, upload
+from tests.factories import ADDITION_CHATS
+from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.runner import JobRunner
+
+BASE = "tiny-test"
+
+
+@pytest.fixture
+def tiny_base(services: Services) -> str:
+    with services.engine.begin() as conn:
+        base_catalog.register_base_model(
+            conn,
+            base_catalog.NewBaseModel(name=BASE, source=str(TEST_BASE_PATH), source_kind="dir"),
+        )
+    return BASE
+
+
+class Trainer:
+    """A real trainer (the runner `loraforge worker` runs in its Ray actors) in a thread,
+    started when the test says so."""
+
+    def __init__(self, services: Services, work_dir: Path) -> None:
+        self.runner = JobRunner(
+            services, "browser-trainer", work_dir=work_dir, heartbeat_seconds=0.5
+        )
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=lambda: self.runner.run_forever(self.stop, idle_wait=0.2), daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(60)
+
+
+@pytest.fixture
+def trainer(services: Services, tmp_path: Path) -> Iterator[Trainer]:
+    trainer = Trainer(services, tmp_path / "trainer")
+    yield trainer
+    trainer.close()
+
+
+def job_count(services: Services) -> int:
+    with services.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM jobs")).scalar_one())
+
+
+def chart_points(page: Page) -> int:
+    return int(page.get_attribute("#loss-chart", "data-points") or 0)
+
+
+def test_start_watch_and_promote_a_job_from_the_browser(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tiny_base: str,
+    trainer: Trainer,
+) -> None:
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    sign_in(page, live_url, tenant_a.member)
+    page.click("a[href='/jobs/new']")
+
+    # A broken dataset: the line and the reason, and nothing stored or queued.
+    broken = jsonl(ADDITION_CHATS[:3]) + b'{"messages": "not a list"}\n'
+    page.set_input_files(
+        "#dataset",
+        files=[{"name": "broken.jsonl", "mimeType": "application/jsonl", "buffer": broken}],
+    )
+    expect(page.locator("#dataset-error-line")).to_have_text("4")
+    expect(page.locator("#dataset-error-reason")).not_to_be_empty()
+    page.click("#submit-job")
+    expect(page.locator("#job-form-error")).to_contain_text("Choose a dataset first")
+    assert job_count(services) == 0
+
+    # A good one: its counts; then the form with a few hyperparameters changed.
+    good = jsonl(ADDITION_CHATS * 2)
+    page.set_input_files(
+        "#dataset", files=[{"name": "sums.jsonl", "mimeType": "application/jsonl", "buffer": good}]
+    )
+    expect(page.locator("#dataset-ok")).to_contain_text("32")
+    page.select_option("#model", BASE)
+    page.fill("#adapter_name", "sums")
+    page.fill("#hp-n_epochs", "12")
+    page.fill("#hp-batch_size", "1")
+    page.fill("#hp-learning_rate_multiplier", "5")
+    page.fill("#hp-lora_rank", "8")
+    page.fill("#hp-max_seq_length", "64")
+    page.click("#submit-job")
+    page.wait_for_load_state()
+    assert page.locator("#job-form-error").count() == 0, page.locator(
+        "#job-form-error"
+    ).text_content()
+    page.wait_for_url(re.compile(r".*/jobs/ftjob-[^/]+$"))
+    assert job_count(services) == 1
+    page.evaluate("window.__sameDocument = true")
+
+    # Only now does a trainer pick it up: the page must follow the job as it trains.
+    trainer.start()
+    expect(page.locator("#job-status .status")).to_have_text("running", timeout=60_000)
+    page.wait_for_function(
+        "Number(document.querySelector('#loss-chart').dataset.points || 0) > 0", timeout=60_000
+    )
+    seen_running = chart_points(page)
+    expect(page.locator("#job-status .status")).to_have_text("succeeded", timeout=120_000)
+    page.wait_for_function(
+        f"Number(document.querySelector('#loss-chart').dataset.points) > {seen_running}"
+    )
+    assert page.evaluate("window.__sameDocument") is True  # never reloaded
+    assert page.locator("#event-log li").count() > 5
+    expect(page.locator("#checkpoints")).to_be_visible()
+
+    # Its adapter version; an alias moved there, with the confirmation and the history row.
+    page.click("#adapter-link a")
+    page.wait_for_url(re.compile(r".*/adapters/sums#v1$"))
+    expect(page.locator("#v1 .pull code")).to_have_text("loraforge pull sums@1")
+    expect(page.locator("#v1")).to_contain_text(tiny_base)
+    page.fill("#alias-name", "prod")
+    page.select_option("#alias-version", "1")
+    page.click("#move-alias-button")
+    expect(page.locator("#alias-moved")).to_contain_text("prod")
+    assert any("Point this alias" in d for d in dialogs)
+    history = page.locator("#alias-history tbody tr").first
+    expect(history).to_contain_text("prod")
+    expect(history.locator("td").nth(3)).to_have_text("1")
+    expect(page.locator("#v1 .alias")).to_have_text("prod")
+
+
+def test_cancel_a_running_job_from_its_page(
+    live_url: str,
+    page: Page,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    tiny_base: str,
+    trainer: Trainer,
+) -> None:
+    file_id = upload(client, tenant_a, jsonl(ADDITION_CHATS * 4))
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=tenant_a.headers(),
+        json={
+            "model": tiny_base,
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": 100, "batch_size": 1, "max_seq_length": 64},
+        },
+    )
+    job_id = response.json()["id"]
+    trainer.start()
+    page.on("dialog", lambda dialog: dialog.accept())
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/jobs/{job_id}")
+    expect(page.locator("#job-status .status")).to_have_text("running", timeout=60_000)
+    page.click("#cancel-job")
+    expect(page.locator("#notice")).to_contain_text("Cancel")
+    expect(page.locator("#job-status .status")).to_have_text("cancelled", timeout=30_000)
+    assert page.locator("#cancel-job").count() == 0
