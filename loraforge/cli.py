@@ -104,6 +104,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             port = args.port or settings.port
             base = f"http://{settings.host}:{port}"
             print(f"loraforge is up at {base}  (OpenAPI: {base}/docs)")
+            print(f"dashboard: {base}/  (sign in with the admin key)")
             print(f"admin key: {platform.admin_key}")
             print(f"data: {settings.home}")
             sys.stdout.flush()

@@ -31,6 +31,11 @@ def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
 
 
+def _short(value: datetime | None) -> str:
+    """For tables: the month, day and time (the full date is the cell's title)."""
+    return value.astimezone(UTC).strftime("%b %d %H:%M:%S") if value else "—"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
@@ -76,7 +81,12 @@ def environment() -> Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        when=_when, duration=_duration, count=_count, size=_size, urlpart=lambda s: quote(s, "")
+        when=_when,
+        short=_short,
+        duration=_duration,
+        count=_count,
+        size=_size,
+        urlpart=lambda s: quote(s, ""),
     )
     env.globals.update(elapsed=_elapsed)
     return env

@@ -29,6 +29,8 @@ from control_plane.records import FileRecord, JobEventRecord, JobRecord
 router = APIRouter()
 
 PAGE_SIZE = 20
+# Hyperparameters in the order the form and `Hyperparameters` list them, unknown ones last.
+_FIELD_ORDER = {name: i for i, name in enumerate(Hyperparameters.model_fields)}
 LOG_PAGE = 50
 NOTICES = {
     "cancel-requested": "Cancellation requested: the job stops within a few seconds.",
@@ -220,7 +222,10 @@ def job_page(
         older=older,
         stream_after=events[0].id if events else 0,
         finished=job.status in TERMINAL,
-        hyperparameters=[(k, v, v != defaults.get(k)) for k, v in job.hyperparameters.items()],
+        hyperparameters=[
+            (k, job.hyperparameters[k], job.hyperparameters[k] != defaults.get(k))
+            for k in sorted(job.hyperparameters, key=lambda k: _FIELD_ORDER.get(k, 999))
+        ],
         training_file=_file(conn, job.tenant_id, job.training_file_id),
         validation_file=_file(conn, job.tenant_id, job.validation_file_id),
         parent=parent,
