@@ -12,3 +12,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -e ".[test]"
   touch "$stamp"
 fi
+# The browser tests (tests/browser) drive Debian's chromium; install it where we can. Elsewhere
+# they fail naming what is missing (set LORAFORGE_CHROMIUM to another Chromium binary).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
