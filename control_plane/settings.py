@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # job fails (a job that takes its trainer down every time must not loop for ever).
     max_interruptions: int = Field(default=5, ge=1, le=1000)
     lease_seconds: float = Field(default=60.0, gt=0)
+    # How long a trainer waits out an unreachable database inside a job (writing an event or a
+    # checkpoint) before it lets the job go to its lease: past a lease, the job is handed back
+    # by the reaper as an interruption, never failed for the platform's outage.
+    database_patience_seconds: float = Field(default=120.0, gt=0)
     retry_backoff_seconds: float = Field(default=10.0, ge=0)
     # A base import still `registering` after this long is taken for lost (its celery worker
     # died): registering the name again starts it anew.

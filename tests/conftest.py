@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from control_plane import db
+from tests.faults.tcp_proxy import CuttableProxy
 
 pytest_plugins = ["tests.s3_server", "tests.api_harness"]
 
@@ -109,3 +110,23 @@ def engine(database_url: str) -> Iterator[Engine]:
     eng = db.make_engine(database_url, pool_size=12)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[CuttableProxy]:
+    """A TCP proxy in front of the test's database that the test can cut (a database outage as
+    a client sees one) and restore."""
+    url = make_url(database_url)
+    p = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def proxied_url(database_url: str, proxy: CuttableProxy) -> str:
+    """The test's database URL, through `proxy`."""
+    return (
+        make_url(database_url)
+        .set(host="127.0.0.1", port=proxy.port)
+        .render_as_string(hide_password=False)
+    )

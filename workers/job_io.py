@@ -47,22 +47,38 @@ def through_blips(call: Callable[[], T], *, what: str, patience_s: float = 120.0
     """`call()`, retried while the database is unreachable: backoff from 0.5 s doubling to 5 s,
     for up to `patience_s` (then the error goes up). One warning when the blip starts and one
     when it ends, not one per retry."""
-    delay, deadline, failing = 0.5, time.monotonic() + patience_s, False
+    delay, deadline, notice = 0.5, time.monotonic() + patience_s, OutageNotice(what)
     while True:
         try:
             result = call()
         except DATABASE_ERRORS as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            if not failing:
-                log.warning("%s: database unavailable (%s); retrying", what, first_line(exc))
-                failing = True
+            notice.failed(exc)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
             continue
-        if failing:
-            log.warning("%s: database back", what)
+        notice.recovered()
         return result
+
+
+class OutageNotice:
+    """One warning when a repeated database call starts failing and one when it works again,
+    not a line (let alone a traceback) per failed try: a long outage must not flood the log."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            log.warning("%s: database unavailable (%s); retrying", self.what, first_line(exc))
+            self.failing = True
+
+    def recovered(self) -> None:
+        if self.failing:
+            log.warning("%s: database back", self.what)
+            self.failing = False
 
 
 def first_line(exc: BaseException) -> str:
@@ -97,8 +113,9 @@ class LeaseHeartbeat:
     entered, reporting the job's progress.
 
     A lost lease sets `signals.lease_lost` and ends the beating (another worker may hold the job
-    now); a requested cancellation sets `signals.cancel`. A beat that fails (a database blip) is
-    logged and tried again at the next one: the lease has slack for that.
+    now); a requested cancellation sets `signals.cancel`. A beat that fails for the database is
+    tried again at the next one (the lease has slack for a blip), with one warning for the whole
+    outage; any other failure is logged with its traceback.
     """
 
     def __init__(
@@ -130,6 +147,7 @@ class LeaseHeartbeat:
 
     def _beat(self) -> None:
         signals = self.signals
+        notice = OutageNotice(f"heartbeat of job {self.job_id} by {self.worker_id}")
         while not self._stop.wait(self.interval_s):
             try:
                 beat = self.queue.heartbeat(
@@ -138,6 +156,9 @@ class LeaseHeartbeat:
                     progress=signals.progress,
                     eta_seconds=signals.eta_seconds,
                 )
+            except DATABASE_ERRORS as exc:
+                notice.failed(exc)
+                continue
             except Exception:
                 log.warning(
                     "heartbeat of job %s by %s failed; retrying in %.1fs",
@@ -147,6 +168,7 @@ class LeaseHeartbeat:
                     exc_info=True,
                 )
                 continue
+            notice.recovered()
             if not beat.held:
                 log.warning("job %s: %s lost its lease", self.job_id, self.worker_id)
                 signals.lease_lost.set()
@@ -170,7 +192,7 @@ class TrainerPresence:
         self.services, self.snapshot, self.interval_s = services, snapshot, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="trainer-presence", daemon=True)
-        self._failing = False
+        self._notice = OutageNotice("trainer registry")
 
     def __enter__(self) -> Self:
         self.report_once()
@@ -196,13 +218,9 @@ class TrainerPresence:
             with self.services.engine.begin() as conn:
                 trainers.report(conn, self.snapshot())
         except DATABASE_ERRORS as exc:
-            if not self._failing:
-                log.warning("trainer registry: report failed (%s); retrying", first_line(exc))
-                self._failing = True
+            self._notice.failed(exc)
             return False
-        if self._failing:
-            log.warning("trainer registry: reporting again")
-            self._failing = False
+        self._notice.recovered()
         return True
 
     def _beat(self) -> None:
@@ -222,7 +240,9 @@ def record_event(
                 conn, job_id, message, type="metrics" if kind == "metrics" else "message", data=data
             )
 
-    through_blips(write, what=f"job {job_id} event")
+    through_blips(
+        write, what=f"job {job_id} event", patience_s=services.settings.database_patience_seconds
+    )
 
 
 def job_hooks(services: Services, job: JobRecord, signals: JobSignals) -> TrainHooks:
@@ -254,7 +274,11 @@ def store_checkpoint(services: Services, job: JobRecord, step: int, directory: P
         with services.engine.begin() as conn:
             jobs.add_checkpoint(conn, job.id, step, prefix, {"step": step})
 
-    through_blips(record, what=f"job {job.id} checkpoint {step}")
+    through_blips(
+        record,
+        what=f"job {job.id} checkpoint {step}",
+        patience_s=services.settings.database_patience_seconds,
+    )
 
 
 def materialize_base(store: ObjectStore, cache: BaseCache, base: BaseModelRecord) -> Path:

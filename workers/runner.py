@@ -36,9 +36,11 @@ from control_plane.trainers import TrainerReport
 from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.distributed import ClusterBusyError, train_on_ray_train
 from workers.job_io import (
+    DATABASE_ERRORS,
     JobSignals,
     LeaseHeartbeat,
     TrainerPresence,
+    first_line,
     job_hooks,
     materialize_base,
     record_event,
@@ -303,7 +305,18 @@ class JobRunner:
         return cancelled.status if cancelled else LEASE_LOST
 
     def _fail(self, job: JobRecord, exc: Exception) -> RunOutcome:
-        """End the job for `exc` with its code, for good or for another attempt (`FAILURES`)."""
+        """End the job for `exc` with its code, for good or for another attempt (`FAILURES`).
+
+        A database that stayed away past the trainer's patience is the platform's fault, not
+        the job's: the job is left to its lease (expired by now, or soon), and the reaper hands
+        it back as an interruption, with its attempt and from its newest checkpoint."""
+        if isinstance(exc, DATABASE_ERRORS):
+            log.warning(
+                "job %s: the database stayed unavailable (%s); leaving the job to its lease",
+                job.id,
+                first_line(exc),
+            )
+            return LEASE_LOST
         known = failure_of(exc)
         if known is None:
             log.exception("job %s failed on %s", job.id, self.worker_id)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
@@ -33,23 +33,10 @@ ANSWER_BOUND_S = 15.0
 
 
 @pytest.fixture
-def proxy(database_url: str) -> Iterator[CuttableProxy]:
-    url = make_url(database_url)
-    p = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def proxied_services(database_url: str, proxy: CuttableProxy, tmp_path: Path) -> Iterator[Services]:
-    through_proxy = (
-        make_url(database_url)
-        .set(host="127.0.0.1", port=proxy.port)
-        .render_as_string(hide_password=False)
-    )
+def proxied_services(proxied_url: str, tmp_path: Path) -> Iterator[Services]:
     settings = Settings(home=tmp_path / "home", db_pool_timeout_seconds=2)
     services = build_services(
-        settings, database_url=through_proxy, store=LocalObjectStore(tmp_path / "objects")
+        settings, database_url=proxied_url, store=LocalObjectStore(tmp_path / "objects")
     )
     yield services
     services.close()

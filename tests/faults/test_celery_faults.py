@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 from sqlalchemy import text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from loraforge import broker
 from tests.faults.harness import platform_env, wait_for
@@ -28,22 +28,9 @@ LOG_BOUND_BYTES = 6_000
 
 
 @pytest.fixture
-def proxy(database_url: str) -> Iterator[CuttableProxy]:
-    url = make_url(database_url)
-    p = CuttableProxy(url.host or "127.0.0.1", url.port or 5432)
-    yield p
-    p.close()
-
-
-@pytest.fixture
-def celery_worker(database_url: str, proxy: CuttableProxy, tmp_path: Path) -> Iterator[Path]:
+def celery_worker(proxied_url: str, tmp_path: Path) -> Iterator[Path]:
     """`loraforge celery worker` whose database (and so broker) is behind the proxy."""
-    through_proxy = (
-        make_url(database_url)
-        .set(host="127.0.0.1", port=proxy.port)
-        .render_as_string(hide_password=False)
-    )
-    env = platform_env(tmp_path / "home", 0, LORAFORGE_DATABASE_URL=through_proxy)
+    env = platform_env(tmp_path / "home", 0, LORAFORGE_DATABASE_URL=proxied_url)
     log_path = tmp_path / "celery.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -3,6 +3,7 @@ shipped tiny Llama, and real Ray actors for the kill-and-resume path."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,7 @@ from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from tests.factories import ADDITION_CHATS as RECORDS
 from tests.factories import make_tenant, upload_records
+from tests.faults.tcp_proxy import CuttableProxy
 from tests.fixtures.testbase import TEST_BASE_PATH
 from workers.runner import JobRunner
 from workers.training.recipe import ResidentBase
@@ -54,8 +56,13 @@ def trainer_services(database_url: str, tmp_path: Path) -> Iterator[Services]:
 
 @pytest.fixture
 def world(trainer_services: Services) -> dict[str, str]:
-    tenant = make_tenant(trainer_services.engine, "acme", max_running_jobs=10)
-    with trainer_services.engine.begin() as conn:
+    return make_world(trainer_services)
+
+
+def make_world(services: Services) -> dict[str, str]:
+    """A tenant and the tiny base registered by its directory."""
+    tenant = make_tenant(services.engine, "acme", max_running_jobs=10)
+    with services.engine.begin() as conn:
         base = base_models.register_base_model(
             conn,
             base_models.NewBaseModel(
@@ -332,6 +339,70 @@ def test_a_silent_trainer_shows_as_gone_and_is_forgotten_later(trainer_services:
         assert trainers.count_alive(conn, lease_seconds=60) == 2
         assert trainers.forget_gone(conn, older_than_seconds=5) == 1
         assert [t.id for t in trainers.list_trainers(conn, lease_seconds=4)] == ["t-live"]
+
+
+@pytest.mark.faults
+def test_a_database_outage_longer_than_the_trainers_patience_costs_the_job_no_attempt(
+    proxied_url: str, proxy: CuttableProxy, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past its patience the trainer lets the job go to its lease rather than failing it: the
+    reaper hands it back as an interruption and it resumes from its checkpoint. The outage is
+    a few warnings in the log, not one per heartbeat."""
+    settings = Settings(
+        home=tmp_path / "home",
+        local_store_dir=tmp_path / "objects",
+        lease_seconds=4,
+        retry_backoff_seconds=0,
+        database_patience_seconds=2,
+    )
+    services = build_services(settings, database_url=proxied_url)
+    runner = JobRunner(services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run_forever, args=(stop,), kwargs={"idle_wait": 0.2})
+    try:
+        job_id = submit(
+            services,
+            make_world(services),
+            records=RECORDS * 2,
+            n_epochs=3,
+            batch_size=2,
+            checkpoint_every_steps=8,
+        )
+        thread.start()
+        deadline = time.monotonic() + 120
+        while True:
+            with services.engine.connect() as conn:
+                if jobs.latest_checkpoint(conn, job_id) is not None:
+                    break
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.1)
+
+        with caplog.at_level(logging.WARNING, logger="workers"):
+            proxy.cut()
+            time.sleep(3 * settings.lease_seconds)  # past the patience and the lease
+            proxy.restore()
+            while job_row(services, job_id).status not in ("succeeded", "failed", "cancelled"):
+                assert time.monotonic() < deadline + 240 and thread.is_alive()
+                time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(60)
+        services.close()
+
+    done = job_row(services, job_id)
+    assert done.status == "succeeded", done
+    assert (done.attempt, done.interruptions) == (1, 1)
+    assert any(m.startswith("resumed from step") for m in messages(services, job_id))
+    with services.engine.connect() as conn:
+        published = conn.execute(
+            text("SELECT count(*) FROM adapter_versions WHERE job_id = :j"), {"j": job_id}
+        ).scalar_one()
+    assert published == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("leaving the job to its lease" in line for line in lines)
+    # The old heartbeat wrote a line with a traceback per beat: 24 of them in this outage.
+    assert len([line for line in lines if line.startswith("heartbeat")]) <= 2, lines
+    assert len(lines) <= 12, lines
 
 
 def test_bad_hyperparameters_fail_the_job_and_the_runner_goes_on(
