@@ -31,6 +31,11 @@ class TrainerReport:
     tokens_per_second: float | None = None
     step_seconds: float | None = None
     peak_memory_bytes: int | None = None
+    claims: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    let_go: int = 0
+    tokens_trained: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class TrainerRecord:
     tokens_per_second: float | None
     step_seconds: float | None
     peak_memory_bytes: int | None
+    claims: int
+    succeeded: int
+    failed: int
+    let_go: int
+    tokens_trained: int
     started_at: datetime
     last_heartbeat_at: datetime
     alive: bool
@@ -61,6 +71,11 @@ def report(conn: Connection, trainer: TrainerReport) -> None:
         "tokens_per_second": trainer.tokens_per_second,
         "step_seconds": trainer.step_seconds,
         "peak_memory_bytes": trainer.peak_memory_bytes,
+        "claims": trainer.claims,
+        "succeeded": trainer.succeeded,
+        "failed": trainer.failed,
+        "let_go": trainer.let_go,
+        "tokens_trained": trainer.tokens_trained,
     }
     statement = insert(trainers).values(**values, last_heartbeat_at=func.now())
     updated = {k: statement.excluded[k] for k in values if k != "id"}

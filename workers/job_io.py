@@ -97,8 +97,11 @@ class JobSignals:
     shutdown: threading.Event = field(default_factory=threading.Event)
     progress: float | None = None
     eta_seconds: float | None = None
-    # The latest `metrics` event's data, for the trainer registry.
+    # The latest `metrics` event's data and the tokens trained so far, for the trainer registry.
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    tokens_trained: int = 0
+    # Set when the job ends through a failure (for good or for another attempt).
+    failed: bool = False
 
     def should_stop(self) -> bool:
         return self.cancel.is_set() or self.lease_lost.is_set() or self.shutdown.is_set()
@@ -255,6 +258,7 @@ def job_hooks(services: Services, job: JobRecord, signals: JobSignals) -> TrainH
             signals.progress = data.get("fraction_done", signals.progress)
             signals.eta_seconds = data.get("eta_s", signals.eta_seconds)
             signals.last_metrics = data
+            signals.tokens_trained += int(data.get("tokens", 0))
         record_event(services, job.id, kind, message, data)
 
     return TrainHooks(

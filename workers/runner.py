@@ -71,6 +71,17 @@ The most specific type along the exception's MRO wins; an exception not listed i
 fault, logged with its traceback and retried as `worker_error`."""
 
 
+def _counted_as(outcome: RunOutcome, signals: JobSignals) -> str:
+    """Which of the trainer's outcome counters a finished run adds to: a failure (for good, or
+    back to the queue for another attempt) is `failed`; a cancellation, a hand-back or a lost
+    lease is `let_go`."""
+    if outcome == JobStatus.SUCCEEDED:
+        return "succeeded"
+    if outcome == JobStatus.FAILED or (outcome == JobStatus.QUEUED and signals.failed):
+        return "failed"
+    return "let_go"
+
+
 def failure_of(exc: Exception) -> tuple[str, bool] | None:
     """The job's (error code, retryable) for `exc`, or None when `FAILURES` does not know it."""
     for kind in type(exc).__mro__:
@@ -111,8 +122,12 @@ class JobRunner:
         self.resident_base_id: str | None = None
         self.resident_base_name: str | None = None
         self.jobs_done = 0
+        # Since this trainer started, for the registry's counters (and so /metrics).
+        self.counts = {"claims": 0, "succeeded": 0, "failed": 0, "let_go": 0, "tokens_trained": 0}
         # What the trainer registry shows: the job in hand and its signals (metrics, progress).
         self.current: tuple[JobRecord, JobSignals] | None = None
+        # The latest job's last metrics (its speed, step time, peak memory), kept while idle.
+        self.last_metrics: dict[str, Any] = {}
         self.started_pid = os.getpid()
         self.device = describe_device()
 
@@ -150,8 +165,9 @@ class JobRunner:
 
     def snapshot(self) -> TrainerReport:
         """This trainer as the trainer registry shows it."""
-        metrics = self.current[1].last_metrics if self.current else {}
+        metrics = self.current[1].last_metrics if self.current else self.last_metrics
         peak_mib = metrics.get("peak_memory_mib")
+        training = self.current[1].tokens_trained if self.current else 0
         return TrainerReport(
             id=self.worker_id,
             host=socket.gethostname(),
@@ -162,6 +178,11 @@ class JobRunner:
             tokens_per_second=metrics.get("tokens_per_s"),
             step_seconds=metrics.get("step_s"),
             peak_memory_bytes=int(peak_mib * 2**20) if peak_mib is not None else None,
+            claims=self.counts["claims"],
+            succeeded=self.counts["succeeded"],
+            failed=self.counts["failed"],
+            let_go=self.counts["let_go"],
+            tokens_trained=self.counts["tokens_trained"] + training,
         )
 
     def _reap_and_claim(self) -> JobRecord | None:
@@ -186,11 +207,17 @@ class JobRunner:
             interval_s=self.heartbeat_seconds,
         )
         self.current = (job, signals)
+        self.counts["claims"] += 1
+        outcome: RunOutcome = LEASE_LOST
         try:
             with heartbeat:
-                return self._run(job, signals, job_dir)
+                outcome = self._run(job, signals, job_dir)
+                return outcome
         finally:
             self.current = None
+            self.last_metrics = signals.last_metrics or self.last_metrics
+            self.counts["tokens_trained"] += signals.tokens_trained
+            self.counts[_counted_as(outcome, signals)] += 1
             shutil.rmtree(job_dir, ignore_errors=True)
             self.jobs_done += 1
 
@@ -317,6 +344,7 @@ class JobRunner:
                 first_line(exc),
             )
             return LEASE_LOST
+        self._mark_failed()
         known = failure_of(exc)
         if known is None:
             log.exception("job %s failed on %s", job.id, self.worker_id)
@@ -330,6 +358,11 @@ class JobRunner:
             what=f"job {job.id} failure",
         )
         return failed.status if failed else LEASE_LOST
+
+    def _mark_failed(self) -> None:
+        """The job in hand ends through a failure: counted as `failed` whatever its status."""
+        if self.current is not None:
+            self.current[1].failed = True
 
     # -- the base -------------------------------------------------------------------------------
 

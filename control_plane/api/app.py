@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from control_plane.api.deps import PrincipalCache
 from control_plane.api.errors import install_error_handlers
 from control_plane.api.limits import BodySizeLimit
+from control_plane.api.metrics import install_metrics
 from control_plane.api.routes import (
     adapters,
     api_keys,
@@ -48,5 +49,6 @@ def create_app(services: Services) -> FastAPI:
         limit=services.settings.max_upload_bytes + 64 * 1024,
     )
     mount_dashboard(app)
+    install_metrics(app, services)
 
     return app

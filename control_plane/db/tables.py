@@ -318,6 +318,13 @@ class Trainer(Base):
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
     step_seconds: Mapped[float | None] = mapped_column(Float)
     peak_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Counters since the trainer started (Prometheus counters, one series per trainer): jobs
+    # claimed, ended succeeded / failed / let go (cancelled, handed back, lease lost), tokens.
+    claims: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    succeeded: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    failed: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    let_go: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    tokens_trained: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     started_at: Mapped[datetime] = _now()
     last_heartbeat_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now(), index=True

@@ -1,0 +1,160 @@
+"""`GET /metrics` against a real server: request counters by route template, and the platform's
+figures (jobs, queue, trainers) moving as a real trainer runs a real job on the tiny base."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from control_plane.api.app import create_app
+from control_plane.api.serve import serve_in_thread
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from tests.factories import ADDITION_CHATS as RECORDS
+from tests.factories import make_key
+from tests.faults.tcp_proxy import CuttableProxy
+from tests.integration.test_trainer import make_world, submit
+from workers.runner import JobRunner
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    response = httpx.get(url + "/metrics", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def matching(samples: Samples, name: str, **labels: str) -> list[float]:
+    wanted = set(labels.items())
+    return [v for (n, ls), v in samples.items() if n == name and wanted <= ls]
+
+
+def make_services(database_url: str, tmp_path: Path) -> Services:
+    settings = Settings(
+        home=tmp_path / "home",
+        local_store_dir=tmp_path / "objects",
+        lease_seconds=4,
+        retry_backoff_seconds=0,
+    )
+    return build_services(settings, database_url=database_url)
+
+
+@pytest.fixture
+def metered(database_url: str, tmp_path: Path) -> Iterator[tuple[Services, str]]:
+    services = make_services(database_url, tmp_path)
+    with serve_in_thread(create_app(services)) as url:
+        yield services, url
+    services.close()
+
+
+def test_requests_are_counted_by_route_template_and_status(
+    metered: tuple[Services, str],
+) -> None:
+    services, url = metered
+    world = make_world(services)
+    key = make_key(services.engine, world["tenant"], "member")
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}) as http:
+        for _ in range(3):
+            assert http.get("/v1/fine_tuning/jobs/ftjob-nope").status_code == 404
+        assert http.get("/v1/fine_tuning/jobs").status_code == 200
+        assert http.get("/no/such/path").status_code == 404
+        assert httpx.get(url + "/v1/fine_tuning/jobs").status_code == 401
+
+    samples = scrape(url)
+    one_job = {"method": "GET", "route": "/v1/fine_tuning/jobs/{job_id}"}
+    assert value(samples, "loraforge_http_requests_total", **one_job, status="404") == 3
+    listing = {"method": "GET", "route": "/v1/fine_tuning/jobs"}
+    assert value(samples, "loraforge_http_requests_total", **listing, status="200") == 1
+    assert value(samples, "loraforge_http_requests_total", **listing, status="401") == 1
+    unmatched = {"method": "GET", "route": "unmatched", "status": "404"}
+    assert value(samples, "loraforge_http_requests_total", **unmatched) == 1
+    # No id ever becomes a label value.
+    assert not [ls for (_, ls) in samples if any("ftjob-" in v for _, v in ls)]
+    timed = value(samples, "loraforge_http_request_duration_seconds_count", **one_job)
+    assert timed == 3
+    assert value(samples, "loraforge_database_up") == 1
+
+
+def test_a_job_run_moves_the_platform_figures(metered: tuple[Services, str]) -> None:
+    services, url = metered
+    world = make_world(services)
+    before = scrape(url)
+    assert value(before, "loraforge_jobs", status="succeeded") == 0
+    assert value(before, "loraforge_trainers_alive") == 0
+
+    job_id = submit(services, world, records=RECORDS * 2, n_epochs=2)
+    queued = scrape(url)
+    assert value(queued, "loraforge_jobs", status="queued") == 1
+    assert value(queued, "loraforge_queue_depth", base="tiny-llama") == 1
+    age = value(queued, "loraforge_queue_oldest_age_seconds", base="tiny-llama")
+    assert age is not None and age >= 0
+
+    runner = JobRunner(services, "w-metrics", work_dir=services.settings.home / "w")
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run_forever, args=(stop,), kwargs={"idle_wait": 0.1})
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            after = scrape(url)
+            ended = value(
+                after,
+                "loraforge_trainer_jobs_ended_total",
+                trainer="w-metrics",
+                host=runner.snapshot().host,
+                outcome="succeeded",
+            )
+            if ended == 1 and value(after, "loraforge_jobs", status="succeeded") == 1:
+                break
+            assert time.monotonic() < deadline and thread.is_alive(), job_id
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        thread.join(60)
+
+    trainer = {"trainer": "w-metrics", "host": runner.snapshot().host}
+    assert value(after, "loraforge_trainers_alive") == 1
+    assert value(after, "loraforge_trainer_claims_total", **trainer) == 1
+    assert value(after, "loraforge_trainer_jobs_ended_total", **trainer, outcome="failed") == 0
+    trained = value(after, "loraforge_trainer_tokens_trained_total", **trainer)
+    assert trained is not None and trained > 0
+    speed = value(after, "loraforge_trainer_tokens_per_second", **trainer)
+    assert speed is not None and speed > 0
+    assert matching(after, "loraforge_trainer_info", resident_base="tiny-llama", **trainer) == [1]
+    assert value(after, "loraforge_jobs", status="queued") == 0
+    assert value(after, "loraforge_queue_depth", base="tiny-llama") is None
+    # The trainer stopped cleanly: it left the registry, and the figures say so.
+    assert value(scrape(url), "loraforge_trainers_alive") == 0
+
+
+def test_a_scrape_during_a_database_outage_answers_and_says_so(
+    proxied_url: str, proxy: CuttableProxy, tmp_path: Path
+) -> None:
+    services = make_services(proxied_url, tmp_path)
+    try:
+        with serve_in_thread(create_app(services)) as url:
+            assert value(scrape(url), "loraforge_database_up") == 1
+            proxy.cut()
+            down = scrape(url)
+            assert value(down, "loraforge_database_up") == 0
+            assert value(down, "loraforge_jobs", status="queued") is None
+            proxy.restore()
+            assert value(scrape(url), "loraforge_database_up") == 1
+    finally:
+        services.close()
