@@ -82,11 +82,16 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run this node's trainer actors (one per GPU, one on the CPU) until interrupted."""
     from control_plane import db
     from loraforge.worker import run_worker
+    from workers.actor import RayJoinError
 
     url = _database_url(settings)
     db.upgrade(url)
     stop_on_sigterm()  # a parent's SIGTERM stops the trainers the way Ctrl-C does
-    return run_worker(settings, url, count=args.trainers)
+    try:
+        return run_worker(settings, url, count=args.trainers)
+    except RayJoinError as exc:
+        print(f"loraforge worker: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,24 @@ from workers.runner import JobRunner
 from workers.training.recipe import ResidentBase
 
 
+class RayJoinError(Exception):
+    """This process could not join the Ray cluster at `LORAFORGE_RAY_ADDRESS`; the message says
+    what to set or start."""
+
+
 def init_ray(settings: Settings, *, num_cpus: int | None = None) -> None:
-    """Join `LORAFORGE_RAY_ADDRESS`, or start a local Ray instance (the embedded default)."""
+    """Join `LORAFORGE_RAY_ADDRESS`, or start a local Ray instance (the embedded default).
+
+    Raises `RayJoinError` when the cluster cannot be joined (Ray itself only says "Failed to
+    connect" after retrying for a while, with the reason in its C++ log lines)."""
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
     if settings.ray_address:
-        ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        try:
+            ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+            raise RayJoinError(why_not_joined(settings.ray_address)) from exc
     else:
         ray.init(
             num_cpus=num_cpus,
@@ -37,6 +49,31 @@ def init_ray(settings: Settings, *, num_cpus: int | None = None) -> None:
             runtime_env=runtime_env,
             log_to_driver=True,
         )
+
+
+def why_not_joined(address: str, environ: Mapping[str, str] = os.environ) -> str:
+    """Why joining the cluster at `address` failed, in words that say what to do: a head that
+    answers but refuses is token authentication (on by default for `ray start` in Ray 2.60)
+    with no token or the wrong one; a head that does not answer is not running there."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except (OSError, ValueError):
+        return (
+            f"Nothing answers at {address} (LORAFORGE_RAY_ADDRESS): start the head there "
+            "(`ray start --head --port=6379`, or a KubeRay RayCluster) or correct the address."
+        )
+    fix = (
+        "RAY_AUTH_TOKEN=<the cluster's token> (`ray get-auth-token` on the head prints it; "
+        "on Kubernetes, the Secret named by the chart's ray.auth.existingSecret) or "
+        "RAY_AUTH_TOKEN_PATH=<a file holding it>"
+    )
+    if environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return (
+            f"The Ray cluster at {address} answered but refused this process: it requires "
+            f"token authentication. Set RAY_AUTH_MODE=token and {fix}."
+        )
+    return f"The Ray cluster at {address} refused this process's authentication token. Set {fix}."
 
 
 def _import_roots() -> list[str]:
