@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from playwright.sync_api import Page, expect
 from sqlalchemy import text
 
@@ -15,6 +16,8 @@ from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
 from tests.factories import enqueue_jobs, make_base, make_file
+
+pytestmark = pytest.mark.browser
 
 
 def named_jobs(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 from playwright.sync_api import BrowserContext, Page, expect
 
@@ -14,6 +15,8 @@ from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import jsonl, sign_in, upload
 from tests.factories import ADDITION_CHATS
+
+pytestmark = pytest.mark.browser
 
 XSS = "<img src=x onerror=alert(1)>.jsonl"
 
