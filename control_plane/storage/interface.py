@@ -254,6 +254,11 @@ class ObjectStore(ABC):
     def head(self, key: str) -> ObjectInfo | None:
         """Size and recorded sha256 of the object, or None if there is none."""
 
+    @abstractmethod
+    def check(self) -> None:
+        """Raise `ObjectStoreError` saying why when the store cannot be used (readiness): a
+        missing key answers like a missing bucket to a HEAD, so probing a key is not enough."""
+
     def exists(self, key: str) -> bool:
         """Whether an object is stored under `key`."""
         return self.head(key) is not None

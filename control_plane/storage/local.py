@@ -17,6 +17,7 @@ from control_plane.storage.interface import (
     ObjectNotFoundError,
     ObjectStore,
     ObjectStoreError,
+    ObjectStoreUnavailableError,
     copy_hashing,
     hash_file,
     verify,
@@ -61,6 +62,10 @@ class LocalObjectStore(ObjectStore):
         self._sidecars = self._internal / "sha256"
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._sidecars.mkdir(parents=True, exist_ok=True)
+
+    def check(self) -> None:
+        if not self._tmp.is_dir() or not os.access(self._tmp, os.W_OK):
+            raise ObjectStoreUnavailableError(f"{self.root} is missing or not writable")
 
     def _path(self, key: str) -> Path:
         return self.root / validate_key(key)

@@ -274,6 +274,21 @@ class S3ObjectStore(ObjectStore):
         return _translated_chunks(key, body.iter_chunks(CHUNK_SIZE)), body.close, recorded
 
     @_s3_errors
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _NOT_FOUND_CODES or code == "NoSuchBucket":
+                raise ObjectStoreUnavailableError(f"bucket {self.bucket!r} does not exist") from exc
+            if code in ("403", "AccessDenied"):
+                raise ObjectStoreUnavailableError(
+                    f"access to bucket {self.bucket!r} denied (check the credentials)"
+                ) from exc
+            raise ObjectStoreUnavailableError(f"bucket {self.bucket!r}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise ObjectStoreUnavailableError(f"S3 endpoint unreachable: {exc}") from exc
+
     def head(self, key: str) -> ObjectInfo | None:
         validate_key(key)
         try:

@@ -16,6 +16,7 @@ from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
+from control_plane.storage import S3ObjectStore
 from tests.factories import ADDITION_CHATS as RECORDS
 from tests.factories import make_key
 from tests.faults.tcp_proxy import CuttableProxy
@@ -156,5 +157,31 @@ def test_a_scrape_during_a_database_outage_answers_and_says_so(
             assert value(down, "loraforge_jobs", status="queued") is None
             proxy.restore()
             assert value(scrape(url), "loraforge_database_up") == 1
+    finally:
+        services.close()
+
+
+def test_readiness_names_an_object_store_that_does_not_answer(
+    database_url: str, s3_store: S3ObjectStore, tmp_path: Path
+) -> None:
+    settings = Settings(home=tmp_path / "home", lease_seconds=4)
+    services = build_services(settings, database_url=database_url, store=s3_store)
+    try:
+        with serve_in_thread(create_app(services)) as url:
+            ready = httpx.get(url + "/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["checks"] == {"database": "ok", "object_store": "ok"}
+            assert ready.json()["trainers"]["alive"] == 0
+
+            s3_store.client.delete_bucket(Bucket=s3_store.bucket)  # the store is gone
+            try:
+                down = httpx.get(url + "/readyz")
+                assert down.status_code == 503 and down.headers["retry-after"]
+                checks = down.json()["checks"]
+                assert checks["database"] == "ok"
+                assert checks["object_store"].startswith("unavailable: ")
+                assert httpx.get(url + "/healthz").status_code == 200
+            finally:
+                s3_store.client.create_bucket(Bucket=s3_store.bucket)
     finally:
         services.close()

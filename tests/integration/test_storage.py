@@ -10,6 +10,7 @@ import base64
 import hashlib
 import io
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -516,3 +517,21 @@ def test_s3_failures_reach_callers_as_object_store_errors(s3_store: S3ObjectStor
             attempt()
         assert isinstance(caught.value, ObjectStoreError)
         assert "NoSuchBucket" in str(caught.value) or "bucket" in str(caught.value).lower()
+
+
+def test_check_says_why_a_store_cannot_be_used(
+    local_store: LocalObjectStore, s3_store: S3ObjectStore, tmp_path: Path
+) -> None:
+    """Readiness asks `check()`: a missing bucket must not pass for a missing key."""
+    local_store.check()
+    s3_store.check()
+
+    gone = S3ObjectStore(s3_store.client, "no-such-bucket-here", "p")
+    assert gone.head("some/key") is None  # what a key probe would have taken for "ok"
+    with pytest.raises(ObjectStoreUnavailableError, match="'no-such-bucket-here' does not exist"):
+        gone.check()
+
+    moved = LocalObjectStore(tmp_path / "store")
+    shutil.rmtree(tmp_path / "store")
+    with pytest.raises(ObjectStoreUnavailableError, match="missing or not writable"):
+        moved.check()
