@@ -68,8 +68,15 @@ def job_body(
         "suffix": spec.get("suffix"),
         "continue_from": spec.get("continueFrom"),
         "max_attempts": spec.get("maxAttempts"),
+        "serving_target": _serving_target(spec.get("servingTarget")),
     }
     return body | {k: v for k, v in optional.items() if v is not None}
+
+
+def _serving_target(target: dict[str, Any] | None) -> dict[str, Any] | None:
+    if target is None:
+        return None
+    return {snake(k): v for k, v in target.items()}
 
 
 def upload_dataset(

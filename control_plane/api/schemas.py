@@ -17,6 +17,7 @@ from control_plane.records import (
     JobEventRecord,
     JobRecord,
 )
+from control_plane.serving import VLLM_MAX_LORA_RANKS
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -98,6 +99,27 @@ class Method(BaseModel):
     supervised: SupervisedMethod | None = None
 
 
+class ServingTargetBody(BaseModel):
+    """Where the adapter is meant to be served; a job whose adapter it would refuse is refused
+    at create (400 `unservable_adapter`) rather than after it trained."""
+
+    model_config = ConfigDict(extra="forbid")
+    engine: Literal["vllm"] = "vllm"
+    max_lora_rank: int | None = Field(
+        default=None, description="the pods' --max-lora-rank: one of " + str(VLLM_MAX_LORA_RANKS)
+    )
+    served_model: str | None = Field(
+        default=None, min_length=1, max_length=200, description="the base the pods serve"
+    )
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int | None) -> int | None:
+        if value is not None and value not in VLLM_MAX_LORA_RANKS:
+            raise ValueError(f"vLLM's --max-lora-rank is one of {list(VLLM_MAX_LORA_RANKS)}")
+        return value
+
+
 class JobCreate(BaseModel):
     """OpenAI's job-create body plus loraforge's own fields; unknown fields are refused."""
 
@@ -120,6 +142,7 @@ class JobCreate(BaseModel):
     # base: its weights are the starting point and it becomes the new version's parent.
     continue_from: str | None = Field(default=None, min_length=1, max_length=300)
     max_attempts: int | None = Field(default=None, ge=1, le=20)
+    serving_target: ServingTargetBody | None = None
 
     @field_validator("suffix")
     @classmethod

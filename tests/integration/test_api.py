@@ -177,6 +177,40 @@ BAD_JOB_BODIES = [
         "invalid_request",
         "priority",
     ),
+    (
+        {
+            "model": "tiny-llama",
+            "training_file": "F",
+            "hyperparameters": {"lora_rank": 64},
+            "serving_target": {"max_lora_rank": 16},
+        },
+        "unservable_adapter",
+        "serving_target",
+    ),
+    (
+        {
+            "model": "tiny-llama",
+            "training_file": "F",
+            "hyperparameters": {"use_dora": True},
+            "serving_target": {},
+        },
+        "unservable_adapter",
+        "serving_target",
+    ),
+    (
+        {
+            "model": "tiny-llama",
+            "training_file": "F",
+            "serving_target": {"served_model": "Llama-3-8B"},
+        },
+        "unservable_adapter",
+        "serving_target",
+    ),
+    (
+        {"model": "tiny-llama", "training_file": "F", "serving_target": {"max_lora_rank": 20}},
+        "invalid_request",
+        "serving_target.max_lora_rank",
+    ),
 ]
 
 
@@ -199,6 +233,29 @@ def test_bad_job_bodies_are_refused_cleanly(
     assert (error["code"], error["param"]) == (code, param)
     assert error["message"]
     assert counts(services) == before
+
+
+def test_a_serving_target_refuses_what_it_could_not_serve_and_accepts_what_it_could(
+    client: TestClient, services: Services, tenant_a: TenantKeys, base_name: str
+) -> None:
+    file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
+    body = {"model": base_name, "training_file": file_id, "hyperparameters": {"lora_rank": 64}}
+    refused = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=tenant_a.headers(),
+        json={**body, "serving_target": {"max_lora_rank": 16, "served_model": "other-base"}},
+    )
+    assert refused.status_code == 400
+    message = refused.json()["error"]["message"]
+    # Every reason at once, each with what to change.
+    assert "--max-lora-rank 64" in message and "lora_rank <= 16" in message
+    assert "'other-base'" in message and repr(base_name) in message
+    accepted = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=tenant_a.headers(),
+        json={**body, "serving_target": {"max_lora_rank": 64, "served_model": base_name}},
+    )
+    assert accepted.status_code == 200, accepted.text
 
 
 def test_malformed_json_body(client: TestClient, tenant_a: TenantKeys, services: Services) -> None:

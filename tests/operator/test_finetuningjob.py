@@ -142,3 +142,27 @@ async def test_a_spec_the_api_refuses_ends_failed_with_the_api_error_code(
     with platform.client() as client:
         assert client.request("GET", "/v1/fine_tuning/jobs")["data"] == []
     assert len(await kube.events("Failed")) == 1
+
+
+async def test_a_job_its_serving_target_could_not_serve_ends_failed_before_it_trains(
+    kube: FakeKube, platform: Platform
+) -> None:
+    """`servingTarget` reaches the API's check at create: a rank-64 adapter for max-rank-16 pods
+    is refused before a job exists, with the rank the pods would need."""
+    await given_credentials(kube, platform)
+    data = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    await kube.secret("wide-data", {"train.jsonl": data})
+    spec = {
+        "dataset": {"secretRef": {"name": "wide-data", "key": "train.jsonl"}},
+        "hyperparameters": {**FAST, "loraRank": 64},
+        "servingTarget": {"maxLoraRank": 16, "servedModel": "tiny-llama"},
+    }
+    await kube.create("finetuningjobs", job("wide", **spec))
+    async with running_operator(kube):
+        await eventually(lambda: _phase_is(kube, "wide", "Failed"), what="Failed")
+    status = (await kube.get("finetuningjobs", "wide") or {})["status"]
+    assert status["error"]["code"] == "unservable_adapter"
+    assert "--max-lora-rank 64" in status["error"]["message"]
+    assert "jobId" not in status
+    with platform.client() as client:
+        assert client.request("GET", "/v1/fine_tuning/jobs")["data"] == []

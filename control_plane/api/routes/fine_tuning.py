@@ -25,6 +25,7 @@ from control_plane.hyperparameters import Hyperparameters
 from control_plane.pagination import trim
 from control_plane.queue import JobStateError
 from control_plane.records import JobRecord
+from control_plane.serving import ServingTarget, serving_problems
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -154,6 +155,18 @@ def create_job(
         except registry.RegistryError as exc:
             raise ApiError(400, exc.code, exc.message, exc.param) from None
         hp = _hyperparameters(inherited)
+    if body.serving_target is not None:
+        target = ServingTarget(
+            max_lora_rank=body.serving_target.max_lora_rank,
+            served_model=body.serving_target.served_model,
+        )
+        if problems := serving_problems(hp, base.name, target):
+            raise ApiError(
+                400,
+                "unservable_adapter",
+                "serving_target would refuse this job's adapter: " + "; ".join(problems),
+                "serving_target",
+            )
     new = jobs.NewJob(
         tenant_id=caller.tenant_id,
         base_model_id=base.id,
