@@ -206,3 +206,34 @@ async def test_a_version_vllm_keeps_refusing_with_a_400_ends_failed_with_its_mes
     assert await kube.events("LoadFailed")
     # The pod that refused nothing got the version; the alias never moved.
     assert set(vllms[0].loaded) == {"sums@1"} and adapter["currentVersion"] is None
+
+
+async def test_an_adaptersync_without_a_list_follows_every_adapter_of_its_base_at_the_alias(
+    kube: FakeKube, platform: Platform, vllms: list[FakeVllm], tmp_path: Path
+) -> None:
+    """No `adapters`: every adapter of the base that has the alias is served, and one whose
+    alias goes away is unloaded and removed from the volume."""
+    alpha, beta = train(platform, "alpha", 8), train(platform, "beta", 8)
+    with platform.client() as client:
+        client.set_alias("alpha", "prod", alpha)
+        client.set_alias("beta", "prod", beta)
+    await kube.secret("loraforge-api", {"url": platform.url, "apiKey": platform.keys.reader})
+    await given_pods(kube, vllms)
+    stable = vllms[:2]
+    volume = tmp_path / "adapters"
+    every = adapter_sync("sync", volume, [])
+    del every["spec"]["adapters"]
+    every["spec"]["alias"] = "prod"
+    await kube.create("adaptersyncs", every)
+
+    async with running_operator(kube):
+        both = {f"alpha@{alpha}", f"beta@{beta}"}
+        await eventually(
+            lambda: all(set(s.loaded) == both for s in stable), what="alpha and beta everywhere"
+        )
+        with platform.client() as client:
+            client.delete_alias("beta", "prod")
+        only = {f"alpha@{alpha}"}
+        await eventually(lambda: all(set(s.loaded) == only for s in stable), what="beta unloaded")
+        await eventually(lambda: not (volume / f"beta@{beta}").exists(), what="beta removed")
+    assert (volume / f"alpha@{alpha}" / MARKER).is_file()

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.server
 import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from operators.finetuningjob import version_digest
@@ -166,3 +172,42 @@ async def test_a_job_its_serving_target_could_not_serve_ends_failed_before_it_tr
     assert "jobId" not in status
     with platform.client() as client:
         assert client.request("GET", "/v1/fine_tuning/jobs")["data"] == []
+
+
+@pytest.fixture
+def dataset_url(tmp_path: Path) -> Iterator[str]:
+    """The training data served over HTTP, as a dataset URL points at it."""
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/train.jsonl"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_a_dataset_by_url_is_uploaded_once_and_a_finished_job_goes_after_its_ttl(
+    kube: FakeKube, platform: Platform, dataset_url: str
+) -> None:
+    await given_credentials(kube, platform)
+    spec = {
+        "dataset": {"url": dataset_url},
+        "adapterName": "from-url",
+        "hyperparameters": FAST,
+        "ttlSecondsAfterFinished": 2,
+    }
+    await kube.create("finetuningjobs", job("from-url", **spec))
+    async with running_operator(kube):
+        file_id = await eventually(status_of(kube, "from-url", "trainingFileId"), what="upload")
+        await eventually(
+            lambda: _phase_is(kube, "from-url", "Succeeded"), timeout=180, what="Succeeded"
+        )
+        await eventually(lambda: _gone(kube, "from-url"), timeout=30, what="deleted after ttl")
+    served = httpx.get(dataset_url).content
+    with platform.client() as client:
+        files = client.request("GET", "/v1/files")["data"]
+        assert [f["id"] for f in files] == [file_id]  # uploaded once
+        assert files[0]["bytes"] == len(served)
+        (done,) = client.request("GET", "/v1/fine_tuning/jobs")["data"]
+    assert done["status"] == "succeeded" and done["training_file"] == file_id
