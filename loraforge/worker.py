@@ -18,10 +18,10 @@ from typing import Any
 
 import ray
 
+from control_plane.messages import first_line
 from control_plane.settings import Settings
 from loraforge.supervise import RestartBackoff
 from workers.actor import start_trainer, trainer_count
-from workers.job_io import first_line
 
 log = logging.getLogger("loraforge.worker")
 

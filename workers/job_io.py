@@ -23,6 +23,7 @@ import sqlalchemy.exc
 
 from control_plane import jobs, trainers
 from control_plane.events import add_event
+from control_plane.messages import first_line
 from control_plane.queue import JobQueue
 from control_plane.records import BaseModelRecord, JobRecord
 from control_plane.services import Services
@@ -79,12 +80,6 @@ class OutageNotice:
         if self.failing:
             log.warning("%s: database back", self.what)
             self.failing = False
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception in one short line (drivers and Ray write paragraphs), for log lines."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 @dataclass

@@ -28,6 +28,7 @@ from control_plane import files as file_repo
 from control_plane.datasets import iter_examples
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.job_status import JobStatus
+from control_plane.messages import first_line
 from control_plane.queue import QueueListener
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
@@ -40,7 +41,6 @@ from workers.job_io import (
     JobSignals,
     LeaseHeartbeat,
     TrainerPresence,
-    first_line,
     job_hooks,
     materialize_base,
     record_event,

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from control_plane.messages import first_line
+
 log = logging.getLogger(__name__)
 
 _TYPES = {
@@ -97,12 +99,6 @@ class RateLimitedLog:
             silenced = self._silenced.pop(message, 0)
         suffix = f" ({silenced} more like it since the last line)" if silenced else ""
         self.logger.warning(message + suffix, *args)
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception in one short line (drivers write paragraphs), for logs and status fields."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _unavailable(code: str, message: str, retry_after: int) -> JSONResponse:

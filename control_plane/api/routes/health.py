@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from control_plane import trainers
 from control_plane.api.deps import ServicesDep
-from control_plane.api.errors import first_line
+from control_plane.messages import first_line
 from control_plane.storage import ObjectStoreError
 
 router = APIRouter(tags=["health"])
