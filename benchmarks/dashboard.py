@@ -1,0 +1,179 @@
+"""Dashboard benchmark: opening a job page whose job has 100,000 metric events.
+
+    python -m benchmarks.dashboard [--events 100000] [--repeat 5]
+
+Through the real app (uvicorn on 127.0.0.1) and, where /usr/bin/chromium is, headless
+Chromium, for a job with `--events` metric events and a baseline job with 100 in the same
+database:
+
+- `page`: the job page's HTML and its `metrics.json` over HTTP: median milliseconds and bytes.
+- `browser`: from navigation to the chart drawn (`#loss-chart[data-ready]`), median ms.
+- `downsampling`: the loss curve as the page gets it (at most 1,000 points a series) against
+  every point (`loss_series` with no bound, serialized as the page would get it): ms and bytes.
+
+Needs PostgreSQL (`LORAFORGE_BENCH_DATABASE_URL`, default 127.0.0.1:5432). One JSON line per
+measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+
+from benchmarks.registry import scratch_database
+from control_plane import tenants
+from control_plane.api.app import create_app
+from control_plane.api.serve import serve_in_thread
+from control_plane.dashboard.queries import loss_series
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def emit(measurement: str, **figures: Any) -> None:
+    print(json.dumps({"benchmark": "dashboard", "measurement": measurement, **figures}), flush=True)
+
+
+def make_job(services: Services, tenant_id: str, events: int) -> str:
+    """A job row and `events` metric events, each inserted by one statement."""
+    with services.engine.begin() as conn:
+        base_id = conn.execute(
+            text(
+                "INSERT INTO base_models (id, name, source, source_kind) "
+                "VALUES (md5(random()::text), md5(random()::text), 'x', 'dir') "
+                "RETURNING id"
+            )
+        ).scalar_one()
+        file_id = conn.execute(
+            text(
+                "INSERT INTO files (id, tenant_id, filename, purpose, bytes, sha256, object_key) "
+                "VALUES (md5(random()::text), :t, 'train.jsonl', 'fine-tune', 1, 'x', 'x') "
+                "RETURNING id"
+            ),
+            {"t": tenant_id},
+        ).scalar_one()
+        job_id = conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+                "hyperparameters) VALUES ('ftjob-' || md5(random()::text), :t, 'running', :b, "
+                ":f, '{}') RETURNING id"
+            ),
+            {"t": tenant_id, "b": base_id, "f": file_id},
+        ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO job_events (job_id, type, message, data) "
+                "SELECT :job, 'metrics', 'step ' || g, jsonb_build_object('step', g, "
+                "'train_loss', 3.0 / (1 + g / 5000.0), 'tokens_per_s', 1000) "
+                "FROM generate_series(1, :n) AS g"
+            ),
+            {"job": job_id, "n": events},
+        )
+    return str(job_id)
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 1)
+
+
+def over_http(url: str, key: str, job_id: str, repeat: int) -> dict[str, Any]:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        signin = client.get("/sign-in")
+        client.post(
+            "/sign-in",
+            data={"api_key": key, "signin": signin.cookies.get("lf_signin") or "", "next": "/jobs"},
+        )
+        times, size = [], 0
+        for _ in range(repeat):
+            started = time.perf_counter()
+            page = client.get(f"/jobs/{job_id}")
+            metrics = client.get(f"/jobs/{job_id}/metrics.json")
+            times.append(time.perf_counter() - started)
+            assert page.status_code == metrics.status_code == 200
+            size = len(page.content) + len(metrics.content)
+            points = len(metrics.json()["train"]["steps"])
+    return {"ms": median_ms(times), "bytes": size, "points_sent": points}
+
+
+def in_browser(url: str, key: str, job_id: str, repeat: int) -> float:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page()
+        page.goto(f"{url}/sign-in")
+        page.fill("#api_key", key)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{url}/jobs")
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            page.goto(f"{url}/jobs/{job_id}")
+            page.wait_for_selector("#loss-chart[data-ready=true]")
+            times.append(time.perf_counter() - started)
+        browser.close()
+    return median_ms(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    with scratch_database() as database_url, tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(home=Path(tmp) / "home")
+        services = build_services(
+            settings, database_url=database_url, store=LocalObjectStore(Path(tmp) / "objects")
+        )
+        with services.engine.begin() as conn:
+            tenant = tenants.create_tenant(conn, "bench")
+            _, key = tenants.create_api_key(conn, settings.secret_key, tenant.id, role="admin")
+        jobs = {n: make_job(services, tenant.id, n) for n in (100, args.events)}
+        with serve_in_thread(create_app(services)) as url:
+            for n, job_id in jobs.items():
+                emit("page", events=n, **over_http(url, key, job_id, args.repeat))
+            if CHROMIUM.is_file():
+                baseline = in_browser(url, key, jobs[100], args.repeat)
+                big = in_browser(url, key, jobs[args.events], args.repeat)
+                emit(
+                    "browser",
+                    events=args.events,
+                    ms=big,
+                    baseline_events=100,
+                    baseline_ms=baseline,
+                    ratio=round(big / baseline, 2),
+                )
+        with services.engine.connect() as conn:
+            for bound in (1000, 10**9):
+                times, size = [], 0
+                for _ in range(args.repeat):
+                    started = time.perf_counter()
+                    series = loss_series(conn, jobs[args.events], "train_loss", max_points=bound)
+                    size = len(json.dumps({"steps": series.steps, "values": series.values}))
+                    times.append(time.perf_counter() - started)
+                emit(
+                    "downsampling",
+                    events=args.events,
+                    max_points=bound,
+                    points_sent=len(series.steps),
+                    ms=median_ms(times),
+                    bytes=size,
+                )
+        services.close()
+
+
+if __name__ == "__main__":
+    main()
