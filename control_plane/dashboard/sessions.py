@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -25,6 +26,7 @@ from fastapi import Depends, Request
 from fastapi.responses import Response
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
 
 from control_plane.api.deps import ServicesDep
 from control_plane.dashboard import queries
@@ -34,6 +36,8 @@ from control_plane.tenants import Principal
 SESSION_COOKIE = "lf_session"
 SIGNIN_COOKIE = "lf_signin"
 SESSION_SECONDS = 12 * 3600
+STREAM_RECHECK_SECONDS = 15.0
+"""A stream (one long request) looks its session's key up again this often."""
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "x-csrf-token"
 
@@ -139,6 +143,25 @@ async def checked_session(request: Request, session: CurrentSession) -> Session:
 
 
 CheckedSession = Annotated[Session, Depends(checked_session)]
+
+
+def stream_session_ended(services: Services, session: Session) -> Callable[[], Awaitable[bool]]:
+    """For a stream, which outlives the request that checked its session: whether the key was
+    revoked since, looked up at most every `STREAM_RECHECK_SECONDS` on the auth pool."""
+    checked = time.monotonic()
+
+    def lookup() -> bool:
+        with services.auth_engine.connect() as conn:
+            return queries.principal_by_key_id(conn, session.principal.key_id) is None
+
+    async def ended() -> bool:
+        nonlocal checked
+        if time.monotonic() - checked < STREAM_RECHECK_SECONDS:
+            return False
+        checked = time.monotonic()
+        return await run_in_threadpool(lookup)
+
+    return ended
 
 
 def page_connection(services: ServicesDep, _: CurrentSession) -> Iterator[Connection]:

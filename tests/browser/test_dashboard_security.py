@@ -149,3 +149,8 @@ def test_a_reader_sees_no_cancel_button_and_the_server_refuses_it_anyway(
     refused = page.request.post(f"{live_url}/jobs/{job_id}/cancel", form={"csrf_token": token})
     assert refused.status == 403
     assert "reader role" in refused.text()
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=tenant_a.headers()).json()
+    assert job["status"] not in ("cancelled", "cancelling")
+    page.goto(f"{live_url}/jobs/new")
+    expect(page.locator("#reader-notice")).to_be_visible()
+    assert page.locator("#job-form").count() == 0

@@ -21,7 +21,13 @@ from control_plane.api.errors import ApiError
 from control_plane.api.routes import fine_tuning
 from control_plane.dashboard import queries
 from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, page, render
-from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
+from control_plane.dashboard.sessions import (
+    CheckedSession,
+    CurrentSession,
+    PageConn,
+    Session,
+    stream_session_ended,
+)
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.job_status import TERMINAL, UNFINISHED, JobStatus
 from control_plane.records import FileRecord, JobEventRecord, JobRecord
@@ -104,6 +110,7 @@ async def jobs_stream(
     jobs were submitted since the page was drawn."""
     tenant_id = session.principal.tenant_id
     job_ids = ids[:PAGE_SIZE]
+    session_ended = stream_session_ended(services, session)
 
     def poll() -> tuple[list[JobRecord], int, dict[str, str]]:
         with services.engine.connect() as conn:
@@ -115,7 +122,7 @@ async def jobs_stream(
         newer_sent = 0
         quiet = 0.0
         for _ in range(int(sse.MAX_STREAM_SECONDS / sse.POLL_SECONDS)):
-            if await request.is_disconnected():
+            if await request.is_disconnected() or await session_ended():
                 return
             found, newer, bases = await run_in_threadpool(poll)
             for job in found:
@@ -299,6 +306,10 @@ async def job_stream(
     """The job page's stream: `log` (an event's HTML), `metric` (a chart point), `summary`
     (the live panel's HTML) and `end`."""
     cursor = sse.parse_event_id(request.headers.get("last-event-id")) or after
+    session_ended = stream_session_ended(services, session)
+
+    async def gone() -> bool:
+        return await request.is_disconnected() or await session_ended()
 
     def summary_of(job: JobRecord) -> str:
         with services.engine.connect() as conn:
@@ -306,7 +317,7 @@ async def job_stream(
 
     async def body() -> AsyncIterator[str]:
         async for change in sse.follow_job(
-            services, session.principal.tenant_id, job_id, cursor, request.is_disconnected
+            services, session.principal.tenant_id, job_id, cursor, gone
         ):
             if change is None:
                 yield sse.comment()
