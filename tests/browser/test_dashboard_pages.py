@@ -15,7 +15,7 @@ from control_plane.dashboard.queries import MAX_CHART_POINTS
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
-from tests.factories import enqueue_jobs, make_base, make_file
+from tests.factories import create_validating_job, enqueue_jobs, make_base, make_file
 
 pytestmark = pytest.mark.browser
 
@@ -206,3 +206,40 @@ def test_base_models_show_status_and_the_failure_reason_to_operators_only(
     row = page.locator("#bases tr", has_text="broken-base")
     expect(row).to_contain_text("failed")
     expect(row).not_to_contain_text("/srv/models")
+
+
+def test_a_failed_job_shows_its_error_code_and_message_as_text(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys
+) -> None:
+    base = make_base(services.engine, "tiny-llama")
+    file_id = make_file(services.engine, tenant_a.tenant_id).id
+    job_id = create_validating_job(services.engine, tenant_a.tenant_id, base.id, file_id)
+    message = "training_file (<script>x()</script>.jsonl): line 3: expected an object"
+    services.queue.mark_validation_failed(
+        job_id, code="invalid_json_line", message=message, param="training_file"
+    )
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/jobs/{job_id}")
+    error = page.locator("#job-error")
+    expect(error).to_contain_text("invalid_json_line")
+    expect(error.locator("p")).to_have_text(message)
+    expect(page.locator("#job-status .status")).to_have_text("failed")
+    assert page.locator("#cancel-job").count() == 0  # nothing left to cancel
+    expect(page.locator("#timeline li")).to_have_count(3)  # created, validating, failed
+
+
+def test_signing_in_and_moving_around_works_from_the_keyboard(
+    live_url: str, page: Page, tenant_a: TenantKeys
+) -> None:
+    page.goto(f"{live_url}/sign-in")
+    page.keyboard.type(tenant_a.admin)  # the key field has the focus
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{live_url}/jobs")
+    page.keyboard.press("Tab")
+    expect(page.locator(".skip")).to_be_focused()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    expect(page.locator("nav a[href='/jobs']").last).to_be_focused()
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{live_url}/jobs/new")
