@@ -1,6 +1,7 @@
 """Queue benchmarks: job creation through the API, claim throughput, NOTIFY wake-up latency.
 
     python -m benchmarks.queue [--jobs N] [--database-url URL] [--no-sync-commit]
+    python -m benchmarks.queue --scale [--sizes 1000,10000,100000] [--scale-cycles N]
 
 Runs against a fresh database created on a real PostgreSQL server (`--database-url` or
 `LORAFORGE_BENCH_DATABASE_URL`, an admin URL; else the machine's server on 127.0.0.1:5432; else
@@ -15,6 +16,13 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   `JobQueue` (fair share between two tenants, limits) against a plain FIFO `SKIP LOCKED` claim.
 - `notify_latency`: submit-to-claim latency of an idle worker woken by LISTEN/NOTIFY against a
   worker polling every second.
+- `claim_scale` (`--scale` runs only these): claim + complete latency p50/p99 and throughput at
+  1,000 / 10,000 / 100,000 queued jobs over 1,000 tenants (one holding half), 1 and 8 claimers,
+  against the plain FIFO claim with its partial index on a twin database without the queue's
+  triggers, in alternating rounds; `claim_scale_targets` the issue's ratios at the largest size;
+  `claim_plan` and `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and
+  `tenant_deep_page` the dashboard's counts and a deep keyset page against counting and an
+  OR-form cursor.
 """
 
 from __future__ import annotations
@@ -153,12 +161,22 @@ def bench_database(admin_url: str, *, sync_commit: bool = True) -> Iterator[str]
             )
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
 def machine_description(engine: Engine) -> str:
     with engine.connect() as conn:
         version = conn.execute(text("SHOW server_version")).scalar()
         sync_commit = conn.execute(text("SHOW synchronous_commit")).scalar()
     return (
-        f"{platform.node()} {os.cpu_count()} cpu {platform.machine()}, "
+        f"{platform.node()} {os.cpu_count()} cpu {platform.machine()} ({cpu_model()}), "
         f"python {platform.python_version()}, postgres {version} "
         f"(synchronous_commit {sync_commit})"
     )
@@ -600,6 +618,366 @@ def bench_notify(url: str, samples: int, poll_samples: int, machine: str) -> Non
     )
 
 
+# -- 4. the claim at platform scale ------------------------------------------------------------
+
+SCALE_TENANTS = 1000
+SCALE_SIZES = (1_000, 10_000, 100_000)
+SCALE_CLAIMERS = (1, 8)
+SCALE_LIMIT = 4  # every tenant's running limit (JobQueue's default limit; tenants set none)
+
+_PLAIN_INDEX = "CREATE INDEX ix_jobs_plain_fifo ON jobs (created_at) WHERE status = 'queued'"
+
+# `count` jobs over the 1,000 tenants in one statement: tenant 0 holds half, the other 999 share
+# the rest; ids and created_at follow `start` (1 ms apart), so top-ups queue behind the backlog.
+_FILL = text(
+    """
+    INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, hyperparameters,
+                      created_at)
+    SELECT 'ftjob-' || lpad(g::text, 10, '0'),
+           'tenant-' || lpad((CASE WHEN g % 2 = 0 THEN 0 ELSE 1 + (g / 2) % (CAST(:tenants AS int) - 1) END)::text,
+                             4, '0'),
+           'queued', :base, :file, '{}'::jsonb,
+           timestamptz '2026-01-01' + g * interval '1 ms'
+    FROM generate_series(CAST(:start AS bigint), CAST(:start AS bigint) + :count - 1) AS g
+    """
+)
+
+
+@dataclass
+class ScaleSide:
+    """One side of the comparison: its database and how it claims one job."""
+
+    label: str
+    engine: Engine
+    base_id: str
+    claim_one: Callable[[JobQueue, str], str | None]
+    next_id: int = 0
+    latencies: list[float] | None = None
+    seconds: float = 0.0
+    cycles: int = 0
+
+
+def _scale_schema(engine: Engine, *, plain: bool) -> tuple[str, str]:
+    """1,000 tenants, one base and one file row; the plain side without the queue's triggers
+    (a FIFO claim needs no bookkeeping) and with the FIFO's partial index."""
+    base_id = make_base(engine, "scale-base")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tenants (id, name) SELECT 'tenant-' || lpad(n::text, 4, '0'), "
+                "'scale-' || n FROM generate_series(0, :n - 1) AS n"
+            ),
+            {"n": SCALE_TENANTS},
+        )
+        if plain:
+            conn.execute(text("ALTER TABLE jobs DISABLE TRIGGER USER"))
+            conn.execute(text(_PLAIN_INDEX))
+    return base_id, make_file_row(engine, "tenant-0000")
+
+
+def _fill(side: ScaleSide, file_id: str, count: int) -> None:
+    with side.engine.begin() as conn:
+        conn.execute(
+            _FILL,
+            {
+                "tenants": SCALE_TENANTS,
+                "base": side.base_id,
+                "file": file_id,
+                "start": side.next_id,
+                "count": count,
+            },
+        )
+    side.next_id += count
+
+
+def _vacuum(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
+
+
+def _round(side: ScaleSide, claimers: int, per_claimer: int) -> None:
+    """`per_claimer` claim + complete cycles on each of `claimers` threads; latencies in ms."""
+    errors: list[BaseException] = []
+    latencies: list[list[float]] = [[] for _ in range(claimers)]
+    barrier = threading.Barrier(claimers + 1)
+
+    def claimer(index: int) -> None:
+        worker = f"{side.label}-claimer-{index}"
+        queue = JobQueue(side.engine, max_running_per_tenant=SCALE_LIMIT)
+        barrier.wait()
+        try:
+            for _ in range(per_claimer):
+                t0 = time.perf_counter()
+                job_id = side.claim_one(queue, worker)
+                if job_id is None:
+                    raise RuntimeError(f"{side.label}: empty claim with a backlog")
+                if queue.complete(job_id, worker) is None:
+                    raise RuntimeError(f"{worker} lost job {job_id}")
+                latencies[index].append((time.perf_counter() - t0) * 1000)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    pool = [threading.Thread(target=claimer, args=(i,)) for i in range(claimers)]
+    for thread in pool:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for thread in pool:
+        thread.join()
+    side.seconds += time.perf_counter() - start
+    if errors:
+        raise errors[0]
+    assert side.latencies is not None
+    for own in latencies:
+        side.latencies.extend(own)
+    side.cycles += claimers * per_claimer
+
+
+def _plan_lines(node: dict[str, Any], depth: int = 0) -> list[str]:
+    """An EXPLAIN (FORMAT JSON) plan as indented lines: node, relation/index, rows, loops, ms."""
+    where = " ".join(
+        str(node[key]) for key in ("Relation Name", "Index Name", "CTE Name") if key in node
+    )
+    line = (
+        f"{'  ' * depth}{node['Node Type']} {where} rows={node.get('Actual Rows')} "
+        f"loops={node.get('Actual Loops')} ms={node.get('Actual Total Time')}"
+    )
+    return [line] + [
+        sub for child in node.get("Plans", []) for sub in _plan_lines(child, depth + 1)
+    ]
+
+
+def bench_claim_scale(
+    admin_url: str,
+    sizes: tuple[int, ...],
+    cycles: int,
+    rounds: int,
+    machine: str,
+    sync_commit: bool,
+) -> None:
+    """Claim + complete latency and throughput at each backlog size, 1 and 8 claimers, against
+    the plain FIFO claim with its partial index on a twin database, in alternating rounds (a
+    busy machine slows both alike); each round's claimed jobs are topped up after it, so the
+    backlog stays within one round of its size."""
+
+    def fair_claim(queue: JobQueue, worker: str) -> str | None:
+        job = queue.claim(worker)
+        return job.id if job is not None else None
+
+    def plain_claim(queue: JobQueue, worker: str) -> str | None:
+        with queue.engine.begin() as conn:
+            return conn.execute(_FIFO_CLAIM, {"worker": worker}).scalar()
+
+    with (
+        bench_database(admin_url, sync_commit=sync_commit) as lf_url,
+        bench_database(admin_url, sync_commit=sync_commit) as plain_url,
+    ):
+        pool = max(SCALE_CLAIMERS) + 4
+        sides = []
+        files = {}
+        for label, url, claim_one in (
+            ("loraforge", lf_url, fair_claim),
+            ("plain", plain_url, plain_claim),
+        ):
+            engine = db.make_engine(url, pool_size=pool)
+            base_id, file_id = _scale_schema(engine, plain=label == "plain")
+            sides.append(ScaleSide(label, engine, base_id, claim_one))
+            files[label] = file_id
+        lf = sides[0]
+        results: dict[tuple[int, int], dict[str, Any]] = {}
+        try:
+            for size in sizes:
+                for claimers in SCALE_CLAIMERS:
+                    per_round = max(1, min(cycles, size // 4) // (rounds * claimers))
+                    progress(f"claim_scale: {size} queued, {claimers} claimer(s)")
+                    for side in sides:
+                        with side.engine.begin() as conn:
+                            conn.execute(text("TRUNCATE jobs CASCADE"))
+                        _fill(side, files[side.label], size)
+                        _vacuum(side.engine)
+                        side.latencies, side.seconds, side.cycles = [], 0.0, 0
+                        _round(side, claimers, 2)  # warm: connections, prepared statements
+                        _fill(side, files[side.label], 2 * claimers)
+                        side.latencies, side.seconds, side.cycles = [], 0.0, 0
+                    for _ in range(rounds):
+                        for side in sides:
+                            _round(side, claimers, per_round)
+                            _fill(side, files[side.label], claimers * per_round)
+                    figures = {
+                        side.label: {
+                            "p50_ms": percentile(side.latencies or [], 50),
+                            "p99_ms": percentile(side.latencies or [], 99),
+                            "jobs_per_s": side.cycles / side.seconds,
+                        }
+                        for side in sides
+                    }
+                    ours, floor = figures["loraforge"], figures["plain"]
+                    results[(size, claimers)] = figures
+                    emit(
+                        {
+                            "name": "claim_scale",
+                            "queued": size,
+                            "tenants": SCALE_TENANTS,
+                            "largest_tenant_share": 0.5,
+                            "claimers": claimers,
+                            "cycles": lf.cycles,
+                            "p50_ms": round(ours["p50_ms"], 2),
+                            "p99_ms": round(ours["p99_ms"], 2),
+                            "jobs_per_s": round(ours["jobs_per_s"], 1),
+                            "baseline": "plain FIFO UPDATE ... FOR UPDATE SKIP LOCKED claim, "
+                            "partial index ON jobs (created_at) WHERE status = 'queued', no "
+                            "triggers; JobQueue.complete",
+                            "baseline_p50_ms": round(floor["p50_ms"], 2),
+                            "baseline_p99_ms": round(floor["p99_ms"], 2),
+                            "baseline_jobs_per_s": round(floor["jobs_per_s"], 1),
+                            "ratio": round(ours["p50_ms"] / floor["p50_ms"], 3),
+                            "ratio_p99": round(ours["p99_ms"] / floor["p99_ms"], 3),
+                            "ratio_throughput": round(ours["jobs_per_s"] / floor["jobs_per_s"], 3),
+                            "machine": machine,
+                        }
+                    )
+            largest, smallest = max(sizes), min(sizes)
+            one, many = min(SCALE_CLAIMERS), max(SCALE_CLAIMERS)
+            top = results[(largest, one)]
+            targets = {
+                "p50_vs_plain": (top["loraforge"]["p50_ms"] / top["plain"]["p50_ms"], 1.5),
+                "p99_vs_plain": (top["loraforge"]["p99_ms"] / top["plain"]["p99_ms"], 2.0),
+                "p50_vs_own_smallest": (
+                    top["loraforge"]["p50_ms"] / results[(smallest, one)]["loraforge"]["p50_ms"],
+                    1.5,
+                ),
+            }
+            wide = results[(largest, many)]
+            throughput = wide["loraforge"]["jobs_per_s"] / wide["plain"]["jobs_per_s"]
+            emit(
+                {
+                    "name": "claim_scale_targets",
+                    "queued": largest,
+                    **{
+                        name: {"ratio": round(value, 3), "at_most": bound, "met": value <= bound}
+                        for name, (value, bound) in targets.items()
+                    },
+                    f"throughput_{many}_vs_plain": {
+                        "ratio": round(throughput, 3),
+                        "at_least": 1.0,
+                        "met": throughput >= 1.0,
+                    },
+                    "machine": machine,
+                }
+            )
+            bench_hot_paths(lf, files["loraforge"], largest, machine)
+        finally:
+            for side in sides:
+                side.engine.dispose()
+
+
+def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> None:
+    """At the largest backlog: the claim's plan, and the other paths a deep backlog loads (the
+    reaper, the dashboard's counts, a tenant's deep page), each beside the way it would go
+    without the bookkeeping or the keyset index."""
+    from control_plane import queue_stats
+
+    engine = side.engine
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs CASCADE"))
+    _fill(side, file_id, size)
+    _vacuum(engine)
+    queue = JobQueue(engine, max_running_per_tenant=SCALE_LIMIT)
+    for _ in range(3):
+        queue.explain_claim()  # warm the caches the claim reads
+    plan = queue.explain_claim(prefer_base_model_id=side.base_id)
+    emit(
+        {
+            "name": "claim_plan",
+            "queued": size,
+            "execution_ms": plan["Execution Time"],
+            "planning_ms": plan["Planning Time"],
+            "triggers_ms": round(sum(t["Time"] for t in plan.get("Triggers", [])), 3),
+            "plan": _plan_lines(plan["Plan"]),
+            "machine": machine,
+        }
+    )
+    reap = queue.explain_reap()
+    emit(
+        {
+            "name": "reap_plan",
+            "queued": size,
+            "execution_ms": reap["Execution Time"],
+            "plan": _plan_lines(reap["Plan"]),
+            "machine": machine,
+        }
+    )
+
+    def timed(run: Callable[[Any], object], samples: int = 30) -> float:
+        values = []
+        with engine.connect() as conn:
+            for _ in range(samples):
+                t0 = time.perf_counter()
+                run(conn)
+                values.append((time.perf_counter() - t0) * 1000)
+        return percentile(values, 50)
+
+    def counted(conn: Any, tenant: str | None) -> dict[str, queue_stats.QueueCounts]:
+        scope = "" if tenant is None else "WHERE tenant_id = :t "
+        rows = conn.execute(
+            text(
+                "SELECT tenant_id, count(*) FILTER (WHERE status = 'queued') AS queued, "
+                "count(*) FILTER (WHERE status IN ('running', 'cancelling')) AS running "
+                f"FROM jobs {scope}GROUP BY tenant_id"
+            ),
+            {"t": tenant},
+        )
+        return {
+            r.tenant_id: queue_stats.QueueCounts(r.tenant_id, r.queued, r.running) for r in rows
+        }
+
+    big = "tenant-0000"
+    for scope, tenant in (("every_tenant", None), ("largest_tenant", big)):
+        ours = timed(lambda conn, tenant=tenant: queue_stats.queue_counts(conn, tenant))
+        baseline = timed(lambda conn, tenant=tenant: counted(conn, tenant), samples=5)
+        emit(
+            {
+                "name": f"queue_counts_{scope}",
+                "queued": size,
+                "p50_ms": round(ours, 3),
+                "baseline": "the same counts by count(*) over jobs",
+                "baseline_p50_ms": round(baseline, 3),
+                "ratio": round(ours / baseline, 4),
+                "machine": machine,
+            }
+        )
+    with engine.connect() as conn:
+        cursor = conn.execute(
+            text(
+                "SELECT id, created_at FROM jobs WHERE tenant_id = :t "
+                "ORDER BY created_at DESC, id DESC OFFSET 1000 LIMIT 1"
+            ),
+            {"t": big},
+        ).one()
+    page = "SELECT * FROM jobs WHERE tenant_id = :t AND {after} ORDER BY created_at DESC, id DESC LIMIT 21"
+    row_form = text(page.format(after="(created_at, id) < (:c, :i)"))
+    or_form = text(page.format(after="(created_at < :c OR (created_at = :c AND id < :i))"))
+    values = {"t": big, "c": cursor.created_at, "i": cursor.id}
+    ours = timed(lambda conn: conn.execute(row_form, values).all())
+    baseline = timed(lambda conn: conn.execute(or_form, values).all(), samples=10)
+    listed = timed(lambda conn: jobs.list_jobs(conn, big, after=cursor.id, limit=20))
+    emit(
+        {
+            "name": "tenant_page_after_1000",
+            "queued": size,
+            "tenant_jobs": size // 2,
+            "page": 20,
+            "p50_ms": round(ours, 3),
+            "list_jobs_p50_ms": round(listed, 3),
+            "baseline": "the same page with `created_at < c OR (created_at = c AND id < i)`",
+            "baseline_p50_ms": round(baseline, 3),
+            "ratio": round(ours / baseline, 4),
+            "machine": machine,
+        }
+    )
+
+
 # -- entry point -------------------------------------------------------------------------------
 
 
@@ -620,9 +998,32 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="synchronous_commit = off on the throwaway database (measure statements, not fsync)",
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="run only the claim at scale (claim_scale, its plan and the hot paths)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=",".join(str(n) for n in SCALE_SIZES),
+        help="backlog sizes for claim_scale, comma-separated",
+    )
+    parser.add_argument(
+        "--scale-cycles",
+        type=int,
+        default=1600,
+        help="claim + complete cycles per side and size (at most a quarter of the backlog)",
+    )
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds per size")
     args = parser.parse_args(argv)
     if args.jobs < API_CLIENT_THREADS or args.samples < 1 or args.poll_samples < 1:
         parser.error(f"--jobs must be at least {API_CLIENT_THREADS}; samples at least 1")
+    try:
+        sizes = tuple(int(size) for size in args.sizes.split(","))
+    except ValueError:
+        parser.error("--sizes takes whole numbers separated by commas, e.g. 1000,10000,100000")
+    if min(sizes) < 4 * max(SCALE_CLAIMERS) or args.scale_cycles < 1 or args.rounds < 1:
+        parser.error(f"--sizes at least {4 * max(SCALE_CLAIMERS)}; cycles and rounds at least 1")
 
     with (
         admin_server(args.database_url) as admin_url,
@@ -633,6 +1034,12 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_description(engine)
         engine.dispose()
         progress(f"database ready; {machine}")
+        if args.scale:
+            bench_claim_scale(
+                admin_url, sizes, args.scale_cycles, args.rounds, machine, not args.no_sync_commit
+            )
+            progress("done")
+            return 0
         bench_api_enqueue(url, args.jobs, machine, Path(work_dir))
         bench_claims(url, args.jobs, machine)
         bench_notify(url, args.samples, args.poll_samples, machine)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Connection, Row, Table, and_, or_, select
+from sqlalchemy import ColumnElement, Connection, Row, Table, select, tuple_
 
 T = TypeVar("T")
 
@@ -42,11 +42,10 @@ def newest_first(
         ).one_or_none()
         if cursor is None:
             raise LookupError(after)
+        # One row comparison, not `a < x OR (a = x AND b < y)`: an index on (scope...,
+        # created_at, id) seeks straight to the cursor instead of filtering every newer row.
         query = query.where(
-            or_(
-                table.c.created_at < cursor.created_at,
-                and_(table.c.created_at == cursor.created_at, table.c.id < cursor.id),
-            )
+            tuple_(table.c.created_at, table.c.id) < tuple_(cursor.created_at, cursor.id)
         )
     rows = conn.execute(
         query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit + 1)

@@ -2,10 +2,13 @@
 
 Jobs are the queue. A claim is one statement (`FOR UPDATE SKIP LOCKED` + `UPDATE ... RETURNING`)
 ordered by priority, then fair share between tenants (running + queued rank, then the tenant
-served least recently), then base affinity, then age. A claimed
-job holds a lease that its worker renews by heartbeat; an expired lease (its trainer lost) puts
-the job back without using an attempt, up to `max_interruptions`. Idle workers wait on
-`LISTEN/NOTIFY` rather than polling.
+served least recently), then base affinity, then age. Its cost does not grow with the backlog:
+it ranks only the front of each (tenant, base) line, found through the bookkeeping that
+revision 0006's triggers keep exact (`queue_stats`), and proves its choice is the backlog's
+first or falls back to ranking everything (docs/architecture.md, "The claim at scale"). A
+claimed job holds a lease that its worker renews by heartbeat; an expired lease (its trainer
+lost) puts the job back without using an attempt, up to `max_interruptions`. Idle workers wait
+on `LISTEN/NOTIFY` rather than polling.
 
 Longer than the house's ~450 lines on purpose: each transition's statement stands beside the
 one method that runs it, with its guard and its event; splitting them apart would separate a
@@ -14,6 +17,7 @@ statement from the promise it keeps.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, TextClause, text
 
 from control_plane.db import libpq_url
 from control_plane.events import add_event
@@ -32,8 +36,13 @@ log = logging.getLogger(__name__)
 
 JOBS_CHANNEL = "loraforge_jobs"
 CANCEL_CHANNEL = "loraforge_cancel"
-# A claim ranks every claimable job but locks among the best few only; more claimers than this
-# claiming at the same instant could find all of them locked and see an empty queue for a moment.
+# A claim ranks the front of the queue: the first CLAIM_FRONT_LINES lines (one per tenant and
+# base) in the claim's order, CLAIM_PER_LINE jobs of each. It locks among the best of those, so
+# more claimers than that claiming at the same instant could find all of them locked and see an
+# empty queue for a moment. When the front cannot prove its first is the backlog's first, the
+# claim ranks every claimable job and locks among the best CLAIM_CANDIDATES.
+CLAIM_FRONT_LINES = 8
+CLAIM_PER_LINE = 4
 CLAIM_CANDIDATES = 64
 
 
@@ -80,42 +89,22 @@ class Heartbeat:
     cancel_requested: bool
 
 
-_CLAIM = text(
-    """
-    WITH running AS (
-        SELECT tenant_id, count(*) AS n FROM jobs
-        WHERE status = ANY(:active) GROUP BY tenant_id
-    ),
-    eligible AS (
-        SELECT j.id, j.priority, j.base_model_id, j.created_at, t.last_claimed_at,
-               coalesce(r.n, 0) + row_number() OVER (
-                   PARTITION BY j.tenant_id
-                   ORDER BY j.priority DESC,
-                            (j.base_model_id IS NOT DISTINCT FROM :prefer) DESC,
-                            j.created_at, j.id
-               ) AS share
-        FROM jobs j
-        JOIN tenants t ON t.id = j.tenant_id
-        LEFT JOIN running r ON r.tenant_id = j.tenant_id
-        WHERE j.status = :queued AND j.run_after <= now()
-          AND coalesce(r.n, 0) < coalesce(t.max_running_jobs, :default_limit)
-          AND j.tenant_id <> ALL(CAST(:excluded AS text[]))
-    ),
-    candidates AS MATERIALIZED (
-        SELECT id, row_number() OVER (
-                   ORDER BY priority DESC, share, last_claimed_at ASC NULLS FIRST,
-                            (base_model_id IS NOT DISTINCT FROM :prefer) DESC, created_at, id
-               ) AS position
-        FROM eligible
-        ORDER BY position
-        LIMIT :candidates
-    ),
-    picked AS (
-        SELECT j.id FROM candidates c JOIN jobs j ON j.id = c.id
-        WHERE j.status = :queued
-        ORDER BY c.position
-        LIMIT 1
-        FOR UPDATE OF j SKIP LOCKED
+# Literal, not bound: a partial index on the queued jobs serves a statement only when its planner
+# can see the status, which a generic (prepared) plan over a bound parameter cannot.
+_QUEUED = f"'{JobStatus.QUEUED}'"
+
+# What both claim statements do with the job they picked: lock its tenant's bookkeeping row and
+# start the job under a lease only while the tenant is under its limit, then log it. The row
+# lock serialises one tenant's claims, and re-reads the row's newest version (a concurrent claim
+# that committed meanwhile counts), so the limit holds exactly under concurrent claimers; the
+# triggers of revision 0006 then count the job running and stamp the tenant served.
+_START_PICKED = """
+    allowed AS (
+        SELECT s.tenant_id FROM tenant_queue_stats s
+        JOIN picked ON picked.tenant_id = s.tenant_id
+        JOIN tenants t ON t.id = s.tenant_id
+        WHERE s.running < coalesce(t.max_running_jobs, :default_limit)
+        FOR UPDATE OF s
     ),
     claimed AS (
         UPDATE jobs SET status = :running,
@@ -124,14 +113,9 @@ _CLAIM = text(
                         lease_expires_at = now() + make_interval(secs => :lease),
                         started_at = coalesce(jobs.started_at, now()),
                         error_code = NULL, error_message = NULL, error_param = NULL
-        FROM picked WHERE jobs.id = picked.id
+        FROM picked JOIN allowed ON allowed.tenant_id = picked.tenant_id
+        WHERE jobs.id = picked.id
         RETURNING jobs.*
-    ),
-    -- The tenant row's lock serialises concurrent claims for one tenant (see claim()).
-    stamped AS (
-        UPDATE tenants SET last_claimed_at = clock_timestamp()
-        FROM claimed WHERE tenants.id = claimed.tenant_id
-        RETURNING tenants.id
     ),
     logged AS (
         INSERT INTO job_events (job_id, message, data)
@@ -142,8 +126,157 @@ _CLAIM = text(
         FROM claimed
         RETURNING job_id
     )
-    SELECT claimed.* FROM claimed
-    WHERE EXISTS (SELECT 1 FROM stamped) AND EXISTS (SELECT 1 FROM logged)
+"""
+
+# The claim is planned once per connection, not once per claim: planning its statement costs
+# more than running it, and PostgreSQL's plan cache, comparing estimates, keeps re-planning it
+# (a custom plan sees `prefer` is NULL and prunes a walk; the generic plan cannot). The
+# generic plan walks the same indexes (every status and limit it depends on is a literal).
+_GENERIC_PLAN = text("SET LOCAL plan_cache_mode = force_generic_plan")
+
+# The first candidate (by `position`) that is still claimable and not being claimed right now.
+# The candidates' ids go in as one array, so the jobs are found through their primary key
+# whatever the planner thinks a CTE holds (joined, it may hash the whole table instead).
+_PICK = f"""
+    pick_order AS (SELECT array_agg(id ORDER BY position) AS ids FROM candidates),
+    picked AS (
+        SELECT j.id, j.tenant_id FROM pick_order o JOIN jobs j ON j.id = ANY(o.ids)
+        WHERE {{gate}} j.status = {_QUEUED} AND j.run_after <= now()
+        ORDER BY array_position(o.ids, j.id)
+        LIMIT 1
+        FOR UPDATE OF j SKIP LOCKED
+    ),"""
+
+# The lines of the queue, one per (tenant, base), best head first: `queue_heads` in the order of
+# its partial index, past tenants at their running limit or excluded by an earlier try.
+_WALK = """
+    SELECT h.tenant_id, h.base_model_id, h.top_priority, h.running, h.last_served_at,
+           h.head_created_at, h.head_id
+    FROM queue_heads h JOIN tenants t ON t.id = h.tenant_id
+    WHERE h.queued > 0 AND h.running < coalesce(t.max_running_jobs, :default_limit)
+      AND h.tenant_id <> ALL(CAST(:excluded AS text[])) {only}
+    ORDER BY {first}h.top_priority DESC, h.running, h.last_served_at NULLS FIRST,
+             h.head_created_at, h.head_id
+    LIMIT {lines}
+"""
+
+# The last line a walk reached, when the walk was cut off at `:lines`: every line it did not
+# reach ranks at or after this bound (`affinity` -1 in the walk of the preferred base's lines).
+_LAST_LINE = """
+    SELECT -top_priority AS priority, running, coalesce(last_served_at, '-infinity') AS served,
+           {affinity} AS affinity, head_created_at AS created_at, head_id AS id
+    FROM {walk}
+    WHERE (SELECT count(*) FROM {walk}) = {lines}
+    ORDER BY top_priority, running DESC, last_served_at DESC NULLS LAST,
+             head_created_at DESC, head_id DESC
+    LIMIT 1
+"""
+
+
+# The claim at a cost that does not grow with the backlog. It ranks the front of the queue
+# only: the first `:lines` lines in the claim's order, and the first `:lines` lines of the
+# preferred base, each line's first `:per_line` claimable jobs (an index probe per line), ranked
+# exactly as `_CLAIM_RANKED` ranks the whole backlog. A line's stored head may be backing off,
+# so a walk's order is optimistic; the first of the front is still the first of the backlog when
+# it ranks at or before the last line each cut-off walk reached (`certain`). When that cannot be
+# shown (lines whose heads all back off fill a walk), nothing is claimed here and claim() runs
+# `_CLAIM_RANKED`, which is exact in every case.
+@functools.cache
+def _claim_front(lines: int) -> TextClause:
+    """The front claim walking `lines` lines (literal, as are the other limits: a prepared
+    statement's generic plan cannot see a bound LIMIT, and the claim must never be planned
+    for a walk of unknown length)."""
+    any_walk = _WALK.format(only="", first="", lines=lines)
+    base_walk = _WALK.format(
+        only="AND h.base_model_id = :prefer", first="h.base_model_id, ", lines=lines
+    )
+    return text(
+        f"""
+    WITH any_line AS MATERIALIZED ({any_walk}),
+    base_line AS MATERIALIZED ({base_walk}),
+    front AS MATERIALIZED (
+        SELECT j.id, l.tenant_id, j.priority, j.created_at, l.running, l.last_served_at,
+               (j.base_model_id IS NOT DISTINCT FROM :prefer) AS preferred
+        FROM (SELECT tenant_id, base_model_id, running, last_served_at FROM any_line
+              UNION
+              SELECT tenant_id, base_model_id, running, last_served_at FROM base_line) l
+        CROSS JOIN LATERAL (
+            SELECT id, base_model_id, priority, created_at FROM jobs
+            WHERE tenant_id = l.tenant_id AND base_model_id = l.base_model_id
+              AND status = {_QUEUED} AND run_after <= now()
+            ORDER BY priority DESC, created_at, id
+            LIMIT {CLAIM_PER_LINE}
+        ) j
+    ),
+    candidates AS MATERIALIZED (
+        SELECT *, row_number() OVER (
+                   ORDER BY priority DESC, share, last_served_at ASC NULLS FIRST,
+                            preferred DESC, created_at, id
+               ) AS position
+        FROM (
+            SELECT *, running + row_number() OVER (
+                       PARTITION BY tenant_id
+                       ORDER BY priority DESC, preferred DESC, created_at, id
+                   ) AS share
+            FROM front
+        ) ranked
+    ),
+    unreached AS (
+        ({_LAST_LINE.format(affinity=0, walk="any_line", lines=lines)})
+        UNION ALL
+        ({_LAST_LINE.format(affinity=-1, walk="base_line", lines=lines)})
+    ),
+    certain AS (
+        SELECT NOT EXISTS (
+            SELECT 1 FROM unreached u LEFT JOIN candidates b ON b.position = 1
+            WHERE b.id IS NULL
+               OR ROW(-b.priority, b.running, coalesce(b.last_served_at, '-infinity'),
+                      -b.preferred::int, b.created_at, b.id)
+                > ROW(u.priority, u.running, u.served, u.affinity, u.created_at, u.id)
+        ) AS proven
+    ),
+    {_PICK.format(gate="(SELECT proven FROM certain) AND")}
+    {_START_PICKED}
+    SELECT (SELECT proven FROM certain) AS proven, (SELECT tenant_id FROM picked) AS picked_tenant,
+           claimed.*
+    FROM (SELECT 1) AS one LEFT JOIN claimed ON true
+    """
+    )
+
+
+# The claim's order written over the whole backlog: every claimable job ranked, two window sorts
+# over all of them. Exact whatever the heads say; its cost grows with the backlog, so it runs
+# only when `_claim_front` cannot prove its answer.
+_CLAIM_RANKED = text(
+    f"""
+    WITH eligible AS (
+        SELECT j.id, j.priority, j.base_model_id, j.created_at, s.last_served_at,
+               s.running + row_number() OVER (
+                   PARTITION BY j.tenant_id
+                   ORDER BY j.priority DESC,
+                            (j.base_model_id IS NOT DISTINCT FROM :prefer) DESC,
+                            j.created_at, j.id
+               ) AS share
+        FROM jobs j
+        JOIN tenants t ON t.id = j.tenant_id
+        JOIN tenant_queue_stats s ON s.tenant_id = j.tenant_id
+        WHERE j.status = {_QUEUED} AND j.run_after <= now()
+          AND s.running < coalesce(t.max_running_jobs, :default_limit)
+          AND j.tenant_id <> ALL(CAST(:excluded AS text[]))
+    ),
+    candidates AS MATERIALIZED (
+        SELECT id, row_number() OVER (
+                   ORDER BY priority DESC, share, last_served_at ASC NULLS FIRST,
+                            (base_model_id IS NOT DISTINCT FROM :prefer) DESC, created_at, id
+               ) AS position
+        FROM eligible
+        ORDER BY position
+        LIMIT {CLAIM_CANDIDATES}
+    ),
+    {_PICK.format(gate="")}
+    {_START_PICKED}
+    SELECT true AS proven, (SELECT tenant_id FROM picked) AS picked_tenant, claimed.*
+    FROM (SELECT 1) AS one LEFT JOIN claimed ON true
     """
 )
 
@@ -196,12 +329,17 @@ _REAP = text(
     """
 )
 
-_TENANT_RUNNING = text(
+# Before a reap, the bookkeeping rows of the tenants it will touch, locked in one order: two
+# reapers (every trainer reaps before it claims) then never hold one tenant each and wait on
+# the other's.
+_LOCK_REAPED_TENANTS = text(
     """
-    SELECT (SELECT count(*) FROM jobs j
-            WHERE j.tenant_id = t.id AND j.status = ANY(:active)) AS running,
-           coalesce(t.max_running_jobs, :default_limit) AS max_running
-    FROM tenants t WHERE t.id = :tenant
+    SELECT tenant_id FROM tenant_queue_stats
+    WHERE tenant_id IN (
+        SELECT tenant_id FROM jobs WHERE status = ANY(:active) AND lease_expires_at < now()
+    )
+    ORDER BY tenant_id
+    FOR UPDATE
     """
 )
 
@@ -217,8 +355,10 @@ class JobQueue:
         retry_backoff_seconds: float = 10.0,
         max_running_per_tenant: int = 4,
         max_interruptions: int = 5,
+        front_lines: int = CLAIM_FRONT_LINES,
     ) -> None:
         self.engine = engine
+        self.front_lines = front_lines
         self.lease_seconds = lease_seconds
         self.retry_backoff_seconds = retry_backoff_seconds
         self.max_running_per_tenant = max_running_per_tenant
@@ -274,36 +414,49 @@ class JobQueue:
         """Claim the next job for `worker_id`, or None when nothing is claimable now."""
         excluded: list[str] = []
         while True:
+            params = self._claim_params(worker_id, prefer_base_model_id, excluded)
             with self.engine.begin() as conn:
-                row = conn.execute(
-                    _CLAIM,
-                    _params(
-                        worker=worker_id,
-                        lease=self.lease_seconds,
-                        prefer=prefer_base_model_id,
-                        default_limit=self.max_running_per_tenant,
-                        excluded=excluded,
-                        candidates=CLAIM_CANDIDATES,
-                    ),
-                ).one_or_none()
-                if row is None:
-                    return None
-                if self._within_tenant_limit(conn, row.tenant_id):
-                    return JobRecord.from_row(row)
-                conn.rollback()
-            excluded.append(row.tenant_id)
+                conn.execute(_GENERIC_PLAN)
+                row = conn.execute(_claim_front(self.front_lines), params).one()
+                if not row.proven:
+                    row = conn.execute(_CLAIM_RANKED, params).one()
+            if row.id is not None:
+                return JobRecord.from_row(row)
+            if row.picked_tenant is None:
+                return None
+            # The job's tenant reached its limit (a concurrent claim committed meanwhile).
+            excluded.append(row.picked_tenant)
 
-    def _within_tenant_limit(self, conn: Connection, tenant_id: str) -> bool:
-        """Re-check the tenant's running count after the claim statement.
+    def _claim_params(
+        self, worker_id: str, prefer_base_model_id: str | None, excluded: list[str]
+    ) -> dict[str, Any]:
+        return _params(
+            worker=worker_id,
+            lease=self.lease_seconds,
+            prefer=prefer_base_model_id,
+            default_limit=self.max_running_per_tenant,
+            excluded=excluded,
+        )
 
-        The claim locked the tenant's row (stamping `last_claimed_at`), so this statement, with a
-        snapshot taken after that lock, sees every claim for the tenant committed before it.
-        """
-        counts = conn.execute(
-            _TENANT_RUNNING,
-            _params(tenant=tenant_id, default_limit=self.max_running_per_tenant),
-        ).one()
-        return int(counts.running) <= int(counts.max_running)
+    def explain_claim(self, *, prefer_base_model_id: str | None = None) -> dict[str, Any]:
+        """The plan of one claim of the front, as `EXPLAIN (ANALYZE, BUFFERS)` measured it
+        (JSON): the claim runs and is rolled back. What to read when a claim is slow."""
+        return self._explain(
+            _claim_front(self.front_lines),
+            self._claim_params("explain", prefer_base_model_id, []),
+        )
+
+    def explain_reap(self) -> dict[str, Any]:
+        """The plan of one reap of expired leases, measured and rolled back (see explain_claim)."""
+        return self._explain(_REAP, _params(max_interruptions=self.max_interruptions))
+
+    def _explain(self, statement: TextClause, params: dict[str, Any]) -> dict[str, Any]:
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            plan = conn.execute(
+                text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement.text), params
+            ).scalar_one()
+            transaction.rollback()
+        return dict(plan[0])
 
     def heartbeat(
         self,
@@ -498,6 +651,7 @@ class JobQueue:
     def reap_expired_leases(self) -> list[JobRecord]:
         """Return jobs whose lease expired to the queue (attempts left) or fail/cancel them."""
         with self.engine.begin() as conn:
+            conn.execute(_LOCK_REAPED_TENANTS, _params())
             rows = conn.execute(_REAP, _params(max_interruptions=self.max_interruptions)).all()
             for row in rows:
                 self._record_release(

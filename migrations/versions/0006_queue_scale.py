@@ -27,17 +27,21 @@ branch_labels = None
 depends_on = None
 
 FUNCTIONS = """
-CREATE FUNCTION queue_stats_tenant(p_tenant text, d_queued int, d_running int, served boolean)
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-  r int;
-  s timestamptz;
+-- Every function is PL/pgSQL, whose statements are planned once per session (a SQL function's
+-- are planned again at every call).
+
+-- The tenant's row, locked first by every change to its jobs; returns its running count and
+-- served time as they now stand.
+CREATE FUNCTION queue_stats_bump(
+  p_tenant text, d_queued int, d_running int, served boolean, OUT running int,
+  OUT last_served_at timestamptz
+) LANGUAGE plpgsql AS $$
 BEGIN
-  UPDATE tenant_queue_stats
-     SET queued = queued + d_queued, running = running + d_running,
-         last_served_at = CASE WHEN served THEN clock_timestamp() ELSE last_served_at END
-   WHERE tenant_id = p_tenant
-  RETURNING running, last_served_at INTO r, s;
+  UPDATE tenant_queue_stats s
+     SET queued = s.queued + d_queued, running = s.running + d_running,
+         last_served_at = CASE WHEN served THEN clock_timestamp() ELSE s.last_served_at END
+   WHERE s.tenant_id = p_tenant
+  RETURNING s.running, s.last_served_at INTO running, last_served_at;
   IF NOT FOUND THEN
     -- The tenant's first job in the queue: count from jobs, which already hold this change.
     INSERT INTO tenant_queue_stats AS q (tenant_id, queued, running, last_served_at)
@@ -49,19 +53,29 @@ BEGIN
     ON CONFLICT (tenant_id) DO UPDATE
        SET queued = q.queued + d_queued, running = q.running + d_running,
            last_served_at = CASE WHEN served THEN clock_timestamp() ELSE q.last_served_at END
-    RETURNING running, last_served_at INTO r, s;
-  END IF;
-  IF d_running <> 0 OR served THEN
-    UPDATE queue_heads SET running = r, last_served_at = s WHERE tenant_id = p_tenant;
+    RETURNING q.running, q.last_served_at INTO running, last_served_at;
   END IF;
   IF served THEN
-    UPDATE tenants SET last_claimed_at = s WHERE id = p_tenant;
+    -- Kept for readers of tenants.last_claimed_at; the claim reads tenant_queue_stats.
+    UPDATE tenants SET last_claimed_at = queue_stats_bump.last_served_at WHERE id = p_tenant;
   END IF;
+END $$;
+
+-- The tenant's running count and served time copied onto its lines (all, or all but one).
+CREATE FUNCTION queue_heads_copy_tenant(p_tenant text, p_except text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE queue_heads h SET running = s.running, last_served_at = s.last_served_at
+    FROM tenant_queue_stats s
+   WHERE s.tenant_id = p_tenant AND h.tenant_id = p_tenant
+     AND h.base_model_id IS DISTINCT FROM p_except
+     AND (h.running, h.last_served_at) IS DISTINCT FROM (s.running, s.last_served_at);
 END $$;
 
 CREATE FUNCTION queue_heads_add(
   p_tenant text, p_base text, n int, p_priority int, p_created timestamptz, p_id text
-) RETURNS void LANGUAGE sql AS $$
+) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
   INSERT INTO queue_heads AS h (tenant_id, base_model_id, queued, top_priority, head_created_at,
                                 head_id, running, last_served_at)
   SELECT p_tenant, p_base, n, p_priority, p_created, p_id,
@@ -69,6 +83,8 @@ CREATE FUNCTION queue_heads_add(
     FROM (SELECT 1) AS one LEFT JOIN tenant_queue_stats s ON s.tenant_id = p_tenant
   ON CONFLICT (tenant_id, base_model_id) DO UPDATE SET
     queued = h.queued + EXCLUDED.queued,
+    running = EXCLUDED.running,
+    last_served_at = EXCLUDED.last_served_at,
     top_priority = CASE WHEN h.head_id IS NULL
         OR (-EXCLUDED.top_priority, EXCLUDED.head_created_at, EXCLUDED.head_id)
          < (-h.top_priority, h.head_created_at, h.head_id)
@@ -80,26 +96,24 @@ CREATE FUNCTION queue_heads_add(
     head_id = CASE WHEN h.head_id IS NULL
         OR (-EXCLUDED.top_priority, EXCLUDED.head_created_at, EXCLUDED.head_id)
          < (-h.top_priority, h.head_created_at, h.head_id)
-      THEN EXCLUDED.head_id ELSE h.head_id END
-$$;
+      THEN EXCLUDED.head_id ELSE h.head_id END;
+END $$;
 
-CREATE FUNCTION queue_heads_remove(p_tenant text, p_base text, n int, p_ids text[])
-RETURNS void LANGUAGE plpgsql AS $$
-DECLARE
-  head text;
+-- Jobs left the line: its count drops and its head is read again off the line's index (the
+-- first queued job in the claim's order), with the tenant's running count and served time.
+CREATE FUNCTION queue_heads_remove(p_tenant text, p_base text, n int) RETURNS void
+LANGUAGE plpgsql AS $$
 BEGIN
-  UPDATE queue_heads SET queued = queued - n
-   WHERE tenant_id = p_tenant AND base_model_id = p_base
-  RETURNING head_id INTO head;
-  IF head = ANY(p_ids) THEN
-    -- The head left: the next one is the first entry of the tenant's line in its index.
-    UPDATE queue_heads h
-       SET (top_priority, head_created_at, head_id) = (
-         SELECT j.priority, j.created_at, j.id FROM jobs j
-          WHERE j.tenant_id = p_tenant AND j.base_model_id = p_base AND j.status = 'queued'
-          ORDER BY j.priority DESC, j.created_at, j.id LIMIT 1)
-     WHERE h.tenant_id = p_tenant AND h.base_model_id = p_base;
-  END IF;
+  UPDATE queue_heads h
+     SET queued = h.queued - n,
+         (top_priority, head_created_at, head_id) = (
+           SELECT j.priority, j.created_at, j.id FROM jobs j
+            WHERE j.tenant_id = p_tenant AND j.base_model_id = p_base AND j.status = 'queued'
+            ORDER BY j.priority DESC, j.created_at, j.id LIMIT 1),
+         (running, last_served_at) = (
+           SELECT s.running, s.last_served_at FROM tenant_queue_stats s
+            WHERE s.tenant_id = p_tenant)
+   WHERE h.tenant_id = p_tenant AND h.base_model_id = p_base;
 END $$;
 
 CREATE FUNCTION jobs_queue_on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -114,7 +128,10 @@ BEGIN
     HAVING count(*) FILTER (WHERE status IN ('queued', 'running', 'cancelling')) > 0
      ORDER BY tenant_id
   LOOP
-    PERFORM queue_stats_tenant(g.tenant_id, g.queued::int, g.running::int, false);
+    PERFORM queue_stats_bump(g.tenant_id, g.queued::int, g.running::int, false);
+    IF g.running > 0 THEN
+      PERFORM queue_heads_copy_tenant(g.tenant_id, NULL);
+    END IF;
   END LOOP;
   FOR g IN
     SELECT DISTINCT ON (tenant_id, base_model_id) tenant_id, base_model_id,
@@ -134,22 +151,38 @@ DECLARE
   was_active int := (OLD.status IN ('running', 'cancelling'))::int;
   is_active int := (NEW.status IN ('running', 'cancelling'))::int;
   served boolean := OLD.status = 'queued' AND NEW.status = 'running';
+  same_line boolean := OLD.tenant_id = NEW.tenant_id AND OLD.base_model_id = NEW.base_model_id;
 BEGIN
   IF OLD.tenant_id = NEW.tenant_id THEN
     IF was_queued <> is_queued OR was_active <> is_active THEN
-      PERFORM queue_stats_tenant(NEW.tenant_id, is_queued - was_queued, is_active - was_active,
-                                 served);
+      PERFORM queue_stats_bump(NEW.tenant_id, is_queued - was_queued, is_active - was_active,
+                               served);
     END IF;
   ELSE
-    PERFORM queue_stats_tenant(OLD.tenant_id, -was_queued, -was_active, false);
-    PERFORM queue_stats_tenant(NEW.tenant_id, is_queued, is_active, served);
+    PERFORM queue_stats_bump(OLD.tenant_id, -was_queued, -was_active, false);
+    PERFORM queue_stats_bump(NEW.tenant_id, is_queued, is_active, served);
   END IF;
   IF was_queued = 1 THEN
-    PERFORM queue_heads_remove(OLD.tenant_id, OLD.base_model_id, 1, ARRAY[OLD.id::text]);
-  END IF;
-  IF is_queued = 1 THEN
+    -- Left its line (claimed, cancelled) or moved within it (a new priority): a claim ends
+    -- here, with one update of the job's own line.
+    PERFORM queue_heads_remove(OLD.tenant_id, OLD.base_model_id,
+                               1 - is_queued * same_line::int);
+  ELSIF is_queued = 1 THEN
     PERFORM queue_heads_add(NEW.tenant_id, NEW.base_model_id, 1, NEW.priority, NEW.created_at,
                             NEW.id);
+  END IF;
+  IF was_active <> is_active OR served THEN
+    PERFORM queue_heads_copy_tenant(NEW.tenant_id,
+                                    CASE WHEN was_queued + is_queued > 0 AND same_line
+                                         THEN NEW.base_model_id END);
+  END IF;
+  IF NOT same_line THEN
+    IF was_queued = 1 AND is_queued = 1 THEN
+      PERFORM queue_heads_add(NEW.tenant_id, NEW.base_model_id, 1, NEW.priority, NEW.created_at,
+                              NEW.id);
+    END IF;
+    PERFORM queue_heads_copy_tenant(OLD.tenant_id, NULL);
+    PERFORM queue_heads_copy_tenant(NEW.tenant_id, NULL);
   END IF;
   RETURN NULL;
 END $$;
@@ -157,8 +190,6 @@ END $$;
 CREATE FUNCTION jobs_queue_on_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   g record;
-  r int;
-  s timestamptz;
 BEGIN
   FOR g IN
     SELECT tenant_id,
@@ -170,18 +201,17 @@ BEGIN
   LOOP
     -- No row (the tenant itself is being deleted): nothing left to keep.
     UPDATE tenant_queue_stats SET queued = queued - g.queued, running = running - g.running
-     WHERE tenant_id = g.tenant_id
-    RETURNING running, last_served_at INTO r, s;
+     WHERE tenant_id = g.tenant_id;
     IF FOUND AND g.running > 0 THEN
-      UPDATE queue_heads SET running = r, last_served_at = s WHERE tenant_id = g.tenant_id;
+      PERFORM queue_heads_copy_tenant(g.tenant_id, NULL);
     END IF;
   END LOOP;
   FOR g IN
-    SELECT tenant_id, base_model_id, count(*) AS n, array_agg(id::text) AS ids
+    SELECT tenant_id, base_model_id, count(*) AS n
       FROM deleted WHERE status = 'queued'
      GROUP BY tenant_id, base_model_id ORDER BY tenant_id, base_model_id
   LOOP
-    PERFORM queue_heads_remove(g.tenant_id, g.base_model_id, g.n::int, g.ids);
+    PERFORM queue_heads_remove(g.tenant_id, g.base_model_id, g.n::int);
   END LOOP;
   RETURN NULL;
 END $$;
@@ -239,9 +269,10 @@ DROP FUNCTION jobs_queue_on_truncate();
 DROP FUNCTION jobs_queue_on_delete();
 DROP FUNCTION jobs_queue_on_update();
 DROP FUNCTION jobs_queue_on_insert();
-DROP FUNCTION queue_heads_remove(text, text, int, text[]);
+DROP FUNCTION queue_heads_remove(text, text, int);
 DROP FUNCTION queue_heads_add(text, text, int, int, timestamptz, text);
-DROP FUNCTION queue_stats_tenant(text, int, int, boolean);
+DROP FUNCTION queue_heads_copy_tenant(text, text);
+DROP FUNCTION queue_stats_bump(text, int, int, boolean);
 """
 
 # The order of a line's jobs (and of the lines themselves), as the claim ranks them.

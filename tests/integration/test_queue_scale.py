@@ -1,0 +1,523 @@
+"""The queue at platform scale: the claim that ranks only the front of the queue picks what the
+whole backlog's ranking picks, its bookkeeping stays exact through every transition, and many
+claimers drain a deep, many-tenant backlog exactly once within every tenant's limit."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Connection, Engine, create_engine, event, text
+
+from control_plane import jobs as job_repo
+from control_plane.job_status import ACTIVE, JobStatus
+from control_plane.queue import JobQueue
+from control_plane.queue_stats import QueueCounts, drift, queue_counts
+from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+
+DEFAULT_LIMIT = 2
+
+
+def _no_drift(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert drift(conn) == []
+
+
+def _insert_jobs(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Jobs straight into the table, one multi-row statement (as a bulk import would)."""
+    conn.execute(
+        text(
+            "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+            "hyperparameters, priority, created_at, run_after) "
+            "SELECT id, tenant_id, 'queued', base_model_id, :file, '{}'::jsonb, priority, "
+            "created_at, run_after FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r("
+            "id text, tenant_id text, base_model_id text, priority int, created_at timestamptz, "
+            "run_after timestamptz)"
+        ),
+        {"file": rows[0]["file"], "rows": _json(rows)},
+    )
+
+
+def _json(rows: list[dict[str, Any]]) -> str:
+    import json
+
+    return json.dumps(
+        [{k: v.isoformat() if isinstance(v, datetime) else v for k, v in r.items()} for r in rows]
+    )
+
+
+# -- bookkeeping through every transition ----------------------------------------------------
+
+
+def test_bookkeeping_follows_every_transition(engine: Engine) -> None:
+    base, other = make_base(engine), make_base(engine, "other-base")
+    acme = make_tenant(engine, "acme", max_running_jobs=10)
+    file_id = make_file(engine, acme.id).id
+    queue = JobQueue(engine, lease_seconds=60, retry_backoff_seconds=3600)
+    ids = enqueue_jobs(engine, acme.id, base.id, file_id, 6)
+    ids += enqueue_jobs(engine, acme.id, other.id, file_id, 2, priority=3)
+    _no_drift(engine)
+
+    def counts() -> QueueCounts:
+        with engine.connect() as conn:
+            return queue_counts(conn, acme.id)[acme.id]
+
+    assert counts() == QueueCounts(acme.id, 8, 0)
+    claimed = [queue.claim(f"w{n}") for n in range(5)]
+    assert all(job is not None for job in claimed)
+    jobs = [job for job in claimed if job is not None]
+    assert {job.base_model_id for job in jobs[:2]} == {other.id}  # priority 3 first
+    assert counts() == QueueCounts(acme.id, 3, 5)
+    _no_drift(engine)
+
+    queue.complete(jobs[0].id, "w0")
+    queue.fail(jobs[1].id, "w1", code="oom", message="out of memory")  # back off an hour
+    queue.fail(jobs[2].id, "w2", code="bad", message="bad data", retryable=False)
+    queue.hand_back(jobs[3].id, "w3", reason="shutting down")
+    queue.request_cancel(jobs[4].id)
+    assert counts() == QueueCounts(acme.id, 5, 1)  # cancelling still holds its lease
+    queue.finish_cancelled(jobs[4].id, "w4")
+    assert counts() == QueueCounts(acme.id, 5, 0)
+    _no_drift(engine)
+
+    queued = [i for i in ids if i not in {job.id for job in jobs}]
+    queue.request_cancel(queued[0])
+    lost = queue.claim("w5")
+    assert lost is not None
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = :id"),
+            {"id": lost.id},
+        )
+    assert [job.id for job in queue.reap_expired_leases()] == [lost.id]
+    _no_drift(engine)
+
+    with engine.begin() as conn:  # a job's priority changed while it waits
+        conn.execute(text("UPDATE jobs SET priority = 9 WHERE id = :id"), {"id": queued[-1]})
+    _no_drift(engine)
+    first = queue.claim("w6")
+    assert first is not None and first.id == queued[-1]
+
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE id = ANY(:ids)"), {"ids": queued[1:3]})
+    _no_drift(engine)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs CASCADE"))
+    assert counts() == QueueCounts(acme.id, 0, 0)
+    _no_drift(engine)
+    enqueue_jobs(engine, acme.id, base.id, file_id, 3)
+    assert counts() == QueueCounts(acme.id, 3, 0)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM tenants WHERE id = :id"), {"id": acme.id})
+    _no_drift(engine)
+    with engine.connect() as conn:
+        assert queue_counts(conn) == {}
+
+
+def test_queue_counts_read_every_tenant_at_once(engine: Engine) -> None:
+    base = make_base(engine)
+    tenants = [make_tenant(engine, f"t{n}", max_running_jobs=5) for n in range(3)]
+    for n, tenant in enumerate(tenants):
+        enqueue_jobs(engine, tenant.id, base.id, make_file(engine, tenant.id).id, 2 + n)
+    queue = JobQueue(engine)
+    job = queue.claim("w")
+    assert job is not None
+    with engine.connect() as conn:
+        counts = queue_counts(conn)
+        assert queue_counts(conn, "tenant-unknown") == {
+            "tenant-unknown": QueueCounts("tenant-unknown", 0, 0)
+        }
+    assert sum(c.queued for c in counts.values()) == 8
+    assert [c.running for c in counts.values() if c.tenant_id == job.tenant_id] == [1]
+
+
+# -- the claim against a reference ranking ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    tenant_id: str
+    base_model_id: str
+    status: str
+    priority: int
+    created_at: datetime
+    ready: bool
+
+
+def reference_pick(
+    jobs: list[Snapshot],
+    limits: dict[str, int | None],
+    served: dict[str, int],
+    prefer: str | None,
+) -> str | None:
+    """The claim's promise, written plainly: priority, then fair share (running + rank in the
+    tenant's own order), then the tenant served least recently (never first), then base
+    affinity, then age, then id; tenants at their running limit and jobs backing off wait."""
+    running = Counter(j.tenant_id for j in jobs if j.status in ACTIVE)
+
+    def limit(tenant: str) -> int:
+        value = limits[tenant]
+        return DEFAULT_LIMIT if value is None else value
+
+    eligible = [
+        j
+        for j in jobs
+        if j.status == JobStatus.QUEUED and j.ready and running[j.tenant_id] < limit(j.tenant_id)
+    ]
+    keys = []
+    for tenant in {j.tenant_id for j in eligible}:
+        own = sorted(
+            (j for j in eligible if j.tenant_id == tenant),
+            key=lambda j: (-j.priority, j.base_model_id != prefer, j.created_at, j.id),
+        )
+        for rank, j in enumerate(own, start=1):
+            last = served.get(tenant)
+            keys.append(
+                (
+                    -j.priority,
+                    running[tenant] + rank,
+                    (0, 0) if last is None else (1, last),
+                    j.base_model_id != prefer,
+                    j.created_at,
+                    j.id,
+                )
+            )
+    return min(keys)[-1] if keys else None  # type: ignore[return-value]
+
+
+JOB = st.tuples(
+    st.integers(0, 3),  # tenant (modulo the tenants drawn)
+    st.integers(0, 1),  # base
+    st.integers(0, 2),  # priority
+    st.integers(0, 4),  # created, seconds after the start (ties fall to the id)
+    st.integers(0, 5),  # 0: backing off for an hour
+)
+OP = st.one_of(
+    st.tuples(st.just("claim"), st.sampled_from([None, 0, 1])),
+    st.tuples(st.just("claim"), st.sampled_from([None, 0, 1])),
+    st.tuples(st.just("claim"), st.sampled_from([None, 0, 1])),
+    st.tuples(st.just("complete"), st.integers(0, 99)),
+    st.tuples(st.just("fail"), st.integers(0, 99), st.booleans()),
+    st.tuples(st.just("hand_back"), st.integers(0, 99)),
+    st.tuples(st.just("cancel"), st.integers(0, 99)),
+    st.tuples(st.just("reap"), st.integers(0, 99)),
+    st.tuples(st.just("enqueue"), st.lists(JOB, min_size=1, max_size=4)),
+)
+
+
+@pytest.fixture
+def scene(engine: Engine) -> dict[str, Any]:
+    bases = [make_base(engine, "base-a").id, make_base(engine, "base-b").id]
+    home = make_tenant(engine, "home")
+    return {"bases": bases, "file": make_file(engine, home.id).id}
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    limits=st.lists(st.sampled_from([None, 1, 2, 3]), min_size=1, max_size=4),
+    initial=st.lists(JOB, min_size=4, max_size=24),
+    ops=st.lists(OP, min_size=15, max_size=40),
+    front_lines=st.sampled_from([1, 2, 16]),
+)
+def test_the_claim_picks_what_the_reference_ranks_first(
+    engine: Engine,
+    scene: dict[str, Any],
+    limits: list[int | None],
+    initial: list[tuple[int, int, int, int, int]],
+    ops: list[tuple[Any, ...]],
+    front_lines: int,
+) -> None:
+    bases: list[str] = scene["bases"]
+    tag = secrets.token_hex(4)
+    tenants = [
+        make_tenant(engine, f"p-{tag}-{n}", max_running_jobs=limit).id
+        for n, limit in enumerate(limits)
+    ]
+    tenant_limits = dict(zip(tenants, limits, strict=True))
+    queue = JobQueue(
+        engine,
+        retry_backoff_seconds=3600,
+        max_running_per_tenant=DEFAULT_LIMIT,
+        front_lines=front_lines,
+    )
+    start = datetime.now(UTC) - timedelta(days=1)
+    served: dict[str, int] = {}
+
+    def enqueue(specs: list[tuple[int, int, int, int, int]]) -> None:
+        rows = [
+            {
+                "id": f"ftjob-{secrets.token_hex(12)}",
+                "tenant_id": tenants[t % len(tenants)],
+                "base_model_id": bases[b],
+                "priority": p,
+                "created_at": start + timedelta(seconds=c),
+                "run_after": start + timedelta(days=2 if off == 0 else 0),
+                "file": scene["file"],
+            }
+            for t, b, p, c, off in specs
+        ]
+        with engine.begin() as conn:
+            _insert_jobs(conn, rows)
+
+    def snapshot() -> list[Snapshot]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, tenant_id, base_model_id, status, priority, created_at, "
+                    "run_after <= now() AS ready FROM jobs WHERE tenant_id = ANY(:t)"
+                ),
+                {"t": tenants},
+            ).all()
+        return [Snapshot(*row) for row in rows]
+
+    def pick(status: frozenset[str], index: int) -> Snapshot | None:
+        found = sorted((j for j in snapshot() if j.status in status), key=lambda j: j.id)
+        return found[index % len(found)] if found else None
+
+    enqueue(initial)
+    try:
+        for step, op in enumerate(ops):
+            kind = op[0]
+            if kind == "claim":
+                prefer = None if op[1] is None else bases[op[1]]
+                expected = reference_pick(snapshot(), tenant_limits, served, prefer)
+                job = queue.claim(f"w{step}", prefer_base_model_id=prefer)
+                assert (job.id if job else None) == expected, f"step {step}: {op}"
+                if job is not None:
+                    served[job.tenant_id] = step
+            elif kind == "enqueue":
+                enqueue(op[1])
+            elif kind == "cancel":
+                target = pick(frozenset({JobStatus.QUEUED, *ACTIVE}), op[1])
+                if target is not None:
+                    queue.request_cancel(target.id)
+            else:
+                held = pick(frozenset({JobStatus.RUNNING}), op[1])
+                if held is None:
+                    continue
+                with engine.connect() as conn:
+                    owner = conn.execute(
+                        text("SELECT lease_owner FROM jobs WHERE id = :id"), {"id": held.id}
+                    ).scalar_one()
+                if kind == "complete":
+                    assert queue.complete(held.id, owner) is not None
+                elif kind == "fail":
+                    queue.fail(held.id, owner, code="x", message="failed", retryable=op[2])
+                elif kind == "hand_back":
+                    queue.hand_back(held.id, owner, reason="test")
+                else:
+                    with engine.begin() as conn:
+                        conn.execute(
+                            text(
+                                "UPDATE jobs SET lease_expires_at = now() - interval '1 s' "
+                                "WHERE id = :id"
+                            ),
+                            {"id": held.id},
+                        )
+                    queue.reap_expired_leases()
+            _no_drift(engine)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM tenants WHERE id = ANY(:t)"), {"t": tenants})
+    _no_drift(engine)
+
+
+# -- many claimers, a deep backlog -----------------------------------------------------------
+
+TENANTS = 1000
+JOBS = 20_000
+BIG_TENANT_JOBS = 2000
+CLAIMERS = 8
+ANY_QUEUED = "SELECT EXISTS (SELECT 1 FROM jobs WHERE status = 'queued')"
+
+
+def _plan_rows_from(plan: dict[str, Any], relation: str) -> int:
+    """Rows the plan's nodes on `relation` produced, over all their loops."""
+    own = 0
+    if plan.get("Relation Name") == relation:
+        own = int(plan.get("Actual Rows", 0)) * int(plan.get("Actual Loops", 1))
+        own += int(plan.get("Rows Removed by Filter", 0))
+    return own + sum(_plan_rows_from(child, relation) for child in plan.get("Plans", []))
+
+
+@pytest.fixture
+def unpinged_engine(database_url: str) -> Iterator[Engine]:
+    """The test's database without a ping at every checkout: 40,000 transactions, each one
+    round trip fewer."""
+    engine = create_engine(database_url, pool_size=CLAIMERS + 2, max_overflow=4)
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_eight_claimers_drain_20000_jobs_over_1000_tenants_within_their_limits(
+    unpinged_engine: Engine,
+) -> None:
+    engine = unpinged_engine
+    base = make_base(engine)
+    home = make_tenant(engine, "home")
+    file_id = make_file(engine, home.id).id
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO tenants (id, name, max_running_jobs) "
+                "SELECT 'tenant-' || lpad(n::text, 4, '0'), 'scale-' || n, "
+                "CASE WHEN n = 0 THEN :claimers ELSE 1 + n % 3 END "
+                "FROM generate_series(0, :n - 1) AS n"
+            ),
+            {"n": TENANTS, "claimers": CLAIMERS},
+        )
+        # The whole backlog in one statement: tenant 0 holds 2,000 (and may run as many jobs as
+        # there are claimers), the other 999 share 18,000 with limits of 1 to 3.
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+                "hyperparameters, created_at) "
+                "SELECT 'ftjob-' || lpad(g::text, 8, '0'), "
+                "'tenant-' || lpad((CASE WHEN g < :big THEN 0 "
+                "ELSE 1 + g % (:tenants - 1) END)::text, 4, '0'), "
+                "'queued', :base, :file, '{}'::jsonb, "
+                "now() - interval '1 hour' + g * interval '1 ms' "
+                "FROM generate_series(0, :jobs - 1) AS g"
+            ),
+            {
+                "big": BIG_TENANT_JOBS,
+                "tenants": TENANTS,
+                "jobs": JOBS,
+                "base": base.id,
+                "file": file_id,
+            },
+        )
+        limits = dict(conn.execute(text("SELECT id, max_running_jobs FROM tenants")).all())
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+        assert sum(c.queued for c in queue_counts(conn).values()) == JOBS
+
+    # The claim and the reaper read the front of 20,000 queued jobs, not the backlog.
+    probe = JobQueue(engine, max_running_per_tenant=4)
+    assert _plan_rows_from(probe.explain_claim(prefer_base_model_id=base.id)["Plan"], "jobs") < 400
+    assert _plan_rows_from(probe.explain_reap()["Plan"], "jobs") < 50
+
+    claimed: list[str] = []
+    running: Counter[str] = Counter()
+    over_limit: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def claimer(n: int) -> None:
+        worker = f"worker-{n}"
+        queue = JobQueue(engine, max_running_per_tenant=4)
+        try:
+            while True:
+                job = queue.claim(worker, prefer_base_model_id=base.id)
+                if job is None:
+                    with engine.connect() as conn:
+                        if not conn.execute(text(ANY_QUEUED)).scalar():
+                            return
+                    time.sleep(0.005)
+                    continue
+                assert job.attempt == 1
+                with lock:
+                    claimed.append(job.id)
+                    running[job.tenant_id] += 1
+                    if running[job.tenant_id] > limits[job.tenant_id]:
+                        over_limit.append(f"{job.tenant_id}: {running[job.tenant_id]}")
+                with lock:
+                    running[job.tenant_id] -= 1
+                assert queue.complete(job.id, worker) is not None
+        except BaseException as exc:
+            errors.append(exc)
+
+    def watch() -> None:
+        """The database's own view, polled: never more running than a tenant's limit."""
+        while not done.is_set():
+            with engine.connect() as conn:
+                over = conn.execute(
+                    text(
+                        "SELECT j.tenant_id, count(*) FROM jobs j "
+                        "JOIN tenants t ON t.id = j.tenant_id "
+                        "WHERE j.status = ANY(:active) "
+                        "GROUP BY j.tenant_id, t.max_running_jobs "
+                        "HAVING count(*) > t.max_running_jobs"
+                    ),
+                    {"active": sorted(ACTIVE)},
+                ).all()
+            over_limit.extend(f"{tenant}: {n} (database)" for tenant, n in over)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(CLAIMERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+
+    assert not errors, errors[0]
+    assert not over_limit, over_limit[:5]
+    counts = Counter(claimed)
+    assert len(claimed) == JOBS and max(counts.values()) == 1
+    with engine.connect() as conn:
+        statuses = dict(
+            conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).all()
+        )
+        assert statuses == {"succeeded": JOBS}
+        assert drift(conn) == []
+        assert all(c == QueueCounts(c.tenant_id, 0, 0) for c in queue_counts(conn).values())
+
+
+# -- a tenant's pages ------------------------------------------------------------------------
+
+
+def test_a_tenants_pages_are_read_off_the_index(engine: Engine) -> None:
+    """Keyset pagination seeks to the cursor in (tenant_id, created_at, id): a page deep in a
+    long listing reads its own rows and the one after, not the pages before it."""
+    base = make_base(engine)
+    sweep = make_tenant(engine, "sweep", max_running_jobs=5)
+    other = make_tenant(engine, "other", max_running_jobs=5)
+    enqueue_jobs(engine, sweep.id, base.id, make_file(engine, sweep.id).id, 3000)
+    enqueue_jobs(engine, other.id, base.id, make_file(engine, other.id).id, 3000)
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE jobs"))
+    seen: list[str] = []
+    after = None
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    with engine.connect() as conn:
+        for _ in range(3):
+            event.listen(engine, "before_cursor_execute", capture)
+            page, more = job_repo.list_jobs(conn, sweep.id, after=after, limit=1000)
+            event.remove(engine, "before_cursor_execute", capture)
+            seen += [job.id for job in page]
+            after = page[-1].id
+        assert not more and len(set(seen)) == 3000
+        # The last page's query, deep in the listing: it seeks to its cursor.
+        statement, parameters = statements[-1]
+        assert "ORDER BY" in statement
+        plan = conn.exec_driver_sql(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
+        ).scalar()[0]["Plan"]
+    assert "Sort" not in str(plan)
+    assert "ix_jobs_tenant_created_id" in str(plan)
+    assert _plan_rows_from(plan, "jobs") <= 1001
