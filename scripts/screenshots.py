@@ -83,18 +83,22 @@ def seed(services: Services, url: str, key: str) -> dict[str, str]:
     )
     runner = JobRunner(services, "trainer-0", work_dir=Path(tempfile.mkdtemp()) / "trainer")
     stop = threading.Event()
-    thread = threading.Thread(target=lambda: runner.run_forever(stop, idle_wait=0.2))
-    thread.start()
-    wait_for(api, first, "succeeded")
-    second = submit(
-        training_file=sums,
-        adapter_name="sums",
-        continue_from="sums@1",
-        hyperparameters={**fast, "n_epochs": 2},
+    thread = threading.Thread(
+        target=lambda: runner.run_forever(stop, idle_wait=0.2), name="trainer", daemon=True
     )
-    wait_for(api, second, "succeeded")
-    stop.set()
-    thread.join(60)
+    thread.start()
+    try:
+        wait_for(api, first, "succeeded")
+        second = submit(
+            training_file=sums,
+            adapter_name="sums",
+            continue_from="sums@1",
+            hyperparameters={**fast, "n_epochs": 2},
+        )
+        wait_for(api, second, "succeeded")
+    finally:
+        stop.set()
+        thread.join(60)
     api.put("/v1/adapters/sums/aliases/prod", json={"version": 1}).raise_for_status()
     api.put("/v1/adapters/sums/aliases/staging", json={"version": 2}).raise_for_status()
     api.put("/v1/adapters/sums/aliases/prod", json={"version": 2}).raise_for_status()
