@@ -154,3 +154,24 @@ def test_a_reader_sees_no_cancel_button_and_the_server_refuses_it_anyway(
     page.goto(f"{live_url}/jobs/new")
     expect(page.locator("#reader-notice")).to_be_visible()
     assert page.locator("#job-form").count() == 0
+
+
+def test_sign_in_needs_its_form_token_and_never_redirects_off_site(
+    live_url: str, tenant_a: TenantKeys
+) -> None:
+    with httpx.Client(base_url=live_url) as client:
+        form = client.get("/sign-in")
+        token = form.cookies["lf_signin"]
+        assert f'value="{token}"' in form.text
+        forged = client.post(
+            "/sign-in", data={"api_key": tenant_a.admin, "signin": "forged", "next": "/jobs"}
+        )
+        assert forged.status_code == 403 and "lf_session" not in forged.cookies
+        for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+            client.cookies.set("lf_signin", token)
+            signed_in = client.post(
+                "/sign-in", data={"api_key": tenant_a.admin, "signin": token, "next": target}
+            )
+            assert signed_in.status_code == 303
+            assert signed_in.headers["location"] == "/jobs"
+            client.cookies.delete("lf_session")
