@@ -106,9 +106,18 @@ def _fields(values: dict[str, str]) -> tuple[list[FieldView], list[FieldView]]:
     return main, more
 
 
+def _same(kind: str, value: Any, default: Any) -> bool:
+    if kind == "number":
+        try:
+            return float(value) == float(default)
+        except (TypeError, ValueError):
+            return False  # not a number: the API's validation says so
+    return bool(value == default)
+
+
 def requested_hyperparameters(form: dict[str, str]) -> dict[str, Any]:
     """The form's hyperparameters that differ from the defaults (a continued job inherits the
-    rest from its parent, as over the API)."""
+    rest from its parent, as over the API); values stay as typed, for the API to validate."""
     defaults = Hyperparameters().model_dump(mode="json")
     requested: dict[str, Any] = {}
     for name, info in Hyperparameters.model_fields.items():
@@ -116,13 +125,12 @@ def requested_hyperparameters(form: dict[str, str]) -> dict[str, Any]:
         if kind == "checkbox":
             value: Any = form.get(name) == "on"
         else:
-            raw = form.get(name, "").strip()
-            if raw == "":
+            value = form.get(name, "").strip()
+            if value == "":
                 continue
-            value = raw
-            if name == "target_modules" and raw != "all-linear":
-                value = [m.strip() for m in raw.split(",") if m.strip()]
-        if str(value) != str(defaults[name]) and value != defaults[name]:
+            if name == "target_modules" and value != "all-linear":
+                value = [m.strip() for m in value.split(",") if m.strip()]
+        if not _same(kind, value, defaults[name]):
             requested[name] = value
     return requested
 
