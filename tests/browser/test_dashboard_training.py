@@ -72,6 +72,12 @@ def job_count(services: Services) -> int:
         return int(conn.execute(text("SELECT count(*) FROM jobs")).scalar_one())
 
 
+def train_steps(services: Services) -> int:
+    with services.engine.connect() as conn:
+        query = "SELECT count(*) FROM job_events WHERE data ? 'train_loss'"
+        return int(conn.execute(text(query)).scalar_one())
+
+
 def chart_points(page: Page) -> int:
     return int(page.get_attribute("#loss-chart", "data-points") or 0)
 
@@ -119,7 +125,7 @@ def test_start_watch_and_promote_a_job_from_the_browser(
     expect(page.locator("#dataset-ok")).to_contain_text("16 examples")
     page.select_option("#model", BASE)
     page.fill("#adapter_name", "sums")
-    page.fill("#hp-n_epochs", "16")  # 256 steps of one example: seconds, not a blink
+    page.fill("#hp-n_epochs", "6")  # 96 steps of one example
     page.fill("#hp-batch_size", "1")
     page.fill("#hp-learning_rate_multiplier", "5")
     page.fill("#hp-lora_rank", "8")
@@ -132,15 +138,18 @@ def test_start_watch_and_promote_a_job_from_the_browser(
     page.wait_for_url(re.compile(r".*/jobs/ftjob-[^/]+$"))
     assert job_count(services) == 1
     page.evaluate("window.__sameDocument = true")
+    page.wait_for_selector("#loss-chart[data-ready=true]")
+    assert chart_points(page) == 0  # nothing trained yet: every point must arrive live
 
-    # Only now does a trainer pick it up: the page must follow the job as it trains.
+    # Only now does a trainer pick it up: the page follows the job as it trains.
     trainer.start()
-    expect(page.locator("#job-status .status")).to_have_text("running", timeout=60_000)
-    seen_running = wait_for_points(page, 0)
-    expect(page.locator("#job-status .status")).to_have_text("succeeded", timeout=120_000)
-    wait_for_points(page, seen_running)
+    expect(page.locator("#job-status .status")).to_have_text("succeeded", timeout=300_000)
+    steps = train_steps(services)
+    assert steps == 96
+    wait_for_points(page, steps - 1, timeout=30)
     assert page.evaluate("window.__sameDocument") is True  # never reloaded
-    assert page.locator("#event-log li").count() > 5
+    expect(page.locator("#timeline")).to_contain_text("running")
+    assert page.locator("#event-log li").count() > steps
     expect(page.locator("#checkpoints")).to_be_visible()
 
     # Its adapter version; an alias moved there, with the confirmation and the history row.
@@ -182,7 +191,7 @@ def test_cancel_a_running_job_from_its_page(
     page.on("dialog", lambda dialog: dialog.accept())
     sign_in(page, live_url, tenant_a.member)
     page.goto(f"{live_url}/jobs/{job_id}")
-    expect(page.locator("#job-status .status")).to_have_text("running", timeout=60_000)
+    expect(page.locator("#job-status .status")).to_have_text("running", timeout=120_000)
     page.click("#cancel-job")
     expect(page.locator("#notice")).to_contain_text("Cancel")
     expect(page.locator("#job-status .status")).to_have_text("cancelled", timeout=30_000)
