@@ -37,12 +37,13 @@ log = logging.getLogger(__name__)
 JOBS_CHANNEL = "loraforge_jobs"
 CANCEL_CHANNEL = "loraforge_cancel"
 # A claim ranks the front of the queue: the first CLAIM_FRONT_LINES lines (one per tenant and
-# base) in the claim's order, CLAIM_PER_LINE jobs of each. It locks among the best of those, so
-# more claimers than that claiming at the same instant could find all of them locked and see an
-# empty queue for a moment. When the front cannot prove its first is the backlog's first, the
-# claim ranks every claimable job and locks among the best CLAIM_CANDIDATES.
+# base) in the claim's order, and about CLAIM_FRONT_JOBS jobs spread over them (all from one
+# line when only one has jobs). It locks among the best of those, so more claimers than that
+# claiming at the same instant could find all of them locked and see an empty queue for a
+# moment. When the front cannot prove its first is the backlog's first, the claim ranks every
+# claimable job and locks among the best CLAIM_CANDIDATES.
 CLAIM_FRONT_LINES = 8
-CLAIM_PER_LINE = 4
+CLAIM_FRONT_JOBS = 32
 CLAIM_CANDIDATES = 64
 
 
@@ -160,7 +161,7 @@ _WALK = """
     LIMIT {lines}
 """
 
-# The last line a walk reached, when the walk was cut off at `:lines`: every line it did not
+# The last line a walk reached, when the walk was cut off at `lines`: every line it did not
 # reach ranks at or after this bound (`affinity` -1 in the walk of the preferred base's lines).
 _LAST_LINE = """
     SELECT -top_priority AS priority, running, coalesce(last_served_at, '-infinity') AS served,
@@ -174,8 +175,8 @@ _LAST_LINE = """
 
 
 # The claim at a cost that does not grow with the backlog. It ranks the front of the queue
-# only: the first `:lines` lines in the claim's order, and the first `:lines` lines of the
-# preferred base, each line's first `:per_line` claimable jobs (an index probe per line), ranked
+# only: the first `lines` lines in the claim's order, and the first `lines` lines of the
+# preferred base, the first claimable jobs of each (an index probe per line), ranked
 # exactly as `_CLAIM_RANKED` ranks the whole backlog. A line's stored head may be backing off,
 # so a walk's order is optimistic; the first of the front is still the first of the backlog when
 # it ranks at or before the last line each cut-off walk reached (`certain`). When that cannot be
@@ -187,25 +188,31 @@ def _claim_front(lines: int) -> TextClause:
     statement's generic plan cannot see a bound LIMIT, and the claim must never be planned
     for a walk of unknown length)."""
     any_walk = _WALK.format(only="", first="", lines=lines)
+    # No preferred base, no walk: a one-time filter, so a generic plan does not scan for it.
     base_walk = _WALK.format(
-        only="AND h.base_model_id = :prefer", first="h.base_model_id, ", lines=lines
+        only="AND h.base_model_id = :prefer AND CAST(:prefer AS text) IS NOT NULL",
+        first="h.base_model_id, ",
+        lines=lines,
     )
     return text(
         f"""
     WITH any_line AS MATERIALIZED ({any_walk}),
     base_line AS MATERIALIZED ({base_walk}),
+    lines AS MATERIALIZED (
+        SELECT tenant_id, base_model_id, running, last_served_at FROM any_line
+        UNION
+        SELECT tenant_id, base_model_id, running, last_served_at FROM base_line
+    ),
     front AS MATERIALIZED (
         SELECT j.id, l.tenant_id, j.priority, j.created_at, l.running, l.last_served_at,
                (j.base_model_id IS NOT DISTINCT FROM :prefer) AS preferred
-        FROM (SELECT tenant_id, base_model_id, running, last_served_at FROM any_line
-              UNION
-              SELECT tenant_id, base_model_id, running, last_served_at FROM base_line) l
+        FROM lines l
         CROSS JOIN LATERAL (
             SELECT id, base_model_id, priority, created_at FROM jobs
             WHERE tenant_id = l.tenant_id AND base_model_id = l.base_model_id
               AND status = {_QUEUED} AND run_after <= now()
             ORDER BY priority DESC, created_at, id
-            LIMIT {CLAIM_PER_LINE}
+            LIMIT (SELECT ({CLAIM_FRONT_JOBS} - 1) / greatest(count(*), 1) + 1 FROM lines)
         ) j
     ),
     candidates AS MATERIALIZED (
