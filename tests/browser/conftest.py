@@ -26,13 +26,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 TIMEOUT_MS = 15_000
 
 
-@pytest.fixture(scope="session")
+# Package scope: Playwright's sync API runs an event loop of its own, which is gone before
+# the tests that run their own loops (the operator's) start.
+@pytest.fixture(scope="package")
 def playwright_instance() -> Iterator[Playwright]:
     with sync_playwright() as playwright:
         yield playwright
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright_instance: Playwright) -> Iterator[Browser]:
     if not CHROMIUM.is_file():
         pytest.fail(
