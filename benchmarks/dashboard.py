@@ -9,7 +9,7 @@ database:
 - `page`: the job page's HTML and its `metrics.json` over HTTP: median milliseconds and bytes.
 - `browser`: from navigation to the chart drawn (`#loss-chart[data-ready]`), median ms.
 - `downsampling`: the loss curve as the page gets it (at most 1,000 points a series) against
-  every point (`loss_series` with no bound, serialized as the page would get it): ms and bytes.
+  every point (`loss_curves` with no bound, serialized as the page would get it): ms and bytes.
 
 Needs PostgreSQL (`LORAFORGE_BENCH_DATABASE_URL`, default 127.0.0.1:5432). One JSON line per
 measurement.
@@ -32,7 +32,7 @@ from benchmarks.registry import scratch_database
 from control_plane import tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.dashboard.queries import loss_series
+from control_plane.dashboard.queries import loss_curves
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
@@ -161,7 +161,8 @@ def main() -> None:
                 times, size = [], 0
                 for _ in range(args.repeat):
                     started = time.perf_counter()
-                    series = loss_series(conn, jobs[args.events], "train_loss", max_points=bound)
+                    curves = loss_curves(conn, jobs[args.events], max_points=bound)
+                    series = curves.train
                     size = len(json.dumps({"steps": series.steps, "values": series.values}))
                     times.append(time.perf_counter() - started)
                 emit(

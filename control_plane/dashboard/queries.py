@@ -149,39 +149,68 @@ class Series:
 
     steps: list[float]
     values: list[float]
+
+
+@dataclass(frozen=True)
+class LossCurves:
+    train: Series
+    eval: Series
     points_in_job: int
     downsampled: bool
 
 
-def loss_series(
-    conn: Connection, job_id: str, field: str, max_points: int = MAX_CHART_POINTS
-) -> Series:
-    """The job's `field` (`train_loss`, `eval_loss`) against step, at most `max_points` points.
+def _series(rows: Sequence[Any], step_at: int, value_at: int) -> Series:
+    """The rows' points that have a value in column `value_at`."""
+    kept = [r for r in rows if r[value_at] is not None]
+    return Series([r[step_at] for r in kept], [r[value_at] for r in kept])
 
-    Past that, the step range is cut into `max_points` equal buckets and each bucket becomes
-    its mean step and mean loss, computed in PostgreSQL: a job with 100,000 steps sends a
-    page the same curve a chart of that width could draw, not 100,000 points.
+
+def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINTS) -> LossCurves:
+    """Train and eval loss against step, each in at most `max_points` points, in two passes
+    over the job's metric events (their bounds, then the points).
+
+    Past `max_points`, the step range is cut into `max_points` equal buckets and each bucket
+    becomes its mean step and mean loss, computed in PostgreSQL: a job with 100,000 steps sends
+    a page the curve a chart of that width can draw, not 100,000 points.
     """
-    value = _events.c.data[field].astext.cast(Float)
     step = _events.c.data["step"].astext.cast(Float)
+    train = _events.c.data["train_loss"].astext.cast(Float)
+    evaluation = _events.c.data["eval_loss"].astext.cast(Float)
     where = and_(
         _events.c.job_id == job_id,
         _events.c.type == "metrics",
-        _events.c.data[field].is_not(None),
+        or_(train.is_not(None), evaluation.is_not(None)),
     )
-    bounds = conn.execute(select(func.count(), func.min(step), func.max(step)).where(where)).one()
-    count, low, high = int(bounds[0]), bounds[1], bounds[2]
-    if count <= max_points:
-        rows = conn.execute(select(step, value).where(where).order_by(_events.c.id)).all()
-        return Series([r[0] for r in rows], [r[1] for r in rows], count, downsampled=False)
+    bounds = conn.execute(
+        select(func.count(train), func.count(evaluation), func.min(step), func.max(step)).where(
+            where
+        )
+    ).one()
+    n_train, n_eval, low, high = int(bounds[0]), int(bounds[1]), bounds[2], bounds[3]
+    if max(n_train, n_eval) <= max_points:
+        points = conn.execute(
+            select(step, train, evaluation).where(where).order_by(_events.c.id)
+        ).all()
+        return LossCurves(
+            _series(points, 0, 1), _series(points, 0, 2), n_train + n_eval, downsampled=False
+        )
     bucket = func.width_bucket(step, low, high + 1e-9, max_points).label("bucket")
-    inner = select(bucket, step.label("step"), value.label("value")).where(where).subquery()
+    inner = (
+        select(bucket, step.label("step"), train.label("train"), evaluation.label("eval"))
+        .where(where)
+        .subquery()
+    )
     rows = conn.execute(
-        select(func.avg(inner.c.step), func.avg(inner.c.value))
+        select(
+            func.avg(inner.c.step).filter(inner.c.train.is_not(None)),
+            func.avg(inner.c.train),
+            func.avg(inner.c.step).filter(inner.c.eval.is_not(None)),
+            func.avg(inner.c.eval),
+        )
         .group_by(inner.c.bucket)
         .order_by(inner.c.bucket)
     ).all()
-    return Series([r[0] for r in rows], [r[1] for r in rows], count, downsampled=True)
+    return LossCurves(_series(rows, 0, 1), _series(rows, 2, 3), n_train + n_eval, downsampled=True)
 
 
 @dataclass(frozen=True)

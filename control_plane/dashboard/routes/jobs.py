@@ -263,18 +263,17 @@ def older_events(
 
 @router.get("/jobs/{job_id}/metrics.json")
 def job_metrics(job_id: str, session: CurrentSession, conn: PageConn) -> JSONResponse:
-    """The loss curves, downsampled on the server (`queries.loss_series`), and the id of the
+    """The loss curves, downsampled on the server (`queries.loss_curves`), and the id of the
     last event they include, from which the page's stream continues."""
     job = _owned(conn, session, job_id)
     last_event = queries.latest_event_id(conn, job.id)
-    train = queries.loss_series(conn, job.id, "train_loss")
-    evaluation = queries.loss_series(conn, job.id, "eval_loss")
+    curves = queries.loss_curves(conn, job.id)
     return JSONResponse(
         {
-            "train": {"steps": train.steps, "values": train.values},
-            "eval": {"steps": evaluation.steps, "values": evaluation.values},
-            "points_in_job": train.points_in_job + evaluation.points_in_job,
-            "downsampled": train.downsampled or evaluation.downsampled,
+            "train": {"steps": curves.train.steps, "values": curves.train.values},
+            "eval": {"steps": curves.eval.steps, "values": curves.eval.values},
+            "points_in_job": curves.points_in_job,
+            "downsampled": curves.downsampled,
             "max_points": queries.MAX_CHART_POINTS,
             "last_event_id": last_event,
         },
