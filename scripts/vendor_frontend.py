@@ -25,7 +25,7 @@ from pathlib import Path
 
 VENDOR = Path(__file__).resolve().parent.parent / "control_plane/dashboard/static/vendor"
 
-# package, pinned version, {file in the tarball: name under vendor/<dir>/}, licence file, dir
+# package, pinned version, {file in the tarball: name under vendor/<dir>/}, licence file (shipped as LICENSE.txt: the wheel takes *.txt), dir
 PACKAGES: list[dict[str, object]] = [
     {
         "name": "htmx.org",
@@ -90,7 +90,7 @@ def vendor() -> None:
             check_integrity(tarball, str(info["integrity"]))
             target = VENDOR / str(pkg["dir"])
             target.mkdir(parents=True, exist_ok=True)
-            wanted = {**dict(pkg["files"]), str(pkg["license_file"]): "LICENSE"}  # type: ignore[arg-type]
+            wanted = {**dict(pkg["files"]), str(pkg["license_file"]): "LICENSE.txt"}  # type: ignore[arg-type]
             with tarfile.open(tarball) as tar:
                 for source, name in wanted.items():
                     member = tar.extractfile(f"package/{source}")
@@ -99,7 +99,7 @@ def vendor() -> None:
                     (target / name).write_bytes(member.read())
             with tarfile.open(tarball) as tar:
                 package_json = json.load(tar.extractfile("package/package.json"))  # type: ignore[arg-type]
-            files = sorted([*dict(pkg["files"]).values(), "LICENSE"])  # type: ignore[arg-type]
+            files = sorted([*dict(pkg["files"]).values(), "LICENSE.txt"])  # type: ignore[arg-type]
             manifest["packages"].append(  # type: ignore[attr-defined]
                 {
                     "name": pkg["name"],

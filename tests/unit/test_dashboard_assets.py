@@ -21,7 +21,7 @@ def test_every_vendored_file_matches_its_manifest_and_each_package_has_its_licen
     listed: set[str] = set()
     for package in manifest["packages"]:
         assert package["version"] and package["license"]
-        assert any(path.endswith("/LICENSE") for path in package["files"])
+        assert any(path.endswith("/LICENSE.txt") for path in package["files"])
         for path, digest in package["files"].items():
             assert hashlib.sha256((VENDOR / path).read_bytes()).hexdigest() == digest, path
             listed.add(path)
