@@ -259,7 +259,7 @@ def scene(engine: Engine) -> dict[str, Any]:
 
 
 @settings(
-    max_examples=60,
+    max_examples=40,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
