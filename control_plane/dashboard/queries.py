@@ -1,6 +1,6 @@
 """The reads only the dashboard makes, each one statement: the session's key by id, a page of
 jobs filtered by status or searched, the jobs a live table shows, a job's status changes and
-latest metrics, its loss curve downsampled, and queued/running counts per tenant.
+latest metrics, its loss curves downsampled, and tenants' names.
 
 Everything else the pages show comes from the domain modules the REST API uses.
 """
@@ -15,7 +15,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Float,
-    Integer,
     Table,
     and_,
     func,
@@ -24,7 +23,7 @@ from sqlalchemy import (
 )
 
 from control_plane.db.tables import ApiKey, Job, JobEvent, Tenant
-from control_plane.job_status import ACTIVE, JobStatus, as_values
+from control_plane.job_status import JobStatus
 from control_plane.pagination import newest_first
 from control_plane.records import JobEventRecord, JobRecord
 from control_plane.tenants import Principal
@@ -213,34 +212,10 @@ def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINT
     return LossCurves(_series(rows, 0, 1), _series(rows, 2, 3), n_train + n_eval, downsampled=True)
 
 
-@dataclass(frozen=True)
-class TenantQueue:
-    tenant_name: str
-    validating: int
-    queued: int
-    running: int
-
-
-def queue_counts(conn: Connection, tenant_id: str | None) -> list[TenantQueue]:
-    """Unfinished jobs per tenant by stage; one tenant's, or every tenant's for None."""
-
-    def count(statuses: Sequence[str]) -> Any:
-        return func.count().filter(_jobs.c.status.in_(list(statuses))).cast(Integer)
-
-    query = (
-        select(
-            _tenants.c.name,
-            count([JobStatus.VALIDATING_FILES]),
-            count([JobStatus.QUEUED]),
-            count(as_values(ACTIVE)),
-        )
-        .select_from(_jobs.join(_tenants, _tenants.c.id == _jobs.c.tenant_id))
-        .where(
-            _jobs.c.status.in_([JobStatus.VALIDATING_FILES, JobStatus.QUEUED, *as_values(ACTIVE)])
-        )
-        .group_by(_tenants.c.name)
-        .order_by(_tenants.c.name)
+def tenant_names(conn: Connection, tenant_ids: Sequence[str]) -> dict[str, str]:
+    if not tenant_ids:
+        return {}
+    rows = conn.execute(
+        select(_tenants.c.id, _tenants.c.name).where(_tenants.c.id.in_(list(tenant_ids)))
     )
-    if tenant_id is not None:
-        query = query.where(_jobs.c.tenant_id == tenant_id)
-    return [TenantQueue(r[0], r[1], r[2], r[3]) for r in conn.execute(query)]
+    return {row.id: row.name for row in rows}

@@ -161,7 +161,7 @@ def test_queue_and_workers_show_counts_per_tenant_and_each_trainer(
     # tenant-a's admin is a platform operator: every tenant's line, every trainer's job.
     sign_in(page, live_url, tenant_a.admin)
     page.goto(f"{live_url}/queue")
-    expect(page.locator("#queue-counts tbody tr")).to_have_count(2)
+    expect(page.locator("#queue-counts tbody tr")).to_have_count(2)  # both tenants queued
     expect(page.locator("#queue-counts")).to_contain_text("tenant-b")
     busy = page.locator("#trainers tr", has_text="trainer-busy")
     expect(busy).to_contain_text("alive")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy import Connection
 
-from control_plane import base_catalog, tenants, trainers
+from control_plane import base_catalog, queue_stats, tenants, trainers
 from control_plane.api.deps import ServicesDep
 from control_plane.api.schemas import BaseModelPublic
 from control_plane.dashboard import queries
@@ -35,7 +35,10 @@ def queue_page(
     request: Request, session: CurrentSession, conn: PageConn, services: ServicesDep
 ) -> Response:
     sees_all = session.principal.is_admin() and _operator(conn, session, services)
-    counts = queries.queue_counts(conn, None if sees_all else session.principal.tenant_id)
+    found = queue_stats.queue_counts(conn, None if sees_all else session.principal.tenant_id)
+    busy = [c for c in found.values() if c.queued or c.running]
+    names = queries.tenant_names(conn, [c.tenant_id for c in busy])
+    counts = sorted(((names.get(c.tenant_id, c.tenant_id), c) for c in busy), key=lambda nc: nc[0])
     workers = trainers.list_trainers(conn, services.settings.lease_seconds)
     own_jobs = {
         j.id
