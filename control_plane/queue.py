@@ -472,13 +472,16 @@ class JobQueue:
         *,
         progress: float | None = None,
         eta_seconds: float | None = None,
+        trained_tokens: int | None = None,
     ) -> Heartbeat:
-        """Renew the lease. `held=False` means the lease was lost: stop work on this job."""
+        """Renew the lease (and report progress, ETA and tokens trained so far). `held=False`
+        means the lease was lost: stop work on this job."""
         with self.engine.begin() as conn:
             row = conn.execute(
                 text(
                     "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => :lease), "
-                    "progress = coalesce(:progress, progress), eta_seconds = coalesce(:eta, eta_seconds) "
+                    "progress = coalesce(:progress, progress), eta_seconds = coalesce(:eta, eta_seconds), "
+                    "trained_tokens = coalesce(:tokens, trained_tokens) "
                     "WHERE id = :id AND lease_owner = :worker AND status = ANY(:active) "
                     "RETURNING cancel_requested"
                 ),
@@ -488,6 +491,7 @@ class JobQueue:
                     lease=self.lease_seconds,
                     progress=progress,
                     eta=eta_seconds,
+                    tokens=trained_tokens,
                 ),
             ).one_or_none()
         if row is None:

@@ -153,6 +153,7 @@ class LeaseHeartbeat:
                     self.worker_id,
                     progress=signals.progress,
                     eta_seconds=signals.eta_seconds,
+                    trained_tokens=signals.last_metrics.get("trained_tokens"),
                 )
             except DATABASE_ERRORS as exc:
                 notice.failed(exc)

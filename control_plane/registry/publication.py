@@ -230,6 +230,7 @@ def publish_job_adapter(
             job.id,
             worker_id,
             fine_tuned_model=model_id(plan.adapter_name, number),
+            trained_tokens=metrics.get("trained_tokens"),
             in_transaction=insert_version,
         )
     except BaseException:

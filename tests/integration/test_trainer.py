@@ -141,6 +141,9 @@ def test_job_trains_publishes_and_adapter_changes_outputs(
     assert job.status == "succeeded" and job.fine_tuned_model
     losses = [m["train_loss"] for m in metric_events(trainer_services, job_id) if "train_loss" in m]
     assert len(losses) >= 3 and losses[-1] < losses[0]
+    # The job's row says how many tokens it trained on: every step's, summed.
+    steps = [m for m in metric_events(trainer_services, job_id) if "train_loss" in m]
+    assert job.trained_tokens == sum(m["tokens"] for m in steps) == steps[-1]["trained_tokens"]
     statuses = [
         m for m in messages(trainer_services, job_id) if m.startswith(("Job started", "The job"))
     ]

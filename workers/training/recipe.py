@@ -331,6 +331,7 @@ class LoraRecipe:
                 "train_loss": progress.last_loss,
                 "learning_rate": learning_rate,
                 "tokens": tokens,
+                "trained_tokens": progress.trained_tokens,
                 "tokens_per_s": tokens / elapsed,
                 "step_s": elapsed,
                 "peak_memory_mib": peak_memory_mib(self.base.device),
