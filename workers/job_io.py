@@ -106,7 +106,47 @@ class JobSignals:
         return self.shutdown.is_set() and not (self.cancel.is_set() or self.lease_lost.is_set())
 
 
-class LeaseHeartbeat:
+class _Beating:
+    """A daemon thread that calls `_beat` every `interval_s` seconds while entered; leaving
+    stops it and waits for it. `_on_enter` and `_on_exit` run around the thread."""
+
+    def __init__(self, name: str, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._on_enter()
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._on_exit()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if not self._beat():
+                return
+
+    def _beat(self) -> bool:
+        """One beat; False ends the beating."""
+        raise NotImplementedError
+
+    def _on_enter(self) -> None:
+        pass
+
+    def _on_exit(self) -> None:
+        pass
+
+
+class LeaseHeartbeat(_Beating):
     """Renews a claimed job's lease every `interval_s` seconds from a daemon thread while it is
     entered, reporting the job's progress.
 
@@ -125,58 +165,43 @@ class LeaseHeartbeat:
         *,
         interval_s: float,
     ) -> None:
-        self.queue, self.job_id, self.worker_id = queue, job_id, worker_id
-        self.signals, self.interval_s = signals, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+        super().__init__(f"heartbeat-{job_id}", interval_s)
+        self.queue, self.job_id, self.worker_id, self.signals = queue, job_id, worker_id, signals
+        self._notice = OutageNotice(f"heartbeat of job {job_id} by {worker_id}")
 
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _beat(self) -> None:
+    def _beat(self) -> bool:
         signals = self.signals
-        notice = OutageNotice(f"heartbeat of job {self.job_id} by {self.worker_id}")
-        while not self._stop.wait(self.interval_s):
-            try:
-                beat = self.queue.heartbeat(
-                    self.job_id,
-                    self.worker_id,
-                    progress=signals.progress,
-                    eta_seconds=signals.eta_seconds,
-                    trained_tokens=signals.last_metrics.get("trained_tokens"),
-                )
-            except DATABASE_ERRORS as exc:
-                notice.failed(exc)
-                continue
-            except Exception:
-                log.warning(
-                    "heartbeat of job %s by %s failed; retrying in %.1fs",
-                    self.job_id,
-                    self.worker_id,
-                    self.interval_s,
-                    exc_info=True,
-                )
-                continue
-            notice.recovered()
-            if not beat.held:
-                log.warning("job %s: %s lost its lease", self.job_id, self.worker_id)
-                signals.lease_lost.set()
-                return
-            if beat.cancel_requested:
-                signals.cancel.set()
+        try:
+            beat = self.queue.heartbeat(
+                self.job_id,
+                self.worker_id,
+                progress=signals.progress,
+                eta_seconds=signals.eta_seconds,
+                trained_tokens=signals.last_metrics.get("trained_tokens"),
+            )
+        except DATABASE_ERRORS as exc:
+            self._notice.failed(exc)
+            return True
+        except Exception:
+            log.warning(
+                "heartbeat of job %s by %s failed; retrying in %.1fs",
+                self.job_id,
+                self.worker_id,
+                self.interval_s,
+                exc_info=True,
+            )
+            return True
+        self._notice.recovered()
+        if not beat.held:
+            log.warning("job %s: %s lost its lease", self.job_id, self.worker_id)
+            signals.lease_lost.set()
+            return False
+        if beat.cancel_requested:
+            signals.cancel.set()
+        return True
 
 
-class TrainerPresence:
+class TrainerPresence(_Beating):
     """Upserts this trainer's row in the trainer registry every `interval_s` seconds from a
     daemon thread while entered, idle or busy, with what `snapshot()` says; removes the row on
     a clean exit (a trainer that dies just goes silent and shows as gone after a lease).
@@ -188,24 +213,14 @@ class TrainerPresence:
     def __init__(
         self, services: Services, snapshot: Callable[[], TrainerReport], *, interval_s: float
     ) -> None:
-        self.services, self.snapshot, self.interval_s = services, snapshot, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="trainer-presence", daemon=True)
+        super().__init__("trainer-presence", interval_s)
+        self.services, self.snapshot = services, snapshot
         self._notice = OutageNotice("trainer registry")
 
-    def __enter__(self) -> Self:
+    def _on_enter(self) -> None:
         self.report_once()
-        self._thread.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        self._thread.join()
+    def _on_exit(self) -> None:
         try:
             with self.services.engine.begin() as conn:
                 trainers.remove(conn, self.snapshot().id)
@@ -222,9 +237,9 @@ class TrainerPresence:
         self._notice.recovered()
         return True
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.report_once()
+    def _beat(self) -> bool:
+        self.report_once()
+        return True
 
 
 def record_event(

@@ -58,6 +58,30 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float =
         time.sleep(every)
 
 
+@contextlib.contextmanager
+def loraforge_child(
+    args: list[str], env: dict[str, str], log_path: Path, *, grace_s: float = 30
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m loraforge.cli ARGS` with its output in `log_path`, for the block's duration;
+    then SIGTERM, and SIGKILL after `grace_s`."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "loraforge.cli", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def platform_env(home: Path, port: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAFORGE_")}
     env.update(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
 from tests.factories import make_key, make_tenant
-from tests.faults.harness import free_port, platform_env, wait_for
+from tests.faults.harness import free_port, loraforge_child, platform_env, wait_for
 from tests.faults.tcp_proxy import CuttableProxy
 
 pytestmark = [pytest.mark.faults]
@@ -60,32 +58,19 @@ def api_process(database_url: str, tmp_path: Path) -> Iterator[str]:
         LORAFORGE_DB_POOL_TIMEOUT_SECONDS="2",
     )
     log_path = tmp_path / "api.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "loraforge.cli", "api", "--log-level", "warning"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
     url = f"http://127.0.0.1:{port}"
+    args = ["api", "--log-level", "warning"]
+    with loraforge_child(args, env, log_path, grace_s=15) as process:
 
-    def serving() -> bool:
-        assert process.poll() is None, log_path.read_text()
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(url + "/healthz", timeout=2).status_code == 200
-        return False
+        def serving() -> bool:
+            assert process.poll() is None, log_path.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(url + "/healthz", timeout=2).status_code == 200
+            return False
 
-    try:
         wait_for("loraforge api", serving, 60)
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        assert "Traceback" not in log_path.read_text(), log_path.read_text()
+    assert "Traceback" not in log_path.read_text(), log_path.read_text()
 
 
 def test_a_burst_of_200_requests_half_with_bad_keys_gets_no_500_and_real_clients_are_served(

@@ -4,8 +4,6 @@ a cluster without Redis): a bounded log, no traceback storm, and work again with
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from loraforge import broker
-from tests.faults.harness import platform_env, wait_for
+from tests.faults.harness import loraforge_child, platform_env, wait_for
 from tests.faults.tcp_proxy import CuttableProxy
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -32,34 +30,12 @@ def celery_worker(proxied_url: str, tmp_path: Path) -> Iterator[Path]:
     """`loraforge celery worker` whose database (and so broker) is behind the proxy."""
     env = platform_env(tmp_path / "home", 0, LORAFORGE_DATABASE_URL=proxied_url)
     log_path = tmp_path / "celery.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "loraforge.cli",
-                "celery",
-                "worker",
-                "--pool=solo",
-                "-l",
-                "info",
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    args = ["celery", "worker", "--pool=solo", "-l", "info"]
+    with loraforge_child(args, env, log_path) as process:
         wait_for("celery connected", lambda: b"Connected to" in log_path.read_bytes(), 60)
         wait_for("celery ready", lambda: b"ready." in log_path.read_bytes(), 60)
         yield log_path
         assert process.poll() is None, "celery exited:\n" + log_path.read_text()
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _stale_trainer(engine: Engine) -> None:
