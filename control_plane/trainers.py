@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
 
-from sqlalchemy import Connection, Table, delete, func, select
+from sqlalchemy import ColumnElement, Connection, Table, delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from control_plane.db.tables import Trainer
@@ -94,8 +94,9 @@ def remove(conn: Connection, trainer_id: str) -> None:
 def list_trainers(
     conn: Connection, lease_seconds: float, *, include_gone: bool = True
 ) -> list[TrainerRecord]:
-    """Every known trainer, alive first then by id; `alive` means heard from within a lease."""
-    alive = trainers.c.last_heartbeat_at > func.now() - timedelta(seconds=lease_seconds)
+    """Every known trainer (only the live ones without `include_gone`), alive first then by
+    id; `alive` means heard from within a lease."""
+    alive = _alive(lease_seconds)
     query = select(trainers, alive.label("alive")).order_by(alive.desc(), trainers.c.id)
     if not include_gone:
         query = query.where(alive)
@@ -103,8 +104,12 @@ def list_trainers(
 
 
 def count_alive(conn: Connection, lease_seconds: float) -> int:
-    alive = trainers.c.last_heartbeat_at > func.now() - timedelta(seconds=lease_seconds)
-    return int(conn.execute(select(func.count()).where(alive)).scalar_one())
+    return int(conn.execute(select(func.count()).where(_alive(lease_seconds))).scalar_one())
+
+
+def _alive(lease_seconds: float) -> ColumnElement[bool]:
+    """Heard from within a lease, by the database's clock (the one heartbeats are written by)."""
+    return trainers.c.last_heartbeat_at > func.now() - timedelta(seconds=lease_seconds)
 
 
 def forget_gone(conn: Connection, older_than_seconds: float) -> int:

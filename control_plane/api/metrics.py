@@ -67,8 +67,13 @@ class PlatformCollector(Collector):
         yield from families
 
     def _families(self, conn: Connection) -> Iterator[Metric]:
-        counted = conn.execute(select(_jobs.c.status, func.count()).group_by(_jobs.c.status))
-        by_status: dict[str, int] = {status: count for status, count in counted}
+        # One pass over the jobs for both: the count by status and the leases lost.
+        counted = conn.execute(
+            select(_jobs.c.status, func.count(), func.sum(_jobs.c.interruptions)).group_by(
+                _jobs.c.status
+            )
+        ).all()
+        by_status: dict[str, int] = {status: count for status, count, _ in counted}
         jobs = GaugeMetricFamily("loraforge_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
             jobs.add_metric([status.value], by_status.get(status.value, 0))
@@ -78,9 +83,7 @@ class PlatformCollector(Collector):
             "loraforge_job_interruptions",
             "Leases lost with their trainer and handed back by the reaper (all jobs)",
         )
-        lost.add_metric(
-            [], conn.execute(select(func.coalesce(func.sum(_jobs.c.interruptions), 0))).scalar_one()
-        )
+        lost.add_metric([], sum(int(interrupted or 0) for _, _, interrupted in counted))
         yield lost
 
         queued = (
@@ -111,11 +114,11 @@ class PlatformCollector(Collector):
 
     def _trainer_families(self, conn: Connection) -> Iterator[Metric]:
         lease = self.services.settings.lease_seconds
-        known = trainers.list_trainers(conn, lease)
+        known = trainers.list_trainers(conn, lease, include_gone=False)
         alive = GaugeMetricFamily(
             "loraforge_trainers_alive", f"Trainers heard from within a lease ({lease:g} s)"
         )
-        alive.add_metric([], sum(t.alive for t in known))
+        alive.add_metric([], len(known))
         yield alive
 
         labels = ["trainer", "host"]
@@ -157,8 +160,6 @@ class PlatformCollector(Collector):
             labels=[*labels, "outcome"],
         )
         for t in known:
-            if not t.alive:
-                continue
             values = [t.id, t.host]
             info.add_metric([*values, t.device, t.resident_base or ""], 1)
             for name, family in gauges.items():

@@ -32,36 +32,30 @@ def readyz(services: ServicesDep) -> JSONResponse:
     dependency, `ok` or why not. `trainers` says how many trainers were heard from within a
     lease: information, not a condition (with none, the API still takes jobs into the queue,
     and taking the API out of its Service would not bring a trainer back)."""
-    checks = {"database": _database(services), "object_store": _object_store(services)}
+    database, alive = _database(services)
+    checks = {"database": database, "object_store": _object_store(services)}
     ready = all(result == "ok" for result in checks.values())
     return JSONResponse(
-        {
-            "status": "ready" if ready else "not_ready",
-            "checks": checks,
-            "trainers": _trainers(services) if checks["database"] == "ok" else None,
-        },
+        {"status": "ready" if ready else "not_ready", "checks": checks, "trainers": alive},
         status_code=200 if ready else 503,
         headers=None if ready else {"Retry-After": "5"},
     )
 
 
-def _database(services: ServicesDep) -> str:
+def _database(services: ServicesDep) -> tuple[str, dict[str, Any] | None]:
+    """The database's answer and, on the same connection, the trainers heard from within a
+    lease (None when the database does not answer)."""
     try:
         with services.auth_engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+            try:
+                alive = trainers.count_alive(conn, services.settings.lease_seconds)
+            except Exception as exc:
+                return "ok", {"alive": None, "note": f"unknown: {first_line(exc)}"}
     except Exception as exc:
-        return f"unavailable: {first_line(exc)}"
-    return "ok"
-
-
-def _trainers(services: ServicesDep) -> dict[str, Any]:
-    try:
-        with services.auth_engine.connect() as conn:
-            alive = trainers.count_alive(conn, services.settings.lease_seconds)
-    except Exception as exc:
-        return {"alive": None, "note": f"unknown: {first_line(exc)}"}
+        return f"unavailable: {first_line(exc)}", None
     note = "" if alive else "no trainer alive: jobs wait in the queue until one starts"
-    return {"alive": alive, "note": note}
+    return "ok", {"alive": alive, "note": note}
 
 
 def _object_store(services: ServicesDep) -> str:
