@@ -121,7 +121,6 @@ class JobRunner:
         self.resident: ResidentBase | None = None
         self.resident_base_id: str | None = None
         self.resident_base_name: str | None = None
-        self.jobs_done = 0
         # Since this trainer started, for the registry's counters (and so /metrics).
         self.counts = {"claims": 0, "succeeded": 0, "failed": 0, "let_go": 0, "tokens_trained": 0}
         # What the trainer registry shows: the job in hand and its signals (metrics, progress).
@@ -158,6 +157,11 @@ class JobRunner:
                 self.run(job, shutdown=stop)
                 ran += 1
         return ran
+
+    @property
+    def jobs_done(self) -> int:
+        """Runs ended since this trainer started, whatever their outcome."""
+        return self.counts["succeeded"] + self.counts["failed"] + self.counts["let_go"]
 
     def presence_seconds(self) -> float:
         """How often the trainer registry hears from this trainer: four times a lease."""
@@ -219,7 +223,6 @@ class JobRunner:
             self.counts["tokens_trained"] += signals.tokens_trained
             self.counts[_counted_as(outcome, signals)] += 1
             shutil.rmtree(job_dir, ignore_errors=True)
-            self.jobs_done += 1
 
     def _run(self, job: JobRecord, signals: JobSignals, job_dir: Path) -> RunOutcome:
         """Train and publish; a failure anywhere ends the job as `FAILURES` says."""
