@@ -9,6 +9,7 @@ from typing import cast
 from sqlalchemy import Connection, Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from control_plane.base_status import BaseStatus
 from control_plane.db.tables import BaseModelRow
 from control_plane.ids import new_id
 from control_plane.records import BaseModelRecord
@@ -46,13 +47,13 @@ class NewBaseModel:
     architecture: str | None = None
     parameter_count: int | None = None
     has_chat_template: bool = False
-    status: str = "ready"
+    status: BaseStatus = BaseStatus.READY
     error_message: str | None = None
 
 
 def register_base_model(conn: Connection, new: NewBaseModel) -> BaseModelRecord:
     """Insert a base; one `registering` records when its import was asked for."""
-    requested = {"import_requested_at": func.now()} if new.status == "registering" else {}
+    requested = {"import_requested_at": func.now()} if new.status == BaseStatus.REGISTERING else {}
     try:
         with conn.begin_nested():
             row = conn.execute(

@@ -54,14 +54,8 @@ def _follow(client: Client, job_id: str) -> dict[str, Any]:
 
 
 def run_demo(settings: Settings) -> int:
-    from loraforge.demo.skill import (
-        DEMO_HYPERPARAMETERS,
-        demo_data_dir,
-        evaluate,
-        format_rows,
-        load_heldout,
-        summary,
-    )
+    from loraforge.demo.evaluation import evaluate, format_rows, summary
+    from loraforge.demo.skill import DEMO_HYPERPARAMETERS, demo_data_dir, load_heldout
     from workers.bases.registration import ensure_default_base
     from workers.bases.smollm2 import ensure_smollm2
 

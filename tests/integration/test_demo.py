@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from loraforge.demo import evaluation
 from loraforge.demo import skill as demo
 
 # Four fifths of the examples (the demo trains one epoch over all 200).
@@ -48,9 +49,9 @@ def test_demo_adapter_clearly_beats_the_base_on_heldout_prompts(smollm2_path, tm
     assert result.adapter_dir is not None and not result.stopped
     del base
 
-    base_score, adapter_score, rows = demo.evaluate(smollm2_path, result.adapter_dir, heldout)
+    base_score, adapter_score, rows = evaluation.evaluate(smollm2_path, result.adapter_dir, heldout)
     report = "\n".join(
-        [demo.format_rows(rows), demo.summary(base_score, adapter_score, len(heldout))]
+        [evaluation.format_rows(rows), evaluation.summary(base_score, adapter_score, len(heldout))]
     )
     print(report)
     assert adapter_score is not None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane import base_catalog
+from control_plane.base_status import BaseStatus
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services
 from control_plane.storage import base_model_prefix
@@ -156,23 +157,28 @@ def import_registered_base(services: Services, base_id: str) -> str:
     is left alone (a repeated task does nothing)."""
     with services.engine.connect() as conn:
         record = base_catalog.get_base_model(conn, base_id)
-    if record is None or record.status != "registering":
+    if record is None or record.status != BaseStatus.REGISTERING:
         return record.status if record else "missing"
     try:
         info, kind = fetch_and_store(services, record.source, revision=record.revision)
     except BaseModelError as exc:
-        values: dict[str, Any] = {"status": "failed", "error_message": str(exc)}
+        values: dict[str, Any] = {"status": BaseStatus.FAILED, "error_message": str(exc)}
     except Exception as exc:
         with services.engine.begin() as conn:
             base_catalog.update_base_model(
                 conn,
                 base_id,
-                status="failed",
+                status=BaseStatus.FAILED,
                 error_message=f"the import broke ({type(exc).__name__}: {exc}); register again",
             )
         raise
     else:
-        values = {"status": "ready", "source_kind": kind, "error_message": None, **_facts(info)}
+        values = {
+            "status": BaseStatus.READY,
+            "source_kind": kind,
+            "error_message": None,
+            **_facts(info),
+        }
     with services.engine.begin() as conn:
         return base_catalog.update_base_model(conn, base_id, **values).status
 

@@ -79,8 +79,7 @@ __all__ = [
     "train_adapter",
 ]
 
-# Tokens per packed row at evaluation time.
-EVAL_ROW_TOKENS = 8192
+EVAL_ROW_TOKENS = 8192  # tokens per packed row at evaluation time
 # Most tokens per packed row in training: a step's (micro-)batch runs as rows of at most this
 # many tokens, one forward/backward each, so the activations kept for a backward are bounded by
 # this, not by the longest batch; the step's update is the same.

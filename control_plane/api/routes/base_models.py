@@ -19,6 +19,7 @@ from control_plane import base_catalog, tenants
 from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page, page_of
+from control_plane.base_status import BaseStatus
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services
 from control_plane.tenants import Principal
@@ -71,7 +72,7 @@ def register_base_model(
             source=body.source,
             source_kind=kind,
             revision=body.revision,
-            status="registering",
+            status=BaseStatus.REGISTERING,
             import_requested_at=func.now(),
         )
     else:
@@ -82,7 +83,7 @@ def register_base_model(
                 source=body.source,
                 source_kind=kind,
                 revision=body.revision,
-                status="registering",
+                status=BaseStatus.REGISTERING,
             ),
         )
     conn.commit()
@@ -91,7 +92,9 @@ def register_base_model(
     except Exception:
         log.exception("could not dispatch the import of base %s", record.id)
         reason = "the import could not be started (the task broker did not answer); register again"
-        base_catalog.update_base_model(conn, record.id, status="failed", error_message=reason)
+        base_catalog.update_base_model(
+            conn, record.id, status=BaseStatus.FAILED, error_message=reason
+        )
         conn.commit()
         raise ApiError(503, "import_not_started", reason) from None
     response.status_code = 202
@@ -112,11 +115,11 @@ def _insert(conn: Connection, new: base_catalog.NewBaseModel) -> BaseModelRecord
 
 def _retryable(base: BaseModelRecord, timeout: timedelta) -> bool:
     """A failed import, or one `registering` for longer than `timeout` (its worker died)."""
-    if base.status == "failed":
+    if base.status == BaseStatus.FAILED:
         return True
     started = base.import_requested_at
     return (
-        base.status == "registering"
+        base.status == BaseStatus.REGISTERING
         and started is not None
         and datetime.now(UTC) - started > timeout
     )

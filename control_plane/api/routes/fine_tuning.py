@@ -21,6 +21,7 @@ from control_plane.api.schemas import (
     Page,
     page_of,
 )
+from control_plane.base_status import BaseStatus
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.pagination import trim
 from control_plane.queue import JobStateError
@@ -125,7 +126,7 @@ def create_job(
             f"model: no base model named {body.model!r}; list them with GET /v1/models",
             "model",
         )
-    if base.status != "ready":
+    if base.status != BaseStatus.READY:
         failure = (
             f"its import failed: {base.error_message}; register it again"
             if tenants.is_operator_tenant(
@@ -133,11 +134,12 @@ def create_job(
             )
             else IMPORT_FAILED_FOR_TENANTS
         )
-        why = {
-            "registering": "its checkpoint is still being imported; submit again once "
+        reasons: dict[str, str] = {
+            BaseStatus.REGISTERING: "its checkpoint is still being imported; submit again once "
             f"GET /v1/base_models/{base.name} says ready",
-            "failed": failure,
-        }.get(base.status, "not ready")
+            BaseStatus.FAILED: failure,
+        }
+        why = reasons.get(base.status, "not ready")
         raise ApiError(
             400,
             "model_not_ready",

@@ -8,6 +8,7 @@ from control_plane import base_catalog, jobs
 from control_plane.api.deps import Caller, ConnDep
 from control_plane.api.errors import not_found
 from control_plane.api.schemas import ModelPublic, Page, page_of
+from control_plane.base_status import BaseStatus
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -20,7 +21,7 @@ def _all_models(conn: ConnDep, caller: Caller) -> list[ModelPublic]:
             id=b.name, created=int(b.created_at.timestamp()), owned_by="loraforge", kind="base"
         )
         for b in bases
-        if b.status == "ready"
+        if b.status == BaseStatus.READY
     ]
     for job in jobs.list_succeeded_models(conn, caller.tenant_id):
         found.append(

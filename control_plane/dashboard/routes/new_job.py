@@ -23,6 +23,7 @@ from control_plane.api.errors import ApiError
 from control_plane.api.routes import files as file_routes
 from control_plane.api.routes import fine_tuning
 from control_plane.api.schemas import JobCreate
+from control_plane.base_status import BaseStatus
 from control_plane.dashboard.render import PageForbidden, fragment, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
 from control_plane.datasets import DatasetError
@@ -152,7 +153,7 @@ def _new_job_page(
     error: str | None = None,
     status_code: int = 200,
 ) -> Response:
-    bases = [b for b in base_catalog.list_base_models(conn) if b.status == "ready"]
+    bases = [b for b in base_catalog.list_base_models(conn) if b.status == BaseStatus.READY]
     adapters, _ = registry.list_adapters(conn, session.principal.tenant_id, after=None, limit=100)
     main, more = _fields(values)
     return page(
