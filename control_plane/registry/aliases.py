@@ -49,25 +49,31 @@ def _lock_adapter(conn: Connection, tenant_id: str, name: str) -> Any:
     return row
 
 
-_ALIASES = """
+_SELECT_ALIASES = """
     SELECT al.id, a.name AS adapter_name, al.name, v.number AS version, al.version_id,
            al.updated_by, al.updated_at
     FROM adapter_aliases al
     JOIN adapters a ON a.id = al.adapter_id
     JOIN adapter_versions v ON v.id = al.version_id
+    WHERE al.adapter_id = :id
 """
-_EVENTS = """
+# Every statement below is written once, here; the callers bind values, never SQL.
+_ALIASES_OF_ADAPTER = text(_SELECT_ALIASES + " ORDER BY al.name")
+_ALIAS = text(_SELECT_ALIASES + " AND al.name = :alias")
+_EVENTS_OF_ADAPTER = text(
+    """
     SELECT e.id, a.name AS adapter_name, e.alias, e.from_version, e.to_version,
            e.actor_key_id, e.created_at
     FROM alias_events e JOIN adapters a ON a.id = e.adapter_id
+    WHERE e.adapter_id = :id AND (CAST(:alias AS text) IS NULL OR e.alias = :alias)
+    ORDER BY e.id
 """
+)
 
 
 def list_aliases(conn: Connection, tenant_id: str, name: str) -> list[AliasRecord]:
     adapter = get_adapter(conn, tenant_id, name)
-    rows = conn.execute(
-        text(f"{_ALIASES} WHERE al.adapter_id = :id ORDER BY al.name"), {"id": adapter.id}
-    ).all()
+    rows = conn.execute(_ALIASES_OF_ADAPTER, {"id": adapter.id}).all()
     return [AliasRecord.from_row(r) for r in rows]
 
 
@@ -76,13 +82,9 @@ def alias_history(
 ) -> list[AliasEventRecord]:
     """Every set, move and delete of the adapter's aliases (or of one alias), oldest first."""
     adapter = get_adapter(conn, tenant_id, name)
-    where = "e.adapter_id = :id"
     if alias is not None:
         validate_alias_name(alias)
-        where += " AND e.alias = :alias"
-    rows = conn.execute(
-        text(f"{_EVENTS} WHERE {where} ORDER BY e.id"), {"id": adapter.id, "alias": alias}
-    ).all()
+    rows = conn.execute(_EVENTS_OF_ADAPTER, {"id": adapter.id, "alias": alias}).all()
     return [AliasEventRecord.from_row(r) for r in rows]
 
 
@@ -101,10 +103,7 @@ def set_alias(
     validate_alias_name(alias)
     adapter = _lock_adapter(conn, tenant_id, adapter_name)
     target = resolve_version(conn, tenant_id, adapter_name, version)
-    current = conn.execute(
-        text(f"{_ALIASES} WHERE al.adapter_id = :id AND al.name = :alias"),
-        {"id": adapter.id, "alias": alias},
-    ).one_or_none()
+    current = conn.execute(_ALIAS, {"id": adapter.id, "alias": alias}).one_or_none()
     if current is not None and current.version_id == target.id:
         return AliasRecord.from_row(current)
     conn.execute(
@@ -126,10 +125,7 @@ def set_alias(
         conn, adapter.id, alias, current.version if current else None, target.number, actor_key_id
     )
     _write_alias_snapshot(conn, store, adapter)
-    row = conn.execute(
-        text(f"{_ALIASES} WHERE al.adapter_id = :id AND al.name = :alias"),
-        {"id": adapter.id, "alias": alias},
-    ).one()
+    row = conn.execute(_ALIAS, {"id": adapter.id, "alias": alias}).one()
     return AliasRecord.from_row(row)
 
 
@@ -145,10 +141,7 @@ def delete_alias(
     """Remove the alias and record it in its history; the caller commits."""
     validate_alias_name(alias)
     adapter = _lock_adapter(conn, tenant_id, adapter_name)
-    current = conn.execute(
-        text(f"{_ALIASES} WHERE al.adapter_id = :id AND al.name = :alias"),
-        {"id": adapter.id, "alias": alias},
-    ).one_or_none()
+    current = conn.execute(_ALIAS, {"id": adapter.id, "alias": alias}).one_or_none()
     if current is None:
         raise AliasNotFoundError(f"adapter {adapter_name!r} has no alias {alias!r}")
     conn.execute(text("DELETE FROM adapter_aliases WHERE id = :id"), {"id": current.id})
@@ -187,12 +180,8 @@ def aliases_key(tenant_id: str, adapter_name: str) -> str:
 def _write_alias_snapshot(conn: Connection, store: ObjectStore, adapter: Any) -> None:
     """Write the adapter's aliases and their whole history to the bucket (overwritten each
     time; the adapter row lock orders concurrent writers) so that a rebuild restores them."""
-    aliases = conn.execute(
-        text(f"{_ALIASES} WHERE al.adapter_id = :id ORDER BY al.name"), {"id": adapter.id}
-    ).all()
-    events = conn.execute(
-        text(f"{_EVENTS} WHERE e.adapter_id = :id ORDER BY e.id"), {"id": adapter.id}
-    ).all()
+    aliases = conn.execute(_ALIASES_OF_ADAPTER, {"id": adapter.id}).all()
+    events = conn.execute(_EVENTS_OF_ADAPTER, {"id": adapter.id, "alias": None}).all()
     snapshot = {
         "format": "loraforge.adapter-aliases/1",
         "adapter": {"id": adapter.id, "name": adapter.name},
