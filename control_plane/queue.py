@@ -251,6 +251,66 @@ def _claim_front(lines: int) -> TextClause:
     )
 
 
+# The common claim, a few index rows: the first line of the queue whose stored head is claimable.
+# The lines' index holds each line's head in the claim's order (priority, running, the tenant
+# served least recently, age, id), and a tenant's first job can only be the head of its first
+# line, so that head is the backlog's first job when
+# - it is claimable: a head backing off hides the line's next job, which may rank anywhere
+#   (then the walk of `_claim_front` decides);
+# - no preferred base could reorder a tie: the line is on the preferred base, or the next line
+#   ranks strictly after it on (priority, running, served), where affinity breaks ties;
+# - every line before it is another tenant's, claimable and locked by a claim in flight, with
+#   the same priority and running count as it: once that claim commits, its tenant's next job
+#   ranks on one more running job, after this head.
+# Otherwise (or when every such head is locked) nothing is claimed here and claim() walks the
+# front. The heads are locked in line order, SKIP LOCKED, as `_PICK` locks any candidates.
+@functools.cache
+def _claim_head(lines: int) -> TextClause:
+    return text(
+        f"""
+    WITH walk AS MATERIALIZED (
+        SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority, h.running,
+               coalesce(h.last_served_at, '-infinity') AS served,
+               row_number() OVER front AS position,
+               lead(-h.top_priority) OVER front AS next_priority,
+               lead(h.running) OVER front AS next_running,
+               lead(coalesce(h.last_served_at, '-infinity')) OVER front AS next_served
+        FROM queue_heads h JOIN tenants t ON t.id = h.tenant_id
+        WHERE h.queued > 0 AND h.running < coalesce(t.max_running_jobs, :default_limit)
+          AND h.tenant_id <> ALL(CAST(:excluded AS text[]))
+        WINDOW front AS (ORDER BY h.top_priority DESC, h.running, h.last_served_at NULLS FIRST,
+                                  h.head_created_at, h.head_id)
+        ORDER BY h.top_priority DESC, h.running, h.last_served_at NULLS FIRST,
+                 h.head_created_at, h.head_id
+        LIMIT {lines}
+    ),
+    heads AS MATERIALIZED (
+        SELECT w.*, j.id IS NOT NULL AS claimable
+        FROM walk w LEFT JOIN jobs j
+          ON j.id = w.head_id AND j.status = {_QUEUED} AND j.run_after <= now()
+    ),
+    candidates AS MATERIALIZED (
+        SELECT c.head_id AS id, c.position FROM heads c JOIN heads first ON first.position = 1
+        WHERE c.claimable
+          AND (CAST(:prefer AS text) IS NULL OR c.base_model_id = :prefer
+               OR c.next_priority IS NULL
+               OR ROW(c.next_priority, c.next_running, c.next_served)
+                  > ROW(c.priority, c.running, c.served))
+          AND (c.position = 1 OR (
+                (c.priority, c.running) = (first.priority, first.running)
+                AND NOT EXISTS (
+                    SELECT 1 FROM heads e WHERE e.position < c.position
+                      AND (NOT e.claimable OR e.tenant_id = c.tenant_id))))
+    ),
+    {_PICK.format(gate="")}
+    {_START_PICKED}
+    SELECT (SELECT id FROM picked) IS NOT NULL AS proven,
+           (SELECT tenant_id FROM picked) AS picked_tenant, claimed.*
+    FROM (SELECT 1) AS one LEFT JOIN claimed ON true
+    """
+    )
+
+
 # The claim's order written over the whole backlog: every claimable job ranked, two window sorts
 # over all of them. Exact whatever the heads say; its cost grows with the backlog, so it runs
 # only when `_claim_front` cannot prove its answer.
@@ -423,8 +483,10 @@ class JobQueue:
         while True:
             params = self._claim_params(worker_id, prefer_base_model_id, excluded)
             with self.engine.begin() as conn:
-                conn.execute(_GENERIC_PLAN)
-                row = conn.execute(_claim_front(self.front_lines), params).one()
+                row = conn.execute(_claim_head(self.front_lines), params).one()
+                if not row.proven:
+                    conn.execute(_GENERIC_PLAN)
+                    row = conn.execute(_claim_front(self.front_lines), params).one()
                 if not row.proven:
                     row = conn.execute(_CLAIM_RANKED, params).one()
             if row.id is not None:

@@ -373,6 +373,76 @@ def test_the_claim_picks_what_the_reference_ranks_first(
     _no_drift(engine)
 
 
+# -- a head locked by a claim in flight ------------------------------------------------------
+
+# (tenant, priority, created second, base) per job; "b0" is claimed first when it is there, so that
+# tenant b runs one job and was served. The head of tenant a's line, "a1", is then locked by a
+# claim in flight while another claimer claims.
+LOCKED_HEAD_SCENES = {
+    "the next tenant's head, same priority and running": (
+        {"a1": ("a", 1, 0), "a2": ("a", 1, 1), "b1": ("b", 1, 2), "c1": ("c", 1, 3)},
+        "b1",
+    ),
+    "not the same tenant's head on another base": (
+        {"a1": ("a", 1, 0), "a3": ("a", 1, 1, 1), "b1": ("b", 1, 2)},
+        "b1",
+    ),
+    "a higher priority behind the locked head": (
+        {"a1": ("a", 2, 0), "a2": ("a", 2, 1), "b1": ("b", 1, 2)},
+        "a2",
+    ),
+    "a tenant never served behind the locked head, before one already running": (
+        {"b0": ("b", 1, -1), "a1": ("a", 1, 0), "a2": ("a", 1, 1), "b1": ("b", 1, 2)},
+        "a2",
+    ),
+}
+
+
+@pytest.mark.parametrize("scene_name", sorted(LOCKED_HEAD_SCENES))
+def test_a_claim_beside_one_in_flight_takes_the_first_job_it_may_lock(
+    engine: Engine, scene: dict[str, Any], scene_name: str
+) -> None:
+    """The claim ranks the snapshot it sees, the locked job included (its tenant's next job
+    ranks second in the tenant), and takes the first job it can lock: the same answer as the
+    reference with the locked job skipped, whichever of the claim's paths gives it."""
+    specs, expected_name = LOCKED_HEAD_SCENES[scene_name]
+    tag = secrets.token_hex(4)
+    tenants = {
+        t: make_tenant(engine, f"l-{tag}-{t}").id
+        for t in sorted({spec[0] for spec in specs.values()})
+    }
+    start = datetime.now(UTC) - timedelta(days=1)
+    ids = {name: f"ftjob-{tag}-{name}" for name in specs}
+    with engine.begin() as conn:
+        _insert_jobs(
+            conn,
+            [
+                {
+                    "id": ids[name],
+                    "tenant_id": tenants[t],
+                    "base_model_id": scene["bases"][base[0] if base else 0],
+                    "priority": priority,
+                    "created_at": start + timedelta(seconds=second),
+                    "run_after": start,
+                    "file": scene["file"],
+                }
+                for name, (t, priority, second, *base) in specs.items()
+            ],
+        )
+    queue = JobQueue(engine, max_running_per_tenant=DEFAULT_LIMIT)
+    if "b0" in specs:
+        first = queue.claim("w-first")
+        assert first is not None and first.id == ids["b0"]
+    with engine.connect() as holder, holder.begin():
+        holder.execute(text("SELECT 1 FROM jobs WHERE id = :id FOR UPDATE"), {"id": ids["a1"]})
+        job = queue.claim("w-second")
+    assert job is not None
+    assert job.id == ids[expected_name], {v: k for k, v in ids.items()}.get(job.id)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM tenants WHERE id = ANY(:t)"), {"t": list(tenants.values())})
+    _no_drift(engine)
+
+
 # -- many claimers, a deep backlog -----------------------------------------------------------
 
 TENANTS = 1000
