@@ -58,8 +58,6 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
-    # When the queue last started one of this tenant's jobs: the fair-share tie-breaker.
-    last_claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now()
 
 
