@@ -14,7 +14,7 @@ import pytest
 from control_plane.settings import Settings
 from loraforge.embedded import embedded_platform, postmaster_pid
 from loraforge.supervise import HomeInUseError
-from tests.faults.harness import _alive, platform_env, running_platform, wait_for
+from tests.faults.harness import _alive, _name, platform_env, running_platform, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def test_sigterm_to_up_stops_every_process_it_started_postgres_included(tmp_path
         postmaster = platform.postgres_pid()
         assert postmaster is not None and psutil.pid_exists(postmaster)
         assert platform.trainer_actors(), "no Ray trainer actor among the children"
-        assert any("celery" in " ".join(p.cmdline()) for p in started)
+        assert any("celery" in _name(p) for p in started)
 
         # A second `up` on the same home refuses at once and names the running one.
         second = subprocess.run(
@@ -45,7 +45,7 @@ def test_sigterm_to_up_stops_every_process_it_started_postgres_included(tmp_path
     # The stop is bounded: a trainer's grace (30 s) at most, a few seconds when idle.
     assert seconds < 35, seconds
     left = [p for p in started if _alive(p)]
-    assert not left, [" ".join(p.cmdline()) for p in left]
+    assert not left, [_name(p) for p in left]
     assert not _alive(psutil.Process(postmaster)) if psutil.pid_exists(postmaster) else True
 
 
@@ -59,7 +59,7 @@ def test_the_embedded_platform_leaves_nothing_running_when_its_block_ends(
     with embedded_platform(settings, default_base=False) as platform:
         wait_for(
             "a trainer actor",
-            lambda: any("TrainerActor" in " ".join(p.cmdline()) for p in me.children(True)),
+            lambda: any("TrainerActor" in _name(p) for p in me.children(True)),
             180,
         )
         started = me.children(recursive=True)
@@ -69,7 +69,7 @@ def test_the_embedded_platform_leaves_nothing_running_when_its_block_ends(
             pass
         assert platform.supervisor.children[0].exited() is None
     left = [p for p in started if _alive(p)]
-    assert not left, [" ".join(p.cmdline()) for p in left]
+    assert not left, [_name(p) for p in left]
     assert not psutil.pid_exists(postmaster) or not _alive(psutil.Process(postmaster))
     with embedded_platform(settings, trainer=False, default_base=False):
         pass  # the lock went with the first platform
