@@ -263,7 +263,8 @@ def _claim_front(lines: int) -> TextClause:
 #   flight, is another tenant's, and has the same priority and running count as it: once that
 #   claim commits, its tenant's next job ranks on one more running job, after this head.
 # Otherwise (or when every such head is locked) nothing is claimed here and claim() walks the
-# front. The heads are locked in line order, SKIP LOCKED, as `_PICK` locks any candidates.
+# front; an empty walk shows that nothing is claimable, so an idle trainer's claim is one
+# statement too. The heads are locked in line order, SKIP LOCKED, as `_PICK` locks any candidates.
 @functools.cache
 def _claim_head(lines: int) -> TextClause:
     return text(
@@ -305,7 +306,8 @@ def _claim_head(lines: int) -> TextClause:
     ),
     {_PICK.format(gate="")}
     {_START_PICKED}
-    SELECT (SELECT id FROM picked) IS NOT NULL AS proven,
+    -- No line at all (nothing queued under its tenant's limit): nothing is claimable, shown.
+    SELECT (SELECT id FROM picked) IS NOT NULL OR NOT EXISTS (SELECT 1 FROM walk) AS proven,
            (SELECT tenant_id FROM picked) AS picked_tenant, claimed.*
     FROM (SELECT 1) AS one LEFT JOIN claimed ON true
     """
