@@ -150,15 +150,17 @@ _PICK = f"""
 
 # The lines of the queue, one per (tenant, base), best head first: `queue_heads` in the order of
 # its partial index, past tenants at their running limit or excluded by an earlier try.
-_WALK = """
+_LINE_ORDER = (
+    "h.top_priority DESC, h.running, h.last_served_at NULLS FIRST, h.head_created_at, h.head_id"
+)
+_WALK = f"""
     SELECT h.tenant_id, h.base_model_id, h.top_priority, h.running, h.last_served_at,
            h.head_created_at, h.head_id
     FROM queue_heads h JOIN tenants t ON t.id = h.tenant_id
     WHERE h.queued > 0 AND h.running < coalesce(t.max_running_jobs, :default_limit)
-      AND h.tenant_id <> ALL(CAST(:excluded AS text[])) {only}
-    ORDER BY {first}h.top_priority DESC, h.running, h.last_served_at NULLS FIRST,
-             h.head_created_at, h.head_id
-    LIMIT {lines}
+      AND h.tenant_id <> ALL(CAST(:excluded AS text[])) {{only}}
+    ORDER BY {{first}}{_LINE_ORDER}
+    LIMIT {{lines}}
 """
 
 # The last line a walk reached, when the walk was cut off at `lines`: every line it did not
@@ -270,20 +272,18 @@ def _claim_head(lines: int) -> TextClause:
     return text(
         f"""
     WITH walk AS MATERIALIZED (
-        SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority, h.running,
-               coalesce(h.last_served_at, '-infinity') AS served,
-               row_number() OVER front AS position,
-               lead(-h.top_priority) OVER front AS next_priority,
-               lead(h.running) OVER front AS next_running,
-               lead(coalesce(h.last_served_at, '-infinity')) OVER front AS next_served
-        FROM queue_heads h JOIN tenants t ON t.id = h.tenant_id
-        WHERE h.queued > 0 AND h.running < coalesce(t.max_running_jobs, :default_limit)
-          AND h.tenant_id <> ALL(CAST(:excluded AS text[]))
-        WINDOW front AS (ORDER BY h.top_priority DESC, h.running, h.last_served_at NULLS FIRST,
-                                  h.head_created_at, h.head_id)
-        ORDER BY h.top_priority DESC, h.running, h.last_served_at NULLS FIRST,
-                 h.head_created_at, h.head_id
-        LIMIT {lines}
+        -- One line more than the walk, so that the last line walked sees the next one.
+        SELECT * FROM (
+            SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority,
+                   h.running, coalesce(h.last_served_at, '-infinity') AS served,
+                   row_number() OVER front AS position,
+                   lead(-h.top_priority) OVER front AS next_priority,
+                   lead(h.running) OVER front AS next_running,
+                   lead(coalesce(h.last_served_at, '-infinity')) OVER front AS next_served
+            FROM ({_WALK.format(only="", first="", lines=lines + 1)}) h
+            WINDOW front AS (ORDER BY {_LINE_ORDER})
+        ) ranked
+        WHERE position <= {lines}
     ),
     heads AS MATERIALIZED (
         -- `first`: this head is the backlog's first job, were it not locked.
