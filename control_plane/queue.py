@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, TextClause, text
+import sqlalchemy.exc
+from psycopg.rows import namedtuple_row
+from sqlalchemy import Connection, Dialect, Engine, TextClause, text
 
 from control_plane.db import libpq_url
 from control_plane.events import add_event
@@ -314,6 +316,12 @@ def _claim_head(lines: int) -> TextClause:
     )
 
 
+@functools.cache
+def _driver_sql(statement: TextClause, dialect: Dialect) -> str:
+    """A statement as psycopg takes it (`%(name)s` placeholders), compiled once."""
+    return str(statement.compile(dialect=dialect))
+
+
 # The claim's order written over the whole backlog: every claimable job ranked, two window sorts
 # over all of them. Exact whatever the heads say; its cost grows with the backlog, so it runs
 # only when `_claim_front` cannot prove its answer.
@@ -485,11 +493,7 @@ class JobQueue:
         excluded: list[str] = []
         while True:
             params = self._claim_params(worker_id, prefer_base_model_id, excluded)
-            # The common claim is one statement, so it is its own transaction: no BEGIN and
-            # COMMIT round trips around it (a third of a claim's client time on a small host).
-            with self.engine.connect() as conn:
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                row = conn.execute(_claim_head(self.front_lines), params).one()
+            row = self._claim_on_driver(_claim_head(self.front_lines), params)
             if not row.proven:
                 with self.engine.begin() as conn:
                     conn.execute(_GENERIC_PLAN)
@@ -502,6 +506,33 @@ class JobQueue:
                 return None
             # The job's tenant reached its limit (a concurrent claim committed meanwhile).
             excluded.append(row.picked_tenant)
+
+    def _claim_on_driver(self, statement: TextClause, params: dict[str, Any]) -> Any:
+        """Run the common claim on the pooled connection's driver, in autocommit.
+
+        One statement is its own transaction: no BEGIN and COMMIT round trips around it. It
+        goes to psycopg directly, prepared once per connection, its row a named tuple:
+        SQLAlchemy's result layer (a row's metadata built again per execution, 36 columns)
+        cost more client CPU than the claim's own work on the server (benchmarks/queue.py
+        `--scale`, docs/architecture.md). Driver errors leave as SQLAlchemy's, as every other
+        statement's do, and a lost connection is dropped from the pool.
+        """
+        with self.engine.connect() as conn:
+            sql = _driver_sql(statement, conn.dialect)
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            driver = conn.connection.driver_connection
+            assert isinstance(driver, psycopg.Connection)
+            try:
+                with driver.cursor(row_factory=namedtuple_row) as cursor:
+                    cursor.execute(sql, params, prepare=True)
+                    return cursor.fetchone()
+            except psycopg.Error as exc:
+                lost = driver.broken
+                if lost:
+                    conn.invalidate(exc)
+                raise sqlalchemy.exc.DBAPIError.instance(
+                    sql, params, exc, psycopg.Error, connection_invalidated=lost
+                ) from exc
 
     def _claim_params(
         self, worker_id: str, prefer_base_model_id: str | None, excluded: list[str]
