@@ -261,52 +261,71 @@ def _claim_front(lines: int) -> TextClause:
 # line, so that head is the backlog's first job when
 # - it is claimable: a head backing off hides the line's next job, which may rank anywhere
 #   (then the walk of `_claim_front` decides);
-# - no preferred base could reorder a tie: the line is on the preferred base, or the next line
-#   ranks strictly after it on (priority, running, served), where affinity breaks ties;
+# - no preferred base could reorder a tie (`settled`): the line is on the preferred base, or the
+#   next line ranks strictly after it on (priority, running, served), where affinity breaks ties;
 # - every line before it would have been taken by these rules but is locked by a claim in
-#   flight, is another tenant's, and has the same priority and running count as it: once that
-#   claim commits, its tenant's next job ranks on one more running job, after this head.
-# Otherwise (or when every such head is locked) nothing is claimed here and claim() walks the
-# front; an empty walk shows that nothing is claimable, so an idle trainer's claim is one
-# statement too. The heads are locked in line order, SKIP LOCKED, as `_PICK` locks any candidates.
+#   flight (or was claimed since the statement began), is another tenant's, and has the same
+#   priority and running count as it: once that claim commits, its tenant's next job ranks on
+#   one more running job, after this head.
+# What the lines alone decide (`eligible`) is read off the walk; the heads' jobs are then read in
+# line order and the first one that no claim holds is locked (SKIP LOCKED), so a claim beside
+# no other reads one job. Only then are the heads' own conditions checked: it is claimable, and
+# every line passed before it (held by claims in flight) had a claimable head. Otherwise (or
+# when every eligible head is held) nothing is claimed here and claim() walks the front; an
+# empty walk shows that nothing is claimable, so an idle trainer's claim is one statement too.
+_SETTLED = """(CAST(:prefer AS text) IS NULL OR {w}.base_model_id = :prefer
+        OR {w}.next_priority IS NULL
+        OR ROW({w}.next_priority, {w}.next_running, {w}.next_served)
+           > ROW({w}.priority, {w}.running, {w}.served))"""
+
+
 @functools.cache
 def _claim_head(lines: int) -> TextClause:
     return text(
         f"""
     WITH walk AS MATERIALIZED (
-        -- One line more than the walk, so that the last line walked sees the next one.
-        SELECT * FROM (
-            SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority,
-                   h.running, coalesce(h.last_served_at, '-infinity') AS served,
-                   row_number() OVER front AS position,
-                   lead(-h.top_priority) OVER front AS next_priority,
-                   lead(h.running) OVER front AS next_running,
-                   lead(coalesce(h.last_served_at, '-infinity')) OVER front AS next_served
-            FROM ({_WALK.format(only="", first="", lines=lines + 1)}) h
-            WINDOW front AS (ORDER BY {_LINE_ORDER})
+        SELECT *, settled AND (position = 1 OR (
+                   first_of_tenant AND (priority, running) = (top_priority, top_running)
+                   AND bool_and(settled) OVER passed)) AS eligible
+        FROM (
+            SELECT *, {_SETTLED.format(w="lines")} AS settled,
+                   row_number() OVER (PARTITION BY tenant_id ORDER BY position) = 1
+                       AS first_of_tenant,
+                   first_value(priority) OVER (ORDER BY position) AS top_priority,
+                   first_value(running) OVER (ORDER BY position) AS top_running
+            FROM (
+                -- One line more than the walk, so that the last line walked sees the next one.
+                SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority,
+                       h.running, coalesce(h.last_served_at, '-infinity') AS served,
+                       row_number() OVER front AS position,
+                       lead(-h.top_priority) OVER front AS next_priority,
+                       lead(h.running) OVER front AS next_running,
+                       lead(coalesce(h.last_served_at, '-infinity')) OVER front AS next_served
+                FROM ({_WALK.format(only="", first="", lines=lines + 1)}) h
+                WINDOW front AS (ORDER BY {_LINE_ORDER})
+            ) lines
+            WHERE position <= {lines}
         ) ranked
-        WHERE position <= {lines}
+        WINDOW passed AS (ORDER BY position ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
     ),
-    heads AS MATERIALIZED (
-        -- `first`: this head is the backlog's first job, were it not locked.
-        SELECT w.*, j.id IS NOT NULL
-               AND (CAST(:prefer AS text) IS NULL OR w.base_model_id = :prefer
-                    OR w.next_priority IS NULL
-                    OR ROW(w.next_priority, w.next_running, w.next_served)
-                       > ROW(w.priority, w.running, w.served)) AS first
-        FROM walk w LEFT JOIN jobs j
-          ON j.id = w.head_id AND j.status = {_QUEUED} AND j.run_after <= now()
+    held AS (
+        -- The first eligible head, in line order, that no claim in flight holds.
+        SELECT w.tenant_id, w.head_id, w.position, j.run_after <= now() AS ready
+        FROM (SELECT * FROM walk WHERE eligible ORDER BY position) w
+        JOIN jobs j ON j.id = w.head_id
+        WHERE j.status = {_QUEUED}
+        ORDER BY w.position
+        LIMIT 1
+        FOR UPDATE OF j SKIP LOCKED
     ),
-    candidates AS MATERIALIZED (
-        SELECT c.head_id AS id, c.position FROM heads c JOIN heads top ON top.position = 1
-        WHERE c.first
-          AND (c.position = 1 OR (
-                (c.priority, c.running) = (top.priority, top.running)
-                AND NOT EXISTS (
-                    SELECT 1 FROM heads e WHERE e.position < c.position
-                      AND (NOT e.first OR e.tenant_id = c.tenant_id))))
+    picked AS (
+        SELECT head_id AS id, tenant_id FROM held
+        WHERE ready AND (position = 1 OR NOT EXISTS (
+            SELECT 1 FROM walk passed
+            LEFT JOIN jobs j
+              ON j.id = passed.head_id AND j.status = {_QUEUED} AND j.run_after <= now()
+            WHERE passed.position < held.position AND j.id IS NULL))
     ),
-    {_PICK.format(gate="")}
     {_START_PICKED}
     -- No line at all (nothing queued under its tenant's limit): nothing is claimable, shown.
     SELECT (SELECT id FROM picked) IS NOT NULL OR NOT EXISTS (SELECT 1 FROM walk) AS proven,

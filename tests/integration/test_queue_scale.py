@@ -384,9 +384,9 @@ def test_the_claim_picks_what_the_reference_ranks_first(
 
 # -- a head locked by a claim in flight ------------------------------------------------------
 
-# (tenant, priority, created second, base) per job; "b0" is claimed first when it is there, so that
-# tenant b runs one job and was served. The head of tenant a's line, "a1", is then locked by a
-# claim in flight while another claimer claims.
+# (tenant, priority, created second[, base[, backing off]]) per job; "b0" is claimed first when it
+# is there, so that tenant b runs one job and was served. The head of tenant a's line, "a1", is
+# then locked by a claim in flight while another claimer claims.
 LOCKED_HEAD_SCENES = {
     "the next tenant's head, same priority and running": (
         {"a1": ("a", 1, 0), "a2": ("a", 1, 1), "b1": ("b", 1, 2), "c1": ("c", 1, 3)},
@@ -402,6 +402,10 @@ LOCKED_HEAD_SCENES = {
     ),
     "a tenant never served behind the locked head, before one already running": (
         {"b0": ("b", 1, -1), "a1": ("a", 1, 0), "a2": ("a", 1, 1), "b1": ("b", 1, 2)},
+        "a2",
+    ),
+    "the locked head backing off: its tenant's next job comes before the next line": (
+        {"a1": ("a", 1, 0, 0, True), "a2": ("a", 1, 1), "b1": ("b", 1, 2)},
         "a2",
     ),
 }
@@ -429,13 +433,13 @@ def test_a_claim_beside_one_in_flight_takes_the_first_job_it_may_lock(
                 {
                     "id": ids[name],
                     "tenant_id": tenants[t],
-                    "base_model_id": scene["bases"][base[0] if base else 0],
+                    "base_model_id": scene["bases"][rest[0] if rest else 0],
                     "priority": priority,
                     "created_at": start + timedelta(seconds=second),
-                    "run_after": start,
+                    "run_after": start + timedelta(days=2 if rest[1:] == [True] else 0),
                     "file": scene["file"],
                 }
-                for name, (t, priority, second, *base) in specs.items()
+                for name, (t, priority, second, *rest) in specs.items()
             ],
         )
     queue = JobQueue(engine, max_running_per_tenant=DEFAULT_LIMIT)
