@@ -22,7 +22,9 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   triggers, in alternating rounds; `claim_scale_targets` the issue's ratios at the largest size;
   `claim_plan` (the common claim: a line's head), `claim_walk_plan` (the walk of the front) and
   `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
-  dashboard's counts and a deep keyset page against counting and an OR-form cursor.
+  dashboard's counts and a deep keyset page against counting and an OR-form cursor;
+  `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
+  widened) against ranking every claimable job.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from control_plane.api.serve import serve_in_thread as serve
 from control_plane.db.tables import Job
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
-from control_plane.queue import JOBS_CHANNEL, JobQueue, QueueListener
+from control_plane.queue import _CLAIM_RANKED, JOBS_CHANNEL, JobQueue, QueueListener
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET = "dev-insecure-secret"
@@ -974,6 +976,57 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
             "p50_ms": round(ours, 3),
             "list_jobs_p50_ms": round(listed, 3),
             "baseline": "the same page with `created_at < c OR (created_at = c AND id < i)`",
+            "baseline_p50_ms": round(baseline, 3),
+            "ratio": round(ours / baseline, 4),
+            "machine": machine,
+        }
+    )
+    bench_retry_storm(queue, size, machine)
+
+
+STORM_LINES = 200
+
+
+def bench_retry_storm(queue: JobQueue, size: int, machine: str) -> None:
+    """Every job of the first 200 lines backing off (a retry storm): the claim walks 8 lines,
+    then 64, then 512 before it would rank everything; beside it, ranking every claimable job
+    (the last resort, which the claim ran at once before it walked wider), rolled back."""
+    engine = queue.engine
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE jobs SET run_after = now() + interval '1 day' WHERE status = 'queued' "
+                "AND tenant_id IN (SELECT tenant_id FROM queue_heads WHERE queued > 0 "
+                "AND tenant_id <> 'tenant-0000' ORDER BY top_priority DESC, running, "
+                "last_served_at NULLS FIRST, head_created_at, head_id LIMIT :lines)"
+            ),
+            {"lines": STORM_LINES},
+        )
+    _vacuum(engine)
+    claims = []
+    for _ in range(33):
+        t0 = time.perf_counter()
+        job = queue.claim("storm")
+        claims.append((time.perf_counter() - t0) * 1000)
+        if job is None:
+            raise RuntimeError("retry storm: an empty claim with claimable jobs left")
+        queue.complete(job.id, "storm")
+    ranked = []
+    params = queue._claim_params("storm", None, [])
+    for _ in range(5):
+        with engine.connect() as conn, conn.begin() as transaction:
+            t0 = time.perf_counter()
+            conn.execute(_CLAIM_RANKED, params).one()
+            ranked.append((time.perf_counter() - t0) * 1000)
+            transaction.rollback()
+    ours, baseline = percentile(claims[3:], 50), percentile(ranked, 50)
+    emit(
+        {
+            "name": "claim_retry_storm",
+            "queued": size,
+            "lines_backing_off": STORM_LINES,
+            "p50_ms": round(ours, 3),
+            "baseline": "ranking every claimable job (_CLAIM_RANKED), rolled back",
             "baseline_p50_ms": round(baseline, 3),
             "ratio": round(ours / baseline, 4),
             "machine": machine,

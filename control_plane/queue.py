@@ -42,11 +42,16 @@ CANCEL_CHANNEL = "loraforge_cancel"
 # base) in the claim's order, and about CLAIM_FRONT_JOBS jobs spread over them (all from one
 # line when only one has jobs). It locks among the best of those, so more claimers than that
 # claiming at the same instant could find all of them locked and see an empty queue for a
-# moment. When the front cannot prove its first is the backlog's first, the claim ranks every
-# claimable job and locks among the best CLAIM_CANDIDATES.
+# moment. When no walk of the front can prove its first is the backlog's first, the claim ranks
+# every claimable job and locks among the best CLAIM_CANDIDATES.
 CLAIM_FRONT_LINES = 8
 CLAIM_FRONT_JOBS = 32
 CLAIM_CANDIDATES = 64
+# When the walk of the front cannot prove its answer (the heads of every line it walked are
+# backing off), it walks again this many times wider (8, then 64, then 512 lines) before the
+# claim ranks the whole backlog: a retry storm that backs off hundreds of lines costs a claim a
+# few hundred index probes, not a sort of every queued job.
+CLAIM_FRONT_WIDENING = (1, 8, 64)
 
 
 # Every statement here binds the statuses it names (`:queued`, `:running`, ...) and the sets
@@ -184,8 +189,8 @@ _LAST_LINE = """
 # exactly as `_CLAIM_RANKED` ranks the whole backlog. A line's stored head may be backing off,
 # so a walk's order is optimistic; the first of the front is still the first of the backlog when
 # it ranks at or before the last line each cut-off walk reached (`certain`). When that cannot be
-# shown (lines whose heads all back off fill a walk), nothing is claimed here and claim() runs
-# `_CLAIM_RANKED`, which is exact in every case.
+# shown (lines whose heads all back off fill a walk), nothing is claimed here and claim() walks
+# wider (CLAIM_FRONT_WIDENING), and only then runs `_CLAIM_RANKED`, which is exact in every case.
 @functools.cache
 def _claim_front(lines: int) -> TextClause:
     """The front claim walking `lines` lines (literal, as are the other limits: a prepared
@@ -516,8 +521,12 @@ class JobQueue:
             if not row.proven:
                 with self.engine.begin() as conn:
                     conn.execute(_GENERIC_PLAN)
-                    row = conn.execute(_claim_front(self.front_lines), params).one()
-                    if not row.proven:
+                    for widening in CLAIM_FRONT_WIDENING:
+                        front = _claim_front(self.front_lines * widening)
+                        row = conn.execute(front, params).one()
+                        if row.proven:
+                            break
+                    else:
                         row = conn.execute(_CLAIM_RANKED, params).one()
             if row.id is not None:
                 return JobRecord.from_row(row)

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 
 from control_plane import jobs as job_repo
 from control_plane.job_status import ACTIVE, JobStatus
-from control_plane.queue import JobQueue
+from control_plane.queue import _CLAIM_RANKED, CLAIM_FRONT_LINES, JobQueue, _claim_front
 from control_plane.queue_stats import QueueCounts, drift, queue_counts
 from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 
@@ -453,6 +453,66 @@ def test_a_claim_beside_one_in_flight_takes_the_first_job_it_may_lock(
     assert job.id == ids[expected_name], {v: k for k, v in ids.items()}.get(job.id)
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM tenants WHERE id = ANY(:t)"), {"t": list(tenants.values())})
+    _no_drift(engine)
+
+
+# -- a retry storm ----------------------------------------------------------------------------
+
+
+def test_a_claim_past_lines_that_all_back_off_walks_wider_not_the_whole_backlog(
+    engine: Engine, scene: dict[str, Any]
+) -> None:
+    """The first 40 lines hold 2,000 jobs that all back off (a retry storm); three later lines
+    are claimable. The claim takes the backlog's first claimable job from a walk of 64 lines,
+    after the walk of 8 could not show it, and never ranks every queued job."""
+    storm = [make_tenant(engine, f"storm-{n}").id for n in range(40)]
+    ready = [make_tenant(engine, f"ready-{n}").id for n in range(3)]
+    start = datetime.now(UTC) - timedelta(days=1)
+    rows = [
+        {
+            "id": f"ftjob-storm-{t:02d}-{n:03d}",
+            "tenant_id": tenant,
+            "base_model_id": scene["bases"][0],
+            "priority": 0,
+            "created_at": start + timedelta(seconds=t * 50 + n),
+            "run_after": start + timedelta(days=2),
+            "file": scene["file"],
+        }
+        for t, tenant in enumerate(storm)
+        for n in range(50)
+    ] + [
+        {
+            "id": f"ftjob-ready-{t}-{n}",
+            "tenant_id": tenant,
+            "base_model_id": scene["bases"][0],
+            "priority": 0,
+            "created_at": start + timedelta(hours=1, seconds=t * 2 + n),
+            "run_after": start,
+            "file": scene["file"],
+        }
+        for t, tenant in enumerate(ready)
+        for n in range(2)
+    ]
+    with engine.begin() as conn:
+        _insert_jobs(conn, rows)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        job = JobQueue(engine, max_running_per_tenant=DEFAULT_LIMIT).claim("w-storm")
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert job is not None and job.id == "ftjob-ready-0-0"
+
+    def compiled(statement: Any) -> str:
+        return str(statement.compile(dialect=engine.dialect))
+
+    assert compiled(_claim_front(CLAIM_FRONT_LINES)) in statements
+    assert compiled(_claim_front(CLAIM_FRONT_LINES * 8)) in statements
+    assert compiled(_CLAIM_RANKED) not in statements
     _no_drift(engine)
 
 
