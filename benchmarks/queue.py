@@ -19,7 +19,9 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
 - `claim_scale` (`--scale` runs only these): claim + complete latency p50/p99 and throughput at
   1,000 / 10,000 / 100,000 queued jobs over 1,000 tenants (one holding half), 1 and 8 claimers,
   against the plain FIFO claim with its partial index on a twin database without the queue's
-  triggers, in alternating rounds; `claim_scale_targets` the issue's ratios at the largest size;
+  triggers, and the same plain claim on a third with the triggers left on (`plain_kept`: what
+  the bookkeeping alone costs), in alternating rounds; `claim_scale_targets` the issue's ratios
+  at the largest size;
   `claim_plan` (the common claim: a line's head), `claim_walk_plan` (the walk of the front) and
   `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
   dashboard's counts and a deep keyset page against counting and an OR-form cursor;
@@ -659,9 +661,10 @@ class ScaleSide:
     cycles: int = 0
 
 
-def _scale_schema(engine: Engine, *, plain: bool) -> tuple[str, str]:
+def _scale_schema(engine: Engine, *, plain: bool, kept: bool = False) -> tuple[str, str]:
     """1,000 tenants, one base and one file row; the plain side without the queue's triggers
-    (a FIFO claim needs no bookkeeping) and with the FIFO's partial index."""
+    (a FIFO claim needs no bookkeeping) and with the FIFO's partial index; `kept`, the plain
+    side with the triggers left on (the bookkeeping's own cost, beside the plain claim)."""
     base_id = make_base(engine, "scale-base")
     with engine.begin() as conn:
         conn.execute(
@@ -671,8 +674,9 @@ def _scale_schema(engine: Engine, *, plain: bool) -> tuple[str, str]:
             ),
             {"n": SCALE_TENANTS},
         )
-        if plain:
+        if plain and not kept:
             conn.execute(text("ALTER TABLE jobs DISABLE TRIGGER USER"))
+        if plain:
             conn.execute(text(_PLAIN_INDEX))
     return base_id, make_file_row(engine, "tenant-0000")
 
@@ -774,6 +778,7 @@ def bench_claim_scale(
     with (
         bench_database(admin_url, sync_commit=sync_commit) as lf_url,
         bench_database(admin_url, sync_commit=sync_commit) as plain_url,
+        bench_database(admin_url, sync_commit=sync_commit) as kept_url,
     ):
         pool = max(SCALE_CLAIMERS) + 4
         sides = []
@@ -781,9 +786,12 @@ def bench_claim_scale(
         for label, url, claim_one in (
             ("loraforge", lf_url, fair_claim),
             ("plain", plain_url, plain_claim),
+            ("plain_kept", kept_url, plain_claim),
         ):
             engine = db.make_engine(url, pool_size=pool)
-            base_id, file_id = _scale_schema(engine, plain=label == "plain")
+            base_id, file_id = _scale_schema(
+                engine, plain=label != "loraforge", kept=label == "plain_kept"
+            )
             sides.append(ScaleSide(label, engine, base_id, claim_one))
             files[label] = file_id
         lf = sides[0]
@@ -814,7 +822,11 @@ def bench_claim_scale(
                         }
                         for side in sides
                     }
-                    ours, floor = figures["loraforge"], figures["plain"]
+                    ours, floor, kept = (
+                        figures["loraforge"],
+                        figures["plain"],
+                        figures["plain_kept"],
+                    )
                     results[(size, claimers)] = figures
                     emit(
                         {
@@ -836,6 +848,13 @@ def bench_claim_scale(
                             "ratio": round(ours["p50_ms"] / floor["p50_ms"], 3),
                             "ratio_p99": round(ours["p99_ms"] / floor["p99_ms"], 3),
                             "ratio_throughput": round(ours["jobs_per_s"] / floor["jobs_per_s"], 3),
+                            "plain_kept": "the same plain claim with the queue's bookkeeping "
+                            "triggers left on (no fair share, no limits)",
+                            "plain_kept_p50_ms": round(kept["p50_ms"], 2),
+                            "plain_kept_jobs_per_s": round(kept["jobs_per_s"], 1),
+                            "ratio_throughput_vs_plain_kept": round(
+                                ours["jobs_per_s"] / kept["jobs_per_s"], 3
+                            ),
                             "machine": machine,
                         }
                     )
