@@ -60,7 +60,13 @@ from control_plane.api.serve import serve_in_thread as serve
 from control_plane.db.tables import Job
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
-from control_plane.queue import _CLAIM_RANKED, JOBS_CHANNEL, JobQueue, QueueListener
+from control_plane.queue import (
+    _CLAIM_RANKED,
+    _LINE_ORDER,
+    JOBS_CHANNEL,
+    JobQueue,
+    QueueListener,
+)
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET = "dev-insecure-secret"
@@ -1017,9 +1023,8 @@ def bench_retry_storm(queue: JobQueue, size: int, machine: str) -> None:
         conn.execute(
             text(
                 "UPDATE jobs SET run_after = now() + interval '1 day' WHERE status = 'queued' "
-                "AND tenant_id IN (SELECT tenant_id FROM queue_heads WHERE queued > 0 "
-                "AND tenant_id <> 'tenant-0000' ORDER BY top_priority DESC, running, "
-                "last_served_at NULLS FIRST, head_created_at, head_id LIMIT :lines)"
+                "AND tenant_id IN (SELECT h.tenant_id FROM queue_heads h WHERE h.queued > 0 "
+                f"AND h.tenant_id <> 'tenant-0000' ORDER BY {_LINE_ORDER} LIMIT :lines)"
             ),
             {"lines": STORM_LINES},
         )
