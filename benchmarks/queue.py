@@ -32,11 +32,13 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import queue as stdqueue
 import random
+import resource
 import secrets
 import sys
 import tempfile
@@ -49,6 +51,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 from psycopg import sql
 from sqlalchemy import Engine, insert, text
@@ -665,6 +668,37 @@ class ScaleSide:
     latencies: list[float] | None = None
     seconds: float = 0.0
     cycles: int = 0
+    client_cpu: float = 0.0
+    server_cpu: float | None = 0.0
+
+    def reset(self) -> None:
+        self.latencies, self.seconds, self.cycles = [], 0.0, 0
+        self.client_cpu, self.server_cpu = 0.0, 0.0
+
+    def cpu_ms_per_job(self) -> dict[str, float | None]:
+        """CPU per claim + complete cycle: this process's (the claimers' Python, psycopg and
+        SQLAlchemy) and the PostgreSQL server's (None when the server is not on this machine)."""
+        server = None if self.server_cpu is None else round(1000 * self.server_cpu / self.cycles, 3)
+        return {"client": round(1000 * self.client_cpu / self.cycles, 3), "server": server}
+
+
+def _client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _server_cpu_seconds() -> float | None:
+    """CPU seconds used so far by the `postgres` processes on this machine (backends, WAL
+    writer, checkpointer, autovacuum), or None when none is visible (a server elsewhere). Only
+    one side runs at a time, so a round's difference is that side's; another database's work on
+    the same server at the same time would count too."""
+    total, seen = 0.0, False
+    for proc in psutil.process_iter(["name", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if proc.info["name"] == "postgres" and times is not None:
+            total += times.user + times.system
+            seen = True
+    return total if seen else None
 
 
 def _scale_schema(engine: Engine, *, plain: bool, kept: bool = False) -> tuple[str, str]:
@@ -733,11 +767,18 @@ def _round(side: ScaleSide, claimers: int, per_claimer: int) -> None:
     pool = [threading.Thread(target=claimer, args=(i,)) for i in range(claimers)]
     for thread in pool:
         thread.start()
+    server_before, client_before = _server_cpu_seconds(), _client_cpu_seconds()
     barrier.wait()
     start = time.perf_counter()
     for thread in pool:
         thread.join()
     side.seconds += time.perf_counter() - start
+    side.client_cpu += _client_cpu_seconds() - client_before
+    server_after = _server_cpu_seconds()
+    if side.server_cpu is None or server_before is None or server_after is None:
+        side.server_cpu = None
+    else:
+        side.server_cpu += server_after - server_before
     if errors:
         raise errors[0]
     assert side.latencies is not None
@@ -812,19 +853,20 @@ def bench_claim_scale(
                             conn.execute(text("TRUNCATE jobs CASCADE"))
                         _fill(side, files[side.label], size)
                         _vacuum(side.engine)
-                        side.latencies, side.seconds, side.cycles = [], 0.0, 0
+                        side.reset()
                         _round(side, claimers, 2)  # warm: connections, prepared statements
                         _fill(side, files[side.label], 2 * claimers)
-                        side.latencies, side.seconds, side.cycles = [], 0.0, 0
+                        side.reset()
                     for _ in range(rounds):
                         for side in sides:
                             _round(side, claimers, per_round)
                             _fill(side, files[side.label], claimers * per_round)
-                    figures = {
+                    figures: dict[str, dict[str, Any]] = {
                         side.label: {
                             "p50_ms": percentile(side.latencies or [], 50),
                             "p99_ms": percentile(side.latencies or [], 99),
                             "jobs_per_s": side.cycles / side.seconds,
+                            "cpu_ms_per_job": side.cpu_ms_per_job(),
                         }
                         for side in sides
                     }
@@ -861,6 +903,11 @@ def bench_claim_scale(
                             "ratio_throughput_vs_plain_kept": round(
                                 ours["jobs_per_s"] / kept["jobs_per_s"], 3
                             ),
+                            # Where each side's cycle spends CPU: with the claimers and the
+                            # server on one machine, their sum bounds the 8-claimer throughput.
+                            "cpu_ms_per_job": {
+                                label: figure["cpu_ms_per_job"] for label, figure in figures.items()
+                            },
                             "machine": machine,
                         }
                     )
@@ -963,9 +1010,10 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
         }
 
     big = "tenant-0000"
-    for scope, tenant in (("every_tenant", None), ("largest_tenant", big)):
-        ours = timed(lambda conn, tenant=tenant: queue_stats.queue_counts(conn, tenant))
-        baseline = timed(lambda conn, tenant=tenant: counted(conn, tenant), samples=5)
+    scopes: tuple[tuple[str, str | None], ...] = (("every_tenant", None), ("largest_tenant", big))
+    for scope, tenant in scopes:
+        ours = timed(functools.partial(queue_stats.queue_counts, tenant_id=tenant))
+        baseline = timed(functools.partial(counted, tenant=tenant), samples=5)
         emit(
             {
                 "name": f"queue_counts_{scope}",
