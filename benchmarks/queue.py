@@ -20,8 +20,9 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   1,000 / 10,000 / 100,000 queued jobs over 1,000 tenants (one holding half), 1 and 8 claimers,
   against the plain FIFO claim with its partial index on a twin database without the queue's
   triggers, and the same plain claim on a third with the triggers left on (`plain_kept`: what
-  the bookkeeping alone costs), in alternating rounds; `claim_scale_targets` the issue's ratios
-  at the largest size;
+  the bookkeeping alone costs), in alternating rounds, each side's CPU per cycle beside it
+  (`cpu_ms_per_job`: the claimers' process and the local server's); `claim_scale_targets` the
+  issue's ratios at the largest size;
   `claim_plan` (the common claim: a line's head), `claim_walk_plan` (the walk of the front) and
   `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
   dashboard's counts and a deep keyset page against counting and an OR-form cursor;
