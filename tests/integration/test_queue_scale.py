@@ -20,7 +20,13 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 
 from control_plane import jobs as job_repo
 from control_plane.job_status import ACTIVE, JobStatus
-from control_plane.queue import _CLAIM_RANKED, CLAIM_FRONT_LINES, JobQueue, _claim_front
+from control_plane.queue import (
+    _CLAIM_RANKED,
+    CLAIM_FRONT_LINES,
+    JobQueue,
+    _claim_front,
+    _driver_sql,
+)
 from control_plane.queue_stats import QueueCounts, drift, queue_counts
 from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 
@@ -506,13 +512,9 @@ def test_a_claim_past_lines_that_all_back_off_walks_wider_not_the_whole_backlog(
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     assert job is not None and job.id == "ftjob-ready-0-0"
-
-    def compiled(statement: Any) -> str:
-        return str(statement.compile(dialect=engine.dialect))
-
-    assert compiled(_claim_front(CLAIM_FRONT_LINES)) in statements
-    assert compiled(_claim_front(CLAIM_FRONT_LINES * 8)) in statements
-    assert compiled(_CLAIM_RANKED) not in statements
+    assert _driver_sql(_claim_front(CLAIM_FRONT_LINES), engine.dialect) in statements
+    assert _driver_sql(_claim_front(CLAIM_FRONT_LINES * 8), engine.dialect) in statements
+    assert _driver_sql(_CLAIM_RANKED, engine.dialect) not in statements
     _no_drift(engine)
 
 
