@@ -967,13 +967,12 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
         engine.url.render_as_string(hide_password=False), pool_size=1, max_overflow=0
     )
     planned = JobQueue(one, max_running_per_tenant=SCALE_LIMIT)
-    for _ in range(8):
-        planned.explain_claim()  # warm the caches the claim reads
+    for _ in range(8):  # warm the caches and plans both paths read
+        planned.explain_claim()
+        planned.explain_claim(walk=True)
     # The common claim (a line's head) and the walk of the front that runs when the head
     # cannot be shown first.
     for name, walk in (("claim_plan", False), ("claim_walk_plan", True)):
-        for _ in range(8 if walk else 0):
-            planned.explain_claim(walk=True)
         plan = planned.explain_claim(prefer_base_model_id=side.base_id, walk=walk)
         emit(
             {
