@@ -22,7 +22,7 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   triggers, the same plain claim on a third with the triggers left on (`plain_kept`: what
   the bookkeeping alone costs) and on a fourth that keeps only each tenant's running count and
   served time, one row per tenant updated in place at each claim and finish (`plain_counted`:
-  the least that any claim reading those counts needs), in alternating rounds, each side's CPU
+  the least bookkeeping that keeps those counts in rows), in alternating rounds, each side's CPU
   per cycle beside it
   (`cpu_ms_per_job`: the claimers' process and the local server's); `claim_scale_targets` the
   issue's ratios at the largest size;
@@ -644,11 +644,11 @@ SCALE_LIMIT = 4  # every tenant's running limit (JobQueue's default limit; tenan
 
 _PLAIN_INDEX = "CREATE INDEX ix_jobs_plain_fifo ON jobs (created_at) WHERE status = 'queued'"
 
-# The least bookkeeping that the fair order and the limits read: each tenant's running count and
-# served time, which every claim and every finish changes. One row per tenant, no index but its
-# key (so every update is HOT), written in place by one statement in a row trigger; no line
-# order, no queued count, nothing enforced. Any claim that reads those counts keeps them at
-# least this way, so this side's rate bounds what such a claim can drain.
+# The least bookkeeping that keeps, in rows, what the fair order and the limits read: each
+# tenant's running count and served time, which every claim and every finish changes. One row
+# per tenant, no index but its key (so every update is HOT), written in place by one statement
+# in a row trigger; no line order, no queued count, nothing enforced. A claim that keeps those
+# counts in rows writes at least this much, so this side's rate bounds what it can drain.
 _COUNTED_ONLY = """
 INSERT INTO tenant_queue_stats (tenant_id) SELECT id FROM tenants;
 CREATE FUNCTION bench_count_running() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -982,9 +982,9 @@ def bench_claim_scale(
                         "at_least": 1.0,
                         "met": throughput >= 1.0,
                     },
-                    # Not a target: the plain claim's own rate once it keeps only the counts
-                    # that the fair order and the limits read; a claim that reads them drains
-                    # at most about this share of the plain claim's rate.
+                    # Not a target: the plain claim's own rate once it keeps, in rows, only the
+                    # counts that the fair order and the limits read; a claim keeping them so
+                    # drains at most about this share of the plain claim's rate.
                     f"plain_counted_{many}_vs_plain": round(counted_floor, 3),
                     "machine": machine,
                 }
