@@ -23,10 +23,9 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   the bookkeeping alone costs) and on a fourth that keeps only each tenant's running count and
   served time, one row per tenant updated in place at each claim and finish (`plain_counted`:
   the least bookkeeping that keeps those counts in rows), in alternating rounds, each side's CPU
-  per cycle beside it
-  (`cpu_ms_per_job`: the claimers' process and the local server's); `claim_scale_targets` the
-  issue's ratios at the largest size;
-  `claim_plan` (the common claim: a line's head), `claim_walk_plan` (the walk of the front) and
+  per cycle beside it (`cpu_ms_per_job`: the claimers' process and the local server's);
+  `claim_scale_targets` the issue's ratios at the largest size (and `plain_counted`'s rate
+  against the plain claim's, for reading them); `claim_plan` (the common claim: a line's head), `claim_walk_plan` (the walk of the front) and
   `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
   dashboard's counts and a deep keyset page against counting and an OR-form cursor;
   `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
