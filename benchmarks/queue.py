@@ -25,8 +25,8 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   the least bookkeeping that keeps those counts in rows), in alternating rounds, each side's CPU
   per cycle beside it (`cpu_ms_per_job`: the claimers' process and the local server's);
   `claim_scale_targets` the issue's ratios at the largest size (and `plain_counted`'s rate
-  against the plain claim's, for reading them); `claim_plan` (the common claim: a line's head), `claim_walk_plan` (the walk of the front) and
-  `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
+  against the plain claim's, for reading them); `claim_plan` (the common claim: a line's
+  head), `claim_walk_plan` (the walk of the front) and `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
   dashboard's counts and a deep keyset page against counting and an OR-form cursor;
   `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
   widened) against ranking every claimable job.
@@ -66,6 +66,7 @@ from control_plane.api.serve import serve_in_thread as serve
 from control_plane.db.tables import Job
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
+from control_plane.job_status import ACTIVE, JobStatus, as_values
 from control_plane.queue import (
     _CLAIM_RANKED,
     _LINE_ORDER,
@@ -648,14 +649,16 @@ _PLAIN_INDEX = "CREATE INDEX ix_jobs_plain_fifo ON jobs (created_at) WHERE statu
 # per tenant, no index but its key (so every update is HOT), written in place by one statement
 # in a row trigger; no line order, no queued count, nothing enforced. A claim that keeps those
 # counts in rows writes at least this much, so this side's rate bounds what it can drain.
-_COUNTED_ONLY = """
+_ACTIVE_SQL = ", ".join(f"'{status}'" for status in as_values(ACTIVE))
+_COUNTED_ONLY = f"""
 INSERT INTO tenant_queue_stats (tenant_id) SELECT id FROM tenants;
 CREATE FUNCTION bench_count_running() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
   UPDATE tenant_queue_stats
-     SET running = running + (NEW.status IN ('running', 'cancelling'))::int
-                           - (OLD.status IN ('running', 'cancelling'))::int,
-         last_served_at = CASE WHEN OLD.status = 'queued' AND NEW.status = 'running'
+     SET running = running + (NEW.status IN ({_ACTIVE_SQL}))::int
+                           - (OLD.status IN ({_ACTIVE_SQL}))::int,
+         last_served_at = CASE WHEN OLD.status = '{JobStatus.QUEUED}'
+                                AND NEW.status = '{JobStatus.RUNNING}'
                                THEN clock_timestamp() ELSE last_served_at END
    WHERE tenant_id = NEW.tenant_id;
   RETURN NULL;
@@ -725,13 +728,11 @@ def _server_cpu_seconds() -> float | None:
     return total if seen else None
 
 
-def _scale_schema(
-    engine: Engine, *, plain: bool, kept: bool = False, counted: bool = False
-) -> tuple[str, str]:
-    """1,000 tenants, one base and one file row; the plain side without the queue's triggers
-    (a FIFO claim needs no bookkeeping) and with the FIFO's partial index; `kept`, the plain
-    side with the triggers left on (the bookkeeping's own cost, beside the plain claim);
-    `counted`, the plain side keeping only the tenants' running counts and served times."""
+def _scale_schema(engine: Engine, label: str) -> tuple[str, str]:
+    """1,000 tenants, one base and one file row. Every side but `loraforge` claims with the
+    plain FIFO claim and has its partial index; `plain` without the queue's triggers (a FIFO
+    claim needs no bookkeeping), `plain_kept` with them left on (the bookkeeping's own cost),
+    `plain_counted` with them off and only the tenants' running counts and served times kept."""
     base_id = make_base(engine, "scale-base")
     with engine.begin() as conn:
         conn.execute(
@@ -741,11 +742,11 @@ def _scale_schema(
             ),
             {"n": SCALE_TENANTS},
         )
-        if plain and not kept:
+        if label in ("plain", "plain_counted"):
             conn.execute(text("ALTER TABLE jobs DISABLE TRIGGER USER"))
-        if plain:
+        if label != "loraforge":
             conn.execute(text(_PLAIN_INDEX))
-        if counted:
+        if label == "plain_counted":
             conn.exec_driver_sql(_COUNTED_ONLY)
     return base_id, make_file_row(engine, "tenant-0000")
 
@@ -867,12 +868,7 @@ def bench_claim_scale(
             ("plain_counted", counted_url, plain_claim),
         ):
             engine = db.make_engine(url, pool_size=pool)
-            base_id, file_id = _scale_schema(
-                engine,
-                plain=label != "loraforge",
-                kept=label == "plain_kept",
-                counted=label == "plain_counted",
-            )
+            base_id, file_id = _scale_schema(engine, label)
             sides.append(ScaleSide(label, engine, base_id, claim_one))
             files[label] = file_id
         lf = sides[0]
@@ -967,7 +963,7 @@ def bench_claim_scale(
             }
             wide = results[(largest, many)]
             throughput = wide["loraforge"]["jobs_per_s"] / wide["plain"]["jobs_per_s"]
-            counted_floor = wide["plain_counted"]["jobs_per_s"] / wide["plain"]["jobs_per_s"]
+            counted_share = wide["plain_counted"]["jobs_per_s"] / wide["plain"]["jobs_per_s"]
             emit(
                 {
                     "name": "claim_scale_targets",
@@ -984,7 +980,7 @@ def bench_claim_scale(
                     # Not a target: the plain claim's own rate once it keeps, in rows, only the
                     # counts that the fair order and the limits read; a claim keeping them so
                     # drains at most about this share of the plain claim's rate.
-                    f"plain_counted_{many}_vs_plain": round(counted_floor, 3),
+                    f"plain_counted_{many}_vs_plain": round(counted_share, 3),
                     "machine": machine,
                 }
             )
