@@ -22,10 +22,14 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   triggers, the same plain claim on a third with the triggers left on (`plain_kept`: what
   the bookkeeping alone costs) and on a fourth that keeps only each tenant's running count and
   served time, one row per tenant updated in place at each claim and finish (`plain_counted`:
-  the least bookkeeping that keeps those counts in rows), in alternating rounds, each side's CPU
-  per cycle beside it (`cpu_ms_per_job`: the claimers' process and the local server's);
-  `claim_scale_targets` the issue's ratios at the largest size (and `plain_counted`'s rate
-  against the plain claim's, for reading them); `claim_plan` (the common claim: a line's
+  the least bookkeeping that keeps those counts in rows) and on a fifth that makes the same
+  writes on rows picked by the job's id (`plain_counted_spread`: the writes without the hot row
+  that the FIFO order makes of the tenant holding half the backlog), in alternating rounds,
+  each side's CPU per cycle beside it (`cpu_ms_per_job`: the claimers' process and the local
+  server's); `claim_scale_targets` the issue's ratios at the largest size (and the two counted
+  sides' rates against the plain claim's, for reading them); `claim_scale_statements` (only
+  where the server has `pg_stat_statements` loaded) each statement's time per cycle for
+  loraforge and the plain claim at the largest size, 8 claimers; `claim_plan` (the common claim: a line's
   head), `claim_walk_plan` (the walk of the front) and `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
   dashboard's counts and a deep keyset page against counting and an OR-form cursor;
   `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
@@ -647,8 +651,11 @@ _PLAIN_INDEX = "CREATE INDEX ix_jobs_plain_fifo ON jobs (created_at) WHERE statu
 # The least bookkeeping that keeps, in rows, what the fair order and the limits read: each
 # tenant's running count and served time, which every claim and every finish changes. One row
 # per tenant, no index but its key (so every update is HOT), written in place by one statement
-# in a row trigger; no line order, no queued count, nothing enforced. A claim that keeps those
-# counts in rows writes at least this much, so this side's rate bounds what it can drain.
+# in a row trigger; no line order, no queued count, nothing enforced. `{row}` is the row each
+# move writes: the job's tenant's (`plain_counted`); or, for `plain_counted_spread`, a tenant's
+# picked by the job's id, so that the same writes land on rows spread as the fair claim spreads
+# its claims, where the FIFO claim sends every other claim to the tenant holding half the
+# backlog and queues those claims and their finishes on that one row.
 _ACTIVE_SQL = ", ".join(f"'{status}'" for status in as_values(ACTIVE))
 _COUNTED_ONLY = f"""
 INSERT INTO tenant_queue_stats (tenant_id) SELECT id FROM tenants;
@@ -660,12 +667,17 @@ BEGIN
          last_served_at = CASE WHEN OLD.status = '{JobStatus.QUEUED}'
                                 AND NEW.status = '{JobStatus.RUNNING}'
                                THEN clock_timestamp() ELSE last_served_at END
-   WHERE tenant_id = NEW.tenant_id;
+   WHERE tenant_id = {{row}};
   RETURN NULL;
 END $$;
 CREATE TRIGGER bench_count_running AFTER UPDATE ON jobs FOR EACH ROW
   WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION bench_count_running();
 """
+_COUNTED_ROW = {
+    "plain_counted": "NEW.tenant_id",
+    "plain_counted_spread": "'tenant-' || lpad(mod(abs(hashtext(NEW.id)), "
+    f"{SCALE_TENANTS})::text, 4, '0')",
+}
 
 # `count` jobs over the 1,000 tenants in one statement: tenant 0 holds half, the other 999 share
 # the rest; ids and created_at follow `start` (1 ms apart), so top-ups queue behind the backlog.
@@ -732,7 +744,8 @@ def _scale_schema(engine: Engine, label: str) -> tuple[str, str]:
     """1,000 tenants, one base and one file row. Every side but `loraforge` claims with the
     plain FIFO claim and has its partial index; `plain` without the queue's triggers (a FIFO
     claim needs no bookkeeping), `plain_kept` with them left on (the bookkeeping's own cost),
-    `plain_counted` with them off and only the tenants' running counts and served times kept."""
+    `plain_counted` with them off and only the tenants' running counts and served times kept,
+    `plain_counted_spread` the same writes on rows picked by the job's id (no hot row)."""
     base_id = make_base(engine, "scale-base")
     with engine.begin() as conn:
         conn.execute(
@@ -742,12 +755,12 @@ def _scale_schema(engine: Engine, label: str) -> tuple[str, str]:
             ),
             {"n": SCALE_TENANTS},
         )
-        if label in ("plain", "plain_counted"):
+        if label != "loraforge" and label != "plain_kept":
             conn.execute(text("ALTER TABLE jobs DISABLE TRIGGER USER"))
         if label != "loraforge":
             conn.execute(text(_PLAIN_INDEX))
-        if label == "plain_counted":
-            conn.exec_driver_sql(_COUNTED_ONLY)
+        if label in _COUNTED_ROW:
+            conn.exec_driver_sql(_COUNTED_ONLY.format(row=_COUNTED_ROW[label]))
     return base_id, make_file_row(engine, "tenant-0000")
 
 
@@ -817,6 +830,71 @@ def _round(side: ScaleSide, claimers: int, per_claimer: int) -> None:
     side.cycles += claimers * per_claimer
 
 
+def _track_statements(admin_url: str, urls: tuple[str, ...]) -> bool:
+    """Where the server has `pg_stat_statements` loaded (`shared_preload_libraries`) and the
+    benchmark may read it (a superuser): track every statement, the triggers' too, on the
+    throwaway databases; their sessions start after this. False, and nothing set, elsewhere."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        loaded = "pg_stat_statements" in str(
+            conn.execute("SHOW shared_preload_libraries").fetchone()
+        )
+        superuser = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        if not loaded or not (superuser.fetchone() or (False,))[0]:
+            progress("no per-statement figures: pg_stat_statements is not loaded here")
+            return False
+        for url in urls:
+            name = sql.Identifier(make_url(url).database or "")
+            conn.execute(
+                sql.SQL("ALTER DATABASE {} SET pg_stat_statements.track = 'all'").format(name)
+            )
+    with psycopg.connect(db.libpq_url(urls[0]), autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    return True
+
+
+def _reset_statements(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_stat_statements_reset()"))
+
+
+def emit_statements(sides: list[ScaleSide], size: int, claimers: int, machine: str) -> None:
+    """Per claim + complete cycle, each statement's calls and time inside the server (the
+    triggers' statements apart, `nested`) since `_reset_statements`, the heaviest first."""
+    per_side = {}
+    with sides[0].engine.connect() as conn:
+        for side in sides:
+            rows = conn.execute(
+                text(
+                    "SELECT calls, total_exec_time, NOT toplevel AS nested, "
+                    "regexp_replace(left(query, 200), '\\s+', ' ', 'g') AS query "
+                    "FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid "
+                    "WHERE d.datname = :name ORDER BY total_exec_time DESC LIMIT 8"
+                ),
+                {"name": side.engine.url.database},
+            ).all()
+            per_side[side.label] = [
+                {
+                    "statement": row.query[:90],
+                    "nested": row.nested,
+                    "calls_per_cycle": round(row.calls / side.cycles, 2),
+                    "us_per_cycle": round(1000 * row.total_exec_time / side.cycles, 1),
+                }
+                for row in rows
+            ]
+    emit(
+        {
+            "name": "claim_scale_statements",
+            "queued": size,
+            "claimers": claimers,
+            "what": "time inside the server per claim + complete cycle, by statement "
+            "(pg_stat_statements, track all): wall time, lock waits and the CPU the claimers "
+            "share included; a nested statement's time is inside its caller's too",
+            **per_side,
+            "machine": machine,
+        }
+    )
+
+
 def _plan_lines(node: dict[str, Any], depth: int = 0) -> list[str]:
     """An EXPLAIN (FORMAT JSON) plan as indented lines: node, relation/index, rows, loops, ms."""
     where = " ".join(
@@ -857,8 +935,11 @@ def bench_claim_scale(
         bench_database(admin_url, sync_commit=sync_commit) as plain_url,
         bench_database(admin_url, sync_commit=sync_commit) as kept_url,
         bench_database(admin_url, sync_commit=sync_commit) as counted_url,
+        bench_database(admin_url, sync_commit=sync_commit) as spread_url,
     ):
         pool = max(SCALE_CLAIMERS) + 4
+        urls = (lf_url, plain_url, kept_url, counted_url, spread_url)
+        statements = _track_statements(admin_url, urls)
         sides = []
         files = {}
         for label, url, claim_one in (
@@ -866,6 +947,7 @@ def bench_claim_scale(
             ("plain", plain_url, plain_claim),
             ("plain_kept", kept_url, plain_claim),
             ("plain_counted", counted_url, plain_claim),
+            ("plain_counted_spread", spread_url, plain_claim),
         ):
             engine = db.make_engine(url, pool_size=pool)
             base_id, file_id = _scale_schema(engine, label)
@@ -887,10 +969,15 @@ def bench_claim_scale(
                         _round(side, claimers, 2)  # warm: connections, prepared statements
                         _fill(side, files[side.label], 2 * claimers)
                         side.reset()
+                    traced = statements and (size, claimers) == (max(sizes), max(SCALE_CLAIMERS))
+                    if traced:
+                        _reset_statements(lf.engine)
                     for _ in range(rounds):
                         for side in sides:
                             _round(side, claimers, per_round)
                             _fill(side, files[side.label], claimers * per_round)
+                    if traced:
+                        emit_statements(sides[:2], size, claimers, machine)
                     figures: dict[str, dict[str, Any]] = {
                         side.label: {
                             "p50_ms": percentile(side.latencies or [], 50),
@@ -900,11 +987,12 @@ def bench_claim_scale(
                         }
                         for side in sides
                     }
-                    ours, floor, kept, counted = (
+                    ours, floor, kept, counted, spread = (
                         figures["loraforge"],
                         figures["plain"],
                         figures["plain_kept"],
                         figures["plain_counted"],
+                        figures["plain_counted_spread"],
                     )
                     results[(size, claimers)] = figures
                     emit(
@@ -942,6 +1030,13 @@ def bench_claim_scale(
                             "ratio_throughput_vs_plain_counted": round(
                                 ours["jobs_per_s"] / counted["jobs_per_s"], 3
                             ),
+                            "plain_counted_spread": "the same writes as plain_counted, each on "
+                            "the row of a tenant picked by the job's id (no row is hot)",
+                            "plain_counted_spread_p50_ms": round(spread["p50_ms"], 2),
+                            "plain_counted_spread_jobs_per_s": round(spread["jobs_per_s"], 1),
+                            "ratio_throughput_vs_plain_counted_spread": round(
+                                ours["jobs_per_s"] / spread["jobs_per_s"], 3
+                            ),
                             # Where each side's cycle spends CPU: with the claimers and the
                             # server on one machine, their sum bounds the 8-claimer throughput.
                             "cpu_ms_per_job": {
@@ -963,7 +1058,10 @@ def bench_claim_scale(
             }
             wide = results[(largest, many)]
             throughput = wide["loraforge"]["jobs_per_s"] / wide["plain"]["jobs_per_s"]
-            counted_share = wide["plain_counted"]["jobs_per_s"] / wide["plain"]["jobs_per_s"]
+            share = {
+                label: wide[label]["jobs_per_s"] / wide["plain"]["jobs_per_s"]
+                for label in _COUNTED_ROW
+            }
             emit(
                 {
                     "name": "claim_scale_targets",
@@ -977,10 +1075,14 @@ def bench_claim_scale(
                         "at_least": 1.0,
                         "met": throughput >= 1.0,
                     },
-                    # Not a target: the plain claim's own rate once it keeps, in rows, only the
-                    # counts that the fair order and the limits read; a claim keeping them so
-                    # drains at most about this share of the plain claim's rate.
-                    f"plain_counted_{many}_vs_plain": round(counted_share, 3),
+                    # Not targets: the plain claim's own rate once it keeps, in rows, only the
+                    # counts that the fair order and the limits read, on its tenants' rows (the
+                    # FIFO claim queues half its claims on one) and on rows spread (what the
+                    # writes themselves cost).
+                    **{
+                        f"{label}_{many}_vs_plain": round(value, 3)
+                        for label, value in share.items()
+                    },
                     "machine": machine,
                 }
             )
