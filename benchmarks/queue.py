@@ -2,6 +2,7 @@
 
     python -m benchmarks.queue [--jobs N] [--database-url URL] [--no-sync-commit]
     python -m benchmarks.queue --scale [--sizes 1000,10000,100000] [--scale-cycles N]
+        [--claimer-processes]
 
 Runs against a fresh database created on a real PostgreSQL server (`--database-url` or
 `LORAFORGE_BENCH_DATABASE_URL`, an admin URL; else the machine's server on 127.0.0.1:5432; else
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import multiprocessing
 import os
 import platform
 import queue as stdqueue
@@ -784,25 +786,39 @@ def _vacuum(engine: Engine) -> None:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
 
 
-def _round(side: ScaleSide, claimers: int, per_claimer: int) -> None:
-    """`per_claimer` claim + complete cycles on each of `claimers` threads; latencies in ms."""
+WARM_CYCLES = 2  # a claimer's first cycles: its connection, the prepared statements
+
+
+def _claim_loop(side: ScaleSide, queue: JobQueue, worker: str, cycles: int) -> list[float]:
+    """`cycles` claim + complete cycles by one claimer; each cycle's latency in ms."""
+    latencies = []
+    for _ in range(cycles):
+        t0 = time.perf_counter()
+        job_id = side.claim_one(queue, worker)
+        if job_id is None:
+            raise RuntimeError(f"{side.label}: empty claim with a backlog")
+        if queue.complete(job_id, worker) is None:
+            raise RuntimeError(f"{worker} lost job {job_id}")
+        latencies.append((time.perf_counter() - t0) * 1000)
+    return latencies
+
+
+def _round(side: ScaleSide, claimers: int, per_claimer: int, *, processes: bool) -> int:
+    """`per_claimer` cycles on each of `claimers` threads of this process, or of processes of
+    their own; latencies in ms. Returns how many jobs it claimed (warm-up cycles included)."""
+    if processes:
+        return _round_in_processes(side, claimers, per_claimer)
     errors: list[BaseException] = []
     latencies: list[list[float]] = [[] for _ in range(claimers)]
     barrier = threading.Barrier(claimers + 1)
 
     def claimer(index: int) -> None:
-        worker = f"{side.label}-claimer-{index}"
         queue = JobQueue(side.engine, max_running_per_tenant=SCALE_LIMIT)
         barrier.wait()
         try:
-            for _ in range(per_claimer):
-                t0 = time.perf_counter()
-                job_id = side.claim_one(queue, worker)
-                if job_id is None:
-                    raise RuntimeError(f"{side.label}: empty claim with a backlog")
-                if queue.complete(job_id, worker) is None:
-                    raise RuntimeError(f"{worker} lost job {job_id}")
-                latencies[index].append((time.perf_counter() - t0) * 1000)
+            latencies[index] = _claim_loop(
+                side, queue, f"{side.label}-claimer-{index}", per_claimer
+            )
         except BaseException as exc:
             errors.append(exc)
             raise
@@ -815,19 +831,91 @@ def _round(side: ScaleSide, claimers: int, per_claimer: int) -> None:
     start = time.perf_counter()
     for thread in pool:
         thread.join()
-    side.seconds += time.perf_counter() - start
-    side.client_cpu += _client_cpu_seconds() - client_before
+    elapsed = time.perf_counter() - start
+    client = _client_cpu_seconds() - client_before
+    if errors:
+        raise errors[0]
+    _count_round(side, elapsed, client, server_before, latencies)
+    return claimers * per_claimer
+
+
+def _count_round(
+    side: ScaleSide,
+    elapsed: float,
+    client_cpu: float,
+    server_before: float | None,
+    latencies: list[list[float]],
+) -> None:
+    side.seconds += elapsed
+    side.client_cpu += client_cpu
     server_after = _server_cpu_seconds()
     if side.server_cpu is None or server_before is None or server_after is None:
         side.server_cpu = None
     else:
         side.server_cpu += server_after - server_before
-    if errors:
-        raise errors[0]
     assert side.latencies is not None
     for own in latencies:
         side.latencies.extend(own)
-    side.cycles += claimers * per_claimer
+        side.cycles += len(own)
+
+
+def _claimer_process(
+    side: ScaleSide, url: str, index: int, per_claimer: int, start: Any, results: Any, release: Any
+) -> None:
+    """One claimer in a process of its own (forked: it touches none of the parent's
+    connections), as trainers claim: its own engine and interpreter, no lock shared with the
+    other claimers. Reports (ready), then (end time, its CPU, latencies), or what failed."""
+    engine = db.make_engine(url, pool_size=1)
+    side = ScaleSide(side.label, engine, side.base_id, side.claim_one)
+    worker = f"{side.label}-process-{index}"
+    try:
+        queue = JobQueue(engine, max_running_per_tenant=SCALE_LIMIT)
+        _claim_loop(side, queue, worker, WARM_CYCLES)
+        results.put(None)
+        start.wait()
+        before = _client_cpu_seconds()
+        latencies = _claim_loop(side, queue, worker, per_claimer)
+        results.put((time.monotonic(), _client_cpu_seconds() - before, latencies))
+    except BaseException as exc:
+        results.put(f"{worker}: {exc!r}")
+    finally:
+        release.wait()
+        engine.dispose()
+
+
+def _round_in_processes(side: ScaleSide, claimers: int, per_claimer: int) -> int:
+    context = multiprocessing.get_context("fork")
+    start, release, results = context.Event(), context.Event(), context.Queue()
+    url = side.engine.url.render_as_string(hide_password=False)
+    pool = [
+        context.Process(
+            target=_claimer_process,
+            args=(side, url, index, per_claimer, start, results, release),
+        )
+        for index in range(claimers)
+    ]
+    for process in pool:
+        process.start()
+    try:
+        failed = [ready for ready in (results.get() for _ in pool) if ready is not None]
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        server_before = _server_cpu_seconds()
+        started = time.monotonic()
+        start.set()
+        reports = [results.get() for _ in pool]
+        failed = [report for report in reports if isinstance(report, str)]
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        elapsed = max(report[0] for report in reports) - started
+        client = sum(report[1] for report in reports)
+        _count_round(side, elapsed, client, server_before, [report[2] for report in reports])
+    finally:
+        start.set()
+        release.set()
+        for process in pool:
+            process.join()
+    return claimers * (WARM_CYCLES + per_claimer)
 
 
 def _track_statements(admin_url: str, urls: tuple[str, ...]) -> bool:
@@ -916,6 +1004,7 @@ def bench_claim_scale(
     rounds: int,
     machine: str,
     sync_commit: bool,
+    processes: bool = False,
 ) -> None:
     """Claim + complete latency and throughput at each backlog size, 1 and 8 claimers, against
     the plain FIFO claim with its partial index on a twin database, in alternating rounds (a
@@ -966,16 +1055,16 @@ def bench_claim_scale(
                         _fill(side, files[side.label], size)
                         _vacuum(side.engine)
                         side.reset()
-                        _round(side, claimers, 2)  # warm: connections, prepared statements
-                        _fill(side, files[side.label], 2 * claimers)
+                        # Warm: connections, prepared statements.
+                        _fill(side, files[side.label], _round(side, claimers, 2, processes=False))
                         side.reset()
                     traced = statements and (size, claimers) == (max(sizes), max(SCALE_CLAIMERS))
                     if traced:
                         _reset_statements(lf.engine)
                     for _ in range(rounds):
                         for side in sides:
-                            _round(side, claimers, per_round)
-                            _fill(side, files[side.label], claimers * per_round)
+                            claimed = _round(side, claimers, per_round, processes=processes)
+                            _fill(side, files[side.label], claimed)
                     if traced:
                         emit_statements(sides[:2], size, claimers, machine)
                     figures: dict[str, dict[str, Any]] = {
@@ -1002,6 +1091,7 @@ def bench_claim_scale(
                             "tenants": SCALE_TENANTS,
                             "largest_tenant_share": 0.5,
                             "claimers": claimers,
+                            "claimers_in": "processes" if processes else "threads",
                             "cycles": lf.cycles,
                             "p50_ms": round(ours["p50_ms"], 2),
                             "p99_ms": round(ours["p99_ms"], 2),
@@ -1066,6 +1156,7 @@ def bench_claim_scale(
                 {
                     "name": "claim_scale_targets",
                     "queued": largest,
+                    "claimers_in": "processes" if processes else "threads",
                     **{
                         name: {"ratio": round(value, 3), "at_most": bound, "met": value <= bound}
                         for name, (value, bound) in targets.items()
@@ -1301,6 +1392,11 @@ def main(argv: list[str] | None = None) -> int:
         help="claim + complete cycles per side and size (at most a quarter of the backlog)",
     )
     parser.add_argument("--rounds", type=int, default=8, help="alternating rounds per size")
+    parser.add_argument(
+        "--claimer-processes",
+        action="store_true",
+        help="claim_scale's claimers in processes of their own (as trainers are), not threads",
+    )
     args = parser.parse_args(argv)
     if args.jobs < API_CLIENT_THREADS or args.samples < 1 or args.poll_samples < 1:
         parser.error(f"--jobs must be at least {API_CLIENT_THREADS}; samples at least 1")
@@ -1322,7 +1418,13 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"database ready; {machine}")
         if args.scale:
             bench_claim_scale(
-                admin_url, sizes, args.scale_cycles, args.rounds, machine, not args.no_sync_commit
+                admin_url,
+                sizes,
+                args.scale_cycles,
+                args.rounds,
+                machine,
+                not args.no_sync_commit,
+                args.claimer_processes,
             )
             progress("done")
             return 0
