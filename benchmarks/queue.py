@@ -711,10 +711,11 @@ class ScaleSide:
     cycles: int = 0
     client_cpu: float = 0.0
     server_cpu: float | None = 0.0
+    warm_cycles: int = 0  # cycles run but not measured (a claimer process's first)
 
     def reset(self) -> None:
         self.latencies, self.seconds, self.cycles = [], 0.0, 0
-        self.client_cpu, self.server_cpu = 0.0, 0.0
+        self.client_cpu, self.server_cpu, self.warm_cycles = 0.0, 0.0, 0
 
     def cpu_ms_per_job(self) -> dict[str, float | None]:
         """CPU per claim + complete cycle: this process's (the claimers' Python, psycopg and
@@ -915,6 +916,7 @@ def _round_in_processes(side: ScaleSide, claimers: int, per_claimer: int) -> int
         release.set()
         for process in pool:
             process.join()
+    side.warm_cycles += claimers * WARM_CYCLES
     return claimers * (WARM_CYCLES + per_claimer)
 
 
@@ -947,7 +949,8 @@ def _reset_statements(engine: Engine) -> None:
 
 def emit_statements(sides: list[ScaleSide], size: int, claimers: int, machine: str) -> None:
     """Per claim + complete cycle, each statement's calls and time inside the server (the
-    triggers' statements apart, `nested`) since `_reset_statements`, the heaviest first."""
+    triggers' statements apart, `nested`) since `_reset_statements`, the heaviest first. Every
+    cycle counts, a claimer process's unmeasured first ones too."""
     per_side = {}
     with sides[0].engine.connect() as conn:
         for side in sides:
@@ -960,12 +963,13 @@ def emit_statements(sides: list[ScaleSide], size: int, claimers: int, machine: s
                 ),
                 {"name": side.engine.url.database},
             ).all()
+            cycles = side.cycles + side.warm_cycles
             per_side[side.label] = [
                 {
                     "statement": row.query[:90],
                     "nested": row.nested,
-                    "calls_per_cycle": round(row.calls / side.cycles, 2),
-                    "us_per_cycle": round(1000 * row.total_exec_time / side.cycles, 1),
+                    "calls_per_cycle": round(row.calls / cycles, 2),
+                    "us_per_cycle": round(1000 * row.total_exec_time / cycles, 1),
                 }
                 for row in rows
             ]
