@@ -1,0 +1,203 @@
+"""What the fair claim's parts cost its 8-claimer throughput, each taken out in turn.
+
+    python -m benchmarks.queue_parts [--size 20000] [--rounds 6] [--cycles 120]
+        [--database-url URL]
+
+The issue's last target is the fair claim's 8-claimer throughput against the plain FIFO claim
+(`python -m benchmarks.queue --scale`). This runs, in alternating rounds on twin databases
+(claim + complete, 8 claimer threads, 1,000 tenants with one holding half the backlog, the
+same fill as `--scale`), the claim as it is against the same claim with a part taken out:
+
+- `loraforge`: `JobQueue.claim` as it is;
+- `no_event`: its common claim without the job-started event;
+- `line_head`: the claimable head of the first line that no claim holds, its tenant under its
+  limit, and nothing else: no proof that it is the backlog's first (it is not when lines ahead
+  of it are held), the same event and the same bookkeeping (the queue's triggers);
+- `line_head_no_event`: that, without the event;
+- `plain`: the plain FIFO claim with its partial index and no bookkeeping (the baseline).
+
+The parts taken out are promises of the claim (the proof, the event): none of these variants
+is one to ship. What is left in `line_head_no_event` is what keeping the line order costs.
+One JSON line per side: its rate, against `plain` and against `loraforge`, its CPU per cycle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import TextClause, text
+
+from benchmarks.queue import (
+    _FIFO_CLAIM,
+    SCALE_LIMIT,
+    ScaleSide,
+    _fill,
+    _round,
+    _scale_schema,
+    _vacuum,
+    admin_server,
+    bench_database,
+    emit,
+    machine_description,
+    progress,
+)
+from control_plane import db
+from control_plane import queue as job_queue
+from control_plane.job_status import JobStatus
+from control_plane.queue import JobQueue
+
+CLAIMERS = 8
+
+
+def _without_event(statement: str) -> str:
+    """A claim statement without its `logged` step (the job-started event)."""
+    start = statement.index("    logged AS (")
+    end = statement.index("\n    )", start) + len("\n    )")
+    return statement[:start].rstrip().rstrip(",") + statement[end:]
+
+
+def _line_head(start_picked: str) -> TextClause:
+    return text(
+        f"""
+    WITH line AS MATERIALIZED (
+        SELECT h.tenant_id, h.head_id,
+               row_number() OVER (ORDER BY {job_queue._LINE_ORDER}) AS position
+        FROM queue_heads h JOIN tenants t ON t.id = h.tenant_id
+        WHERE h.queued > 0 AND h.running < coalesce(t.max_running_jobs, :default_limit)
+        ORDER BY {job_queue._LINE_ORDER}
+        LIMIT {job_queue.CLAIM_FRONT_LINES}
+    ),
+    picked AS (
+        SELECT j.id, j.tenant_id FROM line JOIN jobs j ON j.id = line.head_id
+        WHERE j.status = '{JobStatus.QUEUED}' AND j.run_after <= now()
+        ORDER BY line.position
+        LIMIT 1
+        FOR UPDATE OF j SKIP LOCKED
+    ),
+    {start_picked}
+    SELECT true AS proven, (SELECT tenant_id FROM picked) AS picked_tenant, claimed.*
+    FROM (SELECT 1) AS one LEFT JOIN claimed ON true
+    """
+    )
+
+
+def _claim_by(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
+    """Claim with `statement` on the queue's driver path; where it claims nothing (every line
+    held, or its proof failed), the queue's own claim."""
+
+    def claim_one(queue: JobQueue, worker: str) -> str | None:
+        row = queue._claim_on_driver(statement, queue._claim_params(worker, None, []))
+        if row.id is not None:
+            return str(row.id)
+        job = queue.claim(worker)
+        return job.id if job is not None else None
+
+    return claim_one
+
+
+def _fair(queue: JobQueue, worker: str) -> str | None:
+    job = queue.claim(worker)
+    return job.id if job is not None else None
+
+
+def _plain(queue: JobQueue, worker: str) -> str | None:
+    with queue.engine.begin() as conn:
+        return conn.execute(_FIFO_CLAIM, {"worker": worker}).scalar()
+
+
+def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
+    """(label, schema, claim) for every side, the baseline last."""
+    head = job_queue._claim_head(job_queue.CLAIM_FRONT_LINES).text
+    quiet = _without_event(job_queue._START_PICKED)
+    return [
+        ("loraforge", "loraforge", _fair),
+        ("no_event", "loraforge", _claim_by(text(_without_event(head)))),
+        ("line_head", "loraforge", _claim_by(_line_head(job_queue._START_PICKED))),
+        ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
+        ("plain", "plain", _plain),
+    ]
+
+
+def run(admin_url: str, size: int, rounds: int, cycles: int) -> None:
+    plan = sides()
+    with (
+        bench_database(admin_url) as u0,
+        bench_database(admin_url) as u1,
+        bench_database(admin_url) as u2,
+        bench_database(admin_url) as u3,
+        bench_database(admin_url) as u4,
+    ):
+        scale: list[ScaleSide] = []
+        files: dict[str, str] = {}
+        for (label, schema, claim_one), url in zip(plan, (u0, u1, u2, u3, u4), strict=True):
+            engine = db.make_engine(url, pool_size=CLAIMERS + 4)
+            base_id, file_id = _scale_schema(engine, schema)
+            scale.append(ScaleSide(label, engine, base_id, claim_one))
+            files[label] = file_id
+        machine = machine_description(scale[0].engine)
+        try:
+            for side in scale:
+                _fill(side, files[side.label], size)
+                _vacuum(side.engine)
+                side.reset()
+                # Warm: connections, prepared statements.
+                _fill(side, files[side.label], _round(side, CLAIMERS, 2, processes=False))
+                side.reset()
+            for index in range(rounds):
+                progress(f"round {index + 1} of {rounds}")
+                for side in scale if index % 2 == 0 else scale[::-1]:
+                    claimed = _round(side, CLAIMERS, cycles, processes=False)
+                    _fill(side, files[side.label], claimed)
+            rate = {side.label: side.cycles / side.seconds for side in scale}
+            for side in scale:
+                with side.engine.connect() as conn:
+                    over = conn.execute(
+                        text("SELECT count(*) FROM tenant_queue_stats WHERE running > :limit"),
+                        {"limit": SCALE_LIMIT},
+                    ).scalar()
+                record: dict[str, Any] = {
+                    "name": "claim_part",
+                    "side": side.label,
+                    "queued": size,
+                    "claimers": CLAIMERS,
+                    "cycles": side.cycles,
+                    "jobs_per_s": round(rate[side.label], 1),
+                    "baseline": "plain",
+                    "baseline_jobs_per_s": round(rate["plain"], 1),
+                    "ratio_throughput": round(rate[side.label] / rate["plain"], 3),
+                    "ratio_vs_loraforge": round(rate[side.label] / rate["loraforge"], 3),
+                    "cpu_ms_per_job": side.cpu_ms_per_job(),
+                    "tenants_over_limit": over,
+                    "machine": machine,
+                }
+                emit(record)
+        finally:
+            for side in scale:
+                side.engine.dispose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.queue_parts", description=__doc__)
+    parser.add_argument("--size", type=int, default=20_000, help="queued jobs (kept topped up)")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds")
+    parser.add_argument("--cycles", type=int, default=120, help="cycles per claimer per round")
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("LORAFORGE_BENCH_DATABASE_URL"),
+        help="admin URL of the PostgreSQL server that hosts the throwaway databases",
+    )
+    args = parser.parse_args(argv)
+    if args.size < 4 * CLAIMERS * args.cycles or args.rounds < 1 or args.cycles < 1:
+        parser.error("--size at least 4 x 8 claimers x --cycles; rounds and cycles at least 1")
+    with admin_server(args.database_url) as admin_url:
+        run(admin_url, args.size, args.rounds, args.cycles)
+    progress("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
