@@ -106,6 +106,18 @@ _FIFO_CLAIM = text(
 _STARTED = time.monotonic()
 
 
+def fair_claim(queue: JobQueue, worker: str) -> str | None:
+    """One claim by the queue's fair claim: the job's id, or None."""
+    job = queue.claim(worker)
+    return job.id if job is not None else None
+
+
+def plain_claim(queue: JobQueue, worker: str) -> str | None:
+    """One claim by the plain FIFO claim, in a transaction of its own: the job's id, or None."""
+    with queue.engine.begin() as conn:
+        return conn.execute(_FIFO_CLAIM, {"worker": worker}).scalar()
+
+
 def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
@@ -133,6 +145,15 @@ def _reachable(url: str) -> bool:
             return True
     except psycopg.OperationalError:
         return False
+
+
+def add_database_url_argument(parser: argparse.ArgumentParser) -> None:
+    """`--database-url`: the server `admin_server` uses instead of finding one."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("LORAFORGE_BENCH_DATABASE_URL"),
+        help="admin URL of the PostgreSQL server that hosts the throwaway databases",
+    )
 
 
 @contextmanager
@@ -484,18 +505,10 @@ def bench_claims(url: str, count: int, machine: str) -> None:
         minority_jobs = max(1, round(count * MINORITY_SHARE))
         batches = [(majority, count - minority_jobs), (minority, minority_jobs)]
 
-        def fair_claim(queue: JobQueue, worker: str) -> str | None:
-            job = queue.claim(worker)
-            return job.id if job is not None else None
-
-        def fifo_claim(queue: JobQueue, worker: str) -> str | None:
-            with queue.engine.begin() as conn:
-                return conn.execute(_FIFO_CLAIM, {"worker": worker}).scalar()
-
         for threads in CLAIMER_COUNTS:
             results: dict[str, tuple[float, int]] = {}
             fairness = 0.0
-            for label, claim_one in (("queue", fair_claim), ("fifo", fifo_claim)):
+            for label, claim_one in (("queue", fair_claim), ("fifo", plain_claim)):
                 progress(f"claim drain: {label}, {threads} thread(s)")
                 reset_jobs(engine)
                 insert_queued_jobs(engine, base_id, batches)
@@ -1025,14 +1038,6 @@ def bench_claim_scale(
     busy machine slows both alike); each round's claimed jobs are topped up after it, so the
     backlog stays within one round of its size."""
 
-    def fair_claim(queue: JobQueue, worker: str) -> str | None:
-        job = queue.claim(worker)
-        return job.id if job is not None else None
-
-    def plain_claim(queue: JobQueue, worker: str) -> str | None:
-        with queue.engine.begin() as conn:
-            return conn.execute(_FIFO_CLAIM, {"worker": worker}).scalar()
-
     with (
         bench_database(admin_url, sync_commit=sync_commit) as lf_url,
         bench_database(admin_url, sync_commit=sync_commit) as plain_url,
@@ -1367,11 +1372,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--samples", type=int, default=100, help="NOTIFY latency samples")
     parser.add_argument("--poll-samples", type=int, default=30, help="polling latency samples")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("LORAFORGE_BENCH_DATABASE_URL"),
-        help="admin URL of the PostgreSQL server that hosts the throwaway database",
-    )
+    add_database_url_argument(parser)
     parser.add_argument(
         "--no-sync-commit",
         action="store_true",

@@ -24,7 +24,6 @@ One JSON line per side: its rate, against `plain` and against `loraforge`, its C
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,17 +31,19 @@ from typing import Any
 from sqlalchemy import TextClause, text
 
 from benchmarks.queue import (
-    _FIFO_CLAIM,
     SCALE_LIMIT,
     ScaleSide,
     _fill,
     _round,
     _scale_schema,
     _vacuum,
+    add_database_url_argument,
     admin_server,
     bench_database,
     emit,
+    fair_claim,
     machine_description,
+    plain_claim,
     progress,
 )
 from control_plane import db
@@ -99,26 +100,16 @@ def _claim_by(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
     return claim_one
 
 
-def _fair(queue: JobQueue, worker: str) -> str | None:
-    job = queue.claim(worker)
-    return job.id if job is not None else None
-
-
-def _plain(queue: JobQueue, worker: str) -> str | None:
-    with queue.engine.begin() as conn:
-        return conn.execute(_FIFO_CLAIM, {"worker": worker}).scalar()
-
-
 def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
     """(label, schema, claim) for every side, the baseline last."""
     head = job_queue._claim_head(job_queue.CLAIM_FRONT_LINES).text
     quiet = _without_event(job_queue._START_PICKED)
     return [
-        ("loraforge", "loraforge", _fair),
+        ("loraforge", "loraforge", fair_claim),
         ("no_event", "loraforge", _claim_by(text(_without_event(head)))),
         ("line_head", "loraforge", _claim_by(_line_head(job_queue._START_PICKED))),
         ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
-        ("plain", "plain", _plain),
+        ("plain", "plain", plain_claim),
     ]
 
 
@@ -185,11 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=20_000, help="queued jobs (kept topped up)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds")
     parser.add_argument("--cycles", type=int, default=120, help="cycles per claimer per round")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("LORAFORGE_BENCH_DATABASE_URL"),
-        help="admin URL of the PostgreSQL server that hosts the throwaway databases",
-    )
+    add_database_url_argument(parser)
     args = parser.parse_args(argv)
     if args.size < 4 * CLAIMERS * args.cycles or args.rounds < 1 or args.cycles < 1:
         parser.error("--size at least 4 x 8 claimers x --cycles; rounds and cycles at least 1")
