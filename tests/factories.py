@@ -83,7 +83,7 @@ def enqueue_jobs(
 ) -> list[str]:
     """Insert `count` jobs straight into `queued` (the state validation leaves them in)."""
     hp = Hyperparameters().model_dump(mode="json")
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": new_id("job"),
             "tenant_id": tenant_id,
@@ -98,7 +98,7 @@ def enqueue_jobs(
     ]
     with engine.begin() as conn:
         for start in range(0, len(rows), 500):
-            conn.execute(insert(Job.__table__), rows[start : start + 500])
+            conn.execute(insert(Job), rows[start : start + 500])
     return [r["id"] for r in rows]
 
 

@@ -234,7 +234,7 @@ def reference_pick(
                     j.id,
                 )
             )
-    return min(keys)[-1] if keys else None  # type: ignore[return-value]
+    return min(keys)[-1] if keys else None
 
 
 JOB = st.tuples(
@@ -393,7 +393,7 @@ def test_the_claim_picks_what_the_reference_ranks_first(
 # (tenant, priority, created second[, base[, backing off]]) per job; "b0" is claimed first when it
 # is there, so that tenant b runs one job and was served. The head of tenant a's line, "a1", is
 # then locked by a claim in flight while another claimer claims.
-LOCKED_HEAD_SCENES = {
+LOCKED_HEAD_SCENES: dict[str, tuple[dict[str, tuple[Any, ...]], str]] = {
     "the next tenant's head, same priority and running": (
         {"a1": ("a", 1, 0), "a2": ("a", 1, 1), "b1": ("b", 1, 2), "c1": ("c", 1, 3)},
         "b1",
@@ -584,7 +584,13 @@ def test_eight_claimers_drain_20000_jobs_over_1000_tenants_within_their_limits(
                 "file": file_id,
             },
         )
-        limits = dict(conn.execute(text("SELECT id, max_running_jobs FROM tenants")).all())
+        limits: dict[str, int] = dict(
+            conn.execute(
+                text("SELECT id, max_running_jobs FROM tenants WHERE max_running_jobs IS NOT NULL")
+            )
+            .tuples()
+            .all()
+        )
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
         assert sum(c.queued for c in queue_counts(conn).values()) == JOBS
@@ -659,8 +665,8 @@ def test_eight_claimers_drain_20000_jobs_over_1000_tenants_within_their_limits(
     counts = Counter(claimed)
     assert len(claimed) == JOBS and max(counts.values()) == 1
     with engine.connect() as conn:
-        statuses = dict(
-            conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).all()
+        statuses: dict[str, int] = dict(
+            conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).tuples().all()
         )
         assert statuses == {"succeeded": JOBS}
         assert drift(conn) == []
@@ -714,6 +720,6 @@ def test_a_tenants_pages_are_read_off_the_index(engine: Engine) -> None:
         assert "ORDER BY" in statement
         plan = conn.exec_driver_sql(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
-        ).scalar()[0]["Plan"]
+        ).scalar_one()[0]["Plan"]
     assert "ix_jobs_tenant_created_id" in str(plan)
     assert _plan_rows_from(plan, "jobs") <= 21
