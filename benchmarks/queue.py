@@ -20,8 +20,8 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
 - `claim_scale` (`--scale` runs only these): claim + complete latency p50/p99 and throughput at
   1,000 / 10,000 / 100,000 queued jobs over 1,000 tenants (one holding half), 1 and 8 claimers,
   against the plain FIFO claim with its partial index on a twin database without the queue's
-  triggers, the same plain claim on a third with the triggers left on (`plain_kept`: what
-  the bookkeeping alone costs) and on a fourth that keeps only each tenant's running count and
+  triggers, the same plain claim on a third with the triggers left on (`plain_kept`: the
+  bookkeeping, its rows made hot by the FIFO order) and on a fourth that keeps only each tenant's running count and
   served time, one row per tenant updated in place at each claim and finish (`plain_counted`:
   the least bookkeeping that keeps those counts in rows) and on a fifth that makes the same
   writes on rows picked by the job's id (`plain_counted_spread`: the writes without the hot row
