@@ -813,6 +813,22 @@ def _vacuum(engine: Engine) -> None:
 WARM_CYCLES = 2  # a claimer's first cycles: its connection, the prepared statements
 
 
+def _backlog(side: ScaleSide, file_id: str, size: int) -> None:
+    """An empty queue filled with `size` jobs, vacuumed and analysed."""
+    with side.engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs CASCADE"))
+    _fill(side, file_id, size)
+    _vacuum(side.engine)
+
+
+def _warm(side: ScaleSide, file_id: str, claimers: int) -> None:
+    """WARM_CYCLES cycles on each of `claimers` threads (the pool's connections, the prepared
+    statements), topped up, and the side's figures cleared."""
+    side.reset()
+    _fill(side, file_id, _round(side, claimers, WARM_CYCLES, processes=False))
+    side.reset()
+
+
 def _claim_loop(side: ScaleSide, queue: JobQueue, worker: str, cycles: int) -> list[float]:
     """`cycles` claim + complete cycles by one claimer; each cycle's latency in ms."""
     latencies = []
@@ -886,11 +902,11 @@ def _count_round(
 def _claimer_process(
     side: ScaleSide, url: str, index: int, per_claimer: int, start: Any, results: Any, release: Any
 ) -> None:
-    """One claimer in a process of its own (forked: it touches none of the parent's
-    connections), as trainers claim: its own engine and interpreter, no lock shared with the
-    other claimers. Reports (ready), then (end time, its CPU, latencies), or what failed."""
+    """One claimer in a process of its own (forked: of `side` it reads the label and the claim,
+    none of the parent's connections), as trainers claim: its own engine and interpreter, no
+    lock shared with the other claimers. Reports (ready), then (end time, its CPU, latencies),
+    or what failed."""
     engine = db.make_engine(url, pool_size=1)
-    side = ScaleSide(side.label, engine, side.base_id, side.claim_one)
     worker = f"{side.label}-process-{index}"
     try:
         queue = JobQueue(engine, max_running_per_tenant=SCALE_LIMIT)
@@ -1069,14 +1085,8 @@ def bench_claim_scale(
                     per_round = max(1, min(cycles, size // 4) // (rounds * claimers))
                     progress(f"claim_scale: {size} queued, {claimers} claimer(s)")
                     for side in sides:
-                        with side.engine.begin() as conn:
-                            conn.execute(text("TRUNCATE jobs CASCADE"))
-                        _fill(side, files[side.label], size)
-                        _vacuum(side.engine)
-                        side.reset()
-                        # Warm: connections, prepared statements.
-                        _fill(side, files[side.label], _round(side, claimers, 2, processes=False))
-                        side.reset()
+                        _backlog(side, files[side.label], size)
+                        _warm(side, files[side.label], claimers)
                     traced = statements and (size, claimers) == (max(sizes), max(SCALE_CLAIMERS))
                     if traced:
                         _reset_statements(lf.engine)
@@ -1197,10 +1207,7 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
     from control_plane import queue_stats
 
     engine = side.engine
-    with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs CASCADE"))
-    _fill(side, file_id, size)
-    _vacuum(engine)
+    _backlog(side, file_id, size)
     queue = JobQueue(engine, max_running_per_tenant=SCALE_LIMIT)
     # The plans on one connection, warmed: a pooled checkout may hand out another connection
     # each time, and a connection's first claims also compile and plan the trigger's

@@ -33,10 +33,11 @@ from sqlalchemy import TextClause, text
 from benchmarks.queue import (
     SCALE_LIMIT,
     ScaleSide,
+    _backlog,
     _fill,
     _round,
     _scale_schema,
-    _vacuum,
+    _warm,
     add_database_url_argument,
     admin_server,
     bench_database,
@@ -132,12 +133,8 @@ def run(admin_url: str, size: int, rounds: int, cycles: int) -> None:
         machine = machine_description(scale[0].engine)
         try:
             for side in scale:
-                _fill(side, files[side.label], size)
-                _vacuum(side.engine)
-                side.reset()
-                # Warm: connections, prepared statements.
-                _fill(side, files[side.label], _round(side, CLAIMERS, 2, processes=False))
-                side.reset()
+                _backlog(side, files[side.label], size)
+                _warm(side, files[side.label], CLAIMERS)
             for index in range(rounds):
                 progress(f"round {index + 1} of {rounds}")
                 for side in scale if index % 2 == 0 else scale[::-1]:
