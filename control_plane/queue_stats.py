@@ -3,7 +3,8 @@
 Revision 0006's triggers on `jobs` keep `tenant_queue_stats` (a tenant's counts and when it was
 last served) and `queue_heads` (each (tenant, base) line's head) exact in the statement that
 moves a job, whoever writes it; the claim reads them instead of ranking the backlog, and the
-dashboard reads the counts here at one row per tenant whatever the backlog. `drift` recounts
+dashboard and a metrics scrape read the counts here at one row per tenant whatever the backlog
+and however many jobs the platform has run (revision 0009 counts every status). `drift` recounts
 everything from `jobs` and names each row that disagrees: the check that the triggers hold.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-from sqlalchemy import Connection, Table, select, text
+from sqlalchemy import Connection, Table, func, select, text
 
 from control_plane.db.tables import TenantQueueStats
 from control_plane.job_status import ACTIVE, JobStatus, as_values
@@ -44,12 +45,96 @@ def queue_counts(conn: Connection, tenant_id: str | None = None) -> dict[str, Qu
     return counts
 
 
+@dataclass(frozen=True)
+class JobCounts:
+    """Every tenant's jobs together: how many stand in each status, and the leases lost with
+    their trainer over all of them (what the reaper handed back or failed)."""
+
+    by_status: dict[JobStatus, int]
+    interruptions: int
+
+
+def job_counts(conn: Connection) -> JobCounts:
+    """Jobs by status over the whole platform, summed off one row per tenant: its cost follows
+    the tenants, not the jobs they ever ran."""
+    row = conn.execute(
+        select(
+            func.coalesce(func.sum(stats.c.validating), 0).label("validating"),
+            func.coalesce(func.sum(stats.c.queued), 0).label("queued"),
+            func.coalesce(func.sum(stats.c.running), 0).label("active"),
+            func.coalesce(func.sum(stats.c.cancelling), 0).label("cancelling"),
+            func.coalesce(func.sum(stats.c.succeeded), 0).label("succeeded"),
+            func.coalesce(func.sum(stats.c.failed), 0).label("failed"),
+            func.coalesce(func.sum(stats.c.cancelled), 0).label("cancelled"),
+            func.coalesce(func.sum(stats.c.interruptions), 0).label("interruptions"),
+        )
+    ).one()
+    return JobCounts(
+        by_status={
+            JobStatus.VALIDATING_FILES: int(row.validating),
+            JobStatus.QUEUED: int(row.queued),
+            JobStatus.RUNNING: int(row.active) - int(row.cancelling),
+            JobStatus.CANCELLING: int(row.cancelling),
+            JobStatus.SUCCEEDED: int(row.succeeded),
+            JobStatus.FAILED: int(row.failed),
+            JobStatus.CANCELLED: int(row.cancelled),
+        },
+        interruptions=int(row.interruptions),
+    )
+
+
+@dataclass(frozen=True)
+class BaseQueue:
+    """One base model's waiting jobs: how many, and how long the oldest of them has existed
+    (by the database's clock)."""
+
+    base_name: str
+    queued: int
+    oldest_age_seconds: float
+
+
+# The lines' queued counts summed by base (one row per tenant and base), and each base's oldest
+# queued job read as the first entry of `ix_jobs_queued_base`: never a pass over the backlog.
+_BASE_QUEUES = text(
+    f"""
+    SELECT b.name, sum(d.queued) AS queued,
+           extract(epoch FROM now() - min(o.oldest)) AS age
+    FROM (
+        SELECT base_model_id, sum(queued) AS queued FROM queue_heads
+        GROUP BY base_model_id HAVING sum(queued) > 0
+    ) d
+    JOIN base_models b ON b.id = d.base_model_id
+    CROSS JOIN LATERAL (
+        SELECT j.created_at AS oldest FROM jobs j
+        WHERE j.base_model_id = d.base_model_id AND j.status = '{JobStatus.QUEUED}'
+        ORDER BY j.created_at LIMIT 1
+    ) o
+    GROUP BY b.name
+    ORDER BY b.name
+    """
+)
+
+
+def base_queues(conn: Connection) -> list[BaseQueue]:
+    """Every base with jobs waiting (backing off included), by name: its queued count and its
+    oldest queued job's age. One row read per queue line and an index probe per base."""
+    return [
+        BaseQueue(row.name, int(row.queued), float(row.age)) for row in conn.execute(_BASE_QUEUES)
+    ]
+
+
 _DRIFT = text(
     """
     WITH truth AS (
         SELECT t.id AS tenant_id,
                count(j.id) FILTER (WHERE j.status = :queued) AS queued,
-               count(j.id) FILTER (WHERE j.status = ANY(:active)) AS running
+               count(j.id) FILTER (WHERE j.status = ANY(:active)) AS running,
+               count(j.id) FILTER (WHERE j.status = :validating_files) AS validating,
+               count(j.id) FILTER (WHERE j.status = :cancelling) AS cancelling,
+               count(j.id) FILTER (WHERE j.status = :succeeded) AS succeeded,
+               count(j.id) FILTER (WHERE j.status = :failed) AS failed,
+               count(j.id) FILTER (WHERE j.status = :cancelled) AS cancelled,
+               coalesce(sum(j.interruptions), 0) AS interruptions
         FROM tenants t LEFT JOIN jobs j ON j.tenant_id = t.id
         GROUP BY t.id
     ),
@@ -64,6 +149,17 @@ _DRIFT = text(
            || coalesce(s.running, 0) || ', jobs say ' || t.queued || ' and ' || t.running
     FROM truth t LEFT JOIN tenant_queue_stats s ON s.tenant_id = t.tenant_id
     WHERE (coalesce(s.queued, 0), coalesce(s.running, 0)) <> (t.queued, t.running)
+    UNION ALL
+    SELECT 'tenant ' || t.tenant_id || ': validating ' || coalesce(s.validating, 0)
+           || ' cancelling ' || coalesce(s.cancelling, 0) || ' succeeded '
+           || coalesce(s.succeeded, 0) || ' failed ' || coalesce(s.failed, 0) || ' cancelled '
+           || coalesce(s.cancelled, 0) || ' interruptions ' || coalesce(s.interruptions, 0)
+           || ', jobs say ' || t.validating || ', ' || t.cancelling || ', ' || t.succeeded
+           || ', ' || t.failed || ', ' || t.cancelled || ' and ' || t.interruptions
+    FROM truth t LEFT JOIN tenant_queue_stats s ON s.tenant_id = t.tenant_id
+    WHERE (coalesce(s.validating, 0), coalesce(s.cancelling, 0), coalesce(s.succeeded, 0),
+           coalesce(s.failed, 0), coalesce(s.cancelled, 0), coalesce(s.interruptions, 0))
+          <> (t.validating, t.cancelling, t.succeeded, t.failed, t.cancelled, t.interruptions)
     UNION ALL
     SELECT 'line ' || coalesce(h.tenant_id, q.tenant_id) || '/'
            || coalesce(h.base_model_id, q.base_model_id) || ': queued '
@@ -87,5 +183,6 @@ _DRIFT = text(
 def drift(conn: Connection) -> list[str]:
     """Every bookkeeping row that disagrees with a recount from `jobs` (empty when exact).
     Scans every job: a check for tests and for an operator in doubt, not for a hot path."""
-    params = {"queued": JobStatus.QUEUED.value, "active": as_values(ACTIVE)}
+    params: dict[str, object] = {status.name.lower(): status.value for status in JobStatus}
+    params["active"] = as_values(ACTIVE)
     return [str(line) for line in conn.execute(_DRIFT, params).scalars()]

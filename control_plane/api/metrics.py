@@ -5,8 +5,10 @@ Two kinds of figures, one scrape target:
   `loraforge_http_request_duration_seconds` by method, route template and status (the route's
   path template, never the raw path, so ids cannot explode the label space);
 - the platform's, read from the database when scraped (`PlatformCollector`, one connection of
-  the small auth pool, a handful of aggregate queries): jobs by status, queue depth and the age
-  of the oldest queued job per base, leases lost with their trainer, and every trainer's own
+  the small auth pool, a handful of queries): jobs by status, queue depth and the age of the
+  oldest queued job per base, leases lost with their trainer (all read off the queue's
+  bookkeeping, `control_plane.queue_stats`, so a scrape costs the same at 100 or 10 million
+  jobs), and every trainer's own
   series from the trainer registry (tokens/s, step time, peak memory, resident base, and its
   counters of claims, outcomes and tokens trained). Trainers run in Ray actors that nothing
   scrapes; they report into the registry on every heartbeat, and this is where it shows.
@@ -26,19 +28,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane import trainers
-from control_plane.db.tables import BaseModelRow, Job
+from control_plane import queue_stats, trainers
 from control_plane.job_status import JobStatus
 from control_plane.services import Services
 
 log = logging.getLogger(__name__)
 
-_jobs = Job.__table__
-_bases = BaseModelRow.__table__
-assert isinstance(_jobs, Table) and isinstance(_bases, Table)
 
 # Request latency buckets: from a cached key check (~1 ms) to a large upload (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)
@@ -67,35 +65,22 @@ class PlatformCollector(Collector):
         yield from families
 
     def _families(self, conn: Connection) -> Iterator[Metric]:
-        # One pass over the jobs for both: the count by status and the leases lost.
-        counted = conn.execute(
-            select(_jobs.c.status, func.count(), func.sum(_jobs.c.interruptions)).group_by(
-                _jobs.c.status
-            )
-        ).all()
-        by_status: dict[str, int] = {status: count for status, count, _ in counted}
+        # Read off the queue's bookkeeping (one row per tenant, one per queue line, an index
+        # probe per base): a scrape's cost does not grow with the backlog or with every job the
+        # platform has ever run.
+        counted = queue_stats.job_counts(conn)
         jobs = GaugeMetricFamily("loraforge_jobs", "Jobs by status", labels=["status"])
         for status in JobStatus:
-            jobs.add_metric([status.value], by_status.get(status.value, 0))
+            jobs.add_metric([status.value], counted.by_status[status])
         yield jobs
 
         lost = CounterMetricFamily(
             "loraforge_job_interruptions",
             "Leases lost with their trainer and handed back by the reaper (all jobs)",
         )
-        lost.add_metric([], sum(int(interrupted or 0) for _, _, interrupted in counted))
+        lost.add_metric([], counted.interruptions)
         yield lost
 
-        queued = (
-            select(
-                _bases.c.name,
-                func.count(),
-                func.extract("epoch", func.now() - func.min(_jobs.c.created_at)),
-            )
-            .select_from(_jobs.join(_bases, _bases.c.id == _jobs.c.base_model_id))
-            .where(_jobs.c.status == JobStatus.QUEUED.value)
-            .group_by(_bases.c.name)
-        )
         depth = GaugeMetricFamily(
             "loraforge_queue_depth", "Jobs waiting in the queue, by base", labels=["base"]
         )
@@ -104,9 +89,9 @@ class PlatformCollector(Collector):
             "Age of the oldest queued job, by base",
             labels=["base"],
         )
-        for base, count, age in conn.execute(queued):
-            depth.add_metric([base], count)
-            oldest.add_metric([base], float(age))
+        for base in queue_stats.base_queues(conn):
+            depth.add_metric([base.base_name], base.queued)
+            oldest.add_metric([base.base_name], base.oldest_age_seconds)
         yield depth
         yield oldest
 

@@ -123,9 +123,10 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(f"status IN {JOB_STATUSES!r}", name="status"),
         UniqueConstraint("tenant_id", "idempotency_key"),
+        # Each base's queued jobs, oldest first: the age of its oldest in one probe (revision 0009).
         Index(
-            "ix_jobs_claimable",
-            "priority",
+            "ix_jobs_queued_base",
+            "base_model_id",
             "created_at",
             postgresql_where=text(f"status = '{JobStatus.QUEUED}'"),
         ),
@@ -342,9 +343,11 @@ _QUEUE_FRONT = (
 
 
 class TenantQueueStats(Base):
-    """A tenant's queued and running jobs and when the queue last served it, so that neither the
-    claim nor the dashboard counts jobs. Kept exact by triggers on `jobs` (revision 0006) in the
-    statement that moves a job; the claim's lock on this row serialises one tenant's claims."""
+    """A tenant's jobs counted by status, its leases lost, and when the queue last served it, so
+    that neither the claim, nor the dashboard, nor a metrics scrape counts jobs. Kept exact by
+    triggers on `jobs` (revisions 0006 and 0009) in the statement that moves a job; the claim's
+    lock on this row serialises one tenant's claims. `running` counts every job holding a lease
+    (`running` and `cancelling`), as the claim's limit does; `cancelling` those winding down."""
 
     __tablename__ = "tenant_queue_stats"
 
@@ -354,6 +357,12 @@ class TenantQueueStats(Base):
     queued: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     running: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    validating: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    cancelling: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    succeeded: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    cancelled: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    interruptions: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
 
 
 class QueueHead(Base):

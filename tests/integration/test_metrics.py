@@ -11,15 +11,27 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event, text
 
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
+from control_plane.job_status import JobStatus
+from control_plane.queue import JobQueue
+from control_plane.queue_stats import drift
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import S3ObjectStore
 from tests.factories import ADDITION_CHATS as RECORDS
-from tests.factories import make_key
+from tests.factories import (
+    create_validating_job,
+    enqueue_jobs,
+    make_base,
+    make_file,
+    make_key,
+    make_tenant,
+)
 from tests.faults.tcp_proxy import CuttableProxy
+from tests.integration.test_queue_scale import _plan_rows_from
 from tests.integration.test_trainer import make_world, submit
 from workers.runner import JobRunner
 
@@ -142,6 +154,108 @@ def test_a_job_run_moves_the_platform_figures(metered: tuple[Services, str]) -> 
     assert value(after, "loraforge_queue_depth", base="tiny-llama") is None
     # The trainer stopped cleanly: it left the registry, and the figures say so.
     assert value(scrape(url), "loraforge_trainers_alive") == 0
+
+
+def test_a_scrape_counts_every_job_off_the_bookkeeping_not_the_jobs(
+    metered: tuple[Services, str],
+) -> None:
+    """Jobs in every status over two tenants and two bases, 3,000 finished ones imported in bulk,
+    then claimed, finished, failed, retried, cancelled, handed back, reaped, moved between
+    tenants and deleted: the scrape's figures equal a recount of the jobs, and every statement
+    it runs reads at most one job per base (a scan of the jobs would read thousands)."""
+    services, url = metered
+    engine = services.engine
+    small, large = make_base(engine, "small-base"), make_base(engine, "large-base")
+    acme = make_tenant(engine, "acme", max_running_jobs=10)
+    globex = make_tenant(engine, "globex", max_running_jobs=10)
+    for tenant in (acme, globex):
+        file_id = make_file(engine, tenant.id).id
+        create_validating_job(engine, tenant.id, small.id, file_id)
+        enqueue_jobs(engine, tenant.id, small.id, file_id, 4)
+        enqueue_jobs(engine, tenant.id, large.id, file_id, 3, priority=2)
+    with engine.begin() as conn:  # a platform's history, imported in one statement
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+                "hyperparameters, interruptions, created_at) "
+                "SELECT 'ftjob-old-' || g, CASE WHEN g % 2 = 0 THEN :acme ELSE :globex END, "
+                "(ARRAY['succeeded', 'failed', 'cancelled'])[1 + g % 3], :base, :file, "
+                "'{}'::jsonb, g % 4, now() - interval '30 days' + g * interval '1 s' "
+                "FROM generate_series(1, 3000) AS g"
+            ),
+            {"acme": acme.id, "globex": globex.id, "base": small.id, "file": file_id},
+        )
+    queue = JobQueue(engine, lease_seconds=60, retry_backoff_seconds=3600)
+    claimed = [queue.claim(f"w{n}") for n in range(7)]
+    held = [job for job in claimed if job is not None]
+    assert len(held) == 7  # the last one still runs
+    queue.complete(held[0].id, "w0")
+    queue.fail(held[1].id, "w1", code="bad", message="bad data", retryable=False)
+    queue.fail(held[2].id, "w2", code="oom", message="out of memory")  # backs off, queued
+    queue.request_cancel(held[3].id)  # cancelling: the worker still winds down
+    queue.hand_back(held[4].id, "w4", reason="shutting down")
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = :id"),
+            {"id": held[5].id},
+        )
+        # A finished job and a queued one handed to the other tenant; 500 old ones deleted.
+        conn.execute(
+            text(
+                "UPDATE jobs SET tenant_id = :globex WHERE id IN "
+                "('ftjob-old-2', (SELECT id FROM jobs WHERE tenant_id = :acme "
+                "AND status = 'queued' ORDER BY id LIMIT 1))"
+            ),
+            {"acme": acme.id, "globex": globex.id},
+        )
+        conn.execute(text("DELETE FROM jobs WHERE id LIKE 'ftjob-old-1%'"))
+    assert [job.id for job in queue.reap_expired_leases()] == [held[5].id]
+
+    recount = (
+        "SELECT count(*) FILTER (WHERE status = 'queued'), "
+        "extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'queued')) "
+        "FROM jobs WHERE base_model_id = :base"
+    )
+    with engine.connect() as conn:
+        ages_before = {
+            b.name: conn.execute(text(recount), {"base": b.id}).one()[1] for b in (small, large)
+        }
+    statements: list[tuple[str, object]] = []
+
+    def capture(
+        conn: object, cursor: object, statement: str, parameters: object, *_: object
+    ) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(services.auth_engine, "before_cursor_execute", capture)
+    try:
+        samples = scrape(url)
+    finally:
+        event.remove(services.auth_engine, "before_cursor_execute", capture)
+
+    with engine.connect() as conn:
+        by_status = dict(
+            conn.execute(text("SELECT status, count(*) FROM jobs GROUP BY status")).tuples().all()
+        )
+        lost = conn.execute(text("SELECT sum(interruptions) FROM jobs")).scalar_one()
+        queued = {b.name: conn.execute(text(recount), {"base": b.id}).one() for b in (small, large)}
+        assert drift(conn) == []
+        read = 0
+        for statement, parameters in statements:
+            plan = conn.exec_driver_sql(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + statement,
+                parameters,  # type: ignore[arg-type]
+            ).scalar_one()[0]["Plan"]
+            read += _plan_rows_from(plan, "jobs")
+    assert set(by_status) == {status.value for status in JobStatus}  # every status is here
+    for status in JobStatus:
+        assert value(samples, "loraforge_jobs", status=status.value) == by_status[status.value]
+    assert lost > 0 and value(samples, "loraforge_job_interruptions_total") == lost
+    for name, (count, age_after) in queued.items():
+        assert count > 0 and value(samples, "loraforge_queue_depth", base=name) == count
+        age = value(samples, "loraforge_queue_oldest_age_seconds", base=name)
+        assert age is not None and ages_before[name] <= age <= age_after
+    assert statements and read <= 2
 
 
 def test_a_scrape_during_a_database_outage_answers_and_says_so(
