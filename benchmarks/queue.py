@@ -754,14 +754,16 @@ def _client_cpu_seconds() -> float:
 
 def _server_cpu_seconds() -> float | None:
     """CPU seconds used so far by the `postgres` processes on this machine (backends, WAL
-    writer, checkpointer, autovacuum), or None when none is visible (a server elsewhere). Only
+    writer, checkpointer, autovacuum), or None when none is visible (a server elsewhere). A
+    backend that exited (a claimer process's connection, closed at the end of its round) counts
+    too: the postmaster reaped it, and its CPU is in the postmaster's children's times. Only
     one side runs at a time, so a round's difference is that side's; another database's work on
     the same server at the same time would count too."""
     total, seen = 0.0, False
     for proc in psutil.process_iter(["name", "cpu_times"]):
         times = proc.info["cpu_times"]
         if proc.info["name"] == "postgres" and times is not None:
-            total += times.user + times.system
+            total += times.user + times.system + times.children_user + times.children_system
             seen = True
     return total if seen else None
 
