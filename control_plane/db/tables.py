@@ -343,11 +343,12 @@ _QUEUE_FRONT = (
 
 
 class TenantQueueStats(Base):
-    """A tenant's jobs counted by status, its leases lost, and when the queue last served it, so
-    that neither the claim, nor the dashboard, nor a metrics scrape counts jobs. Kept exact by
-    triggers on `jobs` (revisions 0006 and 0009) in the statement that moves a job; the claim's
-    lock on this row serialises one tenant's claims. `running` counts every job holding a lease
-    (`running` and `cancelling`), as the claim's limit does; `cancelling` those winding down."""
+    """A tenant's jobs counted by status from `queued` on, its leases lost, and when the queue
+    last served it, so that neither the claim, nor the dashboard, nor a metrics scrape counts
+    jobs. Kept exact by triggers on `jobs` (revisions 0006 and 0009) in the statement that moves
+    a job; the claim's lock on this row serialises one tenant's claims. `running` counts every
+    job holding a lease (`running` and `cancelling`), as the claim's limit does; `cancelling`
+    those winding down. Jobs still validating are not kept here (creating one writes no row)."""
 
     __tablename__ = "tenant_queue_stats"
 
@@ -357,7 +358,6 @@ class TenantQueueStats(Base):
     queued: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     running: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    validating: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     cancelling: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     succeeded: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     failed: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")

@@ -7,12 +7,16 @@ Create Date: 2026-12-02 16:00:00.000000
 `GET /metrics` counted every job ever created by status (a pass over all of `jobs` on every
 scrape, growing with the platform's whole history) and every queued job by base (a pass over the
 backlog). `tenant_queue_stats` already holds each tenant's queued and running counts, kept by
-revision 0006's triggers in the statement that moves a job; it now holds every status's count
-and the leases lost (`interruptions`) beside them, kept by the same triggers in the same
-statements: the finish that already writes the tenant's row writes one column more; only a job
-created (`validating_files`) or deleted, which wrote nothing here before, now writes its
-tenant's row. `running` still counts the jobs that hold a lease (`running` and `cancelling`),
-as the claim reads it; `cancelling` counts those of them winding down.
+revision 0006's triggers in the statement that moves a job; it now holds the count of every
+later status and the leases lost (`interruptions`) beside them, kept by the same triggers in
+the same statements: the finish that already writes the tenant's row writes one column more.
+`running` still counts the jobs that hold a lease (`running` and `cancelling`), as the claim
+reads it; `cancelling` counts those of them winding down. Jobs still `validating_files` are not
+kept here: creating a job writes no bookkeeping row, as before (a row written there would hold
+the tenant's row locked through the request, and one tenant's concurrent submissions would
+queue on it: 0.87x the API's submission rate, measured); a scrape counts them off
+`ix_jobs_status_lease`, the few that wait for validation. Deleting a job that got past
+validation now writes its tenant's row.
 
 `ix_jobs_claimable` (priority, age over the queued jobs), which no statement has read since
 revision 0006's claim, becomes `ix_jobs_queued_base` (base, age over the queued jobs): the
@@ -33,19 +37,19 @@ down_revision = '0008'
 branch_labels = None
 depends_on = None
 
-COUNTS = ('validating', 'cancelling', 'succeeded', 'failed', 'cancelled')
+COUNTS = ('cancelling', 'succeeded', 'failed', 'cancelled')
 
 FUNCTIONS = """
 -- A tenant's counts moved by these amounts; its running count and served time as they now
 -- stand. The tenant's first job creates the row, counted from jobs, which already hold the change.
 CREATE FUNCTION queue_stats_add(
-  p_tenant text, d_validating int, d_queued int, d_running int, d_cancelling int,
+  p_tenant text, d_queued int, d_running int, d_cancelling int,
   d_succeeded int, d_failed int, d_cancelled int, d_interruptions bigint, served boolean,
   OUT running int, OUT last_served_at timestamptz
 ) LANGUAGE plpgsql AS $$
 BEGIN
   UPDATE tenant_queue_stats s
-     SET validating = s.validating + d_validating, queued = s.queued + d_queued,
+     SET queued = s.queued + d_queued,
          running = s.running + d_running, cancelling = s.cancelling + d_cancelling,
          succeeded = s.succeeded + d_succeeded, failed = s.failed + d_failed,
          cancelled = s.cancelled + d_cancelled,
@@ -54,11 +58,9 @@ BEGIN
    WHERE s.tenant_id = p_tenant
   RETURNING s.running, s.last_served_at INTO running, last_served_at;
   IF NOT FOUND THEN
-    INSERT INTO tenant_queue_stats AS q (tenant_id, validating, queued, running, cancelling,
-                                         succeeded, failed, cancelled, interruptions,
-                                         last_served_at)
+    INSERT INTO tenant_queue_stats AS q (tenant_id, queued, running, cancelling, succeeded,
+                                         failed, cancelled, interruptions, last_served_at)
     SELECT p_tenant,
-           count(*) FILTER (WHERE status = 'validating_files'),
            count(*) FILTER (WHERE status = 'queued'),
            count(*) FILTER (WHERE status IN ('running', 'cancelling')),
            count(*) FILTER (WHERE status = 'cancelling'),
@@ -69,7 +71,7 @@ BEGIN
            CASE WHEN served THEN clock_timestamp() END
       FROM jobs WHERE tenant_id = p_tenant
     ON CONFLICT (tenant_id) DO UPDATE
-       SET validating = q.validating + d_validating, queued = q.queued + d_queued,
+       SET queued = q.queued + d_queued,
            running = q.running + d_running, cancelling = q.cancelling + d_cancelling,
            succeeded = q.succeeded + d_succeeded, failed = q.failed + d_failed,
            cancelled = q.cancelled + d_cancelled,
@@ -89,8 +91,6 @@ BEGIN
   SELECT a.running, a.last_served_at INTO running, last_served_at
     FROM queue_stats_add(
       p_tenant,
-      (p_to IS NOT DISTINCT FROM 'validating_files')::int
-        - (p_from IS NOT DISTINCT FROM 'validating_files')::int,
       (p_to IS NOT DISTINCT FROM 'queued')::int - (p_from IS NOT DISTINCT FROM 'queued')::int,
       coalesce(p_to IN ('running', 'cancelling'), false)::int
         - coalesce(p_from IN ('running', 'cancelling'), false)::int,
@@ -110,7 +110,6 @@ DECLARE
 BEGIN
   FOR g IN
     SELECT tenant_id,
-           count(*) FILTER (WHERE status = 'validating_files') AS validating,
            count(*) FILTER (WHERE status = 'queued') AS queued,
            count(*) FILTER (WHERE status IN ('running', 'cancelling')) AS running,
            count(*) FILTER (WHERE status = 'cancelling') AS cancelling,
@@ -118,9 +117,11 @@ BEGIN
            count(*) FILTER (WHERE status = 'failed') AS failed,
            count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
            coalesce(sum(interruptions), 0) AS interruptions
-      FROM inserted GROUP BY tenant_id ORDER BY tenant_id
+      FROM inserted GROUP BY tenant_id
+    HAVING count(*) FILTER (WHERE status <> 'validating_files') > 0
+     ORDER BY tenant_id
   LOOP
-    PERFORM queue_stats_add(g.tenant_id, g.validating::int, g.queued::int, g.running::int,
+    PERFORM queue_stats_add(g.tenant_id, g.queued::int, g.running::int,
                             g.cancelling::int, g.succeeded::int, g.failed::int,
                             g.cancelled::int, g.interruptions, false);
     IF g.running > 0 THEN
@@ -181,7 +182,6 @@ BEGIN
     UPDATE tenant_queue_stats s
        SET running = s.running - 1,
            cancelling = s.cancelling - (OLD.status = 'cancelling')::int,
-           validating = s.validating + (NEW.status = 'validating_files')::int,
            succeeded = s.succeeded + (NEW.status = 'succeeded')::int,
            failed = s.failed + (NEW.status = 'failed')::int,
            cancelled = s.cancelled + (NEW.status = 'cancelled')::int,
@@ -235,7 +235,6 @@ DECLARE
 BEGIN
   FOR g IN
     SELECT tenant_id,
-           count(*) FILTER (WHERE status = 'validating_files') AS validating,
            count(*) FILTER (WHERE status = 'queued') AS queued,
            count(*) FILTER (WHERE status IN ('running', 'cancelling')) AS running,
            count(*) FILTER (WHERE status = 'cancelling') AS cancelling,
@@ -243,12 +242,13 @@ BEGIN
            count(*) FILTER (WHERE status = 'failed') AS failed,
            count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
            coalesce(sum(interruptions), 0) AS interruptions
-      FROM deleted GROUP BY tenant_id ORDER BY tenant_id
+      FROM deleted GROUP BY tenant_id
+    HAVING count(*) FILTER (WHERE status <> 'validating_files') > 0
+     ORDER BY tenant_id
   LOOP
     -- No row (the tenant itself is being deleted): nothing left to keep.
     UPDATE tenant_queue_stats
-       SET validating = validating - g.validating, queued = queued - g.queued,
-           running = running - g.running, cancelling = cancelling - g.cancelling,
+       SET queued = queued - g.queued, running = running - g.running, cancelling = cancelling - g.cancelling,
            succeeded = succeeded - g.succeeded, failed = failed - g.failed,
            cancelled = cancelled - g.cancelled, interruptions = interruptions - g.interruptions
      WHERE tenant_id = g.tenant_id;
@@ -270,10 +270,10 @@ CREATE OR REPLACE FUNCTION jobs_queue_on_truncate() RETURNS trigger LANGUAGE plp
 BEGIN
   DELETE FROM queue_heads;
   UPDATE tenant_queue_stats
-     SET validating = 0, queued = 0, running = 0, cancelling = 0, succeeded = 0, failed = 0,
-         cancelled = 0, interruptions = 0
-   WHERE (validating, queued, running, cancelling, succeeded, failed, cancelled, interruptions)
-         <> (0, 0, 0, 0, 0, 0, 0, 0);
+     SET queued = 0, running = 0, cancelling = 0, succeeded = 0, failed = 0, cancelled = 0,
+         interruptions = 0
+   WHERE (queued, running, cancelling, succeeded, failed, cancelled, interruptions)
+         <> (0, 0, 0, 0, 0, 0, 0);
   RETURN NULL;
 END $$;
 
@@ -297,10 +297,9 @@ INTERRUPTIONS = "\n    OR OLD.interruptions IS DISTINCT FROM NEW.interruptions"
 # Counted from jobs under a lock that holds every writer of jobs off until this commits.
 BACKFILL = """
 LOCK TABLE jobs IN SHARE MODE;
-INSERT INTO tenant_queue_stats AS s (tenant_id, validating, queued, running, cancelling,
-                                     succeeded, failed, cancelled, interruptions)
+INSERT INTO tenant_queue_stats AS s (tenant_id, queued, running, cancelling, succeeded, failed,
+                                     cancelled, interruptions)
 SELECT t.id,
-       count(j.id) FILTER (WHERE j.status = 'validating_files'),
        count(j.id) FILTER (WHERE j.status = 'queued'),
        count(j.id) FILTER (WHERE j.status IN ('running', 'cancelling')),
        count(j.id) FILTER (WHERE j.status = 'cancelling'),
@@ -311,7 +310,7 @@ SELECT t.id,
   FROM tenants t LEFT JOIN jobs j ON j.tenant_id = t.id
  GROUP BY t.id
 ON CONFLICT (tenant_id) DO UPDATE
-   SET validating = EXCLUDED.validating, cancelling = EXCLUDED.cancelling,
+   SET cancelling = EXCLUDED.cancelling,
        succeeded = EXCLUDED.succeeded, failed = EXCLUDED.failed,
        cancelled = EXCLUDED.cancelled, interruptions = EXCLUDED.interruptions;
 """
@@ -368,7 +367,7 @@ def downgrade() -> None:
     _revision('0008_queue_claim_finish_triggers.py').upgrade()
     op.execute('DROP FUNCTION queue_stats_move(text, text, text, bigint, boolean)')
     op.execute(
-        'DROP FUNCTION queue_stats_add(text, int, int, int, int, int, int, int, bigint, boolean)'
+        'DROP FUNCTION queue_stats_add(text, int, int, int, int, int, int, bigint, boolean)'
     )
     op.drop_column('tenant_queue_stats', 'interruptions')
     for column in reversed(COUNTS):
