@@ -39,6 +39,20 @@ depends_on = None
 
 COUNTS = ('cancelling', 'succeeded', 'failed', 'cancelled')
 
+# A statement's rows (`inserted`, `deleted`) counted by tenant in every kept status; the jobs
+# still validating are not kept, and a tenant with nothing else among them is left out.
+COUNTED_BY_TENANT = """    SELECT tenant_id,
+           count(*) FILTER (WHERE status = 'queued') AS queued,
+           count(*) FILTER (WHERE status IN ('running', 'cancelling')) AS running,
+           count(*) FILTER (WHERE status = 'cancelling') AS cancelling,
+           count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE status = 'failed') AS failed,
+           count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+           coalesce(sum(interruptions), 0) AS interruptions
+      FROM {rows} GROUP BY tenant_id
+    HAVING count(*) FILTER (WHERE status <> 'validating_files') > 0
+     ORDER BY tenant_id"""
+
 FUNCTIONS = """
 -- A tenant's counts moved by these amounts; its running count and served time as they now
 -- stand. The tenant's first job creates the row, counted from jobs, which already hold the change.
@@ -109,17 +123,7 @@ DECLARE
   g record;
 BEGIN
   FOR g IN
-    SELECT tenant_id,
-           count(*) FILTER (WHERE status = 'queued') AS queued,
-           count(*) FILTER (WHERE status IN ('running', 'cancelling')) AS running,
-           count(*) FILTER (WHERE status = 'cancelling') AS cancelling,
-           count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-           count(*) FILTER (WHERE status = 'failed') AS failed,
-           count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-           coalesce(sum(interruptions), 0) AS interruptions
-      FROM inserted GROUP BY tenant_id
-    HAVING count(*) FILTER (WHERE status <> 'validating_files') > 0
-     ORDER BY tenant_id
+{counted_by_tenant:inserted}
   LOOP
     PERFORM queue_stats_add(g.tenant_id, g.queued::int, g.running::int,
                             g.cancelling::int, g.succeeded::int, g.failed::int,
@@ -234,17 +238,7 @@ DECLARE
   g record;
 BEGIN
   FOR g IN
-    SELECT tenant_id,
-           count(*) FILTER (WHERE status = 'queued') AS queued,
-           count(*) FILTER (WHERE status IN ('running', 'cancelling')) AS running,
-           count(*) FILTER (WHERE status = 'cancelling') AS cancelling,
-           count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-           count(*) FILTER (WHERE status = 'failed') AS failed,
-           count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-           coalesce(sum(interruptions), 0) AS interruptions
-      FROM deleted GROUP BY tenant_id
-    HAVING count(*) FILTER (WHERE status <> 'validating_files') > 0
-     ORDER BY tenant_id
+{counted_by_tenant:deleted}
   LOOP
     -- No row (the tenant itself is being deleted): nothing left to keep.
     UPDATE tenant_queue_stats
@@ -343,7 +337,12 @@ def upgrade() -> None:
         'tenant_queue_stats',
         sa.Column('interruptions', sa.BigInteger(), server_default='0', nullable=False),
     )
-    op.execute(FUNCTIONS)
+    functions = FUNCTIONS
+    for rows in ('inserted', 'deleted'):
+        functions = functions.replace(
+            '{counted_by_tenant:%s}' % rows, COUNTED_BY_TENANT.replace('{rows}', rows)
+        )
+    op.execute(functions)
     op.execute(TRIGGER.format(interruptions=INTERRUPTIONS))
     op.execute(BACKFILL)
     op.drop_index('ix_jobs_claimable', table_name='jobs')
