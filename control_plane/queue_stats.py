@@ -148,21 +148,19 @@ _DRIFT = text(
         FROM jobs WHERE status = :queued
         ORDER BY tenant_id, base_model_id, priority DESC, created_at, id
     )
-    SELECT 'tenant ' || t.tenant_id || ': queued ' || coalesce(s.queued, 0) || ' running '
-           || coalesce(s.running, 0) || ', jobs say ' || t.queued || ' and ' || t.running
+    SELECT 'tenant ' || t.tenant_id || ': queued, running, cancelling, succeeded, failed, '
+           || 'cancelled, interruptions '
+           || CASE WHEN s.tenant_id IS NULL THEN 'no row'
+                   ELSE concat_ws(', ', s.queued, s.running, s.cancelling, s.succeeded, s.failed,
+                                  s.cancelled, s.interruptions) END
+           || '; jobs say ' || concat_ws(', ', t.queued, t.running, t.cancelling, t.succeeded,
+                                         t.failed, t.cancelled, t.interruptions)
     FROM truth t LEFT JOIN tenant_queue_stats s ON s.tenant_id = t.tenant_id
-    WHERE (coalesce(s.queued, 0), coalesce(s.running, 0)) <> (t.queued, t.running)
-    UNION ALL
-    SELECT 'tenant ' || t.tenant_id || ': cancelling ' || coalesce(s.cancelling, 0)
-           || ' succeeded '
-           || coalesce(s.succeeded, 0) || ' failed ' || coalesce(s.failed, 0) || ' cancelled '
-           || coalesce(s.cancelled, 0) || ' interruptions ' || coalesce(s.interruptions, 0)
-           || ', jobs say ' || t.cancelling || ', ' || t.succeeded
-           || ', ' || t.failed || ', ' || t.cancelled || ' and ' || t.interruptions
-    FROM truth t LEFT JOIN tenant_queue_stats s ON s.tenant_id = t.tenant_id
-    WHERE (coalesce(s.cancelling, 0), coalesce(s.succeeded, 0), coalesce(s.failed, 0),
-           coalesce(s.cancelled, 0), coalesce(s.interruptions, 0))
-          <> (t.cancelling, t.succeeded, t.failed, t.cancelled, t.interruptions)
+    WHERE (coalesce(s.queued, 0), coalesce(s.running, 0), coalesce(s.cancelling, 0),
+           coalesce(s.succeeded, 0), coalesce(s.failed, 0), coalesce(s.cancelled, 0),
+           coalesce(s.interruptions, 0))
+          <> (t.queued, t.running, t.cancelling, t.succeeded, t.failed, t.cancelled,
+              t.interruptions)
     UNION ALL
     SELECT 'line ' || coalesce(h.tenant_id, q.tenant_id) || '/'
            || coalesce(h.base_model_id, q.base_model_id) || ': queued '

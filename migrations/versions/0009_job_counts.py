@@ -123,7 +123,7 @@ DECLARE
   g record;
 BEGIN
   FOR g IN
-{counted_by_tenant:inserted}
+{inserted}
   LOOP
     PERFORM queue_stats_add(g.tenant_id, g.queued::int, g.running::int,
                             g.cancelling::int, g.succeeded::int, g.failed::int,
@@ -238,7 +238,7 @@ DECLARE
   g record;
 BEGIN
   FOR g IN
-{counted_by_tenant:deleted}
+{deleted}
   LOOP
     -- No row (the tenant itself is being deleted): nothing left to keep.
     UPDATE tenant_queue_stats
@@ -272,7 +272,10 @@ BEGIN
 END $$;
 
 DROP FUNCTION queue_stats_bump(text, int, int, boolean);
-"""
+""".format(
+    inserted=COUNTED_BY_TENANT.format(rows='inserted'),
+    deleted=COUNTED_BY_TENANT.format(rows='deleted'),
+)
 
 # Revision 0006's condition, and a job's leases lost (the reaper changes its status too, but a
 # count must not depend on that).
@@ -337,12 +340,7 @@ def upgrade() -> None:
         'tenant_queue_stats',
         sa.Column('interruptions', sa.BigInteger(), server_default='0', nullable=False),
     )
-    functions = FUNCTIONS
-    for rows in ('inserted', 'deleted'):
-        functions = functions.replace(
-            '{counted_by_tenant:%s}' % rows, COUNTED_BY_TENANT.replace('{rows}', rows)
-        )
-    op.execute(functions)
+    op.execute(FUNCTIONS)
     op.execute(TRIGGER.format(interruptions=INTERRUPTIONS))
     op.execute(BACKFILL)
     op.drop_index('ix_jobs_claimable', table_name='jobs')
