@@ -18,8 +18,10 @@ from sqlalchemy import (
     Table,
     and_,
     func,
+    literal,
     or_,
     select,
+    tuple_,
 )
 
 from control_plane.db.tables import ApiKey, Job, JobEvent, Tenant
@@ -99,17 +101,37 @@ def jobs_by_id(conn: Connection, tenant_id: str, job_ids: Sequence[str]) -> list
     return [JobRecord.from_row(r) for r in rows]
 
 
+NEWER_AT_MOST = 100
+"""The live jobs table counts the jobs submitted since it was drawn up to this many ("100+"):
+a tenant submitting a sweep costs each open table's poll a bounded read, not the sweep."""
+
+
+def newest_job_id(conn: Connection, tenant_id: str) -> str | None:
+    """The tenant's newest job (None before its first): what "submitted since" counts from."""
+    return conn.execute(
+        select(_jobs.c.id)
+        .where(_jobs.c.tenant_id == tenant_id)
+        .order_by(_jobs.c.created_at.desc(), _jobs.c.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
 def newer_jobs(conn: Connection, tenant_id: str, than_job_id: str | None) -> int:
-    """How many of the tenant's jobs were created after this one (all of them for None)."""
-    query = select(func.count()).where(_jobs.c.tenant_id == tenant_id)
+    """How many of the tenant's jobs were created after this one (all of them for None; none
+    once it is deleted), counted up to NEWER_AT_MOST + 1: a seek in the tenant's
+    `(tenant_id, created_at, id)` index that reads at most that many entries."""
+    newer = select(_jobs.c.id).where(_jobs.c.tenant_id == tenant_id)
     if than_job_id is not None:
         created = (
             select(_jobs.c.created_at)
             .where(_jobs.c.id == than_job_id, _jobs.c.tenant_id == tenant_id)
             .scalar_subquery()
         )
-        query = query.where(_jobs.c.created_at > created)
-    return int(conn.execute(query).scalar_one())
+        newer = newer.where(
+            tuple_(_jobs.c.created_at, _jobs.c.id) > tuple_(created, literal(than_job_id))
+        )
+    bounded = newer.order_by(_jobs.c.created_at, _jobs.c.id).limit(NEWER_AT_MOST + 1).subquery()
+    return int(conn.execute(select(func.count()).select_from(bounded)).scalar_one())
 
 
 def status_changes(conn: Connection, job_id: str, limit: int = 50) -> list[JobEventRecord]:

@@ -11,7 +11,7 @@ from playwright.sync_api import Page, expect
 from sqlalchemy import text
 
 from control_plane import base_catalog, trainers
-from control_plane.dashboard.queries import MAX_CHART_POINTS
+from control_plane.dashboard.queries import MAX_CHART_POINTS, NEWER_AT_MOST
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
@@ -71,6 +71,10 @@ def test_the_jobs_table_filters_searches_pages_and_updates_live(
     expect(rows).to_have_count(5)
     assert adapters.all_inner_texts() == ["alpha"] * 5
     assert page.locator("#older-jobs").count() == 0
+    # An older page announces what was submitted since, not the newer page's jobs.
+    named_jobs(services, tenant_a, base.id, 1, "delta")
+    expect(page.locator("#newer-count")).to_have_text("1")
+    expect(page.locator("#newer-jobs")).to_be_visible()
 
     page.goto(f"{live_url}/jobs")
     page.fill("#job-search", "beta")
@@ -90,6 +94,15 @@ def test_the_jobs_table_filters_searches_pages_and_updates_live(
     page.select_option("#status-filter", "cancelled")
     expect(rows).to_have_count(1)
     expect(rows.first).to_have_id(f"job-{newer[-1]}")
+
+    # A filter that matches nothing still counts from the tenant's newest job, and a sweep is
+    # counted up to a bound.
+    page.select_option("#status-filter", "failed")
+    expect(page.locator("#no-match")).to_be_visible()
+    named_jobs(services, tenant_a, base.id, 1, "epsilon")
+    expect(page.locator("#newer-count")).to_have_text("1")
+    named_jobs(services, tenant_a, base.id, NEWER_AT_MOST + 50, "sweep")
+    expect(page.locator("#newer-count")).to_have_text(f"{NEWER_AT_MOST}+")
 
 
 def test_a_job_with_100000_metric_events_opens_with_a_bounded_number_of_points(

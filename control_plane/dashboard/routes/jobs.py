@@ -76,6 +76,14 @@ def jobs_page(
     except LookupError:
         raise PageNotFound() from None
     filtered = wanted is not None or search is not None or after is not None
+    # "New jobs submitted" counts from the tenant's newest job when the page was drawn: the
+    # first row only on the unfiltered first page (an older or filtered page's first row has
+    # newer jobs that were never new).
+    newest = (
+        found[0].id
+        if found and not filtered
+        else queries.newest_job_id(conn, session.principal.tenant_id)
+    )
     bases = _base_names(conn)
     context: dict[str, Any] = {
         "jobs": found,
@@ -87,7 +95,7 @@ def jobs_page(
         "statuses": list(JobStatus),
         "filtered": filtered,
         "stream_url": "/jobs/stream?"
-        + "&".join([f"ids={j.id}" for j in found] + ([f"newest={found[0].id}"] if found else [])),
+        + "&".join([f"ids={j.id}" for j in found] + ([f"newest={newest}"] if newest else [])),
     }
     if request.headers.get("hx-request") and request.headers.get("hx-target") == "jobs-table":
         return fragment("_jobs_table.html", session=session, **context)
@@ -106,8 +114,8 @@ async def jobs_stream(
     ids: Annotated[list[str], Query(max_length=64)] = [],  # noqa: B006 - FastAPI copies it
     newest: Annotated[str | None, Query(max_length=64)] = None,
 ) -> StreamingResponse:
-    """`row` events (a table row's new HTML) when a listed job moves; `newer` (a count) when
-    jobs were submitted since the page was drawn."""
+    """`row` events (a table row's new HTML) when a listed job moves; `newer` (a count, or
+    "100+") when jobs were submitted since the page was drawn (after the job `newest`)."""
     tenant_id = session.principal.tenant_id
     job_ids = ids[:PAGE_SIZE]
     session_ended = stream_session_ended(services, session)
@@ -133,7 +141,8 @@ async def jobs_stream(
                     quiet = 0.0
             if newer != newer_sent:
                 newer_sent = newer
-                yield sse.frame(str(newer), event="newer")
+                shown = f"{queries.NEWER_AT_MOST}+" if newer > queries.NEWER_AT_MOST else newer
+                yield sse.frame(str(shown), event="newer")
             quiet += sse.POLL_SECONDS
             if quiet >= sse.KEEPALIVE_SECONDS:
                 quiet = 0.0

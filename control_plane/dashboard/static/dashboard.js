@@ -65,7 +65,7 @@
       var count = parseInt(event.data, 10) || 0;
       var banner = document.getElementById("newer-jobs");
       if (!banner) return;
-      document.getElementById("newer-count").textContent = String(count);
+      document.getElementById("newer-count").textContent = event.data;
       banner.hidden = count === 0;
     });
   }
