@@ -31,8 +31,11 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   sides' rates against the plain claim's, for reading them); `claim_scale_statements` (only
   where the server has `pg_stat_statements` loaded) each statement's time per cycle for
   loraforge and the plain claim at the largest size, 8 claimers; `claim_plan` (the common claim: a line's
-  head), `claim_walk_plan` (the walk of the front) and `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_deep_page` the
+  head), `claim_walk_plan` (the walk of the front) and `reap_plan` their EXPLAIN ANALYZE there; `queue_counts` and `tenant_page_after_1000` the
   dashboard's counts and a deep keyset page against counting and an OR-form cursor;
+  `metrics_scrape` a scrape's figures and `tenant_page_finished_status` a page of one finished
+  status, beside ten finished jobs per queued one, against counting the jobs and the page
+  without its index;
   `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
   widened) against ranking every claimable job.
 """
@@ -1330,7 +1333,9 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
         after=min(1000, size // 8),
         list_jobs_p50_ms=round(listed, 3),
     )
-    bench_metrics_scrape(engine, file_id, size, machine, timed)
+    with finished_history(engine, file_id, size) as finished:
+        bench_metrics_scrape(engine, size, finished, machine, timed)
+        bench_finished_page(engine, size, finished, machine, timed)
     bench_retry_storm(queue, size, machine)
 
 
@@ -1345,18 +1350,10 @@ _SCRAPE_BY_COUNTING = (
 )
 
 
-def bench_metrics_scrape(
-    engine: Engine,
-    file_id: str,
-    size: int,
-    machine: str,
-    timed: Callable[..., float],
-) -> None:
-    """The platform's figures in a metrics scrape (jobs by status, leases lost, queue depth and
-    oldest age by base) beside `size` queued jobs and 10 x `size` finished ones (a platform's
-    history): read off the bookkeeping, against counting the jobs as the scrape did before."""
-    from control_plane import queue_stats
-
+@contextmanager
+def finished_history(engine: Engine, file_id: str, size: int) -> Iterator[int]:
+    """10 x `size` finished jobs (a platform's history) beside the backlog, spread over the
+    tenants and older than every queued job, for as long as the block runs; yields how many."""
     finished = 10 * size
     with engine.begin() as conn:
         conn.execute(
@@ -1372,6 +1369,20 @@ def bench_metrics_scrape(
             {"tenants": SCALE_TENANTS, "file": file_id, "n": finished},
         )
     _vacuum(engine)
+    try:
+        yield finished
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM jobs WHERE id LIKE 'ftjob-done-%'"))
+
+
+def bench_metrics_scrape(
+    engine: Engine, size: int, finished: int, machine: str, timed: Callable[..., float]
+) -> None:
+    """The platform's figures in a metrics scrape (jobs by status, leases lost, queue depth and
+    oldest age by base) beside `size` queued jobs and `finished` ones: read off the bookkeeping,
+    against counting the jobs as the scrape did before."""
+    from control_plane import queue_stats
 
     def ours(conn: Any) -> object:
         return queue_stats.job_counts(conn), queue_stats.base_queues(conn)
@@ -1393,8 +1404,43 @@ def bench_metrics_scrape(
         finished=finished,
         jobs_counted=sum(figures.by_status.values()),
     )
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM jobs WHERE id LIKE 'ftjob-done-%'"))
+
+
+def bench_finished_page(
+    engine: Engine, size: int, finished: int, machine: str, timed: Callable[..., float]
+) -> None:
+    """The dashboard's first page of the largest tenant's failed jobs, behind its half of the
+    backlog (queued, newer than its history): off `ix_jobs_tenant_finished`, against the same
+    page without that index (dropped in a transaction that is rolled back: the plan before
+    revision 0010)."""
+    from control_plane.dashboard import queries
+
+    def page(conn: Any) -> object:
+        return queries.jobs_page(
+            conn, "tenant-0000", status=JobStatus.FAILED, search=None, after=None, limit=20
+        )
+
+    mine = timed(page)
+    before = []
+    with engine.connect() as conn, conn.begin() as transaction:
+        conn.execute(text("DROP INDEX ix_jobs_tenant_finished"))
+        for _ in range(5):
+            t0 = time.perf_counter()
+            page(conn)
+            before.append((time.perf_counter() - t0) * 1000)
+        transaction.rollback()
+    emit_beside(
+        "tenant_page_finished_status",
+        mine,
+        "the same page without ix_jobs_tenant_finished (the plan before revision 0010)",
+        percentile(before, 50),
+        machine,
+        queued=size,
+        finished=finished,
+        tenant_queued=size // 2,
+        status=JobStatus.FAILED.value,
+        page=20,
+    )
 
 
 STORM_LINES = 200

@@ -71,7 +71,10 @@ def jobs_page(
     (`LookupError` when it is not one of the tenant's jobs)."""
     filters: list[ColumnElement[bool]] = []
     if status is not None:
-        filters.append(_jobs.c.status == status)
+        # Written into the statement, not bound: a page of one finished status is read off the
+        # partial `ix_jobs_tenant_finished`, which a plan can use only when it sees the status
+        # (a prepared statement's generic plan would not).
+        filters.append(_jobs.c.status == literal(status.value, literal_execute=True))
     if search:
         filters.append(
             or_(

@@ -28,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from control_plane.job_status import JobStatus
+from control_plane.job_status import TERMINAL, JobStatus
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -40,6 +40,7 @@ NAMING = {
 
 # The check constraint's list, in `JobStatus`'s order (as revision 0001 wrote it).
 JOB_STATUSES = tuple(status.value for status in JobStatus)
+FINISHED = tuple(sorted((status.value for status in TERMINAL), reverse=True))
 ROLES = ("admin", "member", "reader")
 
 
@@ -143,6 +144,15 @@ class Job(Base):
         ),
         # Keyset pages of a tenant's jobs, newest first by (created_at, id), read off the index.
         Index("ix_jobs_tenant_created_id", "tenant_id", "created_at", "id"),
+        # The same pages of one finished status: each job enters once, as it ends (revision 0010).
+        Index(
+            "ix_jobs_tenant_finished",
+            "tenant_id",
+            "status",
+            "created_at",
+            "id",
+            postgresql_where=text(f"status IN {FINISHED!r}"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
