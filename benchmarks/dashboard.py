@@ -10,6 +10,9 @@ database:
 - `browser`: from navigation to the chart drawn (`#loss-chart[data-ready]`), median ms.
 - `downsampling`: the loss curve as the page gets it (at most 1,000 points a series) against
   every point (`loss_curves` with no bound, serialized as the page would get it): ms and bytes.
+- `timeline`: the job's status changes, which the live panel reads again at each change its
+  stream sends, off `ix_job_events_status_changes` against the same read without that index
+  and its statistics (dropped in a transaction that is rolled back: before revision 0011).
 
 Needs PostgreSQL (`LORAFORGE_BENCH_DATABASE_URL`, default 127.0.0.1:5432). One JSON line per
 measurement.
@@ -26,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from benchmarks.registry import scratch_database
 from control_plane import tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.dashboard.queries import loss_curves
+from control_plane.dashboard.queries import loss_curves, status_changes
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
@@ -70,6 +73,13 @@ def make_job(services: Services, tenant_id: str, events: int) -> str:
             ),
             {"t": tenant_id, "b": base_id, "f": file_id},
         ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO job_events (job_id, message, data) "
+                "VALUES (:job, 'Job started', '{\"status\": \"running\"}')"
+            ),
+            {"job": job_id},
+        )
         conn.execute(
             text(
                 "INSERT INTO job_events (job_id, type, message, data) "
@@ -128,6 +138,15 @@ def in_browser(url: str, key: str, job_id: str, repeat: int) -> float:
     return median_ms(times)
 
 
+def timed_timeline(conn: Connection, job_id: str, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        status_changes(conn, job_id)
+        times.append(time.perf_counter() - started)
+    return round(statistics.median(times) * 1000, 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -173,6 +192,23 @@ def main() -> None:
                     ms=median_ms(times),
                     bytes=size,
                 )
+            conn.execute(text("ANALYZE job_events"))  # as autovacuum does as the table grows
+            conn.commit()
+            timeline = timed_timeline(conn, jobs[args.events], args.repeat)
+            conn.rollback()
+            with conn.begin() as before:
+                conn.execute(text("DROP STATISTICS job_events_status"))
+                conn.execute(text("DROP INDEX ix_job_events_status_changes"))
+                baseline_ms = timed_timeline(conn, jobs[args.events], args.repeat)
+                before.rollback()
+            emit(
+                "timeline",
+                events=args.events,
+                ms=timeline,
+                baseline="the same read before revision 0011 (no index, no statistics)",
+                baseline_ms=baseline_ms,
+                ratio=round(timeline / baseline_ms, 4),
+            )
         services.close()
 
 

@@ -41,6 +41,8 @@ NAMING = {
 # The check constraint's list, in `JobStatus`'s order (as revision 0001 wrote it).
 JOB_STATUSES = tuple(status.value for status in JobStatus)
 FINISHED = tuple(sorted((status.value for status in TERMINAL), reverse=True))
+# An event that records a change of its job's status.
+STATUS_CHANGE = "(data -> 'status') IS NOT NULL"
 ROLES = ("admin", "member", "reader")
 
 
@@ -196,7 +198,16 @@ class Job(Base):
 
 class JobEvent(Base):
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+    __table_args__ = (
+        Index("ix_job_events_job_id_id", "job_id", "id"),
+        # A job's status changes (its timeline), not its metrics and log lines (revision 0011).
+        Index(
+            "ix_job_events_status_changes",
+            "job_id",
+            "id",
+            postgresql_where=text(STATUS_CHANGE),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False)

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, create_engine, event, text
 
 from control_plane import jobs as job_repo
-from control_plane.dashboard import queries
 from control_plane.job_status import ACTIVE, JobStatus
 from control_plane.queue import (
     _CLAIM_RANKED,
@@ -724,74 +723,3 @@ def test_a_tenants_pages_are_read_off_the_index(engine: Engine) -> None:
         ).scalar_one()[0]["Plan"]
     assert "ix_jobs_tenant_created_id" in str(plan)
     assert _plan_rows_from(plan, "jobs") <= 21
-
-
-def test_a_page_of_one_finished_status_seeks_past_a_newer_sweep(engine: Engine) -> None:
-    """The dashboard's jobs filtered by a finished status, newest first in keyset pages: every
-    page holds exactly the tenant's jobs in that status, in order, and the first page and one
-    deep in the listing read their own rows off `ix_jobs_tenant_finished`, not the 3,000 newer
-    queued jobs of a sweep nor the tenant's jobs in the other statuses."""
-    base = make_base(engine)
-    sweep = make_tenant(engine, "sweep", max_running_jobs=5)
-    other = make_tenant(engine, "other", max_running_jobs=5)
-    file_id = make_file(engine, sweep.id).id
-    finished = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-    with engine.begin() as conn:  # history: 1,800 finished jobs, two tenants, three outcomes
-        conn.execute(
-            text(
-                "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
-                "hyperparameters, created_at, finished_at) "
-                "SELECT 'ftjob-h' || lpad(g::text, 6, '0'), "
-                "CASE WHEN g % 2 = 0 THEN :sweep ELSE :other END, "
-                "(ARRAY['succeeded', 'failed', 'cancelled'])[1 + (g / 2) % 3], :base, :file, "
-                "'{}'::jsonb, now() - interval '2 hours' + (g / 5) * interval '1 ms', now() "
-                "FROM generate_series(0, 1799) AS g"
-            ),
-            {"sweep": sweep.id, "other": other.id, "base": base.id, "file": file_id},
-        )
-    enqueue_jobs(engine, sweep.id, base.id, file_id, 3000)  # then a sweep, newer than all
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE jobs"))
-    statements: list[tuple[str, Any]] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        statements.append((statement, parameters))
-
-    with engine.connect() as conn:
-        for status in finished:
-            expected = [
-                row.id
-                for row in conn.execute(
-                    text(
-                        "SELECT id FROM jobs WHERE tenant_id = :t AND status = :s "
-                        "ORDER BY created_at DESC, id DESC"
-                    ),
-                    {"t": sweep.id, "s": status},
-                )
-            ]
-            seen: list[str] = []
-            after = None
-            while True:
-                page, more = queries.jobs_page(
-                    conn, sweep.id, status=status, search=None, after=after, limit=20
-                )
-                assert {job.status for job in page} <= {status}
-                seen += [job.id for job in page]
-                if not more:
-                    break
-                after = page[-1].id
-            assert len(expected) == 300 and seen == expected
-            # The first page (behind the sweep) and one after the 100th job.
-            for cursor in (None, seen[99]):
-                event.listen(engine, "before_cursor_execute", capture)
-                queries.jobs_page(
-                    conn, sweep.id, status=status, search=None, after=cursor, limit=20
-                )
-                event.remove(engine, "before_cursor_execute", capture)
-                statement, parameters = statements[-1]
-                assert "ORDER BY" in statement
-                plan = conn.exec_driver_sql(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
-                ).scalar_one()[0]["Plan"]
-                assert "ix_jobs_tenant_finished" in str(plan), plan
-                assert _plan_rows_from(plan, "jobs") <= 21, plan

@@ -1,0 +1,152 @@
+"""The dashboard's reads at a platform's scale, each shown to read its own rows: a page of one
+finished status behind a tenant's newer sweep, and a long job's timeline among its metrics."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import Engine, event, text
+
+from control_plane.dashboard import queries
+from control_plane.job_status import JobStatus
+from control_plane.queue import JobQueue
+from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.integration.test_queue_scale import _plan_rows_from
+
+
+def _statements_of(engine: Engine, run: Any) -> list[tuple[str, Any]]:
+    """The statements `run()` sent through `engine`, with their parameters."""
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", capture)
+    try:
+        run()
+    finally:
+        event.remove(engine, "before_cursor_execute", capture)
+    return statements
+
+
+def _plan(engine: Engine, statement: str, parameters: Any) -> dict[str, Any]:
+    with engine.connect() as conn:
+        plan: dict[str, Any] = conn.exec_driver_sql(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + statement, parameters
+        ).scalar_one()[0]["Plan"]
+    return plan
+
+
+def test_a_page_of_one_finished_status_seeks_past_a_newer_sweep(engine: Engine) -> None:
+    """The dashboard's jobs filtered by a finished status, newest first in keyset pages: every
+    page holds exactly the tenant's jobs in that status, in order, and the first page and one
+    deep in the listing read their own rows off `ix_jobs_tenant_finished`, not the 3,000 newer
+    queued jobs of a sweep nor the tenant's jobs in the other statuses."""
+    base = make_base(engine)
+    sweep = make_tenant(engine, "sweep", max_running_jobs=5)
+    other = make_tenant(engine, "other", max_running_jobs=5)
+    file_id = make_file(engine, sweep.id).id
+    finished = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+    with engine.begin() as conn:  # history: 1,800 finished jobs, two tenants, three outcomes
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+                "hyperparameters, created_at, finished_at) "
+                "SELECT 'ftjob-h' || lpad(g::text, 6, '0'), "
+                "CASE WHEN g % 2 = 0 THEN :sweep ELSE :other END, "
+                "(ARRAY['succeeded', 'failed', 'cancelled'])[1 + (g / 2) % 3], :base, :file, "
+                "'{}'::jsonb, now() - interval '2 hours' + (g / 5) * interval '1 ms', now() "
+                "FROM generate_series(0, 1799) AS g"
+            ),
+            {"sweep": sweep.id, "other": other.id, "base": base.id, "file": file_id},
+        )
+    enqueue_jobs(engine, sweep.id, base.id, file_id, 3000)  # then a sweep, newer than all
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE jobs"))
+    with engine.connect() as conn:
+        for status in finished:
+            expected = [
+                row.id
+                for row in conn.execute(
+                    text(
+                        "SELECT id FROM jobs WHERE tenant_id = :t AND status = :s "
+                        "ORDER BY created_at DESC, id DESC"
+                    ),
+                    {"t": sweep.id, "s": status},
+                )
+            ]
+            seen: list[str] = []
+            after = None
+            while True:
+                page, more = queries.jobs_page(
+                    conn, sweep.id, status=status, search=None, after=after, limit=20
+                )
+                assert {job.status for job in page} <= {status}
+                seen += [job.id for job in page]
+                if not more:
+                    break
+                after = page[-1].id
+            assert len(expected) == 300 and seen == expected
+            # The first page (behind the sweep) and one after the 100th job.
+            for cursor in (None, seen[99]):
+                page_of = functools.partial(
+                    queries.jobs_page, conn, sweep.id, status=status, search=None, limit=20
+                )
+                statements = _statements_of(engine, functools.partial(page_of, after=cursor))
+                statement, parameters = statements[-1]
+                assert "ORDER BY" in statement
+                plan = _plan(engine, statement, parameters)
+                assert "ix_jobs_tenant_finished" in str(plan), plan
+                assert _plan_rows_from(plan, "jobs") <= 21, plan
+
+
+def test_a_long_jobs_timeline_reads_its_status_changes_not_its_metrics(engine: Engine) -> None:
+    """A job page's live panel, drawn again at each change its stream sends, shows the job's
+    status changes: for a job 20,000 metric events into its run, they are read off
+    `ix_job_events_status_changes`, not found among the metrics."""
+    base = make_base(engine)
+    tenant = make_tenant(engine, "long-run")
+    file_id = make_file(engine, tenant.id).id
+    jobs = enqueue_jobs(engine, tenant.id, base.id, file_id, 2)
+    queue = JobQueue(engine)
+    claimed = queue.claim("worker-1")  # the long run; the other job logs a little too
+    assert claimed is not None
+    (other,) = set(jobs) - {claimed.id}
+    with engine.begin() as conn:
+        for ident, steps in ((claimed.id, 20_000), (other, 200)):
+            conn.execute(
+                text(
+                    "INSERT INTO job_events (job_id, type, message, data) "
+                    "SELECT :job, 'metrics', 'step ' || g, "
+                    "jsonb_build_object('step', g, 'train_loss', 1.0 / g) "
+                    "FROM generate_series(1, :steps) AS g"
+                ),
+                {"job": ident, "steps": steps},
+            )
+    finished = queue.complete(claimed.id, "worker-1")
+    assert finished is not None
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("ANALYZE job_events")  # as autovacuum does as the table grows
+        )
+        expected = (
+            conn.execute(
+                text(
+                    "SELECT id FROM job_events WHERE job_id = :job AND data ? 'status' ORDER BY id"
+                ),
+                {"job": claimed.id},
+            )
+            .scalars()
+            .all()
+        )
+        timeline: list[Any] = []
+        statements = _statements_of(
+            engine, lambda: timeline.extend(queries.status_changes(conn, claimed.id))
+        )
+    assert [e.id for e in timeline] == expected
+    assert [e.data["status"] for e in timeline][-2:] == [JobStatus.RUNNING, JobStatus.SUCCEEDED]
+    ((statement, parameters),) = statements
+    plan = _plan(engine, statement, parameters)
+    assert "ix_job_events_status_changes" in str(plan), plan
+    assert _plan_rows_from(plan, "job_events") <= len(expected), plan
