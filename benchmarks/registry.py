@@ -9,6 +9,9 @@
 - Pull: `Client.pull` of a version with a `--size-mb` safetensors file from a moto S3
   server (presigned URL, sha256 verified, fsynced, swapped in), against a plain GET of the same
   object from the same server written to disk: MB/s of each, and their ratio.
+- `adapters_page`: a page of 20 of a tenant's `--adapters` adapters (10 versions each), by
+  name after the middle one, as `GET /v1/adapters` reads it, against the statement it ran
+  before (every version of the tenant's registry grouped, then the page cut): median ms.
 
 Needs PostgreSQL: `LORAFORGE_BENCH_DATABASE_URL` (a maintenance database; default the local
 server at 127.0.0.1:5432), on which it creates and drops a database of its own. Prints one
@@ -35,6 +38,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from control_plane import base_catalog, db, files, jobs, registry, tenants
@@ -236,11 +240,65 @@ def bench_pull(
     )
 
 
+# How a page of adapters was read before each adapter's figures were read on their own: every
+# version of the tenant's registry joined and grouped, then the page cut.
+_ADAPTERS_PAGE_BY_GROUPING = text(
+    "SELECT a.id, a.tenant_id, a.name, a.base_model_id, b.name AS base_model_name, "
+    "a.created_at, max(v.number) AS latest_version, count(v.id) AS version_count "
+    "FROM adapters a JOIN base_models b ON b.id = a.base_model_id "
+    "JOIN adapter_versions v ON v.adapter_id = a.id "
+    "WHERE a.tenant_id = :t AND a.name > :after GROUP BY a.id, b.name ORDER BY a.name LIMIT 21"
+)
+
+
+def bench_adapter_pages(services: Services, tenant_id: str, adapters: int, repeat: int) -> None:
+    with services.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO adapters (id, tenant_id, name, base_model_id) "
+                "SELECT 'bench-ad-' || g, :t, 'bench-' || lpad(g::text, 7, '0'), base_model_id "
+                "FROM adapters, generate_series(1, :n) AS g WHERE name = :adapter"
+            ),
+            {"t": tenant_id, "n": adapters, "adapter": ADAPTER},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO adapter_versions (id, adapter_id, number, files, lineage, metrics, "
+                "object_prefix) SELECT a.id || '-' || n, a.id, n, '[]', '{}', '{}', 'x' "
+                "FROM adapters a, generate_series(1, 10) AS n WHERE a.id LIKE 'bench-ad-%'"
+            )
+        )
+    with services.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+    middle = f"bench-{adapters // 2:07d}"
+    times: dict[str, list[float]] = {"ours": [], "before": []}
+    with services.engine.connect() as conn:
+        for _ in range(repeat):
+            started = time.perf_counter()
+            registry.list_adapters(conn, tenant_id, after=middle, limit=20)
+            times["ours"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            conn.execute(_ADAPTERS_PAGE_BY_GROUPING, {"t": tenant_id, "after": middle}).all()
+            times["before"].append(time.perf_counter() - started)
+    ours, before = (round(statistics.median(times[k]) * 1000, 3) for k in ("ours", "before"))
+    emit(
+        "adapters_page",
+        adapters=adapters,
+        versions=10 * adapters,
+        page=20,
+        ms=ours,
+        baseline="every version of the tenant's registry grouped, then the page cut (before)",
+        baseline_ms=before,
+        ratio=round(ours / before, 4),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--size-mb", type=int, default=50)
+    parser.add_argument("--adapters", type=int, default=5000, help="adapters for adapters_page")
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory(prefix="lf-bench-") as tmp,
@@ -272,6 +330,7 @@ def main() -> None:
                 bench_alias_resolution(url, key, version.number, args.requests, 1)
                 bench_alias_resolution(url, key, version.number, args.requests, args.clients)
                 bench_pull(url, key, store, version, work)
+            bench_adapter_pages(services, version.tenant_id, args.adapters, repeat=20)
         finally:
             services.close()
 

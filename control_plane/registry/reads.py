@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, String, Table, and_, func, select
+from sqlalchemy import ColumnElement, Connection, String, Table, and_, func, select, true
 from sqlalchemy import cast as sa_cast
 
 from control_plane.db.tables import Adapter, AdapterAlias, AdapterVersion, BaseModelRow
@@ -122,7 +122,18 @@ _bases = cast(Table, BaseModelRow.__table__).alias("b")
 _parents = cast(Table, AdapterVersion.__table__).alias("pv")
 _parent_adapters = cast(Table, Adapter.__table__).alias("pa")
 
-# The adapters that have at least one version, with their latest number and version count.
+# The adapters that have at least one version, with their latest number and version count,
+# by name. Each adapter's figures are its own versions' (a lateral read of its
+# `(adapter_id, number)` index), so a page of adapters, in the order of `(tenant_id, name)`,
+# reads its own adapters' versions, not every version of the tenant's registry.
+_counts = (
+    select(
+        func.max(_versions.c.number).label("latest_version"),
+        func.count().label("version_count"),
+    )
+    .where(_versions.c.adapter_id == _adapters.c.id)
+    .lateral("counts")
+)
 _ADAPTERS = (
     select(
         _adapters.c.id,
@@ -131,15 +142,13 @@ _ADAPTERS = (
         _adapters.c.base_model_id,
         _bases.c.name.label("base_model_name"),
         _adapters.c.created_at,
-        func.max(_versions.c.number).label("latest_version"),
-        func.count(_versions.c.id).label("version_count"),
+        _counts.c.latest_version,
+        _counts.c.version_count,
     )
     .select_from(
-        _adapters.join(_bases, _bases.c.id == _adapters.c.base_model_id).join(
-            _versions, _versions.c.adapter_id == _adapters.c.id
-        )
+        _adapters.join(_bases, _bases.c.id == _adapters.c.base_model_id).join(_counts, true())
     )
-    .group_by(_adapters.c.id, _bases.c.name)
+    .where(_counts.c.version_count > 0)
     .order_by(_adapters.c.name)
 )
 

@@ -1,5 +1,6 @@
-"""The dashboard's reads at a platform's scale, each shown to read its own rows: a page of one
-finished status behind a tenant's newer sweep, and a long job's timeline among its metrics."""
+"""Reads at a platform's scale, each shown to read its own rows: the dashboard's page of one
+finished status behind a tenant's newer sweep, a long job's timeline among its metrics, and a
+page of a tenant's adapters among thousands."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy import Engine, event, text
 from control_plane.dashboard import queries
 from control_plane.job_status import JobStatus
 from control_plane.queue import JobQueue
+from control_plane.registry import reads
 from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 from tests.integration.test_queue_scale import _plan_rows_from
 
@@ -150,3 +152,60 @@ def test_a_long_jobs_timeline_reads_its_status_changes_not_its_metrics(engine: E
     plan = _plan(engine, statement, parameters)
     assert "ix_job_events_status_changes" in str(plan), plan
     assert _plan_rows_from(plan, "job_events") <= len(expected), plan
+
+
+def test_a_page_of_adapters_reads_its_own_adapters_versions(engine: Engine) -> None:
+    """`GET /v1/adapters` and the dashboard's adapters page, by name in keyset pages: every page
+    holds the tenant's adapters that have a version, each with its latest number and count,
+    and a page among 2,000 adapters (10,000 versions) reads its own adapters' versions."""
+    base = make_base(engine)
+    tenant = make_tenant(engine, "registry")
+    neighbour = make_tenant(engine, "neighbour")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO adapters (id, tenant_id, name, base_model_id) "
+                "SELECT 'ad-' || t.id || '-' || g, t.id, 'adapter-' || lpad(g::text, 5, '0'), "
+                ":base FROM generate_series(1, 2000) AS g, tenants t WHERE t.id IN (:a, :b)"
+            ),
+            {"base": base.id, "a": tenant.id, "b": neighbour.id},
+        )
+        # 1 to 9 versions each, gaps in the numbers; every 100th adapter has none (yet).
+        conn.execute(
+            text(
+                "INSERT INTO adapter_versions (id, adapter_id, number, files, lineage, metrics, "
+                "object_prefix) "
+                "SELECT a.id || '-v' || n, a.id, 2 * n, '[]', '{}', '{}', 'x' FROM adapters a, "
+                "generate_series(1, 9) AS n "
+                "WHERE n <= 1 + abs(hashtext(a.id)) % 9 AND right(a.name, 2) <> '00'"
+            )
+        )
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+        expected = [
+            tuple(row)
+            for row in conn.execute(
+                text(
+                    "SELECT a.name, max(v.number), count(*) FROM adapters a "
+                    "JOIN adapter_versions v ON v.adapter_id = a.id WHERE a.tenant_id = :t "
+                    "GROUP BY a.name ORDER BY a.name"
+                ),
+                {"t": tenant.id},
+            )
+        ]
+        listed: list[tuple[str, int, int]] = []
+        after = None
+        while True:
+            page, more = reads.list_adapters(conn, tenant.id, after=after, limit=50)
+            listed += [(a.name, a.latest_version, a.version_count) for a in page]
+            if not more:
+                break
+            after = page[-1].name
+        assert len(expected) == 1980 and listed == expected
+        statements = _statements_of(
+            engine, lambda: reads.list_adapters(conn, tenant.id, after=listed[999][0], limit=20)
+        )
+    ((statement, parameters),) = statements
+    plan = _plan(engine, statement, parameters)
+    assert _plan_rows_from(plan, "adapters") <= 21 + 1, plan  # one of them may have no version
+    assert _plan_rows_from(plan, "adapter_versions") <= 22 * 9, plan
