@@ -37,7 +37,8 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   status, beside ten finished jobs per queued one, against counting the jobs and the page
   without its index;
   `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
-  widened) against ranking every claimable job.
+  widened) against ranking every claimable job; `heartbeat` 200 running jobs' lease renewals
+  (heap-only updates) against the same with the lease's expiry indexed as before.
 """
 
 from __future__ import annotations
@@ -1337,6 +1338,7 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
         bench_metrics_scrape(engine, size, finished, machine, timed)
         bench_finished_page(engine, size, finished, machine, timed)
     bench_retry_storm(queue, size, machine)
+    bench_heartbeats(queue, size, machine)
 
 
 # What a scrape of `GET /metrics` counted before revision 0009: every job ever created by status
@@ -1486,6 +1488,86 @@ def bench_retry_storm(queue: JobQueue, size: int, machine: str) -> None:
         machine,
         queued=size,
         lines_backing_off=STORM_LINES,
+    )
+
+
+HEARTBEAT_JOBS = 200
+
+
+def _heartbeat_round(queue: JobQueue, running: list[Any], rounds: int) -> dict[str, Any]:
+    """`rounds` heartbeats of each running job: their median ms, the share that were heap-only
+    updates (the server's statistics, flushed), and how much the indexes of `jobs` grew."""
+
+    def counters() -> tuple[int, int, int]:
+        with queue.engine.connect() as conn:
+            conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        with queue.engine.connect() as conn:
+            updates, hot, index_bytes = conn.execute(
+                text(
+                    "SELECT n_tup_upd, n_tup_hot_upd, pg_indexes_size('jobs') "
+                    "FROM pg_stat_user_tables WHERE relname = 'jobs'"
+                )
+            ).one()
+        return int(updates), int(hot), int(index_bytes)
+
+    before = counters()
+    times = []
+    for step in range(rounds):
+        for job in running:
+            t0 = time.perf_counter()
+            if not queue.heartbeat(job.id, job.lease_owner, progress=step / rounds).held:
+                raise RuntimeError(f"heartbeat: {job.id} lost its lease")
+            times.append((time.perf_counter() - t0) * 1000)
+    beats = len(times)
+    deadline = time.monotonic() + 20
+    after = counters()
+    while after[0] - before[0] < beats and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = counters()
+    return {
+        "p50_ms": percentile(times, 50),
+        "hot_share": round((after[1] - before[1]) / beats, 3),
+        "index_growth_kb": (after[2] - before[2]) // 1024,
+    }
+
+
+def bench_heartbeats(queue: JobQueue, size: int, machine: str) -> None:
+    """200 running jobs' heartbeats (the lease renewed, progress): heap-only updates since
+    revision 0012, against the same with revision 0011's index on (status, lease_expires_at)
+    built back beside it (every heartbeat then writes an entry in every index of `jobs`); and
+    the reaper's plan over those running jobs, with each."""
+    running = [queue.claim(f"trainer-{n}") for n in range(HEARTBEAT_JOBS)]
+    if any(job is None for job in running):
+        raise RuntimeError("heartbeats: an empty claim with a backlog")
+    _vacuum(queue.engine)
+    ours = _heartbeat_round(queue, running, 5)
+    reap = queue.explain_reap()["Execution Time"]
+    with queue.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("CREATE INDEX bench_status_lease ON jobs (status, lease_expires_at)")
+        )
+    try:
+        _vacuum(queue.engine)
+        before = _heartbeat_round(queue, running, 5)
+        reap_before = queue.explain_reap()["Execution Time"]
+    finally:
+        with queue.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("DROP INDEX bench_status_lease")
+            )
+    emit_beside(
+        "heartbeat",
+        ours.pop("p50_ms"),
+        "the same heartbeats with (status, lease_expires_at) indexed (before revision 0012)",
+        before.pop("p50_ms"),
+        machine,
+        queued=size,
+        running=HEARTBEAT_JOBS,
+        **ours,
+        baseline_hot_share=before["hot_share"],
+        baseline_index_growth_kb=before["index_growth_kb"],
+        reap_execution_ms=reap,
+        baseline_reap_execution_ms=reap_before,
     )
 
 

@@ -55,7 +55,7 @@ class JobCounts:
 
 
 # Summed off one row per tenant; only the jobs still validating (a few, waiting for their
-# dataset's check) are counted, off `ix_jobs_status_lease`. The status is a literal, so that a
+# dataset's check) are counted, off `ix_jobs_status`. The status is a literal, so that a
 # prepared (generic) plan still sees how few rows it names.
 _JOB_COUNTS = text(
     f"""

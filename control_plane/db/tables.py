@@ -133,7 +133,8 @@ class Job(Base):
             "created_at",
             postgresql_where=text(f"status = '{JobStatus.QUEUED}'"),
         ),
-        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # By status alone (revision 0012): nothing a heartbeat writes is indexed (a HOT update).
+        Index("ix_jobs_status", "status"),
         # A tenant's line of queued jobs for one base, in the claim's order (revision 0006).
         Index(
             "ix_jobs_queue_front",

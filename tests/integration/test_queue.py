@@ -90,6 +90,44 @@ def test_an_expired_lease_returns_the_job_without_using_an_attempt(
     assert second.interruptions == 1
 
 
+def _updates_of_jobs(engine: Engine, at_least: int) -> tuple[int, int]:
+    """(updates, heap-only updates) of `jobs` as the statistics have them, once they count at
+    least `at_least` updates (a backend reports its counts when it goes idle, within seconds)."""
+    deadline = time.monotonic() + 20
+    while True:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_stat_force_next_flush()"))
+        with engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
+                )
+            ).one()
+        if row.n_tup_upd >= at_least or time.monotonic() > deadline:
+            return row.n_tup_upd, row.n_tup_hot_upd
+        time.sleep(0.2)
+
+
+def test_heartbeats_are_heap_only_updates(engine: Engine, world: dict[str, str]) -> None:
+    """A trainer renews its lease every few seconds while it trains; nothing a heartbeat writes
+    is indexed, so each is a heap-only (HOT) update: no new entry in any index of `jobs`."""
+    ids = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 20)
+    queue = JobQueue(engine)
+    claimed = [queue.claim(f"w{n}") for n in range(20)]
+    assert sorted(job.id for job in claimed if job is not None) == sorted(ids)
+    before, before_hot = _updates_of_jobs(engine, 0)
+    beats = 0
+    for step in range(50):
+        for job in claimed:
+            assert job is not None and job.lease_owner is not None
+            beat = queue.heartbeat(job.id, job.lease_owner, progress=step / 50, trained_tokens=step)
+            assert beat.held
+            beats += 1
+    updates, hot = _updates_of_jobs(engine, before + beats)
+    assert updates - before == beats
+    assert hot - before_hot >= 0.9 * beats  # a few may find their page full
+
+
 def test_a_job_that_loses_every_trainer_fails_after_max_interruptions(
     engine: Engine, world: dict[str, str]
 ) -> None:
