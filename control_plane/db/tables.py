@@ -40,6 +40,7 @@ NAMING = {
 
 # The check constraint's list, in `JobStatus`'s order (as revision 0001 wrote it).
 JOB_STATUSES = tuple(status.value for status in JobStatus)
+# The finished statuses as revision 0010's partial index names them.
 FINISHED = tuple(sorted((status.value for status in TERMINAL), reverse=True))
 # An event that records a change of its job's status.
 STATUS_CHANGE = "(data -> 'status') IS NOT NULL"
