@@ -12,6 +12,9 @@
 - `adapters_page`: a page of 20 of a tenant's `--adapters` adapters (10 versions each), by
   name after the middle one, as `GET /v1/adapters` reads it, against the statement it ran
   before (every version of the tenant's registry grouped, then the page cut): median ms.
+- `serving_index_unchanged`: a serving cluster's poll of the index of those adapters when
+  nothing changed (the ETag from names, numbers and ids: a 304) against building the whole
+  index, as every poll did: median ms.
 
 Needs PostgreSQL: `LORAFORGE_BENCH_DATABASE_URL` (a maintenance database; default the local
 server at 127.0.0.1:5432), on which it creates and drops a database of its own. Prints one
@@ -288,6 +291,33 @@ def bench_adapter_pages(services: Services, tenant_id: str, adapters: int, repea
         page=20,
         ms=ours,
         baseline="every version of the tenant's registry grouped, then the page cut (before)",
+        baseline_ms=before,
+        ratio=round(ours / before, 4),
+    )
+    # A serving cluster's poll of the index (every adapter of the base, at `latest`) when
+    # nothing changed: the ETag alone, against building the whole index as every poll did.
+    with services.engine.connect() as conn:
+        base = conn.execute(
+            text(
+                "SELECT b.name FROM base_models b JOIN adapters a ON a.base_model_id = b.id "
+                "WHERE a.name = :adapter"
+            ),
+            {"adapter": ADAPTER},
+        ).scalar_one()
+        times = {"ours": [], "before": []}
+        for _ in range(max(repeat // 4, 3)):
+            started = time.perf_counter()
+            registry.serving_etag(conn, tenant_id, base, registry.LATEST)
+            times["ours"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            index = registry.serving_index(conn, tenant_id, base, registry.LATEST)
+            times["before"].append(time.perf_counter() - started)
+    ours, before = (round(statistics.median(times[k]) * 1000, 3) for k in ("ours", "before"))
+    emit(
+        "serving_index_unchanged",
+        adapters=len(index.versions),
+        ms=ours,
+        baseline="the whole index built, as every poll did before answering 304",
         baseline_ms=before,
         ratio=round(ours / before, 4),
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -60,13 +60,28 @@ def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def resolve(client: Client, spec: dict[str, Any]) -> list[dict[str, Any]]:
+IndexCache = MutableMapping[str, Any]
+"""What one AdapterSync's last reconciliations kept of the registry's serving index (kopf's
+per-object memo): its ETag and its versions."""
+
+
+def resolve(
+    client: Client, spec: dict[str, Any], cache: IndexCache | None = None
+) -> list[dict[str, Any]]:
     """The versions to serve: each listed adapter at its version or alias, or every adapter
-    of the base at the alias."""
+    of the base at the alias. The serving index is asked for with the ETag of the one kept in
+    `cache`: unchanged, the registry answers 304 from the versions' names, numbers and ids,
+    and the kept versions serve again."""
     alias = spec.get("alias") or "latest"
     if not spec.get("adapters"):
-        index, _ = client.serving_index(spec["baseModel"], alias)
-        return list((index or {}).get("data", []))
+        cache = {} if cache is None else cache
+        key = f"{spec['baseModel']}|{alias}"
+        kept = cache.get("serving_index")
+        etag = kept["etag"] if kept is not None and kept["key"] == key else None
+        index, etag = client.serving_index(spec["baseModel"], alias, etag=etag)
+        if index is not None:
+            cache["serving_index"] = {"key": key, "etag": etag, "data": index.get("data", [])}
+        return list(cache["serving_index"]["data"])
     return [
         client.get_version(a["name"], a.get("version") or a.get("alias") or alias)
         for a in spec["adapters"]
@@ -152,8 +167,14 @@ class _Adapter:
 class _Sync:
     """The state of one sync: the adapters, the events it raises, its conditions."""
 
-    def __init__(self, client: Client, spec: dict[str, Any], status: dict[str, Any]) -> None:
-        self.client, self.spec, self.status = client, spec, status
+    def __init__(
+        self,
+        client: Client,
+        spec: dict[str, Any],
+        status: dict[str, Any],
+        cache: IndexCache | None = None,
+    ) -> None:
+        self.client, self.spec, self.status, self.cache = client, spec, status, cache
         self.events: list[Event] = []
         self.conditions: list[dict[str, Any]] = status.get("conditions") or []
         self.adapters: list[_Adapter] = []
@@ -174,7 +195,7 @@ class _Sync:
         previous = {a["name"]: a for a in self.status.get("adapters") or []}
         root = Path(self.spec["storage"]["path"])
         rewrite = self.spec["storage"].get("servedModelName")
-        for version in resolve(self.client, self.spec):
+        for version in resolve(self.client, self.spec, self.cache):
             name, number = version["adapter"], int(version["version"])
             self.managed.add(name)
             old = previous.get(name, {})
@@ -411,9 +432,11 @@ def sync(
     *,
     generation: int | None = None,
     open_pod: Callable[[str], VllmPod] = VllmPod,
+    cache: IndexCache | None = None,
 ) -> tuple[dict[str, Any], list[Event]]:
-    """One reconciliation; the new status and the events to post."""
-    state = _Sync(client, spec, status)
+    """One reconciliation; the new status and the events to post. `cache` keeps the serving
+    index between reconciliations of the same object."""
+    state = _Sync(client, spec, status, cache)
     try:
         state.prepare()
     except LoraforgeError as exc:

@@ -121,7 +121,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         "adaptersyncs",
         kopf.timer(GROUP, VERSION, "adaptersyncs", interval=config.sync_seconds, registry=registry),
     )
-    def sync_adapters(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    def sync_adapters(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
         raw: dict[str, Any] = dict(body)
         meta, spec = raw["metadata"], raw["spec"]
         status = {k: v for k, v in (raw.get("status") or {}).items() if k != "kopf"}
@@ -130,7 +130,7 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
             pods = api.pods(meta["namespace"], spec.get("podSelector") or {})
             with api_client(api, meta["namespace"], spec) as client:
                 new, events = adaptersync.sync(
-                    client, spec, status, pods, generation=meta.get("generation")
+                    client, spec, status, pods, generation=meta.get("generation"), cache=memo
                 )
         except (finetuningjob.TemporaryFailure, KubeError) as exc:
             raise kopf.TemporaryError(str(exc), delay=config.sync_seconds) from None

@@ -74,6 +74,7 @@ from control_plane.registry.reads import (
     list_versions,
     resolve_parent,
     resolve_version,
+    serving_etag,
     serving_index,
 )
 from control_plane.registry.rebuild import (
@@ -131,6 +132,7 @@ __all__ = [
     "remove_version_objects",
     "resolve_parent",
     "resolve_version",
+    "serving_etag",
     "serving_index",
     "set_alias",
     "validate_adapter_name",

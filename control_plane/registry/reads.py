@@ -327,32 +327,61 @@ def job_parent_version(conn: Connection, job_id: str) -> AdapterVersionRecord | 
     return get_version_by_id(conn, parent_id) if parent_id else None
 
 
-def serving_index(conn: Connection, tenant_id: str, base_model: str, alias: str) -> ServingIndex:
-    """Every version a serving cluster of `base_model` should hold for `alias` (or the latest
-    of each adapter), with an ETag that changes exactly when that content changes."""
+def _serving_scope(
+    conn: Connection, tenant_id: str, base_model: str, alias: str
+) -> list[ColumnElement[bool]]:
+    """Which versions a serving cluster of `base_model` holds for `alias` (or the latest of
+    each adapter): clauses on the tables of `_VERSIONS`."""
     if alias != LATEST:
         validate_alias_name(alias)
     base_id = conn.execute(select(_bases.c.id).where(_bases.c.name == base_model)).scalar()
     if base_id is None:
         raise BaseModelNotFoundError(f"no base model named {base_model!r}", param="base_model")
+    # The chosen versions' ids, one probe per adapter of the base (its newest number, or its
+    # alias), found first: the versions are then read by primary key, not scanned for it.
+    mine = cast(Table, Adapter.__table__).alias("a2")
     if alias == LATEST:
         newest = cast(Table, AdapterVersion.__table__).alias("v2")
-        chosen = _versions.c.number == (
-            select(func.max(newest.c.number))
-            .where(newest.c.adapter_id == _adapters.c.id)
-            .scalar_subquery()
+        chosen = (
+            select(newest.c.id)
+            .where(newest.c.adapter_id == mine.c.id)
+            .order_by(newest.c.number.desc())
+            .limit(1)
         )
     else:
-        chosen = _alias_target(alias)
-    found = _query_versions(
-        conn,
-        _adapters.c.tenant_id == tenant_id,
-        _adapters.c.base_model_id == base_id,
-        chosen,
-        order_by=[_adapters.c.name],
+        chosen = select(_aliases.c.version_id).where(
+            _aliases.c.adapter_id == mine.c.id, _aliases.c.name == alias
+        )
+    ids = select(chosen.scalar_subquery()).where(
+        mine.c.tenant_id == tenant_id, mine.c.base_model_id == base_id
     )
-    content = [[v.adapter_name, v.number, v.id, v.files] for v in found]
-    digest = hashlib.sha256(
-        json.dumps([base_model, alias, content], sort_keys=True).encode()
-    ).hexdigest()
+    return [_adapters.c.tenant_id == tenant_id, _versions.c.id.in_(ids)]
+
+
+def _serving_etag(base_model: str, alias: str, chosen: Sequence[tuple[str, int, str]]) -> str:
+    """The index's ETag from its (adapter, number, version id) triples: a version's files never
+    change (versions are write-once), so these say exactly what a serving cluster loads."""
+    content = [list(version) for version in chosen]
+    return hashlib.sha256(json.dumps([base_model, alias, content]).encode()).hexdigest()
+
+
+def serving_etag(conn: Connection, tenant_id: str, base_model: str, alias: str) -> str:
+    """The ETag `serving_index` would give, from the chosen versions' names, numbers and ids
+    alone: what a poll that finds nothing changed reads (no files, lineage or metrics)."""
+    rows = conn.execute(
+        select(_adapters.c.name, _versions.c.number, _versions.c.id)
+        .select_from(_versions.join(_adapters, _adapters.c.id == _versions.c.adapter_id))
+        .where(*_serving_scope(conn, tenant_id, base_model, alias))
+        .order_by(_adapters.c.name)
+    ).all()
+    return _serving_etag(base_model, alias, [tuple(row) for row in rows])
+
+
+def serving_index(conn: Connection, tenant_id: str, base_model: str, alias: str) -> ServingIndex:
+    """Every version a serving cluster of `base_model` should hold for `alias` (or the latest
+    of each adapter), with an ETag that changes exactly when that content changes."""
+    found = _query_versions(
+        conn, *_serving_scope(conn, tenant_id, base_model, alias), order_by=[_adapters.c.name]
+    )
+    digest = _serving_etag(base_model, alias, [(v.adapter_name, v.number, v.id) for v in found])
     return ServingIndex(base_model=base_model, alias=alias, versions=found, etag=digest)

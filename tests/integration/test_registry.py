@@ -23,7 +23,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from control_plane import registry
 from control_plane.records import BaseModelRecord, JobRecord
@@ -485,10 +485,24 @@ def test_serving_index_etag_and_304(
     assert first.status_code == 200
     etag = first.headers["ETag"]
     assert [v["model"] for v in first.json()["data"]] == ["alpha@1", "beta@1"]
-    unchanged = client.get(
-        "/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag}
-    )
+    with services.engine.connect() as conn:
+        assert etag == f'"{registry.serving_etag(conn, tenant_a.tenant_id, "tiny-llama", "prod")}"'
+    statements: list[str] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(services.engine, "before_cursor_execute", capture)
+    try:
+        unchanged = client.get(
+            "/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag}
+        )
+    finally:
+        event.remove(services.engine, "before_cursor_execute", capture)
     assert (unchanged.status_code, unchanged.content, unchanged.headers["ETag"]) == (304, b"", etag)
+    # Unchanged, the answer reads the versions' names, numbers and ids, not their contents.
+    read = " ".join(statements)
+    assert "adapter_versions" in read and not any(c in read for c in ("files", "lineage"))
 
     client.put("/v1/adapters/alpha/aliases/prod", json={"version": 2}, headers=h)
     changed = client.get("/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag})

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from loraforge.client import MARKER
+from tests.integration.test_metrics import scrape, value
 from tests.operator.conftest import BASE, FakeKube, Platform, eventually, running_operator
 from tests.operator.fake_vllm import FakeVllm
 from tests.operator.test_finetuningjob import RECORDS
@@ -208,11 +209,23 @@ async def test_a_version_vllm_keeps_refusing_with_a_400_ends_failed_with_its_mes
     assert set(vllms[0].loaded) == {"sums@1"} and adapter["currentVersion"] is None
 
 
+def unchanged_index_answers(url: str) -> float | None:
+    """How many serving-index polls the platform has answered 304 (its own request metrics)."""
+    return value(
+        scrape(url),
+        "loraforge_http_requests_total",
+        method="GET",
+        route="/v1/adapters/index",
+        status="304",
+    )
+
+
 async def test_an_adaptersync_without_a_list_follows_every_adapter_of_its_base_at_the_alias(
     kube: FakeKube, platform: Platform, vllms: list[FakeVllm], tmp_path: Path
 ) -> None:
     """No `adapters`: every adapter of the base that has the alias is served, and one whose
-    alias goes away is unloaded and removed from the volume."""
+    alias goes away is unloaded and removed from the volume. Between changes, the operator
+    polls the serving index with its ETag and the registry answers 304."""
     alpha, beta = train(platform, "alpha", 8), train(platform, "beta", 8)
     with platform.client() as client:
         client.set_alias("alpha", "prod", alpha)
@@ -230,6 +243,10 @@ async def test_an_adaptersync_without_a_list_follows_every_adapter_of_its_base_a
         both = {f"alpha@{alpha}", f"beta@{beta}"}
         await eventually(
             lambda: all(set(s.loaded) == both for s in stable), what="alpha and beta everywhere"
+        )
+        # Later syncs ask with the index's ETag: unchanged, the registry answers 304.
+        await eventually(
+            lambda: (unchanged_index_answers(platform.url) or 0) >= 2, what="304s for the index"
         )
         with platform.client() as client:
             client.delete_alias("beta", "prod")

@@ -222,6 +222,9 @@ class ServingIndexPublic(BaseModel):
 # --------------------------------------------------------------------------- routes
 
 
+_NO_CACHE = {"Cache-Control": "no-cache"}
+
+
 def _etag_matches(if_none_match: str, etag: str) -> bool:
     tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
     return "*" in tags or etag in tags
@@ -248,13 +251,15 @@ def serving_index(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     """What a serving cluster of `base_model` should load: for each adapter, the version
-    `alias` points at (or the latest). Poll with `If-None-Match: <ETag>`: 304 when unchanged."""
+    `alias` points at (or the latest). Poll with `If-None-Match: <ETag>`: 304 when unchanged,
+    found from the versions' names, numbers and ids alone (not their files and lineage)."""
     with registry_errors():
+        if if_none_match is not None:
+            etag = f'"{registry.serving_etag(conn, caller.tenant_id, base_model, alias)}"'
+            if _etag_matches(if_none_match, etag):
+                return Response(status_code=304, headers={"ETag": etag, **_NO_CACHE})
         index = registry.serving_index(conn, caller.tenant_id, base_model, alias)
-    etag = f'"{index.etag}"'
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if if_none_match is not None and _etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
+    headers = {"ETag": f'"{index.etag}"', **_NO_CACHE}
     body = ServingIndexPublic(
         base_model=index.base_model,
         alias=index.alias,
