@@ -337,8 +337,8 @@ def _serving_scope(
     base_id = conn.execute(select(_bases.c.id).where(_bases.c.name == base_model)).scalar()
     if base_id is None:
         raise BaseModelNotFoundError(f"no base model named {base_model!r}", param="base_model")
-    # The chosen versions' ids, one probe per adapter of the base (its newest number, or its
-    # alias), found first: the versions are then read by primary key, not scanned for it.
+    # The chosen versions' ids, one index probe per adapter of the base (its newest number,
+    # or its alias): the index holds the versions with those ids.
     mine = cast(Table, Adapter.__table__).alias("a2")
     if alias == LATEST:
         newest = cast(Table, AdapterVersion.__table__).alias("v2")
