@@ -10,8 +10,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, String, Table, and_, func, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    String,
+    Table,
+    and_,
+    func,
+    select,
+    true,
+)
 from sqlalchemy import cast as sa_cast
+from sqlalchemy.sql.selectable import NamedFromClause
 
 from control_plane.db.tables import Adapter, AdapterAlias, AdapterVersion, BaseModelRow
 from control_plane.jobs import job_parent_version_id
@@ -233,13 +244,16 @@ def list_versions(
     return trim(found, limit)
 
 
+def _alias_version(alias: str, adapters: NamedFromClause) -> Select[Any]:
+    """The id of the version that the alias `alias` of `adapters`' row points at."""
+    return select(_aliases.c.version_id).where(
+        _aliases.c.adapter_id == adapters.c.id, _aliases.c.name == alias
+    )
+
+
 def _alias_target(alias: str) -> ColumnElement[bool]:
     """The version that the adapter's alias `alias` points at."""
-    return _versions.c.id.in_(
-        select(_aliases.c.version_id).where(
-            _aliases.c.adapter_id == _adapters.c.id, _aliases.c.name == alias
-        )
-    )
+    return _versions.c.id.in_(_alias_version(alias, _adapters))
 
 
 def resolve_version(
@@ -349,9 +363,7 @@ def _serving_scope(
             .limit(1)
         )
     else:
-        chosen = select(_aliases.c.version_id).where(
-            _aliases.c.adapter_id == mine.c.id, _aliases.c.name == alias
-        )
+        chosen = _alias_version(alias, mine)
     ids = select(chosen.scalar_subquery()).where(
         mine.c.tenant_id == tenant_id, mine.c.base_model_id == base_id
     )

@@ -23,7 +23,7 @@ import boto3
 import pytest
 from botocore.config import Config
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, text
 
 from control_plane import registry
 from control_plane.records import BaseModelRecord, JobRecord
@@ -35,6 +35,7 @@ from loraforge.registry_cli import add_registry_commands
 from tests.api_harness import TenantKeys
 from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 from tests.fixtures.testbase import TEST_BASE_PATH
+from tests.integration.test_reads_at_scale import _statements_of
 from tests.s3_server import S3_ACCESS_KEY_ID, S3_PREFIX, S3_REGION, S3_SECRET_ACCESS_KEY
 
 BOTH = pytest.mark.parametrize("store_kind", ["local", "s3"])
@@ -487,21 +488,17 @@ def test_serving_index_etag_and_304(
     assert [v["model"] for v in first.json()["data"]] == ["alpha@1", "beta@1"]
     with services.engine.connect() as conn:
         assert etag == f'"{registry.serving_etag(conn, tenant_a.tenant_id, "tiny-llama", "prod")}"'
-    statements: list[str] = []
-
-    def capture(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(services.engine, "before_cursor_execute", capture)
-    try:
-        unchanged = client.get(
-            "/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag}
-        )
-    finally:
-        event.remove(services.engine, "before_cursor_execute", capture)
+    answers = []
+    statements = _statements_of(
+        services.engine,
+        lambda: answers.append(
+            client.get("/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag})
+        ),
+    )
+    (unchanged,) = answers
     assert (unchanged.status_code, unchanged.content, unchanged.headers["ETag"]) == (304, b"", etag)
     # Unchanged, the answer reads the versions' names, numbers and ids, not their contents.
-    read = " ".join(statements)
+    read = " ".join(statement for statement, _ in statements)
     assert "adapter_versions" in read and not any(c in read for c in ("files", "lineage"))
 
     client.put("/v1/adapters/alpha/aliases/prod", json={"version": 2}, headers=h)
