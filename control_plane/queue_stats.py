@@ -5,7 +5,9 @@ last served) and `queue_heads` (each (tenant, base) line's head) exact in the st
 moves a job, whoever writes it; the claim reads them instead of ranking the backlog, and the
 dashboard and a metrics scrape read the counts here at one row per tenant whatever the backlog
 and however many jobs the platform has run (revision 0009 counts every status). `drift` recounts
-everything from `jobs` and names each row that disagrees: the check that the triggers hold.
+everything from `jobs` and names each row that disagrees: the check that the triggers hold;
+`repair` sets such rows back to the recount after writes that went around the triggers
+(`loraforge queue check` and `loraforge queue repair`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
+import sqlalchemy.exc
 from sqlalchemy import Connection, Table, select, text
 
 from control_plane.db.tables import TenantQueueStats
 from control_plane.job_status import ACTIVE, JobStatus, as_values
 
 stats = cast(Table, TenantQueueStats.__table__)
+
+_LOCK_NOT_AVAILABLE = "55P03"
 
 
 @dataclass(frozen=True)
@@ -127,9 +132,10 @@ def base_queues(conn: Connection) -> list[BaseQueue]:
     ]
 
 
-_DRIFT = text(
-    """
-    WITH truth AS (
+# Each tenant's counts and each line's head recounted from `jobs` (every job: a full pass), what
+# the triggers keep; `last_started_at` is what `repair` serves a tenant that lost its row from.
+_RECOUNT = """
+    truth AS (
         SELECT t.id AS tenant_id,
                count(j.id) FILTER (WHERE j.status = :queued) AS queued,
                count(j.id) FILTER (WHERE j.status = ANY(:active)) AS running,
@@ -137,7 +143,8 @@ _DRIFT = text(
                count(j.id) FILTER (WHERE j.status = :succeeded) AS succeeded,
                count(j.id) FILTER (WHERE j.status = :failed) AS failed,
                count(j.id) FILTER (WHERE j.status = :cancelled) AS cancelled,
-               coalesce(sum(j.interruptions), 0) AS interruptions
+               coalesce(sum(j.interruptions), 0) AS interruptions,
+               max(j.started_at) AS last_started_at
         FROM tenants t LEFT JOIN jobs j ON j.tenant_id = t.id
         GROUP BY t.id
     ),
@@ -147,7 +154,11 @@ _DRIFT = text(
                priority, created_at, id
         FROM jobs WHERE status = :queued
         ORDER BY tenant_id, base_model_id, priority DESC, created_at, id
-    )
+    )"""
+
+_DRIFT = text(
+    f"""
+    WITH {_RECOUNT}
     SELECT 'tenant ' || t.tenant_id || ': queued, running, cancelling, succeeded, failed, '
            || 'cancelled, interruptions '
            || CASE WHEN s.tenant_id IS NULL THEN 'no row'
@@ -181,9 +192,96 @@ _DRIFT = text(
 )
 
 
+_COUNTED = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled", "interruptions")
+
+# Every tenant's row set to its recount; a row is written only where it differs, and created
+# only for a tenant with something to count (as the triggers create it), served when its latest
+# job started (the served time is kept nowhere else).
+_REPAIR_COUNTS = text(
+    f"""
+    WITH {_RECOUNT}
+    INSERT INTO tenant_queue_stats AS s (tenant_id, {", ".join(_COUNTED)}, last_served_at)
+    SELECT tenant_id, {", ".join(_COUNTED)}, last_started_at FROM truth t
+    WHERE ({", ".join(_COUNTED)}) <> (0, 0, 0, 0, 0, 0, 0)
+       OR EXISTS (SELECT 1 FROM tenant_queue_stats e WHERE e.tenant_id = t.tenant_id)
+    ON CONFLICT (tenant_id) DO UPDATE
+       SET {", ".join(f"{c} = EXCLUDED.{c}" for c in _COUNTED)}
+     WHERE ({", ".join(f"s.{c}" for c in _COUNTED)})
+           <> ({", ".join(f"EXCLUDED.{c}" for c in _COUNTED)})
+    """
+)
+
+_LINE = ("queued", "top_priority", "head_created_at", "head_id", "running", "last_served_at")
+
+# Every line set to its recount beside its tenant's (repaired) running count and served time: a
+# line with nothing queued keeps its row with no head, as the triggers leave it.
+_REPAIR_LINES = text(
+    f"""
+    WITH {_RECOUNT},
+    wanted AS (
+        SELECT coalesce(q.tenant_id, h.tenant_id) AS tenant_id,
+               coalesce(q.base_model_id, h.base_model_id) AS base_model_id,
+               coalesce(q.queued, 0) AS queued, q.priority, q.created_at, q.id
+        FROM heads q
+        FULL JOIN queue_heads h ON h.tenant_id = q.tenant_id AND h.base_model_id = q.base_model_id
+    )
+    INSERT INTO queue_heads AS h (tenant_id, base_model_id, {", ".join(_LINE)})
+    SELECT w.tenant_id, w.base_model_id, w.queued, w.priority, w.created_at, w.id,
+           coalesce(s.running, 0), s.last_served_at
+    FROM wanted w LEFT JOIN tenant_queue_stats s ON s.tenant_id = w.tenant_id
+    ON CONFLICT (tenant_id, base_model_id) DO UPDATE
+       SET {", ".join(f"{c} = EXCLUDED.{c}" for c in _LINE)}
+     WHERE ({", ".join(f"h.{c}" for c in _LINE)})
+           IS DISTINCT FROM ({", ".join(f"EXCLUDED.{c}" for c in _LINE)})
+    """
+)
+
+
+def _recount_params() -> dict[str, object]:
+    params: dict[str, object] = {status.name.lower(): status.value for status in JobStatus}
+    params["active"] = as_values(ACTIVE)
+    return params
+
+
 def drift(conn: Connection) -> list[str]:
     """Every bookkeeping row that disagrees with a recount from `jobs` (empty when exact).
     Scans every job: a check for tests and for an operator in doubt, not for a hot path."""
-    params: dict[str, object] = {status.name.lower(): status.value for status in JobStatus}
-    params["active"] = as_values(ACTIVE)
-    return [str(line) for line in conn.execute(_DRIFT, params).scalars()]
+    return [str(line) for line in conn.execute(_DRIFT, _recount_params()).scalars()]
+
+
+class QueueBusyError(Exception):
+    """`repair` could not lock `jobs` in time: a transaction that writes jobs holds it."""
+
+
+def repair(conn: Connection, *, lock_timeout_seconds: float = 5.0) -> list[str]:
+    """Set the bookkeeping back to a recount from `jobs` where it drifted (writes that went
+    around the triggers: `pg_restore --disable-triggers`, a logical replica's apply, a manual
+    `session_replication_role = replica`) and return what it corrected (`drift`'s lines; empty,
+    and nothing written, when exact). Runs in `conn`'s transaction, which the caller commits.
+
+    Every writer of jobs waits while it runs: `jobs` is locked in SHARE mode, so no claim,
+    finish, heartbeat or submission moves a job between the recount and the writes (a few
+    passes over `jobs`). A lock not granted within `lock_timeout_seconds` (a long transaction
+    writing jobs, which every later writer would then queue behind this one) raises
+    QueueBusyError and writes nothing. The repaired bookkeeping is checked again before it
+    returns; a recount that still disagrees raises RuntimeError (the transaction must roll
+    back)."""
+    conn.execute(text(f"SET LOCAL lock_timeout = '{max(1, round(lock_timeout_seconds * 1000))}ms'"))
+    try:
+        conn.execute(text("LOCK TABLE jobs IN SHARE MODE"))
+    except sqlalchemy.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        raise QueueBusyError(
+            f"jobs is held by a transaction that writes it (no lock within "
+            f"{lock_timeout_seconds:g} s); nothing was written. Retry, or find the transaction "
+            "in pg_stat_activity (pg_blocking_pids)"
+        ) from exc
+    found = drift(conn)
+    if found:
+        conn.execute(_REPAIR_COUNTS, _recount_params())
+        conn.execute(_REPAIR_LINES, _recount_params())
+        left = drift(conn)
+        if left:
+            raise RuntimeError("the repaired bookkeeping still disagrees: " + "; ".join(left))
+    return found

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from control_plane.settings import DEFAULT_TENANT, Settings
 from loraforge.operator_cli import add_operator_command
+from loraforge.queue_cli import add_queue_commands
 from loraforge.registry_cli import add_registry_commands
 from loraforge.serve_cli import add_serve_commands
 from loraforge.supervise import HomeInUseError, stop_on_sigterm
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     base_add.set_defaults(func=cmd_base_add)
 
     add_registry_commands(sub)
+    add_queue_commands(sub)
     add_operator_command(sub)
     add_serve_commands(sub)
 

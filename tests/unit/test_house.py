@@ -93,6 +93,7 @@ def test_the_command_line_lists_the_platforms_commands() -> None:
         "base",
         "pull",
         "registry",
+        "queue",
         "operator",
         "api",
         "celery",

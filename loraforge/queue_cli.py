@@ -1,0 +1,103 @@
+"""`loraforge queue check` and `loraforge queue repair`, added to the main parser by
+`add_queue_commands`: an operator's commands for the queue's bookkeeping (the counts and lines
+that the claim, the dashboard and a metrics scrape read instead of counting jobs).
+
+Revision 0006's triggers keep that bookkeeping exact in the statement that moves a job, but a
+write that goes around triggers leaves it behind: a data-only `pg_restore --disable-triggers`,
+rows applied by logical replication, a hand-made fix under `session_replication_role = replica`.
+`check` recounts from `jobs` and names every row that disagrees (exit 1); `repair` sets those
+rows back to the recount while every writer of jobs waits, then checks again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from control_plane.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+
+def _engine(settings: Settings) -> Engine:
+    from control_plane import db
+
+    return db.make_engine(db.resolve_database_url(settings), pool_size=1)
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from control_plane.queue_stats import drift
+
+    engine = _engine(settings)
+    try:
+        with engine.connect() as conn:
+            found = drift(conn)
+    finally:
+        engine.dispose()
+    for line in found:
+        print(line)
+    if found:
+        print(
+            f"{len(found)} bookkeeping rows disagree with the jobs; "
+            "`loraforge queue repair` sets them back",
+            file=sys.stderr,
+        )
+        return 1
+    print("the queue's bookkeeping agrees with the jobs")
+    return 0
+
+
+def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
+    from control_plane.queue_stats import QueueBusyError, repair
+
+    engine = _engine(settings)
+    try:
+        with engine.begin() as conn:
+            fixed = repair(conn, lock_timeout_seconds=args.lock_timeout)
+    except QueueBusyError as exc:
+        print(f"loraforge queue repair: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    for line in fixed:
+        print(f"repaired: {line}")
+    print(
+        f"repaired {len(fixed)} bookkeeping rows"
+        if fixed
+        else "the queue's bookkeeping agrees with the jobs; nothing written"
+    )
+    return 0
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds above 0")
+    return seconds
+
+
+def add_queue_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `queue check` and `queue repair`; each sets `func(args, settings) -> int`."""
+    queue = subparsers.add_parser("queue", help="the queue's bookkeeping: check it, repair it")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    check = queue_sub.add_parser(
+        "check", help="recount from the jobs and name every bookkeeping row that disagrees"
+    )
+    check.set_defaults(func=cmd_check)
+    repair = queue_sub.add_parser(
+        "repair",
+        help="set the bookkeeping back to a recount from the jobs (job writes wait meanwhile)",
+    )
+    repair.add_argument(
+        "--lock-timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up, writing nothing, when a transaction holds jobs longer (default 5)",
+    )
+    repair.set_defaults(func=cmd_repair)
