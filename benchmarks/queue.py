@@ -38,7 +38,9 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   without its index;
   `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
   widened) against ranking every claimable job; `heartbeat` 200 running jobs' lease renewals
-  (heap-only updates) against the same with the lease's expiry indexed as before.
+  (heap-only updates) against the same with the lease's expiry indexed as before;
+  `queue_repair` `loraforge queue repair` of every tenant's row beside the backlog and its
+  history (how long writers of jobs wait on it) against `loraforge queue check`.
 """
 
 from __future__ import annotations
@@ -1337,6 +1339,7 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
     with finished_history(engine, file_id, size) as finished:
         bench_metrics_scrape(engine, size, finished, machine, timed)
         bench_finished_page(engine, size, finished, machine, timed)
+        bench_queue_repair(engine, size, finished, machine)
     bench_retry_storm(queue, size, machine)
     bench_heartbeats(queue, size, machine)
 
@@ -1405,6 +1408,37 @@ def bench_metrics_scrape(
         queued=size,
         finished=finished,
         jobs_counted=sum(figures.by_status.values()),
+    )
+
+
+def bench_queue_repair(engine: Engine, size: int, finished: int, machine: str) -> None:
+    """`loraforge queue repair` beside `size` queued and `finished` jobs, every tenant's row
+    made wrong first (a finished count the claim does not read): how long every writer of jobs
+    waits on it, against `loraforge queue check` (the recount alone, which the repair runs
+    before and after its writes)."""
+    from control_plane import queue_stats
+
+    checks, repairs, rows = [], [], 0
+    for _ in range(3):
+        with engine.connect() as conn:
+            t0 = time.perf_counter()
+            queue_stats.drift(conn)
+            checks.append((time.perf_counter() - t0) * 1000)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE tenant_queue_stats SET succeeded = succeeded + 1"))
+        with engine.begin() as conn:
+            t0 = time.perf_counter()
+            rows = len(queue_stats.repair(conn))
+            repairs.append((time.perf_counter() - t0) * 1000)
+    emit_beside(
+        "queue_repair",
+        percentile(repairs, 50),
+        "`loraforge queue check`: the recount alone, no lock, nothing written",
+        percentile(checks, 50),
+        machine,
+        queued=size,
+        finished=finished,
+        rows_repaired=rows,
     )
 
 
