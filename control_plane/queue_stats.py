@@ -51,6 +51,44 @@ def queue_counts(conn: Connection, tenant_id: str | None = None) -> dict[str, Qu
 
 
 @dataclass(frozen=True)
+class BusyTenants:
+    """The tenants with jobs queued or running, busiest first (most queued, then most running),
+    at most the number asked for; `busy`, `queued` and `running` count over all of them."""
+
+    tenants: list[QueueCounts]
+    busy: int
+    queued: int
+    running: int
+
+
+# The totals are window aggregates over every busy row, taken before the LIMIT cuts the list:
+# one pass over the tenants' rows (never the jobs), one sort of the busy ones.
+_BUSIEST = """
+    SELECT tenant_id, queued, running, count(*) OVER () AS busy,
+           sum(queued) OVER () AS all_queued, sum(running) OVER () AS all_running
+    FROM tenant_queue_stats
+    WHERE (queued > 0 OR running > 0) {scope}
+    ORDER BY queued DESC, running DESC, tenant_id
+    LIMIT :limit
+"""
+
+
+def busiest_tenants(conn: Connection, limit: int, tenant_id: str | None = None) -> BusyTenants:
+    """The `limit` busiest tenants (or only `tenant_id`, when it is busy) and the totals."""
+    scope = "" if tenant_id is None else "AND tenant_id = :tenant"
+    rows = conn.execute(
+        text(_BUSIEST.format(scope=scope)), {"limit": limit, "tenant": tenant_id}
+    ).all()
+    first = rows[0] if rows else None
+    return BusyTenants(
+        tenants=[QueueCounts(r.tenant_id, r.queued, r.running) for r in rows],
+        busy=int(first.busy) if first else 0,
+        queued=int(first.all_queued) if first else 0,
+        running=int(first.all_running) if first else 0,
+    )
+
+
+@dataclass(frozen=True)
 class JobCounts:
     """Every tenant's jobs together: how many stand in each status, and the leases lost with
     their trainer over all of them (what the reaper handed back or failed)."""

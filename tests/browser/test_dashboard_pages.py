@@ -12,10 +12,17 @@ from sqlalchemy import text
 
 from control_plane import base_catalog, trainers
 from control_plane.dashboard.queries import MAX_CHART_POINTS, NEWER_AT_MOST
+from control_plane.dashboard.routes.platform import QUEUE_PAGE_TENANTS
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
-from tests.factories import create_validating_job, enqueue_jobs, make_base, make_file
+from tests.factories import (
+    create_validating_job,
+    enqueue_jobs,
+    make_base,
+    make_file,
+    make_tenant,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -174,8 +181,11 @@ def test_queue_and_workers_show_counts_per_tenant_and_each_trainer(
     # tenant-a's admin is a platform operator: every tenant's line, every trainer's job.
     sign_in(page, live_url, tenant_a.admin)
     page.goto(f"{live_url}/queue")
-    expect(page.locator("#queue-counts tbody tr")).to_have_count(2)  # both tenants queued
-    expect(page.locator("#queue-counts")).to_contain_text("tenant-b")
+    rows = page.locator("#queue-counts tbody tr")
+    expect(rows).to_have_count(2)  # both tenants queued, the one with the most queued first
+    expect(rows.nth(0)).to_contain_text("tenant-a")
+    expect(rows.nth(1)).to_contain_text("tenant-b")
+    expect(page.locator("#queue-totals")).to_have_text("4 queued and 0 running over 2 tenants.")
     busy = page.locator("#trainers tr", has_text="trainer-busy")
     expect(busy).to_contain_text("alive")
     expect(busy).to_contain_text("cuda:0 NVIDIA H100")
@@ -189,7 +199,25 @@ def test_queue_and_workers_show_counts_per_tenant_and_each_trainer(
     page.goto(f"{live_url}/queue")
     expect(page.locator("#queue-counts tbody tr")).to_have_count(1)
     expect(page.locator("#queue-counts")).not_to_contain_text("tenant-a")
+    expect(page.locator("#queue-totals")).to_have_count(0)  # no other tenant's figures
     expect(page.locator("#trainers tr", has_text="trainer-busy")).to_contain_text(theirs)
+
+    # A platform of many tenants: the operator's page lists the fifty busiest and counts the rest.
+    for n in range(QUEUE_PAGE_TENANTS + 1):
+        tenant = make_tenant(services.engine, f"sweep-{n:02d}")
+        enqueue_jobs(
+            services.engine, tenant.id, base.id, make_file(services.engine, tenant.id).id, 2
+        )
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_a.admin)
+    page.goto(f"{live_url}/queue")
+    expect(rows).to_have_count(QUEUE_PAGE_TENANTS)
+    expect(rows.nth(0)).to_contain_text("tenant-a")  # 3 queued
+    expect(page.locator("#queue-counts")).not_to_contain_text("tenant-b")  # 1 queued: not listed
+    expect(page.locator("#queue-totals")).to_have_text(
+        f"{4 + 2 * (QUEUE_PAGE_TENANTS + 1)} queued and 0 running over "
+        f"{QUEUE_PAGE_TENANTS + 3} tenants; the {QUEUE_PAGE_TENANTS} with the most queued are listed."
+    )
 
 
 def test_base_models_show_status_and_the_failure_reason_to_operators_only(

@@ -1,6 +1,6 @@
 """Reads at a platform's scale, each shown to read its own rows: the dashboard's page of one
-finished status behind a tenant's newer sweep, a long job's timeline among its metrics, and a
-page of a tenant's adapters among thousands."""
+finished status behind a tenant's newer sweep, a long job's timeline among its metrics, a
+page of a tenant's adapters among thousands, and the operator's busiest tenants."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event, text
 
+from control_plane import queue_stats
 from control_plane.dashboard import queries
 from control_plane.job_status import JobStatus
 from control_plane.queue import JobQueue
@@ -209,3 +210,41 @@ def test_a_page_of_adapters_reads_its_own_adapters_versions(engine: Engine) -> N
     plan = _plan(engine, statement, parameters)
     assert _plan_rows_from(plan, "adapters") <= 21 + 1, plan  # one of them may have no version
     assert _plan_rows_from(plan, "adapter_versions") <= 22 * 9, plan
+
+
+def test_the_busiest_tenants_are_the_reference_listing_cut_with_totals_over_all(
+    engine: Engine,
+) -> None:
+    """The operator's queue page: the tenants with jobs queued or running, most queued first
+    (then most running, then id), cut at the page's length, with totals over every busy tenant
+    that equal the counts the bookkeeping holds; a tenant's own view holds only itself."""
+    base = make_base(engine)
+    file_id = make_file(engine, make_tenant(engine, "home").id).id
+    queue = JobQueue(engine, max_running_per_tenant=3)
+    tenants = [make_tenant(engine, f"t{n:03d}").id for n in range(120)]
+    for n, tenant in enumerate(tenants):
+        if n % 4:  # a quarter of the tenants never queued anything
+            enqueue_jobs(engine, tenant, base.id, file_id, n % 7 + n % 3)
+    for n in range(150):  # some tenants' jobs running, some tenants with nothing left queued
+        assert queue.claim(f"w{n}") is not None
+    for n in range(10):  # and some with jobs queued, none running
+        enqueue_jobs(engine, make_tenant(engine, f"late{n}").id, base.id, file_id, n + 1)
+    with engine.connect() as conn:
+        counts = queue_stats.queue_counts(conn)
+        busy = [c for c in counts.values() if c.queued or c.running]
+        reference = sorted(busy, key=lambda c: (-c.queued, -c.running, c.tenant_id))
+        assert any(c.queued == 0 for c in busy) and any(c.running == 0 for c in busy)
+        for limit in (1, 25, len(busy), len(busy) + 10):
+            found = queue_stats.busiest_tenants(conn, limit)
+            assert found.tenants == reference[:limit]
+            assert (found.busy, found.queued, found.running) == (
+                len(busy),
+                sum(c.queued for c in busy),
+                sum(c.running for c in busy),
+            )
+        own = reference[-1]
+        assert queue_stats.busiest_tenants(conn, 50, own.tenant_id) == queue_stats.BusyTenants(
+            [own], 1, own.queued, own.running
+        )
+        idle = queue_stats.busiest_tenants(conn, 50, tenants[0])
+        assert idle == queue_stats.BusyTenants([], 0, 0, 0)

@@ -1,6 +1,7 @@
-"""The platform as a tenant sees it: the queue (queued and running jobs per tenant), the
-trainers (host, device, resident base, current job, tokens/s, last heartbeat; one silent past
-its lease shows as gone), and the base models.
+"""The platform as a tenant sees it: the queue (queued and running jobs per tenant, busiest
+first: the fifty busiest listed, the rest counted), the trainers (host, device, resident base,
+current job, tokens/s, last heartbeat; one silent past its lease shows as gone), and the base
+models.
 
 A platform operator's admin (an admin of a tenant in `platform_operator_tenants`) sees every
 tenant's counts and every trainer's job; anyone else sees their own tenant's counts, and a
@@ -23,6 +24,10 @@ from control_plane.services import Services
 
 router = APIRouter()
 
+# The queue page lists this many tenants, busiest first; the rest are counted, not listed (a
+# platform of thousands of tenants draws a page of fifty rows).
+QUEUE_PAGE_TENANTS = 50
+
 
 def _operator(conn: Connection, session: Session, services: Services) -> bool:
     return tenants.is_operator_tenant(
@@ -35,10 +40,11 @@ def queue_page(
     request: Request, session: CurrentSession, conn: PageConn, services: ServicesDep
 ) -> Response:
     sees_all = session.principal.is_admin() and _operator(conn, session, services)
-    found = queue_stats.queue_counts(conn, None if sees_all else session.principal.tenant_id)
-    busy = [c for c in found.values() if c.queued or c.running]
-    names = queries.tenant_names(conn, [c.tenant_id for c in busy])
-    counts = sorted(((names.get(c.tenant_id, c.tenant_id), c) for c in busy), key=lambda nc: nc[0])
+    busy = queue_stats.busiest_tenants(
+        conn, QUEUE_PAGE_TENANTS, None if sees_all else session.principal.tenant_id
+    )
+    names = queries.tenant_names(conn, [c.tenant_id for c in busy.tenants])
+    counts = [(names.get(c.tenant_id, c.tenant_id), c) for c in busy.tenants]
     workers = trainers.list_trainers(conn, services.settings.lease_seconds)
     own_jobs = {
         j.id
@@ -53,6 +59,7 @@ def queue_page(
         "queue.html",
         session,
         counts=counts,
+        busy=busy,
         sees_all=sees_all,
         trainers=workers,
         own_jobs=own_jobs,
