@@ -1,6 +1,7 @@
-"""Dashboard benchmark: opening a job page whose job has 100,000 metric events.
+"""Dashboard benchmark: opening a job page whose job has 100,000 metric events, and the queue
+page of a platform with 5,000 busy tenants.
 
-    python -m benchmarks.dashboard [--events 100000] [--repeat 5]
+    python -m benchmarks.dashboard [--events 100000] [--repeat 5] [--tenants 5000]
 
 Through the real app (uvicorn on 127.0.0.1) and, where /usr/bin/chromium is, headless
 Chromium, for a job with `--events` metric events and a baseline job with 100 in the same
@@ -10,6 +11,8 @@ database:
 - `browser`: from navigation to the chart drawn (`#loss-chart[data-ready]`), median ms.
 - `downsampling`: the loss curve as the page gets it (at most 1,000 points a series) against
   every point (`loss_curves` with no bound, serialized as the page would get it): ms and bytes.
+- `queue_page`: the queue page as a platform operator's admin gets it with `--tenants` busy
+  tenants (the fifty busiest listed), against the same page listing every one of them.
 - `timeline`: the job's status changes, which the live panel reads again at each change its
   stream sends, off `ix_job_events_status_changes` against the same read without that index
   and its statistics (dropped in a transaction that is rolled back: before revision 0011).
@@ -36,6 +39,7 @@ from control_plane import tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
 from control_plane.dashboard.queries import loss_curves, status_changes
+from control_plane.dashboard.routes import platform as platform_pages
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
@@ -147,13 +151,57 @@ def timed_timeline(conn: Connection, job_id: str, repeat: int) -> float:
     return round(statistics.median(times) * 1000, 3)
 
 
+def make_busy_tenants(services: Services, count: int) -> None:
+    """`count` tenants with 1 to 50 queued jobs each (one statement: the triggers keep their
+    rows in the queue's bookkeeping as for any submission)."""
+    with services.engine.begin() as conn:
+        base_id, file_id = conn.execute(
+            text("SELECT base_model_id, training_file_id FROM jobs LIMIT 1")
+        ).one()
+        conn.execute(
+            text(
+                "INSERT INTO tenants (id, name) SELECT 'tenant-busy-' || g, 'busy-' || g "
+                "FROM generate_series(1, :n) AS g"
+            ),
+            {"n": count},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+                "hyperparameters) SELECT 'ftjob-busy-' || g || '-' || k, 'tenant-busy-' || g, "
+                "'queued', :base, :file, '{}'::jsonb FROM generate_series(1, :n) AS g, "
+                "generate_series(1, 1 + g % 50) AS k"
+            ),
+            {"n": count, "base": base_id, "file": file_id},
+        )
+
+
+def queue_page_ms(url: str, key: str, repeat: int) -> tuple[float, int]:
+    """The queue page as the operator's admin gets it: median ms and bytes."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        signin = client.get("/sign-in")
+        client.post(
+            "/sign-in",
+            data={"api_key": key, "signin": signin.cookies.get("lf_signin") or "", "next": "/jobs"},
+        )
+        times, size = [], 0
+        for _ in range(repeat):
+            started = time.perf_counter()
+            page = client.get("/queue")
+            times.append(time.perf_counter() - started)
+            assert page.status_code == 200
+            size = len(page.content)
+    return median_ms(times), size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tenants", type=int, default=5000, help="busy tenants for queue_page")
     args = parser.parse_args()
     with scratch_database() as database_url, tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(home=Path(tmp) / "home")
+        settings = Settings(home=Path(tmp) / "home", platform_operator_tenants=["bench"])
         services = build_services(
             settings, database_url=database_url, store=LocalObjectStore(Path(tmp) / "objects")
         )
@@ -164,6 +212,25 @@ def main() -> None:
         with serve_in_thread(create_app(services)) as url:
             for n, job_id in jobs.items():
                 emit("page", events=n, **over_http(url, key, job_id, args.repeat))
+            make_busy_tenants(services, args.tenants)
+            ms, size = queue_page_ms(url, key, args.repeat)
+            listed = platform_pages.QUEUE_PAGE_TENANTS
+            platform_pages.QUEUE_PAGE_TENANTS = 10**9  # every busy tenant listed, as before
+            try:
+                baseline_ms, baseline_size = queue_page_ms(url, key, args.repeat)
+            finally:
+                platform_pages.QUEUE_PAGE_TENANTS = listed
+            emit(
+                "queue_page",
+                busy_tenants=args.tenants,
+                listed=listed,
+                ms=ms,
+                bytes=size,
+                baseline="the same page listing every busy tenant",
+                baseline_ms=baseline_ms,
+                baseline_bytes=baseline_size,
+                ratio=round(ms / baseline_ms, 4),
+            )
             if CHROMIUM.is_file():
                 baseline = in_browser(url, key, jobs[100], args.repeat)
                 big = in_browser(url, key, jobs[args.events], args.repeat)
