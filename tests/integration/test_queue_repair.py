@@ -197,7 +197,6 @@ def test_a_repair_beside_claimers_makes_them_wait_and_loses_none_of_their_writes
     queued = [j for t in tenants for j in enqueue_jobs(engine, t, base.id, file_id, 25)]
     claimed: list[str] = []
     errors: list[BaseException] = []
-    done = threading.Event()
 
     def claimer(n: int) -> None:
         queue = JobQueue(engine, max_running_per_tenant=2)
@@ -220,7 +219,6 @@ def test_a_repair_beside_claimers_makes_them_wait_and_loses_none_of_their_writes
             assert len(fixed) == len(tenants)  # every tenant's row, rewritten while claims wait
             repairs += 1
     finally:
-        done.set()
         for thread in pool:
             thread.join()
     assert not errors, errors
