@@ -27,11 +27,25 @@ def _engine(settings: Settings) -> Engine:
     return db.make_engine(db.resolve_database_url(settings), pool_size=1)
 
 
+def _refuse_old_schema(engine: Engine) -> bool:
+    """Say so and return True when the schema is not the code's (the recount names columns a
+    migration adds)."""
+    from control_plane import db
+
+    with engine.connect() as conn:
+        behind = db.schema_behind(conn)
+    if behind is not None:
+        print(f"loraforge queue: {behind}", file=sys.stderr)
+    return behind is not None
+
+
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from control_plane.queue_stats import drift
 
     engine = _engine(settings)
     try:
+        if _refuse_old_schema(engine):
+            return 2
         with engine.connect() as conn:
             found = drift(conn)
     finally:
@@ -54,6 +68,8 @@ def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
 
     engine = _engine(settings)
     try:
+        if _refuse_old_schema(engine):
+            return 2
         with engine.begin() as conn:
             fixed = repair(conn, lock_timeout_seconds=args.lock_timeout)
     except QueueBusyError as exc:

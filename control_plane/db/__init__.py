@@ -18,6 +18,7 @@ from control_plane.db.migrate import (
     downgrade,
     include_name,
     migrations_dir,
+    schema_behind,
     upgrade,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "migrations_dir",
     "normalize_url",
     "resolve_database_url",
+    "schema_behind",
     "start_embedded_postgres",
     "upgrade",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection
+
 from control_plane.db.engine import normalize_url
 
 # Tables in the database that are not loraforge's schema (kombu's SQLAlchemy transport, used as
@@ -45,3 +47,17 @@ def downgrade(url: str, revision: str = "base") -> None:
     from alembic import command
 
     command.downgrade(alembic_config(url), revision)
+
+
+def schema_behind(conn: Connection) -> str | None:
+    """Why the database's schema is not the code's (a sentence an operator can act on), or None
+    when it is at the head revision."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(migrations_dir())).get_current_head()
+    current = MigrationContext.configure(conn).get_current_revision()
+    if current == head:
+        return None
+    at = "no loraforge schema" if current is None else f"the schema at revision {current}"
+    return f"the database has {at}, not {head}: run `loraforge migrate` first"

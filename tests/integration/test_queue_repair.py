@@ -255,3 +255,27 @@ def test_a_repair_that_cannot_lock_the_jobs_in_time_writes_nothing(
         assert repair(conn) == found
     with engine.connect() as conn:
         assert drift(conn) == []
+
+
+def test_check_and_repair_refuse_a_schema_that_is_not_the_codes(
+    empty_database_url: str, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from control_plane import db
+
+    for command in ("check", "repair"):
+        assert _cli(empty_database_url, command) == 2
+        assert "no loraforge schema" in capsys.readouterr().err
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(str(db.migrations_dir()))
+    head = scripts.get_current_head()
+    assert head is not None
+    before = scripts.get_revision(head).down_revision
+    db.downgrade(database_url, "-1")
+    assert _cli(database_url, "check") == 2
+    assert (
+        f"at revision {before}, not {head}: run `loraforge migrate` first"
+        in capsys.readouterr().err
+    )
+    db.upgrade(database_url)
+    assert _cli(database_url, "check") == 0
