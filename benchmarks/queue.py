@@ -1414,8 +1414,8 @@ def bench_metrics_scrape(
 def bench_queue_repair(engine: Engine, size: int, finished: int, machine: str) -> None:
     """`loraforge queue repair` beside `size` queued and `finished` jobs, every tenant's row
     made wrong first (a finished count the claim does not read): how long every writer of jobs
-    waits on it, against `loraforge queue check` (the recount alone, which the repair runs
-    before and after its writes)."""
+    waits on it, against `loraforge queue check` (the recount alone: the repair recounts once,
+    into temporary tables that its check, its writes and its check again read)."""
     from control_plane import queue_stats
 
     checks, repairs, rows = [], [], 0

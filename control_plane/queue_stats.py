@@ -172,8 +172,7 @@ def base_queues(conn: Connection) -> list[BaseQueue]:
 
 # Each tenant's counts and each line's head recounted from `jobs` (every job: a full pass), what
 # the triggers keep; `last_started_at` is what `repair` serves a tenant that lost its row from.
-_RECOUNT = """
-    truth AS (
+_TRUTH = """
         SELECT t.id AS tenant_id,
                count(j.id) FILTER (WHERE j.status = :queued) AS queued,
                count(j.id) FILTER (WHERE j.status = ANY(:active)) AS running,
@@ -184,19 +183,23 @@ _RECOUNT = """
                coalesce(sum(j.interruptions), 0) AS interruptions,
                max(j.started_at) AS last_started_at
         FROM tenants t LEFT JOIN jobs j ON j.tenant_id = t.id
-        GROUP BY t.id
-    ),
-    heads AS (
+        GROUP BY t.id"""
+_HEADS = """
         SELECT DISTINCT ON (tenant_id, base_model_id) tenant_id, base_model_id,
                count(*) OVER (PARTITION BY tenant_id, base_model_id) AS queued,
                priority, created_at, id
         FROM jobs WHERE status = :queued
-        ORDER BY tenant_id, base_model_id, priority DESC, created_at, id
-    )"""
+        ORDER BY tenant_id, base_model_id, priority DESC, created_at, id"""
+_RECOUNT = f"truth AS ({_TRUTH}), heads AS ({_HEADS})"
+# The same, counted once into temporary tables by `repair` while it holds `jobs` still: its
+# check, its writes and its check again read them instead of three more passes over the jobs.
+_KEPT_TABLES = {
+    "truth": "pg_temp.loraforge_recount_truth",
+    "heads": "pg_temp.loraforge_recount_heads",
+}
+_KEPT = ", ".join(f"{name} AS (SELECT * FROM {table})" for name, table in _KEPT_TABLES.items())
 
-_DRIFT = text(
-    f"""
-    WITH {_RECOUNT}
+_DRIFT_ROWS = """
     SELECT 'tenant ' || t.tenant_id || ': queued, running, cancelling, succeeded, failed, '
            || 'cancelled, interruptions '
            || CASE WHEN s.tenant_id IS NULL THEN 'no row'
@@ -226,8 +229,9 @@ _DRIFT = text(
            || s.running || ' and ' || coalesce(s.last_served_at::text, 'never')
     FROM queue_heads h JOIN tenant_queue_stats s ON s.tenant_id = h.tenant_id
     WHERE (h.running, h.last_served_at) IS DISTINCT FROM (s.running, s.last_served_at)
-    """
-)
+"""
+_DRIFT = text(f"WITH {_RECOUNT} {_DRIFT_ROWS}")
+_DRIFT_KEPT = text(f"WITH {_KEPT} {_DRIFT_ROWS}")
 
 
 _COUNTED = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled", "interruptions")
@@ -237,7 +241,7 @@ _COUNTED = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled
 # job started (the served time is kept nowhere else).
 _REPAIR_COUNTS = text(
     f"""
-    WITH {_RECOUNT}
+    WITH {_KEPT}
     INSERT INTO tenant_queue_stats AS s (tenant_id, {", ".join(_COUNTED)}, last_served_at)
     SELECT tenant_id, {", ".join(_COUNTED)}, last_started_at FROM truth t
     WHERE ({", ".join(_COUNTED)}) <> (0, 0, 0, 0, 0, 0, 0)
@@ -255,7 +259,7 @@ _LINE = ("queued", "top_priority", "head_created_at", "head_id", "running", "las
 # line with nothing queued keeps its row with no head, as the triggers leave it.
 _REPAIR_LINES = text(
     f"""
-    WITH {_RECOUNT},
+    WITH {_KEPT},
     wanted AS (
         SELECT coalesce(q.tenant_id, h.tenant_id) AS tenant_id,
                coalesce(q.base_model_id, h.base_model_id) AS base_model_id,
@@ -298,8 +302,8 @@ def repair(conn: Connection, *, lock_timeout_seconds: float = 5.0) -> list[str]:
     and nothing written, when exact). Runs in `conn`'s transaction, which the caller commits.
 
     Every writer of jobs waits while it runs: `jobs` is locked in SHARE mode, so no claim,
-    finish, heartbeat or submission moves a job between the recount and the writes (a few
-    passes over `jobs`). A lock not granted within `lock_timeout_seconds` (a long transaction
+    finish, heartbeat or submission moves a job between the recount and the writes (one pass
+    over `jobs`, kept in temporary tables for the check, the writes and the check again). A lock not granted within `lock_timeout_seconds` (a long transaction
     writing jobs, which every later writer would then queue behind this one) raises
     QueueBusyError and writes nothing. The repaired bookkeeping is checked again before it
     returns; a recount that still disagrees raises RuntimeError (the transaction must roll
@@ -315,11 +319,17 @@ def repair(conn: Connection, *, lock_timeout_seconds: float = 5.0) -> list[str]:
             f"{lock_timeout_seconds:g} s); nothing was written. Retry, or find the transaction "
             "in pg_stat_activity (pg_blocking_pids)"
         ) from exc
-    found = drift(conn)
+    params = _recount_params()
+    for name, table in _KEPT_TABLES.items():
+        recount = _TRUTH if name == "truth" else _HEADS
+        conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
+        conn.execute(text(f"CREATE TEMPORARY TABLE {table} ON COMMIT DROP AS {recount}"), params)
+        conn.execute(text(f"ANALYZE {table}"))
+    found = [str(line) for line in conn.execute(_DRIFT_KEPT).scalars()]
     if found:
-        conn.execute(_REPAIR_COUNTS, _recount_params())
-        conn.execute(_REPAIR_LINES, _recount_params())
-        left = drift(conn)
+        conn.execute(_REPAIR_COUNTS)
+        conn.execute(_REPAIR_LINES)
+        left = [str(line) for line in conn.execute(_DRIFT_KEPT).scalars()]
         if left:
             raise RuntimeError("the repaired bookkeeping still disagrees: " + "; ".join(left))
     return found
