@@ -193,11 +193,11 @@ _HEADS = """
 _RECOUNT = f"truth AS ({_TRUTH}), heads AS ({_HEADS})"
 # The same, counted once into temporary tables by `repair` while it holds `jobs` still: its
 # check, its writes and its check again read them instead of three more passes over the jobs.
-_KEPT_TABLES = {
-    "truth": "pg_temp.loraforge_recount_truth",
-    "heads": "pg_temp.loraforge_recount_heads",
-}
-_KEPT = ", ".join(f"{name} AS (SELECT * FROM {table})" for name, table in _KEPT_TABLES.items())
+_KEPT_TABLES = (
+    ("truth", "pg_temp.loraforge_recount_truth", _TRUTH),
+    ("heads", "pg_temp.loraforge_recount_heads", _HEADS),
+)
+_KEPT = ", ".join(f"{name} AS (SELECT * FROM {table})" for name, table, _ in _KEPT_TABLES)
 
 _DRIFT_ROWS = """
     SELECT 'tenant ' || t.tenant_id || ': queued, running, cancelling, succeeded, failed, '
@@ -303,9 +303,10 @@ def repair(conn: Connection, *, lock_timeout_seconds: float = 5.0) -> list[str]:
 
     Every writer of jobs waits while it runs: `jobs` is locked in SHARE mode, so no claim,
     finish, heartbeat or submission moves a job between the recount and the writes (one pass
-    over `jobs`, kept in temporary tables for the check, the writes and the check again). A lock not granted within `lock_timeout_seconds` (a long transaction
-    writing jobs, which every later writer would then queue behind this one) raises
-    QueueBusyError and writes nothing. The repaired bookkeeping is checked again before it
+    over `jobs`, kept in temporary tables for the check, the writes and the check again). A
+    lock not granted within `lock_timeout_seconds` (a long transaction writing jobs, which
+    every later writer would then queue behind this one) raises QueueBusyError and writes
+    nothing. The repaired bookkeeping is checked again before it
     returns; a recount that still disagrees raises RuntimeError (the transaction must roll
     back)."""
     conn.execute(text(f"SET LOCAL lock_timeout = '{max(1, round(lock_timeout_seconds * 1000))}ms'"))
@@ -320,8 +321,7 @@ def repair(conn: Connection, *, lock_timeout_seconds: float = 5.0) -> list[str]:
             "in pg_stat_activity (pg_blocking_pids)"
         ) from exc
     params = _recount_params()
-    for name, table in _KEPT_TABLES.items():
-        recount = _TRUTH if name == "truth" else _HEADS
+    for _, table, recount in _KEPT_TABLES:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))
         conn.execute(text(f"CREATE TEMPORARY TABLE {table} ON COMMIT DROP AS {recount}"), params)
         conn.execute(text(f"ANALYZE {table}"))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from control_plane.settings import Settings
@@ -21,35 +23,31 @@ if TYPE_CHECKING:
     from sqlalchemy import Engine
 
 
-def _engine(settings: Settings) -> Engine:
+@contextmanager
+def _database(settings: Settings) -> Iterator[Engine | None]:
+    """The platform's database, or None (said on stderr) when its schema is not the code's:
+    the recount names columns that migrations add."""
     from control_plane import db
 
-    return db.make_engine(db.resolve_database_url(settings), pool_size=1)
-
-
-def _refuse_old_schema(engine: Engine) -> bool:
-    """Say so and return True when the schema is not the code's (the recount names columns a
-    migration adds)."""
-    from control_plane import db
-
-    with engine.connect() as conn:
-        behind = db.schema_behind(conn)
-    if behind is not None:
-        print(f"loraforge queue: {behind}", file=sys.stderr)
-    return behind is not None
+    engine = db.make_engine(db.resolve_database_url(settings), pool_size=1)
+    try:
+        with engine.connect() as conn:
+            behind = db.schema_behind(conn)
+        if behind is not None:
+            print(f"loraforge queue: {behind}", file=sys.stderr)
+        yield None if behind is not None else engine
+    finally:
+        engine.dispose()
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from control_plane.queue_stats import drift
 
-    engine = _engine(settings)
-    try:
-        if _refuse_old_schema(engine):
+    with _database(settings) as engine:
+        if engine is None:
             return 2
         with engine.connect() as conn:
             found = drift(conn)
-    finally:
-        engine.dispose()
     for line in found:
         print(line)
     if found:
@@ -66,17 +64,15 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_repair(args: argparse.Namespace, settings: Settings) -> int:
     from control_plane.queue_stats import QueueBusyError, repair
 
-    engine = _engine(settings)
-    try:
-        if _refuse_old_schema(engine):
+    with _database(settings) as engine:
+        if engine is None:
             return 2
-        with engine.begin() as conn:
-            fixed = repair(conn, lock_timeout_seconds=args.lock_timeout)
-    except QueueBusyError as exc:
-        print(f"loraforge queue repair: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        engine.dispose()
+        try:
+            with engine.begin() as conn:
+                fixed = repair(conn, lock_timeout_seconds=args.lock_timeout)
+        except QueueBusyError as exc:
+            print(f"loraforge queue repair: {exc}", file=sys.stderr)
+            return 1
     for line in fixed:
         print(f"repaired: {line}")
     print(
