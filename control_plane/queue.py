@@ -155,16 +155,22 @@ _PICK = f"""
         FOR UPDATE OF j SKIP LOCKED
     ),"""
 
+# Whether the lines are flagged against this claim's default running limit (revision 0013):
+# `queue_heads.saturated` says a tenant is at its limit, the tenant's own or this default.
+_SYNCED = "(SELECT default_max_running FROM queue_settings) = :default_limit"
+
 # The lines of the queue, one per (tenant, base), best head first: `queue_heads` in the order of
-# its partial index, past tenants at their running limit or excluded by an earlier try.
+# its partial index, which holds no line whose tenant is at its running limit (a walk never
+# reads one to skip it), past tenants excluded by an earlier try. No line at all when the lines
+# are flagged against another default than this claim's (the claim sets its own first).
 _LINE_ORDER = (
     "h.top_priority DESC, h.running, h.last_served_at NULLS FIRST, h.head_created_at, h.head_id"
 )
 _WALK = f"""
     SELECT h.tenant_id, h.base_model_id, h.top_priority, h.running, h.last_served_at,
            h.head_created_at, h.head_id
-    FROM queue_heads h JOIN tenants t ON t.id = h.tenant_id
-    WHERE h.queued > 0 AND h.running < coalesce(t.max_running_jobs, :default_limit)
+    FROM queue_heads h
+    WHERE h.queued > 0 AND NOT h.saturated AND {_SYNCED}
       AND h.tenant_id <> ALL(CAST(:excluded AS text[])) {{only}}
     ORDER BY {{first}}{_LINE_ORDER}
     LIMIT {{lines}}
@@ -254,7 +260,7 @@ def _claim_front(lines: int) -> TextClause:
     {_PICK.format(gate="(SELECT proven FROM certain) AND")}
     {_START_PICKED}
     SELECT (SELECT proven FROM certain) AS proven, (SELECT tenant_id FROM picked) AS picked_tenant,
-           claimed.*
+           {_SYNCED} AS synced, claimed.*
     FROM (SELECT 1) AS one LEFT JOIN claimed ON true
     """
     )
@@ -334,7 +340,7 @@ def _claim_head(lines: int) -> TextClause:
     {_START_PICKED}
     -- No line at all (nothing queued under its tenant's limit): nothing is claimable, shown.
     SELECT (SELECT id FROM picked) IS NOT NULL OR NOT EXISTS (SELECT 1 FROM walk) AS proven,
-           (SELECT tenant_id FROM picked) AS picked_tenant, claimed.*
+           (SELECT tenant_id FROM picked) AS picked_tenant, {_SYNCED} AS synced, claimed.*
     FROM (SELECT 1) AS one LEFT JOIN claimed ON true
     """
     )
@@ -446,6 +452,25 @@ _LOCK_REAPED_TENANTS = text(
 )
 
 
+# Setting the default running limit the lines are flagged against (`_adopt_default_limit`).
+ADOPT_LOCK_TIMEOUT_MS = 5000
+_LOCK_NOT_AVAILABLE = "55P03"
+_ADOPT_SETTINGS = text(
+    """
+    INSERT INTO queue_settings (id, default_max_running) VALUES (1, :limit)
+    ON CONFLICT (id) DO UPDATE SET default_max_running = EXCLUDED.default_max_running
+     WHERE queue_settings.default_max_running <> EXCLUDED.default_max_running
+    """
+)
+_ADOPT_LINES = text(
+    """
+    UPDATE queue_heads h SET max_running = :limit
+    FROM tenants t
+    WHERE t.id = h.tenant_id AND t.max_running_jobs IS NULL AND h.max_running <> :limit
+    """
+)
+
+
 class JobQueue:
     """State transitions of jobs. Every method runs its own short transaction."""
 
@@ -515,16 +540,24 @@ class JobQueue:
     def claim(self, worker_id: str, *, prefer_base_model_id: str | None = None) -> JobRecord | None:
         """Claim the next job for `worker_id`, or None when nothing is claimable now."""
         excluded: list[str] = []
+        adopted = False
         while True:
             params = self._claim_params(worker_id, prefer_base_model_id, excluded)
             row = self._claim_on_driver(_claim_head(self.front_lines), params)
-            if not row.proven:
+            if not row.synced and not adopted:
+                # The lines are flagged against another default limit: set this claim's, once.
+                adopted = True
+                if self._adopt_default_limit():
+                    continue
+            if not (row.proven and row.synced):
                 with self.engine.begin() as conn:
                     conn.execute(_GENERIC_PLAN)
-                    for widening in CLAIM_FRONT_WIDENING:
+                    # A walk shows nothing where the lines are flagged against another default
+                    # (another claimer's, set meanwhile): then the whole backlog is ranked.
+                    for widening in CLAIM_FRONT_WIDENING if row.synced else ():
                         front = _claim_front(self.front_lines * widening)
                         row = conn.execute(front, params).one()
-                        if row.proven:
+                        if row.proven and row.synced:
                             break
                     else:
                         row = conn.execute(_CLAIM_RANKED, params).one()
@@ -534,6 +567,29 @@ class JobQueue:
                 return None
             # The job's tenant reached its limit (a concurrent claim committed meanwhile).
             excluded.append(row.picked_tenant)
+
+    def _adopt_default_limit(self) -> bool:
+        """Flag the lines against this queue's default running limit (`queue_settings`): every
+        line of a tenant without a limit of its own takes it. Claimers configured alike do
+        this once, when the setting changed; False (nothing set) when the lines could not be
+        locked within ADOPT_LOCK_TIMEOUT (this claim ranks the whole backlog instead).
+
+        `queue_heads` is locked against writes meanwhile (claims and finishes wait, reads do
+        not), so no line is created or moved against the old default after it is read."""
+        limit = self.max_running_per_tenant
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text(f"SET LOCAL lock_timeout = '{ADOPT_LOCK_TIMEOUT_MS}ms'"))
+                conn.execute(text("LOCK TABLE queue_heads IN SHARE ROW EXCLUSIVE MODE"))
+                conn.execute(_ADOPT_SETTINGS, {"limit": limit})
+                conn.execute(_ADOPT_LINES, {"limit": limit})
+        except sqlalchemy.exc.OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+                raise
+            log.warning("queue lines busy: default running limit %d not set", limit)
+            return False
+        log.info("queue lines flagged against the default running limit %d", limit)
+        return True
 
     def _claim_on_driver(self, statement: TextClause, params: dict[str, Any]) -> Any:
         """Run the common claim on the pooled connection's driver, in autocommit.

@@ -199,7 +199,14 @@ _KEPT_TABLES = (
 )
 _KEPT = ", ".join(f"{name} AS (SELECT * FROM {table})" for name, table, _ in _KEPT_TABLES)
 
-_DRIFT_ROWS = """
+# Each tenant's running limit as its lines hold it: its own, else the default they are flagged
+# against (revision 0013; none while that default is unset).
+_LIMITS = """
+        SELECT t.id AS tenant_id,
+               coalesce(t.max_running_jobs, d.default_max_running, 2147483647) AS max_running
+        FROM tenants t LEFT JOIN queue_settings d ON true"""
+
+_DRIFT_ROWS = f"""
     SELECT 'tenant ' || t.tenant_id || ': queued, running, cancelling, succeeded, failed, '
            || 'cancelled, interruptions '
            || CASE WHEN s.tenant_id IS NULL THEN 'no row'
@@ -229,6 +236,11 @@ _DRIFT_ROWS = """
            || s.running || ' and ' || coalesce(s.last_served_at::text, 'never')
     FROM queue_heads h JOIN tenant_queue_stats s ON s.tenant_id = h.tenant_id
     WHERE (h.running, h.last_served_at) IS DISTINCT FROM (s.running, s.last_served_at)
+    UNION ALL
+    SELECT 'line ' || h.tenant_id || '/' || h.base_model_id || ': running limit '
+           || h.max_running || ', its tenant''s is ' || l.max_running
+    FROM queue_heads h JOIN ({_LIMITS}) l ON l.tenant_id = h.tenant_id
+    WHERE h.max_running <> l.max_running
 """
 _DRIFT = text(f"WITH {_RECOUNT} {_DRIFT_ROWS}")
 _DRIFT_KEPT = text(f"WITH {_KEPT} {_DRIFT_ROWS}")
@@ -253,7 +265,15 @@ _REPAIR_COUNTS = text(
     """
 )
 
-_LINE = ("queued", "top_priority", "head_created_at", "head_id", "running", "last_served_at")
+_LINE = (
+    "queued",
+    "top_priority",
+    "head_created_at",
+    "head_id",
+    "running",
+    "last_served_at",
+    "max_running",
+)
 
 # Every line set to its recount beside its tenant's (repaired) running count and served time: a
 # line with nothing queued keeps its row with no head, as the triggers leave it.
@@ -269,8 +289,9 @@ _REPAIR_LINES = text(
     )
     INSERT INTO queue_heads AS h (tenant_id, base_model_id, {", ".join(_LINE)})
     SELECT w.tenant_id, w.base_model_id, w.queued, w.priority, w.created_at, w.id,
-           coalesce(s.running, 0), s.last_served_at
+           coalesce(s.running, 0), s.last_served_at, l.max_running
     FROM wanted w LEFT JOIN tenant_queue_stats s ON s.tenant_id = w.tenant_id
+    JOIN ({_LIMITS}) l ON l.tenant_id = w.tenant_id
     ON CONFLICT (tenant_id, base_model_id) DO UPDATE
        SET {", ".join(f"{c} = EXCLUDED.{c}" for c in _LINE)}
      WHERE ({", ".join(f"h.{c}" for c in _LINE)})

@@ -13,12 +13,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
     DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -356,6 +358,8 @@ class Trainer(Base):
 # --------------------------------------------------------------------------- queue bookkeeping
 
 # How `queue_heads` rows are ranked: the claim's order, one row per (tenant, base) line.
+# A line the claim may walk: something queued, its tenant under its running limit.
+_CLAIMABLE_LINE = text("queued > 0 AND NOT saturated")
 _QUEUE_FRONT = (
     text("top_priority DESC"),
     "running",
@@ -392,16 +396,18 @@ class QueueHead(Base):
     """One line of the queue, (tenant, base model): its queued count and its head (the best
     queued job by priority, age, id, backing off or not), beside copies of the tenant's running
     count and served time, so one index walks the lines in the claim's order. Kept by the same
-    triggers as `TenantQueueStats`."""
+    triggers as `TenantQueueStats`. `max_running` is the tenant's running limit (its own, or
+    the default of `QueueSettings`) and `saturated` says the tenant is at it (revision 0013):
+    such a line is out of both front indexes, so no walk reads a line it must skip."""
 
     __tablename__ = "queue_heads"
     __table_args__ = (
-        Index("ix_queue_heads_front", *_QUEUE_FRONT, postgresql_where=text("queued > 0")),
+        Index("ix_queue_heads_front", *_QUEUE_FRONT, postgresql_where=_CLAIMABLE_LINE),
         Index(
             "ix_queue_heads_base_front",
             "base_model_id",
             *_QUEUE_FRONT,
-            postgresql_where=text("queued > 0"),
+            postgresql_where=_CLAIMABLE_LINE,
         ),
     )
 
@@ -417,3 +423,21 @@ class QueueHead(Base):
     head_id: Mapped[str | None] = mapped_column(String(64))
     running: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     last_served_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    max_running: Mapped[int] = mapped_column(Integer, nullable=False)
+    saturated: Mapped[bool] = mapped_column(
+        Boolean, Computed("running >= max_running", persisted=True), nullable=False
+    )
+
+
+class QueueSettings(Base):
+    """The default running limit that `queue_heads` flags its lines against (one row): the
+    claimers' setting, which a claim with another default sets first (`JobQueue.claim`)."""
+
+    __tablename__ = "queue_settings"
+    __table_args__ = (
+        CheckConstraint("id = 1", name="one_row"),
+        CheckConstraint("default_max_running >= 1", name="default_max_running"),
+    )
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="1")
+    default_max_running: Mapped[int] = mapped_column(Integer, nullable=False)
