@@ -1,0 +1,281 @@
+"""Tenants at their running limit cost the claim nothing (revision 0013): a line whose tenant is
+at its limit (its own, or the platform's default) is out of the index the claim walks, so a
+claim past thousands of such tenants reads the lines it ranks and no more. The flag follows
+every way a limit changes: a claim and a finish, a tenant's own limit set or lifted, claimers
+with another default, and writes that went around the triggers (`queue repair`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, text
+
+import control_plane.queue as queue_module
+from control_plane.queue import CLAIM_FRONT_LINES, JobQueue
+from control_plane.queue_stats import drift, queue_counts, repair
+from tests.factories import make_base, make_file, make_tenant
+
+
+def _jobs(
+    conn: Connection,
+    tenants: list[str],
+    base: str,
+    file_id: str,
+    *,
+    running: int = 0,
+    queued: int = 0,
+    priority: int = 0,
+    start: datetime,
+) -> None:
+    """For each tenant, `running` jobs held by a trainer and `queued` jobs after them (the
+    tenants' jobs interleaved by age), inserted in one statement as a bulk import would."""
+    conn.execute(
+        text(
+            "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+            "hyperparameters, priority, created_at, run_after, attempt, lease_owner, "
+            "lease_expires_at, started_at) "
+            "SELECT 'ftjob-' || substr(t.id, 8) || '-' || g, t.id, "
+            "       CASE WHEN g <= :running THEN 'running' ELSE 'queued' END, :base, :file, "
+            "       '{}'::jsonb, :priority, "
+            "       CAST(:start AS timestamptz) + (g * 10000 + t.n) * interval '1 ms', "
+            "       CAST(:start AS timestamptz), (g <= :running)::int, "
+            "       CASE WHEN g <= :running THEN 'holder' END, "
+            "       CASE WHEN g <= :running THEN now() + interval '1 hour' END, "
+            "       CASE WHEN g <= :running THEN now() END "
+            "FROM unnest(CAST(:tenants AS text[])) WITH ORDINALITY AS t(id, n) "
+            "CROSS JOIN generate_series(1, :running + :queued) AS g"
+        ),
+        {
+            "tenants": tenants,
+            "base": base,
+            "file": file_id,
+            "running": running,
+            "queued": queued,
+            "priority": priority,
+            "start": start,
+        },
+    )
+
+
+def _rows_read(plan: dict[str, Any], relation: str) -> int:
+    """Rows the plan's nodes on `relation` read: returned over all loops, and filtered out."""
+    own = 0
+    if plan.get("Relation Name") == relation:
+        own = int(plan.get("Actual Rows", 0)) * int(plan.get("Actual Loops", 1))
+        own += int(plan.get("Rows Removed by Filter", 0))
+    return own + sum(_rows_read(child, relation) for child in plan.get("Plans", []))
+
+
+def _saturated(engine: Engine, tenant_id: str) -> list[tuple[int, int, bool]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT running, max_running, saturated FROM queue_heads "
+                "WHERE tenant_id = :t ORDER BY base_model_id"
+            ),
+            {"t": tenant_id},
+        )
+        return [(row.running, row.max_running, row.saturated) for row in rows]
+
+
+def _default_limit(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(text("SELECT default_max_running FROM queue_settings")).scalar_one()
+        )
+
+
+def _no_drift(engine: Engine) -> None:
+    with engine.connect() as conn:
+        assert drift(conn) == []
+
+
+def test_a_claim_past_2000_tenants_at_their_limit_reads_only_the_lines_it_ranks(
+    engine: Engine,
+) -> None:
+    """500 tenants at the default limit with jobs of a higher priority, then 1,500 free-tier
+    tenants (a limit of 1) holding their one job, rank ahead of the one tenant with room. The
+    claim takes that tenant's first job, and neither the common claim nor the walk of the front
+    reads more lines than it ranks (it read all 2,000 when the limit was read per line)."""
+    base = make_base(engine).id
+    home = make_tenant(engine, "home")
+    file_id = make_file(engine, home.id).id
+    start = datetime.now(UTC) - timedelta(days=1)
+    busy = [make_tenant(engine, f"busy-{n}").id for n in range(500)]
+    free = [make_tenant(engine, f"free-{n}", max_running_jobs=1).id for n in range(1500)]
+    roomy = make_tenant(engine, "roomy", max_running_jobs=50).id
+    with engine.begin() as conn:
+        _jobs(conn, busy, base, file_id, running=2, queued=1, priority=5, start=start)
+        _jobs(conn, free, base, file_id, running=1, queued=1, start=start)
+        _jobs(conn, [roomy], base, file_id, running=10, queued=5, start=start + timedelta(hours=1))
+    queue = JobQueue(engine, max_running_per_tenant=2, front_lines=CLAIM_FRONT_LINES)
+
+    job = queue.claim("w-1")
+    assert job is not None and job.tenant_id == roomy
+    assert job.id == f"ftjob-{roomy[7:]}-11"
+    assert _default_limit(engine) == 2  # the claim set its default before it walked
+
+    head = queue.explain_claim()
+    walk = queue.explain_claim(walk=True)
+    assert _rows_read(head["Plan"], "queue_heads") <= CLAIM_FRONT_LINES + 1
+    assert _rows_read(walk["Plan"], "queue_heads") <= CLAIM_FRONT_LINES
+    # Every tenant at its limit is flagged so; the one with room is not.
+    with engine.connect() as conn:
+        flagged = conn.execute(
+            text("SELECT count(*) FILTER (WHERE saturated), count(*) FROM queue_heads")
+        ).one()
+    assert tuple(flagged) == (2000, 2001)
+
+    assert queue.complete(job.id, "w-1") is not None
+    second = queue.claim("w-1")
+    assert second is not None and second.id == f"ftjob-{roomy[7:]}-12"
+    _no_drift(engine)
+
+
+def test_a_finish_and_a_tenants_own_limit_move_its_lines_in_and_out_of_the_walk(
+    engine: Engine,
+) -> None:
+    base = make_base(engine).id
+    acme = make_tenant(engine, "acme", max_running_jobs=1).id
+    globex = make_tenant(engine, "globex").id
+    file_id = make_file(engine, acme).id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    with engine.begin() as conn:
+        _jobs(conn, [acme], base, file_id, queued=4, start=start)
+        _jobs(conn, [globex], base, file_id, queued=2, start=start + timedelta(minutes=1))
+    queue = JobQueue(engine, max_running_per_tenant=4)
+
+    first = queue.claim("w")
+    assert first is not None and first.tenant_id == acme
+    assert _saturated(engine, acme) == [(1, 1, True)]
+    # acme is at its limit: globex's jobs come next although acme's are older.
+    assert [queue.claim("w").tenant_id for _ in range(2)] == [globex, globex]  # type: ignore[union-attr]
+    assert queue.claim("w") is None
+
+    # Its limit raised: its line is back in the walk at once.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE tenants SET max_running_jobs = 3 WHERE id = :t"), {"t": acme})
+    assert _saturated(engine, acme) == [(1, 3, False)]
+    assert [queue.claim("w").tenant_id for _ in range(2)] == [acme, acme]  # type: ignore[union-attr]
+    assert _saturated(engine, acme) == [(3, 3, True)]
+    assert queue.claim("w") is None
+
+    # Lowered under what it runs: nothing more until two of its three finish.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE tenants SET max_running_jobs = 2 WHERE id = :t"), {"t": acme})
+    assert queue.complete(first.id, "w") is not None
+    assert _saturated(engine, acme) == [(2, 2, True)]
+    assert queue.claim("w") is None
+    # Lifted (the default of 4 applies): claimable again.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE tenants SET max_running_jobs = NULL WHERE id = :t"), {"t": acme})
+    assert _saturated(engine, acme) == [(2, 4, False)]
+    last = queue.claim("w")
+    assert last is not None and last.tenant_id == acme
+    _no_drift(engine)
+
+
+def test_claimers_with_another_default_flag_the_lines_against_theirs_first(
+    engine: Engine,
+) -> None:
+    """Lines are flagged against the default of the claimers that last claimed: a claim with
+    another sets its own, so it never skips a tenant with room nor walks one without. A tenant
+    with a limit of its own keeps it."""
+    base = make_base(engine).id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    plain = [make_tenant(engine, f"plain-{n}").id for n in range(3)]
+    own = make_tenant(engine, "own-limit", max_running_jobs=2).id
+    file_id = make_file(engine, own).id
+    with engine.begin() as conn:
+        _jobs(conn, plain, base, file_id, running=2, queued=2, start=start)
+        _jobs(conn, [own], base, file_id, running=1, queued=2, start=start)
+    late = make_tenant(engine, "late").id
+    with engine.begin() as conn:
+        _jobs(conn, [late], base, file_id, queued=3, start=start + timedelta(minutes=5))
+
+    tight = JobQueue(engine, max_running_per_tenant=2)
+    # Fair share: late (none running) first, then own (never served) on a tie, then late.
+    assert [tight.claim("w").tenant_id for _ in range(3)] == [late, own, late]  # type: ignore[union-attr]
+    assert _default_limit(engine) == 2
+    assert all(_saturated(engine, t) == [(2, 2, True)] for t in [*plain, own, late])
+
+    loose = JobQueue(engine, max_running_per_tenant=3)
+    taken = [loose.claim("v") for _ in range(4)]
+    assert _default_limit(engine) == 3
+    # Each plain tenant gets its third job; late gets one more; own stays at its 2.
+    assert sorted(job.tenant_id for job in taken if job is not None) == sorted([*plain, late])
+    assert _saturated(engine, own) == [(2, 2, True)]
+    assert loose.claim("v") is None
+    _no_drift(engine)
+
+
+def test_a_claim_never_walks_lines_flagged_against_another_default(engine: Engine) -> None:
+    """Flagged against a default of 2, `urgent` (two running, a job of priority 1 queued) is at
+    its limit; under 3 it is the first to serve. A claim with 3 sets its default before it
+    walks, so it takes urgent's job, not the next tenant's of priority 0."""
+    base = make_base(engine).id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    urgent, calm = make_tenant(engine, "urgent").id, make_tenant(engine, "calm").id
+    file_id = make_file(engine, urgent).id
+    with engine.begin() as conn:
+        _jobs(conn, [urgent], base, file_id, running=2, queued=1, priority=1, start=start)
+        _jobs(conn, [calm], base, file_id, queued=2, start=start)
+    first = JobQueue(engine, max_running_per_tenant=2).claim("w")
+    assert first is not None and first.tenant_id == calm
+    assert _saturated(engine, urgent) == [(2, 2, True)]
+    job = JobQueue(engine, max_running_per_tenant=3).claim("w")
+    assert job is not None and job.tenant_id == urgent and job.priority == 1
+    # Nothing else was claimed on the way (a walk of the old flags would have started calm's).
+    with engine.connect() as conn:
+        counts = queue_counts(conn)
+    assert (counts[calm].queued, counts[calm].running) == (1, 1)
+    _no_drift(engine)
+
+
+def test_a_claim_whose_default_cannot_be_set_in_time_ranks_the_backlog_instead(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction that writes the lines (a finish publishing its adapter) holds them past
+    the wait: the claim with another default sets nothing and still takes the right job."""
+    base = make_base(engine).id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    acme, globex = make_tenant(engine, "acme").id, make_tenant(engine, "globex").id
+    file_id = make_file(engine, acme).id
+    with engine.begin() as conn:
+        _jobs(conn, [acme], base, file_id, running=1, queued=2, start=start)
+        _jobs(conn, [globex], base, file_id, queued=2, start=start + timedelta(minutes=1))
+    monkeypatch.setattr(queue_module, "ADOPT_LOCK_TIMEOUT_MS", 200)
+    with engine.connect() as holder, holder.begin():
+        holder.execute(
+            text("UPDATE queue_heads SET queued = queued WHERE tenant_id = :t"), {"t": acme}
+        )
+        job = JobQueue(engine, max_running_per_tenant=1).claim("w")
+        assert job is not None and job.tenant_id == globex  # acme is at the limit of 1
+        assert _default_limit(engine) == 4  # not set: the lines were held
+    job = JobQueue(engine, max_running_per_tenant=1).claim("w")
+    assert job is None  # both at the limit of 1, now flagged so
+    assert _default_limit(engine) == 1
+    _no_drift(engine)
+
+
+def test_a_limit_written_around_the_triggers_is_named_and_repaired(engine: Engine) -> None:
+    base = make_base(engine).id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    acme = make_tenant(engine, "acme").id
+    file_id = make_file(engine, acme).id
+    with engine.begin() as conn:
+        _jobs(conn, [acme], base, file_id, running=1, queued=2, start=start)
+    queue = JobQueue(engine, max_running_per_tenant=4)
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        conn.execute(text("UPDATE tenants SET max_running_jobs = 1 WHERE id = :t"), {"t": acme})
+    with engine.connect() as conn:
+        found = drift(conn)
+    assert found == [f"line {acme}/{base}: running limit 4, its tenant's is 1"]
+    with engine.begin() as conn:
+        assert repair(conn) == found
+    assert _saturated(engine, acme) == [(1, 1, True)]
+    assert queue.claim("w") is None
+    _no_drift(engine)
