@@ -45,9 +45,12 @@ BEGIN
 END $$;
 
 -- A tenant's limit changed: its lines take it, its bookkeeping row locked first (the lock order
--- of every change to a tenant's lines).
+-- of every change to a tenant's lines). A tenant without that row yet gets an empty one: the
+-- insert waits for a transaction queueing the tenant's first job (which makes the row), so that
+-- job's new line, read with its tenant's old limit, is there to update once it commits.
 CREATE FUNCTION tenants_queue_limit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+  INSERT INTO tenant_queue_stats (tenant_id) VALUES (NEW.id) ON CONFLICT (tenant_id) DO NOTHING;
   PERFORM 1 FROM tenant_queue_stats s WHERE s.tenant_id = NEW.id FOR UPDATE;
   UPDATE queue_heads h
      SET max_running = coalesce(NEW.max_running_jobs,

@@ -6,6 +6,7 @@ with another default, and writes that went around the triggers (`queue repair`).
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -278,4 +279,32 @@ def test_a_limit_written_around_the_triggers_is_named_and_repaired(engine: Engin
         assert repair(conn) == found
     assert _saturated(engine, acme) == [(1, 1, True)]
     assert queue.claim("w") is None
+    _no_drift(engine)
+
+
+def test_a_limit_set_while_the_tenants_first_job_is_queued_reaches_its_new_line(
+    engine: Engine,
+) -> None:
+    """The tenant's first job is being queued (its new line took the default limit) when an
+    operator sets the tenant's own limit: the setting waits for that job's transaction and then
+    flags the line, so neither write is lost."""
+    base = make_base(engine).id
+    acme = make_tenant(engine, "acme").id
+    file_id = make_file(engine, acme).id
+    done = threading.Event()
+
+    def set_limit() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE tenants SET max_running_jobs = 1 WHERE id = :t"), {"t": acme})
+        done.set()
+
+    with engine.connect() as queuing, queuing.begin():
+        _jobs(queuing, [acme], base, file_id, running=1, queued=1, start=datetime.now(UTC))
+        setter = threading.Thread(target=set_limit)
+        setter.start()
+        assert not done.wait(0.5)  # it waits for the job's transaction
+    setter.join(timeout=10)
+    assert done.is_set()
+    assert _saturated(engine, acme) == [(1, 1, True)]
+    assert JobQueue(engine).claim("w") is None
     _no_drift(engine)
