@@ -452,8 +452,13 @@ _LOCK_REAPED_TENANTS = text(
 )
 
 
-# Setting the default running limit the lines are flagged against (`_adopt_default_limit`).
+# Setting the default running limit the lines are flagged against (`_adopt_default_limit`):
+# how long it waits for the lines, and how soon one queue sets its default again after it did
+# (claimers that disagree, as during a rollout of a new setting, would otherwise take turns
+# re-flagging every line at each claim; meanwhile the one whose default is not set ranks the
+# backlog, exact whatever the flags).
 ADOPT_LOCK_TIMEOUT_MS = 5000
+ADOPT_INTERVAL_SECONDS = 60.0
 _LOCK_NOT_AVAILABLE = "55P03"
 _ADOPT_SETTINGS = text(
     """
@@ -490,6 +495,10 @@ class JobQueue:
         self.retry_backoff_seconds = retry_backoff_seconds
         self.max_running_per_tenant = max_running_per_tenant
         self.max_interruptions = max_interruptions
+        # When this queue may next set its default limit on the lines, and next warn that
+        # claimers disagree on it (`_adopt_default_limit`).
+        self._next_adoption = float("-inf")
+        self._next_disagreement_warning = float("-inf")
 
     # -- entering the queue -------------------------------------------------------------
 
@@ -571,12 +580,27 @@ class JobQueue:
     def _adopt_default_limit(self) -> bool:
         """Flag the lines against this queue's default running limit (`queue_settings`): every
         line of a tenant without a limit of its own takes it. Claimers configured alike do
-        this once, when the setting changed; False (nothing set) when the lines could not be
-        locked within ADOPT_LOCK_TIMEOUT (this claim ranks the whole backlog instead).
+        this once, when the setting changed. False (nothing set; this claim ranks the whole
+        backlog instead) when the lines could not be locked within ADOPT_LOCK_TIMEOUT_MS, or
+        when this queue set its default less than ADOPT_INTERVAL_SECONDS ago (another claimer
+        with another default set its own since).
 
         `queue_heads` is locked against writes meanwhile (claims and finishes wait, reads do
         not), so no line is created or moved against the old default after it is read."""
         limit = self.max_running_per_tenant
+        now = time.monotonic()
+        if now < self._next_adoption:
+            if now >= self._next_disagreement_warning:
+                self._next_disagreement_warning = now + ADOPT_INTERVAL_SECONDS
+                log.warning(
+                    "claimers disagree on the default running limit (this one: %d): the queue "
+                    "lines were flagged against another since this queue set its own, so its "
+                    "claims rank the whole backlog for now; give every claimer one "
+                    "max_running_jobs_per_tenant",
+                    limit,
+                )
+            return False
+        self._next_adoption = now + ADOPT_INTERVAL_SECONDS
         try:
             with self.engine.begin() as conn:
                 conn.execute(text(f"SET LOCAL lock_timeout = '{ADOPT_LOCK_TIMEOUT_MS}ms'"))
@@ -587,6 +611,7 @@ class JobQueue:
             if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
                 raise
             log.warning("queue lines busy: default running limit %d not set", limit)
+            self._next_adoption = time.monotonic()  # the next claim tries again
             return False
         log.info("queue lines flagged against the default running limit %d", limit)
         return True

@@ -308,3 +308,34 @@ def test_a_limit_set_while_the_tenants_first_job_is_queued_reaches_its_new_line(
     assert _saturated(engine, acme) == [(1, 1, True)]
     assert JobQueue(engine).claim("w") is None
     _no_drift(engine)
+
+
+def test_claimers_that_disagree_do_not_take_turns_flagging_every_line(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two claimers with defaults of 2 and 3 (a rollout of a new setting): each sets its own
+    once; within ADOPT_INTERVAL_SECONDS the one whose default is not set ranks the backlog
+    instead (and says why), still by its own limit."""
+    base = make_base(engine).id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    busy, calm = make_tenant(engine, "busy").id, make_tenant(engine, "calm").id
+    file_id = make_file(engine, busy).id
+    with engine.begin() as conn:
+        _jobs(conn, [busy], base, file_id, running=2, queued=2, priority=1, start=start)
+        _jobs(conn, [calm], base, file_id, queued=3, start=start)
+    old, new = (
+        JobQueue(engine, max_running_per_tenant=2),
+        JobQueue(engine, max_running_per_tenant=3),
+    )
+
+    assert old.claim("old").tenant_id == calm  # type: ignore[union-attr]
+    assert _default_limit(engine) == 2
+    assert new.claim("new").tenant_id == busy  # type: ignore[union-attr]
+    assert _default_limit(engine) == 3
+    with caplog.at_level("WARNING", logger="control_plane.queue"):
+        job = old.claim("old")
+    assert job is not None and job.tenant_id == calm  # busy runs 3, over old's limit of 2
+    assert _default_limit(engine) == 3  # not flagged back
+    assert "claimers disagree on the default running limit (this one: 2)" in caplog.text
+    assert _saturated(engine, busy) == [(3, 3, True)]
+    _no_drift(engine)
