@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, text
@@ -17,6 +16,7 @@ import control_plane.queue as queue_module
 from control_plane.queue import CLAIM_FRONT_LINES, JobQueue
 from control_plane.queue_stats import drift, queue_counts, repair
 from tests.factories import make_base, make_file, make_tenant
+from tests.integration.test_queue_scale import _plan_rows_from
 
 
 def _jobs(
@@ -60,15 +60,6 @@ def _jobs(
     )
 
 
-def _rows_read(plan: dict[str, Any], relation: str) -> int:
-    """Rows the plan's nodes on `relation` read: returned over all loops, and filtered out."""
-    own = 0
-    if plan.get("Relation Name") == relation:
-        own = int(plan.get("Actual Rows", 0)) * int(plan.get("Actual Loops", 1))
-        own += int(plan.get("Rows Removed by Filter", 0))
-    return own + sum(_rows_read(child, relation) for child in plan.get("Plans", []))
-
-
 def _saturated(engine: Engine, tenant_id: str) -> list[tuple[int, int, bool]]:
     with engine.connect() as conn:
         rows = conn.execute(
@@ -79,6 +70,19 @@ def _saturated(engine: Engine, tenant_id: str) -> list[tuple[int, int, bool]]:
             {"t": tenant_id},
         )
         return [(row.running, row.max_running, row.saturated) for row in rows]
+
+
+def _urgent_and_calm(engine: Engine, urgent: str, queued: int, calm_queued: int) -> tuple[str, str]:
+    """Tenant `urgent` (default limit) runs two jobs with `queued` of priority 1 waiting;
+    tenant `calm` has `calm_queued` of priority 0. Their ids."""
+    base = make_base(engine).id
+    start = datetime.now(UTC) - timedelta(hours=1)
+    first, calm = make_tenant(engine, urgent).id, make_tenant(engine, "calm").id
+    file_id = make_file(engine, first).id
+    with engine.begin() as conn:
+        _jobs(conn, [first], base, file_id, running=2, queued=queued, priority=1, start=start)
+        _jobs(conn, [calm], base, file_id, queued=calm_queued, start=start)
+    return first, calm
 
 
 def _default_limit(engine: Engine) -> int:
@@ -120,8 +124,8 @@ def test_a_claim_past_2000_tenants_at_their_limit_reads_only_the_lines_it_ranks(
 
     head = queue.explain_claim()
     walk = queue.explain_claim(walk=True)
-    assert _rows_read(head["Plan"], "queue_heads") <= CLAIM_FRONT_LINES + 1
-    assert _rows_read(walk["Plan"], "queue_heads") <= CLAIM_FRONT_LINES
+    assert _plan_rows_from(head["Plan"], "queue_heads") <= CLAIM_FRONT_LINES + 1
+    assert _plan_rows_from(walk["Plan"], "queue_heads") <= CLAIM_FRONT_LINES
     # Every tenant at its limit is flagged so; the one with room is not.
     with engine.connect() as conn:
         flagged = conn.execute(
@@ -216,13 +220,7 @@ def test_a_claim_never_walks_lines_flagged_against_another_default(engine: Engin
     """Flagged against a default of 2, `urgent` (two running, a job of priority 1 queued) is at
     its limit; under 3 it is the first to serve. A claim with 3 sets its default before it
     walks, so it takes urgent's job, not the next tenant's of priority 0."""
-    base = make_base(engine).id
-    start = datetime.now(UTC) - timedelta(hours=1)
-    urgent, calm = make_tenant(engine, "urgent").id, make_tenant(engine, "calm").id
-    file_id = make_file(engine, urgent).id
-    with engine.begin() as conn:
-        _jobs(conn, [urgent], base, file_id, running=2, queued=1, priority=1, start=start)
-        _jobs(conn, [calm], base, file_id, queued=2, start=start)
+    urgent, calm = _urgent_and_calm(engine, "urgent", 1, 2)
     first = JobQueue(engine, max_running_per_tenant=2).claim("w")
     assert first is not None and first.tenant_id == calm
     assert _saturated(engine, urgent) == [(2, 2, True)]
@@ -316,13 +314,7 @@ def test_claimers_that_disagree_do_not_take_turns_flagging_every_line(
     """Two claimers with defaults of 2 and 3 (a rollout of a new setting): each sets its own
     once; within ADOPT_INTERVAL_SECONDS the one whose default is not set ranks the backlog
     instead (and says why), still by its own limit."""
-    base = make_base(engine).id
-    start = datetime.now(UTC) - timedelta(hours=1)
-    busy, calm = make_tenant(engine, "busy").id, make_tenant(engine, "calm").id
-    file_id = make_file(engine, busy).id
-    with engine.begin() as conn:
-        _jobs(conn, [busy], base, file_id, running=2, queued=2, priority=1, start=start)
-        _jobs(conn, [calm], base, file_id, queued=3, start=start)
+    busy, calm = _urgent_and_calm(engine, "busy", 2, 3)
     old, new = (
         JobQueue(engine, max_running_per_tenant=2),
         JobQueue(engine, max_running_per_tenant=3),
