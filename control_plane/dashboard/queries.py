@@ -28,6 +28,7 @@ from sqlalchemy import (
 from control_plane.db.tables import STATUS_CHANGE, ApiKey, Job, JobEvent, Tenant
 from control_plane.job_status import JobStatus
 from control_plane.pagination import newest_first
+from control_plane.queue_stats import QueueCounts
 from control_plane.records import JobEventRecord, JobRecord
 from control_plane.tenants import Principal
 
@@ -241,10 +242,37 @@ def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINT
     return LossCurves(_series(rows, 0, 1), _series(rows, 2, 3), n_train + n_eval, downsampled=True)
 
 
-def tenant_names(conn: Connection, tenant_ids: Sequence[str]) -> dict[str, str]:
-    if not tenant_ids:
-        return {}
+@dataclass(frozen=True)
+class QueueLine:
+    """A tenant's row on the queue page: its counts beside its name and running limit (its own,
+    or the platform's default). `waits_on_limit`: it has jobs queued and holds its limit, so
+    they wait for one of its running jobs to finish, not for a trainer."""
+
+    name: str
+    queued: int
+    running: int
+    limit: int
+
+    @property
+    def waits_on_limit(self) -> bool:
+        return self.queued > 0 and self.running >= self.limit
+
+
+def queue_lines(
+    conn: Connection, counts: Sequence[QueueCounts], default_limit: int
+) -> list[QueueLine]:
+    """The queue page's rows, in the order of `counts`: one read of the listed tenants."""
+    ids = [c.tenant_id for c in counts]
     rows = conn.execute(
-        select(_tenants.c.id, _tenants.c.name).where(_tenants.c.id.in_(list(tenant_ids)))
+        select(_tenants.c.id, _tenants.c.name, _tenants.c.max_running_jobs).where(
+            _tenants.c.id.in_(ids)
+        )
     )
-    return {row.id: row.name for row in rows}
+    tenants = {row.id: row for row in rows}
+    lines = []
+    for c in counts:
+        tenant = tenants.get(c.tenant_id)
+        name = tenant.name if tenant is not None else c.tenant_id
+        own = tenant.max_running_jobs if tenant is not None else None
+        lines.append(QueueLine(name, c.queued, c.running, default_limit if own is None else own))
+    return lines

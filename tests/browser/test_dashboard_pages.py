@@ -220,6 +220,41 @@ def test_queue_and_workers_show_counts_per_tenant_and_each_trainer(
     )
 
 
+def test_the_queue_page_says_whose_queued_jobs_wait_on_their_running_limit(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, tenant_b: TenantKeys
+) -> None:
+    base = make_base(services.engine, "tiny-llama")
+    limit = services.settings.max_running_jobs_per_tenant
+    named_jobs(services, tenant_a, base.id, limit + 2, "a-jobs")
+    named_jobs(services, tenant_b, base.id, 2, "b-jobs")
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE tenants SET max_running_jobs = 1 WHERE id = :t"), {"t": tenant_b.tenant_id}
+        )
+    claimed = [services.queue.claim(f"trainer-{n}") for n in range(limit + 1)]
+    assert services.queue.claim("trainer-x") is None  # both tenants hold their limits
+    (b_job,) = [job for job in claimed if job is not None and job.tenant_id == tenant_b.tenant_id]
+    sweep = make_tenant(services.engine, "sweep")
+    enqueue_jobs(services.engine, sweep.id, base.id, make_file(services.engine, sweep.id).id, 2)
+
+    sign_in(page, live_url, tenant_a.admin)
+    page.goto(f"{live_url}/queue")
+    rows = page.locator("#queue-counts tbody tr")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0)).to_have_text(
+        re.compile(rf"tenant-a\s*2\s*{limit}\s*{limit}\s*its running limit")
+    )
+    expect(rows.nth(1)).to_have_text(re.compile(rf"sweep\s*2\s*0\s*{limit}\s*a trainer"))
+    expect(rows.nth(2)).to_have_text(re.compile(r"tenant-b\s*1\s*1\s*1\s*its running limit"))
+    expect(page.locator("#queue-counts tr.at-limit")).to_have_count(2)
+
+    # One of tenant-b's jobs finishes: its queued job now waits for a trainer, not its limit.
+    assert services.queue.complete(b_job.id, b_job.lease_owner or "") is not None
+    page.reload()
+    expect(rows.nth(2)).to_have_text(re.compile(r"tenant-b\s*1\s*0\s*1\s*a trainer"))
+    expect(page.locator("#queue-counts tr.at-limit")).to_have_count(1)
+
+
 def test_base_models_show_status_and_the_failure_reason_to_operators_only(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys, tenant_b: TenantKeys
 ) -> None:

@@ -1,5 +1,6 @@
 """The platform as a tenant sees it: the queue (queued and running jobs per tenant, busiest
-first: the fifty busiest listed, the rest counted), the trainers (host, device, resident base,
+first: the fifty busiest listed, the rest counted; each tenant's running limit, and whether its
+queued jobs wait on it rather than on a trainer), the trainers (host, device, resident base,
 current job, tokens/s, last heartbeat; one silent past its lease shows as gone), and the base
 models.
 
@@ -43,8 +44,7 @@ def queue_page(
     busy = queue_stats.busiest_tenants(
         conn, QUEUE_PAGE_TENANTS, None if sees_all else session.principal.tenant_id
     )
-    names = queries.tenant_names(conn, [c.tenant_id for c in busy.tenants])
-    counts = [(names.get(c.tenant_id, c.tenant_id), c) for c in busy.tenants]
+    lines = queries.queue_lines(conn, busy.tenants, services.settings.max_running_jobs_per_tenant)
     workers = trainers.list_trainers(conn, services.settings.lease_seconds)
     own_jobs = {
         j.id
@@ -58,7 +58,7 @@ def queue_page(
         request,
         "queue.html",
         session,
-        counts=counts,
+        lines=lines,
         busy=busy,
         sees_all=sees_all,
         trainers=workers,
