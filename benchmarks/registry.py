@@ -13,8 +13,9 @@
   name after the middle one, as `GET /v1/adapters` reads it, against the statement it ran
   before (every version of the tenant's registry grouped, then the page cut): median ms.
 - `serving_index_unchanged`: a serving cluster's poll of the index of those adapters when
-  nothing changed (the ETag from names, numbers and ids: a 304) against building the whole
-  index, as every poll did: median ms.
+  nothing changed (the ETag from one serving generation: a 304) against building the whole
+  index, as every poll did, and against the ETag before revision 0014 (a digest of every chosen
+  version's name, number and id): median ms.
 
 Needs PostgreSQL: `LORAFORGE_BENCH_DATABASE_URL` (a maintenance database; default the local
 server at 127.0.0.1:5432), on which it creates and drops a database of its own. Prints one
@@ -24,6 +25,7 @@ JSON line per measurement.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -41,12 +43,13 @@ from typing import Any
 
 import httpx
 import psycopg
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 
 from control_plane import base_catalog, db, files, jobs, registry, tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
+from control_plane.registry import reads
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import S3ObjectStore, make_s3_client
@@ -304,15 +307,20 @@ def bench_adapter_pages(services: Services, tenant_id: str, adapters: int, repea
             ),
             {"adapter": ADAPTER},
         ).scalar_one()
-        times = {"ours": [], "before": []}
+        times: dict[str, list[float]] = {"ours": [], "digest": [], "before": []}
         for _ in range(max(repeat // 4, 3)):
             started = time.perf_counter()
             registry.serving_etag(conn, tenant_id, base, registry.LATEST)
             times["ours"].append(time.perf_counter() - started)
             started = time.perf_counter()
+            _chosen_versions_digest(conn, tenant_id, base)
+            times["digest"].append(time.perf_counter() - started)
+            started = time.perf_counter()
             index = registry.serving_index(conn, tenant_id, base, registry.LATEST)
             times["before"].append(time.perf_counter() - started)
-    ours, before = (round(statistics.median(times[k]) * 1000, 3) for k in ("ours", "before"))
+    ours, digest, before = (
+        round(statistics.median(times[k]) * 1000, 3) for k in ("ours", "digest", "before")
+    )
     emit(
         "serving_index_unchanged",
         adapters=len(index.versions),
@@ -320,7 +328,29 @@ def bench_adapter_pages(services: Services, tenant_id: str, adapters: int, repea
         baseline="the whole index built, as every poll did before answering 304",
         baseline_ms=before,
         ratio=round(ours / before, 4),
+        chosen_versions_digest_ms=digest,
+        ratio_vs_chosen_versions_digest=round(ours / digest, 4),
     )
+
+
+def _chosen_versions_digest(conn: Any, tenant_id: str, base_model: str) -> str:
+    """The ETag before revision 0014: a digest of every chosen version's (adapter, number, id),
+    read off the registry (one probe per adapter of the base)."""
+    scope = reads._serving_scope(
+        tenant_id, reads._serving_base(conn, base_model, registry.LATEST), registry.LATEST
+    )
+    rows = conn.execute(
+        select(reads._adapters.c.name, reads._versions.c.number, reads._versions.c.id)
+        .select_from(
+            reads._versions.join(
+                reads._adapters, reads._adapters.c.id == reads._versions.c.adapter_id
+            )
+        )
+        .where(*scope)
+        .order_by(reads._adapters.c.name)
+    ).all()
+    content = [base_model, registry.LATEST, [list(row) for row in rows]]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 def main() -> None:

@@ -441,3 +441,16 @@ class QueueSettings(Base):
 
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="1")
     default_max_running: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class ServingGeneration(Base):
+    """How many times what a serving index of this (tenant, base model) can hold has changed
+    (a version published or deleted, an alias set, moved or deleted, an adapter deleted or
+    moved), counted by revision 0014's triggers: the serving index's ETag, read in one row. No
+    foreign keys (a tenant's deletion counts here as it cascades)."""
+
+    __tablename__ = "serving_generations"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    base_model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger, nullable=False)

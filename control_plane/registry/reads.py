@@ -24,7 +24,13 @@ from sqlalchemy import (
 from sqlalchemy import cast as sa_cast
 from sqlalchemy.sql.selectable import NamedFromClause
 
-from control_plane.db.tables import Adapter, AdapterAlias, AdapterVersion, BaseModelRow
+from control_plane.db.tables import (
+    Adapter,
+    AdapterAlias,
+    AdapterVersion,
+    BaseModelRow,
+    ServingGeneration,
+)
 from control_plane.jobs import job_parent_version_id
 from control_plane.pagination import trim
 from control_plane.records import _FromRow
@@ -130,6 +136,7 @@ _adapters = cast(Table, Adapter.__table__).alias("a")
 _versions = cast(Table, AdapterVersion.__table__).alias("v")
 _aliases = cast(Table, AdapterAlias.__table__).alias("al")
 _bases = cast(Table, BaseModelRow.__table__).alias("b")
+_generations = cast(Table, ServingGeneration.__table__)
 _parents = cast(Table, AdapterVersion.__table__).alias("pv")
 _parent_adapters = cast(Table, Adapter.__table__).alias("pa")
 
@@ -341,16 +348,20 @@ def job_parent_version(conn: Connection, job_id: str) -> AdapterVersionRecord | 
     return get_version_by_id(conn, parent_id) if parent_id else None
 
 
-def _serving_scope(
-    conn: Connection, tenant_id: str, base_model: str, alias: str
-) -> list[ColumnElement[bool]]:
-    """Which versions a serving cluster of `base_model` holds for `alias` (or the latest of
-    each adapter): clauses on the tables of `_VERSIONS`."""
+def _serving_base(conn: Connection, base_model: str, alias: str) -> str:
+    """The id of the base a serving index is asked for (a 404 when there is none; a 400 for an
+    alias name that cannot be one)."""
     if alias != LATEST:
         validate_alias_name(alias)
     base_id = conn.execute(select(_bases.c.id).where(_bases.c.name == base_model)).scalar()
     if base_id is None:
         raise BaseModelNotFoundError(f"no base model named {base_model!r}", param="base_model")
+    return str(base_id)
+
+
+def _serving_scope(tenant_id: str, base_id: str, alias: str) -> list[ColumnElement[bool]]:
+    """Which versions a serving cluster of the base holds for `alias` (or the latest of each
+    adapter): clauses on the tables of `_VERSIONS`."""
     # The chosen versions' ids, one index probe per adapter of the base (its newest number,
     # or its alias): the index holds the versions with those ids.
     mine = cast(Table, Adapter.__table__).alias("a2")
@@ -370,30 +381,34 @@ def _serving_scope(
     return [_adapters.c.tenant_id == tenant_id, _versions.c.id.in_(ids)]
 
 
-def _serving_etag(base_model: str, alias: str, chosen: Sequence[tuple[str, int, str]]) -> str:
-    """The index's ETag from its (adapter, number, version id) triples: a version's files never
-    change (versions are write-once), so these say exactly what a serving cluster loads."""
-    content = [list(version) for version in chosen]
-    return hashlib.sha256(json.dumps([base_model, alias, content]).encode()).hexdigest()
+def _serving_etag(conn: Connection, tenant_id: str, base_id: str, alias: str) -> str:
+    """The index's ETag: a digest of the (tenant, base) serving generation (revision 0014's
+    triggers count every change to what any of its indexes can hold) and the alias. One row
+    read; it may change where this alias's index did not, never the other way round."""
+    generation = conn.execute(
+        select(_generations.c.generation).where(
+            _generations.c.tenant_id == tenant_id, _generations.c.base_model_id == base_id
+        )
+    ).scalar()
+    content = [tenant_id, base_id, alias, int(generation or 0)]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 def serving_etag(conn: Connection, tenant_id: str, base_model: str, alias: str) -> str:
-    """The ETag `serving_index` would give, from the chosen versions' names, numbers and ids
-    alone: what a poll that finds nothing changed reads (no files, lineage or metrics)."""
-    rows = conn.execute(
-        select(_adapters.c.name, _versions.c.number, _versions.c.id)
-        .select_from(_versions.join(_adapters, _adapters.c.id == _versions.c.adapter_id))
-        .where(*_serving_scope(conn, tenant_id, base_model, alias))
-        .order_by(_adapters.c.name)
-    ).all()
-    return _serving_etag(base_model, alias, [tuple(row) for row in rows])
+    """The ETag `serving_index` would give: what a poll that finds nothing changed reads (the
+    base's id and one generation row, whatever the number of adapters)."""
+    return _serving_etag(conn, tenant_id, _serving_base(conn, base_model, alias), alias)
 
 
 def serving_index(conn: Connection, tenant_id: str, base_model: str, alias: str) -> ServingIndex:
     """Every version a serving cluster of `base_model` should hold for `alias` (or the latest
-    of each adapter), with an ETag that changes exactly when that content changes."""
+    of each adapter), with an ETag that changes whenever that content changes.
+
+    The ETag is read before the versions: a change committed in between gives the new content
+    under the old ETag (the next poll fetches it again), never old content under a new one."""
+    base_id = _serving_base(conn, base_model, alias)
+    digest = _serving_etag(conn, tenant_id, base_id, alias)
     found = _query_versions(
-        conn, *_serving_scope(conn, tenant_id, base_model, alias), order_by=[_adapters.c.name]
+        conn, *_serving_scope(tenant_id, base_id, alias), order_by=[_adapters.c.name]
     )
-    digest = _serving_etag(base_model, alias, [(v.adapter_name, v.number, v.id) for v in found])
     return ServingIndex(base_model=base_model, alias=alias, versions=found, etag=digest)

@@ -497,9 +497,10 @@ def test_serving_index_etag_and_304(
     )
     (unchanged,) = answers
     assert (unchanged.status_code, unchanged.content, unchanged.headers["ETag"]) == (304, b"", etag)
-    # Unchanged, the answer reads the versions' names, numbers and ids, not their contents.
+    # Unchanged, the answer reads the base and one serving generation: no adapter, no version.
     read = " ".join(statement for statement, _ in statements)
-    assert "adapter_versions" in read and not any(c in read for c in ("files", "lineage"))
+    assert "serving_generations" in read
+    assert not any(table in read for table in ("adapter_versions", "adapter_aliases", "adapters"))
 
     client.put("/v1/adapters/alpha/aliases/prod", json={"version": 2}, headers=h)
     changed = client.get("/v1/adapters/index", params=params, headers={**h, "If-None-Match": etag})
@@ -510,6 +511,85 @@ def test_serving_index_etag_and_304(
     assert [v["model"] for v in latest.json()["data"]] == ["alpha@2", "beta@1"]
     unknown = client.get("/v1/adapters/index", params={"base_model": "nope"}, headers=h)
     assert (unknown.status_code, unknown.json()["error"]["code"]) == (404, "base_model_not_found")
+
+
+def test_every_change_to_what_an_index_holds_changes_its_etag(
+    services: Services,
+    client: TestClient,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base: BaseModelRecord,
+    peft_adapter: Path,
+) -> None:
+    """Each write that changes an index (a publish, an alias set, moved or deleted, a version
+    deleted, a tenant's adapters deleted with it) answers the held ETag with 200 and the new
+    content; writes that cannot change it (another tenant's, another base's) leave it at 304."""
+    other = make_base(services.engine, "other-base")
+    h = tenant_a.headers("member")
+
+    def index(alias: str = "prod") -> tuple[str, list[str]]:
+        answer = client.get(
+            "/v1/adapters/index", params={"base_model": "tiny-llama", "alias": alias}, headers=h
+        )
+        assert answer.status_code == 200
+        return answer.headers["ETag"], [v["model"] for v in answer.json()["data"]]
+
+    def unchanged(etag: str, alias: str = "prod") -> bool:
+        answer = client.get(
+            "/v1/adapters/index",
+            params={"base_model": "tiny-llama", "alias": alias},
+            headers={**h, "If-None-Match": etag},
+        )
+        return answer.status_code == 304
+
+    publish_new(services, tenant_a.tenant_id, base, peft_adapter, "alpha")
+    etag, models = index()
+    latest, _ = index("latest")
+    assert models == []
+    steps: list[tuple[Any, str, list[str]]] = [
+        (
+            lambda: publish_new(services, tenant_a.tenant_id, base, peft_adapter, "alpha"),
+            "latest",
+            ["alpha@2"],
+        ),
+        (
+            lambda: client.put("/v1/adapters/alpha/aliases/prod", json={"version": 1}, headers=h),
+            "prod",
+            ["alpha@1"],
+        ),
+        (
+            lambda: client.put("/v1/adapters/alpha/aliases/prod", json={"version": 2}, headers=h),
+            "prod",
+            ["alpha@2"],
+        ),
+        (lambda: client.delete("/v1/adapters/alpha/aliases/prod", headers=h), "prod", []),
+        (
+            lambda: client.delete("/v1/adapters/alpha/versions/2", headers=tenant_a.headers()),
+            "latest",
+            ["alpha@1"],
+        ),
+    ]
+    held = {"prod": etag, "latest": latest}
+    for write, alias, expected in steps:
+        answer = write()
+        assert getattr(answer, "status_code", 200) < 300, answer
+        assert not unchanged(held[alias], alias)
+        held[alias], models = index(alias)
+        assert models == expected
+        assert unchanged(held[alias], alias)
+
+    # Another tenant's publish and this tenant's on another base: the index cannot change. (A
+    # change to one alias's index may change the others' ETags: each is taken afresh first.)
+    held = {alias: index(alias)[0] for alias in held}
+    publish_new(services, tenant_b.tenant_id, base, peft_adapter, "alpha")
+    publish_new(services, tenant_a.tenant_id, other, peft_adapter, "gamma")
+    assert unchanged(held["latest"], "latest") and unchanged(held["prod"])
+
+    # Writes around the API (a cascade): the tenant's adapters deleted with their rows.
+    with services.engine.begin() as conn:
+        conn.execute(text("DELETE FROM adapters WHERE tenant_id = :t"), {"t": tenant_a.tenant_id})
+    assert not unchanged(held["latest"], "latest")
+    assert index("latest")[1] == []
 
 
 # --------------------------------------------------------------------------- bad input and faults
