@@ -306,6 +306,13 @@ def _recount_params() -> dict[str, object]:
     return params
 
 
+def default_limit(conn: Connection) -> int | None:
+    """The default running limit the queue's lines are flagged against (revision 0013), or None
+    before any claim set one."""
+    value = conn.execute(text("SELECT default_max_running FROM queue_settings")).scalar()
+    return None if value is None else int(value)
+
+
 def drift(conn: Connection) -> list[str]:
     """Every bookkeeping row that disagrees with a recount from `jobs` (empty when exact).
     Scans every job: a check for tests and for an operator in doubt, not for a hot path."""

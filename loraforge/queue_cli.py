@@ -5,8 +5,9 @@ that the claim, the dashboard and a metrics scrape read instead of counting jobs
 Revision 0006's triggers keep that bookkeeping exact in the statement that moves a job, but a
 write that goes around triggers leaves it behind: a data-only `pg_restore --disable-triggers`,
 rows applied by logical replication, a hand-made fix under `session_replication_role = replica`.
-`check` recounts from `jobs` and names every row that disagrees (exit 1); `repair` sets those
-rows back to the recount while every writer of jobs waits, then checks again.
+`check` recounts from `jobs` and names every row that disagrees (exit 1), and says when the lines
+are flagged against another default running limit than this configuration's; `repair` sets
+those rows back to the recount while every writer of jobs waits, then checks again.
 """
 
 from __future__ import annotations
@@ -41,13 +42,22 @@ def _database(settings: Settings) -> Iterator[Engine | None]:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from control_plane.queue_stats import drift
+    from control_plane.queue_stats import default_limit, drift
 
     with _database(settings) as engine:
         if engine is None:
             return 2
         with engine.connect() as conn:
             found = drift(conn)
+            flagged = default_limit(conn)
+    configured = settings.max_running_jobs_per_tenant
+    if flagged != configured:
+        # Not drift: the claimers set the default they run with (JobQueue.claim).
+        print(
+            f"the queue's lines are flagged against a default running limit of {flagged}; this "
+            f"configuration's MAX_RUNNING_JOBS_PER_TENANT is {configured}: a claim with it sets "
+            "it (at most once a minute per claimer) and ranks the whole backlog until then"
+        )
     for line in found:
         print(line)
     if found:

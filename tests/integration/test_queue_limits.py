@@ -15,6 +15,8 @@ from sqlalchemy import Connection, Engine, text
 import control_plane.queue as queue_module
 from control_plane.queue import CLAIM_FRONT_LINES, JobQueue
 from control_plane.queue_stats import drift, queue_counts, repair
+from control_plane.settings import Settings
+from loraforge.cli import build_parser
 from tests.factories import make_base, make_file, make_tenant
 from tests.integration.test_queue_scale import _plan_rows_from
 
@@ -331,3 +333,24 @@ def test_claimers_that_disagree_do_not_take_turns_flagging_every_line(
     assert "claimers disagree on the default running limit (this one: 2)" in caplog.text
     assert _saturated(engine, busy) == [(3, 3, True)]
     _no_drift(engine)
+
+
+def test_queue_check_says_when_the_lines_follow_another_default_than_its_configuration(
+    engine: Engine, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert JobQueue(engine, max_running_per_tenant=2).claim("w") is None  # sets its default
+    assert _default_limit(engine) == 2
+
+    def check(configured: int) -> tuple[int, str]:
+        args = build_parser().parse_args(["queue", "check"])
+        settings = Settings(database_url=database_url, max_running_jobs_per_tenant=configured)
+        return int(args.func(args, settings)), capsys.readouterr().out
+
+    code, out = check(4)
+    assert code == 0  # not drift: the bookkeeping agrees with the jobs
+    assert (
+        "the queue's lines are flagged against a default running limit of 2; this "
+        "configuration's MAX_RUNNING_JOBS_PER_TENANT is 4" in out
+    )
+    code, out = check(2)
+    assert code == 0 and "flagged against" not in out
