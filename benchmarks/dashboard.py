@@ -9,8 +9,11 @@ database:
 
 - `page`: the job page's HTML and its `metrics.json` over HTTP: median milliseconds and bytes.
 - `browser`: from navigation to the chart drawn (`#loss-chart[data-ready]`), median ms.
-- `downsampling`: the loss curve as the page gets it (at most 1,000 points a series) against
-  every point (`loss_curves` with no bound, serialized as the page would get it): ms and bytes.
+- `downsampling`: the train loss curve as the page gets it (at most 1,000 points a series, read
+  from revision 0015's sums) against every metric event bucketed in two passes, as before that
+  revision (and beside them every point, `loss_curves` with no bound): ms and bytes.
+- `event_insert`: one event's insert (a step's metrics, and a log line: what the claim and the
+  finish write), median ms, against the same without revision 0015's trigger.
 - `queue_page`: the queue page as a platform operator's admin gets it with `--tenants` busy
   tenants (the fifty busiest listed), against the same page listing every one of them.
 - `timeline`: the job's status changes, which the live panel reads again at each change its
@@ -28,20 +31,26 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 
 from benchmarks.registry import scratch_database
 from control_plane import tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.dashboard.queries import loss_curves, status_changes
+from control_plane.dashboard.queries import (
+    MAX_CHART_POINTS,
+    LossCurves,
+    loss_curves,
+    status_changes,
+)
 from control_plane.dashboard.routes import platform as platform_pages
+from control_plane.events import add_event, metric_events_in_bulk
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
@@ -86,15 +95,16 @@ def make_job(services: Services, tenant_id: str, events: int) -> str:
             ),
             {"job": job_id},
         )
-        conn.execute(
-            text(
-                "INSERT INTO job_events (job_id, type, message, data) "
-                "SELECT :job, 'metrics', 'step ' || g, jsonb_build_object('step', g, "
-                "'train_loss', 3.0 / (1 + g / 5000.0), 'tokens_per_s', 1000) "
-                "FROM generate_series(1, :n) AS g"
-            ),
-            {"job": job_id, "n": events},
-        )
+        with metric_events_in_bulk(conn, [job_id]):
+            conn.execute(
+                text(
+                    "INSERT INTO job_events (job_id, type, message, data) "
+                    "SELECT :job, 'metrics', 'step ' || g, jsonb_build_object('step', g, "
+                    "'train_loss', 3.0 / (1 + g / 5000.0), 'tokens_per_s', 1000) "
+                    "FROM generate_series(1, :n) AS g"
+                ),
+                {"job": job_id, "n": events},
+            )
     return str(job_id)
 
 
@@ -199,6 +209,53 @@ def queue_page_ms(url: str, key: str, repeat: int) -> tuple[float, int]:
     return median_ms(times), size
 
 
+def train_of(curves: LossCurves) -> tuple[list[float], list[float]]:
+    return curves.train.steps, curves.train.values
+
+
+def bucketed_every_event(conn: Connection, job_id: str) -> tuple[list[float], list[float]]:
+    """The train curve as the job page got it before revision 0015: every metric event of the
+    job read twice (its bounds, then MAX_CHART_POINTS equal buckets), the baseline."""
+    where = "job_id = :job AND type = 'metrics' AND (data ? 'train_loss' OR data ? 'eval_loss')"
+    low, high = conn.execute(
+        text(
+            f"SELECT min((data ->> 'step')::float8), max((data ->> 'step')::float8) "
+            f"FROM job_events WHERE {where}"
+        ),
+        {"job": job_id},
+    ).one()
+    rows = conn.execute(
+        text(
+            "SELECT avg(step) FILTER (WHERE train IS NOT NULL), avg(train) FROM ("
+            "SELECT width_bucket((data ->> 'step')::float8, :low, :high, :n) AS bucket, "
+            "(data ->> 'step')::float8 AS step, (data ->> 'train_loss')::float8 AS train "
+            f"FROM job_events WHERE {where}) AS e GROUP BY bucket ORDER BY bucket"
+        ),
+        {"job": job_id, "low": low, "high": high + 1e-9, "n": MAX_CHART_POINTS},
+    ).all()
+    kept = [r for r in rows if r[1] is not None]
+    return [r[0] for r in kept], [r[1] for r in kept]
+
+
+def timed_inserts(engine: Engine, job_id: str, kind: str, count: int) -> list[float]:
+    """Seconds of each of `count` event inserts (a `kind` event: a step's metrics, or a log line
+    as the claim and the finish write), each in a transaction of its own as a trainer writes
+    them (the commit not timed)."""
+    times = []
+    for step in range(count):
+        with engine.begin() as conn:
+            started = time.perf_counter()
+            add_event(conn, job_id, "step", type=kind, data={"step": step, "train_loss": 1.0})
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def trigger_enabled(engine: Engine, enabled: bool) -> None:
+    with engine.begin() as conn:
+        verb = "ENABLE" if enabled else "DISABLE"
+        conn.execute(text(f"ALTER TABLE job_events {verb} TRIGGER job_metric_rollup"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -214,6 +271,7 @@ def main() -> None:
             tenant = tenants.create_tenant(conn, "bench")
             _, key = tenants.create_api_key(conn, settings.secret_key, tenant.id, role="admin")
         jobs = {n: make_job(services, tenant.id, n) for n in (100, args.events)}
+        curve: dict[str, tuple[float, int, int]] = {}
         with serve_in_thread(create_app(services)) as url:
             for n, job_id in jobs.items():
                 emit("page", events=n, **over_http(url, key, job_id, args.repeat))
@@ -248,22 +306,58 @@ def main() -> None:
                     ratio=round(big / baseline, 2),
                 )
         with services.engine.connect() as conn:
-            for bound in (1000, 10**9):
-                times, size = [], 0
+            long_run = jobs[args.events]
+            reads: dict[str, Callable[[], tuple[list[float], list[float]]]] = {
+                "rollups": lambda: train_of(loss_curves(conn, long_run)),
+                "every_event": lambda: bucketed_every_event(conn, long_run),
+                "every_point": lambda: train_of(loss_curves(conn, long_run, max_points=10**9)),
+            }
+            for name, read in reads.items():
+                times, size, points = [], 0, 0
                 for _ in range(args.repeat):
                     started = time.perf_counter()
-                    curves = loss_curves(conn, jobs[args.events], max_points=bound)
-                    series = curves.train
-                    size = len(json.dumps({"steps": series.steps, "values": series.values}))
+                    steps, values = read()
+                    size = len(json.dumps({"steps": steps, "values": values}))
                     times.append(time.perf_counter() - started)
-                emit(
-                    "downsampling",
-                    events=args.events,
-                    max_points=bound,
-                    points_sent=len(series.steps),
-                    ms=median_ms(times),
-                    bytes=size,
-                )
+                    points = len(steps)
+                curve[name] = (median_ms(times), size, points)
+            ms, size, points = curve["rollups"]
+            emit(
+                "downsampling",
+                events=args.events,
+                max_points=MAX_CHART_POINTS,
+                points_sent=points,
+                ms=ms,
+                bytes=size,
+                baseline="every metric event bucketed in two passes (before revision 0015)",
+                baseline_ms=curve["every_event"][0],
+                ratio=round(ms / curve["every_event"][0], 4),
+                every_point_ms=curve["every_point"][0],
+                every_point_bytes=curve["every_point"][1],
+            )
+            conn.rollback()
+        # Alternating rounds, each insert its own transaction, on a job of their own.
+        inserted = make_job(services, tenant.id, 0)
+        for kind in ("metrics", "message"):
+            kept: list[float] = []
+            unkept: list[float] = []
+            for _ in range(args.repeat):
+                kept += timed_inserts(services.engine, inserted, kind, 100)
+                trigger_enabled(services.engine, False)
+                try:
+                    unkept += timed_inserts(services.engine, inserted, kind, 100)
+                finally:
+                    trigger_enabled(services.engine, True)
+            ms, baseline_ms = (round(statistics.median(t) * 1000, 3) for t in (kept, unkept))
+            emit(
+                "event_insert",
+                type=kind,
+                ms=ms,
+                baseline="the same insert without revision 0015's trigger",
+                baseline_ms=baseline_ms,
+                ratio=round(ms / baseline_ms, 4),
+            )
+        with services.engine.connect() as conn:
             conn.execute(text("ANALYZE job_events"))  # as autovacuum does as the table grows
             conn.commit()
             timeline = timed_timeline(conn, jobs[args.events], args.repeat)

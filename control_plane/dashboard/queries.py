@@ -7,6 +7,7 @@ Everything else the pages show comes from the domain modules the REST API uses.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -16,7 +17,7 @@ from sqlalchemy import (
     Connection,
     Float,
     Table,
-    and_,
+    case,
     func,
     literal,
     or_,
@@ -25,7 +26,7 @@ from sqlalchemy import (
     tuple_,
 )
 
-from control_plane.db.tables import STATUS_CHANGE, ApiKey, Job, JobEvent, Tenant
+from control_plane.db.tables import STATUS_CHANGE, ApiKey, Job, JobEvent, JobMetricRollup, Tenant
 from control_plane.job_status import JobStatus
 from control_plane.pagination import newest_first
 from control_plane.queue_stats import QueueCounts
@@ -36,9 +37,12 @@ _keys = cast(Table, ApiKey.__table__)
 _tenants = cast(Table, Tenant.__table__)
 _jobs = cast(Table, Job.__table__)
 _events = cast(Table, JobEvent.__table__)
+_rollups = cast(Table, JobMetricRollup.__table__)
 
 MAX_CHART_POINTS = 1000
 """A loss series sent to a page holds at most this many points, however long the job ran."""
+ROLLUP_WIDTHS = tuple(2**k for k in range(1, 17))
+"""The bucket widths, in steps, that revision 0015's trigger sums each metric event into."""
 
 
 def principal_by_key_id(conn: Connection, key_id: str) -> tuple[Principal, str] | None:
@@ -194,52 +198,72 @@ def _series(rows: Sequence[Any], step_at: int, value_at: int) -> Series:
     return Series([r[step_at] for r in kept], [r[value_at] for r in kept])
 
 
-def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINTS) -> LossCurves:
-    """Train and eval loss against step, each in at most `max_points` points, in two passes
-    over the job's metric events (their bounds, then the points).
+def _number(key: str) -> ColumnElement[Any]:
+    """A metric event's `key` where it is a JSON number, else NULL (as revision 0015 reads it)."""
+    value = _events.c.data[key]
+    return case((func.jsonb_typeof(value) == "number", value.astext.cast(Float)))
 
-    Past `max_points`, the step range is cut into `max_points` equal buckets and each bucket
-    becomes its mean step and mean loss, computed in PostgreSQL: a job with 100,000 steps sends
-    a page the curve a chart of that width can draw, not 100,000 points.
+
+def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINTS) -> LossCurves:
+    """Train and eval loss against step, each in at most `max_points` points, read from at
+    most `max_points` rows however long the job ran.
+
+    A job with no more points than that gets every one, from its events. Past that, the chart
+    gets the narrowest of revision 0015's bucket widths (2, 4, ... 65,536 steps) that cuts the
+    job's steps into at most `max_points` buckets, each bucket its points' mean step and mean
+    loss, summed as the events were inserted (`job_metric_rollups`): a job with 100,000 steps
+    sends a page the curve a chart of that width can draw, not 100,000 points, and costs it a
+    thousand rows, not 100,000 events.
     """
-    step = _events.c.data["step"].astext.cast(Float)
-    train = _events.c.data["train_loss"].astext.cast(Float)
-    evaluation = _events.c.data["eval_loss"].astext.cast(Float)
-    where = and_(
-        _events.c.job_id == job_id,
-        _events.c.type == "metrics",
-        or_(train.is_not(None), evaluation.is_not(None)),
-    )
+    widest = _rollups.c.width == ROLLUP_WIDTHS[-1]
     bounds = conn.execute(
-        select(func.count(train), func.count(evaluation), func.min(step), func.max(step)).where(
-            where
-        )
+        select(
+            func.sum(_rollups.c.train_points),
+            func.sum(_rollups.c.eval_points),
+            func.min(_rollups.c.first_step),
+            func.max(_rollups.c.last_step),
+        ).where(_rollups.c.job_id == job_id, widest)
     ).one()
-    n_train, n_eval, low, high = int(bounds[0]), int(bounds[1]), bounds[2], bounds[3]
+    n_train, n_eval = int(bounds[0] or 0), int(bounds[1] or 0)
     if max(n_train, n_eval) <= max_points:
+        step, train, evaluation = _number("step"), _number("train_loss"), _number("eval_loss")
         points = conn.execute(
-            select(step, train, evaluation).where(where).order_by(_events.c.id)
+            select(step, train, evaluation)
+            .where(
+                _events.c.job_id == job_id,
+                _events.c.type == "metrics",
+                step.is_not(None),
+                or_(train.is_not(None), evaluation.is_not(None)),
+            )
+            .order_by(_events.c.id)
         ).all()
         return LossCurves(
             _series(points, 0, 1), _series(points, 0, 2), n_train + n_eval, downsampled=False
         )
-    bucket = func.width_bucket(step, low, high + 1e-9, max_points).label("bucket")
-    inner = (
-        select(bucket, step.label("step"), train.label("train"), evaluation.label("eval"))
-        .where(where)
-        .subquery()
+    low, high = float(bounds[2]), float(bounds[3])
+    width = next(
+        (w for w in ROLLUP_WIDTHS if math.floor(high / w) - math.floor(low / w) < max_points),
+        ROLLUP_WIDTHS[-1],
     )
     rows = conn.execute(
-        select(
-            func.avg(inner.c.step).filter(inner.c.train.is_not(None)),
-            func.avg(inner.c.train),
-            func.avg(inner.c.step).filter(inner.c.eval.is_not(None)),
-            func.avg(inner.c.eval),
-        )
-        .group_by(inner.c.bucket)
-        .order_by(inner.c.bucket)
+        select(_rollups)
+        .where(_rollups.c.job_id == job_id, _rollups.c.width == width)
+        .order_by(_rollups.c.bucket)
     ).all()
-    return LossCurves(_series(rows, 0, 1), _series(rows, 2, 3), n_train + n_eval, downsampled=True)
+    trained = [r for r in rows if r.train_points]
+    evaluated = [r for r in rows if r.eval_points]
+    return LossCurves(
+        Series(
+            [r.train_steps / r.train_points for r in trained],
+            [r.train_losses / r.train_points for r in trained],
+        ),
+        Series(
+            [r.eval_steps / r.eval_points for r in evaluated],
+            [r.eval_losses / r.eval_points for r in evaluated],
+        ),
+        n_train + n_eval,
+        downsampled=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -226,6 +226,26 @@ class JobEvent(Base):
     data: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
+class JobMetricRollup(Base):
+    """A job's train and eval points summed per bucket of `width` steps (2 .. 65,536), kept by
+    revision 0015's trigger on metric events: a loss chart reads a thousand of these, not
+    every event of a long run."""
+
+    __tablename__ = "job_metric_rollups"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    width: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    first_step: Mapped[float] = mapped_column(Float, nullable=False)
+    last_step: Mapped[float] = mapped_column(Float, nullable=False)
+    train_points: Mapped[int] = mapped_column(Integer, nullable=False)
+    train_steps: Mapped[float] = mapped_column(Float, nullable=False)
+    train_losses: Mapped[float] = mapped_column(Float, nullable=False)
+    eval_points: Mapped[int] = mapped_column(Integer, nullable=False)
+    eval_steps: Mapped[float] = mapped_column(Float, nullable=False)
+    eval_losses: Mapped[float] = mapped_column(Float, nullable=False)
+
+
 class JobCheckpoint(Base):
     __tablename__ = "job_checkpoints"
     __table_args__ = (UniqueConstraint("job_id", "step"),)

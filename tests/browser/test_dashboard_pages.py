@@ -13,6 +13,7 @@ from sqlalchemy import text
 from control_plane import base_catalog, trainers
 from control_plane.dashboard.queries import MAX_CHART_POINTS, NEWER_AT_MOST
 from control_plane.dashboard.routes.platform import QUEUE_PAGE_TENANTS
+from control_plane.events import metric_events_in_bulk
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
@@ -117,7 +118,7 @@ def test_a_job_with_100000_metric_events_opens_with_a_bounded_number_of_points(
 ) -> None:
     base = make_base(services.engine, "tiny-llama")
     (job_id,) = named_jobs(services, tenant_a, base.id, 1, "long-run")
-    with services.engine.begin() as conn:
+    with services.engine.begin() as conn, metric_events_in_bulk(conn, [job_id]):
         conn.execute(
             text(
                 """

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, event, text
 
 from control_plane import queue_stats
 from control_plane.dashboard import queries
+from control_plane.events import metric_events_in_bulk
 from control_plane.job_status import JobStatus
 from control_plane.queue import JobQueue
 from control_plane.registry import reads
@@ -116,7 +117,7 @@ def test_a_long_jobs_timeline_reads_its_status_changes_not_its_metrics(engine: E
     claimed = queue.claim("worker-1")  # the long run; the other job logs a little too
     assert claimed is not None
     (other,) = set(jobs) - {claimed.id}
-    with engine.begin() as conn:
+    with engine.begin() as conn, metric_events_in_bulk(conn, [claimed.id, other]):
         for ident, steps in ((claimed.id, 20_000), (other, 200)):
             conn.execute(
                 text(

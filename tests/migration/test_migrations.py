@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, pool
+from sqlalchemy import create_engine, inspect, pool, text
 
 from control_plane import db
 from control_plane.db import include_name
 from control_plane.db.tables import Base
+from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 
 
 def _tables(url: str) -> set[str]:
@@ -46,3 +47,48 @@ def test_models_match_migrations(empty_database_url: str) -> None:
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_the_metric_rollups_of_jobs_logged_before_revision_0015_are_summed_as_its_trigger_sums(
+    empty_database_url: str,
+) -> None:
+    """A job's metric events logged before revision 0015 get their buckets from the migration;
+    the same events logged after it, from its trigger (one statement, each row summed as it
+    is inserted): the two jobs' rows are the same."""
+    db.upgrade(empty_database_url, "0014")
+    engine = db.make_engine(empty_database_url, pool_size=2)
+    try:
+        base = make_base(engine)
+        tenant = make_tenant(engine, "before-0015")
+        file_id = make_file(engine, tenant.id).id
+        before, after = enqueue_jobs(engine, tenant.id, base.id, file_id, 2)
+        log = (
+            "INSERT INTO job_events (job_id, type, message, data) "
+            "SELECT :job, CASE WHEN g % 50 = 0 THEN 'message' ELSE 'metrics' END, 'step', "
+            "jsonb_strip_nulls(jsonb_build_object('step', g % 500, "
+            "'train_loss', CASE WHEN g % 9 <> 0 THEN 1.0 / g END, "
+            "'eval_loss', CASE WHEN g % 10 = 0 THEN to_jsonb(2.0 / g) WHEN g % 31 = 0 THEN to_jsonb('x'::text) END)) "
+            "FROM generate_series(1, 800) AS g"
+        )
+        with engine.begin() as conn:
+            conn.execute(text(log), {"job": before})
+        engine.dispose()
+        db.upgrade(empty_database_url)
+        with engine.begin() as conn:
+            conn.execute(text(log), {"job": after})
+            rows = {
+                job: conn.execute(
+                    text(
+                        "SELECT width, bucket, first_step, last_step, train_points, "
+                        "round(train_steps::numeric, 6), round(train_losses::numeric, 9), "
+                        "eval_points, round(eval_steps::numeric, 6), "
+                        "round(eval_losses::numeric, 9) "
+                        "FROM job_metric_rollups WHERE job_id = :job ORDER BY width, bucket"
+                    ),
+                    {"job": job},
+                ).all()
+                for job in (before, after)
+            }
+    finally:
+        engine.dispose()
+    assert len(rows[before]) > 16 * 2 and rows[before] == rows[after]

@@ -1,0 +1,248 @@
+"""A job's loss curves as the job page's chart gets them (`queries.loss_curves`): every point of
+a short run, and past the chart's points the narrowest bucket width that fits, each bucket its
+points' mean step and mean loss, from revision 0015's sums kept as the events are inserted. The
+reference below buckets every event in Python; the curves must equal it, read from at most a
+chart's worth of rows however long the run."""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections import defaultdict
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Connection, Engine, text
+
+from control_plane.dashboard import queries
+from control_plane.events import add_event, metric_events_in_bulk
+from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.integration.test_queue_scale import _plan_rows_from
+from tests.integration.test_reads_at_scale import _plan, _statements_of
+
+Point = tuple[float, float | None, float | None]  # step, train loss, eval loss
+
+
+def reference(points: list[Point], max_points: int) -> dict[str, Any]:
+    """The curves by the rule, from every point: all of them while neither series has more than
+    `max_points`; else buckets of the narrowest width w in ROLLUP_WIDTHS that cuts the points'
+    steps into at most `max_points` (bucket = floor(step / w)), each its mean step and loss."""
+    train = [(s, t) for s, t, _ in points if t is not None]
+    evaluation = [(s, e) for s, _, e in points if e is not None]
+    if max(len(train), len(evaluation)) <= max_points:
+        return {"train": train, "eval": evaluation, "downsampled": False}
+    low, high = min(p[0] for p in points), max(p[0] for p in points)
+    width = next(
+        w
+        for w in queries.ROLLUP_WIDTHS
+        if math.floor(high / w) - math.floor(low / w) + 1 <= max_points
+    )
+
+    def bucketed(series: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        buckets: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        for step, loss in series:
+            buckets[math.floor(step / width)].append((step, loss))
+        return [
+            (
+                sum(s for s, _ in buckets[b]) / len(buckets[b]),
+                sum(v for _, v in buckets[b]) / len(buckets[b]),
+            )
+            for b in sorted(buckets)
+        ]
+
+    return {"train": bucketed(train), "eval": bucketed(evaluation), "downsampled": True}
+
+
+def curves_as_points(curves: queries.LossCurves) -> dict[str, Any]:
+    return {
+        "train": list(zip(curves.train.steps, curves.train.values, strict=True)),
+        "eval": list(zip(curves.eval.steps, curves.eval.values, strict=True)),
+        "downsampled": curves.downsampled,
+    }
+
+
+def assert_same_curves(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["downsampled"] == want["downsampled"]
+    for series in ("train", "eval"):
+        assert len(got[series]) == len(want[series]), series
+        for (step, loss), (want_step, want_loss) in zip(got[series], want[series], strict=True):
+            assert step == pytest.approx(want_step, rel=1e-9, abs=1e-9)
+            assert loss == pytest.approx(want_loss, rel=1e-9, abs=1e-9)
+
+
+def insert_batch(conn: Connection, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Events in one statement, in order (a batch, as a restore or an import writes them)."""
+    conn.execute(
+        text(
+            "INSERT INTO job_events (job_id, type, message, data) "
+            "SELECT :job, e ->> 0, 'batch', e -> 1 "
+            "FROM jsonb_array_elements(CAST(:events AS jsonb)) WITH ORDINALITY AS x(e, n) "
+            "ORDER BY n"
+        ),
+        {"job": job_id, "events": json.dumps(events)},
+    )
+
+
+@pytest.fixture
+def job_of(engine: Engine) -> Any:
+    base = make_base(engine)
+    tenant = make_tenant(engine, f"curves-{secrets.token_hex(3)}")
+    file_id = make_file(engine, tenant.id).id
+
+    def new_job() -> str:
+        (job_id,) = enqueue_jobs(engine, tenant.id, base.id, file_id, 1)
+        return job_id
+
+    return new_job
+
+
+LOSS = st.floats(min_value=0, max_value=20, allow_nan=False) | st.sampled_from(["high", None])
+STEP = (
+    st.integers(min_value=0, max_value=60_000)
+    | st.integers(min_value=0, max_value=40).map(lambda n: n + 0.5)
+    | st.sampled_from(["7", None])
+)
+EVENT = st.tuples(st.sampled_from(["metrics", "metrics", "metrics", "message"]), STEP, LOSS, LOSS)
+
+
+def event_data(step: Any, train: Any, evaluation: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"tokens_per_s": 100}
+    for key, value in (("step", step), ("train_loss", train), ("eval_loss", evaluation)):
+        if value is not None:
+            data[key] = value
+    return data
+
+
+def counted(kind: str, step: Any, train: Any, evaluation: Any) -> Point | None:
+    """The point an event gives the chart: a metrics event's numeric step, and its numeric
+    losses (a string is no loss), when it has one; else None."""
+    number = (int, float)
+    if kind != "metrics" or not isinstance(step, number):
+        return None
+    train = train if isinstance(train, number) else None
+    evaluation = evaluation if isinstance(evaluation, number) else None
+    if train is None and evaluation is None:
+        return None
+    return (float(step), train, evaluation)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    batches=st.lists(
+        st.tuples(
+            st.sampled_from(["one by one", "one statement", "in bulk"]),
+            st.lists(EVENT, min_size=1, max_size=12),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    max_points=st.sampled_from([2, 3, 5, 20, 1000]),
+)
+def test_the_curves_equal_every_events_bucketing(
+    engine: Engine,
+    job_of: Any,
+    batches: list[tuple[str, list[tuple[str, Any, Any, Any]]]],
+    max_points: int,
+) -> None:
+    """Events one by one (as a trainer logs them), several in one statement, and in bulk
+    (summed once at the end), in one transaction and in several, metric and not, with steps
+    and losses that are not numbers among them, repeated steps (a resumed run) and half
+    steps: the curves equal the reference's at every width the points need."""
+    job_id = job_of()
+    points: list[Point] = []
+    for how, events in batches:
+        rows = [(kind, event_data(step, t, e)) for kind, step, t, e in events]
+        with engine.begin() as conn:
+            if how == "one by one":
+                for kind, data in rows:
+                    add_event(conn, job_id, "step", type=kind, data=data)
+            elif how == "one statement":
+                insert_batch(conn, job_id, rows)
+            else:
+                with metric_events_in_bulk(conn, [job_id]):
+                    insert_batch(conn, job_id, rows)
+            # An event after them in the same transaction (after the bulk: summed as it comes).
+            add_event(conn, job_id, "after", type="metrics", data={"step": 1, "eval_loss": 2})
+            rows.append(("metrics", {"step": 1, "eval_loss": 2}))
+        points += [
+            p
+            for p in (
+                counted(kind, d.get("step"), d.get("train_loss"), d.get("eval_loss"))
+                for kind, d in rows
+            )
+            if p is not None
+        ]
+    with engine.connect() as conn:
+        curves = queries.loss_curves(conn, job_id, max_points=max_points)
+    want = reference(points, max_points)
+    assert_same_curves(curves_as_points(curves), want)
+    assert curves.points_in_job == sum((t is not None) + (e is not None) for _, t, e in points)
+    assert len(curves.train.steps) <= max_points and len(curves.eval.steps) <= max_points
+
+
+def test_a_long_runs_curves_read_a_charts_worth_of_rows(engine: Engine, job_of: Any) -> None:
+    """A job 30,000 steps into its run (a train loss each step, an eval loss each 100th) and a
+    short one beside it: the long run's curves equal the reference's in at most 1,000 points,
+    read from at most 1,000 rows and none of its events; deleting the job deletes its sums."""
+    long_run, short_run = job_of(), job_of()
+    with engine.begin() as conn, metric_events_in_bulk(conn, [long_run, short_run]):
+        for job_id, steps in ((long_run, 30_000), (short_run, 50)):
+            conn.execute(
+                text(
+                    "INSERT INTO job_events (job_id, type, message, data) "
+                    "SELECT :job, 'metrics', 'step ' || g, jsonb_strip_nulls(jsonb_build_object("
+                    "'step', g, 'train_loss', 3.0 / (1 + g / 500.0) + (g % 7) / 100.0, "
+                    "'eval_loss', CASE WHEN g % 100 = 0 THEN 3.5 / (1 + g / 400.0) END)) "
+                    "FROM generate_series(1, :steps) AS g"
+                ),
+                {"job": job_id, "steps": steps},
+            )
+    with engine.begin() as conn:
+        add_event(conn, long_run, "Job started", data={"status": "running"})
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("ANALYZE job_events; ANALYZE job_metric_rollups")
+        )
+        points = [
+            (float(step), train, evaluation)
+            for step, train, evaluation in conn.execute(
+                text(
+                    "SELECT (data ->> 'step')::float8, (data ->> 'train_loss')::float8, "
+                    "(data ->> 'eval_loss')::float8 FROM job_events "
+                    "WHERE job_id = :job AND type = 'metrics' ORDER BY id"
+                ),
+                {"job": long_run},
+            )
+        ]
+        found: list[queries.LossCurves] = []
+        statements = _statements_of(
+            engine, lambda: found.append(queries.loss_curves(conn, long_run))
+        )
+    (curves,) = found
+    want = reference(points, queries.MAX_CHART_POINTS)
+    assert want["downsampled"] and len(want["train"]) > queries.MAX_CHART_POINTS // 2
+    assert_same_curves(curves_as_points(curves), want)
+    assert curves.points_in_job == 30_300
+    read = 0
+    for statement, parameters in statements:
+        plan = _plan(engine, statement, parameters)
+        assert _plan_rows_from(plan, "job_events") == 0, plan
+        read += _plan_rows_from(plan, "job_metric_rollups")
+    assert read <= queries.MAX_CHART_POINTS + 1, read
+    with engine.connect() as conn:
+        short = queries.loss_curves(conn, short_run)
+    assert not short.downsampled and short.train.steps == [float(s) for s in range(1, 51)]
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE id = :job"), {"job": long_run})
+        left = conn.execute(
+            text("SELECT count(*) FROM job_metric_rollups WHERE job_id = :job"), {"job": long_run}
+        ).scalar_one()
+    assert left == 0
