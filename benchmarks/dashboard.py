@@ -16,6 +16,9 @@ database:
   finish write), median ms, against the same without revision 0015's trigger.
 - `queue_page`: the queue page as a platform operator's admin gets it with `--tenants` busy
   tenants (the fifty busiest listed), against the same page listing every one of them.
+- `older_job_reads`: the job page's reads of its own events (the newest page of its log, its
+  newest event's id, its latest metrics) for a job with a fifth of `--events`, older than the
+  long run, against the same reads as they were written before `events.of_job`.
 - `timeline`: the job's status changes, which the live panel reads again at each change its
   stream sends, off `ix_job_events_status_changes` against the same read without that index
   and its statistics (dropped in a transaction that is rolled back: before revision 0011).
@@ -170,6 +173,39 @@ def timed_timeline(conn: Connection, job_id: str, repeat: int) -> float:
     return round(statistics.median(times) * 1000, 3)
 
 
+# The job page's reads of a job's own events (the newest page of its log, its newest event's
+# id, its latest metrics): as they were written before `events.of_job` (the job equated, ordered
+# by id alone: the planner may walk the primary key back from the table's newest event), and
+# as they are now (the job as a range, ordered as `ix_job_events_job_id_id`).
+_JOB_NOW, _ORDER_NOW = "job_id BETWEEN :job AND :job", "job_id DESC, id DESC"
+OLDER_JOB_READS = {
+    "before": (
+        "SELECT * FROM job_events WHERE job_id = :job ORDER BY id DESC LIMIT 51",
+        "SELECT max(id) FROM job_events WHERE job_id = :job",
+        "SELECT data FROM job_events WHERE job_id = :job AND type = 'metrics' "
+        "AND data['train_loss'] IS NOT NULL ORDER BY id DESC LIMIT 1",
+    ),
+    "now": (
+        f"SELECT * FROM job_events WHERE {_JOB_NOW} ORDER BY {_ORDER_NOW} LIMIT 51",
+        f"SELECT id FROM job_events WHERE {_JOB_NOW} ORDER BY {_ORDER_NOW} LIMIT 1",
+        f"SELECT data FROM job_events WHERE {_JOB_NOW} AND type = 'metrics' "
+        f"AND data['train_loss'] IS NOT NULL ORDER BY {_ORDER_NOW} LIMIT 1",
+    ),
+}
+
+
+def timed_older_job_reads(conn: Connection, job_id: str, repeat: int) -> dict[str, float]:
+    """Median ms of the three reads, now and before, in alternating rounds."""
+    times: dict[str, list[float]] = {"now": [], "before": []}
+    for _ in range(repeat):
+        for side, statements in OLDER_JOB_READS.items():
+            started = time.perf_counter()
+            for statement in statements:
+                conn.execute(text(statement), {"job": job_id}).all()
+            times[side].append(time.perf_counter() - started)
+    return {side: round(statistics.median(t) * 1000, 3) for side, t in times.items()}
+
+
 def make_busy_tenants(services: Services, count: int) -> None:
     """`count` tenants with 1 to 50 queued jobs each (one statement: the triggers keep their
     rows in the queue's bookkeeping as for any submission)."""
@@ -270,6 +306,7 @@ def main() -> None:
         with services.engine.begin() as conn:
             tenant = tenants.create_tenant(conn, "bench")
             _, key = tenants.create_api_key(conn, settings.secret_key, tenant.id, role="admin")
+        older = make_job(services, tenant.id, args.events // 5)  # a run before the long one
         jobs = {n: make_job(services, tenant.id, n) for n in (100, args.events)}
         curve: dict[str, tuple[float, int, int]] = {}
         with serve_in_thread(create_app(services)) as url:
@@ -361,6 +398,16 @@ def main() -> None:
             conn.execute(text("ANALYZE job_events"))  # as autovacuum does as the table grows
             conn.commit()
             timeline = timed_timeline(conn, jobs[args.events], args.repeat)
+            older_reads = timed_older_job_reads(conn, older, args.repeat)
+            emit(
+                "older_job_reads",
+                events=args.events // 5,
+                newer_events=args.events,
+                ms=older_reads["now"],
+                baseline="the same reads with the job equated and ordered by id alone (before)",
+                baseline_ms=older_reads["before"],
+                ratio=round(older_reads["now"] / older_reads["before"], 4),
+            )
             conn.rollback()
             with conn.begin() as before:
                 conn.execute(text("DROP STATISTICS job_events_status"))

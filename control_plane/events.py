@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, insert, select, text
+from sqlalchemy import ColumnElement, Connection, Table, UnaryExpression, insert, select, text
 
 from control_plane.db.tables import JobEvent
 from control_plane.records import JobEventRecord
@@ -46,6 +46,24 @@ def metric_events_in_bulk(conn: Connection, job_ids: list[str]) -> Iterator[None
         conn.execute(text("SELECT job_metric_rollups_rebuild(:job)"), {"job": job_id})
 
 
+def of_job(job_id: str) -> ColumnElement[bool]:
+    """The events of one job, as a range of `job_id` (`BETWEEN job AND job`), for statements
+    ordered by `in_job_order`. Not an equality: PostgreSQL drops a column equated to a constant
+    from the order, and may then walk the primary key back from the table's newest event,
+    over every job's newer events, to a job's own (20,051 rows for a page of 50 of a job older
+    than another's 20,000-step run; a month-old job on a busy platform, millions). Ordered by
+    (job_id, id), only `ix_job_events_job_id_id` gives the order: the job's own events, read
+    from its newest or its oldest."""
+    return events.c.job_id.between(job_id, job_id)
+
+
+def in_job_order(*, newest_first: bool) -> tuple[UnaryExpression[Any], UnaryExpression[Any]]:
+    """The order of `ix_job_events_job_id_id`, forwards or backwards (see `of_job`)."""
+    if newest_first:
+        return events.c.job_id.desc(), events.c.id.desc()
+    return events.c.job_id.asc(), events.c.id.asc()
+
+
 def list_events(
     conn: Connection,
     job_id: str,
@@ -55,14 +73,8 @@ def list_events(
     newest_first: bool = True,
 ) -> list[JobEventRecord]:
     """A page of a job's events. `after` is an event id: the page continues past it in order."""
-    query = select(events).where(events.c.job_id == job_id)
-    if newest_first:
-        if after is not None:
-            query = query.where(events.c.id < after)
-        query = query.order_by(events.c.id.desc())
-    else:
-        if after is not None:
-            query = query.where(events.c.id > after)
-        query = query.order_by(events.c.id.asc())
+    query = select(events).where(of_job(job_id)).order_by(*in_job_order(newest_first=newest_first))
+    if after is not None:
+        query = query.where(events.c.id < after if newest_first else events.c.id > after)
     rows = conn.execute(query.limit(limit)).all()
     return [JobEventRecord.from_row(row) for row in rows]

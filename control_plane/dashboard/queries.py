@@ -27,6 +27,7 @@ from sqlalchemy import (
 )
 
 from control_plane.db.tables import STATUS_CHANGE, ApiKey, Job, JobEvent, JobMetricRollup, Tenant
+from control_plane.events import in_job_order, of_job
 from control_plane.job_status import JobStatus
 from control_plane.pagination import newest_first
 from control_plane.queue_stats import QueueCounts
@@ -158,20 +159,26 @@ def status_changes(conn: Connection, job_id: str, limit: int = 50) -> list[JobEv
 
 
 def latest_event_id(conn: Connection, job_id: str) -> int:
-    found = conn.execute(select(func.max(_events.c.id)).where(_events.c.job_id == job_id))
+    found = conn.execute(
+        select(_events.c.id)
+        .where(of_job(job_id))
+        .order_by(*in_job_order(newest_first=True))
+        .limit(1)
+    )
     return int(found.scalar() or 0)
 
 
 def latest_training_metrics(conn: Connection, job_id: str) -> dict[str, Any] | None:
-    """The data of the job's last training-step metrics event (tokens/s, step, total)."""
+    """The data of the job's last training-step metrics event (tokens/s, step, total), read
+    back from the job's newest event (`events.of_job`)."""
     return conn.execute(
         select(_events.c.data)
         .where(
-            _events.c.job_id == job_id,
+            of_job(job_id),
             _events.c.type == "metrics",
             _events.c.data["train_loss"].is_not(None),
         )
-        .order_by(_events.c.id.desc())
+        .order_by(*in_job_order(newest_first=True))
         .limit(1)
     ).scalar()
 
@@ -230,12 +237,12 @@ def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINT
         points = conn.execute(
             select(step, train, evaluation)
             .where(
-                _events.c.job_id == job_id,
+                of_job(job_id),
                 _events.c.type == "metrics",
                 step.is_not(None),
                 or_(train.is_not(None), evaluation.is_not(None)),
             )
-            .order_by(_events.c.id)
+            .order_by(*in_job_order(newest_first=False))
         ).all()
         return LossCurves(
             _series(points, 0, 1), _series(points, 0, 2), n_train + n_eval, downsampled=False

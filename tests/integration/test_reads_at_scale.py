@@ -11,7 +11,7 @@ from sqlalchemy import Engine, event, text
 
 from control_plane import queue_stats
 from control_plane.dashboard import queries
-from control_plane.events import metric_events_in_bulk
+from control_plane.events import list_events, metric_events_in_bulk
 from control_plane.job_status import JobStatus
 from control_plane.queue import JobQueue
 from control_plane.registry import reads
@@ -154,6 +154,73 @@ def test_a_long_jobs_timeline_reads_its_status_changes_not_its_metrics(engine: E
     plan = _plan(engine, statement, parameters)
     assert "ix_job_events_status_changes" in str(plan), plan
     assert _plan_rows_from(plan, "job_events") <= len(expected), plan
+
+
+def test_an_older_jobs_page_reads_its_own_events_not_the_newer_ones_of_others(
+    engine: Engine,
+) -> None:
+    """A job's page and its events API read the job's own events: for a job whose 5,000 steps
+    are older than another job's 20,000, the newest page of its log, the page after a
+    cursor, its stream from a cursor, its newest event's id and its latest training metrics
+    each read their own rows, not every newer event of the platform (the primary key walked
+    back from the table's newest event read 20,051 rows for a page of 51)."""
+    base = make_base(engine)
+    tenant = make_tenant(engine, "older-job")
+    file_id = make_file(engine, tenant.id).id
+    older, newer = enqueue_jobs(engine, tenant.id, base.id, file_id, 2)
+    with engine.begin() as conn, metric_events_in_bulk(conn, [older, newer]):
+        for ident, steps in ((older, 5_000), (newer, 20_000)):
+            conn.execute(
+                text(
+                    "INSERT INTO job_events (job_id, type, message, data) "
+                    "SELECT :job, 'metrics', 'step ' || g, "
+                    "jsonb_build_object('step', g, 'train_loss', 1.0 / g, 'tokens_per_s', g) "
+                    "FROM generate_series(1, :steps) AS g"
+                ),
+                {"job": ident, "steps": steps},
+            )
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE job_events"))
+        ids = (
+            conn.execute(
+                text("SELECT id FROM job_events WHERE job_id = :job ORDER BY id"), {"job": older}
+            )
+            .scalars()
+            .all()
+        )
+        reads: dict[str, tuple[Any, Any, int]] = {
+            "newest page": (
+                lambda: [e.id for e in list_events(conn, older, limit=51)],
+                ids[::-1][:51],
+                51,
+            ),
+            "page after a cursor": (
+                lambda: [e.id for e in list_events(conn, older, after=ids[2000], limit=51)],
+                ids[1949:2000][::-1],
+                51,
+            ),
+            "stream from a cursor": (
+                lambda: [
+                    e.id
+                    for e in list_events(conn, older, after=ids[2000], limit=51, newest_first=False)
+                ],
+                ids[2001:2052],
+                51,
+            ),
+            "newest event": (lambda: queries.latest_event_id(conn, older), ids[-1], 1),
+            "latest metrics": (
+                lambda: queries.latest_training_metrics(conn, older),
+                {"step": 5_000, "train_loss": 1 / 5_000, "tokens_per_s": 5_000},
+                1,
+            ),
+        }
+        for name, (read, expected, rows) in reads.items():
+            found: list[Any] = []
+            statements = _statements_of(engine, lambda r=read, f=found: f.append(r()))
+            assert found == [expected], name
+            ((statement, parameters),) = statements
+            plan = _plan(engine, statement, parameters)
+            assert _plan_rows_from(plan, "job_events") <= rows, (name, plan)
 
 
 def test_a_page_of_adapters_reads_its_own_adapters_versions(engine: Engine) -> None:
