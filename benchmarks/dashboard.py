@@ -176,8 +176,8 @@ def timed_timeline(conn: Connection, job_id: str, repeat: int) -> float:
 # The job page's reads of a job's own events (the newest page of its log, its newest event's
 # id, its latest metrics): as they were written before `events.of_job` (the job equated, ordered
 # by id alone: the planner may walk the primary key back from the table's newest event), and
-# as they are now (the job as a range, ordered as `ix_job_events_job_id_id`).
-_JOB_NOW, _ORDER_NOW = "job_id BETWEEN :job AND :job", "job_id DESC, id DESC"
+# as they are now (the job as a one-element array, ordered as `ix_job_events_job_id_id`).
+_JOB_NOW, _ORDER_NOW = "job_id = ANY(CAST(ARRAY[:job] AS text[]))", "job_id DESC, id DESC"
 OLDER_JOB_READS = {
     "before": (
         "SELECT * FROM job_events WHERE job_id = :job ORDER BY id DESC LIMIT 51",

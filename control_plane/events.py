@@ -6,7 +6,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Table, UnaryExpression, insert, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    String,
+    Table,
+    UnaryExpression,
+    any_,
+    insert,
+    literal,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from control_plane.db.tables import JobEvent
 from control_plane.records import JobEventRecord
@@ -47,14 +59,18 @@ def metric_events_in_bulk(conn: Connection, job_ids: list[str]) -> Iterator[None
 
 
 def of_job(job_id: str) -> ColumnElement[bool]:
-    """The events of one job, as a range of `job_id` (`BETWEEN job AND job`), for statements
-    ordered by `in_job_order`. Not an equality: PostgreSQL drops a column equated to a constant
-    from the order, and may then walk the primary key back from the table's newest event,
-    over every job's newer events, to a job's own (20,051 rows for a page of 50 of a job older
-    than another's 20,000-step run; a month-old job on a busy platform, millions). Ordered by
-    (job_id, id), only `ix_job_events_job_id_id` gives the order: the job's own events, read
-    from its newest or its oldest."""
-    return events.c.job_id.between(job_id, job_id)
+    """The events of one job, for statements ordered by `in_job_order`: `job_id = ANY(ARRAY[job])`,
+    which PostgreSQL estimates as the equality it is but does not fold into the order.
+
+    Written as an equality, the job is a constant to the planner, which drops it from the
+    order (job, id): the order is then the primary key's too, and where one job holds a good
+    share of the events the planner walks the primary key back from the table's newest event,
+    over every newer event of every job, to the job's own (20,051 rows for a page of 50 of a
+    job older than another's 20,000-step run). Ordered by (job, id) with the job as an array,
+    only `ix_job_events_job_id_id` gives the order: the job's own events, from its newest or
+    its oldest. (A range, `BETWEEN job AND job`, also keeps the order, but is estimated at
+    about one row, and the planner then sometimes sorted every event of the job.)"""
+    return events.c.job_id == any_(literal([job_id], ARRAY(String)))
 
 
 def in_job_order(*, newest_first: bool) -> tuple[UnaryExpression[Any], UnaryExpression[Any]]:
@@ -72,9 +88,24 @@ def list_events(
     limit: int = 20,
     newest_first: bool = True,
 ) -> list[JobEventRecord]:
-    """A page of a job's events. `after` is an event id: the page continues past it in order."""
-    query = select(events).where(of_job(job_id)).order_by(*in_job_order(newest_first=newest_first))
-    if after is not None:
-        query = query.where(events.c.id < after if newest_first else events.c.id > after)
+    """A page of a job's events. `after` is an event id: the page continues past it in order.
+
+    Each plan reads the job's own events: from its newest (`of_job`), forwards from a cursor
+    (the stream: past a finished job's last event, the primary key read forwards would meet
+    every newer event of the platform), or backwards from a cursor, where the job equated and
+    ordered by id is kept: the cursor bounds the primary key there too, which then meets only
+    the events of other jobs logged in between (the job as an array, the planner sometimes
+    sorted all the job's events before the cursor)."""
+    if newest_first and after is not None:
+        query = (
+            select(events)
+            .where(events.c.job_id == job_id, events.c.id < after)
+            .order_by(events.c.id.desc())
+        )
+    else:
+        query = select(events).where(of_job(job_id))
+        query = query.order_by(*in_job_order(newest_first=newest_first))
+        if after is not None:
+            query = query.where(events.c.id > after)
     rows = conn.execute(query.limit(limit)).all()
     return [JobEventRecord.from_row(row) for row in rows]

@@ -149,10 +149,10 @@ def status_changes(conn: Connection, job_id: str, limit: int = 50) -> list[JobEv
     rows = conn.execute(
         select(_events)
         # The condition as `ix_job_events_status_changes` and the statistics of revision 0011
-        # write it: the plan reads the job's status changes off that index, not every event
-        # of a long run.
-        .where(_events.c.job_id == job_id, text(STATUS_CHANGE))
-        .order_by(_events.c.id)
+        # write it, in that index's order: the plan reads the job's status changes off it, not
+        # every event of a long run (nor, walking the primary key, every job's older events).
+        .where(of_job(job_id), text(STATUS_CHANGE))
+        .order_by(*in_job_order(newest_first=False))
         .limit(limit)
     ).all()
     return [JobEventRecord.from_row(r) for r in rows]

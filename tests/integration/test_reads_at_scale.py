@@ -161,9 +161,10 @@ def test_an_older_jobs_page_reads_its_own_events_not_the_newer_ones_of_others(
 ) -> None:
     """A job's page and its events API read the job's own events: for a job whose 5,000 steps
     are older than another job's 20,000, the newest page of its log, the page after a
-    cursor, its stream from a cursor, its newest event's id and its latest training metrics
-    each read their own rows, not every newer event of the platform (the primary key walked
-    back from the table's newest event read 20,051 rows for a page of 51)."""
+    cursor, its stream from a cursor and past its last event (a finished job's), its newest
+    event's id and its latest training metrics each read their own rows, not every newer
+    event of the platform (the primary key walked back from the table's newest event read
+    20,051 rows for a page of 51)."""
     base = make_base(engine)
     tenant = make_tenant(engine, "older-job")
     file_id = make_file(engine, tenant.id).id
@@ -206,6 +207,11 @@ def test_an_older_jobs_page_reads_its_own_events_not_the_newer_ones_of_others(
                 ],
                 ids[2001:2052],
                 51,
+            ),
+            "stream past its last event": (
+                lambda: list_events(conn, older, after=ids[-1], limit=51, newest_first=False),
+                [],
+                0,
             ),
             "newest event": (lambda: queries.latest_event_id(conn, older), ids[-1], 1),
             "latest metrics": (
