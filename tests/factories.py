@@ -7,12 +7,13 @@ import io
 import json
 from typing import Any
 
-from sqlalchemy import Engine, insert
+from sqlalchemy import Engine, insert, text
 
 from control_plane import base_catalog, jobs, tenants
 from control_plane import files as file_repo
 from control_plane.datasets import validate_jsonl
 from control_plane.db.tables import Job
+from control_plane.events import metric_events_in_bulk
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
 from control_plane.records import BaseModelRecord, FileRecord, TenantRecord
@@ -149,3 +150,22 @@ def store_file(
             tokens=tokens,
         )
     return file_id
+
+
+def log_metric_steps(
+    engine: Engine,
+    steps_by_job: dict[str, int],
+    data: str = "jsonb_build_object('step', g, 'train_loss', 1.0 / g)",
+) -> None:
+    """Steps 1..n of metric events for each job, step g's data the SQL expression `data` of g,
+    in one transaction (each job's loss-chart sums summed once, `metric_events_in_bulk`)."""
+    with engine.begin() as conn, metric_events_in_bulk(conn, list(steps_by_job)):
+        for job_id, steps in steps_by_job.items():
+            conn.execute(
+                text(
+                    "INSERT INTO job_events (job_id, type, message, data) "
+                    f"SELECT :job, 'metrics', 'step ' || g, {data} "
+                    "FROM generate_series(1, :steps) AS g"
+                ),
+                {"job": job_id, "steps": steps},
+            )

@@ -13,14 +13,14 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, text
 
 from control_plane.dashboard import queries
 from control_plane.events import add_event, metric_events_in_bulk
-from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
-from tests.integration.test_queue_scale import _plan_rows_from
+from tests.factories import enqueue_jobs, log_metric_steps, make_base, make_file, make_tenant
+from tests.integration.test_queue_scale import DATABASE_EXAMPLES, _plan_rows_from
 from tests.integration.test_reads_at_scale import _plan, _statements_of
 
 Point = tuple[float, float | None, float | None]  # step, train loss, eval loss
@@ -129,12 +129,7 @@ def counted(kind: str, step: Any, train: Any, evaluation: Any) -> Point | None:
     return (float(step), train, evaluation)
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@DATABASE_EXAMPLES
 @given(
     batches=st.lists(
         st.tuples(
@@ -193,18 +188,13 @@ def test_a_long_runs_curves_read_a_charts_worth_of_rows(engine: Engine, job_of: 
     short one beside it: the long run's curves equal the reference's in at most 1,000 points,
     read from at most 1,000 rows and none of its events; deleting the job deletes its sums."""
     long_run, short_run = job_of(), job_of()
-    with engine.begin() as conn, metric_events_in_bulk(conn, [long_run, short_run]):
-        for job_id, steps in ((long_run, 30_000), (short_run, 50)):
-            conn.execute(
-                text(
-                    "INSERT INTO job_events (job_id, type, message, data) "
-                    "SELECT :job, 'metrics', 'step ' || g, jsonb_strip_nulls(jsonb_build_object("
-                    "'step', g, 'train_loss', 3.0 / (1 + g / 500.0) + (g % 7) / 100.0, "
-                    "'eval_loss', CASE WHEN g % 100 = 0 THEN 3.5 / (1 + g / 400.0) END)) "
-                    "FROM generate_series(1, :steps) AS g"
-                ),
-                {"job": job_id, "steps": steps},
-            )
+    log_metric_steps(
+        engine,
+        {long_run: 30_000, short_run: 50},
+        "jsonb_strip_nulls(jsonb_build_object('step', g, "
+        "'train_loss', 3.0 / (1 + g / 500.0) + (g % 7) / 100.0, "
+        "'eval_loss', CASE WHEN g % 100 = 0 THEN 3.5 / (1 + g / 400.0) END))",
+    )
     with engine.begin() as conn:
         add_event(conn, long_run, "Job started", data={"status": "running"})
     with engine.connect() as conn:

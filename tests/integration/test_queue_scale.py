@@ -257,6 +257,16 @@ OP = st.one_of(
 )
 
 
+# Property tests on the test's database: 40 examples, each against real PostgreSQL (no deadline,
+# no example database; the fixtures are the test's, shared by its examples).
+DATABASE_EXAMPLES = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
 @pytest.fixture
 def scene(engine: Engine) -> dict[str, Any]:
     bases = [make_base(engine, "base-a").id, make_base(engine, "base-b").id]
@@ -264,12 +274,7 @@ def scene(engine: Engine) -> dict[str, Any]:
     return {"bases": bases, "file": make_file(engine, home.id).id}
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@DATABASE_EXAMPLES
 @given(
     limits=st.lists(st.sampled_from([None, 1, 2, 3]), min_size=1, max_size=4),
     initial=st.lists(JOB, min_size=4, max_size=24),

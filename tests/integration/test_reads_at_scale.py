@@ -11,11 +11,11 @@ from sqlalchemy import Engine, event, text
 
 from control_plane import queue_stats
 from control_plane.dashboard import queries
-from control_plane.events import list_events, metric_events_in_bulk
+from control_plane.events import list_events
 from control_plane.job_status import JobStatus
 from control_plane.queue import JobQueue
 from control_plane.registry import reads
-from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.factories import enqueue_jobs, log_metric_steps, make_base, make_file, make_tenant
 from tests.integration.test_queue_scale import _plan_rows_from
 
 
@@ -117,17 +117,7 @@ def test_a_long_jobs_timeline_reads_its_status_changes_not_its_metrics(engine: E
     claimed = queue.claim("worker-1")  # the long run; the other job logs a little too
     assert claimed is not None
     (other,) = set(jobs) - {claimed.id}
-    with engine.begin() as conn, metric_events_in_bulk(conn, [claimed.id, other]):
-        for ident, steps in ((claimed.id, 20_000), (other, 200)):
-            conn.execute(
-                text(
-                    "INSERT INTO job_events (job_id, type, message, data) "
-                    "SELECT :job, 'metrics', 'step ' || g, "
-                    "jsonb_build_object('step', g, 'train_loss', 1.0 / g) "
-                    "FROM generate_series(1, :steps) AS g"
-                ),
-                {"job": ident, "steps": steps},
-            )
+    log_metric_steps(engine, {claimed.id: 20_000, other: 200})
     finished = queue.complete(claimed.id, "worker-1")
     assert finished is not None
     with engine.connect() as conn:
@@ -169,17 +159,11 @@ def test_an_older_jobs_page_reads_its_own_events_not_the_newer_ones_of_others(
     tenant = make_tenant(engine, "older-job")
     file_id = make_file(engine, tenant.id).id
     older, newer = enqueue_jobs(engine, tenant.id, base.id, file_id, 2)
-    with engine.begin() as conn, metric_events_in_bulk(conn, [older, newer]):
-        for ident, steps in ((older, 5_000), (newer, 20_000)):
-            conn.execute(
-                text(
-                    "INSERT INTO job_events (job_id, type, message, data) "
-                    "SELECT :job, 'metrics', 'step ' || g, "
-                    "jsonb_build_object('step', g, 'train_loss', 1.0 / g, 'tokens_per_s', g) "
-                    "FROM generate_series(1, :steps) AS g"
-                ),
-                {"job": ident, "steps": steps},
-            )
+    log_metric_steps(
+        engine,
+        {older: 5_000, newer: 20_000},
+        "jsonb_build_object('step', g, 'train_loss', 1.0 / g, 'tokens_per_s', g)",
+    )
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE job_events"))
         ids = (
