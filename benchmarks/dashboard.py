@@ -111,8 +111,9 @@ def make_job(services: Services, tenant_id: str, events: int) -> str:
     return str(job_id)
 
 
-def median_ms(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1000, 1)
+def median_ms(samples: list[float], digits: int = 1) -> float:
+    """The median of `samples` (seconds) in milliseconds, rounded to `digits`."""
+    return round(statistics.median(samples) * 1000, digits)
 
 
 @contextmanager
@@ -170,7 +171,7 @@ def timed_timeline(conn: Connection, job_id: str, repeat: int) -> float:
         started = time.perf_counter()
         status_changes(conn, job_id)
         times.append(time.perf_counter() - started)
-    return round(statistics.median(times) * 1000, 3)
+    return median_ms(times, 3)
 
 
 # The job page's reads of a job's own events (the newest page of its log, its newest event's
@@ -203,7 +204,7 @@ def timed_older_job_reads(conn: Connection, job_id: str, repeat: int) -> dict[st
             for statement in statements:
                 conn.execute(text(statement), {"job": job_id}).all()
             times[side].append(time.perf_counter() - started)
-    return {side: round(statistics.median(t) * 1000, 3) for side, t in times.items()}
+    return {side: median_ms(t, 3) for side, t in times.items()}
 
 
 def make_busy_tenants(services: Services, count: int) -> None:
@@ -308,7 +309,6 @@ def main() -> None:
             _, key = tenants.create_api_key(conn, settings.secret_key, tenant.id, role="admin")
         older = make_job(services, tenant.id, args.events // 5)  # a run before the long one
         jobs = {n: make_job(services, tenant.id, n) for n in (100, args.events)}
-        curve: dict[str, tuple[float, int, int]] = {}
         with serve_in_thread(create_app(services)) as url:
             for n, job_id in jobs.items():
                 emit("page", events=n, **over_http(url, key, job_id, args.repeat))
@@ -349,6 +349,7 @@ def main() -> None:
                 "every_event": lambda: bucketed_every_event(conn, long_run),
                 "every_point": lambda: train_of(loss_curves(conn, long_run, max_points=10**9)),
             }
+            curve: dict[str, tuple[float, int, int]] = {}
             for name, read in reads.items():
                 times, size, points = [], 0, 0
                 for _ in range(args.repeat):
@@ -385,7 +386,7 @@ def main() -> None:
                     unkept += timed_inserts(services.engine, inserted, kind, 100)
                 finally:
                     trigger_enabled(services.engine, True)
-            ms, baseline_ms = (round(statistics.median(t) * 1000, 3) for t in (kept, unkept))
+            ms, baseline_ms = median_ms(kept, 3), median_ms(unkept, 3)
             emit(
                 "event_insert",
                 type=kind,
