@@ -63,15 +63,15 @@ def _without_event(statement: str) -> str:
 
 
 def _line_head(start_picked: str) -> TextClause:
+    # The lines walked as the claim walks them (`queue_heads` in its front index's order, no
+    # line of a tenant at its limit: revision 0013's `saturated`), without the proof.
+    walk = job_queue._WALK.format(only="", first="", lines=job_queue.CLAIM_FRONT_LINES)
     return text(
         f"""
     WITH line AS MATERIALIZED (
         SELECT h.tenant_id, h.head_id,
                row_number() OVER (ORDER BY {job_queue._LINE_ORDER}) AS position
-        FROM queue_heads h JOIN tenants t ON t.id = h.tenant_id
-        WHERE h.queued > 0 AND h.running < coalesce(t.max_running_jobs, :default_limit)
-        ORDER BY {job_queue._LINE_ORDER}
-        LIMIT {job_queue.CLAIM_FRONT_LINES}
+        FROM ({walk}) h
     ),
     picked AS (
         SELECT j.id, j.tenant_id FROM line JOIN jobs j ON j.id = line.head_id
