@@ -320,7 +320,25 @@ def drift(conn: Connection) -> list[str]:
 
 
 class QueueBusyError(Exception):
-    """`repair` could not lock `jobs` in time: a transaction that writes jobs holds it."""
+    """A repair could not lock the table it recounts from in time: a transaction that writes
+    it holds it."""
+
+
+def hold_still(conn: Connection, table: str, lock_timeout_seconds: float) -> None:
+    """Lock `table` in SHARE mode for the rest of `conn`'s transaction: its writers wait, its
+    readers do not. QueueBusyError, and nothing locked, when a transaction writing it holds it
+    past `lock_timeout_seconds` (every later writer would then queue behind this one)."""
+    conn.execute(text(f"SET LOCAL lock_timeout = '{max(1, round(lock_timeout_seconds * 1000))}ms'"))
+    try:
+        conn.execute(text(f"LOCK TABLE {table} IN SHARE MODE"))
+    except sqlalchemy.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
+            raise
+        raise QueueBusyError(
+            f"{table} is held by a transaction that writes it (no lock within "
+            f"{lock_timeout_seconds:g} s); nothing was written. Retry, or find the transaction "
+            "in pg_stat_activity (pg_blocking_pids)"
+        ) from exc
 
 
 def repair(conn: Connection, *, lock_timeout_seconds: float = 5.0) -> list[str]:
@@ -337,17 +355,7 @@ def repair(conn: Connection, *, lock_timeout_seconds: float = 5.0) -> list[str]:
     nothing. The repaired bookkeeping is checked again before it
     returns; a recount that still disagrees raises RuntimeError (the transaction must roll
     back)."""
-    conn.execute(text(f"SET LOCAL lock_timeout = '{max(1, round(lock_timeout_seconds * 1000))}ms'"))
-    try:
-        conn.execute(text("LOCK TABLE jobs IN SHARE MODE"))
-    except sqlalchemy.exc.OperationalError as exc:
-        if getattr(exc.orig, "sqlstate", None) != _LOCK_NOT_AVAILABLE:
-            raise
-        raise QueueBusyError(
-            f"jobs is held by a transaction that writes it (no lock within "
-            f"{lock_timeout_seconds:g} s); nothing was written. Retry, or find the transaction "
-            "in pg_stat_activity (pg_blocking_pids)"
-        ) from exc
+    hold_still(conn, "jobs", lock_timeout_seconds)
     params = _recount_params()
     for _, table, recount in _KEPT_TABLES:
         conn.execute(text(f"DROP TABLE IF EXISTS {table}"))

@@ -29,6 +29,7 @@ from sqlalchemy import (
 from control_plane.db.tables import STATUS_CHANGE, ApiKey, Job, JobEvent, JobMetricRollup, Tenant
 from control_plane.events import in_job_order, of_job
 from control_plane.job_status import JobStatus
+from control_plane.metric_rollups import ROLLUP_WIDTHS
 from control_plane.pagination import newest_first
 from control_plane.queue_stats import QueueCounts
 from control_plane.records import JobEventRecord, JobRecord
@@ -42,8 +43,6 @@ _rollups = cast(Table, JobMetricRollup.__table__)
 
 MAX_CHART_POINTS = 1000
 """A loss series sent to a page holds at most this many points, however long the job ran."""
-ROLLUP_WIDTHS = tuple(2**k for k in range(1, 17))
-"""The bucket widths, in steps, that revision 0015's trigger sums each metric event into."""
 
 
 def principal_by_key_id(conn: Connection, key_id: str) -> tuple[Principal, str] | None:

@@ -17,8 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import Connection, Engine, text
 
+from control_plane import metric_rollups
 from control_plane.dashboard import queries
 from control_plane.events import add_event, metric_events_in_bulk
+from control_plane.metric_rollups import ROLLUP_WIDTHS
+from control_plane.queue_stats import QueueBusyError
 from tests.factories import enqueue_jobs, log_metric_steps, make_base, make_file, make_tenant
 from tests.integration.test_queue_scale import DATABASE_EXAMPLES, _plan_rows_from
 from tests.integration.test_reads_at_scale import _plan, _statements_of
@@ -36,9 +39,7 @@ def reference(points: list[Point], max_points: int) -> dict[str, Any]:
         return {"train": train, "eval": evaluation, "downsampled": False}
     low, high = min(p[0] for p in points), max(p[0] for p in points)
     width = next(
-        w
-        for w in queries.ROLLUP_WIDTHS
-        if math.floor(high / w) - math.floor(low / w) + 1 <= max_points
+        w for w in ROLLUP_WIDTHS if math.floor(high / w) - math.floor(low / w) + 1 <= max_points
     )
 
     def bucketed(series: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -181,6 +182,8 @@ def test_the_curves_equal_every_events_bucketing(
     assert_same_curves(curves_as_points(curves), want)
     assert curves.points_in_job == sum((t is not None) + (e is not None) for _, t, e in points)
     assert len(curves.train.steps) <= max_points and len(curves.eval.steps) <= max_points
+    with engine.connect() as conn:  # sums kept event by event are no drift to the check
+        assert [line for line in metric_rollups.drift(conn) if job_id in line] == []
 
 
 def test_a_long_runs_curves_read_a_charts_worth_of_rows(engine: Engine, job_of: Any) -> None:
@@ -236,3 +239,135 @@ def test_a_long_runs_curves_read_a_charts_worth_of_rows(engine: Engine, job_of: 
             text("SELECT count(*) FROM job_metric_rollups WHERE job_id = :job"), {"job": long_run}
         ).scalar_one()
     assert left == 0
+
+
+def _points_of(conn: Connection, job_id: str) -> list[Point]:
+    return [
+        (float(step), train, evaluation)
+        for step, train, evaluation in conn.execute(
+            text(
+                "SELECT (data ->> 'step')::float8, (data ->> 'train_loss')::float8, "
+                "(data ->> 'eval_loss')::float8 FROM job_events "
+                "WHERE job_id = :job AND type = 'metrics' ORDER BY id"
+            ),
+            {"job": job_id},
+        )
+    ]
+
+
+def _sum_versions(engine: Engine, job_id: str) -> list[tuple[Any, ...]]:
+    with engine.connect() as conn:
+        return [
+            tuple(row)
+            for row in conn.execute(
+                text(
+                    "SELECT width, bucket, xmin::text FROM job_metric_rollups "
+                    "WHERE job_id = :job ORDER BY width, bucket"
+                ),
+                {"job": job_id},
+            )
+        ]
+
+
+def test_check_names_each_job_whose_chart_sums_drifted_and_repair_sums_them_again(
+    engine: Engine, database_url: str, job_of: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Writes around the trigger, as a restore or a replica's apply makes them: 500 steps of one
+    job logged with triggers off (its chart stops at step 3,000), another job's sums restored
+    on top of its sums (doubled), sums left for a job without events. `loraforge queue check`
+    names those three jobs and not the one that agrees; `repair` sums them again and leaves
+    the one that agrees unwritten; its chart then equals the reference over every event."""
+    from tests.integration.test_queue_repair import _around_triggers, _cli
+
+    missed, doubled, stray, exact = sorted(job_of() for _ in range(4))
+    log_metric_steps(engine, {missed: 3_000, doubled: 1_500, exact: 2_000})
+    with engine.begin() as conn:
+        _around_triggers(conn)
+        conn.execute(
+            text(
+                "INSERT INTO job_events (job_id, type, message, data) "
+                "SELECT :job, 'metrics', 'step ' || g, "
+                "jsonb_build_object('step', g, 'train_loss', 1.0 / g) "
+                "FROM generate_series(3001, 3500) AS g"
+            ),
+            {"job": missed},
+        )
+        conn.execute(
+            text(
+                "UPDATE job_metric_rollups SET train_points = 2 * train_points, "
+                "train_steps = 2 * train_steps, train_losses = 2 * train_losses "
+                "WHERE job_id = :job"
+            ),
+            {"job": doubled},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO job_metric_rollups (job_id, width, bucket, first_step, last_step, "
+                "train_points, train_steps, train_losses, eval_points, eval_steps, eval_losses) "
+                "VALUES (:job, 2, 0, 1, 1, 1, 1, 0.5, 0, 0, 0)"
+            ),
+            {"job": stray},
+        )
+    exact_sums = _sum_versions(engine, exact)
+    with engine.connect() as conn:
+        before = queries.loss_curves(conn, missed)
+        found = metric_rollups.drift(conn)
+        want = reference(_points_of(conn, missed), queries.MAX_CHART_POINTS)
+    assert before.train.steps[-1] <= 3_000 < want["train"][-1][0]  # the chart lost its end
+    assert [line.split(":")[0] for line in found] == [
+        f"metrics of job {job}" for job in (missed, doubled, stray)
+    ]
+    assert "sum 3000 train points" in found[0] and "its events 3500" in found[0]
+    assert "sum 3000 train points" in found[1] and "its events 1500" in found[1]
+
+    capsys.readouterr()
+    assert _cli(database_url, "check") == 1
+    checked = capsys.readouterr()
+    assert checked.out.splitlines() == found
+    assert "loss-chart sums of 3 jobs" in checked.err and "queue repair" in checked.err
+
+    assert _cli(database_url, "repair") == 0
+    assert capsys.readouterr().out.splitlines() == [f"repaired: {line}" for line in found] + [
+        "summed the loss charts of 3 jobs again from their events"
+    ]
+    with engine.connect() as conn:
+        assert metric_rollups.drift(conn) == []
+        after = queries.loss_curves(conn, missed)
+        strays = conn.execute(
+            text("SELECT count(*) FROM job_metric_rollups WHERE job_id = :job"), {"job": stray}
+        ).scalar_one()
+    assert_same_curves(curves_as_points(after), want)
+    assert after.points_in_job == 3_500
+    assert strays == 0
+    assert _sum_versions(engine, exact) == exact_sums  # a job that agreed: not written
+    assert _cli(database_url, "check") == 0
+    with engine.begin() as conn:
+        assert metric_rollups.repair(conn) == []
+
+
+def test_a_chart_repair_that_cannot_lock_the_events_in_time_writes_nothing(
+    engine: Engine, job_of: Any
+) -> None:
+    """A transaction inserting an event holds the events' lock: the repair gives up within its
+    timeout, the drift it found left as it was, and succeeds once that transaction ends."""
+    job_id, other = job_of(), job_of()
+    log_metric_steps(engine, {job_id: 100})
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM job_metric_rollups WHERE job_id = :job"), {"job": job_id})
+    with engine.connect() as conn:
+        found = metric_rollups.drift(conn)
+    assert len(found) == 1 and job_id in found[0]
+
+    with engine.connect() as holder, holder.begin():  # a trainer's event, not yet committed
+        add_event(holder, other, "step", type="metrics", data={"step": 1, "train_loss": 1.0})
+        with (
+            pytest.raises(QueueBusyError, match=r"job_events is held .*\(no lock within 0\.2 s\)"),
+            engine.begin() as conn,
+        ):
+            metric_rollups.repair(conn, lock_timeout_seconds=0.2)
+        with engine.connect() as conn:
+            assert metric_rollups.drift(conn) == found
+    with engine.begin() as conn:
+        assert metric_rollups.repair(conn) == found
+    with engine.connect() as conn:
+        assert metric_rollups.drift(conn) == []
