@@ -14,6 +14,10 @@ same fill as `--scale`), the claim as it is against the same claim with a part t
   limit, and nothing else: no proof that it is the backlog's first (it is not when lines ahead
   of it are held), the same event and the same bookkeeping (the queue's triggers);
 - `line_head_no_event`: that, without the event;
+- `async_commit`: the claim as it is, its transaction committed without waiting for its WAL
+  to reach the disk (`synchronous_commit = off` for the claim alone): what the commit's wait
+  costs the rate;
+- `plain_async_commit`: the plain claim so committed;
 - `plain`: the plain FIFO claim with its partial index and no bookkeeping (the baseline).
 
 The parts taken out are promises of the claim (the proof, the event): none of these variants
@@ -26,11 +30,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 from sqlalchemy import TextClause, text
 
 from benchmarks.queue import (
+    _FIFO_CLAIM,
     SCALE_LIMIT,
     ScaleSide,
     _backlog,
@@ -87,6 +93,26 @@ def _line_head(start_picked: str) -> TextClause:
     )
 
 
+# The claim's transaction committed without waiting for the WAL flush: `set_config(..., true)`
+# holds for the statement's own transaction (autocommit), and the commit reads it.
+_ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true) IS NOT NULL AS async_commit"
+
+
+def _async_head() -> TextClause:
+    head = job_queue._claim_head(job_queue.CLAIM_FRONT_LINES).text
+    last = head.rindex("SELECT (SELECT id FROM picked)")
+    return text(f"{head[:last]}SELECT {_ASYNC_COMMIT}, {head[last + len('SELECT ') :]}")
+
+
+_PLAIN_ASYNC = text(_FIFO_CLAIM.text.replace("RETURNING id", f"RETURNING id, {_ASYNC_COMMIT}"))
+
+
+def plain_async_claim(queue: JobQueue, worker: str) -> str | None:
+    """The plain claim, its transaction committed without waiting for the WAL flush."""
+    with queue.engine.begin() as conn:
+        return conn.execute(_PLAIN_ASYNC, {"worker": worker}).scalar()
+
+
 def _claim_by(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
     """Claim with `statement` on the queue's driver path; where it claims nothing (every line
     held, or its proof failed), the queue's own claim."""
@@ -110,22 +136,19 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
         ("no_event", "loraforge", _claim_by(text(_without_event(head)))),
         ("line_head", "loraforge", _claim_by(_line_head(job_queue._START_PICKED))),
         ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
+        ("async_commit", "loraforge", _claim_by(_async_head())),
+        ("plain_async_commit", "plain", plain_async_claim),
         ("plain", "plain", plain_claim),
     ]
 
 
 def run(admin_url: str, size: int, rounds: int, cycles: int) -> None:
     plan = sides()
-    with (
-        bench_database(admin_url) as u0,
-        bench_database(admin_url) as u1,
-        bench_database(admin_url) as u2,
-        bench_database(admin_url) as u3,
-        bench_database(admin_url) as u4,
-    ):
+    with ExitStack() as stack:
+        urls = [stack.enter_context(bench_database(admin_url)) for _ in plan]
         scale: list[ScaleSide] = []
         files: dict[str, str] = {}
-        for (label, schema, claim_one), url in zip(plan, (u0, u1, u2, u3, u4), strict=True):
+        for (label, schema, claim_one), url in zip(plan, urls, strict=True):
             engine = db.make_engine(url, pool_size=CLAIMERS + 4)
             base_id, file_id = _scale_schema(engine, schema)
             scale.append(ScaleSide(label, engine, base_id, claim_one))

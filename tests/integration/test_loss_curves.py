@@ -186,6 +186,21 @@ def test_the_curves_equal_every_events_bucketing(
         assert [line for line in metric_rollups.drift(conn) if job_id in line] == []
 
 
+def _points_of(conn: Connection, job_id: str) -> list[Point]:
+    """The job's metric events as points, in the order logged (a reference's input)."""
+    return [
+        (float(step), train, evaluation)
+        for step, train, evaluation in conn.execute(
+            text(
+                "SELECT (data ->> 'step')::float8, (data ->> 'train_loss')::float8, "
+                "(data ->> 'eval_loss')::float8 FROM job_events "
+                "WHERE job_id = :job AND type = 'metrics' ORDER BY id"
+            ),
+            {"job": job_id},
+        )
+    ]
+
+
 def test_a_long_runs_curves_read_a_charts_worth_of_rows(engine: Engine, job_of: Any) -> None:
     """A job 30,000 steps into its run (a train loss each step, an eval loss each 100th) and a
     short one beside it: the long run's curves equal the reference's in at most 1,000 points,
@@ -204,17 +219,7 @@ def test_a_long_runs_curves_read_a_charts_worth_of_rows(engine: Engine, job_of: 
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(
             text("ANALYZE job_events; ANALYZE job_metric_rollups")
         )
-        points = [
-            (float(step), train, evaluation)
-            for step, train, evaluation in conn.execute(
-                text(
-                    "SELECT (data ->> 'step')::float8, (data ->> 'train_loss')::float8, "
-                    "(data ->> 'eval_loss')::float8 FROM job_events "
-                    "WHERE job_id = :job AND type = 'metrics' ORDER BY id"
-                ),
-                {"job": long_run},
-            )
-        ]
+        points = _points_of(conn, long_run)
         found: list[queries.LossCurves] = []
         statements = _statements_of(
             engine, lambda: found.append(queries.loss_curves(conn, long_run))
@@ -239,20 +244,6 @@ def test_a_long_runs_curves_read_a_charts_worth_of_rows(engine: Engine, job_of: 
             text("SELECT count(*) FROM job_metric_rollups WHERE job_id = :job"), {"job": long_run}
         ).scalar_one()
     assert left == 0
-
-
-def _points_of(conn: Connection, job_id: str) -> list[Point]:
-    return [
-        (float(step), train, evaluation)
-        for step, train, evaluation in conn.execute(
-            text(
-                "SELECT (data ->> 'step')::float8, (data ->> 'train_loss')::float8, "
-                "(data ->> 'eval_loss')::float8 FROM job_events "
-                "WHERE job_id = :job AND type = 'metrics' ORDER BY id"
-            ),
-            {"job": job_id},
-        )
-    ]
 
 
 def _sum_versions(engine: Engine, job_id: str) -> list[tuple[Any, ...]]:
