@@ -29,7 +29,8 @@ _TOLERANCE = 1e-9
 # Per job, what its events say (`told`: its points, as revision 0015 counts them: a numeric step
 # and a numeric loss) beside what each bucket width's rows sum to (`kept`); every width must
 # hold every point, the same loss totals and the same first and last step. One line per job
-# that disagrees, at its narrowest width that does. `{only}` narrows both to some jobs.
+# that disagrees, at its narrowest width that does. `:jobs` (NULL: every job) narrows both to
+# some jobs.
 _DRIFT = text(
     f"""
     WITH points AS (
@@ -59,22 +60,17 @@ _DRIFT = text(
         WHERE CAST(:jobs AS text[]) IS NULL OR job_id = ANY(CAST(:jobs AS text[]))
         GROUP BY job_id, width
     ),
-    differ AS (
+    paired AS (
         SELECT coalesce(t.job_id, k.job_id) AS job_id, coalesce(t.width, k.width) AS width,
                coalesce(k.train_points, 0) AS k_train, coalesce(k.eval_points, 0) AS k_eval,
                coalesce(k.train_losses, 0) AS k_train_losses,
                coalesce(k.eval_losses, 0) AS k_eval_losses,
                coalesce(t.train_points, 0) AS t_train, coalesce(t.eval_points, 0) AS t_eval,
                coalesce(t.train_losses, 0) AS t_train_losses,
-               coalesce(t.eval_losses, 0) AS t_eval_losses
+               coalesce(t.eval_losses, 0) AS t_eval_losses,
+               (k.first_step, k.last_step) IS DISTINCT FROM (t.first_step, t.last_step)
+                   AS steps_differ
         FROM told t FULL JOIN kept k ON k.job_id = t.job_id AND k.width = t.width
-        WHERE (coalesce(k.train_points, 0), coalesce(k.eval_points, 0))
-              <> (coalesce(t.train_points, 0), coalesce(t.eval_points, 0))
-           OR (k.first_step, k.last_step) IS DISTINCT FROM (t.first_step, t.last_step)
-           OR abs(coalesce(k.train_losses, 0) - coalesce(t.train_losses, 0))
-              > {_TOLERANCE} * greatest(1, abs(coalesce(t.train_losses, 0)))
-           OR abs(coalesce(k.eval_losses, 0) - coalesce(t.eval_losses, 0))
-              > {_TOLERANCE} * greatest(1, abs(coalesce(t.eval_losses, 0)))
     )
     SELECT DISTINCT ON (job_id) job_id,
            'metrics of job ' || job_id || ': its loss chart''s ' || width || '-step buckets sum '
@@ -82,7 +78,10 @@ _DRIFT = text(
            || ') and ' || k_eval || ' eval points (losses ' || round(k_eval_losses::numeric, 6)
            || '), its events ' || t_train || ' (' || round(t_train_losses::numeric, 6)
            || ') and ' || t_eval || ' (' || round(t_eval_losses::numeric, 6) || ')' AS line
-    FROM differ
+    FROM paired
+    WHERE (k_train, k_eval) <> (t_train, t_eval) OR steps_differ
+       OR abs(k_train_losses - t_train_losses) > {_TOLERANCE} * greatest(1, abs(t_train_losses))
+       OR abs(k_eval_losses - t_eval_losses) > {_TOLERANCE} * greatest(1, abs(t_eval_losses))
     ORDER BY job_id, width
     """
 )
