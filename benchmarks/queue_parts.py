@@ -14,10 +14,9 @@ same fill as `--scale`), the claim as it is against the same claim with a part t
   limit, and nothing else: no proof that it is the backlog's first (it is not when lines ahead
   of it are held), the same event and the same bookkeeping (the queue's triggers);
 - `line_head_no_event`: that, without the event;
-- `async_commit`: the claim as it is, its transaction committed without waiting for its WAL
-  to reach the disk (`synchronous_commit = off` for the claim alone): what the commit's wait
-  costs the rate;
-- `plain_async_commit`: the plain claim so committed;
+- `sync_commit`: the claim as it is, its transaction committed waiting for its WAL to reach
+  the disk (the claim commits without waiting: `_LEASED_COMMIT` in control_plane/queue.py);
+- `plain_async_commit`: the plain claim committed as the claim commits, without waiting;
 - `plain`: the plain FIFO claim with its partial index and no bookkeeping (the baseline).
 
 The parts taken out are promises of the claim (the proof, the event): none of these variants
@@ -36,7 +35,6 @@ from typing import Any
 from sqlalchemy import TextClause, text
 
 from benchmarks.queue import (
-    _FIFO_CLAIM,
     SCALE_LIMIT,
     ScaleSide,
     _backlog,
@@ -51,6 +49,7 @@ from benchmarks.queue import (
     fair_claim,
     machine_description,
     plain_claim,
+    plain_leased_claim,
     progress,
 )
 from control_plane import db
@@ -93,24 +92,14 @@ def _line_head(start_picked: str) -> TextClause:
     )
 
 
-# The claim's transaction committed without waiting for the WAL flush: `set_config(..., true)`
-# holds for the statement's own transaction (autocommit), and the commit reads it.
-_ASYNC_COMMIT = "set_config('synchronous_commit', 'off', true) IS NOT NULL AS async_commit"
+# The claim committed as the plain claim commits, waiting for the WAL flush.
+_WAITED_COMMIT = job_queue._LEASED_COMMIT.replace("'off'", "'on'")
 
 
-def _async_head() -> TextClause:
+def _waiting_head() -> TextClause:
     head = job_queue._claim_head(job_queue.CLAIM_FRONT_LINES).text
-    last = head.rindex("SELECT (SELECT id FROM picked)")
-    return text(f"{head[:last]}SELECT {_ASYNC_COMMIT}, {head[last + len('SELECT ') :]}")
-
-
-_PLAIN_ASYNC = text(_FIFO_CLAIM.text.replace("RETURNING id", f"RETURNING id, {_ASYNC_COMMIT}"))
-
-
-def plain_async_claim(queue: JobQueue, worker: str) -> str | None:
-    """The plain claim, its transaction committed without waiting for the WAL flush."""
-    with queue.engine.begin() as conn:
-        return conn.execute(_PLAIN_ASYNC, {"worker": worker}).scalar()
+    assert job_queue._LEASED_COMMIT in head
+    return text(head.replace(job_queue._LEASED_COMMIT, _WAITED_COMMIT))
 
 
 def _claim_by(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
@@ -136,8 +125,8 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
         ("no_event", "loraforge", _claim_by(text(_without_event(head)))),
         ("line_head", "loraforge", _claim_by(_line_head(job_queue._START_PICKED))),
         ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
-        ("async_commit", "loraforge", _claim_by(_async_head())),
-        ("plain_async_commit", "plain", plain_async_claim),
+        ("sync_commit", "loraforge", _claim_by(_waiting_head())),
+        ("plain_async_commit", "plain", plain_leased_claim),
         ("plain", "plain", plain_claim),
     ]
 

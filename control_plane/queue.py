@@ -136,6 +136,17 @@ _START_PICKED = """
     )
 """
 
+# Every claim statement commits without waiting for its WAL to reach the disk (`synchronous_commit
+# = off` for its own transaction: `set_config(..., true)` holds for the statement's transaction,
+# autocommit or not, and the commit reads it). A claim is the one write the lease already makes
+# safe to lose: a crash that loses it leaves the job queued and its tenant's bookkeeping as before
+# (one transaction, gone whole), the trainer's next heartbeat finds no lease and it stops, and
+# the job is claimed again. Any later synchronous commit (the trainer's heartbeat, its finish,
+# anyone's) flushes the claim with it, and the WAL writer does within wal_writer_delay. So a
+# claim is visible at once and durable soon after, and no claim waits on the disk; the finishes
+# and everything else still wait. tests/integration/test_claim_crash.py loses one to a crash.
+_LEASED_COMMIT = "set_config('synchronous_commit', 'off', true) IS NOT NULL AS leased_commit"
+
 # The claim is planned once per connection, not once per claim: planning its statement costs
 # more than running it, and PostgreSQL's plan cache, comparing estimates, kept re-planning it
 # (no generic plan in 595 claims on one connection). The generic plan walks the same indexes:
@@ -260,7 +271,7 @@ def _claim_front(lines: int) -> TextClause:
     {_PICK.format(gate="(SELECT proven FROM certain) AND")}
     {_START_PICKED}
     SELECT (SELECT proven FROM certain) AS proven, (SELECT tenant_id FROM picked) AS picked_tenant,
-           {_SYNCED} AS synced, claimed.*
+           {_SYNCED} AS synced, {_LEASED_COMMIT}, claimed.*
     FROM (SELECT 1) AS one LEFT JOIN claimed ON true
     """
     )
@@ -340,7 +351,8 @@ def _claim_head(lines: int) -> TextClause:
     {_START_PICKED}
     -- No line at all (nothing queued under its tenant's limit): nothing is claimable, shown.
     SELECT (SELECT id FROM picked) IS NOT NULL OR NOT EXISTS (SELECT 1 FROM walk) AS proven,
-           (SELECT tenant_id FROM picked) AS picked_tenant, {_SYNCED} AS synced, claimed.*
+           (SELECT tenant_id FROM picked) AS picked_tenant, {_SYNCED} AS synced,
+           {_LEASED_COMMIT}, claimed.*
     FROM (SELECT 1) AS one LEFT JOIN claimed ON true
     """
     )
@@ -383,7 +395,8 @@ _CLAIM_RANKED = text(
     ),
     {_PICK.format(gate="")}
     {_START_PICKED}
-    SELECT true AS proven, (SELECT tenant_id FROM picked) AS picked_tenant, claimed.*
+    SELECT true AS proven, (SELECT tenant_id FROM picked) AS picked_tenant, {_LEASED_COMMIT},
+           claimed.*
     FROM (SELECT 1) AS one LEFT JOIN claimed ON true
     """
 )
