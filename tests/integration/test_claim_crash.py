@@ -82,22 +82,35 @@ def _started_events(engine: Engine, job_id: str) -> int:
         )
 
 
+@pytest.mark.parametrize("head_backs_off", [False, True], ids=["line_head", "walk"])
 def test_a_claim_lost_to_a_crash_leaves_its_job_queued_and_its_trainer_learns_it_at_once(
-    crashable: tuple[EmbeddedPostgres, Engine],
+    crashable: tuple[EmbeddedPostgres, Engine], head_backs_off: bool
 ) -> None:
+    """Both ways a claim goes: its line's head (one statement, autocommit), or, when that head
+    backs off, the walk of the front (a transaction of its own)."""
     server, engine = crashable
     tenant = make_tenant(engine, "acme", max_running_jobs=1)
     other = make_tenant(engine, "globex")
     base = make_base(engine)
     [kept_id] = enqueue_jobs(engine, other.id, base.id, make_file(engine, other.id).id, 1)
-    acme_ids = enqueue_jobs(engine, tenant.id, base.id, make_file(engine, tenant.id).id, 2)
-    queue = JobQueue(engine, max_running_per_tenant=4)
+    acme_ids = enqueue_jobs(
+        engine, tenant.id, base.id, make_file(engine, tenant.id).id, 3 if head_backs_off else 2
+    )
+    queue = JobQueue(engine, max_running_per_tenant=4, retry_backoff_seconds=3600)
 
     # A claim followed by a heartbeat: the heartbeat's commit waits for the disk, the claim's
     # WAL with it.
     kept = queue.claim("trainer-b")
     assert kept is not None and kept.id == kept_id
     assert queue.heartbeat(kept.id, "trainer-b").held
+    backing_off = None
+    if head_backs_off:
+        # The head of acme's line fails once and backs off for an hour, still its line's head.
+        head = queue.claim("trainer-x")
+        assert head is not None and head.id in acme_ids
+        assert queue.fail(head.id, "trainer-x", code="oom", message="retry later") is not None
+        backing_off = head.id
+        acme_ids.remove(head.id)
     # The claim the crash loses: nothing commits after it.
     started = time.monotonic()
     lost = queue.claim("trainer-a")
@@ -112,6 +125,8 @@ def test_a_claim_lost_to_a_crash_leaves_its_job_queued_and_its_trainer_learns_it
     assert _job(engine, kept_id) == ("running", 1, "trainer-b")
     assert _job(engine, lost_id) == ("queued", 0, None)
     assert _started_events(engine, lost_id) == 0
+    if backing_off is not None:
+        assert _job(engine, backing_off) == ("queued", 1, None)
     with engine.connect() as conn:
         assert queue_stats.drift(conn) == []
 
