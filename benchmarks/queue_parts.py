@@ -1,12 +1,13 @@
 """What the fair claim's parts cost its 8-claimer throughput, each taken out in turn.
 
     python -m benchmarks.queue_parts [--size 20000] [--rounds 6] [--cycles 120]
-        [--database-url URL]
+        [--claimers 8] [--database-url URL]
 
 The issue's last target is the fair claim's 8-claimer throughput against the plain FIFO claim
 (`python -m benchmarks.queue --scale`). This runs, in alternating rounds on twin databases
-(claim + complete, 8 claimer threads, 1,000 tenants with one holding half the backlog, the
-same fill as `--scale`), the claim as it is against the same claim with a part taken out:
+(claim + complete, 8 claimer threads or `--claimers`, 1,000 tenants with one holding half the
+backlog, the same fill as `--scale`), the claim as it is against the same claim with a part
+taken out:
 
 - `loraforge`: `JobQueue.claim` as it is;
 - `no_event`: its common claim without the job-started event;
@@ -21,7 +22,8 @@ same fill as `--scale`), the claim as it is against the same claim with a part t
 
 The parts taken out are promises of the claim (the proof, the event): none of these variants
 is one to ship. What is left in `line_head_no_event` is what keeping the line order costs.
-One JSON line per side: its rate, against `plain` and against `loraforge`, its CPU per cycle.
+One JSON line per side: its cycle's p50 and p99, its rate, against `plain` and against
+`loraforge`, its CPU per cycle.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from benchmarks.queue import (
     emit,
     fair_claim,
     machine_description,
+    percentile,
     plain_claim,
     plain_leased_claim,
     progress,
@@ -131,14 +134,14 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
     ]
 
 
-def run(admin_url: str, size: int, rounds: int, cycles: int) -> None:
+def run(admin_url: str, size: int, rounds: int, cycles: int, claimers: int = CLAIMERS) -> None:
     plan = sides()
     with ExitStack() as stack:
         urls = [stack.enter_context(bench_database(admin_url)) for _ in plan]
         scale: list[ScaleSide] = []
         files: dict[str, str] = {}
         for (label, schema, claim_one), url in zip(plan, urls, strict=True):
-            engine = db.make_engine(url, pool_size=CLAIMERS + 4)
+            engine = db.make_engine(url, pool_size=claimers + 4)
             base_id, file_id = _scale_schema(engine, schema)
             scale.append(ScaleSide(label, engine, base_id, claim_one))
             files[label] = file_id
@@ -146,11 +149,11 @@ def run(admin_url: str, size: int, rounds: int, cycles: int) -> None:
         try:
             for side in scale:
                 _backlog(side, files[side.label], size)
-                _warm(side, files[side.label], CLAIMERS)
+                _warm(side, files[side.label], claimers)
             for index in range(rounds):
                 progress(f"round {index + 1} of {rounds}")
                 for side in scale if index % 2 == 0 else scale[::-1]:
-                    claimed = _round(side, CLAIMERS, cycles, processes=False)
+                    claimed = _round(side, claimers, cycles, processes=False)
                     _fill(side, files[side.label], claimed)
             rate = {side.label: side.cycles / side.seconds for side in scale}
             for side in scale:
@@ -163,8 +166,10 @@ def run(admin_url: str, size: int, rounds: int, cycles: int) -> None:
                     "name": "claim_part",
                     "side": side.label,
                     "queued": size,
-                    "claimers": CLAIMERS,
+                    "claimers": claimers,
                     "cycles": side.cycles,
+                    "p50_ms": round(percentile(side.latencies or [], 50), 2),
+                    "p99_ms": round(percentile(side.latencies or [], 99), 2),
                     "jobs_per_s": round(rate[side.label], 1),
                     "baseline": "plain",
                     "baseline_jobs_per_s": round(rate["plain"], 1),
@@ -185,12 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=20_000, help="queued jobs (kept topped up)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating rounds")
     parser.add_argument("--cycles", type=int, default=120, help="cycles per claimer per round")
+    parser.add_argument(
+        "--claimers", type=int, default=CLAIMERS, help="claimer threads (1: the latency alone)"
+    )
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
-    if args.size < 4 * CLAIMERS * args.cycles or args.rounds < 1 or args.cycles < 1:
-        parser.error("--size at least 4 x 8 claimers x --cycles; rounds and cycles at least 1")
+    if args.claimers < 1 or args.rounds < 1 or args.cycles < 1:
+        parser.error("claimers, rounds and cycles at least 1")
+    if args.size < 4 * args.claimers * args.cycles:
+        parser.error("--size at least 4 x --claimers x --cycles")
     with admin_server(args.database_url) as admin_url:
-        run(admin_url, args.size, args.rounds, args.cycles)
+        run(admin_url, args.size, args.rounds, args.cycles, args.claimers)
     progress("done")
     return 0
 
