@@ -1,7 +1,7 @@
 """A claim commits without waiting for the disk; a crash that loses one hands its job back whole.
 
 PostgreSQL is a server of the test's own (pgserver's binaries, a data directory under tmp_path),
-so that the test can crash it as a power cut or an OOM kill would: SIGQUIT to the postmaster
+so that the test can crash it as an OOM kill of the server would: SIGQUIT to the postmaster
 (`pg_ctl stop -m immediate`), no shutdown checkpoint, recovery from the WAL on disk at restart.
 The WAL writer is set to flush at most every 10 s (its longest) and nothing else commits, so a
 claim's commit record is still in the server's WAL buffers when the crash comes, unless the claim
@@ -36,14 +36,14 @@ _QUIET = {
 def crashable(tmp_path: Path) -> Iterator[tuple[EmbeddedPostgres, Engine]]:
     server = EmbeddedPostgres(tmp_path / "pgdata")
     url = server.start()
-    with db.make_engine(url, pool_size=4).connect() as conn:
-        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-        for name, value in _QUIET.items():
-            conn.execute(text(f"ALTER SYSTEM SET {name} = '{value}'"))
-        conn.execute(text("SELECT pg_reload_conf()"))
-    db.upgrade(url)
     engine = db.make_engine(url, pool_size=4)
     try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for name, value in _QUIET.items():
+                conn.execute(text(f"ALTER SYSTEM SET {name} = '{value}'"))
+            conn.execute(text("SELECT pg_reload_conf()"))
+        db.upgrade(url)
         yield server, engine
     finally:
         engine.dispose()
