@@ -17,7 +17,8 @@ taken out:
 - `line_head_no_event`: that, without the event;
 - `sync_commit`: the claim as it is, its transaction committed waiting for its WAL to reach
   the disk (the claim commits without waiting: `_LEASED_COMMIT` in control_plane/queue.py);
-- `plain_async_commit`: the plain claim committed as the claim commits, without waiting;
+- `plain_leased`: the plain claim committed as the claim commits, without waiting (the side
+  of that name in `--scale`);
 - `plain`: the plain FIFO claim with its partial index and no bookkeeping (the baseline).
 
 The parts taken out are promises of the claim (the proof, the event): none of these variants
@@ -129,7 +130,7 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
         ("line_head", "loraforge", _claim_by(_line_head(job_queue._START_PICKED))),
         ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
         ("sync_commit", "loraforge", _claim_by(_waiting_head())),
-        ("plain_async_commit", "plain", plain_leased_claim),
+        ("plain_leased", "plain", plain_leased_claim),
         ("plain", "plain", plain_claim),
     ]
 
