@@ -52,6 +52,10 @@ CLAIM_CANDIDATES = 64
 # claim ranks the whole backlog: a retry storm that backs off hundreds of lines costs a claim a
 # few hundred index probes, not a sort of every queued job.
 CLAIM_FRONT_WIDENING = (1, 8, 64)
+# psycopg parses a query's text once and keeps the result for a text of at most this many
+# characters (MAX_CACHED_STATEMENT_LENGTH); the common claim's text, as the driver gets it, stays
+# within it (tests/unit/test_claim_sql.py).
+DRIVER_CACHED_SQL = 4096
 
 
 # Every statement here binds the statuses it names (`:queued`, `:running`, ...) and the sets
@@ -289,16 +293,20 @@ def _claim_front(lines: int) -> TextClause:
 #   flight (or was claimed since the statement began), is another tenant's, and has the same
 #   priority and running count as it: once that claim commits, its tenant's next job ranks on
 #   one more running job, after this head.
-# What the lines alone decide (`eligible`) is read off the walk; the heads' jobs are then read in
-# line order and the first one that no claim holds is locked (SKIP LOCKED), so a claim beside
-# no other reads one job. Only then are the heads' own conditions checked: it is claimable, and
-# every line passed before it (held by claims in flight) had a claimable head. Otherwise (or
-# when every eligible head is held) nothing is claimed here and claim() walks the front; an
-# empty walk shows that nothing is claimable, so an idle trainer's claim is one statement too.
-_SETTLED = """(CAST(:prefer AS text) IS NULL OR {w}.base_model_id = :prefer
-        OR {w}.next_priority IS NULL
-        OR ROW({w}.next_priority, {w}.next_running, {w}.next_served)
-           > ROW({w}.priority, {w}.running, {w}.served))"""
+# What the lines alone decide (`eligible`: settled, and the first line, or one with the first
+# line's priority and running count that no earlier line of its tenant or unsettled line
+# precedes) is read off the walk, in one pass of its index order; the heads' jobs are then read
+# in line order and the first one that no claim holds is locked (SKIP LOCKED), so a claim
+# beside no other reads one job. Only then are the heads' own conditions checked: it is
+# claimable, and every line passed before it (held by claims in flight) had a claimable head.
+# Otherwise (or when every eligible head is held) nothing is claimed here and claim() walks the
+# front; an empty walk shows that nothing is claimable, so an idle trainer's claim is one
+# statement too.
+_SETTLED = """(CAST(:prefer AS text) IS NULL OR h.base_model_id = :prefer
+        OR lead(h.top_priority) OVER front IS NULL
+        OR ROW(-lead(h.top_priority) OVER front, lead(h.running) OVER front,
+               lead(coalesce(h.last_served_at, '-infinity')) OVER front)
+           > ROW(-h.top_priority, h.running, coalesce(h.last_served_at, '-infinity')))"""
 
 
 @functools.cache
@@ -306,34 +314,28 @@ def _claim_head(lines: int) -> TextClause:
     return text(
         f"""
     WITH walk AS MATERIALIZED (
-        SELECT *, settled AND (position = 1 OR (
-                   first_of_tenant AND (priority, running) = (top_priority, top_running)
-                   AND bool_and(settled) OVER passed)) AS eligible
-        FROM (
-            SELECT *, {_SETTLED.format(w="lines")} AS settled,
-                   row_number() OVER (PARTITION BY tenant_id ORDER BY position) = 1
-                       AS first_of_tenant,
-                   first_value(priority) OVER (ORDER BY position) AS top_priority,
-                   first_value(running) OVER (ORDER BY position) AS top_running
-            FROM (
-                -- One line more than the walk, so that the last line walked sees the next one.
-                SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority,
-                       h.running, coalesce(h.last_served_at, '-infinity') AS served,
-                       row_number() OVER front AS position,
-                       lead(-h.top_priority) OVER front AS next_priority,
-                       lead(h.running) OVER front AS next_running,
-                       lead(coalesce(h.last_served_at, '-infinity')) OVER front AS next_served
-                FROM ({_WALK.format(only="", first="", lines=lines + 1)}) h
-                WINDOW front AS (ORDER BY {_LINE_ORDER})
-            ) lines
-            WHERE position <= {lines}
-        ) ranked
-        WINDOW passed AS (ORDER BY position ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+        -- One line more than the walk, so that the last line walked sees the next one.
+        SELECT h.tenant_id, h.head_id, -h.top_priority AS priority, h.running,
+               row_number() OVER front AS position,
+               first_value(-h.top_priority) OVER front AS first_priority,
+               first_value(h.running) OVER front AS first_running,
+               {_SETTLED} AS settled
+        FROM ({_WALK.format(only="", first="", lines=lines + 1)}) h
+        WINDOW front AS (ORDER BY {_LINE_ORDER})
     ),
     held AS (
         -- The first eligible head, in line order, that no claim in flight holds.
         SELECT w.tenant_id, w.head_id, w.position, j.run_after <= now() AS ready
-        FROM (SELECT * FROM walk WHERE eligible ORDER BY position) w
+        FROM (
+            SELECT * FROM walk l
+            WHERE l.position <= {lines} AND l.settled AND (l.position = 1 OR (
+                (l.priority, l.running) = (l.first_priority, l.first_running)
+                AND NOT EXISTS (
+                    SELECT 1 FROM walk e
+                    WHERE e.position < l.position
+                      AND (e.tenant_id = l.tenant_id OR NOT e.settled))))
+            ORDER BY l.position
+        ) w
         JOIN jobs j ON j.id = w.head_id
         WHERE j.status = {_QUEUED}
         ORDER BY w.position
@@ -360,8 +362,11 @@ def _claim_head(lines: int) -> TextClause:
 
 @functools.cache
 def _driver_sql(statement: TextClause, dialect: Dialect) -> str:
-    """A statement as psycopg takes it (`%(name)s` placeholders), compiled once."""
-    return str(statement.compile(dialect=dialect))
+    """A statement as psycopg takes it (`%(name)s` placeholders), compiled once, without its
+    comment lines and indentation: psycopg keeps the parsed form of a query of at most
+    DRIVER_CACHED_SQL characters, and parses a longer one again at every execution."""
+    lines = (line.strip() for line in str(statement.compile(dialect=dialect)).splitlines())
+    return "\n".join(line for line in lines if line and not line.startswith("--"))
 
 
 # The claim's order written over the whole backlog: every claimable job ranked, two window sorts

@@ -1,0 +1,38 @@
+"""The common claim's text as the driver gets it: what psycopg parses once and keeps."""
+
+from __future__ import annotations
+
+import re
+
+import psycopg._queries
+from sqlalchemy.dialects import postgresql
+
+from control_plane import queue as job_queue
+
+DIALECT = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
+
+
+def _words(sql: str) -> list[str]:
+    """The statement's words, comments left out: what a reformatting must keep."""
+    return re.sub(r"--[^\n]*", " ", sql).split()
+
+
+def test_the_common_claim_stays_within_psycopgs_parsed_query_cache() -> None:
+    # psycopg keeps the parsed form of a query up to this length and parses a longer one again
+    # at every execution: the claim runs once per job, on every trainer.
+    assert job_queue.DRIVER_CACHED_SQL == psycopg._queries.MAX_CACHED_STATEMENT_LENGTH
+    sql = job_queue._driver_sql(job_queue._claim_head(job_queue.CLAIM_FRONT_LINES), DIALECT)
+    assert len(sql) <= job_queue.DRIVER_CACHED_SQL
+
+
+def test_the_drivers_text_is_the_statement_without_comments_and_indentation() -> None:
+    for statement in (
+        job_queue._claim_head(job_queue.CLAIM_FRONT_LINES),
+        job_queue._claim_front(job_queue.CLAIM_FRONT_LINES),
+        job_queue._CLAIM_RANKED,
+    ):
+        sql = job_queue._driver_sql(statement, DIALECT)
+        compiled = str(statement.compile(dialect=DIALECT))
+        assert "--" not in sql
+        assert _words(sql) == _words(compiled)
+        assert all(line == line.strip() and line for line in sql.splitlines())
