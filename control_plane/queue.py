@@ -293,20 +293,16 @@ def _claim_front(lines: int) -> TextClause:
 #   flight (or was claimed since the statement began), is another tenant's, and has the same
 #   priority and running count as it: once that claim commits, its tenant's next job ranks on
 #   one more running job, after this head.
-# What the lines alone decide (`eligible`: settled, and the first line, or one with the first
-# line's priority and running count that no earlier line of its tenant or unsettled line
-# precedes) is read off the walk, in one pass of its index order; the heads' jobs are then read
-# in line order and the first one that no claim holds is locked (SKIP LOCKED), so a claim
-# beside no other reads one job. Only then are the heads' own conditions checked: it is
-# claimable, and every line passed before it (held by claims in flight) had a claimable head.
-# Otherwise (or when every eligible head is held) nothing is claimed here and claim() walks the
-# front; an empty walk shows that nothing is claimable, so an idle trainer's claim is one
-# statement too.
-_SETTLED = """(CAST(:prefer AS text) IS NULL OR h.base_model_id = :prefer
-        OR lead(h.top_priority) OVER front IS NULL
-        OR ROW(-lead(h.top_priority) OVER front, lead(h.running) OVER front,
-               lead(coalesce(h.last_served_at, '-infinity')) OVER front)
-           > ROW(-h.top_priority, h.running, coalesce(h.last_served_at, '-infinity')))"""
+# What the lines alone decide (`eligible`) is read off the walk; the heads' jobs are then read in
+# line order and the first one that no claim holds is locked (SKIP LOCKED), so a claim beside
+# no other reads one job. Only then are the heads' own conditions checked: it is claimable, and
+# every line passed before it (held by claims in flight) had a claimable head. Otherwise (or
+# when every eligible head is held) nothing is claimed here and claim() walks the front; an
+# empty walk shows that nothing is claimable, so an idle trainer's claim is one statement too.
+_SETTLED = """(CAST(:prefer AS text) IS NULL OR {w}.base_model_id = :prefer
+        OR {w}.next_priority IS NULL
+        OR ROW({w}.next_priority, {w}.next_running, {w}.next_served)
+           > ROW({w}.priority, {w}.running, {w}.served))"""
 
 
 @functools.cache
@@ -314,28 +310,34 @@ def _claim_head(lines: int) -> TextClause:
     return text(
         f"""
     WITH walk AS MATERIALIZED (
-        -- One line more than the walk, so that the last line walked sees the next one.
-        SELECT h.tenant_id, h.head_id, -h.top_priority AS priority, h.running,
-               row_number() OVER front AS position,
-               first_value(-h.top_priority) OVER front AS first_priority,
-               first_value(h.running) OVER front AS first_running,
-               {_SETTLED} AS settled
-        FROM ({_WALK.format(only="", first="", lines=lines + 1)}) h
-        WINDOW front AS (ORDER BY {_LINE_ORDER})
+        SELECT *, settled AND (position = 1 OR (
+                   first_of_tenant AND (priority, running) = (top_priority, top_running)
+                   AND bool_and(settled) OVER passed)) AS eligible
+        FROM (
+            SELECT *, {_SETTLED.format(w="lines")} AS settled,
+                   row_number() OVER (PARTITION BY tenant_id ORDER BY position) = 1
+                       AS first_of_tenant,
+                   first_value(priority) OVER (ORDER BY position) AS top_priority,
+                   first_value(running) OVER (ORDER BY position) AS top_running
+            FROM (
+                -- One line more than the walk, so that the last line walked sees the next one.
+                SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority,
+                       h.running, coalesce(h.last_served_at, '-infinity') AS served,
+                       row_number() OVER front AS position,
+                       lead(-h.top_priority) OVER front AS next_priority,
+                       lead(h.running) OVER front AS next_running,
+                       lead(coalesce(h.last_served_at, '-infinity')) OVER front AS next_served
+                FROM ({_WALK.format(only="", first="", lines=lines + 1)}) h
+                WINDOW front AS (ORDER BY {_LINE_ORDER})
+            ) lines
+            WHERE position <= {lines}
+        ) ranked
+        WINDOW passed AS (ORDER BY position ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
     ),
     held AS (
         -- The first eligible head, in line order, that no claim in flight holds.
         SELECT w.tenant_id, w.head_id, w.position, j.run_after <= now() AS ready
-        FROM (
-            SELECT * FROM walk l
-            WHERE l.position <= {lines} AND l.settled AND (l.position = 1 OR (
-                (l.priority, l.running) = (l.first_priority, l.first_running)
-                AND NOT EXISTS (
-                    SELECT 1 FROM walk e
-                    WHERE e.position < l.position
-                      AND (e.tenant_id = l.tenant_id OR NOT e.settled))))
-            ORDER BY l.position
-        ) w
+        FROM (SELECT * FROM walk WHERE eligible ORDER BY position) w
         JOIN jobs j ON j.id = w.head_id
         WHERE j.status = {_QUEUED}
         ORDER BY w.position
