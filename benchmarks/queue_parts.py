@@ -17,6 +17,9 @@ taken out:
 - `line_head_no_event`: that, without the event;
 - `sync_commit`: the claim as it is, its transaction committed waiting for its WAL to reach
   the disk (the claim commits without waiting: `_LEASED_COMMIT` in control_plane/queue.py);
+- `as_compiled`: the claim as it is, the driver getting its text as compiled, not stripped of
+  comments and indentation (over psycopg's parse cache of 4,096 characters: parsed at every
+  claim; `_driver_sql` in control_plane/queue.py);
 - `plain_leased`: the plain claim committed as the claim commits, without waiting (the side
   of that name in `--scale`);
 - `plain`: the plain FIFO claim with its partial index and no bookkeeping (the baseline).
@@ -30,12 +33,13 @@ One JSON line per side: its cycle's p50 and p99, its rate, against `plain` and a
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import Dialect, TextClause, text
 
 from benchmarks.queue import (
     SCALE_LIMIT,
@@ -120,6 +124,26 @@ def _claim_by(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
     return claim_one
 
 
+def _claim_as_compiled(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
+    """`statement` on the queue's driver path, its text as SQLAlchemy compiles it: comments and
+    indentation kept, so over psycopg's parse cache and parsed again at every claim (the claim
+    gets it stripped: `_driver_sql`)."""
+
+    @functools.cache
+    def as_compiled(dialect: Dialect) -> str:
+        return str(statement.compile(dialect=dialect))
+
+    def claim_one(queue: JobQueue, worker: str) -> str | None:
+        sql = as_compiled(queue.engine.dialect)
+        row = queue._run_on_driver(sql, queue._claim_params(worker, None, []))
+        if row.id is not None:
+            return str(row.id)
+        job = queue.claim(worker)
+        return job.id if job is not None else None
+
+    return claim_one
+
+
 def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
     """(label, schema, claim) for every side, the baseline last."""
     head = job_queue._claim_head(job_queue.CLAIM_FRONT_LINES).text
@@ -130,6 +154,7 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
         ("line_head", "loraforge", _claim_by(_line_head(job_queue._START_PICKED))),
         ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
         ("sync_commit", "loraforge", _claim_by(_waiting_head())),
+        ("as_compiled", "loraforge", _claim_as_compiled(text(head))),
         ("plain_leased", "plain", plain_leased_claim),
         ("plain", "plain", plain_claim),
     ]

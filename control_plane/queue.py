@@ -646,8 +646,11 @@ class JobQueue:
         `--scale`, docs/architecture.md). Driver errors leave as SQLAlchemy's, as every other
         statement's do, and a lost connection is dropped from the pool.
         """
+        return self._run_on_driver(_driver_sql(statement, self.engine.dialect), params)
+
+    def _run_on_driver(self, sql: str, params: dict[str, Any]) -> Any:
+        """One statement's text (psycopg's placeholders) run as `_claim_on_driver` runs it."""
         with self.engine.connect() as conn:
-            sql = _driver_sql(statement, conn.dialect)
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")
             driver = conn.connection.driver_connection
             assert isinstance(driver, psycopg.Connection)
