@@ -27,7 +27,9 @@ taken out:
 The parts taken out are promises of the claim (the proof, the event): none of these variants
 is one to ship. What is left in `line_head_no_event` is what keeping the line order costs.
 One JSON line per side: its cycle's p50 and p99, its rate, against `plain` and against
-`loraforge`, its CPU per cycle.
+`loraforge`, its CPU per cycle. Before them, `claim_text_parse`: psycopg's parse of the claim's
+text per claim, stripped (within its parse cache) against as compiled (the `as_compiled` side's
+text), the claimers' CPU alone.
 """
 
 from __future__ import annotations
@@ -35,11 +37,15 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
+from psycopg._queries import PostgresQuery
+from psycopg.adapt import Transformer
 from sqlalchemy import Dialect, TextClause, text
+from sqlalchemy.dialects import postgresql
 
 from benchmarks.queue import (
     SCALE_LIMIT,
@@ -160,6 +166,46 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
     ]
 
 
+PARSES = 5000
+
+
+def bench_claim_text_parse(machine: str) -> None:
+    """What psycopg spends turning the claim's text into the server's form (its parse of the
+    placeholders), per claim: the stripped text, kept in psycopg's cache after the first, against
+    the text as compiled, over the cache's limit and parsed every time. The claimers' CPU
+    alone, no server."""
+    dialect = postgresql.psycopg.dialect()  # type: ignore[no-untyped-call]
+    statement = job_queue._claim_head(job_queue.CLAIM_FRONT_LINES)
+    texts = {
+        "stripped": job_queue._driver_sql(statement, dialect),
+        "as_compiled": str(statement.compile(dialect=dialect)),
+    }
+    params = job_queue._params(
+        worker="w", lease=60, prefer=None, default_limit=SCALE_LIMIT, excluded=[]
+    )
+    best: dict[str, float] = {}
+    for _ in range(3):
+        for label, sql in texts.items():
+            query = PostgresQuery(Transformer())
+            start = time.process_time()
+            for _ in range(PARSES):
+                query.convert(sql, params)
+            seconds = (time.process_time() - start) / PARSES
+            best[label] = min(best.get(label, seconds), seconds)
+    emit(
+        {
+            "name": "claim_text_parse",
+            "chars": len(texts["stripped"]),
+            "us_per_claim": round(best["stripped"] * 1e6, 2),
+            "baseline": "the same text as compiled, comments and indentation kept",
+            "baseline_chars": len(texts["as_compiled"]),
+            "baseline_us_per_claim": round(best["as_compiled"] * 1e6, 2),
+            "ratio": round(best["stripped"] / best["as_compiled"], 4),
+            "machine": machine,
+        }
+    )
+
+
 def run(admin_url: str, size: int, rounds: int, cycles: int, claimers: int = CLAIMERS) -> None:
     plan = sides()
     with ExitStack() as stack:
@@ -172,6 +218,7 @@ def run(admin_url: str, size: int, rounds: int, cycles: int, claimers: int = CLA
             scale.append(ScaleSide(label, engine, base_id, claim_one))
             files[label] = file_id
         machine = machine_description(scale[0].engine)
+        bench_claim_text_parse(machine)
         try:
             for side in scale:
                 _backlog(side, files[side.label], size)
