@@ -116,31 +116,22 @@ def _waiting_head() -> TextClause:
     return text(head.replace(job_queue._LEASED_COMMIT, _WAITED_COMMIT))
 
 
-def _claim_by(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
-    """Claim with `statement` on the queue's driver path; where it claims nothing (every line
-    held, or its proof failed), the queue's own claim."""
-
-    def claim_one(queue: JobQueue, worker: str) -> str | None:
-        row = queue._claim_on_driver(statement, queue._claim_params(worker, None, []))
-        if row.id is not None:
-            return str(row.id)
-        job = queue.claim(worker)
-        return job.id if job is not None else None
-
-    return claim_one
-
-
-def _claim_as_compiled(statement: TextClause) -> Callable[[JobQueue, str], str | None]:
-    """`statement` on the queue's driver path, its text as SQLAlchemy compiles it: comments and
-    indentation kept, so over psycopg's parse cache and parsed again at every claim (the claim
-    gets it stripped: `_driver_sql`)."""
+def _claim_by(
+    statement: TextClause, *, stripped: bool = True
+) -> Callable[[JobQueue, str], str | None]:
+    """Claim with `statement` on the queue's driver path, its text stripped as the claim's is
+    (`_driver_sql`) or as SQLAlchemy compiles it (comments and indentation kept: over psycopg's
+    parse cache, parsed again at every claim); where it claims nothing (every line held, or its
+    proof failed), the queue's own claim."""
 
     @functools.cache
-    def as_compiled(dialect: Dialect) -> str:
+    def driver_text(dialect: Dialect) -> str:
+        if stripped:
+            return job_queue._driver_sql(statement, dialect)
         return str(statement.compile(dialect=dialect))
 
     def claim_one(queue: JobQueue, worker: str) -> str | None:
-        sql = as_compiled(queue.engine.dialect)
+        sql = driver_text(queue.engine.dialect)
         row = queue._run_on_driver(sql, queue._claim_params(worker, None, []))
         if row.id is not None:
             return str(row.id)
@@ -160,7 +151,7 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
         ("line_head", "loraforge", _claim_by(_line_head(job_queue._START_PICKED))),
         ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
         ("sync_commit", "loraforge", _claim_by(_waiting_head())),
-        ("as_compiled", "loraforge", _claim_as_compiled(text(head))),
+        ("as_compiled", "loraforge", _claim_by(text(head), stripped=False)),
         ("plain_leased", "plain", plain_leased_claim),
         ("plain", "plain", plain_claim),
     ]
