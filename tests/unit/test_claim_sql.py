@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import psycopg._queries
+from psycopg.adapt import Transformer
 from sqlalchemy.dialects import postgresql
 
 from control_plane import queue as job_queue
@@ -23,6 +24,16 @@ def test_the_common_claim_stays_within_psycopgs_parsed_query_cache() -> None:
     assert job_queue.DRIVER_CACHED_SQL == psycopg._queries.MAX_CACHED_STATEMENT_LENGTH
     sql = job_queue._driver_sql(job_queue._claim_head(job_queue.CLAIM_FRONT_LINES), DIALECT)
     assert len(sql) <= job_queue.DRIVER_CACHED_SQL
+    # What psycopg does with it, given the parameters a claim binds: parsed once, then found in
+    # the cache (a text over the limit, or too many parameters, would be parsed every time).
+    params = job_queue._params(
+        worker="w", lease=60, prefer=None, default_limit=4, excluded=["tenant-x"]
+    )
+    query = psycopg._queries.PostgresQuery(Transformer())
+    query.convert(sql, params)
+    hits = psycopg._queries._query2pg.cache_info().hits
+    query.convert(sql, params)
+    assert psycopg._queries._query2pg.cache_info().hits == hits + 1
 
 
 def test_the_drivers_text_is_the_statement_without_comments_and_indentation() -> None:
