@@ -209,8 +209,8 @@ def run(admin_url: str, size: int, rounds: int, cycles: int, claimers: int = CLA
             scale.append(ScaleSide(label, engine, base_id, claim_one))
             files[label] = file_id
         machine = machine_description(scale[0].engine)
-        bench_claim_text_parse(machine)
         try:
+            bench_claim_text_parse(machine)
             for side in scale:
                 _backlog(side, files[side.label], size)
                 _warm(side, files[side.label], claimers)

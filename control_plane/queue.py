@@ -52,10 +52,6 @@ CLAIM_CANDIDATES = 64
 # claim ranks the whole backlog: a retry storm that backs off hundreds of lines costs a claim a
 # few hundred index probes, not a sort of every queued job.
 CLAIM_FRONT_WIDENING = (1, 8, 64)
-# psycopg parses a query's text once and keeps the result for a text of at most this many
-# characters (MAX_CACHED_STATEMENT_LENGTH); the common claim's text, as the driver gets it, stays
-# within it (tests/unit/test_claim_sql.py).
-DRIVER_CACHED_SQL = 4096
 
 
 # Every statement here binds the statuses it names (`:queued`, `:running`, ...) and the sets
@@ -365,8 +361,9 @@ def _claim_head(lines: int) -> TextClause:
 @functools.cache
 def _driver_sql(statement: TextClause, dialect: Dialect) -> str:
     """A statement as psycopg takes it (`%(name)s` placeholders), compiled once, without its
-    comment lines and indentation: psycopg keeps the parsed form of a query of at most
-    DRIVER_CACHED_SQL characters, and parses a longer one again at every execution."""
+    comment lines and indentation: psycopg keeps the parsed form of a query of at most 4,096
+    characters (its MAX_CACHED_STATEMENT_LENGTH) and parses a longer one again at every
+    execution; the common claim's text stays within it (tests/unit/test_claim_sql.py)."""
     lines = (line.strip() for line in str(statement.compile(dialect=dialect)).splitlines())
     return "\n".join(line for line in lines if line and not line.startswith("--"))
 
