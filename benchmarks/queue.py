@@ -744,7 +744,7 @@ _COUNTED_ROW = {
 # The fair claim's own sides: `loraforge` at each size, and `loraforge_smallest`, its twin whose
 # backlog stays at the smallest size, run in the same alternating rounds at the largest size
 # (one claimer), so that the flat target compares p50s measured side by side, not minutes apart
-# on a machine whose speed drifts (in one run the plain claim's own p50 read 1.75x at 100,000
+# on a machine whose speed drifts (in one run the plain claim's own p50 read 1.89x at 100,000
 # what it read at 1,000).
 _FAIR_SIDES = ("loraforge", "loraforge_smallest")
 
