@@ -44,6 +44,8 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   `claim_retry_storm` a claim while every job of the first 200 lines backs off (the walk
   widened) against ranking every claimable job; `heartbeat` 200 running jobs' lease renewals
   (heap-only updates) against the same with the lease's expiry indexed as before;
+  `trainer_poll_reap` what a trainer runs before each claim beside 10,000 running jobs when
+  another reaped within the interval (`reap_if_due`) against the reap every claim ran before;
   `queue_repair` `loraforge queue repair` of every tenant's row beside the backlog and its
   history (how long writers of jobs wait on it) against `loraforge queue check`.
 """
@@ -1418,6 +1420,7 @@ def bench_hot_paths(side: ScaleSide, file_id: str, size: int, machine: str) -> N
         bench_queue_repair(engine, size, finished, machine)
     bench_retry_storm(queue, size, machine)
     bench_heartbeats(queue, size, machine)
+    bench_trainer_poll(queue, size, machine)
 
 
 # What a scrape of `GET /metrics` counted before revision 0009: every job ever created by status
@@ -1678,6 +1681,53 @@ def bench_heartbeats(queue: JobQueue, size: int, machine: str) -> None:
         baseline_index_growth_kb=before["index_growth_kb"],
         reap_execution_ms=reap,
         baseline_reap_execution_ms=reap_before,
+    )
+
+
+POLL_RUNNING = 10_000
+
+# `count` queued jobs started at once under leases an hour long (the triggers count them).
+_START_UNDER_LEASE = text(
+    """
+    UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
+                    lease_owner = 'bench-trainer-' || id,
+                    lease_expires_at = now() + interval '1 hour'
+    WHERE id IN (SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT :count)
+    """
+)
+
+
+def bench_trainer_poll(queue: JobQueue, size: int, machine: str) -> None:
+    """What a trainer runs before each claim, beside POLL_RUNNING running jobs: `reap_if_due`
+    when another trainer reaped within the interval (one row read), against
+    `reap_expired_leases`, which every claim ran before revision 0016 (every running job's
+    lease read, twice)."""
+    with queue.engine.begin() as conn:
+        conn.execute(_START_UNDER_LEASE, {"count": POLL_RUNNING})
+    _vacuum(queue.engine)
+    polling = JobQueue(queue.engine, reap_interval_seconds=3600)
+    polling.reap_if_due()  # stamped: the polls below find it done
+
+    def p50(run: Callable[[], object], samples: int = 30) -> float:
+        run()
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) * 1000)
+        return percentile(times, 50)
+
+    gated = p50(polling.reap_if_due)
+    reaped = p50(polling.reap_expired_leases)
+    emit_beside(
+        "trainer_poll_reap",
+        gated,
+        "reap_expired_leases, which every claim of every trainer ran before it",
+        reaped,
+        machine,
+        queued=size,
+        running=POLL_RUNNING,
+        reap_interval_s=polling.reap_interval_seconds,
     )
 
 

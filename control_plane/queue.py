@@ -454,6 +454,22 @@ _REAP = text(
     """
 )
 
+# Whether a trainer's claim should reap first: the platform's last reap (`queue_reaps`, revision
+# 0016) is at least `:interval` seconds ago, or unknown. The statement that finds it due stamps
+# it, so of trainers polling at once one reaps (the others wait on the row only while that
+# statement commits, then find it stamped) and the rest read one row, not every running job's
+# lease. Without the row (a database restored without it), every claim reaps, as before.
+_REAP_DUE = text(
+    """
+    WITH due AS (
+        UPDATE queue_reaps SET reaped_at = now()
+        WHERE reaped_at IS NULL OR reaped_at <= now() - make_interval(secs => :interval)
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT 1 FROM due) OR NOT EXISTS (SELECT 1 FROM queue_reaps)
+    """
+)
+
 # Before a reap, the bookkeeping rows of the tenants it will touch, locked in one order: two
 # reapers (every trainer reaps before it claims) then never hold one tenant each and wait on
 # the other's.
@@ -505,10 +521,18 @@ class JobQueue:
         max_running_per_tenant: int = 4,
         max_interruptions: int = 5,
         front_lines: int = CLAIM_FRONT_LINES,
+        reap_interval_seconds: float | None = None,
     ) -> None:
         self.engine = engine
         self.front_lines = front_lines
         self.lease_seconds = lease_seconds
+        # How long `reap_if_due` leaves between the platform's reaps: a quarter of a lease (an
+        # expired lease waits at most that long more), between 0.5 and 15 s.
+        self.reap_interval_seconds = (
+            min(max(lease_seconds / 4, 0.5), 15.0)
+            if reap_interval_seconds is None
+            else reap_interval_seconds
+        )
         self.retry_backoff_seconds = retry_backoff_seconds
         self.max_running_per_tenant = max_running_per_tenant
         self.max_interruptions = max_interruptions
@@ -889,6 +913,21 @@ class JobQueue:
                     text("SELECT pg_notify(:ch, :id)"), {"ch": CANCEL_CHANNEL, "id": job_id}
                 )
         return JobRecord.from_row(row)
+
+    def reap_if_due(self) -> list[JobRecord]:
+        """`reap_expired_leases` when no one has reaped for `reap_interval_seconds`, else
+        nothing (an empty list): what a trainer runs before it claims.
+
+        A reap reads every running job's lease; a trainer claims at each poll, each wake-up and
+        each job's end. So trainers reap about once an interval between them, whoever comes
+        first, and the others read one row (`queue_reaps`)."""
+        with self.engine.connect() as conn:
+            due = (
+                conn.execution_options(isolation_level="AUTOCOMMIT")
+                .execute(_REAP_DUE, {"interval": self.reap_interval_seconds})
+                .scalar()
+            )
+        return self.reap_expired_leases() if due else []
 
     def reap_expired_leases(self) -> list[JobRecord]:
         """Return jobs whose lease expired to the queue (attempts left) or fail/cancel them."""

@@ -190,7 +190,7 @@ class JobRunner:
         )
 
     def _reap_and_claim(self) -> JobRecord | None:
-        self.services.queue.reap_expired_leases()
+        self.services.queue.reap_if_due()
         return self.services.queue.claim(self.worker_id, prefer_base_model_id=self.resident_base_id)
 
     # -- one job ----------------------------------------------------------------------------

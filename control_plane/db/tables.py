@@ -467,6 +467,17 @@ class QueueSettings(Base):
     default_max_running: Mapped[int] = mapped_column(Integer, nullable=False)
 
 
+class QueueReaps(Base):
+    """When a trainer last reaped expired leases (one row): a trainer's claim reaps only when
+    that is a reap interval ago, and stamps it (`JobQueue.reap_if_due`)."""
+
+    __tablename__ = "queue_reaps"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="1")
+    reaped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class ServingGeneration(Base):
     """How many times what a serving index of this (tenant, base model) can hold has changed
     (a version published or deleted, an alias set, moved or deleted, an adapter deleted or

@@ -128,9 +128,139 @@ def test_bookkeeping_follows_every_transition(engine: Engine) -> None:
         assert queue_counts(conn) == {}
 
 
+class _ReapsSeen:
+    """Counts the statements sent on `engine` that read every running job's lease (the two of a
+    reap), and which threads sent them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.statements = 0
+        self.threads: set[int] = set()
+        self._lock = threading.Lock()
+        event.listen(engine, "before_cursor_execute", self._seen)
+        self._engine = engine
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "lease_expires_at < now()" in statement:
+            with self._lock:
+                self.statements += 1
+                self.threads.add(threading.get_ident())
+
+    def close(self) -> None:
+        event.remove(self._engine, "before_cursor_execute", self._seen)
+
+
+def _running_under_expired_leases(engine: Engine, queue: JobQueue, count: int) -> list[str]:
+    """`count` jobs of a new tenant claimed by a trainer that then died: their leases expired."""
+    tenant = make_tenant(engine, f"lost-{secrets.token_hex(3)}", max_running_jobs=count)
+    base = make_base(engine, f"base-{secrets.token_hex(3)}")
+    enqueue_jobs(engine, tenant.id, base.id, make_file(engine, tenant.id).id, count)
+    claimed = [queue.claim("dead-trainer", prefer_base_model_id=base.id) for _ in range(count)]
+    ids = [job.id for job in claimed if job is not None and job.tenant_id == tenant.id]
+    assert len(ids) == count
+    _expire(engine, ids)
+    return ids
+
+
+def _expire(engine: Engine, ids: list[str]) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = ANY(:ids)"),
+            {"ids": ids},
+        )
+
+
+def _statuses(engine: Engine, ids: list[str]) -> set[str]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT status FROM jobs WHERE id = ANY(:ids)"), {"ids": ids})
+        return {row.status for row in rows}
+
+
+def test_trainers_reap_once_an_interval_between_them(engine: Engine) -> None:
+    """A trainer's claim reaps only when no trainer has reaped for the interval: another
+    trainer's poll within it reads no lease, and the lease that expired meanwhile waits for the
+    next reap due, real clock included."""
+    first = JobQueue(engine, reap_interval_seconds=60)
+    second = JobQueue(engine, reap_interval_seconds=60)
+    seen = _ReapsSeen(engine)
+    try:
+        early = _running_under_expired_leases(engine, first, 1)
+        assert [job.id for job in first.reap_if_due()] == early  # never reaped: due
+        assert seen.statements == 2
+        late = _running_under_expired_leases(engine, first, 1)
+        assert second.reap_if_due() == []  # the first reaped within the interval
+        assert first.reap_if_due() == []
+        assert seen.statements == 2  # neither read a lease
+        assert _statuses(engine, late) == {JobStatus.RUNNING}
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE queue_reaps SET reaped_at = now() - interval '61 s'"))
+        assert [job.id for job in second.reap_if_due()] == late
+        assert seen.statements == 4
+        # The same on the clock: an interval of 0.4 s.
+        quick = JobQueue(engine, reap_interval_seconds=0.4)
+        lost = _running_under_expired_leases(engine, first, 1)
+        assert quick.reap_if_due() == []
+        assert seen.statements == 4
+        time.sleep(0.5)
+        assert [job.id for job in quick.reap_if_due()] == lost
+        assert seen.statements == 6
+    finally:
+        seen.close()
+    _no_drift(engine)
+
+
+def test_of_trainers_polling_at_once_one_reaps_and_every_expired_lease_is_requeued(
+    engine: Engine,
+) -> None:
+    queues = [JobQueue(engine, reap_interval_seconds=60) for _ in range(8)]
+    lost = _running_under_expired_leases(engine, queues[0], 6)
+    seen = _ReapsSeen(engine)
+    reaped: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(queues))
+
+    def poll(queue: JobQueue) -> None:
+        try:
+            start.wait()
+            reaped.extend(job.id for job in queue.reap_if_due())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=poll, args=(queue,)) for queue in queues]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        seen.close()
+    assert not errors, errors[0]
+    assert sorted(reaped) == sorted(lost)
+    assert _statuses(engine, lost) == {JobStatus.QUEUED}
+    assert (seen.statements, len(seen.threads)) == (2, 1)
+    _no_drift(engine)
+
+
+def test_without_its_row_every_claim_reaps_as_before(engine: Engine) -> None:
+    queue = JobQueue(engine, reap_interval_seconds=60)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM queue_reaps"))
+    first = _running_under_expired_leases(engine, queue, 1)
+    assert [job.id for job in queue.reap_if_due()] == first
+    second = _running_under_expired_leases(engine, queue, 1)
+    assert [job.id for job in queue.reap_if_due()] == second
+
+
+def test_the_reap_interval_is_a_quarter_of_a_lease_within_bounds(engine: Engine) -> None:
+    assert JobQueue(engine, lease_seconds=60).reap_interval_seconds == 15.0
+    assert JobQueue(engine, lease_seconds=8).reap_interval_seconds == 2.0
+    assert JobQueue(engine, lease_seconds=1).reap_interval_seconds == 0.5
+    assert JobQueue(engine, lease_seconds=600).reap_interval_seconds == 15.0
+
+
 def test_reapers_at_once_requeue_every_expired_lease_without_deadlock(engine: Engine) -> None:
-    """Every trainer reaps before it claims: concurrent reapers over many tenants' expired
-    leases lock the tenants' bookkeeping rows in one order and never wait on each other."""
+    """Trainers reap before they claim, celery's beat every 15 s: concurrent reapers over many
+    tenants' expired leases lock the tenants' bookkeeping rows in one order and never wait on
+    each other."""
     base = make_base(engine)
     queue = JobQueue(engine, lease_seconds=60, max_running_per_tenant=10)
     ids: list[str] = []
