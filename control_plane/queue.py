@@ -471,8 +471,8 @@ _REAP_DUE = text(
 )
 
 # Before a reap, the bookkeeping rows of the tenants it will touch, locked in one order: two
-# reapers (every trainer reaps before it claims) then never hold one tenant each and wait on
-# the other's.
+# reapers (a trainer's claim and celery's beat, or trainers on a database without
+# `queue_reaps`) then never hold one tenant each and wait on the other's.
 _LOCK_REAPED_TENANTS = text(
     """
     SELECT tenant_id FROM tenant_queue_stats
@@ -526,8 +526,8 @@ class JobQueue:
         self.engine = engine
         self.front_lines = front_lines
         self.lease_seconds = lease_seconds
-        # How long `reap_if_due` leaves between the platform's reaps: a quarter of a lease (an
-        # expired lease waits at most that long more), between 0.5 and 15 s.
+        # How long `reap_if_due` leaves between the platform's reaps: a quarter of a lease (what
+        # an expired lease may wait past the next claim), between 0.5 and 15 s.
         self.reap_interval_seconds = (
             min(max(lease_seconds / 4, 0.5), 15.0)
             if reap_interval_seconds is None
