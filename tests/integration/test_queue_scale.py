@@ -195,12 +195,14 @@ def test_trainers_reap_once_an_interval_between_them(engine: Engine) -> None:
             conn.execute(text("UPDATE queue_reaps SET reaped_at = now() - interval '61 s'"))
         assert [job.id for job in second.reap_if_due()] == late
         assert seen.statements == 4
-        # The same on the clock: an interval of 0.4 s.
-        quick = JobQueue(engine, reap_interval_seconds=0.4)
+        # The same on the clock: an interval of 2 s, from a reap just stamped.
+        quick = JobQueue(engine, reap_interval_seconds=2)
         lost = _running_under_expired_leases(engine, first, 1)
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE queue_reaps SET reaped_at = now()"))
         assert quick.reap_if_due() == []
         assert seen.statements == 4
-        time.sleep(0.5)
+        time.sleep(2.1)
         assert [job.id for job in quick.reap_if_due()] == lost
         assert seen.statements == 6
     finally:
