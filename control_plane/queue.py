@@ -509,6 +509,12 @@ _ADOPT_LINES = text(
 )
 
 
+def quarter_of_a_lease(lease_seconds: float) -> float:
+    """A quarter of a lease, between 0.5 and 15 s: how often a trainer tells the registry it is
+    there, and how long trainers leave between reaps (`JobQueue.reap_if_due`)."""
+    return min(max(lease_seconds / 4, 0.5), 15.0)
+
+
 class JobQueue:
     """State transitions of jobs. Every method runs its own short transaction."""
 
@@ -529,7 +535,7 @@ class JobQueue:
         # How long `reap_if_due` leaves between the platform's reaps: a quarter of a lease (what
         # an expired lease may wait past the next claim), between 0.5 and 15 s.
         self.reap_interval_seconds = (
-            min(max(lease_seconds / 4, 0.5), 15.0)
+            quarter_of_a_lease(lease_seconds)
             if reap_interval_seconds is None
             else reap_interval_seconds
         )

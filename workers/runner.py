@@ -29,7 +29,7 @@ from control_plane.datasets import iter_examples
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.job_status import JobStatus
 from control_plane.messages import first_line
-from control_plane.queue import QueueListener
+from control_plane.queue import QueueListener, quarter_of_a_lease
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError
@@ -165,7 +165,7 @@ class JobRunner:
 
     def presence_seconds(self) -> float:
         """How often the trainer registry hears from this trainer: four times a lease."""
-        return min(max(self.services.settings.lease_seconds / 4, 0.5), 15.0)
+        return quarter_of_a_lease(self.services.settings.lease_seconds)
 
     def snapshot(self) -> TrainerReport:
         """This trainer as the trainer registry shows it."""

@@ -98,11 +98,7 @@ def test_bookkeeping_follows_every_transition(engine: Engine) -> None:
     queue.request_cancel(queued[0])
     lost = queue.claim("w5")
     assert lost is not None
-    with engine.begin() as conn:
-        conn.execute(
-            text("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = :id"),
-            {"id": lost.id},
-        )
+    _expire(engine, [lost.id])
     assert [job.id for job in queue.reap_expired_leases()] == [lost.id]
     _no_drift(engine)
 
