@@ -1,6 +1,7 @@
 """Queue benchmarks: job creation through the API, claim throughput, NOTIFY wake-up latency.
 
     python -m benchmarks.queue [--jobs N] [--database-url URL] [--no-sync-commit]
+    python -m benchmarks.queue --wakeups [--wake-jobs N]
     python -m benchmarks.queue --scale [--sizes 1000,10000,100000] [--scale-cycles N]
         [--claimer-processes]
 
@@ -17,6 +18,10 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   `JobQueue` (fair share between two tenants, limits) against a plain FIFO `SKIP LOCKED` claim.
 - `notify_latency`: submit-to-claim latency of an idle worker woken by LISTEN/NOTIFY against a
   worker polling every second.
+- `idle_trainer_wakeups` (`--wakeups` runs only this): claims per job, and queue-to-claim
+  latency, of 16 idle trainers asleep among the sleepers (`control_plane.wakeups`, each woken
+  alone) for jobs queued one at a time, against the same trainers listening on the one channel
+  that woke every idle trainer for each job, in alternating rounds.
 - `claim_scale` (`--scale` runs only these): claim + complete latency p50/p99 and throughput at
   1,000 / 10,000 / 100,000 queued jobs over 1,000 tenants (one holding half), 1 and 8 claimers,
   against the plain FIFO claim with its partial index on a twin database without the queue's
@@ -94,6 +99,8 @@ from control_plane.queue import (
     JobQueue,
     QueueListener,
 )
+from control_plane.records import JobRecord
+from control_plane.wakeups import WakeUps, wake_one
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET = "dev-insecure-secret"
@@ -698,6 +705,171 @@ def bench_notify(url: str, samples: int, poll_samples: int, machine: str) -> Non
             "baseline_p99_ms": round(base99, 2),
             "ratio": round(p50 / base50, 4),
             "ratio_p99": round(p99 / base99, 4),
+            "machine": machine,
+        }
+    )
+
+
+# -- 3b. idle trainers woken by a queued job ----------------------------------------------------
+
+WAKE_TRAINERS = 16
+WAKE_IDLE_WAIT_S = 60.0
+WAKE_ROUNDS = 2  # alternating rounds per side  # long: every claim counted below follows a wake-up, none a timeout
+
+
+class _IdleTrainer(threading.Thread):
+    """A trainer's loop as `JobRunner.run_forever` runs it, each job completed at once: asleep
+    among the sleepers (`sleepers`: `WakeUps`), or, as before revision 0017, listening on the
+    one channel every idle trainer listened on (no sleeper stands, so each job notifies it)."""
+
+    def __init__(self, engine: Engine, url: str, name: str, *, sleepers: bool) -> None:
+        super().__init__(daemon=True)
+        self.queue = JobQueue(engine, max_running_per_tenant=NO_LIMIT)
+        self.engine, self.url, self.name, self.sleepers = engine, url, name, sleepers
+        self.claims = 0
+        self.claimed: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def _claim(self) -> JobRecord | None:
+        job = self.queue.claim(self.name)
+        self.claims += 1
+        if job is not None:
+            self.claimed[job.id] = time.perf_counter()
+        return job
+
+    def run(self) -> None:
+        try:
+            if self.sleepers:
+                self._run_asleep()
+            else:
+                self._run_listening()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def _run_asleep(self) -> None:
+        with WakeUps(self.engine, self.url, self.name) as wakeups:
+            while not self.stop.is_set():
+                job = self._claim()
+                if job is None:
+                    wakeups.sleep(WAKE_IDLE_WAIT_S, None)
+                    continue
+                wakeups.took(job)
+                self.queue.complete(job.id, self.name)
+
+    def _run_listening(self) -> None:
+        with QueueListener(self.url, channels=(JOBS_CHANNEL,)) as listener:
+            while not self.stop.is_set():
+                job = self._claim()
+                if job is None:
+                    listener.wait(WAKE_IDLE_WAIT_S)
+                    continue
+                self.queue.complete(job.id, self.name)
+
+
+def _settled(trainers: list[_IdleTrainer], engine: Engine, sleepers: bool) -> None:
+    """Until every trainer is back asleep: no claim for 100 ms (and every sleeper's row back)."""
+    deadline = time.monotonic() + 30
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        claims = sum(t.claims for t in trainers)
+        with engine.connect() as conn:
+            standing = conn.execute(text("SELECT count(*) FROM queue_sleepers")).scalar_one()
+        if claims != last or (sleepers and standing != len(trainers)):
+            last, since = claims, time.monotonic()
+        elif time.monotonic() - since >= 0.1:
+            return
+        time.sleep(0.01)
+    raise RuntimeError("idle trainers did not settle")
+
+
+def _wake_round(
+    url: str,
+    engine: Engine,
+    fixture: TenantFixture,
+    base_id: str,
+    jobs_count: int,
+    *,
+    sleepers: bool,
+) -> tuple[int, list[float]]:
+    """Claims made by WAKE_TRAINERS idle trainers for `jobs_count` jobs queued one at a time,
+    and each job's queue-to-claim latency (ms)."""
+    queue = JobQueue(engine, max_running_per_tenant=NO_LIMIT)
+    label = "asleep" if sleepers else "listening"
+    trainers = [
+        _IdleTrainer(engine, url, f"bench-{label}-{n}", sleepers=sleepers)
+        for n in range(WAKE_TRAINERS)
+    ]
+    for trainer in trainers:
+        trainer.start()
+    latencies: list[float] = []
+    try:
+        _settled(trainers, engine, sleepers)
+        before = sum(t.claims for t in trainers)
+        for job_id in create_validating_jobs(engine, fixture, base_id, jobs_count):
+            t0 = time.perf_counter()
+            queue.mark_queued(job_id)
+            deadline = time.monotonic() + 30
+            while not any(job_id in t.claimed for t in trainers):
+                if time.monotonic() > deadline or any(t.errors for t in trainers):
+                    raise RuntimeError(f"job {job_id} not claimed: {[t.errors for t in trainers]}")
+                time.sleep(0.0005)
+            at = next(t.claimed[job_id] for t in trainers if job_id in t.claimed)
+            latencies.append((at - t0) * 1000)
+            _settled(trainers, engine, sleepers)
+        return sum(t.claims for t in trainers) - before, latencies
+    finally:
+        for trainer in trainers:
+            trainer.stop.set()
+        for _ in trainers:
+            wake_one(engine, None)  # a sleeper out of its wait finds `stop` set
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_notify(:ch, '')"), {"ch": JOBS_CHANNEL})
+            conn.commit()
+        for trainer in trainers:
+            trainer.join(10)
+
+
+def bench_idle_wakeups(url: str, jobs_count: int, rounds: int, machine: str) -> None:
+    engine = db.make_engine(url, pool_size=WAKE_TRAINERS + 4)
+    try:
+        reset_jobs(engine)
+        base_id = make_base(engine, "wake-base")
+        tenant_id = make_tenant(engine, "tenant-wake")
+        fixture = TenantFixture(tenant_id, make_file_row(engine, tenant_id))
+        claims = {True: 0, False: 0}
+        latencies: dict[bool, list[float]] = {True: [], False: []}
+        for n in range(rounds):
+            for sleepers in (True, False):
+                progress(
+                    f"idle_trainer_wakeups: round {n + 1}, {'asleep' if sleepers else 'listening'}"
+                )
+                made, took = _wake_round(
+                    url, engine, fixture, base_id, jobs_count, sleepers=sleepers
+                )
+                claims[sleepers] += made
+                latencies[sleepers] += took
+    finally:
+        engine.dispose()
+    jobs_total = jobs_count * rounds
+    per_job, before = claims[True] / jobs_total, claims[False] / jobs_total
+    emit(
+        {
+            "name": "idle_trainer_wakeups",
+            "idle_trainers": WAKE_TRAINERS,
+            "jobs": jobs_total,
+            "claims_per_job": round(per_job, 3),
+            "p50_ms": round(percentile(latencies[True], 50), 2),
+            "p99_ms": round(percentile(latencies[True], 99), 2),
+            "baseline": "every idle trainer listening on one channel, all woken by each job "
+            "(before revision 0017)",
+            "baseline_claims_per_job": round(before, 3),
+            "baseline_p50_ms": round(percentile(latencies[False], 50), 2),
+            "baseline_p99_ms": round(percentile(latencies[False], 99), 2),
+            "ratio": round(per_job / before, 4),
+            "ratio_p50": round(
+                percentile(latencies[True], 50) / percentile(latencies[False], 50), 4
+            ),
             "machine": machine,
         }
     )
@@ -1772,6 +1944,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="claim_scale's claimers in processes of their own (as trainers are), not threads",
     )
+    parser.add_argument(
+        "--wakeups",
+        action="store_true",
+        help="run only idle_trainer_wakeups (idle trainers woken by jobs queued one at a time)",
+    )
+    parser.add_argument(
+        "--wake-jobs", type=int, default=40, help="jobs per round of idle_trainer_wakeups"
+    )
     args = parser.parse_args(argv)
     if args.jobs < API_CLIENT_THREADS or args.samples < 1 or args.poll_samples < 1:
         parser.error(f"--jobs must be at least {API_CLIENT_THREADS}; samples at least 1")
@@ -1791,6 +1971,10 @@ def main(argv: list[str] | None = None) -> int:
         machine = machine_description(engine)
         engine.dispose()
         progress(f"database ready; {machine}")
+        if args.wakeups:
+            bench_idle_wakeups(url, args.wake_jobs, WAKE_ROUNDS, machine)
+            progress("done")
+            return 0
         if args.scale:
             bench_claim_scale(
                 admin_url,
@@ -1806,6 +1990,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_api_enqueue(url, args.jobs, machine, Path(work_dir))
         bench_claims(url, args.jobs, machine)
         bench_notify(url, args.samples, args.poll_samples, machine)
+        bench_idle_wakeups(url, args.wake_jobs, WAKE_ROUNDS, machine)
         progress("done")
     return 0
 

@@ -7,8 +7,9 @@ it ranks only the front of each (tenant, base) line, found through the bookkeepi
 revision 0006's triggers keep exact (`queue_stats`), and proves its choice is the backlog's
 first or falls back to ranking everything (docs/architecture.md, "The claim at scale"). A
 claimed job holds a lease that its worker renews by heartbeat; an expired lease (its trainer
-lost) puts the job back without using an attempt, up to `max_interruptions`. Idle workers wait
-on `LISTEN/NOTIFY` rather than polling.
+lost) puts the job back without using an attempt, up to `max_interruptions`. Idle trainers
+sleep on `LISTEN/NOTIFY` rather than polling, each on its own channel, and a queued job wakes
+one of them (`WakeUps`).
 
 Longer than the house's ~450 lines on purpose: each transition's statement stands beside the
 one method that runs it, with its guard and its event; splitting them apart would separate a
@@ -73,10 +74,10 @@ def _params(**values: Any) -> dict[str, Any]:
 
 
 def _notify_queued(conn: Connection, base_model_id: str) -> None:
-    """Wake idle workers (LISTEN on JOBS_CHANNEL): a job for this base became claimable."""
-    conn.execute(
-        text("SELECT pg_notify(:ch, :payload)"), {"ch": JOBS_CHANNEL, "payload": base_model_id}
-    )
+    """A job for this base became claimable: wake one idle trainer (revision 0017's
+    `queue_wake`: one holding the base resident first), or notify JOBS_CHANNEL when none
+    sleeps. The notification goes out when the caller's transaction commits."""
+    conn.execute(text("SELECT queue_wake(:base)"), {"base": base_model_id})
 
 
 class JobStateError(Exception):
@@ -944,6 +945,9 @@ class JobQueue:
                 self._record_release(
                     conn, row, reason=row.error_message or "lease expired", attempt_used=False
                 )
+            # Sleepers of trainers gone without leaving (`control_plane.wakeups`): no longer
+            # woken once stale, deleted here.
+            conn.execute(text("DELETE FROM queue_sleepers WHERE stale_after < now()"))
         return [JobRecord.from_row(row) for row in rows]
 
     def _record_release(
@@ -1031,6 +1035,17 @@ class QueueListener:
             self._conn = None
             time.sleep(max(deadline - time.monotonic(), 0))
         return received
+
+    def drain(self) -> list[tuple[str, str]]:
+        """What already arrived, without waiting (nothing while the connection is lost)."""
+        if self._conn is None or self._conn.closed:
+            return []
+        try:
+            return [(n.channel, n.payload) for n in self._conn.notifies(timeout=0)]
+        except psycopg.OperationalError:
+            self._conn.close()
+            self._conn = None
+            return []
 
     def close(self) -> None:
         if self._conn is not None:

@@ -11,6 +11,7 @@ cache) lives in `workers.job_io`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -29,11 +30,12 @@ from control_plane.datasets import iter_examples
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.job_status import JobStatus
 from control_plane.messages import first_line
-from control_plane.queue import QueueListener, quarter_of_a_lease
+from control_plane.queue import quarter_of_a_lease
 from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError
 from control_plane.trainers import TrainerReport
+from control_plane.wakeups import WakeUps
 from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.distributed import ClusterBusyError, train_on_ray_train
 from workers.job_io import (
@@ -140,20 +142,28 @@ class JobRunner:
         max_jobs: int | None = None,
         on_idle: Callable[[], None] | None = None,
     ) -> int:
-        """Claim and run jobs until `stop` is set (or `max_jobs` ran); sleep on NOTIFY when idle."""
+        """Claim and run jobs until `stop` is set (or `max_jobs` ran); when idle, sleep until a
+        queued job wakes this trainer alone, or `idle_wait` passes (`control_plane.wakeups`)."""
         ran = 0
-        listener = through_blips(
-            lambda: QueueListener(self.services.database_url), what="LISTEN", patience_s=600
+        wakeups = through_blips(
+            lambda: WakeUps(self.services.engine, self.services.database_url, self.worker_id),
+            what="LISTEN",
+            patience_s=600,
         )
         presence = TrainerPresence(self.services, self.snapshot, interval_s=self.presence_seconds())
-        with listener, presence:
+        with wakeups, presence:
             while not stop.is_set() and (max_jobs is None or ran < max_jobs):
                 job = through_blips(self._reap_and_claim, what="claim", patience_s=600)
                 if job is None:
                     if on_idle is not None:
                         on_idle()
-                    listener.wait(idle_wait)
+                    through_blips(
+                        lambda: wakeups.sleep(idle_wait, self.resident_base_id),
+                        what="sleep",
+                        patience_s=600,
+                    )
                     continue
+                through_blips(functools.partial(wakeups.took, job), what="wake-up", patience_s=600)
                 self.run(job, shutdown=stop)
                 ran += 1
         return ran

@@ -478,6 +478,25 @@ class QueueReaps(Base):
     reaped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class QueueSleeper(Base):
+    """An idle trainer, asleep on its own channel until a queued job wakes it: revision 0017's
+    `queue_wake` takes one row out per job (`control_plane.queue.WakeUps`)."""
+
+    __tablename__ = "queue_sleepers"
+    __table_args__ = (
+        Index("ix_queue_sleepers_base", "resident_base_id", "since"),
+        Index("ix_queue_sleepers_since", "since"),
+    )
+
+    worker_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(63), nullable=False)
+    resident_base_id: Mapped[str | None] = mapped_column(String(64))
+    since: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=text("clock_timestamp()")
+    )
+    stale_after: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class ServingGeneration(Base):
     """How many times what a serving index of this (tenant, base model) can hold has changed
     (a version published or deleted, an alias set, moved or deleted, an adapter deleted or

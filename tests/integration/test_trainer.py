@@ -324,6 +324,48 @@ def test_a_trainer_reports_itself_idle_and_busy_and_leaves_the_registry_when_it_
     assert row() is None  # a clean stop takes the row with it
 
 
+def test_an_idle_trainer_sleeps_with_its_resident_base_until_a_queued_job_wakes_it(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """An idle trainer stands among the sleepers (with the base it holds resident, once it
+    holds one) and a queued job wakes it at once: its wait (120 s) never times out here."""
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    stop = threading.Event()
+    ran: list[int] = []
+    thread = threading.Thread(
+        target=lambda: ran.append(runner.run_forever(stop, idle_wait=120, max_jobs=2))
+    )
+
+    def sleeping_with() -> list[str | None]:
+        with trainer_services.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    text("SELECT resident_base_id FROM queue_sleepers WHERE worker_id = 'w1'")
+                ).scalars()
+            )
+
+    def run_when_woken(expected_resident: str | None) -> None:
+        deadline = time.monotonic() + 60
+        while sleeping_with() != [expected_resident]:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        job_id = submit(trainer_services, world, n_epochs=1)
+        while job_row(trainer_services, job_id).status != "succeeded":
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.1)
+
+    thread.start()
+    try:
+        run_when_woken(None)
+        run_when_woken(world["base"])
+        thread.join(60)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert ran == [2]
+    assert sleeping_with() == []
+
+
 def test_a_silent_trainer_shows_as_gone_and_is_forgotten_later(trainer_services: Services) -> None:
     report = trainers.TrainerReport(id="t-silent", host="node-a", pid=7, device="cpu (fp32)")
     with trainer_services.engine.begin() as conn:
