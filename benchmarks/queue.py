@@ -18,10 +18,11 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   `JobQueue` (fair share between two tenants, limits) against a plain FIFO `SKIP LOCKED` claim.
 - `notify_latency`: submit-to-claim latency of an idle worker woken by LISTEN/NOTIFY against a
   worker polling every second.
-- `idle_trainer_wakeups` (`--wakeups` runs only this): claims per job, and queue-to-claim
-  latency, of 16 idle trainers asleep among the sleepers (`control_plane.wakeups`, each woken
-  alone) for jobs queued one at a time, against the same trainers listening on the one channel
-  that woke every idle trainer for each job, in alternating rounds.
+- `idle_trainer_wakeups` (`--wakeups` runs only this): claims per job, queue-to-claim latency
+  and the share of jobs claimed by a trainer already holding their base, of 16 idle trainers
+  (half holding each of two bases) asleep among the sleepers (`control_plane.wakeups`, each
+  woken alone) for jobs of the two bases queued one at a time, against the same trainers
+  listening on the one channel that woke every idle trainer for each job, in alternating rounds.
 - `claim_scale` (`--scale` runs only these): claim + complete latency p50/p99 and throughput at
   1,000 / 10,000 / 100,000 queued jobs over 1,000 tenants (one holding half), 1 and 8 claimers,
   against the plain FIFO claim with its partial index on a twin database without the queue's
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import multiprocessing
 import os
@@ -718,24 +720,30 @@ WAKE_ROUNDS = 2  # alternating rounds per side  # long: every claim counted belo
 
 
 class _IdleTrainer(threading.Thread):
-    """A trainer's loop as `JobRunner.run_forever` runs it, each job completed at once: asleep
-    among the sleepers (`sleepers`: `WakeUps`), or, as before revision 0017, listening on the
-    one channel every idle trainer listened on (no sleeper stands, so each job notifies it)."""
+    """A trainer's loop as `JobRunner.run_forever` runs it, holding `resident` (a base's id),
+    each job completed at once: asleep among the sleepers (`sleepers`: `WakeUps`), or, as before
+    revision 0017, listening on the one channel every idle trainer listened on (no sleeper
+    stands, so each job notifies it)."""
 
-    def __init__(self, engine: Engine, url: str, name: str, *, sleepers: bool) -> None:
+    def __init__(
+        self, engine: Engine, url: str, name: str, resident: str, *, sleepers: bool
+    ) -> None:
         super().__init__(daemon=True)
         self.queue = JobQueue(engine, max_running_per_tenant=NO_LIMIT)
         self.engine, self.url, self.name, self.sleepers = engine, url, name, sleepers
+        self.resident = resident
         self.claims = 0
         self.claimed: dict[str, float] = {}
+        self.on_resident = 0  # jobs claimed of the base it holds (no base to load)
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
 
     def _claim(self) -> JobRecord | None:
-        job = self.queue.claim(self.name)
+        job = self.queue.claim(self.name, prefer_base_model_id=self.resident)
         self.claims += 1
         if job is not None:
             self.claimed[job.id] = time.perf_counter()
+            self.on_resident += job.base_model_id == self.resident
         return job
 
     def run(self) -> None:
@@ -752,7 +760,7 @@ class _IdleTrainer(threading.Thread):
             while not self.stop.is_set():
                 job = self._claim()
                 if job is None:
-                    wakeups.sleep(WAKE_IDLE_WAIT_S, None)
+                    wakeups.sleep(WAKE_IDLE_WAIT_S, self.resident)
                     continue
                 wakeups.took(job)
                 self.queue.complete(job.id, self.name)
@@ -783,21 +791,29 @@ def _settled(trainers: list[_IdleTrainer], engine: Engine, sleepers: bool) -> No
     raise RuntimeError("idle trainers did not settle")
 
 
+@dataclass
+class _WakeRound:
+    claims: int
+    latencies: list[float]
+    on_resident: int
+
+
 def _wake_round(
     url: str,
     engine: Engine,
     fixture: TenantFixture,
-    base_id: str,
+    bases: tuple[str, str],
     jobs_count: int,
     *,
     sleepers: bool,
-) -> tuple[int, list[float]]:
-    """Claims made by WAKE_TRAINERS idle trainers for `jobs_count` jobs queued one at a time,
-    and each job's queue-to-claim latency (ms)."""
+) -> _WakeRound:
+    """WAKE_TRAINERS idle trainers, half holding each base, and `jobs_count` jobs queued one at
+    a time for the two bases in turn: the claims made, each job's queue-to-claim latency (ms),
+    and how many jobs a trainer holding their base claimed."""
     queue = JobQueue(engine, max_running_per_tenant=NO_LIMIT)
     label = "asleep" if sleepers else "listening"
     trainers = [
-        _IdleTrainer(engine, url, f"bench-{label}-{n}", sleepers=sleepers)
+        _IdleTrainer(engine, url, f"bench-{label}-{n}", bases[n % 2], sleepers=sleepers)
         for n in range(WAKE_TRAINERS)
     ]
     for trainer in trainers:
@@ -806,7 +822,11 @@ def _wake_round(
     try:
         _settled(trainers, engine, sleepers)
         before = sum(t.claims for t in trainers)
-        for job_id in create_validating_jobs(engine, fixture, base_id, jobs_count):
+        created = [
+            create_validating_jobs(engine, fixture, base, (jobs_count + 1 - n) // 2)
+            for n, base in enumerate(bases)
+        ]
+        for job_id in (j for pair in itertools.zip_longest(*created) for j in pair if j):
             t0 = time.perf_counter()
             queue.mark_queued(job_id)
             deadline = time.monotonic() + 30
@@ -817,7 +837,8 @@ def _wake_round(
             at = next(t.claimed[job_id] for t in trainers if job_id in t.claimed)
             latencies.append((at - t0) * 1000)
             _settled(trainers, engine, sleepers)
-        return sum(t.claims for t in trainers) - before, latencies
+        claims = sum(t.claims for t in trainers) - before
+        return _WakeRound(claims, latencies, sum(t.on_resident for t in trainers))
     finally:
         for trainer in trainers:
             trainer.stop.set()
@@ -834,42 +855,46 @@ def bench_idle_wakeups(url: str, jobs_count: int, rounds: int, machine: str) -> 
     engine = db.make_engine(url, pool_size=WAKE_TRAINERS + 4)
     try:
         reset_jobs(engine)
-        base_id = make_base(engine, "wake-base")
+        bases = (make_base(engine, "wake-base-a"), make_base(engine, "wake-base-b"))
         tenant_id = make_tenant(engine, "tenant-wake")
         fixture = TenantFixture(tenant_id, make_file_row(engine, tenant_id))
-        claims = {True: 0, False: 0}
-        latencies: dict[bool, list[float]] = {True: [], False: []}
+        runs: dict[bool, list[_WakeRound]] = {True: [], False: []}
         for n in range(rounds):
             for sleepers in (True, False):
-                progress(
-                    f"idle_trainer_wakeups: round {n + 1}, {'asleep' if sleepers else 'listening'}"
+                side = "asleep" if sleepers else "listening"
+                progress(f"idle_trainer_wakeups: round {n + 1}, {side}")
+                runs[sleepers].append(
+                    _wake_round(url, engine, fixture, bases, jobs_count, sleepers=sleepers)
                 )
-                made, took = _wake_round(
-                    url, engine, fixture, base_id, jobs_count, sleepers=sleepers
-                )
-                claims[sleepers] += made
-                latencies[sleepers] += took
     finally:
         engine.dispose()
     jobs_total = jobs_count * rounds
-    per_job, before = claims[True] / jobs_total, claims[False] / jobs_total
+
+    def figures(side: list[_WakeRound]) -> tuple[float, list[float], float]:
+        latencies = [ms for r in side for ms in r.latencies]
+        claims = sum(r.claims for r in side) / jobs_total
+        return claims, latencies, sum(r.on_resident for r in side) / jobs_total
+
+    per_job, latencies, resident = figures(runs[True])
+    before, before_latencies, before_resident = figures(runs[False])
     emit(
         {
             "name": "idle_trainer_wakeups",
             "idle_trainers": WAKE_TRAINERS,
+            "bases": 2,
             "jobs": jobs_total,
             "claims_per_job": round(per_job, 3),
-            "p50_ms": round(percentile(latencies[True], 50), 2),
-            "p99_ms": round(percentile(latencies[True], 99), 2),
+            "claimed_on_resident_base": round(resident, 3),
+            "p50_ms": round(percentile(latencies, 50), 2),
+            "p99_ms": round(percentile(latencies, 99), 2),
             "baseline": "every idle trainer listening on one channel, all woken by each job "
             "(before revision 0017)",
             "baseline_claims_per_job": round(before, 3),
-            "baseline_p50_ms": round(percentile(latencies[False], 50), 2),
-            "baseline_p99_ms": round(percentile(latencies[False], 99), 2),
+            "baseline_claimed_on_resident_base": round(before_resident, 3),
+            "baseline_p50_ms": round(percentile(before_latencies, 50), 2),
+            "baseline_p99_ms": round(percentile(before_latencies, 99), 2),
             "ratio": round(per_job / before, 4),
-            "ratio_p50": round(
-                percentile(latencies[True], 50) / percentile(latencies[False], 50), 4
-            ),
+            "ratio_p50": round(percentile(latencies, 50) / percentile(before_latencies, 50), 4),
             "machine": machine,
         }
     )
