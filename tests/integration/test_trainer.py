@@ -366,6 +366,52 @@ def test_an_idle_trainer_sleeps_with_its_resident_base_until_a_queued_job_wakes_
     assert sleeping_with() == []
 
 
+@pytest.mark.faults
+def test_a_sleeping_trainer_cut_off_from_the_database_sleeps_again_and_is_woken_after(
+    proxied_url: str, proxy: CuttableProxy, tmp_path: Path
+) -> None:
+    """An outage breaks an idle trainer's listening connection and the refresh of its sleeper
+    row when its wait runs out; the trainer waits it out (`through_blips`, which it fails
+    without) and trains a job queued once the database is back."""
+    settings = Settings(
+        home=tmp_path / "home",
+        local_store_dir=tmp_path / "objects",
+        lease_seconds=4,
+        retry_backoff_seconds=0,
+    )
+    services = build_services(settings, database_url=proxied_url)
+    runner = JobRunner(services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    stop = threading.Event()
+    ran: list[int] = []
+    thread = threading.Thread(
+        target=lambda: ran.append(runner.run_forever(stop, idle_wait=2, max_jobs=1))
+    )
+
+    def sleepers() -> list[str]:
+        with services.engine.connect() as conn:
+            return list(conn.execute(text("SELECT worker_id FROM queue_sleepers")).scalars())
+
+    try:
+        world = make_world(services)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while sleepers() != ["w1"]:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        proxy.cut()
+        time.sleep(5)  # two of its waits run out while the database is away
+        proxy.restore()
+        job_id = submit(services, world, n_epochs=1)
+        thread.join(120)
+        assert not thread.is_alive() and ran == [1]
+        assert job_row(services, job_id).status == "succeeded"
+        assert sleepers() == []
+    finally:
+        stop.set()
+        thread.join(60)
+        services.close()
+
+
 def test_a_silent_trainer_shows_as_gone_and_is_forgotten_later(trainer_services: Services) -> None:
     report = trainers.TrainerReport(id="t-silent", host="node-a", pid=7, device="cpu (fp32)")
     with trainer_services.engine.begin() as conn:
