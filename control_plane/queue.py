@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -73,11 +74,19 @@ def _params(**values: Any) -> dict[str, Any]:
     return {**_STATUSES, **values}
 
 
-def _notify_queued(conn: Connection, base_model_id: str) -> None:
+def _notify_queued(conn: Connection, base_model_id: str, run_after: datetime | None = None) -> None:
     """A job for this base became claimable: wake one idle trainer (revision 0017's
     `queue_wake`: one holding the base resident first), or notify JOBS_CHANNEL when none
-    sleeps. The notification goes out when the caller's transaction commits."""
-    conn.execute(text("SELECT queue_wake(:base)"), {"base": base_model_id})
+    sleeps. The notification goes out when the caller's transaction commits. A job backing off
+    (`run_after` later than now) wakes no one: a trainer woken now would find nothing, and one
+    finds it at its next poll once it is due."""
+    conn.execute(
+        text(
+            "SELECT queue_wake(:base) "
+            "WHERE CAST(:run_after AS timestamptz) IS NULL OR :run_after <= now()"
+        ),
+        {"base": base_model_id, "run_after": run_after},
+    )
 
 
 class JobStateError(Exception):
@@ -972,7 +981,7 @@ class JobQueue:
                 level="warn",
                 data={"status": JobStatus.QUEUED, "attempt": row.attempt},
             )
-            _notify_queued(conn, row.base_model_id)
+            _notify_queued(conn, row.base_model_id, row.run_after)
         elif row.status == JobStatus.FAILED:
             add_event(
                 conn,

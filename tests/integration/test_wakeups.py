@@ -280,3 +280,23 @@ def test_every_job_of_a_burst_runs_once_though_fewer_trainers_sleep(
     _wait_for(lambda: all(_succeeded(engine, j) for j in ids), "the burst run")
     taken = [j for t in trainers for j in t.taken]
     assert sorted(taken) == sorted(ids)
+
+
+@pytest.mark.parametrize("backoff", [0, 60])
+def test_a_job_requeued_to_back_off_wakes_no_one_until_it_is_due(
+    engine: Engine, database_url: str, world: dict[str, str], backoff: int
+) -> None:
+    queue = JobQueue(engine, retry_backoff_seconds=backoff)
+    job_id = create_validating_job(engine, world["tenant"], world["base"], world["file"])
+    queue.mark_queued(job_id)
+    assert queue.claim("t1") is not None
+    with WakeUps(engine, database_url, "t2") as t2:
+        t2.sleep(60, None)
+        failed = queue.fail(job_id, "t1", code="oom", message="out of memory")
+        assert failed is not None and failed.status == "queued"
+        if backoff:
+            assert _sleepers(engine) == ["t2"]  # a claim now would find nothing
+            assert t2.listener.wait(0.3) == []
+        else:
+            assert _sleepers(engine) == []
+            assert t2.listener.wait(5) == [(wake_channel("t2"), world["base"])]
