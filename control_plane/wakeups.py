@@ -91,7 +91,7 @@ class WakeUps:
         self.listener = QueueListener(database_url, channels=(wake_channel(worker_id),))
         self.asleep = False  # its row stands (as far as it knows)
         self.owed = False  # a job took its row while it was not waiting for it
-        self.wakes = 0  # wake-ups received, for the trainer's counters and tests
+        self.wakes = 0  # wake-ups received (what tests read)
 
     def sleep(self, timeout: float, resident_base_id: str | None) -> None:
         """After an empty claim: register and return (claim again), or wait for a wake-up."""

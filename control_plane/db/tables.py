@@ -480,7 +480,7 @@ class QueueReaps(Base):
 
 class QueueSleeper(Base):
     """An idle trainer, asleep on its own channel until a queued job wakes it: revision 0017's
-    `queue_wake` takes one row out per job (`control_plane.queue.WakeUps`)."""
+    `queue_wake` takes one row out per job (`control_plane.wakeups`)."""
 
     __tablename__ = "queue_sleepers"
     __table_args__ = (
