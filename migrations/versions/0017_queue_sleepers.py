@@ -20,9 +20,9 @@ then claims once more before it waits. An enqueuer takes a sleeper under a share
 that it holds until it commits, and a trainer registers under the same lock held exclusively,
 so its registration waits for every enqueuer that looked for sleepers before it, and the claim
 after it sees their jobs. A trainer that took a job after its row was taken (the wake-up was
-meant for a job it may not have claimed) passes one wake-up on (`JobQueue.wake_one`). A trainer
-refreshes its row each time its wait times out; the rows of trainers gone without removing
-theirs are skipped once stale, and the reaper deletes them.
+meant for a job it may not have claimed) passes one wake-up on (`control_plane.wakeups`). A
+trainer refreshes its row each time its wait times out; the rows of trainers gone without
+removing theirs are skipped once stale, and the reaper deletes them.
 """
 
 from alembic import op
