@@ -41,15 +41,19 @@ FAST = {
 }
 
 
-@pytest.fixture
-def trainer_services(database_url: str, tmp_path: Path) -> Iterator[Services]:
-    settings = Settings(
+def trainer_settings(tmp_path: Path) -> Settings:
+    """A short lease and no retry backoff, state under `tmp_path`."""
+    return Settings(
         home=tmp_path / "home",
         local_store_dir=tmp_path / "objects",
         lease_seconds=4,
         retry_backoff_seconds=0,
     )
-    services = build_services(settings, database_url=database_url)
+
+
+@pytest.fixture
+def trainer_services(database_url: str, tmp_path: Path) -> Iterator[Services]:
+    services = build_services(trainer_settings(tmp_path), database_url=database_url)
     yield services
     services.close()
 
@@ -373,13 +377,7 @@ def test_a_sleeping_trainer_cut_off_from_the_database_sleeps_again_and_is_woken_
     """An outage breaks an idle trainer's listening connection and the refresh of its sleeper
     row when its wait runs out; the trainer waits it out (`through_blips`, which it fails
     without) and trains a job queued once the database is back."""
-    settings = Settings(
-        home=tmp_path / "home",
-        local_store_dir=tmp_path / "objects",
-        lease_seconds=4,
-        retry_backoff_seconds=0,
-    )
-    services = build_services(settings, database_url=proxied_url)
+    services = build_services(trainer_settings(tmp_path), database_url=proxied_url)
     runner = JobRunner(services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
     stop = threading.Event()
     ran: list[int] = []
