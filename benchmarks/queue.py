@@ -715,8 +715,8 @@ def bench_notify(url: str, samples: int, poll_samples: int, machine: str) -> Non
 # -- 3b. idle trainers woken by a queued job ----------------------------------------------------
 
 WAKE_TRAINERS = 16
-WAKE_IDLE_WAIT_S = 60.0
-WAKE_ROUNDS = 2  # alternating rounds per side  # long: every claim counted below follows a wake-up, none a timeout
+WAKE_IDLE_WAIT_S = 60.0  # long: every claim counted below follows a wake-up, none a timeout
+WAKE_ROUNDS = 2  # alternating rounds per side
 
 
 class _IdleTrainer(threading.Thread):
