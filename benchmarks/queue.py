@@ -1,7 +1,7 @@
 """Queue benchmarks: job creation through the API, claim throughput, NOTIFY wake-up latency.
 
     python -m benchmarks.queue [--jobs N] [--database-url URL] [--no-sync-commit]
-    python -m benchmarks.queue --wakeups [--wake-jobs N]
+    python -m benchmarks.queue --wakeups [--wake-jobs N]   (the idle trainers' measurements)
     python -m benchmarks.queue --scale [--sizes 1000,10000,100000] [--scale-cycles N]
         [--claimer-processes]
 
@@ -23,6 +23,11 @@ latency on a slow or shared disk; `--no-sync-commit` takes the WAL flush out of 
   (half holding each of two bases) asleep among the sleepers (`control_plane.wakeups`, each
   woken alone) for jobs of the two bases queued one at a time, against the same trainers
   listening on the one channel that woke every idle trainer for each job, in alternating rounds.
+- `idle_trainer_polls` (also under `--wakeups`): claims per second of 16 idle trainers with
+  nothing queued, polling every 30 s with the due pass running every 2 s (revision 0018, as
+  celery's beat runs it), against the same trainers polling every 5 s without it; and
+  `retry_due_to_claim_{16,1}`: how long after its due time a job that backed off is claimed, by
+  16 idle trainers and by one, the same two ways.
 - `claim_scale` (`--scale` runs only these): claim + complete latency p50/p99 and throughput at
   1,000 / 10,000 / 100,000 queued jobs over 1,000 tenants (one holding half), 1 and 8 claimers,
   against the plain FIFO claim with its partial index on a twin database without the queue's
@@ -102,7 +107,7 @@ from control_plane.queue import (
     QueueListener,
 )
 from control_plane.records import JobRecord
-from control_plane.wakeups import WakeUps, wake_one
+from control_plane.wakeups import IDLE_POLL_S, WAKE_DUE_INTERVAL_S, WakeUps, wake_due, wake_one
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECRET = "dev-insecure-secret"
@@ -726,14 +731,22 @@ class _IdleTrainer(threading.Thread):
     stands, so each job notifies it)."""
 
     def __init__(
-        self, engine: Engine, url: str, name: str, resident: str, *, sleepers: bool
+        self,
+        engine: Engine,
+        url: str,
+        name: str,
+        resident: str,
+        *,
+        sleepers: bool,
+        idle_wait: float = WAKE_IDLE_WAIT_S,
     ) -> None:
         super().__init__(daemon=True)
         self.queue = JobQueue(engine, max_running_per_tenant=NO_LIMIT)
         self.engine, self.url, self.name, self.sleepers = engine, url, name, sleepers
-        self.resident = resident
+        self.resident, self.idle_wait = resident, idle_wait
         self.claims = 0
         self.claimed: dict[str, float] = {}
+        self.claimed_at: dict[str, float] = {}  # the same, as the wall clock (time.time)
         self.on_resident = 0  # jobs claimed of the base it holds (no base to load)
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
@@ -743,6 +756,7 @@ class _IdleTrainer(threading.Thread):
         self.claims += 1
         if job is not None:
             self.claimed[job.id] = time.perf_counter()
+            self.claimed_at[job.id] = time.time()
             self.on_resident += job.base_model_id == self.resident
         return job
 
@@ -760,7 +774,7 @@ class _IdleTrainer(threading.Thread):
             while not self.stop.is_set():
                 job = self._claim()
                 if job is None:
-                    wakeups.sleep(WAKE_IDLE_WAIT_S, self.resident)
+                    wakeups.sleep(self.idle_wait, self.resident)
                     continue
                 wakeups.took(job)
                 self.queue.complete(job.id, self.name)
@@ -770,7 +784,7 @@ class _IdleTrainer(threading.Thread):
             while not self.stop.is_set():
                 job = self._claim()
                 if job is None:
-                    listener.wait(WAKE_IDLE_WAIT_S)
+                    listener.wait(self.idle_wait)
                     continue
                 self.queue.complete(job.id, self.name)
 
@@ -898,6 +912,151 @@ def bench_idle_wakeups(url: str, jobs_count: int, rounds: int, machine: str) -> 
             "machine": machine,
         }
     )
+
+
+# -- 3c. idle trainers' polls, and retries announced when due -----------------------------------
+
+POLL_TRAINERS = 16
+POLL_BEFORE_S = 5.0  # the idle poll before revision 0018, when no pass announced a retry
+POLL_RETRIES = 10  # jobs backing off, one at a time, per side and number of trainers
+POLL_BACKOFF_S = 0.5
+
+
+class _DuePasses(threading.Thread):
+    """celery's beat as the benchmark runs it: `wake_due` every WAKE_DUE_INTERVAL_S."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(daemon=True)
+        self.engine = engine
+        self.stop = threading.Event()
+        self.woken = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(WAKE_DUE_INTERVAL_S):
+            self.woken += wake_due(self.engine)
+
+
+@dataclass
+class _PollRound:
+    idle_claims_per_s: float | None
+    delays_s: list[float]  # each retry's claim after its due time
+
+
+def _poll_round(
+    url: str, engine: Engine, fixture: TenantFixture, base: str, count: int, *, after: bool
+) -> _PollRound:
+    """`count` idle trainers asleep among the sleepers, polling every IDLE_POLL_S with the due
+    pass running (`after`) or every POLL_BEFORE_S without it. With more than one trainer,
+    started one poll apart in turn (as trainers start at any time), then their claims counted
+    over one poll with nothing queued. Then POLL_RETRIES jobs backing off, one at a time: how
+    long after its due time a trainer claimed each, each queued a random while (the same on
+    both sides) after the trainers settled, so that its due time falls anywhere in their polls
+    and the passes."""
+    poll = IDLE_POLL_S if after else POLL_BEFORE_S
+    label = "after" if after else "before"
+    trainers = [
+        _IdleTrainer(engine, url, f"poll-{label}-{count}-{n}", base, sleepers=True, idle_wait=poll)
+        for n in range(count)
+    ]
+    passes = _DuePasses(engine)
+    if after:
+        passes.start()
+    idle_rate: float | None = None
+    delays: list[float] = []
+    try:
+        for trainer in trainers:
+            trainer.start()
+            if count > 1:
+                time.sleep(poll / count)
+        _settled(trainers, engine, True)
+        if count > 1:
+            before, t0 = sum(t.claims for t in trainers), time.perf_counter()
+            time.sleep(poll)
+            idle_rate = (sum(t.claims for t in trainers) - before) / (time.perf_counter() - t0)
+        offsets = random.Random(11)
+        for job_id in create_validating_jobs(engine, fixture, base, POLL_RETRIES):
+            time.sleep(offsets.uniform(0, POLL_BEFORE_S))
+            # Run once and failed: queued for its next attempt, backing off (no wake-up now).
+            with engine.begin() as conn:
+                due = conn.execute(
+                    text(
+                        "UPDATE jobs SET status = 'queued', attempt = 1, "
+                        "run_after = now() + make_interval(secs => :backoff) "
+                        "WHERE id = :id RETURNING extract(epoch FROM run_after)"
+                    ),
+                    {"id": job_id, "backoff": POLL_BACKOFF_S},
+                ).scalar_one()
+            deadline = time.monotonic() + poll + 30
+            while not any(job_id in t.claimed_at for t in trainers):
+                if time.monotonic() > deadline or any(t.errors for t in trainers):
+                    raise RuntimeError(
+                        f"retry {job_id} not claimed: {[t.errors for t in trainers]}"
+                    )
+                time.sleep(0.005)
+            at = next(t.claimed_at[job_id] for t in trainers if job_id in t.claimed_at)
+            delays.append(at - float(due))
+            _settled(trainers, engine, True)
+        return _PollRound(idle_rate, delays)
+    finally:
+        passes.stop.set()
+        for trainer in trainers:
+            trainer.stop.set()
+        for _ in trainers:
+            wake_one(engine, None)
+        for trainer in trainers:
+            trainer.join(10)
+        if after:
+            passes.join(10)
+
+
+def bench_idle_polls(url: str, machine: str) -> None:
+    engine = db.make_engine(url, pool_size=POLL_TRAINERS + 4)
+    try:
+        reset_jobs(engine)
+        base = make_base(engine, "poll-base")
+        tenant_id = make_tenant(engine, "tenant-poll")
+        fixture = TenantFixture(tenant_id, make_file_row(engine, tenant_id))
+        runs: dict[tuple[int, bool], _PollRound] = {}
+        for count in (POLL_TRAINERS, 1):
+            for after in (True, False):
+                side = "polling every 30 s, the due pass on" if after else "polling every 5 s"
+                progress(f"idle_trainer_polls: {count} trainer(s), {side}")
+                runs[count, after] = _poll_round(url, engine, fixture, base, count, after=after)
+    finally:
+        engine.dispose()
+    idle, idle_before = runs[POLL_TRAINERS, True], runs[POLL_TRAINERS, False]
+    assert idle.idle_claims_per_s is not None and idle_before.idle_claims_per_s is not None
+    emit(
+        {
+            "name": "idle_trainer_polls",
+            "idle_trainers": POLL_TRAINERS,
+            "poll_s": IDLE_POLL_S,
+            "due_pass_every_s": WAKE_DUE_INTERVAL_S,
+            "claims_per_s": round(idle.idle_claims_per_s, 3),
+            "baseline": f"the same trainers polling every {POLL_BEFORE_S:g} s, no due pass "
+            "(before revision 0018)",
+            "baseline_claims_per_s": round(idle_before.idle_claims_per_s, 3),
+            "ratio": round(idle.idle_claims_per_s / idle_before.idle_claims_per_s, 4),
+            "machine": machine,
+        }
+    )
+    for count in (POLL_TRAINERS, 1):
+        delays, before = runs[count, True].delays_s, runs[count, False].delays_s
+        emit(
+            {
+                "name": f"retry_due_to_claim_{count}",
+                "idle_trainers": count,
+                "retries": POLL_RETRIES,
+                "backoff_s": POLL_BACKOFF_S,
+                "p50_s": round(percentile(delays, 50), 3),
+                "max_s": round(max(delays), 3),
+                "baseline": f"polling every {POLL_BEFORE_S:g} s, no due pass",
+                "baseline_p50_s": round(percentile(before, 50), 3),
+                "baseline_max_s": round(max(before), 3),
+                "ratio": round(percentile(delays, 50) / percentile(before, 50), 4),
+                "machine": machine,
+            }
+        )
 
 
 # -- 4. the claim at platform scale ------------------------------------------------------------
@@ -1972,7 +2131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wakeups",
         action="store_true",
-        help="run only idle_trainer_wakeups (idle trainers woken by jobs queued one at a time)",
+        help="run only the idle trainers' measurements (idle_trainer_wakeups, idle_trainer_polls)",
     )
     parser.add_argument(
         "--wake-jobs", type=int, default=40, help="jobs per round of idle_trainer_wakeups"
@@ -1998,6 +2157,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"database ready; {machine}")
         if args.wakeups:
             bench_idle_wakeups(url, args.wake_jobs, WAKE_ROUNDS, machine)
+            bench_idle_polls(url, machine)
             progress("done")
             return 0
         if args.scale:
@@ -2016,6 +2176,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_claims(url, args.jobs, machine)
         bench_notify(url, args.samples, args.poll_samples, machine)
         bench_idle_wakeups(url, args.wake_jobs, WAKE_ROUNDS, machine)
+        bench_idle_polls(url, machine)
         progress("done")
     return 0
 

@@ -10,7 +10,12 @@ that claimed nothing calls `WakeUps.sleep` between its claims:
   transaction to commit (the sleepers' advisory lock), so this claim sees it;
 - the next call waits on the trainer's channel until a job wakes it (its row taken out) or
   `timeout` passes (the row refreshed, then the trainer claims again: the poll that bounds how
-  long any missed wake-up can cost).
+  long any missed wake-up can cost: `IDLE_POLL_S` by default).
+
+No one wakes for a job requeued to back off (a retry) when it is requeued; `wake_due`, run by
+celery's beat every `WAKE_DUE_INTERVAL_S` (revision 0018's `queue_wake_due`), wakes a trainer for
+it once it is due, and one trainer when a ready job waits that no wake-up reached. With beat
+running, the poll only bounds a lost wake-up where beat does not run, so it can be long.
 
 A trainer that claimed a job calls `WakeUps.took`: it leaves the sleepers, and when a job had
 taken its row without its waking for it, it passes one wake-up on, since that job may be another
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 from typing import Any
 
 import sqlalchemy.exc
@@ -30,6 +37,16 @@ from control_plane.queue import QueueListener
 from control_plane.records import JobRecord
 
 log = logging.getLogger(__name__)
+
+# How long an idle trainer waits for a wake-up before it claims anyway (its poll).
+IDLE_POLL_S = 30.0
+
+# How often celery's beat runs `wake_due` (`loraforge.tasks`): the most a job that backed off
+# waits past its time for a trainer asleep.
+WAKE_DUE_INTERVAL_S = 2.0
+
+# How soon a sleeping trainer sees that it was asked to stop (its wait is cut in slices this long).
+STOP_CHECK_S = 1.0
 
 # How long a sleeper's row stands past the wait it was refreshed for: a trainer gone without
 # removing its row stops being woken once its row is this stale (the reaper then deletes it).
@@ -81,6 +98,13 @@ def wake_one(engine: Engine, base_model_id: str | None) -> str | None:
     return str(woken) if woken is not None else None
 
 
+def wake_due(engine: Engine) -> int:
+    """Wake a trainer for each job that backed off and came due since the last call (anyone's),
+    or, when none did, one trainer if a ready job is queued; the wake-ups sent."""
+    with engine.begin() as conn:
+        return int(conn.execute(text("SELECT queue_wake_due()")).scalar_one())
+
+
 class WakeUps:
     """One trainer's sleep between empty claims (the module says how): its listener on its own
     channel, and whether it stands among the sleepers."""
@@ -93,24 +117,40 @@ class WakeUps:
         self.owed = False  # a job took its row while it was not waiting for it
         self.wakes = 0  # wake-ups received (what tests read)
 
-    def sleep(self, timeout: float, resident_base_id: str | None) -> None:
-        """After an empty claim: register and return (claim again), or wait for a wake-up."""
+    def sleep(
+        self,
+        timeout: float,
+        resident_base_id: str | None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """After an empty claim: register and return (claim again), or wait for a wake-up (or
+        `stop`, seen within STOP_CHECK_S)."""
         self.owed = False  # the claim found nothing a wake-up taken could have been for
         if not self.asleep:
             self.listener.drain()  # wake-ups meant for an earlier sleep
             add_sleeper(self.engine, self.worker_id, resident_base_id, self._patience(timeout))
             self.asleep = True
             return
-        if self.listener.wait(timeout):
+        if self._wait(timeout, stop):
             self.asleep = False  # the job that woke it took its row out
             self.wakes += 1
             return
+        if stop is not None and stop.is_set():
+            return  # stopping: `close` leaves the sleepers
         # The wait timed out: stand again, and claim (a poll). A row gone here was taken by a
         # job whose wake-up has not arrived (a listener reconnecting loses it).
         still_there = add_sleeper(
             self.engine, self.worker_id, resident_base_id, self._patience(timeout)
         )
         self.owed = not still_there
+
+    def _wait(self, timeout: float, stop: threading.Event | None) -> bool:
+        """Whether a wake-up came within `timeout`; waiting in slices to see `stop`."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and not (stop and stop.is_set()):
+            if self.listener.wait(min(left, STOP_CHECK_S)):
+                return True
+        return False
 
     def took(self, job: JobRecord) -> None:
         """After a claim that returned `job`: leave the sleepers, passing a wake-up taken for

@@ -21,6 +21,7 @@ from control_plane import db, jobs, trainers
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.validation import run_validation
+from control_plane.wakeups import WAKE_DUE_INTERVAL_S, wake_due
 from loraforge import broker
 from workers.bases.registration import import_registered_base
 
@@ -42,6 +43,12 @@ celery_app.conf.update(
     worker_hijack_root_logger=False,
     beat_schedule={
         "reap-expired-leases": {"task": "loraforge.reap_expired_leases", "schedule": 15.0},
+        # Expiring unrun with the next one due: a busy worker runs one pass, not a backlog.
+        "wake-due-jobs": {
+            "task": "loraforge.wake_due_jobs",
+            "schedule": WAKE_DUE_INTERVAL_S,
+            "options": {"expires": WAKE_DUE_INTERVAL_S},
+        },
         "redispatch-validation": {"task": "loraforge.redispatch_validation", "schedule": 60.0},
         "forget-gone-trainers": {"task": "loraforge.forget_gone_trainers", "schedule": 600.0},
     },
@@ -119,6 +126,12 @@ def import_base_model(base_id: str) -> str:
 @celery_app.task(name="loraforge.reap_expired_leases")
 def reap_expired_leases() -> int:
     return len(get_services().queue.reap_expired_leases())
+
+
+@celery_app.task(name="loraforge.wake_due_jobs")
+def wake_due_jobs() -> int:
+    """Wake idle trainers for the jobs that backed off and came due (`control_plane.wakeups`)."""
+    return wake_due(get_services().engine)
 
 
 @celery_app.task(name="loraforge.redispatch_validation")

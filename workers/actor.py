@@ -20,6 +20,7 @@ import torch
 
 from control_plane.services import build_services
 from control_plane.settings import Settings
+from control_plane.wakeups import IDLE_POLL_S
 from workers.runner import JobRunner
 from workers.training.recipe import ResidentBase
 
@@ -97,7 +98,7 @@ class TrainerActor:
         self.stop_event = threading.Event()
         self.loop_lock = threading.Lock()
 
-    def run(self, max_jobs: int | None = None, idle_wait: float = 5.0) -> int:
+    def run(self, max_jobs: int | None = None, idle_wait: float = IDLE_POLL_S) -> int:
         """The claim → train → publish loop; returns how many jobs it ran.
 
         One loop per actor: the actor takes concurrent calls (for `stop` and `stats`), and a

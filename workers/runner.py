@@ -35,7 +35,7 @@ from control_plane.records import BaseModelRecord, FileRecord, JobRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError
 from control_plane.trainers import TrainerReport
-from control_plane.wakeups import WakeUps
+from control_plane.wakeups import IDLE_POLL_S, WakeUps
 from workers.bases.checkpoints import BaseCache, BaseModelError
 from workers.distributed import ClusterBusyError, train_on_ray_train
 from workers.job_io import (
@@ -138,7 +138,7 @@ class JobRunner:
         self,
         stop: threading.Event,
         *,
-        idle_wait: float = 5.0,
+        idle_wait: float = IDLE_POLL_S,
         max_jobs: int | None = None,
         on_idle: Callable[[], None] | None = None,
     ) -> int:
@@ -158,7 +158,7 @@ class JobRunner:
                     if on_idle is not None:
                         on_idle()
                     through_blips(
-                        lambda: wakeups.sleep(idle_wait, self.resident_base_id),
+                        lambda: wakeups.sleep(idle_wait, self.resident_base_id, stop),
                         what="sleep",
                         patience_s=600,
                     )

@@ -140,6 +140,13 @@ class Job(Base):
             "created_at",
             postgresql_where=text(f"status = '{JobStatus.QUEUED}'"),
         ),
+        # The queued jobs with an attempt used, by when they may run (revision 0018): the jobs
+        # that backed off, which `queue_wake_due` announces once they are due.
+        Index(
+            "ix_jobs_backing_off",
+            "run_after",
+            postgresql_where=text(f"status = '{JobStatus.QUEUED}' AND attempt > 0"),
+        ),
         # By status alone (revision 0012): nothing a heartbeat writes is indexed (a HOT update).
         Index("ix_jobs_status", "status"),
         # A tenant's line of queued jobs for one base, in the claim's order (revision 0006).
@@ -476,6 +483,17 @@ class QueueReaps(Base):
 
     id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="1")
     reaped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class QueueDuePasses(Base):
+    """Where revision 0018's `queue_wake_due` last ended its window (one row): each pass wakes a
+    trainer for the jobs that backed off and came due after it (`control_plane.wakeups`)."""
+
+    __tablename__ = "queue_due_passes"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, server_default="1")
+    passed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class QueueSleeper(Base):

@@ -370,6 +370,35 @@ def test_an_idle_trainer_sleeps_with_its_resident_base_until_a_queued_job_wakes_
     assert sleeping_with() == []
 
 
+def test_an_idle_trainer_asked_to_stop_stops_within_its_wait_and_leaves_the_sleepers(
+    trainer_services: Services, tmp_path: Path
+) -> None:
+    """Its wait (120 s here, 30 s by default) does not hold up a stop: SIGTERM on an idle
+    trainer (`loraforge worker`, `loraforge up`) ends it within seconds."""
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: runner.run_forever(stop, idle_wait=120))
+
+    def sleepers() -> list[str]:
+        with trainer_services.engine.connect() as conn:
+            return list(conn.execute(text("SELECT worker_id FROM queue_sleepers")).scalars())
+
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while sleepers() != ["w1"]:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        time.sleep(0.5)  # into its wait
+        stop.set()
+        thread.join(10)
+        assert not thread.is_alive(), "the idle trainer sat out its wait"
+        assert sleepers() == []
+    finally:
+        stop.set()
+        thread.join(130)
+
+
 @pytest.mark.faults
 def test_a_sleeping_trainer_cut_off_from_the_database_sleeps_again_and_is_woken_after(
     proxied_url: str, proxy: CuttableProxy, tmp_path: Path

@@ -12,7 +12,15 @@ import pytest
 from sqlalchemy import Engine, text
 
 from control_plane.queue import JOBS_CHANNEL, JobQueue, QueueListener, _notify_queued
-from control_plane.wakeups import WakeUps, add_sleeper, remove_sleeper, wake_channel, wake_one
+from control_plane.wakeups import (
+    WAKE_DUE_INTERVAL_S,
+    WakeUps,
+    add_sleeper,
+    remove_sleeper,
+    wake_channel,
+    wake_due,
+    wake_one,
+)
 from tests.factories import create_validating_job, make_base, make_file, make_tenant
 
 
@@ -300,3 +308,148 @@ def test_a_job_requeued_to_back_off_wakes_no_one_until_it_is_due(
         else:
             assert _sleepers(engine) == []
             assert t2.listener.wait(5) == [(wake_channel("t2"), world["base"])]
+
+
+def _backed_off(engine: Engine, world: dict[str, str], backoff: float) -> str:
+    """A job run once and failed: queued again, to run `backoff` seconds from now."""
+    queue = JobQueue(engine, retry_backoff_seconds=backoff)
+    job_id = create_validating_job(engine, world["tenant"], world["base"], world["file"])
+    queue.mark_queued(job_id)
+    assert queue.claim("earlier") is not None
+    failed = queue.fail(job_id, "earlier", code="oom", message="out of memory")
+    assert failed is not None and failed.status == "queued"
+    return job_id
+
+
+def _due(engine: Engine, job_id: str) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text("SELECT run_after <= now() FROM jobs WHERE id = :id"), {"id": job_id}
+            ).scalar_one()
+        )
+
+
+def test_a_job_that_backed_off_wakes_one_sleeper_once_it_is_due(
+    engine: Engine, database_url: str, world: dict[str, str]
+) -> None:
+    job_id = _backed_off(engine, world, 1.0)
+    with WakeUps(engine, database_url, "t2") as t2, WakeUps(engine, database_url, "t3") as t3:
+        t2.sleep(60, None)
+        t3.sleep(60, None)
+        assert wake_due(engine) == 0  # not due yet, and no other job is queued
+        assert _sleepers(engine) == ["t2", "t3"]
+        assert t2.listener.wait(0.2) == []
+        _wait_for(functools.partial(_due, engine, job_id), "the job due")
+        assert wake_due(engine) == 1
+        assert t2.listener.wait(5) == [(wake_channel("t2"), world["base"])]
+        assert _sleepers(engine) == ["t3"]
+        claimed = JobQueue(engine).claim("t2")
+        assert claimed is not None and claimed.id == job_id
+        # Announced once: the next pass's window starts after it, and nothing is queued.
+        assert wake_due(engine) == 0
+        assert t3.listener.wait(0.3) == []
+        assert _sleepers(engine) == ["t3"]
+
+
+def test_two_passes_at_once_announce_each_due_job_once(
+    engine: Engine, database_url: str, world: dict[str, str]
+) -> None:
+    ids = [_backed_off(engine, world, 0.5) for _ in range(3)]
+    for n in range(3):
+        add_sleeper(engine, f"s{n}", None, 60)
+    _wait_for(lambda: all(_due(engine, j) for j in ids), "the jobs due")
+    second: list[int] = []
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT queue_wake_due()")).scalar_one() == 3
+        waiting = threading.Thread(target=lambda: second.append(wake_due(engine)), daemon=True)
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive(), "a second pass ran while the first was uncommitted"
+    waiting.join(10)
+    # After the first committed, the second found its window empty (and every sleeper woken).
+    assert second == [0]
+    assert _sleepers(engine) == []
+
+
+def test_a_pass_without_its_row_puts_it_back(engine: Engine, world: dict[str, str]) -> None:
+    """A database restored without `queue_due_passes`' row: the first pass stamps a new one,
+    and the next announces nothing again (with no one asleep, each announcement is the
+    broadcast)."""
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM queue_due_passes"))
+    job_id = _backed_off(engine, world, 0.2)
+    _wait_for(functools.partial(_due, engine, job_id), "the job due")
+    assert wake_due(engine) == 1
+    assert wake_due(engine) == 0
+
+
+def test_a_ready_job_no_wake_up_reached_wakes_one_sleeper_a_pass(
+    engine: Engine, database_url: str, world: dict[str, str]
+) -> None:
+    """The safety net: a job queued without a wake-up (here, written directly) is announced to
+    one sleeper a pass while it waits; with no sleeper or no such job, a pass wakes no one."""
+    job_id = create_validating_job(engine, world["tenant"], world["base"], world["file"])
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET status = 'queued', run_after = now() WHERE id = :id"),
+            {"id": job_id},
+        )
+    assert wake_due(engine) == 0  # no sleeper
+    with WakeUps(engine, database_url, "t1") as t1, WakeUps(engine, database_url, "t2") as t2:
+        t1.sleep(60, None)
+        t2.sleep(60, None)
+        assert wake_due(engine) == 1
+        assert t1.listener.wait(5) == [(wake_channel("t1"), world["base"])]
+        assert wake_due(engine) == 1  # still queued: the next sleeper
+        assert t2.listener.wait(5) == [(wake_channel("t2"), world["base"])]
+        assert wake_due(engine) == 0
+        claimed = JobQueue(engine).claim("t1")
+        assert claimed is not None and claimed.id == job_id
+        t1.took(claimed)
+        t1.sleep(60, None)  # stands again
+        assert wake_due(engine) == 0  # nothing queued
+        assert _sleepers(engine) == ["t1"]
+
+
+def test_a_trainer_polling_rarely_runs_a_retry_the_pass_announces(
+    engine: Engine, database_url: str, world: dict[str, str]
+) -> None:
+    """A trainer asleep for 120 s between polls runs a job that backed off 3 s, within seconds
+    of its being due: only the pass (as celery's beat runs it) can have woken it."""
+    job_id = _backed_off(engine, world, 3.0)
+    trainer = Trainer(engine, database_url, "rare", idle_wait=120)
+    trainer.start()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.25):
+            wake_due(engine)
+
+    passes = threading.Thread(target=beat, daemon=True)
+    try:
+        _wait_for(lambda: _sleepers(engine) == ["rare"] and trainer.claims == 2, "asleep")
+        assert not _due(engine, job_id)
+        passes.start()
+        _wait_for(functools.partial(_succeeded, engine, job_id), "the retry run", timeout=30)
+        assert trainer.taken == [job_id]
+        _wait_for(lambda: _sleepers(engine) == ["rare"] and trainer.claims == 5, "asleep again")
+        time.sleep(0.6)  # passes go on: with nothing queued, they wake no one
+        assert trainer.claims == 5
+    finally:
+        stop.set()
+        passes.join(10)
+        trainer.stop.set()
+        wake_one(engine, None)
+        trainer.join(10)
+    assert not trainer.errors, trainer.errors
+
+
+def test_beat_runs_the_pass_every_few_seconds() -> None:
+    from loraforge.tasks import celery_app
+
+    entry = next(
+        e for e in celery_app.conf.beat_schedule.values() if e["task"] == "loraforge.wake_due_jobs"
+    )
+    assert entry["task"] in celery_app.tasks
+    assert entry["schedule"] == WAKE_DUE_INTERVAL_S <= 5
