@@ -18,11 +18,11 @@ The jobs that backed off are the queued ones with an attempt used (`attempt > 0`
 run never backs off), found through a partial index on them (`ix_jobs_backing_off`): a job
 queued for its first attempt never enters it.
 
-When no due job woke anyone, a pass wakes one sleeper if a ready job is queued: a safety net
-for a job that no wake-up reached (its trainer went away with the wake-up, or a finish freed a
-tenant's slot while its trainer took another tenant's job). The net wakes one trainer a pass
-while such a job waits, which is a claim for nothing each pass when the job waits for its
-tenant's limit.
+When no due job woke anyone, a pass wakes one sleeper if a ready job is queued in a line whose
+tenant is under its limit (`queue_heads`, its claimable lines): a safety net for a job that no
+wake-up reached (its trainer went away with the wake-up, or a finish freed a tenant's slot while
+its trainer took another tenant's job). A job waiting for its tenant's limit wakes no one: a
+trainer woken for it would claim nothing.
 
 So the trainers' poll can be long (`control_plane.wakeups.IDLE_POLL_S`, 30 s): it now only
 bounds what a lost wake-up costs where beat does not run.
@@ -65,8 +65,14 @@ BEGIN
   END LOOP;
   IF woken = 0
      AND EXISTS (SELECT 1 FROM queue_sleepers s WHERE s.stale_after > clock_timestamp()) THEN
-    SELECT j.base_model_id INTO base FROM jobs j
-     WHERE j.status = 'queued' AND j.run_after <= now() LIMIT 1;
+    -- A ready job in a line whose tenant is under its limit (off the claimable lines' index:
+    -- a job waiting for its tenant's limit wakes no one).
+    SELECT h.base_model_id INTO base FROM queue_heads h
+     WHERE h.queued > 0 AND NOT h.saturated
+       AND EXISTS (SELECT 1 FROM jobs j
+                    WHERE j.tenant_id = h.tenant_id AND j.base_model_id = h.base_model_id
+                      AND j.status = 'queued' AND j.run_after <= now())
+     LIMIT 1;
     IF FOUND THEN
       PERFORM queue_wake(base);
       woken := 1;

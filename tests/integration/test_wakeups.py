@@ -412,6 +412,33 @@ def test_a_ready_job_no_wake_up_reached_wakes_one_sleeper_a_pass(
         assert _sleepers(engine) == ["t1"]
 
 
+def test_the_net_wakes_no_one_for_a_job_waiting_for_its_tenants_limit(
+    engine: Engine, database_url: str, world: dict[str, str]
+) -> None:
+    tenant = make_tenant(engine, "capped", max_running_jobs=1)
+    file_id = make_file(engine, tenant.id).id
+    queue = JobQueue(engine)
+    first, second = (
+        create_validating_job(engine, tenant.id, world["base"], file_id) for _ in range(2)
+    )
+    queue.mark_queued(first)
+    assert queue.claim("busy") is not None
+    with engine.begin() as conn:  # queued without a wake-up, behind its tenant's limit
+        conn.execute(
+            text("UPDATE jobs SET status = 'queued', run_after = now() WHERE id = :id"),
+            {"id": second},
+        )
+    with WakeUps(engine, database_url, "t1") as t1:
+        t1.sleep(60, None)
+        assert wake_due(engine) == 0
+        assert t1.listener.wait(0.3) == []
+        # The running job ends, its trainer gone with it (it claims nothing after): the job
+        # behind it is claimable now, and the next pass wakes a sleeper for it.
+        assert queue.complete(first, "busy") is not None
+        assert wake_due(engine) == 1
+        assert t1.listener.wait(5) == [(wake_channel("t1"), world["base"])]
+
+
 def test_a_trainer_polling_rarely_runs_a_retry_the_pass_announces(
     engine: Engine, database_url: str, world: dict[str, str]
 ) -> None:
