@@ -20,7 +20,7 @@ import ray
 
 from control_plane.messages import first_line
 from control_plane.settings import Settings
-from loraforge.supervise import RestartBackoff
+from loraforge.supervise import RestartBackoff, stop_on_sigterm
 from workers.actor import start_trainer, trainer_count
 
 log = logging.getLogger("loraforge.worker")
@@ -54,6 +54,10 @@ def run_worker(settings: Settings, database_url: str, *, count: int | None = Non
         )
         for index in range(count or trainer_count())
     ]
+    # `ray.init` (in the first `start_trainer`) installs Ray's own SIGTERM handler, which ends
+    # the process at once: take SIGTERM back, so that it stops the trainers as Ctrl-C does and
+    # their jobs are handed back (Kubernetes, `loraforge up`).
+    stop_on_sigterm()
     loops = {slot.actor.run.remote(): slot for slot in slots}
     print(f"{len(slots)} trainer(s) running; Ctrl-C stops them", flush=True)
     try:

@@ -10,11 +10,22 @@ from pathlib import Path
 
 import psutil
 import pytest
+from sqlalchemy import text
 
+from control_plane import db
 from control_plane.settings import Settings
-from loraforge.embedded import embedded_platform, postmaster_pid
+from loraforge.embedded import EmbeddedPostgres, embedded_platform, postmaster_pid
 from loraforge.supervise import HomeInUseError
-from tests.faults.harness import _alive, _name, platform_env, running_platform, wait_for
+from tests.faults.harness import (
+    _alive,
+    _name,
+    platform_env,
+    register_tiny_base,
+    running_platform,
+    submit,
+    upload_dataset,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -47,6 +58,51 @@ def test_sigterm_to_up_stops_every_process_it_started_postgres_included(tmp_path
     left = [p for p in started if _alive(p)]
     assert not left, [_name(p) for p in left]
     assert not _alive(psutil.Process(postmaster)) if psutil.pid_exists(postmaster) else True
+
+
+def test_sigterm_to_up_mid_job_hands_the_job_back_before_ray_goes(tmp_path: Path) -> None:
+    """The trainer stops at its next step, checkpoints it and hands the job back, then leaves
+    the sleepers and the trainer registry: the job is queued again at once with its attempt not
+    used, rather than left on a lease that only expiry returns. (`ray.init` had replaced the
+    worker's SIGTERM handler with Ray's, which ended the worker at once.)"""
+    home = tmp_path / "home"
+    with running_platform(home) as platform, platform.client() as client:
+        register_tiny_base(client)
+        job_id = submit(client, upload_dataset(client, tmp_path), "stopped")
+        wait_for(
+            "a checkpoint",
+            lambda: client.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")["data"],
+            180,
+        )
+        seconds = platform.stop(signal.SIGTERM, timeout=60)
+    assert platform.process.returncode == 0, platform.log()
+    assert seconds < 35, seconds
+
+    postgres = EmbeddedPostgres(home / "pgdata")
+    engine = db.make_engine(postgres.start(), pool_size=1)
+    try:
+        with engine.connect() as conn:
+            job = conn.execute(
+                text("SELECT status, attempt, interruptions FROM jobs WHERE id = :id"),
+                {"id": job_id},
+            ).one()
+            messages = list(
+                conn.execute(
+                    text("SELECT message FROM job_events WHERE job_id = :id ORDER BY id"),
+                    {"id": job_id},
+                ).scalars()
+            )
+            left = conn.execute(
+                text(
+                    "SELECT (SELECT count(*) FROM queue_sleepers), (SELECT count(*) FROM trainers)"
+                )
+            ).one()
+    finally:
+        engine.dispose()
+        postgres.stop()
+    assert (job.status, job.attempt, job.interruptions) == ("queued", 0, 0), (job, messages)
+    assert any(m.startswith("Handed back to the queue") for m in messages), messages
+    assert tuple(left) == (0, 0)
 
 
 def test_the_embedded_platform_leaves_nothing_running_when_its_block_ends(
