@@ -1001,6 +1001,10 @@ class JobQueue:
         return str(status) if status is not None else "missing"
 
 
+# How often a lost LISTEN connection is tried again while the database stays away.
+REOPEN_EVERY_S = 5.0
+
+
 class QueueListener:
     """A LISTEN connection on which idle workers sleep until a job is queued or cancelled.
 
@@ -1015,6 +1019,9 @@ class QueueListener:
         self._url = libpq_url(database_url)
         self._channels = channels
         self._conn: psycopg.Connection[Any] | None = None
+        # After a failed reopen, no other before this (`time.monotonic()`): a caller waiting in
+        # short slices (a trainer watching for its stop) tries, and logs, no more often.
+        self._reopen_after = 0.0
         self._connect()
 
     def _connect(self) -> None:
@@ -1028,6 +1035,9 @@ class QueueListener:
         deadline = time.monotonic() + timeout
         try:
             if self._conn is None or self._conn.closed:
+                if time.monotonic() < self._reopen_after:
+                    time.sleep(max(deadline - time.monotonic(), 0))
+                    return received
                 self._connect()
             assert self._conn is not None
             for notify in self._conn.notifies(
@@ -1042,6 +1052,7 @@ class QueueListener:
             if self._conn is not None:
                 self._conn.close()
             self._conn = None
+            self._reopen_after = time.monotonic() + REOPEN_EVERY_S
             time.sleep(max(deadline - time.monotonic(), 0))
         return received
 

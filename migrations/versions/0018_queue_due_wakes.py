@@ -38,7 +38,8 @@ depends_on = None
 
 FUNCTIONS = """
 -- Wake one sleeper for each job that backed off and came due since the last pass; when none
--- did, one sleeper if any ready job is queued. Returns the wake-ups sent.
+-- did, one sleeper if a ready job is queued where its tenant is under its limit. Returns the
+-- wake-ups sent.
 CREATE FUNCTION queue_wake_due() RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
   last_pass timestamptz;

@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import Engine, text
 
-from control_plane.queue import JOBS_CHANNEL, JobQueue, QueueListener, _notify_queued
+from control_plane.queue import (
+    JOBS_CHANNEL,
+    REOPEN_EVERY_S,
+    JobQueue,
+    QueueListener,
+    _notify_queued,
+)
 from control_plane.wakeups import (
     WAKE_DUE_INTERVAL_S,
     WakeUps,
@@ -22,6 +28,7 @@ from control_plane.wakeups import (
     wake_one,
 )
 from tests.factories import create_validating_job, make_base, make_file, make_tenant
+from tests.faults.tcp_proxy import CuttableProxy
 
 
 @pytest.fixture
@@ -480,3 +487,29 @@ def test_beat_runs_the_pass_every_few_seconds() -> None:
     )
     assert entry["task"] in celery_app.tasks
     assert entry["schedule"] == WAKE_DUE_INTERVAL_S <= 5
+
+
+@pytest.mark.faults
+def test_a_listener_cut_off_from_the_database_tries_again_every_few_seconds_not_every_slice(
+    engine: Engine, proxied_url: str, proxy: CuttableProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sleeping trainer waits in 1 s slices (to see its stop); through an outage its lost
+    LISTEN connection is reopened, and the loss logged, once every REOPEN_EVERY_S, not once a
+    slice, and it hears its channel again once the database is back."""
+    listener = QueueListener(proxied_url, channels=(wake_channel("cut"),))
+    try:
+        proxy.cut()
+        with caplog.at_level("WARNING", logger="control_plane.queue"):
+            started = time.monotonic()
+            while time.monotonic() - started < REOPEN_EVERY_S - 1:
+                assert listener.wait(0.5) == []
+        lost = [r for r in caplog.records if "LISTEN connection lost" in r.getMessage()]
+        assert len(lost) == 1, [r.getMessage() for r in lost]
+        proxy.restore()
+        time.sleep(1.5)  # its next reopen is due
+        assert listener.wait(0.1) == []  # reopened (listening again)
+        with engine.begin() as conn:
+            conn.execute(text("SELECT pg_notify(:ch, 'back')"), {"ch": wake_channel("cut")})
+        assert listener.wait(5) == [(wake_channel("cut"), "back")]
+    finally:
+        listener.close()
