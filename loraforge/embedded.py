@@ -4,8 +4,8 @@ default base.
 
 `embedded_platform()` owns all of it for as long as its `with` block runs: it takes the home's
 lock (one `up` per home), starts the embedded PostgreSQL (restarted if it stops answering), the
-children (restarted when they exit), and on the way out stops the children (SIGTERM to their
-process groups, up to `TRAINER_STOP_GRACE_S` for a trainer to checkpoint its step, then
+children (restarted when they exit), and on the way out stops the children (SIGTERM to each
+child, up to `TRAINER_STOP_GRACE_S` for a trainer to checkpoint its step, then
 SIGKILL) and the PostgreSQL it started. Whoever runs it turns SIGTERM into KeyboardInterrupt
 (`loraforge.supervise.stop_on_sigterm`), so that Kubernetes', systemd's and Docker's stop ends
 it the way Ctrl-C does.

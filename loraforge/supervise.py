@@ -3,9 +3,12 @@
 - `HomeLock`: one `up` (or `demo`) per `LORAFORGE_HOME`. An exclusive `flock` on
   `<home>/up.lock`, with the holder's pid written in it; the kernel drops it when the process
   ends however it ends (kill -9 included), so a stale lock never blocks a later start.
-- `Child`: a child process in a process group of its own, so that stopping it reaches what it
-  started too (celery's pool, the worker's local Ray instance and its trainer actors). Stopping
-  sends SIGTERM to the group, waits a bounded grace, then SIGKILLs the group.
+- `Child`: a child process in a session of its own, so that stopping it reaches what it started
+  too (celery's beat, the worker's local Ray instance and its trainer actors). Stopping sends
+  SIGTERM to the child alone, which stops what it started in its own order, waits a bounded
+  grace, then SIGKILLs whatever is left in the session. (Not SIGTERM to the whole group: Ray's
+  GCS and raylet share the worker's group and would end with its trainers at once, before the
+  worker could ask them to hand their jobs back.)
 - `Supervisor`: restarts a child that exits while the platform runs (backoff doubling from 1 s to
   30 s, reset once a child has stayed up for a minute), and restarts the embedded PostgreSQL when
   it stops answering; each restart is one log line that says why.
@@ -128,7 +131,7 @@ class Child:
     restarts: int = 0
 
     def start(self) -> None:
-        # A session of its own: the child leads a process group that SIGTERM/SIGKILL reach whole.
+        # A session of its own: whatever the child starts can be found (and killed) by it.
         self.process = subprocess.Popen(
             list(self.spec.argv), env=self.spec.env, start_new_session=True
         )
@@ -143,10 +146,12 @@ class Child:
         """The exit code once the child has ended (None while it runs)."""
         return self.process.poll() if self.process is not None else None
 
-    def signal_group(self, signum: int) -> None:
-        if self.process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signum)
+    def terminate(self) -> None:
+        """SIGTERM to the child alone: it stops its own children in its own order (the worker
+        asks its trainers to hand their jobs back before it shuts its Ray instance down)."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
 
     def kill_session(self) -> None:
         """SIGKILL every process left in the child's session: its group, and the groups its
@@ -228,12 +233,13 @@ class Supervisor:
             self.on_restart(name, message)
 
     def stop(self) -> None:
-        """SIGTERM every child's group at once, wait up to each one's grace, SIGKILL the rest."""
+        """SIGTERM every child at once, wait up to each one's grace, then SIGKILL whatever is
+        left in its session."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.check_every_s + 5)
         for child in self.children:
-            child.signal_group(signal.SIGTERM)
+            child.terminate()
         for child in self.children:
             if child.process is None:
                 continue
