@@ -149,9 +149,8 @@ class Child:
     def terminate(self) -> None:
         """SIGTERM to the child alone: it stops its own children in its own order (the worker
         asks its trainers to hand their jobs back before it shuts its Ray instance down)."""
-        if self.process is not None and self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGTERM)
+        if self.process is not None:
+            self.process.terminate()  # skips a child already reaped, as `Popen` does
 
     def kill_session(self) -> None:
         """SIGKILL every process left in the child's session: its group, and the groups its

@@ -109,6 +109,20 @@ def job_row(services: Services, job_id: str) -> JobRecord:
     return found
 
 
+def sleepers(services: Services) -> list[str]:
+    """The trainers standing among the sleepers."""
+    with services.engine.connect() as conn:
+        return list(conn.execute(text("SELECT worker_id FROM queue_sleepers")).scalars())
+
+
+def wait_until_asleep(services: Services, thread: threading.Thread, worker_id: str) -> None:
+    """Until `worker_id` (run by `thread`) stands alone among the sleepers: 60 s at most."""
+    deadline = time.monotonic() + 60
+    while sleepers(services) != [worker_id]:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.05)
+
+
 def metric_events(services: Services, job_id: str) -> list[dict[str, Any]]:
     with services.engine.connect() as conn:
         found = list_events(conn, job_id, limit=10_000, newest_first=False)
@@ -378,22 +392,14 @@ def test_an_idle_trainer_asked_to_stop_stops_within_its_wait_and_leaves_the_slee
     runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
     stop = threading.Event()
     thread = threading.Thread(target=lambda: runner.run_forever(stop, idle_wait=120))
-
-    def sleepers() -> list[str]:
-        with trainer_services.engine.connect() as conn:
-            return list(conn.execute(text("SELECT worker_id FROM queue_sleepers")).scalars())
-
     thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while sleepers() != ["w1"]:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
+        wait_until_asleep(trainer_services, thread, "w1")
         time.sleep(0.5)  # into its wait
         stop.set()
         thread.join(10)
         assert not thread.is_alive(), "the idle trainer sat out its wait"
-        assert sleepers() == []
+        assert sleepers(trainer_services) == []
     finally:
         stop.set()
         thread.join(130)
@@ -414,17 +420,10 @@ def test_a_sleeping_trainer_cut_off_from_the_database_sleeps_again_and_is_woken_
         target=lambda: ran.append(runner.run_forever(stop, idle_wait=2, max_jobs=1))
     )
 
-    def sleepers() -> list[str]:
-        with services.engine.connect() as conn:
-            return list(conn.execute(text("SELECT worker_id FROM queue_sleepers")).scalars())
-
     try:
         world = make_world(services)
         thread.start()
-        deadline = time.monotonic() + 60
-        while sleepers() != ["w1"]:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.05)
+        wait_until_asleep(services, thread, "w1")
         proxy.cut()
         time.sleep(5)  # two of its waits run out while the database is away
         proxy.restore()
@@ -432,7 +431,7 @@ def test_a_sleeping_trainer_cut_off_from_the_database_sleeps_again_and_is_woken_
         thread.join(120)
         assert not thread.is_alive() and ran == [1]
         assert job_row(services, job_id).status == "succeeded"
-        assert sleepers() == []
+        assert sleepers(services) == []
     finally:
         stop.set()
         thread.join(60)

@@ -328,6 +328,15 @@ def _backed_off(engine: Engine, world: dict[str, str], backoff: float) -> str:
     return job_id
 
 
+def _queue_unannounced(engine: Engine, job_id: str) -> None:
+    """Queue the job, ready, without the wake-up that queueing it sends (a lost wake-up)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET status = 'queued', run_after = now() WHERE id = :id"),
+            {"id": job_id},
+        )
+
+
 def _due(engine: Engine, job_id: str) -> bool:
     with engine.connect() as conn:
         return bool(
@@ -397,11 +406,7 @@ def test_a_ready_job_no_wake_up_reached_wakes_one_sleeper_a_pass(
     """The safety net: a job queued without a wake-up (here, written directly) is announced to
     one sleeper a pass while it waits; with no sleeper or no such job, a pass wakes no one."""
     job_id = create_validating_job(engine, world["tenant"], world["base"], world["file"])
-    with engine.begin() as conn:
-        conn.execute(
-            text("UPDATE jobs SET status = 'queued', run_after = now() WHERE id = :id"),
-            {"id": job_id},
-        )
+    _queue_unannounced(engine, job_id)
     assert wake_due(engine) == 0  # no sleeper
     with WakeUps(engine, database_url, "t1") as t1, WakeUps(engine, database_url, "t2") as t2:
         t1.sleep(60, None)
@@ -430,11 +435,7 @@ def test_the_net_wakes_no_one_for_a_job_waiting_for_its_tenants_limit(
     )
     queue.mark_queued(first)
     assert queue.claim("busy") is not None
-    with engine.begin() as conn:  # queued without a wake-up, behind its tenant's limit
-        conn.execute(
-            text("UPDATE jobs SET status = 'queued', run_after = now() WHERE id = :id"),
-            {"id": second},
-        )
+    _queue_unannounced(engine, second)  # behind its tenant's limit
     with WakeUps(engine, database_url, "t1") as t1:
         t1.sleep(60, None)
         assert wake_due(engine) == 0
