@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from control_plane.api.deps import PrincipalCache
 from control_plane.api.errors import install_error_handlers
@@ -18,6 +18,7 @@ from control_plane.api.routes import (
     job_streams,
     models,
 )
+from control_plane.api.text_input import refuse_nul
 from control_plane.dashboard import mount_dashboard
 from control_plane.services import Services
 
@@ -43,7 +44,7 @@ def create_app(services: Services) -> FastAPI:
         adapters.router,
         health.router,
     ):
-        app.include_router(router)
+        app.include_router(router, dependencies=[Depends(refuse_nul)])
     app.add_middleware(
         BodySizeLimit,
         limit=services.settings.max_upload_bytes + 64 * 1024,

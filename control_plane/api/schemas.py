@@ -318,7 +318,7 @@ class BaseModelCreate(BaseModel):
     revision: str | None = Field(default=None, max_length=200)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     architecture: str | None = Field(default=None, max_length=100)
-    parameter_count: int | None = Field(default=None, ge=1)
+    parameter_count: int | None = Field(default=None, ge=1, le=2**63 - 1)  # a bigint column
     has_chat_template: bool | None = None
 
     @model_validator(mode="after")

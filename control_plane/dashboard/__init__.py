@@ -13,21 +13,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
-from control_plane.dashboard.render import install_page_errors
+from control_plane.api.text_input import find_nul
+from control_plane.dashboard.render import PageRefused, install_page_errors
 from control_plane.dashboard.routes import adapters, auth, jobs, new_job, platform
 from control_plane.dashboard.security import SecurityHeaders
 
 STATIC = Path(__file__).parent / "static"
 
 
+async def _refuse_nul(request: Request) -> None:
+    """Every page's first dependency: a NUL in the address or a form is refused on a page."""
+    found = await find_nul(request)
+    if found is not None:
+        raise PageRefused(str(found))
+
+
 def mount_dashboard(app: FastAPI) -> None:
     """Add the dashboard's pages, streams and static files to the API's app."""
     # new_job first: `/jobs/new` must match before `/jobs/{job_id}`.
     for router in (auth.router, new_job.router, jobs.router, adapters.router, platform.router):
-        app.include_router(router, include_in_schema=False)
+        app.include_router(router, include_in_schema=False, dependencies=[Depends(_refuse_nul)])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_page_errors(app)
     app.add_middleware(SecurityHeaders)

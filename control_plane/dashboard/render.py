@@ -27,6 +27,10 @@ class PageForbidden(Exception):
     """The session's role may not do this (a reader cancelling a job): 403 with the reason."""
 
 
+class PageRefused(Exception):
+    """A request no page can take as sent (a NUL character in it): 400 with the reason."""
+
+
 def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
 
@@ -141,7 +145,11 @@ def install_page_errors(app: FastAPI) -> None:
     async def on_forbidden(request: Request, exc: Exception) -> Response:
         return page(request, "forbidden.html", None, status_code=403, reason=str(exc))
 
+    async def on_refused(request: Request, exc: Exception) -> Response:
+        return page(request, "forbidden.html", None, status_code=400, reason=str(exc))
+
     app.add_exception_handler(SignInRequired, on_sign_in)
     app.add_exception_handler(PageNotFound, on_not_found)
     app.add_exception_handler(CsrfRefused, on_csrf)
     app.add_exception_handler(PageForbidden, on_forbidden)
+    app.add_exception_handler(PageRefused, on_refused)

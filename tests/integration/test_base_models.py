@@ -454,6 +454,12 @@ def test_a_base_still_importing_refuses_jobs_and_is_started_anew_once_taken_for_
     [
         ({"architecture": "LlamaForCausalLM"}, "admin", 400, "read from the checkpoint"),
         ({"sha256": "a" * 64}, "admin", 400, "source_kind: required with sha256"),
+        (  # past a bigint: was an internal error (found by schemathesis)
+            {"sha256": "a" * 64, "source_kind": "dir", "parameter_count": 2**63},
+            "admin",
+            400,
+            "parameter_count: Input should be less than or equal to",
+        ),
         ({}, "member", 403, "admin role"),
         ({"sha256": "a" * 64, "source_kind": "dir"}, "admin", 200, None),
     ],
