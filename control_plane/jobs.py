@@ -44,9 +44,16 @@ class NewJob:
     priority: int = 0
     max_attempts: int = 3
     idempotency_key: str | None = None
+    user_metadata: dict[str, str] | None = None
 
     def request_hash(self) -> str:
-        body = {k: v for k, v in self.__dict__.items() if k not in ("idempotency_key", "tenant_id")}
+        # Without metadata, the hash a job got before revision 0019 (a retried request matches).
+        body = {
+            k: v
+            for k, v in self.__dict__.items()
+            if k not in ("idempotency_key", "tenant_id")
+            and not (k == "user_metadata" and v is None)
+        }
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -76,6 +83,7 @@ def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:
         "max_attempts": new.max_attempts,
         "idempotency_key": new.idempotency_key,
         "request_hash": request_hash,
+        "user_metadata": new.user_metadata,
     }
     try:
         with conn.begin_nested():
@@ -125,11 +133,22 @@ def job_parent_version_id(conn: Connection, job_id: str) -> str | None:
 
 
 def list_jobs(
-    conn: Connection, tenant_id: str, *, after: str | None, limit: int
+    conn: Connection,
+    tenant_id: str,
+    *,
+    after: str | None,
+    limit: int,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[JobRecord], bool]:
-    """Newest first; `after` is the id of the last job of the previous page."""
+    """Newest first; `after` is the id of the last job of the previous page. With `metadata`,
+    only the jobs whose metadata holds every one of its pairs; with `{}`, the jobs without."""
+    filters = []
+    if metadata is not None:
+        filters.append(
+            jobs.c.user_metadata.contains(metadata) if metadata else jobs.c.user_metadata.is_(None)
+        )
     rows, more = newest_first(
-        conn, jobs, scope=jobs.c.tenant_id == tenant_id, after=after, limit=limit
+        conn, jobs, scope=jobs.c.tenant_id == tenant_id, filters=filters, after=after, limit=limit
     )
     return [JobRecord.from_row(r) for r in rows], more
 

@@ -106,6 +106,7 @@ class JobRecord(_FromRow):
     started_at: datetime | None
     finished_at: datetime | None
     parent_version_id: str | None
+    user_metadata: dict[str, str] | None
 
     def __post_init__(self) -> None:
         # The column holds the plain string; the record holds the enum member.

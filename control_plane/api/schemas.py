@@ -5,9 +5,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from control_plane.job_status import JobStatus
 from control_plane.records import (
@@ -120,6 +127,10 @@ class ServingTargetBody(BaseModel):
         return value
 
 
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
 class JobCreate(BaseModel):
     """OpenAI's job-create body plus loraforge's own fields; unknown fields are refused."""
 
@@ -132,7 +143,8 @@ class JobCreate(BaseModel):
     method: Method | None = None
     suffix: str | None = Field(default=None, max_length=64)
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = None
+    # OpenAI's limits: 16 pairs, keys of 1-64 characters, values of at most 512.
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
     integrations: list[Any] | None = None
     # loraforge's own.
     priority: int = Field(default=0, ge=-100, le=100)
@@ -247,6 +259,7 @@ class JobPublic(BaseModel):
             adapter_name=job.adapter_name,
             suffix=job.suffix,
             continue_from=parent_ref,
+            metadata=job.user_metadata,
         )
 
 

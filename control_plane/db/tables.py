@@ -209,6 +209,10 @@ class Job(Base):
     parent_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("adapter_versions.id", ondelete="SET NULL")
     )
+    # OpenAI's `metadata` (revision 0019): up to 16 string pairs the submitter attaches, returned
+    # with the job and matched by `GET /v1/fine_tuning/jobs?metadata[k]=v` (JSONB `@>`, within
+    # the tenant's pages). `metadata` itself is SQLAlchemy's name for a model's tables.
+    user_metadata: Mapped[dict[str, str] | None] = mapped_column(JSONB(none_as_null=True))
 
 
 class JobEvent(Base):

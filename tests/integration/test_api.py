@@ -170,6 +170,25 @@ BAD_JOB_BODIES = [
         "hyperparameters.target_modules",
     ),
     ({"model": "nope", "training_file": "F"}, "model_not_found", "model"),
+    (  # OpenAI's limits on metadata: 16 pairs, keys of at most 64 characters, values of 512
+        {
+            "model": "tiny-llama",
+            "training_file": "F",
+            "metadata": {f"k{i}": "v" for i in range(17)},
+        },
+        "invalid_request",
+        "metadata",
+    ),
+    (
+        {"model": "tiny-llama", "training_file": "F", "metadata": {"k" * 65: "v"}},
+        "invalid_request",
+        "metadata." + "k" * 65 + ".[key]",
+    ),
+    (
+        {"model": "tiny-llama", "training_file": "F", "metadata": {"team": "v" * 513}},
+        "invalid_request",
+        "metadata.team",
+    ),
     ({"model": "tiny-llama", "training_file": "file-missing"}, "file_not_found", "training_file"),
     ({"model": "tiny-llama", "training_file": "F", "suffix": "a/b"}, "invalid_request", "suffix"),
     (
@@ -337,6 +356,49 @@ def test_upload_limit_is_enforced_while_streaming(
     assert objects(services) == []
 
 
+def test_job_metadata_is_kept_returned_and_filtered_through_the_openai_client(
+    live_url: str, tenant_a: TenantKeys, tenant_b: TenantKeys, base_name: str
+) -> None:
+    def sdk(keys: TenantKeys) -> openai.OpenAI:
+        return openai.OpenAI(api_key=keys.admin, base_url=f"{live_url}/v1", max_retries=0)
+
+    client = sdk(tenant_a)
+    file_id = client.files.create(file=("t.jsonl", jsonl(CHAT)), purpose="fine-tune").id
+
+    def create(metadata: dict[str, str] | None) -> str:
+        extra = {} if metadata is None else {"metadata": metadata}
+        return client.fine_tuning.jobs.create(model=base_name, training_file=file_id, **extra).id
+
+    nlp_1 = create({"team": "nlp", "run": "1"})
+    vision = create({"team": "vision", "empty": ""})
+    plain = create(None)
+    nlp_2 = create({"team": "nlp", "run": "2"})
+    assert client.fine_tuning.jobs.retrieve(nlp_1).metadata == {"team": "nlp", "run": "1"}
+    assert client.fine_tuning.jobs.retrieve(plain).metadata is None
+
+    def listed(keys: TenantKeys = tenant_a, **query: object) -> list[str]:
+        return [j.id for j in sdk(keys).fine_tuning.jobs.list(**query).data]  # type: ignore[arg-type]
+
+    assert listed(metadata={"team": "nlp"}) == [nlp_2, nlp_1]  # newest first
+    assert listed(metadata={"team": "nlp", "run": "1"}) == [nlp_1]
+    assert listed(metadata={"empty": ""}) == [vision]
+    assert listed(metadata={"team": "audio"}) == []
+    assert listed(extra_query={"metadata": "null"}) == [plain]
+    assert listed(tenant_b, metadata={"team": "nlp"}) == []  # another tenant's jobs
+    # Pages of the filtered list: keyset, newest first.
+    first = client.fine_tuning.jobs.list(limit=1, metadata={"team": "nlp"})
+    assert [j.id for j in first.data] == [nlp_2] and first.has_more
+    rest = client.fine_tuning.jobs.list(limit=1, after=nlp_2, metadata={"team": "nlp"})
+    assert [j.id for j in rest.data] == [nlp_1] and not rest.has_more
+    with pytest.raises(openai.BadRequestError) as mixed:
+        listed(extra_query={"metadata": "null", "metadata[team]": "nlp"})
+    assert mixed.value.code == "invalid_request"
+    documented = httpx.get(f"{live_url}/openapi.json").json()["paths"]["/v1/fine_tuning/jobs"]
+    assert {"name": "metadata", "style": "deepObject"}.items() <= next(
+        p for p in documented["get"]["parameters"] if p["name"] == "metadata"
+    ).items()
+
+
 def test_idempotency_key(
     client: TestClient, services: Services, tenant_a: TenantKeys, base_name: str
 ) -> None:
@@ -355,6 +417,10 @@ def test_idempotency_key(
     )
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "idempotency_key_reused"
+    other_metadata = client.post(
+        "/v1/fine_tuning/jobs", headers=headers, json={**body, "metadata": {"team": "nlp"}}
+    )
+    assert other_metadata.status_code == 409
     assert counts(services) == before
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from pydantic import ValidationError
 
 from control_plane import base_catalog, jobs, registry, tenants
@@ -181,6 +182,7 @@ def create_job(
         priority=body.priority,
         max_attempts=body.max_attempts or services.settings.max_attempts,
         idempotency_key=idempotency_key,
+        user_metadata=body.metadata or None,
     )
     try:
         job, created = jobs.create_job(conn, new)
@@ -193,15 +195,74 @@ def create_job(
     return public
 
 
-@router.get("", response_model=Page[JobPublic])
+_METADATA_KEY = re.compile(r"^metadata\[(.*)\]$", re.DOTALL)
+
+
+def _metadata_filter(request: Request) -> dict[str, str] | None:
+    """OpenAI's filter: `metadata[k]=v` pairs, every one of which a job's metadata must hold
+    (`metadata[k]=` matches an empty value), or `metadata=null` for the jobs without metadata
+    ({} then); None when the query has neither."""
+    pairs: dict[str, str] = {}
+    without = False
+    for name, value in request.query_params.multi_items():
+        found = _METADATA_KEY.match(name)
+        if name == "metadata":
+            if value != "null":
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    "metadata: filter with metadata[key]=value (a parameter a pair), or "
+                    "metadata=null for the jobs without metadata",
+                    "metadata",
+                )
+            without = True
+        elif found is not None:
+            key = found.group(1)
+            if pairs.get(key, value) != value:
+                raise ApiError(
+                    400,
+                    "invalid_request",
+                    f"metadata[{key}]: given twice with different values; no job holds both",
+                    f"metadata[{key}]",
+                )
+            pairs[key] = value
+    if without and pairs:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "metadata: metadata=null selects the jobs without metadata; it cannot be combined "
+            "with metadata[key]=value",
+            "metadata",
+        )
+    return {} if without else (pairs or None)
+
+
+# Read off the query by `_metadata_filter` (FastAPI has no deep-object parameter); documented.
+_METADATA_PARAMETER = {
+    "name": "metadata",
+    "in": "query",
+    "required": False,
+    "style": "deepObject",
+    "explode": True,
+    "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+    "description": "Only the jobs whose metadata holds every pair: metadata[k]=v (one "
+    "parameter a pair); metadata=null for the jobs without metadata.",
+}
+
+
+@router.get("", response_model=Page[JobPublic], openapi_extra={"parameters": [_METADATA_PARAMETER]})
 def list_jobs(
+    request: Request,
     conn: ConnDep,
     caller: Caller,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Page[JobPublic]:
+    metadata = _metadata_filter(request)
     try:
-        found, more = jobs.list_jobs(conn, caller.tenant_id, after=after, limit=limit)
+        found, more = jobs.list_jobs(
+            conn, caller.tenant_id, after=after, limit=limit, metadata=metadata
+        )
     except LookupError:
         raise not_found("fine_tuning_job", after or "", "after") from None
     return page_of([_public(conn, j) for j in found], has_more=more, cursor=_id)
