@@ -125,7 +125,10 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
             exc.status_code, "http_error"
         )
-        return JSONResponse(error_body(exc.status_code, code, str(exc.detail)), exc.status_code)
+        # The exception's headers too: a 405's `Allow` (RFC 9110 requires it), a 401's challenge.
+        return JSONResponse(
+            error_body(exc.status_code, code, str(exc.detail)), exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(sqlalchemy.exc.TimeoutError)
     async def _pool_exhausted(_: Request, exc: sqlalchemy.exc.TimeoutError) -> JSONResponse:

@@ -523,6 +523,16 @@ def test_job_pagination_and_file_in_use(
     assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "file_in_use"
 
 
+def test_a_method_a_path_does_not_take_is_405_with_the_methods_it_does(
+    client: TestClient, tenant_a: TenantKeys
+) -> None:
+    response = client.put("/v1/models", headers=tenant_a.headers())
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "GET"
+    assert client.delete("/healthz").headers["allow"] == "GET"
+
+
 def test_openapi_is_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert "/v1/fine_tuning/jobs" in spec["paths"] and "/v1/files" in spec["paths"]
