@@ -4,6 +4,7 @@ states."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -303,6 +304,24 @@ def test_a_failed_job_shows_its_error_code_and_message_as_text(
     expect(page.locator("#job-status .status")).to_have_text("failed")
     assert page.locator("#cancel-job").count() == 0  # nothing left to cancel
     expect(page.locator("#timeline li")).to_have_count(3)  # created, validating, failed
+
+
+def test_a_job_page_lists_its_metadata_as_text(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys
+) -> None:
+    base = make_base(services.engine, "tiny-llama")
+    file_id = make_file(services.engine, tenant_a.tenant_id).id
+    job_id = create_validating_job(services.engine, tenant_a.tenant_id, base.id, file_id)
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = :id"),
+            {"m": json.dumps({"team": "nlp", "ticket": "<b>ML-7</b>"}), "id": job_id},
+        )
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/jobs/{job_id}")
+    listed = page.locator("#job-metadata")
+    expect(listed.locator("dt")).to_have_text(["team", "ticket"])
+    expect(listed.locator("dd")).to_have_text(["nlp", "<b>ML-7</b>"])  # text, not markup
 
 
 def test_signing_in_and_moving_around_works_from_the_keyboard(
