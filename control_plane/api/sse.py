@@ -54,14 +54,21 @@ def comment(text: str = "keep-alive") -> str:
     return f": {text}\n\n"
 
 
+# Event ids are a bigint sequence: a cursor past it names no event (and a query bound to it
+# would fail in the database).
+_EVENT_ID_MAX = 2**63 - 1
+
+
 def parse_event_id(value: str | None) -> int | None:
-    """An event cursor as clients send it (`123` or `ftevent-123`); None when absent or bad."""
+    """An event cursor as clients send it (`123` or `ftevent-123`); None when absent or bad
+    (not a number, or outside the ids' bigint range)."""
     if not value:
         return None
     try:
-        return int(value.removeprefix("ftevent-"))
+        number = int(value.removeprefix("ftevent-"))
     except ValueError:
         return None
+    return number if 0 <= number <= _EVENT_ID_MAX else None
 
 
 @dataclass(frozen=True)

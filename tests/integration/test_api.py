@@ -523,6 +523,30 @@ def test_job_pagination_and_file_in_use(
     assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "file_in_use"
 
 
+@pytest.mark.parametrize(
+    "cursor", ["garbage", "ftevent-", "ftevent--1", f"ftevent-{2**63}", "99999999999999999999"]
+)
+def test_an_event_cursor_that_names_no_event_id_is_a_400(
+    client: TestClient, tenant_a: TenantKeys, base_name: str, cursor: str
+) -> None:
+    # A number past the ids' bigint range was an internal error (found by probing cursors).
+    file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
+    job_id = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=tenant_a.headers(),
+        json={"model": base_name, "training_file": file_id},
+    ).json()["id"]
+    events = f"/v1/fine_tuning/jobs/{job_id}/events"
+    newest = client.get(events, headers=tenant_a.headers()).json()["data"][0]["id"]
+    assert client.get(f"{events}?after={newest}", headers=tenant_a.headers()).status_code == 200
+    response = client.get(events, params={"after": cursor}, headers=tenant_a.headers())
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (
+        "invalid_cursor",
+        "after",
+    )
+
+
 def test_a_method_a_path_does_not_take_is_405_with_the_methods_it_does(
     client: TestClient, tenant_a: TenantKeys
 ) -> None:

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from control_plane import base_catalog, jobs, registry, tenants
 from control_plane import events as event_repo
 from control_plane import files as file_repo
+from control_plane.api import sse
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, describe_validation_errors, not_found
 from control_plane.api.schemas import (
@@ -298,14 +299,9 @@ def list_events(
 ) -> Page[EventPublic]:
     """Newest first (OpenAI's order) unless `order=asc`; `after` is an event id."""
     _owned_job(conn, caller, job_id)
-    after_id: int | None = None
-    if after is not None:
-        try:
-            after_id = int(after.removeprefix("ftevent-"))
-        except ValueError:
-            raise ApiError(
-                400, "invalid_cursor", f"after: {after!r} is not an event id", "after"
-            ) from None
+    after_id = sse.parse_event_id(after)
+    if after is not None and after_id is None:
+        raise ApiError(400, "invalid_cursor", f"after: {after!r} is not an event id", "after")
     found = event_repo.list_events(
         conn, job_id, after=after_id, limit=limit + 1, newest_first=order == "desc"
     )
