@@ -56,7 +56,7 @@ def comment(text: str = "keep-alive") -> str:
 
 # Event ids are a bigint sequence: a cursor past it names no event (and a query bound to it
 # would fail in the database).
-_EVENT_ID_MAX = 2**63 - 1
+EVENT_ID_MAX = 2**63 - 1
 
 
 def parse_event_id(value: str | None) -> int | None:
@@ -68,7 +68,7 @@ def parse_event_id(value: str | None) -> int | None:
         number = int(value.removeprefix("ftevent-"))
     except ValueError:
         return None
-    return number if 0 <= number <= _EVENT_ID_MAX else None
+    return number if 0 <= number <= EVENT_ID_MAX else None
 
 
 @dataclass(frozen=True)

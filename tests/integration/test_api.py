@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -545,6 +546,34 @@ def test_an_event_cursor_that_names_no_event_id_is_a_400(
         "invalid_cursor",
         "after",
     )
+
+
+@pytest.mark.parametrize("path", ["/events?before={n}", "/stream?after={n}"])
+def test_a_job_page_cursor_past_the_event_ids_is_a_400(
+    live_url: str, client: TestClient, tenant_a: TenantKeys, base_name: str, path: str
+) -> None:
+    # The older-events button's `before` past a bigint was an internal error. On a real socket,
+    # so that a stream answered 200 (a regression) fails at its headers instead of running on.
+    file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
+    job_id = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=tenant_a.headers(),
+        json={"model": base_name, "training_file": file_id},
+    ).json()["id"]
+    with httpx.Client(base_url=live_url, timeout=10) as browser:
+        token = re.search(r'name="signin" value="([^"]*)"', browser.get("/sign-in").text)
+        assert token is not None
+        signed_in = browser.post(
+            "/sign-in", data={"api_key": tenant_a.member, "signin": token.group(1)}
+        )
+        assert signed_in.status_code == 303
+        page = f"/jobs/{job_id}" + path
+        with browser.stream("GET", page.format(n=10**6)) as valid:
+            assert valid.status_code == 200
+        with browser.stream("GET", page.format(n=2**63)) as response:
+            assert response.status_code == 400
+            body = json.loads(response.read())
+    assert body["error"]["param"] in ("before", "after")
 
 
 def test_a_method_a_path_does_not_take_is_405_with_the_methods_it_does(

@@ -255,7 +255,7 @@ def older_events(
     job_id: str,
     session: CurrentSession,
     conn: PageConn,
-    before: Annotated[int, Query(ge=0)],
+    before: Annotated[int, Query(ge=0, le=sse.EVENT_ID_MAX)],
 ) -> Response:
     """The page of events before `before`, for the log's "older events" button."""
     job = _owned(conn, session, job_id)
@@ -309,7 +309,7 @@ async def job_stream(
     request: Request,
     session: CurrentSession,
     services: ServicesDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=sse.EVENT_ID_MAX)] = 0,
 ) -> StreamingResponse:
     """The job page's stream: `log` (an event's HTML), `metric` (a chart point), `summary`
     (the live panel's HTML) and `end`."""
