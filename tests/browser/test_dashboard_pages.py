@@ -286,12 +286,17 @@ def test_base_models_show_status_and_the_failure_reason_to_operators_only(
     expect(row).not_to_contain_text("/srv/models")
 
 
+def _validating_job(services: Services, tenant: TenantKeys) -> str:
+    """A job of `tenant` on the tiny base, in `validating_files`: its id."""
+    base = make_base(services.engine, "tiny-llama")
+    file_id = make_file(services.engine, tenant.tenant_id).id
+    return create_validating_job(services.engine, tenant.tenant_id, base.id, file_id)
+
+
 def test_a_failed_job_shows_its_error_code_and_message_as_text(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys
 ) -> None:
-    base = make_base(services.engine, "tiny-llama")
-    file_id = make_file(services.engine, tenant_a.tenant_id).id
-    job_id = create_validating_job(services.engine, tenant_a.tenant_id, base.id, file_id)
+    job_id = _validating_job(services, tenant_a)
     message = "training_file (<script>x()</script>.jsonl): line 3: expected an object"
     services.queue.mark_validation_failed(
         job_id, code="invalid_json_line", message=message, param="training_file"
@@ -309,9 +314,7 @@ def test_a_failed_job_shows_its_error_code_and_message_as_text(
 def test_a_job_page_lists_its_metadata_as_text(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys
 ) -> None:
-    base = make_base(services.engine, "tiny-llama")
-    file_id = make_file(services.engine, tenant_a.tenant_id).id
-    job_id = create_validating_job(services.engine, tenant_a.tenant_id, base.id, file_id)
+    job_id = _validating_job(services, tenant_a)
     with services.engine.begin() as conn:
         conn.execute(
             text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = :id"),

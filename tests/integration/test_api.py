@@ -54,6 +54,18 @@ def wait_for_status(
     raise AssertionError(f"job {job_id} never reached {wanted}: {job}")
 
 
+def submit(client: TestClient, keys: TenantKeys, base_name: str) -> tuple[str, str]:
+    """A job on a freshly uploaded chat file: (the file's id, the job's id)."""
+    file_id = upload(client, keys, jsonl(CHAT)).json()["id"]
+    job = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=keys.headers(),
+        json={"model": base_name, "training_file": file_id},
+    )
+    assert job.status_code == 200, job.text
+    return file_id, job.json()["id"]
+
+
 def counts(services: Services) -> dict[str, int]:
     with services.engine.connect() as conn:
         return {
@@ -428,12 +440,7 @@ def test_idempotency_key(
 def test_tenant_isolation_every_endpoint_is_404(
     client: TestClient, tenant_a: TenantKeys, tenant_b: TenantKeys, base_name: str
 ) -> None:
-    file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
-    job_id = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=tenant_a.headers(),
-        json={"model": base_name, "training_file": file_id},
-    ).json()["id"]
+    file_id, job_id = submit(client, tenant_a, base_name)
     probes = [
         ("GET", f"/v1/files/{file_id}"),
         ("GET", f"/v1/files/{file_id}/content"),
@@ -531,12 +538,7 @@ def test_an_event_cursor_that_names_no_event_id_is_a_400(
     client: TestClient, tenant_a: TenantKeys, base_name: str, cursor: str
 ) -> None:
     # A number past the ids' bigint range was an internal error (found by probing cursors).
-    file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
-    job_id = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=tenant_a.headers(),
-        json={"model": base_name, "training_file": file_id},
-    ).json()["id"]
+    _, job_id = submit(client, tenant_a, base_name)
     events = f"/v1/fine_tuning/jobs/{job_id}/events"
     newest = client.get(events, headers=tenant_a.headers()).json()["data"][0]["id"]
     assert client.get(f"{events}?after={newest}", headers=tenant_a.headers()).status_code == 200
@@ -554,12 +556,7 @@ def test_a_job_page_cursor_past_the_event_ids_is_a_400(
 ) -> None:
     # The older-events button's `before` past a bigint was an internal error. On a real socket,
     # so that a stream answered 200 (a regression) fails at its headers instead of running on.
-    file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
-    job_id = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=tenant_a.headers(),
-        json={"model": base_name, "training_file": file_id},
-    ).json()["id"]
+    _, job_id = submit(client, tenant_a, base_name)
     with httpx.Client(base_url=live_url, timeout=10) as browser:
         token = re.search(r'name="signin" value="([^"]*)"', browser.get("/sign-in").text)
         assert token is not None
