@@ -12,6 +12,7 @@ content is not text here (an upload may hold any byte; validation reads it as a 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -25,16 +26,18 @@ _JSON_NUL = b"\\u0000"
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
-class NulCharacter(ValueError):
-    """A request value holds U+0000; `where` names it for the person who sent it."""
+@dataclass(frozen=True)
+class NulCharacter:
+    """Where a request value holds U+0000: `where` for a person, `param` for the error body."""
 
-    def __init__(self, where: str, param: str) -> None:
-        super().__init__(
-            f"{where} contains a NUL character (U+0000), which no text here may hold; "
+    where: str
+    param: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.where} contains a NUL character (U+0000), which no text here may hold; "
             "remove it and send the request again"
         )
-        self.where = where
-        self.param = param
 
 
 def _nul_in_json(value: Any, path: str) -> str | None:

@@ -206,7 +206,6 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
     pairs: dict[str, str] = {}
     without = False
     for name, value in request.query_params.multi_items():
-        found = _METADATA_KEY.match(name)
         if name == "metadata":
             if value != "null":
                 raise ApiError(
@@ -217,7 +216,7 @@ def _metadata_filter(request: Request) -> dict[str, str] | None:
                     "metadata",
                 )
             without = True
-        elif found is not None:
+        elif found := _METADATA_KEY.match(name):
             key = found.group(1)
             if pairs.get(key, value) != value:
                 raise ApiError(
