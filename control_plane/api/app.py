@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 
 from control_plane.api.deps import PrincipalCache
 from control_plane.api.errors import install_error_handlers
 from control_plane.api.limits import BodySizeLimit
 from control_plane.api.metrics import install_metrics
+from control_plane.api.openapi import install_openapi
 from control_plane.api.routes import (
     adapters,
     api_keys,
@@ -19,8 +21,19 @@ from control_plane.api.routes import (
     models,
 )
 from control_plane.api.text_input import refuse_nul
-from control_plane.dashboard import mount_dashboard
+from control_plane.dashboard import DASHBOARD_ROUTERS, mount_dashboard
 from control_plane.services import Services
+
+API_ROUTERS = (
+    files.router,
+    fine_tuning.router,
+    job_streams.router,
+    models.router,
+    base_models.router,
+    api_keys.router,
+    adapters.router,
+    health.router,
+)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -34,16 +47,7 @@ def create_app(services: Services) -> FastAPI:
         services.settings.secret_key, services.settings.auth_cache_seconds
     )
     install_error_handlers(app)
-    for router in (
-        files.router,
-        fine_tuning.router,
-        job_streams.router,
-        models.router,
-        base_models.router,
-        api_keys.router,
-        adapters.router,
-        health.router,
-    ):
+    for router in API_ROUTERS:
         app.include_router(router, dependencies=[Depends(refuse_nul)])
     app.add_middleware(
         BodySizeLimit,
@@ -51,5 +55,9 @@ def create_app(services: Services) -> FastAPI:
     )
     mount_dashboard(app)
     install_metrics(app, services)
+    routes = [r for router in API_ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+    install_openapi(app, routes)
+    # Every route, for a 405's `Allow` (errors.allowed_methods).
+    app.state.routes = [*routes, *(r for router in DASHBOARD_ROUTERS for r in router.routes)]
 
     return app

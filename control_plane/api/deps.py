@@ -7,7 +7,8 @@ import time
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection
 
 from control_plane import tenants
@@ -65,19 +66,30 @@ def get_principals(request: Request) -> PrincipalCache:
 PrincipalsDep = Annotated[PrincipalCache, Depends(get_principals)]
 
 
+# The OpenAPI's security scheme: every operation that takes a key says so, and clients generated
+# from the schema (and the /docs page's Authorize button) send it. It refuses nothing itself
+# (`auto_error=False`): a request without a bearer key gets this API's own 401.
+bearer_key = HTTPBearer(
+    scheme_name="apiKey",
+    description="An API key of the caller's tenant, sent as `Authorization: Bearer <key>`; an "
+    "admin creates keys with `loraforge admin create-key` or `POST /v1/api_keys`.",
+    auto_error=False,
+)
+
+
 def get_principal(
     request: Request,
     services: ServicesDep,
-    authorization: Annotated[str | None, Header()] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_key)],
 ) -> tenants.Principal:
-    if not authorization or not authorization.lower().startswith("bearer "):
+    if credentials is None:
         raise ApiError(
             401,
             "missing_api_key",
             "Send your API key as 'Authorization: Bearer <key>' "
             "(an admin creates keys with 'loraforge admin create-key').",
         )
-    key = authorization[7:].strip()
+    key = credentials.credentials.strip()
     cache = get_principals(request)
     principal = cache.get(key)
     if principal is None:

@@ -15,7 +15,9 @@ import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from control_plane.messages import first_line
 
@@ -30,6 +32,19 @@ _TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what was refused and what to do about it")
+    type: str = Field(description="OpenAI's error type, e.g. `invalid_request_error`")
+    param: str | None = Field(description="the parameter or field at fault, when one is")
+    code: str = Field(description="a stable code for programs, e.g. `file_not_found`")
+
+
+class ErrorResponse(BaseModel):
+    """Every error this API answers (OpenAI's envelope), as `error_body` writes it."""
+
+    error: ErrorDetail
 
 
 class ApiError(Exception):
@@ -107,6 +122,17 @@ def _unavailable(code: str, message: str, retry_after: int) -> JSONResponse:
     )
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route takes at this request's path: FastAPI makes a route per method,
+    and Starlette's 405 names only the first route that matched the path."""
+    methods: set[str] = set()
+    for route in getattr(request.app.state, "routes", ()):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     # One rate limit per app, so that two apps in one process (tests) do not silence each other.
     outage_log = RateLimitedLog(log)
@@ -121,13 +147,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(400, "invalid_request", message, param), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
             exc.status_code, "http_error"
         )
         # The exception's headers too: a 405's `Allow` (RFC 9110 requires it), a 401's challenge.
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
         return JSONResponse(
-            error_body(exc.status_code, code, str(exc.detail)), exc.status_code, headers=exc.headers
+            error_body(exc.status_code, code, str(exc.detail)), exc.status_code, headers=headers
         )
 
     @app.exception_handler(sqlalchemy.exc.TimeoutError)

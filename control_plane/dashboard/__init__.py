@@ -31,10 +31,13 @@ async def _refuse_nul(request: Request) -> None:
         raise PageRefused(str(found))
 
 
+# new_job first: `/jobs/new` must match before `/jobs/{job_id}`.
+DASHBOARD_ROUTERS = (auth.router, new_job.router, jobs.router, adapters.router, platform.router)
+
+
 def mount_dashboard(app: FastAPI) -> None:
     """Add the dashboard's pages, streams and static files to the API's app."""
-    # new_job first: `/jobs/new` must match before `/jobs/{job_id}`.
-    for router in (auth.router, new_job.router, jobs.router, adapters.router, platform.router):
+    for router in DASHBOARD_ROUTERS:
         app.include_router(router, include_in_schema=False, dependencies=[Depends(_refuse_nul)])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     install_page_errors(app)

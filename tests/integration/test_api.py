@@ -581,6 +581,20 @@ def test_a_method_a_path_does_not_take_is_405_with_the_methods_it_does(
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert response.headers["allow"] == "GET"
     assert client.delete("/healthz").headers["allow"] == "GET"
+    # A path that routes of several methods serve: every one of them (Starlette names only the
+    # first route that matched the path).
+    for method, path, allowed in [
+        ("OPTIONS", "/v1/files/file-x", "DELETE, GET"),
+        ("PATCH", "/v1/adapters/bot/versions/1", "DELETE, GET"),
+        ("PUT", "/v1/fine_tuning/jobs", "GET, POST"),
+        ("DELETE", "/v1/adapters/bot/aliases/prod", None),  # served: DELETE is one of them
+    ]:
+        answer = client.request(method, path, headers=tenant_a.headers())
+        if allowed is None:
+            assert answer.status_code == 404, answer.text
+            continue
+        assert answer.status_code == 405, (method, path)
+        assert answer.headers["allow"] == allowed, path
 
 
 def test_openapi_is_served(client: TestClient) -> None:

@@ -22,6 +22,7 @@ from control_plane import registry
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError
+from control_plane.api.openapi import download, refusals
 from control_plane.api.schemas import Page, page_of
 from control_plane.registry import (
     AdapterRecord,
@@ -242,7 +243,7 @@ def list_adapters(
     return page_of([AdapterPublic.of(a) for a in found], has_more=more, cursor=lambda a: a.name)
 
 
-@router.get("/index", response_model=ServingIndexPublic)
+@router.get("/index", response_model=ServingIndexPublic, responses=refusals(304, 404))
 def serving_index(
     conn: ConnDep,
     caller: Caller,
@@ -333,7 +334,11 @@ def version_files(
     return FileList(adapter=v.adapter_name, version=v.number, data=data)
 
 
-@router.get("/{name}/versions/{number}/files/{filename}")
+@router.get(
+    "/{name}/versions/{number}/files/{filename}",
+    response_class=Response,
+    responses={**download("application/octet-stream"), **refusals(410, 502)},
+)
 def download_file(
     name: str,
     number: VersionNumber,
@@ -365,13 +370,13 @@ def download_file(
         ) from None
 
 
-@router.delete("/{name}/versions/{number}", response_model=VersionDeleted)
+@router.delete("/{name}/versions/{ref}", response_model=VersionDeleted, responses=refusals(409))
 def delete_version(
-    name: str, number: VersionNumber, conn: ConnDep, caller: Writer, services: ServicesDep
+    name: str, ref: VersionNumber, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> VersionDeleted:
     """Delete a version and its objects; refused (409) while an alias points at it."""
     with registry_errors():
-        v = registry.delete_version(conn, caller.tenant_id, name, number)
+        v = registry.delete_version(conn, caller.tenant_id, name, ref)
     conn.commit()
     removed = True
     try:
@@ -391,7 +396,7 @@ def list_aliases(name: str, conn: ConnDep, caller: Caller) -> Page[AliasPublic]:
     return page_of([AliasPublic.of(a) for a in found])
 
 
-@router.put("/{name}/aliases/{alias}", response_model=AliasPublic)
+@router.put("/{name}/aliases/{alias}", response_model=AliasPublic, responses=refusals(409))
 def set_alias(
     name: str,
     alias: str,

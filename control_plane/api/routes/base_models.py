@@ -18,6 +18,7 @@ from sqlalchemy import Connection, func
 from control_plane import base_catalog, tenants
 from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError, not_found
+from control_plane.api.openapi import refusals
 from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page, page_of
 from control_plane.base_status import BaseStatus
 from control_plane.records import BaseModelRecord
@@ -30,7 +31,14 @@ router = APIRouter(prefix="/v1/base_models", tags=["base-models"])
 log = logging.getLogger(__name__)
 
 
-@router.post("", response_model=BaseModelPublic)
+@router.post(
+    "",
+    response_model=BaseModelPublic,
+    responses={
+        202: {"model": BaseModelPublic, "description": "The import started (`registering`)."},
+        **refusals(409),
+    },
+)
 def register_base_model(
     body: BaseModelCreate,
     conn: ConnDep,

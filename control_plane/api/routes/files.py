@@ -12,6 +12,7 @@ from control_plane import jobs
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError, not_found
+from control_plane.api.openapi import download, refusals
 from control_plane.api.schemas import FileDeleted, FilePublic, Page, page_of
 from control_plane.datasets import DatasetError, validate_jsonl
 from control_plane.ids import new_id
@@ -70,7 +71,7 @@ def upload_file(
     return FilePublic.of(record)
 
 
-@router.get("", response_model=Page[FilePublic])
+@router.get("", response_model=Page[FilePublic], responses=refusals(404))
 def list_files(
     conn: ConnDep,
     caller: Caller,
@@ -96,7 +97,7 @@ def retrieve_file(file_id: str, conn: ConnDep, caller: Caller) -> FilePublic:
     return FilePublic.of(record)
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=refusals(409))
 def delete_file(file_id: str, conn: ConnDep, caller: Writer, services: ServicesDep) -> FileDeleted:
     record = file_repo.get_file(conn, caller.tenant_id, file_id)
     if record is None:
@@ -114,7 +115,11 @@ def delete_file(file_id: str, conn: ConnDep, caller: Writer, services: ServicesD
     return FileDeleted(id=file_id)
 
 
-@router.get("/{file_id}/content")
+@router.get(
+    "/{file_id}/content",
+    response_class=Response,
+    responses={**download("application/jsonl"), **refusals(410, 502)},
+)
 def file_content(file_id: str, conn: ConnDep, caller: Caller, services: ServicesDep) -> Response:
     """The file's bytes, never a complete 200 unless they match their sha256
     (`X-Content-SHA256`); see `control_plane.api.downloads`."""

@@ -14,6 +14,7 @@ from control_plane import files as file_repo
 from control_plane.api import sse
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, describe_validation_errors, not_found
+from control_plane.api.openapi import refusals
 from control_plane.api.schemas import (
     IMPORT_FAILED_FOR_TENANTS,
     CheckpointPublic,
@@ -108,7 +109,7 @@ def _file_for_training(conn: ConnDep, tenant_id: str, file_id: str, param: str) 
         )
 
 
-@router.post("", response_model=JobPublic)
+@router.post("", response_model=JobPublic, responses=refusals(404, 409))
 def create_job(
     body: JobCreate,
     conn: ConnDep,
@@ -250,7 +251,12 @@ _METADATA_PARAMETER = {
 }
 
 
-@router.get("", response_model=Page[JobPublic], openapi_extra={"parameters": [_METADATA_PARAMETER]})
+@router.get(
+    "",
+    response_model=Page[JobPublic],
+    responses=refusals(404),
+    openapi_extra={"parameters": [_METADATA_PARAMETER]},
+)
 def list_jobs(
     request: Request,
     conn: ConnDep,
@@ -273,7 +279,7 @@ def retrieve_job(job_id: str, conn: ConnDep, caller: Caller) -> JobPublic:
     return _public(conn, _owned_job(conn, caller, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=refusals(409))
 def cancel_job(job_id: str, conn: ConnDep, caller: Writer, services: ServicesDep) -> JobPublic:
     _owned_job(conn, caller, job_id)
     try:
