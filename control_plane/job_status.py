@@ -1,7 +1,9 @@
 """The one vocabulary for a job's state, and the sets the queue and the API reason with.
 
 A job moves `validating_files → queued → running → succeeded | failed | cancelled`
-(`cancelling` sits between `running` and `cancelled` while the worker winds down). Code
+(`cancelling` sits between `running` and `cancelled` while the worker winds down). A queued or
+running job can be `paused` (a running one once its worker has checkpointed it), and resumed
+into `queued`. Code
 compares with these members, never with bare strings; SQL binds the sets as parameters
 (`status = ANY(:active)` or SQLAlchemy's `in_()`) so no status list is written twice.
 """
@@ -18,6 +20,7 @@ class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     CANCELLING = "cancelling"
+    PAUSED = "paused"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -34,8 +37,11 @@ TERMINAL: frozenset[JobStatus] = frozenset(
 UNFINISHED: frozenset[JobStatus] = frozenset(JobStatus) - TERMINAL
 """Not over yet: waiting for validation, queued, or held by a worker."""
 
+PAUSABLE: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+"""What a pause applies to: a queued job pauses at once, a running one at its next step."""
+
 WAITING: frozenset[JobStatus] = UNFINISHED - ACTIVE
-"""Not claimed by a worker yet: cancelling one of these ends it at once."""
+"""Not held by a worker (not claimed yet, or paused): cancelling one of these ends it at once."""
 
 
 def as_values(statuses: frozenset[JobStatus]) -> list[str]:

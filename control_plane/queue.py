@@ -65,6 +65,10 @@ _STATUSES: dict[str, Any] = {
     "waiting": as_values(WAITING),
 }
 
+# Where a job that goes back to the queue goes: `paused` instead when a pause was asked for
+# while it ran (its trainer lost, failed for another try, or shut down before it could pause).
+_REQUEUED = "CASE WHEN pause_requested THEN :paused ELSE :queued END"
+
 # When a retried job may run again: `retry_backoff_seconds` doubled per attempt used.
 _BACKOFF_RUN_AFTER = "now() + make_interval(secs => :backoff * power(2, greatest(attempt - 1, 0)))"
 
@@ -89,6 +93,15 @@ def _notify_queued(conn: Connection, base_model_id: str, run_after: datetime | N
     )
 
 
+def _paused_event(conn: Connection, job_id: str, message: str) -> None:
+    add_event(
+        conn,
+        job_id,
+        f"{message}; resume it to go on from its newest checkpoint",
+        data={"status": JobStatus.PAUSED},
+    )
+
+
 class JobStateError(Exception):
     """A transition that the job's current state does not allow."""
 
@@ -105,6 +118,7 @@ class Heartbeat:
 
     held: bool
     cancel_requested: bool
+    pause_requested: bool = False
 
 
 # Literal, not bound: a partial index on the queued jobs serves a statement only when its planner
@@ -420,8 +434,9 @@ _FAIL = text(
     UPDATE jobs SET
       status = CASE
         WHEN cancel_requested THEN :cancelled
-        WHEN :retryable AND attempt < max_attempts THEN :queued
+        WHEN :retryable AND attempt < max_attempts THEN {_REQUEUED}
         ELSE :failed END,
+      pause_requested = false,
       run_after = {_BACKOFF_RUN_AFTER},
       finished_at = CASE WHEN cancel_requested OR NOT (:retryable AND attempt < max_attempts)
                          THEN now() END,
@@ -437,12 +452,13 @@ _FAIL = text(
 # (`attempt - 1`: the next claim runs the same attempt again) and one more interruption; only
 # after `max_interruptions` of them does it fail.
 _REAP = text(
-    """
+    f"""
     UPDATE jobs SET
       status = CASE
         WHEN cancel_requested THEN :cancelled
         WHEN interruptions + 1 >= :max_interruptions THEN :failed
-        ELSE :queued END,
+        ELSE {_REQUEUED} END,
+      pause_requested = false,
       attempt = CASE WHEN cancel_requested OR interruptions + 1 >= :max_interruptions
                      THEN attempt ELSE greatest(attempt - 1, 0) END,
       interruptions = interruptions + 1,
@@ -754,7 +770,7 @@ class JobQueue:
                     "progress = coalesce(:progress, progress), eta_seconds = coalesce(:eta, eta_seconds), "
                     "trained_tokens = coalesce(:tokens, trained_tokens) "
                     "WHERE id = :id AND lease_owner = :worker AND status = ANY(:active) "
-                    "RETURNING cancel_requested"
+                    "RETURNING cancel_requested, pause_requested"
                 ),
                 _params(
                     id=job_id,
@@ -767,7 +783,11 @@ class JobQueue:
             ).one_or_none()
         if row is None:
             return Heartbeat(held=False, cancel_requested=False)
-        return Heartbeat(held=True, cancel_requested=bool(row.cancel_requested))
+        return Heartbeat(
+            held=True,
+            cancel_requested=bool(row.cancel_requested),
+            pause_requested=bool(row.pause_requested),
+        )
 
     # -- leaving the queue ----------------------------------------------------------------
 
@@ -793,7 +813,7 @@ class JobQueue:
             row = conn.execute(
                 text(
                     "UPDATE jobs SET finished_at = now(), lease_owner = NULL, "
-                    "lease_expires_at = NULL, "
+                    "lease_expires_at = NULL, pause_requested = false, "
                     "status = CASE WHEN cancel_requested THEN :cancelled ELSE :succeeded END, "
                     "progress = CASE WHEN cancel_requested THEN progress ELSE 1.0 END, "
                     "eta_seconds = CASE WHEN cancel_requested THEN eta_seconds ELSE 0 END, "
@@ -852,15 +872,18 @@ class JobQueue:
         return JobRecord.from_row(row)
 
     def hand_back(self, job_id: str, worker_id: str, *, reason: str) -> JobRecord | None:
-        """The worker is shutting down: the job is queued again at once, without using up an
-        attempt (it resumes from its newest checkpoint). A job whose cancellation was requested
-        ends `cancelled`. Returns None when the worker no longer holds the lease."""
+        """The worker stopped the job at a checkpoint (it is shutting down, or the job was
+        asked to pause): queued again at once, or `paused` when a pause was asked for, without
+        using up an attempt (it resumes from its newest checkpoint). A job whose cancellation
+        was requested ends `cancelled`. Returns None when the worker no longer holds the lease."""
         with self.engine.begin() as conn:
             row = conn.execute(
                 text(
-                    """
+                    f"""
                     UPDATE jobs SET
-                      status = CASE WHEN cancel_requested THEN :cancelled ELSE :queued END,
+                      status = CASE WHEN cancel_requested THEN :cancelled
+                                    ELSE {_REQUEUED} END,
+                      pause_requested = false,
                       finished_at = CASE WHEN cancel_requested THEN now() END,
                       attempt = CASE WHEN cancel_requested THEN attempt
                                      ELSE greatest(attempt - 1, 0) END,
@@ -882,6 +905,8 @@ class JobQueue:
                     data={"status": JobStatus.QUEUED, "handed_back_by": worker_id},
                 )
                 _notify_queued(conn, row.base_model_id)
+            elif row.status == JobStatus.PAUSED:
+                _paused_event(conn, job_id, f"Job paused ({reason})")
             else:
                 add_event(conn, job_id, "Job cancelled", data={"status": row.status})
         return JobRecord.from_row(row)
@@ -930,6 +955,68 @@ class JobQueue:
                 )
         return JobRecord.from_row(row)
 
+    def request_pause(self, job_id: str) -> JobRecord:
+        """Pause a queued job at once; ask a running one's worker to (its heartbeat learns it):
+        it checkpoints the job and leaves it `paused` (`park`). Pausing a paused job, or one
+        already asked to, changes nothing. Anything else (validating, cancelling, over) raises
+        JobStateError."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    """
+                    UPDATE jobs SET
+                      status = CASE WHEN status = :queued THEN :paused ELSE status END,
+                      pause_requested = (status = :running)
+                    WHERE id = :id AND (status IN (:queued, :paused)
+                                        OR status = :running AND NOT cancel_requested)
+                    RETURNING *, (SELECT j.status || j.pause_requested::text FROM jobs j
+                                  WHERE j.id = :id) AS before
+                    """
+                ),
+                _params(id=job_id),
+            ).one_or_none()
+            if row is None:
+                raise JobStateError(job_id, self._status(conn, job_id), "paused")
+            if row.before != row.status + str(row.pause_requested).lower():
+                if row.status == JobStatus.PAUSED:
+                    _paused_event(conn, job_id, "Job paused")
+                else:
+                    add_event(
+                        conn,
+                        job_id,
+                        "Pause requested: the job stops at its next step, with a checkpoint",
+                        data={"pause_requested": True},
+                    )
+        return JobRecord.from_row(row)
+
+    def resume(self, job_id: str) -> JobRecord:
+        """Queue a paused job again (it goes on from its newest checkpoint, its attempt not
+        used); a running job asked to pause is asked no more. A queued or running job is left
+        as it is; anything else raises JobStateError."""
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                text(
+                    """
+                    UPDATE jobs SET
+                      status = CASE WHEN status = :paused THEN :queued ELSE status END,
+                      run_after = CASE WHEN status = :paused THEN now() ELSE run_after END,
+                      pause_requested = false
+                    WHERE id = :id AND status IN (:paused, :queued, :running)
+                    RETURNING *, (SELECT j.status || j.pause_requested::text FROM jobs j
+                                  WHERE j.id = :id) AS before
+                    """
+                ),
+                _params(id=job_id),
+            ).one_or_none()
+            if row is None:
+                raise JobStateError(job_id, self._status(conn, job_id), "resumed")
+            if row.before == JobStatus.PAUSED + "false":
+                add_event(conn, job_id, "Job resumed", data={"status": JobStatus.QUEUED})
+                _notify_queued(conn, row.base_model_id)
+            elif row.before == JobStatus.RUNNING + "true":
+                add_event(conn, job_id, "Pause withdrawn", data={"pause_requested": False})
+        return JobRecord.from_row(row)
+
     def reap_if_due(self) -> list[JobRecord]:
         """`reap_expired_leases` when no one has reaped for `reap_interval_seconds`, else
         nothing (an empty list): what a trainer runs before it claims.
@@ -962,7 +1049,10 @@ class JobQueue:
     def _record_release(
         self, conn: Connection, row: Any, *, reason: str, attempt_used: bool = True
     ) -> None:
-        if row.status == JobStatus.QUEUED and not attempt_used:
+        if row.status == JobStatus.PAUSED:
+            number, ended = (row.attempt, "ended") if attempt_used else (row.attempt + 1, "stopped")
+            _paused_event(conn, row.id, f"Attempt {number} {ended} ({reason}); job paused")
+        elif row.status == JobStatus.QUEUED and not attempt_used:
             add_event(
                 conn,
                 row.id,

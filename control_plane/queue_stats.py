@@ -98,11 +98,13 @@ class JobCounts:
 
 
 # Summed off one row per tenant; only the jobs still validating (a few, waiting for their
-# dataset's check) are counted, off `ix_jobs_status`. The status is a literal, so that a
-# prepared (generic) plan still sees how few rows it names.
+# dataset's check) and the paused ones (a few, waiting for someone) are counted, off
+# `ix_jobs_status`. The statuses are literals, so that a prepared (generic) plan still sees how
+# few rows they name.
 _JOB_COUNTS = text(
     f"""
     SELECT (SELECT count(*) FROM jobs WHERE status = '{JobStatus.VALIDATING_FILES}') AS validating,
+           (SELECT count(*) FROM jobs WHERE status = '{JobStatus.PAUSED}') AS paused,
            coalesce(sum(queued), 0) AS queued, coalesce(sum(running), 0) AS active,
            coalesce(sum(cancelling), 0) AS cancelling, coalesce(sum(succeeded), 0) AS succeeded,
            coalesce(sum(failed), 0) AS failed, coalesce(sum(cancelled), 0) AS cancelled,
@@ -122,6 +124,7 @@ def job_counts(conn: Connection) -> JobCounts:
             JobStatus.QUEUED: int(row.queued),
             JobStatus.RUNNING: int(row.active) - int(row.cancelling),
             JobStatus.CANCELLING: int(row.cancelling),
+            JobStatus.PAUSED: int(row.paused),
             JobStatus.SUCCEEDED: int(row.succeeded),
             JobStatus.FAILED: int(row.failed),
             JobStatus.CANCELLED: int(row.cancelled),

@@ -95,6 +95,7 @@ class JobRecord(_FromRow):
     lease_owner: str | None
     lease_expires_at: datetime | None
     cancel_requested: bool
+    pause_requested: bool
     idempotency_key: str | None
     error_code: str | None
     error_message: str | None

@@ -90,6 +90,8 @@ class JobSignals:
     lease_lost: threading.Event = field(default_factory=threading.Event)
     # The runner's stop: the worker is shutting down and hands the job back.
     shutdown: threading.Event = field(default_factory=threading.Event)
+    # The job was asked to pause: it stops at the next step, with a checkpoint.
+    pause: threading.Event = field(default_factory=threading.Event)
     progress: float | None = None
     eta_seconds: float | None = None
     # The latest `metrics` event's data and the tokens trained so far, for the trainer registry.
@@ -99,11 +101,13 @@ class JobSignals:
     failed: bool = False
 
     def should_stop(self) -> bool:
-        return self.cancel.is_set() or self.lease_lost.is_set() or self.shutdown.is_set()
+        return self.handing_back() or self.cancel.is_set() or self.lease_lost.is_set()
 
     def handing_back(self) -> bool:
-        """Stopping for a shutdown only: the job goes back to the queue, with a checkpoint."""
-        return self.shutdown.is_set() and not (self.cancel.is_set() or self.lease_lost.is_set())
+        """Stopping for a shutdown or a pause only: the job goes back (to the queue, or
+        `paused`) with a checkpoint, to go on from it."""
+        stopping = self.shutdown.is_set() or self.pause.is_set()
+        return stopping and not (self.cancel.is_set() or self.lease_lost.is_set())
 
 
 class _Beating:
@@ -151,7 +155,7 @@ class LeaseHeartbeat(_Beating):
     entered, reporting the job's progress.
 
     A lost lease sets `signals.lease_lost` and ends the beating (another worker may hold the job
-    now); a requested cancellation sets `signals.cancel`. A beat that fails for the database is
+    now); a requested cancellation sets `signals.cancel`, a requested pause `signals.pause`. A beat that fails for the database is
     tried again at the next one (the lease has slack for a blip), with one warning for the whole
     outage; any other failure is logged with its traceback.
     """
@@ -198,6 +202,11 @@ class LeaseHeartbeat(_Beating):
             return False
         if beat.cancel_requested:
             signals.cancel.set()
+        # A pause withdrawn before the training loop saw it lets the job go on.
+        if beat.pause_requested:
+            signals.pause.set()
+        else:
+            signals.pause.clear()
         return True
 
 

@@ -338,7 +338,11 @@ class JobRunner:
         if signals.lease_lost.is_set():
             return LEASE_LOST
         if signals.handing_back():
-            reason = f"worker {self.worker_id} is shutting down"
+            reason = (
+                f"worker {self.worker_id} is shutting down"
+                if signals.shutdown.is_set()
+                else f"asked to; stopped by {self.worker_id} with a checkpoint"
+            )
             handed = queue.hand_back(job.id, self.worker_id, reason=reason)
             return handed.status if handed else LEASE_LOST
         cancelled = queue.finish_cancelled(job.id, self.worker_id)

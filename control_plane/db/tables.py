@@ -193,6 +193,8 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+    # Asked to pause while running: its trainer checkpoints it and leaves it `paused`.
+    pause_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     # Outcome and progress.

@@ -196,3 +196,48 @@ def test_cancel_a_running_job_from_its_page(
     expect(page.locator("#notice")).to_contain_text("Cancel")
     expect(page.locator("#job-status .status")).to_have_text("cancelled", timeout=30_000)
     assert page.locator("#cancel-job").count() == 0
+
+
+def test_pause_a_running_job_from_its_page_and_resume_it(
+    live_url: str,
+    page: Page,
+    client: TestClient,
+    services: Services,
+    tenant_a: TenantKeys,
+    tiny_base: str,
+    trainer: Trainer,
+) -> None:
+    """The job page's Pause: the running job stops at its next step with a checkpoint and the
+    page shows it `paused` without a reload; Resume queues it again and the trainer goes on
+    from that checkpoint."""
+    file_id = upload(client, tenant_a, jsonl(ADDITION_CHATS * 4))
+    response = client.post(
+        "/v1/fine_tuning/jobs",
+        headers=tenant_a.headers(),
+        json={
+            "model": tiny_base,
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": 100, "batch_size": 1, "max_seq_length": 64},
+        },
+    )
+    job_id = response.json()["id"]
+    trainer.start()
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/jobs/{job_id}")
+    expect(page.locator("#job-status .status")).to_have_text("running", timeout=120_000)
+    assert page.locator("#resume-job").count() == 0
+    page.click("#pause-job")
+    expect(page.locator("#notice")).to_contain_text("Pause requested")
+    expect(page.locator("#job-status .status")).to_have_text("paused", timeout=30_000)
+    expect(page.locator("#resume-job")).to_be_visible()
+    assert page.locator("#pause-job").count() == 0
+    with services.engine.connect() as conn:
+        checkpoints = conn.execute(
+            text("SELECT count(*) FROM job_checkpoints WHERE job_id = :id"), {"id": job_id}
+        ).scalar_one()
+    assert checkpoints >= 1  # it paused at a checkpoint
+
+    page.click("#resume-job")
+    expect(page.locator("#notice")).to_contain_text("queued again")
+    expect(page.locator("#job-status .status")).to_have_text("running", timeout=60_000)
+    expect(page.locator("#event-log")).to_contain_text("resumed from step", timeout=60_000)

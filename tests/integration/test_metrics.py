@@ -160,10 +160,10 @@ def test_a_scrape_counts_every_job_off_the_bookkeeping_not_the_jobs(
     metered: tuple[Services, str],
 ) -> None:
     """Jobs in every status over two tenants and two bases, 3,000 finished ones imported in bulk,
-    then claimed, finished, failed, retried, cancelled, handed back, reaped, moved between
-    tenants and deleted: the scrape's figures equal a recount of the jobs, and the statements
-    it runs read one job per base and the jobs still validating, no more (a scan of the jobs
-    would read thousands)."""
+    then claimed, finished, failed, retried, cancelled, paused, handed back, reaped, moved
+    between tenants and deleted: the scrape's figures equal a recount of the jobs, and the
+    statements it runs read one job per base and the jobs still validating or paused, no more
+    (a scan of the jobs would read thousands)."""
     services, url = metered
     engine = services.engine
     small, large = make_base(engine, "small-base"), make_base(engine, "large-base")
@@ -195,6 +195,10 @@ def test_a_scrape_counts_every_job_off_the_bookkeeping_not_the_jobs(
     queue.fail(held[2].id, "w2", code="oom", message="out of memory")  # backs off, queued
     queue.request_cancel(held[3].id)  # cancelling: the worker still winds down
     queue.hand_back(held[4].id, "w4", reason="shutting down")
+    queue.request_pause(held[6].id)  # running: asked to, it still runs
+    with engine.connect() as conn:
+        waiting = conn.execute(text("SELECT id FROM jobs WHERE status = 'queued' LIMIT 1"))
+        queue.request_pause(waiting.scalar_one())  # queued: paused at once
     with engine.begin() as conn:
         conn.execute(
             text("UPDATE jobs SET lease_expires_at = now() - interval '1 s' WHERE id = :id"),
@@ -256,7 +260,8 @@ def test_a_scrape_counts_every_job_off_the_bookkeeping_not_the_jobs(
         assert count > 0 and value(samples, "loraforge_queue_depth", base=name) == count
         age = value(samples, "loraforge_queue_oldest_age_seconds", base=name)
         assert age is not None and ages_before[name] <= age <= age_after
-    assert statements and read <= 2 + by_status[JobStatus.VALIDATING_FILES]
+    assert by_status[JobStatus.PAUSED] == 1
+    assert statements and read <= 2 + by_status[JobStatus.VALIDATING_FILES] + 1
 
 
 def test_a_scrape_during_a_database_outage_answers_and_says_so(

@@ -301,6 +301,47 @@ def test_a_stopping_worker_checkpoints_and_hands_its_job_back(
     ]
 
 
+def test_a_job_asked_to_pause_checkpoints_leaves_its_trainer_and_resumes_from_there(
+    trainer_services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """OpenAI's pause on a running job: its trainer learns it at a heartbeat, stops at the next
+    step with a checkpoint and lets the job go `paused` (its attempt not used); no trainer
+    claims it while paused; resumed, the next trainer goes on from that step."""
+    queue = trainer_services.queue
+    job_id = submit(trainer_services, world, records=RECORDS * 8, n_epochs=3, batch_size=2)
+    first = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1", heartbeat_seconds=0.5)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(run_one(first)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while len([m for m in metric_events(trainer_services, job_id) if "train_loss" in m]) < 3:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.1)
+    asked = time.monotonic()
+    assert queue.request_pause(job_id).status == "running"
+    thread.join(30)
+    stopped_after = time.monotonic() - asked
+    assert outcome == ["paused"]
+    paused = job_row(trainer_services, job_id)
+    assert paused.status == "paused" and paused.lease_owner is None and paused.attempt == 0
+    assert stopped_after < 5, f"took {stopped_after:.1f}s"
+    with trainer_services.engine.connect() as conn:
+        checkpoint = jobs.latest_checkpoint(conn, job_id)
+    trained = max(m["step"] for m in metric_events(trainer_services, job_id) if "train_loss" in m)
+    assert checkpoint is not None and checkpoint.step == trained >= 3
+    assert queue.claim("w2") is None
+
+    assert queue.resume(job_id).status == "queued"
+    second = JobRunner(trainer_services, "w2", work_dir=tmp_path / "w2")
+    assert run_one(second) == "succeeded"
+    done = job_row(trainer_services, job_id)
+    assert done.status == "succeeded" and done.attempt == 1 and not done.pause_requested
+    resumed = [m for m in messages(trainer_services, job_id) if m.startswith("resumed from step")]
+    assert resumed == [
+        f"resumed from step {checkpoint.step} of {done_steps(trainer_services, job_id)}"
+    ]
+
+
 def test_a_trainer_reports_itself_idle_and_busy_and_leaves_the_registry_when_it_stops(
     trainer_services: Services, world: dict[str, str], tmp_path: Path
 ) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import ValidationError
+from sqlalchemy import Connection
 
 from control_plane import base_catalog, jobs, registry, tenants
 from control_plane import events as event_repo
@@ -30,6 +32,7 @@ from control_plane.pagination import trim
 from control_plane.queue import JobStateError
 from control_plane.records import JobRecord
 from control_plane.serving import ServingTarget, serving_problems
+from control_plane.tenants import Principal
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -281,15 +284,44 @@ def retrieve_job(job_id: str, conn: ConnDep, caller: Caller) -> JobPublic:
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=refusals(409))
 def cancel_job(job_id: str, conn: ConnDep, caller: Writer, services: ServicesDep) -> JobPublic:
+    return _move(conn, caller, job_id, services.queue.request_cancel, "cancelled")
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic, responses=refusals(409))
+def pause_job(job_id: str, conn: ConnDep, caller: Writer, services: ServicesDep) -> JobPublic:
+    """A queued job is `paused` at once; a running one stops at its next step with a
+    checkpoint (until then it answers `running`, and its events say the pause was asked for)."""
+    return _move(conn, caller, job_id, services.queue.request_pause, "paused")
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic, responses=refusals(409))
+def resume_job(job_id: str, conn: ConnDep, caller: Writer, services: ServicesDep) -> JobPublic:
+    """A paused job is queued again and goes on from its newest checkpoint; a running job asked
+    to pause is asked no more."""
+    return _move(conn, caller, job_id, services.queue.resume, "resumed")
+
+
+# Each move's refusal: its code and what the job would have to be.
+_REFUSED = {
+    "cancelled": ("job_not_cancellable", "only unfinished jobs can be cancelled"),
+    "paused": ("job_not_pausable", "only queued and running jobs can be paused"),
+    "resumed": (
+        "job_not_resumable",
+        "only paused jobs (and running ones asked to pause) can be resumed",
+    ),
+}
+
+
+def _move(
+    conn: Connection, caller: Principal, job_id: str, move: Callable[[str], JobRecord], done: str
+) -> JobPublic:
+    """`move` the caller's job, or 409 when its state does not allow it."""
     _owned_job(conn, caller, job_id)
     try:
-        job = services.queue.request_cancel(job_id)
+        job = move(job_id)
     except JobStateError as exc:
-        raise ApiError(
-            409,
-            "job_not_cancellable",
-            f"Job {job_id} is already {exc.status}; only unfinished jobs can be cancelled.",
-        ) from None
+        code, rule = _REFUSED[done]
+        raise ApiError(409, code, f"Job {job_id} is {exc.status}; {rule}.") from None
     return _public(conn, job)
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -19,6 +19,7 @@ from control_plane.api import sse
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
 from control_plane.api.routes import fine_tuning
+from control_plane.api.schemas import JobPublic
 from control_plane.dashboard import queries
 from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, page, render
 from control_plane.dashboard.sessions import (
@@ -29,7 +30,7 @@ from control_plane.dashboard.sessions import (
     stream_session_ended,
 )
 from control_plane.hyperparameters import Hyperparameters
-from control_plane.job_status import TERMINAL, UNFINISHED, JobStatus
+from control_plane.job_status import PAUSABLE, TERMINAL, UNFINISHED, JobStatus
 from control_plane.records import FileRecord, JobEventRecord, JobRecord
 
 router = APIRouter()
@@ -42,6 +43,12 @@ NOTICES = {
     "cancel-requested": "Cancellation requested: the job stops within a few seconds.",
     "cancelled": "The job was cancelled.",
     "not-cancellable": "The job had already finished; there was nothing to cancel.",
+    "paused": "The job is paused: it holds no trainer until you resume it.",
+    "pause-requested": "Pause requested: the job stops at its next step, with a checkpoint.",
+    "not-pausable": "Only a queued or running job can be paused.",
+    "resumed": "The job goes on: queued again, from its newest checkpoint.",
+    "pause-withdrawn": "Pause withdrawn: the job goes on running.",
+    "not-resumable": "Only a paused job (or a running one asked to pause) can be resumed.",
 }
 
 
@@ -199,11 +206,14 @@ def _summary(conn: Connection, job: JobRecord) -> Summary:
 
 
 def _summary_html(summary: Summary, session: Session) -> str:
+    job, writer = summary.job, session.principal.can_write()
     return render(
         "_job_summary.html",
         s=summary,
         session=session,
-        cancellable=session.principal.can_write() and summary.job.status in UNFINISHED,
+        cancellable=writer and job.status in UNFINISHED,
+        pausable=writer and job.status in PAUSABLE and not job.pause_requested,
+        resumable=writer and (job.status == JobStatus.PAUSED or job.pause_requested),
     )
 
 
@@ -342,19 +352,41 @@ async def job_stream(
     return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
 
-@router.post("/jobs/{job_id}/cancel")
-def cancel(job_id: str, session: CheckedSession, conn: PageConn, services: ServicesDep) -> Response:
-    """Cancel through the REST route's own function (the same rules, the same event)."""
+# The REST routes behind the job page's buttons, and the notice each outcome shows.
+_MOVES: dict[str, Callable[..., JobPublic]] = {
+    "cancel": fine_tuning.cancel_job,
+    "pause": fine_tuning.pause_job,
+    "resume": fine_tuning.resume_job,
+}
+
+
+def _notice(action: str, before: JobRecord, after: JobPublic) -> str:
+    if action == "cancel":
+        return "cancelled" if after.status == JobStatus.CANCELLED else "cancel-requested"
+    if action == "pause":
+        return "paused" if after.status == JobStatus.PAUSED else "pause-requested"
+    return "resumed" if before.status == JobStatus.PAUSED else "pause-withdrawn"
+
+
+@router.post("/jobs/{job_id}/{action}")
+def move(
+    job_id: str,
+    action: Literal["cancel", "pause", "resume"],
+    session: CheckedSession,
+    conn: PageConn,
+    services: ServicesDep,
+) -> Response:
+    """Cancel, pause or resume through the REST route's own function (the same rules, the
+    same events)."""
     job = _owned(conn, session, job_id)
     try:
         require_writer(session.principal)
     except ApiError as exc:
         raise PageForbidden(exc.message) from None
     try:
-        cancelled = fine_tuning.cancel_job(job.id, conn, session.principal, services)
-        notice = "cancelled" if cancelled.status == JobStatus.CANCELLED else "cancel-requested"
+        notice = _notice(action, job, _MOVES[action](job.id, conn, session.principal, services))
     except ApiError as exc:
         if exc.status == 404:
             raise PageNotFound() from None
-        notice = "not-cancellable"
+        notice = {"cancel": "not-cancellable", "pause": "not-pausable"}.get(action, "not-resumable")
     return RedirectResponse(f"/jobs/{job.id}?notice={notice}", status_code=303)
