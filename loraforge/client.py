@@ -158,6 +158,12 @@ class Client:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"))
 
+    def pause_job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/pause"))
+
+    def resume_job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/resume"))
+
     def list_events(
         self, job_id: str, *, after: str | None = None, limit: int = 100, order: str = "asc"
     ) -> dict[str, Any]:

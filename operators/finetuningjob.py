@@ -27,6 +27,7 @@ PHASES = {
     "queued": "Queued",
     "running": "Running",
     "cancelling": "Cancelling",
+    "paused": "Suspended",
     "succeeded": "Succeeded",
     "failed": "Failed",
     "cancelled": "Cancelled",
@@ -184,6 +185,17 @@ def _mirror(client: Client, job: dict[str, Any], status: dict[str, Any]) -> dict
     return out
 
 
+def _follow_suspend(client: Client, spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """`spec.suspend` on a submitted job, like a Kubernetes Job's: true pauses it (a running
+    job stops at its next step with a checkpoint and frees its trainer; asked again each tick
+    until it has, which changes nothing), false again resumes it from that checkpoint."""
+    if spec.get("suspend") and job["status"] in ("queued", "running"):
+        return client.pause_job(job["id"])
+    if not spec.get("suspend") and job["status"] == "paused":
+        return client.resume_job(job["id"])
+    return job
+
+
 def reconcile(
     client: Client,
     kube: KubeApi,
@@ -214,7 +226,7 @@ def reconcile(
         except httpx.HTTPError as exc:
             raise TemporaryFailure(f"loraforge API: {exc}") from None
     try:
-        job = client.retrieve_job(status["jobId"])
+        job = _follow_suspend(client, spec, client.retrieve_job(status["jobId"]))
         status = _mirror(client, job, status)
     except (LoraforgeError, httpx.HTTPError) as exc:
         raise TemporaryFailure(f"loraforge API: {exc}") from None

@@ -126,6 +126,48 @@ async def test_deleting_a_running_finetuningjob_cancels_its_job(
     assert state == "cancelled"
 
 
+async def test_suspending_a_running_finetuningjob_pauses_its_job_and_unsuspending_resumes_it(
+    kube: FakeKube, platform: Platform
+) -> None:
+    """`spec.suspend`, as on a Kubernetes Job: true pauses the submitted job (it stops at its
+    next step with a checkpoint and the object shows `Suspended`), false resumes it from there."""
+    await given_credentials(kube, platform)
+    with platform.client() as client:
+        path = platform.services.settings.home / "long.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS * 8))
+        file_id = client.upload_file(path)["id"]
+    spec = {
+        "dataset": {"fileId": file_id},
+        "hyperparameters": {**FAST, "nEpochs": 20, "batchSize": 2},
+    }
+    await kube.create("finetuningjobs", job("pausable", **spec))
+    async with running_operator(kube):
+        await eventually(
+            lambda: _phase_is(kube, "pausable", "Running"), timeout=120, what="Running"
+        )
+        job_id = await status_of(kube, "pausable", "jobId")()
+        await kube.patch("finetuningjobs", "pausable", {"spec": {"suspend": True}})
+        await eventually(
+            lambda: _phase_is(kube, "pausable", "Suspended"), timeout=60, what="Suspended"
+        )
+        assert await status_of(kube, "pausable", "jobStatus")() == "paused"
+        with platform.client() as client:
+            assert client.retrieve_job(job_id)["status"] == "paused"
+            checkpoints = client.request("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")
+        assert checkpoints["data"]  # it paused at a checkpoint
+        await kube.patch("finetuningjobs", "pausable", {"spec": {"suspend": False}})
+        await eventually(
+            lambda: _phase_is(kube, "pausable", "Running"), timeout=120, what="Running again"
+        )
+        with platform.client() as client:
+            messages = [e["message"] for e in client.list_events(job_id, limit=1000)["data"]]
+        assert "Job resumed" in messages
+        assert any(m.startswith("resumed from step") for m in messages)
+        await kube.delete("finetuningjobs", "pausable")
+        await eventually(lambda: _gone(kube, "pausable"), timeout=30, what="the object to go")
+
+
 async def _gone(kube: FakeKube, name: str) -> bool:
     return await kube.get("finetuningjobs", name) is None
 
