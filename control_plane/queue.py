@@ -930,21 +930,18 @@ class JobQueue:
     def request_cancel(self, job_id: str) -> JobRecord:
         """Cancel at once when not started; ask the worker (NOTIFY + heartbeat) when running."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                text(
-                    """
-                    UPDATE jobs SET
-                      status = CASE WHEN status = ANY(:waiting) THEN :cancelled ELSE :cancelling END,
-                      finished_at = CASE WHEN status = ANY(:waiting) THEN now() END,
-                      cancel_requested = true
-                    WHERE id = :id AND status = ANY(:unfinished)
-                    RETURNING *, (SELECT status FROM jobs WHERE id = :id) AS previous_status
-                    """
-                ),
-                _params(id=job_id),
-            ).one_or_none()
-            if row is None:
-                raise JobStateError(job_id, self._status(conn, job_id), JobStatus.CANCELLED)
+            row = self._move(
+                conn,
+                """
+                UPDATE jobs SET
+                  status = CASE WHEN status = ANY(:waiting) THEN :cancelled ELSE :cancelling END,
+                  finished_at = CASE WHEN status = ANY(:waiting) THEN now() END,
+                  cancel_requested = true
+                WHERE id = :id AND status = ANY(:unfinished)
+                """,
+                job_id,
+                JobStatus.CANCELLED,
+            )
             if row.previous_status != row.status:
                 cancelled = row.status == JobStatus.CANCELLED
                 message = "Job cancelled" if cancelled else "Cancellation requested"
@@ -961,23 +958,19 @@ class JobQueue:
         already asked to, changes nothing. Anything else (validating, cancelling, over) raises
         JobStateError."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                text(
-                    """
-                    UPDATE jobs SET
-                      status = CASE WHEN status = :queued THEN :paused ELSE status END,
-                      pause_requested = (status = :running)
-                    WHERE id = :id AND (status IN (:queued, :paused)
-                                        OR status = :running AND NOT cancel_requested)
-                    RETURNING *, (SELECT j.status || j.pause_requested::text FROM jobs j
-                                  WHERE j.id = :id) AS before
-                    """
-                ),
-                _params(id=job_id),
-            ).one_or_none()
-            if row is None:
-                raise JobStateError(job_id, self._status(conn, job_id), "paused")
-            if row.before != row.status + str(row.pause_requested).lower():
+            row = self._move(
+                conn,
+                """
+                UPDATE jobs SET
+                  status = CASE WHEN status = :queued THEN :paused ELSE status END,
+                  pause_requested = (status = :running)
+                WHERE id = :id AND (status IN (:queued, :paused)
+                                    OR status = :running AND NOT cancel_requested)
+                """,
+                job_id,
+                JobStatus.PAUSED,
+            )
+            if (row.previous_status, row.previous_pause) != (row.status, row.pause_requested):
                 if row.status == JobStatus.PAUSED:
                     _paused_event(conn, job_id, "Job paused")
                 else:
@@ -994,26 +987,22 @@ class JobQueue:
         used); a running job asked to pause is asked no more. A queued or running job is left
         as it is; anything else raises JobStateError."""
         with self.engine.begin() as conn:
-            row = conn.execute(
-                text(
-                    """
-                    UPDATE jobs SET
-                      status = CASE WHEN status = :paused THEN :queued ELSE status END,
-                      run_after = CASE WHEN status = :paused THEN now() ELSE run_after END,
-                      pause_requested = false
-                    WHERE id = :id AND status IN (:paused, :queued, :running)
-                    RETURNING *, (SELECT j.status || j.pause_requested::text FROM jobs j
-                                  WHERE j.id = :id) AS before
-                    """
-                ),
-                _params(id=job_id),
-            ).one_or_none()
-            if row is None:
-                raise JobStateError(job_id, self._status(conn, job_id), "resumed")
-            if row.before == JobStatus.PAUSED + "false":
+            row = self._move(
+                conn,
+                """
+                UPDATE jobs SET
+                  status = CASE WHEN status = :paused THEN :queued ELSE status END,
+                  run_after = CASE WHEN status = :paused THEN now() ELSE run_after END,
+                  pause_requested = false
+                WHERE id = :id AND status IN (:paused, :queued, :running)
+                """,
+                job_id,
+                "resumed",
+            )
+            if row.previous_status == JobStatus.PAUSED:
                 add_event(conn, job_id, "Job resumed", data={"status": JobStatus.QUEUED})
                 _notify_queued(conn, row.base_model_id)
-            elif row.before == JobStatus.RUNNING + "true":
+            elif row.previous_pause:
                 add_event(conn, job_id, "Pause withdrawn", data={"pause_requested": False})
         return JobRecord.from_row(row)
 
@@ -1082,6 +1071,24 @@ class JobQueue:
             )
         else:
             add_event(conn, row.id, "Job cancelled", data={"status": row.status})
+
+    def _move(self, conn: Connection, update: str, job_id: str, action: str) -> Any:
+        """One job's row after `update` (an UPDATE of the job `:id`), with `previous_status`
+        and `previous_pause` (its pause_requested) as they were; JobStateError when `update`
+        matched nothing (the job's state does not allow `action`)."""
+        row = conn.execute(
+            text(
+                update
+                + """
+                RETURNING *, (SELECT status FROM jobs WHERE id = :id) AS previous_status,
+                          (SELECT pause_requested FROM jobs WHERE id = :id) AS previous_pause
+                """
+            ),
+            _params(id=job_id),
+        ).one_or_none()
+        if row is None:
+            raise JobStateError(job_id, self._status(conn, job_id), action)
+        return row
 
     @staticmethod
     def _status(conn: Connection, job_id: str) -> str:

@@ -168,14 +168,17 @@ def test_start_watch_and_promote_a_job_from_the_browser(
     expect(page.locator("#v1 .alias")).to_have_text("prod")
 
 
-def test_cancel_a_running_job_from_its_page(
+@pytest.fixture
+def running_job_page(
     live_url: str,
     page: Page,
     client: TestClient,
     tenant_a: TenantKeys,
     tiny_base: str,
     trainer: Trainer,
-) -> None:
+) -> str:
+    """A long job submitted, the trainer started, and its page open (signed in as a member)
+    once the page shows it running; its id."""
     file_id = upload(client, tenant_a, jsonl(ADDITION_CHATS * 4))
     response = client.post(
         "/v1/fine_tuning/jobs",
@@ -188,10 +191,14 @@ def test_cancel_a_running_job_from_its_page(
     )
     job_id = response.json()["id"]
     trainer.start()
-    page.on("dialog", lambda dialog: dialog.accept())
     sign_in(page, live_url, tenant_a.member)
     page.goto(f"{live_url}/jobs/{job_id}")
     expect(page.locator("#job-status .status")).to_have_text("running", timeout=120_000)
+    return str(job_id)
+
+
+def test_cancel_a_running_job_from_its_page(page: Page, running_job_page: str) -> None:
+    page.on("dialog", lambda dialog: dialog.accept())
     page.click("#cancel-job")
     expect(page.locator("#notice")).to_contain_text("Cancel")
     expect(page.locator("#job-status .status")).to_have_text("cancelled", timeout=30_000)
@@ -199,32 +206,12 @@ def test_cancel_a_running_job_from_its_page(
 
 
 def test_pause_a_running_job_from_its_page_and_resume_it(
-    live_url: str,
-    page: Page,
-    client: TestClient,
-    services: Services,
-    tenant_a: TenantKeys,
-    tiny_base: str,
-    trainer: Trainer,
+    page: Page, services: Services, running_job_page: str
 ) -> None:
     """The job page's Pause: the running job stops at its next step with a checkpoint and the
     page shows it `paused` without a reload; Resume queues it again and the trainer goes on
     from that checkpoint."""
-    file_id = upload(client, tenant_a, jsonl(ADDITION_CHATS * 4))
-    response = client.post(
-        "/v1/fine_tuning/jobs",
-        headers=tenant_a.headers(),
-        json={
-            "model": tiny_base,
-            "training_file": file_id,
-            "hyperparameters": {"n_epochs": 100, "batch_size": 1, "max_seq_length": 64},
-        },
-    )
-    job_id = response.json()["id"]
-    trainer.start()
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/jobs/{job_id}")
-    expect(page.locator("#job-status .status")).to_have_text("running", timeout=120_000)
+    job_id = running_job_page
     assert page.locator("#resume-job").count() == 0
     page.click("#pause-job")
     expect(page.locator("#notice")).to_contain_text("Pause requested")

@@ -22,7 +22,7 @@ from control_plane import base_catalog as base_models
 from control_plane import jobs, registry, trainers
 from control_plane.events import list_events
 from control_plane.hyperparameters import Hyperparameters
-from control_plane.records import JobRecord
+from control_plane.records import CheckpointRecord, JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from tests.factories import ADDITION_CHATS as RECORDS
@@ -139,6 +139,31 @@ def done_steps(services: Services, job_id: str) -> int:
     return int(
         [m for m in metric_events(services, job_id) if "total_steps" in m][-1]["total_steps"]
     )
+
+
+def wait_for_training_steps(
+    services: Services, job_id: str, thread: threading.Thread, steps: int
+) -> None:
+    """Until the job (trained by `thread`) reported `steps` optimizer steps: 120 s at most."""
+    deadline = time.monotonic() + 120
+    while len([m for m in metric_events(services, job_id) if "train_loss" in m]) < steps:
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.1)
+
+
+def checkpointed_at_last_step(services: Services, job_id: str) -> CheckpointRecord:
+    """The job's newest checkpoint, asserted to be at the last step it trained (3 or more)."""
+    with services.engine.connect() as conn:
+        checkpoint = jobs.latest_checkpoint(conn, job_id)
+    trained = max(m["step"] for m in metric_events(services, job_id) if "train_loss" in m)
+    assert checkpoint is not None and checkpoint.step == trained >= 3
+    return checkpoint
+
+
+def resumed_once_from(services: Services, job_id: str, checkpoint: CheckpointRecord) -> bool:
+    """Whether the job's events say it resumed once, from `checkpoint`'s step."""
+    resumed = [m for m in messages(services, job_id) if m.startswith("resumed from step")]
+    return resumed == [f"resumed from step {checkpoint.step} of {done_steps(services, job_id)}"]
 
 
 def run_one(runner: JobRunner) -> str:
@@ -275,30 +300,21 @@ def test_a_stopping_worker_checkpoints_and_hands_its_job_back(
     ran: list[int] = []
     thread = threading.Thread(target=lambda: ran.append(first.run_forever(stop, idle_wait=0.1)))
     thread.start()
-    deadline = time.monotonic() + 120
-    while len([m for m in metric_events(trainer_services, job_id) if "train_loss" in m]) < 3:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.1)
+    wait_for_training_steps(trainer_services, job_id, thread, 3)
     stop.set()
     thread.join(30)
     assert ran == [1]
     handed = job_row(trainer_services, job_id)
     assert handed.status == "queued" and handed.lease_owner is None
     assert handed.attempt == 0  # a hand-back is not a failed attempt
-    with trainer_services.engine.connect() as conn:
-        checkpoint = jobs.latest_checkpoint(conn, job_id)
-    trained = max(m["step"] for m in metric_events(trainer_services, job_id) if "train_loss" in m)
-    assert checkpoint is not None and checkpoint.step == trained >= 3
+    checkpoint = checkpointed_at_last_step(trainer_services, job_id)
     assert any(m.startswith("Handed back to the queue") for m in messages(trainer_services, job_id))
 
     second = JobRunner(trainer_services, "w2", work_dir=tmp_path / "w2")
     assert run_one(second) == "succeeded"
     done = job_row(trainer_services, job_id)
     assert done.status == "succeeded" and done.attempt == 1
-    resumed = [m for m in messages(trainer_services, job_id) if m.startswith("resumed from step")]
-    assert resumed == [
-        f"resumed from step {checkpoint.step} of {done_steps(trainer_services, job_id)}"
-    ]
+    assert resumed_once_from(trainer_services, job_id, checkpoint)
 
 
 def test_a_job_asked_to_pause_checkpoints_leaves_its_trainer_and_resumes_from_there(
@@ -313,10 +329,7 @@ def test_a_job_asked_to_pause_checkpoints_leaves_its_trainer_and_resumes_from_th
     outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(run_one(first)))
     thread.start()
-    deadline = time.monotonic() + 120
-    while len([m for m in metric_events(trainer_services, job_id) if "train_loss" in m]) < 3:
-        assert time.monotonic() < deadline and thread.is_alive()
-        time.sleep(0.1)
+    wait_for_training_steps(trainer_services, job_id, thread, 3)
     asked = time.monotonic()
     assert queue.request_pause(job_id).status == "running"
     thread.join(30)
@@ -325,10 +338,7 @@ def test_a_job_asked_to_pause_checkpoints_leaves_its_trainer_and_resumes_from_th
     paused = job_row(trainer_services, job_id)
     assert paused.status == "paused" and paused.lease_owner is None and paused.attempt == 0
     assert stopped_after < 5, f"took {stopped_after:.1f}s"
-    with trainer_services.engine.connect() as conn:
-        checkpoint = jobs.latest_checkpoint(conn, job_id)
-    trained = max(m["step"] for m in metric_events(trainer_services, job_id) if "train_loss" in m)
-    assert checkpoint is not None and checkpoint.step == trained >= 3
+    checkpoint = checkpointed_at_last_step(trainer_services, job_id)
     assert queue.claim("w2") is None
 
     assert queue.resume(job_id).status == "queued"
@@ -336,10 +346,7 @@ def test_a_job_asked_to_pause_checkpoints_leaves_its_trainer_and_resumes_from_th
     assert run_one(second) == "succeeded"
     done = job_row(trainer_services, job_id)
     assert done.status == "succeeded" and done.attempt == 1 and not done.pause_requested
-    resumed = [m for m in messages(trainer_services, job_id) if m.startswith("resumed from step")]
-    assert resumed == [
-        f"resumed from step {checkpoint.step} of {done_steps(trainer_services, job_id)}"
-    ]
+    assert resumed_once_from(trainer_services, job_id, checkpoint)
 
 
 def test_a_trainer_reports_itself_idle_and_busy_and_leaves_the_registry_when_it_stops(
