@@ -30,6 +30,10 @@ BASE_MODEL_LINEAGE_FIELDS = (
 )
 RESERVED_ADAPTER_NAMES = frozenset({"index"})  # `/v1/adapters/index` is the serving index
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# The same rule as JSON Schema patterns, for the API's documentation (`validate_name` decides;
+# it also refuses `..` and the reserved names, which a pattern does not say).
+NAME_SHAPE = f"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{NAME_MAX - 1}}}$"
+ALIAS_SHAPE = f"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{ALIAS_MAX - 1}}}$"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # What a failing object store raises: its own family (S3's errors translated inside
 # `storage/`), or the local disk's.

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
+from control_plane import registry
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
@@ -177,6 +178,12 @@ def test_the_schema_documents_its_key_and_its_errors(client: TestClient) -> None
         if method in {"POST", "PUT", "DELETE"} and path.startswith("/v1/"):
             assert "403" in responses, where
     assert "HTTPValidationError" not in spec["components"]["schemas"]
+    # Names carry the registry's rules; an upload's purpose says which it takes.
+    put_alias = spec["paths"]["/v1/adapters/{name}/aliases/{alias}"]["put"]
+    patterns = {p["name"]: p["schema"].get("pattern") for p in put_alias["parameters"]}
+    assert patterns == {"name": registry.NAME_SHAPE, "alias": registry.ALIAS_SHAPE}
+    upload = spec["components"]["schemas"]["Body_upload_file_v1_files_post"]
+    assert upload["properties"]["purpose"]["enum"] == ["fine-tune"]
 
 
 def test_a_reader_key_changes_nothing_through_any_write(

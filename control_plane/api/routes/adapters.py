@@ -37,6 +37,29 @@ log = logging.getLogger(__name__)
 
 PRESIGN_SECONDS = 300
 VersionNumber = Annotated[int, Path(ge=1, le=registry.MAX_VERSION)]
+# Path parameters documented with the registry's name rules (which decide: a name they refuse
+# is a 400 `invalid_name` naming the rule broken).
+AdapterName = Annotated[
+    str,
+    Path(
+        description="the adapter's name (not `index`, no `..`)",
+        json_schema_extra={"pattern": registry.NAME_SHAPE},
+    ),
+]
+AliasName = Annotated[
+    str,
+    Path(
+        description="an alias: not `latest`, not all digits, no `..`",
+        json_schema_extra={"pattern": registry.ALIAS_SHAPE},
+    ),
+]
+VersionRef = Annotated[
+    str,
+    Path(
+        description="a version number, an alias, or `latest`",
+        json_schema_extra={"pattern": registry.ALIAS_SHAPE},
+    ),
+]
 
 _STATUS: dict[type[registry.RegistryError], int] = {
     registry.AdapterNotFoundError: 404,
@@ -271,14 +294,14 @@ def serving_index(
 
 
 @router.get("/{name}", response_model=AdapterPublic)
-def retrieve_adapter(name: str, conn: ConnDep, caller: Caller) -> AdapterPublic:
+def retrieve_adapter(name: AdapterName, conn: ConnDep, caller: Caller) -> AdapterPublic:
     with registry_errors():
         return AdapterPublic.of(registry.get_adapter(conn, caller.tenant_id, name))
 
 
 @router.get("/{name}/versions", response_model=Page[VersionPublic])
 def list_versions(
-    name: str,
+    name: AdapterName,
     conn: ConnDep,
     caller: Caller,
     after: Annotated[int | None, Query(ge=1, le=registry.MAX_VERSION)] = None,
@@ -295,14 +318,18 @@ def list_versions(
 
 
 @router.get("/{name}/versions/{ref}", response_model=VersionPublic)
-def retrieve_version(name: str, ref: str, conn: ConnDep, caller: Caller) -> VersionPublic:
+def retrieve_version(
+    name: AdapterName, ref: VersionRef, conn: ConnDep, caller: Caller
+) -> VersionPublic:
     """A version by number, alias, or `latest`."""
     with registry_errors():
         return VersionPublic.of(registry.resolve_version(conn, caller.tenant_id, name, ref))
 
 
 @router.get("/{name}/versions/{ref}/lineage", response_model=LineagePublic)
-def version_lineage(name: str, ref: str, conn: ConnDep, caller: Caller) -> LineagePublic:
+def version_lineage(
+    name: AdapterName, ref: VersionRef, conn: ConnDep, caller: Caller
+) -> LineagePublic:
     """Everything the version was made from, exactly as the trainer recorded it."""
     with registry_errors():
         v = registry.resolve_version(conn, caller.tenant_id, name, ref)
@@ -311,8 +338,8 @@ def version_lineage(name: str, ref: str, conn: ConnDep, caller: Caller) -> Linea
 
 @router.get("/{name}/versions/{ref}/files", response_model=FileList)
 def version_files(
-    name: str,
-    ref: str,
+    name: AdapterName,
+    ref: VersionRef,
     request: Request,
     conn: ConnDep,
     caller: Caller,
@@ -340,7 +367,7 @@ def version_files(
     responses={**download("application/octet-stream"), **refusals(410, 502)},
 )
 def download_file(
-    name: str,
+    name: AdapterName,
     number: VersionNumber,
     filename: str,
     conn: ConnDep,
@@ -372,7 +399,7 @@ def download_file(
 
 @router.delete("/{name}/versions/{ref}", response_model=VersionDeleted, responses=refusals(409))
 def delete_version(
-    name: str, ref: VersionNumber, conn: ConnDep, caller: Writer, services: ServicesDep
+    name: AdapterName, ref: VersionNumber, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> VersionDeleted:
     """Delete a version and its objects; refused (409) while an alias points at it."""
     with registry_errors():
@@ -390,7 +417,7 @@ def delete_version(
 
 
 @router.get("/{name}/aliases", response_model=Page[AliasPublic])
-def list_aliases(name: str, conn: ConnDep, caller: Caller) -> Page[AliasPublic]:
+def list_aliases(name: AdapterName, conn: ConnDep, caller: Caller) -> Page[AliasPublic]:
     with registry_errors():
         found = registry.list_aliases(conn, caller.tenant_id, name)
     return page_of([AliasPublic.of(a) for a in found])
@@ -398,8 +425,8 @@ def list_aliases(name: str, conn: ConnDep, caller: Caller) -> Page[AliasPublic]:
 
 @router.put("/{name}/aliases/{alias}", response_model=AliasPublic, responses=refusals(409))
 def set_alias(
-    name: str,
-    alias: str,
+    name: AdapterName,
+    alias: AliasName,
     body: AliasUpdate,
     conn: ConnDep,
     caller: Writer,
@@ -422,7 +449,7 @@ def set_alias(
 
 @router.delete("/{name}/aliases/{alias}", response_model=AliasDeleted)
 def delete_alias(
-    name: str, alias: str, conn: ConnDep, caller: Writer, services: ServicesDep
+    name: AdapterName, alias: AliasName, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> AliasDeleted:
     with registry_errors():
         registry.delete_alias(
@@ -438,7 +465,9 @@ def delete_alias(
 
 
 @router.get("/{name}/aliases/{alias}/history", response_model=Page[AliasEventPublic])
-def alias_history(name: str, alias: str, conn: ConnDep, caller: Caller) -> Page[AliasEventPublic]:
+def alias_history(
+    name: AdapterName, alias: AliasName, conn: ConnDep, caller: Caller
+) -> Page[AliasEventPublic]:
     """Every set, move and delete of the alias, oldest first (kept after the alias is gone)."""
     with registry_errors():
         found = registry.alias_history(conn, caller.tenant_id, name, alias)

@@ -26,7 +26,7 @@ def upload_file(
     services: ServicesDep,
     caller: Writer,
     file: UploadFile,
-    purpose: Annotated[str, Form()],
+    purpose: Annotated[str, Form(json_schema_extra={"enum": sorted(file_repo.PURPOSES)})],
 ) -> FilePublic:
     """Validate a JSONL dataset and store it; nothing is kept when it is refused."""
     if purpose not in file_repo.PURPOSES:
