@@ -11,6 +11,7 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import Connection
 
 from control_plane import registry
+from control_plane.api.adapter_schemas import AliasUpdate
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
 from control_plane.api.routes import adapters as adapter_routes
@@ -88,9 +89,7 @@ def move_alias(
         raise PageForbidden(exc.message) from None
     alias = alias.strip()
     try:
-        adapter_routes.set_alias(
-            name, alias, adapter_routes.AliasUpdate(version=version), conn, caller, services
-        )
+        adapter_routes.set_alias(name, alias, AliasUpdate(version=version), conn, caller, services)
     except ApiError as exc:
         if exc.code == "adapter_not_found":
             raise PageNotFound() from None
