@@ -954,7 +954,7 @@ class JobQueue:
 
     def request_pause(self, job_id: str) -> JobRecord:
         """Pause a queued job at once; ask a running one's worker to (its heartbeat learns it):
-        it checkpoints the job and leaves it `paused` (`park`). Pausing a paused job, or one
+        it checkpoints the job and hands it back, which leaves it `paused` (`hand_back`). Pausing a paused job, or one
         already asked to, changes nothing. Anything else (validating, cancelling, over) raises
         JobStateError."""
         with self.engine.begin() as conn:

@@ -101,7 +101,12 @@ class JobSignals:
     failed: bool = False
 
     def should_stop(self) -> bool:
-        return self.handing_back() or self.cancel.is_set() or self.lease_lost.is_set()
+        return (
+            self.shutdown.is_set()
+            or self.pause.is_set()
+            or self.cancel.is_set()
+            or self.lease_lost.is_set()
+        )
 
     def handing_back(self) -> bool:
         """Stopping for a shutdown or a pause only: the job goes back (to the queue, or
@@ -155,7 +160,8 @@ class LeaseHeartbeat(_Beating):
     entered, reporting the job's progress.
 
     A lost lease sets `signals.lease_lost` and ends the beating (another worker may hold the job
-    now); a requested cancellation sets `signals.cancel`, a requested pause `signals.pause`. A beat that fails for the database is
+    now); a requested cancellation sets `signals.cancel`, a requested pause `signals.pause`. A
+    beat that fails for the database is
     tried again at the next one (the lease has slack for a blip), with one warning for the whole
     outage; any other failure is logged with its traceback.
     """

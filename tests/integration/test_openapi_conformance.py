@@ -12,7 +12,6 @@ too, not only the 404s. Hypothesis runs derandomized: the same requests on every
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +82,7 @@ def real_parameters(
     }
 
 
-def _with_real_names(
-    schema: Any, real_parameters: dict[str, dict[str, list[Any]]]
-) -> Callable[[Any, Any], Any]:
+def _with_real_names(schema: Any, real_parameters: dict[str, dict[str, list[Any]]]) -> None:
     @schema.hook
     def flatmap_path_parameters(context: Any, generated: dict[str, Any] | None) -> Any:
         """Half the time, the generated path parameters with the real names and ids put in."""
@@ -100,8 +97,6 @@ def _with_real_names(
             }
         )
         return st.one_of(st.just(generated), real)
-
-    return flatmap_path_parameters
 
 
 def test_every_operation_answers_as_its_schema_says(

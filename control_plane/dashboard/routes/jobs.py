@@ -358,6 +358,7 @@ _MOVES: dict[str, Callable[..., JobPublic]] = {
     "pause": fine_tuning.pause_job,
     "resume": fine_tuning.resume_job,
 }
+_REFUSED_NOTICE = {"cancel": "not-cancellable", "pause": "not-pausable", "resume": "not-resumable"}
 
 
 def _notice(action: str, before: JobRecord, after: JobPublic) -> str:
@@ -388,5 +389,5 @@ def move(
     except ApiError as exc:
         if exc.status == 404:
             raise PageNotFound() from None
-        notice = {"cancel": "not-cancellable", "pause": "not-pausable"}.get(action, "not-resumable")
+        notice = _REFUSED_NOTICE[action]
     return RedirectResponse(f"/jobs/{job.id}?notice={notice}", status_code=303)
