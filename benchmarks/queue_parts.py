@@ -20,6 +20,12 @@ taken out:
 - `as_compiled`: the claim as it is, the driver getting its text as compiled, not stripped of
   comments and indentation (over psycopg's parse cache of 4,096 characters: parsed at every
   claim; `_driver_sql` in control_plane/queue.py);
+- `procedural`: the common claim as a PL/pgSQL function of simple statements (the lines read
+  once, then one job locked by primary key, its tenant's row, the update and the event), created
+  in that side's database only: the same work without the one statement's CTEs and window sorts.
+  Each of its statements reads a snapshot of its own, so a line passed because a claim in flight
+  held its head no longer proves anything once that claim has committed: it hands such a claim
+  to the queue's own (the walk of the front), which is counted (`fallbacks`);
 - `plain_leased`: the plain claim committed as the claim commits, without waiting (the side
   of that name in `--scale`);
 - `plain`: the plain FIFO claim with its partial index and no bookkeeping (the baseline).
@@ -106,6 +112,90 @@ def _line_head(start_picked: str) -> TextClause:
     )
 
 
+# The common claim written as a function (the `procedural` side), for its database only.
+_PROCEDURAL_CLAIM = """
+CREATE OR REPLACE FUNCTION queue_claim_head(
+  p_worker text, p_lease float8, p_prefer text, p_default_limit int, p_excluded text[],
+  p_lines int,
+  OUT proven boolean, OUT picked_tenant text, OUT synced boolean, OUT job jobs)
+LANGUAGE plpgsql AS $$
+DECLARE
+  r record;
+  t text[] := '{}'; b text[] := '{}'; hd text[] := '{}';
+  pr int[] := '{}'; ru int[] := '{}'; se timestamptz[] := '{}';
+  n int; i int;
+  settled boolean; all_settled boolean := true;
+  ready boolean; pos int := 0; ok boolean; dummy text;
+BEGIN
+  dummy := set_config('synchronous_commit', 'off', true);
+  proven := false;
+  SELECT s.default_max_running = p_default_limit INTO synced FROM queue_settings s;
+  IF NOT coalesce(synced, false) THEN RETURN; END IF;
+  FOR r IN
+    SELECT h.tenant_id, h.base_model_id, h.head_id, -h.top_priority AS priority, h.running,
+           coalesce(h.last_served_at, '-infinity') AS served
+      FROM queue_heads h
+     WHERE h.queued > 0 AND NOT h.saturated AND h.tenant_id <> ALL(p_excluded)
+     ORDER BY h.top_priority DESC, h.running, h.last_served_at NULLS FIRST, h.head_created_at, h.head_id
+     LIMIT p_lines + 1
+  LOOP
+    t := t || r.tenant_id; b := b || r.base_model_id; hd := hd || r.head_id;
+    pr := pr || r.priority; ru := ru || r.running; se := se || r.served;
+  END LOOP;
+  n := coalesce(array_length(hd, 1), 0);
+  IF n = 0 THEN proven := true; RETURN; END IF;
+  FOR i IN 1 .. least(n, p_lines) LOOP
+    settled := p_prefer IS NULL OR b[i] = p_prefer OR i = n
+               OR ROW(pr[i + 1], ru[i + 1], se[i + 1]) > ROW(pr[i], ru[i], se[i]);
+    IF settled AND (i = 1 OR (all_settled AND pr[i] = pr[1] AND ru[i] = ru[1]
+                              AND NOT t[i] = ANY(t[1:i - 1]))) THEN
+      SELECT j.run_after <= now() INTO ready FROM jobs j
+       WHERE j.id = hd[i] AND j.status = 'queued' FOR UPDATE SKIP LOCKED;
+      IF FOUND THEN pos := i; EXIT; END IF;
+    END IF;
+    all_settled := all_settled AND settled;
+  END LOOP;
+  IF pos = 0 OR NOT ready THEN RETURN; END IF;
+  IF pos > 1 THEN
+    SELECT count(*) = pos - 1 INTO ok FROM jobs j
+     WHERE j.id = ANY(hd[1:pos - 1]) AND j.status = 'queued' AND j.run_after <= now();
+    IF NOT ok THEN RETURN; END IF;
+  END IF;
+  picked_tenant := t[pos];
+  proven := true;
+  PERFORM 1 FROM tenant_queue_stats s JOIN tenants tt ON tt.id = s.tenant_id
+   WHERE s.tenant_id = picked_tenant AND s.running < coalesce(tt.max_running_jobs, p_default_limit)
+   FOR UPDATE OF s;
+  IF NOT FOUND THEN RETURN; END IF;
+  UPDATE jobs SET status = 'running', attempt = jobs.attempt + 1, lease_owner = p_worker,
+         lease_expires_at = now() + make_interval(secs => p_lease),
+         started_at = coalesce(jobs.started_at, now()),
+         error_code = NULL, error_message = NULL, error_param = NULL
+   WHERE jobs.id = hd[pos]
+  RETURNING jobs.* INTO job;
+  INSERT INTO job_events (job_id, message, data)
+  VALUES (job.id, 'Job started by ' || p_worker || ' (attempt ' || job.attempt || ' of '
+                  || job.max_attempts || ')',
+          jsonb_build_object('status', 'running', 'attempt', job.attempt, 'worker', p_worker));
+END $$;
+"""
+_CALL_PROCEDURAL = (
+    "SELECT r.proven, r.picked_tenant, r.synced, (r.job).* FROM queue_claim_head("
+    "%(worker)s, %(lease)s, %(prefer)s, %(default_limit)s, %(excluded)s, "
+    f"{job_queue.CLAIM_FRONT_LINES}) r"
+)
+_procedural_fallbacks = [0]
+
+
+def _procedural_claim(queue: JobQueue, worker: str) -> str | None:
+    row = queue._run_on_driver(_CALL_PROCEDURAL, queue._claim_params(worker, None, []))
+    if row.id is not None:
+        return str(row.id)
+    _procedural_fallbacks[0] += 1
+    job = queue.claim(worker)
+    return job.id if job is not None else None
+
+
 # The claim committed as the plain claim commits, waiting for the WAL flush.
 _WAITED_COMMIT = job_queue._LEASED_COMMIT.replace("'off'", "'on'")
 
@@ -152,6 +242,7 @@ def sides() -> list[tuple[str, str, Callable[[JobQueue, str], str | None]]]:
         ("line_head_no_event", "loraforge", _claim_by(_line_head(quiet))),
         ("sync_commit", "loraforge", _claim_by(_waiting_head())),
         ("as_compiled", "loraforge", _claim_by(text(head), stripped=False)),
+        ("procedural", "loraforge", _procedural_claim),
         ("plain_leased", "plain", plain_leased_claim),
         ("plain", "plain", plain_claim),
     ]
@@ -206,6 +297,9 @@ def run(admin_url: str, size: int, rounds: int, cycles: int, claimers: int = CLA
         for (label, schema, claim_one), url in zip(plan, urls, strict=True):
             engine = db.make_engine(url, pool_size=claimers + 4)
             base_id, file_id = _scale_schema(engine, schema)
+            if label == "procedural":
+                with engine.begin() as conn:
+                    conn.exec_driver_sql(_PROCEDURAL_CLAIM)
             scale.append(ScaleSide(label, engine, base_id, claim_one))
             files[label] = file_id
         machine = machine_description(scale[0].engine)
@@ -214,6 +308,7 @@ def run(admin_url: str, size: int, rounds: int, cycles: int, claimers: int = CLA
             for side in scale:
                 _backlog(side, files[side.label], size)
                 _warm(side, files[side.label], claimers)
+            _procedural_fallbacks[0] = 0
             for index in range(rounds):
                 progress(f"round {index + 1} of {rounds}")
                 for side in scale if index % 2 == 0 else scale[::-1]:
@@ -241,6 +336,11 @@ def run(admin_url: str, size: int, rounds: int, cycles: int, claimers: int = CLA
                     "ratio_vs_loraforge": round(rate[side.label] / rate["loraforge"], 3),
                     "cpu_ms_per_job": side.cpu_ms_per_job(),
                     "tenants_over_limit": over,
+                    **(
+                        {"fallbacks": _procedural_fallbacks[0]}
+                        if side.label == "procedural"
+                        else {}
+                    ),
                     "machine": machine,
                 }
                 emit(record)
