@@ -164,6 +164,10 @@ class Client:
     def resume_job(self, job_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/resume"))
 
+    def queue_standing(self, job_id: str) -> dict[str, Any]:
+        """Why a queued job waits and what goes before it (409 once it is not queued)."""
+        return dict(self.request("GET", f"/v1/fine_tuning/jobs/{job_id}/queue"))
+
     def list_events(
         self, job_id: str, *, after: str | None = None, limit: int = 100, order: str = "asc"
     ) -> dict[str, Any]:

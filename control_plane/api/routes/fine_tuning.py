@@ -1,16 +1,17 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, events, checkpoints."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints,
+and a queued job's standing in the queue."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import Connection
 
-from control_plane import base_catalog, jobs, registry, tenants
+from control_plane import base_catalog, jobs, queue_standing, registry, tenants
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api import sse
@@ -323,6 +324,68 @@ def _move(
         code, rule = _REFUSED[done]
         raise ApiError(409, code, f"Job {job_id} is {exc.status}; {rule}.") from None
     return _public(conn, job)
+
+
+class QueueStandingPublic(BaseModel):
+    """A queued job's place in the queue, as the claim ranks it now."""
+
+    object: Literal["fine_tuning.job.queue_standing"] = "fine_tuning.job.queue_standing"
+    fine_tuning_job_id: str
+    waiting_for: queue_standing.WaitingFor = Field(
+        description="retry_backoff: a retry waiting until run_after; tenant_limit: the tenant "
+        "runs as many jobs as its limit allows; own_jobs: own_jobs_ahead of the tenant's own "
+        "jobs go first; other_tenants: it is the tenant's next job and tenants_ahead other "
+        "tenants' next jobs go first; trainer: the next claim takes it."
+    )
+    message: str = Field(description="What it waits for, in a sentence.")
+    own_jobs_ahead: int = Field(
+        description="The tenant's claimable queued jobs the claim takes before this one."
+    )
+    tenants_ahead: int | None = Field(
+        description="Other tenants whose next job goes first (only when this is the tenant's "
+        "next job, claimable, and the tenant under its limit)."
+    )
+    share: int = Field(
+        description="Its fair share: the tenant's running jobs + its rank among the tenant's "
+        "claimable jobs. Within a priority, lower shares go first."
+    )
+    tenant_running: int
+    tenant_limit: int
+    run_after: int | None = Field(description="When a retry backing off may be claimed.")
+
+    @classmethod
+    def of(cls, s: queue_standing.Standing) -> QueueStandingPublic:
+        return cls(
+            fine_tuning_job_id=s.job_id,
+            waiting_for=s.waiting_for,
+            message=s.message,
+            own_jobs_ahead=s.own_jobs_ahead,
+            tenants_ahead=s.tenants_ahead,
+            share=s.share,
+            tenant_running=s.tenant_running,
+            tenant_limit=s.tenant_limit,
+            run_after=int(s.run_after.timestamp()) if s.run_after else None,
+        )
+
+
+@router.get("/{job_id}/queue", response_model=QueueStandingPublic, responses=refusals(409))
+def job_queue_standing(
+    job_id: str, conn: ConnDep, caller: Caller, services: ServicesDep
+) -> QueueStandingPublic:
+    """Why a queued job waits and what goes before it, ranked as the claim ranks now (a
+    trainer's resident base only breaks ties on priority, share and served time). 409 for a job
+    that is not queued."""
+    job = _owned_job(conn, caller, job_id)
+    found = queue_standing.standing(
+        conn, job_id, default_limit=services.queue.max_running_per_tenant
+    )
+    if found is None:
+        raise ApiError(
+            409,
+            "job_not_queued",
+            f"Job {job_id} is {job.status}; only a queued job has a place in the queue.",
+        )
+    return QueueStandingPublic.of(found)
 
 
 @router.get("/{job_id}/events", response_model=Page[EventPublic])
