@@ -119,8 +119,9 @@ class Standing:
                 f"{self.tenant_limit} allows: it starts when one of them ends."
             )
         if self.waiting_for == "own_jobs":
+            verb = "goes" if self.own_jobs_ahead == 1 else "go"
             return (
-                f"{_jobs(self.own_jobs_ahead)} of your own go first (a higher priority, or "
+                f"{_jobs(self.own_jobs_ahead)} of your own {verb} first (a higher priority, or "
                 "submitted earlier)."
             )
         if self.waiting_for == "other_tenants":

@@ -342,3 +342,39 @@ def test_signing_in_and_moving_around_works_from_the_keyboard(
     page.keyboard.press("Tab")
     page.keyboard.press("Enter")
     page.wait_for_url(f"{live_url}/jobs/new")
+
+
+def test_a_queued_jobs_page_says_what_it_waits_for_and_follows_the_queue(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys
+) -> None:
+    base = make_base(services.engine, "tiny-llama")
+    file_id = make_file(services.engine, tenant_a.tenant_id).id
+    # One at a time: each its own created_at, the oldest first.
+    jobs = [
+        enqueue_jobs(services.engine, tenant_a.tenant_id, base.id, file_id, 1)[0] for _ in "abc"
+    ]
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/jobs/{jobs[2]}")
+    message = page.locator("#standing-message")
+    expect(message).to_have_text(
+        "2 jobs of your own go first (a higher priority, or submitted earlier)."
+    )
+    expect(page.locator("#job-standing")).to_contain_text("your organization runs 0 of 4")
+
+    # Trainers claim the older two: the line moves up without a reload (htmx polls it).
+    first = services.queue.claim("trainer-1")
+    assert first is not None and first.id == jobs[0]
+    expect(message).to_have_text(
+        "1 job of your own goes first (a higher priority, or submitted earlier).",
+        timeout=15_000,
+    )
+    second = services.queue.claim("trainer-2")
+    assert second is not None and second.id == jobs[1]
+    expect(message).to_have_text("It is next: the next trainer free takes it.", timeout=15_000)
+    expect(page.locator("#job-standing")).to_contain_text("your organization runs 2 of 4")
+
+    # Claimed: nothing to wait for, and the page says it runs.
+    third = services.queue.claim("trainer-3")
+    assert third is not None and third.id == jobs[2]
+    expect(page.locator("#job-standing")).to_be_hidden(timeout=15_000)
+    expect(page.locator("#job-status .status")).to_have_text("running")

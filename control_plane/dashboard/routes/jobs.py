@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
-from control_plane import base_catalog, jobs, registry
+from control_plane import base_catalog, jobs, queue_standing, registry
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api import sse
@@ -32,6 +32,7 @@ from control_plane.dashboard.sessions import (
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.job_status import PAUSABLE, TERMINAL, UNFINISHED, JobStatus
 from control_plane.records import FileRecord, JobEventRecord, JobRecord
+from control_plane.services import Services
 
 router = APIRouter()
 
@@ -221,12 +222,33 @@ def _event_html(event: JobEventRecord) -> str:
     return render("_event.html", e=event)
 
 
+def _standing(conn: Connection, job: JobRecord, services: Services) -> dict[str, Any]:
+    """Why a queued job waits (its standing in the queue), polled while the job is unfinished."""
+    found = (
+        queue_standing.standing(conn, job.id, default_limit=services.queue.max_running_per_tenant)
+        if job.status == JobStatus.QUEUED
+        else None
+    )
+    return {"job": job, "standing": found, "finished": job.status in TERMINAL}
+
+
+@router.get("/jobs/{job_id}/standing")
+def job_standing(
+    job_id: str, session: CurrentSession, conn: PageConn, services: ServicesDep
+) -> Response:
+    """The job page's standing line (htmx polls it every few seconds)."""
+    return fragment(
+        "_job_standing.html", **_standing(conn, _owned(conn, session, job_id), services)
+    )
+
+
 @router.get("/jobs/{job_id}")
 def job_page(
     job_id: str,
     request: Request,
     session: CurrentSession,
     conn: PageConn,
+    services: ServicesDep,
     notice: str | None = None,
 ) -> Response:
     job = _owned(conn, session, job_id)
@@ -243,6 +265,7 @@ def job_page(
         session,
         job=job,
         summary_html=_summary_html(summary, session),
+        standing_html=render("_job_standing.html", **_standing(conn, job, services)),
         events=[_event_html(e) for e in events],
         oldest_event=events[-1].id if events else None,
         older=older,
