@@ -24,8 +24,8 @@ from control_plane.queue import JobQueue
 from control_plane.queue_standing import standing
 from control_plane.queue_stats import drift
 from control_plane.services import Services
-from tests.api_harness import TenantKeys
 from loraforge import Client
+from tests.api_harness import TenantKeys
 from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 
 DEFAULT_LIMIT = 2
