@@ -14,7 +14,7 @@ backlog (both window sorts over every claimable job, as the claim did before rev
 - `standing_behind_own_jobs`: that tenant's last job (its own ~100 queued jobs counted);
 - `standing_behind_a_sweep`: the last job of the tenant holding half the backlog (its own
   jobs ahead counted: this read grows with the tenant's own backlog, and only with it);
-- `standing_flat`: the first read at `--queued` beside the same read on a backlog of 1,000
+- `standing_at_depth`: the first read at `--queued` beside the same read on a backlog of 1,000
   over the same tenants.
 """
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             small, _job(small, _last_line_tenant(small), False), args.reads
         )
         emit_beside(
-            "standing_flat",
+            "standing_at_depth",
             first,
             f"the same read on a backlog of {TENANTS:,} jobs (its last line's next job)",
             at_small,

@@ -3,7 +3,9 @@
 `reconcile` is called on every tick of the object's timer. It submits once (the object's UID is
 the API's idempotency key, so an operator restarted between the submission and its status write
 gets the same job back, never a second one), then copies the job's state, progress, ETA, latest
-metrics and, on success, the adapter version with its digest and lineage into status.
+metrics, while it is queued what it waits for (its standing in the queue, and a `Waiting`
+condition whose reason says why) and, on success, the adapter version with its digest and
+lineage into status.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ PHASES = {
     "cancelled": "Cancelled",
 }
 FINISHED = {"Succeeded", "Failed", "Cancelled"}
+# A queued job's `waiting_for` (GET .../queue) as the `Waiting` condition's reason.
+WAITING_REASONS = {
+    "retry_backoff": "RetryBackoff",
+    "tenant_limit": "TenantLimit",
+    "own_jobs": "OwnJobsAhead",
+    "other_tenants": "OtherTenantsAhead",
+    "trainer": "NextForATrainer",
+}
 
 
 class TemporaryFailure(Exception):
@@ -148,15 +158,39 @@ def _latest_metrics(client: Client, job_id: str) -> dict[str, Any] | None:
     return next((e["data"] for e in events if e["type"] == "metrics" and e["data"]), None)
 
 
+def _queue_standing(client: Client, job_id: str) -> dict[str, Any] | None:
+    """A queued job's standing in status' camelCase, or None when it left the queue meanwhile."""
+    try:
+        found = client.queue_standing(job_id)
+    except LoraforgeError as exc:
+        if exc.status == 409:
+            return None
+        raise
+    return {
+        "waitingFor": found["waiting_for"],
+        "message": found["message"],
+        "ownJobsAhead": found["own_jobs_ahead"],
+        "tenantsAhead": found["tenants_ahead"],
+        "share": found["share"],
+    }
+
+
 def _mirror(client: Client, job: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
     phase = PHASES.get(job["status"], "Submitted")
     conditions = status.get("conditions") or []
     conditions = set_condition(conditions, "Running", phase == "Running", job["status"])
+    queue = _queue_standing(client, job["id"]) if phase == "Queued" else None
+    if queue is None:
+        conditions = set_condition(conditions, "Waiting", False, job["status"])
+    else:
+        reason = WAITING_REASONS.get(queue["waitingFor"], "Queued")
+        conditions = set_condition(conditions, "Waiting", True, reason, queue["message"])
     out = status | {
         "phase": phase,
         "jobStatus": job["status"],
         "progress": job.get("progress"),
         "etaSeconds": job.get("eta_seconds") if phase == "Running" else None,
+        "queue": queue,
         "error": None,
     }
     metrics = _latest_metrics(client, job["id"])

@@ -8,14 +8,19 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import insert, text
 
+from control_plane.db.tables import Job
+from control_plane.ids import new_id
 from operators.finetuningjob import version_digest
 from tests.factories import ADDITION_CHATS as RECORDS
+from tests.factories import make_file
 from tests.operator.conftest import FakeKube, Platform, eventually, running_operator
 
 pytestmark = [pytest.mark.operator, pytest.mark.asyncio]
@@ -166,6 +171,72 @@ async def test_suspending_a_running_finetuningjob_pauses_its_job_and_unsuspendin
         assert any(m.startswith("resumed from step") for m in messages)
         await kube.delete("finetuningjobs", "pausable")
         await eventually(lambda: _gone(kube, "pausable"), timeout=30, what="the object to go")
+
+
+async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
+    kube: FakeKube, platform: Platform
+) -> None:
+    """While its job is queued, status says why (`queue`, and a `Waiting` condition with the
+    reason): here its tenant holds its one running job (a holder's lease, not the trainer's)."""
+    await given_credentials(kube, platform)
+    engine = platform.services.engine
+    tenant = platform.keys.tenant_id
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE tenants SET max_running_jobs = 1 WHERE id = :t"), {"t": tenant})
+        base_id = conn.execute(
+            text("SELECT id FROM base_models WHERE name = 'tiny-llama'")
+        ).scalar_one()
+    # Running under a holder's lease from the start (inserted so: the trainer never sees it).
+    holder = new_id("job")
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Job),
+            [
+                {
+                    "id": holder,
+                    "tenant_id": tenant,
+                    "status": "running",
+                    "base_model_id": base_id,
+                    "training_file_id": make_file(engine, tenant).id,
+                    "hyperparameters": {},
+                    "attempt": 1,
+                    "lease_owner": "holder",
+                    "lease_expires_at": datetime.now(UTC) + timedelta(hours=1),
+                    "started_at": datetime.now(UTC),
+                }
+            ],
+        )
+    data = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    await kube.secret("wait-data", {"train.jsonl": data})
+    spec = {
+        "dataset": {"secretRef": {"name": "wait-data", "key": "train.jsonl"}},
+        "hyperparameters": FAST,
+    }
+    await kube.create("finetuningjobs", job("waiting", **spec))
+    async with running_operator(kube):
+        await eventually(lambda: _phase_is(kube, "waiting", "Queued"), timeout=60, what="Queued")
+        queue = await eventually(status_of(kube, "waiting", "queue"), what="its standing")
+        assert queue["waitingFor"] == "tenant_limit" and queue["ownJobsAhead"] == 0
+        assert "as many as its limit of 1 allows" in queue["message"]
+        conditions = {c["type"]: c for c in await status_of(kube, "waiting", "conditions")()}
+        assert conditions["Waiting"]["status"] == "True"
+        assert conditions["Waiting"]["reason"] == "TenantLimit"
+        assert conditions["Waiting"]["message"] == queue["message"]
+
+        # The holder's job ends: the trainer claims this one, and nothing is waited for.
+        assert platform.services.queue.complete(holder, "holder") is not None
+        await eventually(lambda: _phase_is(kube, "waiting", "Running"), timeout=60, what="Running")
+        await eventually(
+            lambda: _waiting_is(kube, "waiting", "False"), timeout=30, what="Waiting False"
+        )
+        assert await status_of(kube, "waiting", "queue")() is None
+        await kube.delete("finetuningjobs", "waiting")
+        await eventually(lambda: _gone(kube, "waiting"), timeout=30, what="the object to go")
+
+
+async def _waiting_is(kube: FakeKube, name: str, value: str) -> bool:
+    conditions = await status_of(kube, name, "conditions")() or []
+    return any(c["type"] == "Waiting" and c["status"] == value for c in conditions)
 
 
 async def _gone(kube: FakeKube, name: str) -> bool:
