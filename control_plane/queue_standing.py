@@ -29,14 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, get_args
+from typing import Literal
 
 from sqlalchemy import Connection, text
 
 from control_plane.job_status import JobStatus
 
 WaitingFor = Literal["retry_backoff", "tenant_limit", "own_jobs", "other_tenants", "trainer"]
-WAITING_FOR: tuple[WaitingFor, ...] = get_args(WaitingFor)
 
 _QUEUED = f"'{JobStatus.QUEUED}'"
 
@@ -115,8 +114,8 @@ class Standing:
             )
         if self.waiting_for == "tenant_limit":
             return (
-                f"Your organization runs {_jobs(self.tenant_running)}, as many as its limit of "
-                f"{self.tenant_limit} allows: it starts when one of them ends."
+                f"Your organization runs {_jobs(self.tenant_running)} and may run "
+                f"{self.tenant_limit} at a time: this one starts when one of them ends."
             )
         if self.waiting_for == "own_jobs":
             verb = "goes" if self.own_jobs_ahead == 1 else "go"

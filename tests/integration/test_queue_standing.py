@@ -295,7 +295,7 @@ def test_a_person_reads_why_their_job_waits_and_it_moves_up_as_jobs_start(
         1,
     )
     assert last["message"] == (
-        "Your organization runs 1 job, as many as its limit of 1 allows: it starts when one of "
+        "Your organization runs 1 job and may run 1 at a time: this one starts when one of "
         "them ends."
     )
 

@@ -217,7 +217,7 @@ async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
         await eventually(lambda: _phase_is(kube, "waiting", "Queued"), timeout=60, what="Queued")
         queue = await eventually(status_of(kube, "waiting", "queue"), what="its standing")
         assert queue["waitingFor"] == "tenant_limit" and queue["ownJobsAhead"] == 0
-        assert "as many as its limit of 1 allows" in queue["message"]
+        assert "runs 1 job and may run 1 at a time" in queue["message"]
         conditions = {c["type"]: c for c in await status_of(kube, "waiting", "conditions")()}
         assert conditions["Waiting"]["status"] == "True"
         assert conditions["Waiting"]["reason"] == "TenantLimit"
