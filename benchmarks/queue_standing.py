@@ -133,12 +133,14 @@ def _median(reads: int, read: Callable[[], Any]) -> float:
 def _measure(engine: Engine, job_id: str, reads: int) -> tuple[float, float, Any]:
     """`standing()`'s median and the ranked read's, on one connection; the standing read."""
     with engine.connect() as conn:
-        ours = _median(reads, lambda: standing(conn, job_id, default_limit=SCALE_LIMIT))
+        ours = _median(
+            reads, lambda: standing(conn, job_id, default_limit=SCALE_LIMIT, lease_seconds=60)
+        )
         ranked = _median(
             max(reads // 20, 5),
             lambda: conn.execute(_RANKED, {"id": job_id, "default_limit": SCALE_LIMIT}).one(),
         )
-        found = standing(conn, job_id, default_limit=SCALE_LIMIT)
+        found = standing(conn, job_id, default_limit=SCALE_LIMIT, lease_seconds=60)
         check = conn.execute(_RANKED, {"id": job_id, "default_limit": SCALE_LIMIT}).one()
     assert found is not None and found.share == check.share, (found, check)
     if found.tenants_ahead is not None:

@@ -13,7 +13,10 @@ share and served time), and at a cost that does not grow with the backlog's othe
   tenant's jobs in that order, and this job's share is `running + own_jobs_ahead + 1`;
 - `other_tenants`: it is its tenant's next job, and `tenants_ahead` other tenants' next jobs
   rank before it (a higher priority, fewer jobs running, or served longer ago);
-- `trainer`: nothing ranks before it: the next claim takes it.
+- `trainer`: nothing ranks before it: the next claim takes it, an idle trainer's at once, else
+  the first busy one's to finish (`trainers_alive`, `trainers_idle`: heard from within a lease,
+  and of those holding no job; none alive, the message says that nothing will take it until
+  one runs).
 
 Its tenant's count of jobs ahead reads its own queued jobs (the partial index on them, in the
 claim's order). The tenants ahead are read off the queue's lines (`queue_heads`, revision
@@ -44,6 +47,11 @@ _QUEUED = f"'{JobStatus.QUEUED}'"
 _STANDING = text(
     f"""
     SELECT j.run_after > now() AS backing_off, j.run_after,
+           (SELECT count(*) FROM trainers
+             WHERE last_heartbeat_at > now() - make_interval(secs => :lease)) AS alive,
+           (SELECT count(*) FROM trainers
+             WHERE last_heartbeat_at > now() - make_interval(secs => :lease)
+               AND current_job_id IS NULL) AS idle,
            coalesce(s.running, 0) AS running,
            coalesce(t.max_running_jobs, :default_limit) AS max_running,
            (SELECT count(*) FROM jobs o
@@ -102,6 +110,8 @@ class Standing:
     tenant_running: int
     tenant_limit: int
     run_after: datetime | None
+    trainers_alive: int
+    trainers_idle: int
 
     @property
     def message(self) -> str:
@@ -133,16 +143,33 @@ class Standing:
                 f"It is your next job; {others} (a higher priority, fewer jobs running, or "
                 "served longer ago)."
             )
-        return "It is next: the next trainer free takes it."
+        if not self.trainers_alive:
+            return (
+                "It is next, but no trainer is running: nothing takes it until one starts "
+                "(ask the platform's operators)."
+            )
+        if self.trainers_idle:
+            return "It is next: an idle trainer takes it now."
+        if self.trainers_alive == 1:
+            return "It is next: the one trainer takes it when it finishes its job."
+        return (
+            f"It is next: the first of {self.trainers_alive:,} busy trainers to finish its job "
+            "takes it."
+        )
 
 
 def _jobs(count: int) -> str:
     return "1 job" if count == 1 else f"{count:,} jobs"
 
 
-def standing(conn: Connection, job_id: str, *, default_limit: int) -> Standing | None:
-    """The queued job's standing, or None when it is not queued (or not there)."""
-    row = conn.execute(_STANDING, {"id": job_id, "default_limit": default_limit}).one_or_none()
+def standing(
+    conn: Connection, job_id: str, *, default_limit: int, lease_seconds: float
+) -> Standing | None:
+    """The queued job's standing, or None when it is not queued (or not there). A trainer
+    heard from within `lease_seconds` is alive."""
+    row = conn.execute(
+        _STANDING, {"id": job_id, "default_limit": default_limit, "lease": lease_seconds}
+    ).one_or_none()
     if row is None:
         return None
     running, limit, own_ahead = int(row.running), int(row.max_running), int(row.own_ahead)
@@ -166,4 +193,6 @@ def standing(conn: Connection, job_id: str, *, default_limit: int) -> Standing |
         tenant_running=running,
         tenant_limit=limit,
         run_after=row.run_after if row.backing_off else None,
+        trainers_alive=int(row.alive),
+        trainers_idle=int(row.idle),
     )

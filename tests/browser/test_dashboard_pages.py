@@ -370,7 +370,11 @@ def test_a_queued_jobs_page_says_what_it_waits_for_and_follows_the_queue(
     )
     second = services.queue.claim("trainer-2")
     assert second is not None and second.id == jobs[1]
-    expect(message).to_have_text("It is next: the next trainer free takes it.", timeout=15_000)
+    expect(message).to_have_text(
+        "It is next, but no trainer is running: nothing takes it until one starts (ask the "
+        "platform's operators).",
+        timeout=15_000,
+    )
     expect(page.locator("#job-standing")).to_contain_text("your organization runs 2 of 4")
 
     # Claimed: nothing to wait for, and the page says it runs.

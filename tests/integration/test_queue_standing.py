@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
+from control_plane import trainers
 from control_plane.job_status import ACTIVE, JobStatus
 from control_plane.queue import JobQueue
 from control_plane.queue_standing import standing
@@ -182,7 +183,7 @@ def test_every_queued_jobs_standing_is_the_reference_rankings_and_next_is_what_i
         nexts = []
         with engine.connect() as conn:
             for job in (r for r in snapshot if r.status == JobStatus.QUEUED):
-                got = standing(conn, job.id, default_limit=DEFAULT_LIMIT)
+                got = standing(conn, job.id, default_limit=DEFAULT_LIMIT, lease_seconds=60)
                 assert got is not None
                 expected = reference_standing(snapshot, tenant_limits, served, job)
                 seen = {k: getattr(got, k) for k in expected}
@@ -190,7 +191,7 @@ def test_every_queued_jobs_standing_is_the_reference_rankings_and_next_is_what_i
                 if got.waiting_for == "trainer":
                     nexts.append(job.id)
             for job in (r for r in snapshot if r.status != JobStatus.QUEUED):
-                assert standing(conn, job.id, default_limit=DEFAULT_LIMIT) is None
+                assert standing(conn, job.id, default_limit=DEFAULT_LIMIT, lease_seconds=60) is None
         assert len(nexts) <= 1, f"step {step}: more than one job stands next: {nexts}"
         return nexts[0] if nexts else None
 
@@ -220,6 +221,13 @@ def test_every_queued_jobs_standing_is_the_reference_rankings_and_next_is_what_i
     finally:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM tenants WHERE id = ANY(:t)"), {"t": tenants})
+
+
+def _report(engine: Engine, trainer_id: str, job_id: str | None) -> None:
+    with engine.begin() as conn:
+        trainers.report(
+            conn, trainers.TrainerReport(trainer_id, "host", 1, "cpu", current_job_id=job_id)
+        )
 
 
 def _owner(engine: Engine, job_id: str) -> str:
@@ -276,7 +284,20 @@ def test_a_person_reads_why_their_job_waits_and_it_moves_up_as_jobs_start(
     assert claimed is not None and claimed.id == b_first
     first = read(mine[0])
     assert (first["waiting_for"], first["tenants_ahead"]) == ("trainer", 0)
-    assert first["message"] == "It is next: the next trainer free takes it."
+    assert (first["trainers_alive"], first["trainers_idle"]) == (0, 0)
+    assert first["message"] == (
+        "It is next, but no trainer is running: nothing takes it until one starts (ask the "
+        "platform's operators)."
+    )
+    # Trainers heard from (a heartbeat's row): idle, then both busy.
+    _report(engine, "trainer-0", None)
+    _report(engine, "trainer-1", None)
+    assert read(mine[0])["message"] == "It is next: an idle trainer takes it now."
+    _report(engine, "trainer-0", b_first)
+    _report(engine, "trainer-1", b_first)
+    busy = read(mine[0])
+    assert (busy["trainers_alive"], busy["trainers_idle"]) == (2, 0)
+    assert busy["message"] == "It is next: the first of 2 busy trainers to finish its job takes it."
     assert queue.claim("w2").id == mine[0]  # type: ignore[union-attr]
     # The platform's own client reads the same.
     last = Client(live_url, tenant_a.reader).queue_standing(mine[2])

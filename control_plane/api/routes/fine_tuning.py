@@ -352,6 +352,8 @@ class QueueStandingPublic(BaseModel):
     tenant_running: int
     tenant_limit: int
     run_after: int | None = Field(description="When a retry backing off may be claimed.")
+    trainers_alive: int = Field(description="Trainers heard from within a lease.")
+    trainers_idle: int = Field(description="Of those, the ones training no job.")
 
     @classmethod
     def of(cls, s: queue_standing.Standing) -> QueueStandingPublic:
@@ -365,6 +367,8 @@ class QueueStandingPublic(BaseModel):
             tenant_running=s.tenant_running,
             tenant_limit=s.tenant_limit,
             run_after=int(s.run_after.timestamp()) if s.run_after else None,
+            trainers_alive=s.trainers_alive,
+            trainers_idle=s.trainers_idle,
         )
 
 
@@ -377,7 +381,10 @@ def job_queue_standing(
     that is not queued."""
     job = _owned_job(conn, caller, job_id)
     found = queue_standing.standing(
-        conn, job_id, default_limit=services.queue.max_running_per_tenant
+        conn,
+        job_id,
+        default_limit=services.queue.max_running_per_tenant,
+        lease_seconds=services.queue.lease_seconds,
     )
     if found is None:
         raise ApiError(
