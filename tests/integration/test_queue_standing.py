@@ -327,6 +327,10 @@ def test_a_person_reads_why_their_job_waits_and_it_moves_up_as_jobs_start(
     backing = read(mine[0])
     assert backing["waiting_for"] == "retry_backoff"
     assert backing["run_after"] is not None and backing["run_after"] > datetime.now(UTC).timestamp()
+    until = datetime.fromtimestamp(backing["run_after"], UTC).isoformat(timespec="seconds")
+    assert backing["message"] == (
+        f"A retry waiting out its backoff: no trainer takes it before {until}."
+    )
 
     # Not queued: 409 with the reason; another tenant's job: 404; no key: 401.
     response = client.get(
