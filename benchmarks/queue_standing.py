@@ -119,29 +119,28 @@ def _job(engine: Engine, tenant: str, last: bool) -> str:
         )
 
 
-def _median(reads: int, read: Callable[[], Any]) -> float:
+def _median(reads: int, read: Callable[[], Any]) -> tuple[float, Any]:
+    """The median ms of `reads` reads (after 5 unmeasured), and the last read's answer."""
     for _ in range(5):
         read()
     times = []
     for _ in range(reads):
         t0 = time.perf_counter()
-        read()
+        answer = read()
         times.append((time.perf_counter() - t0) * 1000)
-    return percentile(times, 50)
+    return percentile(times, 50), answer
 
 
 def _measure(engine: Engine, job_id: str, reads: int) -> tuple[float, float, Any]:
-    """`standing()`'s median and the ranked read's, on one connection; the standing read."""
+    """`standing()`'s median and the ranked read's, on one connection; the standing read,
+    checked against the ranked one."""
+    queue = JobQueue(engine, max_running_per_tenant=SCALE_LIMIT)
     with engine.connect() as conn:
-        ours = _median(
-            reads, lambda: standing(conn, job_id, default_limit=SCALE_LIMIT, lease_seconds=60)
-        )
-        ranked = _median(
+        ours, found = _median(reads, lambda: standing(conn, job_id, queue))
+        ranked, check = _median(
             max(reads // 20, 5),
             lambda: conn.execute(_RANKED, {"id": job_id, "default_limit": SCALE_LIMIT}).one(),
         )
-        found = standing(conn, job_id, default_limit=SCALE_LIMIT, lease_seconds=60)
-        check = conn.execute(_RANKED, {"id": job_id, "default_limit": SCALE_LIMIT}).one()
     assert found is not None and found.share == check.share, (found, check)
     if found.tenants_ahead is not None:
         assert found.tenants_ahead == check.tenants_ahead, (found, check)

@@ -37,6 +37,7 @@ from typing import Literal
 from sqlalchemy import Connection, text
 
 from control_plane.job_status import JobStatus
+from control_plane.queue import JobQueue
 
 WaitingFor = Literal["retry_backoff", "tenant_limit", "own_jobs", "other_tenants", "trainer"]
 
@@ -162,13 +163,17 @@ def _jobs(count: int) -> str:
     return "1 job" if count == 1 else f"{count:,} jobs"
 
 
-def standing(
-    conn: Connection, job_id: str, *, default_limit: int, lease_seconds: float
-) -> Standing | None:
-    """The queued job's standing, or None when it is not queued (or not there). A trainer
-    heard from within `lease_seconds` is alive."""
+def standing(conn: Connection, job_id: str, queue: JobQueue) -> Standing | None:
+    """The queued job's standing, or None when it is not queued (or not there), by `queue`'s
+    settings as its claim uses them: its default running limit, and its lease (a trainer heard
+    from within one is alive)."""
     row = conn.execute(
-        _STANDING, {"id": job_id, "default_limit": default_limit, "lease": lease_seconds}
+        _STANDING,
+        {
+            "id": job_id,
+            "default_limit": queue.max_running_per_tenant,
+            "lease": queue.lease_seconds,
+        },
     ).one_or_none()
     if row is None:
         return None

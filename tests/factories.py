@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, insert, text
+from sqlalchemy import Connection, Engine, insert, text
 
 from control_plane import base_catalog, jobs, tenants
 from control_plane import files as file_repo
@@ -101,6 +102,31 @@ def enqueue_jobs(
         for start in range(0, len(rows), 500):
             conn.execute(insert(Job), rows[start : start + 500])
     return [r["id"] for r in rows]
+
+
+def insert_queued_jobs(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Queued jobs straight into the table, one multi-row statement (as a bulk import would):
+    each row's id, tenant_id, base_model_id, priority, created_at and run_after, and the
+    training file `file` (the first row's, for all)."""
+    conn.execute(
+        text(
+            "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
+            "hyperparameters, priority, created_at, run_after) "
+            "SELECT id, tenant_id, 'queued', base_model_id, :file, '{}'::jsonb, priority, "
+            "created_at, run_after FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r("
+            "id text, tenant_id text, base_model_id text, priority int, created_at timestamptz, "
+            "run_after timestamptz)"
+        ),
+        {
+            "file": rows[0]["file"],
+            "rows": json.dumps(
+                [
+                    {k: v.isoformat() if isinstance(v, datetime) else v for k, v in r.items()}
+                    for r in rows
+                ]
+            ),
+        },
+    )
 
 
 def create_validating_job(engine: Engine, tenant_id: str, base_id: str, file_id: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, text
 
 from control_plane import jobs as job_repo
 from control_plane.job_status import ACTIVE, JobStatus
@@ -27,7 +27,7 @@ from control_plane.queue import (
     _claim_front,
 )
 from control_plane.queue_stats import QueueCounts, drift, queue_counts
-from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.factories import enqueue_jobs, insert_queued_jobs, make_base, make_file, make_tenant
 
 DEFAULT_LIMIT = 2
 
@@ -35,29 +35,6 @@ DEFAULT_LIMIT = 2
 def _no_drift(engine: Engine) -> None:
     with engine.connect() as conn:
         assert drift(conn) == []
-
-
-def _insert_jobs(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Jobs straight into the table, one multi-row statement (as a bulk import would)."""
-    conn.execute(
-        text(
-            "INSERT INTO jobs (id, tenant_id, status, base_model_id, training_file_id, "
-            "hyperparameters, priority, created_at, run_after) "
-            "SELECT id, tenant_id, 'queued', base_model_id, :file, '{}'::jsonb, priority, "
-            "created_at, run_after FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r("
-            "id text, tenant_id text, base_model_id text, priority int, created_at timestamptz, "
-            "run_after timestamptz)"
-        ),
-        {"file": rows[0]["file"], "rows": _json(rows)},
-    )
-
-
-def _json(rows: list[dict[str, Any]]) -> str:
-    import json
-
-    return json.dumps(
-        [{k: v.isoformat() if isinstance(v, datetime) else v for k, v in r.items()} for r in rows]
-    )
 
 
 # -- bookkeeping through every transition ----------------------------------------------------
@@ -455,7 +432,7 @@ def test_the_claim_picks_what_the_reference_ranks_first(
             for t, b, p, c, off in specs
         ]
         with engine.begin() as conn:
-            _insert_jobs(conn, rows)
+            insert_queued_jobs(conn, rows)
 
     def snapshot() -> list[Snapshot]:
         with engine.connect() as conn:
@@ -565,7 +542,7 @@ def test_a_claim_beside_one_in_flight_takes_the_first_job_it_may_lock(
     start = datetime.now(UTC) - timedelta(days=1)
     ids = {name: f"ftjob-{tag}-{name}" for name in specs}
     with engine.begin() as conn:
-        _insert_jobs(
+        insert_queued_jobs(
             conn,
             [
                 {
@@ -632,7 +609,7 @@ def test_a_claim_past_lines_that_all_back_off_walks_wider_not_the_whole_backlog(
         for n in range(2)
     ]
     with engine.begin() as conn:
-        _insert_jobs(conn, rows)
+        insert_queued_jobs(conn, rows)
     statements: list[str] = []
 
     def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:

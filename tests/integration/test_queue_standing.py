@@ -27,7 +27,7 @@ from control_plane.queue_stats import drift
 from control_plane.services import Services
 from loraforge import Client
 from tests.api_harness import TenantKeys
-from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.factories import enqueue_jobs, insert_queued_jobs, make_base, make_file, make_tenant
 
 DEFAULT_LIMIT = 2
 
@@ -147,24 +147,20 @@ def test_every_queued_jobs_standing_is_the_reference_rankings_and_next_is_what_i
     served: dict[str, int] = {}
 
     def enqueue(specs: list[tuple[int, int, int, int, int]]) -> None:
+        rows = [
+            {
+                "id": f"ftjob-{secrets.token_hex(12)}",
+                "tenant_id": tenants[t % len(tenants)],
+                "base_model_id": scene["bases"][b],
+                "priority": p,
+                "created_at": start + timedelta(seconds=c),
+                "run_after": start + timedelta(days=2 if off == 0 else 0),
+                "file": scene["file"],
+            }
+            for t, b, p, c, off in specs
+        ]
         with engine.begin() as conn:
-            for t, b, p, c, off in specs:
-                conn.execute(
-                    text(
-                        "INSERT INTO jobs (id, tenant_id, status, base_model_id, "
-                        "training_file_id, hyperparameters, priority, created_at, run_after) "
-                        "VALUES (:id, :tenant, 'queued', :base, :file, '{}'::jsonb, :p, :c, :r)"
-                    ),
-                    {
-                        "id": f"ftjob-{secrets.token_hex(12)}",
-                        "tenant": tenants[t % len(tenants)],
-                        "base": scene["bases"][b],
-                        "file": scene["file"],
-                        "p": p,
-                        "c": start + timedelta(seconds=c),
-                        "r": start + timedelta(days=2 if off == 0 else 0),
-                    },
-                )
+            insert_queued_jobs(conn, rows)
 
     def rows() -> list[Row]:
         with engine.connect() as conn:
@@ -183,7 +179,7 @@ def test_every_queued_jobs_standing_is_the_reference_rankings_and_next_is_what_i
         nexts = []
         with engine.connect() as conn:
             for job in (r for r in snapshot if r.status == JobStatus.QUEUED):
-                got = standing(conn, job.id, default_limit=DEFAULT_LIMIT, lease_seconds=60)
+                got = standing(conn, job.id, queue)
                 assert got is not None
                 expected = reference_standing(snapshot, tenant_limits, served, job)
                 seen = {k: getattr(got, k) for k in expected}
@@ -191,7 +187,7 @@ def test_every_queued_jobs_standing_is_the_reference_rankings_and_next_is_what_i
                 if got.waiting_for == "trainer":
                     nexts.append(job.id)
             for job in (r for r in snapshot if r.status != JobStatus.QUEUED):
-                assert standing(conn, job.id, default_limit=DEFAULT_LIMIT, lease_seconds=60) is None
+                assert standing(conn, job.id, queue) is None
         assert len(nexts) <= 1, f"step {step}: more than one job stands next: {nexts}"
         return nexts[0] if nexts else None
 

@@ -380,12 +380,7 @@ def job_queue_standing(
     trainer's resident base only breaks ties on priority, share and served time). 409 for a job
     that is not queued."""
     job = _owned_job(conn, caller, job_id)
-    found = queue_standing.standing(
-        conn,
-        job_id,
-        default_limit=services.queue.max_running_per_tenant,
-        lease_seconds=services.queue.lease_seconds,
-    )
+    found = queue_standing.standing(conn, job_id, services.queue)
     if found is None:
         raise ApiError(
             409,

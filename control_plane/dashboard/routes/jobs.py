@@ -225,12 +225,7 @@ def _event_html(event: JobEventRecord) -> str:
 def _standing(conn: Connection, job: JobRecord, services: Services) -> dict[str, Any]:
     """Why a queued job waits (its standing in the queue), polled while the job is unfinished."""
     found = (
-        queue_standing.standing(
-            conn,
-            job.id,
-            default_limit=services.queue.max_running_per_tenant,
-            lease_seconds=services.queue.lease_seconds,
-        )
+        queue_standing.standing(conn, job.id, services.queue)
         if job.status == JobStatus.QUEUED
         else None
     )
