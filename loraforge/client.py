@@ -158,6 +158,13 @@ class Client:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"))
 
+    def cancel_jobs(self, metadata: dict[str, str]) -> dict[str, Any]:
+        """Cancel every unfinished job whose metadata holds every pair (a sweep): the counts
+        cancelled at once and asked to stop (running)."""
+        return dict(
+            self.request("POST", "/v1/fine_tuning/jobs/cancel", json={"metadata": metadata})
+        )
+
     def pause_job(self, job_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/pause"))
 

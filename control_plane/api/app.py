@@ -18,6 +18,7 @@ from control_plane.api.routes import (
     fine_tuning,
     health,
     job_streams,
+    job_sweeps,
     models,
 )
 from control_plane.api.text_input import refuse_nul
@@ -28,6 +29,7 @@ API_ROUTERS = (
     files.router,
     fine_tuning.router,
     job_streams.router,
+    job_sweeps.router,
     models.router,
     base_models.router,
     api_keys.router,
