@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from control_plane.api.text_input import find_nul
 from control_plane.dashboard.render import PageRefused, install_page_errors
-from control_plane.dashboard.routes import adapters, auth, jobs, new_job, platform
+from control_plane.dashboard.routes import adapters, auth, jobs, new_job, platform, sweeps
 from control_plane.dashboard.security import SecurityHeaders
 
 STATIC = Path(__file__).parent / "static"
@@ -32,7 +32,14 @@ async def _refuse_nul(request: Request) -> None:
 
 
 # new_job first: `/jobs/new` must match before `/jobs/{job_id}`.
-DASHBOARD_ROUTERS = (auth.router, new_job.router, jobs.router, adapters.router, platform.router)
+DASHBOARD_ROUTERS = (
+    auth.router,
+    new_job.router,
+    sweeps.router,
+    jobs.router,
+    adapters.router,
+    platform.router,
+)
 
 
 def mount_dashboard(app: FastAPI) -> None:

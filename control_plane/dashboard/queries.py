@@ -28,7 +28,7 @@ from sqlalchemy import (
 
 from control_plane.db.tables import STATUS_CHANGE, ApiKey, Job, JobEvent, JobMetricRollup, Tenant
 from control_plane.events import in_job_order, of_job
-from control_plane.job_status import JobStatus
+from control_plane.job_status import UNFINISHED, JobStatus, as_values
 from control_plane.metric_rollups import ROLLUP_WIDTHS
 from control_plane.pagination import newest_first
 from control_plane.queue_stats import QueueCounts
@@ -71,11 +71,15 @@ def jobs_page(
     search: str | None,
     after: str | None,
     limit: int,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[JobRecord], bool]:
     """Newest first, optionally only one status, optionally matching `search` (a job id, or
-    part of an adapter name or model); `after` is the last job id of the previous page
-    (`LookupError` when it is not one of the tenant's jobs)."""
+    part of an adapter name or model), optionally only jobs whose metadata holds every pair of
+    `metadata`; `after` is the last job id of the previous page (`LookupError` when it is not
+    one of the tenant's jobs)."""
     filters: list[ColumnElement[bool]] = []
+    if metadata:
+        filters.append(_jobs.c.user_metadata.contains(metadata))
     if status is not None:
         # Written into the statement, not bound: a page of one finished status is read off the
         # partial `ix_jobs_tenant_finished`, which a plan can use only when it sees the status
@@ -98,6 +102,32 @@ def jobs_page(
         limit=limit,
     )
     return [JobRecord.from_row(r) for r in rows], more
+
+
+def metadata_selector(search: str | None) -> dict[str, str] | None:
+    """The metadata pairs a search names (`sweep=lr-grid`, several separated by spaces), or
+    None when it is not made of such pairs alone (a job id or an adapter name)."""
+    tokens = (search or "").split()
+    if not tokens or not all("=" in t and not t.startswith("=") for t in tokens):
+        return None
+    return dict(t.split("=", 1) for t in tokens)
+
+
+def unfinished_count(conn: Connection, tenant_id: str, metadata: dict[str, str]) -> int:
+    """How many of the tenant's unfinished jobs hold every pair of `metadata` (what a sweep's
+    cancel would move, jobs already cancelling included)."""
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(_jobs)
+            .where(
+                _jobs.c.tenant_id == tenant_id,
+                _jobs.c.user_metadata.contains(metadata),
+                _jobs.c.status.in_(as_values(UNFINISHED)),
+                _jobs.c.cancel_requested.is_(False),
+            )
+        ).scalar_one()
+    )
 
 
 def jobs_by_id(conn: Connection, tenant_id: str, job_ids: Sequence[str]) -> list[JobRecord]:

@@ -69,17 +69,23 @@ def jobs_page(
     status: str | None = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     after: Annotated[str | None, Query(max_length=64)] = None,
+    cancelled: Annotated[int | None, Query(ge=0)] = None,
+    cancelling: Annotated[int | None, Query(ge=0)] = None,
+    refused: bool = False,
 ) -> Response:
     wanted = JobStatus(status) if status in set(JobStatus) else None
     search = (q or "").strip() or None
+    # `key=value` pairs select jobs by their metadata (a sweep), which can be cancelled at once
+    selector = queries.metadata_selector(search)
     try:
         found, more = queries.jobs_page(
             conn,
             session.principal.tenant_id,
             status=wanted,
-            search=search,
+            search=None if selector else search,
             after=after,
             limit=PAGE_SIZE,
+            metadata=selector,
         )
     except LookupError:
         raise PageNotFound() from None
@@ -102,6 +108,16 @@ def jobs_page(
         "after": after,
         "statuses": list(JobStatus),
         "filtered": filtered,
+        "selector": selector,
+        "sweep_unfinished": (
+            queries.unfinished_count(conn, session.principal.tenant_id, selector)
+            if selector and session.principal.can_write()
+            else 0
+        ),
+        "swept": (cancelled, cancelling)
+        if cancelled is not None and cancelling is not None
+        else None,
+        "refused": refused,
         "stream_url": "/jobs/stream?"
         + "&".join([f"ids={j.id}" for j in found] + ([f"newest={newest}"] if newest else [])),
     }

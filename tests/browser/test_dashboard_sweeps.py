@@ -1,0 +1,109 @@
+"""A sweep in the dashboard, in a real browser: the jobs table filtered by `key=value` shows
+the jobs whose metadata holds it, and a writer cancels the sweep's unfinished jobs from there
+(`POST /jobs/cancel`, the REST route's own rules); a reader sees the sweep and no button."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from playwright.sync_api import Page, expect
+from sqlalchemy import text
+
+from control_plane.services import Services
+from tests.api_harness import TenantKeys
+from tests.browser.conftest import sign_in
+from tests.factories import enqueue_jobs, make_base, make_file
+
+pytestmark = pytest.mark.browser
+
+
+def _tag(services: Services, metadata: dict[str, str], job_ids: list[str]) -> None:
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = ANY(:ids)"),
+            {"m": json.dumps(metadata), "ids": job_ids},
+        )
+
+
+def _statuses(page: Page) -> list[str]:
+    return sorted(page.locator("#jobs-table tbody tr .status").all_inner_texts())
+
+
+def test_a_sweep_filtered_by_its_metadata_is_cancelled_from_the_jobs_table(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys
+) -> None:
+    engine, queue = services.engine, services.queue
+    base_id = make_base(engine, "tiny-sweep").id
+    file_id = make_file(engine, tenant_a.tenant_id).id
+    grid = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 6)
+    other = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 3)
+    untagged = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 2)
+    _tag(services, {"sweep": "grid", "lr": "3e-4"}, grid)
+    _tag(services, {"sweep": "other"}, other)
+    first, second = queue.claim("w1"), queue.claim("w2")
+    assert first is not None and second is not None and {first.id, second.id} <= set(grid)
+    assert queue.complete(second.id, "w2") is not None
+
+    sign_in(page, live_url, tenant_a.member)
+    rows = page.locator("#jobs-table tbody tr")
+    expect(rows).to_have_count(11)
+    assert page.locator("#cancel-sweep").count() == 0  # no metadata filter, no sweep
+    page.fill("#job-search", "sweep=grid")
+    expect(rows).to_have_count(6)
+    expect(page.locator("#cancel-sweep")).to_have_text("Cancel 5 unfinished job(s) with sweep=grid")
+    page.fill("#job-search", "sweep=grid lr=1e-3")  # every pair must match
+    expect(page.locator("#no-match")).to_be_visible()
+    assert page.locator("#cancel-sweep").count() == 0
+    page.fill("#job-search", "sweep=grid lr=3e-4")
+    expect(rows).to_have_count(6)
+
+    dialogs: list[str] = []
+    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
+    page.click("#cancel-sweep")
+    expect(page.locator("#notice")).to_have_text(
+        "Cancelled 4 job(s); 1 running job(s) stop at their next step."
+    )
+    assert dialogs and "5 unfinished job(s)" in dialogs[0]
+    expect(rows).to_have_count(6)  # still filtered to the sweep
+    assert _statuses(page) == ["cancelled"] * 4 + ["cancelling", "succeeded"]
+    assert page.locator("#cancel-sweep").count() == 0  # nothing left to cancel
+    # The running job stops when its trainer learns it; the row follows live.
+    assert queue.finish_cancelled(first.id, "w1") is not None
+    expect(page.locator(f"#job-{first.id} .status")).to_have_text("cancelled")
+
+    # A selector no job's metadata could hold moves nothing and says why.
+    token = page.evaluate("JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRF-Token']")
+    too_long = page.request.post(
+        f"{live_url}/jobs/cancel", form={"csrf_token": token, "q": f"{'k' * 65}=v sweep=other"}
+    )
+    assert too_long.ok and "Nothing was cancelled" in too_long.text()
+    forged = page.request.post(
+        f"{live_url}/jobs/cancel", form={"csrf_token": "0" * 64, "q": "sweep=other"}
+    )
+    assert forged.status == 403
+
+    # Nothing else moved.
+    page.goto(f"{live_url}/jobs")
+    page.fill("#job-search", "sweep=other")
+    expect(rows).to_have_count(3)
+    assert _statuses(page) == ["queued"] * 3
+    page.fill("#job-search", "")
+    expect(rows).to_have_count(11)
+    for job_id in untagged:
+        expect(page.locator(f"#job-{job_id} .status")).to_have_text("queued")
+
+    # A reader sees the sweep but is offered no cancel.
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_a.reader)
+    page.fill("#job-search", "sweep=other")
+    expect(rows).to_have_count(3)
+    assert page.locator("#cancel-sweep").count() == 0
+    token = page.evaluate("JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRF-Token']")
+    refused = page.request.post(
+        f"{live_url}/jobs/cancel", form={"csrf_token": token, "q": "sweep=other"}
+    )
+    assert refused.status == 403 and "reader role" in refused.text()
+    page.reload()
+    expect(rows).to_have_count(3)
+    assert _statuses(page) == ["queued"] * 3
