@@ -1,20 +1,28 @@
-"""Cancelling a tenant's jobs by their metadata: a sweep of thousands in one request.
+"""Cancelling, pausing and resuming a tenant's jobs by their metadata: a sweep of thousands in
+one request.
 
 A platform's tenants queue sweeps (a grid of learning rates, one job per point) and tag them
-with OpenAI's job `metadata`; a sweep started by mistake, or one whose answer is already known,
-must stop without one request per job. `cancel_matching` cancels every unfinished job of one
-tenant whose metadata holds every given pair, as `JobQueue.request_cancel` cancels one: a job
-not yet running (validating, queued, paused) is `cancelled` at once; a running one is
-`cancelling`, its trainer told (NOTIFY on the cancel channel, and its next heartbeat). Each job
-gets the event that a single cancel writes.
+with OpenAI's job `metadata`; a sweep started by mistake must stop, and one must make way for
+something urgent and go on afterwards, without one request per job. Each function here moves
+every job of one tenant whose metadata holds every given pair, as the queue's single move
+(`JobQueue.request_cancel`, `request_pause`, `resume`) moves one, with its event:
 
-The jobs move in batches of `batch`, each its own transaction, in the order of the tenant's
-`(created_at, id)` index. Every job that moves updates its tenant's bookkeeping row (the
-queue's triggers), and a row updated many times in one transaction walks its versions at each
-update, so one statement over a 50,000-job sweep would cost the square of its size. A job a
-claim holds meanwhile is waited for (not skipped), so none escapes into `running` uncancelled;
-a job whose state changed while waited for is passed over, and a last pass from the start picks
-up anything a batch passed over that still matches.
+- `cancel_matching`: a job not yet running (validating, queued, paused) is `cancelled` at once;
+  a running one is `cancelling`, its trainer told (NOTIFY on the cancel channel, and its next
+  heartbeat).
+- `pause_matching`: a queued job is `paused` at once; a running one is asked to pause (it stops
+  at its next step with a checkpoint, and its trainer's hand-back leaves it `paused`).
+- `resume_matching`: a paused job is queued again (trainers woken, as any job queued); a running
+  job asked to pause is asked no more.
+
+Jobs a move leaves as they are (over, already moved, or in a state it does not take) are not
+counted. The jobs move in batches of `batch`, each its own transaction, in the order of the
+tenant's `(created_at, id)` index. Every job that moves updates its tenant's bookkeeping row
+(the queue's triggers), and a row updated many times in one transaction walks its versions at
+each update, so one statement over a 50,000-job sweep would cost the square of its size. A job
+a claim holds meanwhile is waited for (not skipped), so a queued job of the sweep cannot slip
+into `running` unmoved; a job whose state changed while waited for is passed over, and a last
+pass from the start picks up anything a batch passed over that still qualifies.
 """
 
 from __future__ import annotations
@@ -22,101 +30,204 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, TextClause, text
 
 from control_plane.job_status import UNFINISHED, WAITING, JobStatus, as_values
 from control_plane.queue import CANCEL_CHANNEL
 
 DEFAULT_BATCH = 100
 
-_CANCEL_BATCH = text(
-    """
-    WITH picked AS (
-        SELECT id, created_at FROM jobs
-        WHERE tenant_id = :tenant
-          AND (created_at, id) > (CAST(:after_created AS timestamptz), :after_id)
-          AND status = ANY(:unfinished) AND NOT cancel_requested
-          AND user_metadata @> CAST(:metadata AS jsonb)
-        ORDER BY created_at, id
-        LIMIT :batch
-        FOR UPDATE
-    ), moved AS (
+# One batch of a move: the next `:batch` jobs after the keyset that the move would change
+# (`{eligible}`), locked, moved (`{moved}`: an UPDATE of `jobs j` FROM picked, RETURNING the
+# job's id, new status and base), each given its event; then how many moved at once, the ids of
+# the running jobs it asked, the bases of the jobs it queued, and where the batch ended.
+_BATCH = """
+WITH picked AS (
+    SELECT id, created_at FROM jobs
+    WHERE tenant_id = :tenant
+      AND (created_at, id) > (CAST(:after_created AS timestamptz), :after_id)
+      AND user_metadata @> CAST(:metadata AS jsonb)
+      AND {eligible}
+    ORDER BY created_at, id
+    LIMIT :batch
+    FOR UPDATE
+), moved AS (
+    {moved}
+), noted AS (
+    INSERT INTO job_events (job_id, message, type, level, data)
+    SELECT id,
+           CASE WHEN status IN (:running, :cancelling) THEN :asked_message ELSE :now_message END,
+           'message', 'info',
+           CASE WHEN status IN (:running, :cancelling) THEN CAST(:asked_data AS jsonb)
+                ELSE jsonb_build_object('status', status) END
+    FROM moved
+)
+SELECT (SELECT count(*) FROM moved WHERE status NOT IN (:running, :cancelling)) AS now,
+       (SELECT coalesce(array_agg(id), '{{}}') FROM moved
+        WHERE status IN (:running, :cancelling)) AS asked,
+       (SELECT coalesce(array_agg(base_model_id), '{{}}') FROM moved
+        WHERE status = :queued) AS queued_bases,
+       (SELECT max(created_at) FROM picked) AS last_created,
+       (SELECT max(id) FROM picked
+        WHERE created_at = (SELECT max(created_at) FROM picked)) AS last_id
+"""
+
+
+@dataclass(frozen=True)
+class _Move:
+    eligible: str
+    moved: str
+    now_message: str  # the event of a job moved at once (its new status is its data)
+    asked_message: str  # the event of a running job asked (cancelling counts as asked)
+    asked_data: dict[str, Any]
+
+
+_MOVES: dict[str, _Move] = {
+    "cancel": _Move(
+        eligible="status = ANY(:unfinished) AND NOT cancel_requested",
+        moved="""
         UPDATE jobs j SET
           status = CASE WHEN j.status = ANY(:waiting) THEN :cancelled ELSE :cancelling END,
           finished_at = CASE WHEN j.status = ANY(:waiting) THEN now() END,
           cancel_requested = true
-        FROM picked
-        WHERE j.id = picked.id
-        RETURNING j.id, j.status
-    ), noted AS (
-        INSERT INTO job_events (job_id, message, type, level, data)
-        SELECT id,
-               CASE WHEN status = :cancelled THEN 'Job cancelled' ELSE 'Cancellation requested' END,
-               'message', 'info', jsonb_build_object('status', status)
-        FROM moved
-    )
-    SELECT (SELECT count(*) FROM moved WHERE status = :cancelled) AS cancelled,
-           (SELECT coalesce(array_agg(id), '{}') FROM moved WHERE status = :cancelling)
-             AS cancelling,
-           (SELECT max(created_at) FROM picked) AS last_created,
-           (SELECT max(id) FROM picked
-            WHERE created_at = (SELECT max(created_at) FROM picked)) AS last_id
-    """
-)
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.id, j.status, j.base_model_id
+        """,
+        now_message="Job cancelled",
+        asked_message="Cancellation requested",
+        asked_data={"status": JobStatus.CANCELLING.value},
+    ),
+    "pause": _Move(
+        eligible="(status = :queued OR status = :running AND NOT cancel_requested "
+        "AND NOT pause_requested)",
+        moved="""
+        UPDATE jobs j SET
+          status = CASE WHEN j.status = :queued THEN :paused ELSE j.status END,
+          pause_requested = (j.status = :running)
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.id, j.status, j.base_model_id
+        """,
+        now_message="Job paused; resume it to go on from its newest checkpoint",
+        asked_message="Pause requested: the job stops at its next step, with a checkpoint",
+        asked_data={"pause_requested": True},
+    ),
+    "resume": _Move(
+        eligible="(status = :paused OR status = :running AND pause_requested)",
+        moved="""
+        UPDATE jobs j SET
+          status = CASE WHEN j.status = :paused THEN :queued ELSE j.status END,
+          run_after = CASE WHEN j.status = :paused THEN now() ELSE j.run_after END,
+          pause_requested = false
+        FROM picked WHERE j.id = picked.id
+        RETURNING j.id, j.status, j.base_model_id
+        """,
+        now_message="Job resumed",
+        asked_message="Pause withdrawn",
+        asked_data={"pause_requested": False},
+    ),
+}
 
+_STATEMENTS: dict[str, TextClause] = {
+    action: text(_BATCH.format(eligible=move.eligible, moved=move.moved))
+    for action, move in _MOVES.items()
+}
 _TELL_TRAINERS = text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id")
-
+# A job queued wakes one idle trainer (revision 0017), as `JobQueue.resume` wakes one per job.
+_WAKE_TRAINERS = text("SELECT queue_wake(base) FROM unnest(CAST(:bases AS text[])) AS base")
 _START = ("-infinity", "")
 
 
 @dataclass(frozen=True)
-class SweepCancelled:
-    """What a bulk cancel moved: jobs cancelled at once, and running jobs asked to stop."""
+class SweepMoved:
+    """What a sweep's move changed: jobs moved at once (cancelled, paused, queued again), and
+    running jobs asked (to stop, to pause, no more to pause)."""
 
-    cancelled: int
-    cancelling: int
+    now: int
+    asked: int
 
     @property
     def total(self) -> int:
-        return self.cancelled + self.cancelling
+        return self.now + self.asked
 
 
 def cancel_matching(
     engine: Engine, tenant_id: str, metadata: dict[str, str], *, batch: int = DEFAULT_BATCH
-) -> SweepCancelled:
+) -> SweepMoved:
     """Cancel every unfinished job of `tenant_id` whose metadata holds every pair of
-    `metadata` (at least one pair: an empty selector would be every job of the tenant)."""
+    `metadata`: `now` cancelled, `asked` running jobs now `cancelling`."""
+    return _move_matching("cancel", engine, tenant_id, metadata, batch)
+
+
+def pause_matching(
+    engine: Engine, tenant_id: str, metadata: dict[str, str], *, batch: int = DEFAULT_BATCH
+) -> SweepMoved:
+    """Pause every queued or running job of `tenant_id` whose metadata holds every pair:
+    `now` paused, `asked` running jobs asked to pause."""
+    return _move_matching("pause", engine, tenant_id, metadata, batch)
+
+
+def resume_matching(
+    engine: Engine, tenant_id: str, metadata: dict[str, str], *, batch: int = DEFAULT_BATCH
+) -> SweepMoved:
+    """Resume every paused job of `tenant_id` whose metadata holds every pair (`now`, queued
+    again), and withdraw the pause of every running one asked to pause (`asked`)."""
+    return _move_matching("resume", engine, tenant_id, metadata, batch)
+
+
+def _move_matching(
+    action: str, engine: Engine, tenant_id: str, metadata: dict[str, str], batch: int
+) -> SweepMoved:
     if not metadata:
-        raise ValueError("name at least one metadata pair to select the jobs to cancel")
+        raise ValueError(f"name at least one metadata pair to select the jobs to {action}")
     if batch < 1:
         raise ValueError("batch must be at least 1")
-    cancelled = cancelling = 0
-    after: tuple[datetime | str, str] = _START
-    while True:
-        with engine.begin() as conn:
-            row = conn.execute(
-                _CANCEL_BATCH,
-                {
-                    "tenant": tenant_id,
-                    "metadata": json.dumps(metadata),
-                    "after_created": after[0],
-                    "after_id": after[1],
-                    "batch": batch,
-                    "unfinished": as_values(UNFINISHED),
-                    "waiting": as_values(WAITING),
-                    "cancelled": JobStatus.CANCELLED.value,
-                    "cancelling": JobStatus.CANCELLING.value,
-                },
-            ).one()
-            if row.cancelling:  # their trainers hear it when this batch commits
-                conn.execute(_TELL_TRAINERS, {"channel": CANCEL_CHANNEL, "ids": row.cancelling})
-        cancelled += row.cancelled
-        cancelling += len(row.cancelling)
-        if row.last_created is not None:
+    now = asked = 0
+    # Two passes at most: through the index, then once more from the start for what a batch
+    # passed over (a job it waited for and then found changed) and still qualifies.
+    for _ in range(2):
+        after: tuple[datetime | str, str] = _START
+        while True:
+            with engine.begin() as conn:
+                row = _one_batch(conn, action, tenant_id, metadata, batch, after)
+            now += row.now
+            asked += len(row.asked)
+            if row.last_created is None:
+                break
             after = (row.last_created, row.last_id)
-            continue
-        if after == _START:
-            return SweepCancelled(cancelled, cancelling)
-        # The end of the index: one more pass from the start for what a batch passed over.
-        after = _START
+    return SweepMoved(now, asked)
+
+
+def _one_batch(
+    conn: Connection,
+    action: str,
+    tenant_id: str,
+    metadata: dict[str, str],
+    batch: int,
+    after: tuple[datetime | str, str],
+) -> Any:
+    move = _MOVES[action]
+    row = conn.execute(
+        _STATEMENTS[action],
+        {
+            "tenant": tenant_id,
+            "metadata": json.dumps(metadata),
+            "after_created": after[0],
+            "after_id": after[1],
+            "batch": batch,
+            "now_message": move.now_message,
+            "asked_message": move.asked_message,
+            "asked_data": json.dumps(move.asked_data),
+            "unfinished": as_values(UNFINISHED),
+            "waiting": as_values(WAITING),
+            **{status.name.lower(): status.value for status in JobStatus},
+        },
+    ).one()
+    # Sent when the batch commits: the trainers of the running jobs asked to stop, and idle
+    # trainers for the jobs queued again.
+    if action == "cancel" and row.asked:
+        conn.execute(_TELL_TRAINERS, {"channel": CANCEL_CHANNEL, "ids": row.asked})
+    if row.queued_bases:
+        conn.execute(_WAKE_TRAINERS, {"bases": row.queued_bases})
+    return row

@@ -165,6 +165,18 @@ class Client:
             self.request("POST", "/v1/fine_tuning/jobs/cancel", json={"metadata": metadata})
         )
 
+    def pause_jobs(self, metadata: dict[str, str]) -> dict[str, Any]:
+        """Pause every queued or running job whose metadata holds every pair: the counts
+        paused at once and asked to pause (running)."""
+        return dict(self.request("POST", "/v1/fine_tuning/jobs/pause", json={"metadata": metadata}))
+
+    def resume_jobs(self, metadata: dict[str, str]) -> dict[str, Any]:
+        """Resume every paused job whose metadata holds every pair (and withdraw the pause of
+        running ones asked to): the counts resumed and withdrawn."""
+        return dict(
+            self.request("POST", "/v1/fine_tuning/jobs/resume", json={"metadata": metadata})
+        )
+
     def pause_job(self, job_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/pause"))
 

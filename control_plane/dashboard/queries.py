@@ -113,21 +113,33 @@ def metadata_selector(search: str | None) -> dict[str, str] | None:
     return dict(t.split("=", 1) for t in tokens)
 
 
-def unfinished_count(conn: Connection, tenant_id: str, metadata: dict[str, str]) -> int:
-    """How many of the tenant's unfinished jobs hold every pair of `metadata` (what a sweep's
-    cancel would move, jobs already cancelling included)."""
-    return int(
-        conn.execute(
-            select(func.count())
-            .select_from(_jobs)
-            .where(
-                _jobs.c.tenant_id == tenant_id,
-                _jobs.c.user_metadata.contains(metadata),
-                _jobs.c.status.in_(as_values(UNFINISHED)),
-                _jobs.c.cancel_requested.is_(False),
-            )
-        ).scalar_one()
-    )
+@dataclass(frozen=True)
+class SweepCounts:
+    """What each of a sweep's moves would move now (`control_plane.sweeps`)."""
+
+    cancellable: int  # unfinished, not yet cancelling
+    pausable: int  # queued, or running and not asked to pause
+    resumable: int  # paused, or running and asked to pause
+
+
+def sweep_counts(conn: Connection, tenant_id: str, metadata: dict[str, str]) -> SweepCounts:
+    """How many of the tenant's jobs whose metadata holds every pair each move would take."""
+    status = _jobs.c.status
+    running = status == JobStatus.RUNNING.value
+    row = conn.execute(
+        select(
+            func.count().filter(
+                status.in_(as_values(UNFINISHED)), _jobs.c.cancel_requested.is_(False)
+            ),
+            func.count().filter(
+                or_(status == JobStatus.QUEUED.value, running & ~_jobs.c.pause_requested)
+            ),
+            func.count().filter(
+                or_(status == JobStatus.PAUSED.value, running & _jobs.c.pause_requested)
+            ),
+        ).where(_jobs.c.tenant_id == tenant_id, _jobs.c.user_metadata.contains(metadata))
+    ).one()
+    return SweepCounts(*(int(n) for n in row))
 
 
 def jobs_by_id(conn: Connection, tenant_id: str, job_ids: Sequence[str]) -> list[JobRecord]:

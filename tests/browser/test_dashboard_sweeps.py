@@ -1,6 +1,6 @@
 """A sweep in the dashboard, in a real browser: the jobs table filtered by `key=value` shows
-the jobs whose metadata holds it, and a writer cancels the sweep's unfinished jobs from there
-(`POST /jobs/cancel`, the REST route's own rules); a reader sees the sweep and no button."""
+the jobs whose metadata holds it, and a writer pauses, resumes and cancels the sweep from there
+(`POST /jobs/sweep`, the REST routes' own rules); a reader sees the sweep and no button."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _statuses(page: Page) -> list[str]:
     return sorted(page.locator("#jobs-table tbody tr .status").all_inner_texts())
 
 
-def test_a_sweep_filtered_by_its_metadata_is_cancelled_from_the_jobs_table(
+def test_a_sweep_filtered_by_its_metadata_is_paused_resumed_and_cancelled_from_the_table(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys
 ) -> None:
     engine, queue = services.engine, services.queue
@@ -58,6 +58,23 @@ def test_a_sweep_filtered_by_its_metadata_is_cancelled_from_the_jobs_table(
     page.fill("#job-search", "sweep=grid lr=3e-4")
     expect(rows).to_have_count(6)
 
+    # Pause the sweep to make way, then resume it.
+    expect(page.locator("#pause-sweep")).to_have_text("Pause 5 job(s) with sweep=grid lr=3e-4")
+    assert page.locator("#resume-sweep").count() == 0
+    page.click("#pause-sweep")
+    expect(page.locator("#notice")).to_have_text(
+        "Paused 4 job(s); 1 running job(s) pause at their next step, with a checkpoint."
+    )
+    assert _statuses(page) == ["paused"] * 4 + ["running", "succeeded"]
+    assert page.locator("#pause-sweep").count() == 0
+    expect(page.locator("#resume-sweep")).to_have_text("Resume 5 job(s) with sweep=grid lr=3e-4")
+    page.click("#resume-sweep")
+    expect(page.locator("#notice")).to_have_text(
+        "Resumed 4 job(s); 1 running job(s) asked to pause go on."
+    )
+    assert _statuses(page) == ["queued"] * 4 + ["running", "succeeded"]
+    assert not queue.heartbeat(first.id, "w1").pause_requested
+
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.accept()))
     page.click("#cancel-sweep")
@@ -67,7 +84,7 @@ def test_a_sweep_filtered_by_its_metadata_is_cancelled_from_the_jobs_table(
     assert dialogs and "5 unfinished job(s)" in dialogs[0]
     expect(rows).to_have_count(6)  # still filtered to the sweep
     assert _statuses(page) == ["cancelled"] * 4 + ["cancelling", "succeeded"]
-    assert page.locator("#cancel-sweep").count() == 0  # nothing left to cancel
+    assert page.locator("#sweep-moves").count() == 0  # nothing left to move
     # The running job stops when its trainer learns it; the row follows live.
     assert queue.finish_cancelled(first.id, "w1") is not None
     expect(page.locator(f"#job-{first.id} .status")).to_have_text("cancelled")
@@ -75,11 +92,13 @@ def test_a_sweep_filtered_by_its_metadata_is_cancelled_from_the_jobs_table(
     # A selector no job's metadata could hold moves nothing and says why.
     token = page.evaluate("JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRF-Token']")
     too_long = page.request.post(
-        f"{live_url}/jobs/cancel", form={"csrf_token": token, "q": f"{'k' * 65}=v sweep=other"}
+        f"{live_url}/jobs/sweep",
+        form={"csrf_token": token, "action": "cancel", "q": f"{'k' * 65}=v sweep=other"},
     )
     assert too_long.ok and "Nothing was cancelled" in too_long.text()
     forged = page.request.post(
-        f"{live_url}/jobs/cancel", form={"csrf_token": "0" * 64, "q": "sweep=other"}
+        f"{live_url}/jobs/sweep",
+        form={"csrf_token": "0" * 64, "action": "cancel", "q": "sweep=other"},
     )
     assert forged.status == 403
 
@@ -98,10 +117,10 @@ def test_a_sweep_filtered_by_its_metadata_is_cancelled_from_the_jobs_table(
     sign_in(page, live_url, tenant_a.reader)
     page.fill("#job-search", "sweep=other")
     expect(rows).to_have_count(3)
-    assert page.locator("#cancel-sweep").count() == 0
+    assert page.locator("#sweep-moves").count() == 0
     token = page.evaluate("JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRF-Token']")
     refused = page.request.post(
-        f"{live_url}/jobs/cancel", form={"csrf_token": token, "q": "sweep=other"}
+        f"{live_url}/jobs/sweep", form={"csrf_token": token, "action": "pause", "q": "sweep=other"}
     )
     assert refused.status == 403 and "reader role" in refused.text()
     page.reload()

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
 from control_plane import queue_stats
-from control_plane.queue import CANCEL_CHANNEL, JobQueue, QueueListener
+from control_plane.queue import CANCEL_CHANNEL, JOBS_CHANNEL, JobQueue, QueueListener
 from control_plane.services import Services
-from control_plane.sweeps import cancel_matching
+from control_plane.sweeps import cancel_matching, pause_matching, resume_matching
 from loraforge import Client, LoraforgeError
 from tests.api_harness import TenantKeys
 from tests.factories import (
@@ -54,6 +54,18 @@ def _states(engine: Engine, job_ids: list[str]) -> dict[str, tuple[str, bool]]:
             {"ids": job_ids},
         )
         return {r.id: (r.status, r.cancel_requested) for r in rows}
+
+
+def _full_states(engine: Engine, job_ids: list[str]) -> dict[str, tuple[str, bool, bool]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT id, status, cancel_requested, pause_requested FROM jobs "
+                "WHERE id = ANY(:ids)"
+            ),
+            {"ids": job_ids},
+        )
+        return {r.id: (r.status, r.cancel_requested, r.pause_requested) for r in rows}
 
 
 def _last_message(engine: Engine, job_id: str) -> str:
@@ -153,6 +165,49 @@ def test_a_person_cancels_a_sweep_by_its_metadata_and_only_its_unfinished_jobs_m
     _exact(engine)
 
 
+def test_a_person_pauses_a_sweep_to_make_way_and_resumes_it(
+    services: Services, database_url: str, live_url: str, tenant_a: TenantKeys
+) -> None:
+    """A sweep makes way for something urgent: its queued jobs pause at once and are claimed
+    by no one, its running job is asked to and its trainer's hand-back leaves it `paused`; the
+    urgent job is claimed; resumed, the sweep is queued again (trainers woken) and claimed."""
+    engine, queue = services.engine, services.queue
+    base_id = make_base(engine, "tiny-sweep").id
+    file_id = make_file(engine, tenant_a.tenant_id).id
+    sweep = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 5)
+    _tag(engine, {"sweep": "grid"}, *sweep)
+    running = _claim(queue, "w1")
+    urgent = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 1)[0]
+    client = Client(live_url, tenant_a.member)
+
+    paused = client.pause_jobs({"sweep": "grid"})
+    assert (paused["paused"], paused["pausing"]) == (4, 1)
+    assert client.pause_jobs({"sweep": "grid"})["pausing"] == 0  # asked once
+    states = _full_states(engine, sweep)
+    assert states[running] == ("running", False, True)
+    assert [states[j] for j in sweep if j != running] == [("paused", False, False)] * 4
+    waiting = [j for j in sweep if j != running]
+    assert _last_message(engine, waiting[0]).startswith("Job paused; resume it")
+    assert queue.heartbeat(running, "w1").pause_requested  # its trainer's next beat
+    assert _claim(queue, "w2") == urgent  # the sweep's queued jobs made way
+    assert queue.claim("w3") is None
+    handed = queue.hand_back(running, "w1", reason="asked to; stopped by w1 with a checkpoint")
+    assert handed is not None and handed.status == "paused"
+    _exact(engine)
+
+    with QueueListener(database_url, channels=(JOBS_CHANNEL,)) as listener:
+        listener.drain()
+        resumed = client.resume_jobs({"sweep": "grid"})
+        woken = listener.wait(5)
+    assert (resumed["resumed"], resumed["pause_withdrawn"]) == (5, 0)
+    assert woken  # idle trainers hear of the queued jobs (none sleeps here: the channel)
+    assert _last_message(engine, waiting[0]) == _last_message(engine, running) == "Job resumed"
+    claimed = {_claim(queue, f"r{n}") for n in range(3)}  # the tenant's limit is 4
+    assert claimed <= set(sweep) and len(claimed) == 3
+    assert client.resume_jobs({"sweep": "grid"})["resumed"] == 0
+    _exact(engine)
+
+
 def test_a_sweep_cancel_is_refused_with_a_reason_for_bad_input_and_for_readers(
     services: Services, live_url: str, tenant_a: TenantKeys
 ) -> None:
@@ -194,6 +249,20 @@ METADATA: list[dict[str, str] | None] = [
     None,
 ]
 SELECTORS = [{"s": "a"}, {"s": "a", "k": "1"}, {"k": "1"}]
+# What each move makes of a job in each state it takes: (status, cancel_requested,
+# pause_requested), as `JobQueue.request_cancel`, `request_pause` and `resume` leave it.
+MOVES: dict[str, dict[str, tuple[str, bool, bool]]] = {
+    "cancel": {
+        "validating": ("cancelled", True, False),
+        "queued": ("cancelled", True, False),
+        "paused": ("cancelled", True, False),
+        "running": ("cancelling", True, False),
+        "pausing": ("cancelling", True, True),
+    },
+    "pause": {"queued": ("paused", False, False), "running": ("running", False, True)},
+    "resume": {"paused": ("queued", False, False), "pausing": ("running", False, False)},
+}
+SWEEP_MOVES = {"cancel": cancel_matching, "pause": pause_matching, "resume": resume_matching}
 STATE_SQL = {
     "validating": "status = 'validating_files'",
     "queued": "status = 'queued'",
@@ -208,7 +277,7 @@ STATE_SQL = {
 
 
 @settings(
-    max_examples=30,
+    max_examples=45,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -226,23 +295,31 @@ STATE_SQL = {
     ),
     selector=st.integers(0, len(SELECTORS) - 1),
     batch=st.integers(1, 4),
+    action=st.sampled_from(sorted(MOVES)),
 )
 # Always: more jobs at one instant than a batch holds, running and waiting ones mixed.
 @example(
     jobs=[(s, 0, 0, True) for s in ("queued", "running", "queued", "paused", "queued")],
     selector=0,
     batch=2,
+    action="cancel",
 )
-def test_a_sweep_cancel_moves_exactly_the_matching_unfinished_jobs_in_any_batches(
+# Always: one job in every state, for each move.
+@example(jobs=[(s, 0, 1, True) for s in JOB_STATES], selector=0, batch=3, action="cancel")
+@example(jobs=[(s, 0, 1, True) for s in JOB_STATES], selector=0, batch=3, action="pause")
+@example(jobs=[(s, 0, 1, True) for s in JOB_STATES], selector=0, batch=3, action="resume")
+def test_a_sweeps_move_changes_exactly_the_matching_jobs_it_takes_in_any_batches(
     engine: Engine,
+    action: str,
     jobs: list[tuple[str, int, int, bool]],
     selector: int,
     batch: int,
 ) -> None:
     """Random jobs in every state, with metadata that matches, matches in part or not at all,
-    created at three instants (keyset ties), some another tenant's: in batches of 1 to 4, the
-    cancel moves exactly the tenant's unfinished, not yet cancelling jobs whose metadata holds
-    the selector (waiting ones `cancelled`, running ones `cancelling`), and nothing else."""
+    created at three instants (keyset ties), some another tenant's: in batches of 1 to 4, a
+    cancel, a pause or a resume moves exactly the tenant's jobs whose metadata holds the
+    selector and whose state it takes, each as the single move would (`MOVES`: waiting jobs at
+    once, running ones asked), counts each, and leaves everything else as it was."""
     tag = secrets.token_hex(4)
     mine, theirs = make_tenant(engine, f"m-{tag}"), make_tenant(engine, f"t-{tag}")
     base_id = make_base(engine, f"b-{tag}").id
@@ -271,28 +348,22 @@ def test_a_sweep_cancel_moves_exactly_the_matching_unfinished_jobs_in_any_batche
                 {"id": row["id"], "m": json.dumps(METADATA[meta])},
             )
     ids = [r["id"] for r in rows]
-    before = _states(engine, ids)
+    before = _full_states(engine, ids)
     wanted = SELECTORS[selector]
 
-    moved = cancel_matching(engine, mine.id, wanted, batch=batch)
+    moved = SWEEP_MOVES[action](engine, mine.id, wanted, batch=batch)
 
-    after = _states(engine, ids)
-    expected: dict[str, tuple[str, bool]] = {}
+    after = _full_states(engine, ids)
+    expected = dict(before)
+    now = asked = 0
     for job_id, (state, meta, _, own) in zip(ids, jobs, strict=True):
         holds = METADATA[meta] is not None and wanted.items() <= (METADATA[meta] or {}).items()
-        if not (own and holds) or state in ("cancelling", "succeeded"):
-            expected[job_id] = before[job_id]
-        elif state in ("running", "pausing"):
-            expected[job_id] = ("cancelling", True)
-        else:
-            expected[job_id] = ("cancelled", True)
+        if own and holds and state in MOVES[action]:
+            expected[job_id] = MOVES[action][state]
+            asked += expected[job_id][0] in ("running", "cancelling")
+            now += expected[job_id][0] not in ("running", "cancelling")
     assert after == expected
-    assert moved.cancelled == sum(
-        1 for j in ids if expected[j] == ("cancelled", True) and before[j] != expected[j]
-    )
-    assert moved.cancelling == sum(
-        1 for j in ids if expected[j] == ("cancelling", True) and before[j] != expected[j]
-    )
+    assert (moved.now, moved.asked) == (now, asked)
     _exact(engine)
 
 
@@ -329,8 +400,8 @@ def test_claims_racing_a_sweep_cancel_leave_none_of_its_jobs_running_unasked(
         thread.join(60)
     states = _states(engine, sweep)
     assert all(s == ("cancelled", True) or s == ("cancelling", True) for s in states.values())
-    assert moved.cancelled == sum(1 for s in states.values() if s[0] == "cancelled")
-    assert moved.cancelling == sum(1 for s in states.values() if s[0] == "cancelling")
+    assert moved.now == sum(1 for s in states.values() if s[0] == "cancelled")
+    assert moved.asked == sum(1 for s in states.values() if s[0] == "cancelling")
     assert {j for j in claimed if j in set(sweep)} == {
         j for j, s in states.items() if s[0] == "cancelling"
     }

@@ -1,9 +1,10 @@
-"""POST /v1/fine_tuning/jobs/cancel: cancel every unfinished job of the caller's tenant whose
-metadata holds the given pairs (a sweep tagged at create), in one request.
+"""POST /v1/fine_tuning/jobs/cancel, /pause and /resume: move every job of the caller's tenant
+whose metadata holds the given pairs (a sweep tagged at create) in one request.
 
-OpenAI has no such call; a platform whose tenants queue sweeps of thousands of jobs needs one
-(Slurm's `scancel --name`, a label selector in Kubernetes). Each job moves as its own cancel
-would move it (`control_plane.sweeps`).
+OpenAI has no such calls; a platform whose tenants queue sweeps of thousands of jobs needs them
+(Slurm's `scancel --name` and `scontrol hold`, a label selector in Kubernetes). Each job moves
+as its own cancel, pause or resume would move it (`control_plane.sweeps`); jobs in a state the
+move does not take are left as they are, and selecting none is not an error.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from control_plane.api.schemas import MetadataKey, MetadataValue
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
-class JobsCancel(BaseModel):
-    """Which of the caller's jobs to cancel: those whose metadata holds every pair."""
+class JobsSelection(BaseModel):
+    """Which of the caller's jobs to move: those whose metadata holds every pair."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -38,13 +39,46 @@ class JobsCancelledPublic(BaseModel):
     cancelling: int
 
 
+class JobsPausedPublic(BaseModel):
+    object: Literal["fine_tuning.jobs.paused"] = "fine_tuning.jobs.paused"
+    metadata: dict[str, str]
+    # queued: paused at once
+    paused: int
+    # running: asked to pause (each stops at its next step with a checkpoint, then `paused`)
+    pausing: int
+
+
+class JobsResumedPublic(BaseModel):
+    object: Literal["fine_tuning.jobs.resumed"] = "fine_tuning.jobs.resumed"
+    metadata: dict[str, str]
+    # paused: queued again, each to go on from its newest checkpoint
+    resumed: int
+    # running and asked to pause: asked no more
+    pause_withdrawn: int
+
+
 @router.post("/cancel", response_model=JobsCancelledPublic)
-def cancel_jobs(body: JobsCancel, caller: Writer, services: ServicesDep) -> JobsCancelledPublic:
+def cancel_jobs(body: JobsSelection, caller: Writer, services: ServicesDep) -> JobsCancelledPublic:
     """Cancel the caller's unfinished jobs whose metadata holds every pair of `metadata`:
     validating, queued and paused ones at once, running ones at their trainer's next step.
-    Jobs already over, or already cancelling, are left as they are; matching none is not an
-    error (both counts are 0)."""
+    Jobs already over, or already cancelling, are left as they are."""
     moved = sweeps.cancel_matching(services.engine, caller.tenant_id, body.metadata)
-    return JobsCancelledPublic(
-        metadata=body.metadata, cancelled=moved.cancelled, cancelling=moved.cancelling
-    )
+    return JobsCancelledPublic(metadata=body.metadata, cancelled=moved.now, cancelling=moved.asked)
+
+
+@router.post("/pause", response_model=JobsPausedPublic)
+def pause_jobs(body: JobsSelection, caller: Writer, services: ServicesDep) -> JobsPausedPublic:
+    """Pause the caller's queued and running jobs whose metadata holds every pair: queued ones
+    at once (out of the queue), running ones at their next step, with a checkpoint. Others
+    (validating, paused, asked already, cancelling, over) are left as they are."""
+    moved = sweeps.pause_matching(services.engine, caller.tenant_id, body.metadata)
+    return JobsPausedPublic(metadata=body.metadata, paused=moved.now, pausing=moved.asked)
+
+
+@router.post("/resume", response_model=JobsResumedPublic)
+def resume_jobs(body: JobsSelection, caller: Writer, services: ServicesDep) -> JobsResumedPublic:
+    """Resume the caller's paused jobs whose metadata holds every pair (queued again, each to
+    go on from its newest checkpoint; idle trainers are woken), and withdraw the pause of the
+    running ones asked to pause."""
+    moved = sweeps.resume_matching(services.engine, caller.tenant_id, body.metadata)
+    return JobsResumedPublic(metadata=body.metadata, resumed=moved.now, pause_withdrawn=moved.asked)

@@ -69,8 +69,9 @@ def jobs_page(
     status: str | None = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     after: Annotated[str | None, Query(max_length=64)] = None,
-    cancelled: Annotated[int | None, Query(ge=0)] = None,
-    cancelling: Annotated[int | None, Query(ge=0)] = None,
+    swept: Literal["cancel", "pause", "resume"] | None = None,
+    now: Annotated[int, Query(ge=0)] = 0,
+    asked: Annotated[int, Query(ge=0)] = 0,
     refused: bool = False,
 ) -> Response:
     wanted = JobStatus(status) if status in set(JobStatus) else None
@@ -109,14 +110,12 @@ def jobs_page(
         "statuses": list(JobStatus),
         "filtered": filtered,
         "selector": selector,
-        "sweep_unfinished": (
-            queries.unfinished_count(conn, session.principal.tenant_id, selector)
+        "sweep": (
+            queries.sweep_counts(conn, session.principal.tenant_id, selector)
             if selector and session.principal.can_write()
-            else 0
+            else None
         ),
-        "swept": (cancelled, cancelling)
-        if cancelled is not None and cancelling is not None
-        else None,
+        "swept": (swept, now, asked) if swept else None,
         "refused": refused,
         "stream_url": "/jobs/stream?"
         + "&".join([f"ids={j.id}" for j in found] + ([f"newest={newest}"] if newest else [])),
