@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, text
 
-from control_plane import base_catalog, jobs, tenants
+from control_plane import base_catalog, jobs, queue_stats, tenants
 from control_plane import files as file_repo
 from control_plane.datasets import validate_jsonl
 from control_plane.db.tables import Job
@@ -195,3 +195,9 @@ def log_metric_steps(
                 ),
                 {"job": job_id, "steps": steps},
             )
+
+
+def assert_no_drift(engine: Engine) -> None:
+    """The queue's bookkeeping (per-tenant counts, lines) agrees with the jobs table."""
+    with engine.connect() as conn:
+        assert queue_stats.drift(conn) == []

@@ -13,22 +13,17 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from control_plane import queue_stats
 from control_plane.queue import JobQueue, JobStateError
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.factories import (
+    assert_no_drift,
     create_validating_job,
     enqueue_jobs,
     make_base,
     make_file,
     make_tenant,
 )
-
-
-def _exact(engine: Engine) -> None:
-    with engine.connect() as conn:
-        assert queue_stats.drift(conn) == []
 
 
 def _messages(engine: Engine, job_id: str) -> list[str]:
@@ -62,7 +57,7 @@ def test_a_queued_job_pauses_at_once_and_resumes_through_the_openai_client(
     paused = client.fine_tuning.jobs.pause(job_id)
     assert paused.id == job_id and paused.status == "paused"
     assert _state(engine, job_id) == ("paused", False, 0, None)
-    _exact(engine)
+    assert_no_drift(engine)
     assert client.fine_tuning.jobs.pause(job_id).status == "paused"  # again: nothing changes
     assert client.fine_tuning.jobs.retrieve(job_id).status == "paused"
     listed = {j.id: j.status for j in client.fine_tuning.jobs.list().data}
@@ -72,12 +67,12 @@ def test_a_queued_job_pauses_at_once_and_resumes_through_the_openai_client(
     claimed = services.queue.claim("w1")
     assert claimed is not None and claimed.id == other_id
     assert services.queue.claim("w2") is None
-    _exact(engine)
+    assert_no_drift(engine)
 
     resumed = client.fine_tuning.jobs.resume(job_id)
     assert resumed.status == "queued"
     assert client.fine_tuning.jobs.resume(job_id).status == "queued"  # a queued job stays
-    _exact(engine)
+    assert_no_drift(engine)
     again = services.queue.claim("w2")
     assert again is not None and again.id == job_id and again.attempt == 1
     assert _messages(engine, job_id)[-3:] == [
@@ -100,7 +95,7 @@ def test_a_queued_job_pauses_at_once_and_resumes_through_the_openai_client(
         client.fine_tuning.jobs.pause(validating)
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.pause("ftjob-nothing")
-    _exact(engine)
+    assert_no_drift(engine)
 
 
 def test_another_tenants_job_and_a_reader_key_pause_nothing(
@@ -146,13 +141,13 @@ def test_a_running_job_asked_to_pause_is_paused_by_its_workers_hand_back(
     assert queue.resume(job_id).status == "running"
     assert not queue.heartbeat(job_id, "w1").pause_requested
     queue.request_pause(job_id)
-    _exact(engine)
+    assert_no_drift(engine)
     assert queue.claim("w2") is None  # the tenant's one running slot is still held
 
     handed = queue.hand_back(job_id, "w1", reason="asked to; stopped by w1 with a checkpoint")
     assert handed is not None and handed.status == "paused"
     assert _state(engine, job_id) == ("paused", False, 0, None)  # the attempt is not used
-    _exact(engine)
+    assert_no_drift(engine)
     # Its slot is free: the tenant's next job is claimed, not the paused one.
     second = queue.claim("w2")
     assert second is not None and second.id == next_id
@@ -171,7 +166,7 @@ def test_a_running_job_asked_to_pause_is_paused_by_its_workers_hand_back(
         "Job resumed",
         "Job started by w3 (attempt 1 of 3)",
     ]
-    _exact(engine)
+    assert_no_drift(engine)
 
 
 def test_a_pause_asked_for_holds_when_the_worker_is_lost_or_the_attempt_fails(
@@ -190,7 +185,7 @@ def test_a_pause_asked_for_holds_when_the_worker_is_lost_or_the_attempt_fails(
     assert reaped.id == lost and reaped.status == "paused"
     assert _state(engine, lost) == ("paused", False, 0, None)
     assert _messages(engine, lost)[-1].startswith("Attempt 1 stopped (the worker w1 stopped")
-    _exact(engine)
+    assert_no_drift(engine)
 
     job = queue.claim("w2")
     assert job is not None and job.id == failing
@@ -200,10 +195,10 @@ def test_a_pause_asked_for_holds_when_the_worker_is_lost_or_the_attempt_fails(
     assert _messages(engine, failing)[-1] == (
         "Attempt 1 ended (out of memory); job paused; resume it to go on from its newest checkpoint"
     )
-    _exact(engine)
+    assert_no_drift(engine)
 
     # A paused job cancels at once.
     assert queue.request_cancel(lost).status == "cancelled"
     with pytest.raises(JobStateError):
         queue.request_pause(lost)
-    _exact(engine)
+    assert_no_drift(engine)

@@ -17,7 +17,7 @@ from control_plane.queue import CLAIM_FRONT_LINES, JobQueue
 from control_plane.queue_stats import drift, queue_counts, repair
 from control_plane.settings import Settings
 from loraforge.cli import build_parser
-from tests.factories import make_base, make_file, make_tenant
+from tests.factories import assert_no_drift, make_base, make_file, make_tenant
 from tests.integration.test_queue_scale import _plan_rows_from
 
 
@@ -94,11 +94,6 @@ def _default_limit(engine: Engine) -> int:
         )
 
 
-def _no_drift(engine: Engine) -> None:
-    with engine.connect() as conn:
-        assert drift(conn) == []
-
-
 def test_a_claim_past_2000_tenants_at_their_limit_reads_only_the_lines_it_ranks(
     engine: Engine,
 ) -> None:
@@ -138,7 +133,7 @@ def test_a_claim_past_2000_tenants_at_their_limit_reads_only_the_lines_it_ranks(
     assert queue.complete(job.id, "w-1") is not None
     second = queue.claim("w-1")
     assert second is not None and second.id == f"ftjob-{roomy[7:]}-12"
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_a_finish_and_a_tenants_own_limit_move_its_lines_in_and_out_of_the_walk(
@@ -181,7 +176,7 @@ def test_a_finish_and_a_tenants_own_limit_move_its_lines_in_and_out_of_the_walk(
     assert _saturated(engine, acme) == [(2, 4, False)]
     last = queue.claim("w")
     assert last is not None and last.tenant_id == acme
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_claimers_with_another_default_flag_the_lines_against_theirs_first(
@@ -215,7 +210,7 @@ def test_claimers_with_another_default_flag_the_lines_against_theirs_first(
     assert sorted(job.tenant_id for job in taken if job is not None) == sorted([*plain, late])
     assert _saturated(engine, own) == [(2, 2, True)]
     assert loose.claim("v") is None
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_a_claim_never_walks_lines_flagged_against_another_default(engine: Engine) -> None:
@@ -232,7 +227,7 @@ def test_a_claim_never_walks_lines_flagged_against_another_default(engine: Engin
     with engine.connect() as conn:
         counts = queue_counts(conn)
     assert (counts[calm].queued, counts[calm].running) == (1, 1)
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_a_claim_whose_default_cannot_be_set_in_time_ranks_the_backlog_instead(
@@ -258,7 +253,7 @@ def test_a_claim_whose_default_cannot_be_set_in_time_ranks_the_backlog_instead(
     job = JobQueue(engine, max_running_per_tenant=1).claim("w")
     assert job is None  # both at the limit of 1, now flagged so
     assert _default_limit(engine) == 1
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_a_limit_written_around_the_triggers_is_named_and_repaired(engine: Engine) -> None:
@@ -279,7 +274,7 @@ def test_a_limit_written_around_the_triggers_is_named_and_repaired(engine: Engin
         assert repair(conn) == found
     assert _saturated(engine, acme) == [(1, 1, True)]
     assert queue.claim("w") is None
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_a_limit_set_while_the_tenants_first_job_is_queued_reaches_its_new_line(
@@ -307,7 +302,7 @@ def test_a_limit_set_while_the_tenants_first_job_is_queued_reaches_its_new_line(
     assert done.is_set()
     assert _saturated(engine, acme) == [(1, 1, True)]
     assert JobQueue(engine).claim("w") is None
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_claimers_that_disagree_do_not_take_turns_flagging_every_line(
@@ -332,7 +327,7 @@ def test_claimers_that_disagree_do_not_take_turns_flagging_every_line(
     assert _default_limit(engine) == 3  # not flagged back
     assert "claimers disagree on the default running limit (this one: 2)" in caplog.text
     assert _saturated(engine, busy) == [(3, 3, True)]
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_queue_check_says_when_the_lines_follow_another_default_than_its_configuration(

@@ -27,14 +27,16 @@ from control_plane.queue import (
     _claim_front,
 )
 from control_plane.queue_stats import QueueCounts, drift, queue_counts
-from tests.factories import enqueue_jobs, insert_queued_jobs, make_base, make_file, make_tenant
+from tests.factories import (
+    assert_no_drift,
+    enqueue_jobs,
+    insert_queued_jobs,
+    make_base,
+    make_file,
+    make_tenant,
+)
 
 DEFAULT_LIMIT = 2
-
-
-def _no_drift(engine: Engine) -> None:
-    with engine.connect() as conn:
-        assert drift(conn) == []
 
 
 # -- bookkeeping through every transition ----------------------------------------------------
@@ -47,7 +49,7 @@ def test_bookkeeping_follows_every_transition(engine: Engine) -> None:
     queue = JobQueue(engine, lease_seconds=60, retry_backoff_seconds=3600)
     ids = enqueue_jobs(engine, acme.id, base.id, file_id, 6)
     ids += enqueue_jobs(engine, acme.id, other.id, file_id, 2, priority=3)
-    _no_drift(engine)
+    assert_no_drift(engine)
 
     def counts() -> QueueCounts:
         with engine.connect() as conn:
@@ -59,7 +61,7 @@ def test_bookkeeping_follows_every_transition(engine: Engine) -> None:
     jobs = [job for job in claimed if job is not None]
     assert {job.base_model_id for job in jobs[:2]} == {other.id}  # priority 3 first
     assert counts() == QueueCounts(acme.id, 3, 5)
-    _no_drift(engine)
+    assert_no_drift(engine)
 
     queue.complete(jobs[0].id, "w0")
     queue.fail(jobs[1].id, "w1", code="oom", message="out of memory")  # back off an hour
@@ -69,7 +71,7 @@ def test_bookkeeping_follows_every_transition(engine: Engine) -> None:
     assert counts() == QueueCounts(acme.id, 5, 1)  # cancelling still holds its lease
     queue.finish_cancelled(jobs[4].id, "w4")
     assert counts() == QueueCounts(acme.id, 5, 0)
-    _no_drift(engine)
+    assert_no_drift(engine)
 
     queued = [i for i in ids if i not in {job.id for job in jobs}]
     queue.request_cancel(queued[0])
@@ -77,26 +79,26 @@ def test_bookkeeping_follows_every_transition(engine: Engine) -> None:
     assert lost is not None
     _expire(engine, [lost.id])
     assert [job.id for job in queue.reap_expired_leases()] == [lost.id]
-    _no_drift(engine)
+    assert_no_drift(engine)
 
     with engine.begin() as conn:  # a job's priority changed while it waits
         conn.execute(text("UPDATE jobs SET priority = 9 WHERE id = :id"), {"id": queued[-1]})
-    _no_drift(engine)
+    assert_no_drift(engine)
     first = queue.claim("w6")
     assert first is not None and first.id == queued[-1]
 
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM jobs WHERE id = ANY(:ids)"), {"ids": queued[1:3]})
-    _no_drift(engine)
+    assert_no_drift(engine)
     with engine.begin() as conn:
         conn.execute(text("TRUNCATE jobs CASCADE"))
     assert counts() == QueueCounts(acme.id, 0, 0)
-    _no_drift(engine)
+    assert_no_drift(engine)
     enqueue_jobs(engine, acme.id, base.id, file_id, 3)
     assert counts() == QueueCounts(acme.id, 3, 0)
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM tenants WHERE id = :id"), {"id": acme.id})
-    _no_drift(engine)
+    assert_no_drift(engine)
     with engine.connect() as conn:
         assert queue_counts(conn) == {}
 
@@ -180,7 +182,7 @@ def test_trainers_reap_once_an_interval_between_them(engine: Engine) -> None:
         assert seen.statements == 6
     finally:
         seen.close()
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_of_trainers_polling_at_once_one_reaps_and_every_expired_lease_is_requeued(
@@ -212,7 +214,7 @@ def test_of_trainers_polling_at_once_one_reaps_and_every_expired_lease_is_requeu
     assert sorted(reaped) == sorted(lost)
     assert _statuses(engine, lost) == {JobStatus.QUEUED}
     assert (seen.statements, len(seen.threads)) == (2, 1)
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 def test_without_its_row_every_claim_reaps_as_before(engine: Engine) -> None:
@@ -264,7 +266,7 @@ def test_reapers_at_once_requeue_every_expired_lease_without_deadlock(engine: En
         t.join()
     assert not errors, errors[0]
     assert sorted(reaped) == sorted(ids)
-    _no_drift(engine)
+    assert_no_drift(engine)
     with engine.connect() as conn:
         assert {c.queued for c in queue_counts(conn).values()} == {2}
 
@@ -490,11 +492,11 @@ def test_the_claim_picks_what_the_reference_ranks_first(
                             {"id": held.id},
                         )
                     queue.reap_expired_leases()
-            _no_drift(engine)
+            assert_no_drift(engine)
     finally:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM tenants WHERE id = ANY(:t)"), {"t": tenants})
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 # -- a head locked by a claim in flight ------------------------------------------------------
@@ -568,7 +570,7 @@ def test_a_claim_beside_one_in_flight_takes_the_first_job_it_may_lock(
     assert job.id == ids[expected_name], {v: k for k, v in ids.items()}.get(job.id)
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM tenants WHERE id = ANY(:t)"), {"t": list(tenants.values())})
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 # -- a retry storm ----------------------------------------------------------------------------
@@ -626,7 +628,7 @@ def test_a_claim_past_lines_that_all_back_off_walks_wider_not_the_whole_backlog(
     assert str(_claim_front(CLAIM_FRONT_LINES).compile(dialect=engine.dialect)).strip() in ran
     assert str(_claim_front(CLAIM_FRONT_LINES * 8).compile(dialect=engine.dialect)).strip() in ran
     assert str(_CLAIM_RANKED.compile(dialect=engine.dialect)).strip() not in ran
-    _no_drift(engine)
+    assert_no_drift(engine)
 
 
 # -- many claimers, a deep backlog -----------------------------------------------------------

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
-from control_plane import queue_stats
 from control_plane.queue import CANCEL_CHANNEL, JOBS_CHANNEL, JobQueue, QueueListener
 from control_plane.services import Services
 from control_plane.sweeps import cancel_matching, pause_matching, resume_matching
 from loraforge import Client, LoraforgeError
 from tests.api_harness import TenantKeys
 from tests.factories import (
+    assert_no_drift,
     create_validating_job,
     enqueue_jobs,
     insert_queued_jobs,
@@ -32,11 +32,6 @@ from tests.factories import (
     make_file,
     make_tenant,
 )
-
-
-def _exact(engine: Engine) -> None:
-    with engine.connect() as conn:
-        assert queue_stats.drift(conn) == []
 
 
 def _tag(engine: Engine, metadata: dict[str, str], *job_ids: str) -> None:
@@ -113,7 +108,7 @@ def test_a_person_cancels_a_sweep_by_its_metadata_and_only_its_unfinished_jobs_m
     _tag(engine, grid, *others)
     everything = [*ids, v1, *others]
     before = _states(engine, everything)
-    _exact(engine)
+    assert_no_drift(engine)
 
     client = Client(live_url, tenant_a.member)
     # Every pair must match: the narrower selector takes the one job with both.
@@ -144,7 +139,7 @@ def test_a_person_cancels_a_sweep_by_its_metadata_and_only_its_unfinished_jobs_m
         assert queue.heartbeat(job_id, worker).cancel_requested  # its trainer's next beat
     for job_id in (r3, r4, q6, q7, q8, *others):  # over, already asked, another sweep or tenant
         assert after[job_id] == before[job_id]
-    _exact(engine)
+    assert_no_drift(engine)
 
     # What the person sees through the official SDK's metadata filter.
     sdk = openai.OpenAI(base_url=f"{live_url}/v1", api_key=tenant_a.reader, max_retries=0)
@@ -162,7 +157,7 @@ def test_a_person_cancels_a_sweep_by_its_metadata_and_only_its_unfinished_jobs_m
     claimed = [queue.claim(f"w{n}") for n in range(6, 12)]
     assert {job.id for job in claimed if job} == {q6, q7, q8, *others}  # tenant b's, unmoved
     assert claimed[-1] is None
-    _exact(engine)
+    assert_no_drift(engine)
 
 
 def test_a_person_pauses_a_sweep_to_make_way_and_resumes_it(
@@ -193,7 +188,7 @@ def test_a_person_pauses_a_sweep_to_make_way_and_resumes_it(
     assert queue.claim("w3") is None
     handed = queue.hand_back(running, "w1", reason="asked to; stopped by w1 with a checkpoint")
     assert handed is not None and handed.status == "paused"
-    _exact(engine)
+    assert_no_drift(engine)
 
     with QueueListener(database_url, channels=(JOBS_CHANNEL,)) as listener:
         listener.drain()
@@ -205,7 +200,7 @@ def test_a_person_pauses_a_sweep_to_make_way_and_resumes_it(
     claimed = {_claim(queue, f"r{n}") for n in range(3)}  # the tenant's limit is 4
     assert claimed <= set(sweep) and len(claimed) == 3
     assert client.resume_jobs({"sweep": "grid"})["resumed"] == 0
-    _exact(engine)
+    assert_no_drift(engine)
 
 
 def test_a_sweep_cancel_is_refused_with_a_reason_for_bad_input_and_for_readers(
@@ -364,7 +359,7 @@ def test_a_sweeps_move_changes_exactly_the_matching_jobs_it_takes_in_any_batches
             now += expected[job_id][0] not in ("running", "cancelling")
     assert after == expected
     assert (moved.now, moved.asked) == (now, asked)
-    _exact(engine)
+    assert_no_drift(engine)
 
 
 def test_claims_racing_a_sweep_cancel_leave_none_of_its_jobs_running_unasked(
@@ -407,4 +402,4 @@ def test_claims_racing_a_sweep_cancel_leave_none_of_its_jobs_running_unasked(
     }
     assert all(not asked for _, asked in _states(engine, rest).values())
     assert len(set(claimed)) == len(claimed)
-    _exact(engine)
+    assert_no_drift(engine)
