@@ -1,17 +1,21 @@
-"""What cancelling a sweep costs (`control_plane.sweeps`, `POST /v1/fine_tuning/jobs/cancel`).
+"""What moving a sweep costs (`control_plane.sweeps`, `POST /v1/fine_tuning/jobs/cancel`,
+`/pause`, `/resume`).
 
     python -m benchmarks.sweeps [--sweep 5000] [--database-url URL]
 
-One tenant holds three sweeps of `--sweep` queued jobs each (tagged `{"sweep": "a"}`, `"b"`,
-`"c"`) among 10,000 queued jobs of 100 other tenants. One JSON line each, beside its baseline
-in the same process:
+One tenant holds five sweeps of `--sweep` queued jobs each (tagged `{"sweep": "a"}` to `"e"`)
+among 10,000 queued jobs of 100 other tenants. One JSON line each, beside its baseline in the
+same process:
 
 - `sweep_cancel`: sweep `a` cancelled by `cancel_matching` (batches of 100, each a
   transaction), against sweep `b` cancelled one job at a time with `JobQueue.request_cancel`,
   as a client without the bulk call would (its request's HTTP round trip left out);
 - `sweep_cancel_one_statement`: sweep `c` cancelled in one batch (one transaction), against
   the same batches of 100: the tenant's bookkeeping row updated once per job inside one
-  transaction walks its row versions at each update.
+  transaction walks its row versions at each update;
+- `sweep_pause` and `sweep_resume`: sweep `d` paused, then resumed, by `pause_matching` and
+  `resume_matching`, against sweep `e` paused, then resumed, one job at a time
+  (`JobQueue.request_pause`, `JobQueue.resume`).
 
 Each line says the jobs moved; every run checks that the queue's bookkeeping has no drift.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, text
@@ -39,7 +44,7 @@ from benchmarks.queue import (
 from control_plane import db, queue_stats
 from control_plane.ids import new_id
 from control_plane.queue import JobQueue
-from control_plane.sweeps import DEFAULT_BATCH, cancel_matching
+from control_plane.sweeps import DEFAULT_BATCH, cancel_matching, pause_matching, resume_matching
 from tests.factories import insert_queued_jobs
 
 OTHER_TENANTS = 100
@@ -69,6 +74,22 @@ def _fill(engine: Engine, tenant_id: str, base_id: str, file_id: str, sweep: str
         )
 
 
+def _one_at_a_time(engine: Engine, sweep: str, move: Callable[[str], object]) -> float:
+    """Seconds to move every job of `sweep` with a single move each, as a client without the
+    sweep's call would (its HTTP round trips left out)."""
+    with engine.connect() as conn:
+        job_ids = list(
+            conn.execute(
+                text("SELECT id FROM jobs WHERE user_metadata @> CAST(:m AS jsonb)"),
+                {"m": json.dumps({"sweep": sweep})},
+            ).scalars()
+        )
+    started = time.perf_counter()
+    for job_id in job_ids:
+        move(job_id)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sweeps", description=__doc__)
     parser.add_argument("--sweep", type=int, default=5_000, help="jobs in each sweep")
@@ -83,26 +104,17 @@ def main(argv: list[str] | None = None) -> int:
         for n in range(OTHER_TENANTS):
             other = make_tenant(engine, f"other-{n}")
             _fill(engine, other, base_id, file_id, f"other-{n}", OTHER_JOBS // OTHER_TENANTS)
-        for sweep in "abc":
+        for sweep in "abcde":
             _fill(engine, tenant_id, base_id, file_id, sweep, args.sweep)
         with engine.begin() as conn:
             conn.execute(text("ANALYZE jobs"))
-        progress(f"filled: 3 sweeps of {args.sweep} among {OTHER_JOBS} other jobs; {machine}")
+        progress(f"filled: 5 sweeps of {args.sweep} among {OTHER_JOBS} other jobs; {machine}")
 
         started = time.perf_counter()
         moved = cancel_matching(engine, tenant_id, {"sweep": "a"})
         bulk_s = time.perf_counter() - started
-        with engine.connect() as conn:
-            one_by_one = list(
-                conn.execute(
-                    text('SELECT id FROM jobs WHERE user_metadata @> \'{"sweep": "b"}\'')
-                ).scalars()
-            )
         queue = JobQueue(engine)
-        started = time.perf_counter()
-        for job_id in one_by_one:
-            queue.request_cancel(job_id)
-        single_s = time.perf_counter() - started
+        single_s = _one_at_a_time(engine, "b", queue.request_cancel)
         emit_beside(
             "sweep_cancel",
             bulk_s * 1000,
@@ -124,6 +136,22 @@ def main(argv: list[str] | None = None) -> int:
             machine,
             jobs=whole.total,
         )
+        for name, bulk, single in (
+            ("sweep_pause", pause_matching, queue.request_pause),
+            ("sweep_resume", resume_matching, queue.resume),
+        ):
+            started = time.perf_counter()
+            moved = bulk(engine, tenant_id, {"sweep": "d"})
+            bulk_s = time.perf_counter() - started
+            emit_beside(
+                name,
+                bulk_s * 1000,
+                f"the same count one job at a time (JobQueue.{single.__name__})",
+                _one_at_a_time(engine, "e", single) * 1000,
+                machine,
+                jobs=moved.total,
+                batch=DEFAULT_BATCH,
+            )
         with engine.connect() as conn:
             assert queue_stats.drift(conn) == []
         engine.dispose()
