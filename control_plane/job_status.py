@@ -47,3 +47,15 @@ WAITING: frozenset[JobStatus] = UNFINISHED - ACTIVE
 def as_values(statuses: frozenset[JobStatus]) -> list[str]:
     """A set as a sorted list of plain strings, ready to bind as `= ANY(:param)` in SQL."""
     return sorted(str(status) for status in statuses)
+
+
+def sql_params() -> dict[str, object]:
+    """What every queue statement binds: each status by its name (`:queued`, `:running`, ...)
+    and the sets (`status = ANY(:active)`, `:unfinished`, `:waiting`), so SQL written anywhere
+    names the vocabulary, never a string of its own."""
+    return {
+        **{status.name.lower(): status.value for status in JobStatus},
+        "active": as_values(ACTIVE),
+        "unfinished": as_values(UNFINISHED),
+        "waiting": as_values(WAITING),
+    }

@@ -33,7 +33,7 @@ from sqlalchemy import Connection, Dialect, Engine, TextClause, text
 
 from control_plane.db import libpq_url
 from control_plane.events import add_event
-from control_plane.job_status import ACTIVE, UNFINISHED, WAITING, JobStatus, as_values
+from control_plane.job_status import JobStatus, sql_params
 from control_plane.records import JobRecord
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,7 @@ CLAIM_FRONT_WIDENING = (1, 8, 64)
 
 # Every statement here binds the statuses it names (`:queued`, `:running`, ...) and the sets
 # (`status = ANY(:active)`), so the vocabulary lives in `control_plane.job_status` alone.
-_STATUSES: dict[str, Any] = {
-    **{status.name.lower(): status.value for status in JobStatus},
-    "active": as_values(ACTIVE),
-    "unfinished": as_values(UNFINISHED),
-    "waiting": as_values(WAITING),
-}
+_STATUSES: dict[str, Any] = sql_params()
 
 # Where a job that goes back to the queue goes: `paused` instead when a pause was asked for
 # while it ran (its trainer lost, failed for another try, or shut down before it could pause).

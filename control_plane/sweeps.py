@@ -30,14 +30,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, Engine, TextClause, text
 
-from control_plane.job_status import UNFINISHED, WAITING, JobStatus, as_values
+from control_plane.job_status import JobStatus, sql_params
 from control_plane.queue import CANCEL_CHANNEL
 
 DEFAULT_BATCH = 100
+
+Action = Literal["cancel", "pause", "resume"]
 
 # One batch of a move: the next `:batch` jobs after the keyset that the move would change
 # (`{eligible}`), locked, moved (`{moved}`: an UPDATE of `jobs j` FROM picked, RETURNING the
@@ -84,7 +86,7 @@ class _Move:
     asked_data: dict[str, Any]
 
 
-_MOVES: dict[str, _Move] = {
+_MOVES: dict[Action, _Move] = {
     "cancel": _Move(
         eligible="status = ANY(:unfinished) AND NOT cancel_requested",
         moved="""
@@ -129,10 +131,15 @@ _MOVES: dict[str, _Move] = {
     ),
 }
 
-_STATEMENTS: dict[str, TextClause] = {
+_STATEMENTS: dict[Action, TextClause] = {
     action: text(_BATCH.format(eligible=move.eligible, moved=move.moved))
     for action, move in _MOVES.items()
 }
+_COUNTS = text(
+    "SELECT "
+    + ", ".join(f"count(*) FILTER (WHERE {move.eligible}) AS {a}" for a, move in _MOVES.items())
+    + " FROM jobs WHERE tenant_id = :tenant AND user_metadata @> CAST(:metadata AS jsonb)"
+)
 _TELL_TRAINERS = text("SELECT pg_notify(:channel, id) FROM unnest(CAST(:ids AS text[])) AS id")
 # A job queued wakes one idle trainer (revision 0017), as `JobQueue.resume` wakes one per job.
 _WAKE_TRAINERS = text("SELECT queue_wake(base) FROM unnest(CAST(:bases AS text[])) AS base")
@@ -157,7 +164,7 @@ def cancel_matching(
 ) -> SweepMoved:
     """Cancel every unfinished job of `tenant_id` whose metadata holds every pair of
     `metadata`: `now` cancelled, `asked` running jobs now `cancelling`."""
-    return _move_matching("cancel", engine, tenant_id, metadata, batch)
+    return move_matching("cancel", engine, tenant_id, metadata, batch=batch)
 
 
 def pause_matching(
@@ -165,7 +172,7 @@ def pause_matching(
 ) -> SweepMoved:
     """Pause every queued or running job of `tenant_id` whose metadata holds every pair:
     `now` paused, `asked` running jobs asked to pause."""
-    return _move_matching("pause", engine, tenant_id, metadata, batch)
+    return move_matching("pause", engine, tenant_id, metadata, batch=batch)
 
 
 def resume_matching(
@@ -173,12 +180,18 @@ def resume_matching(
 ) -> SweepMoved:
     """Resume every paused job of `tenant_id` whose metadata holds every pair (`now`, queued
     again), and withdraw the pause of every running one asked to pause (`asked`)."""
-    return _move_matching("resume", engine, tenant_id, metadata, batch)
+    return move_matching("resume", engine, tenant_id, metadata, batch=batch)
 
 
-def _move_matching(
-    action: str, engine: Engine, tenant_id: str, metadata: dict[str, str], batch: int
+def move_matching(
+    action: Action,
+    engine: Engine,
+    tenant_id: str,
+    metadata: dict[str, str],
+    *,
+    batch: int = DEFAULT_BATCH,
 ) -> SweepMoved:
+    """`cancel_matching`, `pause_matching` or `resume_matching`, by the action's name."""
     if not metadata:
         raise ValueError(f"name at least one metadata pair to select the jobs to {action}")
     if batch < 1:
@@ -199,9 +212,22 @@ def _move_matching(
     return SweepMoved(now, asked)
 
 
+def counts_matching(conn: Connection, tenant_id: str, metadata: dict[str, str]) -> dict[str, int]:
+    """How many of the tenant's jobs whose metadata holds every pair each move would take now
+    (by the action's name), counted with the moves' own conditions."""
+    return dict(
+        conn.execute(
+            _COUNTS,
+            {"tenant": tenant_id, "metadata": json.dumps(metadata), **sql_params()},
+        )
+        .one()
+        ._mapping
+    )
+
+
 def _one_batch(
     conn: Connection,
-    action: str,
+    action: Action,
     tenant_id: str,
     metadata: dict[str, str],
     batch: int,
@@ -219,9 +245,7 @@ def _one_batch(
             "now_message": move.now_message,
             "asked_message": move.asked_message,
             "asked_data": json.dumps(move.asked_data),
-            "unfinished": as_values(UNFINISHED),
-            "waiting": as_values(WAITING),
-            **{status.name.lower(): status.value for status in JobStatus},
+            **sql_params(),
         },
     ).one()
     # Sent when the batch commits: the trainers of the running jobs asked to stop, and idle

@@ -28,7 +28,7 @@ from sqlalchemy import (
 
 from control_plane.db.tables import STATUS_CHANGE, ApiKey, Job, JobEvent, JobMetricRollup, Tenant
 from control_plane.events import in_job_order, of_job
-from control_plane.job_status import UNFINISHED, JobStatus, as_values
+from control_plane.job_status import JobStatus
 from control_plane.metric_rollups import ROLLUP_WIDTHS
 from control_plane.pagination import newest_first
 from control_plane.queue_stats import QueueCounts
@@ -111,35 +111,6 @@ def metadata_selector(search: str | None) -> dict[str, str] | None:
     if not tokens or not all("=" in t and not t.startswith("=") for t in tokens):
         return None
     return dict(t.split("=", 1) for t in tokens)
-
-
-@dataclass(frozen=True)
-class SweepCounts:
-    """What each of a sweep's moves would move now (`control_plane.sweeps`)."""
-
-    cancellable: int  # unfinished, not yet cancelling
-    pausable: int  # queued, or running and not asked to pause
-    resumable: int  # paused, or running and asked to pause
-
-
-def sweep_counts(conn: Connection, tenant_id: str, metadata: dict[str, str]) -> SweepCounts:
-    """How many of the tenant's jobs whose metadata holds every pair each move would take."""
-    status = _jobs.c.status
-    running = status == JobStatus.RUNNING.value
-    row = conn.execute(
-        select(
-            func.count().filter(
-                status.in_(as_values(UNFINISHED)), _jobs.c.cancel_requested.is_(False)
-            ),
-            func.count().filter(
-                or_(status == JobStatus.QUEUED.value, running & ~_jobs.c.pause_requested)
-            ),
-            func.count().filter(
-                or_(status == JobStatus.PAUSED.value, running & _jobs.c.pause_requested)
-            ),
-        ).where(_jobs.c.tenant_id == tenant_id, _jobs.c.user_metadata.contains(metadata))
-    ).one()
-    return SweepCounts(*(int(n) for n in row))
 
 
 def jobs_by_id(conn: Connection, tenant_id: str, job_ids: Sequence[str]) -> list[JobRecord]:

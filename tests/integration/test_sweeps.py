@@ -43,12 +43,8 @@ def _tag(engine: Engine, metadata: dict[str, str], *job_ids: str) -> None:
 
 
 def _states(engine: Engine, job_ids: list[str]) -> dict[str, tuple[str, bool]]:
-    with engine.connect() as conn:
-        rows = conn.execute(
-            text("SELECT id, status, cancel_requested FROM jobs WHERE id = ANY(:ids)"),
-            {"ids": job_ids},
-        )
-        return {r.id: (r.status, r.cancel_requested) for r in rows}
+    """Each job's (status, cancel_requested)."""
+    return {job_id: full[:2] for job_id, full in _full_states(engine, job_ids).items()}
 
 
 def _full_states(engine: Engine, job_ids: list[str]) -> dict[str, tuple[str, bool, bool]]:

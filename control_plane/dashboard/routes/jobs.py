@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
-from control_plane import base_catalog, jobs, queue_standing, registry
+from control_plane import base_catalog, jobs, queue_standing, registry, sweeps
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api import sse
@@ -69,14 +69,14 @@ def jobs_page(
     status: str | None = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     after: Annotated[str | None, Query(max_length=64)] = None,
-    swept: Literal["cancel", "pause", "resume"] | None = None,
+    swept: sweeps.Action | None = None,
     now: Annotated[int, Query(ge=0)] = 0,
     asked: Annotated[int, Query(ge=0)] = 0,
     refused: bool = False,
 ) -> Response:
     wanted = JobStatus(status) if status in set(JobStatus) else None
     search = (q or "").strip() or None
-    # `key=value` pairs select jobs by their metadata (a sweep), which can be cancelled at once
+    # `key=value` pairs select jobs by their metadata (a sweep), which can be moved at once
     selector = queries.metadata_selector(search)
     try:
         found, more = queries.jobs_page(
@@ -111,7 +111,7 @@ def jobs_page(
         "filtered": filtered,
         "selector": selector,
         "sweep": (
-            queries.sweep_counts(conn, session.principal.tenant_id, selector)
+            sweeps.counts_matching(conn, session.principal.tenant_id, selector)
             if selector and session.principal.can_write()
             else None
         ),

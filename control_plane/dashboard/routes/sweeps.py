@@ -1,54 +1,33 @@
 """The jobs table's sweep moves: with the table filtered by metadata (`sweep=lr-grid`), a
-writer cancels, pauses or resumes every job the filter selects that the move takes, through
-the REST routes' own functions (`POST /v1/fine_tuning/jobs/cancel`, `/pause`, `/resume`: the
-same rules, the same events)."""
+writer cancels, pauses or resumes every job the filter selects that the move takes, by the
+same `control_plane.sweeps` moves and the same body check as `POST /v1/fine_tuning/jobs/cancel`,
+`/pause` and `/resume` (the same rules, the same events)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Form
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 
+from control_plane import sweeps
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
-from control_plane.api.routes import job_sweeps
 from control_plane.api.routes.job_sweeps import JobsSelection
 from control_plane.dashboard import queries
 from control_plane.dashboard.render import PageForbidden
 from control_plane.dashboard.sessions import CheckedSession
-from control_plane.services import Services
-from control_plane.tenants import Principal
 
 router = APIRouter()
-
-Move = Callable[[JobsSelection, Principal, Services], tuple[int, int]]
-
-# Each move through its REST function: what it moved at once, and what it asked of running jobs.
-_MOVES: dict[str, Move] = {
-    "cancel": lambda body, caller, services: (
-        (moved := job_sweeps.cancel_jobs(body, caller, services)).cancelled,
-        moved.cancelling,
-    ),
-    "pause": lambda body, caller, services: (
-        (moved := job_sweeps.pause_jobs(body, caller, services)).paused,
-        moved.pausing,
-    ),
-    "resume": lambda body, caller, services: (
-        (moved := job_sweeps.resume_jobs(body, caller, services)).resumed,
-        moved.pause_withdrawn,
-    ),
-}
 
 
 @router.post("/jobs/sweep")
 def move_sweep(
     session: CheckedSession,
     services: ServicesDep,
-    action: Annotated[Literal["cancel", "pause", "resume"], Form()],
+    action: Annotated[sweeps.Action, Form()],
     q: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
     """Move the jobs whose metadata holds the pairs of the table's search `q`; back to the
@@ -64,6 +43,8 @@ def move_sweep(
         body = JobsSelection(metadata=selector)
     except ValidationError:  # more pairs, or longer ones, than a job's metadata can hold
         return RedirectResponse(f"/jobs?{urlencode({'q': q, 'refused': 1})}", status_code=303)
-    now, asked = _MOVES[action](body, session.principal, services)
-    query = {"q": q, "swept": action, "now": now, "asked": asked}
+    moved = sweeps.move_matching(
+        action, services.engine, session.principal.tenant_id, body.metadata
+    )
+    query = {"q": q, "swept": action, "now": moved.now, "asked": moved.asked}
     return RedirectResponse(f"/jobs?{urlencode(query)}", status_code=303)
