@@ -43,6 +43,11 @@ PAUSABLE: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING}
 WAITING: frozenset[JobStatus] = UNFINISHED - ACTIVE
 """Not held by a worker (not claimed yet, or paused): cancelling one of these ends it at once."""
 
+PRIORITIZABLE: frozenset[JobStatus] = UNFINISHED - {JobStatus.CANCELLING}
+"""What takes a new priority: a queued job at once (its place in the claim's order), a
+validating, paused or running one for when it is queued (validated, resumed, retried, handed
+back). A job winding down to `cancelled` is never queued again."""
+
 
 def as_values(statuses: frozenset[JobStatus]) -> list[str]:
     """A set as a sorted list of plain strings, ready to bind as `= ANY(:param)` in SQL."""
@@ -51,11 +56,12 @@ def as_values(statuses: frozenset[JobStatus]) -> list[str]:
 
 def sql_params() -> dict[str, object]:
     """What every queue statement binds: each status by its name (`:queued`, `:running`, ...)
-    and the sets (`status = ANY(:active)`, `:unfinished`, `:waiting`), so SQL written anywhere
-    names the vocabulary, never a string of its own."""
+    and the sets (`status = ANY(:active)`, `:unfinished`, `:waiting`, `:prioritizable`), so SQL
+    written anywhere names the vocabulary, never a string of its own."""
     return {
         **{status.name.lower(): status.value for status in JobStatus},
         "active": as_values(ACTIVE),
         "unfinished": as_values(UNFINISHED),
         "waiting": as_values(WAITING),
+        "prioritizable": as_values(PRIORITIZABLE),
     }

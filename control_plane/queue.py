@@ -1001,6 +1001,36 @@ class JobQueue:
                 add_event(conn, job_id, "Pause withdrawn", data={"pause_requested": False})
         return JobRecord.from_row(row)
 
+    def set_priority(self, job_id: str, priority: int) -> JobRecord:
+        """Give an unfinished job a new priority. A queued job takes its new place in the
+        claim's order at once (the queue's triggers move its line's head in this statement); a
+        validating, paused or running job keeps it for when it is queued (validated, resumed,
+        retried, handed back). The event says what it was. The same priority changes nothing;
+        a job cancelling or over raises JobStateError.
+
+        The job's row is locked first and its line's row after it (by the trigger, at the
+        statement's end), the order every move of a job takes, so this never deadlocks with a
+        claim, a finish or a sweep."""
+        with self.engine.begin() as conn:
+            was = conn.execute(
+                text("SELECT * FROM jobs WHERE id = :id FOR UPDATE"), {"id": job_id}
+            ).one_or_none()
+            if was is None or was.status not in _STATUSES["prioritizable"]:
+                raise JobStateError(job_id, was.status if was else "missing", "reprioritized")
+            if was.priority == priority:
+                return JobRecord.from_row(was)
+            row = conn.execute(
+                text("UPDATE jobs SET priority = :priority WHERE id = :id RETURNING *"),
+                {"id": job_id, "priority": priority},
+            ).one()
+            add_event(
+                conn,
+                job_id,
+                f"Priority changed from {was.priority} to {priority}",
+                data={"priority": priority, "previous_priority": was.priority},
+            )
+        return JobRecord.from_row(row)
+
     def reap_if_due(self) -> list[JobRecord]:
         """`reap_expired_leases` when no one has reaped for `reap_interval_seconds`, else
         nothing (an empty list): what a trainer runs before it claims.

@@ -1,5 +1,5 @@
-"""Cancelling, pausing and resuming a tenant's jobs by their metadata: a sweep of thousands in
-one request.
+"""Cancelling, pausing, resuming and reprioritizing a tenant's jobs by their metadata: a sweep
+of thousands in one request.
 
 A platform's tenants queue sweeps (a grid of learning rates, one job per point) and tag them
 with OpenAI's job `metadata`; a sweep started by mistake must stop, and one must make way for
@@ -14,6 +14,9 @@ every job of one tenant whose metadata holds every given pair, as the queue's si
   at its next step with a checkpoint, and its trainer's hand-back leaves it `paused`).
 - `resume_matching`: a paused job is queued again (trainers woken, as any job queued); a running
   job asked to pause is asked no more.
+- `prioritize_matching`: every job that can take a priority (`JobQueue.set_priority`: not
+  cancelling, not over) and has another takes the new one; the queued ones move in the claim's
+  order at once.
 
 Jobs a move leaves as they are (over, already moved, or in a state it does not take) are not
 counted. The jobs move in batches of `batch`, each its own transaction, in the order of the
@@ -43,11 +46,12 @@ Action = Literal["cancel", "pause", "resume"]
 
 # One batch of a move: the next `:batch` jobs after the keyset that the move would change
 # (`{eligible}`), locked, moved (`{moved}`: an UPDATE of `jobs j` FROM picked, RETURNING the
-# job's id, new status and base), each given its event; then how many moved at once, the ids of
-# the running jobs it asked, the bases of the jobs it queued, and where the batch ended.
+# job's id, new status and base, and its priority before), each given its event (`{message}`,
+# `{data}`, over `moved`); then how many moved at once, the ids of the running jobs it asked,
+# the bases of the jobs it queued, and where the batch ended.
 _BATCH = """
 WITH picked AS (
-    SELECT id, created_at FROM jobs
+    SELECT id, created_at, priority AS previous_priority FROM jobs
     WHERE tenant_id = :tenant
       AND (created_at, id) > (CAST(:after_created AS timestamptz), :after_id)
       AND user_metadata @> CAST(:metadata AS jsonb)
@@ -59,12 +63,7 @@ WITH picked AS (
     {moved}
 ), noted AS (
     INSERT INTO job_events (job_id, message, type, level, data)
-    SELECT id,
-           CASE WHEN status IN (:running, :cancelling) THEN :asked_message ELSE :now_message END,
-           'message', 'info',
-           CASE WHEN status IN (:running, :cancelling) THEN CAST(:asked_data AS jsonb)
-                ELSE jsonb_build_object('status', status) END
-    FROM moved
+    SELECT id, {message}, 'message', 'info', {data} FROM moved
 )
 SELECT (SELECT count(*) FROM moved WHERE status NOT IN (:running, :cancelling)) AS now,
        (SELECT coalesce(array_agg(id), '{{}}') FROM moved
@@ -77,16 +76,26 @@ SELECT (SELECT count(*) FROM moved WHERE status NOT IN (:running, :cancelling)) 
 """
 
 
+# The event of a job moved at once (`:now_message`, its new status its data), or of a running
+# job asked (`:asked_message`, `:asked_data`; cancelling counts as asked).
+_NOW_OR_ASKED = (
+    "CASE WHEN status IN (:running, :cancelling) THEN :asked_message ELSE :now_message END",
+    "CASE WHEN status IN (:running, :cancelling) THEN CAST(:asked_data AS jsonb) "
+    "ELSE jsonb_build_object('status', status) END",
+)
+
+
 @dataclass(frozen=True)
 class _Move:
     eligible: str
     moved: str
-    now_message: str  # the event of a job moved at once (its new status is its data)
-    asked_message: str  # the event of a running job asked (cancelling counts as asked)
-    asked_data: dict[str, Any]
+    now_message: str = ""
+    asked_message: str = ""
+    asked_data: dict[str, Any] | None = None
+    event: tuple[str, str] = _NOW_OR_ASKED  # the event's message and data, SQL over `moved`
 
 
-_MOVES: dict[Action, _Move] = {
+_MOVES: dict[str, _Move] = {
     "cancel": _Move(
         eligible="status = ANY(:unfinished) AND NOT cancel_requested",
         moved="""
@@ -130,10 +139,29 @@ _MOVES: dict[Action, _Move] = {
         asked_data={"pause_requested": False},
     ),
 }
+# The new priority `:priority`, with `JobQueue.set_priority`'s event.
+_PRIORITY = _Move(
+    eligible="status = ANY(:prioritizable) AND priority <> :priority",
+    moved="""
+    UPDATE jobs j SET priority = :priority
+    FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.status, j.base_model_id, picked.previous_priority
+    """,
+    event=(
+        "'Priority changed from ' || previous_priority || ' to ' || CAST(:priority AS int)",
+        "jsonb_build_object('priority', CAST(:priority AS int), "
+        "'previous_priority', previous_priority)",
+    ),
+)
 
-_STATEMENTS: dict[Action, TextClause] = {
-    action: text(_BATCH.format(eligible=move.eligible, moved=move.moved))
-    for action, move in _MOVES.items()
+_ALL_MOVES: dict[str, _Move] = {**_MOVES, "priority": _PRIORITY}
+_STATEMENTS: dict[str, TextClause] = {
+    action: text(
+        _BATCH.format(
+            eligible=move.eligible, moved=move.moved, message=move.event[0], data=move.event[1]
+        )
+    )
+    for action, move in _ALL_MOVES.items()
 }
 _COUNTS = text(
     "SELECT "
@@ -183,6 +211,19 @@ def resume_matching(
     return move_matching("resume", engine, tenant_id, metadata, batch=batch)
 
 
+def prioritize_matching(
+    engine: Engine,
+    tenant_id: str,
+    metadata: dict[str, str],
+    priority: int,
+    *,
+    batch: int = DEFAULT_BATCH,
+) -> int:
+    """Give `priority` to every job of `tenant_id` whose metadata holds every pair and that can
+    take one (not cancelling, not over) with another priority; how many changed."""
+    return _sweep("priority", engine, tenant_id, metadata, batch, {"priority": priority}).total
+
+
 def move_matching(
     action: Action,
     engine: Engine,
@@ -192,6 +233,17 @@ def move_matching(
     batch: int = DEFAULT_BATCH,
 ) -> SweepMoved:
     """`cancel_matching`, `pause_matching` or `resume_matching`, by the action's name."""
+    return _sweep(action, engine, tenant_id, metadata, batch, {})
+
+
+def _sweep(
+    action: Action | Literal["priority"],
+    engine: Engine,
+    tenant_id: str,
+    metadata: dict[str, str],
+    batch: int,
+    bound: dict[str, Any],
+) -> SweepMoved:
     if not metadata:
         raise ValueError(f"name at least one metadata pair to select the jobs to {action}")
     if batch < 1:
@@ -203,7 +255,7 @@ def move_matching(
         after: tuple[datetime | str, str] = _START
         while True:
             with engine.begin() as conn:
-                row = _one_batch(conn, action, tenant_id, metadata, batch, after)
+                row = _one_batch(conn, action, tenant_id, metadata, batch, after, bound)
             now += row.now
             asked += len(row.asked)
             if row.last_created is None:
@@ -227,13 +279,14 @@ def counts_matching(conn: Connection, tenant_id: str, metadata: dict[str, str]) 
 
 def _one_batch(
     conn: Connection,
-    action: Action,
+    action: Action | Literal["priority"],
     tenant_id: str,
     metadata: dict[str, str],
     batch: int,
     after: tuple[datetime | str, str],
+    bound: dict[str, Any],
 ) -> Any:
-    move = _MOVES[action]
+    move = _ALL_MOVES[action]
     row = conn.execute(
         _STATEMENTS[action],
         {
@@ -246,12 +299,13 @@ def _one_batch(
             "asked_message": move.asked_message,
             "asked_data": json.dumps(move.asked_data),
             **sql_params(),
+            **bound,
         },
     ).one()
     # Sent when the batch commits: the trainers of the running jobs asked to stop, and idle
     # trainers for the jobs queued again.
     if action == "cancel" and row.asked:
         conn.execute(_TELL_TRAINERS, {"channel": CANCEL_CHANNEL, "ids": row.asked})
-    if row.queued_bases:
+    if action == "resume" and row.queued_bases:
         conn.execute(_WAKE_TRAINERS, {"bases": row.queued_bases})
     return row

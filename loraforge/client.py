@@ -177,6 +177,17 @@ class Client:
             self.request("POST", "/v1/fine_tuning/jobs/resume", json={"metadata": metadata})
         )
 
+    def prioritize_jobs(self, metadata: dict[str, str], priority: int) -> dict[str, Any]:
+        """Give `priority` to every job not over or cancelling whose metadata holds every
+        pair: how many `changed`."""
+        body = {"metadata": metadata, "priority": priority}
+        return dict(self.request("POST", "/v1/fine_tuning/jobs/priority", json=body))
+
+    def set_priority(self, job_id: str, priority: int) -> dict[str, Any]:
+        """A job's new priority (a queued one moves in the queue at once): the job."""
+        body = {"priority": priority}
+        return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/priority", json=body))
+
     def pause_job(self, job_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/v1/fine_tuning/jobs/{job_id}/pause"))
 

@@ -129,6 +129,16 @@ class ServingTargetBody(BaseModel):
 
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+# A job's place before the fair share: higher goes first, whatever the tenant.
+Priority = Annotated[int, Field(ge=-100, le=100)]
+
+
+class JobPriority(BaseModel):
+    """A job's new priority (`POST /v1/fine_tuning/jobs/{id}/priority`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Priority
 
 
 class JobCreate(BaseModel):
@@ -147,7 +157,7 @@ class JobCreate(BaseModel):
     metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
     integrations: list[Any] | None = None
     # loraforge's own.
-    priority: int = Field(default=0, ge=-100, le=100)
+    priority: Priority = 0
     # checked at create with the registry's own rule (`registry.validate_adapter_name`)
     adapter_name: str | None = Field(default=None, max_length=200)
     # `name`, `name@<version>` or `name@<alias>` of one of the caller's adapters on the same

@@ -1,5 +1,5 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, events, checkpoints,
-and a queued job's standing in the queue."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume, a new priority, events,
+checkpoints, and a queued job's standing in the queue."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from control_plane.api.schemas import (
     CheckpointPublic,
     EventPublic,
     JobCreate,
+    JobPriority,
     JobPublic,
     Page,
     page_of,
@@ -302,6 +303,17 @@ def resume_job(job_id: str, conn: ConnDep, caller: Writer, services: ServicesDep
     return _move(conn, caller, job_id, services.queue.resume, "resumed")
 
 
+@router.post("/{job_id}/priority", response_model=JobPublic, responses=refusals(409))
+def set_job_priority(
+    job_id: str, body: JobPriority, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> JobPublic:
+    """A queued job takes its new place in the claim's order at once (priority goes before
+    the fair share); a validating, paused or running job keeps it for when it is queued."""
+    return _move(
+        conn, caller, job_id, lambda j: services.queue.set_priority(j, body.priority), "moved"
+    )
+
+
 # Each move's refusal: its code and what the job would have to be.
 _REFUSED = {
     "cancelled": ("job_not_cancellable", "only unfinished jobs can be cancelled"),
@@ -309,6 +321,10 @@ _REFUSED = {
     "resumed": (
         "job_not_resumable",
         "only paused jobs (and running ones asked to pause) can be resumed",
+    ),
+    "moved": (
+        "job_not_prioritizable",
+        "only jobs not yet over and not cancelling take a new priority",
     ),
 }
 

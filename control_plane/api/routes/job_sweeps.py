@@ -1,9 +1,9 @@
-"""POST /v1/fine_tuning/jobs/cancel, /pause and /resume: move every job of the caller's tenant
-whose metadata holds the given pairs (a sweep tagged at create) in one request.
+"""POST /v1/fine_tuning/jobs/cancel, /pause, /resume and /priority: move every job of the
+caller's tenant whose metadata holds the given pairs (a sweep tagged at create) in one request.
 
 OpenAI has no such calls; a platform whose tenants queue sweeps of thousands of jobs needs them
-(Slurm's `scancel --name` and `scontrol hold`, a label selector in Kubernetes). Each job moves
-as its own cancel, pause or resume would move it (`control_plane.sweeps`); jobs in a state the
+(Slurm's `scancel --name`, `scontrol hold` and `scontrol update ... priority`, a label selector in
+Kubernetes). Each job moves as its own cancel, pause, resume or new priority would move it (`control_plane.sweeps`); jobs in a state the
 move does not take are left as they are, and selecting none is not an error.
 """
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane import sweeps
 from control_plane.api.deps import ServicesDep, Writer
-from control_plane.api.schemas import MetadataKey, MetadataValue
+from control_plane.api.schemas import MetadataKey, MetadataValue, Priority
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
@@ -28,6 +28,12 @@ class JobsSelection(BaseModel):
 
     # At least one pair: an empty selector would name every job of the tenant.
     metadata: dict[MetadataKey, MetadataValue] = Field(min_length=1, max_length=16)
+
+
+class JobsPrioritySelection(JobsSelection):
+    """Which of the caller's jobs take which priority."""
+
+    priority: Priority
 
 
 class JobsCancelledPublic(BaseModel):
@@ -57,6 +63,14 @@ class JobsResumedPublic(BaseModel):
     pause_withdrawn: int
 
 
+class JobsPrioritizedPublic(BaseModel):
+    object: Literal["fine_tuning.jobs.prioritized"] = "fine_tuning.jobs.prioritized"
+    metadata: dict[str, str]
+    priority: int
+    # jobs that had another priority and took this one
+    changed: int
+
+
 @router.post("/cancel", response_model=JobsCancelledPublic)
 def cancel_jobs(body: JobsSelection, caller: Writer, services: ServicesDep) -> JobsCancelledPublic:
     """Cancel the caller's unfinished jobs whose metadata holds every pair of `metadata`:
@@ -82,3 +96,16 @@ def resume_jobs(body: JobsSelection, caller: Writer, services: ServicesDep) -> J
     running ones asked to pause."""
     moved = sweeps.resume_matching(services.engine, caller.tenant_id, body.metadata)
     return JobsResumedPublic(metadata=body.metadata, resumed=moved.now, pause_withdrawn=moved.asked)
+
+
+@router.post("/priority", response_model=JobsPrioritizedPublic)
+def prioritize_jobs(
+    body: JobsPrioritySelection, caller: Writer, services: ServicesDep
+) -> JobsPrioritizedPublic:
+    """Give `priority` to the caller's jobs whose metadata holds every pair and that are not
+    over or cancelling: queued ones move in the claim's order at once (priority goes before
+    the fair share), validating, paused and running ones keep it for when they are queued."""
+    changed = sweeps.prioritize_matching(
+        services.engine, caller.tenant_id, body.metadata, body.priority
+    )
+    return JobsPrioritizedPublic(metadata=body.metadata, priority=body.priority, changed=changed)
