@@ -1,5 +1,5 @@
 """What moving a sweep costs (`control_plane.sweeps`, `POST /v1/fine_tuning/jobs/cancel`,
-`/pause`, `/resume`).
+`/pause`, `/resume`, `/priority`).
 
     python -m benchmarks.sweeps [--sweep 5000] [--database-url URL]
 
@@ -15,7 +15,10 @@ same process:
   transaction walks its row versions at each update;
 - `sweep_pause` and `sweep_resume`: sweep `d` paused, then resumed, by `pause_matching` and
   `resume_matching`, against sweep `e` paused, then resumed, one job at a time
-  (`JobQueue.request_pause`, `JobQueue.resume`).
+  (`JobQueue.request_pause`, `JobQueue.resume`);
+- `sweep_priority`: sweep `d`, queued again, given priority 5 by `prioritize_matching`, against
+  sweep `e` given it one job at a time (`JobQueue.set_priority`): each queued job moves its
+  line's head, a line of 10,000 queued jobs.
 
 Each line says the jobs moved; every run checks that the queue's bookkeeping has no drift.
 """
@@ -44,7 +47,13 @@ from benchmarks.queue import (
 from control_plane import db, queue_stats
 from control_plane.ids import new_id
 from control_plane.queue import JobQueue
-from control_plane.sweeps import DEFAULT_BATCH, cancel_matching, pause_matching, resume_matching
+from control_plane.sweeps import (
+    DEFAULT_BATCH,
+    cancel_matching,
+    pause_matching,
+    prioritize_matching,
+    resume_matching,
+)
 from tests.factories import insert_queued_jobs
 
 OTHER_TENANTS = 100
@@ -152,6 +161,18 @@ def main(argv: list[str] | None = None) -> int:
                 jobs=moved.total,
                 batch=DEFAULT_BATCH,
             )
+        started = time.perf_counter()
+        changed = prioritize_matching(engine, tenant_id, {"sweep": "d"}, 5)
+        bulk_s = time.perf_counter() - started
+        emit_beside(
+            "sweep_priority",
+            bulk_s * 1000,
+            "the same count one job at a time (JobQueue.set_priority)",
+            _one_at_a_time(engine, "e", lambda job_id: queue.set_priority(job_id, 5)) * 1000,
+            machine,
+            jobs=changed,
+            batch=DEFAULT_BATCH,
+        )
         with engine.connect() as conn:
             assert queue_stats.drift(conn) == []
         engine.dispose()
