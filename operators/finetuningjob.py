@@ -2,10 +2,10 @@
 
 `reconcile` is called on every tick of the object's timer. It submits once (the object's UID is
 the API's idempotency key, so an operator restarted between the submission and its status write
-gets the same job back, never a second one), then copies the job's state, progress, ETA, latest
-metrics, while it is queued what it waits for (its standing in the queue, and a `Waiting`
-condition whose reason says why) and, on success, the adapter version with its digest and
-lineage into status.
+gets the same job back, never a second one), then has the job follow `spec.suspend` and
+`spec.priority`, and copies the job's state, priority, progress, ETA, latest metrics, while it
+is queued what it waits for (its standing in the queue, and a `Waiting` condition whose reason
+says why) and, on success, the adapter version with its digest and lineage into status.
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def _mirror(client: Client, job: dict[str, Any], status: dict[str, Any]) -> dict
     out = status | {
         "phase": phase,
         "jobStatus": job["status"],
+        "priority": job["priority"],
         "progress": job.get("progress"),
         "etaSeconds": job.get("eta_seconds") if phase == "Running" else None,
         "queue": queue,
@@ -230,6 +231,21 @@ def _follow_suspend(client: Client, spec: dict[str, Any], job: dict[str, Any]) -
     return job
 
 
+def _follow_priority(client: Client, spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """`spec.priority` on a submitted job: a queued job takes its new place in the queue at
+    once, a validating, paused or running one keeps it for when it is queued. A job that is
+    cancelling (or ended meanwhile: 409) keeps the one it had; the next tick mirrors it."""
+    priority = spec.get("priority", 0)
+    if job["priority"] == priority or PHASES.get(job["status"]) in {*FINISHED, "Cancelling"}:
+        return job
+    try:
+        return client.set_priority(job["id"], priority)
+    except LoraforgeError as exc:
+        if exc.status == 409:
+            return job
+        raise
+
+
 def reconcile(
     client: Client,
     kube: KubeApi,
@@ -260,7 +276,9 @@ def reconcile(
         except httpx.HTTPError as exc:
             raise TemporaryFailure(f"loraforge API: {exc}") from None
     try:
-        job = _follow_suspend(client, spec, client.retrieve_job(status["jobId"]))
+        # Priority first: a job resumed goes into the queue at its new place.
+        job = client.retrieve_job(status["jobId"])
+        job = _follow_suspend(client, spec, _follow_priority(client, spec, job))
         status = _mirror(client, job, status)
     except (LoraforgeError, httpx.HTTPError) as exc:
         raise TemporaryFailure(f"loraforge API: {exc}") from None

@@ -20,7 +20,7 @@ from control_plane.db.tables import Job
 from control_plane.ids import new_id
 from operators.finetuningjob import version_digest
 from tests.factories import ADDITION_CHATS as RECORDS
-from tests.factories import make_file
+from tests.factories import enqueue_jobs, make_file
 from tests.operator.conftest import FakeKube, Platform, eventually, running_operator
 
 pytestmark = [pytest.mark.operator, pytest.mark.asyncio]
@@ -173,12 +173,9 @@ async def test_suspending_a_running_finetuningjob_pauses_its_job_and_unsuspendin
         await eventually(lambda: _gone(kube, "pausable"), timeout=30, what="the object to go")
 
 
-async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
-    kube: FakeKube, platform: Platform
-) -> None:
-    """While its job is queued, status says why (`queue`, and a `Waiting` condition with the
-    reason): here its tenant holds its one running job (a holder's lease, not the trainer's)."""
-    await given_credentials(kube, platform)
+def given_the_tenant_runs_its_one_job(platform: Platform) -> tuple[str, str]:
+    """The tenant may run one job at a time and runs one, under a holder's lease from the start
+    (inserted so: the trainer never sees it). The holder's job id, and the tiny base's id."""
     engine = platform.services.engine
     tenant = platform.keys.tenant_id
     with engine.begin() as conn:
@@ -186,7 +183,6 @@ async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
         base_id = conn.execute(
             text("SELECT id FROM base_models WHERE name = 'tiny-llama'")
         ).scalar_one()
-    # Running under a holder's lease from the start (inserted so: the trainer never sees it).
     holder = new_id("job")
     with engine.begin() as conn:
         conn.execute(
@@ -206,6 +202,16 @@ async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
                 }
             ],
         )
+    return holder, base_id
+
+
+async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
+    kube: FakeKube, platform: Platform
+) -> None:
+    """While its job is queued, status says why (`queue`, and a `Waiting` condition with the
+    reason): here its tenant holds its one running job (a holder's lease, not the trainer's)."""
+    await given_credentials(kube, platform)
+    holder, _ = given_the_tenant_runs_its_one_job(platform)
     data = "".join(json.dumps(r) + "\n" for r in RECORDS)
     await kube.secret("wait-data", {"train.jsonl": data})
     spec = {
@@ -232,6 +238,48 @@ async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
         assert await status_of(kube, "waiting", "queue")() is None
         await kube.delete("finetuningjobs", "waiting")
         await eventually(lambda: _gone(kube, "waiting"), timeout=30, what="the object to go")
+
+
+async def test_raising_a_queued_finetuningjobs_priority_moves_it_before_its_tenants_older_jobs(
+    kube: FakeKube, platform: Platform
+) -> None:
+    """`spec.priority` is followed after submission: raised, the queued job takes its new place
+    at once (none of its tenant's jobs ahead of it any more), and when its tenant's slot frees
+    the trainer takes it before the jobs submitted earlier."""
+    await given_credentials(kube, platform)
+    holder, base_id = given_the_tenant_runs_its_one_job(platform)
+    engine, tenant = platform.services.engine, platform.keys.tenant_id
+    older = enqueue_jobs(engine, tenant, base_id, make_file(engine, tenant).id, 2)
+    data = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    await kube.secret("urgent-data", {"train.jsonl": data})
+    spec = {
+        "dataset": {"secretRef": {"name": "urgent-data", "key": "train.jsonl"}},
+        "hyperparameters": FAST,
+    }
+    await kube.create("finetuningjobs", job("urgent", **spec))
+    async with running_operator(kube):
+        await eventually(lambda: _own_jobs_ahead_are(kube, "urgent", 2), what="2 jobs ahead")
+        job_id = await status_of(kube, "urgent", "jobId")()
+        await kube.patch("finetuningjobs", "urgent", {"spec": {"priority": 50}})
+        await eventually(lambda: _own_jobs_ahead_are(kube, "urgent", 0), what="none ahead")
+        assert await status_of(kube, "urgent", "priority")() == 50
+        with platform.client() as client:
+            assert client.retrieve_job(job_id)["priority"] == 50
+            # The holder's job ends: the trainer takes this one before its tenant's older ones.
+            assert platform.services.queue.complete(holder, "holder") is not None
+            await eventually(
+                lambda: client.retrieve_job(job_id)["status"] != "queued", what="its claim"
+            )
+            assert [client.retrieve_job(j)["status"] for j in older] == ["queued", "queued"]
+            for older_id in older:
+                client.cancel_job(older_id)
+        await kube.delete("finetuningjobs", "urgent")
+        await eventually(lambda: _gone(kube, "urgent"), timeout=30, what="the object to go")
+
+
+async def _own_jobs_ahead_are(kube: FakeKube, name: str, count: int) -> bool:
+    queue = await status_of(kube, name, "queue")() or {}
+    return bool(queue.get("ownJobsAhead") == count)
 
 
 async def _waiting_is(kube: FakeKube, name: str, value: str) -> bool:
