@@ -18,7 +18,7 @@ from fastapi.staticfiles import StaticFiles
 
 from control_plane.api.text_input import find_nul
 from control_plane.dashboard.render import PageRefused, install_page_errors
-from control_plane.dashboard.routes import adapters, auth, jobs, new_job, platform, sweeps
+from control_plane.dashboard.routes import adapters, auth, jobs, new_job, platform, priority, sweeps
 from control_plane.dashboard.security import SecurityHeaders
 
 STATIC = Path(__file__).parent / "static"
@@ -31,11 +31,13 @@ async def _refuse_nul(request: Request) -> None:
         raise PageRefused(str(found))
 
 
-# new_job first: `/jobs/new` must match before `/jobs/{job_id}`.
+# new_job first: `/jobs/new` must match before `/jobs/{job_id}`; priority before jobs:
+# `/jobs/{job_id}/priority` must match before `/jobs/{job_id}/{action}`.
 DASHBOARD_ROUTERS = (
     auth.router,
     new_job.router,
     sweeps.router,
+    priority.router,
     jobs.router,
     adapters.router,
     platform.router,

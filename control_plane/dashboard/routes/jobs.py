@@ -30,7 +30,7 @@ from control_plane.dashboard.sessions import (
     stream_session_ended,
 )
 from control_plane.hyperparameters import Hyperparameters
-from control_plane.job_status import PAUSABLE, TERMINAL, UNFINISHED, JobStatus
+from control_plane.job_status import PAUSABLE, PRIORITIZABLE, TERMINAL, UNFINISHED, JobStatus
 from control_plane.records import FileRecord, JobEventRecord, JobRecord
 from control_plane.services import Services
 
@@ -50,6 +50,10 @@ NOTICES = {
     "resumed": "The job goes on: queued again, from its newest checkpoint.",
     "pause-withdrawn": "Pause withdrawn: the job goes on running.",
     "not-resumable": "Only a paused job (or a running one asked to pause) can be resumed.",
+    "prioritized": "New priority set: the job takes its new place in the queue at once.",
+    "prioritized-later": "New priority set: the job is not queued now; it takes its place once it is.",
+    "not-prioritizable": "Only a job not yet over and not cancelling takes a new priority.",
+    "bad-priority": "Nothing changed: a priority is a whole number from -100 (last) to 100 (first).",
 }
 
 
@@ -69,10 +73,11 @@ def jobs_page(
     status: str | None = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     after: Annotated[str | None, Query(max_length=64)] = None,
-    swept: sweeps.Action | None = None,
+    swept: sweeps.Action | Literal["priority"] | None = None,
     now: Annotated[int, Query(ge=0)] = 0,
     asked: Annotated[int, Query(ge=0)] = 0,
-    refused: bool = False,
+    priority: Annotated[int, Query(ge=-100, le=100)] = 0,
+    refused: Literal["filter", "priority"] | None = None,
 ) -> Response:
     wanted = JobStatus(status) if status in set(JobStatus) else None
     search = (q or "").strip() or None
@@ -116,6 +121,7 @@ def jobs_page(
             else None
         ),
         "swept": (swept, now, asked) if swept else None,
+        "priority": priority,
         "refused": refused,
         "stream_url": "/jobs/stream?"
         + "&".join([f"ids={j.id}" for j in found] + ([f"newest={newest}"] if newest else [])),
@@ -230,6 +236,7 @@ def _summary_html(summary: Summary, session: Session) -> str:
         cancellable=writer and job.status in UNFINISHED,
         pausable=writer and job.status in PAUSABLE and not job.pause_requested,
         resumable=writer and (job.status == JobStatus.PAUSED or job.pause_requested),
+        prioritizable=writer and job.status in PRIORITIZABLE,
     )
 
 

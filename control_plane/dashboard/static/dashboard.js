@@ -45,6 +45,28 @@
     return fresh;
   }
 
+  // A live panel redrawn while a person is in one of its forms (the job page's priority): that
+  // form stays the very element they are in, with what they typed and where their caret was;
+  // the rest is new. A redraw that changes nothing (the stream's first) is left out.
+  function replaceKeepingForms(element, html) {
+    var template = document.createElement("template");
+    template.innerHTML = html.trim();
+    var fresh = template.content.firstElementChild;
+    if (!fresh || fresh.isEqualNode(element)) return;
+    var focused = document.activeElement;
+    var kept = Array.prototype.filter.call(element.querySelectorAll("form[id]"), function (form) {
+      return form.contains(focused) || Array.prototype.some.call(
+        form.querySelectorAll("input"), function (field) { return field.value !== field.defaultValue; });
+    });
+    element.replaceWith(fresh);
+    kept.forEach(function (form) {
+      var slot = fresh.querySelector("#" + CSS.escape(form.id));
+      if (slot) slot.replaceWith(form);
+    });
+    if (window.htmx) window.htmx.process(fresh);
+    if (focused && fresh.contains(focused)) focused.focus();
+  }
+
   // ---- the jobs table: rows replaced as their jobs move
   var jobsStream = null, followedTable = null;
   function followJobsTable() {
@@ -89,7 +111,7 @@
     });
     stream.addEventListener("summary", function (event) {
       var summary = document.getElementById("job-summary");
-      if (summary) replaceWithHtml(summary, event.data);
+      if (summary) replaceKeepingForms(summary, event.data);
     });
     stream.addEventListener("end", function () {
       stream.close();
