@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from datetime import datetime
+import secrets
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, text
@@ -201,3 +202,73 @@ def assert_no_drift(engine: Engine) -> None:
     """The queue's bookkeeping (per-tenant counts, lines) agrees with the jobs table."""
     with engine.connect() as conn:
         assert queue_stats.drift(conn) == []
+
+
+def tag_jobs(engine: Engine, metadata: dict[str, str], *job_ids: str) -> None:
+    """Give the jobs this metadata (a sweep's tag), as a create with `metadata` would."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = ANY(:ids)"),
+            {"m": json.dumps(metadata), "ids": list(job_ids)},
+        )
+
+
+# The random sweeps' metadata (None: none) and the selectors they are moved by: whole, partial
+# and no matches, and a selector whose pairs only some of a sweep's jobs hold.
+SWEEP_METADATA: list[dict[str, str] | None] = [
+    {"s": "a"},
+    {"s": "a", "k": "1"},
+    {"s": "b"},
+    {"k": "1"},
+    None,
+]
+SWEEP_SELECTORS = [{"s": "a"}, {"s": "a", "k": "1"}, {"k": "1"}]
+
+# A job's state by a short name, as the columns that make it (the random-jobs tests).
+STATE_SQL = {
+    "validating": "status = 'validating_files'",
+    "queued": "status = 'queued'",
+    "paused": "status = 'paused'",
+    "running": "status = 'running', lease_owner = 'w', lease_expires_at = now() + interval '1 h'",
+    "pausing": "status = 'running', lease_owner = 'w', lease_expires_at = now() + interval '1 h', "
+    "pause_requested = true",
+    "cancelling": "status = 'cancelling', lease_owner = 'w', "
+    "lease_expires_at = now() + interval '1 h', cancel_requested = true",
+    "succeeded": "status = 'succeeded', finished_at = now()",
+}
+
+
+def jobs_in_states(
+    engine: Engine, jobs: list[tuple[str, dict[str, str] | None, int, bool, int]]
+) -> tuple[str, list[str]]:
+    """Jobs of a new tenant (`own`) or of another, each given as (state by its `STATE_SQL`
+    name, metadata, created at `at` seconds after an epoch, own, priority); the tenant's id and
+    the jobs' ids in that order."""
+    tag = secrets.token_hex(4)
+    mine, theirs = make_tenant(engine, f"m-{tag}"), make_tenant(engine, f"t-{tag}")
+    base_id = make_base(engine, f"b-{tag}").id
+    file_id = make_file(engine, mine.id).id
+    epoch = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = [
+        {
+            "id": f"ftjob-{tag}-{n:02d}",
+            "tenant_id": mine.id if own else theirs.id,
+            "base_model_id": base_id,
+            "priority": priority,
+            "created_at": epoch + timedelta(seconds=at),
+            "run_after": epoch,
+            "file": file_id,
+        }
+        for n, (_, _, at, own, priority) in enumerate(jobs)
+    ]
+    with engine.begin() as conn:
+        insert_queued_jobs(conn, rows)
+        for row, (state, metadata, _, _, _) in zip(rows, jobs, strict=True):
+            conn.execute(
+                text(
+                    f"UPDATE jobs SET {STATE_SQL[state]}, user_metadata = CAST(:m AS jsonb) "
+                    "WHERE id = :id"
+                ),
+                {"id": row["id"], "m": json.dumps(metadata)},
+            )
+    return mine.id, [r["id"] for r in rows]

@@ -6,7 +6,6 @@ take is a notice that changes nothing."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -16,7 +15,7 @@ from sqlalchemy import text
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
-from tests.factories import enqueue_jobs, make_base, make_file
+from tests.factories import enqueue_jobs, make_base, make_file, tag_jobs
 
 pytestmark = pytest.mark.browser
 
@@ -34,14 +33,6 @@ def _queued_one_at_a_time(services: Services, keys: TenantKeys, count: int) -> l
     return [
         enqueue_jobs(services.engine, keys.tenant_id, base_id, file_id, 1)[0] for _ in range(count)
     ]
-
-
-def _tag(services: Services, metadata: dict[str, str], job_ids: list[str]) -> None:
-    with services.engine.begin() as conn:
-        conn.execute(
-            text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = ANY(:ids)"),
-            {"m": json.dumps(metadata), "ids": job_ids},
-        )
 
 
 def _priorities(services: Services, job_ids: list[str]) -> list[int]:
@@ -77,7 +68,7 @@ def test_a_person_moves_a_queued_job_ahead_from_its_page_and_a_sweep_behind_from
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys
 ) -> None:
     *grid, job_id, last = _queued_one_at_a_time(services, tenant_a, 5)
-    _tag(services, {"sweep": "grid"}, grid)
+    tag_jobs(services.engine, {"sweep": "grid"}, *grid)
 
     sign_in(page, live_url, tenant_a.member)
     page.goto(f"{live_url}/jobs/{job_id}")
@@ -192,7 +183,7 @@ def test_a_priority_out_of_range_or_not_a_number_is_a_notice_and_changes_nothing
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys
 ) -> None:
     job_ids = _queued_one_at_a_time(services, tenant_a, 2)
-    _tag(services, {"sweep": "grid"}, job_ids)
+    tag_jobs(services.engine, {"sweep": "grid"}, *job_ids)
     job_id = job_ids[1]
     sign_in(page, live_url, tenant_a.member)
     page.goto(f"{live_url}/jobs/{job_id}")
@@ -241,7 +232,7 @@ def test_a_reader_sees_the_priority_is_offered_no_change_and_a_forged_one_is_ref
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys, tenant_b: TenantKeys
 ) -> None:
     job_ids = _queued_one_at_a_time(services, tenant_a, 2)
-    _tag(services, {"sweep": "grid"}, job_ids)
+    tag_jobs(services.engine, {"sweep": "grid"}, *job_ids)
     job_id = job_ids[1]
 
     sign_in(page, live_url, tenant_a.reader)

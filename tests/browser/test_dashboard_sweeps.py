@@ -4,26 +4,15 @@ the jobs whose metadata holds it, and a writer pauses, resumes and cancels the s
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from playwright.sync_api import Page, expect
-from sqlalchemy import text
 
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
-from tests.factories import enqueue_jobs, make_base, make_file
+from tests.factories import enqueue_jobs, make_base, make_file, tag_jobs
 
 pytestmark = pytest.mark.browser
-
-
-def _tag(services: Services, metadata: dict[str, str], job_ids: list[str]) -> None:
-    with services.engine.begin() as conn:
-        conn.execute(
-            text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = ANY(:ids)"),
-            {"m": json.dumps(metadata), "ids": job_ids},
-        )
 
 
 def _statuses(page: Page) -> list[str]:
@@ -39,8 +28,8 @@ def test_a_sweep_filtered_by_its_metadata_is_paused_resumed_and_cancelled_from_t
     grid = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 6)
     other = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 3)
     untagged = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 2)
-    _tag(services, {"sweep": "grid", "lr": "3e-4"}, grid)
-    _tag(services, {"sweep": "other"}, other)
+    tag_jobs(services.engine, {"sweep": "grid", "lr": "3e-4"}, *grid)
+    tag_jobs(services.engine, {"sweep": "other"}, *other)
     first, second = queue.claim("w1"), queue.claim("w2")
     assert first is not None and second is not None and {first.id, second.id} <= set(grid)
     assert queue.complete(second.id, "w2") is not None

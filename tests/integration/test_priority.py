@@ -7,10 +7,7 @@ cancel of the same jobs without a deadlock."""
 
 from __future__ import annotations
 
-import json
-import secrets
 import threading
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -26,24 +23,19 @@ from control_plane.sweeps import cancel_matching, prioritize_matching
 from loraforge import Client, LoraforgeError
 from tests.api_harness import TenantKeys
 from tests.factories import (
+    STATE_SQL,
+    SWEEP_METADATA,
+    SWEEP_SELECTORS,
     assert_no_drift,
     enqueue_jobs,
-    insert_queued_jobs,
+    jobs_in_states,
     make_base,
     make_file,
     make_tenant,
+    tag_jobs,
 )
-from tests.integration.test_sweeps import METADATA, SELECTORS, STATE_SQL
 
 TAKES_PRIORITY = {"validating", "queued", "paused", "running", "pausing"}
-
-
-def _tag(engine: Engine, metadata: dict[str, str], *job_ids: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = ANY(:ids)"),
-            {"m": json.dumps(metadata), "ids": list(job_ids)},
-        )
 
 
 def _rows(engine: Engine, job_ids: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -88,7 +80,7 @@ def test_a_person_moves_an_urgent_job_ahead_of_their_sweep_then_the_sweep_behind
     base_id = make_base(engine, "tiny-priority").id
     file_a = make_file(engine, tenant_a.tenant_id).id
     sweep = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_a, 6)
-    _tag(engine, {"sweep": "grid"}, *sweep)
+    tag_jobs(engine, {"sweep": "grid"}, *sweep)
     [urgent] = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_a, 1)
     client = Client(live_url, tenant_a.member)
     standing = client.queue_standing(urgent)
@@ -170,7 +162,7 @@ def test_a_new_priority_is_refused_with_a_reason_and_changes_nothing(
     [done] = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 1)
     assert queue.complete(_claim(queue, "w"), "w") is not None
     [waiting] = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 1)
-    _tag(engine, {"sweep": "s"}, waiting, done)
+    tag_jobs(engine, {"sweep": "s"}, waiting, done)
     before = _rows(engine, [waiting, done])
     one = f"{live_url}/v1/fine_tuning/jobs/{waiting}/priority"
     sweep = f"{live_url}/v1/fine_tuning/jobs/priority"
@@ -226,7 +218,7 @@ def test_a_new_priority_is_refused_with_a_reason_and_changes_nothing(
         min_size=1,
         max_size=30,
     ),
-    selector=st.integers(0, len(SELECTORS) - 1),
+    selector=st.integers(0, len(SWEEP_SELECTORS) - 1),
     batch=st.integers(1, 4),
     priority=st.integers(-1, 1),
 )
@@ -249,42 +241,18 @@ def test_a_sweeps_new_priority_changes_exactly_the_matching_jobs_and_keeps_the_q
     of 1 to 4, exactly the tenant's matching jobs that take a priority and had another take it,
     each with its event, nothing else changes, the count says how many, and every line's head
     (the claim's view of the backlog) is what the jobs say it is."""
-    tag = secrets.token_hex(4)
-    mine, theirs = make_tenant(engine, f"m-{tag}"), make_tenant(engine, f"t-{tag}")
-    base_id = make_base(engine, f"b-{tag}").id
-    file_id = make_file(engine, mine.id).id
-    epoch = datetime(2026, 1, 1, tzinfo=UTC)
-    rows = [
-        {
-            "id": f"ftjob-{tag}-{n:02d}",
-            "tenant_id": mine.id if own else theirs.id,
-            "base_model_id": base_id,
-            "priority": was,
-            "created_at": epoch + timedelta(seconds=at),
-            "run_after": epoch,
-            "file": file_id,
-        }
-        for n, (_, _, at, own, was) in enumerate(jobs)
-    ]
-    with engine.begin() as conn:
-        insert_queued_jobs(conn, rows)
-        for row, (state, meta, _, _, _) in zip(rows, jobs, strict=True):
-            conn.execute(
-                text(
-                    f"UPDATE jobs SET {STATE_SQL[state]}, user_metadata = CAST(:m AS jsonb) "
-                    "WHERE id = :id"
-                ),
-                {"id": row["id"], "m": json.dumps(METADATA[meta])},
-            )
-    ids = [r["id"] for r in rows]
+    mine, ids = jobs_in_states(
+        engine,
+        [(state, SWEEP_METADATA[meta], at, own, was) for state, meta, at, own, was in jobs],
+    )
     before = _rows(engine, ids)
-    wanted = SELECTORS[selector]
+    wanted = SWEEP_SELECTORS[selector]
 
-    changed = prioritize_matching(engine, mine.id, wanted, priority, batch=batch)
+    changed = prioritize_matching(engine, mine, wanted, priority, batch=batch)
 
     expected = dict(before)
     for job_id, (state, meta, _, own, was) in zip(ids, jobs, strict=True):
-        holds = METADATA[meta] is not None and wanted.items() <= (METADATA[meta] or {}).items()
+        holds = wanted.items() <= (SWEEP_METADATA[meta] or {}).items()
         if own and holds and state in TAKES_PRIORITY and was != priority:
             status, _, cancel, pause, events = before[job_id]
             expected[job_id] = (status, priority, cancel, pause, events + 1)
@@ -310,7 +278,7 @@ def test_claims_a_cancel_and_a_new_priority_on_the_same_sweep_end_without_a_dead
     file_id = make_file(engine, tenant.id).id
     sweep = enqueue_jobs(engine, tenant.id, base_id, file_id, 300)
     enqueue_jobs(engine, tenant.id, base_id, file_id, 100)
-    _tag(engine, {"sweep": "race"}, *sweep)
+    tag_jobs(engine, {"sweep": "race"}, *sweep)
     queue = JobQueue(engine, max_running_per_tenant=1000)
     stop = threading.Event()
     errors: list[BaseException] = []

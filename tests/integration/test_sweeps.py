@@ -5,10 +5,7 @@ claim racing the cancel never leaves a job of the sweep running unasked."""
 
 from __future__ import annotations
 
-import json
-import secrets
 import threading
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -24,22 +21,17 @@ from control_plane.sweeps import cancel_matching, pause_matching, resume_matchin
 from loraforge import Client, LoraforgeError
 from tests.api_harness import TenantKeys
 from tests.factories import (
+    SWEEP_METADATA,
+    SWEEP_SELECTORS,
     assert_no_drift,
     create_validating_job,
     enqueue_jobs,
-    insert_queued_jobs,
+    jobs_in_states,
     make_base,
     make_file,
     make_tenant,
+    tag_jobs,
 )
-
-
-def _tag(engine: Engine, metadata: dict[str, str], *job_ids: str) -> None:
-    with engine.begin() as conn:
-        conn.execute(
-            text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = ANY(:ids)"),
-            {"m": json.dumps(metadata), "ids": list(job_ids)},
-        )
 
 
 def _states(engine: Engine, job_ids: list[str]) -> dict[str, tuple[str, bool]]:
@@ -95,13 +87,13 @@ def test_a_person_cancels_a_sweep_by_its_metadata_and_only_its_unfinished_jobs_m
     queue.request_pause(q1)
     v1 = create_validating_job(engine, tenant_a.tenant_id, base_id, file_a)
     grid = {"sweep": "grid-1"}
-    _tag(engine, grid, r1, r2, r3, r4, r5, q1, q2, q3, q4, v1)
-    _tag(engine, {"sweep": "grid-1", "lr": "0.1"}, q5)
-    _tag(engine, {"sweep": "grid-2"}, q6, q7)  # q8 has no metadata
+    tag_jobs(engine, grid, r1, r2, r3, r4, r5, q1, q2, q3, q4, v1)
+    tag_jobs(engine, {"sweep": "grid-1", "lr": "0.1"}, q5)
+    tag_jobs(engine, {"sweep": "grid-2"}, q6, q7)  # q8 has no metadata
     others = enqueue_jobs(
         engine, tenant_b.tenant_id, base_id, make_file(engine, tenant_b.tenant_id).id, 2
     )
-    _tag(engine, grid, *others)
+    tag_jobs(engine, grid, *others)
     everything = [*ids, v1, *others]
     before = _states(engine, everything)
     assert_no_drift(engine)
@@ -166,7 +158,7 @@ def test_a_person_pauses_a_sweep_to_make_way_and_resumes_it(
     base_id = make_base(engine, "tiny-sweep").id
     file_id = make_file(engine, tenant_a.tenant_id).id
     sweep = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 5)
-    _tag(engine, {"sweep": "grid"}, *sweep)
+    tag_jobs(engine, {"sweep": "grid"}, *sweep)
     running = _claim(queue, "w1")
     urgent = enqueue_jobs(engine, tenant_a.tenant_id, base_id, file_id, 1)[0]
     client = Client(live_url, tenant_a.member)
@@ -207,7 +199,7 @@ def test_a_sweep_cancel_is_refused_with_a_reason_for_bad_input_and_for_readers(
     [job_id] = enqueue_jobs(
         engine, tenant_a.tenant_id, base_id, make_file(engine, tenant_a.tenant_id).id, 1
     )
-    _tag(engine, {"sweep": "s"}, job_id)
+    tag_jobs(engine, {"sweep": "s"}, job_id)
     url = f"{live_url}/v1/fine_tuning/jobs/cancel"
     cases: list[tuple[dict[str, str], Any, int, str]] = [
         (tenant_a.headers("reader"), {"metadata": {"sweep": "s"}}, 403, "reader role"),
@@ -232,14 +224,6 @@ def test_a_sweep_cancel_is_refused_with_a_reason_for_bad_input_and_for_readers(
 
 
 JOB_STATES = ["validating", "queued", "paused", "running", "pausing", "cancelling", "succeeded"]
-METADATA: list[dict[str, str] | None] = [
-    {"s": "a"},
-    {"s": "a", "k": "1"},
-    {"s": "b"},
-    {"k": "1"},
-    None,
-]
-SELECTORS = [{"s": "a"}, {"s": "a", "k": "1"}, {"k": "1"}]
 # What each move makes of a job in each state it takes: (status, cancel_requested,
 # pause_requested), as `JobQueue.request_cancel`, `request_pause` and `resume` leave it.
 MOVES: dict[str, dict[str, tuple[str, bool, bool]]] = {
@@ -254,17 +238,6 @@ MOVES: dict[str, dict[str, tuple[str, bool, bool]]] = {
     "resume": {"paused": ("queued", False, False), "pausing": ("running", False, False)},
 }
 SWEEP_MOVES = {"cancel": cancel_matching, "pause": pause_matching, "resume": resume_matching}
-STATE_SQL = {
-    "validating": "status = 'validating_files'",
-    "queued": "status = 'queued'",
-    "paused": "status = 'paused'",
-    "running": "status = 'running', lease_owner = 'w', lease_expires_at = now() + interval '1 h'",
-    "pausing": "status = 'running', lease_owner = 'w', lease_expires_at = now() + interval '1 h', "
-    "pause_requested = true",
-    "cancelling": "status = 'cancelling', lease_owner = 'w', "
-    "lease_expires_at = now() + interval '1 h', cancel_requested = true",
-    "succeeded": "status = 'succeeded', finished_at = now()",
-}
 
 
 @settings(
@@ -284,7 +257,7 @@ STATE_SQL = {
         min_size=1,
         max_size=30,
     ),
-    selector=st.integers(0, len(SELECTORS) - 1),
+    selector=st.integers(0, len(SWEEP_SELECTORS) - 1),
     batch=st.integers(1, 4),
     action=st.sampled_from(sorted(MOVES)),
 )
@@ -311,44 +284,20 @@ def test_a_sweeps_move_changes_exactly_the_matching_jobs_it_takes_in_any_batches
     cancel, a pause or a resume moves exactly the tenant's jobs whose metadata holds the
     selector and whose state it takes, each as the single move would (`MOVES`: waiting jobs at
     once, running ones asked), counts each, and leaves everything else as it was."""
-    tag = secrets.token_hex(4)
-    mine, theirs = make_tenant(engine, f"m-{tag}"), make_tenant(engine, f"t-{tag}")
-    base_id = make_base(engine, f"b-{tag}").id
-    file_id = make_file(engine, mine.id).id
-    epoch = datetime(2026, 1, 1, tzinfo=UTC)
-    rows = [
-        {
-            "id": f"ftjob-{tag}-{n:02d}",
-            "tenant_id": mine.id if own else theirs.id,
-            "base_model_id": base_id,
-            "priority": 0,
-            "created_at": epoch + timedelta(seconds=at),
-            "run_after": epoch,
-            "file": file_id,
-        }
-        for n, (_, _, at, own) in enumerate(jobs)
-    ]
-    with engine.begin() as conn:
-        insert_queued_jobs(conn, rows)
-        for row, (state, meta, _, _) in zip(rows, jobs, strict=True):
-            conn.execute(
-                text(
-                    f"UPDATE jobs SET {STATE_SQL[state]}, user_metadata = CAST(:m AS jsonb) "
-                    "WHERE id = :id"
-                ),
-                {"id": row["id"], "m": json.dumps(METADATA[meta])},
-            )
-    ids = [r["id"] for r in rows]
+    mine, ids = jobs_in_states(
+        engine,
+        [(state, SWEEP_METADATA[meta], at, own, 0) for state, meta, at, own in jobs],
+    )
     before = _full_states(engine, ids)
-    wanted = SELECTORS[selector]
+    wanted = SWEEP_SELECTORS[selector]
 
-    moved = SWEEP_MOVES[action](engine, mine.id, wanted, batch=batch)
+    moved = SWEEP_MOVES[action](engine, mine, wanted, batch=batch)
 
     after = _full_states(engine, ids)
     expected = dict(before)
     now = asked = 0
     for job_id, (state, meta, _, own) in zip(ids, jobs, strict=True):
-        holds = METADATA[meta] is not None and wanted.items() <= (METADATA[meta] or {}).items()
+        holds = wanted.items() <= (SWEEP_METADATA[meta] or {}).items()
         if own and holds and state in MOVES[action]:
             expected[job_id] = MOVES[action][state]
             asked += expected[job_id][0] in ("running", "cancelling")
@@ -370,7 +319,7 @@ def test_claims_racing_a_sweep_cancel_leave_none_of_its_jobs_running_unasked(
     file_id = make_file(engine, tenant.id).id
     sweep = enqueue_jobs(engine, tenant.id, base_id, file_id, 400)
     rest = enqueue_jobs(engine, tenant.id, base_id, file_id, 100)
-    _tag(engine, {"sweep": "race"}, *sweep)
+    tag_jobs(engine, {"sweep": "race"}, *sweep)
     queue = JobQueue(engine, max_running_per_tenant=1000)
     stop = threading.Event()
     claimed: list[str] = []
