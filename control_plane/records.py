@@ -28,6 +28,7 @@ class TenantRecord(_FromRow):
     name: str
     max_running_jobs: int | None
     created_at: datetime
+    max_priority: int | None
 
 
 @dataclass(frozen=True)

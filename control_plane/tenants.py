@@ -57,18 +57,54 @@ def hash_key(secret_key: str, api_key: str) -> str:
 
 
 def create_tenant(
-    conn: Connection, name: str, *, max_running_jobs: int | None = None
+    conn: Connection,
+    name: str,
+    *,
+    max_running_jobs: int | None = None,
+    max_priority: int | None = None,
 ) -> TenantRecord:
     try:
         with conn.begin_nested():
             row = conn.execute(
                 insert(tenants)
-                .values(id=new_id("tenant"), name=name, max_running_jobs=max_running_jobs)
+                .values(
+                    id=new_id("tenant"),
+                    name=name,
+                    max_running_jobs=max_running_jobs,
+                    max_priority=max_priority,
+                )
                 .returning(*tenants.c)
             ).one()
     except IntegrityError as exc:
         raise TenantExistsError(f"a tenant named {name!r} already exists") from exc
     return TenantRecord.from_row(row)
+
+
+def set_limits(conn: Connection, name: str, **limits: int | None) -> TenantRecord | None:
+    """Set a tenant's `max_running_jobs` and/or `max_priority` (None: the platform's default
+    limit, no cap); the tenant as it now is, or None when no tenant has that name. A new
+    running limit re-flags the tenant's queue lines (revision 0013's trigger)."""
+    unknown = set(limits) - {"max_running_jobs", "max_priority"}
+    if unknown:
+        raise TypeError(f"not a tenant limit: {sorted(unknown)}")
+    row = conn.execute(
+        update(tenants).where(tenants.c.name == name).values(**limits).returning(*tenants.c)
+    ).one_or_none()
+    return TenantRecord.from_row(row) if row else None
+
+
+def priority_refusal(conn: Connection, tenant_id: str, priority: int) -> str | None:
+    """Why the tenant's jobs may not ask for `priority` (above the tenant's `max_priority`, set
+    by the platform's operator), or None when they may."""
+    cap = conn.execute(
+        select(tenants.c.max_priority).where(tenants.c.id == tenant_id)
+    ).scalar_one_or_none()
+    if cap is None or priority <= cap:
+        return None
+    return (
+        f"priority: {priority} is above {cap}, the highest this tenant's jobs may ask for (the "
+        f"platform's operator sets it); ask for {cap} or lower"
+    )
 
 
 def get_tenant(conn: Connection, tenant_id: str) -> TenantRecord | None:

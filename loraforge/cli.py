@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from control_plane.settings import DEFAULT_TENANT, Settings
 from loraforge.operator_cli import add_operator_command
@@ -43,7 +43,10 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
             tenant = tenants.get_tenant_by_name(conn, args.tenant)
             if tenant is None:
                 tenant = tenants.create_tenant(
-                    conn, args.tenant, max_running_jobs=args.max_running_jobs
+                    conn,
+                    args.tenant,
+                    max_running_jobs=args.max_running_jobs,
+                    max_priority=args.max_priority,
                 )
             _, plaintext = tenants.create_api_key(
                 conn, settings.secret_key, tenant.id, role=args.role, name=args.name
@@ -52,6 +55,61 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
         engine.dispose()
     print(plaintext)
     return 0
+
+
+# An option not given (`none` is given: it clears the limit).
+_UNSET = object()
+
+
+def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
+    """Show a tenant's limits, setting those given first (`none`: the platform's default
+    running limit, no priority cap)."""
+    from control_plane import db, tenants
+
+    url = _database_url(settings)
+    db.upgrade(url)
+    engine = db.make_engine(url, pool_size=1)
+    given = {
+        name: getattr(args, name)
+        for name in ("max_running_jobs", "max_priority")
+        if getattr(args, name) is not _UNSET
+    }
+    try:
+        with engine.begin() as conn:
+            tenant = (
+                tenants.set_limits(conn, args.name, **given)
+                if given
+                else tenants.get_tenant_by_name(conn, args.name)
+            )
+    finally:
+        engine.dispose()
+    if tenant is None:
+        print(f"no tenant named {args.name!r}", file=sys.stderr)
+        return 1
+    running = tenant.max_running_jobs
+    print(
+        f"tenant {tenant.name} ({tenant.id}): max_running_jobs "
+        f"{running if running is not None else f'{settings.max_running_jobs_per_tenant} (default)'}"
+        f", max_priority {tenant.max_priority if tenant.max_priority is not None else 'none'}"
+    )
+    return 0
+
+
+def _limit(low: int, high: int) -> Callable[[str], int | None]:
+    """An argparse type: a whole number from `low` to `high`, or `none`."""
+
+    def parse(value: str) -> int | None:
+        if value.lower() == "none":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number or none") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"{number} is not from {low} to {high}")
+        return number
+
+    return parse
 
 
 def cmd_base_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -188,7 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     create_key.add_argument("--role", choices=("admin", "member", "reader"), default="admin")
     create_key.add_argument("--name", default="cli")
     create_key.add_argument("--max-running-jobs", type=int, default=None)
+    create_key.add_argument(
+        "--max-priority",
+        type=_limit(-100, 100),
+        default=None,
+        help="the highest priority the new tenant's jobs may ask for (default: no cap)",
+    )
     create_key.set_defaults(func=cmd_create_key)
+    tenant = admin_sub.add_parser("tenant", help="show a tenant's limits, setting those given")
+    tenant.add_argument("name")
+    tenant.add_argument(
+        "--max-running-jobs",
+        type=_limit(0, 10_000),
+        default=_UNSET,
+        help="jobs it may run at once (none: the platform's default)",
+    )
+    tenant.add_argument(
+        "--max-priority",
+        type=_limit(-100, 100),
+        default=_UNSET,
+        help="the highest priority its jobs may ask for (none: no cap)",
+    )
+    tenant.set_defaults(func=cmd_tenant)
     return parser
 
 

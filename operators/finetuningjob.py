@@ -231,19 +231,37 @@ def _follow_suspend(client: Client, spec: dict[str, Any], job: dict[str, Any]) -
     return job
 
 
-def _follow_priority(client: Client, spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+def _follow_priority(
+    client: Client, spec: dict[str, Any], job: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
     """`spec.priority` on a submitted job: a queued job takes its new place in the queue at
     once, a validating, paused or running one keeps it for when it is queued. A job that is
-    cancelling (or ended meanwhile: 409) keeps the one it had; the next tick mirrors it."""
+    cancelling (or ended meanwhile: 409) keeps the one it had; the next tick mirrors it. One
+    above the tenant's cap (403) is not taken: the job, and why."""
     priority = spec.get("priority", 0)
     if job["priority"] == priority or PHASES.get(job["status"]) in {*FINISHED, "Cancelling"}:
-        return job
+        return job, None
     try:
-        return client.set_priority(job["id"], priority)
+        return client.set_priority(job["id"], priority), None
     except LoraforgeError as exc:
         if exc.status == 409:
-            return job
+            return job, None
+        if exc.status == 403:
+            return job, exc.message
         raise
+
+
+def _priority_condition(status: dict[str, Any], refused: str | None) -> dict[str, Any]:
+    """A `PriorityRefused` condition while `spec.priority` is refused (above the tenant's cap),
+    `False` once it no longer is."""
+    conditions = status.get("conditions") or []
+    if refused is None and not any(c["type"] == "PriorityRefused" for c in conditions):
+        return status
+    if refused is None:
+        conditions = set_condition(conditions, "PriorityRefused", False, "Followed")
+    else:
+        conditions = set_condition(conditions, "PriorityRefused", True, "AboveTenantCap", refused)
+    return status | {"conditions": conditions}
 
 
 def reconcile(
@@ -277,9 +295,9 @@ def reconcile(
             raise TemporaryFailure(f"loraforge API: {exc}") from None
     try:
         # Priority first: a job resumed goes into the queue at its new place.
-        job = client.retrieve_job(status["jobId"])
-        job = _follow_suspend(client, spec, _follow_priority(client, spec, job))
-        status = _mirror(client, job, status)
+        job, refused = _follow_priority(client, spec, client.retrieve_job(status["jobId"]))
+        job = _follow_suspend(client, spec, job)
+        status = _priority_condition(_mirror(client, job, status), refused)
     except (LoraforgeError, httpx.HTTPError) as exc:
         raise TemporaryFailure(f"loraforge API: {exc}") from None
     ttl = spec.get("ttlSecondsAfterFinished")

@@ -135,3 +135,11 @@ def require_admin(principal: Caller) -> tenants.Principal:
 
 Writer = Annotated[tenants.Principal, Depends(require_writer)]
 Admin = Annotated[tenants.Principal, Depends(require_admin)]
+
+
+def allow_priority(conn: Connection, principal: tenants.Principal, priority: int) -> None:
+    """403 when `priority` is above the highest the caller's tenant may ask for (its
+    `max_priority`, set by the platform's operator); a lower one is always allowed."""
+    why = tenants.priority_refusal(conn, principal.tenant_id, priority)
+    if why is not None:
+        raise ApiError(403, "priority_above_tenant_cap", why, "priority")

@@ -64,11 +64,14 @@ def _now() -> Any:
 
 class Tenant(Base):
     __tablename__ = "tenants"
+    __table_args__ = (CheckConstraint("max_priority BETWEEN -100 AND 100", name="max_priority"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = _now()
+    # The highest priority its jobs may ask for (revision 0021); none: no cap.
+    max_priority: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):

@@ -24,6 +24,10 @@ NEXT = (
     "platform's operators)."
 )
 BAD_PRIORITY = "Nothing changed: a priority is a whole number from -100 (last) to 100 (first)."
+ABOVE_CAP = (
+    "Nothing changed: that is above the highest priority your tenant's jobs may ask for (the "
+    "platform's operator sets it)."
+)
 
 
 def _queued_one_at_a_time(services: Services, keys: TenantKeys, count: int) -> list[str]:
@@ -223,6 +227,22 @@ def test_a_priority_out_of_range_or_not_a_number_is_a_notice_and_changes_nothing
             },
         )
         assert refused.ok and BAD_PRIORITY in refused.text(), sent
+
+    # Above the tenant's cap (`loraforge admin tenant NAME --max-priority 5`): from the page
+    # and from the table, a notice and nothing changed.
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE tenants SET max_priority = 5 WHERE id = :id"), {"id": tenant_a.tenant_id}
+        )
+    page.goto(f"{live_url}/jobs/{job_id}")
+    page.fill("#priority-input", "6")
+    page.click("#set-priority")
+    expect(page.locator("#notice")).to_have_text(ABOVE_CAP)
+    expect(page.locator("#job-priority")).to_have_text("0")
+    page.goto(f"{live_url}/jobs?q=sweep%3Dgrid")
+    page.fill("#sweep-priority", "6")
+    page.click("#prioritize-sweep")
+    expect(page.locator("#notice")).to_have_text(ABOVE_CAP)
 
     assert _priorities(services, job_ids) == [0, 0]
     assert _priority_events(services, job_id) == []

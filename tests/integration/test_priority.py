@@ -19,8 +19,10 @@ from sqlalchemy import Engine, text
 
 from control_plane.queue import JobQueue, JobStateError
 from control_plane.services import Services
+from control_plane.settings import Settings
 from control_plane.sweeps import cancel_matching, prioritize_matching
 from loraforge import Client, LoraforgeError
+from loraforge.cli import build_parser
 from tests.api_harness import TenantKeys
 from tests.factories import (
     STATE_SQL,
@@ -323,4 +325,81 @@ def test_claims_a_cancel_and_a_new_priority_on_the_same_sweep_end_without_a_dead
             ).scalars()
         )
     assert statuses <= {"cancelled", "cancelling", "succeeded"}
+    assert_no_drift(engine)
+
+
+def _admin(database_url: str, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        args = build_parser().parse_args(["admin", *argv])
+        code = int(args.func(args, Settings(database_url=database_url)))
+    except SystemExit as exit:  # argparse's refusal
+        code = int(exit.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_for(
+    services: Services,
+    database_url: str,
+    live_url: str,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The platform's operator caps a tenant's priority (`loraforge admin tenant NAME
+    --max-priority 5`): a job created above it, a job given one above it and a sweep given one
+    above it are refused (403, the cap named) with nothing created or changed; at or below the
+    cap they are taken, lowering always is, and another tenant is not capped. `none` lifts it."""
+    engine = services.engine
+    base_name = make_base(engine, "tiny-priority").name
+    file_id = make_file(engine, tenant_a.tenant_id).id
+    with engine.connect() as conn:
+        name = conn.execute(
+            text("SELECT name FROM tenants WHERE id = :id"), {"id": tenant_a.tenant_id}
+        ).scalar_one()
+    assert _admin(database_url, capsys, "tenant", name, "--max-priority", "5") == (
+        0,
+        f"tenant {name} ({tenant_a.tenant_id}): max_running_jobs 4 (default), max_priority 5\n",
+    )
+    code, said = _admin(database_url, capsys, "tenant", name, "--max-priority", "101")
+    assert code == 2 and "101 is not from -100 to 100" in said
+    client = Client(live_url, tenant_a.member)
+    body = {"model": base_name, "training_file": file_id}
+    with pytest.raises(LoraforgeError) as refused:
+        client.create_job(**body, priority=6)
+    assert (refused.value.status, refused.value.code, refused.value.param) == (
+        403,
+        "priority_above_tenant_cap",
+        "priority",
+    )
+    assert "above 5, the highest this tenant's jobs may ask for" in refused.value.message
+    with engine.connect() as conn:
+        assert (
+            conn.execute(
+                text("SELECT count(*) FROM jobs WHERE tenant_id = :t"), {"t": tenant_a.tenant_id}
+            ).scalar_one()
+            == 0
+        )  # nothing created
+    [job_id] = enqueue_jobs(engine, tenant_a.tenant_id, make_base(engine, "b2").id, file_id, 1)
+    tag_jobs(engine, {"sweep": "s"}, job_id)
+    assert client.set_priority(job_id, 5)["priority"] == 5  # at the cap: taken
+    before = _rows(engine, [job_id])
+    for ask in (
+        lambda: client.set_priority(job_id, 6),
+        lambda: client.prioritize_jobs({"sweep": "s"}, 100),
+    ):
+        with pytest.raises(LoraforgeError) as refused:
+            ask()
+        assert (refused.value.status, refused.value.code) == (403, "priority_above_tenant_cap")
+    assert _rows(engine, [job_id]) == before  # nothing changed, no event
+    assert client.prioritize_jobs({"sweep": "s"}, -3)["changed"] == 1  # lowering: taken
+    other = Client(live_url, tenant_b.member)
+    file_b = make_file(engine, tenant_b.tenant_id).id
+    assert other.create_job(model=base_name, training_file=file_b, priority=100)["priority"] == 100
+
+    assert _admin(database_url, capsys, "tenant", name, "--max-priority", "none")[1].endswith(
+        "max_priority none\n"
+    )
+    assert client.set_priority(job_id, 100)["priority"] == 100
+    assert _admin(database_url, capsys, "tenant", "nobody") == (1, "no tenant named 'nobody'\n")
     assert_no_drift(engine)

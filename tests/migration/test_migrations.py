@@ -9,7 +9,7 @@ from sqlalchemy import create_engine, inspect, pool, text
 from control_plane import db
 from control_plane.db import include_name
 from control_plane.db.tables import Base
-from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
+from tests.factories import enqueue_jobs, make_base, make_file
 
 
 def _tables(url: str) -> set[str]:
@@ -59,9 +59,14 @@ def test_the_metric_rollups_of_jobs_logged_before_revision_0015_are_summed_as_it
     engine = db.make_engine(empty_database_url, pool_size=2)
     try:
         base = make_base(engine)
-        tenant = make_tenant(engine, "before-0015")
-        file_id = make_file(engine, tenant.id).id
-        before, after = enqueue_jobs(engine, tenant.id, base.id, file_id, 2)
+        with engine.begin() as conn:  # 0014's tenants, not today's (revision 0021 adds a column)
+            tenant_id = conn.execute(
+                text(
+                    "INSERT INTO tenants (id, name) VALUES ('tenant-0014', 'before-0015') RETURNING id"
+                )
+            ).scalar_one()
+        file_id = make_file(engine, tenant_id).id
+        before, after = enqueue_jobs(engine, tenant_id, base.id, file_id, 2)
         log = (
             "INSERT INTO job_events (job_id, type, message, data) "
             "SELECT :job, CASE WHEN g % 50 = 0 THEN 'message' ELSE 'metrics' END, 'step', "

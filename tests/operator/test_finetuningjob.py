@@ -245,7 +245,8 @@ async def test_raising_a_queued_finetuningjobs_priority_moves_it_before_its_tena
 ) -> None:
     """`spec.priority` is followed after submission: raised, the queued job takes its new place
     at once (none of its tenant's jobs ahead of it any more), and when its tenant's slot frees
-    the trainer takes it before the jobs submitted earlier."""
+    the trainer takes it before the jobs submitted earlier. Above its tenant's cap it is not
+    taken, and a `PriorityRefused` condition says why until the cap is lifted."""
     await given_credentials(kube, platform)
     holder, base_id = given_the_tenant_runs_its_one_job(platform)
     engine, tenant = platform.services.engine, platform.keys.tenant_id
@@ -260,8 +261,19 @@ async def test_raising_a_queued_finetuningjobs_priority_moves_it_before_its_tena
     async with running_operator(kube):
         await eventually(lambda: _own_jobs_ahead_are(kube, "urgent", 2), what="2 jobs ahead")
         job_id = await status_of(kube, "urgent", "jobId")()
+        _cap_priority(platform, 20)
         await kube.patch("finetuningjobs", "urgent", {"spec": {"priority": 50}})
+        await eventually(
+            lambda: _condition_is(kube, "urgent", "PriorityRefused", "True"), what="refused"
+        )
+        conditions = await status_of(kube, "urgent", "conditions")()
+        [refused] = [c for c in conditions if c["type"] == "PriorityRefused"]
+        assert refused["reason"] == "AboveTenantCap" and "above 20" in refused["message"]
+        assert await status_of(kube, "urgent", "priority")() == 0
+        assert await _own_jobs_ahead_are(kube, "urgent", 2)
+        _cap_priority(platform, None)
         await eventually(lambda: _own_jobs_ahead_are(kube, "urgent", 0), what="none ahead")
+        assert await _condition_is(kube, "urgent", "PriorityRefused", "False")
         assert await status_of(kube, "urgent", "priority")() == 50
         with platform.client() as client:
             assert client.retrieve_job(job_id)["priority"] == 50
@@ -283,8 +295,21 @@ async def _own_jobs_ahead_are(kube: FakeKube, name: str, count: int) -> bool:
 
 
 async def _waiting_is(kube: FakeKube, name: str, value: str) -> bool:
+    return await _condition_is(kube, name, "Waiting", value)
+
+
+async def _condition_is(kube: FakeKube, name: str, kind: str, value: str) -> bool:
     conditions = await status_of(kube, name, "conditions")() or []
-    return any(c["type"] == "Waiting" and c["status"] == value for c in conditions)
+    return any(c["type"] == kind and c["status"] == value for c in conditions)
+
+
+def _cap_priority(platform: Platform, cap: int | None) -> None:
+    """The highest priority the tenant's jobs may ask for (`loraforge admin tenant`)."""
+    with platform.services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE tenants SET max_priority = :cap WHERE id = :id"),
+            {"cap": cap, "id": platform.keys.tenant_id},
+        )
 
 
 async def _gone(kube: FakeKube, name: str) -> bool:

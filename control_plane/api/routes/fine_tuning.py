@@ -15,7 +15,7 @@ from control_plane import base_catalog, jobs, queue_standing, registry, tenants
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api import sse
-from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer, allow_priority
 from control_plane.api.errors import ApiError, describe_validation_errors, not_found
 from control_plane.api.openapi import refusals
 from control_plane.api.schemas import (
@@ -124,6 +124,7 @@ def create_job(
 ) -> JobPublic:
     if body.adapter_name is not None:
         _adapter_name(body.adapter_name)
+    allow_priority(conn, caller, body.priority)
     requested = body.merged_hyperparameters()
     hp = _hyperparameters(requested)
     base = base_catalog.get_base_model(conn, body.model)
@@ -308,7 +309,10 @@ def set_job_priority(
     job_id: str, body: JobPriority, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> JobPublic:
     """A queued job takes its new place in the claim's order at once (priority goes before
-    the fair share); a validating, paused or running job keeps it for when it is queued."""
+    the fair share); a validating, paused or running job keeps it for when it is queued. 403
+    above the tenant's cap (`max_priority`), 409 for a job cancelling or over."""
+    _owned_job(conn, caller, job_id)
+    allow_priority(conn, caller, body.priority)
     return _move(
         conn, caller, job_id, lambda j: services.queue.set_priority(j, body.priority), "moved"
     )

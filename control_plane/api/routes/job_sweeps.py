@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane import sweeps
-from control_plane.api.deps import ServicesDep, Writer
+from control_plane.api.deps import ConnDep, ServicesDep, Writer, allow_priority
 from control_plane.api.schemas import MetadataKey, MetadataValue, Priority
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -100,11 +100,13 @@ def resume_jobs(body: JobsSelection, caller: Writer, services: ServicesDep) -> J
 
 @router.post("/priority", response_model=JobsPrioritizedPublic)
 def prioritize_jobs(
-    body: JobsPrioritySelection, caller: Writer, services: ServicesDep
+    body: JobsPrioritySelection, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> JobsPrioritizedPublic:
     """Give `priority` to the caller's jobs whose metadata holds every pair and that are not
     over or cancelling: queued ones move in the claim's order at once (priority goes before
-    the fair share), validating, paused and running ones keep it for when they are queued."""
+    the fair share), validating, paused and running ones keep it for when they are queued.
+    403, nothing changed, above the tenant's cap (`max_priority`)."""
+    allow_priority(conn, caller, body.priority)
     changed = sweeps.prioritize_matching(
         services.engine, caller.tenant_id, body.metadata, body.priority
     )

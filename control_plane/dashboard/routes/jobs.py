@@ -54,6 +54,8 @@ NOTICES = {
     "prioritized-later": "New priority set: the job is not queued now; it takes its place once it is.",
     "not-prioritizable": "Only a job not yet over and not cancelling takes a new priority.",
     "bad-priority": "Nothing changed: a priority is a whole number from -100 (last) to 100 (first).",
+    "priority-capped": "Nothing changed: that is above the highest priority your tenant's jobs "
+    "may ask for (the platform's operator sets it).",
 }
 
 
@@ -77,7 +79,7 @@ def jobs_page(
     now: Annotated[int, Query(ge=0)] = 0,
     asked: Annotated[int, Query(ge=0)] = 0,
     priority: Annotated[int, Query(ge=-100, le=100)] = 0,
-    refused: Literal["filter", "priority"] | None = None,
+    refused: Literal["filter", "priority", "cap"] | None = None,
 ) -> Response:
     wanted = JobStatus(status) if status in set(JobStatus) else None
     search = (q or "").strip() or None

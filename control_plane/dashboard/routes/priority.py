@@ -50,7 +50,7 @@ def set_priority(
     except ApiError as exc:
         if exc.status == 404:
             raise PageNotFound() from None
-        return _back(job.id, "not-prioritizable")
+        return _back(job.id, "priority-capped" if exc.status == 403 else "not-prioritizable")
     return _back(job.id, "prioritized" if moved.status == JobStatus.QUEUED else "prioritized-later")
 
 

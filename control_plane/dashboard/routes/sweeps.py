@@ -13,7 +13,7 @@ from fastapi import APIRouter, Form
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 
-from control_plane import sweeps
+from control_plane import sweeps, tenants
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
 from control_plane.api.routes.job_sweeps import JobsPrioritySelection, JobsSelection
@@ -56,6 +56,9 @@ def move_sweep(
         )
     except ValidationError:  # not a whole number from -100 to 100
         return _back({"q": q, "refused": "priority"})
+    with services.engine.connect() as conn:
+        if tenants.priority_refusal(conn, tenant_id, given.priority):
+            return _back({"q": q, "refused": "cap"})
     changed = sweeps.prioritize_matching(services.engine, tenant_id, given.metadata, given.priority)
     return _back({"q": q, "swept": "priority", "now": changed, "priority": given.priority})
 
