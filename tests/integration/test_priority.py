@@ -401,5 +401,12 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
         "max_priority none\n"
     )
     assert client.set_priority(job_id, 100)["priority"] == 100
+    code, said = _admin(database_url, capsys, "tenant", name, "--max-running-jobs", "1")
+    assert code == 0 and "max_running_jobs 1, max_priority none" in said
+    with engine.connect() as conn:  # its queue line re-flagged against the new limit
+        assert conn.execute(
+            text("SELECT DISTINCT max_running FROM queue_heads WHERE tenant_id = :t"),
+            {"t": tenant_a.tenant_id},
+        ).scalars().all() == [1]
     assert _admin(database_url, capsys, "tenant", "nobody") == (1, "no tenant named 'nobody'\n")
     assert_no_drift(engine)
