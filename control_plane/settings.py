@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_example_tokens: int = Field(default=32768, ge=1)
     max_running_jobs_per_tenant: int = Field(default=4, ge=1)
+    # The highest priority a tenant without its own cap (`tenants.max_priority`) may ask for:
+    # priority goes before the fair share. None: no cap.
+    max_priority_per_tenant: int | None = Field(default=None, ge=-100, le=100)
     max_attempts: int = Field(default=3, ge=1, le=100)
     # A lease lost with its trainer does not use up an attempt; after this many such losses the
     # job fails (a job that takes its trainer down every time must not loop for ever).

@@ -93,12 +93,15 @@ def set_limits(conn: Connection, name: str, **limits: int | None) -> TenantRecor
     return TenantRecord.from_row(row) if row else None
 
 
-def priority_refusal(conn: Connection, tenant_id: str, priority: int) -> str | None:
-    """Why the tenant's jobs may not ask for `priority` (above the tenant's `max_priority`, set
-    by the platform's operator), or None when they may."""
-    cap = conn.execute(
+def priority_refusal(
+    conn: Connection, tenant_id: str, priority: int, default_cap: int | None
+) -> str | None:
+    """Why the tenant's jobs may not ask for `priority` (above the tenant's `max_priority`, else
+    the platform's `default_cap`, both set by the platform's operator), or None when they may."""
+    own = conn.execute(
         select(tenants.c.max_priority).where(tenants.c.id == tenant_id)
     ).scalar_one_or_none()
+    cap = own if own is not None else default_cap
     if cap is None or priority <= cap:
         return None
     return (

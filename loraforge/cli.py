@@ -57,13 +57,20 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _or_default(own: int | None, default: int | None) -> str:
+    """A tenant's limit as the platform applies it: its own, else the platform's default."""
+    if own is not None:
+        return str(own)
+    return "none" if default is None else f"{default} (default)"
+
+
 # An option not given (`none` is given: it clears the limit).
 _UNSET = object()
 
 
 def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
-    """Show a tenant's limits, setting those given first (`none`: the platform's default
-    running limit, no priority cap)."""
+    """Show a tenant's limits, setting those given first (`none`: the platform's default,
+    `MAX_RUNNING_JOBS_PER_TENANT` or `MAX_PRIORITY_PER_TENANT`)."""
     from control_plane import db, tenants
 
     url = _database_url(settings)
@@ -86,11 +93,10 @@ def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
     if tenant is None:
         print(f"no tenant named {args.name!r}", file=sys.stderr)
         return 1
-    running = tenant.max_running_jobs
+    running = _or_default(tenant.max_running_jobs, settings.max_running_jobs_per_tenant)
+    priority = _or_default(tenant.max_priority, settings.max_priority_per_tenant)
     print(
-        f"tenant {tenant.name} ({tenant.id}): max_running_jobs "
-        f"{running if running is not None else f'{settings.max_running_jobs_per_tenant} (default)'}"
-        f", max_priority {tenant.max_priority if tenant.max_priority is not None else 'none'}"
+        f"tenant {tenant.name} ({tenant.id}): max_running_jobs {running}, max_priority {priority}"
     )
     return 0
 
@@ -250,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-priority",
         type=_limit(-100, 100),
         default=None,
-        help="the highest priority the new tenant's jobs may ask for (default: no cap)",
+        help="the highest priority the new tenant's jobs may ask for "
+        "(default: the platform's MAX_PRIORITY_PER_TENANT)",
     )
     create_key.set_defaults(func=cmd_create_key)
     tenant = admin_sub.add_parser("tenant", help="show a tenant's limits, setting those given")
@@ -265,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-priority",
         type=_limit(-100, 100),
         default=_UNSET,
-        help="the highest priority its jobs may ask for (none: no cap)",
+        help="the highest priority its jobs may ask for (none: the platform's default)",
     )
     tenant.set_defaults(func=cmd_tenant)
     return parser

@@ -137,9 +137,13 @@ Writer = Annotated[tenants.Principal, Depends(require_writer)]
 Admin = Annotated[tenants.Principal, Depends(require_admin)]
 
 
-def allow_priority(conn: Connection, principal: tenants.Principal, priority: int) -> None:
+def allow_priority(
+    conn: Connection, principal: tenants.Principal, priority: int, services: Services
+) -> None:
     """403 when `priority` is above the highest the caller's tenant may ask for (its
-    `max_priority`, set by the platform's operator); a lower one is always allowed."""
-    why = tenants.priority_refusal(conn, principal.tenant_id, priority)
+    `max_priority`, else the platform's `max_priority_per_tenant`, both set by the platform's
+    operator); a lower one is always allowed."""
+    default = services.settings.max_priority_per_tenant
+    why = tenants.priority_refusal(conn, principal.tenant_id, priority, default)
     if why is not None:
         raise ApiError(403, "priority_above_tenant_cap", why, "priority")

@@ -6,8 +6,9 @@ Create Date: 2026-12-04 20:30:00.000000
 
 A job's priority goes before the fair share between tenants, so a tenant that asks for 100 on
 every job would be served before every other tenant whatever its share. `tenants.max_priority`
-(none: no cap, as before) is the highest priority the tenant's jobs may be created with or be
-given later; a lower one is always allowed. Set by the platform's operator (`loraforge admin
+(none: the platform's `MAX_PRIORITY_PER_TENANT`, itself none by default: no cap, as before) is
+the highest priority the tenant's jobs may be created with or be given later; a lower one is
+always allowed. Set by the platform's operator (`loraforge admin
 tenant NAME --max-priority N`), as Slurm lets only its operators raise a job's priority and
 Kueue's priority classes are a cluster administrator's.
 """

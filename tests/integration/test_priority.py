@@ -345,11 +345,13 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
     tenant_a: TenantKeys,
     tenant_b: TenantKeys,
     capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The platform's operator caps a tenant's priority (`loraforge admin tenant NAME
     --max-priority 5`): a job created above it, a job given one above it and a sweep given one
     above it are refused (403, the cap named) with nothing created or changed; at or below the
-    cap they are taken, lowering always is, and another tenant is not capped. `none` lifts it."""
+    cap they are taken, lowering always is, and another tenant is not capped. `none` lifts it; the
+    platform's default (`MAX_PRIORITY_PER_TENANT`) caps every tenant without a cap of its own."""
     engine = services.engine
     base_name = make_base(engine, "tiny-priority").name
     file_id = make_file(engine, tenant_a.tenant_id).id
@@ -409,4 +411,18 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
             {"t": tenant_a.tenant_id},
         ).scalars().all() == [1]
     assert _admin(database_url, capsys, "tenant", "nobody") == (1, "no tenant named 'nobody'\n")
+
+    # The platform's default cap (MAX_PRIORITY_PER_TENANT) holds for a tenant without its own.
+    services.settings.max_priority_per_tenant = 10
+    with pytest.raises(LoraforgeError) as refused:
+        other.create_job(model=base_name, training_file=file_b, priority=11)
+    assert refused.value.status == 403 and "above 10" in refused.value.message
+    assert other.create_job(model=base_name, training_file=file_b, priority=10)["priority"] == 10
+    with pytest.raises(LoraforgeError) as refused:  # a has no cap of its own either now
+        client.set_priority(job_id, 50)
+    assert refused.value.status == 403
+    monkeypatch.setenv("LORAFORGE_MAX_PRIORITY_PER_TENANT", "10")
+    assert _admin(database_url, capsys, "tenant", name)[1].endswith("max_priority 10 (default)\n")
+    assert _admin(database_url, capsys, "tenant", name, "--max-priority", "100")[0] == 0
+    assert client.set_priority(job_id, 50)["priority"] == 50  # its own cap before the default
     assert_no_drift(engine)

@@ -216,7 +216,8 @@ async def test_a_queued_finetuningjob_says_what_it_waits_for_until_it_runs(
     await kube.secret("wait-data", {"train.jsonl": data})
     spec = {
         "dataset": {"secretRef": {"name": "wait-data", "key": "train.jsonl"}},
-        "hyperparameters": FAST,
+        # Long enough to be seen `Running` between two polls (FAST's few steps can end first).
+        "hyperparameters": {**FAST, "nEpochs": 50},
     }
     await kube.create("finetuningjobs", job("waiting", **spec))
     async with running_operator(kube):

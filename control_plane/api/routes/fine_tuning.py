@@ -124,7 +124,7 @@ def create_job(
 ) -> JobPublic:
     if body.adapter_name is not None:
         _adapter_name(body.adapter_name)
-    allow_priority(conn, caller, body.priority)
+    allow_priority(conn, caller, body.priority, services)
     requested = body.merged_hyperparameters()
     hp = _hyperparameters(requested)
     base = base_catalog.get_base_model(conn, body.model)
@@ -312,7 +312,7 @@ def set_job_priority(
     the fair share); a validating, paused or running job keeps it for when it is queued. 403
     above the tenant's cap (`max_priority`), 409 for a job cancelling or over."""
     _owned_job(conn, caller, job_id)
-    allow_priority(conn, caller, body.priority)
+    allow_priority(conn, caller, body.priority, services)
     return _move(
         conn, caller, job_id, lambda j: services.queue.set_priority(j, body.priority), "moved"
     )

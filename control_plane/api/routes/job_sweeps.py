@@ -106,7 +106,7 @@ def prioritize_jobs(
     over or cancelling: queued ones move in the claim's order at once (priority goes before
     the fair share), validating, paused and running ones keep it for when they are queued.
     403, nothing changed, above the tenant's cap (`max_priority`)."""
-    allow_priority(conn, caller, body.priority)
+    allow_priority(conn, caller, body.priority, services)
     changed = sweeps.prioritize_matching(
         services.engine, caller.tenant_id, body.metadata, body.priority
     )

@@ -57,7 +57,8 @@ def move_sweep(
     except ValidationError:  # not a whole number from -100 to 100
         return _back({"q": q, "refused": "priority"})
     with services.engine.connect() as conn:
-        if tenants.priority_refusal(conn, tenant_id, given.priority):
+        cap = services.settings.max_priority_per_tenant
+        if tenants.priority_refusal(conn, tenant_id, given.priority, cap):
             return _back({"q": q, "refused": "cap"})
     changed = sweeps.prioritize_matching(services.engine, tenant_id, given.metadata, given.priority)
     return _back({"q": q, "swept": "priority", "now": changed, "priority": given.priority})
