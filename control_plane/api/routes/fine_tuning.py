@@ -311,11 +311,12 @@ def set_job_priority(
     """A queued job takes its new place in the claim's order at once (priority goes before
     the fair share); a validating, paused or running job keeps it for when it is queued. 403
     above the tenant's cap (`max_priority`), 409 for a job cancelling or over."""
-    _owned_job(conn, caller, job_id)
-    allow_priority(conn, caller, body.priority, services)
-    return _move(
-        conn, caller, job_id, lambda j: services.queue.set_priority(j, body.priority), "moved"
-    )
+
+    def move(owned: str) -> JobRecord:  # the job is the caller's (404 before 403)
+        allow_priority(conn, caller, body.priority, services)
+        return services.queue.set_priority(owned, body.priority)
+
+    return _move(conn, caller, job_id, move, "reprioritized")
 
 
 # Each move's refusal: its code and what the job would have to be.
@@ -326,7 +327,7 @@ _REFUSED = {
         "job_not_resumable",
         "only paused jobs (and running ones asked to pause) can be resumed",
     ),
-    "moved": (
+    "reprioritized": (
         "job_not_prioritizable",
         "only jobs not yet over and not cancelling take a new priority",
     ),

@@ -13,13 +13,14 @@ from fastapi import APIRouter, Form
 from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 
-from control_plane import sweeps, tenants
+from control_plane import sweeps
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
+from control_plane.api.routes import job_sweeps
 from control_plane.api.routes.job_sweeps import JobsPrioritySelection, JobsSelection
 from control_plane.dashboard import queries
 from control_plane.dashboard.render import PageForbidden
-from control_plane.dashboard.sessions import CheckedSession
+from control_plane.dashboard.sessions import CheckedSession, PageConn
 
 router = APIRouter()
 
@@ -27,6 +28,7 @@ router = APIRouter()
 @router.post("/jobs/sweep")
 def move_sweep(
     session: CheckedSession,
+    conn: PageConn,
     services: ServicesDep,
     action: Annotated[sweeps.Action | Literal["priority"], Form()],
     q: Annotated[str, Form(max_length=200)] = "",
@@ -56,12 +58,11 @@ def move_sweep(
         )
     except ValidationError:  # not a whole number from -100 to 100
         return _back({"q": q, "refused": "priority"})
-    with services.engine.connect() as conn:
-        cap = services.settings.max_priority_per_tenant
-        if tenants.priority_refusal(conn, tenant_id, given.priority, cap):
-            return _back({"q": q, "refused": "cap"})
-    changed = sweeps.prioritize_matching(services.engine, tenant_id, given.metadata, given.priority)
-    return _back({"q": q, "swept": "priority", "now": changed, "priority": given.priority})
+    try:
+        done = job_sweeps.prioritize_jobs(given, conn, session.principal, services)
+    except ApiError:  # above the tenant's cap (`max_priority`)
+        return _back({"q": q, "refused": "cap"})
+    return _back({"q": q, "swept": "priority", "now": done.changed, "priority": given.priority})
 
 
 def _back(query: dict[str, str | int]) -> Response:

@@ -35,10 +35,14 @@
     button.textContent = "Press Ctrl+C";
   }
 
-  function replaceWithHtml(element, html) {
+  function elementOf(html) {
     var template = document.createElement("template");
     template.innerHTML = html.trim();
-    var fresh = template.content.firstElementChild;
+    return template.content.firstElementChild;
+  }
+
+  function replaceWithHtml(element, html) {
+    var fresh = elementOf(html);
     if (!fresh) return null;
     element.replaceWith(fresh);
     if (window.htmx) window.htmx.process(fresh);
@@ -49,9 +53,7 @@
   // form stays the very element they are in, with what they typed and where their caret was;
   // the rest is new. A redraw that changes nothing (the stream's first) is left out.
   function replaceKeepingForms(element, html) {
-    var template = document.createElement("template");
-    template.innerHTML = html.trim();
-    var fresh = template.content.firstElementChild;
+    var fresh = elementOf(html);
     if (!fresh || fresh.isEqualNode(element)) return;
     var focused = document.activeElement;
     var kept = Array.prototype.filter.call(element.querySelectorAll("form[id]"), function (form) {
