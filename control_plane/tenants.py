@@ -7,13 +7,15 @@ import hmac
 import secrets
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import cast
+from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import Connection, Table, func, insert, select, update
+from sqlalchemy import Connection, Row, Select, Table, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from control_plane.db.tables import ROLES, ApiKey, Tenant
+from control_plane.db.tables import ROLES, ApiKey, Tenant, TenantQueueStats
 from control_plane.ids import new_id
+from control_plane.pagination import trim
 from control_plane.records import ApiKeyRecord, TenantRecord
 
 tenants = cast(Table, Tenant.__table__)
@@ -80,17 +82,52 @@ def create_tenant(
     return TenantRecord.from_row(row)
 
 
-def set_limits(conn: Connection, name: str, **limits: int | None) -> TenantRecord | None:
+def set_limits(
+    conn: Connection, name: str, default_running: int, **limits: int | None
+) -> TenantRecord | None:
     """Set a tenant's `max_running_jobs` and/or `max_priority` (None: the platform's default
-    limit, no cap); the tenant as it now is, or None when no tenant has that name. A new
-    running limit re-flags the tenant's queue lines (revision 0013's trigger)."""
+    limit, `default_running`, and no cap); the tenant as it now is, or None when no tenant has
+    that name. A new running limit re-flags the tenant's queue lines (revision 0013's trigger),
+    and one that leaves room for more of its queued jobs wakes idle trainers for them: a trainer
+    asleep would otherwise find them only at its next poll."""
     unknown = set(limits) - {"max_running_jobs", "max_priority"}
     if unknown:
         raise TypeError(f"not a tenant limit: {sorted(unknown)}")
+    before = conn.execute(
+        select(tenants.c.max_running_jobs).where(tenants.c.name == name).with_for_update()
+    ).one_or_none()
+    if before is None:
+        return None
     row = conn.execute(
         update(tenants).where(tenants.c.name == name).values(**limits).returning(*tenants.c)
-    ).one_or_none()
-    return TenantRecord.from_row(row) if row else None
+    ).one()
+    old_limit = _or(before.max_running_jobs, default_running)
+    if _or(row.max_running_jobs, default_running) > old_limit:
+        conn.execute(_WAKE_FOR_ROOM, {"tenant": row.id, "default": default_running})
+    return TenantRecord.from_row(row)
+
+
+def _or(own: int | None, default: int) -> int:
+    return default if own is None else own
+
+
+# One wake-up (revision 0017's `queue_wake`) for each queued job of the tenant that its running
+# limit now leaves room for, on that job's line's base: at most WAKE_FOR_ROOM_MAX a line, more
+# than a platform has idle trainers to wake (with none asleep, each is one notification on the
+# jobs channel, folded into one at commit).
+WAKE_FOR_ROOM_MAX = 64
+_WAKE_FOR_ROOM = text(
+    f"""
+    SELECT count(queue_wake(h.base_model_id))
+    FROM tenant_queue_stats s
+    JOIN tenants t ON t.id = s.tenant_id
+    JOIN queue_heads h ON h.tenant_id = s.tenant_id AND h.queued > 0
+    CROSS JOIN LATERAL generate_series(
+        1, least(h.queued, coalesce(t.max_running_jobs, :default) - s.running, {WAKE_FOR_ROOM_MAX})
+    )
+    WHERE s.tenant_id = :tenant
+    """
+)
 
 
 def priority_refusal(
@@ -108,6 +145,69 @@ def priority_refusal(
         f"priority: {priority} is above {cap}, the highest this tenant's jobs may ask for (the "
         f"platform's operator sets it); ask for {cap} or lower"
     )
+
+
+@dataclass(frozen=True)
+class TenantOverview:
+    """A tenant as the platform's operator sees it: its own limits, its jobs counted off its
+    queue bookkeeping row (kept exact by revision 0006's triggers: nothing counts jobs, so a
+    page of tenants costs the same beside any backlog), when the queue last served it, and how
+    many of its keys are live."""
+
+    tenant: TenantRecord
+    queued: int
+    running: int
+    cancelling: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    last_served_at: datetime | None
+    live_keys: int
+
+
+_COUNTED = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+
+
+def _overviews() -> Select[Any]:
+    stats = cast(Table, TenantQueueStats.__table__)
+    live_keys = (
+        select(func.count())
+        .where(api_keys.c.tenant_id == tenants.c.id, api_keys.c.revoked_at.is_(None))
+        .scalar_subquery()
+    )
+    return select(
+        tenants,
+        *(func.coalesce(stats.c[name], 0).label(name) for name in _COUNTED),
+        stats.c.last_served_at,
+        live_keys.label("live_keys"),
+    ).select_from(tenants.outerjoin(stats, stats.c.tenant_id == tenants.c.id))
+
+
+def _overview(row: Row[Any]) -> TenantOverview:
+    counts = {name: int(row._mapping[name]) for name in _COUNTED}
+    return TenantOverview(
+        TenantRecord.from_row(row),
+        **counts,
+        last_served_at=row.last_served_at,
+        live_keys=int(row.live_keys),
+    )
+
+
+def list_tenants(
+    conn: Connection, *, after: str | None, limit: int
+) -> tuple[list[TenantOverview], bool]:
+    """A page of tenants by name (`after`: the last name of the previous page; it need not be a
+    tenant's), and whether another follows: a seek on the names' unique index."""
+    query = _overviews().order_by(tenants.c.name).limit(limit + 1)
+    if after is not None:
+        query = query.where(tenants.c.name > after)
+    rows, more = trim(conn.execute(query).all(), limit)
+    return [_overview(row) for row in rows], more
+
+
+def tenant_overview(conn: Connection, name: str) -> TenantOverview | None:
+    row = conn.execute(_overviews().where(tenants.c.name == name)).one_or_none()
+    return _overview(row) if row is not None else None
 
 
 def get_tenant(conn: Connection, tenant_id: str) -> TenantRecord | None:

@@ -84,7 +84,7 @@ def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with engine.begin() as conn:
             tenant = (
-                tenants.set_limits(conn, args.name, **given)
+                tenants.set_limits(conn, args.name, settings.max_running_jobs_per_tenant, **given)
                 if given
                 else tenants.get_tenant_by_name(conn, args.name)
             )

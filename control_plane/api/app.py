@@ -20,6 +20,7 @@ from control_plane.api.routes import (
     job_streams,
     job_sweeps,
     models,
+    tenants,
 )
 from control_plane.api.text_input import refuse_nul
 from control_plane.dashboard import DASHBOARD_ROUTERS, mount_dashboard
@@ -33,6 +34,7 @@ API_ROUTERS = (
     models.router,
     base_models.router,
     api_keys.router,
+    tenants.router,
     adapters.router,
     health.router,
 )

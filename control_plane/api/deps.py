@@ -137,6 +137,35 @@ Writer = Annotated[tenants.Principal, Depends(require_writer)]
 Admin = Annotated[tenants.Principal, Depends(require_admin)]
 
 
+def refuse_unless_operator(
+    conn: Connection, principal: tenants.Principal, services: Services, action: str
+) -> None:
+    """403 unless the caller is a platform operator: an admin of a tenant that the setting
+    `platform_operator_tenants` names. `action` says what was refused, and why it is theirs."""
+    operators = services.settings.platform_operator_tenants
+    if not (
+        principal.is_admin() and tenants.is_operator_tenant(conn, principal.tenant_id, operators)
+    ):
+        raise ApiError(
+            403,
+            "platform_operator_required",
+            f"{action} is a platform operator's action: use an admin key of a tenant named in "
+            "LORAFORGE_PLATFORM_OPERATOR_TENANTS.",
+        )
+
+
+def require_platform_operator(
+    principal: Admin, conn: ConnDep, services: ServicesDep
+) -> tenants.Principal:
+    refuse_unless_operator(
+        conn, principal, services, "Administering tenants (their limits and keys)"
+    )
+    return principal
+
+
+PlatformOperator = Annotated[tenants.Principal, Depends(require_platform_operator)]
+
+
 def allow_priority(
     conn: Connection, principal: tenants.Principal, priority: int, services: Services
 ) -> None:

@@ -18,6 +18,7 @@ from pydantic import (
 
 from control_plane.job_status import JobStatus
 from control_plane.records import (
+    ApiKeyRecord,
     BaseModelRecord,
     CheckpointRecord,
     FileRecord,
@@ -426,3 +427,15 @@ class ApiKeyPublic(BaseModel):
     created_at: int
     revoked: bool
     key: str | None = None  # the plaintext, only in the response that created it
+
+    @classmethod
+    def of(cls, record: ApiKeyRecord, plaintext: str | None = None) -> ApiKeyPublic:
+        return cls(
+            id=record.id,
+            name=record.name,
+            prefix=record.prefix,
+            role=record.role,
+            created_at=int(record.created_at.timestamp()),
+            revoked=record.revoked_at is not None,
+            key=plaintext,
+        )

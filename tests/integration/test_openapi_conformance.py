@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from control_plane import registry
+from control_plane import registry, tenants
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
-from tests.factories import make_base
+from tests.factories import SECRET, make_base, make_tenant
 from tests.integration.test_registry import claim_job, publish
 
 EXAMPLES_PER_OPERATION = 40
@@ -63,6 +63,9 @@ def real_parameters(
         "/v1/api_keys", json={"name": "ci", "role": "member"}, headers=tenant_a.headers()
     ).json()["id"]
     files = [f["name"] for f in version.files]
+    fuzzed = make_tenant(services.engine, "fuzzed")
+    with services.engine.begin() as conn:
+        fuzzed_key = tenants.create_api_key(conn, SECRET, fuzzed.id, role="member")[0].id
     adapter = {
         "name": [ADAPTER],
         "ref": [str(version.number), "latest", ALIAS],
@@ -79,6 +82,9 @@ def real_parameters(
         # Another key of the tenant's: revoking the one the requests carry would make every
         # later answer a 401.
         "/v1/api_keys/": {"key_id": [member_key]},
+        # tenant-a's admin is a platform operator: a tenant of its own to administer, not
+        # tenant-a (whose limits and keys the other operations' requests depend on).
+        "/v1/tenants/": {"name": [fuzzed.name], "key_id": [fuzzed_key]},
     }
 
 

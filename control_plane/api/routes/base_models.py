@@ -16,7 +16,7 @@ from fastapi import APIRouter, Response
 from sqlalchemy import Connection, func
 
 from control_plane import base_catalog, tenants
-from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep
+from control_plane.api.deps import Admin, Caller, ConnDep, ServicesDep, refuse_unless_operator
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.openapi import refusals
 from control_plane.api.schemas import BaseModelCreate, BaseModelPublic, Page, page_of
@@ -49,14 +49,13 @@ def register_base_model(
     """Import a base (202, `registering`; a task fetches and checks it), or record a stored
     checkpoint given its sha256 (200, `ready`). A failed import, or one registering for longer
     than `base_import_timeout_seconds`, is started anew by registering the same name again."""
-    if not _operator_tenant(conn, caller, services):
-        raise ApiError(
-            403,
-            "platform_operator_required",
-            "Registering a base model is a platform operator's action (it reads a path or "
-            "bucket on the server, and the base serves every tenant): use an admin key of a "
-            "tenant named in LORAFORGE_PLATFORM_OPERATOR_TENANTS.",
-        )
+    refuse_unless_operator(
+        conn,
+        caller,
+        services,
+        "Registering a base model (it reads a path or bucket on the server, and the base serves "
+        "every tenant)",
+    )
     if body.sha256 is not None:
         record = _insert(
             conn,
