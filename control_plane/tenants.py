@@ -198,11 +198,14 @@ def list_tenants(
 ) -> tuple[list[TenantOverview], bool]:
     """A page of tenants by name (`after`: the last name of the previous page; it need not be a
     tenant's), and whether another follows: a seek on the names' unique index."""
-    query = _overviews().order_by(tenants.c.name).limit(limit + 1)
-    if after is not None:
-        query = query.where(tenants.c.name > after)
-    rows, more = trim(conn.execute(query).all(), limit)
+    rows, more = trim(conn.execute(page_query(after, limit)).all(), limit)
     return [_overview(row) for row in rows], more
+
+
+def page_query(after: str | None, limit: int) -> Select[Any]:
+    """`list_tenants`' statement: `limit + 1` tenants by name after `after`."""
+    query = _overviews().order_by(tenants.c.name).limit(limit + 1)
+    return query if after is None else query.where(tenants.c.name > after)
 
 
 def tenant_overview(conn: Connection, name: str) -> TenantOverview | None:
