@@ -1199,6 +1199,9 @@ def _scale_schema(engine: Engine, label: str) -> tuple[str, str]:
         )
         if label not in _FAIR_SIDES and label != "plain_kept":
             conn.execute(text("ALTER TABLE jobs DISABLE TRIGGER USER"))
+            # A job's finish writes its webhook events on every side (revision 0022): it is the
+            # finish's, as `JobQueue.complete` is the same code on every side, not the claim's.
+            conn.execute(text("ALTER TABLE jobs ENABLE TRIGGER webhook_job_finished"))
         if label not in _FAIR_SIDES:
             conn.execute(text(_PLAIN_INDEX))
         if label in _COUNTED_ROW:

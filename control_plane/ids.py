@@ -13,6 +13,7 @@ PREFIXES = {
     "base": "base",
     "adapter": "adapter",
     "version": "adver",
+    "webhook": "whep",
 }
 
 

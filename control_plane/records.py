@@ -43,6 +43,34 @@ class ApiKeyRecord(_FromRow):
 
 
 @dataclass(frozen=True)
+class WebhookEndpointRecord(_FromRow):
+    id: str
+    tenant_id: str
+    url: str
+    secret: str
+    event_types: list[str] | None
+    description: str
+    created_at: datetime
+    disabled_at: datetime | None
+
+
+@dataclass(frozen=True)
+class WebhookDeliveryRecord(_FromRow):
+    id: str
+    endpoint_id: str
+    event_id: str
+    event_type: str
+    payload: dict[str, Any]
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
 class FileRecord(_FromRow):
     id: str
     tenant_id: str

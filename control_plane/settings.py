@@ -100,6 +100,18 @@ class Settings(BaseSettings):
     # source. The embedded default's tenant is one. As an environment variable, a JSON list: '["default", "ops"]'.
     platform_operator_tenants: list[str] = Field(default_factory=lambda: [DEFAULT_TENANT])
 
+    # Webhooks (`control_plane.webhooks`): a failed delivery is tried again after each of these
+    # delays in turn (Standard Webhooks' schedule: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h),
+    # then marked failed; each attempt waits at most WEBHOOK_TIMEOUT_SECONDS for an answer.
+    # Endpoints on private, loopback or link-local addresses are refused unless allowed (the
+    # platform would post from inside the cluster's network); allowed by default outside
+    # production, where the receivers of a development machine are local.
+    webhook_retry_schedule_seconds: list[float] = Field(
+        default_factory=lambda: [5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0]
+    )
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    webhook_allow_private_urls: bool | None = None
+
     # Secret that peppers API-key hashes; must be changed outside development.
     secret_key: str = "dev-insecure-secret"
 
@@ -114,6 +126,12 @@ class Settings(BaseSettings):
     @cached_property
     def object_store_root(self) -> Path:
         return self.local_store_dir or self.home / "objects"
+
+    @property
+    def webhooks_may_post_privately(self) -> bool:
+        if self.webhook_allow_private_urls is not None:
+            return self.webhook_allow_private_urls
+        return self.environment != "production"
 
     @property
     def embedded_database(self) -> bool:

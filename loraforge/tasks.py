@@ -17,11 +17,12 @@ import threading
 
 from celery import Celery
 
-from control_plane import db, jobs, trainers
+from control_plane import db, jobs, trainers, webhooks
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.validation import run_validation
 from control_plane.wakeups import WAKE_DUE_INTERVAL_S, wake_due
+from control_plane.webhooks import WEBHOOK_PASS_INTERVAL_S
 from loraforge import broker
 from workers.bases.registration import import_registered_base
 
@@ -50,6 +51,11 @@ celery_app.conf.update(
             "options": {"expires": WAKE_DUE_INTERVAL_S},
         },
         "redispatch-validation": {"task": "loraforge.redispatch_validation", "schedule": 60.0},
+        "deliver-webhooks": {
+            "task": "loraforge.deliver_webhooks",
+            "schedule": WEBHOOK_PASS_INTERVAL_S,
+            "options": {"expires": WEBHOOK_PASS_INTERVAL_S},
+        },
         "forget-gone-trainers": {"task": "loraforge.forget_gone_trainers", "schedule": 600.0},
     },
 )
@@ -132,6 +138,19 @@ def reap_expired_leases() -> int:
 def wake_due_jobs() -> int:
     """Wake idle trainers for the jobs that backed off and came due (`control_plane.wakeups`)."""
     return wake_due(get_services().engine)
+
+
+@celery_app.task(name="loraforge.deliver_webhooks")
+def deliver_webhooks() -> int:
+    """Post the webhook deliveries due (`control_plane.webhooks`); how many were delivered."""
+    services = get_services()
+    settings = services.settings
+    return webhooks.deliver_due(
+        services.engine,
+        retry_schedule=settings.webhook_retry_schedule_seconds,
+        timeout=settings.webhook_timeout_seconds,
+        allow_private=settings.webhooks_may_post_privately,
+    )
 
 
 @celery_app.task(name="loraforge.redispatch_validation")

@@ -21,6 +21,7 @@ from control_plane.api.routes import (
     job_sweeps,
     models,
     tenants,
+    webhooks,
 )
 from control_plane.api.text_input import refuse_nul
 from control_plane.dashboard import DASHBOARD_ROUTERS, mount_dashboard
@@ -35,6 +36,7 @@ API_ROUTERS = (
     base_models.router,
     api_keys.router,
     tenants.router,
+    webhooks.router,
     adapters.router,
     health.router,
 )

@@ -31,7 +31,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from control_plane.job_status import TERMINAL, JobStatus
@@ -535,3 +535,64 @@ class ServingGeneration(Base):
     tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     base_model_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     generation: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class WebhookEndpoint(Base):
+    """Where a tenant's events are posted (revision 0022): its URL, the secret its deliveries are
+    signed with (Standard Webhooks: the platform signs with it, so it is kept, and shown once),
+    and the event types it takes (none: every one). Deleting one disables it (`disabled_at`):
+    its delivery log stays readable."""
+
+    __tablename__ = "webhook_endpoints"
+    __table_args__ = (
+        # What each finished job's trigger probes: the tenant's live endpoints.
+        Index(
+            "ix_webhook_endpoints_live", "tenant_id", postgresql_where=text("disabled_at IS NULL")
+        ),
+        Index("ix_webhook_endpoints_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    secret: Mapped[str] = mapped_column(Text, nullable=False)
+    event_types: Mapped[list[str] | None] = mapped_column(ARRAY(Text))
+    description: Mapped[str] = mapped_column(String(256), nullable=False, server_default="")
+    created_at: Mapped[datetime] = _now()
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint: the outbox row written with the change that made the event
+    (revision 0022's triggers), then its delivery log. `id` is the `webhook-id` header, the same
+    on every attempt, so a receiver drops a repeat; `event_id` is the event's, shared by every
+    endpoint it went to."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'delivered', 'failed')", name="status"),
+        # The deliverer's pass: pending deliveries by when they are due.
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False
+    )
+    event_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    event_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime] = _now()
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -63,6 +63,10 @@ def real_parameters(
         "/v1/api_keys", json={"name": "ci", "role": "member"}, headers=tenant_a.headers()
     ).json()["id"]
     files = [f["name"] for f in version.files]
+    hook = client.post(
+        "/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=tenant_a.headers()
+    ).json()["id"]
+    delivery = client.post(f"/v1/webhooks/{hook}/test", headers=tenant_a.headers()).json()["id"]
     fuzzed = make_tenant(services.engine, "fuzzed")
     with services.engine.begin() as conn:
         fuzzed_key = tenants.create_api_key(conn, SECRET, fuzzed.id, role="member")[0].id
@@ -85,6 +89,7 @@ def real_parameters(
         # tenant-a's admin is a platform operator: a tenant of its own to administer, not
         # tenant-a (whose limits and keys the other operations' requests depend on).
         "/v1/tenants/": {"name": [fuzzed.name], "key_id": [fuzzed_key]},
+        "/v1/webhooks/": {"webhook_id": [hook], "delivery_id": [delivery]},
     }
 
 
