@@ -17,8 +17,17 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from control_plane.api.text_input import find_nul
-from control_plane.dashboard.render import PageRefused, install_page_errors
-from control_plane.dashboard.routes import adapters, auth, jobs, new_job, platform, priority, sweeps
+from control_plane.dashboard.render import PageRefused, environment, install_page_errors
+from control_plane.dashboard.routes import (
+    adapters,
+    auth,
+    jobs,
+    new_job,
+    platform,
+    priority,
+    sweeps,
+    tenants,
+)
 from control_plane.dashboard.security import SecurityHeaders
 
 STATIC = Path(__file__).parent / "static"
@@ -41,6 +50,7 @@ DASHBOARD_ROUTERS = (
     jobs.router,
     adapters.router,
     platform.router,
+    tenants.router,
 )
 
 
@@ -49,5 +59,7 @@ def mount_dashboard(app: FastAPI) -> None:
     for router in DASHBOARD_ROUTERS:
         app.include_router(router, include_in_schema=False, dependencies=[Depends(_refuse_nul)])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    # The nav's Tenants link, on every page: shown to the platform's operators only.
+    environment().globals["operates_platform"] = tenants.operates_platform
     install_page_errors(app)
     app.add_middleware(SecurityHeaders)

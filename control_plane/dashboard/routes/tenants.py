@@ -1,0 +1,213 @@
+"""The tenants page, the platform operators' own: every tenant by name, fifty a page, with its
+jobs by status, its limits and the limits that apply, when the queue last served it and its
+live keys; a form on each row sets its limits and one on the page onboards a new tenant.
+
+Every form calls `/v1/tenants`' own route functions (the same rules, the same wake-ups when a
+running limit leaves room), so the page and the REST API cannot drift. Only a platform
+operator's admin (an admin of a tenant that `platform_operator_tenants` names) sees the page or
+may post to it; anyone else gets the 403 page with the reason. A new tenant's admin key is
+shown on the page that answers the post, never in a redirect: a key in an address would stay
+in the browser's history and in access logs.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import ValidationError
+from sqlalchemy import Connection
+
+from control_plane.api.deps import ServicesDep, get_services, refuse_unless_operator
+from control_plane.api.errors import ApiError, describe_validation_errors
+from control_plane.api.routes import tenants as tenants_api
+from control_plane.api.tenant_schemas import TenantCreate, TenantLimits
+from control_plane.dashboard.render import PageForbidden, PageNotFound, page
+from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
+from control_plane.services import Services
+
+router = APIRouter()
+
+TENANTS_PAGE = 50
+NAME_MAX = 128  # `TenantName`'s longest
+
+NOTICES = {
+    "limits-saved": "New limits saved for {tenant}: a running limit holds its next claims (the "
+    "jobs running go on), a priority cap its next requests.",
+    "bad-limits": "Nothing changed for {tenant}: a running limit is a whole number from 0 to "
+    "10,000 and a priority cap one from -100 to 100; leave a field empty for the platform's "
+    "default.",
+}
+
+
+def operates_platform(request: Request, session: Session | None) -> bool:
+    """For the nav (a template global): whether the viewer is a platform operator's admin, read
+    off the session with no query. The page and its posts ask the database again
+    (`refuse_unless_operator`); a link shown or hidden decides nothing."""
+    if session is None or not session.principal.is_admin():
+        return False
+    return session.tenant_name in get_services(request).settings.platform_operator_tenants
+
+
+def _refuse_unless_operator(conn: Connection, session: Session, services: Services) -> None:
+    try:
+        refuse_unless_operator(
+            conn, session.principal, services, "Administering tenants (their limits and keys)"
+        )
+    except ApiError as exc:
+        raise PageForbidden(exc.message) from None
+
+
+def _at(timestamp: int | None) -> datetime | None:
+    return datetime.fromtimestamp(timestamp, UTC) if timestamp is not None else None
+
+
+def _limit(field: str) -> str | None:
+    """A limit field as the REST body takes it: empty is null (the platform's default)."""
+    return field.strip() or None
+
+
+def _tenants_page(
+    request: Request,
+    session: Session,
+    conn: Connection,
+    services: Services,
+    *,
+    after: str | None = None,
+    status_code: int = 200,
+    **context: Any,
+) -> Response:
+    listed = tenants_api.list_tenants(conn, session.principal, services, after, TENANTS_PAGE)
+    settings = services.settings
+    return page(
+        request,
+        "tenants.html",
+        session,
+        status_code=status_code,
+        rows=[(t, _at(t.last_served_at)) for t in listed.data],
+        more=listed.has_more,
+        after=after,
+        next_after=listed.last_id,
+        default_running=settings.max_running_jobs_per_tenant,
+        default_priority=settings.max_priority_per_tenant,
+        **context,
+    )
+
+
+@router.get("/tenants")
+def tenants_page(
+    request: Request,
+    session: CurrentSession,
+    conn: PageConn,
+    services: ServicesDep,
+    after: Annotated[str | None, Query(max_length=NAME_MAX)] = None,
+    notice: str | None = None,
+    tenant: Annotated[str, Query(max_length=NAME_MAX)] = "",
+) -> Response:
+    _refuse_unless_operator(conn, session, services)
+    said = NOTICES.get(notice or "")
+    return _tenants_page(
+        request,
+        session,
+        conn,
+        services,
+        after=after or None,
+        notice=said.format(tenant=tenant) if said else None,
+        refused=notice == "bad-limits",
+        new={},
+    )
+
+
+@router.post("/tenants/{name}/limits")
+def set_limits(
+    name: str,
+    session: CheckedSession,
+    conn: PageConn,
+    services: ServicesDep,
+    max_running_jobs: Annotated[str, Form()] = "",
+    max_priority: Annotated[str, Form()] = "",
+    after: Annotated[str, Form(max_length=NAME_MAX)] = "",
+) -> Response:
+    """Give the tenant the form's two limits (an empty field: the platform's default) through
+    `PATCH /v1/tenants/{name}`'s function; back to the page the form was on, saying what it
+    did, or what to change when the REST body would refuse them. Both are always set: FastAPI
+    reads an empty form field as one not sent, so "not sent" cannot mean "leave it as it is"."""
+    _refuse_unless_operator(conn, session, services)
+    try:
+        tenants_api.get_tenant(name, conn, session.principal, services)
+    except ApiError:
+        raise PageNotFound() from None
+    try:
+        body = TenantLimits.model_validate(
+            {"max_running_jobs": _limit(max_running_jobs), "max_priority": _limit(max_priority)}
+        )
+    except ValidationError:
+        return _back(name, "bad-limits", after)
+    try:
+        tenants_api.set_limits(name, body, conn, session.principal, services)
+    except ApiError:  # gone since the look-up above
+        raise PageNotFound() from None
+    return _back(name, "limits-saved", after)
+
+
+def _back(name: str, notice: str, after: str) -> Response:
+    query = {"notice": notice, "tenant": name} | ({"after": after} if after else {})
+    return RedirectResponse(f"/tenants?{urlencode(query)}", status_code=303)
+
+
+@router.post("/tenants")
+def create_tenant(
+    request: Request,
+    session: CheckedSession,
+    conn: PageConn,
+    services: ServicesDep,
+    name: Annotated[str, Form()] = "",
+    max_running_jobs: Annotated[str, Form()] = "",
+    max_priority: Annotated[str, Form()] = "",
+) -> Response:
+    """Onboard a tenant through `POST /v1/tenants`' function: the answer is a page showing its
+    first admin key, once. A name taken or one the REST body refuses, or a limit out of range,
+    is the tenants page again with the REST API's message and the form as it was sent; nothing
+    is created."""
+    _refuse_unless_operator(conn, session, services)
+    new = {"name": name, "max_running_jobs": max_running_jobs, "max_priority": max_priority}
+    try:
+        body = TenantCreate.model_validate(
+            {
+                "name": name.strip(),
+                "max_running_jobs": _limit(max_running_jobs),
+                "max_priority": _limit(max_priority),
+            }
+        )
+    except ValidationError as exc:
+        message, _ = describe_validation_errors(list(exc.errors()))
+        return _refused(request, session, conn, services, message, new, status_code=400)
+    try:
+        created = tenants_api.create_tenant(body, conn, session.principal, services)
+    except ApiError as exc:  # the name is taken
+        return _refused(request, session, conn, services, exc.message, new, exc.status)
+    return page(request, "tenant_created.html", session, tenant=created)
+
+
+def _refused(
+    request: Request,
+    session: Session,
+    conn: Connection,
+    services: Services,
+    message: str,
+    new: dict[str, str],
+    status_code: int,
+) -> Response:
+    return _tenants_page(
+        request,
+        session,
+        conn,
+        services,
+        status_code=status_code,
+        notice=f"No tenant was created: {message}",
+        refused=True,
+        new=new,
+    )
