@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     webhook_allow_private_urls: bool | None = None
+    # Delivered and failed entries of the delivery log are forgotten after this many days.
+    webhook_log_retention_days: float = Field(default=30.0, gt=0)
 
     # Secret that peppers API-key hashes; must be changed outside development.
     secret_key: str = "dev-insecure-secret"

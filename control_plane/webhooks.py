@@ -336,3 +336,47 @@ def deliver_due(
             if not attempt.ok:
                 log.info("webhook %s attempt %d: %s", row.id, row.attempts, attempt.error)
     return delivered
+
+
+# -- the platform's view ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Deliveries not yet delivered (their retries included), and how long the most overdue of
+    them has been due: a deliverer that stopped shows as an age that grows past a few passes."""
+
+    pending: int
+    oldest_due_seconds: float
+
+
+def backlog(conn: Connection) -> Backlog:
+    """Read off the pending deliveries' partial index: what a scrape costs follows what is
+    pending, not the log's history."""
+    row = conn.execute(
+        text(
+            "SELECT count(*) AS pending, coalesce(extract(epoch FROM now() - min(next_attempt_at) "
+            "FILTER (WHERE next_attempt_at <= now())), 0) AS overdue "
+            "FROM webhook_deliveries WHERE status = 'pending'"
+        )
+    ).one()
+    return Backlog(int(row.pending), max(0.0, float(row.overdue)))
+
+
+def forget_old_deliveries(engine: Engine, older_than_days: float) -> int:
+    """Delete the delivery log's delivered and failed entries older than `older_than_days`
+    (pending ones stay whatever their age: they are still to be delivered), one endpoint at a
+    time along its log's index; how many went."""
+    with engine.connect() as conn:
+        ids = list(conn.execute(select(endpoints.c.id)).scalars())
+    gone = 0
+    for endpoint_id in ids:
+        with engine.begin() as conn:
+            gone += conn.execute(
+                text(
+                    "DELETE FROM webhook_deliveries WHERE endpoint_id = :e AND status <> 'pending' "
+                    "AND created_at < now() - CAST(:days AS float8) * interval '1 day'"
+                ),
+                {"e": endpoint_id, "days": older_than_days},
+            ).rowcount
+    return gone

@@ -57,6 +57,10 @@ celery_app.conf.update(
             "options": {"expires": WEBHOOK_PASS_INTERVAL_S},
         },
         "forget-gone-trainers": {"task": "loraforge.forget_gone_trainers", "schedule": 600.0},
+        "forget-old-webhook-deliveries": {
+            "task": "loraforge.forget_old_webhook_deliveries",
+            "schedule": 3600.0,
+        },
     },
 )
 
@@ -150,6 +154,15 @@ def deliver_webhooks() -> int:
         retry_schedule=settings.webhook_retry_schedule_seconds,
         timeout=settings.webhook_timeout_seconds,
         allow_private=settings.webhooks_may_post_privately,
+    )
+
+
+@celery_app.task(name="loraforge.forget_old_webhook_deliveries")
+def forget_old_webhook_deliveries() -> int:
+    """Trim the webhook delivery log to `webhook_log_retention_days` (pending ones stay)."""
+    services = get_services()
+    return webhooks.forget_old_deliveries(
+        services.engine, services.settings.webhook_log_retention_days
     )
 
 

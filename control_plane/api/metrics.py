@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Connection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane import queue_stats, trainers
+from control_plane import queue_stats, trainers, webhooks
 from control_plane.job_status import JobStatus
 from control_plane.services import Services
 
@@ -94,6 +94,20 @@ class PlatformCollector(Collector):
             oldest.add_metric([base.base_name], base.oldest_age_seconds)
         yield depth
         yield oldest
+
+        hooks = webhooks.backlog(conn)
+        pending = GaugeMetricFamily(
+            "loraforge_webhook_deliveries_pending",
+            "Webhook deliveries not yet delivered, retries included",
+        )
+        pending.add_metric([], hooks.pending)
+        yield pending
+        overdue = GaugeMetricFamily(
+            "loraforge_webhook_oldest_due_seconds",
+            "How long the most overdue webhook delivery has been due (0: none is)",
+        )
+        overdue.add_metric([], hooks.oldest_due_seconds)
+        yield overdue
 
         yield from self._trainer_families(conn)
 

@@ -21,7 +21,7 @@ from sqlalchemy import Engine, text
 from control_plane.queue import JobQueue
 from control_plane.services import Services
 from control_plane.sweeps import cancel_matching
-from control_plane.webhooks import deliver_due
+from control_plane.webhooks import deliver_due, forget_old_deliveries
 from loraforge import tasks
 from tests.api_harness import TenantKeys
 from tests.factories import (
@@ -31,6 +31,7 @@ from tests.factories import (
     make_file,
     tag_jobs,
 )
+from tests.integration.test_metrics import scrape, value
 from tests.integration.test_registry import claim_job, publish
 from tests.integration.test_wakeups import _wait_for
 
@@ -394,3 +395,48 @@ def _rows(engine: Engine) -> tuple[int, int]:
             conn.execute(text("SELECT count(*) FROM webhook_endpoints")).scalar_one(),
             conn.execute(text("SELECT count(*) FROM webhook_deliveries")).scalar_one(),
         )
+
+
+def test_a_scrape_shows_the_deliveries_pending_and_overdue_and_the_log_is_trimmed_to_its_days(
+    services: Services, client: TestClient, tenant_a: TenantKeys, live_url: str
+) -> None:
+    """`/metrics` counts the deliveries not yet delivered and how long the most overdue has
+    waited (a deliverer that stopped shows as that age growing); the hourly trim forgets
+    delivered and failed entries past `webhook_log_retention_days`, never a pending one."""
+    engine = services.engine
+    endpoint = _register(client, tenant_a, "http://127.0.0.1:9/down")["id"]
+    for _ in range(3):
+        client.post(f"/v1/webhooks/{endpoint}/test", headers=tenant_a.headers())
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE webhook_deliveries SET next_attempt_at = now() - interval '90 s', "
+                "created_at = now() - interval '40 days' WHERE id = (SELECT min(id) FROM "
+                "webhook_deliveries)"
+            )
+        )
+    samples = scrape(live_url)
+    assert value(samples, "loraforge_webhook_deliveries_pending") == 3
+    overdue = value(samples, "loraforge_webhook_oldest_due_seconds")
+    assert overdue is not None and 90 <= overdue < 120
+
+    assert _deliver(services, [60.0]) == 0  # the port refuses: each waits a minute now
+    samples = scrape(live_url)
+    assert value(samples, "loraforge_webhook_deliveries_pending") == 3
+    assert value(samples, "loraforge_webhook_oldest_due_seconds") == 0
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE webhook_deliveries SET status = 'failed', created_at = now() - "
+                "make_interval(days => days) FROM (VALUES (1, 40), (2, 20)) AS v(n, days) "
+                "WHERE webhook_deliveries.id = (SELECT id FROM webhook_deliveries ORDER BY id "
+                "OFFSET v.n - 1 LIMIT 1)"
+            )
+        )
+        before = dict(conn.execute(text("SELECT id, status FROM webhook_deliveries")).all())
+    assert forget_old_deliveries(engine, older_than_days=30) == 1
+    with engine.connect() as conn:
+        after = dict(conn.execute(text("SELECT id, status FROM webhook_deliveries")).all())
+    [forgotten] = set(before) - set(after)
+    assert before[forgotten] == "failed" and sorted(after.values()) == ["failed", "pending"]
+    assert tasks.forget_old_webhook_deliveries.run() == 0  # the task, the settings' 30 days
