@@ -1,5 +1,5 @@
-"""`loraforge operator`: run the kopf operator (FineTuningJob, AdapterSync) with this package's
-handlers. In a cluster it logs in with its service account; elsewhere with the kubeconfig."""
+"""`loraforge operator`: run the kopf operator (FineTuningJob, AdapterSync, Tenant) with this
+package's handlers. In a cluster it logs in with its service account; elsewhere with the kubeconfig."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 def add_operator_command(subparsers: Any) -> None:
     """Register `loraforge operator` on the CLI's subparsers."""
     parser = subparsers.add_parser(
-        "operator", help="run the Kubernetes operator (FineTuningJob, AdapterSync)"
+        "operator", help="run the Kubernetes operator (FineTuningJob, AdapterSync, Tenant)"
     )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
@@ -32,11 +32,12 @@ def add_operator_command(subparsers: Any) -> None:
         "--job-poll-seconds",
         type=float,
         default=10.0,
-        help="how often a FineTuningJob's status follows its job (default 10)",
+        help="how often a FineTuningJob's status follows its job, and a Tenant's its tenant "
+        "(default 10)",
     )
     parser.add_argument(
         "--only",
-        choices=("finetuningjobs", "adaptersyncs"),
+        choices=("finetuningjobs", "adaptersyncs", "tenants"),
         action="append",
         default=None,
         help="serve only this kind (repeatable); a serving cluster runs --only=adaptersyncs",

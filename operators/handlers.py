@@ -1,8 +1,9 @@
 """The kopf handlers, registered on a registry of the caller's (the CLI's, or a test's).
 
 Each handler is a few lines around a plain function: the timers mirror external state
-(loraforge's job, the registry, the vLLM pods) into status on every tick, so status-only changes
-never need a handler of their own; deleting a `FineTuningJob` cancels its job (a finalizer).
+(loraforge's job, the registry, the vLLM pods, the platform's tenant) into status on every tick,
+so status-only changes never need a handler of their own; deleting a `FineTuningJob` cancels its
+job, deleting a `Tenant` revokes its admin key (a finalizer).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any, TypeVar
 
 import kopf
 
-from operators import adaptersync, finetuningjob
+from loraforge.platform_admin import PlatformAdmin
+from operators import adaptersync, finetuningjob, tenant
 from operators.kube import KubeApi, KubeError, api_client
 
 GROUP, VERSION = "loraforge.dev", "v1alpha1"
@@ -33,7 +35,7 @@ class OperatorConfig:
     connection: kopf.ConnectionInfo | None = None
     # The kinds this operator serves: a serving cluster runs AdapterSync alone (`--only`), with
     # RBAC for nothing else.
-    resources: frozenset[str] = frozenset({"finetuningjobs", "adaptersyncs"})
+    resources: frozenset[str] = frozenset({"finetuningjobs", "adaptersyncs", "tenants"})
 
 
 class _State:
@@ -137,6 +139,46 @@ def register(registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
         for event in events:
             kopf.event(body, type=event.kind, reason=event.reason, message=event.message)
         patch.status.update(new)
+
+    @watching(
+        "tenants",
+        kopf.timer(GROUP, VERSION, "tenants", interval=config.job_poll_seconds, registry=registry),
+    )
+    def onboard_tenant(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        raw: dict[str, Any] = dict(body)
+        meta = raw["metadata"]
+        if meta.get("deletionTimestamp"):
+            return
+        api = kube()
+        try:
+            with api_client(api, meta["namespace"], raw["spec"]) as client:
+                status = tenant.reconcile(PlatformAdmin(client), api, raw)
+        except (tenant.TemporaryFailure, KubeError) as exc:
+            raise kopf.TemporaryError(str(exc), delay=config.job_poll_seconds) from None
+        old = raw.get("status") or {}
+        if status.get("phase") != old.get("phase"):
+            kind = "Warning" if status.get("phase") == "Failed" else "Normal"
+            ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+            kopf.event(body, type=kind, reason=ready["reason"], message=ready["message"])
+        patch.status.update(status)
+
+    @watching("tenants", kopf.on.delete(GROUP, VERSION, "tenants", registry=registry))
+    def revoke_tenant_key(body: kopf.Body, **_: Any) -> None:
+        raw: dict[str, Any] = dict(body)
+        api = kube()
+        try:
+            with api_client(api, raw["metadata"]["namespace"], raw["spec"]) as client:
+                done = tenant.revoke(PlatformAdmin(client), api, raw)
+        except KubeError as exc:
+            if exc.status == 404:  # the credentials Secret went first: nothing to revoke with
+                return
+            raise kopf.TemporaryError(str(exc), delay=5) from None
+        except tenant.TemporaryFailure as exc:
+            raise kopf.TemporaryError(str(exc), delay=5) from None
+        if done:
+            kind, message = done
+            reason = "AdminKeyRevoked" if kind == "Normal" else "RevokeRefused"
+            kopf.event(body, type=kind, reason=reason, message=message)
 
 
 def _why(status: dict[str, Any]) -> str:

@@ -1,5 +1,6 @@
-"""The few Kubernetes reads the operator makes itself (kopf does the watching and patching):
-Secrets for API credentials, Pods by label selector, and deleting a finished object.
+"""The few Kubernetes calls the operator makes itself (kopf does the watching and patching):
+Secrets for API credentials, Pods by label selector, deleting a finished object, and the one
+write, a `Tenant`'s admin-key Secret.
 
 The connection is the one kopf logged in with, so one set of credentials serves both.
 """
@@ -86,6 +87,52 @@ class KubeApi:
         secret = self._call("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
         data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
         return {**data, **(secret.get("stringData") or {})}
+
+    def get_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret as the API server has it (its owners included), or None when there is none."""
+        try:
+            found: dict[str, Any] = self._call(
+                "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}"
+            )
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    def create_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        owner: dict[str, Any],
+        annotations: dict[str, str] | None = None,
+    ) -> None:
+        """A new Secret owned by `owner` (an object's body), so the garbage collector removes it
+        with its owner; 409 when the name is taken. Create only, never replace: the operator
+        writes no Secret that someone else may own."""
+        meta = owner["metadata"]
+        reference = {
+            "apiVersion": owner["apiVersion"],
+            "kind": owner["kind"],
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "controller": True,
+        }
+        encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "annotations": annotations or {},
+                "ownerReferences": [reference],
+            },
+            "data": encoded,
+        }
+        self._call("POST", f"/api/v1/namespaces/{namespace}/secrets", json=secret)
 
     def pods(self, namespace: str, selector: dict[str, Any]) -> list[dict[str, Any]]:
         """Pods matching `selector` (checked here too: the selector is the contract)."""

@@ -227,7 +227,7 @@ def test_the_api_is_probed_on_healthz_and_readyz_and_migrated_by_a_hook_first() 
 def test_crds_are_templates_that_upgrades_update_and_can_be_left_out() -> None:
     crds = [o for o in rendered("default") if o["kind"] == "CustomResourceDefinition"]
     assert {c["spec"]["group"] for c in crds} == {"loraforge.dev"}
-    assert {c["spec"]["names"]["kind"] for c in crds} >= {"FineTuningJob", "AdapterSync"}
+    assert {c["spec"]["names"]["kind"] for c in crds} == {"FineTuningJob", "AdapterSync", "Tenant"}
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
     upgraded = render(None, is_upgrade=True)
     assert len([o for o in upgraded if o["kind"] == "CustomResourceDefinition"]) == len(crds)

@@ -55,7 +55,11 @@ class FakeKube:
         self.http = httpx.AsyncClient(base_url=self.url, timeout=10)
         declare = emulator.resources
         verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
-        for plural, kind in (("finetuningjobs", "FineTuningJob"), ("adaptersyncs", "AdapterSync")):
+        for plural, kind in (
+            ("finetuningjobs", "FineTuningJob"),
+            ("adaptersyncs", "AdapterSync"),
+            ("tenants", "Tenant"),
+        ):
             declare[f"loraforge.dev/v1alpha1/{plural}"] = kmock.ResourceInfo(
                 kind=kind,
                 singular=kind.lower(),

@@ -37,7 +37,7 @@ def examples() -> list[dict[str, Any]]:
 
 def test_the_crds_serve_v1alpha1_with_a_status_subresource_and_printer_columns() -> None:
     found = crds()
-    assert set(found) == {"FineTuningJob", "AdapterSync"}
+    assert set(found) == {"FineTuningJob", "AdapterSync", "Tenant"}
     for crd in found.values():
         assert crd["spec"]["group"] == "loraforge.dev" and crd["spec"]["scope"] == "Namespaced"
         (version,) = crd["spec"]["versions"]
@@ -47,7 +47,7 @@ def test_the_crds_serve_v1alpha1_with_a_status_subresource_and_printer_columns()
 
 def test_every_example_manifest_validates_against_its_crd() -> None:
     docs = examples()
-    assert {d["kind"] for d in docs} == {"FineTuningJob", "AdapterSync"}
+    assert {d["kind"] for d in docs} == {"FineTuningJob", "AdapterSync", "Tenant"}
     for doc in docs:
         validator(doc["kind"]).validate(doc)
 
@@ -73,4 +73,26 @@ def test_the_schema_refuses_what_a_schema_can_say(
     doc = next(d for d in examples() if d["kind"] == kind)
     bad = {**doc, "spec": {**doc["spec"], **change}}
     errors = list(validator(kind).iter_errors(bad))
+    assert errors and any(why in (str(e.path) + e.message) for e in errors)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"maxRunningJobs": 10_001}, "maxRunningJobs"),
+        ({"maxRunningJobs": -1}, "maxRunningJobs"),
+        ({"maxPriority": 101}, "maxPriority"),
+        ({"maxPriority": -101}, "maxPriority"),
+        ({"tenantName": "no spaces"}, "tenantName"),
+        ({"adminKeySecret": None}, "adminKeySecret"),
+        ({"credentialsSecretRef": None}, "credentialsSecretRef"),
+    ],
+)
+def test_a_tenants_limits_are_held_to_the_apis_ranges_and_both_secrets_are_required(
+    change: dict[str, Any], why: str
+) -> None:
+    tenant = next(d for d in examples() if d["kind"] == "Tenant")  # examples/tenant.yaml
+    validator("Tenant").validate(tenant)
+    spec = {k: v for k, v in {**tenant["spec"], **change}.items() if v is not None}
+    errors = list(validator("Tenant").iter_errors({**tenant, "spec": spec}))
     assert errors and any(why in (str(e.path) + e.message) for e in errors)
