@@ -27,6 +27,7 @@ from control_plane.dashboard.routes import (
     priority,
     sweeps,
     tenants,
+    webhooks,
 )
 from control_plane.dashboard.security import SecurityHeaders
 
@@ -51,6 +52,7 @@ DASHBOARD_ROUTERS = (
     adapters.router,
     platform.router,
     tenants.router,
+    webhooks.router,
 )
 
 

@@ -99,7 +99,7 @@ def _events(engine: Engine) -> list[tuple[str, str, str]]:
                 "FROM webhook_deliveries ORDER BY created_at, id"
             )
         )
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [tuple(r) for r in rows]
 
 
 def test_a_finished_job_and_its_version_reach_each_endpoint_that_takes_them_signed_once(
@@ -433,10 +433,14 @@ def test_a_scrape_shows_the_deliveries_pending_and_overdue_and_the_log_is_trimme
                 "OFFSET v.n - 1 LIMIT 1)"
             )
         )
-        before = dict(conn.execute(text("SELECT id, status FROM webhook_deliveries")).all())
+        before: dict[str, str] = dict(
+            conn.execute(text("SELECT id, status FROM webhook_deliveries")).all()
+        )
     assert forget_old_deliveries(engine, older_than_days=30) == 1
     with engine.connect() as conn:
-        after = dict(conn.execute(text("SELECT id, status FROM webhook_deliveries")).all())
+        after: dict[str, str] = dict(
+            conn.execute(text("SELECT id, status FROM webhook_deliveries")).all()
+        )
     [forgotten] = set(before) - set(after)
     assert before[forgotten] == "failed" and sorted(after.values()) == ["failed", "pending"]
     assert tasks.forget_old_webhook_deliveries.run() == 0  # the task, the settings' 30 days
