@@ -51,6 +51,8 @@ EVENT_TYPES = (
     "fine_tuning.job.failed",
     "fine_tuning.job.cancelled",
     "adapter.version.created",
+    "adapter.version.deleted",
+    "adapter.alias.updated",
 )
 TEST_EVENT = "webhook.test"
 WEBHOOK_PASS_INTERVAL_S = 2.0

@@ -13,6 +13,8 @@ EventType = Literal[
     "fine_tuning.job.failed",
     "fine_tuning.job.cancelled",
     "adapter.version.created",
+    "adapter.version.deleted",
+    "adapter.alias.updated",
 ]
 
 

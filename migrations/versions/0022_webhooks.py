@@ -16,7 +16,14 @@ none is written for a change that rolls back. `control_plane.webhooks` delivers 
 - `fine_tuning.job.succeeded`, `.failed`, `.cancelled`: a job reaching that status (OpenAI's
   event types, with OpenAI's payload: `{"id": "evt_...", "object": "event", "created_at",
   "type", "data": {"id": <job id>, ...}}`);
-- `adapter.version.created`: a version published to the registry.
+- `adapter.version.created` and `adapter.version.deleted`: a version published to the
+  registry, or deleted from it;
+- `adapter.alias.updated`: an alias set, moved or deleted (`to_version` null), as its history
+  records it.
+
+A registry rebuilt from the bucket's manifests (`loraforge registry rebuild`) restores old
+versions and alias history: it sets `loraforge.replaying` for its transaction and no event is
+written for what it restores.
 
 The trigger on `jobs` fires only for a status change into a finished status (its WHEN clause
 reads the row alone), so the claim and the heartbeat never run it, and a finish with no endpoint
@@ -39,6 +46,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
   evt text := 'evt_' || replace(gen_random_uuid()::text, '-', '');
 BEGIN
+  IF p_tenant IS NULL OR current_setting('loraforge.replaying', true) = 'on' THEN
+    RETURN;
+  END IF;
   INSERT INTO webhook_deliveries (id, endpoint_id, event_id, event_type, payload)
   SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), e.id, evt, p_type,
          jsonb_build_object('id', evt, 'object', 'event',
@@ -51,6 +61,11 @@ END $$;
 
 CREATE FUNCTION webhook_job_finished() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+  -- Most finishes are of tenants with no endpoint: one probe, and nothing built for them.
+  IF NOT EXISTS (SELECT 1 FROM webhook_endpoints e
+                 WHERE e.tenant_id = NEW.tenant_id AND e.disabled_at IS NULL) THEN
+    RETURN NULL;
+  END IF;
   PERFORM webhook_enqueue(NEW.tenant_id, 'fine_tuning.job.' || NEW.status,
     jsonb_build_object('id', NEW.id, 'object', 'fine_tuning.job', 'status', NEW.status,
                        'model', (SELECT name FROM base_models WHERE id = NEW.base_model_id),
@@ -64,14 +79,31 @@ BEGIN
   RETURN NULL;
 END $$;
 
-CREATE FUNCTION webhook_version_created() RETURNS trigger LANGUAGE plpgsql AS $$
+-- A version published or deleted (a deleted adapter's versions go with it unannounced: its
+-- row is gone, so is its tenant's name for it).
+CREATE FUNCTION webhook_version_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  v adapter_versions;
+  a record;
+BEGIN
+  IF TG_OP = 'INSERT' THEN v := NEW; ELSE v := OLD; END IF;
+  SELECT tenant_id, name INTO a FROM adapters WHERE id = v.adapter_id;
+  PERFORM webhook_enqueue(a.tenant_id,
+    CASE WHEN TG_OP = 'INSERT' THEN 'adapter.version.created' ELSE 'adapter.version.deleted' END,
+    jsonb_build_object('id', v.id, 'object', 'adapter.version', 'adapter', a.name,
+                       'version', v.number, 'job_id', v.job_id));
+  RETURN NULL;
+END $$;
+
+CREATE FUNCTION webhook_alias_updated() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
   a record;
 BEGIN
   SELECT tenant_id, name INTO a FROM adapters WHERE id = NEW.adapter_id;
-  PERFORM webhook_enqueue(a.tenant_id, 'adapter.version.created',
-    jsonb_build_object('id', NEW.id, 'object', 'adapter.version', 'adapter', a.name,
-                       'version', NEW.number, 'job_id', NEW.job_id));
+  PERFORM webhook_enqueue(a.tenant_id, 'adapter.alias.updated',
+    jsonb_build_object('id', NEW.alias, 'object', 'adapter.alias', 'adapter', a.name,
+                       'alias', NEW.alias, 'from_version', NEW.from_version,
+                       'to_version', NEW.to_version, 'by', NEW.actor_key_id));
   RETURN NULL;
 END $$;
 
@@ -80,8 +112,11 @@ CREATE TRIGGER webhook_job_finished AFTER UPDATE OF status ON jobs FOR EACH ROW
         AND OLD.status IS DISTINCT FROM NEW.status)
   EXECUTE FUNCTION webhook_job_finished();
 
-CREATE TRIGGER webhook_version_created AFTER INSERT ON adapter_versions FOR EACH ROW
-  EXECUTE FUNCTION webhook_version_created();
+CREATE TRIGGER webhook_version_changed AFTER INSERT OR DELETE ON adapter_versions FOR EACH ROW
+  EXECUTE FUNCTION webhook_version_changed();
+
+CREATE TRIGGER webhook_alias_updated AFTER INSERT ON alias_events FOR EACH ROW
+  EXECUTE FUNCTION webhook_alias_updated();
 """
 
 
@@ -125,9 +160,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER webhook_version_created ON adapter_versions")
+    op.execute("DROP TRIGGER webhook_alias_updated ON alias_events")
+    op.execute("DROP TRIGGER webhook_version_changed ON adapter_versions")
     op.execute("DROP TRIGGER webhook_job_finished ON jobs")
-    op.execute("DROP FUNCTION webhook_version_created()")
+    op.execute("DROP FUNCTION webhook_alias_updated()")
+    op.execute("DROP FUNCTION webhook_version_changed()")
     op.execute("DROP FUNCTION webhook_job_finished()")
     op.execute("DROP FUNCTION webhook_enqueue(text, text, jsonb)")
     op.drop_index('ix_webhook_deliveries_endpoint_created', table_name='webhook_deliveries')

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
+from control_plane import registry
 from control_plane.queue import JobQueue
 from control_plane.services import Services
 from control_plane.sweeps import cancel_matching
@@ -444,3 +445,59 @@ def test_a_scrape_shows_the_deliveries_pending_and_overdue_and_the_log_is_trimme
     [forgotten] = set(before) - set(after)
     assert before[forgotten] == "failed" and sorted(after.values()) == ["failed", "pending"]
     assert tasks.forget_old_webhook_deliveries.run() == 0  # the task, the settings' 30 days
+
+
+def test_the_registrys_events_reach_an_endpoint_and_a_rebuild_replays_none(
+    services: Services, client: TestClient, tenant_a: TenantKeys, peft_adapter: Path
+) -> None:
+    """Versions published and deleted, an alias set, moved and deleted: one event each, in
+    order, with what changed; the registry rebuilt from the bucket restores a lost version and
+    writes no event for it (it happened before)."""
+    engine = services.engine
+    types = ["adapter.version.created", "adapter.version.deleted", "adapter.alias.updated"]
+    endpoint = _register(client, tenant_a, "http://127.0.0.1:9/registry", event_types=types)["id"]
+    base = make_base(engine, "tiny-llama")
+    for _ in range(2):
+        publish(
+            services,
+            claim_job(services, tenant_a.tenant_id, base.id, adapter_name="bot"),
+            peft_adapter,
+        )
+    headers = tenant_a.headers()
+    for version in (1, 2):
+        moved = client.put(
+            "/v1/adapters/bot/aliases/prod", json={"version": version}, headers=headers
+        )
+        assert moved.status_code == 200, moved.text
+    assert client.delete("/v1/adapters/bot/aliases/prod", headers=headers).status_code == 200
+    assert client.delete("/v1/adapters/bot/versions/1", headers=headers).status_code == 200
+
+    def log() -> list[tuple[str, dict[str, Any]]]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT event_type, payload -> 'data' FROM webhook_deliveries "
+                    "WHERE endpoint_id = :e ORDER BY created_at, id"
+                ),
+                {"e": endpoint},
+            )
+            return [(r[0], r[1]) for r in rows]
+
+    said = [(t, d.get("version"), d.get("from_version"), d.get("to_version")) for t, d in log()]
+    assert said == [
+        ("adapter.version.created", 1, None, None),
+        ("adapter.version.created", 2, None, None),
+        ("adapter.alias.updated", None, None, 1),
+        ("adapter.alias.updated", None, 1, 2),
+        ("adapter.alias.updated", None, 2, None),
+        ("adapter.version.deleted", 1, None, None),
+    ]
+    assert all(d["adapter"] == "bot" for _, d in log())
+
+    with engine.begin() as conn:  # version 2's row lost; its files stay in the bucket
+        conn.execute(text("DELETE FROM adapter_versions WHERE number = 2"))
+    written = len(log())
+    report = registry.rebuild_from_manifests(engine, services.store)
+    assert report.versions == 1
+    assert client.get("/v1/adapters/bot/versions/2", headers=headers).status_code == 200
+    assert len(log()) == written  # the restored version announced nothing
