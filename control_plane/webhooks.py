@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import httpx
-from sqlalchemy import Connection, Engine, Table, insert, select, text, update
+from sqlalchemy import Connection, Engine, Table, func, insert, select, text, update
 from standardwebhooks.webhooks import Webhook
 
 from control_plane.db.tables import WebhookDelivery, WebhookEndpoint
@@ -55,6 +55,8 @@ EVENT_TYPES = (
     "adapter.alias.updated",
 )
 TEST_EVENT = "webhook.test"
+# Live endpoints a tenant may hold: each finished job writes one row per endpoint that takes it.
+MAX_ENDPOINTS_PER_TENANT = 20
 WEBHOOK_PASS_INTERVAL_S = 2.0
 LEASE_S = 120.0  # longer than any attempt can take (WEBHOOK_TIMEOUT_SECONDS is at most 60)
 PASS_LIMIT = 100
@@ -63,6 +65,10 @@ MAX_ERROR_CHARS = 500
 
 class UnsafeUrl(ValueError):
     """A URL the platform will not post to."""
+
+
+class TooManyEndpoints(Exception):
+    """The tenant holds MAX_ENDPOINTS_PER_TENANT live endpoints already."""
 
 
 def check_url(url: str, *, allow_private: bool) -> None:
@@ -103,6 +109,18 @@ def create_endpoint(
     event_types: Sequence[str] | None = None,
     description: str = "",
 ) -> WebhookEndpointRecord:
+    """A live endpoint of the tenant's, unless it holds MAX_ENDPOINTS_PER_TENANT already (its
+    row locked first, so two creates at once cannot both pass the count)."""
+    conn.execute(text("SELECT 1 FROM tenants WHERE id = :t FOR UPDATE"), {"t": tenant_id})
+    live = conn.execute(
+        select(func.count())
+        .select_from(endpoints)
+        .where(endpoints.c.tenant_id == tenant_id, endpoints.c.disabled_at.is_(None))
+    ).scalar_one()
+    if live >= MAX_ENDPOINTS_PER_TENANT:
+        raise TooManyEndpoints(
+            f"this tenant holds {live} webhook endpoints, the most it may; delete one first"
+        )
     row = conn.execute(
         insert(endpoints)
         .values(

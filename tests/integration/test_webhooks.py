@@ -22,7 +22,7 @@ from control_plane import registry
 from control_plane.queue import JobQueue
 from control_plane.services import Services
 from control_plane.sweeps import cancel_matching
-from control_plane.webhooks import deliver_due, forget_old_deliveries
+from control_plane.webhooks import MAX_ENDPOINTS_PER_TENANT, deliver_due, forget_old_deliveries
 from loraforge import tasks
 from tests.api_harness import TenantKeys
 from tests.factories import (
@@ -353,6 +353,22 @@ def test_webhook_requests_are_refused_with_a_reason_and_write_nothing(
         answer = client.request(method, path, headers=tenant_b.headers())  # not tenant-b's
         assert (answer.status_code, answer.json()["error"]["code"]) == (404, "webhook_not_found")
     assert _rows(engine) == before  # nothing written by any refusal
+
+    # At most MAX_ENDPOINTS_PER_TENANT live endpoints: the next is refused, nothing written,
+    # and deleting one makes room.
+    monkeypatch.setattr(services.settings, "webhook_allow_private_urls", None)
+    extra = [
+        _register(client, tenant_a, f"{receiver.url}/n{n}")["id"]
+        for n in range(MAX_ENDPOINTS_PER_TENANT - 1)
+    ]
+    full = _rows(engine)
+    over = client.post("/v1/webhooks", json={"url": receiver.url}, headers=tenant_a.headers())
+    assert (over.status_code, over.json()["error"]["code"]) == (409, "too_many_webhooks")
+    assert _rows(engine) == full
+    client.delete(f"/v1/webhooks/{extra[0]}", headers=tenant_a.headers())
+    room = _register(client, tenant_a, receiver.url + "/room")["id"]
+    for endpoint_id in [*extra[1:], room]:
+        client.delete(f"/v1/webhooks/{endpoint_id}", headers=tenant_a.headers())
 
     # Deleted: no new event goes to it, what was pending fails, its log stays readable.
     client.post(f"/v1/webhooks/{mine['id']}/test", headers=tenant_a.headers())

@@ -2,7 +2,8 @@
 each endpoint's delivery log (`control_plane.webhooks` delivers them).
 
 - `POST /v1/webhooks` `{"url", "event_types"?, "description"?}`: the endpoint and its signing
-  secret (`whsec_...`, in this answer only). A URL that is not http(s), or whose host is not a
+  secret (`whsec_...`, in this answer only); at most 20 live endpoints a tenant (409
+  `too_many_webhooks`). A URL that is not http(s), or whose host is not a
   public address where the platform's operator has not allowed private ones, is refused (400
   `unsafe_webhook_url`).
 - `GET /v1/webhooks`, `GET /v1/webhooks/{id}`, `DELETE /v1/webhooks/{id}` (no new event goes to
@@ -40,7 +41,7 @@ def _endpoint(conn: Connection, caller: Principal, endpoint_id: str) -> WebhookE
     return endpoint
 
 
-@router.post("", response_model=WebhookPublic)
+@router.post("", response_model=WebhookPublic, responses=refusals(409))
 def create_webhook(
     body: WebhookCreate, conn: ConnDep, caller: Admin, services: ServicesDep
 ) -> WebhookPublic:
@@ -48,13 +49,16 @@ def create_webhook(
         webhooks.check_url(body.url, allow_private=services.settings.webhooks_may_post_privately)
     except webhooks.UnsafeUrl as exc:
         raise ApiError(400, "unsafe_webhook_url", str(exc), "url") from None
-    record = webhooks.create_endpoint(
-        conn,
-        caller.tenant_id,
-        body.url,
-        event_types=body.event_types,
-        description=body.description,
-    )
+    try:
+        record = webhooks.create_endpoint(
+            conn,
+            caller.tenant_id,
+            body.url,
+            event_types=body.event_types,
+            description=body.description,
+        )
+    except webhooks.TooManyEndpoints as exc:
+        raise ApiError(409, "too_many_webhooks", str(exc)) from None
     conn.commit()
     return WebhookPublic.of(record, with_secret=True)
 
