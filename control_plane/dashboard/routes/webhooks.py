@@ -130,7 +130,7 @@ def create_webhook(
     except ValidationError as exc:
         message, _ = describe_validation_errors(list(exc.errors()))
         return _refused(request, session, conn, caller, message, new, 400)
-    except ApiError as exc:  # a URL the platform will not post to
+    except ApiError as exc:  # a URL the platform will not post to, or one endpoint too many
         return _refused(request, session, conn, caller, exc.message, new, exc.status)
     return page(request, "webhook_created.html", session, webhook=created)
 
