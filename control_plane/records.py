@@ -52,6 +52,7 @@ class WebhookEndpointRecord(_FromRow):
     description: str
     created_at: datetime
     disabled_at: datetime | None
+    previous_secret_until: datetime | None
 
 
 @dataclass(frozen=True)

@@ -181,6 +181,33 @@ def disable_endpoint(
     return WebhookEndpointRecord.from_row(row)
 
 
+ROTATION_OVERLAP_S = 24 * 3600.0
+
+
+def rotate_secret(
+    conn: Connection, tenant_id: str, endpoint_id: str, *, overlap_s: float = ROTATION_OVERLAP_S
+) -> WebhookEndpointRecord | None:
+    """A new signing secret for a live endpoint of the tenant's (None: none by that id). For
+    `overlap_s` each delivery is signed with the old secret too (Standard Webhooks puts both
+    signatures in `webhook-signature`; a receiver accepts either), so a receiver can switch
+    without dropping one; a rotation during an overlap ends it."""
+    row = conn.execute(
+        update(endpoints)
+        .where(
+            endpoints.c.id == endpoint_id,
+            endpoints.c.tenant_id == tenant_id,
+            endpoints.c.disabled_at.is_(None),
+        )
+        .values(
+            previous_secret=endpoints.c.secret,
+            previous_secret_until=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, overlap_s),
+            secret=new_secret(),
+        )
+        .returning(*endpoints.c)
+    ).one_or_none()
+    return WebhookEndpointRecord.from_row(row) if row else None
+
+
 def list_deliveries(
     conn: Connection, endpoint_id: str, *, after: str | None, limit: int
 ) -> tuple[list[WebhookDeliveryRecord], bool]:
@@ -257,7 +284,8 @@ _TAKE = text(
         FOR UPDATE SKIP LOCKED
     ) due, webhook_endpoints e
     WHERE d.id = due.id AND e.id = d.endpoint_id
-    RETURNING d.id, d.payload, d.attempts, e.url, e.secret, e.disabled_at IS NOT NULL AS disabled
+    RETURNING d.id, d.payload, d.attempts, e.url, e.secret, e.disabled_at IS NOT NULL AS disabled,
+              CASE WHEN e.previous_secret_until > now() THEN e.previous_secret END AS previous
     """
 )
 
@@ -286,23 +314,29 @@ class Attempt:
         return self.code is not None and 200 <= self.code < 300
 
 
-def sign(secret: str, msg_id: str, body: str, at: datetime) -> dict[str, str]:
-    """The Standard Webhooks headers of one delivery."""
+def sign(secrets_: Sequence[str], msg_id: str, body: str, at: datetime) -> dict[str, str]:
+    """The Standard Webhooks headers of one delivery: a signature by each secret (the current
+    one, and the one a rotation replaced while its overlap lasts), space-separated."""
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": Webhook(secret).sign(msg_id, at, body),
+        "webhook-signature": " ".join(Webhook(s).sign(msg_id, at, body) for s in secrets_),
     }
 
 
 def post(
-    http: httpx.Client, url: str, secret: str, msg_id: str, payload: object, allow_private: bool
+    http: httpx.Client,
+    url: str,
+    secrets_: Sequence[str],
+    msg_id: str,
+    payload: object,
+    allow_private: bool,
 ) -> Attempt:
     body = json.dumps(payload, separators=(",", ":"), sort_keys=True)
     try:
         check_url(url, allow_private=allow_private)
         headers = {
-            **sign(secret, msg_id, body, datetime.now(UTC)),
+            **sign(secrets_, msg_id, body, datetime.now(UTC)),
             "content-type": "application/json",
             "user-agent": "loraforge-webhooks",
         }
@@ -333,7 +367,8 @@ def deliver_due(
             if row.disabled:
                 attempt = Attempt(None, "the endpoint was deleted")
             else:
-                attempt = post(http, row.url, row.secret, row.id, row.payload, allow_private)
+                signers = [row.secret, *([row.previous] if row.previous else [])]
+                attempt = post(http, row.url, signers, row.id, row.payload, allow_private)
             if attempt.ok:
                 status, retry_in = "delivered", 0.0
                 delivered += 1

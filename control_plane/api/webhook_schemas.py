@@ -40,10 +40,14 @@ class WebhookPublic(BaseModel):
     description: str
     created_at: int
     deleted: bool
+    previous_secret_valid_until: int | None = Field(
+        default=None,
+        description="after a rotation: until when deliveries are signed with the old secret too",
+    )
     secret: str | None = Field(
         default=None,
         description="the Standard Webhooks signing secret (`whsec_...`), only in the answer that "
-        "created the endpoint",
+        "created the endpoint or rotated its secret",
     )
 
     @classmethod
@@ -55,6 +59,7 @@ class WebhookPublic(BaseModel):
             description=record.description,
             created_at=int(record.created_at.timestamp()),
             deleted=record.disabled_at is not None,
+            previous_secret_valid_until=_ts(record.previous_secret_until),
             secret=record.secret if with_secret else None,
         )
 

@@ -562,6 +562,9 @@ class WebhookEndpoint(Base):
     description: Mapped[str] = mapped_column(String(256), nullable=False, server_default="")
     created_at: Mapped[datetime] = _now()
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The secret a rotation replaced: deliveries carry its signature too until then.
+    previous_secret: Mapped[str | None] = mapped_column(Text)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class WebhookDelivery(Base):

@@ -131,6 +131,8 @@ def upgrade() -> None:
         sa.Column('description', sa.String(length=256), server_default='', nullable=False),
         sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
         sa.Column('disabled_at', sa.DateTime(timezone=True), nullable=True),
+        sa.Column('previous_secret', sa.Text(), nullable=True),
+        sa.Column('previous_secret_until', sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_webhook_endpoints_tenant_id_tenants'), ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_endpoints')),
     )

@@ -517,3 +517,48 @@ def test_the_registrys_events_reach_an_endpoint_and_a_rebuild_replays_none(
     assert report.versions == 1
     assert client.get("/v1/adapters/bot/versions/2", headers=headers).status_code == 200
     assert len(log()) == written  # the restored version announced nothing
+
+
+def test_a_rotated_secret_signs_beside_the_old_one_until_the_overlap_ends(
+    services: Services, client: TestClient, tenant_a: TenantKeys, receiver: Receiver
+) -> None:
+    """After a rotation the answer holds the new secret (and the list does not); deliveries
+    verify with the new secret and, during the overlap, with the old one too, so a receiver
+    switches without dropping one; once the overlap is over, only the new one signs."""
+    engine = services.engine
+    created = _register(client, tenant_a, receiver.url + "/rot")
+    old = created["secret"]
+    rotated = client.post(
+        f"/v1/webhooks/{created['id']}/rotate_secret", headers=tenant_a.headers()
+    ).json()
+    new = rotated["secret"]
+    assert new.startswith("whsec_") and new != old and rotated["previous_secret_valid_until"]
+    listed = client.get(f"/v1/webhooks/{created['id']}", headers=tenant_a.headers()).json()
+    assert listed["secret"] is None
+
+    def delivered() -> tuple[bytes, dict[str, str]]:
+        client.post(f"/v1/webhooks/{created['id']}/test", headers=tenant_a.headers())
+        assert _deliver(services) == 1
+        headers, body = receiver.to("/rot")[-1]
+        return body, headers
+
+    def verifies(secret: str, body: bytes, headers: dict[str, str]) -> bool:
+        try:
+            openai.OpenAI(api_key="unused").webhooks.verify_signature(body, headers, secret=secret)
+        except openai.InvalidWebhookSignatureError:
+            return False
+        return True
+
+    body, headers = delivered()
+    assert len(headers["webhook-signature"].split()) == 2
+    assert verifies(new, body, headers) and verifies(old, body, headers)
+    with engine.begin() as conn:  # the overlap is over
+        conn.execute(
+            text("UPDATE webhook_endpoints SET previous_secret_until = now() - interval '1 s'")
+        )
+    body, headers = delivered()
+    assert verifies(new, body, headers) and not verifies(old, body, headers)
+    gone = client.delete(f"/v1/webhooks/{created['id']}", headers=tenant_a.headers())
+    assert gone.status_code == 200
+    again = client.post(f"/v1/webhooks/{created['id']}/rotate_secret", headers=tenant_a.headers())
+    assert (again.status_code, again.json()["error"]["code"]) == (404, "webhook_not_found")

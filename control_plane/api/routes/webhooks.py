@@ -11,6 +11,8 @@ each endpoint's delivery log (`control_plane.webhooks` delivers them).
 - `GET /v1/webhooks/{id}/deliveries`: the log, newest first: each event's payload, attempts,
   last answer and status.
 - `POST /v1/webhooks/{id}/test`: a `webhook.test` event, due now.
+- `POST /v1/webhooks/{id}/rotate_secret`: a new secret (in that answer only); for 24 hours
+  every delivery carries the old secret's signature beside the new one's.
 - `POST /v1/webhooks/{id}/deliveries/{delivery_id}/retry`: a failed delivery due again now (409
   for one pending or delivered).
 """
@@ -80,6 +82,17 @@ def delete_webhook(webhook_id: str, conn: ConnDep, caller: Admin) -> WebhookPubl
         raise not_found("webhook", webhook_id)
     conn.commit()
     return WebhookPublic.of(record)
+
+
+@router.post("/{webhook_id}/rotate_secret", response_model=WebhookPublic)
+def rotate_secret(webhook_id: str, conn: ConnDep, caller: Admin) -> WebhookPublic:
+    """A new signing secret (in this answer only); for 24 hours each delivery is signed with the
+    old one too, so the receiver can switch without dropping a delivery."""
+    record = webhooks.rotate_secret(conn, caller.tenant_id, webhook_id)
+    if record is None:
+        raise not_found("webhook", webhook_id)
+    conn.commit()
+    return WebhookPublic.of(record, with_secret=True)
 
 
 @router.get("/{webhook_id}/deliveries", response_model=Page[DeliveryPublic])
