@@ -7,13 +7,13 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from control_plane.api.schemas import ApiKeyPublic
+from control_plane.api.schemas import NAME_PATTERN, ApiKeyPublic
 from control_plane.tenants import TenantOverview
 
 TenantName = Annotated[
     str,
     Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        pattern=NAME_PATTERN.pattern,
         description="letters, digits, `.`, `_` and `-`, starting with a letter or digit; at "
         "most 128 characters",
     ),

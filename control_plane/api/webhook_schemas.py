@@ -6,6 +6,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from control_plane.api.schemas import _ts
 from control_plane.records import WebhookDeliveryRecord, WebhookEndpointRecord
 
 EventType = Literal[
@@ -16,10 +17,6 @@ EventType = Literal[
     "adapter.version.deleted",
     "adapter.alias.updated",
 ]
-
-
-def _ts(value: Any) -> int | None:
-    return int(value.timestamp()) if value is not None else None
 
 
 class WebhookCreate(BaseModel):

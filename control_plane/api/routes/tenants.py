@@ -50,17 +50,21 @@ def _public(overview: tenants.TenantOverview, services: Services) -> TenantPubli
     )
 
 
+def _no_tenant(name: str) -> ApiError:
+    return ApiError(404, "tenant_not_found", f"No tenant named {name!r}", "name")
+
+
 def _tenant(conn: Connection, name: str) -> TenantRecord:
     tenant = tenants.get_tenant_by_name(conn, name)
     if tenant is None:
-        raise ApiError(404, "tenant_not_found", f"No tenant named {name!r}", "name")
+        raise _no_tenant(name)
     return tenant
 
 
 def _overview(conn: Connection, name: str, services: Services) -> TenantPublic:
     overview = tenants.tenant_overview(conn, name)
     if overview is None:
-        raise ApiError(404, "tenant_not_found", f"No tenant named {name!r}", "name")
+        raise _no_tenant(name)
     return _public(overview, services)
 
 
@@ -115,7 +119,7 @@ def set_limits(
         conn, name, services.settings.max_running_jobs_per_tenant, **limits
     )
     if changed is None:
-        raise ApiError(404, "tenant_not_found", f"No tenant named {name!r}", "name")
+        raise _no_tenant(name)
     conn.commit()
     return _overview(conn, name, services)
 

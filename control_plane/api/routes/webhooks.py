@@ -43,6 +43,14 @@ def _endpoint(conn: Connection, caller: Principal, endpoint_id: str) -> WebhookE
     return endpoint
 
 
+def _live_endpoint(conn: Connection, caller: Principal, endpoint_id: str) -> WebhookEndpointRecord:
+    """One of the tenant's endpoints that is not deleted (409 for a deleted one)."""
+    endpoint = _endpoint(conn, caller, endpoint_id)
+    if endpoint.disabled_at is not None:
+        raise ApiError(409, "webhook_deleted", f"Webhook {endpoint_id!r} was deleted.")
+    return endpoint
+
+
 @router.post("", response_model=WebhookPublic, responses=refusals(409))
 def create_webhook(
     body: WebhookCreate, conn: ConnDep, caller: Admin, services: ServicesDep
@@ -113,9 +121,7 @@ def list_deliveries(
 
 @router.post("/{webhook_id}/test", response_model=DeliveryPublic, responses=refusals(409))
 def test_webhook(webhook_id: str, conn: ConnDep, caller: Admin) -> DeliveryPublic:
-    endpoint = _endpoint(conn, caller, webhook_id)
-    if endpoint.disabled_at is not None:
-        raise ApiError(409, "webhook_deleted", f"Webhook {webhook_id!r} was deleted.")
+    endpoint = _live_endpoint(conn, caller, webhook_id)
     delivery = webhooks.enqueue_test(conn, endpoint)
     conn.commit()
     return DeliveryPublic.of(delivery)
@@ -129,9 +135,7 @@ def test_webhook(webhook_id: str, conn: ConnDep, caller: Admin) -> DeliveryPubli
 def retry_delivery(
     webhook_id: str, delivery_id: str, conn: ConnDep, caller: Admin
 ) -> DeliveryPublic:
-    endpoint = _endpoint(conn, caller, webhook_id)
-    if endpoint.disabled_at is not None:
-        raise ApiError(409, "webhook_deleted", f"Webhook {webhook_id!r} was deleted.")
+    endpoint = _live_endpoint(conn, caller, webhook_id)
     retried = webhooks.redeliver(conn, endpoint.id, delivery_id)
     if retried is None:
         delivery = webhooks.get_delivery(conn, endpoint.id, delivery_id)
