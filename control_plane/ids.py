@@ -14,6 +14,10 @@ PREFIXES = {
     "adapter": "adapter",
     "version": "adver",
     "webhook": "whep",
+    "interactive_session": "sess",
+    "interactive_model": "imdl",
+    "interactive_call": "fut",
+    "interactive_checkpoint": "ickpt",
 }
 
 

@@ -101,6 +101,18 @@ class FileList(BaseModel):
     data: list[FileDownload]
 
 
+class VersionFromCheckpoint(BaseModel):
+    """A new version made of weights an interactive (Tinker-compatible) session saved."""
+
+    model_config = ConfigDict(extra="forbid")
+    from_checkpoint: str = Field(
+        min_length=10,
+        max_length=1000,
+        pattern=r"^tinker://",
+        description="a `tinker://` path that save_weights_for_sampler or save_state returned",
+    )
+
+
 class AliasUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: int = Field(ge=1)

@@ -599,3 +599,122 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now()
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class InteractiveSession(Base):
+    """A tenant's Tinker-compatible session (revision 0023): the models it creates and the
+    calls on them are its own. The SDK heartbeats it while its process lives."""
+
+    __tablename__ = "interactive_sessions"
+    __table_args__ = (Index("ix_interactive_sessions_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    created_at: Mapped[datetime] = _now()
+    last_heartbeat_at: Mapped[datetime] = _now()
+    tags: Mapped[list[Any]] = mapped_column(JSONB, nullable=False, server_default="[]")
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default="{}"
+    )
+    sdk_version: Mapped[str | None] = mapped_column(String(64))
+
+
+class InteractiveModel(Base):
+    """A LoRA model of a session on a resident base (`training`: trained call by call), or a
+    `sampler` (a saved adapter, or the base alone, that only samples). Its calls run in `seq`
+    order (`next_seq` hands them out) on the one executor holding its weights (`held_by`)."""
+
+    __tablename__ = "interactive_models"
+    __table_args__ = (
+        CheckConstraint("kind IN ('training', 'sampler')", name="kind"),
+        Index("ix_interactive_models_session", "session_id"),
+        Index(
+            "ix_interactive_models_held_by", "held_by", postgresql_where=text("held_by IS NOT NULL")
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("interactive_sessions.id", ondelete="CASCADE"), nullable=False
+    )
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    base_model_id: Mapped[str] = mapped_column(ForeignKey("base_models.id"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    lora_config: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    model_path: Mapped[str | None] = mapped_column(Text)
+    next_seq: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    held_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now()
+    unloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class InteractiveCall(Base):
+    """One call on an interactive model, the future the SDK polls: `(model_id, seq)` is its
+    place in the model's order, `request` what the executor needs, `result` or `error` (`{"error",
+    "category": "user" | "server"}`) what it answered."""
+
+    __tablename__ = "interactive_calls"
+    __table_args__ = (
+        CheckConstraint("status IN ('pending', 'running', 'completed', 'failed')", name="status"),
+        UniqueConstraint("model_id", "seq", name="uq_interactive_calls_model_seq"),
+        # The executors' pass: a base's pending calls, oldest first.
+        Index(
+            "ix_interactive_calls_pending",
+            "base_model_id",
+            "created_at",
+            postgresql_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("interactive_models.id", ondelete="CASCADE"), nullable=False
+    )
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    base_model_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    claimed_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class InteractiveCheckpoint(Base):
+    """Weights an interactive model saved (`sampler`: an adapter to sample from or publish;
+    `state`: adapter and optimizer, to resume), under `storage_prefix` in the object store and
+    named to the SDK by `path` (`tinker://<model>/<weights|sampler_weights>/<name>`)."""
+
+    __tablename__ = "interactive_checkpoints"
+    __table_args__ = (
+        CheckConstraint("kind IN ('sampler', 'state')", name="kind"),
+        UniqueConstraint("model_id", "kind", "name", name="uq_interactive_checkpoints_name"),
+        UniqueConstraint("path", name="uq_interactive_checkpoints_path"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(
+        ForeignKey("interactive_models.id", ondelete="CASCADE"), nullable=False
+    )
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    storage_prefix: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    # The adapter version it was published as (at most one; a deleted version frees it).
+    published_version_id: Mapped[str | None] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="SET NULL")
+    )

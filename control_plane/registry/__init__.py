@@ -44,6 +44,7 @@ from control_plane.registry.names import (
     AliasNotFoundError,
     BaseModelMismatchError,
     BaseModelNotFoundError,
+    CheckpointNotFoundError,
     InvalidNameError,
     RegistryError,
     StoreUnavailableError,
@@ -58,6 +59,7 @@ from control_plane.registry.names import (
 from control_plane.registry.publication import (
     RegistryParts,
     derive_adapter_name,
+    publish_checkpoint,
     publish_job_adapter,
 )
 from control_plane.registry.reads import (
@@ -107,6 +109,7 @@ __all__ = [
     "AliasRecord",
     "BaseModelMismatchError",
     "BaseModelNotFoundError",
+    "CheckpointNotFoundError",
     "InvalidNameError",
     "PublishedVersion",
     "RebuildReport",
@@ -131,6 +134,7 @@ __all__ = [
     "list_versions",
     "model_id",
     "parse_ref",
+    "publish_checkpoint",
     "publish_job_adapter",
     "rebuild_from_manifests",
     "remove_version_objects",

@@ -75,6 +75,10 @@ class BaseModelNotFoundError(RegistryError):
     code = "base_model_not_found"
 
 
+class CheckpointNotFoundError(RegistryError):
+    code = "checkpoint_not_found"
+
+
 class VersionInUseError(RegistryError):
     code = "version_in_use"
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from control_plane.registry.names import (
     STORE_ERRORS,
     AdapterFilesError,
     BaseModelMismatchError,
+    CheckpointNotFoundError,
     StoreUnavailableError,
     model_id,
     validate_adapter_name,
@@ -141,6 +143,90 @@ def _discard(store: ObjectStore, prefix: str) -> None:
         log.warning("could not remove the unpublished objects under %s", prefix, exc_info=True)
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """A version whose files and manifest are in the store, its row not yet committed."""
+
+    adapter_id: str
+    number: int
+    version_id: str
+    prefix: str
+    created_at: datetime
+    manifest: dict[str, Any]
+
+    def insert(self, conn: Connection) -> None:
+        """The version's row (not committed): the version becomes visible with its commit."""
+        version = self.manifest["version"]
+        conn.execute(
+            insert(versions_table).values(
+                id=self.version_id,
+                adapter_id=self.adapter_id,
+                number=self.number,
+                job_id=version["job_id"],
+                parent_version_id=version["parent_version_id"],
+                files=self.manifest["files"],
+                lineage=self.manifest["lineage"],
+                metrics=self.manifest["metrics"],
+                object_prefix=self.prefix,
+                created_at=self.created_at,
+            )
+        )
+
+
+def _stage(
+    store: ObjectStore,
+    engine: Engine,
+    tenant_id: str,
+    plan: _Plan,
+    adapter_dir: Path,
+    job_id: str | None,
+    lineage: dict[str, Any],
+    metrics: dict[str, Any],
+) -> _Staged:
+    """Reserve the adapter's next number and upload the files and the manifest under it."""
+    local = _local_files(adapter_dir)
+    for _ in range(_RESERVE_ATTEMPTS):
+        adapter_id, number, adapter_created = _reserve(
+            engine, tenant_id, plan.adapter_name, plan.base.id
+        )
+        prefix = adapter_version_prefix(tenant_id, plan.adapter_name, number)
+        version_id, created_at = new_id("version"), datetime.now(UTC)
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "tenant": {"id": tenant_id, "name": plan.tenant_name},
+            "adapter": {
+                "id": adapter_id,
+                "name": plan.adapter_name,
+                "created_at": adapter_created.isoformat(),
+            },
+            "version": {
+                "id": version_id,
+                "number": number,
+                "model_id": model_id(plan.adapter_name, number),
+                "job_id": job_id,
+                "parent_version_id": plan.parent.id if plan.parent else None,
+                "parent_ref": plan.parent.model_id if plan.parent else None,
+                "created_at": created_at.isoformat(),
+            },
+            "base_model": {k: getattr(plan.base, k) for k in BASE_MODEL_LINEAGE_FIELDS},
+            "files": [{"name": n, "size": size, "sha256": sha} for n, _, size, sha in local],
+            "lineage": lineage,
+            "metrics": metrics,
+        }
+        try:
+            _upload(store, prefix, local, manifest)
+        except ObjectExistsError:
+            log.warning("objects left under %s; publishing under the next number", prefix)
+            continue
+        except STORE_ERRORS as exc:
+            _discard(store, prefix)
+            raise StoreUnavailableError(
+                f"publishing {plan.adapter_name} version {number} failed in the object store: {exc}"
+            ) from exc
+        return _Staged(adapter_id, number, version_id, prefix, created_at, manifest)
+    raise StoreUnavailableError(f"no free version number for adapter {plan.adapter_name!r}")
+
+
 def publish_job_adapter(
     parts: RegistryParts,
     *,
@@ -166,72 +252,17 @@ def publish_job_adapter(
         if existing is not None:
             return PublishedVersion(existing, created=False)
         plan = _plan(conn, job)
-    local = _local_files(adapter_dir)
-    for _ in range(_RESERVE_ATTEMPTS):
-        adapter_id, number, adapter_created = _reserve(
-            parts.engine, job.tenant_id, plan.adapter_name, plan.base.id
-        )
-        prefix = adapter_version_prefix(job.tenant_id, plan.adapter_name, number)
-        version_id, created_at = new_id("version"), datetime.now(UTC)
-        manifest: dict[str, Any] = {
-            "format": MANIFEST_FORMAT,
-            "tenant": {"id": job.tenant_id, "name": plan.tenant_name},
-            "adapter": {
-                "id": adapter_id,
-                "name": plan.adapter_name,
-                "created_at": adapter_created.isoformat(),
-            },
-            "version": {
-                "id": version_id,
-                "number": number,
-                "model_id": model_id(plan.adapter_name, number),
-                "job_id": job.id,
-                "parent_version_id": plan.parent.id if plan.parent else None,
-                "parent_ref": plan.parent.model_id if plan.parent else None,
-                "created_at": created_at.isoformat(),
-            },
-            "base_model": {k: getattr(plan.base, k) for k in BASE_MODEL_LINEAGE_FIELDS},
-            "files": [{"name": n, "size": size, "sha256": sha} for n, _, size, sha in local],
-            "lineage": lineage,
-            "metrics": metrics,
-        }
-        try:
-            _upload(parts.store, prefix, local, manifest)
-        except ObjectExistsError:
-            log.warning("objects left under %s; publishing under the next number", prefix)
-            continue
-        except STORE_ERRORS as exc:
-            _discard(parts.store, prefix)
-            raise StoreUnavailableError(
-                f"publishing {plan.adapter_name} version {number} failed in the object store: {exc}"
-            ) from exc
-        break
-    else:
-        raise StoreUnavailableError(f"no free version number for adapter {plan.adapter_name!r}")
-
-    def insert_version(conn: Connection) -> None:
-        conn.execute(
-            insert(versions_table).values(
-                id=version_id,
-                adapter_id=adapter_id,
-                number=number,
-                job_id=job.id,
-                parent_version_id=manifest["version"]["parent_version_id"],
-                files=manifest["files"],
-                lineage=lineage,
-                metrics=metrics,
-                object_prefix=prefix,
-                created_at=created_at,
-            )
-        )
-
+    staged = _stage(
+        parts.store, parts.engine, job.tenant_id, plan, adapter_dir, job.id, lineage, metrics
+    )
+    prefix, version_id = staged.prefix, staged.version_id
     try:
         done = parts.queue.complete(
             job.id,
             worker_id,
-            fine_tuned_model=model_id(plan.adapter_name, number),
+            fine_tuned_model=model_id(plan.adapter_name, staged.number),
             trained_tokens=metrics.get("trained_tokens"),
-            in_transaction=insert_version,
+            in_transaction=staged.insert,
         )
     except BaseException:
         _discard(parts.store, prefix)
@@ -265,3 +296,86 @@ def _upload(
             )
     body = json.dumps(manifest, indent=1, sort_keys=True, default=str).encode()
     store.put_bytes(prefix + MANIFEST, body, write_once=True)
+
+
+# --------------------------------------------------------------------------- interactive weights
+
+
+class _AlreadyPublished(Exception):
+    """Another publish of the same checkpoint committed first: roll this one back."""
+
+
+def publish_checkpoint(
+    parts: RegistryParts, *, tenant_id: str, path: str, adapter_name: str
+) -> PublishedVersion:
+    """Publish weights an interactive session saved (`tinker://...`, this tenant's) as the next
+    version of `adapter_name`, with the session, model and LoRA config as its lineage.
+
+    A checkpoint becomes at most one version: publishing it again returns that version
+    (`created=False`), whichever name is asked for. The files are uploaded and verified and the
+    manifest written before the version's row commits, as a job's are."""
+    name = validate_adapter_name(adapter_name)
+    with parts.engine.connect() as conn:
+        saved = conn.execute(
+            text(
+                "SELECT c.id, c.kind, c.storage_prefix, c.published_version_id, c.created_at, "
+                "m.id AS model_id, m.session_id, m.base_model_id, m.lora_config "
+                "FROM interactive_checkpoints c JOIN interactive_models m ON m.id = c.model_id "
+                "WHERE c.path = :path AND c.tenant_id = :tenant"
+            ),
+            {"path": path, "tenant": tenant_id},
+        ).one_or_none()
+        if saved is None:
+            raise CheckpointNotFoundError(
+                f"no saved weights at {path!r}: name a path that save_weights_for_sampler or "
+                "save_state returned",
+                param="from_checkpoint",
+            )
+        if saved.published_version_id is not None:
+            return PublishedVersion(_version(conn, saved.published_version_id), created=False)
+        tenant = get_tenant(conn, tenant_id)
+        base = get_base_model(conn, saved.base_model_id)
+        assert tenant is not None and base is not None  # a checkpoint's tenant and base outlive it
+    plan = _Plan(tenant.name, base, name, None)
+    lineage = {
+        "source": "interactive_session",
+        "session_id": saved.session_id,
+        "model_id": saved.model_id,
+        "checkpoint": {"path": path, "kind": saved.kind, "saved_at": saved.created_at.isoformat()},
+        "lora": saved.lora_config,
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        parts.store.download_prefix(saved.storage_prefix, Path(scratch))
+        staged = _stage(
+            parts.store, parts.engine, tenant_id, plan, Path(scratch), None, lineage, {}
+        )
+    try:
+        with parts.engine.begin() as conn:
+            staged.insert(conn)
+            taken = conn.execute(
+                text(
+                    "UPDATE interactive_checkpoints SET published_version_id = :version "
+                    "WHERE id = :id AND published_version_id IS NULL"
+                ),
+                {"version": staged.version_id, "id": saved.id},
+            ).rowcount
+            if not taken:
+                raise _AlreadyPublished
+    except BaseException as exc:
+        _discard(parts.store, staged.prefix)
+        if not isinstance(exc, _AlreadyPublished):
+            raise
+        with parts.engine.connect() as conn:
+            first = conn.execute(
+                text("SELECT published_version_id FROM interactive_checkpoints WHERE id = :id"),
+                {"id": saved.id},
+            ).scalar_one()
+            return PublishedVersion(_version(conn, first), created=False)
+    with parts.engine.connect() as conn:
+        return PublishedVersion(_version(conn, staged.version_id), created=True)
+
+
+def _version(conn: Connection, version_id: str) -> AdapterVersionRecord:
+    version = get_version_by_id(conn, version_id)
+    assert version is not None  # the checkpoint's link is set in the version's transaction
+    return version

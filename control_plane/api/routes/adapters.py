@@ -28,6 +28,7 @@ from control_plane.api.adapter_schemas import (
     LineagePublic,
     ServingIndexPublic,
     VersionDeleted,
+    VersionFromCheckpoint,
     VersionPublic,
 )
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
@@ -71,6 +72,7 @@ _STATUS: dict[type[registry.RegistryError], int] = {
     registry.VersionNotFoundError: 404,
     registry.AliasNotFoundError: 404,
     registry.BaseModelNotFoundError: 404,
+    registry.CheckpointNotFoundError: 404,
     registry.VersionInUseError: 409,
     registry.BaseModelMismatchError: 409,
     registry.StoreUnavailableError: 503,
@@ -159,6 +161,31 @@ def list_versions(
     return page_of(
         [VersionPublic.of(v) for v in found], has_more=more, cursor=lambda v: str(v.version)
     )
+
+
+@router.post(
+    "/{name}/versions",
+    response_model=VersionPublic,
+    status_code=201,
+    responses={200: {"model": VersionPublic}, **refusals(404, 409, 503)},
+)
+def publish_from_checkpoint(
+    name: AdapterName,
+    body: VersionFromCheckpoint,
+    response: Response,
+    caller: Writer,
+    services: ServicesDep,
+) -> VersionPublic:
+    """Publish saved session weights as the adapter's next version (the adapter is created on
+    its first). A checkpoint becomes one version: publishing it again answers that version
+    (200), whatever name is asked for."""
+    with registry_errors():
+        published = registry.publish_checkpoint(
+            services, tenant_id=caller.tenant_id, path=body.from_checkpoint, adapter_name=name
+        )
+    if not published.created:
+        response.status_code = 200
+    return VersionPublic.of(published.version)
 
 
 @router.get("/{name}/versions/{ref}", response_model=VersionPublic)

@@ -1,0 +1,210 @@
+"""The executors' side of interactive sessions: take a model's next call, in its order, and
+record what it answered.
+
+A model's calls run one at a time, in `seq` order, on the one executor that holds its weights
+in memory (`interactive_models.held_by`, set by the claim that first takes one of its calls).
+A claim locks the call and its model (SKIP LOCKED: two executors never take two calls of one
+model at once, and never wait on each other) and takes the model's first unfinished call only
+when it is pending: a call still running holds every later one back.
+
+An executor that dies takes its models' weights with it. `release_lost` fails what was asked of
+those models (a server error that says to load the last saved state into a new model) and
+frees them, so their SDK callers get an answer instead of waiting for ever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql import bindparam
+
+from control_plane.ids import new_id
+
+# Executors wake on this channel (payload: the base model id) when a call is asked for.
+CHANNEL = "interactive_calls"
+
+# What a saved checkpoint is called in the object store and to the SDK, by kind of save.
+_SAVE_KINDS = {"save_weights": "state", "save_weights_for_sampler": "sampler"}
+_PATH_SEGMENT = {"state": "weights", "sampler": "sampler_weights"}
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call taken by an executor, with what it needs to run it."""
+
+    id: str
+    model_id: str
+    tenant_id: str
+    session_id: str
+    base_model_id: str
+    seq: int
+    kind: str
+    request: dict[str, Any]
+    model_kind: str
+    lora_config: dict[str, Any]
+    model_path: str | None
+
+
+_CLAIM = text(
+    """
+    WITH next AS (
+        SELECT c.id, m.id AS model_id
+        FROM interactive_calls c
+        JOIN interactive_models m ON m.id = c.model_id
+        WHERE c.base_model_id = :base AND c.status = 'pending'
+          AND (m.held_by IS NULL OR m.held_by = :executor)
+          AND NOT EXISTS (
+              SELECT 1 FROM interactive_calls e
+              WHERE e.model_id = c.model_id AND e.seq < c.seq
+                AND e.status IN ('pending', 'running'))
+        ORDER BY c.created_at, c.seq
+        LIMIT 1
+        FOR UPDATE OF c, m SKIP LOCKED
+    ),
+    held AS (
+        UPDATE interactive_models m SET held_by = :executor
+        FROM next WHERE m.id = next.model_id
+        RETURNING m.id, m.session_id, m.kind, m.lora_config, m.model_path
+    )
+    UPDATE interactive_calls c
+    SET status = 'running', claimed_by = :executor, started_at = now()
+    FROM next, held
+    WHERE c.id = next.id
+    RETURNING c.id, c.model_id, c.tenant_id, held.session_id, c.base_model_id, c.seq, c.kind,
+              c.request, held.kind AS model_kind, held.lora_config, held.model_path
+    """
+)
+
+
+def claim_next(conn: Connection, executor_id: str, base_model_id: str) -> Call | None:
+    """Take the oldest call on `base_model_id` that can run now, for `executor_id` (not
+    committed: the caller commits before it runs the call)."""
+    row = conn.execute(_CLAIM, {"base": base_model_id, "executor": executor_id}).one_or_none()
+    return None if row is None else Call(**row._mapping)
+
+
+def checkpoint_location(call: Call, name: str) -> tuple[str, str, str]:
+    """(kind, tinker path, object-store prefix) of what a save call writes under `name`."""
+    kind = _SAVE_KINDS[call.kind]
+    segment = _PATH_SEGMENT[kind]
+    path = f"tinker://{call.model_id}/{segment}/{name}"
+    prefix = (
+        f"tenants/{call.tenant_id}/sessions/{call.session_id}/models/{call.model_id}/"
+        f"{segment}/{name}/"
+    )
+    return kind, path, prefix
+
+
+def finish(
+    conn: Connection,
+    call: Call,
+    executor_id: str,
+    result: dict[str, Any],
+    *,
+    checkpoint: tuple[str, str, str, str] | None = None,
+    release_model: bool = False,
+) -> bool:
+    """Record `result` for a call this executor runs (not committed). `checkpoint` (kind, name,
+    path, prefix) records a save's weights with it; `release_model` lets the model go (an
+    unload). False, and nothing written, when the call is no longer this executor's (it was
+    released as lost meanwhile)."""
+    done = conn.execute(
+        text(
+            "UPDATE interactive_calls SET status = 'completed', result = :result, "
+            "finished_at = now() WHERE id = :id AND status = 'running' AND claimed_by = :executor"
+        ).bindparams(bindparam("result", type_=JSONB)),
+        {"id": call.id, "executor": executor_id, "result": result},
+    ).rowcount
+    if not done:
+        return False
+    if checkpoint is not None:
+        kind, name, path, prefix = checkpoint
+        conn.execute(
+            text(
+                "INSERT INTO interactive_checkpoints "
+                "(id, model_id, tenant_id, kind, name, path, storage_prefix) "
+                "VALUES (:id, :model, :tenant, :kind, :name, :path, :prefix) "
+                "ON CONFLICT (model_id, kind, name) DO UPDATE "
+                "SET storage_prefix = excluded.storage_prefix, created_at = now()"
+            ),
+            {
+                "id": new_id("ickpt"),
+                "model": call.model_id,
+                "tenant": call.tenant_id,
+                "kind": kind,
+                "name": name,
+                "path": path,
+                "prefix": prefix,
+            },
+        )
+    if release_model:
+        conn.execute(
+            text(
+                "UPDATE interactive_models SET held_by = NULL, unloaded_at = now() "
+                "WHERE id = :model"
+            ),
+            {"model": call.model_id},
+        )
+    return True
+
+
+def fail(
+    conn: Connection, call: Call, executor_id: str, message: str, *, category: str = "user"
+) -> bool:
+    """Record a call's failure (`category` "user": the request was refused, "server": the
+    platform could not run it), not committed. A model whose creation failed holds nothing."""
+    done = conn.execute(
+        text(
+            "UPDATE interactive_calls SET status = 'failed', error = :error, finished_at = now() "
+            "WHERE id = :id AND status = 'running' AND claimed_by = :executor"
+        ).bindparams(bindparam("error", type_=JSONB)),
+        {"id": call.id, "executor": executor_id, "error": _error(message, category)},
+    ).rowcount
+    if done and call.kind == "create_model":
+        conn.execute(
+            text("UPDATE interactive_models SET held_by = NULL WHERE id = :model"),
+            {"model": call.model_id},
+        )
+    return bool(done)
+
+
+def release_lost(conn: Connection, lease_seconds: float) -> int:
+    """Free the models of executors not heard from within a lease (their weights are gone) and
+    fail every call that was asked of them and not answered (not committed). Returns the number
+    of models freed."""
+    lost = conn.execute(
+        text(
+            "UPDATE interactive_models m SET held_by = NULL, unloaded_at = now() "
+            "WHERE m.held_by IS NOT NULL AND NOT EXISTS ("
+            "  SELECT 1 FROM trainers t WHERE t.id = m.held_by "
+            "  AND t.last_heartbeat_at > now() - :lease) "
+            "RETURNING m.id"
+        ),
+        {"lease": timedelta(seconds=lease_seconds)},
+    ).scalars()
+    models = list(lost)
+    if models:
+        conn.execute(
+            text(
+                "UPDATE interactive_calls SET status = 'failed', error = :error, "
+                "finished_at = now() "
+                "WHERE model_id = ANY(:models) AND status IN ('pending', 'running')"
+            ).bindparams(bindparam("error", type_=JSONB)),
+            {
+                "models": models,
+                "error": _error(
+                    "the executor holding this model's weights stopped: create a new model and "
+                    "load the last state saved with save_state into it",
+                    "server",
+                ),
+            },
+        )
+    return len(models)
+
+
+def _error(message: str, category: str) -> dict[str, str]:
+    return {"error": message, "category": category}

@@ -1,0 +1,233 @@
+"""The executors' side of interactive sessions on real PostgreSQL: a model's calls run one at a
+time in their order, all on the executor that holds its weights; executors share a base's
+calls without taking one twice; an executor that stops has its models' calls answered."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import defaultdict
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from control_plane import interactive_calls as calls
+from control_plane.trainers import TrainerReport, report
+from tests.factories import make_base, make_tenant
+
+
+def _session(engine: Engine, tenant_id: str, name: str) -> str:
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO interactive_sessions (id, tenant_id) VALUES (:id, :tenant)"),
+            {"id": name, "tenant": tenant_id},
+        )
+    return name
+
+
+def _model(engine: Engine, session: str, tenant_id: str, base_id: str, name: str) -> str:
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO interactive_models (id, session_id, tenant_id, base_model_id, kind, "
+                "lora_config) VALUES (:id, :session, :tenant, :base, 'training', '{\"rank\": 4}')"
+            ),
+            {"id": name, "session": session, "tenant": tenant_id, "base": base_id},
+        )
+    return name
+
+
+def _ask(engine: Engine, model: str, tenant_id: str, base_id: str, kind: str, seq: int) -> str:
+    call_id = f"fut-{model}-{seq}"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO interactive_calls (id, model_id, tenant_id, base_model_id, seq, kind) "
+                "VALUES (:id, :model, :tenant, :base, :seq, :kind)"
+            ),
+            {
+                "id": call_id,
+                "model": model,
+                "tenant": tenant_id,
+                "base": base_id,
+                "seq": seq,
+                "kind": kind,
+            },
+        )
+    return call_id
+
+
+def _claim(engine: Engine, executor: str, base_id: str) -> calls.Call | None:
+    with engine.begin() as conn:
+        return calls.claim_next(conn, executor, base_id)
+
+
+def _finish(engine: Engine, call: calls.Call, executor: str, **kwargs: Any) -> bool:
+    with engine.begin() as conn:
+        return calls.finish(conn, call, executor, {"seq": call.seq}, **kwargs)
+
+
+def _status(engine: Engine, call_id: str) -> tuple[str, Any, Any]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT status, result, error FROM interactive_calls WHERE id = :id"),
+            {"id": call_id},
+        ).one()
+    return row.status, row.result, row.error
+
+
+def test_a_models_calls_run_in_order_on_the_executor_that_holds_it(engine: Engine) -> None:
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = _session(engine, tenant.id, "sess-1")
+    model = _model(engine, session, tenant.id, base.id, "imdl-a")
+    other = _model(engine, session, tenant.id, base.id, "imdl-b")
+    # Asked out of order: seq 2 arrives before seq 1.
+    for seq, kind in ((0, "create_model"), (2, "optim_step"), (1, "forward_backward")):
+        _ask(engine, model, tenant.id, base.id, kind, seq)
+
+    first = _claim(engine, "exec-x", base.id)
+    assert first is not None and (first.model_id, first.seq, first.kind) == (
+        model,
+        0,
+        "create_model",
+    )
+    assert first.lora_config == {"rank": 4} and first.session_id == session
+    # While seq 0 runs, nothing later of the model is taken, by this executor or another.
+    assert _claim(engine, "exec-x", base.id) is None
+    assert _claim(engine, "exec-y", base.id) is None
+    assert _finish(engine, first, "exec-x")
+    # The model is exec-x's now: exec-y never takes its calls, even when exec-x is idle.
+    assert _claim(engine, "exec-y", base.id) is None
+    second = _claim(engine, "exec-x", base.id)
+    assert second is not None and second.seq == 1
+    with engine.begin() as conn:
+        assert calls.fail(conn, second, "exec-x", "bad shapes")
+    # A failed call does not hold the next one back.
+    third = _claim(engine, "exec-x", base.id)
+    assert third is not None and third.seq == 2
+    # Another model is free for any executor; exec-y takes it while exec-x holds seq 2.
+    _ask(engine, other, tenant.id, base.id, "create_model", 0)
+    taken = _claim(engine, "exec-y", base.id)
+    assert taken is not None and taken.model_id == other
+    # An answer from an executor that does not hold the call is not recorded.
+    assert not _finish(engine, third, "exec-y")
+    assert _finish(engine, third, "exec-x")
+    assert _status(engine, "fut-imdl-a-1") == (
+        "failed",
+        None,
+        {"error": "bad shapes", "category": "user"},
+    )
+    assert _status(engine, "fut-imdl-a-2") == ("completed", {"seq": 2}, None)
+    # Calls on another base are never taken by this base's executors.
+    other_base = make_base(engine, "other-base")
+    lone = _model(engine, session, tenant.id, other_base.id, "imdl-c")
+    _ask(engine, lone, tenant.id, other_base.id, "create_model", 0)
+    assert _claim(engine, "exec-z", base.id) is None
+
+
+def test_a_failed_creation_frees_the_model_and_an_unload_lets_it_go(engine: Engine) -> None:
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = _session(engine, tenant.id, "sess-1")
+    model = _model(engine, session, tenant.id, base.id, "imdl-a")
+    _ask(engine, model, tenant.id, base.id, "create_model", 0)
+    created = _claim(engine, "exec-x", base.id)
+    assert created is not None
+    with engine.begin() as conn:
+        calls.fail(conn, created, "exec-x", "rank must be positive")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT held_by FROM interactive_models")).scalar_one() is None
+    _ask(engine, model, tenant.id, base.id, "unload_model", 1)
+    unload = _claim(engine, "exec-y", base.id)
+    assert unload is not None
+    assert _finish(engine, unload, "exec-y", release_model=True)
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT held_by, unloaded_at FROM interactive_models")).one()
+    assert row.held_by is None and row.unloaded_at is not None
+
+
+def test_executors_racing_over_many_models_run_each_call_once_in_its_order(
+    engine: Engine,
+) -> None:
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = _session(engine, tenant.id, "sess-1")
+    models = [_model(engine, session, tenant.id, base.id, f"imdl-{i}") for i in range(6)]
+    asked = [(m, seq) for m in models for seq in range(12)]
+    random.Random(7).shuffle(asked)
+    for model, seq in asked:
+        _ask(engine, model, tenant.id, base.id, "forward_backward", seq)
+    ran: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def executor(name: str) -> None:
+        try:
+            idle = 0
+            while idle < 50:
+                call = _claim(engine, name, base.id)
+                if call is None:
+                    idle += 1
+                    continue
+                idle = 0
+                with lock:
+                    ran[call.model_id].append((call.seq, name))
+                assert _finish(engine, call, name)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=executor, args=(f"exec-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for model in models:
+        seqs = [seq for seq, _ in ran[model]]
+        assert seqs == list(range(12)), model
+        assert len({name for _, name in ran[model]}) == 1, "one executor per model"
+    with engine.connect() as conn:
+        assert (
+            conn.execute(
+                text("SELECT count(*) FROM interactive_calls WHERE status <> 'completed'")
+            ).scalar_one()
+            == 0
+        )
+
+
+def test_an_executor_that_stops_has_its_models_calls_answered_and_freed(engine: Engine) -> None:
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = _session(engine, tenant.id, "sess-1")
+    lost_model = _model(engine, session, tenant.id, base.id, "imdl-lost")
+    kept_model = _model(engine, session, tenant.id, base.id, "imdl-kept")
+    with engine.begin() as conn:
+        for executor in ("exec-gone", "exec-alive"):
+            report(conn, TrainerReport(id=executor, host="h", pid=1, device="cpu"))
+    _ask(engine, lost_model, tenant.id, base.id, "create_model", 0)
+    _ask(engine, kept_model, tenant.id, base.id, "create_model", 0)
+    running = _claim(engine, "exec-gone", base.id)
+    assert running is not None and running.model_id == lost_model
+    kept = _claim(engine, "exec-alive", base.id)
+    assert kept is not None and _finish(engine, kept, "exec-alive")
+    _ask(engine, lost_model, tenant.id, base.id, "forward_backward", 1)
+    with engine.begin() as conn:
+        assert calls.release_lost(conn, lease_seconds=30) == 0  # both heard from
+        conn.execute(
+            text("UPDATE trainers SET last_heartbeat_at = now() - :ago WHERE id = 'exec-gone'"),
+            {"ago": timedelta(seconds=60)},
+        )
+        assert calls.release_lost(conn, lease_seconds=30) == 1
+    for seq in (0, 1):
+        status, _, error = _status(engine, f"fut-{lost_model}-{seq}")
+        assert status == "failed" and error["category"] == "server"
+        assert "save_state" in error["error"]
+    # The lost executor's late answer is dropped; the other executor's model is untouched.
+    assert not _finish(engine, running, "exec-gone")
+    with engine.connect() as conn:
+        held: dict[str, str | None] = dict(
+            conn.execute(text("SELECT id, held_by FROM interactive_models")).tuples().all()
+        )
+    assert held == {lost_model: None, kept_model: "exec-alive"}
