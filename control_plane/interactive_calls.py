@@ -132,7 +132,7 @@ def finish(
                 "SET storage_prefix = excluded.storage_prefix, created_at = now()"
             ),
             {
-                "id": new_id("ickpt"),
+                "id": new_id("interactive_checkpoint"),
                 "model": call.model_id,
                 "tenant": call.tenant_id,
                 "kind": kind,

@@ -169,7 +169,10 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     stop_on_sigterm()
     try:
         with embedded_platform(
-            settings, trainer=not args.no_trainer, default_base=not args.no_default_base
+            settings,
+            trainer=not args.no_trainer,
+            default_base=not args.no_default_base,
+            interactive=args.interactive,
         ) as platform:
             port = args.port or settings.port
             base = f"http://{settings.host}:{port}"
@@ -211,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-default-base",
         action="store_true",
         help="do not fetch and register SmolLM2-135M-Instruct",
+    )
+    up.add_argument(
+        "--interactive",
+        nargs="?",
+        const="SmolLM2-135M-Instruct",
+        default=None,
+        metavar="BASE",
+        help="also run interactive (Tinker-compatible) sessions on BASE (default: the default base)",
     )
     up.set_defaults(func=cmd_up)
 

@@ -89,6 +89,15 @@ def trainer_spec(database_url: str, settings: Settings) -> ChildSpec:
     )
 
 
+def interactive_spec(database_url: str, settings: Settings, base: str) -> ChildSpec:
+    """`loraforge interactive` on `base` as a child: runs interactive sessions' calls."""
+    return ChildSpec(
+        f"interactive executor ({base})",
+        [sys.executable, "-m", "loraforge.cli", "interactive", "--base", base],
+        child_env(database_url, settings),
+    )
+
+
 def celery_spec(database_url: str, settings: Settings) -> ChildSpec:
     """The celery worker with its beat (queue maintenance) as a child."""
     return ChildSpec(
@@ -184,7 +193,11 @@ class Platform:
 
 @contextlib.contextmanager
 def embedded_platform(
-    settings: Settings, *, trainer: bool = True, default_base: bool = True
+    settings: Settings,
+    *,
+    trainer: bool = True,
+    default_base: bool = True,
+    interactive: str | None = None,
 ) -> Iterator[Platform]:
     """Run the embedded platform for the duration of the block (see the module docstring)."""
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -206,6 +219,8 @@ def embedded_platform(
         specs = [celery_spec(url, settings)]
         if trainer:
             specs.append(trainer_spec(url, settings))
+        if interactive is not None:
+            specs.append(interactive_spec(url, settings, interactive))
         supervisor = Supervisor(specs, watched=[postgres] if postgres is not None else [])
         stack.callback(supervisor.stop)
         supervisor.start()

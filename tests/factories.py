@@ -272,3 +272,80 @@ def jobs_in_states(
                 {"id": row["id"], "m": json.dumps(metadata)},
             )
     return mine.id, [r["id"] for r in rows]
+
+
+# --------------------------------------------------------------------------- interactive sessions
+
+
+def interactive_session(engine: Engine, tenant_id: str, session_id: str) -> str:
+    """A session row, as the Tinker API's create_session writes it."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO interactive_sessions (id, tenant_id) VALUES (:id, :tenant)"),
+            {"id": session_id, "tenant": tenant_id},
+        )
+    return session_id
+
+
+def interactive_model(
+    engine: Engine,
+    session_id: str,
+    tenant_id: str,
+    base_id: str,
+    model_id: str,
+    *,
+    kind: str = "training",
+    rank: int = 4,
+    model_path: str | None = None,
+) -> str:
+    """A model row of a session (a `sampler` of `model_path`, or the base alone)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO interactive_models (id, session_id, tenant_id, base_model_id, kind, "
+                "lora_config, model_path) "
+                "VALUES (:id, :session, :tenant, :base, :kind, :config, :path)"
+            ),
+            {
+                "id": model_id,
+                "session": session_id,
+                "tenant": tenant_id,
+                "base": base_id,
+                "kind": kind,
+                "config": json.dumps({"rank": rank, "seed": 0}),
+                "path": model_path,
+            },
+        )
+    return model_id
+
+
+def ask_call(
+    engine: Engine,
+    model_id: str,
+    tenant_id: str,
+    base_id: str,
+    kind: str,
+    seq: int,
+    request: dict[str, Any] | None = None,
+) -> str:
+    """A pending call (a future) on a model, as the Tinker API's enqueue writes it; its id is
+    `fut-<model>-<seq>`."""
+    call_id = f"fut-{model_id}-{seq}"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO interactive_calls "
+                "(id, model_id, tenant_id, base_model_id, seq, kind, request) "
+                "VALUES (:id, :model, :tenant, :base, :seq, :kind, :request)"
+            ),
+            {
+                "id": call_id,
+                "model": model_id,
+                "tenant": tenant_id,
+                "base": base_id,
+                "seq": seq,
+                "kind": kind,
+                "request": json.dumps(request or {}),
+            },
+        )
+    return call_id

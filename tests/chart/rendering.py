@@ -55,7 +55,7 @@ def render(values: Obj | None, *, is_upgrade: bool = False) -> list[Obj]:
         is_install=not is_upgrade,
         is_upgrade=is_upgrade,
     )
-    objects = []
+    objects: list[Obj] = []
     for path, text in sorted(manifests.items()):
         if path.endswith("NOTES.txt"):
             continue

@@ -14,48 +14,8 @@ from sqlalchemy import Engine, text
 
 from control_plane import interactive_calls as calls
 from control_plane.trainers import TrainerReport, report
-from tests.factories import make_base, make_tenant
-
-
-def _session(engine: Engine, tenant_id: str, name: str) -> str:
-    with engine.begin() as conn:
-        conn.execute(
-            text("INSERT INTO interactive_sessions (id, tenant_id) VALUES (:id, :tenant)"),
-            {"id": name, "tenant": tenant_id},
-        )
-    return name
-
-
-def _model(engine: Engine, session: str, tenant_id: str, base_id: str, name: str) -> str:
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO interactive_models (id, session_id, tenant_id, base_model_id, kind, "
-                "lora_config) VALUES (:id, :session, :tenant, :base, 'training', '{\"rank\": 4}')"
-            ),
-            {"id": name, "session": session, "tenant": tenant_id, "base": base_id},
-        )
-    return name
-
-
-def _ask(engine: Engine, model: str, tenant_id: str, base_id: str, kind: str, seq: int) -> str:
-    call_id = f"fut-{model}-{seq}"
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO interactive_calls (id, model_id, tenant_id, base_model_id, seq, kind) "
-                "VALUES (:id, :model, :tenant, :base, :seq, :kind)"
-            ),
-            {
-                "id": call_id,
-                "model": model,
-                "tenant": tenant_id,
-                "base": base_id,
-                "seq": seq,
-                "kind": kind,
-            },
-        )
-    return call_id
+from tests.factories import ask_call as _ask
+from tests.factories import interactive_model, interactive_session, make_base, make_tenant
 
 
 def _claim(engine: Engine, executor: str, base_id: str) -> calls.Call | None:
@@ -80,9 +40,9 @@ def _status(engine: Engine, call_id: str) -> tuple[str, Any, Any]:
 def test_a_models_calls_run_in_order_on_the_executor_that_holds_it(engine: Engine) -> None:
     tenant = make_tenant(engine, "tenant-a")
     base = make_base(engine)
-    session = _session(engine, tenant.id, "sess-1")
-    model = _model(engine, session, tenant.id, base.id, "imdl-a")
-    other = _model(engine, session, tenant.id, base.id, "imdl-b")
+    session = interactive_session(engine, tenant.id, "sess-1")
+    model = interactive_model(engine, session, tenant.id, base.id, "imdl-a")
+    other = interactive_model(engine, session, tenant.id, base.id, "imdl-b")
     # Asked out of order: seq 2 arrives before seq 1.
     for seq, kind in ((0, "create_model"), (2, "optim_step"), (1, "forward_backward")):
         _ask(engine, model, tenant.id, base.id, kind, seq)
@@ -93,7 +53,7 @@ def test_a_models_calls_run_in_order_on_the_executor_that_holds_it(engine: Engin
         0,
         "create_model",
     )
-    assert first.lora_config == {"rank": 4} and first.session_id == session
+    assert first.lora_config == {"rank": 4, "seed": 0} and first.session_id == session
     # While seq 0 runs, nothing later of the model is taken, by this executor or another.
     assert _claim(engine, "exec-x", base.id) is None
     assert _claim(engine, "exec-y", base.id) is None
@@ -122,7 +82,7 @@ def test_a_models_calls_run_in_order_on_the_executor_that_holds_it(engine: Engin
     assert _status(engine, "fut-imdl-a-2") == ("completed", {"seq": 2}, None)
     # Calls on another base are never taken by this base's executors.
     other_base = make_base(engine, "other-base")
-    lone = _model(engine, session, tenant.id, other_base.id, "imdl-c")
+    lone = interactive_model(engine, session, tenant.id, other_base.id, "imdl-c")
     _ask(engine, lone, tenant.id, other_base.id, "create_model", 0)
     assert _claim(engine, "exec-z", base.id) is None
 
@@ -130,8 +90,8 @@ def test_a_models_calls_run_in_order_on_the_executor_that_holds_it(engine: Engin
 def test_a_failed_creation_frees_the_model_and_an_unload_lets_it_go(engine: Engine) -> None:
     tenant = make_tenant(engine, "tenant-a")
     base = make_base(engine)
-    session = _session(engine, tenant.id, "sess-1")
-    model = _model(engine, session, tenant.id, base.id, "imdl-a")
+    session = interactive_session(engine, tenant.id, "sess-1")
+    model = interactive_model(engine, session, tenant.id, base.id, "imdl-a")
     _ask(engine, model, tenant.id, base.id, "create_model", 0)
     created = _claim(engine, "exec-x", base.id)
     assert created is not None
@@ -153,8 +113,8 @@ def test_executors_racing_over_many_models_run_each_call_once_in_its_order(
 ) -> None:
     tenant = make_tenant(engine, "tenant-a")
     base = make_base(engine)
-    session = _session(engine, tenant.id, "sess-1")
-    models = [_model(engine, session, tenant.id, base.id, f"imdl-{i}") for i in range(6)]
+    session = interactive_session(engine, tenant.id, "sess-1")
+    models = [interactive_model(engine, session, tenant.id, base.id, f"imdl-{i}") for i in range(6)]
     asked = [(m, seq) for m in models for seq in range(12)]
     random.Random(7).shuffle(asked)
     for model, seq in asked:
@@ -200,9 +160,9 @@ def test_executors_racing_over_many_models_run_each_call_once_in_its_order(
 def test_an_executor_that_stops_has_its_models_calls_answered_and_freed(engine: Engine) -> None:
     tenant = make_tenant(engine, "tenant-a")
     base = make_base(engine)
-    session = _session(engine, tenant.id, "sess-1")
-    lost_model = _model(engine, session, tenant.id, base.id, "imdl-lost")
-    kept_model = _model(engine, session, tenant.id, base.id, "imdl-kept")
+    session = interactive_session(engine, tenant.id, "sess-1")
+    lost_model = interactive_model(engine, session, tenant.id, base.id, "imdl-lost")
+    kept_model = interactive_model(engine, session, tenant.id, base.id, "imdl-kept")
     with engine.begin() as conn:
         for executor in ("exec-gone", "exec-alive"):
             report(conn, TrainerReport(id=executor, host="h", pid=1, device="cpu"))

@@ -270,24 +270,44 @@ KubeRay worker pod (then the container starts Ray first). Call with (dict "root"
       value: {{ . | quote }}
     {{- end }}
   {{- include "loraforge.containerSecurityContext" $ | nindent 2 }}
-  resources:
-    requests:
-      {{- toYaml $t.resources.requests | nindent 6 }}
-      {{- if gt (int $t.gpusPerPod) 0 }}
-      nvidia.com/gpu: {{ $t.gpusPerPod }}
-      {{- end }}
-    limits:
-      {{- toYaml $t.resources.limits | nindent 6 }}
-      {{- if gt (int $t.gpusPerPod) 0 }}
-      nvidia.com/gpu: {{ $t.gpusPerPod }}
-      {{- end }}
+  {{- include "loraforge.residentBaseResources" $t | nindent 2 }}
   volumeMounts:
-    {{- include "loraforge.writableMounts" $ | nindent 4 }}
-    - name: dshm
-      mountPath: /dev/shm
+    {{- include "loraforge.residentBaseMounts" $ | nindent 4 }}
 {{- end }}
 
 {{- define "loraforge.trainerVolumes" -}}
+{{- include "loraforge.residentBaseVolumes" .Values.trainers }}
+{{- end }}
+
+{{/* What a process holding a base resident needs, shared by the trainers and the interactive
+executors so that both stay alike: each takes its values block (`trainers`, `interactive`) with
+gpusPerPod, resources, cacheSizeLimit, cacheExistingClaim and shmSizeLimit. The resources, with
+the GPU request (a device plugin's extended resource: its request must equal its limit). */}}
+{{- define "loraforge.residentBaseResources" -}}
+resources:
+  requests:
+    {{- toYaml .resources.requests | nindent 4 }}
+    {{- if gt (int .gpusPerPod) 0 }}
+    nvidia.com/gpu: {{ .gpusPerPod }}
+    {{- end }}
+  limits:
+    {{- toYaml .resources.limits | nindent 4 }}
+    {{- if gt (int .gpusPerPod) 0 }}
+    nvidia.com/gpu: {{ .gpusPerPod }}
+    {{- end }}
+{{- end }}
+
+{{/* The writable places plus a memory-backed /dev/shm (torch and Ray share tensors there; the
+container runtime's default is 64Mi). Call with the root context. */}}
+{{- define "loraforge.residentBaseMounts" -}}
+{{ include "loraforge.writableMounts" . }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{/* The volumes behind residentBaseMounts: the base cache on `data` ($LORAFORGE_HOME), an
+emptyDir or an existing claim that keeps bases across restarts. */}}
+{{- define "loraforge.residentBaseVolumes" -}}
 - name: tmp
   emptyDir:
     sizeLimit: 10Gi
@@ -295,17 +315,49 @@ KubeRay worker pod (then the container starts Ray first). Call with (dict "root"
   emptyDir:
     sizeLimit: 1Gi
 - name: data
-  {{- if .Values.trainers.cacheExistingClaim }}
+  {{- if .cacheExistingClaim }}
   persistentVolumeClaim:
-    claimName: {{ .Values.trainers.cacheExistingClaim }}
+    claimName: {{ .cacheExistingClaim }}
   {{- else }}
   emptyDir:
-    sizeLimit: {{ .Values.trainers.cacheSizeLimit }}
+    sizeLimit: {{ .cacheSizeLimit }}
   {{- end }}
 - name: dshm
   emptyDir:
     medium: Memory
-    sizeLimit: {{ .Values.trainers.shmSizeLimit }}
+    sizeLimit: {{ .shmSizeLimit }}
+{{- end }}
+
+{{/* The interactive executors' bases, as a JSON list of {"base", "slug", "name"}: the name or id
+as given (what `--base` needs, verbatim), its slug (lowercase DNS-1123, at most 63 characters: a
+label value) and the Deployment's name. Two bases whose names come out the same would be one
+Deployment overwriting the other, so the render fails instead. Call with the root context. */}}
+{{- define "loraforge.interactiveBases" -}}
+{{- $bases := list }}
+{{- $seen := dict }}
+{{- range $base := .Values.interactive.bases }}
+{{- $slug := regexReplaceAll "[^a-z0-9-]+" (lower $base) "-" | trimAll "-" | trunc 63 | trimSuffix "-" }}
+{{- $name := include "loraforge.componentName" (list $ (printf "interactive-%s" $slug)) }}
+{{- with get $seen $name }}
+{{- fail (printf "interactive.bases: %q and %q both become the Deployment %q (lowercased, every run of characters other than a-z, 0-9 and - made one -, cut to 63 characters); give one of them by its id instead" . $base $name) }}
+{{- end }}
+{{- $_ := set $seen $name $base }}
+{{- $bases = append $bases (dict "base" $base "slug" $slug "name" $name) }}
+{{- end }}
+{{- toJson $bases }}
+{{- end }}
+
+{{/* Labels of one base's executors: the component's, plus the base's slug, so that
+`kubectl get pods -l loraforge.dev/base=<slug>` finds them. Call with (list $ slug). */}}
+{{- define "loraforge.interactiveLabels" -}}
+{{ include "loraforge.componentLabels" (list (index . 0) "interactive") }}
+loraforge.dev/base: {{ index . 1 }}
+{{- end }}
+
+{{/* Selector labels of one base's executors (disjoint between bases). Call with (list $ slug). */}}
+{{- define "loraforge.interactiveSelectorLabels" -}}
+{{ include "loraforge.selectorLabels" (list (index . 0) "interactive") }}
+loraforge.dev/base: {{ index . 1 }}
 {{- end }}
 
 {{/* The namespaces the operator watches, as a JSON list (default: the release namespace). */}}

@@ -1,0 +1,317 @@
+"""The interactive executor on real PostgreSQL, a real object store and the tiny test base: it
+runs a model's calls in order and answers each future; saved weights land in the store before
+their path is answered, and load, sample and publish from there; two executors share a base's
+models and one that stops has its models' calls answered by the other."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from control_plane import base_catalog, registry
+from control_plane.services import Services, build_services
+from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore
+from tests.factories import ask_call, interactive_model, interactive_session, make_tenant
+from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.interactive.runner import InteractiveRunner
+
+SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
+
+
+def _tensor(values: list[Any], dtype: str) -> dict[str, Any]:
+    return {"data": values, "dtype": dtype, "shape": [len(values)]}
+
+
+def _tokens(tokens: list[int]) -> dict[str, Any]:
+    return {"chunks": [{"type": "encoded_text", "tokens": tokens}]}
+
+
+FB = {
+    "forward_backward_input": {
+        "loss_fn": "cross_entropy",
+        "data": [
+            {
+                "model_input": _tokens(SEQUENCE[:-1]),
+                "loss_fn_inputs": {
+                    "target_tokens": _tensor(SEQUENCE[1:], "int64"),
+                    "weights": _tensor([1.0] * (len(SEQUENCE) - 1), "float32"),
+                },
+            }
+        ],
+    }
+}
+STEP = {"adam_params": {"learning_rate": 5e-3}}
+SAMPLE = {
+    "prompt": _tokens(SEQUENCE[:6]),
+    "num_samples": 1,
+    "sampling_params": {"max_tokens": 5, "temperature": 0.0},
+}
+
+
+@pytest.fixture
+def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
+    settings = Settings(home=tmp_path / "home", lease_seconds=30)
+    built = build_services(
+        settings, database_url=database_url, store=LocalObjectStore(tmp_path / "objects")
+    )
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def world(services: Services) -> dict[str, str]:
+    tenant = make_tenant(services.engine, "acme")
+    with services.engine.begin() as conn:
+        base = base_catalog.register_base_model(
+            conn,
+            base_catalog.NewBaseModel(
+                name="tiny-llama", source=str(TEST_BASE_PATH), source_kind="dir"
+            ),
+        )
+    session = interactive_session(services.engine, tenant.id, "sess-1")
+    return {"tenant": tenant.id, "base": base.id, "session": session}
+
+
+def _runner(services: Services, world: dict[str, str], name: str, tmp: Path) -> InteractiveRunner:
+    return InteractiveRunner(services, name, world["base"], work_dir=tmp / name, precision="fp32")
+
+
+def _answer(services: Services, call_id: str) -> tuple[str, Any]:
+    with services.engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT status, result, error FROM interactive_calls WHERE id = :id"),
+            {"id": call_id},
+        ).one()
+    return row.status, row.result if row.status == "completed" else row.error
+
+
+def _drain(runner: InteractiveRunner) -> int:
+    ran = 0
+    while runner.run_once():
+        ran += 1
+    return ran
+
+
+def _loss(result: dict[str, Any]) -> float:
+    return float(result["metrics"]["loss:sum"])
+
+
+def test_a_model_trains_saves_samples_loads_and_is_published_from_its_checkpoint(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    tenant, base, session = world["tenant"], world["base"], world["session"]
+    model = interactive_model(services.engine, session, tenant, base, "imdl-a")
+    calls = [("create_model", {})]
+    for _ in range(4):
+        calls += [("forward_backward", FB), ("optim_step", STEP)]
+    calls += [
+        ("forward", {"forward_input": FB["forward_backward_input"]}),
+        ("save_weights_for_sampler", {"path": "first"}),
+        ("save_weights", {"path": "state-1"}),
+        ("sample", SAMPLE),
+    ]
+    ids = [
+        ask_call(services.engine, model, tenant, base, kind, seq, request)
+        for seq, (kind, request) in enumerate(calls)
+    ]
+    runner = _runner(services, world, "exec-a", tmp_path)
+    assert _drain(runner) == len(calls)
+    answers = [_answer(services, call_id) for call_id in ids]
+    assert all(status == "completed" for status, _ in answers), answers
+    assert answers[0][1] == {"model_id": model, "type": "create_model"}
+    losses = [_loss(answers[i][1]) for i in (1, 3, 5, 7, 9)]
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.8 * losses[0], losses
+    sampler_path, state_path = answers[10][1]["path"], answers[11][1]["path"]
+    assert sampler_path == f"tinker://{model}/sampler_weights/first"
+    assert state_path == f"tinker://{model}/weights/state-1"
+    trained_tokens = answers[12][1]["sequences"][0]["tokens"]
+    assert len(trained_tokens) == 5
+
+    # The saved adapter is in the store, a PEFT directory; the state also has the optimizer.
+    with services.engine.connect() as conn:
+        saved = dict(
+            conn.execute(text("SELECT path, storage_prefix FROM interactive_checkpoints"))
+            .tuples()
+            .all()
+        )
+    sampler_files = services.store.list_keys(saved[sampler_path])
+    assert {k.rsplit("/", 1)[1] for k in sampler_files} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert len(services.store.list_keys(saved[state_path])) > len(sampler_files)
+
+    # A sampler of the saved weights samples as the trained model did; the base alone differs.
+    sampler = interactive_model(
+        services.engine, session, tenant, base, "imdl-s", kind="sampler", model_path=sampler_path
+    )
+    plain = interactive_model(services.engine, session, tenant, base, "imdl-base", kind="sampler")
+    from_saved = ask_call(services.engine, sampler, tenant, base, "sample", 0, SAMPLE)
+    from_base = ask_call(services.engine, plain, tenant, base, "sample", 0, SAMPLE)
+    # A new model loads the state and continues where the first one is.
+    resumed = interactive_model(services.engine, session, tenant, base, "imdl-b")
+    load = ask_call(
+        services.engine,
+        resumed,
+        tenant,
+        base,
+        "load_weights",
+        0,
+        {"path": state_path, "optimizer": True},
+    )
+    again = ask_call(
+        services.engine,
+        resumed,
+        tenant,
+        base,
+        "forward",
+        1,
+        {"forward_input": FB["forward_backward_input"]},
+    )
+    missing = ask_call(
+        services.engine,
+        resumed,
+        tenant,
+        base,
+        "load_weights",
+        2,
+        {"path": f"tinker://{model}/weights/nope", "optimizer": False},
+    )
+    assert _drain(runner) == 5
+    assert _answer(services, from_saved)[1]["sequences"][0]["tokens"] == trained_tokens
+    assert _answer(services, from_base)[1]["sequences"][0]["tokens"] != trained_tokens
+    assert _answer(services, load)[0] == "completed"
+    assert _loss(_answer(services, again)[1]) == pytest.approx(_loss(answers[9][1]), rel=1e-4)
+    status, error = _answer(services, missing)
+    assert status == "failed" and error["category"] == "user" and "nope" in error["error"]
+
+    # Published from the checkpoint: a registry version with the session as its lineage, once.
+    first = registry.publish_checkpoint(
+        services, tenant_id=tenant, path=sampler_path, adapter_name="chat"
+    )
+    assert first.created and first.version.model_id == "chat@1"
+    assert first.version.lineage["session_id"] == session
+    assert first.version.lineage["model_id"] == model
+    assert first.version.lineage["lora"]["rank"] == 4
+    assert first.version.job_id is None
+    twice = registry.publish_checkpoint(
+        services, tenant_id=tenant, path=sampler_path, adapter_name="other"
+    )
+    assert not twice.created and twice.version.id == first.version.id
+    stored = services.store.list_keys(first.version.object_prefix)
+    assert {k.rsplit("/", 1)[1] for k in stored} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.json",
+    }
+    other_tenant = make_tenant(services.engine, "other")
+    with pytest.raises(registry.CheckpointNotFoundError):
+        registry.publish_checkpoint(
+            services, tenant_id=other_tenant.id, path=sampler_path, adapter_name="x"
+        )
+
+
+def test_a_bad_call_fails_alone_and_the_model_goes_on(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    tenant, base, session = world["tenant"], world["base"], world["session"]
+    model = interactive_model(services.engine, session, tenant, base, "imdl-a")
+    bad = {"forward_backward_input": {**FB["forward_backward_input"], "loss_fn": "hinge"}}
+    calls = [("create_model", {}), ("forward_backward", bad), ("forward_backward", FB)]
+    calls += [("save_weights", {"path": "a/b"}), ("unload_model", {})]
+    ids = [
+        ask_call(services.engine, model, tenant, base, kind, seq, request)
+        for seq, (kind, request) in enumerate(calls)
+    ]
+    runner = _runner(services, world, "exec-a", tmp_path)
+    assert _drain(runner) == len(calls)
+    answers = [_answer(services, call_id) for call_id in ids]
+    assert answers[1][0] == "failed" and "cross_entropy" in answers[1][1]["error"]
+    assert answers[1][1]["category"] == "user"
+    assert answers[2][0] == "completed"
+    assert answers[3][0] == "failed" and "'/'" in answers[3][1]["error"]
+    assert answers[4] == ("completed", {"model_id": model, "type": "unload_model"})
+    assert not runner.engine.has(model)
+    with services.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM interactive_checkpoints")).scalar_one() == 0
+
+
+def test_two_executors_share_a_bases_models_and_a_stopped_ones_calls_are_answered(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    tenant, base, session = world["tenant"], world["base"], world["session"]
+    first = _runner(services, world, "exec-a", tmp_path)
+    second = _runner(services, world, "exec-b", tmp_path)
+    stop = {name: threading.Event() for name in ("exec-a", "exec-b")}
+    threads = {
+        runner.executor_id: threading.Thread(
+            target=runner.serve, args=(stop[runner.executor_id],), kwargs={"idle_wait": 0.2}
+        )
+        for runner in (first, second)
+    }
+    for thread in threads.values():
+        thread.start()
+    try:
+        models = [
+            interactive_model(services.engine, session, tenant, base, f"imdl-{i}") for i in range(4)
+        ]
+        for model in models:
+            ask_call(services.engine, model, tenant, base, "create_model", 0)
+            ask_call(services.engine, model, tenant, base, "forward_backward", 1, FB)
+        _wait_for(services, "SELECT count(*) = 8 FROM interactive_calls WHERE status = 'completed'")
+        with services.engine.connect() as conn:
+            holders = dict(
+                conn.execute(text("SELECT id, held_by FROM interactive_models")).tuples().all()
+            )
+        assert set(holders.values()) <= {"exec-a", "exec-b"}
+        # exec-a stops (its presence row removed on a clean stop, as a crash would age it out).
+        stop["exec-a"].set()
+        threads["exec-a"].join(timeout=30)
+        lost = [m for m, holder in holders.items() if holder == "exec-a"]
+        kept = [m for m, holder in holders.items() if holder == "exec-b"]
+        with services.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO trainers (id, host, pid, device, last_heartbeat_at) "
+                    "VALUES ('exec-a', 'h', 1, 'cpu', now() - :ago)"
+                ),
+                {"ago": timedelta(seconds=120)},
+            )
+        pending = [
+            ask_call(services.engine, m, tenant, base, "forward_backward", 2, FB)
+            for m in lost + kept
+        ]
+        _wait_for(
+            services,
+            "SELECT count(*) = 0 FROM interactive_calls WHERE status IN ('pending', 'running')",
+        )
+        for model, call_id in zip(lost + kept, pending, strict=True):
+            status, answer = _answer(services, call_id)
+            if model in lost:
+                assert status == "failed" and answer["category"] == "server"
+            else:
+                assert status == "completed"
+    finally:
+        for event in stop.values():
+            event.set()
+        for thread in threads.values():
+            thread.join(timeout=30)
+
+
+def _wait_for(services: Services, query: str, timeout: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with services.engine.connect() as conn:
+            if conn.execute(text(query)).scalar_one():
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for: {query}")

@@ -1,0 +1,235 @@
+"""The interactive executor: runs the calls of Tinker-compatible sessions on one resident base.
+
+It takes a model's calls one at a time in their order (`control_plane.interactive_calls`), runs
+each on the engine (every model it holds is an adapter on the one resident base), and records
+the answer the SDK's future returns. Saves go to the object store before their answer is
+recorded, so a path the SDK gets back always names weights that exist. It reports itself in the
+trainer registry like a trainer (its models live as long as it is heard from) and sleeps on
+LISTEN until a call on its base is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from control_plane import interactive_calls as calls
+from control_plane.base_catalog import get_base_model
+from control_plane.queue import QueueListener
+from control_plane.services import Services
+from control_plane.trainers import TrainerReport
+from workers.bases.checkpoints import BaseCache
+from workers.interactive.engine import InteractiveEngine, InteractiveError
+from workers.job_io import TrainerPresence, materialize_base
+from workers.training.device import RequestedPrecision, describe_device
+from workers.training.resident import ResidentBase
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointNotFound(InteractiveError):
+    """A tinker:// path that names no saved weights of this tenant."""
+
+
+class InteractiveRunner:
+    """Runs the interactive calls on `base_model_id` for one executor (`executor_id`)."""
+
+    def __init__(
+        self,
+        services: Services,
+        executor_id: str,
+        base_model_id: str,
+        *,
+        work_dir: Path,
+        precision: RequestedPrecision = "auto",
+        engine_factory: Callable[[ResidentBase], InteractiveEngine] = InteractiveEngine,
+    ) -> None:
+        self.services = services
+        self.executor_id = executor_id
+        self.work_dir = Path(work_dir)
+        with services.engine.connect() as conn:
+            base = get_base_model(conn, base_model_id)
+        if base is None:
+            raise ValueError(f"no base model {base_model_id}")
+        self.base = base
+        path = materialize_base(services.store, BaseCache(self.work_dir / "bases"), base)
+        self.resident = ResidentBase.load(path, precision=precision)
+        self.engine = engine_factory(self.resident)
+        self.calls_run = 0
+        self.started_pid = os.getpid()
+        self.device = describe_device()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def serve(self, stop: threading.Event, *, idle_wait: float = 5.0) -> None:
+        """Run calls until `stop` is set; idle, wait for a NOTIFY on the base (or `idle_wait`).
+        Each idle pass also frees the models of executors that stopped (`release_lost`)."""
+        lease = self.services.settings.lease_seconds
+        presence = TrainerPresence(self.services, self.snapshot, interval_s=lease / 4)
+        listener = QueueListener(self.services.database_url, (calls.CHANNEL,))
+        with presence, listener:
+            while not stop.is_set():
+                if self.run_once():
+                    continue
+                with self.services.engine.begin() as conn:
+                    calls.release_lost(conn, lease)
+                listener.wait(idle_wait)
+
+    def run_once(self) -> bool:
+        """Take and run one call; False when none can run now."""
+        with self.services.engine.begin() as conn:
+            call = calls.claim_next(conn, self.executor_id, self.base.id)
+        if call is None:
+            return False
+        try:
+            result, checkpoint, release = self._run(call)
+        except InteractiveError as exc:
+            self._failed(call, str(exc), "user")
+        except Exception as exc:
+            log.exception("interactive call %s (%s) failed", call.id, call.kind)
+            self._failed(call, f"{type(exc).__name__}: {exc}", "server")
+        else:
+            with self.services.engine.begin() as conn:
+                kept = calls.finish(
+                    conn,
+                    call,
+                    self.executor_id,
+                    result,
+                    checkpoint=checkpoint,
+                    release_model=release,
+                )
+            if not kept:
+                log.warning(
+                    "interactive call %s was released while it ran: answer dropped", call.id
+                )
+        self.calls_run += 1
+        return True
+
+    def snapshot(self) -> TrainerReport:
+        """This executor as the trainer registry shows it (its base resident, no job)."""
+        return TrainerReport(
+            id=self.executor_id,
+            host=socket.gethostname(),
+            pid=self.started_pid,
+            device=self.device,
+            resident_base=self.base.name,
+            claims=self.calls_run,
+        )
+
+    def _failed(self, call: calls.Call, message: str, category: str) -> None:
+        with self.services.engine.begin() as conn:
+            calls.fail(conn, call, self.executor_id, message, category=category)
+
+    # -- one call -----------------------------------------------------------------------------
+
+    def _run(
+        self, call: calls.Call
+    ) -> tuple[dict[str, Any], tuple[str, str, str, str] | None, bool]:
+        """(result, checkpoint written, whether the model is let go) of one call."""
+        engine, model, request = self.engine, call.model_id, call.request
+        if call.kind == "create_model":
+            config = call.lora_config
+            engine.create(
+                model,
+                rank=int(config.get("rank", 32)),
+                seed=config.get("seed"),
+                train_mlp=bool(config.get("train_mlp", True)),
+                train_attn=bool(config.get("train_attn", True)),
+                train_unembed=bool(config.get("train_unembed", True)),
+            )
+            return {"model_id": model, "type": "create_model"}, None, False
+        if call.kind in ("forward_backward", "forward"):
+            data = request.get("forward_backward_input") or request.get("forward_input") or {}
+            run = engine.forward_backward if call.kind == "forward_backward" else engine.forward
+            return run(self._held(call), data), None, False
+        if call.kind == "optim_step":
+            return (
+                engine.optim_step(self._held(call), request.get("adam_params") or {}),
+                None,
+                False,
+            )
+        if call.kind in ("save_weights", "save_weights_for_sampler"):
+            return self._save(call)
+        if call.kind == "load_weights":
+            with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
+                engine.load_state(
+                    model,
+                    self._download(call, str(request.get("path", "")), Path(scratch)),
+                    with_optimizer=bool(request.get("optimizer", False)),
+                )
+            return (
+                {"path": request.get("path"), "model_id": model, "type": "load_weights"},
+                None,
+                False,
+            )
+        if call.kind == "sample":
+            return engine.sample(self._sampler(call), request), None, False
+        if call.kind == "unload_model":
+            if engine.has(model):
+                engine.drop(model)
+            return {"model_id": model, "type": "unload_model"}, None, True
+        raise InteractiveError(f"unknown call {call.kind!r}")
+
+    def _held(self, call: calls.Call) -> str:
+        if not self.engine.has(call.model_id):
+            raise InteractiveError(
+                f"model {call.model_id} holds no weights here: create it or load a saved state"
+            )
+        return call.model_id
+
+    def _save(self, call: calls.Call) -> tuple[dict[str, Any], tuple[str, str, str, str], bool]:
+        name = str(call.request.get("path") or f"{call.seq:06d}")
+        if "/" in name or name in (".", ".."):
+            raise InteractiveError(f"a checkpoint name cannot contain '/': {name!r}")
+        kind, path, prefix = calls.checkpoint_location(call, name)
+        model = self._held(call)
+        with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
+            directory = Path(scratch) / "weights"
+            if kind == "state":
+                self.engine.save_state(model, directory, base_name=self.base.name)
+            else:
+                self.engine.export_adapter(model, directory, base_name=self.base.name)
+            self.services.store.put_directory(prefix, directory)
+        return {"path": path, "type": call.kind}, (kind, name, path, prefix), False
+
+    def _sampler(self, call: calls.Call) -> str | None:
+        """The engine's name for what a sample call samples from: a training model's own
+        adapter, a saved sampler's (loaded once), or None for the base alone."""
+        if call.model_kind == "training":
+            return self._held(call)
+        if call.model_path is None:
+            return None
+        if not self.engine.has(call.model_id):
+            with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
+                self.engine.load_sampler(
+                    call.model_id, self._download(call, call.model_path, Path(scratch))
+                )
+        return call.model_id
+
+    def _download(self, call: calls.Call, path: str, target: Path) -> Path:
+        """The saved weights a tinker:// path names, of the call's tenant, in `target`."""
+        with self.services.engine.connect() as conn:
+            prefix = conn.execute(
+                text(
+                    "SELECT storage_prefix FROM interactive_checkpoints "
+                    "WHERE path = :path AND tenant_id = :tenant"
+                ),
+                {"path": path, "tenant": call.tenant_id},
+            ).scalar_one_or_none()
+        if prefix is None:
+            raise CheckpointNotFound(f"no saved weights at {path!r}")
+        self.services.store.download_prefix(prefix, target)
+        return target
+
+    def _scratch(self) -> Path:
+        path = self.work_dir / "interactive"
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,225 @@
+"""`sample`: Tinker's SampleRequest decoded by a plain KV-cached loop on the resident model.
+
+A tenant's few samples between training steps do not justify a serving engine beside the
+trainer: the adapter being trained is sampled where it lives, with no export. Semantics follow
+Tinker's SamplingParams:
+
+- `temperature` 0 is greedy; otherwise `top_k` (-1 or 0: no limit) and `top_p` narrow the
+  tempered distribution before drawing.
+- `max_tokens` None runs to the end of the base's context (unless a stop comes first).
+- `seed` makes a request reproducible: one generator, seeded, draws for all its samples.
+- `stop`: None stops at the tokenizer's end-of-sequence tokens; a list replaces them (token ids,
+  or strings matched in the decoded completion), and `[]` stops only at `max_tokens`. The token
+  that stops a sequence is kept in it, as vLLM keeps it in `token_ids`.
+- The logprob returned for a token is the model's own (temperature 1, before top-k/top-p), as
+  vLLM returns by default: the same quantity `forward` computes, so an importance ratio of an
+  on-policy sample starts at 1.
+- `prompt_logprobs`: one entry per prompt token, None for the first (it has no context) and for
+  those before the last `prompt_logprobs_last_n`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from workers.interactive.losses import InteractiveError, read_tokens, target_logprobs
+
+# Request fields of features this engine does not compute, with the value that means "off".
+_UNSUPPORTED = {
+    "topk_prompt_logprobs": 0,
+    "topk_sample_logprobs": 0,
+    "target_prompt_logprobs": None,
+    "prompt_alt_tokens_k": 0,
+    "record_stability_info": None,
+}
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """A SampleRequest, checked: what `generate` needs and nothing else."""
+
+    prompt: list[int]
+    num_samples: int
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop_tokens: frozenset[int]
+    stop_strings: tuple[str, ...]
+    prompt_logprobs: bool
+    prompt_logprobs_last_n: int | None
+
+
+def read_sample_request(
+    request: Any, vocab_size: int, context_length: int, eos_token_ids: frozenset[int]
+) -> SamplingRequest:
+    """Read a SampleRequest's JSON; fields this engine has no use for (session ids, paths) are
+    ignored, features it cannot compute are refused by name."""
+    if not isinstance(request, Mapping):
+        raise InteractiveError("the request must be a SampleRequest object")
+    for field, off in _UNSUPPORTED.items():
+        if request.get(field, off) not in (off, None, False):
+            raise InteractiveError(f"{field} is not supported by this service; leave it unset")
+    prompt = read_tokens(request.get("prompt"), vocab_size, "prompt")
+    params = request.get("sampling_params")
+    if not isinstance(params, Mapping):
+        raise InteractiveError("sampling_params must be a SamplingParams object")
+    num_samples = _integer(request.get("num_samples", 1), "num_samples", minimum=1)
+    room = context_length - len(prompt)
+    max_tokens = params.get("max_tokens")
+    max_tokens = room if max_tokens is None else _integer(max_tokens, "max_tokens", minimum=1)
+    if max_tokens > room:
+        raise InteractiveError(
+            f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) exceed this "
+            f"base's context of {context_length} tokens; lower max_tokens to at most {room}"
+        )
+    temperature, top_p = _number(params, "temperature", 1.0), _number(params, "top_p", 1.0)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InteractiveError("temperature must be a number >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise InteractiveError("top_p must be in (0, 1]")
+    seed = params.get("seed")
+    last_n = request.get("prompt_logprobs_last_n")
+    if last_n is not None:
+        last_n = _integer(last_n, "prompt_logprobs_last_n", minimum=1)
+        if last_n > len(prompt) - 1 or not request.get("prompt_logprobs"):
+            raise InteractiveError(
+                "prompt_logprobs_last_n needs prompt_logprobs and must be between 1 and "
+                f"len(prompt) - 1 = {len(prompt) - 1}"
+            )
+    stop_tokens, stop_strings = _stops(params.get("stop"), eos_token_ids)
+    return SamplingRequest(
+        prompt=prompt,
+        num_samples=num_samples,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=_integer(_or(params.get("top_k"), -1), "top_k", minimum=-1),
+        top_p=top_p,
+        seed=None if seed is None else _integer(seed, "seed", minimum=0),
+        stop_tokens=stop_tokens,
+        stop_strings=stop_strings,
+        prompt_logprobs=bool(request.get("prompt_logprobs")),
+        prompt_logprobs_last_n=last_n,
+    )
+
+
+def _integer(value: Any, name: str, *, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InteractiveError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(params: Mapping[str, Any], name: str, default: float) -> float:
+    value = _or(params.get(name), default)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise InteractiveError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _or(value: Any, default: Any) -> Any:
+    """A field's value, or its default where the JSON has it null."""
+    return default if value is None else value
+
+
+def _stops(stop: Any, eos_token_ids: frozenset[int]) -> tuple[frozenset[int], tuple[str, ...]]:
+    if stop is None:
+        return eos_token_ids, ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) and s for s in stop):
+        return frozenset(), tuple(stop)
+    if isinstance(stop, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in stop):
+        return frozenset(stop), ()
+    raise InteractiveError("stop must be null, a string, a list of strings or a list of token ids")
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    request: SamplingRequest,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Decode `request.num_samples` continuations of the prompt as one batch; a SampleResponse."""
+    n = request.num_samples
+    generator = torch.Generator(device=device)
+    if request.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(request.seed)
+    output = model(input_ids=torch.tensor([request.prompt] * n, device=device), use_cache=True)
+    prompt_logprobs = _prompt_logprobs(output.logits[0], request)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    stopped = [False] * n
+    for step in range(request.max_tokens):
+        logits = output.logits[:, -1].float()
+        chosen = _choose(logits, request, generator)
+        own = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+        for i, (token, logprob) in enumerate(zip(chosen.tolist(), own.tolist(), strict=True)):
+            if stopped[i]:
+                continue  # a finished row runs along with the batch; its tokens are dropped
+            tokens[i].append(token)
+            logprobs[i].append(logprob)
+            stopped[i] = token in request.stop_tokens or _ends_in_stop_string(
+                tokens[i], request.stop_strings, tokenizer
+            )
+        if all(stopped) or step == request.max_tokens - 1:
+            break
+        output = model(input_ids=chosen[:, None], cache=output.cache, use_cache=True)
+    return {
+        "type": "sample",
+        "sequences": [
+            {"tokens": t, "logprobs": lp, "stop_reason": "stop" if s else "length"}
+            for t, lp, s in zip(tokens, logprobs, stopped, strict=True)
+        ],
+        "prompt_logprobs": prompt_logprobs,
+    }
+
+
+def _choose(
+    logits: torch.Tensor, request: SamplingRequest, generator: torch.Generator
+) -> torch.Tensor:
+    """The next token of each row: argmax at temperature 0, else a draw from the tempered
+    distribution narrowed to the top k tokens and then to the top_p probability mass."""
+    if request.temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits / request.temperature
+    if 0 < request.top_k < scaled.shape[-1]:
+        kth = scaled.topk(request.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, -math.inf)
+    if request.top_p < 1:
+        ordered, order = scaled.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p (the first stays)
+        drop = probs.cumsum(dim=-1) - probs > request.top_p
+        scaled = scaled.scatter(-1, order, ordered.masked_fill(drop, -math.inf))
+    return torch.multinomial(scaled.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _ends_in_stop_string(
+    tokens: list[int], stop_strings: tuple[str, ...], tokenizer: PreTrainedTokenizerBase
+) -> bool:
+    if not stop_strings:
+        return False
+    text = tokenizer.decode(tokens)
+    return any(stop in text for stop in stop_strings)
+
+
+def _prompt_logprobs(logits: torch.Tensor, request: SamplingRequest) -> list[float | None] | None:
+    if not request.prompt_logprobs:
+        return None
+    prompt = torch.tensor(request.prompt, device=logits.device)
+    values: list[float | None] = [None, *target_logprobs(logits[:-1], prompt[1:]).tolist()]
+    if request.prompt_logprobs_last_n is not None:
+        first = len(values) - request.prompt_logprobs_last_n
+        values[:first] = [None] * first
+    return values
