@@ -27,9 +27,12 @@ from control_plane.ids import new_id
 # Executors wake on this channel (payload: the base model id) when a call is asked for.
 CHANNEL = "interactive_calls"
 
-# What a saved checkpoint is called in the object store and to the SDK, by kind of save.
-_SAVE_KINDS = {"save_weights": "state", "save_weights_for_sampler": "sampler"}
-_PATH_SEGMENT = {"state": "weights", "sampler": "sampler_weights"}
+# What a save call writes (a resumable `state`, or an adapter to `sample` from) and the segment
+# that names it in its tinker:// path and object-store prefix.
+_SAVES = {
+    "save_weights": ("state", "weights"),
+    "save_weights_for_sampler": ("sampler", "sampler_weights"),
+}
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,15 @@ def claim_next(conn: Connection, executor_id: str, base_model_id: str) -> Call |
     return None if row is None else Call(**row._mapping)
 
 
+def checkpoint_path(model_id: str, save_kind: str, name: str) -> str:
+    """The tinker:// path the SDK is given for what a save call of `save_kind` writes."""
+    return f"tinker://{model_id}/{_SAVES[save_kind][1]}/{name}"
+
+
 def checkpoint_location(call: Call, name: str) -> tuple[str, str, str]:
     """(kind, tinker path, object-store prefix) of what a save call writes under `name`."""
-    kind = _SAVE_KINDS[call.kind]
-    segment = _PATH_SEGMENT[kind]
-    path = f"tinker://{call.model_id}/{segment}/{name}"
+    kind, segment = _SAVES[call.kind]
+    path = checkpoint_path(call.model_id, call.kind, name)
     prefix = (
         f"tenants/{call.tenant_id}/sessions/{call.session_id}/models/{call.model_id}/"
         f"{segment}/{name}/"

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     db_connect_timeout_seconds: int = Field(default=5, ge=1, le=300)
     auth_pool_size: int = Field(default=2, ge=1, le=100)
     auth_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
+    # How long the Tinker API's `retrieve_future` holds a poll for a call that is not finished
+    # before it answers try-again: the SDK polls again at once, so this spaces its requests.
+    # Below the SDK's 45 s read timeout.
+    tinker_retrieve_wait_seconds: float = Field(default=10.0, ge=0, le=40)
 
     # Tenants whose admin keys are platform operators: only they register base models (which
     # reads a path or bucket on the server); only these tenants' keys see a base's server-side

@@ -21,6 +21,7 @@ from control_plane.api.routes import (
     job_sweeps,
     models,
     tenants,
+    tinker,
     webhooks,
 )
 from control_plane.api.text_input import refuse_nul
@@ -39,6 +40,7 @@ API_ROUTERS = (
     webhooks.router,
     adapters.router,
     health.router,
+    tinker.router,
 )
 
 

@@ -77,19 +77,32 @@ bearer_key = HTTPBearer(
 )
 
 
+# The Tinker SDK sends its key as `X-API-Key` and refuses one that does not start with `tml-`:
+# a loraforge key given to it as `tml-lf-...` is read here as the `lf-...` it wraps.
+TINKER_KEY_HEADER = "x-api-key"
+TINKER_KEY_PREFIX = "tml-"
+
+
+def _sent_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
+    if credentials is not None:
+        return credentials.credentials.strip()
+    tinker_key = request.headers.get(TINKER_KEY_HEADER, "").strip()
+    return tinker_key.removeprefix(TINKER_KEY_PREFIX) or None
+
+
 def get_principal(
     request: Request,
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_key)],
 ) -> tenants.Principal:
-    if credentials is None:
+    key = _sent_key(request, credentials)
+    if key is None:
         raise ApiError(
             401,
             "missing_api_key",
-            "Send your API key as 'Authorization: Bearer <key>' "
-            "(an admin creates keys with 'loraforge admin create-key').",
+            "Send your API key as 'Authorization: Bearer <key>' (the Tinker SDK: api_key="
+            "'tml-' + <key>) (an admin creates keys with 'loraforge admin create-key').",
         )
-    key = credentials.credentials.strip()
     cache = get_principals(request)
     principal = cache.get(key)
     if principal is None:

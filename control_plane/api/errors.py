@@ -74,8 +74,10 @@ def error_body(status: int, code: str, message: str, param: str | None = None) -
 
 
 def _location(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts)
+    # Only the first part says where in the request: a body field may be called `path`.
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    return ".".join(str(p) for p in loc)
 
 
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from control_plane.api.schemas import NAME_PATTERN, ApiKeyPublic
+from control_plane.api.schemas import NAME_PATTERN, ApiKeyPublic, WholeNumber
 from control_plane.tenants import TenantOverview
 
 TenantName = Annotated[
@@ -19,10 +19,12 @@ TenantName = Annotated[
     ),
 ]
 RunningLimit = Annotated[
-    int, Field(ge=0, le=10_000, description="jobs the tenant may run at once; 0 holds its queue")
+    WholeNumber,
+    Field(ge=0, le=10_000, description="jobs the tenant may run at once; 0 holds its queue"),
 ]
 PriorityCap = Annotated[
-    int, Field(ge=-100, le=100, description="the highest priority the tenant's jobs may ask for")
+    WholeNumber,
+    Field(ge=-100, le=100, description="the highest priority the tenant's jobs may ask for"),
 ]
 
 

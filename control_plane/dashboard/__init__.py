@@ -21,6 +21,7 @@ from control_plane.dashboard.render import PageRefused, environment, install_pag
 from control_plane.dashboard.routes import (
     adapters,
     auth,
+    interactive,
     jobs,
     new_job,
     platform,
@@ -50,6 +51,7 @@ DASHBOARD_ROUTERS = (
     priority.router,
     jobs.router,
     adapters.router,
+    interactive.router,
     platform.router,
     tenants.router,
     webhooks.router,

@@ -606,7 +606,9 @@ class InteractiveSession(Base):
     calls on them are its own. The SDK heartbeats it while its process lives."""
 
     __tablename__ = "interactive_sessions"
-    __table_args__ = (Index("ix_interactive_sessions_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_interactive_sessions_tenant_created", "tenant_id", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(

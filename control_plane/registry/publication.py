@@ -129,7 +129,7 @@ def _reserve(engine: Engine, tenant_id: str, name: str, base_id: str) -> tuple[s
         ).one_or_none()
     if row is None:
         raise BaseModelMismatchError(
-            f"adapter {name!r} exists for another base model; name the job's adapter differently",
+            f"adapter {name!r} exists for another base model; name the adapter differently",
             param="adapter_name",
         )
     return row.id, row.number, row.created_at

@@ -34,7 +34,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_interactive_sessions_tenant_id_tenants'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_interactive_sessions'))
     )
-    op.create_index('ix_interactive_sessions_tenant_created', 'interactive_sessions', ['tenant_id', 'created_at'], unique=False)
+    op.create_index('ix_interactive_sessions_tenant_created', 'interactive_sessions', ['tenant_id', 'created_at', 'id'], unique=False)
     op.create_table('interactive_models',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('session_id', sa.String(length=64), nullable=False),

@@ -249,6 +249,14 @@ def test_two_executors_share_a_bases_models_and_a_stopped_ones_calls_are_answere
     tenant, base, session = world["tenant"], world["base"], world["session"]
     first = _runner(services, world, "exec-a", tmp_path)
     second = _runner(services, world, "exec-b", tmp_path)
+    models = [
+        interactive_model(services.engine, session, tenant, base, f"imdl-{i}") for i in range(4)
+    ]
+    # Each executor creates two of the models: they are its own from then on.
+    for model in models:
+        ask_call(services.engine, model, tenant, base, "create_model", 0)
+    assert first.run_once() and first.run_once()
+    assert _drain(second) == 2
     stop = {name: threading.Event() for name in ("exec-a", "exec-b")}
     threads = {
         runner.executor_id: threading.Thread(
@@ -259,23 +267,33 @@ def test_two_executors_share_a_bases_models_and_a_stopped_ones_calls_are_answere
     for thread in threads.values():
         thread.start()
     try:
-        models = [
-            interactive_model(services.engine, session, tenant, base, f"imdl-{i}") for i in range(4)
-        ]
         for model in models:
-            ask_call(services.engine, model, tenant, base, "create_model", 0)
             ask_call(services.engine, model, tenant, base, "forward_backward", 1, FB)
         _wait_for(services, "SELECT count(*) = 8 FROM interactive_calls WHERE status = 'completed'")
         with services.engine.connect() as conn:
+            ran = dict(
+                conn.execute(
+                    text("SELECT model_id, claimed_by FROM interactive_calls WHERE seq = 1")
+                )
+                .tuples()
+                .all()
+            )
             holders = dict(
                 conn.execute(text("SELECT id, held_by FROM interactive_models")).tuples().all()
             )
-        assert set(holders.values()) <= {"exec-a", "exec-b"}
-        # exec-a stops (its presence row removed on a clean stop, as a crash would age it out).
-        stop["exec-a"].set()
-        threads["exec-a"].join(timeout=30)
+        assert holders == dict.fromkeys(models[:2], "exec-a") | dict.fromkeys(models[2:], "exec-b")
+        assert ran == holders, "each model's calls run where its weights are"
+        # Both stop; calls are asked of every model; exec-a's presence ages past a lease as a
+        # crashed executor's would (a clean stop removes it), and exec-b alone comes back.
+        for name in ("exec-a", "exec-b"):
+            stop[name].set()
+            threads[name].join(timeout=30)
         lost = [m for m, holder in holders.items() if holder == "exec-a"]
         kept = [m for m, holder in holders.items() if holder == "exec-b"]
+        pending = [
+            ask_call(services.engine, m, tenant, base, "forward_backward", 2, FB)
+            for m in lost + kept
+        ]
         with services.engine.begin() as conn:
             conn.execute(
                 text(
@@ -284,10 +302,11 @@ def test_two_executors_share_a_bases_models_and_a_stopped_ones_calls_are_answere
                 ),
                 {"ago": timedelta(seconds=120)},
             )
-        pending = [
-            ask_call(services.engine, m, tenant, base, "forward_backward", 2, FB)
-            for m in lost + kept
-        ]
+        stop["exec-b"] = threading.Event()
+        threads["exec-b"] = threading.Thread(
+            target=second.serve, args=(stop["exec-b"],), kwargs={"idle_wait": 0.2}
+        )
+        threads["exec-b"].start()
         _wait_for(
             services,
             "SELECT count(*) = 0 FROM interactive_calls WHERE status IN ('pending', 'running')",

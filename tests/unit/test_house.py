@@ -97,6 +97,7 @@ def test_the_command_line_lists_the_platforms_commands() -> None:
         "operator",
         "api",
         "celery",
+        "interactive",
         "migrate",
         "admin",
     }

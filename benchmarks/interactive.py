@@ -1,0 +1,198 @@
+"""What an interactive (Tinker-compatible) session's futures cost beside the engine's own work.
+
+    python -m benchmarks.interactive [--steps 20] [--rounds 3] [--database-url URL]
+
+One tenant, one model of rank 8 on the tiny test base (fp32, CPU), one executor
+(`workers.interactive.runner`) serving in a thread of this process, woken by NOTIFY as the API
+wakes it. A training step is a forward_backward of one 64-token datum and an optim_step. One
+JSON line each, beside the same steps run on the engine directly in the same process:
+
+- `interactive_step_sequential`: p50 of a step asked one call at a time, each call's answer
+  awaited (a row written, the executor woken, the call taken, run, answered, and the answer
+  read by a 2 ms poll) — what a client that waits on every future sees;
+- `interactive_step_pipelined`: a step's mean time with all steps asked at once and the last
+  answer awaited — what the SDK's asynchronous calls see (it sends before it waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from benchmarks.queue import (
+    add_database_url_argument,
+    admin_server,
+    bench_database,
+    emit_beside,
+    machine_description,
+    make_tenant,
+    progress,
+)
+from control_plane import base_catalog
+from control_plane.interactive_calls import CHANNEL
+from control_plane.services import build_services
+from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore
+from tests.factories import ask_call, interactive_model, interactive_session
+from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.interactive.engine import InteractiveEngine
+from workers.interactive.runner import InteractiveRunner
+
+TOKENS = [5 + (i * 37) % 700 for i in range(65)]
+DATUM = {
+    "model_input": {"chunks": [{"type": "encoded_text", "tokens": TOKENS[:-1]}]},
+    "loss_fn_inputs": {
+        "target_tokens": {"data": TOKENS[1:], "dtype": "int64", "shape": [64]},
+        "weights": {"data": [1.0] * 64, "dtype": "float32", "shape": [64]},
+    },
+}
+FB = {"forward_backward_input": {"loss_fn": "cross_entropy", "data": [DATUM]}}
+STEP = {"adam_params": {"learning_rate": 1e-3}}
+
+
+def _direct(engine: InteractiveEngine, steps: int) -> list[float]:
+    engine.create("direct", rank=8, seed=0)
+    values = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        engine.forward_backward("direct", FB["forward_backward_input"])
+        engine.optim_step("direct", STEP["adam_params"])
+        values.append((time.perf_counter() - started) * 1000)
+    engine.drop("direct")
+    return values
+
+
+def _ask(
+    engine: Engine, ids: dict[str, str], model: str, kind: str, seq: int, body: dict[str, Any]
+) -> str:
+    call = ask_call(engine, model, ids["tenant"], ids["base"], kind, seq, body)
+    with engine.begin() as conn:
+        conn.execute(
+            text("SELECT pg_notify(:channel, :base)"), {"channel": CHANNEL, "base": ids["base"]}
+        )
+    return call
+
+
+def _await(engine: Engine, call_id: str) -> None:
+    while True:
+        with engine.connect() as conn:
+            status = conn.execute(
+                text("SELECT status FROM interactive_calls WHERE id = :id"), {"id": call_id}
+            ).scalar_one()
+        if status == "completed":
+            return
+        if status == "failed":
+            raise RuntimeError(f"{call_id} failed")
+        time.sleep(0.002)
+
+
+def _sequential(
+    engine: Engine, ids: dict[str, str], session: str, name: str, steps: int
+) -> list[float]:
+    """Each step's time, every call awaited before the next is asked."""
+    model = interactive_model(engine, session, ids["tenant"], ids["base"], name, rank=8)
+    _await(engine, _ask(engine, ids, model, "create_model", 0, {}))
+    values = []
+    for step in range(steps):
+        started = time.perf_counter()
+        _await(engine, _ask(engine, ids, model, "forward_backward", 2 * step + 1, FB))
+        _await(engine, _ask(engine, ids, model, "optim_step", 2 * step + 2, STEP))
+        values.append((time.perf_counter() - started) * 1000)
+    _await(engine, _ask(engine, ids, model, "unload_model", 2 * steps + 1, {}))
+    return values
+
+
+def _pipelined(engine: Engine, ids: dict[str, str], session: str, name: str, steps: int) -> float:
+    """A step's mean time, all of them asked at once and the last one awaited."""
+    model = interactive_model(engine, session, ids["tenant"], ids["base"], name, rank=8)
+    _await(engine, _ask(engine, ids, model, "create_model", 0, {}))
+    started = time.perf_counter()
+    last = ""
+    for step in range(steps):
+        _ask(engine, ids, model, "forward_backward", 2 * step + 1, FB)
+        last = _ask(engine, ids, model, "optim_step", 2 * step + 2, STEP)
+    _await(engine, last)
+    mean = (time.perf_counter() - started) * 1000 / steps
+    _await(engine, _ask(engine, ids, model, "unload_model", 2 * steps + 1, {}))
+    return mean
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.interactive", description=__doc__)
+    parser.add_argument("--steps", type=int, default=20, help="steps a round and side")
+    parser.add_argument("--rounds", type=int, default=3)
+    add_database_url_argument(parser)
+    args = parser.parse_args(argv)
+    with (
+        admin_server(args.database_url) as admin_url,
+        bench_database(admin_url) as db_url,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        settings = Settings(home=Path(scratch) / "home", lease_seconds=30)
+        services = build_services(
+            settings, database_url=db_url, store=LocalObjectStore(Path(scratch) / "objects")
+        )
+        machine = machine_description(services.engine)
+        tenant = make_tenant(services.engine, "bench")
+        with services.engine.begin() as conn:
+            base = base_catalog.register_base_model(
+                conn,
+                base_catalog.NewBaseModel(
+                    name="tiny-llama", source=str(TEST_BASE_PATH), source_kind="dir"
+                ),
+            )
+        ids = {"tenant": tenant, "base": base.id}
+        session = interactive_session(services.engine, tenant, "sess-bench")
+        runner = InteractiveRunner(
+            services, "bench-exec", base.id, work_dir=Path(scratch) / "exec", precision="fp32"
+        )
+        progress(f"{machine}; {args.rounds} rounds of {args.steps} steps a side")
+        _direct(runner.engine, 5)  # warm
+        stop = threading.Event()
+        serving = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 1.0})
+        serving.start()
+        direct: list[float] = []
+        sequential: list[float] = []
+        pipelined: list[float] = []
+        try:
+            # Alternating rounds: the machine's load drifts, and each side must see the same.
+            for index in range(args.rounds):
+                direct += _direct(runner.engine, args.steps)
+                sequential += _sequential(services.engine, ids, session, f"seq-{index}", args.steps)
+                pipelined.append(
+                    _pipelined(services.engine, ids, session, f"pipe-{index}", args.steps)
+                )
+            emit_beside(
+                "interactive_step_sequential",
+                statistics.median(sequential),
+                "the same step on the engine directly, in this process",
+                statistics.median(direct),
+                machine,
+                steps=args.steps * args.rounds,
+                base="tiny test base, fp32, rank 8, one 64-token datum",
+            )
+            emit_beside(
+                "interactive_step_pipelined",
+                statistics.median(pipelined),
+                "the same step on the engine directly, in this process (p50)",
+                statistics.median(direct),
+                machine,
+                steps=args.steps * args.rounds,
+                statistic="median over rounds of a round's mean step, all its steps asked at once",
+            )
+        finally:
+            stop.set()
+            serving.join(timeout=30)
+            services.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

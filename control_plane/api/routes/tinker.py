@@ -1,0 +1,425 @@
+"""/api/v1: the HTTP API of Thinking Machines' Tinker, for its official `tinker` SDK (0.38).
+
+Point the SDK at loraforge with `tinker.ServiceClient(base_url=<loraforge>, api_key="tml-" +
+<a loraforge key>)`: the SDK sends the key as `X-API-Key` and insists on that prefix, which
+`deps.get_principal` takes off. Any live key of the tenant drives sessions, but a reader's.
+
+- Handshake: `GET healthz`; `POST client/config` answers flags that keep the SDK on plain
+  API keys (no JWT exchange at `auth/token`), on httpx, uncompressed and one forward chunk at
+  a time; `POST client/dynamic_config`; `GET get_server_capabilities` (the ready bases).
+- A session: `create_session`, `session_heartbeat`, `sessions/{id}/finish` (unloads its
+  models); `telemetry` is accepted and dropped.
+- Calls on a model, each answered at once with a future (`{"request_id"}`): `create_model`,
+  `forward_backward` (protobuf, or its JSON shape; `forward_only` makes it a `forward`),
+  `optim_step`, `save_weights`, `save_weights_for_sampler`, `load_weights`, `asample`,
+  `unload_model`. `get_info`, `create_sampling_session` and `samplers/{id}` answer directly.
+- `retrieve_future` holds the poll up to `tinker_retrieve_wait_seconds`, then answers try-again
+  (`{"type": "try_again"}`), the result (protobuf for a forward or a sample, as the SDK reads
+  them; JSON otherwise), or a failure (`{"error", "category": "user" | "server"}`, status 200);
+  `cancel_future` fails a call no executor took yet.
+
+Anything else under /api/v1 is a 404 naming the endpoint: the SDK raises it at once, where a
+5xx would have it retry for minutes. A model that was unloaded answers 410 (a 409 too is
+retried by the SDK). None of this is in the OpenAPI document: it is Tinker's API, not ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy import Connection
+
+from control_plane import interactive
+from control_plane.api import tinker_wire
+from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.errors import ApiError, not_found
+from control_plane.api.tinker_schemas import (
+    ClientConfigBody,
+    ForwardBackward,
+    FutureCancel,
+    FutureRef,
+    LoadWeights,
+    ModelCreate,
+    ModelData,
+    ModelInfo,
+    ModelRef,
+    OptimStep,
+    Sample,
+    SamplerInfo,
+    SamplingSessionCreate,
+    SaveWeights,
+    ServerCapabilities,
+    SessionCreate,
+    SessionFinish,
+    SessionHeartbeat,
+    SupportedModel,
+    UntypedFuture,
+)
+from control_plane.base_catalog import get_base_model
+from control_plane.interactive import CallKind, CallStatus
+from control_plane.services import Services
+from control_plane.tenants import Principal
+
+router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
+
+PROTOBUF = "application/x-protobuf"
+# Between two looks at a call a poll holds (each a primary-key read): short at first, so a
+# quick call is answered at once, then longer, so thousands of waiting samples cost little.
+FIRST_LOOK_AFTER_SECONDS = 0.05
+LOOK_AT_LEAST_EVERY_SECONDS = 1.0
+_CLIENT_CONFIG = {
+    "pjwt_auth_enabled": False,
+    "credential_default_source": "api_key",
+    "use_pyqwest_transport": False,
+    "proto_compress_fwdbwd": False,
+    # One chunk of a forward_backward at a time, so their seq order is the SDK's.
+    "parallel_fwdbwd_chunks": False,
+    "sample_use_retrieve_futures": False,
+    "custom_loss_server_side": False,
+    "sample_join_sampling_session": False,
+}
+_DYNAMIC_CONFIG = {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
+# The answers the SDK reads only as protobuf, from the JSON the executor stored.
+_PROTOBUF_ANSWERS = {
+    CallKind.FORWARD_BACKWARD: tinker_wire.encode_forward_backward_output,
+    CallKind.FORWARD: tinker_wire.encode_forward_backward_output,
+    CallKind.SAMPLE: tinker_wire.encode_sample_response,
+}
+
+
+@contextmanager
+def _domain_errors() -> Iterator[None]:
+    """The domain's refusals as this API's errors."""
+    try:
+        yield
+    except interactive.NotFound as exc:
+        raise not_found(exc.kind, exc.ident) from None
+    except interactive.ModelUnloaded as exc:
+        raise ApiError(410, "model_unloaded", str(exc), "model_id") from None
+    except interactive.Refused as exc:
+        raise ApiError(400, "invalid_request", str(exc), exc.param) from None
+
+
+# -- the handshake ------------------------------------------------------------------------------
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.post("/client/config")
+def client_config(_: ClientConfigBody, caller: Caller) -> dict[str, Any]:
+    return _CLIENT_CONFIG
+
+
+@router.post("/client/dynamic_config")
+def client_dynamic_config(_: ClientConfigBody, caller: Caller) -> dict[str, Any]:
+    return _DYNAMIC_CONFIG
+
+
+@router.get("/get_server_capabilities")
+def get_server_capabilities(conn: ConnDep) -> ServerCapabilities:
+    bases = interactive.ready_bases(conn)
+    return ServerCapabilities(supported_models=[SupportedModel(model_name=b.name) for b in bases])
+
+
+@router.post("/telemetry")
+def telemetry(caller: Caller) -> dict[str, str]:
+    """The SDK's own diagnostics: loraforge keeps none of them."""
+    return {"status": "accepted"}
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+@router.post("/create_session")
+def create_session(body: SessionCreate, conn: ConnDep, caller: Writer) -> dict[str, Any]:
+    session_id = interactive.create_session(
+        conn,
+        caller.tenant_id,
+        tags=body.tags,
+        user_metadata=body.user_metadata or {},
+        sdk_version=body.sdk_version,
+    )
+    conn.commit()
+    return {"type": "create_session", "session_id": session_id}
+
+
+@router.post("/session_heartbeat")
+def session_heartbeat(body: SessionHeartbeat, conn: ConnDep, caller: Writer) -> dict[str, str]:
+    with _domain_errors():
+        interactive.heartbeat(conn, caller.tenant_id, body.session_id)
+    conn.commit()
+    return {"type": "session_heartbeat"}
+
+
+@router.post("/sessions/{session_id}/finish")
+def finish_session(
+    session_id: str, body: SessionFinish, conn: ConnDep, caller: Writer
+) -> dict[str, Any]:
+    with _domain_errors():
+        unloads = interactive.finish_session(conn, caller.tenant_id, session_id)
+    conn.commit()
+    return {"session_id": session_id, "unload_futures": unloads}
+
+
+# -- models and their calls ---------------------------------------------------------------------
+
+
+def _future(future_id: str, model_id: str | None = None) -> UntypedFuture:
+    return UntypedFuture(request_id=future_id, model_id=model_id)
+
+
+@router.post("/create_model")
+def create_model(body: ModelCreate, conn: ConnDep, caller: Writer) -> UntypedFuture:
+    with _domain_errors():
+        base = interactive.ready_base(conn, body.base_model)
+        request = body.model_dump(mode="json", include={"base_model", "lora_config"})
+        request["user_metadata"] = body.user_metadata
+        model, future = interactive.create_model(
+            conn,
+            caller.tenant_id,
+            body.session_id,
+            base,
+            body.lora_config.model_dump(mode="json"),
+            request,
+        )
+    conn.commit()
+    return _future(future, model.id)
+
+
+@router.post("/get_info")
+def get_info(body: ModelRef, conn: ConnDep, caller: Writer) -> ModelInfo:
+    with _domain_errors():
+        model = interactive.get_model(conn, caller.tenant_id, body.model_id)
+    base = get_base_model(conn, model.base_model_id)
+    assert base is not None, "a model's base is never deleted (foreign key)"
+    return ModelInfo(
+        model_id=model.id,
+        model_data=ModelData(arch=base.architecture, model_name=base.name, tokenizer_id=base.name),
+        model_name=base.name,
+        lora_rank=model.lora_config.get("rank"),
+    )
+
+
+@router.post("/unload_model")
+def unload_model(body: ModelRef, conn: ConnDep, caller: Writer) -> UntypedFuture:
+    with _domain_errors():
+        future = interactive.unload(conn, caller.tenant_id, body.model_id)
+    conn.commit()
+    return _future(future, body.model_id)
+
+
+def _enqueue(
+    conn: Connection,
+    caller: Principal,
+    model_id: str,
+    kind: CallKind,
+    request: dict[str, Any],
+    seq_id: int | None,
+) -> UntypedFuture:
+    with _domain_errors():
+        future = interactive.enqueue(
+            conn, caller.tenant_id, model_id, kind, request, client_seq=seq_id
+        )
+    conn.commit()
+    return _future(future, model_id)
+
+
+async def forward_backward_body(request: Request) -> ForwardBackward:
+    """The body as the SDK sends it (protobuf) or as its JSON shape, validated the same way."""
+    raw = await request.body()
+    if request.headers.get("content-encoding"):
+        raise ApiError(
+            400,
+            "unsupported_encoding",
+            "Send the body uncompressed: this server does not ask for compression.",
+        )
+    try:
+        if request.headers.get("content-type", "").startswith(PROTOBUF):
+            fields = tinker_wire.decode_forward_backward(raw)
+        else:
+            fields = json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_request", f"the body cannot be read: {exc}") from None
+    try:
+        return ForwardBackward.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+@router.post("/forward_backward")
+def forward_backward(
+    body: Annotated[ForwardBackward, Depends(forward_backward_body)],
+    conn: ConnDep,
+    caller: Writer,
+) -> UntypedFuture:
+    kind = CallKind.FORWARD if body.forward_only else CallKind.FORWARD_BACKWARD
+    request = body.model_dump(mode="json", include={"forward_backward_input", "seq_id"})
+    return _enqueue(conn, caller, body.model_id, kind, request, body.seq_id)
+
+
+@router.post("/optim_step")
+def optim_step(body: OptimStep, conn: ConnDep, caller: Writer) -> UntypedFuture:
+    request = body.model_dump(mode="json", include={"adam_params", "seq_id"})
+    return _enqueue(conn, caller, body.model_id, CallKind.OPTIM_STEP, request, body.seq_id)
+
+
+def _save_request(body: SaveWeights) -> dict[str, Any]:
+    return body.model_dump(mode="json", include={"path", "seq_id", "ttl_seconds", "user_metadata"})
+
+
+@router.post("/save_weights")
+def save_weights(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
+    if body.path is not None and not body.overwrite:
+        with _domain_errors():
+            interactive.check_name_free(conn, caller.tenant_id, body.model_id, body.path)
+    request = _save_request(body)
+    return _enqueue(conn, caller, body.model_id, CallKind.SAVE_WEIGHTS, request, body.seq_id)
+
+
+@router.post("/save_weights_for_sampler")
+def save_weights_for_sampler(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
+    with _domain_errors():
+        future, _ = interactive.save_for_sampler(
+            conn, caller.tenant_id, body.model_id, _save_request(body), client_seq=body.seq_id
+        )
+    conn.commit()
+    return _future(future, body.model_id)
+
+
+@router.post("/load_weights")
+def load_weights(body: LoadWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
+    with _domain_errors():
+        interactive.check_loadable(conn, caller.tenant_id, body.model_id, body.path)
+    request = body.model_dump(mode="json", include={"path", "optimizer", "seq_id"})
+    return _enqueue(conn, caller, body.model_id, CallKind.LOAD_WEIGHTS, request, body.seq_id)
+
+
+# -- sampling -----------------------------------------------------------------------------------
+
+
+@router.post("/create_sampling_session")
+def create_sampling_session(
+    body: SamplingSessionCreate, conn: ConnDep, caller: Writer
+) -> dict[str, str]:
+    with _domain_errors():
+        sampler = interactive.create_sampler(
+            conn,
+            caller.tenant_id,
+            body.session_id,
+            base_name=body.base_model,
+            model_path=body.model_path,
+        )
+    conn.commit()
+    return {"type": "create_sampling_session", "sampling_session_id": sampler.id}
+
+
+@router.get("/samplers/{sampler_id}")
+def get_sampler(sampler_id: str, conn: ConnDep, caller: Writer) -> SamplerInfo:
+    with _domain_errors():
+        model = interactive.get_model(conn, caller.tenant_id, sampler_id)
+    base = get_base_model(conn, model.base_model_id)
+    assert base is not None, "a model's base is never deleted (foreign key)"
+    return SamplerInfo(sampler_id=model.id, base_model=base.name, model_path=model.model_path)
+
+
+@router.post("/asample")
+def asample(body: Sample, conn: ConnDep, caller: Writer) -> UntypedFuture:
+    request = body.model_dump(
+        mode="json", exclude={"type", "sampling_session_id"}, exclude_none=True
+    )
+    future = _enqueue(conn, caller, body.sampling_session_id, CallKind.SAMPLE, request, None)
+    # One id per sample, which the SDK stamps on the sequences of the answer.
+    future.sample_sequence_ids = [f"{future.request_id}:{i}" for i in range(body.num_samples)]
+    return future
+
+
+# -- futures ------------------------------------------------------------------------------------
+
+
+def _look(services: Services, tenant_id: str, future_id: str) -> interactive.CallRecord:
+    with services.engine.connect() as conn, _domain_errors():
+        return interactive.retrieve(conn, tenant_id, future_id)
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(
+    body: FutureRef, request: Request, caller: Writer, services: ServicesDep
+) -> Response:
+    """The call's answer once it is finished, else try-again after holding the poll a while:
+    the SDK polls again at once. No connection is held between looks."""
+    deadline = time.monotonic() + services.settings.tinker_retrieve_wait_seconds
+    pause = FIRST_LOOK_AFTER_SECONDS
+    while True:
+        call = await run_in_threadpool(_look, services, caller.tenant_id, body.request_id)
+        left = deadline - time.monotonic()
+        if call.finished or left <= 0:
+            break
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
+    if not call.finished:
+        return JSONResponse({"type": "try_again", "request_id": call.id, "queue_state": "active"})
+    return answer(call, PROTOBUF in request.headers.get("accept", ""))
+
+
+def answer(call: interactive.CallRecord, protobuf: bool) -> Response:
+    """What a finished call answers the SDK. The executor stores a result in the SDK's JSON
+    shapes; the fields the call's row settles (its model, the sampler made for a save) are
+    taken from the row."""
+    if call.status == CallStatus.FAILED:
+        error = call.error or {}
+        category = error.get("category") if error.get("category") in ("user", "server") else None
+        return JSONResponse(
+            {
+                "error": str(error.get("error") or "the call failed"),
+                "category": category or "server",
+            }
+        )
+    result = dict(call.result or {})
+    encode = _PROTOBUF_ANSWERS.get(CallKind(call.kind))
+    if encode is None:
+        known: dict[str, Any] = {"type": call.kind}
+        if call.kind in (CallKind.CREATE_MODEL, CallKind.UNLOAD_MODEL, CallKind.LOAD_WEIGHTS):
+            known["model_id"] = call.model_id
+        if call.request.get("sampling_session_id"):
+            known["sampling_session_id"] = call.request["sampling_session_id"]
+        return JSONResponse({**result, **known})
+    if not protobuf:
+        return JSONResponse(result)
+    try:
+        return Response(encode(result), media_type=PROTOBUF)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        return JSONResponse(
+            {"error": f"the executor's answer cannot be encoded: {exc!r}", "category": "server"}
+        )
+
+
+@router.post("/cancel_future")
+def cancel_future(body: FutureCancel, conn: ConnDep, caller: Writer) -> dict[str, bool]:
+    with _domain_errors():
+        cancelled = interactive.cancel(conn, caller.tenant_id, body.request_id)
+    conn.commit()
+    return {"cancelled": cancelled}
+
+
+@router.api_route("/{endpoint:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+def not_offered(endpoint: str) -> None:
+    raise ApiError(
+        404,
+        "tinker_endpoint_not_supported",
+        f"loraforge's Tinker-compatible API does not offer /api/v1/{endpoint}: it serves "
+        "training and sampling sessions (create_model, forward_backward, optim_step, "
+        "save_weights, save_weights_for_sampler, load_weights, asample, retrieve_future).",
+    )

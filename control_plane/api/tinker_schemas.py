@@ -1,0 +1,260 @@
+"""The bodies the Tinker-compatible API (`/api/v1`, `routes/tinker.py`) takes from the official
+`tinker` SDK (0.38), written here from the SDK's wire shapes rather than imported from it.
+
+Every body forbids fields it does not declare, and declares each field the SDK sends, so a
+field loraforge cannot honour is refused (400 naming it) rather than silently ignored: images
+and audio in a prompt, top-k or targeted logprobs, a non-Adam optimizer, cross-account loads.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+# A checkpoint's name becomes the last segment of its tinker:// path, so no slash in it.
+CheckpointName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")]
+Metadata = dict[str, Any] | None
+Token = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ClientConfigBody(_Body):
+    sdk_version: str = Field(default="", max_length=64)
+
+
+class SessionCreate(_Body):
+    type: Literal["create_session"] = "create_session"
+    tags: list[Annotated[str, Field(max_length=200)]] = Field(default=[], max_length=64)
+    user_metadata: Metadata = None
+    sdk_version: str | None = Field(default=None, max_length=64)
+    project_id: str | None = Field(default=None, max_length=200)
+    display_name: str | None = Field(default=None, max_length=200)
+
+
+class SessionHeartbeat(_Body):
+    type: Literal["session_heartbeat"] = "session_heartbeat"
+    session_id: Id
+
+
+class SessionFinish(_Body):
+    reason: dict[str, Any] | None = None
+    detail: str | None = None
+
+
+class LoraConfig(_Body):
+    rank: int = Field(ge=1, le=512, description="LoRA rank")
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+    @model_validator(mode="after")
+    def _trains_something(self) -> LoraConfig:
+        if not (self.train_unembed or self.train_mlp or self.train_attn):
+            raise ValueError("at least one of train_mlp, train_attn or train_unembed must be true")
+        return self
+
+
+class AdamOnly(_Body):
+    type: Literal["adamw"] = "adamw"
+
+
+class ModelCreate(_Body):
+    type: Literal["create_model"] = "create_model"
+    session_id: Id
+    model_seq_id: int = Field(ge=0)
+    base_model: str = Field(min_length=1, max_length=200)
+    user_metadata: Metadata = None
+    lora_config: LoraConfig
+    optimizer_config: AdamOnly = AdamOnly()
+
+
+class ModelRef(_Body):
+    """`get_info` and `unload_model`: the model alone."""
+
+    type: Literal["get_info", "unload_model"] | None = None
+    model_id: Id
+
+
+class EncodedText(_Body):
+    type: Literal["encoded_text"] = "encoded_text"
+    tokens: list[Token] = Field(min_length=1)
+
+
+class ModelInput(_Body):
+    chunks: list[EncodedText] = Field(min_length=1)
+
+    def tokens(self) -> list[int]:
+        return [token for chunk in self.chunks for token in chunk.tokens]
+
+
+class Tensor(_Body):
+    data: list[float] | list[int]
+    dtype: Literal["float32", "int64"]
+    shape: list[Annotated[int, Field(ge=0)]] | None = None
+    sparse_crow_indices: list[int] | None = None
+    sparse_col_indices: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _integers_for_int64(self) -> Tensor:
+        if self.dtype == "int64" and not all(isinstance(v, int) for v in self.data):
+            raise ValueError("an int64 tensor's data must be integers")
+        return self
+
+
+class Datum(_Body):
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, Tensor] = {}
+
+
+# The losses the executor computes (`workers/interactive/losses.py`; a test holds them equal).
+LossFn = Literal["cross_entropy", "importance_sampling"]
+
+
+class ForwardBackwardInput(_Body):
+    data: list[Datum] = Field(min_length=1)
+    loss_fn: LossFn
+    loss_fn_config: dict[str, float | str] | None = None
+
+
+class ForwardBackward(_Body):
+    """Decoded from the SDK's protobuf (`tinker_wire`), or sent as this JSON."""
+
+    model_id: Id
+    seq_id: int | None = Field(default=None, ge=0)
+    forward_only: bool = False
+    forward_backward_input: ForwardBackwardInput
+
+
+class AdamParams(_Body):
+    learning_rate: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    eps: float = Field(default=1e-12, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    grad_clip_norm: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class OptimStep(_Body):
+    type: Literal["optim_step"] = "optim_step"
+    model_id: Id
+    seq_id: int | None = Field(default=None, ge=0)
+    adam_params: AdamParams
+
+
+class SaveWeights(_Body):
+    """`save_weights` (state: adapter and optimizer, to resume) and `save_weights_for_sampler`
+    (an adapter to sample from); without a `path` (name), a sampler save is ephemeral and its
+    answer is a sampling session on it."""
+
+    type: Literal["save_weights", "save_weights_for_sampler"] | None = None
+    model_id: Id
+    path: CheckpointName | None = None
+    seq_id: int | None = Field(default=None, ge=0)
+    sampling_session_seq_id: int | None = Field(default=None, ge=0)
+    kind: Literal["snapshot"] = "snapshot"
+    ttl_seconds: int | None = Field(default=None, ge=1)
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+
+
+class LoadWeights(_Body):
+    type: Literal["load_weights"] = "load_weights"
+    model_id: Id
+    seq_id: int | None = Field(default=None, ge=0)
+    path: str = Field(min_length=len("tinker://") + 1, max_length=1000, pattern=r"^tinker://")
+    optimizer: bool
+    optimizer_config: AdamOnly | None = None
+
+
+class SamplingSessionCreate(_Body):
+    type: Literal["create_sampling_session"] = "create_sampling_session"
+    session_id: Id
+    sampling_session_seq_id: int = Field(ge=0)
+    base_model: str | None = Field(default=None, min_length=1, max_length=200)
+    model_path: str | None = Field(default=None, max_length=1000, pattern=r"^tinker://")
+
+    @model_validator(mode="after")
+    def _names_a_model(self) -> SamplingSessionCreate:
+        if self.base_model is None and self.model_path is None:
+            raise ValueError("give model_path (a tinker:// sampler checkpoint) or base_model")
+        return self
+
+
+class SamplingParams(_Body):
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+    temperature: float = Field(default=1.0, ge=0, le=100)
+    top_k: int = Field(default=-1, ge=-1)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+
+
+class Sample(_Body):
+    type: Literal["sample"] = "sample"
+    sampling_session_id: Id
+    seq_id: int | None = Field(default=None, ge=0)
+    num_samples: int = Field(default=1, ge=1, le=128)
+    prompt: ModelInput
+    sampling_params: SamplingParams
+    prompt_logprobs: bool | None = None
+    prompt_logprobs_last_n: int | None = Field(default=None, ge=1)
+    topk_prompt_logprobs: Literal[0] = 0
+    topk_sample_logprobs: Literal[0] = 0
+    prompt_alt_tokens_k: Literal[0] = 0
+    record_stability_info: Literal[False] | None = None
+
+
+class FutureRef(_Body):
+    request_id: Id
+    allow_metadata_only: bool = False
+
+
+class FutureCancel(_Body):
+    request_id: Id
+
+
+class SupportedModel(BaseModel):
+    model_name: str
+    trainable: bool = True
+    sampleable: bool = True
+    max_context_length: int | None = None
+
+
+class ServerCapabilities(BaseModel):
+    supported_models: list[SupportedModel]
+
+
+class UntypedFuture(BaseModel):
+    """What each queued call answers at once: the future to poll with `retrieve_future`."""
+
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+
+class ModelData(BaseModel):
+    arch: str | None
+    model_name: str
+    tokenizer_id: str
+
+
+class ModelInfo(BaseModel):
+    type: Literal["get_info"] = "get_info"
+    model_id: str
+    model_data: ModelData
+    model_name: str
+    is_lora: bool = True
+    lora_rank: int | None
+    optimizer_config: AdamOnly = AdamOnly()
+
+
+class SamplerInfo(BaseModel):
+    sampler_id: str
+    base_model: str
+    model_path: str | None

@@ -1,0 +1,199 @@
+"""The Sessions pages: the tenant's interactive (Tinker-compatible) sessions, fifty a page, with
+their models and calls counted, and a session's page: its models (who holds their weights,
+their calls, the last failure's message) and the weights they saved, each with the adapter
+version it became, or, for a writer, a form that publishes it as one.
+
+Publishing calls `POST /v1/adapters/{name}/versions`' own function (the same name rules, the
+same refusal of a name bound to another base, the same "a checkpoint becomes one version"), so
+the page and the REST API cannot drift; as that function's `Writer` dependency does not run
+when it is called from here, the role is checked here first. The module is not `sessions.py`:
+`control_plane.dashboard.sessions` is the sign-in session, a different thing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import quote, urlencode
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import ValidationError
+from sqlalchemy import Connection
+
+from control_plane.api.adapter_schemas import VersionFromCheckpoint
+from control_plane.api.deps import ServicesDep, require_writer
+from control_plane.api.errors import ApiError, describe_validation_errors
+from control_plane.api.routes import adapters as adapters_api
+from control_plane.dashboard import interactive_queries as queries
+from control_plane.dashboard.render import PageForbidden, PageNotFound, page
+from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
+from control_plane.tenants import Principal
+
+router = APIRouter()
+
+SESSIONS_PAGE = 50
+MODELS_SHOWN = 100
+CHECKPOINTS_SHOWN = 100
+ID_MAX = 64  # longer than any session id
+ACTIVE_MINUTES = int(queries.ACTIVE_WITHIN.total_seconds() // 60)
+
+NOTICES = {
+    "published": "Published {path} as {version}: the adapter's new version, with this session "
+    "and model in its lineage.",
+    "already": "Nothing new was published: {path} was published already, as {version}. Saved "
+    "weights become one version, whatever name is asked for.",
+}
+
+
+def _writer(session: Session) -> Principal:
+    """The session's principal, if it may publish: else the 403 page with the reason."""
+    try:
+        return require_writer(session.principal)
+    except ApiError as exc:
+        raise PageForbidden(
+            f"Publishing an adapter version needs a writer. {exc.message}"
+        ) from None
+
+
+def _session(conn: Connection, session: Session, session_id: str) -> queries.SessionLine:
+    """One of the tenant's sessions; another tenant's, or none, is the 404 page."""
+    found = queries.session_line(conn, session.principal.tenant_id, session_id)
+    if found is None:
+        raise PageNotFound()
+    return found
+
+
+@router.get("/sessions")
+def sessions_page(
+    request: Request,
+    session: CurrentSession,
+    conn: PageConn,
+    after: Annotated[str | None, Query(max_length=ID_MAX)] = None,
+) -> Response:
+    """The tenant's sessions, newest first, `SESSIONS_PAGE` a page (`after`: the last session
+    of the page before)."""
+    try:
+        rows, more = queries.sessions_page(
+            conn, session.principal.tenant_id, after=after or None, limit=SESSIONS_PAGE
+        )
+    except LookupError:  # `after` is none of the tenant's sessions
+        raise PageNotFound() from None
+    return page(
+        request,
+        "sessions.html",
+        session,
+        rows=rows,
+        more=more,
+        after=after or None,
+        next_after=rows[-1].id if rows else None,
+        active_minutes=ACTIVE_MINUTES,
+    )
+
+
+def _session_page(
+    request: Request,
+    session: Session,
+    conn: Connection,
+    found: queries.SessionLine,
+    *,
+    status_code: int = 200,
+    notice: str | None = None,
+    refused: bool = False,
+    typed: dict[str, str] | None = None,
+) -> Response:
+    tenant_id = session.principal.tenant_id
+    models, more_models = queries.session_models(conn, tenant_id, found.id, limit=MODELS_SHOWN)
+    checkpoints, more_checkpoints = queries.session_checkpoints(
+        conn, tenant_id, found.id, limit=CHECKPOINTS_SHOWN
+    )
+    return page(
+        request,
+        "session.html",
+        session,
+        status_code=status_code,
+        found=found,
+        models=models,
+        more_models=more_models,
+        checkpoints=checkpoints,
+        more_checkpoints=more_checkpoints,
+        may_publish=session.principal.can_write(),
+        active_minutes=ACTIVE_MINUTES,
+        notice=notice,
+        refused=refused,
+        typed=typed or {},
+    )
+
+
+@router.get("/sessions/{session_id}")
+def session_page(
+    session_id: str,
+    request: Request,
+    session: CurrentSession,
+    conn: PageConn,
+    notice: str | None = None,
+    checkpoint: Annotated[str, Query(max_length=1000)] = "",
+) -> Response:
+    """A session's models and saved weights; after a publication, what it did (`notice` and
+    the `checkpoint` path it was about)."""
+    found = _session(conn, session, session_id)
+    said = None
+    if notice in NOTICES and checkpoint:
+        saved = queries.session_checkpoint(conn, session.principal.tenant_id, found.id, checkpoint)
+        if saved is not None and saved.published_as:
+            said = NOTICES[notice].format(path=saved.path, version=saved.published_as)
+    return _session_page(request, session, conn, found, notice=said)
+
+
+@router.post("/sessions/{session_id}/publish")
+def publish_checkpoint(
+    session_id: str,
+    request: Request,
+    session: CheckedSession,
+    conn: PageConn,
+    services: ServicesDep,
+    checkpoint: Annotated[str, Form()] = "",
+    adapter_name: Annotated[str, Form()] = "",
+) -> Response:
+    """Publish one of the session's checkpoints as the next version of `adapter_name` through
+    `POST /v1/adapters/{name}/versions`' function; back to the session's page, saying which
+    version it became (or already was). A name the registry refuses, a name bound to another
+    base, or a path no model of this session saved is the session's page again with the
+    refusal's message and the name as typed; nothing is written."""
+    caller = _writer(session)
+    found = _session(conn, session, session_id)
+    saved = queries.session_checkpoint(conn, caller.tenant_id, found.id, checkpoint)
+
+    def refused(message: str, status_code: int) -> Response:
+        return _session_page(
+            request,
+            session,
+            conn,
+            found,
+            status_code=status_code,
+            notice=f"No version was published: {message}",
+            refused=True,
+            typed={checkpoint: adapter_name},
+        )
+
+    if saved is None:
+        return refused(f"no model of this session saved weights at {checkpoint!r}.", 404)
+    # The route answers 201 for a new version and sets its `response` to 200 for one the
+    # checkpoint already became; a plain call gets the same signal through this object.
+    answer = Response(status_code=201)
+    try:
+        body = VersionFromCheckpoint(from_checkpoint=saved.path)
+        adapters_api.publish_from_checkpoint(adapter_name.strip(), body, answer, caller, services)
+    except ValidationError as exc:  # a stored path the REST body would not take
+        message, _ = describe_validation_errors(list(exc.errors()))
+        return refused(message, 400)
+    except ApiError as exc:  # a bad name, one bound to another base, the store down, gone
+        return refused(exc.message, exc.status)
+    notice = "published" if answer.status_code == 201 else "already"
+    return _back(found.id, notice, saved.path)
+
+
+def _back(session_id: str, notice: str, path: str) -> Response:
+    query = urlencode({"notice": notice, "checkpoint": path})
+    return RedirectResponse(
+        f"/sessions/{quote(session_id, '')}?{query}#checkpoints", status_code=303
+    )

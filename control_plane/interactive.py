@@ -1,0 +1,430 @@
+"""Interactive sessions (Tinker-compatible): what the API asks for, as rows the executors run.
+
+A tenant's session creates LoRA models on a ready base (`training`), or samplers on a saved
+adapter or on the base alone (`sampler`). Each thing asked of a model is a call row, the future
+the SDK polls: `enqueue` gives it the model's next `seq` under the model row's lock, so a
+model's calls are strictly ordered, and announces it on `interactive_calls` so that an idle
+executor holding the base wakes (`control_plane.interactive_calls` is the executors' side).
+Every function takes the caller's tenant and finds only that tenant's rows; none commits.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, func, insert, select, text, update
+
+from control_plane.base_catalog import get_base_model, list_base_models
+from control_plane.base_status import BaseStatus
+from control_plane.db.tables import (
+    InteractiveCall,
+    InteractiveCheckpoint,
+    InteractiveModel,
+    InteractiveSession,
+)
+from control_plane.ids import new_id
+from control_plane.interactive_calls import CHANNEL, checkpoint_path
+from control_plane.records import BaseModelRecord, _FromRow
+
+sessions = cast(Table, InteractiveSession.__table__)
+models = cast(Table, InteractiveModel.__table__)
+calls = cast(Table, InteractiveCall.__table__)
+checkpoints = cast(Table, InteractiveCheckpoint.__table__)
+
+
+class CallKind(StrEnum):
+    CREATE_MODEL = "create_model"
+    FORWARD_BACKWARD = "forward_backward"
+    FORWARD = "forward"
+    OPTIM_STEP = "optim_step"
+    SAVE_WEIGHTS = "save_weights"
+    SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    LOAD_WEIGHTS = "load_weights"
+    SAMPLE = "sample"
+    UNLOAD_MODEL = "unload_model"
+
+
+class CallStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class ModelKind(StrEnum):
+    TRAINING = "training"
+    SAMPLER = "sampler"
+
+
+class NotFound(Exception):
+    """No such row in the caller's tenant: `kind` is what was looked for, `ident` by what."""
+
+    def __init__(self, kind: str, ident: str) -> None:
+        super().__init__(f"No {kind.replace('_', ' ')} with id {ident!r}")
+        self.kind = kind
+        self.ident = ident
+
+
+class ModelUnloaded(Exception):
+    """The model was unloaded (by the SDK, its session's end, or its executor stopping)."""
+
+
+class Refused(Exception):
+    """A call that cannot be taken as asked; the text says what to change, `param` where."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ModelRecord(_FromRow):
+    id: str
+    session_id: str
+    tenant_id: str
+    base_model_id: str
+    kind: str
+    lora_config: dict[str, Any]
+    model_path: str | None
+    next_seq: int
+    created_at: datetime
+    unloaded_at: datetime | None
+
+
+@dataclass(frozen=True)
+class CallRecord(_FromRow):
+    id: str
+    model_id: str
+    tenant_id: str
+    seq: int
+    kind: str
+    request: dict[str, Any]
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (CallStatus.COMPLETED, CallStatus.FAILED)
+
+
+def ready_base(conn: Connection, name_or_id: str) -> BaseModelRecord:
+    """A base that takes interactive models (`ready`), by name or id; NotFound otherwise."""
+    base = get_base_model(conn, name_or_id)
+    if base is None or base.status != BaseStatus.READY:
+        raise NotFound("base_model", name_or_id)
+    return base
+
+
+def ready_bases(conn: Connection) -> list[BaseModelRecord]:
+    return [b for b in list_base_models(conn) if b.status == BaseStatus.READY]
+
+
+def create_session(
+    conn: Connection,
+    tenant_id: str,
+    *,
+    tags: list[str],
+    user_metadata: dict[str, Any],
+    sdk_version: str | None,
+) -> str:
+    """A new session of the tenant: its id."""
+    session_id = new_id("interactive_session")
+    values = {"tags": tags, "user_metadata": user_metadata, "sdk_version": sdk_version}
+    conn.execute(insert(sessions).values(id=session_id, tenant_id=tenant_id, **values))
+    return session_id
+
+
+def heartbeat(conn: Connection, tenant_id: str, session_id: str) -> None:
+    """The SDK's session is alive: NotFound for a session not the tenant's."""
+    beat = conn.execute(
+        update(sessions)
+        .where(sessions.c.id == session_id, sessions.c.tenant_id == tenant_id)
+        .values(last_heartbeat_at=func.now())
+    )
+    if not beat.rowcount:
+        raise NotFound("session", session_id)
+
+
+def _session(conn: Connection, tenant_id: str, session_id: str) -> None:
+    found = conn.execute(
+        select(sessions.c.id).where(sessions.c.id == session_id, sessions.c.tenant_id == tenant_id)
+    ).scalar_one_or_none()
+    if found is None:
+        raise NotFound("session", session_id)
+
+
+def _new_model(
+    conn: Connection,
+    tenant_id: str,
+    session_id: str,
+    base_model_id: str,
+    kind: ModelKind,
+    *,
+    lora_config: dict[str, Any] | None = None,
+    model_path: str | None = None,
+    next_seq: int = 0,
+) -> ModelRecord:
+    row = conn.execute(
+        insert(models)
+        .values(
+            id=new_id("interactive_model"),
+            session_id=session_id,
+            tenant_id=tenant_id,
+            base_model_id=base_model_id,
+            kind=kind,
+            lora_config=lora_config or {},
+            model_path=model_path,
+            next_seq=next_seq,
+        )
+        .returning(*models.c)
+    ).one()
+    return ModelRecord.from_row(row)
+
+
+def _insert_call(
+    conn: Connection, model: ModelRecord, seq: int, kind: CallKind, request: dict[str, Any]
+) -> str:
+    call_id = new_id("interactive_call")
+    conn.execute(
+        insert(calls).values(
+            id=call_id,
+            model_id=model.id,
+            tenant_id=model.tenant_id,
+            base_model_id=model.base_model_id,
+            seq=seq,
+            kind=kind,
+            request=request,
+        )
+    )
+    # Delivered at commit, so an executor never wakes for a call it cannot see yet.
+    conn.execute(
+        text("SELECT pg_notify(:channel, :base)"), {"channel": CHANNEL, "base": model.base_model_id}
+    )
+    return call_id
+
+
+def create_model(
+    conn: Connection,
+    tenant_id: str,
+    session_id: str,
+    base: BaseModelRecord,
+    lora_config: dict[str, Any],
+    request: dict[str, Any],
+) -> tuple[ModelRecord, str]:
+    """A training model of the session on `base` and its first call (`create_model`, seq 0),
+    which gives it fresh LoRA weights on the executor that takes it: (the model, that future)."""
+    _session(conn, tenant_id, session_id)
+    model = _new_model(
+        conn,
+        tenant_id,
+        session_id,
+        base.id,
+        ModelKind.TRAINING,
+        lora_config=lora_config,
+        next_seq=1,
+    )
+    return model, _insert_call(conn, model, 0, CallKind.CREATE_MODEL, request)
+
+
+def create_sampler(
+    conn: Connection,
+    tenant_id: str,
+    session_id: str,
+    *,
+    base_name: str | None,
+    model_path: str | None,
+) -> ModelRecord:
+    """A sampler of the session: on the sampler weights saved at `model_path` (the tenant's
+    own; their base is the one they were trained on), or on the base alone."""
+    _session(conn, tenant_id, session_id)
+    if model_path is None:
+        assert base_name is not None, "a sampler needs model_path or base_name"
+        base_id = ready_base(conn, base_name).id
+    else:
+        base_id = _checkpoint_base(conn, tenant_id, model_path, sampler=True)
+        if base_name is not None and ready_base(conn, base_name).id != base_id:
+            raise Refused(
+                f"{model_path} was trained on another base than {base_name!r}; leave base_model "
+                "out to sample on the checkpoint's own",
+                "base_model",
+            )
+    return _new_model(
+        conn, tenant_id, session_id, base_id, ModelKind.SAMPLER, model_path=model_path
+    )
+
+
+def _checkpoint_base(conn: Connection, tenant_id: str, path: str, *, sampler: bool) -> str:
+    """The base of the model that saved the tenant's weights at `path` (only sampler weights
+    when `sampler`); NotFound when there are none."""
+    query = (
+        select(models.c.base_model_id)
+        .select_from(checkpoints.join(models, models.c.id == checkpoints.c.model_id))
+        .where(checkpoints.c.path == path, checkpoints.c.tenant_id == tenant_id)
+    )
+    if sampler:
+        query = query.where(checkpoints.c.kind == "sampler")
+    base_id = conn.execute(query).scalar_one_or_none()
+    if base_id is None:
+        raise NotFound("sampler_checkpoint" if sampler else "checkpoint", path)
+    return str(base_id)
+
+
+def check_loadable(conn: Connection, tenant_id: str, model_id: str, path: str) -> None:
+    """The model can load the weights at `path`: the tenant's, saved on the model's base."""
+    model = get_model(conn, tenant_id, model_id)
+    if _checkpoint_base(conn, tenant_id, path, sampler=False) != model.base_model_id:
+        raise Refused(f"{path} was saved from a model on another base than {model_id}'s", "path")
+
+
+def check_name_free(conn: Connection, tenant_id: str, model_id: str, name: str) -> None:
+    """Refused when the model already saved its state under `name` (a save that overwrites
+    says so)."""
+    path = checkpoint_path(model_id, CallKind.SAVE_WEIGHTS, name)
+    taken = select(checkpoints.c.id).where(
+        checkpoints.c.path == path, checkpoints.c.tenant_id == tenant_id
+    )
+    if conn.execute(taken).first() is not None:
+        raise Refused(f"{path} is taken: save under another name, or with overwrite", "path")
+
+
+def get_model(conn: Connection, tenant_id: str, model_id: str) -> ModelRecord:
+    row = conn.execute(
+        select(models).where(models.c.id == model_id, models.c.tenant_id == tenant_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound("model", model_id)
+    return ModelRecord.from_row(row)
+
+
+def enqueue(
+    conn: Connection,
+    tenant_id: str,
+    model_id: str,
+    kind: CallKind,
+    request: dict[str, Any],
+    *,
+    client_seq: int | None = None,
+) -> str:
+    """Ask `kind` of the model, after everything asked of it before: the new call's future id.
+
+    The SDK numbers a training model's calls itself (`seq_id`: 1, 2, ... after the create), as
+    this does. A `client_seq` already taken is a request sent again after its answer was lost:
+    the call it made is answered rather than run twice (gradients would be added twice)."""
+    row = conn.execute(
+        select(models)
+        .where(models.c.id == model_id, models.c.tenant_id == tenant_id)
+        .with_for_update()
+    ).one_or_none()
+    if row is None:
+        raise NotFound("model", model_id)
+    model = ModelRecord.from_row(row)
+    if model.unloaded_at is not None:
+        raise ModelUnloaded(f"model {model_id} was unloaded; create a new model")
+    if model.kind == ModelKind.SAMPLER and kind not in (CallKind.SAMPLE, CallKind.UNLOAD_MODEL):
+        raise Refused(f"model {model_id} is a sampler: it only samples", "model_id")
+    if client_seq is not None and model.kind == ModelKind.TRAINING and client_seq < model.next_seq:
+        return _replayed(conn, model, client_seq, kind)
+    seq = conn.execute(
+        update(models)
+        .where(models.c.id == model_id)
+        .values(next_seq=models.c.next_seq + 1)
+        .returning(models.c.next_seq - 1)
+    ).scalar_one()
+    return _insert_call(conn, model, seq, kind, request)
+
+
+def _replayed(conn: Connection, model: ModelRecord, seq: int, kind: CallKind) -> str:
+    found = conn.execute(
+        select(calls.c.id, calls.c.kind).where(calls.c.model_id == model.id, calls.c.seq == seq)
+    ).one_or_none()
+    if found is None or found.kind != kind:
+        raise Refused(
+            f"seq_id {seq} was taken by another call: the next is {model.next_seq}", "seq_id"
+        )
+    return str(found.id)
+
+
+def save_for_sampler(
+    conn: Connection,
+    tenant_id: str,
+    model_id: str,
+    request: dict[str, Any],
+    *,
+    client_seq: int | None,
+) -> tuple[str, str | None]:
+    """Save the model's adapter for sampling: (future id, sampler id). Without a name (the SDK's
+    `save_weights_and_get_sampling_client`) the weights get one of their own, and a sampler of
+    the model's session on them comes with the call: the SDK asks for it only once the save is
+    answered, when the weights are there."""
+    model = get_model(conn, tenant_id, model_id)
+    replayed = client_seq is not None and client_seq < model.next_seq
+    if request.get("path") is not None or replayed:
+        future = enqueue(
+            conn,
+            tenant_id,
+            model_id,
+            CallKind.SAVE_WEIGHTS_FOR_SAMPLER,
+            request,
+            client_seq=client_seq,
+        )
+        return future, None
+    name = f"ephemeral-{secrets.token_hex(8)}"
+    path = checkpoint_path(model_id, CallKind.SAVE_WEIGHTS_FOR_SAMPLER, name)
+    sampler = _new_model(
+        conn, tenant_id, model.session_id, model.base_model_id, ModelKind.SAMPLER, model_path=path
+    )
+    request = {**request, "path": name, "sampling_session_id": sampler.id}
+    future = enqueue(
+        conn, tenant_id, model_id, CallKind.SAVE_WEIGHTS_FOR_SAMPLER, request, client_seq=client_seq
+    )
+    return future, sampler.id
+
+
+def unload(conn: Connection, tenant_id: str, model_id: str) -> str:
+    """Let the model's weights go: its last call (`unload_model`), after which it takes none."""
+    future = enqueue(conn, tenant_id, model_id, CallKind.UNLOAD_MODEL, {})
+    conn.execute(update(models).where(models.c.id == model_id).values(unloaded_at=func.now()))
+    return future
+
+
+def finish_session(conn: Connection, tenant_id: str, session_id: str) -> list[str]:
+    """The SDK closed its session: unload each of its models still loaded (their futures)."""
+    _session(conn, tenant_id, session_id)
+    loaded = conn.execute(
+        select(models.c.id).where(models.c.session_id == session_id, models.c.unloaded_at.is_(None))
+    ).scalars()
+    return [unload(conn, tenant_id, model_id) for model_id in list(loaded)]
+
+
+def retrieve(conn: Connection, tenant_id: str, future_id: str) -> CallRecord:
+    row = conn.execute(
+        select(calls).where(calls.c.id == future_id, calls.c.tenant_id == tenant_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound("future", future_id)
+    return CallRecord.from_row(row)
+
+
+def cancel(conn: Connection, tenant_id: str, future_id: str) -> bool:
+    """Fail a call no executor took yet (`pending → failed`, a user error): True if it was."""
+    cancelled = conn.execute(
+        update(calls)
+        .where(
+            calls.c.id == future_id,
+            calls.c.tenant_id == tenant_id,
+            calls.c.status == CallStatus.PENDING,
+        )
+        .values(
+            status=CallStatus.FAILED,
+            error={"error": "cancelled by the client", "category": "user"},
+            finished_at=func.now(),
+        )
+    ).rowcount
+    if not cancelled:
+        retrieve(conn, tenant_id, future_id)  # NotFound for another tenant's
+    return bool(cancelled)

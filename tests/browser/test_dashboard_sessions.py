@@ -1,0 +1,446 @@
+"""The Sessions pages in a real browser: the tenant's interactive sessions counted as the
+database holds them, fifty a page; a session's models with their holders, calls and last
+failure, and its saved weights; a checkpoint published from the page as an adapter version
+through `POST /v1/adapters/{name}/versions`' function (version 1, with the session in its
+lineage) and, published again, answered with the version it already is; and every refusal (a
+name the registry refuses or one bound to another base, a checkpoint not of this session, a
+reader, another tenant, a post without its CSRF token) said on a page with nothing written.
+
+Sessions, models, calls and checkpoints are rows written here as the Tinker API and its
+executors write them; no executor runs."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import APIResponse, BrowserContext, Page, expect
+from sqlalchemy import text
+
+from control_plane import registry
+from control_plane.dashboard.routes.interactive import SESSIONS_PAGE
+from control_plane.services import Services
+from tests.api_harness import TenantKeys
+from tests.browser.conftest import sign_in
+from tests.factories import make_base
+
+pytestmark = pytest.mark.browser
+
+STATUSES = ("pending", "running", "completed", "failed")
+WRITERS_ONLY = "Publishing an adapter version needs a writer"
+
+
+def _csrf(page: Page) -> str:
+    return str(
+        page.evaluate("JSON.parse(document.body.getAttribute('hx-headers'))['X-CSRF-Token']")
+    )
+
+
+def _text(response: APIResponse) -> str:
+    """A page's text as a person reads it (`'` is `&#39;` in the markup)."""
+    return html.unescape(response.text())
+
+
+def _insert(services: Services, table: str, rows: list[dict[str, Any]]) -> None:
+    """Rows as the Tinker API and its executors write them (JSON columns given as text)."""
+    columns = list(rows[0])
+    values = ", ".join(f":{c}" for c in columns)
+    with services.engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({values})"), rows)
+
+
+def _ago(seconds: float) -> datetime:
+    return datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+def add_sessions(services: Services, tenant_id: str, *ids: str, silent_s: int = 600) -> None:
+    """Sessions created a second apart (the first newest), heard from `silent_s` ago."""
+    rows = [
+        {
+            "id": s,
+            "tenant_id": tenant_id,
+            "created_at": _ago(i),
+            "last_heartbeat_at": _ago(silent_s),
+        }
+        for i, s in enumerate(ids)
+    ]
+    _insert(services, "interactive_sessions", rows)
+
+
+def add_model(
+    services: Services, session_id: str, tenant_id: str, base_id: str, model_id: str, **row: Any
+) -> str:
+    """A training model of rank 8 unless `row` says otherwise (`rank`, or any column)."""
+    config = json.dumps({"rank": row.pop("rank", 8), "seed": 0})
+    model = {"id": model_id, "session_id": session_id, "tenant_id": tenant_id}
+    model |= {"base_model_id": base_id, "kind": "training", "lora_config": config}
+    _insert(services, "interactive_models", [model | row])
+    return model_id
+
+
+def add_calls(
+    services: Services, model_id: str, tenant_id: str, base_id: str, calls: list[tuple[str, str]]
+) -> None:
+    """The model's calls in order, each `(kind, status)`; a failed one's error names its seq."""
+    rows = []
+    for seq, (kind, status) in enumerate(calls):
+        row: dict[str, Any] = {"id": f"fut-{model_id}-{seq}", "model_id": model_id}
+        row |= {"tenant_id": tenant_id, "base_model_id": base_id, "seq": seq, "kind": kind}
+        failed = {"error": f"call {seq} refused", "category": "user"}
+        row |= {"status": status, "error": json.dumps(failed) if status == "failed" else None}
+        rows.append(row | {"created_at": _ago(len(calls) - seq)})
+    _insert(services, "interactive_calls", rows)
+
+
+def add_checkpoint(
+    services: Services,
+    session_id: str,
+    model_id: str,
+    tenant_id: str,
+    name: str,
+    kind: str = "sampler",
+    adapter_dir: Path | None = None,
+) -> str:
+    """Saved weights of the model, their files stored under the prefix an executor writes
+    them to when `adapter_dir` is given; returns the tinker path."""
+    segment = {"sampler": "sampler_weights", "state": "weights"}[kind]
+    path = f"tinker://{model_id}/{segment}/{name}"
+    prefix = f"tenants/{tenant_id}/sessions/{session_id}/models/{model_id}/{segment}/{name}/"
+    row = {"id": f"ckpt-{model_id}-{kind}-{name}", "model_id": model_id, "tenant_id": tenant_id}
+    row |= {"kind": kind, "name": name, "path": path, "storage_prefix": prefix}
+    _insert(services, "interactive_checkpoints", [row])
+    if adapter_dir is not None:
+        services.store.put_directory(prefix, adapter_dir)
+    return path
+
+
+def written(services: Services) -> tuple[Any, ...]:
+    """What a publication would change: adapters, versions, checkpoints' links, stored keys."""
+    with services.engine.connect() as conn:
+        adapters = conn.execute(text("SELECT name, next_version FROM adapters ORDER BY name"))
+        versions = conn.execute(text("SELECT count(*) FROM adapter_versions")).scalar_one()
+        links = conn.execute(
+            text("SELECT path, published_version_id FROM interactive_checkpoints ORDER BY path")
+        )
+        found = ([tuple(r) for r in adapters], versions, [tuple(r) for r in links])
+    return (*found, sorted(k for k in services.store.list_keys("tenants/") if "/adapters/" in k))
+
+
+def _table(page: Page, selector: str, key: str) -> dict[str, list[str]]:
+    """A table's rows by their `data-<key>`, each the cells' text as shown."""
+    rows = page.locator(f"{selector} tbody tr").evaluate_all(
+        f"rows => rows.map(r => [r.dataset.{key}, "
+        "...Array.from(r.cells).map(c => c.innerText.replace(/\\s+/g, ' ').trim())])"
+    )
+    return {row[0]: row[1:] for row in rows}
+
+
+@pytest.fixture
+def base_id(services: Services) -> str:
+    return make_base(services.engine, "tiny-llama").id
+
+
+@pytest.fixture
+def saved(
+    services: Services, tenant_a: TenantKeys, base_id: str, peft_adapter: Path
+) -> Iterator[dict[str, str]]:
+    """One session of tenant-a with a training model that saved sampler weights (a real PEFT
+    adapter in the store) and a state, neither published."""
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-pub", silent_s=5)
+    model = add_model(services, "sess-pub", tenant, base_id, "model-pub", rank=4, held_by="t-1")
+    add_calls(services, model, tenant, base_id, [("create_model", "completed")])
+    yield {
+        "session": "sess-pub",
+        "model": model,
+        "sampler": add_checkpoint(
+            services, "sess-pub", model, tenant, "step-10", adapter_dir=peft_adapter
+        ),
+        "state": add_checkpoint(services, "sess-pub", model, tenant, "step-10", kind="state"),
+    }
+
+
+def test_the_sessions_page_counts_each_sessions_models_and_calls_and_pages_past_fifty(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base_id: str,
+) -> None:
+    tenant = tenant_a.tenant_id
+    ids = [f"sess-{i:02d}" for i in range(SESSIONS_PAGE + 2)]
+    add_sessions(services, tenant, *ids)
+    add_sessions(services, tenant, "sess-live", silent_s=10)  # the newest, and the one active
+    cycle = ["pending", "running", "completed", "failed", "completed", "completed"]
+    for i, session_id in enumerate([*ids[:6], ids[-1]]):  # both pages have counts
+        for j in range(i % 3 + 1):
+            model = add_model(services, session_id, tenant, base_id, f"m-{session_id}-{j}")
+            statuses = cycle[: (i + j) % len(cycle) + 1]
+            add_calls(services, model, tenant, base_id, [("forward_backward", s) for s in statuses])
+    add_sessions(services, tenant_b.tenant_id, "sess-other")
+    add_calls(
+        services,
+        add_model(services, "sess-other", tenant_b.tenant_id, base_id, "m-other"),
+        tenant_b.tenant_id,
+        base_id,
+        [("sample", "pending")],
+    )
+
+    sign_in(page, live_url, tenant_a.reader)
+    page.click("nav a[href='/sessions']")
+    page.wait_for_url(f"{live_url}/sessions")
+    expect(page.locator("#active-rule")).to_contain_text("within the last 2 minutes")
+    first = _table(page, "#sessions", "session")
+    assert len(first) == SESSIONS_PAGE and "sess-other" not in first
+    page.click("#older-sessions")
+    second = _table(page, "#sessions", "session")
+    assert len(second) == 3 and page.locator("#older-sessions").count() == 0
+    shown = {**first, **second}
+    newest = ["sess-live", *ids]  # sess-live's transaction began last
+    assert [*first, *second] == newest
+
+    # Each row's cells after id, created and last heartbeat are the rows' own counts: models,
+    # then calls by status, counted here one subquery each.
+    calls = (
+        "SELECT count(*) FROM interactive_calls c JOIN interactive_models m ON m.id = c.model_id"
+    )
+    per_status = [f"({calls} WHERE m.session_id = s.id AND c.status = '{st}')" for st in STATUSES]
+    with services.engine.connect() as conn:
+        counted = conn.execute(
+            text(
+                "SELECT s.id, (SELECT count(*) FROM interactive_models m WHERE m.session_id = s.id), "
+                f"{', '.join(per_status)} FROM interactive_sessions s WHERE s.tenant_id = :t"
+            ),
+            {"t": tenant},
+        ).all()
+    assert {s: cells[3:] for s, cells in shown.items()} == {
+        row[0]: [str(n) for n in row[1:]] for row in counted
+    }
+    assert shown[ids[-1]][3:] != ["0"] * 5  # the second page's counted session, not zeros
+    assert shown["sess-live"][2].endswith("active")
+    assert not any(shown[s][2].endswith("active") for s in ids)
+
+
+def test_a_sessions_page_shows_its_models_holders_last_calls_errors_and_checkpoints(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, base_id: str
+) -> None:
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-1", silent_s=3600)
+    held = add_model(
+        services,
+        "sess-1",
+        tenant,
+        base_id,
+        "m-held",
+        rank=16,
+        held_by="trainer-7",
+        created_at=_ago(3),
+    )
+    unloaded = add_model(
+        services,
+        "sess-1",
+        tenant,
+        base_id,
+        "m-gone",
+        kind="sampler",
+        unloaded_at=_ago(1),
+        created_at=_ago(2),
+    )
+    waiting = add_model(services, "sess-1", tenant, base_id, "m-wait", rank=4, created_at=_ago(1))
+    add_calls(
+        services,
+        held,
+        tenant,
+        base_id,
+        [
+            ("create_model", "completed"),
+            ("forward_backward", "failed"),
+            ("forward_backward", "completed"),
+            ("optim_step", "running"),
+            ("sample", "pending"),
+        ],
+    )
+    add_calls(services, unloaded, tenant, base_id, [("sample", "completed")])
+    add_calls(services, waiting, tenant, base_id, [("create_model", "pending")])
+    sampler = add_checkpoint(services, "sess-1", held, tenant, "final")
+    state = add_checkpoint(services, "sess-1", held, tenant, "final", kind="state")
+
+    sign_in(page, live_url, tenant_a.admin)
+    page.goto(f"{live_url}/sessions")
+    page.click("a[href='/sessions/sess-1']")
+    page.wait_for_url(f"{live_url}/sessions/sess-1")
+    expect(page.locator("#session-active")).to_contain_text("not heard from within 2 minutes")
+    models = _table(page, "#models", "model")
+    assert list(models) == [held, unloaded, waiting]  # oldest first
+    # Cells: id, kind, base, rank, holder, pending, running, completed, failed, last call,
+    # last failure.
+    assert models[held][1:9] == ["training", "tiny-llama", "16", "trainer-7", "1", "1", "2", "1"]
+    assert models[held][9].startswith("sample pending")
+    assert models[held][10] == "call 1 refused"  # the last failed call's message
+    assert models[unloaded][1:3] == ["sampler", "tiny-llama"]
+    assert models[unloaded][4].startswith("unloaded")
+    assert models[unloaded][9].startswith("sample completed") and models[unloaded][10] == "—"
+    assert models[waiting][4:9] == ["not loaded", "1", "0", "0", "0"]
+    checkpoints = _table(page, "#checkpoints", "checkpoint")
+    assert set(checkpoints) == {sampler, state}
+    assert checkpoints[sampler][:3] == [sampler, "sampler", "final"]
+    assert checkpoints[state][:3] == [state, "state", "final"]
+    expect(page.locator(".publish-form")).to_have_count(2)
+
+
+def test_a_writer_publishes_a_checkpoint_as_version_one_and_again_is_told_it_already_is(
+    live_url: str,
+    context: BrowserContext,
+    services: Services,
+    tenant_a: TenantKeys,
+    saved: dict[str, str],
+) -> None:
+    page, stale = context.new_page(), context.new_page()
+    sign_in(page, live_url, tenant_a.member)  # a member may write
+    url = f"{live_url}/sessions/{saved['session']}"
+    for tab in (page, stale):
+        tab.goto(url)
+    row = page.locator(f"#checkpoints tr[data-checkpoint='{saved['sampler']}']")
+    row.locator("input[name=adapter_name]").fill("chat-bot")
+    row.get_by_role("button", name="Publish as adapter version").click()
+    page.wait_for_url(f"{url}?*")
+    expect(page.locator("#notice")).to_contain_text(f"Published {saved['sampler']} as chat-bot@1")
+    expect(row.locator(".published")).to_have_text("published as chat-bot@1")
+    expect(row.locator("form")).to_have_count(0)
+
+    with services.engine.connect() as conn:
+        version = registry.resolve_version(conn, tenant_a.tenant_id, "chat-bot", 1)
+        link = conn.execute(
+            text("SELECT published_version_id FROM interactive_checkpoints WHERE path = :p"),
+            {"p": saved["sampler"]},
+        ).scalar_one()
+    assert version.lineage["source"] == "interactive_session"
+    assert version.lineage["session_id"] == saved["session"]
+    assert version.lineage["model_id"] == saved["model"]
+    assert link == version.id
+    before = written(services)
+
+    # The other tab still shows the form: its post is answered with the version it already is.
+    old = stale.locator(f"#checkpoints tr[data-checkpoint='{saved['sampler']}']")
+    old.locator("input[name=adapter_name]").fill("another-name")
+    old.get_by_role("button", name="Publish as adapter version").click()
+    stale.wait_for_url(f"{url}?*")
+    expect(stale.locator("#notice")).to_contain_text(
+        f"Nothing new was published: {saved['sampler']} was published already, as chat-bot@1"
+    )
+    assert written(services) == before
+    row.locator(".published a").click()
+    page.wait_for_url(f"{live_url}/adapters/chat-bot#v1")
+
+
+def test_a_bad_name_or_a_checkpoint_not_of_this_session_is_refused_and_writes_nothing(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base_id: str,
+    saved: dict[str, str],
+) -> None:
+    other_base = make_base(services.engine, "other-base").id
+    with services.engine.begin() as conn:  # an adapter of tenant-a's on another base
+        conn.execute(
+            text(
+                "INSERT INTO adapters (id, tenant_id, name, base_model_id) "
+                "VALUES ('adapter-x', :t, 'taken', :b)"
+            ),
+            {"t": tenant_a.tenant_id, "b": other_base},
+        )
+    add_sessions(services, tenant_a.tenant_id, "sess-sibling")
+    add_model(services, "sess-sibling", tenant_a.tenant_id, base_id, "m-sibling")
+    sibling = add_checkpoint(services, "sess-sibling", "m-sibling", tenant_a.tenant_id, "s")
+    add_sessions(services, tenant_b.tenant_id, "sess-b")
+    add_model(services, "sess-b", tenant_b.tenant_id, base_id, "m-b")
+    theirs = add_checkpoint(services, "sess-b", "m-b", tenant_b.tenant_id, "s")
+    before = written(services)
+
+    sign_in(page, live_url, tenant_a.admin)
+    url = f"{live_url}/sessions/{saved['session']}"
+    for name, status, said in [
+        ("Bad Name!", 400, "adapter name 'Bad Name!': use letters, digits, '.', '_' or '-'"),
+        ("taken", 409, "adapter 'taken' exists for another base model"),
+    ]:
+        page.goto(url)
+        row = page.locator(f"#checkpoints tr[data-checkpoint='{saved['sampler']}']")
+        row.locator("input[name=adapter_name]").fill(name)
+        with page.expect_navigation() as answered:
+            row.get_by_role("button", name="Publish as adapter version").click()
+        assert answered.value is not None and answered.value.status == status, name
+        expect(page.locator("#notice")).to_contain_text(f"No version was published: {said}")
+        expect(row.locator("input[name=adapter_name]")).to_have_value(name)  # as typed
+        assert written(services) == before, name
+
+    token = _csrf(page)
+    for path in (sibling, theirs, "tinker://m-none/sampler_weights/x"):
+        refused = page.request.post(
+            f"{url}/publish",
+            form={"csrf_token": token, "checkpoint": path, "adapter_name": "fine"},
+            max_redirects=0,
+        )
+        assert refused.status == 404, path
+        assert f"no model of this session saved weights at '{path}'" in _text(refused), path
+    assert written(services) == before
+
+
+def test_a_reader_sees_no_publish_form_and_its_forged_post_is_refused(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, saved: dict[str, str]
+) -> None:
+    before = written(services)
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/sessions/{saved['session']}")
+    expect(page.locator("#checkpoints tbody tr")).to_have_count(2)
+    expect(page.locator(".publish-form")).to_have_count(0)
+    expect(page.locator("#checkpoints .published").first).to_have_text("not published")
+    refused = page.request.post(
+        f"{live_url}/sessions/{saved['session']}/publish",
+        form={"csrf_token": _csrf(page), "checkpoint": saved["sampler"], "adapter_name": "x"},
+        max_redirects=0,
+    )
+    assert refused.status == 403 and WRITERS_ONLY in _text(refused)
+    assert written(services) == before
+
+
+def test_another_tenants_session_and_its_publish_post_are_not_found(
+    live_url: str, page: Page, services: Services, tenant_b: TenantKeys, saved: dict[str, str]
+) -> None:
+    before = written(services)
+    sign_in(page, live_url, tenant_b.admin)
+    page.goto(f"{live_url}/sessions")
+    expect(page.locator("#sessions-empty")).to_be_visible()  # tenant-a's session not listed
+    token = _csrf(page)
+    for path in (f"/sessions/{saved['session']}", f"/sessions?after={saved['session']}"):
+        shown = page.goto(f"{live_url}{path}")
+        assert shown is not None and shown.status == 404, path
+        expect(page.locator("#not-found")).to_be_visible()
+    refused = page.request.post(
+        f"{live_url}/sessions/{saved['session']}/publish",
+        form={"csrf_token": token, "checkpoint": saved["sampler"], "adapter_name": "x"},
+        max_redirects=0,
+    )
+    assert refused.status == 404
+    assert written(services) == before
+
+
+def test_a_publish_post_without_the_pages_csrf_token_is_refused(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, saved: dict[str, str]
+) -> None:
+    before = written(services)
+    sign_in(page, live_url, tenant_a.admin)
+    form: dict[str, str | float | bool] = {"checkpoint": saved["sampler"], "adapter_name": "c"}
+    target = f"{live_url}/sessions/{saved['session']}/publish"
+    refused = page.request.post(target, form=form, max_redirects=0)
+    assert refused.status == 403 and "security token (CSRF)" in _text(refused)
+    wrong = page.request.post(target, form={"csrf_token": "0" * 64, **form}, max_redirects=0)
+    assert wrong.status == 403
+    assert written(services) == before
