@@ -35,13 +35,11 @@ from benchmarks.queue import (
     make_tenant,
     progress,
 )
-from control_plane import base_catalog
 from control_plane.interactive_calls import CHANNEL
 from control_plane.services import build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
-from tests.factories import ask_call, interactive_model, interactive_session
-from tests.fixtures.testbase import TEST_BASE_PATH
+from tests.factories import ask_call, interactive_model, interactive_session, register_test_base
 from workers.interactive.engine import InteractiveEngine
 from workers.interactive.runner import InteractiveRunner
 
@@ -141,13 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         machine = machine_description(services.engine)
         tenant = make_tenant(services.engine, "bench")
-        with services.engine.begin() as conn:
-            base = base_catalog.register_base_model(
-                conn,
-                base_catalog.NewBaseModel(
-                    name="tiny-llama", source=str(TEST_BASE_PATH), source_kind="dir"
-                ),
-            )
+        base = register_test_base(services.engine)
         ids = {"tenant": tenant, "base": base.id}
         session = interactive_session(services.engine, tenant, "sess-bench")
         runner = InteractiveRunner(

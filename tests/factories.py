@@ -56,6 +56,17 @@ def make_base(engine: Engine, name: str = "tiny-llama") -> BaseModelRecord:
         )
 
 
+def register_test_base(engine: Engine, name: str = "tiny-llama") -> BaseModelRecord:
+    """The tiny test base registered by its directory: a base a trainer or an executor loads."""
+    from tests.fixtures.testbase import TEST_BASE_PATH
+
+    with engine.begin() as conn:
+        return base_catalog.register_base_model(
+            conn,
+            base_catalog.NewBaseModel(name=name, source=str(TEST_BASE_PATH), source_kind="dir"),
+        )
+
+
 def make_file(engine: Engine, tenant_id: str) -> FileRecord:
     file_id = new_id("file")
     with engine.begin() as conn:

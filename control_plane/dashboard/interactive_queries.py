@@ -17,23 +17,15 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Connection, Select, Table, func, select, true
 
-from control_plane.db.tables import (
-    Adapter,
-    AdapterVersion,
-    BaseModelRow,
-    InteractiveCall,
-    InteractiveCheckpoint,
-    InteractiveModel,
-    InteractiveSession,
-)
+from control_plane.db.tables import Adapter, AdapterVersion, BaseModelRow
 from control_plane.interactive import CallStatus
+from control_plane.interactive import calls as _calls
+from control_plane.interactive import checkpoints as _checkpoints
+from control_plane.interactive import models as _models
+from control_plane.interactive import sessions as _sessions
 from control_plane.pagination import newest_first, trim
 from control_plane.records import _FromRow
 
-_sessions = cast(Table, InteractiveSession.__table__)
-_models = cast(Table, InteractiveModel.__table__)
-_calls = cast(Table, InteractiveCall.__table__)
-_checkpoints = cast(Table, InteractiveCheckpoint.__table__)
 _bases = cast(Table, BaseModelRow.__table__)
 _versions = cast(Table, AdapterVersion.__table__)
 _adapters = cast(Table, Adapter.__table__)

@@ -14,12 +14,17 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from control_plane import base_catalog, registry
+from control_plane import registry
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
-from tests.factories import ask_call, interactive_model, interactive_session, make_tenant
-from tests.fixtures.testbase import TEST_BASE_PATH
+from tests.factories import (
+    ask_call,
+    interactive_model,
+    interactive_session,
+    make_tenant,
+    register_test_base,
+)
 from workers.interactive.runner import InteractiveRunner
 
 SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
@@ -68,13 +73,7 @@ def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
 @pytest.fixture
 def world(services: Services) -> dict[str, str]:
     tenant = make_tenant(services.engine, "acme")
-    with services.engine.begin() as conn:
-        base = base_catalog.register_base_model(
-            conn,
-            base_catalog.NewBaseModel(
-                name="tiny-llama", source=str(TEST_BASE_PATH), source_kind="dir"
-            ),
-        )
+    base = register_test_base(services.engine)
     session = interactive_session(services.engine, tenant.id, "sess-1")
     return {"tenant": tenant.id, "base": base.id, "session": session}
 

@@ -21,11 +21,12 @@ import tinker
 from sqlalchemy import Engine, text
 from tinker import types
 
-from control_plane import base_catalog, interactive_calls
+from control_plane import interactive_calls
 from control_plane.api.tinker_schemas import LossFn
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
+from tests.factories import register_test_base
 from workers.interactive.losses import LOSSES
 
 EXECUTOR = "test-executor"
@@ -512,16 +513,9 @@ SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]  # token ids of the test base
 @pytest.fixture
 def executor(services: Services, tmp_path: Path) -> Iterator[str]:
     """The interactive executor on the tiny test base, serving in a thread: the base's name."""
-    from tests.fixtures.testbase import TEST_BASE_PATH
     from workers.interactive.runner import InteractiveRunner
 
-    with services.engine.begin() as conn:
-        base = base_catalog.register_base_model(
-            conn,
-            base_catalog.NewBaseModel(
-                name="tiny-e2e", source=str(TEST_BASE_PATH), source_kind="dir"
-            ),
-        )
+    base = register_test_base(services.engine, "tiny-e2e")
     runner = InteractiveRunner(services, "executor-e2e", base.id, work_dir=tmp_path / "executor")
     stop = threading.Event()
     thread = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 0.5})

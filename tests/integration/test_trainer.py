@@ -18,7 +18,6 @@ from safetensors.torch import load as safetensors_load
 from sqlalchemy import text
 from transformers import AutoModelForCausalLM
 
-from control_plane import base_catalog as base_models
 from control_plane import jobs, registry, trainers
 from control_plane.events import list_events
 from control_plane.hyperparameters import Hyperparameters
@@ -26,7 +25,7 @@ from control_plane.records import CheckpointRecord, JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from tests.factories import ADDITION_CHATS as RECORDS
-from tests.factories import make_tenant, upload_records
+from tests.factories import make_tenant, register_test_base, upload_records
 from tests.faults.tcp_proxy import CuttableProxy
 from tests.fixtures.testbase import TEST_BASE_PATH
 from workers.runner import JobRunner
@@ -66,13 +65,7 @@ def world(trainer_services: Services) -> dict[str, str]:
 def make_world(services: Services) -> dict[str, str]:
     """A tenant and the tiny base registered by its directory."""
     tenant = make_tenant(services.engine, "acme", max_running_jobs=10)
-    with services.engine.begin() as conn:
-        base = base_models.register_base_model(
-            conn,
-            base_models.NewBaseModel(
-                name="tiny-llama", source=str(TEST_BASE_PATH), source_kind="dir"
-            ),
-        )
+    base = register_test_base(services.engine)
     return {"tenant": tenant.id, "base": base.id}
 
 
