@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection, Table, func, insert, select, text, update
 
+from control_plane import trainers
 from control_plane.base_catalog import get_base_model, list_base_models
 from control_plane.base_status import BaseStatus
 from control_plane.db.tables import (
@@ -120,8 +121,27 @@ def ready_base(conn: Connection, name_or_id: str) -> BaseModelRecord:
     return base
 
 
-def ready_bases(conn: Connection) -> list[BaseModelRecord]:
-    return [b for b in list_base_models(conn) if b.status == BaseStatus.READY]
+def served_bases(conn: Connection, lease_seconds: float) -> list[BaseModelRecord]:
+    """The ready bases a live executor holds resident: where a model's calls will run."""
+    served = trainers.served_bases(conn, lease_seconds)
+    return [b for b in list_base_models(conn) if b.status == BaseStatus.READY and b.name in served]
+
+
+def require_served(conn: Connection, base_id: str, lease_seconds: float) -> None:
+    """Refuse a model on a base that no live executor holds: its calls would wait for ever.
+    (A base whose executor stops later has its models' calls answered by `release_lost`.)"""
+    served = served_bases(conn, lease_seconds)
+    if any(b.id == base_id for b in served):
+        return
+    base = get_base_model(conn, base_id)
+    name = base.name if base is not None else base_id
+    running = ", ".join(sorted(b.name for b in served)) or "none"
+    raise Refused(
+        f"no interactive executor holds base {name!r} now (bases served: {running}); the "
+        f"platform's operator starts one with `loraforge interactive --base {name}` or the "
+        "chart's interactive.bases",
+        "base_model",
+    )
 
 
 def create_session(
@@ -238,6 +258,7 @@ def create_sampler(
     *,
     base_name: str | None,
     model_path: str | None,
+    lease_seconds: float,
 ) -> ModelRecord:
     """A sampler of the session: on the sampler weights saved at `model_path` (the tenant's
     own; their base is the one they were trained on), or on the base alone."""
@@ -253,6 +274,7 @@ def create_sampler(
                 "out to sample on the checkpoint's own",
                 "base_model",
             )
+    require_served(conn, base_id, lease_seconds)
     return _new_model(
         conn, tenant_id, session_id, base_id, ModelKind.SAMPLER, model_path=model_path
     )
@@ -412,18 +434,12 @@ def retrieve(conn: Connection, tenant_id: str, future_id: str) -> CallRecord:
 
 def cancel(conn: Connection, tenant_id: str, future_id: str) -> bool:
     """Fail a call no executor took yet (`pending → failed`, a user error): True if it was."""
+    error = {"error": "cancelled by the client", "category": "user"}
     cancelled = conn.execute(
         update(calls)
-        .where(
-            calls.c.id == future_id,
-            calls.c.tenant_id == tenant_id,
-            calls.c.status == CallStatus.PENDING,
-        )
-        .values(
-            status=CallStatus.FAILED,
-            error={"error": "cancelled by the client", "category": "user"},
-            finished_at=func.now(),
-        )
+        .where(calls.c.id == future_id, calls.c.tenant_id == tenant_id)
+        .where(calls.c.status == CallStatus.PENDING)
+        .values(status=CallStatus.FAILED, error=error, finished_at=func.now())
     ).rowcount
     if not cancelled:
         retrieve(conn, tenant_id, future_id)  # NotFound for another tenant's

@@ -213,5 +213,60 @@ def release_lost(conn: Connection, lease_seconds: float) -> int:
     return len(models)
 
 
+def expire_sessions(conn: Connection, timeout_seconds: float) -> int:
+    """End the sessions whose SDK went silent for `timeout_seconds` (a client that died never
+    finishes its session): their models are unloaded, and what was asked of them and not taken
+    fails; a call already running is answered (not committed). Returns the models unloaded."""
+    unloaded = conn.execute(
+        text(
+            "UPDATE interactive_models m SET unloaded_at = now() FROM interactive_sessions s "
+            "WHERE s.id = m.session_id AND m.unloaded_at IS NULL "
+            "AND s.last_heartbeat_at < now() - :timeout RETURNING m.id"
+        ),
+        {"timeout": timedelta(seconds=timeout_seconds)},
+    ).scalars()
+    models = list(unloaded)
+    if models:
+        conn.execute(
+            text(
+                "UPDATE interactive_calls SET status = 'failed', error = :error, "
+                "finished_at = now() WHERE model_id = ANY(:models) AND status = 'pending'"
+            ).bindparams(bindparam("error", type_=JSONB)),
+            {
+                "models": models,
+                "error": _error(
+                    f"the session sent no heartbeat for {timeout_seconds:g} s and was ended",
+                    "user",
+                ),
+            },
+        )
+    return len(models)
+
+
+def let_go_unloaded(conn: Connection, executor_id: str) -> list[str]:
+    """The models this executor holds that were unloaded (by their session's end or expiry)
+    and have nothing left to run: released here, for the executor to drop (not committed)."""
+    return list(
+        conn.execute(
+            text(
+                "UPDATE interactive_models m SET held_by = NULL "
+                "WHERE m.held_by = :executor AND m.unloaded_at IS NOT NULL "
+                "AND NOT EXISTS (SELECT 1 FROM interactive_calls c WHERE c.model_id = m.id "
+                "AND c.status IN ('pending', 'running')) RETURNING m.id"
+            ),
+            {"executor": executor_id},
+        ).scalars()
+    )
+
+
+def held_by(conn: Connection, executor_id: str) -> set[str]:
+    """The models whose weights the database says `executor_id` holds."""
+    rows = conn.execute(
+        text("SELECT id FROM interactive_models WHERE held_by = :executor"),
+        {"executor": executor_id},
+    )
+    return set(rows.scalars())
+
+
 def _error(message: str, category: str) -> dict[str, str]:
     return {"error": message, "category": category}

@@ -49,10 +49,11 @@ _STANDING = text(
     f"""
     SELECT j.run_after > now() AS backing_off, j.run_after,
            (SELECT count(*) FROM trainers
-             WHERE last_heartbeat_at > now() - make_interval(secs => :lease)) AS alive,
+             WHERE last_heartbeat_at > now() - make_interval(secs => :lease)
+               AND kind = 'trainer') AS alive,
            (SELECT count(*) FROM trainers
              WHERE last_heartbeat_at > now() - make_interval(secs => :lease)
-               AND current_job_id IS NULL) AS idle,
+               AND kind = 'trainer' AND current_job_id IS NULL) AS idle,
            coalesce(s.running, 0) AS running,
            coalesce(t.max_running_jobs, :default_limit) AS max_running,
            (SELECT count(*) FROM jobs o

@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # before it answers try-again: the SDK polls again at once, so this spaces its requests.
     # Below the SDK's 45 s read timeout.
     tinker_retrieve_wait_seconds: float = Field(default=10.0, ge=0, le=40)
+    # An interactive session whose SDK has not heartbeated for this long (it does every 10 s
+    # while its process lives) is over: its models' weights are let go from their executors
+    # and what was asked of them and not taken fails.
+    interactive_session_timeout_seconds: float = Field(default=900.0, ge=30, le=7 * 86400)
 
     # Tenants whose admin keys are platform operators: only they register base models (which
     # reads a path or bucket on the server); only these tenants' keys see a base's server-side

@@ -28,6 +28,8 @@ class TrainerReport:
     device: str
     resident_base: str | None = None
     current_job_id: str | None = None
+    # "trainer" (takes jobs) or "interactive" (an executor of interactive sessions' calls).
+    kind: str = "trainer"
     tokens_per_second: float | None = None
     step_seconds: float | None = None
     peak_memory_bytes: int | None = None
@@ -41,6 +43,7 @@ class TrainerReport:
 @dataclass(frozen=True)
 class TrainerRecord:
     id: str
+    kind: str
     host: str
     pid: int
     device: str
@@ -63,6 +66,7 @@ def report(conn: Connection, trainer: TrainerReport) -> None:
     """Upsert the trainer's row with the database's clock as its heartbeat (not committed)."""
     values = {
         "id": trainer.id,
+        "kind": trainer.kind,
         "host": trainer.host,
         "pid": trainer.pid,
         "device": trainer.device,
@@ -92,19 +96,33 @@ def remove(conn: Connection, trainer_id: str) -> None:
 
 
 def list_trainers(
-    conn: Connection, lease_seconds: float, *, include_gone: bool = True
+    conn: Connection, lease_seconds: float, *, include_gone: bool = True, kind: str = "trainer"
 ) -> list[TrainerRecord]:
-    """Every known trainer (only the live ones without `include_gone`), alive first then by
-    id; `alive` means heard from within a lease."""
+    """Every known trainer of `kind` (only the live ones without `include_gone`), alive first
+    then by id; `alive` means heard from within a lease."""
     alive = _alive(lease_seconds)
-    query = select(trainers, alive.label("alive")).order_by(alive.desc(), trainers.c.id)
+    query = (
+        select(trainers, alive.label("alive"))
+        .where(trainers.c.kind == kind)
+        .order_by(alive.desc(), trainers.c.id)
+    )
     if not include_gone:
         query = query.where(alive)
     return [TrainerRecord(**row._mapping) for row in conn.execute(query)]
 
 
 def count_alive(conn: Connection, lease_seconds: float) -> int:
-    return int(conn.execute(select(func.count()).where(_alive(lease_seconds))).scalar_one())
+    """Trainers (not interactive executors) heard from within a lease."""
+    query = select(func.count()).where(_alive(lease_seconds), trainers.c.kind == "trainer")
+    return int(conn.execute(query).scalar_one())
+
+
+def served_bases(conn: Connection, lease_seconds: float) -> set[str]:
+    """The names of the bases that a live interactive executor holds resident."""
+    query = select(trainers.c.resident_base).where(
+        _alive(lease_seconds), trainers.c.kind == "interactive"
+    )
+    return {name for name in conn.execute(query).scalars() if name is not None}
 
 
 def _alive(lease_seconds: float) -> ColumnElement[bool]:

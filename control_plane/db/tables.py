@@ -372,8 +372,12 @@ class Trainer(Base):
     one silent for longer than a lease is gone."""
 
     __tablename__ = "trainers"
+    __table_args__ = (CheckConstraint("kind IN ('trainer', 'interactive')", name="kind"),)
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # `trainer`: takes jobs from the queue; `interactive`: runs interactive sessions' calls on
+    # its resident base (revision 0023). Only trainers count for the queue and readiness.
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, server_default="trainer")
     host: Mapped[str] = mapped_column(String(255), nullable=False)
     pid: Mapped[int] = mapped_column(Integer, nullable=False)
     device: Mapped[str] = mapped_column(String(64), nullable=False)

@@ -23,6 +23,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Executors report in the trainer registry beside the trainers; only trainers take jobs.
+    op.add_column('trainers', sa.Column('kind', sa.String(length=16), server_default='trainer', nullable=False))
+    op.create_check_constraint(op.f('ck_trainers_kind'), 'trainers', "kind IN ('trainer', 'interactive')")
     op.create_table('interactive_sessions',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('tenant_id', sa.String(length=64), nullable=False),
@@ -106,3 +109,5 @@ def downgrade() -> None:
     op.drop_table('interactive_models')
     op.drop_index('ix_interactive_sessions_tenant_created', table_name='interactive_sessions')
     op.drop_table('interactive_sessions')
+    op.drop_constraint(op.f('ck_trainers_kind'), 'trainers', type_='check')
+    op.drop_column('trainers', 'kind')

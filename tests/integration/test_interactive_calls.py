@@ -191,3 +191,38 @@ def test_an_executor_that_stops_has_its_models_calls_answered_and_freed(engine: 
             conn.execute(text("SELECT id, held_by FROM interactive_models")).tuples().all()
         )
     assert held == {lost_model: None, kept_model: "exec-alive"}
+
+
+def test_a_silent_sessions_models_are_let_go_and_its_waiting_calls_failed(engine: Engine) -> None:
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    silent = interactive_session(engine, tenant.id, "sess-silent")
+    alive = interactive_session(engine, tenant.id, "sess-alive")
+    gone = interactive_model(engine, silent, tenant.id, base.id, "imdl-gone")
+    kept = interactive_model(engine, alive, tenant.id, base.id, "imdl-kept")
+    for model in (gone, kept):
+        _ask(engine, model, tenant.id, base.id, "create_model", 0)
+        created = _claim(engine, "exec-x", base.id)
+        assert created is not None and _finish(engine, created, "exec-x")
+    running_id = _ask(engine, gone, tenant.id, base.id, "forward_backward", 1)
+    running = _claim(engine, "exec-x", base.id)
+    assert running is not None and running.id == running_id
+    waiting = _ask(engine, gone, tenant.id, base.id, "optim_step", 2)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE interactive_sessions SET last_heartbeat_at = now() - :ago WHERE id = :s"),
+            {"ago": timedelta(minutes=20), "s": silent},
+        )
+        assert calls.expire_sessions(conn, timeout_seconds=900) == 1
+        assert calls.expire_sessions(conn, timeout_seconds=900) == 0
+        # Its call in flight holds its weights until it is answered.
+        assert calls.let_go_unloaded(conn, "exec-x") == []
+    status, _, error = _status(engine, waiting)
+    assert status == "failed" and "heartbeat" in error["error"]
+    assert _status(engine, running_id)[0] == "running"
+    assert _finish(engine, running, "exec-x")
+    with engine.begin() as conn:
+        assert calls.let_go_unloaded(conn, "exec-y") == []  # not its model
+        assert calls.let_go_unloaded(conn, "exec-x") == [gone]
+        held = dict(conn.execute(text("SELECT id, held_by FROM interactive_models")).tuples().all())
+    assert held == {gone: None, kept: "exec-x"}

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from control_plane import registry
+from control_plane import registry, trainers
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
@@ -79,7 +79,12 @@ def world(services: Services) -> dict[str, str]:
 
 
 def _runner(services: Services, world: dict[str, str], name: str, tmp: Path) -> InteractiveRunner:
-    return InteractiveRunner(services, name, world["base"], work_dir=tmp / name, precision="fp32")
+    """An executor on the tiny base, in the trainer registry as `serve` puts it there (its
+    models would be taken for a lost executor's otherwise)."""
+    runner = InteractiveRunner(services, name, world["base"], work_dir=tmp / name, precision="fp32")
+    with services.engine.begin() as conn:
+        trainers.report(conn, runner.snapshot())
+    return runner
 
 
 def _answer(services: Services, call_id: str) -> tuple[str, Any]:
@@ -333,3 +338,25 @@ def _wait_for(services: Services, query: str, timeout: float = 60.0) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for: {query}")
+
+
+def test_a_silent_sessions_weights_leave_the_executor_on_its_idle_pass(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    tenant, base, session = world["tenant"], world["base"], world["session"]
+    other = interactive_session(services.engine, tenant, "sess-2")
+    model = interactive_model(services.engine, session, tenant, base, "imdl-a")
+    kept = interactive_model(services.engine, other, tenant, base, "imdl-b")
+    for name in (model, kept):
+        ask_call(services.engine, name, tenant, base, "create_model", 0)
+    runner = _runner(services, world, "exec-a", tmp_path)
+    assert _drain(runner) == 2
+    runner.tidy()
+    assert runner.engine.has(model) and runner.engine.has(kept)
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE interactive_sessions SET last_heartbeat_at = now() - :ago WHERE id = :s"),
+            {"ago": timedelta(hours=1), "s": session},
+        )
+    runner.tidy()
+    assert not runner.engine.has(model) and runner.engine.has(kept)

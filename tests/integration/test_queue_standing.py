@@ -281,6 +281,16 @@ def test_a_person_reads_why_their_job_waits_and_it_moves_up_as_jobs_start(
     first = read(mine[0])
     assert (first["waiting_for"], first["tenants_ahead"]) == ("trainer", 0)
     assert (first["trainers_alive"], first["trainers_idle"]) == (0, 0)
+    # An interactive executor, idle on the same base, takes no job: it is not a trainer.
+    with engine.begin() as conn:
+        trainers.report(
+            conn,
+            trainers.TrainerReport(
+                "executor-0", "host", 1, "cpu", resident_base="tiny-standing", kind="interactive"
+            ),
+        )
+    first = read(mine[0])
+    assert (first["trainers_alive"], first["trainers_idle"]) == (0, 0)
     assert first["message"] == (
         "It is next, but no trainer is running: nothing takes it until one starts (ask the "
         "platform's operators)."

@@ -21,15 +21,34 @@ import tinker
 from sqlalchemy import Engine, text
 from tinker import types
 
-from control_plane import interactive_calls
+from control_plane import interactive_calls, trainers
 from control_plane.api.tinker_schemas import LossFn
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
-from tests.factories import register_test_base
+from tests.factories import make_base, register_test_base
 from workers.interactive.losses import LOSSES
 
 EXECUTOR = "test-executor"
+
+
+def _executor_reports(engine: Engine, executor: str, base: str) -> None:
+    """An executor holding `base` resident, as the registry hears of one."""
+    with engine.begin() as conn:
+        trainers.report(
+            conn,
+            trainers.TrainerReport(
+                executor, "host", 1, "cpu", resident_base=base, kind="interactive"
+            ),
+        )
+
+
+@pytest.fixture
+def base_name(services: Services) -> str:
+    """The harness's base, held by this module's stand-in executor (`_answer` answers for it)."""
+    name = make_base(services.engine, "tiny-llama").name
+    _executor_reports(services.engine, EXECUTOR, name)
+    return name
 
 
 @pytest.fixture
@@ -107,6 +126,11 @@ def _answer(
                 saved = (saved_kind, name, path, prefix)
             assert interactive_calls.finish(conn, call, EXECUTOR, result or {}, checkpoint=saved)
     return call
+
+
+def _served(services: Services) -> set[str]:
+    with services.engine.connect() as conn:
+        return trainers.served_bases(conn, services.settings.lease_seconds)
 
 
 def _base_id(engine: Engine, name: str) -> str:
@@ -520,6 +544,9 @@ def executor(services: Services, tmp_path: Path) -> Iterator[str]:
     stop = threading.Event()
     thread = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 0.5})
     thread.start()
+    deadline = time.monotonic() + 30
+    while base.name not in _served(services) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the executor reports itself as it starts serving
     yield base.name
     stop.set()
     thread.join(60)
@@ -557,3 +584,35 @@ def test_the_sdk_fine_tunes_the_test_base_and_samples_it_on_a_real_executor(
 
         state = training.save_state("state-1").result(timeout=120).path
         assert state == f"tinker://{training.model_id}/weights/state-1"
+
+
+def test_a_model_is_refused_on_a_base_no_live_executor_holds(
+    services: Services, live_url: str, tenant_a: TenantKeys, base_name: str
+) -> None:
+    """Its calls would wait for ever: the create is refused at once, naming the base and the
+    bases served, and the capabilities list only what a live executor holds."""
+    engine = services.engine
+    idle = make_base(engine, "idle-base").name
+    rest = tinker.RestClient(base_url=live_url, api_key="tml-" + tenant_a.member)
+    capable = rest.get_server_capabilities().result(timeout=30).supported_models
+    assert [m.model_name for m in capable] == [base_name]
+    before = _counts(engine)
+    with _service(live_url, tenant_a.member) as service:
+        with pytest.raises(
+            tinker.BadRequestError, match="no interactive executor holds base 'idle-base'"
+        ) as refused:
+            service.create_lora_training_client(base_model=idle, rank=4).result(timeout=30)
+        assert base_name in str(refused.value)
+        with pytest.raises(tinker.BadRequestError, match="idle-base"):
+            service.create_sampling_client(base_model=idle).result(timeout=30)
+    assert _counts(engine)[1:] == before[1:]  # no model, no call (the session is the SDK's)
+    # The executor goes silent past a lease: its base is no longer offered nor taken.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE trainers SET last_heartbeat_at = now() - interval '1 hour'"))
+    assert rest.get_server_capabilities().result(timeout=30).supported_models == []
+    # A job trainer holding the base resident does not serve interactive calls either.
+    with engine.begin() as conn:
+        trainers.report(
+            conn, trainers.TrainerReport("job-trainer", "h", 2, "cpu", resident_base=base_name)
+        )
+    assert rest.get_server_capabilities().result(timeout=30).supported_models == []

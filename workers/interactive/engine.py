@@ -117,6 +117,11 @@ class InteractiveEngine:
                 adapter = self._attach(config)
             self._models[model_id] = self._model(adapter, trainable=True)
 
+    def loaded(self) -> list[str]:
+        """The models loaded, training models and samplers."""
+        with self._lock:
+            return list(self._models)
+
     def has(self, model_id: str) -> bool:
         """Whether `model_id` is loaded, as a training model or as a sampler."""
         with self._lock:

@@ -71,7 +71,7 @@ class InteractiveRunner:
 
     def serve(self, stop: threading.Event, *, idle_wait: float = 5.0) -> None:
         """Run calls until `stop` is set; idle, wait for a NOTIFY on the base (or `idle_wait`).
-        Each idle pass also frees the models of executors that stopped (`release_lost`)."""
+        Each idle pass also tidies up (`tidy`)."""
         lease = self.services.settings.lease_seconds
         presence = TrainerPresence(self.services, self.snapshot, interval_s=lease / 4)
         listener = QueueListener(self.services.database_url, (calls.CHANNEL,))
@@ -79,9 +79,23 @@ class InteractiveRunner:
             while not stop.is_set():
                 if self.run_once():
                     continue
-                with self.services.engine.begin() as conn:
-                    calls.release_lost(conn, lease)
+                self.tidy()
                 listener.wait(idle_wait)
+
+    def tidy(self) -> None:
+        """An idle pass's housekeeping: free the models of executors that stopped, end the
+        sessions whose SDK went silent, release this executor's unloaded models, and drop the
+        weights of every model it no longer holds (unloaded, or released as lost while it could
+        not report itself: another executor may hold it by now)."""
+        settings = self.services.settings
+        with self.services.engine.begin() as conn:
+            calls.release_lost(conn, settings.lease_seconds)
+            calls.expire_sessions(conn, settings.interactive_session_timeout_seconds)
+            calls.let_go_unloaded(conn, self.executor_id)
+            held = calls.held_by(conn, self.executor_id)
+        for model_id in self.engine.loaded():
+            if model_id not in held:
+                self.engine.drop(model_id)
 
     def run_once(self) -> bool:
         """Take and run one call; False when none can run now."""
@@ -122,6 +136,7 @@ class InteractiveRunner:
             device=self.device,
             resident_base=self.base.name,
             claims=self.calls_run,
+            kind="interactive",
         )
 
     def _failed(self, call: calls.Call, message: str, category: str) -> None:

@@ -129,8 +129,9 @@ def client_dynamic_config(_: ClientConfigBody, caller: Caller) -> dict[str, Any]
 
 
 @router.get("/get_server_capabilities")
-def get_server_capabilities(conn: ConnDep) -> ServerCapabilities:
-    bases = interactive.ready_bases(conn)
+def get_server_capabilities(conn: ConnDep, services: ServicesDep) -> ServerCapabilities:
+    """The bases a model can be created on now: those a live executor holds."""
+    bases = interactive.served_bases(conn, services.settings.lease_seconds)
     return ServerCapabilities(supported_models=[SupportedModel(model_name=b.name) for b in bases])
 
 
@@ -182,9 +183,12 @@ def _future(future_id: str, model_id: str | None = None) -> UntypedFuture:
 
 
 @router.post("/create_model")
-def create_model(body: ModelCreate, conn: ConnDep, caller: Writer) -> UntypedFuture:
+def create_model(
+    body: ModelCreate, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> UntypedFuture:
     with _domain_errors():
         base = interactive.ready_base(conn, body.base_model)
+        interactive.require_served(conn, base.id, services.settings.lease_seconds)
         request = body.model_dump(mode="json", include={"base_model", "lora_config"})
         request["user_metadata"] = body.user_metadata
         model, future = interactive.create_model(
@@ -312,7 +316,7 @@ def load_weights(body: LoadWeights, conn: ConnDep, caller: Writer) -> UntypedFut
 
 @router.post("/create_sampling_session")
 def create_sampling_session(
-    body: SamplingSessionCreate, conn: ConnDep, caller: Writer
+    body: SamplingSessionCreate, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> dict[str, str]:
     with _domain_errors():
         sampler = interactive.create_sampler(
@@ -321,6 +325,7 @@ def create_sampling_session(
             body.session_id,
             base_name=body.base_model,
             model_path=body.model_path,
+            lease_seconds=services.settings.lease_seconds,
         )
     conn.commit()
     return {"type": "create_sampling_session", "sampling_session_id": sampler.id}
