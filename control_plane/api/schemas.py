@@ -9,7 +9,6 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -17,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from control_plane.api.numbers import WholeNumber
 from control_plane.job_status import JobStatus
 from control_plane.records import (
     ApiKeyRecord,
@@ -134,15 +134,6 @@ MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
 # A job's place before the fair share: higher goes first, whatever the tenant.
-def _not_a_boolean(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("must be a whole number, not true or false")
-    return value
-
-
-# A whole number as the schema says one is: JSON `false` is not 0 (pydantic's lax int takes it),
-# while a form's "5" (the dashboard's posts) still is 5.
-WholeNumber = Annotated[int, BeforeValidator(_not_a_boolean)]
 Priority = Annotated[WholeNumber, Field(ge=-100, le=100)]
 
 

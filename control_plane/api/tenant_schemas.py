@@ -7,7 +7,8 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from control_plane.api.schemas import NAME_PATTERN, ApiKeyPublic, WholeNumber
+from control_plane.api.numbers import WholeNumber
+from control_plane.api.schemas import NAME_PATTERN, ApiKeyPublic
 from control_plane.tenants import TenantOverview
 
 TenantName = Annotated[
