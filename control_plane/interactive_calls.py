@@ -5,7 +5,8 @@ A model's calls run one at a time, in `seq` order, on the one executor that hold
 in memory (`interactive_models.held_by`, set by the claim that first takes one of its calls).
 A claim locks the call and its model (SKIP LOCKED: two executors never take two calls of one
 model at once, and never wait on each other) and takes the model's first unfinished call only
-when it is pending: a call still running holds every later one back.
+when it is pending: a call still running holds every later one back. A model unloaded while no
+executor held it has no weights anywhere: its calls are failed (`fail_orphaned`), never taken.
 
 An executor that dies takes its models' weights with it. `release_lost` fails what was asked of
 those models (a server error that says to load the last saved state into a new model) and
@@ -59,7 +60,7 @@ _CLAIM = text(
         FROM interactive_calls c
         JOIN interactive_models m ON m.id = c.model_id
         WHERE c.base_model_id = :base AND c.status = 'pending'
-          AND (m.held_by IS NULL OR m.held_by = :executor)
+          AND (m.held_by = :executor OR (m.held_by IS NULL AND m.unloaded_at IS NULL))
           AND NOT EXISTS (
               SELECT 1 FROM interactive_calls e
               WHERE e.model_id = c.model_id AND e.seq < c.seq
@@ -257,6 +258,20 @@ def let_go_unloaded(conn: Connection, executor_id: str) -> list[str]:
             {"executor": executor_id},
         ).scalars()
     )
+
+
+def fail_orphaned(conn: Connection) -> int:
+    """Fail the calls still waiting on models that were unloaded while no executor held them
+    (a session ended before its model's creation ran, or a lost executor's model asked of in a
+    race with its release): no executor has their weights (not committed)."""
+    return conn.execute(
+        text(
+            "UPDATE interactive_calls c SET status = 'failed', error = :error, finished_at = now() "
+            "FROM interactive_models m WHERE m.id = c.model_id AND c.status = 'pending' "
+            "AND m.unloaded_at IS NOT NULL AND m.held_by IS NULL"
+        ).bindparams(bindparam("error", type_=JSONB)),
+        {"error": _error("the model was unloaded before this call ran", "user")},
+    ).rowcount
 
 
 def held_by(conn: Connection, executor_id: str) -> set[str]:

@@ -226,3 +226,36 @@ def test_a_silent_sessions_models_are_let_go_and_its_waiting_calls_failed(engine
         assert calls.let_go_unloaded(conn, "exec-x") == [gone]
         held = dict(conn.execute(text("SELECT id, held_by FROM interactive_models")).tuples().all())
     assert held == {gone: None, kept: "exec-x"}
+
+
+def test_a_model_unloaded_before_any_executor_held_it_has_its_calls_failed_not_taken(
+    engine: Engine,
+) -> None:
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = interactive_session(engine, tenant.id, "sess-1")
+    never = interactive_model(engine, session, tenant.id, base.id, "imdl-never")
+    held = interactive_model(engine, session, tenant.id, base.id, "imdl-held")
+    _ask(engine, held, tenant.id, base.id, "create_model", 0)
+    created = _claim(engine, "exec-x", base.id)
+    assert created is not None and _finish(engine, created, "exec-x")
+    # The session ends (finish_session: each model unloaded, an unload call asked of each)
+    # before the first model's creation ran anywhere.
+    orphaned = [
+        _ask(engine, never, tenant.id, base.id, kind, seq)
+        for seq, kind in enumerate(("create_model", "unload_model"))
+    ]
+    unload_held = _ask(engine, held, tenant.id, base.id, "unload_model", 1)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE interactive_models SET unloaded_at = now()"))
+    # Nobody takes the never-held model's calls; its holder still takes the held one's unload.
+    assert _claim(engine, "exec-y", base.id) is None
+    taken = _claim(engine, "exec-x", base.id)
+    assert taken is not None and taken.id == unload_held
+    with engine.begin() as conn:
+        assert calls.fail_orphaned(conn) == 2
+        assert calls.fail_orphaned(conn) == 0
+    for call_id in orphaned:
+        status, _, error = _status(engine, call_id)
+        assert status == "failed" and "unloaded before" in error["error"]
+    assert _status(engine, unload_held)[0] == "running"

@@ -289,7 +289,8 @@ def test_two_executors_share_a_bases_models_and_a_stopped_ones_calls_are_answere
         assert ran == holders, "each model's calls run where its weights are"
         # Both stop; calls are asked of every model; exec-a's presence ages past a lease as a
         # crashed executor's would (a clean stop removes it), and exec-b alone comes back.
-        for name in ("exec-a", "exec-b"):
+        # (exec-b first: a running exec-b would free exec-a's models as soon as its row is gone.)
+        for name in ("exec-b", "exec-a"):
             stop[name].set()
             threads[name].join(timeout=30)
         lost = [m for m, holder in holders.items() if holder == "exec-a"]

@@ -84,7 +84,8 @@ class InteractiveRunner:
 
     def tidy(self) -> None:
         """An idle pass's housekeeping: free the models of executors that stopped, end the
-        sessions whose SDK went silent, release this executor's unloaded models, and drop the
+        sessions whose SDK went silent, release this executor's unloaded models, fail what waits
+        on models unloaded with no holder, and drop the
         weights of every model it no longer holds (unloaded, or released as lost while it could
         not report itself: another executor may hold it by now)."""
         settings = self.services.settings
@@ -92,6 +93,7 @@ class InteractiveRunner:
             calls.release_lost(conn, settings.lease_seconds)
             calls.expire_sessions(conn, settings.interactive_session_timeout_seconds)
             calls.let_go_unloaded(conn, self.executor_id)
+            calls.fail_orphaned(conn)
             held = calls.held_by(conn, self.executor_id)
         for model_id in self.engine.loaded():
             if model_id not in held:
