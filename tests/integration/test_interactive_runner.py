@@ -287,46 +287,42 @@ def test_two_executors_share_a_bases_models_and_a_stopped_ones_calls_are_answere
             )
         assert holders == dict.fromkeys(models[:2], "exec-a") | dict.fromkeys(models[2:], "exec-b")
         assert ran == holders, "each model's calls run where its weights are"
-        # Both stop; calls are asked of every model; exec-a's presence ages past a lease as a
-        # crashed executor's would (a clean stop removes it), and exec-b alone comes back.
-        # (exec-b first: a running exec-b would free exec-a's models as soon as its row is gone.)
-        for name in ("exec-b", "exec-a"):
-            stop[name].set()
-            threads[name].join(timeout=30)
-        lost = [m for m, holder in holders.items() if holder == "exec-a"]
-        kept = [m for m, holder in holders.items() if holder == "exec-b"]
-        pending = [
-            ask_call(services.engine, m, tenant, base, "forward_backward", 2, FB)
-            for m in lost + kept
-        ]
-        with services.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO trainers (id, host, pid, device, last_heartbeat_at) "
-                    "VALUES ('exec-a', 'h', 1, 'cpu', now() - :ago)"
-                ),
-                {"ago": timedelta(seconds=120)},
-            )
-        stop["exec-b"] = threading.Event()
-        threads["exec-b"] = threading.Thread(
-            target=second.serve, args=(stop["exec-b"],), kwargs={"idle_wait": 0.2}
-        )
-        threads["exec-b"].start()
-        _wait_for(
-            services,
-            "SELECT count(*) = 0 FROM interactive_calls WHERE status IN ('pending', 'running')",
-        )
-        for model, call_id in zip(lost + kept, pending, strict=True):
-            status, answer = _answer(services, call_id)
-            if model in lost:
-                assert status == "failed" and answer["category"] == "server"
-            else:
-                assert status == "completed"
     finally:
         for event in stop.values():
             event.set()
         for thread in threads.values():
             thread.join(timeout=30)
+
+    # exec-a dies (its presence ages past a lease) with a call asked of each of its models and
+    # of exec-b's: exec-b runs its own, and its idle pass answers exec-a's with a server error.
+    # (Stepped here, not served: a clean stop removes an executor's row at once.)
+    with services.engine.begin() as conn:
+        for runner in (first, second):
+            trainers.report(conn, runner.snapshot())
+    fresh = [
+        interactive_model(services.engine, session, tenant, base, f"imdl-late-{i}")
+        for i in range(4)
+    ]
+    for model in fresh:
+        ask_call(services.engine, model, tenant, base, "create_model", 0)
+    assert first.run_once() and first.run_once()
+    assert _drain(second) == 2
+    lost, kept = fresh[:2], fresh[2:]
+    pending = [ask_call(services.engine, m, tenant, base, "forward_backward", 1, FB) for m in fresh]
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE trainers SET last_heartbeat_at = now() - :ago WHERE id = 'exec-a'"),
+            {"ago": timedelta(seconds=120)},
+        )
+    assert _drain(second) == 2  # its own models' calls; exec-a's are not its to take
+    second.tidy()
+    for model, call_id in zip(lost + kept, pending, strict=True):
+        status, answer = _answer(services, call_id)
+        if model in lost:
+            assert status == "failed" and answer["category"] == "server", answer
+            assert "save_state" in answer["error"]
+        else:
+            assert status == "completed"
 
 
 def _wait_for(services: Services, query: str, timeout: float = 60.0) -> None:
