@@ -195,22 +195,14 @@ def release_lost(conn: Connection, lease_seconds: float) -> int:
         {"lease": timedelta(seconds=lease_seconds)},
     ).scalars()
     models = list(lost)
-    if models:
-        conn.execute(
-            text(
-                "UPDATE interactive_calls SET status = 'failed', error = :error, "
-                "finished_at = now() "
-                "WHERE model_id = ANY(:models) AND status IN ('pending', 'running')"
-            ).bindparams(bindparam("error", type_=JSONB)),
-            {
-                "models": models,
-                "error": _error(
-                    "the executor holding this model's weights stopped: create a new model and "
-                    "load the last state saved with save_state into it",
-                    "server",
-                ),
-            },
-        )
+    _fail_waiting(
+        conn,
+        models,
+        ("pending", "running"),
+        "the executor holding this model's weights stopped: create a new model and load the "
+        "last state saved with save_state into it",
+        "server",
+    )
     return len(models)
 
 
@@ -227,20 +219,13 @@ def expire_sessions(conn: Connection, timeout_seconds: float) -> int:
         {"timeout": timedelta(seconds=timeout_seconds)},
     ).scalars()
     models = list(unloaded)
-    if models:
-        conn.execute(
-            text(
-                "UPDATE interactive_calls SET status = 'failed', error = :error, "
-                "finished_at = now() WHERE model_id = ANY(:models) AND status = 'pending'"
-            ).bindparams(bindparam("error", type_=JSONB)),
-            {
-                "models": models,
-                "error": _error(
-                    f"the session sent no heartbeat for {timeout_seconds:g} s and was ended",
-                    "user",
-                ),
-            },
-        )
+    _fail_waiting(
+        conn,
+        models,
+        ("pending",),
+        f"the session sent no heartbeat for {timeout_seconds:g} s and was ended",
+        "user",
+    )
     return len(models)
 
 
@@ -281,6 +266,21 @@ def held_by(conn: Connection, executor_id: str) -> set[str]:
         {"executor": executor_id},
     )
     return set(rows.scalars())
+
+
+def _fail_waiting(
+    conn: Connection, models: list[str], statuses: tuple[str, ...], message: str, category: str
+) -> None:
+    """Fail the calls of `models` in `statuses` with `message` (not committed)."""
+    if not models:
+        return
+    conn.execute(
+        text(
+            "UPDATE interactive_calls SET status = 'failed', error = :error, finished_at = now() "
+            "WHERE model_id = ANY(:models) AND status = ANY(:statuses)"
+        ).bindparams(bindparam("error", type_=JSONB)),
+        {"models": models, "statuses": list(statuses), "error": _error(message, category)},
+    )
 
 
 def _error(message: str, category: str) -> dict[str, str]:

@@ -87,6 +87,16 @@ def _runner(services: Services, world: dict[str, str], name: str, tmp: Path) -> 
     return runner
 
 
+def _ask_in_order(
+    services: Services, world: dict[str, str], model: str, calls: list[tuple[str, dict[str, Any]]]
+) -> list[str]:
+    """Each (kind, request) asked of `model` as its next calls, from seq 0: their ids."""
+    return [
+        ask_call(services.engine, model, world["tenant"], world["base"], kind, seq, request)
+        for seq, (kind, request) in enumerate(calls)
+    ]
+
+
 def _answer(services: Services, call_id: str) -> tuple[str, Any]:
     with services.engine.connect() as conn:
         row = conn.execute(
@@ -121,10 +131,7 @@ def test_a_model_trains_saves_samples_loads_and_is_published_from_its_checkpoint
         ("save_weights", {"path": "state-1"}),
         ("sample", SAMPLE),
     ]
-    ids = [
-        ask_call(services.engine, model, tenant, base, kind, seq, request)
-        for seq, (kind, request) in enumerate(calls)
-    ]
+    ids = _ask_in_order(services, world, model, calls)
     runner = _runner(services, world, "exec-a", tmp_path)
     assert _drain(runner) == len(calls)
     answers = [_answer(services, call_id) for call_id in ids]
@@ -230,10 +237,7 @@ def test_a_bad_call_fails_alone_and_the_model_goes_on(
     bad = {"forward_backward_input": {**FB["forward_backward_input"], "loss_fn": "hinge"}}
     calls = [("create_model", {}), ("forward_backward", bad), ("forward_backward", FB)]
     calls += [("save_weights", {"path": "a/b"}), ("unload_model", {})]
-    ids = [
-        ask_call(services.engine, model, tenant, base, kind, seq, request)
-        for seq, (kind, request) in enumerate(calls)
-    ]
+    ids = _ask_in_order(services, world, model, calls)
     runner = _runner(services, world, "exec-a", tmp_path)
     assert _drain(runner) == len(calls)
     answers = [_answer(services, call_id) for call_id in ids]
