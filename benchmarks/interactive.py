@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             services, "bench-exec", base.id, work_dir=Path(scratch) / "exec", precision="fp32"
         )
         progress(f"{machine}; {args.rounds} rounds of {args.steps} steps a side")
+        # The direct side's model is on the executor's own engine: held by it in the database,
+        # so that the executor's idle pass (which drops what it does not hold) leaves it be.
+        interactive_model(services.engine, session, tenant, base.id, "direct", rank=8)
+        with services.engine.begin() as conn:
+            conn.execute(text("UPDATE interactive_models SET held_by = 'bench-exec'"))
         _direct(runner.engine, 5)  # warm
         stop = threading.Event()
         serving = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 1.0})
