@@ -268,6 +268,42 @@ def held_by(conn: Connection, executor_id: str) -> set[str]:
     return set(rows.scalars())
 
 
+@dataclass(frozen=True)
+class BaseBacklog:
+    """One base's interactive calls not yet taken, how long the oldest has waited, and the
+    live executors holding the base: calls waiting with no executor, or an age that grows,
+    is what an operator is paged for."""
+
+    base: str
+    pending: int
+    oldest_pending_seconds: float
+    executors: int
+
+
+def backlog(conn: Connection, lease_seconds: float) -> list[BaseBacklog]:
+    """Per base with calls pending or an executor alive: read off the pending calls' partial
+    index and the trainer registry, not the calls' history."""
+    rows = conn.execute(
+        text(
+            "WITH waiting AS (SELECT b.name AS base, count(*) AS pending, "
+            "  extract(epoch FROM now() - min(c.created_at)) AS oldest "
+            "  FROM interactive_calls c JOIN base_models b ON b.id = c.base_model_id "
+            "  WHERE c.status = 'pending' GROUP BY b.name), "
+            "serving AS (SELECT resident_base AS base, count(*) AS executors FROM trainers "
+            "  WHERE kind = 'interactive' AND resident_base IS NOT NULL "
+            "  AND last_heartbeat_at > now() - :lease GROUP BY resident_base) "
+            "SELECT coalesce(w.base, s.base) AS base, coalesce(w.pending, 0) AS pending, "
+            "coalesce(w.oldest, 0) AS oldest, coalesce(s.executors, 0) AS executors "
+            "FROM waiting w FULL JOIN serving s ON s.base = w.base ORDER BY 1"
+        ),
+        {"lease": timedelta(seconds=lease_seconds)},
+    )
+    return [
+        BaseBacklog(r.base, int(r.pending), max(0.0, float(r.oldest)), int(r.executors))
+        for r in rows
+    ]
+
+
 def _fail_waiting(
     conn: Connection, models: list[str], statuses: tuple[str, ...], message: str, category: str
 ) -> None:

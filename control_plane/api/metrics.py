@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Connection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane import queue_stats, trainers, webhooks
+from control_plane import interactive_calls, queue_stats, trainers, webhooks
 from control_plane.job_status import JobStatus
 from control_plane.services import Services
 
@@ -109,7 +109,31 @@ class PlatformCollector(Collector):
         overdue.add_metric([], hooks.oldest_due_seconds)
         yield overdue
 
+        yield from self._interactive_families(conn)
         yield from self._trainer_families(conn)
+
+    def _interactive_families(self, conn: Connection) -> Iterator[Metric]:
+        families = {
+            "pending": GaugeMetricFamily(
+                "loraforge_interactive_calls_pending",
+                "Interactive sessions' calls not yet taken by an executor, by base",
+                labels=["base"],
+            ),
+            "oldest_pending_seconds": GaugeMetricFamily(
+                "loraforge_interactive_oldest_pending_seconds",
+                "How long the oldest call not yet taken has waited, by base (0: none waits)",
+                labels=["base"],
+            ),
+            "executors": GaugeMetricFamily(
+                "loraforge_interactive_executors_alive",
+                "Interactive executors heard from within a lease, by the base they hold",
+                labels=["base"],
+            ),
+        }
+        for line in interactive_calls.backlog(conn, self.services.settings.lease_seconds):
+            for field, family in families.items():
+                family.add_metric([line.base], getattr(line, field))
+        yield from families.values()
 
     def _trainer_families(self, conn: Connection) -> Iterator[Metric]:
         lease = self.services.settings.lease_seconds

@@ -26,7 +26,14 @@ from control_plane.api.tinker_schemas import LossFn
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
-from tests.factories import make_base, register_test_base
+from tests.factories import (
+    ask_call,
+    interactive_model,
+    interactive_session,
+    make_base,
+    register_test_base,
+)
+from tests.integration.test_metrics import scrape, value
 from workers.interactive.losses import LOSSES
 
 EXECUTOR = "test-executor"
@@ -616,3 +623,39 @@ def test_a_model_is_refused_on_a_base_no_live_executor_holds(
             conn, trainers.TrainerReport("job-trainer", "h", 2, "cpu", resident_base=base_name)
         )
     assert rest.get_server_capabilities().result(timeout=30).supported_models == []
+
+
+def test_a_scrape_shows_each_bases_waiting_calls_their_age_and_its_executors(
+    services: Services, live_url: str, tenant_a: TenantKeys, base_name: str
+) -> None:
+    """What an operator is paged on: calls waiting with no executor, or waiting longer."""
+    engine = services.engine
+    base_id = _base_id(engine, base_name)
+    idle_id = make_base(engine, "idle-base").id
+    session = interactive_session(engine, tenant_a.tenant_id, "sess-metrics")
+    served = interactive_model(engine, session, tenant_a.tenant_id, base_id, "imdl-served")
+    stranded = interactive_model(engine, session, tenant_a.tenant_id, idle_id, "imdl-stranded")
+    for seq in range(2):
+        ask_call(engine, served, tenant_a.tenant_id, base_id, "forward", seq)
+    ask_call(engine, stranded, tenant_a.tenant_id, idle_id, "forward", 0)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE interactive_calls SET created_at = now() - interval '90 s' WHERE seq = 0")
+        )
+    samples = scrape(live_url)
+    pending = {
+        b: value(samples, "loraforge_interactive_calls_pending", base=b)
+        for b in (base_name, "idle-base")
+    }
+    assert pending == {base_name: 2, "idle-base": 1}
+    for base in (base_name, "idle-base"):
+        age = value(samples, "loraforge_interactive_oldest_pending_seconds", base=base)
+        assert age is not None and 90 <= age < 120
+    assert value(samples, "loraforge_interactive_executors_alive", base=base_name) == 1
+    assert value(samples, "loraforge_interactive_executors_alive", base="idle-base") == 0
+    _answer(engine, base_id, "forward", {})
+    _answer(engine, base_id, "forward", {})
+    samples = scrape(live_url)
+    assert value(samples, "loraforge_interactive_calls_pending", base=base_name) == 0
+    assert value(samples, "loraforge_interactive_oldest_pending_seconds", base=base_name) == 0
+    assert value(samples, "loraforge_interactive_executors_alive", base=base_name) == 1
