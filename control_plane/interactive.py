@@ -188,11 +188,14 @@ def _new_model(
     lora_config: dict[str, Any] | None = None,
     model_path: str | None = None,
     next_seq: int = 0,
+    model_id: str | None = None,
+    user_metadata: dict[str, Any] | None = None,
 ) -> ModelRecord:
     row = conn.execute(
         insert(models)
         .values(
-            id=new_id("interactive_model"),
+            id=model_id or new_id("interactive_model"),
+            user_metadata=user_metadata or {},
             session_id=session_id,
             tenant_id=tenant_id,
             base_model_id=base_model_id,
@@ -247,6 +250,7 @@ def create_model(
         ModelKind.TRAINING,
         lora_config=lora_config,
         next_seq=1,
+        user_metadata=request.get("user_metadata"),
     )
     return model, _insert_call(conn, model, 0, CallKind.CREATE_MODEL, request)
 

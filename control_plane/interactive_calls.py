@@ -96,15 +96,30 @@ def checkpoint_path(model_id: str, save_kind: str, name: str) -> str:
     return f"tinker://{model_id}/{_SAVES[save_kind][1]}/{name}"
 
 
-def checkpoint_location(call: Call, name: str) -> tuple[str, str, str]:
-    """(kind, tinker path, object-store prefix) of what a save call writes under `name`."""
+@dataclass(frozen=True)
+class Saved:
+    """Weights a save call writes: `kind` (`state` or `sampler`), its `name`, its tinker://
+    `path`, the object-store `prefix` it is under, the bytes written (once they are), and the
+    seconds it is kept (the save's `ttl_seconds`; None: until deleted)."""
+
+    kind: str
+    name: str
+    path: str
+    prefix: str
+    size_bytes: int | None = None
+    ttl_seconds: int | None = None
+
+
+def checkpoint_location(call: Call, name: str) -> Saved:
+    """Where a save call's weights go under `name` (their size is known once written)."""
     kind, segment = _SAVES[call.kind]
     path = checkpoint_path(call.model_id, call.kind, name)
     prefix = (
         f"tenants/{call.tenant_id}/sessions/{call.session_id}/models/{call.model_id}/"
         f"{segment}/{name}/"
     )
-    return kind, path, prefix
+    ttl = call.request.get("ttl_seconds")
+    return Saved(kind, name, path, prefix, ttl_seconds=None if ttl is None else int(ttl))
 
 
 def finish(
@@ -113,11 +128,11 @@ def finish(
     executor_id: str,
     result: dict[str, Any],
     *,
-    checkpoint: tuple[str, str, str, str] | None = None,
+    checkpoint: Saved | None = None,
     release_model: bool = False,
 ) -> bool:
-    """Record `result` for a call this executor runs (not committed). `checkpoint` (kind, name,
-    path, prefix) records a save's weights with it; `release_model` lets the model go (an
+    """Record `result` for a call this executor runs (not committed). `checkpoint` records a
+    save's weights with it (a save under a name taken overwrites it); `release_model` lets the model go (an
     unload). False, and nothing written, when the call is no longer this executor's (it was
     released as lost meanwhile)."""
     done = conn.execute(
@@ -130,23 +145,26 @@ def finish(
     if not done:
         return False
     if checkpoint is not None:
-        kind, name, path, prefix = checkpoint
         conn.execute(
             text(
                 "INSERT INTO interactive_checkpoints "
-                "(id, model_id, tenant_id, kind, name, path, storage_prefix) "
-                "VALUES (:id, :model, :tenant, :kind, :name, :path, :prefix) "
+                "(id, model_id, tenant_id, kind, name, path, storage_prefix, size_bytes, "
+                "expires_at) VALUES (:id, :model, :tenant, :kind, :name, :path, :prefix, :size, "
+                "now() + make_interval(secs => CAST(:ttl AS double precision))) "
                 "ON CONFLICT (model_id, kind, name) DO UPDATE "
-                "SET storage_prefix = excluded.storage_prefix, created_at = now()"
+                "SET storage_prefix = excluded.storage_prefix, size_bytes = excluded.size_bytes, "
+                "expires_at = excluded.expires_at, created_at = now()"
             ),
             {
                 "id": new_id("interactive_checkpoint"),
                 "model": call.model_id,
                 "tenant": call.tenant_id,
-                "kind": kind,
-                "name": name,
-                "path": path,
-                "prefix": prefix,
+                "kind": checkpoint.kind,
+                "name": checkpoint.name,
+                "path": checkpoint.path,
+                "prefix": checkpoint.prefix,
+                "size": checkpoint.size_bytes,
+                "ttl": checkpoint.ttl_seconds,
             },
         )
     if release_model:

@@ -17,7 +17,8 @@ import threading
 
 from celery import Celery
 
-from control_plane import db, jobs, trainers, webhooks
+from control_plane import db, interactive_runs, jobs, trainers, webhooks
+from control_plane.interactive_runs import EXPIRE_CHECKPOINTS_INTERVAL_S
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.validation import run_validation
@@ -60,6 +61,11 @@ celery_app.conf.update(
         "forget-old-webhook-deliveries": {
             "task": "loraforge.forget_old_webhook_deliveries",
             "schedule": 3600.0,
+        },
+        "expire-interactive-checkpoints": {
+            "task": "loraforge.expire_interactive_checkpoints",
+            "schedule": EXPIRE_CHECKPOINTS_INTERVAL_S,
+            "options": {"expires": EXPIRE_CHECKPOINTS_INTERVAL_S},
         },
     },
 )
@@ -164,6 +170,13 @@ def forget_old_webhook_deliveries() -> int:
     return webhooks.forget_old_deliveries(
         services.engine, services.settings.webhook_log_retention_days
     )
+
+
+@celery_app.task(name="loraforge.expire_interactive_checkpoints")
+def expire_interactive_checkpoints() -> int:
+    """Delete the interactive sessions' checkpoints past their time to live (files, then row)."""
+    services = get_services()
+    return interactive_runs.expire_checkpoints(services.engine, services.store)
 
 
 @celery_app.task(name="loraforge.redispatch_validation")

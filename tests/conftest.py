@@ -20,7 +20,12 @@ from sqlalchemy.engine import make_url
 from control_plane import db
 from tests.faults.tcp_proxy import CuttableProxy
 
-pytest_plugins = ["tests.s3_server", "tests.api_harness", "tests.peft_adapter"]
+pytest_plugins = [
+    "tests.s3_server",
+    "tests.api_harness",
+    "tests.peft_adapter",
+    "tests.tinker_harness",
+]
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -22,6 +22,7 @@ from control_plane.api.routes import (
     models,
     tenants,
     tinker,
+    tinker_runs,
     webhooks,
 )
 from control_plane.api.text_input import refuse_nul
@@ -40,6 +41,8 @@ API_ROUTERS = (
     webhooks.router,
     adapters.router,
     health.router,
+    # Before tinker's: its last route answers every other /api/v1 path with a 404.
+    tinker_runs.router,
     tinker.router,
 )
 

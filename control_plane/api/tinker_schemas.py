@@ -8,11 +8,16 @@ and audio in a prompt, top-k or targeted logprobs, a non-Adam optimizer, cross-a
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from control_plane.api.numbers import WholeNumber
+
 Id = Annotated[str, Field(min_length=1, max_length=64)]
+# A checkpoint's time to live, the SDK's bounds: an hour to ten years.
+TtlSeconds = Annotated[WholeNumber, Field(ge=3600, le=10 * 365 * 24 * 3600)]
 # A checkpoint's name becomes the last segment of its tinker:// path, so no slash in it.
 CheckpointName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")]
 Metadata = dict[str, Any] | None
@@ -158,18 +163,39 @@ class SaveWeights(_Body):
     seq_id: int | None = Field(default=None, ge=0)
     sampling_session_seq_id: int | None = Field(default=None, ge=0)
     kind: Literal["snapshot"] = "snapshot"
-    ttl_seconds: int | None = Field(default=None, ge=1)
+    ttl_seconds: TtlSeconds | None = None
     overwrite: bool = False
     user_metadata: dict[str, str] | None = None
 
 
 class LoadWeights(_Body):
+    """A load into a model (`model_id`, after its creation), or a new training run of the
+    session started from the weights (`session_id` and `model_seq_id`: the SDK's
+    `create_training_client_from_state`)."""
+
     type: Literal["load_weights"] = "load_weights"
-    model_id: Id
+    model_id: Id | None = None
     seq_id: int | None = Field(default=None, ge=0)
+    session_id: Id | None = None
+    model_seq_id: int | None = Field(default=None, ge=0)
+    base_model: str | None = Field(default=None, min_length=1, max_length=200)
+    user_metadata: dict[str, str] | None = None
     path: str = Field(min_length=len("tinker://") + 1, max_length=1000, pattern=r"^tinker://")
     optimizer: bool
     optimizer_config: AdamOnly | None = None
+
+    @model_validator(mode="after")
+    def _one_addressing(self) -> LoadWeights:
+        into_model = self.model_id is not None
+        new_run = self.session_id is not None and self.model_seq_id is not None
+        if into_model == new_run or (into_model and self.model_seq_id is not None):
+            raise ValueError(
+                "give model_id (a model to load into) or session_id with model_seq_id (a new "
+                "training run from the weights), not both"
+            )
+        if into_model and (self.base_model is not None or self.user_metadata is not None):
+            raise ValueError("base_model and user_metadata are for a new training run only")
+        return self
 
 
 class SamplingSessionCreate(_Body):
@@ -258,3 +284,74 @@ class SamplerInfo(BaseModel):
     sampler_id: str
     base_model: str
     model_path: str | None
+
+
+class CheckpointTtl(_Body):
+    ttl_seconds: TtlSeconds | None
+
+
+class Cursor(BaseModel):
+    offset: int
+    limit: int
+    total_count: int
+
+
+class Checkpoint(BaseModel):
+    checkpoint_id: str
+    checkpoint_type: Literal["training", "sampler"]
+    time: datetime
+    tinker_path: str
+    size_bytes: int | None
+    public: bool = False
+    expires_at: datetime | None
+    training_run_id: str
+    published_version_id: str | None
+
+
+class CheckpointsList(BaseModel):
+    checkpoints: list[Checkpoint]
+    cursor: Cursor | None = None
+
+
+class TrainingRun(BaseModel):
+    training_run_id: str
+    base_model: str
+    model_owner: str
+    is_lora: bool = True
+    corrupted: bool = False
+    lora_rank: int | None
+    last_request_time: datetime
+    last_checkpoint: Checkpoint | None
+    last_sampler_checkpoint: Checkpoint | None
+    user_metadata: dict[str, str] | None
+    session_id: str
+    loaded: bool
+
+
+class TrainingRuns(BaseModel):
+    training_runs: list[TrainingRun]
+    cursor: Cursor
+
+
+class WeightsPath(_Body):
+    tinker_path: str = Field(max_length=1000, pattern=r"^tinker://")
+
+
+class WeightsInfo(BaseModel):
+    base_model: str
+    is_lora: bool = True
+    lora_rank: int | None
+    train_unembed: bool | None
+    train_mlp: bool | None
+    train_attn: bool | None
+
+
+class SessionList(BaseModel):
+    sessions: list[str]
+    cursor: Cursor
+
+
+class SessionInfo(BaseModel):
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, Any] | None

@@ -639,6 +639,14 @@ class InteractiveModel(Base):
         Index(
             "ix_interactive_models_held_by", "held_by", postgresql_where=text("held_by IS NOT NULL")
         ),
+        # A tenant's training runs, oldest first (the SDK's `list_training_runs`).
+        Index(
+            "ix_interactive_models_tenant_runs",
+            "tenant_id",
+            "created_at",
+            "id",
+            postgresql_where=text("kind = 'training'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -656,6 +664,9 @@ class InteractiveModel(Base):
     held_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _now()
     unloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default="{}"
+    )
 
 
 class InteractiveCall(Base):
@@ -706,6 +717,13 @@ class InteractiveCheckpoint(Base):
         CheckConstraint("kind IN ('sampler', 'state')", name="kind"),
         UniqueConstraint("model_id", "kind", "name", name="uq_interactive_checkpoints_name"),
         UniqueConstraint("path", name="uq_interactive_checkpoints_path"),
+        Index("ix_interactive_checkpoints_tenant_created", "tenant_id", "created_at", "id"),
+        # The expiry pass reads only the checkpoints that expire.
+        Index(
+            "ix_interactive_checkpoints_expires",
+            "expires_at",
+            postgresql_where=text("expires_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -724,3 +742,6 @@ class InteractiveCheckpoint(Base):
     published_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("adapter_versions.id", ondelete="SET NULL")
     )
+    # The bytes the save wrote, and when the platform deletes it (null: never).
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

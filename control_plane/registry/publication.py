@@ -16,9 +16,11 @@ from typing import Any, Protocol, cast
 
 from sqlalchemy import Connection, Engine, Table, insert, text
 
+from control_plane import interactive_runs
 from control_plane.base_catalog import get_base_model
 from control_plane.db.tables import AdapterVersion
 from control_plane.ids import new_id
+from control_plane.interactive import NotFound
 from control_plane.job_status import JobStatus
 from control_plane.jobs import job_parent_version_id
 from control_plane.queue import JobQueue
@@ -316,21 +318,14 @@ def publish_checkpoint(
     manifest written before the version's row commits, as a job's are."""
     name = validate_adapter_name(adapter_name)
     with parts.engine.connect() as conn:
-        saved = conn.execute(
-            text(
-                "SELECT c.id, c.kind, c.storage_prefix, c.published_version_id, c.created_at, "
-                "m.id AS model_id, m.session_id, m.base_model_id, m.lora_config "
-                "FROM interactive_checkpoints c JOIN interactive_models m ON m.id = c.model_id "
-                "WHERE c.path = :path AND c.tenant_id = :tenant"
-            ),
-            {"path": path, "tenant": tenant_id},
-        ).one_or_none()
-        if saved is None:
+        try:
+            saved = interactive_runs.find_checkpoint(conn, tenant_id, path)
+        except NotFound:
             raise CheckpointNotFoundError(
                 f"no saved weights at {path!r}: name a path that save_weights_for_sampler or "
                 "save_state returned",
                 param="from_checkpoint",
-            )
+            ) from None
         if saved.published_version_id is not None:
             return PublishedVersion(_version(conn, saved.published_version_id), created=False)
         tenant = get_tenant(conn, tenant_id)

@@ -8,7 +8,6 @@ endpoint loraforge lacks are refused with their reason and nothing written."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,9 +30,9 @@ from tests.factories import (
     interactive_model,
     interactive_session,
     make_base,
-    register_test_base,
 )
 from tests.integration.test_metrics import scrape, value
+from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
 from workers.interactive.losses import LOSSES
 
 EXECUTOR = "test-executor"
@@ -60,27 +59,10 @@ def base_name(services: Services) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    # A short hold on polls: a pending future answers try-again within half a second.
-    return Settings(
-        home=tmp_path / "home",
-        max_upload_bytes=1024 * 1024,
-        lease_seconds=30,
-        platform_operator_tenants=["default", "tenant-a"],
-        tinker_retrieve_wait_seconds=0.5,
-    )
+    return tinker_settings(tmp_path)
 
 
-@pytest.fixture(autouse=True)
-def _sdk_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The SDK sends no telemetry, and finds no key or server but the ones a test gives it."""
-    monkeypatch.setenv("TINKER_TELEMETRY", "0")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for name in ("TINKER_API_KEY", "TINKER_BASE_URL", "TINKER_CREDENTIAL_CMD", "TINKER_TAGS"):
-        monkeypatch.delenv(name, raising=False)
-
-
-def _service(url: str, key: str) -> tinker.ServiceClient:
-    return tinker.ServiceClient(base_url=url, api_key="tml-" + key)
+pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
 
 @pytest.fixture
@@ -128,16 +110,9 @@ def _answer(
         else:
             saved = None
             if checkpoint:
-                name = call.request["path"]
-                saved_kind, path, prefix = interactive_calls.checkpoint_location(call, name)
-                saved = (saved_kind, name, path, prefix)
+                saved = interactive_calls.checkpoint_location(call, call.request["path"])
             assert interactive_calls.finish(conn, call, EXECUTOR, result or {}, checkpoint=saved)
     return call
-
-
-def _served(services: Services) -> set[str]:
-    with services.engine.connect() as conn:
-        return trainers.served_bases(conn, services.settings.lease_seconds)
 
 
 def _base_id(engine: Engine, name: str) -> str:
@@ -162,7 +137,7 @@ def test_the_sdk_trains_saves_and_samples_through_future_rows_in_the_models_orde
     ]
     assert names == [base_name]
 
-    with _service(live_url, tenant_a.member) as service:
+    with sdk_service(live_url, tenant_a.member) as service:
         creating = service.create_lora_training_client(base_model=base_name, rank=4, seed=7)
         with pytest.raises(FutureTimeout):
             creating.result(timeout=1.5)  # pending: the SDK is told to try again
@@ -510,9 +485,9 @@ def test_a_reader_key_or_an_unknown_one_cannot_open_a_session(
     services: Services, live_url: str, tenant_a: TenantKeys, base_name: str
 ) -> None:
     with pytest.raises(tinker.PermissionDeniedError):
-        _service(live_url, tenant_a.reader).create_lora_training_client(base_model=base_name)
+        sdk_service(live_url, tenant_a.reader).create_lora_training_client(base_model=base_name)
     with pytest.raises(tinker.AuthenticationError):
-        _service(live_url, "lf-not-a-key").create_lora_training_client(base_model=base_name)
+        sdk_service(live_url, "lf-not-a-key").create_lora_training_client(base_model=base_name)
     assert _counts(services.engine) == (0, 0, 0)
 
 
@@ -538,27 +513,6 @@ def test_an_unloaded_model_takes_no_call_and_an_endpoint_loraforge_lacks_says_so
     ) == [("create_model",), ("unload_model",)]
 
 
-SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]  # token ids of the test base's vocabulary
-
-
-@pytest.fixture
-def executor(services: Services, tmp_path: Path) -> Iterator[str]:
-    """The interactive executor on the tiny test base, serving in a thread: the base's name."""
-    from workers.interactive.runner import InteractiveRunner
-
-    base = register_test_base(services.engine, "tiny-e2e")
-    runner = InteractiveRunner(services, "executor-e2e", base.id, work_dir=tmp_path / "executor")
-    stop = threading.Event()
-    thread = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 0.5})
-    thread.start()
-    deadline = time.monotonic() + 30
-    while base.name not in _served(services) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the executor reports itself as it starts serving
-    yield base.name
-    stop.set()
-    thread.join(60)
-
-
 def test_the_sdk_fine_tunes_the_test_base_and_samples_it_on_a_real_executor(
     live_url: str, tenant_a: TenantKeys, executor: str
 ) -> None:
@@ -569,7 +523,7 @@ def test_the_sdk_fine_tunes_the_test_base_and_samples_it_on_a_real_executor(
         model_input=types.ModelInput.from_ints(SEQUENCE[:-1]),
         loss_fn_inputs={"target_tokens": SEQUENCE[1:], "weights": [1.0] * (len(SEQUENCE) - 1)},
     )
-    with _service(live_url, tenant_a.member) as service:
+    with sdk_service(live_url, tenant_a.member) as service:
         training = service.create_lora_training_client(base_model=executor, rank=4, seed=0)
         training = training.result(timeout=120)
         losses = []
@@ -604,7 +558,7 @@ def test_a_model_is_refused_on_a_base_no_live_executor_holds(
     capable = rest.get_server_capabilities().result(timeout=30).supported_models
     assert [m.model_name for m in capable] == [base_name]
     before = _counts(engine)
-    with _service(live_url, tenant_a.member) as service:
+    with sdk_service(live_url, tenant_a.member) as service:
         with pytest.raises(
             tinker.BadRequestError, match="no interactive executor holds base 'idle-base'"
         ) as refused:

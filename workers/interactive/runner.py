@@ -16,13 +16,14 @@ import socket
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
-
 from control_plane import interactive_calls as calls
 from control_plane.base_catalog import get_base_model
+from control_plane.interactive import NotFound
+from control_plane.interactive_runs import find_checkpoint
 from control_plane.queue import QueueListener
 from control_plane.services import Services
 from control_plane.trainers import TrainerReport
@@ -147,9 +148,7 @@ class InteractiveRunner:
 
     # -- one call -----------------------------------------------------------------------------
 
-    def _run(
-        self, call: calls.Call
-    ) -> tuple[dict[str, Any], tuple[str, str, str, str] | None, bool]:
+    def _run(self, call: calls.Call) -> tuple[dict[str, Any], calls.Saved | None, bool]:
         """(result, checkpoint written, whether the model is let go) of one call."""
         engine, model, request = self.engine, call.model_id, call.request
         if call.kind == "create_model":
@@ -202,20 +201,21 @@ class InteractiveRunner:
             )
         return call.model_id
 
-    def _save(self, call: calls.Call) -> tuple[dict[str, Any], tuple[str, str, str, str], bool]:
+    def _save(self, call: calls.Call) -> tuple[dict[str, Any], calls.Saved, bool]:
         name = str(call.request.get("path") or f"{call.seq:06d}")
         if "/" in name or name in (".", ".."):
             raise InteractiveError(f"a checkpoint name cannot contain '/': {name!r}")
-        kind, path, prefix = calls.checkpoint_location(call, name)
+        saved = calls.checkpoint_location(call, name)
         model = self._held(call)
         with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
             directory = Path(scratch) / "weights"
-            if kind == "state":
+            if saved.kind == "state":
                 self.engine.save_state(model, directory, base_name=self.base.name)
             else:
                 self.engine.export_adapter(model, directory, base_name=self.base.name)
-            self.services.store.put_directory(prefix, directory)
-        return {"path": path, "type": call.kind}, (kind, name, path, prefix), False
+            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+            self.services.store.put_directory(saved.prefix, directory)
+        return {"path": saved.path, "type": call.kind}, replace(saved, size_bytes=size), False
 
     def _sampler(self, call: calls.Call) -> str | None:
         """The engine's name for what a sample call samples from: a training model's own
@@ -234,15 +234,10 @@ class InteractiveRunner:
     def _download(self, call: calls.Call, path: str, target: Path) -> Path:
         """The saved weights a tinker:// path names, of the call's tenant, in `target`."""
         with self.services.engine.connect() as conn:
-            prefix = conn.execute(
-                text(
-                    "SELECT storage_prefix FROM interactive_checkpoints "
-                    "WHERE path = :path AND tenant_id = :tenant"
-                ),
-                {"path": path, "tenant": call.tenant_id},
-            ).scalar_one_or_none()
-        if prefix is None:
-            raise CheckpointNotFound(f"no saved weights at {path!r}")
+            try:
+                prefix = find_checkpoint(conn, call.tenant_id, path).storage_prefix
+            except NotFound:
+                raise CheckpointNotFound(f"no saved weights at {path!r}") from None
         self.services.store.download_prefix(prefix, target)
         return target
 

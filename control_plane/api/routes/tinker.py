@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import interactive
+from control_plane import interactive, interactive_runs
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
@@ -98,7 +98,7 @@ _PROTOBUF_ANSWERS = {
 
 
 @contextmanager
-def _domain_errors() -> Iterator[None]:
+def domain_errors() -> Iterator[None]:
     """The domain's refusals as this API's errors."""
     try:
         yield
@@ -159,7 +159,7 @@ def create_session(body: SessionCreate, conn: ConnDep, caller: Writer) -> dict[s
 
 @router.post("/session_heartbeat")
 def session_heartbeat(body: SessionHeartbeat, conn: ConnDep, caller: Writer) -> dict[str, str]:
-    with _domain_errors():
+    with domain_errors():
         interactive.heartbeat(conn, caller.tenant_id, body.session_id)
     conn.commit()
     return {"type": "session_heartbeat"}
@@ -169,7 +169,7 @@ def session_heartbeat(body: SessionHeartbeat, conn: ConnDep, caller: Writer) -> 
 def finish_session(
     session_id: str, body: SessionFinish, conn: ConnDep, caller: Writer
 ) -> dict[str, Any]:
-    with _domain_errors():
+    with domain_errors():
         unloads = interactive.finish_session(conn, caller.tenant_id, session_id)
     conn.commit()
     return {"session_id": session_id, "unload_futures": unloads}
@@ -186,7 +186,7 @@ def _future(future_id: str, model_id: str | None = None) -> UntypedFuture:
 def create_model(
     body: ModelCreate, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> UntypedFuture:
-    with _domain_errors():
+    with domain_errors():
         base = interactive.ready_base(conn, body.base_model)
         interactive.require_served(conn, base.id, services.settings.lease_seconds)
         request = body.model_dump(mode="json", include={"base_model", "lora_config"})
@@ -205,7 +205,7 @@ def create_model(
 
 @router.post("/get_info")
 def get_info(body: ModelRef, conn: ConnDep, caller: Writer) -> ModelInfo:
-    with _domain_errors():
+    with domain_errors():
         model = interactive.get_model(conn, caller.tenant_id, body.model_id)
     base = get_base_model(conn, model.base_model_id)
     assert base is not None, "a model's base is never deleted (foreign key)"
@@ -219,7 +219,7 @@ def get_info(body: ModelRef, conn: ConnDep, caller: Writer) -> ModelInfo:
 
 @router.post("/unload_model")
 def unload_model(body: ModelRef, conn: ConnDep, caller: Writer) -> UntypedFuture:
-    with _domain_errors():
+    with domain_errors():
         future = interactive.unload(conn, caller.tenant_id, body.model_id)
     conn.commit()
     return _future(future, body.model_id)
@@ -233,7 +233,7 @@ def _enqueue(
     request: dict[str, Any],
     seq_id: int | None,
 ) -> UntypedFuture:
-    with _domain_errors():
+    with domain_errors():
         future = interactive.enqueue(
             conn, caller.tenant_id, model_id, kind, request, client_seq=seq_id
         )
@@ -287,7 +287,7 @@ def _save_request(body: SaveWeights) -> dict[str, Any]:
 @router.post("/save_weights")
 def save_weights(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
     if body.path is not None and not body.overwrite:
-        with _domain_errors():
+        with domain_errors():
             interactive.check_name_free(conn, caller.tenant_id, body.model_id, body.path)
     request = _save_request(body)
     return _enqueue(conn, caller, body.model_id, CallKind.SAVE_WEIGHTS, request, body.seq_id)
@@ -295,7 +295,7 @@ def save_weights(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFut
 
 @router.post("/save_weights_for_sampler")
 def save_weights_for_sampler(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
-    with _domain_errors():
+    with domain_errors():
         future, _ = interactive.save_for_sampler(
             conn, caller.tenant_id, body.model_id, _save_request(body), client_seq=body.seq_id
         )
@@ -304,10 +304,30 @@ def save_weights_for_sampler(body: SaveWeights, conn: ConnDep, caller: Writer) -
 
 
 @router.post("/load_weights")
-def load_weights(body: LoadWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
-    with _domain_errors():
-        interactive.check_loadable(conn, caller.tenant_id, body.model_id, body.path)
+def load_weights(
+    body: LoadWeights, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> UntypedFuture:
+    """Weights saved by `save_state` loaded into a model; or, addressed by session and
+    `model_seq_id`, a new training run of the session started from them."""
     request = body.model_dump(mode="json", include={"path", "optimizer", "seq_id"})
+    if body.model_id is None:
+        assert body.session_id is not None and body.model_seq_id is not None  # the schema's
+        with domain_errors():
+            model, future = interactive_runs.create_from_state(
+                conn,
+                caller.tenant_id,
+                body.session_id,
+                body.model_seq_id,
+                path=body.path,
+                base_name=body.base_model,
+                user_metadata=body.user_metadata,
+                request=request,
+                lease_seconds=services.settings.lease_seconds,
+            )
+        conn.commit()
+        return _future(future, model.id)
+    with domain_errors():
+        interactive.check_loadable(conn, caller.tenant_id, body.model_id, body.path)
     return _enqueue(conn, caller, body.model_id, CallKind.LOAD_WEIGHTS, request, body.seq_id)
 
 
@@ -318,7 +338,7 @@ def load_weights(body: LoadWeights, conn: ConnDep, caller: Writer) -> UntypedFut
 def create_sampling_session(
     body: SamplingSessionCreate, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> dict[str, str]:
-    with _domain_errors():
+    with domain_errors():
         sampler = interactive.create_sampler(
             conn,
             caller.tenant_id,
@@ -333,7 +353,7 @@ def create_sampling_session(
 
 @router.get("/samplers/{sampler_id}")
 def get_sampler(sampler_id: str, conn: ConnDep, caller: Writer) -> SamplerInfo:
-    with _domain_errors():
+    with domain_errors():
         model = interactive.get_model(conn, caller.tenant_id, sampler_id)
     base = get_base_model(conn, model.base_model_id)
     assert base is not None, "a model's base is never deleted (foreign key)"
@@ -355,7 +375,7 @@ def asample(body: Sample, conn: ConnDep, caller: Writer) -> UntypedFuture:
 
 
 def _look(services: Services, tenant_id: str, future_id: str) -> interactive.CallRecord:
-    with services.engine.connect() as conn, _domain_errors():
+    with services.engine.connect() as conn, domain_errors():
         return interactive.retrieve(conn, tenant_id, future_id)
 
 
@@ -413,7 +433,7 @@ def answer(call: interactive.CallRecord, protobuf: bool) -> Response:
 
 @router.post("/cancel_future")
 def cancel_future(body: FutureCancel, conn: ConnDep, caller: Writer) -> dict[str, bool]:
-    with _domain_errors():
+    with domain_errors():
         cancelled = interactive.cancel(conn, caller.tenant_id, body.request_id)
     conn.commit()
     return {"cancelled": cancelled}

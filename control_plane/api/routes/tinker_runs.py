@@ -1,0 +1,214 @@
+"""/api/v1, what the `tinker` SDK's `RestClient` looks up and changes: a tenant's training runs,
+their checkpoints, sessions, what saved weights were trained on, a checkpoint's deletion and its
+time to live (`control_plane.interactive_runs`).
+
+Any live key of the tenant reads (a reader's too: these change nothing); deleting a checkpoint
+or setting when it expires takes a writer's. A checkpoint is named as the SDK names it, by its
+run and `weights/<name>` or `sampler_weights/<name>`. Projects and other accounts' checkpoints
+are not offered: asking for them is a 400 that says so, never an answer that ignores them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response
+
+from control_plane import interactive_runs
+from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.errors import ApiError
+from control_plane.api.routes.tinker import domain_errors
+from control_plane.api.tinker_schemas import (
+    Checkpoint,
+    CheckpointsList,
+    CheckpointTtl,
+    Cursor,
+    SessionInfo,
+    SessionList,
+    TrainingRun,
+    TrainingRuns,
+    WeightsInfo,
+    WeightsPath,
+)
+from control_plane.base_catalog import get_base_model
+from control_plane.interactive_runs import CheckpointRecord, RunRecord
+from control_plane.storage import ObjectStoreUnavailableError
+
+router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
+
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+Scope = Annotated[Literal["owned", "accessible"], Query()]
+# A checkpoint's segment in its tinker:// path, and the SDK's name for its type.
+_SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
+_TYPES = {"state": ("weights", "training"), "sampler": ("sampler_weights", "sampler")}
+
+
+def _checkpoint(saved: CheckpointRecord) -> Checkpoint:
+    segment, kind = _TYPES[saved.kind]
+    return Checkpoint(
+        checkpoint_id=f"{segment}/{saved.name}",
+        checkpoint_type=kind,
+        time=saved.created_at,
+        tinker_path=saved.path,
+        size_bytes=saved.size_bytes,
+        expires_at=saved.expires_at,
+        training_run_id=saved.model_id,
+        published_version_id=saved.published_version_id,
+    )
+
+
+def _run(run: RunRecord) -> TrainingRun:
+    model = run.model
+    rank = model.lora_config.get("rank")
+    return TrainingRun(
+        training_run_id=model.id,
+        base_model=run.base_name,
+        model_owner=model.tenant_id,
+        lora_rank=int(rank) if rank is not None else None,
+        last_request_time=run.last_request_at,
+        last_checkpoint=_checkpoint(run.last_state) if run.last_state else None,
+        last_sampler_checkpoint=_checkpoint(run.last_sampler) if run.last_sampler else None,
+        user_metadata=run.user_metadata or None,
+        session_id=model.session_id,
+        loaded=model.unloaded_at is None,
+    )
+
+
+def _no_projects(project_id: str | None) -> None:
+    if project_id is not None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "loraforge has no projects: a tenant's runs are listed together (leave project_id out)",
+            "project_id",
+        )
+
+
+def _path(run_id: str, segment: str, name: str) -> str:
+    if segment not in _SEGMENTS:
+        raise ApiError(
+            404,
+            "checkpoint_not_found",
+            f"no checkpoint {segment}/{name} of {run_id}: a checkpoint id is weights/<name> or "
+            "sampler_weights/<name>",
+            "checkpoint_id",
+        )
+    return f"tinker://{run_id}/{segment}/{name}"
+
+
+@router.get("/training_runs")
+def list_training_runs(
+    conn: ConnDep,
+    caller: Caller,
+    limit: Limit = 20,
+    offset: Offset = 0,
+    access_scope: Scope = "owned",
+    project_id: str | None = None,
+) -> TrainingRuns:
+    """The tenant's training runs, newest first (`accessible` is `owned`: nothing is shared)."""
+    _no_projects(project_id)
+    runs, total = interactive_runs.list_runs(conn, caller.tenant_id, limit=limit, offset=offset)
+    return TrainingRuns(
+        training_runs=[_run(r) for r in runs],
+        cursor=Cursor(offset=offset, limit=limit, total_count=total),
+    )
+
+
+@router.get("/training_runs/{run_id}")
+def get_training_run(run_id: str, conn: ConnDep, caller: Caller) -> TrainingRun:
+    with domain_errors():
+        return _run(interactive_runs.get_run(conn, caller.tenant_id, run_id))
+
+
+@router.get("/training_runs/{run_id}/checkpoints")
+def list_run_checkpoints(run_id: str, conn: ConnDep, caller: Caller) -> CheckpointsList:
+    with domain_errors():
+        saved = interactive_runs.run_checkpoints(conn, caller.tenant_id, run_id)
+    return CheckpointsList(checkpoints=[_checkpoint(c) for c in saved])
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}", status_code=204)
+def delete_checkpoint(
+    run_id: str, segment: str, name: str, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> Response:
+    """The checkpoint's files and its row; a version published from it keeps its own copy."""
+    path = _path(run_id, segment, name)
+    with domain_errors():
+        try:
+            interactive_runs.delete_checkpoint(conn, services.store, caller.tenant_id, path)
+        except ObjectStoreUnavailableError as exc:
+            raise ApiError(
+                503,
+                "object_store_unavailable",
+                f"{path} was not deleted: the object store failed ({exc}); delete it again",
+            ) from None
+    conn.commit()
+    return Response(status_code=204)
+
+
+@router.put("/training_runs/{run_id}/checkpoints/{segment}/{name}/ttl", status_code=204)
+def set_checkpoint_ttl(
+    run_id: str, segment: str, name: str, body: CheckpointTtl, conn: ConnDep, caller: Writer
+) -> Response:
+    """The checkpoint expires `ttl_seconds` from now (the platform deletes it then), or never."""
+    path = _path(run_id, segment, name)
+    with domain_errors():
+        interactive_runs.set_ttl(conn, caller.tenant_id, path, body.ttl_seconds)
+    conn.commit()
+    return Response(status_code=204)
+
+
+@router.get("/checkpoints")
+def list_checkpoints(
+    conn: ConnDep, caller: Caller, limit: Limit = 100, offset: Offset = 0
+) -> CheckpointsList:
+    """Everything the tenant's runs saved, newest first."""
+    saved, total = interactive_runs.tenant_checkpoints(
+        conn, caller.tenant_id, limit=limit, offset=offset
+    )
+    return CheckpointsList(
+        checkpoints=[_checkpoint(c) for c in saved],
+        cursor=Cursor(offset=offset, limit=limit, total_count=total),
+    )
+
+
+@router.post("/weights_info")
+def weights_info(body: WeightsPath, conn: ConnDep, caller: Caller) -> WeightsInfo:
+    """What the weights at a path were trained on (the SDK reads it to resume from them)."""
+    with domain_errors():
+        saved = interactive_runs.find_checkpoint(conn, caller.tenant_id, body.tinker_path)
+    config = saved.lora_config
+    base = get_base_model(conn, saved.base_model_id)
+    assert base is not None, "a model's base is never deleted (foreign key)"
+    rank = config.get("rank")
+    return WeightsInfo(
+        base_model=base.name,
+        lora_rank=int(rank) if rank is not None else None,
+        train_unembed=config.get("train_unembed"),
+        train_mlp=config.get("train_mlp"),
+        train_attn=config.get("train_attn"),
+    )
+
+
+@router.get("/sessions")
+def list_sessions(
+    conn: ConnDep,
+    caller: Caller,
+    limit: Limit = 20,
+    offset: Offset = 0,
+    access_scope: Scope = "owned",
+) -> SessionList:
+    ids, total = interactive_runs.list_sessions(conn, caller.tenant_id, limit=limit, offset=offset)
+    return SessionList(sessions=ids, cursor=Cursor(offset=offset, limit=limit, total_count=total))
+
+
+@router.get("/sessions/{session_id}")
+def get_session(session_id: str, conn: ConnDep, caller: Caller) -> SessionInfo:
+    with domain_errors():
+        found = interactive_runs.session_contents(conn, caller.tenant_id, session_id)
+    return SessionInfo(
+        training_run_ids=found.training_run_ids,
+        sampler_ids=found.sampler_ids,
+        user_metadata=found.user_metadata or None,
+    )

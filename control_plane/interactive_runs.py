@@ -1,0 +1,360 @@
+"""Interactive runs as a tenant looks them up: the SDK's `RestClient` and resuming from a state.
+
+A training model of a session is a *training run* to the SDK, and what it saved are its
+*checkpoints*, named by tinker:// paths. This lists them (a tenant's runs and checkpoints,
+newest checkpoints first, with offsets as the SDK pages), says what a checkpoint was trained on
+(`weights_info`), starts a run from a saved state (`create_from_state`: the SDK's
+`create_training_client_from_state`), deletes a checkpoint, sets when one expires, and deletes
+the expired ones (`expire_checkpoints`, a periodic task). Every function takes the caller's
+tenant and finds only its rows; only `expire_checkpoints` commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Row, text
+
+from control_plane.interactive import (
+    CallKind,
+    ModelKind,
+    ModelRecord,
+    NotFound,
+    Refused,
+    _insert_call,
+    _new_model,
+    _session,
+    require_served,
+)
+from control_plane.records import _FromRow
+from control_plane.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+# The SDK's bounds on a checkpoint's time to live: an hour to ten years.
+MIN_TTL_SECONDS = 3600
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
+# How often the platform's periodic task deletes what has expired (`loraforge.tasks`).
+EXPIRE_CHECKPOINTS_INTERVAL_S = 300.0
+# What the expiry pass deletes per transaction (each checkpoint's objects, then its row).
+EXPIRE_BATCH = 50
+
+_CHECKPOINT_COLUMNS = (
+    "c.id, c.model_id, c.tenant_id, c.kind, c.name, c.path, c.storage_prefix, c.created_at, "
+    "c.size_bytes, c.expires_at, c.published_version_id, m.session_id, m.base_model_id, "
+    "m.lora_config"
+)
+
+
+@dataclass(frozen=True)
+class CheckpointRecord(_FromRow):
+    """Saved weights of a training run (`kind`: `state` or `sampler`), with its run's session,
+    base and LoRA config."""
+
+    id: str
+    model_id: str
+    tenant_id: str
+    kind: str
+    name: str
+    path: str
+    storage_prefix: str
+    created_at: datetime
+    size_bytes: int | None
+    expires_at: datetime | None
+    published_version_id: str | None
+    session_id: str
+    base_model_id: str
+    lora_config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A training run: its model, its base's name, when it was last asked anything, and its
+    newest saved state and sampler weights."""
+
+    model: ModelRecord
+    base_name: str
+    user_metadata: dict[str, Any]
+    last_request_at: datetime
+    last_state: CheckpointRecord | None
+    last_sampler: CheckpointRecord | None
+
+
+def find_checkpoint(
+    conn: Connection, tenant_id: str, path: str, *, lock: bool = False
+) -> CheckpointRecord:
+    """The tenant's saved weights at `path` (locked `FOR UPDATE` with `lock`); NotFound."""
+    row = conn.execute(
+        text(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM interactive_checkpoints c "
+            "JOIN interactive_models m ON m.id = c.model_id "
+            "WHERE c.path = :path AND c.tenant_id = :tenant" + (" FOR UPDATE OF c" if lock else "")
+        ),
+        {"path": path, "tenant": tenant_id},
+    ).one_or_none()
+    if row is None:
+        raise NotFound("checkpoint", path)
+    return CheckpointRecord.from_row(row)
+
+
+def _checkpoints(conn: Connection, where: str, params: dict[str, Any]) -> list[CheckpointRecord]:
+    rows = conn.execute(
+        text(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM interactive_checkpoints c "
+            f"JOIN interactive_models m ON m.id = c.model_id WHERE {where}"
+        ),
+        params,
+    )
+    return [CheckpointRecord.from_row(r) for r in rows]
+
+
+_RUNS = """
+    SELECT m.*, b.name AS base_name,
+           coalesce((SELECT c.created_at FROM interactive_calls c WHERE c.model_id = m.id
+                     ORDER BY c.seq DESC LIMIT 1), m.created_at) AS last_request_at
+    FROM interactive_models m JOIN base_models b ON b.id = m.base_model_id
+    WHERE m.tenant_id = :tenant AND m.kind = 'training'
+"""
+
+
+def _runs(conn: Connection, rows: list[Row[Any]]) -> list[RunRecord]:
+    """Runs of `rows`, each with its newest state and sampler weights (one statement)."""
+    ids = [r.id for r in rows]
+    newest: dict[tuple[str, str], CheckpointRecord] = {}
+    if ids:
+        for saved in _checkpoints(
+            conn,
+            "c.model_id = ANY(:ids) ORDER BY c.created_at, c.id",
+            {"ids": ids},
+        ):
+            newest[(saved.model_id, saved.kind)] = saved
+    runs = []
+    for row in rows:
+        runs.append(
+            RunRecord(
+                model=ModelRecord.from_row(row),
+                base_name=row.base_name,
+                user_metadata=row.user_metadata,
+                last_request_at=row.last_request_at,
+                last_state=newest.get((row.id, "state")),
+                last_sampler=newest.get((row.id, "sampler")),
+            )
+        )
+    return runs
+
+
+def get_run(conn: Connection, tenant_id: str, model_id: str) -> RunRecord:
+    rows = list(
+        conn.execute(text(_RUNS + " AND m.id = :id"), {"tenant": tenant_id, "id": model_id})
+    )
+    if not rows:
+        raise NotFound("training_run", model_id)
+    return _runs(conn, rows)[0]
+
+
+def list_runs(
+    conn: Connection, tenant_id: str, *, limit: int, offset: int
+) -> tuple[list[RunRecord], int]:
+    """A page of the tenant's training runs, newest first, and how many there are."""
+    params = {"tenant": tenant_id, "limit": limit, "offset": offset}
+    rows = list(
+        conn.execute(
+            text(_RUNS + " ORDER BY m.created_at DESC, m.id DESC LIMIT :limit OFFSET :offset"),
+            params,
+        )
+    )
+    total = conn.execute(
+        text(
+            "SELECT count(*) FROM interactive_models "
+            "WHERE tenant_id = :tenant AND kind = 'training'"
+        ),
+        params,
+    ).scalar_one()
+    return _runs(conn, rows), int(total)
+
+
+def run_checkpoints(conn: Connection, tenant_id: str, model_id: str) -> list[CheckpointRecord]:
+    """Everything a training run saved, newest first; NotFound for a run not the tenant's."""
+    get_run(conn, tenant_id, model_id)
+    return _checkpoints(
+        conn,
+        "c.model_id = :model AND c.tenant_id = :tenant ORDER BY c.created_at DESC, c.id DESC",
+        {"model": model_id, "tenant": tenant_id},
+    )
+
+
+def tenant_checkpoints(
+    conn: Connection, tenant_id: str, *, limit: int, offset: int
+) -> tuple[list[CheckpointRecord], int]:
+    """A page of everything the tenant's runs saved, newest first, and how many there are."""
+    params = {"tenant": tenant_id, "limit": limit, "offset": offset}
+    page = _checkpoints(
+        conn,
+        "c.tenant_id = :tenant ORDER BY c.created_at DESC, c.id DESC LIMIT :limit OFFSET :offset",
+        params,
+    )
+    total = conn.execute(
+        text("SELECT count(*) FROM interactive_checkpoints WHERE tenant_id = :tenant"), params
+    ).scalar_one()
+    return page, int(total)
+
+
+def set_ttl(
+    conn: Connection, tenant_id: str, path: str, ttl_seconds: int | None
+) -> CheckpointRecord:
+    """The checkpoint expires `ttl_seconds` from now (None: never); Refused out of bounds."""
+    if ttl_seconds is not None and not MIN_TTL_SECONDS <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise Refused(
+            f"ttl_seconds must be between {MIN_TTL_SECONDS} (an hour) and {MAX_TTL_SECONDS} "
+            f"(ten years), or null to keep the checkpoint until it is deleted; got {ttl_seconds}",
+            "ttl_seconds",
+        )
+    saved = find_checkpoint(conn, tenant_id, path, lock=True)
+    conn.execute(
+        text(
+            "UPDATE interactive_checkpoints SET expires_at = "
+            "now() + make_interval(secs => CAST(:ttl AS double precision)) WHERE id = :id"
+        ),
+        {"ttl": ttl_seconds, "id": saved.id},
+    )
+    return find_checkpoint(conn, tenant_id, path)
+
+
+def delete_checkpoint(conn: Connection, store: ObjectStore, tenant_id: str, path: str) -> None:
+    """Delete the tenant's checkpoint at `path`: its objects, then its row (not committed: a
+    store that fails leaves the row, and deleting again finishes the job). A version published
+    from it keeps its own copy."""
+    saved = find_checkpoint(conn, tenant_id, path, lock=True)
+    store.delete_prefix(saved.storage_prefix)
+    conn.execute(text("DELETE FROM interactive_checkpoints WHERE id = :id"), {"id": saved.id})
+
+
+def expire_checkpoints(engine: Engine, store: ObjectStore) -> int:
+    """Delete every checkpoint past its `expires_at`, objects then row, a batch a transaction
+    (SKIP LOCKED: two passes at once share the work); how many were deleted."""
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            due = conn.execute(
+                text(
+                    "SELECT id, path, storage_prefix FROM interactive_checkpoints "
+                    "WHERE expires_at <= now() ORDER BY expires_at LIMIT :batch "
+                    "FOR UPDATE SKIP LOCKED"
+                ),
+                {"batch": EXPIRE_BATCH},
+            ).all()
+            for row in due:
+                store.delete_prefix(row.storage_prefix)
+                conn.execute(
+                    text("DELETE FROM interactive_checkpoints WHERE id = :id"), {"id": row.id}
+                )
+                log.info("deleted the expired checkpoint %s", row.path)
+        deleted += len(due)
+        if len(due) < EXPIRE_BATCH:
+            return deleted
+
+
+def list_sessions(
+    conn: Connection, tenant_id: str, *, limit: int, offset: int
+) -> tuple[list[str], int]:
+    """A page of the tenant's session ids, newest first, and how many there are."""
+    params = {"tenant": tenant_id, "limit": limit, "offset": offset}
+    ids = conn.execute(
+        text(
+            "SELECT id FROM interactive_sessions WHERE tenant_id = :tenant "
+            "ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset"
+        ),
+        params,
+    ).scalars()
+    total = conn.execute(
+        text("SELECT count(*) FROM interactive_sessions WHERE tenant_id = :tenant"), params
+    ).scalar_one()
+    return list(ids), int(total)
+
+
+@dataclass(frozen=True)
+class SessionContents:
+    training_run_ids: list[str]
+    sampler_ids: list[str]
+    user_metadata: dict[str, Any]
+
+
+def session_contents(conn: Connection, tenant_id: str, session_id: str) -> SessionContents:
+    """The session's training runs and samplers, in the order they were made."""
+    _session(conn, tenant_id, session_id)
+    metadata = conn.execute(
+        text("SELECT user_metadata FROM interactive_sessions WHERE id = :id"), {"id": session_id}
+    ).scalar_one()
+    rows = conn.execute(
+        text(
+            "SELECT id, kind FROM interactive_models WHERE session_id = :id ORDER BY created_at, id"
+        ),
+        {"id": session_id},
+    ).all()
+    return SessionContents(
+        training_run_ids=[r.id for r in rows if r.kind == ModelKind.TRAINING],
+        sampler_ids=[r.id for r in rows if r.kind == ModelKind.SAMPLER],
+        user_metadata=dict(metadata or {}),
+    )
+
+
+def create_from_state(
+    conn: Connection,
+    tenant_id: str,
+    session_id: str,
+    model_seq_id: int,
+    *,
+    path: str,
+    base_name: str | None,
+    user_metadata: dict[str, Any] | None,
+    request: dict[str, Any],
+    lease_seconds: float,
+) -> tuple[ModelRecord, str]:
+    """A training run of the session started from the weights saved at `path` (the SDK's
+    `create_training_client_from_state`): its id is the one the SDK derives,
+    `<session>:train:<model_seq_id>`, its LoRA config the checkpoint's, and its first call
+    (seq 0) loads them. Sent again (its answer lost), the same run and future."""
+    _session(conn, tenant_id, session_id)
+    model_id = f"{session_id}:train:{model_seq_id}"
+    existing = conn.execute(
+        text(
+            "SELECT c.id FROM interactive_models m JOIN interactive_calls c "
+            "ON c.model_id = m.id AND c.seq = 0 WHERE m.id = :id AND m.tenant_id = :tenant"
+        ),
+        {"id": model_id, "tenant": tenant_id},
+    ).scalar_one_or_none()
+    if existing is not None:
+        return _model(conn, model_id), str(existing)
+    saved = find_checkpoint(conn, tenant_id, path)
+    if base_name is not None:
+        named = conn.execute(
+            text("SELECT id FROM base_models WHERE name = :name OR id = :name"),
+            {"name": base_name},
+        ).scalar_one_or_none()
+        if named != saved.base_model_id:
+            raise Refused(
+                f"{path} was trained on another base than {base_name!r}: leave base_model out "
+                "to resume on the checkpoint's own",
+                "base_model",
+            )
+    require_served(conn, saved.base_model_id, lease_seconds)
+    model = _new_model(
+        conn,
+        tenant_id,
+        session_id,
+        saved.base_model_id,
+        ModelKind.TRAINING,
+        lora_config=saved.lora_config,
+        next_seq=1,
+        model_id=model_id,
+        user_metadata=user_metadata,
+    )
+    return model, _insert_call(conn, model, 0, CallKind.LOAD_WEIGHTS, request)
+
+
+def _model(conn: Connection, model_id: str) -> ModelRecord:
+    row = conn.execute(text("SELECT * FROM interactive_models WHERE id = :id"), {"id": model_id})
+    return ModelRecord.from_row(row.one())

@@ -1,0 +1,70 @@
+"""Fixtures for driving the Tinker-compatible API with the official `tinker` SDK (a pytest
+plugin; see `tests/conftest.py`): the SDK's environment, a service client, and the real
+interactive executor on the tiny test base serving in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tinker
+
+from control_plane import trainers
+from control_plane.services import Services
+from control_plane.settings import Settings
+from tests.factories import register_test_base
+
+# Token ids of the test base's vocabulary: a sequence the tests train on.
+SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
+
+
+def tinker_settings(tmp_path: Path) -> Settings:
+    """The API's settings for the SDK's tests: a short hold on polls (a pending future answers
+    try-again within half a second)."""
+    return Settings(
+        home=tmp_path / "home",
+        max_upload_bytes=1024 * 1024,
+        lease_seconds=30,
+        platform_operator_tenants=["default", "tenant-a"],
+        tinker_retrieve_wait_seconds=0.5,
+    )
+
+
+@pytest.fixture
+def tinker_sdk_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The SDK sends no telemetry, and finds no key or server but the ones a test gives it."""
+    monkeypatch.setenv("TINKER_TELEMETRY", "0")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("TINKER_API_KEY", "TINKER_BASE_URL", "TINKER_CREDENTIAL_CMD", "TINKER_TAGS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def sdk_service(url: str, key: str) -> tinker.ServiceClient:
+    """The SDK pointed at loraforge with a loraforge key (the SDK wants the `tml-` prefix)."""
+    return tinker.ServiceClient(base_url=url, api_key="tml-" + key)
+
+
+def served_bases(services: Services) -> set[str]:
+    with services.engine.connect() as conn:
+        return trainers.served_bases(conn, services.settings.lease_seconds)
+
+
+@pytest.fixture
+def executor(services: Services, tmp_path: Path) -> Iterator[str]:
+    """The interactive executor on the tiny test base, serving in a thread: the base's name."""
+    from workers.interactive.runner import InteractiveRunner
+
+    base = register_test_base(services.engine, "tiny-e2e")
+    runner = InteractiveRunner(services, "executor-e2e", base.id, work_dir=tmp_path / "executor")
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 0.5})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while base.name not in served_bases(services) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the executor reports itself as it starts serving
+    yield base.name
+    stop.set()
+    thread.join(60)
