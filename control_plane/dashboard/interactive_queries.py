@@ -237,6 +237,8 @@ class CheckpointLine(_FromRow):
     name: str
     path: str
     created_at: datetime
+    size_bytes: int | None
+    expires_at: datetime | None
     adapter_name: str | None
     version: int | None
 
@@ -256,6 +258,8 @@ def _checkpoints_of(tenant_id: str, session_id: str) -> Select[Any]:
             _checkpoints.c.name,
             _checkpoints.c.path,
             _checkpoints.c.created_at,
+            _checkpoints.c.size_bytes,
+            _checkpoints.c.expires_at,
             _adapters.c.name.label("adapter_name"),
             _versions.c.number.label("version"),
         )

@@ -105,14 +105,16 @@ def add_checkpoint(
     name: str,
     kind: str = "sampler",
     adapter_dir: Path | None = None,
+    **recorded: object,
 ) -> str:
     """Saved weights of the model, their files stored under the prefix an executor writes
-    them to when `adapter_dir` is given; returns the tinker path."""
+    them to when `adapter_dir` is given (`recorded`: more of the row, e.g. `size_bytes`);
+    returns the tinker path."""
     segment = {"sampler": "sampler_weights", "state": "weights"}[kind]
     path = f"tinker://{model_id}/{segment}/{name}"
     prefix = f"tenants/{tenant_id}/sessions/{session_id}/models/{model_id}/{segment}/{name}/"
     row = {"id": f"ckpt-{model_id}-{kind}-{name}", "model_id": model_id, "tenant_id": tenant_id}
-    row |= {"kind": kind, "name": name, "path": path, "storage_prefix": prefix}
+    row |= {"kind": kind, "name": name, "path": path, "storage_prefix": prefix} | recorded
     _insert(services, "interactive_checkpoints", [row])
     if adapter_dir is not None:
         services.store.put_directory(prefix, adapter_dir)
@@ -269,7 +271,17 @@ def test_a_sessions_page_shows_its_models_holders_last_calls_errors_and_checkpoi
     add_calls(services, unloaded, tenant, base_id, [("sample", "completed")])
     add_calls(services, waiting, tenant, base_id, [("create_model", "pending")])
     sampler = add_checkpoint(services, "sess-1", held, tenant, "final")
-    state = add_checkpoint(services, "sess-1", held, tenant, "final", kind="state")
+    expires = datetime(2031, 5, 4, 3, 2, tzinfo=UTC)
+    state = add_checkpoint(
+        services,
+        "sess-1",
+        held,
+        tenant,
+        "final",
+        kind="state",
+        size_bytes=3 * 1024 * 1024,
+        expires_at=expires,
+    )
 
     sign_in(page, live_url, tenant_a.admin)
     page.goto(f"{live_url}/sessions")
@@ -291,6 +303,10 @@ def test_a_sessions_page_shows_its_models_holders_last_calls_errors_and_checkpoi
     assert set(checkpoints) == {sampler, state}
     assert checkpoints[sampler][:3] == [sampler, "sampler", "final"]
     assert checkpoints[state][:3] == [state, "state", "final"]
+    # Size and expiry (a save's ttl_seconds, or set later): unknown and never for the sampler.
+    assert checkpoints[state][4] == "3.0 MiB"
+    assert checkpoints[state][5] == "2031-05-04 03:02:00 UTC"
+    assert checkpoints[sampler][4:6] == ["—", "never"]
     expect(page.locator(".publish-form")).to_have_count(2)
 
 

@@ -18,7 +18,8 @@ Point the SDK at loraforge with `tinker.ServiceClient(base_url=<loraforge>, api_
   them; JSON otherwise), or a failure (`{"error", "category": "user" | "server"}`, status 200);
   `cancel_future` fails a call no executor took yet.
 
-Anything else under /api/v1 is a 404 naming the endpoint: the SDK raises it at once, where a
+A tenant's runs, checkpoints and sessions are `routes/tinker_runs.py`'s. Anything else under
+/api/v1 is a 404 naming the endpoint: the SDK raises it at once, where a
 5xx would have it retry for minutes. A model that was unloaded answers 410 (a 409 too is
 retried by the SDK). None of this is in the OpenAPI document: it is Tinker's API, not ours.
 """
@@ -446,5 +447,7 @@ def not_offered(endpoint: str) -> None:
         "tinker_endpoint_not_supported",
         f"loraforge's Tinker-compatible API does not offer /api/v1/{endpoint}: it serves "
         "training and sampling sessions (create_model, forward_backward, optim_step, "
-        "save_weights, save_weights_for_sampler, load_weights, asample, retrieve_future).",
+        "save_weights, save_weights_for_sampler, load_weights, asample, retrieve_future) and "
+        "their runs, checkpoints and sessions (training_runs, checkpoints, weights_info, "
+        "sessions).",
     )
