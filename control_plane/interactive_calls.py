@@ -5,8 +5,11 @@ A model's calls run one at a time, in `seq` order, on the one executor that hold
 in memory (`interactive_models.held_by`, set by the claim that first takes one of its calls).
 A claim locks the call and its model (SKIP LOCKED: two executors never take two calls of one
 model at once, and never wait on each other) and takes the model's first unfinished call only
-when it is pending: a call still running holds every later one back. A model unloaded while no
-executor held it has no weights anywhere: its calls are failed (`fail_orphaned`), never taken.
+when it is pending: a call still running holds every later one back. Of the calls that can
+run, a base's executors serve the tenants in turn (`interactive_turns`: the tenant served least
+recently first), so one tenant's burst of calls does not hold back another's. A model unloaded
+while no executor held it has no weights anywhere: its calls are failed (`fail_orphaned`),
+never taken.
 
 An executor that dies takes its models' weights with it. `release_lost` fails what was asked of
 those models (a server error that says to load the last saved state into a new model) and
@@ -55,19 +58,34 @@ class Call:
 
 _CLAIM = text(
     """
-    WITH next AS (
-        SELECT c.id, m.id AS model_id
-        FROM interactive_calls c
+    WITH RECURSIVE heads AS (
+        (SELECT c.model_id, c.id, c.status FROM interactive_calls c
+         WHERE c.base_model_id = :base AND c.status IN ('pending', 'running')
+         ORDER BY c.model_id, c.seq LIMIT 1)
+        UNION ALL
+        SELECT n.model_id, n.id, n.status FROM heads h
+        CROSS JOIN LATERAL (
+            SELECT c.model_id, c.id, c.status FROM interactive_calls c
+            WHERE c.base_model_id = :base AND c.status IN ('pending', 'running')
+              AND c.model_id > h.model_id
+            ORDER BY c.model_id, c.seq LIMIT 1) n
+    ),
+    next AS (
+        SELECT c.id, m.id AS model_id, m.tenant_id
+        FROM heads h
+        JOIN interactive_calls c ON c.id = h.id
         JOIN interactive_models m ON m.id = c.model_id
-        WHERE c.base_model_id = :base AND c.status = 'pending'
+        LEFT JOIN interactive_turns t ON t.tenant_id = m.tenant_id AND t.base_model_id = :base
+        WHERE h.status = 'pending' AND c.status = 'pending'
           AND (m.held_by = :executor OR (m.held_by IS NULL AND m.unloaded_at IS NULL))
-          AND NOT EXISTS (
-              SELECT 1 FROM interactive_calls e
-              WHERE e.model_id = c.model_id AND e.seq < c.seq
-                AND e.status IN ('pending', 'running'))
-        ORDER BY c.created_at, c.seq
+        ORDER BY t.served_at NULLS FIRST, c.created_at, c.seq
         LIMIT 1
         FOR UPDATE OF c, m SKIP LOCKED
+    ),
+    turn AS (
+        INSERT INTO interactive_turns (tenant_id, base_model_id, served_at)
+        SELECT next.tenant_id, :base, clock_timestamp() FROM next
+        ON CONFLICT (tenant_id, base_model_id) DO UPDATE SET served_at = excluded.served_at
     ),
     held AS (
         UPDATE interactive_models m SET held_by = :executor
@@ -85,8 +103,12 @@ _CLAIM = text(
 
 
 def claim_next(conn: Connection, executor_id: str, base_model_id: str) -> Call | None:
-    """Take the oldest call on `base_model_id` that can run now, for `executor_id` (not
-    committed: the caller commits before it runs the call)."""
+    """Take a call on `base_model_id` that can run now, for `executor_id` (not committed: the
+    caller commits before it runs the call): of the calls that can run (each model's first
+    unfinished call, when it is pending and its model is this executor's or free), the one of
+    the tenant served least recently on the base (never served first), then the oldest. The
+    models with unfinished calls are read by a skip scan of `ix_interactive_calls_unfinished`,
+    one probe a model, so a tenant's burst of calls on one model costs a claim one probe."""
     row = conn.execute(_CLAIM, {"base": base_model_id, "executor": executor_id}).one_or_none()
     return None if row is None else Call(**row._mapping)
 

@@ -669,6 +669,21 @@ class InteractiveModel(Base):
     )
 
 
+class InteractiveTurn(Base):
+    """When an executor last took one of a tenant's calls on a base: the claim serves the
+    tenant whose turn is oldest first."""
+
+    __tablename__ = "interactive_turns"
+
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    base_model_id: Mapped[str] = mapped_column(
+        ForeignKey("base_models.id", ondelete="CASCADE"), primary_key=True
+    )
+    served_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class InteractiveCall(Base):
     """One call on an interactive model, the future the SDK polls: `(model_id, seq)` is its
     place in the model's order, `request` what the executor needs, `result` or `error` (`{"error",
@@ -678,12 +693,20 @@ class InteractiveCall(Base):
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'running', 'completed', 'failed')", name="status"),
         UniqueConstraint("model_id", "seq", name="uq_interactive_calls_model_seq"),
-        # The executors' pass: a base's pending calls, oldest first.
+        # A base's pending calls, oldest first (the metrics' backlog).
         Index(
             "ix_interactive_calls_pending",
             "base_model_id",
             "created_at",
             postgresql_where=text("status = 'pending'"),
+        ),
+        # The claim's skip scan: each model's first unfinished call on a base.
+        Index(
+            "ix_interactive_calls_unfinished",
+            "base_model_id",
+            "model_id",
+            "seq",
+            postgresql_where=text("status IN ('pending', 'running')"),
         ),
     )
 
