@@ -107,6 +107,7 @@ class CallRecord(_FromRow):
     status: str
     result: dict[str, Any] | None
     error: dict[str, Any] | None
+    payload_dropped_at: datetime | None  # its request and answer let go (kept an hour)
 
     @property
     def finished(self) -> bool:
@@ -305,17 +306,6 @@ def check_loadable(conn: Connection, tenant_id: str, model_id: str, path: str) -
     model = get_model(conn, tenant_id, model_id)
     if _checkpoint_base(conn, tenant_id, path, sampler=False) != model.base_model_id:
         raise Refused(f"{path} was saved from a model on another base than {model_id}'s", "path")
-
-
-def check_name_free(conn: Connection, tenant_id: str, model_id: str, name: str) -> None:
-    """Refused when the model already saved its state under `name` (a save that overwrites
-    says so)."""
-    path = checkpoint_path(model_id, CallKind.SAVE_WEIGHTS, name)
-    taken = select(checkpoints.c.id).where(
-        checkpoints.c.path == path, checkpoints.c.tenant_id == tenant_id
-    )
-    if conn.execute(taken).first() is not None:
-        raise Refused(f"{path} is taken: save under another name, or with overwrite", "path")
 
 
 def get_model(conn: Connection, tenant_id: str, model_id: str) -> ModelRecord:

@@ -22,11 +22,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import bindparam
 
 from control_plane.ids import new_id
+from control_plane.trainers import alive_sql
+
+# What the payload retention pass empties per transaction.
+FORGET_BATCH = 500
 
 # Executors wake on this channel (payload: the base model id) when a call is asked for.
 CHANNEL = "interactive_calls"
@@ -228,8 +232,7 @@ def release_lost(conn: Connection, lease_seconds: float) -> int:
         text(
             "UPDATE interactive_models m SET held_by = NULL, unloaded_at = now() "
             "WHERE m.held_by IS NOT NULL AND NOT EXISTS ("
-            "  SELECT 1 FROM trainers t WHERE t.id = m.held_by "
-            "  AND t.last_heartbeat_at > now() - :lease) "
+            f"  SELECT 1 FROM trainers t WHERE t.id = m.held_by AND {alive_sql('t')}) "
             "RETURNING m.id"
         ),
         {"lease": timedelta(seconds=lease_seconds)},
@@ -331,7 +334,7 @@ def backlog(conn: Connection, lease_seconds: float) -> list[BaseBacklog]:
             "  WHERE c.status = 'pending' GROUP BY b.name), "
             "serving AS (SELECT resident_base AS base, count(*) AS executors FROM trainers "
             "  WHERE kind = 'interactive' AND resident_base IS NOT NULL "
-            "  AND last_heartbeat_at > now() - :lease GROUP BY resident_base) "
+            f"  AND {alive_sql('trainers')} GROUP BY resident_base) "
             "SELECT coalesce(w.base, s.base) AS base, coalesce(w.pending, 0) AS pending, "
             "coalesce(w.oldest, 0) AS oldest, coalesce(s.executors, 0) AS executors "
             "FROM waiting w FULL JOIN serving s ON s.base = w.base ORDER BY 1"
@@ -361,3 +364,27 @@ def _fail_waiting(
 
 def _error(message: str, category: str) -> dict[str, str]:
     return {"error": message, "category": category}
+
+
+def forget_payloads(engine: Engine, older_than_seconds: float, *, batch: int = FORGET_BATCH) -> int:
+    """Let go of the request and answer of every call finished more than `older_than_seconds`
+    ago (the row stays: its kind, order, status, times and error), `batch` calls a transaction
+    (SKIP LOCKED: two passes share the work); how many. Read off a partial index of the finished
+    calls whose payload is kept, so each pass costs what it empties."""
+    forgotten = 0
+    while True:
+        with engine.begin() as conn:
+            done = conn.execute(
+                text(
+                    "UPDATE interactive_calls SET request = '{}', result = NULL, "
+                    "payload_dropped_at = now() WHERE id IN ("
+                    "  SELECT id FROM interactive_calls "
+                    "  WHERE finished_at IS NOT NULL AND payload_dropped_at IS NULL "
+                    "  AND finished_at < now() - :age "
+                    "  ORDER BY finished_at LIMIT :batch FOR UPDATE SKIP LOCKED)"
+                ),
+                {"age": timedelta(seconds=older_than_seconds), "batch": batch},
+            ).rowcount
+        forgotten += done
+        if done < batch:
+            return forgotten

@@ -29,6 +29,7 @@ from control_plane.interactive import (
     _session,
     require_served,
 )
+from control_plane.interactive_calls import checkpoint_path
 from control_plane.records import _FromRow
 from control_plane.storage import ObjectStore
 
@@ -98,6 +99,18 @@ def find_checkpoint(
     if row is None:
         raise NotFound("checkpoint", path)
     return CheckpointRecord.from_row(row)
+
+
+def check_name_free(conn: Connection, tenant_id: str, model_id: str, name: str) -> None:
+    """Refused when the model already saved its state under `name` (a save that overwrites
+    says so)."""
+    path = checkpoint_path(model_id, CallKind.SAVE_WEIGHTS, name)
+    taken = conn.execute(
+        text("SELECT 1 FROM interactive_checkpoints WHERE path = :path AND tenant_id = :tenant"),
+        {"path": path, "tenant": tenant_id},
+    )
+    if taken.first() is not None:
+        raise Refused(f"{path} is taken: save under another name, or with overwrite", "path")
 
 
 def _checkpoints(conn: Connection, where: str, params: dict[str, Any]) -> list[CheckpointRecord]:

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     # while its process lives) is over: its models' weights are let go from their executors
     # and what was asked of them and not taken fails.
     interactive_session_timeout_seconds: float = Field(default=900.0, ge=30, le=7 * 86400)
+    # A finished interactive call's request and answer (megabytes for a batch of long
+    # sequences) are let go this long after it finished: the SDK reads an answer seconds after.
+    interactive_call_retention_seconds: float = Field(default=3600.0, ge=60, le=30 * 86400)
 
     # Tenants whose admin keys are platform operators: only they register base models (which
     # reads a path or bucket on the server); only these tenants' keys see a base's server-side

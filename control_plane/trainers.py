@@ -130,6 +130,12 @@ def _alive(lease_seconds: float) -> ColumnElement[bool]:
     return trainers.c.last_heartbeat_at > func.now() - timedelta(seconds=lease_seconds)
 
 
+def alive_sql(alias: str) -> str:
+    """`_alive` for statements written as text: the `trainers` row `alias` was heard from
+    within the interval bound as `:lease`."""
+    return f"{alias}.last_heartbeat_at > now() - :lease"
+
+
 def forget_gone(conn: Connection, older_than_seconds: float) -> int:
     """Delete the rows of trainers silent for longer than `older_than_seconds` (not committed)."""
     cutoff = func.now() - timedelta(seconds=older_than_seconds)

@@ -17,7 +17,7 @@ import threading
 
 from celery import Celery
 
-from control_plane import db, interactive_runs, jobs, trainers, webhooks
+from control_plane import db, interactive_calls, interactive_runs, jobs, trainers, webhooks
 from control_plane.interactive_runs import EXPIRE_CHECKPOINTS_INTERVAL_S
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
@@ -61,6 +61,11 @@ celery_app.conf.update(
         "forget-old-webhook-deliveries": {
             "task": "loraforge.forget_old_webhook_deliveries",
             "schedule": 3600.0,
+        },
+        "forget-interactive-call-payloads": {
+            "task": "loraforge.forget_interactive_call_payloads",
+            "schedule": EXPIRE_CHECKPOINTS_INTERVAL_S,
+            "options": {"expires": EXPIRE_CHECKPOINTS_INTERVAL_S},
         },
         "expire-interactive-checkpoints": {
             "task": "loraforge.expire_interactive_checkpoints",
@@ -177,6 +182,15 @@ def expire_interactive_checkpoints() -> int:
     """Delete the interactive sessions' checkpoints past their time to live (files, then row)."""
     services = get_services()
     return interactive_runs.expire_checkpoints(services.engine, services.store)
+
+
+@celery_app.task(name="loraforge.forget_interactive_call_payloads")
+def forget_interactive_call_payloads() -> int:
+    """Let go of finished interactive calls' requests and answers past their retention."""
+    services = get_services()
+    return interactive_calls.forget_payloads(
+        services.engine, services.settings.interactive_call_retention_seconds
+    )
 
 
 @celery_app.task(name="loraforge.redispatch_validation")

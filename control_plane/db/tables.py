@@ -708,6 +708,12 @@ class InteractiveCall(Base):
             "seq",
             postgresql_where=text("status IN ('pending', 'running')"),
         ),
+        # The retention pass: finished calls whose payload is still kept, oldest first.
+        Index(
+            "ix_interactive_calls_payload_kept",
+            "finished_at",
+            postgresql_where=text("finished_at IS NOT NULL AND payload_dropped_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -728,6 +734,8 @@ class InteractiveCall(Base):
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its request and answer were let go (`interactive_calls.forget_payloads`).
+    payload_dropped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class InteractiveCheckpoint(Base):

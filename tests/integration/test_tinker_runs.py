@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 import tinker
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
 from tinker import types
 
 from control_plane import interactive_calls, interactive_runs, trainers
@@ -24,7 +25,7 @@ from control_plane.settings import Settings
 from control_plane.storage import ObjectStore
 from loraforge import tasks
 from tests.api_harness import TenantKeys
-from tests.factories import interactive_model, interactive_session
+from tests.factories import ask_call, interactive_model, interactive_session
 from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
@@ -400,3 +401,64 @@ def test_the_expiry_pass_deletes_only_what_expired_in_batches(
     for path in kept:
         assert _prefix(engine, path) is not None and store.list_keys(str(prefixes[path])) != []
     assert interactive_runs.expire_checkpoints(engine, store) == 0
+
+
+def test_a_finished_calls_request_and_answer_are_let_go_after_the_retention(
+    services: Services, live_url: str, tenant_a: TenantKeys, base_name: str
+) -> None:
+    """Kept an hour (the settings' default): what is older is emptied, the row stays, and a
+    poll for it is told why; newer answers, waiting calls and failures' reasons are kept."""
+    engine = services.engine
+    base_id = _base_id(engine, base_name)
+    session = interactive_session(engine, tenant_a.tenant_id, "isess-keep")
+    model = interactive_model(engine, session, tenant_a.tenant_id, base_id, "imdl-keep")
+    big = {"forward_backward_input": {"data": [{"tokens": list(range(5000))}]}}
+    ages = {0: "2 hours", 1: "3 hours", 2: "10 minutes", 3: "90 minutes", 4: None}
+    ids = {}
+    for seq, age in ages.items():
+        ids[seq] = ask_call(engine, model, tenant_a.tenant_id, base_id, "forward", seq, big)
+        if age is None:
+            continue  # still waiting
+        status = "failed" if seq == 1 else "completed"
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "UPDATE interactive_calls SET status = :status, result = :result, "
+                    "error = :error, finished_at = now() - CAST(:age AS interval) WHERE id = :id"
+                ).bindparams(bindparam("result", type_=JSONB), bindparam("error", type_=JSONB)),
+                {
+                    "status": status,
+                    "result": None if status == "failed" else {"logprobs": list(range(5000))},
+                    "error": {"error": "bad shapes", "category": "user"}
+                    if status == "failed"
+                    else None,
+                    "age": age,
+                    "id": ids[seq],
+                },
+            )
+    assert interactive_calls.forget_payloads(engine, 3600, batch=2) == 3  # batches of 2, 1
+    with engine.connect() as conn:
+        rows = {
+            r.seq: r
+            for r in conn.execute(
+                text(
+                    "SELECT seq, status, request, result, error, payload_dropped_at "
+                    "FROM interactive_calls WHERE model_id = :m"
+                ),
+                {"m": model},
+            )
+        }
+    for seq in (0, 1, 3):
+        assert rows[seq].request == {} and rows[seq].result is None, seq
+        assert rows[seq].payload_dropped_at is not None
+    assert rows[1].status == "failed" and rows[1].error["error"] == "bad shapes"
+    assert rows[2].request == big and rows[2].result["logprobs"][-1] == 4999
+    assert rows[4].request == big and rows[4].status == "pending"
+    assert rows[2].payload_dropped_at is None and rows[4].payload_dropped_at is None
+    headers = {"X-API-Key": "tml-" + tenant_a.member}
+    with httpx.Client(base_url=live_url + "/api/v1", headers=headers, timeout=30) as http:
+        gone = http.post("/retrieve_future", json={"request_id": ids[0]}).json()
+        assert gone["category"] == "user" and "was let go" in gone["error"]
+        kept = http.post("/retrieve_future", json={"request_id": ids[2]}).json()
+        assert kept["logprobs"][-1] == 4999
+    assert tasks.forget_interactive_call_payloads.run() == 0  # the task: nothing left to let go

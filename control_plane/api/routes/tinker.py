@@ -289,7 +289,7 @@ def _save_request(body: SaveWeights) -> dict[str, Any]:
 def save_weights(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
     if body.path is not None and not body.overwrite:
         with domain_errors():
-            interactive.check_name_free(conn, caller.tenant_id, body.model_id, body.path)
+            interactive_runs.check_name_free(conn, caller.tenant_id, body.model_id, body.path)
     request = _save_request(body)
     return _enqueue(conn, caller, body.model_id, CallKind.SAVE_WEIGHTS, request, body.seq_id)
 
@@ -404,6 +404,15 @@ def answer(call: interactive.CallRecord, protobuf: bool) -> Response:
     """What a finished call answers the SDK. The executor stores a result in the SDK's JSON
     shapes; the fields the call's row settles (its model, the sampler made for a save) are
     taken from the row."""
+    if call.payload_dropped_at is not None:
+        return JSONResponse(
+            {
+                "error": f"the answer of {call.id} was let go: a finished call's answer is kept "
+                "for LORAFORGE_INTERACTIVE_CALL_RETENTION_SECONDS (an hour by default); read it "
+                "sooner, or ask again",
+                "category": "user",
+            }
+        )
     if call.status == CallStatus.FAILED:
         error = call.error or {}
         category = error.get("category") if error.get("category") in ("user", "server") else None
