@@ -126,7 +126,8 @@ def checkpoint_path(model_id: str, save_kind: str, name: str) -> str:
 class Saved:
     """Weights a save call writes: `kind` (`state` or `sampler`), its `name`, its tinker://
     `path`, the object-store `prefix` it is under, the bytes written (once they are), and the
-    seconds it is kept (the save's `ttl_seconds`; None: until deleted)."""
+    seconds it is kept (the save's `ttl_seconds`; None: until deleted) and what the SDK attached
+    to it."""
 
     kind: str
     name: str
@@ -134,6 +135,7 @@ class Saved:
     prefix: str
     size_bytes: int | None = None
     ttl_seconds: int | None = None
+    user_metadata: dict[str, Any] | None = None
 
 
 def checkpoint_location(call: Call, name: str) -> Saved:
@@ -145,7 +147,14 @@ def checkpoint_location(call: Call, name: str) -> Saved:
         f"{segment}/{name}/"
     )
     ttl = call.request.get("ttl_seconds")
-    return Saved(kind, name, path, prefix, ttl_seconds=None if ttl is None else int(ttl))
+    return Saved(
+        kind,
+        name,
+        path,
+        prefix,
+        ttl_seconds=None if ttl is None else int(ttl),
+        user_metadata=call.request.get("user_metadata"),
+    )
 
 
 def finish(
@@ -158,8 +167,8 @@ def finish(
     release_model: bool = False,
 ) -> bool:
     """Record `result` for a call this executor runs (not committed). `checkpoint` records a
-    save's weights with it (a save under a name taken overwrites it); `release_model` lets the model go (an
-    unload). False, and nothing written, when the call is no longer this executor's (it was
+    save's weights with it (a save under a name taken overwrites it); `release_model` lets the
+    model go (an unload). False, and nothing written, when the call is no longer this executor's (it was
     released as lost meanwhile)."""
     done = conn.execute(
         text(
@@ -175,12 +184,13 @@ def finish(
             text(
                 "INSERT INTO interactive_checkpoints "
                 "(id, model_id, tenant_id, kind, name, path, storage_prefix, size_bytes, "
-                "expires_at) VALUES (:id, :model, :tenant, :kind, :name, :path, :prefix, :size, "
-                "now() + make_interval(secs => CAST(:ttl AS double precision))) "
-                "ON CONFLICT (model_id, kind, name) DO UPDATE "
+                "expires_at, user_metadata) VALUES (:id, :model, :tenant, :kind, :name, :path, "
+                ":prefix, :size, now() + make_interval(secs => CAST(:ttl AS double precision)), "
+                ":metadata) ON CONFLICT (model_id, kind, name) DO UPDATE "
                 "SET storage_prefix = excluded.storage_prefix, size_bytes = excluded.size_bytes, "
-                "expires_at = excluded.expires_at, created_at = now()"
-            ),
+                "expires_at = excluded.expires_at, user_metadata = excluded.user_metadata, "
+                "created_at = now()"
+            ).bindparams(bindparam("metadata", type_=JSONB)),
             {
                 "id": new_id("interactive_checkpoint"),
                 "model": call.model_id,
@@ -191,6 +201,7 @@ def finish(
                 "prefix": checkpoint.prefix,
                 "size": checkpoint.size_bytes,
                 "ttl": checkpoint.ttl_seconds,
+                "metadata": checkpoint.user_metadata or {},
             },
         )
     if release_model:
@@ -345,6 +356,20 @@ def backlog(conn: Connection, lease_seconds: float) -> list[BaseBacklog]:
         BaseBacklog(r.base, int(r.pending), max(0.0, float(r.oldest)), int(r.executors))
         for r in rows
     ]
+
+
+def held_counts(conn: Connection, tenant_id: str | None) -> dict[str, int]:
+    """How many models each executor holds (of `tenant_id`'s only, unless None), read off the
+    held models' partial index."""
+    rows = conn.execute(
+        text(
+            "SELECT held_by, count(*) AS models FROM interactive_models "
+            "WHERE held_by IS NOT NULL AND (CAST(:tenant AS text) IS NULL OR tenant_id = :tenant) "
+            "GROUP BY held_by"
+        ),
+        {"tenant": tenant_id},
+    )
+    return {r.held_by: int(r.models) for r in rows}
 
 
 def _fail_waiting(

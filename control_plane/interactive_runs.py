@@ -45,7 +45,8 @@ EXPIRE_BATCH = 50
 
 _CHECKPOINT_COLUMNS = (
     "c.id, c.model_id, c.tenant_id, c.kind, c.name, c.path, c.storage_prefix, c.created_at, "
-    "c.size_bytes, c.expires_at, c.published_version_id, m.session_id, m.base_model_id, "
+    "c.size_bytes, c.expires_at, c.user_metadata, c.published_version_id, m.session_id, "
+    "m.base_model_id, "
     "m.lora_config"
 )
 
@@ -65,6 +66,7 @@ class CheckpointRecord(_FromRow):
     created_at: datetime
     size_bytes: int | None
     expires_at: datetime | None
+    user_metadata: dict[str, Any]
     published_version_id: str | None
     session_id: str
     base_model_id: str

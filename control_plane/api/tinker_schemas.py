@@ -304,6 +304,7 @@ class Checkpoint(BaseModel):
     size_bytes: int | None
     public: bool = False
     expires_at: datetime | None
+    user_metadata: dict[str, Any] | None
     training_run_id: str
     published_version_id: str | None
 

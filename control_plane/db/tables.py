@@ -776,3 +776,6 @@ class InteractiveCheckpoint(Base):
     # The bytes the save wrote, and when the platform deletes it (null: never).
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    user_metadata: Mapped[dict[str, Any]] = mapped_column(
+        JSONB, nullable=False, server_default="{}"
+    )

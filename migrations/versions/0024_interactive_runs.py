@@ -10,8 +10,9 @@ weights, says what a checkpoint was trained on (`weights_info`, which
 
 - `interactive_checkpoints.size_bytes`: the bytes the save wrote to the object store;
   `expires_at`: when the platform deletes it (a save's `ttl_seconds`, or set later; null:
-  never). A partial index keeps the expiry pass to the checkpoints that expire; another lists
-  a tenant's checkpoints newest first.
+  never); `user_metadata`: what the SDK attached to the save. A partial index keeps the
+  expiry pass to the checkpoints that expire; another lists a tenant's checkpoints newest
+  first.
 - `interactive_models.user_metadata`: what the SDK attached to the training run.
 - A training run listing reads a partial index of the tenant's training models.
 """
@@ -33,6 +34,15 @@ def upgrade() -> None:
     op.add_column(
         "interactive_checkpoints",
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    op.add_column(
+        "interactive_checkpoints",
+        sa.Column(
+            "user_metadata",
+            postgresql.JSONB(astext_type=sa.Text()),
+            server_default="{}",
+            nullable=False,
+        ),
     )
     op.create_index(
         "ix_interactive_checkpoints_tenant_created",
@@ -78,5 +88,6 @@ def downgrade() -> None:
         postgresql_where=sa.text("expires_at IS NOT NULL"),
     )
     op.drop_index("ix_interactive_checkpoints_tenant_created", table_name="interactive_checkpoints")
+    op.drop_column("interactive_checkpoints", "user_metadata")
     op.drop_column("interactive_checkpoints", "expires_at")
     op.drop_column("interactive_checkpoints", "size_bytes")

@@ -22,7 +22,7 @@ import pytest
 from playwright.sync_api import APIResponse, BrowserContext, Page, expect
 from sqlalchemy import text
 
-from control_plane import registry
+from control_plane import registry, trainers
 from control_plane.dashboard.routes.interactive import SESSIONS_PAGE
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
@@ -460,3 +460,72 @@ def test_a_publish_post_without_the_pages_csrf_token_is_refused(
     wrong = page.request.post(target, form={"csrf_token": "0" * 64, **form}, max_redirects=0)
     assert wrong.status == 403
     assert written(services) == before
+
+
+def test_the_queue_page_shows_each_interactive_executor_and_the_calls_waiting_on_its_base(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base_id: str,
+) -> None:
+    """An operator sees every executor, the models it holds and each base's waiting calls; a
+    tenant sees the executors with only its own models counted, and no other tenant's calls."""
+    with services.engine.begin() as conn:
+        for name, claims in (("exec-live", 17), ("exec-gone", 3)):
+            trainers.report(
+                conn,
+                trainers.TrainerReport(
+                    name,
+                    "gpu-node-2",
+                    7,
+                    "cuda:0 NVIDIA H100",
+                    resident_base="tiny-llama",
+                    claims=claims,
+                    kind="interactive",
+                ),
+            )
+        conn.execute(
+            text(
+                "UPDATE trainers SET last_heartbeat_at = now() - interval '1 hour' "
+                "WHERE id = 'exec-gone'"
+            )
+        )
+    add_sessions(services, tenant_a.tenant_id, "sess-a")
+    add_sessions(services, tenant_b.tenant_id, "sess-b")
+    for model, session, tenant in (
+        ("m-a1", "sess-a", tenant_a.tenant_id),
+        ("m-a2", "sess-a", tenant_a.tenant_id),
+        ("m-b1", "sess-b", tenant_b.tenant_id),
+    ):
+        add_model(services, session, tenant, base_id, model, held_by="exec-live")
+        add_calls(
+            services, model, tenant, base_id, [("forward", "completed"), ("forward", "pending")]
+        )
+
+    sign_in(page, live_url, tenant_a.admin)  # an operator's admin
+    page.goto(f"{live_url}/queue")
+    executors = _table(page, "#executors", "executor")
+    assert list(executors) == ["exec-live", "exec-gone"]  # alive first
+    assert executors["exec-live"][1:7] == [
+        "alive",
+        "gpu-node-2",
+        "cuda:0 NVIDIA H100",
+        "tiny-llama",
+        "3",
+        "17",
+    ]
+    assert executors["exec-gone"][1] == "gone" and executors["exec-gone"][5] == "0"
+    backlog = _table(page, "#interactive-backlog", "base")
+    assert backlog["tiny-llama"][1] == "3" and backlog["tiny-llama"][3] == "1"
+    expect(page.locator("#trainers")).to_have_count(0)  # executors are not job trainers
+    expect(page.locator("#trainers-empty")).to_be_visible()
+
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_b.member)
+    page.goto(f"{live_url}/queue")
+    executors = _table(page, "#executors", "executor")
+    assert executors["exec-live"][5] == "1"  # its own model only
+    expect(page.locator("#executors thead")).to_contain_text("Your models held")
+    expect(page.locator("#interactive-backlog")).to_have_count(0)

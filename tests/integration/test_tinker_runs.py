@@ -79,7 +79,8 @@ def test_a_run_resumes_from_its_saved_state_and_its_checkpoints_are_listed_expir
         for _ in range(2):
             training.forward_backward([DATUM], "cross_entropy").result(timeout=120)
             training.optim_step(types.AdamParams(learning_rate=1e-2)).result(timeout=120)
-        state = training.save_state("step-2", ttl_seconds=7200).result(timeout=120).path
+        state = training.save_state("step-2", ttl_seconds=7200, user_metadata={"step": "2"})
+        state = state.result(timeout=120).path
         sampler = training.save_weights_for_sampler("step-2").result(timeout=120).path
         trained_loss = _loss(training)
         rest = service.create_rest_client()
@@ -119,6 +120,8 @@ def test_a_run_resumes_from_its_saved_state_and_its_checkpoints_are_listed_expir
         assert by_path[state].checkpoint_type == "training"
         assert by_path[state].checkpoint_id == "weights/step-2"
         assert by_path[sampler].checkpoint_type == "sampler"
+        assert by_path[state].user_metadata == {"step": "2"}
+        assert by_path[sampler].user_metadata is None
         for path, saved in by_path.items():
             prefix = _prefix(engine, path)
             assert prefix is not None and saved.size_bytes == _stored(store, prefix) > 0

@@ -44,6 +44,7 @@ from control_plane import interactive, interactive_runs
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
+from control_plane.api.tinker_answers import PROTOBUF, answer
 from control_plane.api.tinker_schemas import (
     ClientConfigBody,
     ForwardBackward,
@@ -67,13 +68,12 @@ from control_plane.api.tinker_schemas import (
     UntypedFuture,
 )
 from control_plane.base_catalog import get_base_model
-from control_plane.interactive import CallKind, CallStatus
+from control_plane.interactive import CallKind
 from control_plane.services import Services
 from control_plane.tenants import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
 
-PROTOBUF = "application/x-protobuf"
 # Between two looks at a call a poll holds (each a primary-key read): short at first, so a
 # quick call is answered at once, then longer, so thousands of waiting samples cost little.
 FIRST_LOOK_AFTER_SECONDS = 0.05
@@ -90,12 +90,6 @@ _CLIENT_CONFIG = {
     "sample_join_sampling_session": False,
 }
 _DYNAMIC_CONFIG = {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
-# The answers the SDK reads only as protobuf, from the JSON the executor stored.
-_PROTOBUF_ANSWERS = {
-    CallKind.FORWARD_BACKWARD: tinker_wire.encode_forward_backward_output,
-    CallKind.FORWARD: tinker_wire.encode_forward_backward_output,
-    CallKind.SAMPLE: tinker_wire.encode_sample_response,
-}
 
 
 @contextmanager
@@ -398,47 +392,6 @@ async def retrieve_future(
     if not call.finished:
         return JSONResponse({"type": "try_again", "request_id": call.id, "queue_state": "active"})
     return answer(call, PROTOBUF in request.headers.get("accept", ""))
-
-
-def answer(call: interactive.CallRecord, protobuf: bool) -> Response:
-    """What a finished call answers the SDK. The executor stores a result in the SDK's JSON
-    shapes; the fields the call's row settles (its model, the sampler made for a save) are
-    taken from the row."""
-    if call.payload_dropped_at is not None:
-        return JSONResponse(
-            {
-                "error": f"the answer of {call.id} was let go: a finished call's answer is kept "
-                "for LORAFORGE_INTERACTIVE_CALL_RETENTION_SECONDS (an hour by default); read it "
-                "sooner, or ask again",
-                "category": "user",
-            }
-        )
-    if call.status == CallStatus.FAILED:
-        error = call.error or {}
-        category = error.get("category") if error.get("category") in ("user", "server") else None
-        return JSONResponse(
-            {
-                "error": str(error.get("error") or "the call failed"),
-                "category": category or "server",
-            }
-        )
-    result = dict(call.result or {})
-    encode = _PROTOBUF_ANSWERS.get(CallKind(call.kind))
-    if encode is None:
-        known: dict[str, Any] = {"type": call.kind}
-        if call.kind in (CallKind.CREATE_MODEL, CallKind.UNLOAD_MODEL, CallKind.LOAD_WEIGHTS):
-            known["model_id"] = call.model_id
-        if call.request.get("sampling_session_id"):
-            known["sampling_session_id"] = call.request["sampling_session_id"]
-        return JSONResponse({**result, **known})
-    if not protobuf:
-        return JSONResponse(result)
-    try:
-        return Response(encode(result), media_type=PROTOBUF)
-    except (KeyError, TypeError, ValueError, OverflowError) as exc:
-        return JSONResponse(
-            {"error": f"the executor's answer cannot be encoded: {exc!r}", "category": "server"}
-        )
 
 
 @router.post("/cancel_future")

@@ -53,6 +53,7 @@ def _checkpoint(saved: CheckpointRecord) -> Checkpoint:
         tinker_path=saved.path,
         size_bytes=saved.size_bytes,
         expires_at=saved.expires_at,
+        user_metadata=saved.user_metadata or None,
         training_run_id=saved.model_id,
         published_version_id=saved.published_version_id,
     )

@@ -1,8 +1,9 @@
 """The platform as a tenant sees it: the queue (queued and running jobs per tenant, busiest
 first: the fifty busiest listed, the rest counted; each tenant's running limit, and whether its
 queued jobs wait on it rather than on a trainer), the trainers (host, device, resident base,
-current job, tokens/s, last heartbeat; one silent past its lease shows as gone), and the base
-models.
+current job, tokens/s, last heartbeat; one silent past its lease shows as gone), the interactive
+executors (the base each holds, the models it holds, the calls it ran; for an operator, each
+base's calls waiting and the oldest's wait), and the base models.
 
 A platform operator's admin (an admin of a tenant in `platform_operator_tenants`) sees every
 tenant's counts and every trainer's job; anyone else sees their own tenant's counts, and a
@@ -15,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy import Connection
 
-from control_plane import base_catalog, queue_stats, tenants, trainers
+from control_plane import base_catalog, interactive_calls, queue_stats, tenants, trainers
 from control_plane.api.deps import ServicesDep
 from control_plane.api.schemas import BaseModelPublic
 from control_plane.dashboard import queries
@@ -54,6 +55,7 @@ def queue_page(
             [t.current_job_id for t in workers if t.current_job_id],
         )
     }
+    lease = services.settings.lease_seconds
     return page(
         request,
         "queue.html",
@@ -63,6 +65,9 @@ def queue_page(
         sees_all=sees_all,
         trainers=workers,
         own_jobs=own_jobs,
+        executors=trainers.list_trainers(conn, lease, kind="interactive"),
+        held=interactive_calls.held_counts(conn, None if sees_all else session.principal.tenant_id),
+        backlog=interactive_calls.backlog(conn, lease) if sees_all else [],
         bases={b.id: b.name for b in base_catalog.list_base_models(conn)},
         lease_seconds=services.settings.lease_seconds,
     )
