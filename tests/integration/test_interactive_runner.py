@@ -6,6 +6,7 @@ models and one that stops has its models' calls answered by the other."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.factories import (
     make_tenant,
     register_test_base,
 )
+from tests.faults.tcp_proxy import CuttableProxy
 from workers.interactive.runner import InteractiveRunner
 
 SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
@@ -330,8 +332,6 @@ def test_two_executors_share_a_bases_models_and_a_stopped_ones_calls_are_answere
 
 
 def _wait_for(services: Services, query: str, timeout: float = 60.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with services.engine.connect() as conn:
@@ -361,3 +361,63 @@ def test_a_silent_sessions_weights_leave_the_executor_on_its_idle_pass(
         )
     runner.tidy()
     assert not runner.engine.has(model) and runner.engine.has(kept)
+
+
+@pytest.mark.faults
+def test_a_serving_executor_waits_out_a_database_outage_and_answers_what_was_asked_meanwhile(
+    services: Services,
+    world: dict[str, str],
+    proxied_url: str,
+    proxy: CuttableProxy,
+    tmp_path: Path,
+) -> None:
+    """The executor reaches PostgreSQL through a proxy that is cut for a few seconds while calls
+    are asked (by the API, whose own connections are up): it keeps its model's weights, and
+    answers those calls in their order once the database is back, still serving."""
+    settings = Settings(home=tmp_path / "exec-home", lease_seconds=30)
+    through = build_services(settings, database_url=proxied_url, store=services.store)
+    runner = InteractiveRunner(
+        through, "exec-a", world["base"], work_dir=tmp_path / "exec-a", precision="fp32"
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 0.3})
+    tenant, base = world["tenant"], world["base"]
+    model = interactive_model(services.engine, world["session"], tenant, base, "imdl-a")
+    try:
+        thread.start()
+        first = [
+            ask_call(services.engine, model, tenant, base, kind, seq, request)
+            for seq, (kind, request) in enumerate(
+                [("create_model", {}), ("forward_backward", FB), ("optim_step", STEP)]
+            )
+        ]
+        _wait_for(
+            services, f"SELECT status = 'completed' FROM interactive_calls WHERE id = '{first[-1]}'"
+        )
+        proxy.cut()
+        later = [
+            ask_call(services.engine, model, tenant, base, kind, seq, request)
+            for seq, (kind, request) in enumerate(
+                [
+                    ("forward_backward", FB),
+                    ("optim_step", STEP),
+                    ("forward", {"forward_input": FB["forward_backward_input"]}),
+                ],
+                start=3,
+            )
+        ]
+        time.sleep(4)  # the executor's claims, its idle pass and its LISTEN all fail meanwhile
+        assert thread.is_alive()
+        proxy.restore()
+        _wait_for(
+            services, f"SELECT status <> 'pending' FROM interactive_calls WHERE id = '{later[-1]}'"
+        )
+        assert thread.is_alive() and runner.engine.has(model)
+        answers = [_answer(services, call) for call in first + later]
+        assert [status for status, _ in answers] == ["completed"] * 6, answers
+        # The weights the outage found are the ones trained on after it: the loss kept falling.
+        assert _loss(answers[5][1]) < _loss(answers[3][1]) < _loss(answers[1][1])
+    finally:
+        stop.set()
+        thread.join(60)
+        through.close()

@@ -5,7 +5,9 @@ each on the engine (every model it holds is an adapter on the one resident base)
 the answer the SDK's future returns. Saves go to the object store before their answer is
 recorded, so a path the SDK gets back always names weights that exist. It reports itself in the
 trainer registry like a trainer (its models live as long as it is heard from) and sleeps on
-LISTEN until a call on its base is asked for.
+LISTEN until a call on its base is asked for. A database that goes away (a restart, a
+failover) is waited out, each claim, answer and idle pass retried with backoff, so the weights
+it holds outlive the outage.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from control_plane.services import Services
 from control_plane.trainers import TrainerReport
 from workers.bases.checkpoints import BaseCache
 from workers.interactive.engine import InteractiveEngine, InteractiveError
-from workers.job_io import TrainerPresence, materialize_base
+from workers.job_io import TrainerPresence, materialize_base, through_blips
 from workers.training.device import RequestedPrecision, describe_device
 from workers.training.resident import ResidentBase
 
 log = logging.getLogger(__name__)
+
+# How long the executor waits out a database that is away (each claim, answer, idle pass)
+# before the error goes up and stops it: its models' weights are worth waiting for.
+OUTAGE_PATIENCE_S = 600.0
 
 
 class CheckpointNotFound(InteractiveError):
@@ -75,12 +81,16 @@ class InteractiveRunner:
         Each idle pass also tidies up (`tidy`)."""
         lease = self.services.settings.lease_seconds
         presence = TrainerPresence(self.services, self.snapshot, interval_s=lease / 4)
-        listener = QueueListener(self.services.database_url, (calls.CHANNEL,))
+        listener = through_blips(
+            lambda: QueueListener(self.services.database_url, (calls.CHANNEL,)),
+            what="LISTEN",
+            patience_s=OUTAGE_PATIENCE_S,
+        )
         with presence, listener:
             while not stop.is_set():
                 if self.run_once():
                     continue
-                self.tidy()
+                through_blips(self.tidy, what="idle pass", patience_s=OUTAGE_PATIENCE_S)
                 listener.wait(idle_wait)
 
     def tidy(self) -> None:
@@ -102,8 +112,7 @@ class InteractiveRunner:
 
     def run_once(self) -> bool:
         """Take and run one call; False when none can run now."""
-        with self.services.engine.begin() as conn:
-            call = calls.claim_next(conn, self.executor_id, self.base.id)
+        call = through_blips(self._claim, what="claim", patience_s=OUTAGE_PATIENCE_S)
         if call is None:
             return False
         try:
@@ -114,15 +123,21 @@ class InteractiveRunner:
             log.exception("interactive call %s (%s) failed", call.id, call.kind)
             self._failed(call, f"{type(exc).__name__}: {exc}", "server")
         else:
-            with self.services.engine.begin() as conn:
-                kept = calls.finish(
-                    conn,
-                    call,
-                    self.executor_id,
-                    result,
-                    checkpoint=checkpoint,
-                    release_model=release,
-                )
+
+            def record() -> bool:
+                with self.services.engine.begin() as conn:
+                    return calls.finish(
+                        conn,
+                        call,
+                        self.executor_id,
+                        result,
+                        checkpoint=checkpoint,
+                        release_model=release,
+                    )
+
+            # Its answer is kept while the database is away (the call stays this executor's
+            # for as long as its lease does); past the patience it goes to release_lost.
+            kept = through_blips(record, what="answer", patience_s=OUTAGE_PATIENCE_S)
             if not kept:
                 log.warning(
                     "interactive call %s was released while it ran: answer dropped", call.id
@@ -142,9 +157,16 @@ class InteractiveRunner:
             kind="interactive",
         )
 
-    def _failed(self, call: calls.Call, message: str, category: str) -> None:
+    def _claim(self) -> calls.Call | None:
         with self.services.engine.begin() as conn:
-            calls.fail(conn, call, self.executor_id, message, category=category)
+            return calls.claim_next(conn, self.executor_id, self.base.id)
+
+    def _failed(self, call: calls.Call, message: str, category: str) -> None:
+        def record() -> None:
+            with self.services.engine.begin() as conn:
+                calls.fail(conn, call, self.executor_id, message, category=category)
+
+        through_blips(record, what="answer", patience_s=OUTAGE_PATIENCE_S)
 
     # -- one call -----------------------------------------------------------------------------
 
