@@ -83,7 +83,7 @@ def test_a_run_resumes_from_its_saved_state_and_its_checkpoints_are_listed_expir
         state = state.result(timeout=120).path
         sampler = training.save_weights_for_sampler("step-2").result(timeout=120).path
         trained_loss = _loss(training)
-        rest = service.create_rest_client()
+        rest = _rest(live_url, tenant_a.member)
 
         # What the weights were trained on: the SDK reads it to resume.
         info = rest.get_weights_info_by_tinker_path(state).result(timeout=30)

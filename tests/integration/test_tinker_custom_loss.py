@@ -1,0 +1,86 @@
+"""Custom losses through the official `tinker` SDK on the real executor: the SDK runs them on
+the client (a forward for the logprobs, the loss and its gradient in the client's torch, then a
+`cross_entropy` backward weighted by the negated gradient; loraforge answers
+`custom_loss_server_side: false`), so the platform must take any real weights, negative ones
+included, and give the gradient a built-in loss would."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tinker import types
+
+from control_plane.settings import Settings
+from tests.api_harness import TenantKeys
+from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
+
+pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
+
+DATUM = types.Datum(
+    model_input=types.ModelInput.from_ints(SEQUENCE[:-1]),
+    loss_fn_inputs={"target_tokens": SEQUENCE[1:], "weights": [1.0] * (len(SEQUENCE) - 1)},
+)
+STEP = types.AdamParams(learning_rate=1e-2)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return tinker_settings(tmp_path)
+
+
+def _loss(training: Any) -> float:
+    return float(training.forward([DATUM], "cross_entropy").result(timeout=120).metrics["loss:sum"])
+
+
+def _negative_log_likelihood(data: list[types.Datum], logprobs: list[torch.Tensor]) -> Any:
+    """The built-in cross entropy, written as a client's custom loss."""
+    total = sum(
+        -(lp * torch.tensor(d.loss_fn_inputs["weights"].data)).sum()
+        for d, lp in zip(data, logprobs, strict=True)
+    )
+    return total, {"custom/nll:sum": float(total)}
+
+
+def test_a_custom_loss_trains_as_the_same_builtin_loss_and_a_negative_advantage_unlearns(
+    live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    with sdk_service(live_url, tenant_a.member) as service:
+        builtin, custom, unlearning = (
+            service.create_lora_training_client(base_model=executor, rank=4, seed=0).result(
+                timeout=120
+            )
+            for _ in range(3)
+        )
+        start = _loss(builtin)
+        assert _loss(custom) == pytest.approx(start, rel=1e-6)  # one seed, one start
+
+        # Cross entropy as a custom loss: the same loss reported, the same step taken.
+        for _ in range(2):
+            reference = builtin.forward_backward([DATUM], "cross_entropy").result(timeout=120)
+            builtin.optim_step(STEP).result(timeout=120)
+            out = custom.forward_backward_custom([DATUM], _negative_log_likelihood)
+            out = out.result(timeout=120)
+            assert out.metrics["custom/nll:sum"] == pytest.approx(
+                reference.metrics["loss:sum"], rel=1e-4
+            )
+            custom.optim_step(STEP).result(timeout=120)
+        assert _loss(custom) == pytest.approx(_loss(builtin), rel=1e-3)
+        assert _loss(builtin) < start
+
+        # A traced loss (`create_custom_loss`) pushing the datum away: the backward's weights
+        # are negative (the negated gradient of +sum(logprobs * weights)), and the datum
+        # becomes less likely (a server that dropped the sign would make it more likely).
+        def push_away(logprobs: torch.Tensor, weights: torch.Tensor) -> Any:
+            loss = (logprobs * weights).sum()
+            return loss, {"custom/push_away:sum": loss}
+
+        handle = service.create_custom_loss(
+            push_away, input_ranks={"logprobs": 1, "weights": 1}
+        ).result(timeout=60)
+        for _ in range(2):
+            unlearning.forward_backward_custom([DATUM], handle).result(timeout=120)
+            unlearning.optim_step(STEP).result(timeout=120)
+        assert _loss(unlearning) > start
