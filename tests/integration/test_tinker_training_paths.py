@@ -1,8 +1,10 @@
-"""Custom losses through the official `tinker` SDK on the real executor: the SDK runs them on
-the client (a forward for the logprobs, the loss and its gradient in the client's torch, then a
-`cross_entropy` backward weighted by the negated gradient; loraforge answers
-`custom_loss_server_side: false`), so the platform must take any real weights, negative ones
-included, and give the gradient a built-in loss would."""
+"""The SDK's other paths to the same numbers, on the real executor with the official `tinker`
+SDK: custom losses, which the SDK runs on the client (a forward for the logprobs, the loss and
+its gradient in the client's torch, then a `cross_entropy` backward weighted by the negated
+gradient; loraforge answers `custom_loss_server_side: false`), so the platform must take any
+real weights, negative ones included, and give the gradient a built-in loss would; and a
+sampler's `compute_logprobs`, which must give what the trained model's forward gives, from
+this process or another one that has only the sampler's handle."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tinker
 import torch
 from tinker import types
 
@@ -84,3 +87,37 @@ def test_a_custom_loss_trains_as_the_same_builtin_loss_and_a_negative_advantage_
             unlearning.forward_backward_custom([DATUM], handle).result(timeout=120)
             unlearning.optim_step(STEP).result(timeout=120)
         assert _loss(unlearning) > start
+
+
+def test_a_samplers_logprobs_are_the_trained_models_and_its_handle_samples_elsewhere(
+    live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    with sdk_service(live_url, tenant_a.member) as service:
+        training = service.create_lora_training_client(base_model=executor, rank=4, seed=0).result(
+            timeout=120
+        )
+        for _ in range(2):
+            training.forward_backward([DATUM], "cross_entropy").result(timeout=120)
+            training.optim_step(STEP).result(timeout=120)
+        forward = training.forward([DATUM], "cross_entropy").result(timeout=120)
+        trained = forward.loss_fn_outputs[0]["logprobs"].data
+        sampler = training.save_weights_and_get_sampling_client()
+        prompt = types.ModelInput.from_ints(SEQUENCE)
+        computed = sampler.compute_logprobs(prompt).result(timeout=120)
+        # The first token has no logprob (nothing before it); each other is the forward's.
+        assert computed[0] is None and len(computed) == len(SEQUENCE)
+        assert computed[1:] == pytest.approx(trained, rel=1e-3, abs=1e-3)
+        base = service.create_sampling_client(base_model=executor)
+        untrained = base.compute_logprobs(prompt).result(timeout=120)
+        assert sum(untrained[1:]) < sum(computed[1:]) - 1  # training made the sequence likelier
+
+        # An RL rollout worker in another process gets only the sampler's handle (and a key).
+        handle = sampler.get_sampler_handle()
+        elsewhere = tinker.SamplingClient.from_sampler_handle(
+            handle, api_key="tml-" + tenant_a.member
+        )
+        greedy = types.SamplingParams(max_tokens=4, temperature=0.0)
+        start = types.ModelInput.from_ints(SEQUENCE[:6])
+        here = sampler.sample(start, 1, greedy).result(timeout=120).sequences[0].tokens
+        there = elsewhere.sample(start, 1, greedy).result(timeout=120).sequences[0].tokens
+        assert here == there and len(here) >= 1
