@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     # A finished interactive call's request and answer (megabytes for a batch of long
     # sequences) are let go this long after it finished: the SDK reads an answer seconds after.
     interactive_call_retention_seconds: float = Field(default=3600.0, ge=60, le=30 * 86400)
+    # Saved samplers an interactive executor keeps loaded (their weights are in the object
+    # store: one dropped, least recently sampled first, is loaded again when sampled again).
+    interactive_samplers_per_executor: int = Field(default=16, ge=1, le=10000)
 
     # Tenants whose admin keys are platform operators: only they register base models (which
     # reads a path or bucket on the server); only these tenants' keys see a base's server-side

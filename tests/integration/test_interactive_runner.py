@@ -421,3 +421,55 @@ def test_a_serving_executor_waits_out_a_database_outage_and_answers_what_was_ask
         stop.set()
         thread.join(60)
         through.close()
+
+
+def test_an_executor_keeps_the_samplers_used_last_and_loads_a_dropped_one_again(
+    services: Services, world: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    """An RL loop makes a sampler each iteration: the executor keeps two (set so here), the
+    least recently sampled dropped first; one dropped samples as before once loaded again from
+    the object store. The training model is never dropped."""
+    settings = Settings(
+        home=tmp_path / "exec-home", lease_seconds=30, interactive_samplers_per_executor=2
+    )
+    kept_two = build_services(settings, database_url=database_url, store=services.store)
+    tenant, base, session = world["tenant"], world["base"], world["session"]
+    model = interactive_model(services.engine, session, tenant, base, "imdl-a")
+    calls: list[tuple[str, dict[str, Any]]] = [("create_model", {})]
+    for step in range(3):
+        calls += [
+            ("forward_backward", FB),
+            ("optim_step", STEP),
+            ("save_weights_for_sampler", {"path": f"step-{step}"}),
+        ]
+    _ask_in_order(services, world, model, calls)
+    runner = _runner(kept_two, world, "exec-a", tmp_path)
+    try:
+        assert _drain(runner) == len(calls)
+        samplers = [
+            interactive_model(
+                services.engine,
+                session,
+                tenant,
+                base,
+                f"imdl-s{step}",
+                kind="sampler",
+                model_path=f"tinker://{model}/sampler_weights/step-{step}",
+            )
+            for step in range(3)
+        ]
+        sampled: list[list[int]] = []
+        for seq, sampler in enumerate([*samplers, samplers[0]]):
+            asked = ask_call(services.engine, sampler, tenant, base, "sample", seq // 3, SAMPLE)
+            assert _drain(runner) == 1
+            status, result = _answer(services, asked)
+            assert status == "completed", result
+            sampled.append(result["sequences"][0]["tokens"])
+            loaded = set(runner.engine.loaded())
+            assert model in loaded and len(loaded - {model}) <= 2, loaded
+        # The third sampler dropped the first; sampled again, the first was loaded again.
+        assert not runner.engine.has(samplers[1]) and runner.engine.has(samplers[0])
+        assert runner.samplers_loaded == 4
+        assert sampled[3] == sampled[0]
+    finally:
+        kept_two.close()

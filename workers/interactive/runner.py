@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -71,6 +72,10 @@ class InteractiveRunner:
         self.resident = ResidentBase.load(path, precision=precision)
         self.engine = engine_factory(self.resident)
         self.calls_run = 0
+        # The saved samplers in the engine, least recently sampled first.
+        self._samplers: OrderedDict[str, None] = OrderedDict()
+        self.samplers_kept = services.settings.interactive_samplers_per_executor
+        self.samplers_loaded = 0
         self.started_pid = os.getpid()
         self.device = describe_device()
 
@@ -108,6 +113,7 @@ class InteractiveRunner:
             held = calls.held_by(conn, self.executor_id)
         for model_id in self.engine.loaded():
             if model_id not in held:
+                self._samplers.pop(model_id, None)
                 self.engine.drop(model_id)
 
     def run_once(self) -> bool:
@@ -211,6 +217,7 @@ class InteractiveRunner:
         if call.kind == "sample":
             return engine.sample(self._sampler(call), request), None, False
         if call.kind == "unload_model":
+            self._samplers.pop(model, None)
             if engine.has(model):
                 engine.drop(model)
             return {"model_id": model, "type": "unload_model"}, None, True
@@ -241,16 +248,25 @@ class InteractiveRunner:
 
     def _sampler(self, call: calls.Call) -> str | None:
         """The engine's name for what a sample call samples from: a training model's own
-        adapter, a saved sampler's (loaded once), or None for the base alone."""
+        adapter, a saved sampler's, or None for the base alone. A sampler's weights are in the
+        object store, so the engine keeps only the `samplers_kept` used last (an RL loop makes
+        a sampler each iteration); one dropped is loaded again when it is sampled again."""
         if call.model_kind == "training":
             return self._held(call)
         if call.model_path is None:
             return None
+        self._samplers.pop(call.model_id, None)
         if not self.engine.has(call.model_id):
             with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
                 self.engine.load_sampler(
                     call.model_id, self._download(call, call.model_path, Path(scratch))
                 )
+            self.samplers_loaded += 1
+        self._samplers[call.model_id] = None
+        while len(self._samplers) > self.samplers_kept:
+            oldest, _ = self._samplers.popitem(last=False)
+            if self.engine.has(oldest):
+                self.engine.drop(oldest)
         return call.model_id
 
     def _download(self, call: calls.Call, path: str, target: Path) -> Path:
