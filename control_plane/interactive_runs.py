@@ -86,6 +86,33 @@ class RunRecord:
     last_sampler: CheckpointRecord | None
 
 
+class OverLimit(Exception):
+    """The tenant holds as many loaded training models as the platform allows."""
+
+
+def require_room(conn: Connection, tenant_id: str, limit: int) -> None:
+    """Refuse a new training model to a tenant holding `limit` loaded ones (their weights live
+    in executors' memory). The tenant's creations take a lock of their own first (an advisory
+    lock for the transaction), so two made at once count each other."""
+    conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext('interactive_models:' || :tenant))"),
+        {"tenant": tenant_id},
+    )
+    loaded = conn.execute(
+        text(
+            "SELECT count(*) FROM interactive_models "
+            "WHERE tenant_id = :tenant AND kind = 'training' AND unloaded_at IS NULL"
+        ),
+        {"tenant": tenant_id},
+    ).scalar_one()
+    if loaded >= limit:
+        raise OverLimit(
+            f"your tenant holds {loaded} loaded training models, the platform's limit "
+            f"(LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT = {limit}): unload one "
+            "(unload_model, or end its session) before creating another"
+        )
+
+
 def find_checkpoint(
     conn: Connection, tenant_id: str, path: str, *, lock: bool = False
 ) -> CheckpointRecord:
@@ -327,11 +354,13 @@ def create_from_state(
     user_metadata: dict[str, Any] | None,
     request: dict[str, Any],
     lease_seconds: float,
+    limit: int,
 ) -> tuple[ModelRecord, str]:
     """A training run of the session started from the weights saved at `path` (the SDK's
     `create_training_client_from_state`): its id is the one the SDK derives,
     `<session>:train:<model_seq_id>`, its LoRA config the checkpoint's, and its first call
-    (seq 0) loads them. Sent again (its answer lost), the same run and future."""
+    (seq 0) loads them. Sent again (its answer lost), the same run and future. OverLimit when
+    the tenant holds `limit` loaded training models already."""
     _session(conn, tenant_id, session_id)
     model_id = f"{session_id}:train:{model_seq_id}"
     existing = conn.execute(
@@ -343,6 +372,7 @@ def create_from_state(
     ).scalar_one_or_none()
     if existing is not None:
         return _model(conn, model_id), str(existing)
+    require_room(conn, tenant_id, limit)
     saved = find_checkpoint(conn, tenant_id, path)
     if base_name is not None:
         named = conn.execute(

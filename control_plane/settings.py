@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # Saved samplers an interactive executor keeps loaded (their weights are in the object
     # store: one dropped, least recently sampled first, is loaded again when sampled again).
     interactive_samplers_per_executor: int = Field(default=16, ge=1, le=10000)
+    # Training models a tenant may hold loaded at once (their weights and optimizer state live in
+    # executors' memory): a new one past it is refused until one is unloaded.
+    max_interactive_models_per_tenant: int = Field(default=8, ge=1, le=10000)
 
     # Tenants whose admin keys are platform operators: only they register base models (which
     # reads a path or bucket on the server); only these tenants' keys see a base's server-side

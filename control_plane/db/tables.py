@@ -647,6 +647,12 @@ class InteractiveModel(Base):
             "id",
             postgresql_where=text("kind = 'training'"),
         ),
+        # A tenant's loaded training models (its cap counts them).
+        Index(
+            "ix_interactive_models_tenant_loaded",
+            "tenant_id",
+            postgresql_where=text("kind = 'training' AND unloaded_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)

@@ -14,7 +14,8 @@ weights, says what a checkpoint was trained on (`weights_info`, which
   expiry pass to the checkpoints that expire; another lists a tenant's checkpoints newest
   first.
 - `interactive_models.user_metadata`: what the SDK attached to the training run.
-- A training run listing reads a partial index of the tenant's training models.
+- A training run listing reads a partial index of the tenant's training models; the cap on a
+  tenant's loaded training models (`LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT`) counts another.
 """
 
 from alembic import op
@@ -73,9 +74,21 @@ def upgrade() -> None:
         unique=False,
         postgresql_where=sa.text("kind = 'training'"),
     )
+    op.create_index(
+        "ix_interactive_models_tenant_loaded",
+        "interactive_models",
+        ["tenant_id"],
+        unique=False,
+        postgresql_where=sa.text("kind = 'training' AND unloaded_at IS NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index(
+        "ix_interactive_models_tenant_loaded",
+        table_name="interactive_models",
+        postgresql_where=sa.text("kind = 'training' AND unloaded_at IS NULL"),
+    )
     op.drop_index(
         "ix_interactive_models_tenant_runs",
         table_name="interactive_models",

@@ -103,6 +103,8 @@ def domain_errors() -> Iterator[None]:
         raise ApiError(410, "model_unloaded", str(exc), "model_id") from None
     except interactive.Refused as exc:
         raise ApiError(400, "invalid_request", str(exc), exc.param) from None
+    except interactive_runs.OverLimit as exc:
+        raise ApiError(403, "interactive_model_limit", str(exc)) from None
 
 
 # -- the handshake ------------------------------------------------------------------------------
@@ -184,6 +186,8 @@ def create_model(
     with domain_errors():
         base = interactive.ready_base(conn, body.base_model)
         interactive.require_served(conn, base.id, services.settings.lease_seconds)
+        limit = services.settings.max_interactive_models_per_tenant
+        interactive_runs.require_room(conn, caller.tenant_id, limit)
         request = body.model_dump(mode="json", include={"base_model", "lora_config"})
         request["user_metadata"] = body.user_metadata
         model, future = interactive.create_model(
@@ -318,6 +322,7 @@ def load_weights(
                 user_metadata=body.user_metadata,
                 request=request,
                 lease_seconds=services.settings.lease_seconds,
+                limit=services.settings.max_interactive_models_per_tenant,
             )
         conn.commit()
         return _future(future, model.id)
