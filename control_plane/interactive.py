@@ -94,6 +94,7 @@ class ModelRecord(_FromRow):
     next_seq: int
     created_at: datetime
     unloaded_at: datetime | None
+    user_metadata: dict[str, Any]
 
 
 @dataclass(frozen=True)

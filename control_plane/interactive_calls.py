@@ -168,8 +168,8 @@ def finish(
 ) -> bool:
     """Record `result` for a call this executor runs (not committed). `checkpoint` records a
     save's weights with it (a save under a name taken overwrites it); `release_model` lets the
-    model go (an unload). False, and nothing written, when the call is no longer this executor's (it was
-    released as lost meanwhile)."""
+    model go (an unload). False, and nothing written, when the call is no longer this
+    executor's (it was released as lost meanwhile)."""
     done = conn.execute(
         text(
             "UPDATE interactive_calls SET status = 'completed', result = :result, "

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, text
 
+from control_plane.base_catalog import get_base_model
 from control_plane.interactive import (
     CallKind,
     ModelKind,
@@ -27,6 +28,7 @@ from control_plane.interactive import (
     _insert_call,
     _new_model,
     _session,
+    get_model,
     require_served,
 )
 from control_plane.interactive_calls import checkpoint_path
@@ -38,16 +40,13 @@ log = logging.getLogger(__name__)
 # The SDK's bounds on a checkpoint's time to live: an hour to ten years.
 MIN_TTL_SECONDS = 3600
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600
-# How often the platform's periodic task deletes what has expired (`loraforge.tasks`).
-EXPIRE_CHECKPOINTS_INTERVAL_S = 300.0
 # What the expiry pass deletes per transaction (each checkpoint's objects, then its row).
 EXPIRE_BATCH = 50
 
 _CHECKPOINT_COLUMNS = (
     "c.id, c.model_id, c.tenant_id, c.kind, c.name, c.path, c.storage_prefix, c.created_at, "
     "c.size_bytes, c.expires_at, c.user_metadata, c.published_version_id, m.session_id, "
-    "m.base_model_id, "
-    "m.lora_config"
+    "m.base_model_id, m.lora_config"
 )
 
 
@@ -80,7 +79,6 @@ class RunRecord:
 
     model: ModelRecord
     base_name: str
-    user_metadata: dict[str, Any]
     last_request_at: datetime
     last_state: CheckpointRecord | None
     last_sampler: CheckpointRecord | None
@@ -179,7 +177,6 @@ def _runs(conn: Connection, rows: list[Row[Any]]) -> list[RunRecord]:
             RunRecord(
                 model=ModelRecord.from_row(row),
                 base_name=row.base_name,
-                user_metadata=row.user_metadata,
                 last_request_at=row.last_request_at,
                 last_state=newest.get((row.id, "state")),
                 last_sampler=newest.get((row.id, "sampler")),
@@ -244,16 +241,9 @@ def tenant_checkpoints(
     return page, int(total)
 
 
-def set_ttl(
-    conn: Connection, tenant_id: str, path: str, ttl_seconds: int | None
-) -> CheckpointRecord:
-    """The checkpoint expires `ttl_seconds` from now (None: never); Refused out of bounds."""
-    if ttl_seconds is not None and not MIN_TTL_SECONDS <= ttl_seconds <= MAX_TTL_SECONDS:
-        raise Refused(
-            f"ttl_seconds must be between {MIN_TTL_SECONDS} (an hour) and {MAX_TTL_SECONDS} "
-            f"(ten years), or null to keep the checkpoint until it is deleted; got {ttl_seconds}",
-            "ttl_seconds",
-        )
+def set_ttl(conn: Connection, tenant_id: str, path: str, ttl_seconds: int | None) -> None:
+    """The checkpoint expires `ttl_seconds` from now (None: never). The bounds
+    (MIN_TTL_SECONDS to MAX_TTL_SECONDS) are the request schema's to check."""
     saved = find_checkpoint(conn, tenant_id, path, lock=True)
     conn.execute(
         text(
@@ -262,7 +252,6 @@ def set_ttl(
         ),
         {"ttl": ttl_seconds, "id": saved.id},
     )
-    return find_checkpoint(conn, tenant_id, path)
 
 
 def delete_checkpoint(conn: Connection, store: ObjectStore, tenant_id: str, path: str) -> None:
@@ -371,15 +360,12 @@ def create_from_state(
         {"id": model_id, "tenant": tenant_id},
     ).scalar_one_or_none()
     if existing is not None:
-        return _model(conn, model_id), str(existing)
+        return get_model(conn, tenant_id, model_id), str(existing)
     require_room(conn, tenant_id, limit)
     saved = find_checkpoint(conn, tenant_id, path)
     if base_name is not None:
-        named = conn.execute(
-            text("SELECT id FROM base_models WHERE name = :name OR id = :name"),
-            {"name": base_name},
-        ).scalar_one_or_none()
-        if named != saved.base_model_id:
+        named = get_base_model(conn, base_name)
+        if named is None or named.id != saved.base_model_id:
             raise Refused(
                 f"{path} was trained on another base than {base_name!r}: leave base_model out "
                 "to resume on the checkpoint's own",
@@ -398,8 +384,3 @@ def create_from_state(
         user_metadata=user_metadata,
     )
     return model, _insert_call(conn, model, 0, CallKind.LOAD_WEIGHTS, request)
-
-
-def _model(conn: Connection, model_id: str) -> ModelRecord:
-    row = conn.execute(text("SELECT * FROM interactive_models WHERE id = :id"), {"id": model_id})
-    return ModelRecord.from_row(row.one())

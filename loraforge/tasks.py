@@ -18,7 +18,6 @@ import threading
 from celery import Celery
 
 from control_plane import db, interactive_calls, interactive_runs, jobs, trainers, webhooks
-from control_plane.interactive_runs import EXPIRE_CHECKPOINTS_INTERVAL_S
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.validation import run_validation
@@ -30,6 +29,10 @@ from workers.bases.registration import import_registered_base
 log = logging.getLogger(__name__)
 
 broker.register()
+# How often the interactive sessions' housekeeping runs: expired checkpoints deleted, finished
+# calls' payloads let go.
+INTERACTIVE_PASS_INTERVAL_S = 300.0
+
 celery_app = Celery("loraforge")
 celery_app.conf.update(
     task_ignore_result=True,
@@ -64,13 +67,13 @@ celery_app.conf.update(
         },
         "forget-interactive-call-payloads": {
             "task": "loraforge.forget_interactive_call_payloads",
-            "schedule": EXPIRE_CHECKPOINTS_INTERVAL_S,
-            "options": {"expires": EXPIRE_CHECKPOINTS_INTERVAL_S},
+            "schedule": INTERACTIVE_PASS_INTERVAL_S,
+            "options": {"expires": INTERACTIVE_PASS_INTERVAL_S},
         },
         "expire-interactive-checkpoints": {
             "task": "loraforge.expire_interactive_checkpoints",
-            "schedule": EXPIRE_CHECKPOINTS_INTERVAL_S,
-            "options": {"expires": EXPIRE_CHECKPOINTS_INTERVAL_S},
+            "schedule": INTERACTIVE_PASS_INTERVAL_S,
+            "options": {"expires": INTERACTIVE_PASS_INTERVAL_S},
         },
     },
 )

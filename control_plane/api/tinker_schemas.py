@@ -14,10 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from control_plane.api.numbers import WholeNumber
+from control_plane.interactive_runs import MAX_TTL_SECONDS, MIN_TTL_SECONDS
 
 Id = Annotated[str, Field(min_length=1, max_length=64)]
 # A checkpoint's time to live, the SDK's bounds: an hour to ten years.
-TtlSeconds = Annotated[WholeNumber, Field(ge=3600, le=10 * 365 * 24 * 3600)]
+TtlSeconds = Annotated[WholeNumber, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS)]
 # A checkpoint's name becomes the last segment of its tinker:// path, so no slash in it.
 CheckpointName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")]
 Metadata = dict[str, Any] | None

@@ -113,8 +113,7 @@ class InteractiveRunner:
             held = calls.held_by(conn, self.executor_id)
         for model_id in self.engine.loaded():
             if model_id not in held:
-                self._samplers.pop(model_id, None)
-                self.engine.drop(model_id)
+                self._drop(model_id)
 
     def run_once(self) -> bool:
         """Take and run one call; False when none can run now."""
@@ -217,9 +216,7 @@ class InteractiveRunner:
         if call.kind == "sample":
             return engine.sample(self._sampler(call), request), None, False
         if call.kind == "unload_model":
-            self._samplers.pop(model, None)
-            if engine.has(model):
-                engine.drop(model)
+            self._drop(model)
             return {"model_id": model, "type": "unload_model"}, None, True
         raise InteractiveError(f"unknown call {call.kind!r}")
 
@@ -242,8 +239,8 @@ class InteractiveRunner:
                 self.engine.save_state(model, directory, base_name=self.base.name)
             else:
                 self.engine.export_adapter(model, directory, base_name=self.base.name)
-            size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
-            self.services.store.put_directory(saved.prefix, directory)
+            stored = self.services.store.put_directory(saved.prefix, directory)
+        size = sum(info.size for info in stored.values())
         return {"path": saved.path, "type": call.kind}, replace(saved, size_bytes=size), False
 
     def _sampler(self, call: calls.Call) -> str | None:
@@ -264,10 +261,14 @@ class InteractiveRunner:
             self.samplers_loaded += 1
         self._samplers[call.model_id] = None
         while len(self._samplers) > self.samplers_kept:
-            oldest, _ = self._samplers.popitem(last=False)
-            if self.engine.has(oldest):
-                self.engine.drop(oldest)
+            self._drop(next(iter(self._samplers)))
         return call.model_id
+
+    def _drop(self, model_id: str) -> None:
+        """Let a model's (or a sampler's) weights go from the engine, if it has them."""
+        self._samplers.pop(model_id, None)
+        if self.engine.has(model_id):
+            self.engine.drop(model_id)
 
     def _download(self, call: calls.Call, path: str, target: Path) -> Path:
         """The saved weights a tinker:// path names, of the call's tenant, in `target`."""

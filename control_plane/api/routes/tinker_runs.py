@@ -70,7 +70,7 @@ def _run(run: RunRecord) -> TrainingRun:
         last_request_time=run.last_request_at,
         last_checkpoint=_checkpoint(run.last_state) if run.last_state else None,
         last_sampler_checkpoint=_checkpoint(run.last_sampler) if run.last_sampler else None,
-        user_metadata=run.user_metadata or None,
+        user_metadata=model.user_metadata or None,
         session_id=model.session_id,
         loaded=model.unloaded_at is None,
     )

@@ -69,7 +69,7 @@ def queue_page(
         held=interactive_calls.held_counts(conn, None if sees_all else session.principal.tenant_id),
         backlog=interactive_calls.backlog(conn, lease) if sees_all else [],
         bases={b.id: b.name for b in base_catalog.list_base_models(conn)},
-        lease_seconds=services.settings.lease_seconds,
+        lease_seconds=lease,
     )
 
 
