@@ -17,7 +17,15 @@ import threading
 
 from celery import Celery
 
-from control_plane import db, interactive_calls, interactive_runs, jobs, trainers, webhooks
+from control_plane import (
+    db,
+    interactive_calls,
+    interactive_health,
+    interactive_runs,
+    jobs,
+    trainers,
+    webhooks,
+)
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.validation import run_validation
@@ -32,6 +40,9 @@ broker.register()
 # How often the interactive sessions' housekeeping runs: expired checkpoints deleted, finished
 # calls' payloads let go.
 INTERACTIVE_PASS_INTERVAL_S = 300.0
+# How often the beat does an executor's idle pass for every base (what waits on a lost executor
+# or a silent session is answered where no executor of its base runs any more).
+INTERACTIVE_TIDY_INTERVAL_S = 60.0
 
 celery_app = Celery("loraforge")
 celery_app.conf.update(
@@ -69,6 +80,11 @@ celery_app.conf.update(
             "task": "loraforge.forget_interactive_call_payloads",
             "schedule": INTERACTIVE_PASS_INTERVAL_S,
             "options": {"expires": INTERACTIVE_PASS_INTERVAL_S},
+        },
+        "tidy-interactive-sessions": {
+            "task": "loraforge.tidy_interactive_sessions",
+            "schedule": INTERACTIVE_TIDY_INTERVAL_S,
+            "options": {"expires": INTERACTIVE_TIDY_INTERVAL_S},
         },
         "expire-interactive-checkpoints": {
             "task": "loraforge.expire_interactive_checkpoints",
@@ -185,6 +201,18 @@ def expire_interactive_checkpoints() -> int:
     """Delete the interactive sessions' checkpoints past their time to live (files, then row)."""
     services = get_services()
     return interactive_runs.expire_checkpoints(services.engine, services.store)
+
+
+@celery_app.task(name="loraforge.tidy_interactive_sessions")
+def tidy_interactive_sessions() -> None:
+    """Free lost executors' models, end silent sessions, fail what waits on unheld unloaded
+    models: an executor's idle pass, for the bases whose executors are all gone."""
+    services = get_services()
+    settings = services.settings
+    with services.engine.begin() as conn:
+        interactive_health.tidy(
+            conn, settings.lease_seconds, settings.interactive_session_timeout_seconds
+        )
 
 
 @celery_app.task(name="loraforge.forget_interactive_call_payloads")

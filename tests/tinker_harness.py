@@ -7,12 +7,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import tinker
 
 from control_plane import trainers
+from control_plane.base_catalog import get_base_model
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.factories import register_test_base
@@ -52,19 +54,39 @@ def served_bases(services: Services) -> set[str]:
         return trainers.served_bases(conn, services.settings.lease_seconds)
 
 
-@pytest.fixture
-def executor(services: Services, tmp_path: Path) -> Iterator[str]:
-    """The interactive executor on the tiny test base, serving in a thread: the base's name."""
+@contextmanager
+def serving_executor(
+    services: Services, base_id: str, executor_id: str, work_dir: Path
+) -> Iterator[None]:
+    """The real interactive executor on `base_id`, serving in a thread until the block ends
+    (a clean stop: its row leaves the trainer registry)."""
     from workers.interactive.runner import InteractiveRunner
 
-    base = register_test_base(services.engine, "tiny-e2e")
-    runner = InteractiveRunner(services, "executor-e2e", base.id, work_dir=tmp_path / "executor")
+    base = _base_name(services, base_id)
+    runner = InteractiveRunner(services, executor_id, base_id, work_dir=work_dir)
     stop = threading.Event()
     thread = threading.Thread(target=runner.serve, args=(stop,), kwargs={"idle_wait": 0.5})
     thread.start()
     deadline = time.monotonic() + 30
-    while base.name not in served_bases(services) and time.monotonic() < deadline:
+    while base not in served_bases(services) and time.monotonic() < deadline:
         time.sleep(0.05)  # the executor reports itself as it starts serving
-    yield base.name
-    stop.set()
-    thread.join(60)
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+
+
+def _base_name(services: Services, base_id: str) -> str:
+    with services.engine.connect() as conn:
+        base = get_base_model(conn, base_id)
+    assert base is not None, base_id
+    return base.name
+
+
+@pytest.fixture
+def executor(services: Services, tmp_path: Path) -> Iterator[str]:
+    """The interactive executor on the tiny test base, serving in a thread: the base's name."""
+    base = register_test_base(services.engine, "tiny-e2e")
+    with serving_executor(services, base.id, "executor-e2e", tmp_path / "executor"):
+        yield base.name

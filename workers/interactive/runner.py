@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from control_plane import interactive_calls as calls
+from control_plane import interactive_health
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive import NotFound
 from control_plane.interactive_runs import find_checkpoint
@@ -106,10 +107,10 @@ class InteractiveRunner:
         not report itself: another executor may hold it by now)."""
         settings = self.services.settings
         with self.services.engine.begin() as conn:
-            calls.release_lost(conn, settings.lease_seconds)
-            calls.expire_sessions(conn, settings.interactive_session_timeout_seconds)
+            interactive_health.tidy(
+                conn, settings.lease_seconds, settings.interactive_session_timeout_seconds
+            )
             calls.let_go_unloaded(conn, self.executor_id)
-            calls.fail_orphaned(conn)
             held = calls.held_by(conn, self.executor_id)
         for model_id in self.engine.loaded():
             if model_id not in held:

@@ -14,7 +14,7 @@ Point the SDK at loraforge with `tinker.ServiceClient(base_url=<loraforge>, api_
   `optim_step`, `save_weights`, `save_weights_for_sampler`, `load_weights`, `asample`,
   `unload_model`. `get_info`, `create_sampling_session` and `samplers/{id}` answer directly.
 - `retrieve_future` holds the poll up to `tinker_retrieve_wait_seconds`, then answers try-again
-  (`{"type": "try_again"}`), the result (protobuf for a forward or a sample, as the SDK reads
+  (`{"type": "try_again"}` with why it waits), the result (protobuf for a forward or a sample, as the SDK reads
   them; JSON otherwise), or a failure (`{"error", "category": "user" | "server"}`, status 200);
   `cancel_future` fails a call no executor took yet.
 
@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import interactive, interactive_runs
+from control_plane import interactive, interactive_health, interactive_runs
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
@@ -383,8 +383,10 @@ def _look(services: Services, tenant_id: str, future_id: str) -> interactive.Cal
 async def retrieve_future(
     body: FutureRef, request: Request, caller: Writer, services: ServicesDep
 ) -> Response:
-    """The call's answer once it is finished, else try-again after holding the poll a while:
-    the SDK polls again at once. No connection is held between looks."""
+    """The call's answer once it is finished, else try-again after holding the poll a while
+    (the SDK polls again at once), saying why it waits: its turn, or no executor holds its base
+    (`interactive_health`; a call whose model's weights are gone is failed here instead). No
+    connection is held between looks."""
     deadline = time.monotonic() + services.settings.tinker_retrieve_wait_seconds
     pause = FIRST_LOOK_AFTER_SECONDS
     while True:
@@ -395,8 +397,28 @@ async def retrieve_future(
         await asyncio.sleep(min(pause, left))
         pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
     if not call.finished:
-        return JSONResponse({"type": "try_again", "request_id": call.id, "queue_state": "active"})
+        call, waiting = await run_in_threadpool(_why_waiting, services, caller.tenant_id, call)
+        if waiting is not None:
+            return JSONResponse(
+                {
+                    "type": "try_again",
+                    "request_id": call.id,
+                    "queue_state": waiting.queue_state,
+                    "queue_state_reason": waiting.reason,
+                }
+            )
     return answer(call, PROTOBUF in request.headers.get("accept", ""))
+
+
+def _why_waiting(
+    services: Services, tenant_id: str, call: interactive.CallRecord
+) -> tuple[interactive.CallRecord, interactive_health.Waiting | None]:
+    """Why `call` still waits, or the call as settled now (its model's weights are gone)."""
+    with services.engine.begin() as conn:
+        waiting = interactive_health.explain(conn, call.model_id, services.settings.lease_seconds)
+        if waiting is None:
+            call = interactive.retrieve(conn, tenant_id, call.id)
+    return call, waiting
 
 
 @router.post("/cancel_future")
