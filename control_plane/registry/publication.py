@@ -303,10 +303,6 @@ def _upload(
 # --------------------------------------------------------------------------- interactive weights
 
 
-class _AlreadyPublished(Exception):
-    """Another publish of the same checkpoint committed first: roll this one back."""
-
-
 def publish_checkpoint(
     parts: RegistryParts, *, tenant_id: str, path: str, adapter_name: str
 ) -> PublishedVersion:
@@ -315,11 +311,15 @@ def publish_checkpoint(
 
     A checkpoint becomes at most one version: publishing it again returns that version
     (`created=False`), whichever name is asked for. The files are uploaded and verified and the
-    manifest written before the version's row commits, as a job's are."""
+    manifest written before the version's row commits, as a job's are. The checkpoint's row is
+    locked from the first read to that commit: a deletion (or expiry) of it waits for the
+    publication, and one in flight is waited for and answered as not found, so the files read
+    are never a deletion's remains; a second publication waits and answers the first's version.
+    """
     name = validate_adapter_name(adapter_name)
-    with parts.engine.connect() as conn:
+    with parts.engine.connect() as conn:  # rolled back, the lock let go, unless committed
         try:
-            saved = interactive_runs.find_checkpoint(conn, tenant_id, path)
+            saved = interactive_runs.find_checkpoint(conn, tenant_id, path, lock=True)
         except NotFound:
             raise CheckpointNotFoundError(
                 f"no saved weights at {path!r}: name a path that save_weights_for_sampler or "
@@ -331,42 +331,36 @@ def publish_checkpoint(
         tenant = get_tenant(conn, tenant_id)
         base = get_base_model(conn, saved.base_model_id)
         assert tenant is not None and base is not None  # a checkpoint's tenant and base outlive it
-    plan = _Plan(tenant.name, base, name, None)
-    lineage = {
-        "source": "interactive_session",
-        "session_id": saved.session_id,
-        "model_id": saved.model_id,
-        "checkpoint": {"path": path, "kind": saved.kind, "saved_at": saved.created_at.isoformat()},
-        "lora": saved.lora_config,
-    }
-    with tempfile.TemporaryDirectory() as scratch:
-        parts.store.download_prefix(saved.storage_prefix, Path(scratch))
-        staged = _stage(
-            parts.store, parts.engine, tenant_id, plan, Path(scratch), None, lineage, {}
-        )
-    try:
-        with parts.engine.begin() as conn:
+        plan = _Plan(tenant.name, base, name, None)
+        lineage = {
+            "source": "interactive_session",
+            "session_id": saved.session_id,
+            "model_id": saved.model_id,
+            "checkpoint": {
+                "path": path,
+                "kind": saved.kind,
+                "saved_at": saved.created_at.isoformat(),
+            },
+            "lora": saved.lora_config,
+        }
+        with tempfile.TemporaryDirectory() as scratch:
+            parts.store.download_prefix(saved.storage_prefix, Path(scratch))
+            staged = _stage(
+                parts.store, parts.engine, tenant_id, plan, Path(scratch), None, lineage, {}
+            )
+        try:
             staged.insert(conn)
-            taken = conn.execute(
+            conn.execute(
                 text(
                     "UPDATE interactive_checkpoints SET published_version_id = :version "
-                    "WHERE id = :id AND published_version_id IS NULL"
+                    "WHERE id = :id"
                 ),
                 {"version": staged.version_id, "id": saved.id},
-            ).rowcount
-            if not taken:
-                raise _AlreadyPublished
-    except BaseException as exc:
-        _discard(parts.store, staged.prefix)
-        if not isinstance(exc, _AlreadyPublished):
+            )
+            conn.commit()
+        except BaseException:
+            _discard(parts.store, staged.prefix)
             raise
-        with parts.engine.connect() as conn:
-            first = conn.execute(
-                text("SELECT published_version_id FROM interactive_checkpoints WHERE id = :id"),
-                {"id": saved.id},
-            ).scalar_one()
-            return PublishedVersion(_version(conn, first), created=False)
-    with parts.engine.connect() as conn:
         return PublishedVersion(_version(conn, staged.version_id), created=True)
 
 
