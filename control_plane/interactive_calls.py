@@ -18,7 +18,7 @@ frees them, so their SDK callers get an answer instead of waiting for ever.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -115,6 +115,34 @@ def claim_next(conn: Connection, executor_id: str, base_model_id: str) -> Call |
     one probe a model, so a tenant's burst of calls on one model costs a claim one probe."""
     row = conn.execute(_CLAIM, {"base": base_model_id, "executor": executor_id}).one_or_none()
     return None if row is None else Call(**row._mapping)
+
+
+_MORE_SAMPLES = text(
+    """
+    WITH more AS (
+        SELECT c.id FROM interactive_calls c
+        WHERE c.model_id = :model AND c.seq > :seq AND c.status = 'pending' AND c.kind = 'sample'
+          AND NOT EXISTS (SELECT 1 FROM interactive_calls o WHERE o.model_id = :model
+              AND o.seq > :seq AND o.seq < c.seq AND o.kind <> 'sample'
+              AND o.status IN ('pending', 'running'))
+        ORDER BY c.seq LIMIT :limit FOR UPDATE
+    )
+    UPDATE interactive_calls c SET status = 'running', claimed_by = :executor, started_at = now()
+    FROM more WHERE c.id = more.id RETURNING c.id, c.seq, c.request
+    """
+)
+
+
+def claim_more_samples(conn: Connection, executor_id: str, first: Call, limit: int) -> list[Call]:
+    """With a sample call just taken, the model's next pending sample calls up to `limit`, none
+    after a call of another kind still to run (a sample never changes the weights, so those run
+    together as they would in order); each is answered on its own (not committed)."""
+    rows = conn.execute(
+        _MORE_SAMPLES,
+        {"model": first.model_id, "seq": first.seq, "limit": limit, "executor": executor_id},
+    )
+    taken = [replace(first, id=r.id, seq=r.seq, request=r.request) for r in rows]
+    return sorted(taken, key=lambda call: call.seq)
 
 
 def checkpoint_path(model_id: str, save_kind: str, name: str) -> str:

@@ -108,8 +108,12 @@ class Settings(BaseSettings):
     # Saved samplers an interactive executor keeps loaded (their weights are in the object
     # store: one dropped, least recently sampled first, is loaded again when sampled again).
     interactive_samplers_per_executor: int = Field(default=16, ge=1, le=10000)
-    # Training models a tenant may hold loaded at once (their weights and optimizer state live in
-    # executors' memory): a new one past it is refused until one is unloaded.
+    # Sample calls of one model an interactive executor takes and decodes together (an RL loop
+    # asks a sampler for a batch of prompts at once): one forward pass a token for all of them.
+    interactive_sample_batch_calls: int = Field(default=8, ge=1, le=256)
+    # Training models a tenant without its own cap (`tenants.max_interactive_models`) may hold
+    # loaded at once (their weights and optimizer state live in executors' memory): a new one
+    # past it is refused until one is unloaded.
     max_interactive_models_per_tenant: int = Field(default=8, ge=1, le=10000)
 
     # Tenants whose admin keys are platform operators: only they register base models (which

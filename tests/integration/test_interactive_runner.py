@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 
 from control_plane import registry, trainers
 from control_plane.services import Services, build_services
@@ -473,3 +473,54 @@ def test_an_executor_keeps_the_samplers_used_last_and_loads_a_dropped_one_again(
         assert sampled[3] == sampled[0]
     finally:
         kept_two.close()
+
+
+def test_a_models_sample_calls_run_together_and_never_past_a_call_that_changes_it(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """An RL loop asks a sampler for many prompts at once: the executor takes a sample call with
+    the model's next ones (up to its batch, 3 here) and decodes them together, never past a call
+    of another kind, so each sample reads the weights it would have read in order."""
+    runner = _runner(services, world, "exec-1", tmp_path)
+    runner.sample_batch = 3
+    model = interactive_model(
+        services.engine, world["session"], world["tenant"], world["base"], "m"
+    )
+    samples = [{**SAMPLE, "prompt": _tokens(SEQUENCE[k : k + 4 + k])} for k in range(7)]
+    step = {"adam_params": {"learning_rate": 5e-2}}
+    asked = [("create_model", {}), *[("sample", s) for s in samples[:5]], ("forward_backward", FB)]
+    asked += [("optim_step", step), *[("sample", s) for s in samples[5:]]]
+    ids = _ask_in_order(services, world, model, asked)
+
+    def answered() -> int:
+        return sum(_answer(services, call)[0] == "completed" for call in ids)
+
+    taken_together = []
+    while runner.run_once():
+        taken_together.append(answered() - sum(taken_together))
+    assert taken_together == [1, 3, 2, 1, 1, 2]
+    with services.engine.connect() as conn:
+        started = conn.execute(
+            text(
+                "SELECT count(DISTINCT started_at) FROM interactive_calls WHERE id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": ids[1:4]},
+        ).scalar_one()
+    assert started == 1  # taken in one statement
+
+    # A new model's adapter adds nothing: before the step, each answer is the base's own; after
+    # it, the trained model's.
+    before, after = (
+        [_answer(services, c)[1] for c in ids[1:6]],
+        [_answer(services, c)[1] for c in ids[8:]],
+    )
+    for answer, request in zip(before, samples[:5], strict=True):
+        alone = runner.engine.sample(None, request)["sequences"][0]
+        assert answer["sequences"][0]["tokens"] == alone["tokens"]
+        assert answer["sequences"][0]["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
+    for answer, request in zip(after, samples[5:], strict=True):
+        alone = runner.engine.sample(model, request)["sequences"][0]
+        assert answer["sequences"][0]["tokens"] == alone["tokens"]
+        assert answer["sequences"][0]["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
+        base = runner.engine.sample(None, request)["sequences"][0]
+        assert answer["sequences"][0]["logprobs"] != pytest.approx(base["logprobs"], abs=1e-4)

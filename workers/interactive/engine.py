@@ -40,7 +40,7 @@ from workers.interactive.losses import (
     target_logprobs,
     tensor_data,
 )
-from workers.interactive.sampling import generate, read_sample_request
+from workers.interactive.sampling import SamplingRequest, generate, read_sample_request
 from workers.training.checkpointing import staged
 from workers.training.resident import ResidentBase
 
@@ -50,6 +50,9 @@ OPTIMIZER_STATE = "optimizer_state.pt"
 # Most (padded) tokens in one forward pass; a call's datums run in groups of at most this many,
 # so activations and logits are bounded by it, not by the size of the call.
 MICRO_BATCH_TOKENS = 8192
+# Most rows (samples) decoded together: several sample calls of a model share a forward pass
+# per token, up to this many rows, their KV caches beside each other.
+SAMPLE_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -332,12 +335,36 @@ class InteractiveEngine:
 
     def sample(self, model_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
         """SampleRequest -> SampleResponse from a model, a sampler, or (None) the base alone."""
-        with self._lock:
-            parsed = read_sample_request(
-                request, self._vocab_size, self._context_length, self._eos_token_ids
-            )
-            with self._sampling_model(model_id) as model, self._autocast():
-                return generate(model, parsed, self.base.tokenizer, self.base.device)
+        [answer] = self.sample_many(model_id, [request])
+        if isinstance(answer, InteractiveError):
+            raise answer
+        return answer
+
+    def sample_many(
+        self, model_id: str | None, requests: list[dict[str, Any]]
+    ) -> list[dict[str, Any] | InteractiveError]:
+        """Several SampleRequests of one model decoded together, in batches of at most
+        SAMPLE_ROWS rows (a request with more samples runs alone): each its SampleResponse, or
+        the reason it was refused (the others run)."""
+        answers: list[dict[str, Any] | InteractiveError] = []
+        parsed: dict[int, SamplingRequest] = {}
+        for i, request in enumerate(requests):
+            try:
+                parsed[i] = read_sample_request(
+                    request, self._vocab_size, self._context_length, self._eos_token_ids
+                )
+            except InteractiveError as refused:
+                answers.append(refused)
+            else:
+                answers.append({})
+        with self._lock, self._sampling_model(model_id) as model, self._autocast():
+            for batch in _sample_batches(parsed):
+                decoded = generate(
+                    model, [parsed[i] for i in batch], self.base.tokenizer, self.base.device
+                )
+                for i, answer in zip(batch, decoded, strict=True):
+                    answers[i] = answer
+        return answers
 
     @contextmanager
     def _sampling_model(self, model_id: str | None) -> Iterator[nn.Module]:
@@ -354,6 +381,20 @@ class InteractiveEngine:
         if self.base.precision != "bf16":
             return nullcontext()
         return torch.autocast(self.base.device.type, dtype=torch.bfloat16)
+
+
+def _sample_batches(requests: dict[int, SamplingRequest]) -> Iterator[list[int]]:
+    """The requests' keys in order, grouped while their rows stay within SAMPLE_ROWS."""
+    group: list[int] = []
+    rows = 0
+    for key, request in requests.items():
+        if group and rows + request.num_samples > SAMPLE_ROWS:
+            yield group
+            group, rows = [], 0
+        group.append(key)
+        rows += request.num_samples
+    if group:
+        yield group
 
 
 def _micro_batches(data: list[Datum]) -> Iterator[list[Datum]]:

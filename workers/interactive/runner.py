@@ -19,7 +19,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,25 @@ OUTAGE_PATIENCE_S = 600.0
 
 class CheckpointNotFound(InteractiveError):
     """A tinker:// path that names no saved weights of this tenant."""
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A call that failed: its reason, `user` (the request) or `server` (the platform)."""
+
+    message: str
+    category: str
+
+
+# What running a call came to: (result, checkpoint written, whether the model is let go).
+_Outcome = tuple[dict[str, Any], calls.Saved | None, bool] | _Failure
+
+
+def _failure(exc: Exception, taken: list[calls.Call]) -> _Failure:
+    if isinstance(exc, InteractiveError):
+        return _Failure(str(exc), "user")
+    log.exception("interactive call %s (%s) failed", ", ".join(c.id for c in taken), taken[0].kind)
+    return _Failure(f"{type(exc).__name__}: {exc}", "server")
 
 
 class InteractiveRunner:
@@ -77,6 +96,7 @@ class InteractiveRunner:
         self._samplers: OrderedDict[str, None] = OrderedDict()
         self.samplers_kept = services.settings.interactive_samplers_per_executor
         self.samplers_loaded = 0
+        self.sample_batch = services.settings.interactive_sample_batch_calls
         self.started_pid = os.getpid()
         self.device = describe_device()
 
@@ -117,39 +137,55 @@ class InteractiveRunner:
                 self._drop(model_id)
 
     def run_once(self) -> bool:
-        """Take and run one call; False when none can run now."""
-        call = through_blips(self._claim, what="claim", patience_s=OUTAGE_PATIENCE_S)
-        if call is None:
+        """Take and run one call (a sample call with the model's next ones, decoded together);
+        False when none can run now."""
+        taken = through_blips(self._claim, what="claim", patience_s=OUTAGE_PATIENCE_S)
+        if not taken:
             return False
-        try:
-            result, checkpoint, release = self._run(call)
-        except InteractiveError as exc:
-            self._failed(call, str(exc), "user")
-        except Exception as exc:
-            log.exception("interactive call %s (%s) failed", call.id, call.kind)
-            self._failed(call, f"{type(exc).__name__}: {exc}", "server")
-        else:
-
-            def record() -> bool:
-                with self.services.engine.begin() as conn:
-                    return calls.finish(
-                        conn,
-                        call,
-                        self.executor_id,
-                        result,
-                        checkpoint=checkpoint,
-                        release_model=release,
-                    )
-
-            # Its answer is kept while the database is away (the call stays this executor's
-            # for as long as its lease does); past the patience it goes to release_lost.
-            kept = through_blips(record, what="answer", patience_s=OUTAGE_PATIENCE_S)
-            if not kept:
-                log.warning(
-                    "interactive call %s was released while it ran: answer dropped", call.id
-                )
-        self.calls_run += 1
+        outcomes = self._samples(taken) if taken[0].kind == "sample" else [self._one(taken[0])]
+        for call, outcome in zip(taken, outcomes, strict=True):
+            self._answer(call, outcome)
+        self.calls_run += len(taken)
         return True
+
+    def _one(self, call: calls.Call) -> _Outcome:
+        try:
+            return self._run(call)
+        except Exception as exc:
+            return _failure(exc, [call])
+
+    def _samples(self, taken: list[calls.Call]) -> list[_Outcome]:
+        """Sample calls of one model decoded together; a request refused fails alone."""
+        try:
+            answers = self.engine.sample_many(self._sampler(taken[0]), [c.request for c in taken])
+        except Exception as exc:
+            return [_failure(exc, taken)] * len(taken)
+        return [
+            _Failure(str(a), "user") if isinstance(a, InteractiveError) else (a, None, False)
+            for a in answers
+        ]
+
+    def _answer(self, call: calls.Call, outcome: _Outcome) -> None:
+        if isinstance(outcome, _Failure):
+            self._failed(call, outcome.message, outcome.category)
+            return
+        result, checkpoint, release = outcome
+
+        def record() -> bool:
+            with self.services.engine.begin() as conn:
+                return calls.finish(
+                    conn,
+                    call,
+                    self.executor_id,
+                    result,
+                    checkpoint=checkpoint,
+                    release_model=release,
+                )
+
+        # Its answer is kept while the database is away (the call stays this executor's for as
+        # long as its lease does); past the patience it goes to release_lost.
+        if not through_blips(record, what="answer", patience_s=OUTAGE_PATIENCE_S):
+            log.warning("interactive call %s was released while it ran: answer dropped", call.id)
 
     def snapshot(self) -> TrainerReport:
         """This executor as the trainer registry shows it (its base resident, no job)."""
@@ -163,9 +199,14 @@ class InteractiveRunner:
             kind="interactive",
         )
 
-    def _claim(self) -> calls.Call | None:
+    def _claim(self) -> list[calls.Call]:
+        """The next call; a sample call with the model's next ones, to decode together."""
         with self.services.engine.begin() as conn:
-            return calls.claim_next(conn, self.executor_id, self.base.id)
+            call = calls.claim_next(conn, self.executor_id, self.base.id)
+            if call is None or call.kind != "sample" or self.sample_batch == 1:
+                return [] if call is None else [call]
+            more = calls.claim_more_samples(conn, self.executor_id, call, self.sample_batch - 1)
+            return [call, *more]
 
     def _failed(self, call: calls.Call, message: str, category: str) -> None:
         def record() -> None:

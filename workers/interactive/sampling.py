@@ -144,45 +144,89 @@ def _stops(stop: Any, eos_token_ids: frozenset[int]) -> tuple[frozenset[int], tu
 @torch.no_grad()
 def generate(
     model: nn.Module,
-    request: SamplingRequest,
+    requests: list[SamplingRequest],
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
-) -> dict[str, Any]:
-    """Decode `request.num_samples` continuations of the prompt as one batch; a SampleResponse."""
-    n = request.num_samples
+) -> list[dict[str, Any]]:
+    """Decode every request's `num_samples` continuations in one batch (a SampleResponse
+    each): the prompts left-padded to the longest, masked, and each row placed by its own
+    positions, so a request's rows read what they would alone. Each request draws from its own
+    generator and keeps its own parameters and stops; a row that stopped runs along with the
+    batch, its tokens dropped, until every row has."""
+    owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
+    width = max(len(request.prompt) for request in requests)
+    ids = torch.zeros((len(owner), width), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, r in enumerate(owner):
+        prompt = requests[r].prompt
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first_row = {r: owner.index(r) for r in range(len(requests))}
+    prompt_logprobs = [
+        _prompt_logprobs(output.logits[first_row[r], width - len(request.prompt) :], request)
+        for r, request in enumerate(requests)
+    ]
+    generators = [_generator(request.seed, device) for request in requests]
+    tokens: list[list[int]] = [[] for _ in owner]
+    logprobs: list[list[float]] = [[] for _ in owner]
+    stopped, done = [False] * len(owner), [False] * len(owner)
+    while True:
+        logits = output.logits[:, -1].float()
+        chosen = torch.empty(len(owner), dtype=torch.int64, device=device)
+        for r, request in enumerate(requests):
+            rows = [row for row, o in enumerate(owner) if o == r]
+            chosen[rows] = _choose(logits[rows], request, generators[r])
+        own = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+        for row, (token, logprob) in enumerate(zip(chosen.tolist(), own.tolist(), strict=True)):
+            if done[row]:
+                continue  # a finished row runs along with the batch; its tokens are dropped
+            request = requests[owner[row]]
+            tokens[row].append(token)
+            logprobs[row].append(logprob)
+            stopped[row] = token in request.stop_tokens or _ends_in_stop_string(
+                tokens[row], request.stop_strings, tokenizer
+            )
+            done[row] = stopped[row] or len(tokens[row]) == request.max_tokens
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
+        output = model(
+            input_ids=chosen[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=output.cache,
+            use_cache=True,
+        )
+    return [
+        {
+            "type": "sample",
+            "sequences": [
+                {
+                    "tokens": tokens[row],
+                    "logprobs": logprobs[row],
+                    "stop_reason": "stop" if stopped[row] else "length",
+                }
+                for row, o in enumerate(owner)
+                if o == r
+            ],
+            "prompt_logprobs": prompt_logprobs[r],
+        }
+        for r in range(len(requests))
+    ]
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A request's own draws: seeded, the same whatever else shares its batch."""
     generator = torch.Generator(device=device)
-    if request.seed is None:
+    if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(request.seed)
-    output = model(input_ids=torch.tensor([request.prompt] * n, device=device), use_cache=True)
-    prompt_logprobs = _prompt_logprobs(output.logits[0], request)
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logprobs: list[list[float]] = [[] for _ in range(n)]
-    stopped = [False] * n
-    for step in range(request.max_tokens):
-        logits = output.logits[:, -1].float()
-        chosen = _choose(logits, request, generator)
-        own = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
-        for i, (token, logprob) in enumerate(zip(chosen.tolist(), own.tolist(), strict=True)):
-            if stopped[i]:
-                continue  # a finished row runs along with the batch; its tokens are dropped
-            tokens[i].append(token)
-            logprobs[i].append(logprob)
-            stopped[i] = token in request.stop_tokens or _ends_in_stop_string(
-                tokens[i], request.stop_strings, tokenizer
-            )
-        if all(stopped) or step == request.max_tokens - 1:
-            break
-        output = model(input_ids=chosen[:, None], cache=output.cache, use_cache=True)
-    return {
-        "type": "sample",
-        "sequences": [
-            {"tokens": t, "logprobs": lp, "stop_reason": "stop" if s else "length"}
-            for t, lp, s in zip(tokens, logprobs, stopped, strict=True)
-        ],
-        "prompt_logprobs": prompt_logprobs,
-    }
+        generator.manual_seed(seed)
+    return generator
 
 
 def _choose(

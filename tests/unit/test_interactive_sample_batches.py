@@ -1,0 +1,82 @@
+"""Several sample calls of one model decoded together (`InteractiveEngine.sample_many`): the
+prompts padded beside each other answer exactly what each request answers alone, each with its
+own parameters, seed and stops; a bad request is refused alone; batches split at SAMPLE_ROWS.
+The tiny test base, real torch + peft, CPU, fp32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.fixtures.testbase import TEST_BASE_PATH
+from tests.unit.test_interactive_engine import OTHER, SEQUENCE, sample_request, train
+from workers.interactive import engine as engine_module
+from workers.interactive.engine import InteractiveEngine, InteractiveError
+from workers.training.resident import ResidentBase
+
+
+@pytest.fixture
+def engine() -> InteractiveEngine:
+    return InteractiveEngine(ResidentBase.load(TEST_BASE_PATH, "fp32"))
+
+
+def _same(together: dict[str, Any], alone: dict[str, Any]) -> None:
+    assert len(together["sequences"]) == len(alone["sequences"])
+    for mine, theirs in zip(together["sequences"], alone["sequences"], strict=True):
+        assert mine["tokens"] == theirs["tokens"]
+        assert mine["stop_reason"] == theirs["stop_reason"]
+        assert mine["logprobs"] == pytest.approx(theirs["logprobs"], abs=1e-4)
+    if alone["prompt_logprobs"] is None:
+        assert together["prompt_logprobs"] is None
+    else:
+        assert together["prompt_logprobs"][0] is None
+        assert together["prompt_logprobs"][1:] == pytest.approx(
+            alone["prompt_logprobs"][1:], abs=1e-4
+        )
+
+
+def test_sample_calls_decoded_together_answer_what_each_answers_alone(
+    engine: InteractiveEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine.create("m", rank=8, seed=0)
+    train(engine, "m", 3)
+    greedy = sample_request(SEQUENCE[:6], max_tokens=7, temperature=0.0, stop=[])
+    stop_at = engine.sample("m", greedy)["sequences"][0]["tokens"][3]
+    requests = [
+        {**greedy, "prompt_logprobs": True},
+        sample_request(OTHER[:11], n=3, max_tokens=5, temperature=1.0, seed=7, stop=[]),
+        sample_request(
+            SEQUENCE[3:5], n=2, max_tokens=9, temperature=0.8, top_k=20, top_p=0.9, seed=3, stop=[]
+        ),
+        sample_request(SEQUENCE[:6], max_tokens=12, temperature=0.0, stop=[stop_at]),
+        sample_request(SEQUENCE[:6], max_tokens=0),  # refused: max_tokens must be >= 1
+        {**sample_request(OTHER[2:9], max_tokens=4, temperature=0.0), "prompt_logprobs": True},
+    ]
+    alone = [engine.sample("m", r) for i, r in enumerate(requests) if i != 4]
+    assert alone[3]["sequences"][0]["stop_reason"] == "stop"  # it stops before the others
+
+    for rows in (engine_module.SAMPLE_ROWS, 3):  # one batch; then one a request or two
+        monkeypatch.setattr(engine_module, "SAMPLE_ROWS", rows)
+        together = engine.sample_many("m", requests)
+        refused = together.pop(4)
+        assert isinstance(refused, InteractiveError) and "max_tokens" in str(refused)
+        for mine, theirs in zip(together, alone, strict=True):
+            assert not isinstance(mine, InteractiveError)
+            _same(mine, theirs)
+
+
+def test_the_bases_samples_batch_too_and_a_batch_of_only_refusals_runs_nothing(
+    engine: InteractiveEngine,
+) -> None:
+    requests = [
+        sample_request(SEQUENCE[:4], n=2, max_tokens=6, temperature=1.0, seed=1, stop=[]),
+        sample_request(OTHER[:9], max_tokens=3, temperature=0.0, stop=[]),
+    ]
+    for mine, theirs in zip(
+        engine.sample_many(None, requests), [engine.sample(None, r) for r in requests], strict=True
+    ):
+        assert not isinstance(mine, InteractiveError)
+        _same(mine, theirs)
+    [refused] = engine.sample_many(None, [sample_request([], max_tokens=3)])
+    assert isinstance(refused, InteractiveError)
