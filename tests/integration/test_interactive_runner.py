@@ -109,10 +109,11 @@ def _answer(services: Services, call_id: str) -> tuple[str, Any]:
 
 
 def _drain(runner: InteractiveRunner) -> int:
-    ran = 0
+    """Run what can run: how many calls it answered (sample calls run several at once)."""
+    before = runner.calls_run
     while runner.run_once():
-        ran += 1
-    return ran
+        pass
+    return runner.calls_run - before
 
 
 def _loss(result: dict[str, Any]) -> float:
@@ -471,6 +472,19 @@ def test_an_executor_keeps_the_samplers_used_last_and_loads_a_dropped_one_again(
         assert not runner.engine.has(samplers[1]) and runner.engine.has(samplers[0])
         assert runner.samplers_loaded == 4
         assert sampled[3] == sampled[0]
+
+        # Asked of all three at once: decoded together, but never more saved samplers in one
+        # batch than the executor keeps (one loaded for the batch would drop another of it).
+        asked_all = [
+            ask_call(services.engine, sampler, tenant, base, "sample", seq, SAMPLE)
+            for sampler, seq in zip(samplers, (2, 1, 1), strict=True)
+        ]
+        done = []
+        while runner.run_once():
+            done.append(sum(_answer(services, c)[0] == "completed" for c in asked_all))
+        assert done == [2, 3]
+        for asked, tokens in zip(asked_all, sampled[:3], strict=True):
+            assert _answer(services, asked)[1]["sequences"][0]["tokens"] == tokens
     finally:
         kept_two.close()
 
@@ -524,3 +538,47 @@ def test_a_models_sample_calls_run_together_and_never_past_a_call_that_changes_i
         assert answer["sequences"][0]["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
         base = runner.engine.sample(None, request)["sequences"][0]
         assert answer["sequences"][0]["logprobs"] != pytest.approx(base["logprobs"], abs=1e-4)
+
+
+def test_tenants_sample_calls_share_a_batch_each_through_its_own_model(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """Two tenants' models sampled at once: one claim takes both tenants' sample calls (in
+    their turns, up to the batch) into one forward pass a token; each answers what its model
+    answers alone, and a model's call of another kind stays out of it."""
+    runner = _runner(services, world, "exec-1", tmp_path)
+    runner.sample_batch = 4
+    other = make_tenant(services.engine, "globex")
+    other_session = interactive_session(services.engine, other.id, "sess-2")
+    mine = interactive_model(services.engine, world["session"], world["tenant"], world["base"], "a")
+    theirs = interactive_model(services.engine, other_session, other.id, world["base"], "b")
+    ask_call(services.engine, mine, world["tenant"], world["base"], "create_model", 0, {})
+    ask_call(services.engine, theirs, other.id, world["base"], "create_model", 0, {})
+    ask_call(services.engine, theirs, other.id, world["base"], "forward_backward", 1, FB)
+    ask_call(services.engine, theirs, other.id, world["base"], "optim_step", 2, STEP)
+    assert _drain(runner) == 4
+    prompts = [{**SAMPLE, "prompt": _tokens(SEQUENCE[k : 2 * k + 3])} for k in range(5)]
+    asked = [
+        ask_call(services.engine, mine, world["tenant"], world["base"], "sample", 1 + k, p)
+        for k, p in enumerate(prompts[:3])
+    ]
+    asked += [
+        ask_call(services.engine, theirs, other.id, world["base"], "sample", 3 + k, p)
+        for k, p in enumerate(prompts[3:])
+    ]
+    ask_call(services.engine, theirs, other.id, world["base"], "forward_backward", 5, FB)
+
+    def answered() -> list[str]:
+        return [c for c in asked if _answer(services, c)[0] == "completed"]
+
+    assert runner.run_once()
+    first = answered()
+    # Tenant a (served least recently) with its model's next calls, then tenant b's next one.
+    assert first == asked[:4]
+    assert runner.run_once() and len(answered()) == 5
+    assert runner.run_once()  # the forward_backward, alone
+    for call, model, prompt in zip(asked, [mine] * 3 + [theirs] * 2, prompts, strict=True):
+        alone = runner.engine.sample(model, prompt)["sequences"][0]
+        answer = _answer(services, call)[1]["sequences"][0]
+        assert answer["tokens"] == alone["tokens"]
+        assert answer["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)

@@ -1,17 +1,26 @@
-"""Several sample calls of one model decoded together (`InteractiveEngine.sample_many`): the
-prompts padded beside each other answer exactly what each request answers alone, each with its
-own parameters, seed and stops; a bad request is refused alone; batches split at SAMPLE_ROWS.
-The tiny test base, real torch + peft, CPU, fp32."""
+"""Sample calls decoded together (`InteractiveEngine.sample_many`), of one model or of several
+models and the base in one forward pass: the prompts padded beside each other answer exactly
+what each request answers alone, each with its own model, parameters, seed and stops; a bad
+request (or an unknown model) is refused alone; batches split at SAMPLE_ROWS. The tiny test
+base, real torch + peft, CPU, fp32."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.fixtures.testbase import TEST_BASE_PATH
-from tests.unit.test_interactive_engine import OTHER, SEQUENCE, sample_request, train
-from workers.interactive import engine as engine_module
+from tests.unit.test_interactive_engine import (
+    OTHER,
+    SEQUENCE,
+    batch,
+    datum,
+    sample_request,
+    train,
+)
+from workers.interactive import sampling
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.training.resident import ResidentBase
 
@@ -56,9 +65,9 @@ def test_sample_calls_decoded_together_answer_what_each_answers_alone(
     alone = [engine.sample("m", r) for i, r in enumerate(requests) if i != 4]
     assert alone[3]["sequences"][0]["stop_reason"] == "stop"  # it stops before the others
 
-    for rows in (engine_module.SAMPLE_ROWS, 3):  # one batch; then one a request or two
-        monkeypatch.setattr(engine_module, "SAMPLE_ROWS", rows)
-        together = engine.sample_many("m", requests)
+    for rows in (sampling.SAMPLE_ROWS, 3):  # one batch; then one a request or two
+        monkeypatch.setattr(sampling, "SAMPLE_ROWS", rows)
+        together = engine.sample_many([("m", r) for r in requests])
         refused = together.pop(4)
         assert isinstance(refused, InteractiveError) and "max_tokens" in str(refused)
         for mine, theirs in zip(together, alone, strict=True):
@@ -74,9 +83,48 @@ def test_the_bases_samples_batch_too_and_a_batch_of_only_refusals_runs_nothing(
         sample_request(OTHER[:9], max_tokens=3, temperature=0.0, stop=[]),
     ]
     for mine, theirs in zip(
-        engine.sample_many(None, requests), [engine.sample(None, r) for r in requests], strict=True
+        engine.sample_many([(None, r) for r in requests]),
+        [engine.sample(None, r) for r in requests],
+        strict=True,
     ):
         assert not isinstance(mine, InteractiveError)
         _same(mine, theirs)
-    [refused] = engine.sample_many(None, [sample_request([], max_tokens=3)])
+    [refused] = engine.sample_many([(None, sample_request([], max_tokens=3))])
     assert isinstance(refused, InteractiveError)
+
+
+def test_several_models_and_the_base_share_a_batch_each_row_through_its_own_adapter(
+    engine: InteractiveEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tenants' models on one base: one trained, one trained otherwise, a sampler loaded from
+    an export, and the base alone, asked at once: each answers as it does alone."""
+    engine.create("a", rank=8, seed=0)
+    train(engine, "a", 3)
+    engine.create("b", rank=4, seed=1)
+    engine.forward_backward("b", batch(datum(OTHER)))
+    engine.optim_step("b", {"learning_rate": 5e-2})
+    engine.export_adapter("a", tmp_path / "a", base_name="testbase")
+    engine.load_sampler("sampler-a", tmp_path / "a")
+    prompt = SEQUENCE[:6]
+    greedy = {"max_tokens": 6, "temperature": 0.0, "stop": []}
+    asked = [
+        ("a", {**sample_request(prompt, **greedy), "prompt_logprobs": True}),
+        (None, sample_request(prompt, **greedy)),
+        ("b", sample_request(OTHER[:9], n=2, max_tokens=5, temperature=1.0, seed=4, stop=[])),
+        ("sampler-a", sample_request(prompt, **greedy)),
+        ("nobody", sample_request(prompt, **greedy)),
+        ("b", {**sample_request(prompt, **greedy), "prompt_logprobs": True}),
+    ]
+    alone = [engine.sample(m, r) for m, r in asked if m != "nobody"]
+    # The models differ from each other and from the base on the same prompt.
+    assert len({str(alone[i]["sequences"][0]["logprobs"]) for i in (0, 1, 4)}) == 3
+    assert alone[3]["sequences"][0]["tokens"] == alone[0]["sequences"][0]["tokens"]
+
+    for rows in (sampling.SAMPLE_ROWS, 2):
+        monkeypatch.setattr(sampling, "SAMPLE_ROWS", rows)
+        together = engine.sample_many(asked)
+        refused = together.pop(4)
+        assert isinstance(refused, InteractiveError) and "nobody" in str(refused)
+        for mine, theirs in zip(together, alone, strict=True):
+            assert not isinstance(mine, InteractiveError)
+            _same(mine, theirs)

@@ -40,7 +40,13 @@ from workers.interactive.losses import (
     target_logprobs,
     tensor_data,
 )
-from workers.interactive.sampling import SamplingRequest, generate, read_sample_request
+from workers.interactive.sampling import (
+    SamplingRequest,
+    evaluating,
+    generate,
+    read_sample_request,
+    sample_batches,
+)
 from workers.training.checkpointing import staged
 from workers.training.resident import ResidentBase
 
@@ -50,9 +56,8 @@ OPTIMIZER_STATE = "optimizer_state.pt"
 # Most (padded) tokens in one forward pass; a call's datums run in groups of at most this many,
 # so activations and logits are bounded by it, not by the size of the call.
 MICRO_BATCH_TOKENS = 8192
-# Most rows (samples) decoded together: several sample calls of a model share a forward pass
-# per token, up to this many rows, their KV caches beside each other.
-SAMPLE_ROWS = 64
+# peft's name, in a mixed batch, for rows that take no adapter: the base alone.
+_BASE = "__base__"
 
 
 @dataclass(frozen=True)
@@ -335,66 +340,55 @@ class InteractiveEngine:
 
     def sample(self, model_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
         """SampleRequest -> SampleResponse from a model, a sampler, or (None) the base alone."""
-        [answer] = self.sample_many(model_id, [request])
+        [answer] = self.sample_many([(model_id, request)])
         if isinstance(answer, InteractiveError):
             raise answer
         return answer
 
     def sample_many(
-        self, model_id: str | None, requests: list[dict[str, Any]]
+        self, asked: list[tuple[str | None, dict[str, Any]]]
     ) -> list[dict[str, Any] | InteractiveError]:
-        """Several SampleRequests of one model decoded together, in batches of at most
-        SAMPLE_ROWS rows (a request with more samples runs alone): each its SampleResponse, or
-        the reason it was refused (the others run)."""
+        """SampleRequests, each of its model (None: the base alone), decoded together in
+        batches of at most SAMPLE_ROWS rows (a request with more samples runs alone), each row
+        through its own model's adapter in the same forward pass (peft's mixed batches): each
+        its SampleResponse, or the reason it was refused (the others run)."""
         answers: list[dict[str, Any] | InteractiveError] = []
-        parsed: dict[int, SamplingRequest] = {}
-        for i, request in enumerate(requests):
-            try:
-                parsed[i] = read_sample_request(
-                    request, self._vocab_size, self._context_length, self._eos_token_ids
-                )
-            except InteractiveError as refused:
-                answers.append(refused)
-            else:
-                answers.append({})
-        with self._lock, self._sampling_model(model_id) as model, self._autocast():
-            for batch in _sample_batches(parsed):
-                decoded = generate(
-                    model, [parsed[i] for i in batch], self.base.tokenizer, self.base.device
-                )
+        parsed: dict[int, tuple[str, SamplingRequest]] = {}
+        with self._lock:
+            for i, (model_id, request) in enumerate(asked):
+                try:
+                    adapter = _BASE if model_id is None else self._get(model_id).adapter
+                    parsed[i] = (
+                        adapter,
+                        read_sample_request(
+                            request, self._vocab_size, self._context_length, self._eos_token_ids
+                        ),
+                    )
+                except InteractiveError as refused:
+                    answers.append(refused)
+                else:
+                    answers.append({})
+            rows = {i: request.num_samples for i, (_, request) in parsed.items()}
+            for batch in sample_batches(rows):
+                # With no adapter at all there is no peft model: the base alone answers.
+                model = self.base.model if self._peft is None else self._peft
+                adapters = None if self._peft is None else [parsed[i][0] for i in batch]
+                with self._autocast(), evaluating(model):
+                    decoded = generate(
+                        model,
+                        [parsed[i][1] for i in batch],
+                        self.base.tokenizer,
+                        self.base.device,
+                        adapters=adapters,
+                    )
                 for i, answer in zip(batch, decoded, strict=True):
                     answers[i] = answer
         return answers
-
-    @contextmanager
-    def _sampling_model(self, model_id: str | None) -> Iterator[nn.Module]:
-        if model_id is not None:
-            self._wrapped.set_adapter(self._get(model_id).adapter)
-            yield self._wrapped
-        elif self._peft is None:
-            yield self.base.model
-        else:
-            with self._peft.disable_adapter():
-                yield self._peft
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.base.precision != "bf16":
             return nullcontext()
         return torch.autocast(self.base.device.type, dtype=torch.bfloat16)
-
-
-def _sample_batches(requests: dict[int, SamplingRequest]) -> Iterator[list[int]]:
-    """The requests' keys in order, grouped while their rows stay within SAMPLE_ROWS."""
-    group: list[int] = []
-    rows = 0
-    for key, request in requests.items():
-        if group and rows + request.num_samples > SAMPLE_ROWS:
-            yield group
-            group, rows = [], 0
-        group.append(key)
-        rows += request.num_samples
-    if group:
-        yield group
 
 
 def _micro_batches(data: list[Datum]) -> Iterator[list[Datum]]:

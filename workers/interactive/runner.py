@@ -155,15 +155,31 @@ class InteractiveRunner:
             return _failure(exc, [call])
 
     def _samples(self, taken: list[calls.Call]) -> list[_Outcome]:
-        """Sample calls of one model decoded together; a request refused fails alone."""
+        """Sample calls, of one model or several, decoded together; a call whose weights cannot
+        be had, or whose request is refused, fails alone."""
+        outcomes: list[_Outcome | None] = []
+        asked: list[tuple[str | None, dict[str, Any]]] = []
+        for call in taken:
+            try:
+                asked.append((self._sampler(call), call.request))
+                outcomes.append(None)
+            except Exception as exc:
+                outcomes.append(_failure(exc, [call]))
         try:
-            answers = self.engine.sample_many(self._sampler(taken[0]), [c.request for c in taken])
+            answers = iter(self.engine.sample_many(asked))
         except Exception as exc:
             return [_failure(exc, taken)] * len(taken)
-        return [
-            _Failure(str(a), "user") if isinstance(a, InteractiveError) else (a, None, False)
-            for a in answers
-        ]
+        done: list[_Outcome] = []
+        for outcome in outcomes:
+            if outcome is not None:
+                done.append(outcome)
+                continue
+            answer = next(answers)
+            if isinstance(answer, InteractiveError):
+                done.append(_Failure(str(answer), "user"))
+            else:
+                done.append((answer, None, False))
+        return done
 
     def _answer(self, call: calls.Call, outcome: _Outcome) -> None:
         if isinstance(outcome, _Failure):
@@ -200,13 +216,21 @@ class InteractiveRunner:
         )
 
     def _claim(self) -> list[calls.Call]:
-        """The next call; a sample call with the model's next ones, to decode together."""
+        """The next call; a sample call with the model's next ones, then (the tenants in turn)
+        other models' sample calls that can run, up to `sample_batch`, to decode together
+        (no more saved samplers than the engine keeps)."""
         with self.services.engine.begin() as conn:
             call = calls.claim_next(conn, self.executor_id, self.base.id)
-            if call is None or call.kind != "sample" or self.sample_batch == 1:
-                return [] if call is None else [call]
-            more = calls.claim_more_samples(conn, self.executor_id, call, self.sample_batch - 1)
-            return [call, *more]
+            taken = [] if call is None else [call]
+            while call is not None and call.kind == "sample":
+                room = self.sample_batch - len(taken)
+                taken += calls.claim_more_samples(conn, self.executor_id, call, room)
+                samplers = {c.model_id for c in taken if c.model_kind == "sampler"}
+                if len(taken) >= self.sample_batch or len(samplers) >= self.samplers_kept:
+                    break
+                call = calls.claim_next(conn, self.executor_id, self.base.id, samples_only=True)
+                taken += [] if call is None else [call]
+            return taken
 
     def _failed(self, call: calls.Call, message: str, category: str) -> None:
         def record() -> None:

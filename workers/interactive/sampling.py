@@ -21,7 +21,8 @@ Tinker's SamplingParams:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,19 +142,54 @@ def _stops(stop: Any, eos_token_ids: frozenset[int]) -> tuple[frozenset[int], tu
     raise InteractiveError("stop must be null, a string, a list of strings or a list of token ids")
 
 
+# Most rows (samples) decoded together: sample calls share a forward pass a token, up to this
+# many rows, their KV caches beside each other.
+SAMPLE_ROWS = 64
+
+
+def sample_batches(rows_of: dict[int, int]) -> Iterator[list[int]]:
+    """The requests' keys in order (their rows each), grouped while within SAMPLE_ROWS."""
+    group: list[int] = []
+    rows = 0
+    for key, request_rows in rows_of.items():
+        if group and rows + request_rows > SAMPLE_ROWS:
+            yield group
+            group, rows = [], 0
+        group.append(key)
+        rows += request_rows
+    if group:
+        yield group
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for a while (peft routes a mixed batch only then; the models'
+    LoRA dropout is 0, so the numbers are the same), as it was after."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
     requests: list[SamplingRequest],
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
+    *,
+    adapters: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode every request's `num_samples` continuations in one batch (a SampleResponse
     each): the prompts left-padded to the longest, masked, and each row placed by its own
     positions, so a request's rows read what they would alone. Each request draws from its own
     generator and keeps its own parameters and stops; a row that stopped runs along with the
-    batch, its tokens dropped, until every row has."""
+    batch, its tokens dropped, until every row has. `adapters` (a peft model's adapter names,
+    one a request) has each request's rows read through its own adapter."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
+    routed = {} if adapters is None else {"adapter_names": [adapters[r] for r in owner]}
     width = max(len(request.prompt) for request in requests)
     ids = torch.zeros((len(owner), width), dtype=torch.int64)
     mask = torch.zeros_like(ids)
@@ -163,7 +199,9 @@ def generate(
         mask[row, width - len(prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    output = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **routed
+    )
     first_row = {r: owner.index(r) for r in range(len(requests))}
     prompt_logprobs = [
         _prompt_logprobs(output.logits[first_row[r], width - len(request.prompt) :], request)
@@ -200,6 +238,7 @@ def generate(
             position_ids=positions,
             cache=output.cache,
             use_cache=True,
+            **routed,
         )
     return [
         {

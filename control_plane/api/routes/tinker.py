@@ -399,10 +399,10 @@ async def retrieve_future(
     if not call.finished:
         call, waiting = await run_in_threadpool(_why_waiting, services, caller.tenant_id, call)
         if waiting is not None:
-            body = {"type": "try_again", "request_id": call.id, "queue_state": waiting.queue_state}
+            again = {"type": "try_again", "request_id": call.id, "queue_state": waiting.queue_state}
             if waiting.reason is not None:
-                body["queue_state_reason"] = waiting.reason
-            return JSONResponse(body)
+                again["queue_state_reason"] = waiting.reason
+            return JSONResponse(again)
     return answer(call, PROTOBUF in request.headers.get("accept", ""))
 
 
