@@ -85,29 +85,37 @@ class RunRecord:
 
 
 class OverLimit(Exception):
-    """The tenant holds as many loaded training models as the platform allows."""
+    """The tenant holds as many loaded training models as its cap allows."""
 
 
-def require_room(conn: Connection, tenant_id: str, limit: int) -> None:
-    """Refuse a new training model to a tenant holding `limit` loaded ones (their weights live
-    in executors' memory). The tenant's creations take a lock of their own first (an advisory
-    lock for the transaction), so two made at once count each other."""
+def require_room(conn: Connection, tenant_id: str, default_limit: int) -> None:
+    """Refuse a new training model to a tenant holding as many loaded ones (their weights live
+    in executors' memory) as its cap: its own `max_interactive_models`, else `default_limit`
+    (the platform's `LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT`). The tenant's creations take
+    a lock of their own first (an advisory lock for the transaction), so two made at once count
+    each other; the cap is read with the count, after the lock."""
     conn.execute(
         text("SELECT pg_advisory_xact_lock(hashtext('interactive_models:' || :tenant))"),
         {"tenant": tenant_id},
     )
-    loaded = conn.execute(
+    loaded, own = conn.execute(
         text(
-            "SELECT count(*) FROM interactive_models "
+            "SELECT count(*), (SELECT max_interactive_models FROM tenants WHERE id = :tenant) "
+            "FROM interactive_models "
             "WHERE tenant_id = :tenant AND kind = 'training' AND unloaded_at IS NULL"
         ),
         {"tenant": tenant_id},
-    ).scalar_one()
+    ).one()
+    limit = default_limit if own is None else own
     if loaded >= limit:
+        cap = (
+            f"the platform's limit (LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT = {limit})"
+            if own is None
+            else f"the limit the platform's operator set for it (max_interactive_models = {limit})"
+        )
         raise OverLimit(
-            f"your tenant holds {loaded} loaded training models, the platform's limit "
-            f"(LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT = {limit}): unload one "
-            "(unload_model, or end its session) before creating another"
+            f"your tenant holds {loaded} loaded training model{'' if loaded == 1 else 's'}, "
+            f"{cap}: unload one (unload_model, or end its session) before creating another"
         )
 
 
@@ -349,7 +357,8 @@ def create_from_state(
     `create_training_client_from_state`): its id is the one the SDK derives,
     `<session>:train:<model_seq_id>`, its LoRA config the checkpoint's, and its first call
     (seq 0) loads them. Sent again (its answer lost), the same run and future. OverLimit when
-    the tenant holds `limit` loaded training models already."""
+    the tenant holds as many loaded training models as its cap (its own, else `limit`, the
+    platform's default)."""
     _session(conn, tenant_id, session_id)
     model_id = f"{session_id}:train:{model_seq_id}"
     existing = conn.execute(

@@ -29,6 +29,7 @@ class TenantRecord(_FromRow):
     max_running_jobs: int | None
     created_at: datetime
     max_priority: int | None
+    max_interactive_models: int | None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ tenants = cast(Table, Tenant.__table__)
 api_keys = cast(Table, ApiKey.__table__)
 
 KEY_PREFIX = "lf-"
+# A tenant's own limits (None: the platform's default for each).
+LIMITS = ("max_running_jobs", "max_priority", "max_interactive_models")
 
 
 class TenantExistsError(Exception):
@@ -64,7 +66,10 @@ def create_tenant(
     *,
     max_running_jobs: int | None = None,
     max_priority: int | None = None,
+    max_interactive_models: int | None = None,
 ) -> TenantRecord:
+    """A new tenant with its limits (None: the platform's default); TenantExistsError when the
+    name is taken."""
     try:
         with conn.begin_nested():
             row = conn.execute(
@@ -74,6 +79,7 @@ def create_tenant(
                     name=name,
                     max_running_jobs=max_running_jobs,
                     max_priority=max_priority,
+                    max_interactive_models=max_interactive_models,
                 )
                 .returning(*tenants.c)
             ).one()
@@ -85,12 +91,12 @@ def create_tenant(
 def set_limits(
     conn: Connection, name: str, default_running: int, **limits: int | None
 ) -> TenantRecord | None:
-    """Set a tenant's `max_running_jobs` and/or `max_priority` (None: the platform's default
-    limit, `default_running`, and no cap); the tenant as it now is, or None when no tenant has
-    that name. A new running limit re-flags the tenant's queue lines (revision 0013's trigger),
-    and one that leaves room for more of its queued jobs wakes idle trainers for them: a trainer
-    asleep would otherwise find them only at its next poll."""
-    unknown = set(limits) - {"max_running_jobs", "max_priority"}
+    """Set a tenant's `max_running_jobs`, `max_priority` and/or `max_interactive_models` (None:
+    the platform's default, `default_running` for the first); the tenant as it now is, or None
+    when no tenant has that name. A new running limit re-flags the tenant's queue lines
+    (revision 0013's trigger), and one that leaves room for more of its queued jobs wakes idle
+    trainers for them: a trainer asleep would otherwise find them only at its next poll."""
+    unknown = set(limits) - set(LIMITS)
     if unknown:
         raise TypeError(f"not a tenant limit: {sorted(unknown)}")
     before = conn.execute(

@@ -47,6 +47,7 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
                     args.tenant,
                     max_running_jobs=args.max_running_jobs,
                     max_priority=args.max_priority,
+                    max_interactive_models=args.max_interactive_models,
                 )
             _, plaintext = tenants.create_api_key(
                 conn, settings.secret_key, tenant.id, role=args.role, name=args.name
@@ -70,16 +71,15 @@ _UNSET = object()
 
 def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
     """Show a tenant's limits, setting those given first (`none`: the platform's default,
-    `MAX_RUNNING_JOBS_PER_TENANT` or `MAX_PRIORITY_PER_TENANT`)."""
+    `MAX_RUNNING_JOBS_PER_TENANT`, `MAX_PRIORITY_PER_TENANT` or
+    `MAX_INTERACTIVE_MODELS_PER_TENANT`)."""
     from control_plane import db, tenants
 
     url = _database_url(settings)
     db.upgrade(url)
     engine = db.make_engine(url, pool_size=1)
     given = {
-        name: getattr(args, name)
-        for name in ("max_running_jobs", "max_priority")
-        if getattr(args, name) is not _UNSET
+        name: getattr(args, name) for name in tenants.LIMITS if getattr(args, name) is not _UNSET
     }
     try:
         with engine.begin() as conn:
@@ -95,8 +95,12 @@ def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     running = _or_default(tenant.max_running_jobs, settings.max_running_jobs_per_tenant)
     priority = _or_default(tenant.max_priority, settings.max_priority_per_tenant)
+    interactive = _or_default(
+        tenant.max_interactive_models, settings.max_interactive_models_per_tenant
+    )
     print(
         f"tenant {tenant.name} ({tenant.id}): max_running_jobs {running}, max_priority {priority}"
+        f", max_interactive_models {interactive}"
     )
     return 0
 
@@ -270,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the highest priority the new tenant's jobs may ask for "
         "(default: the platform's MAX_PRIORITY_PER_TENANT)",
     )
+    create_key.add_argument(
+        "--max-interactive-models",
+        type=_limit(1, 10_000),
+        default=None,
+        help="the loaded interactive training models the new tenant may hold "
+        "(default: the platform's MAX_INTERACTIVE_MODELS_PER_TENANT)",
+    )
     create_key.set_defaults(func=cmd_create_key)
     tenant = admin_sub.add_parser("tenant", help="show a tenant's limits, setting those given")
     tenant.add_argument("name")
@@ -284,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_limit(-100, 100),
         default=_UNSET,
         help="the highest priority its jobs may ask for (none: the platform's default)",
+    )
+    tenant.add_argument(
+        "--max-interactive-models",
+        type=_limit(1, 10_000),
+        default=_UNSET,
+        help="the loaded interactive training models it may hold (none: the platform's default)",
     )
     tenant.set_defaults(func=cmd_tenant)
     return parser

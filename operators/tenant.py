@@ -45,7 +45,11 @@ def tenant_name(body: dict[str, Any]) -> str:
 
 def wanted_limits(spec: dict[str, Any]) -> dict[str, int | None]:
     """The spec's limits as the API's fields; absent is None, the platform's default."""
-    return {"max_running_jobs": spec.get("maxRunningJobs"), "max_priority": spec.get("maxPriority")}
+    return {
+        "max_running_jobs": spec.get("maxRunningJobs"),
+        "max_priority": spec.get("maxPriority"),
+        "max_interactive_models": spec.get("maxInteractiveModels"),
+    }
 
 
 def owns(secret: dict[str, Any], uid: str) -> bool:
@@ -68,6 +72,7 @@ def _mirror(status: dict[str, Any], tenant: dict[str, Any]) -> dict[str, Any]:
         "tenantId": tenant["id"],
         "maxRunningJobs": tenant["effective_max_running_jobs"],
         "maxPriority": tenant["effective_max_priority"],
+        "maxInteractiveModels": tenant["effective_max_interactive_models"],
         "jobs": {k: tenant["jobs"][k] for k in JOB_COUNTS},
         "lastServedAt": datetime.fromtimestamp(served, UTC).isoformat() if served else None,
     }

@@ -27,6 +27,15 @@ PriorityCap = Annotated[
     WholeNumber,
     Field(ge=-100, le=100, description="the highest priority the tenant's jobs may ask for"),
 ]
+InteractiveModelsCap = Annotated[
+    WholeNumber,
+    Field(
+        ge=1,
+        le=10_000,
+        description="interactive training models (the Tinker-compatible API) the tenant may "
+        "hold loaded at once",
+    ),
+]
 
 
 class TenantCreate(BaseModel):
@@ -37,25 +46,27 @@ class TenantCreate(BaseModel):
     name: TenantName
     max_running_jobs: RunningLimit | None = None
     max_priority: PriorityCap | None = None
+    max_interactive_models: InteractiveModelsCap | None = None
     admin_key_name: str = Field(default="admin", min_length=1, max_length=128)
 
 
 class TenantLimits(BaseModel):
     """The limits to change (a merge patch): a field left out stays as it is; null returns it
     to the platform's default (`LORAFORGE_MAX_RUNNING_JOBS_PER_TENANT`,
-    `LORAFORGE_MAX_PRIORITY_PER_TENANT`)."""
+    `LORAFORGE_MAX_PRIORITY_PER_TENANT`, `LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_running_jobs: RunningLimit | None = None
     max_priority: PriorityCap | None = None
+    max_interactive_models: InteractiveModelsCap | None = None
 
     @model_validator(mode="after")
     def _some(self) -> Self:
         if not self.model_fields_set:
             raise ValueError(
-                "nothing to change: give max_running_jobs and/or max_priority (a number, or "
-                "null for the platform's default)"
+                "nothing to change: give max_running_jobs, max_priority and/or "
+                "max_interactive_models (a number, or null for the platform's default)"
             )
         return self
 
@@ -78,16 +89,28 @@ class TenantPublic(BaseModel):
     created_at: int
     max_running_jobs: int | None = Field(description="its own limit; null: the platform's default")
     max_priority: int | None = Field(description="its own cap; null: the platform's default")
+    max_interactive_models: int | None = Field(
+        description="its own cap on loaded training models; null: the platform's default"
+    )
     effective_max_running_jobs: int = Field(description="the limit its claims are held to")
     effective_max_priority: int | None = Field(
         description="the cap its jobs are held to; null: none"
+    )
+    effective_max_interactive_models: int = Field(
+        description="the loaded training models it may hold"
     )
     jobs: TenantJobs
     last_served_at: int | None = Field(description="when the queue last started one of its jobs")
     live_api_keys: int
 
     @classmethod
-    def of(cls, o: TenantOverview, default_running: int, default_priority: int | None) -> Self:
+    def of(
+        cls,
+        o: TenantOverview,
+        default_running: int,
+        default_priority: int | None,
+        default_interactive: int,
+    ) -> Self:
         t = o.tenant
         return cls(
             id=t.id,
@@ -95,10 +118,16 @@ class TenantPublic(BaseModel):
             created_at=int(t.created_at.timestamp()),
             max_running_jobs=t.max_running_jobs,
             max_priority=t.max_priority,
+            max_interactive_models=t.max_interactive_models,
             effective_max_running_jobs=(
                 default_running if t.max_running_jobs is None else t.max_running_jobs
             ),
             effective_max_priority=default_priority if t.max_priority is None else t.max_priority,
+            effective_max_interactive_models=(
+                default_interactive
+                if t.max_interactive_models is None
+                else t.max_interactive_models
+            ),
             jobs=TenantJobs(
                 queued=o.queued,
                 running=o.running,

@@ -64,7 +64,12 @@ def _now() -> Any:
 
 class Tenant(Base):
     __tablename__ = "tenants"
-    __table_args__ = (CheckConstraint("max_priority BETWEEN -100 AND 100", name="max_priority"),)
+    __table_args__ = (
+        CheckConstraint("max_priority BETWEEN -100 AND 100", name="max_priority"),
+        CheckConstraint(
+            "max_interactive_models BETWEEN 1 AND 10000", name="max_interactive_models"
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), nullable=False, unique=True)
@@ -72,6 +77,9 @@ class Tenant(Base):
     created_at: Mapped[datetime] = _now()
     # The highest priority its jobs may ask for (revision 0021); none: no cap.
     max_priority: Mapped[int | None] = mapped_column(Integer)
+    # The loaded interactive training models it may hold (revision 0027); none: the platform's
+    # `max_interactive_models_per_tenant`.
+    max_interactive_models: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):

@@ -26,8 +26,9 @@ from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 pytestmark = pytest.mark.browser
 
 BAD_LIMITS = (
-    "Nothing changed for tenant-b: a running limit is a whole number from 0 to 10,000 and a "
-    "priority cap one from -100 to 100; leave a field empty for the platform's default."
+    "Nothing changed for tenant-b: a running limit is a whole number from 0 to 10,000, a "
+    "priority cap one from -100 to 100 and an interactive models cap one from 1 to 10,000; "
+    "leave a field empty for the platform's default."
 )
 OPERATORS_ONLY = "Administering tenants (their limits and keys) is a platform operator's action"
 
@@ -44,9 +45,9 @@ def _row(page: Page, name: str) -> Locator:
 
 def _cells(page: Page, name: str) -> list[str]:
     """The row's cells before its form: name, running / limit, queued, succeeded, failed,
-    cancelled, max priority, last served, live keys."""
+    cancelled, max priority, max interactive models, last served, live keys."""
     cells = _row(page, name).locator("td").all_inner_texts()
-    return [re.sub(r"\s+", " ", c).strip() for c in cells[:9]]
+    return [re.sub(r"\s+", " ", c).strip() for c in cells[:10]]
 
 
 def _listed(page: Page) -> list[str]:
@@ -61,7 +62,11 @@ def _listed(page: Page) -> list[str]:
 def _limits(services: Services, name: str) -> tuple[Any, ...] | None:
     with services.engine.connect() as conn:
         row = conn.execute(
-            text("SELECT max_running_jobs, max_priority FROM tenants WHERE name = :n"), {"n": name}
+            text(
+                "SELECT max_running_jobs, max_priority, max_interactive_models FROM tenants "
+                "WHERE name = :n"
+            ),
+            {"n": name},
         ).one_or_none()
     return tuple(row) if row is not None else None
 
@@ -73,7 +78,7 @@ def _tenants(services: Services) -> list[tuple[Any, ...]]:
             tuple(r)
             for r in conn.execute(
                 text(
-                    "SELECT t.name, t.max_running_jobs, t.max_priority, "
+                    "SELECT t.name, t.max_running_jobs, t.max_priority, t.max_interactive_models, "
                     "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id) "
                     "FROM tenants t ORDER BY t.name"
                 )
@@ -105,10 +110,11 @@ def _last_served(services: Services) -> dict[str, str]:
     return {name: at.astimezone(UTC).strftime("%b %d %H:%M:%S") if at else "—" for name, at in rows}
 
 
-def _save_limits(page: Page, name: str, running: str, priority: str) -> None:
+def _save_limits(page: Page, name: str, running: str, priority: str, interactive: str) -> None:
     row = _row(page, name)
     row.locator("input[name=max_running_jobs]").fill(running)
     row.locator("input[name=max_priority]").fill(priority)
+    row.locator("input[name=max_interactive_models]").fill(interactive)
     with page.expect_navigation():
         row.get_by_role("button", name="Save").click()
 
@@ -123,6 +129,7 @@ def test_an_operator_sees_every_tenant_counted_pages_past_fifty_and_sets_its_lim
 ) -> None:
     engine = services.engine
     default = services.settings.max_running_jobs_per_tenant
+    default_interactive = services.settings.max_interactive_models_per_tenant
     base_id = make_base(engine, "tiny-tenants").id
     acme = make_tenant(engine, "acme", max_running_jobs=3)
     for tenant_id, count in ((acme.id, 5), (tenant_b.tenant_id, 2)):
@@ -157,6 +164,7 @@ def test_an_operator_sees_every_tenant_counted_pages_past_fifty_and_sets_its_lim
             str(jobs["failed"]),
             str(jobs["cancelled"]),
             "none (default)",
+            f"{default_interactive} (default)",
             served[name],
             "0" if name == "acme" else "3",  # the harness's admin, member and reader keys
         ], name
@@ -174,28 +182,30 @@ def test_an_operator_sees_every_tenant_counted_pages_past_fifty_and_sets_its_lim
     assert _listed(page) == names[TENANTS_PAGE:]
     expect(page.locator("#next-tenants")).to_have_count(0)
 
-    # A row's form on the second page sets both limits; the page it comes back to is the same.
+    # A row's form on the second page sets its limits; the page it comes back to is the same.
     row = _row(page, "tenant-b")
     expect(row.locator("input[name=max_running_jobs]")).to_have_value("")
-    _save_limits(page, "tenant-b", "7", "12")
+    _save_limits(page, "tenant-b", "7", "12", "5")
     page.wait_for_url(re.compile(r".*notice=limits-saved&tenant=tenant-b&after=.*"))
     expect(page.locator("#notice")).to_contain_text("New limits saved for tenant-b")
-    assert _limits(services, "tenant-b") == (7, 12)
+    assert _limits(services, "tenant-b") == (7, 12, 5)
     assert _cells(page, "tenant-b")[1] == f"{counted['tenant-b']['running']} / 7"
-    assert _cells(page, "tenant-b")[6] == "12"
+    assert _cells(page, "tenant-b")[6:8] == ["12", "5"]
     expect(row.locator("input[name=max_running_jobs]")).to_have_value("7")
     expect(row.locator("input[name=max_priority]")).to_have_value("12")
+    expect(row.locator("input[name=max_interactive_models]")).to_have_value("5")
 
-    # Emptied, the running limit is the platform's default again (NULL); the cap stays.
-    _save_limits(page, "tenant-b", "", "12")
+    # Emptied, the running limit is the platform's default again (NULL); the caps stay.
+    _save_limits(page, "tenant-b", "", "12", "5")
     expect(row.locator("input[name=max_running_jobs]")).to_have_value("")
-    assert _limits(services, "tenant-b") == (None, 12)
+    assert _limits(services, "tenant-b") == (None, 12, 5)
     assert _cells(page, "tenant-b")[1].endswith(f"/ {default} (default)")
-    _save_limits(page, "tenant-b", "0", "")
+    _save_limits(page, "tenant-b", "0", "", "")
     expect(row.locator("input[name=max_priority]")).to_have_value("")
-    assert _limits(services, "tenant-b") == (0, None)
-    assert _cells(page, "tenant-b")[6] == "none (default)"
-    assert _limits(services, "acme") == (3, None)  # no other row moved
+    expect(row.locator("input[name=max_interactive_models]")).to_have_value("")
+    assert _limits(services, "tenant-b") == (0, None, None)
+    assert _cells(page, "tenant-b")[6:8] == ["none (default)", f"{default_interactive} (default)"]
+    assert _limits(services, "acme") == (3, None, None)  # no other row moved
 
 
 def test_an_operator_creates_a_tenant_whose_key_is_shown_once_and_signs_in_as_it(
@@ -206,17 +216,19 @@ def test_an_operator_creates_a_tenant_whose_key_is_shown_once_and_signs_in_as_it
     page.fill("#new-tenant-name", "acme")
     page.fill("#new-tenant-running", "2")
     page.fill("#new-tenant-priority", "5")
+    page.fill("#new-tenant-interactive", "4")
     page.click("#create-tenant")
     expect(page.locator("#tenant-created h1")).to_have_text("Tenant acme created")
     expect(page.locator("#tenant-created")).to_contain_text("will not be shown again")
+    expect(page.locator("#tenant-created")).to_contain_text("loaded interactive models: 4.")
     key = page.locator("#new-key").inner_text()
     assert key.startswith("lf-")
     assert page.url == f"{live_url}/tenants"  # answered in place: the key is in no address
-    assert _limits(services, "acme") == (2, 5)
+    assert _limits(services, "acme") == (2, 5, 4)
 
     # Back on the list, the tenant has one live key and the key itself is nowhere.
     page.click("#back-to-tenants")
-    assert _cells(page, "acme")[1:] == ["0 / 2", "0", "0", "0", "0", "5", "—", "1"]
+    assert _cells(page, "acme")[1:] == ["0 / 2", "0", "0", "0", "0", "5", "4", "—", "1"]
     assert key not in page.content()
 
     # The key signs in as the new tenant's admin, who is no platform operator.
@@ -247,7 +259,10 @@ def test_limits_or_a_name_the_rest_body_refuses_are_a_notice_and_change_nothing(
 ) -> None:
     with services.engine.begin() as conn:
         conn.execute(
-            text("UPDATE tenants SET max_running_jobs = 3, max_priority = 4 WHERE name = :n"),
+            text(
+                "UPDATE tenants SET max_running_jobs = 3, max_priority = 4, "
+                "max_interactive_models = 5 WHERE name = :n"
+            ),
             {"n": "tenant-b"},
         )
     before = _tenants(services)
@@ -267,10 +282,30 @@ def test_limits_or_a_name_the_rest_body_refuses_are_a_notice_and_change_nothing(
     page.wait_for_url(re.compile(r".*notice=bad-limits&tenant=tenant-b$"))
     expect(page.locator("#notice")).to_have_text(BAD_LIMITS)
     expect(running).to_have_value("3")
-    for sent in (("-1", ""), ("10001", ""), ("1.5", ""), ("ten", ""), ("", "101"), ("", "-101")):
+    interactive = row.locator("input[name=max_interactive_models]")
+    interactive.fill("0")
+    row.get_by_role("button", name="Save").click()
+    assert interactive.evaluate("el => el.validity.rangeUnderflow")
+    assert page.url.endswith("notice=bad-limits&tenant=tenant-b")  # not posted again
+    for sent in (
+        ("-1", "", ""),
+        ("10001", "", ""),
+        ("1.5", "", ""),
+        ("ten", "", ""),
+        ("", "101", ""),
+        ("", "-101", ""),
+        ("", "", "0"),
+        ("", "", "10001"),
+        ("", "", "many"),
+    ):
         refused = page.request.post(
             f"{live_url}/tenants/tenant-b/limits",
-            form={"csrf_token": _csrf(page), "max_running_jobs": sent[0], "max_priority": sent[1]},
+            form={
+                "csrf_token": _csrf(page),
+                "max_running_jobs": sent[0],
+                "max_priority": sent[1],
+                "max_interactive_models": sent[2],
+            },
         )
         assert refused.ok and BAD_LIMITS in _text(refused), sent
     missing = page.request.post(
@@ -296,6 +331,14 @@ def test_limits_or_a_name_the_rest_body_refuses_are_a_notice_and_change_nothing(
     expect(page.locator("#notice")).to_have_text(
         "No tenant was created: max_running_jobs: Input should be less than or equal to 10000"
     )
+    page.eval_on_selector("#new-tenant-form", "form => { form.noValidate = true; }")
+    page.fill("#new-tenant-running", "")
+    page.fill("#new-tenant-interactive", "0")
+    page.click("#create-tenant")
+    expect(page.locator("#notice")).to_have_text(
+        "No tenant was created: max_interactive_models: Input should be greater than or equal to 1"
+    )
+    expect(page.locator("#new-tenant-interactive")).to_have_value("0")
     assert _tenants(services) == before
 
 

@@ -338,6 +338,14 @@ def _admin(database_url: str, capsys: pytest.CaptureFixture[str], *argv: str) ->
     return code, captured.out + captured.err
 
 
+def _interactive_cap(engine: Engine, name: str) -> int | None:
+    with engine.connect() as conn:
+        cap = conn.execute(
+            text("SELECT max_interactive_models FROM tenants WHERE name = :n"), {"n": name}
+        ).scalar_one()
+    return None if cap is None else int(cap)
+
+
 def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_for(
     services: Services,
     database_url: str,
@@ -351,7 +359,9 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
     --max-priority 5`): a job created above it, a job given one above it and a sweep given one
     above it are refused (403, the cap named) with nothing created or changed; at or below the
     cap they are taken, lowering always is, and another tenant is not capped. `none` lifts it; the
-    platform's default (`MAX_PRIORITY_PER_TENANT`) caps every tenant without a cap of its own."""
+    platform's default (`MAX_PRIORITY_PER_TENANT`) caps every tenant without a cap of its own.
+    The same command (and `create-key` for a new tenant) sets, shows and clears the tenant's cap
+    on loaded interactive models, a default shown as such."""
     engine = services.engine
     base_name = make_base(engine, "tiny-priority").name
     file_id = make_file(engine, tenant_a.tenant_id).id
@@ -361,10 +371,26 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
         ).scalar_one()
     assert _admin(database_url, capsys, "tenant", name, "--max-priority", "5") == (
         0,
-        f"tenant {name} ({tenant_a.tenant_id}): max_running_jobs 4 (default), max_priority 5\n",
+        f"tenant {name} ({tenant_a.tenant_id}): max_running_jobs 4 (default), max_priority 5, "
+        "max_interactive_models 8 (default)\n",
     )
     code, said = _admin(database_url, capsys, "tenant", name, "--max-priority", "101")
     assert code == 2 and "101 is not from -100 to 100" in said
+    for bad, why in (("0", "0 is not from 1 to 10000"), ("many", "'many' is not a whole number")):
+        code, said = _admin(database_url, capsys, "tenant", name, "--max-interactive-models", bad)
+        assert code == 2 and why in said
+    assert _interactive_cap(engine, name) is None  # refused: nothing set
+    code, said = _admin(database_url, capsys, "tenant", name, "--max-interactive-models", "3")
+    assert code == 0 and said.endswith("max_priority 5, max_interactive_models 3\n")
+    assert _interactive_cap(engine, name) == 3
+    code, said = _admin(database_url, capsys, "tenant", name, "--max-interactive-models", "none")
+    assert code == 0 and said.endswith("max_interactive_models 8 (default)\n")
+    assert _interactive_cap(engine, name) is None
+    code, said = _admin(
+        database_url, capsys, "create-key", "--tenant", "newco", "--max-interactive-models", "2"
+    )
+    assert code == 0 and said.startswith("lf-")
+    assert _interactive_cap(engine, "newco") == 2
     client = Client(live_url, tenant_a.member)
     body = {"model": base_name, "training_file": file_id}
     with pytest.raises(LoraforgeError) as refused:
@@ -400,7 +426,7 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
     assert other.create_job(model=base_name, training_file=file_b, priority=100)["priority"] == 100
 
     assert _admin(database_url, capsys, "tenant", name, "--max-priority", "none")[1].endswith(
-        "max_priority none\n"
+        "max_priority none, max_interactive_models 8 (default)\n"
     )
     assert client.set_priority(job_id, 100)["priority"] == 100
     code, said = _admin(database_url, capsys, "tenant", name, "--max-running-jobs", "1")
@@ -422,7 +448,10 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
         client.set_priority(job_id, 50)
     assert refused.value.status == 403
     monkeypatch.setenv("LORAFORGE_MAX_PRIORITY_PER_TENANT", "10")
-    assert _admin(database_url, capsys, "tenant", name)[1].endswith("max_priority 10 (default)\n")
+    monkeypatch.setenv("LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT", "6")
+    assert _admin(database_url, capsys, "tenant", name)[1].endswith(
+        "max_priority 10 (default), max_interactive_models 6 (default)\n"
+    )
     assert _admin(database_url, capsys, "tenant", name, "--max-priority", "100")[0] == 0
     assert client.set_priority(job_id, 50)["priority"] == 50  # its own cap before the default
     assert_no_drift(engine)

@@ -30,6 +30,7 @@ def _tenant_rows(engine: Engine) -> list[tuple[Any, ...]]:
             for r in conn.execute(
                 text(
                     "SELECT t.id, t.name, t.max_running_jobs, t.max_priority, "
+                    "t.max_interactive_models, "
                     "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id), "
                     "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id "
                     " AND k.revoked_at IS NULL) FROM tenants t ORDER BY t.name"
@@ -56,12 +57,18 @@ def test_an_operator_onboards_a_tenant_whose_first_key_works_and_sees_only_its_o
     limit hold its jobs; the same name again is refused with nothing written."""
     engine = services.engine
     operator = PlatformAdmin(Client(live_url, tenant_a.admin))
-    created = operator.create_tenant("acme", max_running_jobs=2, max_priority=10)
+    created = operator.create_tenant(
+        "acme", max_running_jobs=2, max_priority=10, max_interactive_models=3
+    )
     key = created.pop("admin_key")
     assert key["role"] == "admin" and key["key"].startswith("lf-") and not key["revoked"]
     assert created["name"] == "acme" and created["id"].startswith("tenant")
     assert (created["max_running_jobs"], created["effective_max_running_jobs"]) == (2, 2)
     assert (created["max_priority"], created["effective_max_priority"]) == (10, 10)
+    assert (created["max_interactive_models"], created["effective_max_interactive_models"]) == (
+        3,
+        3,
+    )
     assert created["jobs"] == dict.fromkeys(
         ("queued", "running", "cancelling", "succeeded", "failed", "cancelled"), 0
     )
@@ -154,10 +161,19 @@ def test_limits_set_over_rest_hold_the_next_claims_and_wake_an_idle_trainer(
     assert (done["jobs"]["succeeded"], done["jobs"]["queued"]) == (3, 0)
     assert done["last_served_at"] is not None
 
+    capped = operator.set_limits("acme", max_interactive_models=5)
+    assert (capped["max_interactive_models"], capped["effective_max_interactive_models"]) == (5, 5)
     default = services.settings.max_running_jobs_per_tenant
     back = operator.set_limits("acme", max_running_jobs=None)
     assert (back["max_running_jobs"], back["effective_max_running_jobs"]) == (None, default)
     assert back["max_priority"] is None  # left out: unchanged
+    assert back["max_interactive_models"] == 5  # left out: unchanged
+    back = operator.set_limits("acme", max_interactive_models=None)
+    assert (back["max_interactive_models"], back["effective_max_interactive_models"]) == (
+        None,
+        services.settings.max_interactive_models_per_tenant,
+    )
+    assert operator.get_tenant("acme")["max_running_jobs"] is None  # left out: unchanged
     assert_no_drift(engine)
 
 
@@ -224,7 +240,7 @@ def test_tenant_administration_is_refused_with_a_reason_and_writes_nothing(
 ) -> None:
     engine = services.engine
     operator = PlatformAdmin(Client(live_url, tenant_a.admin))
-    operator.create_tenant("acme", max_priority=5)
+    operator.create_tenant("acme", max_priority=5, max_interactive_models=2)
     acme_key = operator.create_key("acme", role="reader", key_name="ro")
     before = _tenant_rows(engine)
 
@@ -267,6 +283,9 @@ def test_tenant_administration_is_refused_with_a_reason_and_writes_nothing(
         ({"name": "ok", "max_running_jobs": 10_001}, "max_running_jobs"),
         ({"name": "ok", "max_priority": 101}, "max_priority"),
         ({"name": "ok", "max_priority": "high"}, "max_priority"),
+        ({"name": "ok", "max_interactive_models": 0}, "max_interactive_models"),
+        ({"name": "ok", "max_interactive_models": 10_001}, "max_interactive_models"),
+        ({"name": "ok", "max_interactive_models": "many"}, "max_interactive_models"),
         ({"name": "ok", "weight": 2}, "weight"),
         ({}, "name"),
     ]
@@ -275,8 +294,16 @@ def test_tenant_administration_is_refused_with_a_reason_and_writes_nothing(
         error = answer.json()["error"]
         assert (answer.status_code, error["param"]) == (400, param), body
     bad_patches = [
-        ({}, None, "nothing to change"),
+        ({}, None, "give max_running_jobs, max_priority and/or max_interactive_models"),
         ({"max_priority": -101}, "max_priority", "-100"),
+        ({"max_interactive_models": 0}, "max_interactive_models", "greater than or equal to 1"),
+        (
+            {"max_interactive_models": 10_001},
+            "max_interactive_models",
+            "less than or equal to 10000",
+        ),
+        ({"max_interactive_models": "many"}, "max_interactive_models", "valid integer"),
+        ({"max_interactive_models": True}, "max_interactive_models", "not true or false"),
         ({"max_running_jobs": 1.5}, "max_running_jobs", ""),
         ({"priority": 3}, "priority", ""),
     ]

@@ -1,8 +1,8 @@
 """The cap on a tenant's loaded training models (`LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT`,
-2 here): their weights and optimizer state live in executors' memory, so a tenant past it is
-refused a new one (403 saying what to unload, nothing written; the SDK raises it at once)
-until one is unloaded. Creations at once count each other; another tenant, samplers and a
-resume sent again are not held back by it."""
+2 here, unless the tenant has its own): their weights and optimizer state live in executors'
+memory, so a tenant past it is refused a new one (403 naming the cap and saying what to unload,
+nothing written; the SDK raises it at once) until one is unloaded. Creations at once count each
+other; another tenant, samplers and a resume sent again are not held back by it."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from sqlalchemy import Engine, text
 from control_plane import trainers
 from control_plane.services import Services
 from control_plane.settings import Settings
+from loraforge import Client, PlatformAdmin
 from tests.api_harness import TenantKeys
 from tests.factories import make_base
 from tests.tinker_harness import sdk_service, tinker_settings
@@ -141,3 +142,56 @@ def test_a_tenant_at_its_cap_is_refused_a_model_until_it_unloads_one(
         again = http.post("/load_weights", json=resume, headers=key)
         assert again.status_code == 200 and again.json() == first.json()
         assert _create(http, tenant_a.member, session, base).status_code == 403
+
+
+def _refusal(answer: httpx.Response) -> str:
+    """The message of a creation refused at the cap."""
+    assert answer.status_code == 403, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "interactive_model_limit"
+    return str(error["message"])
+
+
+def test_a_tenants_own_cap_goes_before_the_platforms_and_null_returns_it_to_the_default(
+    services: Services, live_url: str, tenant_a: TenantKeys, tenant_b: TenantKeys, base: str
+) -> None:
+    """The platform's operator gives tenant-a a cap of 1 and tenant-b one of 3 around the
+    platform's 2 (`PATCH /v1/tenants/{name}`): each is refused past its own, the refusal naming
+    that cap, nothing written; tenant-a's set back to null holds it to the platform's 2 again."""
+    engine = services.engine
+    operator = PlatformAdmin(Client(live_url, tenant_a.admin))
+    for name, cap in (("tenant-a", 1), ("tenant-b", 3)):
+        tenant = operator.set_limits(name, max_interactive_models=cap)
+        assert (tenant["max_interactive_models"], tenant["effective_max_interactive_models"]) == (
+            cap,
+            cap,
+        )
+    own = "the limit the platform's operator set for it (max_interactive_models = {})"
+    with httpx.Client(base_url=live_url + "/api/v1", timeout=30) as http:
+        session_a = _session(http, tenant_a.member)
+        assert _create(http, tenant_a.member, session_a, base).status_code == 200
+        said = _refusal(_create(http, tenant_a.member, session_a, base))
+        assert said.startswith(f"your tenant holds 1 loaded training model, {own.format(1)}: ")
+        assert "unload one" in said
+        assert _models(engine, tenant_a.tenant_id) == 1
+
+        session_b = _session(http, tenant_b.member)
+        for _ in range(3):  # one more than the platform's 2
+            made = _create(http, tenant_b.member, session_b, base)
+            assert made.status_code == 200, made.text
+        said = _refusal(_create(http, tenant_b.member, session_b, base))
+        assert f"holds 3 loaded training models, {own.format(3)}" in said
+        assert _models(engine, tenant_b.tenant_id) == 3
+
+        back = operator.set_limits("tenant-a", max_interactive_models=None)
+        assert (back["max_interactive_models"], back["effective_max_interactive_models"]) == (
+            None,
+            2,
+        )
+        assert _create(http, tenant_a.member, session_a, base).status_code == 200
+        said = _refusal(_create(http, tenant_a.member, session_a, base))
+        assert (
+            "holds 2 loaded training models, the platform's limit "
+            "(LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT = 2)" in said
+        )
+        assert _models(engine, tenant_a.tenant_id) == 2

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, pool, text
+from sqlalchemy.exc import IntegrityError
 
 from control_plane import db
 from control_plane.db import include_name
@@ -97,3 +99,38 @@ def test_the_metric_rollups_of_jobs_logged_before_revision_0015_are_summed_as_it
     finally:
         engine.dispose()
     assert len(rows[before]) > 16 * 2 and rows[before] == rows[after]
+
+
+def test_revision_0027_holds_a_tenants_interactive_models_cap_to_the_settings_range_and_comes_down(
+    empty_database_url: str,
+) -> None:
+    """`tenants.max_interactive_models` (revision 0027) holds 1 to 10,000 or null, as the
+    setting it overrides does; going down to 0026 removes the column and its check, so going up
+    again works."""
+
+    def columns() -> set[str]:
+        engine = create_engine(empty_database_url, poolclass=pool.NullPool)
+        try:
+            return {c["name"] for c in inspect(engine).get_columns("tenants")}
+        finally:
+            engine.dispose()
+
+    db.upgrade(empty_database_url, "0027")
+    engine = create_engine(empty_database_url, poolclass=pool.NullPool)
+    insert = text("INSERT INTO tenants (id, name, max_interactive_models) VALUES (:n, :n, :cap)")
+    try:
+        with engine.begin() as conn:
+            for n, cap in enumerate((None, 1, 10_000)):
+                conn.execute(insert, {"n": f"ok-{n}", "cap": cap})
+        for cap in (0, 10_001):
+            with (
+                pytest.raises(IntegrityError, match="ck_tenants_max_interactive_models"),
+                engine.begin() as conn,
+            ):
+                conn.execute(insert, {"n": f"bad-{cap}", "cap": cap})
+    finally:
+        engine.dispose()
+    db.downgrade(empty_database_url, "0026")
+    assert "max_interactive_models" not in columns()
+    db.upgrade(empty_database_url, "0027")
+    assert "max_interactive_models" in columns()

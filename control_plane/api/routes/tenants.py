@@ -13,7 +13,8 @@ in the API's pod (`loraforge admin` does the same on the database directly):
 - `PATCH /v1/tenants/{name}` changes its limits (a merge patch; null: the platform's default).
   A running limit takes effect at the next claim (the lines re-flagged in the same statement);
   a limit raised wakes idle trainers for the jobs it now lets run; 0 holds its queue, the jobs
-  running going on;
+  running going on. A cap on loaded interactive training models holds the tenant's next
+  creation (or resume) of one;
 - `/v1/tenants/{name}/api_keys`: its keys listed, a key created for it (a tenant whose admins
   lost theirs), a key revoked (a leaked one, a tenant leaving).
 """
@@ -46,7 +47,10 @@ router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 def _public(overview: tenants.TenantOverview, services: Services) -> TenantPublic:
     settings = services.settings
     return TenantPublic.of(
-        overview, settings.max_running_jobs_per_tenant, settings.max_priority_per_tenant
+        overview,
+        settings.max_running_jobs_per_tenant,
+        settings.max_priority_per_tenant,
+        settings.max_interactive_models_per_tenant,
     )
 
 
@@ -75,7 +79,11 @@ def create_tenant(
     """A new tenant with its limits and its first admin key (the plaintext, shown only here)."""
     try:
         tenant = tenants.create_tenant(
-            conn, body.name, max_running_jobs=body.max_running_jobs, max_priority=body.max_priority
+            conn,
+            body.name,
+            max_running_jobs=body.max_running_jobs,
+            max_priority=body.max_priority,
+            max_interactive_models=body.max_interactive_models,
         )
     except tenants.TenantExistsError as exc:
         raise ApiError(409, "tenant_exists", f"{exc}; pick another name", "name") from None
@@ -113,7 +121,8 @@ def set_limits(
 ) -> TenantPublic:
     """Change the tenant's limits: a field left out stays, null returns it to the platform's
     default. A job above a lowered cap keeps its priority; a lowered running limit stops no
-    running job, it holds the next claims."""
+    running job, it holds the next claims; a lowered interactive models cap unloads no model, it
+    refuses the next ones past it."""
     limits = body.model_dump(include=body.model_fields_set)
     changed = tenants.set_limits(
         conn, name, services.settings.max_running_jobs_per_tenant, **limits

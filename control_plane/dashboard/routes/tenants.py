@@ -36,10 +36,11 @@ NAME_MAX = 128  # `TenantName`'s longest
 
 NOTICES = {
     "limits-saved": "New limits saved for {tenant}: a running limit holds its next claims (the "
-    "jobs running go on), a priority cap its next requests.",
+    "jobs running go on), a priority cap its next requests, an interactive models cap its next "
+    "training models (those loaded stay).",
     "bad-limits": "Nothing changed for {tenant}: a running limit is a whole number from 0 to "
-    "10,000 and a priority cap one from -100 to 100; leave a field empty for the platform's "
-    "default.",
+    "10,000, a priority cap one from -100 to 100 and an interactive models cap one from 1 to "
+    "10,000; leave a field empty for the platform's default.",
 }
 
 
@@ -93,6 +94,7 @@ def _tenants_page(
         next_after=listed.last_id,
         default_running=settings.max_running_jobs_per_tenant,
         default_priority=settings.max_priority_per_tenant,
+        default_interactive=settings.max_interactive_models_per_tenant,
         **context,
     )
 
@@ -129,11 +131,12 @@ def set_limits(
     services: ServicesDep,
     max_running_jobs: Annotated[str, Form()] = "",
     max_priority: Annotated[str, Form()] = "",
+    max_interactive_models: Annotated[str, Form()] = "",
     after: Annotated[str, Form(max_length=NAME_MAX)] = "",
 ) -> Response:
-    """Give the tenant the form's two limits (an empty field: the platform's default) through
+    """Give the tenant the form's limits (an empty field: the platform's default) through
     `PATCH /v1/tenants/{name}`'s function; back to the page the form was on, saying what it
-    did, or what to change when the REST body would refuse them. Both are always set: FastAPI
+    did, or what to change when the REST body would refuse them. All are always set: FastAPI
     reads an empty form field as one not sent, so "not sent" cannot mean "leave it as it is"."""
     _refuse_unless_operator(conn, session, services)
     try:
@@ -142,7 +145,11 @@ def set_limits(
         raise PageNotFound() from None
     try:
         body = TenantLimits.model_validate(
-            {"max_running_jobs": _limit(max_running_jobs), "max_priority": _limit(max_priority)}
+            {
+                "max_running_jobs": _limit(max_running_jobs),
+                "max_priority": _limit(max_priority),
+                "max_interactive_models": _limit(max_interactive_models),
+            }
         )
     except ValidationError:
         return _back(name, "bad-limits", after)
@@ -167,19 +174,26 @@ def create_tenant(
     name: Annotated[str, Form()] = "",
     max_running_jobs: Annotated[str, Form()] = "",
     max_priority: Annotated[str, Form()] = "",
+    max_interactive_models: Annotated[str, Form()] = "",
 ) -> Response:
     """Onboard a tenant through `POST /v1/tenants`' function: the answer is a page showing its
     first admin key, once. A name taken or one the REST body refuses, or a limit out of range,
     is the tenants page again with the REST API's message and the form as it was sent; nothing
     is created."""
     _refuse_unless_operator(conn, session, services)
-    new = {"name": name, "max_running_jobs": max_running_jobs, "max_priority": max_priority}
+    new = {
+        "name": name,
+        "max_running_jobs": max_running_jobs,
+        "max_priority": max_priority,
+        "max_interactive_models": max_interactive_models,
+    }
     try:
         body = TenantCreate.model_validate(
             {
                 "name": name.strip(),
                 "max_running_jobs": _limit(max_running_jobs),
                 "max_priority": _limit(max_priority),
+                "max_interactive_models": _limit(max_interactive_models),
             }
         )
     except ValidationError as exc:
