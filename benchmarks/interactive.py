@@ -21,6 +21,8 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from benchmarks.queue import (
     progress,
 )
 from control_plane.interactive_calls import CHANNEL
-from control_plane.services import build_services
+from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
 from tests.factories import ask_call, interactive_model, interactive_session, register_test_base
@@ -53,6 +55,27 @@ DATUM = {
 }
 FB = {"forward_backward_input": {"loss_fn": "cross_entropy", "data": [DATUM]}}
 STEP = {"adam_params": {"learning_rate": 1e-3}}
+
+
+@contextmanager
+def interactive_services(
+    database_url: str | None, *, lease_seconds: float
+) -> Iterator[tuple[Services, Path]]:
+    """The platform's services on a throwaway database and a local object store, and a scratch
+    directory for an executor's files."""
+    with (
+        admin_server(database_url) as admin_url,
+        bench_database(admin_url) as db_url,
+        tempfile.TemporaryDirectory() as scratch,
+    ):
+        settings = Settings(home=Path(scratch) / "home", lease_seconds=lease_seconds)
+        services = build_services(
+            settings, database_url=db_url, store=LocalObjectStore(Path(scratch) / "objects")
+        )
+        try:
+            yield services, Path(scratch)
+        finally:
+            services.close()
 
 
 def _direct(engine: InteractiveEngine, steps: int) -> list[float]:
@@ -128,22 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
-    with (
-        admin_server(args.database_url) as admin_url,
-        bench_database(admin_url) as db_url,
-        tempfile.TemporaryDirectory() as scratch,
-    ):
-        settings = Settings(home=Path(scratch) / "home", lease_seconds=30)
-        services = build_services(
-            settings, database_url=db_url, store=LocalObjectStore(Path(scratch) / "objects")
-        )
+    with interactive_services(args.database_url, lease_seconds=30) as (services, scratch):
         machine = machine_description(services.engine)
         tenant = make_tenant(services.engine, "bench")
         base = register_test_base(services.engine)
         ids = {"tenant": tenant, "base": base.id}
         session = interactive_session(services.engine, tenant, "sess-bench")
         runner = InteractiveRunner(
-            services, "bench-exec", base.id, work_dir=Path(scratch) / "exec", precision="fp32"
+            services, "bench-exec", base.id, work_dir=scratch / "exec", precision="fp32"
         )
         progress(f"{machine}; {args.rounds} rounds of {args.steps} steps a side")
         # The direct side's model is on the executor's own engine: held by it in the database,
@@ -187,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop.set()
             serving.join(timeout=30)
-            services.close()
     return 0
 
 

@@ -1,40 +1,37 @@
-"""What decoding a sampler's calls together buys an RL loop.
+"""What decoding sample calls together buys an RL loop, and tenants sampling at once.
 
     python -m benchmarks.sample_batches [--calls 32] [--samples 4] [--max-tokens 32]
-        [--batch 8] [--rounds 3] [--base-dir DIR] [--precision auto|fp32|bf16]
+        [--batch 8] [--models 1] [--rounds 3] [--base-dir DIR] [--precision auto|fp32|bf16]
 
 An RL iteration asks one sampler for a group of samples of each of many prompts at once: here
-`--calls` sample calls (prompts of 16 to 47 tokens, `--samples` each, `--max-tokens`, temperature
-1, seeded, no stop) asked of one model of rank 8 on the tiny test base (or the PEFT-free
-Hugging Face directory `--base-dir`, e.g. the demo's imported SmolLM2-135M-Instruct), then the
-executor (`workers.interactive.runner`, real PostgreSQL) drains them. One JSON line: the
-seconds from the first claim to the last answer with the executor taking `--batch` calls at a
-time (`interactive_sample_batch_calls`), beside the same calls taken one at a time (batch 1,
-what the executor did before), in alternating rounds in the same process; the rate in sampled
-tokens a second on both sides.
+`--calls` sample calls (prompts of 16 to 47 tokens, `--samples` each, `--max-tokens`,
+temperature 1, seeded, no stop) asked of one model of rank 8, or spread over `--models` models
+(tenants' loops sampling at once), on the tiny test base or the Hugging Face directory
+`--base-dir` (e.g. the demo's imported SmolLM2-135M-Instruct); then the executor
+(`workers.interactive.runner`, real PostgreSQL) drains them. One JSON line: the seconds from the
+first claim to the last answer with the executor taking `--batch` calls at a time
+(`interactive_sample_batch_calls`), beside the same calls taken one at a time (batch 1, what the
+executor did before), in alternating rounds in the same process; the sampled tokens a second on
+both sides.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.interactive import interactive_services
 from benchmarks.queue import (
     add_database_url_argument,
-    admin_server,
-    bench_database,
     emit_beside,
     machine_description,
     make_tenant,
     progress,
 )
 from control_plane import base_catalog, trainers
-from control_plane.services import Services, build_services
-from control_plane.settings import Settings
-from control_plane.storage import LocalObjectStore
+from control_plane.services import Services
 from tests.factories import ask_call, interactive_model, interactive_session, register_test_base
 from workers.interactive.runner import InteractiveRunner
 
@@ -47,14 +44,21 @@ def _round(
     args: argparse.Namespace,
     batch: int,
 ) -> float:
-    """Ask every call of a round at once, then drain them with the executor taking `batch`."""
-    model = interactive_model(
-        services.engine, ids["session"], ids["tenant"], ids["base"], name, rank=8
-    )
-    ask_call(services.engine, model, ids["tenant"], ids["base"], "create_model", 0, {})
+    """Ask every call of a round at once (spread over `--models` models), then drain them with
+    the executor taking `batch`."""
+    models = [
+        interactive_model(
+            services.engine, ids["session"], ids["tenant"], ids["base"], f"{name}-{m}", rank=8
+        )
+        for m in range(args.models)
+    ]
+    for model in models:
+        ask_call(services.engine, model, ids["tenant"], ids["base"], "create_model", 0, {})
     runner.sample_batch = 1
-    assert runner.run_once()  # the model's creation, outside the timing
+    for _ in models:
+        assert runner.run_once()  # the models' creation, outside the timing
     for seq in range(1, args.calls + 1):
+        model = models[seq % args.models]
         prompt = [5 + (seq * 31 + i * 37) % 700 for i in range(16 + seq % 32)]
         request = {
             "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
@@ -66,7 +70,15 @@ def _round(
                 "stop": [],
             },
         }
-        ask_call(services.engine, model, ids["tenant"], ids["base"], "sample", seq, request)
+        ask_call(
+            services.engine,
+            model,
+            ids["tenant"],
+            ids["base"],
+            "sample",
+            1 + seq // args.models,
+            request,
+        )
     runner.sample_batch = batch
     started = time.perf_counter()
     while runner.run_once():
@@ -82,20 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=4, help="num_samples of each call")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8, help="calls the executor takes at once")
+    parser.add_argument("--models", type=int, default=1, help="models the calls are spread over")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base-dir", type=Path, help="a Hugging Face model directory")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
-    with (
-        admin_server(args.database_url) as admin_url,
-        bench_database(admin_url) as db_url,
-        tempfile.TemporaryDirectory() as scratch,
-    ):
-        settings = Settings(home=Path(scratch) / "home", lease_seconds=600)
-        services = build_services(
-            settings, database_url=db_url, store=LocalObjectStore(Path(scratch) / "objects")
-        )
+    with interactive_services(args.database_url, lease_seconds=600) as (services, scratch):
         machine = machine_description(services.engine)
         if args.base_dir is None:
             base = register_test_base(services.engine)
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             services,
             "bench-exec",
             base.id,
-            work_dir=Path(scratch) / "exec",
+            work_dir=scratch / "exec",
             precision=args.precision,
         )
         with services.engine.begin() as conn:
@@ -125,30 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         _round(services, runner, ids, "warm", args, args.batch)
         together: list[float] = []
         alone: list[float] = []
-        try:
-            for index in range(args.rounds):  # alternating: the machine's load drifts
-                together.append(_round(services, runner, ids, f"b-{index}", args, args.batch))
-                alone.append(_round(services, runner, ids, f"s-{index}", args, 1))
-                progress(f"round {index}: {together[-1]:.2f} s batched, {alone[-1]:.2f} s alone")
-            tokens = args.calls * args.samples * args.max_tokens
-            batched_s, serial_s = statistics.median(together), statistics.median(alone)
-            emit_beside(
-                "interactive_sample_calls_batched",
-                batched_s * 1000,
-                "the same calls taken one at a time (batch 1), in this process",
-                serial_s * 1000,
-                machine,
-                calls=args.calls,
-                samples_per_call=args.samples,
-                max_tokens=args.max_tokens,
-                batch=args.batch,
-                base=f"{base_label}, {runner.resident.precision}, rank 8",
-                tokens_per_second=round(tokens / batched_s, 1),
-                baseline_tokens_per_second=round(tokens / serial_s, 1),
-                statistic="median over rounds of the time to drain a round's calls",
-            )
-        finally:
-            services.close()
+        for index in range(args.rounds):  # alternating: the machine's load drifts
+            together.append(_round(services, runner, ids, f"b-{index}", args, args.batch))
+            alone.append(_round(services, runner, ids, f"s-{index}", args, 1))
+            progress(f"round {index}: {together[-1]:.2f} s batched, {alone[-1]:.2f} s alone")
+        tokens = args.calls * args.samples * args.max_tokens
+        batched_s, serial_s = statistics.median(together), statistics.median(alone)
+        emit_beside(
+            "interactive_sample_calls_batched",
+            batched_s * 1000,
+            "the same calls taken one at a time (batch 1), in this process",
+            serial_s * 1000,
+            machine,
+            calls=args.calls,
+            samples_per_call=args.samples,
+            max_tokens=args.max_tokens,
+            batch=args.batch,
+            models=args.models,
+            base=f"{base_label}, {runner.resident.precision}, rank 8",
+            tokens_per_second=round(tokens / batched_s, 1),
+            baseline_tokens_per_second=round(tokens / serial_s, 1),
+            statistic="median over rounds of the time to drain a round's calls",
+        )
     return 0
 
 

@@ -1,13 +1,17 @@
-"""`sample`: Tinker's SampleRequest decoded by a plain KV-cached loop on the resident model.
+"""`sample`: Tinker's SampleRequests decoded by a plain KV-cached loop on the resident model.
 
-A tenant's few samples between training steps do not justify a serving engine beside the
-trainer: the adapter being trained is sampled where it lives, with no export. Semantics follow
+A tenant's samples between training steps do not justify a serving engine beside the trainer:
+the adapter being trained is sampled where it lives, with no export. Several requests (an RL
+loop's prompts, other tenants' models) are decoded together, one forward pass a token for all
+their rows (at most SAMPLE_ROWS): prompts left-padded and masked, each row at its own positions
+and through its own adapter, so each request reads what it would alone. Semantics follow
 Tinker's SamplingParams:
 
 - `temperature` 0 is greedy; otherwise `top_k` (-1 or 0: no limit) and `top_p` narrow the
   tempered distribution before drawing.
 - `max_tokens` None runs to the end of the base's context (unless a stop comes first).
-- `seed` makes a request reproducible: one generator, seeded, draws for all its samples.
+- `seed` makes a request reproducible: one generator, seeded, draws for all its samples,
+  whatever else shares its batch.
 - `stop`: None stops at the tokenizer's end-of-sequence tokens; a list replaces them (token ids,
   or strings matched in the decoded completion), and `[]` stops only at `max_tokens`. The token
   that stops a sequence is kept in it, as vLLM keeps it in `token_ids`.
