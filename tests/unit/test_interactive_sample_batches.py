@@ -1,7 +1,7 @@
 """Sample calls decoded together (`InteractiveEngine.sample_many`), of one model or of several
 models and the base in one forward pass: the prompts padded beside each other answer exactly
 what each request answers alone, each with its own model, parameters, seed and stops; a bad
-request (or an unknown model) is refused alone; batches split at SAMPLE_ROWS. The tiny test
+request (or an unknown model) is refused alone; batches split at SAMPLE_TOKENS. The tiny test
 base, real torch + peft, CPU, fp32."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tests.unit.test_interactive_engine import (
     sample_request,
     train,
 )
+from workers.interactive import engine as engine_module
 from workers.interactive import sampling
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.training.resident import ResidentBase
@@ -28,6 +29,20 @@ from workers.training.resident import ResidentBase
 @pytest.fixture
 def engine() -> InteractiveEngine:
     return InteractiveEngine(ResidentBase.load(TEST_BASE_PATH, "fp32"))
+
+
+def _decoded_batches(monkeypatch: pytest.MonkeyPatch, budget: int) -> list[int]:
+    """Set the batches' token budget; then how many requests each batch decoded held."""
+    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", budget)
+    held: list[int] = []
+    generate = sampling.generate  # the engine's own, unwrapped
+
+    def counted(model: Any, requests: list[Any], *args: Any, **kwargs: Any) -> Any:
+        held.append(len(requests))
+        return generate(model, requests, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "generate", counted)
+    return held
 
 
 def _same(together: dict[str, Any], alone: dict[str, Any]) -> None:
@@ -65,9 +80,11 @@ def test_sample_calls_decoded_together_answer_what_each_answers_alone(
     alone = [engine.sample("m", r) for i, r in enumerate(requests) if i != 4]
     assert alone[3]["sequences"][0]["stop_reason"] == "stop"  # it stops before the others
 
-    for rows in (sampling.SAMPLE_ROWS, 3):  # one batch; then one a request or two
-        monkeypatch.setattr(sampling, "SAMPLE_ROWS", rows)
+    # One batch; then, within 40 tokens (rows times the longest row), 1, 1, 1 and 2 requests.
+    for budget, batches in ((sampling.SAMPLE_TOKENS, [5]), (40, [1, 1, 1, 2])):
+        decoded = _decoded_batches(monkeypatch, budget)
         together = engine.sample_many([("m", r) for r in requests])
+        assert decoded == batches
         refused = together.pop(4)
         assert isinstance(refused, InteractiveError) and "max_tokens" in str(refused)
         for mine, theirs in zip(together, alone, strict=True):
@@ -120,9 +137,10 @@ def test_several_models_and_the_base_share_a_batch_each_row_through_its_own_adap
     assert len({str(alone[i]["sequences"][0]["logprobs"]) for i in (0, 1, 4)}) == 3
     assert alone[3]["sequences"][0]["tokens"] == alone[0]["sequences"][0]["tokens"]
 
-    for rows in (sampling.SAMPLE_ROWS, 2):
-        monkeypatch.setattr(sampling, "SAMPLE_ROWS", rows)
+    for budget, batches in ((sampling.SAMPLE_TOKENS, [5]), (30, [2, 1, 2])):
+        decoded = _decoded_batches(monkeypatch, budget)
         together = engine.sample_many(asked)
+        assert decoded == batches
         refused = together.pop(4)
         assert isinstance(refused, InteractiveError) and "nobody" in str(refused)
         for mine, theirs in zip(together, alone, strict=True):

@@ -349,7 +349,7 @@ class InteractiveEngine:
         self, asked: list[tuple[str | None, dict[str, Any]]]
     ) -> list[dict[str, Any] | InteractiveError]:
         """SampleRequests, each of its model (None: the base alone), decoded together in
-        batches of at most SAMPLE_ROWS rows (a request with more samples runs alone), each row
+        batches within SAMPLE_TOKENS (a request past it runs alone), each row
         through its own model's adapter in the same forward pass (peft's mixed batches): each
         its SampleResponse, or the reason it was refused (the others run)."""
         answers: list[dict[str, Any] | InteractiveError] = []
@@ -368,8 +368,11 @@ class InteractiveEngine:
                     answers.append(refused)
                 else:
                     answers.append({})
-            rows = {i: request.num_samples for i, (_, request) in parsed.items()}
-            for batch in sample_batches(rows):
+            sizes = {
+                i: (request.num_samples, len(request.prompt) + request.max_tokens)
+                for i, (_, request) in parsed.items()
+            }
+            for batch in sample_batches(sizes):
                 # With no adapter at all there is no peft model: the base alone answers.
                 model = self.base.model if self._peft is None else self._peft
                 adapters = None if self._peft is None else [parsed[i][0] for i in batch]

@@ -3,7 +3,7 @@
 A tenant's samples between training steps do not justify a serving engine beside the trainer:
 the adapter being trained is sampled where it lives, with no export. Several requests (an RL
 loop's prompts, other tenants' models) are decoded together, one forward pass a token for all
-their rows (at most SAMPLE_ROWS): prompts left-padded and masked, each row at its own positions
+their rows (within SAMPLE_TOKENS): prompts left-padded and masked, each row at its own positions
 and through its own adapter, so each request reads what it would alone. Semantics follow
 Tinker's SamplingParams:
 
@@ -146,21 +146,22 @@ def _stops(stop: Any, eos_token_ids: frozenset[int]) -> tuple[frozenset[int], tu
     raise InteractiveError("stop must be null, a string, a list of strings or a list of token ids")
 
 
-# Most rows (samples) decoded together: sample calls share a forward pass a token, up to this
-# many rows, their KV caches beside each other.
-SAMPLE_ROWS = 64
+# Most (padded) tokens decoded together: a batch's rows times its longest row (prompt and
+# max_tokens), which bounds its KV caches and logits; a request past it runs alone.
+SAMPLE_TOKENS = 32768
 
 
-def sample_batches(rows_of: dict[int, int]) -> Iterator[list[int]]:
-    """The requests' keys in order (their rows each), grouped while within SAMPLE_ROWS."""
+def sample_batches(sizes: dict[int, tuple[int, int]]) -> Iterator[list[int]]:
+    """The requests' keys in order, each with its (rows, tokens a row), grouped while a group's
+    rows times its longest row stay within SAMPLE_TOKENS."""
     group: list[int] = []
-    rows = 0
-    for key, request_rows in rows_of.items():
-        if group and rows + request_rows > SAMPLE_ROWS:
+    rows = longest = 0
+    for key, (request_rows, length) in sizes.items():
+        if group and (rows + request_rows) * max(longest, length) > SAMPLE_TOKENS:
             yield group
-            group, rows = [], 0
+            group, rows, longest = [], 0, 0
         group.append(key)
-        rows += request_rows
+        rows, longest = rows + request_rows, max(longest, length)
     if group:
         yield group
 
