@@ -30,6 +30,7 @@ class TenantRecord(_FromRow):
     created_at: datetime
     max_priority: int | None
     max_interactive_models: int | None
+    max_checkpoint_bytes: int | None
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,10 @@ class Settings(BaseSettings):
     # loaded at once (their weights and optimizer state live in executors' memory): a new one
     # past it is refused until one is unloaded.
     max_interactive_models_per_tenant: int = Field(default=8, ge=1, le=10000)
+    # The bytes a tenant without its own cap (`tenants.max_checkpoint_bytes`) may keep in
+    # interactive checkpoints (`save_state`, `save_weights_for_sampler`) before its next save is
+    # refused until it deletes some. None: no cap.
+    max_checkpoint_bytes_per_tenant: int | None = Field(default=None, ge=1)
 
     # Tenants whose admin keys are platform operators: only they register base models (which
     # reads a path or bucket on the server); only these tenants' keys see a base's server-side

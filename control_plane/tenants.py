@@ -23,7 +23,10 @@ api_keys = cast(Table, ApiKey.__table__)
 
 KEY_PREFIX = "lf-"
 # A tenant's own limits (None: the platform's default for each).
-LIMITS = ("max_running_jobs", "max_priority", "max_interactive_models")
+LIMITS = ("max_running_jobs", "max_priority", "max_interactive_models", "max_checkpoint_bytes")
+# The largest cap on a tenant's checkpoint bytes taken: an exabyte, past any store and inside
+# the column's bigint.
+MAX_CHECKPOINT_BYTES = 10**18
 
 
 class TenantExistsError(Exception):
@@ -67,6 +70,7 @@ def create_tenant(
     max_running_jobs: int | None = None,
     max_priority: int | None = None,
     max_interactive_models: int | None = None,
+    max_checkpoint_bytes: int | None = None,
 ) -> TenantRecord:
     """A new tenant with its limits (None: the platform's default); TenantExistsError when the
     name is taken."""
@@ -80,6 +84,7 @@ def create_tenant(
                     max_running_jobs=max_running_jobs,
                     max_priority=max_priority,
                     max_interactive_models=max_interactive_models,
+                    max_checkpoint_bytes=max_checkpoint_bytes,
                 )
                 .returning(*tenants.c)
             ).one()
@@ -91,11 +96,12 @@ def create_tenant(
 def set_limits(
     conn: Connection, name: str, default_running: int, **limits: int | None
 ) -> TenantRecord | None:
-    """Set a tenant's `max_running_jobs`, `max_priority` and/or `max_interactive_models` (None:
-    the platform's default, `default_running` for the first); the tenant as it now is, or None
-    when no tenant has that name. A new running limit re-flags the tenant's queue lines
-    (revision 0013's trigger), and one that leaves room for more of its queued jobs wakes idle
-    trainers for them: a trainer asleep would otherwise find them only at its next poll."""
+    """Set a tenant's `max_running_jobs`, `max_priority`, `max_interactive_models` and/or
+    `max_checkpoint_bytes` (None: the platform's default, `default_running` for the first); the
+    tenant as it now is, or None when no tenant has that name. A new running limit re-flags the
+    tenant's queue lines (revision 0013's trigger), and one that leaves room for more of its
+    queued jobs wakes idle trainers for them: a trainer asleep would otherwise find them only at
+    its next poll."""
     unknown = set(limits) - set(LIMITS)
     if unknown:
         raise TypeError(f"not a tenant limit: {sorted(unknown)}")

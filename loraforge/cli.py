@@ -48,6 +48,7 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
                     max_running_jobs=args.max_running_jobs,
                     max_priority=args.max_priority,
                     max_interactive_models=args.max_interactive_models,
+                    max_checkpoint_bytes=args.max_checkpoint_bytes,
                 )
             _, plaintext = tenants.create_api_key(
                 conn, settings.secret_key, tenant.id, role=args.role, name=args.name
@@ -65,14 +66,23 @@ def _or_default(own: int | None, default: int | None) -> str:
     return "none" if default is None else f"{default} (default)"
 
 
+def _bytes_or_default(own: int | None, default: int | None) -> str:
+    """A tenant's cap on bytes as `_or_default` says it, with the size to read (`20 GB`)."""
+    from control_plane.sizes import human_size
+
+    if own is not None:
+        return f"{own} ({human_size(own)})"
+    return "none" if default is None else f"{default} ({human_size(default)}, default)"
+
+
 # An option not given (`none` is given: it clears the limit).
 _UNSET = object()
 
 
 def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
     """Show a tenant's limits, setting those given first (`none`: the platform's default,
-    `MAX_RUNNING_JOBS_PER_TENANT`, `MAX_PRIORITY_PER_TENANT` or
-    `MAX_INTERACTIVE_MODELS_PER_TENANT`)."""
+    `MAX_RUNNING_JOBS_PER_TENANT`, `MAX_PRIORITY_PER_TENANT`,
+    `MAX_INTERACTIVE_MODELS_PER_TENANT` or `MAX_CHECKPOINT_BYTES_PER_TENANT`)."""
     from control_plane import db, tenants
 
     url = _database_url(settings)
@@ -98,9 +108,12 @@ def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
     interactive = _or_default(
         tenant.max_interactive_models, settings.max_interactive_models_per_tenant
     )
+    checkpoint_bytes = _bytes_or_default(
+        tenant.max_checkpoint_bytes, settings.max_checkpoint_bytes_per_tenant
+    )
     print(
         f"tenant {tenant.name} ({tenant.id}): max_running_jobs {running}, max_priority {priority}"
-        f", max_interactive_models {interactive}"
+        f", max_interactive_models {interactive}, max_checkpoint_bytes {checkpoint_bytes}"
     )
     return 0
 
@@ -120,6 +133,23 @@ def _limit(low: int, high: int) -> Callable[[str], int | None]:
         return number
 
     return parse
+
+
+def _bytes_limit(value: str) -> int | None:
+    """An argparse type: a cap on bytes, plain (`20000000000`) or with a decimal unit (`500M`,
+    `20G`, `1T`), from 1 byte to an exabyte; or `none`."""
+    from control_plane.sizes import parse_size
+    from control_plane.tenants import MAX_CHECKPOINT_BYTES
+
+    if value.lower() == "none":
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or none") from None
+    if not 1 <= size <= MAX_CHECKPOINT_BYTES:
+        raise argparse.ArgumentTypeError(f"{value!r} is not from 1 byte to an exabyte (1000000T)")
+    return size
 
 
 def cmd_base_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -281,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the loaded interactive training models the new tenant may hold "
         "(default: the platform's MAX_INTERACTIVE_MODELS_PER_TENANT)",
     )
+    create_key.add_argument(
+        "--max-checkpoint-bytes",
+        type=_bytes_limit,
+        default=None,
+        help="the bytes the new tenant's interactive checkpoints may hold: plain, or 500M, 20G, "
+        "1T (decimal) (default: the platform's MAX_CHECKPOINT_BYTES_PER_TENANT)",
+    )
     create_key.set_defaults(func=cmd_create_key)
     tenant = admin_sub.add_parser("tenant", help="show a tenant's limits, setting those given")
     tenant.add_argument("name")
@@ -301,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_limit(1, 10_000),
         default=_UNSET,
         help="the loaded interactive training models it may hold (none: the platform's default)",
+    )
+    tenant.add_argument(
+        "--max-checkpoint-bytes",
+        type=_bytes_limit,
+        default=_UNSET,
+        help="the bytes its interactive checkpoints may hold: plain, or 500M, 20G, 1T (decimal; "
+        "none: the platform's default)",
     )
     tenant.set_defaults(func=cmd_tenant)
     return parser

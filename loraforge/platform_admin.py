@@ -25,6 +25,7 @@ class PlatformAdmin:
         max_running_jobs: int | None = None,
         max_priority: int | None = None,
         max_interactive_models: int | None = None,
+        max_checkpoint_bytes: int | None = None,
         admin_key_name: str = "admin",
     ) -> dict[str, Any]:
         """A new tenant and its first admin key (`admin_key["key"]`, shown only here)."""
@@ -33,6 +34,7 @@ class PlatformAdmin:
             "max_running_jobs": max_running_jobs,
             "max_priority": max_priority,
             "max_interactive_models": max_interactive_models,
+            "max_checkpoint_bytes": max_checkpoint_bytes,
             "admin_key_name": admin_key_name,
         }
         return dict(self.client.request("POST", "/v1/tenants", json=body))
@@ -52,8 +54,9 @@ class PlatformAdmin:
         return dict(self.client.request("GET", self._path(name)))
 
     def set_limits(self, name: str, **limits: int | None) -> dict[str, Any]:
-        """`max_running_jobs=`, `max_priority=` and/or `max_interactive_models=` (None: the
-        platform's default); a limit not given stays as it is. The tenant as it now is."""
+        """`max_running_jobs=`, `max_priority=`, `max_interactive_models=` and/or
+        `max_checkpoint_bytes=` (None: the platform's default); a limit not given stays as it
+        is. The tenant as it now is."""
         return dict(self.client.request("PATCH", self._path(name), json=limits))
 
     def list_keys(self, name: str) -> list[dict[str, Any]]:

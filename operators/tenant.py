@@ -49,6 +49,7 @@ def wanted_limits(spec: dict[str, Any]) -> dict[str, int | None]:
         "max_running_jobs": spec.get("maxRunningJobs"),
         "max_priority": spec.get("maxPriority"),
         "max_interactive_models": spec.get("maxInteractiveModels"),
+        "max_checkpoint_bytes": spec.get("maxCheckpointBytes"),
     }
 
 
@@ -73,6 +74,7 @@ def _mirror(status: dict[str, Any], tenant: dict[str, Any]) -> dict[str, Any]:
         "maxRunningJobs": tenant["effective_max_running_jobs"],
         "maxPriority": tenant["effective_max_priority"],
         "maxInteractiveModels": tenant["effective_max_interactive_models"],
+        "maxCheckpointBytes": tenant["effective_max_checkpoint_bytes"],
         "jobs": {k: tenant["jobs"][k] for k in JOB_COUNTS},
         "lastServedAt": datetime.fromtimestamp(served, UTC).isoformat() if served else None,
     }

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from control_plane.api.numbers import WholeNumber
 from control_plane.api.schemas import NAME_PATTERN, ApiKeyPublic
-from control_plane.tenants import TenantOverview
+from control_plane.tenants import MAX_CHECKPOINT_BYTES, TenantOverview
 
 TenantName = Annotated[
     str,
@@ -36,6 +36,15 @@ InteractiveModelsCap = Annotated[
         "hold loaded at once",
     ),
 ]
+CheckpointBytesCap = Annotated[
+    WholeNumber,
+    Field(
+        ge=1,
+        le=MAX_CHECKPOINT_BYTES,
+        description="bytes the tenant's interactive checkpoints may hold before its next save "
+        "is refused",
+    ),
+]
 
 
 class TenantCreate(BaseModel):
@@ -47,26 +56,29 @@ class TenantCreate(BaseModel):
     max_running_jobs: RunningLimit | None = None
     max_priority: PriorityCap | None = None
     max_interactive_models: InteractiveModelsCap | None = None
+    max_checkpoint_bytes: CheckpointBytesCap | None = None
     admin_key_name: str = Field(default="admin", min_length=1, max_length=128)
 
 
 class TenantLimits(BaseModel):
     """The limits to change (a merge patch): a field left out stays as it is; null returns it
     to the platform's default (`LORAFORGE_MAX_RUNNING_JOBS_PER_TENANT`,
-    `LORAFORGE_MAX_PRIORITY_PER_TENANT`, `LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT`)."""
+    `LORAFORGE_MAX_PRIORITY_PER_TENANT`, `LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT`,
+    `LORAFORGE_MAX_CHECKPOINT_BYTES_PER_TENANT`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_running_jobs: RunningLimit | None = None
     max_priority: PriorityCap | None = None
     max_interactive_models: InteractiveModelsCap | None = None
+    max_checkpoint_bytes: CheckpointBytesCap | None = None
 
     @model_validator(mode="after")
     def _some(self) -> Self:
         if not self.model_fields_set:
             raise ValueError(
-                "nothing to change: give max_running_jobs, max_priority and/or "
-                "max_interactive_models (a number, or null for the platform's default)"
+                "nothing to change: give max_running_jobs, max_priority, max_interactive_models "
+                "and/or max_checkpoint_bytes (a number, or null for the platform's default)"
             )
         return self
 
@@ -92,12 +104,18 @@ class TenantPublic(BaseModel):
     max_interactive_models: int | None = Field(
         description="its own cap on loaded training models; null: the platform's default"
     )
+    max_checkpoint_bytes: int | None = Field(
+        description="its own cap on its checkpoints' bytes; null: the platform's default"
+    )
     effective_max_running_jobs: int = Field(description="the limit its claims are held to")
     effective_max_priority: int | None = Field(
         description="the cap its jobs are held to; null: none"
     )
     effective_max_interactive_models: int = Field(
         description="the loaded training models it may hold"
+    )
+    effective_max_checkpoint_bytes: int | None = Field(
+        description="the bytes its checkpoints may hold; null: no cap"
     )
     jobs: TenantJobs
     last_served_at: int | None = Field(description="when the queue last started one of its jobs")
@@ -110,6 +128,7 @@ class TenantPublic(BaseModel):
         default_running: int,
         default_priority: int | None,
         default_interactive: int,
+        default_checkpoint_bytes: int | None,
     ) -> Self:
         t = o.tenant
         return cls(
@@ -119,6 +138,7 @@ class TenantPublic(BaseModel):
             max_running_jobs=t.max_running_jobs,
             max_priority=t.max_priority,
             max_interactive_models=t.max_interactive_models,
+            max_checkpoint_bytes=t.max_checkpoint_bytes,
             effective_max_running_jobs=(
                 default_running if t.max_running_jobs is None else t.max_running_jobs
             ),
@@ -127,6 +147,11 @@ class TenantPublic(BaseModel):
                 default_interactive
                 if t.max_interactive_models is None
                 else t.max_interactive_models
+            ),
+            effective_max_checkpoint_bytes=(
+                default_checkpoint_bytes
+                if t.max_checkpoint_bytes is None
+                else t.max_checkpoint_bytes
             ),
             jobs=TenantJobs(
                 queued=o.queued,

@@ -357,3 +357,24 @@ class SessionInfo(BaseModel):
     training_run_ids: list[str]
     sampler_ids: list[str]
     user_metadata: dict[str, Any] | None
+
+
+class CheckpointStorageItem(BaseModel):
+    """The SDK's `CurrentCheckpointStorageUsageItem`: loraforge has no projects, and a tenant's
+    keys are not users, so the one item is the tenant's (its name as `user_name`)."""
+
+    project_id: str | None = None
+    org_user_urn: str | None = None
+    user_email: str | None = None
+    user_name: str | None = None
+    checkpoint_count: int
+    size_bytes: int
+    size_gigabytes: float
+    estimated_monthly_cost_usd: float | None = None
+
+
+class CheckpointStorageUsage(BaseModel):
+    """The SDK's `CurrentCheckpointStorageUsageResponse`: no rate, as loraforge bills nothing."""
+
+    effective_rate_usd_per_gigabyte_month: float | None = None
+    data: list[CheckpointStorageItem]

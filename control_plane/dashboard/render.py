@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from control_plane.dashboard.sessions import CsrfRefused, Session, SignInRequired
+from control_plane.sizes import exact_size, human_size
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -90,6 +91,10 @@ def environment() -> Environment:
         duration=_duration,
         count=_count,
         size=_size,
+        # Decimal units, as a checkpoint cap is set and counted: `storage` to read (`20 GB`),
+        # `size_field` for a form's value (`20G`, read back exactly).
+        storage=human_size,
+        size_field=exact_size,
         urlpart=lambda s: quote(s, ""),
     )
     env.globals.update(elapsed=_elapsed)

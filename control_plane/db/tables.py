@@ -69,6 +69,7 @@ class Tenant(Base):
         CheckConstraint(
             "max_interactive_models BETWEEN 1 AND 10000", name="max_interactive_models"
         ),
+        CheckConstraint("max_checkpoint_bytes > 0", name="max_checkpoint_bytes"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -80,6 +81,9 @@ class Tenant(Base):
     # The loaded interactive training models it may hold (revision 0027); none: the platform's
     # `max_interactive_models_per_tenant`.
     max_interactive_models: Mapped[int | None] = mapped_column(Integer)
+    # The bytes its interactive checkpoints may hold before a save is refused (revision 0028);
+    # none: the platform's `max_checkpoint_bytes_per_tenant`.
+    max_checkpoint_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -763,6 +767,10 @@ class InteractiveCheckpoint(Base):
         UniqueConstraint("model_id", "kind", "name", name="uq_interactive_checkpoints_name"),
         UniqueConstraint("path", name="uq_interactive_checkpoints_path"),
         Index("ix_interactive_checkpoints_tenant_created", "tenant_id", "created_at", "id"),
+        # A tenant's stored bytes, summed by an index-only scan (revision 0028).
+        Index(
+            "ix_interactive_checkpoints_tenant_size", "tenant_id", postgresql_include=["size_bytes"]
+        ),
         # The expiry pass reads only the checkpoints that expire.
         Index(
             "ix_interactive_checkpoints_expires",

@@ -229,6 +229,56 @@ def test_the_sessions_page_counts_each_sessions_models_and_calls_and_pages_past_
     assert not any(shown[s][2].endswith("active") for s in ids)
 
 
+def test_the_sessions_page_says_what_the_tenants_checkpoints_hold_and_the_cap_on_them(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base_id: str,
+) -> None:
+    """The tenant's checkpoints summed over its sessions (a size not recorded counts 0;
+    another tenant's are not counted), with no cap, under its own cap, and at it: full, saying
+    how to make room."""
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-1", "sess-2")
+    first = add_model(services, "sess-1", tenant, base_id, "m-1")
+    second = add_model(services, "sess-2", tenant, base_id, "m-2")
+    add_checkpoint(services, "sess-1", first, tenant, "s1", kind="state", size_bytes=12 * 10**8)
+    add_checkpoint(services, "sess-1", first, tenant, "w1", size_bytes=3 * 10**8)
+    add_checkpoint(services, "sess-2", second, tenant, "w1")  # saved before sizes were recorded
+    add_sessions(services, tenant_b.tenant_id, "sess-b")
+    theirs = add_model(services, "sess-b", tenant_b.tenant_id, base_id, "m-b")
+    add_checkpoint(services, "sess-b", theirs, tenant_b.tenant_id, "w1", size_bytes=9 * 10**9)
+
+    def own_cap(cap: int | None) -> None:
+        with services.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE tenants SET max_checkpoint_bytes = :cap WHERE id = :t"),
+                {"cap": cap, "t": tenant},
+            )
+
+    assert services.settings.max_checkpoint_bytes_per_tenant is None
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/sessions")
+    said = page.locator("#checkpoint-storage")
+    expect(said).to_have_text("Your checkpoints hold 1.5 GB (3 checkpoints), with no cap on them.")
+    expect(said.locator("strong")).to_have_attribute("title", "1,500,000,000 bytes")
+    own_cap(20 * 10**9)
+    page.reload()
+    expect(said).to_have_text(
+        "Your checkpoints hold 1.5 GB (3 checkpoints) of the 20 GB the platform's operator set "
+        "for your tenant."
+    )
+    own_cap(15 * 10**8)
+    page.reload()
+    expect(said).to_have_text(
+        "Your checkpoints hold 1.5 GB (3 checkpoints) of the 1.5 GB the platform's operator set "
+        "for your tenant: full, a save is refused until you delete checkpoints "
+        "(delete_checkpoint_from_tinker_path) or they expire."
+    )
+
+
 def test_a_sessions_page_shows_its_models_holders_last_calls_errors_and_checkpoints(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys, base_id: str
 ) -> None:

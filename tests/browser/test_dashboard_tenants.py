@@ -27,8 +27,9 @@ pytestmark = pytest.mark.browser
 
 BAD_LIMITS = (
     "Nothing changed for tenant-b: a running limit is a whole number from 0 to 10,000, a "
-    "priority cap one from -100 to 100 and an interactive models cap one from 1 to 10,000; "
-    "leave a field empty for the platform's default."
+    "priority cap one from -100 to 100, an interactive models cap one from 1 to 10,000 and a "
+    "checkpoint storage cap a size from 1 byte, in bytes or with a decimal unit (500M, 20G, "
+    "1T); leave a field empty for the platform's default."
 )
 OPERATORS_ONLY = "Administering tenants (their limits and keys) is a platform operator's action"
 
@@ -45,9 +46,10 @@ def _row(page: Page, name: str) -> Locator:
 
 def _cells(page: Page, name: str) -> list[str]:
     """The row's cells before its form: name, running / limit, queued, succeeded, failed,
-    cancelled, max priority, max interactive models, last served, live keys."""
+    cancelled, max priority, max interactive models, max checkpoint storage, last served, live
+    keys."""
     cells = _row(page, name).locator("td").all_inner_texts()
-    return [re.sub(r"\s+", " ", c).strip() for c in cells[:10]]
+    return [re.sub(r"\s+", " ", c).strip() for c in cells[:11]]
 
 
 def _listed(page: Page) -> list[str]:
@@ -63,8 +65,8 @@ def _limits(services: Services, name: str) -> tuple[Any, ...] | None:
     with services.engine.connect() as conn:
         row = conn.execute(
             text(
-                "SELECT max_running_jobs, max_priority, max_interactive_models FROM tenants "
-                "WHERE name = :n"
+                "SELECT max_running_jobs, max_priority, max_interactive_models, "
+                "max_checkpoint_bytes FROM tenants WHERE name = :n"
             ),
             {"n": name},
         ).one_or_none()
@@ -79,6 +81,7 @@ def _tenants(services: Services) -> list[tuple[Any, ...]]:
             for r in conn.execute(
                 text(
                     "SELECT t.name, t.max_running_jobs, t.max_priority, t.max_interactive_models, "
+                    "t.max_checkpoint_bytes, "
                     "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id) "
                     "FROM tenants t ORDER BY t.name"
                 )
@@ -110,11 +113,14 @@ def _last_served(services: Services) -> dict[str, str]:
     return {name: at.astimezone(UTC).strftime("%b %d %H:%M:%S") if at else "—" for name, at in rows}
 
 
-def _save_limits(page: Page, name: str, running: str, priority: str, interactive: str) -> None:
+def _save_limits(
+    page: Page, name: str, running: str, priority: str, interactive: str, storage: str
+) -> None:
     row = _row(page, name)
     row.locator("input[name=max_running_jobs]").fill(running)
     row.locator("input[name=max_priority]").fill(priority)
     row.locator("input[name=max_interactive_models]").fill(interactive)
+    row.locator("input[name=max_checkpoint_bytes]").fill(storage)
     with page.expect_navigation():
         row.get_by_role("button", name="Save").click()
 
@@ -165,6 +171,7 @@ def test_an_operator_sees_every_tenant_counted_pages_past_fifty_and_sets_its_lim
             str(jobs["cancelled"]),
             "none (default)",
             f"{default_interactive} (default)",
+            "none (default)",
             served[name],
             "0" if name == "acme" else "3",  # the harness's admin, member and reader keys
         ], name
@@ -185,27 +192,36 @@ def test_an_operator_sees_every_tenant_counted_pages_past_fifty_and_sets_its_lim
     # A row's form on the second page sets its limits; the page it comes back to is the same.
     row = _row(page, "tenant-b")
     expect(row.locator("input[name=max_running_jobs]")).to_have_value("")
-    _save_limits(page, "tenant-b", "7", "12", "5")
+    _save_limits(page, "tenant-b", "7", "12", "5", "20G")
     page.wait_for_url(re.compile(r".*notice=limits-saved&tenant=tenant-b&after=.*"))
     expect(page.locator("#notice")).to_contain_text("New limits saved for tenant-b")
-    assert _limits(services, "tenant-b") == (7, 12, 5)
+    assert _limits(services, "tenant-b") == (7, 12, 5, 20 * 10**9)
     assert _cells(page, "tenant-b")[1] == f"{counted['tenant-b']['running']} / 7"
-    assert _cells(page, "tenant-b")[6:8] == ["12", "5"]
+    assert _cells(page, "tenant-b")[6:9] == ["12", "5", "20 GB"]
     expect(row.locator("input[name=max_running_jobs]")).to_have_value("7")
     expect(row.locator("input[name=max_priority]")).to_have_value("12")
     expect(row.locator("input[name=max_interactive_models]")).to_have_value("5")
+    expect(row.locator("input[name=max_checkpoint_bytes]")).to_have_value("20G")
 
-    # Emptied, the running limit is the platform's default again (NULL); the caps stay.
-    _save_limits(page, "tenant-b", "", "12", "5")
+    # Emptied, the running limit is the platform's default again (NULL); the caps stay. A cap
+    # in plain bytes is shown to read and kept exact in the form.
+    _save_limits(page, "tenant-b", "", "12", "5", "1234567")
     expect(row.locator("input[name=max_running_jobs]")).to_have_value("")
-    assert _limits(services, "tenant-b") == (None, 12, 5)
+    assert _limits(services, "tenant-b") == (None, 12, 5, 1_234_567)
     assert _cells(page, "tenant-b")[1].endswith(f"/ {default} (default)")
-    _save_limits(page, "tenant-b", "0", "", "")
+    assert _cells(page, "tenant-b")[8] == "1.23 MB"
+    expect(row.locator("input[name=max_checkpoint_bytes]")).to_have_value("1234567")
+    _save_limits(page, "tenant-b", "0", "", "", "")
     expect(row.locator("input[name=max_priority]")).to_have_value("")
     expect(row.locator("input[name=max_interactive_models]")).to_have_value("")
-    assert _limits(services, "tenant-b") == (0, None, None)
-    assert _cells(page, "tenant-b")[6:8] == ["none (default)", f"{default_interactive} (default)"]
-    assert _limits(services, "acme") == (3, None, None)  # no other row moved
+    expect(row.locator("input[name=max_checkpoint_bytes]")).to_have_value("")
+    assert _limits(services, "tenant-b") == (0, None, None, None)
+    assert _cells(page, "tenant-b")[6:9] == [
+        "none (default)",
+        f"{default_interactive} (default)",
+        "none (default)",
+    ]
+    assert _limits(services, "acme") == (3, None, None, None)  # no other row moved
 
 
 def test_an_operator_creates_a_tenant_whose_key_is_shown_once_and_signs_in_as_it(
@@ -217,18 +233,21 @@ def test_an_operator_creates_a_tenant_whose_key_is_shown_once_and_signs_in_as_it
     page.fill("#new-tenant-running", "2")
     page.fill("#new-tenant-priority", "5")
     page.fill("#new-tenant-interactive", "4")
+    page.fill("#new-tenant-checkpoint-bytes", "1.5T")
     page.click("#create-tenant")
     expect(page.locator("#tenant-created h1")).to_have_text("Tenant acme created")
     expect(page.locator("#tenant-created")).to_contain_text("will not be shown again")
-    expect(page.locator("#tenant-created")).to_contain_text("loaded interactive models: 4.")
+    expect(page.locator("#tenant-created")).to_contain_text(
+        "loaded interactive models: 4; checkpoint storage: 1.5 TB."
+    )
     key = page.locator("#new-key").inner_text()
     assert key.startswith("lf-")
     assert page.url == f"{live_url}/tenants"  # answered in place: the key is in no address
-    assert _limits(services, "acme") == (2, 5, 4)
+    assert _limits(services, "acme") == (2, 5, 4, 15 * 10**11)
 
     # Back on the list, the tenant has one live key and the key itself is nowhere.
     page.click("#back-to-tenants")
-    assert _cells(page, "acme")[1:] == ["0 / 2", "0", "0", "0", "0", "5", "4", "—", "1"]
+    assert _cells(page, "acme")[1:] == ["0 / 2", "0", "0", "0", "0", "5", "4", "1.5 TB", "—", "1"]
     assert key not in page.content()
 
     # The key signs in as the new tenant's admin, who is no platform operator.
@@ -261,7 +280,7 @@ def test_limits_or_a_name_the_rest_body_refuses_are_a_notice_and_change_nothing(
         conn.execute(
             text(
                 "UPDATE tenants SET max_running_jobs = 3, max_priority = 4, "
-                "max_interactive_models = 5 WHERE name = :n"
+                "max_interactive_models = 5, max_checkpoint_bytes = 7000 WHERE name = :n"
             ),
             {"n": "tenant-b"},
         )
@@ -287,16 +306,28 @@ def test_limits_or_a_name_the_rest_body_refuses_are_a_notice_and_change_nothing(
     row.get_by_role("button", name="Save").click()
     assert interactive.evaluate("el => el.validity.rangeUnderflow")
     assert page.url.endswith("notice=bad-limits&tenant=tenant-b")  # not posted again
+    interactive.fill("5")
+    storage = row.locator("input[name=max_checkpoint_bytes]")
+    expect(storage).to_have_value("7K")
+    storage.fill("20 gigs")
+    row.get_by_role("button", name="Save").click()
+    assert storage.evaluate("el => el.validity.patternMismatch")
+    assert page.url.endswith("notice=bad-limits&tenant=tenant-b")  # not posted again
     for sent in (
-        ("-1", "", ""),
-        ("10001", "", ""),
-        ("1.5", "", ""),
-        ("ten", "", ""),
-        ("", "101", ""),
-        ("", "-101", ""),
-        ("", "", "0"),
-        ("", "", "10001"),
-        ("", "", "many"),
+        ("-1", "", "", ""),
+        ("10001", "", "", ""),
+        ("1.5", "", "", ""),
+        ("ten", "", "", ""),
+        ("", "101", "", ""),
+        ("", "-101", "", ""),
+        ("", "", "0", ""),
+        ("", "", "10001", ""),
+        ("", "", "many", ""),
+        ("", "", "", "0"),
+        ("", "", "", "-20G"),
+        ("", "", "", "20 gigs"),
+        ("", "", "", "0.5"),
+        ("", "", "", "1000001T"),
     ):
         refused = page.request.post(
             f"{live_url}/tenants/tenant-b/limits",
@@ -305,6 +336,7 @@ def test_limits_or_a_name_the_rest_body_refuses_are_a_notice_and_change_nothing(
                 "max_running_jobs": sent[0],
                 "max_priority": sent[1],
                 "max_interactive_models": sent[2],
+                "max_checkpoint_bytes": sent[3],
             },
         )
         assert refused.ok and BAD_LIMITS in _text(refused), sent
@@ -339,6 +371,21 @@ def test_limits_or_a_name_the_rest_body_refuses_are_a_notice_and_change_nothing(
         "No tenant was created: max_interactive_models: Input should be greater than or equal to 1"
     )
     expect(page.locator("#new-tenant-interactive")).to_have_value("0")
+    page.eval_on_selector("#new-tenant-form", "form => { form.noValidate = true; }")
+    page.fill("#new-tenant-interactive", "")
+    page.fill("#new-tenant-checkpoint-bytes", "20 gigs")
+    page.click("#create-tenant")
+    expect(page.locator("#notice")).to_have_text(
+        "No tenant was created: max_checkpoint_bytes: '20 gigs' is not a size: give bytes, or a "
+        "number with K, M, G or T (decimal: 20G is 20,000,000,000 bytes)"
+    )
+    expect(page.locator("#new-tenant-checkpoint-bytes")).to_have_value("20 gigs")
+    page.eval_on_selector("#new-tenant-form", "form => { form.noValidate = true; }")
+    page.fill("#new-tenant-checkpoint-bytes", "0")
+    page.click("#create-tenant")
+    expect(page.locator("#notice")).to_have_text(
+        "No tenant was created: max_checkpoint_bytes: Input should be greater than or equal to 1"
+    )
     assert _tenants(services) == before
 
 

@@ -372,7 +372,7 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
     assert _admin(database_url, capsys, "tenant", name, "--max-priority", "5") == (
         0,
         f"tenant {name} ({tenant_a.tenant_id}): max_running_jobs 4 (default), max_priority 5, "
-        "max_interactive_models 8 (default)\n",
+        "max_interactive_models 8 (default), max_checkpoint_bytes none\n",
     )
     code, said = _admin(database_url, capsys, "tenant", name, "--max-priority", "101")
     assert code == 2 and "101 is not from -100 to 100" in said
@@ -381,10 +381,14 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
         assert code == 2 and why in said
     assert _interactive_cap(engine, name) is None  # refused: nothing set
     code, said = _admin(database_url, capsys, "tenant", name, "--max-interactive-models", "3")
-    assert code == 0 and said.endswith("max_priority 5, max_interactive_models 3\n")
+    assert code == 0 and said.endswith(
+        "max_priority 5, max_interactive_models 3, max_checkpoint_bytes none\n"
+    )
     assert _interactive_cap(engine, name) == 3
     code, said = _admin(database_url, capsys, "tenant", name, "--max-interactive-models", "none")
-    assert code == 0 and said.endswith("max_interactive_models 8 (default)\n")
+    assert code == 0 and said.endswith(
+        "max_interactive_models 8 (default), max_checkpoint_bytes none\n"
+    )
     assert _interactive_cap(engine, name) is None
     code, said = _admin(
         database_url, capsys, "create-key", "--tenant", "newco", "--max-interactive-models", "2"
@@ -426,7 +430,7 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
     assert other.create_job(model=base_name, training_file=file_b, priority=100)["priority"] == 100
 
     assert _admin(database_url, capsys, "tenant", name, "--max-priority", "none")[1].endswith(
-        "max_priority none, max_interactive_models 8 (default)\n"
+        "max_priority none, max_interactive_models 8 (default), max_checkpoint_bytes none\n"
     )
     assert client.set_priority(job_id, 100)["priority"] == 100
     code, said = _admin(database_url, capsys, "tenant", name, "--max-running-jobs", "1")
@@ -449,8 +453,10 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
     assert refused.value.status == 403
     monkeypatch.setenv("LORAFORGE_MAX_PRIORITY_PER_TENANT", "10")
     monkeypatch.setenv("LORAFORGE_MAX_INTERACTIVE_MODELS_PER_TENANT", "6")
+    monkeypatch.setenv("LORAFORGE_MAX_CHECKPOINT_BYTES_PER_TENANT", "5000000000")
     assert _admin(database_url, capsys, "tenant", name)[1].endswith(
-        "max_priority 10 (default), max_interactive_models 6 (default)\n"
+        "max_priority 10 (default), max_interactive_models 6 (default), "
+        "max_checkpoint_bytes 5000000000 (5 GB, default)\n"
     )
     assert _admin(database_url, capsys, "tenant", name, "--max-priority", "100")[0] == 0
     assert client.set_priority(job_id, 50)["priority"] == 50  # its own cap before the default

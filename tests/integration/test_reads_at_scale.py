@@ -1,6 +1,7 @@
 """Reads at a platform's scale, each shown to read its own rows: the dashboard's page of one
 finished status behind a tenant's newer sweep, a long job's timeline among its metrics, a
-page of a tenant's adapters among thousands, and the operator's busiest tenants."""
+page of a tenant's adapters among thousands, the operator's busiest tenants, and the bytes a
+tenant's interactive checkpoints hold, which every save asks for."""
 
 from __future__ import annotations
 
@@ -12,10 +13,19 @@ from sqlalchemy import Engine, event, text
 from control_plane import queue_stats
 from control_plane.dashboard import queries
 from control_plane.events import list_events
+from control_plane.interactive_storage import CheckpointStorage, storage
 from control_plane.job_status import JobStatus
 from control_plane.queue import JobQueue
 from control_plane.registry import reads
-from tests.factories import enqueue_jobs, log_metric_steps, make_base, make_file, make_tenant
+from tests.factories import (
+    enqueue_jobs,
+    interactive_model,
+    interactive_session,
+    log_metric_steps,
+    make_base,
+    make_file,
+    make_tenant,
+)
 from tests.integration.test_queue_scale import _plan_rows_from
 
 
@@ -306,3 +316,41 @@ def test_the_busiest_tenants_are_the_reference_listing_cut_with_totals_over_all(
         )
         idle = queue_stats.busiest_tenants(conn, 50, tenants[0])
         assert idle == queue_stats.BusyTenants([], 0, 0, 0)
+
+
+def test_a_tenants_checkpoint_bytes_are_summed_off_its_own_index(engine: Engine) -> None:
+    """Every interactive save asks for its tenant's checkpoint bytes (`interactive_storage`):
+    among 20 tenants with 500 checkpoints each, the sum is exact (a size not recorded counts 0)
+    and is an index-only scan of the tenant's 500 entries of
+    `ix_interactive_checkpoints_tenant_size`: no row of the table, nor another tenant's."""
+    base = make_base(engine)
+    tenants = [make_tenant(engine, f"saver-{n:02d}") for n in range(20)]
+    for tenant in tenants:
+        session = interactive_session(engine, tenant.id, f"isess-{tenant.name}")
+        interactive_model(engine, session, tenant.id, base.id, f"imdl-{tenant.name}")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO interactive_checkpoints (id, model_id, tenant_id, kind, name, path, "
+                "storage_prefix, size_bytes) "
+                "SELECT m.id || '-' || g, m.id, m.tenant_id, 'state', 's' || g, "
+                "'tinker://' || m.id || '/weights/s' || g, 'x/', "
+                "CASE WHEN g % 10 = 0 THEN NULL ELSE g * 1000000 END "
+                "FROM interactive_models m, generate_series(1, 500) AS g"
+            )
+        )
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("VACUUM ANALYZE interactive_checkpoints")
+        )
+    tenant = tenants[7]
+    expected = sum(g * 1_000_000 for g in range(1, 501) if g % 10)
+    found: list[CheckpointStorage] = []
+    with engine.connect() as conn:
+        statements = _statements_of(engine, lambda: found.append(storage(conn, tenant.id)))
+    assert found == [CheckpointStorage("saver-07", 500, expected, None)]
+    ((statement, parameters),) = statements
+    plan = _plan(engine, statement, parameters)
+    assert "'Index Name': 'ix_interactive_checkpoints_tenant_size'" in str(plan), plan
+    assert "'Node Type': 'Index Only Scan'" in str(plan), plan
+    assert _plan_rows_from(plan, "interactive_checkpoints") == 500, plan

@@ -30,7 +30,7 @@ def _tenant_rows(engine: Engine) -> list[tuple[Any, ...]]:
             for r in conn.execute(
                 text(
                     "SELECT t.id, t.name, t.max_running_jobs, t.max_priority, "
-                    "t.max_interactive_models, "
+                    "t.max_interactive_models, t.max_checkpoint_bytes, "
                     "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id), "
                     "(SELECT count(*) FROM api_keys k WHERE k.tenant_id = t.id "
                     " AND k.revoked_at IS NULL) FROM tenants t ORDER BY t.name"
@@ -58,7 +58,11 @@ def test_an_operator_onboards_a_tenant_whose_first_key_works_and_sees_only_its_o
     engine = services.engine
     operator = PlatformAdmin(Client(live_url, tenant_a.admin))
     created = operator.create_tenant(
-        "acme", max_running_jobs=2, max_priority=10, max_interactive_models=3
+        "acme",
+        max_running_jobs=2,
+        max_priority=10,
+        max_interactive_models=3,
+        max_checkpoint_bytes=20 * 10**9,
     )
     key = created.pop("admin_key")
     assert key["role"] == "admin" and key["key"].startswith("lf-") and not key["revoked"]
@@ -68,6 +72,10 @@ def test_an_operator_onboards_a_tenant_whose_first_key_works_and_sees_only_its_o
     assert (created["max_interactive_models"], created["effective_max_interactive_models"]) == (
         3,
         3,
+    )
+    assert (created["max_checkpoint_bytes"], created["effective_max_checkpoint_bytes"]) == (
+        20 * 10**9,
+        20 * 10**9,
     )
     assert created["jobs"] == dict.fromkeys(
         ("queued", "running", "cancelling", "succeeded", "failed", "cancelled"), 0
@@ -174,6 +182,16 @@ def test_limits_set_over_rest_hold_the_next_claims_and_wake_an_idle_trainer(
         services.settings.max_interactive_models_per_tenant,
     )
     assert operator.get_tenant("acme")["max_running_jobs"] is None  # left out: unchanged
+    # A cap on its checkpoints' bytes; null: the platform's default, which is none here.
+    assert services.settings.max_checkpoint_bytes_per_tenant is None
+    capped = operator.set_limits("acme", max_checkpoint_bytes=10**18)
+    assert (capped["max_checkpoint_bytes"], capped["effective_max_checkpoint_bytes"]) == (
+        10**18,
+        10**18,
+    )
+    assert capped["max_interactive_models"] is None  # left out: unchanged
+    back = operator.set_limits("acme", max_checkpoint_bytes=None)
+    assert (back["max_checkpoint_bytes"], back["effective_max_checkpoint_bytes"]) == (None, None)
     assert_no_drift(engine)
 
 
@@ -286,6 +304,10 @@ def test_tenant_administration_is_refused_with_a_reason_and_writes_nothing(
         ({"name": "ok", "max_interactive_models": 0}, "max_interactive_models"),
         ({"name": "ok", "max_interactive_models": 10_001}, "max_interactive_models"),
         ({"name": "ok", "max_interactive_models": "many"}, "max_interactive_models"),
+        ({"name": "ok", "max_checkpoint_bytes": 0}, "max_checkpoint_bytes"),
+        ({"name": "ok", "max_checkpoint_bytes": -1}, "max_checkpoint_bytes"),
+        ({"name": "ok", "max_checkpoint_bytes": 10**18 + 1}, "max_checkpoint_bytes"),
+        ({"name": "ok", "max_checkpoint_bytes": "20G"}, "max_checkpoint_bytes"),
         ({"name": "ok", "weight": 2}, "weight"),
         ({}, "name"),
     ]
@@ -294,7 +316,12 @@ def test_tenant_administration_is_refused_with_a_reason_and_writes_nothing(
         error = answer.json()["error"]
         assert (answer.status_code, error["param"]) == (400, param), body
     bad_patches = [
-        ({}, None, "give max_running_jobs, max_priority and/or max_interactive_models"),
+        (
+            {},
+            None,
+            "give max_running_jobs, max_priority, max_interactive_models and/or "
+            "max_checkpoint_bytes",
+        ),
         ({"max_priority": -101}, "max_priority", "-100"),
         ({"max_interactive_models": 0}, "max_interactive_models", "greater than or equal to 1"),
         (
@@ -304,6 +331,15 @@ def test_tenant_administration_is_refused_with_a_reason_and_writes_nothing(
         ),
         ({"max_interactive_models": "many"}, "max_interactive_models", "valid integer"),
         ({"max_interactive_models": True}, "max_interactive_models", "not true or false"),
+        ({"max_checkpoint_bytes": 0}, "max_checkpoint_bytes", "greater than or equal to 1"),
+        ({"max_checkpoint_bytes": -5}, "max_checkpoint_bytes", "greater than or equal to 1"),
+        (
+            {"max_checkpoint_bytes": 10**18 + 1},
+            "max_checkpoint_bytes",
+            "less than or equal to 1000000000000000000",
+        ),
+        ({"max_checkpoint_bytes": "20G"}, "max_checkpoint_bytes", "valid integer"),
+        ({"max_checkpoint_bytes": True}, "max_checkpoint_bytes", "not true or false"),
         ({"max_running_jobs": 1.5}, "max_running_jobs", ""),
         ({"priority": 3}, "priority", ""),
     ]

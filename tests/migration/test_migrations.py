@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -134,3 +136,50 @@ def test_revision_0027_holds_a_tenants_interactive_models_cap_to_the_settings_ra
     assert "max_interactive_models" not in columns()
     db.upgrade(empty_database_url, "0027")
     assert "max_interactive_models" in columns()
+
+
+def test_revision_0028_holds_a_tenants_checkpoint_bytes_cap_above_zero_and_comes_down(
+    empty_database_url: str,
+) -> None:
+    """`tenants.max_checkpoint_bytes` (revision 0028) holds a bigint above 0 or null (20 GB
+    and an exabyte fit); with it comes the index the sum of a tenant's checkpoint bytes reads.
+    Going down to 0027 removes the column, its check and the index, so going up again works."""
+
+    def schema() -> tuple[set[str], dict[str, Any]]:
+        """The tenants' columns; the checkpoints' indexes with the columns each includes."""
+        engine = create_engine(empty_database_url, poolclass=pool.NullPool)
+        try:
+            found = inspect(engine)
+            columns = {c["name"] for c in found.get_columns("tenants")}
+            indexes = {
+                str(i["name"]): i.get("dialect_options", {}).get("postgresql_include")
+                for i in found.get_indexes("interactive_checkpoints")
+            }
+            return columns, indexes
+        finally:
+            engine.dispose()
+
+    db.upgrade(empty_database_url, "0028")
+    engine = create_engine(empty_database_url, poolclass=pool.NullPool)
+    insert = text("INSERT INTO tenants (id, name, max_checkpoint_bytes) VALUES (:n, :n, :cap)")
+    try:
+        with engine.begin() as conn:
+            for n, cap in enumerate((None, 1, 20 * 10**9, 10**18)):
+                conn.execute(insert, {"n": f"ok-{n}", "cap": cap})
+        for cap in (0, -1):
+            with (
+                pytest.raises(IntegrityError, match="ck_tenants_max_checkpoint_bytes"),
+                engine.begin() as conn,
+            ):
+                conn.execute(insert, {"n": f"bad-{cap}", "cap": cap})
+    finally:
+        engine.dispose()
+    columns, indexes = schema()
+    assert "max_checkpoint_bytes" in columns
+    assert indexes["ix_interactive_checkpoints_tenant_size"] == ["size_bytes"]
+    db.downgrade(empty_database_url, "0027")
+    columns, indexes = schema()
+    assert "max_checkpoint_bytes" not in columns
+    assert "ix_interactive_checkpoints_tenant_size" not in indexes
+    db.upgrade(empty_database_url, "0028")
+    assert "max_checkpoint_bytes" in schema()[0]

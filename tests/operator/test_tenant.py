@@ -75,7 +75,14 @@ async def test_a_tenant_object_onboards_its_tenant_with_its_limits_and_a_working
 ) -> None:
     await given_credentials(kube, live_url, tenant_a.admin)
     created = await kube.create(
-        "tenants", tenant("team-x", maxRunningJobs=3, maxPriority=5, maxInteractiveModels=4)
+        "tenants",
+        tenant(
+            "team-x",
+            maxRunningJobs=3,
+            maxPriority=5,
+            maxInteractiveModels=4,
+            maxCheckpointBytes=20 * 10**9,
+        ),
     )
     async with running_operator(kube):
         status = await eventually(ready_is(kube, "team-x", "True"), what="Ready")
@@ -86,12 +93,14 @@ async def test_a_tenant_object_onboards_its_tenant_with_its_limits_and_a_working
         5,
         4,
     )
+    assert found["max_checkpoint_bytes"] == 20 * 10**9
     assert status["tenantId"] == found["id"] and status["phase"] == "Ready"
     assert (status["maxRunningJobs"], status["maxPriority"], status["maxInteractiveModels"]) == (
         3,
         5,
         4,
     )
+    assert status["maxCheckpointBytes"] == 20 * 10**9
     assert status["jobs"] == {
         "queued": 0,
         "running": 0,
@@ -120,20 +129,35 @@ async def test_the_tenants_limits_follow_the_spec_and_return_to_the_platform_def
     await kube.create("tenants", tenant("team-x", maxRunningJobs=3, maxPriority=5))
     admin = platform_admin(live_url, tenant_a)
 
-    def limits() -> tuple[Any, Any, Any]:
+    def limits() -> tuple[Any, ...]:
         found = admin.get_tenant("team-x")
-        return found["max_running_jobs"], found["max_priority"], found["max_interactive_models"]
+        return (
+            found["max_running_jobs"],
+            found["max_priority"],
+            found["max_interactive_models"],
+            found["max_checkpoint_bytes"],
+        )
 
     async with running_operator(kube):
         await eventually(ready_is(kube, "team-x", "True"), what="Ready")
-        new = {"maxRunningJobs": 1, "maxPriority": -7, "maxInteractiveModels": 12}
+        new = {
+            "maxRunningJobs": 1,
+            "maxPriority": -7,
+            "maxInteractiveModels": 12,
+            "maxCheckpointBytes": 5 * 10**11,
+        }
         await kube.patch("tenants", "team-x", {"spec": new})
-        await eventually(lambda: limits() == (1, -7, 12), what="the new limits")
+        await eventually(lambda: limits() == (1, -7, 12, 5 * 10**11), what="the new limits")
         await eventually(
             lambda: _status_has(kube, "team-x", "maxInteractiveModels", 12), what="status"
         )
+        await eventually(
+            lambda: _status_has(kube, "team-x", "maxCheckpointBytes", 5 * 10**11), what="status"
+        )
         await kube.patch("tenants", "team-x", {"spec": dict.fromkeys(new)})
-        await eventually(lambda: limits() == (None, None, None), what="the platform's defaults")
+        await eventually(
+            lambda: limits() == (None, None, None, None), what="the platform's defaults"
+        )
         default = services.settings.max_running_jobs_per_tenant
         await eventually(
             lambda: _status_has(kube, "team-x", "maxRunningJobs", default), what="status"
@@ -141,6 +165,7 @@ async def test_the_tenants_limits_follow_the_spec_and_return_to_the_platform_def
     status = (await kube.get("tenants", "team-x") or {})["status"]
     assert status.get("maxPriority") == services.settings.max_priority_per_tenant
     assert status["maxInteractiveModels"] == services.settings.max_interactive_models_per_tenant
+    assert status.get("maxCheckpointBytes") == services.settings.max_checkpoint_bytes_per_tenant
 
 
 async def _status_has(kube: FakeKube, name: str, key: str, value: Any) -> bool:

@@ -14,7 +14,7 @@ in the API's pod (`loraforge admin` does the same on the database directly):
   A running limit takes effect at the next claim (the lines re-flagged in the same statement);
   a limit raised wakes idle trainers for the jobs it now lets run; 0 holds its queue, the jobs
   running going on. A cap on loaded interactive training models holds the tenant's next
-  creation (or resume) of one;
+  creation (or resume) of one, a cap on its checkpoints' bytes its next saves;
 - `/v1/tenants/{name}/api_keys`: its keys listed, a key created for it (a tenant whose admins
   lost theirs), a key revoked (a leaked one, a tenant leaving).
 """
@@ -51,6 +51,7 @@ def _public(overview: tenants.TenantOverview, services: Services) -> TenantPubli
         settings.max_running_jobs_per_tenant,
         settings.max_priority_per_tenant,
         settings.max_interactive_models_per_tenant,
+        settings.max_checkpoint_bytes_per_tenant,
     )
 
 
@@ -84,6 +85,7 @@ def create_tenant(
             max_running_jobs=body.max_running_jobs,
             max_priority=body.max_priority,
             max_interactive_models=body.max_interactive_models,
+            max_checkpoint_bytes=body.max_checkpoint_bytes,
         )
     except tenants.TenantExistsError as exc:
         raise ApiError(409, "tenant_exists", f"{exc}; pick another name", "name") from None
@@ -122,7 +124,8 @@ def set_limits(
     """Change the tenant's limits: a field left out stays, null returns it to the platform's
     default. A job above a lowered cap keeps its priority; a lowered running limit stops no
     running job, it holds the next claims; a lowered interactive models cap unloads no model, it
-    refuses the next ones past it."""
+    refuses the next ones past it; a lowered checkpoint bytes cap deletes no checkpoint, it
+    refuses the next saves while they fill it."""
     limits = body.model_dump(include=body.model_fields_set)
     changed = tenants.set_limits(
         conn, name, services.settings.max_running_jobs_per_tenant, **limits

@@ -40,7 +40,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import interactive, interactive_health, interactive_runs
+from control_plane import interactive, interactive_health, interactive_runs, interactive_storage
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
@@ -105,6 +105,8 @@ def domain_errors() -> Iterator[None]:
         raise ApiError(400, "invalid_request", str(exc), exc.param) from None
     except interactive_runs.OverLimit as exc:
         raise ApiError(403, "interactive_model_limit", str(exc)) from None
+    except interactive_storage.StorageFull as exc:
+        raise ApiError(403, "checkpoint_storage_full", str(exc)) from None
 
 
 # -- the handshake ------------------------------------------------------------------------------
@@ -284,17 +286,25 @@ def _save_request(body: SaveWeights) -> dict[str, Any]:
 
 
 @router.post("/save_weights")
-def save_weights(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
-    if body.path is not None and not body.overwrite:
-        with domain_errors():
+def save_weights(
+    body: SaveWeights, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> UntypedFuture:
+    cap = services.settings.max_checkpoint_bytes_per_tenant
+    with domain_errors():
+        interactive_storage.require_room(conn, caller.tenant_id, cap, body.model_id, body.seq_id)
+        if body.path is not None and not body.overwrite:
             interactive_runs.check_name_free(conn, caller.tenant_id, body.model_id, body.path)
     request = _save_request(body)
     return _enqueue(conn, caller, body.model_id, CallKind.SAVE_WEIGHTS, request, body.seq_id)
 
 
 @router.post("/save_weights_for_sampler")
-def save_weights_for_sampler(body: SaveWeights, conn: ConnDep, caller: Writer) -> UntypedFuture:
+def save_weights_for_sampler(
+    body: SaveWeights, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> UntypedFuture:
+    cap = services.settings.max_checkpoint_bytes_per_tenant
     with domain_errors():
+        interactive_storage.require_room(conn, caller.tenant_id, cap, body.model_id, body.seq_id)
         future, _ = interactive.save_for_sampler(
             conn, caller.tenant_id, body.model_id, _save_request(body), client_seq=body.seq_id
         )

@@ -1,6 +1,7 @@
 """/api/v1, what the `tinker` SDK's `RestClient` looks up and changes: a tenant's training runs,
 their checkpoints, sessions, what saved weights were trained on, a checkpoint's deletion and its
-time to live (`control_plane.interactive_runs`).
+time to live (`control_plane.interactive_runs`); and what its checkpoints hold in storage, as the
+SDK's `AdminClient` asks for it (`control_plane.interactive_storage`).
 
 Any live key of the tenant reads (a reader's too: these change nothing); deleting a checkpoint
 or setting when it expires takes a writer's. A checkpoint is named as the SDK names it, by its
@@ -14,13 +15,15 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from control_plane import interactive_runs
+from control_plane import interactive_runs, interactive_storage
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.routes.tinker import domain_errors
 from control_plane.api.tinker_schemas import (
     Checkpoint,
     CheckpointsList,
+    CheckpointStorageItem,
+    CheckpointStorageUsage,
     CheckpointTtl,
     Cursor,
     SessionInfo,
@@ -76,12 +79,12 @@ def _run(run: RunRecord) -> TrainingRun:
     )
 
 
-def _no_projects(project_id: str | None) -> None:
+def _no_projects(project_id: str | None, together: str = "runs are listed") -> None:
     if project_id is not None:
         raise ApiError(
             400,
             "invalid_request",
-            "loraforge has no projects: a tenant's runs are listed together (leave project_id out)",
+            f"loraforge has no projects: a tenant's {together} together (leave project_id out)",
             "project_id",
         )
 
@@ -212,4 +215,28 @@ def get_session(session_id: str, conn: ConnDep, caller: Caller) -> SessionInfo:
         training_run_ids=found.training_run_ids,
         sampler_ids=found.sampler_ids,
         user_metadata=found.user_metadata or None,
+    )
+
+
+@router.get("/billing/usage/checkpoints/current")
+def checkpoint_storage(
+    conn: ConnDep, caller: Caller, project_id: str | None = None
+) -> CheckpointStorageUsage:
+    """What the tenant's checkpoints hold now (the SDK's `AdminClient`
+    `get_current_checkpoint_storage_usage`): one item, the tenant's, current to the last save or
+    deletion. loraforge prices nothing, so the rate and the cost are null."""
+    _no_projects(project_id, "checkpoints are counted")
+    used = interactive_storage.storage(conn, caller.tenant_id)
+    return CheckpointStorageUsage(
+        data=[
+            CheckpointStorageItem(
+                user_name=used.tenant_name,
+                checkpoint_count=used.checkpoints,
+                size_bytes=used.size_bytes,
+                # The SDK documents this only as the bytes "converted to the storage billing
+                # unit", the GB of its per-GB-month rate, and names no factor: storage is billed
+                # in decimal gigabytes, 10^9 bytes, as `control_plane.sizes` counts them.
+                size_gigabytes=used.size_bytes / 10**9,
+            )
+        ]
     )

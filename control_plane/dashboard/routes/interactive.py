@@ -1,7 +1,8 @@
 """The Sessions pages: the tenant's interactive (Tinker-compatible) sessions, fifty a page, with
-their models and calls counted, and a session's page: its models (who holds their weights,
-their calls, the last failure's message) and the weights they saved, each with the adapter
-version it became, or, for a writer, a form that publishes it as one.
+their models and calls counted and what the tenant's checkpoints hold in storage (and the cap on
+it, if any), and a session's page: its models (who holds their weights, their calls, the last
+failure's message) and the weights they saved, each with the adapter version it became, or, for
+a writer, a form that publishes it as one.
 
 Publishing calls `POST /v1/adapters/{name}/versions`' own function (the same name rules, the
 same refusal of a name bound to another base, the same "a checkpoint becomes one version"), so
@@ -27,6 +28,7 @@ from control_plane.api.routes import adapters as adapters_api
 from control_plane.dashboard import interactive_queries as queries
 from control_plane.dashboard.render import PageForbidden, PageNotFound, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
+from control_plane.interactive_storage import storage
 from control_plane.tenants import Principal
 
 router = APIRouter()
@@ -68,20 +70,24 @@ def sessions_page(
     request: Request,
     session: CurrentSession,
     conn: PageConn,
+    services: ServicesDep,
     after: Annotated[str | None, Query(max_length=ID_MAX)] = None,
 ) -> Response:
     """The tenant's sessions, newest first, `SESSIONS_PAGE` a page (`after`: the last session
-    of the page before)."""
+    of the page before), under what its checkpoints hold and the cap that applies."""
     try:
         rows, more = queries.sessions_page(
             conn, session.principal.tenant_id, after=after or None, limit=SESSIONS_PAGE
         )
     except LookupError:  # `after` is none of the tenant's sessions
         raise PageNotFound() from None
+    stored = storage(conn, session.principal.tenant_id)
     return page(
         request,
         "sessions.html",
         session,
+        stored=stored,
+        storage_cap=stored.cap(services.settings.max_checkpoint_bytes_per_tenant),
         rows=rows,
         more=more,
         after=after or None,

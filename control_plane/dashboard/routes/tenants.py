@@ -28,6 +28,7 @@ from control_plane.api.tenant_schemas import TenantCreate, TenantLimits
 from control_plane.dashboard.render import PageForbidden, PageNotFound, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
 from control_plane.services import Services
+from control_plane.sizes import parse_size
 
 router = APIRouter()
 
@@ -37,10 +38,12 @@ NAME_MAX = 128  # `TenantName`'s longest
 NOTICES = {
     "limits-saved": "New limits saved for {tenant}: a running limit holds its next claims (the "
     "jobs running go on), a priority cap its next requests, an interactive models cap its next "
-    "training models (those loaded stay).",
+    "training models (those loaded stay), a checkpoint storage cap its next saves (what is "
+    "stored stays).",
     "bad-limits": "Nothing changed for {tenant}: a running limit is a whole number from 0 to "
-    "10,000, a priority cap one from -100 to 100 and an interactive models cap one from 1 to "
-    "10,000; leave a field empty for the platform's default.",
+    "10,000, a priority cap one from -100 to 100, an interactive models cap one from 1 to "
+    "10,000 and a checkpoint storage cap a size from 1 byte, in bytes or with a decimal unit "
+    "(500M, 20G, 1T); leave a field empty for the platform's default.",
 }
 
 
@@ -71,6 +74,13 @@ def _limit(field: str) -> str | None:
     return field.strip() or None
 
 
+def _size(field: str) -> int | None:
+    """A cap on bytes as the REST body takes it: empty is null, else the bytes that `20G`,
+    `500M` or plain digits write (decimal units; ValueError saying what is taken)."""
+    field = field.strip()
+    return parse_size(field) if field else None
+
+
 def _tenants_page(
     request: Request,
     session: Session,
@@ -95,6 +105,7 @@ def _tenants_page(
         default_running=settings.max_running_jobs_per_tenant,
         default_priority=settings.max_priority_per_tenant,
         default_interactive=settings.max_interactive_models_per_tenant,
+        default_checkpoint_bytes=settings.max_checkpoint_bytes_per_tenant,
         **context,
     )
 
@@ -132,6 +143,7 @@ def set_limits(
     max_running_jobs: Annotated[str, Form()] = "",
     max_priority: Annotated[str, Form()] = "",
     max_interactive_models: Annotated[str, Form()] = "",
+    max_checkpoint_bytes: Annotated[str, Form()] = "",
     after: Annotated[str, Form(max_length=NAME_MAX)] = "",
 ) -> Response:
     """Give the tenant the form's limits (an empty field: the platform's default) through
@@ -149,9 +161,10 @@ def set_limits(
                 "max_running_jobs": _limit(max_running_jobs),
                 "max_priority": _limit(max_priority),
                 "max_interactive_models": _limit(max_interactive_models),
+                "max_checkpoint_bytes": _size(max_checkpoint_bytes),
             }
         )
-    except ValidationError:
+    except ValueError:  # a size unread, or a limit the body refuses (a ValidationError)
         return _back(name, "bad-limits", after)
     try:
         tenants_api.set_limits(name, body, conn, session.principal, services)
@@ -175,6 +188,7 @@ def create_tenant(
     max_running_jobs: Annotated[str, Form()] = "",
     max_priority: Annotated[str, Form()] = "",
     max_interactive_models: Annotated[str, Form()] = "",
+    max_checkpoint_bytes: Annotated[str, Form()] = "",
 ) -> Response:
     """Onboard a tenant through `POST /v1/tenants`' function: the answer is a page showing its
     first admin key, once. A name taken or one the REST body refuses, or a limit out of range,
@@ -186,7 +200,13 @@ def create_tenant(
         "max_running_jobs": max_running_jobs,
         "max_priority": max_priority,
         "max_interactive_models": max_interactive_models,
+        "max_checkpoint_bytes": max_checkpoint_bytes,
     }
+    try:
+        checkpoint_bytes = _size(max_checkpoint_bytes)
+    except ValueError as exc:
+        message = f"max_checkpoint_bytes: {exc}"
+        return _refused(request, session, conn, services, message, new, status_code=400)
     try:
         body = TenantCreate.model_validate(
             {
@@ -194,6 +214,7 @@ def create_tenant(
                 "max_running_jobs": _limit(max_running_jobs),
                 "max_priority": _limit(max_priority),
                 "max_interactive_models": _limit(max_interactive_models),
+                "max_checkpoint_bytes": checkpoint_bytes,
             }
         )
     except ValidationError as exc:
