@@ -60,6 +60,27 @@ def _same(together: dict[str, Any], alone: dict[str, Any]) -> None:
         )
 
 
+def _decoded_as_alone(
+    engine: InteractiveEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    asked: list[tuple[str | None, dict[str, Any]]],
+    alone: list[dict[str, Any]],
+    refusal: str,
+    split: tuple[int, list[int]],
+) -> None:
+    """`asked` (its fifth request refused, saying `refusal`) decoded together answers `alone`,
+    in one batch, and again in the batches `split` gives for a smaller token budget."""
+    for budget, batches in ((sampling.SAMPLE_TOKENS, [len(alone)]), split):
+        decoded = _decoded_batches(monkeypatch, budget)
+        together = engine.sample_many(asked)
+        assert decoded == batches
+        refused = together.pop(4)
+        assert isinstance(refused, InteractiveError) and refusal in str(refused)
+        for mine, theirs in zip(together, alone, strict=True):
+            assert not isinstance(mine, InteractiveError)
+            _same(mine, theirs)
+
+
 def test_sample_calls_decoded_together_answer_what_each_answers_alone(
     engine: InteractiveEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,15 +102,8 @@ def test_sample_calls_decoded_together_answer_what_each_answers_alone(
     assert alone[3]["sequences"][0]["stop_reason"] == "stop"  # it stops before the others
 
     # One batch; then, within 40 tokens (rows times the longest row), 1, 1, 1 and 2 requests.
-    for budget, batches in ((sampling.SAMPLE_TOKENS, [5]), (40, [1, 1, 1, 2])):
-        decoded = _decoded_batches(monkeypatch, budget)
-        together = engine.sample_many([("m", r) for r in requests])
-        assert decoded == batches
-        refused = together.pop(4)
-        assert isinstance(refused, InteractiveError) and "max_tokens" in str(refused)
-        for mine, theirs in zip(together, alone, strict=True):
-            assert not isinstance(mine, InteractiveError)
-            _same(mine, theirs)
+    asked: list[tuple[str | None, dict[str, Any]]] = [("m", r) for r in requests]
+    _decoded_as_alone(engine, monkeypatch, asked, alone, "max_tokens", (40, [1, 1, 1, 2]))
 
 
 def test_the_bases_samples_batch_too_and_a_batch_of_only_refusals_runs_nothing(
@@ -137,12 +151,4 @@ def test_several_models_and_the_base_share_a_batch_each_row_through_its_own_adap
     assert len({str(alone[i]["sequences"][0]["logprobs"]) for i in (0, 1, 4)}) == 3
     assert alone[3]["sequences"][0]["tokens"] == alone[0]["sequences"][0]["tokens"]
 
-    for budget, batches in ((sampling.SAMPLE_TOKENS, [5]), (30, [2, 1, 2])):
-        decoded = _decoded_batches(monkeypatch, budget)
-        together = engine.sample_many(asked)
-        assert decoded == batches
-        refused = together.pop(4)
-        assert isinstance(refused, InteractiveError) and "nobody" in str(refused)
-        for mine, theirs in zip(together, alone, strict=True):
-            assert not isinstance(mine, InteractiveError)
-            _same(mine, theirs)
+    _decoded_as_alone(engine, monkeypatch, asked, alone, "nobody", (30, [2, 1, 2]))
