@@ -579,3 +579,33 @@ def test_the_queue_page_shows_each_interactive_executor_and_the_calls_waiting_on
     assert executors["exec-live"][5] == "1"  # its own model only
     expect(page.locator("#executors thead")).to_contain_text("Your models held")
     expect(page.locator("#interactive-backlog")).to_have_count(0)
+
+
+def test_a_sessions_page_says_its_calls_wait_on_a_base_no_executor_holds(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, base_id: str
+) -> None:
+    """As the SDK's polls say it (paused for capacity): calls pending on a base that no live
+    executor holds wait until one starts; once one reports, the page no longer says so."""
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-w", silent_s=5)
+    model = add_model(services, "sess-w", tenant, base_id, "m-waits")
+    add_calls(services, model, tenant, base_id, [("create_model", "pending")])
+    idle = add_model(services, "sess-w", tenant, make_base(services.engine, "idle").id, "m-done")
+    add_calls(services, idle, tenant, base_id, [("create_model", "completed")])
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/sessions/sess-w")
+    expect(page.locator("#unserved")).to_contain_text(
+        "Calls wait: no interactive executor holds tiny-llama now"
+    )
+    expect(page.locator("#unserved")).to_contain_text("loraforge interactive --base tiny-llama")
+    expect(page.locator("#unserved")).not_to_contain_text("idle")  # nothing of it waits
+    with services.engine.begin() as conn:
+        trainers.report(
+            conn,
+            trainers.TrainerReport(
+                "exec-1", "h", 1, "cpu", resident_base="tiny-llama", kind="interactive"
+            ),
+        )
+    page.reload()
+    expect(page.locator("#models")).to_be_visible()
+    expect(page.locator("#unserved")).to_have_count(0)

@@ -1,7 +1,7 @@
 """The Sessions pages: the tenant's interactive (Tinker-compatible) sessions, fifty a page, with
 their models and calls counted and what the tenant's checkpoints hold in storage (and the cap on
 it, if any), and a session's page: its models (who holds their weights, their calls, the last
-failure's message) and the weights they saved, each with the adapter version it became, or, for
+failure's message, and whether their calls wait on a base no executor holds) and the weights they saved, each with the adapter version it became, or, for
 a writer, a form that publishes it as one.
 
 Publishing calls `POST /v1/adapters/{name}/versions`' own function (the same name rules, the
@@ -21,6 +21,7 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
+from control_plane import trainers
 from control_plane.api.adapter_schemas import VersionFromCheckpoint
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
@@ -101,6 +102,7 @@ def _session_page(
     session: Session,
     conn: Connection,
     found: queries.SessionLine,
+    lease_seconds: float,
     *,
     status_code: int = 200,
     notice: str | None = None,
@@ -112,6 +114,10 @@ def _session_page(
     checkpoints, more_checkpoints = queries.session_checkpoints(
         conn, tenant_id, found.id, limit=CHECKPOINTS_SHOWN
     )
+    # What waits on a base no live executor holds waits until one starts: said, as the SDK's
+    # polls say it (`queue_state` paused_capacity).
+    served = trainers.served_bases(conn, lease_seconds)
+    unserved = sorted({m.base_model_name for m in models if m.calls.pending} - served)
     return page(
         request,
         "session.html",
@@ -122,6 +128,7 @@ def _session_page(
         more_models=more_models,
         checkpoints=checkpoints,
         more_checkpoints=more_checkpoints,
+        unserved=unserved,
         may_publish=session.principal.can_write(),
         active_minutes=ACTIVE_MINUTES,
         notice=notice,
@@ -136,6 +143,7 @@ def session_page(
     request: Request,
     session: CurrentSession,
     conn: PageConn,
+    services: ServicesDep,
     notice: str | None = None,
     checkpoint: Annotated[str, Query(max_length=1000)] = "",
 ) -> Response:
@@ -147,7 +155,8 @@ def session_page(
         saved = queries.session_checkpoint(conn, session.principal.tenant_id, found.id, checkpoint)
         if saved is not None and saved.published_as:
             said = NOTICES[notice].format(path=saved.path, version=saved.published_as)
-    return _session_page(request, session, conn, found, notice=said)
+    lease = services.settings.lease_seconds
+    return _session_page(request, session, conn, found, lease, notice=said)
 
 
 @router.post("/sessions/{session_id}/publish")
@@ -175,6 +184,7 @@ def publish_checkpoint(
             session,
             conn,
             found,
+            services.settings.lease_seconds,
             status_code=status_code,
             notice=f"No version was published: {message}",
             refused=True,
