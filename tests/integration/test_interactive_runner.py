@@ -27,6 +27,7 @@ from tests.factories import (
     register_test_base,
 )
 from tests.faults.tcp_proxy import CuttableProxy
+from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.interactive.runner import InteractiveRunner
 
 SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
@@ -582,3 +583,47 @@ def test_tenants_sample_calls_share_a_batch_each_through_its_own_model(
         answer = _answer(services, call)[1]["sequences"][0]
         assert answer["tokens"] == alone["tokens"]
         assert answer["logprobs"] == pytest.approx(alone["logprobs"], abs=1e-4)
+
+
+class _OutOfMemoryWithTheLongPrompt(InteractiveEngine):
+    """The real engine, but a batch holding a prompt longer than 10 tokens runs out of memory,
+    as a batch too big for a GPU does (the long prompt alone too: it is the culprit)."""
+
+    def sample_many(
+        self, asked: list[tuple[str | None, dict[str, Any]]]
+    ) -> list[dict[str, Any] | InteractiveError]:
+        for _, request in asked:
+            if len(request["prompt"]["chunks"][0]["tokens"]) > 10:
+                raise RuntimeError("CUDA out of memory (a test's stand-in)")
+        return super().sample_many(asked)
+
+
+def test_a_sample_batch_that_fails_is_run_again_a_call_at_a_time(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """A batch that fails (out of memory) is not every tenant's failure: its calls run again
+    one at a time, and only the one that fails alone is answered with the error."""
+    runner = InteractiveRunner(
+        services,
+        "exec-oom",
+        world["base"],
+        work_dir=tmp_path / "exec-oom",
+        precision="fp32",
+        engine_factory=_OutOfMemoryWithTheLongPrompt,
+    )
+    with services.engine.begin() as conn:
+        trainers.report(conn, runner.snapshot())
+    model = interactive_model(
+        services.engine, world["session"], world["tenant"], world["base"], "m"
+    )
+    prompts = [SEQUENCE[:6], SEQUENCE[:16], SEQUENCE[2:8]]
+    asked = [("create_model", {})] + [("sample", {**SAMPLE, "prompt": _tokens(p)}) for p in prompts]
+    ids = _ask_in_order(services, world, model, asked)
+    assert _drain(runner) == 4
+    long_prompt = _answer(services, ids[2])
+    assert long_prompt[0] == "failed" and long_prompt[1]["category"] == "server"
+    assert "out of memory" in long_prompt[1]["error"]
+    for call, prompt in ((ids[1], prompts[0]), (ids[3], prompts[2])):
+        status, result = _answer(services, call)
+        alone = runner.engine.sample(model, {**SAMPLE, "prompt": _tokens(prompt)})
+        assert status == "completed" and result["sequences"] == alone["sequences"]

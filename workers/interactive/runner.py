@@ -63,7 +63,8 @@ _Outcome = tuple[dict[str, Any], calls.Saved | None, bool] | _Failure
 def _failure(exc: Exception, taken: list[calls.Call]) -> _Failure:
     if isinstance(exc, InteractiveError):
         return _Failure(str(exc), "user")
-    log.exception("interactive call %s (%s) failed", ", ".join(c.id for c in taken), taken[0].kind)
+    ids = ", ".join(c.id for c in taken)
+    log.error("interactive call %s (%s) failed", ids, taken[0].kind, exc_info=exc)
     return _Failure(f"{type(exc).__name__}: {exc}", "server")
 
 
@@ -156,7 +157,9 @@ class InteractiveRunner:
 
     def _samples(self, taken: list[calls.Call]) -> list[_Outcome]:
         """Sample calls, of one model or several, decoded together; a call whose weights cannot
-        be had, or whose request is refused, fails alone."""
+        be had, or whose request is refused, fails alone. A batch that fails is run again a
+        call at a time, so that a failure is its own call's (a batch out of memory may fit
+        alone)."""
         outcomes: list[_Outcome | None] = []
         asked: list[tuple[str | None, dict[str, Any]]] = []
         for call in taken:
@@ -165,21 +168,30 @@ class InteractiveRunner:
                 outcomes.append(None)
             except Exception as exc:
                 outcomes.append(_failure(exc, [call]))
+        answers: list[dict[str, Any] | Exception]
         try:
-            answers = iter(self.engine.sample_many(asked))
+            answers = list(self.engine.sample_many(asked))
         except Exception as exc:
-            return [_failure(exc, taken)] * len(taken)
-        done: list[_Outcome] = []
-        for outcome in outcomes:
-            if outcome is not None:
-                done.append(outcome)
-                continue
-            answer = next(answers)
-            if isinstance(answer, InteractiveError):
-                done.append(_Failure(str(answer), "user"))
+            if len(asked) == 1:
+                answers = [exc]
             else:
-                done.append((answer, None, False))
-        return done
+                log.warning(
+                    "a batch of %d sample calls failed (%s): one at a time", len(asked), exc
+                )
+                answers = [self._sample_alone(one) for one in asked]
+        waiting = (i for i, outcome in enumerate(outcomes) if outcome is None)
+        for i, answer in zip(waiting, answers, strict=True):
+            if isinstance(answer, Exception):
+                outcomes[i] = _failure(answer, [taken[i]])
+            else:
+                outcomes[i] = (answer, None, False)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _sample_alone(self, asked: tuple[str | None, dict[str, Any]]) -> dict[str, Any] | Exception:
+        try:
+            return self.engine.sample_many([asked])[0]
+        except Exception as exc:
+            return exc
 
     def _answer(self, call: calls.Call, outcome: _Outcome) -> None:
         if isinstance(outcome, _Failure):
