@@ -544,9 +544,10 @@ def test_a_models_sample_calls_run_together_and_never_past_a_call_that_changes_i
 def test_tenants_sample_calls_share_a_batch_each_through_its_own_model(
     services: Services, world: dict[str, str], tmp_path: Path
 ) -> None:
-    """Two tenants' models sampled at once: one claim takes both tenants' sample calls (in
-    their turns, up to the batch) into one forward pass a token; each answers what its model
-    answers alone, and a model's call of another kind stays out of it."""
+    """Two tenants' models sampled at once: one claim takes both tenants' sample calls (each
+    tenant's first in their turns, then a next call of each model a round, up to the batch)
+    into one forward pass a token; each answers what its model answers alone, and a model's
+    call of another kind stays out of it."""
     runner = _runner(services, world, "exec-1", tmp_path)
     runner.sample_batch = 4
     other = make_tenant(services.engine, "globex")
@@ -574,8 +575,8 @@ def test_tenants_sample_calls_share_a_batch_each_through_its_own_model(
 
     assert runner.run_once()
     first = answered()
-    # Tenant a (served least recently) with its model's next calls, then tenant b's next one.
-    assert first == asked[:4]
+    # Each tenant's first call (a, served least recently, first), then a next call of each.
+    assert first == [asked[0], asked[1], asked[3], asked[4]]
     assert runner.run_once() and len(answered()) == 5
     assert runner.run_once()  # the forward_backward, alone
     for call, model, prompt in zip(asked, [mine] * 3 + [theirs] * 2, prompts, strict=True):

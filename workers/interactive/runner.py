@@ -228,20 +228,32 @@ class InteractiveRunner:
         )
 
     def _claim(self) -> list[calls.Call]:
-        """The next call; a sample call with the model's next ones, then (the tenants in turn)
-        other models' sample calls that can run, up to `sample_batch`, to decode together
-        (no more saved samplers than the engine keeps)."""
+        """The next call; with a sample call, other models' sample calls that can run (the
+        tenants in turn, never more saved samplers than the engine keeps), then each model's
+        next ones, a call a model a round, up to `sample_batch`: decoded together, each tenant
+        served in each batch."""
         with self.services.engine.begin() as conn:
             call = calls.claim_next(conn, self.executor_id, self.base.id)
-            taken = [] if call is None else [call]
-            while call is not None and call.kind == "sample":
-                room = self.sample_batch - len(taken)
-                taken += calls.claim_more_samples(conn, self.executor_id, call, room)
+            if call is None or call.kind != "sample":
+                return [] if call is None else [call]
+            taken, last = [call], {call.model_id: call}
+            while len(taken) < self.sample_batch:
                 samplers = {c.model_id for c in taken if c.model_kind == "sampler"}
-                if len(taken) >= self.sample_batch or len(samplers) >= self.samplers_kept:
+                if len(samplers) >= self.samplers_kept:
                     break
-                call = calls.claim_next(conn, self.executor_id, self.base.id, samples_only=True)
-                taken += [] if call is None else [call]
+                head = calls.claim_next(conn, self.executor_id, self.base.id, samples_only=True)
+                if head is None:
+                    break
+                taken.append(head)
+                last[head.model_id] = head
+            while len(taken) < self.sample_batch:
+                before = len(taken)
+                for model_id, previous in list(last.items())[: self.sample_batch - len(taken)]:
+                    more = calls.claim_more_samples(conn, self.executor_id, previous, 1)
+                    taken += more
+                    last[model_id] = more[0] if more else previous
+                if len(taken) == before:
+                    break
             return taken
 
     def _failed(self, call: calls.Call, message: str, category: str) -> None:
