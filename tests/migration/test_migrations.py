@@ -103,6 +103,24 @@ def test_the_metric_rollups_of_jobs_logged_before_revision_0015_are_summed_as_it
     assert len(rows[before]) > 16 * 2 and rows[before] == rows[after]
 
 
+def _tenant_cap_holds(url: str, column: str, good: tuple[Any, ...], bad: tuple[Any, ...]) -> None:
+    """A tenant's cap `column` takes each of `good` and refuses each of `bad` by its check."""
+    engine = create_engine(url, poolclass=pool.NullPool)
+    insert = text(f"INSERT INTO tenants (id, name, {column}) VALUES (:n, :n, :cap)")
+    try:
+        with engine.begin() as conn:
+            for n, cap in enumerate(good):
+                conn.execute(insert, {"n": f"ok-{n}", "cap": cap})
+        for cap in bad:
+            with (
+                pytest.raises(IntegrityError, match=f"ck_tenants_{column}"),
+                engine.begin() as conn,
+            ):
+                conn.execute(insert, {"n": f"bad-{cap}", "cap": cap})
+    finally:
+        engine.dispose()
+
+
 def test_revision_0027_holds_a_tenants_interactive_models_cap_to_the_settings_range_and_comes_down(
     empty_database_url: str,
 ) -> None:
@@ -118,20 +136,7 @@ def test_revision_0027_holds_a_tenants_interactive_models_cap_to_the_settings_ra
             engine.dispose()
 
     db.upgrade(empty_database_url, "0027")
-    engine = create_engine(empty_database_url, poolclass=pool.NullPool)
-    insert = text("INSERT INTO tenants (id, name, max_interactive_models) VALUES (:n, :n, :cap)")
-    try:
-        with engine.begin() as conn:
-            for n, cap in enumerate((None, 1, 10_000)):
-                conn.execute(insert, {"n": f"ok-{n}", "cap": cap})
-        for cap in (0, 10_001):
-            with (
-                pytest.raises(IntegrityError, match="ck_tenants_max_interactive_models"),
-                engine.begin() as conn,
-            ):
-                conn.execute(insert, {"n": f"bad-{cap}", "cap": cap})
-    finally:
-        engine.dispose()
+    _tenant_cap_holds(empty_database_url, "max_interactive_models", (None, 1, 10_000), (0, 10_001))
     db.downgrade(empty_database_url, "0026")
     assert "max_interactive_models" not in columns()
     db.upgrade(empty_database_url, "0027")
@@ -160,20 +165,9 @@ def test_revision_0028_holds_a_tenants_checkpoint_bytes_cap_above_zero_and_comes
             engine.dispose()
 
     db.upgrade(empty_database_url, "0028")
-    engine = create_engine(empty_database_url, poolclass=pool.NullPool)
-    insert = text("INSERT INTO tenants (id, name, max_checkpoint_bytes) VALUES (:n, :n, :cap)")
-    try:
-        with engine.begin() as conn:
-            for n, cap in enumerate((None, 1, 20 * 10**9, 10**18)):
-                conn.execute(insert, {"n": f"ok-{n}", "cap": cap})
-        for cap in (0, -1):
-            with (
-                pytest.raises(IntegrityError, match="ck_tenants_max_checkpoint_bytes"),
-                engine.begin() as conn,
-            ):
-                conn.execute(insert, {"n": f"bad-{cap}", "cap": cap})
-    finally:
-        engine.dispose()
+    _tenant_cap_holds(
+        empty_database_url, "max_checkpoint_bytes", (None, 1, 20 * 10**9, 10**18), (0, -1)
+    )
     columns, indexes = schema()
     assert "max_checkpoint_bytes" in columns
     assert indexes["ix_interactive_checkpoints_tenant_size"] == ["size_bytes"]
