@@ -5,6 +5,7 @@ the `tinker` SDK over a real socket."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,12 @@ def settings(tmp_path: Path) -> Settings:
     return tinker_settings(tmp_path)
 
 
+def _pending(services: Services) -> int:
+    with services.engine.connect() as conn:
+        sql = "SELECT count(*) FROM interactive_calls WHERE kind = 'sample' AND status = 'pending'"
+        return int(conn.execute(text(sql)).scalar_one())
+
+
 def test_two_tenants_sample_futures_are_decoded_together_and_answer_as_alone(
     services: Services, live_url: str, tenant_a: TenantKeys, tenant_b: TenantKeys, tmp_path: Path
 ) -> None:
@@ -37,8 +44,13 @@ def test_two_tenants_sample_futures_are_decoded_together_and_answer_as_alone(
     ):
         with serving_executor(services, base.id, "executor-1", tmp_path / "e1"):
             samplers = [s.create_sampling_client(base_model=base.name) for s in (first, second)]
-        # Asked while no executor runs, so that the next one finds all sixteen waiting.
+        # Asked while no executor runs, so that the next one finds all sixteen waiting (the SDK
+        # sends them from its own thread: waited for until they are all in).
         futures = [sampler.sample(p, 1, params) for sampler in samplers for p in prompts]
+        deadline = time.monotonic() + 30
+        while _pending(services) < len(futures):
+            assert time.monotonic() < deadline, "the SDK did not send its sixteen samples"
+            time.sleep(0.05)
         with serving_executor(services, base.id, "executor-2", tmp_path / "e2"):
             together = [f.result(timeout=120).sequences[0].tokens for f in futures]
             alone = [
