@@ -194,6 +194,7 @@ def generate(
     batch, its tokens dropped, until every row has. `adapters` (a peft model's adapter names,
     one a request) has each request's rows read through its own adapter."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
+    rows_of = [[row for row, o in enumerate(owner) if o == r] for r in range(len(requests))]
     routed = {} if adapters is None else {"adapter_names": [adapters[r] for r in owner]}
     width = max(len(request.prompt) for request in requests)
     ids = torch.zeros((len(owner), width), dtype=torch.int64)
@@ -207,9 +208,8 @@ def generate(
     output = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **routed
     )
-    first_row = {r: owner.index(r) for r in range(len(requests))}
     prompt_logprobs = [
-        _prompt_logprobs(output.logits[first_row[r], width - len(request.prompt) :], request)
+        _prompt_logprobs(output.logits[rows_of[r][0], width - len(request.prompt) :], request)
         for r, request in enumerate(requests)
     ]
     generators = [_generator(request.seed, device) for request in requests]
@@ -220,8 +220,7 @@ def generate(
         logits = output.logits[:, -1].float()
         chosen = torch.empty(len(owner), dtype=torch.int64, device=device)
         for r, request in enumerate(requests):
-            rows = [row for row, o in enumerate(owner) if o == r]
-            chosen[rows] = _choose(logits[rows], request, generators[r])
+            chosen[rows_of[r]] = _choose(logits[rows_of[r]], request, generators[r])
         own = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
         for row, (token, logprob) in enumerate(zip(chosen.tolist(), own.tolist(), strict=True)):
             if done[row]:
@@ -254,8 +253,7 @@ def generate(
                     "logprobs": logprobs[row],
                     "stop_reason": "stop" if stopped[row] else "length",
                 }
-                for row, o in enumerate(owner)
-                if o == r
+                for row in rows_of[r]
             ],
             "prompt_logprobs": prompt_logprobs[r],
         }
