@@ -33,13 +33,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
-from workers.interactive.losses import (
-    Datum,
-    InteractiveError,
-    read_forward_input,
-    target_logprobs,
-    tensor_data,
-)
+from workers.interactive.forwarding import Forward, run_together
+from workers.interactive.losses import InteractiveError, read_forward_input
 from workers.interactive.sampling import (
     SamplingRequest,
     evaluating,
@@ -86,8 +81,9 @@ class _Model:
 class InteractiveEngine:
     """Tinker's training and sampling calls over named adapters on one resident base."""
 
-    def __init__(self, base: ResidentBase) -> None:
+    def __init__(self, base: ResidentBase, *, micro_batch_tokens: int = MICRO_BATCH_TOKENS) -> None:
         self.base = base
+        self.micro_batch_tokens = micro_batch_tokens
         self._lock = threading.RLock()
         self._peft: PeftModel | None = None
         self._models: dict[str, _Model] = {}
@@ -206,56 +202,45 @@ class InteractiveEngine:
 
     def forward_backward(self, model_id: str, fwd_input: dict[str, Any]) -> dict[str, Any]:
         """ForwardBackwardInput -> ForwardBackwardOutput; gradients accumulate until optim_step."""
-        return self._forward(model_id, fwd_input, backward=True)
+        return _raised(self.forward_many([(model_id, fwd_input, True)])[0])
 
     def forward(self, model_id: str, fwd_input: dict[str, Any]) -> dict[str, Any]:
         """The same output as forward_backward, without gradients."""
-        return self._forward(model_id, fwd_input, backward=False)
+        return _raised(self.forward_many([(model_id, fwd_input, False)])[0])
 
-    def _forward(
-        self, model_id: str, fwd_input: dict[str, Any], *, backward: bool
-    ) -> dict[str, Any]:
+    def forward_many(
+        self, asked: list[tuple[str, dict[str, Any], bool]]
+    ) -> list[dict[str, Any] | InteractiveError]:
+        """ForwardBackwardInputs of distinct training models, each with whether its gradients
+        are kept (forward_backward) or not (forward), run together (`forwarding`: their datums
+        share each forward pass, each row through its own model's adapter): each its
+        ForwardBackwardOutput, as it would be alone, or the reason it was refused (the others
+        run). A batch that fails leaves every model's gradients as they were."""
+        answers: list[dict[str, Any] | InteractiveError] = []
+        parsed: dict[int, Forward] = {}
         with self._lock:
-            model, _ = self._trainable(model_id)
-            loss_fn, data = read_forward_input(fwd_input, self._vocab_size)
-            self._wrapped.set_adapter(model.adapter)
-            outputs: list[dict[str, Any]] = []
-            total = 0.0
-            for group in _micro_batches(data):
-                with torch.set_grad_enabled(backward), self._autocast():
-                    logits = self._logits(group)
-                    results = []
-                    for datum, rows in zip(group, logits, strict=True):
-                        inputs = {k: v.to(rows.device) for k, v in datum.inputs.items()}
-                        targets = inputs["target_tokens"]
-                        logprobs = target_logprobs(rows[: len(datum.tokens)], targets)
-                        results.append((logprobs, loss_fn.elementwise(logprobs, inputs)))
-                    loss = torch.stack([elementwise.sum() for _, elementwise in results]).sum()
-                if backward:
-                    loss.backward()
-                total += loss.item()
-                outputs += [
-                    {"logprobs": tensor_data(lp), "elementwise_loss": tensor_data(el)}
-                    for lp, el in results
-                ]
-            return {
-                "loss_fn_output_type": "ArrayRecord",
-                "loss_fn_outputs": outputs,
-                "metrics": {"loss:sum": total},
-            }
-
-    def _logits(self, group: list[Datum]) -> torch.Tensor:
-        """Logits (B, L, V) of the group's inputs, right-padded to the longest."""
-        width = max(len(d.tokens) for d in group)
-        ids = torch.zeros((len(group), width), dtype=torch.int64)
-        mask = torch.zeros_like(ids)
-        for row, datum in enumerate(group):
-            ids[row, : len(datum.tokens)] = torch.tensor(datum.tokens)
-            mask[row, : len(datum.tokens)] = 1
-        device = self.base.device
-        return self._wrapped(
-            input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
-        ).logits
+            if len({model_id for model_id, _, _ in asked}) < len(asked):
+                raise ValueError("forward_many runs one call a model")
+            for i, (model_id, fwd_input, backward) in enumerate(asked):
+                try:
+                    model, _ = self._trainable(model_id)
+                    loss_fn, data = read_forward_input(fwd_input, self._vocab_size)
+                except InteractiveError as refused:
+                    answers.append(refused)
+                    continue
+                parsed[i] = Forward(model.adapter, model.params, loss_fn, data, backward)
+                answers.append({})
+            if parsed:
+                results = run_together(
+                    self._wrapped,
+                    list(parsed.values()),
+                    device=self.base.device,
+                    autocast=self._autocast,
+                    micro_batch_tokens=self.micro_batch_tokens,
+                )
+                for i, result in zip(parsed, results, strict=True):
+                    answers[i] = result
+        return answers
 
     def optim_step(self, model_id: str, adam_params: dict[str, Any]) -> dict[str, Any]:
         """One AdamW step on the gradients accumulated since the last; OptimStepResponse."""
@@ -340,10 +325,7 @@ class InteractiveEngine:
 
     def sample(self, model_id: str | None, request: dict[str, Any]) -> dict[str, Any]:
         """SampleRequest -> SampleResponse from a model, a sampler, or (None) the base alone."""
-        [answer] = self.sample_many([(model_id, request)])
-        if isinstance(answer, InteractiveError):
-            raise answer
-        return answer
+        return _raised(self.sample_many([(model_id, request)])[0])
 
     def sample_many(
         self, asked: list[tuple[str | None, dict[str, Any]]]
@@ -394,17 +376,10 @@ class InteractiveEngine:
         return torch.autocast(self.base.device.type, dtype=torch.bfloat16)
 
 
-def _micro_batches(data: list[Datum]) -> Iterator[list[Datum]]:
-    """Consecutive datums in groups whose padded size stays within MICRO_BATCH_TOKENS."""
-    group: list[Datum] = []
-    for datum in data:
-        width = max([len(datum.tokens), *(len(d.tokens) for d in group)])
-        if group and width * (len(group) + 1) > MICRO_BATCH_TOKENS:
-            yield group
-            group = []
-        group.append(datum)
-    if group:
-        yield group
+def _raised(answer: dict[str, Any] | InteractiveError) -> dict[str, Any]:
+    if isinstance(answer, InteractiveError):
+        raise answer
+    return answer
 
 
 def _read_adam_params(raw: Any) -> AdamParams:

@@ -1,0 +1,166 @@
+"""Forward (and backward) passes of several models' calls in one batch on the resident base.
+
+A tenant's forward_backward call is a few sequences; an RL loop's step, a handful. Run one call
+at a time, each pass over the base is as small as its call, and every tenant waiting on the base
+waits for each other's passes in turn. So the calls of several models run together: their datums
+share each forward pass over the frozen base, each row through its own model's adapter (peft's
+mixed batches, `adapter_names`, routed here in training mode too), and one backward pass gives
+each model its own gradient: the rows of a batch are independent (attention stays within a row)
+and the models' adapter weights are disjoint, so the gradient of the summed loss with respect to
+a model's weights is that of its own call's loss, as if it had run alone. Each call is answered
+with its own datums' outputs and loss.
+
+A batch that fails part way (out of memory, say) leaves every model's gradients as they were
+before it (`kept_gradients`), so its calls can be run again one at a time without a micro-batch
+counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from workers.interactive.losses import Datum, LossFn, target_logprobs, tensor_data
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One call's part of a batch: its model's adapter and weights, its loss and datums, and
+    whether its gradients are kept (forward_backward) or not (forward)."""
+
+    adapter: str
+    params: list[nn.Parameter]
+    loss_fn: LossFn
+    data: list[Datum]
+    backward: bool
+
+
+def run_together(
+    peft: PeftModel,
+    asked: list[Forward],
+    *,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    micro_batch_tokens: int,
+) -> list[dict[str, Any]]:
+    """Each call's ForwardBackwardOutput (one call a model), the datums of all of them run in
+    micro-batches of at most `micro_batch_tokens` padded tokens; the gradients of the calls with
+    `backward` accumulate in their models' weights."""
+    rows = [(i, datum) for i, call in enumerate(asked) for datum in call.data]
+    mixed = len({call.adapter for call in asked}) > 1
+    if mixed:
+        for call in asked:
+            for param in call.params:
+                param.requires_grad_(call.backward)
+    else:
+        peft.set_adapter(asked[0].adapter)  # its weights alone trainable; no rows to route
+    outputs: list[list[dict[str, Any]]] = [[] for _ in asked]
+    totals = [0.0] * len(asked)
+    with kept_gradients([p for call in asked if call.backward for p in call.params]):
+        for group in micro_batches(rows, micro_batch_tokens):
+            backward = any(asked[i].backward for i, _ in group)
+            routing = routed(peft, [asked[i].adapter for i, _ in group]) if mixed else nullcontext()
+            sums: dict[int, list[torch.Tensor]] = {}
+            with torch.set_grad_enabled(backward), autocast(), routing:
+                logits = _logits(peft, [datum for _, datum in group], device)
+                for (i, datum), row in zip(group, logits, strict=True):
+                    inputs = {k: v.to(row.device) for k, v in datum.inputs.items()}
+                    logprobs = target_logprobs(row[: len(datum.tokens)], inputs["target_tokens"])
+                    elementwise = asked[i].loss_fn.elementwise(logprobs, inputs)
+                    sums.setdefault(i, []).append(elementwise.sum())
+                    outputs[i].append(
+                        {
+                            "logprobs": tensor_data(logprobs),
+                            "elementwise_loss": tensor_data(elementwise),
+                        }
+                    )
+                losses = {i: torch.stack(s).sum() for i, s in sums.items()}
+            if backward:
+                kept = [loss for i, loss in losses.items() if asked[i].backward]
+                torch.stack(kept).sum().backward()
+            for i, loss in losses.items():
+                totals[i] += loss.item()
+    return [
+        {
+            "loss_fn_output_type": "ArrayRecord",
+            "loss_fn_outputs": outputs[i],
+            "metrics": {"loss:sum": totals[i]},
+        }
+        for i in range(len(asked))
+    ]
+
+
+def _logits(model: nn.Module, group: list[Datum], device: torch.device) -> torch.Tensor:
+    """Logits (B, L, V) of the group's inputs, right-padded to the longest."""
+    width = max(len(d.tokens) for d in group)
+    ids = torch.zeros((len(group), width), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, datum in enumerate(group):
+        ids[row, : len(datum.tokens)] = torch.tensor(datum.tokens)
+        mask[row, : len(datum.tokens)] = 1
+    logits: torch.Tensor = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+    ).logits
+    return logits
+
+
+def micro_batches(rows: list[tuple[int, Datum]], tokens: int) -> Iterator[list[tuple[int, Datum]]]:
+    """Consecutive rows in groups whose padded size stays within `tokens` (a longer row alone)."""
+    group: list[tuple[int, Datum]] = []
+    width = 0
+    for row in rows:
+        wider = max(width, len(row[1].tokens))
+        if group and wider * (len(group) + 1) > tokens:
+            yield group
+            group, wider = [], len(row[1].tokens)
+        group.append(row)
+        width = wider
+    if group:
+        yield group
+
+
+@contextmanager
+def routed(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
+    """Each row of the forward passes run meanwhile goes through its own adapter (`adapters[i]`
+    for row i; peft's `__base__` for the base alone): peft's mixed batch, which its own entry
+    point offers in eval mode only, though its layers compute it the same way in training mode
+    (a gathered sub-batch per adapter, added back into the base layer's output: differentiable).
+    The models' LoRA dropout is 0."""
+    inject = partial(_adapter_names, adapters)
+    handles = [
+        module.register_forward_pre_hook(inject, with_kwargs=True)
+        for module in peft.modules()
+        if isinstance(module, LoraLayer)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _adapter_names(
+    adapters: list[str], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return args, {**kwargs, "adapter_names": adapters}
+
+
+@contextmanager
+def kept_gradients(params: list[nn.Parameter]) -> Iterator[None]:
+    """The parameters' accumulated gradients as they were, should the block fail. A model's
+    first forward_backward since its optim_step has none to copy (the common case)."""
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    try:
+        yield
+    except BaseException:
+        for param, grad in zip(params, before, strict=True):
+            param.grad = grad
+        raise
