@@ -81,7 +81,7 @@ _CLAIM = text(
         JOIN interactive_models m ON m.id = c.model_id
         LEFT JOIN interactive_turns t ON t.tenant_id = m.tenant_id AND t.base_model_id = :base
         WHERE h.status = 'pending' AND c.status = 'pending'
-          AND (NOT :samples_only OR c.kind = 'sample')
+          AND (CAST(:kinds AS text[]) IS NULL OR c.kind = ANY(CAST(:kinds AS text[])))
           AND (m.held_by = :executor OR (m.held_by IS NULL AND m.unloaded_at IS NULL))
         ORDER BY t.served_at NULLS FIRST, c.created_at, c.seq
         LIMIT 1
@@ -108,16 +108,16 @@ _CLAIM = text(
 
 
 def claim_next(
-    conn: Connection, executor_id: str, base_model_id: str, *, samples_only: bool = False
+    conn: Connection, executor_id: str, base_model_id: str, *, kinds: list[str] | None = None
 ) -> Call | None:
     """Take a call on `base_model_id` that can run now, for `executor_id` (not committed: the
     caller commits before it runs the call): of the calls that can run (each model's first
-    unfinished call, when it is pending and its model is this executor's or free; only sample
-    calls with `samples_only`), the one of the tenant served least recently on the base (never
+    unfinished call, when it is pending and its model is this executor's or free; only calls of
+    `kinds` when given), the one of the tenant served least recently on the base (never
     served first), then the oldest. The models with unfinished calls are read by a skip scan of
     `ix_interactive_calls_unfinished`, one probe a model, so a tenant's burst of calls on one
     model costs a claim one probe."""
-    params = {"base": base_model_id, "executor": executor_id, "samples_only": samples_only}
+    params = {"base": base_model_id, "executor": executor_id, "kinds": kinds}
     row = conn.execute(_CLAIM, params).one_or_none()
     return None if row is None else Call(**row._mapping)
 

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     # Sample calls of one model an interactive executor takes and decodes together (an RL loop
     # asks a sampler for a batch of prompts at once): one forward pass a token for all of them.
     interactive_sample_batch_calls: int = Field(default=8, ge=1, le=256)
+    # forward_backward and forward calls of distinct models an interactive executor takes and
+    # runs together (each tenant's RL step is a few sequences): their datums share each pass.
+    interactive_forward_batch_calls: int = Field(default=8, ge=1, le=256)
     # Training models a tenant without its own cap (`tenants.max_interactive_models`) may hold
     # loaded at once (their weights and optimizer state live in executors' memory): a new one
     # past it is refused until one is unloaded.

@@ -628,3 +628,73 @@ def test_a_sample_batch_that_fails_is_run_again_a_call_at_a_time(
         status, result = _answer(services, call)
         alone = runner.engine.sample(model, {**SAMPLE, "prompt": _tokens(prompt)})
         assert status == "completed" and result["sequences"] == alone["sequences"]
+
+
+def test_tenants_forward_calls_share_a_pass_each_through_its_own_model(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """Three models of two tenants asked a forward_backward, a forward and a forward_backward
+    at once: one claim takes the three (the tenants in turn) and runs them together, each
+    answering what its model answers alone; a model's optim_step after its forward_backward
+    waits for it and then finds its gradient; a call of another kind stays out of the batch."""
+    runner = _runner(services, world, "exec-1", tmp_path)
+    other = make_tenant(services.engine, "globex")
+    other_session = interactive_session(services.engine, other.id, "sess-2")
+    owners = {"a": world["tenant"], "b": other.id, "c": world["tenant"]}
+    sessions = {"a": world["session"], "b": other_session, "c": world["session"]}
+    models = {
+        name: interactive_model(services.engine, sessions[name], owner, world["base"], name)
+        for name, owner in owners.items()
+    }
+
+    def ask(name: str, kind: str, seq: int, request: dict[str, Any]) -> str:
+        return ask_call(
+            services.engine, models[name], owners[name], world["base"], kind, seq, request
+        )
+
+    for name in models:
+        ask(name, "create_model", 0, {})
+    ask("b", "forward_backward", 1, FB)  # b's model differs from the others' (same seed)
+    ask("b", "optim_step", 2, STEP)
+    assert _drain(runner) == 5
+    inputs = {
+        "a": FB,
+        "b": {"forward_input": {**FB["forward_backward_input"]}},
+        "c": {
+            "forward_backward_input": {
+                **FB["forward_backward_input"],
+                "data": [{**FB["forward_backward_input"]["data"][0]}] * 2,
+            }
+        },
+    }
+    asked = {
+        "a": ask("a", "forward_backward", 1, inputs["a"]),
+        "b": ask("b", "forward", 3, inputs["b"]),
+        "c": ask("c", "forward_backward", 1, inputs["c"]),
+    }
+    step = ask("a", "optim_step", 2, STEP)
+    sample = ask("c", "sample", 2, SAMPLE)
+    assert runner.run_once()
+    assert all(_answer(services, call)[0] == "completed" for call in asked.values())
+    assert _answer(services, step)[0] == _answer(services, sample)[0] == "pending"
+    with services.engine.connect() as conn:
+        claims = conn.execute(
+            text(
+                "SELECT count(DISTINCT started_at) FROM interactive_calls WHERE id IN :ids"
+            ).bindparams(bindparam("ids", expanding=True)),
+            {"ids": list(asked.values())},
+        ).scalar_one()
+    assert claims == 1  # one claim's statement took the three
+    for name, call in asked.items():
+        data = inputs[name].get("forward_backward_input") or inputs[name]["forward_input"]
+        alone = runner.engine.forward(models[name], data)
+        answer = _answer(services, call)[1]
+        assert _loss(answer) == pytest.approx(_loss(alone), rel=1e-5)
+        for mine, theirs in zip(answer["loss_fn_outputs"], alone["loss_fn_outputs"], strict=True):
+            assert mine["logprobs"]["data"] == pytest.approx(theirs["logprobs"]["data"], abs=1e-5)
+    assert _loss(_answer(services, asked["b"])[1]) != pytest.approx(
+        _loss(_answer(services, asked["a"])[1]), rel=1e-3
+    )  # b's row went through b's trained adapter, not a's
+    assert _drain(runner) == 2
+    status, result = _answer(services, step)
+    assert status == "completed" and result["metrics"]["grad_norm:mean"] > 0

@@ -21,7 +21,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection
 
 from control_plane import interactive_calls as calls
 from control_plane import interactive_health
@@ -58,6 +60,29 @@ class _Failure:
 
 # What running a call came to: (result, checkpoint written, whether the model is let go).
 _Outcome = tuple[dict[str, Any], calls.Saved | None, bool] | _Failure
+
+
+# The calls that run together: sample calls, and forward_backward and forward calls.
+FORWARDS = ("forward_backward", "forward")
+# A call as the engine's batch takes it: (model, request) to sample, (model, input, backward).
+_Asked = TypeVar("_Asked")
+
+
+def _forward_input(call: calls.Call) -> dict[str, Any]:
+    request = call.request
+    data: dict[str, Any] = (
+        request.get("forward_backward_input") or request.get("forward_input") or {}
+    )
+    return data
+
+
+def _alone(
+    run: Callable[[list[_Asked]], list[dict[str, Any] | InteractiveError]], asked: _Asked
+) -> dict[str, Any] | Exception:
+    try:
+        return run([asked])[0]
+    except Exception as exc:
+        return exc
 
 
 def _failure(exc: Exception, taken: list[calls.Call]) -> _Failure:
@@ -98,6 +123,7 @@ class InteractiveRunner:
         self.samplers_kept = services.settings.interactive_samplers_per_executor
         self.samplers_loaded = 0
         self.sample_batch = services.settings.interactive_sample_batch_calls
+        self.forward_batch = services.settings.interactive_forward_batch_calls
         self.started_pid = os.getpid()
         self.device = describe_device()
 
@@ -138,12 +164,23 @@ class InteractiveRunner:
                 self._drop(model_id)
 
     def run_once(self) -> bool:
-        """Take and run one call (a sample call with the model's next ones, decoded together);
-        False when none can run now."""
+        """Take and run one call (a sample call with others, decoded together; a forward call
+        with other models', run together); False when none can run now."""
         taken = through_blips(self._claim, what="claim", patience_s=OUTAGE_PATIENCE_S)
         if not taken:
             return False
-        outcomes = self._samples(taken) if taken[0].kind == "sample" else [self._one(taken[0])]
+        if taken[0].kind == "sample":
+            outcomes = self._together(
+                taken, lambda call: (self._sampler(call), call.request), self.engine.sample_many
+            )
+        elif taken[0].kind in FORWARDS:
+            outcomes = self._together(
+                taken,
+                lambda call: (self._held(call), _forward_input(call), call.kind != "forward"),
+                self.engine.forward_many,
+            )
+        else:
+            outcomes = [self._one(taken[0])]
         for call, outcome in zip(taken, outcomes, strict=True):
             self._answer(call, outcome)
         self.calls_run += len(taken)
@@ -155,30 +192,39 @@ class InteractiveRunner:
         except Exception as exc:
             return _failure(exc, [call])
 
-    def _samples(self, taken: list[calls.Call]) -> list[_Outcome]:
-        """Sample calls, of one model or several, decoded together; a call whose weights cannot
-        be had, or whose request is refused, fails alone. A batch that fails is run again a
-        call at a time, so that a failure is its own call's (a batch out of memory may fit
-        alone)."""
+    def _together(
+        self,
+        taken: list[calls.Call],
+        prepare: Callable[[calls.Call], _Asked],
+        run: Callable[[list[_Asked]], list[dict[str, Any] | InteractiveError]],
+    ) -> list[_Outcome]:
+        """Calls run together by `run` (the engine's `sample_many` or `forward_many`), each
+        prepared first (`prepare`: its model's weights had, its request read); a call that
+        cannot be prepared, or whose request is refused, fails alone. A batch that fails is run
+        again a call at a time, so that a failure is its own call's (a batch out of memory may
+        fit alone; a forward batch leaves the gradients as they were)."""
         outcomes: list[_Outcome | None] = []
-        asked: list[tuple[str | None, dict[str, Any]]] = []
+        asked: list[_Asked] = []
         for call in taken:
             try:
-                asked.append((self._sampler(call), call.request))
+                asked.append(prepare(call))
                 outcomes.append(None)
             except Exception as exc:
                 outcomes.append(_failure(exc, [call]))
-        answers: list[dict[str, Any] | Exception]
+        answers: list[dict[str, Any] | Exception] = []
         try:
-            answers = list(self.engine.sample_many(asked))
+            answers = list(run(asked)) if asked else []
         except Exception as exc:
             if len(asked) == 1:
                 answers = [exc]
             else:
                 log.warning(
-                    "a batch of %d sample calls failed (%s): one at a time", len(asked), exc
+                    "a batch of %d %s calls failed (%s): one at a time",
+                    len(asked),
+                    taken[0].kind,
+                    exc,
                 )
-                answers = [self._sample_alone(one) for one in asked]
+                answers = [_alone(run, one) for one in asked]
         waiting = (i for i, outcome in enumerate(outcomes) if outcome is None)
         for i, answer in zip(waiting, answers, strict=True):
             if isinstance(answer, Exception):
@@ -186,12 +232,6 @@ class InteractiveRunner:
             else:
                 outcomes[i] = (answer, None, False)
         return [outcome for outcome in outcomes if outcome is not None]
-
-    def _sample_alone(self, asked: tuple[str | None, dict[str, Any]]) -> dict[str, Any] | Exception:
-        try:
-            return self.engine.sample_many([asked])[0]
-        except Exception as exc:
-            return exc
 
     def _answer(self, call: calls.Call, outcome: _Outcome) -> None:
         if isinstance(outcome, _Failure):
@@ -234,6 +274,8 @@ class InteractiveRunner:
         served in each batch."""
         with self.services.engine.begin() as conn:
             call = calls.claim_next(conn, self.executor_id, self.base.id)
+            if call is not None and call.kind in FORWARDS:
+                return self._other_forwards(conn, call)
             if call is None or call.kind != "sample":
                 return [] if call is None else [call]
             taken, last = [call], {call.model_id: call}
@@ -241,7 +283,7 @@ class InteractiveRunner:
                 samplers = {c.model_id for c in taken if c.model_kind == "sampler"}
                 if len(samplers) >= self.samplers_kept:
                     break
-                head = calls.claim_next(conn, self.executor_id, self.base.id, samples_only=True)
+                head = calls.claim_next(conn, self.executor_id, self.base.id, kinds=["sample"])
                 if head is None:
                     break
                 taken.append(head)
@@ -255,6 +297,17 @@ class InteractiveRunner:
                 if len(taken) == before:
                     break
             return taken
+
+    def _other_forwards(self, conn: Connection, call: calls.Call) -> list[calls.Call]:
+        """With a forward call, other models' forward calls that can run, the tenants in turn,
+        up to `forward_batch`: run together, each model's datums through its own adapter."""
+        taken = [call]
+        while len(taken) < self.forward_batch:
+            head = calls.claim_next(conn, self.executor_id, self.base.id, kinds=list(FORWARDS))
+            if head is None:
+                break
+            taken.append(head)
+        return taken
 
     def _failed(self, call: calls.Call, message: str, category: str) -> None:
         def record() -> None:
@@ -279,10 +332,9 @@ class InteractiveRunner:
                 train_unembed=bool(config.get("train_unembed", True)),
             )
             return {"model_id": model, "type": "create_model"}, None, False
-        if call.kind in ("forward_backward", "forward"):
-            data = request.get("forward_backward_input") or request.get("forward_input") or {}
+        if call.kind in FORWARDS:
             run = engine.forward_backward if call.kind == "forward_backward" else engine.forward
-            return run(self._held(call), data), None, False
+            return run(self._held(call), _forward_input(call)), None, False
         if call.kind == "optim_step":
             return (
                 engine.optim_step(self._held(call), request.get("adam_params") or {}),
