@@ -37,13 +37,16 @@ from benchmarks.queue import (
     make_tenant,
     progress,
 )
+from control_plane import base_catalog, trainers
 from control_plane.interactive_calls import CHANNEL
+from control_plane.records import BaseModelRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore
 from tests.factories import ask_call, interactive_model, interactive_session, register_test_base
 from workers.interactive.engine import InteractiveEngine
 from workers.interactive.runner import InteractiveRunner
+from workers.training.device import RequestedPrecision
 
 TOKENS = [5 + (i * 37) % 700 for i in range(65)]
 DATUM = {
@@ -76,6 +79,31 @@ def interactive_services(
             yield services, Path(scratch)
         finally:
             services.close()
+
+
+def bench_base(services: Services, base_dir: Path | None) -> tuple[BaseModelRecord, str]:
+    """The tiny test base, or the Hugging Face directory `base_dir` (e.g. the demo's imported
+    SmolLM2-135M-Instruct), registered: it and its label."""
+    if base_dir is None:
+        return register_test_base(services.engine), "tiny test base"
+    with services.engine.begin() as conn:
+        base = base_catalog.register_base_model(
+            conn,
+            base_catalog.NewBaseModel(name="bench-base", source=str(base_dir), source_kind="dir"),
+        )
+    return base, base_dir.name
+
+
+def bench_runner(
+    services: Services, base_id: str, scratch: Path, precision: RequestedPrecision
+) -> InteractiveRunner:
+    """An executor on the base, reported alive (its models are not taken for a lost one's)."""
+    runner = InteractiveRunner(
+        services, "bench-exec", base_id, work_dir=scratch / "exec", precision=precision
+    )
+    with services.engine.begin() as conn:
+        trainers.report(conn, runner.snapshot())
+    return runner
 
 
 def _direct(engine: InteractiveEngine, steps: int) -> list[float]:

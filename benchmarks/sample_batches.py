@@ -22,7 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.interactive import interactive_services
+from benchmarks.interactive import bench_base, bench_runner, interactive_services
 from benchmarks.queue import (
     add_database_url_argument,
     emit_beside,
@@ -30,9 +30,8 @@ from benchmarks.queue import (
     make_tenant,
     progress,
 )
-from control_plane import base_catalog, trainers
 from control_plane.services import Services
-from tests.factories import ask_call, interactive_model, interactive_session, register_test_base
+from tests.factories import ask_call, interactive_model, interactive_session
 from workers.interactive.runner import InteractiveRunner
 
 
@@ -102,30 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with interactive_services(args.database_url, lease_seconds=600) as (services, scratch):
         machine = machine_description(services.engine)
-        if args.base_dir is None:
-            base = register_test_base(services.engine)
-            base_label = "tiny test base"
-        else:
-            with services.engine.begin() as conn:
-                base = base_catalog.register_base_model(
-                    conn,
-                    base_catalog.NewBaseModel(
-                        name="bench-base", source=str(args.base_dir), source_kind="dir"
-                    ),
-                )
-            base_label = args.base_dir.name
+        base, base_label = bench_base(services, args.base_dir)
         tenant = make_tenant(services.engine, "bench")
         session = interactive_session(services.engine, tenant, "sess-bench")
         ids = {"tenant": tenant, "base": base.id, "session": session}
-        runner = InteractiveRunner(
-            services,
-            "bench-exec",
-            base.id,
-            work_dir=scratch / "exec",
-            precision=args.precision,
-        )
-        with services.engine.begin() as conn:
-            trainers.report(conn, runner.snapshot())  # alive: its models are not taken as lost
+        runner = bench_runner(services, base.id, scratch, args.precision)
         progress(f"{machine}; {base_label} ({runner.resident.precision}), {args.rounds} rounds")
         _round(services, runner, ids, "warm", args, args.batch)
         together: list[float] = []
