@@ -118,14 +118,32 @@ class Datum(_Body):
     loss_fn_inputs: dict[str, Tensor] = {}
 
 
-# The losses the executor computes (`workers/interactive/losses.py`; a test holds them equal).
-LossFn = Literal["cross_entropy", "importance_sampling"]
+# The losses the executor computes and the `loss_fn_config` settings each reads
+# (`workers/interactive/losses.py`, which checks their values; a test holds them equal).
+LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+LOSS_SETTINGS: dict[str, frozenset[str]] = {
+    "cross_entropy": frozenset(),
+    "importance_sampling": frozenset(),
+    "ppo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
+    "cispo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
+    "dro": frozenset({"beta"}),
+}
 
 
 class ForwardBackwardInput(_Body):
     data: list[Datum] = Field(min_length=1)
     loss_fn: LossFn
     loss_fn_config: dict[str, float | str] | None = None
+
+    @model_validator(mode="after")
+    def _settings_the_loss_reads(self) -> ForwardBackwardInput:
+        reads = LOSS_SETTINGS[self.loss_fn]
+        unknown = sorted(set(self.loss_fn_config or {}) - reads)
+        if unknown:
+            raise ValueError(
+                f"{self.loss_fn}'s loss_fn_config reads {sorted(reads) or 'nothing'}, not {unknown}"
+            )
+        return self
 
 
 class ForwardBackward(_Body):

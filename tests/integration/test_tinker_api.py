@@ -21,7 +21,7 @@ from sqlalchemy import Engine, text
 from tinker import types
 
 from control_plane import interactive_calls, trainers
-from control_plane.api.tinker_schemas import LossFn
+from control_plane.api.tinker_schemas import LOSS_SETTINGS, LossFn
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
@@ -469,16 +469,34 @@ def test_bad_bodies_are_refused_naming_the_field_and_nothing_is_written(
             "model_id": model,
             "forward_backward_input": {
                 "data": [{"model_input": {"chunks": [{"tokens": [1]}]}}],
-                "loss_fn": "ppo",
+                "loss_fn": "gspo",
             },
         },
         headers=key,
     )
     assert bad_loss.status_code == 400, bad_loss.text
     assert bad_loss.json()["error"]["param"] == "forward_backward_input.loss_fn"
+    bad_setting = http.post(
+        "/forward_backward",
+        json={
+            "model_id": model,
+            "forward_backward_input": {
+                "data": [{"model_input": {"chunks": [{"tokens": [1]}]}}],
+                "loss_fn": "ppo",
+                "loss_fn_config": {"beta": 0.1},
+            },
+        },
+        headers=key,
+    )
+    assert bad_setting.status_code == 400, bad_setting.text
+    assert (
+        "ppo's loss_fn_config reads ['clip_high_threshold', 'clip_low_threshold'], not ['beta']"
+        in (bad_setting.json()["error"]["message"])
+    )
     assert _counts(services.engine) == before
-    # The losses the API takes are the ones the executor computes.
+    # The losses the API takes are the ones the executor computes, with the settings it reads.
     assert set(get_args(LossFn)) == set(LOSSES)
+    assert LOSS_SETTINGS == {name: frozenset(loss.defaults) for name, loss in LOSSES.items()}
 
 
 def test_a_reader_key_or_an_unknown_one_cannot_open_a_session(

@@ -333,6 +333,21 @@ def _image_datum() -> dict[str, Any]:
     return bad
 
 
+def rl_datum(
+    sampler: list[float] | None = None, advantages: list[float] | None = None
+) -> dict[str, Any]:
+    """An RL datum of SEQUENCE: the sampler's logprobs of its tokens and their advantages."""
+    n = len(SEQUENCE) - 1
+    return {
+        "model_input": model_input(SEQUENCE[:-1]),
+        "loss_fn_inputs": {
+            "target_tokens": tensor(SEQUENCE[1:], "int64"),
+            "logprobs": tensor(sampler or [-3.0] * n, "float32"),
+            "advantages": tensor(advantages or [1.0] * n, "float32"),
+        },
+    }
+
+
 def _short_targets() -> dict[str, Any]:
     bad = datum(SEQUENCE)
     bad["loss_fn_inputs"]["target_tokens"] = tensor(SEQUENCE[1:-2], "int64")
@@ -345,8 +360,33 @@ REFUSALS = {
         "unknown model 'nobody'",
     ),
     "unknown loss": (
-        lambda e: e.forward("m", batch(datum(SEQUENCE), loss_fn="ppo")),
-        "loss_fn 'ppo' is not supported here; use one of ['cross_entropy', 'importance_sampling']",
+        lambda e: e.forward("m", batch(datum(SEQUENCE), loss_fn="gspo")),
+        "loss_fn 'gspo' is not supported here; use one of ['cispo', 'cross_entropy', 'dro', "
+        "'importance_sampling', 'ppo']",
+    ),
+    "a setting the loss does not read": (
+        lambda e: e.forward("m", {**batch(datum(SEQUENCE)), "loss_fn_config": {"beta": 0.1}}),
+        "cross_entropy's loss_fn_config reads nothing, not ['beta']",
+    ),
+    "dro without its beta": (
+        lambda e: e.forward("m", batch(rl_datum(), loss_fn="dro")),
+        "dro needs loss_fn_config {'beta': a number}",
+    ),
+    "a negative setting": (
+        lambda e: e.forward(
+            "m", {**batch(rl_datum(), loss_fn="dro"), "loss_fn_config": {"beta": -1}}
+        ),
+        "dro's loss_fn_config beta must be a finite number >= 0, got -1",
+    ),
+    "clip thresholds crossed": (
+        lambda e: e.forward(
+            "m",
+            {
+                **batch(rl_datum(), loss_fn="ppo"),
+                "loss_fn_config": {"clip_low_threshold": 1.5, "clip_high_threshold": 1.2},
+            },
+        ),
+        "ppo's clip_low_threshold must not exceed its clip_high_threshold",
     ),
     "targets shorter than the input": (
         lambda e: e.forward("m", batch(_short_targets())),

@@ -3,6 +3,8 @@
 Each Tinker "training client" is a named adapter in ONE peft model wrapped around the resident
 base (never a copy of it): a call activates its model's adapter, runs, and leaves the others
 untouched, since an inactive adapter takes no part in a forward pass and so gets no gradient.
+Several models' calls run together (`forward_many`, `sample_many`): each row of the shared
+batch goes through its own model's adapter, and each model gets its own gradient.
 Each model has its own AdamW (Tinker's AdamParams: torch's AdamW with per-step hyperparameters),
 and its gradients accumulate over forward_backward calls until its optim_step. Adapter weights
 and optimizer state are fp32 whatever the base's precision, which runs in bf16 under autocast

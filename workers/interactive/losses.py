@@ -13,8 +13,9 @@ The wire is read strictly where a mistake would silently change the loss (unknow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -96,27 +97,70 @@ def tensor_data(tensor: torch.Tensor) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LossFn:
-    """A built-in loss: the `loss_fn_inputs` it takes and its per-position loss, given the
-    model's logprobs of the target tokens and those inputs (on the model's device)."""
+    """A built-in loss: the `loss_fn_inputs` it takes, the `loss_fn_config` it reads (each
+    setting's default, None where it has none) and its per-position loss, given the model's
+    logprobs of the target tokens, those inputs (on the model's device) and the settings."""
 
     name: str
     required: frozenset[str]
     optional: frozenset[str]
     multi_target: bool  # whether targets may have the shape (N, K)
-    elementwise: Callable[[torch.Tensor, TensorDict], torch.Tensor]
+    formula: Callable[[torch.Tensor, TensorDict, Mapping[str, float]], torch.Tensor]
+    defaults: Mapping[str, float | None] = field(default_factory=dict)
+    settings: Mapping[str, float] = field(default_factory=dict)  # a call's, defaults filled in
+
+    def elementwise(self, target_logprobs: torch.Tensor, inputs: TensorDict) -> torch.Tensor:
+        return self.formula(target_logprobs, inputs, self.settings)
 
 
-def _cross_entropy(target_logprobs: torch.Tensor, inputs: TensorDict) -> torch.Tensor:
+def _cross_entropy(target_logprobs: torch.Tensor, inputs: TensorDict, _: Any) -> torch.Tensor:
     weights = inputs.get("weights")
     return -target_logprobs * (weights if weights is not None else 1.0)
 
 
-def _importance_sampling(target_logprobs: torch.Tensor, inputs: TensorDict) -> torch.Tensor:
-    # REINFORCE corrected for the sampler being another (older) policy: the ratio of the
-    # trained model's probability of each sampled token to the sampler's.
-    ratio = torch.exp(target_logprobs - inputs["logprobs"])
-    return -ratio * inputs["advantages"]
+def _ratio(target_logprobs: torch.Tensor, inputs: TensorDict) -> torch.Tensor:
+    """The trained model's probability of each sampled token over the sampler's."""
+    return torch.exp(target_logprobs - inputs["logprobs"])
 
+
+def _importance_sampling(target_logprobs: torch.Tensor, inputs: TensorDict, _: Any) -> torch.Tensor:
+    # REINFORCE corrected for the sampler being another (older) policy.
+    return -_ratio(target_logprobs, inputs) * inputs["advantages"]
+
+
+def _ppo(
+    target_logprobs: torch.Tensor, inputs: TensorDict, config: Mapping[str, float]
+) -> torch.Tensor:
+    # The importance-sampling objective, or its ratio clipped to [low, high], whichever is
+    # smaller: a step gains nothing from moving a token's probability past the clip.
+    ratio, advantages = _ratio(target_logprobs, inputs), inputs["advantages"]
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def _cispo(
+    target_logprobs: torch.Tensor, inputs: TensorDict, config: Mapping[str, float]
+) -> torch.Tensor:
+    # The clipped ratio weighs the log-probability's gradient (held constant itself): no
+    # token's gradient is zeroed, only its weight bounded.
+    ratio = _ratio(target_logprobs, inputs).clamp(
+        config["clip_low_threshold"], config["clip_high_threshold"]
+    )
+    return -ratio.detach() * target_logprobs * inputs["advantages"]
+
+
+def _dro(
+    target_logprobs: torch.Tensor, inputs: TensorDict, config: Mapping[str, float]
+) -> torch.Tensor:
+    # The policy gradient with a quadratic penalty on the log-ratio to the sampler.
+    shift = target_logprobs - inputs["logprobs"]
+    return -(target_logprobs * inputs["advantages"] - 0.5 * config["beta"] * shift**2)
+
+
+_RL_INPUTS = frozenset({"target_tokens", "logprobs", "advantages"})
+# Tinker's RL datums carry weights, yet its RL formulas have none (a zero advantage masks a
+# position): accepted, and they take no part.
+_RL_OPTIONAL = frozenset({"weights"})
 
 LOSSES: dict[str, LossFn] = {
     loss.name: loss
@@ -127,19 +171,59 @@ LOSSES: dict[str, LossFn] = {
             # 1 where a caller sends no weights (the SDK's own `forward` example sends none)
             optional=frozenset({"weights"}),
             multi_target=True,
-            elementwise=_cross_entropy,
+            formula=_cross_entropy,
         ),
+        LossFn("importance_sampling", _RL_INPUTS, _RL_OPTIONAL, False, _importance_sampling),
         LossFn(
-            name="importance_sampling",
-            required=frozenset({"target_tokens", "logprobs", "advantages"}),
-            # Tinker's formula has no weights (a zero advantage masks a position), yet its
-            # docs' RL datum carries them: accepted, and they take no part.
-            optional=frozenset({"weights"}),
-            multi_target=False,
-            elementwise=_importance_sampling,
+            "ppo",
+            _RL_INPUTS,
+            _RL_OPTIONAL,
+            False,
+            _ppo,
+            defaults={"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
         ),
+        # One-sided by default: the lower bound off, the weight capped at 4 (as Tinker's).
+        LossFn(
+            "cispo",
+            _RL_INPUTS,
+            _RL_OPTIONAL,
+            False,
+            _cispo,
+            defaults={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
+        ),
+        LossFn("dro", _RL_INPUTS, _RL_OPTIONAL, False, _dro, defaults={"beta": None}),
     )
 }
+
+
+def _read_settings(loss: LossFn, raw: Any) -> dict[str, float]:
+    """A call's `loss_fn_config` for `loss`, each setting a finite number >= 0, the defaults
+    filled in; refused, saying what the loss reads, when it names another setting or lacks
+    one without a default."""
+    raw = raw or {}
+    reads = sorted(loss.defaults) or "nothing"
+    if not isinstance(raw, Mapping) or set(raw) - set(loss.defaults):
+        unknown = sorted(raw) if isinstance(raw, Mapping) else raw
+        raise InteractiveError(f"{loss.name}'s loss_fn_config reads {reads}, not {unknown}")
+    settings: dict[str, float] = {}
+    for key, default in loss.defaults.items():
+        value = raw.get(key, default)
+        if value is None:
+            raise InteractiveError(f"{loss.name} needs loss_fn_config {{'{key}': a number}}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (math.isfinite(value) and value >= 0)
+        ):
+            raise InteractiveError(
+                f"{loss.name}'s loss_fn_config {key} must be a finite number >= 0, got {value!r}"
+            )
+        settings[key] = float(value)
+    if settings.get("clip_low_threshold", 0.0) > settings.get("clip_high_threshold", math.inf):
+        raise InteractiveError(
+            f"{loss.name}'s clip_low_threshold must not exceed its clip_high_threshold"
+        )
+    return settings
 
 
 @dataclass(frozen=True)
@@ -164,8 +248,7 @@ def read_forward_input(fwd_input: Any, vocab_size: int) -> tuple[LossFn, list[Da
             f"loss_fn {fwd_input.get('loss_fn')!r} is not supported here; "
             f"use one of {sorted(LOSSES)} (or forward_backward_custom, which runs on them)"
         )
-    if fwd_input.get("loss_fn_config"):
-        raise InteractiveError(f"{loss.name} takes no loss_fn_config; send null")
+    loss = replace(loss, settings=_read_settings(loss, fwd_input.get("loss_fn_config")))
     data = fwd_input.get("data")
     if not isinstance(data, list) or not data:
         raise InteractiveError("'data' must be a non-empty list of datums")
