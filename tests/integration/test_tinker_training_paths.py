@@ -121,3 +121,49 @@ def test_a_samplers_logprobs_are_the_trained_models_and_its_handle_samples_elsew
         here = sampler.sample(start, 1, greedy).result(timeout=120).sequences[0].tokens
         there = elsewhere.sample(start, 1, greedy).result(timeout=120).sequences[0].tokens
         assert here == there and len(here) >= 1
+
+
+def test_the_rl_losses_take_their_settings_from_the_sdk(
+    live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    """PPO, CISPO and DRO from the SDK, with and without a loss_fn_config: each loss is its
+    formula over the model's logprobs with the settings sent (or the defaults), and DRO sent
+    without its beta fails with what to send."""
+    with sdk_service(live_url, tenant_a.member) as service:
+        training = service.create_lora_training_client(base_model=executor, rank=4, seed=0).result(
+            timeout=120
+        )
+        current = training.forward([DATUM], "cross_entropy").result(timeout=120)
+        logprobs = current.loss_fn_outputs[0]["logprobs"].to_torch()
+        n = len(logprobs)
+        advantages = torch.tensor([(-1.0) ** i for i in range(n)])
+        sampler = logprobs - 1.0  # every ratio e
+        rl = types.Datum(
+            model_input=DATUM.model_input,
+            loss_fn_inputs={
+                "target_tokens": SEQUENCE[1:],
+                "logprobs": sampler.tolist(),
+                "advantages": advantages.tolist(),
+            },
+        )
+        ratio = torch.exp(logprobs - sampler)
+
+        def loss(loss_fn: str, config: dict[str, float] | None = None) -> float:
+            output = training.forward([rl], loss_fn, loss_fn_config=config).result(timeout=120)
+            return float(output.metrics["loss:sum"])
+
+        def ppo(low: float, high: float) -> float:
+            clipped = ratio.clamp(low, high)
+            return float(-torch.minimum(ratio * advantages, clipped * advantages).sum())
+
+        assert loss("ppo") == pytest.approx(ppo(0.8, 1.2), rel=1e-3)
+        wide = {"clip_low_threshold": 0.5, "clip_high_threshold": 3.0}
+        assert loss("ppo", wide) == pytest.approx(ppo(0.5, 3.0), rel=1e-3)
+        assert ppo(0.5, 3.0) != pytest.approx(ppo(0.8, 1.2), rel=1e-2)
+        capped = {"clip_low_threshold": 0.0, "clip_high_threshold": 2.0}
+        cispo = -(ratio.clamp(0.0, 2.0) * logprobs * advantages).sum()
+        assert loss("cispo", capped) == pytest.approx(float(cispo), rel=1e-3)
+        dro = -(logprobs * advantages - 0.5 * 0.25 * (logprobs - sampler) ** 2).sum()
+        assert loss("dro", {"beta": 0.25}) == pytest.approx(float(dro), rel=1e-3)
+        with pytest.raises(tinker.RequestFailedError, match=r"dro needs loss_fn_config \{'beta'"):
+            training.forward([rl], "dro").result(timeout=120)

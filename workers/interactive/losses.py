@@ -1,5 +1,6 @@
 """What a forward_backward call asks for: Tinker's datums read from their JSON wire shape, and
-the built-in losses computed over the model's logprobs of the target tokens.
+the built-in losses computed over the model's logprobs of the target tokens: cross-entropy, and
+the RL losses (importance sampling, PPO, CISPO, DRO) with Tinker's formulas and settings.
 
 Tinker's alignment: position i of a datum's `model_input` predicts `target_tokens[i]` (the
 caller shifted the sequence by one already), so the targets have the input's length N, or the
@@ -8,7 +9,8 @@ Every other `loss_fn_inputs` tensor has the targets' shape. A loss is a sum over
 a mean, so that a batch split across calls accumulates to the same gradient as the whole batch.
 
 The wire is read strictly where a mistake would silently change the loss (unknown or misshaped
-`loss_fn_inputs`, tokens outside the vocabulary): the message says what to send instead.
+`loss_fn_inputs` or `loss_fn_config`, tokens outside the vocabulary): the message says what to
+send instead.
 """
 
 from __future__ import annotations
