@@ -29,6 +29,7 @@ from control_plane.db.tables import (
 )
 from control_plane.ids import new_id
 from control_plane.interactive_calls import CHANNEL, checkpoint_path
+from control_plane.interactive_health import unserved
 from control_plane.records import BaseModelRecord, _FromRow
 
 sessions = cast(Table, InteractiveSession.__table__)
@@ -138,12 +139,7 @@ def require_served(conn: Connection, base_id: str, lease_seconds: float) -> None
     base = get_base_model(conn, base_id)
     name = base.name if base is not None else base_id
     running = ", ".join(sorted(b.name for b in served)) or "none"
-    raise Refused(
-        f"no interactive executor holds base {name!r} now (bases served: {running}); the "
-        f"platform's operator starts one with `loraforge interactive --base {name}` or the "
-        "chart's interactive.bases",
-        "base_model",
-    )
+    raise Refused(f"{unserved(name)} (bases served: {running})", "base_model")
 
 
 def create_session(

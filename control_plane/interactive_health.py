@@ -40,6 +40,14 @@ _WHERE = text(
 )
 
 
+def unserved(base: str) -> str:
+    """Why a call on `base` cannot run now, and what the platform's operator does about it."""
+    return (
+        f"no interactive executor holds base {base!r} now; the platform's operator starts one "
+        f"with `loraforge interactive --base {base}` or the chart's interactive.bases"
+    )
+
+
 def explain(conn: Connection, model_id: str, lease_seconds: float) -> Waiting | None:
     """Why the calls waiting on `model_id` wait; None when they were settled here instead
     (failed, not committed): the model's executor is gone with its weights, or the model was
@@ -54,12 +62,7 @@ def explain(conn: Connection, model_id: str, lease_seconds: float) -> Waiting | 
         return None
     if row.holder or row.served:
         return ACTIVE
-    return Waiting(
-        "paused_capacity",
-        f"no interactive executor holds base {row.base!r} now; the call runs when one starts "
-        f"(the platform's operator starts one with `loraforge interactive --base {row.base}` "
-        "or the chart's interactive.bases)",
-    )
+    return Waiting("paused_capacity", f"{unserved(row.base)}; the call runs when one starts")
 
 
 def tidy(conn: Connection, lease_seconds: float, session_timeout_seconds: float) -> None:
