@@ -1,11 +1,11 @@
 """What running several tenants' training calls together buys them on one base.
 
-    python -m benchmarks.forward_batches [--models 8] [--steps 4] [--data 4] [--batch 8]
-        [--rounds 3] [--base-dir DIR] [--precision auto|fp32|bf16]
+    python -m benchmarks.forward_batches [--models 8] [--steps 4] [--data 4] [--min-tokens 48]
+        [--max-tokens 111] [--batch 8] [--rounds 3] [--base-dir DIR] [--precision auto|fp32|bf16]
 
 `--models` tenants each train a model of rank 8 at once, an RL loop's steps: each step a
-forward_backward of `--data` datums (importance sampling, 48 to 111 tokens each, advantages of
-both signs) and an optim_step, every step of every model asked at once, on the tiny test base
+forward_backward of `--data` datums (importance sampling, `--min-tokens` to `--max-tokens`
+tokens each, advantages of both signs) and an optim_step, every step of every model asked at once, on the tiny test base
 or the Hugging Face directory `--base-dir` (e.g. the demo's imported SmolLM2-135M-Instruct);
 then the executor (`workers.interactive.runner`, real PostgreSQL) drains them. One JSON line:
 the seconds from the first claim to the last answer with the executor taking up to `--batch`
@@ -35,8 +35,13 @@ from tests.factories import ask_call, interactive_model, interactive_session
 from workers.interactive.runner import InteractiveRunner
 
 
-def _datum(seed: int) -> dict[str, Any]:
-    tokens = [5 + (seed * 31 + i * 37) % 700 for i in range(49 + seed % 64)]
+def _length(seed: int, args: argparse.Namespace) -> int:
+    """A datum's trained tokens: from --min-tokens to --max-tokens."""
+    return int(args.min_tokens + seed % (args.max_tokens - args.min_tokens + 1))
+
+
+def _datum(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    tokens = [5 + (seed * 31 + i * 37) % 700 for i in range(_length(seed, args) + 1)]
     n = len(tokens) - 1
 
     def tensor(values: list[Any], dtype: str) -> dict[str, Any]:
@@ -74,7 +79,7 @@ def _round(
         assert runner.run_once()  # the models' creation, outside the timing
     for step in range(args.steps):
         for m, (model, tenant) in enumerate(models):
-            data = [_datum(m * 1000 + step * args.data + d) for d in range(args.data)]
+            data = [_datum(m * 1000 + step * args.data + d, args) for d in range(args.data)]
             fb = {"forward_backward_input": {"loss_fn": "importance_sampling", "data": data}}
             optim = {"adam_params": {"learning_rate": 1e-4}}
             ask_call(
@@ -95,7 +100,7 @@ def _round(
 
 def _trained_tokens(args: argparse.Namespace) -> int:
     return sum(
-        48 + (m * 1000 + step * args.data + d) % 64
+        _length(m * 1000 + step * args.data + d, args)
         for m in range(args.models)
         for step in range(args.steps)
         for d in range(args.data)
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=int, default=8, help="tenants training at once")
     parser.add_argument("--steps", type=int, default=4, help="steps asked of each model")
     parser.add_argument("--data", type=int, default=4, help="datums of each forward_backward")
+    parser.add_argument("--min-tokens", type=int, default=48, help="a datum's fewest tokens")
+    parser.add_argument("--max-tokens", type=int, default=111, help="a datum's most tokens")
     parser.add_argument("--batch", type=int, default=8, help="forward calls taken at once")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base-dir", type=Path, help="a Hugging Face model directory")
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             models=args.models,
             steps=args.steps,
             data_per_call=args.data,
+            tokens_per_datum=f"{args.min_tokens}..{args.max_tokens}",
             batch=args.batch,
             base=f"{base_label}, {runner.resident.precision}, rank 8",
             tokens_per_second=round(tokens / batched_s, 1),

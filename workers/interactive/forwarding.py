@@ -30,6 +30,9 @@ from torch import nn
 
 from workers.interactive.losses import Datum, LossFn, target_logprobs, tensor_data
 
+# peft's name, in a mixed batch, for rows that take no adapter: the base alone.
+_BASE = "__base__"
+
 
 @dataclass(frozen=True)
 class Forward:
@@ -130,16 +133,29 @@ def micro_batches(rows: list[tuple[int, Datum]], tokens: int) -> Iterator[list[t
 @contextmanager
 def routed(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
     """Each row of the forward passes run meanwhile goes through its own adapter (`adapters[i]`
-    for row i; peft's `__base__` for the base alone): peft's mixed batch, which its own entry
-    point offers in eval mode only, though its layers compute it the same way in training mode
-    (a gathered sub-batch per adapter, added back into the base layer's output: differentiable).
-    The models' LoRA dropout is 0."""
-    inject = partial(_adapter_names, adapters)
-    handles = [
-        module.register_forward_pre_hook(inject, with_kwargs=True)
+    for row i, the rows of each adapter consecutive): every LoRA layer computes its base layer
+    alone (peft's mixed batch with every row `__base__`, which leaves the adapters' weights
+    trainable) and then adds each adapter's update to its own rows, a slice of the batch (peft's
+    own mixed batch gathers and scatters each adapter's rows by index, copies that cost more
+    than the models' updates on a CPU, and offers itself in eval mode only). The models' LoRA
+    dropout is 0."""
+    segments = _segments(adapters)
+    varied = [
+        adapter
         for module in peft.modules()
         if isinstance(module, LoraLayer)
+        for adapter, _, _ in segments
+        if adapter in module.lora_variant
     ]
+    if varied:  # DoRA and the like: their update is not B A x
+        raise ValueError(f"adapter {varied[0]} is not plain LoRA: it runs alone")
+    base_only = partial(_base_rows, [_BASE] * len(adapters))
+    update = partial(_add_updates, segments)
+    handles = []
+    for module in peft.modules():
+        if isinstance(module, LoraLayer):
+            handles.append(module.register_forward_pre_hook(base_only, with_kwargs=True))
+            handles.append(module.register_forward_hook(update))
     try:
         yield
     finally:
@@ -147,10 +163,39 @@ def routed(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
             handle.remove()
 
 
-def _adapter_names(
-    adapters: list[str], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+def _segments(adapters: list[str]) -> list[tuple[str, int, int]]:
+    """(adapter, first row, row past its last) of each run of rows of one adapter."""
+    segments: list[tuple[str, int, int]] = []
+    for row, adapter in enumerate(adapters):
+        if segments and segments[-1][0] == adapter:
+            segments[-1] = (adapter, segments[-1][1], row + 1)
+        else:
+            segments.append((adapter, row, row + 1))
+    return segments
+
+
+def _base_rows(
+    names: list[str], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return args, {**kwargs, "adapter_names": adapters}
+    return args, {**kwargs, "adapter_names": names}
+
+
+def _add_updates(
+    segments: list[tuple[str, int, int]], module: Any, args: tuple[Any, ...], output: torch.Tensor
+) -> torch.Tensor | None:
+    """The base layer's output plus each segment's adapter update (B A x, scaled) on its rows."""
+    if not any(adapter in module.lora_A for adapter, _, _ in segments):
+        return None  # no adapter of the batch adapts this layer
+    x = args[0]
+    updates = []
+    for adapter, start, end in segments:
+        if adapter not in module.lora_A:
+            updates.append(output.new_zeros((end - start, *output.shape[1:])))
+            continue
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        rows = module.lora_dropout[adapter](x[start:end].to(lora_a.weight.dtype))
+        updates.append((lora_b(lora_a(rows)) * module.scaling[adapter]).to(output.dtype))
+    return output + torch.cat(updates)
 
 
 @contextmanager
