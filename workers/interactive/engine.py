@@ -37,6 +37,7 @@ from torch import nn
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
 from workers.interactive.forwarding import Forward, run_together
 from workers.interactive.losses import InteractiveError, read_forward_input
+from workers.interactive.routing import BASE
 from workers.interactive.sampling import (
     SamplingRequest,
     evaluating,
@@ -53,8 +54,6 @@ OPTIMIZER_STATE = "optimizer_state.pt"
 # Most (padded) tokens in one forward pass; a call's datums run in groups of at most this many,
 # so activations and logits are bounded by it, not by the size of the call.
 MICRO_BATCH_TOKENS = 8192
-# peft's name, in a mixed batch, for rows that take no adapter: the base alone.
-_BASE = "__base__"
 
 
 @dataclass(frozen=True)
@@ -341,7 +340,7 @@ class InteractiveEngine:
         with self._lock:
             for i, (model_id, request) in enumerate(asked):
                 try:
-                    adapter = _BASE if model_id is None else self._get(model_id).adapter
+                    adapter = BASE if model_id is None else self._get(model_id).adapter
                     parsed[i] = (
                         adapter,
                         read_sample_request(
@@ -357,6 +356,7 @@ class InteractiveEngine:
                 for i, (_, request) in parsed.items()
             }
             for batch in sample_batches(sizes):
+                batch = sorted(batch, key=lambda i: parsed[i][0])  # each adapter's rows a slice
                 # With no adapter at all there is no peft model: the base alone answers.
                 model = self.base.model if self._peft is None else self._peft
                 adapters = None if self._peft is None else [parsed[i][0] for i in batch]

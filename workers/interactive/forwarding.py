@@ -4,7 +4,7 @@ A tenant's forward_backward call is a few sequences; an RL loop's step, a handfu
 at a time, each pass over the base is as small as its call, and every tenant waiting on the base
 waits for each other's passes in turn. So the calls of several models run together: their datums
 share each forward pass over the frozen base, each row through its own model's adapter (peft's
-mixed batches, `adapter_names`, routed here in training mode too), and one backward pass gives
+mixed batches, routed by `routing` in training mode too), and one backward pass gives
 each model its own gradient: the rows of a batch are independent (attention stays within a row)
 and the models' adapter weights are disjoint, so the gradient of the summed loss with respect to
 a model's weights is that of its own call's loss, as if it had run alone. Each call is answered
@@ -20,18 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
 from peft import PeftModel
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from workers.interactive.losses import Datum, LossFn, target_logprobs, tensor_data
-
-# peft's name, in a mixed batch, for rows that take no adapter: the base alone.
-_BASE = "__base__"
+from workers.interactive.routing import routed
 
 
 @dataclass(frozen=True)
@@ -128,74 +124,6 @@ def micro_batches(rows: list[tuple[int, Datum]], tokens: int) -> Iterator[list[t
         width = wider
     if group:
         yield group
-
-
-@contextmanager
-def routed(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
-    """Each row of the forward passes run meanwhile goes through its own adapter (`adapters[i]`
-    for row i, the rows of each adapter consecutive): every LoRA layer computes its base layer
-    alone (peft's mixed batch with every row `__base__`, which leaves the adapters' weights
-    trainable) and then adds each adapter's update to its own rows, a slice of the batch (peft's
-    own mixed batch gathers and scatters each adapter's rows by index, copies that cost more
-    than the models' updates on a CPU, and offers itself in eval mode only). The models' LoRA
-    dropout is 0."""
-    segments = _segments(adapters)
-    varied = [
-        adapter
-        for module in peft.modules()
-        if isinstance(module, LoraLayer)
-        for adapter, _, _ in segments
-        if adapter in module.lora_variant
-    ]
-    if varied:  # DoRA and the like: their update is not B A x
-        raise ValueError(f"adapter {varied[0]} is not plain LoRA: it runs alone")
-    base_only = partial(_base_rows, [_BASE] * len(adapters))
-    update = partial(_add_updates, segments)
-    handles = []
-    for module in peft.modules():
-        if isinstance(module, LoraLayer):
-            handles.append(module.register_forward_pre_hook(base_only, with_kwargs=True))
-            handles.append(module.register_forward_hook(update))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _segments(adapters: list[str]) -> list[tuple[str, int, int]]:
-    """(adapter, first row, row past its last) of each run of rows of one adapter."""
-    segments: list[tuple[str, int, int]] = []
-    for row, adapter in enumerate(adapters):
-        if segments and segments[-1][0] == adapter:
-            segments[-1] = (adapter, segments[-1][1], row + 1)
-        else:
-            segments.append((adapter, row, row + 1))
-    return segments
-
-
-def _base_rows(
-    names: list[str], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return args, {**kwargs, "adapter_names": names}
-
-
-def _add_updates(
-    segments: list[tuple[str, int, int]], module: Any, args: tuple[Any, ...], output: torch.Tensor
-) -> torch.Tensor | None:
-    """The base layer's output plus each segment's adapter update (B A x, scaled) on its rows."""
-    if not any(adapter in module.lora_A for adapter, _, _ in segments):
-        return None  # no adapter of the batch adapts this layer
-    x = args[0]
-    updates = []
-    for adapter, start, end in segments:
-        if adapter not in module.lora_A:
-            updates.append(output.new_zeros((end - start, *output.shape[1:])))
-            continue
-        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-        rows = module.lora_dropout[adapter](x[start:end].to(lora_a.weight.dtype))
-        updates.append((lora_b(lora_a(rows)) * module.scaling[adapter]).to(output.dtype))
-    return output + torch.cat(updates)
 
 
 @contextmanager

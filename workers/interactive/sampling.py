@@ -28,13 +28,15 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from workers.interactive.losses import InteractiveError, read_tokens, target_logprobs
+from workers.interactive.routing import routed
 
 # Request fields of features this engine does not compute, with the value that means "off".
 _UNSUPPORTED = {
@@ -194,8 +196,20 @@ def generate(
     batch, its tokens dropped, until every row has. `adapters` (a peft model's adapter names,
     one a request) has each request's rows read through its own adapter."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
+    if adapters is None:
+        return _generate(model, requests, owner, tokenizer, device)
+    with routed(cast(PeftModel, model), [adapters[r] for r in owner]):
+        return _generate(model, requests, owner, tokenizer, device)
+
+
+def _generate(
+    model: nn.Module,
+    requests: list[SamplingRequest],
+    owner: list[int],
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+) -> list[dict[str, Any]]:
     rows_of = [[row for row, o in enumerate(owner) if o == r] for r in range(len(requests))]
-    routed = {} if adapters is None else {"adapter_names": [adapters[r] for r in owner]}
     width = max(len(request.prompt) for request in requests)
     ids = torch.zeros((len(owner), width), dtype=torch.int64)
     mask = torch.zeros_like(ids)
@@ -205,9 +219,7 @@ def generate(
         mask[row, width - len(prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    output = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **routed
-    )
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     prompt_logprobs = [
         _prompt_logprobs(output.logits[rows_of[r][0], width - len(request.prompt) :], request)
         for r, request in enumerate(requests)
@@ -242,7 +254,6 @@ def generate(
             position_ids=positions,
             cache=output.cache,
             use_cache=True,
-            **routed,
         )
     return [
         {
