@@ -29,6 +29,10 @@ from torch import nn
 from workers.interactive.losses import Datum, LossFn, target_logprobs, tensor_data
 from workers.interactive.routing import routed
 
+# The most of a micro-batch's tokens that may be padding: rows of very different lengths run in
+# passes of their own rather than pad the short ones to the long (an RL batch's lengths vary).
+MAX_PADDING = 0.25
+
 
 @dataclass(frozen=True)
 class Forward:
@@ -53,7 +57,13 @@ def run_together(
     """Each call's ForwardBackwardOutput (one call a model), the datums of all of them run in
     micro-batches of at most `micro_batch_tokens` padded tokens; the gradients of the calls with
     `backward` accumulate in their models' weights."""
-    rows = [(i, datum) for i, call in enumerate(asked) for datum in call.data]
+    # The datums longest first, so that a micro-batch holds sequences of about one length
+    # (`micro_batches` bounds its padding); within one, each model's rows are one slice
+    # (`routed`). The outputs go back in each call's own order.
+    rows = sorted(
+        ((i, j, datum) for i, call in enumerate(asked) for j, datum in enumerate(call.data)),
+        key=lambda row: -len(row[2].tokens),
+    )
     mixed = len({call.adapter for call in asked}) > 1
     if mixed:
         for call in asked:
@@ -61,26 +71,27 @@ def run_together(
                 param.requires_grad_(call.backward)
     else:
         peft.set_adapter(asked[0].adapter)  # its weights alone trainable; no rows to route
-    outputs: list[list[dict[str, Any]]] = [[] for _ in asked]
+    outputs: list[dict[int, dict[str, Any]]] = [{} for _ in asked]
     totals = [0.0] * len(asked)
     with kept_gradients([p for call in asked if call.backward for p in call.params]):
         for group in micro_batches(rows, micro_batch_tokens):
-            backward = any(asked[i].backward for i, _ in group)
-            routing = routed(peft, [asked[i].adapter for i, _ in group]) if mixed else nullcontext()
+            group.sort(key=lambda row: row[0])
+            backward = any(asked[i].backward for i, _, _ in group)
+            routing = (
+                routed(peft, [asked[i].adapter for i, _, _ in group]) if mixed else nullcontext()
+            )
             sums: dict[int, list[torch.Tensor]] = {}
             with torch.set_grad_enabled(backward), autocast(), routing:
-                logits = _logits(peft, [datum for _, datum in group], device)
-                for (i, datum), row in zip(group, logits, strict=True):
+                logits = _logits(peft, [datum for _, _, datum in group], device)
+                for (i, j, datum), row in zip(group, logits, strict=True):
                     inputs = {k: v.to(row.device) for k, v in datum.inputs.items()}
                     logprobs = target_logprobs(row[: len(datum.tokens)], inputs["target_tokens"])
                     elementwise = asked[i].loss_fn.elementwise(logprobs, inputs)
                     sums.setdefault(i, []).append(elementwise.sum())
-                    outputs[i].append(
-                        {
-                            "logprobs": tensor_data(logprobs),
-                            "elementwise_loss": tensor_data(elementwise),
-                        }
-                    )
+                    outputs[i][j] = {
+                        "logprobs": tensor_data(logprobs),
+                        "elementwise_loss": tensor_data(elementwise),
+                    }
                 losses = {i: torch.stack(s).sum() for i, s in sums.items()}
             if backward:
                 kept = [loss for i, loss in losses.items() if asked[i].backward]
@@ -90,7 +101,7 @@ def run_together(
     return [
         {
             "loss_fn_output_type": "ArrayRecord",
-            "loss_fn_outputs": outputs[i],
+            "loss_fn_outputs": [outputs[i][j] for j in range(len(asked[i].data))],
             "metrics": {"loss:sum": totals[i]},
         }
         for i in range(len(asked))
@@ -111,17 +122,22 @@ def _logits(model: nn.Module, group: list[Datum], device: torch.device) -> torch
     return logits
 
 
-def micro_batches(rows: list[tuple[int, Datum]], tokens: int) -> Iterator[list[tuple[int, Datum]]]:
-    """Consecutive rows in groups whose padded size stays within `tokens` (a longer row alone)."""
-    group: list[tuple[int, Datum]] = []
-    width = 0
+def micro_batches(
+    rows: list[tuple[int, int, Datum]], tokens: int
+) -> Iterator[list[tuple[int, int, Datum]]]:
+    """Consecutive rows in groups whose padded size stays within `tokens` (a longer row alone)
+    and whose padding stays within MAX_PADDING of it (rows longest first pack best)."""
+    group: list[tuple[int, int, Datum]] = []
+    width = real = 0
     for row in rows:
-        wider = max(width, len(row[1].tokens))
-        if group and wider * (len(group) + 1) > tokens:
+        length = len(row[2].tokens)
+        wider = max(width, length)
+        padded = wider * (len(group) + 1)
+        if group and (padded > tokens or padded - real - length > MAX_PADDING * padded):
             yield group
-            group, wider = [], len(row[1].tokens)
+            group, wider, real = [], length, 0
         group.append(row)
-        width = wider
+        width, real = wider, real + length
     if group:
         yield group
 
