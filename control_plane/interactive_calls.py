@@ -199,14 +199,16 @@ def finish(
     checkpoint: Saved | None = None,
     release_model: bool = False,
 ) -> bool:
-    """Record `result` for a call this executor runs (not committed). `checkpoint` records a
-    save's weights with it (a save under a name taken overwrites it); `release_model` lets the
-    model go (an unload). False, and nothing written, when the call is no longer this
-    executor's (it was released as lost meanwhile)."""
+    """Record `result` for a call this executor runs, with a training call's `metrics` apart
+    (its curves, kept when the answer is let go); not committed. `checkpoint` records a save's
+    weights with it (a save under a name taken overwrites it); `release_model` lets the model go
+    (an unload). False, nothing written, when the call was released as lost meanwhile."""
     done = conn.execute(
         text(
-            "UPDATE interactive_calls SET status = 'completed', result = :result, "
-            "finished_at = now() WHERE id = :id AND status = 'running' AND claimed_by = :executor"
+            "UPDATE interactive_calls SET status = 'completed', result = :result, metrics = CASE "
+            "WHEN kind IN ('forward_backward', 'forward', 'optim_step') THEN :result -> 'metrics' "
+            "END, finished_at = now() "
+            "WHERE id = :id AND status = 'running' AND claimed_by = :executor"
         ).bindparams(bindparam("result", type_=JSONB)),
         {"id": call.id, "executor": executor_id, "result": result},
     ).rowcount
@@ -426,7 +428,7 @@ def _error(message: str, category: str) -> dict[str, str]:
 
 def forget_payloads(engine: Engine, older_than_seconds: float, *, batch: int = FORGET_BATCH) -> int:
     """Let go of the request and answer of every call finished more than `older_than_seconds`
-    ago (the row stays: its kind, order, status, times and error), `batch` calls a transaction
+    ago (the row stays: kind, order, status, times, error, metrics), `batch` calls a transaction
     (SKIP LOCKED: two passes share the work); how many. Read off a partial index of the finished
     calls whose payload is kept, so each pass costs what it empties."""
     forgotten = 0

@@ -1,6 +1,6 @@
 """The reads the dashboard's Sessions pages make: a page of the tenant's interactive sessions
-with their models and calls counted, a session's models with their calls, and its saved
-checkpoints with the adapter version each was published as.
+with their models and calls counted, a session's models with their calls, its saved
+checkpoints with the adapter version each was published as, and a training model's curves.
 
 Every read is scoped to the tenant, and each is a few statements whatever a session holds: the
 sessions page counts the calls of its fifty sessions in one grouped statement (through
@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, func, select, true
+from sqlalchemy import ColumnElement, Connection, Float, Select, Table, case, func, select, true
 
+from control_plane.dashboard.queries import Series, series_of
 from control_plane.db.tables import Adapter, AdapterVersion, BaseModelRow
-from control_plane.interactive import CallStatus
+from control_plane.interactive import CallKind, CallStatus
 from control_plane.interactive import calls as _calls
 from control_plane.interactive import checkpoints as _checkpoints
 from control_plane.interactive import models as _models
@@ -153,6 +154,7 @@ class ModelLine:
     last_call_at: datetime | None
     last_error: str | None
     last_error_at: datetime | None
+    has_metrics: bool
 
 
 def _last_call(columns: Sequence[ColumnElement[Any]], *where: ColumnElement[bool]) -> Any:
@@ -172,7 +174,11 @@ def session_models(
 ) -> tuple[list[ModelLine], bool]:
     """The session's models, oldest first, at most `limit` (and whether there are more): one
     statement, each model's calls read through its `(model_id, seq)` key."""
-    counts = select(*_counted(_calls)).where(_calls.c.model_id == _models.c.id).lateral("counts")
+    counts = (
+        select(*_counted(_calls), func.count(_calls.c.metrics).label("metric_calls"))
+        .where(_calls.c.model_id == _models.c.id)
+        .lateral("counts")
+    )
     last = _last_call([_calls.c.kind, _calls.c.status, _calls.c.created_at])
     failed = _last_call(
         [_calls.c.error["error"].astext.label("error"), _calls.c.finished_at],
@@ -188,6 +194,7 @@ def session_models(
             _models.c.created_at,
             _models.c.unloaded_at,
             *(counts.c[status.value] for status in CallStatus),
+            counts.c.metric_calls,
             last.c.kind.label("last_call_kind"),
             last.c.status.label("last_call_status"),
             last.c.created_at.label("last_call_at"),
@@ -223,7 +230,76 @@ def _model_line(row: Any) -> ModelLine:
         last_call_at=row.last_call_at,
         last_error=row.last_error,
         last_error_at=row.last_error_at,
+        has_metrics=row.metric_calls > 0,
     )
+
+
+@dataclass(frozen=True)
+class ModelCurves:
+    """A training model's history by step, each series in step order: `train`, the step's
+    forward_backward losses (`loss:sum`) summed; `eval`, its forward calls' (forward only: an
+    evaluation) summed; `grad_norm`, the `grad_norm:mean` of the optim_step that ends it."""
+
+    train: Series
+    eval: Series
+    grad_norm: Series
+
+
+# What each series sums, in `ModelCurves`' order: of which calls, which metric.
+_METRICS = (
+    (CallKind.FORWARD_BACKWARD, "loss:sum"),
+    (CallKind.FORWARD, "loss:sum"),
+    (CallKind.OPTIM_STEP, "grad_norm:mean"),
+)
+
+
+def model_curves(
+    conn: Connection, tenant_id: str, session_id: str, model_id: str
+) -> ModelCurves | None:
+    """The curves of a model of the tenant's session (None when it is not one), from its
+    completed calls' `metrics`, which outlive their answers. A call's step is the number of the
+    model's optim_steps completed before it (0 until the first), so the step's forward_backward
+    and forward calls and the optim_step that applies them share one. The model is looked up by
+    its key, then its calls read off its `(model_id, seq)` key in order, none of another's."""
+    owned = conn.execute(
+        select(_models.c.id).where(
+            _models.c.id == model_id,
+            _models.c.session_id == session_id,
+            _models.c.tenant_id == tenant_id,
+        )
+    ).one_or_none()
+    if owned is None:
+        return None
+    optim_step = _calls.c.kind == CallKind.OPTIM_STEP.value
+    history = (
+        select(
+            _calls.c.kind,
+            _calls.c.metrics,
+            func.count()
+            .filter(optim_step)
+            .over(order_by=_calls.c.seq, rows=(None, -1))
+            .label("step"),
+        )
+        .where(
+            _calls.c.model_id == model_id,
+            _calls.c.status == CallStatus.COMPLETED.value,
+            _calls.c.kind.in_([kind.value for kind, _ in _METRICS]),
+        )
+        .subquery("history")
+    )
+
+    def summed(kind: CallKind, key: str) -> ColumnElement[Any]:
+        """The step's calls of `kind`: their metric `key` summed where it is a JSON number."""
+        value = history.c.metrics[key]
+        number = case((func.jsonb_typeof(value) == "number", value.astext.cast(Float)))
+        return func.sum(number).filter(history.c.kind == kind.value)
+
+    rows = conn.execute(
+        select(history.c.step, *(summed(kind, key) for kind, key in _METRICS))
+        .group_by(history.c.step)
+        .order_by(history.c.step)
+    ).all()
+    return ModelCurves(series_of(rows, 0, 1), series_of(rows, 0, 2), series_of(rows, 0, 3))
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ class LossCurves:
     downsampled: bool
 
 
-def _series(rows: Sequence[Any], step_at: int, value_at: int) -> Series:
+def series_of(rows: Sequence[Any], step_at: int, value_at: int) -> Series:
     """The rows' points that have a value in column `value_at`."""
     kept = [r for r in rows if r[value_at] is not None]
     return Series([r[step_at] for r in kept], [r[value_at] for r in kept])
@@ -257,7 +257,7 @@ def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINT
             .order_by(*in_job_order(newest_first=False))
         ).all()
         return LossCurves(
-            _series(points, 0, 1), _series(points, 0, 2), n_train + n_eval, downsampled=False
+            series_of(points, 0, 1), series_of(points, 0, 2), n_train + n_eval, downsampled=False
         )
     low, high = float(bounds[2]), float(bounds[3])
     width = next(

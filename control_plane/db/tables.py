@@ -705,7 +705,7 @@ class InteractiveTurn(Base):
 class InteractiveCall(Base):
     """One call on an interactive model, the future the SDK polls: `(model_id, seq)` is its
     place in the model's order, `request` what the executor needs, `result` or `error` (`{"error",
-    "category": "user" | "server"}`) what it answered."""
+    "category": "user" | "server"}`) what it answered, `metrics` what of it is kept for good."""
 
     __tablename__ = "interactive_calls"
     __table_args__ = (
@@ -754,6 +754,9 @@ class InteractiveCall(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When its request and answer were let go (`interactive_calls.forget_payloads`).
     payload_dropped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A forward_backward's, forward's or optim_step's `result["metrics"]` (`loss:sum`,
+    # `grad_norm:mean`), kept when the answer is let go: the model's curves (revision 0029).
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 class InteractiveCheckpoint(Base):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import APIResponse, BrowserContext, Page, expect
+from playwright.sync_api import APIResponse, BrowserContext, ConsoleMessage, Page, expect
 from sqlalchemy import text
 
 from control_plane import registry, trainers
@@ -95,6 +95,27 @@ def add_calls(
         row |= {"status": status, "error": json.dumps(failed) if status == "failed" else None}
         rows.append(row | {"created_at": _ago(len(calls) - seq)})
     _insert(services, "interactive_calls", rows)
+
+
+def add_training_calls(
+    services: Services,
+    model_id: str,
+    tenant_id: str,
+    base_id: str,
+    calls: list[tuple[str, str, dict[str, float] | None]],
+) -> None:
+    """The model's calls in order, each `(kind, status, metrics)`: `metrics` as an executor's
+    `finish` keeps them apart from the answer (the answers themselves already let go)."""
+    add_calls(services, model_id, tenant_id, base_id, [(kind, status) for kind, status, _ in calls])
+    with services.engine.begin() as conn:
+        for seq, (_, _, metrics) in enumerate(calls):
+            conn.execute(
+                text("UPDATE interactive_calls SET metrics = :metrics WHERE id = :id"),
+                {
+                    "metrics": json.dumps(metrics) if metrics else None,
+                    "id": f"fut-{model_id}-{seq}",
+                },
+            )
 
 
 def add_checkpoint(
@@ -358,6 +379,150 @@ def test_a_sessions_page_shows_its_models_holders_last_calls_errors_and_checkpoi
     assert checkpoints[state][5] == "2031-05-04 03:02:00 UTC"
     assert checkpoints[sampler][4:6] == ["—", "never"]
     expect(page.locator(".publish-form")).to_have_count(2)
+
+
+def _script_error(message: ConsoleMessage) -> list[str]:
+    """A console error, but the browser's own ask for a favicon (the dashboard has none)."""
+    if message.type != "error" or message.location["url"].endswith("/favicon.ico"):
+        return []
+    return [f"{message.text} at {message.location}"]
+
+
+# A model's history, and its curves by step (the optim_steps completed before a call): failed,
+# running and non-training calls count for nothing.
+HISTORY: list[tuple[str, str, dict[str, float] | None]] = [
+    ("create_model", "completed", None),
+    ("forward_backward", "completed", {"loss:sum": 2.0}),  # step 0
+    ("forward_backward", "completed", {"loss:sum": 1.5}),  # step 0: summed with the one before
+    ("forward", "completed", {"loss:sum": 4.0}),  # step 0: an evaluation
+    ("optim_step", "completed", {"grad_norm:mean": 0.5}),  # step 0's end
+    ("sample", "completed", None),
+    ("forward_backward", "failed", None),
+    ("optim_step", "failed", None),  # not a step
+    ("forward_backward", "completed", {"loss:sum": 1.0}),  # step 1
+    ("optim_step", "completed", {"grad_norm:mean": 0.25}),  # step 1's end
+    ("forward_backward", "completed", {"loss:sum": 0.5}),  # step 2
+    ("optim_step", "running", None),
+]
+CURVES = {
+    "train": {"steps": [0, 1, 2], "values": [3.5, 1.0, 0.5]},
+    "eval": {"steps": [0], "values": [4.0]},
+    "grad_norm": {"steps": [0, 1], "values": [0.5, 0.25]},
+}
+NO_CURVES = {name: {"steps": [], "values": []} for name in CURVES}
+
+
+@pytest.fixture
+def curved(services: Services, tenant_a: TenantKeys, base_id: str) -> dict[str, str]:
+    """A session of tenant-a with a model that trained (`HISTORY`), one that trained a step,
+    one with no metrics; another session of tenant-a's with a model that trained."""
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-curves", "sess-sibling", silent_s=5)
+    trained = add_model(services, "sess-curves", tenant, base_id, "m-trained", created_at=_ago(3))
+    add_training_calls(services, trained, tenant, base_id, HISTORY)
+    brief = add_model(services, "sess-curves", tenant, base_id, "m-brief", created_at=_ago(2))
+    add_training_calls(
+        services,
+        brief,
+        tenant,
+        base_id,
+        [
+            ("forward_backward", "completed", {"loss:sum": 9.0}),
+            ("optim_step", "completed", {"grad_norm:mean": 3.0}),
+            ("forward_backward", "completed", {"loss:sum": 8.0}),
+        ],
+    )
+    bare = add_model(services, "sess-curves", tenant, base_id, "m-bare", created_at=_ago(1))
+    add_calls(services, bare, tenant, base_id, [("create_model", "completed")])
+    sibling = add_model(services, "sess-sibling", tenant, base_id, "m-sibling")
+    add_training_calls(
+        services, sibling, tenant, base_id, [("forward", "completed", {"loss:sum": 1.0})]
+    )
+    return {"session": "sess-curves", "trained": trained, "brief": brief, "bare": bare}
+
+
+def _metrics_url(live_url: str, session_id: str, model_id: str) -> str:
+    return f"{live_url}/sessions/{session_id}/models/{model_id}/metrics.json"
+
+
+def test_a_models_curves_are_its_training_steps_summed_and_only_its_own_tenants(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base_id: str,
+    curved: dict[str, str],
+) -> None:
+    """`metrics.json`: per step, the step's forward_backward losses summed (train), its forward
+    calls' summed (eval), its optim_step's gradient norm; a model with no metrics has empty
+    curves. A model of another session, or another tenant's session or model, is not found."""
+    sign_in(page, live_url, tenant_a.reader)
+    session = curved["session"]
+    answered = page.request.get(_metrics_url(live_url, session, curved["trained"]))
+    assert answered.status == 200 and answered.json() == CURVES
+    assert answered.headers["cache-control"] == "no-store"
+    bare = page.request.get(_metrics_url(live_url, session, curved["bare"]))
+    assert bare.status == 200 and bare.json() == NO_CURVES
+    sibling = page.request.get(_metrics_url(live_url, "sess-sibling", "m-sibling"))
+    assert sibling.json()["eval"] == {"steps": [0], "values": [1.0]}
+    for path in (
+        _metrics_url(live_url, session, "m-sibling"),  # tenant-a's, of another session
+        _metrics_url(live_url, session, "m-none"),
+        _metrics_url(live_url, "sess-none", curved["trained"]),
+    ):
+        assert page.request.get(path).status == 404, path
+
+    add_sessions(services, tenant_b.tenant_id, "sess-b")
+    add_model(services, "sess-b", tenant_b.tenant_id, base_id, "m-b")
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_b.admin)
+    for path in (
+        _metrics_url(live_url, session, curved["trained"]),  # tenant-a's session and model
+        _metrics_url(live_url, "sess-b", curved["trained"]),  # its own session, a's model
+    ):
+        assert page.request.get(path).status == 404, path
+    assert page.request.get(_metrics_url(live_url, "sess-b", "m-b")).json() == NO_CURVES
+
+
+def test_a_sessions_page_draws_each_trained_models_curves_without_a_script_error(
+    live_url: str, page: Page, tenant_a: TenantKeys, curved: dict[str, str]
+) -> None:
+    """The first trained model's chart is drawn as the page opens (a uPlot canvas, a point per
+    step, the gradient norm a series of its own); another's when its row's "curve" link opens
+    it; a model with no metrics has neither link nor chart; nothing logs an error."""
+    errors: list[str] = []
+    page.on("console", lambda message: errors.extend(_script_error(message)))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/sessions/{curved['session']}")
+    trained, brief = (
+        page.locator(f"#curve-{curved['trained']}"),
+        page.locator(f"#curve-{curved['brief']}"),
+    )
+    chart = trained.locator(".chart[data-ready=true]")
+    expect(chart.locator("canvas")).to_have_count(1)
+    steps = {s for series in CURVES.values() for s in series["steps"]}
+    expect(chart).to_have_attribute("data-points", str(len(steps)))
+    expect(trained.locator(".u-legend")).to_contain_text("grad norm")
+    assert chart.get_attribute("aria-label") == (
+        f"Train loss, eval loss and gradient norm of model {curved['trained']} by step"
+    )
+
+    expect(brief).not_to_have_attribute("open", "")
+    expect(brief.locator("canvas")).to_have_count(0)  # drawn once opened, not before
+    page.locator(f"#models tr[data-model='{curved['brief']}'] a.curve-link").click()
+    expect(brief).to_have_attribute("open", "")
+    expect(brief.locator(".chart[data-ready=true] canvas")).to_have_count(1)
+    drawn = page.request.get(_metrics_url(live_url, curved["session"], curved["brief"])).json()
+    expect(brief.locator(".chart")).to_have_attribute(
+        "data-points", str(len(drawn["train"]["steps"]))
+    )
+
+    expect(page.locator(f"#curve-{curved['bare']}")).to_have_count(0)
+    expect(page.locator(f"#models tr[data-model='{curved['bare']}'] a.curve-link")).to_have_count(0)
+    expect(page.locator("details.curve")).to_have_count(2)
+    assert errors == []
 
 
 def test_a_writer_publishes_a_checkpoint_as_version_one_and_again_is_told_it_already_is(

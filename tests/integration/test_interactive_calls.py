@@ -108,6 +108,49 @@ def test_a_failed_creation_frees_the_model_and_an_unload_lets_it_go(engine: Engi
     assert row.held_by is None and row.unloaded_at is not None
 
 
+def test_a_training_calls_metrics_are_kept_apart_and_outlive_its_answer(engine: Engine) -> None:
+    """`finish` keeps a forward_backward's, forward's and optim_step's `result["metrics"]` in
+    `metrics` (the model's curves), never another kind's; the retention pass lets the answers
+    go and keeps those."""
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = interactive_session(engine, tenant.id, "sess-1")
+    model = interactive_model(engine, session, tenant.id, base.id, "imdl-a")
+    answers = {  # every answer has metrics; only the training kinds' are kept apart
+        "create_model": {"model_id": model, "metrics": {"loss:sum": 7.0}},
+        "forward_backward": {"loss_fn_outputs": [], "metrics": {"loss:sum": 3.25}},
+        "forward": {"loss_fn_outputs": [], "metrics": {"loss:sum": 2.5}},
+        "optim_step": {"metrics": {"grad_norm:mean": 0.75}},
+        "sample": {"sequences": [], "metrics": {"loss:sum": 1.0}},
+    }
+    for seq, kind in enumerate(answers):
+        _ask(engine, model, tenant.id, base.id, kind, seq)
+        call = _claim(engine, "exec-x", base.id)
+        assert call is not None and call.kind == kind
+        with engine.begin() as conn:
+            assert calls.finish(conn, call, "exec-x", answers[kind])
+
+    def kept() -> dict[str, Any]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT kind, result, metrics FROM interactive_calls ORDER BY seq")
+            )
+            return {r.kind: (r.result, r.metrics) for r in rows}
+
+    metrics = {
+        "create_model": None,
+        "forward_backward": {"loss:sum": 3.25},
+        "forward": {"loss:sum": 2.5},
+        "optim_step": {"grad_norm:mean": 0.75},
+        "sample": None,
+    }
+    assert kept() == {kind: (answers[kind], metrics[kind]) for kind in answers}
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE interactive_calls SET finished_at = now() - interval '2 hours'"))
+    assert calls.forget_payloads(engine, 3600) == len(answers)
+    assert kept() == {kind: (None, metrics[kind]) for kind in answers}
+
+
 def test_executors_racing_over_many_models_run_each_call_once_in_its_order(
     engine: Engine,
 ) -> None:

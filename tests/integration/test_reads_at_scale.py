@@ -1,17 +1,19 @@
 """Reads at a platform's scale, each shown to read its own rows: the dashboard's page of one
 finished status behind a tenant's newer sweep, a long job's timeline among its metrics, a
-page of a tenant's adapters among thousands, the operator's busiest tenants, and the bytes a
-tenant's interactive checkpoints hold, which every save asks for."""
+page of a tenant's adapters among thousands, the operator's busiest tenants, the bytes a
+tenant's interactive checkpoints hold, which every save asks for, and an interactive model's
+training curves among many models' calls."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, event, text
 
 from control_plane import queue_stats
-from control_plane.dashboard import queries
+from control_plane.dashboard import interactive_queries, queries
 from control_plane.events import list_events
 from control_plane.interactive_storage import CheckpointStorage, storage
 from control_plane.job_status import JobStatus
@@ -354,3 +356,52 @@ def test_a_tenants_checkpoint_bytes_are_summed_off_its_own_index(engine: Engine)
     assert "'Index Name': 'ix_interactive_checkpoints_tenant_size'" in str(plan), plan
     assert "'Node Type': 'Index Only Scan'" in str(plan), plan
     assert _plan_rows_from(plan, "interactive_checkpoints") == 500, plan
+
+
+def test_an_interactive_models_curves_read_its_own_calls_off_its_seq_key(engine: Engine) -> None:
+    """The session page's chart of one model among 20 with 500 calls each (per step: two
+    forward_backwards, a forward, an optim_step, a sample): 100 steps, each its two losses
+    summed, read off the model's `(model_id, seq)` key in order, its 500 calls and no other
+    model's."""
+    base = make_base(engine)
+    tenant = make_tenant(engine, "rl-loop")
+    session = interactive_session(engine, tenant.id, "isess-rl")
+    for n in range(20):
+        interactive_model(engine, session, tenant.id, base.id, f"imdl-{n:02d}")
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO interactive_calls (id, model_id, tenant_id, base_model_id, seq, kind, "
+                "status, finished_at, metrics) "
+                "SELECT m.id || '-' || g, m.id, m.tenant_id, m.base_model_id, g, "
+                "(ARRAY['forward_backward', 'forward_backward', 'forward', 'optim_step', "
+                "'sample'])[1 + g % 5], 'completed', now(), "
+                "CASE WHEN g % 5 < 3 THEN jsonb_build_object('loss:sum', g) "
+                "WHEN g % 5 = 3 THEN jsonb_build_object('grad_norm:mean', g / 1000.0) END "
+                "FROM interactive_models m, generate_series(0, 499) AS g"
+            )
+        )
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("VACUUM ANALYZE interactive_calls")
+        )
+    found: list[interactive_queries.ModelCurves | None] = []
+    with engine.connect() as conn:
+        statements = _statements_of(
+            engine,
+            lambda: found.append(
+                interactive_queries.model_curves(conn, tenant.id, session, "imdl-07")
+            ),
+        )
+    (curves,) = found
+    assert curves is not None
+    steps = list(range(100))
+    assert curves.train.steps == steps and curves.eval.steps == steps
+    assert curves.train.values == [(5 * k) + (5 * k + 1) for k in steps]
+    assert curves.eval.values == [5 * k + 2 for k in steps]
+    assert curves.grad_norm.steps == steps
+    assert curves.grad_norm.values == pytest.approx([(5 * k + 3) / 1000 for k in steps])
+    statement, parameters = statements[-1]
+    plan = _plan(engine, statement, parameters)
+    assert "'Index Name': 'uq_interactive_calls_model_seq'" in str(plan), plan
+    assert _plan_rows_from(plan, "interactive_calls") == 500, plan

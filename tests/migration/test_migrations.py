@@ -7,13 +7,22 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, pool, text
+from sqlalchemy import bindparam, create_engine, inspect, pool, text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 
 from control_plane import db
 from control_plane.db import include_name
 from control_plane.db.tables import Base
-from tests.factories import enqueue_jobs, make_base, make_file
+from tests.factories import (
+    ask_call,
+    enqueue_jobs,
+    interactive_model,
+    interactive_session,
+    make_base,
+    make_file,
+    make_tenant,
+)
 
 
 def _tables(url: str) -> set[str]:
@@ -177,3 +186,77 @@ def test_revision_0028_holds_a_tenants_checkpoint_bytes_cap_above_zero_and_comes
     assert "ix_interactive_checkpoints_tenant_size" not in indexes
     db.upgrade(empty_database_url, "0028")
     assert "max_checkpoint_bytes" in schema()[0]
+
+
+def test_revision_0029_keeps_the_metrics_of_the_training_calls_whose_answer_is_still_kept(
+    empty_database_url: str,
+) -> None:
+    """`interactive_calls.metrics` (revision 0029) is filled from the answers still kept: a
+    completed forward_backward's, forward's and optim_step's `result["metrics"]`, never another
+    kind's, a failed call's, or one whose answer was already let go (it has none). Going down
+    to 0028 removes the column, so going up again works."""
+    db.upgrade(empty_database_url, "0028")
+    engine = db.make_engine(empty_database_url, pool_size=2)
+    finished = {  # seq: (kind, status, result, payload let go)
+        0: ("create_model", "completed", {"model_id": "m", "metrics": {"x": 1}}, False),
+        1: ("forward_backward", "completed", {"metrics": {"loss:sum": 2.5}}, False),
+        2: ("forward", "completed", {"metrics": {"loss:sum": 1.5}}, False),
+        3: ("optim_step", "completed", {"metrics": {"grad_norm:mean": 0.25}}, False),
+        4: ("forward_backward", "completed", None, True),
+        5: ("sample", "completed", {"sequences": [], "metrics": {"loss:sum": 9}}, False),
+        6: ("forward_backward", "failed", None, False),
+        7: ("forward_backward", "pending", None, False),
+    }
+    try:
+        tenant = make_tenant(engine, "before-0029")
+        base = make_base(engine)
+        session = interactive_session(engine, tenant.id, "isess-0029")
+        model = interactive_model(engine, session, tenant.id, base.id, "imdl-0029")
+        for seq, (kind, status, result, dropped) in finished.items():
+            call = ask_call(engine, model, tenant.id, base.id, kind, seq)
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE interactive_calls SET status = :status, result = :result, "
+                        "finished_at = CASE WHEN :finished THEN now() END, "
+                        "payload_dropped_at = CASE WHEN :dropped THEN now() END WHERE id = :id"
+                    ).bindparams(bindparam("result", type_=JSONB)),
+                    {
+                        "status": status,
+                        "result": result,
+                        "finished": status != "pending",
+                        "dropped": dropped,
+                        "id": call,
+                    },
+                )
+        engine.dispose()
+        db.upgrade(empty_database_url, "0029")
+        with engine.connect() as conn:
+            kept = dict(
+                conn.execute(text("SELECT seq, metrics FROM interactive_calls ORDER BY seq")).all()
+            )
+        assert kept == {
+            0: None,
+            1: {"loss:sum": 2.5},
+            2: {"loss:sum": 1.5},
+            3: {"grad_norm:mean": 0.25},
+            4: None,
+            5: None,
+            6: None,
+            7: None,
+        }
+        engine.dispose()
+        db.downgrade(empty_database_url, "0028")
+        assert "metrics" not in _columns(empty_database_url, "interactive_calls")
+        db.upgrade(empty_database_url, "0029")
+        assert "metrics" in _columns(empty_database_url, "interactive_calls")
+    finally:
+        engine.dispose()
+
+
+def _columns(url: str, table: str) -> set[str]:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        return {c["name"] for c in inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()

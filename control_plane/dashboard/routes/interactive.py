@@ -2,7 +2,8 @@
 their models and calls counted and what the tenant's checkpoints hold in storage (and the cap on
 it, if any), and a session's page: its models (who holds their weights, their calls, the last
 failure's message, and whether their calls wait on a base no executor holds) and the weights they saved, each with the adapter version it became, or, for
-a writer, a form that publishes it as one.
+a writer, a form that publishes it as one; and each training model's curves by step (train
+loss, eval loss, gradient norm) from its `metrics.json`, drawn as the job page's chart is.
 
 Publishing calls `POST /v1/adapters/{name}/versions`' own function (the same name rules, the
 same refusal of a name bound to another base, the same "a checkpoint becomes one version"), so
@@ -17,7 +18,7 @@ from typing import Annotated
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
@@ -157,6 +158,24 @@ def session_page(
             said = NOTICES[notice].format(path=saved.path, version=saved.published_as)
     lease = services.settings.lease_seconds
     return _session_page(request, session, conn, found, lease, notice=said)
+
+
+@router.get("/sessions/{session_id}/models/{model_id}/metrics.json")
+def model_metrics(
+    session_id: str, model_id: str, session: CurrentSession, conn: PageConn
+) -> JSONResponse:
+    """A training model's curves by step (`queries.model_curves`) in the job chart's shape, the
+    optim_steps' gradient norm beside its losses; a model not of this tenant's session, or none,
+    is the 404 page."""
+    found = _session(conn, session, session_id)
+    curves = queries.model_curves(conn, session.principal.tenant_id, found.id, model_id)
+    if curves is None:
+        raise PageNotFound()
+    series = {"train": curves.train, "eval": curves.eval, "grad_norm": curves.grad_norm}
+    return JSONResponse(
+        {name: {"steps": s.steps, "values": s.values} for name, s in series.items()},
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 @router.post("/sessions/{session_id}/publish")

@@ -98,7 +98,7 @@
   function followJob() {
     var live = document.getElementById("job-live");
     if (!live) return;
-    var chart = lossChart();
+    var chart = lossChart(document.getElementById("loss-chart"));
     if (live.dataset.finished === "true") return;
     var stream = new EventSource(live.dataset.stream);
     stream.addEventListener("log", function (event) {
@@ -121,15 +121,18 @@
     });
   }
 
-  // The loss chart: train and eval loss against step; points arrive over the stream.
-  function lossChart() {
-    var holder = document.getElementById("loss-chart");
+  // A loss chart in `holder`, from its data-metrics JSON: train and eval loss against step,
+  // and a gradient norm on a right-hand axis where the JSON has one (an interactive model's);
+  // a job's points also arrive over its stream. data-log-toggle and data-note name the
+  // chart's log-scale switch and its note, where it has them.
+  function lossChart(holder) {
     if (!holder || !window.uPlot) return null;
-    var steps = [], train = [], evalLoss = [], index = new Map(), plot = null, pending = [];
-    var logToggle = document.getElementById("log-scale");
-    var note = document.getElementById("chart-note");
+    var steps = [], train = [], evalLoss = [], gradNorm = [], index = new Map(), plot = null, pending = [];
+    var withGrad = false;
+    var logToggle = holder.dataset.logToggle ? document.getElementById(holder.dataset.logToggle) : null;
+    var note = holder.dataset.note ? document.getElementById(holder.dataset.note) : null;
 
-    function put(step, trainLoss, evaluation) {
+    function put(step, trainLoss, evaluation, grad) {
       var at = index.get(step);
       if (at === undefined) {
         // Steps arrive in order; keep the arrays sorted all the same.
@@ -138,36 +141,46 @@
         steps.splice(position, 0, step);
         train.splice(position, 0, null);
         evalLoss.splice(position, 0, null);
+        gradNorm.splice(position, 0, null);
         index.clear();
         for (var i = 0; i < steps.length; i++) index.set(steps[i], i);
         at = position;
       }
       if (trainLoss !== null && trainLoss !== undefined) train[at] = trainLoss;
       if (evaluation !== null && evaluation !== undefined) evalLoss[at] = evaluation;
+      if (grad !== null && grad !== undefined) gradNorm[at] = grad;
     }
+
+    function data() { return withGrad ? [steps, train, evalLoss, gradNorm] : [steps, train, evalLoss]; }
 
     function build() {
       if (plot) plot.destroy();
       var width = Math.max(320, holder.clientWidth || 600);
+      var axes = [
+        { label: "step" },
+        { label: "loss", size: 60 },
+      ];
+      var series = [
+        { label: "step" },
+        { label: "train loss", stroke: "#2563eb", width: 1.5, spanGaps: true, value: fmt },
+        { label: "eval loss", stroke: "#dc2626", width: 2, spanGaps: true, points: { show: true, size: 6 }, value: fmt },
+      ];
+      if (withGrad) {
+        axes.push({ scale: "grad", label: "grad norm", side: 1, size: 60, grid: { show: false } });
+        series.push({ label: "grad norm", scale: "grad", stroke: "#16a34a", width: 1, spanGaps: true, value: fmt });
+      }
       plot = new uPlot({
         width: width,
         height: 320,
         cursor: { drag: { x: true, y: false } },
         scales: { x: { time: false }, y: { distr: logToggle && logToggle.checked ? 3 : 1 } },
-        axes: [
-          { label: "step" },
-          { label: "loss", size: 60 },
-        ],
-        series: [
-          { label: "step" },
-          { label: "train loss", stroke: "#2563eb", width: 1.5, spanGaps: true, value: fmt },
-          { label: "eval loss", stroke: "#dc2626", width: 2, spanGaps: true, points: { show: true, size: 6 }, value: fmt },
-        ],
-      }, [steps, train, evalLoss], holder);
+        axes: axes,
+        series: series,
+      }, data(), holder);
     }
 
     function fmt(u, v) { return v === null || v === undefined ? "—" : v.toFixed(4); }
-    function redraw() { if (plot) plot.setData([steps, train, evalLoss]); }
+    function redraw() { if (plot) plot.setData(data()); }
 
     var chart = {
       add: function (point) {
@@ -183,6 +196,10 @@
       .then(function (body) {
         body.train.steps.forEach(function (s, i) { put(s, body.train.values[i], null); });
         body.eval.steps.forEach(function (s, i) { put(s, null, body.eval.values[i]); });
+        if (body.grad_norm) {
+          withGrad = true;
+          body.grad_norm.steps.forEach(function (s, i) { put(s, null, null, body.grad_norm.values[i]); });
+        }
         build();
         pending.forEach(function (p) { put(p.step, p.train_loss, p.eval_loss); });
         pending = [];
@@ -205,9 +222,31 @@
     return chart;
   }
 
+  // ---- the session page: a model's curve, drawn when its <details> first opens (the first
+  // is open from the start); a model's "curve" link opens it
+  function followCurves() {
+    document.querySelectorAll("details.curve").forEach(function (details) {
+      var draw = function () {
+        var holder = details.querySelector(".chart[data-metrics]");
+        if (!details.open || !holder || holder.dataset.drawn) return;
+        holder.dataset.drawn = "true";
+        lossChart(holder);
+      };
+      details.addEventListener("toggle", draw);
+      draw();
+    });
+  }
+
+  document.addEventListener("click", function (event) {
+    var link = event.target.closest ? event.target.closest("a.curve-link") : null;
+    var target = link && document.getElementById(link.getAttribute("href").slice(1));
+    if (target && target.tagName === "DETAILS") target.open = true;
+  });
+
   function start() {
     followJobsTable();
     followJob();
+    followCurves();
   }
 
   document.addEventListener("DOMContentLoaded", start);
