@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # forward_backward and forward calls of distinct models an interactive executor takes and
     # runs together (each tenant's RL step is a few sequences): their datums share each pass.
     interactive_forward_batch_calls: int = Field(default=8, ge=1, le=256)
+    # ... while their datums hold fewer tokens than this: a GPU runs a batch of small calls in
+    # about the time of one, a CPU only calls too small to keep its cores busy alone. None: by
+    # the executor's device (8192 on a GPU, 256 on a CPU; `benchmarks.forward_batches`).
+    interactive_forward_batch_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     # Training models a tenant without its own cap (`tenants.max_interactive_models`) may hold
     # loaded at once (their weights and optimizer state live in executors' memory): a new one
     # past it is refused until one is unloaded.

@@ -698,3 +698,30 @@ def test_tenants_forward_calls_share_a_pass_each_through_its_own_model(
     assert _drain(runner) == 2
     status, result = _answer(services, step)
     assert status == "completed" and result["metrics"]["grad_norm:mean"] > 0
+
+
+def test_a_forward_batch_gathers_calls_until_it_holds_its_tokens(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """A claim joins other models' forward calls while the batch's datums hold fewer than
+    `forward_batch_tokens` (23 tokens a call here, a budget of 40: two calls, then the third
+    alone); on a CPU the default budget is small, so calls that keep its cores busy alone run
+    alone."""
+    runner = _runner(services, world, "exec-1", tmp_path)
+    assert runner.forward_batch_tokens == 256  # this test runs on a CPU
+    runner.forward_batch_tokens = 40
+    models = [
+        interactive_model(services.engine, world["session"], world["tenant"], world["base"], name)
+        for name in ("a", "b", "c")
+    ]
+    for model in models:
+        ask_call(services.engine, model, world["tenant"], world["base"], "create_model", 0, {})
+    assert _drain(runner) == 3
+    asked = [
+        ask_call(services.engine, model, world["tenant"], world["base"], "forward_backward", 1, FB)
+        for model in models
+    ]
+    assert runner.run_once()
+    assert [_answer(services, call)[0] for call in asked].count("completed") == 2
+    assert runner.run_once()
+    assert all(_answer(services, call)[0] == "completed" for call in asked)

@@ -34,7 +34,7 @@ from control_plane.queue import QueueListener
 from control_plane.services import Services
 from control_plane.trainers import TrainerReport
 from workers.bases.checkpoints import BaseCache
-from workers.interactive.engine import InteractiveEngine, InteractiveError
+from workers.interactive.engine import MICRO_BATCH_TOKENS, InteractiveEngine, InteractiveError
 from workers.job_io import TrainerPresence, materialize_base, through_blips
 from workers.training.device import RequestedPrecision, describe_device
 from workers.training.resident import ResidentBase
@@ -64,6 +64,9 @@ _Outcome = tuple[dict[str, Any], calls.Saved | None, bool] | _Failure
 
 # The calls that run together: sample calls, and forward_backward and forward calls.
 FORWARDS = ("forward_backward", "forward")
+# The tokens a forward batch gathers on a CPU (`interactive_forward_batch_tokens`): calls past it
+# already keep its cores busy alone, and a larger batch runs slower than its calls one by one.
+CPU_FORWARD_BATCH_TOKENS = 256
 # A call as the engine's batch takes it: (model, request) to sample, (model, input, backward).
 _Asked = TypeVar("_Asked")
 
@@ -74,6 +77,18 @@ def _forward_input(call: calls.Call) -> dict[str, Any]:
         request.get("forward_backward_input") or request.get("forward_input") or {}
     )
     return data
+
+
+def _tokens(call: calls.Call) -> int:
+    """The tokens of a forward call's datums, as sent (the engine reads them strictly later)."""
+    data = _forward_input(call).get("data")
+    inputs = (
+        [d.get("model_input") for d in data if isinstance(d, dict)]
+        if isinstance(data, list)
+        else []
+    )
+    chunks = [c for i in inputs if isinstance(i, dict) for c in i.get("chunks") or []]
+    return sum(len(c.get("tokens") or []) for c in chunks if isinstance(c, dict))
 
 
 def _alone(
@@ -124,6 +139,9 @@ class InteractiveRunner:
         self.samplers_loaded = 0
         self.sample_batch = services.settings.interactive_sample_batch_calls
         self.forward_batch = services.settings.interactive_forward_batch_calls
+        self.forward_batch_tokens = services.settings.interactive_forward_batch_tokens or (
+            MICRO_BATCH_TOKENS if self.resident.device.type == "cuda" else CPU_FORWARD_BATCH_TOKENS
+        )
         self.started_pid = os.getpid()
         self.device = describe_device()
 
@@ -300,13 +318,16 @@ class InteractiveRunner:
 
     def _other_forwards(self, conn: Connection, call: calls.Call) -> list[calls.Call]:
         """With a forward call, other models' forward calls that can run, the tenants in turn,
-        up to `forward_batch`: run together, each model's datums through its own adapter."""
+        up to `forward_batch` calls while their datums hold fewer than `forward_batch_tokens`
+        tokens: run together, each model's datums through its own adapter."""
         taken = [call]
-        while len(taken) < self.forward_batch:
+        tokens = _tokens(call)
+        while len(taken) < self.forward_batch and tokens < self.forward_batch_tokens:
             head = calls.claim_next(conn, self.executor_id, self.base.id, kinds=list(FORWARDS))
             if head is None:
                 break
             taken.append(head)
+            tokens += _tokens(head)
         return taken
 
     def _failed(self, call: calls.Call, message: str, category: str) -> None:
