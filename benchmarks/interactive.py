@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,41 @@ def bench_runner(
     with services.engine.begin() as conn:
         trainers.report(conn, runner.snapshot())
     return runner
+
+
+def batched_beside_alone(
+    name: str,
+    drain: Callable[[str, int], float],
+    *,
+    batch: int,
+    rounds: int,
+    tokens: int,
+    machine: str,
+    **fields: Any,
+) -> None:
+    """`drain(round_name, batch)` (the seconds an executor taking `batch` calls at a time takes
+    to drain a round's calls) with `batch` beside 1 (the calls one at a time), in alternating
+    rounds after a warm one; one JSON line, with the tokens a second on both sides."""
+    drain("warm", batch)
+    together: list[float] = []
+    alone: list[float] = []
+    for index in range(rounds):  # alternating: the machine's load drifts
+        together.append(drain(f"b-{index}", batch))
+        alone.append(drain(f"s-{index}", 1))
+        progress(f"round {index}: {together[-1]:.2f} s batched, {alone[-1]:.2f} s alone")
+    batched_s, serial_s = statistics.median(together), statistics.median(alone)
+    emit_beside(
+        name,
+        batched_s * 1000,
+        "the same calls taken one at a time (batch 1), in this process",
+        serial_s * 1000,
+        machine,
+        batch=batch,
+        **fields,
+        tokens_per_second=round(tokens / batched_s, 1),
+        baseline_tokens_per_second=round(tokens / serial_s, 1),
+        statistic="median over rounds of the time to drain a round's calls",
+    )
 
 
 def _direct(engine: InteractiveEngine, steps: int) -> list[float]:

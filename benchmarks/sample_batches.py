@@ -18,14 +18,17 @@ both sides.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
-from benchmarks.interactive import bench_base, bench_runner, interactive_services
+from benchmarks.interactive import (
+    batched_beside_alone,
+    bench_base,
+    bench_runner,
+    interactive_services,
+)
 from benchmarks.queue import (
     add_database_url_argument,
-    emit_beside,
     machine_description,
     make_tenant,
     progress,
@@ -107,30 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         ids = {"tenant": tenant, "base": base.id, "session": session}
         runner = bench_runner(services, base.id, scratch, args.precision)
         progress(f"{machine}; {base_label} ({runner.resident.precision}), {args.rounds} rounds")
-        _round(services, runner, ids, "warm", args, args.batch)
-        together: list[float] = []
-        alone: list[float] = []
-        for index in range(args.rounds):  # alternating: the machine's load drifts
-            together.append(_round(services, runner, ids, f"b-{index}", args, args.batch))
-            alone.append(_round(services, runner, ids, f"s-{index}", args, 1))
-            progress(f"round {index}: {together[-1]:.2f} s batched, {alone[-1]:.2f} s alone")
-        tokens = args.calls * args.samples * args.max_tokens
-        batched_s, serial_s = statistics.median(together), statistics.median(alone)
-        emit_beside(
+        batched_beside_alone(
             "interactive_sample_calls_batched",
-            batched_s * 1000,
-            "the same calls taken one at a time (batch 1), in this process",
-            serial_s * 1000,
-            machine,
+            lambda round_name, batch: _round(services, runner, ids, round_name, args, batch),
+            batch=args.batch,
+            rounds=args.rounds,
+            tokens=args.calls * args.samples * args.max_tokens,
+            machine=machine,
             calls=args.calls,
             samples_per_call=args.samples,
             max_tokens=args.max_tokens,
-            batch=args.batch,
             models=args.models,
             base=f"{base_label}, {runner.resident.precision}, rank 8",
-            tokens_per_second=round(tokens / batched_s, 1),
-            baseline_tokens_per_second=round(tokens / serial_s, 1),
-            statistic="median over rounds of the time to drain a round's calls",
         )
     return 0
 
