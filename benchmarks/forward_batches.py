@@ -1,17 +1,20 @@
 """What running several tenants' training calls together buys them on one base.
 
     python -m benchmarks.forward_batches [--models 8] [--steps 4] [--data 4] [--min-tokens 48]
-        [--max-tokens 111] [--batch 8] [--rounds 3] [--base-dir DIR] [--precision auto|fp32|bf16]
+        [--max-tokens 111] [--batch 8] [--batch-tokens N] [--rounds 3] [--base-dir DIR]
+        [--precision auto|fp32|bf16]
 
 `--models` tenants each train a model of rank 8 at once, an RL loop's steps: each step a
 forward_backward of `--data` datums (importance sampling, `--min-tokens` to `--max-tokens`
-tokens each, advantages of both signs) and an optim_step, every step of every model asked at once, on the tiny test base
-or the Hugging Face directory `--base-dir` (e.g. the demo's imported SmolLM2-135M-Instruct);
-then the executor (`workers.interactive.runner`, real PostgreSQL) drains them. One JSON line:
-the seconds from the first claim to the last answer with the executor taking up to `--batch`
-models' forward calls at a time (`interactive_forward_batch_calls`), beside the same calls
-taken one at a time (batch 1, what the executor did before), in alternating rounds in the same
-process; the trained tokens a second on both sides.
+tokens each, advantages of both signs) and an optim_step, every step of every model asked at
+once, on the tiny test base or the Hugging Face directory `--base-dir` (e.g. the demo's
+imported SmolLM2-135M-Instruct); then the executor (`workers.interactive.runner`, real
+PostgreSQL) drains them. One JSON line: the seconds from the first claim to the last answer
+with the executor taking up to `--batch` models' forward calls at a time
+(`interactive_forward_batch_calls`) while they hold fewer than `--batch-tokens` tokens (by
+default the device's: 8192 on a GPU, 256 on a CPU), beside the same calls taken one at a time
+(batch 1, what the executor did before), in alternating rounds in the same process; the
+trained tokens a second on both sides.
 """
 
 from __future__ import annotations
@@ -120,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tokens", type=int, default=48, help="a datum's fewest tokens")
     parser.add_argument("--max-tokens", type=int, default=111, help="a datum's most tokens")
     parser.add_argument("--batch", type=int, default=8, help="forward calls taken at once")
+    parser.add_argument(
+        "--batch-tokens", type=int, help="a batch's tokens (default: the device's, as deployed)"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base-dir", type=Path, help="a Hugging Face model directory")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             tenants.append((tenant, interactive_session(services.engine, tenant, f"sess-{m}")))
         world = {"base": base.id, "tenants": tenants}
         runner = bench_runner(services, base.id, scratch, args.precision)
+        runner.forward_batch_tokens = args.batch_tokens or runner.forward_batch_tokens
         progress(f"{machine}; {base_label} ({runner.resident.precision}), {args.rounds} rounds")
         batched_beside_alone(
             "interactive_forward_calls_batched",
@@ -146,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=args.steps,
             data_per_call=args.data,
             tokens_per_datum=f"{args.min_tokens}..{args.max_tokens}",
+            batch_tokens=runner.forward_batch_tokens,
             base=f"{base_label}, {runner.resident.precision}, rank 8",
         )
     return 0
