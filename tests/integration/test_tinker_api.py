@@ -496,7 +496,7 @@ def test_bad_bodies_are_refused_naming_the_field_and_nothing_is_written(
     assert _counts(services.engine) == before
     # The losses the API takes are the ones the executor computes, with the settings it reads.
     assert set(get_args(LossFn)) == set(LOSSES)
-    assert LOSS_SETTINGS == {name: frozenset(loss.defaults) for name, loss in LOSSES.items()}
+    assert {name: frozenset(loss.defaults) for name, loss in LOSSES.items()} == LOSS_SETTINGS
 
 
 def test_a_reader_key_or_an_unknown_one_cannot_open_a_session(
