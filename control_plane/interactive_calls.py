@@ -122,31 +122,31 @@ def claim_next(
     return None if row is None else Call(**row._mapping)
 
 
-_MORE_SAMPLES = text(
+_MORE = text(
     """
     WITH more AS (
         SELECT c.id FROM interactive_calls c
-        WHERE c.model_id = :model AND c.seq > :seq AND c.status = 'pending' AND c.kind = 'sample'
-          AND NOT EXISTS (SELECT 1 FROM interactive_calls o WHERE o.model_id = :model
-              AND o.seq > :seq AND o.seq < c.seq AND o.kind <> 'sample'
-              AND o.status IN ('pending', 'running'))
+        WHERE c.model_id = :model AND c.seq > :seq AND c.status = 'pending'
+          AND c.kind = ANY(CAST(:kinds AS text[])) AND NOT EXISTS (SELECT 1 FROM interactive_calls o
+              WHERE o.model_id = :model AND o.seq > :seq AND o.seq < c.seq
+              AND o.kind <> ALL(CAST(:kinds AS text[])) AND o.status IN ('pending', 'running'))
         ORDER BY c.seq LIMIT :limit FOR UPDATE
     )
     UPDATE interactive_calls c SET status = 'running', claimed_by = :executor, started_at = now()
-    FROM more WHERE c.id = more.id RETURNING c.id, c.seq, c.request
+    FROM more WHERE c.id = more.id RETURNING c.id, c.seq, c.kind, c.request
     """
 )
 
 
-def claim_more_samples(conn: Connection, executor_id: str, first: Call, limit: int) -> list[Call]:
-    """With a sample call just taken, the model's next pending sample calls up to `limit`, none
-    after a call of another kind still to run (a sample never changes the weights, so those run
-    together as they would in order); each is answered on its own (not committed)."""
-    rows = conn.execute(
-        _MORE_SAMPLES,
-        {"model": first.model_id, "seq": first.seq, "limit": limit, "executor": executor_id},
-    )
-    taken = [replace(first, id=r.id, seq=r.seq, request=r.request) for r in rows]
+def claim_more(
+    conn: Connection, executor_id: str, first: Call, limit: int, kinds: list[str]
+) -> list[Call]:
+    """With a call of `kinds` just taken, the model's next pending calls of `kinds` up to `limit`,
+    none after a call of another kind still to run (samples, or forward calls, read the weights
+    they would read in order); each is answered on its own (not committed)."""
+    params = {"model": first.model_id, "seq": first.seq, "limit": limit, "kinds": kinds}
+    rows = conn.execute(_MORE, {**params, "executor": executor_id})
+    taken = [replace(first, id=r.id, seq=r.seq, kind=r.kind, request=r.request) for r in rows]
     return sorted(taken, key=lambda call: call.seq)
 
 

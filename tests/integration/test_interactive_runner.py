@@ -725,3 +725,44 @@ def test_a_forward_batch_gathers_calls_until_it_holds_its_tokens(
     assert [_answer(services, call)[0] for call in asked].count("completed") == 2
     assert runner.run_once()
     assert all(_answer(services, call)[0] == "completed" for call in asked)
+
+
+def test_a_models_next_forward_calls_join_its_batch_until_another_kind(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """A model asked two forward_backward calls, an optim_step and a third: one claim takes
+    the first two (the same weights: their gradients add up as one after the other), never the
+    third past the optim_step, which then finds the two calls' gradient."""
+    runner = _runner(services, world, "exec-1", tmp_path)
+    model = interactive_model(
+        services.engine, world["session"], world["tenant"], world["base"], "m"
+    )
+    step: list[tuple[str, dict[str, Any]]] = [
+        ("create_model", {}),
+        ("forward_backward", FB),
+        ("forward_backward", FB),
+        ("optim_step", STEP),
+    ]
+    ids = _ask_in_order(services, world, model, [*step, ("forward_backward", FB)])
+    assert runner.run_once()  # the create
+    assert runner.run_once()
+    assert [_answer(services, call)[0] for call in ids[1:]] == [
+        "completed",
+        "completed",
+        "pending",
+        "pending",
+    ]
+    first, second = (_answer(services, call)[1] for call in ids[1:3])
+    assert _loss(first) == pytest.approx(_loss(second), rel=1e-6)  # the same weights
+    assert _drain(runner) == 2
+    alone = _runner(services, world, "exec-2", tmp_path)
+    other = interactive_model(
+        services.engine, world["session"], world["tenant"], world["base"], "n"
+    )
+    reference = _ask_in_order(services, world, other, step)
+    alone.forward_batch = 1
+    assert _drain(alone) == 4
+    found, expected = _answer(services, ids[3])[1], _answer(services, reference[3])[1]
+    assert found["metrics"]["grad_norm:mean"] == pytest.approx(
+        expected["metrics"]["grad_norm:mean"], rel=1e-4
+    )

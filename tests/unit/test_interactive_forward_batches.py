@@ -127,8 +127,30 @@ def test_a_refused_call_fails_alone_and_the_others_run() -> None:
     assert not isinstance(answer, InteractiveError)
     _same_output(answer, expected)
     assert _norm(together, "m2") == pytest.approx(_norm(alone, "m2"), rel=1e-4)
-    with pytest.raises(ValueError, match="one call a model"):
-        together.forward_many([("m1", ASKED["m1"], True), ("m1", ASKED["m1"], True)])
+
+
+def test_a_models_calls_in_one_batch_add_up_as_one_after_another() -> None:
+    """m1's two forward_backward calls and a forward call (no optim_step between them) beside
+    m2's in one batch: each answers what it answers in its turn alone, m1's gradient is the sum
+    of its two calls' (the optim_step finds the same norm and leaves the same weights), and the
+    forward adds none."""
+    alone, together = _engine(40), _engine(40)
+    first, second = ASKED["m1"], ASKED["m2"]
+    expected = [
+        alone.forward_backward("m1", first),
+        alone.forward_backward("m2", ASKED["m3"]),
+        alone.forward_backward("m1", second),
+        alone.forward("m1", PROBE),
+    ]
+    answers = together.forward_many(
+        [("m1", first, True), ("m2", ASKED["m3"], True), ("m1", second, True), ("m1", PROBE, False)]
+    )
+    for answer, reference in zip(answers, expected, strict=True):
+        assert not isinstance(answer, InteractiveError)
+        _same_output(answer, reference)
+    for model_id in ("m1", "m2"):
+        assert _norm(together, model_id) == pytest.approx(_norm(alone, model_id), rel=1e-4)
+        _same_output(together.forward(model_id, PROBE), alone.forward(model_id, PROBE))
 
 
 def test_a_batch_that_fails_part_way_leaves_the_gradients_as_they_were(

@@ -212,16 +212,15 @@ class InteractiveEngine:
     def forward_many(
         self, asked: list[tuple[str, dict[str, Any], bool]]
     ) -> list[dict[str, Any] | InteractiveError]:
-        """ForwardBackwardInputs of distinct training models, each with whether its gradients
-        are kept (forward_backward) or not (forward), run together (`forwarding`: their datums
+        """ForwardBackwardInputs of training models (a model's calls in their order, no
+        optim_step between them), each with whether its gradients are kept (forward_backward) or
+        not (forward), run together (`forwarding`: their datums
         share each forward pass, each row through its own model's adapter): each its
         ForwardBackwardOutput, as it would be alone, or the reason it was refused (the others
         run). A batch that fails leaves every model's gradients as they were."""
         answers: list[dict[str, Any] | InteractiveError] = []
         parsed: dict[int, Forward] = {}
         with self._lock:
-            if len({model_id for model_id, _, _ in asked}) < len(asked):
-                raise ValueError("forward_many runs one call a model")
             for i, (model_id, fwd_input, backward) in enumerate(asked):
                 try:
                     model, _ = self._trainable(model_id)

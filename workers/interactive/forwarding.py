@@ -54,9 +54,10 @@ def run_together(
     autocast: Callable[[], AbstractContextManager[Any]],
     micro_batch_tokens: int,
 ) -> list[dict[str, Any]]:
-    """Each call's ForwardBackwardOutput (one call a model), the datums of all of them run in
-    micro-batches of at most `micro_batch_tokens` padded tokens; the gradients of the calls with
-    `backward` accumulate in their models' weights."""
+    """Each call's ForwardBackwardOutput, the datums of all of them run in micro-batches of at
+    most `micro_batch_tokens` padded tokens; the gradients of the calls with `backward`
+    accumulate in their models' weights. A model's several calls (in their order, no optim_step
+    between them: the same weights) add up their gradients as they would one after another."""
     # The datums longest first, so that a micro-batch holds sequences of about one length
     # (`micro_batches` bounds its padding); within one, each model's rows are one slice
     # (`routed`). The outputs go back in each call's own order.
@@ -66,16 +67,18 @@ def run_together(
     )
     mixed = len({call.adapter for call in asked}) > 1
     if mixed:
+        trained = {call.adapter for call in asked if call.backward}
         for call in asked:
             for param in call.params:
-                param.requires_grad_(call.backward)
+                param.requires_grad_(call.adapter in trained)
     else:
         peft.set_adapter(asked[0].adapter)  # its weights alone trainable; no rows to route
     outputs: list[dict[int, dict[str, Any]]] = [{} for _ in asked]
     totals = [0.0] * len(asked)
-    with kept_gradients([p for call in asked if call.backward for p in call.params]):
+    trainable = {id(p): p for call in asked if call.backward for p in call.params}
+    with kept_gradients(list(trainable.values())):
         for group in micro_batches(rows, micro_batch_tokens):
-            group.sort(key=lambda row: row[0])
+            group.sort(key=lambda row: asked[row[0]].adapter)  # a slice a model
             backward = any(asked[i].backward for i, _, _ in group)
             routing = (
                 routed(peft, [asked[i].adapter for i, _, _ in group]) if mixed else nullcontext()

@@ -34,6 +34,13 @@ from control_plane.queue import QueueListener
 from control_plane.services import Services
 from control_plane.trainers import TrainerReport
 from workers.bases.checkpoints import BaseCache
+from workers.interactive.batching import (
+    CPU_FORWARD_BATCH_TOKENS,
+    FORWARDS,
+    call_tokens,
+    forward_input,
+    gather,
+)
 from workers.interactive.engine import MICRO_BATCH_TOKENS, InteractiveEngine, InteractiveError
 from workers.job_io import TrainerPresence, materialize_base, through_blips
 from workers.training.device import RequestedPrecision, describe_device
@@ -62,33 +69,8 @@ class _Failure:
 _Outcome = tuple[dict[str, Any], calls.Saved | None, bool] | _Failure
 
 
-# The calls that run together: sample calls, and forward_backward and forward calls.
-FORWARDS = ("forward_backward", "forward")
-# The tokens a forward batch gathers on a CPU (`interactive_forward_batch_tokens`): calls past it
-# already keep its cores busy alone, and a larger batch runs slower than its calls one by one.
-CPU_FORWARD_BATCH_TOKENS = 256
 # A call as the engine's batch takes it: (model, request) to sample, (model, input, backward).
 _Asked = TypeVar("_Asked")
-
-
-def _forward_input(call: calls.Call) -> dict[str, Any]:
-    request = call.request
-    data: dict[str, Any] = (
-        request.get("forward_backward_input") or request.get("forward_input") or {}
-    )
-    return data
-
-
-def _tokens(call: calls.Call) -> int:
-    """The tokens of a forward call's datums, as sent (the engine reads them strictly later)."""
-    data = _forward_input(call).get("data")
-    inputs = (
-        [d.get("model_input") for d in data if isinstance(d, dict)]
-        if isinstance(data, list)
-        else []
-    )
-    chunks = [c for i in inputs if isinstance(i, dict) for c in i.get("chunks") or []]
-    return sum(len(c.get("tokens") or []) for c in chunks if isinstance(c, dict))
 
 
 def _alone(
@@ -194,7 +176,7 @@ class InteractiveRunner:
         elif taken[0].kind in FORWARDS:
             outcomes = self._together(
                 taken,
-                lambda call: (self._held(call), _forward_input(call), call.kind != "forward"),
+                lambda call: (self._held(call), forward_input(call), call.kind != "forward"),
                 self.engine.forward_many,
             )
         else:
@@ -296,39 +278,27 @@ class InteractiveRunner:
                 return self._other_forwards(conn, call)
             if call is None or call.kind != "sample":
                 return [] if call is None else [call]
-            taken, last = [call], {call.model_id: call}
-            while len(taken) < self.sample_batch:
-                samplers = {c.model_id for c in taken if c.model_kind == "sampler"}
-                if len(samplers) >= self.samplers_kept:
-                    break
-                head = calls.claim_next(conn, self.executor_id, self.base.id, kinds=["sample"])
-                if head is None:
-                    break
-                taken.append(head)
-                last[head.model_id] = head
-            while len(taken) < self.sample_batch:
-                before = len(taken)
-                for model_id, previous in list(last.items())[: self.sample_batch - len(taken)]:
-                    more = calls.claim_more_samples(conn, self.executor_id, previous, 1)
-                    taken += more
-                    last[model_id] = more[0] if more else previous
-                if len(taken) == before:
-                    break
-            return taken
+
+            def samples(taken: list[calls.Call]) -> bool:
+                return len(taken) < self.sample_batch
+
+            def samplers(taken: list[calls.Call]) -> bool:
+                held = {c.model_id for c in taken if c.model_kind == "sampler"}
+                return samples(taken) and len(held) < self.samplers_kept
+
+            return gather(conn, self.executor_id, call, ["sample"], samplers, samples)
 
     def _other_forwards(self, conn: Connection, call: calls.Call) -> list[calls.Call]:
-        """With a forward call, other models' forward calls that can run, the tenants in turn,
-        up to `forward_batch` calls while their datums hold fewer than `forward_batch_tokens`
-        tokens: run together, each model's datums through its own adapter."""
-        taken = [call]
-        tokens = _tokens(call)
-        while len(taken) < self.forward_batch and tokens < self.forward_batch_tokens:
-            head = calls.claim_next(conn, self.executor_id, self.base.id, kinds=list(FORWARDS))
-            if head is None:
-                break
-            taken.append(head)
-            tokens += _tokens(head)
-        return taken
+        """With a forward call, other models' forward calls that can run and each model's next
+        ones (never past a call of another kind), up to `forward_batch` calls while their datums
+        hold fewer than `forward_batch_tokens` tokens: run together, each model's datums through
+        its own adapter."""
+
+        def room(taken: list[calls.Call]) -> bool:
+            held = sum(call_tokens(c) for c in taken)
+            return len(taken) < self.forward_batch and held < self.forward_batch_tokens
+
+        return gather(conn, self.executor_id, call, list(FORWARDS), room, room)
 
     def _failed(self, call: calls.Call, message: str, category: str) -> None:
         def record() -> None:
@@ -355,7 +325,7 @@ class InteractiveRunner:
             return {"model_id": model, "type": "create_model"}, None, False
         if call.kind in FORWARDS:
             run = engine.forward_backward if call.kind == "forward_backward" else engine.forward
-            return run(self._held(call), _forward_input(call)), None, False
+            return run(self._held(call), forward_input(call)), None, False
         if call.kind == "optim_step":
             return (
                 engine.optim_step(self._held(call), request.get("adam_params") or {}),
