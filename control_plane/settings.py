@@ -111,8 +111,9 @@ class Settings(BaseSettings):
     # Sample calls of one model an interactive executor takes and decodes together (an RL loop
     # asks a sampler for a batch of prompts at once): one forward pass a token for all of them.
     interactive_sample_batch_calls: int = Field(default=8, ge=1, le=256)
-    # forward_backward and forward calls of distinct models an interactive executor takes and
-    # runs together (each tenant's RL step is a few sequences): their datums share each pass.
+    # forward_backward and forward calls an interactive executor takes and runs together (each
+    # tenant's RL step is a few sequences; other models' calls, and each model's next ones
+    # before its next optim_step): their datums share each pass.
     interactive_forward_batch_calls: int = Field(default=8, ge=1, le=256)
     # ... while their datums hold fewer tokens than this: a GPU runs a batch of small calls in
     # about the time of one, a CPU only calls too small to keep its cores busy alone. None: by

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Float, Select, Table, case, func, select, true
+from sqlalchemy import ColumnElement, Connection, Select, Table, func, select, true
 
-from control_plane.dashboard.queries import Series, series_of
+from control_plane.dashboard.queries import Series, json_number, series_of
 from control_plane.db.tables import Adapter, AdapterVersion, BaseModelRow
 from control_plane.interactive import CallKind, CallStatus
 from control_plane.interactive import calls as _calls
@@ -290,9 +290,7 @@ def model_curves(
 
     def summed(kind: CallKind, key: str) -> ColumnElement[Any]:
         """The step's calls of `kind`: their metric `key` summed where it is a JSON number."""
-        value = history.c.metrics[key]
-        number = case((func.jsonb_typeof(value) == "number", value.astext.cast(Float)))
-        return func.sum(number).filter(history.c.kind == kind.value)
+        return func.sum(json_number(history.c.metrics[key])).filter(history.c.kind == kind.value)
 
     rows = conn.execute(
         select(history.c.step, *(summed(kind, key) for kind, key in _METRICS))

@@ -217,10 +217,14 @@ def series_of(rows: Sequence[Any], step_at: int, value_at: int) -> Series:
     return Series([r[step_at] for r in kept], [r[value_at] for r in kept])
 
 
-def _number(key: str) -> ColumnElement[Any]:
-    """A metric event's `key` where it is a JSON number, else NULL (as revision 0015 reads it)."""
-    value = _events.c.data[key]
+def json_number(value: ColumnElement[Any]) -> ColumnElement[Any]:
+    """A JSONB value where it is a number, else NULL (as revision 0015 reads a metric event)."""
     return case((func.jsonb_typeof(value) == "number", value.astext.cast(Float)))
+
+
+def _number(key: str) -> ColumnElement[Any]:
+    """A metric event's `key` where it is a JSON number, else NULL."""
+    return json_number(_events.c.data[key])
 
 
 def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINTS) -> LossCurves:

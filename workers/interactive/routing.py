@@ -31,22 +31,16 @@ def routed(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
     slice each). Plain LoRA only (DoRA and the like are refused, as peft's mixed batches refuse
     them); the engine's adapters have no dropout."""
     segments = _segments(adapters)
-    varied = [
-        adapter
-        for module in peft.modules()
-        if isinstance(module, LoraLayer)
-        for adapter, _, _ in segments
-        if adapter in module.lora_variant
-    ]
+    layers = [module for module in peft.modules() if isinstance(module, LoraLayer)]
+    varied = [a for layer in layers for a, _, _ in segments if a in layer.lora_variant]
     if varied:  # DoRA and the like: their update is not B A x
         raise ValueError(f"adapter {varied[0]} is not plain LoRA: it cannot share a batch")
     base_only = partial(_base_rows, [BASE] * len(adapters))
     update = partial(_add_updates, segments)
     handles = []
-    for module in peft.modules():
-        if isinstance(module, LoraLayer):
-            handles.append(module.register_forward_pre_hook(base_only, with_kwargs=True))
-            handles.append(module.register_forward_hook(update))
+    for layer in layers:
+        handles.append(layer.register_forward_pre_hook(base_only, with_kwargs=True))
+        handles.append(layer.register_forward_hook(update))
     try:
         yield
     finally:
