@@ -28,8 +28,9 @@ from control_plane.db.tables import (
     InteractiveSession,
 )
 from control_plane.ids import new_id
-from control_plane.interactive_calls import CHANNEL, checkpoint_path
+from control_plane.interactive_calls import CHANNEL
 from control_plane.interactive_health import unserved
+from control_plane.interactive_saves import checkpoint_path
 from control_plane.records import BaseModelRecord, _FromRow
 
 sessions = cast(Table, InteractiveSession.__table__)
@@ -45,6 +46,7 @@ class CallKind(StrEnum):
     OPTIM_STEP = "optim_step"
     SAVE_WEIGHTS = "save_weights"
     SAVE_WEIGHTS_FOR_SAMPLER = "save_weights_for_sampler"
+    SAVE_WEIGHTS_EXTERNAL = "save_weights_external"
     LOAD_WEIGHTS = "load_weights"
     SAMPLE = "sample"
     UNLOAD_MODEL = "unload_model"

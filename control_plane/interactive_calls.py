@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import bindparam
 
-from control_plane.ids import new_id
+from control_plane import interactive_saves
 from control_plane.trainers import alive_sql
 
 # What the payload retention pass empties per transaction.
@@ -34,13 +34,6 @@ FORGET_BATCH = 500
 
 # Executors wake on this channel (payload: the base model id) when a call is asked for.
 CHANNEL = "interactive_calls"
-
-# What a save call writes (a resumable `state`, or an adapter to `sample` from) and the segment
-# that names it in its tinker:// path and object-store prefix.
-_SAVES = {
-    "save_weights": ("state", "weights"),
-    "save_weights_for_sampler": ("sampler", "sampler_weights"),
-}
 
 
 @dataclass(frozen=True)
@@ -150,53 +143,13 @@ def claim_more(
     return sorted(taken, key=lambda call: call.seq)
 
 
-def checkpoint_path(model_id: str, save_kind: str, name: str) -> str:
-    """The tinker:// path the SDK is given for what a save call of `save_kind` writes."""
-    return f"tinker://{model_id}/{_SAVES[save_kind][1]}/{name}"
-
-
-@dataclass(frozen=True)
-class Saved:
-    """Weights a save call writes: `kind` (`state` or `sampler`), its `name`, its tinker://
-    `path`, the object-store `prefix` it is under, the bytes written (once they are), and the
-    seconds it is kept (the save's `ttl_seconds`; None: until deleted) and what the SDK attached
-    to it."""
-
-    kind: str
-    name: str
-    path: str
-    prefix: str
-    size_bytes: int | None = None
-    ttl_seconds: int | None = None
-    user_metadata: dict[str, Any] | None = None
-
-
-def checkpoint_location(call: Call, name: str) -> Saved:
-    """Where a save call's weights go under `name` (their size is known once written)."""
-    kind, segment = _SAVES[call.kind]
-    path = checkpoint_path(call.model_id, call.kind, name)
-    prefix = (
-        f"tenants/{call.tenant_id}/sessions/{call.session_id}/models/{call.model_id}/"
-        f"{segment}/{name}/"
-    )
-    ttl = call.request.get("ttl_seconds")
-    return Saved(
-        kind,
-        name,
-        path,
-        prefix,
-        ttl_seconds=None if ttl is None else int(ttl),
-        user_metadata=call.request.get("user_metadata"),
-    )
-
-
 def finish(
     conn: Connection,
     call: Call,
     executor_id: str,
     result: dict[str, Any],
     *,
-    checkpoint: Saved | None = None,
+    checkpoint: interactive_saves.Saved | None = None,
     release_model: bool = False,
 ) -> bool:
     """Record `result` for a call this executor runs, with a training call's `metrics` apart
@@ -215,30 +168,7 @@ def finish(
     if not done:
         return False
     if checkpoint is not None:
-        conn.execute(
-            text(
-                "INSERT INTO interactive_checkpoints "
-                "(id, model_id, tenant_id, kind, name, path, storage_prefix, size_bytes, "
-                "expires_at, user_metadata) VALUES (:id, :model, :tenant, :kind, :name, :path, "
-                ":prefix, :size, now() + make_interval(secs => CAST(:ttl AS double precision)), "
-                ":metadata) ON CONFLICT (model_id, kind, name) DO UPDATE "
-                "SET storage_prefix = excluded.storage_prefix, size_bytes = excluded.size_bytes, "
-                "expires_at = excluded.expires_at, user_metadata = excluded.user_metadata, "
-                "created_at = now()"
-            ).bindparams(bindparam("metadata", type_=JSONB)),
-            {
-                "id": new_id("interactive_checkpoint"),
-                "model": call.model_id,
-                "tenant": call.tenant_id,
-                "kind": checkpoint.kind,
-                "name": checkpoint.name,
-                "path": checkpoint.path,
-                "prefix": checkpoint.prefix,
-                "size": checkpoint.size_bytes,
-                "ttl": checkpoint.ttl_seconds,
-                "metadata": checkpoint.user_metadata or {},
-            },
-        )
+        interactive_saves.record(conn, call, checkpoint)
     if release_model:
         conn.execute(
             text(

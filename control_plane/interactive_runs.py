@@ -31,7 +31,7 @@ from control_plane.interactive import (
     get_model,
     require_served,
 )
-from control_plane.interactive_calls import checkpoint_path
+from control_plane.interactive_saves import ENCRYPTED_SUFFIX, checkpoint_path
 from control_plane.records import _FromRow
 from control_plane.storage import ObjectStore
 
@@ -46,14 +46,14 @@ EXPIRE_BATCH = 50
 _CHECKPOINT_COLUMNS = (
     "c.id, c.model_id, c.tenant_id, c.kind, c.name, c.path, c.storage_prefix, c.created_at, "
     "c.size_bytes, c.expires_at, c.user_metadata, c.published_version_id, m.session_id, "
-    "m.base_model_id, m.lora_config"
+    "m.base_model_id, m.lora_config, c.files"
 )
 
 
 @dataclass(frozen=True)
 class CheckpointRecord(_FromRow):
-    """Saved weights of a training run (`kind`: `state` or `sampler`), with its run's session,
-    base and LoRA config."""
+    """Saved weights of a training run (`kind`: `state`, `sampler` or `external`), with its run's
+    session, base and LoRA config, and the files it wrote (None: saved before revision 0030)."""
 
     id: str
     model_id: str
@@ -70,6 +70,12 @@ class CheckpointRecord(_FromRow):
     session_id: str
     base_model_id: str
     lora_config: dict[str, Any]
+    files: dict[str, Any] | None
+
+    @property
+    def encrypted(self) -> bool:
+        """Its files are encrypted to age recipients: the platform cannot read them."""
+        return any(name.endswith(ENCRYPTED_SUFFIX) for name in self.files or {})
 
 
 @dataclass(frozen=True)

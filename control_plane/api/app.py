@@ -22,6 +22,7 @@ from control_plane.api.routes import (
     models,
     tenants,
     tinker,
+    tinker_exports,
     tinker_runs,
     webhooks,
 )
@@ -43,6 +44,7 @@ API_ROUTERS = (
     health.router,
     # Before tinker's: its last route answers every other /api/v1 path with a 404.
     tinker_runs.router,
+    tinker_exports.router,
     tinker.router,
 )
 

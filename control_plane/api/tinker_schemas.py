@@ -11,10 +11,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from control_plane import age_export
 from control_plane.api.numbers import WholeNumber
 from control_plane.interactive_runs import MAX_TTL_SECONDS, MIN_TTL_SECONDS
+from control_plane.interactive_saves import CheckpointType
 
 Id = Annotated[str, Field(min_length=1, max_length=64)]
 # A checkpoint's time to live, the SDK's bounds: an hour to ten years.
@@ -187,6 +189,30 @@ class SaveWeights(_Body):
     user_metadata: dict[str, str] | None = None
 
 
+class SaveWeightsExternal(_Body):
+    """`save_weights_external`: the adapter for use outside the platform, under a name, each
+    file encrypted to `age_encryption_recipients` when given."""
+
+    type: Literal["save_weights_external"] | None = None
+    model_id: Id
+    path: CheckpointName
+    seq_id: int | None = Field(default=None, ge=0)
+    ttl_seconds: TtlSeconds | None = None
+    age_encryption_recipients: list[str] | None = None
+
+    @field_validator("age_encryption_recipients")
+    @classmethod
+    def _age_recipients(cls, keys: list[str] | None) -> list[str] | None:
+        if keys is not None:
+            age_export.recipients(keys)  # ValueError naming the key that is not one
+        return keys
+
+
+class ExternalWeightsUrls(BaseModel):
+    urls: dict[str, str]
+    expires: datetime
+
+
 class LoadWeights(_Body):
     """A load into a model (`model_id`, after its creation), or a new training run of the
     session started from the weights (`session_id` and `model_seq_id`: the SDK's
@@ -317,7 +343,7 @@ class Cursor(BaseModel):
 
 class Checkpoint(BaseModel):
     checkpoint_id: str
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_type: CheckpointType
     time: datetime
     tinker_path: str
     size_bytes: int | None

@@ -761,12 +761,13 @@ class InteractiveCall(Base):
 
 class InteractiveCheckpoint(Base):
     """Weights an interactive model saved (`sampler`: an adapter to sample from or publish;
-    `state`: adapter and optimizer, to resume), under `storage_prefix` in the object store and
-    named to the SDK by `path` (`tinker://<model>/<weights|sampler_weights>/<name>`)."""
+    `state`: adapter and optimizer, to resume; `external`: an adapter for use outside the
+    platform, to download), under `storage_prefix` in the object store and named to the SDK by
+    `path` (`tinker://<model>/<weights|sampler_weights|external_weights>/<name>`)."""
 
     __tablename__ = "interactive_checkpoints"
     __table_args__ = (
-        CheckConstraint("kind IN ('sampler', 'state')", name="kind"),
+        CheckConstraint("kind IN ('sampler', 'state', 'external')", name="kind"),
         UniqueConstraint("model_id", "kind", "name", name="uq_interactive_checkpoints_name"),
         UniqueConstraint("path", name="uq_interactive_checkpoints_path"),
         Index("ix_interactive_checkpoints_tenant_created", "tenant_id", "created_at", "id"),
@@ -800,6 +801,9 @@ class InteractiveCheckpoint(Base):
     )
     # The bytes the save wrote, and when the platform deletes it (null: never).
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # Each file it wrote, by its name under the prefix: {"size": bytes, "sha256": hex} (revision
+    # 0030; null before).
+    files: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     user_metadata: Mapped[dict[str, Any]] = mapped_column(
         JSONB, nullable=False, server_default="{}"

@@ -328,6 +328,13 @@ def publish_checkpoint(
             ) from None
         if saved.published_version_id is not None:
             return PublishedVersion(_version(conn, saved.published_version_id), created=False)
+        if saved.encrypted:
+            raise AdapterFilesError(
+                f"the weights at {path!r} are encrypted to their age recipients, so the platform "
+                "cannot read them: publish a save_weights_for_sampler or save_state path, or an "
+                "export saved without recipients",
+                param="from_checkpoint",
+            )
         tenant = get_tenant(conn, tenant_id)
         base = get_base_model(conn, saved.base_model_id)
         assert tenant is not None and base is not None  # a checkpoint's tenant and base outlive it

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pytest
 from sqlalchemy import Engine, text
 
-from control_plane import interactive_calls, interactive_runs, registry
+from control_plane import interactive_calls, interactive_runs, interactive_saves, registry
 from control_plane.registry.names import ADAPTER_FILES
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
@@ -34,7 +34,7 @@ def saved(services: Services, tenant_a: TenantKeys) -> str:
     with engine.begin() as conn:
         call = interactive_calls.claim_next(conn, "exec-1", base.id)
         assert call is not None
-        where = interactive_calls.checkpoint_location(call, "step-1")
+        where = interactive_saves.checkpoint_location(call, "step-1")
         for name, body in FILES.items():
             services.store.put_bytes(where.prefix + name, body)
         assert interactive_calls.finish(

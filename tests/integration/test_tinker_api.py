@@ -20,7 +20,7 @@ import tinker
 from sqlalchemy import Engine, text
 from tinker import types
 
-from control_plane import interactive_calls, trainers
+from control_plane import interactive_calls, interactive_saves, trainers
 from control_plane.api.tinker_schemas import LOSS_SETTINGS, LossFn
 from control_plane.services import Services
 from control_plane.settings import Settings
@@ -110,7 +110,7 @@ def _answer(
         else:
             saved = None
             if checkpoint:
-                saved = interactive_calls.checkpoint_location(call, call.request["path"])
+                saved = interactive_saves.checkpoint_location(call, call.request["path"])
             assert interactive_calls.finish(conn, call, EXECUTOR, result or {}, checkpoint=saved)
     return call
 

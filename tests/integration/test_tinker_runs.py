@@ -19,7 +19,7 @@ from sqlalchemy import Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from tinker import types
 
-from control_plane import interactive_calls, interactive_runs, trainers
+from control_plane import interactive_calls, interactive_runs, interactive_saves, trainers
 from control_plane.services import Services
 from control_plane.settings import Settings
 from control_plane.storage import ObjectStore
@@ -209,7 +209,7 @@ def _saved(
         {"rank": 4},
         None,
     )
-    saved = interactive_calls.checkpoint_location(call, name)
+    saved = interactive_saves.checkpoint_location(call, name)
     services.store.put_bytes(saved.prefix + "adapter_model.safetensors", b"w" * 100)
     with services.engine.begin() as conn:
         conn.execute(

@@ -18,7 +18,7 @@ import pytest
 import tinker
 from sqlalchemy import Engine, text
 
-from control_plane import interactive_calls
+from control_plane import interactive_calls, interactive_saves
 from control_plane.services import Services
 from control_plane.settings import Settings
 from loraforge import Client, PlatformAdmin
@@ -93,7 +93,7 @@ def _save(services: Services, tenant: Tenant, name: str, size: int, kind: str = 
     with engine.begin() as conn:
         call = interactive_calls.claim_next(conn, "exec-1", tenant.saved_on)
         assert call is not None and call.model_id == model
-        where = interactive_calls.checkpoint_location(call, name)
+        where = interactive_saves.checkpoint_location(call, name)
         services.store.put_bytes(where.prefix + "adapter_model.safetensors", b"w" * size)
         written = dataclasses.replace(where, size_bytes=size)
         assert interactive_calls.finish(

@@ -254,6 +254,59 @@ def test_revision_0029_keeps_the_metrics_of_the_training_calls_whose_answer_is_s
         engine.dispose()
 
 
+def test_revision_0030_takes_external_checkpoints_with_their_files_and_comes_down(
+    empty_database_url: str,
+) -> None:
+    """Revision 0030: a checkpoint may be `external` (save_weights_external) and records its
+    files; another kind is still refused. Going down deletes the external rows only (a state
+    and a sampler stay) and the files column, refuses `external` again, and goes up again."""
+    db.upgrade(empty_database_url, "0030")
+    engine = db.make_engine(empty_database_url, pool_size=2)
+    insert = text(
+        "INSERT INTO interactive_checkpoints (id, model_id, tenant_id, kind, name, path, "
+        "storage_prefix, files) VALUES (:id, :model, :tenant, :kind, 'n', :path, 'p/', "
+        "CAST(:files AS jsonb))"
+    )
+    try:
+        tenant = make_tenant(engine, "at-0030")
+        base = make_base(engine)
+        session = interactive_session(engine, tenant.id, "isess-0030")
+        model = interactive_model(engine, session, tenant.id, base.id, "imdl-0030")
+        files = '{"adapter_config.json": {"size": 2, "sha256": "ab"}}'
+        with engine.begin() as conn:
+            for kind in ("state", "sampler", "external"):
+                params = {"model": model, "tenant": tenant.id, "kind": kind, "files": files}
+                conn.execute(insert, {**params, "id": f"c-{kind}", "path": f"p-{kind}"})
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            params = {"model": model, "tenant": tenant.id, "kind": "other", "files": None}
+            conn.execute(insert, {**params, "id": "c-other", "path": "p-other"})
+        with engine.connect() as conn:
+            stored = conn.execute(
+                text("SELECT files FROM interactive_checkpoints WHERE id = 'c-external'")
+            ).scalar_one()
+        assert stored == {"adapter_config.json": {"size": 2, "sha256": "ab"}}
+        engine.dispose()
+        db.downgrade(empty_database_url, "0029")
+        assert "files" not in _columns(empty_database_url, "interactive_checkpoints")
+        with engine.connect() as conn:
+            kinds = conn.execute(text("SELECT kind FROM interactive_checkpoints ORDER BY kind"))
+            assert list(kinds.scalars()) == ["sampler", "state"]
+        with pytest.raises(IntegrityError), engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO interactive_checkpoints (id, model_id, tenant_id, kind, name, "
+                    "path, storage_prefix) VALUES ('x', :model, :tenant, 'external', 'n', 'x', "
+                    "'p/')"
+                ),
+                {"model": model, "tenant": tenant.id},
+            )
+        engine.dispose()
+        db.upgrade(empty_database_url, "0030")
+        assert "files" in _columns(empty_database_url, "interactive_checkpoints")
+    finally:
+        engine.dispose()
+
+
 def _columns(url: str, table: str) -> set[str]:
     engine = create_engine(url, poolclass=pool.NullPool)
     try:

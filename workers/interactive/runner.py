@@ -25,11 +25,12 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
+from control_plane import age_export, interactive_health
 from control_plane import interactive_calls as calls
-from control_plane import interactive_health
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive import NotFound
 from control_plane.interactive_runs import find_checkpoint
+from control_plane.interactive_saves import Saved, checkpoint_location
 from control_plane.queue import QueueListener
 from control_plane.services import Services
 from control_plane.trainers import TrainerReport
@@ -66,7 +67,7 @@ class _Failure:
 
 
 # What running a call came to: (result, checkpoint written, whether the model is let go).
-_Outcome = tuple[dict[str, Any], calls.Saved | None, bool] | _Failure
+_Outcome = tuple[dict[str, Any], Saved | None, bool] | _Failure
 
 
 # A call as the engine's batch takes it: (model, request) to sample, (model, input, backward).
@@ -309,7 +310,7 @@ class InteractiveRunner:
 
     # -- one call -----------------------------------------------------------------------------
 
-    def _run(self, call: calls.Call) -> tuple[dict[str, Any], calls.Saved | None, bool]:
+    def _run(self, call: calls.Call) -> tuple[dict[str, Any], Saved | None, bool]:
         """(result, checkpoint written, whether the model is let go) of one call."""
         engine, model, request = self.engine, call.model_id, call.request
         if call.kind == "create_model":
@@ -332,7 +333,7 @@ class InteractiveRunner:
                 None,
                 False,
             )
-        if call.kind in ("save_weights", "save_weights_for_sampler"):
+        if call.kind in ("save_weights", "save_weights_for_sampler", "save_weights_external"):
             return self._save(call)
         if call.kind == "load_weights":
             with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
@@ -360,11 +361,11 @@ class InteractiveRunner:
             )
         return call.model_id
 
-    def _save(self, call: calls.Call) -> tuple[dict[str, Any], calls.Saved, bool]:
+    def _save(self, call: calls.Call) -> tuple[dict[str, Any], Saved, bool]:
         name = str(call.request.get("path") or f"{call.seq:06d}")
         if "/" in name or name in (".", ".."):
             raise InteractiveError(f"a checkpoint name cannot contain '/': {name!r}")
-        saved = calls.checkpoint_location(call, name)
+        saved = checkpoint_location(call, name)
         model = self._held(call)
         with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
             directory = Path(scratch) / "weights"
@@ -372,9 +373,18 @@ class InteractiveRunner:
                 self.engine.save_state(model, directory, base_name=self.base.name)
             else:
                 self.engine.export_adapter(model, directory, base_name=self.base.name)
+            if saved.kind == "external":
+                if keys := call.request.get("age_encryption_recipients"):
+                    age_export.encrypt_directory(directory, keys)
+                # What the name held goes: an encrypted export's files are named apart.
+                self.services.store.delete_prefix(saved.prefix)
             stored = self.services.store.put_directory(saved.prefix, directory)
         size = sum(info.size for info in stored.values())
-        return {"path": saved.path, "type": call.kind}, replace(saved, size_bytes=size), False
+        files = {name: {"size": info.size, "sha256": info.sha256} for name, info in stored.items()}
+        result: dict[str, Any] = {"path": saved.path, "type": call.kind}
+        if saved.kind == "external":
+            result["size_bytes"] = size
+        return result, replace(saved, size_bytes=size, files=files), False
 
     def _sampler(self, call: calls.Call) -> str | None:
         """The engine's name for what a sample call samples from: a training model's own
@@ -407,10 +417,15 @@ class InteractiveRunner:
         """The saved weights a tinker:// path names, of the call's tenant, in `target`."""
         with self.services.engine.connect() as conn:
             try:
-                prefix = find_checkpoint(conn, call.tenant_id, path).storage_prefix
+                saved = find_checkpoint(conn, call.tenant_id, path)
             except NotFound:
                 raise CheckpointNotFound(f"no saved weights at {path!r}") from None
-        self.services.store.download_prefix(prefix, target)
+        if saved.encrypted:
+            raise InteractiveError(
+                f"the weights at {path!r} are encrypted to their age recipients, so the platform "
+                "cannot read them: load a save_state or save_weights_for_sampler path"
+            )
+        self.services.store.download_prefix(saved.storage_prefix, target)
         return target
 
     def _scratch(self) -> Path:

@@ -18,7 +18,8 @@ Point the SDK at loraforge with `tinker.ServiceClient(base_url=<loraforge>, api_
   them; JSON otherwise), or a failure (`{"error", "category": "user" | "server"}`, status 200);
   `cancel_future` fails a call no executor took yet.
 
-A tenant's runs, checkpoints and sessions are `routes/tinker_runs.py`'s. Anything else under
+A tenant's runs, checkpoints and sessions are `routes/tinker_runs.py`'s; weights exported for
+use elsewhere and their downloads `routes/tinker_exports.py`'s. Anything else under
 /api/v1 is a 404 naming the endpoint: the SDK raises it at once, where a
 5xx would have it retry for minutes. A model that was unloaded answers 410 (a 409 too is
 retried by the SDK). None of this is in the OpenAPI document: it is Tinker's API, not ours.

@@ -5,7 +5,7 @@ SDK's `AdminClient` asks for it (`control_plane.interactive_storage`).
 
 Any live key of the tenant reads (a reader's too: these change nothing); deleting a checkpoint
 or setting when it expires takes a writer's. A checkpoint is named as the SDK names it, by its
-run and `weights/<name>` or `sampler_weights/<name>`. Projects and other accounts' checkpoints
+run and `weights/<name>`, `sampler_weights/<name>` or `external_weights/<name>`. Projects and other accounts' checkpoints
 are not offered: asking for them is a 400 that says so, never an answer that ignores them.
 """
 
@@ -35,6 +35,7 @@ from control_plane.api.tinker_schemas import (
 )
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive_runs import CheckpointRecord, RunRecord
+from control_plane.interactive_saves import SDK_TYPES, SEGMENTS
 from control_plane.storage import ObjectStoreUnavailableError
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
@@ -42,16 +43,12 @@ router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0)]
 Scope = Annotated[Literal["owned", "accessible"], Query()]
-# A checkpoint's segment in its tinker:// path, and the SDK's name for its type.
-_SEGMENTS = {"weights": "training", "sampler_weights": "sampler"}
-_TYPES = {"state": ("weights", "training"), "sampler": ("sampler_weights", "sampler")}
 
 
 def _checkpoint(saved: CheckpointRecord) -> Checkpoint:
-    segment, kind = _TYPES[saved.kind]
     return Checkpoint(
-        checkpoint_id=f"{segment}/{saved.name}",
-        checkpoint_type=kind,
+        checkpoint_id=f"{SEGMENTS[saved.kind]}/{saved.name}",
+        checkpoint_type=SDK_TYPES[saved.kind],
         time=saved.created_at,
         tinker_path=saved.path,
         size_bytes=saved.size_bytes,
@@ -89,13 +86,14 @@ def _no_projects(project_id: str | None, together: str = "runs are listed") -> N
         )
 
 
-def _path(run_id: str, segment: str, name: str) -> str:
-    if segment not in _SEGMENTS:
+def checkpoint_path(run_id: str, segment: str, name: str) -> str:
+    """The tinker:// path of a checkpoint the SDK names by its run and `<segment>/<name>`."""
+    if segment not in SEGMENTS.values():
         raise ApiError(
             404,
             "checkpoint_not_found",
-            f"no checkpoint {segment}/{name} of {run_id}: a checkpoint id is weights/<name> or "
-            "sampler_weights/<name>",
+            f"no checkpoint {segment}/{name} of {run_id}: a checkpoint id is weights/<name>, "
+            "sampler_weights/<name> or external_weights/<name>",
             "checkpoint_id",
         )
     return f"tinker://{run_id}/{segment}/{name}"
@@ -137,7 +135,7 @@ def delete_checkpoint(
     run_id: str, segment: str, name: str, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> Response:
     """The checkpoint's files and its row; a version published from it keeps its own copy."""
-    path = _path(run_id, segment, name)
+    path = checkpoint_path(run_id, segment, name)
     with domain_errors():
         try:
             interactive_runs.delete_checkpoint(conn, services.store, caller.tenant_id, path)
@@ -156,7 +154,7 @@ def set_checkpoint_ttl(
     run_id: str, segment: str, name: str, body: CheckpointTtl, conn: ConnDep, caller: Writer
 ) -> Response:
     """The checkpoint expires `ttl_seconds` from now (the platform deletes it then), or never."""
-    path = _path(run_id, segment, name)
+    path = checkpoint_path(run_id, segment, name)
     with domain_errors():
         interactive_runs.set_ttl(conn, caller.tenant_id, path, body.ttl_seconds)
     conn.commit()
