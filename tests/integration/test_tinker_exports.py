@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from tinker import types
 
 from control_plane import interactive, interactive_runs
 from control_plane.api.routes import tinker_exports
-from control_plane.services import Services
+from control_plane.services import Services, build_services
 from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore, ObjectStore
+from loraforge import tasks
 from tests.api_harness import TenantKeys
 from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
 
@@ -47,6 +50,33 @@ PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return tinker_settings(tmp_path)
+
+
+@pytest.fixture
+def store_kind() -> str:
+    return "local"
+
+
+@pytest.fixture
+def services(
+    settings: Settings,
+    database_url: str,
+    broker_url: str,
+    celery_worker: None,
+    tmp_path: Path,
+    store_kind: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[Services]:
+    """The API's services on a local directory, or on S3 (moto's server) where a test asks."""
+    store: ObjectStore = (
+        LocalObjectStore(tmp_path / "objects")
+        if store_kind == "local"
+        else request.getfixturevalue("s3_store")
+    )
+    built = build_services(settings, database_url=database_url, store=store)
+    tasks.configure(built, broker_url=broker_url)
+    yield built
+    built.close()
 
 
 def _trained(service: tinker.ServiceClient, base: str) -> Any:
@@ -78,8 +108,15 @@ def _calls(services: Services) -> int:
         return int(conn.execute(text("SELECT count(*) FROM interactive_calls")).scalar_one())
 
 
+@pytest.mark.parametrize("store_kind", ["local", "s3"])
 def test_exported_weights_download_through_signed_urls_without_a_key(
-    live_url: str, tenant_a: TenantKeys, tenant_b: TenantKeys, executor: str, services: Services
+    live_url: str,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    executor: str,
+    services: Services,
+    store_kind: str,
+    moto_server: str,
 ) -> None:
     with sdk_service(live_url, tenant_a.member) as service:
         training = _trained(service, executor)
@@ -115,10 +152,22 @@ def test_exported_weights_download_through_signed_urls_without_a_key(
     assert got == _stored(services, tenant_a.tenant_id, saved.path)
 
     url = signed.urls["adapter_model.safetensors"]
-    token = url.rsplit("/", 1)[-1]
-    # A forged token, another tenant asking for the URLs: refused.
-    forged = httpx.get(url[: -len(token)] + token[:-2] + ("AA" if token[-2:] != "AA" else "BB"))
-    assert forged.status_code == 403 and forged.json()["error"]["code"] == "invalid_signature"
+    if store_kind == "s3":  # the store's own presigned URLs, straight to it
+        assert all(u.startswith(moto_server) for u in signed.urls.values())
+        assert "X-Amz-Signature=" in url
+    else:  # the API's: a forged token is refused, and corrupt bytes are never sent whole
+        token = url.rsplit("/", 1)[-1]
+        forged = httpx.get(url[: -len(token)] + token[:-2] + ("AA" if token[-2:] != "AA" else "BB"))
+        assert forged.status_code == 403 and forged.json()["error"]["code"] == "invalid_signature"
+        with services.engine.connect() as conn:
+            prefix = interactive_runs.find_checkpoint(conn, tenant_a.tenant_id, saved.path)
+        key = prefix.storage_prefix + "adapter_config.json"
+        services.store.put_bytes(key, got["adapter_config.json"].replace(b"LORA", b"LoRA"))
+        corrupt = httpx.get(signed.urls["adapter_config.json"])
+        assert corrupt.status_code == 502
+        assert corrupt.json()["error"]["code"] == "checksum_mismatch"
+        services.store.put_bytes(key, got["adapter_config.json"])
+    # Another tenant asking for the URLs: not found.
     with sdk_service(live_url, tenant_b.member) as other, pytest.raises(tinker.NotFoundError):
         other.create_rest_client().get_external_weights_urls(saved.path).result()
 
