@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+import psycopg
 from sqlalchemy import Connection, Row, Select, Table, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
@@ -31,6 +32,10 @@ MAX_CHECKPOINT_BYTES = 10**18
 
 class TenantExistsError(Exception):
     pass
+
+
+# The unique key on tenants' names, as revision 0001 names it (`NAMING`'s `uq_` convention).
+_NAME_KEY = "uq_tenants_name"
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,9 @@ def create_tenant(
     max_checkpoint_bytes: int | None = None,
 ) -> TenantRecord:
     """A new tenant with its limits (None: the platform's default); TenantExistsError when the
-    name is taken."""
+    name is taken. Any other integrity error (a limit out of a check constraint's range, which
+    the REST body and the CLI refuse before they call this) is raised as it is: it is not a
+    name taken, and saying so would send its caller to pick another name for nothing."""
     try:
         with conn.begin_nested():
             row = conn.execute(
@@ -89,8 +96,17 @@ def create_tenant(
                 .returning(*tenants.c)
             ).one()
     except IntegrityError as exc:
+        if not _breaks_key(exc, _NAME_KEY):
+            raise
         raise TenantExistsError(f"a tenant named {name!r} already exists") from exc
     return TenantRecord.from_row(row)
+
+
+def _breaks_key(exc: IntegrityError, key: str) -> bool:
+    """Whether the statement broke the unique key `key` (SQLSTATE 23505 on that constraint),
+    not another constraint of the table."""
+    found = exc.orig
+    return isinstance(found, psycopg.errors.UniqueViolation) and found.diag.constraint_name == key
 
 
 def set_limits(

@@ -360,3 +360,53 @@ def ask_call(
             },
         )
     return call_id
+
+
+def interactive_training_steps(engine: Engine, model_id: str, steps: int) -> None:
+    """`steps` training steps of a model's calls after those it has, finished as its executor
+    finishes them, in one statement. Step k: two forward_backwards (`loss:sum`), a forward (an
+    evaluation) every tenth step else a sample, a forward_backward that failed (its metrics
+    count for nothing) every hundredth step else a sample, and the optim_step that ends it
+    (`grad_norm:mean`)."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                """
+                WITH model AS MATERIALIZED (  -- its next seq, counted once, not per call
+                    SELECT m.id, m.tenant_id, m.base_model_id,
+                           (SELECT coalesce(max(c.seq) + 1, 0) FROM interactive_calls c
+                            WHERE c.model_id = m.id) AS first_seq
+                    FROM interactive_models m WHERE m.id = :model
+                ),
+                slots AS (
+                    SELECT g / 5 AS k, g % 5 AS slot, g FROM generate_series(0, 5 * :steps - 1) g
+                ),
+                calls AS (
+                    SELECT s.g, CASE
+                        WHEN s.slot IN (0, 1) THEN 'forward_backward'
+                        WHEN s.slot = 2 AND s.k % 10 = 0 THEN 'forward'
+                        WHEN s.slot = 3 AND s.k % 100 = 0 THEN 'forward_backward'
+                        WHEN s.slot = 4 THEN 'optim_step'
+                        ELSE 'sample' END AS kind,
+                        CASE WHEN s.slot = 3 AND s.k % 100 = 0 THEN 'failed'
+                             ELSE 'completed' END AS status,
+                        CASE s.slot
+                            WHEN 0 THEN jsonb_build_object(
+                                'loss:sum', 3.0 / (1 + s.k / 500.0) + (s.k % 7) / 100.0)
+                            WHEN 1 THEN jsonb_build_object('loss:sum', 0.5 / (1 + s.k / 900.0))
+                            WHEN 2 THEN jsonb_build_object('loss:sum', 3.5 / (1 + s.k / 400.0))
+                            WHEN 3 THEN jsonb_build_object('loss:sum', 1000)
+                            ELSE jsonb_build_object('grad_norm:mean', 1.0 / (1 + s.k / 50.0))
+                        END AS metrics
+                    FROM slots s
+                )
+                INSERT INTO interactive_calls (id, model_id, tenant_id, base_model_id, seq, kind,
+                                               status, finished_at, metrics)
+                SELECT m.id || '-' || (m.first_seq + c.g), m.id, m.tenant_id, m.base_model_id,
+                       m.first_seq + c.g, c.kind, c.status, now(),
+                       CASE WHEN c.kind = 'sample' THEN NULL ELSE c.metrics END
+                FROM model m, calls c
+                """
+            ),
+            {"model": model_id, "steps": steps},
+        )

@@ -1,6 +1,7 @@
 """The reads the dashboard's Sessions pages make: a page of the tenant's interactive sessions
 with their models and calls counted, a session's models with their calls, its saved
-checkpoints with the adapter version each was published as, and a training model's curves.
+checkpoints with the adapter version each was published as, and a training model's curves,
+downsampled past a chart's points as a job's are.
 
 Every read is scoped to the tenant, and each is a few statements whatever a session holds: the
 sessions page counts the calls of its fifty sessions in one grouped statement (through
@@ -17,7 +18,13 @@ from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Connection, Select, Table, func, select, true
 
-from control_plane.dashboard.queries import Series, json_number, series_of
+from control_plane.dashboard.queries import (
+    MAX_CHART_POINTS,
+    Series,
+    downsample,
+    json_number,
+    series_of,
+)
 from control_plane.db.tables import Adapter, AdapterVersion, BaseModelRow
 from control_plane.interactive import CallKind, CallStatus
 from control_plane.interactive import calls as _calls
@@ -238,11 +245,13 @@ def _model_line(row: Any) -> ModelLine:
 class ModelCurves:
     """A training model's history by step, each series in step order: `train`, the step's
     forward_backward losses (`loss:sum`) summed; `eval`, its forward calls' (forward only: an
-    evaluation) summed; `grad_norm`, the `grad_norm:mean` of the optim_step that ends it."""
+    evaluation) summed; `grad_norm`, the `grad_norm:mean` of the optim_step that ends it.
+    `downsampled`: the series were bucketed to a chart's points (`queries.downsample`)."""
 
     train: Series
     eval: Series
     grad_norm: Series
+    downsampled: bool
 
 
 # What each series sums, in `ModelCurves`' order: of which calls, which metric.
@@ -254,13 +263,23 @@ _METRICS = (
 
 
 def model_curves(
-    conn: Connection, tenant_id: str, session_id: str, model_id: str
+    conn: Connection,
+    tenant_id: str,
+    session_id: str,
+    model_id: str,
+    max_points: int = MAX_CHART_POINTS,
 ) -> ModelCurves | None:
     """The curves of a model of the tenant's session (None when it is not one), from its
     completed calls' `metrics`, which outlive their answers. A call's step is the number of the
     model's optim_steps completed before it (0 until the first), so the step's forward_backward
     and forward calls and the optim_step that applies them share one. The model is looked up by
-    its key, then its calls read off its `(model_id, seq)` key in order, none of another's."""
+    its key, then its calls read off its `(model_id, seq)` key in order, none of another's.
+
+    Each series holds at most `max_points` points: past that, all three are bucketed by the job
+    chart's rule (`queries.downsample`: the narrowest of its widths that fits, each bucket its
+    points' mean step and mean value), so a model trained 100,000 steps sends a page a chart's
+    worth of points. The buckets are made here from the steps read, one row a step: a model's
+    steps are counted from its calls, which no trigger sums as it does a job's events."""
     owned = conn.execute(
         select(_models.c.id).where(
             _models.c.id == model_id,
@@ -297,7 +316,10 @@ def model_curves(
         .group_by(history.c.step)
         .order_by(history.c.step)
     ).all()
-    return ModelCurves(series_of(rows, 0, 1), series_of(rows, 0, 2), series_of(rows, 0, 3))
+    (train, evaluation, grad_norm), downsampled = downsample(
+        [series_of(rows, 0, column) for column in (1, 2, 3)], max_points
+    )
+    return ModelCurves(train, evaluation, grad_norm, downsampled)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The reads only the dashboard makes, each one statement: the session's key by id, a page of
 jobs filtered by status or searched, the jobs a live table shows, a job's status changes and
-latest metrics, its loss curves downsampled, and tenants' names.
+latest metrics, its loss curves downsampled (by the rule a model's curves share), and tenants'
+names.
 
 Everything else the pages show comes from the domain modules the REST API uses.
 """
@@ -42,7 +43,8 @@ _events = cast(Table, JobEvent.__table__)
 _rollups = cast(Table, JobMetricRollup.__table__)
 
 MAX_CHART_POINTS = 1000
-"""A loss series sent to a page holds at most this many points, however long the job ran."""
+"""A loss series sent to a page holds at most this many points, however long the job ran or the
+interactive model trained."""
 
 
 def principal_by_key_id(conn: Connection, key_id: str) -> tuple[Principal, str] | None:
@@ -217,6 +219,45 @@ def series_of(rows: Sequence[Any], step_at: int, value_at: int) -> Series:
     return Series([r[step_at] for r in kept], [r[value_at] for r in kept])
 
 
+def chart_width(longest: int, low: float, high: float, max_points: int) -> int | None:
+    """The width, in steps, of the buckets a chart's series are downsampled into: None while its
+    longest series has at most `max_points` points (each is drawn as it is); else the narrowest
+    of revision 0015's widths (2, 4, ... 65,536) that cuts the steps from `low` to `high` into
+    at most `max_points` buckets (bucket = floor(step / width)), the widest when none does.
+    A job's chart reads that width's sums (`loss_curves`); a model's buckets its points
+    (`downsample`)."""
+    if longest <= max_points:
+        return None
+    return next(
+        (w for w in ROLLUP_WIDTHS if math.floor(high / w) - math.floor(low / w) < max_points),
+        ROLLUP_WIDTHS[-1],
+    )
+
+
+def bucket_means(series: Series, width: int) -> Series:
+    """Each bucket's points (bucket = floor(step / width)) as one, their mean step and mean
+    value, in step order: the point revision 0015's sums give a job's chart at that width."""
+    buckets: dict[int, tuple[int, float, float]] = {}
+    for step, value in zip(series.steps, series.values, strict=True):
+        bucket = math.floor(step / width)
+        points, steps, values = buckets.get(bucket, (0, 0.0, 0.0))
+        buckets[bucket] = (points + 1, steps + step, values + value)
+    kept = [buckets[b] for b in sorted(buckets)]
+    return Series([steps / n for n, steps, _ in kept], [values / n for n, _, values in kept])
+
+
+def downsample(series: Sequence[Series], max_points: int) -> tuple[list[Series], bool]:
+    """Series read point by point, downsampled as a job's chart is: as they are while none
+    holds more than `max_points` points, else each bucketed at the one width `chart_width`
+    picks for the steps of all of them (`bucket_means`); and whether they were."""
+    steps = [step for s in series for step in s.steps]
+    longest = max((len(s.steps) for s in series), default=0)
+    width = chart_width(longest, min(steps, default=0.0), max(steps, default=0.0), max_points)
+    if width is None:
+        return list(series), False
+    return [bucket_means(s, width) for s in series], True
+
+
 def json_number(value: ColumnElement[Any]) -> ColumnElement[Any]:
     """A JSONB value where it is a number, else NULL (as revision 0015 reads a metric event)."""
     return case((func.jsonb_typeof(value) == "number", value.astext.cast(Float)))
@@ -232,11 +273,11 @@ def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINT
     most `max_points` rows however long the job ran.
 
     A job with no more points than that gets every one, from its events. Past that, the chart
-    gets the narrowest of revision 0015's bucket widths (2, 4, ... 65,536 steps) that cuts the
-    job's steps into at most `max_points` buckets, each bucket its points' mean step and mean
-    loss, summed as the events were inserted (`job_metric_rollups`): a job with 100,000 steps
-    sends a page the curve a chart of that width can draw, not 100,000 points, and costs it a
-    thousand rows, not 100,000 events.
+    gets the width `chart_width` picks, the narrowest of revision 0015's bucket widths (2, 4,
+    ... 65,536 steps) that cuts the job's steps into at most `max_points` buckets, each bucket
+    its points' mean step and mean loss, summed as the events were inserted
+    (`job_metric_rollups`): a job with 100,000 steps sends a page the curve a chart of that
+    width can draw, not 100,000 points, and costs it a thousand rows, not 100,000 events.
     """
     widest = _rollups.c.width == ROLLUP_WIDTHS[-1]
     bounds = conn.execute(
@@ -248,7 +289,9 @@ def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINT
         ).where(_rollups.c.job_id == job_id, widest)
     ).one()
     n_train, n_eval = int(bounds[0] or 0), int(bounds[1] or 0)
-    if max(n_train, n_eval) <= max_points:
+    low, high = float(bounds[2] or 0), float(bounds[3] or 0)
+    width = chart_width(max(n_train, n_eval), low, high, max_points)
+    if width is None:
         step, train, evaluation = _number("step"), _number("train_loss"), _number("eval_loss")
         points = conn.execute(
             select(step, train, evaluation)
@@ -263,11 +306,6 @@ def loss_curves(conn: Connection, job_id: str, max_points: int = MAX_CHART_POINT
         return LossCurves(
             series_of(points, 0, 1), series_of(points, 0, 2), n_train + n_eval, downsampled=False
         )
-    low, high = float(bounds[2]), float(bounds[3])
-    width = next(
-        (w for w in ROLLUP_WIDTHS if math.floor(high / w) - math.floor(low / w) < max_points),
-        ROLLUP_WIDTHS[-1],
-    )
     rows = conn.execute(
         select(_rollups)
         .where(_rollups.c.job_id == job_id, _rollups.c.width == width)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,11 +24,13 @@ from playwright.sync_api import APIResponse, BrowserContext, ConsoleMessage, Pag
 from sqlalchemy import text
 
 from control_plane import registry, trainers
+from control_plane.dashboard.queries import MAX_CHART_POINTS
 from control_plane.dashboard.routes.interactive import SESSIONS_PAGE
 from control_plane.services import Services
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
-from tests.factories import make_base
+from tests.curves import assert_same_curves, downsampled, model_points
+from tests.factories import interactive_training_steps, make_base
 
 pytestmark = pytest.mark.browser
 
@@ -409,7 +412,9 @@ CURVES = {
     "eval": {"steps": [0], "values": [4.0]},
     "grad_norm": {"steps": [0, 1], "values": [0.5, 0.25]},
 }
-NO_CURVES = {name: {"steps": [], "values": []} for name in CURVES}
+# A model's curves short of a chart's points are sent whole, and say so.
+WHOLE = {"downsampled": False, "max_points": MAX_CHART_POINTS}
+NO_CURVES = {name: {"steps": [], "values": []} for name in CURVES} | WHOLE
 
 
 @pytest.fixture
@@ -460,7 +465,7 @@ def test_a_models_curves_are_its_training_steps_summed_and_only_its_own_tenants(
     sign_in(page, live_url, tenant_a.reader)
     session = curved["session"]
     answered = page.request.get(_metrics_url(live_url, session, curved["trained"]))
-    assert answered.status == 200 and answered.json() == CURVES
+    assert answered.status == 200 and answered.json() == CURVES | WHOLE
     assert answered.headers["cache-control"] == "no-store"
     bare = page.request.get(_metrics_url(live_url, session, curved["bare"]))
     assert bare.status == 200 and bare.json() == NO_CURVES
@@ -522,6 +527,41 @@ def test_a_sessions_page_draws_each_trained_models_curves_without_a_script_error
     expect(page.locator(f"#curve-{curved['bare']}")).to_have_count(0)
     expect(page.locator(f"#models tr[data-model='{curved['bare']}'] a.curve-link")).to_have_count(0)
     expect(page.locator("details.curve")).to_have_count(2)
+    assert errors == []
+
+
+def test_a_long_models_curves_come_downsampled_as_a_jobs_and_are_drawn(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, base_id: str
+) -> None:
+    """A model trained 3,000 steps (`interactive_training_steps`): its `metrics.json` says it is
+    downsampled, each series in at most MAX_CHART_POINTS points, equal to the job chart's rule
+    over its every point (`tests.curves`: buckets of 4 steps), the first bucket holding its
+    first step and the last its newest; the session page draws it, a point per step sent, with
+    no script error."""
+    errors: list[str] = []
+    page.on("console", lambda message: errors.extend(_script_error(message)))
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    add_sessions(services, tenant_a.tenant_id, "sess-long", silent_s=5)
+    model = add_model(services, "sess-long", tenant_a.tenant_id, base_id, "m-long")
+    interactive_training_steps(services.engine, model, 3_000)
+    sign_in(page, live_url, tenant_a.reader)
+    with page.expect_response(re.compile(r".*/metrics\.json$")) as metrics:
+        page.goto(f"{live_url}/sessions/sess-long")
+    body = metrics.value.json()
+    assert (body["downsampled"], body["max_points"]) == (True, MAX_CHART_POINTS)
+    names = ("train", "eval", "grad_norm")
+    sent = {n: list(zip(body[n]["steps"], body[n]["values"], strict=True)) for n in names}
+    with services.engine.connect() as conn:
+        want = downsampled(model_points(conn, model), MAX_CHART_POINTS)
+    assert_same_curves(sent | {"downsampled": body["downsampled"]}, want)
+    assert all(0 < len(body[n]["steps"]) <= MAX_CHART_POINTS for n in names)
+    assert (body["train"]["steps"][0], body["train"]["steps"][-1]) == (1.5, 2_997.5)
+
+    chart = page.locator(f"#curve-{model} .chart[data-ready=true]")
+    expect(chart.locator("canvas")).to_have_count(1)
+    steps = {s for n in names for s in body[n]["steps"]}
+    expect(chart).to_have_attribute("data-points", str(len(steps)))
+    expect(page.locator(f"#curve-{model} .u-legend")).to_contain_text("grad norm")
     assert errors == []
 
 

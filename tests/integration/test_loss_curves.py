@@ -1,15 +1,14 @@
 """A job's loss curves as the job page's chart gets them (`queries.loss_curves`): every point of
 a short run, and past the chart's points the narrowest bucket width that fits, each bucket its
 points' mean step and mean loss, from revision 0015's sums kept as the events are inserted. The
-reference below buckets every event in Python; the curves must equal it, read from at most a
-chart's worth of rows however long the run."""
+reference (`tests.curves`, which an interactive model's curves answer to as well) buckets every
+event in Python; the curves must equal it, read from at most a chart's worth of rows however
+long the run."""
 
 from __future__ import annotations
 
 import json
-import math
 import secrets
-from collections import defaultdict
 from typing import Any
 
 import pytest
@@ -20,8 +19,8 @@ from sqlalchemy import Connection, Engine, text
 from control_plane import metric_rollups
 from control_plane.dashboard import queries
 from control_plane.events import add_event, metric_events_in_bulk
-from control_plane.metric_rollups import ROLLUP_WIDTHS
 from control_plane.queue_stats import QueueBusyError
+from tests.curves import assert_same_curves, downsampled
 from tests.factories import enqueue_jobs, log_metric_steps, make_base, make_file, make_tenant
 from tests.integration.test_queue_scale import DATABASE_EXAMPLES, _plan_rows_from
 from tests.integration.test_reads_at_scale import _plan, _statements_of
@@ -30,31 +29,10 @@ Point = tuple[float, float | None, float | None]  # step, train loss, eval loss
 
 
 def reference(points: list[Point], max_points: int) -> dict[str, Any]:
-    """The curves by the rule, from every point: all of them while neither series has more than
-    `max_points`; else buckets of the narrowest width w in ROLLUP_WIDTHS that cuts the points'
-    steps into at most `max_points` (bucket = floor(step / w)), each its mean step and loss."""
+    """The curves by the rule (`tests.curves.downsampled`), from every point."""
     train = [(s, t) for s, t, _ in points if t is not None]
     evaluation = [(s, e) for s, _, e in points if e is not None]
-    if max(len(train), len(evaluation)) <= max_points:
-        return {"train": train, "eval": evaluation, "downsampled": False}
-    low, high = min(p[0] for p in points), max(p[0] for p in points)
-    width = next(
-        w for w in ROLLUP_WIDTHS if math.floor(high / w) - math.floor(low / w) + 1 <= max_points
-    )
-
-    def bucketed(series: list[tuple[float, float]]) -> list[tuple[float, float]]:
-        buckets: dict[int, list[tuple[float, float]]] = defaultdict(list)
-        for step, loss in series:
-            buckets[math.floor(step / width)].append((step, loss))
-        return [
-            (
-                sum(s for s, _ in buckets[b]) / len(buckets[b]),
-                sum(v for _, v in buckets[b]) / len(buckets[b]),
-            )
-            for b in sorted(buckets)
-        ]
-
-    return {"train": bucketed(train), "eval": bucketed(evaluation), "downsampled": True}
+    return downsampled({"train": train, "eval": evaluation}, max_points)
 
 
 def curves_as_points(curves: queries.LossCurves) -> dict[str, Any]:
@@ -63,15 +41,6 @@ def curves_as_points(curves: queries.LossCurves) -> dict[str, Any]:
         "eval": list(zip(curves.eval.steps, curves.eval.values, strict=True)),
         "downsampled": curves.downsampled,
     }
-
-
-def assert_same_curves(got: dict[str, Any], want: dict[str, Any]) -> None:
-    assert got["downsampled"] == want["downsampled"]
-    for series in ("train", "eval"):
-        assert len(got[series]) == len(want[series]), series
-        for (step, loss), (want_step, want_loss) in zip(got[series], want[series], strict=True):
-            assert step == pytest.approx(want_step, rel=1e-9, abs=1e-9)
-            assert loss == pytest.approx(want_loss, rel=1e-9, abs=1e-9)
 
 
 def insert_batch(conn: Connection, job_id: str, events: list[tuple[str, dict[str, Any]]]) -> None:

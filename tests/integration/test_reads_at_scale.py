@@ -2,7 +2,7 @@
 finished status behind a tenant's newer sweep, a long job's timeline among its metrics, a
 page of a tenant's adapters among thousands, the operator's busiest tenants, the bytes a
 tenant's interactive checkpoints hold, which every save asks for, and an interactive model's
-training curves among many models' calls."""
+training curves among many models' calls, a long one's downsampled to a chart's points."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from control_plane.interactive_storage import CheckpointStorage, storage
 from control_plane.job_status import JobStatus
 from control_plane.queue import JobQueue
 from control_plane.registry import reads
+from tests.curves import assert_same_curves, downsampled, model_points
 from tests.factories import (
     enqueue_jobs,
     interactive_model,
     interactive_session,
+    interactive_training_steps,
     log_metric_steps,
     make_base,
     make_file,
@@ -405,3 +407,64 @@ def test_an_interactive_models_curves_read_its_own_calls_off_its_seq_key(engine:
     plan = _plan(engine, statement, parameters)
     assert "'Index Name': 'uq_interactive_calls_model_seq'" in str(plan), plan
     assert _plan_rows_from(plan, "interactive_calls") == 500, plan
+
+
+def _curve_points(curves: interactive_queries.ModelCurves) -> dict[str, Any]:
+    """A model's curves in `tests.curves`' shape."""
+    series = {"train": curves.train, "eval": curves.eval, "grad_norm": curves.grad_norm}
+    return {name: list(zip(s.steps, s.values, strict=True)) for name, s in series.items()} | {
+        "downsampled": curves.downsampled
+    }
+
+
+def test_a_long_models_curves_are_bucketed_as_a_jobs_chart_and_still_read_off_its_seq_key(
+    engine: Engine,
+) -> None:
+    """A model trained 3,000 steps (15,000 calls: `interactive_training_steps`) beside one that
+    trained 40 and twenty of 1,500 steps: the long model's three curves are the job chart's
+    rule (`tests.curves`, buckets of 4 steps) over its every point, in at most
+    MAX_CHART_POINTS points a series, the first bucket holding its first step and the last its
+    newest; read in one statement off its `(model_id, seq)` key, its 15,000 calls and no other
+    model's. The short model's curves are its every step, as they were, not downsampled."""
+    base = make_base(engine)
+    tenant = make_tenant(engine, "long-loop")
+    session = interactive_session(engine, tenant.id, "isess-long")
+    others = [(f"imdl-{n:02d}", 1_500) for n in range(20)]
+    for model_id, steps in [("imdl-long", 3_000), ("imdl-short", 40), *others]:
+        interactive_model(engine, session, tenant.id, base.id, model_id)
+        interactive_training_steps(engine, model_id, steps)
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("VACUUM ANALYZE interactive_calls")
+        )
+    found: list[interactive_queries.ModelCurves | None] = []
+    with engine.connect() as conn:
+        want = downsampled(model_points(conn, "imdl-long"), queries.MAX_CHART_POINTS)
+        want_short = downsampled(model_points(conn, "imdl-short"), queries.MAX_CHART_POINTS)
+        statements = _statements_of(
+            engine,
+            lambda: found.append(
+                interactive_queries.model_curves(conn, tenant.id, session, "imdl-long")
+            ),
+        )
+        short = interactive_queries.model_curves(conn, tenant.id, session, "imdl-short")
+    (curves,) = found
+    assert curves is not None and short is not None
+    assert want["downsampled"] and len(want["train"]) == 750
+    assert_same_curves(_curve_points(curves), want)
+    for series in (curves.train, curves.eval, curves.grad_norm):
+        assert 0 < len(series.steps) <= queries.MAX_CHART_POINTS
+    # Buckets of 4: the first holds steps 0 to 3, the newest 2,996 to 2,999 (each step has a
+    # train loss and a gradient norm); an eval every tenth step is alone in its bucket.
+    assert (curves.train.steps[0], curves.train.steps[-1]) == (1.5, 2_997.5)
+    assert (curves.grad_norm.steps[0], curves.grad_norm.steps[-1]) == (1.5, 2_997.5)
+    assert (curves.eval.steps[0], curves.eval.steps[-1], len(curves.eval.steps)) == (0, 2_990, 300)
+
+    assert not want_short["downsampled"] and not short.downsampled
+    assert_same_curves(_curve_points(short), want_short)
+    assert short.train.steps == list(range(40)) and short.grad_norm.steps == list(range(40))
+
+    statement, parameters = statements[-1]
+    plan = _plan(engine, statement, parameters)
+    assert "'Index Name': 'uq_interactive_calls_model_seq'" in str(plan), plan
+    assert _plan_rows_from(plan, "interactive_calls") == 15_000, plan

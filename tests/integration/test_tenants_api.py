@@ -12,9 +12,12 @@ from typing import Any
 
 import httpx
 import openai
+import psycopg
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
 
+from control_plane import tenants
 from control_plane.queue import JobQueue
 from control_plane.services import Services
 from loraforge import Client, LoraforgeError, PlatformAdmin
@@ -111,6 +114,32 @@ def test_an_operator_onboards_a_tenant_whose_first_key_works_and_sees_only_its_o
     taken = _refused(lambda: operator.create_tenant("acme"), 409, "tenant_exists", "name")
     assert "'acme' already exists" in taken.message
     assert _tenant_rows(engine) == before  # no second tenant, no key for it
+
+
+def test_only_a_name_taken_is_told_as_one_and_a_limit_the_database_refuses_is_its_own_error(
+    engine: Engine,
+) -> None:
+    """`tenants.create_tenant` called with a limit out of its check constraint's range (the REST
+    body and the CLI refuse these first, a caller in Python need not) raises the database's
+    check violation, naming that constraint, not "a tenant named ... already exists"; nothing
+    is written, and the transaction goes on: the name is then created, and taken the second
+    time."""
+    out_of_range = [
+        ({"max_priority": 101}, "ck_tenants_max_priority"),
+        ({"max_interactive_models": 0}, "ck_tenants_max_interactive_models"),
+        ({"max_checkpoint_bytes": 0}, "ck_tenants_max_checkpoint_bytes"),
+    ]
+    with engine.begin() as conn:
+        for limits, constraint in out_of_range:
+            with pytest.raises(IntegrityError) as refused:
+                tenants.create_tenant(conn, "acme", **limits)
+            assert isinstance(refused.value.orig, psycopg.errors.CheckViolation), limits
+            assert refused.value.orig.diag.constraint_name == constraint, limits
+            assert tenants.get_tenant_by_name(conn, "acme") is None, limits
+        created = tenants.create_tenant(conn, "acme", max_priority=100)
+        with pytest.raises(tenants.TenantExistsError, match="a tenant named 'acme' already exists"):
+            tenants.create_tenant(conn, "acme", max_priority=5)
+    assert _tenant_rows(engine) == [(created.id, "acme", None, 100, None, None, 0, 0)]
 
 
 def test_limits_set_over_rest_hold_the_next_claims_and_wake_an_idle_trainer(

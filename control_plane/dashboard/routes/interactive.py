@@ -28,6 +28,7 @@ from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.routes import adapters as adapters_api
 from control_plane.dashboard import interactive_queries as queries
+from control_plane.dashboard.queries import MAX_CHART_POINTS
 from control_plane.dashboard.render import PageForbidden, PageNotFound, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
 from control_plane.interactive_storage import storage
@@ -165,15 +166,17 @@ def model_metrics(
     session_id: str, model_id: str, session: CurrentSession, conn: PageConn
 ) -> JSONResponse:
     """A training model's curves by step (`queries.model_curves`) in the job chart's shape, the
-    optim_steps' gradient norm beside its losses; a model not of this tenant's session, or none,
-    is the 404 page."""
+    optim_steps' gradient norm beside its losses, downsampled past `MAX_CHART_POINTS` as the job
+    chart's are (`downsampled` says so); a model not of this tenant's session, or none, is the
+    404 page."""
     found = _session(conn, session, session_id)
     curves = queries.model_curves(conn, session.principal.tenant_id, found.id, model_id)
     if curves is None:
         raise PageNotFound()
     series = {"train": curves.train, "eval": curves.eval, "grad_norm": curves.grad_norm}
     return JSONResponse(
-        {name: {"steps": s.steps, "values": s.values} for name, s in series.items()},
+        {name: {"steps": s.steps, "values": s.values} for name, s in series.items()}
+        | {"downsampled": curves.downsampled, "max_points": MAX_CHART_POINTS},
         headers={"Cache-Control": "no-store"},
     )
 
