@@ -213,6 +213,7 @@ def _insert_call(
     conn: Connection, model: ModelRecord, seq: int, kind: CallKind, request: dict[str, Any]
 ) -> str:
     call_id = new_id("interactive_call")
+    client_seq = request.get("seq_id")
     conn.execute(
         insert(calls).values(
             id=call_id,
@@ -222,6 +223,7 @@ def _insert_call(
             seq=seq,
             kind=kind,
             request=request,
+            client_seq=client_seq if isinstance(client_seq, int) else None,
         )
     )
     # Delivered at commit, so an executor never wakes for a call it cannot see yet.

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # before it answers try-again: the SDK polls again at once, so this spaces its requests.
     # Below the SDK's 45 s read timeout.
     tinker_retrieve_wait_seconds: float = Field(default=10.0, ge=0, le=40)
+    # The SDK's sampling clients wait on one long poll each (`retrieve_futures`) rather than
+    # one poll a sample in flight; off, they poll each sample (`retrieve_future`).
+    tinker_session_polling: bool = True
     # An interactive session whose SDK has not heartbeated for this long (it does every 10 s
     # while its process lives) is over: its models' weights are let go from their executors
     # and what was asked of them and not taken fails.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
@@ -23,6 +25,7 @@ from control_plane.api.routes import (
     tenants,
     tinker,
     tinker_exports,
+    tinker_futures,
     tinker_runs,
     webhooks,
 )
@@ -45,6 +48,7 @@ API_ROUTERS = (
     # Before tinker's: its last route answers every other /api/v1 path with a 404.
     tinker_runs.router,
     tinker_exports.router,
+    tinker_futures.router,
     tinker.router,
 )
 
@@ -56,6 +60,9 @@ def create_app(services: Services) -> FastAPI:
         description="Fine-tune LLMs with LoRA on a shared frozen base; version and pull adapters.",
     )
     app.state.services = services
+    # A place a connection of the main pool (`deps.db_slot`).
+    settings = services.settings
+    app.state.db_slots = asyncio.Semaphore(settings.db_pool_size + settings.db_pool_overflow)
     app.state.principals = PrincipalCache(
         services.settings.secret_key, services.settings.auth_cache_seconds
     )

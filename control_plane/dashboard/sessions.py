@@ -28,7 +28,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import Connection
 from starlette.concurrency import run_in_threadpool
 
-from control_plane.api.deps import ServicesDep
+from control_plane.api.deps import DbSlot, ServicesDep
 from control_plane.dashboard import queries
 from control_plane.services import Services
 from control_plane.tenants import Principal
@@ -164,8 +164,9 @@ def stream_session_ended(services: Services, session: Session) -> Callable[[], A
     return ended
 
 
-def page_connection(services: ServicesDep, _: CurrentSession) -> Iterator[Connection]:
-    """A main-pool connection for one page, checked out once the session is authenticated."""
+def page_connection(services: ServicesDep, _: CurrentSession, __: DbSlot) -> Iterator[Connection]:
+    """A main-pool connection for one page, checked out once the session is authenticated and
+    has a place among the pool's holders (`api.deps.db_slot`)."""
     with services.engine.connect() as conn:
         yield conn
 

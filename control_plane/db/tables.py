@@ -757,6 +757,9 @@ class InteractiveCall(Base):
     # A forward_backward's, forward's or optim_step's `result["metrics"]` (`loss:sum`,
     # `grad_norm:mean`), kept when the answer is let go: the model's curves (revision 0029).
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The SDK's own `seq_id` for the call, where it sent one (revision 0031): a sampling
+    # client's clone is `client_seq // 10^9`, whose completions `retrieve_futures` reports.
+    client_seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class InteractiveCheckpoint(Base):

@@ -3,6 +3,7 @@ hang; readiness tells the truth; the log stays readable; recovery needs no resta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
@@ -47,7 +48,12 @@ def api(proxied_services: Services) -> Iterator[str]:
 
 
 @pytest.fixture
-def api_process(database_url: str, tmp_path: Path) -> Iterator[str]:
+def pool_timeout() -> str:
+    return "2"
+
+
+@pytest.fixture
+def api_process(database_url: str, tmp_path: Path, pool_timeout: str) -> Iterator[str]:
     """`loraforge api` in its own process, as a cluster runs it: the burst's 200 client threads
     share no interpreter with the server they measure."""
     port = free_port()
@@ -55,7 +61,7 @@ def api_process(database_url: str, tmp_path: Path) -> Iterator[str]:
         tmp_path / "home",
         port,
         LORAFORGE_DATABASE_URL=database_url,
-        LORAFORGE_DB_POOL_TIMEOUT_SECONDS="2",
+        LORAFORGE_DB_POOL_TIMEOUT_SECONDS=pool_timeout,
     )
     log_path = tmp_path / "api.log"
     url = f"http://127.0.0.1:{port}"
@@ -114,6 +120,34 @@ def test_a_burst_of_200_requests_half_with_bad_keys_gets_no_500_and_real_clients
             assert retry_after is not None
     assert during["status"] == 200, during
     assert during["seconds"] < ANSWER_BOUND_S
+
+
+@pytest.mark.parametrize("pool_timeout", ["10"])
+def test_a_burst_of_256_requests_thirteen_times_the_api_connections_is_served_in_full(
+    engine: Engine, api_process: str
+) -> None:
+    """256 requests at once against 20 connections (the main pool's 10 and 10 more): each
+    waits its turn for a connection and is answered 200. (A connection is checked out in one
+    worker thread and given back in another: before requests waited their turn in the event
+    loop, the threads waiting for a connection took every worker thread, and the requests done
+    with theirs could not give them back until those waits timed out: 200 of the 256 were
+    answered 503.)"""
+    api = api_process
+    tenant = make_tenant(engine, "burst-full")
+    good = {"Authorization": f"Bearer {make_key(engine, tenant.id, 'member')}"}
+    with httpx.Client(base_url=api, timeout=60) as http:
+        assert http.get("/v1/fine_tuning/jobs", headers=good).status_code == 200
+
+    async def burst() -> list[int]:
+        limits = httpx.Limits(max_connections=256)
+        async with httpx.AsyncClient(base_url=api, timeout=60, limits=limits) as http:
+            answers = await asyncio.gather(
+                *(http.get("/v1/fine_tuning/jobs", headers=good) for _ in range(256))
+            )
+        return [answer.status_code for answer in answers]
+
+    statuses = asyncio.run(burst())
+    assert statuses == [200] * 256, {s: statuses.count(s) for s in set(statuses)}
 
 
 def test_a_database_outage_answers_503_with_retry_after_and_recovers_without_a_restart(

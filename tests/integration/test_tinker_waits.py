@@ -46,8 +46,13 @@ LOST = "the executor holding this model's weights stopped"
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return tinker_settings(tmp_path)
+def polling() -> bool:
+    return True
+
+
+@pytest.fixture
+def settings(tmp_path: Path, polling: bool) -> Settings:
+    return tinker_settings(tmp_path).model_copy(update={"tinker_session_polling": polling})
 
 
 def _until(what: Callable[[], bool], seconds: float = 30) -> None:
@@ -71,13 +76,19 @@ def _poll(live_url: str, key: str, call_id: str) -> dict[str, Any]:
     return dict(answered.json())
 
 
+@pytest.mark.parametrize("polling", [False, True])
 def test_a_sample_on_a_base_no_executor_holds_is_paused_for_capacity_until_one_starts(
     services: Services,
     live_url: str,
     tenant_a: TenantKeys,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    polling: bool,
 ) -> None:
+    """A sample polled on its own is told, and its SDK logs, why it waits. A sampling client
+    waiting on its session's one poll (`retrieve_futures`, the default) is not: that poll
+    carries completions only, so its SDK logs nothing, but a poll of the call says the same,
+    and the sample runs once an executor starts."""
     engine = services.engine
     base = register_test_base(engine, "tiny-e2e")
     prompt = types.ModelInput.from_ints(SEQUENCE[:5])
@@ -90,9 +101,12 @@ def test_a_sample_on_a_base_no_executor_holds_is_paused_for_capacity_until_one_s
 
         waiting = sampler.sample(prompt, 1, params)
         reason = f"no interactive executor holds base '{base.name}' now"
-        # The SDK tells its user why the sample waits (a sampler's pause is logged at once).
-        _until(lambda: any(reason in r.getMessage() for r in caplog.records))
-        [(call_id,)] = _rows(engine, "SELECT id FROM interactive_calls WHERE status = 'pending'")
+        if not polling:
+            # The SDK tells its user why the sample waits (a sampler's pause is logged at once).
+            _until(lambda: any(reason in r.getMessage() for r in caplog.records))
+        pending = "SELECT id FROM interactive_calls WHERE status = 'pending'"
+        _until(lambda: len(_rows(engine, pending)) == 1)
+        [(call_id,)] = _rows(engine, pending)
         polled = _poll(live_url, tenant_a.member, call_id)
         assert polled["type"] == "try_again" and polled["queue_state"] == "paused_capacity"
         assert polled["queue_state_reason"].startswith(reason)

@@ -13,10 +13,8 @@ Point the SDK at loraforge with `tinker.ServiceClient(base_url=<loraforge>, api_
   `forward_backward` (protobuf, or its JSON shape; `forward_only` makes it a `forward`),
   `optim_step`, `save_weights`, `save_weights_for_sampler`, `load_weights`, `asample`,
   `unload_model`. `get_info`, `create_sampling_session` and `samplers/{id}` answer directly.
-- `retrieve_future` holds the poll up to `tinker_retrieve_wait_seconds`, then answers try-again
-  (`{"type": "try_again"}` with why it waits), the result (protobuf for a forward or a sample, as the SDK reads
-  them; JSON otherwise), or a failure (`{"error", "category": "user" | "server"}`, status 200);
-  `cancel_future` fails a call no executor took yet.
+- The futures (`retrieve_future`, `retrieve_futures`, `cancel_future`) are
+  `routes/tinker_futures.py`'s.
 
 A tenant's runs, checkpoints and sessions are `routes/tinker_runs.py`'s; weights exported for
 use elsewhere and their downloads `routes/tinker_exports.py`'s. Anything else under
@@ -27,30 +25,24 @@ retried by the SDK). None of this is in the OpenAPI document: it is Tinker's API
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import interactive, interactive_health, interactive_runs, interactive_storage
+from control_plane import interactive, interactive_runs, interactive_storage
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
-from control_plane.api.tinker_answers import PROTOBUF, answer
+from control_plane.api.tinker_answers import PROTOBUF
 from control_plane.api.tinker_schemas import (
     ClientConfigBody,
     ForwardBackward,
-    FutureCancel,
-    FutureRef,
     LoadWeights,
     ModelCreate,
     ModelData,
@@ -70,15 +62,10 @@ from control_plane.api.tinker_schemas import (
 )
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive import CallKind
-from control_plane.services import Services
 from control_plane.tenants import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
 
-# Between two looks at a call a poll holds (each a primary-key read): short at first, so a
-# quick call is answered at once, then longer, so thousands of waiting samples cost little.
-FIRST_LOOK_AFTER_SECONDS = 0.05
-LOOK_AT_LEAST_EVERY_SECONDS = 1.0
 _CLIENT_CONFIG = {
     "pjwt_auth_enabled": False,
     "credential_default_source": "api_key",
@@ -86,7 +73,6 @@ _CLIENT_CONFIG = {
     "proto_compress_fwdbwd": False,
     # One chunk of a forward_backward at a time, so their seq order is the SDK's.
     "parallel_fwdbwd_chunks": False,
-    "sample_use_retrieve_futures": False,
     "custom_loss_server_side": False,
     "sample_join_sampling_session": False,
 }
@@ -119,8 +105,10 @@ def healthz() -> dict[str, str]:
 
 
 @router.post("/client/config")
-def client_config(_: ClientConfigBody, caller: Caller) -> dict[str, Any]:
-    return _CLIENT_CONFIG
+def client_config(_: ClientConfigBody, caller: Caller, services: ServicesDep) -> dict[str, Any]:
+    # One long poll a sampling client for its samples' completions (`retrieve_futures`).
+    polling = services.settings.tinker_session_polling
+    return {**_CLIENT_CONFIG, "sample_use_retrieve_futures": polling}
 
 
 @router.post("/client/dynamic_config")
@@ -380,60 +368,6 @@ def asample(body: Sample, conn: ConnDep, caller: Writer) -> UntypedFuture:
     # One id per sample, which the SDK stamps on the sequences of the answer.
     future.sample_sequence_ids = [f"{future.request_id}:{i}" for i in range(body.num_samples)]
     return future
-
-
-# -- futures ------------------------------------------------------------------------------------
-
-
-def _look(services: Services, tenant_id: str, future_id: str) -> interactive.CallRecord:
-    with services.engine.connect() as conn, domain_errors():
-        return interactive.retrieve(conn, tenant_id, future_id)
-
-
-@router.post("/retrieve_future")
-async def retrieve_future(
-    body: FutureRef, request: Request, caller: Writer, services: ServicesDep
-) -> Response:
-    """The call's answer once it is finished, else try-again after holding the poll a while
-    (the SDK polls again at once), saying why it waits: its turn, or no executor holds its base
-    (`interactive_health`; a call whose model's weights are gone is failed here instead). No
-    connection is held between looks."""
-    deadline = time.monotonic() + services.settings.tinker_retrieve_wait_seconds
-    pause = FIRST_LOOK_AFTER_SECONDS
-    while True:
-        call = await run_in_threadpool(_look, services, caller.tenant_id, body.request_id)
-        left = deadline - time.monotonic()
-        if call.finished or left <= 0:
-            break
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
-    if not call.finished:
-        call, waiting = await run_in_threadpool(_why_waiting, services, caller.tenant_id, call)
-        if waiting is not None:
-            again = {"type": "try_again", "request_id": call.id, "queue_state": waiting.queue_state}
-            if waiting.reason is not None:
-                again["queue_state_reason"] = waiting.reason
-            return JSONResponse(again)
-    return answer(call, PROTOBUF in request.headers.get("accept", ""))
-
-
-def _why_waiting(
-    services: Services, tenant_id: str, call: interactive.CallRecord
-) -> tuple[interactive.CallRecord, interactive_health.Waiting | None]:
-    """Why `call` still waits, or the call as settled now (its model's weights are gone)."""
-    with services.engine.begin() as conn:
-        waiting = interactive_health.explain(conn, call.model_id, services.settings.lease_seconds)
-        if waiting is None:
-            call = interactive.retrieve(conn, tenant_id, call.id)
-    return call, waiting
-
-
-@router.post("/cancel_future")
-def cancel_future(body: FutureCancel, conn: ConnDep, caller: Writer) -> dict[str, bool]:
-    with domain_errors():
-        cancelled = interactive.cancel(conn, caller.tenant_id, body.request_id)
-    conn.commit()
-    return {"cancelled": cancelled}
 
 
 @router.api_route("/{endpoint:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])

@@ -1,0 +1,182 @@
+"""/api/v1, the futures the `tinker` SDK waits on: one call's (`retrieve_future`), a sampling
+client's completions (`retrieve_futures`), and a cancel (`cancel_future`).
+
+- `retrieve_future` holds the poll up to `tinker_retrieve_wait_seconds`, then answers try-again
+  (`{"type": "try_again"}` with why it waits: `interactive_health`; a call whose model's weights
+  are gone is failed here instead), the result (protobuf for a forward or a sample, as the SDK
+  reads them; JSON otherwise), or a failure (`{"error", "category": "user" | "server"}`, status
+  200).
+- `retrieve_futures` (the client config's `sample_use_retrieve_futures`): each sampling client
+  runs one long poll for its whole sampling session instead of one poll a sample, so an RL loop
+  with a thousand samples in flight holds one request here, not a thousand. It answers the
+  completions of the clone's calls since its cursor (`control_plane.interactive_polls`) as soon
+  as there are any, else once the hold ends; the SDK then fetches each answer with one
+  `retrieve_future`, and reports the ones it fetched, whose payloads are let go at once rather
+  than an hour later. A hold that ends with calls still waiting settles those whose weights are
+  gone, as a poll of one call does.
+- `cancel_future` fails a call no executor took yet.
+
+No connection is held between looks: each look is a short read on its own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from control_plane import interactive, interactive_health, interactive_polls
+from control_plane.api.deps import ConnDep, ServicesDep, Writer
+from control_plane.api.routes.tinker import domain_errors
+from control_plane.api.tinker_answers import PROTOBUF, answer
+from control_plane.api.tinker_schemas import FutureCancel, FutureRef, Id, _Body
+from control_plane.services import Services
+
+router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
+
+
+class SamplingSessionTarget(_Body):
+    type: Literal["sampling_session"] = "sampling_session"
+    sampling_session_id: Id
+    cloned_sampler_id: int = Field(default=0, ge=0, lt=10**9)
+
+
+class FuturesRetrieve(_Body):
+    """`retrieve_futures`: a sampling client's poll for its completions after `prev_cursor`."""
+
+    target: SamplingSessionTarget
+    prev_cursor: int = Field(default=0, ge=0, lt=2**62)
+    timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    retrieved_request_ids: list[Id] = Field(default_factory=list, max_length=10_000)
+
+
+class FutureCompletion(BaseModel):
+    state: Literal["finished", "failed"]
+    request_id: str
+
+
+class FuturesRetrieved(BaseModel):
+    completions: list[FutureCompletion]
+    cursor: int
+
+    @classmethod
+    def of(cls, found: interactive_polls.Completions) -> FuturesRetrieved:
+        return cls(
+            completions=[
+                FutureCompletion(
+                    state="failed" if c.failed else "finished", request_id=c.request_id
+                )
+                for c in found.completions
+            ],
+            cursor=found.cursor,
+        )
+
+
+# Between two looks a poll holds: short at first, so a quick call is answered at once, then
+# longer, so thousands of waiting samples (or one poller's hold) cost little.
+FIRST_LOOK_AFTER_SECONDS = 0.05
+LOOK_AT_LEAST_EVERY_SECONDS = 1.0
+
+
+def _look(services: Services, tenant_id: str, future_id: str) -> interactive.CallRecord:
+    with services.engine.connect() as conn, domain_errors():
+        return interactive.retrieve(conn, tenant_id, future_id)
+
+
+@router.post("/retrieve_future")
+async def retrieve_future(
+    body: FutureRef, request: Request, caller: Writer, services: ServicesDep
+) -> Response:
+    """The call's answer once it is finished, else try-again after holding the poll a while
+    (the SDK polls again at once), saying why it waits."""
+    deadline = time.monotonic() + services.settings.tinker_retrieve_wait_seconds
+    pause = FIRST_LOOK_AFTER_SECONDS
+    while True:
+        call = await run_in_threadpool(_look, services, caller.tenant_id, body.request_id)
+        left = deadline - time.monotonic()
+        if call.finished or left <= 0:
+            break
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
+    if not call.finished:
+        call, waiting = await run_in_threadpool(_why_waiting, services, caller.tenant_id, call)
+        if waiting is not None:
+            again = {"type": "try_again", "request_id": call.id, "queue_state": waiting.queue_state}
+            if waiting.reason is not None:
+                again["queue_state_reason"] = waiting.reason
+            return JSONResponse(again)
+    return answer(call, PROTOBUF in request.headers.get("accept", ""))
+
+
+def _why_waiting(
+    services: Services, tenant_id: str, call: interactive.CallRecord
+) -> tuple[interactive.CallRecord, interactive_health.Waiting | None]:
+    """Why `call` still waits, or the call as settled now (its model's weights are gone)."""
+    with services.engine.begin() as conn:
+        waiting = interactive_health.explain(conn, call.model_id, services.settings.lease_seconds)
+        if waiting is None:
+            call = interactive.retrieve(conn, tenant_id, call.id)
+    return call, waiting
+
+
+@router.post("/retrieve_futures")
+async def retrieve_futures(
+    body: FuturesRetrieve, caller: Writer, services: ServicesDep
+) -> FuturesRetrieved:
+    """What finished of the sampling client's calls since its cursor, held until something has
+    (up to `tinker_retrieve_wait_seconds`, or the body's `timeout` where shorter; 0: one look)."""
+    target = body.target
+    hold = services.settings.tinker_retrieve_wait_seconds
+    if body.timeout is not None:
+        hold = min(hold, body.timeout)
+    deadline = time.monotonic() + hold
+    pause = FIRST_LOOK_AFTER_SECONDS
+    forgotten = body.retrieved_request_ids
+    settled = False
+    while True:
+        found = await run_in_threadpool(_completions, services, caller.tenant_id, body, forgotten)
+        forgotten = []
+        left = deadline - time.monotonic()
+        if found.new or not found.waiting:
+            break
+        if left <= 0:
+            if settled:
+                break
+            # Calls that will never run (their weights are gone) are failed now, and reported.
+            settled = True
+            if await run_in_threadpool(_settle, services, target.sampling_session_id):
+                break
+            continue
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
+    return FuturesRetrieved.of(found)
+
+
+def _completions(
+    services: Services, tenant_id: str, body: FuturesRetrieve, forgotten: list[str]
+) -> interactive_polls.Completions:
+    target = body.target
+    with services.engine.begin() as conn, domain_errors():
+        interactive_polls.forget(conn, tenant_id, target.sampling_session_id, forgotten)
+        return interactive_polls.read(
+            conn, tenant_id, target.sampling_session_id, target.cloned_sampler_id, body.prev_cursor
+        )
+
+
+def _settle(services: Services, model_id: str) -> bool:
+    """True when the model's waiting calls were failed here (its weights are gone)."""
+    with services.engine.begin() as conn:
+        return interactive_health.explain(conn, model_id, services.settings.lease_seconds) is None
+
+
+@router.post("/cancel_future")
+def cancel_future(body: FutureCancel, conn: ConnDep, caller: Writer) -> dict[str, bool]:
+    with domain_errors():
+        cancelled = interactive.cancel(conn, caller.tenant_id, body.request_id)
+    conn.commit()
+    return {"cancelled": cancelled}
