@@ -307,6 +307,53 @@ def test_revision_0030_takes_external_checkpoints_with_their_files_and_comes_dow
         engine.dispose()
 
 
+def test_revision_0031_keeps_the_sdks_seq_id_of_the_calls_whose_request_is_still_kept(
+    empty_database_url: str,
+) -> None:
+    """`interactive_calls.client_seq` (revision 0031) is filled from the requests still kept
+    (a number only); a call whose payload was let go, or that sent none, has none. Going down
+    removes the column, so going up again works."""
+    db.upgrade(empty_database_url, "0030")
+    engine = db.make_engine(empty_database_url, pool_size=2)
+    calls = {  # seq: (request, payload let go)
+        0: ({"seq_id": 3_000_000_007, "num_samples": 1}, False),
+        1: ({"seq_id": 5}, True),
+        2: ({"num_samples": 1}, False),
+        3: ({"seq_id": "5"}, False),
+    }
+    try:
+        tenant = make_tenant(engine, "before-0031")
+        base = make_base(engine)
+        session = interactive_session(engine, tenant.id, "isess-0031")
+        model = interactive_model(engine, session, tenant.id, base.id, "imdl-0031")
+        for seq, (request, dropped) in calls.items():
+            call = ask_call(engine, model, tenant.id, base.id, "sample", seq, request)
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE interactive_calls SET payload_dropped_at = "
+                        "CASE WHEN :dropped THEN now() END WHERE id = :id"
+                    ),
+                    {"dropped": dropped, "id": call},
+                )
+        engine.dispose()
+        db.upgrade(empty_database_url, "0031")
+        with engine.connect() as conn:
+            kept = dict(
+                conn.execute(text("SELECT seq, client_seq FROM interactive_calls ORDER BY seq"))
+                .tuples()
+                .all()
+            )
+        assert kept == {0: 3_000_000_007, 1: None, 2: None, 3: None}
+        engine.dispose()
+        db.downgrade(empty_database_url, "0030")
+        assert "client_seq" not in _columns(empty_database_url, "interactive_calls")
+        db.upgrade(empty_database_url, "0031")
+        assert "client_seq" in _columns(empty_database_url, "interactive_calls")
+    finally:
+        engine.dispose()
+
+
 def _columns(url: str, table: str) -> set[str]:
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
