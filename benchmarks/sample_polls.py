@@ -44,11 +44,11 @@ from benchmarks.queue import (
     make_tenant,
     progress,
 )
-from control_plane import db, tenants, trainers
+from control_plane import db, tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
 from control_plane.services import Services, build_services
-from workers.interactive.runner import InteractiveRunner
+from tests.tinker_harness import pausable_executor
 
 POLLS = ("/api/v1/retrieve_future", "/api/v1/retrieve_futures")
 
@@ -149,31 +149,6 @@ def _round(
     }
 
 
-@contextmanager
-def _pausable(runner: InteractiveRunner) -> Iterator[threading.Event]:
-    """The executor's loop in a thread, running calls while the event it yields is set (it stays
-    in the trainer registry while paused, so the samples wait their turn, not for capacity)."""
-    serving, stop = threading.Event(), threading.Event()
-
-    def loop() -> None:
-        reported = 0.0
-        while not stop.is_set():
-            if time.monotonic() - reported > 5:
-                with runner.services.engine.begin() as conn:
-                    trainers.report(conn, runner.snapshot())
-                reported = time.monotonic()
-            if not (serving.is_set() and runner.run_once()):
-                time.sleep(0.02)
-
-    thread = threading.Thread(target=loop)
-    thread.start()
-    try:
-        yield serving
-    finally:
-        stop.set()
-        thread.join(60)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sample_polls", description=__doc__)
     parser.add_argument("--samples", type=int, default=256, help="sample calls asked at once")
@@ -204,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         sides: dict[bool, list[dict[str, float]]] = {True: [], False: []}
         try:
             with (
-                _pausable(runner) as serving,
+                pausable_executor(runner) as serving,
                 _api(services, True) as (on_url, on_hits),
                 _api(services, False) as (off_url, off_hits),
             ):

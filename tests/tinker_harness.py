@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import tinker
@@ -18,6 +19,9 @@ from control_plane.base_catalog import get_base_model
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.factories import register_test_base
+
+if TYPE_CHECKING:
+    from workers.interactive.runner import InteractiveRunner
 
 # Token ids of the test base's vocabulary: a sequence the tests train on.
 SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
@@ -90,3 +94,28 @@ def executor(services: Services, tmp_path: Path) -> Iterator[str]:
     base = register_test_base(services.engine, "tiny-e2e")
     with serving_executor(services, base.id, "executor-e2e", tmp_path / "executor"):
         yield base.name
+
+
+@contextmanager
+def pausable_executor(runner: InteractiveRunner) -> Iterator[threading.Event]:
+    """The executor's loop in a thread, running calls while the event it yields is set (it
+    keeps its models and its place in the trainer registry while paused)."""
+    serving, stop = threading.Event(), threading.Event()
+
+    def loop() -> None:
+        reported = 0.0
+        while not stop.is_set():
+            if time.monotonic() - reported > 5:
+                with runner.services.engine.begin() as conn:
+                    trainers.report(conn, runner.snapshot())
+                reported = time.monotonic()
+            if not (serving.is_set() and runner.run_once()):
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield serving
+    finally:
+        stop.set()
+        thread.join(60)

@@ -5,22 +5,18 @@ model answers alone. Real PostgreSQL, the real executor on the tiny test base (f
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 from tinker import types
 
-from control_plane import trainers
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.factories import register_test_base
-from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
+from tests.tinker_harness import SEQUENCE, pausable_executor, sdk_service, tinker_settings
 from workers.interactive.runner import InteractiveRunner
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
@@ -29,31 +25,6 @@ pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return tinker_settings(tmp_path)
-
-
-@contextmanager
-def _pausable_executor(runner: InteractiveRunner) -> Iterator[threading.Event]:
-    """The executor's loop in a thread, running calls while the event it yields is set (it
-    keeps its models and its place in the trainer registry while paused)."""
-    serving, stop = threading.Event(), threading.Event()
-
-    def loop() -> None:
-        reported = 0.0
-        while not stop.is_set():
-            if time.monotonic() - reported > 5:
-                with runner.services.engine.begin() as conn:
-                    trainers.report(conn, runner.snapshot())
-                reported = time.monotonic()
-            if not (serving.is_set() and runner.run_once()):
-                time.sleep(0.02)
-
-    thread = threading.Thread(target=loop)
-    thread.start()
-    try:
-        yield serving
-    finally:
-        stop.set()
-        thread.join(60)
 
 
 def _forward_calls(services: Services, status: str) -> list[tuple[str, str, object]]:
@@ -89,7 +60,7 @@ def test_two_tenants_forward_backward_futures_run_together_and_answer_as_alone(
     with (
         sdk_service(live_url, tenant_a.member) as first,
         sdk_service(live_url, tenant_b.member) as second,
-        _pausable_executor(runner) as serving,
+        pausable_executor(runner) as serving,
     ):
         serving.set()
         clients = [
