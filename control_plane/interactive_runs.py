@@ -31,7 +31,7 @@ from control_plane.interactive import (
     get_model,
     require_served,
 )
-from control_plane.interactive_saves import ENCRYPTED_SUFFIX, checkpoint_path
+from control_plane.interactive_saves import checkpoint_path, encrypted
 from control_plane.records import _FromRow
 from control_plane.storage import ObjectStore
 
@@ -75,7 +75,7 @@ class CheckpointRecord(_FromRow):
     @property
     def encrypted(self) -> bool:
         """Its files are encrypted to age recipients: the platform cannot read them."""
-        return any(name.endswith(ENCRYPTED_SUFFIX) for name in self.files or {})
+        return encrypted(self.files)
 
 
 @dataclass(frozen=True)

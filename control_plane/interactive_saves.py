@@ -45,6 +45,12 @@ SDK_TYPES: dict[str, CheckpointType] = {
 ENCRYPTED_SUFFIX = ".age"
 
 
+def encrypted(files: dict[str, Any] | None) -> bool:
+    """Whether a checkpoint's files (its row's `files`) are encrypted to age recipients: the
+    platform cannot read them back."""
+    return any(name.endswith(ENCRYPTED_SUFFIX) for name in files or {})
+
+
 def checkpoint_path(model_id: str, save_kind: str, name: str) -> str:
     """The tinker:// path the SDK is given for what a save call of `save_kind` writes."""
     return f"tinker://{model_id}/{SAVES[save_kind][1]}/{name}"

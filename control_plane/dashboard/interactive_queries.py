@@ -31,6 +31,7 @@ from control_plane.interactive import calls as _calls
 from control_plane.interactive import checkpoints as _checkpoints
 from control_plane.interactive import models as _models
 from control_plane.interactive import sessions as _sessions
+from control_plane.interactive_saves import encrypted
 from control_plane.pagination import newest_first, trim
 from control_plane.records import _FromRow
 
@@ -337,10 +338,16 @@ class CheckpointLine(_FromRow):
     expires_at: datetime | None
     adapter_name: str | None
     version: int | None
+    files: dict[str, Any] | None
 
     @property
     def published_as(self) -> str | None:
         return f"{self.adapter_name}@{self.version}" if self.adapter_name else None
+
+    @property
+    def encrypted(self) -> bool:
+        """An export encrypted to its owner's age keys: the platform cannot publish it."""
+        return encrypted(self.files)
 
 
 def _checkpoints_of(tenant_id: str, session_id: str) -> Select[Any]:
@@ -358,6 +365,7 @@ def _checkpoints_of(tenant_id: str, session_id: str) -> Select[Any]:
             _checkpoints.c.expires_at,
             _adapters.c.name.label("adapter_name"),
             _versions.c.number.label("version"),
+            _checkpoints.c.files,
         )
         .select_from(
             _checkpoints.join(_models, _models.c.id == _checkpoints.c.model_id)

@@ -134,7 +134,9 @@ def add_checkpoint(
     """Saved weights of the model, their files stored under the prefix an executor writes
     them to when `adapter_dir` is given (`recorded`: more of the row, e.g. `size_bytes`);
     returns the tinker path."""
-    segment = {"sampler": "sampler_weights", "state": "weights"}[kind]
+    segment = {"sampler": "sampler_weights", "state": "weights", "external": "external_weights"}[
+        kind
+    ]
     path = f"tinker://{model_id}/{segment}/{name}"
     prefix = f"tenants/{tenant_id}/sessions/{session_id}/models/{model_id}/{segment}/{name}/"
     row = {"id": f"ckpt-{model_id}-{kind}-{name}", "model_id": model_id, "tenant_id": tenant_id}
@@ -662,6 +664,50 @@ def test_a_bad_name_or_a_checkpoint_not_of_this_session_is_refused_and_writes_no
         assert refused.status == 404, path
         assert f"no model of this session saved weights at '{path}'" in _text(refused), path
     assert written(services) == before
+
+
+def test_an_export_encrypted_to_its_owners_keys_is_marked_and_offers_no_publish_form(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    saved: dict[str, str],
+    peft_adapter: Path,
+) -> None:
+    tenant, model = tenant_a.tenant_id, saved["model"]
+    sealed_files = {"adapter_config.json.age": {"size": 9, "sha256": "ab"}}
+    sealed = add_checkpoint(
+        services,
+        saved["session"],
+        model,
+        tenant,
+        "sealed",
+        kind="external",
+        files=json.dumps(sealed_files),
+    )
+    plain = add_checkpoint(
+        services,
+        saved["session"],
+        model,
+        tenant,
+        "plain",
+        kind="external",
+        adapter_dir=peft_adapter,
+        files=json.dumps({"adapter_config.json": {"size": 9, "sha256": "ab"}}),
+    )
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/sessions/{saved['session']}")
+    rows = _table(page, "#checkpoints", "checkpoint")
+    assert rows[sealed][1] == "external (encrypted)"
+    assert "the platform cannot read it to publish" in rows[sealed][-1]
+    assert rows[plain][1] == "external"
+    row = page.locator(f"#checkpoints tr[data-checkpoint='{sealed}']")
+    expect(row.locator("form")).to_have_count(0)
+    # The unencrypted export publishes as any sampler's weights do.
+    row = page.locator(f"#checkpoints tr[data-checkpoint='{plain}']")
+    row.locator("input[name=adapter_name]").fill("exported")
+    row.get_by_role("button", name="Publish as adapter version").click()
+    expect(page.locator("#notice")).to_contain_text(f"Published {plain} as exported@1")
 
 
 def test_a_reader_sees_no_publish_form_and_its_forged_post_is_refused(
