@@ -10,7 +10,8 @@ its number under its model's row lock and commits before the next can): the curs
 that are all finished, and how many finished past that run, so a poll reports what finished
 since the last without keeping any state of its own. A call finished out of order is reported
 again until the run reaches it (the SDK keeps one completion a request), never lost. Calls of
-other clones of the sampler are never reported to this one.
+other clones of the sampler are never reported to this one; a client opened from another's
+handle is given its clone number by `join`, each once, so no two clones share a block.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
-from control_plane.interactive import get_model
+from control_plane.interactive import ModelKind, Refused, get_model
 
 CLONE_BLOCK = 1_000_000_000
 # The cursor: (the last seq of the finished run + 1) << COUNT_BITS | the count finished past it.
@@ -96,3 +97,20 @@ def forget(conn: Connection, tenant_id: str, sampler_id: str, request_ids: list[
         ),
         {"ids": request_ids, "model": sampler_id, "tenant": tenant_id},
     ).rowcount
+
+
+def join(conn: Connection, tenant_id: str, sampler_id: str) -> int:
+    """A clone number of the tenant's sampler for a client that joins it (not committed): each
+    once, from 1 (the client that created it is 0); NotFound for another tenant's or no model."""
+    if get_model(conn, tenant_id, sampler_id).kind != ModelKind.SAMPLER:
+        raise Refused(f"{sampler_id} is a training model, not a sampling session", "model_id")
+    clone = conn.execute(
+        text(
+            "UPDATE interactive_models SET next_clone = next_clone + 1 "
+            "WHERE id = :id AND next_clone < :blocks RETURNING next_clone - 1"
+        ),
+        {"id": sampler_id, "blocks": CLONE_BLOCK},
+    ).scalar_one_or_none()
+    if clone is None:
+        raise Refused(f"{sampler_id} has given out every clone number: create another", "model_id")
+    return int(clone)

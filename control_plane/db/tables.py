@@ -679,6 +679,9 @@ class InteractiveModel(Base):
     lora_config: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     model_path: Mapped[str | None] = mapped_column(Text)
     next_seq: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # A sampler's next clone number for a client that joins it (`join_sampling_session`; the
+    # client that created it is 0), revision 0032.
+    next_clone: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     held_by: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = _now()
     unloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import tinker
 from fastapi import FastAPI
 from hypothesis import HealthCheck, given
 from hypothesis import settings as examples
@@ -139,6 +140,26 @@ def test_every_finished_call_is_reported_to_its_clone_and_only_out_of_order_ones
         assert set(reported[clone]) == mine
         twice = {i for i, n in reported[clone].items() if n > 1}
         assert twice <= cancelled, "only a call finished out of its order is reported again"
+
+
+def test_a_samplers_clone_numbers_are_given_once_each_and_a_training_model_has_none(
+    engine: Engine,
+) -> None:
+    tenant = make_tenant(engine, "clones").id
+    base = make_base(engine, "clones").id
+    session = interactive_session(engine, tenant, "isess-clones")
+    sampler = interactive_model(engine, session, tenant, base, "imdl-clones", kind="sampler")
+    training = interactive_model(engine, session, tenant, base, "imdl-clones-t")
+
+    def join(model: str) -> int:
+        with engine.begin() as conn:
+            return interactive_polls.join(conn, tenant, model)
+
+    assert [join(sampler) for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(interactive.Refused, match="not a sampling session"):
+        join(training)
+    with pytest.raises(interactive.NotFound), engine.begin() as conn:
+        interactive_polls.join(conn, make_tenant(engine, "clones-b").id, sampler)
 
 
 @pytest.fixture
@@ -279,3 +300,48 @@ def test_the_sdk_samples_through_one_poll_a_client_and_fetches_each_answer_once(
             {"t": tenant_a.tenant_id},
         ).scalar_one()
     assert kept <= 1  # the fetched answers' payloads went with the next poll (the last's may not)
+
+
+def test_clients_opened_from_a_handle_join_as_clones_of_their_own_and_read_their_own_samples(
+    live_url: str,
+    app: FastAPI,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    executor: str,
+    services: Services,
+) -> None:
+    prompt = types.ModelInput.from_ints(SEQUENCE[:6])
+    params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=3)
+    with sdk_service(live_url, tenant_a.member) as service:
+        sampler = service.create_sampling_client(base_model=executor).result(timeout=120)
+        handle = sampler.get_sampler_handle()
+        clones = [
+            tinker.SamplingClient.from_sampler_handle(handle, api_key="tml-" + tenant_a.member)
+            for _ in range(2)
+        ]
+        futures = [c.sample(prompt, 1, params) for c in (sampler, *clones) for _ in range(3)]
+        answers = [f.result(timeout=300).sequences[0].tokens for f in futures]
+    assert len({tuple(a) for a in answers}) == 1  # one seed: each the same sample
+    assert app.state.hits["/api/v1/join_sampling_session"] == 2
+    with services.engine.connect() as conn:
+        blocks = conn.execute(
+            text(
+                "SELECT client_seq / :block, count(*) FROM interactive_calls "
+                "WHERE tenant_id = :t AND kind = 'sample' GROUP BY 1 ORDER BY 1"
+            ),
+            {"block": interactive_polls.CLONE_BLOCK, "t": tenant_a.tenant_id},
+        ).all()
+    assert [tuple(b) for b in blocks] == [(0, 3), (1, 3), (2, 3)]  # numbered by the server
+
+    # Another tenant cannot join the sampler.
+    with services.engine.connect() as conn:
+        sampler_id = conn.execute(
+            text("SELECT id FROM interactive_models WHERE tenant_id = :t AND kind = 'sampler'"),
+            {"t": tenant_a.tenant_id},
+        ).scalar_one()
+    other = httpx.post(
+        f"{live_url}/api/v1/join_sampling_session",
+        json={"sampling_session_id": sampler_id},
+        headers={"X-API-Key": "tml-" + tenant_b.member},
+    )
+    assert other.status_code == 404

@@ -74,7 +74,8 @@ _CLIENT_CONFIG = {
     # One chunk of a forward_backward at a time, so their seq order is the SDK's.
     "parallel_fwdbwd_chunks": False,
     "custom_loss_server_side": False,
-    "sample_join_sampling_session": False,
+    # A sampling client opened from a handle asks for its clone number (`join_sampling_session`).
+    "sample_join_sampling_session": True,
 }
 _DYNAMIC_CONFIG = {"refresh_interval_sec": 300, "sample_cancel_enabled": False}
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -172,6 +172,24 @@ def _settle(services: Services, model_id: str) -> bool:
     """True when the model's waiting calls were failed here (its weights are gone)."""
     with services.engine.begin() as conn:
         return interactive_health.explain(conn, model_id, services.settings.lease_seconds) is None
+
+
+class SamplingSessionJoin(_Body):
+    type: Literal["join_sampling_session"] = "join_sampling_session"
+    sampling_session_id: Id
+
+
+@router.post("/join_sampling_session")
+def join_sampling_session(
+    body: SamplingSessionJoin, conn: ConnDep, caller: Writer
+) -> dict[str, Any]:
+    """A clone number for a sampling client opened from another's handle (the client config's
+    `sample_join_sampling_session`): its requests' block, whose completions its poll reads;
+    never one another clone of the session has."""
+    with domain_errors():
+        clone = interactive_polls.join(conn, caller.tenant_id, body.sampling_session_id)
+    conn.commit()
+    return {"type": "join_sampling_session", "client_counter": clone}
 
 
 @router.post("/cancel_future")
