@@ -32,6 +32,9 @@ from control_plane.trainers import alive_sql
 # What the payload retention pass empties per transaction.
 FORGET_BATCH = 500
 
+# What letting go of a finished call's payload writes (the row stays).
+FORGET = "request = '{}', result = NULL, payload_dropped_at = now()"
+
 # Executors wake on this channel (payload: the base model id) when a call is asked for.
 CHANNEL = "interactive_calls"
 
@@ -366,8 +369,7 @@ def forget_payloads(engine: Engine, older_than_seconds: float, *, batch: int = F
         with engine.begin() as conn:
             done = conn.execute(
                 text(
-                    "UPDATE interactive_calls SET request = '{}', result = NULL, "
-                    "payload_dropped_at = now() WHERE id IN ("
+                    f"UPDATE interactive_calls SET {FORGET} WHERE id IN ("
                     "  SELECT id FROM interactive_calls "
                     "  WHERE finished_at IS NOT NULL AND payload_dropped_at IS NULL "
                     "  AND finished_at < now() - :age "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 from control_plane.interactive import ModelKind, Refused, get_model
+from control_plane.interactive_calls import FORGET
 
 CLONE_BLOCK = 1_000_000_000
 # The cursor: (the last seq of the finished run + 1) << COUNT_BITS | the count finished past it.
@@ -91,8 +92,7 @@ def forget(conn: Connection, tenant_id: str, sampler_id: str, request_ids: list[
         return 0
     return conn.execute(
         text(
-            "UPDATE interactive_calls SET request = '{}', result = NULL, "
-            "payload_dropped_at = now() WHERE id = ANY(:ids) AND model_id = :model "
+            f"UPDATE interactive_calls SET {FORGET} WHERE id = ANY(:ids) AND model_id = :model "
             "AND tenant_id = :tenant AND finished_at IS NOT NULL AND payload_dropped_at IS NULL"
         ),
         {"ids": request_ids, "model": sampler_id, "tenant": tenant_id},
