@@ -48,7 +48,7 @@ from control_plane import db, tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
 from control_plane.services import Services, build_services
-from tests.tinker_harness import pausable_executor
+from tests.tinker_harness import counted, pausable_executor
 
 POLLS = ("/api/v1/retrieve_future", "/api/v1/retrieve_futures")
 
@@ -59,13 +59,7 @@ def _api(services: Services, polling: bool) -> Iterator[tuple[str, Counter[str]]
     requests it answers by path."""
     settings = services.settings.model_copy(update={"tinker_session_polling": polling})
     app = create_app(dataclasses.replace(services, settings=settings))
-    hits: Counter[str] = Counter()
-
-    @app.middleware("http")
-    async def count(request: Any, call_next: Any) -> Any:
-        hits[request.url.path] += 1
-        return await call_next(request)
-
+    hits = counted(app)
     with serve_in_thread(app) as url:
         yield url, hits
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import tinker
@@ -119,3 +120,15 @@ def pausable_executor(runner: InteractiveRunner) -> Iterator[threading.Event]:
     finally:
         stop.set()
         thread.join(60)
+
+
+def counted(app: Any) -> Counter[str]:
+    """The requests `app` answers from now on, counted by path."""
+    hits: Counter[str] = Counter()
+
+    @app.middleware("http")
+    async def count(request: Any, call_next: Any) -> Any:
+        hits[request.url.path] += 1
+        return await call_next(request)
+
+    return hits

@@ -33,7 +33,7 @@ from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.factories import interactive_model, interactive_session, make_base, make_tenant
-from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
+from tests.tinker_harness import SEQUENCE, counted, sdk_service, tinker_settings
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
@@ -255,13 +255,7 @@ def test_a_poll_holds_until_a_call_finishes_then_settles_calls_whose_weights_are
 def app(services: Services) -> Iterator[FastAPI]:
     """The API, counting the requests it answers by path."""
     built = create_app(services)
-    built.state.hits = Counter()
-
-    @built.middleware("http")
-    async def count(request: Any, call_next: Any) -> Any:
-        built.state.hits[request.url.path] += 1
-        return await call_next(request)
-
+    built.state.hits = counted(built)
     yield built
 
 

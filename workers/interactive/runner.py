@@ -30,7 +30,7 @@ from control_plane import interactive_calls as calls
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive import NotFound
 from control_plane.interactive_runs import find_checkpoint
-from control_plane.interactive_saves import Saved, checkpoint_location
+from control_plane.interactive_saves import SAVES, Saved, checkpoint_location
 from control_plane.queue import QueueListener
 from control_plane.services import Services
 from control_plane.trainers import TrainerReport
@@ -333,7 +333,7 @@ class InteractiveRunner:
                 None,
                 False,
             )
-        if call.kind in ("save_weights", "save_weights_for_sampler", "save_weights_external"):
+        if call.kind in SAVES:
             return self._save(call)
         if call.kind == "load_weights":
             with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:

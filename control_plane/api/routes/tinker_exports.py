@@ -28,7 +28,7 @@ from control_plane import interactive, interactive_runs, interactive_storage
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError
-from control_plane.api.routes.tinker import domain_errors
+from control_plane.api.routes.tinker import _enqueue, domain_errors
 from control_plane.api.routes.tinker_runs import checkpoint_path
 from control_plane.api.tinker_schemas import (
     ExternalWeightsUrls,
@@ -60,16 +60,8 @@ def save_weights_external(
     )
     with domain_errors():
         interactive_storage.require_room(conn, caller.tenant_id, cap, body.model_id, body.seq_id)
-        future = interactive.enqueue(
-            conn,
-            caller.tenant_id,
-            body.model_id,
-            CallKind.SAVE_WEIGHTS_EXTERNAL,
-            request,
-            client_seq=body.seq_id,
-        )
-    conn.commit()
-    return UntypedFuture(request_id=future, model_id=body.model_id)
+    kind = CallKind.SAVE_WEIGHTS_EXTERNAL
+    return _enqueue(conn, caller, body.model_id, kind, request, body.seq_id)
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{segment}/{name}/external_weights_urls")
@@ -101,8 +93,10 @@ def external_weights_urls(
     urls = {}
     for file_name in sorted(saved.files or {}):
         presigned = services.store.presigned_url(saved.storage_prefix + file_name, URL_SECONDS)
-        token = signer.dumps([caller.tenant_id, path, file_name])
-        urls[file_name] = presigned or f"{api}/api/v1/checkpoint_files/{token}"
+        if presigned is None:
+            token = signer.dumps([caller.tenant_id, path, file_name])
+            presigned = f"{api}/api/v1/checkpoint_files/{token}"
+        urls[file_name] = presigned
     return ExternalWeightsUrls(urls=urls, expires=expires)
 
 

@@ -13,7 +13,7 @@ client's completions (`retrieve_futures`), and a cancel (`cancel_future`).
   as there are any, else once the hold ends; the SDK then fetches each answer with one
   `retrieve_future`, and reports the ones it fetched, whose payloads are let go at once rather
   than an hour later. A hold that ends with calls still waiting settles those whose weights are
-  gone, as a poll of one call does.
+  gone, as a poll of one call does; the next poll, which the SDK makes at once, reports them.
 - `cancel_future` fails a call no executor took yet.
 
 No connection is held between looks: each look is a short read on its own connection.
@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -77,6 +78,8 @@ class FuturesRetrieved(BaseModel):
         )
 
 
+T = TypeVar("T")
+
 # Between two looks a poll holds: short at first, so a quick call is answered at once, then
 # longer, so thousands of waiting samples (or one poller's hold) cost little.
 FIRST_LOOK_AFTER_SECONDS = 0.05
@@ -88,21 +91,31 @@ def _look(services: Services, tenant_id: str, future_id: str) -> interactive.Cal
         return interactive.retrieve(conn, tenant_id, future_id)
 
 
+async def _held(hold_s: float, look: Callable[[], T], done: Callable[[T], bool]) -> T:
+    """`look` (run in a worker thread, on a connection of its own) again and again until what
+    it finds is `done` or `hold_s` seconds have passed; what it found last."""
+    deadline = time.monotonic() + hold_s
+    pause = FIRST_LOOK_AFTER_SECONDS
+    while True:
+        found = await run_in_threadpool(look)
+        left = deadline - time.monotonic()
+        if done(found) or left <= 0:
+            return found
+        await asyncio.sleep(min(pause, left))
+        pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
+
+
 @router.post("/retrieve_future")
 async def retrieve_future(
     body: FutureRef, request: Request, caller: Writer, services: ServicesDep
 ) -> Response:
     """The call's answer once it is finished, else try-again after holding the poll a while
     (the SDK polls again at once), saying why it waits."""
-    deadline = time.monotonic() + services.settings.tinker_retrieve_wait_seconds
-    pause = FIRST_LOOK_AFTER_SECONDS
-    while True:
-        call = await run_in_threadpool(_look, services, caller.tenant_id, body.request_id)
-        left = deadline - time.monotonic()
-        if call.finished or left <= 0:
-            break
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
+    call = await _held(
+        services.settings.tinker_retrieve_wait_seconds,
+        lambda: _look(services, caller.tenant_id, body.request_id),
+        lambda found: found.finished,
+    )
     if not call.finished:
         call, waiting = await run_in_threadpool(_why_waiting, services, caller.tenant_id, call)
         if waiting is not None:
@@ -130,30 +143,24 @@ async def retrieve_futures(
 ) -> FuturesRetrieved:
     """What finished of the sampling client's calls since its cursor, held until something has
     (up to `tinker_retrieve_wait_seconds`, or the body's `timeout` where shorter; 0: one look)."""
-    target = body.target
     hold = services.settings.tinker_retrieve_wait_seconds
     if body.timeout is not None:
         hold = min(hold, body.timeout)
-    deadline = time.monotonic() + hold
-    pause = FIRST_LOOK_AFTER_SECONDS
-    forgotten = body.retrieved_request_ids
-    settled = False
-    while True:
-        found = await run_in_threadpool(_completions, services, caller.tenant_id, body, forgotten)
-        forgotten = []
-        left = deadline - time.monotonic()
-        if found.new or not found.waiting:
-            break
-        if left <= 0:
-            if settled:
-                break
-            # Calls that will never run (their weights are gone) are failed now, and reported.
-            settled = True
-            if await run_in_threadpool(_settle, services, target.sampling_session_id):
-                break
-            continue
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
+    fetched = iter([body.retrieved_request_ids])  # let go with the first look only
+
+    def look() -> interactive_polls.Completions:
+        return _completions(services, caller.tenant_id, body, next(fetched, []))
+
+    def done(found: interactive_polls.Completions) -> bool:
+        return found.new or not found.waiting
+
+    found = await _held(hold, look, done)
+    # Calls that will never run (their weights are gone) are failed now, and reported by the
+    # next poll, which the SDK makes at once; with none, one last look.
+    if not done(found) and not await run_in_threadpool(
+        _settle, services, body.target.sampling_session_id
+    ):
+        found = await run_in_threadpool(look)
     return FuturesRetrieved.of(found)
 
 

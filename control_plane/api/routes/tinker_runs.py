@@ -5,8 +5,9 @@ SDK's `AdminClient` asks for it (`control_plane.interactive_storage`).
 
 Any live key of the tenant reads (a reader's too: these change nothing); deleting a checkpoint
 or setting when it expires takes a writer's. A checkpoint is named as the SDK names it, by its
-run and `weights/<name>`, `sampler_weights/<name>` or `external_weights/<name>`. Projects and other accounts' checkpoints
-are not offered: asking for them is a 400 that says so, never an answer that ignores them.
+run and `weights/<name>`, `sampler_weights/<name>` or `external_weights/<name>`. Projects and
+other accounts' checkpoints are not offered: asking for them is a 400 that says so, never an
+answer that ignores them.
 """
 
 from __future__ import annotations
