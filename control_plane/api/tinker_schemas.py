@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from control_plane import age_export
 from control_plane.api.numbers import WholeNumber
@@ -121,14 +122,16 @@ class Datum(_Body):
 
 
 # The losses the executor computes and the `loss_fn_config` settings each reads
-# (`workers/interactive/losses.py`, which checks their values; a test holds them equal).
-LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
+# (`workers/interactive/losses.py`, which checks their values; a test holds them equal). The
+# SDK also names `stable_reinforce`, which is not computed here.
+LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
 LOSS_SETTINGS: dict[str, frozenset[str]] = {
     "cross_entropy": frozenset(),
     "importance_sampling": frozenset(),
     "ppo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
     "cispo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
     "dro": frozenset({"beta"}),
+    "gspo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
 }
 
 
@@ -136,6 +139,20 @@ class ForwardBackwardInput(_Body):
     data: list[Datum] = Field(min_length=1)
     loss_fn: LossFn
     loss_fn_config: dict[str, float | str] | None = None
+
+    @field_validator("loss_fn", mode="before")
+    @classmethod
+    def _a_loss_computed_here(cls, value: Any) -> Any:
+        # Said here rather than by the Literal, whose message lists the names and never says
+        # that a loss the SDK offers (`stable_reinforce`) is not supported, nor what to use.
+        if not (isinstance(value, str) and value in LOSS_SETTINGS):
+            raise PydanticCustomError(
+                "loss_fn_not_supported",
+                "loss_fn {loss_fn} is not supported here; use one of {supported} (or "
+                "forward_backward_custom, which runs on them)",
+                {"loss_fn": repr(value), "supported": str(sorted(LOSS_SETTINGS))},
+            )
+        return value
 
     @model_validator(mode="after")
     def _settings_the_loss_reads(self) -> ForwardBackwardInput:

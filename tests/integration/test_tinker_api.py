@@ -469,13 +469,17 @@ def test_bad_bodies_are_refused_naming_the_field_and_nothing_is_written(
             "model_id": model,
             "forward_backward_input": {
                 "data": [{"model_input": {"chunks": [{"tokens": [1]}]}}],
-                "loss_fn": "gspo",
+                "loss_fn": "stable_reinforce",
             },
         },
         headers=key,
     )
     assert bad_loss.status_code == 400, bad_loss.text
     assert bad_loss.json()["error"]["param"] == "forward_backward_input.loss_fn"
+    assert (
+        "loss_fn 'stable_reinforce' is not supported here; use one of ['cispo', 'cross_entropy', "
+        "'dro', 'gspo', 'importance_sampling', 'ppo'] (or forward_backward_custom"
+    ) in bad_loss.json()["error"]["message"]
     bad_setting = http.post(
         "/forward_backward",
         json={

@@ -123,6 +123,15 @@ def test_a_samplers_logprobs_are_the_trained_models_and_its_handle_samples_elsew
         assert here == there and len(here) >= 1
 
 
+def _model_and_logprobs(service: Any, executor: str) -> tuple[Any, torch.Tensor]:
+    """A fresh training client (seed 0) and its logprobs of DATUM's targets."""
+    training = service.create_lora_training_client(base_model=executor, rank=4, seed=0).result(
+        timeout=120
+    )
+    current = training.forward([DATUM], "cross_entropy").result(timeout=120)
+    return training, current.loss_fn_outputs[0]["logprobs"].to_torch()
+
+
 def test_the_rl_losses_take_their_settings_from_the_sdk(
     live_url: str, tenant_a: TenantKeys, executor: str
 ) -> None:
@@ -130,11 +139,7 @@ def test_the_rl_losses_take_their_settings_from_the_sdk(
     formula over the model's logprobs with the settings sent (or the defaults), and DRO sent
     without its beta fails with what to send."""
     with sdk_service(live_url, tenant_a.member) as service:
-        training = service.create_lora_training_client(base_model=executor, rank=4, seed=0).result(
-            timeout=120
-        )
-        current = training.forward([DATUM], "cross_entropy").result(timeout=120)
-        logprobs = current.loss_fn_outputs[0]["logprobs"].to_torch()
+        training, logprobs = _model_and_logprobs(service, executor)
         n = len(logprobs)
         advantages = torch.tensor([(-1.0) ** i for i in range(n)])
         sampler = logprobs - 1.0  # every ratio e
@@ -167,3 +172,54 @@ def test_the_rl_losses_take_their_settings_from_the_sdk(
         assert loss("dro", {"beta": 0.25}) == pytest.approx(float(dro), rel=1e-3)
         with pytest.raises(tinker.RequestFailedError, match=r"dro needs loss_fn_config \{'beta'"):
             training.forward([rl], "dro").result(timeout=120)
+
+
+def test_gspo_from_the_sdk_clips_one_sequence_ratio_and_stable_reinforce_is_refused(
+    live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    """GSPO from the SDK with a sequence_ratio_mask: its loss is the formula over the mean
+    log-ratio of the positions the mask marks, clipped as sent; sent without its clip (it has
+    no default) it fails naming the setting. `stable_reinforce`, which the SDK offers, is
+    refused at once with what to use instead."""
+    with sdk_service(live_url, tenant_a.member) as service:
+        training, logprobs = _model_and_logprobs(service, executor)
+        n = len(logprobs)
+        advantages = torch.tensor([(-1.0) ** i for i in range(n)])
+        mask = torch.tensor([float(i % 3 != 0) for i in range(n)])
+        # Each token's log-ratio its own, and 2 where the mask leaves a position out.
+        shift = torch.where(mask.bool(), 0.2 + 0.5 * torch.sin(torch.arange(n)), 2.0)
+        sampler = logprobs - shift
+        gspo = types.Datum(
+            model_input=DATUM.model_input,
+            loss_fn_inputs={
+                "target_tokens": SEQUENCE[1:],
+                "logprobs": sampler.tolist(),
+                "advantages": advantages.tolist(),
+                "sequence_ratio_mask": mask.tolist(),
+            },
+        )
+        ratio = torch.exp((shift * mask).sum() / mask.sum())
+
+        def loss(config: dict[str, float]) -> float:
+            output = training.forward([gspo], "gspo", loss_fn_config=config).result(timeout=120)
+            return float(output.metrics["loss:sum"])
+
+        def expected(low: float, high: float) -> float:
+            clipped = ratio.clamp(low, high)
+            return float(-torch.minimum(ratio * advantages, clipped * advantages).sum())
+
+        narrow = {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4}
+        assert loss(narrow) == pytest.approx(expected(1 - 3e-4, 1 + 4e-4), rel=1e-3)
+        wide = {"clip_low_threshold": 0.5, "clip_high_threshold": 2.0}
+        assert loss(wide) == pytest.approx(expected(0.5, 2.0), rel=1e-3)
+        assert expected(0.5, 2.0) != pytest.approx(expected(1 - 3e-4, 1 + 4e-4), rel=1e-2)
+        with pytest.raises(
+            tinker.RequestFailedError, match=r"gspo needs loss_fn_config \{'clip_low_threshold'"
+        ):
+            training.forward([gspo], "gspo").result(timeout=120)
+        with pytest.raises(
+            tinker.BadRequestError,
+            match=r"loss_fn 'stable_reinforce' is not supported here; use one of \[.*'gspo'.*\] "
+            r"\(or forward_backward_custom",
+        ):
+            training.forward([gspo], "stable_reinforce").result(timeout=120)

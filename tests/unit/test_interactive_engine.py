@@ -360,9 +360,9 @@ REFUSALS = {
         "unknown model 'nobody'",
     ),
     "unknown loss": (
-        lambda e: e.forward("m", batch(datum(SEQUENCE), loss_fn="gspo")),
-        "loss_fn 'gspo' is not supported here; use one of ['cispo', 'cross_entropy', 'dro', "
-        "'importance_sampling', 'ppo']",
+        lambda e: e.forward("m", batch(datum(SEQUENCE), loss_fn="stable_reinforce")),
+        "loss_fn 'stable_reinforce' is not supported here; use one of ['cispo', 'cross_entropy', "
+        "'dro', 'gspo', 'importance_sampling', 'ppo'] (or forward_backward_custom",
     ),
     "a setting the loss does not read": (
         lambda e: e.forward("m", {**batch(datum(SEQUENCE)), "loss_fn_config": {"beta": 0.1}}),
@@ -371,6 +371,16 @@ REFUSALS = {
     "dro without its beta": (
         lambda e: e.forward("m", batch(rl_datum(), loss_fn="dro")),
         "dro needs loss_fn_config {'beta': a number}",
+    ),
+    "gspo without its clip": (
+        lambda e: e.forward("m", batch(rl_datum(), loss_fn="gspo")),
+        "gspo needs loss_fn_config {'clip_low_threshold': a number}",
+    ),
+    "gspo with half its clip": (
+        lambda e: e.forward(
+            "m", {**batch(rl_datum(), loss_fn="gspo"), "loss_fn_config": {"clip_low_threshold": 1}}
+        ),
+        "gspo needs loss_fn_config {'clip_high_threshold': a number}",
     ),
     "a negative setting": (
         lambda e: e.forward(

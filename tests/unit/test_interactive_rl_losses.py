@@ -1,13 +1,15 @@
 """Tinker's RL losses beyond importance sampling, on the real engine: PPO's clipped objective,
-CISPO's clipped, held-constant weight and DRO's quadratic penalty, each with its
-`loss_fn_config`. Each is checked by its loss value against its formula over the model's own
-logprobs, and by its gradient (the norm an optim_step finds) against a loss whose gradient is
-known to equal it at that point: importance sampling with the clipped tokens' advantages zeroed
-(PPO), cross-entropy weighted by the clipped ratio times the advantage (CISPO), and by the
-advantage less beta times the log-ratio (DRO). The tiny test base, fp32, CPU."""
+CISPO's clipped, held-constant weight, DRO's quadratic penalty and GSPO-token's clip of one
+sequence ratio, each with its `loss_fn_config`. Each is checked by its loss value against its
+formula over the model's own logprobs, and by its gradient (the norm an optim_step finds)
+against a loss whose gradient is known to equal it at that point: importance sampling with the
+clipped tokens' advantages zeroed (PPO), cross-entropy weighted by the clipped ratio times the
+advantage (CISPO), by the advantage less beta times the log-ratio (DRO), and by the sequence
+ratio times the advantage of the tokens the clip leaves (GSPO). The tiny test base, fp32, CPU."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -21,6 +23,7 @@ from tests.unit.test_interactive_engine import (
     datum,
     logprobs,
     rl_datum,
+    tensor,
 )
 from workers.interactive.engine import InteractiveEngine
 from workers.training.resident import ResidentBase
@@ -137,3 +140,87 @@ def test_dro_is_the_policy_gradient_less_a_quadratic_penalty_on_the_log_ratio(
     expected = -(current * ADVANTAGES - 0.5 * beta * shift**2).sum()
     _, norm = _loss_and_norm(interactive, _weighted(ADVANTAGES - beta * shift))
     _same(_loss_and_norm(interactive, _rl("dro", sampler, {"beta": beta})), float(expected), norm)
+
+
+# GSPO's sequence ratio reads the positions MASK marks: all but every third.
+MASK = torch.tensor([float(i % 3 != 0) for i in range(N)])
+# GSPO's paper's clip, 3e-4 below 1 and 4e-4 above, and one that holds e^0.1 and e^-0.1.
+NARROW = {"clip_low_threshold": 1 - 3e-4, "clip_high_threshold": 1 + 4e-4}
+WIDE = {"clip_low_threshold": 0.85, "clip_high_threshold": 1.2}
+
+
+def _gspo(
+    sampler: torch.Tensor,
+    config: dict[str, float],
+    mask: torch.Tensor | None = None,
+    advantages: torch.Tensor = ADVANTAGES,
+) -> dict[str, Any]:
+    rl = rl_datum(sampler.tolist(), advantages.tolist())
+    if mask is not None:
+        rl["loss_fn_inputs"]["sequence_ratio_mask"] = tensor(mask.tolist(), "float32")
+    return {**batch(rl, loss_fn="gspo"), "loss_fn_config": config}
+
+
+def _sampler(current: torch.Tensor, log_ratio: float) -> torch.Tensor:
+    """Sampler logprobs whose mean log-ratio over MASK's positions is `log_ratio`, each token's
+    own ratio another (within about e^0.4 of the mean's), and e^2 where MASK leaves a position out:
+    a ratio of each token, or of all positions, clips otherwise than the sequence's."""
+    spread = 0.4 * torch.sin(torch.arange(N, dtype=torch.float32))
+    spread -= (spread * MASK).sum() / MASK.sum()
+    return current - torch.where(MASK.bool(), log_ratio + spread, torch.tensor(2.0))
+
+
+@pytest.mark.parametrize("log_ratio", [0.1, -0.1])
+def test_gspo_clips_the_sequence_ratio_and_each_token_keeps_its_own_gradient(
+    interactive: InteractiveEngine, log_ratio: float
+) -> None:
+    current = _current(interactive)
+    sampler = _sampler(current, log_ratio)
+    ratio = math.exp(log_ratio)  # every token's, in value
+    # Within the clip: the loss is -s A at each position, and each token's gradient is
+    # -s A d logprob, cross-entropy's weighted by s A.
+    _, norm = _loss_and_norm(interactive, _weighted(ratio * ADVANTAGES))
+    measured = _loss_and_norm(interactive, _gspo(sampler, WIDE, MASK))
+    _same(measured, -ratio * float(ADVANTAGES.sum()), norm)
+    # Past the paper's clip (above it for e^0.1, below for e^-0.1): the tokens whose advantage
+    # would gain from the ratio moving further take the clip's bound and no gradient; the
+    # others keep -s A d logprob.
+    bound = NARROW["clip_high_threshold"] if log_ratio > 0 else NARROW["clip_low_threshold"]
+    expected = -torch.minimum(ratio * ADVANTAGES, bound * ADVANTAGES).sum()
+    kept = ADVANTAGES.clamp(max=0) if log_ratio > 0 else ADVANTAGES.clamp(min=0)
+    _, norm = _loss_and_norm(interactive, _weighted(ratio * kept))
+    _same(_loss_and_norm(interactive, _gspo(sampler, NARROW, MASK)), float(expected), norm)
+
+
+def test_gspos_ratio_reads_the_nonzero_advantages_without_a_mask_and_is_1_over_none(
+    interactive: InteractiveEngine,
+) -> None:
+    current = _current(interactive)
+    sampler = _sampler(current, 0.1)
+    everywhere = torch.ones(N)
+    # Without a mask, the positions of a nonzero advantage: all of them here.
+    assert _loss_and_norm(interactive, _gspo(sampler, WIDE)) == pytest.approx(
+        _loss_and_norm(interactive, _gspo(sampler, WIDE, everywhere)), rel=1e-6
+    )
+    # Advantages zeroed where MASK leaves a position out: the ratio is MASK's, not all
+    # positions' (where the sampler is e^2 away).
+    zeroed = ADVANTAGES * MASK
+    unmasked = _loss_and_norm(interactive, _gspo(sampler, WIDE, None, zeroed))
+    assert unmasked == pytest.approx(
+        _loss_and_norm(interactive, _gspo(sampler, WIDE, MASK, zeroed)), rel=1e-6
+    )
+    assert unmasked[0] == pytest.approx(-math.exp(0.1) * float(zeroed.sum()), rel=1e-5)
+    assert _loss_and_norm(interactive, _gspo(sampler, WIDE, everywhere, zeroed))[0] != (
+        pytest.approx(unmasked[0], rel=1e-2)
+    )
+    # A mask that marks nothing: a ratio of 1, clipped up to 1.1, so the negative advantages'
+    # tokens take the bound (no gradient) and the positive ones keep -A d logprob.
+    above = {"clip_low_threshold": 1.1, "clip_high_threshold": 1.5}
+    loss, norm = _loss_and_norm(interactive, _gspo(sampler, above, torch.zeros(N)))
+    assert math.isfinite(loss) and math.isfinite(norm)
+    expected = -torch.minimum(ADVANTAGES, 1.1 * ADVANTAGES).sum()
+    _same(
+        (loss, norm),
+        float(expected),
+        _loss_and_norm(interactive, _weighted(ADVANTAGES.clamp(min=0)))[1],
+    )

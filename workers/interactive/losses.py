@@ -1,6 +1,8 @@
 """What a forward_backward call asks for: Tinker's datums read from their JSON wire shape, and
 the built-in losses computed over the model's logprobs of the target tokens: cross-entropy, and
-the RL losses (importance sampling, PPO, CISPO, DRO) with Tinker's formulas and settings.
+the RL losses (importance sampling, PPO, CISPO, DRO, GSPO-token) with Tinker's formulas and
+settings. Tinker's `stable_reinforce` is not among them (its formula is not documented): it is
+refused, as is any other name, and a caller writes it with `forward_backward_custom`.
 
 Tinker's alignment: position i of a datum's `model_input` predicts `target_tokens[i]` (the
 caller shifted the sequence by one already), so the targets have the input's length N, or the
@@ -130,14 +132,22 @@ def _importance_sampling(target_logprobs: torch.Tensor, inputs: TensorDict, _: A
     return -_ratio(target_logprobs, inputs) * inputs["advantages"]
 
 
+def _clipped_objective(
+    ratio: torch.Tensor, advantages: torch.Tensor, config: Mapping[str, float]
+) -> torch.Tensor:
+    """PPO's loss per position: the ratio times the advantage, or the ratio clipped to
+    [clip_low_threshold, clip_high_threshold] times it, whichever is smaller, negated. Where
+    the clipped one is smaller the position has no gradient: a step gains nothing from moving
+    a probability past the clip."""
+    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
+    return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
 def _ppo(
     target_logprobs: torch.Tensor, inputs: TensorDict, config: Mapping[str, float]
 ) -> torch.Tensor:
-    # The importance-sampling objective, or its ratio clipped to [low, high], whichever is
-    # smaller: a step gains nothing from moving a token's probability past the clip.
-    ratio, advantages = _ratio(target_logprobs, inputs), inputs["advantages"]
-    clipped = ratio.clamp(config["clip_low_threshold"], config["clip_high_threshold"])
-    return -torch.minimum(ratio * advantages, clipped * advantages)
+    # The clipped objective over each token's own ratio.
+    return _clipped_objective(_ratio(target_logprobs, inputs), inputs["advantages"], config)
 
 
 def _cispo(
@@ -157,6 +167,25 @@ def _dro(
     # The policy gradient with a quadratic penalty on the log-ratio to the sampler.
     shift = target_logprobs - inputs["logprobs"]
     return -(target_logprobs * inputs["advantages"] - 0.5 * config["beta"] * shift**2)
+
+
+def _gspo(
+    target_logprobs: torch.Tensor, inputs: TensorDict, config: Mapping[str, float]
+) -> torch.Tensor:
+    # GSPO-token (Zheng et al. 2025, arXiv 2507.18071): the clipped objective over one ratio
+    # for the whole sequence, the geometric mean of its tokens' ratios over the positions that
+    # sequence_ratio_mask marks, so that the clip keeps or drops the sequence as a whole. Every
+    # token carries that ratio's value (held constant) times exp(lp - sg(lp)), which is 1 in
+    # value and gives the gradient of the token's own log-probability: per-token advantages
+    # still work. Without a mask, the marked positions are those with a nonzero advantage (a
+    # zero advantage masks a position in Tinker's RL datums). A mask that marks nothing gives
+    # a log-ratio of 0, where an empty mean would give NaN.
+    mask = inputs.get("sequence_ratio_mask")
+    marked = ((mask if mask is not None else inputs["advantages"]) != 0).float()
+    shift = (target_logprobs.detach() - inputs["logprobs"]) * marked
+    log_ratio = shift.sum() / marked.sum().clamp(min=1.0)
+    ratio = torch.exp(log_ratio + target_logprobs - target_logprobs.detach())
+    return _clipped_objective(ratio, inputs["advantages"], config)
 
 
 _RL_INPUTS = frozenset({"target_tokens", "logprobs", "advantages"})
@@ -194,6 +223,16 @@ LOSSES: dict[str, LossFn] = {
             defaults={"clip_low_threshold": 0.0, "clip_high_threshold": 4.0},
         ),
         LossFn("dro", _RL_INPUTS, _RL_OPTIONAL, False, _dro, defaults={"beta": None}),
+        # No default clip: GSPO's ranges (3e-4 and 4e-4 around 1 in its paper) are far from
+        # PPO's, and Tinker's defaults are not known here, so a caller sends both.
+        LossFn(
+            "gspo",
+            _RL_INPUTS,
+            _RL_OPTIONAL | {"sequence_ratio_mask"},
+            False,
+            _gspo,
+            defaults={"clip_low_threshold": None, "clip_high_threshold": None},
+        ),
     )
 }
 
