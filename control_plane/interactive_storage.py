@@ -3,12 +3,20 @@
 Each save (`save_state`, `save_weights_for_sampler`) writes a checkpoint whose row records the
 bytes it wrote (`size_bytes`; null for rows saved before revision 0024, counted as 0). A tenant
 may be held to a cap on their sum: its own `tenants.max_checkpoint_bytes`, else the platform's
-`LORAFORGE_MAX_CHECKPOINT_BYTES_PER_TENANT` (none: no cap). A save asked while the sum is at or
-over the cap is refused, nothing written, until checkpoints are deleted or expire. The check is
-made when a save is asked, not when it runs: a save's size is known only once it is written, so
-the saves asked before the cap was reached still run and finish, and the sum may pass the cap
-by what they write. Checkpoints past their time to live count until the periodic pass deletes
-them (`interactive_runs.expire_checkpoints`, every 5 minutes): their files are still stored.
+`LORAFORGE_MAX_CHECKPOINT_BYTES_PER_TENANT` (none: no cap). The cap holds exactly, in two checks:
+
+- A save asked while the sum is at or over the cap is refused at once (403), nothing asked,
+  until checkpoints are deleted or expire (`require_room`).
+- A save asked below the cap is checked again when the executor has written its files to its
+  own disk and knows their size, before it uploads any (`make_room`): the tenant's storage is
+  locked (an advisory lock for the transaction), and a save that would bring the sum past the
+  cap (with its bytes in place of what its name held, when it overwrites) fails saying so,
+  nothing uploaded; one that fits uploads its files and records its row in that transaction,
+  so two saves of one tenant on two executors never both pass on the same sum. Saves of a
+  tenant with no cap take no lock.
+
+Checkpoints past their time to live count until the periodic pass deletes them
+(`interactive_runs.expire_checkpoints`, every 5 minutes): their files are still stored.
 """
 
 from __future__ import annotations
@@ -87,14 +95,61 @@ def require_room(
     cap = used.cap(default_cap)
     if cap is None or used.size_bytes < cap:
         return
-    which = (
-        f"the platform's limit (LORAFORGE_MAX_CHECKPOINT_BYTES_PER_TENANT = {_said(cap)})"
-        if used.own_cap is None
-        else f"the limit the platform's operator set for it (max_checkpoint_bytes = {_said(cap)})"
-    )
     count = f"{used.checkpoints} checkpoint{'' if used.checkpoints == 1 else 's'}"
     raise StorageFull(
-        f"your tenant holds {_said(used.size_bytes)} in {count}, at or over {which}: delete "
-        "checkpoints (delete_checkpoint_from_tinker_path) or give them a time to live "
-        "(set_checkpoint_ttl_from_tinker_path) before saving again"
+        f"your tenant holds {_said(used.size_bytes)} in {count}, at or over "
+        f"{_which(cap, used.own_cap)}: {_WHAT_TO_DO}"
+    )
+
+
+_WHAT_TO_DO = (
+    "delete checkpoints (delete_checkpoint_from_tinker_path) or give them a time to live "
+    "(set_checkpoint_ttl_from_tinker_path) before saving again"
+)
+
+
+def _which(cap: int, own_cap: int | None) -> str:
+    if own_cap is None:
+        return f"the platform's limit (LORAFORGE_MAX_CHECKPOINT_BYTES_PER_TENANT = {_said(cap)})"
+    return f"the limit the platform's operator set for it (max_checkpoint_bytes = {_said(cap)})"
+
+
+_REPLACED = text(
+    "SELECT coalesce(size_bytes, 0) FROM interactive_checkpoints "
+    "WHERE model_id = :model AND kind = :kind AND name = :name"
+)
+
+
+def make_room(
+    conn: Connection,
+    tenant_id: str,
+    default_cap: int | None,
+    checkpoint: tuple[str, str, str],
+    size: int,
+) -> bool:
+    """Room for a save about to write `size` bytes as `checkpoint` (its model, kind and name),
+    in the caller's transaction, before anything is uploaded. False where the tenant has no cap
+    (nothing locked). Otherwise the tenant's checkpoint storage is locked until the transaction
+    ends, and True where the tenant's checkpoints, this save's bytes in place of what the name
+    held, stay within the cap: the caller uploads and records the checkpoint's row in this
+    transaction. Past the cap, `StorageFull` says by how much and what to do."""
+    own_cap = conn.execute(
+        text("SELECT max_checkpoint_bytes FROM tenants WHERE id = :t"), {"t": tenant_id}
+    ).scalar_one_or_none()
+    cap = default_cap if own_cap is None else own_cap
+    if cap is None:
+        return False
+    conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext('interactive_checkpoints:' || :t))"),
+        {"t": tenant_id},
+    )
+    used = storage(conn, tenant_id)
+    model_id, kind, name = checkpoint
+    replaced = conn.execute(_REPLACED, {"model": model_id, "kind": kind, "name": name}).scalar()
+    after = used.size_bytes - int(replaced or 0) + size
+    if after <= cap:
+        return True
+    raise StorageFull(
+        f"this save's files hold {_said(size)}, which would bring your tenant's checkpoints to "
+        f"{_said(after)}, past {_which(cap, used.own_cap)}; nothing was written: {_WHAT_TO_DO}"
     )

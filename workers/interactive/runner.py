@@ -19,18 +19,18 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
-from control_plane import age_export, interactive_health
 from control_plane import interactive_calls as calls
+from control_plane import interactive_health
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive import NotFound
 from control_plane.interactive_runs import find_checkpoint
-from control_plane.interactive_saves import SAVES, Saved, checkpoint_location
+from control_plane.interactive_saves import SAVES, Saved
 from control_plane.queue import QueueListener
 from control_plane.services import Services
 from control_plane.trainers import TrainerReport
@@ -43,6 +43,7 @@ from workers.interactive.batching import (
     gather,
 )
 from workers.interactive.engine import MICRO_BATCH_TOKENS, InteractiveEngine, InteractiveError
+from workers.interactive.saving import save
 from workers.job_io import TrainerPresence, materialize_base, through_blips
 from workers.training.device import RequestedPrecision, describe_device
 from workers.training.resident import ResidentBase
@@ -362,29 +363,16 @@ class InteractiveRunner:
         return call.model_id
 
     def _save(self, call: calls.Call) -> tuple[dict[str, Any], Saved, bool]:
-        name = str(call.request.get("path") or f"{call.seq:06d}")
-        if "/" in name or name in (".", ".."):
-            raise InteractiveError(f"a checkpoint name cannot contain '/': {name!r}")
-        saved = checkpoint_location(call, name)
-        model = self._held(call)
-        with tempfile.TemporaryDirectory(dir=self._scratch()) as scratch:
-            directory = Path(scratch) / "weights"
-            if saved.kind == "state":
-                self.engine.save_state(model, directory, base_name=self.base.name)
-            else:
-                self.engine.export_adapter(model, directory, base_name=self.base.name)
-            if saved.kind == "external":
-                if keys := call.request.get("age_encryption_recipients"):
-                    age_export.encrypt_directory(directory, keys)
-                # What the name held goes: an encrypted export's files are named apart.
-                self.services.store.delete_prefix(saved.prefix)
-            stored = self.services.store.put_directory(saved.prefix, directory)
-        size = sum(info.size for info in stored.values())
-        files = {name: {"size": info.size, "sha256": info.sha256} for name, info in stored.items()}
-        result: dict[str, Any] = {"path": saved.path, "type": call.kind}
-        if saved.kind == "external":
-            result["size_bytes"] = size
-        return result, replace(saved, size_bytes=size, files=files), False
+        result, saved = save(
+            self.services,
+            self.engine,
+            self._held(call),
+            call,
+            base_name=self.base.name,
+            scratch=self._scratch(),
+            patience_s=OUTAGE_PATIENCE_S,
+        )
+        return result, saved, False
 
     def _sampler(self, call: calls.Call) -> str | None:
         """The engine's name for what a sample call samples from: a training model's own
