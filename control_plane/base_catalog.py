@@ -10,9 +10,13 @@ from sqlalchemy import Connection, Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from control_plane.base_status import BaseStatus
+from control_plane.db.errors import breaks_unique_key
 from control_plane.db.tables import BaseModelRow
 from control_plane.ids import new_id
 from control_plane.records import BaseModelRecord
+
+# The unique key on bases' names, as revision 0001 names it.
+_NAME_KEY = "uq_base_models_name"
 
 base_models = cast(Table, BaseModelRow.__table__)
 
@@ -62,6 +66,8 @@ def register_base_model(conn: Connection, new: NewBaseModel) -> BaseModelRecord:
                 .returning(*base_models.c)
             ).one()
     except IntegrityError as exc:
+        if not breaks_unique_key(exc, _NAME_KEY):
+            raise
         raise BaseModelExistsError(
             f"a base model named {new.name!r} is already registered"
         ) from exc

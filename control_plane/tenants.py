@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-import psycopg
 from sqlalchemy import Connection, Row, Select, Table, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from control_plane.db.errors import breaks_unique_key
 from control_plane.db.tables import ROLES, ApiKey, Tenant, TenantQueueStats
 from control_plane.ids import new_id
 from control_plane.pagination import trim
@@ -96,17 +96,10 @@ def create_tenant(
                 .returning(*tenants.c)
             ).one()
     except IntegrityError as exc:
-        if not _breaks_key(exc, _NAME_KEY):
+        if not breaks_unique_key(exc, _NAME_KEY):
             raise
         raise TenantExistsError(f"a tenant named {name!r} already exists") from exc
     return TenantRecord.from_row(row)
-
-
-def _breaks_key(exc: IntegrityError, key: str) -> bool:
-    """Whether the statement broke the unique key `key` (SQLSTATE 23505 on that constraint),
-    not another constraint of the table."""
-    found = exc.orig
-    return isinstance(found, psycopg.errors.UniqueViolation) and found.diag.constraint_name == key
 
 
 def set_limits(

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError
 
 from control_plane import base_catalog
 from control_plane.services import Services
@@ -182,3 +184,30 @@ def test_base_imports_at_once_each_end_as_their_source_deserves(
             record = base_catalog.get_base_model(conn, name)
             assert record is not None and record.error_message is not None
             assert "not a GGUF file" in record.error_message
+
+
+def test_only_a_taken_name_is_said_to_be_registered_and_any_other_violation_goes_up(
+    engine: Any,
+) -> None:
+    """Registering a base maps the unique key on its name, and only that, to "already
+    registered": a row the table refuses for another reason (a NOT NULL source) is raised as the
+    database said it, nothing written and the transaction going on, where it was once reported
+    as a name taken."""
+    with engine.begin() as conn:
+        with pytest.raises(IntegrityError) as refused:
+            base_catalog.register_base_model(
+                conn,
+                base_catalog.NewBaseModel(name="tiny", source=None, source_kind="dir"),  # type: ignore[arg-type]
+            )
+        assert isinstance(refused.value.orig, psycopg.errors.NotNullViolation)
+        assert base_catalog.get_base_model(conn, "tiny") is None
+        made = base_catalog.register_base_model(
+            conn, base_catalog.NewBaseModel(name="tiny", source="/models/tiny", source_kind="dir")
+        )
+        with pytest.raises(
+            base_catalog.BaseModelExistsError, match="a base model named 'tiny' is already"
+        ):
+            base_catalog.register_base_model(
+                conn, base_catalog.NewBaseModel(name="tiny", source="/elsewhere", source_kind="dir")
+            )
+        assert base_catalog.get_base_model(conn, "tiny") == made
