@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     # The SDK's sampling clients wait on one long poll each (`retrieve_futures`) rather than
     # one poll a sample in flight; off, they poll each sample (`retrieve_future`).
     tinker_session_polling: bool = True
+    # A call that finishes wakes the API's polls waiting on it (LISTEN on one connection per API
+    # process); off, they look at their calls 50 ms to 1 s apart. Off behind a pooler that keeps
+    # no session (PgBouncer in transaction mode), where LISTEN does not work.
+    tinker_wake_on_finish: bool = True
     # An interactive session whose SDK has not heartbeated for this long (it does every 10 s
     # while its process lives) is over: its models' weights are let go from their executors
     # and what was asked of them and not taken fails.

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
 
+from control_plane.api.call_wakeups import CallWakeups
 from control_plane.api.deps import PrincipalCache
 from control_plane.api.errors import install_error_handlers
 from control_plane.api.limits import BodySizeLimit
@@ -53,13 +56,32 @@ API_ROUTERS = (
 )
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the server runs: the listener that wakes the polls of Tinker futures."""
+    wakeups: CallWakeups | None = app.state.call_wakeups
+    if wakeups is not None:
+        wakeups.start()
+    try:
+        yield
+    finally:
+        if wakeups is not None:
+            await wakeups.stop()
+
+
 def create_app(services: Services) -> FastAPI:
     app = FastAPI(
         title="loraforge",
         version="0.1.0",
         description="Fine-tune LLMs with LoRA on a shared frozen base; version and pull adapters.",
+        lifespan=_lifespan,
     )
     app.state.services = services
+    # Started with the server (a lifespan); an app served without one (a bare TestClient) polls
+    # at its looks' times alone.
+    app.state.call_wakeups = (
+        CallWakeups(services.database_url) if services.settings.tinker_wake_on_finish else None
+    )
     # A place a connection of the main pool (`deps.db_slot`).
     settings = services.settings
     app.state.db_slots = asyncio.Semaphore(settings.db_pool_size + settings.db_pool_overflow)
