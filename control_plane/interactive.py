@@ -39,6 +39,12 @@ calls = cast(Table, InteractiveCall.__table__)
 checkpoints = cast(Table, InteractiveCheckpoint.__table__)
 
 
+# The most top-k logprobs a sample returns a position (`topk_prompt_logprobs`,
+# `topk_sample_logprobs`): 20, vLLM's default `max_logprobs`, the most a vLLM server returns
+# unless it is started with more.
+MAX_TOPK_LOGPROBS = 20
+
+
 class CallKind(StrEnum):
     CREATE_MODEL = "create_model"
     FORWARD_BACKWARD = "forward_backward"

@@ -268,16 +268,48 @@ def encode_forward_backward_output(result: dict[str, Any]) -> bytes:
 
 
 def encode_sample_response(result: dict[str, Any]) -> bytes:
-    """`SampleResponse` from its JSON shape: `sequences` of `{tokens, logprobs?, stop_reason}`,
-    and `prompt_logprobs` (None where a position has none, NaN on the wire)."""
+    """`SampleResponse` from its JSON shape: `sequences` of `{tokens, logprobs?, stop_reason,
+    topk_logprobs?}`, `prompt_logprobs` (None where a position has none, NaN on the wire) and
+    `topk_prompt_logprobs?` (see `_topk_logprobs`)."""
     out = b""
     for sequence in result.get("sequences") or []:
         stop = _STOP_REASONS[sequence.get("stop_reason") or "stop"]
         body = _key(1, 0) + _varint_bytes(stop) + _field(2, _packed(sequence["tokens"], "i"))
         if sequence.get("logprobs") is not None:
             body += _field(3, _packed(sequence["logprobs"], "f"))
+        if sequence.get("topk_logprobs") is not None:
+            body += _field(4, _topk_logprobs(sequence["topk_logprobs"]))
         out += _field(1, body)
     prompt = result.get("prompt_logprobs")
     if prompt is not None:
         out += _field(2, _packed([math.nan if v is None else v for v in prompt], "f"))
+    if result.get("topk_prompt_logprobs") is not None:
+        out += _field(3, _topk_logprobs(result["topk_prompt_logprobs"]))
     return out
+
+
+# What fills a `TopkLogprobs` cell a position has no pair for (the SDK's `MASK_LOGPROB`): a row
+# that starts with it reads as None, a row that ends with it as the pairs before.
+_EMPTY_TOKEN, _EMPTY_LOGPROB = 0, -99999.0
+
+
+def _topk_logprobs(rows: list[list[list[Any]] | None]) -> bytes:
+    """`TopkLogprobs` from its JSON shape, one row a position: None, or `[token, logprob]`
+    pairs. Its two dense (positions, k) matrices are row-major, k the longest row (1 when every
+    row is None, so that the SDK still reads one None a position), shorter rows padded."""
+    k = max((len(row) for row in rows if row is not None), default=0) or 1
+    token_ids: list[int] = []
+    logprobs: list[float] = []
+    for row in rows:
+        pairs = list(row or [])
+        pairs += [[_EMPTY_TOKEN, _EMPTY_LOGPROB]] * (k - len(pairs))
+        token_ids.extend(int(token) for token, _ in pairs)
+        logprobs.extend(float(logprob) for _, logprob in pairs)
+    return (
+        _field(1, _packed(token_ids, "i"))
+        + _field(2, _packed(logprobs, "f"))
+        + _key(3, 0)
+        + _varint_bytes(k)
+        + _key(4, 0)
+        + _varint_bytes(len(rows))
+    )

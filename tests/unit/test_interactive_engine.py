@@ -415,9 +415,17 @@ REFUSALS = {
         lambda e: e.optim_step("m", {"learning_rate": 1e-3, "momentum": 0.9}),
         "only Adam is offered",
     ),
-    "top-k prompt logprobs": (
-        lambda e: e.sample("m", {**sample_request([1, 2]), "topk_prompt_logprobs": 5}),
-        "topk_prompt_logprobs is not supported",
+    "top-k prompt logprobs past vLLM's 20": (
+        lambda e: e.sample("m", {**sample_request([1, 2]), "topk_prompt_logprobs": 21}),
+        "topk_prompt_logprobs must be at most 20, got 21",
+    ),
+    "negative top-k sample logprobs": (
+        lambda e: e.sample("m", {**sample_request([1, 2]), "topk_sample_logprobs": -1}),
+        "topk_sample_logprobs must be an integer >= 0, got -1",
+    ),
+    "alternative prompt tokens": (
+        lambda e: e.sample("m", {**sample_request([1, 2]), "prompt_alt_tokens_k": 2}),
+        "prompt_alt_tokens_k is not supported",
     ),
     "beyond the context": (
         lambda e: e.sample("m", sample_request([1, 2], max_tokens=5000)),

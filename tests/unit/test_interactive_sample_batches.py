@@ -1,8 +1,9 @@
 """Sample calls decoded together (`InteractiveEngine.sample_many`), of one model or of several
 models and the base in one forward pass: the prompts padded beside each other answer exactly
-what each request answers alone, each with its own model, parameters, seed and stops; a bad
-request (or an unknown model) is refused alone; batches split at SAMPLE_TOKENS. The tiny test
-base, real torch + peft, CPU, fp32."""
+what each request answers alone, each with its own model, parameters, seed, stops and top-k
+logprobs (asked by some requests of a batch, not by others); a bad request (or an unknown model)
+is refused alone; batches split at SAMPLE_TOKENS. The tiny test base, real torch + peft, CPU,
+fp32."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def _same(together: dict[str, Any], alone: dict[str, Any]) -> None:
         assert mine["tokens"] == theirs["tokens"]
         assert mine["stop_reason"] == theirs["stop_reason"]
         assert mine["logprobs"] == pytest.approx(theirs["logprobs"], abs=1e-4)
+        _same_topk(mine.get("topk_logprobs"), theirs.get("topk_logprobs"))
     if alone["prompt_logprobs"] is None:
         assert together["prompt_logprobs"] is None
     else:
@@ -58,6 +60,19 @@ def _same(together: dict[str, Any], alone: dict[str, Any]) -> None:
         assert together["prompt_logprobs"][1:] == pytest.approx(
             alone["prompt_logprobs"][1:], abs=1e-4
         )
+    _same_topk(together.get("topk_prompt_logprobs"), alone.get("topk_prompt_logprobs"))
+
+
+def _same_topk(together: Any, alone: Any) -> None:
+    """Top-k rows (None where a position has none) with the same tokens and logprobs."""
+    if alone is None:
+        assert together is None
+        return
+    assert [row is None for row in together] == [row is None for row in alone]
+    for mine, theirs in zip(together, alone, strict=True):
+        if theirs is not None:
+            assert [t for t, _ in mine] == [t for t, _ in theirs]
+            assert [lp for _, lp in mine] == pytest.approx([lp for _, lp in theirs], abs=1e-4)
 
 
 def _decoded_as_alone(
@@ -89,14 +104,22 @@ def test_sample_calls_decoded_together_answer_what_each_answers_alone(
     greedy = sample_request(SEQUENCE[:6], max_tokens=7, temperature=0.0, stop=[])
     stop_at = engine.sample("m", greedy)["sequences"][0]["tokens"][3]
     requests = [
-        {**greedy, "prompt_logprobs": True},
-        sample_request(OTHER[:11], n=3, max_tokens=5, temperature=1.0, seed=7, stop=[]),
+        {**greedy, "prompt_logprobs": True, "topk_prompt_logprobs": 4, "topk_sample_logprobs": 2},
+        {
+            **sample_request(OTHER[:11], n=3, max_tokens=5, temperature=1.0, seed=7, stop=[]),
+            "topk_sample_logprobs": 5,
+        },
         sample_request(
             SEQUENCE[3:5], n=2, max_tokens=9, temperature=0.8, top_k=20, top_p=0.9, seed=3, stop=[]
         ),
         sample_request(SEQUENCE[:6], max_tokens=12, temperature=0.0, stop=[stop_at]),
         sample_request(SEQUENCE[:6], max_tokens=0),  # refused: max_tokens must be >= 1
-        {**sample_request(OTHER[2:9], max_tokens=4, temperature=0.0), "prompt_logprobs": True},
+        {
+            **sample_request(OTHER[2:9], max_tokens=4, temperature=0.0),
+            "prompt_logprobs": True,
+            "prompt_logprobs_last_n": 2,
+            "topk_prompt_logprobs": 3,
+        },
     ]
     alone = [engine.sample("m", r) for i, r in enumerate(requests) if i != 4]
     assert alone[3]["sequences"][0]["stop_reason"] == "stop"  # it stops before the others
@@ -140,11 +163,18 @@ def test_several_models_and_the_base_share_a_batch_each_row_through_its_own_adap
     greedy = {"max_tokens": 6, "temperature": 0.0, "stop": []}
     asked = [
         ("a", {**sample_request(prompt, **greedy), "prompt_logprobs": True}),
-        (None, sample_request(prompt, **greedy)),
+        (None, {**sample_request(prompt, **greedy), "topk_prompt_logprobs": 2}),
         ("b", sample_request(OTHER[:9], n=2, max_tokens=5, temperature=1.0, seed=4, stop=[])),
         ("sampler-a", sample_request(prompt, **greedy)),
         ("nobody", sample_request(prompt, **greedy)),
-        ("b", {**sample_request(prompt, **greedy), "prompt_logprobs": True}),
+        (
+            "b",
+            {
+                **sample_request(prompt, **greedy),
+                "prompt_logprobs": True,
+                "topk_sample_logprobs": 3,
+            },
+        ),
     ]
     alone = [engine.sample(m, r) for m, r in asked if m != "nobody"]
     # The models differ from each other and from the base on the same prompt.

@@ -142,3 +142,37 @@ def test_what_the_codec_encodes_the_sdk_reads_back_exactly() -> None:
         ([9], None, "stop"),
     ]
     assert sample.prompt_logprobs == [None, -1.5]
+
+
+def test_top_k_logprobs_the_codec_encodes_the_sdk_reads_as_rows_none_where_none_computed() -> None:
+    """A position without a row (the prompt's first, those before `prompt_logprobs_last_n`)
+    reads as None; a row shorter than the widest is padded and reads back as its own pairs."""
+    sample = deserialize_sample_response(
+        encode_sample_response(
+            {
+                "sequences": [
+                    {
+                        "tokens": [7, 8],
+                        "logprobs": [-0.25, -0.5],
+                        "stop_reason": "length",
+                        "topk_logprobs": [[[7, -0.25], [0, -1.5]], [[8, -0.5], [3, -2.0]]],
+                    },
+                    {"tokens": [9], "logprobs": [-1.0], "stop_reason": "stop"},
+                ],
+                "prompt_logprobs": None,
+                "topk_prompt_logprobs": [None, [[3, -0.5], [4, -1.0]], [[5, -0.125]]],
+            }
+        )
+    )
+    assert sample.topk_prompt_logprobs == [None, [(3, -0.5), (4, -1.0)], [(5, -0.125)]]
+    assert sample.prompt_logprobs is None
+    assert sample.sequences[0].topk_logprobs == [[(7, -0.25), (0, -1.5)], [(8, -0.5), (3, -2.0)]]
+    assert sample.sequences[1].topk_logprobs is None
+
+    # A one-token prompt has no row at all: still one None a position, not "not asked".
+    only_first = deserialize_sample_response(
+        encode_sample_response({"sequences": [], "topk_prompt_logprobs": [None]})
+    )
+    assert only_first.topk_prompt_logprobs == [None]
+    unasked = deserialize_sample_response(encode_sample_response({"sequences": []}))
+    assert unasked.topk_prompt_logprobs is None

@@ -20,6 +20,14 @@ Tinker's SamplingParams:
   on-policy sample starts at 1.
 - `prompt_logprobs`: one entry per prompt token, None for the first (it has no context) and for
   those before the last `prompt_logprobs_last_n`.
+- `topk_prompt_logprobs` k: one row per prompt token, aligned as `prompt_logprobs` (None for the
+  first and for those before the last `prompt_logprobs_last_n`): row p holds the k most likely
+  tokens of the model's next-token distribution at position p - 1 (the candidates for token p),
+  each a (token, logprob) pair, most likely first (in JSON `[token, logprob]`).
+- `topk_sample_logprobs` k: one such row per generated token (a sequence's `topk_logprobs`),
+  from the same distribution as its `logprobs`: the model's own, before temperature, top-k and
+  top-p narrow it. At temperature 0 a token is the first of its row (or tied with it).
+Each top-k is computed only for the requests that ask for it: the others cost what they did.
 """
 
 from __future__ import annotations
@@ -35,17 +43,19 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from control_plane.interactive import MAX_TOPK_LOGPROBS
 from workers.interactive.losses import InteractiveError, read_tokens, target_logprobs
 from workers.interactive.routing import routed
 
 # Request fields of features this engine does not compute, with the value that means "off".
 _UNSUPPORTED = {
-    "topk_prompt_logprobs": 0,
-    "topk_sample_logprobs": 0,
     "target_prompt_logprobs": None,
     "prompt_alt_tokens_k": 0,
     "record_stability_info": None,
 }
+
+# A position's top-k logprobs: (token, logprob) pairs, the most likely first.
+TopkRow = list[tuple[int, float]]
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,8 @@ class SamplingRequest:
     stop_strings: tuple[str, ...]
     prompt_logprobs: bool
     prompt_logprobs_last_n: int | None
+    topk_prompt_logprobs: int
+    topk_sample_logprobs: int
 
 
 def read_sample_request(
@@ -115,7 +127,16 @@ def read_sample_request(
         stop_strings=stop_strings,
         prompt_logprobs=bool(request.get("prompt_logprobs")),
         prompt_logprobs_last_n=last_n,
+        topk_prompt_logprobs=_top_k(request, "topk_prompt_logprobs"),
+        topk_sample_logprobs=_top_k(request, "topk_sample_logprobs"),
     )
+
+
+def _top_k(request: Mapping[str, Any], name: str) -> int:
+    k = _integer(_or(request.get(name), 0), name, minimum=0)
+    if k > MAX_TOPK_LOGPROBS:
+        raise InteractiveError(f"{name} must be at most {MAX_TOPK_LOGPROBS}, got {k}")
+    return k
 
 
 def _integer(value: Any, name: str, *, minimum: int) -> int:
@@ -220,26 +241,32 @@ def _generate(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    prompt_logprobs = [
-        _prompt_logprobs(output.logits[rows_of[r][0], width - len(request.prompt) :], request)
+    prompt_scores = [
+        _prompt_scores(output.logits[rows_of[r][0], width - len(request.prompt) :], request)
         for r, request in enumerate(requests)
     ]
     generators = [_generator(request.seed, device) for request in requests]
     tokens: list[list[int]] = [[] for _ in owner]
     logprobs: list[list[float]] = [[] for _ in owner]
+    widths = [requests[r].topk_sample_logprobs for r in owner]
+    topk: list[list[TopkRow]] = [[] for _ in owner]
     stopped, done = [False] * len(owner), [False] * len(owner)
     while True:
         logits = output.logits[:, -1].float()
         chosen = torch.empty(len(owner), dtype=torch.int64, device=device)
         for r, request in enumerate(requests):
             chosen[rows_of[r]] = _choose(logits[rows_of[r]], request, generators[r])
-        own = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None]).squeeze(-1)
+        every = torch.log_softmax(logits, dim=-1)
+        own = every.gather(-1, chosen[:, None]).squeeze(-1)
+        tops = _sample_topk(every, widths)
         for row, (token, logprob) in enumerate(zip(chosen.tolist(), own.tolist(), strict=True)):
             if done[row]:
                 continue  # a finished row runs along with the batch; its tokens are dropped
             request = requests[owner[row]]
             tokens[row].append(token)
             logprobs[row].append(logprob)
+            if widths[row]:
+                topk[row].append(tops[row])
             stopped[row] = token in request.stop_tokens or _ends_in_stop_string(
                 tokens[row], request.stop_strings, tokenizer
             )
@@ -263,10 +290,11 @@ def _generate(
                     "tokens": tokens[row],
                     "logprobs": logprobs[row],
                     "stop_reason": "stop" if stopped[row] else "length",
+                    **({"topk_logprobs": topk[row]} if widths[row] else {}),
                 }
                 for row in rows_of[r]
             ],
-            "prompt_logprobs": prompt_logprobs[r],
+            **prompt_scores[r],
         }
         for r in range(len(requests))
     ]
@@ -311,12 +339,49 @@ def _ends_in_stop_string(
     return any(stop in text for stop in stop_strings)
 
 
-def _prompt_logprobs(logits: torch.Tensor, request: SamplingRequest) -> list[float | None] | None:
-    if not request.prompt_logprobs:
-        return None
-    prompt = torch.tensor(request.prompt, device=logits.device)
-    values: list[float | None] = [None, *target_logprobs(logits[:-1], prompt[1:]).tolist()]
-    if request.prompt_logprobs_last_n is not None:
-        first = len(values) - request.prompt_logprobs_last_n
-        values[:first] = [None] * first
-    return values
+def _prompt_scores(logits: torch.Tensor, request: SamplingRequest) -> dict[str, Any]:
+    """A response's prompt fields from the logits at its prompt's positions: `prompt_logprobs`
+    (None unless asked), and `topk_prompt_logprobs` where asked. The logits at a position score
+    the token after it, so position p is scored by the logits at p - 1."""
+    scores: dict[str, Any] = {"prompt_logprobs": None}
+    if not (request.prompt_logprobs or request.topk_prompt_logprobs):
+        return scores
+    first = _first_scored(request)
+    scored = logits[first - 1 : -1].float()
+    if request.prompt_logprobs:
+        prompt = torch.tensor(request.prompt[first:], device=logits.device)
+        scores["prompt_logprobs"] = [None] * first + target_logprobs(scored, prompt).tolist()
+    if request.topk_prompt_logprobs:
+        # Gathered minus the logsumexp, as `target_logprobs`: the (N, V) log-softmax is never
+        # materialised, and a prompt token's logprob reads the same in both fields.
+        top = scored.topk(request.topk_prompt_logprobs, dim=-1)
+        norm = torch.logsumexp(scored, dim=-1, keepdim=True)
+        scores["topk_prompt_logprobs"] = [None] * first + _rows(top.indices, top.values - norm)
+    return scores
+
+
+def _first_scored(request: SamplingRequest) -> int:
+    """The first prompt position scored: 1 (position 0 has no context), or the first of the
+    last `prompt_logprobs_last_n`."""
+    if request.prompt_logprobs_last_n is None:
+        return 1
+    return len(request.prompt) - request.prompt_logprobs_last_n
+
+
+def _sample_topk(logprobs: torch.Tensor, widths: list[int]) -> dict[int, TopkRow]:
+    """The rows' top `widths[row]` tokens of their next-token logprobs, by row, for the rows
+    whose width is not 0: one topk over those rows, at the widest."""
+    asking = [row for row, k in enumerate(widths) if k]
+    if not asking:
+        return {}
+    top = logprobs[asking].topk(max(widths), dim=-1)
+    rows = _rows(top.indices, top.values)
+    return {row: pairs[: widths[row]] for row, pairs in zip(asking, rows, strict=True)}
+
+
+def _rows(tokens: torch.Tensor, logprobs: torch.Tensor) -> list[TopkRow]:
+    """(N, k) tokens and their logprobs as N rows of `(token, logprob)`."""
+    return [
+        list(zip(ids, values, strict=True))
+        for ids, values in zip(tokens.tolist(), logprobs.tolist(), strict=True)
+    ]
