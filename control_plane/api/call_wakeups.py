@@ -81,7 +81,7 @@ class CallWakeups:
                 conn = await psycopg.AsyncConnection.connect(
                     self._url, autocommit=True, connect_timeout=5
                 )
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
                 log.warning("wake-ups: cannot connect (%s); trying again", str(exc).strip()[:200])
                 await asyncio.sleep(REOPEN_EVERY_S)
                 continue
@@ -93,7 +93,7 @@ class CallWakeups:
                     self._wake_everyone()
                     async for notify in conn.notifies():
                         self.wake(notify.payload)
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
                 log.warning(
                     "wake-ups: LISTEN connection lost (%s); reopening it", str(exc).strip()[:200]
                 )
