@@ -70,6 +70,11 @@ def _until(check: Callable[[], Any], what: str) -> Any:
     return found
 
 
+def _readiness(url: str) -> str:
+    """What `/readyz` says of this API's wake-ups."""
+    return str(httpx.get(f"{url}/readyz", timeout=10).json()["wakeups"])
+
+
 def _retrieve(url: str, keys: TenantKeys, future: str) -> Any:
     answered = httpx.post(
         f"{url}/api/v1/retrieve_future",
@@ -114,12 +119,14 @@ def test_the_listener_opens_its_connection_again_once_cut_and_wakes_the_polls_af
     engine = services.engine
     base, sampler = _scene(services, tenant_a, "cut")
     [listener] = _until(lambda: _listeners(engine), "the API listens")
+    assert _readiness(live_url) == "listening"
     with engine.connect() as conn:
         conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": listener})
     [again] = _until(
         lambda: [pid for pid in _listeners(engine) if pid != listener], "the API listens again"
     )
     assert again != listener
+    _until(lambda: _readiness(live_url) == "listening", "readiness says it listens again")
     future = _ask(engine, tenant_a.tenant_id, sampler, 0, 0)
     with ThreadPoolExecutor(1) as pool:
         answer = _finished_while_polled(
@@ -141,3 +148,4 @@ def test_with_wake_ups_off_nothing_listens_and_a_poll_answers_at_its_looks(
             engine, base, pool.submit(_retrieve, live_url, tenant_a, future)
         ) == {"type": "sample"}
     assert _listeners(engine) == []
+    assert _readiness(live_url) == "off"
