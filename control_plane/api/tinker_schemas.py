@@ -3,7 +3,8 @@
 
 Every body forbids fields it does not declare, and declares each field the SDK sends, so a
 field loraforge cannot honour is refused (400 naming it) rather than silently ignored: images
-and audio in a prompt, targeted logprobs, a non-Adam optimizer, cross-account loads.
+and audio in a prompt, a non-Adam optimizer, cross-account loads. The sample's body, whose
+checks read its prompt, is in `tinker_sample_schemas.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from pydantic_core import PydanticCustomError
 
 from control_plane import age_export
 from control_plane.api.numbers import WholeNumber
-from control_plane.interactive import MAX_TOPK_LOGPROBS
 from control_plane.interactive_runs import MAX_TTL_SECONDS, MIN_TTL_SECONDS
 from control_plane.interactive_saves import CheckpointType
 
@@ -27,8 +27,6 @@ TtlSeconds = Annotated[WholeNumber, Field(ge=MIN_TTL_SECONDS, le=MAX_TTL_SECONDS
 CheckpointName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._-]+$")]
 Metadata = dict[str, Any] | None
 Token = Annotated[int, Field(ge=0, lt=2**31)]
-# How many top-k logprobs a sample returns a position; 0 returns none.
-TopkWidth = Annotated[WholeNumber, Field(ge=0, le=MAX_TOPK_LOGPROBS)]
 
 
 class _Body(BaseModel):
@@ -275,30 +273,6 @@ class SamplingSessionCreate(_Body):
         if self.base_model is None and self.model_path is None:
             raise ValueError("give model_path (a tinker:// sampler checkpoint) or base_model")
         return self
-
-
-class SamplingParams(_Body):
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    seed: int | None = None
-    stop: str | list[str] | list[int] | None = None
-    temperature: float = Field(default=1.0, ge=0, le=100)
-    top_k: int = Field(default=-1, ge=-1)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-
-
-class Sample(_Body):
-    type: Literal["sample"] = "sample"
-    sampling_session_id: Id
-    seq_id: int | None = Field(default=None, ge=0)
-    num_samples: int = Field(default=1, ge=1, le=128)
-    prompt: ModelInput
-    sampling_params: SamplingParams
-    prompt_logprobs: bool | None = None
-    prompt_logprobs_last_n: int | None = Field(default=None, ge=1)
-    topk_prompt_logprobs: TopkWidth = 0
-    topk_sample_logprobs: TopkWidth = 0
-    prompt_alt_tokens_k: Literal[0] = 0
-    record_stability_info: Literal[False] | None = None
 
 
 class FutureRef(_Body):

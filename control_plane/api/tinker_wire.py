@@ -27,6 +27,7 @@ class WireError(ValueError):
 # DType enum of tinker_public.proto and the array typecodes of each (little-endian on the wire).
 _DTYPES = {1: ("float32", "f"), 2: ("int64", "q"), 3: ("int64", "i")}
 _DTYPE_NUMBERS = {"float32": 1, "int64": 2}
+_INT32 = 3
 _TYPECODES = {"float32": "f", "int64": "q"}
 _STOP_REASONS = {"stop": 0, "length": 1}
 
@@ -269,8 +270,9 @@ def encode_forward_backward_output(result: dict[str, Any]) -> bytes:
 
 def encode_sample_response(result: dict[str, Any]) -> bytes:
     """`SampleResponse` from its JSON shape: `sequences` of `{tokens, logprobs?, stop_reason,
-    topk_logprobs?}`, `prompt_logprobs` (None where a position has none, NaN on the wire) and
-    `topk_prompt_logprobs?` (see `_topk_logprobs`)."""
+    topk_logprobs?}`, `prompt_logprobs` (None where a position has none, NaN on the wire),
+    `topk_prompt_logprobs?` (see `_topk_logprobs`), `target_prompt_logprobs?` (a TensorData,
+    dense or CSR) and `prompt_alt_tokens?` (`{tokens, logprobs}`, two dense TensorData)."""
     out = b""
     for sequence in result.get("sequences") or []:
         stop = _STOP_REASONS[sequence.get("stop_reason") or "stop"]
@@ -285,7 +287,29 @@ def encode_sample_response(result: dict[str, Any]) -> bytes:
         out += _field(2, _packed([math.nan if v is None else v for v in prompt], "f"))
     if result.get("topk_prompt_logprobs") is not None:
         out += _field(3, _topk_logprobs(result["topk_prompt_logprobs"]))
+    if result.get("target_prompt_logprobs") is not None:
+        out += _field(5, _tensor_message(result["target_prompt_logprobs"]))
+    alternatives = result.get("prompt_alt_tokens")
+    if alternatives is not None:
+        # The proto has the alternatives' token ids as int32, as every other token id.
+        tokens = _tensor_message(alternatives["tokens"], wire_dtype=_INT32)
+        out += _field(6, _field(1, tokens) + _field(2, _tensor_message(alternatives["logprobs"])))
     return out
+
+
+def _tensor_message(tensor: dict[str, Any], wire_dtype: int | None = None) -> bytes:
+    """`Tensor` from TensorData JSON, in its dtype or `wire_dtype` (a DType number): its values
+    dense, or sparse with its CSR indices as int64, and its shape."""
+    number = wire_dtype or _DTYPE_NUMBERS[tensor["dtype"]]
+    values = _packed(list(tensor["data"]), _DTYPES[number][1])
+    if tensor.get("sparse_crow_indices") is not None:
+        crow = _packed(list(tensor["sparse_crow_indices"]), "q")
+        col = _packed(list(tensor["sparse_col_indices"]), "q")
+        encoding = _field(2, _field(1, values) + _field(2, crow) + _field(3, col))
+    else:
+        encoding = _field(1, values)
+    shape = b"".join(_varint_bytes(int(n)) for n in tensor.get("shape") or [])
+    return encoding + _key(3, 0) + _varint_bytes(number) + (_field(4, shape) if shape else b"")
 
 
 # What fills a `TopkLogprobs` cell a position has no pair for (the SDK's `MASK_LOGPROB`): a row

@@ -434,7 +434,13 @@ def test_bad_bodies_are_refused_naming_the_field_and_nothing_is_written(
             "optimizer_config.type",
         ),
         ("/optim_step", {"model_id": model, "optimizer_params": {}}, 400, "adam_params"),
-        ("/asample", {**sample, "prompt_alt_tokens_k": 3}, 400, "prompt_alt_tokens_k"),
+        ("/asample", {**sample, "prompt_alt_tokens_k": 21}, 400, "prompt_alt_tokens_k"),
+        (
+            "/asample",
+            {**sample, "target_prompt_logprobs": {"data": [1], "dtype": "int64", "shape": [1, 1]}},
+            400,
+            "target_prompt_logprobs",
+        ),
         ("/asample", {**sample, "prompt": {"chunks": []}}, 400, "prompt.chunks"),
         ("/save_weights", {"model_id": model, "path": "../up"}, 400, "path"),
         (

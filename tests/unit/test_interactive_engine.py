@@ -354,6 +354,12 @@ def _short_targets() -> dict[str, Any]:
     return bad
 
 
+def target_ids(rows: int, width: int, values: list[int] | None = None) -> dict[str, Any]:
+    """`target_prompt_logprobs` of the shape (rows, width), holding `values` (else token 1s)."""
+    data = [1] * rows * width if values is None else values
+    return {"data": data, "dtype": "int64", "shape": [rows, width]}
+
+
 REFUSALS = {
     "unknown model": (
         lambda e: e.forward("nobody", batch(datum(SEQUENCE))),
@@ -423,9 +429,44 @@ REFUSALS = {
         lambda e: e.sample("m", {**sample_request([1, 2]), "topk_sample_logprobs": -1}),
         "topk_sample_logprobs must be an integer >= 0, got -1",
     ),
-    "alternative prompt tokens": (
-        lambda e: e.sample("m", {**sample_request([1, 2]), "prompt_alt_tokens_k": 2}),
-        "prompt_alt_tokens_k is not supported",
+    "alternative prompt tokens past 20": (
+        lambda e: e.sample("m", {**sample_request([1, 2]), "prompt_alt_tokens_k": 21}),
+        "prompt_alt_tokens_k must be at most 20, got 21",
+    ),
+    "target logprobs not one row per prompt token after the first": (
+        lambda e: e.sample(
+            "m", {**sample_request([1, 2, 3]), "target_prompt_logprobs": target_ids(3, 1)}
+        ),
+        "target_prompt_logprobs must have the shape [len(prompt) - 1, K] = [2, K] with K from 1 "
+        "to 20, got [3, 1]",
+    ),
+    "target logprobs more than 20 a position": (
+        lambda e: e.sample(
+            "m", {**sample_request([1, 2]), "target_prompt_logprobs": target_ids(1, 21)}
+        ),
+        "target_prompt_logprobs must have the shape [len(prompt) - 1, K] = [1, K] with K from 1 "
+        "to 20, got [1, 21]",
+    ),
+    "a target token past the vocabulary": (
+        lambda e: e.sample(
+            "m", {**sample_request([1, 2]), "target_prompt_logprobs": target_ids(1, 2, [5, 768])}
+        ),
+        "target_prompt_logprobs holds 768: each cell is one of the base's token ids below 768, "
+        "or -1 for none",
+    ),
+    "sparse targets whose rows do not add up": (
+        lambda e: e.sample(
+            "m",
+            {
+                **sample_request([1, 2, 3]),
+                "target_prompt_logprobs": {
+                    **target_ids(2, 2, [5]),
+                    "sparse_crow_indices": [0, 1, 2],
+                    "sparse_col_indices": [0],
+                },
+            },
+        ),
+        "target_prompt_logprobs has sparse_crow_indices that are not 3 row pointers rising",
     ),
     "beyond the context": (
         lambda e: e.sample("m", sample_request([1, 2], max_tokens=5000)),

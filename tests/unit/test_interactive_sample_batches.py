@@ -1,9 +1,9 @@
 """Sample calls decoded together (`InteractiveEngine.sample_many`), of one model or of several
 models and the base in one forward pass: the prompts padded beside each other answer exactly
-what each request answers alone, each with its own model, parameters, seed, stops and top-k
-logprobs (asked by some requests of a batch, not by others); a bad request (or an unknown model)
-is refused alone; batches split at SAMPLE_TOKENS. The tiny test base, real torch + peft, CPU,
-fp32."""
+what each request answers alone, each with its own model, parameters, seed, stops, top-k
+logprobs, target logprobs and alternative prompt tokens (asked by some requests of a batch, not
+by others); a bad request (or an unknown model) is refused alone; batches split at
+SAMPLE_TOKENS. The tiny test base, real torch + peft, CPU, fp32."""
 
 from __future__ import annotations
 
@@ -61,6 +61,30 @@ def _same(together: dict[str, Any], alone: dict[str, Any]) -> None:
             alone["prompt_logprobs"][1:], abs=1e-4
         )
     _same_topk(together.get("topk_prompt_logprobs"), alone.get("topk_prompt_logprobs"))
+    _same_tensor(together.get("target_prompt_logprobs"), alone.get("target_prompt_logprobs"))
+    if alone.get("prompt_alt_tokens") is None:
+        assert together.get("prompt_alt_tokens") is None
+    else:
+        mine, theirs = together["prompt_alt_tokens"], alone["prompt_alt_tokens"]
+        assert mine["tokens"] == theirs["tokens"]
+        _same_tensor(mine["logprobs"], theirs["logprobs"])
+
+
+def _same_tensor(together: Any, alone: Any) -> None:
+    """TensorData JSON of the same layout and values (None where not asked)."""
+    if alone is None:
+        assert together is None
+        return
+    assert {k: v for k, v in together.items() if k != "data"} == {
+        k: v for k, v in alone.items() if k != "data"
+    }
+    assert together["data"] == pytest.approx(alone["data"], abs=1e-4)
+
+
+def _targets(prompt: list[int]) -> dict[str, Any]:
+    """`target_prompt_logprobs` asking, at each position, for the prompt's token and token 3."""
+    data = [token for own in prompt[1:] for token in (own, 3)]
+    return {"data": data, "dtype": "int64", "shape": [len(prompt) - 1, 2]}
 
 
 def _same_topk(together: Any, alone: Any) -> None:
@@ -104,10 +128,17 @@ def test_sample_calls_decoded_together_answer_what_each_answers_alone(
     greedy = sample_request(SEQUENCE[:6], max_tokens=7, temperature=0.0, stop=[])
     stop_at = engine.sample("m", greedy)["sequences"][0]["tokens"][3]
     requests = [
-        {**greedy, "prompt_logprobs": True, "topk_prompt_logprobs": 4, "topk_sample_logprobs": 2},
+        {
+            **greedy,
+            "prompt_logprobs": True,
+            "topk_prompt_logprobs": 4,
+            "topk_sample_logprobs": 2,
+            "target_prompt_logprobs": _targets(SEQUENCE[:6]),
+        },
         {
             **sample_request(OTHER[:11], n=3, max_tokens=5, temperature=1.0, seed=7, stop=[]),
             "topk_sample_logprobs": 5,
+            "prompt_alt_tokens_k": 3,
         },
         sample_request(
             SEQUENCE[3:5], n=2, max_tokens=9, temperature=0.8, top_k=20, top_p=0.9, seed=3, stop=[]
@@ -163,8 +194,21 @@ def test_several_models_and_the_base_share_a_batch_each_row_through_its_own_adap
     greedy = {"max_tokens": 6, "temperature": 0.0, "stop": []}
     asked = [
         ("a", {**sample_request(prompt, **greedy), "prompt_logprobs": True}),
-        (None, {**sample_request(prompt, **greedy), "topk_prompt_logprobs": 2}),
-        ("b", sample_request(OTHER[:9], n=2, max_tokens=5, temperature=1.0, seed=4, stop=[])),
+        (
+            None,
+            {
+                **sample_request(prompt, **greedy),
+                "topk_prompt_logprobs": 2,
+                "target_prompt_logprobs": _targets(prompt),
+            },
+        ),
+        (
+            "b",
+            {
+                **sample_request(OTHER[:9], n=2, max_tokens=5, temperature=1.0, seed=4, stop=[]),
+                "prompt_alt_tokens_k": 4,
+            },
+        ),
         ("sampler-a", sample_request(prompt, **greedy)),
         ("nobody", sample_request(prompt, **greedy)),
         (

@@ -176,3 +176,61 @@ def test_top_k_logprobs_the_codec_encodes_the_sdk_reads_as_rows_none_where_none_
     assert only_first.topk_prompt_logprobs == [None]
     unasked = deserialize_sample_response(encode_sample_response({"sequences": []}))
     assert unasked.topk_prompt_logprobs is None
+
+
+def test_target_logprobs_and_alternative_tokens_the_codec_encodes_the_sdk_reads_as_tensors() -> (
+    None
+):
+    """Targets keep their layout (dense, or sparse with its CSR indices); the alternatives are
+    two dense [len(prompt) - 1, k] tensors, token ids and their logprobs."""
+    alternatives = {
+        "tokens": {"data": [7, 8, 9, 3, 3, 4], "dtype": "int64", "shape": [3, 2]},
+        "logprobs": {
+            "data": [-0.5, -1.0, -1.5, -2.0, -2.0, -3.0],
+            "dtype": "float32",
+            "shape": [3, 2],
+        },
+    }
+    dense = {"data": [-0.25, 0.0, -1.5, -2.0], "dtype": "float32", "shape": [2, 2]}
+    sample = deserialize_sample_response(
+        encode_sample_response(
+            {"sequences": [], "target_prompt_logprobs": dense, "prompt_alt_tokens": alternatives}
+        )
+    )
+    assert sample.target_prompt_logprobs is not None and sample.prompt_alt_tokens is not None
+    assert sample.target_prompt_logprobs.shape == [2, 2]
+    assert sample.target_prompt_logprobs.tolist() == [[-0.25, 0.0], [-1.5, -2.0]]
+    tokens, logprobs = sample.prompt_alt_tokens.tokens, sample.prompt_alt_tokens.logprobs
+    assert (tokens.dtype, tokens.shape, tokens.tolist()) == (
+        "int64",
+        [3, 2],
+        [[7, 8], [9, 3], [3, 4]],
+    )
+    assert (logprobs.dtype, logprobs.tolist()) == (
+        "float32",
+        [[-0.5, -1.0], [-1.5, -2.0], [-2.0, -3.0]],
+    )
+
+    sparse = {
+        "data": [-0.5, -4.0],
+        "dtype": "float32",
+        "shape": [3, 4],
+        "sparse_crow_indices": [0, 1, 1, 2],
+        "sparse_col_indices": [2, 0],
+    }
+    read = deserialize_sample_response(
+        encode_sample_response({"sequences": [], "target_prompt_logprobs": sparse})
+    ).target_prompt_logprobs
+    assert read is not None and read.sparse_crow_indices == [0, 1, 1, 2]
+    assert read.sparse_col_indices == [2, 0] and read.shape == [3, 4]
+    assert read.tolist() == [[0.0, 0.0, -0.5, 0.0], [0.0] * 4, [-4.0, 0.0, 0.0, 0.0]]
+
+    # A one-token prompt has no position to score: empty tensors, still answered.
+    empty = {"data": [], "dtype": "float32", "shape": [0, 3]}
+    only_first = deserialize_sample_response(
+        encode_sample_response({"sequences": [], "target_prompt_logprobs": empty})
+    )
+    assert only_first.target_prompt_logprobs is not None
+    assert only_first.target_prompt_logprobs.to_numpy().shape == (0, 3)
+    unasked = deserialize_sample_response(encode_sample_response({"sequences": []}))
+    assert unasked.target_prompt_logprobs is None and unasked.prompt_alt_tokens is None

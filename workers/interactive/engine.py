@@ -38,13 +38,8 @@ from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, 
 from workers.interactive.forwarding import Forward, run_together
 from workers.interactive.losses import InteractiveError, read_forward_input
 from workers.interactive.routing import BASE
-from workers.interactive.sampling import (
-    SamplingRequest,
-    evaluating,
-    generate,
-    read_sample_request,
-    sample_batches,
-)
+from workers.interactive.sample_requests import SamplingRequest, read_sample_request
+from workers.interactive.sampling import evaluating, generate, sample_batches
 from workers.training.checkpointing import staged
 from workers.training.resident import ResidentBase
 

@@ -65,8 +65,9 @@ def _token_ids(values: Any, vocab_size: int, what: str) -> list[int]:
     return values
 
 
-def read_tensor(value: Any, name: str) -> torch.Tensor:
-    """A TensorData (`{"data", "dtype", "shape"}`, dense or sparse CSR) as a CPU tensor."""
+def read_tensor(value: Any, name: str, *, pad: int = 0) -> torch.Tensor:
+    """A TensorData (`{"data", "dtype", "shape"}`, dense or sparse CSR) as a CPU tensor; a sparse
+    one's cells it does not list read `pad`."""
     if not isinstance(value, Mapping) or not isinstance(value.get("data"), list):
         raise InteractiveError(f"{name} must be a TensorData: an object with 'data' and 'dtype'")
     dtype = _DTYPES.get(value.get("dtype", ""))
@@ -76,13 +77,17 @@ def read_tensor(value: Any, name: str) -> torch.Tensor:
     try:
         data = torch.tensor(value["data"], dtype=dtype)
         if value.get("sparse_crow_indices") is not None:
-            # The SDK sends 2-D target_tokens and weights as CSR; absent entries are 0.
-            return torch.sparse_csr_tensor(
+            # The SDK sends 2-D target_tokens and weights as CSR; absent entries are 0 there.
+            # torch densifies with 0, so the values are shifted by `pad` and back. Its invariants
+            # are checked: indices that break them would read and write out of bounds.
+            dense = torch.sparse_csr_tensor(
                 torch.tensor(value["sparse_crow_indices"], dtype=torch.int64),
                 torch.tensor(value.get("sparse_col_indices"), dtype=torch.int64),
-                data,
+                data - pad,
                 shape,
+                check_invariants=True,
             ).to_dense()
+            return dense + pad
         return data.reshape(shape) if shape is not None else data
     except (RuntimeError, TypeError, ValueError) as error:
         raise InteractiveError(f"{name} is not a valid {value['dtype']} tensor: {error}") from None
@@ -345,6 +350,6 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     Gathered logits minus the logsumexp: the (N, V) log-softmax is never materialised, which
     matters with a large vocabulary."""
     logits = logits.float()
-    flat = targets.reshape(targets.shape[0], -1)
+    flat = targets[:, None] if targets.dim() == 1 else targets  # also with no position
     picked = logits.gather(-1, flat) - torch.logsumexp(logits, dim=-1, keepdim=True)
     return picked.reshape(targets.shape)

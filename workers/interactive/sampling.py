@@ -27,15 +27,28 @@ Tinker's SamplingParams:
 - `topk_sample_logprobs` k: one such row per generated token (a sequence's `topk_logprobs`),
   from the same distribution as its `logprobs`: the model's own, before temperature, top-k and
   top-p narrow it. At temperature 0 a token is the first of its row (or tied with it).
-Each top-k is computed only for the requests that ask for it: the others cost what they did.
+- `target_prompt_logprobs`: token ids, an int64 [len(prompt) - 1, K] TensorData (K <= 20),
+  dense or sparse CSR: the answer has its shape and layout, cell [i, j] the model's logprob of
+  token ids[i, j] at prompt position i + 1 (row i: the distribution after token i), 0.0 where
+  the cell is -1 or, sparse, unlisted. Every position is scored, whatever
+  `prompt_logprobs_last_n` says.
+- `prompt_alt_tokens_k` k (<= 20): at each position after the first, k tokens drawn from the
+  model's next-token distribution there, independently and with replacement, at the request's
+  temperature, with their logprobs under the model's own distribution (as a sampled token's);
+  two [len(prompt) - 1, k] TensorData, `tokens` and `logprobs`. The SDK says only "at the
+  request's temperature", so `top_k` and `top_p`, which narrow the sequences' draws, do not
+  narrow these: they are alternatives over the whole tempered distribution. Temperature 0 is
+  the limit of that distribution, its mass all on the argmax: each of the k draws is the
+  argmax. The draws have a generator of their own, seeded from the request's `seed`, so the
+  same request draws the same tokens, and asking for them changes none of its samples.
+Each of these is computed only for the requests that ask for it: the others cost what they did.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -43,130 +56,13 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from control_plane.interactive import MAX_TOPK_LOGPROBS
-from workers.interactive.losses import InteractiveError, read_tokens, target_logprobs
+from control_plane.prompt_targets import NOTHING
+from workers.interactive.losses import target_logprobs, tensor_data
 from workers.interactive.routing import routed
-
-# Request fields of features this engine does not compute, with the value that means "off".
-_UNSUPPORTED = {
-    "target_prompt_logprobs": None,
-    "prompt_alt_tokens_k": 0,
-    "record_stability_info": None,
-}
+from workers.interactive.sample_requests import PromptTargets, SamplingRequest
 
 # A position's top-k logprobs: (token, logprob) pairs, the most likely first.
 TopkRow = list[tuple[int, float]]
-
-
-@dataclass(frozen=True)
-class SamplingRequest:
-    """A SampleRequest, checked: what `generate` needs and nothing else."""
-
-    prompt: list[int]
-    num_samples: int
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int | None
-    stop_tokens: frozenset[int]
-    stop_strings: tuple[str, ...]
-    prompt_logprobs: bool
-    prompt_logprobs_last_n: int | None
-    topk_prompt_logprobs: int
-    topk_sample_logprobs: int
-
-
-def read_sample_request(
-    request: Any, vocab_size: int, context_length: int, eos_token_ids: frozenset[int]
-) -> SamplingRequest:
-    """Read a SampleRequest's JSON; fields this engine has no use for (session ids, paths) are
-    ignored, features it cannot compute are refused by name."""
-    if not isinstance(request, Mapping):
-        raise InteractiveError("the request must be a SampleRequest object")
-    for field, off in _UNSUPPORTED.items():
-        if request.get(field, off) not in (off, None, False):
-            raise InteractiveError(f"{field} is not supported by this service; leave it unset")
-    prompt = read_tokens(request.get("prompt"), vocab_size, "prompt")
-    params = request.get("sampling_params")
-    if not isinstance(params, Mapping):
-        raise InteractiveError("sampling_params must be a SamplingParams object")
-    num_samples = _integer(request.get("num_samples", 1), "num_samples", minimum=1)
-    room = context_length - len(prompt)
-    max_tokens = params.get("max_tokens")
-    max_tokens = room if max_tokens is None else _integer(max_tokens, "max_tokens", minimum=1)
-    if max_tokens > room:
-        raise InteractiveError(
-            f"the prompt ({len(prompt)} tokens) and max_tokens ({max_tokens}) exceed this "
-            f"base's context of {context_length} tokens; lower max_tokens to at most {room}"
-        )
-    temperature, top_p = _number(params, "temperature", 1.0), _number(params, "top_p", 1.0)
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise InteractiveError("temperature must be a number >= 0 (0: greedy)")
-    if not 0 < top_p <= 1:
-        raise InteractiveError("top_p must be in (0, 1]")
-    seed = params.get("seed")
-    last_n = request.get("prompt_logprobs_last_n")
-    if last_n is not None:
-        last_n = _integer(last_n, "prompt_logprobs_last_n", minimum=1)
-        if last_n > len(prompt) - 1 or not request.get("prompt_logprobs"):
-            raise InteractiveError(
-                "prompt_logprobs_last_n needs prompt_logprobs and must be between 1 and "
-                f"len(prompt) - 1 = {len(prompt) - 1}"
-            )
-    stop_tokens, stop_strings = _stops(params.get("stop"), eos_token_ids)
-    return SamplingRequest(
-        prompt=prompt,
-        num_samples=num_samples,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=_integer(_or(params.get("top_k"), -1), "top_k", minimum=-1),
-        top_p=top_p,
-        seed=None if seed is None else _integer(seed, "seed", minimum=0),
-        stop_tokens=stop_tokens,
-        stop_strings=stop_strings,
-        prompt_logprobs=bool(request.get("prompt_logprobs")),
-        prompt_logprobs_last_n=last_n,
-        topk_prompt_logprobs=_top_k(request, "topk_prompt_logprobs"),
-        topk_sample_logprobs=_top_k(request, "topk_sample_logprobs"),
-    )
-
-
-def _top_k(request: Mapping[str, Any], name: str) -> int:
-    k = _integer(_or(request.get(name), 0), name, minimum=0)
-    if k > MAX_TOPK_LOGPROBS:
-        raise InteractiveError(f"{name} must be at most {MAX_TOPK_LOGPROBS}, got {k}")
-    return k
-
-
-def _integer(value: Any, name: str, *, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise InteractiveError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _number(params: Mapping[str, Any], name: str, default: float) -> float:
-    value = _or(params.get(name), default)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise InteractiveError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def _or(value: Any, default: Any) -> Any:
-    """A field's value, or its default where the JSON has it null."""
-    return default if value is None else value
-
-
-def _stops(stop: Any, eos_token_ids: frozenset[int]) -> tuple[frozenset[int], tuple[str, ...]]:
-    if stop is None:
-        return eos_token_ids, ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) and s for s in stop):
-        return frozenset(), tuple(stop)
-    if isinstance(stop, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in stop):
-        return frozenset(stop), ()
-    raise InteractiveError("stop must be null, a string, a list of strings or a list of token ids")
 
 
 # Most (padded) tokens decoded together: a batch's rows times its longest row (prompt and
@@ -341,9 +237,17 @@ def _ends_in_stop_string(
 
 def _prompt_scores(logits: torch.Tensor, request: SamplingRequest) -> dict[str, Any]:
     """A response's prompt fields from the logits at its prompt's positions: `prompt_logprobs`
-    (None unless asked), and `topk_prompt_logprobs` where asked. The logits at a position score
-    the token after it, so position p is scored by the logits at p - 1."""
+    (None unless asked), and `topk_prompt_logprobs`, `target_prompt_logprobs` and
+    `prompt_alt_tokens` where asked. The logits at a position score the token after it, so
+    position p is scored by the logits at p - 1. The last two cover every position after the
+    first, whatever `prompt_logprobs_last_n` says, as the SDK has it."""
     scores: dict[str, Any] = {"prompt_logprobs": None}
+    if request.prompt_targets is not None or request.prompt_alt_tokens_k:
+        every = logits[:-1].float()  # row i scores prompt position i + 1
+        if request.prompt_targets is not None:
+            scores["target_prompt_logprobs"] = _target_scores(every, request.prompt_targets)
+        if request.prompt_alt_tokens_k:
+            scores["prompt_alt_tokens"] = _alternatives(every, request)
     if not (request.prompt_logprobs or request.topk_prompt_logprobs):
         return scores
     first = _first_scored(request)
@@ -358,6 +262,47 @@ def _prompt_scores(logits: torch.Tensor, request: SamplingRequest) -> dict[str, 
         norm = torch.logsumexp(scored, dim=-1, keepdim=True)
         scores["topk_prompt_logprobs"] = [None] * first + _rows(top.indices, top.values - norm)
     return scores
+
+
+def _target_scores(logits: torch.Tensor, targets: PromptTargets) -> dict[str, Any]:
+    """`target_prompt_logprobs` from the logits of positions 0 to len(prompt) - 2: cell [i, j]
+    the logprob of token `ids[i, j]` at row i (the candidates for prompt token i + 1), 0.0
+    where the cell asks nothing; dense, or as the request came, its CSR indices kept and the
+    values of the cells they list."""
+    ids = targets.ids.to(logits.device)
+    values = target_logprobs(logits, ids.clamp(min=0)).masked_fill(ids == NOTHING, 0.0).cpu()
+    if targets.crow is None or targets.col is None:
+        return tensor_data(values)
+    crow = torch.tensor(targets.crow, dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(crow) - 1), crow.diff())
+    listed = values[rows, torch.tensor(targets.col, dtype=torch.int64)]
+    return {
+        **tensor_data(listed),
+        "shape": list(values.shape),
+        "sparse_crow_indices": targets.crow,
+        "sparse_col_indices": targets.col,
+    }
+
+
+# Mixed into a request's seed for the generator of its alternative prompt tokens: a stream of
+# their own, so that asking for them leaves the request's samples as they were.
+_ALTERNATIVES_SEED = 0x5EED_A17E_2B0C_C0DE
+
+
+def _alternatives(logits: torch.Tensor, request: SamplingRequest) -> dict[str, Any]:
+    """`prompt_alt_tokens` (the module's docstring says why so): at each row of the logits
+    (the candidates for prompt token i + 1), k draws with replacement at the request's
+    temperature alone, or the argmax k times at temperature 0, each with the model's own
+    logprob of it."""
+    k = request.prompt_alt_tokens_k
+    if request.temperature == 0:
+        tokens = logits.argmax(dim=-1, keepdim=True).expand(-1, k)
+    else:
+        seed = None if request.seed is None else request.seed ^ _ALTERNATIVES_SEED
+        probs = (logits / request.temperature).softmax(dim=-1)
+        generator = _generator(seed, logits.device)
+        tokens = torch.multinomial(probs, k, replacement=True, generator=generator)
+    return {"tokens": tensor_data(tokens), "logprobs": tensor_data(target_logprobs(logits, tokens))}
 
 
 def _first_scored(request: SamplingRequest) -> int:

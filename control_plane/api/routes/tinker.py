@@ -40,6 +40,7 @@ from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.tinker_answers import PROTOBUF
+from control_plane.api.tinker_sample_schemas import Sample
 from control_plane.api.tinker_schemas import (
     ClientConfigBody,
     ForwardBackward,
@@ -49,7 +50,6 @@ from control_plane.api.tinker_schemas import (
     ModelInfo,
     ModelRef,
     OptimStep,
-    Sample,
     SamplerInfo,
     SamplingSessionCreate,
     SaveWeights,
