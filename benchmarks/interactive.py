@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from benchmarks.queue import (
     make_tenant,
     progress,
 )
-from control_plane import base_catalog, trainers
+from control_plane import base_catalog, tenants, trainers
 from control_plane.interactive_calls import CHANNEL
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services, build_services
@@ -92,6 +93,41 @@ def bench_base(services: Services, base_dir: Path | None) -> tuple[BaseModelReco
             base_catalog.NewBaseModel(name="bench-base", source=str(base_dir), source_kind="dir"),
         )
     return base, base_dir.name
+
+
+@dataclass(frozen=True)
+class SdkBench:
+    """What a benchmark of the SDK against the API needs: the services (the API's), a scratch
+    directory, the machine's description, the base and its label, a member key of a tenant,
+    and an executor on the base with connections of its own (as in its own process)."""
+
+    services: Services
+    machine: str
+    base: BaseModelRecord
+    label: str
+    key: str
+    runner: InteractiveRunner
+
+
+@contextmanager
+def sdk_bench(database_url: str | None, base_dir: Path | None) -> Iterator[SdkBench]:
+    """An `SdkBench` on a throwaway database, the executor's connections closed after."""
+    with interactive_services(database_url, lease_seconds=30) as (services, scratch):
+        machine = machine_description(services.engine)
+        base, label = bench_base(services, base_dir)
+        tenant = make_tenant(services.engine, "bench")
+        with services.engine.begin() as conn:
+            _, key = tenants.create_api_key(
+                conn, services.settings.secret_key, tenant, role="member"
+            )
+        own = build_services(
+            services.settings, database_url=services.database_url, store=services.store
+        )
+        try:
+            runner = bench_runner(own, base.id, scratch, "auto")
+            yield SdkBench(services, machine, base, label, key, runner)
+        finally:
+            own.close()
 
 
 def bench_runner(

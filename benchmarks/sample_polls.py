@@ -36,18 +36,16 @@ import tinker
 from sqlalchemy import Engine, text
 from tinker import types
 
-from benchmarks.interactive import bench_base, bench_runner, interactive_services
+from benchmarks.interactive import sdk_bench
 from benchmarks.queue import (
     add_database_url_argument,
     emit_beside,
-    machine_description,
-    make_tenant,
     progress,
 )
-from control_plane import db, tenants
+from control_plane import db
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.services import Services, build_services
+from control_plane.services import Services
 from tests.tinker_harness import counted, pausable_executor
 
 POLLS = ("/api/v1/retrieve_future", "/api/v1/retrieve_futures")
@@ -154,26 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-dir", type=Path, default=None)
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
-    with interactive_services(args.database_url, lease_seconds=30) as (services, scratch):
-        machine = machine_description(services.engine)
-        base, label = bench_base(services, args.base_dir)
-        tenant = make_tenant(services.engine, "bench")
-        with services.engine.begin() as conn:
-            _, key = tenants.create_api_key(
-                conn, services.settings.secret_key, tenant, role="member"
-            )
-        # The executor on connections of its own, as in its own process: the SDK's burst of
-        # asks takes the API's pool, not the executor's.
-        own = build_services(
-            services.settings, database_url=services.database_url, store=services.store
-        )
-        runner = bench_runner(own, base.id, scratch, "auto")
+    sides: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    # The executor on connections of its own, as in its own process: the SDK's burst of asks
+    # takes the API's pool, not the executor's.
+    with sdk_bench(args.database_url, args.base_dir) as bench:
+        machine, services = bench.machine, bench.services
         # The benchmark's own reads, on a pool the burst of asks does not take.
         watch = db.make_engine(services.database_url, pool_size=2)
-        sides: dict[bool, list[dict[str, float]]] = {True: [], False: []}
         try:
             with (
-                pausable_executor(runner) as serving,
+                pausable_executor(bench.runner) as serving,
                 _api(services, True) as (on_url, on_hits),
                 _api(services, False) as (off_url, off_hits),
             ):
@@ -183,11 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for index in range(args.rounds):  # alternating: the machine's load drifts
                     for polling, url, hits in ((True, on_url, on_hits), (False, off_url, off_hits)):
-                        found = _round(url, hits, key, base.name, watch, serving, args)
+                        found = _round(url, hits, bench.key, bench.base.name, watch, serving, args)
                         sides[polling].append(found)
                         progress(f"round {index}, session polling {polling}: {found}")
         finally:
-            own.close()
             watch.dispose()
 
     def median(polling: bool, field: str) -> float:
@@ -199,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "the same samples, each polled on its own (retrieve_future), in this process's rounds",
         median(False, "seconds") * 1000,
         machine,
-        base=label,
+        base=bench.label,
         samples=args.samples,
         max_tokens=args.max_tokens,
         wait_s=args.wait,

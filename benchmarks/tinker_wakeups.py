@@ -29,19 +29,16 @@ from typing import Any
 import tinker
 from tinker import types
 
-from benchmarks.interactive import bench_base, bench_runner, interactive_services
+from benchmarks.interactive import sdk_bench
 from benchmarks.queue import (
     add_database_url_argument,
     emit_beside,
-    machine_description,
-    make_tenant,
     percentile,
     progress,
 )
-from control_plane import tenants
 from control_plane.api.app import create_app
 from control_plane.api.serve import serve_in_thread
-from control_plane.services import Services, build_services
+from control_plane.services import Services
 from tests.tinker_harness import SEQUENCE, pausable_executor
 
 
@@ -101,40 +98,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-dir", type=Path, default=None)
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
-    with interactive_services(args.database_url, lease_seconds=30) as (services, scratch):
-        machine = machine_description(services.engine)
-        base, label = bench_base(services, args.base_dir)
-        tenant = make_tenant(services.engine, "bench")
-        with services.engine.begin() as conn:
-            _, key = tenants.create_api_key(
-                conn, services.settings.secret_key, tenant, role="member"
-            )
-        # The executor on connections of its own, as in its own process.
-        own = build_services(
-            services.settings, database_url=services.database_url, store=services.store
-        )
-        runner = bench_runner(own, base.id, scratch, "auto")
-        sides: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
-        try:
-            with (
-                pausable_executor(runner) as serving,
-                _api(services, True) as on_url,
-                _api(services, False) as off_url,
-            ):
-                serving.set()
-                progress(f"{machine}; {args.rounds} rounds a side")
-                for index in range(args.rounds):  # alternating: the machine's load drifts
-                    for wake, url in ((True, on_url), (False, off_url)):
-                        stepped, sampled = _round(url, key, base.name, args)
-                        sides[wake][0].extend(stepped)
-                        sides[wake][1].extend(sampled)
-                        progress(
-                            f"round {index}, wake-ups {wake}: step p50 "
-                            f"{statistics.median(stepped) * 1000:.1f} ms, sample p50 "
-                            f"{statistics.median(sampled) * 1000:.1f} ms"
-                        )
-        finally:
-            own.close()
+    sides: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
+    with sdk_bench(args.database_url, args.base_dir) as bench:
+        machine, base_name = bench.machine, bench.base.name
+        with (
+            pausable_executor(bench.runner) as serving,
+            _api(bench.services, True) as on_url,
+            _api(bench.services, False) as off_url,
+        ):
+            serving.set()
+            progress(f"{machine}; {args.rounds} rounds a side")
+            for index in range(args.rounds):  # alternating: the machine's load drifts
+                for wake, url in ((True, on_url), (False, off_url)):
+                    stepped, sampled = _round(url, bench.key, base_name, args)
+                    sides[wake][0].extend(stepped)
+                    sides[wake][1].extend(sampled)
+                    progress(
+                        f"round {index}, wake-ups {wake}: step p50 "
+                        f"{statistics.median(stepped) * 1000:.1f} ms, sample p50 "
+                        f"{statistics.median(sampled) * 1000:.1f} ms"
+                    )
 
     for name, index, what in (
         ("tinker_step_wakeups", 0, "forward_backward then optim_step, each awaited"),
@@ -147,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "the same loop, its polls answered at their looks (tinker_wake_on_finish off)",
             statistics.median(theirs) * 1000,
             machine,
-            base=label,
+            base=bench.label,
             what=what,
             calls=len(ours),
             p99_ms=round(percentile(ours, 99) * 1000, 3),

@@ -4,11 +4,12 @@ checks a save's size against the cap before it uploads anything (`saving.save`,
 together pass it. Real PostgreSQL, the real local object store, the real executor on the tiny
 test base."""
 
+# ruff: noqa: F811 (the runner tests' fixtures, imported, are parameters here)
+
 from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,39 +18,16 @@ import pytest
 from sqlalchemy import text
 
 from control_plane import interactive_calls, interactive_saves, interactive_storage
-from control_plane.services import Services, build_services
-from control_plane.settings import Settings
-from control_plane.storage import LocalObjectStore
-from tests.factories import (
-    ask_call,
-    interactive_model,
-    interactive_session,
-    make_tenant,
-    register_test_base,
+from control_plane.services import Services
+from tests.factories import ask_call, interactive_model
+from tests.integration.test_interactive_runner import (  # noqa: F401
+    _answer,
+    _drain,
+    _runner,
+    services,
+    world,
 )
 from workers.interactive.runner import InteractiveRunner
-
-
-@pytest.fixture
-def services(database_url: str, tmp_path: Path) -> Iterator[Services]:
-    settings = Settings(home=tmp_path / "home", lease_seconds=30)
-    built = build_services(
-        settings, database_url=database_url, store=LocalObjectStore(tmp_path / "objects")
-    )
-    yield built
-    built.close()
-
-
-@pytest.fixture
-def world(services: Services) -> dict[str, str]:
-    tenant = make_tenant(services.engine, "acme")
-    base = register_test_base(services.engine)
-    session = interactive_session(services.engine, tenant.id, "sess-1")
-    return {"tenant": tenant.id, "base": base.id, "session": session}
-
-
-def _runner(services: Services, world: dict[str, str], name: str, tmp: Path) -> InteractiveRunner:
-    return InteractiveRunner(services, name, world["base"], work_dir=tmp / name, precision="fp32")
 
 
 def _ask(services: Services, world: dict[str, str], model: str, kind: str, request: Any) -> str:
@@ -58,20 +36,6 @@ def _ask(services: Services, world: dict[str, str], model: str, kind: str, reque
             text("SELECT count(*) FROM interactive_calls WHERE model_id = :m"), {"m": model}
         ).scalar_one()
     return ask_call(services.engine, model, world["tenant"], world["base"], kind, seq, request)
-
-
-def _drain(runner: InteractiveRunner) -> None:
-    while runner.run_once():
-        pass
-
-
-def _answer(services: Services, call_id: str) -> tuple[str, Any]:
-    with services.engine.connect() as conn:
-        row = conn.execute(
-            text("SELECT status, result, error FROM interactive_calls WHERE id = :id"),
-            {"id": call_id},
-        ).one()
-    return row.status, row.result if row.status == "completed" else row.error
 
 
 def _stored(services: Services, tenant: str) -> dict[str, int]:
