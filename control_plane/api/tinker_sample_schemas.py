@@ -24,7 +24,8 @@ TopkWidth = Annotated[WholeNumber, Field(ge=0, le=MAX_TOPK_LOGPROBS)]
 
 class SamplingParams(_Body):
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    seed: int | None = None
+    # What a torch generator takes: 0 to 2**64 - 1 (the SDK's protobuf seed is a uint64).
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
     stop: str | list[str] | list[int] | None = None
     temperature: float = Field(default=1.0, ge=0, le=100)
     top_k: int = Field(default=-1, ge=-1)

@@ -442,6 +442,9 @@ def test_bad_bodies_are_refused_naming_the_field_and_nothing_is_written(
             "target_prompt_logprobs",
         ),
         ("/asample", {**sample, "prompt": {"chunks": []}}, 400, "prompt.chunks"),
+        # A seed torch cannot take: refused here, not failed by the executor as its own error.
+        ("/asample", {**sample, "sampling_params": {"seed": -1}}, 400, "sampling_params.seed"),
+        ("/asample", {**sample, "sampling_params": {"seed": 2**64}}, 400, "sampling_params.seed"),
         ("/save_weights", {"model_id": model, "path": "../up"}, 400, "path"),
         (
             "/load_weights",

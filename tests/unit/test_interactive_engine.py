@@ -429,6 +429,10 @@ REFUSALS = {
         lambda e: e.sample("m", {**sample_request([1, 2]), "topk_sample_logprobs": -1}),
         "topk_sample_logprobs must be an integer >= 0, got -1",
     ),
+    "a seed past a torch generator's": (
+        lambda e: e.sample("m", sample_request([1, 2], max_tokens=1, seed=2**64)),
+        "seed must be below 2**64 (a torch generator's), got 18446744073709551616",
+    ),
     "alternative prompt tokens past 20": (
         lambda e: e.sample("m", {**sample_request([1, 2]), "prompt_alt_tokens_k": 21}),
         "prompt_alt_tokens_k must be at most 20, got 21",

@@ -98,7 +98,7 @@ def read_sample_request(
         temperature=temperature,
         top_k=_integer(_or(params.get("top_k"), -1), "top_k", minimum=-1),
         top_p=top_p,
-        seed=None if seed is None else _integer(seed, "seed", minimum=0),
+        seed=None if seed is None else _seed(seed),
         stop_tokens=stop_tokens,
         stop_strings=stop_strings,
         prompt_logprobs=bool(request.get("prompt_logprobs")),
@@ -130,6 +130,13 @@ def _top_k(request: Mapping[str, Any], name: str) -> int:
     if k > MAX_TOPK_LOGPROBS:
         raise InteractiveError(f"{name} must be at most {MAX_TOPK_LOGPROBS}, got {k}")
     return k
+
+
+def _seed(value: Any) -> int:
+    seed = _integer(value, "seed", minimum=0)
+    if seed >= 2**64:
+        raise InteractiveError(f"seed must be below 2**64 (a torch generator's), got {seed}")
+    return seed
 
 
 def _integer(value: Any, name: str, *, minimum: int) -> int:
