@@ -137,7 +137,12 @@ class RunningPlatform:
         pid = self.postgres_pid()
         assert pid is not None, "no PostgreSQL is running"
         psutil.Process(pid).send_signal(signal.SIGQUIT)
-        wait_for("PostgreSQL restarted", lambda: self.postgres_pid() not in (None, pid), 60)
+        try:
+            wait_for("PostgreSQL restarted", lambda: self.postgres_pid() not in (None, pid), 60)
+        except AssertionError as timed_out:
+            # What `up` said of its PostgreSQL meanwhile, so a slow restart says why.
+            said = [line for line in self.log().splitlines() if "PostgreSQL" in line]
+            raise AssertionError(f"{timed_out}; `up` said: {said[-10:]}") from None
 
     def stop(self, signum: int = signal.SIGTERM, timeout: float = 60) -> float:
         """Send `signum` to `up`; seconds until it exited."""
