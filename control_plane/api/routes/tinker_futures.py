@@ -116,16 +116,12 @@ async def _held(
             left = deadline - time.monotonic()
             if done(found) or left <= 0:
                 return found
-            with suppress(TimeoutError):
-                await asyncio.wait_for(_wait(woken), min(pause, left))
+            if woken is None:
+                await asyncio.sleep(min(pause, left))
+            else:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), min(pause, left))
             pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
-
-
-async def _wait(woken: asyncio.Event | None) -> None:
-    if woken is None:
-        await asyncio.Event().wait()  # the next look's time alone
-    else:
-        await woken.wait()
 
 
 def _wakeup(request: Request, *keys: str) -> AbstractContextManager[asyncio.Event | None]:
