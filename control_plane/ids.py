@@ -18,6 +18,7 @@ PREFIXES = {
     "interactive_model": "imdl",
     "interactive_call": "fut",
     "interactive_checkpoint": "ickpt",
+    "interactive_custom_loss": "closs",
 }
 
 

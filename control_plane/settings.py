@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     # process); off, they look at their calls 50 ms to 1 s apart. Off behind a pooler that keeps
     # no session (PgBouncer in transaction mode), where LISTEN does not work.
     tinker_wake_on_finish: bool = True
+    # Custom losses the SDK traces (`create_custom_loss`) run on the executor, checked against
+    # the operations it allows (`control_plane.loss_graphs`); off, the SDK runs them itself (a
+    # forward, then the gradient it computed sent back: two calls a step).
+    tinker_custom_losses_on_server: bool = True
     # An interactive session whose SDK has not heartbeated for this long (it does every 10 s
     # while its process lives) is over: its models' weights are let go from their executors
     # and what was asked of them and not taken fails.

@@ -29,6 +29,7 @@ from control_plane.api.routes import (
     tinker,
     tinker_exports,
     tinker_futures,
+    tinker_losses,
     tinker_runs,
     webhooks,
 )
@@ -52,6 +53,7 @@ API_ROUTERS = (
     tinker_runs.router,
     tinker_exports.router,
     tinker_futures.router,
+    tinker_losses.router,
     tinker.router,
 )
 

@@ -123,9 +123,10 @@ class Datum(_Body):
 
 
 # The losses the executor computes and the `loss_fn_config` settings each reads
-# (`workers/interactive/losses.py`, which checks their values; a test holds them equal). The
+# (`workers/interactive/losses.py`, which checks their values; a test holds them equal), and
+# `custom`: a loss the session uploaded (`create_custom_loss`), named by its `loss_id`. The
 # SDK also names `stable_reinforce`, which is not computed here.
-LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo"]
+LossFn = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "custom"]
 LOSS_SETTINGS: dict[str, frozenset[str]] = {
     "cross_entropy": frozenset(),
     "importance_sampling": frozenset(),
@@ -133,6 +134,7 @@ LOSS_SETTINGS: dict[str, frozenset[str]] = {
     "cispo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
     "dro": frozenset({"beta"}),
     "gspo": frozenset({"clip_low_threshold", "clip_high_threshold"}),
+    "custom": frozenset({"loss_id"}),
 }
 
 
@@ -150,8 +152,9 @@ class ForwardBackwardInput(_Body):
             raise PydanticCustomError(
                 "loss_fn_not_supported",
                 "loss_fn {loss_fn} is not supported here; use one of {supported} (or "
-                "forward_backward_custom, which runs on them)",
-                {"loss_fn": repr(value), "supported": str(sorted(LOSS_SETTINGS))},
+                "forward_backward_custom: a function runs on them, a create_custom_loss handle "
+                "runs here as loss_fn 'custom')",
+                {"loss_fn": repr(value), "supported": str(sorted(set(LOSS_SETTINGS) - {"custom"}))},
             )
         return value
 
@@ -163,7 +166,19 @@ class ForwardBackwardInput(_Body):
             raise ValueError(
                 f"{self.loss_fn}'s loss_fn_config reads {sorted(reads) or 'nothing'}, not {unknown}"
             )
+        if self.loss_fn == "custom" and not isinstance(
+            (self.loss_fn_config or {}).get("loss_id"), str
+        ):
+            raise ValueError(
+                "custom's loss_fn_config needs {'loss_id': the id create_custom_loss answered}"
+            )
         return self
+
+    @property
+    def custom_loss_id(self) -> str | None:
+        if self.loss_fn != "custom":
+            return None
+        return str((self.loss_fn_config or {})["loss_id"])
 
 
 class ForwardBackward(_Body):

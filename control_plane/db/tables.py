@@ -765,6 +765,31 @@ class InteractiveCall(Base):
     client_seq: Mapped[int | None] = mapped_column(BigInteger)
 
 
+class InteractiveCustomLoss(Base):
+    """A loss function a session uploaded (`create_custom_loss`, revision 0034): the graph the
+    SDK traced, as data (`control_plane.loss_graphs` checks it), which the executor runs in the
+    session's `forward_backward` calls that name it (`loss_fn: custom`). `seq` is the SDK's
+    `custom_loss_seq_id`: a request sent again finds the loss it made."""
+
+    __tablename__ = "interactive_custom_losses"
+    __table_args__ = (
+        UniqueConstraint("session_id", "seq", name="uq_interactive_custom_losses_seq"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("interactive_sessions.id", ondelete="CASCADE"), nullable=False
+    )
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    seq: Mapped[int] = mapped_column(Integer, nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    inputs: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    graph: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[datetime] = _now()
+
+
 class InteractiveCheckpoint(Base):
     """Weights an interactive model saved (`sampler`: an adapter to sample from or publish;
     `state`: adapter and optimizer, to resume; `external`: an adapter for use outside the

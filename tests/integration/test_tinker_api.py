@@ -507,9 +507,12 @@ def test_bad_bodies_are_refused_naming_the_field_and_nothing_is_written(
         in (bad_setting.json()["error"]["message"])
     )
     assert _counts(services.engine) == before
-    # The losses the API takes are the ones the executor computes, with the settings it reads.
-    assert set(get_args(LossFn)) == set(LOSSES)
-    assert {name: frozenset(loss.defaults) for name, loss in LOSSES.items()} == LOSS_SETTINGS
+    # The losses the API takes are the ones the executor computes, with the settings it reads,
+    # and a session's own (`custom`, its loss named by id).
+    assert set(get_args(LossFn)) == set(LOSSES) | {"custom"}
+    assert {name: frozenset(loss.defaults) for name, loss in LOSSES.items()} == {
+        name: reads for name, reads in LOSS_SETTINGS.items() if name != "custom"
+    }
 
 
 def test_a_reader_key_or_an_unknown_one_cannot_open_a_session(

@@ -1,8 +1,9 @@
 """The SDK's other paths to the same numbers, on the real executor with the official `tinker`
-SDK: custom losses, which the SDK runs on the client (a forward for the logprobs, the loss and
-its gradient in the client's torch, then a `cross_entropy` backward weighted by the negated
-gradient; loraforge answers `custom_loss_server_side: false`), so the platform must take any
-real weights, negative ones included, and give the gradient a built-in loss would; and a
+SDK: custom losses, a function the SDK runs on the client (a forward for the logprobs, the loss
+and its gradient in the client's torch, then a `cross_entropy` backward weighted by the negated
+gradient), so the platform must take any real weights, negative ones included, and give the
+gradient a built-in loss would, or a traced loss the server runs (`create_custom_loss`,
+`test_tinker_custom_losses.py`), which must give the same numbers; and a
 sampler's `compute_logprobs`, which must give what the trained model's forward gives, from
 this process or another one that has only the sampler's handle."""
 

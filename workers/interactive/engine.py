@@ -35,8 +35,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
+from workers.interactive.custom_input import read_custom_input
 from workers.interactive.forwarding import Forward, run_together
-from workers.interactive.losses import InteractiveError, read_forward_input
+from workers.interactive.losses import InteractiveError, Loss, read_forward_input
 from workers.interactive.routing import BASE
 from workers.interactive.sample_requests import SamplingRequest, read_sample_request
 from workers.interactive.sampling import evaluating, generate, sample_batches
@@ -219,7 +220,11 @@ class InteractiveEngine:
             for i, (model_id, fwd_input, backward) in enumerate(asked):
                 try:
                     model, _ = self._trainable(model_id)
-                    loss_fn, data = read_forward_input(fwd_input, self._vocab_size)
+                    loss_fn: Loss
+                    if fwd_input.get("loss_fn") == "custom":
+                        loss_fn, data = read_custom_input(fwd_input, self._vocab_size)
+                    else:
+                        loss_fn, data = read_forward_input(fwd_input, self._vocab_size)
                 except InteractiveError as refused:
                     answers.append(refused)
                     continue

@@ -26,7 +26,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from workers.interactive.losses import Datum, LossFn, target_logprobs, tensor_data
+from workers.interactive.losses import Datum, Loss, target_logprobs, tensor_data
 from workers.interactive.routing import routed
 
 # The most of a micro-batch's tokens that may be padding: rows of very different lengths run in
@@ -41,7 +41,7 @@ class Forward:
 
     adapter: str
     params: list[nn.Parameter]
-    loss_fn: LossFn
+    loss_fn: Loss
     data: list[Datum]
     backward: bool
 
@@ -75,6 +75,7 @@ def run_together(
         peft.set_adapter(asked[0].adapter)  # its weights alone trainable; no rows to route
     outputs: list[dict[int, dict[str, Any]]] = [{} for _ in asked]
     totals = [0.0] * len(asked)
+    metrics: list[dict[str, float]] = [{} for _ in asked]
     trainable = {id(p): p for call in asked if call.backward for p in call.params}
     with kept_gradients(list(trainable.values())):
         for group in micro_batches(rows, micro_batch_tokens):
@@ -89,12 +90,11 @@ def run_together(
                 for (i, j, datum), row in zip(group, logits, strict=True):
                     inputs = {k: v.to(row.device) for k, v in datum.inputs.items()}
                     logprobs = target_logprobs(row[: len(datum.tokens)], inputs["target_tokens"])
-                    elementwise = asked[i].loss_fn.elementwise(logprobs, inputs)
-                    sums.setdefault(i, []).append(elementwise.sum())
-                    outputs[i][j] = {
-                        "logprobs": tensor_data(logprobs),
-                        "elementwise_loss": tensor_data(elementwise),
-                    }
+                    scored = asked[i].loss_fn.datum(logprobs, inputs)
+                    sums.setdefault(i, []).append(scored.loss)
+                    outputs[i][j] = {"logprobs": tensor_data(logprobs), **scored.outputs}
+                    for key, value in scored.metrics.items():
+                        metrics[i][key] = metrics[i].get(key, 0.0) + float(value.detach())
                 losses = {i: torch.stack(s).sum() for i, s in sums.items()}
             if backward:
                 kept = [loss for i, loss in losses.items() if asked[i].backward]
@@ -105,10 +105,15 @@ def run_together(
         {
             "loss_fn_output_type": "ArrayRecord",
             "loss_fn_outputs": [outputs[i][j] for j in range(len(asked[i].data))],
-            "metrics": {"loss:sum": totals[i]},
+            "metrics": {**_reduced(metrics[i], len(asked[i].data)), "loss:sum": totals[i]},
         }
         for i in range(len(asked))
     ]
+
+
+def _reduced(sums: dict[str, float], datums: int) -> dict[str, float]:
+    """A call's custom metrics, summed over its datums: a `:mean` one divided by their count."""
+    return {key: value / datums if key.endswith(":mean") else value for key, value in sums.items()}
 
 
 def _logits(model: nn.Module, group: list[Datum], device: torch.device) -> torch.Tensor:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -120,6 +120,30 @@ class LossFn:
 
     def elementwise(self, target_logprobs: torch.Tensor, inputs: TensorDict) -> torch.Tensor:
         return self.formula(target_logprobs, inputs, self.settings)
+
+    def datum(self, target_logprobs: torch.Tensor, inputs: TensorDict) -> DatumLoss:
+        elementwise = self.elementwise(target_logprobs, inputs)
+        return DatumLoss(elementwise.sum(), {"elementwise_loss": tensor_data(elementwise)}, {})
+
+
+@dataclass(frozen=True)
+class DatumLoss:
+    """One datum's loss (a scalar that backward runs through), what its output holds besides
+    the logprobs, and its metrics (a custom loss's `custom/<name>:sum|mean`)."""
+
+    loss: torch.Tensor
+    outputs: dict[str, Any]
+    metrics: dict[str, torch.Tensor]
+
+
+class Loss(Protocol):
+    """What a forward_backward computes per datum: a built-in `LossFn` or a session's custom
+    loss (`custom_input.CustomLossFn`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def datum(self, target_logprobs: torch.Tensor, inputs: TensorDict) -> DatumLoss: ...
 
 
 def _cross_entropy(target_logprobs: torch.Tensor, inputs: TensorDict, _: Any) -> torch.Tensor:

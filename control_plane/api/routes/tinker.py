@@ -17,7 +17,9 @@ Point the SDK at loraforge with `tinker.ServiceClient(base_url=<loraforge>, api_
   `routes/tinker_futures.py`'s.
 
 A tenant's runs, checkpoints and sessions are `routes/tinker_runs.py`'s; weights exported for
-use elsewhere and their downloads `routes/tinker_exports.py`'s. Anything else under
+use elsewhere and their downloads `routes/tinker_exports.py`'s; custom losses a session uploads
+(`create_custom_loss`, run by `forward_backward` with `loss_fn: custom`)
+`routes/tinker_losses.py`'s. Anything else under
 /api/v1 is a 404 naming the endpoint: the SDK raises it at once, where a
 5xx would have it retry for minutes. A model that was unloaded answers 410 (a 409 too is
 retried by the SDK). None of this is in the OpenAPI document: it is Tinker's API, not ours.
@@ -35,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import interactive, interactive_runs, interactive_storage
+from control_plane import custom_losses, interactive, interactive_runs, interactive_storage
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
@@ -73,7 +75,6 @@ _CLIENT_CONFIG = {
     "proto_compress_fwdbwd": False,
     # One chunk of a forward_backward at a time, so their seq order is the SDK's.
     "parallel_fwdbwd_chunks": False,
-    "custom_loss_server_side": False,
     # A sampling client opened from a handle asks for its clone number (`join_sampling_session`).
     "sample_join_sampling_session": True,
 }
@@ -108,8 +109,12 @@ def healthz() -> dict[str, str]:
 @router.post("/client/config")
 def client_config(_: ClientConfigBody, caller: Caller, services: ServicesDep) -> dict[str, Any]:
     # One long poll a sampling client for its samples' completions (`retrieve_futures`).
-    polling = services.settings.tinker_session_polling
-    return {**_CLIENT_CONFIG, "sample_use_retrieve_futures": polling}
+    settings = services.settings
+    return {
+        **_CLIENT_CONFIG,
+        "sample_use_retrieve_futures": settings.tinker_session_polling,
+        "custom_loss_server_side": settings.tinker_custom_losses_on_server,
+    }
 
 
 @router.post("/client/dynamic_config")
@@ -262,6 +267,13 @@ def forward_backward(
 ) -> UntypedFuture:
     kind = CallKind.FORWARD if body.forward_only else CallKind.FORWARD_BACKWARD
     request = body.model_dump(mode="json", include={"forward_backward_input", "seq_id"})
+    loss_id = body.forward_backward_input.custom_loss_id
+    if loss_id is not None:
+        # The session's uploaded loss goes with the call, for the executor to run.
+        with domain_errors():
+            loss = custom_losses.for_model(conn, caller.tenant_id, body.model_id, loss_id)
+            custom_losses.check_data(loss, request["forward_backward_input"]["data"])
+        request["forward_backward_input"]["custom_loss"] = loss.request()
     return _enqueue(conn, caller, body.model_id, kind, request, body.seq_id)
 
 
@@ -377,8 +389,9 @@ def not_offered(endpoint: str) -> None:
         404,
         "tinker_endpoint_not_supported",
         f"loraforge's Tinker-compatible API does not offer /api/v1/{endpoint}: it serves "
-        "training and sampling sessions (create_model, forward_backward, optim_step, "
-        "save_weights, save_weights_for_sampler, load_weights, asample, retrieve_future) and "
+        "training and sampling sessions (create_model, forward_backward, create_custom_loss, "
+        "optim_step, save_weights, save_weights_for_sampler, load_weights, asample, "
+        "retrieve_future) and "
         "their runs, checkpoints and sessions (training_runs, checkpoints, weights_info, "
         "sessions).",
     )

@@ -34,7 +34,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from control_plane import interactive, interactive_health, interactive_polls
+from control_plane import custom_losses, interactive, interactive_health, interactive_polls
 from control_plane.api.call_wakeups import CallWakeups
 from control_plane.api.deps import ConnDep, ServicesDep, Writer
 from control_plane.api.routes.tinker import domain_errors
@@ -136,7 +136,13 @@ async def retrieve_future(
     body: FutureRef, request: Request, caller: Writer, services: ServicesDep
 ) -> Response:
     """The call's answer once it is finished, else try-again after holding the poll a while
-    (the SDK polls again at once), saying why it waits."""
+    (the SDK polls again at once), saying why it waits. A custom loss's creation is answered at
+    once (`routes/tinker_losses.py`)."""
+    if custom_losses.is_loss_future(body.request_id):
+        created = await run_in_threadpool(
+            _loss_created, services, caller.tenant_id, body.request_id
+        )
+        return JSONResponse(created)
     call = await _held(
         services.settings.tinker_retrieve_wait_seconds,
         lambda: _look(services, caller.tenant_id, body.request_id),
@@ -151,6 +157,12 @@ async def retrieve_future(
                 again["queue_state_reason"] = waiting.reason
             return JSONResponse(again)
     return answer(call, PROTOBUF in request.headers.get("accept", ""))
+
+
+def _loss_created(services: Services, tenant_id: str, loss_id: str) -> dict[str, str]:
+    with services.engine.connect() as conn, domain_errors():
+        loss = custom_losses.get(conn, tenant_id, loss_id)
+    return {"type": "create_custom_loss", "loss_id": loss.id}
 
 
 def _why_waiting(
