@@ -73,7 +73,7 @@ def _client(url: str, key: str, base: str, steps: int, datums: int, done: Any) -
     adam = types.AdamParams(learning_rate=1e-4)
     ranks = {"logprobs": 1, "sampled": 1, "advantages": 1}
     with tinker.ServiceClient(base_url=url, api_key="tml-" + key) as service:
-        training = service.create_lora_training_client(base_model=base, rank=4, seed=0)
+        training = service.create_lora_training_client(base_model=base, rank=4, seed=0).result()
         handle = service.create_custom_loss(clipped_ratio, input_ranks=ranks).result(timeout=60)
         training.forward_backward_custom(data, handle).result(timeout=120)  # warm
         stepped = []
