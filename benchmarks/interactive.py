@@ -17,6 +17,8 @@ JSON line each, beside the same steps run on the engine directly in the same pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import multiprocessing
 import statistics
 import tempfile
 import threading
@@ -39,6 +41,8 @@ from benchmarks.queue import (
     progress,
 )
 from control_plane import base_catalog, tenants, trainers
+from control_plane.api.app import create_app
+from control_plane.api.serve import serve_in_thread
 from control_plane.interactive_calls import CHANNEL
 from control_plane.records import BaseModelRecord
 from control_plane.services import Services, build_services
@@ -128,6 +132,26 @@ def sdk_bench(database_url: str | None, base_dir: Path | None) -> Iterator[SdkBe
             yield SdkBench(services, machine, base, label, key, runner)
         finally:
             own.close()
+
+
+@contextmanager
+def served_with(services: Services, **settings: Any) -> Iterator[str]:
+    """The API over `services` with `settings` changed, on a socket of its own: its URL."""
+    changed = dataclasses.replace(services, settings=services.settings.model_copy(update=settings))
+    with serve_in_thread(create_app(changed)) as url:
+        yield url
+
+
+def in_own_process(target: Callable[..., None], *args: Any) -> Any:
+    """What `target(*args, done)` puts on `done`, run in a process of its own (spawned), as a
+    user's script runs the SDK: no interpreter lock shared with the API or the executor."""
+    context = multiprocessing.get_context("spawn")
+    done: Any = context.Queue()
+    process = context.Process(target=target, args=(*args, done))
+    process.start()
+    found = done.get(timeout=900)
+    process.join(60)
+    return found
 
 
 def bench_runner(

@@ -19,12 +19,8 @@ the client-side path's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import multiprocessing
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +28,9 @@ import tinker
 import torch
 from tinker import types
 
-from benchmarks.interactive import sdk_bench
+from benchmarks.interactive import in_own_process, sdk_bench, served_with
 from benchmarks.queue import add_database_url_argument, emit_beside, percentile, progress
-from control_plane.api.app import create_app
-from control_plane.api.serve import serve_in_thread
-from control_plane.services import Services
 from tests.tinker_harness import SEQUENCE, pausable_executor
-
-
-@contextmanager
-def _api(services: Services, on_server: bool) -> Iterator[str]:
-    update = {"tinker_custom_losses_on_server": on_server}
-    settings = services.settings.model_copy(update=update)
-    with serve_in_thread(create_app(dataclasses.replace(services, settings=settings))) as url:
-        yield url
 
 
 def clipped_ratio(logprobs: torch.Tensor, sampled: torch.Tensor, advantages: torch.Tensor) -> Any:
@@ -85,16 +70,6 @@ def _client(url: str, key: str, base: str, steps: int, datums: int, done: Any) -
     done.put((stepped, handle.loss_id is not None))
 
 
-def _round(url: str, key: str, base: str, args: argparse.Namespace) -> tuple[list[float], bool]:
-    context = multiprocessing.get_context("spawn")
-    done: Any = context.Queue()
-    client = context.Process(target=_client, args=(url, key, base, args.steps, args.datums, done))
-    client.start()
-    found = done.get(timeout=900)
-    client.join(60)
-    return found  # type: ignore[no-any-return]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.tinker_custom_losses", description=__doc__
@@ -110,14 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         machine, base_name = bench.machine, bench.base.name
         with (
             pausable_executor(bench.runner) as serving,
-            _api(bench.services, True) as server_url,
-            _api(bench.services, False) as client_url,
+            served_with(bench.services, tinker_custom_losses_on_server=True) as server_url,
+            served_with(bench.services, tinker_custom_losses_on_server=False) as client_url,
         ):
             serving.set()
             progress(f"{machine}; {args.rounds} rounds a side")
             for index in range(args.rounds):  # alternating: the machine's load drifts
                 for on_server, url in ((True, server_url), (False, client_url)):
-                    stepped, uploaded = _round(url, bench.key, base_name, args)
+                    stepped, uploaded = in_own_process(
+                        _client, url, bench.key, base_name, args.steps, args.datums
+                    )
                     assert uploaded == on_server, "the SDK did not take the server's word"
                     sides[on_server].extend(stepped)
                     progress(

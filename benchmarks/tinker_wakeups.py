@@ -17,36 +17,22 @@ off.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import multiprocessing
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import tinker
 from tinker import types
 
-from benchmarks.interactive import sdk_bench
+from benchmarks.interactive import in_own_process, sdk_bench, served_with
 from benchmarks.queue import (
     add_database_url_argument,
     emit_beside,
     percentile,
     progress,
 )
-from control_plane.api.app import create_app
-from control_plane.api.serve import serve_in_thread
-from control_plane.services import Services
 from tests.tinker_harness import SEQUENCE, pausable_executor
-
-
-@contextmanager
-def _api(services: Services, wake: bool) -> Iterator[str]:
-    settings = services.settings.model_copy(update={"tinker_wake_on_finish": wake})
-    with serve_in_thread(create_app(dataclasses.replace(services, settings=settings))) as url:
-        yield url
 
 
 def _client(url: str, key: str, base: str, steps: int, samples: int, done: Any) -> None:
@@ -78,16 +64,6 @@ def _client(url: str, key: str, base: str, steps: int, samples: int, done: Any) 
     done.put((stepped, sampled))
 
 
-def _round(url: str, key: str, base: str, args: argparse.Namespace) -> tuple[list[float], ...]:
-    context = multiprocessing.get_context("spawn")
-    done: Any = context.Queue()
-    client = context.Process(target=_client, args=(url, key, base, args.steps, args.samples, done))
-    client.start()
-    found = done.get(timeout=900)
-    client.join(60)
-    return found  # type: ignore[no-any-return]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.tinker_wakeups", description=__doc__
@@ -103,14 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         machine, base_name = bench.machine, bench.base.name
         with (
             pausable_executor(bench.runner) as serving,
-            _api(bench.services, True) as on_url,
-            _api(bench.services, False) as off_url,
+            served_with(bench.services, tinker_wake_on_finish=True) as on_url,
+            served_with(bench.services, tinker_wake_on_finish=False) as off_url,
         ):
             serving.set()
             progress(f"{machine}; {args.rounds} rounds a side")
             for index in range(args.rounds):  # alternating: the machine's load drifts
                 for wake, url in ((True, on_url), (False, off_url)):
-                    stepped, sampled = _round(url, bench.key, base_name, args)
+                    stepped, sampled = in_own_process(
+                        _client, url, bench.key, base_name, args.steps, args.samples
+                    )
                     sides[wake][0].extend(stepped)
                     sides[wake][1].extend(sampled)
                     progress(
