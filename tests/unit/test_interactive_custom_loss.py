@@ -256,6 +256,25 @@ def test_a_matrix_product_of_too_much_work_is_refused() -> None:
     assert "would touch more than 4,294,967,296 elements together" in message
 
 
+def many_copies(logprobs: torch.Tensor) -> Result:
+    total = logprobs.sum()
+    for _ in range(40):  # each node 64 times the logprobs, within the limit of one node
+        total = total + torch.cat([logprobs] * 64).sum()
+    return total, {}
+
+
+def test_what_a_datums_nodes_make_together_scales_with_its_tensors() -> None:
+    # 40 nodes of 262,144 elements each: 10.5M together, far below the 2**28 of any loss, but
+    # past 1,024 times this datum's 4,096 logprobs plus 2**20 (what a micro-batch of many
+    # datums would otherwise keep, each as much, until its backward).
+    message = refused(many_copies, {"logprobs": 1}, torch.zeros(4096))
+    assert "would make more than 5,242,880 elements together" in message
+    assert "refused node 'cat_19'" in message
+    # The same loss on a datum whose tensors are larger in proportion runs.
+    loss, _ = build(many_copies, {"logprobs": 1})(torch.ones(64), {})
+    assert float(loss) == 64 + 40 * 64 * 64
+
+
 def huge_power(logprobs: torch.Tensor) -> Result:
     return logprobs.sum() * (logprobs.shape[0] ** 1_000_000_000), {}
 

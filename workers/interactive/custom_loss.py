@@ -14,7 +14,8 @@ running it on meta tensors (shapes without data), and it is refused where:
 - one of its outputs would have more than MAX_ELEMENTS elements, or more than GROWTH times the
   largest of the datum's tensors (logprobs or an input) plus SLACK: a loss works on its inputs'
   elements, not on products of them;
-- all the nodes' outputs together would pass MAX_TOTAL_ELEMENTS (what autograd may keep), or the
+- all the nodes' outputs together would pass TOTAL_GROWTH times the datum's largest tensor plus
+  TOTAL_SLACK, or MAX_TOTAL_ELEMENTS (what autograd may keep), or the
   elements they read and write (matrix products: each output element times the inner size)
   MAX_WORK.
 An op that makes no more than it is given (a reduction, a view, a sort, gather) or that torch
@@ -51,6 +52,11 @@ MAX_ELEMENTS = 1 << 24  # one node's output: 64 MiB of float32
 GROWTH = 64
 SLACK = 1 << 16  # so that short sequences may compare every pair of positions
 MAX_TOTAL_ELEMENTS = 1 << 28  # all nodes' outputs: 1 GiB of float32
+# ... and at most this many times the largest tensor the datum gives, plus TOTAL_SLACK: a pass
+# keeps every datum's graph of a micro-batch until its backward, so what one datum may keep
+# scales with its own tensors rather than with the 1 GiB that a hundred datums would multiply.
+TOTAL_GROWTH = 1024
+TOTAL_SLACK = 1 << 20
 MAX_WORK = 1 << 32  # elements read and written, a few seconds of CPU at most
 MAX_CONSTANTS = 64  # numbers a torch.tensor takes
 MAX_INT = 2**53
@@ -427,9 +433,12 @@ def _charge(step: _Step, given: list[torch.Tensor], made: list[int], budget: _Bu
         work += sum(made) * inner
     budget.elements += sum(made)
     budget.work += work
-    if budget.elements > MAX_TOTAL_ELEMENTS:
+    total = min(MAX_TOTAL_ELEMENTS, TOTAL_GROWTH * budget.largest + TOTAL_SLACK)
+    if budget.elements > total:
         raise _Refused(
-            f"the loss's nodes would make more than {MAX_TOTAL_ELEMENTS:,} elements together"
+            f"the loss's nodes would make more than {total:,} elements together (at most "
+            f"{TOTAL_GROWTH} times the largest tensor the loss is given plus {TOTAL_SLACK:,}, "
+            f"and {MAX_TOTAL_ELEMENTS:,} in all)"
         )
     if budget.work > MAX_WORK:
         raise _Refused(f"the loss's nodes would touch more than {MAX_WORK:,} elements together")
