@@ -27,6 +27,7 @@ from control_plane.api.routes import (
     models,
     tenants,
     tinker,
+    tinker_auth,
     tinker_exports,
     tinker_futures,
     tinker_losses,
@@ -51,6 +52,7 @@ API_ROUTERS = (
     health.router,
     # Before tinker's: its last route answers every other /api/v1 path with a 404.
     tinker_runs.router,
+    tinker_auth.router,
     tinker_exports.router,
     tinker_futures.router,
     tinker_losses.router,
