@@ -26,7 +26,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql import bindparam
 
-from control_plane import interactive_saves
+from control_plane import interactive_saves, usage
 from control_plane.trainers import alive_sql
 
 # What the payload retention pass empties per transaction.
@@ -156,17 +156,24 @@ def finish(
     release_model: bool = False,
 ) -> bool:
     """Record `result` for a call this executor runs, with a training call's `metrics` apart
-    (its curves, kept when the answer is let go); not committed. `checkpoint` records a save's
+    (its curves, kept when the answer is let go) and what it used (`usage`); not committed. `checkpoint` records a save's
     weights with it (a save under a name taken overwrites it); `release_model` lets the model go
     (an unload). False, nothing written, when the call was released as lost meanwhile."""
     done = conn.execute(
         text(
             "UPDATE interactive_calls SET status = 'completed', result = :result, metrics = CASE "
             "WHEN kind IN ('forward_backward', 'forward', 'optim_step') THEN :result -> 'metrics' "
-            "END, finished_at = now() "
+            "END, usage = :usage, finished_at = now() "
             "WHERE id = :id AND status = 'running' AND claimed_by = :executor"
-        ).bindparams(bindparam("result", type_=JSONB)),
-        {"id": call.id, "executor": executor_id, "result": result},
+        ).bindparams(
+            bindparam("result", type_=JSONB), bindparam("usage", type_=JSONB(none_as_null=True))
+        ),
+        {
+            "id": call.id,
+            "executor": executor_id,
+            "result": result,
+            "usage": usage.call_usage(call.kind, call.request, result),
+        },
     ).rowcount
     if not done:
         return False

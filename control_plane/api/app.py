@@ -32,6 +32,7 @@ from control_plane.api.routes import (
     tinker_futures,
     tinker_losses,
     tinker_runs,
+    tinker_usage,
     webhooks,
 )
 from control_plane.api.text_input import refuse_nul
@@ -52,6 +53,7 @@ API_ROUTERS = (
     health.router,
     # Before tinker's: its last route answers every other /api/v1 path with a 404.
     tinker_runs.router,
+    tinker_usage.router,
     tinker_auth.router,
     tinker_exports.router,
     tinker_futures.router,

@@ -735,6 +735,13 @@ class InteractiveCall(Base):
             "finished_at",
             postgresql_where=text("finished_at IS NOT NULL AND payload_dropped_at IS NULL"),
         ),
+        # A tenant's metered calls by when they finished (the usage report, revision 0035).
+        Index(
+            "ix_interactive_calls_tenant_usage",
+            "tenant_id",
+            "finished_at",
+            postgresql_where=text("usage IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -763,6 +770,10 @@ class InteractiveCall(Base):
     # The SDK's own `seq_id` for the call, where it sent one (revision 0031): a sampling
     # client's clone is `client_seq // 10^9`, whose completions `retrieve_futures` reports.
     client_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # What a completed call used, metered when it was answered and kept when its payload is let
+    # go (`control_plane.usage`, revision 0035): `{"training_tokens"}`, `{"prefill_tokens",
+    # "sampled_tokens"}` or `{"checkpoints"}`.
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 class InteractiveCustomLoss(Base):

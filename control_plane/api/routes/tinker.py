@@ -20,7 +20,8 @@ A tenant's runs, checkpoints and sessions are `routes/tinker_runs.py`'s; weights
 use elsewhere and their downloads `routes/tinker_exports.py`'s; custom losses a session uploads
 (`create_custom_loss`, run by `forward_backward` with `loss_fn: custom`)
 `routes/tinker_losses.py`'s; the key a request presents (`auth/apikey/me`, for `tinker auth
-login`) `routes/tinker_auth.py`'s. Anything else under
+login`) `routes/tinker_auth.py`'s; what the sessions used (`billing/usage/events`)
+`routes/tinker_usage.py`'s. Anything else under
 /api/v1 is a 404 naming the endpoint: the SDK raises it at once, where a
 5xx would have it retry for minutes. A model that was unloaded answers 410 (a 409 too is
 retried by the SDK). None of this is in the OpenAPI document: it is Tinker's API, not ours.
