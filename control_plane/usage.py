@@ -22,8 +22,10 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-# The longest window one report covers, as Tinker's: two weeks of hourly buckets.
+# The longest window one report covers, as Tinker's: two weeks of hourly buckets. The
+# platform's report of every tenant's totals covers a quarter (a month's chargeback, and more).
 MAX_WINDOW = timedelta(days=14)
+MAX_PLATFORM_WINDOW = timedelta(days=93)
 HOUR = timedelta(hours=1)
 
 _SAVES = frozenset({"save_weights", "save_weights_for_sampler", "save_weights_external"})
@@ -57,7 +59,12 @@ class BadWindow(ValueError):
     """A window the report does not cover: the message says why and what to ask."""
 
 
-def check_window(starting_on: datetime, ending_before: datetime, now: datetime) -> None:
+def check_window(
+    starting_on: datetime,
+    ending_before: datetime,
+    now: datetime,
+    longest: timedelta = MAX_WINDOW,
+) -> None:
     for name, when in (("starting_on", starting_on), ("ending_before", ending_before)):
         if when.tzinfo is None:
             raise BadWindow(f"{name} must say its time zone (e.g. 2026-07-13T00:00:00Z)")
@@ -67,10 +74,8 @@ def check_window(starting_on: datetime, ending_before: datetime, now: datetime) 
         raise BadWindow(f"starting_on {starting_on.isoformat()} is in the future")
     if ending_before <= starting_on:
         raise BadWindow("ending_before must be after starting_on")
-    if ending_before - starting_on > MAX_WINDOW:
-        raise BadWindow(
-            f"a report covers at most {MAX_WINDOW.days} days: ask for the window in parts"
-        )
+    if ending_before - starting_on > longest:
+        raise BadWindow(f"a report covers at most {longest.days} days: ask for the window in parts")
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,10 @@ _BUCKETS = text(
     """
     SELECT date_trunc('hour', c.finished_at, 'UTC') AS start, b.name AS base_model,
            m.session_id,
-           coalesce(sum((c.usage ->> 'training_tokens')::bigint), 0) AS training_tokens,
-           coalesce(sum((c.usage ->> 'prefill_tokens')::bigint), 0) AS prefill_tokens,
-           coalesce(sum((c.usage ->> 'sampled_tokens')::bigint), 0) AS sampled_tokens,
-           coalesce(sum((c.usage ->> 'checkpoints')::bigint), 0) AS checkpoints
+           coalesce(sum((c.usage ->> 'training_tokens')::bigint), 0)::bigint AS training_tokens,
+           coalesce(sum((c.usage ->> 'prefill_tokens')::bigint), 0)::bigint AS prefill_tokens,
+           coalesce(sum((c.usage ->> 'sampled_tokens')::bigint), 0)::bigint AS sampled_tokens,
+           coalesce(sum((c.usage ->> 'checkpoints')::bigint), 0)::bigint AS checkpoints
     FROM interactive_calls c
     JOIN interactive_models m ON m.id = c.model_id
     LEFT JOIN base_models b ON b.id = c.base_model_id
@@ -118,3 +123,45 @@ def session_metadata(conn: Connection, session_ids: list[str]) -> dict[str, dict
         {"ids": session_ids},
     )
     return {row.id: row.user_metadata for row in rows}
+
+
+@dataclass(frozen=True)
+class TenantUsage:
+    """What one tenant's sessions used in a window, summed."""
+
+    tenant_id: str
+    tenant_name: str
+    training_tokens: int
+    prefill_tokens: int
+    sampled_tokens: int
+    checkpoints: int
+
+
+# Each tenant's calls of the window read off its own range of the partial index (tenant, finish
+# time), not the whole table's metered calls; tenants that used nothing are left out.
+_TENANTS = text(
+    """
+    SELECT t.id AS tenant_id, t.name AS tenant_name, u.*
+    FROM tenants t
+    CROSS JOIN LATERAL (
+        SELECT coalesce(sum((c.usage ->> 'training_tokens')::bigint), 0)::bigint AS training_tokens,
+               coalesce(sum((c.usage ->> 'prefill_tokens')::bigint), 0)::bigint AS prefill_tokens,
+               coalesce(sum((c.usage ->> 'sampled_tokens')::bigint), 0)::bigint AS sampled_tokens,
+               coalesce(sum((c.usage ->> 'checkpoints')::bigint), 0)::bigint AS checkpoints,
+               count(*) AS calls
+        FROM interactive_calls c
+        WHERE c.tenant_id = t.id AND c.usage IS NOT NULL
+          AND c.finished_at >= :start AND c.finished_at < :end
+    ) u
+    WHERE u.calls > 0
+    ORDER BY t.name
+    """
+)
+
+
+def tenant_totals(
+    conn: Connection, starting_on: datetime, ending_before: datetime
+) -> list[TenantUsage]:
+    """Every tenant's usage in the window, by tenant name (the platform's operators')."""
+    rows = conn.execute(_TENANTS, {"start": starting_on, "end": ending_before})
+    return [TenantUsage(**{k: v for k, v in row._mapping.items() if k != "calls"}) for row in rows]

@@ -50,6 +50,12 @@ class PlatformAdmin:
                 return found
             params["after"] = page["last_id"]
 
+    def usage(self, starting_on: str, ending_before: str) -> list[dict[str, Any]]:
+        """Every tenant's interactive usage in the window (RFC 3339 times on hour boundaries,
+        at most 93 days): its training, prompt and sampled tokens and checkpoints, by name."""
+        params = {"starting_on": starting_on, "ending_before": ending_before}
+        return list(self.client.request("GET", "/v1/usage", params=params)["data"])
+
     def get_tenant(self, name: str) -> dict[str, Any]:
         return dict(self.client.request("GET", self._path(name)))
 

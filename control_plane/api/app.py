@@ -33,6 +33,7 @@ from control_plane.api.routes import (
     tinker_losses,
     tinker_runs,
     tinker_usage,
+    usage,
     webhooks,
 )
 from control_plane.api.text_input import refuse_nul
@@ -48,6 +49,7 @@ API_ROUTERS = (
     base_models.router,
     api_keys.router,
     tenants.router,
+    usage.router,
     webhooks.router,
     adapters.router,
     health.router,

@@ -860,3 +860,251 @@ def test_a_sessions_page_says_its_calls_wait_on_a_base_no_executor_holds(
     page.reload()
     expect(page.locator("#models")).to_be_visible()
     expect(page.locator("#unserved")).to_have_count(0)
+
+
+def add_metered_calls(
+    services: Services,
+    model_id: str,
+    tenant_id: str,
+    base_id: str,
+    calls: list[tuple[str, str, dict[str, int] | None]],
+) -> None:
+    """The model's calls in order, each `(kind, status, usage)`: `usage` as an executor's
+    `finish` records it (`control_plane.usage.call_usage`), each finished call finished now."""
+    add_calls(services, model_id, tenant_id, base_id, [(kind, status) for kind, status, _ in calls])
+    with services.engine.begin() as conn:
+        for seq, (*_, used) in enumerate(calls):
+            conn.execute(
+                text(
+                    "UPDATE interactive_calls SET usage = :usage, finished_at = CASE "
+                    "WHEN status IN ('completed', 'failed') THEN now() END WHERE id = :id"
+                ),
+                {"usage": json.dumps(used) if used else None, "id": f"fut-{model_id}-{seq}"},
+            )
+
+
+def _usage_total(page: Page) -> list[str]:
+    """The `#usage` table's total row, its cells' text as shown."""
+    return list(
+        page.locator("#usage-total").evaluate(
+            "r => Array.from(r.cells).map(c => c.innerText.replace(/\\s+/g, ' ').trim())"
+        )
+    )
+
+
+@pytest.fixture
+def metered(
+    services: Services, tenant_a: TenantKeys, tenant_b: TenantKeys, base_id: str
+) -> dict[str, str]:
+    """A session of tenant-a's whose training model trained, evaluated and saved twice and
+    whose sampler sampled twice, with calls failed, pending, running or unmetered beside them
+    (and one failed call carrying a usage no executor writes, which must not count), and a
+    model that used nothing; another session of tenant-a's and one of tenant-b's that used
+    plenty, and a model of tenant-b's under tenant-a's session id (a row no API writes, which
+    the page must not read either)."""
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-used", "sess-used-sibling", silent_s=5)
+    train = add_model(services, "sess-used", tenant, base_id, "m-train", created_at=_ago(3))
+    add_metered_calls(
+        services,
+        train,
+        tenant,
+        base_id,
+        [
+            ("create_model", "completed", None),
+            ("forward_backward", "completed", {"training_tokens": 1200}),
+            ("forward_backward", "completed", {"training_tokens": 2345}),
+            ("forward", "completed", {"training_tokens": 300}),
+            ("optim_step", "completed", None),
+            ("forward_backward", "failed", {"training_tokens": 999_000}),
+            ("save_weights_for_sampler", "completed", {"checkpoints": 1}),
+            ("save_weights", "completed", {"checkpoints": 1}),
+            ("forward_backward", "running", None),
+        ],
+    )
+    sampler = add_model(
+        services, "sess-used", tenant, base_id, "m-sample", kind="sampler", created_at=_ago(2)
+    )
+    add_metered_calls(
+        services,
+        sampler,
+        tenant,
+        base_id,
+        [
+            ("create_model", "completed", None),
+            ("sample", "completed", {"prefill_tokens": 40, "sampled_tokens": 2500}),
+            ("sample", "completed", {"prefill_tokens": 1000, "sampled_tokens": 512}),
+            ("sample", "failed", None),
+            ("sample", "pending", None),
+        ],
+    )
+    idle = add_model(services, "sess-used", tenant, base_id, "m-idle", created_at=_ago(1))
+    add_metered_calls(
+        services,
+        idle,
+        tenant,
+        base_id,
+        [("create_model", "completed", None), ("forward_backward", "failed", None)],
+    )
+    sibling = add_model(services, "sess-used-sibling", tenant, base_id, "m-sibling")
+    add_metered_calls(
+        services,
+        sibling,
+        tenant,
+        base_id,
+        [
+            ("forward_backward", "completed", {"training_tokens": 50_000}),
+            ("sample", "completed", {"prefill_tokens": 7, "sampled_tokens": 9}),
+            ("save_weights_for_sampler", "completed", {"checkpoints": 1}),
+        ],
+    )
+    theirs = tenant_b.tenant_id
+    add_sessions(services, theirs, "sess-b-used", silent_s=5)
+    own = add_model(services, "sess-b-used", theirs, base_id, "m-b-own")
+    add_metered_calls(
+        services, own, theirs, base_id, [("forward", "completed", {"training_tokens": 70_000})]
+    )
+    stray = add_model(services, "sess-used", theirs, base_id, "m-b-stray")
+    add_metered_calls(
+        services,
+        stray,
+        theirs,
+        base_id,
+        [
+            ("forward_backward", "completed", {"training_tokens": 900_000}),
+            ("save_weights", "completed", {"checkpoints": 5}),
+        ],
+    )
+    return {"session": "sess-used", "train": train, "sampler": sampler, "idle": idle}
+
+
+def test_a_sessions_usage_is_its_models_completed_calls_metered_and_their_total(
+    live_url: str,
+    page: Page,
+    monkeypatch: pytest.MonkeyPatch,
+    tenant_a: TenantKeys,
+    metered: dict[str, str],
+) -> None:
+    """Per model that used something (oldest first), its completed calls' training, prompt and
+    sampled tokens and checkpoints, with thousands separators, and the session's total: a
+    failed call, another session's and another tenant's are not counted; a model that used
+    nothing is left out. With fewer models listed than used something, the total still counts
+    them all."""
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/sessions/{metered['session']}")
+    expect(page.locator("#usage-rule")).to_have_text(
+        "Metered when each call is answered; failed calls are not counted; a sample's prompt "
+        "counts once a request. The SDK's AdminClient.get_billing_usage reads the same by hour."
+    )
+    expect(page.locator("#usage-empty")).to_have_count(0)
+    used = _table(page, "#usage", "model")
+    # Cells: id, kind, base, training tokens, prompt tokens, sampled tokens, checkpoints.
+    assert used == {
+        metered["train"]: [metered["train"], "training", "tiny-llama", "3,845", "0", "0", "2"],
+        metered["sampler"]: [
+            metered["sampler"],
+            "sampler",
+            "tiny-llama",
+            "0",
+            "1,040",
+            "3,012",
+            "0",
+        ],
+    }
+    assert list(used) == [metered["train"], metered["sampler"]]  # oldest first
+    assert _usage_total(page) == ["Session total", "3,845", "1,040", "3,012", "2"]
+    expect(page.locator("#more-usage")).to_have_count(0)
+    # The models table still lists the model that used nothing, and not tenant-b's.
+    assert list(_table(page, "#models", "model")) == [
+        metered["train"],
+        metered["sampler"],
+        metered["idle"],
+    ]
+
+    monkeypatch.setattr("control_plane.dashboard.routes.interactive.MODELS_SHOWN", 1)
+    page.reload()
+    assert list(_table(page, "#usage", "model")) == [metered["train"]]
+    assert _usage_total(page) == ["Session total", "3,845", "1,040", "3,012", "2"]
+    expect(page.locator("#more-usage")).to_have_text(
+        "Only the first 1 models are shown; the session total counts them all."
+    )
+
+
+def test_a_sessions_usage_reads_as_the_billing_report_and_each_tenant_sees_its_own(
+    live_url: str,
+    page: Page,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    metered: dict[str, str],
+) -> None:
+    """The sibling session's page counts what `GET /api/v1/billing/usage/events` reports for
+    it; tenant-b's page counts its own session's calls only."""
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/sessions/sess-used-sibling")
+    assert _table(page, "#usage", "model") == {
+        "m-sibling": ["m-sibling", "training", "tiny-llama", "50,000", "7", "9", "1"]
+    }
+    assert _usage_total(page) == ["Session total", "50,000", "7", "9", "1"]
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    report = page.request.get(
+        f"{live_url}/api/v1/billing/usage/events",
+        params={
+            "starting_on": (hour - timedelta(hours=1)).isoformat(),
+            "ending_before": (hour + timedelta(hours=2)).isoformat(),
+        },
+        headers=tenant_a.headers("reader"),
+    )
+    assert report.status == 200, report.text()
+    reported: dict[str, int] = {}
+    for event in report.json()["data"]:
+        if event["session_id"] == "sess-used-sibling":
+            info = event["event_info"]
+            amount = info["count"] if info["type"] == "checkpoint" else info["token_count"]
+            reported[info["type"]] = reported.get(info["type"], 0) + int(amount)
+    assert reported == {
+        "training": 50_000,
+        "sampling_prefill": 7,
+        "sampling_sample": 9,
+        "checkpoint": 1,
+    }
+
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_b.reader)
+    page.goto(f"{live_url}/sessions/sess-b-used")
+    assert _table(page, "#usage", "model") == {
+        "m-b-own": ["m-b-own", "training", "tiny-llama", "70,000", "0", "0", "0"]
+    }
+    assert _usage_total(page) == ["Session total", "70,000", "0", "0", "0"]
+
+
+def test_a_session_with_nothing_metered_says_so(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, base_id: str
+) -> None:
+    """Calls failed, pending, running or of kinds not metered: the usage section's empty state,
+    no table; another session's metered calls change nothing."""
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-quiet", "sess-loud", silent_s=5)
+    quiet = add_model(services, "sess-quiet", tenant, base_id, "m-quiet")
+    add_metered_calls(
+        services,
+        quiet,
+        tenant,
+        base_id,
+        [
+            ("create_model", "completed", None),
+            ("forward_backward", "failed", None),
+            ("optim_step", "completed", None),
+            ("forward_backward", "running", None),
+            ("sample", "pending", None),
+        ],
+    )
+    loud = add_model(services, "sess-loud", tenant, base_id, "m-loud")
+    add_metered_calls(
+        services, loud, tenant, base_id, [("forward", "completed", {"training_tokens": 12})]
+    )
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/sessions/sess-quiet")
+    expect(page.locator("#usage-empty")).to_contain_text("Nothing metered yet")
+    expect(page.locator("#usage")).to_have_count(0)
+    expect(page.locator("#usage-rule")).to_be_visible()
+    expect(page.locator("#models tbody tr")).to_have_count(1)

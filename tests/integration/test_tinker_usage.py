@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import tinker
 from tinker import types
@@ -18,6 +19,8 @@ from tinker import types
 from control_plane import interactive_calls
 from control_plane.services import Services
 from control_plane.settings import Settings
+from loraforge.client import Client, LoraforgeError
+from loraforge.platform_admin import PlatformAdmin
 from tests.api_harness import TenantKeys
 from tests.tinker_harness import SEQUENCE, tinker_settings
 
@@ -93,6 +96,34 @@ def test_each_answered_call_is_metered_in_its_hour_base_and_session(
     assert interactive_calls.forget_payloads(services.engine, older_than_seconds=0) > 0
     again = admin.get_billing_usage(start, end).result(timeout=60)
     assert _totals(again.data) == _totals(report.data)
+
+    # On the wire the counts are JSON integers, as Tinker sends them.
+    raw = httpx.get(
+        live_url + "/api/v1/billing/usage/events",
+        params={"starting_on": start.isoformat(), "ending_before": end.isoformat()},
+        headers={"X-API-Key": key},
+    ).json()
+    assert all(isinstance(e["event_info"].get("token_count", 0), int) for e in raw["data"])
+
+    # The platform's operators read every tenant's totals for the same window (a tenant that
+    # used nothing is left out); a tenant's own admin may not.
+    operator = PlatformAdmin(Client(live_url, tenant_a.admin))
+    totals = _totals(report.data)
+    assert operator.usage(start.isoformat(), end.isoformat()) == [
+        {
+            "tenant": "tenant-a",
+            "training_tokens": totals["training"],
+            "prefill_tokens": totals["sampling_prefill"],
+            "sampled_tokens": totals["sampling_sample"],
+            "checkpoints": totals["checkpoint"],
+        }
+    ]
+    with pytest.raises(LoraforgeError) as refused:
+        PlatformAdmin(Client(live_url, tenant_b.admin)).usage(start.isoformat(), end.isoformat())
+    assert refused.value.status == 403
+    with pytest.raises(LoraforgeError, match="at most 93 days") as too_long:
+        operator.usage((start - timedelta(days=94)).isoformat(), start.isoformat())
+    assert too_long.value.status == 400
 
     # Another tenant's report holds none of it; a window past the calls, nothing.
     other = tinker.AdminClient(base_url=live_url, api_key="tml-" + tenant_b.reader)

@@ -2,8 +2,9 @@
 their models and calls counted and what the tenant's checkpoints hold in storage (and the cap on
 it, if any), and a session's page: its models (who holds their weights, their calls, the last
 failure's message, and whether their calls wait on a base no executor holds) and the weights they saved, each with the adapter version it became, or, for
-a writer, a form that publishes it as one; and each training model's curves by step (train
-loss, eval loss, gradient norm) from its `metrics.json`, drawn as the job page's chart is.
+a writer, a form that publishes it as one; each training model's curves by step (train
+loss, eval loss, gradient norm) from its `metrics.json`, drawn as the job page's chart is; and
+what its models used, as the billing report counts it (`session_usage`).
 
 Publishing calls `POST /v1/adapters/{name}/versions`' own function (the same name rules, the
 same refusal of a name bound to another base, the same "a checkpoint becomes one version"), so
@@ -28,6 +29,7 @@ from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.routes import adapters as adapters_api
 from control_plane.dashboard import interactive_queries as queries
+from control_plane.dashboard import session_usage
 from control_plane.dashboard.queries import MAX_CHART_POINTS
 from control_plane.dashboard.render import PageForbidden, PageNotFound, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
@@ -116,6 +118,7 @@ def _session_page(
     checkpoints, more_checkpoints = queries.session_checkpoints(
         conn, tenant_id, found.id, limit=CHECKPOINTS_SHOWN
     )
+    used = session_usage.session_usage(conn, tenant_id, found.id, limit=MODELS_SHOWN)
     # What waits on a base no live executor holds waits until one starts: said, as the SDK's
     # polls say it (`queue_state` paused_capacity).
     served = trainers.served_bases(conn, lease_seconds)
@@ -130,6 +133,7 @@ def _session_page(
         more_models=more_models,
         checkpoints=checkpoints,
         more_checkpoints=more_checkpoints,
+        used=used,
         unserved=unserved,
         may_publish=session.principal.can_write(),
         active_minutes=ACTIVE_MINUTES,
