@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 # Token ids of the test base's vocabulary: a sequence the tests train on.
 SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
+# One datum of it: each token predicting the next, weighted 1.
+DATUM = tinker.types.Datum(
+    model_input=tinker.types.ModelInput.from_ints(SEQUENCE[:-1]),
+    loss_fn_inputs={"target_tokens": SEQUENCE[1:], "weights": [1.0] * (len(SEQUENCE) - 1)},
+)
 
 
 def tinker_settings(tmp_path: Path) -> Settings:

@@ -24,15 +24,11 @@ from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
 
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
-from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
+from tests.tinker_harness import DATUM, SEQUENCE, sdk_service, tinker_settings
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
 TARGETS = SEQUENCE[1:]
-DATUM = types.Datum(
-    model_input=types.ModelInput.from_ints(SEQUENCE[:-1]),
-    loss_fn_inputs={"target_tokens": TARGETS, "weights": [1.0] * len(TARGETS)},
-)
 STEP = types.AdamParams(learning_rate=1e-2)
 
 

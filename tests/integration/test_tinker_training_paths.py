@@ -19,14 +19,10 @@ from tinker import types
 
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
-from tests.tinker_harness import SEQUENCE, sdk_service, tinker_settings
+from tests.tinker_harness import DATUM, SEQUENCE, sdk_service, tinker_settings
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
-DATUM = types.Datum(
-    model_input=types.ModelInput.from_ints(SEQUENCE[:-1]),
-    loss_fn_inputs={"target_tokens": SEQUENCE[1:], "weights": [1.0] * (len(SEQUENCE) - 1)},
-)
 STEP = types.AdamParams(learning_rate=1e-2)
 
 

@@ -22,14 +22,9 @@ from control_plane.settings import Settings
 from loraforge.client import Client, LoraforgeError
 from loraforge.platform_admin import PlatformAdmin
 from tests.api_harness import TenantKeys
-from tests.tinker_harness import SEQUENCE, tinker_settings
+from tests.tinker_harness import DATUM, SEQUENCE, tinker_settings
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
-
-DATUM = types.Datum(
-    model_input=types.ModelInput.from_ints(SEQUENCE[:-1]),
-    loss_fn_inputs={"target_tokens": SEQUENCE[1:], "weights": [1.0] * (len(SEQUENCE) - 1)},
-)
 
 
 @pytest.fixture
