@@ -106,6 +106,12 @@ def test_a_custom_loss_runs_on_the_server_in_one_call_with_the_builtin_losses_nu
             )
             builtin.optim_step(STEP).result(timeout=120)
             custom.optim_step(STEP).result(timeout=120)
+        # A forward with the loss scores without training: the built-in's numbers, no step.
+        scored = custom.forward([DATUM], "custom", {"loss_id": handle.loss_id}).result(timeout=120)
+        plain = builtin.forward([DATUM], "cross_entropy").result(timeout=120)
+        assert scored.metrics["custom/nll:sum"] == pytest.approx(
+            plain.metrics["loss:sum"], rel=1e-5
+        )
         # One forward_backward a step, none of the client-side path's forwards.
         assert _kinds(services.engine, custom.model_id) == [
             "create_model",
@@ -113,6 +119,7 @@ def test_a_custom_loss_runs_on_the_server_in_one_call_with_the_builtin_losses_nu
             "optim_step",
             "forward_backward",
             "optim_step",
+            "forward",
         ]
         assert _loss(custom) == pytest.approx(_loss(builtin), rel=1e-4)
 
