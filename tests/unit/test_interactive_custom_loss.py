@@ -7,6 +7,7 @@ with a message naming the node."""
 from __future__ import annotations
 
 import json
+import operator
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
 from torch.testing import assert_close
 
 from control_plane.loss_graphs import FUNCTIONS, METHODS, LossGraphError
-from workers.interactive.custom_loss import MAX_ELEMENTS, CustomLoss
+from workers.interactive.custom_loss import _NO_LARGER, _SAME_SHAPE, MAX_ELEMENTS, CustomLoss
 from workers.interactive.losses import InteractiveError
 
 Result = tuple[torch.Tensor, dict[str, Any]]
@@ -349,3 +350,74 @@ def test_an_input_of_another_rank_than_declared_is_refused() -> None:
         loss_fn(torch.zeros(3), {"weights": torch.zeros(3, 1)})
     with pytest.raises(InteractiveError, match="reads 'weights', not given"):
         loss_fn(torch.zeros(3), {})
+
+
+def _callables(name: str) -> list[Callable[..., Any]]:
+    """Every function or tensor method the interpreter may reach by `name`'s last part."""
+    found: list[Callable[..., Any]] = []
+    for root in (torch, torch.nn.functional, torch.special, operator, torch.Tensor):
+        fn = getattr(root, name, None) or getattr(root, name.removeprefix("special_"), None)
+        if callable(fn):
+            found.append(fn)
+    return found
+
+
+def _numels(result: Any) -> list[int]:
+    if isinstance(result, torch.Tensor):
+        return [result.numel()]
+    if isinstance(result, (tuple, list)):
+        return [n for item in result for n in _numels(item)]
+    return []
+
+
+@pytest.mark.parametrize(
+    ("names", "tries", "bound"),
+    [
+        # Sized from the broadcast of their arguments, without running: none may make more.
+        (
+            sorted(_SAME_SHAPE),
+            [
+                lambda a, b: (a,),
+                lambda a, b: (a, b),
+                lambda a, b: (a > 0.5, a, b),
+                lambda a, b: (a, -1),
+                lambda a, b: (a, torch.float32),
+                lambda a, b: (a, 0.5),
+            ],
+            12,  # (3, 1) broadcast with (1, 4)
+        ),
+        # Run first and measured after: none may make more than its one tensor has.
+        (
+            sorted(_NO_LARGER),
+            [
+                lambda a, b: (a * b,),
+                lambda a, b: (a * b, 0),
+                lambda a, b: (a * b, 1),
+                lambda a, b: (a * b, 1, 0),
+                lambda a, b: (a * b, 1, 1, 2),
+                lambda a, b: (a * b, [12]),
+            ],
+            12,  # the (3, 4) tensor
+        ),
+    ],
+    ids=["same_shape", "no_larger"],
+)
+def test_the_ops_measured_by_rule_make_no_more_than_the_rule_says(
+    names: list[str], tries: list[Callable[..., tuple[Any, ...]]], bound: int
+) -> None:
+    # The size guard trusts two hand-written lists: an op listed wrongly (one that makes more
+    # than its arguments' broadcast, or than its one tensor) would pass unchecked. Each listed
+    # name is called every way that works on small tensors, and what it makes is measured.
+    a, b = torch.rand(3, 1) + 0.1, torch.rand(1, 4) + 0.1
+    exercised = set()
+    for name in names:
+        for fn in _callables(name):
+            for args in tries:
+                try:
+                    result = fn(*args(a, b))
+                except Exception:  # not this way: its other ways are tried
+                    continue
+                exercised.add(name)
+                assert max(_numels(result), default=0) <= bound, (name, fn, args(a, b))
+    # Most of each list is exercised (the rest take arguments of other kinds).
+    assert len(exercised) >= 0.8 * len(names), sorted(set(names) - exercised)
