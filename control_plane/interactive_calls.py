@@ -156,9 +156,10 @@ def finish(
     release_model: bool = False,
 ) -> bool:
     """Record `result` for a call this executor runs, with a training call's `metrics` apart
-    (its curves, kept when the answer is let go) and what it used (`usage`); not committed. `checkpoint` records a save's
-    weights with it (a save under a name taken overwrites it); `release_model` lets the model go
-    (an unload). False, nothing written, when the call was released as lost meanwhile."""
+    (its curves, kept when the answer is let go) and what it used (`usage`); not committed.
+    `checkpoint` records a save's weights with it (a save under a name taken overwrites it);
+    `release_model` lets the model go (an unload). False, nothing written, when the call was
+    released as lost meanwhile."""
     done = conn.execute(
         text(
             "UPDATE interactive_calls SET status = 'completed', result = :result, metrics = CASE "

@@ -30,6 +30,14 @@ HOUR = timedelta(hours=1)
 
 _SAVES = frozenset({"save_weights", "save_weights_for_sampler", "save_weights_external"})
 
+# What a call's `usage` may hold (`call_usage`), in the reports' order.
+METERED = ("training_tokens", "prefill_tokens", "sampled_tokens", "checkpoints")
+
+# Each of them summed over a group of calls `c` (0 where none holds it), as a bigint.
+_SUMS = ",\n".join(
+    f"coalesce(sum((c.usage ->> '{key}')::bigint), 0)::bigint AS {key}" for key in METERED
+)
+
 
 def call_usage(
     kind: str, request: Mapping[str, Any], result: Mapping[str, Any]
@@ -92,13 +100,9 @@ class Bucket:
 
 
 _BUCKETS = text(
-    """
+    f"""
     SELECT date_trunc('hour', c.finished_at, 'UTC') AS start, b.name AS base_model,
-           m.session_id,
-           coalesce(sum((c.usage ->> 'training_tokens')::bigint), 0)::bigint AS training_tokens,
-           coalesce(sum((c.usage ->> 'prefill_tokens')::bigint), 0)::bigint AS prefill_tokens,
-           coalesce(sum((c.usage ->> 'sampled_tokens')::bigint), 0)::bigint AS sampled_tokens,
-           coalesce(sum((c.usage ->> 'checkpoints')::bigint), 0)::bigint AS checkpoints
+           m.session_id, {_SUMS}
     FROM interactive_calls c
     JOIN interactive_models m ON m.id = c.model_id
     LEFT JOIN base_models b ON b.id = c.base_model_id
@@ -140,15 +144,11 @@ class TenantUsage:
 # Each tenant's calls of the window read off its own range of the partial index (tenant, finish
 # time), not the whole table's metered calls; tenants that used nothing are left out.
 _TENANTS = text(
-    """
+    f"""
     SELECT t.id AS tenant_id, t.name AS tenant_name, u.*
     FROM tenants t
     CROSS JOIN LATERAL (
-        SELECT coalesce(sum((c.usage ->> 'training_tokens')::bigint), 0)::bigint AS training_tokens,
-               coalesce(sum((c.usage ->> 'prefill_tokens')::bigint), 0)::bigint AS prefill_tokens,
-               coalesce(sum((c.usage ->> 'sampled_tokens')::bigint), 0)::bigint AS sampled_tokens,
-               coalesce(sum((c.usage ->> 'checkpoints')::bigint), 0)::bigint AS checkpoints,
-               count(*) AS calls
+        SELECT {_SUMS}, count(*) AS calls
         FROM interactive_calls c
         WHERE c.tenant_id = t.id AND c.usage IS NOT NULL
           AND c.finished_at >= :start AND c.finished_at < :end

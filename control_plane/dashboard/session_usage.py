@@ -22,11 +22,9 @@ from control_plane.interactive import CallStatus
 from control_plane.interactive import calls as _calls
 from control_plane.interactive import models as _models
 from control_plane.pagination import trim
+from control_plane.usage import METERED
 
 _bases = cast(Table, BaseModelRow.__table__)
-
-# What a call's `usage` holds (`control_plane.usage.call_usage`), in the table's order.
-METERED = ("training_tokens", "prefill_tokens", "sampled_tokens", "checkpoints")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from workers.interactive.losses import (
     DatumLoss,
     InteractiveError,
     TensorDict,
+    check_targets,
     read_tensor,
     read_tokens,
 )
@@ -44,8 +45,8 @@ class CustomLossFn:
 
     def datum(self, target_logprobs: torch.Tensor, inputs: TensorDict) -> DatumLoss:
         read = {name: inputs[name] for name in self.loss.input_names}
-        loss, metrics = self.loss(target_logprobs, read)
-        return DatumLoss(loss.reshape(()).to(torch.float32), {}, metrics)
+        loss, metrics = self.loss(target_logprobs, read)  # a 0-dim loss
+        return DatumLoss(loss.to(torch.float32), {}, metrics)
 
 
 def read_custom_input(
@@ -91,12 +92,5 @@ def _read_datum(item: Any, index: int, loss: CustomLoss, vocab_size: int) -> Dat
                 f"{loss.name!r} declared it with rank {rank}"
             )
         inputs[key] = tensor
-    targets = inputs["target_tokens"]
-    if targets.dtype != torch.int64 or targets.shape[0] != len(tokens):
-        raise InteractiveError(
-            f"{where}: target_tokens must be int64 with one row per input token "
-            f"({len(tokens)}), got {targets.dtype} {list(targets.shape)}"
-        )
-    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < vocab_size:
-        raise InteractiveError(f"{where}: target_tokens outside the vocabulary of {vocab_size}")
+    check_targets(inputs["target_tokens"], len(tokens), (ranks["logprobs"],), vocab_size, where)
     return Datum(tokens, inputs)

@@ -75,7 +75,7 @@ def run_together(
         peft.set_adapter(asked[0].adapter)  # its weights alone trainable; no rows to route
     outputs: list[dict[int, dict[str, Any]]] = [{} for _ in asked]
     totals = [0.0] * len(asked)
-    metrics: list[dict[str, float]] = [{} for _ in asked]
+    metrics: list[dict[str, torch.Tensor]] = [{} for _ in asked]  # summed on the device
     trainable = {id(p): p for call in asked if call.backward for p in call.params}
     with kept_gradients(list(trainable.values())):
         for group in micro_batches(rows, micro_batch_tokens):
@@ -94,7 +94,7 @@ def run_together(
                     sums.setdefault(i, []).append(scored.loss)
                     outputs[i][j] = {"logprobs": tensor_data(logprobs), **scored.outputs}
                     for key, value in scored.metrics.items():
-                        metrics[i][key] = metrics[i].get(key, 0.0) + float(value.detach())
+                        metrics[i][key] = metrics[i].get(key, 0) + value.detach()
                 losses = {i: torch.stack(s).sum() for i, s in sums.items()}
             if backward:
                 kept = [loss for i, loss in losses.items() if asked[i].backward]
@@ -111,9 +111,13 @@ def run_together(
     ]
 
 
-def _reduced(sums: dict[str, float], datums: int) -> dict[str, float]:
-    """A call's custom metrics, summed over its datums: a `:mean` one divided by their count."""
-    return {key: value / datums if key.endswith(":mean") else value for key, value in sums.items()}
+def _reduced(sums: dict[str, torch.Tensor], datums: int) -> dict[str, float]:
+    """A call's custom metrics, summed over its datums (read from the device once each): a
+    `:mean` one divided by their count."""
+    return {
+        key: value.item() / datums if key.endswith(":mean") else value.item()
+        for key, value in sums.items()
+    }
 
 
 def _logits(model: nn.Module, group: list[Datum], device: torch.device) -> torch.Tensor:

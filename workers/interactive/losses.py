@@ -344,16 +344,7 @@ def _read_datum(item: Any, index: int, loss: LossFn, vocab_size: int) -> Datum:
         key: read_tensor(value, f"{where}.loss_fn_inputs.{key}") for key, value in raw.items()
     }
     targets = inputs["target_tokens"]
-    n = len(tokens)
-    allowed = f"({n},) or ({n}, K)" if loss.multi_target else f"({n},)"
-    shaped = targets.shape[:1] == (n,) and targets.dim() in ((1, 2) if loss.multi_target else (1,))
-    if targets.dtype != torch.int64 or not shaped:
-        raise InteractiveError(
-            f"{where}: target_tokens must be int64 of shape {allowed}, one target per input "
-            f"token (the next token of the sequence), got {targets.dtype} {list(targets.shape)}"
-        )
-    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < vocab_size:
-        raise InteractiveError(f"{where}: target_tokens outside the vocabulary of {vocab_size}")
+    check_targets(targets, len(tokens), (1, 2) if loss.multi_target else (1,), vocab_size, where)
     for key, tensor in inputs.items():
         if key == "target_tokens":
             continue
@@ -366,6 +357,22 @@ def _read_datum(item: Any, index: int, loss: LossFn, vocab_size: int) -> Datum:
             raise InteractiveError(f"{where}: {key} has values that are not finite numbers")
         inputs[key] = tensor.to(torch.float32)
     return Datum(tokens, inputs)
+
+
+def check_targets(
+    targets: torch.Tensor, n: int, ranks: tuple[int, ...], vocab_size: int, where: str
+) -> None:
+    """A datum's `target_tokens`: int64, one row per input token (`n`), of one of `ranks` (1:
+    (n,), 2: (n, K)), each a token of the vocabulary; refused saying what to send."""
+    shaped = targets.shape[:1] == (n,) and targets.dim() in ranks
+    if targets.dtype != torch.int64 or not shaped:
+        allowed = " or ".join(f"({n},)" if rank == 1 else f"({n}, K)" for rank in ranks)
+        raise InteractiveError(
+            f"{where}: target_tokens must be int64 of shape {allowed}, one target per input "
+            f"token (the next token of the sequence), got {targets.dtype} {list(targets.shape)}"
+        )
+    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < vocab_size:
+        raise InteractiveError(f"{where}: target_tokens outside the vocabulary of {vocab_size}")
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
