@@ -243,6 +243,11 @@ class JobEvent(Base):
             "id",
             postgresql_where=text(STATUS_CHANGE),
         ),
+        # Every job's status changes by time (revision 0036): the fine-tuning usage report reads
+        # a window's changes (`control_plane.job_usage`).
+        Index(
+            "ix_job_events_status_changes_at", "created_at", postgresql_where=text(STATUS_CHANGE)
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

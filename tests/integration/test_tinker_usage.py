@@ -111,6 +111,9 @@ def test_each_answered_call_is_metered_in_its_hour_base_and_session(
             "prefill_tokens": totals["sampling_prefill"],
             "sampled_tokens": totals["sampling_sample"],
             "checkpoints": totals["checkpoint"],
+            "trainer_seconds": 0.0,
+            "fine_tuning_jobs": 0,
+            "fine_tuning_trained_tokens": 0,
         }
     ]
     with pytest.raises(LoraforgeError) as refused:

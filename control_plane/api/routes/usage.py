@@ -1,7 +1,9 @@
-"""/v1/usage: what every tenant's interactive sessions used in a window, for the platform's
-operators (an admin of a tenant that `platform_operator_tenants` names): each tenant's training
-tokens, prompt and sampled tokens and checkpoints saved, summed from the calls metered as they
-were answered (`control_plane.usage`), by tenant name; tenants that used nothing are left out.
+"""/v1/usage: what every tenant used in a window, for the platform's operators (an admin of a
+tenant that `platform_operator_tenants` names), by tenant name; tenants that used nothing are
+left out. Its interactive sessions: training tokens, prompt and sampled tokens and checkpoints
+saved, summed from the calls metered as they were answered (`control_plane.usage`). Its
+fine-tuning jobs: the time they held a trainer, clipped to the window, and the jobs that
+succeeded there with the tokens they trained on (`control_plane.job_usage`).
 A month's chargeback is one request (a window of at most 93 days, on hour boundaries). A
 tenant reads its own, hour by hour, with the Tinker SDK's `AdminClient.get_billing_usage`.
 """
@@ -13,7 +15,7 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from control_plane import usage
+from control_plane import job_usage, usage
 from control_plane.api.deps import ConnDep, PlatformOperator
 from control_plane.api.errors import ApiError
 
@@ -26,6 +28,12 @@ class TenantUsagePublic(BaseModel):
     prefill_tokens: int = Field(description="its samples' prompt tokens, once a request")
     sampled_tokens: int = Field(description="tokens its samples generated")
     checkpoints: int = Field(description="weights it saved")
+    trainer_seconds: float = Field(
+        description="seconds its fine-tuning jobs held a trainer in the window, whatever they "
+        "ended in (each run clipped to the window; a run still going, up to now)"
+    )
+    fine_tuning_jobs: int = Field(description="its fine-tuning jobs that succeeded in the window")
+    fine_tuning_trained_tokens: int = Field(description="the tokens those jobs trained on")
 
 
 class PlatformUsage(BaseModel):
@@ -43,18 +51,28 @@ def platform_usage(
         usage.check_window(starting_on, ending_before, datetime.now(UTC), usage.MAX_PLATFORM_WINDOW)
     except usage.BadWindow as exc:
         raise ApiError(400, "invalid_request", str(exc), "starting_on") from None
-    totals = usage.tenant_totals(conn, starting_on, ending_before)
+    interactive = {t.tenant_name: t for t in usage.tenant_totals(conn, starting_on, ending_before)}
+    jobs = {t.tenant_name: t for t in job_usage.job_totals(conn, starting_on, ending_before)}
     return PlatformUsage(
         starting_on=starting_on,
         ending_before=ending_before,
         data=[
-            TenantUsagePublic(
-                tenant=t.tenant_name,
-                training_tokens=t.training_tokens,
-                prefill_tokens=t.prefill_tokens,
-                sampled_tokens=t.sampled_tokens,
-                checkpoints=t.checkpoints,
-            )
-            for t in totals
+            _public(name, interactive.get(name), jobs.get(name))
+            for name in sorted(interactive.keys() | jobs.keys())
         ],
+    )
+
+
+def _public(
+    name: str, calls: usage.TenantUsage | None, jobs: job_usage.TenantJobUsage | None
+) -> TenantUsagePublic:
+    return TenantUsagePublic(
+        tenant=name,
+        training_tokens=calls.training_tokens if calls else 0,
+        prefill_tokens=calls.prefill_tokens if calls else 0,
+        sampled_tokens=calls.sampled_tokens if calls else 0,
+        checkpoints=calls.checkpoints if calls else 0,
+        trainer_seconds=round(jobs.trainer_seconds, 3) if jobs else 0.0,
+        fine_tuning_jobs=jobs.fine_tuning_jobs if jobs else 0,
+        fine_tuning_trained_tokens=jobs.fine_tuning_trained_tokens if jobs else 0,
     )
