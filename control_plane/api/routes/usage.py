@@ -3,21 +3,23 @@ tenant that `platform_operator_tenants` names), by tenant name; tenants that use
 left out. Its interactive sessions: training tokens, prompt and sampled tokens and checkpoints
 saved, summed from the calls metered as they were answered (`control_plane.usage`). Its
 fine-tuning jobs: the time they held a trainer, clipped to the window, and the jobs that
-succeeded there with the tokens they trained on (`control_plane.job_usage`).
-A month's chargeback is one request (a window of at most 93 days, on hour boundaries). A
+succeeded there with the tokens they trained on (`control_plane.job_usage`); both merged by
+`control_plane.platform_usage`. A month's chargeback is one request (a window of at most 93 days, on hour boundaries). A
 tenant reads its own, hour by hour, with the Tinker SDK's `AdminClient.get_billing_usage`.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC, datetime
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from control_plane import job_usage, usage
+from control_plane import usage
 from control_plane.api.deps import ConnDep, PlatformOperator
 from control_plane.api.errors import ApiError
+from control_plane.platform_usage import platform_totals
 
 router = APIRouter(prefix="/v1/usage", tags=["tenants"])
 
@@ -51,28 +53,11 @@ def platform_usage(
         usage.check_window(starting_on, ending_before, datetime.now(UTC), usage.MAX_PLATFORM_WINDOW)
     except usage.BadWindow as exc:
         raise ApiError(400, "invalid_request", str(exc), "starting_on") from None
-    interactive = {t.tenant_name: t for t in usage.tenant_totals(conn, starting_on, ending_before)}
-    jobs = {t.tenant_name: t for t in job_usage.job_totals(conn, starting_on, ending_before)}
     return PlatformUsage(
         starting_on=starting_on,
         ending_before=ending_before,
         data=[
-            _public(name, interactive.get(name), jobs.get(name))
-            for name in sorted(interactive.keys() | jobs.keys())
+            TenantUsagePublic(**asdict(row))
+            for row in platform_totals(conn, starting_on, ending_before)
         ],
-    )
-
-
-def _public(
-    name: str, calls: usage.TenantUsage | None, jobs: job_usage.TenantJobUsage | None
-) -> TenantUsagePublic:
-    return TenantUsagePublic(
-        tenant=name,
-        training_tokens=calls.training_tokens if calls else 0,
-        prefill_tokens=calls.prefill_tokens if calls else 0,
-        sampled_tokens=calls.sampled_tokens if calls else 0,
-        checkpoints=calls.checkpoints if calls else 0,
-        trainer_seconds=round(jobs.trainer_seconds, 3) if jobs else 0.0,
-        fine_tuning_jobs=jobs.fine_tuning_jobs if jobs else 0,
-        fine_tuning_trained_tokens=jobs.fine_tuning_trained_tokens if jobs else 0,
     )
