@@ -73,17 +73,19 @@ _JOB_TOTALS = text(
                bool_or(r.status = :succeeded AND r.at >= :start AND r.at < :end) AS succeeded
         FROM runs r
         GROUP BY r.job_id
+    ), per_tenant AS (
+        SELECT j.tenant_id, coalesce(sum(p.seconds), 0) AS seconds,
+               count(*) FILTER (WHERE p.succeeded) AS jobs,
+               coalesce(sum(j.trained_tokens) FILTER (WHERE p.succeeded), 0) AS tokens
+        FROM per_job p
+        JOIN jobs j ON j.id = p.job_id
+        GROUP BY j.tenant_id
     )
-    SELECT t.id AS tenant_id, t.name AS tenant_name,
-           coalesce(sum(p.seconds), 0)::float8 AS trainer_seconds,
-           count(*) FILTER (WHERE p.succeeded) AS fine_tuning_jobs,
-           coalesce(sum(j.trained_tokens) FILTER (WHERE p.succeeded), 0)::bigint
-             AS fine_tuning_trained_tokens
-    FROM per_job p
-    JOIN jobs j ON j.id = p.job_id
-    JOIN tenants t ON t.id = j.tenant_id
-    GROUP BY t.id, t.name
-    HAVING coalesce(sum(p.seconds), 0) > 0 OR bool_or(p.succeeded)
+    SELECT t.id AS tenant_id, t.name AS tenant_name, pt.seconds::float8 AS trainer_seconds,
+           pt.jobs AS fine_tuning_jobs, pt.tokens::bigint AS fine_tuning_trained_tokens
+    FROM per_tenant pt
+    JOIN tenants t ON t.id = pt.tenant_id
+    WHERE pt.seconds > 0 OR pt.jobs > 0
     ORDER BY t.name
     """
 )

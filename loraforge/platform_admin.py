@@ -51,8 +51,10 @@ class PlatformAdmin:
             params["after"] = page["last_id"]
 
     def usage(self, starting_on: str, ending_before: str) -> list[dict[str, Any]]:
-        """Every tenant's interactive usage in the window (RFC 3339 times on hour boundaries,
-        at most 93 days): its training, prompt and sampled tokens and checkpoints, by name."""
+        """Every tenant's usage in the window (RFC 3339 times on hour boundaries, at most 93
+        days), by name: its fine-tuning jobs' trainer seconds, succeeded jobs and their trained
+        tokens, and its interactive sessions' training, prompt and sampled tokens and
+        checkpoints."""
         params = {"starting_on": starting_on, "ending_before": ending_before}
         return list(self.client.request("GET", "/v1/usage", params=params)["data"])
 
