@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.staticfiles import StaticFiles
 
 from control_plane.api.text_input import find_nul
+from control_plane.dashboard.operators import operates_platform
 from control_plane.dashboard.render import PageRefused, environment, install_page_errors
 from control_plane.dashboard.routes import (
     adapters,
@@ -28,6 +29,7 @@ from control_plane.dashboard.routes import (
     priority,
     sweeps,
     tenants,
+    usage,
     webhooks,
 )
 from control_plane.dashboard.security import SecurityHeaders
@@ -54,6 +56,7 @@ DASHBOARD_ROUTERS = (
     interactive.router,
     platform.router,
     tenants.router,
+    usage.router,
     webhooks.router,
 )
 
@@ -63,7 +66,7 @@ def mount_dashboard(app: FastAPI) -> None:
     for router in DASHBOARD_ROUTERS:
         app.include_router(router, include_in_schema=False, dependencies=[Depends(_refuse_nul)])
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    # The nav's Tenants link, on every page: shown to the platform's operators only.
-    environment().globals["operates_platform"] = tenants.operates_platform
+    # The nav's Tenants and Usage links, on every page: shown to the platform's operators only.
+    environment().globals["operates_platform"] = operates_platform
     install_page_errors(app)
     app.add_middleware(SecurityHeaders)

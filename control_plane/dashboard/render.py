@@ -66,6 +66,11 @@ def _count(value: int | float | None) -> str:
     return f"{value:,.0f}"
 
 
+def _hours(seconds: float) -> str:
+    """Seconds as hours to two decimals, thousands separated (trainer time, on the usage page)."""
+    return f"{seconds / 3600:,.2f}"
+
+
 def _size(value: int | None) -> str:
     if value is None:
         return "—"
@@ -90,6 +95,7 @@ def environment() -> Environment:
         short=_short,
         duration=_duration,
         count=_count,
+        hours=_hours,
         size=_size,
         # Decimal units, as a checkpoint cap is set and counted: `storage` to read (`20 GB`),
         # `size_field` for a form's value (`20G`, read back exactly).

@@ -2,4 +2,4 @@
 priority, a sweep's moves), the new-job form, adapters, interactive sessions (their models,
 calls and saved weights, published from the page), the platform (queue, workers, base models),
 for a tenant's admins, its webhooks and their delivery logs, and, for the platform's operators,
-the tenants."""
+the tenants and what each used in a month."""

@@ -21,11 +21,12 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane.api.deps import ServicesDep, get_services, refuse_unless_operator
+from control_plane.api.deps import ServicesDep
 from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.routes import tenants as tenants_api
 from control_plane.api.tenant_schemas import TenantCreate, TenantLimits
-from control_plane.dashboard.render import PageForbidden, PageNotFound, page
+from control_plane.dashboard.operators import refuse_unless_operator
+from control_plane.dashboard.render import PageNotFound, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
 from control_plane.services import Services
 from control_plane.sizes import parse_size
@@ -34,6 +35,7 @@ router = APIRouter()
 
 TENANTS_PAGE = 50
 NAME_MAX = 128  # `TenantName`'s longest
+ADMINISTERING = "Administering tenants (their limits and keys)"
 
 NOTICES = {
     "limits-saved": "New limits saved for {tenant}: a running limit holds its next claims (the "
@@ -45,24 +47,6 @@ NOTICES = {
     "10,000 and a checkpoint storage cap a size from 1 byte, in bytes or with a decimal unit "
     "(500M, 20G, 1T); leave a field empty for the platform's default.",
 }
-
-
-def operates_platform(request: Request, session: Session | None) -> bool:
-    """For the nav (a template global): whether the viewer is a platform operator's admin, read
-    off the session with no query. The page and its posts ask the database again
-    (`refuse_unless_operator`); a link shown or hidden decides nothing."""
-    if session is None or not session.principal.is_admin():
-        return False
-    return session.tenant_name in get_services(request).settings.platform_operator_tenants
-
-
-def _refuse_unless_operator(conn: Connection, session: Session, services: Services) -> None:
-    try:
-        refuse_unless_operator(
-            conn, session.principal, services, "Administering tenants (their limits and keys)"
-        )
-    except ApiError as exc:
-        raise PageForbidden(exc.message) from None
 
 
 def _at(timestamp: int | None) -> datetime | None:
@@ -120,7 +104,7 @@ def tenants_page(
     notice: str | None = None,
     tenant: Annotated[str, Query(max_length=NAME_MAX)] = "",
 ) -> Response:
-    _refuse_unless_operator(conn, session, services)
+    refuse_unless_operator(conn, session, services, ADMINISTERING)
     said = NOTICES.get(notice or "")
     return _tenants_page(
         request,
@@ -150,7 +134,7 @@ def set_limits(
     `PATCH /v1/tenants/{name}`'s function; back to the page the form was on, saying what it
     did, or what to change when the REST body would refuse them. All are always set: FastAPI
     reads an empty form field as one not sent, so "not sent" cannot mean "leave it as it is"."""
-    _refuse_unless_operator(conn, session, services)
+    refuse_unless_operator(conn, session, services, ADMINISTERING)
     try:
         tenants_api.get_tenant(name, conn, session.principal, services)
     except ApiError:
@@ -194,7 +178,7 @@ def create_tenant(
     first admin key, once. A name taken or one the REST body refuses, or a limit out of range,
     is the tenants page again with the REST API's message and the form as it was sent; nothing
     is created."""
-    _refuse_unless_operator(conn, session, services)
+    refuse_unless_operator(conn, session, services, ADMINISTERING)
     new = {
         "name": name,
         "max_running_jobs": max_running_jobs,
