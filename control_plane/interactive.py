@@ -5,7 +5,8 @@ adapter or on the base alone (`sampler`). Each thing asked of a model is a call 
 the SDK polls: `enqueue` gives it the model's next `seq` under the model row's lock, so a
 model's calls are strictly ordered, and announces it on `interactive_calls` so that an idle
 executor holding the base wakes (`control_plane.interactive_calls` is the executors' side).
-Every function takes the caller's tenant and finds only that tenant's rows; none commits.
+Every function takes the caller's tenant and finds only that tenant's rows (and, where asked,
+checkpoints other tenants published); none commits.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, func, insert, select, text, update
+from sqlalchemy import Connection, Table, func, insert, or_, select, text, update
 
 from control_plane import trainers
 from control_plane.base_catalog import get_base_model, list_base_models
@@ -271,15 +272,16 @@ def create_sampler(
     base_name: str | None,
     model_path: str | None,
     lease_seconds: float,
+    shared: bool = False,
 ) -> ModelRecord:
-    """A sampler of the session: on the sampler weights saved at `model_path` (the tenant's
-    own; their base is the one they were trained on), or on the base alone."""
+    """A sampler of the session: on the sampler weights at `model_path` (the tenant's, or with
+    `shared` published ones; on the base they were trained on), or on the base alone."""
     _session(conn, tenant_id, session_id)
     if model_path is None:
         assert base_name is not None, "a sampler needs model_path or base_name"
         base_id = ready_base(conn, base_name).id
     else:
-        base_id = _checkpoint_base(conn, tenant_id, model_path, sampler=True)
+        base_id = _checkpoint_base(conn, tenant_id, model_path, sampler=True, shared=shared)
         if base_name is not None and ready_base(conn, base_name).id != base_id:
             raise Refused(
                 f"{model_path} was trained on another base than {base_name!r}; leave base_model "
@@ -292,13 +294,16 @@ def create_sampler(
     )
 
 
-def _checkpoint_base(conn: Connection, tenant_id: str, path: str, *, sampler: bool) -> str:
+def _checkpoint_base(
+    conn: Connection, tenant_id: str, path: str, *, sampler: bool, shared: bool
+) -> str:
     """The base of the model that saved the tenant's weights at `path` (only sampler weights
-    when `sampler`); NotFound when there are none."""
+    when `sampler`; with `shared`, published ones too); NotFound when there are none."""
+    owner = checkpoints.c.tenant_id == tenant_id
     query = (
         select(models.c.base_model_id)
         .select_from(checkpoints.join(models, models.c.id == checkpoints.c.model_id))
-        .where(checkpoints.c.path == path, checkpoints.c.tenant_id == tenant_id)
+        .where(checkpoints.c.path == path, or_(owner, checkpoints.c.public) if shared else owner)
     )
     if sampler:
         query = query.where(checkpoints.c.kind == "sampler")
@@ -306,13 +311,6 @@ def _checkpoint_base(conn: Connection, tenant_id: str, path: str, *, sampler: bo
     if base_id is None:
         raise NotFound("sampler_checkpoint" if sampler else "checkpoint", path)
     return str(base_id)
-
-
-def check_loadable(conn: Connection, tenant_id: str, model_id: str, path: str) -> None:
-    """The model can load the weights at `path`: the tenant's, saved on the model's base."""
-    model = get_model(conn, tenant_id, model_id)
-    if _checkpoint_base(conn, tenant_id, path, sampler=False) != model.base_model_id:
-        raise Refused(f"{path} was saved from a model on another base than {model_id}'s", "path")
 
 
 def get_model(conn: Connection, tenant_id: str, model_id: str) -> ModelRecord:

@@ -46,7 +46,7 @@ EXPIRE_BATCH = 50
 _CHECKPOINT_COLUMNS = (
     "c.id, c.model_id, c.tenant_id, c.kind, c.name, c.path, c.storage_prefix, c.created_at, "
     "c.size_bytes, c.expires_at, c.user_metadata, c.published_version_id, m.session_id, "
-    "m.base_model_id, m.lora_config, c.files"
+    "m.base_model_id, m.lora_config, c.files, c.public"
 )
 
 
@@ -71,6 +71,7 @@ class CheckpointRecord(_FromRow):
     base_model_id: str
     lora_config: dict[str, Any]
     files: dict[str, Any] | None
+    public: bool
 
     @property
     def encrypted(self) -> bool:
@@ -126,20 +127,33 @@ def require_room(conn: Connection, tenant_id: str, default_limit: int) -> None:
 
 
 def find_checkpoint(
-    conn: Connection, tenant_id: str, path: str, *, lock: bool = False
+    conn: Connection, tenant_id: str, path: str, *, lock: bool = False, shared: bool = False
 ) -> CheckpointRecord:
-    """The tenant's saved weights at `path` (locked `FOR UPDATE` with `lock`); NotFound."""
+    """The tenant's saved weights at `path` (locked `FOR UPDATE` with `lock`), or, with
+    `shared` (a read, on a platform that lets checkpoints be published), another tenant's that
+    its owner published; NotFound."""
+    owner = "(c.tenant_id = :tenant OR c.public)" if shared else "c.tenant_id = :tenant"
     row = conn.execute(
         text(
             f"SELECT {_CHECKPOINT_COLUMNS} FROM interactive_checkpoints c "
             "JOIN interactive_models m ON m.id = c.model_id "
-            "WHERE c.path = :path AND c.tenant_id = :tenant" + (" FOR UPDATE OF c" if lock else "")
+            f"WHERE c.path = :path AND {owner}" + (" FOR UPDATE OF c" if lock else "")
         ),
         {"path": path, "tenant": tenant_id},
     ).one_or_none()
     if row is None:
         raise NotFound("checkpoint", path)
     return CheckpointRecord.from_row(row)
+
+
+def check_loadable(
+    conn: Connection, tenant_id: str, model_id: str, path: str, *, shared: bool
+) -> None:
+    """The model can load the weights at `path`: the tenant's (or, with `shared`, published),
+    saved on the model's base."""
+    model = get_model(conn, tenant_id, model_id)
+    if find_checkpoint(conn, tenant_id, path, shared=shared).base_model_id != model.base_model_id:
+        raise Refused(f"{path} was saved from a model on another base than {model_id}'s", "path")
 
 
 def check_name_free(conn: Connection, tenant_id: str, model_id: str, name: str) -> None:
@@ -268,6 +282,26 @@ def set_ttl(conn: Connection, tenant_id: str, path: str, ttl_seconds: int | None
     )
 
 
+def set_public(conn: Connection, tenant_id: str, path: str, public: bool) -> None:
+    """Publish the tenant's checkpoint at `path` (every tenant of the platform may then load it,
+    sample from it, read what it was trained on and download an export of it; only its owner
+    changes or deletes it), or make it its own again. Asked again, it is as it was asked (the
+    SDK retries a 409 until it gives up, so an answer lost and asked again must not be one).
+    Refused for weights encrypted to their age recipients, which nobody else could read."""
+    saved = find_checkpoint(conn, tenant_id, path, lock=True)
+    if public and saved.encrypted:
+        raise Refused(
+            f"{path} is encrypted to its age recipients, so nobody else could read it: publish "
+            "a save_state or save_weights_for_sampler checkpoint",
+            "checkpoint_id",
+        )
+    if saved.public != public:
+        conn.execute(
+            text("UPDATE interactive_checkpoints SET public = :public WHERE id = :id"),
+            {"public": public, "id": saved.id},
+        )
+
+
 def delete_checkpoint(conn: Connection, store: ObjectStore, tenant_id: str, path: str) -> None:
     """Delete the tenant's checkpoint at `path`: its objects, then its row (not committed: a
     store that fails leaves the row, and deleting again finishes the job). A version published
@@ -358,13 +392,14 @@ def create_from_state(
     request: dict[str, Any],
     lease_seconds: float,
     limit: int,
+    shared: bool = False,
 ) -> tuple[ModelRecord, str]:
     """A training run of the session started from the weights saved at `path` (the SDK's
     `create_training_client_from_state`): its id is the one the SDK derives,
     `<session>:train:<model_seq_id>`, its LoRA config the checkpoint's, and its first call
     (seq 0) loads them. Sent again (its answer lost), the same run and future. OverLimit when
     the tenant holds as many loaded training models as its cap (its own, else `limit`, the
-    platform's default)."""
+    platform's default). With `shared`, another tenant's published state may be the start."""
     _session(conn, tenant_id, session_id)
     model_id = f"{session_id}:train:{model_seq_id}"
     existing = conn.execute(
@@ -377,7 +412,7 @@ def create_from_state(
     if existing is not None:
         return get_model(conn, tenant_id, model_id), str(existing)
     require_room(conn, tenant_id, limit)
-    saved = find_checkpoint(conn, tenant_id, path)
+    saved = find_checkpoint(conn, tenant_id, path, shared=shared)
     if base_name is not None:
         named = get_base_model(conn, base_name)
         if named is None or named.id != saved.base_model_id:

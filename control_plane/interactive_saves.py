@@ -100,12 +100,13 @@ _RECORD = text(
     ":metadata) ON CONFLICT (model_id, kind, name) DO UPDATE "
     "SET storage_prefix = excluded.storage_prefix, size_bytes = excluded.size_bytes, "
     "files = excluded.files, expires_at = excluded.expires_at, "
-    "user_metadata = excluded.user_metadata, created_at = now()"
+    "user_metadata = excluded.user_metadata, created_at = now(), public = false"
 ).bindparams(bindparam("metadata", type_=JSONB), bindparam("files", type_=JSONB))
 
 
 def record(conn: Connection, call: Call, saved: Saved) -> None:
-    """The checkpoint's row (not committed); a save under a name taken overwrites it."""
+    """The checkpoint's row (not committed); a save under a name taken overwrites it, and what
+    was published of it is its tenant's own again (the weights are new)."""
     conn.execute(
         _RECORD,
         {

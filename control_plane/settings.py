@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     # the operations it allows (`control_plane.loss_graphs`); off, the SDK runs them itself (a
     # forward, then the gradient it computed sent back: two calls a step).
     tinker_custom_losses_on_server: bool = True
+    # Whether a tenant may publish its checkpoints (the SDK's `publish_checkpoint_from_tinker_path`)
+    # for every tenant of the platform to load, sample from and download by path. Off, publishing
+    # is refused and what was published is its owner's alone again (the flag stays, unread).
+    tinker_public_checkpoints: bool = True
     # An interactive session whose SDK has not heartbeated for this long (it does every 10 s
     # while its process lives) is over: its models' weights are let go from their executors
     # and what was asked of them and not taken fails.

@@ -855,3 +855,6 @@ class InteractiveCheckpoint(Base):
     user_metadata: Mapped[dict[str, Any]] = mapped_column(
         JSONB, nullable=False, server_default="{}"
     )
+    # Published by its owner (revision 0037): every tenant may load it, sample from it and
+    # download its export; only the owner changes or deletes it.
+    public: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")

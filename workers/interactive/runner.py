@@ -402,10 +402,12 @@ class InteractiveRunner:
             self.engine.drop(model_id)
 
     def _download(self, call: calls.Call, path: str, target: Path) -> Path:
-        """The saved weights a tinker:// path names, of the call's tenant, in `target`."""
+        """The saved weights a tinker:// path names, of the call's tenant (or published by
+        another), in `target`."""
         with self.services.engine.connect() as conn:
             try:
-                saved = find_checkpoint(conn, call.tenant_id, path)
+                shared = self.services.settings.tinker_public_checkpoints
+                saved = find_checkpoint(conn, call.tenant_id, path, shared=shared)
             except NotFound:
                 raise CheckpointNotFound(f"no saved weights at {path!r}") from None
         if saved.encrypted:

@@ -337,11 +337,18 @@ def load_weights(
                 request=request,
                 lease_seconds=services.settings.lease_seconds,
                 limit=services.settings.max_interactive_models_per_tenant,
+                shared=services.settings.tinker_public_checkpoints,
             )
         conn.commit()
         return _future(future, model.id)
     with domain_errors():
-        interactive.check_loadable(conn, caller.tenant_id, body.model_id, body.path)
+        interactive_runs.check_loadable(
+            conn,
+            caller.tenant_id,
+            body.model_id,
+            body.path,
+            shared=services.settings.tinker_public_checkpoints,
+        )
     return _enqueue(conn, caller, body.model_id, CallKind.LOAD_WEIGHTS, request, body.seq_id)
 
 
@@ -360,6 +367,7 @@ def create_sampling_session(
             base_name=body.base_model,
             model_path=body.model_path,
             lease_seconds=services.settings.lease_seconds,
+            shared=services.settings.tinker_public_checkpoints,
         )
     conn.commit()
     return {"type": "create_sampling_session", "sampling_session_id": sampler.id}

@@ -77,7 +77,9 @@ def external_weights_urls(
     """A download URL for each file of an external weights checkpoint, and when they expire."""
     path = checkpoint_path(run_id, segment, name)
     with domain_errors():
-        saved = interactive_runs.find_checkpoint(conn, caller.tenant_id, path)
+        saved = interactive_runs.find_checkpoint(
+            conn, caller.tenant_id, path, shared=services.settings.tinker_public_checkpoints
+        )
     if saved.kind != "external":
         raise ApiError(
             400,
@@ -124,7 +126,9 @@ def _download(services: Services, tenant_id: str, path: str, file_name: str) -> 
     )
     try:
         with services.engine.connect() as conn:
-            saved = interactive_runs.find_checkpoint(conn, tenant_id, path)
+            saved = interactive_runs.find_checkpoint(
+                conn, tenant_id, path, shared=services.settings.tinker_public_checkpoints
+            )
     except interactive.NotFound:
         raise gone from None
     stored = (saved.files or {}).get(file_name)

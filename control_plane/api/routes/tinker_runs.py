@@ -3,8 +3,11 @@ their checkpoints, sessions, what saved weights were trained on, a checkpoint's 
 time to live (`control_plane.interactive_runs`); and what its checkpoints hold in storage, as the
 SDK's `AdminClient` asks for it (`control_plane.interactive_storage`).
 
-Any live key of the tenant reads (a reader's too: these change nothing); deleting a checkpoint
-or setting when it expires takes a writer's. A checkpoint is named as the SDK names it, by its
+Any live key of the tenant reads (a reader's too: these change nothing); deleting a checkpoint,
+setting when it expires or publishing it takes a writer's. A published checkpoint is read by
+every tenant by its path (loaded, sampled from, described by `weights_info`, its export
+downloaded), where the platform lets checkpoints be published
+(`LORAFORGE_TINKER_PUBLIC_CHECKPOINTS`); the lists stay each tenant's own. A checkpoint is named as the SDK names it, by its
 run and `weights/<name>`, `sampler_weights/<name>` or `external_weights/<name>`. Projects and
 other accounts' checkpoints are not offered: asking for them is a 400 that says so, never an
 answer that ignores them.
@@ -15,6 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
+from sqlalchemy import Connection
 
 from control_plane import interactive_runs, interactive_storage
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
@@ -57,6 +61,7 @@ def _checkpoint(saved: CheckpointRecord) -> Checkpoint:
         user_metadata=saved.user_metadata or None,
         training_run_id=saved.model_id,
         published_version_id=saved.published_version_id,
+        public=saved.public,
     )
 
 
@@ -162,6 +167,38 @@ def set_checkpoint_ttl(
     return Response(status_code=204)
 
 
+@router.post("/training_runs/{run_id}/checkpoints/{segment}/{name}/publish", status_code=204)
+def publish_checkpoint(
+    run_id: str, segment: str, name: str, conn: ConnDep, caller: Writer, services: ServicesDep
+) -> Response:
+    """Every tenant of the platform may now load the checkpoint, sample from it, read what it
+    was trained on and download its export, by its path; only its owner changes it."""
+    if not services.settings.tinker_public_checkpoints:
+        raise ApiError(
+            403,
+            "publishing_disabled",
+            "this platform does not let checkpoints be published "
+            "(LORAFORGE_TINKER_PUBLIC_CHECKPOINTS is off): ask its operator",
+        )
+    return _set_public(conn, caller.tenant_id, checkpoint_path(run_id, segment, name), True)
+
+
+@router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}/publish", status_code=204)
+def unpublish_checkpoint(
+    run_id: str, segment: str, name: str, conn: ConnDep, caller: Writer
+) -> Response:
+    """The checkpoint is its tenant's alone again: other tenants' samplers and runs made from it
+    keep what they loaded, and cannot load it again."""
+    return _set_public(conn, caller.tenant_id, checkpoint_path(run_id, segment, name), False)
+
+
+def _set_public(conn: Connection, tenant_id: str, path: str, public: bool) -> Response:
+    with domain_errors():
+        interactive_runs.set_public(conn, tenant_id, path, public)
+    conn.commit()
+    return Response(status_code=204)
+
+
 @router.get("/checkpoints")
 def list_checkpoints(
     conn: ConnDep, caller: Caller, limit: Limit = 100, offset: Offset = 0
@@ -177,10 +214,15 @@ def list_checkpoints(
 
 
 @router.post("/weights_info")
-def weights_info(body: WeightsPath, conn: ConnDep, caller: Caller) -> WeightsInfo:
+def weights_info(
+    body: WeightsPath, conn: ConnDep, caller: Caller, services: ServicesDep
+) -> WeightsInfo:
     """What the weights at a path were trained on (the SDK reads it to resume from them)."""
+    shared = services.settings.tinker_public_checkpoints
     with domain_errors():
-        saved = interactive_runs.find_checkpoint(conn, caller.tenant_id, body.tinker_path)
+        saved = interactive_runs.find_checkpoint(
+            conn, caller.tenant_id, body.tinker_path, shared=shared
+        )
     config = saved.lora_config
     base = get_base_model(conn, saved.base_model_id)
     assert base is not None, "a model's base is never deleted (foreign key)"
