@@ -151,32 +151,6 @@ def require_served(conn: Connection, base_id: str, lease_seconds: float) -> None
     raise Refused(f"{unserved(name)} (bases served: {running})", "base_model")
 
 
-def create_session(
-    conn: Connection,
-    tenant_id: str,
-    *,
-    tags: list[str],
-    user_metadata: dict[str, Any],
-    sdk_version: str | None,
-) -> str:
-    """A new session of the tenant: its id."""
-    session_id = new_id("interactive_session")
-    values = {"tags": tags, "user_metadata": user_metadata, "sdk_version": sdk_version}
-    conn.execute(insert(sessions).values(id=session_id, tenant_id=tenant_id, **values))
-    return session_id
-
-
-def heartbeat(conn: Connection, tenant_id: str, session_id: str) -> None:
-    """The SDK's session is alive: NotFound for a session not the tenant's."""
-    beat = conn.execute(
-        update(sessions)
-        .where(sessions.c.id == session_id, sessions.c.tenant_id == tenant_id)
-        .values(last_heartbeat_at=func.now())
-    )
-    if not beat.rowcount:
-        raise NotFound("session", session_id)
-
-
 def _session(conn: Connection, tenant_id: str, session_id: str) -> None:
     found = conn.execute(
         select(sessions.c.id).where(sessions.c.id == session_id, sessions.c.tenant_id == tenant_id)
@@ -411,15 +385,6 @@ def unload(conn: Connection, tenant_id: str, model_id: str) -> str:
     future = enqueue(conn, tenant_id, model_id, CallKind.UNLOAD_MODEL, {})
     conn.execute(update(models).where(models.c.id == model_id).values(unloaded_at=func.now()))
     return future
-
-
-def finish_session(conn: Connection, tenant_id: str, session_id: str) -> list[str]:
-    """The SDK closed its session: unload each of its models still loaded (their futures)."""
-    _session(conn, tenant_id, session_id)
-    loaded = conn.execute(
-        select(models.c.id).where(models.c.session_id == session_id, models.c.unloaded_at.is_(None))
-    ).scalars()
-    return [unload(conn, tenant_id, model_id) for model_id in list(loaded)]
 
 
 def retrieve(conn: Connection, tenant_id: str, future_id: str) -> CallRecord:

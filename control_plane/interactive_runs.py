@@ -359,14 +359,16 @@ class SessionContents:
     training_run_ids: list[str]
     sampler_ids: list[str]
     user_metadata: dict[str, Any]
+    display_name: str | None
 
 
 def session_contents(conn: Connection, tenant_id: str, session_id: str) -> SessionContents:
     """The session's training runs and samplers, in the order they were made."""
     _session(conn, tenant_id, session_id)
-    metadata = conn.execute(
-        text("SELECT user_metadata FROM interactive_sessions WHERE id = :id"), {"id": session_id}
-    ).scalar_one()
+    metadata, name = conn.execute(
+        text("SELECT user_metadata, display_name FROM interactive_sessions WHERE id = :id"),
+        {"id": session_id},
+    ).one()
     rows = conn.execute(
         text(
             "SELECT id, kind FROM interactive_models WHERE session_id = :id ORDER BY created_at, id"
@@ -377,6 +379,7 @@ def session_contents(conn: Connection, tenant_id: str, session_id: str) -> Sessi
         training_run_ids=[r.id for r in rows if r.kind == ModelKind.TRAINING],
         sampler_ids=[r.id for r in rows if r.kind == ModelKind.SAMPLER],
         user_metadata=dict(metadata or {}),
+        display_name=name,
     )
 
 

@@ -32,6 +32,7 @@ from control_plane.api.routes import (
     tinker_futures,
     tinker_losses,
     tinker_runs,
+    tinker_sessions,
     tinker_usage,
     usage,
     webhooks,
@@ -54,6 +55,7 @@ API_ROUTERS = (
     adapters.router,
     health.router,
     # Before tinker's: its last route answers every other /api/v1 path with a 404.
+    tinker_sessions.router,
     tinker_runs.router,
     tinker_usage.router,
     tinker_auth.router,

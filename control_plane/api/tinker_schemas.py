@@ -51,9 +51,13 @@ class SessionHeartbeat(_Body):
     session_id: Id
 
 
+class FinishReasonBody(_Body):
+    type: Literal["success", "errored", "interrupted"]
+
+
 class SessionFinish(_Body):
-    reason: dict[str, Any] | None = None
-    detail: str | None = None
+    reason: FinishReasonBody | None = None
+    detail: str | None = Field(default=None, max_length=10_000)
 
 
 class LoraConfig(_Body):
@@ -410,6 +414,7 @@ class SessionInfo(BaseModel):
     training_run_ids: list[str]
     sampler_ids: list[str]
     user_metadata: dict[str, Any] | None
+    display_name: str | None = None
 
 
 class CheckpointStorageItem(BaseModel):

@@ -642,6 +642,12 @@ class InteractiveSession(Base):
         JSONB, nullable=False, server_default="{}"
     )
     sdk_version: Mapped[str | None] = mapped_column(String(64))
+    # What the SDK named it, and when and why its client said it was done (revision 0038): the
+    # session search's filters and its status.
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    finish_detail: Mapped[str | None] = mapped_column(Text)
 
 
 class InteractiveModel(Base):

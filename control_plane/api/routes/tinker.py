@@ -39,7 +39,13 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import custom_losses, interactive, interactive_runs, interactive_storage
+from control_plane import (
+    custom_losses,
+    interactive,
+    interactive_runs,
+    interactive_sessions,
+    interactive_storage,
+)
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
@@ -142,12 +148,13 @@ def telemetry(caller: Caller) -> dict[str, str]:
 
 @router.post("/create_session")
 def create_session(body: SessionCreate, conn: ConnDep, caller: Writer) -> dict[str, Any]:
-    session_id = interactive.create_session(
+    session_id = interactive_sessions.create_session(
         conn,
         caller.tenant_id,
         tags=body.tags,
         user_metadata=body.user_metadata or {},
         sdk_version=body.sdk_version,
+        display_name=body.display_name,
     )
     conn.commit()
     return {"type": "create_session", "session_id": session_id}
@@ -156,7 +163,7 @@ def create_session(body: SessionCreate, conn: ConnDep, caller: Writer) -> dict[s
 @router.post("/session_heartbeat")
 def session_heartbeat(body: SessionHeartbeat, conn: ConnDep, caller: Writer) -> dict[str, str]:
     with domain_errors():
-        interactive.heartbeat(conn, caller.tenant_id, body.session_id)
+        interactive_sessions.heartbeat(conn, caller.tenant_id, body.session_id)
     conn.commit()
     return {"type": "session_heartbeat"}
 
@@ -165,8 +172,11 @@ def session_heartbeat(body: SessionHeartbeat, conn: ConnDep, caller: Writer) -> 
 def finish_session(
     session_id: str, body: SessionFinish, conn: ConnDep, caller: Writer
 ) -> dict[str, Any]:
+    reason = body.reason.type if body.reason is not None else None
     with domain_errors():
-        unloads = interactive.finish_session(conn, caller.tenant_id, session_id)
+        unloads = interactive_sessions.finish_session(
+            conn, caller.tenant_id, session_id, reason, body.detail
+        )
     conn.commit()
     return {"session_id": session_id, "unload_futures": unloads}
 

@@ -256,6 +256,7 @@ def get_session(session_id: str, conn: ConnDep, caller: Caller) -> SessionInfo:
         training_run_ids=found.training_run_ids,
         sampler_ids=found.sampler_ids,
         user_metadata=found.user_metadata or None,
+        display_name=found.display_name,
     )
 
 
