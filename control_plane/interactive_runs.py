@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, text
 
+from control_plane import audit
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive import (
     CallKind,
@@ -282,12 +283,13 @@ def set_ttl(conn: Connection, tenant_id: str, path: str, ttl_seconds: int | None
     )
 
 
-def set_public(conn: Connection, tenant_id: str, path: str, public: bool) -> None:
+def set_public(conn: Connection, tenant_id: str, path: str, public: bool) -> bool:
     """Publish the tenant's checkpoint at `path` (every tenant of the platform may then load it,
     sample from it, read what it was trained on and download an export of it; only its owner
     changes or deletes it), or make it its own again. Asked again, it is as it was asked (the
     SDK retries a 409 until it gives up, so an answer lost and asked again must not be one).
-    Refused for weights encrypted to their age recipients, which nobody else could read."""
+    Refused for weights encrypted to their age recipients, which nobody else could read.
+    Whether it changed."""
     saved = find_checkpoint(conn, tenant_id, path, lock=True)
     if public and saved.encrypted:
         raise Refused(
@@ -295,11 +297,13 @@ def set_public(conn: Connection, tenant_id: str, path: str, public: bool) -> Non
             "a save_state or save_weights_for_sampler checkpoint",
             "checkpoint_id",
         )
-    if saved.public != public:
-        conn.execute(
-            text("UPDATE interactive_checkpoints SET public = :public WHERE id = :id"),
-            {"public": public, "id": saved.id},
-        )
+    if saved.public == public:
+        return False
+    conn.execute(
+        text("UPDATE interactive_checkpoints SET public = :public WHERE id = :id"),
+        {"public": public, "id": saved.id},
+    )
+    return True
 
 
 def delete_checkpoint(conn: Connection, store: ObjectStore, tenant_id: str, path: str) -> None:
@@ -319,7 +323,8 @@ def expire_checkpoints(engine: Engine, store: ObjectStore) -> int:
         with engine.begin() as conn:
             due = conn.execute(
                 text(
-                    "SELECT id, path, storage_prefix FROM interactive_checkpoints "
+                    "SELECT id, path, storage_prefix, tenant_id, model_id "
+                    "FROM interactive_checkpoints "
                     "WHERE expires_at <= now() ORDER BY expires_at LIMIT :batch "
                     "FOR UPDATE SKIP LOCKED"
                 ),
@@ -330,6 +335,8 @@ def expire_checkpoints(engine: Engine, store: ObjectStore) -> int:
                 conn.execute(
                     text("DELETE FROM interactive_checkpoints WHERE id = :id"), {"id": row.id}
                 )
+                about = {"tinker_path": row.path, "model_id": row.model_id}
+                audit.record(conn, row.tenant_id, "checkpoint_expired", None, **about)
                 log.info("deleted the expired checkpoint %s", row.path)
         deleted += len(due)
         if len(due) < EXPIRE_BATCH:

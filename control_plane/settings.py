@@ -161,6 +161,8 @@ class Settings(BaseSettings):
     webhook_allow_private_urls: bool | None = None
     # Delivered and failed entries of the delivery log are forgotten after this many days.
     webhook_log_retention_days: float = Field(default=30.0, gt=0)
+    # A tenant's audit log entries (`control_plane.audit`) are deleted after this many days.
+    audit_retention_days: float = Field(default=365.0, gt=0)
 
     # Secret that peppers API-key hashes; must be changed outside development.
     secret_key: str = "dev-insecure-secret"

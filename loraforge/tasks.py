@@ -18,6 +18,7 @@ import threading
 from celery import Celery
 
 from control_plane import (
+    audit,
     db,
     interactive_calls,
     interactive_health,
@@ -74,6 +75,10 @@ celery_app.conf.update(
         "forget-gone-trainers": {"task": "loraforge.forget_gone_trainers", "schedule": 600.0},
         "forget-old-webhook-deliveries": {
             "task": "loraforge.forget_old_webhook_deliveries",
+            "schedule": 3600.0,
+        },
+        "forget-old-audit-events": {
+            "task": "loraforge.forget_old_audit_events",
             "schedule": 3600.0,
         },
         "forget-interactive-call-payloads": {
@@ -194,6 +199,13 @@ def forget_old_webhook_deliveries() -> int:
     return webhooks.forget_old_deliveries(
         services.engine, services.settings.webhook_log_retention_days
     )
+
+
+@celery_app.task(name="loraforge.forget_old_audit_events")
+def forget_old_audit_events() -> int:
+    """Trim the tenants' audit logs to `audit_retention_days`."""
+    services = get_services()
+    return audit.forget_older_than(services.engine, services.settings.audit_retention_days)
 
 
 @celery_app.task(name="loraforge.expire_interactive_checkpoints")

@@ -864,3 +864,24 @@ class InteractiveCheckpoint(Base):
     # Published by its owner (revision 0037): every tenant may load it, sample from it and
     # download its export; only the owner changes or deletes it.
     public: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default="false")
+
+
+class AuditEvent(Base):
+    """An entry of a tenant's audit log (revision 0039, `control_plane.audit`): what was done to
+    its checkpoints, keys and limits, and who read its checkpoints, by whom."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_events_tenant_created", "tenant_id", "created_at", "id"),
+        # The retention pass reads the oldest entries of every tenant: the table only grows at
+        # its end, so a BRIN index on the time is a few pages.
+        Index("ix_audit_events_created_brin", "created_at", postgresql_using="brin"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    created_at: Mapped[datetime] = _now()
+    event: Mapped[str] = mapped_column(String(64), nullable=False)
+    details: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from control_plane import tenants
+from control_plane import audit, tenants
 from control_plane.api.deps import Admin, ConnDep, PrincipalsDep, ServicesDep
 from control_plane.api.errors import not_found
 from control_plane.api.schemas import ApiKeyCreate, ApiKeyPublic, Page, page_of
+from control_plane.records import ApiKeyRecord
 
 router = APIRouter(prefix="/v1/api_keys", tags=["api-keys"])
 
@@ -19,6 +20,7 @@ def create_key(
     record, plaintext = tenants.create_api_key(
         conn, services.settings.secret_key, caller.tenant_id, role=body.role, name=body.name
     )
+    audit.record(conn, caller.tenant_id, "api_key_created", caller, **key_details(record))
     conn.commit()
     return ApiKeyPublic.of(record, plaintext)
 
@@ -32,16 +34,28 @@ def list_keys(conn: ConnDep, caller: Admin) -> Page[ApiKeyPublic]:
 def revoke_key(
     key_id: str, conn: ConnDep, caller: Admin, principals: PrincipalsDep
 ) -> ApiKeyPublic:
-    return revoke(conn, caller.tenant_id, key_id, principals)
+    return revoke(conn, caller.tenant_id, key_id, principals, caller)
 
 
-def revoke(conn: ConnDep, tenant_id: str, key_id: str, principals: PrincipalsDep) -> ApiKeyPublic:
+def key_details(record: ApiKeyRecord) -> dict[str, str]:
+    """What the audit log says of a key: never its secret, nor its prefix."""
+    return {"key_id": record.id, "name": record.name, "role": record.role}
+
+
+def revoke(
+    conn: ConnDep,
+    tenant_id: str,
+    key_id: str,
+    principals: PrincipalsDep,
+    actor: tenants.Principal,
+) -> ApiKeyPublic:
     """Revoke one of the tenant's live keys (404 for another tenant's, an unknown one or one
     already revoked): refused from this process's next request on, by other API replicas within
-    their cache's TTL."""
+    their cache's TTL; `actor`'s doing, in the tenant's audit log."""
     if not tenants.revoke_api_key(conn, tenant_id, key_id):
         raise not_found("api_key", key_id)
+    record = next(k for k in tenants.list_api_keys(conn, tenant_id) if k.id == key_id)
+    audit.record(conn, tenant_id, "api_key_revoked", actor, **key_details(record))
     conn.commit()
     principals.clear()
-    record = next(k for k in tenants.list_api_keys(conn, tenant_id) if k.id == key_id)
     return ApiKeyPublic.of(record)

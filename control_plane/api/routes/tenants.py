@@ -26,11 +26,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import Connection
 
-from control_plane import tenants
+from control_plane import audit, tenants
 from control_plane.api.deps import ConnDep, PlatformOperator, PrincipalsDep, ServicesDep
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
-from control_plane.api.routes.api_keys import revoke
+from control_plane.api.routes.api_keys import key_details, revoke
 from control_plane.api.schemas import ApiKeyCreate, ApiKeyPublic, Page, page_of
 from control_plane.api.tenant_schemas import (
     TenantCreate,
@@ -75,7 +75,7 @@ def _overview(conn: Connection, name: str, services: Services) -> TenantPublic:
 
 @router.post("", response_model=TenantCreatedPublic, responses=refusals(409))
 def create_tenant(
-    body: TenantCreate, conn: ConnDep, _: PlatformOperator, services: ServicesDep
+    body: TenantCreate, conn: ConnDep, operator: PlatformOperator, services: ServicesDep
 ) -> TenantCreatedPublic:
     """A new tenant with its limits and its first admin key (the plaintext, shown only here)."""
     try:
@@ -92,6 +92,9 @@ def create_tenant(
     key, plaintext = tenants.create_api_key(
         conn, services.settings.secret_key, tenant.id, role="admin", name=body.admin_key_name
     )
+    limits = body.model_dump(include=set(tenants.LIMITS))
+    audit.record(conn, tenant.id, "tenant_created", operator, name=tenant.name, limits=limits)
+    audit.record(conn, tenant.id, "api_key_created", operator, **key_details(key))
     conn.commit()
     created = _overview(conn, tenant.name, services)
     return TenantCreatedPublic(**created.model_dump(), admin_key=ApiKeyPublic.of(key, plaintext))
@@ -119,7 +122,11 @@ def get_tenant(
 
 @router.patch("/{name}", response_model=TenantPublic)
 def set_limits(
-    name: str, body: TenantLimits, conn: ConnDep, _: PlatformOperator, services: ServicesDep
+    name: str,
+    body: TenantLimits,
+    conn: ConnDep,
+    operator: PlatformOperator,
+    services: ServicesDep,
 ) -> TenantPublic:
     """Change the tenant's limits: a field left out stays, null returns it to the platform's
     default. A job above a lowered cap keeps its priority; a lowered running limit stops no
@@ -132,6 +139,7 @@ def set_limits(
     )
     if changed is None:
         raise _no_tenant(name)
+    audit.record(conn, changed.id, "tenant_limits_changed", operator, limits=limits)
     conn.commit()
     return _overview(conn, name, services)
 
@@ -144,7 +152,11 @@ def list_keys(name: str, conn: ConnDep, _: PlatformOperator) -> Page[ApiKeyPubli
 
 @router.post("/{name}/api_keys", response_model=ApiKeyPublic)
 def create_key(
-    name: str, body: ApiKeyCreate, conn: ConnDep, _: PlatformOperator, services: ServicesDep
+    name: str,
+    body: ApiKeyCreate,
+    conn: ConnDep,
+    operator: PlatformOperator,
+    services: ServicesDep,
 ) -> ApiKeyPublic:
     """A key for the tenant (the plaintext, shown only here): `role` admin for a tenant whose
     admins lost theirs."""
@@ -152,12 +164,13 @@ def create_key(
     record, plaintext = tenants.create_api_key(
         conn, services.settings.secret_key, tenant.id, role=body.role, name=body.name
     )
+    audit.record(conn, tenant.id, "api_key_created", operator, **key_details(record))
     conn.commit()
     return ApiKeyPublic.of(record, plaintext)
 
 
 @router.delete("/{name}/api_keys/{key_id}", response_model=ApiKeyPublic)
 def revoke_key(
-    name: str, key_id: str, conn: ConnDep, _: PlatformOperator, principals: PrincipalsDep
+    name: str, key_id: str, conn: ConnDep, operator: PlatformOperator, principals: PrincipalsDep
 ) -> ApiKeyPublic:
-    return revoke(conn, _tenant(conn, name).id, key_id, principals)
+    return revoke(conn, _tenant(conn, name).id, key_id, principals, operator)

@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from sqlalchemy import Connection
 
 from control_plane import (
+    audit,
     custom_losses,
     interactive,
     interactive_runs,
@@ -349,6 +350,7 @@ def load_weights(
                 limit=services.settings.max_interactive_models_per_tenant,
                 shared=services.settings.tinker_public_checkpoints,
             )
+            audit.checkpoint_read(conn, caller, body.path, "load")
         conn.commit()
         return _future(future, model.id)
     with domain_errors():
@@ -359,6 +361,7 @@ def load_weights(
             body.path,
             shared=services.settings.tinker_public_checkpoints,
         )
+        audit.checkpoint_read(conn, caller, body.path, "load")
     return _enqueue(conn, caller, body.model_id, CallKind.LOAD_WEIGHTS, request, body.seq_id)
 
 
@@ -379,6 +382,8 @@ def create_sampling_session(
             lease_seconds=services.settings.lease_seconds,
             shared=services.settings.tinker_public_checkpoints,
         )
+        if body.model_path is not None:
+            audit.checkpoint_read(conn, caller, body.model_path, "sample")
     conn.commit()
     return {"type": "create_sampling_session", "sampling_session_id": sampler.id}
 

@@ -44,5 +44,5 @@ def presented_key(caller: Caller, conn: ConnDep) -> dict[str, Any]:
 def revoke_presented_key(
     caller: Caller, conn: ConnDep, principals: PrincipalsDep
 ) -> dict[str, str]:
-    revoke(conn, caller.tenant_id, caller.key_id, principals)
+    revoke(conn, caller.tenant_id, caller.key_id, principals, caller)
     return {"key_id": caller.key_id, "status": "revoked"}

@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 from fastapi import APIRouter, Request, Response
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from control_plane import interactive, interactive_runs, interactive_storage
+from control_plane import audit, interactive, interactive_runs, interactive_storage
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError
@@ -99,6 +99,8 @@ def external_weights_urls(
             token = signer.dumps([caller.tenant_id, path, file_name])
             presigned = f"{api}/api/v1/checkpoint_files/{token}"
         urls[file_name] = presigned
+    audit.checkpoint_read(conn, caller, path, "download")
+    conn.commit()
     return ExternalWeightsUrls(urls=urls, expires=expires)
 
 

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import Connection
 
-from control_plane import interactive_runs, interactive_storage
+from control_plane import audit, interactive_runs, interactive_storage
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.routes.tinker import domain_errors
@@ -42,6 +42,7 @@ from control_plane.base_catalog import get_base_model
 from control_plane.interactive_runs import CheckpointRecord, RunRecord
 from control_plane.interactive_saves import SDK_TYPES, SEGMENTS
 from control_plane.storage import ObjectStoreUnavailableError
+from control_plane.tenants import Principal
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
 
@@ -145,6 +146,14 @@ def delete_checkpoint(
     with domain_errors():
         try:
             interactive_runs.delete_checkpoint(conn, services.store, caller.tenant_id, path)
+            audit.record(
+                conn,
+                caller.tenant_id,
+                "checkpoint_deleted",
+                caller,
+                tinker_path=path,
+                model_id=run_id,
+            )
         except ObjectStoreUnavailableError as exc:
             raise ApiError(
                 503,
@@ -163,6 +172,10 @@ def set_checkpoint_ttl(
     path = checkpoint_path(run_id, segment, name)
     with domain_errors():
         interactive_runs.set_ttl(conn, caller.tenant_id, path, body.ttl_seconds)
+    ttl = body.ttl_seconds
+    audit.record(
+        conn, caller.tenant_id, "checkpoint_ttl_set", caller, tinker_path=path, ttl_seconds=ttl
+    )
     conn.commit()
     return Response(status_code=204)
 
@@ -180,7 +193,7 @@ def publish_checkpoint(
             "this platform does not let checkpoints be published "
             "(LORAFORGE_TINKER_PUBLIC_CHECKPOINTS is off): ask its operator",
         )
-    return _set_public(conn, caller.tenant_id, checkpoint_path(run_id, segment, name), True)
+    return _set_public(conn, caller, checkpoint_path(run_id, segment, name), True)
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{segment}/{name}/publish", status_code=204)
@@ -189,12 +202,15 @@ def unpublish_checkpoint(
 ) -> Response:
     """The checkpoint is its tenant's alone again: other tenants' samplers and runs made from it
     keep what they loaded, and cannot load it again."""
-    return _set_public(conn, caller.tenant_id, checkpoint_path(run_id, segment, name), False)
+    return _set_public(conn, caller, checkpoint_path(run_id, segment, name), False)
 
 
-def _set_public(conn: Connection, tenant_id: str, path: str, public: bool) -> Response:
+def _set_public(conn: Connection, caller: Principal, path: str, public: bool) -> Response:
     with domain_errors():
-        interactive_runs.set_public(conn, tenant_id, path, public)
+        changed = interactive_runs.set_public(conn, caller.tenant_id, path, public)
+    if changed:
+        event = "checkpoint_published" if public else "checkpoint_unpublished"
+        audit.record(conn, caller.tenant_id, event, caller, tinker_path=path)
     conn.commit()
     return Response(status_code=204)
 
@@ -223,6 +239,8 @@ def weights_info(
         saved = interactive_runs.find_checkpoint(
             conn, caller.tenant_id, body.tinker_path, shared=shared
         )
+    audit.checkpoint_read(conn, caller, body.tinker_path, "weights_info")
+    conn.commit()
     config = saved.lora_config
     base = get_base_model(conn, saved.base_model_id)
     assert base is not None, "a model's base is never deleted (foreign key)"
