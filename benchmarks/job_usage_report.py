@@ -38,6 +38,7 @@ from benchmarks.queue import (
     make_file_row,
     progress,
 )
+from benchmarks.usage_report import BENCH_TENANTS
 from control_plane.job_status import ACTIVE, JobStatus, as_values
 from control_plane.job_usage import _JOB_TOTALS, job_totals
 
@@ -90,13 +91,7 @@ _EVENTS = text(
 
 def _setup(engine: Engine, tenants: int, jobs: int, days: int, lines: int) -> None:
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO tenants (id, name) SELECT 'tenant-bench-' || g, 'bench-' || "
-                "lpad(g::text, 5, '0') FROM generate_series(0, CAST(:n AS integer) - 1) g"
-            ),
-            {"n": tenants},
-        )
+        conn.execute(BENCH_TENANTS, {"n": tenants})
     base = make_base(engine, "job-usage-bench-base")
     file_id = make_file_row(engine, "tenant-bench-0")
     step = 5_000

@@ -59,16 +59,17 @@ _FILL = text(
 )
 
 
+# `tenant-bench-<g>` named `bench-<g, five digits>`, g from 0: the usage benchmarks' tenants.
+BENCH_TENANTS = text(
+    "INSERT INTO tenants (id, name) SELECT 'tenant-bench-' || g, 'bench-' || "
+    "lpad(g::text, 5, '0') FROM generate_series(0, CAST(:n AS integer) - 1) g"
+)
+
+
 def _setup(engine: Engine, tenants: int, calls: int) -> None:
     base = make_base(engine, "usage-bench-base")
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO tenants (id, name) SELECT 'tenant-bench-' || g, 'bench-' || "
-                "lpad(g::text, 5, '0') FROM generate_series(0, CAST(:n AS integer) - 1) g"
-            ),
-            {"n": tenants},
-        )
+        conn.execute(BENCH_TENANTS, {"n": tenants})
         conn.execute(
             text(
                 "INSERT INTO interactive_sessions (id, tenant_id) SELECT 'sess-bench-' || g, "
