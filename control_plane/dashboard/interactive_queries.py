@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Connection, Select, Table, func, select, true
+from sqlalchemy import ColumnElement, Connection, Select, Table, and_, func, select, true
 
 from control_plane.dashboard.queries import (
     MAX_CHART_POINTS,
@@ -40,9 +40,10 @@ _versions = cast(Table, AdapterVersion.__table__)
 _adapters = cast(Table, Adapter.__table__)
 
 ACTIVE_WITHIN = timedelta(minutes=2)
-"""A session heard from within this is active: the tinker SDK heartbeats every 10 seconds and
-warns its user once two minutes pass without one answered, so past that the session's process
-is gone or cut off. Compared with the database's clock, which stamped the heartbeat."""
+"""A session heard from within this is active (unless its client finished it): the tinker SDK
+heartbeats every 10 seconds and warns its user once two minutes pass without one answered, so
+past that the session's process is gone or cut off. Compared with the database's clock, which
+stamped the heartbeat."""
 
 
 @dataclass(frozen=True)
@@ -68,21 +69,36 @@ def _counts(row: Any) -> CallCounts:
 
 
 def _active() -> ColumnElement[bool]:
-    return (_sessions.c.last_heartbeat_at > func.now() - ACTIVE_WITHIN).label("active")
+    """Heard from within `ACTIVE_WITHIN` and not finished by its client: what a search for
+    `active` matches with `ACTIVE_WITHIN` as its timeout (`interactive_sessions.search`)."""
+    heard = _sessions.c.last_heartbeat_at > func.now() - ACTIVE_WITHIN
+    return and_(_sessions.c.finished_at.is_(None), heard).label("active")
 
 
 @dataclass(frozen=True)
 class SessionLine:
-    """A session as the pages show it: its times, whether it is active, its counts."""
+    """A session as the pages show it: its name and times, its status, its counts."""
 
     id: str
+    display_name: str | None
     created_at: datetime
     last_heartbeat_at: datetime
     active: bool
+    finished_at: datetime | None
+    finish_reason: str | None
+    finish_detail: str | None
     sdk_version: str | None
     tags: list[Any]
     models: int
     calls: CallCounts
+
+    @property
+    def status(self) -> str:
+        """`finished` once its client closed it (`finish_reason` says how), else `active`
+        while it heartbeats, else `ended`: it went silent."""
+        if self.finished_at is not None:
+            return "finished"
+        return "active" if self.active else "ended"
 
 
 def sessions_page(
@@ -125,9 +141,13 @@ def _session_counts(conn: Connection, session_ids: Sequence[str]) -> dict[str, A
 def _session_line(session: Any, counted: Any) -> SessionLine:
     return SessionLine(
         id=session.id,
+        display_name=session.display_name,
         created_at=session.created_at,
         last_heartbeat_at=session.last_heartbeat_at,
         active=bool(counted.active),
+        finished_at=session.finished_at,
+        finish_reason=session.finish_reason,
+        finish_detail=session.finish_detail,
         sdk_version=session.sdk_version,
         tags=list(session.tags),
         models=int(counted.models),
@@ -135,13 +155,24 @@ def _session_line(session: Any, counted: Any) -> SessionLine:
     )
 
 
+def session_lines(
+    conn: Connection, tenant_id: str, session_ids: Sequence[str]
+) -> list[SessionLine]:
+    """The tenant's sessions among `session_ids`, in that order, with their counts (a search's
+    page drawn as the list's rows); another tenant's id, or one deleted since, is left out."""
+    found = conn.execute(
+        select(_sessions).where(
+            _sessions.c.id.in_(list(session_ids)), _sessions.c.tenant_id == tenant_id
+        )
+    ).all()
+    counted = _session_counts(conn, [r.id for r in found])
+    by_id = {r.id: _session_line(r, counted[r.id]) for r in found if r.id in counted}
+    return [by_id[i] for i in session_ids if i in by_id]
+
+
 def session_line(conn: Connection, tenant_id: str, session_id: str) -> SessionLine | None:
     """One of the tenant's sessions with its counts; None when it is not the tenant's."""
-    found = conn.execute(
-        select(_sessions).where(_sessions.c.id == session_id, _sessions.c.tenant_id == tenant_id)
-    ).one_or_none()
-    counted = _session_counts(conn, [session_id]) if found is not None else {}
-    return _session_line(found, counted[session_id]) if session_id in counted else None
+    return next(iter(session_lines(conn, tenant_id, [session_id])), None)
 
 
 @dataclass(frozen=True)

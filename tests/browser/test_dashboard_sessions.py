@@ -233,7 +233,7 @@ def test_the_sessions_page_counts_each_sessions_models_and_calls_and_pages_past_
     newest = ["sess-live", *ids]  # sess-live's transaction began last
     assert [*first, *second] == newest
 
-    # Each row's cells after id, created and last heartbeat are the rows' own counts: models,
+    # Each row's cells after id, created, last heartbeat and status are its own counts: models,
     # then calls by status, counted here one subquery each.
     calls = (
         "SELECT count(*) FROM interactive_calls c JOIN interactive_models m ON m.id = c.model_id"
@@ -247,12 +247,12 @@ def test_the_sessions_page_counts_each_sessions_models_and_calls_and_pages_past_
             ),
             {"t": tenant},
         ).all()
-    assert {s: cells[3:] for s, cells in shown.items()} == {
+    assert {s: cells[4:] for s, cells in shown.items()} == {
         row[0]: [str(n) for n in row[1:]] for row in counted
     }
-    assert shown[ids[-1]][3:] != ["0"] * 5  # the second page's counted session, not zeros
-    assert shown["sess-live"][2].endswith("active")
-    assert not any(shown[s][2].endswith("active") for s in ids)
+    assert shown[ids[-1]][4:] != ["0"] * 5  # the second page's counted session, not zeros
+    assert shown["sess-live"][3] == "active"
+    assert all(shown[s][3] == "ended" for s in ids)
 
 
 def test_the_sessions_page_says_what_the_tenants_checkpoints_hold_and_the_cap_on_them(
@@ -363,7 +363,8 @@ def test_a_sessions_page_shows_its_models_holders_last_calls_errors_and_checkpoi
     page.goto(f"{live_url}/sessions")
     page.click("a[href='/sessions/sess-1']")
     page.wait_for_url(f"{live_url}/sessions/sess-1")
-    expect(page.locator("#session-active")).to_contain_text("not heard from within 2 minutes")
+    expect(page.locator("#session-status")).to_have_text("ended")
+    expect(page.locator("#session-silent")).to_contain_text("not heard from within 2 minutes")
     models = _table(page, "#models", "model")
     assert list(models) == [held, unloaded, waiting]  # oldest first
     # Cells: id, kind, base, rank, holder, pending, running, completed, failed, last call,

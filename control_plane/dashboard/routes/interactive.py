@@ -1,6 +1,8 @@
-"""The Sessions pages: the tenant's interactive (Tinker-compatible) sessions, fifty a page, with
-their models and calls counted and what the tenant's checkpoints hold in storage (and the cap on
-it, if any), and a session's page: its models (who holds their weights, their calls, the last
+"""The Sessions pages: the tenant's interactive (Tinker-compatible) sessions, fifty a page, each
+with its display name and status (active, finished as its client said, or ended), its models
+and calls counted, searched by name or id, status and metadata as the SDK searches them
+(`session_search`), under what the tenant's checkpoints hold in storage (and the cap on it, if
+any); and a session's page: its models (who holds their weights, their calls, the last
 failure's message, and whether their calls wait on a base no executor holds) and the weights they saved, each with the adapter version it became, or, for
 a writer, a form that publishes it as one; each training model's curves by step (train
 loss, eval loss, gradient norm) from its `metrics.json`, drawn as the job page's chart is; and
@@ -29,7 +31,7 @@ from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.routes import adapters as adapters_api
 from control_plane.dashboard import interactive_queries as queries
-from control_plane.dashboard import session_usage
+from control_plane.dashboard import session_search, session_usage
 from control_plane.dashboard.queries import MAX_CHART_POINTS
 from control_plane.dashboard.render import PageForbidden, PageNotFound, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
@@ -77,16 +79,35 @@ def sessions_page(
     conn: PageConn,
     services: ServicesDep,
     after: Annotated[str | None, Query(max_length=ID_MAX)] = None,
+    q: str = "",
+    status: str = "",
+    meta: str = "",
+    before_created: str = "",
+    before_id: str = "",
 ) -> Response:
     """The tenant's sessions, newest first, `SESSIONS_PAGE` a page (`after`: the last session
-    of the page before), under what its checkpoints hold and the cap that applies."""
-    try:
-        rows, more = queries.sessions_page(
-            conn, session.principal.tenant_id, after=after or None, limit=SESSIONS_PAGE
+    of the page before), under what its checkpoints hold and the cap that applies; searched
+    (`q`, `status`, `meta`: `session_search`), the sessions found, paged by the search's
+    cursor (`before_created`, `before_id`) with the filter kept in each link."""
+    tenant_id = session.principal.tenant_id
+    wanted = session_search.read_filter(q, status, meta)
+    cursor = session_search.read_cursor(before_created, before_id)
+    if wanted.given or cursor is not None:
+        rows, following = session_search.search_sessions(
+            conn, tenant_id, wanted, cursor, limit=SESSIONS_PAGE
         )
-    except LookupError:  # `after` is none of the tenant's sessions
-        raise PageNotFound() from None
-    stored = storage(conn, session.principal.tenant_id)
+        newest = wanted.address() if cursor is not None else None
+        older = wanted.address(following) if following is not None else None
+    else:
+        try:
+            rows, more = queries.sessions_page(
+                conn, tenant_id, after=after or None, limit=SESSIONS_PAGE
+            )
+        except LookupError:  # `after` is none of the tenant's sessions
+            raise PageNotFound() from None
+        newest = "/sessions" if after else None
+        older = f"/sessions?{urlencode({'after': rows[-1].id})}" if more and rows else None
+    stored = storage(conn, tenant_id)
     return page(
         request,
         "sessions.html",
@@ -94,9 +115,10 @@ def sessions_page(
         stored=stored,
         storage_cap=stored.cap(services.settings.max_checkpoint_bytes_per_tenant),
         rows=rows,
-        more=more,
-        after=after or None,
-        next_after=rows[-1].id if rows else None,
+        wanted=wanted,
+        statuses={value: label for value, (label, _) in session_search.STATUSES.items()},
+        newest=newest,
+        older=older,
         active_minutes=ACTIVE_MINUTES,
     )
 
