@@ -24,6 +24,7 @@ from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 if TYPE_CHECKING:
+    from control_plane.records import ApiKeyRecord
     from control_plane.tenants import Principal
 
 EventType = Literal["all", "checkpoints", "projects", "teams", "organizations"]
@@ -85,6 +86,11 @@ def checkpoint_read(conn: Connection, actor: Principal, path: str, purpose: str)
             model_id=owner.model_id,
             purpose=purpose,
         )
+
+
+def key_details(record: ApiKeyRecord) -> dict[str, str]:
+    """What the log says of a key: never its secret, nor its prefix."""
+    return {"key_id": record.id, "name": record.name, "role": record.role}
 
 
 @dataclass(frozen=True)

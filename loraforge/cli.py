@@ -33,7 +33,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
-    from control_plane import db, tenants
+    from control_plane import audit, db, tenants
 
     url = _database_url(settings)
     db.upgrade(url)
@@ -50,9 +50,14 @@ def cmd_create_key(args: argparse.Namespace, settings: Settings) -> int:
                     max_interactive_models=args.max_interactive_models,
                     max_checkpoint_bytes=args.max_checkpoint_bytes,
                 )
-            _, plaintext = tenants.create_api_key(
+                limits = {name: getattr(args, name) for name in tenants.LIMITS}
+                audit.record(
+                    conn, tenant.id, "tenant_created", None, name=tenant.name, limits=limits
+                )
+            key, plaintext = tenants.create_api_key(
                 conn, settings.secret_key, tenant.id, role=args.role, name=args.name
             )
+            audit.record(conn, tenant.id, "api_key_created", None, **audit.key_details(key))
     finally:
         engine.dispose()
     print(plaintext)
@@ -83,7 +88,7 @@ def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
     """Show a tenant's limits, setting those given first (`none`: the platform's default,
     `MAX_RUNNING_JOBS_PER_TENANT`, `MAX_PRIORITY_PER_TENANT`,
     `MAX_INTERACTIVE_MODELS_PER_TENANT` or `MAX_CHECKPOINT_BYTES_PER_TENANT`)."""
-    from control_plane import db, tenants
+    from control_plane import audit, db, tenants
 
     url = _database_url(settings)
     db.upgrade(url)
@@ -98,6 +103,8 @@ def cmd_tenant(args: argparse.Namespace, settings: Settings) -> int:
                 if given
                 else tenants.get_tenant_by_name(conn, args.name)
             )
+            if given and tenant is not None:
+                audit.record(conn, tenant.id, "tenant_limits_changed", None, limits=given)
     finally:
         engine.dispose()
     if tenant is None:

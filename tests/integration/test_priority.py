@@ -8,6 +8,7 @@ cancel of the same jobs without a deadlock."""
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 
+from control_plane import audit
 from control_plane.queue import JobQueue, JobStateError
 from control_plane.services import Services
 from control_plane.settings import Settings
@@ -395,6 +397,22 @@ def test_a_tenants_priority_cap_refuses_what_is_above_it_wherever_it_is_asked_fo
     )
     assert code == 0 and said.startswith("lf-")
     assert _interactive_cap(engine, "newco") == 2
+    # What the command line changed is in each tenant's audit log, done by no key.
+    today = datetime.now(UTC).date()
+    with engine.connect() as conn:
+        newco = conn.execute(text("SELECT id FROM tenants WHERE name = 'newco'")).scalar_one()
+        made = audit.day_entries(conn, newco, today, "all")
+        changed = audit.day_entries(conn, tenant_a.tenant_id, today, "organizations")
+    assert [(e.event, "actor" in e.details) for e in made] == [
+        ("tenant_created", False),
+        ("api_key_created", False),
+    ]
+    assert made[0].details["limits"]["max_interactive_models"] == 2
+    assert [e.details["limits"] for e in changed] == [
+        {"max_priority": 5},
+        {"max_interactive_models": 3},
+        {"max_interactive_models": None},
+    ]
     client = Client(live_url, tenant_a.member)
     body = {"model": base_name, "training_file": file_id}
     with pytest.raises(LoraforgeError) as refused:

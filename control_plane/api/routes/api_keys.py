@@ -8,7 +8,6 @@ from control_plane import audit, tenants
 from control_plane.api.deps import Admin, ConnDep, PrincipalsDep, ServicesDep
 from control_plane.api.errors import not_found
 from control_plane.api.schemas import ApiKeyCreate, ApiKeyPublic, Page, page_of
-from control_plane.records import ApiKeyRecord
 
 router = APIRouter(prefix="/v1/api_keys", tags=["api-keys"])
 
@@ -20,7 +19,7 @@ def create_key(
     record, plaintext = tenants.create_api_key(
         conn, services.settings.secret_key, caller.tenant_id, role=body.role, name=body.name
     )
-    audit.record(conn, caller.tenant_id, "api_key_created", caller, **key_details(record))
+    audit.record(conn, caller.tenant_id, "api_key_created", caller, **audit.key_details(record))
     conn.commit()
     return ApiKeyPublic.of(record, plaintext)
 
@@ -37,11 +36,6 @@ def revoke_key(
     return revoke(conn, caller.tenant_id, key_id, principals, caller)
 
 
-def key_details(record: ApiKeyRecord) -> dict[str, str]:
-    """What the audit log says of a key: never its secret, nor its prefix."""
-    return {"key_id": record.id, "name": record.name, "role": record.role}
-
-
 def revoke(
     conn: ConnDep,
     tenant_id: str,
@@ -55,7 +49,7 @@ def revoke(
     if not tenants.revoke_api_key(conn, tenant_id, key_id):
         raise not_found("api_key", key_id)
     record = next(k for k in tenants.list_api_keys(conn, tenant_id) if k.id == key_id)
-    audit.record(conn, tenant_id, "api_key_revoked", actor, **key_details(record))
+    audit.record(conn, tenant_id, "api_key_revoked", actor, **audit.key_details(record))
     conn.commit()
     principals.clear()
     return ApiKeyPublic.of(record)

@@ -30,7 +30,7 @@ from control_plane import audit, tenants
 from control_plane.api.deps import ConnDep, PlatformOperator, PrincipalsDep, ServicesDep
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
-from control_plane.api.routes.api_keys import key_details, revoke
+from control_plane.api.routes.api_keys import revoke
 from control_plane.api.schemas import ApiKeyCreate, ApiKeyPublic, Page, page_of
 from control_plane.api.tenant_schemas import (
     TenantCreate,
@@ -94,7 +94,7 @@ def create_tenant(
     )
     limits = body.model_dump(include=set(tenants.LIMITS))
     audit.record(conn, tenant.id, "tenant_created", operator, name=tenant.name, limits=limits)
-    audit.record(conn, tenant.id, "api_key_created", operator, **key_details(key))
+    audit.record(conn, tenant.id, "api_key_created", operator, **audit.key_details(key))
     conn.commit()
     created = _overview(conn, tenant.name, services)
     return TenantCreatedPublic(**created.model_dump(), admin_key=ApiKeyPublic.of(key, plaintext))
@@ -164,7 +164,7 @@ def create_key(
     record, plaintext = tenants.create_api_key(
         conn, services.settings.secret_key, tenant.id, role=body.role, name=body.name
     )
-    audit.record(conn, tenant.id, "api_key_created", operator, **key_details(record))
+    audit.record(conn, tenant.id, "api_key_created", operator, **audit.key_details(record))
     conn.commit()
     return ApiKeyPublic.of(record, plaintext)
 
