@@ -13,7 +13,11 @@ read to find the window's status changes):
 
 - `job_usage_month`: every tenant's trainer time, succeeded jobs and trained tokens over the last
   30 days (`job_usage.job_totals`, the fine-tuning half of `GET /v1/usage`);
-- `job_usage_day`: the same over the last 24 hours.
+- `job_usage_day`: the same over the last 24 hours;
+- `claim_complete_status_index`: what the index costs the queue, which writes an entry in it at
+  every status change (two a claim + complete): `--cycles` claims + completes by one claimer
+  over 100 tenants' queued jobs, in alternating rounds with the index and with it dropped (the
+  queue before revision 0036), on the same tables; the median cycle of each.
 
 One JSON line each (median ms beside the baseline's), with the plan's top nodes.
 """
@@ -29,18 +33,23 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, text
 
 from benchmarks.queue import (
+    NO_LIMIT,
+    TenantFixture,
     add_database_url_argument,
     admin_server,
     bench_database,
     emit_beside,
+    insert_queued_jobs,
     machine_description,
     make_base,
     make_file_row,
+    make_tenant,
     progress,
 )
 from benchmarks.usage_report import BENCH_TENANTS
 from control_plane.job_status import ACTIVE, JobStatus, as_values
 from control_plane.job_usage import _JOB_TOTALS, job_totals
+from control_plane.queue import JobQueue
 
 # Job g of the history: its tenant (every other job the first tenant's), its start (spread
 # evenly over the days, newest first) and its run's length in minutes.
@@ -109,6 +118,49 @@ def _setup(engine: Engine, tenants: int, jobs: int, days: int, lines: int) -> No
         conn.execute(text("VACUUM ANALYZE job_events"))
 
 
+_INDEX = (
+    "CREATE INDEX ix_job_events_status_changes_at ON job_events (created_at) "
+    "WHERE (data -> 'status') IS NOT NULL"
+)
+
+
+def _cycles(engine: Engine, cycles: int, rounds: int, machine: str) -> None:
+    """Claim + complete cycles with and without the index, alternating rounds."""
+    base = make_base(engine, "job-usage-claim-base")
+    fixtures = []
+    for n in range(100):
+        tenant = make_tenant(engine, f"claim-bench-{n}")
+        fixtures.append(
+            (TenantFixture(tenant, make_file_row(engine, tenant)), 2 * cycles * rounds // 100 + 1)
+        )
+    insert_queued_jobs(engine, base, fixtures)
+    queue = JobQueue(engine, max_running_per_tenant=NO_LIMIT)
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    for n in range(2 * rounds):
+        indexed = n % 2 == 0
+        if not indexed:
+            with engine.begin() as conn:
+                conn.execute(text("DROP INDEX ix_job_events_status_changes_at"))
+        for _ in range(cycles):
+            began = time.perf_counter()
+            job = queue.claim("bench")
+            assert job is not None, "the backlog ran out"
+            queue.complete(job.id, "bench", trained_tokens=1)
+            timings[indexed].append((time.perf_counter() - began) * 1000)
+        if not indexed:
+            with engine.begin() as conn:
+                conn.execute(text(_INDEX))
+    emit_beside(
+        "claim_complete_status_index",
+        statistics.median(timings[True]),
+        "the same cycles without revision 0036's index",
+        statistics.median(timings[False]),
+        machine,
+        cycles=cycles,
+        rounds=rounds,
+    )
+
+
 def _timed(engine: Engine, start: datetime, end: datetime, indexed: bool) -> float:
     with engine.connect() as conn, conn.begin() as transaction:
         if not indexed:
@@ -143,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-lines", type=int, default=20)
     parser.add_argument("--tenants", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--cycles", type=int, default=500, help="claim + complete cycles a round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of cycles each way")
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
     with admin_server(args.database_url) as admin_url, bench_database(admin_url) as url:
@@ -183,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     repeats=args.repeats,
                     plan=_plan(engine, start, end),
                 )
+            _cycles(engine, args.cycles, args.rounds, machine)
         finally:
             engine.dispose()
     return 0
