@@ -14,8 +14,8 @@ read to find the window's status changes):
 - `job_usage_month`: every tenant's trainer time, succeeded jobs and trained tokens over the last
   30 days (`job_usage.job_totals`, the fine-tuning half of `GET /v1/usage`);
 - `job_usage_day`: the same over the last 24 hours;
-- `claim_complete_status_index`: what the index costs the queue, which writes an entry in it at
-  every status change (two a claim + complete): `--cycles` claims + completes by one claimer
+- `claim_complete_status_index`: what the index costs the queue, which writes an event at every
+  status change (two a claim + complete): `--cycles` claims + completes by one claimer
   over 100 tenants' queued jobs, in alternating rounds with the index and with it dropped (the
   queue before revision 0036), on the same tables; the median cycle of each.
 

@@ -13,9 +13,9 @@ window, counted once, when they succeeded, as fine-tuning is billed.
 
 Nothing is written for it: jobs are never deleted and their status changes are kept, so the
 report reads what the queue writes already. It reads the status changes from the window's start
-on (a partial index on their time, revision 0036), and for each job seen there, or held by a
-trainer now, its last change before the window (off the job's own status changes): its cost
-grows with the jobs that changed since the window began, not with the history before it.
+on (a BRIN index on the events' time, revision 0036), and for each job seen there, or held by
+a trainer now, its last change before the window (off the job's own status changes): its cost
+grows with the events since the window began, not with the history before it.
 """
 
 from __future__ import annotations
