@@ -1,6 +1,9 @@
 """/api/v1/sessions/search: the SDK's `RestClient.search_sessions` (experimental there), a
 tenant's sessions newest first by id, display name, `user_metadata` and status, a keyset cursor
-to the next page (`control_plane.interactive_sessions.search`).
+to the next page (`control_plane.interactive_sessions.search`). And
+/api/v1/sessions/{id}/trace_export: the SDK's `export_session_trace` (`tinker session
+export-trace`), a URL signed for an hour that downloads the session's timeline as a Perfetto
+trace (`control_plane.session_traces`), without a key, built as it is downloaded.
 
 Any live key of the tenant searches (a reader's too), and finds the tenant's sessions: loraforge
 has no projects and a tenant's keys are not users, so `project_ids` and an owner of `user` are a
@@ -14,16 +17,22 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from pydantic import AwareDatetime, BaseModel, Field
 
-from control_plane import interactive_sessions
+from control_plane import interactive_sessions, session_traces
 from control_plane.api.deps import Caller, ConnDep, ServicesDep
 from control_plane.api.errors import ApiError
+from control_plane.api.routes.tinker import domain_errors
 from control_plane.api.tinker_schemas import Id, _Body
 from control_plane.interactive_sessions import FinishReason, SessionFound, StatusQuery
+from control_plane.services import Services
 
-router = APIRouter(prefix="/api/v1/sessions", tags=["tinker"], include_in_schema=False)
+router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
+
+TRACE_URL_SECONDS = 3600
+_TRACE_SALT = "loraforge.session-trace"
 
 
 class Owner(_Body):
@@ -92,7 +101,7 @@ def _summary(found: SessionFound) -> SessionSummary:
     )
 
 
-@router.post("/search")
+@router.post("/sessions/search")
 def search_sessions(
     body: SessionSearch, conn: ConnDep, caller: Caller, services: ServicesDep
 ) -> SessionSearchPage:
@@ -138,4 +147,42 @@ def search_sessions(
             if following is None
             else {"last_created_at": following[0], "last_session_id": following[1]}
         ),
+    )
+
+
+def _trace_signer(services: Services) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(services.settings.secret_key, salt=_TRACE_SALT)
+
+
+@router.get("/sessions/{session_id}/trace_export")
+def trace_export(
+    session_id: str, request: Request, conn: ConnDep, caller: Caller, services: ServicesDep
+) -> dict[str, str]:
+    """The trace is ready at once (it is built as it is downloaded): a URL for it, signed for
+    an hour, that any HTTP client fetches without a key, as the SDK's poll expects."""
+    with domain_errors():
+        session_traces.session_calls(conn, caller.tenant_id, session_id)
+    api = (services.settings.public_url or str(request.base_url)).rstrip("/")
+    token = _trace_signer(services).dumps([caller.tenant_id, session_id])
+    return {"status": "ready", "url": f"{api}/api/v1/session_traces/{token}"}
+
+
+@router.get("/session_traces/{token}", response_class=Response)
+def session_trace(token: str, services: ServicesDep) -> Response:
+    """The session's trace, by a URL `trace_export` signed: no key (the token is the proof)."""
+    again = "ask for the trace again (export_session_trace)"
+    try:
+        tenant_id, session_id = _trace_signer(services).loads(token, max_age=TRACE_URL_SECONDS)
+    except SignatureExpired:
+        raise ApiError(403, "url_expired", f"this trace URL expired: {again}") from None
+    except (BadSignature, ValueError, TypeError):
+        raise ApiError(
+            403, "invalid_signature", f"this is not a trace URL the platform signed: {again}"
+        ) from None
+    with services.engine.connect() as conn, domain_errors():
+        calls = session_traces.session_calls(conn, str(tenant_id), str(session_id))
+    return Response(
+        session_traces.build(str(session_id), calls),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{session_id}.pftrace"'},
     )
