@@ -1109,3 +1109,60 @@ def test_a_session_with_nothing_metered_says_so(
     expect(page.locator("#usage")).to_have_count(0)
     expect(page.locator("#usage-rule")).to_be_visible()
     expect(page.locator("#models tbody tr")).to_have_count(1)
+
+
+def test_a_sessions_page_downloads_its_timeline_as_a_perfetto_trace(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    base_id: str,
+) -> None:
+    from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
+
+    tenant = tenant_a.tenant_id
+    add_sessions(services, tenant, "sess-traced")
+    add_model(services, "sess-traced", tenant, base_id, "m-traced")
+    add_calls(
+        services,
+        "m-traced",
+        tenant,
+        base_id,
+        [("create_model", "completed"), ("forward_backward", "completed"), ("sample", "failed")],
+    )
+    with services.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE interactive_calls SET claimed_by = 'executor-9', "
+                "started_at = created_at + interval '10 milliseconds', "
+                "finished_at = created_at + interval '300 milliseconds' "
+                "WHERE model_id = 'm-traced'"
+            )
+        )
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/sessions/sess-traced")
+    with page.expect_download() as downloading:
+        page.locator("#session-trace").click()
+    download = downloading.value
+    assert download.suggested_filename == "sess-traced.pftrace"
+    trace = Trace.FromString(Path(download.path()).read_bytes())
+    names = {
+        p.track_descriptor.uuid: p.track_descriptor.name
+        for p in trace.packet
+        if p.HasField("track_descriptor")
+    }
+    model_track = next(u for u, n in names.items() if n == "training run m-traced")
+    begun = [
+        p.track_event.name
+        for p in sorted(trace.packet, key=lambda p: p.timestamp)
+        if p.track_event.type == TrackEvent.TYPE_SLICE_BEGIN
+        and p.track_event.track_uuid == model_track
+    ]
+    assert begun == ["create_model", "forward_backward", "sample"]
+    assert "session sess-traced" in names.values()
+    # Another tenant's session has no trace to download.
+    page.context.clear_cookies()
+    sign_in(page, live_url, tenant_b.admin)
+    refused = page.request.get(f"{live_url}/sessions/sess-traced/trace.pftrace")
+    assert refused.status == 404

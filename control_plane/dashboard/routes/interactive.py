@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import trainers
+from control_plane import session_traces, trainers
 from control_plane.api.adapter_schemas import VersionFromCheckpoint
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
@@ -185,6 +185,19 @@ def session_page(
             said = NOTICES[notice].format(path=saved.path, version=saved.published_as)
     lease = services.settings.lease_seconds
     return _session_page(request, session, conn, found, lease, notice=said)
+
+
+@router.get("/sessions/{session_id}/trace.pftrace")
+def session_trace(session_id: str, session: CurrentSession, conn: PageConn) -> Response:
+    """The session's timeline as a Perfetto trace (`control_plane.session_traces`), the file the
+    SDK's `export_session_trace` downloads; another tenant's session is the 404 page."""
+    found = _session(conn, session, session_id)
+    calls = session_traces.session_calls(conn, session.principal.tenant_id, found.id)
+    return Response(
+        session_traces.build(found.id, calls),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{found.id}.pftrace"'},
+    )
 
 
 @router.get("/sessions/{session_id}/models/{model_id}/metrics.json")
