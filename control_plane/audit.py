@@ -10,15 +10,18 @@ names them: `checkpoint_read` (with its `purpose`: `sample`, `load`, `weights_in
 `checkpoint_deleted`, `checkpoint_expired`; `api_key_created`, `api_key_revoked`,
 `tenant_created`, `tenant_limits_changed` (the organization's events). `details` says who did
 it (`actor`: the tenant and key, and the tenant's name; absent for the platform's own passes and
-its command line) and what it was about. Entries older than the platform's retention
-(`LORAFORGE_AUDIT_RETENTION_DAYS`, a year by default) are deleted by a periodic task.
+its command line) and what it was about. A read is recorded from the checkpoint the access
+check found (never looked up again by path), once an hour for each key, checkpoint and purpose:
+a retried request, or another tenant reading a published checkpoint in a loop, cannot flood the
+owner's log. A day's read answers at most `MAX_DAY_ENTRIES`. Entries older than the platform's
+retention (`LORAFORGE_AUDIT_RETENTION_DAYS`, a year by default) are deleted by a periodic task.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
@@ -38,14 +41,20 @@ KINDS: dict[str, tuple[str, ...]] = {
 }
 # What the retention pass deletes per transaction.
 EXPIRE_BATCH = 5000
+# The most entries a day's read answers (oldest first): a log read by people, not a data dump.
+MAX_DAY_ENTRIES = 10_000
 
+# An entry with a `once` key is written once: the second is nothing (the key's partial unique
+# index), so a key reading one checkpoint for one purpose leaves one entry an hour however often
+# it reads (a retried request, or another tenant reading a published checkpoint in a loop).
 _RECORD = text(
-    "INSERT INTO audit_events (tenant_id, event, details) "
+    "INSERT INTO audit_events (tenant_id, event, details, once) "
     "SELECT :tenant, :event, :details || CASE WHEN CAST(:actor_tenant AS text) IS NULL "
     "THEN '{}'::jsonb ELSE jsonb_build_object('actor', jsonb_build_object("
     "'tenant_id', CAST(:actor_tenant AS text), 'key_id', CAST(:actor_key AS text), "
     "'role', CAST(:actor_role AS text), 'tenant_name', "
-    "(SELECT name FROM tenants WHERE id = CAST(:actor_tenant AS text)))) END"
+    "(SELECT name FROM tenants WHERE id = CAST(:actor_tenant AS text)))) END, :once "
+    "ON CONFLICT (tenant_id, once) WHERE once IS NOT NULL DO NOTHING"
 ).bindparams(bindparam("details", type_=JSONB))
 
 
@@ -54,15 +63,19 @@ def record(
     tenant_id: str,
     event: str,
     actor: Principal | None,
+    *,
+    once: str | None = None,
     **details: Any,
 ) -> None:
-    """One entry in `tenant_id`'s log, in the caller's transaction (not committed)."""
+    """One entry in `tenant_id`'s log, in the caller's transaction (not committed); none when
+    an entry with the same `once` key is there already."""
     conn.execute(
         _RECORD,
         {
             "tenant": tenant_id,
             "event": event,
             "details": details,
+            "once": once,
             "actor_tenant": actor.tenant_id if actor else None,
             "actor_key": actor.key_id if actor else None,
             "actor_role": actor.role if actor else None,
@@ -70,22 +83,31 @@ def record(
     )
 
 
-def checkpoint_read(conn: Connection, actor: Principal, path: str, purpose: str) -> None:
-    """`actor` read the checkpoint at `path` (for `purpose`): an entry in its owner's log."""
-    owner = conn.execute(
-        text("SELECT tenant_id, model_id FROM interactive_checkpoints WHERE path = :path"),
-        {"path": path},
-    ).one_or_none()
-    if owner is not None:
-        record(
-            conn,
-            owner.tenant_id,
-            "checkpoint_read",
-            actor,
-            tinker_path=path,
-            model_id=owner.model_id,
-            purpose=purpose,
-        )
+class Readable(Protocol):
+    """A checkpoint as the access check that let it be read found it."""
+
+    @property
+    def tenant_id(self) -> str: ...
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+
+
+def checkpoint_read(conn: Connection, actor: Principal, saved: Readable, purpose: str) -> None:
+    """`actor` read `saved` (for `purpose`), which the caller's access check found: an entry in
+    its owner's log, the first this hour for this key, checkpoint and purpose."""
+    hour = datetime.now(UTC).strftime("%Y-%m-%dT%H")
+    record(
+        conn,
+        saved.tenant_id,
+        "checkpoint_read",
+        actor,
+        once=f"read|{actor.key_id}|{saved.path}|{purpose}|{hour}",
+        tinker_path=saved.path,
+        model_id=saved.model_id,
+        purpose=purpose,
+    )
 
 
 def key_details(record: ApiKeyRecord) -> dict[str, str]:
@@ -110,13 +132,14 @@ def day_entries(conn: Connection, tenant_id: str, day: date, kind: EventType) ->
         text(
             "SELECT created_at, event, details FROM audit_events "
             "WHERE tenant_id = :tenant AND created_at >= :start AND created_at < :end "
-            "AND event LIKE ANY(:patterns) ORDER BY created_at, id"
+            "AND event LIKE ANY(:patterns) ORDER BY created_at, id LIMIT :most"
         ),
         {
             "tenant": tenant_id,
             "start": start,
             "end": start + timedelta(days=1),
             "patterns": [p.replace("_", "\\_") + "%" for p in prefixes],
+            "most": MAX_DAY_ENTRIES,
         },
     )
     return [Entry(r.created_at, r.event, dict(r.details)) for r in rows]

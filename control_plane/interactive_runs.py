@@ -149,12 +149,14 @@ def find_checkpoint(
 
 def check_loadable(
     conn: Connection, tenant_id: str, model_id: str, path: str, *, shared: bool
-) -> None:
+) -> CheckpointRecord:
     """The model can load the weights at `path`: the tenant's (or, with `shared`, published),
-    saved on the model's base."""
+    saved on the model's base; they are returned."""
     model = get_model(conn, tenant_id, model_id)
-    if find_checkpoint(conn, tenant_id, path, shared=shared).base_model_id != model.base_model_id:
+    saved = find_checkpoint(conn, tenant_id, path, shared=shared)
+    if saved.base_model_id != model.base_model_id:
         raise Refused(f"{path} was saved from a model on another base than {model_id}'s", "path")
+    return saved
 
 
 def check_name_free(conn: Connection, tenant_id: str, model_id: str, name: str) -> None:
@@ -403,13 +405,14 @@ def create_from_state(
     lease_seconds: float,
     limit: int,
     shared: bool = False,
-) -> tuple[ModelRecord, str]:
+) -> tuple[ModelRecord, str, CheckpointRecord | None]:
     """A training run of the session started from the weights saved at `path` (the SDK's
     `create_training_client_from_state`): its id is the one the SDK derives,
     `<session>:train:<model_seq_id>`, its LoRA config the checkpoint's, and its first call
     (seq 0) loads them. Sent again (its answer lost), the same run and future. OverLimit when
     the tenant holds as many loaded training models as its cap (its own, else `limit`, the
-    platform's default). With `shared`, another tenant's published state may be the start."""
+    platform's default). With `shared`, another tenant's published state may be the start. The
+    checkpoint it starts from is the third part, None when the run was made already."""
     _session(conn, tenant_id, session_id)
     model_id = f"{session_id}:train:{model_seq_id}"
     existing = conn.execute(
@@ -420,7 +423,7 @@ def create_from_state(
         {"id": model_id, "tenant": tenant_id},
     ).scalar_one_or_none()
     if existing is not None:
-        return get_model(conn, tenant_id, model_id), str(existing)
+        return get_model(conn, tenant_id, model_id), str(existing), None
     require_room(conn, tenant_id, limit)
     saved = find_checkpoint(conn, tenant_id, path, shared=shared)
     if base_name is not None:
@@ -443,4 +446,4 @@ def create_from_state(
         model_id=model_id,
         user_metadata=user_metadata,
     )
-    return model, _insert_call(conn, model, 0, CallKind.LOAD_WEIGHTS, request)
+    return model, _insert_call(conn, model, 0, CallKind.LOAD_WEIGHTS, request), saved

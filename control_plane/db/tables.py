@@ -876,6 +876,14 @@ class AuditEvent(Base):
         # The retention pass reads the oldest entries of every tenant: the table only grows at
         # its end, so a BRIN index on the time is a few pages.
         Index("ix_audit_events_created_brin", "created_at", postgresql_using="brin"),
+        # An event recorded at most once (a key's reads of a checkpoint for a purpose, an hour).
+        Index(
+            "uq_audit_events_once",
+            "tenant_id",
+            "once",
+            unique=True,
+            postgresql_where=text("once IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
@@ -885,3 +893,4 @@ class AuditEvent(Base):
     created_at: Mapped[datetime] = _now()
     event: Mapped[str] = mapped_column(String(64), nullable=False)
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    once: Mapped[str | None] = mapped_column(Text)

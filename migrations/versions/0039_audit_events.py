@@ -39,6 +39,7 @@ def upgrade() -> None:
             server_default="{}",
             nullable=False,
         ),
+        sa.Column("once", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(
             ["tenant_id"],
             ["tenants.id"],
@@ -52,6 +53,13 @@ def upgrade() -> None:
         "audit_events",
         ["tenant_id", "created_at", "id"],
         unique=False,
+    )
+    op.create_index(
+        "uq_audit_events_once",
+        "audit_events",
+        ["tenant_id", "once"],
+        unique=True,
+        postgresql_where=sa.text("once IS NOT NULL"),
     )
     op.create_index(
         "ix_audit_events_created_brin",

@@ -67,11 +67,29 @@ def test_what_was_done_to_a_tenants_checkpoints_and_keys_and_by_whom(
 
     owner.publish_checkpoint_from_tinker_path(sampler).result(timeout=30)
     with sdk_service(live_url, tenant_b.member) as other:
-        other.create_sampling_client(model_path=sampler).result(timeout=60)
+        # Read twice in the hour by the same key for the same purpose: one entry.
+        for _ in range(2):
+            other.create_sampling_client(model_path=sampler).result(timeout=60)
         # Not published: refused, and not in the log.
         with pytest.raises(tinker.NotFoundError):
             other.create_training_client_from_state(state).result(timeout=60)
-    owner.get_weights_info_by_tinker_path(state).result(timeout=30)
+    # A run of tenant-b's own session made once (from the published weights, a read) and asked
+    # for again naming tenant-a's private state: answered as made, and no read of it is logged.
+    b_headers = {"X-API-Key": "tml-" + tenant_b.member}
+    b_session = httpx.post(
+        f"{live_url}/api/v1/create_session",
+        json={"tags": [], "user_metadata": None, "sdk_version": "0.38"},
+        headers=b_headers,
+    ).json()["session_id"]
+    for path in (sampler, state):
+        started = httpx.post(
+            f"{live_url}/api/v1/load_weights",
+            json={"session_id": b_session, "model_seq_id": 0, "path": path, "optimizer": False},
+            headers=b_headers,
+        )
+        assert started.status_code == 200, started.text
+    for _ in range(2):
+        owner.get_weights_info_by_tinker_path(state).result(timeout=30)
     owner.get_external_weights_urls(export).result(timeout=30)
     owner.set_checkpoint_ttl_from_tinker_path(state, 7200).result(timeout=30)
     owner.delete_checkpoint_from_tinker_path(export).result(timeout=30)
@@ -99,6 +117,7 @@ def test_what_was_done_to_a_tenants_checkpoints_and_keys_and_by_whom(
     assert _said(entries) == [
         ("checkpoint_published", "tenant-a", None),
         ("checkpoint_read", "tenant-b", "sample"),
+        ("checkpoint_read", "tenant-b", "load"),
         ("checkpoint_read", "tenant-a", "weights_info"),
         ("checkpoint_read", "tenant-a", "download"),
         ("checkpoint_ttl_set", "tenant-a", None),
@@ -111,6 +130,8 @@ def test_what_was_done_to_a_tenants_checkpoints_and_keys_and_by_whom(
     by_event = {e.event: e for e in entries}
     read = next(e for e in entries if e.purpose == "sample")
     assert read.tinker_path == sampler and read.model_id == training.model_id
+    loaded = next(e for e in entries if e.purpose == "load")
+    assert loaded.tinker_path == sampler  # not the private state named the second time
     actor = read.event_details["actor"]
     assert actor == {  # the reader's tenant and key, never the key's secret
         "tenant_id": tenant_b.tenant_id,
@@ -132,7 +153,7 @@ def test_what_was_done_to_a_tenants_checkpoints_and_keys_and_by_whom(
         "api_key_created",
         "api_key_revoked",
     ]
-    assert len(_log(live_url, tenant_a.admin, event_type="checkpoints")) == 8
+    assert len(_log(live_url, tenant_a.admin, event_type="checkpoints")) == 9
     assert _log(live_url, tenant_a.admin, event_type="projects") == []
     assert _said(_log(live_url, tenant_b.admin)) == [("tenant_limits_changed", "tenant-a", None)]
     assert _log(live_url, tenant_b.admin)[0].event_details["limits"] == {"max_running_jobs": 3}
@@ -157,4 +178,4 @@ def test_what_was_done_to_a_tenants_checkpoints_and_keys_and_by_whom(
         )
     assert audit.forget_older_than(services.engine, 365) == 2
     assert [e.event for e in _log(live_url, tenant_a.admin, event_type="organizations")] == []
-    assert len(_log(live_url, tenant_a.admin, event_type="checkpoints")) == 8
+    assert len(_log(live_url, tenant_a.admin, event_type="checkpoints")) == 9

@@ -23,6 +23,7 @@ from perfetto.protos.perfetto.trace.perfetto_trace_pb2 import Trace, TrackEvent
 from sqlalchemy import text
 from tinker import types
 
+from control_plane import session_traces
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
@@ -176,6 +177,14 @@ def test_a_sessions_calls_download_as_a_perfetto_trace_at_their_own_times(
     )
     assert cli.returncode == 0, cli.stderr
     assert _read(out.read_bytes())["slices"] == read["slices"]
+
+    # Past its cap a session is traced by its newest calls, and its track says so.
+    with services.engine.connect() as conn:
+        newest = session_traces.session_calls(conn, tenant_a.tenant_id, session_id, most=3)
+    capped = _read(session_traces.build(session_id, newest))
+    assert f"session {session_id} (its newest 3 calls of {len(rows)})" in capped["names"].values()
+    assert sum(len(t) for t in capped["slices"].values()) == 3
+    assert [c.seq for c in newest.calls if c.kind == "unload_model"]  # the last calls are kept
 
     # Another tenant's session is not found; a URL the platform did not sign is refused.
     other = tinker.RestClient(base_url=live_url, api_key="tml-" + tenant_b.member)

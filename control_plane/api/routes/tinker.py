@@ -337,7 +337,7 @@ def load_weights(
     if body.model_id is None:
         assert body.session_id is not None and body.model_seq_id is not None  # the schema's
         with domain_errors():
-            model, future = interactive_runs.create_from_state(
+            model, future, started_from = interactive_runs.create_from_state(
                 conn,
                 caller.tenant_id,
                 body.session_id,
@@ -350,18 +350,19 @@ def load_weights(
                 limit=services.settings.max_interactive_models_per_tenant,
                 shared=services.settings.tinker_public_checkpoints,
             )
-            audit.checkpoint_read(conn, caller, body.path, "load")
+            if started_from is not None:
+                audit.checkpoint_read(conn, caller, started_from, "load")
         conn.commit()
         return _future(future, model.id)
     with domain_errors():
-        interactive_runs.check_loadable(
+        loaded = interactive_runs.check_loadable(
             conn,
             caller.tenant_id,
             body.model_id,
             body.path,
             shared=services.settings.tinker_public_checkpoints,
         )
-        audit.checkpoint_read(conn, caller, body.path, "load")
+        audit.checkpoint_read(conn, caller, loaded, "load")
     return _enqueue(conn, caller, body.model_id, CallKind.LOAD_WEIGHTS, request, body.seq_id)
 
 
@@ -383,7 +384,11 @@ def create_sampling_session(
             shared=services.settings.tinker_public_checkpoints,
         )
         if body.model_path is not None:
-            audit.checkpoint_read(conn, caller, body.model_path, "sample")
+            shared = services.settings.tinker_public_checkpoints
+            sampled = interactive_runs.find_checkpoint(
+                conn, caller.tenant_id, body.model_path, shared=shared
+            )
+            audit.checkpoint_read(conn, caller, sampled, "sample")
     conn.commit()
     return {"type": "create_sampling_session", "sampling_session_id": sampler.id}
 

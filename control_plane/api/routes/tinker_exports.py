@@ -25,7 +25,7 @@ from fastapi import APIRouter, Request, Response
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from control_plane import audit, interactive, interactive_runs, interactive_storage
-from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
+from control_plane.api.deps import Caller, ConnDep, DbSlot, ServicesDep, Writer
 from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError
 from control_plane.api.routes.tinker import _enqueue, domain_errors
@@ -99,13 +99,13 @@ def external_weights_urls(
             token = signer.dumps([caller.tenant_id, path, file_name])
             presigned = f"{api}/api/v1/checkpoint_files/{token}"
         urls[file_name] = presigned
-    audit.checkpoint_read(conn, caller, path, "download")
+    audit.checkpoint_read(conn, caller, saved, "download")
     conn.commit()
     return ExternalWeightsUrls(urls=urls, expires=expires)
 
 
 @router.get("/checkpoint_files/{token}", response_class=Response)
-def checkpoint_file(token: str, services: ServicesDep) -> Response:
+def checkpoint_file(token: str, services: ServicesDep, __: DbSlot) -> Response:
     """A file of an external weights checkpoint, by a URL `external_weights_urls` signed: no key
     (the token is the caller's proof), so the connection is the route's own, not a caller's."""
     again = "ask for the checkpoint's URLs again (get_external_weights_urls)"

@@ -239,7 +239,7 @@ def weights_info(
         saved = interactive_runs.find_checkpoint(
             conn, caller.tenant_id, body.tinker_path, shared=shared
         )
-    audit.checkpoint_read(conn, caller, body.tinker_path, "weights_info")
+    audit.checkpoint_read(conn, caller, saved, "weights_info")
     conn.commit()
     config = saved.lora_config
     base = get_base_model(conn, saved.base_model_id)

@@ -22,7 +22,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from pydantic import AwareDatetime, BaseModel, Field
 
 from control_plane import interactive_sessions, session_traces
-from control_plane.api.deps import Caller, ConnDep, ServicesDep
+from control_plane.api.deps import Caller, ConnDep, DbSlot, ServicesDep
 from control_plane.api.errors import ApiError
 from control_plane.api.routes.tinker import domain_errors
 from control_plane.api.tinker_schemas import Id, _Body
@@ -161,14 +161,14 @@ def trace_export(
     """The trace is ready at once (it is built as it is downloaded): a URL for it, signed for
     an hour, that any HTTP client fetches without a key, as the SDK's poll expects."""
     with domain_errors():
-        session_traces.session_calls(conn, caller.tenant_id, session_id)
+        session_traces.check_session(conn, caller.tenant_id, session_id)
     api = (services.settings.public_url or str(request.base_url)).rstrip("/")
     token = _trace_signer(services).dumps([caller.tenant_id, session_id])
     return {"status": "ready", "url": f"{api}/api/v1/session_traces/{token}"}
 
 
 @router.get("/session_traces/{token}", response_class=Response)
-def session_trace(token: str, services: ServicesDep) -> Response:
+def session_trace(token: str, services: ServicesDep, __: DbSlot) -> Response:
     """The session's trace, by a URL `trace_export` signed: no key (the token is the proof)."""
     again = "ask for the trace again (export_session_trace)"
     try:
