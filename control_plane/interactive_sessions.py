@@ -27,15 +27,18 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal,
     or_,
     select,
     true,
+    tuple_,
     update,
 )
 
 from control_plane.ids import new_id
 from control_plane.interactive import NotFound, _session, models, sessions, unload
 from control_plane.interactive import checkpoints as saved
+from control_plane.pagination import trim
 
 FinishReason = Literal["success", "errored", "interrupted"]
 FINISH_REASONS: tuple[FinishReason, ...] = ("success", "errored", "interrupted")
@@ -158,9 +161,8 @@ def search(
     if statuses is not None:
         where.append(or_(*(_status(q, alive) for q in statuses)))
     if cursor is not None:
-        where.append(
-            or_(s.created_at < cursor[0], and_(s.created_at == cursor[0], s.id < cursor[1]))
-        )
+        # One row comparison, so the index seeks to the cursor (see `control_plane.pagination`).
+        where.append(tuple_(s.created_at, s.id) < tuple_(literal(cursor[0]), literal(cursor[1])))
     counts = (
         select(
             func.count().label("checkpoints"),
@@ -177,7 +179,7 @@ def search(
         .order_by(s.created_at.desc(), s.id.desc())
         .limit(limit + 1)
     )
-    rows = conn.execute(page).all()
+    rows, more = trim(conn.execute(page).all(), limit)
     found = [
         SessionFound(
             id=r.id,
@@ -192,9 +194,8 @@ def search(
             checkpoints=int(r.checkpoints),
             checkpoint_bytes=int(r.checkpoint_bytes),
         )
-        for r in rows[:limit]
+        for r in rows
     ]
-    more = len(rows) > limit
     return Page(found, (found[-1].created_at, found[-1].id) if more else None)
 
 

@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     # Delivered and failed entries of the delivery log are forgotten after this many days.
     webhook_log_retention_days: float = Field(default=30.0, gt=0)
     # A tenant's audit log entries (`control_plane.audit`) are deleted after this many days.
-    audit_retention_days: float = Field(default=365.0, gt=0)
+    audit_retention_days: float = Field(default=365.0, gt=0, le=36500)
 
     # Secret that peppers API-key hashes; must be changed outside development.
     secret_key: str = "dev-insecure-secret"

@@ -57,7 +57,14 @@ class FinishReasonBody(_Body):
 
 class SessionFinish(_Body):
     reason: FinishReasonBody | None = None
-    detail: str | None = Field(default=None, max_length=10_000)
+    detail: str | None = None
+
+    @field_validator("detail")
+    @classmethod
+    def _kept_short(cls, detail: str | None) -> str | None:
+        """A client's long detail (a traceback) is kept to its first 10,000 characters: refusing
+        it would leave the session unfinished and its models loaded."""
+        return None if detail is None else detail[:10_000]
 
 
 class LoraConfig(_Body):

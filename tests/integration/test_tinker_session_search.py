@@ -206,6 +206,20 @@ def test_every_page_of_a_search_once_ties_included_as_a_plain_filter_reads_them(
     assert first.next_cursor is not None
     assert first.next_cursor.last_session_id == first.sessions[-1].session_id
     assert isinstance(first.next_cursor.last_created_at, datetime)
+    # A finish naming no reason closed normally; a long detail is kept to 10,000 characters
+    # (refused, the session would stay unfinished and its models loaded).
+    last = newest_first[0].id
+    finished = httpx.post(
+        f"{live_url}/api/v1/sessions/{last}/finish", json={"detail": "x" * 20_000}, headers=headers
+    )
+    assert finished.status_code == 200, finished.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = rest.search_sessions(SessionSearchRequest(session_id=last)).result(timeout=30)
+    (summary,) = found.sessions
+    assert summary.status is not None and summary.status.type == "client_finished"
+    assert summary.status.reason.type == "success" and len(summary.status.detail or "") == 10_000
+
     # A bad request says what is wrong.
     refused = httpx.post(f"{live_url}/api/v1/sessions/search", json={"limit": 500}, headers=headers)
     assert refused.status_code == 400 and "limit" in refused.text

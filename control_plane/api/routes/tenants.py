@@ -139,7 +139,8 @@ def set_limits(
     )
     if changed is None:
         raise _no_tenant(name)
-    audit.record(conn, changed.id, "tenant_limits_changed", operator, limits=limits)
+    if limits:
+        audit.record(conn, changed.id, "tenant_limits_changed", operator, limits=limits)
     conn.commit()
     return _overview(conn, name, services)
 

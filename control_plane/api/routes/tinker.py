@@ -173,7 +173,8 @@ def session_heartbeat(body: SessionHeartbeat, conn: ConnDep, caller: Writer) -> 
 def finish_session(
     session_id: str, body: SessionFinish, conn: ConnDep, caller: Writer
 ) -> dict[str, Any]:
-    reason = body.reason.type if body.reason is not None else None
+    # A finish naming no reason (a client older than the SDK's reasons) closed normally.
+    reason = body.reason.type if body.reason is not None else "success"
     with domain_errors():
         unloads = interactive_sessions.finish_session(
             conn, caller.tenant_id, session_id, reason, body.detail
