@@ -22,9 +22,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Request, Response
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from control_plane import audit, interactive, interactive_runs, interactive_storage
+from control_plane.api import signed_urls
 from control_plane.api.deps import Caller, ConnDep, DbSlot, ServicesDep, Writer
 from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError
@@ -42,12 +42,8 @@ from control_plane.storage import ObjectNotFoundError
 router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
 
 # How long a checkpoint's download URLs are good for (the SDK's CLI signs again near the end).
-URL_SECONDS = 3600
+URL_SECONDS = signed_urls.URL_SECONDS
 _SALT = "loraforge.checkpoint-file"
-
-
-def _signer(services: Services) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(services.settings.secret_key, salt=_SALT)
 
 
 @router.post("/save_weights_external")
@@ -91,12 +87,11 @@ def external_weights_urls(
         )
     expires = datetime.now(UTC) + timedelta(seconds=URL_SECONDS)
     api = (services.settings.public_url or str(request.base_url)).rstrip("/")
-    signer = _signer(services)
     urls = {}
     for file_name in sorted(saved.files or {}):
         presigned = services.store.presigned_url(saved.storage_prefix + file_name, URL_SECONDS)
         if presigned is None:
-            token = signer.dumps([caller.tenant_id, path, file_name])
+            token = signed_urls.sign(services, _SALT, caller.tenant_id, path, file_name)
             presigned = f"{api}/api/v1/checkpoint_files/{token}"
         urls[file_name] = presigned
     audit.checkpoint_read(conn, caller, saved, "download")
@@ -109,15 +104,10 @@ def checkpoint_file(token: str, services: ServicesDep, __: DbSlot) -> Response:
     """A file of an external weights checkpoint, by a URL `external_weights_urls` signed: no key
     (the token is the caller's proof), so the connection is the route's own, not a caller's."""
     again = "ask for the checkpoint's URLs again (get_external_weights_urls)"
-    try:
-        tenant_id, path, file_name = _signer(services).loads(token, max_age=URL_SECONDS)
-    except SignatureExpired:
-        raise ApiError(403, "url_expired", f"this download URL expired: {again}") from None
-    except (BadSignature, ValueError, TypeError):
-        raise ApiError(
-            403, "invalid_signature", f"this is not a download URL the platform signed: {again}"
-        ) from None
-    return _download(services, str(tenant_id), str(path), str(file_name))
+    tenant_id, path, file_name = signed_urls.read(
+        services, _SALT, token, count=3, what="download URL", again=again
+    )
+    return _download(services, tenant_id, path, file_name)
 
 
 def _download(services: Services, tenant_id: str, path: str, file_name: str) -> Response:

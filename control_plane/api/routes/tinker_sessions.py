@@ -18,20 +18,19 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from pydantic import AwareDatetime, BaseModel, Field
+from sqlalchemy import Connection
 
 from control_plane import interactive_sessions, session_traces
+from control_plane.api import signed_urls
 from control_plane.api.deps import Caller, ConnDep, DbSlot, ServicesDep
 from control_plane.api.errors import ApiError
 from control_plane.api.routes.tinker import domain_errors
 from control_plane.api.tinker_schemas import Id, _Body
 from control_plane.interactive_sessions import FinishReason, SessionFound, StatusQuery
-from control_plane.services import Services
 
 router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
 
-TRACE_URL_SECONDS = 3600
 _TRACE_SALT = "loraforge.session-trace"
 
 
@@ -150,10 +149,6 @@ def search_sessions(
     )
 
 
-def _trace_signer(services: Services) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(services.settings.secret_key, salt=_TRACE_SALT)
-
-
 @router.get("/sessions/{session_id}/trace_export")
 def trace_export(
     session_id: str, request: Request, conn: ConnDep, caller: Caller, services: ServicesDep
@@ -163,7 +158,7 @@ def trace_export(
     with domain_errors():
         session_traces.check_session(conn, caller.tenant_id, session_id)
     api = (services.settings.public_url or str(request.base_url)).rstrip("/")
-    token = _trace_signer(services).dumps([caller.tenant_id, session_id])
+    token = signed_urls.sign(services, _TRACE_SALT, caller.tenant_id, session_id)
     return {"status": "ready", "url": f"{api}/api/v1/session_traces/{token}"}
 
 
@@ -171,18 +166,18 @@ def trace_export(
 def session_trace(token: str, services: ServicesDep, __: DbSlot) -> Response:
     """The session's trace, by a URL `trace_export` signed: no key (the token is the proof)."""
     again = "ask for the trace again (export_session_trace)"
-    try:
-        tenant_id, session_id = _trace_signer(services).loads(token, max_age=TRACE_URL_SECONDS)
-    except SignatureExpired:
-        raise ApiError(403, "url_expired", f"this trace URL expired: {again}") from None
-    except (BadSignature, ValueError, TypeError):
-        raise ApiError(
-            403, "invalid_signature", f"this is not a trace URL the platform signed: {again}"
-        ) from None
+    tenant_id, session_id = signed_urls.read(
+        services, _TRACE_SALT, token, count=2, what="trace URL", again=again
+    )
     with services.engine.connect() as conn, domain_errors():
-        calls = session_traces.session_calls(conn, str(tenant_id), str(session_id))
+        return trace_download(conn, tenant_id, session_id)
+
+
+def trace_download(conn: Connection, tenant_id: str, session_id: str) -> Response:
+    """The session's trace as a file to save (NotFound for a session not the tenant's)."""
+    calls = session_traces.session_calls(conn, tenant_id, session_id)
     return Response(
-        session_traces.build(str(session_id), calls),
+        session_traces.build(session_id, calls),
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{session_id}.pftrace"'},
     )

@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
-from control_plane import session_traces, trainers
+from control_plane import trainers
 from control_plane.api.adapter_schemas import VersionFromCheckpoint
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.routes import adapters as adapters_api
+from control_plane.api.routes.tinker_sessions import trace_download
 from control_plane.dashboard import interactive_queries as queries
 from control_plane.dashboard import session_search, session_usage
 from control_plane.dashboard.queries import MAX_CHART_POINTS
@@ -192,12 +193,7 @@ def session_trace(session_id: str, session: CurrentSession, conn: PageConn) -> R
     """The session's timeline as a Perfetto trace (`control_plane.session_traces`), the file the
     SDK's `export_session_trace` downloads; another tenant's session is the 404 page."""
     found = _session(conn, session, session_id)
-    calls = session_traces.session_calls(conn, session.principal.tenant_id, found.id)
-    return Response(
-        session_traces.build(found.id, calls),
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f'attachment; filename="{found.id}.pftrace"'},
-    )
+    return trace_download(conn, session.principal.tenant_id, found.id)
 
 
 @router.get("/sessions/{session_id}/models/{model_id}/metrics.json")
