@@ -140,7 +140,7 @@ def test_sessions_are_found_by_name_metadata_and_how_their_clients_ended_them(
     )
     assert second.status_code == 200
     assert _search(rest, statuses=errored) == [sweep_id]
-    open_one.close("success")
+    open_one.close("success").result(timeout=60)
 
     # Another tenant finds none of them; projects and users are refused, saying why.
     assert _search(_rest(live_url, tenant_b.member)) == []
