@@ -9,8 +9,8 @@ names them: `checkpoint_read` (with its `purpose`: `sample`, `load`, `weights_in
 `download`), `checkpoint_published`, `checkpoint_unpublished`, `checkpoint_ttl_set`,
 `checkpoint_deleted`, `checkpoint_expired`; `api_key_created`, `api_key_revoked`,
 `tenant_created`, `tenant_limits_changed` (the organization's events). `details` says who did
-it (`actor`: the tenant and key, and the tenant's name; absent for the platform's own passes and
-its command line) and what it was about. A read is recorded from the checkpoint the access
+it (`actor`: its tenant's id and name, and the key and its role where the key is the tenant's
+own; absent for the platform's own passes and its command line) and what it was about. A read is recorded from the checkpoint the access
 check found (never looked up again by path), once an hour for each key, checkpoint and purpose:
 a retried request, or another tenant reading a published checkpoint in a loop, cannot flood the
 owner's log. A day's read answers at most `MAX_DAY_ENTRIES`. Entries older than the platform's
@@ -47,13 +47,19 @@ MAX_DAY_ENTRIES = 10_000
 # An entry with a `once` key is written once: the second is nothing (the key's partial unique
 # index), so a key reading one checkpoint for one purpose leaves one entry an hour however often
 # it reads (a retried request, or another tenant reading a published checkpoint in a loop).
+# The actor is named by its tenant; by its key and role too only where the key is the log's own
+# tenant's (another tenant reading a published checkpoint, or an operator changing a tenant's
+# limits, is named by its tenant alone: its keys are none of the log's business).
 _RECORD = text(
     "INSERT INTO audit_events (tenant_id, event, details, once) "
-    "SELECT :tenant, :event, :details || CASE WHEN CAST(:actor_tenant AS text) IS NULL "
-    "THEN '{}'::jsonb ELSE jsonb_build_object('actor', jsonb_build_object("
-    "'tenant_id', CAST(:actor_tenant AS text), 'key_id', CAST(:actor_key AS text), "
-    "'role', CAST(:actor_role AS text), 'tenant_name', "
-    "(SELECT name FROM tenants WHERE id = CAST(:actor_tenant AS text)))) END, :once "
+    "SELECT CAST(:tenant AS text), :event, :details || CASE WHEN CAST(:actor_tenant AS text) IS NULL "
+    "THEN '{}'::jsonb ELSE jsonb_build_object('actor', jsonb_strip_nulls(jsonb_build_object("
+    "'tenant_id', CAST(:actor_tenant AS text), 'tenant_name', "
+    "(SELECT name FROM tenants WHERE id = CAST(:actor_tenant AS text)), "
+    "'key_id', CASE WHEN CAST(:actor_tenant AS text) = CAST(:tenant AS text) "
+    "THEN CAST(:actor_key AS text) END, "
+    "'role', CASE WHEN CAST(:actor_tenant AS text) = CAST(:tenant AS text) "
+    "THEN CAST(:actor_role AS text) END))) END, :once "
     "ON CONFLICT (tenant_id, once) WHERE once IS NOT NULL DO NOTHING"
 ).bindparams(bindparam("details", type_=JSONB))
 

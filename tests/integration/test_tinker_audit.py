@@ -132,14 +132,19 @@ def test_what_was_done_to_a_tenants_checkpoints_and_keys_and_by_whom(
     assert read.tinker_path == sampler and read.model_id == training.model_id
     loaded = next(e for e in entries if e.purpose == "load")
     assert loaded.tinker_path == sampler  # not the private state named the second time
-    actor = read.event_details["actor"]
-    assert actor == {  # the reader's tenant and key, never the key's secret
+    # Another tenant's key is named by its tenant alone; the tenant's own keys by key and role.
+    assert read.event_details["actor"] == {
         "tenant_id": tenant_b.tenant_id,
         "tenant_name": "tenant-b",
-        "key_id": actor["key_id"],
+    }
+    own = by_event["checkpoint_ttl_set"].event_details["actor"]
+    assert own == {
+        "tenant_id": tenant_a.tenant_id,
+        "tenant_name": "tenant-a",
+        "key_id": own["key_id"],
         "role": "member",
     }
-    assert actor["key_id"].startswith("key-") and tenant_b.member not in str(entries)
+    assert own["key_id"].startswith("key-") and tenant_a.member not in str(entries)
     assert by_event["checkpoint_ttl_set"].event_details["ttl_seconds"] == 7200
     assert by_event["checkpoint_expired"].tinker_path == doomed
     assert by_event["api_key_created"].event_details["key_id"] == made["id"]
@@ -156,7 +161,9 @@ def test_what_was_done_to_a_tenants_checkpoints_and_keys_and_by_whom(
     assert len(_log(live_url, tenant_a.admin, event_type="checkpoints")) == 9
     assert _log(live_url, tenant_a.admin, event_type="projects") == []
     assert _said(_log(live_url, tenant_b.admin)) == [("tenant_limits_changed", "tenant-a", None)]
-    assert _log(live_url, tenant_b.admin)[0].event_details["limits"] == {"max_running_jobs": 3}
+    changed = _log(live_url, tenant_b.admin)[0].event_details
+    assert changed["limits"] == {"max_running_jobs": 3}
+    assert changed["actor"] == {"tenant_id": tenant_a.tenant_id, "tenant_name": "tenant-a"}
     with pytest.raises(tinker.PermissionDeniedError):
         _log(live_url, tenant_a.member)
     today = datetime.now(UTC).date()
