@@ -21,7 +21,6 @@ into about 30 MB, held in memory while the download is answered.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -101,10 +100,9 @@ def build(session_id: str, found: SessionCalls) -> bytes:
     session.name = f"session {session_id}"
     if found.total > len(found.calls):
         session.name += f" (its newest {len(found.calls):,} calls of {found.total:,})"
-    calls: Iterable[CallTimes] = found.calls
     tracks: dict[str, tuple[int, int]] = {}
     waiting: list[tuple[int, int, int]] = []  # (time, counter track, +1 or -1)
-    for call in calls:
+    for call in found.calls:
         if call.model_id not in tracks:
             tracks[call.model_id] = _model_tracks(builder, call, 2 * len(tracks) + 2)
         track, counter = tracks[call.model_id]

@@ -7,12 +7,18 @@ ask for the URL again.
 
 from __future__ import annotations
 
+from fastapi import Request
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from control_plane.api.errors import ApiError
 from control_plane.services import Services
 
 URL_SECONDS = 3600
+
+
+def api_base(request: Request, services: Services) -> str:
+    """Where clients reach this API: the configured public URL, else the request's own."""
+    return (services.settings.public_url or str(request.base_url)).rstrip("/")
 
 
 def sign(services: Services, salt: str, *parts: str) -> str:

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from control_plane import registry
+from control_plane.api import signed_urls
 from control_plane.api.adapter_schemas import (
     AdapterPublic,
     AliasDeleted,
@@ -220,7 +221,7 @@ def version_files(
     """Where to download each file: a short-lived presigned URL on S3, else this API."""
     with registry_errors():
         v = registry.resolve_version(conn, caller.tenant_id, name, ref)
-    api = (services.settings.public_url or str(request.base_url)).rstrip("/")
+    api = signed_urls.api_base(request, services)
     data = []
     for f in v.files:
         presigned = services.store.presigned_url(v.object_prefix + f["name"], expires_in)

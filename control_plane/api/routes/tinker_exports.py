@@ -86,7 +86,7 @@ def external_weights_urls(
             "checkpoint_id",
         )
     expires = datetime.now(UTC) + timedelta(seconds=URL_SECONDS)
-    api = (services.settings.public_url or str(request.base_url)).rstrip("/")
+    api = signed_urls.api_base(request, services)
     urls = {}
     for file_name in sorted(saved.files or {}):
         presigned = services.store.presigned_url(saved.storage_prefix + file_name, URL_SECONDS)

@@ -157,7 +157,7 @@ def trace_export(
     an hour, that any HTTP client fetches without a key, as the SDK's poll expects."""
     with domain_errors():
         session_traces.check_session(conn, caller.tenant_id, session_id)
-    api = (services.settings.public_url or str(request.base_url)).rstrip("/")
+    api = signed_urls.api_base(request, services)
     token = signed_urls.sign(services, _TRACE_SALT, caller.tenant_id, session_id)
     return {"status": "ready", "url": f"{api}/api/v1/session_traces/{token}"}
 
