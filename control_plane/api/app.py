@@ -38,6 +38,7 @@ from control_plane.api.routes import (
     usage,
     webhooks,
 )
+from control_plane.api.stream_watch import StreamWatch
 from control_plane.api.text_input import refuse_nul
 from control_plane.dashboard import DASHBOARD_ROUTERS, mount_dashboard
 from control_plane.services import Services
@@ -70,7 +71,8 @@ API_ROUTERS = (
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """While the server runs: the listener that wakes the polls of Tinker futures."""
+    """While the server runs: the listener that wakes the polls of Tinker futures; at its end,
+    the live streams' look (started by the first stream) stops too."""
     wakeups: CallWakeups | None = app.state.call_wakeups
     if wakeups is not None:
         wakeups.start()
@@ -79,6 +81,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if wakeups is not None:
             await wakeups.stop()
+        await app.state.stream_watch.stop()
 
 
 def create_app(services: Services) -> FastAPI:
@@ -94,6 +97,8 @@ def create_app(services: Services) -> FastAPI:
     app.state.call_wakeups = (
         CallWakeups(services.database_url) if services.settings.tinker_wake_on_finish else None
     )
+    # What the live streams follow, looked at for all of them at once (`api.stream_watch`).
+    app.state.stream_watch = StreamWatch(services.engine)
     # A place a connection of the main pool (`deps.db_slot`).
     settings = services.settings
     app.state.db_slots = asyncio.Semaphore(settings.db_pool_size + settings.db_pool_overflow)

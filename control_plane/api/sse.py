@@ -1,10 +1,11 @@
-"""Server-Sent Events over polling with short checkouts.
+"""Server-Sent Events, read with short checkouts when what a stream follows moved.
 
 A stream lives for minutes while its client watches; holding a pooled connection (or a
 LISTEN) that long would let a few open browser tabs take the API's small pool. Instead each
-stream polls about once a second, each poll checking out a connection for one short read and
-handing it back, and sends only what changed. A client that reconnects sends `Last-Event-ID`
-and continues where it left off.
+stream waits on the process's `StreamWatch`, which looks at what every stream follows in one
+statement a tick, and reads (a connection checked out for one short read and handed back) only
+when its job moved, and sends only what changed. A client that reconnects sends
+`Last-Event-ID` and continues where it left off.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from starlette.concurrency import run_in_threadpool
 
 from control_plane import jobs
+from control_plane.api.stream_watch import StreamWatch, Watcher
 from control_plane.events import list_events
 from control_plane.job_status import TERMINAL
 from control_plane.records import JobEventRecord, JobRecord
 from control_plane.services import Services
 
-POLL_SECONDS = 1.0
+WAIT_SLICE_SECONDS = 1.0
+"""A stream waiting for its job to move sees within this long that its client went away."""
 KEEPALIVE_SECONDS = 15.0
 MAX_STREAM_SECONDS = 600.0
 """A stream ends after this long; the browser's EventSource reconnects with Last-Event-ID, so
@@ -71,9 +75,30 @@ def parse_event_id(value: str | None) -> int | None:
     return number if 0 <= number <= EVENT_ID_MAX else None
 
 
+async def next_move(
+    watcher: Watcher,
+    ends_at: float,
+    keepalive_at: float,
+    is_gone: Callable[[], Awaitable[bool]],
+) -> Literal["moved", "keepalive", "over"]:
+    """Wait until what `watcher` follows moved (`moved`, the watcher cleared), a keep-alive is
+    due at `keepalive_at` (`keepalive`), or the stream is over (`over`): past `ends_at`, its
+    client gone (looked at every `WAIT_SLICE_SECONDS`), or a look failed."""
+    while not watcher.moved.is_set():
+        now = time.monotonic()
+        if now >= ends_at or await is_gone():
+            return "over"
+        if now >= keepalive_at:
+            return "keepalive"
+        with suppress(TimeoutError):
+            await asyncio.wait_for(watcher.moved.wait(), WAIT_SLICE_SECONDS)
+    watcher.moved.clear()
+    return "over" if watcher.failed else "moved"
+
+
 @dataclass(frozen=True)
 class JobChange:
-    """What one poll found: the job as it is now and its events since the last poll."""
+    """What one read found: the job as it is now and its events since the last read."""
 
     job: JobRecord
     events: list[JobEventRecord]
@@ -84,22 +109,26 @@ class JobChange:
 
 async def follow_job(
     services: Services,
+    watch: StreamWatch,
     tenant_id: str,
     job_id: str,
     after_event_id: int | None,
     is_disconnected: Callable[[], Awaitable[bool]],
 ) -> AsyncIterator[JobChange | None]:
-    """Poll a job until it is over and its events are all sent, or the client goes away.
+    """Follow a job until it is over and its events are all sent, or the client goes away.
 
     Yields a `JobChange` whenever the job's row or its events moved, and None when a
-    keep-alive is due. Ends when the job is terminal and no events are left, when the job
-    is gone (or never was the tenant's), or after `MAX_STREAM_SECONDS`.
+    keep-alive is due. Reads the job when the stream starts and again only when `watch` says
+    its row or its events moved. Ends when the job is terminal and no events are left, when
+    the job is gone (or never was the tenant's), when a look fails, or after
+    `MAX_STREAM_SECONDS`.
     """
     cursor = after_event_id
     last_row: JobRecord | None = None
-    started = idle_since = time.monotonic()
+    idle_since = time.monotonic()
+    ends_at = idle_since + MAX_STREAM_SECONDS
 
-    def poll() -> tuple[JobRecord | None, list[JobEventRecord]]:
+    def read() -> tuple[JobRecord | None, list[JobEventRecord]]:
         with services.engine.connect() as conn:
             job = jobs.get_job(conn, tenant_id, job_id)
             if job is None:
@@ -109,29 +138,28 @@ async def follow_job(
             )
             return job, found
 
-    while time.monotonic() - started < MAX_STREAM_SECONDS:
-        if await is_disconnected():
-            return
-        job, found = await run_in_threadpool(poll)
-        if job is None:
-            return
-        if found:
-            cursor = found[-1].id
-        changed = job != last_row
-        if found or changed:
-            status_changed = last_row is None or job.status != last_row.status
-            last_row = job
-            idle_since = time.monotonic()
-            final = job.status in TERMINAL and len(found) < EVENTS_PER_POLL
-            yield JobChange(job, found, status_changed, final)
-            if final:
-                return
-            if len(found) == EVENTS_PER_POLL:
-                continue  # more waiting: no pause
-        elif time.monotonic() - idle_since > KEEPALIVE_SECONDS:
-            idle_since = time.monotonic()
-            yield None
-        if job.status in TERMINAL and not found:
-            yield JobChange(job, [], False, True)
-            return
-        await asyncio.sleep(POLL_SECONDS)
+    with watch.watching(job_ids=(job_id,)) as watcher:
+        job, found = await run_in_threadpool(read)
+        while job is not None:
+            if found:
+                cursor = found[-1].id
+            more = len(found) == EVENTS_PER_POLL
+            final = job.status in TERMINAL and not more
+            if found or job != last_row or final:
+                status_changed = last_row is None or job.status != last_row.status
+                last_row = job
+                idle_since = time.monotonic()
+                yield JobChange(job, found, status_changed, final)
+                if final:
+                    return
+            while not more:
+                why = await next_move(
+                    watcher, ends_at, idle_since + KEEPALIVE_SECONDS, is_disconnected
+                )
+                if why == "over":
+                    return
+                if why == "moved":
+                    break
+                idle_since = time.monotonic()
+                yield None
+            job, found = await run_in_threadpool(read)

@@ -4,7 +4,7 @@ Each job event is sent as `event: event` with the same JSON as `GET .../events` 
 the SSE id, oldest first; `event: status` whenever the job's status, progress or tokens move;
 `event: done` once the job is over and every event was sent, after which the stream ends. A
 client resumes with `Last-Event-ID` (or `?after=ftevent-N`); without either, the stream starts
-at the job's first event. See `control_plane.api.sse` for why streams poll.
+at the job's first event. See `control_plane.api.sse` for how streams read.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from control_plane.api import sse
 from control_plane.api.deps import Caller, ServicesDep
 from control_plane.api.errors import not_found
 from control_plane.api.schemas import EventPublic
+from control_plane.api.stream_watch import StreamWatchDep
 from control_plane.records import JobRecord
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
@@ -53,6 +54,7 @@ async def stream_events(
     request: Request,
     caller: Caller,
     services: ServicesDep,
+    watch: StreamWatchDep,
     after: str | None = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
@@ -66,7 +68,7 @@ async def stream_events(
 
     async def body() -> AsyncIterator[str]:
         async for change in sse.follow_job(
-            services, caller.tenant_id, job_id, cursor, request.is_disconnected
+            services, watch, caller.tenant_id, job_id, cursor, request.is_disconnected
         ):
             if change is None:
                 yield sse.comment()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -20,6 +20,7 @@ from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
 from control_plane.api.routes import fine_tuning
 from control_plane.api.schemas import JobPublic
+from control_plane.api.stream_watch import StreamWatchDep
 from control_plane.dashboard import queries
 from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, page, render
 from control_plane.dashboard.sessions import (
@@ -142,6 +143,7 @@ async def jobs_stream(
     request: Request,
     session: CurrentSession,
     services: ServicesDep,
+    watch: StreamWatchDep,
     ids: Annotated[list[str], Query(max_length=64)] = [],  # noqa: B006 - FastAPI copies it
     newest: Annotated[str | None, Query(max_length=64)] = None,
 ) -> StreamingResponse:
@@ -156,29 +158,37 @@ async def jobs_stream(
             found = queries.jobs_by_id(conn, tenant_id, job_ids)
             return found, queries.newer_jobs(conn, tenant_id, newest), _base_names(conn)
 
+    async def gone() -> bool:
+        return await request.is_disconnected() or await session_ended()
+
     async def body() -> AsyncIterator[str]:
         sent: dict[str, tuple[Any, ...]] = {}
         newer_sent = 0
-        quiet = 0.0
-        for _ in range(int(sse.MAX_STREAM_SECONDS / sse.POLL_SECONDS)):
-            if await request.is_disconnected() or await session_ended():
-                return
-            found, newer, bases = await run_in_threadpool(poll)
-            for job in found:
-                state = _row_state(job)
-                if sent.get(job.id) != state:
-                    sent[job.id] = state
-                    yield sse.frame(_row_html(job, bases), event="row", id=None)
-                    quiet = 0.0
-            if newer != newer_sent:
-                newer_sent = newer
-                shown = f"{queries.NEWER_AT_MOST}+" if newer > queries.NEWER_AT_MOST else newer
-                yield sse.frame(str(shown), event="newer")
-            quiet += sse.POLL_SECONDS
-            if quiet >= sse.KEEPALIVE_SECONDS:
-                quiet = 0.0
-                yield sse.comment()
-            await asyncio.sleep(sse.POLL_SECONDS)
+        quiet_since = time.monotonic()
+        ends_at = quiet_since + sse.MAX_STREAM_SECONDS
+        with watch.watching(job_ids=tuple(job_ids), tenant_ids=(tenant_id,)) as watcher:
+            while True:
+                found, newer, bases = await run_in_threadpool(poll)
+                for job in found:
+                    state = _row_state(job)
+                    if sent.get(job.id) != state:
+                        sent[job.id] = state
+                        yield sse.frame(_row_html(job, bases), event="row", id=None)
+                        quiet_since = time.monotonic()
+                if newer != newer_sent:
+                    newer_sent = newer
+                    shown = f"{queries.NEWER_AT_MOST}+" if newer > queries.NEWER_AT_MOST else newer
+                    yield sse.frame(str(shown), event="newer")
+                    quiet_since = time.monotonic()
+                while (
+                    why := await sse.next_move(
+                        watcher, ends_at, quiet_since + sse.KEEPALIVE_SECONDS, gone
+                    )
+                ) == "keepalive":
+                    quiet_since = time.monotonic()
+                    yield sse.comment()
+                if why == "over":
+                    return
 
     return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
 
@@ -366,6 +376,7 @@ async def job_stream(
     request: Request,
     session: CurrentSession,
     services: ServicesDep,
+    watch: StreamWatchDep,
     after: Annotated[int, Query(ge=0, le=sse.EVENT_ID_MAX)] = 0,
 ) -> StreamingResponse:
     """The job page's stream: `log` (an event's HTML), `metric` (a chart point), `summary`
@@ -382,7 +393,7 @@ async def job_stream(
 
     async def body() -> AsyncIterator[str]:
         async for change in sse.follow_job(
-            services, session.principal.tenant_id, job_id, cursor, gone
+            services, watch, session.principal.tenant_id, job_id, cursor, gone
         ):
             if change is None:
                 yield sse.comment()
