@@ -113,6 +113,14 @@ class Settings(BaseSettings):
     # for every tenant of the platform to load, sample from and download by path. Off, publishing
     # is refused and what was published is its owner's alone again (the flag stays, unread).
     tinker_public_checkpoints: bool = True
+    # Tinker's JWT auth exchange (`control_plane.api.tinker_jwt`): the SDK trades its API key for
+    # a short-lived JWT at `/api/v1/auth/token` and sends that instead. `whoami` reads who it is
+    # from the JWT, and a client whose only credential is TINKER_CREDENTIAL_CMD needs it. A JWT
+    # stops working when its key is revoked, as the key does. Off, the SDK sends the key itself.
+    tinker_jwt_auth: bool = True
+    # How long a JWT lives: the SDK exchanges again at half of it, and before any request sent
+    # with under a minute left (hence two minutes at least).
+    tinker_jwt_lifetime_seconds: int = Field(default=900, ge=120, le=86400)
     # An interactive session whose SDK has not heartbeated for this long (it does every 10 s
     # while its process lives) is over: its models' weights are let go from their executors
     # and what was asked of them and not taken fails.

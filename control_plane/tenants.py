@@ -277,6 +277,18 @@ def authenticate(conn: Connection, secret_key: str, api_key: str) -> Principal |
     return Principal(tenant_id=row.tenant_id, key_id=row.id, role=row.role)
 
 
+def live_key_principal(conn: Connection, tenant_id: str, key_id: str) -> Principal | None:
+    """The principal of the tenant's key `key_id` while it is not revoked, else None."""
+    row = conn.execute(
+        select(api_keys.c.id, api_keys.c.tenant_id, api_keys.c.role).where(
+            api_keys.c.id == key_id,
+            api_keys.c.tenant_id == tenant_id,
+            api_keys.c.revoked_at.is_(None),
+        )
+    ).one_or_none()
+    return Principal(tenant_id=row.tenant_id, key_id=row.id, role=row.role) if row else None
+
+
 def list_api_keys(conn: Connection, tenant_id: str) -> list[ApiKeyRecord]:
     rows = conn.execute(
         select(api_keys).where(api_keys.c.tenant_id == tenant_id).order_by(api_keys.c.created_at)

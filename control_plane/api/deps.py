@@ -14,6 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection
 
 from control_plane import tenants
+from control_plane.api import tinker_jwt
 from control_plane.api.errors import ApiError
 from control_plane.services import Services
 
@@ -28,7 +29,9 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 class PrincipalCache:
     """Keys checked in the last `ttl` seconds, by their hash: an authenticated client's next
-    requests need no database round trip (a revoked key stops working within `ttl`)."""
+    requests need no database round trip (a revoked key stops working within `ttl`). Tokens of
+    Tinker's JWT exchange too, whose keys are checked alike: a revocation empties this process's
+    cache (`routes/api_keys.revoke`), so a key's tokens stop with it."""
 
     def __init__(self, secret_key: str, ttl: float, max_entries: int = 10_000) -> None:
         self.secret_key = secret_key
@@ -80,7 +83,8 @@ bearer_key = HTTPBearer(
 
 
 # The Tinker SDK sends its key as `X-API-Key` and refuses one that does not start with `tml-`:
-# a loraforge key given to it as `tml-lf-...` is read here as the `lf-...` it wraps.
+# a loraforge key given to it as `tml-lf-...` is read here as the `lf-...` it wraps. With JWT auth
+# on, it sends there the token it exchanged its key for (`eyJ...`, `tinker_jwt`), unprefixed.
 TINKER_KEY_HEADER = "x-api-key"
 TINKER_KEY_PREFIX = "tml-"
 
@@ -105,6 +109,8 @@ def get_principal(
             "Send your API key as 'Authorization: Bearer <key>' (the Tinker SDK: api_key="
             "'tml-' + <key>) (an admin creates keys with 'loraforge admin create-key').",
         )
+    if tinker_jwt.is_token(key):
+        return _token_principal(request, services, key)
     cache = get_principals(request)
     principal = cache.get(key)
     if principal is None:
@@ -116,6 +122,33 @@ def get_principal(
             cache.put(key, principal)
     if principal is None:
         raise ApiError(401, "invalid_api_key", "The API key is unknown or revoked.")
+    return principal
+
+
+def _token_principal(request: Request, services: Services, token: str) -> tenants.Principal:
+    """The principal of a token from Tinker's JWT exchange (`tinker_jwt`): its key's, checked
+    as the key itself is (the same cache, so a revocation stops it as it stops the key). A
+    token this server no longer takes is a 401 that tells the SDK to exchange again. The
+    token's end is kept on the request: a token exchanged for another ends no later."""
+    settings = services.settings
+    if not settings.tinker_jwt_auth:
+        raise ApiError(401, "invalid_api_key", tinker_jwt.TURNED_OFF)
+    try:
+        claims = tinker_jwt.verify(settings.secret_key, token)
+    except tinker_jwt.InvalidToken as exc:
+        raise tinker_jwt.refusal(str(exc)) from None
+    cache = get_principals(request)
+    # Verified first, on every request: an entry never outlives its token's `exp`.
+    principal = cache.get(token)
+    if principal is None:
+        with services.auth_engine.connect() as conn:
+            principal = tinker_jwt.key_principal(conn, claims)
+        if principal is None:
+            raise tinker_jwt.refusal(
+                "The API key this token was exchanged for is revoked; so is the token."
+            )
+        cache.put(token, principal)
+    tinker_jwt.keep_on_request(request, claims)
     return principal
 
 

@@ -534,7 +534,7 @@ def test_an_unloaded_model_takes_no_call_and_an_endpoint_loraforge_lacks_says_so
     assert unload.status_code == 200, unload.text
     gone = _optim(http, tenant_a.admin, model, None)
     assert (gone.status_code, gone.json()["error"]["code"]) == (410, "model_unloaded")
-    lacking = http.post("/auth/token", json={}, headers=key)
+    lacking = http.post("/copy_weights", json={}, headers=key)
     assert lacking.status_code == 404
     assert lacking.json()["error"]["code"] == "tinker_endpoint_not_supported"
     assert http.get("/healthz").json() == {"status": "ok"}

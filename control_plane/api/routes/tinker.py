@@ -4,9 +4,10 @@ Point the SDK at loraforge with `tinker.ServiceClient(base_url=<loraforge>, api_
 <a loraforge key>)`: the SDK sends the key as `X-API-Key` and insists on that prefix, which
 `deps.get_principal` takes off. Any live key of the tenant drives sessions, but a reader's.
 
-- Handshake: `GET healthz`; `POST client/config` answers flags that keep the SDK on plain
-  API keys (no JWT exchange at `auth/token`), on httpx, uncompressed and one forward chunk at
-  a time; `POST client/dynamic_config`; `GET get_server_capabilities` (the ready bases).
+- Handshake: `GET healthz`; `POST client/config` answers flags that have the SDK exchange its
+  key for JWTs at `auth/token` (`tinker_jwt_auth`; off, it sends the key itself), keep it on
+  httpx, uncompressed and one forward chunk at a time; `POST client/dynamic_config`; `GET
+  get_server_capabilities` (the ready bases).
 - A session: `create_session`, `session_heartbeat`, `sessions/{id}/finish` (unloads its
   models); `telemetry` is accepted and dropped.
 - Calls on a model, each answered at once with a future (`{"request_id"}`): `create_model`,
@@ -20,8 +21,8 @@ A tenant's runs, checkpoints and sessions are `routes/tinker_runs.py`'s; weights
 use elsewhere and their downloads `routes/tinker_exports.py`'s; custom losses a session uploads
 (`create_custom_loss`, run by `forward_backward` with `loss_fn: custom`)
 `routes/tinker_losses.py`'s; the key a request presents (`auth/apikey/me`, for `tinker auth
-login`) `routes/tinker_auth.py`'s; what the sessions used (`billing/usage/events`)
-`routes/tinker_usage.py`'s. Anything else under
+login`) and the JWT exchange (`auth/token`) `routes/tinker_auth.py`'s; what the sessions used
+(`billing/usage/events`) `routes/tinker_usage.py`'s. Anything else under
 /api/v1 is a 404 naming the endpoint: the SDK raises it at once, where a
 5xx would have it retry for minutes. A model that was unloaded answers 410 (a 409 too is
 retried by the SDK). None of this is in the OpenAPI document: it is Tinker's API, not ours.
@@ -78,7 +79,7 @@ from control_plane.tenants import Principal
 router = APIRouter(prefix="/api/v1", tags=["tinker"], include_in_schema=False)
 
 _CLIENT_CONFIG = {
-    "pjwt_auth_enabled": False,
+    # The SDK exchanges the credential it was given (an API key, else TINKER_CREDENTIAL_CMD's).
     "credential_default_source": "api_key",
     "use_pyqwest_transport": False,
     "proto_compress_fwdbwd": False,
@@ -121,6 +122,7 @@ def client_config(_: ClientConfigBody, caller: Caller, services: ServicesDep) ->
     settings = services.settings
     return {
         **_CLIENT_CONFIG,
+        "pjwt_auth_enabled": settings.tinker_jwt_auth,
         "sample_use_retrieve_futures": settings.tinker_session_polling,
         "custom_loss_server_side": settings.tinker_custom_losses_on_server,
     }
