@@ -145,23 +145,28 @@ async def checked_session(request: Request, session: CurrentSession) -> Session:
 CheckedSession = Annotated[Session, Depends(checked_session)]
 
 
-def stream_session_ended(services: Services, session: Session) -> Callable[[], Awaitable[bool]]:
-    """For a stream, which outlives the request that checked its session: whether the key was
-    revoked since, looked up at most every `STREAM_RECHECK_SECONDS` on the auth pool."""
+def stream_gone(
+    services: Services, session: Session, request: Request
+) -> Callable[[], Awaitable[bool]]:
+    """For a stream, which outlives the request that checked its session: whether its client
+    went away, or its key was revoked since (looked up at most every `STREAM_RECHECK_SECONDS`
+    on the auth pool)."""
     checked = time.monotonic()
 
     def lookup() -> bool:
         with services.auth_engine.connect() as conn:
             return queries.principal_by_key_id(conn, session.principal.key_id) is None
 
-    async def ended() -> bool:
+    async def gone() -> bool:
         nonlocal checked
+        if await request.is_disconnected():
+            return True
         if time.monotonic() - checked < STREAM_RECHECK_SECONDS:
             return False
         checked = time.monotonic()
         return await run_in_threadpool(lookup)
 
-    return ended
+    return gone
 
 
 def page_connection(services: ServicesDep, _: CurrentSession, __: DbSlot) -> Iterator[Connection]:

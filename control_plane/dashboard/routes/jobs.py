@@ -28,7 +28,7 @@ from control_plane.dashboard.sessions import (
     CurrentSession,
     PageConn,
     Session,
-    stream_session_ended,
+    stream_gone,
 )
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.job_status import PAUSABLE, PRIORITIZABLE, TERMINAL, UNFINISHED, JobStatus
@@ -151,15 +151,12 @@ async def jobs_stream(
     "100+") when jobs were submitted since the page was drawn (after the job `newest`)."""
     tenant_id = session.principal.tenant_id
     job_ids = ids[:PAGE_SIZE]
-    session_ended = stream_session_ended(services, session)
+    gone = stream_gone(services, session, request)
 
     def poll() -> tuple[list[JobRecord], int, dict[str, str]]:
         with services.engine.connect() as conn:
             found = queries.jobs_by_id(conn, tenant_id, job_ids)
             return found, queries.newer_jobs(conn, tenant_id, newest), _base_names(conn)
-
-    async def gone() -> bool:
-        return await request.is_disconnected() or await session_ended()
 
     async def body() -> AsyncIterator[str]:
         sent: dict[str, tuple[Any, ...]] = {}
@@ -382,10 +379,7 @@ async def job_stream(
     """The job page's stream: `log` (an event's HTML), `metric` (a chart point), `summary`
     (the live panel's HTML) and `end`."""
     cursor = sse.parse_event_id(request.headers.get("last-event-id")) or after
-    session_ended = stream_session_ended(services, session)
-
-    async def gone() -> bool:
-        return await request.is_disconnected() or await session_ended()
+    gone = stream_gone(services, session, request)
 
     def summary_of(job: JobRecord) -> str:
         with services.engine.connect() as conn:
