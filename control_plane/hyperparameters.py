@@ -50,6 +50,12 @@ class Hyperparameters(BaseModel):
     checkpoint_every_steps: int = Field(default=50, ge=1, le=1_000_000)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_gpus: int = Field(default=1, ge=1, le=64, description="GPUs (or CPU workers) for one job")
+    # OpenAI's `method.type`: supervised (next-token loss on the completions) or dpo (Direct
+    # Preference Optimization on preference pairs, `workers.training.preference`).
+    method: Literal["supervised", "dpo"] = "supervised"
+    dpo_beta: float = Field(
+        default=0.1, gt=0, le=10, description="DPO's beta: how far from the reference it may move"
+    )
 
     @field_validator("target_modules")
     @classmethod

@@ -20,13 +20,13 @@ The training recipe's kernels, kept apart from its loop:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from workers.kernels.example import IGNORE_INDEX, TokenizedExample
+
+Sizes = TypeVar("Sizes", bound=Sized)  # an example, or a pair of them: a length in tokens
 
 PACKED_ATTENTION = "loraforge_packed_sdpa"
 # Largest logits chunk, in elements (64 MiB of fp32): bounds memory whatever the vocabulary.
@@ -67,11 +69,10 @@ def attention_kernel(kind: AttentionKernel) -> Iterator[None]:
         _ATTENTION_KERNEL.reset(token)
 
 
-def rows_of_tokens(
-    examples: Sequence[TokenizedExample], max_tokens: int
-) -> Iterator[list[TokenizedExample]]:
-    """Consecutive groups of examples holding at most `max_tokens` tokens (or one example)."""
-    row: list[TokenizedExample] = []
+def rows_of_tokens(examples: Sequence[Sizes], max_tokens: int) -> Iterator[list[Sizes]]:
+    """Consecutive groups of examples (or anything with a length in tokens, such as a preference
+    pair) holding at most `max_tokens` tokens (or one example)."""
+    row: list[Sizes] = []
     tokens = 0
     for example in examples:
         if row and tokens + len(example) > max_tokens:

@@ -86,7 +86,9 @@ def read_checkpoint(
     if state["data_sha256"] != data_sha256:
         raise TrainingError("the checkpoint was trained on different data")
     saved, current = state["hyperparameters"], hp.model_dump(mode="json")
-    changed = {k for k in current if saved.get(k) != current[k]} - RESUMABLE_CHANGES
+    # A field added since the checkpoint was written had its default then.
+    defaults = Hyperparameters().model_dump(mode="json")
+    changed = {k for k in current if saved.get(k, defaults[k]) != current[k]} - RESUMABLE_CHANGES
     if changed:
         raise TrainingError(f"hyperparameters changed since the checkpoint: {sorted(changed)}")
     weights = load_file(resume_dir / ADAPTER_WEIGHTS, device=str(device))

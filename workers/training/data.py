@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from control_plane.hyperparameters import Hyperparameters
-from workers.kernels.example import TokenizedExample
 from workers.training.formatting import DatasetFormatError, TokenizedDataset, tokenize_records
 from workers.training.interface import TrainingError
+
+Item = TypeVar("Item")
 
 
 def job_datasets(
@@ -82,25 +83,30 @@ def epoch_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(torch.randperm(count, generator=generator).tolist())
 
 
+def held_out(count: int, fraction: float, seed: int) -> set[int]:
+    """The indexes of `fraction` of `count` items (at least one, never all) held out for
+    evaluation, seeded."""
+    held = min(max(1, round(count * fraction)), count - 1)
+    if held <= 0:
+        return set()
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return set(order[:held])
+
+
 def split_eval(
     dataset: TokenizedDataset, fraction: float, seed: int
 ) -> tuple[TokenizedDataset, TokenizedDataset]:
-    """Hold out `fraction` of the examples (at least one, never all) for evaluation, seeded."""
-    count = len(dataset.examples)
-    held = min(max(1, round(count * fraction)), count - 1)
-    if held <= 0:
-        return dataset, TokenizedDataset(())
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    held_out = set(order[:held])
-    train = [e for i, e in enumerate(dataset.examples) if i not in held_out]
-    evaluation = [e for i, e in enumerate(dataset.examples) if i in held_out]
+    """Hold out `fraction` of the examples (`held_out`) for evaluation."""
+    held = held_out(len(dataset.examples), fraction, seed)
+    train = [e for i, e in enumerate(dataset.examples) if i not in held]
+    evaluation = [e for i, e in enumerate(dataset.examples) if i in held]
     return (
         TokenizedDataset(tuple(train), dataset.dropped, dataset.truncated),
         TokenizedDataset(tuple(evaluation)),
     )
 
 
-def split_evenly(items: Sequence[TokenizedExample], parts: int) -> Iterator[list[TokenizedExample]]:
+def split_evenly(items: Sequence[Item], parts: int) -> Iterator[list[Item]]:
     """Exactly `parts` contiguous groups of near-equal size, the last ones empty when items run
     short (gradient-accumulation micro-batches: every rank sees as many, in lock-step)."""
     size, extra = divmod(len(items), parts)

@@ -46,13 +46,7 @@ from peft import PeftModel
 from torch import nn
 
 from control_plane.hyperparameters import Hyperparameters
-from workers.kernels.packing import (
-    LinearCrossEntropy,
-    LogitsWorkspace,
-    pack,
-    packed_hidden_states,
-    rows_of_tokens,
-)
+from workers.kernels.packing import rows_of_tokens
 from workers.training.checkpointing import data_sha256, read_checkpoint, staged, write_checkpoint
 from workers.training.data import (
     dataset_summary,
@@ -62,12 +56,13 @@ from workers.training.data import (
     split_evenly,
 )
 from workers.training.device import Precision, peak_memory_mib, precision_reason
-from workers.training.formatting import TokenizedExample
 from workers.training.interface import TrainHooks, TrainingError, TrainResult
 from workers.training.lora import attached_adapter, load_initial_adapter, lora_config, write_adapter
 from workers.training.optimizer import MAX_GRAD_NORM, adamw, lr_schedule
+from workers.training.preference import PreferenceObjective, examples_of, job_pairs
 from workers.training.ranks import all_reduce_gradients, process_group_rank, rank_zero_decides
 from workers.training.resident import ResidentBase
+from workers.training.supervised import NextTokenObjective
 
 # What a caller of the recipe needs, in one import.
 __all__ = [
@@ -79,7 +74,6 @@ __all__ = [
     "train_adapter",
 ]
 
-EVAL_ROW_TOKENS = 8192  # tokens per packed row at evaluation time
 # Most tokens per packed row in training: a step's (micro-)batch runs as rows of at most this
 # many tokens, one forward/backward each, so the activations kept for a backward are bounded by
 # this, not by the longest batch; the step's update is the same.
@@ -145,6 +139,8 @@ class LoraRecipe:
         self.base, self.hp, self.hooks, self.output_dir = base, hp, hooks, output_dir
         self.rank, self.world_size = rank, world_size
         self.model: PeftModel | None = None
+        # The loss: next-token (`supervised`), or a DPO job's (`preference`).
+        self.objective: NextTokenObjective | PreferenceObjective | None = None
         self.progress = _Progress()
         self._previous_checkpoint: Path | None = None
         self._exit_stack = ExitStack()
@@ -162,11 +158,10 @@ class LoraRecipe:
         schedule, maybe resume."""
         hp, base = self.hp, self.base
         self.precision = self._check_precision()
-        self.train_set, self.eval_set = job_datasets(
-            train_records, eval_records, base.tokenizer, hp
-        )
+        datasets: Any = job_pairs if hp.method == "dpo" else job_datasets
+        self.train_set, self.eval_set = datasets(train_records, eval_records, base.tokenizer, hp)
         self._event("log", *dataset_summary(self.train_set, self.eval_set))
-        self.data_sha256 = data_sha256(self.train_set.examples)
+        self.data_sha256 = data_sha256(examples_of(self.train_set.examples))
         self.steps_per_epoch = math.ceil(len(self.train_set.examples) / hp.batch_size)
         self.total_steps = hp.n_epochs * self.steps_per_epoch
 
@@ -179,9 +174,15 @@ class LoraRecipe:
         fused, norms = adapter.fused_lora_layers, adapter.fused_rms_norms
         self.backbone = base.model.get_decoder()
         self.lm_head = base.model.get_output_embeddings()
-        self._logits_workspace = LogitsWorkspace()
         if init_dir is not None and resume_dir is None:
             self._load_initial_adapter(Path(init_dir))
+        parts = (self.backbone, self.lm_head, base.device, self._autocast)
+        if hp.method == "dpo":  # its reference: the model as the job starts
+            self.objective = PreferenceObjective(hp, *parts)
+            sets = {"train": self.train_set, "eval": self.eval_set}
+            self.objective.compute_reference(self.model, {k: v for k, v in sets.items() if v})
+        else:
+            self.objective = NextTokenObjective(*parts)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self._trainable = params
@@ -239,6 +240,8 @@ class LoraRecipe:
         self.progress.global_step = self.progress.first_step = int(state["global_step"])
         self.progress.trained_tokens = int(state["trained_tokens"])
         self.progress.last_loss = state["last_loss"]
+        assert self.objective is not None
+        self.objective.load_state(state)
         self._event(
             "log",
             f"resumed from step {self.progress.global_step} of {self.total_steps}",
@@ -274,24 +277,25 @@ class LoraRecipe:
         eval_loss = self._evaluate()
         return self._result(self.save_adapter(), eval_loss, stopped=False)
 
-    def _step_examples(self, epoch: int, position: int) -> list[TokenizedExample]:
+    def _step_examples(self, epoch: int, position: int) -> list[Any]:
         order = epoch_order(len(self.train_set.examples), self.hp.seed, epoch)
         size = self.hp.batch_size
         return [self.train_set.examples[i] for i in order[position * size : (position + 1) * size]]
 
-    def _optimizer_step(self, batch: Sequence[TokenizedExample]) -> bool:
+    def _optimizer_step(self, batch: Sequence[Any]) -> bool:
         """One optimizer step over `batch`, in gradient-accumulation micro-batches.
 
         The loss is the mean over every trained token of the step (not a mean of micro-batch
         means), so the gradient does not depend on how the step is split, across micro-batches
-        or ranks. Returns False when the caller asked to stop (checked before every micro-batch;
+        or ranks; a DPO job's is the mean over the step's pairs. Returns False when the caller asked to stop (checked before every micro-batch;
         nothing is applied then).
         """
         assert self.model is not None
         progress, hp = self.progress, self.hp
         started = time.perf_counter()
         torch.manual_seed(hash_seed(hp.seed, progress.global_step))
-        targets = sum(e.trainable_tokens for e in batch)
+        assert self.objective is not None
+        targets = self.objective.denominator(batch)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.base.device)
         shard = batch[self.rank :: self.world_size]
         for micro in split_evenly(shard, hp.gradient_accumulation_steps):
@@ -336,36 +340,29 @@ class LoraRecipe:
                 "peak_memory_mib": peak_memory_mib(self.base.device),
                 "fraction_done": done,
                 "eta_s": per_step * (self.total_steps - progress.global_step),
+                **self.objective.step_metrics(),
             },
         )
         return True
 
-    def _loss_sum(self, examples: Sequence[TokenizedExample]) -> torch.Tensor:
-        """Summed next-token cross-entropy over the trained tokens of `examples`, packed in a row."""
-        row = pack(examples, self.base.device)
-        selected = packed_hidden_states(self.backbone, row)[row.target_positions]
-        return LinearCrossEntropy.apply(
-            selected, self.lm_head.weight, row.targets, self._logits_workspace
-        )
+    def _loss_sum(self, row: Sequence[Any]) -> torch.Tensor:
+        """The summed loss of a row of the step (the objective's)."""
+        assert self.objective is not None
+        return self.objective.loss_sum(row)
 
-    @torch.no_grad()
     def _evaluate(self) -> float | None:
-        """Token-mean loss over the eval set; emits a metrics event."""
+        """The objective's loss over the eval set; emits a metrics event."""
         if self.eval_set is None:
             return None
-        assert self.model is not None
+        assert self.model is not None and self.objective is not None
         self.model.eval()
-        total = 0.0
-        count = 0
-        for rows in rows_of_tokens(self.eval_set.examples, EVAL_ROW_TOKENS):
-            with self._autocast():
-                total += self._loss_sum(rows).item()
-            count += sum(e.trainable_tokens for e in rows)
+        loss, extra = self.objective.evaluate(self.eval_set)
         self.model.train()
-        loss = total / count
         step = self.progress.global_step
         self._event(
-            "metrics", f"step {step} eval loss {loss:.4f}", {"step": step, "eval_loss": loss}
+            "metrics",
+            f"step {step} eval loss {loss:.4f}",
+            {"step": step, "eval_loss": loss, **extra},
         )
         return loss
 
@@ -403,6 +400,7 @@ class LoraRecipe:
             "base_sha256": self.base.sha256,
             "data_sha256": self.data_sha256,
             "hyperparameters": self.hp.model_dump(mode="json"),
+            **(self.objective.state() if self.objective else {}),
         }
         write_checkpoint(directory, self.model, self.base.path, state)
         self._event("log", f"checkpoint at step {step}", {"step": step, "checkpoint": True})
@@ -426,7 +424,7 @@ class LoraRecipe:
         """Remove the adapter and every training switch: the base returns to its loaded state."""
         self._exit_stack.close()
         self.model = None
-        self._logits_workspace = LogitsWorkspace()  # its buffers go with the job
+        self.objective = None  # its buffers go with the job
 
     # -- helpers -------------------------------------------------------------------------------
 
