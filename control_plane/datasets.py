@@ -3,8 +3,10 @@
 A dataset is checked in one streaming pass (the file is never held in memory whole) so that a user
 learns about a bad line at upload time, not hours later when a trainer trips over it. The first
 problem found stops the pass and is reported as a `DatasetError` whose `code` is stable for
-machines and whose `message` names the line and says what to fix. Three formats are accepted, one
-per file: chat (`{"messages": [...]}`, OpenAI's shape), prompt/completion, and plain text.
+machines and whose `message` names the line and says what to fix. Four formats are accepted, one
+per file: chat (`{"messages": [...]}`, OpenAI's shape), prompt/completion, plain text, and
+preference pairs for DPO (OpenAI's shape: `{"input": {"messages": [...]}, "preferred_output":
+[...], "non_preferred_output": [...]}`, one pair an example).
 
 This module is pure: no database, object store or HTTP. The celery task that validates uploads
 and the trainers that read validated files both call it.
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal, NoReturn
 
-DatasetFormat = Literal["chat", "prompt_completion", "text"]
+DatasetFormat = Literal["chat", "prompt_completion", "text", "preference"]
 Example = dict[str, Any]
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -27,13 +29,21 @@ _FORMAT_LABELS: dict[str, str] = {
     "chat": "chat",
     "prompt_completion": "prompt/completion",
     "text": "text",
+    "preference": "preference",
 }
+# A preference example: the conversation (`input`) and its two replies to it. OpenAI's tool fields
+# are taken only when they ask for no tools: loraforge does not train tool calls.
+_REPLY_KEYS = ("preferred_output", "non_preferred_output")
+_INPUT_KEYS = ("messages", "tools", "parallel_tool_calls")
 _ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("input", *_REPLY_KEYS),
 }
 _MESSAGE_KEYS = ("role", "content", "weight")
+# A preference example's messages carry no weight: only its replies are learned from, whole.
+_PLAIN_MESSAGE_KEYS = ("role", "content")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _READ_CHUNK = 1 << 20
@@ -167,6 +177,8 @@ def detect_format(record: Example) -> DatasetFormat:
     """Name the format an example is written in, from its keys alone; values are not checked."""
     if "messages" in record:
         return "chat"
+    if "preferred_output" in record or "non_preferred_output" in record:
+        return "preference"
     if "prompt" in record or "completion" in record:
         return "prompt_completion"
     if "text" in record:
@@ -175,7 +187,8 @@ def detect_format(record: Example) -> DatasetFormat:
     _refuse(
         "unknown_format",
         f"not a known example format (keys: {keys}); expected "
-        '{"messages": [...]}, {"prompt": ..., "completion": ...} or {"text": ...}',
+        '{"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...} or '
+        '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}',
     )
 
 
@@ -267,7 +280,13 @@ def _check_example(record: Example, dataset_format: DatasetFormat) -> None:
                 f"(allowed: {', '.join(allowed)})",
             )
     if dataset_format == "chat":
-        _check_messages(record["messages"])
+        if not _check_messages(record["messages"]):
+            _refuse(
+                "invalid_example",
+                "needs at least one assistant message with non-empty content (and weight 1 if set)",
+            )
+    elif dataset_format == "preference":
+        _check_preference(record)
     elif dataset_format == "prompt_completion":
         for key in allowed:
             if key not in record:
@@ -281,26 +300,78 @@ def _check_example(record: Example, dataset_format: DatasetFormat) -> None:
             _refuse("invalid_example", "'text' is empty")
 
 
-def _check_messages(messages: object) -> None:
+def _check_preference(record: Example) -> None:
+    for key in _ALLOWED_KEYS["preference"]:
+        if key not in record:
+            _refuse(
+                "invalid_example",
+                f"missing key {key!r} (a preference example needs 'input', 'preferred_output' "
+                "and 'non_preferred_output')",
+            )
+    given = record["input"]
+    if not isinstance(given, dict):
+        _refuse(
+            "invalid_example",
+            f"'input' must be an object {{\"messages\": [...]}}, got {_json_type(given)}",
+        )
+    for key in given:
+        if key not in _INPUT_KEYS:
+            _refuse(
+                "invalid_example",
+                f"unexpected key {key!r} in 'input' (allowed: {', '.join(_INPUT_KEYS)})",
+            )
+    if given.get("tools", []) != []:
+        _refuse(
+            "invalid_example",
+            "input.tools must be empty or left out: loraforge does not train tool calls",
+        )
+    if given.get("parallel_tool_calls", True) is not True:
+        _refuse(
+            "invalid_example",
+            "input.parallel_tool_calls must be true or left out: loraforge does not train tool "
+            "calls",
+        )
+    if "messages" not in given:
+        _refuse("invalid_example", "'input' has no 'messages' (the conversation to reply to)")
+    _check_messages(given["messages"], "input.messages", keys=_PLAIN_MESSAGE_KEYS)
+    for key in _REPLY_KEYS:
+        if not _check_messages(record[key], key, roles=("assistant",), keys=_PLAIN_MESSAGE_KEYS):
+            _refuse("invalid_example", f"'{key}' is empty: the reply needs non-empty content")
+    if record["preferred_output"] == record["non_preferred_output"]:
+        _refuse(
+            "invalid_example",
+            "'preferred_output' and 'non_preferred_output' are the same; a pair must prefer one "
+            "reply over a different one",
+        )
+
+
+def _check_messages(
+    messages: object,
+    name: str = "messages",
+    *,
+    roles: tuple[str, ...] = CHAT_ROLES,
+    keys: tuple[str, ...] = _MESSAGE_KEYS,
+) -> bool:
+    """Check an array of messages; whether one is trained on (an assistant's, with content, and
+    weight 1 if weighted)."""
     if not isinstance(messages, list) or not messages:
-        _refuse("invalid_example", "'messages' must be a non-empty array of messages")
+        noun = "assistant messages" if roles == ("assistant",) else "messages"
+        _refuse("invalid_example", f"'{name}' must be a non-empty array of {noun}")
     trained = False
     for index, message in enumerate(messages):
-        where = f"messages[{index}]"
+        where = f"{name}[{index}]"
         if not isinstance(message, dict):
             _refuse("invalid_example", f"{where} must be an object, got {_json_type(message)}")
         for key in message:
-            if key not in _MESSAGE_KEYS:
+            if key not in keys:
                 _refuse(
                     "invalid_example",
-                    f"unexpected key {key!r} in {where} (allowed: {', '.join(_MESSAGE_KEYS)})",
+                    f"unexpected key {key!r} in {where} (allowed: {', '.join(keys)})",
                 )
         role = message.get("role")
-        if role not in CHAT_ROLES:
-            _refuse(
-                "invalid_example",
-                f"{where}.role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
-            )
+        if role not in roles:
+            allowed = f"one of {', '.join(roles)}" if len(roles) > 1 else repr(roles[0])
+            _refuse("invalid_example", f"{where}.role must be {allowed}, got {role!r}")
         if "content" not in message:
             _refuse("invalid_example", f"{where} has no 'content'")
         _require_string(message["content"], f"{where}.content")
@@ -312,16 +383,15 @@ def _check_messages(messages: object) -> None:
                 _refuse("invalid_example", f"{where}.weight must be 0 or 1, got {weight!r}")
         if role == "assistant" and weight == 1 and message["content"].strip():
             trained = True
-    if not trained:
-        _refuse(
-            "invalid_example",
-            "needs at least one assistant message with non-empty content (and weight 1 if set)",
-        )
+    return trained
 
 
 def _estimate_tokens(record: Example) -> int:
     if "messages" in record:
         texts = [message["content"] for message in record["messages"]]
+    elif "preferred_output" in record:  # the conversation once, and both replies
+        messages = [*record["input"]["messages"], *(m for k in _REPLY_KEYS for m in record[k])]
+        texts = [message["content"] for message in messages]
     else:
         texts = [value for value in record.values() if isinstance(value, str)]
     size = sum(len(text.encode("utf-8")) for text in texts)
@@ -348,6 +418,14 @@ _DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicates)
 def _require_string(value: object, name: str) -> None:
     if not isinstance(value, str):
         _refuse("invalid_example", f"{name} must be a string, got {_json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may escape half a surrogate pair: no character, no text
+        _refuse(
+            "invalid_example",
+            f"{name} holds a lone surrogate escape (\\ud800-\\udfff), half a character: write "
+            "the whole character",
+        )
 
 
 def _json_type(value: object) -> str:

@@ -47,14 +47,23 @@ class NewJob:
     user_metadata: dict[str, str] | None = None
 
     def request_hash(self) -> str:
-        # Without metadata, the hash a job got before revision 0019 (a retried request matches).
+        # Without metadata, the hash a job got before revision 0019, and without a supervised
+        # job's method and the default beta, the hash before DPO (a retried request matches).
         body = {
             k: v
             for k, v in self.__dict__.items()
             if k not in ("idempotency_key", "tenant_id")
             and not (k == "user_metadata" and v is None)
         }
+        body["hyperparameters"] = {
+            k: v
+            for k, v in self.hyperparameters.items()
+            if not (k in _DEFAULTS_ADDED_SINCE_HASHING and v == _DEFAULTS_ADDED_SINCE_HASHING[k])
+        }
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_DEFAULTS_ADDED_SINCE_HASHING: dict[str, Any] = {"method": "supervised", "dpo_beta": 0.1}
 
 
 def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:

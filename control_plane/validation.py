@@ -1,10 +1,18 @@
-"""Dataset validation before a job is queued: the job becomes `queued`, or `failed` with the
-line and reason. Run by a celery task (`loraforge.tasks`); nothing here knows about celery."""
+"""A job's files, checked: at create (`check_job_file`: they exist, are for fine-tuning, and hold
+what the job's method trains on), and again before the job is queued (`run_validation`: every
+line, the job then `queued` or `failed` with the line and reason). `run_validation` is run by a
+celery task (`loraforge.tasks`); nothing here knows about celery.
+
+Supervised training takes chat, prompt/completion and text files; DPO takes preference files
+only, and nothing else takes those.
+"""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+
+from sqlalchemy import Connection
 
 from control_plane import datasets
 from control_plane import files as file_repo
@@ -14,6 +22,57 @@ from control_plane.queue import JobStateError
 from control_plane.records import FileRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError
+
+_PREFERENCE_LINE = (
+    '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
+)
+
+
+class JobFileError(Exception):
+    """Why a job cannot use a file: `code` for machines, `message` (what to change), `param`."""
+
+    def __init__(self, code: str, message: str, param: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+def check_job_file(conn: Connection, tenant_id: str, file_id: str, param: str, method: str) -> None:
+    """Refuse a file that a new job of this method (`Hyperparameters.method`) names as `param`
+    and could not train on; a file whose format is not recorded is checked by validation."""
+    record = file_repo.get_file(conn, tenant_id, file_id)
+    if record is None:
+        raise JobFileError("file_not_found", f"{param}: no file with id {file_id!r}", param)
+    if record.purpose != "fine-tune":
+        raise JobFileError(
+            "invalid_file_purpose",
+            f"{param}: file {file_id} was not uploaded with purpose 'fine-tune'",
+            param,
+        )
+    if (wrong := wrong_format(param, record, method, record.format)) is not None:
+        raise JobFileError("invalid_file_format", wrong, param)
+
+
+def wrong_format(
+    param: str, record: FileRecord, method: str, dataset_format: str | None
+) -> str | None:
+    """Why a job of this method cannot train on a file of this format; None if it can (or the
+    format is not known)."""
+    if dataset_format is None or (dataset_format == "preference") == (method == "dpo"):
+        return None
+    if method == "dpo":
+        why = (
+            f"is in the {dataset_format!r} format; a DPO job (method type 'dpo') trains on "
+            f"preference pairs: upload a file of {_PREFERENCE_LINE} lines"
+        )
+    else:
+        why = (
+            "holds preference pairs, which only DPO trains on: pass "
+            'method={"type": "dpo"} to train on them, or upload a chat, prompt/completion or '
+            "text file for supervised training"
+        )
+    return f"{param}: file {record.id} ({record.filename}) {why}"
 
 
 def run_validation(services: Services, job_id: str) -> str:
@@ -29,6 +88,7 @@ def run_validation(services: Services, job_id: str) -> str:
         if job.validation_file_id:
             wanted.append(("validation_file", job.validation_file_id))
         records = [(param, file_repo.get_file_unscoped(conn, fid)) for param, fid in wanted]
+    method = job.hyperparameters.get("method", "supervised")
     max_example_tokens = services.settings.max_example_tokens
     failure: tuple[str, str, str] | None = None
     for param, record in records:
@@ -36,9 +96,12 @@ def run_validation(services: Services, job_id: str) -> str:
             failure = ("file_not_found", f"{param} no longer exists", param)
             break
         try:
-            _validate_file(services, record, max_example_tokens)
+            stats = _validate_file(services, record, max_example_tokens)
         except datasets.DatasetError as exc:
             failure = (exc.code, f"{param} {record.id} ({record.filename}): {exc.message}", param)
+            break
+        if (wrong := wrong_format(param, record, method, stats.format)) is not None:
+            failure = ("invalid_file_format", wrong, param)
             break
     if failure is not None:
         code, message, param = failure

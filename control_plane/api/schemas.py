@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from control_plane.api.method_schemas import Method, method_public, refuse_set_by_method
 from control_plane.api.numbers import WholeNumber
 from control_plane.job_status import JobStatus
 from control_plane.records import (
@@ -97,17 +98,6 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    hyperparameters: dict[str, Any] | None = None
-
-
-class Method(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedMethod | None = None
-
-
 class ServingTargetBody(BaseModel):
     """Where the adapter is meant to be served; a job whose adapter it would refuse is refused
     at create (400 `unservable_adapter`) rather than after it trained."""
@@ -179,6 +169,11 @@ class JobCreate(BaseModel):
             )
         return value
 
+    @field_validator("hyperparameters")
+    @classmethod
+    def _not_set_by_method(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return refuse_set_by_method(value)
+
     @field_validator("integrations")
     @classmethod
     def _no_integrations(cls, value: list[Any] | None) -> list[Any] | None:
@@ -187,11 +182,12 @@ class JobCreate(BaseModel):
         return value
 
     def merged_hyperparameters(self) -> dict[str, Any]:
-        """Top-level `hyperparameters`, or `method.supervised.hyperparameters`, without 'auto'."""
-        raw: dict[str, Any] = dict(self.hyperparameters or {})
-        if self.method is not None and self.method.supervised is not None:
-            raw.update(self.method.supervised.hyperparameters or {})
+        """Top-level `hyperparameters`, then the method's own (`method.supervised` or
+        `method.dpo`, whose `beta` is `dpo_beta`), without 'auto'; `method` is its type."""
+        method = self.method or Method()
+        raw = {**(self.hyperparameters or {}), **method.own_hyperparameters()}
         merged = {k: v for k, v in raw.items() if v != "auto"}
+        merged["method"] = method.type
         if self.seed is not None:
             merged["seed"] = self.seed
         return merged
@@ -264,7 +260,7 @@ class JobPublic(BaseModel):
             training_file=job.training_file_id,
             validation_file=job.validation_file_id,
             estimated_finish=estimated,
-            method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+            method=method_public(hp),
             priority=job.priority,
             attempt=job.attempt,
             max_attempts=job.max_attempts,

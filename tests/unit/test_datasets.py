@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from control_plane.datasets import (
     DatasetError,
@@ -30,6 +32,16 @@ CHAT = {
 }
 PROMPT = {"prompt": "2+2=", "completion": " 4"}
 TEXT = {"text": "Once upon a time."}
+PREFERENCE = {
+    "input": {
+        "messages": [
+            {"role": "system", "content": "Be kind."},
+            {"role": "user", "content": "Hello"},
+        ]
+    },
+    "preferred_output": [{"role": "assistant", "content": "Hi! How can I help?"}],
+    "non_preferred_output": [{"role": "assistant", "content": "What?"}],
+}
 
 
 def jsonl(*records: object) -> bytes:
@@ -60,6 +72,8 @@ def chat(*messages: dict[str, Any]) -> dict[str, Any]:
         (CHAT, "chat", 10),
         (PROMPT, "prompt_completion", 2),  # 4 + 2 bytes -> 2
         (TEXT, "text", 5),  # 17 bytes -> 5
+        # a pair: the conversation once and both replies, 8 + 5 + 19 + 5 = 37 bytes -> 10
+        (PREFERENCE, "preference", 10),
     ],
 )
 def test_each_format_is_accepted_with_counts_and_checksum(
@@ -194,6 +208,12 @@ def test_unknown_format_lists_the_keys() -> None:
     assert "'input', 'output'" in error.message
 
 
+def test_a_preference_line_in_a_chat_file_is_a_mix_of_formats() -> None:
+    error = refusal(jsonl(CHAT, PREFERENCE))
+    assert (error.code, error.line) == ("mixed_formats", 2)
+    assert "expected a chat example like line 1, got a preference example" in error.message
+
+
 def test_mixed_formats_name_the_first_line() -> None:
     data = b"\n" + jsonl(CHAT, CHAT, CHAT, CHAT, CHAT, PROMPT)
     error = refusal(data)
@@ -234,10 +254,15 @@ ANSWER = {"role": "assistant", "content": "a"}
         ({"prompt": "x", "completion": " \n"}, "'completion' is empty"),
         ({"text": ""}, "'text' is empty"),
         ({"text": ["a"]}, "text must be a string, got an array"),
+        # JSON can escape half a surrogate pair; no tokenizer (nor UTF-8) takes it
+        ({"text": "ok \ud800"}, "text holds a lone surrogate escape"),
+        (chat(USER, {"role": "assistant", "content": "\udfff"}), "messages[1].content holds a"),
     ],
 )
 def test_invalid_example(record: dict[str, Any], expected: str) -> None:
-    first = {"chat": CHAT, "prompt_completion": PROMPT, "text": TEXT}[detect_format(record)]
+    first = {"chat": CHAT, "prompt_completion": PROMPT, "text": TEXT, "preference": PREFERENCE}[
+        detect_format(record)
+    ]
     error = refusal(jsonl(first, first, record, first))
     assert (error.code, error.line) == ("invalid_example", 3)
     assert error.message.startswith("line 3: ")
@@ -301,6 +326,122 @@ def test_error_survives_pickling_for_celery() -> None:
     assert (copy.code, copy.line, copy.message) == (error.code, error.line, error.message)
 
 
+# --- preference pairs (DPO) --------------------------------------------------------------------
+
+
+def pair(**changes: Any) -> dict[str, Any]:
+    """PREFERENCE with top-level keys replaced (None: left out)."""
+    return {k: v for k, v in {**PREFERENCE, **changes}.items() if v is not None}
+
+
+def conversation(*messages: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"messages": list(messages), **fields}
+
+
+def reply(*contents: Any, role: str = "assistant") -> list[dict[str, Any]]:
+    return [{"role": role, "content": content} for content in contents]
+
+
+def test_a_preference_pair_takes_openais_empty_tool_fields_and_any_conversation() -> None:
+    records = [
+        # OpenAI's own example: no tools asked for, which loraforge takes and ignores
+        pair(input=conversation(USER, tools=[], parallel_tool_calls=True)),
+        # a conversation that ends with the assistant, and replies of several messages
+        pair(input=conversation(USER, ANSWER), preferred_output=reply("a", "b")),
+        pair(input=conversation({"role": "system", "content": ""}, USER)),
+        # a reply may hold an empty message beside one with text
+        pair(non_preferred_output=reply("", "no")),
+    ]
+    stats = validate(jsonl(*records))
+    assert (stats.format, stats.examples) == ("preference", 4)
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (pair(input=None), "missing key 'input' (a preference example needs 'input', "),
+        (pair(preferred_output=None), "missing key 'preferred_output'"),
+        (pair(non_preferred_output=None), "missing key 'non_preferred_output'"),
+        (pair(id=3), "unexpected key 'id' in a preference example"),
+        (pair(messages=[USER]), "unexpected key 'input' in a chat example"),
+        (pair(input=[USER]), "'input' must be an object {\"messages\": [...]}, got an array"),
+        (pair(input={}), "'input' has no 'messages'"),
+        (pair(input=conversation(USER, model="x")), "unexpected key 'model' in 'input'"),
+        (pair(input=conversation()), "'input.messages' must be a non-empty array of messages"),
+        (pair(input=conversation({"role": "tool", "content": "x"})), "input.messages[0].role"),
+        (pair(input=conversation({**USER, "weight": 1})), "unexpected key 'weight' in input"),
+        (pair(input=conversation({"role": "user", "content": 5})), "content must be a string"),
+        (
+            pair(input=conversation(USER, tools=[{"type": "function"}])),
+            "input.tools must be empty or left out: loraforge does not train tool calls",
+        ),
+        (pair(input=conversation(USER, tools=None)), "input.tools must be empty"),
+        (
+            pair(input=conversation(USER, parallel_tool_calls=False)),
+            "input.parallel_tool_calls must be true or left out",
+        ),
+        (pair(preferred_output=[]), "'preferred_output' must be a non-empty array of assistant"),
+        (pair(non_preferred_output="no"), "'non_preferred_output' must be a non-empty array"),
+        (pair(preferred_output=reply(" \n")), "'preferred_output' is empty: the reply needs"),
+        (pair(non_preferred_output=reply("")), "'non_preferred_output' is empty"),
+        (
+            pair(preferred_output=reply("hi", role="user")),
+            "preferred_output[0].role must be 'assistant', got 'user'",
+        ),
+        (pair(non_preferred_output=[{"content": "x"}]), "non_preferred_output[0].role must be"),
+        (pair(preferred_output=reply(None)), "preferred_output[0].content must be a string, got"),
+        (pair(preferred_output=reply(["a"])), "content must be a string, got an array"),
+        (pair(preferred_output=["hi"]), "preferred_output[0] must be an object, got a string"),
+        (
+            pair(preferred_output=[{**ANSWER, "weight": 1}]),
+            "unexpected key 'weight' in preferred_output[0] (allowed: role, content)",
+        ),
+        (
+            pair(non_preferred_output=PREFERENCE["preferred_output"]),
+            "'preferred_output' and 'non_preferred_output' are the same",
+        ),
+    ],
+)
+def test_a_bad_preference_pair_is_refused_with_its_line_and_what_to_fix(
+    record: dict[str, Any], expected: str
+) -> None:
+    test_invalid_example(record, expected)
+
+
+def test_a_conversation_with_no_replies_is_not_a_known_format() -> None:
+    error = refusal(jsonl({"input": conversation(USER)}))
+    assert (error.code, error.line) == ("unknown_format", 1)
+    assert '"preferred_output": [...], "non_preferred_output": [...]}' in error.message
+
+
+_TEXTS = st.text(max_size=30)
+
+
+@given(
+    context=st.lists(
+        st.tuples(st.sampled_from(["system", "user", "assistant"]), _TEXTS), min_size=1, max_size=4
+    ),
+    preferred=st.lists(_TEXTS, min_size=1, max_size=3).filter(lambda r: "".join(r).strip()),
+    other=st.lists(_TEXTS, min_size=1, max_size=3).filter(lambda r: "".join(r).strip()),
+)
+def test_any_pair_of_different_replies_is_one_example_counted_in_full(
+    context: list[tuple[str, str]], preferred: list[str], other: list[str]
+) -> None:
+    record = pair(
+        input=conversation(*({"role": role, "content": text} for role, text in context)),
+        preferred_output=reply(*preferred),
+        non_preferred_output=reply(*other),
+    )
+    if preferred == other:
+        assert "are the same" in refusal(jsonl(record)).message
+        return
+    stats = validate(jsonl(record, record))
+    size = sum(len(t.encode()) for t in [*(text for _, text in context), *preferred, *other])
+    assert (stats.format, stats.examples) == ("preference", 2)
+    assert stats.max_example_tokens == -(-size // 4)
+    assert stats.tokens == 2 * stats.max_example_tokens
+
+
 # --- detect_format and iter_examples -----------------------------------------------------------
 
 
@@ -309,6 +450,8 @@ def test_detect_format() -> None:
     assert detect_format(PROMPT) == "prompt_completion"
     assert detect_format({"completion": "x"}) == "prompt_completion"
     assert detect_format(TEXT) == "text"
+    assert detect_format(PREFERENCE) == "preference"
+    assert detect_format({"non_preferred_output": []}) == "preference"
     with pytest.raises(DatasetError) as caught:
         detect_format({})
     assert (caught.value.code, caught.value.line) == ("unknown_format", None)

@@ -11,9 +11,8 @@ from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import Connection
 
-from control_plane import base_catalog, jobs, queue_standing, registry, tenants
+from control_plane import base_catalog, jobs, queue_standing, registry, tenants, validation
 from control_plane import events as event_repo
-from control_plane import files as file_repo
 from control_plane.api import sse
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer, allow_priority
 from control_plane.api.errors import ApiError, describe_validation_errors, not_found
@@ -101,17 +100,16 @@ def _owned_job(conn: ConnDep, caller: Caller, job_id: str) -> JobRecord:
     return job
 
 
-def _file_for_training(conn: ConnDep, tenant_id: str, file_id: str, param: str) -> None:
-    record = file_repo.get_file(conn, tenant_id, file_id)
-    if record is None:
-        raise ApiError(400, "file_not_found", f"{param}: no file with id {file_id!r}", param)
-    if record.purpose != "fine-tune":
-        raise ApiError(
-            400,
-            "invalid_file_purpose",
-            f"{param}: file {file_id} was not uploaded with purpose 'fine-tune'",
-            param,
-        )
+def _files_for_training(conn: ConnDep, tenant_id: str, body: JobCreate, method: str) -> None:
+    """400 for a file the job names that it could not train on (`validation.check_job_file`)."""
+    named = [("training_file", body.training_file), ("validation_file", body.validation_file)]
+    for param, file_id in named:
+        if file_id is None:
+            continue
+        try:
+            validation.check_job_file(conn, tenant_id, file_id, param, method)
+        except validation.JobFileError as exc:
+            raise ApiError(400, exc.code, exc.message, exc.param) from None
 
 
 @router.post("", response_model=JobPublic, responses=refusals(404, 409))
@@ -155,9 +153,7 @@ def create_job(
             f"model: base model {base.name} is {base.status}: {why}",
             "model",
         )
-    _file_for_training(conn, caller.tenant_id, body.training_file, "training_file")
-    if body.validation_file is not None:
-        _file_for_training(conn, caller.tenant_id, body.validation_file, "validation_file")
+    _files_for_training(conn, caller.tenant_id, body, hp.method)
     parent = None
     if body.continue_from is not None:
         parent = _parent(conn, caller.tenant_id, body.continue_from, base.id)

@@ -20,6 +20,7 @@ from sqlalchemy import Connection
 from control_plane import base_catalog, registry
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
+from control_plane.api.method_schemas import DpoMethod, Method
 from control_plane.api.routes import files as file_routes
 from control_plane.api.routes import fine_tuning
 from control_plane.api.schemas import JobCreate
@@ -43,9 +44,15 @@ EXPLAINED = {
     "serve DoRA adapters).",
     "use_rslora": "rsLoRA: scales by alpha / √r, so high ranks keep learning.",
     "learning_rate_multiplier": f"Multiplies the base learning rate of {BASE_LEARNING_RATE:g}.",
+    "method": "supervised: learn the file's replies (chat, prompt/completion or text); dpo: learn "
+    "to prefer preferred_output over non_preferred_output (a preference file).",
+    "dpo_beta": "DPO's beta: how strongly the adapter is held near the base while it learns the "
+    "preferences; 0.1 is usual.",
 }
 # Shown first; the rest sit under "More settings".
 MAIN_FIELDS = (
+    "method",
+    "dpo_beta",
     "n_epochs",
     "batch_size",
     "learning_rate_multiplier",
@@ -85,10 +92,16 @@ def _kind(info: FieldInfo) -> tuple[str, str, list[str]]:
     return "text", "", []
 
 
+def _rank(name: str) -> int:
+    return MAIN_FIELDS.index(name) if name in MAIN_FIELDS else len(MAIN_FIELDS)
+
+
 def _fields(values: dict[str, str]) -> tuple[list[FieldView], list[FieldView]]:
     main: list[FieldView] = []
     more: list[FieldView] = []
-    for name, info in Hyperparameters.model_fields.items():
+    # the main fields in MAIN_FIELDS' order (the method first), the others in the model's
+    shown_first = sorted(Hyperparameters.model_fields.items(), key=lambda item: _rank(item[0]))
+    for name, info in shown_first:
         kind, step, choices = _kind(info)
         default = info.get_default(call_default_factory=True)
         shown = values.get(name, "on" if default is True else default)
@@ -134,6 +147,18 @@ def requested_hyperparameters(form: dict[str, str]) -> dict[str, Any]:
         if not _same(kind, value, defaults[name]):
             requested[name] = value
     return requested
+
+
+def requested_method(requested: dict[str, Any]) -> Method | None:
+    """The form's method (and DPO's beta, shown for DPO only), taken out of `requested` into the
+    `method` the API takes; None for supervised training."""
+    kind = requested.pop("method", "supervised")
+    beta = requested.pop("dpo_beta", None)
+    if kind == "supervised":
+        return None
+    return Method(
+        type=kind, dpo=DpoMethod(hyperparameters=None if beta is None else {"beta": beta})
+    )
 
 
 async def form_fields(request: Request) -> dict[str, str]:
@@ -215,10 +240,12 @@ def submit_job(
             status_code=400,
         )
     try:
+        requested = requested_hyperparameters(form)
         body = JobCreate(
             model=form.get("model", ""),
             training_file=training_file,
-            hyperparameters=requested_hyperparameters(form),
+            method=requested_method(requested),
+            hyperparameters=requested,
             adapter_name=form.get("adapter_name", "").strip() or None,
             continue_from=form.get("continue_from", "").strip() or None,
         )
