@@ -80,8 +80,20 @@ def job_body(
         "continue_from": spec.get("continueFrom"),
         "max_attempts": spec.get("maxAttempts"),
         "serving_target": _serving_target(spec.get("servingTarget")),
+        "method": _method(spec.get("method")),
     }
     return body | {k: v for k, v in optional.items() if v is not None}
+
+
+def _method(method: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`spec.method` in OpenAI's shape: `{"type": "dpo", "dpo": {"hyperparameters": {"beta"}}}`;
+    a beta beside another type goes as sent, for the API to refuse with its reason."""
+    if method is None:
+        return None
+    kind = method.get("type", "supervised")
+    if "beta" not in method:
+        return {"type": kind}
+    return {"type": kind, kind: {"hyperparameters": {"beta": method["beta"]}}}
 
 
 def _serving_target(target: dict[str, Any] | None) -> dict[str, Any] | None:

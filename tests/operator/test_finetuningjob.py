@@ -398,3 +398,37 @@ async def test_a_dataset_by_url_is_uploaded_once_and_a_finished_job_goes_after_i
         assert files[0]["bytes"] == len(served)
         (done,) = client.request("GET", "/v1/fine_tuning/jobs")["data"]
     assert done["status"] == "succeeded" and done["training_file"] == file_id
+
+
+async def test_a_finetuningjob_with_method_dpo_submits_a_dpo_job_with_its_beta(
+    kube: FakeKube, platform: Platform
+) -> None:
+    """`spec.method` reaches the API in OpenAI's shape: a DPO job on a preference dataset, its
+    beta stored; a supervised object given a preference dataset ends Failed with the API's
+    code rather than training on it."""
+    from tests.integration.test_dpo_recipe import PAIRS
+
+    await given_credentials(kube, platform)
+    with platform.client() as client:
+        path = platform.services.settings.home / "prefs.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+        file_id = client.upload_file(path)["id"]
+    dpo = {
+        "dataset": {"fileId": file_id},
+        "method": {"type": "dpo", "beta": 0.3},
+        "hyperparameters": FAST,
+    }
+    await kube.create("finetuningjobs", job("prefs", **dpo))
+    await kube.create("finetuningjobs", job("wrong", dataset={"fileId": file_id}))
+    async with running_operator(kube):
+        job_id = await eventually(status_of(kube, "prefs", "jobId"), what="a submitted job")
+        await eventually(lambda: _phase_is(kube, "wrong", "Failed"), timeout=60, what="Failed")
+    with platform.client() as client:
+        submitted = client.retrieve_job(job_id)
+    assert submitted["method"]["type"] == "dpo"
+    assert submitted["method"]["dpo"]["hyperparameters"]["beta"] == pytest.approx(0.3)
+    assert submitted["hyperparameters"]["dpo_beta"] == pytest.approx(0.3)
+    conditions = (await kube.get("finetuningjobs", "wrong") or {})["status"]["conditions"]
+    failed = next(c for c in conditions if c["type"] == "Failed")
+    assert failed["reason"] == "invalid_file_format" or "invalid_file_format" in failed["message"]

@@ -58,6 +58,8 @@ def test_every_example_manifest_validates_against_its_crd() -> None:
         ("FineTuningJob", {"dataset": {"fileId": "f", "url": "https://x"}}, "dataset"),
         ("FineTuningJob", {"hyperparameters": {"loraRank": 0}}, "loraRank"),
         ("FineTuningJob", {"hyperparameters": {"n_epochs": 3}}, "n_epochs"),
+        ("FineTuningJob", {"method": {"type": "reinforcement"}}, "type"),
+        ("FineTuningJob", {"method": {"type": "dpo", "beta": 0}}, "beta"),
         ("AdapterSync", {"vllm": {"maxLoraRank": 24}}, "maxLoraRank"),
         ("AdapterSync", {"storage": {"path": "relative/dir"}}, "path"),
         (
