@@ -228,3 +228,38 @@ def test_pause_a_running_job_from_its_page_and_resume_it(
     expect(page.locator("#notice")).to_contain_text("queued again")
     expect(page.locator("#job-status .status")).to_have_text("running", timeout=60_000)
     expect(page.locator("#event-log")).to_contain_text("resumed from step", timeout=60_000)
+
+
+def test_a_dpo_job_from_the_form_shows_how_often_the_preferred_reply_wins(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    tiny_base: str,
+    trainer: Trainer,
+) -> None:
+    from tests.integration.test_dpo_recipe import PAIRS
+
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/jobs/new")
+    page.set_input_files(
+        "#dataset",
+        files=[{"name": "prefs.jsonl", "mimeType": "application/jsonl", "buffer": jsonl(PAIRS)}],
+    )
+    expect(page.locator("#dataset-ok")).to_contain_text("8 examples")
+    page.select_option("#model", BASE)
+    page.select_option("#hp-method", "dpo")
+    page.fill("#hp-dpo_beta", "0.5")
+    page.fill("#hp-n_epochs", "3")
+    page.fill("#hp-batch_size", "4")
+    page.fill("#hp-learning_rate_multiplier", "10")
+    page.fill("#hp-lora_rank", "8")
+    page.fill("#hp-max_seq_length", "64")
+    page.click("#submit-job")
+    page.wait_for_url(re.compile(r".*/jobs/ftjob-[^/]+$"))
+    trainer.start()
+    expect(page.locator("#job-status .status")).to_have_text("succeeded", timeout=120_000)
+    # The live panel, redrawn by the stream as the job trained: the last step's preference.
+    expect(page.locator("#job-preference-accuracy")).to_have_text("100.0%")
+    margin = float(page.locator("#job-reward-margin").inner_text())
+    assert margin > 0.5
