@@ -1,7 +1,8 @@
 """What the live streams compare from one look to the next, read for all of them at once.
 
 A job's *version* is its row's version (`xmin`: a new one at every update of the row, a
-heartbeat's included) and its newest event's id; a tenant's is its newest job. A stream that
+heartbeat's included) and its newest event's id; a tenant's is its newest job and its queue
+bookkeeping row's version. A stream that
 follows a job, or a tenant's table of jobs, reads what it shows only once its versions moved
 (`control_plane.api.stream_watch`), so one statement a tick for every stream of an API process
 replaces each stream's own reads every second.
@@ -20,6 +21,10 @@ from sqlalchemy import Connection, text
 
 JobVersion = tuple[str, int | None]
 """A job's row version (`xmin`) and its newest event's id (None before its first)."""
+TenantVersion = tuple[str | None, str | None]
+"""A tenant's newest job by (created_at, id), and its queue bookkeeping row's version: a job
+created in a transaction that began before the newest's but committed after it is not the
+newest, and moves the tenant's row when it is queued."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +33,8 @@ class Look:
 
     jobs: dict[str, JobVersion]
     """The version of each followed job that exists (a job deleted is absent)."""
-    newest: dict[str, str | None]
-    """Each followed tenant's newest job, by (created_at, id) (None before its first)."""
+    newest: dict[str, TenantVersion]
+    """Each followed tenant's version (`TenantVersion`)."""
 
 
 _JOBS = text(
@@ -46,7 +51,9 @@ _NEWEST = text(
     """
     SELECT t.id,
            (SELECT j.id FROM jobs AS j WHERE j.tenant_id = t.id
-            ORDER BY j.tenant_id DESC, j.created_at DESC, j.id DESC LIMIT 1) AS newest
+            ORDER BY j.tenant_id DESC, j.created_at DESC, j.id DESC LIMIT 1) AS newest,
+           (SELECT s.xmin::text FROM tenant_queue_stats AS s WHERE s.tenant_id = t.id)
+             AS stats_version
     FROM unnest(CAST(:tenants AS text[])) AS t(id)
     """
 )
@@ -59,8 +66,8 @@ def look(conn: Connection, job_ids: Collection[str], tenant_ids: Collection[str]
     if job_ids:
         for row in conn.execute(_JOBS, {"ids": list(job_ids)}):
             jobs[row.id] = (row.row_version, row.last_event_id)
-    newest: dict[str, str | None] = {}
+    newest: dict[str, TenantVersion] = {}
     if tenant_ids:
         for row in conn.execute(_NEWEST, {"tenants": list(tenant_ids)}):
-            newest[row.id] = row.newest
+            newest[row.id] = (row.newest, row.stats_version)
     return Look(jobs, newest)

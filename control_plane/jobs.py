@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from control_plane.db.tables import AdapterVersion, Job, JobCheckpoint
 from control_plane.events import add_event
+from control_plane.hyperparameters import Hyperparameters
 from control_plane.ids import new_id
 from control_plane.job_status import UNFINISHED, JobStatus, as_values
 from control_plane.pagination import newest_first, trim
@@ -63,7 +64,9 @@ class NewJob:
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-_DEFAULTS_ADDED_SINCE_HASHING: dict[str, Any] = {"method": "supervised", "dpo_beta": 0.1}
+_DEFAULTS_ADDED_SINCE_HASHING: dict[str, Any] = {
+    name: Hyperparameters.model_fields[name].default for name in ("method", "dpo_beta")
+}
 
 
 def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:

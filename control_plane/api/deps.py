@@ -87,6 +87,7 @@ bearer_key = HTTPBearer(
 # on, it sends there the token it exchanged its key for (`eyJ...`, `tinker_jwt`), unprefixed.
 TINKER_KEY_HEADER = "x-api-key"
 TINKER_KEY_PREFIX = "tml-"
+TINKER_API_PREFIX = "/api/v1/"  # the Tinker-compatible API, where its JWTs are taken
 
 
 def _sent_key(request: Request, credentials: HTTPAuthorizationCredentials | None) -> str | None:
@@ -110,6 +111,10 @@ def get_principal(
             "'tml-' + <key>) (an admin creates keys with 'loraforge admin create-key').",
         )
     if tinker_jwt.is_token(key):
+        if not request.url.path.startswith(TINKER_API_PREFIX):
+            # A token stands in for its key where the SDK sends it, and nowhere else: on the
+            # REST API a 15-minute token could make a permanent key, or hold a stream open.
+            raise ApiError(401, "invalid_api_key", tinker_jwt.TINKER_ONLY)
         return _token_principal(request, services, key)
     cache = get_principals(request)
     principal = cache.get(key)
@@ -138,8 +143,10 @@ def _token_principal(request: Request, services: Services, token: str) -> tenant
     except tinker_jwt.InvalidToken as exc:
         raise tinker_jwt.refusal(str(exc)) from None
     cache = get_principals(request)
-    # Verified first, on every request: an entry never outlives its token's `exp`.
-    principal = cache.get(token)
+    # Verified first, on every request, so the entry is the key's, not the token's: a caller
+    # minting tokens in a loop adds no entry (and never floods the cache out).
+    cached_as = f"jwt-key:{claims.tenant_id}:{claims.key_id}"
+    principal = cache.get(cached_as)
     if principal is None:
         with services.auth_engine.connect() as conn:
             principal = tinker_jwt.key_principal(conn, claims)
@@ -147,7 +154,7 @@ def _token_principal(request: Request, services: Services, token: str) -> tenant
             raise tinker_jwt.refusal(
                 "The API key this token was exchanged for is revoked; so is the token."
             )
-        cache.put(token, principal)
+        cache.put(cached_as, principal)
     tinker_jwt.keep_on_request(request, claims)
     return principal
 

@@ -19,7 +19,8 @@ streams it would have woken; their clients reconnect (`EventSource` does) and ar
 as any request is then.
 
 The task starts with the first stream in the running loop (one served by a bare TestClient
-too) and sleeps while no stream is open; `stop` ends it with the server (the app's lifespan).
+too; each loop has its own) and sleeps while no stream is open; `stop` ends it with the server
+(the app's lifespan).
 """
 
 from __future__ import annotations
@@ -29,14 +30,14 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Annotated
 
-import sqlalchemy.exc
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from control_plane.job_versions import JobVersion, Look, look
+from control_plane.job_versions import JobVersion, Look, TenantVersion, look
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,13 @@ class Watcher:
         self.tenant_ids = tenant_ids
         self.moved = asyncio.Event()
         self.failed = False  # a look failed: the stream ends
-        self._seen: tuple[dict[str, JobVersion], dict[str, str | None]] | None = None
+        self._seen: tuple[dict[str, JobVersion], dict[str, TenantVersion]] | None = None
 
     def take(self, found: Look) -> None:
         """Wake the stream when this look differs from the last it took (or is its first)."""
         seen = (
             {j: found.jobs[j] for j in self.job_ids if j in found.jobs},
-            {t: found.newest.get(t) for t in self.tenant_ids},
+            {t: found.newest.get(t, (None, None)) for t in self.tenant_ids},
         )
         if seen != self._seen:
             self._seen = seen
@@ -71,16 +72,24 @@ class Watcher:
         self.moved.set()
 
 
+@dataclass
+class _Loop:
+    """The streams of one event loop and the task that looks for them."""
+
+    watchers: set[Watcher] = field(default_factory=set)
+    wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
 class StreamWatch:
-    """The streams of one API process and the task that looks at what they follow."""
+    """The streams of one API process and the task that looks at what they follow (one per
+    event loop: a server has one; a test may serve the app from several)."""
 
     def __init__(self, engine: Engine, tick_seconds: float = TICK_SECONDS) -> None:
         self.engine = engine
         self.tick_seconds = tick_seconds
         self.looks = 0  # looks taken (what tests and the benchmark read)
-        self._watchers: set[Watcher] = set()
-        self._wanted = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loops: dict[asyncio.AbstractEventLoop, _Loop] = {}
         self._failure_logged = 0.0
 
     @contextmanager
@@ -89,40 +98,43 @@ class StreamWatch:
     ) -> Iterator[Watcher]:
         """Follow these jobs and tenants for the block; the first look after this wakes it."""
         watcher = Watcher(job_ids, tenant_ids)
-        self._watchers.add(watcher)
-        self._start()
-        self._wanted.set()
+        here = self._here()
+        here.watchers.add(watcher)
+        here.wanted.set()
         try:
             yield watcher
         finally:
-            self._watchers.discard(watcher)
+            here.watchers.discard(watcher)
 
-    def _start(self) -> None:
+    def _here(self) -> _Loop:
+        """The running loop's streams, its task started (again, if it ended)."""
         loop = asyncio.get_running_loop()
-        task = self._task
-        if task is None or task.done() or task.get_loop() is not loop:
-            # A new loop (a test's second server) starts its own task; an old loop's is gone.
-            self._wanted = asyncio.Event()
-            self._task = loop.create_task(self._run(), name="stream-watch")
+        for gone in [other for other in self._loops if other.is_closed()]:
+            del self._loops[gone]
+        here = self._loops.setdefault(loop, _Loop())
+        if here.task is None or here.task.done():
+            here.task = loop.create_task(self._run(here), name="stream-watch")
+        return here
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None and task.get_loop() is asyncio.get_running_loop():
-            task.cancel()
+        """End the running loop's task (the server's lifespan, as it stops)."""
+        here = self._loops.pop(asyncio.get_running_loop(), None)
+        if here is not None and here.task is not None:
+            here.task.cancel()
             with suppress(asyncio.CancelledError):
-                await task
+                await here.task
 
-    async def _run(self) -> None:
+    async def _run(self, here: _Loop) -> None:
         while True:
-            if not self._watchers:
-                self._wanted.clear()
-                await self._wanted.wait()
-            watchers = list(self._watchers)
+            if not here.watchers:
+                here.wanted.clear()
+                await here.wanted.wait()
+            watchers = list(here.watchers)
             job_ids = {j for w in watchers for j in w.job_ids}
             tenant_ids = {t for w in watchers for t in w.tenant_ids}
             try:
                 found = await run_in_threadpool(self._look, job_ids, tenant_ids)
-            except sqlalchemy.exc.SQLAlchemyError as exc:
+            except Exception as exc:
                 self._log_failure(exc)
                 for watcher in watchers:
                     watcher.fail()

@@ -1,6 +1,7 @@
 """Tinker's JWT auth exchange: short-lived tokens the `tinker` SDK trades its API key for
 (`POST /api/v1/auth/token`, `routes/tinker_auth.py`) and then sends instead of the key, as its
-`X-API-Key` (`deps.get_principal` takes them wherever a key is taken).
+`X-API-Key` (`deps.get_principal` takes them on the Tinker API, `/api/v1`, and nowhere else:
+on the REST API a short-lived token could create a lasting key or hold a stream open).
 
 Why the SDK needs them: `RestClient.whoami()` (and `tinker auth whoami`) reads who the caller is
 from a JWT's claims, and a client whose only credential is `TINKER_CREDENTIAL_CMD` can reach a
@@ -49,6 +50,11 @@ _SIGNING_LABEL = b"loraforge tinker jwt v1"
 # keys (`tml-...`) the same way; a loraforge key starts with `lf-`.
 JWT_PREFIX = "eyJ"
 _REQUIRED = ["iss", "aud", "sub", "org_id", "tenant_id", "key_id", "iat", "exp", "jti"]
+# What the REST API (outside /api/v1) answers a JWT.
+TINKER_ONLY = (
+    "A JWT of Tinker's auth exchange is taken by the Tinker API (/api/v1) only: send the API key "
+    "itself here."
+)
 # What a server with the exchange off answers a JWT and the exchange itself.
 TURNED_OFF = (
     "This server takes API keys, not JWTs (LORAFORGE_TINKER_JWT_AUTH is off): send the API key "

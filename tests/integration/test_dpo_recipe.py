@@ -205,3 +205,52 @@ def test_pairs_left_without_a_reply_are_dropped_and_none_left_is_refused(
     assert isinstance(dataset.examples[0], PreferencePair) and dataset.examples[0].index == 0
     with pytest.raises(TrainingError, match="no preference pair"):
         train_adapter(base, [long_prompt], None, HP, Recorder(tmp_path).hooks(), tmp_path / "x")
+
+
+def _dpo_rank_main(rank: int, world_size: int, port: int, output_dir: str) -> None:
+    """One rank of a gloo group training the DPO job; rank 0 writes its step metrics."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        resident = ResidentBase.load(TEST_BASE_PATH)
+        recorder = Recorder(Path(output_dir))
+        hp = HP.model_copy(update={"num_gpus": world_size})
+        train_adapter(resident, PAIRS, None, hp, recorder.hooks(), Path(output_dir) / f"rank{rank}")
+        if rank == 0:
+            steps = recorder.metrics("train_loss")
+            (Path(output_dir) / "metrics.json").write_text(json.dumps(steps))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_make_the_single_process_dpo_step_and_report_every_ranks_pairs(
+    base: ResidentBase, tmp_path: Path
+) -> None:
+    import json
+    import socket
+
+    single = Recorder(tmp_path / "single")
+    alone = train_adapter(base, PAIRS, None, HP, single.hooks(), tmp_path / "single")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_dpo_rank_main, args=(2, port, str(tmp_path)), nprocs=2)
+    ranked = json.loads((tmp_path / "metrics.json").read_text())
+    for one, two in zip(single.metrics("train_loss"), ranked, strict=True):
+        for key in ("train_loss", "rewards_margin", "rewards_accuracy", "rewards_chosen"):
+            assert two[key] == pytest.approx(one[key], rel=0.05, abs=2e-3), (key, one, two)
+    assert alone.adapter_dir is not None
+    assert_same_adapter_close(tmp_path / "rank0" / "adapter", alone.adapter_dir)
+
+
+def assert_same_adapter_close(left: Path, right: Path) -> None:
+    a, b = test_recipe.adapter_tensors(left), test_recipe.adapter_tensors(right)
+    for key in b:
+        torch.testing.assert_close(a[key].float(), b[key].float(), rtol=0.05, atol=5e-3)

@@ -238,3 +238,49 @@ def test_a_change_before_the_first_look_wakes_the_stream(
         return why
 
     assert asyncio.run(follow()) == "moved"
+
+
+def test_a_job_committed_behind_the_newest_still_moves_its_tenants_version(
+    services: Services, tenant_a: TenantKeys
+) -> None:
+    """A job whose transaction began before the newest job's but committed after it is not the
+    newest (`created_at` is its transaction's start): the tenant's version moves anyway, with
+    the bookkeeping row its queueing writes, so a jobs table announces it."""
+    from sqlalchemy import text
+
+    from control_plane.job_versions import look
+
+    base = make_base(services.engine, "tiny-llama")
+    file_id = make_file(services.engine, tenant_a.tenant_id).id
+    (newest,) = enqueue_jobs(services.engine, tenant_a.tenant_id, base.id, file_id, 1)
+    with services.engine.connect() as conn:
+        before = look(conn, (), (tenant_a.tenant_id,)).newest[tenant_a.tenant_id]
+    (late,) = enqueue_jobs(services.engine, tenant_a.tenant_id, base.id, file_id, 1)
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE jobs SET created_at = created_at - interval '1 hour' WHERE id = :j"),
+            {"j": late},
+        )
+    with services.engine.connect() as conn:
+        after = look(conn, (), (tenant_a.tenant_id,)).newest[tenant_a.tenant_id]
+    assert before[0] == after[0] == newest  # the newest job did not change
+    assert after != before
+
+
+def test_each_event_loop_has_its_own_look(services: Services, tenant_a: TenantKeys) -> None:
+    """Served from a second loop (a test's second server) after the first one ended, streams
+    are woken by a task of their own loop, and the ended loop's state is let go."""
+    (job_id,) = _jobs(services, tenant_a, 1)
+    watch = StreamWatch(services.engine, tick_seconds=0.05)
+
+    async def follow() -> str:
+        async def never_gone() -> bool:
+            return False
+
+        with watch.watching(job_ids=(job_id,)) as watcher:
+            now = time.monotonic()
+            return await sse.next_move(watcher, now + 30, now + 5, never_gone)
+
+    assert asyncio.run(follow()) == "moved"  # the loop ends without `stop`
+    assert asyncio.run(follow()) == "moved"
+    assert len(watch._loops) == 1

@@ -168,27 +168,32 @@ def test_a_jwt_is_its_key_until_the_key_is_revoked_here_at_once_elsewhere_within
     assert me.status_code == 200, me.text
     assert me.json()["key_id"] == int(member.key_id.removeprefix("key-"), 16)
     assert "(member) of tenant tenant-a" in me.json()["note"]
-    bearer = httpx.get(f"{live_url}/v1/files", headers={"Authorization": f"Bearer {token}"})
+    bearer = httpx.get(
+        f"{live_url}/api/v1/training_runs", headers={"Authorization": f"Bearer {token}"}
+    )
     assert bearer.status_code == 200, bearer.text
+    # Nowhere but the Tinker API: on the REST API a token could make a key that outlives it.
+    for method, path in (("GET", "/v1/files"), ("POST", "/v1/api_keys")):
+        rest = httpx.request(
+            method, f"{live_url}{path}", headers={"Authorization": f"Bearer {token}"}, json={}
+        )
+        assert (rest.status_code, rest.json()["error"]["code"]) == (401, "invalid_api_key")
+        assert "Tinker API (/api/v1) only" in rest.json()["error"]["message"]
 
     # Another API process on the same database, its cache holding the JWT.
     other = TestClient(create_app(services))
     assert other.get("/api/v1/training_runs", headers={"X-API-Key": token}).status_code == 200
     assert _runs(live_url, token).status_code == 200  # cached here too
 
-    # An admin's JWT revokes it; the audit log names the admin's key, as for the key itself.
-    admin_token = _token(live_url, tenant_a.admin)
-    revoked = httpx.delete(
-        f"{live_url}/v1/api_keys/{member.key_id}",
-        headers={"Authorization": f"Bearer {admin_token}"},
-    )
+    # Its JWT revokes the key itself (`tinker auth logout`); the audit log names the key, as
+    # for the key itself.
+    revoked = httpx.delete(f"{live_url}/api/v1/auth/apikey/me", headers={"X-API-Key": token})
     assert revoked.status_code == 200, revoked.text
     with services.engine.connect() as conn:
         actor = conn.execute(
             text("SELECT details->'actor' FROM audit_events WHERE event = 'api_key_revoked'")
         ).scalar_one()
-    admin = _principal(services, tenant_a.admin)
-    assert (actor["key_id"], actor["role"]) == (admin.key_id, "admin")
+    assert (actor["key_id"], actor["role"]) == (member.key_id, "member")
     _assert_invalid_token(_runs(live_url, token), "revoked")
     refused = _exchange(live_url, "tml-" + tenant_a.member)
     assert (refused.status_code, refused.json()["error"]["code"]) == (401, "invalid_api_key")
@@ -295,3 +300,18 @@ def test_with_jwt_auth_off_the_sdk_sends_its_key_and_jwts_are_refused(
     monkeypatch.setenv("TINKER_CREDENTIAL_CMD", f"echo {key}")
     with pytest.raises(tinker.TinkerError, match="api_key client option must be set"):
         tinker.RestClient(base_url=live_url)
+
+
+def test_tokens_minted_in_a_loop_take_one_cache_entry_their_keys(
+    app: FastAPI, live_url: str, tenant_a: TenantKeys
+) -> None:
+    """The cache holds a token's key, not the token: any caller can mint tokens without end,
+    and each new one must not cost a database lookup and an entry (10,000 of them would empty
+    the cache for every tenant)."""
+    cache = app.state.principals
+    first = _token(live_url, tenant_a.member)
+    assert _runs(live_url, first).status_code == 200
+    entries = len(cache._entries)
+    for _ in range(20):
+        assert _runs(live_url, _token(live_url, tenant_a.member)).status_code == 200
+    assert len(cache._entries) == entries

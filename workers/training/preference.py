@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -39,9 +40,9 @@ from workers.kernels.packing import pack, packed_hidden_states, rows_of_tokens
 from workers.training.data import held_out
 from workers.training.formatting import DatasetFormatError, tokenize_record
 from workers.training.interface import TrainingError
+from workers.training.supervised import EVAL_ROW_TOKENS, RowObjective
 
 LOGP_CHUNK = 256  # target positions a chunk of the vocabulary projection covers
-EVAL_ROW_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def dpo_losses(
     return losses, rewards.detach()
 
 
-class PreferenceObjective:
+class PreferenceObjective(RowObjective):
     """The DPO side of a recipe's run: its reference, each row's loss, and what it reports."""
 
     def __init__(
@@ -217,13 +218,8 @@ class PreferenceObjective:
         device: Any,
         autocast: Callable[[], Any],
     ) -> None:
+        super().__init__(backbone, lm_head, device, autocast)
         self.beta = hp.dpo_beta
-        self.backbone, self.lm_head, self.device, self.autocast = (
-            backbone,
-            lm_head,
-            device,
-            autocast,
-        )
         self.reference: dict[str, torch.Tensor] = {}
         self._rewards: list[torch.Tensor] = []
 
@@ -257,10 +253,33 @@ class PreferenceObjective:
         return losses.sum()
 
     def step_metrics(self) -> dict[str, float]:
-        """The step's rewards: their means, the margin, and how often the preferred reply won."""
+        """The step's rewards: their means, the margin, and how often the preferred reply won;
+        over every rank's pairs of a data-parallel step."""
         rewards = torch.cat(self._rewards) if self._rewards else torch.zeros(0, 2)
         self._rewards = []
-        return _reward_metrics(rewards, "")
+        margin = rewards[:, 0] - rewards[:, 1]
+        sums = torch.stack(
+            [
+                rewards[:, 0].sum(),
+                rewards[:, 1].sum(),
+                margin.sum(),
+                (margin > 0).float().sum(),
+                torch.tensor(float(len(rewards))),
+            ]
+        ).double()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sums = sums.to(self.device)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        chosen, rejected, margins, wins, count = sums.tolist()
+        if not count:
+            return {}
+        return {
+            "rewards_chosen": chosen / count,
+            "rewards_rejected": rejected / count,
+            "rewards_margin": margins / count,
+            "rewards_accuracy": wins / count,
+        }
 
     @torch.no_grad()
     def evaluate(self, dataset: PreferenceDataset) -> tuple[float, dict[str, float]]:

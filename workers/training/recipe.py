@@ -177,10 +177,11 @@ class LoraRecipe:
         if init_dir is not None and resume_dir is None:
             self._load_initial_adapter(Path(init_dir))
         parts = (self.backbone, self.lm_head, base.device, self._autocast)
-        if hp.method == "dpo":  # its reference: the model as the job starts
+        if hp.method == "dpo":  # its reference: the model as the job starts (resumed: saved)
             self.objective = PreferenceObjective(hp, *parts)
             sets = {"train": self.train_set, "eval": self.eval_set}
-            self.objective.compute_reference(self.model, {k: v for k, v in sets.items() if v})
+            if resume_dir is None:
+                self.objective.compute_reference(self.model, {k: v for k, v in sets.items() if v})
         else:
             self.objective = NextTokenObjective(*parts)
 

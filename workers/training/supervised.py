@@ -27,18 +27,24 @@ from workers.training.formatting import TokenizedDataset
 EVAL_ROW_TOKENS = 8192  # tokens per packed row at evaluation time
 
 
-class NextTokenObjective:
+class RowObjective:
+    """What an objective computes its rows' losses with: the model's backbone and vocabulary
+    projection, the device and the run's autocast."""
+
+    def __init__(
+        self, backbone: nn.Module, lm_head: nn.Module, device: Any, autocast: Callable[[], Any]
+    ) -> None:
+        self.backbone, self.lm_head = backbone, lm_head
+        self.device, self.autocast = device, autocast
+
+
+class NextTokenObjective(RowObjective):
     """A supervised job's loss, and what it reports (nothing beside the loss)."""
 
     def __init__(
         self, backbone: nn.Module, lm_head: nn.Module, device: Any, autocast: Callable[[], Any]
     ) -> None:
-        self.backbone, self.lm_head, self.device, self.autocast = (
-            backbone,
-            lm_head,
-            device,
-            autocast,
-        )
+        super().__init__(backbone, lm_head, device, autocast)
         self.workspace = LogitsWorkspace()  # its buffers go with the job
 
     def denominator(self, batch: Sequence[TokenizedExample]) -> int:
