@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import random
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 from benchmarks.train import (
     _peak_rss_mib,
     add_model_arguments,
+    in_subprocess,
     machine,
     model_under_test,
     synthetic_records,
@@ -187,23 +187,6 @@ def run_baseline(model_dir: str, steps: int, batch_size: int) -> dict[str, Any]:
     }
 
 
-def _child(target: str, queue: Any, *args: Any) -> None:
-    queue.put(globals()[target](*args))
-
-
-def in_subprocess(target: str, *args: Any) -> dict[str, Any]:
-    """Run this module's `target(*args)` in a spawned process; its peak RSS is its own."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(target, queue, *args))
-    process.start()
-    result = queue.get()
-    process.join()
-    if process.exitcode:
-        raise RuntimeError(f"{target} exited with {process.exitcode}")
-    return dict(result)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
@@ -215,7 +198,10 @@ def main() -> None:
             order = ["run_loraforge", "run_baseline"]
             if round_ % 2:
                 order.reverse()
-            runs = {t: in_subprocess(t, model_dir, args.steps, args.batch_size) for t in order}
+            runs = {
+                t: in_subprocess(t, model_dir, args.steps, args.batch_size, module="benchmarks.dpo")
+                for t in order
+            }
             ours, theirs = runs["run_loraforge"], runs["run_baseline"]
             print(
                 json.dumps(

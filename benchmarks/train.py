@@ -29,6 +29,7 @@ GPU memory is printed beside peak RSS.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import multiprocessing
@@ -333,15 +334,15 @@ def _bf16_here() -> bool:
     return bf16_supported(default_device())
 
 
-def _child(target: str, queue: Any, *args: Any) -> None:
-    queue.put(globals()[target](*args))
+def _child(module: str, target: str, queue: Any, *args: Any) -> None:
+    queue.put(getattr(importlib.import_module(module), target)(*args))
 
 
-def in_subprocess(target: str, *args: Any) -> dict[str, Any]:
-    """Run `target(*args)` in a spawned process; its peak RSS is its own."""
+def in_subprocess(target: str, *args: Any, module: str = "benchmarks.train") -> dict[str, Any]:
+    """Run `module`'s `target(*args)` in a spawned process; its peak RSS is its own."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(target, queue, *args))
+    process = context.Process(target=_child, args=(module, target, queue, *args))
     process.start()
     result = queue.get()
     process.join()

@@ -9,7 +9,7 @@ uninterrupted run takes, and every rank of a data-parallel job agrees on the bat
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ from control_plane.hyperparameters import Hyperparameters
 from workers.training.formatting import DatasetFormatError, TokenizedDataset, tokenize_records
 from workers.training.interface import TrainingError
 
-Item = TypeVar("Item")
+Item = TypeVar("Item", bound=Sized)  # an example, or a preference pair
 
 
 def job_datasets(
@@ -28,21 +28,21 @@ def job_datasets(
     eval_records: list[dict[str, Any]] | None,
     tokenizer: PreTrainedTokenizerBase,
     hp: Hyperparameters,
-) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    tokenize: Callable[..., TokenizedDataset[Any]] = tokenize_records,
+    nothing_left: str = "no training example is left with a token to learn from: all {records} "
+    "records lack an assistant/completion token within max_seq_length={max_seq_length}",
+) -> tuple[TokenizedDataset[Any], TokenizedDataset[Any] | None]:
     """The job's training set and its evaluation set (its own file, else `eval_fraction` of the
-    training examples held out, else none), tokenized; refused when nothing is left to learn."""
+    training examples held out, else none), tokenized by `tokenize` (records into examples,
+    or into preference pairs); refused, saying `nothing_left`, when nothing is left to learn."""
     try:
-        train_set = tokenize_records(train_records, tokenizer, hp.max_seq_length)
-        eval_set = (
-            tokenize_records(eval_records, tokenizer, hp.max_seq_length) if eval_records else None
-        )
+        train_set = tokenize(train_records, tokenizer, hp.max_seq_length)
+        eval_set = tokenize(eval_records, tokenizer, hp.max_seq_length) if eval_records else None
     except DatasetFormatError as exc:
         raise TrainingError(f"dataset record cannot be formatted: {exc}") from exc
     if not train_set.examples:
         raise TrainingError(
-            f"no training example is left with a token to learn from: all {len(train_records)} "
-            f"records lack an assistant/completion token within "
-            f"max_seq_length={hp.max_seq_length}"
+            nothing_left.format(records=len(train_records), max_seq_length=hp.max_seq_length)
         )
     if eval_set is None and hp.eval_fraction > 0:
         train_set, eval_set = split_eval(train_set, hp.eval_fraction, hp.seed)
@@ -52,7 +52,7 @@ def job_datasets(
 
 
 def dataset_summary(
-    train_set: TokenizedDataset, eval_set: TokenizedDataset | None
+    train_set: TokenizedDataset[Any], eval_set: TokenizedDataset[Any] | None
 ) -> tuple[str, dict[str, Any]]:
     """What the job trains and evaluates on, as a log line and its figures."""
     held_out = len(eval_set.examples) if eval_set else 0
@@ -94,8 +94,8 @@ def held_out(count: int, fraction: float, seed: int) -> set[int]:
 
 
 def split_eval(
-    dataset: TokenizedDataset, fraction: float, seed: int
-) -> tuple[TokenizedDataset, TokenizedDataset]:
+    dataset: TokenizedDataset[Item], fraction: float, seed: int
+) -> tuple[TokenizedDataset[Item], TokenizedDataset[Item]]:
     """Hold out `fraction` of the examples (`held_out`) for evaluation."""
     held = held_out(len(dataset.examples), fraction, seed)
     train = [e for i, e in enumerate(dataset.examples) if i not in held]

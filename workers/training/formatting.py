@@ -18,9 +18,9 @@ Hugging Face convention: `labels[i]` is the target of position `i - 1`); -100 me
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
@@ -33,11 +33,15 @@ class DatasetFormatError(ValueError):
     """A record is not one of the supported shapes (the control plane should have refused it)."""
 
 
-@dataclass(frozen=True)
-class TokenizedDataset:
-    """The examples that kept at least one trainable token, and how many records were dropped."""
+Item = TypeVar("Item", bound=Sized)  # an example, or a preference pair of two
 
-    examples: tuple[TokenizedExample, ...]
+
+@dataclass(frozen=True)
+class TokenizedDataset(Generic[Item]):
+    """The examples (or pairs) that kept a token to learn from, and how many records were
+    dropped."""
+
+    examples: tuple[Item, ...]
     dropped: int = 0
     truncated: int = 0
     total_tokens: int = field(init=False)
@@ -55,7 +59,7 @@ def tokenize_records(
     records: Iterable[Mapping[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
     max_seq_length: int,
-) -> TokenizedDataset:
+) -> TokenizedDataset[TokenizedExample]:
     """Tokenize every record, truncate it to `max_seq_length` and drop those left with no loss."""
     examples: list[TokenizedExample] = []
     dropped = truncated = 0

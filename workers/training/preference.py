@@ -24,7 +24,7 @@ of a row are never all held.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,8 +37,8 @@ from transformers import PreTrainedTokenizerBase
 from control_plane.hyperparameters import Hyperparameters
 from workers.kernels.example import TokenizedExample
 from workers.kernels.packing import pack, packed_hidden_states, rows_of_tokens
-from workers.training.data import held_out
-from workers.training.formatting import DatasetFormatError, tokenize_record
+from workers.training.data import job_datasets
+from workers.training.formatting import DatasetFormatError, TokenizedDataset, tokenize_record
 from workers.training.interface import TrainingError
 from workers.training.supervised import EVAL_ROW_TOKENS, RowObjective
 
@@ -62,17 +62,7 @@ class PreferencePair:
         return self.chosen.trainable_tokens + self.rejected.trainable_tokens
 
 
-@dataclass(frozen=True)
-class PreferenceDataset:
-    """The pairs that kept a trained token in both replies, and how many records were dropped."""
-
-    examples: tuple[PreferencePair, ...]
-    dropped: int = 0
-    truncated: int = 0
-    total_tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "total_tokens", sum(len(p) for p in self.examples))
+PreferenceDataset = TokenizedDataset[PreferencePair]
 
 
 def tokenize_pair(record: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase) -> PreferencePair:
@@ -123,41 +113,16 @@ def job_pairs(
     tokenizer: PreTrainedTokenizerBase,
     hp: Hyperparameters,
 ) -> tuple[PreferenceDataset, PreferenceDataset | None]:
-    """A DPO job's training pairs and its evaluation pairs (its own file, else `eval_fraction`
-    of the training pairs held out, else none); refused when no pair is left."""
-    try:
-        train_set = tokenize_pairs(train_records, tokenizer, hp.max_seq_length)
-        eval_set = (
-            tokenize_pairs(eval_records, tokenizer, hp.max_seq_length) if eval_records else None
-        )
-    except DatasetFormatError as exc:
-        raise TrainingError(f"preference record cannot be formatted: {exc}") from exc
-    if not train_set.examples:
-        raise TrainingError(
-            f"no preference pair is left with a reply to compare: all {len(train_records)} "
-            f"records lose a reply's every token within max_seq_length={hp.max_seq_length}"
-        )
-    if eval_set is None and hp.eval_fraction > 0:
-        train_set, eval_set = _split(train_set, hp)
-    if eval_set is not None and not eval_set.examples:
-        eval_set = None
-    return train_set, eval_set
-
-
-def _split(
-    dataset: PreferenceDataset, hp: Hyperparameters
-) -> tuple[PreferenceDataset, PreferenceDataset]:
-    """The seeded hold-out of supervised jobs (`data.held_out`), by pair; each side's pairs
-    numbered afresh."""
-    held = held_out(len(dataset.examples), hp.eval_fraction, hp.seed)
-    keep = [p for i, p in enumerate(dataset.examples) if i not in held]
-    evaluation = [p for i, p in enumerate(dataset.examples) if i in held]
-    return _numbered(keep, dataset.dropped, dataset.truncated), _numbered(evaluation, 0, 0)
-
-
-def _numbered(pairs: Sequence[PreferencePair], dropped: int, truncated: int) -> PreferenceDataset:
-    numbered = tuple(PreferencePair(p.chosen, p.rejected, i) for i, p in enumerate(pairs))
-    return PreferenceDataset(numbered, dropped, truncated)
+    """A DPO job's training pairs and its evaluation pairs (`data.job_datasets`, by pair)."""
+    return job_datasets(
+        train_records,
+        eval_records,
+        tokenizer,
+        hp,
+        tokenize=tokenize_pairs,
+        nothing_left="no preference pair is left with a reply to compare: all {records} records "
+        "lose a reply's every token within max_seq_length={max_seq_length}",
+    )
 
 
 def examples_of(items: Sequence[TokenizedExample | PreferencePair]) -> list[TokenizedExample]:
@@ -235,10 +200,12 @@ class PreferenceObjective(RowObjective):
         was_training = model.training
         model.eval()
         for name, dataset in sets.items():
-            parts = [
-                self.pair_logps(row) for row in rows_of_tokens(dataset.examples, EVAL_ROW_TOKENS)
-            ]
-            self.reference[name] = torch.cat(parts).cpu() if parts else torch.zeros(0, 2)
+            # Indexed by each pair's place among its file's pairs (`PreferencePair.index`):
+            # a held-out split keeps its pairs' indexes.
+            reference = torch.zeros(1 + max(p.index for p in dataset.examples), 2)
+            for row in rows_of_tokens(dataset.examples, EVAL_ROW_TOKENS):
+                reference[[p.index for p in row]] = self.pair_logps(row).cpu()
+            self.reference[name] = reference
         model.train(was_training)
 
     def denominator(self, batch: Sequence[PreferencePair]) -> int:
