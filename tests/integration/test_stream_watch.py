@@ -122,7 +122,9 @@ def test_idle_streams_read_nothing_and_a_job_that_moves_wakes_its_own_stream_alo
         assert _job_reads(quiet) == []
         assert all("xmin" in statement for statement, _ in quiet), quiet
         assert 1 <= len(quiet) <= 2.0 / TICK_SECONDS + 2
-        assert watch.looks - looks_before == len(quiet)
+        # A look is counted after its statement returns, so one at either edge of the window
+        # may be recorded on one side and counted on the other.
+        assert abs((watch.looks - looks_before) - len(quiet)) <= 1
 
         moved = 7
         with _statements(services) as after_move:
@@ -233,7 +235,7 @@ def test_a_change_before_the_first_look_wakes_the_stream(
             with services.engine.begin() as conn:
                 add_event(conn, job_id, "between the read and the first look")
             now = time.monotonic()
-            why = await sse.next_move(watcher, now + 30, now + 1.0, never_gone)
+            why = await sse.next_move(watcher, now + 30, now + 5.0, never_gone)
         await watch.stop()
         return why
 
