@@ -8,9 +8,10 @@ stored in the database carries every value the trainer used (lineage records it 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 # Base learning rate that `learning_rate_multiplier` scales (LoRA's usual 2e-4).
 BASE_LEARNING_RATE = 2e-4
@@ -56,6 +57,20 @@ class Hyperparameters(BaseModel):
     dpo_beta: float = Field(
         default=0.1, gt=0, le=10, description="DPO's beta: how far from the reference it may move"
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """`true` is not 1 here (pydantic would take it as one): a JSON client that sends a
+        switch where a number goes has mistaken the field."""
+        field = cls.model_fields[info.field_name or ""]
+        if isinstance(value, bool) and field.annotation in (int, float):
+            raise PydanticCustomError(
+                "number_type",
+                "Input should be a number, not {value}",
+                {"value": str(value).lower()},
+            )
+        return value
 
     @field_validator("target_modules")
     @classmethod

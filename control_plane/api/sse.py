@@ -102,7 +102,6 @@ class JobChange:
 
     job: JobRecord
     events: list[JobEventRecord]
-    status_changed: bool
     final: bool
     """The job is over and these are its last events: the stream ends after this change."""
 
@@ -146,10 +145,9 @@ async def follow_job(
             more = len(found) == EVENTS_PER_POLL
             final = job.status in TERMINAL and not more
             if found or job != last_row or final:
-                status_changed = last_row is None or job.status != last_row.status
                 last_row = job
                 idle_since = time.monotonic()
-                yield JobChange(job, found, status_changed, final)
+                yield JobChange(job, found, final)
                 if final:
                     return
             while not more:

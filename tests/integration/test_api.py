@@ -169,6 +169,11 @@ BAD_JOB_BODIES = [
         "hyperparameters.learning_rate_multiplier",
     ),
     (
+        {"model": "tiny-llama", "training_file": "F", "hyperparameters": {"n_epochs": True}},
+        "invalid_hyperparameters",
+        "hyperparameters.n_epochs",
+    ),
+    (
         {"model": "tiny-llama", "training_file": "F", "hyperparameters": {"warp_speed": 9}},
         "invalid_hyperparameters",
         "hyperparameters.warp_speed",

@@ -287,6 +287,11 @@ REFUSED_METHODS = [
         "method.dpo.hyperparameters",
         "beta: Input should be a valid number",
     ),
+    (
+        {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": True}}}},
+        "method.dpo.hyperparameters",
+        "beta: Input should be a number, not true",
+    ),
     ({"method": {"type": "reinforcement"}}, "method.type", "Input should be 'supervised' or"),
 ]
 

@@ -30,3 +30,9 @@ class TokenizedExample:
     def trainable_tokens(self) -> int:
         """How many tokens are predicted with a loss (the first token is never predicted)."""
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+    def truncated(self, length: int) -> TokenizedExample:
+        """Its first `length` tokens (itself when it is no longer)."""
+        if len(self) <= length:
+            return self
+        return TokenizedExample(self.input_ids[:length], self.labels[:length])

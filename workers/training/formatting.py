@@ -67,9 +67,7 @@ def tokenize_records(
         example = tokenize_record(record, tokenizer)
         if len(example) > max_seq_length:
             truncated += 1
-            example = TokenizedExample(
-                example.input_ids[:max_seq_length], example.labels[:max_seq_length]
-            )
+            example = example.truncated(max_seq_length)
         if example.trainable_tokens:
             examples.append(example)
         else:

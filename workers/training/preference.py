@@ -94,17 +94,13 @@ def tokenize_pairs(
         if len(pair.chosen) > max_seq_length or len(pair.rejected) > max_seq_length:
             truncated += 1
             pair = PreferencePair(
-                _truncated(pair.chosen, max_seq_length), _truncated(pair.rejected, max_seq_length)
+                pair.chosen.truncated(max_seq_length), pair.rejected.truncated(max_seq_length)
             )
         if pair.chosen.trainable_tokens and pair.rejected.trainable_tokens:
             pairs.append(PreferencePair(pair.chosen, pair.rejected, index=len(pairs)))
         else:
             dropped += 1
     return PreferenceDataset(tuple(pairs), dropped=dropped, truncated=truncated)
-
-
-def _truncated(example: TokenizedExample, length: int) -> TokenizedExample:
-    return TokenizedExample(example.input_ids[:length], example.labels[:length])
 
 
 def job_pairs(
