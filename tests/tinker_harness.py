@@ -46,12 +46,28 @@ def tinker_settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def tinker_sdk_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The SDK sends no telemetry, and finds no key or server but the ones a test gives it."""
+def tinker_sdk_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """The SDK sends no telemetry, and finds no key or server but the ones a test gives it;
+    the REST-only clients' holders it made are closed after the test."""
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("TINKER_API_KEY", "TINKER_BASE_URL", "TINKER_CREDENTIAL_CMD", "TINKER_TAGS"):
         monkeypatch.delenv(name, raising=False)
+    yield
+    _close_sessionless_holders()
+
+
+def _close_sessionless_holders() -> None:
+    """A `RestClient` built from a URL and a key runs over a holder the SDK keeps for the life
+    of the process, refreshing its JWT in the background; the test's server is gone after the
+    test, so that holder would retry against it for the rest of the run (and log so)."""
+    from tinker.lib.internal_client_holder import sessionless_holder_cache as cache
+
+    with cache._lock:
+        holders = list(cache._holders.values())
+        cache._holders.clear()
+    for holder in holders:
+        holder.close()
 
 
 def sdk_service(url: str, key: str) -> tinker.ServiceClient:
