@@ -17,13 +17,16 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, Playwright, expect, sync_playwright
 
 from tests.api_harness import TenantKeys
 
 CHROMIUM = Path(os.environ.get("LORAFORGE_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TIMEOUT_MS = 15_000
+# `expect(...)` does not use the context's default timeout (below): its own is 5 s unless set,
+# short for a page's round trip to the API on a busy machine.
+expect.set_options(timeout=TIMEOUT_MS)
 
 
 # Package scope: Playwright's sync API runs an event loop of its own, which is gone before

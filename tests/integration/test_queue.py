@@ -74,11 +74,12 @@ def test_an_expired_lease_returns_the_job_without_using_an_attempt(
     """A lease lost with its trainer is the platform's fault: the next claim runs the same
     attempt again."""
     [job_id] = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 1)
-    queue = JobQueue(engine, lease_seconds=0.2, retry_backoff_seconds=0)
+    # A lease long enough that the reap just after the claim finds it valid on a busy machine.
+    queue = JobQueue(engine, lease_seconds=2, retry_backoff_seconds=0)
     first = queue.claim("w1")
     assert first is not None and first.attempt == 1
     assert queue.reap_expired_leases() == []  # lease still valid
-    time.sleep(0.3)
+    time.sleep(2.1)
     reaped = queue.reap_expired_leases()
     assert [j.id for j in reaped] == [job_id]
     assert _status(engine, job_id)[0] == "queued"

@@ -120,8 +120,14 @@ def test_a_queued_job_wakes_one_sleeping_trainer_not_every_one(
         queue.mark_queued(job_id)
         _wait_for(functools.partial(_succeeded, engine, job_id), f"job {n} run")
         # The woken trainer claimed it, completed it, found nothing, registered and looked once
-        # more: three claims, whatever the number of trainers asleep.
-        _wait_for(lambda: len(_sleepers(engine)) == 4, "the woken trainer asleep again")
+        # more: three claims, whatever the number of trainers asleep. (Its look after
+        # registering is counted once that claim returns, after its row is seen: waited for.)
+        _wait_for(
+            lambda before=before: (
+                len(_sleepers(engine)) == 4 and sum(t.claims for t in trainers) - before >= 3
+            ),
+            "the woken trainer asleep again",
+        )
         time.sleep(0.3)  # claims of trainers woken wrongly would land here
         assert sum(t.claims for t in trainers) - before == 3
     taken = [j for t in trainers for j in t.taken]
@@ -349,7 +355,9 @@ def _due(engine: Engine, job_id: str) -> bool:
 def test_a_job_that_backed_off_wakes_one_sleeper_once_it_is_due(
     engine: Engine, database_url: str, world: dict[str, str]
 ) -> None:
-    job_id = _backed_off(engine, world, 1.0)
+    # Due in 3 s: two listeners and two sleepers are set up before the pass that must find it
+    # not due yet, on a busy machine too.
+    job_id = _backed_off(engine, world, 3.0)
     with WakeUps(engine, database_url, "t2") as t2, WakeUps(engine, database_url, "t3") as t3:
         t2.sleep(60, None)
         t3.sleep(60, None)
@@ -507,7 +515,8 @@ def test_a_listener_cut_off_from_the_database_tries_again_every_few_seconds_not_
         lost = [r for r in caplog.records if "LISTEN connection lost" in r.getMessage()]
         assert len(lost) == 1, [r.getMessage() for r in lost]
         proxy.restore()
-        time.sleep(1.5)  # its next reopen is due
+        # Its next reopen is due REOPEN_EVERY_S after the loss it logged, however late that came.
+        time.sleep(max(lost[0].created + REOPEN_EVERY_S + 1 - time.time(), 0))
         assert listener.wait(0.1) == []  # reopened (listening again)
         with engine.begin() as conn:
             conn.execute(text("SELECT pg_notify(:ch, 'back')"), {"ch": wake_channel("cut")})

@@ -287,7 +287,7 @@ def power_past_2_53(logprobs: torch.Tensor) -> Result:
 def test_integer_powers_stay_small() -> None:
     start = time.perf_counter()
     message = refused(huge_power, {"logprobs": 1}, torch.zeros(3))
-    assert time.perf_counter() - start < 1
+    assert time.perf_counter() - start < 10  # computing 3 ** 1e9 would take far longer
     assert "refused node 'pow_1' (operator.pow): 3 ** 1000000000" in message
     message = refused(power_past_2_53, {"logprobs": 1}, torch.zeros(3))
     assert "computed an integer past 2**53" in message
