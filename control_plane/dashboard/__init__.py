@@ -22,6 +22,7 @@ from control_plane.dashboard.render import PageRefused, environment, install_pag
 from control_plane.dashboard.routes import (
     adapters,
     auth,
+    compare,
     interactive,
     jobs,
     new_job,
@@ -45,10 +46,12 @@ async def _refuse_nul(request: Request) -> None:
 
 
 # new_job first: `/jobs/new` must match before `/jobs/{job_id}`; priority before jobs:
-# `/jobs/{job_id}/priority` must match before `/jobs/{job_id}/{action}`.
+# `/jobs/{job_id}/priority` must match before `/jobs/{job_id}/{action}`; compare before jobs:
+# `/jobs/compare` before `/jobs/{job_id}`.
 DASHBOARD_ROUTERS = (
     auth.router,
     new_job.router,
+    compare.router,
     sweeps.router,
     priority.router,
     jobs.router,

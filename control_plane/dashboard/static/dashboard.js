@@ -243,10 +243,69 @@
     if (target && target.tagName === "DETAILS") target.open = true;
   });
 
+  // ---- the compare page: each job's train (or eval) loss, one series a job, on shared steps
+  var COMPARE_COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2",
+    "#ca8a04", "#db2777", "#4b5563", "#65a30d", "#7c3aed", "#0f766e"];
+
+  function compareChart(holder) {
+    if (!window.uPlot) return;
+    var which = holder.dataset.series;
+    var logToggle = holder.dataset.logToggle ? document.getElementById(holder.dataset.logToggle) : null;
+    var plot = null, body = null;
+
+    function data() {
+      var steps = new Set();
+      body.jobs.forEach(function (job) { job[which].steps.forEach(function (s) { steps.add(s); }); });
+      var xs = Array.from(steps).sort(function (a, b) { return a - b; });
+      var at = new Map(xs.map(function (s, i) { return [s, i]; }));
+      var columns = [xs];
+      body.jobs.forEach(function (job) {
+        var ys = xs.map(function () { return null; });
+        job[which].steps.forEach(function (s, i) { ys[at.get(s)] = job[which].values[i]; });
+        columns.push(ys);
+      });
+      return columns;
+    }
+
+    function build() {
+      if (plot) plot.destroy();
+      var series = [{ label: "step" }];
+      body.jobs.forEach(function (job, i) {
+        series.push({
+          label: job.label,
+          stroke: COMPARE_COLOURS[i % COMPARE_COLOURS.length],
+          width: 1.5,
+          spanGaps: true,
+          points: { show: which === "eval", size: 5 },
+          value: function (u, v) { return v === null || v === undefined ? "—" : v.toFixed(4); },
+        });
+      });
+      plot = new uPlot({
+        width: Math.max(320, holder.clientWidth || 600),
+        height: 320,
+        cursor: { drag: { x: true, y: false } },
+        scales: { x: { time: false }, y: { distr: logToggle && logToggle.checked ? 3 : 1 } },
+        axes: [{ label: "step" }, { label: which + " loss", size: 60 }],
+        series: series,
+      }, data(), holder);
+      holder.dataset.jobs = String(body.jobs.length);
+      holder.dataset.ready = "true";
+    }
+
+    fetch(holder.dataset.metrics, { credentials: "same-origin" })
+      .then(function (response) { return response.json(); })
+      .then(function (answer) { body = answer; build(); });
+    if (logToggle) logToggle.addEventListener("change", function () { if (body) build(); });
+    window.addEventListener("resize", function () {
+      if (plot) plot.setSize({ width: Math.max(320, holder.clientWidth), height: 320 });
+    });
+  }
+
   function start() {
     followJobsTable();
     followJob();
     followCurves();
+    document.querySelectorAll(".compare-chart[data-metrics]").forEach(compareChart);
   }
 
   document.addEventListener("DOMContentLoaded", start);
