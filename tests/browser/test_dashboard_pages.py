@@ -325,6 +325,11 @@ def test_a_job_page_lists_its_metadata_as_text(
     listed = page.locator("#job-metadata")
     expect(listed.locator("dt")).to_have_text(["team", "ticket"])
     expect(listed.locator("dd")).to_have_text(["nlp", "<b>ML-7</b>"])  # text, not markup
+    # Each pair leads to the jobs that hold it (the jobs table searched for it: a sweep)
+    listed.locator("dd a").first.click()
+    expect(page).to_have_url(f"{live_url}/jobs?q=team%3Dnlp")
+    expect(page.locator("#job-search")).to_have_value("team=nlp")
+    expect(page.locator(f"#jobs-table a[href='/jobs/{job_id}']")).to_have_count(1)
 
 
 def test_signing_in_and_moving_around_works_from_the_keyboard(
