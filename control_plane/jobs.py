@@ -107,7 +107,12 @@ def create_job(conn: Connection, new: NewJob) -> tuple[JobRecord, bool]:
         if existing is None:
             raise
         return _replay(existing, request_hash), False
-    add_event(conn, row.id, "Validating training file", data={"status": JobStatus.VALIDATING_FILES})
+    # The version it continues from, kept where it outlives the version (a deleted version's
+    # jobs keep no `parent_version_id`): what a job "like this one" can say it lacks.
+    data: dict[str, Any] = {"status": JobStatus.VALIDATING_FILES}
+    if new.parent_version_id:
+        data["parent_version_id"] = new.parent_version_id
+    add_event(conn, row.id, "Validating training file", data=data)
     return JobRecord.from_row(row), True
 
 

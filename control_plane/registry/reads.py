@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from pydantic import ValidationError
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -31,6 +32,7 @@ from control_plane.db.tables import (
     BaseModelRow,
     ServingGeneration,
 )
+from control_plane.hyperparameters import Hyperparameters
 from control_plane.jobs import job_parent_version_id
 from control_plane.pagination import trim
 from control_plane.records import _FromRow
@@ -332,7 +334,7 @@ def continued_hyperparameters(
     for key in ADAPTER_SHAPE:
         if key not in inherited:
             continue
-        if key in requested and requested[key] != inherited[key]:
+        if key in requested and _as_stored(key, requested[key]) != inherited[key]:
             raise AdapterShapeMismatchError(
                 f"{parent.model_id} was trained with {key}={inherited[key]!r}; a job continuing "
                 f"from it must keep that value (leave {key} out to inherit it)",
@@ -340,6 +342,15 @@ def continued_hyperparameters(
             )
         merged[key] = inherited[key]
     return merged
+
+
+def _as_stored(key: str, value: Any) -> Any:
+    """A requested value as the job would store it (`"8"` from a form is the parent's `8`);
+    one that does not validate is left as sent, for the validation after to refuse."""
+    try:
+        return Hyperparameters.model_validate({key: value}).model_dump(mode="json")[key]
+    except ValidationError:
+        return value
 
 
 def job_parent_version(conn: Connection, job_id: str) -> AdapterVersionRecord | None:

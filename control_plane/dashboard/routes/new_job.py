@@ -12,12 +12,14 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
 from pydantic.fields import FieldInfo
 from sqlalchemy import Connection
 
-from control_plane import base_catalog, registry
+from control_plane import base_catalog, jobs, registry
+from control_plane import events as event_repo
+from control_plane import files as file_repo
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
 from control_plane.api.method_schemas import DpoMethod, Method
@@ -25,10 +27,11 @@ from control_plane.api.routes import files as file_routes
 from control_plane.api.routes import fine_tuning
 from control_plane.api.schemas import JobCreate
 from control_plane.base_status import BaseStatus
-from control_plane.dashboard.render import PageForbidden, fragment, page
+from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, page
 from control_plane.dashboard.sessions import CheckedSession, CurrentSession, PageConn, Session
 from control_plane.datasets import DatasetError
 from control_plane.hyperparameters import BASE_LEARNING_RATE, Hyperparameters
+from control_plane.records import JobRecord
 
 router = APIRouter()
 
@@ -177,6 +180,7 @@ def _new_job_page(
     *,
     error: str | None = None,
     status_code: int = 200,
+    like: tuple[str, list[str]] | None = None,
 ) -> Response:
     bases = [b for b in base_catalog.list_base_models(conn) if b.status == BaseStatus.READY]
     adapters, _ = registry.list_adapters(conn, session.principal.tenant_id, after=None, limit=100)
@@ -192,12 +196,69 @@ def _new_job_page(
         more_fields=more,
         values=values,
         error=error,
+        like=like,
     )
 
 
 @router.get("/jobs/new")
-def new_job_form(request: Request, session: CurrentSession, conn: PageConn) -> Response:
-    return _new_job_page(request, session, conn, {})
+def new_job_form(
+    request: Request,
+    session: CurrentSession,
+    conn: PageConn,
+    like: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    """The form; `?like=ftjob-...` fills it with that job's base, dataset, adapter name,
+    starting point and hyperparameters (a rerun with a change)."""
+    if not like:
+        return _new_job_page(request, session, conn, {})
+    job = jobs.get_job(conn, session.principal.tenant_id, like)
+    if job is None:
+        raise PageNotFound()
+    values, notes = _values_like(conn, session.principal.tenant_id, job)
+    return _new_job_page(request, session, conn, values, like=(job.id, notes))
+
+
+def _continued(conn: Connection, job_id: str) -> bool:
+    """Whether the job was created to continue from a version (its first event says so)."""
+    first = event_repo.list_events(conn, job_id, after=None, limit=1, newest_first=False)
+    return bool(first and (first[0].data or {}).get("parent_version_id"))
+
+
+def _values_like(
+    conn: Connection, tenant_id: str, job: JobRecord
+) -> tuple[dict[str, str], list[str]]:
+    """The form's fields as `job` was submitted, and what of it the form cannot carry over."""
+    notes: list[str] = []
+    base = base_catalog.get_base_model(conn, job.base_model_id)
+    values = {"model": base.name if base else "", "adapter_name": job.adapter_name or ""}
+    if file_repo.get_file(conn, tenant_id, job.training_file_id) is not None:
+        values["training_file"] = job.training_file_id
+    else:
+        notes.append("its training file was deleted: choose a dataset")
+    if job.validation_file_id:
+        notes.append("its validation file is not carried over (the form takes none)")
+    parent = (
+        registry.get_version_by_id(conn, job.parent_version_id) if job.parent_version_id else None
+    )
+    if parent is not None:
+        values["continue_from"] = parent.model_id
+    elif _continued(conn, job.id):
+        notes.append(
+            "the adapter version it continued from was deleted: this job would start a new "
+            "adapter (set continue_from to another version to go on from one)"
+        )
+    for name, info in Hyperparameters.model_fields.items():
+        if name not in job.hyperparameters:
+            continue
+        value = job.hyperparameters[name]
+        if _kind(info)[0] == "checkbox":
+            if value is True:
+                values[name] = "on"
+        elif isinstance(value, list):
+            values[name] = ", ".join(str(v) for v in value)
+        else:
+            values[name] = str(value)
+    return values, notes
 
 
 @router.post("/jobs/new/dataset")
