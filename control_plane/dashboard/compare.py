@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table, func, select
 
 from control_plane.dashboard import queries
+from control_plane.db.tables import JobEvent
+from control_plane.events import of_job
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import JobRecord
 
@@ -25,6 +27,9 @@ MAX_COMPARED = 12
 """The most jobs one comparison holds (a chart of more curves is not read, only looked at)."""
 
 _FIELD_ORDER = {name: i for i, name in enumerate(Hyperparameters.model_fields)}
+_events = cast(Table, JobEvent.__table__)
+LABEL_VALUE_CHARS = 40
+"""A chart's series name shows each value that sets its job apart up to this many characters."""
 
 
 class CompareRefused(Exception):
@@ -42,16 +47,18 @@ class Selection:
     """`q` matched more jobs than a comparison holds: the newest `MAX_COMPARED` are shown."""
 
 
-def select(conn: Connection, tenant_id: str, job_ids: Sequence[str], q: str | None) -> Selection:
+def chosen_jobs(
+    conn: Connection, tenant_id: str, job_ids: Sequence[str], q: str | None
+) -> Selection:
     """The jobs a comparison's address names, in its order (`CompareRefused`, `JobsNotFound`)."""
     search = (q or "").strip()
-    if job_ids and search:
+    wanted = list(dict.fromkeys(i.strip() for i in job_ids if i.strip()))
+    if wanted and search:
         raise CompareRefused(
             "Give either job ids (job=...) or a metadata search (q=...), not both."
         )
     if search:
         return _by_metadata(conn, tenant_id, search)
-    wanted = list(dict.fromkeys(i.strip() for i in job_ids if i.strip()))
     if not wanted:
         raise CompareRefused(
             "Pick the jobs to compare: search the jobs table for key=value (a sweep) and follow "
@@ -113,8 +120,12 @@ class Differences:
 
     def label(self, job: JobRecord) -> str:
         """The job's id, and after it what sets it apart (a chart's series name)."""
-        apart = ", ".join(f"{column}={text}" for column, text in self.values(job).items())
+        apart = ", ".join(f"{column}={_clipped(text)}" for column, text in self.values(job).items())
         return f"{job.id} ({apart})" if apart else job.id
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= LABEL_VALUE_CHARS else text[: LABEL_VALUE_CHARS - 1] + "…"
 
 
 def _value(job: JobRecord, column: str) -> Any:
@@ -149,14 +160,17 @@ class Outcome:
 
 
 def outcome(conn: Connection, job: JobRecord) -> Outcome:
-    """The train loss of the job's last step and its lowest eval loss (each bucket's mean
-    where the job reported more than a chart's points)."""
+    """The train loss of the job's last step and its lowest eval loss, of every evaluation it
+    reported (not the chart's bucket means: a long job's chart averages its evaluations)."""
     last = queries.latest_training_metrics(conn, job.id) or {}
-    evaluated = queries.loss_curves(conn, job.id).eval.values
     train_loss = last.get("train_loss")
+    eval_loss = queries.json_number(_events.c.data["eval_loss"])
+    best = conn.execute(
+        select(func.min(eval_loss)).where(of_job(job.id), _events.c.type == "metrics")
+    ).scalar()
     return Outcome(
         float(train_loss) if isinstance(train_loss, int | float) else None,
-        min(evaluated) if evaluated else None,
+        None if best is None else float(best),
     )
 
 

@@ -295,6 +295,9 @@ def test_a_sweep_compared_from_the_jobs_table_shows_what_differs_and_draws_each_
     chart = page.locator("#compare-chart")
     metrics = urlsplit(str(chart.get_attribute("data-metrics")))
     assert metrics.path == "/jobs/compare/metrics.json", metrics
+    # The chart asks for the table's jobs by id, not the search again (a job joining the
+    # search meanwhile would join the chart and not the table).
+    assert parse_qs(metrics.query) == {"job": order}
     expect(page.locator("#compare-chart .u-legend tr.u-series")).to_have_count(1 + len(order))
     assert labelled_by(legend_labels(page, "#compare-chart")[1:], order)
     expect(page.locator("#compare-chart canvas")).to_have_count(1)
@@ -483,3 +486,32 @@ def test_refusals_say_what_to_do_and_another_tenants_job_is_not_found(
     signed_out = page.request.get(compare_url(live_url, jobs=[a, b], json_=True), max_redirects=0)
     assert signed_out.status in (303, 401), signed_out.status
     assert a not in signed_out.text()
+
+
+def test_the_best_eval_loss_is_the_lowest_evaluation_not_a_charts_bucket_mean(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys
+) -> None:
+    """A job with more points than a chart draws: its chart averages evaluations a few steps
+    apart, but the table's best eval loss is its lowest evaluation."""
+    long_job, short_job = new_jobs(services, tenant_a, 2)
+    points: list[dict[str, float]] = [
+        {"step": step, "train_loss": 2.0 - step / 1000} for step in range(1, 1200)
+    ]
+    # Evaluations at steps 10 and 11, 20 and 21, ...: 0.5 then 1.5, one bucket apart at most.
+    for step in range(10, 1200, 10):
+        points += [{"step": step, "eval_loss": 0.5}, {"step": step + 1, "eval_loss": 1.5}]
+    points.sort(key=lambda p: p["step"])
+    log_metrics(services, long_job, points)
+    log_metrics(services, short_job, [{"step": 1, "train_loss": 1.0, "eval_loss": 0.75}])
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/jobs/compare?job={long_job}&job={short_job}")
+    assert cell(page, long_job, "td.best-eval-loss") == "0.5000"
+    assert cell(page, short_job, "td.best-eval-loss") == "0.7500"
+    assert cell(page, long_job, "td.last-train-loss") == f"{2.0 - 1199 / 1000:.4f}"
+    # ... while the chart's eval curve is the bucket means, which never reach 0.5.
+    answer = page.request.get(
+        f"{live_url}/jobs/compare/metrics.json?job={long_job}&job={short_job}"
+    )
+    curves = answer.json()["jobs"][0]
+    assert curves["downsampled"] is True
+    assert min(curves["eval"]["values"]) > 0.5

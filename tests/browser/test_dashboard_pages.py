@@ -318,13 +318,21 @@ def test_a_job_page_lists_its_metadata_as_text(
     with services.engine.begin() as conn:
         conn.execute(
             text("UPDATE jobs SET user_metadata = CAST(:m AS jsonb) WHERE id = :id"),
-            {"m": json.dumps({"team": "nlp", "ticket": "<b>ML-7</b>"}), "id": job_id},
+            {
+                "m": json.dumps(
+                    {"team": "nlp", "ticket": "<b>ML-7</b>", "a=b": "c", "z": "long" * 60}
+                ),
+                "id": job_id,
+            },
         )
     sign_in(page, live_url, tenant_a.member)
     page.goto(f"{live_url}/jobs/{job_id}")
     listed = page.locator("#job-metadata")
-    expect(listed.locator("dt")).to_have_text(["team", "ticket"])
-    expect(listed.locator("dd")).to_have_text(["nlp", "<b>ML-7</b>"])  # text, not markup
+    expect(listed.locator("dt")).to_have_text(["a=b", "team", "ticket", "z"])
+    expect(listed.locator("dd")).to_have_text(["c", "nlp", "<b>ML-7</b>", "long" * 60])  # text
+    # A pair the jobs search cannot name (a key holding '=', a pair longer than a search) is
+    # not a link; the others are.
+    expect(listed.locator("dd a")).to_have_text(["nlp", "<b>ML-7</b>"])
     # Each pair leads to the jobs that hold it (the jobs table searched for it: a sweep)
     listed.locator("dd a").first.click()
     expect(page).to_have_url(f"{live_url}/jobs?q=team%3Dnlp")

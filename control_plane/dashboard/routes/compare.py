@@ -1,5 +1,5 @@
 """Jobs side by side: the page (`/jobs/compare`) and its curves (`/jobs/compare/metrics.json`),
-both selecting their jobs as `control_plane.dashboard.compare.select` reads the address."""
+both selecting their jobs as `control_plane.dashboard.compare.chosen_jobs` reads the address."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def compare_page(
     q: Search = None,
 ) -> Response:
     try:
-        chosen = compare.select(conn, session.principal.tenant_id, job, q)
+        chosen = compare.chosen_jobs(conn, session.principal.tenant_id, job, q)
     except compare.JobsNotFound:
         raise PageNotFound() from None
     except compare.CompareRefused as refused:
@@ -39,9 +39,6 @@ def compare_page(
         {"job": found, "values": apart.values(found), "outcome": outcome}
         for found, outcome in zip(chosen.jobs, outcomes, strict=True)
     ]
-    selection: list[tuple[str, str]] = (
-        [("q", q.strip())] if q and q.strip() else [("job", found.id) for found in chosen.jobs]
-    )
     return page(
         request,
         "compare.html",
@@ -53,7 +50,10 @@ def compare_page(
         q=(q or "").strip(),
         max_compared=compare.MAX_COMPARED,
         has_eval=any(outcome.best_eval_loss is not None for outcome in outcomes),
-        metrics_url="/jobs/compare/metrics.json?" + urlencode(selection),
+        # The jobs the table shows, by id: a job that joins the search meanwhile does not join
+        # the chart.
+        metrics_url="/jobs/compare/metrics.json?"
+        + urlencode([("job", found.id) for found in chosen.jobs]),
     )
 
 
@@ -65,7 +65,7 @@ def compare_metrics(
     q: Search = None,
 ) -> JSONResponse:
     try:
-        chosen = compare.select(conn, session.principal.tenant_id, job, q)
+        chosen = compare.chosen_jobs(conn, session.principal.tenant_id, job, q)
     except compare.JobsNotFound:
         return _error(404, "No such job among yours.")
     except compare.CompareRefused as refused:

@@ -231,6 +231,8 @@ def _values_like(
     notes: list[str] = []
     base = base_catalog.get_base_model(conn, job.base_model_id)
     values = {"model": base.name if base else "", "adapter_name": job.adapter_name or ""}
+    if base is None or base.status != BaseStatus.READY:
+        notes.append("its base model is not ready now: pick another")
     if file_repo.get_file(conn, tenant_id, job.training_file_id) is not None:
         values["training_file"] = job.training_file_id
     else:

@@ -247,6 +247,18 @@
   var COMPARE_COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2",
     "#ca8a04", "#db2777", "#4b5563", "#65a30d", "#7c3aed", "#0f766e"];
 
+  // Both charts of the page draw from one answer.
+  var compareAnswers = new Map();
+  function compareCurves(url) {
+    if (!compareAnswers.has(url)) {
+      compareAnswers.set(url, fetch(url, { credentials: "same-origin" }).then(function (response) {
+        if (!response.ok) throw new Error("HTTP " + response.status);
+        return response.json();
+      }));
+    }
+    return compareAnswers.get(url);
+  }
+
   function compareChart(holder) {
     if (!window.uPlot) return;
     var which = holder.dataset.series;
@@ -292,9 +304,13 @@
       holder.dataset.ready = "true";
     }
 
-    fetch(holder.dataset.metrics, { credentials: "same-origin" })
-      .then(function (response) { return response.json(); })
-      .then(function (answer) { body = answer; build(); });
+    compareCurves(holder.dataset.metrics).then(function (answer) {
+      body = answer;
+      build();
+    }, function (why) {
+      holder.dataset.failed = "true";
+      holder.textContent = "The curves could not be read (" + why.message + "): reload the page.";
+    });
     if (logToggle) logToggle.addEventListener("change", function () { if (body) build(); });
     window.addEventListener("resize", function () {
       if (plot) plot.setSize({ width: Math.max(320, holder.clientWidth), height: 320 });
