@@ -515,3 +515,51 @@ def test_the_best_eval_loss_is_the_lowest_evaluation_not_a_charts_bucket_mean(
     curves = answer.json()["jobs"][0]
     assert curves["downsampled"] is True
     assert min(curves["eval"]["values"]) > 0.5
+
+
+def test_a_comparison_follows_its_jobs_as_they_train_and_ends_when_they_are_over(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A running job's new steps redraw its row and the curves (at most every
+    REFRESH_SECONDS); once every job is over the stream ends and the page says so. A
+    comparison of jobs already over opens no stream."""
+    from control_plane.dashboard.routes import compare as compare_routes
+
+    monkeypatch.setattr(compare_routes, "REFRESH_SECONDS", 0.5)
+    running, done = new_jobs(services, tenant_a, 2)
+    set_job(services, running, status="running")
+    set_job(services, done, status="succeeded")
+    log_metrics(services, running, [{"step": 1, "train_loss": 2.0}])
+    log_metrics(services, done, [{"step": 1, "train_loss": 1.0}, {"step": 2, "train_loss": 0.5}])
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/jobs/compare?job={running}&job={done}")
+    chart = page.locator("#compare-chart")
+    expect(chart).to_have_attribute("data-drawn", "1")
+    assert cell(page, running, "td.last-train-loss") == "2.0000"
+    expect(page.locator("#compare-note")).to_contain_text("follow the jobs")
+
+    with services.engine.begin() as conn, metric_events_in_bulk(conn, [running]):
+        add_event(conn, running, "step 2", type="metrics", data={"step": 2, "train_loss": 1.25})
+    expect(page.locator(f"tr[data-job-id='{running}'] td.last-train-loss")).to_have_text("1.2500")
+    expect(chart).to_have_attribute("data-drawn", "2")  # the curves read again, redrawn
+    legend = page.locator("#compare-chart .u-legend tr.u-series").nth(1)
+    assert legend.locator(".u-label").inner_text().startswith(running)
+
+    set_job(services, running, status="succeeded")
+    expect(page.locator("#compare-live")).to_have_attribute("data-finished", "true")
+    expect(page.locator("#compare-note")).to_have_text("Every job here is over.")
+    expect(page.locator(f"tr[data-job-id='{running}'] td.status")).to_have_text("succeeded")
+
+    # Jobs already over: the page says so and opens no stream.
+    streams: list[str] = []
+    page.on(
+        "request", lambda request: streams.append(request.url) if "stream" in request.url else None
+    )
+    page.goto(f"{live_url}/jobs/compare?job={running}&job={done}")
+    expect(page.locator("#compare-live")).to_have_attribute("data-finished", "true")
+    expect(chart).to_have_attribute("data-drawn", "1")
+    assert streams == []

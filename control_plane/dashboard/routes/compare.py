@@ -1,17 +1,28 @@
-"""Jobs side by side: the page (`/jobs/compare`) and its curves (`/jobs/compare/metrics.json`),
-both selecting their jobs as `control_plane.dashboard.compare.chosen_jobs` reads the address."""
+"""Jobs side by side: the page (`/jobs/compare`), its curves (`/jobs/compare/metrics.json`) and
+its stream (`/jobs/compare/stream`), which keeps both current while the jobs train; each selects
+its jobs as `control_plane.dashboard.compare.chosen_jobs` reads the address."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import Connection
+from starlette.concurrency import run_in_threadpool
 
+from control_plane.api import sse
+from control_plane.api.deps import ServicesDep
+from control_plane.api.stream_watch import StreamWatchDep
 from control_plane.dashboard import compare
-from control_plane.dashboard.render import PageNotFound, page
-from control_plane.dashboard.sessions import CurrentSession, PageConn
+from control_plane.dashboard.render import PageNotFound, page, render
+from control_plane.dashboard.sessions import CurrentSession, PageConn, stream_gone
+from control_plane.job_status import TERMINAL
+from control_plane.records import JobRecord
 
 router = APIRouter()
 
@@ -33,28 +44,38 @@ def compare_page(
         raise PageNotFound() from None
     except compare.CompareRefused as refused:
         return page(request, "compare.html", session, status_code=400, error=str(refused))
-    apart = compare.differences(chosen.jobs)
-    outcomes = [compare.outcome(conn, found) for found in chosen.jobs]
-    rows = [
-        {"job": found, "values": apart.values(found), "outcome": outcome}
-        for found, outcome in zip(chosen.jobs, outcomes, strict=True)
-    ]
+    table = _table(conn, chosen.jobs)
+    by_id = urlencode([("job", found.id) for found in chosen.jobs])
     return page(
         request,
         "compare.html",
         session,
-        rows=rows,
-        columns=apart.columns,
-        common=apart.common,
+        **table,
         truncated=chosen.truncated,
         q=(q or "").strip(),
         max_compared=compare.MAX_COMPARED,
-        has_eval=any(outcome.best_eval_loss is not None for outcome in outcomes),
+        finished=all(found.status in TERMINAL for found in chosen.jobs),
         # The jobs the table shows, by id: a job that joins the search meanwhile does not join
         # the chart.
-        metrics_url="/jobs/compare/metrics.json?"
-        + urlencode([("job", found.id) for found in chosen.jobs]),
+        metrics_url=f"/jobs/compare/metrics.json?{by_id}",
+        stream_url=f"/jobs/compare/stream?{by_id}",
     )
+
+
+def _table(conn: Connection, jobs: list[JobRecord]) -> dict[str, Any]:
+    """What `_compare_table.html` draws of `jobs`."""
+    apart = compare.differences(jobs)
+    outcomes = [compare.outcome(conn, found) for found in jobs]
+    rows = [
+        {"job": found, "values": apart.values(found), "outcome": outcome}
+        for found, outcome in zip(jobs, outcomes, strict=True)
+    ]
+    return {
+        "rows": rows,
+        "columns": apart.columns,
+        "common": apart.common,
+        "has_eval": any(outcome.best_eval_loss is not None for outcome in outcomes),
+    }
 
 
 @router.get("/jobs/compare/metrics.json")
@@ -79,3 +100,65 @@ def compare_metrics(
 def _error(status: int, message: str) -> JSONResponse:
     body: dict[str, Any] = {"error": {"message": message}}
     return JSONResponse(body, status_code=status, headers={"Cache-Control": "no-store"})
+
+
+REFRESH_SECONDS = 5.0
+"""A comparison's stream reads its jobs again at most this often: a sweep of a dozen running
+jobs moves every step, and each read takes each job's lowest evaluation."""
+
+
+@router.get("/jobs/compare/stream")
+async def compare_stream(
+    request: Request,
+    session: CurrentSession,
+    services: ServicesDep,
+    watch: StreamWatchDep,
+    job: JobIds = [],  # noqa: B006
+) -> StreamingResponse:
+    """`table` (the table's new HTML) and `curves` (the curves moved: read them again) while
+    the compared jobs train, at most every `REFRESH_SECONDS`; `end` once every one is over.
+    Jobs that are not the tenant's end the stream at once."""
+    tenant_id = session.principal.tenant_id
+    gone = stream_gone(services, session, request)
+
+    def read() -> tuple[str, bool] | None:
+        with services.engine.connect() as conn:
+            try:
+                chosen = compare.chosen_jobs(conn, tenant_id, job, None)
+            except (compare.JobsNotFound, compare.CompareRefused):
+                return None
+            html = render("_compare_table.html", **_table(conn, chosen.jobs))
+            return html, all(found.status in TERMINAL for found in chosen.jobs)
+
+    async def body() -> AsyncIterator[str]:
+        ids = tuple(dict.fromkeys(job))
+        sent: str | None = None
+        quiet_since = time.monotonic()
+        ends_at = quiet_since + sse.MAX_STREAM_SECONDS
+        with watch.watching(job_ids=ids) as watcher:
+            while True:
+                found = await run_in_threadpool(read)
+                if found is None:
+                    return
+                html, over = found
+                if sent is not None and html != sent:  # the page drew the first itself
+                    # A new step moves a job's last loss: the curves moved with the table.
+                    yield sse.frame(html, event="table")
+                    yield sse.frame("", event="curves")
+                    quiet_since = time.monotonic()
+                sent = html
+                if over:
+                    yield sse.frame("", event="end")
+                    return
+                await asyncio.sleep(REFRESH_SECONDS)
+                while (
+                    why := await sse.next_move(
+                        watcher, ends_at, quiet_since + sse.KEEPALIVE_SECONDS, gone
+                    )
+                ) == "keepalive":
+                    quiet_since = time.monotonic()
+                    yield sse.comment()
+                if why == "over":
+                    return
+
+    return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)

@@ -249,8 +249,8 @@
 
   // Both charts of the page draw from one answer.
   var compareAnswers = new Map();
-  function compareCurves(url) {
-    if (!compareAnswers.has(url)) {
+  function compareCurves(url, fresh) {
+    if (fresh || !compareAnswers.has(url)) {
       compareAnswers.set(url, fetch(url, { credentials: "same-origin" }).then(function (response) {
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.json();
@@ -304,16 +304,45 @@
       holder.dataset.ready = "true";
     }
 
-    compareCurves(holder.dataset.metrics).then(function (answer) {
-      body = answer;
-      build();
-    }, function (why) {
-      holder.dataset.failed = "true";
-      holder.textContent = "The curves could not be read (" + why.message + "): reload the page.";
-    });
+    function draw(fresh) {
+      compareCurves(holder.dataset.metrics, fresh).then(function (answer) {
+        body = answer;
+        if (plot) { plot.setData(data()); holder.dataset.drawn = String(Number(holder.dataset.drawn || 1) + 1); }
+        else { build(); holder.dataset.drawn = "1"; }
+      }, function (why) {
+        holder.dataset.failed = "true";
+        holder.textContent = "The curves could not be read (" + why.message + "): reload the page.";
+      });
+    }
+    draw(false);
+    // The page's stream says when the curves moved: the first chart asks again, the others
+    // share its answer.
+    holder.addEventListener("compare:curves", function (event) { draw(event.detail.first); });
     if (logToggle) logToggle.addEventListener("change", function () { if (body) build(); });
     window.addEventListener("resize", function () {
       if (plot) plot.setSize({ width: Math.max(320, holder.clientWidth), height: 320 });
+    });
+  }
+
+  // The compare page's stream: the table redrawn and the curves read again as the jobs train.
+  function followCompare() {
+    var live = document.getElementById("compare-live");
+    if (!live || !live.dataset.stream || live.dataset.finished || !window.EventSource) return;
+    var stream = new EventSource(live.dataset.stream);
+    stream.addEventListener("table", function (event) {
+      live.innerHTML = event.data;  // the server's own rendering, escaped as every page is
+      live.dataset.redrawn = String(Number(live.dataset.redrawn || 0) + 1);
+    });
+    stream.addEventListener("curves", function () {
+      document.querySelectorAll(".compare-chart[data-metrics]").forEach(function (holder, i) {
+        holder.dispatchEvent(new CustomEvent("compare:curves", { detail: { first: i === 0 } }));
+      });
+    });
+    stream.addEventListener("end", function () {
+      stream.close();
+      live.dataset.finished = "true";
+      var note = document.getElementById("compare-note");
+      if (note) note.textContent = "Every job here is over.";
     });
   }
 
@@ -322,6 +351,7 @@
     followJob();
     followCurves();
     document.querySelectorAll(".compare-chart[data-metrics]").forEach(compareChart);
+    followCompare();
   }
 
   document.addEventListener("DOMContentLoaded", start);

@@ -1,0 +1,157 @@
+"""Compare-jobs benchmark: a sweep of 12 jobs, each with `--events` metric events, side by side.
+
+    python -m benchmarks.compare [--events 20000] [--jobs 12] [--repeat 5]
+
+Through the real app (uvicorn on 127.0.0.1), signed in as a browser is:
+
+- `compare_page`: `/jobs/compare?q=sweep=...` (the table: what differs, each job's last train
+  loss and lowest evaluation) and its `metrics.json` (every job's curves, downsampled), median
+  milliseconds and bytes; against the baseline of what a person did before the page: open each
+  job's page and its `metrics.json`, one job after another.
+- `best_eval`: the table's lowest evaluation of the longest job (every evaluation it reported),
+  against reading it off the job's downsampled chart (what the chart shows, bucket means).
+
+Needs PostgreSQL (`LORAFORGE_BENCH_DATABASE_URL`, default 127.0.0.1:5432). One JSON line per
+measurement, the machine's CPU named in each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from benchmarks.dashboard import make_job, median_ms, signed_in
+from benchmarks.registry import scratch_database
+from control_plane import tenants
+from control_plane.api.app import create_app
+from control_plane.api.serve import serve_in_thread
+from control_plane.dashboard import compare
+from control_plane.dashboard.queries import loss_curves
+from control_plane.records import JobRecord
+from control_plane.services import build_services
+from control_plane.settings import Settings
+from control_plane.storage import LocalObjectStore
+
+
+def cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def emit(measurement: str, **figures: Any) -> None:
+    print(
+        json.dumps({"benchmark": "compare", "measurement": measurement, "cpu": cpu(), **figures}),
+        flush=True,
+    )
+
+
+def timed(client: Any, paths: list[str], repeat: int) -> tuple[float, int]:
+    """Median milliseconds to fetch every one of `paths` in turn, and their bytes."""
+    samples, size = [], 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        size = 0
+        for path in paths:
+            answer = client.get(path)
+            answer.raise_for_status()
+            size += len(answer.content)
+        samples.append(time.perf_counter() - started)
+    return median_ms(samples), size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--jobs", type=int, default=compare.MAX_COMPARED)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    with scratch_database() as database_url, tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(home=Path(tmp) / "home")
+        services = build_services(
+            settings, database_url=database_url, store=LocalObjectStore(Path(tmp) / "objects")
+        )
+        with services.engine.begin() as conn:
+            tenant = tenants.create_tenant(conn, "bench")
+            _, key = tenants.create_api_key(conn, settings.secret_key, tenant.id, role="admin")
+        job_ids = [make_job(services, tenant.id, args.events) for _ in range(args.jobs)]
+        with services.engine.begin() as conn:
+            for n, job_id in enumerate(job_ids):
+                conn.execute(
+                    text(
+                        "UPDATE jobs SET user_metadata = CAST(:m AS jsonb), hyperparameters = "
+                        "CAST(:hp AS jsonb) WHERE id = :id"
+                    ),
+                    {
+                        "m": json.dumps({"sweep": "bench", "lr": str(n)}),
+                        "hp": json.dumps({"learning_rate_multiplier": 0.5 * (n + 1)}),
+                        "id": job_id,
+                    },
+                )
+                # An evaluation every 100 steps, each pair 50 steps apart a different loss.
+                conn.execute(
+                    text(
+                        "INSERT INTO job_events (job_id, type, message, data) "
+                        "SELECT :job, 'metrics', 'eval', jsonb_build_object('step', g, "
+                        "'eval_loss', CASE WHEN g % 100 = 0 THEN 1.0 ELSE 2.0 END) "
+                        "FROM generate_series(50, :n, 50) AS g"
+                    ),
+                    {"job": job_id, "n": args.events},
+                )
+        with serve_in_thread(create_app(services)) as url, signed_in(url, key) as client:
+            compared = [
+                "/jobs/compare?q=sweep%3Dbench",
+                f"/jobs/compare/metrics.json?{_ids(job_ids)}",
+            ]
+            one_by_one = [p for j in job_ids for p in (f"/jobs/{j}", f"/jobs/{j}/metrics.json")]
+            for _ in range(2):  # alternating rounds, each side warm
+                ms, size = timed(client, compared, args.repeat)
+                base_ms, base_size = timed(client, one_by_one, args.repeat)
+                emit(
+                    "compare_page",
+                    jobs=args.jobs,
+                    events_per_job=args.events,
+                    ms=ms,
+                    bytes=size,
+                    baseline="each job's page and metrics.json, one job after another",
+                    baseline_ms=base_ms,
+                    baseline_bytes=base_size,
+                    ratio=round(ms / base_ms, 3),
+                )
+        with services.engine.connect() as conn:
+            job = JobRecord.from_row(
+                conn.execute(text("SELECT * FROM jobs WHERE id = :id"), {"id": job_ids[0]}).one()
+            )
+            exact, off_chart = [], []
+            for _ in range(args.repeat):
+                started = time.perf_counter()
+                best = compare.outcome(conn, job).best_eval_loss
+                exact.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                charted = min(loss_curves(conn, job.id).eval.values)
+                off_chart.append(time.perf_counter() - started)
+            emit(
+                "best_eval",
+                events=args.events,
+                ms=median_ms(exact, 2),
+                best_eval_loss=best,
+                baseline="the lowest point of the job's downsampled chart",
+                baseline_ms=median_ms(off_chart, 2),
+                baseline_best_eval_loss=charted,
+            )
+
+
+def _ids(job_ids: list[str]) -> str:
+    return "&".join(f"job={j}" for j in job_ids)
+
+
+if __name__ == "__main__":
+    main()
