@@ -50,6 +50,7 @@ JOB_STATUSES = tuple(status.value for status in JobStatus)
 FINISHED = tuple(sorted((status.value for status in TERMINAL), reverse=True))
 # An event that records a change of its job's status.
 STATUS_CHANGE = "(data -> 'status') IS NOT NULL"
+EVALUATION = "(data -> 'eval_loss') IS NOT NULL"
 ROLES = ("admin", "member", "reader")
 
 
@@ -248,6 +249,8 @@ class JobEvent(Base):
         # time follows the table's order and a few pages summarize it; a B-tree would take an
         # entry at every claim and every finish.
         Index("ix_job_events_created_brin", "created_at", postgresql_using="brin"),
+        # A job's evaluations (revision 0040): a comparison of jobs reads each one's lowest.
+        Index("ix_job_events_evaluations", "job_id", postgresql_where=text(EVALUATION)),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

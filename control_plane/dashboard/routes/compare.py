@@ -1,6 +1,6 @@
 """Jobs side by side: the page (`/jobs/compare`), its curves (`/jobs/compare/metrics.json`) and
 its stream (`/jobs/compare/stream`), which keeps both current while the jobs train; each selects
-its jobs as `control_plane.dashboard.compare.chosen_jobs` reads the address."""
+its jobs as `control_plane.dashboard.comparison.chosen_jobs` reads the address."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from control_plane.api import sse
 from control_plane.api.deps import ServicesDep
 from control_plane.api.stream_watch import StreamWatchDep
-from control_plane.dashboard import compare
+from control_plane.dashboard import comparison
 from control_plane.dashboard.render import PageNotFound, page, render
 from control_plane.dashboard.sessions import CurrentSession, PageConn, stream_gone
 from control_plane.job_status import TERMINAL
@@ -26,7 +26,7 @@ from control_plane.records import JobRecord
 
 router = APIRouter()
 
-JobIds = Annotated[list[str], Query(alias="job", max_length=compare.MAX_COMPARED * 4)]
+JobIds = Annotated[list[str], Query(alias="job", max_length=comparison.MAX_COMPARED * 4)]
 Search = Annotated[str | None, Query(max_length=200)]
 
 
@@ -39,10 +39,10 @@ def compare_page(
     q: Search = None,
 ) -> Response:
     try:
-        chosen = compare.chosen_jobs(conn, session.principal.tenant_id, job, q)
-    except compare.JobsNotFound:
+        chosen = comparison.chosen_jobs(conn, session.principal.tenant_id, job, q)
+    except comparison.JobsNotFound:
         raise PageNotFound() from None
-    except compare.CompareRefused as refused:
+    except comparison.CompareRefused as refused:
         return page(request, "compare.html", session, status_code=400, error=str(refused))
     table = _table(conn, chosen.jobs)
     by_id = urlencode([("job", found.id) for found in chosen.jobs])
@@ -53,7 +53,7 @@ def compare_page(
         **table,
         truncated=chosen.truncated,
         q=(q or "").strip(),
-        max_compared=compare.MAX_COMPARED,
+        max_compared=comparison.MAX_COMPARED,
         finished=all(found.status in TERMINAL for found in chosen.jobs),
         # The jobs the table shows, by id: a job that joins the search meanwhile does not join
         # the chart.
@@ -64,8 +64,8 @@ def compare_page(
 
 def _table(conn: Connection, jobs: list[JobRecord]) -> dict[str, Any]:
     """What `_compare_table.html` draws of `jobs`."""
-    apart = compare.differences(jobs)
-    outcomes = [compare.outcome(conn, found) for found in jobs]
+    apart = comparison.differences(jobs)
+    outcomes = [comparison.outcome(conn, found) for found in jobs]
     rows = [
         {"job": found, "values": apart.values(found), "outcome": outcome}
         for found, outcome in zip(jobs, outcomes, strict=True)
@@ -86,14 +86,14 @@ def compare_metrics(
     q: Search = None,
 ) -> JSONResponse:
     try:
-        chosen = compare.chosen_jobs(conn, session.principal.tenant_id, job, q)
-    except compare.JobsNotFound:
+        chosen = comparison.chosen_jobs(conn, session.principal.tenant_id, job, q)
+    except comparison.JobsNotFound:
         return _error(404, "No such job among yours.")
-    except compare.CompareRefused as refused:
+    except comparison.CompareRefused as refused:
         return _error(400, str(refused))
-    apart = compare.differences(chosen.jobs)
+    apart = comparison.differences(chosen.jobs)
     return JSONResponse(
-        compare.curves(conn, chosen.jobs, apart), headers={"Cache-Control": "no-store"}
+        comparison.curves(conn, chosen.jobs, apart), headers={"Cache-Control": "no-store"}
     )
 
 
@@ -124,8 +124,8 @@ async def compare_stream(
     def read() -> tuple[str, bool] | None:
         with services.engine.connect() as conn:
             try:
-                chosen = compare.chosen_jobs(conn, tenant_id, job, None)
-            except (compare.JobsNotFound, compare.CompareRefused):
+                chosen = comparison.chosen_jobs(conn, tenant_id, job, None)
+            except (comparison.JobsNotFound, comparison.CompareRefused):
                 return None
             html = render("_compare_table.html", **_table(conn, chosen.jobs))
             return html, all(found.status in TERMINAL for found in chosen.jobs)

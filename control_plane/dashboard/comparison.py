@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, func, select
+from sqlalchemy import Connection, Table, func, select, text
 
 from control_plane.dashboard import queries
-from control_plane.db.tables import JobEvent
-from control_plane.events import of_job
+from control_plane.db.tables import EVALUATION, JobEvent
 from control_plane.hyperparameters import Hyperparameters
 from control_plane.records import JobRecord
 
@@ -164,9 +163,11 @@ def outcome(conn: Connection, job: JobRecord) -> Outcome:
     reported (not the chart's bucket means: a long job's chart averages its evaluations)."""
     last = queries.latest_training_metrics(conn, job.id) or {}
     train_loss = last.get("train_loss")
+    # Written as the partial index's own predicate, which the planner matches as text: the
+    # job's evaluations alone are read (`ix_job_events_evaluations`), not its every event.
     eval_loss = queries.json_number(_events.c.data["eval_loss"])
     best = conn.execute(
-        select(func.min(eval_loss)).where(of_job(job.id), _events.c.type == "metrics")
+        select(func.min(eval_loss)).where(_events.c.job_id == job.id, text(EVALUATION))
     ).scalar()
     return Outcome(
         float(train_loss) if isinstance(train_loss, int | float) else None,
