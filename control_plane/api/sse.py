@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import suppress
@@ -39,6 +40,9 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MEDIA_TYPE = "text/event-stream"
 
 
+_LINE_ENDS = re.compile(r"\r\n|\r|\n")
+
+
 def frame(data: str, *, event: str | None = None, id: str | int | None = None) -> str:
     """One SSE message; multi-line data becomes several `data:` lines, as the spec says."""
     lines = []
@@ -46,7 +50,9 @@ def frame(data: str, *, event: str | None = None, id: str | int | None = None) -
         lines.append(f"event: {event}")
     if id is not None:
         lines.append(f"id: {id}")
-    lines.extend(f"data: {line}" for line in data.split("\n"))
+    # CR, LF and CRLF each end a line in an event stream: a lone CR in the data (a job's
+    # metadata may hold one) would otherwise start a line of its own, an `event:` even.
+    lines.extend(f"data: {line}" for line in _LINE_ENDS.split(data))
     return "\n".join(lines) + "\n\n"
 
 

@@ -159,20 +159,27 @@ class Outcome:
 
 
 def outcome(conn: Connection, job: JobRecord) -> Outcome:
-    """The train loss of the job's last step and its lowest eval loss, of every evaluation it
-    reported (not the chart's bucket means: a long job's chart averages its evaluations)."""
+    """The train loss of the job's last step and its lowest eval loss."""
     last = queries.latest_training_metrics(conn, job.id) or {}
     train_loss = last.get("train_loss")
-    # Written as the partial index's own predicate, which the planner matches as text: the
-    # job's evaluations alone are read (`ix_job_events_evaluations`), not its every event.
-    eval_loss = queries.json_number(_events.c.data["eval_loss"])
-    best = conn.execute(
-        select(func.min(eval_loss)).where(_events.c.job_id == job.id, text(EVALUATION))
-    ).scalar()
     return Outcome(
         float(train_loss) if isinstance(train_loss, int | float) else None,
-        None if best is None else float(best),
+        lowest_eval_loss(conn, job.id),
     )
+
+
+def lowest_eval_loss(conn: Connection, job_id: str) -> float | None:
+    """The job's lowest eval loss, of every evaluation it reported (not the chart's bucket
+    means: a long job's chart averages evaluations a few steps apart), read off its
+    evaluations alone (`ix_job_events_evaluations`: the statement holds the index's predicate,
+    its key a constant, so the planner can use it)."""
+    eval_loss = queries.json_number(_events.c.data["eval_loss"])
+    best = conn.execute(
+        select(func.min(eval_loss)).where(
+            _events.c.job_id == job_id, _events.c.type == "metrics", text(EVALUATION)
+        )
+    ).scalar()
+    return None if best is None else float(best)
 
 
 def curves(conn: Connection, jobs: Sequence[JobRecord], apart: Differences) -> dict[str, Any]:

@@ -314,13 +314,22 @@ def test_a_sweep_compared_from_the_jobs_table_shows_what_differs_and_draws_each_
     eval_labels = legend_labels(page, "#compare-eval-chart")[1:]
     assert any(label.startswith(oldest) for label in eval_labels), eval_labels
 
-    # Two jobs that never evaluated, given by id (in this order): no eval chart.
+    # Two jobs that never evaluated, given by id (in this order), one still queued: the eval
+    # chart waits for a first evaluation, and says so.
     page.goto(compare_url(live_url, jobs=[middle, newest]))
     assert row_ids(page) == [middle, newest]
     expect(page.locator("#compare-chart .u-legend tr.u-series")).to_have_count(3)
     assert labelled_by(legend_labels(page, "#compare-chart")[1:], [middle, newest])
-    assert page.locator("#compare-eval-chart").count() == 0
+    expect(page.locator("#compare-eval-chart")).to_be_hidden()
+    expect(page.locator("#compare-eval-chart + p.chart-note")).to_contain_text(
+        "No job here has evaluated yet"
+    )
     assert all(cell(page, j, "td.best-eval-loss") == DASH for j in (middle, newest))
+    # Both over, neither evaluated: no eval chart at all.
+    set_job(services, middle, status="cancelled")
+    page.goto(compare_url(live_url, jobs=[middle, newest]))
+    expect(page.locator("#compare-chart .u-legend tr.u-series")).to_have_count(3)
+    assert page.locator("#compare-eval-chart").count() == 0
 
 
 # --------------------------------------------------------------------------- by id, and the curves
@@ -563,3 +572,109 @@ def test_a_comparison_follows_its_jobs_as_they_train_and_ends_when_they_are_over
     expect(page.locator("#compare-live")).to_have_attribute("data-finished", "true")
     expect(chart).to_have_attribute("data-drawn", "1")
     assert streams == []
+
+
+def stream_events(page: Page, live_url: str, stream_url: str) -> list[tuple[str, str]]:
+    """A comparison's stream read to its end over the page's session: (event, data) each."""
+    answer = page.request.get(f"{live_url}{stream_url}", timeout=60_000)
+    assert answer.status == 200
+    found: list[tuple[str, str]] = []
+    for block in answer.text().split("\n\n"):
+        lines = block.splitlines()
+        names = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+        if names:
+            data = "\n".join(
+                line.removeprefix("data: ") for line in lines if line.startswith("data:")
+            )
+            found.append((names[0], data))
+    return found
+
+
+def test_a_stream_sends_what_changed_before_it_connected_and_says_when_a_job_is_gone(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The page's table has a version in its stream's address: a change made before the stream
+    connected (or while it reconnected) is sent at once, jobs over included; an unchanged table
+    is not sent again; a job deleted meanwhile ends the stream with `gone` (an EventSource
+    ended without a word would reconnect for ever)."""
+    from control_plane.dashboard.routes import compare as compare_routes
+
+    monkeypatch.setattr(compare_routes, "REFRESH_SECONDS", 0.2)
+    first, second = new_jobs(services, tenant_a, 2)
+    set_job(services, first, status="running")
+    set_job(services, second, status="running")
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(compare_url(live_url, jobs=[first, second]))
+    stream_url = str(page.locator("#compare-live").get_attribute("data-stream"))
+    assert parse_qs(urlsplit(stream_url).query)["job"] == [first, second]
+    page.goto(f"{live_url}/jobs")  # the page's own stream closed
+
+    # Both finish before the stream (re)connects: the table it sends says so, then `end`.
+    log_metrics(services, first, [{"step": 1, "train_loss": 0.25}])
+    set_job(services, first, status="succeeded")
+    set_job(services, second, status="failed")
+    events = stream_events(page, live_url, stream_url)
+    assert [name for name, _ in events] == ["table", "curves", "end"]
+    assert "succeeded" in events[0][1] and "failed" in events[0][1] and "0.2500" in events[0][1]
+
+    # Drawn as it now is (a fresh page's address): nothing to send but the end.
+    page.goto(compare_url(live_url, jobs=[first, second]))
+    current = str(page.locator("#compare-live").get_attribute("data-stream"))
+    assert current != stream_url
+    assert [name for name, _ in stream_events(page, live_url, current)] == ["end"]
+
+    # A job deleted: `gone`, whatever was drawn.
+    with services.engine.begin() as conn:
+        conn.execute(text("DELETE FROM jobs WHERE id = :id"), {"id": second})
+    assert [name for name, _ in stream_events(page, live_url, current)] == ["gone"]
+
+
+def test_a_stream_of_jobs_that_keep_moving_still_ends_on_time(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job stepping more often than the refresh leaves the stream's watcher always woken:
+    the stream still ends at its longest life (the browser then reconnects)."""
+    import threading
+    import time
+
+    from control_plane.api import sse
+    from control_plane.dashboard.routes import compare as compare_routes
+
+    # Longer than the stream watch's tick (0.5 s): each refresh finds the watcher woken.
+    monkeypatch.setattr(compare_routes, "REFRESH_SECONDS", 1.2)
+    monkeypatch.setattr(sse, "MAX_STREAM_SECONDS", 3.0)
+    first, second = new_jobs(services, tenant_a, 2)
+    set_job(services, first, status="running")
+    stop = threading.Event()
+
+    def step() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            log_metrics(services, first, [{"step": n, "train_loss": 1.0 / n}])
+            time.sleep(0.05)
+
+    stepping = threading.Thread(target=step)
+    stepping.start()
+    try:
+        sign_in(page, live_url, tenant_a.reader)
+        started = time.monotonic()
+        events = stream_events(
+            page, live_url, f"/jobs/compare/stream?job={first}&job={second}&drawn=x"
+        )
+        lasted = time.monotonic() - started
+    finally:
+        stop.set()
+        stepping.join()
+    assert events[:2] == [("table", events[0][1]), ("curves", "")]
+    assert len([name for name, _ in events if name == "table"]) >= 2  # it followed the steps
+    assert lasted < 20, lasted  # ended (at about 3 s), where it streamed while the job moved
+    assert all(name != "end" for name, _ in events)

@@ -5,6 +5,7 @@ its jobs as `control_plane.dashboard.comparison.chosen_jobs` reads the address."
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -45,12 +46,14 @@ def compare_page(
     except comparison.CompareRefused as refused:
         return page(request, "compare.html", session, status_code=400, error=str(refused))
     table = _table(conn, chosen.jobs)
+    table_html = render("_compare_table.html", **table)
     by_id = urlencode([("job", found.id) for found in chosen.jobs])
     return page(
         request,
         "compare.html",
         session,
         **table,
+        table_html=table_html,
         truncated=chosen.truncated,
         q=(q or "").strip(),
         max_compared=comparison.MAX_COMPARED,
@@ -58,8 +61,14 @@ def compare_page(
         # The jobs the table shows, by id: a job that joins the search meanwhile does not join
         # the chart.
         metrics_url=f"/jobs/compare/metrics.json?{by_id}",
-        stream_url=f"/jobs/compare/stream?{by_id}",
+        # The stream sends the table once it differs from the one drawn here (a change before
+        # it connected, or while it reconnected, included).
+        stream_url=f"/jobs/compare/stream?{by_id}&drawn={_version(table_html)}",
     )
+
+
+def _version(html: str) -> str:
+    return hashlib.sha256(html.encode()).hexdigest()[:16]
 
 
 def _table(conn: Connection, jobs: list[JobRecord]) -> dict[str, Any]:
@@ -114,43 +123,50 @@ async def compare_stream(
     services: ServicesDep,
     watch: StreamWatchDep,
     job: JobIds = [],  # noqa: B006
+    drawn: Annotated[str, Query(max_length=64)] = "",
 ) -> StreamingResponse:
     """`table` (the table's new HTML) and `curves` (the curves moved: read them again) while
-    the compared jobs train, at most every `REFRESH_SECONDS`; `end` once every one is over.
-    Jobs that are not the tenant's end the stream at once."""
+    the compared jobs train, at most every `REFRESH_SECONDS`, the first time as soon as the
+    table differs from the one the page drew (`drawn`, its version); `end` once every job is
+    over; `gone` when one of them is not (or no longer) the tenant's."""
     tenant_id = session.principal.tenant_id
     gone = stream_gone(services, session, request)
 
-    def read() -> tuple[str, bool] | None:
+    def read() -> tuple[str, bool, tuple[str, ...]] | None:
         with services.engine.connect() as conn:
             try:
                 chosen = comparison.chosen_jobs(conn, tenant_id, job, None)
             except (comparison.JobsNotFound, comparison.CompareRefused):
                 return None
             html = render("_compare_table.html", **_table(conn, chosen.jobs))
-            return html, all(found.status in TERMINAL for found in chosen.jobs)
+            over = all(found.status in TERMINAL for found in chosen.jobs)
+            return html, over, tuple(found.id for found in chosen.jobs)
 
     async def body() -> AsyncIterator[str]:
-        ids = tuple(dict.fromkeys(job))
-        sent: str | None = None
         quiet_since = time.monotonic()
         ends_at = quiet_since + sse.MAX_STREAM_SECONDS
-        with watch.watching(job_ids=ids) as watcher:
+        found = await run_in_threadpool(read)
+        if found is None:
+            yield sse.frame("", event="gone")  # an EventSource ended without it reconnects
+            return
+        sent = drawn
+        with watch.watching(job_ids=found[2]) as watcher:
             while True:
-                found = await run_in_threadpool(read)
-                if found is None:
-                    return
-                html, over = found
-                if sent is not None and html != sent:  # the page drew the first itself
+                html, over, _ = found
+                if _version(html) != sent:
                     # A new step moves a job's last loss: the curves moved with the table.
                     yield sse.frame(html, event="table")
                     yield sse.frame("", event="curves")
+                    sent = _version(html)
                     quiet_since = time.monotonic()
-                sent = html
                 if over:
                     yield sse.frame("", event="end")
                     return
                 await asyncio.sleep(REFRESH_SECONDS)
+                # A job that moves more often than the refresh leaves the watcher woken: its
+                # end and its client are looked at here too, not only while it waits.
+                if time.monotonic() >= ends_at or await gone():
+                    return
                 while (
                     why := await sse.next_move(
                         watcher, ends_at, quiet_since + sse.KEEPALIVE_SECONDS, gone
@@ -159,6 +175,10 @@ async def compare_stream(
                     quiet_since = time.monotonic()
                     yield sse.comment()
                 if why == "over":
+                    return
+                found = await run_in_threadpool(read)
+                if found is None:
+                    yield sse.frame("", event="gone")
                     return
 
     return StreamingResponse(body(), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)

@@ -115,6 +115,11 @@
       var summary = document.getElementById("job-summary");
       if (summary) replaceKeepingForms(summary, event.data);
     });
+    stream.addEventListener("gone", function () {
+      stream.close();
+      var note = document.getElementById("compare-note");
+      if (note) note.textContent = "A job compared here was deleted: reload the page.";
+    });
     stream.addEventListener("end", function () {
       stream.close();
       live.dataset.finished = "true";
@@ -304,14 +309,37 @@
       holder.dataset.ready = "true";
     }
 
+    // What the chart says instead of, or beside, its curves: none yet, or a read that failed
+    // (the next one draws again).
+    var note = document.createElement("p");
+    note.className = "muted chart-note";
+    holder.after(note);
+
+    function any() {
+      return body.jobs.some(function (job) { return job[which].steps.length > 0; });
+    }
+
+    var asked = 0;
     function draw(fresh) {
+      var mine = ++asked;
       compareCurves(holder.dataset.metrics, fresh).then(function (answer) {
+        if (mine !== asked) return;  // an older answer than one already asked for
         body = answer;
-        if (plot) { plot.setData(data()); holder.dataset.drawn = String(Number(holder.dataset.drawn || 1) + 1); }
-        else { build(); holder.dataset.drawn = "1"; }
+        delete holder.dataset.failed;
+        note.textContent = "";
+        if (holder.dataset.empty && !any()) {
+          holder.hidden = true;
+          note.textContent = holder.dataset.empty;
+        } else {
+          holder.hidden = false;
+          if (plot) plot.setData(data());
+          else build();
+        }
+        holder.dataset.drawn = String(Number(holder.dataset.drawn || 0) + 1);
       }, function (why) {
+        if (mine !== asked) return;
         holder.dataset.failed = "true";
-        holder.textContent = "The curves could not be read (" + why.message + "): reload the page.";
+        note.textContent = "The curves could not be read (" + why.message + "); they are read again as the jobs move.";
       });
     }
     draw(false);
@@ -337,6 +365,11 @@
       document.querySelectorAll(".compare-chart[data-metrics]").forEach(function (holder, i) {
         holder.dispatchEvent(new CustomEvent("compare:curves", { detail: { first: i === 0 } }));
       });
+    });
+    stream.addEventListener("gone", function () {
+      stream.close();
+      var note = document.getElementById("compare-note");
+      if (note) note.textContent = "A job compared here was deleted: reload the page.";
     });
     stream.addEventListener("end", function () {
       stream.close();
