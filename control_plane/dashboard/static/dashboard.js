@@ -115,11 +115,6 @@
       var summary = document.getElementById("job-summary");
       if (summary) replaceKeepingForms(summary, event.data);
     });
-    stream.addEventListener("gone", function () {
-      stream.close();
-      var note = document.getElementById("compare-note");
-      if (note) note.textContent = "A job compared here was deleted: reload the page.";
-    });
     stream.addEventListener("end", function () {
       stream.close();
       live.dataset.finished = "true";
