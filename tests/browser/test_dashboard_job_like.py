@@ -95,27 +95,37 @@ def submit_form(page: Page, original: str) -> str:
     return new_id
 
 
-def publish_parent(
-    services: Services, client: TestClient, keys: TenantKeys, base: str, tmp_path: Path
+def publish(
+    services: Services,
+    client: TestClient,
+    keys: TenantKeys,
+    base: str,
+    work_dir: Path,
+    name: str,
+    hyperparameters: dict[str, Any],
 ) -> registry.AdapterVersionRecord:
-    """`parent@1`: a job submitted over the API with lora_rank 8 (and alpha 16 on two modules),
-    claimed and published as a trainer publishes it, its lineage holding the hyperparameters
-    the job stored."""
-    shape = {"lora_rank": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    """A job submitted over the API with `hyperparameters`, claimed and published as `name`'s
+    next version as a trainer publishes one, its lineage holding what the job stored."""
     job_id = submit(
         client,
         keys,
         model=base,
         training_file=upload(client, keys, jsonl(ADDITION_CHATS)),
-        adapter_name="parent",
-        hyperparameters=shape,
+        adapter_name=name,
+        hyperparameters=hyperparameters,
     )
     wait_until_queued(services, job_id)
     job = services.queue.claim("trainer-1")
     assert job is not None and job.id == job_id
-    adapter = tmp_path / "adapter"
+    adapter = work_dir / job.id
     adapter.mkdir()
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    stored_hp = job.hyperparameters
+    config = {
+        "peft_type": "LORA",
+        "r": stored_hp["lora_rank"],
+        "lora_alpha": stored_hp["lora_alpha"],
+        "target_modules": stored_hp["target_modules"],
+    }
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     (adapter / "adapter_model.safetensors").write_bytes(os.urandom(4096))
     published = registry.publish_job_adapter(
@@ -133,7 +143,15 @@ def publish_parent(
         metrics={},
     )
     assert published is not None
-    version = published.version
+    return published.version
+
+
+def publish_parent(
+    services: Services, client: TestClient, keys: TenantKeys, base: str, tmp_path: Path
+) -> registry.AdapterVersionRecord:
+    """`parent@1`: a job with lora_rank 8 (and alpha 16 on two modules), published."""
+    shape = {"lora_rank": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    version = publish(services, client, keys, base, tmp_path, "parent", shape)
     assert version.model_id == "parent@1"
     assert version.lineage["hyperparameters"]["lora_rank"] == 8
     return version
@@ -348,3 +366,35 @@ def test_readers_get_no_link_and_another_tenants_job_is_the_same_404_as_a_missin
     assert missing.status == theirs_page.status == 404
     assert missing.text() == theirs_page.text()
     assert theirs not in theirs_page.text() and "theirs" not in theirs_page.text()
+
+
+def test_an_adapters_versions_are_compared_by_the_jobs_that_trained_them(
+    live_url: str,
+    page: Page,
+    client: TestClient,
+    services: Services,
+    tenant_a: TenantKeys,
+    base: str,
+    tmp_path: Path,
+) -> None:
+    """An adapter page with versions trained by jobs links to the comparison of those jobs,
+    newest version first: a rerun with one change reads as that one column."""
+    first = publish(services, client, tenant_a, base, tmp_path, "grid", {"n_epochs": 2})
+    second = publish(services, client, tenant_a, base, tmp_path, "grid", {"n_epochs": 4})
+    assert (first.model_id, second.model_id) == ("grid@1", "grid@2")
+    sign_in(page, live_url, tenant_a.reader)
+    page.goto(f"{live_url}/adapters/grid")
+    page.click("#compare-versions")
+    page.wait_for_url(re.compile(r".*/jobs/compare\?job=.*"))
+    rows = page.locator("#compare-table tbody tr")
+    expect(rows).to_have_count(2)
+    assert [r.get_attribute("data-job-id") for r in rows.all()] == [second.job_id, first.job_id]
+    headers = page.locator("#compare-table thead th[data-param]")
+    expect(headers).to_have_text(["n_epochs"])
+    expect(page.locator(f"tr[data-job-id='{second.job_id}'] td.adapter")).to_have_text("grid@2")
+
+    # One version (another adapter): nothing to compare, no link.
+    publish(services, client, tenant_a, base, tmp_path, "single", {})
+    page.goto(f"{live_url}/adapters/single")
+    expect(page.locator("h1")).to_have_text("single")
+    assert page.locator("#compare-versions").count() == 0
