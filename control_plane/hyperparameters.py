@@ -86,3 +86,8 @@ class Hyperparameters(BaseModel):
     @property
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+
+FIELD_ORDER = {name: i for i, name in enumerate(Hyperparameters.model_fields)}
+"""Each hyperparameter's place as `Hyperparameters` lists them (and the form shows them): the
+order pages list a job's hyperparameters in, names it does not know last."""

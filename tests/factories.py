@@ -166,10 +166,17 @@ def upload_records(services: Services, tenant_id: str, records: list[dict[str, A
 
 
 def store_file(
-    services: Services, tenant_id: str, data: bytes, *, format: str, examples: int, tokens: int
+    services: Services,
+    tenant_id: str,
+    data: bytes,
+    *,
+    format: str | None,
+    examples: int | None,
+    tokens: int | None,
+    filename: str = "train.jsonl",
 ) -> str:
     """`data` in the services' store and a file row for it with the given counts (the dataset
-    checks are the caller's)."""
+    checks are the caller's; None: a row from before they were recorded)."""
     file_id = new_id("file")
     key = file_key(tenant_id, file_id)
     info = services.store.put_bytes(key, data)
@@ -178,7 +185,7 @@ def store_file(
             conn,
             file_id=file_id,
             tenant_id=tenant_id,
-            filename="train.jsonl",
+            filename=filename,
             purpose="fine-tune",
             size=info.size,
             sha256=info.sha256,

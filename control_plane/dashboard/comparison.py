@@ -19,13 +19,12 @@ from sqlalchemy import Connection, Table, func, select, text
 
 from control_plane.dashboard import queries
 from control_plane.db.tables import EVALUATION, JobEvent
-from control_plane.hyperparameters import Hyperparameters
+from control_plane.hyperparameters import FIELD_ORDER
 from control_plane.records import JobRecord
 
 MAX_COMPARED = 12
 """The most jobs one comparison holds (a chart of more curves is not read, only looked at)."""
 
-_FIELD_ORDER = {name: i for i, name in enumerate(Hyperparameters.model_fields)}
 _events = cast(Table, JobEvent.__table__)
 LABEL_VALUE_CHARS = 40
 """A chart's series name shows each value that sets its job apart up to this many characters."""
@@ -136,7 +135,7 @@ def _value(job: JobRecord, column: str) -> Any:
 def differences(jobs: Sequence[JobRecord]) -> Differences:
     names = sorted(
         {name for job in jobs for name in job.hyperparameters},
-        key=lambda n: (_FIELD_ORDER.get(n, len(_FIELD_ORDER)), n),
+        key=lambda n: (FIELD_ORDER.get(n, len(FIELD_ORDER)), n),
     )
     keys = sorted({key for job in jobs for key in job.user_metadata or {}})
     columns: list[str] = []

@@ -21,13 +21,11 @@ from fastapi.testclient import TestClient
 from openai.types import FileObject
 from sqlalchemy import text
 
-from control_plane import files as file_repo
 from control_plane import jobs
 from control_plane.hyperparameters import Hyperparameters
-from control_plane.ids import new_id
 from control_plane.services import Services
-from control_plane.storage import file_key
 from tests.api_harness import TenantKeys
+from tests.factories import store_file
 
 PAIRS = [
     {
@@ -374,24 +372,10 @@ def test_a_bad_preference_line_is_refused_at_upload_with_its_line_and_nothing_is
 
 def unrecorded_format_file(services: Services, tenant_id: str, records: list[Any]) -> str:
     """A file whose row records no format (as rows from before formats were recorded)."""
-    file_id = new_id("file")
-    key = file_key(tenant_id, file_id)
-    info = services.store.put_bytes(key, jsonl(records))
-    with services.engine.begin() as conn:
-        file_repo.insert_file(
-            conn,
-            file_id=file_id,
-            tenant_id=tenant_id,
-            filename="old.jsonl",
-            purpose="fine-tune",
-            size=info.size,
-            sha256=info.sha256,
-            object_key=key,
-            format=None,
-            examples=None,
-            tokens=None,
-        )
-    return file_id
+    data = jsonl(records)
+    return store_file(
+        services, tenant_id, data, format=None, examples=None, tokens=None, filename="old.jsonl"
+    )
 
 
 @pytest.mark.parametrize(

@@ -153,11 +153,11 @@ async def compare_stream(
         with watch.watching(job_ids=found[2]) as watcher:
             while True:
                 html, over, _ = found
-                if _version(html) != sent:
+                if (version := _version(html)) != sent:
                     # A new step moves a job's last loss: the curves moved with the table.
                     yield sse.frame(html, event="table")
                     yield sse.frame("", event="curves")
-                    sent = _version(html)
+                    sent = version
                     quiet_since = time.monotonic()
                 if over:
                     yield sse.frame("", event="end")

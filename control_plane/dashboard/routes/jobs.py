@@ -30,7 +30,7 @@ from control_plane.dashboard.sessions import (
     Session,
     stream_gone,
 )
-from control_plane.hyperparameters import Hyperparameters
+from control_plane.hyperparameters import FIELD_ORDER, Hyperparameters
 from control_plane.job_status import PAUSABLE, PRIORITIZABLE, TERMINAL, UNFINISHED, JobStatus
 from control_plane.records import FileRecord, JobEventRecord, JobRecord
 from control_plane.services import Services
@@ -38,8 +38,6 @@ from control_plane.services import Services
 router = APIRouter()
 
 PAGE_SIZE = 20
-# Hyperparameters in the order the form and `Hyperparameters` list them, unknown ones last.
-_FIELD_ORDER = {name: i for i, name in enumerate(Hyperparameters.model_fields)}
 LOG_PAGE = 50
 NOTICES = {
     "cancel-requested": "Cancellation requested: the job stops within a few seconds.",
@@ -304,7 +302,7 @@ def job_page(
         finished=job.status in TERMINAL,
         hyperparameters=[
             (k, job.hyperparameters[k], job.hyperparameters[k] != defaults.get(k))
-            for k in sorted(job.hyperparameters, key=lambda k: _FIELD_ORDER.get(k, 999))
+            for k in sorted(job.hyperparameters, key=lambda k: FIELD_ORDER.get(k, len(FIELD_ORDER)))
         ],
         training_file=_file(conn, job.tenant_id, job.training_file_id),
         validation_file=_file(conn, job.tenant_id, job.validation_file_id),

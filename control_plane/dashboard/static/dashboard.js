@@ -125,6 +125,9 @@
   // and a gradient norm on a right-hand axis where the JSON has one (an interactive model's);
   // a job's points also arrive over its stream. data-log-toggle and data-note name the
   // chart's log-scale switch and its note, where it has them.
+  // A loss as a chart's legend shows it.
+  function fmt(u, v) { return v === null || v === undefined ? "—" : v.toFixed(4); }
+
   function lossChart(holder) {
     if (!holder || !window.uPlot) return null;
     var steps = [], train = [], evalLoss = [], gradNorm = [], index = new Map(), plot = null, pending = [];
@@ -179,7 +182,6 @@
       }, data(), holder);
     }
 
-    function fmt(u, v) { return v === null || v === undefined ? "—" : v.toFixed(4); }
     function redraw() { if (plot) plot.setData(data()); }
 
     var chart = {
@@ -289,7 +291,7 @@
           width: 1.5,
           spanGaps: true,
           points: { show: which === "eval", size: 5 },
-          value: function (u, v) { return v === null || v === undefined ? "—" : v.toFixed(4); },
+          value: fmt,
         });
       });
       plot = new uPlot({
