@@ -48,6 +48,16 @@ class Hyperparameters(BaseModel):
         default=0.0, ge=0, le=0.5, description="held-out fraction when no validation file is given"
     )
     eval_every_steps: int = Field(default=0, ge=0, le=1_000_000, description="0: only at the end")
+    early_stopping_patience: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="stop after this many evaluations in a row without a lower eval loss, and "
+        "publish the weights of the lowest (0: train every step)",
+    )
+    early_stopping_threshold: float = Field(
+        default=0.0, ge=0, le=1000, description="how much lower an eval loss must be to count"
+    )
     checkpoint_every_steps: int = Field(default=50, ge=1, le=1_000_000)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_gpus: int = Field(default=1, ge=1, le=64, description="GPUs (or CPU workers) for one job")
@@ -81,6 +91,16 @@ class Hyperparameters(BaseModel):
             for name in value:
                 if not _MODULE_NAME.match(name):
                     raise ValueError(f"target module name {name!r} is not a valid module name")
+        return value
+
+    @field_validator("early_stopping_patience")
+    @classmethod
+    def _check_patience(cls, value: int, info: ValidationInfo) -> int:
+        if value and not info.data.get("eval_every_steps"):
+            raise ValueError(
+                "early_stopping_patience counts evaluations during training: set "
+                "eval_every_steps too (the steps between evaluations)"
+            )
         return value
 
     @property

@@ -16,6 +16,7 @@ from sqlalchemy import Connection
 
 from control_plane import datasets
 from control_plane import files as file_repo
+from control_plane.hyperparameters import Hyperparameters
 from control_plane.job_status import JobStatus
 from control_plane.jobs import get_job_unscoped
 from control_plane.queue import JobStateError
@@ -52,6 +53,17 @@ def check_job_file(conn: Connection, tenant_id: str, file_id: str, param: str, m
         )
     if (wrong := wrong_format(param, record, method, record.format)) is not None:
         raise JobFileError("invalid_file_format", wrong, param)
+
+
+def check_eval_set(hp: Hyperparameters, validation_file: str | None) -> None:
+    """Refuse early stopping with nothing to evaluate: it watches the eval loss."""
+    if hp.early_stopping_patience and validation_file is None and not hp.eval_fraction:
+        raise JobFileError(
+            "invalid_hyperparameters",
+            "hyperparameters: early_stopping_patience needs an eval set to watch: give a "
+            "validation_file, or set eval_fraction to hold some training examples out",
+            "hyperparameters.early_stopping_patience",
+        )
 
 
 def wrong_format(

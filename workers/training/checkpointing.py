@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from control_plane.hyperparameters import Hyperparameters
 from workers.kernels.example import TokenizedExample
@@ -58,12 +58,19 @@ def data_sha256(examples: Sequence[TokenizedExample]) -> str:
 
 
 def write_checkpoint(
-    directory: Path, model: PeftModel, base_path: Path, state: dict[str, Any]
+    directory: Path,
+    model: PeftModel,
+    base_path: Path,
+    state: dict[str, Any],
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
-    """The adapter in training precision and the loop's `state`, staged into `directory`."""
+    """The adapter in training precision and the loop's `state`, staged into `directory`, with
+    any other `tensors` files (name: tensors) beside them."""
     with staged(directory) as staging:
         write_adapter(model, staging, base_path, dtype=None)
         torch.save(state, staging / TRAINER_STATE)
+        for name, contents in (tensors or {}).items():
+            save_file(contents, str(staging / name))
 
 
 def read_checkpoint(

@@ -8,7 +8,7 @@ and `auto` precision must not pick a format the hardware emulates at a fraction 
 from __future__ import annotations
 
 import resource
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -76,6 +76,18 @@ def precision_reason(
         f"auto: {device.type} bf16 support"
         if resident == "bf16"
         else f"auto: no bf16 on {device.type}"
+    )
+
+
+def precision_event(
+    requested: RequestedPrecision, resident: Precision, device: torch.device
+) -> tuple[str, dict[str, Any]]:
+    """The job's log event on the precision it trains in (`precision_reason`)."""
+    reason = precision_reason(requested, resident, device)
+    return (
+        f"precision {resident} ({reason}); frozen base in {resident}, "
+        "LoRA weights and optimizer in fp32",
+        {"precision": resident, "device": device.type},
     )
 
 

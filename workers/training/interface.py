@@ -55,3 +55,7 @@ class TrainResult:
     stopped: bool
     precision: str
     base_sha256: str | None = None
+    # With early stopping: the step whose weights the adapter holds when not the last (its
+    # eval loss is then `final_eval_loss`), and whether the job stopped before its last step.
+    weights_step: int | None = None
+    early_stopped: bool = False

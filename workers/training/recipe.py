@@ -37,7 +37,6 @@ import shutil
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +54,13 @@ from workers.training.data import (
     job_datasets,
     split_evenly,
 )
-from workers.training.device import Precision, peak_memory_mib, precision_reason
+from workers.training.device import Precision, peak_memory_mib, precision_event
+from workers.training.early_stopping import EarlyStopping
 from workers.training.interface import TrainHooks, TrainingError, TrainResult
 from workers.training.lora import attached_adapter, load_initial_adapter, lora_config, write_adapter
 from workers.training.optimizer import MAX_GRAD_NORM, adamw, lr_schedule
 from workers.training.preference import PreferenceObjective, examples_of, job_pairs
+from workers.training.progress import Progress
 from workers.training.ranks import all_reduce_gradients, process_group_rank, rank_zero_decides
 from workers.training.resident import ResidentBase
 from workers.training.supervised import NextTokenObjective
@@ -113,17 +114,6 @@ def train_adapter(
         recipe.cleanup()
 
 
-@dataclass
-class _Progress:
-    """Loop position; saved in checkpoints."""
-
-    global_step: int = 0
-    trained_tokens: int = 0
-    last_loss: float | None = None
-    started: float = field(default_factory=time.perf_counter)
-    first_step: int = 0
-
-
 class LoraRecipe:
     """One job's training run on a resident base (see the module docstring)."""
 
@@ -141,7 +131,9 @@ class LoraRecipe:
         self.model: PeftModel | None = None
         # The loss: next-token (`supervised`), or a DPO job's (`preference`).
         self.objective: NextTokenObjective | PreferenceObjective | None = None
-        self.progress = _Progress()
+        self.progress = Progress()
+        self.early_stopping = EarlyStopping.of(hp)
+        self.weights_step: int | None = None  # set when the adapter holds an earlier step's
         self._previous_checkpoint: Path | None = None
         self._exit_stack = ExitStack()
 
@@ -157,10 +149,15 @@ class LoraRecipe:
         """Tokenize the data, attach an adapter (fresh or from `init_dir`), build optimizer and
         schedule, maybe resume."""
         hp, base = self.hp, self.base
-        self.precision = self._check_precision()
+        self.precision: Precision = base.precision  # or refused, saying why
+        self._event("log", *precision_event(hp.precision, base.precision, base.device))
         datasets: Any = job_pairs if hp.method == "dpo" else job_datasets
         self.train_set, self.eval_set = datasets(train_records, eval_records, base.tokenizer, hp)
         self._event("log", *dataset_summary(self.train_set, self.eval_set))
+        if self.early_stopping is not None and self.eval_set is None:
+            raise TrainingError(
+                "early_stopping_patience needs an eval set: a validation file or eval_fraction"
+            )
         self.data_sha256 = data_sha256(examples_of(self.train_set.examples))
         self.steps_per_epoch = math.ceil(len(self.train_set.examples) / hp.batch_size)
         self.total_steps = hp.n_epochs * self.steps_per_epoch
@@ -174,8 +171,13 @@ class LoraRecipe:
         fused, norms = adapter.fused_lora_layers, adapter.fused_rms_norms
         self.backbone = base.model.get_decoder()
         self.lm_head = base.model.get_output_embeddings()
-        if init_dir is not None and resume_dir is None:
-            self._load_initial_adapter(Path(init_dir))
+        if init_dir is not None and resume_dir is None:  # a published adapter's weights
+            tensors = load_initial_adapter(self.model, Path(init_dir), base.device)
+            self._event(
+                "log",
+                f"starting from the weights of the adapter to continue from ({tensors} tensors)",
+                {"initial_adapter_tensors": tensors},
+            )
         parts = (self.backbone, self.lm_head, base.device, self._autocast)
         if hp.method == "dpo":  # its reference: the model as the job starts (resumed: saved)
             self.objective = PreferenceObjective(hp, *parts)
@@ -204,27 +206,6 @@ class LoraRecipe:
         if resume_dir is not None:
             self._resume(Path(resume_dir))
 
-    def _check_precision(self) -> Precision:
-        base = self.base
-        reason = precision_reason(self.hp.precision, base.precision, base.device)
-        self._event(
-            "log",
-            f"precision {base.precision} ({reason}); frozen base in {base.precision}, "
-            "LoRA weights and optimizer in fp32",
-            {"precision": base.precision, "device": base.device.type},
-        )
-        return base.precision
-
-    def _load_initial_adapter(self, init_dir: Path) -> None:
-        """Start from a published adapter's weights instead of a fresh initialisation."""
-        assert self.model is not None
-        tensors = load_initial_adapter(self.model, init_dir, self.base.device)
-        self._event(
-            "log",
-            f"starting from the weights of the adapter to continue from ({tensors} tensors)",
-            {"initial_adapter_tensors": tensors},
-        )
-
     def _resume(self, resume_dir: Path) -> None:
         """Load adapter, optimizer and schedule state; the loop continues at the saved step."""
         assert self.model is not None
@@ -243,6 +224,8 @@ class LoraRecipe:
         self.progress.last_loss = state["last_loss"]
         assert self.objective is not None
         self.objective.load_state(state)
+        if self.early_stopping is not None:
+            self.early_stopping.load(state, resume_dir, self.model)
         self._event(
             "log",
             f"resumed from step {self.progress.global_step} of {self.total_steps}",
@@ -266,17 +249,35 @@ class LoraRecipe:
                     self.save_checkpoint()
                 return self._result(None, eval_loss, stopped=True)
             step = progress.global_step
+            if hp.eval_every_steps and step % hp.eval_every_steps == 0 and step < self.total_steps:
+                eval_loss = self._evaluate() if self.rank == 0 else None
+                if self._stops_early(eval_loss):
+                    break
             if self.rank != 0:
                 continue  # rank 0 evaluates and writes; the others only train
-            if hp.eval_every_steps and step % hp.eval_every_steps == 0 and step < self.total_steps:
-                eval_loss = self._evaluate()
             end_of_epoch = step % self.steps_per_epoch == 0
             if step % hp.checkpoint_every_steps == 0 or end_of_epoch:
                 self.save_checkpoint()
         if self.rank != 0:
             return self._result(None, None, stopped=False)
-        eval_loss = self._evaluate()
+        if progress.global_step == self.total_steps:  # not stopped early: the last evaluation
+            eval_loss = self._evaluate()
+            if self.early_stopping is not None and eval_loss is not None:
+                self.early_stopping.observe(progress.global_step, eval_loss, self.model)
         return self._result(self.save_adapter(), eval_loss, stopped=False)
+
+    def _stops_early(self, eval_loss: float | None) -> bool:
+        """Whether early stopping ends the job at this evaluation (rank 0 decides)."""
+        early, step = self.early_stopping, self.progress.global_step
+        if early is None:
+            return False
+        assert self.model is not None
+        stop = eval_loss is not None and early.observe(step, eval_loss, self.model)
+        if self.world_size > 1:
+            stop = rank_zero_decides(self.rank == 0 and stop, self.base.device)
+        if stop:
+            self._event("log", *early.reason(step))
+        return stop
 
     def _step_examples(self, epoch: int, position: int) -> list[Any]:
         order = epoch_order(len(self.train_set.examples), self.hp.seed, epoch)
@@ -316,34 +317,16 @@ class LoraRecipe:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        tokens = sum(len(e) for e in batch)
-        progress.global_step += 1
-        progress.trained_tokens += tokens
-        progress.last_loss = loss_sum.item() / targets
-        elapsed = time.perf_counter() - started
-        done = progress.global_step / self.total_steps
-        per_step = (time.perf_counter() - progress.started) / (
-            progress.global_step - progress.first_step
+        message, metrics = progress.advance(
+            sum(len(e) for e in batch),
+            loss_sum.item() / targets,
+            elapsed=time.perf_counter() - started,
+            total_steps=self.total_steps,
+            steps_per_epoch=self.steps_per_epoch,
         )
-        self._event(
-            "metrics",
-            f"step {progress.global_step}/{self.total_steps} loss {progress.last_loss:.4f}",
-            {
-                "step": progress.global_step,
-                "total_steps": self.total_steps,
-                "epoch": progress.global_step / self.steps_per_epoch,
-                "train_loss": progress.last_loss,
-                "learning_rate": learning_rate,
-                "tokens": tokens,
-                "trained_tokens": progress.trained_tokens,
-                "tokens_per_s": tokens / elapsed,
-                "step_s": elapsed,
-                "peak_memory_mib": peak_memory_mib(self.base.device),
-                "fraction_done": done,
-                "eta_s": per_step * (self.total_steps - progress.global_step),
-                **self.objective.step_metrics(),
-            },
-        )
+        metrics.update(learning_rate=learning_rate, **self.objective.step_metrics())
+        metrics["peak_memory_mib"] = peak_memory_mib(self.base.device)
+        self._event("metrics", message, metrics)
         return True
 
     def _loss_sum(self, row: Sequence[Any]) -> torch.Tensor:
@@ -402,8 +385,10 @@ class LoraRecipe:
             "data_sha256": self.data_sha256,
             "hyperparameters": self.hp.model_dump(mode="json"),
             **(self.objective.state() if self.objective else {}),
+            **(self.early_stopping.state(step) if self.early_stopping else {}),
         }
-        write_checkpoint(directory, self.model, self.base.path, state)
+        best = self.early_stopping.files(step) if self.early_stopping else None
+        write_checkpoint(directory, self.model, self.base.path, state, best)
         self._event("log", f"checkpoint at step {step}", {"step": step, "checkpoint": True})
         self.hooks.on_checkpoint(step, directory)
         if self._previous_checkpoint is not None and self._previous_checkpoint != directory:
@@ -412,8 +397,18 @@ class LoraRecipe:
         return directory
 
     def save_adapter(self) -> Path:
-        """Write the final adapter as a PEFT directory with bf16 weights."""
+        """Write the final adapter as a PEFT directory with bf16 weights: the last step's, or
+        with early stopping, the lowest evaluation's."""
         assert self.model is not None
+        step, early = self.progress.global_step, self.early_stopping
+        if early is not None and early.restore_best(self.model, step) != step:
+            self.weights_step = early.best_step
+            self._event(
+                "log",
+                f"the adapter holds the weights of step {early.best_step}, whose eval loss "
+                f"{early.best_loss:.4f} is the job's lowest",
+                {"weights_from_step": early.best_step, "best_eval_loss": early.best_loss},
+            )
         directory = self.output_dir / "adapter"
         with staged(directory) as staging:
             write_adapter(self.model, staging, self.base.path, dtype=torch.bfloat16)
@@ -432,6 +427,8 @@ class LoraRecipe:
     def _result(
         self, adapter_dir: Path | None, eval_loss: float | None, stopped: bool
     ) -> TrainResult:
+        if self.early_stopping is not None and self.weights_step is not None:
+            eval_loss = self.early_stopping.best_loss  # the published weights' own
         return TrainResult(
             adapter_dir=adapter_dir,
             global_step=self.progress.global_step,
@@ -440,6 +437,8 @@ class LoraRecipe:
             final_eval_loss=eval_loss,
             trained_tokens=self.progress.trained_tokens,
             stopped=stopped,
+            weights_step=self.weights_step,
+            early_stopped=not stopped and self.progress.global_step < self.total_steps,
             precision=self.precision,
             base_sha256=self.base.sha256,
         )

@@ -100,16 +100,19 @@ def _owned_job(conn: ConnDep, caller: Caller, job_id: str) -> JobRecord:
     return job
 
 
-def _files_for_training(conn: ConnDep, tenant_id: str, body: JobCreate, method: str) -> None:
-    """400 for a file the job names that it could not train on (`validation.check_job_file`)."""
+def _files_for_training(
+    conn: ConnDep, tenant_id: str, body: JobCreate, hp: Hyperparameters
+) -> None:
+    """400 for a file the job names that it could not train on (`validation.check_job_file`),
+    or an eval set it needs and lacks (`validation.check_eval_set`)."""
     named = [("training_file", body.training_file), ("validation_file", body.validation_file)]
-    for param, file_id in named:
-        if file_id is None:
-            continue
-        try:
-            validation.check_job_file(conn, tenant_id, file_id, param, method)
-        except validation.JobFileError as exc:
-            raise ApiError(400, exc.code, exc.message, exc.param) from None
+    try:
+        validation.check_eval_set(hp, body.validation_file)
+        for param, file_id in named:
+            if file_id is not None:
+                validation.check_job_file(conn, tenant_id, file_id, param, hp.method)
+    except validation.JobFileError as exc:
+        raise ApiError(400, exc.code, exc.message, exc.param) from None
 
 
 @router.post("", response_model=JobPublic, responses=refusals(404, 409))
@@ -153,7 +156,7 @@ def create_job(
             f"model: base model {base.name} is {base.status}: {why}",
             "model",
         )
-    _files_for_training(conn, caller.tenant_id, body, hp.method)
+    _files_for_training(conn, caller.tenant_id, body, hp)
     parent = None
     if body.continue_from is not None:
         parent = _parent(conn, caller.tenant_id, body.continue_from, base.id)
