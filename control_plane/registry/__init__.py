@@ -80,6 +80,7 @@ from control_plane.registry.reads import (
     resolve_version,
     serving_etag,
     serving_index,
+    version_for_job,
 )
 from control_plane.registry.rebuild import (
     RebuildReport,
@@ -146,4 +147,5 @@ __all__ = [
     "validate_adapter_name",
     "validate_alias_name",
     "validate_name",
+    "version_for_job",
 ]

@@ -174,6 +174,15 @@ BAD_JOB_BODIES = [
         "hyperparameters.n_epochs",
     ),
     (
+        {
+            "model": "tiny-llama",
+            "training_file": "F",
+            "hyperparameters": {"eval_every_steps": 5, "early_stopping_threshold": -0.1},
+        },
+        "invalid_hyperparameters",
+        "hyperparameters.early_stopping_threshold",
+    ),
+    (
         {"model": "tiny-llama", "training_file": "F", "hyperparameters": {"warp_speed": 9}},
         "invalid_hyperparameters",
         "hyperparameters.warp_speed",
@@ -293,6 +302,37 @@ def test_a_serving_target_refuses_what_it_could_not_serve_and_accepts_what_it_co
         json={**body, "serving_target": {"max_lora_rank": 64, "served_model": base_name}},
     )
     assert accepted.status_code == 200, accepted.text
+
+
+def test_early_stopping_is_refused_without_evaluations_to_watch_and_taken_with_them(
+    client: TestClient, services: Services, tenant_a: TenantKeys, base_name: str
+) -> None:
+    file_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
+    eval_id = upload(client, tenant_a, jsonl(CHAT)).json()["id"]
+    body = {"model": base_name, "training_file": file_id}
+    patience = {"early_stopping_patience": 2, "early_stopping_threshold": 0.01}
+    before = counts(services)
+    refusals = [
+        ({"hyperparameters": patience}, "set eval_every_steps too"),
+        ({"hyperparameters": {**patience, "eval_every_steps": 5}}, "give a validation_file"),
+    ]
+    for extra, says in refusals:
+        refused = client.post("/v1/fine_tuning/jobs", headers=tenant_a.headers(), json=body | extra)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "invalid_hyperparameters" and says in error["message"]
+        assert error["param"] == "hyperparameters.early_stopping_patience"
+    assert counts(services) == before
+    watched = {**patience, "eval_every_steps": 5}
+    for extra in (
+        {"validation_file": eval_id, "hyperparameters": watched},
+        {"hyperparameters": {**watched, "eval_fraction": 0.2}},
+    ):
+        taken = client.post("/v1/fine_tuning/jobs", headers=tenant_a.headers(), json=body | extra)
+        assert taken.status_code == 200, taken.text
+        stored = taken.json()["hyperparameters"]
+        assert stored["early_stopping_patience"] == 2
+        assert stored["early_stopping_threshold"] == 0.01
 
 
 def test_malformed_json_body(client: TestClient, tenant_a: TenantKeys, services: Services) -> None:

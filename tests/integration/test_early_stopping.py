@@ -14,10 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from control_plane import registry
 from control_plane.hyperparameters import Hyperparameters
+from control_plane.services import build_services
 from tests.fixtures.testbase import TEST_BASE_PATH
 from tests.integration.test_recipe import Recorder, Run, adapter_tensors, assert_same_adapter
+from tests.integration.test_trainer import (
+    job_row,
+    make_world,
+    messages,
+    metric_events,
+    run_one,
+    submit,
+    trainer_settings,
+)
 from tests.unit.test_early_stopping import reference
+from workers.runner import JobRunner
 from workers.training.early_stopping import BEST_WEIGHTS
 from workers.training.recipe import ResidentBase, TrainingError, train_adapter
 
@@ -129,3 +141,34 @@ def test_a_job_whose_eval_loss_keeps_falling_trains_every_step(base: ResidentBas
 def test_early_stopping_without_an_eval_set_is_refused(base: ResidentBase, tmp_path):
     with pytest.raises(TrainingError, match="early_stopping_patience needs an eval set"):
         train_adapter(base, TRAIN, None, HP, Recorder(tmp_path).hooks(), tmp_path / "job")
+
+
+def test_a_trainer_publishes_an_early_stopped_job_with_what_it_kept(
+    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Through the queue and a trainer: the job succeeds at its stop, its trained tokens are
+    the steps it trained, and its version's metrics say which step's weights it holds."""
+    trainer_services = build_services(trainer_settings(tmp_path), database_url=database_url)
+    request.addfinalizer(trainer_services.close)
+    world = make_world(trainer_services)
+    overrides = HP.model_dump(exclude={"checkpoint_every_steps"})
+    job_id = submit(trainer_services, world, records=TRAIN, validation=EVAL, **overrides)
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    assert run_one(runner) == "succeeded"
+    metrics = metric_events(trainer_services, job_id)
+    losses = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    steps = [m for m in metrics if "train_loss" in m]
+    stop_at, best_at = reference(losses, HP.early_stopping_patience, 0.0)
+    assert stop_at is not None and len(steps) == stop_at + 1 < steps[-1]["total_steps"]
+    job = job_row(trainer_services, job_id)
+    assert job.trained_tokens == sum(m["tokens"] for m in steps)
+    said = messages(trainer_services, job_id)
+    assert any(m.startswith(f"early stopping at step {stop_at + 1}:") for m in said)
+    assert f"the adapter holds the weights of step {best_at + 1}" in " ".join(said)
+    with trainer_services.engine.connect() as conn:
+        version = registry.version_for_job(conn, job_id)
+    assert version is not None and version.metrics["early_stopped"] is True
+    assert version.metrics["steps"] == stop_at + 1
+    assert version.metrics["weights_from_step"] == best_at + 1
+    assert version.metrics["final_eval_loss"] == min(losses)
+    assert version.lineage["hyperparameters"]["early_stopping_patience"] == 3

@@ -74,10 +74,12 @@ def submit(
     world: dict[str, str],
     *,
     records: list[dict[str, Any]] = RECORDS,
+    validation: list[dict[str, Any]] | None = None,
     parent_version_id: str | None = None,
     **hp: Any,
 ) -> str:
     file_id = upload_records(services, world["tenant"], records)
+    eval_id = None if validation is None else upload_records(services, world["tenant"], validation)
     with services.engine.begin() as conn:
         job, _ = jobs.create_job(
             conn,
@@ -85,7 +87,7 @@ def submit(
                 tenant_id=world["tenant"],
                 base_model_id=world["base"],
                 training_file_id=file_id,
-                validation_file_id=None,
+                validation_file_id=eval_id,
                 hyperparameters=Hyperparameters(**{**FAST, **hp}).model_dump(mode="json"),
                 adapter_name="sums",
                 parent_version_id=parent_version_id,

@@ -215,6 +215,7 @@ class Summary:
     checkpoints: list[Any]
     latest: dict[str, Any] | None
     adapter_link: str | None
+    kept: dict[str, Any] | None = None  # its version's metrics, where it kept an earlier step
 
 
 def _summary(conn: Connection, job: JobRecord) -> Summary:
@@ -224,6 +225,8 @@ def _summary(conn: Connection, job: JobRecord) -> Summary:
     if job.fine_tuned_model and "@" in job.fine_tuned_model:
         name, _, number = job.fine_tuned_model.rpartition("@")
         link = f"/adapters/{name}#v{number}"
+    version = registry.version_for_job(conn, job.id) if job.status == JobStatus.SUCCEEDED else None
+    kept = version.metrics if version and version.metrics.get("weights_from_step") else None
     return Summary(
         job=job,
         base_name=base.name if base else job.base_model_id,
@@ -231,6 +234,7 @@ def _summary(conn: Connection, job: JobRecord) -> Summary:
         checkpoints=checkpoints,
         latest=queries.latest_training_metrics(conn, job.id),
         adapter_link=link,
+        kept=kept if kept and kept["weights_from_step"] != kept.get("steps") else None,
     )
 
 
