@@ -65,7 +65,8 @@ class NewJob:
 
 
 _DEFAULTS_ADDED_SINCE_HASHING: dict[str, Any] = {
-    name: Hyperparameters.model_fields[name].default for name in ("method", "dpo_beta")
+    name: Hyperparameters.model_fields[name].default
+    for name in ("method", "dpo_beta", "early_stopping_patience", "early_stopping_threshold")
 }
 
 

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Table, func, select, text
 
 from control_plane.dashboard import queries
 from control_plane.db.tables import EVALUATION, JobEvent
-from control_plane.hyperparameters import FIELD_ORDER
+from control_plane.hyperparameters import FIELD_ORDER, Hyperparameters
 from control_plane.records import JobRecord
 
 MAX_COMPARED = 12
@@ -126,10 +126,14 @@ def _clipped(text: str) -> str:
     return text if len(text) <= LABEL_VALUE_CHARS else text[: LABEL_VALUE_CHARS - 1] + "…"
 
 
+_DEFAULTS = Hyperparameters().model_dump(mode="json")
+
+
 def _value(job: JobRecord, column: str) -> Any:
     if column.startswith("metadata."):
         return (job.user_metadata or {}).get(column.removeprefix("metadata."))
-    return job.hyperparameters.get(column)
+    # A job stored before a hyperparameter was added ran with its default.
+    return job.hyperparameters.get(column, _DEFAULTS.get(column))
 
 
 def differences(jobs: Sequence[JobRecord]) -> Differences:

@@ -172,3 +172,53 @@ def test_a_trainer_publishes_an_early_stopped_job_with_what_it_kept(
     assert version.metrics["weights_from_step"] == best_at + 1
     assert version.metrics["final_eval_loss"] == min(losses)
     assert version.lineage["hyperparameters"]["early_stopping_patience"] == 3
+
+
+def _rank_main(rank: int, world_size: int, port: int, output_dir: str) -> None:
+    """One rank of a gloo group training the early-stopping job; writes what it returned."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        base = ResidentBase.load(TEST_BASE_PATH, precision="fp32")
+        hp = HP.model_copy(update={"num_gpus": world_size})
+        out = Path(output_dir) / f"rank{rank}"
+        result = train_adapter(base, TRAIN, EVAL, hp, Recorder(out).hooks(), out / "job")
+        said = {
+            "global_step": result.global_step,
+            "weights_step": result.weights_step,
+            "adapter": result.adapter_dir is not None,
+        }
+        out.mkdir(parents=True, exist_ok=True)  # rank 1 writes nothing of its own
+        (out / "result.json").write_text(json.dumps(said))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_data_parallel_job_stops_where_one_process_does(
+    stopped: Run, tmp_path: Path
+):
+    """Rank 0 evaluates and decides; the other rank leaves the loop at the same step (a rank
+    that went on would hang in the next step's all-reduce) and writes nothing."""
+    import json
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_main, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rank{r}" / "result.json").read_text()) for r in (0, 1)]
+    assert ranks == [
+        {
+            "global_step": stopped.result.global_step,
+            "weights_step": stopped.result.weights_step,
+            "adapter": True,
+        },
+        {"global_step": stopped.result.global_step, "weights_step": None, "adapter": False},
+    ]

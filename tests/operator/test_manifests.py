@@ -9,6 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
+from control_plane.hyperparameters import Hyperparameters
+from operators.finetuningjob import snake
+
 pytestmark = pytest.mark.operator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +46,14 @@ def test_the_crds_serve_v1alpha1_with_a_status_subresource_and_printer_columns()
         (version,) = crd["spec"]["versions"]
         assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
         assert "Phase" in [c["name"] for c in version["additionalPrinterColumns"]]
+
+
+def test_a_fine_tuning_job_takes_every_hyperparameter_the_api_takes() -> None:
+    """`spec.hyperparameters` in camelCase, save the method's own (`spec.method`)."""
+    (version,) = crds()["FineTuningJob"]["spec"]["versions"]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    taken = {snake(name) for name in spec["hyperparameters"]["properties"]}
+    assert taken == set(Hyperparameters.model_fields) - {"method", "dpo_beta"}
 
 
 def test_every_example_manifest_validates_against_its_crd() -> None:

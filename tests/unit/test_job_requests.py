@@ -27,3 +27,18 @@ def test_a_supervised_request_hashes_as_it_did_before_dpo_and_a_dpo_one_does_not
     assert _job(sharper).request_hash() != _job(dpo).request_hash()
     other = Hyperparameters(n_epochs=5, target_modules=["q_proj"]).model_dump(mode="json")
     assert _job(other).request_hash() != _job(now).request_hash()
+
+
+def test_a_request_hashes_as_it_did_before_early_stopping_unless_it_stops_early() -> None:
+    now = Hyperparameters().model_dump(mode="json")
+    added = ("early_stopping_patience", "early_stopping_threshold")
+    before = {k: v for k, v in now.items() if k not in added}
+    assert _job(now).request_hash() == _job(before).request_hash()
+    watched = Hyperparameters(eval_every_steps=5).model_dump(mode="json")
+    stopping = Hyperparameters(eval_every_steps=5, early_stopping_patience=2)
+    assert _job(stopping.model_dump(mode="json")).request_hash() != _job(watched).request_hash()
+    stricter = stopping.model_copy(update={"early_stopping_threshold": 0.1})
+    assert (
+        _job(stricter.model_dump(mode="json")).request_hash()
+        != _job(stopping.model_dump(mode="json")).request_hash()
+    )

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from control_plane.hyperparameters import Hyperparameters
+from workers.training.interface import TrainingError
 
 # The best evaluation's weights in a checkpoint directory, when they are not its own.
 BEST_WEIGHTS = "best_weights.safetensors"
@@ -72,10 +73,12 @@ class EarlyStopping:
         step whose weights the model holds."""
         if self.best_weights is None or self.best_step is None or self.best_step == step:
             return step
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if trainable.keys() != self.best_weights.keys():
+            raise TrainingError("the lowest evaluation's weights do not fit the adapter trained")
         with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in self.best_weights:
-                    param.copy_(self.best_weights[name].to(param.device, param.dtype))
+            for name, param in trainable.items():
+                param.copy_(self.best_weights[name].to(param.device, param.dtype))
         return self.best_step
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -108,8 +111,13 @@ class EarlyStopping:
         )
         if saved["best_is_this_step"]:  # the checkpoint's own weights, already loaded
             self.best_weights = _trainable_copy(model)
-        else:
+        elif (directory / BEST_WEIGHTS).is_file():
             self.best_weights = load_file(directory / BEST_WEIGHTS, device="cpu")
+        else:
+            raise TrainingError(
+                f"{directory} keeps no {BEST_WEIGHTS} for its lowest evaluation (step "
+                f"{self.best_step}): it cannot resume a job that stops early"
+            )
 
 
 def _trainable_copy(model: nn.Module) -> dict[str, torch.Tensor]:

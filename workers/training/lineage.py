@@ -76,8 +76,14 @@ def build_lineage(
             "final_eval_loss": result.final_eval_loss,
             "trained_tokens": result.trained_tokens,
             "steps": result.global_step,
-            "weights_from_step": result.weights_step or result.global_step,
-            "early_stopped": result.early_stopped,
             "precision": result.precision,
+            **(
+                {
+                    "weights_from_step": result.weights_step or result.global_step,
+                    "early_stopped": result.early_stopped,
+                }
+                if hp.early_stopping_patience
+                else {}
+            ),
         },
     }

@@ -156,7 +156,8 @@ class LoraRecipe:
         self._event("log", *dataset_summary(self.train_set, self.eval_set))
         if self.early_stopping is not None and self.eval_set is None:
             raise TrainingError(
-                "early_stopping_patience needs an eval set: a validation file or eval_fraction"
+                "early_stopping_patience needs an eval set, and the job has none: give it a "
+                "validation file or an eval_fraction (or its validation examples were all dropped)"
             )
         self.data_sha256 = data_sha256(examples_of(self.train_set.examples))
         self.steps_per_epoch = math.ceil(len(self.train_set.examples) / hp.batch_size)
@@ -275,7 +276,7 @@ class LoraRecipe:
         stop = eval_loss is not None and early.observe(step, eval_loss, self.model)
         if self.world_size > 1:
             stop = rank_zero_decides(self.rank == 0 and stop, self.base.device)
-        if stop:
+        if stop and self.rank == 0:  # the other ranks took rank 0's answer, not its counts
             self._event("log", *early.reason(step))
         return stop
 

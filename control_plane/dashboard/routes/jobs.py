@@ -215,7 +215,7 @@ class Summary:
     checkpoints: list[Any]
     latest: dict[str, Any] | None
     adapter_link: str | None
-    kept: dict[str, Any] | None = None  # its version's metrics, where it kept an earlier step
+    kept: dict[str, Any] | None = None  # its version's metrics, where early stopping acted
 
 
 def _summary(conn: Connection, job: JobRecord) -> Summary:
@@ -226,7 +226,7 @@ def _summary(conn: Connection, job: JobRecord) -> Summary:
         name, _, number = job.fine_tuned_model.rpartition("@")
         link = f"/adapters/{name}#v{number}"
     version = registry.version_for_job(conn, job.id) if job.status == JobStatus.SUCCEEDED else None
-    kept = version.metrics if version and version.metrics.get("weights_from_step") else None
+    kept = version.metrics if version and "weights_from_step" in version.metrics else None
     return Summary(
         job=job,
         base_name=base.name if base else job.base_model_id,
@@ -234,7 +234,9 @@ def _summary(conn: Connection, job: JobRecord) -> Summary:
         checkpoints=checkpoints,
         latest=queries.latest_training_metrics(conn, job.id),
         adapter_link=link,
-        kept=kept if kept and kept["weights_from_step"] != kept.get("steps") else None,
+        kept=kept
+        if kept and (kept["early_stopped"] or kept["weights_from_step"] != kept["steps"])
+        else None,
     )
 
 

@@ -238,7 +238,13 @@ def _values_like(
     else:
         notes.append("its training file was deleted: choose a dataset")
     if job.validation_file_id:
-        notes.append("its validation file is not carried over (the form takes none)")
+        watched = job.hyperparameters.get("early_stopping_patience") and not (
+            job.hyperparameters.get("eval_fraction")
+        )
+        notes.append(
+            "its validation file is not carried over (the form takes none)"
+            + (": set eval_fraction for early stopping to watch" if watched else "")
+        )
     parent = (
         registry.get_version_by_id(conn, job.parent_version_id) if job.parent_version_id else None
     )
