@@ -3,7 +3,7 @@
 The rules of vLLM's LoRA loader that a job's hyperparameters already decide, so that a job
 whose adapter the serving cluster would refuse is refused before it trains, not after (the
 `AdapterSync` operator checks the same rules again on the pulled files before any load,
-`loraforge.client.vllm_problems`): no DoRA, a rank within the pods' `--max-lora-rank`, and the
+`loraforge.vllm_rules.vllm_problems`): no DoRA, a rank within the pods' `--max-lora-rank`, and the
 base the pods serve. loraforge never trains bias terms or `modules_to_save`, which vLLM also
 refuses.
 """

@@ -18,14 +18,8 @@ from control_plane.settings import Settings
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     import httpx
 
-    from loraforge.client import (
-        ChecksumError,
-        Client,
-        LoraforgeError,
-        TargetNotEmptyError,
-        smallest_vllm_max_lora_rank,
-        vllm_problems,
-    )
+    from loraforge.client import ChecksumError, Client, LoraforgeError, TargetNotEmptyError
+    from loraforge.vllm_rules import smallest_vllm_max_lora_rank, vllm_problems
 
     url = args.url or os.environ.get("LORAFORGE_URL") or f"http://{settings.host}:{settings.port}"
     api_key = args.api_key or os.environ.get("LORAFORGE_API_KEY")

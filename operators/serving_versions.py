@@ -10,7 +10,8 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from loraforge.client import Client, smallest_vllm_max_lora_rank, vllm_problems
+from loraforge.client import Client
+from loraforge.vllm_rules import smallest_vllm_max_lora_rank, vllm_problems
 
 IndexCache = MutableMapping[str, Any]
 """What one AdapterSync's last reconciliations kept of the registry's serving index (kopf's

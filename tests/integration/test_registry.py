@@ -30,8 +30,9 @@ from control_plane.records import BaseModelRecord, JobRecord
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.storage import LocalObjectStore, ObjectStore, S3ObjectStore
-from loraforge.client import ChecksumError, Client, vllm_problems
+from loraforge.client import ChecksumError, Client
 from loraforge.registry_cli import add_registry_commands
+from loraforge.vllm_rules import vllm_problems
 from tests.api_harness import TenantKeys
 from tests.factories import enqueue_jobs, make_base, make_file, make_tenant
 from tests.fixtures.testbase import TEST_BASE_PATH
@@ -1021,7 +1022,7 @@ def test_vllm_rules_name_what_a_serving_cluster_would_refuse(
 ) -> None:
     import shutil
 
-    from loraforge.client import smallest_vllm_max_lora_rank
+    from loraforge.vllm_rules import smallest_vllm_max_lora_rank
 
     def variant(name: str, **changes: Any) -> Path:
         out = tmp_path / name

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Request
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from sqlalchemy import Connection
 
-from control_plane import base_catalog, jobs, queue_standing, registry, tenants, validation
+from control_plane import base_catalog, jobs, queue_standing, registry
 from control_plane import events as event_repo
 from control_plane.api import sse
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer, allow_priority
-from control_plane.api.errors import ApiError, describe_validation_errors, not_found
+from control_plane.api.errors import ApiError, not_found
+from control_plane.api.job_requests import new_job
 from control_plane.api.openapi import refusals
 from control_plane.api.schemas import (
-    IMPORT_FAILED_FOR_TENANTS,
     CheckpointPublic,
     EventPublic,
     JobCreate,
@@ -27,18 +27,15 @@ from control_plane.api.schemas import (
     Page,
     page_of,
 )
-from control_plane.base_status import BaseStatus
-from control_plane.hyperparameters import Hyperparameters
 from control_plane.pagination import trim
 from control_plane.queue import JobStateError
 from control_plane.records import JobRecord
-from control_plane.serving import ServingTarget, serving_problems
 from control_plane.tenants import Principal
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
-def _public(conn: ConnDep, job: JobRecord) -> JobPublic:
+def public_job(conn: ConnDep, job: JobRecord) -> JobPublic:
     base = base_catalog.get_base_model(conn, job.base_model_id)
     parent = (
         registry.get_version_by_id(conn, job.parent_version_id) if job.parent_version_id else None
@@ -53,66 +50,11 @@ def _id(item: JobPublic | EventPublic | CheckpointPublic) -> str:
     return item.id
 
 
-def _hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
-    try:
-        return Hyperparameters(**raw)
-    except ValidationError as exc:
-        message, param = describe_validation_errors(list(exc.errors()))
-        raise ApiError(
-            400,
-            "invalid_hyperparameters",
-            f"hyperparameters: {message}",
-            f"hyperparameters.{param}" if param else "hyperparameters",
-        ) from None
-    except TypeError as exc:
-        raise ApiError(
-            400, "invalid_hyperparameters", f"hyperparameters: {exc}", "hyperparameters"
-        ) from None
-
-
-def _parent(
-    conn: ConnDep, tenant_id: str, ref: str, base_model_id: str
-) -> registry.AdapterVersionRecord:
-    """The version `continue_from` names, on the job's base; 400 with the reason otherwise."""
-    try:
-        return registry.resolve_parent(conn, tenant_id, ref, base_model_id=base_model_id)
-    except registry.RegistryError as exc:
-        raise ApiError(400, exc.code, f"continue_from: {exc.message}", "continue_from") from None
-
-
-def _adapter_name(name: str) -> None:
-    """Refuse now, not after the training, a name the registry would refuse at publication."""
-    try:
-        registry.validate_adapter_name(name)
-    except registry.RegistryError as exc:
-        raise ApiError(
-            400,
-            exc.code,
-            f"adapter_name: {exc.message}; the registry would refuse to publish under it",
-            "adapter_name",
-        ) from None
-
-
 def _owned_job(conn: ConnDep, caller: Caller, job_id: str) -> JobRecord:
     job = jobs.get_job(conn, caller.tenant_id, job_id)
     if job is None:
         raise not_found("fine_tuning_job", job_id)
     return job
-
-
-def _files_for_training(
-    conn: ConnDep, tenant_id: str, body: JobCreate, hp: Hyperparameters
-) -> None:
-    """400 for a file the job names that it could not train on (`validation.check_job_file`),
-    or an eval set it needs and lacks (`validation.check_eval_set`)."""
-    named = [("training_file", body.training_file), ("validation_file", body.validation_file)]
-    try:
-        validation.check_eval_set(hp, body.validation_file)
-        for param, file_id in named:
-            if file_id is not None:
-                validation.check_job_file(conn, tenant_id, file_id, param, hp.method)
-    except validation.JobFileError as exc:
-        raise ApiError(400, exc.code, exc.message, exc.param) from None
 
 
 @router.post("", response_model=JobPublic, responses=refusals(404, 409))
@@ -123,79 +65,13 @@ def create_job(
     services: ServicesDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
-    if body.adapter_name is not None:
-        _adapter_name(body.adapter_name)
     allow_priority(conn, caller, body.priority, services)
-    requested = body.merged_hyperparameters()
-    hp = _hyperparameters(requested)
-    base = base_catalog.get_base_model(conn, body.model)
-    if base is None:
-        raise ApiError(
-            400,
-            "model_not_found",
-            f"model: no base model named {body.model!r}; list them with GET /v1/models",
-            "model",
-        )
-    if base.status != BaseStatus.READY:
-        failure = (
-            f"its import failed: {base.error_message}; register it again"
-            if tenants.is_operator_tenant(
-                conn, caller.tenant_id, services.settings.platform_operator_tenants
-            )
-            else IMPORT_FAILED_FOR_TENANTS
-        )
-        reasons: dict[str, str] = {
-            BaseStatus.REGISTERING: "its checkpoint is still being imported; submit again once "
-            f"GET /v1/base_models/{base.name} says ready",
-            BaseStatus.FAILED: failure,
-        }
-        why = reasons.get(base.status, "not ready")
-        raise ApiError(
-            400,
-            "model_not_ready",
-            f"model: base model {base.name} is {base.status}: {why}",
-            "model",
-        )
-    _files_for_training(conn, caller.tenant_id, body, hp)
-    parent = None
-    if body.continue_from is not None:
-        parent = _parent(conn, caller.tenant_id, body.continue_from, base.id)
-        try:
-            inherited = registry.continued_hyperparameters(parent, requested)
-        except registry.RegistryError as exc:
-            raise ApiError(400, exc.code, exc.message, exc.param) from None
-        hp = _hyperparameters(inherited)
-    if body.serving_target is not None:
-        target = ServingTarget(
-            max_lora_rank=body.serving_target.max_lora_rank,
-            served_model=body.serving_target.served_model,
-        )
-        if problems := serving_problems(hp, base.name, target):
-            raise ApiError(
-                400,
-                "unservable_adapter",
-                "serving_target would refuse this job's adapter: " + "; ".join(problems),
-                "serving_target",
-            )
-    new = jobs.NewJob(
-        tenant_id=caller.tenant_id,
-        base_model_id=base.id,
-        training_file_id=body.training_file,
-        validation_file_id=body.validation_file,
-        hyperparameters=hp.model_dump(mode="json"),
-        suffix=body.suffix,
-        adapter_name=body.adapter_name,
-        parent_version_id=parent.id if parent else None,
-        priority=body.priority,
-        max_attempts=body.max_attempts or services.settings.max_attempts,
-        idempotency_key=idempotency_key,
-        user_metadata=body.metadata or None,
-    )
+    new = new_job(body, conn, caller, services, idempotency_key)
     try:
         job, created = jobs.create_job(conn, new)
     except jobs.IdempotencyConflictError as exc:
         raise ApiError(409, "idempotency_key_reused", str(exc), "Idempotency-Key") from None
-    public = _public(conn, job)
+    public = public_job(conn, job)
     if created:
         conn.commit()
         services.dispatch_validation(job.id)
@@ -276,12 +152,12 @@ def list_jobs(
         )
     except LookupError:
         raise not_found("fine_tuning_job", after or "", "after") from None
-    return page_of([_public(conn, j) for j in found], has_more=more, cursor=_id)
+    return page_of([public_job(conn, j) for j in found], has_more=more, cursor=_id)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
 def retrieve_job(job_id: str, conn: ConnDep, caller: Caller) -> JobPublic:
-    return _public(conn, _owned_job(conn, caller, job_id))
+    return public_job(conn, _owned_job(conn, caller, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=refusals(409))
@@ -343,7 +219,7 @@ def _move(
     except JobStateError as exc:
         code, rule = _REFUSED[done]
         raise ApiError(409, code, f"Job {job_id} is {exc.status}; {rule}.") from None
-    return _public(conn, job)
+    return public_job(conn, job)
 
 
 class QueueStandingPublic(BaseModel):
