@@ -11,6 +11,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
@@ -24,7 +25,8 @@ from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError
 from control_plane.api.method_schemas import DpoMethod, Method
 from control_plane.api.routes import files as file_routes
-from control_plane.api.routes import fine_tuning
+from control_plane.api.routes import fine_tuning, job_grids
+from control_plane.api.routes.job_grids import SWEEP_KEY, SweepCreate
 from control_plane.api.schemas import JobCreate
 from control_plane.base_status import BaseStatus
 from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, page
@@ -152,6 +154,35 @@ def requested_hyperparameters(form: dict[str, str]) -> dict[str, Any]:
     return requested
 
 
+SWEEP_ROWS = 3  # hyperparameters the form sweeps at once (the API takes 4)
+
+
+def sweepable() -> list[str]:
+    """What the form can sweep: the numbers, switches and choices, save the method."""
+    fields = Hyperparameters.model_fields
+    return [n for n, info in fields.items() if n != "method" and _kind(info)[0] != "text"]
+
+
+def requested_grid(form: dict[str, str]) -> dict[str, list[str]]:
+    """The sweep's rows: hyperparameter -> its values as typed (comma-separated), for the API
+    to validate; ValueError for a row half filled or a name chosen twice."""
+    grid: dict[str, list[str]] = {}
+    for row in range(1, SWEEP_ROWS + 1):
+        name = form.get(f"sweep_param_{row}", "").strip()
+        values = [v.strip() for v in form.get(f"sweep_values_{row}", "").split(",") if v.strip()]
+        if not name and not values:
+            continue
+        if not name or not values:
+            raise ValueError(
+                f"Sweep row {row}: choose a hyperparameter and give its values, separated by "
+                "commas."
+            )
+        if name in grid:
+            raise ValueError(f"Sweep: {name} is chosen in two rows; give all its values in one.")
+        grid[name] = values
+    return grid
+
+
 def requested_method(requested: dict[str, Any]) -> Method | None:
     """The form's method (and DPO's beta, shown for DPO only), taken out of `requested` into the
     `method` the API takes; None for supervised training."""
@@ -194,6 +225,8 @@ def _new_job_page(
         adapters=adapters,
         main_fields=main,
         more_fields=more,
+        sweepable=sweepable(),
+        sweep_rows=SWEEP_ROWS,
         values=values,
         error=error,
         like=like,
@@ -310,6 +343,9 @@ def submit_job(
         )
     try:
         requested = requested_hyperparameters(form)
+        grid, sweep_name = requested_grid(form), form.get("sweep_name", "").strip()
+        for name in grid:  # the grid's values, not the field's
+            requested.pop(name, None)
         body = JobCreate(
             model=form.get("model", ""),
             training_file=training_file,
@@ -318,6 +354,14 @@ def submit_job(
             adapter_name=form.get("adapter_name", "").strip() or None,
             continue_from=form.get("continue_from", "").strip() or None,
         )
+        if grid or sweep_name:
+            if not (grid and sweep_name):
+                raise ValueError(
+                    "A sweep needs a name and at least one hyperparameter with its values."
+                )
+            sweep = SweepCreate(name=sweep_name, job=body, grid=grid)
+            job_grids.create_sweep(sweep, conn, caller, services, idempotency_key=None)
+            return RedirectResponse(f"/jobs?q={quote(SWEEP_KEY + '=' + sweep_name)}", 303)
         job = fine_tuning.create_job(body, conn, caller, services, idempotency_key=None)
     except ApiError as exc:
         return _new_job_page(request, session, conn, form, error=exc.message, status_code=400)
