@@ -96,10 +96,11 @@ class Hyperparameters(BaseModel):
     @field_validator("early_stopping_patience")
     @classmethod
     def _check_patience(cls, value: int, info: ValidationInfo) -> int:
-        if value and not info.data.get("eval_every_steps"):
+        # (an eval_every_steps refused on its own is not in `data`: that refusal says it)
+        if value and info.data.get("eval_every_steps", 1) == 0:
             raise ValueError(
-                "early_stopping_patience counts evaluations during training: set "
-                "eval_every_steps too (the steps between evaluations)"
+                "it counts evaluations during training: set eval_every_steps too (the steps "
+                "between evaluations)"
             )
         return value
 

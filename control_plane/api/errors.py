@@ -96,6 +96,8 @@ def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "extra_forbidden":
             msg = "unknown field"
+        elif err.get("type") == "value_error":  # a validator's own sentence, without a prefix
+            msg = msg.removeprefix("Value error, ")
         elif err.get("type") == "json_invalid":
             msg = f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})"
         messages.append(f"{where}: {msg}" if where else msg)
