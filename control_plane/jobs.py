@@ -46,6 +46,9 @@ class NewJob:
     max_attempts: int = 3
     idempotency_key: str | None = None
     user_metadata: dict[str, str] | None = None
+    # What else the request that made it said (a sweep's whole body, hashed): a replay under
+    # the key must say the same. Not hashed when None, so a single job hashes as before.
+    request_extra: str | None = None
 
     def request_hash(self) -> str:
         # Without metadata, the hash a job got before revision 0019, and without a supervised
@@ -54,7 +57,7 @@ class NewJob:
             k: v
             for k, v in self.__dict__.items()
             if k not in ("idempotency_key", "tenant_id")
-            and not (k == "user_metadata" and v is None)
+            and not (k in ("user_metadata", "request_extra") and v is None)
         }
         body["hyperparameters"] = {
             k: v

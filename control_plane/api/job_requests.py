@@ -9,12 +9,14 @@ of a sweep is refused for exactly what would refuse it alone. Each refusal is an
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import Connection
 
 from control_plane import base_catalog, jobs, registry, tenants, validation
+from control_plane.api.deps import allow_priority
 from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.schemas import IMPORT_FAILED_FOR_TENANTS, JobCreate
 from control_plane.base_status import BaseStatus
@@ -22,6 +24,8 @@ from control_plane.hyperparameters import Hyperparameters
 from control_plane.services import Services
 from control_plane.serving import ServingTarget, serving_problems
 from control_plane.tenants import Principal
+
+_log = logging.getLogger(__name__)
 
 
 def _hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
@@ -85,11 +89,15 @@ def new_job(
     caller: Principal,
     services: Services,
     idempotency_key: str | None,
+    *,
+    check_priority: bool = True,
 ) -> jobs.NewJob:
-    """The job `body` asks for, checked as a create checks it (400 with what to change),
-    save the tenant's priority cap (`allow_priority`, the caller's)."""
+    """The job `body` asks for, checked as a create checks it (400 with what to change; 403
+    for a priority above the tenant's cap, unless `check_priority` is off)."""
     if body.adapter_name is not None:
         _adapter_name(body.adapter_name)
+    if check_priority:
+        allow_priority(conn, caller, body.priority, services)
     requested = body.merged_hyperparameters()
     hp = _hyperparameters(requested)
     base = base_catalog.get_base_model(conn, body.model)
@@ -155,3 +163,16 @@ def new_job(
         idempotency_key=idempotency_key,
         user_metadata=body.metadata or None,
     )
+
+
+def dispatch_validations(services: Services, job_ids: list[str]) -> None:
+    """Hand committed jobs to validation. A dispatch that fails (the broker down) is logged,
+    not answered: the jobs are written, and `loraforge.redispatch_validation` sends again what
+    stays in `validating_files` past two minutes."""
+    for job_id in job_ids:
+        try:
+            services.dispatch_validation(job_id)
+        except Exception:
+            _log.warning(
+                "validation of %s not dispatched; it will be re-sent", job_id, exc_info=True
+            )

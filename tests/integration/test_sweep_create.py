@@ -111,6 +111,12 @@ def test_a_point_a_create_would_refuse_refuses_the_sweep_and_writes_nothing(
             "grid point 1 of 2 (seed=1)",
         ),
         (
+            {"job": job, "grid": {"target_modules": [["q_proj"], [1]]}},
+            "invalid_hyperparameters",
+            "grid.target_modules",
+            "grid point 2 of 2",
+        ),
+        (
             {"job": job, "grid": {"early_stopping_patience": [0, 3]}},
             "invalid_hyperparameters",
             "grid.early_stopping_patience",
@@ -136,11 +142,23 @@ REFUSED_BODIES = [
     ({"grid": {"seed": list(range(17))}}, "grid"),
     ({"grid": {"seed": list(range(16)), "lora_rank": [4, 8, 16, 32, 64]}}, "grid"),
     ({"grid": {"a": [1], "b": [1], "c": [1], "d": [1], "e": [1]}}, "grid"),
-    ({"grid": {"lora_rank": [8]}, "hyperparameters": {"lora_rank": 4}}, "body"),
-    ({"grid": {"seed": [1, 2]}, "seed": 3}, "body"),
-    ({"grid": {"dpo_beta": [0.1, 0.2]}}, "body"),
-    ({"grid": {"seed": [1]}, "metadata": {"sweep": "other"}}, "body"),
-    ({"grid": {"seed": [1]}, "metadata": {f"k{i}": "v" for i in range(16)}}, "body"),
+    ({"grid": {"lora_rank": [8, "8"]}}, "grid"),  # the same rank as the job would store it
+    ({"grid": {"n_epochs": ["auto", 3]}}, "grid"),
+    ({"grid": {"lora_rank": [8]}, "hyperparameters": {"lora_rank": 4}}, "grid"),
+    ({"grid": {"seed": [1, 2]}, "seed": 3}, "grid"),
+    (  # an "auto" in the method's block would have overridden every point
+        {
+            "grid": {"n_epochs": [1, 5]},
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": "auto"}},
+            },
+        },
+        "grid",
+    ),
+    ({"grid": {"dpo_beta": [0.1, 0.2]}}, "grid.dpo_beta"),
+    ({"grid": {"seed": [1]}, "metadata": {"sweep": "other"}}, "job.metadata.sweep"),
+    ({"grid": {"seed": [1]}, "metadata": {f"k{i}": "v" for i in range(16)}}, "job.metadata"),
     ({"grid": {"seed": [1]}, "name": "not a name"}, "name"),
 ]
 
@@ -164,7 +182,7 @@ def test_a_grid_that_cannot_be_swept_is_refused_saying_why(
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
     assert error["code"] == "invalid_request" and error["message"]
-    assert (error["param"] or "body").startswith(param), error
+    assert error["param"] == param or error["param"].startswith(f"{param}."), error
     assert counts(services) == before
 
 
@@ -184,9 +202,27 @@ def test_a_sweep_replays_under_its_key_and_refuses_another_request_under_it(
     assert second.status_code == 200
     assert [j["id"] for j in second.json()["jobs"]] == [j["id"] for j in first.json()["jobs"]]
     assert counts(services) == after_first
-    other = client.post(SWEEPS, headers=headers, json=body | {"grid": {"seed": [1, 2, 4]}})
-    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+    # Any other sweep under the key is refused, whatever its points have in common with the
+    # first's: a changed value, one more point (its first three are the first sweep's), fewer.
+    for grid in ({"seed": [1, 2, 4]}, {"seed": [1, 2, 3, 4]}, {"seed": [1]}):
+        other = client.post(SWEEPS, headers=headers, json=body | {"grid": grid})
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
     assert counts(services) == after_first
+    # A single job's key is not a point's: one made under "batch:0" leaves a sweep under
+    # "batch" free, and the sweep's key is still free for a single job.
+    single = {"model": base_name, "training_file": body["job"]["training_file"]}
+    for key in ("batch:0", "sweep-7"):
+        alone = client.post(
+            "/v1/fine_tuning/jobs",
+            headers={**tenant_a.headers(), "Idempotency-Key": key},
+            json=single,
+        )
+        assert alone.status_code == 200, alone.text
+    batch = client.post(
+        SWEEPS, headers={**tenant_a.headers(), "Idempotency-Key": "batch"}, json=body
+    )
+    assert batch.status_code == 200, batch.text
 
 
 def test_who_may_sweep_and_at_what_priority(
@@ -207,6 +243,16 @@ def test_who_may_sweep_and_at_what_priority(
     assert capped.json()["error"]["code"] == "priority_above_tenant_cap"
     reader = client.post(SWEEPS, headers=tenant_a.headers("reader"), json=body)
     assert reader.status_code == 403
+    # A name the registry would refuse is said before the priority, for one job as for a
+    # sweep (as the jobs route has always ordered them).
+    badly_named = {**body["job"], "adapter_name": "bad name!"}
+    for path, sent in (
+        (SWEEPS, body | {"job": badly_named}),
+        ("/v1/fine_tuning/jobs", badly_named),
+    ):
+        refused = client.post(path, headers=tenant_a.headers(), json=sent)
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] in ("adapter_name", "job.adapter_name")
     assert counts(services) == before
 
 

@@ -16,7 +16,7 @@ from control_plane import events as event_repo
 from control_plane.api import sse
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer, allow_priority
 from control_plane.api.errors import ApiError, not_found
-from control_plane.api.job_requests import new_job
+from control_plane.api.job_requests import dispatch_validations, new_job
 from control_plane.api.openapi import refusals
 from control_plane.api.schemas import (
     CheckpointPublic,
@@ -65,7 +65,6 @@ def create_job(
     services: ServicesDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobPublic:
-    allow_priority(conn, caller, body.priority, services)
     new = new_job(body, conn, caller, services, idempotency_key)
     try:
         job, created = jobs.create_job(conn, new)
@@ -74,7 +73,7 @@ def create_job(
     public = public_job(conn, job)
     if created:
         conn.commit()
-        services.dispatch_validation(job.id)
+        dispatch_validations(services, [job.id])
     return public
 
 

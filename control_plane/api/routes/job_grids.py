@@ -17,17 +17,20 @@ the same jobs, and another request under the key is 409, as for one job.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from control_plane import jobs
-from control_plane.api.deps import ConnDep, ServicesDep, Writer, allow_priority
+from control_plane.api.deps import ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError
-from control_plane.api.job_requests import new_job
+from control_plane.api.job_requests import dispatch_validations, new_job
 from control_plane.api.openapi import refusals
 from control_plane.api.routes.fine_tuning import public_job
 from control_plane.api.schemas import NAME_PATTERN, JobCreate, JobPublic
@@ -45,11 +48,20 @@ class SweepCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN.pattern)
-    job: JobCreate
-    # Hyperparameter name: the values it takes, one job per point of the grid (the first name
-    # varies slowest). A value is what `hyperparameters` would take for that name.
-    grid: dict[str, list[Any]] = Field(min_length=1, max_length=4)
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=NAME_PATTERN.pattern,
+        description="the sweep's name: each job's metadata holds sweep=<name>",
+    )
+    job: JobCreate = Field(description="one job's create body, which every point shares")
+    grid: dict[str, list[Any]] = Field(
+        min_length=1,
+        max_length=4,
+        description="hyperparameter name: the values it takes, as `hyperparameters` takes "
+        f"them; one job per point of the grid, the first name varying slowest (at most "
+        f"{MAX_GRID_VALUES} values a name, {MAX_SWEEP_JOBS} points)",
+    )
 
     @field_validator("grid")
     @classmethod
@@ -64,8 +76,11 @@ class SweepCreate(BaseModel):
         for name, values in grid.items():
             if not 1 <= len(values) <= MAX_GRID_VALUES:
                 raise ValueError(f"{name}: give 1 to {MAX_GRID_VALUES} values")
-            if len({json.dumps(v, sort_keys=True) for v in values}) < len(values):
-                raise ValueError(f"{name}: a value is given twice")
+            if "auto" in values:
+                raise ValueError(f"{name}: 'auto' is the default, not a value: give the values")
+            stored = {json.dumps(_as_stored(name, v), sort_keys=True) for v in values}
+            if len(stored) < len(values):
+                raise ValueError(f"{name}: a value is given twice (as the job would store it)")
         points = 1
         for values in grid.values():
             points *= len(values)
@@ -75,20 +90,6 @@ class SweepCreate(BaseModel):
                 "the rest under the same name)"
             )
         return grid
-
-    @model_validator(mode="after")
-    def _apart_from_the_job(self) -> SweepCreate:
-        both = sorted(set(self.grid) & (set(self.job.merged_hyperparameters()) - {"method"}))
-        if both:
-            raise ValueError(f"{both}: set by the job and swept by the grid: keep one")
-        if "dpo_beta" in self.grid and (self.job.method is None or self.job.method.type != "dpo"):
-            raise ValueError('dpo_beta: sweep DPO\'s beta for a job of method {"type": "dpo"}')
-        metadata = self.job.metadata or {}
-        if SWEEP_KEY in metadata:
-            raise ValueError(f"job.metadata: {SWEEP_KEY!r} is the sweep's name: leave it out")
-        if len(metadata) > 15:
-            raise ValueError("job.metadata: at most 15 pairs (the sweep adds its name)")
-        return self
 
     def points(self) -> list[dict[str, Any]]:
         names = list(self.grid)
@@ -107,7 +108,48 @@ class SweepPublic(BaseModel):
     jobs: list[JobPublic]
 
 
-@router.post("", response_model=SweepPublic, responses=refusals(404, 409))
+def _as_stored(name: str, value: Any) -> Any:
+    """A grid value as a job would store it (8.0 and "8" are 8 for an integer), or as given
+    where it is not valid (its job's check then refuses it, naming the point)."""
+    try:
+        kind: Any = Hyperparameters.model_fields[name].annotation
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError:
+        return value
+
+
+def _apart_from_the_job(body: SweepCreate) -> None:
+    """400 for a grid that the job's own body contradicts."""
+    job, grid = body.job, body.grid
+    own = job.method.own_hyperparameters() if job.method else {}  # "auto" included
+    set_by_job = set(job.hyperparameters or {}) | set(own)
+    if job.seed is not None:
+        set_by_job.add("seed")
+    refusals = [
+        (
+            sorted(set(grid) & set_by_job),
+            "set by the job (its hyperparameters, method or seed) and swept by the grid: keep one",
+            "grid",
+        ),
+        (
+            "dpo_beta" in grid and (job.method is None or job.method.type != "dpo"),
+            'dpo_beta is DPO\'s beta: sweep it for a job of method {"type": "dpo"}',
+            "grid.dpo_beta",
+        ),
+        (
+            SWEEP_KEY in (job.metadata or {}),
+            f"{SWEEP_KEY!r} is the sweep's name, which it adds: leave it out",
+            f"job.metadata.{SWEEP_KEY}",
+        ),
+        (len(job.metadata or {}) > 15, "at most 15 pairs: the sweep adds its name", "job.metadata"),
+    ]
+    for wrong, why, param in refusals:
+        if wrong:
+            said = f"{wrong}: {why}" if isinstance(wrong, list) else why
+            raise ApiError(400, "invalid_request", f"{param}: {said}", param)
+
+
+@router.post("", response_model=SweepPublic, responses=refusals(409))
 def create_sweep(
     body: SweepCreate,
     conn: ConnDep,
@@ -115,8 +157,10 @@ def create_sweep(
     services: ServicesDep,
     idempotency_key: Annotated[str | None, Header(max_length=250)] = None,
 ) -> SweepPublic:
-    allow_priority(conn, caller, body.job.priority, services)
+    _apart_from_the_job(body)
     points = body.points()
+    # The whole request, in each point's request hash: the key replays only this very sweep.
+    whole = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     metadata = {**(body.job.metadata or {}), SWEEP_KEY: body.name}
     news = []
     for index, point in enumerate(points):
@@ -126,11 +170,13 @@ def create_sweep(
                 "metadata": metadata,
             }
         )
-        key = None if idempotency_key is None else f"{idempotency_key}:{index}"
+        # A header cannot hold a line break: no single job's key is a point's.
+        key = None if idempotency_key is None else f"{idempotency_key}\n{index}"
         try:
-            news.append(new_job(job, conn, caller, services, key))
+            made = new_job(job, conn, caller, services, key, check_priority=index == 0)
+            news.append(dataclasses.replace(made, request_extra=whole))
         except ApiError as exc:
-            where = ", ".join(f"{k}={json.dumps(v)}" for k, v in point.items())
+            where = ", ".join(f"{k}={_clipped(json.dumps(v))}" for k, v in point.items())
             raise ApiError(
                 exc.status,
                 exc.code,
@@ -139,23 +185,32 @@ def create_sweep(
                 _param(exc.param, point),
             ) from None
     try:
-        made = [jobs.create_job(conn, new) for new in news]
-    except jobs.IdempotencyConflictError as exc:
-        raise ApiError(409, "idempotency_key_reused", str(exc), "Idempotency-Key") from None
+        created = [jobs.create_job(conn, new) for new in news]
+    except jobs.IdempotencyConflictError:
+        raise ApiError(
+            409,
+            "idempotency_key_reused",
+            "this Idempotency-Key was already used for another sweep; use a new key for a new one",
+            "Idempotency-Key",
+        ) from None
     answer = SweepPublic(
-        name=body.name, metadata={SWEEP_KEY: body.name}, jobs=[public_job(conn, j) for j, _ in made]
+        name=body.name,
+        metadata={SWEEP_KEY: body.name},
+        jobs=[public_job(conn, j) for j, _ in created],
     )
-    if any(created for _, created in made):
+    if fresh := [j.id for j, new in created if new]:
         conn.commit()
-        for job_record, created in made:
-            if created:
-                services.dispatch_validation(job_record.id)
+        dispatch_validations(services, fresh)
     return answer
+
+
+def _clipped(text: str) -> str:
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def _param(param: str | None, point: dict[str, Any]) -> str:
     """Where in the sweep's body a refused job's `param` is: the grid for a swept value."""
-    name = (param or "").removeprefix("hyperparameters.")
+    name = re.split(r"[.\[]", (param or "").removeprefix("hyperparameters."))[0]
     if param and param.startswith("hyperparameters.") and name in point:
         return f"grid.{name}"
     return f"job.{param}" if param else "job"
