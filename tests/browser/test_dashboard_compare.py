@@ -287,6 +287,8 @@ def test_a_sweep_compared_from_the_jobs_table_shows_what_differs_and_draws_each_
         assert cell(page, job_id, "td.best-eval-loss") == curves[job_id].best_eval
     assert cell(page, oldest, "td.last-train-loss") == "1.2346"  # the computation, checked once
     assert cell(page, oldest, "td.best-eval-loss") == "0.9123"
+    # One job evaluated: nothing to mark as the lowest among them.
+    expect(page.locator("#compare-table tbody tr.lowest")).to_have_count(0)
     common = words(page.locator("#compare-common").inner_text())
     assert "n_epochs 3" in common and "batch_size 8" in common
     assert "learning_rate_multiplier" not in common
@@ -517,6 +519,12 @@ def test_the_best_eval_loss_is_the_lowest_evaluation_not_a_charts_bucket_mean(
     assert cell(page, long_job, "td.best-eval-loss") == "0.5000"
     assert cell(page, short_job, "td.best-eval-loss") == "0.7500"
     assert cell(page, long_job, "td.last-train-loss") == f"{2.0 - 1199 / 1000:.4f}"
+    # The row of the lowest eval loss is marked, and only it: the long job's 0.5 (its chart's
+    # means, which never reach 0.5, would have marked the short job's 0.75).
+    marked = page.locator("#compare-table tbody tr.lowest")
+    expect(marked).to_have_count(1)
+    assert marked.get_attribute("data-job-id") == long_job
+    expect(marked.locator("mark")).to_have_text("lowest eval loss")
     # ... while the chart's eval curve is the bucket means, which never reach 0.5.
     answer = page.request.get(
         f"{live_url}/jobs/compare/metrics.json?job={long_job}&job={short_job}"

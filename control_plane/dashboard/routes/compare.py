@@ -79,11 +79,15 @@ def _table(conn: Connection, jobs: list[JobRecord]) -> dict[str, Any]:
         {"job": found, "values": apart.values(found), "outcome": outcome}
         for found, outcome in zip(jobs, outcomes, strict=True)
     ]
+    evaluated = [(o.best_eval_loss, j.id) for j, o in zip(jobs, outcomes, strict=True)]
+    evaluated = [(loss, job_id) for loss, job_id in evaluated if loss is not None]
     return {
         "rows": rows,
         "columns": apart.columns,
         "common": apart.common,
-        "has_eval": any(outcome.best_eval_loss is not None for outcome in outcomes),
+        "has_eval": bool(evaluated),
+        # The job of the lowest eval loss (the first, on a tie), once two jobs have one.
+        "lowest": min(evaluated, key=lambda e: e[0])[1] if len(evaluated) > 1 else None,
     }
 
 
