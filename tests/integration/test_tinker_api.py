@@ -518,10 +518,17 @@ def test_bad_bodies_are_refused_naming_the_field_and_nothing_is_written(
 def test_a_reader_key_or_an_unknown_one_cannot_open_a_session(
     services: Services, live_url: str, tenant_a: TenantKeys, base_name: str
 ) -> None:
-    with pytest.raises(tinker.PermissionDeniedError):
-        sdk_service(live_url, tenant_a.reader).create_lora_training_client(base_model=base_name)
-    with pytest.raises(tinker.AuthenticationError):
-        sdk_service(live_url, "lf-not-a-key").create_lora_training_client(base_model=base_name)
+    # Each client closed (`with`): an open one heartbeats its session past the server's life.
+    with (
+        sdk_service(live_url, tenant_a.reader) as reader,
+        pytest.raises(tinker.PermissionDeniedError),
+    ):
+        reader.create_lora_training_client(base_model=base_name)
+    with (
+        sdk_service(live_url, "lf-not-a-key") as stranger,
+        pytest.raises(tinker.AuthenticationError),
+    ):
+        stranger.create_lora_training_client(base_model=base_name)
     assert _counts(services.engine) == (0, 0, 0)
 
 

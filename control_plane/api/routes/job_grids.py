@@ -176,7 +176,7 @@ def create_sweep(
             made = new_job(job, conn, caller, services, key, check_priority=index == 0)
             news.append(dataclasses.replace(made, request_extra=whole))
         except ApiError as exc:
-            where = ", ".join(f"{k}={_clipped(json.dumps(v))}" for k, v in point.items())
+            where = ", ".join(f"{k}={_clipped(_shown(v))}" for k, v in point.items())
             raise ApiError(
                 exc.status,
                 exc.code,
@@ -202,6 +202,11 @@ def create_sweep(
         conn.commit()
         dispatch_validations(services, fresh)
     return answer
+
+
+def _shown(value: Any) -> str:
+    """A grid value as a person typed it: a string as is (a form sends every value as one)."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _clipped(text: str) -> str:

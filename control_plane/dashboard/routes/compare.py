@@ -79,8 +79,11 @@ def _table(conn: Connection, jobs: list[JobRecord]) -> dict[str, Any]:
         {"job": found, "values": apart.values(found), "outcome": outcome}
         for found, outcome in zip(jobs, outcomes, strict=True)
     ]
-    evaluated = [(o.best_eval_loss, j.id) for j, o in zip(jobs, outcomes, strict=True)]
-    evaluated = [(loss, job_id) for loss, job_id in evaluated if loss is not None]
+    evaluated = [
+        (o.best_eval_loss, j.id)
+        for j, o in zip(jobs, outcomes, strict=True)
+        if o.best_eval_loss is not None
+    ]
     return {
         "rows": rows,
         "columns": apart.columns,

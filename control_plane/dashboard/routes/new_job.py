@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from fastapi.responses import RedirectResponse, Response
+from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 from sqlalchemy import Connection
 
@@ -22,7 +23,7 @@ from control_plane import base_catalog, jobs, registry
 from control_plane import events as event_repo
 from control_plane import files as file_repo
 from control_plane.api.deps import ServicesDep, require_writer
-from control_plane.api.errors import ApiError
+from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.method_schemas import DpoMethod, Method
 from control_plane.api.routes import files as file_routes
 from control_plane.api.routes import fine_tuning, job_grids
@@ -227,6 +228,7 @@ def _new_job_page(
         more_fields=more,
         sweepable=sweepable(),
         sweep_rows=SWEEP_ROWS,
+        sweep_typed=any(v.strip() for k, v in values.items() if k.startswith("sweep_")),
         values=values,
         error=error,
         like=like,
@@ -365,6 +367,9 @@ def submit_job(
         job = fine_tuning.create_job(body, conn, caller, services, idempotency_key=None)
     except ApiError as exc:
         return _new_job_page(request, session, conn, form, error=exc.message, status_code=400)
-    except ValueError as exc:  # pydantic's ValidationError of JobCreate
+    except ValidationError as exc:  # JobCreate's or SweepCreate's: one sentence, as the API's
+        message, _ = describe_validation_errors(list(exc.errors()))
+        return _new_job_page(request, session, conn, form, error=message, status_code=400)
+    except ValueError as exc:  # the form's own (`requested_grid`)
         return _new_job_page(request, session, conn, form, error=str(exc), status_code=400)
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
