@@ -6,7 +6,8 @@ story chats of `benchmarks.train` and as many others held out for evaluation, ev
 `--eval-every` steps, at a learning rate high enough that the job overfits well before its last
 epoch. Both sides train the same job in this process, one after the other on the same resident
 base: the baseline with no early stopping (it trains every step and publishes its last), then
-the same job with `early_stopping_patience` (it stops and publishes its lowest evaluation).
+the same job with `early_stopping_patience` (it stops and publishes its lowest evaluation),
+after one uncounted step that warms the process.
 
 One JSON line per side (steps trained, wall seconds, the eval loss of the weights its adapter
 holds as the recipe evaluated them in training precision, every evaluation), then one that
@@ -77,6 +78,9 @@ def main() -> None:
             checkpoint_every_steps=10**6,
         )
         common = {"model": label, "machine": machine(), "precision": base.precision}
+        # One step first, uncounted: the first run in a process pays for lazy set-up (kernels,
+        # allocator) that would otherwise be charged to the baseline alone.
+        run_side(base, train[: args.batch_size], evals[:1], hp.model_copy(update={"n_epochs": 1}))
         sides = {}
         for side, patience in (("baseline", 0), ("early_stopping", args.patience)):
             job = hp.model_copy(update={"early_stopping_patience": patience})
