@@ -58,6 +58,13 @@ class Hyperparameters(BaseModel):
     early_stopping_threshold: float = Field(
         default=0.0, ge=0, le=1000, description="how much lower an eval loss must be to count"
     )
+    sweep_median_stopping: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="from the job's Nth evaluation on, stop it when its lowest eval loss is above "
+        "the median of its sweep's other jobs at the same step (0: never)",
+    )
     checkpoint_every_steps: int = Field(default=50, ge=1, le=1_000_000)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     num_gpus: int = Field(default=1, ge=1, le=64, description="GPUs (or CPU workers) for one job")
@@ -93,7 +100,7 @@ class Hyperparameters(BaseModel):
                     raise ValueError(f"target module name {name!r} is not a valid module name")
         return value
 
-    @field_validator("early_stopping_patience")
+    @field_validator("early_stopping_patience", "sweep_median_stopping")
     @classmethod
     def _check_patience(cls, value: int, info: ValidationInfo) -> int:
         # (an eval_every_steps refused on its own is not in `data`: that refusal says it)

@@ -69,7 +69,13 @@ class NewJob:
 
 _DEFAULTS_ADDED_SINCE_HASHING: dict[str, Any] = {
     name: Hyperparameters.model_fields[name].default
-    for name in ("method", "dpo_beta", "early_stopping_patience", "early_stopping_threshold")
+    for name in (
+        "method",
+        "dpo_beta",
+        "early_stopping_patience",
+        "early_stopping_threshold",
+        "sweep_median_stopping",
+    )
 }
 
 

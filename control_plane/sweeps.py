@@ -41,6 +41,9 @@ from control_plane.job_status import JobStatus, sql_params
 from control_plane.queue import CANCEL_CHANNEL
 
 DEFAULT_BATCH = 100
+# The metadata key a sweep made in one request (`POST /v1/fine_tuning/sweeps`) tags each of its
+# jobs with: `sweep=<its name>`.
+SWEEP_KEY = "sweep"
 
 Action = Literal["cancel", "pause", "resume"]
 

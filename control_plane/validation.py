@@ -23,6 +23,7 @@ from control_plane.queue import JobStateError
 from control_plane.records import FileRecord
 from control_plane.services import Services
 from control_plane.storage import ObjectStoreError
+from control_plane.sweeps import SWEEP_KEY
 
 _PREFERENCE_LINE = (
     '{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}'
@@ -56,13 +57,27 @@ def check_job_file(conn: Connection, tenant_id: str, file_id: str, param: str, m
 
 
 def check_eval_set(hp: Hyperparameters, validation_file: str | None) -> None:
-    """Refuse early stopping with nothing to evaluate: it watches the eval loss."""
-    if hp.early_stopping_patience and validation_file is None and not hp.eval_fraction:
+    """Refuse early stopping (by patience or by the sweep's median) with nothing to evaluate:
+    it watches the eval loss."""
+    for name in ("early_stopping_patience", "sweep_median_stopping"):
+        if getattr(hp, name) and validation_file is None and not hp.eval_fraction:
+            raise JobFileError(
+                "invalid_hyperparameters",
+                f"hyperparameters: {name} needs an eval set to watch: give a validation_file, "
+                "or set eval_fraction to hold some training examples out",
+                f"hyperparameters.{name}",
+            )
+
+
+def check_in_a_sweep(hp: Hyperparameters, metadata: dict[str, str] | None) -> None:
+    """Refuse the sweep's median stopping for a job of no sweep: it has nothing to compare."""
+    if hp.sweep_median_stopping and SWEEP_KEY not in (metadata or {}):
         raise JobFileError(
             "invalid_hyperparameters",
-            "hyperparameters: early_stopping_patience needs an eval set to watch: give a "
-            "validation_file, or set eval_fraction to hold some training examples out",
-            "hyperparameters.early_stopping_patience",
+            "hyperparameters: sweep_median_stopping compares the job with the other jobs of its "
+            "sweep: create it with POST /v1/fine_tuning/sweeps, or give it metadata "
+            f"{SWEEP_KEY}=<name> as its sweep's jobs have",
+            "hyperparameters.sweep_median_stopping",
         )
 
 

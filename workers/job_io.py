@@ -21,7 +21,7 @@ from typing import Any, Self, TypeVar
 import psycopg
 import sqlalchemy.exc
 
-from control_plane import jobs, trainers
+from control_plane import jobs, sweep_stopping, trainers
 from control_plane.events import add_event
 from control_plane.messages import first_line
 from control_plane.queue import JobQueue
@@ -287,11 +287,24 @@ def job_hooks(services: Services, job: JobRecord, signals: JobSignals) -> TrainH
             signals.tokens_trained += int(data.get("tokens", 0))
         record_event(services, job.id, kind, message, data)
 
+    def trails_its_sweep(step: int, lowest: float) -> tuple[str, dict[str, Any]] | None:
+        """The sweep's median rule; a database that does not answer stops nothing."""
+        try:
+            with services.engine.connect() as conn:
+                peers = sweep_stopping.peers_at(conn, job, step)
+        except sqlalchemy.exc.DBAPIError:
+            log.warning(
+                "job %s: its sweep's evaluations unread at step %d; it goes on", job.id, step
+            )
+            return None
+        return sweep_stopping.verdict(peers, lowest)
+
     return TrainHooks(
         on_event=on_event,
         should_stop=signals.should_stop,
         on_checkpoint=lambda step, directory: store_checkpoint(services, job, step, directory),
         checkpoint_on_stop=signals.handing_back,
+        trails_its_sweep=trails_its_sweep,
     )
 
 

@@ -72,10 +72,12 @@ def _files_for_training(
     conn: Connection, tenant_id: str, body: JobCreate, hp: Hyperparameters
 ) -> None:
     """400 for a file the job names that it could not train on (`validation.check_job_file`),
-    or an eval set it needs and lacks (`validation.check_eval_set`)."""
+    or an eval set or a sweep it needs and lacks (`validation.check_eval_set`,
+    `check_in_a_sweep`)."""
     named = [("training_file", body.training_file), ("validation_file", body.validation_file)]
     try:
         validation.check_eval_set(hp, body.validation_file)
+        validation.check_in_a_sweep(hp, body.metadata)
         for param, file_id in named:
             if file_id is not None:
                 validation.check_job_file(conn, tenant_id, file_id, param, hp.method)

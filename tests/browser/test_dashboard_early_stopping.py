@@ -27,8 +27,16 @@ from tests.api_harness import TenantKeys
 from tests.browser.conftest import jsonl, sign_in, upload
 from tests.browser.test_dashboard_job_like import open_like, stored, submit_form, wait_until_queued
 from tests.browser.test_dashboard_training import chart_points, job_count, wait_for_points
-from tests.factories import ADDITION_CHATS, make_base, register_test_base
+from tests.factories import (
+    ADDITION_CHATS,
+    enqueue_jobs,
+    make_base,
+    make_file,
+    register_test_base,
+    tag_jobs,
+)
 from tests.integration.test_early_stopping import EVAL, HP, TRAIN
+from tests.integration.test_sweep_stopping import evaluate
 from tests.integration.test_trainer import metric_events, run_one
 from tests.unit.test_early_stopping import reference
 from workers.runner import JobRunner
@@ -50,6 +58,7 @@ def train(
     hp: Hyperparameters,
     page: Page | None = None,
     live_url: str = "",
+    metadata: dict[str, str] | None = None,
 ) -> str:
     """A job submitted over the API with a validation file and `hp` (every checkpoint at an
     epoch's end), trained to success by a real trainer; with `page`, its job page is open
@@ -64,6 +73,7 @@ def train(
             "validation_file": upload(client, keys, jsonl(validation_records), "eval.jsonl"),
             "adapter_name": "words",
             "hyperparameters": body,
+            "metadata": metadata,
         },
     )
     assert response.status_code == 200, response.text
@@ -253,6 +263,38 @@ def test_a_job_stopped_early_at_its_lowest_evaluation_says_it_kept_its_last_step
         "its weights."
     )
     expect(paragraph).not_to_contain_text("not those of its last step")
+
+
+def test_a_job_that_trailed_its_sweep_says_it_stopped_on_its_sweeps_median(
+    live_url: str,
+    page: Page,
+    client: TestClient,
+    services: Services,
+    tenant_a: TenantKeys,
+    tiny_base: str,
+    tmp_path: Path,
+) -> None:
+    """Two other jobs of its sweep evaluated far lower at every step: the job stops at its
+    first evaluation, and its page says it trailed its sweep, not that its patience ran out."""
+    engine = services.engine
+    file_id = make_file(engine, tenant_a.tenant_id).id
+    peers = enqueue_jobs(engine, tenant_a.tenant_id, make_base(engine).id, file_id, 2)
+    for peer in peers:
+        services.queue.request_cancel(peer)
+        evaluate(engine, peer, {step: 0.01 for step in range(1, 30)})
+    tag_jobs(engine, {"sweep": "s"}, *peers)
+    hp = HP.model_copy(update={"early_stopping_patience": 0, "sweep_median_stopping": 1})
+    job_id = train(services, client, tenant_a, tmp_path, TRAIN, EVAL, hp, metadata={"sweep": "s"})
+    steps, _ = curve(services, job_id)
+    assert steps[-1]["step"] == 1 < steps[-1]["total_steps"]
+    assert version_of(services, job_id).metrics["stopped_by"] == "sweep_median_stopping"
+    open_job(page, live_url, tenant_a, job_id)
+    paragraph = page.locator("#early-stopping")
+    expect(paragraph).to_contain_text(
+        f"Stopped early at step 1 of {steps[-1]['total_steps']}: its lowest eval loss was above "
+        "the median of the other jobs of its sweep at that step"
+    )
+    expect(paragraph).not_to_contain_text("evaluations in a row")
 
 
 def validator_refusal(**hyperparameters: Any) -> str:

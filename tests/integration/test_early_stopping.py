@@ -88,7 +88,15 @@ def test_a_job_stops_after_its_patience_and_publishes_its_lowest_evaluation(stop
     assert [m["step"] for m in recorder.metrics("train_loss")] == list(range(1, stop_at + 2))
     logs = {m: d for kind, m, d in recorder.events if kind == "log"}
     said = [d for d in logs.values() if d.get("early_stopped")]
-    assert said == [{"early_stopped": True, "step": stop_at + 1, "best_step": best_at + 1}]
+    assert said == [
+        {
+            "early_stopped": True,
+            "stopped_by": "early_stopping_patience",
+            "step": stop_at + 1,
+            "best_step": best_at + 1,
+        }
+    ]
+    assert result.stopped_by == "early_stopping_patience"
     kept = [d for d in logs.values() if "weights_from_step" in d]
     assert kept == [{"weights_from_step": best_at + 1, "best_eval_loss": min(losses)}]
     # The adapter is the lowest evaluation's weights (the checkpoint of that step, in bf16),

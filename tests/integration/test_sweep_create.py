@@ -186,6 +186,42 @@ def test_a_grid_that_cannot_be_swept_is_refused_saying_why(
     assert counts(services) == before
 
 
+def test_the_sweeps_median_stopping_is_for_a_job_of_a_sweep(
+    client: TestClient, services: Services, tenant_a: TenantKeys, base_name: str
+) -> None:
+    job = {
+        "model": base_name,
+        "training_file": file_of(client, tenant_a),
+        "hyperparameters": {
+            "eval_every_steps": 5,
+            "eval_fraction": 0.2,
+            "sweep_median_stopping": 2,
+        },
+    }
+    before = counts(services)
+    alone = client.post("/v1/fine_tuning/jobs", headers=tenant_a.headers(), json=job)
+    assert alone.status_code == 400, alone.text
+    error = alone.json()["error"]
+    assert error["param"] == "hyperparameters.sweep_median_stopping"
+    assert "POST /v1/fine_tuning/sweeps" in error["message"]
+    unwatched = {**job, "hyperparameters": {"sweep_median_stopping": 2}, "metadata": {"sweep": "s"}}
+    refused = client.post("/v1/fine_tuning/jobs", headers=tenant_a.headers(), json=unwatched)
+    assert (
+        refused.status_code == 400
+        and "set eval_every_steps too" in refused.json()["error"]["message"]
+    )
+    assert counts(services) == before
+    tagged = client.post(
+        "/v1/fine_tuning/jobs", headers=tenant_a.headers(), json={**job, "metadata": {"sweep": "s"}}
+    )
+    assert tagged.status_code == 200, tagged.text
+    swept = client.post(
+        SWEEPS, headers=tenant_a.headers(), json={"name": "s", "job": job, "grid": {"seed": [1, 2]}}
+    )
+    assert swept.status_code == 200, swept.text
+    assert {j["hyperparameters"]["sweep_median_stopping"] for j in swept.json()["jobs"]} == {2}
+
+
 def test_a_sweep_replays_under_its_key_and_refuses_another_request_under_it(
     client: TestClient, services: Services, tenant_a: TenantKeys, base_name: str
 ) -> None:

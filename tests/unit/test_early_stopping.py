@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from control_plane.hyperparameters import Hyperparameters
-from workers.training.early_stopping import EarlyStopping
+from workers.training.early_stopping import BEST_WEIGHTS, EarlyStopping
 
 
 def reference(losses: list[float], patience: int, threshold: float) -> tuple[int | None, int]:
@@ -131,3 +131,42 @@ def test_early_stopping_is_off_by_default_and_needs_evaluations_during_training(
     assert EarlyStopping.of(hp) == EarlyStopping(2, 0.0)
     with pytest.raises(ValidationError, match="set eval_every_steps too"):
         Hyperparameters(early_stopping_patience=2)
+
+
+def test_the_sweeps_median_is_asked_from_the_nth_evaluation_and_no_patience_never_stops(
+    tmp_path: Path,
+):
+    asked: list[tuple[int, float]] = []
+
+    def median(step: int, lowest: float) -> tuple[str, dict[str, object]] | None:
+        asked.append((step, lowest))
+        return ("trails its sweep", {"sweep_peers": 2}) if step >= 4 else None
+
+    early = EarlyStopping(0, 0.0, median_from=3)
+    model, said = model_at(0), None
+    for step, loss in enumerate([3.0, 2.0, 2.5, 2.6, 1.0], start=1):
+        set_step(model, step)
+        said = early.verdict(step, loss, model, median)
+        if said is not None:
+            break
+    assert asked == [(3, 2.0), (4, 2.0)]  # from its third evaluation, with its lowest so far
+    assert said == (
+        "trails its sweep",
+        {
+            "early_stopped": True,
+            "stopped_by": "sweep_median_stopping",
+            "step": 4,
+            "best_step": 2,
+            "sweep_peers": 2,
+        },
+    )
+    # A checkpoint carries the count of evaluations that the median waits for.
+    resumed = EarlyStopping(0, 0.0, median_from=3)
+    save_file(early.files(4)[BEST_WEIGHTS], str(tmp_path / BEST_WEIGHTS))
+    resumed.load(early.state(4), tmp_path, model)
+    assert (resumed.evaluations, resumed.best_step) == (4, 2)
+    # Without patience, however long it goes without a lower loss, it is not stopped by it.
+    alone = EarlyStopping(0, 0.0)
+    assert not any(alone.observe(step, 5.0, model) for step in range(1, 30))
+    hp = Hyperparameters(eval_every_steps=5, sweep_median_stopping=2)
+    assert EarlyStopping.of(hp) == EarlyStopping(0, 0.0, 2)

@@ -31,7 +31,7 @@ def test_a_supervised_request_hashes_as_it_did_before_dpo_and_a_dpo_one_does_not
 
 def test_a_request_hashes_as_it_did_before_early_stopping_unless_it_stops_early() -> None:
     now = Hyperparameters().model_dump(mode="json")
-    added = ("early_stopping_patience", "early_stopping_threshold")
+    added = ("early_stopping_patience", "early_stopping_threshold", "sweep_median_stopping")
     before = {k: v for k, v in now.items() if k not in added}
     assert _job(now).request_hash() == _job(before).request_hash()
     watched = Hyperparameters(eval_every_steps=5).model_dump(mode="json")

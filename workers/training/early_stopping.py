@@ -15,6 +15,7 @@ resumed job stops where the uninterrupted one would and publishes the same weigh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,25 +29,34 @@ from workers.training.interface import TrainingError
 
 # The best evaluation's weights in a checkpoint directory, when they are not its own.
 BEST_WEIGHTS = "best_weights.safetensors"
+# (step, lowest eval loss so far) -> why the job trails its sweep (message, data), or None.
+Compare = Callable[[int, float], "tuple[str, dict[str, Any]] | None"]
 
 
 @dataclass
 class EarlyStopping:
     """The lowest evaluation so far, its step and weights, and the evaluations since the last
-    improvement by more than `threshold`."""
+    improvement by more than `threshold` (none stop the job with `patience` 0); with
+    `median_from` N, from the Nth evaluation on, its sweep's median is asked too
+    (`control_plane.sweep_stopping`)."""
 
     patience: int
     threshold: float
+    median_from: int = 0
     best_loss: float | None = None
     best_step: int | None = None
     stale: int = 0
+    evaluations: int = 0
     best_weights: dict[str, torch.Tensor] | None = None
+    stopped_by: str | None = None  # the hyperparameter whose rule stopped the job
 
     @classmethod
     def of(cls, hp: Hyperparameters) -> EarlyStopping | None:
-        if not hp.early_stopping_patience:
+        if not (hp.early_stopping_patience or hp.sweep_median_stopping):
             return None
-        return cls(hp.early_stopping_patience, hp.early_stopping_threshold)
+        return cls(
+            hp.early_stopping_patience, hp.early_stopping_threshold, hp.sweep_median_stopping
+        )
 
     def observe(self, step: int, loss: float, model: nn.Module) -> bool:
         """Record the evaluation of `step`; True when the job should stop now."""
@@ -57,7 +67,34 @@ class EarlyStopping:
             self.stale = 0 if improved else self.stale + 1
         else:
             self.stale += 1
-        return self.stale >= self.patience
+        self.evaluations += 1
+        return self.patience > 0 and self.stale >= self.patience
+
+    def verdict(
+        self, step: int, loss: float, model: nn.Module, median: Compare
+    ) -> tuple[str, dict[str, Any]] | None:
+        """Record the evaluation of `step`: the event that says why the job stops now (by its
+        patience, else by its sweep's `median`), or None."""
+        if self.observe(step, loss, model):
+            self.stopped_by = "early_stopping_patience"
+            return self.reason(step)
+        if not self.median_from or self.evaluations < self.median_from:
+            return None
+        assert self.best_loss is not None
+        said = median(step, self.best_loss)
+        if said is None:
+            return None
+        self.stopped_by = "sweep_median_stopping"
+        message, data = said
+        return message, {**self._stop_data(step), **data}
+
+    def _stop_data(self, step: int) -> dict[str, Any]:
+        return {
+            "early_stopped": True,
+            "stopped_by": self.stopped_by,
+            "step": step,
+            "best_step": self.best_step,
+        }
 
     def reason(self, step: int) -> tuple[str, dict[str, Any]]:
         """The event that says why the job stopped at `step`."""
@@ -65,7 +102,15 @@ class EarlyStopping:
             f"early stopping at step {step}: {self.stale} evaluation(s) in a row without an eval "
             f"loss below {self.best_loss:.4f} (step {self.best_step}) by more than "
             f"{self.threshold:g}",
-            {"early_stopped": True, "step": step, "best_step": self.best_step},
+            self._stop_data(step),
+        )
+
+    def kept(self) -> tuple[str, dict[str, Any]]:
+        """The event that says which evaluation's weights the adapter holds."""
+        return (
+            f"the adapter holds the weights of step {self.best_step}, whose eval loss "
+            f"{self.best_loss:.4f} is the job's lowest",
+            {"weights_from_step": self.best_step, "best_eval_loss": self.best_loss},
         )
 
     def restore_best(self, model: nn.Module, step: int) -> int:
@@ -89,6 +134,7 @@ class EarlyStopping:
                 "best_loss": self.best_loss,
                 "best_step": self.best_step,
                 "stale": self.stale,
+                "evaluations": self.evaluations,
                 "best_is_this_step": self.best_step == step,
             }
         }
@@ -109,6 +155,7 @@ class EarlyStopping:
             int(saved["best_step"]),
             int(saved["stale"]),
         )
+        self.evaluations = int(saved.get("evaluations", 0))
         if saved["best_is_this_step"]:  # the checkpoint's own weights, already loaded
             self.best_weights = _trainable_copy(model)
         elif (directory / BEST_WEIGHTS).is_file():

@@ -30,6 +30,11 @@ def _no_checkpoint(step: int, directory: Path) -> None:
     del step, directory
 
 
+def _no_sweep(step: int, lowest: float) -> tuple[str, dict[str, Any]] | None:
+    del step, lowest
+    return None
+
+
 @dataclass
 class TrainHooks:
     """How a job talks to its caller: events out, a stop signal in, checkpoints out."""
@@ -40,6 +45,9 @@ class TrainHooks:
     # Asked when the loop stops early: whether to write a checkpoint of the step reached first
     # (a worker shutting down hands its job back; a cancelled job needs none).
     checkpoint_on_stop: Callable[[], bool] = _never
+    # Asked at an evaluation of a job with `sweep_median_stopping` (its step, its lowest eval
+    # loss so far): why it trails the other jobs of its sweep (its event), or None to go on.
+    trails_its_sweep: Callable[[int, float], tuple[str, dict[str, Any]] | None] = _no_sweep
 
 
 @dataclass(frozen=True)
@@ -59,3 +67,4 @@ class TrainResult:
     # eval loss is then `final_eval_loss`), and whether the job stopped before its last step.
     weights_step: int | None = None
     early_stopped: bool = False
+    stopped_by: str | None = None  # the hyperparameter whose rule stopped it early

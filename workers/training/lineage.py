@@ -81,8 +81,9 @@ def build_lineage(
                 {
                     "weights_from_step": result.weights_step or result.global_step,
                     "early_stopped": result.early_stopped,
+                    "stopped_by": result.stopped_by,
                 }
-                if hp.early_stopping_patience
+                if hp.early_stopping_patience or hp.sweep_median_stopping
                 else {}
             ),
         },

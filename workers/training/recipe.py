@@ -273,11 +273,14 @@ class LoraRecipe:
         if early is None:
             return False
         assert self.model is not None
-        stop = eval_loss is not None and early.observe(step, eval_loss, self.model)
+        said = None  # rank 0 alone evaluates, and has a verdict
+        if eval_loss is not None:
+            said = early.verdict(step, eval_loss, self.model, self.hooks.trails_its_sweep)
+        stop = said is not None
         if self.world_size > 1:
             stop = rank_zero_decides(self.rank == 0 and stop, self.base.device)
-        if stop and self.rank == 0:  # the other ranks took rank 0's answer, not its counts
-            self._event("log", *early.reason(step))
+        if said is not None:
+            self._event("log", *said)
         return stop
 
     def _step_examples(self, epoch: int, position: int) -> list[Any]:
@@ -404,12 +407,7 @@ class LoraRecipe:
         step, early = self.progress.global_step, self.early_stopping
         if early is not None and early.restore_best(self.model, step) != step:
             self.weights_step = early.best_step
-            self._event(
-                "log",
-                f"the adapter holds the weights of step {early.best_step}, whose eval loss "
-                f"{early.best_loss:.4f} is the job's lowest",
-                {"weights_from_step": early.best_step, "best_eval_loss": early.best_loss},
-            )
+            self._event("log", *early.kept())
         directory = self.output_dir / "adapter"
         with staged(directory) as staging:
             write_adapter(self.model, staging, self.base.path, dtype=torch.bfloat16)
@@ -440,6 +438,7 @@ class LoraRecipe:
             stopped=stopped,
             weights_step=self.weights_step,
             early_stopped=not stopped and self.progress.global_step < self.total_steps,
+            stopped_by=self.early_stopping.stopped_by if self.early_stopping else None,
             precision=self.precision,
             base_sha256=self.base.sha256,
         )

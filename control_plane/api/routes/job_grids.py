@@ -35,12 +35,12 @@ from control_plane.api.openapi import refusals
 from control_plane.api.routes.fine_tuning import public_job
 from control_plane.api.schemas import NAME_PATTERN, JobCreate, JobPublic
 from control_plane.hyperparameters import Hyperparameters
+from control_plane.sweeps import SWEEP_KEY
 
 router = APIRouter(prefix="/v1/fine_tuning/sweeps", tags=["fine-tuning"])
 
 MAX_SWEEP_JOBS = 64  # points in one request
 MAX_GRID_VALUES = 16  # values of one hyperparameter
-SWEEP_KEY = "sweep"  # the metadata key each job of the sweep holds its name under
 
 
 class SweepCreate(BaseModel):

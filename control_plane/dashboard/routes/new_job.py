@@ -27,7 +27,7 @@ from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.method_schemas import DpoMethod, Method
 from control_plane.api.routes import files as file_routes
 from control_plane.api.routes import fine_tuning, job_grids
-from control_plane.api.routes.job_grids import SWEEP_KEY, SweepCreate
+from control_plane.api.routes.job_grids import SweepCreate
 from control_plane.api.schemas import JobCreate
 from control_plane.base_status import BaseStatus
 from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, page
@@ -35,6 +35,7 @@ from control_plane.dashboard.sessions import CheckedSession, CurrentSession, Pag
 from control_plane.datasets import DatasetError
 from control_plane.hyperparameters import BASE_LEARNING_RATE, Hyperparameters
 from control_plane.records import JobRecord
+from control_plane.sweeps import SWEEP_KEY
 
 router = APIRouter()
 
