@@ -42,6 +42,9 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
     psycopg.OperationalError,
 )
 """What a database that is restarting or failing over raises: a blip, not the job's fault."""
+# A sweep's evaluations left unread (the median rule then stops nothing): a blip, or no
+# connection free in the pool.
+UNREAD_SWEEP: tuple[type[Exception], ...] = (*DATABASE_ERRORS, sqlalchemy.exc.TimeoutError)
 
 
 def through_blips(call: Callable[[], T], *, what: str, patience_s: float = 120.0) -> T:
@@ -288,14 +291,13 @@ def job_hooks(services: Services, job: JobRecord, signals: JobSignals) -> TrainH
         record_event(services, job.id, kind, message, data)
 
     def trails_its_sweep(step: int, lowest: float) -> tuple[str, dict[str, Any]] | None:
-        """The sweep's median rule; a database that does not answer stops nothing."""
+        """The sweep's median rule; a database that does not answer (or no connection is free)
+        stops nothing."""
         try:
             with services.engine.connect() as conn:
                 peers = sweep_stopping.peers_at(conn, job, step)
-        except sqlalchemy.exc.DBAPIError:
-            log.warning(
-                "job %s: its sweep's evaluations unread at step %d; it goes on", job.id, step
-            )
+        except UNREAD_SWEEP:
+            log.warning("job %s: its sweep unread at step %d (database); it goes on", job.id, step)
             return None
         return sweep_stopping.verdict(peers, lowest)
 

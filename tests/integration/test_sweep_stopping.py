@@ -45,13 +45,15 @@ def evaluate(engine: Engine, job_id: str, losses: dict[int, float]) -> None:
             )
 
 
-def reference(peers: list[dict[int, float]], step: int) -> list[float]:
-    """Each peer that evaluated at `step` or later: its lowest eval loss by `step`."""
-    return sorted(
-        min(v for s, v in losses.items() if s <= step)
-        for losses in peers
-        if losses and max(losses) >= step and any(s <= step for s in losses)
-    )
+def reference(peers: list[tuple[dict[int, float], bool]], step: int) -> list[float]:
+    """Each peer (its evaluations, whether it is over) that evaluated at `step` or later, or is
+    over, with an evaluation by `step`: its average eval loss by `step`."""
+    told = []
+    for losses, over in peers:
+        by_then = [v for s, v in losses.items() if s <= step]
+        if by_then and (over or max(losses) >= step):
+            told.append(statistics.fmean(by_then))
+    return sorted(told)
 
 
 EXAMPLES = itertools.count()  # each example's tenants and base are its own
@@ -64,14 +66,14 @@ evaluations = st.dictionaries(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    peers=st.lists(evaluations, max_size=5),
+    peers=st.lists(st.tuples(evaluations, st.booleans()), max_size=5),
     strangers=st.lists(evaluations, max_size=2),
     step=st.integers(1, 12),
     lowest=st.sampled_from([0.4, 1.0, 1.25, 2.5]),
 )
 def test_the_peers_and_the_verdict_follow_the_rule(
     services: Services,
-    peers: list[dict[int, float]],
+    peers: list[tuple[dict[int, float], bool]],
     strangers: list[dict[int, float]],
     step: int,
     lowest: float,
@@ -82,8 +84,15 @@ def test_the_peers_and_the_verdict_follow_the_rule(
     file_id = make_file(engine, tenant.id).id
     job_id, *peer_ids = enqueue_jobs(engine, tenant.id, base.id, file_id, 1 + len(peers))
     tag_jobs(engine, {"sweep": "grid", "team": "x"}, job_id, *peer_ids)
-    for peer_id, losses in zip(peer_ids, peers, strict=True):
+    for peer_id, (losses, over) in zip(peer_ids, peers, strict=True):
         evaluate(engine, peer_id, losses)
+        if over:
+            services.queue.request_cancel(peer_id)
+        # Neither a log line that holds an eval loss nor an evaluation that is not a number
+        # is one of its evaluations.
+        with engine.begin() as conn:
+            add_event(conn, peer_id, "note", data={"step": 1, "eval_loss": 0.0})
+            add_event(conn, peer_id, "odd", type="metrics", data={"step": 2, "eval_loss": "n/a"})
     # Another sweep of the tenant, and the same sweep's name in another tenant: not peers.
     apart = enqueue_jobs(engine, tenant.id, base.id, file_id, len(strangers))
     tag_jobs(engine, {"sweep": "other"}, *apart)
@@ -93,19 +102,20 @@ def test_the_peers_and_the_verdict_follow_the_rule(
     tag_jobs(engine, {"sweep": "grid"}, *elsewhere)
     for stranger_id, losses in zip([*apart, *elsewhere], strangers * 2, strict=True):
         evaluate(engine, stranger_id, {s: v / 100 for s, v in losses.items()})
-    evaluate(engine, job_id, {1: 99.0})  # its own evaluations are not its peers'
+    evaluate(engine, job_id, {1: 0.001, 12: 0.001})  # its own are not its peers'
     with engine.connect() as conn:
         job = jobs.get_job_unscoped(conn, job_id)
         assert job is not None
         found = sweep_stopping.peers_at(conn, job, step)
     expected = reference(peers, step)
-    assert found is not None and found.lowest == expected
+    assert found is not None
+    assert found.averages == pytest.approx(expected)
     said = sweep_stopping.verdict(found, lowest)
     stops = len(expected) >= sweep_stopping.MIN_PEERS and lowest > statistics.median(expected)
     assert (said is not None) == stops
     if said is not None:
         assert said[1] == {
-            "sweep_median_eval_loss": statistics.median(expected),
+            "sweep_median_eval_loss": pytest.approx(statistics.median(expected)),
             "sweep_peers": len(expected),
         }
 
@@ -128,13 +138,16 @@ def trainer_services(database_url: str, tmp_path: Path) -> Iterator[Services]:
     built.close()
 
 
-def sweep_with_peers(services: Services, peer_loss: float, reached: int) -> str:
+def sweep_with_peers(
+    services: Services, peer_loss: float, reached: int, *, over: bool = True, first: int = 1
+) -> str:
     """A job of sweep `s` (TRAIN, evaluated on EVAL after every step, median stopping from its
-    first evaluation), and two finished peers of the sweep whose every evaluation up to step
-    `reached` was `peer_loss`."""
+    `first` evaluation), and two peers of the sweep, over (cancelled) or not (paused: the
+    trainer takes only the job either way), whose every evaluation up to step `reached` was
+    `peer_loss`."""
     world = make_world(services)
     overrides = HP.model_dump(exclude={"checkpoint_every_steps", "early_stopping_patience"})
-    overrides["sweep_median_stopping"] = 1
+    overrides["sweep_median_stopping"] = first
     job_id = submit(services, world, records=TRAIN, validation=EVAL, **overrides)
     peers = enqueue_jobs(
         services.engine,
@@ -144,7 +157,7 @@ def sweep_with_peers(services: Services, peer_loss: float, reached: int) -> str:
         2,
     )
     for peer in peers:
-        services.queue.request_cancel(peer)  # over: the trainer takes only the job
+        (services.queue.request_cancel if over else services.queue.request_pause)(peer)
         evaluate(services.engine, peer, {step: peer_loss for step in range(1, reached + 1)})
     tag_jobs(services.engine, {"sweep": "s"}, job_id, *peers)
     return job_id
@@ -159,7 +172,8 @@ def test_a_job_trailing_its_sweep_stops_at_its_first_evaluation(
     steps = [m for m in metric_events(trainer_services, job_id) if "train_loss" in m]
     assert len(steps) == 1 < steps[-1]["total_steps"]  # stopped at its first evaluation
     said = [m for m in messages(trainer_services, job_id) if m.startswith("sweep median stopping")]
-    assert said and "above 0.0100, the median of the 2 other jobs of sweep s" in said[0]
+    assert said and "above 0.0100, the median of the average eval losses" in said[0]
+    assert "of the 2 other jobs of sweep s" in said[0]
     with trainer_services.engine.connect() as conn:
         version = registry.version_for_job(conn, job_id)
     assert version is not None
@@ -169,15 +183,33 @@ def test_a_job_trailing_its_sweep_stops_at_its_first_evaluation(
     assert job_row(trainer_services, job_id).status == "succeeded"
 
 
+def test_peers_that_are_over_tell_by_their_last_evaluation(
+    trainer_services: Services, tmp_path: Path
+) -> None:
+    """Peers that stopped at step 2, far lower: the job, asked from its third evaluation,
+    stops there (left out, they would have left it to train every step: the next test)."""
+    job_id = sweep_with_peers(trainer_services, peer_loss=0.01, reached=2, first=3)
+    runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
+    assert run_one(runner) == "succeeded"
+    steps = [m for m in metric_events(trainer_services, job_id) if "train_loss" in m]
+    assert len(steps) == 3
+
+
 @pytest.mark.parametrize(
-    ("peer_loss", "reached"),
-    [(100.0, 100), (0.01, 0)],
-    ids=["its sweep does worse", "its sweep has not evaluated yet"],
+    ("peer_loss", "reached", "over"),
+    [(100.0, 100, True), (0.01, 0, True), (0.01, 2, False)],
+    ids=[
+        "its sweep does worse",
+        "its sweep has not evaluated",
+        "its sweep has not got as far yet",
+    ],
 )
 def test_a_job_its_sweep_does_not_lead_trains_every_step(
-    trainer_services: Services, tmp_path: Path, peer_loss: float, reached: int
+    trainer_services: Services, tmp_path: Path, peer_loss: float, reached: int, over: bool
 ) -> None:
-    job_id = sweep_with_peers(trainer_services, peer_loss=peer_loss, reached=reached)
+    job_id = sweep_with_peers(
+        trainer_services, peer_loss=peer_loss, reached=reached, over=over, first=3
+    )
     runner = JobRunner(trainer_services, "w1", work_dir=tmp_path / "w1")
     assert run_one(runner) == "succeeded"
     steps = [m for m in metric_events(trainer_services, job_id) if "train_loss" in m]

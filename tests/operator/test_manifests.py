@@ -49,11 +49,16 @@ def test_the_crds_serve_v1alpha1_with_a_status_subresource_and_printer_columns()
 
 
 def test_a_fine_tuning_job_takes_every_hyperparameter_the_api_takes() -> None:
-    """`spec.hyperparameters` in camelCase, save the method's own (`spec.method`)."""
+    """`spec.hyperparameters` in camelCase, save the method's own (`spec.method`) and the
+    sweep's median stopping (a FineTuningJob is one job, of no sweep)."""
     (version,) = crds()["FineTuningJob"]["spec"]["versions"]
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     taken = {snake(name) for name in spec["hyperparameters"]["properties"]}
-    assert taken == set(Hyperparameters.model_fields) - {"method", "dpo_beta"}
+    assert taken == set(Hyperparameters.model_fields) - {
+        "method",
+        "dpo_beta",
+        "sweep_median_stopping",
+    }
 
 
 def test_every_example_manifest_validates_against_its_crd() -> None:

@@ -156,8 +156,9 @@ class LoraRecipe:
         self._event("log", *dataset_summary(self.train_set, self.eval_set))
         if self.early_stopping is not None and self.eval_set is None:
             raise TrainingError(
-                "early_stopping_patience needs an eval set, and the job has none: give it a "
-                "validation file or an eval_fraction (or its validation examples were all dropped)"
+                "early stopping (by patience or by its sweep) needs an eval set, and the job has "
+                "none: give it a validation file or an eval_fraction (or its validation "
+                "examples were all dropped)"
             )
         self.data_sha256 = data_sha256(examples_of(self.train_set.examples))
         self.steps_per_epoch = math.ceil(len(self.train_set.examples) / hp.batch_size)

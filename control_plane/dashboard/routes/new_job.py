@@ -274,9 +274,10 @@ def _values_like(
     else:
         notes.append("its training file was deleted: choose a dataset")
     if job.validation_file_id:
-        watched = job.hyperparameters.get("early_stopping_patience") and not (
-            job.hyperparameters.get("eval_fraction")
-        )
+        hp = job.hyperparameters
+        watched = (
+            hp.get("early_stopping_patience") or hp.get("sweep_median_stopping")
+        ) and not hp.get("eval_fraction")
         notes.append(
             "its validation file is not carried over (the form takes none)"
             + (": set eval_fraction for early stopping to watch" if watched else "")
