@@ -61,7 +61,7 @@ def main() -> None:
             conn.execute(text("ANALYZE"))
         # The baseline: the same statement, its predicate not the partial index's.
         unindexed = text(
-            str(sweep_stopping._PEERS).replace(
+            sweep_stopping._PEERS.text.replace(
                 "(e.data -> 'eval_loss') IS NOT NULL", "e.data ? 'eval_loss'", 1
             )
         ).bindparams(bindparam("over", expanding=True))
