@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Table, func, insert, select, text, update
 
 from control_plane import trainers
 from control_plane.base_catalog import get_base_model, list_base_models
@@ -236,55 +236,6 @@ def create_model(
         user_metadata=request.get("user_metadata"),
     )
     return model, _insert_call(conn, model, 0, CallKind.CREATE_MODEL, request)
-
-
-def create_sampler(
-    conn: Connection,
-    tenant_id: str,
-    session_id: str,
-    *,
-    base_name: str | None,
-    model_path: str | None,
-    lease_seconds: float,
-    shared: bool = False,
-) -> ModelRecord:
-    """A sampler of the session: on the sampler weights at `model_path` (the tenant's, or with
-    `shared` published ones; on the base they were trained on), or on the base alone."""
-    _session(conn, tenant_id, session_id)
-    if model_path is None:
-        assert base_name is not None, "a sampler needs model_path or base_name"
-        base_id = ready_base(conn, base_name).id
-    else:
-        base_id = _checkpoint_base(conn, tenant_id, model_path, sampler=True, shared=shared)
-        if base_name is not None and ready_base(conn, base_name).id != base_id:
-            raise Refused(
-                f"{model_path} was trained on another base than {base_name!r}; leave base_model "
-                "out to sample on the checkpoint's own",
-                "base_model",
-            )
-    require_served(conn, base_id, lease_seconds)
-    return _new_model(
-        conn, tenant_id, session_id, base_id, ModelKind.SAMPLER, model_path=model_path
-    )
-
-
-def _checkpoint_base(
-    conn: Connection, tenant_id: str, path: str, *, sampler: bool, shared: bool
-) -> str:
-    """The base of the model that saved the tenant's weights at `path` (only sampler weights
-    when `sampler`; with `shared`, published ones too); NotFound when there are none."""
-    owner = checkpoints.c.tenant_id == tenant_id
-    query = (
-        select(models.c.base_model_id)
-        .select_from(checkpoints.join(models, models.c.id == checkpoints.c.model_id))
-        .where(checkpoints.c.path == path, or_(owner, checkpoints.c.public) if shared else owner)
-    )
-    if sampler:
-        query = query.where(checkpoints.c.kind == "sampler")
-    base_id = conn.execute(query).scalar_one_or_none()
-    if base_id is None:
-        raise NotFound("sampler_checkpoint" if sampler else "checkpoint", path)
-    return str(base_id)
 
 
 def get_model(conn: Connection, tenant_id: str, model_id: str) -> ModelRecord:

@@ -180,6 +180,11 @@ def finish(
         return False
     if checkpoint is not None:
         interactive_saves.record(conn, call, checkpoint)
+    if call.kind == "load_weights":  # the adapter version the model now holds, if one
+        conn.execute(
+            text("UPDATE interactive_models SET weights_version_id = :version WHERE id = :model"),
+            {"version": call.request.get("adapter_version_id"), "model": call.model_id},
+        )
     if release_model:
         conn.execute(
             text(

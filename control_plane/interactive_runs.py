@@ -19,18 +19,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, text
 
 from control_plane import audit
-from control_plane.base_catalog import get_base_model
 from control_plane.interactive import (
     CallKind,
     ModelKind,
     ModelRecord,
     NotFound,
     Refused,
-    _insert_call,
-    _new_model,
     _session,
-    get_model,
-    require_served,
 )
 from control_plane.interactive_saves import checkpoint_path, encrypted
 from control_plane.records import _FromRow
@@ -47,14 +42,16 @@ EXPIRE_BATCH = 50
 _CHECKPOINT_COLUMNS = (
     "c.id, c.model_id, c.tenant_id, c.kind, c.name, c.path, c.storage_prefix, c.created_at, "
     "c.size_bytes, c.expires_at, c.user_metadata, c.published_version_id, m.session_id, "
-    "m.base_model_id, m.lora_config, c.files, c.public"
+    "m.base_model_id, m.lora_config, c.files, c.public, c.from_version_id"
 )
 
 
 @dataclass(frozen=True)
 class CheckpointRecord(_FromRow):
     """Saved weights of a training run (`kind`: `state`, `sampler` or `external`), with its run's
-    session, base and LoRA config, and the files it wrote (None: saved before revision 0030)."""
+    session, base and LoRA config, and the files it wrote (None: saved before revision 0030);
+    `from_version_id`, the adapter version its run had loaded at the save (revision 0041). An
+    adapter version read as weights (`session_weights.find`) is one too, of no session."""
 
     id: str
     model_id: str
@@ -73,6 +70,7 @@ class CheckpointRecord(_FromRow):
     lora_config: dict[str, Any]
     files: dict[str, Any] | None
     public: bool
+    from_version_id: str | None
 
     @property
     def encrypted(self) -> bool:
@@ -145,18 +143,6 @@ def find_checkpoint(
     if row is None:
         raise NotFound("checkpoint", path)
     return CheckpointRecord.from_row(row)
-
-
-def check_loadable(
-    conn: Connection, tenant_id: str, model_id: str, path: str, *, shared: bool
-) -> CheckpointRecord:
-    """The model can load the weights at `path`: the tenant's (or, with `shared`, published),
-    saved on the model's base; they are returned."""
-    model = get_model(conn, tenant_id, model_id)
-    saved = find_checkpoint(conn, tenant_id, path, shared=shared)
-    if saved.base_model_id != model.base_model_id:
-        raise Refused(f"{path} was saved from a model on another base than {model_id}'s", "path")
-    return saved
 
 
 def check_name_free(conn: Connection, tenant_id: str, model_id: str, name: str) -> None:
@@ -390,60 +376,3 @@ def session_contents(conn: Connection, tenant_id: str, session_id: str) -> Sessi
         user_metadata=dict(metadata or {}),
         display_name=name,
     )
-
-
-def create_from_state(
-    conn: Connection,
-    tenant_id: str,
-    session_id: str,
-    model_seq_id: int,
-    *,
-    path: str,
-    base_name: str | None,
-    user_metadata: dict[str, Any] | None,
-    request: dict[str, Any],
-    lease_seconds: float,
-    limit: int,
-    shared: bool = False,
-) -> tuple[ModelRecord, str, CheckpointRecord | None]:
-    """A training run of the session started from the weights saved at `path` (the SDK's
-    `create_training_client_from_state`): its id is the one the SDK derives,
-    `<session>:train:<model_seq_id>`, its LoRA config the checkpoint's, and its first call
-    (seq 0) loads them. Sent again (its answer lost), the same run and future. OverLimit when
-    the tenant holds as many loaded training models as its cap (its own, else `limit`, the
-    platform's default). With `shared`, another tenant's published state may be the start. The
-    checkpoint it starts from is the third part, None when the run was made already."""
-    _session(conn, tenant_id, session_id)
-    model_id = f"{session_id}:train:{model_seq_id}"
-    existing = conn.execute(
-        text(
-            "SELECT c.id FROM interactive_models m JOIN interactive_calls c "
-            "ON c.model_id = m.id AND c.seq = 0 WHERE m.id = :id AND m.tenant_id = :tenant"
-        ),
-        {"id": model_id, "tenant": tenant_id},
-    ).scalar_one_or_none()
-    if existing is not None:
-        return get_model(conn, tenant_id, model_id), str(existing), None
-    require_room(conn, tenant_id, limit)
-    saved = find_checkpoint(conn, tenant_id, path, shared=shared)
-    if base_name is not None:
-        named = get_base_model(conn, base_name)
-        if named is None or named.id != saved.base_model_id:
-            raise Refused(
-                f"{path} was trained on another base than {base_name!r}: leave base_model out "
-                "to resume on the checkpoint's own",
-                "base_model",
-            )
-    require_served(conn, saved.base_model_id, lease_seconds)
-    model = _new_model(
-        conn,
-        tenant_id,
-        session_id,
-        saved.base_model_id,
-        ModelKind.TRAINING,
-        lora_config=saved.lora_config,
-        next_seq=1,
-        model_id=model_id,
-        user_metadata=user_metadata,
-    )
-    return model, _insert_call(conn, model, 0, CallKind.LOAD_WEIGHTS, request), saved

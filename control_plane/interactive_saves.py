@@ -95,18 +95,22 @@ def checkpoint_location(call: Call, name: str) -> Saved:
 _RECORD = text(
     "INSERT INTO interactive_checkpoints "
     "(id, model_id, tenant_id, kind, name, path, storage_prefix, size_bytes, files, "
-    "expires_at, user_metadata) VALUES (:id, :model, :tenant, :kind, :name, :path, "
-    ":prefix, :size, :files, now() + make_interval(secs => CAST(:ttl AS double precision)), "
-    ":metadata) ON CONFLICT (model_id, kind, name) DO UPDATE "
+    "expires_at, user_metadata, from_version_id) VALUES (:id, :model, :tenant, :kind, :name, "
+    ":path, :prefix, :size, :files, "
+    "now() + make_interval(secs => CAST(:ttl AS double precision)), :metadata, "
+    "(SELECT weights_version_id FROM interactive_models WHERE id = CAST(:model AS varchar))) "
+    "ON CONFLICT (model_id, kind, name) DO UPDATE "
     "SET storage_prefix = excluded.storage_prefix, size_bytes = excluded.size_bytes, "
     "files = excluded.files, expires_at = excluded.expires_at, "
-    "user_metadata = excluded.user_metadata, created_at = now(), public = false"
+    "user_metadata = excluded.user_metadata, created_at = now(), public = false, "
+    "from_version_id = excluded.from_version_id"
 ).bindparams(bindparam("metadata", type_=JSONB), bindparam("files", type_=JSONB))
 
 
 def record(conn: Connection, call: Call, saved: Saved) -> None:
     """The checkpoint's row (not committed); a save under a name taken overwrites it, and what
-    was published of it is its tenant's own again (the weights are new)."""
+    was published of it is its tenant's own again (the weights are new). It keeps the adapter
+    version its model last loaded, if any: what a version published from it descends from."""
     conn.execute(
         _RECORD,
         {

@@ -692,6 +692,11 @@ class InteractiveModel(Base):
     kind: Mapped[str] = mapped_column(String(16), nullable=False)
     lora_config: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     model_path: Mapped[str | None] = mapped_column(Text)
+    # The registry's adapter version whose weights the model last loaded (revision 0041;
+    # `control_plane.adapter_weights`): what a version published from its saves descends from.
+    weights_version_id: Mapped[str | None] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="SET NULL")
+    )
     next_seq: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     # A sampler's next clone number for a client that joins it (`join_sampling_session`; the
     # client that created it is 0), revision 0032.
@@ -853,6 +858,11 @@ class InteractiveCheckpoint(Base):
     created_at: Mapped[datetime] = _now()
     # The adapter version it was published as (at most one; a deleted version frees it).
     published_version_id: Mapped[str | None] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="SET NULL")
+    )
+    # The adapter version its model's weights were loaded from at the save (revision 0041): the
+    # parent of a version published from it.
+    from_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("adapter_versions.id", ondelete="SET NULL")
     )
     # The bytes the save wrote, and when the platform deletes it (null: never).

@@ -307,7 +307,9 @@ def publish_checkpoint(
     parts: RegistryParts, *, tenant_id: str, path: str, adapter_name: str
 ) -> PublishedVersion:
     """Publish weights an interactive session saved (`tinker://...`, this tenant's) as the next
-    version of `adapter_name`, with the session, model and LoRA config as its lineage.
+    version of `adapter_name`, with the session, model and LoRA config as its lineage, and as
+    its parent the adapter version the run had loaded when it saved them, if one
+    (`control_plane.session_weights`).
 
     A checkpoint becomes at most one version: publishing it again returns that version
     (`created=False`), whichever name is asked for. The files are uploaded and verified and the
@@ -338,7 +340,9 @@ def publish_checkpoint(
         tenant = get_tenant(conn, tenant_id)
         base = get_base_model(conn, saved.base_model_id)
         assert tenant is not None and base is not None  # a checkpoint's tenant and base outlive it
-        plan = _Plan(tenant.name, base, name, None)
+        # A run that loaded an adapter version descends from it (revision 0041).
+        parent = get_version_by_id(conn, saved.from_version_id) if saved.from_version_id else None
+        plan = _Plan(tenant.name, base, name, parent)
         lineage = {
             "source": "interactive_session",
             "session_id": saved.session_id,

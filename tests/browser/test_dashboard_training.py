@@ -156,6 +156,8 @@ def test_start_watch_and_promote_a_job_from_the_browser(
     page.click("#adapter-link a")
     page.wait_for_url(re.compile(r".*/adapters/sums#v1$"))
     expect(page.locator("#v1 .pull code")).to_have_text("loraforge pull sums@1")
+    # The path the tinker SDK samples it by, or starts an interactive run from.
+    expect(page.locator("#tinker-1")).to_have_text("tinker://adapters/sums@1")
     expect(page.locator("#v1")).to_contain_text(tiny_base)
     page.fill("#alias-name", "prod")
     page.select_option("#alias-version", "1")

@@ -26,10 +26,9 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection
 
 from control_plane import interactive_calls as calls
-from control_plane import interactive_health
+from control_plane import interactive_health, session_weights
 from control_plane.base_catalog import get_base_model
 from control_plane.interactive import NotFound
-from control_plane.interactive_runs import find_checkpoint
 from control_plane.interactive_saves import SAVES, Saved
 from control_plane.queue import QueueListener
 from control_plane.services import Services
@@ -407,7 +406,7 @@ class InteractiveRunner:
         with self.services.engine.connect() as conn:
             try:
                 shared = self.services.settings.tinker_public_checkpoints
-                saved = find_checkpoint(conn, call.tenant_id, path, shared=shared)
+                saved = session_weights.find(conn, call.tenant_id, path, shared=shared)
             except NotFound:
                 raise CheckpointNotFound(f"no saved weights at {path!r}") from None
         if saved.encrypted:

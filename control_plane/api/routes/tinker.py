@@ -47,6 +47,7 @@ from control_plane import (
     interactive_runs,
     interactive_sessions,
     interactive_storage,
+    session_weights,
 )
 from control_plane.api import tinker_wire
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
@@ -337,10 +338,12 @@ def load_weights(
     """Weights saved by `save_state` loaded into a model; or, addressed by session and
     `model_seq_id`, a new training run of the session started from them."""
     request = body.model_dump(mode="json", include={"path", "optimizer", "seq_id"})
+    with domain_errors():
+        session_weights.refuse_optimizer(body.path, bool(body.optimizer))
     if body.model_id is None:
         assert body.session_id is not None and body.model_seq_id is not None  # the schema's
         with domain_errors():
-            model, future, started_from = interactive_runs.create_from_state(
+            model, future, started_from = session_weights.create_from_state(
                 conn,
                 caller.tenant_id,
                 body.session_id,
@@ -358,7 +361,7 @@ def load_weights(
         conn.commit()
         return _future(future, model.id)
     with domain_errors():
-        loaded = interactive_runs.check_loadable(
+        loaded = session_weights.check_loadable(
             conn,
             caller.tenant_id,
             body.model_id,
@@ -366,6 +369,7 @@ def load_weights(
             shared=services.settings.tinker_public_checkpoints,
         )
         audit.checkpoint_read(conn, caller, loaded, "load")
+    request = session_weights.load_request(loaded, request)
     return _enqueue(conn, caller, body.model_id, CallKind.LOAD_WEIGHTS, request, body.seq_id)
 
 
@@ -377,7 +381,7 @@ def create_sampling_session(
     body: SamplingSessionCreate, conn: ConnDep, caller: Writer, services: ServicesDep
 ) -> dict[str, str]:
     with domain_errors():
-        sampler = interactive.create_sampler(
+        sampler, sampled = session_weights.create_sampler(
             conn,
             caller.tenant_id,
             body.session_id,
@@ -386,11 +390,7 @@ def create_sampling_session(
             lease_seconds=services.settings.lease_seconds,
             shared=services.settings.tinker_public_checkpoints,
         )
-        if body.model_path is not None:
-            shared = services.settings.tinker_public_checkpoints
-            sampled = interactive_runs.find_checkpoint(
-                conn, caller.tenant_id, body.model_path, shared=shared
-            )
+        if sampled is not None:
             audit.checkpoint_read(conn, caller, sampled, "sample")
     conn.commit()
     return {"type": "create_sampling_session", "sampling_session_id": sampler.id}

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import Connection
 
-from control_plane import audit, interactive_runs, interactive_storage
+from control_plane import audit, interactive_runs, interactive_storage, session_weights
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.routes.tinker import domain_errors
@@ -236,9 +236,7 @@ def weights_info(
     """What the weights at a path were trained on (the SDK reads it to resume from them)."""
     shared = services.settings.tinker_public_checkpoints
     with domain_errors():
-        saved = interactive_runs.find_checkpoint(
-            conn, caller.tenant_id, body.tinker_path, shared=shared
-        )
+        saved = session_weights.find(conn, caller.tenant_id, body.tinker_path, shared=shared)
     audit.checkpoint_read(conn, caller, saved, "weights_info")
     conn.commit()
     config = saved.lora_config
