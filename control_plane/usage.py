@@ -48,8 +48,10 @@ def call_usage(
         return {"training_tokens": sum(_tokens(datum.get("model_input")) for datum in data)}
     if kind == "sample":
         sequences = result.get("sequences") or []
+        # A chat's prompt is rendered by the executor, which answers its length.
+        prompt = result.get("prompt_tokens") if "messages" in request else None
         return {
-            "prefill_tokens": _tokens(request.get("prompt")),
+            "prefill_tokens": prompt if isinstance(prompt, int) else _tokens(request.get("prompt")),
             "sampled_tokens": sum(len(seq.get("tokens") or []) for seq in sequences),
         }
     if kind in _SAVES:

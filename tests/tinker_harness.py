@@ -153,3 +153,34 @@ def counted(app: Any) -> Counter[str]:
         return await call_next(request)
 
     return hits
+
+
+def publish_adapter_version(
+    services: Services, tenant_id: str, base: str, adapter_dir: Path, rank: int
+) -> str:
+    """A job's adapter (a PEFT directory) published as the next version of the tenant's `bot`
+    on `base`, as its trainer publishes it: the version's `name@N`."""
+    from sqlalchemy import text
+
+    from control_plane import registry
+    from tests.factories import enqueue_jobs, make_file
+
+    engine = services.engine
+    with engine.connect() as conn:
+        found = get_base_model(conn, base)
+    assert found is not None
+    [job_id] = enqueue_jobs(engine, tenant_id, found.id, make_file(engine, tenant_id).id, 1)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE jobs SET adapter_name = 'bot' WHERE id = :id"), {"id": job_id})
+    job = services.queue.claim("worker-1")
+    assert job is not None and job.id == job_id
+    published = registry.publish_job_adapter(
+        services,
+        job=job,
+        worker_id="worker-1",
+        adapter_dir=adapter_dir,
+        lineage={"hyperparameters": {"lora_rank": rank}},
+        metrics={},
+    )
+    assert published is not None
+    return published.version.model_id

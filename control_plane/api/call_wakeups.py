@@ -7,7 +7,7 @@ the app runs (its lifespan), and sets the events of the polls waiting on that ca
 `retrieve_future`) or on that model (a sampling client's `retrieve_futures`). A poll registers
 before its first look, so a call finished during the look wakes the poll's next wait at once.
 
-The polls keep their timed looks (`routes.tinker_futures._held`) as they were: a notification
+The polls keep their timed looks (`routes.tinker_futures.hold_until`) as they were: a notification
 lost (the listening connection dropped, the database restarting) costs the poll its next look's
 wait, never its answer. A lost connection is reopened every `REOPEN_EVERY_S` while the database
 stays away. Behind a pooler that does not keep a session (PgBouncer in transaction mode),

@@ -16,14 +16,17 @@ import torch
 from sqlalchemy import text
 from tinker import types
 
-from control_plane import registry
-from control_plane.base_catalog import get_base_model
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
-from tests.factories import enqueue_jobs, make_file
 from tests.fixtures.testbase import TEST_BASE_PATH
-from tests.tinker_harness import DATUM, SEQUENCE, sdk_service, tinker_settings
+from tests.tinker_harness import (
+    DATUM,
+    SEQUENCE,
+    publish_adapter_version,
+    sdk_service,
+    tinker_settings,
+)
 from workers.training.device import resolve_precision, torch_dtype
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
@@ -77,30 +80,6 @@ def _reference(adapter_dir: Path | None) -> list[float]:
     return logprobs.gather(1, tokens[0, 1:, None]).squeeze(1).tolist()
 
 
-def _publish(services: Services, tenant_id: str, base: str, adapter_dir: Path, rank: int) -> str:
-    """A job's adapter published as the next version of `bot`, as its trainer publishes it:
-    the version's `name@N`."""
-    engine = services.engine
-    with engine.connect() as conn:
-        found = get_base_model(conn, base)
-    assert found is not None
-    [job_id] = enqueue_jobs(engine, tenant_id, found.id, make_file(engine, tenant_id).id, 1)
-    with engine.begin() as conn:
-        conn.execute(text("UPDATE jobs SET adapter_name = 'bot' WHERE id = :id"), {"id": job_id})
-    job = services.queue.claim("worker-1")
-    assert job is not None and job.id == job_id
-    published = registry.publish_job_adapter(
-        services,
-        job=job,
-        worker_id="worker-1",
-        adapter_dir=adapter_dir,
-        lineage={"hyperparameters": {"lora_rank": rank}},
-        metrics={},
-    )
-    assert published is not None
-    return published.version.model_id
-
-
 def _scores(sampler: Any) -> list[float]:
     computed = sampler.compute_logprobs(PROMPT).result(timeout=120)
     assert computed[0] is None and len(computed) == len(SEQUENCE)
@@ -126,7 +105,9 @@ def test_a_jobs_adapter_samples_as_peft_applies_it_pinned_to_the_version_its_ref
     peft_adapter: Path,
     other_adapter: Path,
 ) -> None:
-    assert _publish(services, tenant_a.tenant_id, executor, peft_adapter, 4) == "bot@1"
+    assert (
+        publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4) == "bot@1"
+    )
     _put_alias(live_url, tenant_a, 1)
     first, base = _reference(peft_adapter), _reference(None)
     assert sum(abs(a - b) for a, b in zip(first, base, strict=True)) > 1  # the adapter tells
@@ -145,7 +126,10 @@ def test_a_jobs_adapter_samples_as_peft_applies_it_pinned_to_the_version_its_ref
 
         # The alias moves to a second job's adapter (another rank, alpha and targets): the
         # sampler made before keeps version 1; one made now, and `latest`, read version 2.
-        assert _publish(services, tenant_a.tenant_id, executor, other_adapter, 2) == "bot@2"
+        assert (
+            publish_adapter_version(services, tenant_a.tenant_id, executor, other_adapter, 2)
+            == "bot@2"
+        )
         _put_alias(live_url, tenant_a, 2)
         second = _reference(other_adapter)
         assert _scores(by_alias) == pytest.approx(first, abs=TOLERANCE)
@@ -177,7 +161,7 @@ def test_a_jobs_adapter_samples_as_peft_applies_it_pinned_to_the_version_its_ref
 def test_a_run_started_from_an_adapter_version_publishes_a_version_that_descends_from_it(
     services: Services, live_url: str, tenant_a: TenantKeys, executor: str, peft_adapter: Path
 ) -> None:
-    _publish(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
     _put_alias(live_url, tenant_a, 1)
     publish = f"{live_url}/v1/adapters/bot/versions"
     with sdk_service(live_url, tenant_a.member) as service:
@@ -236,7 +220,7 @@ def test_an_adapter_version_that_cannot_be_read_is_refused_with_its_reason_and_n
     executor: str,
     peft_adapter: Path,
 ) -> None:
-    _publish(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
 
     def models() -> int:
         with services.engine.connect() as conn:

@@ -35,6 +35,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
+from workers.interactive.chat import chat_answer, chat_prompt, chat_request, is_chat
 from workers.interactive.custom_input import read_custom_input
 from workers.interactive.forwarding import Forward, run_together
 from workers.interactive.losses import InteractiveError, Loss, read_forward_input
@@ -336,15 +337,20 @@ class InteractiveEngine:
         its SampleResponse, or the reason it was refused (the others run)."""
         answers: list[dict[str, Any] | InteractiveError] = []
         parsed: dict[int, tuple[str, SamplingRequest]] = {}
+        chats: set[int] = set()  # asked as chats (`chat`): messages in, text out
         with self._lock:
             for i, (model_id, request) in enumerate(asked):
                 try:
                     adapter = BASE if model_id is None else self._get(model_id).adapter
+                    if is_chat(request):
+                        request = chat_prompt(request, self.base.tokenizer)
+                        chats.add(i)
+                    read = read_sample_request(
+                        request, self._vocab_size, self._context_length, self._eos_token_ids
+                    )
                     parsed[i] = (
                         adapter,
-                        read_sample_request(
-                            request, self._vocab_size, self._context_length, self._eos_token_ids
-                        ),
+                        chat_request(read, self._eos_token_ids) if i in chats else read,
                     )
                 except InteractiveError as refused:
                     answers.append(refused)
@@ -368,7 +374,10 @@ class InteractiveEngine:
                         adapters=adapters,
                     )
                 for i, answer in zip(batch, decoded, strict=True):
-                    answers[i] = answer
+                    tokenizer = self.base.tokenizer
+                    answers[i] = (
+                        chat_answer(answer, parsed[i][1], tokenizer) if i in chats else answer
+                    )
         return answers
 
     def _autocast(self) -> AbstractContextManager[Any]:

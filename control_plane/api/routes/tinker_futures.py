@@ -95,7 +95,7 @@ def _look(services: Services, tenant_id: str, future_id: str) -> interactive.Cal
         return interactive.retrieve(conn, tenant_id, future_id)
 
 
-async def _held(
+async def hold_until(
     hold_s: float,
     look: Callable[[], T],
     done: Callable[[T], bool],
@@ -124,7 +124,7 @@ async def _held(
             pause = min(pause * 2, LOOK_AT_LEAST_EVERY_SECONDS)
 
 
-def _wakeup(request: Request, *keys: str) -> AbstractContextManager[asyncio.Event | None]:
+def call_wakeup(request: Request, *keys: str) -> AbstractContextManager[asyncio.Event | None]:
     """The wake-up for a poll waiting on `keys` (a call's id, a sampler's model id): none where
     this process runs no listener (`tinker_wake_on_finish` off)."""
     wakeups: CallWakeups | None = request.app.state.call_wakeups
@@ -143,11 +143,11 @@ async def retrieve_future(
             _loss_created, services, caller.tenant_id, body.request_id
         )
         return JSONResponse(created)
-    call = await _held(
+    call = await hold_until(
         services.settings.tinker_retrieve_wait_seconds,
         lambda: _look(services, caller.tenant_id, body.request_id),
         lambda found: found.finished,
-        _wakeup(request, body.request_id),
+        call_wakeup(request, body.request_id),
     )
     if not call.finished:
         call, waiting = await run_in_threadpool(_why_waiting, services, caller.tenant_id, call)
@@ -193,7 +193,9 @@ async def retrieve_futures(
     def done(found: interactive_polls.Completions) -> bool:
         return found.new or not found.waiting
 
-    found = await _held(hold, look, done, _wakeup(request, body.target.sampling_session_id))
+    found = await hold_until(
+        hold, look, done, call_wakeup(request, body.target.sampling_session_id)
+    )
     # Calls that will never run (their weights are gone) are failed now, and reported by the
     # next poll, which the SDK makes at once; with none, one last look.
     if not done(found) and not await run_in_threadpool(
