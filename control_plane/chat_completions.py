@@ -8,7 +8,8 @@ where it was trained, on the executors already holding its base. A chat is a sam
 sampler in the tenant's chat session (one per tenant, `session_id`, tagged `chat_completions`,
 kept alive by each chat), so it runs in the tenants' turns beside their Tinker samples, is
 batched with them, and is metered and shown as they are (the Sessions page, the usage report).
-A sampler is kept per model in that session and reused while its executor holds it; an
+A sampler is kept per model in that session and reused while a live executor holds it (or none
+has taken it yet); its calls then go to that executor, as a Tinker sampler's do; an
 adapter's is pinned to the version the reference named (`session_weights`). The executor
 renders the messages with the base's chat template and answers text (`workers.interactive.chat`).
 """
@@ -16,6 +17,7 @@ renders the messages with the base's chat template and answers text (`workers.in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
@@ -34,6 +36,7 @@ from control_plane.interactive import (
     require_served,
 )
 from control_plane.interactive_runs import CheckpointRecord
+from control_plane.trainers import alive_sql
 
 TAG = "chat_completions"
 
@@ -65,15 +68,20 @@ _SESSION = text(
     "ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()"
 ).bindparams(bindparam("tags", type_=JSONB))
 
+# The chat session's sampler of the model, loaded and held by a live executor or by none yet;
+# locked, so nothing unloads it before the chat is asked of it (an unload meanwhile is waited
+# for and the sampler passed over).
 _SAMPLER = text(
-    "SELECT id FROM interactive_models WHERE session_id = :session AND kind = 'sampler' "
-    "AND base_model_id = :base AND model_path IS NOT DISTINCT FROM :path "
-    "AND unloaded_at IS NULL ORDER BY created_at DESC LIMIT 1"
+    "SELECT m.id FROM interactive_models m WHERE m.session_id = :session "
+    "AND m.kind = 'sampler' AND m.base_model_id = :base "
+    "AND m.model_path IS NOT DISTINCT FROM :path AND m.unloaded_at IS NULL "
+    "AND (m.held_by IS NULL OR EXISTS (SELECT 1 FROM trainers t WHERE t.id = m.held_by "
+    f"AND {alive_sql('t')})) ORDER BY m.created_at DESC LIMIT 1 FOR UPDATE OF m"
 )
 
 
 def ask(
-    conn: Connection, tenant_id: str, model: str, request: dict[str, Any], lease_seconds: float
+    conn: Connection, tenant_id: str, model: str, request: dict[str, Any], lease: float
 ) -> Asked:
     """A chat of `model` (a ready base's name, or the tenant's adapter by `name[@version|
     alias]`) asked of its base's executors (not committed). ModelUnknown, NoExecutor."""
@@ -94,14 +102,15 @@ def ask(
             ) from None
         base_id = weights.base_model_id
     try:
-        require_served(conn, base_id, lease_seconds)
+        require_served(conn, base_id, lease)
     except Refused as unserved:
         raise NoExecutor(str(unserved)) from None
     session = session_id(tenant_id)
     conn.execute(_SESSION, {"id": session, "tenant": tenant_id, "tags": [TAG]})
     path = weights.path if weights is not None else None
     sampler = conn.execute(
-        _SAMPLER, {"session": session, "base": base_id, "path": path}
+        _SAMPLER,
+        {"session": session, "base": base_id, "path": path, "lease": timedelta(seconds=lease)},
     ).scalar_one_or_none()
     if sampler is None:
         sampler = _new_model(

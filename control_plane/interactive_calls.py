@@ -182,7 +182,11 @@ def finish(
         interactive_saves.record(conn, call, checkpoint)
     if call.kind == "load_weights":  # the adapter version the model now holds, if one
         conn.execute(
-            text("UPDATE interactive_models SET weights_version_id = :version WHERE id = :model"),
+            # A version deleted since the executor read it is none (its key would be dangling).
+            text(
+                "UPDATE interactive_models SET weights_version_id = "
+                "(SELECT id FROM adapter_versions WHERE id = :version) WHERE id = :model"
+            ),
             {"version": call.request.get("adapter_version_id"), "model": call.model_id},
         )
     if release_model:

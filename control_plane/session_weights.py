@@ -10,8 +10,9 @@ training client's `load_state(...)` take `tinker://adapters/` followed by a refe
 tenant's only, and holds no optimizer state. What reads one is pinned to the version its
 reference named when it was asked for (`pinned`): a sampler keeps it, and a load's call carries
 it to the executor, so an alias moved meanwhile changes nothing asked before. A model records the
-version it loaded last (`interactive_models.weights_version_id`, as the load completes), each
-save the model's (`from_version_id`), and a version published from that save descends from it.
+version its weights descend from (`interactive_models.weights_version_id`, as a load completes:
+the version loaded, or the one the tenant's own save loaded came from), each save the model's
+(`from_version_id`), and a version published from that save descends from it.
 """
 
 from __future__ import annotations
@@ -100,10 +101,17 @@ def _lora_config(version: AdapterVersionRecord) -> dict[str, Any]:
     return {"rank": rank} if isinstance(rank, int) else {}
 
 
-def load_request(saved: CheckpointRecord, request: dict[str, Any]) -> dict[str, Any]:
-    """A load call's request for `saved`: its pinned path, and the adapter version it is (the
-    executor records it on the model once loaded; None for saved weights)."""
-    version = saved.id if saved.kind == ADAPTER_VERSION else None
+def load_request(
+    saved: CheckpointRecord, request: dict[str, Any], tenant_id: str
+) -> dict[str, Any]:
+    """A load call's request for `saved`: its pinned path, and the adapter version its weights
+    descend from (the executor records it on the model once loaded): the version itself, or
+    the one a save of the tenant's own came from; none from another tenant's published save."""
+    version: str | None
+    if saved.kind == ADAPTER_VERSION:
+        version = saved.id
+    else:
+        version = saved.from_version_id if saved.tenant_id == tenant_id else None
     return {**request, "path": saved.path, "adapter_version_id": version}
 
 
@@ -184,7 +192,8 @@ def create_from_state(
         model_id=model_id,
         user_metadata=user_metadata,
     )
-    call = _insert_call(conn, model, 0, CallKind.LOAD_WEIGHTS, load_request(saved, request))
+    asked = load_request(saved, request, tenant_id)
+    call = _insert_call(conn, model, 0, CallKind.LOAD_WEIGHTS, asked)
     return model, call, saved
 
 

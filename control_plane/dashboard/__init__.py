@@ -20,6 +20,7 @@ from control_plane.api.text_input import find_nul
 from control_plane.dashboard.operators import operates_platform
 from control_plane.dashboard.render import PageRefused, environment, install_page_errors
 from control_plane.dashboard.routes import (
+    adapter_try,
     adapters,
     auth,
     compare,
@@ -56,6 +57,7 @@ DASHBOARD_ROUTERS = (
     priority.router,
     jobs.router,
     adapters.router,
+    adapter_try.router,
     interactive.router,
     platform.router,
     tenants.router,

@@ -679,6 +679,12 @@ class InteractiveModel(Base):
             "tenant_id",
             postgresql_where=text("kind = 'training' AND unloaded_at IS NULL"),
         ),
+        # The models holding a version's weights (a version's deletion sets them null).
+        Index(
+            "ix_interactive_models_weights_version",
+            "weights_version_id",
+            postgresql_where=text("weights_version_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -693,7 +699,7 @@ class InteractiveModel(Base):
     lora_config: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     model_path: Mapped[str | None] = mapped_column(Text)
     # The registry's adapter version whose weights the model last loaded (revision 0041;
-    # `control_plane.adapter_weights`): what a version published from its saves descends from.
+    # `control_plane.session_weights`): what a version published from its saves descends from.
     weights_version_id: Mapped[str | None] = mapped_column(
         ForeignKey("adapter_versions.id", ondelete="SET NULL")
     )
@@ -841,6 +847,12 @@ class InteractiveCheckpoint(Base):
             "ix_interactive_checkpoints_expires",
             "expires_at",
             postgresql_where=text("expires_at IS NOT NULL"),
+        ),
+        # The saves made from a version's weights (a version's deletion sets them null).
+        Index(
+            "ix_interactive_checkpoints_from_version",
+            "from_version_id",
+            postgresql_where=text("from_version_id IS NOT NULL"),
         ),
     )
 

@@ -340,8 +340,13 @@ def publish_checkpoint(
         tenant = get_tenant(conn, tenant_id)
         base = get_base_model(conn, saved.base_model_id)
         assert tenant is not None and base is not None  # a checkpoint's tenant and base outlive it
-        # A run that loaded an adapter version descends from it (revision 0041).
-        parent = get_version_by_id(conn, saved.from_version_id) if saved.from_version_id else None
+        # A run that loaded an adapter version descends from it (revision 0041), held until the
+        # commit (a deletion meanwhile waits; one committed before leaves no parent).
+        kept = conn.execute(
+            text("SELECT id FROM adapter_versions WHERE id = :id FOR KEY SHARE"),
+            {"id": saved.from_version_id},
+        ).scalar_one_or_none()
+        parent = get_version_by_id(conn, kept) if kept else None
         plan = _Plan(tenant.name, base, name, parent)
         lineage = {
             "source": "interactive_session",

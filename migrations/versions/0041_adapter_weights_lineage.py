@@ -5,13 +5,14 @@ Revises: 0040
 Create Date: 2026-12-06 09:10:00.000000
 
 A registry adapter version may now be loaded by an interactive session
-(`tinker://adapters/name@3`, `control_plane.adapter_weights`): an RL run starts from the
+(`tinker://adapters/name@3`, `control_plane.session_weights`): an RL run starts from the
 adapter a fine-tuning job trained. A version published from that run's checkpoint then descends
-from the version it started from. `interactive_models.weights_version_id` is the version whose
-weights the model last loaded (set as the load completes; cleared by a load of any other
-weights), and `interactive_checkpoints.from_version_id` the model's at the save, which
-publication records as the new version's parent. Both are null for what was saved before this
-revision, and a deleted version leaves them null.
+from the version it started from. `interactive_models.weights_version_id` is the version the
+model's weights descend from (set as a load completes: the version loaded, or the one the
+tenant's own save loaded came from; null after loading anything else), and
+`interactive_checkpoints.from_version_id` the model's at the save, which publication records as
+the new version's parent. Both are null for what was saved before this revision, and a deleted
+version leaves them null; a partial index on each finds the rows a deletion sets null.
 """
 
 import sqlalchemy as sa
@@ -48,8 +49,22 @@ def upgrade() -> None:
         ["id"],
         ondelete="SET NULL",
     )
+    op.create_index(
+        "ix_interactive_models_weights_version",
+        "interactive_models",
+        ["weights_version_id"],
+        postgresql_where=sa.text("weights_version_id IS NOT NULL"),
+    )
+    op.create_index(
+        "ix_interactive_checkpoints_from_version",
+        "interactive_checkpoints",
+        ["from_version_id"],
+        postgresql_where=sa.text("from_version_id IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_interactive_checkpoints_from_version", table_name="interactive_checkpoints")
+    op.drop_index("ix_interactive_models_weights_version", table_name="interactive_models")
     op.drop_column("interactive_checkpoints", "from_version_id")
     op.drop_column("interactive_models", "weights_version_id")

@@ -90,6 +90,8 @@ def test_the_openai_sdk_chats_with_a_fine_tuned_adapter_as_its_sampler_samples_i
             assert reply.usage.completion_tokens == len(tokens)
             assert reply.usage.total_tokens == prompt_tokens + len(tokens)
             answers[name] = tokens
+            if name == model:
+                reply_of_adapter = choice.message
         assert answers[model] != answers[executor]  # the adapter is applied
 
         # A stop string is left out of the content, as OpenAI leaves it.
@@ -100,6 +102,22 @@ def test_the_openai_sdk_chats_with_a_fine_tuned_adapter_as_its_sampler_samples_i
         )
         assert stopped.choices[0].message.content == content[: content.index(stop)]
         assert stopped.choices[0].finish_reason == "stop"
+
+        # A conversation goes on as the SDK's users write it: the reply's message appended as
+        # it came (its `refusal: null` too), with OpenAI's fields at the values that ask for
+        # nothing; the template renders the reply as the assistant's turn.
+        turn = [*MESSAGES, reply_of_adapter, {"role": "user", "content": "Another."}]
+        more = client.chat.completions.create(
+            model=model,
+            messages=turn,
+            max_completion_tokens=4,
+            temperature=0,
+            logprobs=False,
+            frequency_penalty=0,
+            presence_penalty=0,
+            seed=-1,
+        )
+        assert more.usage is not None and more.usage.prompt_tokens > prompt_tokens
 
         # Several choices, seeded: each as seeded again.
         params = {"temperature": 1.0, "seed": 3, "max_completion_tokens": 6, "n": 2}
@@ -114,13 +132,16 @@ def test_the_openai_sdk_chats_with_a_fine_tuned_adapter_as_its_sampler_samples_i
     with services.engine.connect() as conn:
         rows = conn.execute(
             text(
-                "SELECT c.usage, m.model_path FROM interactive_calls c "
+                "SELECT c.usage, c.request, c.payload_dropped_at, m.model_path "
+                "FROM interactive_calls c "
                 "JOIN interactive_models m ON m.id = c.model_id WHERE m.session_id = :s "
                 "ORDER BY c.created_at"
             ),
             {"s": chat_completions.session_id(tenant_a.tenant_id)},
         ).all()
-    assert len(rows) == 5
+    assert len(rows) == 6
+    # Each chat's messages and text were let go once answered; what it used stays.
+    assert all(r.request == {} and r.payload_dropped_at is not None for r in rows)
     assert {r.model_path for r in rows} == {f"tinker://adapters/{model}", None}
     assert rows[0].usage == {"prefill_tokens": prompt_tokens, "sampled_tokens": len(answers[model])}
 
@@ -167,6 +188,7 @@ def test_a_chat_that_cannot_be_answered_is_refused_with_its_reason_and_nothing_a
         headers=tenant_a.headers("member"),
     )
     assert sent.status_code == 503 and sent.headers["Retry-After"], sent.text
+    assert sent.headers["x-should-retry"] == "false"  # retrying starts no executor
     assert sent.json()["error"]["code"] == "no_executor"
     assert "tiny-unserved" in sent.json()["error"]["message"]
     assert _calls(services) == before

@@ -16,9 +16,11 @@ import torch
 from sqlalchemy import text
 from tinker import types
 
+from control_plane import interactive_calls
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
+from tests.factories import ask_call, interactive_model, interactive_session, make_base
 from tests.fixtures.testbase import TEST_BASE_PATH
 from tests.tinker_harness import (
     DATUM,
@@ -194,11 +196,14 @@ def test_a_run_started_from_an_adapter_version_publishes_a_version_that_descends
         shown = httpx.get(f"{live_url}/v1/adapters/bot/versions/2", headers=tenant_a.headers())
         assert shown.json()["parent"] == "bot@1"
 
-        # A fresh client loads the version into itself (`load_state`): the adapter's numbers
-        # again, whatever rank the client was made with; then its own state, which is no
-        # version's: what it saves after that descends from none.
+        # A fresh client's weights descend from no version; loaded into it (`load_state`), the
+        # version's numbers again, whatever rank the client was made with; then the RL run's
+        # own saved state, which descends from the version too; then a state of a run that
+        # never loaded one: what it saves after that descends from none.
         other = service.create_lora_training_client(base_model=executor, rank=8, seed=0)
         other = other.result(timeout=120)
+        fresh = other.save_state("fresh").result(timeout=120).path
+        unrelated = other.save_weights_for_sampler("fresh").result(timeout=120).path
         other.load_state("tinker://adapters/bot@1").result(timeout=120)
         loaded = other.forward([DATUM], "cross_entropy").result(timeout=120)
         assert loaded.loss_fn_outputs[0]["logprobs"].data == pytest.approx(logprobs, abs=1e-4)
@@ -206,7 +211,9 @@ def test_a_run_started_from_an_adapter_version_publishes_a_version_that_descends
         other.load_state(state).result(timeout=120)
         assert _loss(other) == pytest.approx(trained, rel=1e-4)
         own = other.save_weights_for_sampler("after-state").result(timeout=120).path
-        for path, parent in ((again, "bot@1"), (own, None)):
+        other.load_state(fresh).result(timeout=120)
+        reset = other.save_weights_for_sampler("after-fresh").result(timeout=120).path
+        for path, parent in ((unrelated, None), (again, "bot@1"), (own, "bot@1"), (reset, None)):
             answer = httpx.post(publish, json={"from_checkpoint": path}, headers=tenant_a.headers())
             assert answer.status_code == 201, answer.text
             assert answer.json()["parent"] == parent, (path, answer.json())
@@ -267,3 +274,37 @@ def test_an_adapter_version_that_cannot_be_read_is_refused_with_its_reason_and_n
             service_b.create_rest_client().get_weights_info_by_tinker_path(
                 "tinker://adapters/bot@1"
             ).result()
+
+
+def test_a_load_whose_version_was_deleted_meanwhile_is_answered_and_records_no_version(
+    services: Services, tenant_a: TenantKeys
+) -> None:
+    """The version read by the executor, deleted before the load's answer: the answer is
+    recorded, the model descends from no version (its key would dangle), the executor lives."""
+    engine = services.engine
+    base = make_base(engine, "tiny-gone")
+    session = interactive_session(engine, tenant_a.tenant_id, "sess-gone")
+    model = interactive_model(engine, session, tenant_a.tenant_id, base.id, "sess-gone:train:0")
+    ask_call(
+        engine,
+        model,
+        tenant_a.tenant_id,
+        base.id,
+        "load_weights",
+        0,
+        {"path": "tinker://adapters/bot@1", "adapter_version_id": "adver-deleted"},
+    )
+    with engine.begin() as conn:
+        taken = interactive_calls.claim_next(conn, "exec-1", base.id)
+    assert taken is not None
+    with engine.begin() as conn:
+        assert interactive_calls.finish(conn, taken, "exec-1", {"type": "load_weights"})
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT m.weights_version_id, c.status FROM interactive_models m "
+                "JOIN interactive_calls c ON c.model_id = m.id WHERE m.id = :m"
+            ),
+            {"m": model},
+        ).one()
+    assert (row.weights_version_id, row.status) == (None, "completed")

@@ -1,11 +1,14 @@
 """A sample call asked as a chat (`POST /v1/chat/completions`): messages in, text out.
 
 The API has no tokenizer (the control plane imports no training library), so a chat call
-carries its `messages` and the executor, which holds the base's tokenizer, renders them with the
-base's own chat template (`add_generation_prompt`), samples as any sample call does, and
-answers each sequence's text beside its tokens: decoded without special tokens and cut before
-the first stop string, as OpenAI's content leaves it out. A chat also stops at the base's
-end-of-sequence tokens when stop strings are given (a plain sample's strings replace them).
+carries its `messages` and the executor, which holds the base's tokenizer, renders them as a
+job trains on them (`workers.training.formatting`): with the base's own chat template
+(`add_generation_prompt`), or, for a base without one, as `role: content` lines followed by
+`assistant: `. It samples as any sample call does, and answers each sequence's text beside its
+tokens: decoded without special tokens and cut before the first stop string, as OpenAI's
+content leaves it out. A chat stops at the base's end-of-sequence tokens and at its template's
+end-of-turn marker (`end_of_turn_tokens`: a fine-tuned adapter ends its reply with the marker,
+which is not the base's end of sequence on many bases), stop strings or not.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
+from workers.training.formatting import has_chat_template
 
 ROLES = ("system", "user", "assistant")
 
@@ -39,11 +43,17 @@ def chat_prompt(request: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> 
             raise InteractiveError(
                 f"messages[{i}] must be {{role: one of {list(ROLES)}, content: text}}"
             )
-    if not getattr(tokenizer, "chat_template", None):
-        raise InteractiveError(
-            "this base's tokenizer has no chat template, so messages cannot be rendered: "
-            "sample it with a prompt of tokens instead"
-        )
+    if not has_chat_template(tokenizer):  # as a job trains such a base on messages
+        lines = [f"{m['role']}: {m['content']}\n" for m in messages] + ["assistant: "]
+        tokens = [
+            *tokenizer(lines[0], add_special_tokens=True)["input_ids"],
+            *(
+                t
+                for line in lines[1:]
+                for t in tokenizer(line, add_special_tokens=False)["input_ids"]
+            ),
+        ]
+        return {**request, "prompt": {"chunks": [{"type": "encoded_text", "tokens": tokens}]}}
     try:
         tokens = tokenizer.apply_chat_template(
             [{"role": m["role"], "content": m["content"]} for m in messages],
@@ -57,9 +67,29 @@ def chat_prompt(request: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> 
     return {**request, "prompt": prompt}
 
 
-def chat_request(parsed: SamplingRequest, eos_token_ids: frozenset[int]) -> SamplingRequest:
-    """A chat ends at the base's end of sequence whatever stop strings it gives."""
-    return dataclasses.replace(parsed, stop_tokens=parsed.stop_tokens | eos_token_ids)
+def end_of_turn_tokens(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The special token the chat template closes an assistant's turn with, where it has one
+    (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`): what follows a reply in the rendered chat."""
+    if not has_chat_template(tokenizer):
+        return frozenset()
+    marker = "\u00a7\u00a7"
+    try:
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except Exception:  # a template that takes no such conversation: the EOS alone stops it
+        return frozenset()
+    after = str(rendered).rpartition(marker)[2]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return frozenset(t for t in ids[:1] if t in special)
+
+
+def chat_request(parsed: SamplingRequest, stops: frozenset[int]) -> SamplingRequest:
+    """A chat ends at the base's end of sequence and end of turn (`stops`), whatever stop
+    strings it gives."""
+    return dataclasses.replace(parsed, stop_tokens=parsed.stop_tokens | stops)
 
 
 def chat_answer(

@@ -35,7 +35,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
-from workers.interactive.chat import chat_answer, chat_prompt, chat_request, is_chat
+from workers.interactive.chat import (
+    chat_answer,
+    chat_prompt,
+    chat_request,
+    end_of_turn_tokens,
+    is_chat,
+)
 from workers.interactive.custom_input import read_custom_input
 from workers.interactive.forwarding import Forward, run_together
 from workers.interactive.losses import InteractiveError, Loss, read_forward_input
@@ -92,6 +98,8 @@ class InteractiveEngine:
         eos = [base.tokenizer.eos_token_id, model.generation_config.eos_token_id]
         flat = [e for item in eos for e in (item if isinstance(item, list) else [item])]
         self._eos_token_ids = frozenset(e for e in flat if e is not None)
+        # Where a chat (`chat`) ends: the end of sequence, and the template's end of turn.
+        self._chat_stops = self._eos_token_ids | end_of_turn_tokens(base.tokenizer)
         self._layers = AdaptableLayers.of(model)
 
     # -- models --------------------------------------------------------------------------------
@@ -350,7 +358,7 @@ class InteractiveEngine:
                     )
                     parsed[i] = (
                         adapter,
-                        chat_request(read, self._eos_token_ids) if i in chats else read,
+                        chat_request(read, self._chat_stops) if i in chats else read,
                     )
                 except InteractiveError as refused:
                     answers.append(refused)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import DataError, IntegrityError
 
 from control_plane import interactive_calls as calls
 from control_plane import interactive_health, session_weights
@@ -253,7 +254,13 @@ class InteractiveRunner:
 
         # Its answer is kept while the database is away (the call stays this executor's for as
         # long as its lease does); past the patience it goes to release_lost.
-        if not through_blips(record, what="answer", patience_s=OUTAGE_PATIENCE_S):
+        try:
+            recorded = through_blips(record, what="answer", patience_s=OUTAGE_PATIENCE_S)
+        except (IntegrityError, DataError) as refused:  # this answer's data, not the executor's
+            log.exception("interactive call %s: its answer could not be recorded", call.id)
+            self._failed(call, f"its answer could not be recorded: {refused.orig}", "server")
+            return
+        if not recorded:
             log.warning("interactive call %s was released while it ran: answer dropped", call.id)
 
     def snapshot(self) -> TrainerReport:

@@ -8,7 +8,8 @@ Offered: `messages` (system, developer, user and assistant; text content, or tex
 `n`, `seed`, `stop` (up to 4 strings, left out of the content as OpenAI leaves them). Not
 offered, and refused by name rather than ignored: streaming, tools, logprobs and every other
 field. The request is held until the executor answers, up to `WAIT_SECONDS`; past that the chat
-is withdrawn if no executor took it yet, and the answer is 503 with `Retry-After`.
+is withdrawn if no executor took it yet (503 `executor_busy` with `Retry-After`), and waited for
+another `WAIT_SECONDS` if one runs it. Once read, the call's messages and answer are let go.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
-from control_plane import audit, chat_completions, interactive
+from control_plane import audit, chat_completions, interactive, interactive_polls
 from control_plane.api.deps import ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
@@ -46,10 +47,20 @@ class TextPart(_Body):
     text: str
 
 
+# What a reply's message carries back when a client appends it to its messages (the SDK's
+# `messages.append(reply.choices[0].message)`): taken while it asks for nothing.
+Nothing = Annotated[list[Any], Field(max_length=0)] | None
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, max_length=64, description="taken, not used")
+    refusal: None = None
+    tool_calls: Nothing = None
+    function_call: None = None
+    audio: None = None
+    annotations: list[Any] | None = Field(default=None, description="taken, not used")
 
     def plain(self) -> dict[str, str]:
         """The message as a chat template takes it: a developer's as a system message, text
@@ -65,16 +76,23 @@ class ChatCompletionCreate(_Body):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS, deprecated=True)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1, description="0: greedy")
     n: int = Field(default=1, ge=1, le=8)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = (
-        None
-    )
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
+    stop: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
+        | None
+    ) = None
     stream: Literal[False] | None = Field(
         default=None, description="streaming is not offered: leave it unset or false"
     )
-    user: str | None = Field(default=None, max_length=256)
+    # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
+    logprobs: Literal[False] | None = Field(default=None, description="not offered")
+    frequency_penalty: Literal[0] | None = Field(default=None, description="not offered")
+    presence_penalty: Literal[0] | None = Field(default=None, description="not offered")
+    parallel_tool_calls: bool | None = Field(default=None, description="taken, not used")
+    user: str | None = Field(default=None, max_length=256, description="taken, not used")
 
     def sample_request(self) -> dict[str, Any]:
         """The executor's chat call: the messages and SamplingParams of a sample."""
@@ -82,10 +100,12 @@ class ChatCompletionCreate(_Body):
         params: dict[str, Any] = {"max_tokens": limit}
         if self.temperature is not None:
             params["temperature"] = self.temperature
-        if self.top_p is not None:
+        if self.top_p == 0:  # nothing but the likeliest token: greedy
+            params["temperature"] = 0.0
+        elif self.top_p is not None:
             params["top_p"] = self.top_p
-        if self.seed is not None:
-            params["seed"] = self.seed
+        if self.seed is not None:  # a torch generator's seed: 0 to 2**64 - 1
+            params["seed"] = self.seed % 2**64
         if self.stop is not None:
             params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         messages = [m.plain() for m in self.messages]
@@ -136,9 +156,9 @@ def _ask(
         except chat_completions.ModelUnknown as unknown:
             raise ApiError(404, "model_not_found", str(unknown), "model") from None
         except chat_completions.NoExecutor as unserved:
-            raise ApiError(
-                503, "no_executor", str(unserved), "model", headers={"Retry-After": "30"}
-            ) from None
+            # Retrying in seconds does not start an executor: the SDK is told not to.
+            headers = {"Retry-After": "30", "x-should-retry": "false"}
+            raise ApiError(503, "no_executor", str(unserved), "model", headers=headers) from None
         if asked.weights is not None:
             audit.checkpoint_read(conn, caller, asked.weights, "chat")
     return asked
@@ -146,12 +166,23 @@ def _ask(
 
 def _look(services: Services, tenant_id: str, call_id: str) -> interactive.CallRecord:
     with services.engine.connect() as conn:
-        return interactive.retrieve(conn, tenant_id, call_id)
+        try:
+            return interactive.retrieve(conn, tenant_id, call_id)
+        except interactive.NotFound:  # its session's rows deleted meanwhile
+            raise ApiError(503, "executor_failed", f"the chat's call {call_id} is gone") from None
 
 
-def _withdraw(services: Services, tenant_id: str, call_id: str) -> None:
+def _withdraw(services: Services, tenant_id: str, call_id: str) -> bool:
+    """Fail the chat's call if no executor took it yet: whether it was."""
     with services.engine.begin() as conn:
-        interactive.cancel(conn, tenant_id, call_id)
+        return interactive.cancel(conn, tenant_id, call_id)
+
+
+def _forget(services: Services, tenant_id: str, call: interactive.CallRecord) -> None:
+    """The answer is read: its messages and text are let go at once, not kept for the
+    retention window (the call's row and usage stay)."""
+    with services.engine.begin() as conn:
+        interactive_polls.forget(conn, tenant_id, call.model_id, [call.id])
 
 
 @router.post(
@@ -167,26 +198,47 @@ async def create_chat_completion(
     return await complete(body, request, caller, services)
 
 
+async def _answered(
+    request: Request, services: Services, tenant_id: str, call_id: str
+) -> interactive.CallRecord:
+    """The chat's call once finished, held up to `WAIT_SECONDS` (woken by its finish)."""
+    return await hold_until(
+        WAIT_SECONDS,
+        lambda: _look(services, tenant_id, call_id),
+        lambda found: found.finished,
+        call_wakeup(request, call_id),
+    )
+
+
 async def complete(
     body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
 ) -> ChatCompletion:
     """The chat asked and its answer once the executor gave it (the dashboard's too); ApiError
     with the refusal otherwise."""
+    tenant_id = caller.tenant_id
     asked = await run_in_threadpool(_ask, services, caller, body)
-    call = await hold_until(
-        WAIT_SECONDS,
-        lambda: _look(services, caller.tenant_id, asked.call_id),
-        lambda found: found.finished,
-        call_wakeup(request, asked.call_id),
-    )
+    call = await _answered(request, services, tenant_id, asked.call_id)
     if not call.finished:
-        await run_in_threadpool(_withdraw, services, caller.tenant_id, asked.call_id)
-        raise ApiError(
-            503,
-            "executor_busy",
-            f"no executor answered within {WAIT_SECONDS:.0f} s; ask again later",
-            headers={"Retry-After": "30"},
-        )
+        if await run_in_threadpool(_withdraw, services, tenant_id, asked.call_id):
+            raise ApiError(
+                503,
+                "executor_busy",
+                f"no executor took the chat within {WAIT_SECONDS:.0f} s, so it was withdrawn: "
+                "ask again later",
+                headers={"Retry-After": "30"},
+            )
+        # An executor runs it (or just answered): its answer, once it comes.
+        call = await _answered(request, services, tenant_id, asked.call_id)
+        if not call.finished:
+            raise ApiError(
+                503,
+                "executor_busy",
+                f"the chat still runs after {2 * WAIT_SECONDS:.0f} s; its answer is dropped",
+                headers={"Retry-After": "30", "x-should-retry": "false"},
+            )
+    await run_in_threadpool(_forget, services, tenant_id, call)
+    if call.payload_dropped_at is not None:
+        raise ApiError(503, "executor_failed", "the chat's answer was let go before it was read")
     if call.status == CallStatus.FAILED:
         error = call.error or {}
         message = str(error.get("error") or "the chat failed")

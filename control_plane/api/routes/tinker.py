@@ -369,7 +369,7 @@ def load_weights(
             shared=services.settings.tinker_public_checkpoints,
         )
         audit.checkpoint_read(conn, caller, loaded, "load")
-    request = session_weights.load_request(loaded, request)
+    request = session_weights.load_request(loaded, request, caller.tenant_id)
     return _enqueue(conn, caller, body.model_id, CallKind.LOAD_WEIGHTS, request, body.seq_id)
 
 

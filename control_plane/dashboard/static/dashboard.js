@@ -376,6 +376,26 @@
     });
   }
 
+  // ---- the adapter page's "Try it" box: its refusals come as a fragment htmx swaps in; an
+  // answer it does not swap (the page itself refused, say a key that became a reader's, or no
+  // answer at all) is said there too, rather than nothing happening
+  function tryFailed(event, why) {
+    var target = event.detail.target;
+    if (!target || target.id !== "try-result") return;
+    var note = document.createElement("p");
+    note.className = "error";
+    note.id = "try-failed";
+    note.setAttribute("role", "alert");
+    note.textContent = why;
+    target.replaceChildren(note);
+  }
+  document.addEventListener("htmx:responseError", function (event) {
+    tryFailed(event, "The dashboard refused this (HTTP " + event.detail.xhr.status + "): reload the page and try again.");
+  });
+  document.addEventListener("htmx:sendError", function (event) {
+    tryFailed(event, "The dashboard could not be reached: try again.");
+  });
+
   function start() {
     followJobsTable();
     followJob();

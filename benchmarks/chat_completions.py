@@ -1,0 +1,140 @@
+"""What a chat completion costs beside the Tinker sample that it is: the `openai` SDK's
+`chat.completions.create` against the tinker SDK sampling the same tokens.
+
+    python -m benchmarks.chat_completions [--chats 30] [--tokens 16] [--rounds 3]
+        [--base-dir DIR]
+
+The API on a socket of its own, with the real executor (`workers.interactive.runner`, serving on
+connections of its own) on the tiny test base or the Hugging Face directory `--base-dir` (e.g.
+the demo's SmolLM2-135M-Instruct). Each round, in a process of its own as a user's script: the
+official `openai` SDK asks `--chats` chat completions of the base, one after another, greedy,
+at most `--tokens` tokens each (the base's end of sequence may stop both sides sooner: the line
+says how many tokens each side sampled); then the official `tinker` SDK samples the same
+chat-template tokens (rendered by the client's own tokenizer, as a Tinker user does) from a
+sampling client of the same base, with the same parameters. Alternating sides in one process;
+one JSON line: the chat's median seconds from the ask to the answer beside the sample's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.interactive import in_own_process, sdk_bench, served_with
+from benchmarks.queue import add_database_url_argument, emit_beside, percentile, progress
+from tests.fixtures.testbase import TEST_BASE_PATH
+from tests.tinker_harness import pausable_executor
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write one sentence about the sea."},
+]
+
+
+def _chats(url: str, key: str, base: str, chats: int, tokens: int, done: Any) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+    def ask() -> int:
+        reply = client.chat.completions.create(
+            model=base, messages=MESSAGES, max_completion_tokens=tokens, temperature=0
+        )
+        assert reply.usage is not None
+        return reply.usage.completion_tokens
+
+    ask()  # warm: the chat session and its sampler
+    seconds, sampled = [], []
+    for _ in range(chats):
+        started = time.monotonic()
+        sampled.append(ask())
+        seconds.append(time.monotonic() - started)
+    done.put((seconds, sampled))
+
+
+def _samples(
+    url: str, key: str, base: str, base_dir: str, chats: int, tokens: int, done: Any
+) -> None:
+    import tinker
+    from tinker import types
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    prompt = tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    params = types.SamplingParams(max_tokens=tokens, temperature=0.0)
+    with tinker.ServiceClient(base_url=url, api_key="tml-" + key) as service:
+        sampler = service.create_sampling_client(base_model=base).result(timeout=120)
+
+        def ask() -> int:
+            answer = sampler.sample(types.ModelInput.from_ints(prompt), 1, params)
+            sequence = answer.result(timeout=300).sequences[0]
+            tokenizer.decode(sequence.tokens, skip_special_tokens=True)  # the text, as a chat's
+            return len(sequence.tokens)
+
+        ask()  # warm
+        seconds, sampled = [], []
+        for _ in range(chats):
+            started = time.monotonic()
+            sampled.append(ask())
+            seconds.append(time.monotonic() - started)
+    done.put((seconds, sampled))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.chat_completions", description=__doc__
+    )
+    parser.add_argument("--chats", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--base-dir", type=Path, default=None)
+    add_database_url_argument(parser)
+    args = parser.parse_args(argv)
+    base_dir = str(args.base_dir or TEST_BASE_PATH)
+    sides: dict[str, tuple[list[float], list[int]]] = {"chat": ([], []), "sample": ([], [])}
+    with sdk_bench(args.database_url, args.base_dir) as bench:
+        machine, base = bench.machine, bench.base.name
+        with pausable_executor(bench.runner) as serving, served_with(bench.services) as url:
+            serving.set()
+            progress(f"{machine}; {args.rounds} rounds a side")
+            for index in range(args.rounds):  # alternating: the machine's load drifts
+                for side in ("chat", "sample"):
+                    if side == "chat":
+                        found = in_own_process(
+                            _chats, url, bench.key, base, args.chats, args.tokens
+                        )
+                    else:
+                        found = in_own_process(
+                            _samples, url, bench.key, base, base_dir, args.chats, args.tokens
+                        )
+                    sides[side][0].extend(found[0])
+                    sides[side][1].extend(found[1])
+                    progress(
+                        f"round {index}, {side}: p50 {statistics.median(found[0]) * 1000:.1f} ms"
+                    )
+    ours, theirs = sides["chat"], sides["sample"]
+    emit_beside(
+        "chat_completion",
+        statistics.median(ours[0]) * 1000,
+        "the tinker SDK sampling the same chat-template tokens (tokenized by the client)",
+        statistics.median(theirs[0]) * 1000,
+        machine,
+        base=bench.label,
+        what=f"one chat of the base, greedy, at most {args.tokens} tokens, awaited",
+        chats=len(ours[0]),
+        tokens_sampled=statistics.median(ours[1]),
+        baseline_tokens_sampled=statistics.median(theirs[1]),
+        p99_ms=round(percentile(ours[0], 99) * 1000, 3),
+        baseline_p99_ms=round(percentile(theirs[0], 99) * 1000, 3),
+        statistic="median and p99 over every round's asks, ms from the ask to the answer",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,191 @@
+"""The adapter page's "Try it" box: a writer sends a message (and an optional system message) to
+one of the adapter's versions and, to compare, to the version's base, both asked at once
+through `POST /v1/chat/completions`' own function (`chat.complete`: the same executors, the
+same metering and audit, the same refusals); the answer is a fragment htmx swaps in under the
+form, which keeps what was typed.
+
+Each reply shows its text as the API answers it, its finish reason and its tokens. A refusal
+(no executor holds the base, the executor's own reason, a model gone) is its message in the
+fragment, as a form field the route cannot take is its label and why: nothing is asked then.
+Both are 200, as the new-job page's dataset panel is, so htmx swaps them in. A reader's post is
+the 403 page: the page shows a reader no form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import FormData
+
+from control_plane import registry
+from control_plane.api.deps import ServicesDep, require_writer
+from control_plane.api.errors import ApiError, describe_validation_errors
+from control_plane.api.routes import chat
+from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment
+from control_plane.dashboard.sessions import CheckedSession
+from control_plane.services import Services
+from control_plane.tenants import Principal
+
+router = APIRouter()
+
+DEFAULT_MAX_TOKENS = 64
+MAX_TOKENS = 512
+TEXT_MAX = 20_000  # characters of a message or a system message
+
+LABELS = {
+    "version": "Version",
+    "message": "Message",
+    "system": "System message",
+    "max_tokens": "Max tokens",
+    "temperature": "Temperature",
+}
+# What a field takes, said instead of the parser's words where those would be about types.
+TAKES = {
+    "version": "choose one of the adapter's versions",
+    "max_tokens": f"a whole number from 1 to {MAX_TOKENS}",
+    "temperature": "a number from 0 to 2 (0: always the likeliest token)",
+}
+
+Side = Literal["adapter", "base"]
+
+
+class TryForm(BaseModel):
+    """The box's fields as the form sends them (text; the checkbox present when checked)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = Field(ge=1, le=registry.MAX_VERSION)
+    message: str = Field(max_length=TEXT_MAX)
+    system: str = Field(default="", max_length=TEXT_MAX)
+    max_tokens: int = Field(ge=1, le=MAX_TOKENS)
+    temperature: float = Field(ge=0, le=2, allow_inf_nan=False)
+    compare: bool = False
+
+    @field_validator("message")
+    @classmethod
+    def _typed(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("type the message to send")
+        return value
+
+    def messages(self) -> list[dict[str, str]]:
+        said = [{"role": "user", "content": self.message}]
+        if self.system.strip():
+            return [{"role": "system", "content": self.system}, *said]
+        return said
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One side's reply, or why there is none."""
+
+    side: Side
+    model: str
+    completion: chat.ChatCompletion | None = None
+    refusal: ApiError | None = None
+
+
+def _text(form: FormData, name: str) -> str:
+    """A field's text, line breaks as `\\n` (a browser sends a textarea's as CRLF)."""
+    value = form.get(name)
+    return value.replace("\r\n", "\n") if isinstance(value, str) else ""
+
+
+def _read(form: FormData) -> tuple[TryForm | None, list[tuple[str, str]]]:
+    """The form, or each refused field's label and why."""
+    fields: dict[str, Any] = {name: _text(form, name) for name in LABELS}
+    for name in ("version", "max_tokens", "temperature"):
+        fields[name] = fields[name].strip()
+    fields["compare"] = form.get("compare") is not None
+    try:
+        return TryForm.model_validate(fields), []
+    except ValidationError as invalid:
+        errors = []
+        for error in invalid.errors():
+            name = str(error["loc"][0]) if error["loc"] else ""
+            why = TAKES.get(name) or str(error["msg"]).removeprefix("Value error, ")
+            errors.append((LABELS.get(name, name), why))
+        return None, errors
+
+
+def _version(
+    services: Services, tenant_id: str, name: str, number: int | None
+) -> registry.AdapterVersionRecord | None:
+    """The adapter's version `number` (None: it has none); RegistryError where the tenant has
+    no such adapter."""
+    with services.engine.connect() as conn:
+        registry.get_adapter(conn, tenant_id, name)
+        if number is None:
+            return None
+        try:
+            return registry.resolve_version(conn, tenant_id, name, number)
+        except registry.VersionNotFoundError:
+            return None
+
+
+async def _answer(
+    side: Side,
+    body: chat.ChatCompletionCreate,
+    request: Request,
+    caller: Principal,
+    services: Services,
+) -> Answer:
+    try:
+        completion = await chat.complete(body, request, caller, services)
+    except ApiError as refused:
+        return Answer(side, body.model, refusal=refused)
+    return Answer(side, body.model, completion=completion)
+
+
+@router.post("/adapters/{name}/try")
+async def try_adapter(
+    name: str, request: Request, session: CheckedSession, services: ServicesDep
+) -> Response:
+    """Ask the chosen version (and, to compare, its base) the form's chat; the replies."""
+    try:
+        caller = require_writer(session.principal)
+    except ApiError as exc:
+        raise PageForbidden(
+            f"Trying an adapter needs a member or admin key. {exc.message}"
+        ) from None
+    asked, errors = _read(await request.form())
+    number = asked.version if asked is not None else None
+    try:
+        version = await run_in_threadpool(_version, services, caller.tenant_id, name, number)
+    except registry.RegistryError:
+        raise PageNotFound() from None
+    if asked is None or version is None:
+        if asked is not None:
+            errors = [(LABELS["version"], f"{name} has no version {number}: reload the page")]
+        return fragment("_try_result.html", errors=errors, answers=[])
+    sides: list[tuple[Side, str]] = [("adapter", version.model_id)]
+    if asked.compare:
+        sides.append(("base", version.base_model_name))
+    try:
+        bodies = [
+            (
+                side,
+                chat.ChatCompletionCreate.model_validate(
+                    {
+                        "model": model,
+                        "messages": asked.messages(),
+                        "max_completion_tokens": asked.max_tokens,
+                        "temperature": asked.temperature,
+                    }
+                ),
+            )
+            for side, model in sides
+        ]
+    except ValidationError as invalid:
+        message, _ = describe_validation_errors(invalid.errors())
+        return fragment("_try_result.html", errors=[("Request", message)], answers=[])
+    answers = await asyncio.gather(
+        *(_answer(side, body, request, caller, services) for side, body in bodies)
+    )
+    return fragment("_try_result.html", errors=[], answers=answers, compared=asked.compare)

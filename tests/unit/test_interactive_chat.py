@@ -1,0 +1,91 @@
+"""A chat's prompt is what a job trained the reply after, it ends where a fine-tuned reply ends,
+and its text is what OpenAI's content would be: on the tiny test base's real tokenizer, with its
+chat template and without one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.interactive.chat import chat_answer, chat_prompt, end_of_turn_tokens
+from workers.interactive.losses import InteractiveError
+from workers.interactive.sample_requests import read_sample_request
+from workers.kernels.example import IGNORE_INDEX
+from workers.training.formatting import tokenize_record
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one word."},
+    {"role": "user", "content": "What colour is the sky?"},
+    {"role": "assistant", "content": "Blue."},
+]
+
+
+def _tokenizer(template: bool) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    if not template:
+        tokenizer.chat_template = None
+    return tokenizer
+
+
+def _prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Any]) -> list[int]:
+    request = chat_prompt({"messages": messages}, tokenizer)
+    return list(request["prompt"]["chunks"][0]["tokens"])
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["chat template", "no template"])
+def test_a_chats_prompt_is_what_a_job_trained_its_reply_after(template: bool) -> None:
+    tokenizer = _tokenizer(template)
+    example = tokenize_record({"messages": CONVERSATION}, tokenizer)
+    first_trained = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    assert _prompt(tokenizer, CONVERSATION[:-1]) == list(example.input_ids[:first_trained])
+
+
+def test_a_chat_ends_at_its_templates_end_of_turn_though_the_base_ends_sequences_otherwise() -> (
+    None
+):
+    tokenizer = _tokenizer(True)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # What a fine-tuned reply ends with: the token after the reply in the trained example.
+    example = tokenize_record({"messages": CONVERSATION}, tokenizer)
+    trained = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label >= 0]
+    assert trained[-1] == end_of_turn
+    assert end_of_turn_tokens(tokenizer) == {end_of_turn}
+    # A base whose end of sequence is another token (Qwen2.5's <|endoftext|>, Llama 3's
+    # <|end_of_text|>) still ends a chat at the end of turn.
+    tokenizer.eos_token = "<|endoftext|>"
+    assert tokenizer.eos_token_id != end_of_turn
+    assert end_of_turn_tokens(tokenizer) == {end_of_turn}
+    assert end_of_turn_tokens(_tokenizer(False)) == frozenset()
+
+
+def test_a_chats_text_drops_special_tokens_and_is_cut_before_its_first_stop_string() -> None:
+    tokenizer = _tokenizer(True)
+    prompt = _prompt(tokenizer, CONVERSATION[:-1])
+    body = tokenizer("Blue sky. Then rain.", add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    request = {
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
+        "sampling_params": {"stop": ["rain", ". "]},
+    }
+    parsed = read_sample_request(request, len(tokenizer), 1024, frozenset([end]))
+    answer = {"sequences": [{"tokens": [*body, end], "stop_reason": "stop"}]}
+    [sequence] = chat_answer(answer, parsed, tokenizer)["sequences"]
+    assert sequence["text"] == "Blue sky"  # ". " comes before "rain"
+    assert chat_answer(answer, parsed, tokenizer)["prompt_tokens"] == len(prompt)
+    unstopped = read_sample_request(
+        {**request, "sampling_params": {}}, len(tokenizer), 1024, frozenset([end])
+    )
+    [plain] = chat_answer(answer, unstopped, tokenizer)["sequences"]
+    assert plain["text"] == "Blue sky. Then rain."  # <|im_end|> is not text
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [[], [{"role": "tool", "content": "x"}], [{"role": "user", "content": 3}], "hello"],
+)
+def test_messages_a_chat_cannot_take_are_refused_by_what_is_wrong(messages: Any) -> None:
+    with pytest.raises(InteractiveError, match="messages"):
+        chat_prompt({"messages": messages}, _tokenizer(True))
