@@ -87,7 +87,9 @@ def ask(
     alias]`) asked of its base's executors (not committed). ModelUnknown, NoExecutor."""
     base = get_base_model(conn, model)
     weights = None
-    if base is not None and base.status == BaseStatus.READY:
+    if base is not None and base.status != BaseStatus.READY:
+        raise ModelUnknown(f"base model {model!r} is {base.status}, not ready: it takes no chat")
+    if base is not None:
         base_id = base.id
     else:
         try:

@@ -185,7 +185,8 @@ def finish(
             # A version deleted since the executor read it is none (its key would be dangling).
             text(
                 "UPDATE interactive_models SET weights_version_id = "
-                "(SELECT id FROM adapter_versions WHERE id = :version) WHERE id = :model"
+                "(SELECT id FROM adapter_versions WHERE id = :version FOR KEY SHARE) "
+                "WHERE id = :model"
             ),
             {"version": call.request.get("adapter_version_id"), "model": call.model_id},
         )

@@ -201,7 +201,8 @@ def test_a_chat_that_cannot_be_answered_is_refused_with_its_reason_and_nothing_a
         )
 
     # A base whose executor does not answer in time: the chat is withdrawn, 503.
-    monkeypatch.setattr(chat, "WAIT_SECONDS", 1.0)
+    monkeypatch.setattr(chat, "TAKE_SECONDS", 1.0)
+    monkeypatch.setattr(chat, "WAIT_SECONDS", 2.0)
     with services.engine.begin() as conn:
         trainers.report(
             conn,
@@ -216,7 +217,8 @@ def test_a_chat_that_cannot_be_answered_is_refused_with_its_reason_and_nothing_a
     )
     assert sent.status_code == 503 and sent.json()["error"]["code"] == "executor_busy", sent.text
     with services.engine.connect() as conn:
-        status = conn.execute(
-            text("SELECT status FROM interactive_calls ORDER BY created_at DESC LIMIT 1")
-        ).scalar_one()
-    assert status == "failed"  # withdrawn: no executor will run it later
+        withdrawn = conn.execute(
+            text("SELECT status, request FROM interactive_calls ORDER BY created_at DESC LIMIT 1")
+        ).one()
+    # Withdrawn: no executor will run it later, and its messages are let go.
+    assert (withdrawn.status, withdrawn.request) == ("failed", {})

@@ -36,11 +36,22 @@ def _prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Any]) -> list[int
 
 
 @pytest.mark.parametrize("template", [True, False], ids=["chat template", "no template"])
-def test_a_chats_prompt_is_what_a_job_trained_its_reply_after(template: bool) -> None:
+@pytest.mark.parametrize("turns", [1, 2], ids=["one turn", "two turns"])
+def test_a_chats_prompt_is_what_a_job_trained_its_reply_after(template: bool, turns: int) -> None:
     tokenizer = _tokenizer(template)
-    example = tokenize_record({"messages": CONVERSATION}, tokenizer)
-    first_trained = next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
-    assert _prompt(tokenizer, CONVERSATION[:-1]) == list(example.input_ids[:first_trained])
+    conversation = (
+        CONVERSATION
+        + [
+            {"role": "user", "content": "And at night?"},
+            {"role": "assistant", "content": "Black."},
+        ][: 2 * (turns - 1)]
+    )
+    example = tokenize_record({"messages": conversation}, tokenizer)
+    # The last reply's trained tokens start after the last run of untrained ones.
+    labels = example.labels
+    last_trained = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    start = max(i for i in range(last_trained) if labels[i] == IGNORE_INDEX) + 1
+    assert _prompt(tokenizer, conversation[:-1]) == list(example.input_ids[:start])
 
 
 def test_a_chat_ends_at_its_templates_end_of_turn_though_the_base_ends_sequences_otherwise() -> (
@@ -58,7 +69,25 @@ def test_a_chat_ends_at_its_templates_end_of_turn_though_the_base_ends_sequences
     tokenizer.eos_token = "<|endoftext|>"
     assert tokenizer.eos_token_id != end_of_turn
     assert end_of_turn_tokens(tokenizer) == {end_of_turn}
-    assert end_of_turn_tokens(_tokenizer(False)) == frozenset()
+    # Without a template a reply is trained to end with the EOS, which stops it anyway.
+    plain = _tokenizer(False)
+    assert end_of_turn_tokens(plain) == {plain.eos_token_id}
+
+
+LINES = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}{{ SEP }}{{ m['content'] }}{{ END }}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{{ SEP }}{% endif %}"
+)
+
+
+def test_the_end_of_turn_is_found_past_whitespace_and_never_an_ordinary_token() -> None:
+    marked = _tokenizer(True)  # a newline between the reply and its marker
+    marked.chat_template = LINES.replace("{{ SEP }}", "\n").replace("{{ END }}", "\n<|im_end|>\n")
+    assert end_of_turn_tokens(marked) == {marked.convert_tokens_to_ids("<|im_end|>")}
+    unmarked = _tokenizer(True)  # turns end in a newline that is an added, ordinary token
+    unmarked.add_tokens(["\n"])
+    unmarked.chat_template = LINES.replace("{{ SEP }}", " ").replace("{{ END }}", "\n")
+    assert end_of_turn_tokens(unmarked) == frozenset()  # a chat must not stop at a line break
 
 
 def test_a_chats_text_drops_special_tokens_and_is_cut_before_its_first_stop_string() -> None:

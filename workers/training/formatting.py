@@ -100,6 +100,22 @@ def tokenize_record(
     )
 
 
+def generation_prompt(
+    messages: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], int | None]:
+    """What this formatting puts before an assistant's reply to `messages`, and the last token
+    it trains the reply with (its end of turn or EOS; None where it trains none): what a chat
+    of a model trained on such conversations is sampled after, and where its reply ends."""
+    example = _tokenize_chat([*messages, {"role": "assistant", "content": "x"}], tokenizer)
+    labels = example.labels
+    end = max(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    closing = example.input_ids[end] if end > start else None  # past the reply's own token
+    return list(example.input_ids[:start]), closing
+
+
 def _tokenize_chat(
     messages: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase
 ) -> TokenizedExample:

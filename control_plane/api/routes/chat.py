@@ -7,9 +7,10 @@ Offered: `messages` (system, developer, user and assistant; text content, or tex
 `max_completion_tokens` (or the older `max_tokens`; 256 unless sent), `temperature`, `top_p`,
 `n`, `seed`, `stop` (up to 4 strings, left out of the content as OpenAI leaves them). Not
 offered, and refused by name rather than ignored: streaming, tools, logprobs and every other
-field. The request is held until the executor answers, up to `WAIT_SECONDS`; past that the chat
-is withdrawn if no executor took it yet (503 `executor_busy` with `Retry-After`), and waited for
-another `WAIT_SECONDS` if one runs it. Once read, the call's messages and answer are let go.
+field. The request is held until the executor answers: a chat no executor took within
+`TAKE_SECONDS` is withdrawn (503 `executor_busy` with `Retry-After`), one an executor runs is
+waited for up to `WAIT_SECONDS` in all, under the openai SDK's own timeout. Once read or
+withdrawn, the call's messages and answer are let go.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from control_plane.tenants import Principal
 
 router = APIRouter(prefix="/v1/chat", tags=["chat"])
 
-# How long a chat is held for its executor's answer (a CPU base samples a few tokens a second).
-WAIT_SECONDS = 300.0
+# How long a chat waits for an executor to take it, and for its answer in all: under the openai
+# SDK's own timeout (600 s), which would ask it again while it still ran.
+TAKE_SECONDS = 300.0
+WAIT_SECONDS = 540.0
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 4096
 
@@ -173,9 +176,16 @@ def _look(services: Services, tenant_id: str, call_id: str) -> interactive.CallR
 
 
 def _withdraw(services: Services, tenant_id: str, call_id: str) -> bool:
-    """Fail the chat's call if no executor took it yet: whether it was."""
+    """Fail the chat's call if no executor took it yet, its messages let go: whether it was."""
     with services.engine.begin() as conn:
-        return interactive.cancel(conn, tenant_id, call_id)
+        try:
+            withdrawn = interactive.cancel(conn, tenant_id, call_id)
+        except interactive.NotFound:
+            raise ApiError(503, "executor_failed", f"the chat's call {call_id} is gone") from None
+        if withdrawn:
+            call = interactive.retrieve(conn, tenant_id, call_id)
+            interactive_polls.forget(conn, tenant_id, call.model_id, [call_id])
+        return withdrawn
 
 
 def _forget(services: Services, tenant_id: str, call: interactive.CallRecord) -> None:
@@ -199,11 +209,11 @@ async def create_chat_completion(
 
 
 async def _answered(
-    request: Request, services: Services, tenant_id: str, call_id: str
+    request: Request, services: Services, tenant_id: str, call_id: str, seconds: float
 ) -> interactive.CallRecord:
-    """The chat's call once finished, held up to `WAIT_SECONDS` (woken by its finish)."""
+    """The chat's call once finished, held up to `seconds` (woken by its finish)."""
     return await hold_until(
-        WAIT_SECONDS,
+        seconds,
         lambda: _look(services, tenant_id, call_id),
         lambda found: found.finished,
         call_wakeup(request, call_id),
@@ -216,24 +226,27 @@ async def complete(
     """The chat asked and its answer once the executor gave it (the dashboard's too); ApiError
     with the refusal otherwise."""
     tenant_id = caller.tenant_id
+    started = time.monotonic()
     asked = await run_in_threadpool(_ask, services, caller, body)
-    call = await _answered(request, services, tenant_id, asked.call_id)
+    call = await _answered(request, services, tenant_id, asked.call_id, TAKE_SECONDS)
     if not call.finished:
         if await run_in_threadpool(_withdraw, services, tenant_id, asked.call_id):
             raise ApiError(
                 503,
                 "executor_busy",
-                f"no executor took the chat within {WAIT_SECONDS:.0f} s, so it was withdrawn: "
+                f"no executor took the chat within {TAKE_SECONDS:.0f} s, so it was withdrawn: "
                 "ask again later",
                 headers={"Retry-After": "30"},
             )
-        # An executor runs it (or just answered): its answer, once it comes.
-        call = await _answered(request, services, tenant_id, asked.call_id)
+        # An executor runs it (or just answered): its answer, while the client still waits.
+        left = WAIT_SECONDS - (time.monotonic() - started)
+        call = await _answered(request, services, tenant_id, asked.call_id, max(left, 0.0))
         if not call.finished:
             raise ApiError(
                 503,
                 "executor_busy",
-                f"the chat still runs after {2 * WAIT_SECONDS:.0f} s; its answer is dropped",
+                f"the chat still runs after {WAIT_SECONDS:.0f} s: its answer will not be sent "
+                "(ask for fewer tokens)",
                 headers={"Retry-After": "30", "x-should-retry": "false"},
             )
     await run_in_threadpool(_forget, services, tenant_id, call)

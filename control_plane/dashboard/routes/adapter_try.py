@@ -14,6 +14,7 @@ the 403 page: the page shows a reader no form.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from control_plane.services import Services
 from control_plane.tenants import Principal
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TOKENS = 512
@@ -140,6 +142,10 @@ async def _answer(
         completion = await chat.complete(body, request, caller, services)
     except ApiError as refused:
         return Answer(side, body.model, refusal=refused)
+    except Exception:  # the other side's answer still shows; this one says it failed
+        log.exception("the Try it box's %s chat of %s failed", side, body.model)
+        failed = ApiError(503, "executor_failed", "the chat failed on the server: try again")
+        return Answer(side, body.model, refusal=failed)
     return Answer(side, body.model, completion=completion)
 
 
