@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write one sentence about the sea."},
 ]
+
+
+def _timed(ask: Callable[[], int], times: int) -> tuple[list[float], list[int]]:
+    """`ask` `times` times, one after another: each ask's seconds, and the tokens it sampled."""
+    seconds, sampled = [], []
+    for _ in range(times):
+        started = time.monotonic()
+        sampled.append(ask())
+        seconds.append(time.monotonic() - started)
+    return seconds, sampled
 
 
 def _chats(url: str, key: str, base: str, chats: int, tokens: int, done: Any) -> None:
@@ -47,12 +58,7 @@ def _chats(url: str, key: str, base: str, chats: int, tokens: int, done: Any) ->
         return reply.usage.completion_tokens
 
     ask()  # warm: the chat session and its sampler
-    seconds, sampled = [], []
-    for _ in range(chats):
-        started = time.monotonic()
-        sampled.append(ask())
-        seconds.append(time.monotonic() - started)
-    done.put((seconds, sampled))
+    done.put(_timed(ask, chats))
 
 
 def _samples(
@@ -77,12 +83,8 @@ def _samples(
             return len(sequence.tokens)
 
         ask()  # warm
-        seconds, sampled = [], []
-        for _ in range(chats):
-            started = time.monotonic()
-            sampled.append(ask())
-            seconds.append(time.monotonic() - started)
-    done.put((seconds, sampled))
+        found = _timed(ask, chats)
+    done.put(found)
 
 
 def main(argv: list[str] | None = None) -> int:
