@@ -51,9 +51,11 @@ class NoExecutor(Exception):
 
 @dataclass(frozen=True)
 class Asked:
-    """A chat asked: its call (the future), and the adapter version it reads (None: a base)."""
+    """A chat asked: its call (the future), the sampler it was asked of, and the adapter
+    version it reads (None: a base)."""
 
     call_id: str
+    sampler_id: str
     weights: CheckpointRecord | None
 
 
@@ -118,4 +120,5 @@ def ask(
         sampler = _new_model(
             conn, tenant_id, session, base_id, ModelKind.SAMPLER, model_path=path
         ).id
-    return Asked(enqueue(conn, tenant_id, str(sampler), CallKind.SAMPLE, request), weights)
+    call_id = enqueue(conn, tenant_id, str(sampler), CallKind.SAMPLE, request)
+    return Asked(call_id, str(sampler), weights)

@@ -175,16 +175,16 @@ def _look(services: Services, tenant_id: str, call_id: str) -> interactive.CallR
             raise ApiError(503, "executor_failed", f"the chat's call {call_id} is gone") from None
 
 
-def _withdraw(services: Services, tenant_id: str, call_id: str) -> bool:
+def _withdraw(services: Services, tenant_id: str, asked: chat_completions.Asked) -> bool:
     """Fail the chat's call if no executor took it yet, its messages let go: whether it was."""
+    call_id = asked.call_id
     with services.engine.begin() as conn:
         try:
             withdrawn = interactive.cancel(conn, tenant_id, call_id)
         except interactive.NotFound:
             raise ApiError(503, "executor_failed", f"the chat's call {call_id} is gone") from None
         if withdrawn:
-            call = interactive.retrieve(conn, tenant_id, call_id)
-            interactive_polls.forget(conn, tenant_id, call.model_id, [call_id])
+            interactive_polls.forget(conn, tenant_id, asked.sampler_id, [call_id])
         return withdrawn
 
 
@@ -230,7 +230,7 @@ async def complete(
     asked = await run_in_threadpool(_ask, services, caller, body)
     call = await _answered(request, services, tenant_id, asked.call_id, TAKE_SECONDS)
     if not call.finished:
-        if await run_in_threadpool(_withdraw, services, tenant_id, asked.call_id):
+        if await run_in_threadpool(_withdraw, services, tenant_id, asked):
             raise ApiError(
                 503,
                 "executor_busy",
