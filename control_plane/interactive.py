@@ -119,6 +119,7 @@ class CallRecord(_FromRow):
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     payload_dropped_at: datetime | None  # its request and answer let go (kept an hour)
+    partial: dict[str, Any] | None  # a streamed chat's text so far, while it runs
 
     @property
     def finished(self) -> bool:

@@ -33,7 +33,7 @@ from control_plane.trainers import alive_sql
 FORGET_BATCH = 500
 
 # What letting go of a finished call's payload writes (the row stays).
-FORGET = "request = '{}', result = NULL, payload_dropped_at = now()"
+FORGET = "request = '{}', result = NULL, partial = NULL, payload_dropped_at = now()"
 
 # Executors wake on this channel (payload: the base model id) when a call is asked for.
 CHANNEL = "interactive_calls"
@@ -164,7 +164,7 @@ def finish(
         text(
             "UPDATE interactive_calls SET status = 'completed', result = :result, metrics = CASE "
             "WHEN kind IN ('forward_backward', 'forward', 'optim_step') THEN :result -> 'metrics' "
-            "END, usage = :usage, finished_at = now() "
+            "END, usage = :usage, partial = NULL, finished_at = now() "
             "WHERE id = :id AND status = 'running' AND claimed_by = :executor"
         ).bindparams(
             bindparam("result", type_=JSONB), bindparam("usage", type_=JSONB(none_as_null=True))
@@ -201,6 +201,25 @@ def finish(
     return True
 
 
+def progress(conn: Connection, executor_id: str, texts: dict[str, list[str]]) -> int:
+    """A streamed chat's text so far, for each call (by id) this executor runs: written and
+    notified on the channel a finished call notifies, so the API's stream wakes (not
+    committed); how many calls it was written for."""
+    if not texts:
+        return 0
+    return len(
+        conn.execute(
+            text(
+                "UPDATE interactive_calls c SET partial = jsonb_build_object('texts', p.texts) "
+                "FROM jsonb_each(:texts) AS p(id, texts) "
+                "WHERE c.id = p.id AND c.status = 'running' AND c.claimed_by = :executor "
+                "RETURNING pg_notify('loraforge_interactive_done', c.model_id || ' ' || c.id)"
+            ).bindparams(bindparam("texts", type_=JSONB)),
+            {"texts": texts, "executor": executor_id},
+        ).all()
+    )
+
+
 def fail(
     conn: Connection, call: Call, executor_id: str, message: str, *, category: str = "user"
 ) -> bool:
@@ -208,7 +227,8 @@ def fail(
     platform could not run it), not committed. A model whose creation failed holds nothing."""
     done = conn.execute(
         text(
-            "UPDATE interactive_calls SET status = 'failed', error = :error, finished_at = now() "
+            "UPDATE interactive_calls SET status = 'failed', error = :error, partial = NULL, "
+            "finished_at = now() "
             "WHERE id = :id AND status = 'running' AND claimed_by = :executor"
         ).bindparams(bindparam("error", type_=JSONB)),
         {"id": call.id, "executor": executor_id, "error": _error(message, category)},
@@ -366,7 +386,8 @@ def _fail_waiting(
         return
     conn.execute(
         text(
-            "UPDATE interactive_calls SET status = 'failed', error = :error, finished_at = now() "
+            "UPDATE interactive_calls SET status = 'failed', error = :error, partial = NULL, "
+            "finished_at = now() "
             "WHERE model_id = ANY(:models) AND status = ANY(:statuses)"
         ).bindparams(bindparam("error", type_=JSONB)),
         {"models": models, "statuses": list(statuses), "error": _error(message, category)},

@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     # Sample calls of one model an interactive executor takes and decodes together (an RL loop
     # asks a sampler for a batch of prompts at once): one forward pass a token for all of them.
     interactive_sample_batch_calls: int = Field(default=8, ge=1, le=256)
+    # How often an executor writes a streamed chat's text so far (`stream: true`) while it
+    # samples it: each write is one small update and a notification for the batch's chats.
+    chat_stream_every_seconds: float = Field(default=0.25, ge=0, le=10)
     # forward_backward and forward calls an interactive executor takes and runs together (each
     # tenant's RL step is a few sequences; other models' calls, and each model's next ones
     # before its next optim_step): their datums share each pass.

@@ -799,6 +799,9 @@ class InteractiveCall(Base):
     # go (`control_plane.usage`, revision 0035): `{"training_tokens"}`, `{"prefill_tokens",
     # "sampled_tokens"}` or `{"checkpoints"}`.
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # A streamed chat's text so far while the executor samples it (`{"texts": [...]}`, one a
+    # choice; revision 0042); null once it finishes and for every other call.
+    partial: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 class InteractiveCustomLoss(Base):

@@ -10,7 +10,13 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tests.fixtures.testbase import TEST_BASE_PATH
-from workers.interactive.chat import chat_answer, chat_prompt, end_of_turn_tokens
+from workers.interactive.chat import (
+    chat_answer,
+    chat_prompt,
+    chat_text,
+    chat_text_so_far,
+    end_of_turn_tokens,
+)
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import read_sample_request
 from workers.kernels.example import IGNORE_INDEX
@@ -109,6 +115,38 @@ def test_a_chats_text_drops_special_tokens_and_is_cut_before_its_first_stop_stri
     )
     [plain] = chat_answer(answer, unstopped, tokenizer)["sequences"]
     assert plain["text"] == "Blue sky. Then rain."  # <|im_end|> is not text
+
+
+@pytest.mark.parametrize(
+    "stop", [None, ["rain", ". "], ["sky!"]], ids=["no stop", "stops", "unmet"]
+)
+def test_a_streamed_chats_text_so_far_always_begins_its_whole_text(stop: Any) -> None:
+    """At every token, the text streamed so far is what the whole reply begins with: never a
+    stop string or the start of one, never a character half decoded, never whitespace a later
+    token may take back; and once a stop string is sampled, it is the whole text."""
+    tokenizer = _tokenizer(True)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    params = {} if stop is None else {"stop": stop}
+    request = {
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]},
+        "sampling_params": params,
+    }
+    parsed = read_sample_request(request, len(tokenizer), 1024, frozenset([end]))
+    tokens = tokenizer("Blue sky. Then rain, né ☂ .", add_special_tokens=False)["input_ids"]
+    whole = chat_text([*tokens, end], parsed, tokenizer)
+    so_far = [chat_text_so_far(tokens[:k], parsed, tokenizer) for k in range(len(tokens) + 1)]
+    for k, text in enumerate(so_far):
+        assert whole.startswith(text), (k, text, whole)
+        assert "\ufffd" not in text and text == text.rstrip()
+        assert not any(text.endswith(s[:j]) for s in parsed.stop_strings for j in range(1, len(s)))
+    assert so_far[-1] == whole.rstrip()
+    if stop == ["rain", ". "]:
+        stopped = so_far.index("Blue sky")
+        assert all(text == "Blue sky" for text in so_far[stopped:])
+        assert not any("sky." in text for text in so_far)  # ". " held back until it is one
+    if stop is None:
+        # Held back a token at a time: the text ending in "sky" waits for what follows its space.
+        assert "Blue sky" in so_far and "Blue sky " not in so_far
 
 
 @pytest.mark.parametrize(

@@ -16,12 +16,15 @@ the base's end of sequence on many bases), stop strings or not.
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
+from workers.interactive.sampling import OnStep
 from workers.training.formatting import generation_prompt
 
 ROLES = ("system", "user", "assistant")
@@ -76,14 +79,84 @@ def chat_request(parsed: SamplingRequest, stops: frozenset[int]) -> SamplingRequ
     return dataclasses.replace(parsed, stop_tokens=parsed.stop_tokens | stops)
 
 
+def is_streamed(request: Any) -> bool:
+    """A chat asked with `stream: true`: its text so far is written while it samples."""
+    return is_chat(request) and bool(request.get("stream"))
+
+
+def chat_text(
+    tokens: list[int], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
+) -> str:
+    """A sequence's text: decoded without special tokens, cut before the first stop string."""
+    text, cut = _decoded(tokens, parsed, tokenizer)
+    return text if cut is None else text[:cut]
+
+
+def chat_text_so_far(
+    tokens: list[int], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
+) -> str:
+    """The text of a sequence still being sampled, as far as its whole text is sure to begin
+    with it: without a trailing character still being decoded (U+FFFD), trailing whitespace
+    (a later token may join it: " ." decodes as "."), or an ending that could begin a stop
+    string (which the whole text leaves out)."""
+    text, cut = _decoded(tokens, parsed, tokenizer)
+    if cut is not None:
+        return text[:cut]  # its stop is sampled: this is the whole text
+    while True:
+        kept = text.rstrip("\ufffd").rstrip()
+        held = max(
+            (k for s in parsed.stop_strings for k in range(1, len(s)) if kept.endswith(s[:k])),
+            default=0,
+        )
+        kept = kept[: len(kept) - held]
+        if kept == text:
+            return text
+        text = kept
+
+
+def _decoded(
+    tokens: list[int], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, int | None]:
+    """The tokens' text without special tokens, and where its first stop string begins."""
+    # U+0000, which no JSON column stores, is no text a chat could want.
+    text = tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "")
+    cut = [text.index(stop) for stop in parsed.stop_strings if stop in text]
+    return text, min(cut) if cut else None
+
+
 def chat_answer(
     answer: dict[str, Any], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, Any]:
     """The sample's answer with each sequence's text and the prompt's length in tokens."""
-    sequences = []
-    for sequence in answer["sequences"]:
-        # U+0000, which no JSON column stores, is no text a chat could want.
-        text = tokenizer.decode(sequence["tokens"], skip_special_tokens=True).replace("\x00", "")
-        cut = [text.index(stop) for stop in parsed.stop_strings if stop in text]
-        sequences.append({**sequence, "text": text[: min(cut)] if cut else text})
+    sequences = [
+        {**sequence, "text": chat_text(sequence["tokens"], parsed, tokenizer)}
+        for sequence in answer["sequences"]
+    ]
     return {**answer, "sequences": sequences, "prompt_tokens": len(parsed.prompt)}
+
+
+def stream_steps(
+    sink: Callable[[dict[str, list[str]]], None] | None,
+    every_seconds: float,
+    streamed: dict[int, str],
+    requests: list[SamplingRequest],
+    tokenizer: PreTrainedTokenizerBase,
+) -> OnStep | None:
+    """What a batch's streamed chats (their place in the batch: their key, the call's id) hand
+    `sink` as they sample: every `every_seconds`, each one's text so far, a text a row."""
+    if sink is None or not streamed:
+        return None
+    due = [0.0]
+
+    def on_step(tokens: list[list[list[int]]]) -> None:
+        if time.monotonic() < due[0]:
+            return
+        sink(
+            {
+                key: [chat_text_so_far(row, requests[k], tokenizer) for row in tokens[k]]
+                for k, key in streamed.items()
+            }
+        )
+        due[0] = time.monotonic() + every_seconds
+
+    return on_step

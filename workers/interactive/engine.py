@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +41,7 @@ from workers.interactive.chat import (
     chat_request,
     end_of_turn_tokens,
     is_chat,
+    stream_steps,
 )
 from workers.interactive.custom_input import read_custom_input
 from workers.interactive.forwarding import Forward, run_together
@@ -101,6 +102,10 @@ class InteractiveEngine:
         # Where a chat (`chat`) ends: the end of sequence, and the template's end of turn.
         self._chat_stops = self._eos_token_ids | end_of_turn_tokens(base.tokenizer)
         self._layers = AdaptableLayers.of(model)
+        # Where a streamed chat's text so far goes while it samples (the runner writes it to
+        # its call), and how often: a chat asked with `stream` naming its key (the call's id).
+        self.stream_to: Callable[[dict[str, list[str]]], None] | None = None
+        self.stream_every_seconds = 0.25
 
     # -- models --------------------------------------------------------------------------------
 
@@ -373,6 +378,11 @@ class InteractiveEngine:
                 # With no adapter at all there is no peft model: the base alone answers.
                 model = self.base.model if self._peft is None else self._peft
                 adapters = None if self._peft is None else [parsed[i][0] for i in batch]
+                streamed = {
+                    k: str(asked[i][1]["stream"])
+                    for k, i in enumerate(batch)
+                    if i in chats and isinstance(asked[i][1].get("stream"), str)
+                }
                 with self._autocast(), evaluating(model):
                     decoded = generate(
                         model,
@@ -380,6 +390,13 @@ class InteractiveEngine:
                         self.base.tokenizer,
                         self.base.device,
                         adapters=adapters,
+                        on_step=stream_steps(
+                            self.stream_to,
+                            self.stream_every_seconds,
+                            streamed,
+                            [parsed[i][1] for i in batch],
+                            self.base.tokenizer,
+                        ),
                     )
                 for i, answer in zip(batch, decoded, strict=True):
                     tokenizer = self.base.tokenizer

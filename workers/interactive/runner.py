@@ -44,6 +44,7 @@ from workers.interactive.batching import (
 )
 from workers.interactive.engine import MICRO_BATCH_TOKENS, InteractiveEngine, InteractiveError
 from workers.interactive.saving import save
+from workers.interactive.streaming import StreamWriter, streamed_request
 from workers.job_io import TrainerPresence, materialize_base, through_blips
 from workers.training.device import RequestedPrecision, describe_device
 from workers.training.resident import ResidentBase
@@ -116,6 +117,8 @@ class InteractiveRunner:
         path = materialize_base(services.store, BaseCache(self.work_dir / "bases"), base)
         self.resident = ResidentBase.load(path, precision=precision)
         self.engine = engine_factory(self.resident)
+        self.engine.stream_to = StreamWriter(services, executor_id)
+        self.engine.stream_every_seconds = services.settings.chat_stream_every_seconds
         self.calls_run = 0
         # The saved samplers in the engine, least recently sampled first.
         self._samplers: OrderedDict[str, None] = OrderedDict()
@@ -173,7 +176,9 @@ class InteractiveRunner:
             return False
         if taken[0].kind == "sample":
             outcomes = self._together(
-                taken, lambda call: (self._sampler(call), call.request), self.engine.sample_many
+                taken,
+                lambda call: (self._sampler(call), streamed_request(call)),
+                self.engine.sample_many,
             )
         elif taken[0].kind in FORWARDS:
             outcomes = self._together(

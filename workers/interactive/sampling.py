@@ -47,7 +47,7 @@ Each of these is computed only for the requests that ask for it: the others cost
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -105,18 +105,24 @@ def generate(
     device: torch.device,
     *,
     adapters: list[str] | None = None,
+    on_step: OnStep | None = None,
 ) -> list[dict[str, Any]]:
     """Decode every request's `num_samples` continuations in one batch (a SampleResponse
     each): the prompts left-padded to the longest, masked, and each row placed by its own
     positions, so a request's rows read what they would alone. Each request draws from its own
     generator and keeps its own parameters and stops; a row that stopped runs along with the
     batch, its tokens dropped, until every row has. `adapters` (a peft model's adapter names,
-    one a request) has each request's rows read through its own adapter."""
+    one a request) has each request's rows read through its own adapter. `on_step` is given
+    each request's rows' tokens so far after every token sampled but the last."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
     if adapters is None:
-        return _generate(model, requests, owner, tokenizer, device)
+        return _generate(model, requests, owner, tokenizer, device, on_step)
     with routed(cast(PeftModel, model), [adapters[r] for r in owner]):
-        return _generate(model, requests, owner, tokenizer, device)
+        return _generate(model, requests, owner, tokenizer, device, on_step)
+
+
+# Each request's rows' tokens so far (a list a request, in the order of its rows).
+OnStep = Callable[[list[list[list[int]]]], None]
 
 
 def _generate(
@@ -125,6 +131,7 @@ def _generate(
     owner: list[int],
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
+    on_step: OnStep | None,
 ) -> list[dict[str, Any]]:
     rows_of = [[row for row, o in enumerate(owner) if o == r] for r in range(len(requests))]
     width = max(len(request.prompt) for request in requests)
@@ -169,6 +176,8 @@ def _generate(
             done[row] = stopped[row] or len(tokens[row]) == request.max_tokens
         if all(done):
             break
+        if on_step is not None:
+            on_step([[tokens[row] for row in rows] for rows in rows_of])
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
         output = model(

@@ -5,12 +5,14 @@ fine-tuned adapters, answered by the interactive executors holding its base
 
 Offered: `messages` (system, developer, user and assistant; text content, or text parts),
 `max_completion_tokens` (or the older `max_tokens`; 256 unless sent), `temperature`, `top_p`,
-`n`, `seed`, `stop` (up to 4 strings, left out of the content as OpenAI leaves them). Not
-offered, and refused by name rather than ignored: streaming, tools, logprobs and every other
-field. The request is held until the executor answers: a chat no executor took within
-`TAKE_SECONDS` is withdrawn (503 `executor_busy` with `Retry-After`), one an executor runs is
-waited for up to `WAIT_SECONDS` in all, under the openai SDK's own timeout. Once read or
-withdrawn, the call's messages and answer are let go.
+`n`, `seed`, `stop` (up to 4 strings, left out of the content as OpenAI leaves them), and
+`stream` (with `stream_options.include_usage`): the reply sent as it is sampled
+(`chat_stream`). Not offered, and refused by name rather than ignored: tools, logprobs and
+every other field. The request is held until the executor answers (or, streamed, until its
+first text): a chat no executor took within `TAKE_SECONDS` is withdrawn (503 `executor_busy`
+with `Retry-After`); one an executor runs is waited for up to `WAIT_SECONDS` in all, under the
+openai SDK's own timeout (a stream has no such bound: it sends a comment while nothing is
+new). Once read or withdrawn, the call's messages and answer are let go.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane import audit, chat_completions, interactive, interactive_polls
 from control_plane.api.deps import ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
+from control_plane.api.routes import chat_stream
 from control_plane.api.routes.tinker_futures import call_wakeup, hold_until
 from control_plane.interactive import CallStatus
 from control_plane.services import Services
@@ -73,6 +77,11 @@ class ChatMessage(_Body):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class StreamOptions(_Body):
+    include_usage: bool | None = Field(default=None, description="a last chunk with `usage`")
+    include_obfuscation: bool | None = Field(default=None, description="taken, not used")
+
+
 class ChatCompletionCreate(_Body):
     model: str = Field(min_length=1, max_length=200, description="a base or `adapter@version`")
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
@@ -87,9 +96,10 @@ class ChatCompletionCreate(_Body):
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
         | None
     ) = None
-    stream: Literal[False] | None = Field(
-        default=None, description="streaming is not offered: leave it unset or false"
+    stream: bool | None = Field(
+        default=None, description="the reply as server-sent events, as it is sampled"
     )
+    stream_options: StreamOptions | None = Field(default=None, description="with `stream`")
     # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
     logprobs: Literal[False] | None = Field(default=None, description="not offered")
     frequency_penalty: Literal[0] | None = Field(default=None, description="not offered")
@@ -112,7 +122,8 @@ class ChatCompletionCreate(_Body):
         if self.stop is not None:
             params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         messages = [m.plain() for m in self.messages]
-        return {"messages": messages, "num_samples": self.n, "sampling_params": params}
+        asked = {"messages": messages, "num_samples": self.n, "sampling_params": params}
+        return {**asked, "stream": True} if self.stream else asked
 
 
 class ChatCompletionMessage(BaseModel):
@@ -198,13 +209,29 @@ def _forget(services: Services, tenant_id: str, call: interactive.CallRecord) ->
 @router.post(
     "/completions",
     response_model=ChatCompletion,
-    responses=refusals(404, 503),
+    responses={
+        **refusals(404, 503),
+        200: {
+            "description": "The chat completion; with `stream`, its chunks as server-sent events",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
     summary="Chat with a base or a fine-tuned adapter",
 )
 async def create_chat_completion(
     body: ChatCompletionCreate, request: Request, caller: Writer, services: ServicesDep
-) -> ChatCompletion:
-    """OpenAI's chat completion, sampled by the executors that hold the model's base."""
+) -> Response | ChatCompletion:
+    """OpenAI's chat completion, sampled by the executors that hold the model's base; with
+    `stream`, sent as it is sampled (`chat_stream`)."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "stream_options is taken only with stream: true",
+            "stream_options",
+        )
+    if body.stream:
+        return await _streamed(body, request, caller, services)
     return await complete(body, request, caller, services)
 
 
@@ -220,6 +247,25 @@ async def _answered(
     )
 
 
+def _busy() -> ApiError:
+    return ApiError(
+        503,
+        "executor_busy",
+        f"no executor took the chat within {TAKE_SECONDS:.0f} s, so it was withdrawn: "
+        "ask again later",
+        headers={"Retry-After": "30"},
+    )
+
+
+def _refusal(call: interactive.CallRecord) -> ApiError:
+    """A failed chat's error: the executor's refusal (400), or the platform's (503)."""
+    error = call.error or {}
+    message = str(error.get("error") or "the chat failed")
+    if error.get("category") == "user":
+        return ApiError(400, "invalid_request", message)
+    return ApiError(503, "executor_failed", message, headers={"Retry-After": "5"})
+
+
 async def complete(
     body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
 ) -> ChatCompletion:
@@ -231,13 +277,7 @@ async def complete(
     call = await _answered(request, services, tenant_id, asked.call_id, TAKE_SECONDS)
     if not call.finished:
         if await run_in_threadpool(_withdraw, services, tenant_id, asked):
-            raise ApiError(
-                503,
-                "executor_busy",
-                f"no executor took the chat within {TAKE_SECONDS:.0f} s, so it was withdrawn: "
-                "ask again later",
-                headers={"Retry-After": "30"},
-            )
+            raise _busy()
         # An executor runs it (or just answered): its answer, while the client still waits.
         left = WAIT_SECONDS - (time.monotonic() - started)
         call = await _answered(request, services, tenant_id, asked.call_id, max(left, 0.0))
@@ -246,18 +286,14 @@ async def complete(
                 503,
                 "executor_busy",
                 f"the chat still runs after {WAIT_SECONDS:.0f} s: its answer will not be sent "
-                "(ask for fewer tokens)",
+                "(ask for fewer tokens, or stream it)",
                 headers={"Retry-After": "30", "x-should-retry": "false"},
             )
     await run_in_threadpool(_forget, services, tenant_id, call)
     if call.payload_dropped_at is not None:
         raise ApiError(503, "executor_failed", "the chat's answer was let go before it was read")
     if call.status == CallStatus.FAILED:
-        error = call.error or {}
-        message = str(error.get("error") or "the chat failed")
-        if error.get("category") == "user":
-            raise ApiError(400, "invalid_request", message)
-        raise ApiError(503, "executor_failed", message, headers={"Retry-After": "5"})
+        raise _refusal(call)
     result = call.result or {}
     sequences = result.get("sequences") or []
     completion = sum(len(s.get("tokens") or []) for s in sequences)
@@ -277,4 +313,46 @@ async def complete(
         usage=ChatUsage(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         ),
+    )
+
+
+async def _streamed(
+    body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
+) -> Response:
+    """The chat asked, and once its executor wrote its first text (or answered), its chunks as
+    they are sampled; what is refused before that (by the executor too, as it reads the
+    request) is the plain error."""
+    tenant_id = caller.tenant_id
+    asked = await run_in_threadpool(_ask, services, caller, body)
+    call = await hold_until(
+        TAKE_SECONDS,
+        lambda: _look(services, tenant_id, asked.call_id),
+        lambda found: found.finished or found.partial is not None,
+        call_wakeup(request, asked.call_id),
+    )
+    if call.status == CallStatus.PENDING and await run_in_threadpool(
+        _withdraw, services, tenant_id, asked
+    ):
+        raise _busy()
+    if call.status == CallStatus.FAILED:  # refused as it was taken: the plain error
+        await run_in_threadpool(_forget, services, tenant_id, call)
+        raise _refusal(call)
+
+    async def forget(found: interactive.CallRecord) -> None:
+        await run_in_threadpool(_forget, services, tenant_id, found)
+
+    streamed = chat_stream.Streamed(
+        chunk_id=f"chatcmpl-{asked.call_id}",
+        model=body.model,
+        choices=body.n,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        look=lambda: _look(services, tenant_id, asked.call_id),
+        wake=lambda: call_wakeup(request, asked.call_id),
+        forget=forget,
+        refusal=_refusal,
+    )
+    return StreamingResponse(
+        chat_stream.events(streamed),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

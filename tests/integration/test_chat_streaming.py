@@ -1,0 +1,281 @@
+"""A chat completion streamed (`stream: true`) through the official `openai` SDK: on the real
+interactive executor it streams, chunk by chunk, exactly the reply the same chat answers whole;
+with the test in the executor's place (claiming the call and writing its text so far through
+`interactive_calls`, as the executor does) each write reaches the client before the chat
+finishes, a failure midway is an error the SDK raises, and text sampled again after it was sent
+ends the stream rather than contradict it."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import text
+
+from control_plane import chat_completions, trainers
+from control_plane import interactive_calls as calls
+from control_plane.api.routes import chat, chat_stream
+from control_plane.services import Services
+from control_plane.settings import Settings
+from tests.api_harness import TenantKeys
+from tests.factories import register_test_base
+from tests.tinker_harness import publish_adapter_version, tinker_settings
+
+pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
+
+MESSAGES: list[Any] = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # The executor writes a streamed chat's text after every token.
+    return tinker_settings(tmp_path).model_copy(update={"chat_stream_every_seconds": 0.0})
+
+
+def _client(url: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def _streamed(client: openai.OpenAI, **asked: Any) -> tuple[list[Any], dict[int, list[str]]]:
+    """Every chunk of a streamed chat, and each choice's content deltas in order."""
+    chunks = list(client.chat.completions.create(stream=True, **asked))
+    deltas: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                deltas.setdefault(choice.index, []).append(choice.delta.content)
+    return chunks, deltas
+
+
+def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str, peft_adapter: Path
+) -> None:
+    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    client = _client(live_url, tenant_a.member)
+    asked: dict[str, Any] = {"model": model, "messages": MESSAGES, "temperature": 0}
+    whole = client.chat.completions.create(max_completion_tokens=24, **asked)
+    chunks, deltas = _streamed(
+        client, max_completion_tokens=24, stream_options={"include_usage": True}, **asked
+    )
+    [choice] = whole.choices
+    assert choice.message.content
+    # Sent as it was sampled, piece by piece, and the pieces are the whole reply.
+    assert len(deltas[0]) >= 2, deltas
+    assert "".join(deltas[0]) == choice.message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" and c.model == model for c in chunks)
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finishes == [choice.finish_reason]
+    # With include_usage: a last chunk with no choices and the usage; none before it.
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+    # A stop string: never sent, not even its first characters before it was whole.
+    content = choice.message.content
+    stop = next(content[k : k + 2] for k in range(1, len(content) - 1) if content[k].strip())
+    stopped = client.chat.completions.create(max_completion_tokens=24, stop=[stop], **asked)
+    _, stop_deltas = _streamed(client, max_completion_tokens=24, stop=[stop], **asked)
+    sent = ""
+    for piece in stop_deltas.get(0, []):
+        sent += piece
+        assert stop not in sent and stopped.choices[0].message.content.startswith(sent)
+    assert sent == stopped.choices[0].message.content
+
+    # Several choices, seeded: each choice's pieces are that choice's whole reply.
+    seeded: dict[str, Any] = {"temperature": 1.0, "seed": 5, "max_completion_tokens": 12, "n": 2}
+    replies = client.chat.completions.create(model=model, messages=MESSAGES, **seeded)
+    _, by_choice = _streamed(client, model=model, messages=MESSAGES, **seeded)
+    for reply in replies.choices:
+        assert "".join(by_choice.get(reply.index, [])) == reply.message.content
+
+    # Each streamed chat's messages and text were let go once read; its usage stays.
+    with services.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.request, c.partial, c.usage FROM interactive_calls c "
+                "JOIN interactive_models m ON m.id = c.model_id WHERE m.session_id = :s"
+            ),
+            {"s": chat_completions.session_id(tenant_a.tenant_id)},
+        ).all()
+    assert len(rows) == 6
+    assert all(r.request == {} and r.partial is None and r.usage for r in rows)
+
+
+def test_a_streamed_chat_refused_before_it_began_is_the_plain_error(
+    live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    client = _client(live_url, tenant_a.member)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nobody", messages=MESSAGES, stream=True)
+    # The executor's own refusal, as it read the request: a 400 with its words, not a stream.
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(
+            model=executor, messages=[{"role": "user", "content": "word " * 5000}], stream=True
+        )
+    sent = httpx.post(
+        f"{live_url}/v1/chat/completions",
+        json={"model": executor, "messages": MESSAGES, "stream_options": {"include_usage": True}},
+        headers=tenant_a.headers("member"),
+    )
+    assert sent.status_code == 400 and sent.json()["error"]["param"] == "stream_options"
+
+
+class _PlayedExecutor:
+    """The test in an executor's place on a base no real executor serves: it takes the chat's
+    call and writes its text so far and its end through `interactive_calls`."""
+
+    def __init__(self, services: Services, base_id: str) -> None:
+        self.services = services
+        self.base_id = base_id
+        with services.engine.begin() as conn:
+            trainers.report(
+                conn,
+                trainers.TrainerReport(
+                    "exec-played", "h", 1, "cpu", resident_base="tiny-played", kind="interactive"
+                ),
+            )
+
+    def take(self) -> calls.Call:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with self.services.engine.begin() as conn:
+                call = calls.claim_next(conn, "exec-played", self.base_id)
+            if call is not None:
+                return call
+            time.sleep(0.05)
+        raise AssertionError("no chat was asked")
+
+    def write(self, call: calls.Call, so_far: str) -> None:
+        with self.services.engine.begin() as conn:
+            assert calls.progress(conn, "exec-played", {call.id: [so_far]}) == 1
+
+    def finish(self, call: calls.Call, whole: str) -> None:
+        answer = {"tokens": [5, 6, 7], "logprobs": [0.0] * 3, "stop_reason": "stop", "text": whole}
+        with self.services.engine.begin() as conn:
+            assert calls.finish(
+                conn, call, "exec-played", {"sequences": [answer], "prompt_tokens": 9}
+            )
+
+    def fail(self, call: calls.Call, message: str) -> None:
+        with self.services.engine.begin() as conn:
+            assert calls.fail(conn, call, "exec-played", message, category="server")
+
+
+def _listen(client: openai.OpenAI, received: queue.Queue[Any]) -> None:
+    """Stream a chat in a thread: each content delta as it comes, then "end" (or the error)."""
+    try:
+        stream = client.chat.completions.create(model="tiny-played", messages=MESSAGES, stream=True)
+        for chunk in stream:
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    received.put(choice.delta.content)
+                if choice.finish_reason:
+                    received.put(("finish", choice.finish_reason))
+        received.put("end")
+    except Exception as error:  # the SDK's, raised while iterating
+        received.put(error)
+
+
+def test_each_write_of_the_executor_reaches_the_client_before_the_chat_ends(
+    services: Services, live_url: str, tenant_a: TenantKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = register_test_base(services.engine, "tiny-played")
+    played = _PlayedExecutor(services, base.id)
+    client = _client(live_url, tenant_a.member)
+
+    received: queue.Queue[Any] = queue.Queue()
+    listener = threading.Thread(target=_listen, args=(client, received))
+    listener.start()
+    call = played.take()
+    played.write(call, "Hel")
+    assert received.get(timeout=30) == "Hel"  # sent while the chat still runs
+    played.write(call, "Hello wor")
+    assert received.get(timeout=30) == "lo wor"
+    played.finish(call, "Hello world")
+    assert received.get(timeout=30) == "ld"
+    assert received.get(timeout=30) == ("finish", "stop")
+    assert received.get(timeout=30) == "end"
+    listener.join(30)
+
+    # A failure after the stream began: the SDK raises it, after what was sent.
+    listener = threading.Thread(target=_listen, args=(client, received))
+    listener.start()
+    call = played.take()
+    played.write(call, "Partial")
+    assert received.get(timeout=30) == "Partial"
+    played.fail(call, "the executor ran out of memory")
+    error = received.get(timeout=30)
+    assert isinstance(error, openai.APIError) and "out of memory" in str(error), error
+    listener.join(30)
+
+    # Text that no longer begins with what was sent (the chat sampled again) ends the stream
+    # with an error rather than contradict it; while nothing is new, a comment line keeps the
+    # connection open.
+    monkeypatch.setattr(chat_stream, "KEEPALIVE_SECONDS", 0.2)
+    lines: queue.Queue[str] = queue.Queue()
+
+    def raw() -> None:
+        with httpx.stream(
+            "POST",
+            f"{live_url}/v1/chat/completions",
+            json={"model": "tiny-played", "messages": MESSAGES, "stream": True},
+            headers=tenant_a.headers("member"),
+            timeout=60,
+        ) as response:
+            for line in response.iter_lines():
+                lines.put(line)
+        lines.put("closed")
+
+    reader = threading.Thread(target=raw)
+    reader.start()
+    call = played.take()
+    played.write(call, "abc")
+    seen = _until(lines, lambda line: '"content": "abc"' in line)
+    _until(lines, lambda line: line == ": keep-alive")
+    played.write(call, "xyz")
+    seen = _until(lines, lambda line: line == "closed")
+    errors = [line for line in seen if '"error"' in line]
+    assert len(errors) == 1 and "sampled again" in errors[0], seen
+    assert not any("xyz" in line or "[DONE]" in line for line in seen)
+    reader.join(30)
+    with services.engine.connect() as conn:
+        kept = conn.execute(
+            text("SELECT partial FROM interactive_calls WHERE id = :id"), {"id": call.id}
+        ).scalar_one()
+    assert kept == {"texts": ["xyz"]}  # the executor's last write, until it finishes
+
+
+def _until(lines: queue.Queue[str], found: Any) -> list[str]:
+    """The lines read until one is `found` (that one included)."""
+    seen: list[str] = []
+    while True:
+        line = lines.get(timeout=30)
+        seen.append(line)
+        if found(line):
+            return seen
+
+
+def test_a_chat_no_executor_takes_is_withdrawn_before_its_stream_begins(
+    services: Services, live_url: str, tenant_a: TenantKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = register_test_base(services.engine, "tiny-played")
+    _PlayedExecutor(services, base.id)  # reported, but never takes anything
+    monkeypatch.setattr(chat, "TAKE_SECONDS", 1.0)
+    with pytest.raises(openai.InternalServerError) as busy:
+        _client(live_url, tenant_a.member).chat.completions.create(
+            model="tiny-played", messages=MESSAGES, stream=True
+        )
+    assert busy.value.status_code == 503 and busy.value.code == "executor_busy"
+    with services.engine.connect() as conn:
+        withdrawn = conn.execute(text("SELECT status, request FROM interactive_calls")).one()
+    assert (withdrawn.status, withdrawn.request) == ("failed", {})
