@@ -12,7 +12,10 @@ at most `--tokens` tokens each (the base's end of sequence may stop both sides s
 says how many tokens each side sampled); then the official `tinker` SDK samples the same
 chat-template tokens (rendered by the client's own tokenizer, as a Tinker user does) from a
 sampling client of the same base, with the same parameters. Alternating sides in one process;
-one JSON line: the chat's median seconds from the ask to the answer beside the sample's.
+one JSON line: the chat's median seconds from the ask to the answer beside the sample's. Then
+the same chats streamed (`stream: true`, the executor writing the text so far every
+`chat_stream_every_seconds`): a line for the first text's median beside the awaited chat's
+answer, and one for the streamed chat's end beside it (what streaming costs).
 """
 
 from __future__ import annotations
@@ -61,6 +64,38 @@ def _chats(url: str, key: str, base: str, chats: int, tokens: int, done: Any) ->
     done.put(_timed(ask, chats))
 
 
+def _streams(url: str, key: str, base: str, chats: int, tokens: int, done: Any) -> None:
+    """The same chats streamed: each one's seconds to its end and to its first text."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    firsts: list[float] = []
+
+    def ask() -> int:
+        started, first = time.monotonic(), None
+        chunks = client.chat.completions.create(
+            model=base,
+            messages=MESSAGES,
+            max_completion_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = None
+        for chunk in chunks:
+            if first is None and any(c.delta.content for c in chunk.choices):
+                first = time.monotonic() - started
+            usage = chunk.usage or usage
+        assert usage is not None and first is not None
+        firsts.append(first)
+        return usage.completion_tokens
+
+    ask()  # warm
+    firsts.clear()
+    seconds, sampled = _timed(ask, chats)
+    done.put((seconds, sampled, firsts))
+
+
 def _samples(
     url: str, key: str, base: str, base_dir: str, chats: int, tokens: int, done: Any
 ) -> None:
@@ -98,18 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
     base_dir = str(args.base_dir or TEST_BASE_PATH)
-    sides: dict[str, tuple[list[float], list[int]]] = {"chat": ([], []), "sample": ([], [])}
+    sides: dict[str, tuple[list[float], list[int]]] = {
+        "chat": ([], []),
+        "sample": ([], []),
+        "stream": ([], []),
+    }
+    firsts: list[float] = []  # a streamed chat's seconds to its first text
     with sdk_bench(args.database_url, args.base_dir) as bench:
         machine, base = bench.machine, bench.base.name
         with pausable_executor(bench.runner) as serving, served_with(bench.services) as url:
             serving.set()
             progress(f"{machine}; {args.rounds} rounds a side")
             for index in range(args.rounds):  # alternating: the machine's load drifts
-                for side in ("chat", "sample"):
+                for side in ("chat", "sample", "stream"):
                     if side == "chat":
                         found = in_own_process(
                             _chats, url, bench.key, base, args.chats, args.tokens
                         )
+                    elif side == "stream":
+                        found = in_own_process(
+                            _streams, url, bench.key, base, args.chats, args.tokens
+                        )
+                        firsts.extend(found[2])
                     else:
                         found = in_own_process(
                             _samples, url, bench.key, base, base_dir, args.chats, args.tokens
@@ -134,6 +179,34 @@ def main(argv: list[str] | None = None) -> int:
         p99_ms=round(percentile(ours[0], 99) * 1000, 3),
         baseline_p99_ms=round(percentile(theirs[0], 99) * 1000, 3),
         statistic="median and p99 over every round's asks, ms from the ask to the answer",
+    )
+    streamed = sides["stream"]
+    emit_beside(
+        "chat_stream_first_text",
+        statistics.median(firsts) * 1000,
+        "the same chat awaited whole (nothing to read before its end)",
+        statistics.median(ours[0]) * 1000,
+        machine,
+        base=bench.label,
+        what=f"one chat streamed, greedy, at most {args.tokens} tokens: ms to its first text",
+        chats=len(firsts),
+        p99_ms=round(percentile(firsts, 99) * 1000, 3),
+        statistic="median and p99 over every round's asks",
+    )
+    emit_beside(
+        "chat_stream_whole",
+        statistics.median(streamed[0]) * 1000,
+        "the same chat awaited whole",
+        statistics.median(ours[0]) * 1000,
+        machine,
+        base=bench.label,
+        what=f"one chat streamed, greedy, at most {args.tokens} tokens: ms to its end",
+        chats=len(streamed[0]),
+        tokens_sampled=statistics.median(streamed[1]),
+        baseline_tokens_sampled=statistics.median(ours[1]),
+        p99_ms=round(percentile(streamed[0], 99) * 1000, 3),
+        baseline_p99_ms=round(percentile(ours[0], 99) * 1000, 3),
+        statistic="median and p99 over every round's asks",
     )
     return 0
 

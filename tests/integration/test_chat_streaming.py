@@ -74,6 +74,7 @@ def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
     assert chunks[0].choices[0].delta.role == "assistant"
     assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("chatcmpl-")
     assert all(c.object == "chat.completion.chunk" and c.model == model for c in chunks)
+    assert all(len(c.choices) <= 1 for c in chunks)  # a choice a chunk, as OpenAI sends them
     finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
     assert finishes == [choice.finish_reason]
     # With include_usage: a last chunk with no choices and the usage; none before it.
@@ -95,8 +96,22 @@ def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
     seeded: dict[str, Any] = {"temperature": 1.0, "seed": 5, "max_completion_tokens": 12, "n": 2}
     replies = client.chat.completions.create(model=model, messages=MESSAGES, **seeded)
     _, by_choice = _streamed(client, model=model, messages=MESSAGES, **seeded)
+    assert all(reply.message.content for reply in replies.choices)
     for reply in replies.choices:
         assert "".join(by_choice.get(reply.index, [])) == reply.message.content
+
+    # On the wire, without include_usage: no usage at all, and the stream's end said.
+    with httpx.stream(
+        "POST",
+        f"{live_url}/v1/chat/completions",
+        json={"max_completion_tokens": 4, "stream": True, **asked},
+        headers=tenant_a.headers("member"),
+        timeout=60,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert all('"usage"' not in event for event in events)
 
     # Each streamed chat's messages and text were let go once read; its usage stays.
     with services.engine.connect() as conn:
@@ -107,7 +122,7 @@ def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
             ),
             {"s": chat_completions.session_id(tenant_a.tenant_id)},
         ).all()
-    assert len(rows) == 6
+    assert len(rows) == 7
     assert all(r.request == {} and r.partial is None and r.usage for r in rows)
 
 
@@ -201,6 +216,8 @@ def test_each_write_of_the_executor_reaches_the_client_before_the_chat_ends(
     assert received.get(timeout=30) == "Hel"  # sent while the chat still runs
     played.write(call, "Hello wor")
     assert received.get(timeout=30) == "lo wor"
+    # Written again from its start (a batch run again a call at a time): waited past.
+    played.write(call, "Hel")
     played.finish(call, "Hello world")
     assert received.get(timeout=30) == "ld"
     assert received.get(timeout=30) == ("finish", "stop")
@@ -253,6 +270,49 @@ def test_each_write_of_the_executor_reaches_the_client_before_the_chat_ends(
             text("SELECT partial FROM interactive_calls WHERE id = :id"), {"id": call.id}
         ).scalar_one()
     assert kept == {"texts": ["xyz"]}  # the executor's last write, until it finishes
+
+
+def test_a_stream_its_client_leaves_lets_the_chat_go_once_it_is_answered(
+    services: Services, live_url: str, tenant_a: TenantKeys
+) -> None:
+    base = register_test_base(services.engine, "tiny-played")
+    played = _PlayedExecutor(services, base.id)
+    lines: queue.Queue[str] = queue.Queue()
+    leave = threading.Event()
+
+    def leaving() -> None:
+        with httpx.stream(
+            "POST",
+            f"{live_url}/v1/chat/completions",
+            json={"model": "tiny-played", "messages": MESSAGES, "stream": True},
+            headers=tenant_a.headers("member"),
+            timeout=60,
+        ) as response:
+            for line in response.iter_lines():
+                lines.put(line)
+                if leave.is_set():
+                    break  # the connection closes with the block
+
+    reader = threading.Thread(target=leaving)
+    reader.start()
+    call = played.take()
+    played.write(call, "Once")
+    _until(lines, lambda line: '"content": "Once"' in line)
+    leave.set()
+    played.write(call, "Once upon")
+    reader.join(30)
+    played.finish(call, "Once upon a time")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with services.engine.connect() as conn:
+            row = conn.execute(
+                text("SELECT request, payload_dropped_at FROM interactive_calls WHERE id = :id"),
+                {"id": call.id},
+            ).one()
+        if row.payload_dropped_at is not None:
+            break
+        time.sleep(0.1)
+    assert row.request == {} and row.payload_dropped_at is not None  # not kept for an hour
 
 
 def _until(lines: queue.Queue[str], found: Any) -> list[str]:

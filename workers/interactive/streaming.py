@@ -3,18 +3,18 @@
 A chat asked with `stream: true` (`POST /v1/chat/completions`) is sampled as any sample call
 is, batched with others; the engine hands `StreamWriter` each streamed chat's text so far
 every `chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes them to their
-calls (`interactive_calls.progress`, which notifies the API's stream). A write is best effort:
-the whole text is the call's answer, recorded as every answer is, so a write the database
-refuses (an outage) is logged and streaming pauses a while rather than hold the batch up.
+calls (`interactive_calls.progress`, which notifies the API's stream) from a thread of its own,
+so the batch never waits on the database. A write is best effort: the whole text is the call's
+answer, recorded as every answer is, so a write the database refuses (an outage) is logged and
+streaming pauses a while.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
-
-from sqlalchemy.exc import SQLAlchemyError
 
 from control_plane import interactive_calls as calls
 from control_plane.services import Services
@@ -33,20 +33,41 @@ def streamed_request(call: calls.Call) -> dict[str, Any]:
 
 
 class StreamWriter:
-    """Writes the text so far of the streamed chats an executor samples to their calls."""
+    """Writes the text so far of the streamed chats an executor samples to their calls, from a
+    thread of its own: the decoding loop hands it the newest texts and goes on (it never waits
+    on the database), and a write takes whatever is newest for each call when it starts, so a
+    slow write skips texts rather than queue them. A call already answered is not written
+    (`progress` writes only running calls)."""
 
     def __init__(self, services: Services, executor_id: str) -> None:
         self.services = services
         self.executor_id = executor_id
         self.written = 0
-        self._paused_until = 0.0
+        self._newest: dict[str, list[str]] = {}
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def __call__(self, texts: dict[str, list[str]]) -> None:
-        if time.monotonic() < self._paused_until:
-            return
-        try:
-            with self.services.engine.begin() as conn:
-                self.written += calls.progress(conn, self.executor_id, texts)
-        except SQLAlchemyError as exc:
-            self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
-            log.warning("streamed chats' text so far not written (%s): paused a while", exc)
+        with self._changed:
+            self._newest.update(texts)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._write_forever, name=f"stream-{self.executor_id}", daemon=True
+                )
+                self._thread.start()
+            self._changed.notify()
+
+    def _write_forever(self) -> None:
+        while True:
+            with self._changed:
+                while not self._newest:
+                    self._changed.wait()
+                texts, self._newest = self._newest, {}
+            try:
+                with self.services.engine.begin() as conn:
+                    self.written += calls.progress(conn, self.executor_id, texts)
+            except Exception as exc:  # the answer is still recorded whole: streaming pauses
+                log.warning("streamed chats' text so far not written (%s): paused a while", exc)
+                time.sleep(PAUSE_AFTER_FAILURE_S)
+                with self._changed:
+                    self._newest.clear()  # stale by now; the next token brings the newest

@@ -41,6 +41,9 @@ router = APIRouter(prefix="/v1/chat", tags=["chat"])
 # SDK's own timeout (600 s), which would ask it again while it still ran.
 TAKE_SECONDS = 300.0
 WAIT_SECONDS = 540.0
+# A streamed chat an executor took begins within this, text or not (a refusal as the executor
+# reads the request comes sooner, and is the plain error): a proxy's idle timeout is longer.
+FIRST_TEXT_SECONDS = 2.0
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 4096
 
@@ -319,21 +322,32 @@ async def complete(
 async def _streamed(
     body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
 ) -> Response:
-    """The chat asked, and once its executor wrote its first text (or answered), its chunks as
-    they are sampled; what is refused before that (by the executor too, as it reads the
-    request) is the plain error."""
+    """The chat asked, and once an executor took it, its chunks as they are sampled; what is
+    refused before its first text, or within `FIRST_TEXT_SECONDS` of being taken (by the
+    executor too, as it reads the request), is the plain error."""
     tenant_id = caller.tenant_id
     asked = await run_in_threadpool(_ask, services, caller, body)
+
+    def look() -> interactive.CallRecord:
+        return _look(services, tenant_id, asked.call_id)
+
+    def began(found: interactive.CallRecord) -> bool:
+        return found.finished or found.partial is not None
+
     call = await hold_until(
         TAKE_SECONDS,
-        lambda: _look(services, tenant_id, asked.call_id),
-        lambda found: found.finished or found.partial is not None,
+        look,
+        lambda found: began(found) or found.status != CallStatus.PENDING,
         call_wakeup(request, asked.call_id),
     )
     if call.status == CallStatus.PENDING and await run_in_threadpool(
         _withdraw, services, tenant_id, asked
     ):
         raise _busy()
+    if not began(call):
+        call = await hold_until(
+            FIRST_TEXT_SECONDS, look, began, call_wakeup(request, asked.call_id)
+        )
     if call.status == CallStatus.FAILED:  # refused as it was taken: the plain error
         await run_in_threadpool(_forget, services, tenant_id, call)
         raise _refusal(call)
@@ -346,7 +360,7 @@ async def _streamed(
         model=body.model,
         choices=body.n,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        look=lambda: _look(services, tenant_id, asked.call_id),
+        look=look,
         wake=lambda: call_wakeup(request, asked.call_id),
         forget=forget,
         refusal=_refusal,

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 from control_plane.api.errors import ApiError, error_body
 from control_plane.api.routes.tinker_futures import hold_until
 from control_plane.interactive import CallRecord, CallStatus
+
+log = logging.getLogger(__name__)
 
 # A comment line this often while nothing is new; a stream ends, with an error, past
 # STREAM_SECONDS in all (an executor that is alive but never finishes).
@@ -80,16 +83,20 @@ def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> dic
 
 
 class _Resampled(Exception):
-    """A choice's text no longer begins with what was sent (its executor was lost and the chat
-    sampled again): what was sent cannot be taken back."""
+    """A choice's text no longer begins with what was sent (the chat was sampled again, and
+    differently): what was sent cannot be taken back."""
 
 
-def _deltas(sent: list[str], texts: list[str]) -> list[dict[str, Any]]:
-    """Each choice's text past what was sent of it (`sent` updated)."""
+def _deltas(sent: list[str], texts: list[str], *, whole: bool = False) -> list[dict[str, Any]]:
+    """Each choice's text past what was sent of it (`sent` updated). Text so far that is
+    shorter than what was sent and begins it (a batch run again a call at a time writes its
+    text from the start) is waited past; `whole` texts must begin with what was sent."""
     deltas = []
     for index, text in enumerate(texts[: len(sent)]):
         if not text.startswith(sent[index]):
-            raise _Resampled
+            if whole or not sent[index].startswith(text):
+                raise _Resampled
+            continue
         if len(text) > len(sent[index]):
             deltas.append(_choice(index, {"content": text[len(sent[index]) :]}))
             sent[index] = text
@@ -101,13 +108,30 @@ def _new_since(seen: dict[str, Any] | None) -> Callable[[CallRecord], bool]:
     return lambda found: found.finished or found.partial != seen
 
 
+# Streams whose client left before the end: each forgets its chat once it is answered.
+_LEFT: set[asyncio.Task[None]] = set()
+
+
+async def _forget_when_answered(streamed: Streamed) -> None:
+    try:
+        call = await hold_until(
+            STREAM_SECONDS, streamed.look, lambda c: c.finished, streamed.wake()
+        )
+        if call.finished:
+            await streamed.forget(call)
+    except Exception:
+        log.exception("a chat whose stream ended early was not let go (its retention will)")
+
+
 async def events(streamed: Streamed) -> AsyncIterator[str]:
-    """The chat's chunks as they come (see the module's text)."""
+    """The chat's chunks as they come (see the module's text), a choice a chunk."""
     chunk = _Chunks(streamed)
-    yield chunk([_choice(i, {"role": "assistant", "content": ""}) for i in range(streamed.choices)])
+    for i in range(streamed.choices):
+        yield chunk([_choice(i, {"role": "assistant", "content": ""})])
     sent = [""] * streamed.choices
     deadline = time.monotonic() + STREAM_SECONDS
     seen: dict[str, Any] | None = None
+    forgotten = False
     try:
         while True:
             left = deadline - time.monotonic()
@@ -121,9 +145,8 @@ async def events(streamed: Streamed) -> AsyncIterator[str]:
                 break
             if call.partial != seen:
                 seen = call.partial
-                deltas = _deltas(sent, list((seen or {}).get("texts") or []))
-                if deltas:
-                    yield chunk(deltas)
+                for delta in _deltas(sent, list((seen or {}).get("texts") or [])):
+                    yield chunk([delta])
             elif time.monotonic() >= deadline:
                 yield error_event(
                     ApiError(
@@ -137,6 +160,7 @@ async def events(streamed: Streamed) -> AsyncIterator[str]:
             else:
                 yield ": keep-alive\n\n"
         await streamed.forget(call)
+        forgotten = True
         if call.status == CallStatus.FAILED:
             yield error_event(streamed.refusal(call))
             return
@@ -146,15 +170,10 @@ async def events(streamed: Streamed) -> AsyncIterator[str]:
             )
         result = call.result or {}
         sequences = list(result.get("sequences") or [])
-        rest = _deltas(sent, [str(s.get("text", "")) for s in sequences])
-        if rest:
-            yield chunk(rest)
-        yield chunk(
-            [
-                _choice(i, {}, "stop" if s.get("stop_reason") == "stop" else "length")
-                for i, s in enumerate(sequences)
-            ]
-        )
+        for delta in _deltas(sent, [str(s.get("text", "")) for s in sequences], whole=True):
+            yield chunk([delta])
+        for i, s in enumerate(sequences):
+            yield chunk([_choice(i, {}, "stop" if s.get("stop_reason") == "stop" else "length")])
         if streamed.include_usage:
             prompt = int(result.get("prompt_tokens") or 0)
             completion = sum(len(s.get("tokens") or []) for s in sequences)
@@ -170,9 +189,20 @@ async def events(streamed: Streamed) -> AsyncIterator[str]:
             ApiError(
                 503,
                 "executor_failed",
-                "the chat's executor was lost while it streamed and the chat was sampled again: "
-                "ask again",
+                "the chat was sampled again while it streamed and its text differs from what "
+                "was sent: ask again",
             )
         )
     except ApiError as error:
         yield error_event(error)
+    except Exception:  # the database away mid-stream: said, not a connection cut short
+        log.exception("a streamed chat could not be followed")
+        yield error_event(
+            ApiError(503, "unavailable", "the platform could not follow the chat: ask again")
+        )
+    finally:
+        if not forgotten:  # ended early, or its client left: let it go once it is answered
+            with suppress(RuntimeError):  # no loop left (shutting down): its retention will
+                task = asyncio.get_running_loop().create_task(_forget_when_answered(streamed))
+                _LEFT.add(task)
+                task.add_done_callback(_LEFT.discard)
