@@ -1,7 +1,8 @@
 """Wake-ups for the polls of Tinker futures: a call that finishes wakes the polls waiting on it.
 
 Every update that finishes an interactive call notifies `loraforge_interactive_done` with
-`<model_id> <call_id>` when its transaction commits (revision 0033's trigger). Each API process
+`<model_id> <call_id>` when its transaction commits (revision 0033's trigger), as does each write
+of a streamed chat's text so far (`interactive_calls.progress`: its stream wakes). Each API process
 listens on one connection of its own, an asyncio task in the server's event loop for as long as
 the app runs (its lifespan), and sets the events of the polls waiting on that call (a
 `retrieve_future`) or on that model (a sampling client's `retrieve_futures`). A poll registers
