@@ -10,6 +10,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -28,6 +29,8 @@ pytest_plugins = [
 ]
 
 LOCAL_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The session's databases dropped this many at a time at its end.
+DROPPING_AT_ONCE = 8
 
 
 def _reachable(url: str) -> bool:
@@ -70,12 +73,14 @@ def made_databases(pg_admin_url: str) -> Iterator[list[str]]:
     """Databases this session created, dropped together at its end.
 
     Each DROP DATABASE waits for a checkpoint; dropping after every test would make the
-    suite's time depend on the disk's flush latency, so they go once, when nothing is dirty.
+    suite's time depend on the disk's flush latency, so they go once, when nothing is dirty,
+    several at a time: drops that ask at once share one checkpoint.
     """
     names: list[str] = []
     yield names
-    for name in reversed(names):
-        _admin_execute(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with ThreadPoolExecutor(max_workers=DROPPING_AT_ONCE) as pool:
+        drops = [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in reversed(names)]
+        list(pool.map(lambda drop: _admin_execute(pg_admin_url, drop), drops))  # errors raised
 
 
 def _create_database(

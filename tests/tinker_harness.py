@@ -33,6 +33,20 @@ DATUM = tinker.types.Datum(
 )
 
 
+# A conversation the chat completions' tests ask.
+CHAT_MESSAGES: list[Any] = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Name a colour."},
+]
+
+
+def openai_client(url: str, key: str) -> Any:
+    """The official `openai` SDK's client of the API at `url`, retrying nothing."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
 def tinker_settings(tmp_path: Path) -> Settings:
     """The API's settings for the SDK's tests: a short hold on polls (a pending future answers
     try-again within half a second)."""

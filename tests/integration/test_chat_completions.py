@@ -23,23 +23,22 @@ from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.factories import register_test_base
 from tests.fixtures.testbase import TEST_BASE_PATH
-from tests.tinker_harness import publish_adapter_version, sdk_service, tinker_settings
+from tests.tinker_harness import (
+    CHAT_MESSAGES,
+    openai_client,
+    publish_adapter_version,
+    sdk_service,
+    tinker_settings,
+)
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
-MESSAGES: list[Any] = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "Name a colour."},
-]
+MESSAGES = CHAT_MESSAGES
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return tinker_settings(tmp_path)
-
-
-def _client(url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
 
 def _sampled(service: Any, model: dict[str, str], params: types.SamplingParams) -> list[int]:
@@ -68,7 +67,7 @@ def test_the_openai_sdk_chats_with_a_fine_tuned_adapter_as_its_sampler_samples_i
             MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
         )
     )
-    client = _client(live_url, tenant_a.member)
+    client = openai_client(live_url, tenant_a.member)
     greedy = types.SamplingParams(max_tokens=8, temperature=0.0)
     with sdk_service(live_url, tenant_a.member) as service:
         answers = {}
@@ -156,16 +155,20 @@ def test_a_chat_that_cannot_be_answered_is_refused_with_its_reason_and_nothing_a
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
-    client = _client(live_url, tenant_a.member)
+    client = openai_client(live_url, tenant_a.member)
     before = _calls(services)
     for missing in ("bot@9", "bot@prod", "nobody", "not a model"):
         with pytest.raises(openai.NotFoundError) as refused:
             client.chat.completions.create(model=missing, messages=MESSAGES)
         assert refused.value.code == "model_not_found" and "GET /v1/models" in str(refused.value)
     with pytest.raises(openai.NotFoundError):  # another tenant's adapter
-        _client(live_url, tenant_b.member).chat.completions.create(model=model, messages=MESSAGES)
+        openai_client(live_url, tenant_b.member).chat.completions.create(
+            model=model, messages=MESSAGES
+        )
     with pytest.raises(openai.PermissionDeniedError):  # a reader
-        _client(live_url, tenant_a.reader).chat.completions.create(model=model, messages=MESSAGES)
+        openai_client(live_url, tenant_a.reader).chat.completions.create(
+            model=model, messages=MESSAGES
+        )
     for extra in ({"tools": [{"type": "function"}]}, {"logprobs": True}):
         sent = httpx.post(
             f"{live_url}/v1/chat/completions",

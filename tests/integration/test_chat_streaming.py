@@ -25,24 +25,27 @@ from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.factories import register_test_base
-from tests.tinker_harness import publish_adapter_version, tinker_settings
+from tests.faults.tcp_proxy import CuttableProxy
+from tests.tinker_harness import (
+    CHAT_MESSAGES,
+    openai_client,
+    pausable_executor,
+    publish_adapter_version,
+    tinker_settings,
+)
+from workers.interactive import streaming
+from workers.interactive.runner import InteractiveRunner
+from workers.interactive.streaming import StreamWriter
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
-MESSAGES: list[Any] = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "Name a colour."},
-]
+MESSAGES = CHAT_MESSAGES
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     # The executor writes a streamed chat's text after every token.
     return tinker_settings(tmp_path).model_copy(update={"chat_stream_every_seconds": 0.0})
-
-
-def _client(url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
 
 
 def _streamed(client: openai.OpenAI, **asked: Any) -> tuple[list[Any], dict[int, list[str]]]:
@@ -60,7 +63,7 @@ def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
     services: Services, live_url: str, tenant_a: TenantKeys, executor: str, peft_adapter: Path
 ) -> None:
     model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
-    client = _client(live_url, tenant_a.member)
+    client = openai_client(live_url, tenant_a.member)
     asked: dict[str, Any] = {"model": model, "messages": MESSAGES, "temperature": 0}
     whole = client.chat.completions.create(max_completion_tokens=24, **asked)
     chunks, deltas = _streamed(
@@ -126,10 +129,155 @@ def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
     assert all(r.request == {} and r.partial is None and r.usage for r in rows)
 
 
+def test_a_streamed_chat_decoded_in_one_batch_with_another_tenants_chat_streams_its_own_text(
+    services: Services,
+    live_url: str,
+    tenant_a: TenantKeys,
+    tenant_b: TenantKeys,
+    peft_adapter: Path,
+    tmp_path: Path,
+) -> None:
+    """Tenant A's streamed chat of its adapter and tenant B's chat of the base, taken by one
+    claim and decoded in one batch: A's pieces are A's own reply, B's reply is as alone."""
+    base = register_test_base(services.engine, "tiny-e2e")
+    runner = InteractiveRunner(
+        services, "executor-1", base.id, work_dir=tmp_path / "e1", precision="fp32"
+    )
+    model = publish_adapter_version(services, tenant_a.tenant_id, base.name, peft_adapter, 4)
+    first, second = (
+        openai_client(live_url, tenant_a.member),
+        openai_client(live_url, tenant_b.member),
+    )
+    mine: dict[str, Any] = {"model": model, "messages": MESSAGES, "temperature": 0}
+    theirs: dict[str, Any] = {
+        "model": base.name,
+        "messages": [{"role": "user", "content": "Count to three."}],
+        "temperature": 0,
+    }
+    with pausable_executor(runner) as serving:
+        serving.set()
+        alone = [
+            c.chat.completions.create(max_completion_tokens=16, **asked).choices[0].message
+            for c, asked in ((first, mine), (second, theirs))
+        ]
+        assert alone[0].content and alone[0].content != alone[1].content
+        serving.clear()
+        time.sleep(0.2)  # a claim in flight finishes
+        answers: queue.Queue[Any] = queue.Queue()
+        streamer = threading.Thread(
+            target=lambda: answers.put(("mine", _streamed(first, max_completion_tokens=16, **mine)))
+        )
+        waiter = threading.Thread(
+            target=lambda: answers.put(
+                ("theirs", second.chat.completions.create(max_completion_tokens=16, **theirs))
+            )
+        )
+        streamer.start()
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while _sample_calls(services, "pending") < 2:
+            assert time.monotonic() < deadline, "the two chats were not asked"
+            time.sleep(0.05)
+        serving.set()
+        got = dict(answers.get(timeout=120) for _ in range(2))
+        streamer.join(30)
+        waiter.join(30)
+    _, deltas = got["mine"]
+    assert len(deltas[0]) >= 2 and "".join(deltas[0]) == alone[0].content
+    assert got["theirs"].choices[0].message.content == alone[1].content
+    with services.engine.connect() as conn:
+        started = conn.execute(
+            text(
+                "SELECT DISTINCT started_at FROM interactive_calls WHERE kind = 'sample' "
+                "ORDER BY started_at DESC LIMIT 1"
+            )
+        ).all()
+        batched = conn.execute(
+            text("SELECT count(*) FROM interactive_calls WHERE started_at = :at"),
+            {"at": started[0].started_at},
+        ).scalar_one()
+    assert batched == 2  # one claim took both
+
+
+def _sample_calls(services: Services, status: str) -> int:
+    with services.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM interactive_calls WHERE kind = 'sample' AND status = :s"
+                ),
+                {"s": status},
+            ).scalar_one()
+        )
+
+
+def test_the_executors_writes_pause_through_a_database_outage_and_go_on_after_it(
+    services: Services,
+    proxy: CuttableProxy,
+    proxied_url: str,
+    settings: Settings,
+    tenant_a: TenantKeys,
+    live_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The executor's writer of streamed text, cut off from the database: the decoding loop
+    that hands it text never waits or fails, and once the database is back it writes again."""
+    from control_plane.services import build_services
+
+    monkeypatch.setattr(streaming, "PAUSE_AFTER_FAILURE_S", 0.5)
+    base = register_test_base(services.engine, "tiny-played")
+    played = _PlayedExecutor(services, base.id)
+    listener = threading.Thread(
+        target=_listen, args=(openai_client(live_url, tenant_a.member), queue.Queue())
+    )
+    listener.start()
+    call = played.take()
+    cut_off = build_services(settings, database_url=proxied_url)
+    try:
+        writer = StreamWriter(cut_off, "exec-played")
+        writer({call.id: ["first"]})
+        _partial_becomes(services, call.id, ["first"])
+        proxy.cut()
+        started = time.monotonic()
+        for k in range(20):  # what the decoding loop hands over meanwhile
+            writer({call.id: [f"first {k}"]})
+        assert time.monotonic() - started < 1.0  # handed over, never waited on
+        time.sleep(1.0)
+        proxy.restore()
+        deadline = time.monotonic() + 30
+        while True:  # the newest text, once the writer tries again
+            writer({call.id: ["first and last"]})
+            try:
+                _partial_becomes(services, call.id, ["first and last"], wait=0.5)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline, "the writer never wrote again"
+        assert writer.written >= 2
+    finally:
+        cut_off.close()
+    played.finish(call, "first and last")
+    listener.join(30)
+
+
+def _partial_becomes(
+    services: Services, call_id: str, texts: list[str], wait: float = 10.0
+) -> None:
+    deadline = time.monotonic() + wait
+    while True:
+        with services.engine.connect() as conn:
+            partial = conn.execute(
+                text("SELECT partial FROM interactive_calls WHERE id = :id"), {"id": call_id}
+            ).scalar_one()
+        if partial == {"texts": texts}:
+            return
+        assert time.monotonic() < deadline, partial
+        time.sleep(0.05)
+
+
 def test_a_streamed_chat_refused_before_it_began_is_the_plain_error(
     live_url: str, tenant_a: TenantKeys, executor: str
 ) -> None:
-    client = _client(live_url, tenant_a.member)
+    client = openai_client(live_url, tenant_a.member)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nobody", messages=MESSAGES, stream=True)
     # The executor's own refusal, as it read the request: a 400 with its words, not a stream.
@@ -206,7 +354,7 @@ def test_each_write_of_the_executor_reaches_the_client_before_the_chat_ends(
 ) -> None:
     base = register_test_base(services.engine, "tiny-played")
     played = _PlayedExecutor(services, base.id)
-    client = _client(live_url, tenant_a.member)
+    client = openai_client(live_url, tenant_a.member)
 
     received: queue.Queue[Any] = queue.Queue()
     listener = threading.Thread(target=_listen, args=(client, received))
@@ -241,19 +389,7 @@ def test_each_write_of_the_executor_reaches_the_client_before_the_chat_ends(
     monkeypatch.setattr(chat_stream, "KEEPALIVE_SECONDS", 0.2)
     lines: queue.Queue[str] = queue.Queue()
 
-    def raw() -> None:
-        with httpx.stream(
-            "POST",
-            f"{live_url}/v1/chat/completions",
-            json={"model": "tiny-played", "messages": MESSAGES, "stream": True},
-            headers=tenant_a.headers("member"),
-            timeout=60,
-        ) as response:
-            for line in response.iter_lines():
-                lines.put(line)
-        lines.put("closed")
-
-    reader = threading.Thread(target=raw)
+    reader = threading.Thread(target=_raw_stream, args=(live_url, tenant_a, lines))
     reader.start()
     call = played.take()
     played.write(call, "abc")
@@ -280,20 +416,7 @@ def test_a_stream_its_client_leaves_lets_the_chat_go_once_it_is_answered(
     lines: queue.Queue[str] = queue.Queue()
     leave = threading.Event()
 
-    def leaving() -> None:
-        with httpx.stream(
-            "POST",
-            f"{live_url}/v1/chat/completions",
-            json={"model": "tiny-played", "messages": MESSAGES, "stream": True},
-            headers=tenant_a.headers("member"),
-            timeout=60,
-        ) as response:
-            for line in response.iter_lines():
-                lines.put(line)
-                if leave.is_set():
-                    break  # the connection closes with the block
-
-    reader = threading.Thread(target=leaving)
+    reader = threading.Thread(target=_raw_stream, args=(live_url, tenant_a, lines, leave))
     reader.start()
     call = played.take()
     played.write(call, "Once")
@@ -315,6 +438,25 @@ def test_a_stream_its_client_leaves_lets_the_chat_go_once_it_is_answered(
     assert row.request == {} and row.payload_dropped_at is not None  # not kept for an hour
 
 
+def _raw_stream(
+    url: str, tenant: TenantKeys, lines: queue.Queue[str], leave: threading.Event | None = None
+) -> None:
+    """A streamed chat of "tiny-played" read line by line off the wire into `lines`, then
+    "closed"; with `leave`, the client leaves (closes the connection) once it is set."""
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json={"model": "tiny-played", "messages": MESSAGES, "stream": True},
+        headers=tenant.headers("member"),
+        timeout=60,
+    ) as response:
+        for line in response.iter_lines():
+            lines.put(line)
+            if leave is not None and leave.is_set():
+                break
+    lines.put("closed")
+
+
 def _until(lines: queue.Queue[str], found: Any) -> list[str]:
     """The lines read until one is `found` (that one included)."""
     seen: list[str] = []
@@ -332,7 +474,7 @@ def test_a_chat_no_executor_takes_is_withdrawn_before_its_stream_begins(
     _PlayedExecutor(services, base.id)  # reported, but never takes anything
     monkeypatch.setattr(chat, "TAKE_SECONDS", 1.0)
     with pytest.raises(openai.InternalServerError) as busy:
-        _client(live_url, tenant_a.member).chat.completions.create(
+        openai_client(live_url, tenant_a.member).chat.completions.create(
             model="tiny-played", messages=MESSAGES, stream=True
         )
     assert busy.value.status_code == 503 and busy.value.code == "executor_busy"

@@ -16,6 +16,7 @@ from workers.interactive.chat import (
     chat_text,
     chat_text_so_far,
     end_of_turn_tokens,
+    stream_steps,
 )
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import read_sample_request
@@ -147,6 +148,29 @@ def test_a_streamed_chats_text_so_far_always_begins_its_whole_text(stop: Any) ->
     if stop is None:
         # Held back a token at a time: the text ending in "sky" waits for what follows its space.
         assert "Blue sky" in so_far and "Blue sky " not in so_far
+
+
+def test_a_batchs_streamed_chats_are_handed_on_at_most_once_a_period_each_its_own_text() -> None:
+    tokenizer = _tokenizer(True)
+    request = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]}}
+    parsed = read_sample_request(request, len(tokenizer), 1024, frozenset())
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Red sky", "Blue sea")]
+    handed: list[dict[str, list[str]]] = []
+    # Rows of the batch's three requests; the first and the third are streamed.
+    batch = [[words[0]], [words[1]], [words[1], words[0]]]
+    often = stream_steps(handed.append, 0.0, {0: "call-a", 2: "call-c"}, [parsed] * 3, tokenizer)
+    assert often is not None
+    for _ in range(3):
+        often(batch)
+    assert handed == [{"call-a": ["Red sky"], "call-c": ["Blue sea", "Red sky"]}] * 3
+    handed.clear()
+    seldom = stream_steps(handed.append, 60.0, {1: "call-b"}, [parsed] * 3, tokenizer)
+    assert seldom is not None
+    for _ in range(5):
+        seldom(batch)
+    assert handed == [{"call-b": ["Blue sea"]}]  # the first at once, the rest a minute apart
+    assert stream_steps(None, 0.0, {0: "call-a"}, [parsed], tokenizer) is None
+    assert stream_steps(handed.append, 0.0, {}, [parsed], tokenizer) is None
 
 
 @pytest.mark.parametrize(
