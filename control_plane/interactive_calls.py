@@ -201,24 +201,39 @@ def finish(
     return True
 
 
-def progress(conn: Connection, executor_id: str, texts: dict[str, list[str]]) -> int:
+def progress(conn: Connection, executor_id: str, texts: dict[str, list[str]]) -> dict[str, bool]:
     """A streamed chat's text so far, for each call (by id) this executor runs: written and
     notified on the channel a finished call notifies, so the API's stream wakes (not
-    committed; its commit does not wait for the disk); how many calls it was written for."""
+    committed; its commit does not wait for the disk). For each call written, whether its
+    stream's client left (`leave_stream`): its sampling stops."""
     if not texts:
-        return 0
+        return {}
     # Not waited onto the disk: a crash loses only text the answer will hold whole.
     conn.execute(text("SELECT set_config('synchronous_commit', 'off', true)"))
-    return len(
+    rows = conn.execute(
+        text(
+            "UPDATE interactive_calls c SET partial = jsonb_build_object('texts', p.texts) "
+            "FROM jsonb_each(:texts) AS p(id, texts) "
+            "WHERE c.id = p.id AND c.status = 'running' AND c.claimed_by = :executor "
+            "RETURNING c.id, c.stream_left_at IS NOT NULL AS left_, "
+            "pg_notify('loraforge_interactive_done', c.model_id || ' ' || c.id)"
+        ).bindparams(bindparam("texts", type_=JSONB)),
+        {"texts": texts, "executor": executor_id},
+    ).all()
+    return {row.id: bool(row.left_) for row in rows}
+
+
+def leave_stream(conn: Connection, tenant_id: str, call_id: str) -> bool:
+    """A streamed chat's client left while it ran (not committed): its executor stops sampling
+    it at its next write. Whether it was still running."""
+    return bool(
         conn.execute(
             text(
-                "UPDATE interactive_calls c SET partial = jsonb_build_object('texts', p.texts) "
-                "FROM jsonb_each(:texts) AS p(id, texts) "
-                "WHERE c.id = p.id AND c.status = 'running' AND c.claimed_by = :executor "
-                "RETURNING pg_notify('loraforge_interactive_done', c.model_id || ' ' || c.id)"
-            ).bindparams(bindparam("texts", type_=JSONB)),
-            {"texts": texts, "executor": executor_id},
-        ).all()
+                "UPDATE interactive_calls SET stream_left_at = now() WHERE id = :id "
+                "AND tenant_id = :tenant AND status = 'running' AND stream_left_at IS NULL"
+            ),
+            {"id": call_id, "tenant": tenant_id},
+        ).rowcount
     )
 
 

@@ -802,6 +802,8 @@ class InteractiveCall(Base):
     # A streamed chat's text so far while the executor samples it (`{"texts": [...]}`, one a
     # choice; revision 0042); null once it finishes and for every other call.
     partial: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # When a streamed chat's client left: its executor stops sampling it (revision 0042).
+    stream_left_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class InteractiveCustomLoss(Base):

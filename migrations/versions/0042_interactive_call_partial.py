@@ -9,7 +9,9 @@ writes each streamed call's text so far (`interactive_calls.partial`: `{"texts":
 a choice) every `LORAFORGE_CHAT_STREAM_EVERY_SECONDS` while it decodes, and notifies the channel
 a finished call notifies (`loraforge_interactive_done`), so the API's stream wakes and sends
 what is new. It is null for every other call, set back to null when the call finishes (the
-answer holds the whole text) and when its payload is let go.
+answer holds the whole text) and when its payload is let go. `stream_left_at` is when a
+streamed chat's client left (or its stream ended early): the executor, told so by its next
+write, stops sampling the chat, whose answer then holds what was sampled until then.
 """
 
 import sqlalchemy as sa
@@ -27,7 +29,12 @@ def upgrade() -> None:
         "interactive_calls",
         sa.Column("partial", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
     )
+    op.add_column(
+        "interactive_calls",
+        sa.Column("stream_left_at", sa.DateTime(timezone=True), nullable=True),
+    )
 
 
 def downgrade() -> None:
+    op.drop_column("interactive_calls", "stream_left_at")
     op.drop_column("interactive_calls", "partial")

@@ -129,6 +129,69 @@ def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
     assert all(r.request == {} and r.partial is None and r.usage for r in rows)
 
 
+class _Paced:
+    """The executor's writer, with each token's step held 10 ms (as a bigger base on a busier
+    machine would take it): a reply of 900 tokens takes seconds, not the tiny base's instant."""
+
+    def __init__(self, writer: StreamWriter) -> None:
+        self.writer = writer
+
+    def __call__(self, texts: dict[str, list[str]]) -> None:
+        self.writer(texts)
+
+    def left(self) -> frozenset[str]:
+        time.sleep(0.01)  # called at every token's step
+        return self.writer.left()
+
+
+def test_a_stream_its_client_leaves_stops_the_executor_sampling_its_chat(
+    services: Services, live_url: str, tenant_a: TenantKeys, tmp_path: Path
+) -> None:
+    """A chat UI's "stop": the client closes the stream after its first text, and the shared
+    executor stops sampling that chat rather than run it to its 900 tokens."""
+    base = register_test_base(services.engine, "tiny-e2e")
+    runner = InteractiveRunner(
+        services, "executor-1", base.id, work_dir=tmp_path / "e1", precision="fp32"
+    )
+    assert isinstance(runner.engine.stream_to, StreamWriter)
+    runner.engine.stream_to = _Paced(runner.engine.stream_to)
+    asked = {
+        "model": base.name,
+        "messages": MESSAGES,
+        "temperature": 1.0,  # the tiny base's draws: text from the first tokens on
+        "seed": 1,
+        "max_completion_tokens": 900,
+        "stream": True,
+    }
+    with pausable_executor(runner) as serving:
+        serving.set()
+        with httpx.stream(
+            "POST",
+            f"{live_url}/v1/chat/completions",
+            json=asked,
+            headers=tenant_a.headers("member"),
+            timeout=60,
+        ) as response:
+            for line in response.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # the client leaves with its first text
+        deadline = time.monotonic() + 60
+        while True:
+            with services.engine.connect() as conn:
+                row = conn.execute(
+                    text(
+                        "SELECT status, usage, stream_left_at, payload_dropped_at "
+                        "FROM interactive_calls WHERE kind = 'sample'"
+                    )
+                ).one()
+            if row.payload_dropped_at is not None:
+                break
+            assert time.monotonic() < deadline, row
+            time.sleep(0.05)
+    assert row.status == "completed" and row.stream_left_at is not None
+    assert 0 < row.usage["sampled_tokens"] < 450, row.usage
+
+
 def test_a_streamed_chat_decoded_in_one_batch_with_another_tenants_chat_streams_its_own_text(
     services: Services,
     live_url: str,
@@ -318,9 +381,12 @@ class _PlayedExecutor:
             time.sleep(0.05)
         raise AssertionError("no chat was asked")
 
-    def write(self, call: calls.Call, so_far: str) -> None:
+    def write(self, call: calls.Call, so_far: str) -> bool:
+        """The text so far written; whether the stream's client left."""
         with self.services.engine.begin() as conn:
-            assert calls.progress(conn, "exec-played", {call.id: [so_far]}) == 1
+            written = calls.progress(conn, "exec-played", {call.id: [so_far]})
+        assert list(written) == [call.id]
+        return written[call.id]
 
     def finish(self, call: calls.Call, whole: str) -> None:
         answer = {"tokens": [5, 6, 7], "logprobs": [0.0] * 3, "stop_reason": "stop", "text": whole}
@@ -419,12 +485,17 @@ def test_a_stream_its_client_leaves_lets_the_chat_go_once_it_is_answered(
     reader = threading.Thread(target=_raw_stream, args=(live_url, tenant_a, lines, leave))
     reader.start()
     call = played.take()
-    played.write(call, "Once")
+    assert not played.write(call, "Once")
     _until(lines, lambda line: '"content": "Once"' in line)
     leave.set()
     played.write(call, "Once upon")
     reader.join(30)
-    played.finish(call, "Once upon a time")
+    # The executor's next write learns that the client left (and it stops sampling).
+    deadline = time.monotonic() + 30
+    while not played.write(call, "Once upon a"):
+        assert time.monotonic() < deadline, "the executor was never told the client left"
+        time.sleep(0.05)
+    played.finish(call, "Once upon a")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with services.engine.connect() as conn:

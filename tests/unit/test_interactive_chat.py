@@ -152,25 +152,46 @@ def test_a_streamed_chats_text_so_far_always_begins_its_whole_text(stop: Any) ->
 
 def test_a_batchs_streamed_chats_are_handed_on_at_most_once_a_period_each_its_own_text() -> None:
     tokenizer = _tokenizer(True)
-    request = {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]}}
+    request = {
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1]}]},
+        "sampling_params": {},
+    }
     parsed = read_sample_request(request, len(tokenizer), 1024, frozenset())
     words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Red sky", "Blue sea")]
-    handed: list[dict[str, list[str]]] = []
+    sink = _Sink()
     # Rows of the batch's three requests; the first and the third are streamed.
     batch = [[words[0]], [words[1]], [words[1], words[0]]]
-    often = stream_steps(handed.append, 0.0, {0: "call-a", 2: "call-c"}, [parsed] * 3, tokenizer)
+    often = stream_steps(sink, 0.0, {0: "call-a", 2: "call-c"}, [parsed] * 3, tokenizer)
     assert often is not None
     for _ in range(3):
-        often(batch)
-    assert handed == [{"call-a": ["Red sky"], "call-c": ["Blue sea", "Red sky"]}] * 3
-    handed.clear()
-    seldom = stream_steps(handed.append, 60.0, {1: "call-b"}, [parsed] * 3, tokenizer)
+        assert often(batch) == set()
+    assert sink.handed == [{"call-a": ["Red sky"], "call-c": ["Blue sea", "Red sky"]}] * 3
+    # The first stream's client left: that request stops, and its text is no longer handed.
+    sink.gone = frozenset(["call-a"])
+    assert often(batch) == {0}
+    assert sink.handed[-1] == {"call-c": ["Blue sea", "Red sky"]}
+    sink.handed.clear()
+    seldom = stream_steps(sink, 60.0, {1: "call-b"}, [parsed] * 3, tokenizer)
     assert seldom is not None
     for _ in range(5):
         seldom(batch)
-    assert handed == [{"call-b": ["Blue sea"]}]  # the first at once, the rest a minute apart
+    assert sink.handed == [{"call-b": ["Blue sea"]}]  # the first at once, the rest a minute apart
     assert stream_steps(None, 0.0, {0: "call-a"}, [parsed], tokenizer) is None
-    assert stream_steps(handed.append, 0.0, {}, [parsed], tokenizer) is None
+    assert stream_steps(sink, 0.0, {}, [parsed], tokenizer) is None
+
+
+class _Sink:
+    """What a batch's streamed chats hand on, and the streams whose client left."""
+
+    def __init__(self) -> None:
+        self.handed: list[dict[str, list[str]]] = []
+        self.gone: frozenset[str] = frozenset()
+
+    def __call__(self, texts: dict[str, list[str]]) -> None:
+        self.handed.append(texts)
+
+    def left(self) -> frozenset[str]:
+        return self.gone
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
@@ -135,28 +134,41 @@ def chat_answer(
     return {**answer, "sequences": sequences, "prompt_tokens": len(parsed.prompt)}
 
 
+class StreamSink(Protocol):
+    """Where a batch's streamed chats' text so far goes (`streaming.StreamWriter`)."""
+
+    def __call__(self, texts: dict[str, list[str]]) -> None: ...
+
+    def left(self) -> frozenset[str]:
+        """The streams (by key) whose client left: their chats stop sampling."""
+        ...
+
+
 def stream_steps(
-    sink: Callable[[dict[str, list[str]]], None] | None,
+    sink: StreamSink | None,
     every_seconds: float,
     streamed: dict[int, str],
     requests: list[SamplingRequest],
     tokenizer: PreTrainedTokenizerBase,
 ) -> OnStep | None:
     """What a batch's streamed chats (their place in the batch: their key, the call's id) hand
-    `sink` as they sample: every `every_seconds`, each one's text so far, a text a row."""
+    `sink` as they sample: every `every_seconds`, each one's text so far, a text a row; and
+    the chats whose client left, stopped."""
     if sink is None or not streamed:
         return None
     due = [0.0]
 
-    def on_step(tokens: list[list[list[int]]]) -> None:
-        if time.monotonic() < due[0]:
-            return
-        sink(
-            {
+    def on_step(tokens: list[list[list[int]]]) -> set[int]:
+        left = sink.left()
+        if time.monotonic() >= due[0]:
+            texts = {
                 key: [chat_text_so_far(row, requests[k], tokenizer) for row in tokens[k]]
                 for k, key in streamed.items()
+                if key not in left
             }
-        )
-        due[0] = time.monotonic() + every_seconds
+            if texts:
+                sink(texts)
+            due[0] = time.monotonic() + every_seconds
+        return {k for k, key in streamed.items() if key in left}
 
     return on_step

@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -36,6 +36,7 @@ from torch import nn
 
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
 from workers.interactive.chat import (
+    StreamSink,
     chat_answer,
     chat_prompt,
     chat_request,
@@ -104,7 +105,7 @@ class InteractiveEngine:
         self._layers = AdaptableLayers.of(model)
         # Where a streamed chat's text so far goes while it samples (the runner writes it to
         # its call), and how often: a chat asked with `stream` naming its key (the call's id).
-        self.stream_to: Callable[[dict[str, list[str]]], None] | None = None
+        self.stream_to: StreamSink | None = None
         self.stream_every_seconds = 0.25
 
     # -- models --------------------------------------------------------------------------------

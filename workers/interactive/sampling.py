@@ -113,7 +113,8 @@ def generate(
     generator and keeps its own parameters and stops; a row that stopped runs along with the
     batch, its tokens dropped, until every row has. `adapters` (a peft model's adapter names,
     one a request) has each request's rows read through its own adapter. `on_step` is given
-    each request's rows' tokens so far after every token sampled but the last."""
+    each request's rows' tokens so far after every token sampled but the last, and answers the
+    requests (by place) to stop sampling now (their rows end as at `max_tokens`)."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
     if adapters is None:
         return _generate(model, requests, owner, tokenizer, device, on_step)
@@ -121,8 +122,9 @@ def generate(
         return _generate(model, requests, owner, tokenizer, device, on_step)
 
 
-# Each request's rows' tokens so far (a list a request, in the order of its rows).
-OnStep = Callable[[list[list[list[int]]]], None]
+# Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
+# requests to stop now out.
+OnStep = Callable[[list[list[list[int]]]], set[int]]
 
 
 def _generate(
@@ -177,7 +179,11 @@ def _generate(
         if all(done):
             break
         if on_step is not None:
-            on_step([[tokens[row] for row in rows] for rows in rows_of])
+            for r in on_step([[tokens[row] for row in rows] for rows in rows_of]):
+                for row in rows_of[r]:
+                    done[row] = True
+            if all(done):
+                break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
         output = model(

@@ -6,7 +6,8 @@ every `chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes
 calls (`interactive_calls.progress`, which notifies the API's stream) from a thread of its own,
 so the batch never waits on the database. A write is best effort: the whole text is the call's
 answer, recorded as every answer is, so a write the database refuses (an outage) is logged and
-streaming pauses a while.
+streaming pauses a while. A write also learns which streams' clients left
+(`interactive_calls.leave_stream`): the engine stops sampling those chats.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from control_plane import interactive_calls as calls
@@ -21,6 +23,10 @@ from control_plane.services import Services
 from workers.interactive.chat import is_streamed
 
 log = logging.getLogger(__name__)
+
+# The streams whose client left that are remembered: far more than a batch holds, so a
+# stream is forgotten only long after its chat stopped.
+LEFT_KEPT = 4096
 
 # After a write that failed, how long the text so far is not written (the answer still is).
 PAUSE_AFTER_FAILURE_S = 10.0
@@ -43,6 +49,8 @@ class StreamWriter:
         self.services = services
         self.executor_id = executor_id
         self.written = 0
+        self._left: frozenset[str] = frozenset()
+        self._gone: deque[str] = deque(maxlen=LEFT_KEPT)
         self._newest: dict[str, list[str]] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -57,6 +65,10 @@ class StreamWriter:
                 self._thread.start()
             self._changed.notify()
 
+    def left(self) -> frozenset[str]:
+        """The streams whose client left, as the last writes found them."""
+        return self._left
+
     def _write_forever(self) -> None:
         while True:
             with self._changed:
@@ -65,7 +77,12 @@ class StreamWriter:
                 texts, self._newest = self._newest, {}
             try:
                 with self.services.engine.begin() as conn:
-                    self.written += calls.progress(conn, self.executor_id, texts)
+                    written = calls.progress(conn, self.executor_id, texts)
+                self.written += len(written)
+                gone = [call_id for call_id, left in written.items() if left]
+                if gone:
+                    self._gone.extend(c for c in gone if c not in self._left)
+                    self._left = frozenset(self._gone)  # read by the decoding loop
             except Exception as exc:  # the answer is still recorded whole: streaming pauses
                 log.warning("streamed chats' text so far not written (%s): paused a while", exc)
                 time.sleep(PAUSE_AFTER_FAILURE_S)

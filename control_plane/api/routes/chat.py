@@ -25,7 +25,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from control_plane import audit, chat_completions, interactive, interactive_polls
+from control_plane import (
+    audit,
+    chat_completions,
+    interactive,
+    interactive_calls,
+    interactive_polls,
+)
 from control_plane.api.deps import ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
@@ -202,6 +208,12 @@ def _withdraw(services: Services, tenant_id: str, asked: chat_completions.Asked)
         return withdrawn
 
 
+def _leave(services: Services, tenant_id: str, call_id: str) -> None:
+    """A streamed chat whose client left: its executor stops sampling it."""
+    with services.engine.begin() as conn:
+        interactive_calls.leave_stream(conn, tenant_id, call_id)
+
+
 def _forget(services: Services, tenant_id: str, call: interactive.CallRecord) -> None:
     """The answer is read: its messages and text are let go at once, not kept for the
     retention window (the call's row and usage stay)."""
@@ -355,6 +367,9 @@ async def _streamed(
     async def forget(found: interactive.CallRecord) -> None:
         await run_in_threadpool(_forget, services, tenant_id, found)
 
+    async def leave() -> None:
+        await run_in_threadpool(_leave, services, tenant_id, asked.call_id)
+
     streamed = chat_stream.Streamed(
         chunk_id=f"chatcmpl-{asked.call_id}",
         model=body.model,
@@ -363,6 +378,8 @@ async def _streamed(
         look=look,
         wake=lambda: call_wakeup(request, asked.call_id),
         forget=forget,
+        leave=leave,
+        disconnected=request.is_disconnected,
         refusal=_refusal,
     )
     return StreamingResponse(

@@ -10,7 +10,9 @@ choice's text, its `finish_reason`, and with `stream_options.include_usage` a la
 `usage` and no choices, as OpenAI sends them. A comment line every `KEEPALIVE_SECONDS` keeps the
 connection open while nothing is new, so a long reply is not bounded by a client's read timeout.
 A failure after the stream began is an `error` event (the SDK raises it as `APIError`). Once
-read, the chat's messages and text are let go, as a chat answered whole lets them go.
+read, the chat's messages and text are let go, as a chat answered whole lets them go. A stream
+that ends before its chat (its client left, or an error) tells the executor, which stops
+sampling the chat at its next write, and lets the chat go once it is answered.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Streamed:
     look: Callable[[], CallRecord]  # the call as it is now (run in a worker thread)
     wake: Callable[[], AbstractContextManager[asyncio.Event | None]]  # woken by its writes
     forget: Callable[[CallRecord], Awaitable[None]]  # let its payload go once read
+    leave: Callable[[], Awaitable[None]]  # its client left: stop sampling it
+    disconnected: Callable[[], Awaitable[bool]]  # whether its client left
     refusal: Callable[[CallRecord], ApiError]  # what a failed call's error is
 
 
@@ -113,7 +117,10 @@ _LEFT: set[asyncio.Task[None]] = set()
 
 
 async def _forget_when_answered(streamed: Streamed) -> None:
+    """A stream that ended before its chat did: the executor is told to stop sampling it, and
+    its payload is let go once it is answered."""
     try:
+        await streamed.leave()
         call = await hold_until(
             STREAM_SECONDS, streamed.look, lambda c: c.finished, streamed.wake()
         )
@@ -143,6 +150,8 @@ async def events(streamed: Streamed) -> AsyncIterator[str]:
             )
             if call.finished:
                 break
+            if await streamed.disconnected():  # what it sends goes nowhere: it stops here
+                return
             if call.partial != seen:
                 seen = call.partial
                 for delta in _deltas(sent, list((seen or {}).get("texts") or [])):
@@ -201,7 +210,7 @@ async def events(streamed: Streamed) -> AsyncIterator[str]:
             ApiError(503, "unavailable", "the platform could not follow the chat: ask again")
         )
     finally:
-        if not forgotten:  # ended early, or its client left: let it go once it is answered
+        if not forgotten:  # ended early, or its client left: stopped, let go once answered
             with suppress(RuntimeError):  # no loop left (shutting down): its retention will
                 task = asyncio.get_running_loop().create_task(_forget_when_answered(streamed))
                 _LEFT.add(task)
