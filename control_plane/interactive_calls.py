@@ -208,8 +208,14 @@ def progress(conn: Connection, executor_id: str, texts: dict[str, list[str]]) ->
     stream's client left (`leave_stream`): its sampling stops."""
     if not texts:
         return {}
-    # Not waited onto the disk: a crash loses only text the answer will hold whole.
-    conn.execute(text("SELECT set_config('synchronous_commit', 'off', true)"))
+    # Not waited onto the disk (a crash loses only text the answer will hold whole), and never
+    # waited on long: a write that cannot go at once is dropped, not queued behind.
+    conn.execute(
+        text(
+            "SELECT set_config('synchronous_commit', 'off', true), "
+            "set_config('lock_timeout', '2s', true), set_config('statement_timeout', '5s', true)"
+        )
+    )
     rows = conn.execute(
         text(
             "UPDATE interactive_calls c SET partial = jsonb_build_object('texts', p.texts) "

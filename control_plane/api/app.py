@@ -20,6 +20,7 @@ from control_plane.api.routes import (
     api_keys,
     base_models,
     chat,
+    chat_stream,
     files,
     fine_tuning,
     health,
@@ -86,6 +87,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if wakeups is not None:
             await wakeups.stop()
         await app.state.stream_watch.stop()
+        await chat_stream.cancel_left()
 
 
 def create_app(services: Services) -> FastAPI:

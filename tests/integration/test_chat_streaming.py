@@ -48,6 +48,20 @@ def settings(tmp_path: Path) -> Settings:
     return tinker_settings(tmp_path).model_copy(update={"chat_stream_every_seconds": 0.0})
 
 
+@pytest.fixture
+def paced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each token's step of a batch holding a streamed chat held 10 ms (the engine asks its
+    writer which streams were left at every step), as a bigger base on a busier machine would
+    take it: the tiny base otherwise samples a reply before the API first looks at it."""
+    own = StreamWriter.left
+
+    def left(writer: StreamWriter) -> frozenset[str]:
+        time.sleep(0.01)
+        return own(writer)
+
+    monkeypatch.setattr(StreamWriter, "left", left)
+
+
 def _streamed(client: openai.OpenAI, **asked: Any) -> tuple[list[Any], dict[int, list[str]]]:
     """Every chunk of a streamed chat, and each choice's content deltas in order."""
     chunks = list(client.chat.completions.create(stream=True, **asked))
@@ -59,6 +73,7 @@ def _streamed(client: openai.OpenAI, **asked: Any) -> tuple[list[Any], dict[int,
     return chunks, deltas
 
 
+@pytest.mark.usefixtures("paced")
 def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
     services: Services, live_url: str, tenant_a: TenantKeys, executor: str, peft_adapter: Path
 ) -> None:
@@ -129,69 +144,49 @@ def test_a_streamed_chat_is_the_whole_reply_sent_as_it_is_sampled(
     assert all(r.request == {} and r.partial is None and r.usage for r in rows)
 
 
-class _Paced:
-    """The executor's writer, with each token's step held 10 ms (as a bigger base on a busier
-    machine would take it): a reply of 900 tokens takes seconds, not the tiny base's instant."""
-
-    def __init__(self, writer: StreamWriter) -> None:
-        self.writer = writer
-
-    def __call__(self, texts: dict[str, list[str]]) -> None:
-        self.writer(texts)
-
-    def left(self) -> frozenset[str]:
-        time.sleep(0.01)  # called at every token's step
-        return self.writer.left()
-
-
+@pytest.mark.usefixtures("paced")
 def test_a_stream_its_client_leaves_stops_the_executor_sampling_its_chat(
-    services: Services, live_url: str, tenant_a: TenantKeys, tmp_path: Path
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str
 ) -> None:
     """A chat UI's "stop": the client closes the stream after its first text, and the shared
-    executor stops sampling that chat rather than run it to its 900 tokens."""
-    base = register_test_base(services.engine, "tiny-e2e")
-    runner = InteractiveRunner(
-        services, "executor-1", base.id, work_dir=tmp_path / "e1", precision="fp32"
-    )
-    assert isinstance(runner.engine.stream_to, StreamWriter)
-    runner.engine.stream_to = _Paced(runner.engine.stream_to)
+    executor stops sampling that chat rather than run it to its 900 tokens (paced, they take
+    seconds)."""
     asked = {
-        "model": base.name,
+        "model": executor,
         "messages": MESSAGES,
         "temperature": 1.0,  # the tiny base's draws: text from the first tokens on
         "seed": 1,
         "max_completion_tokens": 900,
         "stream": True,
     }
-    with pausable_executor(runner) as serving:
-        serving.set()
-        with httpx.stream(
-            "POST",
-            f"{live_url}/v1/chat/completions",
-            json=asked,
-            headers=tenant_a.headers("member"),
-            timeout=60,
-        ) as response:
-            for line in response.iter_lines():
-                if '"content": "' in line and '"content": ""' not in line:
-                    break  # the client leaves with its first text
-        deadline = time.monotonic() + 60
-        while True:
-            with services.engine.connect() as conn:
-                row = conn.execute(
-                    text(
-                        "SELECT status, usage, stream_left_at, payload_dropped_at "
-                        "FROM interactive_calls WHERE kind = 'sample'"
-                    )
-                ).one()
-            if row.payload_dropped_at is not None:
-                break
-            assert time.monotonic() < deadline, row
-            time.sleep(0.05)
+    with httpx.stream(
+        "POST",
+        f"{live_url}/v1/chat/completions",
+        json=asked,
+        headers=tenant_a.headers("member"),
+        timeout=60,
+    ) as response:
+        for line in response.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break  # the client leaves with its first text
+    deadline = time.monotonic() + 60
+    while True:
+        with services.engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT status, usage, stream_left_at, payload_dropped_at "
+                    "FROM interactive_calls WHERE kind = 'sample'"
+                )
+            ).one()
+        if row.payload_dropped_at is not None:
+            break
+        assert time.monotonic() < deadline, row
+        time.sleep(0.05)
     assert row.status == "completed" and row.stream_left_at is not None
     assert 0 < row.usage["sampled_tokens"] < 450, row.usage
 
 
+@pytest.mark.usefixtures("paced")
 def test_a_streamed_chat_decoded_in_one_batch_with_another_tenants_chat_streams_its_own_text(
     services: Services,
     live_url: str,
@@ -432,6 +427,7 @@ def test_each_write_of_the_executor_reaches_the_client_before_the_chat_ends(
     assert received.get(timeout=30) == "lo wor"
     # Written again from its start (a batch run again a call at a time): waited past.
     played.write(call, "Hel")
+    time.sleep(0.5)  # the stream reads it
     played.finish(call, "Hello world")
     assert received.get(timeout=30) == "ld"
     assert received.get(timeout=30) == ("finish", "stop")

@@ -226,3 +226,33 @@ def test_several_models_and_the_base_share_a_batch_each_row_through_its_own_adap
     assert alone[3]["sequences"][0]["tokens"] == alone[0]["sequences"][0]["tokens"]
 
     _decoded_as_alone(engine, monkeypatch, asked, alone, "nobody", (30, [2, 1, 2]))
+
+
+def test_a_request_stopped_midway_ends_there_and_its_batch_mates_decode_as_alone(
+    engine: InteractiveEngine,
+) -> None:
+    """`generate`'s `on_step` stops a request (a streamed chat whose client left): its rows end
+    after the tokens sampled so far, as at `max_tokens`; the other request's rows are as alone."""
+    from workers.interactive.sample_requests import read_sample_request
+
+    def read(request: dict[str, Any]) -> Any:
+        return read_sample_request(request, 768, 1024, frozenset())
+
+    first = read(sample_request(SEQUENCE[:5], 2, max_tokens=12, temperature=1.0, seed=3))
+    second = read(sample_request(OTHER[:7], 1, max_tokens=12, temperature=1.0, seed=4))
+    base = engine.base
+    steps: list[int] = []
+
+    def on_step(tokens: list[list[list[int]]]) -> set[int]:
+        steps.append(len(tokens[0][0]))
+        return {0} if len(tokens[0][0]) >= 4 else set()
+
+    with sampling.evaluating(base.model):
+        stopped, other = sampling.generate(
+            base.model, [first, second], base.tokenizer, base.device, on_step=on_step
+        )
+        [alone] = sampling.generate(base.model, [second], base.tokenizer, base.device)
+    assert [len(s["tokens"]) for s in stopped["sequences"]] == [4, 4]
+    assert {s["stop_reason"] for s in stopped["sequences"]} == {"length"}
+    assert other["sequences"][0]["tokens"] == alone["sequences"][0]["tokens"]
+    assert len(other["sequences"][0]["tokens"]) == 12 and steps[:4] == [1, 2, 3, 4]

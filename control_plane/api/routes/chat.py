@@ -383,7 +383,7 @@ async def _streamed(
         refusal=_refusal,
     )
     return StreamingResponse(
-        chat_stream.events(streamed),
+        chat_stream.events(streamed, call),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -112,8 +112,18 @@ def _new_since(seen: dict[str, Any] | None) -> Callable[[CallRecord], bool]:
     return lambda found: found.finished or found.partial != seen
 
 
-# Streams whose client left before the end: each forgets its chat once it is answered.
+# Streams whose client left before the end: each forgets its chat once it is answered (the
+# app's end cancels those still waiting: `cancel_left`).
 _LEFT: set[asyncio.Task[None]] = set()
+
+
+async def cancel_left() -> None:
+    """The app ends: the tasks of streams that ended early stop waiting on their chats (their
+    retention lets the chats go)."""
+    tasks = [task for task in _LEFT if task.get_loop() is asyncio.get_running_loop()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _forget_when_answered(streamed: Streamed) -> None:
@@ -130,30 +140,34 @@ async def _forget_when_answered(streamed: Streamed) -> None:
         log.exception("a chat whose stream ended early was not let go (its retention will)")
 
 
-async def events(streamed: Streamed) -> AsyncIterator[str]:
-    """The chat's chunks as they come (see the module's text), a choice a chunk."""
+async def events(streamed: Streamed, first: CallRecord) -> AsyncIterator[str]:
+    """The chat's chunks as they come (see the module's text), a choice a chunk, from `first`,
+    the call as the stream began."""
     chunk = _Chunks(streamed)
-    for i in range(streamed.choices):
-        yield chunk([_choice(i, {"role": "assistant", "content": ""})])
     sent = [""] * streamed.choices
     deadline = time.monotonic() + STREAM_SECONDS
     seen: dict[str, Any] | None = None
     forgotten = False
+    call: CallRecord | None = first
     try:
+        for i in range(streamed.choices):
+            yield chunk([_choice(i, {"role": "assistant", "content": ""})])
         while True:
-            left = deadline - time.monotonic()
-            call = await hold_until(
-                max(min(KEEPALIVE_SECONDS, left), 0.0),
-                streamed.look,
-                _new_since(seen),
-                streamed.wake(),
-            )
+            if call is None:
+                left = deadline - time.monotonic()
+                call = await hold_until(
+                    max(min(KEEPALIVE_SECONDS, left), 0.0),
+                    streamed.look,
+                    _new_since(seen),
+                    streamed.wake(),
+                )
             if call.finished:
                 break
             if await streamed.disconnected():  # what it sends goes nowhere: it stops here
                 return
-            if call.partial != seen:
-                seen = call.partial
+            found, call = call, None
+            if found.partial != seen:
+                seen = found.partial
                 for delta in _deltas(sent, list((seen or {}).get("texts") or [])):
                     yield chunk([delta])
             elif time.monotonic() >= deadline:
