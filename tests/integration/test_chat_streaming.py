@@ -548,3 +548,30 @@ def test_a_chat_no_executor_takes_is_withdrawn_before_its_stream_begins(
     with services.engine.connect() as conn:
         withdrawn = conn.execute(text("SELECT status, request FROM interactive_calls")).one()
     assert (withdrawn.status, withdrawn.request) == ("failed", {})
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "awaited"])
+def test_a_chat_whose_client_leaves_before_an_executor_takes_it_is_withdrawn(
+    services: Services, live_url: str, tenant_a: TenantKeys, stream: bool
+) -> None:
+    """A client that gives up while its chat waits for an executor (its own timeout, shorter
+    than the chat's 300 s wait): the chat is withdrawn within seconds, not sampled for no one
+    whenever an executor comes to it."""
+    base = register_test_base(services.engine, "tiny-played")
+    _PlayedExecutor(services, base.id)  # reported, but never takes anything
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{live_url}/v1/chat/completions",
+            json={"model": "tiny-played", "messages": MESSAGES, "stream": stream},
+            headers=tenant_a.headers("member"),
+            timeout=httpx.Timeout(10, read=1.0),
+        )
+    deadline = time.monotonic() + 15
+    while True:
+        with services.engine.connect() as conn:
+            call = conn.execute(text("SELECT status, request FROM interactive_calls")).one()
+        if call.status != "pending":
+            break
+        assert time.monotonic() < deadline, "the chat still waits for an executor"
+        time.sleep(0.1)
+    assert (call.status, call.request) == ("failed", {})

@@ -18,6 +18,7 @@ new). Once read or withdrawn, the call's messages and answer are let go.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -50,6 +51,9 @@ WAIT_SECONDS = 540.0
 # A streamed chat an executor took begins within this, text or not (a refusal as the executor
 # reads the request comes sooner, and is the plain error): a proxy's idle timeout is longer.
 FIRST_TEXT_SECONDS = 2.0
+# While a chat waits for an executor, whether its client left is seen this often (a chat whose
+# client left is withdrawn rather than sampled for no one).
+CLIENT_CHECK_SECONDS = 1.0
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS = 4096
 
@@ -262,6 +266,25 @@ async def _answered(
     )
 
 
+async def _held_while_connected(
+    request: Request,
+    seconds: float,
+    look: Callable[[], interactive.CallRecord],
+    done: Callable[[interactive.CallRecord], bool],
+    call_id: str,
+) -> interactive.CallRecord:
+    """`hold_until` in turns of at most CLIENT_CHECK_SECONDS, for up to `seconds`: what it found
+    last, as soon as it is `done`, or once the client has left (`request.is_disconnected`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = max(deadline - time.monotonic(), 0.0)
+        found = await hold_until(
+            min(CLIENT_CHECK_SECONDS, left), look, done, call_wakeup(request, call_id)
+        )
+        if done(found) or left <= CLIENT_CHECK_SECONDS or await request.is_disconnected():
+            return found
+
+
 def _busy() -> ApiError:
     return ApiError(
         503,
@@ -289,8 +312,14 @@ async def complete(
     tenant_id = caller.tenant_id
     started = time.monotonic()
     asked = await run_in_threadpool(_ask, services, caller, body)
-    call = await _answered(request, services, tenant_id, asked.call_id, TAKE_SECONDS)
-    if not call.finished:
+    call = await _held_while_connected(
+        request,
+        TAKE_SECONDS,
+        lambda: _look(services, tenant_id, asked.call_id),
+        lambda found: found.finished,
+        asked.call_id,
+    )
+    if not call.finished:  # not taken in time, or its client left: withdrawn if not taken
         if await run_in_threadpool(_withdraw, services, tenant_id, asked):
             raise _busy()
         # An executor runs it (or just answered): its answer, while the client still waits.
@@ -346,11 +375,12 @@ async def _streamed(
     def began(found: interactive.CallRecord) -> bool:
         return found.finished or found.partial is not None
 
-    call = await hold_until(
+    call = await _held_while_connected(
+        request,
         TAKE_SECONDS,
         look,
         lambda found: began(found) or found.status != CallStatus.PENDING,
-        call_wakeup(request, asked.call_id),
+        asked.call_id,
     )
     if call.status == CallStatus.PENDING and await run_in_threadpool(
         _withdraw, services, tenant_id, asked
