@@ -132,6 +132,22 @@ def executor(services: Services, tmp_path: Path) -> Iterator[str]:
         yield base.name
 
 
+@pytest.fixture
+def paced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each token's step of a batch holding a streamed chat held 10 ms (the engine asks its
+    writer which streams were left at every step), as a bigger base on a busier machine would
+    take it: the tiny base otherwise samples a reply before the API first looks at it."""
+    from workers.interactive.streaming import StreamWriter
+
+    own = StreamWriter.left
+
+    def left(writer: StreamWriter) -> frozenset[str]:
+        time.sleep(0.01)
+        return own(writer)
+
+    monkeypatch.setattr(StreamWriter, "left", left)
+
+
 @contextmanager
 def pausable_executor(runner: InteractiveRunner) -> Iterator[threading.Event]:
     """The executor's loop in a thread, running calls while the event it yields is set (it

@@ -1,13 +1,16 @@
 """The adapter page's "Try it" box in a real browser, against the real interactive executor on
 the tiny test base: a member asks a version and its base at once and reads, side by side, the
 very replies, finish reasons and token counts that `POST /v1/chat/completions` answers for the
-same chat, without the page reloading or the form losing what was typed; a version whose base
-no executor holds is refused in the box with the reason; a reader sees no form and its forged
+same chat, without the page reloading or the form losing what was typed; the replies show as
+they are sampled, and "Stop" stops the executor sampling them; a version whose base no
+executor holds is refused in the box with the reason; a reader sees no form and its forged
 post is refused; and a field the box cannot take is named with why, with nothing asked."""
 
 from __future__ import annotations
 
 import html
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +19,25 @@ import pytest
 from playwright.sync_api import Page, Response, expect
 from sqlalchemy import text
 
+from control_plane import trainers
 from control_plane.services import Services
+from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
 from tests.factories import register_test_base
-from tests.tinker_harness import publish_adapter_version
+from tests.tinker_harness import publish_adapter_version, tinker_settings
 
 pytestmark = pytest.mark.browser
 
 SYSTEM = "Answer briefly."
 MESSAGE = "Name a colour.\nOne word, please."
 ASKED_MS = 180_000  # a chat sampled on the CPU, two at once
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # The executor writes a streamed chat's text after every token.
+    return tinker_settings(tmp_path).model_copy(update={"chat_stream_every_seconds": 0.0})
 
 
 def _calls(services: Services) -> int:
@@ -41,11 +52,12 @@ def _csrf(page: Page) -> str:
 
 
 def _ask(page: Page) -> Response:
-    """Submit the box; the fragment's answer, once htmx has it."""
+    """Submit the box; its answer's response, once the page has shown all of it."""
     with page.expect_response(
         lambda r: r.url.endswith("/try") and r.request.method == "POST", timeout=ASKED_MS
     ) as answered:
         page.click("#try-button")
+    expect(page.locator("#try-result")).to_have_attribute("data-state", "done", timeout=ASKED_MS)
     return answered.value
 
 
@@ -256,3 +268,202 @@ def test_a_field_the_box_cannot_take_is_named_with_why_and_nothing_is_asked(
     assert sampled is not None and 1 <= int(sampled) <= 4
     assert _calls(services) == before + 1
     assert page.evaluate("window.__sameDocument") is True
+
+
+# Every text the page's adapter reply shows, as it changes, and whether it was still sampled.
+_WATCH = """() => {
+  window.__shown = [];
+  new MutationObserver(() => {
+    const side = document.querySelector('#try-adapter');
+    const reply = side && side.querySelector('pre.reply');
+    if (reply) window.__shown.push([side.classList.contains('sampling'), reply.textContent]);
+  }).observe(document.querySelector('#try-result'),
+             {childList: true, subtree: true, characterData: true});
+}"""
+
+
+@pytest.mark.usefixtures("paced")
+def test_the_replies_show_as_they_are_sampled_and_end_as_the_api_answers(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    executor: str,
+    peft_adapter: Path,
+) -> None:
+    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/adapters/bot")
+    page.fill("#try-system", SYSTEM)
+    page.fill("#try-message", MESSAGE)
+    page.fill("#try-max-tokens", "48")
+    page.evaluate(_WATCH)
+    answered = _ask(page)
+    assert answered.headers["content-type"].startswith("application/x-ndjson")
+
+    api = _api(live_url, tenant_a.member, model, max_tokens=48)
+    whole = api["choices"][0]["message"]["content"]
+    assert len(whole) > 8, whole  # a reply long enough to come in pieces
+    expect(page.locator("#try-adapter pre.reply")).to_have_text(whole, use_inner_text=True)
+    shown: list[tuple[bool, str]] = page.evaluate("window.__shown")
+    sampling = [text for still, text in shown if still]
+    # While sampled, the reply grew in pieces, each the beginning of the whole reply.
+    pieces = sorted({text for text in sampling if text}, key=len)
+    assert len(pieces) >= 2 and pieces[0] != whole, shown
+    assert all(whole.startswith(text) for text in sampling), (sampling, whole)
+    # It ends as the API answers the same chat, the base's side too.
+    expect(page.locator("#try-adapter .finish")).to_have_text(api["choices"][0]["finish_reason"])
+    expect(page.locator("#try-adapter .usage")).to_have_attribute(
+        "data-completion", str(api["usage"]["completion_tokens"])
+    )
+    base = _api(live_url, tenant_a.member, executor, max_tokens=48)
+    assert (
+        page.locator("#try-base pre.reply").text_content()
+        == (base["choices"][0]["message"]["content"])
+    )
+    expect(page.locator(".try-answer.sampling")).to_have_count(0)
+    expect(page.locator("#try-stop")).to_be_hidden()
+    expect(page.locator("#try-button")).to_be_enabled()
+
+
+@pytest.mark.usefixtures("paced")
+def test_stop_keeps_what_was_sampled_and_the_executor_stops_sampling(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    executor: str,
+    peft_adapter: Path,
+) -> None:
+    """A chat UI's stop: the executor, shared with every tenant, does not sample the rest of
+    the reply (512 tokens, paced, would take seconds)."""
+    publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/adapters/bot")
+    page.fill("#try-message", MESSAGE)
+    page.fill("#try-max-tokens", "512")
+    page.fill("#try-temperature", "1")  # the tiny base's draws: text from the first tokens on
+    page.uncheck("#try-compare")
+    page.click("#try-button")
+    expect(page.locator("#try-stop")).to_be_visible()
+    expect(page.locator("#try-button")).to_be_disabled()
+    page.wait_for_function(
+        "() => (document.querySelector('#try-adapter.sampling pre.reply')"
+        " || {textContent: ''}).textContent.length > 0",
+        timeout=ASKED_MS,
+    )
+    page.click("#try-stop")
+
+    expect(page.locator("#try-result")).to_have_attribute("data-state", "done")
+    shown = page.locator("#try-adapter")
+    expect(shown.locator(".stopped")).to_have_text("stopped: the rest was not sampled")
+    assert shown.locator("pre.reply").text_content()  # what came is kept
+    expect(page.locator("#try-stop")).to_be_hidden()
+    expect(page.locator("#try-button")).to_be_enabled()
+    expect(page.locator("#try-message")).to_have_value(MESSAGE)
+
+    # The chat stops early on the executor, is metered for what was sampled, and let go.
+    row = _sampled_once_let_go(services)
+    assert row.status == "completed" and row.stream_left_at is not None, row
+    assert 0 < row.usage["sampled_tokens"] < 256, row.usage
+
+
+def _sampled_once_let_go(services: Services) -> Any:
+    """The one chat's call, once its messages and text are let go (at most a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        with services.engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT status, request, usage, stream_left_at, payload_dropped_at "
+                    "FROM interactive_calls WHERE kind = 'sample'"
+                )
+            ).one()
+        if row.payload_dropped_at is not None:
+            return row
+        assert time.monotonic() < deadline, row
+        time.sleep(0.05)
+
+
+def test_stop_while_the_chats_wait_for_an_executor_withdraws_them(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, peft_adapter: Path
+) -> None:
+    """Stopped before any executor took them (the one that holds the base is busy), the box's
+    chats are withdrawn at once, not sampled for no one when it comes to them."""
+    base = register_test_base(services.engine, "tiny-idle")
+    with services.engine.begin() as conn:  # reported, but never takes anything
+        trainers.report(
+            conn,
+            trainers.TrainerReport(
+                "exec-idle", "h", 1, "cpu", resident_base=base.name, kind="interactive"
+            ),
+        )
+    publish_adapter_version(services, tenant_a.tenant_id, base.name, peft_adapter, 4)
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/adapters/bot")
+    page.fill("#try-message", MESSAGE)
+    page.click("#try-button")
+    expect(page.locator(".try-answer.sampling")).to_have_count(2)
+    deadline = time.monotonic() + 30
+    while _calls(services) < 2:  # both asked, neither taken
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    page.click("#try-stop")
+    expect(page.locator(".try-answer .stopped")).to_have_count(2)
+    expect(page.locator("#try-button")).to_be_enabled()
+
+    deadline = time.monotonic() + 15
+    while True:
+        with services.engine.connect() as conn:
+            rows = conn.execute(text("SELECT status, request FROM interactive_calls")).all()
+        if all(row.status != "pending" for row in rows):
+            break
+        assert time.monotonic() < deadline, "a stopped chat still waits for an executor"
+        time.sleep(0.1)
+    assert [(row.status, row.request) for row in rows] == [("failed", {})] * 2
+
+
+def test_the_box_answers_a_post_without_the_script_whole_and_its_stream_in_order(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    executor: str,
+    peft_adapter: Path,
+) -> None:
+    """The form posted without the page's script (no Accept for the stream) is answered with
+    the whole fragment; the script's stream is `answers`, each side's text, its `answer`
+    (the same reply), `end`."""
+    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/adapters/bot")
+    form: dict[str, str | float | bool] = {
+        "csrf_token": _csrf(page),
+        "version": "1",
+        "message": MESSAGE,
+        "system": SYSTEM,
+        "max_tokens": "24",
+        "temperature": "0",
+    }
+    whole = _api(live_url, tenant_a.member, model, max_tokens=24)["choices"][0]["message"]
+    posted = page.request.post(f"{live_url}/adapters/bot/try", form=form, timeout=ASKED_MS)
+    assert posted.status == 200 and posted.headers["content-type"].startswith("text/html")
+    assert whole["content"] in html.unescape(posted.text())
+
+    streamed = page.request.post(
+        f"{live_url}/adapters/bot/try",
+        form=form,
+        headers={"Accept": "application/x-ndjson"},
+        timeout=ASKED_MS,
+    )
+    assert streamed.status == 200
+    events = [json.loads(line) for line in streamed.text().splitlines() if line.strip()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "answers" and kinds[-2:] == ["answer", "end"], kinds
+    assert set(kinds[1:-2]) <= {"text"}
+    assert 'class="try-answer sampling" id="try-adapter"' in events[0]["html"]
+    said = "".join(e["text"] for e in events if e["event"] == "text")
+    assert said == whole["content"]
+    assert all(e["side"] == "adapter" for e in events[1:-1])
+    assert said in html.unescape(events[-2]["html"])
+    assert 'class="finish"' in events[-2]["html"]

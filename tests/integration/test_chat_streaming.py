@@ -48,20 +48,6 @@ def settings(tmp_path: Path) -> Settings:
     return tinker_settings(tmp_path).model_copy(update={"chat_stream_every_seconds": 0.0})
 
 
-@pytest.fixture
-def paced(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each token's step of a batch holding a streamed chat held 10 ms (the engine asks its
-    writer which streams were left at every step), as a bigger base on a busier machine would
-    take it: the tiny base otherwise samples a reply before the API first looks at it."""
-    own = StreamWriter.left
-
-    def left(writer: StreamWriter) -> frozenset[str]:
-        time.sleep(0.01)
-        return own(writer)
-
-    monkeypatch.setattr(StreamWriter, "left", left)
-
-
 def _streamed(client: openai.OpenAI, **asked: Any) -> tuple[list[Any], dict[int, list[str]]]:
     """Every chunk of a streamed chat, and each choice's content deltas in order."""
     chunks = list(client.chat.completions.create(stream=True, **asked))

@@ -17,8 +17,9 @@ new). Once read or withdrawn, the call's messages and answer are let go.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request, Response
@@ -364,8 +365,28 @@ async def _streamed(
     body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
 ) -> Response:
     """The chat asked, and once an executor took it, its chunks as they are sampled; what is
-    refused before its first text, or within `FIRST_TEXT_SECONDS` of being taken (by the
-    executor too, as it reads the request), is the plain error."""
+    refused before its first text is the plain error (`begin_stream`)."""
+    streamed, call = await begin_stream(body, request, caller, services)
+    return StreamingResponse(
+        chat_stream.events(streamed, call),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def begin_stream(
+    body: ChatCompletionCreate,
+    request: Request,
+    caller: Principal,
+    services: Services,
+    *,
+    disconnected: Callable[[], Awaitable[bool]] | None = None,
+) -> tuple[chat_stream.Streamed, interactive.CallRecord]:
+    """The chat asked and taken by an executor: how to follow it (`chat_stream.pieces`), and
+    the call as it is now. What is refused before its first text, or within
+    `FIRST_TEXT_SECONDS` of being taken (by the executor too, as it reads the request), is
+    raised as the plain ApiError. `disconnected` says whether the stream's reader left
+    (`request.is_disconnected` unless given)."""
     tenant_id = caller.tenant_id
     asked = await run_in_threadpool(_ask, services, caller, body)
 
@@ -374,25 +395,6 @@ async def _streamed(
 
     def began(found: interactive.CallRecord) -> bool:
         return found.finished or found.partial is not None
-
-    call = await _held_while_connected(
-        request,
-        TAKE_SECONDS,
-        look,
-        lambda found: began(found) or found.status != CallStatus.PENDING,
-        asked.call_id,
-    )
-    if call.status == CallStatus.PENDING and await run_in_threadpool(
-        _withdraw, services, tenant_id, asked
-    ):
-        raise _busy()
-    if not began(call):
-        call = await hold_until(
-            FIRST_TEXT_SECONDS, look, began, call_wakeup(request, asked.call_id)
-        )
-    if call.status == CallStatus.FAILED:  # refused as it was taken: the plain error
-        await run_in_threadpool(_forget, services, tenant_id, call)
-        raise _refusal(call)
 
     async def forget(found: interactive.CallRecord) -> None:
         await run_in_threadpool(_forget, services, tenant_id, found)
@@ -409,11 +411,31 @@ async def _streamed(
         wake=lambda: call_wakeup(request, asked.call_id),
         forget=forget,
         leave=leave,
-        disconnected=request.is_disconnected,
+        disconnected=disconnected or request.is_disconnected,
         refusal=_refusal,
     )
-    return StreamingResponse(
-        chat_stream.events(streamed, call),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    try:
+        call = await _held_while_connected(
+            request,
+            TAKE_SECONDS,
+            look,
+            lambda found: began(found) or found.status != CallStatus.PENDING,
+            asked.call_id,
+        )
+        if call.status == CallStatus.PENDING and await run_in_threadpool(
+            _withdraw, services, tenant_id, asked
+        ):
+            raise _busy()
+        if not began(call):
+            call = await hold_until(
+                FIRST_TEXT_SECONDS, look, began, call_wakeup(request, asked.call_id)
+            )
+        if call.status == CallStatus.FAILED:  # refused as it was taken: the plain error
+            await run_in_threadpool(_forget, services, tenant_id, call)
+            raise _refusal(call)
+    except asyncio.CancelledError:  # its reader went away meanwhile (the dashboard's "Stop")
+        chat_stream.abandon(
+            streamed, lambda: run_in_threadpool(_withdraw, services, tenant_id, asked)
+        )
+        raise
+    return streamed, call

@@ -21,8 +21,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractContextManager, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AbstractContextManager, aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +68,9 @@ class _Chunks:
         self.streamed = streamed
         self.created = int(time.time())
 
-    def __call__(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    def __call__(
+        self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.streamed.chunk_id,
             "object": "chat.completion.chunk",
@@ -79,7 +81,7 @@ class _Chunks:
         }
         if self.streamed.include_usage:
             body["usage"] = usage
-        return sse(body)
+        return body
 
 
 def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
@@ -126,6 +128,35 @@ async def cancel_left() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    """`work` on the app's loop, past the request (cancelled at the app's end: `cancel_left`);
+    with no loop left (shutting down), dropped: the chat's retention lets it go."""
+    try:
+        task = asyncio.get_running_loop().create_task(work)
+    except RuntimeError:
+        work.close()
+        return
+    _LEFT.add(task)
+    task.add_done_callback(_LEFT.discard)
+
+
+def abandon(streamed: Streamed, withdraw: Callable[[], Awaitable[bool]]) -> None:
+    """A stream's reader went away while its chat waited to begin (the task asking it was
+    cancelled: the dashboard's "Stop"): the chat is withdrawn if no executor took it yet
+    (`withdraw` says whether it was), else stopped and let go once it is answered."""
+
+    async def give_up() -> None:
+        try:
+            if await withdraw():
+                return
+        except Exception:
+            log.exception("a chat whose reader went away could not be withdrawn")
+            return
+        await _forget_when_answered(streamed)
+
+    _in_background(give_up())
+
+
 async def _forget_when_answered(streamed: Streamed) -> None:
     """A stream that ended before its chat did: the executor is told to stop sampling it, and
     its payload is let go once it is answered."""
@@ -140,9 +171,33 @@ async def _forget_when_answered(streamed: Streamed) -> None:
         log.exception("a chat whose stream ended early was not let go (its retention will)")
 
 
+# What a followed chat gives as it goes: a `chat.completion.chunk`, the error that ends it, or
+# None while nothing is new (a keep-alive's turn).
+Piece = dict[str, Any] | ApiError | None
+
+
 async def events(streamed: Streamed, first: CallRecord) -> AsyncIterator[str]:
-    """The chat's chunks as they come (see the module's text), a choice a chunk, from `first`,
-    the call as the stream began."""
+    """The chat's chunks as server-sent events (see the module's text), `data: [DONE]` last
+    unless it ended with an error."""
+    ended = True
+    async with aclosing(pieces(streamed, first)) as followed:
+        async for piece in followed:
+            if piece is None:
+                yield ": keep-alive\n\n"
+            elif isinstance(piece, ApiError):
+                ended = False
+                yield error_event(piece)
+            else:
+                yield sse(piece)
+    if ended:
+        yield sse("[DONE]")
+
+
+async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]:
+    """The chat's chunks as they come, a choice a chunk, from `first`, the call as the stream
+    began (the dashboard's "Try it" box reads them too); an error ends them. Closed before its
+    end (its client left), the executor stops sampling the chat and it is let go once
+    answered."""
     chunk = _Chunks(streamed)
     sent = [""] * streamed.choices
     deadline = time.monotonic() + STREAM_SECONDS
@@ -171,21 +226,19 @@ async def events(streamed: Streamed, first: CallRecord) -> AsyncIterator[str]:
                 for delta in _deltas(sent, list((seen or {}).get("texts") or [])):
                     yield chunk([delta])
             elif time.monotonic() >= deadline:
-                yield error_event(
-                    ApiError(
-                        503,
-                        "executor_busy",
-                        f"the chat still runs after {STREAM_SECONDS:.0f} s: the rest of its "
-                        "answer will not be sent (ask for fewer tokens)",
-                    )
+                yield ApiError(
+                    503,
+                    "executor_busy",
+                    f"the chat still runs after {STREAM_SECONDS:.0f} s: the rest of its "
+                    "answer will not be sent (ask for fewer tokens)",
                 )
                 return
             else:
-                yield ": keep-alive\n\n"
+                yield None
         await streamed.forget(call)
         forgotten = True
         if call.status == CallStatus.FAILED:
-            yield error_event(streamed.refusal(call))
+            yield streamed.refusal(call)
             return
         if call.payload_dropped_at is not None:
             raise ApiError(
@@ -206,26 +259,18 @@ async def events(streamed: Streamed, first: CallRecord) -> AsyncIterator[str]:
                 "total_tokens": prompt + completion,
             }
             yield chunk([], usage)
-        yield sse("[DONE]")
     except _Resampled:
-        yield error_event(
-            ApiError(
-                503,
-                "executor_failed",
-                "the chat was sampled again while it streamed and its text differs from what "
-                "was sent: ask again",
-            )
+        yield ApiError(
+            503,
+            "executor_failed",
+            "the chat was sampled again while it streamed and its text differs from what "
+            "was sent: ask again",
         )
     except ApiError as error:
-        yield error_event(error)
+        yield error
     except Exception:  # the database away mid-stream: said, not a connection cut short
         log.exception("a streamed chat could not be followed")
-        yield error_event(
-            ApiError(503, "unavailable", "the platform could not follow the chat: ask again")
-        )
+        yield ApiError(503, "unavailable", "the platform could not follow the chat: ask again")
     finally:
         if not forgotten:  # ended early, or its client left: stopped, let go once answered
-            with suppress(RuntimeError):  # no loop left (shutting down): its retention will
-                task = asyncio.get_running_loop().create_task(_forget_when_answered(streamed))
-                _LEFT.add(task)
-                task.add_done_callback(_LEFT.discard)
+            _in_background(_forget_when_answered(streamed))

@@ -1,8 +1,16 @@
 """The adapter page's "Try it" box: a writer sends a message (and an optional system message) to
 one of the adapter's versions and, to compare, to the version's base, both asked at once
 through `POST /v1/chat/completions`' own function (`chat.complete`: the same executors, the
-same metering and audit, the same refusals); the answer is a fragment htmx swaps in under the
-form, which keeps what was typed.
+same metering and audit, the same refusals); the answer goes under the form, which keeps what
+was typed.
+
+The page's script asks for the replies as they are sampled (`Accept: application/x-ndjson`):
+one JSON object a line, `answers` first (the fragment, each side either refused already or
+waiting for its text), then each side's new `text` as the executor writes it
+(`chat_stream.pieces`, the API's own stream), each side's whole `answer` once it ends (the
+fragment's article for it, finish reason and tokens), and `end`; a blank line while nothing is
+new. Its "Stop" closes the request, which stops the executor's sampling as a streamed chat's
+client leaving does. Without the script, the form's post answers the whole fragment at once.
 
 Each reply shows its text as the API answers it, its finish reason and its tokens. A refusal
 (no executor holds the base, the executor's own reason, a model gone) is its message in the
@@ -14,22 +22,26 @@ the 403 page: the page shows a reader no form.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import FormData
 
 from control_plane import registry
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
-from control_plane.api.routes import chat
-from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment
-from control_plane.dashboard.sessions import CheckedSession
+from control_plane.api.routes import chat, chat_stream
+from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, render
+from control_plane.dashboard.sessions import CheckedSession, stream_gone
 from control_plane.services import Services
 from control_plane.tenants import Principal
 
@@ -55,6 +67,7 @@ TAKES = {
 }
 
 Side = Literal["adapter", "base"]
+STREAMED = "application/x-ndjson"  # what the page's script asks for: the replies as sampled
 
 
 class TryForm(BaseModel):
@@ -85,12 +98,15 @@ class TryForm(BaseModel):
 
 @dataclass(frozen=True)
 class Answer:
-    """One side's reply, or why there is none."""
+    """One side's reply, or why there is none; streamed, what was sampled before it ended
+    (`text`) or that it is still sampled (`sampling`)."""
 
     side: Side
     model: str
     completion: chat.ChatCompletion | None = None
     refusal: ApiError | None = None
+    sampling: bool = False
+    text: str = ""
 
 
 def _text(form: FormData, name: str) -> str:
@@ -131,6 +147,9 @@ def _version(
             return None
 
 
+_FAILED = ApiError(503, "executor_failed", "the chat failed on the server: try again")
+
+
 async def _answer(
     side: Side,
     body: chat.ChatCompletionCreate,
@@ -144,8 +163,7 @@ async def _answer(
         return Answer(side, body.model, refusal=refused)
     except Exception:  # the other side's answer still shows; this one says it failed
         log.exception("the Try it box's %s chat of %s failed", side, body.model)
-        failed = ApiError(503, "executor_failed", "the chat failed on the server: try again")
-        return Answer(side, body.model, refusal=failed)
+        return Answer(side, body.model, refusal=_FAILED)
     return Answer(side, body.model, completion=completion)
 
 
@@ -173,6 +191,7 @@ async def try_adapter(
     sides: list[tuple[Side, str]] = [("adapter", version.model_id)]
     if asked.compare:
         sides.append(("base", version.base_model_name))
+    streams = STREAMED in request.headers.get("accept", "")
     try:
         bodies = [
             (
@@ -183,6 +202,11 @@ async def try_adapter(
                         "messages": asked.messages(),
                         "max_completion_tokens": asked.max_tokens,
                         "temperature": asked.temperature,
+                        **(
+                            {"stream": True, "stream_options": {"include_usage": True}}
+                            if streams
+                            else {}
+                        ),
                     }
                 ),
             )
@@ -191,7 +215,134 @@ async def try_adapter(
     except ValidationError as invalid:
         message, _ = describe_validation_errors(invalid.errors())
         return fragment("_try_result.html", errors=[("Request", message)], answers=[])
+    if streams:
+        followed = _Followed(request, caller, services, stream_gone(services, session, request))
+        return StreamingResponse(
+            followed.lines(bodies, asked.compare),
+            media_type=STREAMED,
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
     answers = await asyncio.gather(
         *(_answer(side, body, request, caller, services) for side, body in bodies)
     )
     return fragment("_try_result.html", errors=[], answers=answers, compared=asked.compare)
+
+
+_ENDED = object()  # a side's pieces are over
+
+
+def _line(event: str, **data: Any) -> str:
+    return json.dumps({"event": event, **data}) + "\n"
+
+
+class _Reply:
+    """What a side's stream said so far: its text, finish reason, usage, or its error."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.side = answer.side
+        self.id = ""
+        self.text = ""
+        self.finish: str | None = None
+        self.usage: dict[str, int] | None = None
+        self.error: ApiError | None = None
+
+    def read(self, piece: dict[str, Any]) -> str:
+        """A chunk taken in: its new text."""
+        self.id = str(piece.get("id") or self.id)
+        if piece.get("usage"):
+            self.usage = piece["usage"]
+        new = ""
+        for choice in piece.get("choices") or []:
+            new += str(choice.get("delta", {}).get("content") or "")
+            self.finish = choice.get("finish_reason") or self.finish
+        self.text += new
+        return new
+
+    def ended(self) -> Answer:
+        if self.finish is None or self.usage is None or self.error is not None:
+            error = self.error or ApiError(
+                503, "stream_ended", "the reply stopped before its end: ask again"
+            )
+            return replace(self.answer, sampling=False, refusal=error, text=self.text)
+        completion = chat.ChatCompletion(
+            id=self.id,
+            created=int(time.time()),
+            model=self.answer.model,
+            choices=[
+                chat.ChatChoice(
+                    index=0,
+                    message=chat.ChatCompletionMessage(content=self.text),
+                    finish_reason="stop" if self.finish == "stop" else "length",
+                )
+            ],
+            usage=chat.ChatUsage.model_validate(self.usage),
+        )
+        return replace(self.answer, sampling=False, completion=completion)
+
+
+@dataclass(frozen=True)
+class _Followed:
+    """The box's answer as it is sampled (see the module's text): each side asked and followed
+    at once, through the API's own stream, so one side's text shows while the other waits."""
+
+    request: Request
+    caller: Principal
+    services: Services
+    gone: Callable[[], Awaitable[bool]]
+
+    async def _follow(
+        self,
+        reply: _Reply,
+        body: chat.ChatCompletionCreate,
+        heard: asyncio.Queue[tuple[_Reply, chat_stream.Piece | object]],
+    ) -> None:
+        try:
+            try:
+                streamed, first = await chat.begin_stream(
+                    body, self.request, self.caller, self.services, disconnected=self.gone
+                )
+            except ApiError as refused:
+                reply.error = refused
+                return
+            except Exception:
+                log.exception("the Try it box's %s chat of %s failed", reply.side, body.model)
+                reply.error = _FAILED
+                return
+            async with aclosing(chat_stream.pieces(streamed, first)) as followed:
+                async for piece in followed:
+                    heard.put_nowait((reply, piece))
+        finally:
+            heard.put_nowait((reply, _ENDED))
+
+    async def lines(
+        self, bodies: list[tuple[Side, chat.ChatCompletionCreate]], compared: bool
+    ) -> AsyncIterator[str]:
+        replies = [_Reply(Answer(side, body.model, sampling=True)) for side, body in bodies]
+        answers = [reply.answer for reply in replies]
+        html = render("_try_result.html", errors=[], answers=answers, compared=compared)
+        yield _line("answers", html=html)
+        heard: asyncio.Queue[tuple[_Reply, chat_stream.Piece | object]] = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._follow(reply, body, heard))
+            for reply, (_, body) in zip(replies, bodies, strict=True)
+        ]
+        try:
+            following = len(tasks)
+            while following:
+                reply, piece = await heard.get()
+                if piece is _ENDED:
+                    following -= 1
+                    html = render("_try_answer.html", a=reply.ended())
+                    yield _line("answer", side=reply.side, html=html)
+                elif piece is None:
+                    yield "\n"  # nothing new: the connection kept open
+                elif isinstance(piece, ApiError):
+                    reply.error = piece
+                elif isinstance(piece, dict) and (new := reply.read(piece)):
+                    yield _line("text", side=reply.side, text=new)
+            yield _line("end")
+        finally:  # the page stopped it, or left: each side's chat withdrawn or stopped
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -376,25 +376,121 @@
     });
   }
 
-  // ---- the adapter page's "Try it" box: its refusals come as a fragment htmx swaps in; an
-  // answer it does not swap (the page itself refused, say a key that became a reader's, or no
-  // answer at all) is said there too, rather than nothing happening
-  function tryFailed(event, why) {
-    var target = event.detail.target;
-    if (!target || target.id !== "try-result") return;
+  // ---- the adapter page's "Try it" box: the form sent by fetch, its replies read as they are
+  // sampled (one JSON object a line: `answers`, each side's `text`, its whole `answer`, `end`;
+  // adapter_try.py); "Stop" aborts the request, which stops the executor's sampling. What the
+  // page refused (say a key that became a reader's) or no answer at all is said in the box.
+  function tryFailed(result, why) {
     var note = document.createElement("p");
     note.className = "error";
     note.id = "try-failed";
     note.setAttribute("role", "alert");
     note.textContent = why;
-    target.replaceChildren(note);
+    result.replaceChildren(note);
   }
-  document.addEventListener("htmx:responseError", function (event) {
-    tryFailed(event, "The dashboard refused this (HTTP " + event.detail.xhr.status + "): reload the page and try again.");
-  });
-  document.addEventListener("htmx:sendError", function (event) {
-    tryFailed(event, "The dashboard could not be reached: try again.");
-  });
+
+  function tryEvent(result, event) {
+    if (event.event === "answers") {
+      result.innerHTML = event.html;
+    } else if (event.event === "text") {
+      var reply = result.querySelector("#try-" + event.side + " pre.reply");
+      if (reply) reply.append(event.text);
+    } else if (event.event === "answer") {
+      var side = document.getElementById("try-" + event.side);
+      var whole = document.createElement("template");
+      whole.innerHTML = event.html.trim();
+      if (side && whole.content.firstElementChild) side.replaceWith(whole.content.firstElementChild);
+    }
+  }
+
+  // The response's body, a line at a time, each line's event shown as it comes.
+  function tryRead(result, response) {
+    var reader = response.body.getReader();
+    var decoder = new TextDecoder();
+    var pending = "";
+    function next() {
+      return reader.read().then(function (part) {
+        pending += decoder.decode(part.value || new Uint8Array(), { stream: !part.done });
+        var lines = pending.split("\n");
+        pending = part.done ? "" : lines.pop();
+        lines.forEach(function (line) {
+          if (line.trim()) tryEvent(result, JSON.parse(line));
+        });
+        if (!part.done) return next();
+      });
+    }
+    return next();
+  }
+
+  // The sides still sampled when the reading ended early: what they had is kept, and why.
+  function tryCut(result, why) {
+    result.querySelectorAll(".try-answer.sampling").forEach(function (side) {
+      side.classList.remove("sampling");
+      var reply = side.querySelector("pre.reply");
+      if (reply) reply.removeAttribute("aria-busy");
+      var note = side.querySelector(".sampling-note");
+      if (note) {
+        note.classList.add("stopped");
+        note.textContent = why;
+      }
+    });
+  }
+
+  function followTry() {
+    var form = document.getElementById("try-form");
+    var result = document.getElementById("try-result");
+    if (!form || !result || !window.fetch || !window.TextDecoder || !window.AbortController) return;
+    var ask = document.getElementById("try-button");
+    var stop = document.getElementById("try-stop");
+    var asking = document.getElementById("try-asking");
+    var running = null;
+    function busy(on) {
+      ask.disabled = on;
+      stop.hidden = !on;
+      if (!on) asking.hidden = true;
+      result.dataset.state = on ? "asking" : "done";
+    }
+    stop.addEventListener("click", function () {
+      if (running) running.abort();
+    });
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      if (running) return;
+      var controller = new AbortController();
+      running = controller;
+      busy(true);
+      asking.hidden = false;
+      fetch(form.action, {
+        method: "POST",
+        body: new FormData(form),
+        headers: { Accept: "application/x-ndjson" },
+        credentials: "same-origin",
+        signal: controller.signal,
+      })
+        .then(function (response) {
+          asking.hidden = true;
+          if (!response.ok) {
+            tryFailed(result, "The dashboard refused this (HTTP " + response.status + "): reload the page and try again.");
+            return;
+          }
+          if ((response.headers.get("Content-Type") || "").indexOf("application/x-ndjson") !== 0) {
+            return response.text().then(function (html) {
+              result.innerHTML = html;  // nothing was asked: the fields it could not take
+            });
+          }
+          return tryRead(result, response);
+        })
+        .catch(function () {
+          if (controller.signal.aborted) tryCut(result, "stopped: the rest was not sampled");
+          else if (result.querySelector(".try-answer.sampling")) tryCut(result, "the connection was lost: ask again");
+          else tryFailed(result, "The dashboard could not be reached: try again.");
+        })
+        .finally(function () {
+          running = null;
+          busy(false);
+        });
+    });
+  }
 
   function start() {
     followJobsTable();
@@ -402,6 +498,7 @@
     followCurves();
     document.querySelectorAll(".compare-chart[data-metrics]").forEach(compareChart);
     followCompare();
+    followTry();
   }
 
   document.addEventListener("DOMContentLoaded", start);
