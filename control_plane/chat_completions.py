@@ -8,10 +8,15 @@ where it was trained, on the executors already holding its base. A chat is a sam
 sampler in the tenant's chat session (one per tenant, `session_id`, tagged `chat_completions`,
 kept alive by each chat), so it runs in the tenants' turns beside their Tinker samples, is
 batched with them, and is metered and shown as they are (the Sessions page, the usage report).
-A sampler is kept per model in that session and reused while a live executor holds it (or none
-has taken it yet); its calls then go to that executor, as a Tinker sampler's do; an
-adapter's is pinned to the version the reference named (`session_weights`). The executor
-renders the messages with the base's chat template and answers text (`workers.interactive.chat`).
+A model's chats go to samplers kept in that session (`_sampler`), each held by one executor, as
+a Tinker sampler's calls go to the executor holding it; an adapter's is pinned to the version
+the reference named (`session_weights`). A sampler with nothing unfinished takes the chat; when
+every one of the model's samplers is busy (a model's calls run a batch at a time, in order) and
+a live executor of the base holds none of them, a new sampler is made for that executor (the one
+running the fewest calls), so one model's chats spread over every executor of its base rather
+than queue behind one while the others idle; otherwise the chat joins the sampler with the
+fewest waiting, to be batched with them. The executor renders the messages with the base's chat
+template and answers text (`workers.interactive.chat`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from control_plane.interactive import (
     require_served,
 )
 from control_plane.interactive_runs import CheckpointRecord
+from control_plane.records import BaseModelRecord
 from control_plane.trainers import alive_sql
 
 TAG = "chat_completions"
@@ -70,16 +76,61 @@ _SESSION = text(
     "ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()"
 ).bindparams(bindparam("tags", type_=JSONB))
 
-# The chat session's sampler of the model, loaded and held by a live executor or by none yet;
-# locked, so nothing unloads it before the chat is asked of it (an unload meanwhile is waited
-# for and the sampler passed over).
-_SAMPLER = text(
-    "SELECT m.id FROM interactive_models m WHERE m.session_id = :session "
+# The chat session's samplers of the model, each loaded and held by a live executor or by none
+# yet, with how many of its calls are unfinished; locked, so nothing unloads one before the chat
+# is asked of it (an unload meanwhile is waited for and the sampler passed over).
+_SAMPLERS = text(
+    "SELECT m.id, m.held_by, (SELECT count(*) FROM interactive_calls c "
+    "  WHERE c.base_model_id = :base AND c.model_id = m.id "
+    "  AND c.status IN ('pending', 'running')) AS unfinished "
+    "FROM interactive_models m WHERE m.session_id = :session "
     "AND m.kind = 'sampler' AND m.base_model_id = :base "
     "AND m.model_path IS NOT DISTINCT FROM :path AND m.unloaded_at IS NULL "
     "AND (m.held_by IS NULL OR EXISTS (SELECT 1 FROM trainers t WHERE t.id = m.held_by "
-    f"AND {alive_sql('t')})) ORDER BY m.created_at DESC LIMIT 1 FOR UPDATE OF m"
+    f"AND {alive_sql('t')})) ORDER BY unfinished, m.created_at DESC FOR UPDATE OF m"
 )
+
+# A live executor of the base that holds none of `held` (the model's samplers' holders), the one
+# running the fewest calls first.
+_SPARE = text(
+    "SELECT t.id FROM trainers t "
+    "WHERE t.kind = 'interactive' AND t.resident_base = :base_name "
+    f"AND {alive_sql('t')} AND t.id <> ALL(CAST(:held AS text[])) "
+    "ORDER BY (SELECT count(*) FROM interactive_calls c WHERE c.base_model_id = :base "
+    "  AND c.claimed_by = t.id AND c.status = 'running'), t.id LIMIT 1"
+)
+
+
+def _sampler(
+    conn: Connection,
+    tenant_id: str,
+    session: str,
+    base: BaseModelRecord,
+    path: str | None,
+    lease: float,
+) -> str:
+    """The sampler of the model in the tenant's chat session that takes the next chat: one with
+    nothing unfinished, else a new one held by an executor of the base that holds none (when
+    there is such an executor), else the one with the fewest waiting."""
+    params = {"session": session, "base": base.id, "path": path, "lease": timedelta(seconds=lease)}
+    samplers = conn.execute(_SAMPLERS, params).all()
+    if samplers and samplers[0].unfinished == 0:
+        return str(samplers[0].id)
+    spare = None
+    if samplers and all(s.held_by is not None for s in samplers):
+        held = sorted({str(s.held_by) for s in samplers})
+        spare = conn.execute(_SPARE, {**params, "base_name": base.name, "held": held}).scalar()
+        if spare is None:
+            return str(samplers[0].id)
+    elif samplers:  # one no executor took yet: the first executor free takes it
+        return str(next(s for s in samplers if s.held_by is None).id)
+    model = _new_model(conn, tenant_id, session, base.id, ModelKind.SAMPLER, model_path=path)
+    if spare is not None:
+        conn.execute(
+            text("UPDATE interactive_models SET held_by = :executor WHERE id = :model"),
+            {"executor": spare, "model": model.id},
+        )
+    return model.id
 
 
 def ask(
@@ -91,9 +142,7 @@ def ask(
     weights = None
     if base is not None and base.status != BaseStatus.READY:
         raise ModelUnknown(f"base model {model!r} is {base.status}, not ready: it takes no chat")
-    if base is not None:
-        base_id = base.id
-    else:
+    if base is None:
         try:
             weights = session_weights.find(
                 conn, tenant_id, session_weights.PREFIX + model, shared=False
@@ -104,21 +153,15 @@ def ask(
                 "(`name`, `name@3`, `name@prod`: the job's fine_tuned_model); GET /v1/models "
                 "lists them"
             ) from None
-        base_id = weights.base_model_id
+        base = get_base_model(conn, weights.base_model_id)
+        assert base is not None  # a version's base is never deleted (lineage)
     try:
-        require_served(conn, base_id, lease)
+        require_served(conn, base.id, lease)
     except Refused as unserved:
         raise NoExecutor(str(unserved)) from None
     session = session_id(tenant_id)
     conn.execute(_SESSION, {"id": session, "tenant": tenant_id, "tags": [TAG]})
     path = weights.path if weights is not None else None
-    sampler = conn.execute(
-        _SAMPLER,
-        {"session": session, "base": base_id, "path": path, "lease": timedelta(seconds=lease)},
-    ).scalar_one_or_none()
-    if sampler is None:
-        sampler = _new_model(
-            conn, tenant_id, session, base_id, ModelKind.SAMPLER, model_path=path
-        ).id
-    call_id = enqueue(conn, tenant_id, str(sampler), CallKind.SAMPLE, request)
-    return Asked(call_id, str(sampler), weights)
+    sampler = _sampler(conn, tenant_id, session, base, path, lease)
+    call_id = enqueue(conn, tenant_id, sampler, CallKind.SAMPLE, request)
+    return Asked(call_id, sampler, weights)

@@ -1,0 +1,154 @@
+"""One model's chats spread over every executor of its base: while a chat of the model runs a
+batch on one executor (a model's calls run a batch at a time), another chat of it goes to a
+sampler held by an idle executor of the base, not into the queue behind that batch; with no
+idle executor it joins the busy sampler, and chats asked one after another reuse one sampler
+(real executors on the tiny test base, the official `openai` SDK)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from control_plane import chat_completions
+from control_plane.services import Services
+from control_plane.settings import Settings
+from tests.api_harness import TenantKeys
+from tests.factories import register_test_base
+from tests.tinker_harness import (
+    CHAT_MESSAGES,
+    openai_client,
+    publish_adapter_version,
+    serving_executor,
+    tinker_settings,
+)
+
+pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
+
+# A long streamed chat (paced: 10 ms a token's step, seconds in all) and a short one.
+LONG: dict[str, Any] = {
+    "messages": CHAT_MESSAGES,
+    "temperature": 1.0,
+    "seed": 1,
+    "max_completion_tokens": 600,
+}
+SHORT: dict[str, Any] = {"messages": CHAT_MESSAGES, "temperature": 0, "max_completion_tokens": 8}
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return tinker_settings(tmp_path)
+
+
+def _calls(services: Services) -> list[Any]:
+    with services.engine.connect() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "SELECT c.id, c.model_id, c.status, c.claimed_by, c.started_at, "
+                    "c.finished_at, m.held_by FROM interactive_calls c "
+                    "JOIN interactive_models m ON m.id = c.model_id "
+                    "WHERE c.kind = 'sample' ORDER BY c.created_at"
+                )
+            ).all()
+        )
+
+
+def _samplers(services: Services, tenant_id: str) -> list[Any]:
+    with services.engine.connect() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "SELECT id, held_by FROM interactive_models "
+                    "WHERE session_id = :session AND kind = 'sampler' ORDER BY created_at"
+                ),
+                {"session": chat_completions.session_id(tenant_id)},
+            ).all()
+        )
+
+
+def _long_chat_running(services: Services, client: Any, model: str) -> threading.Thread:
+    """The long chat streamed in a thread, once an executor runs it."""
+    thread = threading.Thread(
+        target=lambda: list(client.chat.completions.create(model=model, stream=True, **LONG))
+    )
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(c.status == "running" for c in _calls(services)):
+        assert time.monotonic() < deadline, "the long chat never ran"
+        time.sleep(0.02)
+    return thread
+
+
+@pytest.mark.usefixtures("paced")
+def test_a_chat_of_a_busy_model_goes_to_an_idle_executor_of_its_base(
+    services: Services,
+    live_url: str,
+    tenant_a: TenantKeys,
+    peft_adapter: Path,
+    tmp_path: Path,
+) -> None:
+    base = register_test_base(services.engine, "tiny-e2e")
+    model = publish_adapter_version(services, tenant_a.tenant_id, base.name, peft_adapter, 4)
+    client = openai_client(live_url, tenant_a.member)
+    with (
+        serving_executor(services, base.id, "executor-1", tmp_path / "e1"),
+        serving_executor(services, base.id, "executor-2", tmp_path / "e2"),
+    ):
+        client.chat.completions.create(model=model, **SHORT)  # one sampler, held by one
+        [held] = _samplers(services, tenant_a.tenant_id)
+        first_executor = held.held_by
+        long_chat = _long_chat_running(services, client, model)
+        short = client.chat.completions.create(model=model, **SHORT)
+        calls = _calls(services)
+        _, long_call, short_call = calls
+        long_chat.join(120)
+        # The short chat ran on the other executor, while the long one was sampled.
+        assert long_call.claimed_by == first_executor
+        assert short_call.claimed_by not in (None, first_executor), calls
+        assert short_call.finished_at is not None
+        with services.engine.connect() as conn:
+            long_finished = conn.execute(
+                text("SELECT finished_at FROM interactive_calls WHERE id = :id"),
+                {"id": long_call.id},
+            ).scalar_one()
+        assert short_call.finished_at < long_finished
+        samplers = _samplers(services, tenant_a.tenant_id)
+        assert [s.held_by for s in samplers] == [first_executor, short_call.claimed_by]
+        # Either executor answers the model alike (greedy): the reply asked again, both idle.
+        again = client.chat.completions.create(model=model, **SHORT)
+        assert again.choices[0].message.content == short.choices[0].message.content
+        assert len(_samplers(services, tenant_a.tenant_id)) == 2  # an idle one reused
+
+
+@pytest.mark.usefixtures("paced")
+def test_with_one_executor_a_chat_of_a_busy_model_waits_for_its_sampler(
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    client = openai_client(live_url, tenant_a.member)
+    long_chat = _long_chat_running(services, client, executor)
+    client.chat.completions.create(model=executor, **SHORT)
+    long_chat.join(120)
+    long_call, short_call = _calls(services)
+    assert long_call.model_id == short_call.model_id  # no second sampler: no executor for it
+    assert short_call.started_at >= long_call.finished_at  # after the long chat's batch
+    assert len(_samplers(services, tenant_a.tenant_id)) == 1
+
+
+def test_chats_asked_one_after_another_reuse_one_sampler(
+    services: Services, live_url: str, tenant_a: TenantKeys, tmp_path: Path
+) -> None:
+    base = register_test_base(services.engine, "tiny-e2e")
+    client = openai_client(live_url, tenant_a.member)
+    with (
+        serving_executor(services, base.id, "executor-1", tmp_path / "e1"),
+        serving_executor(services, base.id, "executor-2", tmp_path / "e2"),
+    ):
+        for _ in range(3):
+            client.chat.completions.create(model=base.name, **SHORT)
+    [sampler] = _samplers(services, tenant_a.tenant_id)
+    assert {c.model_id for c in _calls(services)} == {sampler.id}
