@@ -130,10 +130,11 @@ def fragment(template: str, **context: Any) -> HTMLResponse:
 
 
 def _sign_in_redirect(request: Request) -> Response:
-    if request.headers.get("hx-request") or "text/event-stream" in request.headers.get(
-        "accept", ""
+    accept = request.headers.get("accept", "")
+    if request.headers.get("hx-request") or any(
+        streamed in accept for streamed in ("text/event-stream", "application/x-ndjson")
     ):
-        # htmx follows HX-Redirect; an EventSource just stops.
+        # htmx follows HX-Redirect, as the "Try it" box's script does; an EventSource stops.
         return Response(status_code=401, headers={"HX-Redirect": "/sign-in"})
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse(f"/sign-in?next={quote(target, '')}", status_code=303)

@@ -20,6 +20,7 @@ from playwright.sync_api import Page, Response, expect
 from sqlalchemy import text
 
 from control_plane import trainers
+from control_plane.api.routes import chat, chat_stream
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
@@ -390,15 +391,7 @@ def test_stop_while_the_chats_wait_for_an_executor_withdraws_them(
 ) -> None:
     """Stopped before any executor took them (the one that holds the base is busy), the box's
     chats are withdrawn at once, not sampled for no one when it comes to them."""
-    base = register_test_base(services.engine, "tiny-idle")
-    with services.engine.begin() as conn:  # reported, but never takes anything
-        trainers.report(
-            conn,
-            trainers.TrainerReport(
-                "exec-idle", "h", 1, "cpu", resident_base=base.name, kind="interactive"
-            ),
-        )
-    publish_adapter_version(services, tenant_a.tenant_id, base.name, peft_adapter, 4)
+    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
     sign_in(page, live_url, tenant_a.member)
     page.goto(f"{live_url}/adapters/bot")
     page.fill("#try-message", MESSAGE)
@@ -421,6 +414,108 @@ def test_stop_while_the_chats_wait_for_an_executor_withdraws_them(
         assert time.monotonic() < deadline, "a stopped chat still waits for an executor"
         time.sleep(0.1)
     assert [(row.status, row.request) for row in rows] == [("failed", {})] * 2
+
+
+def _idle_executor(services: Services, tenant_id: str, peft_adapter: Path) -> None:
+    """An adapter on a base whose one executor is reported but never takes anything."""
+    base = register_test_base(services.engine, "tiny-idle")
+    with services.engine.begin() as conn:
+        trainers.report(
+            conn,
+            trainers.TrainerReport(
+                "exec-idle", "h", 1, "cpu", resident_base=base.name, kind="interactive"
+            ),
+        )
+    publish_adapter_version(services, tenant_id, base.name, peft_adapter, 4)
+
+
+def test_stop_while_the_chats_are_still_being_asked_withdraws_them(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    peft_adapter: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopped while the chats' rows are being written (a slow database: each ask held 1.5 s
+    after it committed), the chats are withdrawn once asked, not left waiting."""
+    ask = chat._ask
+
+    def slow(*args: Any) -> Any:
+        asked = ask(*args)
+        time.sleep(1.5)
+        return asked
+
+    monkeypatch.setattr(chat, "_ask", slow)
+    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/adapters/bot")
+    page.fill("#try-message", MESSAGE)
+    page.click("#try-button")
+    deadline = time.monotonic() + 30
+    while _calls(services) < 2:  # both asked, their asks not yet returned
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    page.click("#try-stop")
+    expect(page.locator(".try-answer .stopped")).to_have_count(2)
+    deadline = time.monotonic() + 15
+    while True:
+        with services.engine.connect() as conn:
+            rows = conn.execute(text("SELECT status FROM interactive_calls")).scalars().all()
+        if "pending" not in rows:
+            break
+        assert time.monotonic() < deadline, "a stopped chat still waits for an executor"
+        time.sleep(0.1)
+    assert rows == ["failed", "failed"]
+
+
+def test_the_box_keeps_its_connection_open_while_its_chats_wait_and_says_none_was_taken(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    peft_adapter: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While no executor takes its chats, the answer sends a blank line every keep-alive period
+    (a proxy's idle timeout does not cut it); once the chats' wait is over, each side says so."""
+    monkeypatch.setattr(chat, "TAKE_SECONDS", 2.0)
+    monkeypatch.setattr(chat_stream, "KEEPALIVE_SECONDS", 0.25)
+    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/adapters/bot")
+    form = {"csrf_token": _csrf(page), "version": "1", "message": MESSAGE}
+    form |= {"max_tokens": "8", "temperature": "0", "compare": "on"}
+    answered = page.request.post(
+        f"{live_url}/adapters/bot/try",
+        form=form,
+        headers={"Accept": "application/x-ndjson"},
+        timeout=ASKED_MS,
+    )
+    lines = answered.text().split("\n")
+    events = [json.loads(line) for line in lines if line.strip()]
+    assert [e["event"] for e in events] == ["answers", "answer", "answer", "end"]
+    first_answer = lines.index(next(line for line in lines if '"event": "answer"' in line))
+    assert lines[1:first_answer].count("") >= 4  # 2 s of waiting, a blank line every 0.25 s
+    for answer in events[1:3]:
+        assert "executor_busy" in answer["html"] and "was withdrawn" in answer["html"]
+    with services.engine.connect() as conn:
+        rows = conn.execute(text("SELECT status FROM interactive_calls")).scalars().all()
+    assert rows == ["failed", "failed"]
+
+
+def test_a_session_signed_out_meanwhile_asks_to_sign_in_again(
+    live_url: str, page: Page, services: Services, tenant_a: TenantKeys, peft_adapter: Path
+) -> None:
+    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
+    sign_in(page, live_url, tenant_a.member)
+    page.goto(f"{live_url}/adapters/bot")
+    page.fill("#try-message", MESSAGE)
+    page.context.clear_cookies()
+    page.click("#try-button")
+    page.wait_for_url("**/sign-in**")
+    expect(page.locator("#try-result")).to_have_count(0)
+    assert _calls(services) == 0
 
 
 def test_the_box_answers_a_post_without_the_script_whole_and_its_stream_in_order(

@@ -1,13 +1,21 @@
 """What a streamed chat sends of each text the executor writes (`chat_stream._deltas`): only
 what is new past what was sent; a text written again from its start is waited past; a text
 that contradicts what was sent, or a whole answer that does not begin with it, ends the
-stream."""
+stream. And how a stream ends (`chat_stream.events`, a chat's looks played): `data: [DONE]`
+after a whole answer, nothing more once its client left (which stops the chat)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+from typing import Any
+
 import pytest
 
-from control_plane.api.routes.chat_stream import _deltas, _Resampled
+from control_plane.api.errors import ApiError
+from control_plane.api.routes.chat_stream import Streamed, _deltas, _Resampled, events
+from control_plane.interactive import CallRecord
 
 
 def _contents(deltas: list[dict[str, object]]) -> list[tuple[object, object]]:
@@ -42,3 +50,79 @@ def test_text_that_contradicts_what_was_sent_ends_the_stream(
 ) -> None:
     with pytest.raises(_Resampled):
         _deltas([sent], [text], whole=whole)
+
+
+def _call(status: str, partial: str | None = None, whole: str | None = None) -> CallRecord:
+    result = None
+    if whole is not None:
+        answer = {"text": whole, "tokens": [1, 2], "stop_reason": "stop"}
+        result = {"sequences": [answer], "prompt_tokens": 3}
+    return CallRecord(
+        id="fut-1",
+        model_id="imdl-1",
+        tenant_id="t",
+        seq=0,
+        kind="sample",
+        request={},
+        status=status,
+        result=result,
+        error=None,
+        payload_dropped_at=None,
+        partial=None if partial is None else {"texts": [partial]},
+    )
+
+
+def _played(looks: list[CallRecord], gone: bool) -> tuple[Streamed, list[str]]:
+    """A stream whose looks find `looks` in turn (the last one again after), and what it did."""
+    did: list[str] = []
+
+    def look() -> CallRecord:
+        return looks.pop(0) if len(looks) > 1 else looks[0]
+
+    async def forget(call: CallRecord) -> None:
+        did.append("forget")
+
+    async def leave() -> None:
+        did.append("leave")
+
+    async def disconnected() -> bool:
+        return gone
+
+    def refusal(call: CallRecord) -> ApiError:
+        return ApiError(503, "executor_failed", "failed")
+
+    return Streamed(
+        chunk_id="chatcmpl-fut-1",
+        model="bot@1",
+        choices=1,
+        include_usage=True,
+        look=look,
+        wake=lambda: contextlib.nullcontext(None),
+        forget=forget,
+        leave=leave,
+        disconnected=disconnected,
+        refusal=refusal,
+    ), did
+
+
+async def _sent(streamed: Streamed, first: CallRecord) -> list[Any]:
+    sent = [line async for line in events(streamed, first)]
+    await asyncio.sleep(0.2)  # what a stream that ended early leaves to a task of the loop
+    return [json.loads(s.removeprefix("data: ")) if s.startswith("data: {") else s for s in sent]
+
+
+def test_a_whole_answer_ends_with_done() -> None:
+    streamed, did = _played([_call("completed", whole="Hello")], gone=False)
+    sent = asyncio.run(_sent(streamed, _call("running", partial="Hel")))
+    contents = [c["choices"][0]["delta"].get("content") for c in sent[:-1] if c["choices"]]
+    assert contents == ["", "Hel", "lo", None]
+    assert sent[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    assert sent[-1] == "data: [DONE]\n\n"
+    assert did == ["forget"]
+
+
+def test_a_stream_whose_client_left_sends_nothing_more_and_stops_the_chat() -> None:
+    streamed, did = _played([_call("completed", whole="Hello")], gone=True)
+    sent = asyncio.run(_sent(streamed, _call("running", partial="Hel")))
+    assert [c["choices"][0]["delta"] for c in sent] == [{"role": "assistant", "content": ""}]
+    assert did == ["leave", "forget"]  # stopped, then let go once answered

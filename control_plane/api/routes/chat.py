@@ -20,12 +20,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal
+from functools import partial
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from control_plane import (
     audit,
@@ -38,6 +37,13 @@ from control_plane.api.deps import ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
 from control_plane.api.routes import chat_stream
+from control_plane.api.routes.chat_models import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionCreate,
+    ChatCompletionMessage,
+    ChatUsage,
+)
 from control_plane.api.routes.tinker_futures import call_wakeup, hold_until
 from control_plane.interactive import CallStatus
 from control_plane.services import Services
@@ -55,118 +61,6 @@ FIRST_TEXT_SECONDS = 2.0
 # While a chat waits for an executor, whether its client left is seen this often (a chat whose
 # client left is withdrawn rather than sampled for no one).
 CLIENT_CHECK_SECONDS = 1.0
-DEFAULT_MAX_TOKENS = 256
-MAX_TOKENS = 4096
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TextPart(_Body):
-    type: Literal["text"]
-    text: str
-
-
-# What a reply's message carries back when a client appends it to its messages (the SDK's
-# `messages.append(reply.choices[0].message)`): taken while it asks for nothing.
-Nothing = Annotated[list[Any], Field(max_length=0)] | None
-
-
-class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = Field(default=None, max_length=64, description="taken, not used")
-    refusal: None = None
-    tool_calls: Nothing = None
-    function_call: None = None
-    audio: None = None
-    annotations: list[Any] | None = Field(default=None, description="taken, not used")
-
-    def plain(self) -> dict[str, str]:
-        """The message as a chat template takes it: a developer's as a system message, text
-        parts joined."""
-        content = self.content
-        text = content if isinstance(content, str) else "".join(p.text for p in content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class StreamOptions(_Body):
-    include_usage: bool | None = Field(default=None, description="a last chunk with `usage`")
-    include_obfuscation: bool | None = Field(default=None, description="taken, not used")
-
-
-class ChatCompletionCreate(_Body):
-    model: str = Field(min_length=1, max_length=200, description="a base or `adapter@version`")
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS, deprecated=True)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1, description="0: greedy")
-    n: int = Field(default=1, ge=1, le=8)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stop: (
-        Annotated[str, Field(min_length=1)]
-        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)]
-        | None
-    ) = None
-    stream: bool | None = Field(
-        default=None, description="the reply as server-sent events, as it is sampled"
-    )
-    stream_options: StreamOptions | None = Field(default=None, description="with `stream`")
-    # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
-    logprobs: Literal[False] | None = Field(default=None, description="not offered")
-    frequency_penalty: Literal[0] | None = Field(default=None, description="not offered")
-    presence_penalty: Literal[0] | None = Field(default=None, description="not offered")
-    parallel_tool_calls: bool | None = Field(default=None, description="taken, not used")
-    user: str | None = Field(default=None, max_length=256, description="taken, not used")
-
-    def sample_request(self) -> dict[str, Any]:
-        """The executor's chat call: the messages and SamplingParams of a sample."""
-        limit = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
-        params: dict[str, Any] = {"max_tokens": limit}
-        if self.temperature is not None:
-            params["temperature"] = self.temperature
-        if self.top_p == 0:  # nothing but the likeliest token: greedy
-            params["temperature"] = 0.0
-        elif self.top_p is not None:
-            params["top_p"] = self.top_p
-        if self.seed is not None:  # a torch generator's seed: 0 to 2**64 - 1
-            params["seed"] = self.seed % 2**64
-        if self.stop is not None:
-            params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
-        messages = [m.plain() for m in self.messages]
-        asked = {"messages": messages, "num_samples": self.n, "sampling_params": params}
-        return {**asked, "stream": True} if self.stream else asked
-
-
-class ChatCompletionMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-    refusal: None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatCompletionMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
-
-
-class ChatUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: ChatUsage
-    system_fingerprint: None = None
 
 
 def _ask(
@@ -273,16 +167,18 @@ async def _held_while_connected(
     look: Callable[[], interactive.CallRecord],
     done: Callable[[interactive.CallRecord], bool],
     call_id: str,
+    gone: Callable[[], Awaitable[bool]] | None = None,
 ) -> interactive.CallRecord:
     """`hold_until` in turns of at most CLIENT_CHECK_SECONDS, for up to `seconds`: what it found
-    last, as soon as it is `done`, or once the client has left (`request.is_disconnected`)."""
+    last, as soon as it is `done`, or once the client has left (`gone`, else
+    `request.is_disconnected`)."""
     deadline = time.monotonic() + seconds
     while True:
         left = max(deadline - time.monotonic(), 0.0)
         found = await hold_until(
             min(CLIENT_CHECK_SECONDS, left), look, done, call_wakeup(request, call_id)
         )
-        if done(found) or left <= CLIENT_CHECK_SECONDS or await request.is_disconnected():
+        if done(found) or left <= CLIENT_CHECK_SECONDS or await (gone or request.is_disconnected)():
             return found
 
 
@@ -374,6 +270,44 @@ async def _streamed(
     )
 
 
+def _began(found: interactive.CallRecord) -> bool:
+    """Whether a streamed chat has text to send (or is over)."""
+    return found.finished or found.partial is not None
+
+
+def _following(
+    asked: chat_completions.Asked,
+    body: ChatCompletionCreate,
+    request: Request,
+    services: Services,
+    tenant_id: str,
+    gone: Callable[[], Awaitable[bool]],
+) -> chat_stream.Streamed:
+    """How to follow an asked chat's stream."""
+
+    def look() -> interactive.CallRecord:
+        return _look(services, tenant_id, asked.call_id)
+
+    async def forget(found: interactive.CallRecord) -> None:
+        await run_in_threadpool(_forget, services, tenant_id, found)
+
+    async def leave() -> None:
+        await run_in_threadpool(_leave, services, tenant_id, asked.call_id)
+
+    return chat_stream.Streamed(
+        chunk_id=f"chatcmpl-{asked.call_id}",
+        model=body.model,
+        choices=body.n,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        look=look,
+        wake=lambda: call_wakeup(request, asked.call_id),
+        forget=forget,
+        leave=leave,
+        disconnected=gone,
+        refusal=_refusal,
+    )
+
+
 async def begin_stream(
     body: ChatCompletionCreate,
     request: Request,
@@ -386,56 +320,49 @@ async def begin_stream(
     the call as it is now. What is refused before its first text, or within
     `FIRST_TEXT_SECONDS` of being taken (by the executor too, as it reads the request), is
     raised as the plain ApiError. `disconnected` says whether the stream's reader left
-    (`request.is_disconnected` unless given)."""
+    (`request.is_disconnected` unless given). Cancelled (its reader went away: the
+    dashboard's "Stop"), the chat is withdrawn if no executor took it yet, else stopped and
+    let go once answered, the ask itself included (run to its end, then withdrawn)."""
     tenant_id = caller.tenant_id
-    asked = await run_in_threadpool(_ask, services, caller, body)
+    gone = disconnected or request.is_disconnected
 
-    def look() -> interactive.CallRecord:
-        return _look(services, tenant_id, asked.call_id)
+    def follow(asked: chat_completions.Asked) -> chat_stream.Streamed:
+        return _following(asked, body, request, services, tenant_id, gone)
 
-    def began(found: interactive.CallRecord) -> bool:
-        return found.finished or found.partial is not None
+    def abandon(asked: chat_completions.Asked) -> None:
+        withdraw = partial(run_in_threadpool, _withdraw, services, tenant_id, asked)
+        chat_stream.abandon(follow(asked), withdraw)
 
-    async def forget(found: interactive.CallRecord) -> None:
-        await run_in_threadpool(_forget, services, tenant_id, found)
-
-    async def leave() -> None:
-        await run_in_threadpool(_leave, services, tenant_id, asked.call_id)
-
-    streamed = chat_stream.Streamed(
-        chunk_id=f"chatcmpl-{asked.call_id}",
-        model=body.model,
-        choices=body.n,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        look=look,
-        wake=lambda: call_wakeup(request, asked.call_id),
-        forget=forget,
-        leave=leave,
-        disconnected=disconnected or request.is_disconnected,
-        refusal=_refusal,
-    )
+    asking = asyncio.ensure_future(run_in_threadpool(_ask, services, caller, body))
+    try:
+        asked = await asyncio.shield(asking)
+    except asyncio.CancelledError:
+        asking.add_done_callback(
+            lambda done: None if done.cancelled() or done.exception() else abandon(done.result())
+        )
+        raise
+    streamed = follow(asked)
     try:
         call = await _held_while_connected(
             request,
             TAKE_SECONDS,
-            look,
-            lambda found: began(found) or found.status != CallStatus.PENDING,
+            streamed.look,
+            lambda found: _began(found) or found.status != CallStatus.PENDING,
             asked.call_id,
+            gone,
         )
         if call.status == CallStatus.PENDING and await run_in_threadpool(
             _withdraw, services, tenant_id, asked
         ):
             raise _busy()
-        if not began(call):
+        if not _began(call):
             call = await hold_until(
-                FIRST_TEXT_SECONDS, look, began, call_wakeup(request, asked.call_id)
+                FIRST_TEXT_SECONDS, streamed.look, _began, call_wakeup(request, asked.call_id)
             )
         if call.status == CallStatus.FAILED:  # refused as it was taken: the plain error
             await run_in_threadpool(_forget, services, tenant_id, call)
             raise _refusal(call)
-    except asyncio.CancelledError:  # its reader went away meanwhile (the dashboard's "Stop")
-        chat_stream.abandon(
-            streamed, lambda: run_in_threadpool(_withdraw, services, tenant_id, asked)
-        )
+    except asyncio.CancelledError:
+        abandon(asked)
         raise
     return streamed, call

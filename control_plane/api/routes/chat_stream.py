@@ -171,31 +171,29 @@ async def _forget_when_answered(streamed: Streamed) -> None:
         log.exception("a chat whose stream ended early was not let go (its retention will)")
 
 
-# What a followed chat gives as it goes: a `chat.completion.chunk`, the error that ends it, or
-# None while nothing is new (a keep-alive's turn).
-Piece = dict[str, Any] | ApiError | None
+# What a followed chat gives as it goes: a `chat.completion.chunk`, the error that ends it, None
+# while nothing is new (a keep-alive's turn), or DONE once every chunk was given.
+DONE = "[DONE]"
+Piece = dict[str, Any] | ApiError | str | None
 
 
 async def events(streamed: Streamed, first: CallRecord) -> AsyncIterator[str]:
     """The chat's chunks as server-sent events (see the module's text), `data: [DONE]` last
-    unless it ended with an error."""
-    ended = True
+    when it ended whole (not after an error, nor once its client left)."""
     async with aclosing(pieces(streamed, first)) as followed:
         async for piece in followed:
             if piece is None:
                 yield ": keep-alive\n\n"
             elif isinstance(piece, ApiError):
-                ended = False
                 yield error_event(piece)
             else:
                 yield sse(piece)
-    if ended:
-        yield sse("[DONE]")
 
 
 async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]:
     """The chat's chunks as they come, a choice a chunk, from `first`, the call as the stream
-    began (the dashboard's "Try it" box reads them too); an error ends them. Closed before its
+    began (the dashboard's "Try it" box reads them too), then DONE; an error ends them, as
+    does its client leaving (nothing more is given). Closed before its
     end (its client left), the executor stops sampling the chat and it is let go once
     answered."""
     chunk = _Chunks(streamed)
@@ -259,6 +257,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
                 "total_tokens": prompt + completion,
             }
             yield chunk([], usage)
+        yield DONE
     except _Resampled:
         yield ApiError(
             503,

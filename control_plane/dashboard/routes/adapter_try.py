@@ -40,6 +40,13 @@ from control_plane import registry
 from control_plane.api.deps import ServicesDep, require_writer
 from control_plane.api.errors import ApiError, describe_validation_errors
 from control_plane.api.routes import chat, chat_stream
+from control_plane.api.routes.chat_models import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionCreate,
+    ChatCompletionMessage,
+    ChatUsage,
+)
 from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, render
 from control_plane.dashboard.sessions import CheckedSession, stream_gone
 from control_plane.services import Services
@@ -103,7 +110,7 @@ class Answer:
 
     side: Side
     model: str
-    completion: chat.ChatCompletion | None = None
+    completion: ChatCompletion | None = None
     refusal: ApiError | None = None
     sampling: bool = False
     text: str = ""
@@ -152,7 +159,7 @@ _FAILED = ApiError(503, "executor_failed", "the chat failed on the server: try a
 
 async def _answer(
     side: Side,
-    body: chat.ChatCompletionCreate,
+    body: ChatCompletionCreate,
     request: Request,
     caller: Principal,
     services: Services,
@@ -196,7 +203,7 @@ async def try_adapter(
         bodies = [
             (
                 side,
-                chat.ChatCompletionCreate.model_validate(
+                ChatCompletionCreate.model_validate(
                     {
                         "model": model,
                         "messages": asked.messages(),
@@ -262,21 +269,24 @@ class _Reply:
     def ended(self) -> Answer:
         if self.finish is None or self.usage is None or self.error is not None:
             error = self.error or ApiError(
-                503, "stream_ended", "the reply stopped before its end: ask again"
+                503,
+                "stream_ended",
+                "the reply stopped before its end (the connection, or the page's sign-in, "
+                "ended): ask again",
             )
             return replace(self.answer, sampling=False, refusal=error, text=self.text)
-        completion = chat.ChatCompletion(
+        completion = ChatCompletion(
             id=self.id,
             created=int(time.time()),
             model=self.answer.model,
             choices=[
-                chat.ChatChoice(
+                ChatChoice(
                     index=0,
-                    message=chat.ChatCompletionMessage(content=self.text),
+                    message=ChatCompletionMessage(content=self.text),
                     finish_reason="stop" if self.finish == "stop" else "length",
                 )
             ],
-            usage=chat.ChatUsage.model_validate(self.usage),
+            usage=ChatUsage.model_validate(self.usage),
         )
         return replace(self.answer, sampling=False, completion=completion)
 
@@ -294,7 +304,7 @@ class _Followed:
     async def _follow(
         self,
         reply: _Reply,
-        body: chat.ChatCompletionCreate,
+        body: ChatCompletionCreate,
         heard: asyncio.Queue[tuple[_Reply, chat_stream.Piece | object]],
     ) -> None:
         try:
@@ -316,7 +326,7 @@ class _Followed:
             heard.put_nowait((reply, _ENDED))
 
     async def lines(
-        self, bodies: list[tuple[Side, chat.ChatCompletionCreate]], compared: bool
+        self, bodies: list[tuple[Side, ChatCompletionCreate]], compared: bool
     ) -> AsyncIterator[str]:
         replies = [_Reply(Answer(side, body.model, sampling=True)) for side, body in bodies]
         answers = [reply.answer for reply in replies]
@@ -330,7 +340,13 @@ class _Followed:
         try:
             following = len(tasks)
             while following:
-                reply, piece = await heard.get()
+                try:
+                    reply, piece = await asyncio.wait_for(
+                        heard.get(), chat_stream.KEEPALIVE_SECONDS
+                    )
+                except TimeoutError:  # nothing heard (an executor yet to take a side)
+                    yield "\n"
+                    continue
                 if piece is _ENDED:
                     following -= 1
                     html = render("_try_answer.html", a=reply.ended())

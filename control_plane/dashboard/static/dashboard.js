@@ -469,6 +469,11 @@
       })
         .then(function (response) {
           asking.hidden = true;
+          var signIn = response.headers.get("HX-Redirect");
+          if (response.status === 401 && signIn) {
+            window.location.href = signIn;  // signed out meanwhile: sign in again
+            return;
+          }
           if (!response.ok) {
             tryFailed(result, "The dashboard refused this (HTTP " + response.status + "): reload the page and try again.");
             return;
