@@ -8,15 +8,16 @@ where it was trained, on the executors already holding its base. A chat is a sam
 sampler in the tenant's chat session (one per tenant, `session_id`, tagged `chat_completions`,
 kept alive by each chat), so it runs in the tenants' turns beside their Tinker samples, is
 batched with them, and is metered and shown as they are (the Sessions page, the usage report).
-A model's chats go to samplers kept in that session (`_sampler`), each held by one executor, as
-a Tinker sampler's calls go to the executor holding it; an adapter's is pinned to the version
-the reference named (`session_weights`). A sampler with nothing unfinished takes the chat; when
-every one of the model's samplers is busy (a model's calls run a batch at a time, in order) and
-a live executor of the base holds none of them, a new sampler is made for that executor (the one
-running the fewest calls), so one model's chats spread over every executor of its base rather
-than queue behind one while the others idle; otherwise the chat joins the sampler with the
-fewest waiting, to be batched with them. The executor renders the messages with the base's chat
-template and answers text (`workers.interactive.chat`).
+A model's chats go to samplers kept in that session (`_sampler`), each held by the executor
+that first took one of its calls, as a Tinker sampler's calls go to the executor holding it;
+an adapter's is pinned to the version the reference named (`session_weights`). A model's calls
+run a batch at a time, so a chat goes to the sampler with the fewest unfinished calls, then
+whose executor runs the fewest; when a live executor of the base holds none of the model's
+samplers and would start the chat sooner (nothing unfinished there, fewer calls running), a
+new sampler is made, which the first executor free takes. So one model's chats spread over
+the executors of its base rather than queue behind one batch while the others idle. The
+executor renders the messages with the base's chat template and answers text
+(`workers.interactive.chat`).
 """
 
 from __future__ import annotations
@@ -76,28 +77,51 @@ _SESSION = text(
     "ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = now()"
 ).bindparams(bindparam("tags", type_=JSONB))
 
+# The calls each executor of the base runs now (how busy it is), read once a chat is asked.
+_LOAD = """
+    load AS (
+        SELECT claimed_by AS executor, count(*) AS running FROM interactive_calls
+        WHERE base_model_id = :base AND status = 'running' GROUP BY claimed_by
+    )"""
+
 # The chat session's samplers of the model, each loaded and held by a live executor or by none
-# yet, with how many of its calls are unfinished; locked, so nothing unloads one before the chat
-# is asked of it (an unload meanwhile is waited for and the sampler passed over).
+# yet, with how many of its calls are unfinished and how many calls its executor runs; locked
+# in the order of their ids (as every other writer of several models' rows may take them), so
+# nothing unloads one before the chat is asked of it (an unload meanwhile is waited for and the
+# sampler passed over).
 _SAMPLERS = text(
-    "SELECT m.id, m.held_by, (SELECT count(*) FROM interactive_calls c "
-    "  WHERE c.base_model_id = :base AND c.model_id = m.id "
-    "  AND c.status IN ('pending', 'running')) AS unfinished "
-    "FROM interactive_models m WHERE m.session_id = :session "
-    "AND m.kind = 'sampler' AND m.base_model_id = :base "
-    "AND m.model_path IS NOT DISTINCT FROM :path AND m.unloaded_at IS NULL "
-    "AND (m.held_by IS NULL OR EXISTS (SELECT 1 FROM trainers t WHERE t.id = m.held_by "
-    f"AND {alive_sql('t')})) ORDER BY unfinished, m.created_at DESC FOR UPDATE OF m"
+    f"""
+    WITH locked AS (
+        SELECT m.id, m.held_by, m.created_at FROM interactive_models m
+        WHERE m.session_id = :session AND m.kind = 'sampler' AND m.base_model_id = :base
+          AND m.model_path IS NOT DISTINCT FROM :path AND m.unloaded_at IS NULL
+          AND (m.held_by IS NULL OR EXISTS (SELECT 1 FROM trainers t WHERE t.id = m.held_by
+               AND {alive_sql("t")}))
+        ORDER BY m.id
+        FOR UPDATE OF m
+    ),
+    {_LOAD}
+    SELECT l.id, l.held_by,
+           (SELECT count(*) FROM interactive_calls c
+            WHERE c.base_model_id = :base AND c.model_id = l.id
+              AND c.status IN ('pending', 'running')) AS unfinished,
+           coalesce((SELECT running FROM load WHERE executor = l.held_by), 0) AS running
+    FROM locked l
+    ORDER BY unfinished, running, l.created_at DESC
+    """
 )
 
-# A live executor of the base that holds none of `held` (the model's samplers' holders), the one
-# running the fewest calls first.
+# The live executors of the base that hold none of `held` (the model's samplers' holders), the
+# one running the fewest calls first.
 _SPARE = text(
-    "SELECT t.id FROM trainers t "
-    "WHERE t.kind = 'interactive' AND t.resident_base = :base_name "
-    f"AND {alive_sql('t')} AND t.id <> ALL(CAST(:held AS text[])) "
-    "ORDER BY (SELECT count(*) FROM interactive_calls c WHERE c.base_model_id = :base "
-    "  AND c.claimed_by = t.id AND c.status = 'running'), t.id LIMIT 1"
+    f"""
+    WITH {_LOAD.strip()}
+    SELECT coalesce((SELECT running FROM load WHERE executor = t.id), 0) AS running
+    FROM trainers t
+    WHERE t.kind = 'interactive' AND t.resident_base = :base_name AND {alive_sql("t")}
+      AND t.id <> ALL(CAST(:held AS text[]))
+    ORDER BY running, t.id LIMIT 1
+    """
 )
 
 
@@ -109,27 +133,25 @@ def _sampler(
     path: str | None,
     lease: float,
 ) -> str:
-    """The sampler of the model in the tenant's chat session that takes the next chat: one with
-    nothing unfinished, else a new one held by an executor of the base that holds none (when
-    there is such an executor), else the one with the fewest waiting."""
+    """The sampler of the model in the tenant's chat session that takes the next chat: one free
+    now (nothing unfinished, its executor running nothing), else one no executor took yet (the
+    first executor free takes it), else a new one when a live executor of the base that holds
+    none of them runs fewer calls than the best one's executor (nothing unfinished there),
+    else the one with the fewest unfinished calls, then whose executor runs the fewest."""
     params = {"session": session, "base": base.id, "path": path, "lease": timedelta(seconds=lease)}
     samplers = conn.execute(_SAMPLERS, params).all()
-    if samplers and samplers[0].unfinished == 0:
-        return str(samplers[0].id)
-    spare = None
-    if samplers and all(s.held_by is not None for s in samplers):
+    if samplers:
+        first = samplers[0]
+        if (first.unfinished, first.running) == (0, 0):  # free now
+            return str(first.id)
+        for sampler in samplers:  # not taken yet: the first executor free takes it, batched
+            if sampler.held_by is None:
+                return str(sampler.id)
         held = sorted({str(s.held_by) for s in samplers})
         spare = conn.execute(_SPARE, {**params, "base_name": base.name, "held": held}).scalar()
-        if spare is None:
-            return str(samplers[0].id)
-    elif samplers:  # one no executor took yet: the first executor free takes it
-        return str(next(s for s in samplers if s.held_by is None).id)
+        if spare is None or (0, spare) >= (first.unfinished, first.running):
+            return str(first.id)
     model = _new_model(conn, tenant_id, session, base.id, ModelKind.SAMPLER, model_path=path)
-    if spare is not None:
-        conn.execute(
-            text("UPDATE interactive_models SET held_by = :executor WHERE id = :model"),
-            {"executor": spare, "model": model.id},
-        )
     return model.id
 
 

@@ -267,13 +267,16 @@ def fail(
 def release_lost(conn: Connection, lease_seconds: float) -> int:
     """Free the models of executors not heard from within a lease (their weights are gone) and
     fail every call that was asked of them and not answered (not committed). Returns the number
-    of models freed."""
+    of models freed. (The models are locked in the order of their ids, as every writer of
+    several models takes them: a chat's ask locking its samplers, a session's expiry.)"""
     lost = conn.execute(
         text(
+            "WITH lost AS (SELECT m.id FROM interactive_models m "
+            "  WHERE m.held_by IS NOT NULL AND NOT EXISTS ("
+            f"    SELECT 1 FROM trainers t WHERE t.id = m.held_by AND {alive_sql('t')}) "
+            "  ORDER BY m.id FOR UPDATE OF m) "
             "UPDATE interactive_models m SET held_by = NULL, unloaded_at = now() "
-            "WHERE m.held_by IS NOT NULL AND NOT EXISTS ("
-            f"  SELECT 1 FROM trainers t WHERE t.id = m.held_by AND {alive_sql('t')}) "
-            "RETURNING m.id"
+            "FROM lost WHERE m.id = lost.id RETURNING m.id"
         ),
         {"lease": timedelta(seconds=lease_seconds)},
     ).scalars()
@@ -295,9 +298,12 @@ def expire_sessions(conn: Connection, timeout_seconds: float) -> int:
     fails; a call already running is answered (not committed). Returns the models unloaded."""
     unloaded = conn.execute(
         text(
-            "UPDATE interactive_models m SET unloaded_at = now() FROM interactive_sessions s "
-            "WHERE s.id = m.session_id AND m.unloaded_at IS NULL "
-            "AND s.last_heartbeat_at < now() - :timeout RETURNING m.id"
+            "WITH ended AS (SELECT m.id FROM interactive_models m "
+            "  JOIN interactive_sessions s ON s.id = m.session_id "
+            "  WHERE m.unloaded_at IS NULL AND s.last_heartbeat_at < now() - :timeout "
+            "  ORDER BY m.id FOR UPDATE OF m) "
+            "UPDATE interactive_models m SET unloaded_at = now() "
+            "FROM ended WHERE m.id = ended.id RETURNING m.id"
         ),
         {"timeout": timedelta(seconds=timeout_seconds)},
     ).scalars()

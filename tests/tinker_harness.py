@@ -132,6 +132,25 @@ def executor(services: Services, tmp_path: Path) -> Iterator[str]:
         yield base.name
 
 
+def chat_let_go(services: Services) -> Any:
+    """The one chat's sample call, once its messages and text are let go (at most a minute)."""
+    from sqlalchemy import text
+
+    deadline = time.monotonic() + 60
+    while True:
+        with services.engine.connect() as conn:
+            row = conn.execute(
+                text(
+                    "SELECT status, request, usage, stream_left_at, payload_dropped_at "
+                    "FROM interactive_calls WHERE kind = 'sample'"
+                )
+            ).one()
+        if row.payload_dropped_at is not None:
+            return row
+        assert time.monotonic() < deadline, row
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def paced(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each token's step of a batch holding a streamed chat held 10 ms (the engine asks its

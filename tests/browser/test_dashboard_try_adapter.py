@@ -26,7 +26,7 @@ from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.browser.conftest import sign_in
 from tests.factories import register_test_base
-from tests.tinker_harness import publish_adapter_version, tinker_settings
+from tests.tinker_harness import chat_let_go, publish_adapter_version, tinker_settings
 
 pytestmark = pytest.mark.browser
 
@@ -39,6 +39,22 @@ ASKED_MS = 180_000  # a chat sampled on the CPU, two at once
 def settings(tmp_path: Path) -> Settings:
     # The executor writes a streamed chat's text after every token.
     return tinker_settings(tmp_path).model_copy(update={"chat_stream_every_seconds": 0.0})
+
+
+def _open_box(page: Page, live_url: str, key: str) -> None:
+    """Signed in with `key`, on the page of the adapter `bot`."""
+    sign_in(page, live_url, key)
+    page.goto(f"{live_url}/adapters/bot")
+
+
+def _box(
+    page: Page, live_url: str, services: Services, tenant: TenantKeys, base: str, adapter: Path
+) -> str:
+    """A version of `bot` on `base` published, and its page open for the tenant's member: the
+    version's model."""
+    model = publish_adapter_version(services, tenant.tenant_id, base, adapter, 4)
+    _open_box(page, live_url, tenant.member)
+    return model
 
 
 def _calls(services: Services) -> int:
@@ -101,8 +117,7 @@ def test_a_member_asks_a_version_and_its_base_and_reads_what_the_api_answers(
     )
     assert moved.status_code == 200, moved.text
 
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    _open_box(page, live_url, tenant_a.member)
     # The newest version chosen; aliases beside their numbers; the defaults.
     expect(page.locator("#try-version")).to_have_value("2")
     assert page.locator("#try-version option").all_inner_texts() == ["bot@2", "bot@1 (prod)"]
@@ -151,8 +166,7 @@ def test_a_version_whose_base_no_executor_holds_is_refused_in_the_box_with_the_r
 ) -> None:
     base = register_test_base(services.engine, "tiny-unserved")
     publish_adapter_version(services, tenant_a.tenant_id, base.name, peft_adapter, 4)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    _open_box(page, live_url, tenant_a.member)
     page.fill("#try-message", MESSAGE)
     answered = _ask(page)
     assert answered.status == 200  # a refusal is the fragment's, never a 500
@@ -217,9 +231,7 @@ def test_a_field_the_box_cannot_take_is_named_with_why_and_nothing_is_asked(
     executor: str,
     peft_adapter: Path,
 ) -> None:
-    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    model = _box(page, live_url, services, tenant_a, executor, peft_adapter)
     page.evaluate("window.__sameDocument = true")
     before = _calls(services)
 
@@ -292,9 +304,7 @@ def test_the_replies_show_as_they_are_sampled_and_end_as_the_api_answers(
     executor: str,
     peft_adapter: Path,
 ) -> None:
-    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    model = _box(page, live_url, services, tenant_a, executor, peft_adapter)
     page.fill("#try-system", SYSTEM)
     page.fill("#try-message", MESSAGE)
     page.fill("#try-max-tokens", "48")
@@ -338,9 +348,7 @@ def test_stop_keeps_what_was_sampled_and_the_executor_stops_sampling(
 ) -> None:
     """A chat UI's stop: the executor, shared with every tenant, does not sample the rest of
     the reply (512 tokens, paced, would take seconds)."""
-    publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    _box(page, live_url, services, tenant_a, executor, peft_adapter)
     page.fill("#try-message", MESSAGE)
     page.fill("#try-max-tokens", "512")
     page.fill("#try-temperature", "1")  # the tiny base's draws: text from the first tokens on
@@ -364,26 +372,21 @@ def test_stop_keeps_what_was_sampled_and_the_executor_stops_sampling(
     expect(page.locator("#try-message")).to_have_value(MESSAGE)
 
     # The chat stops early on the executor, is metered for what was sampled, and let go.
-    row = _sampled_once_let_go(services)
+    row = chat_let_go(services)
     assert row.status == "completed" and row.stream_left_at is not None, row
     assert 0 < row.usage["sampled_tokens"] < 256, row.usage
 
 
-def _sampled_once_let_go(services: Services) -> Any:
-    """The one chat's call, once its messages and text are let go (at most a minute)."""
-    deadline = time.monotonic() + 60
+def _once_none_waits(services: Services) -> list[tuple[str, Any]]:
+    """Each chat's status and request once none waits for an executor (at most 15 s)."""
+    deadline = time.monotonic() + 15
     while True:
         with services.engine.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT status, request, usage, stream_left_at, payload_dropped_at "
-                    "FROM interactive_calls WHERE kind = 'sample'"
-                )
-            ).one()
-        if row.payload_dropped_at is not None:
-            return row
-        assert time.monotonic() < deadline, row
-        time.sleep(0.05)
+            rows = conn.execute(text("SELECT status, request FROM interactive_calls")).all()
+        if all(row.status != "pending" for row in rows):
+            return [(row.status, row.request) for row in rows]
+        assert time.monotonic() < deadline, "a stopped chat still waits for an executor"
+        time.sleep(0.1)
 
 
 def test_stop_while_the_chats_wait_for_an_executor_withdraws_them(
@@ -391,9 +394,7 @@ def test_stop_while_the_chats_wait_for_an_executor_withdraws_them(
 ) -> None:
     """Stopped before any executor took them (the one that holds the base is busy), the box's
     chats are withdrawn at once, not sampled for no one when it comes to them."""
-    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    _box(page, live_url, services, tenant_a, _idle_base(services), peft_adapter)
     page.fill("#try-message", MESSAGE)
     page.click("#try-button")
     expect(page.locator(".try-answer.sampling")).to_have_count(2)
@@ -405,19 +406,11 @@ def test_stop_while_the_chats_wait_for_an_executor_withdraws_them(
     expect(page.locator(".try-answer .stopped")).to_have_count(2)
     expect(page.locator("#try-button")).to_be_enabled()
 
-    deadline = time.monotonic() + 15
-    while True:
-        with services.engine.connect() as conn:
-            rows = conn.execute(text("SELECT status, request FROM interactive_calls")).all()
-        if all(row.status != "pending" for row in rows):
-            break
-        assert time.monotonic() < deadline, "a stopped chat still waits for an executor"
-        time.sleep(0.1)
-    assert [(row.status, row.request) for row in rows] == [("failed", {})] * 2
+    assert _once_none_waits(services) == [("failed", {})] * 2
 
 
-def _idle_executor(services: Services, tenant_id: str, peft_adapter: Path) -> None:
-    """An adapter on a base whose one executor is reported but never takes anything."""
+def _idle_base(services: Services) -> str:
+    """A base whose one executor is reported but never takes anything: its name."""
     base = register_test_base(services.engine, "tiny-idle")
     with services.engine.begin() as conn:
         trainers.report(
@@ -426,7 +419,7 @@ def _idle_executor(services: Services, tenant_id: str, peft_adapter: Path) -> No
                 "exec-idle", "h", 1, "cpu", resident_base=base.name, kind="interactive"
             ),
         )
-    publish_adapter_version(services, tenant_id, base.name, peft_adapter, 4)
+    return base.name
 
 
 def test_stop_while_the_chats_are_still_being_asked_withdraws_them(
@@ -447,9 +440,7 @@ def test_stop_while_the_chats_are_still_being_asked_withdraws_them(
         return asked
 
     monkeypatch.setattr(chat, "_ask", slow)
-    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    _box(page, live_url, services, tenant_a, _idle_base(services), peft_adapter)
     page.fill("#try-message", MESSAGE)
     page.click("#try-button")
     deadline = time.monotonic() + 30
@@ -458,15 +449,7 @@ def test_stop_while_the_chats_are_still_being_asked_withdraws_them(
         time.sleep(0.02)
     page.click("#try-stop")
     expect(page.locator(".try-answer .stopped")).to_have_count(2)
-    deadline = time.monotonic() + 15
-    while True:
-        with services.engine.connect() as conn:
-            rows = conn.execute(text("SELECT status FROM interactive_calls")).scalars().all()
-        if "pending" not in rows:
-            break
-        assert time.monotonic() < deadline, "a stopped chat still waits for an executor"
-        time.sleep(0.1)
-    assert rows == ["failed", "failed"]
+    assert _once_none_waits(services) == [("failed", {})] * 2
 
 
 def test_the_box_keeps_its_connection_open_while_its_chats_wait_and_says_none_was_taken(
@@ -481,9 +464,7 @@ def test_the_box_keeps_its_connection_open_while_its_chats_wait_and_says_none_wa
     (a proxy's idle timeout does not cut it); once the chats' wait is over, each side says so."""
     monkeypatch.setattr(chat, "TAKE_SECONDS", 2.0)
     monkeypatch.setattr(chat_stream, "KEEPALIVE_SECONDS", 0.25)
-    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    _box(page, live_url, services, tenant_a, _idle_base(services), peft_adapter)
     form = {"csrf_token": _csrf(page), "version": "1", "message": MESSAGE}
     form |= {"max_tokens": "8", "temperature": "0", "compare": "on"}
     answered = page.request.post(
@@ -507,9 +488,7 @@ def test_the_box_keeps_its_connection_open_while_its_chats_wait_and_says_none_wa
 def test_a_session_signed_out_meanwhile_asks_to_sign_in_again(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys, peft_adapter: Path
 ) -> None:
-    _idle_executor(services, tenant_a.tenant_id, peft_adapter)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    _box(page, live_url, services, tenant_a, _idle_base(services), peft_adapter)
     page.fill("#try-message", MESSAGE)
     page.context.clear_cookies()
     page.click("#try-button")
@@ -529,9 +508,7 @@ def test_the_box_answers_a_post_without_the_script_whole_and_its_stream_in_order
     """The form posted without the page's script (no Accept for the stream) is answered with
     the whole fragment; the script's stream is `answers`, each side's text, its `answer`
     (the same reply), `end`."""
-    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
-    sign_in(page, live_url, tenant_a.member)
-    page.goto(f"{live_url}/adapters/bot")
+    model = _box(page, live_url, services, tenant_a, executor, peft_adapter)
     form: dict[str, str | float | bool] = {
         "csrf_token": _csrf(page),
         "version": "1",

@@ -1,8 +1,9 @@
-"""One model's chats spread over every executor of its base: while a chat of the model runs a
-batch on one executor (a model's calls run a batch at a time), another chat of it goes to a
-sampler held by an idle executor of the base, not into the queue behind that batch; with no
-idle executor it joins the busy sampler, and chats asked one after another reuse one sampler
-(real executors on the tiny test base, the official `openai` SDK)."""
+"""One model's chats spread over the executors of its base: while a chat of the model runs a
+batch on one executor (a model's calls run a batch at a time), or while the executor holding
+the model's idle sampler runs another model's batch, another chat of it goes to a new sampler
+that an idle executor of the base takes, not into the queue behind that batch; with no idle
+executor it joins the busy sampler, and chats asked one after another reuse one sampler (real
+executors on the tiny test base, the official `openai` SDK)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,20 @@ def _samplers(services: Services, tenant_id: str) -> list[Any]:
         )
 
 
+def _reported(services: Services, executor_id: str) -> None:
+    """Once the executor has reported itself (it takes calls from then on)."""
+    deadline = time.monotonic() + 30
+    while True:
+        with services.engine.connect() as conn:
+            found = conn.execute(
+                text("SELECT 1 FROM trainers WHERE id = :id"), {"id": executor_id}
+            ).first()
+        if found is not None:
+            return
+        assert time.monotonic() < deadline, f"{executor_id} never reported itself"
+        time.sleep(0.02)
+
+
 def _long_chat_running(services: Services, client: Any, model: str) -> threading.Thread:
     """The long chat streamed in a thread, once an executor runs it."""
     thread = threading.Thread(
@@ -99,30 +114,48 @@ def test_a_chat_of_a_busy_model_goes_to_an_idle_executor_of_its_base(
         serving_executor(services, base.id, "executor-1", tmp_path / "e1"),
         serving_executor(services, base.id, "executor-2", tmp_path / "e2"),
     ):
-        client.chat.completions.create(model=model, **SHORT)  # one sampler, held by one
+        first = client.chat.completions.create(model=model, **SHORT)  # one sampler, held
         [held] = _samplers(services, tenant_a.tenant_id)
         first_executor = held.held_by
         long_chat = _long_chat_running(services, client, model)
         short = client.chat.completions.create(model=model, **SHORT)
-        calls = _calls(services)
-        _, long_call, short_call = calls
         long_chat.join(120)
-        # The short chat ran on the other executor, while the long one was sampled.
-        assert long_call.claimed_by == first_executor
-        assert short_call.claimed_by not in (None, first_executor), calls
-        assert short_call.finished_at is not None
-        with services.engine.connect() as conn:
-            long_finished = conn.execute(
-                text("SELECT finished_at FROM interactive_calls WHERE id = :id"),
-                {"id": long_call.id},
-            ).scalar_one()
-        assert short_call.finished_at < long_finished
+        _, long_call, short_call = _calls(services)
         samplers = _samplers(services, tenant_a.tenant_id)
-        assert [s.held_by for s in samplers] == [first_executor, short_call.claimed_by]
-        # Either executor answers the model alike (greedy): the reply asked again, both idle.
-        again = client.chat.completions.create(model=model, **SHORT)
-        assert again.choices[0].message.content == short.choices[0].message.content
-        assert len(_samplers(services, tenant_a.tenant_id)) == 2  # an idle one reused
+    # The short chat ran on the other executor, while the long one was sampled.
+    assert long_call.claimed_by == first_executor
+    assert short_call.claimed_by not in (None, first_executor), short_call
+    assert short_call.finished_at < long_call.finished_at
+    assert [s.held_by for s in samplers] == [first_executor, short_call.claimed_by]
+    # Either executor answers the model alike (greedy): the same chat on each.
+    assert short.choices[0].message.content == first.choices[0].message.content
+
+
+@pytest.mark.usefixtures("paced")
+def test_a_chat_whose_idle_sampler_s_executor_runs_another_model_goes_to_an_idle_executor(
+    services: Services,
+    live_url: str,
+    tenant_a: TenantKeys,
+    peft_adapter: Path,
+    tmp_path: Path,
+) -> None:
+    """The model's sampler has nothing to run, but its executor runs another model's long
+    batch: the chat goes to an executor running nothing, not behind that batch."""
+    base = register_test_base(services.engine, "tiny-e2e")
+    model = publish_adapter_version(services, tenant_a.tenant_id, base.name, peft_adapter, 4)
+    client = openai_client(live_url, tenant_a.member)
+    with serving_executor(services, base.id, "executor-1", tmp_path / "e1"):
+        client.chat.completions.create(model=model, **SHORT)  # the adapter's sampler on 1
+        long_chat = _long_chat_running(services, client, base.name)  # the base's, on 1 too
+        with serving_executor(services, base.id, "executor-2", tmp_path / "e2"):
+            _reported(services, "executor-2")
+            client.chat.completions.create(model=model, **SHORT)
+            long_chat.join(120)
+            _, long_call, short_call = _calls(services)
+            samplers = _samplers(services, tenant_a.tenant_id)
+    assert (long_call.claimed_by, short_call.claimed_by) == ("executor-1", "executor-2")
+    assert short_call.finished_at < long_call.finished_at
+    assert [s.held_by for s in samplers] == ["executor-1", "executor-1", "executor-2"]
 
 
 @pytest.mark.usefixtures("paced")

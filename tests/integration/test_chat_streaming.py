@@ -28,6 +28,7 @@ from tests.factories import register_test_base
 from tests.faults.tcp_proxy import CuttableProxy
 from tests.tinker_harness import (
     CHAT_MESSAGES,
+    chat_let_go,
     openai_client,
     pausable_executor,
     publish_adapter_version,
@@ -155,19 +156,7 @@ def test_a_stream_its_client_leaves_stops_the_executor_sampling_its_chat(
         for line in response.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 break  # the client leaves with its first text
-    deadline = time.monotonic() + 60
-    while True:
-        with services.engine.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT status, usage, stream_left_at, payload_dropped_at "
-                    "FROM interactive_calls WHERE kind = 'sample'"
-                )
-            ).one()
-        if row.payload_dropped_at is not None:
-            break
-        assert time.monotonic() < deadline, row
-        time.sleep(0.05)
+    row = chat_let_go(services)
     assert row.status == "completed" and row.stream_left_at is not None
     assert 0 < row.usage["sampled_tokens"] < 450, row.usage
 
