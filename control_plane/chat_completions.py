@@ -11,13 +11,13 @@ batched with them, and is metered and shown as they are (the Sessions page, the 
 A model's chats go to samplers kept in that session (`_sampler`), each held by the executor
 that first took one of its calls, as a Tinker sampler's calls go to the executor holding it;
 an adapter's is pinned to the version the reference named (`session_weights`). A model's calls
-run a batch at a time, so a chat goes to the sampler with the fewest unfinished calls, then
-whose executor runs the fewest; when a live executor of the base holds none of the model's
-samplers and would start the chat sooner (nothing unfinished there, fewer calls running), a
-new sampler is made, which the first executor free takes. So one model's chats spread over
-the executors of its base rather than queue behind one batch while the others idle. The
-executor renders the messages with the base's chat template and answers text
-(`workers.interactive.chat`).
+run a batch at a time, so a chat goes to a sampler free now, else to one no executor took yet;
+else, when a live executor of the base that holds none of the model's samplers runs nothing,
+to a new sampler, which that idle executor takes at once (the first executor free may); else
+to the sampler with the fewest unfinished calls, then whose executor runs the fewest. So one
+model's chats spread over the executors of its base rather than queue behind one batch while
+the others idle. The executor renders the messages with the base's chat template and answers
+text (`workers.interactive.chat`).
 """
 
 from __future__ import annotations
@@ -111,16 +111,16 @@ _SAMPLERS = text(
     """
 )
 
-# The live executors of the base that hold none of `held` (the model's samplers' holders), the
-# one running the fewest calls first.
-_SPARE = text(
+# A live executor of the base that holds none of `held` (the model's samplers' holders) and
+# runs nothing: the one to take a new sampler (an idle executor claims at once, when asked).
+_IDLE = text(
     f"""
     WITH {_LOAD.strip()}
-    SELECT coalesce((SELECT running FROM load WHERE executor = t.id), 0) AS running
-    FROM trainers t
+    SELECT t.id FROM trainers t
     WHERE t.kind = 'interactive' AND t.resident_base = :base_name AND {alive_sql("t")}
       AND t.id <> ALL(CAST(:held AS text[]))
-    ORDER BY running, t.id LIMIT 1
+      AND NOT EXISTS (SELECT 1 FROM load WHERE executor = t.id)
+    LIMIT 1
     """
 )
 
@@ -136,8 +136,8 @@ def _sampler(
     """The sampler of the model in the tenant's chat session that takes the next chat: one free
     now (nothing unfinished, its executor running nothing), else one no executor took yet (the
     first executor free takes it), else a new one when a live executor of the base that holds
-    none of them runs fewer calls than the best one's executor (nothing unfinished there),
-    else the one with the fewest unfinished calls, then whose executor runs the fewest."""
+    none of them runs nothing (it takes the new sampler's call at once), else the one with the
+    fewest unfinished calls, then whose executor runs the fewest."""
     params = {"session": session, "base": base.id, "path": path, "lease": timedelta(seconds=lease)}
     samplers = conn.execute(_SAMPLERS, params).all()
     if samplers:
@@ -148,8 +148,8 @@ def _sampler(
             if sampler.held_by is None:
                 return str(sampler.id)
         held = sorted({str(s.held_by) for s in samplers})
-        spare = conn.execute(_SPARE, {**params, "base_name": base.name, "held": held}).scalar()
-        if spare is None or (0, spare) >= (first.unfinished, first.running):
+        idle = conn.execute(_IDLE, {**params, "base_name": base.name, "held": held}).first()
+        if idle is None:
             return str(first.id)
     model = _new_model(conn, tenant_id, session, base.id, ModelKind.SAMPLER, model_path=path)
     return model.id

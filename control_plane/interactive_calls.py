@@ -267,8 +267,8 @@ def fail(
 def release_lost(conn: Connection, lease_seconds: float) -> int:
     """Free the models of executors not heard from within a lease (their weights are gone) and
     fail every call that was asked of them and not answered (not committed). Returns the number
-    of models freed. (The models are locked in the order of their ids, as every writer of
-    several models takes them: a chat's ask locking its samplers, a session's expiry.)"""
+    of models freed. (The models are locked in the order of their ids, as a chat's ask locks its
+    samplers and a session's expiry its models.)"""
     lost = conn.execute(
         text(
             "WITH lost AS (SELECT m.id FROM interactive_models m "
@@ -295,13 +295,19 @@ def release_lost(conn: Connection, lease_seconds: float) -> int:
 def expire_sessions(conn: Connection, timeout_seconds: float) -> int:
     """End the sessions whose SDK went silent for `timeout_seconds` (a client that died never
     finishes its session): their models are unloaded, and what was asked of them and not taken
-    fails; a call already running is answered (not committed). Returns the models unloaded."""
+    fails; a call already running is answered (not committed). Returns the models unloaded.
+    The sessions are locked first (a heartbeat, or a chat asked meanwhile, renews one: read
+    again once its lock is had, it is no longer silent), then their models, each in id order,
+    as a chat's ask takes its session and then its samplers."""
     unloaded = conn.execute(
         text(
-            "WITH ended AS (SELECT m.id FROM interactive_models m "
-            "  JOIN interactive_sessions s ON s.id = m.session_id "
-            "  WHERE m.unloaded_at IS NULL AND s.last_heartbeat_at < now() - :timeout "
-            "  ORDER BY m.id FOR UPDATE OF m) "
+            "WITH stale AS (SELECT s.id FROM interactive_sessions s "
+            "  WHERE s.last_heartbeat_at < now() - :timeout AND EXISTS ("
+            "    SELECT 1 FROM interactive_models m "
+            "    WHERE m.session_id = s.id AND m.unloaded_at IS NULL) "
+            "  ORDER BY s.id FOR UPDATE OF s), "
+            "ended AS (SELECT m.id FROM interactive_models m JOIN stale ON stale.id = m.session_id "
+            "  WHERE m.unloaded_at IS NULL ORDER BY m.id FOR UPDATE OF m) "
             "UPDATE interactive_models m SET unloaded_at = now() "
             "FROM ended WHERE m.id = ended.id RETURNING m.id"
         ),

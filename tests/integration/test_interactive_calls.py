@@ -271,6 +271,43 @@ def test_a_silent_sessions_models_are_let_go_and_its_waiting_calls_failed(engine
     assert held == {gone: None, kept: "exec-x"}
 
 
+def test_a_session_renewed_while_its_expiry_waits_keeps_its_models(engine: Engine) -> None:
+    """A heartbeat (or a chat asked) renewing a silent session commits while the idle pass's
+    expiry waits on its row: read again, the session is no longer silent and keeps its model."""
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = interactive_session(engine, tenant.id, "sess-renewed")
+    model = interactive_model(engine, session, tenant.id, base.id, "imdl-renewed")
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE interactive_sessions SET last_heartbeat_at = now() - :ago WHERE id = :s"),
+            {"ago": timedelta(minutes=20), "s": session},
+        )
+    expired: list[int] = []
+    with engine.connect() as renewing:
+        renewing.execute(
+            text("UPDATE interactive_sessions SET last_heartbeat_at = now() WHERE id = :s"),
+            {"s": session},
+        )
+
+        def expire() -> None:
+            with engine.begin() as conn:
+                expired.append(calls.expire_sessions(conn, timeout_seconds=900))
+
+        expiry = threading.Thread(target=expire)
+        expiry.start()
+        expiry.join(1.0)
+        assert expiry.is_alive()  # it waits on the session's row
+        renewing.commit()
+    expiry.join(10)
+    assert expired == [0]
+    with engine.connect() as conn:
+        unloaded = conn.execute(
+            text("SELECT unloaded_at FROM interactive_models WHERE id = :m"), {"m": model}
+        ).scalar_one()
+    assert unloaded is None
+
+
 def test_a_model_unloaded_before_any_executor_held_it_has_its_calls_failed_not_taken(
     engine: Engine,
 ) -> None:

@@ -192,6 +192,13 @@ def _busy() -> ApiError:
     )
 
 
+def _left() -> ApiError:
+    """A chat withdrawn because its reader left (or the dashboard's key was revoked)."""
+    return ApiError(
+        503, "stream_ended", "the chat was withdrawn before an executor took it: its reader left"
+    )
+
+
 def _refusal(call: interactive.CallRecord) -> ApiError:
     """A failed chat's error: the executor's refusal (400), or the platform's (503)."""
     error = call.error or {}
@@ -321,8 +328,9 @@ async def begin_stream(
     `FIRST_TEXT_SECONDS` of being taken (by the executor too, as it reads the request), is
     raised as the plain ApiError. `disconnected` says whether the stream's reader left
     (`request.is_disconnected` unless given). Cancelled (its reader went away: the
-    dashboard's "Stop"), the chat is withdrawn if no executor took it yet, else stopped and
-    let go once answered, the ask itself included (run to its end, then withdrawn)."""
+    dashboard's "Stop"), or failing while it waits, the chat is withdrawn if no executor took
+    it yet, else stopped and let go once answered, the ask itself included (run to its end,
+    then withdrawn)."""
     tenant_id = caller.tenant_id
     gone = disconnected or request.is_disconnected
 
@@ -354,7 +362,7 @@ async def begin_stream(
         if call.status == CallStatus.PENDING and await run_in_threadpool(
             _withdraw, services, tenant_id, asked
         ):
-            raise _busy()
+            raise _left() if await gone() else _busy()
         if not _began(call):
             call = await hold_until(
                 FIRST_TEXT_SECONDS, streamed.look, _began, call_wakeup(request, asked.call_id)
@@ -362,7 +370,9 @@ async def begin_stream(
         if call.status == CallStatus.FAILED:  # refused as it was taken: the plain error
             await run_in_threadpool(_forget, services, tenant_id, call)
             raise _refusal(call)
-    except asyncio.CancelledError:
+    except ApiError:  # withdrawn, or refused and let go
+        raise
+    except BaseException:  # cancelled (its reader went away), or the wait failed
         abandon(asked)
         raise
     return streamed, call
