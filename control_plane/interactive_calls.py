@@ -11,9 +11,8 @@ recently first), so one tenant's burst of calls does not hold back another's. A 
 while no executor held it has no weights anywhere: its calls are failed (`fail_orphaned`),
 never taken.
 
-An executor that dies takes its models' weights with it. `release_lost` fails what was asked of
-those models (a server error that says to load the last saved state into a new model) and
-frees them, so their SDK callers get an answer instead of waiting for ever.
+An executor that dies takes its models' weights with it: `release_lost` fails what was asked of
+them (load the last saved state into a new model) and frees them, so no caller waits for ever.
 """
 
 from __future__ import annotations
@@ -265,10 +264,8 @@ def fail(
 
 
 def release_lost(conn: Connection, lease_seconds: float) -> int:
-    """Free the models of executors not heard from within a lease (their weights are gone) and
-    fail every call that was asked of them and not answered (not committed). Returns the number
-    of models freed. (The models are locked in the order of their ids, as a chat's ask locks its
-    samplers and a session's expiry its models.)"""
+    """Free the models (locked in id order) of executors silent for a lease (their weights are
+    gone) and fail what was asked of them and not answered (not committed): how many freed."""
     lost = conn.execute(
         text(
             "WITH lost AS (SELECT m.id FROM interactive_models m "
@@ -295,16 +292,13 @@ def release_lost(conn: Connection, lease_seconds: float) -> int:
 def expire_sessions(conn: Connection, timeout_seconds: float) -> int:
     """End the sessions whose SDK went silent for `timeout_seconds` (a client that died never
     finishes its session): their models are unloaded, and what was asked of them and not taken
-    fails; a call already running is answered (not committed). Returns the models unloaded.
-    The sessions are locked first (a heartbeat, or a chat asked meanwhile, renews one: read
-    again once its lock is had, it is no longer silent), then their models, each in id order,
-    as a chat's ask takes its session and then its samplers."""
+    fails; a call already running is answered (not committed): how many unloaded. Sessions,
+    then models, are locked in id order (a session renewed meanwhile is read again)."""
     unloaded = conn.execute(
         text(
             "WITH stale AS (SELECT s.id FROM interactive_sessions s "
-            "  WHERE s.last_heartbeat_at < now() - :timeout AND EXISTS ("
-            "    SELECT 1 FROM interactive_models m "
-            "    WHERE m.session_id = s.id AND m.unloaded_at IS NULL) "
+            "  WHERE s.last_heartbeat_at < now() - :timeout AND EXISTS (SELECT 1 FROM "
+            "  interactive_models m WHERE m.session_id = s.id AND m.unloaded_at IS NULL) "
             "  ORDER BY s.id FOR UPDATE OF s), "
             "ended AS (SELECT m.id FROM interactive_models m JOIN stale ON stale.id = m.session_id "
             "  WHERE m.unloaded_at IS NULL ORDER BY m.id FOR UPDATE OF m) "
