@@ -344,15 +344,15 @@ class _Followed:
                     reply, piece = await asyncio.wait_for(
                         heard.get(), chat_stream.KEEPALIVE_SECONDS
                     )
-                except TimeoutError:  # nothing heard (an executor yet to take a side)
+                except TimeoutError:  # nothing heard from any side: the connection kept open
                     yield "\n"
                     continue
+                # A side's own keep-alive turn (None) and its DONE need nothing here: the wait
+                # above keeps the connection open for every side at once.
                 if piece is _ENDED:
                     following -= 1
                     html = render("_try_answer.html", a=reply.ended())
                     yield _line("answer", side=reply.side, html=html)
-                elif piece is None:
-                    yield "\n"  # nothing new: the connection kept open
                 elif isinstance(piece, ApiError):
                     reply.error = piece
                 elif isinstance(piece, dict) and (new := reply.read(piece)):
