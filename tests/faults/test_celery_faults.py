@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from celery import Celery
-from sqlalchemy import text
+from kombu import Connection
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 
 from loraforge import broker
@@ -75,3 +76,35 @@ def test_celery_logs_a_bounded_rate_through_a_database_outage_and_works_after_it
     producer = Celery("probe", broker=f"{broker.SCHEME}+{database_url}")
     producer.send_task("loraforge.forget_gone_trainers")
     wait_for("the task run after the outage", lambda: "t-old" not in _trainer_ids(engine), 60)
+
+
+@pytest.mark.parametrize("cut_before", ["FROM kombu_message", "FROM kombu_queue"])
+def test_a_poll_cut_mid_way_is_a_connection_error_and_the_same_channel_polls_again(
+    proxied_url: str, proxy: CuttableProxy, cut_before: str
+) -> None:
+    """The database going away after a poll found its queue but before it read a message: kombu's
+    `finally: commit()` raised `PendingRollbackError`, which celery does not count as a lost
+    connection, so the worker exited ("Unrecoverable error"). It must be a connection error that
+    celery reconnects after, and the channel must poll again once the database is back (its
+    session rolled back), wherever in the poll the cut falls."""
+    broker.register()
+    connection = Connection(f"{broker.SCHEME}+{proxied_url}")
+    channel = connection.default_channel
+    channel._put("probe", {"n": 1})
+    engine, _ = channel._open()
+    armed = [True]
+
+    def cut_before_the_message_query(*args: object) -> None:
+        if armed[0] and cut_before in str(args[2]):
+            armed[0] = False
+            proxy.cut()
+
+    event.listen(engine, "before_cursor_execute", cut_before_the_message_query)
+    try:
+        with pytest.raises(connection.connection_errors):
+            channel._get("probe")
+        proxy.restore()
+        assert channel._get("probe") == {"n": 1}
+    finally:
+        event.remove(engine, "before_cursor_execute", cut_before_the_message_query)
+        connection.release()
