@@ -142,7 +142,8 @@ def served_bases(conn: Connection, lease_seconds: float) -> list[BaseModelRecord
 
 def require_served(conn: Connection, base_id: str, lease_seconds: float) -> None:
     """Refuse a model on a base that no live executor holds: its calls would wait for ever.
-    (A base whose executor stops later has its models' calls answered by `release_lost`.)"""
+    (A base whose executor stops later has its training models' calls answered by
+    `release_lost`, and its samplers' calls wait for the next executor of the base.)"""
     served = served_bases(conn, lease_seconds)
     if any(b.id == base_id for b in served):
         return

@@ -8,11 +8,14 @@ model at once, and never wait on each other) and takes the model's first unfinis
 when it is pending: a call still running holds every later one back. Of the calls that can
 run, a base's executors serve the tenants in turn (`interactive_turns`: the tenant served least
 recently first), so one tenant's burst of calls does not hold back another's. A model unloaded
-while no executor held it has no weights anywhere: its calls are failed (`fail_orphaned`),
-never taken.
+while no executor held it has no weights anywhere: its calls are failed
+(`interactive_health.fail_orphaned`), never taken.
 
-An executor that dies takes its models' weights with it: `release_lost` fails what was asked of
-them (load the last saved state into a new model) and frees them, so no caller waits for ever.
+An executor that dies takes its training models' weights with it:
+`interactive_health.release_lost` fails what was asked of them (load the last saved state into
+a new model) and frees them, so no caller waits for ever. A sampler's weights are the base's or
+in the object store: only the calls it was running fail, and the next executor of the base free
+loads it again for the rest.
 """
 
 from __future__ import annotations
@@ -253,7 +256,7 @@ def fail(
             "finished_at = now() "
             "WHERE id = :id AND status = 'running' AND claimed_by = :executor"
         ).bindparams(bindparam("error", type_=JSONB)),
-        {"id": call.id, "executor": executor_id, "error": _error(message, category)},
+        {"id": call.id, "executor": executor_id, "error": error(message, category)},
     ).rowcount
     if done and call.kind == "create_model":
         conn.execute(
@@ -261,61 +264,6 @@ def fail(
             {"model": call.model_id},
         )
     return bool(done)
-
-
-def release_lost(conn: Connection, lease_seconds: float) -> int:
-    """Free the models (locked in id order) of executors silent for a lease (their weights are
-    gone) and fail what was asked of them and not answered (not committed): how many freed."""
-    lost = conn.execute(
-        text(
-            "WITH lost AS (SELECT m.id FROM interactive_models m "
-            "  WHERE m.held_by IS NOT NULL AND NOT EXISTS ("
-            f"    SELECT 1 FROM trainers t WHERE t.id = m.held_by AND {alive_sql('t')}) "
-            "  ORDER BY m.id FOR UPDATE OF m) "
-            "UPDATE interactive_models m SET held_by = NULL, unloaded_at = now() "
-            "FROM lost WHERE m.id = lost.id RETURNING m.id"
-        ),
-        {"lease": timedelta(seconds=lease_seconds)},
-    ).scalars()
-    models = list(lost)
-    _fail_waiting(
-        conn,
-        models,
-        ("pending", "running"),
-        "the executor holding this model's weights stopped: create a new model and load the "
-        "last state saved with save_state into it",
-        "server",
-    )
-    return len(models)
-
-
-def expire_sessions(conn: Connection, timeout_seconds: float) -> int:
-    """End the sessions whose SDK went silent for `timeout_seconds` (a client that died never
-    finishes its session): their models are unloaded, and what was asked of them and not taken
-    fails; a call already running is answered (not committed): how many unloaded. Sessions,
-    then models, are locked in id order (a session renewed meanwhile is read again)."""
-    unloaded = conn.execute(
-        text(
-            "WITH stale AS (SELECT s.id FROM interactive_sessions s "
-            "  WHERE s.last_heartbeat_at < now() - :timeout AND EXISTS (SELECT 1 FROM "
-            "  interactive_models m WHERE m.session_id = s.id AND m.unloaded_at IS NULL) "
-            "  ORDER BY s.id FOR UPDATE OF s), "
-            "ended AS (SELECT m.id FROM interactive_models m JOIN stale ON stale.id = m.session_id "
-            "  WHERE m.unloaded_at IS NULL ORDER BY m.id FOR UPDATE OF m) "
-            "UPDATE interactive_models m SET unloaded_at = now() "
-            "FROM ended WHERE m.id = ended.id RETURNING m.id"
-        ),
-        {"timeout": timedelta(seconds=timeout_seconds)},
-    ).scalars()
-    models = list(unloaded)
-    _fail_waiting(
-        conn,
-        models,
-        ("pending",),
-        f"the session sent no heartbeat for {timeout_seconds:g} s and was ended",
-        "user",
-    )
-    return len(models)
 
 
 def let_go_unloaded(conn: Connection, executor_id: str) -> list[str]:
@@ -332,20 +280,6 @@ def let_go_unloaded(conn: Connection, executor_id: str) -> list[str]:
             {"executor": executor_id},
         ).scalars()
     )
-
-
-def fail_orphaned(conn: Connection) -> int:
-    """Fail the calls still waiting on models that were unloaded while no executor held them
-    (a session ended before its model's creation ran, or a lost executor's model asked of in a
-    race with its release): no executor has their weights (not committed)."""
-    return conn.execute(
-        text(
-            "UPDATE interactive_calls c SET status = 'failed', error = :error, finished_at = now() "
-            "FROM interactive_models m WHERE m.id = c.model_id AND c.status = 'pending' "
-            "AND m.unloaded_at IS NOT NULL AND m.held_by IS NULL"
-        ).bindparams(bindparam("error", type_=JSONB)),
-        {"error": _error("the model was unloaded before this call ran", "user")},
-    ).rowcount
 
 
 def held_by(conn: Connection, executor_id: str) -> set[str]:
@@ -407,23 +341,7 @@ def held_counts(conn: Connection, tenant_id: str | None) -> dict[str, int]:
     return {r.held_by: int(r.models) for r in rows}
 
 
-def _fail_waiting(
-    conn: Connection, models: list[str], statuses: tuple[str, ...], message: str, category: str
-) -> None:
-    """Fail the calls of `models` in `statuses` with `message` (not committed)."""
-    if not models:
-        return
-    conn.execute(
-        text(
-            "UPDATE interactive_calls SET status = 'failed', error = :error, partial = NULL, "
-            "finished_at = now() "
-            "WHERE model_id = ANY(:models) AND status = ANY(:statuses)"
-        ).bindparams(bindparam("error", type_=JSONB)),
-        {"models": models, "statuses": list(statuses), "error": _error(message, category)},
-    )
-
-
-def _error(message: str, category: str) -> dict[str, str]:
+def error(message: str, category: str) -> dict[str, str]:
     return {"error": message, "category": category}
 
 

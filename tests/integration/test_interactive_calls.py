@@ -10,9 +10,11 @@ from collections import defaultdict
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, text
 
 from control_plane import interactive_calls as calls
+from control_plane import interactive_health
 from control_plane.trainers import TrainerReport, report
 from tests.factories import ask_call as _ask
 from tests.factories import interactive_model, interactive_session, make_base, make_tenant
@@ -217,12 +219,12 @@ def test_an_executor_that_stops_has_its_models_calls_answered_and_freed(engine: 
     assert kept is not None and _finish(engine, kept, "exec-alive")
     _ask(engine, lost_model, tenant.id, base.id, "forward_backward", 1)
     with engine.begin() as conn:
-        assert calls.release_lost(conn, lease_seconds=30) == 0  # both heard from
+        assert interactive_health.release_lost(conn, lease_seconds=30) == 0  # both heard from
         conn.execute(
             text("UPDATE trainers SET last_heartbeat_at = now() - :ago WHERE id = 'exec-gone'"),
             {"ago": timedelta(seconds=60)},
         )
-        assert calls.release_lost(conn, lease_seconds=30) == 1
+        assert interactive_health.release_lost(conn, lease_seconds=30) == 1
     for seq in (0, 1):
         status, _, error = _status(engine, f"fut-{lost_model}-{seq}")
         assert status == "failed" and error["category"] == "server"
@@ -234,6 +236,53 @@ def test_an_executor_that_stops_has_its_models_calls_answered_and_freed(engine: 
             conn.execute(text("SELECT id, held_by FROM interactive_models")).tuples().all()
         )
     assert held == {lost_model: None, kept_model: "exec-alive"}
+
+
+def test_a_lost_executors_sampler_fails_only_what_it_ran_and_another_executor_takes_the_rest(
+    engine: Engine,
+) -> None:
+    """A sampler's weights are the base's or in the object store, not only the lost executor's:
+    the calls it was running fail (one may be what stopped it), the next waits for the next
+    executor free, woken on the base's channel, and the sampler stays loaded."""
+    tenant = make_tenant(engine, "tenant-a")
+    base = make_base(engine)
+    session = interactive_session(engine, tenant.id, "sess-1")
+    sampler = interactive_model(engine, session, tenant.id, base.id, "imdl-s", kind="sampler")
+    with engine.begin() as conn:
+        for executor in ("exec-gone", "exec-alive"):
+            report(conn, TrainerReport(id=executor, host="h", pid=1, device="cpu"))
+    _ask(engine, sampler, tenant.id, base.id, "sample", 0)
+    running = _claim(engine, "exec-gone", base.id)
+    assert running is not None and running.model_id == sampler
+    _ask(engine, sampler, tenant.id, base.id, "sample", 1)
+    assert _claim(engine, "exec-alive", base.id) is None  # the sampler is exec-gone's
+    with psycopg.connect(
+        engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+        autocommit=True,
+    ) as listener:
+        listener.execute(f"LISTEN {calls.CHANNEL}")
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE trainers SET last_heartbeat_at = now() - :ago WHERE id = 'exec-gone'"),
+                {"ago": timedelta(seconds=60)},
+            )
+            assert interactive_health.release_lost(conn, lease_seconds=30) == 1
+        woken = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+    assert woken == [base.id]
+    status, _, error = _status(engine, f"fut-{sampler}-0")
+    assert status == "failed" and error["category"] == "server"
+    assert "stopped before it answered" in error["error"]
+    assert _status(engine, f"fut-{sampler}-1")[0] == "pending"
+    taken = _claim(engine, "exec-alive", base.id)
+    assert taken is not None and (taken.model_id, taken.seq) == (sampler, 1)
+    assert _finish(engine, taken, "exec-alive")
+    assert not _finish(engine, running, "exec-gone")  # the lost executor's late answer: dropped
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT held_by, unloaded_at FROM interactive_models WHERE id = :m"),
+            {"m": sampler},
+        ).one()
+    assert tuple(row) == ("exec-alive", None)
 
 
 def test_a_silent_sessions_models_are_let_go_and_its_waiting_calls_failed(engine: Engine) -> None:
@@ -256,8 +305,8 @@ def test_a_silent_sessions_models_are_let_go_and_its_waiting_calls_failed(engine
             text("UPDATE interactive_sessions SET last_heartbeat_at = now() - :ago WHERE id = :s"),
             {"ago": timedelta(minutes=20), "s": silent},
         )
-        assert calls.expire_sessions(conn, timeout_seconds=900) == 1
-        assert calls.expire_sessions(conn, timeout_seconds=900) == 0
+        assert interactive_health.expire_sessions(conn, timeout_seconds=900) == 1
+        assert interactive_health.expire_sessions(conn, timeout_seconds=900) == 0
         # Its call in flight holds its weights until it is answered.
         assert calls.let_go_unloaded(conn, "exec-x") == []
     status, _, error = _status(engine, waiting)
@@ -292,7 +341,7 @@ def test_a_session_renewed_while_its_expiry_waits_keeps_its_models(engine: Engin
 
         def expire() -> None:
             with engine.begin() as conn:
-                expired.append(calls.expire_sessions(conn, timeout_seconds=900))
+                expired.append(interactive_health.expire_sessions(conn, timeout_seconds=900))
 
         expiry = threading.Thread(target=expire)
         expiry.start()
@@ -333,8 +382,8 @@ def test_a_model_unloaded_before_any_executor_held_it_has_its_calls_failed_not_t
     taken = _claim(engine, "exec-x", base.id)
     assert taken is not None and taken.id == unload_held
     with engine.begin() as conn:
-        assert calls.fail_orphaned(conn) == 2
-        assert calls.fail_orphaned(conn) == 0
+        assert interactive_health.fail_orphaned(conn) == 2
+        assert interactive_health.fail_orphaned(conn) == 0
     for call_id in orphaned:
         status, _, error = _status(engine, call_id)
         assert status == "failed" and "unloaded before" in error["error"]

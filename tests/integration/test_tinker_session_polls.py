@@ -203,7 +203,7 @@ def _poll(url: str, keys: TenantKeys, sampler: str, cursor: int, **extra: Any) -
 
 # A hold long enough that "answered before its end" leaves room for a busy machine.
 @pytest.mark.parametrize("hold_s", [20.0])
-def test_a_poll_holds_until_a_call_finishes_then_settles_calls_whose_weights_are_gone(
+def test_a_poll_holds_until_a_call_finishes_then_settles_a_lost_executors_call(
     live_url: str, services: Services, tenant_a: TenantKeys, tenant_b: TenantKeys
 ) -> None:
     engine = services.engine
@@ -224,20 +224,37 @@ def test_a_poll_holds_until_a_call_finishes_then_settles_calls_whose_weights_are
     assert 0.35 < time.monotonic() - started < 10
     assert again == {"completions": [], "cursor": answered["cursor"]}
 
-    # The sampler's executor stops with its weights: the hold's end fails the waiting call,
-    # saying why, and reports it.
+    # The sampler's executor stops while it runs the second call: the hold's end fails that
+    # call, saying why, and reports it; the third, never taken, waits for the next executor.
+    third = _ask(engine, tenant_a.tenant_id, sampler, 0, 2)
     with engine.begin() as conn:
         conn.execute(
             text("UPDATE interactive_models SET held_by = 'exec-gone' WHERE id = :m"),
             {"m": sampler},
         )
+        conn.execute(
+            text(
+                "UPDATE interactive_calls SET status = 'running', claimed_by = 'exec-gone', "
+                "started_at = now() WHERE id = :c"
+            ),
+            {"c": second},
+        )
     settled = _poll(live_url, tenant_a, sampler, answered["cursor"], timeout=0.2)
     assert settled["completions"] == [{"state": "failed", "request_id": second}]
     with engine.connect() as conn:
+        states = dict(
+            conn.execute(
+                text("SELECT id, status FROM interactive_calls WHERE id IN (:s, :t)"),
+                {"s": second, "t": third},
+            )
+            .tuples()
+            .all()
+        )
         error = conn.execute(
             text("SELECT error FROM interactive_calls WHERE id = :id"), {"id": second}
         ).scalar_one()
-    assert "stopped" in error["error"]
+    assert "stopped before it answered" in error["error"]
+    assert states == {second: "failed", third: "pending"}
 
     # The SDK reports what it fetched: those payloads go now; another tenant's sampler is a 404.
     _poll(live_url, tenant_a, sampler, settled["cursor"], timeout=0, retrieved_request_ids=[first])

@@ -169,6 +169,11 @@ def test_each_reason_a_call_waits_and_the_beats_idle_pass_where_no_executor_runs
     for model_id in ids:
         interactive_model(engine, session, tenant_a.tenant_id, base.id, model_id)
         ask_call(engine, model_id, tenant_a.tenant_id, base.id, "forward_backward", 0)
+    # Samplers of the base alone whose executor is gone too: their weights are not, unless
+    # the sampler was unloaded.
+    for sampler in ("lost-sampler", "ended-sampler"):
+        interactive_model(engine, session, tenant_a.tenant_id, base.id, sampler, kind="sampler")
+        ask_call(engine, sampler, tenant_a.tenant_id, base.id, "sample", 0)
     with engine.begin() as conn:
         trainers.report(
             conn,
@@ -178,8 +183,10 @@ def test_each_reason_a_call_waits_and_the_beats_idle_pass_where_no_executor_runs
         )
         conn.execute(
             text(
-                "UPDATE interactive_models SET held_by = 'exec-gone' WHERE id IN ('lost', 'beat-lost');"
-                "UPDATE interactive_models SET unloaded_at = now() WHERE id = 'orphan'"
+                "UPDATE interactive_models SET held_by = 'exec-gone' "
+                "WHERE id IN ('lost', 'beat-lost', 'lost-sampler', 'ended-sampler');"
+                "UPDATE interactive_models SET unloaded_at = now() "
+                "WHERE id IN ('orphan', 'ended-sampler')"
             )
         )
 
@@ -194,6 +201,17 @@ def test_each_reason_a_call_waits_and_the_beats_idle_pass_where_no_executor_runs
     assert paused is not None and paused.queue_state == "paused_capacity"
     assert paused.reason is not None and "'tiny-llama'" in paused.reason
     assert _call(engine, "fut-waits-0") == ("pending", None)  # a pause changes nothing
+
+    # A lost sampler is freed, not settled: its call waits, here for an executor to start.
+    assert explain("lost-sampler") == paused
+    assert _call(engine, "fut-lost-sampler-0") == ("pending", None)
+    assert _rows(
+        engine,
+        "SELECT id, held_by IS NULL, unloaded_at IS NULL FROM interactive_models "
+        "WHERE kind = 'sampler' ORDER BY id",
+    ) == [("ended-sampler", True, False), ("lost-sampler", True, True)]
+    assert explain("ended-sampler") is None  # freed by the same pass: unloaded, settled
+    assert _call(engine, "fut-ended-sampler-0") == ("failed", "server")
 
     assert explain("orphan") is None
     assert _call(engine, "fut-orphan-0") == ("failed", "user")

@@ -151,7 +151,7 @@ async def retrieve_future(
     )
     if not call.finished:
         call, waiting = await run_in_threadpool(_why_waiting, services, caller.tenant_id, call)
-        if waiting is not None:
+        if waiting is not None and not call.finished:
             again = {"type": "try_again", "request_id": call.id, "queue_state": waiting.queue_state}
             if waiting.reason is not None:
                 again["queue_state_reason"] = waiting.reason
@@ -168,11 +168,11 @@ def _loss_created(services: Services, tenant_id: str, loss_id: str) -> dict[str,
 def _why_waiting(
     services: Services, tenant_id: str, call: interactive.CallRecord
 ) -> tuple[interactive.CallRecord, interactive_health.Waiting | None]:
-    """Why `call` still waits, or the call as settled now (its model's weights are gone)."""
+    """Why `call` still waits, or the call as settled now (its model's weights are gone, or the
+    lost executor of its sampler was running it)."""
     with services.engine.begin() as conn:
         waiting = interactive_health.explain(conn, call.model_id, services.settings.lease_seconds)
-        if waiting is None:
-            call = interactive.retrieve(conn, tenant_id, call.id)
+        call = interactive.retrieve(conn, tenant_id, call.id)
     return call, waiting
 
 
