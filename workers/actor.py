@@ -33,12 +33,15 @@ class RayJoinError(Exception):
 def init_ray(settings: Settings, *, num_cpus: int | None = None) -> None:
     """Join `LORAFORGE_RAY_ADDRESS`, or start a local Ray instance (the embedded default).
 
-    Raises `RayJoinError` when the cluster cannot be joined (Ray itself only says "Failed to
-    connect" after retrying for a while, with the reason in its C++ log lines)."""
+    Raises `RayJoinError` when the cluster cannot be joined, at once where the head refuses
+    this process's authentication (Ray itself only says "Failed to connect" after retrying for
+    20 s, with the reason in its C++ log lines)."""
     if ray.is_initialized():
         return
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
     if settings.ray_address:
+        if _refuses_this_process(settings.ray_address):
+            raise RayJoinError(why_not_joined(settings.ray_address))
         try:
             ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True)
         except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
@@ -52,14 +55,39 @@ def init_ray(settings: Settings, *, num_cpus: int | None = None) -> None:
         )
 
 
-def why_not_joined(address: str, environ: Mapping[str, str] = os.environ) -> str:
-    """Why joining the cluster at `address` failed, in words that say what to do: a head that
-    answers but refuses is token authentication (on by default for `ray start` in Ray 2.60)
-    with no token or the wrong one; a head that does not answer is not running there."""
+def _answers(address: str) -> bool:
+    """Whether something accepts a connection at `address` ([ray://]host:port) within 3 s."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
     except (OSError, ValueError):
+        return False
+    return True
+
+
+def _refuses_this_process(address: str) -> bool:
+    """Whether the head's GCS at `address` (host:port) answers and refuses this process's
+    authentication. `ray.init` asks it 20 times, a second apart, and then says only that it
+    could not connect; one client of the GCS is told at once. Anything else (a `ray://`
+    address, nothing answering yet, another error) is left to `ray.init` and its retries."""
+    if address.startswith("ray://") or not _answers(address):
+        return False
+    from ray._raylet import GcsClient  # type: ignore[attr-defined]  # no stub; Ray's own client
+
+    try:
+        GcsClient(address=address)
+    except ray.exceptions.AuthenticationError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def why_not_joined(address: str, environ: Mapping[str, str] = os.environ) -> str:
+    """Why joining the cluster at `address` failed, in words that say what to do: a head that
+    answers but refuses is token authentication (on by default for `ray start` in Ray 2.60)
+    with no token or the wrong one; a head that does not answer is not running there."""
+    if not _answers(address):
         return (
             f"Nothing answers at {address} (LORAFORGE_RAY_ADDRESS): start the head there "
             "(`ray start --head --port=6379`, or a KubeRay RayCluster) or correct the address."
