@@ -190,6 +190,7 @@ def pausable_executor(runner: InteractiveRunner) -> Iterator[threading.Event]:
     finally:
         stop.set()
         thread.join(60)
+        runner.stream_writer.close()
 
 
 def counted(app: Any) -> Counter[str]:

@@ -122,6 +122,8 @@ def test_a_chat_of_a_busy_model_goes_to_an_idle_executor_of_its_base(
         long_chat.join(120)
         _, long_call, short_call = _calls(services)
         samplers = _samplers(services, tenant_a.tenant_id)
+    # Each executor's writer of streamed text stopped when it stopped serving.
+    assert not [t for t in threading.enumerate() if t.name.startswith("stream-executor-")]
     # The short chat ran on the other executor, while the long one was sampled.
     assert long_call.claimed_by == first_executor
     assert short_call.claimed_by not in (None, first_executor), short_call

@@ -286,6 +286,9 @@ def test_the_executors_writes_pause_through_a_database_outage_and_go_on_after_it
             except AssertionError:
                 assert time.monotonic() < deadline, "the writer never wrote again"
         assert writer.written >= 2
+        # Stopped (the executor stops it when it stops serving), its thread ends.
+        writer.close()
+        assert not [t for t in threading.enumerate() if t.name == "stream-exec-played"]
     finally:
         cut_off.close()
     played.finish(call, "first and last")

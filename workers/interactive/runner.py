@@ -117,7 +117,8 @@ class InteractiveRunner:
         path = materialize_base(services.store, BaseCache(self.work_dir / "bases"), base)
         self.resident = ResidentBase.load(path, precision=precision)
         self.engine = engine_factory(self.resident)
-        self.engine.stream_to = StreamWriter(services, executor_id)
+        self.stream_writer = StreamWriter(services, executor_id)
+        self.engine.stream_to = self.stream_writer
         self.engine.stream_every_seconds = services.settings.chat_stream_every_seconds
         self.calls_run = 0
         # The saved samplers in the engine, least recently sampled first.
@@ -136,7 +137,7 @@ class InteractiveRunner:
 
     def serve(self, stop: threading.Event, *, idle_wait: float = 5.0) -> None:
         """Run calls until `stop` is set; idle, wait for a NOTIFY on the base (or `idle_wait`).
-        Each idle pass also tidies up (`tidy`)."""
+        Each idle pass also tidies up (`tidy`). The streamed chats' writer stops with it."""
         lease = self.services.settings.lease_seconds
         presence = TrainerPresence(self.services, self.snapshot, interval_s=lease / 4)
         listener = through_blips(
@@ -144,12 +145,15 @@ class InteractiveRunner:
             what="LISTEN",
             patience_s=OUTAGE_PATIENCE_S,
         )
-        with presence, listener:
-            while not stop.is_set():
-                if self.run_once():
-                    continue
-                through_blips(self.tidy, what="idle pass", patience_s=OUTAGE_PATIENCE_S)
-                listener.wait(idle_wait)
+        try:
+            with presence, listener:
+                while not stop.is_set():
+                    if self.run_once():
+                        continue
+                    through_blips(self.tidy, what="idle pass", patience_s=OUTAGE_PATIENCE_S)
+                    listener.wait(idle_wait)
+        finally:
+            self.stream_writer.close()
 
     def tidy(self) -> None:
         """An idle pass's housekeeping: free the models of executors that stopped, end the

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from typing import Any
 
@@ -54,6 +53,7 @@ class StreamWriter:
         self._newest: dict[str, list[str]] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def __call__(self, texts: dict[str, list[str]]) -> None:
         with self._changed:
@@ -65,6 +65,16 @@ class StreamWriter:
                 self._thread.start()
             self._changed.notify()
 
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the writer's thread, once its write in progress ends (texts handed over and not
+        written yet are dropped: each answer holds its text whole)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
+
     def left(self) -> frozenset[str]:
         """The streams whose client left, as the last writes found them."""
         return self._left
@@ -72,8 +82,10 @@ class StreamWriter:
     def _write_forever(self) -> None:
         while True:
             with self._changed:
-                while not self._newest:
+                while not self._newest and not self._closed:
                     self._changed.wait()
+                if self._closed:
+                    return
                 texts, self._newest = self._newest, {}
             try:
                 with self.services.engine.begin() as conn:
@@ -85,6 +97,7 @@ class StreamWriter:
                     self._left = frozenset(self._gone)  # read by the decoding loop
             except Exception as exc:  # the answer is still recorded whole: streaming pauses
                 log.warning("streamed chats' text so far not written (%s): paused a while", exc)
-                time.sleep(PAUSE_AFTER_FAILURE_S)
+                with self._changed:
+                    self._changed.wait_for(lambda: self._closed, PAUSE_AFTER_FAILURE_S)
                 with self._changed:
                     self._newest.clear()  # stale by now; the next token brings the newest
