@@ -62,12 +62,25 @@ def tinker_settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def tinker_sdk_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """The SDK sends no telemetry, and finds no key or server but the ones a test gives it;
-    the REST-only clients' holders it made are closed after the test."""
+    every client holder it made (a session's, a REST-only client's) is closed after the test,
+    so none heartbeats against a server that is gone for the rest of the run."""
+    from tinker.lib.internal_client_holder import InternalClientHolder
+
     monkeypatch.setenv("TINKER_TELEMETRY", "0")
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("TINKER_API_KEY", "TINKER_BASE_URL", "TINKER_CREDENTIAL_CMD", "TINKER_TAGS"):
         monkeypatch.delenv(name, raising=False)
+    made: list[InternalClientHolder] = []
+    own = InternalClientHolder.__init__
+
+    def kept(holder: InternalClientHolder, *args: Any, **kwargs: Any) -> None:
+        made.append(holder)
+        own(holder, *args, **kwargs)
+
+    monkeypatch.setattr(InternalClientHolder, "__init__", kept)
     yield
+    for holder in made:
+        holder.close()
     _close_sessionless_holders()
 
 
