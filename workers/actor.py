@@ -24,6 +24,10 @@ from control_plane.wakeups import IDLE_POLL_S
 from workers.runner import JobRunner
 from workers.training.recipe import ResidentBase
 
+# How long the check that the head refuses this process's token waits for the head's answer
+# (a GCS answers a client at once; one that does not is left to ray.init).
+GCS_PROBE_SECONDS = 5.0
+
 
 class RayJoinError(Exception):
     """This process could not join the Ray cluster at `LORAFORGE_RAY_ADDRESS`; the message says
@@ -59,7 +63,7 @@ def _answers(address: str) -> bool:
     """Whether something accepts a connection at `address` ([ray://]host:port) within 3 s."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=3).close()
     except (OSError, ValueError):
         return False
     return True
@@ -69,18 +73,27 @@ def _refuses_this_process(address: str) -> bool:
     """Whether the head's GCS at `address` (host:port) answers and refuses this process's
     authentication. `ray.init` asks it 20 times, a second apart, and then says only that it
     could not connect; one client of the GCS is told at once. Anything else (a `ray://`
-    address, nothing answering yet, another error) is left to `ray.init` and its retries."""
+    address, nothing answering yet, something that is not a GCS, no answer within
+    `GCS_PROBE_SECONDS`) is left to `ray.init` and its retries."""
     if address.startswith("ray://") or not _answers(address):
         return False
     from ray._raylet import GcsClient  # type: ignore[attr-defined]  # no stub; Ray's own client
 
-    try:
-        GcsClient(address=address)
-    except ray.exceptions.AuthenticationError:
-        return True
-    except Exception:
-        return False
-    return False
+    answered, refused = threading.Event(), threading.Event()
+
+    def probe() -> None:
+        try:
+            GcsClient(address=address)
+        except ray.exceptions.AuthenticationError:
+            refused.set()
+        except Exception:  # not a refusal: ray.init says what it is
+            pass
+        answered.set()
+
+    # A listener that is not a GCS (a proxy, the wrong port) holds the client for 40 s.
+    threading.Thread(target=probe, name="ray-auth-probe", daemon=True).start()
+    answered.wait(GCS_PROBE_SECONDS)
+    return refused.is_set()
 
 
 def why_not_joined(address: str, environ: Mapping[str, str] = os.environ) -> str:

@@ -78,15 +78,24 @@ def test_celery_logs_a_bounded_rate_through_a_database_outage_and_works_after_it
     wait_for("the task run after the outage", lambda: "t-old" not in _trainer_ids(engine), 60)
 
 
-@pytest.mark.parametrize("cut_before", ["FROM kombu_message", "FROM kombu_queue"])
-def test_a_poll_cut_mid_way_is_a_connection_error_and_the_same_channel_polls_again(
-    proxied_url: str, proxy: CuttableProxy, cut_before: str
+@pytest.mark.parametrize(
+    ("call", "cut_before"),
+    [
+        ("_get", "FROM kombu_message"),  # a poll between its two queries
+        ("_get", "FROM kombu_queue"),
+        ("_put", "FROM kombu_queue"),  # a publish (a task sent, a message handed back)
+        ("_size", "FROM kombu_queue"),  # a queue's size (celery declaring its queue)
+    ],
+)
+def test_a_call_cut_mid_way_is_a_connection_error_and_the_same_channel_works_after_it(
+    proxied_url: str, proxy: CuttableProxy, call: str, cut_before: str
 ) -> None:
-    """The database going away after a poll found its queue but before it read a message: kombu's
-    `finally: commit()` raised `PendingRollbackError`, which celery does not count as a lost
-    connection, so the worker exited ("Unrecoverable error"). It must be a connection error that
-    celery reconnects after, and the channel must poll again once the database is back (its
-    session rolled back), wherever in the poll the cut falls."""
+    """The database going away under one of the channel's calls. kombu's poll cut after it found
+    its queue raised `PendingRollbackError` from its `finally: commit()`, which celery does not
+    count as a lost connection, so the worker exited ("Unrecoverable error"); a call cut at its
+    first query left the session failed, so the channel's next call raised it. It must be a
+    connection error that celery reconnects after, and the same channel must work once the
+    database is back, the cut call having changed nothing."""
     broker.register()
     connection = Connection(f"{broker.SCHEME}+{proxied_url}")
     channel = connection.default_channel
@@ -94,17 +103,23 @@ def test_a_poll_cut_mid_way_is_a_connection_error_and_the_same_channel_polls_aga
     engine, _ = channel._open()
     armed = [True]
 
-    def cut_before_the_message_query(*args: object) -> None:
+    def cut_before_the_query(*args: object) -> None:
         if armed[0] and cut_before in str(args[2]):
             armed[0] = False
             proxy.cut()
 
-    event.listen(engine, "before_cursor_execute", cut_before_the_message_query)
+    event.listen(engine, "before_cursor_execute", cut_before_the_query)
+    calls = {
+        "_get": lambda: channel._get("probe"),
+        "_put": lambda: channel._put("probe", {"n": 2}),
+        "_size": lambda: channel._size("probe"),
+    }
     try:
         with pytest.raises(connection.connection_errors):
-            channel._get("probe")
+            calls[call]()
         proxy.restore()
+        assert channel._size("probe") == 1
         assert channel._get("probe") == {"n": 1}
     finally:
-        event.remove(engine, "before_cursor_execute", cut_before_the_message_query)
+        event.remove(engine, "before_cursor_execute", cut_before_the_query)
         connection.release()

@@ -289,6 +289,9 @@ def test_the_executors_writes_pause_through_a_database_outage_and_go_on_after_it
         # Stopped (the executor stops it when it stops serving), its thread ends.
         writer.close()
         assert not [t for t in threading.enumerate() if t.name == "stream-exec-played"]
+        writer({call.id: ["after"]})  # handed over after it stopped: dropped, not kept
+        assert not [t for t in threading.enumerate() if t.name == "stream-exec-played"]
+        assert writer._newest == {}
     finally:
         cut_off.close()
     played.finish(call, "first and last")

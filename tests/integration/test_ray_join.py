@@ -8,6 +8,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -176,3 +177,15 @@ def test_a_worker_with_the_token_joins_and_trains_a_job_from_the_queue(
     # It trained on the cluster it was pointed at, not in a local instance of its own.
     assert "Connected to Ray cluster." in said and "Started a local Ray instance" not in said
     assert "trainer(s) running" in said
+
+
+def test_a_listener_that_is_not_a_head_is_left_to_rays_own_join(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Something accepting connections that is not a GCS (a proxy, the wrong port) holds Ray's
+    client for 40 s: the check gives up after its own wait and says nothing was refused."""
+    from workers import actor
+
+    monkeypatch.setattr(actor, "GCS_PROBE_SECONDS", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        assert not actor._refuses_this_process(f"127.0.0.1:{silent.getsockname()[1]}")

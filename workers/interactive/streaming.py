@@ -57,6 +57,8 @@ class StreamWriter:
 
     def __call__(self, texts: dict[str, list[str]]) -> None:
         with self._changed:
+            if self._closed:  # the executor stopped serving: its answers hold the text
+                return
             self._newest.update(texts)
             if self._thread is None:
                 self._thread = threading.Thread(

@@ -170,7 +170,7 @@ def _why_waiting(
 ) -> tuple[interactive.CallRecord, interactive_health.Waiting | None]:
     """Why `call` still waits, or the call as settled now (its model's weights are gone, or the
     lost executor of its sampler was running it)."""
-    with services.engine.begin() as conn:
+    with services.engine.begin() as conn, domain_errors():
         waiting = interactive_health.explain(conn, call.model_id, services.settings.lease_seconds)
         call = interactive.retrieve(conn, tenant_id, call.id)
     return call, waiting
