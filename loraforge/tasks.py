@@ -54,8 +54,12 @@ celery_app.conf.update(
     # Through a broker outage of any length: celery backs off to a try every 30 s and carries
     # on when the broker is back (`up` or Kubernetes would restart a worker that gave up).
     broker_connection_max_retries=None,
-    # A task running when the broker goes away is cancelled and redelivered (celery 6's
-    # default; every task here is idempotent), which also silences celery 5's warning about it.
+    # A task running when the broker goes away is cancelled and handed back to the broker
+    # (celery 6's default; every task here is idempotent), which also silences celery 5's
+    # warning about it. Where the broker is the database, handing it back fails while the
+    # database is away and the message is lost: the periodic tasks run again on schedule, a
+    # validation is dispatched again by `redispatch_validation`, and an import left
+    # `registering` past its timeout is registered again (the API allows it).
     worker_cancel_long_running_tasks_on_connection_loss=True,
     worker_hijack_root_logger=False,
     beat_schedule={
