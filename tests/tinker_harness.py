@@ -38,6 +38,19 @@ CHAT_MESSAGES: list[Any] = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "Name a colour."},
 ]
+# A long chat (seconds of sampling where each token's step is paced, or on a bigger base) and a
+# short one (greedy: the same reply on every executor).
+LONG_CHAT: dict[str, Any] = {
+    "messages": CHAT_MESSAGES,
+    "temperature": 1.0,
+    "seed": 1,
+    "max_completion_tokens": 600,
+}
+SHORT_CHAT: dict[str, Any] = {
+    "messages": CHAT_MESSAGES,
+    "temperature": 0,
+    "max_completion_tokens": 8,
+}
 
 
 def openai_client(url: str, key: str) -> Any:
@@ -100,6 +113,24 @@ def _close_sessionless_holders() -> None:
 def sdk_service(url: str, key: str) -> tinker.ServiceClient:
     """The SDK pointed at loraforge with a loraforge key (the SDK wants the `tml-` prefix)."""
     return tinker.ServiceClient(base_url=url, api_key="tml-" + key)
+
+
+def sample_calls(services: Services) -> list[Any]:
+    """Every sample call (a chat's), in the order asked: its model, state, executor, times,
+    error, and the executor holding its model now."""
+    from sqlalchemy import text
+
+    with services.engine.connect() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "SELECT c.id, c.model_id, c.status, c.claimed_by, c.started_at, "
+                    "c.finished_at, c.error, m.held_by FROM interactive_calls c "
+                    "JOIN interactive_models m ON m.id = c.model_id "
+                    "WHERE c.kind = 'sample' ORDER BY c.created_at"
+                )
+            ).all()
+        )
 
 
 def served_bases(services: Services) -> set[str]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import openai
 import pytest
-from sqlalchemy import text
 
 from control_plane.services import Services
 from control_plane.settings import Settings
@@ -24,8 +23,10 @@ from tests.api_harness import TenantKeys
 from tests.factories import register_test_base
 from tests.faults.harness import loraforge_child, platform_env, wait_for
 from tests.tinker_harness import (
-    CHAT_MESSAGES,
+    LONG_CHAT,
+    SHORT_CHAT,
     openai_client,
+    sample_calls,
     served_bases,
     serving_executor,
     tinker_settings,
@@ -36,13 +37,8 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.usefixtures("tin
 # The lease: the short chat is asked (and placed on the frozen executor's sampler, which still
 # counts as alive) well within it.
 LEASE_S = 8
-LONG: dict[str, Any] = {
-    "messages": CHAT_MESSAGES,
-    "temperature": 1.0,
-    "seed": 1,
-    "max_completion_tokens": 900,
-}
-SHORT: dict[str, Any] = {"messages": CHAT_MESSAGES, "temperature": 0, "max_completion_tokens": 8}
+LONG = {**LONG_CHAT, "max_completion_tokens": 900}
+SHORT = SHORT_CHAT
 
 
 @pytest.fixture
@@ -65,18 +61,6 @@ def executor_process(
     log_path = tmp_path / "executor.log"
     with loraforge_child(["interactive", "--base", base_name], env, log_path) as process:
         yield process
-
-
-def _calls(services: Services) -> list[Any]:
-    with services.engine.connect() as conn:
-        return list(
-            conn.execute(
-                text(
-                    "SELECT id, model_id, status, claimed_by, error FROM interactive_calls "
-                    "WHERE kind = 'sample' ORDER BY created_at"
-                )
-            ).all()
-        )
 
 
 def test_a_chat_waiting_on_a_killed_executors_sampler_is_answered_by_another_executor(
@@ -108,19 +92,19 @@ def test_a_chat_waiting_on_a_killed_executors_sampler_is_answered_by_another_exe
         long_thread.start()
         wait_for("the long chat's first text", lambda: streamed, 60, every=0.01)
         process.send_signal(signal.SIGSTOP)  # frozen mid-reply: no token, no heartbeat more
-        [long_call] = _calls(services)
+        [long_call] = sample_calls(services)
         assert long_call.status == "running", long_call
         # The only executor is busy: the short chat joins its sampler, behind the long one.
         short_thread = threading.Thread(target=short_chat)
         short_thread.start()
-        wait_for("the short chat asked", lambda: len(_calls(services)) == 2, 30, every=0.05)
+        wait_for("the short chat asked", lambda: len(sample_calls(services)) == 2, 30, every=0.05)
         process.kill()
         process.wait()
         with serving_executor(services, base.id, "executor-2", tmp_path / "e2"):
             short_thread.join(120)
             long_thread.join(120)
             again = client.chat.completions.create(model=base.name, **SHORT)
-    long_call, short_call, again_call = _calls(services)
+    long_call, short_call, again_call = sample_calls(services)
 
     # The chat the killed executor was sampling fails once its lease is out, saying why.
     assert len(raised) == 1 and "stopped before it answered" in str(raised[0]), raised

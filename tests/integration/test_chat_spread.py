@@ -21,9 +21,11 @@ from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.factories import register_test_base
 from tests.tinker_harness import (
-    CHAT_MESSAGES,
+    LONG_CHAT,
+    SHORT_CHAT,
     openai_client,
     publish_adapter_version,
+    sample_calls,
     serving_executor,
     tinker_settings,
 )
@@ -31,32 +33,12 @@ from tests.tinker_harness import (
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
 # A long streamed chat (paced: 10 ms a token's step, seconds in all) and a short one.
-LONG: dict[str, Any] = {
-    "messages": CHAT_MESSAGES,
-    "temperature": 1.0,
-    "seed": 1,
-    "max_completion_tokens": 600,
-}
-SHORT: dict[str, Any] = {"messages": CHAT_MESSAGES, "temperature": 0, "max_completion_tokens": 8}
+LONG, SHORT = LONG_CHAT, SHORT_CHAT
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return tinker_settings(tmp_path)
-
-
-def _calls(services: Services) -> list[Any]:
-    with services.engine.connect() as conn:
-        return list(
-            conn.execute(
-                text(
-                    "SELECT c.id, c.model_id, c.status, c.claimed_by, c.started_at, "
-                    "c.finished_at, m.held_by FROM interactive_calls c "
-                    "JOIN interactive_models m ON m.id = c.model_id "
-                    "WHERE c.kind = 'sample' ORDER BY c.created_at"
-                )
-            ).all()
-        )
 
 
 def _samplers(services: Services, tenant_id: str) -> list[Any]:
@@ -93,7 +75,7 @@ def _long_chat_running(services: Services, client: Any, model: str) -> threading
     )
     thread.start()
     deadline = time.monotonic() + 60
-    while not any(c.status == "running" for c in _calls(services)):
+    while not any(c.status == "running" for c in sample_calls(services)):
         assert time.monotonic() < deadline, "the long chat never ran"
         time.sleep(0.02)
     return thread
@@ -120,7 +102,7 @@ def test_a_chat_of_a_busy_model_goes_to_an_idle_executor_of_its_base(
         long_chat = _long_chat_running(services, client, model)
         short = client.chat.completions.create(model=model, **SHORT)
         long_chat.join(120)
-        _, long_call, short_call = _calls(services)
+        _, long_call, short_call = sample_calls(services)
         samplers = _samplers(services, tenant_a.tenant_id)
     # Each executor's writer of streamed text stopped when it stopped serving.
     assert not [t for t in threading.enumerate() if t.name.startswith("stream-executor-")]
@@ -153,7 +135,7 @@ def test_a_chat_whose_idle_sampler_s_executor_runs_another_model_goes_to_an_idle
             _reported(services, "executor-2")
             client.chat.completions.create(model=model, **SHORT)
             long_chat.join(120)
-            _, long_call, short_call = _calls(services)
+            _, long_call, short_call = sample_calls(services)
             samplers = _samplers(services, tenant_a.tenant_id)
     assert (long_call.claimed_by, short_call.claimed_by) == ("executor-1", "executor-2")
     assert short_call.finished_at < long_call.finished_at
@@ -168,7 +150,7 @@ def test_with_one_executor_a_chat_of_a_busy_model_waits_for_its_sampler(
     long_chat = _long_chat_running(services, client, executor)
     client.chat.completions.create(model=executor, **SHORT)
     long_chat.join(120)
-    long_call, short_call = _calls(services)
+    long_call, short_call = sample_calls(services)
     assert long_call.model_id == short_call.model_id  # no second sampler: no executor for it
     assert short_call.started_at >= long_call.finished_at  # after the long chat's batch
     assert len(_samplers(services, tenant_a.tenant_id)) == 1
@@ -186,4 +168,4 @@ def test_chats_asked_one_after_another_reuse_one_sampler(
         for _ in range(3):
             client.chat.completions.create(model=base.name, **SHORT)
     [sampler] = _samplers(services, tenant_a.tenant_id)
-    assert {c.model_id for c in _calls(services)} == {sampler.id}
+    assert {c.model_id for c in sample_calls(services)} == {sampler.id}
