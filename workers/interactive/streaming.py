@@ -101,5 +101,4 @@ class StreamWriter:
                 log.warning("streamed chats' text so far not written (%s): paused a while", exc)
                 with self._changed:
                     self._changed.wait_for(lambda: self._closed, PAUSE_AFTER_FAILURE_S)
-                with self._changed:
                     self._newest.clear()  # stale by now; the next token brings the newest
