@@ -25,18 +25,18 @@ from tests.factories import make_base, make_key, make_tenant
 
 
 @pytest.fixture(scope="session")
-def broker_url(pg_admin_url: str) -> Iterator[str]:
-    """A database of its own for the celery broker, shared by the whole session."""
+def broker_url(pg_admin_url: str, made_databases: list[str]) -> str:
+    """A database of its own for the celery broker, shared by the whole session (dropped with
+    the session's other databases)."""
     import psycopg
     from sqlalchemy.engine import make_url
 
     name = f"lf_broker_{secrets.token_hex(4)}"
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    made_databases.append(name)
     url = make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
-    yield "sqla+" + db.normalize_url(url)
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # type: ignore[arg-type]
+    return "sqla+" + db.normalize_url(url)
 
 
 @pytest.fixture(scope="session")

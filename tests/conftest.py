@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -41,6 +42,10 @@ def _reachable(url: str) -> bool:
         return False
 
 
+# The servers this session started itself: their databases go with their data directories.
+_EMBEDDED: set[str] = set()
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
     """libpq URL of a maintenance database on a real PostgreSQL server."""
@@ -55,7 +60,9 @@ def pg_admin_url() -> Iterator[str]:
 
     with tempfile.TemporaryDirectory(prefix="loraforge-pg-") as data_dir:
         server = pgserver.get_server(Path(data_dir), cleanup_mode="stop")
-        yield db.libpq_url(str(server.get_uri()))
+        embedded = db.libpq_url(str(server.get_uri()))
+        _EMBEDDED.add(embedded)
+        yield embedded
         server.cleanup()
 
 
@@ -68,19 +75,47 @@ def _admin_execute(admin_url: str, sql: str) -> None:
         conn.execute(sql)  # type: ignore[arg-type]
 
 
+# Run by a process of its own once the session ends: drops the databases named on stdin.
+_DROP_LATER = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import psycopg
+
+def drop(name):
+    with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+with ThreadPoolExecutor(max_workers=int(sys.argv[2])) as pool:
+    list(pool.map(drop, sys.stdin.read().split()))
+"""
+
+
 @pytest.fixture(scope="session")
 def made_databases(pg_admin_url: str) -> Iterator[list[str]]:
-    """Databases this session created, dropped together at its end.
+    """Databases this session created, dropped together once it ends.
 
-    Each DROP DATABASE waits for a checkpoint; dropping after every test would make the
-    suite's time depend on the disk's flush latency, so they go once, when nothing is dirty,
-    several at a time: drops that ask at once share one checkpoint.
+    Each DROP DATABASE waits for a checkpoint: dropping after every test would make the
+    suite's time depend on the disk's flush latency, and dropping the session's 700 or so at
+    its end took 16 to 34 s of it. So they are handed, by name, to a process of its own that
+    outlives the session and drops them, several at a time (drops that ask at once share one
+    checkpoint); its output goes nowhere. An embedded server's databases go with its data
+    directory, so none is dropped there.
     """
     names: list[str] = []
     yield names
-    with ThreadPoolExecutor(max_workers=DROPPING_AT_ONCE) as pool:
-        drops = [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in reversed(names)]
-        list(pool.map(lambda drop: _admin_execute(pg_admin_url, drop), drops))  # errors raised
+    if not names or pg_admin_url in _EMBEDDED:
+        return
+    dropper = subprocess.Popen(
+        [sys.executable, "-c", _DROP_LATER, pg_admin_url, str(DROPPING_AT_ONCE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        text=True,
+    )
+    assert dropper.stdin is not None
+    dropper.stdin.write("\n".join(reversed(names)))
+    dropper.stdin.close()
 
 
 def _create_database(
@@ -140,3 +175,29 @@ def proxied_url(database_url: str, proxy: CuttableProxy) -> str:
         .set(host="127.0.0.1", port=proxy.port)
         .render_as_string(hide_password=False)
     )
+
+
+# The heavier tiers, heaviest first (pyproject's markers).
+_HEAVY_FIRST = ("realmodel", "faults", "ray", "slow")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a heavier tier's test run first, each module's tests together and in
+    their own order.
+
+    The test command runs the suite on two workers (pytest-xdist's `worksteal`: each takes
+    half the list in order, and one that runs out takes from the other's tail). With the long
+    tests first, the last minutes are short tests on both workers rather than one worker
+    finishing a 100-second training job alone, and the heavy tests run mostly beside light ones,
+    not beside each other. Keeping a module together keeps its module-scoped fixtures (a loaded
+    base, a reference run) set up once.
+    """
+    rank: dict[str, int] = {}
+    for item in items:
+        tier = next(
+            (i for i, name in enumerate(_HEAVY_FIRST) if item.get_closest_marker(name)),
+            len(_HEAVY_FIRST),
+        )
+        rank[item.nodeid.split("::")[0]] = min(rank.get(item.nodeid.split("::")[0], tier), tier)
+    order = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], order[id(item)]))

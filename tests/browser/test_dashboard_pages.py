@@ -114,6 +114,7 @@ def test_the_jobs_table_filters_searches_pages_and_updates_live(
     expect(page.locator("#newer-count")).to_have_text(f"{NEWER_AT_MOST}+")
 
 
+@pytest.mark.slow
 def test_a_job_with_100000_metric_events_opens_with_a_bounded_number_of_points(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys
 ) -> None:
@@ -357,6 +358,7 @@ def test_signing_in_and_moving_around_works_from_the_keyboard(
     page.wait_for_url(f"{live_url}/jobs/new")
 
 
+@pytest.mark.slow
 def test_a_queued_jobs_page_says_what_it_waits_for_and_follows_the_queue(
     live_url: str, page: Page, services: Services, tenant_a: TenantKeys
 ) -> None:

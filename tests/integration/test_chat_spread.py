@@ -81,6 +81,7 @@ def _long_chat_running(services: Services, client: Any, model: str) -> threading
     return thread
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("paced")
 def test_a_chat_of_a_busy_model_goes_to_an_idle_executor_of_its_base(
     services: Services,

@@ -113,7 +113,7 @@ def test_a_deletion_waits_for_a_publication_in_flight_whose_version_keeps_its_fi
                 _count(
                     engine,
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'INSERT INTO adapters%'",
+                    "AND query LIKE 'INSERT INTO adapters%' AND datname = current_database()",
                 )
                 == 1
             )

@@ -110,6 +110,7 @@ def _with_real_names(schema: Any, real_parameters: dict[str, dict[str, list[Any]
         return st.one_of(st.just(generated), real)
 
 
+@pytest.mark.slow
 def test_every_operation_answers_as_its_schema_says(
     app: FastAPI, tenant_a: TenantKeys, real_parameters: dict[str, dict[str, list[Any]]]
 ) -> None:

@@ -29,6 +29,7 @@ def _status(engine: Engine, job_id: str) -> tuple[str, int, str | None]:
     return row.status, row.attempt, row.error_message
 
 
+@pytest.mark.slow
 def test_eight_claimers_drain_2000_jobs_each_exactly_once(
     engine: Engine, world: dict[str, str]
 ) -> None:

@@ -106,6 +106,7 @@ def _job_reads(statements: list[tuple[str, Any]]) -> list[Any]:
     ]
 
 
+@pytest.mark.slow
 def test_idle_streams_read_nothing_and_a_job_that_moves_wakes_its_own_stream_alone(
     live_url: str, app: FastAPI, services: Services, tenant_a: TenantKeys
 ) -> None:
