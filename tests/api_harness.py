@@ -4,7 +4,6 @@ process (TestClient) and on a real socket (uvicorn) for the official `openai` cl
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +27,11 @@ from tests.factories import make_base, make_key, make_tenant
 def broker_url(pg_admin_url: str, made_databases: list[str]) -> str:
     """A database of its own for the celery broker, shared by the whole session (dropped with
     the session's other databases)."""
-    import psycopg
     from sqlalchemy.engine import make_url
 
-    name = f"lf_broker_{secrets.token_hex(4)}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
-    made_databases.append(name)
+    from tests.conftest import _create_database
+
+    name = _create_database(pg_admin_url, made_databases, "lf_broker")
     url = make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
     return "sqla+" + db.normalize_url(url)
 

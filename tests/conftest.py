@@ -6,14 +6,15 @@ The server is `LORAFORGE_TEST_DATABASE_URL` when set, else the machine's server 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -106,44 +107,27 @@ def _drop_later(admin_url: str, names: list[str]) -> None:
     dropper.stdin.close()
 
 
-# The workers' databases, by server, as each worker reports them (the xdist controller's).
-_WORKERS_DATABASES: dict[str, list[str]] = {}
+# Where every process of this run (the workers of pytest-xdist, or the one process) writes the
+# name of each database it makes, a file each: set by the run's first process before any worker
+# starts, which the workers inherit.
+_MADE_DIR = "LORAFORGE_TEST_MADE_DATABASES"
+_OWN_MADE_DIR: list[Path] = []  # the directory, where this process made it
 
 
 @pytest.fixture(scope="session")
-def made_databases(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[list[str]]:
-    """Databases this session created, dropped together once it ends.
+def made_databases() -> list[str]:
+    """Databases this session created, dropped together once the run ends.
 
     Each DROP DATABASE waits for a checkpoint: dropping after every test would make the
     suite's time depend on the disk's flush latency, and dropping the session's 700 or so at
-    its end took 16 to 34 s of it. So they are handed, by name, to a process of its own that
-    outlives the session and drops them, several at a time (drops that ask at once share one
-    checkpoint); its output goes nowhere. A test worker of pytest-xdist reports its names to
-    the controller, which hands every worker's over once all have finished, so no drop's
-    checkpoint slows the tests a worker still runs. An embedded server's databases go with its
-    data directory, so none is dropped there.
+    its end took 16 to 34 s of it. So each is written down as it is made (`_create_database`),
+    and once the run ends (the controller's end, after every worker's; on Ctrl-C too, and for
+    a worker that crashed) the names go to a process of its own that outlives the run and
+    drops them, several at a time (drops that ask at once share one checkpoint); its output
+    goes nowhere. An embedded server's databases go with its data directory, so none is
+    written down there.
     """
-    names: list[str] = []
-    yield names
-    if not names or pg_admin_url in _EMBEDDED:
-        return
-    if hasattr(request.config, "workerinput"):
-        request.config.workeroutput["made_databases"] = [pg_admin_url, names]  # type: ignore[attr-defined]
-    else:
-        _drop_later(pg_admin_url, names)
-
-
-def pytest_testnodedown(node: Any, error: object) -> None:
-    """A worker finished: keep the databases it made for the session's end."""
-    made = getattr(node, "workeroutput", {}).get("made_databases")
-    if made:
-        admin_url, names = made
-        _WORKERS_DATABASES.setdefault(admin_url, []).extend(names)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    for admin_url, names in _WORKERS_DATABASES.items():
-        _drop_later(admin_url, names)
+    return []
 
 
 def _create_database(
@@ -153,7 +137,25 @@ def _create_database(
     clause = f' TEMPLATE "{template}"' if template else ""
     _admin_execute(admin_url, f'CREATE DATABASE "{name}"{clause}')
     made.append(name)
+    record = os.environ.get(_MADE_DIR)
+    if record and admin_url not in _EMBEDDED:
+        with (Path(record) / f"{os.getpid()}.made").open("a") as names:
+            names.write(f"{admin_url}\t{name}\n")
     return name
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures and the workers are torn down
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if not _OWN_MADE_DIR:
+        return
+    made: dict[str, list[str]] = {}
+    for record in sorted(_OWN_MADE_DIR[0].glob("*.made")):
+        for line in record.read_text().splitlines():
+            admin_url, name = line.split("\t")
+            made.setdefault(admin_url, []).append(name)
+    for admin_url, names in made.items():
+        _drop_later(admin_url, names)
+    shutil.rmtree(_OWN_MADE_DIR[0], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -236,12 +238,18 @@ def pytest_configure(config: pytest.Config) -> None:
     (the controller's, or the only process's): two workers making it at once would race."""
     if hasattr(config, "workerinput"):
         return
+    if not os.environ.get(_MADE_DIR):
+        _OWN_MADE_DIR.append(Path(tempfile.mkdtemp(prefix="loraforge-made-databases-")))
+        os.environ[_MADE_DIR] = str(_OWN_MADE_DIR[0])
     if os.geteuid() == 0:
-        # pgserver run as root runs its servers as a system user it adds with `useradd` on
-        # first use; a second `useradd` of the same user fails, and that worker's session.
+        # pgserver run as root (the embedded platform of the fault tests, or the tests' server
+        # where none answers) runs its servers as a system user it adds with `useradd` on first
+        # use; a second `useradd` of the same user at once fails. Where this one fails, pgserver
+        # fails as it would have, in the tests that use it.
         from pgserver.utils import ensure_user_exists
 
-        ensure_user_exists("pgserver")
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            ensure_user_exists("pgserver")
     if not (Path.home() / ".ray" / "auth_token").is_file():
         # Ray's first local cluster writes ~/.ray/auth_token: two clusters started at once
         # could each keep a token of their own while the file holds the other's.

@@ -155,9 +155,10 @@ def test_a_process_finding_an_import_under_way_waits_and_takes_it(smollm2_cache,
     cache = tmp_path / "cache"
     target = smollm2_dir(cache)
     target.parent.mkdir(parents=True)
+    # The pool closes after the lock file: a failure below releases the lock, then waits.
     with (
-        (target.parent / f".{target.name}.lock").open("w") as lock,
         ThreadPoolExecutor(max_workers=1) as pool,
+        (target.parent / f".{target.name}.lock").open("w") as lock,
     ):
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first process, importing
         waiting = pool.submit(ensure_smollm2, cache, False)
