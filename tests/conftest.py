@@ -212,16 +212,18 @@ _HEAVY_FIRST = ("realmodel", "faults", "ray", "slow")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules holding a heavier tier's test run first, each module's tests together and in
-    their own order.
+    """Under pytest-xdist, modules holding a heavier tier's test run first, each module's tests
+    together and in their own order.
 
-    The test command runs the suite on two workers (pytest-xdist's `worksteal`: each takes
-    half the list in order, and one that runs out takes from the other's tail). With the long
-    tests first, the last minutes are short tests on both workers rather than one worker
-    finishing a 100-second training job alone, and the heavy tests run mostly beside light ones,
-    not beside each other. Keeping a module together keeps its module-scoped fixtures (a loaded
-    base, a reference run) set up once.
+    `LORAFORGE_TEST_WORKERS=2 bash scripts/test.sh` runs the suite on two workers
+    (pytest-xdist's `worksteal`: each takes half the list in order, and one that runs out takes
+    from the other's tail). With the long tests first, the last minutes are short tests on both
+    workers rather than one worker finishing a 100-second training job alone, and the heavy
+    tests run mostly beside light ones, not beside each other. Keeping a module together keeps
+    its module-scoped fixtures (a loaded base, a reference run) set up once, mostly.
     """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return  # in one process, the suite's own order
     rank: dict[str, int] = {}
     for item in items:
         tier = next(

@@ -43,7 +43,11 @@ def test_two_tenants_sample_futures_are_decoded_together_and_answer_as_alone(
         sdk_service(live_url, tenant_b.member) as second,
     ):
         with serving_executor(services, base.id, "executor-1", tmp_path / "e1"):
-            samplers = [s.create_sampling_client(base_model=base.name) for s in (first, second)]
+            # The SDK creates samplers in the background: waited for while the base is served.
+            samplers = [
+                s.create_sampling_client(base_model=base.name).result(timeout=120)
+                for s in (first, second)
+            ]
         # Asked while no executor runs, so that the next one finds all sixteen waiting (the SDK
         # sends them from its own thread: waited for until they are all in).
         futures = [sampler.sample(p, 1, params) for sampler in samplers for p in prompts]
