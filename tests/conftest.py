@@ -137,11 +137,17 @@ def _create_database(
     clause = f' TEMPLATE "{template}"' if template else ""
     _admin_execute(admin_url, f'CREATE DATABASE "{name}"{clause}')
     made.append(name)
+    if admin_url not in _EMBEDDED:
+        _write_down(admin_url, name)
+    return name
+
+
+def _write_down(admin_url: str, name: str) -> None:
+    """Add a database to the run's record, for the run's end to drop."""
     record = os.environ.get(_MADE_DIR)
-    if record and admin_url not in _EMBEDDED:
+    if record:
         with (Path(record) / f"{os.getpid()}.made").open("a") as names:
             names.write(f"{admin_url}\t{name}\n")
-    return name
 
 
 @pytest.hookimpl(trylast=True)  # after the session's fixtures and the workers are torn down
@@ -224,15 +230,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return  # in one process, the suite's own order
-    rank: dict[str, int] = {}
+    rank: dict[Path, int] = {}
     for item in items:
         tier = next(
             (i for i, name in enumerate(_HEAVY_FIRST) if item.get_closest_marker(name)),
             len(_HEAVY_FIRST),
         )
-        rank[item.nodeid.split("::")[0]] = min(rank.get(item.nodeid.split("::")[0], tier), tier)
+        rank[item.path] = min(rank.get(item.path, tier), tier)
     order = {id(item): index for index, item in enumerate(items)}
-    items.sort(key=lambda item: (rank[item.nodeid.split("::")[0]], order[id(item)]))
+    items.sort(key=lambda item: (rank[item.path], order[id(item)]))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import _DROP_LATER, _create_database, _with_database
+from tests.conftest import _DROP_LATER, _create_database, _with_database, _write_down
 
 
 def _exists(admin_url: str, name: str) -> bool:
@@ -90,11 +90,8 @@ def test_each_worker_of_a_run_writes_down_every_database_it_makes(
         line.split("\t") for f in record.glob("*.made") for line in f.read_text().split("\n")
     ]
     written = [entry for entry in written if entry != [""]]
-    # This session drops them at its end, as it drops its own.
-    with (Path(os.environ["LORAFORGE_TEST_MADE_DATABASES"]) / f"{os.getpid()}.made").open(
-        "a"
-    ) as own:
-        own.writelines(f"{url}\t{name}\n" for url, name in written)
+    for url, name in written:  # this session drops them at its end, as it drops its own
+        _write_down(url, name)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     made = {name for f in out.iterdir() for name in f.read_text().split()}
     assert len(list(out.iterdir())) == 2 and len(made) >= 4
