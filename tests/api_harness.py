@@ -24,14 +24,14 @@ from tests.factories import make_base, make_key, make_tenant
 
 
 @pytest.fixture(scope="session")
-def broker_url(pg_admin_url: str, made_databases: list[str]) -> str:
+def broker_url(pg_admin_url: str) -> str:
     """A database of its own for the celery broker, shared by the whole session (dropped with
     the session's other databases)."""
     from sqlalchemy.engine import make_url
 
     from tests.conftest import _create_database
 
-    name = _create_database(pg_admin_url, made_databases, "lf_broker")
+    name = _create_database(pg_admin_url, "lf_broker")
     url = make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
     return "sqla+" + db.normalize_url(url)
 

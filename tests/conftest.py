@@ -114,29 +114,21 @@ _MADE_DIR = "LORAFORGE_TEST_MADE_DATABASES"
 _OWN_MADE_DIR: list[Path] = []  # the directory, where this process made it
 
 
-@pytest.fixture(scope="session")
-def made_databases() -> list[str]:
-    """Databases this session created, dropped together once the run ends.
+def _create_database(admin_url: str, prefix: str, template: str | None = None) -> str:
+    """Create a database for this session; the run drops its databases together once it ends.
 
     Each DROP DATABASE waits for a checkpoint: dropping after every test would make the
     suite's time depend on the disk's flush latency, and dropping the session's 700 or so at
-    its end took 16 to 34 s of it. So each is written down as it is made (`_create_database`),
+    its end took 16 to 34 s of it. So each is written down here as it is made,
     and once the run ends (the controller's end, after every worker's; on Ctrl-C too, and for
     a worker that crashed) the names go to a process of its own that outlives the run and
     drops them, several at a time (drops that ask at once share one checkpoint); its output
     goes nowhere. An embedded server's databases go with its data directory, so none is
     written down there.
     """
-    return []
-
-
-def _create_database(
-    admin_url: str, made: list[str], prefix: str, template: str | None = None
-) -> str:
     name = f"{prefix}_{secrets.token_hex(6)}"
     clause = f' TEMPLATE "{template}"' if template else ""
     _admin_execute(admin_url, f'CREATE DATABASE "{name}"{clause}')
-    made.append(name)
     if admin_url not in _EMBEDDED:
         _write_down(admin_url, name)
     return name
@@ -165,24 +157,24 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def template_database(pg_admin_url: str, made_databases: list[str]) -> str:
+def template_database(pg_admin_url: str) -> str:
     """A database migrated to head once per session; tests clone it."""
-    name = _create_database(pg_admin_url, made_databases, "lf_template")
+    name = _create_database(pg_admin_url, "lf_template")
     db.upgrade(_with_database(pg_admin_url, name))
     return name
 
 
 @pytest.fixture
-def empty_database_url(pg_admin_url: str, made_databases: list[str]) -> str:
+def empty_database_url(pg_admin_url: str) -> str:
     """A fresh, empty database (for migration tests)."""
-    name = _create_database(pg_admin_url, made_databases, "lf_empty")
+    name = _create_database(pg_admin_url, "lf_empty")
     return db.normalize_url(_with_database(pg_admin_url, name))
 
 
 @pytest.fixture
-def database_url(pg_admin_url: str, template_database: str, made_databases: list[str]) -> str:
+def database_url(pg_admin_url: str, template_database: str) -> str:
     """SQLAlchemy URL of this test's own database, at the migration head."""
-    name = _create_database(pg_admin_url, made_databases, "lf_test", template_database)
+    name = _create_database(pg_admin_url, "lf_test", template_database)
     return db.normalize_url(_with_database(pg_admin_url, name))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -112,22 +113,63 @@ def _updates_of_jobs(engine: Engine, at_least: int) -> tuple[int, int]:
 
 def test_heartbeats_are_heap_only_updates(engine: Engine, world: dict[str, str]) -> None:
     """A trainer renews its lease every few seconds while it trains; nothing a heartbeat writes
-    is indexed, so each is a heap-only (HOT) update: no new entry in any index of `jobs`."""
+    is indexed, so each is a heap-only (HOT) update: no new entry in any index of `jobs`.
+
+    Whether an update is heap-only also needs room on its page, which pruning makes by removing
+    the row's dead versions. A transaction holding an xid anywhere in the cluster, even in
+    another database, holds back every snapshot's xmin and so that pruning (measured: one open in
+    another database let 4 of 1,000 heartbeats be heap-only). So the test reads what a heartbeat
+    changes against every index's definition, which no other session can sway, and counts up to
+    three rounds of heartbeats, of which one must be at least 90% heap-only; a heartbeat that
+    wrote an indexed column would make every round 0%."""
     ids = enqueue_jobs(engine, world["tenant"], world["base"], world["file"], 20)
     queue = JobQueue(engine)
     claimed = [queue.claim(f"w{n}") for n in range(20)]
     assert sorted(job.id for job in claimed if job is not None) == sorted(ids)
-    before, before_hot = _updates_of_jobs(engine, 0)
-    beats = 0
-    for step in range(50):
-        for job in claimed:
-            assert job is not None and job.lease_owner is not None
-            beat = queue.heartbeat(job.id, job.lease_owner, progress=step / 50, trained_tokens=step)
-            assert beat.held
-            beats += 1
-    updates, hot = _updates_of_jobs(engine, before + beats)
-    assert updates - before == beats
-    assert hot - before_hot >= 0.9 * beats  # a few may find their page full
+    first = claimed[0]
+    assert first is not None and first.lease_owner is not None
+    with engine.connect() as conn:
+        indexes = conn.execute(
+            text(
+                "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = 'jobs'::regclass"
+            )
+        ).scalars()
+        definitions = list(indexes)
+        row_before = conn.execute(
+            text("SELECT to_jsonb(j) FROM jobs j WHERE id = :id"), {"id": first.id}
+        ).scalar_one()
+    time.sleep(0.01)  # the lease's new expiry differs from the claim's
+    assert queue.heartbeat(
+        first.id, first.lease_owner, progress=0.5, eta_seconds=9, trained_tokens=7
+    ).held
+    with engine.connect() as conn:
+        row_after = conn.execute(
+            text("SELECT to_jsonb(j) FROM jobs j WHERE id = :id"), {"id": first.id}
+        ).scalar_one()
+    changed = {column for column in row_after if row_after[column] != row_before[column]}
+    assert changed == {"lease_expires_at", "progress", "eta_seconds", "trained_tokens"}
+    assert len(definitions) >= 3
+    for definition in definitions:
+        assert not [c for c in changed if re.search(rf"\b{c}\b", definition)], definition
+
+    rounds = []
+    for _ in range(3):
+        before, before_hot = _updates_of_jobs(engine, 0)
+        beats = 0
+        for step in range(50):
+            for job in claimed:
+                assert job is not None and job.lease_owner is not None
+                beat = queue.heartbeat(
+                    job.id, job.lease_owner, progress=step / 50, trained_tokens=step
+                )
+                assert beat.held
+                beats += 1
+        updates, hot = _updates_of_jobs(engine, before + beats)
+        assert updates - before == beats
+        rounds.append((hot - before_hot) / beats)
+        if rounds[-1] >= 0.9:
+            break
+    assert max(rounds) >= 0.9, rounds
 
 
 def test_a_job_that_loses_every_trainer_fails_after_max_interruptions(

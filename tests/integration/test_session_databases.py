@@ -23,9 +23,9 @@ def _exists(admin_url: str, name: str) -> bool:
 
 
 def test_the_dropper_drops_every_database_named_and_only_those(pg_admin_url: str) -> None:
-    made: list[str] = []  # written down too: what this leaves is dropped at the session's end
-    names = [_create_database(pg_admin_url, made, "lf_dropper") for _ in range(2)]
-    kept = _create_database(pg_admin_url, made, "lf_dropper")
+    # Written down too: what this leaves is dropped at the session's end.
+    names = [_create_database(pg_admin_url, "lf_dropper") for _ in range(2)]
+    kept = _create_database(pg_admin_url, "lf_dropper")
     # One of them still in use, as a session's last pooled connection may be.
     with psycopg.connect(_with_database(pg_admin_url, names[0])):
         dropped = subprocess.run(
