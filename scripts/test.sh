@@ -16,5 +16,7 @@ bash scripts/bootstrap.sh
 .venv/bin/lint-imports --no-cache
 .venv/bin/mypy
 workers=0
-if [ "$(nproc)" -ge 2 ]; then workers=2; fi
+# The cores this process may use (`nproc` would follow OMP_NUM_THREADS instead).
+cores=$(.venv/bin/python -c 'import os; print(len(os.sched_getaffinity(0)))')
+if [ "$cores" -ge 2 ]; then workers=2; fi
 .venv/bin/python -m pytest -n "${LORAFORGE_TEST_WORKERS:-$workers}" --dist worksteal "$@"
