@@ -232,6 +232,35 @@ def test_pause_a_running_job_from_its_page_and_resume_it(
     expect(page.locator("#event-log")).to_contain_text("resumed from step", timeout=60_000)
 
 
+MARK_SUMMARY = "document.getElementById('job-summary').dataset.seen = 'yes'"
+SUMMARY_REDRAWN = "() => !document.getElementById('job-summary').dataset.seen"
+
+
+def test_a_press_on_pause_held_while_the_summary_moves_pauses_the_job(
+    page: Page, running_job_page: str
+) -> None:
+    """The summary is redrawn live as the job trains, and a browser dispatches no click when
+    the element pressed leaves the page before the release: a press held across a redraw lost
+    the click (Pause did nothing). A redraw now waits for the release."""
+    page.evaluate(MARK_SUMMARY)
+    page.wait_for_function(SUMMARY_REDRAWN, timeout=30_000)  # redraws arrive
+    page.evaluate(MARK_SUMMARY)
+    began = time.monotonic()
+    page.wait_for_function(SUMMARY_REDRAWN, timeout=30_000)
+    every = time.monotonic() - began
+
+    box = page.locator("#pause-job").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.evaluate(MARK_SUMMARY)
+    page.mouse.down()
+    time.sleep(max(2.0, 3 * every))  # redraws arrive meanwhile
+    assert page.evaluate("document.getElementById('job-summary').dataset.seen") == "yes"
+    page.mouse.up()
+    expect(page.locator("#notice")).to_contain_text("Pause requested")
+    expect(page.locator("#job-status .status")).to_have_text("paused", timeout=30_000)
+
+
 def test_a_dpo_job_from_the_form_shows_how_often_the_preferred_reply_wins(
     live_url: str,
     page: Page,

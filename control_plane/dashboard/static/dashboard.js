@@ -49,6 +49,30 @@
     return fresh;
   }
 
+  // A redraw that arrives while a pointer is pressed waits until it is released (and the click
+  // it makes has been dispatched): a browser dispatches no click when the element the press
+  // began on leaves the page before the release, so a person pressing Pause or Cancel as the
+  // job page's summary or a jobs table's row is redrawn lost their click. The latest redraw of
+  // each panel is kept.
+  var pressed = false, deferred = new Map();
+  document.addEventListener("pointerdown", function () { pressed = true; }, true);
+  function released() {
+    if (!pressed) return;
+    setTimeout(function () {
+      pressed = false;
+      var redraws = Array.from(deferred.values());
+      deferred.clear();
+      redraws.forEach(function (redraw) { redraw(); });
+    }, 0);
+  }
+  ["pointerup", "pointercancel"].forEach(function (type) {
+    document.addEventListener(type, released, true);
+  });
+  window.addEventListener("blur", released);
+  function redrawWhenReleased(key, redraw) {
+    if (pressed) deferred.set(key, redraw); else redraw();
+  }
+
   // A live panel redrawn while a person is in one of its forms (the job page's priority): that
   // form stays the very element they are in, with what they typed and where their caret was;
   // the rest is new. A redraw that changes nothing (the stream's first) is left out.
@@ -82,8 +106,11 @@
       var template = document.createElement("template");
       template.innerHTML = event.data.trim();
       var fresh = template.content.firstElementChild;
-      var current = fresh && document.getElementById(fresh.id);
-      if (current) replaceWithHtml(current, event.data);
+      if (!fresh || !fresh.id) return;
+      redrawWhenReleased(fresh.id, function () {
+        var current = document.getElementById(fresh.id);
+        if (current) replaceWithHtml(current, event.data);
+      });
     });
     jobsStream.addEventListener("newer", function (event) {
       var count = parseInt(event.data, 10) || 0;
@@ -112,8 +139,10 @@
       if (chart) chart.add(JSON.parse(event.data));
     });
     stream.addEventListener("summary", function (event) {
-      var summary = document.getElementById("job-summary");
-      if (summary) replaceKeepingForms(summary, event.data);
+      redrawWhenReleased("job-summary", function () {
+        var summary = document.getElementById("job-summary");
+        if (summary) replaceKeepingForms(summary, event.data);
+      });
     });
     stream.addEventListener("end", function () {
       stream.close();
