@@ -253,9 +253,12 @@ def test_a_press_on_pause_held_while_the_summary_moves_pauses_the_job(
     assert box is not None
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.evaluate(MARK_SUMMARY)
+    points = int(page.get_attribute("#loss-chart", "data-points") or 0)
     page.mouse.down()
     time.sleep(max(2.0, 3 * every))  # redraws arrive meanwhile
     assert page.evaluate("document.getElementById('job-summary').dataset.seen") == "yes"
+    # The stream went on meanwhile: the chart, which is not a redraw, took new points.
+    assert int(page.get_attribute("#loss-chart", "data-points") or 0) > points
     page.mouse.up()
     expect(page.locator("#notice")).to_contain_text("Pause requested")
     expect(page.locator("#job-status .status")).to_have_text("paused", timeout=30_000)

@@ -55,7 +55,11 @@
   // job page's summary or a jobs table's row is redrawn lost their click. The latest redraw of
   // each panel is kept.
   var pressed = false, deferred = new Map();
-  document.addEventListener("pointerdown", function () { pressed = true; }, true);
+  // Only the primary button's press can make a click: another's release may never reach the
+  // page (a context menu takes it), and one seen moving with no button down releases it too.
+  document.addEventListener("pointerdown", function (event) {
+    if (event.button === 0) pressed = true;
+  }, true);
   function released() {
     if (!pressed) return;
     setTimeout(function () {
@@ -69,6 +73,9 @@
     document.addEventListener(type, released, true);
   });
   window.addEventListener("blur", released);
+  document.addEventListener("pointermove", function (event) {
+    if (pressed && event.buttons === 0) released();
+  }, true);
   function redrawWhenReleased(key, redraw) {
     if (pressed) deferred.set(key, redraw); else redraw();
   }
