@@ -110,9 +110,7 @@
     if (!table || !table.dataset.stream) return;
     jobsStream = new EventSource(table.dataset.stream);
     jobsStream.addEventListener("row", function (event) {
-      var template = document.createElement("template");
-      template.innerHTML = event.data.trim();
-      var fresh = template.content.firstElementChild;
+      var fresh = elementOf(event.data);
       if (!fresh || !fresh.id) return;
       redrawWhenReleased(fresh.id, function () {
         var current = document.getElementById(fresh.id);
