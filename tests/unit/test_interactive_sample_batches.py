@@ -7,6 +7,7 @@ SAMPLE_TOKENS. The tiny test base, real torch + peft, CPU, fp32."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ def test_several_models_and_the_base_share_a_batch_each_row_through_its_own_adap
 
 
 def test_a_request_stopped_midway_ends_there_and_its_batch_mates_decode_as_alone(
-    engine: InteractiveEngine,
+    engine: InteractiveEngine, pass_sizes: list[int]
 ) -> None:
     """`generate`'s `on_step` stops a request (a streamed chat whose client left): its rows end
     after the tokens sampled so far, as at `max_tokens`; the other request's rows are as alone."""
@@ -251,8 +252,53 @@ def test_a_request_stopped_midway_ends_there_and_its_batch_mates_decode_as_alone
         stopped, other = sampling.generate(
             base.model, [first, second], base.tokenizer, base.device, on_step=on_step
         )
+        passes = list(pass_sizes)
         [alone] = sampling.generate(base.model, [second], base.tokenizer, base.device)
     assert [len(s["tokens"]) for s in stopped["sequences"]] == [4, 4]
     assert {s["stop_reason"] for s in stopped["sequences"]} == {"length"}
     assert other["sequences"][0]["tokens"] == alone["sequences"][0]["tokens"]
     assert len(other["sequences"][0]["tokens"]) == 12 and steps[:4] == [1, 2, 3, 4]
+    # the stopped request's rows left the batch after their fourth token
+    assert passes == [3, 3, 3, 3] + [1] * 8
+
+
+@pytest.fixture
+def pass_sizes(engine: InteractiveEngine) -> Iterator[list[int]]:
+    """The rows of each forward pass of the engine's model, as they run."""
+    sizes: list[int] = []
+
+    def count(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        sizes.append(kwargs["input_ids"].shape[0])
+
+    handle = engine.base.model.register_forward_pre_hook(count, with_kwargs=True)
+    yield sizes
+    handle.remove()
+
+
+def test_rows_that_have_finished_leave_the_batch_and_the_rest_decode_as_alone(
+    engine: InteractiveEngine, pass_sizes: list[int]
+) -> None:
+    """A row that has stopped leaves the batch with its KV cache: the passes after it hold the
+    rows still decoding (here three short rows of one model, then a row of another model and a
+    mid-length row of the first, which is then decoded last), and each request still answers
+    as alone, each row through its own adapter once the batch has narrowed."""
+    engine.create("a", rank=8, seed=0)
+    train(engine, "a", 2)
+    engine.create("b", rank=4, seed=1)
+    engine.forward_backward("b", batch(datum(OTHER)))
+    engine.optim_step("b", {"learning_rate": 5e-2})
+    asked: list[tuple[str | None, dict[str, Any]]] = [
+        ("a", sample_request(SEQUENCE[:5], n=3, max_tokens=3, temperature=1.0, seed=2, stop=[])),
+        ("b", sample_request(OTHER[:7], max_tokens=10, temperature=0.0, stop=[])),
+        ("a", sample_request(SEQUENCE[:4], max_tokens=6, temperature=0.0, stop=[])),
+    ]
+    alone = [engine.sample(m, r) for m, r in asked]
+    pass_sizes.clear()
+    together = engine.sample_many(asked)
+    # the prompts, then a pass a token: the three rows of 3 leave after their third, the row
+    # of 6 after its sixth (before: every pass held all five rows)
+    assert pass_sizes == [5, 5, 5, 2, 2, 2, 1, 1, 1, 1]
+    for mine, theirs in zip(together, alone, strict=True):
+        assert not isinstance(mine, InteractiveError)
+        _same(mine, theirs)
+    assert [len(s["tokens"]) for r in together for s in r["sequences"]] == [3, 3, 3, 10, 6]

@@ -10,9 +10,8 @@ slice of the batch: differentiable, so training batches use it as well as sampli
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any
 
 import torch
@@ -25,27 +24,48 @@ BASE = "__base__"
 
 
 @contextmanager
-def routed(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
+def routed(peft: PeftModel, adapters: list[str]) -> Iterator[Callable[[list[str]], None]]:
     """Each row of the forward passes run meanwhile goes through its own adapter (`adapters[i]`
     for row i; BASE for the base alone), fastest when each adapter's rows are consecutive (a
     slice each). Plain LoRA only (DoRA and the like are refused, as peft's mixed batches refuse
-    them); the engine's adapters have no dropout."""
-    segments = _segments(adapters)
+    them); the engine's adapters have no dropout. Yields a function that routes the passes
+    after it by another list (a decode's batch once its finished rows have left it; adapters
+    of the first list only)."""
+    routes = _Routes(adapters)
     layers = [module for module in peft.modules() if isinstance(module, LoraLayer)]
-    varied = [a for layer in layers for a, _, _ in segments if a in layer.lora_variant]
+    varied = [a for layer in layers for a, _, _ in routes.segments if a in layer.lora_variant]
     if varied:  # DoRA and the like: their update is not B A x
         raise ValueError(f"adapter {varied[0]} is not plain LoRA: it cannot share a batch")
-    base_only = partial(_base_rows, [BASE] * len(adapters))
-    update = partial(_add_updates, segments)
     handles = []
     for layer in layers:
-        handles.append(layer.register_forward_pre_hook(base_only, with_kwargs=True))
-        handles.append(layer.register_forward_hook(update))
+        handles.append(layer.register_forward_pre_hook(routes.base_rows, with_kwargs=True))
+        handles.append(layer.register_forward_hook(routes.add_updates))
     try:
-        yield
+        yield routes.route
     finally:
         for handle in handles:
             handle.remove()
+
+
+class _Routes:
+    """The rows' adapters, as the hooks read them at each pass."""
+
+    def __init__(self, adapters: list[str]) -> None:
+        self.route(adapters)
+
+    def route(self, adapters: list[str]) -> None:
+        self.segments = _segments(adapters)
+        self.names = [BASE] * len(adapters)
+
+    def base_rows(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return args, {**kwargs, "adapter_names": self.names}
+
+    def add_updates(
+        self, module: Any, args: tuple[Any, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        return _add_updates(self.segments, module, args, output)
 
 
 def _segments(adapters: list[str]) -> list[tuple[str, int, int]]:
@@ -57,12 +77,6 @@ def _segments(adapters: list[str]) -> list[tuple[str, int, int]]:
         else:
             segments.append((adapter, row, row + 1))
     return segments
-
-
-def _base_rows(
-    names: list[str], module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    return args, {**kwargs, "adapter_names": names}
 
 
 def _add_updates(

@@ -2,10 +2,10 @@
 
 A tenant's samples between training steps do not justify a serving engine beside the trainer:
 the adapter being trained is sampled where it lives, with no export. Several requests (an RL
-loop's prompts, other tenants' models) are decoded together, one forward pass a token for all
-their rows (within SAMPLE_TOKENS): prompts left-padded and masked, each row at its own positions
-and through its own adapter, so each request reads what it would alone. Semantics follow
-Tinker's SamplingParams:
+loop's prompts, other tenants' models) are decoded together, one forward pass a token for
+their rows still decoding (within SAMPLE_TOKENS; a row that has stopped leaves the batch):
+prompts left-padded and masked, each row at its own positions and through its own adapter, so
+each request reads what it would alone. Semantics follow Tinker's SamplingParams:
 
 - `temperature` 0 is greedy; otherwise `top_k` (-1 or 0: no limit) and `top_p` narrow the
   tempered distribution before drawing.
@@ -110,21 +110,34 @@ def generate(
     """Decode every request's `num_samples` continuations in one batch (a SampleResponse
     each): the prompts left-padded to the longest, masked, and each row placed by its own
     positions, so a request's rows read what they would alone. Each request draws from its own
-    generator and keeps its own parameters and stops; a row that stopped runs along with the
-    batch, its tokens dropped, until every row has. `adapters` (a peft model's adapter names,
-    one a request) has each request's rows read through its own adapter. `on_step` is given
-    each request's rows' tokens so far after every token sampled but the last, and answers the
-    requests (by place) to stop sampling now (their rows end as at `max_tokens`)."""
+    generator and keeps its own parameters and stops; a row that has stopped leaves the batch
+    (its KV cache with it), so the passes after it cost the rows still decoding, not the
+    batch's first size. `adapters` (a peft model's adapter names, one a request) has each
+    request's rows read through its own adapter. `on_step` is given each request's rows'
+    tokens so far after every token sampled but the last, and answers the requests (by place)
+    to stop sampling now (their rows end as at `max_tokens`)."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
     if adapters is None:
-        return _generate(model, requests, owner, tokenizer, device, on_step)
-    with routed(cast(PeftModel, model), [adapters[r] for r in owner]):
-        return _generate(model, requests, owner, tokenizer, device, on_step)
+        return _generate(model, requests, owner, tokenizer, device, on_step, None)
+    row_adapters = [adapters[r] for r in owner]
+    with routed(cast(PeftModel, model), row_adapters) as route:
+        reroute = _Reroute(route, row_adapters)
+        return _generate(model, requests, owner, tokenizer, device, on_step, reroute)
 
 
 # Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
 # requests to stop now out.
 OnStep = Callable[[list[list[list[int]]]], set[int]]
+
+
+class _Reroute:
+    """Routes a mixed batch's passes by the adapters of the rows still in it."""
+
+    def __init__(self, route: Callable[[list[str]], None], row_adapters: list[str]) -> None:
+        self.route, self.row_adapters = route, row_adapters
+
+    def __call__(self, live: list[int]) -> None:
+        self.route([self.row_adapters[row] for row in live])
 
 
 def _generate(
@@ -134,6 +147,7 @@ def _generate(
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
     on_step: OnStep | None,
+    reroute: Callable[[list[int]], None] | None,
 ) -> list[dict[str, Any]]:
     rows_of = [[row for row, o in enumerate(owner) if o == r] for r in range(len(requests))]
     width = max(len(request.prompt) for request in requests)
@@ -156,22 +170,24 @@ def _generate(
     widths = [requests[r].topk_sample_logprobs for r in owner]
     topk: list[list[TopkRow]] = [[] for _ in owner]
     stopped, done = [False] * len(owner), [False] * len(owner)
+    live = list(range(len(owner)))  # the rows in the batch, by place: those still decoding
+    places_of = rows_of  # each request's rows' places in the batch
     while True:
         logits = output.logits[:, -1].float()
-        chosen = torch.empty(len(owner), dtype=torch.int64, device=device)
+        chosen = torch.empty(len(live), dtype=torch.int64, device=device)
         for r, request in enumerate(requests):
-            chosen[rows_of[r]] = _choose(logits[rows_of[r]], request, generators[r])
+            if places_of[r]:  # a request draws for its rows still decoding, alone or not
+                chosen[places_of[r]] = _choose(logits[places_of[r]], request, generators[r])
         every = torch.log_softmax(logits, dim=-1)
         own = every.gather(-1, chosen[:, None]).squeeze(-1)
-        tops = _sample_topk(every, widths)
-        for row, (token, logprob) in enumerate(zip(chosen.tolist(), own.tolist(), strict=True)):
-            if done[row]:
-                continue  # a finished row runs along with the batch; its tokens are dropped
+        tops = _sample_topk(every, [widths[row] for row in live])
+        pairs = zip(live, chosen.tolist(), own.tolist(), strict=True)
+        for place, (row, token, logprob) in enumerate(pairs):
             request = requests[owner[row]]
             tokens[row].append(token)
             logprobs[row].append(logprob)
             if widths[row]:
-                topk[row].append(tops[row])
+                topk[row].append(tops[place])
             stopped[row] = token in request.stop_tokens or _ends_in_stop_string(
                 tokens[row], request.stop_strings, tokenizer
             )
@@ -184,6 +200,17 @@ def _generate(
                     done[row] = True
             if all(done):
                 break
+        kept = [place for place, row in enumerate(live) if not done[row]]
+        if len(kept) < len(live):  # finished rows leave the batch, their KV cache with them
+            index = torch.tensor(kept, device=device)
+            output.cache.batch_select_indices(index)
+            mask, positions, chosen = mask[index], positions[index], chosen[index]
+            live = [live[place] for place in kept]
+            places_of = [
+                [p for p, row in enumerate(live) if owner[row] == r] for r in range(len(requests))
+            ]
+            if reroute is not None:
+                reroute(live)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
         output = model(
