@@ -20,7 +20,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,17 @@ from workers.training.resident import ResidentBase
 
 
 @contextmanager
-def peft_mixed_batch(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
-    """peft's own mixed batch: its `adapter_names` argument given to every LoRA layer."""
+def peft_mixed_batch(peft: PeftModel, adapters: list[str]) -> Iterator[Callable[[list[str]], None]]:
+    """peft's own mixed batch: its `adapter_names` argument given to every LoRA layer; yields
+    the function that routes the passes after it by another list, as `routed` does (a decode's
+    batch once its finished rows have left it)."""
+    routes = [adapters]
 
     def names(module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
-        return args, {**kwargs, "adapter_names": adapters}
+        return args, {**kwargs, "adapter_names": routes[0]}
+
+    def route(narrowed: list[str]) -> None:
+        routes[0] = narrowed
 
     handles = [
         module.register_forward_pre_hook(names, with_kwargs=True)
@@ -49,7 +55,7 @@ def peft_mixed_batch(peft: PeftModel, adapters: list[str]) -> Iterator[None]:
         if isinstance(module, LoraLayer)
     ]
     try:
-        yield
+        yield route
     finally:
         for handle in handles:
             handle.remove()

@@ -11,8 +11,10 @@ decoded in one batch (`InteractiveEngine.sample_many`) on the tiny test base or 
 Face directory `--base-dir` (e.g. the demo's SmolLM2-135M-Instruct). Beside it, in alternating
 rounds in the same process: the same calls with every row decoding to the longest, which is the
 work a batch did before, when a finished row ran along with it (its passes held every row to
-the batch's last token). One JSON line: the median seconds of both, the rows' tokens a second
-(the tokens the replies hold, the same on both sides), and the passes' rows summed.
+the batch's last token; its replies are longer, but their tokens past each row's own length
+are the ones the old batch dropped). One JSON line: the median seconds of both, the tokens a
+second on both sides counting only the replies' own tokens (each row's `max_tokens`), and the
+passes' rows summed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 from benchmarks.queue import cpu_model, emit_beside, progress
 from tests.fixtures.testbase import TEST_BASE_PATH
+from workers.interactive import sampling
 from workers.interactive.engine import InteractiveEngine
 from workers.training.resident import ResidentBase
 
@@ -68,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-dir", type=Path, help="a Hugging Face model directory")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     args = parser.parse_args(argv)
+    longest_row = 16 + min(args.calls - 1, 31) + args.max_tokens  # prompt and reply
+    padded = args.calls * args.samples * longest_row
+    if padded > sampling.SAMPLE_TOKENS:  # both sides must decode as one batch
+        parser.error(
+            f"rows times the longest row is {padded}, over a batch's {sampling.SAMPLE_TOKENS}: "
+            "ask fewer calls, samples or tokens"
+        )
     resident = ResidentBase.load(args.base_dir or TEST_BASE_PATH, args.precision)
     label = args.base_dir.name if args.base_dir else "tiny test base"
     engine = InteractiveEngine(resident)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tests.fixtures.testbase import TEST_BASE_PATH
 from tests.unit.test_interactive_engine import (
@@ -279,9 +280,9 @@ def test_rows_that_have_finished_leave_the_batch_and_the_rest_decode_as_alone(
     engine: InteractiveEngine, pass_sizes: list[int]
 ) -> None:
     """A row that has stopped leaves the batch with its KV cache: the passes after it hold the
-    rows still decoding (here three short rows of one model, then a row of another model and a
-    mid-length row of the first, which is then decoded last), and each request still answers
-    as alone, each row through its own adapter once the batch has narrowed."""
+    rows still decoding (here three short rows of model a leave first, then the mid-length row
+    of a, and the row of model b is decoded last), and each request still answers as alone,
+    each row through its own adapter and with its own top-k once the batch has narrowed."""
     engine.create("a", rank=8, seed=0)
     train(engine, "a", 2)
     engine.create("b", rank=4, seed=1)
@@ -289,7 +290,13 @@ def test_rows_that_have_finished_leave_the_batch_and_the_rest_decode_as_alone(
     engine.optim_step("b", {"learning_rate": 5e-2})
     asked: list[tuple[str | None, dict[str, Any]]] = [
         ("a", sample_request(SEQUENCE[:5], n=3, max_tokens=3, temperature=1.0, seed=2, stop=[])),
-        ("b", sample_request(OTHER[:7], max_tokens=10, temperature=0.0, stop=[])),
+        (
+            "b",
+            {
+                **sample_request(OTHER[:7], max_tokens=10, temperature=0.0, stop=[]),
+                "topk_sample_logprobs": 3,  # its row's place moves from 3 to 0, then stays
+            },
+        ),
         ("a", sample_request(SEQUENCE[:4], max_tokens=6, temperature=0.0, stop=[])),
     ]
     alone = [engine.sample(m, r) for m, r in asked]
@@ -302,3 +309,65 @@ def test_rows_that_have_finished_leave_the_batch_and_the_rest_decode_as_alone(
         assert not isinstance(mine, InteractiveError)
         _same(mine, theirs)
     assert [len(s["tokens"]) for r in together for s in r["sequences"]] == [3, 3, 3, 10, 6]
+
+
+def test_a_seeded_requests_rows_that_stop_early_leave_and_it_answers_as_alone(
+    engine: InteractiveEngine,
+) -> None:
+    """A request of several rows at temperature 1 whose rows stop at different steps (at a stop
+    token) draws from then on for its rows still decoding only: beside another model's request
+    it answers what it answers alone, row for row."""
+    engine.create("a", rank=8, seed=0)
+    train(engine, "a", 2)
+    engine.create("b", rank=4, seed=1)
+    seeded = sample_request(SEQUENCE[:6], n=4, max_tokens=12, temperature=1.0, seed=5, stop=[])
+    first_row = engine.sample("a", seeded)["sequences"][0]["tokens"]
+    stop = {**seeded, "sampling_params": {**seeded["sampling_params"], "stop": [first_row[1]]}}
+    asked: list[tuple[str | None, dict[str, Any]]] = [
+        ("a", stop),
+        ("b", sample_request(OTHER[:9], max_tokens=12, temperature=0.0, stop=[])),
+    ]
+    alone = [engine.sample(m, r) for m, r in asked]
+    lengths = {len(s["tokens"]) for s in alone[0]["sequences"]}
+    assert len(lengths) > 1 and 2 in lengths, lengths  # its first row stops after 2 tokens
+    together = engine.sample_many(asked)
+    for mine, theirs in zip(together, alone, strict=True):
+        assert not isinstance(mine, InteractiveError)
+        _same(mine, theirs)
+
+
+def test_a_hybrid_bases_convolution_state_leaves_the_batch_with_its_rows() -> None:
+    """A base whose layers keep more than keys and values (LFM2's short convolutions, a state
+    a row) narrows that state too: a random tiny LFM2, rows of 3 tokens leaving a row of 10,
+    each request answering what it answers alone."""
+    from transformers import AutoTokenizer, Lfm2Config, Lfm2ForCausalLM
+
+    from workers.interactive.sample_requests import read_sample_request
+
+    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    config = Lfm2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "full_attention", "conv", "full_attention"],
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = Lfm2ForCausalLM(config).eval()
+
+    def read(request: dict[str, Any]) -> Any:
+        return read_sample_request(request, len(tokenizer), 256, frozenset())
+
+    requests = [  # prompts of one length: no padding tells the batch from the rows alone
+        read(sample_request(SEQUENCE[:5], 3, max_tokens=3, temperature=1.0, seed=2, stop=[])),
+        read(sample_request(OTHER[:5], 1, max_tokens=10, temperature=1.0, seed=4, stop=[])),
+    ]
+    cpu = torch.device("cpu")
+    together = sampling.generate(model, requests, tokenizer, cpu)
+    for mine, request in zip(together, requests, strict=True):
+        [theirs] = sampling.generate(model, [request], tokenizer, cpu)
+        _same(mine, theirs)
+    assert [len(s["tokens"]) for r in together for s in r["sequences"]] == [3, 3, 3, 10]

@@ -203,7 +203,7 @@ def _generate(
         kept = [place for place, row in enumerate(live) if not done[row]]
         if len(kept) < len(live):  # finished rows leave the batch, their KV cache with them
             index = torch.tensor(kept, device=device)
-            output.cache.batch_select_indices(index)
+            output.cache.reorder_cache(index)  # every layer's state: KV, conv, recurrent
             mask, positions, chosen = mask[index], positions[index], chosen[index]
             live = [live[place] for place in kept]
             places_of = [
