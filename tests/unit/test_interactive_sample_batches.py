@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from tests.fixtures.testbase import TEST_BASE_PATH
 from tests.unit.test_interactive_engine import (
@@ -315,8 +316,9 @@ def test_a_seeded_requests_rows_that_stop_early_leave_and_it_answers_as_alone(
     engine: InteractiveEngine,
 ) -> None:
     """A request of several rows at temperature 1 whose rows stop at different steps (at a stop
-    token) draws from then on for its rows still decoding only: beside another model's request
-    it answers what it answers alone, row for row."""
+    token) draws from then on for its rows still decoding only: behind another model's short
+    request, which leaves first and moves every one of its rows up a place, it answers what it
+    answers alone, row for row."""
     engine.create("a", rank=8, seed=0)
     train(engine, "a", 2)
     engine.create("b", rank=4, seed=1)
@@ -324,39 +326,77 @@ def test_a_seeded_requests_rows_that_stop_early_leave_and_it_answers_as_alone(
     first_row = engine.sample("a", seeded)["sequences"][0]["tokens"]
     stop = {**seeded, "sampling_params": {**seeded["sampling_params"], "stop": [first_row[1]]}}
     asked: list[tuple[str | None, dict[str, Any]]] = [
+        ("b", sample_request(OTHER[:9], max_tokens=4, temperature=0.0, stop=[])),
         ("a", stop),
-        ("b", sample_request(OTHER[:9], max_tokens=12, temperature=0.0, stop=[])),
     ]
     alone = [engine.sample(m, r) for m, r in asked]
-    lengths = {len(s["tokens"]) for s in alone[0]["sequences"]}
-    assert len(lengths) > 1 and 2 in lengths, lengths  # its first row stops after 2 tokens
+    rows = alone[1]["sequences"]
+    assert rows[0]["tokens"] == first_row[:2], rows[0]  # its first row stops at its second
+    assert len({len(row["tokens"]) for row in rows}) > 1, rows  # and the others elsewhere
     together = engine.sample_many(asked)
     for mine, theirs in zip(together, alone, strict=True):
         assert not isinstance(mine, InteractiveError)
         _same(mine, theirs)
 
 
-def test_a_hybrid_bases_convolution_state_leaves_the_batch_with_its_rows() -> None:
-    """A base whose layers keep more than keys and values (LFM2's short convolutions, a state
-    a row) narrows that state too: a random tiny LFM2, rows of 3 tokens leaving a row of 10,
-    each request answering what it answers alone."""
-    from transformers import AutoTokenizer, Lfm2Config, Lfm2ForCausalLM
+def _lfm2(vocab_size: int) -> Any:
+    from transformers import Lfm2Config, Lfm2ForCausalLM
 
+    return Lfm2ForCausalLM(
+        Lfm2Config(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            layer_types=["conv", "full_attention", "conv", "full_attention"],
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _minimax(vocab_size: int) -> Any:
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+    return MiniMaxForCausalLM(
+        MiniMaxConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            layer_types=["linear_attention", "full_attention"],
+            max_position_embeddings=256,
+            block_size=16,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "passes"),
+    [
+        pytest.param(_lfm2, [4, 4, 4] + [1] * 7, id="lfm2-rows-leave"),
+        pytest.param(_minimax, [4] * 10, id="minimax-rows-run-along"),
+    ],
+)
+def test_a_hybrid_bases_rows_leave_with_their_states_or_run_along(
+    build: Any, passes: list[int]
+) -> None:
+    """A base whose layers keep more than keys and values: LFM2's short convolutions (a state a
+    row, in its layers) leave with their rows; MiniMax's lightning attention keeps its state
+    outside its cache's layers, which its cache cannot narrow, so its finished rows run along
+    to the batch's end. Random tiny models, rows of 3 tokens beside a row of 10: each request
+    answers what it answers alone."""
     from workers.interactive.sample_requests import read_sample_request
 
     tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
-    config = Lfm2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        layer_types=["conv", "full_attention", "conv", "full_attention"],
-        max_position_embeddings=256,
-    )
     torch.manual_seed(0)
-    model = Lfm2ForCausalLM(config).eval()
+    model = build(len(tokenizer)).eval()
 
     def read(request: dict[str, Any]) -> Any:
         return read_sample_request(request, len(tokenizer), 256, frozenset())
@@ -365,8 +405,14 @@ def test_a_hybrid_bases_convolution_state_leaves_the_batch_with_its_rows() -> No
         read(sample_request(SEQUENCE[:5], 3, max_tokens=3, temperature=1.0, seed=2, stop=[])),
         read(sample_request(OTHER[:5], 1, max_tokens=10, temperature=1.0, seed=4, stop=[])),
     ]
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     cpu = torch.device("cpu")
     together = sampling.generate(model, requests, tokenizer, cpu)
+    handle.remove()
+    assert sizes == passes
     for mine, request in zip(together, requests, strict=True):
         [theirs] = sampling.generate(model, [request], tokenizer, cpu)
         _same(mine, theirs)

@@ -54,7 +54,7 @@ from typing import Any, cast
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedTokenizerBase
 
 from control_plane.prompt_targets import NOTHING
 from workers.interactive.losses import target_logprobs, tensor_data
@@ -111,8 +111,8 @@ def generate(
     each): the prompts left-padded to the longest, masked, and each row placed by its own
     positions, so a request's rows read what they would alone. Each request draws from its own
     generator and keeps its own parameters and stops; a row that has stopped leaves the batch
-    (its KV cache with it), so the passes after it cost the rows still decoding, not the
-    batch's first size. `adapters` (a peft model's adapter names, one a request) has each
+    (its cache with it, where the cache can be narrowed: `_narrowable`), so the passes after it
+    cost the rows still decoding, not the batch's first size. `adapters` (a peft model's adapter names, one a request) has each
     request's rows read through its own adapter. `on_step` is given each request's rows'
     tokens so far after every token sampled but the last, and answers the requests (by place)
     to stop sampling now (their rows end as at `max_tokens`)."""
@@ -183,6 +183,8 @@ def _generate(
         tops = _sample_topk(every, [widths[row] for row in live])
         pairs = zip(live, chosen.tolist(), own.tolist(), strict=True)
         for place, (row, token, logprob) in enumerate(pairs):
+            if done[row]:
+                continue  # a row running along with a cache it cannot leave: tokens dropped
             request = requests[owner[row]]
             tokens[row].append(token)
             logprobs[row].append(logprob)
@@ -201,9 +203,9 @@ def _generate(
             if all(done):
                 break
         kept = [place for place, row in enumerate(live) if not done[row]]
-        if len(kept) < len(live):  # finished rows leave the batch, their KV cache with them
+        if len(kept) < len(live) and _narrowable(output.cache):  # finished rows leave
             index = torch.tensor(kept, device=device)
-            output.cache.reorder_cache(index)  # every layer's state: KV, conv, recurrent
+            output.cache.reorder_cache(index)
             mask, positions, chosen = mask[index], positions[index], chosen[index]
             live = [live[place] for place in kept]
             places_of = [
@@ -236,6 +238,19 @@ def _generate(
         }
         for r in range(len(requests))
     ]
+
+
+def _narrowable(cache: Any) -> bool:
+    """Whether finished rows can leave a cache: `reorder_cache` narrows each of its layers'
+    states (keys and values, and a hybrid base's convolution and recurrent states, which a mixed
+    layer's `batch_select_indices` leaves behind and a convolution layer has no such method
+    for). A cache class of a model's own may keep a state outside its layers (MiniMax's
+    lightning attention, whose own `batch_select_indices` fails on a mixed stack): its rows run
+    along with the batch to its end, as every row did before they could leave."""
+    return isinstance(cache, Cache) and all(
+        getattr(type(cache), method) is getattr(Cache, method)
+        for method in ("reorder_cache", "batch_select_indices")
+    )
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator:
