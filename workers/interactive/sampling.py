@@ -112,10 +112,11 @@ def generate(
     positions, so a request's rows read what they would alone. Each request draws from its own
     generator and keeps its own parameters and stops; a row that has stopped leaves the batch
     (its cache with it, where the cache can be narrowed: `_narrowable`), so the passes after it
-    cost the rows still decoding, not the batch's first size. `adapters` (a peft model's adapter names, one a request) has each
-    request's rows read through its own adapter. `on_step` is given each request's rows'
-    tokens so far after every token sampled but the last, and answers the requests (by place)
-    to stop sampling now (their rows end as at `max_tokens`)."""
+    cost the rows still decoding, not the batch's first size. `adapters` (a peft model's
+    adapter names, one a request) has each request's rows read through its own adapter.
+    `on_step` is given each request's rows' tokens so far after every token sampled but the
+    last, and answers the requests (by place) to stop sampling now (their rows end as at
+    `max_tokens`)."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
     if adapters is None:
         return _generate(model, requests, owner, tokenizer, device, on_step, None)
