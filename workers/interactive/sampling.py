@@ -122,23 +122,16 @@ def generate(
         return _generate(model, requests, owner, tokenizer, device, on_step, None)
     row_adapters = [adapters[r] for r in owner]
     with routed(cast(PeftModel, model), row_adapters) as route:
-        reroute = _Reroute(route, row_adapters)
+
+        def reroute(live: list[int]) -> None:  # the passes by the rows still in the batch
+            route([row_adapters[row] for row in live])
+
         return _generate(model, requests, owner, tokenizer, device, on_step, reroute)
 
 
 # Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
 # requests to stop now out.
 OnStep = Callable[[list[list[list[int]]]], set[int]]
-
-
-class _Reroute:
-    """Routes a mixed batch's passes by the adapters of the rows still in it."""
-
-    def __init__(self, route: Callable[[list[str]], None], row_adapters: list[str]) -> None:
-        self.route, self.row_adapters = route, row_adapters
-
-    def __call__(self, live: list[int]) -> None:
-        self.route([self.row_adapters[row] for row in live])
 
 
 def _generate(
