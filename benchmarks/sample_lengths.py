@@ -14,7 +14,9 @@ work a batch did before, when a finished row ran along with it (its passes held 
 the batch's last token; its replies are longer, but their tokens past each row's own length
 are the ones the old batch dropped). One JSON line: the median seconds of both, the tokens a
 second on both sides counting only the replies' own tokens (each row's `max_tokens`), and the
-passes' rows summed.
+passes' rows summed. A second line: on the rows-leaving side, the mean seconds from the batch's
+start to each call's answer, handed over as its rows finish (`sample_many`'s `on_answer`, as the
+executor records it then), beside the batch's end, when every call was answered before.
 """
 
 from __future__ import annotations
@@ -53,11 +55,18 @@ def _calls(args: argparse.Namespace, longest: bool) -> list[tuple[str | None, di
     return calls
 
 
-def _round(engine: InteractiveEngine, calls: list[tuple[str | None, dict[str, Any]]]) -> float:
+def _round(
+    engine: InteractiveEngine, calls: list[tuple[str | None, dict[str, Any]]]
+) -> tuple[float, list[float]]:
+    """The batch's seconds, and the seconds at which each call's answer was handed over."""
+    answered: list[float] = []
     started = time.perf_counter()
-    for answer in engine.sample_many(calls):
+    answers = engine.sample_many(
+        calls, on_answer=lambda _, __: answered.append(time.perf_counter() - started)
+    )
+    for answer in answers:
         assert not isinstance(answer, Exception), answer
-    return time.perf_counter() - started
+    return time.perf_counter() - started, answered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     _round(engine, spread)  # warm
     leaving: list[float] = []
     along: list[float] = []
+    answered: list[float] = []  # each round's mean seconds to a call's answer
     for index in range(args.rounds):  # alternating: the machine's load drifts
-        leaving.append(_round(engine, spread))
-        along.append(_round(engine, longest))
+        seconds, handed = _round(engine, spread)
+        leaving.append(seconds)
+        answered.append(statistics.fmean(handed))
+        along.append(_round(engine, longest)[0])
         progress(f"round {index}: {leaving[-1]:.2f} s rows leaving, {along[-1]:.2f} s along")
     leaving_s, along_s = statistics.median(leaving), statistics.median(along)
     emit_beside(
@@ -110,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         baseline_tokens_per_second=round(tokens / along_s, 1),
         base=f"{label}, {resident.precision}, rank 8",
         statistic="median over rounds of the batch's seconds",
+    )
+    emit_beside(
+        "interactive_sample_time_to_answer",
+        statistics.median(answered) * 1000,
+        "every call answered at its batch's end (before), the same rounds",
+        leaving_s * 1000,
+        cpu_model(),
+        calls=args.calls,
+        samples_per_call=args.samples,
+        row_tokens=f"{max(1, args.max_tokens // 8)} to {args.max_tokens}",
+        base=f"{label}, {resident.precision}, rank 8",
+        statistic="median over rounds of the mean ms from the batch's start to a call's answer",
     )
     return 0
 

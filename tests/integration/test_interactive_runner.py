@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -591,12 +591,14 @@ class _OutOfMemoryWithTheLongPrompt(InteractiveEngine):
     as a batch too big for a GPU does (the long prompt alone too: it is the culprit)."""
 
     def sample_many(
-        self, asked: list[tuple[str | None, dict[str, Any]]]
+        self,
+        asked: list[tuple[str | None, dict[str, Any]]],
+        on_answer: Callable[[int, dict[str, Any] | InteractiveError], None] | None = None,
     ) -> list[dict[str, Any] | InteractiveError]:
         for _, request in asked:
             if len(request["prompt"]["chunks"][0]["tokens"]) > 10:
                 raise RuntimeError("CUDA out of memory (a test's stand-in)")
-        return super().sample_many(asked)
+        return super().sample_many(asked, on_answer)
 
 
 def test_a_sample_batch_that_fails_is_run_again_a_call_at_a_time(

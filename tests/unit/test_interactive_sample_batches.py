@@ -312,6 +312,40 @@ def test_rows_that_have_finished_leave_the_batch_and_the_rest_decode_as_alone(
     assert [len(s["tokens"]) for r in together for s in r["sequences"]] == [3, 3, 3, 10, 6]
 
 
+def test_each_answer_is_handed_over_once_its_rows_are_done_while_the_longer_rows_go_on(
+    engine: InteractiveEngine, pass_sizes: list[int]
+) -> None:
+    """`sample_many`'s `on_answer` is given each request's answer as soon as it has it, once
+    each: a refusal before any pass, a SampleResponse after the pass that sampled its rows'
+    last token, while a longer request's rows go on decoding; what it is given is what the
+    batch returns, and what the request answers alone."""
+    engine.create("a", rank=8, seed=0)
+    train(engine, "a", 2)
+    asked: list[tuple[str | None, dict[str, Any]]] = [
+        ("a", sample_request(SEQUENCE[:5], max_tokens=9, temperature=0.0, stop=[])),
+        ("a", sample_request(SEQUENCE[:5], max_tokens=0)),  # refused: max_tokens must be >= 1
+        (None, sample_request(OTHER[:7], n=2, max_tokens=3, temperature=1.0, seed=4, stop=[])),
+        ("a", sample_request(OTHER[:4], max_tokens=5, temperature=0.0, stop=[])),
+    ]
+    alone = {i: engine.sample(m, r) for i, (m, r) in enumerate(asked) if i != 1}
+    pass_sizes.clear()
+    given: list[tuple[int, int, Any]] = []  # (request, passes run by then, what it was given)
+    together = engine.sample_many(
+        asked, on_answer=lambda i, answer: given.append((i, len(pass_sizes), answer))
+    )
+    # the prompts' pass samples every row's first token, then a pass a token
+    assert [(i, passes) for i, passes, _ in given] == [(1, 0), (2, 3), (3, 5), (0, 9)]
+    assert pass_sizes == [4, 4, 4, 2, 2, 1, 1, 1, 1]
+    for i, _, answer in given:
+        assert answer is together[i]
+    refused = together[1]
+    assert isinstance(refused, InteractiveError) and "max_tokens" in str(refused)
+    for i, theirs in alone.items():
+        mine = together[i]
+        assert not isinstance(mine, InteractiveError)
+        _same(mine, theirs)
+
+
 def test_a_seeded_requests_rows_that_stop_early_leave_and_it_answers_as_alone(
     engine: InteractiveEngine,
 ) -> None:

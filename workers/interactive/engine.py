@@ -22,11 +22,10 @@ would have.
 from __future__ import annotations
 
 import itertools
-import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from workers.interactive.adam import AdamParams, read_adam_params
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
 from workers.interactive.chat import (
     StreamSink,
@@ -59,18 +59,6 @@ OPTIMIZER_STATE = "optimizer_state.pt"
 # Most (padded) tokens in one forward pass; a call's datums run in groups of at most this many,
 # so activations and logits are bounded by it, not by the size of the call.
 MICRO_BATCH_TOKENS = 8192
-
-
-@dataclass(frozen=True)
-class AdamParams:
-    """Tinker's AdamParams, with its defaults."""
-
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-12
-    weight_decay: float = 0.0
-    grad_clip_norm: float = 0.0  # 0 or less: no clipping
 
 
 @dataclass
@@ -261,7 +249,7 @@ class InteractiveEngine:
         """One AdamW step on the gradients accumulated since the last; OptimStepResponse."""
         with self._lock:
             model, optimizer = self._trainable(model_id)
-            hp = _read_adam_params(adam_params)
+            hp = read_adam_params(adam_params)
             for group in optimizer.param_groups:
                 group["lr"] = hp.learning_rate
                 group["betas"] = (hp.beta1, hp.beta2)
@@ -343,12 +331,16 @@ class InteractiveEngine:
         return _raised(self.sample_many([(model_id, request)])[0])
 
     def sample_many(
-        self, asked: list[tuple[str | None, dict[str, Any]]]
+        self,
+        asked: list[tuple[str | None, dict[str, Any]]],
+        on_answer: Callable[[int, dict[str, Any] | InteractiveError], None] | None = None,
     ) -> list[dict[str, Any] | InteractiveError]:
         """SampleRequests, each of its model (None: the base alone), decoded together in
         batches within SAMPLE_TOKENS (a request past it runs alone), each row
         through its own model's adapter in the same forward pass (peft's mixed batches): each
-        its SampleResponse, or the reason it was refused (the others run)."""
+        its SampleResponse, or the reason it was refused (the others run). `on_answer` is
+        given each one (by its index in `asked`) as soon as it is known: a refusal before any
+        decoding, a response once its rows are done while the batch's longer rows go on."""
         answers: list[dict[str, Any] | InteractiveError] = []
         parsed: dict[int, tuple[str, SamplingRequest]] = {}
         chats: set[int] = set()  # asked as chats (`chat`): messages in, text out
@@ -368,6 +360,8 @@ class InteractiveEngine:
                     )
                 except InteractiveError as refused:
                     answers.append(refused)
+                    if on_answer is not None:
+                        on_answer(i, refused)
                 else:
                     answers.append({})
             sizes = {
@@ -384,8 +378,17 @@ class InteractiveEngine:
                     for k, i in enumerate(batch)
                     if i in chats and isinstance(asked[i][1].get("stream"), str)
                 }
+
+                def done(k: int, answer: dict[str, Any], batch: list[int] = batch) -> None:
+                    i = batch[k]
+                    if i in chats:
+                        answer = chat_answer(answer, parsed[i][1], self.base.tokenizer)
+                    answers[i] = answer
+                    if on_answer is not None:
+                        on_answer(i, answer)
+
                 with self._autocast(), evaluating(model):
-                    decoded = generate(
+                    generate(
                         model,
                         [parsed[i][1] for i in batch],
                         self.base.tokenizer,
@@ -398,11 +401,7 @@ class InteractiveEngine:
                             [parsed[i][1] for i in batch],
                             self.base.tokenizer,
                         ),
-                    )
-                for i, answer in zip(batch, decoded, strict=True):
-                    tokenizer = self.base.tokenizer
-                    answers[i] = (
-                        chat_answer(answer, parsed[i][1], tokenizer) if i in chats else answer
+                        on_done=done,
                     )
         return answers
 
@@ -416,26 +415,6 @@ def _raised(answer: dict[str, Any] | InteractiveError) -> dict[str, Any]:
     if isinstance(answer, InteractiveError):
         raise answer
     return answer
-
-
-def _read_adam_params(raw: Any) -> AdamParams:
-    if not isinstance(raw, dict):
-        raise InteractiveError("adam_params must be an AdamParams object")
-    names = {f.name for f in fields(AdamParams)}
-    unknown = sorted(set(raw) - names - {"type"})
-    if unknown or raw.get("type", "adamw") not in ("adam", "adamw"):
-        wrong = unknown or raw["type"]
-        raise InteractiveError(f"only Adam is offered: AdamParams {sorted(names)}, not {wrong}")
-    values = {k: raw[k] for k in names if raw.get(k) is not None}
-    numbers = (isinstance(v, int | float) and not isinstance(v, bool) for v in values.values())
-    if not all(numbers) or not all(math.isfinite(v) for v in values.values()):
-        raise InteractiveError("AdamParams values must be finite numbers")
-    hp = AdamParams(**{k: float(v) for k, v in values.items()})
-    if hp.learning_rate < 0 or hp.eps < 0 or hp.weight_decay < 0:
-        raise InteractiveError("learning_rate, eps and weight_decay must be >= 0")
-    if not (0 <= hp.beta1 < 1 and 0 <= hp.beta2 < 1):
-        raise InteractiveError("beta1 and beta2 must be in [0, 1)")
-    return hp
 
 
 @contextmanager

@@ -19,9 +19,8 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Connection
 from sqlalchemy.exc import DataError, IntegrityError
@@ -42,6 +41,7 @@ from workers.interactive.batching import (
     forward_input,
     gather,
 )
+from workers.interactive.calls_together import Failure, Outcome, failure, run_calls_together
 from workers.interactive.engine import MICRO_BATCH_TOKENS, InteractiveEngine, InteractiveError
 from workers.interactive.saving import save
 from workers.interactive.streaming import StreamWriter, streamed_request
@@ -58,39 +58,6 @@ OUTAGE_PATIENCE_S = 600.0
 
 class CheckpointNotFound(InteractiveError):
     """A tinker:// path that names no saved weights of this tenant."""
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """A call that failed: its reason, `user` (the request) or `server` (the platform)."""
-
-    message: str
-    category: str
-
-
-# What running a call came to: (result, checkpoint written, whether the model is let go).
-_Outcome = tuple[dict[str, Any], Saved | None, bool] | _Failure
-
-
-# A call as the engine's batch takes it: (model, request) to sample, (model, input, backward).
-_Asked = TypeVar("_Asked")
-
-
-def _alone(
-    run: Callable[[list[_Asked]], list[dict[str, Any] | InteractiveError]], asked: _Asked
-) -> dict[str, Any] | Exception:
-    try:
-        return run([asked])[0]
-    except Exception as exc:
-        return exc
-
-
-def _failure(exc: Exception, taken: list[calls.Call]) -> _Failure:
-    if isinstance(exc, InteractiveError):
-        return _Failure(str(exc), "user")
-    ids = ", ".join(c.id for c in taken)
-    log.error("interactive call %s (%s) failed", ids, taken[0].kind, exc_info=exc)
-    return _Failure(f"{type(exc).__name__}: {exc}", "server")
 
 
 class InteractiveRunner:
@@ -179,73 +146,34 @@ class InteractiveRunner:
         if not taken:
             return False
         if taken[0].kind == "sample":
-            outcomes = self._together(
+            outcomes = run_calls_together(
                 taken,
                 lambda call: (self._sampler(call), streamed_request(call)),
                 self.engine.sample_many,
+                answer=self._answer,
             )
         elif taken[0].kind in FORWARDS:
-            outcomes = self._together(
+            outcomes = run_calls_together(
                 taken,
                 lambda call: (self._held(call), forward_input(call), call.kind != "forward"),
-                self.engine.forward_many,
+                lambda asked, _: self.engine.forward_many(asked),
             )
         else:
             outcomes = [self._one(taken[0])]
-        for call, outcome in zip(taken, outcomes, strict=True):
-            self._answer(call, outcome)
+        for call, done in zip(taken, outcomes, strict=True):
+            if done is not None:  # None: answered while the others ran
+                self._answer(call, done)
         self.calls_run += len(taken)
         return True
 
-    def _one(self, call: calls.Call) -> _Outcome:
+    def _one(self, call: calls.Call) -> Outcome:
         try:
             return self._run(call)
         except Exception as exc:
-            return _failure(exc, [call])
+            return failure(exc, [call])
 
-    def _together(
-        self,
-        taken: list[calls.Call],
-        prepare: Callable[[calls.Call], _Asked],
-        run: Callable[[list[_Asked]], list[dict[str, Any] | InteractiveError]],
-    ) -> list[_Outcome]:
-        """Calls run together by `run` (the engine's `sample_many` or `forward_many`), each
-        prepared first (`prepare`: its model's weights had, its request read); a call that
-        cannot be prepared, or whose request is refused, fails alone. A batch that fails is run
-        again a call at a time, so that a failure is its own call's (a batch out of memory may
-        fit alone; a forward batch leaves the gradients as they were)."""
-        outcomes: list[_Outcome | None] = []
-        asked: list[_Asked] = []
-        for call in taken:
-            try:
-                asked.append(prepare(call))
-                outcomes.append(None)
-            except Exception as exc:
-                outcomes.append(_failure(exc, [call]))
-        answers: list[dict[str, Any] | Exception] = []
-        try:
-            answers = list(run(asked)) if asked else []
-        except Exception as exc:
-            if len(asked) == 1:
-                answers = [exc]
-            else:
-                log.warning(
-                    "a batch of %d %s calls failed (%s): one at a time",
-                    len(asked),
-                    taken[0].kind,
-                    exc,
-                )
-                answers = [_alone(run, one) for one in asked]
-        waiting = (i for i, outcome in enumerate(outcomes) if outcome is None)
-        for i, answer in zip(waiting, answers, strict=True):
-            if isinstance(answer, Exception):
-                outcomes[i] = _failure(answer, [taken[i]])
-            else:
-                outcomes[i] = (answer, None, False)
-        return [outcome for outcome in outcomes if outcome is not None]
-
-    def _answer(self, call: calls.Call, outcome: _Outcome) -> None:
-        if isinstance(outcome, _Failure):
+    def _answer(self, call: calls.Call, outcome: Outcome) -> None:
+        if isinstance(outcome, Failure):
             self._failed(call, outcome.message, outcome.category)
             return
         result, checkpoint, release = outcome

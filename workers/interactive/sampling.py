@@ -106,6 +106,7 @@ def generate(
     *,
     adapters: list[str] | None = None,
     on_step: OnStep | None = None,
+    on_done: OnDone | None = None,
 ) -> list[dict[str, Any]]:
     """Decode every request's `num_samples` continuations in one batch (a SampleResponse
     each): the prompts left-padded to the longest, masked, and each row placed by its own
@@ -116,22 +117,26 @@ def generate(
     adapter names, one a request) has each request's rows read through its own adapter.
     `on_step` is given each request's rows' tokens so far after every token sampled but the
     last, and answers the requests (by place) to stop sampling now (their rows end as at
-    `max_tokens`)."""
+    `max_tokens`). `on_done` is given each request's SampleResponse (by place) as soon as its
+    rows are done, before the rows still decoding go on: its answer need not wait for the
+    batch's longest row."""
     owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
     if adapters is None:
-        return _generate(model, requests, owner, tokenizer, device, on_step, None)
+        return _generate(model, requests, owner, tokenizer, device, on_step, on_done, None)
     row_adapters = [adapters[r] for r in owner]
     with routed(cast(PeftModel, model), row_adapters) as route:
 
         def reroute(live: list[int]) -> None:  # the passes by the rows still in the batch
             route([row_adapters[row] for row in live])
 
-        return _generate(model, requests, owner, tokenizer, device, on_step, reroute)
+        return _generate(model, requests, owner, tokenizer, device, on_step, on_done, reroute)
 
 
 # Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
 # requests to stop now out.
 OnStep = Callable[[list[list[list[int]]]], set[int]]
+# A request's place in the batch and its SampleResponse, once every row of it is done.
+OnDone = Callable[[int, dict[str, Any]], None]
 
 
 def _generate(
@@ -141,6 +146,7 @@ def _generate(
     tokenizer: PreTrainedTokenizerBase,
     device: torch.device,
     on_step: OnStep | None,
+    on_done: OnDone | None,
     reroute: Callable[[list[int]], None] | None,
 ) -> list[dict[str, Any]]:
     rows_of = [[row for row, o in enumerate(owner) if o == r] for r in range(len(requests))]
@@ -166,6 +172,20 @@ def _generate(
     stopped, done = [False] * len(owner), [False] * len(owner)
     live = list(range(len(owner)))  # the rows in the batch, by place: those still decoding
     places_of = rows_of  # each request's rows' places in the batch
+    answers: list[dict[str, Any] | None] = [None] * len(requests)
+
+    def answer_the_finished() -> None:  # each request once, as soon as its rows are done
+        for r, rows in enumerate(rows_of):
+            if answers[r] is None and all(done[row] for row in rows):
+                sequences = [
+                    _sequence(tokens[row], logprobs[row], stopped[row], topk[row], widths[row])
+                    for row in rows
+                ]
+                answer = {"type": "sample", "sequences": sequences, **prompt_scores[r]}
+                answers[r] = answer
+                if on_done is not None:
+                    on_done(r, answer)
+
     while True:
         logits = output.logits[:, -1].float()
         chosen = torch.empty(len(live), dtype=torch.int64, device=device)
@@ -188,12 +208,14 @@ def _generate(
                 tokens[row], request.stop_strings, tokenizer
             )
             done[row] = stopped[row] or len(tokens[row]) == request.max_tokens
+        answer_the_finished()
         if all(done):
             break
         if on_step is not None:
             for r in on_step([[tokens[row] for row in rows] for rows in rows_of]):
                 for row in rows_of[r]:
                     done[row] = True
+            answer_the_finished()
             if all(done):
                 break
         kept = [place for place, row in enumerate(live) if not done[row]]
@@ -216,22 +238,21 @@ def _generate(
             cache=output.cache,
             use_cache=True,
         )
-    return [
-        {
-            "type": "sample",
-            "sequences": [
-                {
-                    "tokens": tokens[row],
-                    "logprobs": logprobs[row],
-                    "stop_reason": "stop" if stopped[row] else "length",
-                    **({"topk_logprobs": topk[row]} if widths[row] else {}),
-                }
-                for row in rows_of[r]
-            ],
-            **prompt_scores[r],
-        }
-        for r in range(len(requests))
-    ]
+    finished = [answer for answer in answers if answer is not None]
+    assert len(finished) == len(requests)  # the loop ends once every row is done
+    return finished
+
+
+def _sequence(
+    tokens: list[int], logprobs: list[float], stopped: bool, topk: list[TopkRow], width: int
+) -> dict[str, Any]:
+    """A row's SampledSequence: `topk_logprobs` only where the request asked for them."""
+    return {
+        "tokens": tokens,
+        "logprobs": logprobs,
+        "stop_reason": "stop" if stopped else "length",
+        **({"topk_logprobs": topk} if width else {}),
+    }
 
 
 def _narrowable(cache: Any) -> bool:
