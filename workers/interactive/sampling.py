@@ -18,29 +18,11 @@ each request reads what it would alone. Semantics follow Tinker's SamplingParams
 - The logprob returned for a token is the model's own (temperature 1, before top-k/top-p), as
   vLLM returns by default: the same quantity `forward` computes, so an importance ratio of an
   on-policy sample starts at 1.
-- `prompt_logprobs`: one entry per prompt token, None for the first (it has no context) and for
-  those before the last `prompt_logprobs_last_n`.
-- `topk_prompt_logprobs` k: one row per prompt token, aligned as `prompt_logprobs` (None for the
-  first and for those before the last `prompt_logprobs_last_n`): row p holds the k most likely
-  tokens of the model's next-token distribution at position p - 1 (the candidates for token p),
-  each a (token, logprob) pair, most likely first (in JSON `[token, logprob]`).
-- `topk_sample_logprobs` k: one such row per generated token (a sequence's `topk_logprobs`),
-  from the same distribution as its `logprobs`: the model's own, before temperature, top-k and
+- `topk_sample_logprobs` k: one row per generated token (a sequence's `topk_logprobs`): its
+  k most likely tokens, each a (token, logprob) pair, most likely first, from the same distribution as its `logprobs`: the model's own, before temperature, top-k and
   top-p narrow it. At temperature 0 a token is the first of its row (or tied with it).
-- `target_prompt_logprobs`: token ids, an int64 [len(prompt) - 1, K] TensorData (K <= 20),
-  dense or sparse CSR: the answer has its shape and layout, cell [i, j] the model's logprob of
-  token ids[i, j] at prompt position i + 1 (row i: the distribution after token i), 0.0 where
-  the cell is -1 or, sparse, unlisted. Every position is scored, whatever
-  `prompt_logprobs_last_n` says.
-- `prompt_alt_tokens_k` k (<= 20): at each position after the first, k tokens drawn from the
-  model's next-token distribution there, independently and with replacement, at the request's
-  temperature, with their logprobs under the model's own distribution (as a sampled token's);
-  two [len(prompt) - 1, k] TensorData, `tokens` and `logprobs`. The SDK says only "at the
-  request's temperature", so `top_k` and `top_p`, which narrow the sequences' draws, do not
-  narrow these: they are alternatives over the whole tempered distribution. Temperature 0 is
-  the limit of that distribution, its mass all on the argmax: each of the k draws is the
-  argmax. The draws have a generator of their own, seeded from the request's `seed`, so the
-  same request draws the same tokens, and asking for them changes none of its samples.
+- The prompt's own scores (`prompt_logprobs`, `topk_prompt_logprobs`, `target_prompt_logprobs`,
+  `prompt_alt_tokens_k`): `prompt_scores`.
 Each of these is computed only for the requests that ask for it: the others cost what they did.
 """
 
@@ -56,14 +38,9 @@ from peft import PeftModel
 from torch import nn
 from transformers import Cache, PreTrainedTokenizerBase
 
-from control_plane.prompt_targets import NOTHING
-from workers.interactive.losses import target_logprobs, tensor_data
+from workers.interactive.prompt_scores import TopkRow, prompt_scores, seeded_generator, topk_rows
 from workers.interactive.routing import routed
-from workers.interactive.sample_requests import PromptTargets, SamplingRequest
-
-# A position's top-k logprobs: (token, logprob) pairs, the most likely first.
-TopkRow = list[tuple[int, float]]
-
+from workers.interactive.sample_requests import SamplingRequest
 
 # Most (padded) tokens decoded together: a batch's rows times its longest row (prompt and
 # max_tokens), which bounds its KV caches and logits; a request past it runs alone.
@@ -160,11 +137,11 @@ def _generate(
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    prompt_scores = [
-        _prompt_scores(output.logits[rows_of[r][0], width - len(request.prompt) :], request)
+    scores = [
+        prompt_scores(output.logits[rows_of[r][0], width - len(request.prompt) :], request)
         for r, request in enumerate(requests)
     ]
-    generators = [_generator(request.seed, device) for request in requests]
+    generators = [seeded_generator(request.seed, device) for request in requests]
     tokens: list[list[int]] = [[] for _ in owner]
     logprobs: list[list[float]] = [[] for _ in owner]
     widths = [requests[r].topk_sample_logprobs for r in owner]
@@ -181,7 +158,7 @@ def _generate(
                     _sequence(tokens[row], logprobs[row], stopped[row], topk[row], widths[row])
                     for row in rows
                 ]
-                answer = {"type": "sample", "sequences": sequences, **prompt_scores[r]}
+                answer = {"type": "sample", "sequences": sequences, **scores[r]}
                 answers[r] = answer
                 if on_done is not None:
                     on_done(r, answer)
@@ -268,16 +245,6 @@ def _narrowable(cache: Any) -> bool:
     )
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A request's own draws: seeded, the same whatever else shares its batch."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
 def _choose(
     logits: torch.Tensor, request: SamplingRequest, generator: torch.Generator
 ) -> torch.Tensor:
@@ -307,84 +274,6 @@ def _ends_in_stop_string(
     return any(stop in text for stop in stop_strings)
 
 
-def _prompt_scores(logits: torch.Tensor, request: SamplingRequest) -> dict[str, Any]:
-    """A response's prompt fields from the logits at its prompt's positions: `prompt_logprobs`
-    (None unless asked), and `topk_prompt_logprobs`, `target_prompt_logprobs` and
-    `prompt_alt_tokens` where asked. The logits at a position score the token after it, so
-    position p is scored by the logits at p - 1. The last two cover every position after the
-    first, whatever `prompt_logprobs_last_n` says, as the SDK has it."""
-    scores: dict[str, Any] = {"prompt_logprobs": None}
-    if request.prompt_targets is not None or request.prompt_alt_tokens_k:
-        every = logits[:-1].float()  # row i scores prompt position i + 1
-        if request.prompt_targets is not None:
-            scores["target_prompt_logprobs"] = _target_scores(every, request.prompt_targets)
-        if request.prompt_alt_tokens_k:
-            scores["prompt_alt_tokens"] = _alternatives(every, request)
-    if not (request.prompt_logprobs or request.topk_prompt_logprobs):
-        return scores
-    first = _first_scored(request)
-    scored = logits[first - 1 : -1].float()
-    if request.prompt_logprobs:
-        prompt = torch.tensor(request.prompt[first:], device=logits.device)
-        scores["prompt_logprobs"] = [None] * first + target_logprobs(scored, prompt).tolist()
-    if request.topk_prompt_logprobs:
-        # Gathered minus the logsumexp, as `target_logprobs`: the (N, V) log-softmax is never
-        # materialised, and a prompt token's logprob reads the same in both fields.
-        top = scored.topk(request.topk_prompt_logprobs, dim=-1)
-        norm = torch.logsumexp(scored, dim=-1, keepdim=True)
-        scores["topk_prompt_logprobs"] = [None] * first + _rows(top.indices, top.values - norm)
-    return scores
-
-
-def _target_scores(logits: torch.Tensor, targets: PromptTargets) -> dict[str, Any]:
-    """`target_prompt_logprobs` from the logits of positions 0 to len(prompt) - 2: cell [i, j]
-    the logprob of token `ids[i, j]` at row i (the candidates for prompt token i + 1), 0.0
-    where the cell asks nothing; dense, or as the request came, its CSR indices kept and the
-    values of the cells they list."""
-    ids = targets.ids.to(logits.device)
-    values = target_logprobs(logits, ids.clamp(min=0)).masked_fill(ids == NOTHING, 0.0).cpu()
-    if targets.crow is None or targets.col is None:
-        return tensor_data(values)
-    crow = torch.tensor(targets.crow, dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(crow) - 1), crow.diff())
-    listed = values[rows, torch.tensor(targets.col, dtype=torch.int64)]
-    return {
-        **tensor_data(listed),
-        "shape": list(values.shape),
-        "sparse_crow_indices": targets.crow,
-        "sparse_col_indices": targets.col,
-    }
-
-
-# Mixed into a request's seed for the generator of its alternative prompt tokens: a stream of
-# their own, so that asking for them leaves the request's samples as they were.
-_ALTERNATIVES_SEED = 0x5EED_A17E_2B0C_C0DE
-
-
-def _alternatives(logits: torch.Tensor, request: SamplingRequest) -> dict[str, Any]:
-    """`prompt_alt_tokens` (the module's docstring says why so): at each row of the logits
-    (the candidates for prompt token i + 1), k draws with replacement at the request's
-    temperature alone, or the argmax k times at temperature 0, each with the model's own
-    logprob of it."""
-    k = request.prompt_alt_tokens_k
-    if request.temperature == 0:
-        tokens = logits.argmax(dim=-1, keepdim=True).expand(-1, k)
-    else:
-        seed = None if request.seed is None else request.seed ^ _ALTERNATIVES_SEED
-        probs = (logits / request.temperature).softmax(dim=-1)
-        generator = _generator(seed, logits.device)
-        tokens = torch.multinomial(probs, k, replacement=True, generator=generator)
-    return {"tokens": tensor_data(tokens), "logprobs": tensor_data(target_logprobs(logits, tokens))}
-
-
-def _first_scored(request: SamplingRequest) -> int:
-    """The first prompt position scored: 1 (position 0 has no context), or the first of the
-    last `prompt_logprobs_last_n`."""
-    if request.prompt_logprobs_last_n is None:
-        return 1
-    return len(request.prompt) - request.prompt_logprobs_last_n
-
-
 def _sample_topk(logprobs: torch.Tensor, widths: list[int]) -> dict[int, TopkRow]:
     """The rows' top `widths[row]` tokens of their next-token logprobs, by row, for the rows
     whose width is not 0: one topk over those rows, at the widest."""
@@ -392,13 +281,5 @@ def _sample_topk(logprobs: torch.Tensor, widths: list[int]) -> dict[int, TopkRow
     if not asking:
         return {}
     top = logprobs[asking].topk(max(widths), dim=-1)
-    rows = _rows(top.indices, top.values)
+    rows = topk_rows(top.indices, top.values)
     return {row: pairs[: widths[row]] for row, pairs in zip(asking, rows, strict=True)}
-
-
-def _rows(tokens: torch.Tensor, logprobs: torch.Tensor) -> list[TopkRow]:
-    """(N, k) tokens and their logprobs as N rows of `(token, logprob)`."""
-    return [
-        list(zip(ids, values, strict=True))
-        for ids, values in zip(tokens.tolist(), logprobs.tolist(), strict=True)
-    ]
