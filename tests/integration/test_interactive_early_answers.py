@@ -26,6 +26,7 @@ from tests.integration.test_interactive_runner import (
 )
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.interactive.runner import InteractiveRunner
+from workers.interactive.sample_run import More, OnAnswer
 
 __all__ = ["services", "world"]  # the executor tests' fixtures, used here by name
 
@@ -101,7 +102,8 @@ class _OutOfMemoryOnceItAnswered(InteractiveEngine):
     def sample_many(
         self,
         asked: list[tuple[str | None, dict[str, Any]]],
-        on_answer: Any = None,
+        on_answer: OnAnswer | None = None,
+        more: More | None = None,
     ) -> list[dict[str, Any] | InteractiveError]:
         self.batches = [*getattr(self, "batches", []), len(asked)]
 
@@ -111,7 +113,7 @@ class _OutOfMemoryOnceItAnswered(InteractiveEngine):
             if len(asked) > 1:
                 raise RuntimeError("CUDA out of memory (a test's stand-in)")
 
-        return super().sample_many(asked, then_fail)
+        return super().sample_many(asked, then_fail, more)
 
 
 def test_a_batch_that_fails_after_answering_a_call_runs_only_the_others_again(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from tests.factories import (
 from tests.faults.tcp_proxy import CuttableProxy
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.interactive.runner import InteractiveRunner
+from workers.interactive.sample_run import More, OnAnswer
 
 SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
 
@@ -593,12 +594,13 @@ class _OutOfMemoryWithTheLongPrompt(InteractiveEngine):
     def sample_many(
         self,
         asked: list[tuple[str | None, dict[str, Any]]],
-        on_answer: Callable[[int, dict[str, Any] | InteractiveError], None] | None = None,
+        on_answer: OnAnswer | None = None,
+        more: More | None = None,
     ) -> list[dict[str, Any] | InteractiveError]:
         for _, request in asked:
             if len(request["prompt"]["chunks"][0]["tokens"]) > 10:
                 raise RuntimeError("CUDA out of memory (a test's stand-in)")
-        return super().sample_many(asked, on_answer)
+        return super().sample_many(asked, on_answer, more)
 
 
 def test_a_sample_batch_that_fails_is_run_again_a_call_at_a_time(

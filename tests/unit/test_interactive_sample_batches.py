@@ -24,8 +24,7 @@ from tests.unit.test_interactive_engine import (
     sample_request,
     train,
 )
-from workers.interactive import engine as engine_module
-from workers.interactive import sampling
+from workers.interactive import sample_run, sampling
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.training.resident import ResidentBase
 
@@ -45,7 +44,7 @@ def _decoded_batches(monkeypatch: pytest.MonkeyPatch, budget: int) -> list[int]:
         held.append(len(requests))
         return generate(model, requests, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "generate", counted)
+    monkeypatch.setattr(sample_run, "generate", counted)
     return held
 
 

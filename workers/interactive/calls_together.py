@@ -37,14 +37,19 @@ Asked = TypeVar("Asked")
 
 # An answer handed over while the batch runs: the call's place in it, its answer or refusal.
 OnAnswer = Callable[[int, dict[str, Any] | InteractiveError], None]
+# While the batch runs, offers more of what it runs, each to a function answering whether it
+# joined the batch.
+Offer = Callable[[Callable[[Asked], bool]], None]
+# The batch: (what is asked, answers handed over as they come, more offered meanwhile) in, an
+# answer or refusal for each asked (those that joined after the others) out.
+Run = Callable[
+    [list[Asked], OnAnswer | None, Offer | None], list[dict[str, Any] | InteractiveError]
+]
 
 
-def _alone(
-    run: Callable[[list[Asked], OnAnswer | None], list[dict[str, Any] | InteractiveError]],
-    asked: Asked,
-) -> dict[str, Any] | Exception:
+def _alone(run: Run[Asked], asked: Asked) -> dict[str, Any] | Exception:
     try:
-        return run([asked], None)[0]
+        return run([asked], None, None)[0]
     except Exception as exc:
         return exc
 
@@ -69,9 +74,10 @@ def failure(exc: Exception, taken: list[calls.Call]) -> Failure:
 def run_calls_together(
     taken: list[calls.Call],
     prepare: Callable[[calls.Call], Asked],
-    run: Callable[[list[Asked], OnAnswer | None], list[dict[str, Any] | InteractiveError]],
+    run: Run[Asked],
     *,
     answer: Callable[[calls.Call, Outcome], None] | None = None,
+    joining: tuple[Callable[[Callable[[calls.Call], bool]], None], int] | None = None,
 ) -> list[Outcome | None]:
     """Calls run together by `run` (the engine's `sample_many` or `forward_many`), each
     prepared first (`prepare`: its model's weights had, its request read); a call that
@@ -81,7 +87,9 @@ def run_calls_together(
     hands each answer over as soon as it has it, and the call is answered then (`answer`)
     while the others run (its outcome None here): a short sample does not wait for the batch's
     longest. Where the database refuses such an answer, it and those after it wait for the
-    batch's end, as every answer did."""
+    batch's end, as every answer did. With `joining` (a function offering calls, and the most
+    calls the batch holds unanswered), `run` may be offered more calls while it runs: each one
+    prepared joins `taken` (and is answered as the others) when `run` takes it."""
     outcomes: list[Outcome | None] = []
     asked: list[Asked] = []
     places: list[int] = []  # each asked call's place in `taken`
@@ -108,9 +116,31 @@ def run_calls_together(
         else:
             answered.add(i)
 
+    def offer(take: Callable[[Asked], bool]) -> None:
+        def join(call: calls.Call) -> bool:
+            assert joining is not None
+            if sum(i not in answered for i in places) >= joining[1]:
+                return False  # the batch holds as many calls as it may
+            try:
+                one = prepare(call)
+            except Exception:
+                return False  # it fails, or waits, where it runs alone
+            taken.append(call)
+            asked.append(one)
+            places.append(len(taken) - 1)
+            outcomes.append(None)
+            if take(one):
+                return True
+            del taken[-1], asked[-1], places[-1], outcomes[-1]
+            return False
+
+        assert joining is not None
+        joining[0](join)
+
     results: list[dict[str, Any] | Exception] = []
     try:
-        results = list(run(asked, None if answer is None else early)) if asked else []
+        on_answer = None if answer is None else early
+        results = list(run(asked, on_answer, None if joining is None else offer)) if asked else []
     except Exception as exc:
         if len(asked) == 1:
             results = [exc]

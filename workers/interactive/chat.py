@@ -150,11 +150,14 @@ def stream_steps(
     streamed: dict[int, str],
     requests: list[SamplingRequest],
     tokenizer: PreTrainedTokenizerBase,
+    *,
+    growing: bool = False,
 ) -> OnStep | None:
     """What a batch's streamed chats (their place in the batch: their key, the call's id) hand
     `sink` as they sample: every `every_seconds`, each one's text so far, a text a row; and
-    the chats whose client left, stopped."""
-    if sink is None or not streamed:
+    the chats whose client left, stopped. `growing`: requests may join the batch (added to
+    `streamed` and `requests` as they do), so a batch with no streamed chat yet may have some."""
+    if sink is None or not (streamed or growing):
         return None
     due = [0.0]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +37,17 @@ from workers.interactive.adam import AdamParams, read_adam_params
 from workers.interactive.adapters import AdaptableLayers, load_adapter_weights, write_adapter_dir
 from workers.interactive.chat import (
     StreamSink,
-    chat_answer,
     chat_prompt,
     chat_request,
     end_of_turn_tokens,
     is_chat,
-    stream_steps,
 )
 from workers.interactive.custom_input import read_custom_input
 from workers.interactive.forwarding import Forward, run_together
 from workers.interactive.losses import InteractiveError, Loss, read_forward_input
 from workers.interactive.routing import BASE
-from workers.interactive.sample_requests import SamplingRequest, read_sample_request
-from workers.interactive.sampling import evaluating, generate, sample_batches
+from workers.interactive.sample_requests import read_sample_request
+from workers.interactive.sample_run import More, OnAnswer, Read, SampleRun
 from workers.training.checkpointing import staged
 from workers.training.resident import ResidentBase
 
@@ -333,77 +331,46 @@ class InteractiveEngine:
     def sample_many(
         self,
         asked: list[tuple[str | None, dict[str, Any]]],
-        on_answer: Callable[[int, dict[str, Any] | InteractiveError], None] | None = None,
+        on_answer: OnAnswer | None = None,
+        more: More | None = None,
     ) -> list[dict[str, Any] | InteractiveError]:
         """SampleRequests, each of its model (None: the base alone), decoded together in
         batches within SAMPLE_TOKENS (a request past it runs alone), each row
         through its own model's adapter in the same forward pass (peft's mixed batches): each
         its SampleResponse, or the reason it was refused (the others run). `on_answer` is
         given each one (by its index in `asked`) as soon as it is known: a refusal before any
-        decoding, a response once its rows are done while the batch's longer rows go on."""
-        answers: list[dict[str, Any] | InteractiveError] = []
-        parsed: dict[int, tuple[str, SamplingRequest]] = {}
-        chats: set[int] = set()  # asked as chats (`chat`): messages in, text out
+        decoding, a response once its rows are done while the batch's longer rows go on.
+        `more`, between a batch's passes, offers requests that may join it (`generate`'s
+        `join`): each one it takes (refused, or with room in the batch) is asked after the
+        others, answered as they are and returned after them."""
         with self._lock:
-            for i, (model_id, request) in enumerate(asked):
-                try:
-                    adapter = BASE if model_id is None else self._get(model_id).adapter
-                    if is_chat(request):
-                        request = chat_prompt(request, self.base.tokenizer)
-                        chats.add(i)
-                    read = read_sample_request(
-                        request, self._vocab_size, self._context_length, self._eos_token_ids
-                    )
-                    parsed[i] = (
-                        adapter,
-                        chat_request(read, self._chat_stops) if i in chats else read,
-                    )
-                except InteractiveError as refused:
-                    answers.append(refused)
-                    if on_answer is not None:
-                        on_answer(i, refused)
-                else:
-                    answers.append({})
-            sizes = {
-                i: (request.num_samples, len(request.prompt) + request.max_tokens)
-                for i, (_, request) in parsed.items()
-            }
-            for batch in sample_batches(sizes):
-                batch = sorted(batch, key=lambda i: parsed[i][0])  # each adapter's rows a slice
-                # With no adapter at all there is no peft model: the base alone answers.
-                model = self.base.model if self._peft is None else self._peft
-                adapters = None if self._peft is None else [parsed[i][0] for i in batch]
-                streamed = {
-                    k: str(asked[i][1]["stream"])
-                    for k, i in enumerate(batch)
-                    if i in chats and isinstance(asked[i][1].get("stream"), str)
-                }
+            # With no adapter at all there is no peft model: the base alone answers.
+            model = self.base.model if self._peft is None else self._peft
+            return SampleRun(
+                self._read_request,
+                model,
+                self._peft is not None,
+                self.base.tokenizer,
+                self.base.device,
+                self._autocast,
+                (self.stream_to, self.stream_every_seconds),
+                on_answer,
+            ).run(asked, more)
 
-                def done(k: int, answer: dict[str, Any], batch: list[int] = batch) -> None:
-                    i = batch[k]
-                    if i in chats:
-                        answer = chat_answer(answer, parsed[i][1], self.base.tokenizer)
-                    answers[i] = answer
-                    if on_answer is not None:
-                        on_answer(i, answer)
-
-                with self._autocast(), evaluating(model):
-                    generate(
-                        model,
-                        [parsed[i][1] for i in batch],
-                        self.base.tokenizer,
-                        self.base.device,
-                        adapters=adapters,
-                        on_step=stream_steps(
-                            self.stream_to,
-                            self.stream_every_seconds,
-                            streamed,
-                            [parsed[i][1] for i in batch],
-                            self.base.tokenizer,
-                        ),
-                        on_done=done,
-                    )
-        return answers
+    def _read_request(self, model_id: str | None, request: dict[str, Any]) -> Read:
+        """A request of a model (None: the base alone) read against the base: its adapter, the
+        request, and whether it was asked as a chat; or the reason it is refused."""
+        try:
+            adapter = BASE if model_id is None else self._get(model_id).adapter
+            chat = is_chat(request)
+            if chat:
+                request = chat_prompt(request, self.base.tokenizer)
+            read = read_sample_request(
+                request, self._vocab_size, self._context_length, self._eos_token_ids
+            )
+        except InteractiveError as refused:
+            return refused
+        return adapter, chat_request(read, self._chat_stops) if chat else read, chat
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.base.precision != "bf16":

@@ -29,13 +29,10 @@ def routed(peft: PeftModel, adapters: list[str]) -> Iterator[Callable[[list[str]
     for row i; BASE for the base alone), fastest when each adapter's rows are consecutive (a
     slice each). Plain LoRA only (DoRA and the like are refused, as peft's mixed batches refuse
     them); the engine's adapters have no dropout. Yields a function that routes the passes
-    after it by another list (a decode's batch once its finished rows have left it; adapters
-    of the first list only)."""
-    routes = _Routes(adapters)
+    after it by another list (a decode's batch once its finished rows have left it, or rows
+    have joined it)."""
     layers = [module for module in peft.modules() if isinstance(module, LoraLayer)]
-    varied = [a for layer in layers for a, _, _ in routes.segments if a in layer.lora_variant]
-    if varied:  # DoRA and the like: their update is not B A x
-        raise ValueError(f"adapter {varied[0]} is not plain LoRA: it cannot share a batch")
+    routes = _Routes(adapters, layers)
     handles = []
     for layer in layers:
         handles.append(layer.register_forward_pre_hook(routes.base_rows, with_kwargs=True))
@@ -50,11 +47,16 @@ def routed(peft: PeftModel, adapters: list[str]) -> Iterator[Callable[[list[str]
 class _Routes:
     """The rows' adapters, as the hooks read them at each pass."""
 
-    def __init__(self, adapters: list[str]) -> None:
+    def __init__(self, adapters: list[str], layers: list[LoraLayer]) -> None:
+        self.layers = layers
         self.route(adapters)
 
     def route(self, adapters: list[str]) -> None:
-        self.segments = _segments(adapters)
+        segments = _segments(adapters)
+        varied = [a for layer in self.layers for a, _, _ in segments if a in layer.lora_variant]
+        if varied:  # DoRA and the like: their update is not B A x
+            raise ValueError(f"adapter {varied[0]} is not plain LoRA: it cannot share a batch")
+        self.segments = segments
         self.names = [BASE] * len(adapters)
 
     def base_rows(

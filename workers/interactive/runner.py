@@ -98,6 +98,10 @@ class InteractiveRunner:
             MICRO_BATCH_TOKENS if self.resident.device.type == "cuda" else CPU_FORWARD_BATCH_TOKENS
         )
         self.started_pid = os.getpid()
+        # In `serve`, whether a call was asked since the last look (its LISTEN connection's
+        # notifications); and whether a call was answered since a running batch's last offer.
+        self._woken: Callable[[], list[tuple[str, str]]] | None = None
+        self._answered = False
         self.device = describe_device()
 
     # -- the loop -----------------------------------------------------------------------------
@@ -112,6 +116,7 @@ class InteractiveRunner:
             what="LISTEN",
             patience_s=OUTAGE_PATIENCE_S,
         )
+        self._woken = listener.drain
         try:
             with presence, listener:
                 while not stop.is_set():
@@ -120,6 +125,7 @@ class InteractiveRunner:
                     through_blips(self.tidy, what="idle pass", patience_s=OUTAGE_PATIENCE_S)
                     listener.wait(idle_wait)
         finally:
+            self._woken = None
             self.stream_writer.close()
 
     def tidy(self) -> None:
@@ -151,12 +157,13 @@ class InteractiveRunner:
                 lambda call: (self._sampler(call), streamed_request(call)),
                 self.engine.sample_many,
                 answer=self._answer,
+                joining=(self._offer, self.sample_batch),
             )
         elif taken[0].kind in FORWARDS:
             outcomes = run_calls_together(
                 taken,
                 lambda call: (self._held(call), forward_input(call), call.kind != "forward"),
-                lambda asked, _: self.engine.forward_many(asked),
+                lambda asked, _, __: self.engine.forward_many(asked),
             )
         else:
             outcomes = [self._one(taken[0])]
@@ -172,7 +179,40 @@ class InteractiveRunner:
         except Exception as exc:
             return failure(exc, [call])
 
+    def _offer(self, join: Callable[[calls.Call], bool]) -> None:
+        """Sample calls that can run now, offered to a running sample batch (`join`) in the
+        order a claim takes them, while it takes them: each claimed in a savepoint of its own,
+        and the first it does not take (no room, or a saved sampler not in memory, which is not
+        loaded while the batch waits) handed back and the offer ended. In `serve`, only once a
+        call was asked since the last offer (a NOTIFY) or the batch answered one (its model's
+        next call may run now); elsewhere before every pass. A database error ends the offer,
+        and the batch goes on."""
+        if self._woken is not None and not (self._woken() or self._answered):
+            return
+        self._answered = False
+        try:
+            with self.services.engine.begin() as conn:
+                while True:
+                    savepoint = conn.begin_nested()
+                    call = calls.claim_next(conn, self.executor_id, self.base.id, kinds=["sample"])
+                    if call is None or not self._in_memory(call) or not join(call):
+                        savepoint.rollback()
+                        return
+                    savepoint.commit()
+        except Exception:
+            log.warning("sample calls could not join the running batch", exc_info=True)
+
+    def _in_memory(self, call: calls.Call) -> bool:
+        """Whether what a sample call samples is in the engine now (a saved sampler's weights
+        may still be in the object store)."""
+        return (
+            call.model_kind == "training"
+            or call.model_path is None
+            or self.engine.has(call.model_id)
+        )
+
     def _answer(self, call: calls.Call, outcome: Outcome) -> None:
+        self._answered = True
         if isinstance(outcome, Failure):
             self._failed(call, outcome.message, outcome.category)
             return

@@ -31,15 +31,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import Cache, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from workers.interactive.prompt_scores import TopkRow, prompt_scores, seeded_generator, topk_rows
-from workers.interactive.routing import routed
+from workers.interactive.routing import BASE, routed
 from workers.interactive.sample_requests import SamplingRequest
 
 # Most (padded) tokens decoded together: a batch's rows times its longest row (prompt and
@@ -74,6 +76,39 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
+@dataclass(frozen=True)
+class Room:
+    """What a running batch can still take: its rows still decoding, its cache's width (its
+    longest prompt's padded positions and the tokens since), and the tokens its longest row may
+    still sample, which the batch's remaining passes cannot outlast."""
+
+    rows: int
+    width: int
+    tokens_left: int
+
+    def taking(self, request: SamplingRequest) -> Room | None:
+        """The room left once `request`'s rows join, or None where they do not fit: they would
+        sample longer than the batch's longest row (the batch would run longer than it was
+        going to, and calls of other kinds would wait longer), or the rows times the longest
+        row would pass SAMPLE_TOKENS."""
+        if request.max_tokens > self.tokens_left:
+            return None
+        rows, width = self.rows + request.num_samples, max(self.width, len(request.prompt))
+        if rows * (width + self.tokens_left) > SAMPLE_TOKENS:
+            return None
+        return Room(rows, width, self.tokens_left)
+
+
+# Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
+# requests to stop now out.
+OnStep = Callable[[list[list[list[int]]]], set[int]]
+# A request's place in the batch and its SampleResponse, once every row of it is done.
+OnDone = Callable[[int, dict[str, Any]], None]
+# Between passes, the batch's room in; the requests that join it now out, each with its adapter
+# (None where the batch has none), their places after the batch's.
+Join = Callable[[Room], list[tuple[SamplingRequest, str | None]]]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -84,6 +119,7 @@ def generate(
     adapters: list[str] | None = None,
     on_step: OnStep | None = None,
     on_done: OnDone | None = None,
+    join: Join | None = None,
 ) -> list[dict[str, Any]]:
     """Decode every request's `num_samples` continuations in one batch (a SampleResponse
     each): the prompts left-padded to the longest, masked, and each row placed by its own
@@ -96,128 +132,235 @@ def generate(
     last, and answers the requests (by place) to stop sampling now (their rows end as at
     `max_tokens`). `on_done` is given each request's SampleResponse (by place) as soon as its
     rows are done, before the rows still decoding go on: its answer need not wait for the
-    batch's longest row."""
-    owner = [r for r, request in enumerate(requests) for _ in range(request.num_samples)]
+    batch's longest row. `join` is asked before each pass but the first, where the cache can
+    take rows (`_joinable`), for requests that join the batch then: their prompts are read in a
+    pass of their own and their rows decode with the batch's from then on, each answering what
+    it answers alone (places after the batch's, in the answers returned too)."""
     if adapters is None:
-        return _generate(model, requests, owner, tokenizer, device, on_step, on_done, None)
-    row_adapters = [adapters[r] for r in owner]
-    with routed(cast(PeftModel, model), row_adapters) as route:
-
-        def reroute(live: list[int]) -> None:  # the passes by the rows still in the batch
-            route([row_adapters[row] for row in live])
-
-        return _generate(model, requests, owner, tokenizer, device, on_step, on_done, reroute)
+        return _Decode(model, tokenizer, device, None, on_step, on_done).run(requests, [], join)
+    with routed(cast(PeftModel, model), list(adapters)) as route:
+        decode = _Decode(model, tokenizer, device, route, on_step, on_done)
+        return decode.run(requests, list(adapters), join)
 
 
-# Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
-# requests to stop now out.
-OnStep = Callable[[list[list[list[int]]]], set[int]]
-# A request's place in the batch and its SampleResponse, once every row of it is done.
-OnDone = Callable[[int, dict[str, Any]], None]
+class _Decode:
+    """One batch's decoding: its requests and rows (those it began with and those that joined),
+    each row's tokens so far, and the rows still in the batch (`live`, by place)."""
 
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        route: Callable[[list[str]], None] | None,
+        on_step: OnStep | None,
+        on_done: OnDone | None,
+    ) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.route, self.on_step, self.on_done = route, on_step, on_done
+        self.requests: list[SamplingRequest] = []
+        self.rows_of: list[list[int]] = []  # each request's rows
+        self.scores: list[dict[str, Any]] = []  # each request's prompt scores
+        self.generators: list[torch.Generator] = []
+        self.answers: list[dict[str, Any] | None] = []
+        self.owner: list[int] = []  # each row's request
+        self.adapters: list[str] = []  # each row's adapter (none without `route`)
+        self.tokens: list[list[int]] = []
+        self.logprobs: list[list[float]] = []
+        self.topk: list[list[TopkRow]] = []
+        self.stopped: list[bool] = []
+        self.done: list[bool] = []
+        self.live: list[int] = []  # the rows in the batch, by place: those still decoding
 
-def _generate(
-    model: nn.Module,
-    requests: list[SamplingRequest],
-    owner: list[int],
-    tokenizer: PreTrainedTokenizerBase,
-    device: torch.device,
-    on_step: OnStep | None,
-    on_done: OnDone | None,
-    reroute: Callable[[list[int]], None] | None,
-) -> list[dict[str, Any]]:
-    rows_of = [[row for row, o in enumerate(owner) if o == r] for r in range(len(requests))]
-    width = max(len(request.prompt) for request in requests)
-    ids = torch.zeros((len(owner), width), dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, r in enumerate(owner):
-        prompt = requests[r].prompt
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    scores = [
-        prompt_scores(output.logits[rows_of[r][0], width - len(request.prompt) :], request)
-        for r, request in enumerate(requests)
-    ]
-    generators = [seeded_generator(request.seed, device) for request in requests]
-    tokens: list[list[int]] = [[] for _ in owner]
-    logprobs: list[list[float]] = [[] for _ in owner]
-    widths = [requests[r].topk_sample_logprobs for r in owner]
-    topk: list[list[TopkRow]] = [[] for _ in owner]
-    stopped, done = [False] * len(owner), [False] * len(owner)
-    live = list(range(len(owner)))  # the rows in the batch, by place: those still decoding
-    places_of = rows_of  # each request's rows' places in the batch
-    answers: list[dict[str, Any] | None] = [None] * len(requests)
+    def run(
+        self, requests: list[SamplingRequest], adapters: list[str], join: Join | None
+    ) -> list[dict[str, Any]]:
+        self.live, (logits, cache, mask, positions) = self._read(requests, adapters)
+        passes = 0
+        while True:
+            if join is not None and passes and _joinable(cache):
+                logits, mask, positions = self._join(join, cache, logits, mask, positions)
+            chosen = self._choose(logits)
+            if all(self.done):
+                break
+            kept = [place for place, row in enumerate(self.live) if not self.done[row]]
+            if len(kept) < len(self.live) and _narrowable(cache):  # finished rows leave
+                index = torch.tensor(kept, device=self.device)
+                cache.reorder_cache(index)
+                mask, positions, chosen = mask[index], positions[index], chosen[index]
+                self.live = [self.live[place] for place in kept]
+                self._reroute()
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            positions = positions + 1
+            output = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            )
+            logits, cache, passes = output.logits[:, -1].float(), output.cache, passes + 1
+        finished = [answer for answer in self.answers if answer is not None]
+        assert len(finished) == len(self.requests)  # the loop ends once every row is done
+        return finished
 
-    def answer_the_finished() -> None:  # each request once, as soon as its rows are done
-        for r, rows in enumerate(rows_of):
-            if answers[r] is None and all(done[row] for row in rows):
-                sequences = [
-                    _sequence(tokens[row], logprobs[row], stopped[row], topk[row], widths[row])
-                    for row in rows
-                ]
-                answer = {"type": "sample", "sequences": sequences, **scores[r]}
-                answers[r] = answer
-                if on_done is not None:
-                    on_done(r, answer)
+    def _read(
+        self, requests: list[SamplingRequest], adapters: list[str]
+    ) -> tuple[list[int], tuple[torch.Tensor, Any, torch.Tensor, torch.Tensor]]:
+        """The requests' rows added to the batch's books (each request through its adapter,
+        where the batch routes them) and their prompts read in one pass, left-padded to the
+        longest: the new rows, and the pass's last logits, its cache, the mask and each row's
+        last position."""
+        first = len(self.owner)
+        for k, request in enumerate(requests):
+            r, rows = (
+                len(self.requests),
+                range(len(self.owner), len(self.owner) + request.num_samples),
+            )
+            self.requests.append(request)
+            self.rows_of.append(list(rows))
+            self.generators.append(seeded_generator(request.seed, self.device))
+            self.answers.append(None)
+            self.owner += [r] * len(rows)
+            self.adapters += [adapters[k]] * len(rows) if self.route is not None else []
+            for _ in rows:
+                self.tokens.append([])
+                self.logprobs.append([])
+                self.topk.append([])
+            self.stopped += [False] * len(rows)
+            self.done += [False] * len(rows)
+        new = list(range(first, len(self.owner)))
+        width = max(len(request.prompt) for request in requests)
+        ids = torch.zeros((len(new), width), dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for place, row in enumerate(new):
+            prompt = self.requests[self.owner[row]].prompt
+            ids[place, width - len(prompt) :] = torch.tensor(prompt)
+            mask[place, width - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self.route is not None:
+            self.route([self.adapters[row] for row in new])
+        output = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        for request in requests:  # each request's prompt scored off its first row
+            place = self.rows_of[len(self.scores)][0] - first
+            read = output.logits[place, width - len(request.prompt) :]
+            self.scores.append(prompt_scores(read, request))
+        return new, (output.logits[:, -1].float(), output.cache, mask, positions[:, -1:])
 
-    while True:
-        logits = output.logits[:, -1].float()
-        chosen = torch.empty(len(live), dtype=torch.int64, device=device)
+    def _join(
+        self,
+        join: Join,
+        cache: Any,
+        logits: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The requests `join` gives, read and merged into the batch: their caches and the
+        batch's left-padded to the wider, their rows after the batch's."""
+        left = max(
+            self.requests[self.owner[row]].max_tokens - len(self.tokens[row]) for row in self.live
+        )
+        joining = join(Room(len(self.live), mask.shape[1], left))
+        if not joining:
+            return logits, mask, positions
+        new, (theirs, their_cache, their_mask, their_positions) = self._read(
+            [request for request, _ in joining],
+            [BASE if adapter is None else adapter for _, adapter in joining],
+        )
+        self.live += new
+        width = max(mask.shape[1], their_mask.shape[1])
+        _merge_caches(cache, their_cache, width - mask.shape[1], width - their_mask.shape[1])
+        mask = torch.cat(
+            [
+                nn.functional.pad(mask, (width - mask.shape[1], 0)),
+                nn.functional.pad(their_mask, (width - their_mask.shape[1], 0)),
+            ]
+        )
+        self._reroute()
+        return torch.cat([logits, theirs]), mask, torch.cat([positions, their_positions])
+
+    def _reroute(self) -> None:
+        """The passes after this by the rows in the batch now (its rows, in mixed batches)."""
+        if self.route is not None:
+            self.route([self.adapters[row] for row in self.live])
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token drawn from its logits (a request for its rows still decoding,
+        with its own generator), recorded with its logprobs; the requests whose rows are all
+        done are answered, and `on_step` may stop others. The tokens chosen, by place."""
+        live, requests = self.live, self.requests
+        places_of: list[list[int]] = [[] for _ in requests]
+        for place, row in enumerate(live):
+            places_of[self.owner[row]].append(place)
+        chosen = torch.empty(len(live), dtype=torch.int64, device=self.device)
         for r, request in enumerate(requests):
             if places_of[r]:  # a request draws for its rows still decoding, alone or not
-                chosen[places_of[r]] = _choose(logits[places_of[r]], request, generators[r])
+                chosen[places_of[r]] = _choose(logits[places_of[r]], request, self.generators[r])
         every = torch.log_softmax(logits, dim=-1)
         own = every.gather(-1, chosen[:, None]).squeeze(-1)
-        tops = _sample_topk(every, [widths[row] for row in live])
+        widths = [requests[self.owner[row]].topk_sample_logprobs for row in live]
+        tops = _sample_topk(every, widths)
         pairs = zip(live, chosen.tolist(), own.tolist(), strict=True)
         for place, (row, token, logprob) in enumerate(pairs):
-            if done[row]:
+            if self.done[row]:
                 continue  # a row running along with a cache it cannot leave: tokens dropped
-            request = requests[owner[row]]
-            tokens[row].append(token)
-            logprobs[row].append(logprob)
-            if widths[row]:
-                topk[row].append(tops[place])
-            stopped[row] = token in request.stop_tokens or _ends_in_stop_string(
-                tokens[row], request.stop_strings, tokenizer
+            request = requests[self.owner[row]]
+            self.tokens[row].append(token)
+            self.logprobs[row].append(logprob)
+            if widths[place]:
+                self.topk[row].append(tops[place])
+            self.stopped[row] = token in request.stop_tokens or _ends_in_stop_string(
+                self.tokens[row], request.stop_strings, self.tokenizer
             )
-            done[row] = stopped[row] or len(tokens[row]) == request.max_tokens
-        answer_the_finished()
-        if all(done):
-            break
-        if on_step is not None:
-            for r in on_step([[tokens[row] for row in rows] for rows in rows_of]):
-                for row in rows_of[r]:
-                    done[row] = True
-            answer_the_finished()
-            if all(done):
-                break
-        kept = [place for place, row in enumerate(live) if not done[row]]
-        if len(kept) < len(live) and _narrowable(output.cache):  # finished rows leave
-            index = torch.tensor(kept, device=device)
-            output.cache.reorder_cache(index)
-            mask, positions, chosen = mask[index], positions[index], chosen[index]
-            live = [live[place] for place in kept]
-            places_of = [
-                [p for p, row in enumerate(live) if owner[row] == r] for r in range(len(requests))
-            ]
-            if reroute is not None:
-                reroute(live)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
-        output = model(
-            input_ids=chosen[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            cache=output.cache,
-            use_cache=True,
-        )
-    finished = [answer for answer in answers if answer is not None]
-    assert len(finished) == len(requests)  # the loop ends once every row is done
-    return finished
+            self.done[row] = self.stopped[row] or len(self.tokens[row]) == request.max_tokens
+        self._answer_the_finished()
+        if self.on_step is not None and not all(self.done):
+            for r in self.on_step([[self.tokens[row] for row in rows] for rows in self.rows_of]):
+                for row in self.rows_of[r]:
+                    self.done[row] = True
+            self._answer_the_finished()
+        return chosen
+
+    def _answer_the_finished(self) -> None:
+        """Each request answered once, as soon as its rows are done."""
+        for r, rows in enumerate(self.rows_of):
+            if self.answers[r] is None and all(self.done[row] for row in rows):
+                request = self.requests[r]
+                sequences = [
+                    _sequence(
+                        self.tokens[row],
+                        self.logprobs[row],
+                        self.stopped[row],
+                        self.topk[row],
+                        request.topk_sample_logprobs,
+                    )
+                    for row in rows
+                ]
+                answer = {"type": "sample", "sequences": sequences, **self.scores[r]}
+                self.answers[r] = answer
+                if self.on_done is not None:
+                    self.on_done(r, answer)
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether rows can join a cache: a plain `DynamicCache` of full-attention layers, whose
+    keys and values are each one tensor a layer that padding on the left widens (a sliding
+    window's, a hybrid base's recurrent state or a model's own cache class keep more)."""
+    return type(cache) is DynamicCache and all(
+        type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers
+    )
+
+
+def _merge_caches(cache: Any, theirs: Any, pad_mine: int, pad_theirs: int) -> None:
+    """`theirs`' rows after `cache`'s, each left-padded to the wider (positions the masks hide)."""
+    for mine, their in zip(cache.layers, theirs.layers, strict=True):
+        for name in ("keys", "values"):
+            ours = nn.functional.pad(getattr(mine, name), (0, 0, pad_mine, 0))
+            joined = nn.functional.pad(getattr(their, name), (0, 0, pad_theirs, 0))
+            setattr(mine, name, torch.cat([ours, joined]))
 
 
 def _sequence(

@@ -1,0 +1,150 @@
+"""One `sample_many` call of the engine: its requests read, decoded in batches within
+SAMPLE_TOKENS, each answered as soon as its rows are done, and requests offered while a batch
+runs joining it where it has room.
+
+A request is read against the base (`Reader`: its adapter, the request, whether it was asked as
+a chat), or refused, and a refusal is answered at once. The requests read are decoded in
+batches (`sample_batches`), each adapter's rows a slice; a chat's answer is its text
+(`chat_answer`), and a streamed chat hands its text so far to the stream's sink as it samples.
+Between a batch's passes, `more` may offer requests (the executor's sample calls asked since):
+each one joins the batch if it fits (`Room.taking`: it samples no longer than the batch's
+longest row still decoding, and the batch stays within SAMPLE_TOKENS), is refused and
+answered, or is left for a batch of its own (the offer stops there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from workers.interactive.chat import StreamSink, chat_answer, stream_steps
+from workers.interactive.losses import InteractiveError
+from workers.interactive.sample_requests import SamplingRequest
+from workers.interactive.sampling import Room, evaluating, generate, sample_batches
+
+# A request asked: (its model, None for the base alone; the SampleRequest or chat, as JSON).
+Asked = tuple[str | None, dict[str, Any]]
+# A request read: (its adapter, the request, whether asked as a chat), or its refusal.
+Read = tuple[str, SamplingRequest, bool] | InteractiveError
+# Offers requests, each to `take`, which answers whether it joined (refused, or with room).
+More = Callable[[Callable[[Asked], bool]], None]
+# A request's answer (by its index among those asked) or its refusal, as soon as it is known.
+OnAnswer = Callable[[int, dict[str, Any] | InteractiveError], None]
+
+
+class SampleRun:
+    """The books of one `sample_many`: what was asked (those that joined after the others),
+    each one's answer so far, and each request read (its adapter, the request; chats apart)."""
+
+    def __init__(
+        self,
+        reader: Callable[[str | None, dict[str, Any]], Read],
+        model: nn.Module,
+        routed: bool,
+        tokenizer: PreTrainedTokenizerBase,
+        device: torch.device,
+        autocast: Callable[[], AbstractContextManager[Any]],
+        stream: tuple[StreamSink | None, float],
+        on_answer: OnAnswer | None,
+    ) -> None:
+        self.reader, self.model, self.routed = reader, model, routed
+        self.tokenizer, self.device, self.autocast = tokenizer, device, autocast
+        self.sink, self.every_seconds = stream
+        self.on_answer = on_answer
+        self.asked: list[Asked] = []
+        self.answers: list[dict[str, Any] | InteractiveError] = []
+        self.parsed: dict[int, tuple[str, SamplingRequest]] = {}
+        self.chats: set[int] = set()  # asked as chats (`chat`): messages in, text out
+
+    def run(self, asked: list[Asked], more: More | None) -> list[dict[str, Any] | InteractiveError]:
+        for one in asked:
+            self._add(one, self.reader(*one))
+        sizes = {
+            i: (request.num_samples, len(request.prompt) + request.max_tokens)
+            for i, (_, request) in self.parsed.items()
+        }
+        for batch in sample_batches(sizes):
+            batch = sorted(batch, key=lambda i: self.parsed[i][0])  # each adapter's rows a slice
+            self._decode(batch, more)
+        return self.answers
+
+    def _add(self, one: Asked, read: Read) -> None:
+        """The next request asked, in the books; a refusal is answered now."""
+        i = len(self.answers)
+        self.asked.append(one)
+        if isinstance(read, InteractiveError):
+            self.answers.append(read)
+            if self.on_answer is not None:
+                self.on_answer(i, read)
+            return
+        self.answers.append({})
+        self.parsed[i] = read[:2]
+        if read[2]:
+            self.chats.add(i)
+
+    def _decode(self, batch: list[int], more: More | None) -> None:
+        """One batch decoded (`batch`: the indices of its requests, by place; joiners after)."""
+        requests = [self.parsed[i][1] for i in batch]
+        streamed: dict[int, str] = {}  # the streamed chats' places: their calls' ids
+
+        def stream(k: int) -> None:
+            request = self.asked[batch[k]][1]
+            if batch[k] in self.chats and isinstance(request.get("stream"), str):
+                streamed[k] = str(request["stream"])
+
+        def done(k: int, answer: dict[str, Any]) -> None:
+            i = batch[k]
+            if i in self.chats:
+                answer = chat_answer(answer, self.parsed[i][1], self.tokenizer)
+            self.answers[i] = answer
+            if self.on_answer is not None:
+                self.on_answer(i, answer)
+
+        def join(room: Room) -> list[tuple[SamplingRequest, str | None]]:
+            joining: list[tuple[SamplingRequest, str | None]] = []
+
+            def take(one: Asked) -> bool:
+                nonlocal room
+                read = self.reader(*one)
+                after = None if isinstance(read, InteractiveError) else room.taking(read[1])
+                if after is None and not isinstance(read, InteractiveError):
+                    return False  # no room: it waits for a batch of its own
+                self._add(one, read)
+                if after is None or isinstance(read, InteractiveError):
+                    return True  # refused, and answered so
+                room = after
+                batch.append(len(self.asked) - 1)
+                requests.append(read[1])
+                stream(len(batch) - 1)
+                joining.append((read[1], read[0] if self.routed else None))
+                return True
+
+            assert more is not None
+            more(take)
+            return joining
+
+        for k in range(len(batch)):
+            stream(k)
+        with self.autocast(), evaluating(self.model):
+            generate(
+                self.model,
+                requests,
+                self.tokenizer,
+                self.device,
+                adapters=[self.parsed[i][0] for i in batch] if self.routed else None,
+                on_step=stream_steps(
+                    self.sink,
+                    self.every_seconds,
+                    streamed,
+                    requests,
+                    self.tokenizer,
+                    growing=more is not None,
+                ),
+                on_done=done,
+                join=join if more is not None else None,
+            )
