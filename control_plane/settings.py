@@ -133,6 +133,7 @@ class Settings(BaseSettings):
     interactive_samplers_per_executor: int = Field(default=16, ge=1, le=10000)
     # Sample calls of one model an interactive executor takes and decodes together (an RL loop
     # asks a sampler for a batch of prompts at once): one forward pass a token for all of them.
+    # Calls asked meanwhile join a running batch while it holds fewer unanswered than this.
     interactive_sample_batch_calls: int = Field(default=8, ge=1, le=256)
     # How often an executor writes a streamed chat's text so far (`stream: true`) while it
     # samples it: each write is one small update and a notification for the batch's chats.

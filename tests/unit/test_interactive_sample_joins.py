@@ -34,29 +34,32 @@ Asked = tuple[str | None, dict[str, Any]]
 
 def _offers(schedule: dict[int, list[Asked]]) -> tuple[Callable[..., None], list[list[bool]]]:
     """A `more` offering, at its n-th call (from 1), the requests `schedule[n]` in order until
-    one is not taken; and what `take` answered for each offered, by call."""
+    one is not taken (each taken added at once, as the executor adds a call once its claim is
+    committed); and whether each offered was taken, by call."""
     taken: list[list[bool]] = []
 
-    def more(take: Callable[[Asked], bool]) -> None:
+    def more(take: Callable[[Asked], Callable[[], None] | None]) -> None:
         answered: list[bool] = []
         taken.append(answered)
         for one in schedule.get(len(taken), []):
-            answered.append(take(one))
-            if not answered[-1]:
+            add = take(one)
+            answered.append(add is not None)
+            if add is None:
                 return
+            add()
 
     return more, taken
 
 
 def test_requests_that_join_a_running_batch_answer_as_alone(
-    engine: InteractiveEngine, pass_sizes: list[int]
+    engine: InteractiveEngine, pass_sizes: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two requests of two models (one sampled at temperature 1, seeded, in two rows) decode;
     before their second token, the base's request with a longer prompt than the batch's (the
     batch's caches are padded to it) and its top-k and prompt logprobs joins, a bad
-    request is refused and answered at once, and a request asking more tokens than the batch's
-    longest row still has is not taken (the offer ends there); before a later pass a short
-    request joins. Every request answers what it answers alone; the passes hold the rows still
+    request is refused and answered at once, and a request whose rows would take the batch past
+    its token budget is not taken (the offer ends there); before a later pass a short request
+    joins. Every request answers what it answers alone; the passes hold the rows still
     decoding, the joiners' prompts each read in a pass of their own."""
     engine.create("a", rank=8, seed=0)
     train(engine, "a", 2)
@@ -76,9 +79,13 @@ def test_requests_that_join_a_running_batch_answer_as_alone(
         },
     )
     refused: Asked = ("a", sample_request(SEQUENCE[:5], max_tokens=0))
-    too_long: Asked = ("b", sample_request(OTHER[:6], max_tokens=12, temperature=0.0, stop=[]))
+    too_big: Asked = ("b", sample_request(OTHER[:6], n=2, max_tokens=12, temperature=0.0, stop=[]))
     later: Asked = ("a", sample_request(OTHER[1:4], max_tokens=3, temperature=0.0, stop=[]))
-    more, taken = _offers({1: [joining, refused, too_long], 4: [later]})
+    more, taken = _offers({1: [joining, refused, too_big], 4: [later]})
+    # Rows times the longest row within 120 tokens: the first offer's batch holds 3 rows, 6
+    # positions and 11 tokens to go; with the joiner, 4 rows of 10 + 11 (84); with the third
+    # request too, 6 rows of 10 + 12 (132); the later one joins 4 rows of 13 + 8 (105).
+    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", 120)
     alone = [engine.sample(m, r) for m, r in [*first, joining, later]]
     given: list[tuple[int, int]] = []  # (request, passes run by then)
     pass_sizes.clear()

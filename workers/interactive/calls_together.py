@@ -37,9 +37,9 @@ Asked = TypeVar("Asked")
 
 # An answer handed over while the batch runs: the call's place in it, its answer or refusal.
 OnAnswer = Callable[[int, dict[str, Any] | InteractiveError], None]
-# While the batch runs, offers more of what it runs, each to a function answering whether it
-# joined the batch.
-Offer = Callable[[Callable[[Asked], bool]], None]
+# While the batch runs, offers more of what it runs, each to a function answering None where the
+# batch has no room for it, else the function that adds it to the batch (once it is the batch's).
+Offer = Callable[[Callable[[Asked], Callable[[], None] | None]], None]
 # The batch: (what is asked, answers handed over as they come, more offered meanwhile) in, an
 # answer or refusal for each asked (those that joined after the others) out.
 Run = Callable[
@@ -77,7 +77,8 @@ def run_calls_together(
     run: Run[Asked],
     *,
     answer: Callable[[calls.Call, Outcome], None] | None = None,
-    joining: tuple[Callable[[Callable[[calls.Call], bool]], None], int] | None = None,
+    joining: tuple[Callable[[Callable[[calls.Call], Callable[[], None] | None]], None], int]
+    | None = None,
 ) -> list[Outcome | None]:
     """Calls run together by `run` (the engine's `sample_many` or `forward_many`), each
     prepared first (`prepare`: its model's weights had, its request read); a call that
@@ -89,7 +90,8 @@ def run_calls_together(
     longest. Where the database refuses such an answer, it and those after it wait for the
     batch's end, as every answer did. With `joining` (a function offering calls, and the most
     calls the batch holds unanswered), `run` may be offered more calls while it runs: each one
-    prepared joins `taken` (and is answered as the others) when `run` takes it."""
+    prepared joins `taken` (and is answered as the others) when `run` has room for it: the offer
+    gets a function that adds it, to call once its claim is committed."""
     outcomes: list[Outcome | None] = []
     asked: list[Asked] = []
     places: list[int] = []  # each asked call's place in `taken`
@@ -116,26 +118,34 @@ def run_calls_together(
         else:
             answered.add(i)
 
-    def offer(take: Callable[[Asked], bool]) -> None:
-        def join(call: calls.Call) -> bool:
-            assert joining is not None
-            if sum(i not in answered for i in places) >= joining[1]:
-                return False  # the batch holds as many calls as it may
+    def full() -> bool:  # the batch holds as many calls unanswered as it may
+        assert joining is not None
+        return sum(i not in answered for i in places) >= joining[1]
+
+    def offer(take: Callable[[Asked], Callable[[], None] | None]) -> None:
+        def join(call: calls.Call) -> Callable[[], None] | None:
+            if full():
+                return None
             try:
                 one = prepare(call)
             except Exception:
-                return False  # it fails, or waits, where it runs alone
-            taken.append(call)
-            asked.append(one)
-            places.append(len(taken) - 1)
-            outcomes.append(None)
-            if take(one):
-                return True
-            del taken[-1], asked[-1], places[-1], outcomes[-1]
-            return False
+                return None  # it fails, or waits, where it runs alone
+            add = take(one)
+            if add is None:
+                return None
+
+            def added() -> None:  # its place is `run`'s next: `add` may answer it by it
+                taken.append(call)
+                asked.append(one)
+                places.append(len(taken) - 1)
+                outcomes.append(None)
+                add()
+
+            return added
 
         assert joining is not None
-        joining[0](join)
+        if not full():  # nothing is claimed to be handed back
+            joining[0](join)
 
     results: list[dict[str, Any] | Exception] = []
     try:

@@ -98,8 +98,8 @@ class InteractiveRunner:
             MICRO_BATCH_TOKENS if self.resident.device.type == "cuda" else CPU_FORWARD_BATCH_TOKENS
         )
         self.started_pid = os.getpid()
-        # In `serve`, whether a call was asked since the last look (its LISTEN connection's
-        # notifications); and whether a call was answered since a running batch's last offer.
+        # The notifications that arrived since the last look (`run_once`'s `woken`); and whether
+        # a call was answered since a running batch's last offer.
         self._woken: Callable[[], list[tuple[str, str]]] | None = None
         self._answered = False
         self.device = describe_device()
@@ -116,16 +116,14 @@ class InteractiveRunner:
             what="LISTEN",
             patience_s=OUTAGE_PATIENCE_S,
         )
-        self._woken = listener.drain
         try:
             with presence, listener:
                 while not stop.is_set():
-                    if self.run_once():
+                    if self.run_once(listener.drain):
                         continue
                     through_blips(self.tidy, what="idle pass", patience_s=OUTAGE_PATIENCE_S)
                     listener.wait(idle_wait)
         finally:
-            self._woken = None
             self.stream_writer.close()
 
     def tidy(self) -> None:
@@ -145,9 +143,13 @@ class InteractiveRunner:
             if model_id not in held:
                 self._drop(model_id)
 
-    def run_once(self) -> bool:
+    def run_once(self, woken: Callable[[], list[tuple[str, str]]] | None = None) -> bool:
         """Take and run one call (a sample call with others, decoded together; a forward call
-        with other models', run together); False when none can run now."""
+        with other models', run together); False when none can run now. `woken` tells a sample
+        batch whether calls were asked since it last looked (the notifications that arrived:
+        channel and base), so that it offers to take them only then (`_offer`); None: before
+        every pass."""
+        self._woken = woken
         taken = through_blips(self._claim, what="claim", patience_s=OUTAGE_PATIENCE_S)
         if not taken:
             return False
@@ -179,26 +181,35 @@ class InteractiveRunner:
         except Exception as exc:
             return failure(exc, [call])
 
-    def _offer(self, join: Callable[[calls.Call], bool]) -> None:
-        """Sample calls that can run now, offered to a running sample batch (`join`) in the
-        order a claim takes them, while it takes them: each claimed in a savepoint of its own,
-        and the first it does not take (no room, or a saved sampler not in memory, which is not
-        loaded while the batch waits) handed back and the offer ended. In `serve`, only once a
-        call was asked since the last offer (a NOTIFY) or the batch answered one (its model's
-        next call may run now); elsewhere before every pass. A database error ends the offer,
-        and the batch goes on."""
-        if self._woken is not None and not (self._woken() or self._answered):
-            return
+    def _offer(self, join: Callable[[calls.Call], Callable[[], None] | None]) -> None:
+        """The calls that can run now, offered in the order a claim takes them to a running
+        sample batch (`join`) while the next is a sample call that it has room for: each
+        claimed in a transaction of its own, committed before it is added to the batch. The
+        first that is not (a call of another kind, so a batch never overtakes one; no room; a
+        saved sampler not in memory, which is not loaded while the batch waits) is handed back
+        (its transaction rolled back) and ends the offer. With `woken` (`serve`'s LISTEN
+        connection), only once a call was asked on this base since the last look (a NOTIFY) or
+        the batch answered one (that model's next call may run now); without, before every
+        pass. A database error ends the offer, and the batch goes on."""
+        woken = self._woken
+        if woken is not None:
+            asked = any(payload == self.base.id for _, payload in woken())
+            if not (asked or self._answered):
+                return
         self._answered = False
         try:
-            with self.services.engine.begin() as conn:
-                while True:
-                    savepoint = conn.begin_nested()
-                    call = calls.claim_next(conn, self.executor_id, self.base.id, kinds=["sample"])
-                    if call is None or not self._in_memory(call) or not join(call):
-                        savepoint.rollback()
+            while True:
+                with self.services.engine.connect() as conn:
+                    claim = conn.begin()
+                    call = calls.claim_next(conn, self.executor_id, self.base.id)
+                    add = None
+                    if call is not None and call.kind == "sample" and self._in_memory(call):
+                        add = join(call)
+                    if add is None:
+                        claim.rollback()
                         return
-                    savepoint.commit()
+                    claim.commit()
+                add()
         except Exception:
             log.warning("sample calls could not join the running batch", exc_info=True)
 

@@ -7,9 +7,11 @@ a chat), or refused, and a refusal is answered at once. The requests read are de
 batches (`sample_batches`), each adapter's rows a slice; a chat's answer is its text
 (`chat_answer`), and a streamed chat hands its text so far to the stream's sink as it samples.
 Between a batch's passes, `more` may offer requests (the executor's sample calls asked since):
-each one joins the batch if it fits (`Room.taking`: it samples no longer than the batch's
-longest row still decoding, and the batch stays within SAMPLE_TOKENS), is refused and
-answered, or is left for a batch of its own (the offer stops there).
+each one joins the batch if it fits (`Room.taking`: the batch stays within SAMPLE_TOKENS), is
+refused and answered, or is left for a batch of its own (the offer stops there). Taking one is
+in two steps: whether it fits, and then, once its call is the batch's (its claim committed),
+adding it, so that nothing is answered for a call the database does not yet give this
+executor.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ from workers.interactive.sampling import Room, evaluating, generate, sample_batc
 Asked = tuple[str | None, dict[str, Any]]
 # A request read: (its adapter, the request, whether asked as a chat), or its refusal.
 Read = tuple[str, SamplingRequest, bool] | InteractiveError
-# Offers requests, each to `take`, which answers whether it joined (refused, or with room).
-More = Callable[[Callable[[Asked], bool]], None]
+# Offers requests, each to `take`, which answers None where the batch has no room for it, else
+# the function that adds it (a refusal: answers it), to be called once it is the batch's (its
+# call's claim committed) and before the next request is offered.
+Take = Callable[[Asked], Callable[[], None] | None]
+More = Callable[[Take], None]
 # A request's answer (by its index among those asked) or its refusal, as soon as it is known.
 OnAnswer = Callable[[int, dict[str, Any] | InteractiveError], None]
 
@@ -108,21 +113,25 @@ class SampleRun:
         def join(room: Room) -> list[tuple[SamplingRequest, str | None]]:
             joining: list[tuple[SamplingRequest, str | None]] = []
 
-            def take(one: Asked) -> bool:
-                nonlocal room
+            def take(one: Asked) -> Callable[[], None] | None:
                 read = self.reader(*one)
+                refused = isinstance(read, InteractiveError)
                 after = None if isinstance(read, InteractiveError) else room.taking(read[1])
-                if after is None and not isinstance(read, InteractiveError):
-                    return False  # no room: it waits for a batch of its own
-                self._add(one, read)
-                if after is None or isinstance(read, InteractiveError):
-                    return True  # refused, and answered so
-                room = after
-                batch.append(len(self.asked) - 1)
-                requests.append(read[1])
-                stream(len(batch) - 1)
-                joining.append((read[1], read[0] if self.routed else None))
-                return True
+                if after is None and not refused:
+                    return None  # no room: it waits for a batch of its own
+
+                def add() -> None:
+                    nonlocal room
+                    self._add(one, read)
+                    if after is None or isinstance(read, InteractiveError):
+                        return  # refused, and answered so
+                    room = after
+                    batch.append(len(self.asked) - 1)
+                    requests.append(read[1])
+                    stream(len(batch) - 1)
+                    joining.append((read[1], read[0] if self.routed else None))
+
+                return add
 
             assert more is not None
             more(take)
