@@ -59,12 +59,14 @@ def _round(
     offers = [0]
     started = time.perf_counter()
 
-    def more(take: Callable[[Asked], bool]) -> None:
+    def more(take: Callable[[Asked], Callable[[], None] | None]) -> None:
         offers[0] += 1  # before the batch's (offers + 1)-th token
         if offers[0] % every == 0 and len(arrived) < len(late):
             arrived.append(time.perf_counter())
             if join:
-                assert take(late[len(arrived) - 1]), "a late call did not fit the batch"
+                add = take(late[len(arrived) - 1])
+                assert add is not None, "a late call did not fit the batch"
+                add()  # as the executor adds it, its claim committed
 
     def on_answer(i: int, answer: Any) -> None:
         assert not isinstance(answer, Exception), answer
