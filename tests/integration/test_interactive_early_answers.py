@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from control_plane import trainers
 from control_plane.services import Services
 from tests.factories import interactive_model
 from tests.integration.test_interactive_runner import (
@@ -25,7 +24,6 @@ from tests.integration.test_interactive_runner import (
     world,
 )
 from workers.interactive.engine import InteractiveEngine, InteractiveError
-from workers.interactive.runner import InteractiveRunner
 from workers.interactive.sample_run import More, OnAnswer
 
 __all__ = ["services", "world"]  # the executor tests' fixtures, used here by name
@@ -121,16 +119,7 @@ def test_a_batch_that_fails_after_answering_a_call_runs_only_the_others_again(
 ) -> None:
     """The short call answered before its batch failed keeps that answer and is not run
     again; the two calls not yet answered run again a call at a time and answer as alone."""
-    runner = InteractiveRunner(
-        services,
-        "exec-oom-late",
-        world["base"],
-        work_dir=tmp_path / "exec-oom-late",
-        precision="fp32",
-        engine_factory=_OutOfMemoryOnceItAnswered,
-    )
-    with services.engine.begin() as conn:
-        trainers.report(conn, runner.snapshot())
+    runner = _runner(services, world, "exec-oom-late", tmp_path, _OutOfMemoryOnceItAnswered)
     model = interactive_model(
         services.engine, world["session"], world["tenant"], world["base"], "m"
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from tests.faults.tcp_proxy import CuttableProxy
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.interactive.runner import InteractiveRunner
 from workers.interactive.sample_run import More, OnAnswer
+from workers.training.resident import ResidentBase
 
 SEQUENCE = [5 + (i * 37) % 700 for i in range(24)]
 
@@ -82,10 +83,23 @@ def world(services: Services) -> dict[str, str]:
     return {"tenant": tenant.id, "base": base.id, "session": session}
 
 
-def _runner(services: Services, world: dict[str, str], name: str, tmp: Path) -> InteractiveRunner:
+def _runner(
+    services: Services,
+    world: dict[str, str],
+    name: str,
+    tmp: Path,
+    engine_factory: Callable[[ResidentBase], InteractiveEngine] = InteractiveEngine,
+) -> InteractiveRunner:
     """An executor on the tiny base, in the trainer registry as `serve` puts it there (its
     models would be taken for a lost executor's otherwise)."""
-    runner = InteractiveRunner(services, name, world["base"], work_dir=tmp / name, precision="fp32")
+    runner = InteractiveRunner(
+        services,
+        name,
+        world["base"],
+        work_dir=tmp / name,
+        precision="fp32",
+        engine_factory=engine_factory,
+    )
     with services.engine.begin() as conn:
         trainers.report(conn, runner.snapshot())
     return runner
@@ -608,16 +622,7 @@ def test_a_sample_batch_that_fails_is_run_again_a_call_at_a_time(
 ) -> None:
     """A batch that fails (out of memory) is not every tenant's failure: its calls run again
     one at a time, and only the one that fails alone is answered with the error."""
-    runner = InteractiveRunner(
-        services,
-        "exec-oom",
-        world["base"],
-        work_dir=tmp_path / "exec-oom",
-        precision="fp32",
-        engine_factory=_OutOfMemoryWithTheLongPrompt,
-    )
-    with services.engine.begin() as conn:
-        trainers.report(conn, runner.snapshot())
+    runner = _runner(services, world, "exec-oom", tmp_path, _OutOfMemoryWithTheLongPrompt)
     model = interactive_model(
         services.engine, world["session"], world["tenant"], world["base"], "m"
     )
