@@ -1,7 +1,8 @@
 """Sample calls asked while a sample batch decodes join it (continuous batching): the executor
-claims them between passes where they fit (no longer than the batch's longest row still has),
-they decode in the batch's passes and are answered as they finish, each what it answers alone;
-one that does not fit, or of another kind, waits for the batch's end. Real PostgreSQL, the real
+claims them between passes, in the claim's order, while the next is a sample that fits; they
+decode in the batch's passes and are answered as they finish, each what it answers alone; the
+offer ends at a call of another kind, a saved sampler not in memory, or the batch's call limit,
+and those wait for the next claim. Real PostgreSQL, the real
 executor and engine on the tiny test base (`test_tinker_sample_batches.py` has one join through
 the `tinker` SDK and the executor's `serve`, woken by the API's NOTIFY)."""
 
@@ -220,3 +221,49 @@ def test_a_serving_batch_looks_for_calls_only_once_woken(
         assert late_row[0] == "pending"
         assert runner.run_once(lambda: woken(world["base"]))
         assert _finished(services, late)[0][0] == "completed"
+
+
+def test_a_saved_sampler_joins_only_while_in_memory(
+    services: Services, world: dict[str, str], tmp_path: Path
+) -> None:
+    """A saved sampler's sample asked while a batch decodes joins it where the executor holds
+    the sampler's weights; another sampler's, whose weights are in the object store, is not
+    loaded meanwhile (with one sampler kept, loading it would drop one the batch may be reading):
+    the offer ends at it, and it is taken by the next claim."""
+    runner = _runner(services, world, "exec-samplers", tmp_path)
+    runner.samplers_kept = 1
+    tenant, base, session = world["tenant"], world["base"], world["session"]
+    model = interactive_model(services.engine, session, tenant, base, "m")
+    saves = [("save_weights_for_sampler", {"path": f"step-{step}"}) for step in range(2)]
+    _ask_in_order(services, world, model, [("create_model", {}), ("forward_backward", FB), *saves])
+    while runner.run_once():
+        pass
+    samplers = [
+        interactive_model(
+            services.engine,
+            session,
+            tenant,
+            base,
+            f"s{step}",
+            kind="sampler",
+            model_path=f"tinker://{model}/sampler_weights/step-{step}",
+        )
+        for step in range(2)
+    ]
+    _ask(services, world, samplers[0], 0, "sample", _sample(SEQUENCE[:4], 2))
+    assert runner.run_once() and runner.engine.has(samplers[0])  # s0's weights loaded
+    long_call = _ask(services, world, model, 4, "sample", _sample(SEQUENCE[:6], 30))
+    asked: list[str] = []
+
+    def ask_both() -> None:
+        for sampler in samplers:
+            asked.append(_ask(services, world, sampler, 1, "sample", _sample(SEQUENCE[2:8], 5)))
+
+    with at_pass(runner, 3, ask_both):
+        assert runner.run_once()
+    long_row, loaded_row, stored_row = _finished(services, [long_call, *asked])
+    assert loaded_row[0] == "completed" and loaded_row[2] < long_row[2]  # joined
+    assert stored_row[0] == "pending"
+    assert runner.engine.has(samplers[0]) and not runner.engine.has(samplers[1])
+    assert runner.run_once()
+    assert _finished(services, asked[1:])[0][0] == "completed"

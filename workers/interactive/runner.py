@@ -190,15 +190,16 @@ class InteractiveRunner:
         (its transaction rolled back) and ends the offer. With `woken` (`serve`'s LISTEN
         connection), only once a call was asked on this base since the last look (a NOTIFY) or
         the batch answered one (that model's next call may run now); without, before every
-        pass. A database error ends the offer, and the batch goes on."""
+        pass. A database error ends the offer, and the batch goes on; an error adding a call
+        committed to it fails the batch (its calls then run again a call at a time)."""
         woken = self._woken
         if woken is not None:
             asked = any(payload == self.base.id for _, payload in woken())
             if not (asked or self._answered):
                 return
         self._answered = False
-        try:
-            while True:
+        while True:
+            try:
                 with self.services.engine.connect() as conn:
                     claim = conn.begin()
                     call = calls.claim_next(conn, self.executor_id, self.base.id)
@@ -209,9 +210,10 @@ class InteractiveRunner:
                         claim.rollback()
                         return
                     claim.commit()
-                add()
-        except Exception:
-            log.warning("sample calls could not join the running batch", exc_info=True)
+            except Exception:
+                log.warning("sample calls could not join the running batch", exc_info=True)
+                return
+            add()  # the call is the batch's now: an error here is the batch's
 
     def _in_memory(self, call: calls.Call) -> bool:
         """Whether what a sample call samples is in the engine now (a saved sampler's weights

@@ -6,7 +6,8 @@ A request is read against the base (`Reader`: its adapter, the request, whether 
 a chat), or refused, and a refusal is answered at once. The requests read are decoded in
 batches (`sample_batches`), each adapter's rows a slice; a chat's answer is its text
 (`chat_answer`), and a streamed chat hands its text so far to the stream's sink as it samples.
-Between a batch's passes, `more` may offer requests (the executor's sample calls asked since):
+Between the passes of the last batch (the requests asked first wait for no request asked
+later), `more` may offer requests (the executor's sample calls asked since):
 each one joins the batch if it fits (`Room.taking`: the batch stays within SAMPLE_TOKENS), is
 refused and answered, or is left for a batch of its own (the offer stops there). Taking one is
 in two steps: whether it fits, and then, once its call is the batch's (its claim committed),
@@ -73,9 +74,11 @@ class SampleRun:
             i: (request.num_samples, len(request.prompt) + request.max_tokens)
             for i, (_, request) in self.parsed.items()
         }
-        for batch in sample_batches(sizes):
+        batches = list(sample_batches(sizes))
+        for n, batch in enumerate(batches):
             batch = sorted(batch, key=lambda i: self.parsed[i][0])  # each adapter's rows a slice
-            self._decode(batch, more)
+            # Only the last takes requests offered: those the executor has taken wait for none.
+            self._decode(batch, more if n == len(batches) - 1 else None)
         return self.answers
 
     def _add(self, one: Asked, read: Read) -> None:

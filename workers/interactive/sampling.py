@@ -123,8 +123,9 @@ def generate(
     each): the prompts left-padded to the longest, masked, and each row placed by its own
     positions, so a request's rows read what they would alone. Each request draws from its own
     generator and keeps its own parameters and stops; a row that has stopped leaves the batch
-    (its cache with it, where the cache can be narrowed: `_narrowable`), so the passes after it
-    cost the rows still decoding, not the batch's first size. `adapters` (a peft model's
+    (its cache with it, where the cache can be narrowed: `_narrowable`; and, where it can take
+    rows, the leading positions no row left reads: `_trimmed`), so the passes after it cost the
+    rows still decoding, not the batch's first size. `adapters` (a peft model's
     adapter names, one a request) has each request's rows read through its own adapter.
     `on_step` is given each request's rows' tokens so far after every token sampled but the
     last, and answers the requests (by place) to stop sampling now (their rows end as at
@@ -188,6 +189,8 @@ class _Decode:
                 mask, positions, chosen = mask[index], positions[index], chosen[index]
                 self.live = [self.live[place] for place in kept]
                 self._reroute()
+                if _joinable(cache):
+                    mask = _trimmed(cache, mask)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
             positions = positions + 1
             output = self.model(
@@ -350,6 +353,18 @@ def _joinable(cache: Any) -> bool:
     return type(cache) is DynamicCache and all(
         type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers
     )
+
+
+def _trimmed(cache: Any, mask: torch.Tensor) -> torch.Tensor:
+    """The leading positions no row still in the batch reads (the left padding of prompts
+    longer than theirs, which have left) dropped from a joinable cache, and its mask without
+    them: the passes after read only as wide a cache as the rows need."""
+    first = int(mask.any(dim=0).int().argmax())
+    if first == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+    return mask[:, first:]
 
 
 def _merge_caches(cache: Any, theirs: Any, pad_mine: int, pad_theirs: int) -> None:
