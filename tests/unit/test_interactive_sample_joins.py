@@ -1,8 +1,7 @@
 """Requests joining a batch that is already decoding (`sample_many`'s `more`, `generate`'s
 `join`): their prompts are read in a pass of their own, their rows decode with the batch's from
-the next pass, and each answers exactly what it answers alone; one that samples longer than the
-batch's rows joins and the batch runs on for it; one whose rows would pass SAMPLE_TOKENS is not
-taken; a refusal is answered at once; only the last of a call's batches is offered requests; a
+the next pass, and each answers exactly what it answers alone; one that would sample longer
+than any row of the batch still may, or whose rows would pass SAMPLE_TOKENS, is not taken; a refusal is answered at once; only the last of a call's batches is offered requests; a
 cache that cannot take rows (a hybrid base's) is never offered any; the positions no row still
 reads are dropped. The tiny test base, real torch + peft, CPU, fp32."""
 
@@ -59,8 +58,9 @@ def test_requests_that_join_a_running_batch_answer_as_alone(
     before their second token, the base's request with a longer prompt than the batch's (the
     batch's caches are padded to it) and its top-k and prompt logprobs joins, a bad
     request is refused and answered at once, and a request whose rows would take the batch past
-    its token budget is not taken (the offer ends there); before a later pass a request asking
-    more tokens than any row of the batch has left joins, and the batch runs on for it. Every request answers what it answers alone; the passes hold the rows still
+    its token budget is not taken (the offer ends there); before a later pass a short request
+    joins, and then one asking more tokens than any row of the batch has left is not taken
+    (the batch would run longer for it). Every request answers what it answers alone; the passes hold the rows still
     decoding, the joiners' prompts each read in a pass of their own."""
     engine.create("a", rank=8, seed=0)
     train(engine, "a", 2)
@@ -80,37 +80,39 @@ def test_requests_that_join_a_running_batch_answer_as_alone(
         },
     )
     refused: Asked = ("a", sample_request(SEQUENCE[:5], max_tokens=0))
-    too_big: Asked = ("b", sample_request(OTHER[:6], n=2, max_tokens=12, temperature=0.0, stop=[]))
-    later: Asked = ("a", sample_request(OTHER[1:4], max_tokens=12, temperature=0.0, stop=[]))
-    more, taken = _offers({1: [joining, refused, too_big], 4: [later]})
-    # Rows times the longest row within 130 tokens: the first offer's batch holds 3 rows, 6
+    too_big: Asked = ("b", sample_request(OTHER[:6], n=2, max_tokens=10, temperature=0.0, stop=[]))
+    later: Asked = ("a", sample_request(OTHER[1:4], max_tokens=3, temperature=0.0, stop=[]))
+    too_long: Asked = ("b", sample_request(OTHER[1:4], max_tokens=8, temperature=0.0, stop=[]))
+    more, taken = _offers({1: [joining, refused, too_big], 4: [later], 5: [too_long]})
+    # Rows times the longest row within 120 tokens: the first offer's batch holds 3 rows, 6
     # positions and 11 tokens to go; with the joiner, 4 rows of 10 + 11 (84); with the third
-    # request too, 6 rows of 10 + 12 (132); the later one joins 4 rows of 13 + 8 tokens to go,
-    # 5 rows of 13 + 12 (125).
-    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", 130)
+    # request too, 6 rows of 10 + 11 (126). At the fifth offer a's row has 7 tokens to go.
+    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", 120)
     alone = [engine.sample(m, r) for m, r in [*first, joining, later]]
     given: list[tuple[int, int]] = []  # (request, passes run by then)
     pass_sizes.clear()
     together = engine.sample_many(
         first, on_answer=lambda i, _: given.append((i, len(pass_sizes))), more=more
     )
-    # Offered before each token but the first (the later request's 12th is the last): the
-    # first offer took two of three, the fourth the later one; the rest offered nothing.
-    assert len(taken) == 15 and taken[0] == [True, True, False] and taken[3] == [True]
-    assert all(not offered for k, offered in enumerate(taken) if k not in (0, 3))
+    # Offered before each token but the first (the longest row has 12): the first offer took
+    # two of three, the fourth the short one, the fifth not the long one; the rest offered
+    # nothing.
+    assert len(taken) == 11 and taken[0] == [True, True, False] and taken[3] == [True]
+    assert taken[4] == [False]
+    assert all(not offered for k, offered in enumerate(taken) if k not in (0, 3, 4))
     # The prompts (3 rows), a pass of 3; the joiner's prompt alone, 3 passes of 4; the later
-    # one's prompt, a pass of 5; b's two rows (6 tokens) and the joiner (5) leave: 6 passes of
-    # 2 until a's twelfth token; the later one alone to its twelfth, past a's end.
-    assert pass_sizes == [3, 3, 1, 4, 4, 4, 1, 5] + [2] * 6 + [1] * 4
-    # The refusal at once; b's and the joiner's after their last tokens' pass; a's after its
-    # own; the later one's at the end.
-    assert given == [(3, 2), (1, 8), (2, 8), (0, 14), (4, 18)]
+    # one's prompt, a pass of 5; b's two rows (6 tokens) and the joiner (5) leave: a pass of 2;
+    # the later one (3) leaves: a's row alone to its twelfth token.
+    assert pass_sizes == [3, 3, 1, 4, 4, 4, 1, 5, 2, 1, 1, 1, 1, 1]
+    # The refusal at once; b's and the joiner's after their last tokens' pass, the later
+    # one's after its own, a's at the end.
+    assert given == [(3, 2), (1, 8), (2, 8), (4, 9), (0, 14)]
     assert len(together) == 5
     assert isinstance(together[3], InteractiveError) and "max_tokens" in str(together[3])
     for mine, theirs in zip([*together[:3], together[4]], alone, strict=True):
         assert not isinstance(mine, InteractiveError)
         _same(mine, theirs)
-    assert [len(s["tokens"]) for s in together[4]["sequences"]] == [12]  # type: ignore[index]
+    assert [len(s["tokens"]) for s in together[2]["sequences"]] == [5]  # type: ignore[index]
 
 
 def test_a_joiner_that_would_pass_the_token_budget_is_not_taken(

@@ -199,11 +199,11 @@ class InteractiveRunner:
                 return
         self._answered = False
         while True:
+            add = None
             try:
                 with self.services.engine.connect() as conn:
                     claim = conn.begin()
                     call = calls.claim_next(conn, self.executor_id, self.base.id)
-                    add = None
                     if call is not None and call.kind == "sample" and self._in_memory(call):
                         add = join(call)
                     if add is None:
@@ -212,6 +212,11 @@ class InteractiveRunner:
                     claim.commit()
             except Exception:
                 log.warning("sample calls could not join the running batch", exc_info=True)
+                if add is None:
+                    return
+                # Its commit may have been made: taken, it is answered or, not made, its answer
+                # dropped and the call claimed again; left, it would stay running here.
+                add()
                 return
             add()  # the call is the batch's now: an error here is the batch's
 

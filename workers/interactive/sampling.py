@@ -80,21 +80,24 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 class Room:
     """How full a running batch is: its rows still decoding, its cache's width (its longest
     prompt's padded positions and the tokens since), and the most tokens a row of it may still
-    sample."""
+    sample, which its remaining passes need not outlast."""
 
     rows: int
     width: int
     tokens_left: int
 
     def taking(self, request: SamplingRequest) -> Room | None:
-        """The batch once `request`'s rows join, or None where the rows times the longest row
-        (the cache's width and the most tokens left) would pass SAMPLE_TOKENS, which bounds the
-        KV caches and logits as a batch's first requests are bounded."""
-        rows, width = self.rows + request.num_samples, max(self.width, len(request.prompt))
-        tokens_left = max(self.tokens_left, request.max_tokens)
-        if rows * (width + tokens_left) > SAMPLE_TOKENS:
+        """The batch once `request`'s rows join, or None where they do not fit: they would
+        sample more tokens than any row of the batch may still sample (the batch would run
+        longer than it could have without them, and whatever waits for its end would wait
+        longer), or the rows times the longest row (the cache's width and the tokens left)
+        would pass SAMPLE_TOKENS."""
+        if request.max_tokens > self.tokens_left:
             return None
-        return Room(rows, width, tokens_left)
+        rows, width = self.rows + request.num_samples, max(self.width, len(request.prompt))
+        if rows * (width + self.tokens_left) > SAMPLE_TOKENS:
+            return None
+        return Room(rows, width, self.tokens_left)
 
 
 # Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
