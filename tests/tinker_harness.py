@@ -197,9 +197,10 @@ def chat_let_go(services: Services) -> Any:
 
 @pytest.fixture
 def paced(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each token's step of a batch holding a streamed chat held 10 ms (the engine asks its
-    writer which streams were left at every step), as a bigger base on a busier machine would
-    take it: the tiny base otherwise samples a reply before the API first looks at it."""
+    """Each token's step of an executor's sample batch held 10 ms (the engine asks its writer
+    which streams were left at every step of a batch that holds a streamed chat or may take
+    one), as a bigger base on a busier machine would take it: the tiny base otherwise samples a
+    reply before the API first looks at it."""
     from workers.interactive.streaming import StreamWriter
 
     own = StreamWriter.left
