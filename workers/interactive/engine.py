@@ -340,9 +340,10 @@ class InteractiveEngine:
         its SampleResponse, or the reason it was refused (the others run). `on_answer` is
         given each one (by its index in `asked`) as soon as it is known: a refusal before any
         decoding, a response once its rows are done while the batch's longer rows go on.
-        `more`, between a batch's passes, offers requests that may join it (`generate`'s
-        `join`): each one it takes (refused, or with room in the batch) is asked after the
-        others, answered as they are and returned after them."""
+        `more`, between the passes of the last batch, offers requests that may join it
+        (`generate`'s `join`; `SampleRun` says when one fits): each one added (refused, or with
+        room in the batch) is asked after the others, answered as they are and returned after
+        them."""
         with self._lock:
             # With no adapter at all there is no peft model: the base alone answers.
             model = self.base.model if self._peft is None else self._peft
