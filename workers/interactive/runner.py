@@ -212,11 +212,8 @@ class InteractiveRunner:
                     claim.commit()
             except Exception:
                 log.warning("sample calls could not join the running batch", exc_info=True)
-                if add is None:
-                    return
-                # Its commit may have been made: taken, it is answered or, not made, its answer
-                # dropped and the call claimed again; left, it would stay running here.
-                add()
+                if add is not None:  # its commit may have been made: left out, it would stay
+                    add()  # running here; not made, its answer is dropped and it is claimed again
                 return
             add()  # the call is the batch's now: an error here is the batch's
 

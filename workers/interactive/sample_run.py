@@ -10,10 +10,9 @@ Between the passes of the last batch (the requests asked first wait for no reque
 later), `more` may offer requests (the executor's sample calls asked since): each one joins the
 batch if it fits (`Room.taking`: it samples no more tokens than a row of the batch still may,
 and the batch stays within SAMPLE_TOKENS), is refused and answered, or is left for a batch of
-its own (the offer stops there). Taking one is
-in two steps: whether it fits, and then, once its call is the batch's (its claim committed),
-adding it, so that nothing is answered for a call the database does not yet give this
-executor.
+its own (the offer stops there). Taking one is in two steps: whether it fits, and then, once
+its call is the batch's (its claim committed), adding it, so that nothing is answered for a
+call the database does not yet give this executor.
 """
 
 from __future__ import annotations
@@ -119,16 +118,15 @@ class SampleRun:
 
             def take(one: Asked) -> Callable[[], None] | None:
                 read = self.reader(*one)
-                refused = isinstance(read, InteractiveError)
-                after = None if isinstance(read, InteractiveError) else room.taking(read[1])
-                if after is None and not refused:
+                if isinstance(read, InteractiveError):
+                    return lambda: self._add(one, read)  # refused, and answered so
+                after = room.taking(read[1])
+                if after is None:
                     return None  # no room: it waits for a batch of its own
 
                 def add() -> None:
                     nonlocal room
                     self._add(one, read)
-                    if after is None or isinstance(read, InteractiveError):
-                        return  # refused, and answered so
                     room = after
                     batch.append(len(self.asked) - 1)
                     requests.append(read[1])

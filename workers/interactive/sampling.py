@@ -19,8 +19,9 @@ each request reads what it would alone. Semantics follow Tinker's SamplingParams
   vLLM returns by default: the same quantity `forward` computes, so an importance ratio of an
   on-policy sample starts at 1.
 - `topk_sample_logprobs` k: one row per generated token (a sequence's `topk_logprobs`): its
-  k most likely tokens, each a (token, logprob) pair, most likely first, from the same distribution as its `logprobs`: the model's own, before temperature, top-k and
-  top-p narrow it. At temperature 0 a token is the first of its row (or tied with it).
+  k most likely tokens, each a (token, logprob) pair, most likely first, from the same
+  distribution as its `logprobs`: the model's own, before temperature, top-k and top-p narrow
+  it. At temperature 0 a token is the first of its row (or tied with it).
 - The prompt's own scores (`prompt_logprobs`, `topk_prompt_logprobs`, `target_prompt_logprobs`,
   `prompt_alt_tokens_k`): `prompt_scores`.
 Each of these is computed only for the requests that ask for it: the others cost what they did.
@@ -173,11 +174,13 @@ class _Decode:
         self.stopped: list[bool] = []
         self.done: list[bool] = []
         self.live: list[int] = []  # the rows in the batch, by place: those still decoding
+        self.places_of: list[list[int]] = []  # each request's rows' places in the batch
 
     def run(
         self, requests: list[SamplingRequest], adapters: list[str], join: Join | None
     ) -> list[dict[str, Any]]:
         self.live, (logits, cache, mask, positions) = self._read(requests, adapters)
+        self._moved()
         passes = 0
         while True:
             if join is not None and passes and _joinable(cache):
@@ -191,7 +194,7 @@ class _Decode:
                 cache.reorder_cache(index)
                 mask, positions, chosen = mask[index], positions[index], chosen[index]
                 self.live = [self.live[place] for place in kept]
-                self._reroute()
+                self._moved()
                 if _joinable(cache):
                     mask = _trimmed(cache, mask)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
@@ -275,6 +278,7 @@ class _Decode:
             [BASE if adapter is None else adapter for _, adapter in joining],
         )
         self.live += new
+        self._moved()
         width = max(mask.shape[1], their_mask.shape[1])
         _merge_caches(cache, their_cache, width - mask.shape[1], width - their_mask.shape[1])
         mask = torch.cat(
@@ -283,11 +287,14 @@ class _Decode:
                 nn.functional.pad(their_mask, (width - their_mask.shape[1], 0)),
             ]
         )
-        self._reroute()
         return torch.cat([logits, theirs]), mask, torch.cat([positions, their_positions])
 
-    def _reroute(self) -> None:
-        """The passes after this by the rows in the batch now (its rows, in mixed batches)."""
+    def _moved(self) -> None:
+        """The batch's rows changed (it began, rows left, rows joined): each request's places in
+        it, and the passes after this routed by its rows (in mixed batches)."""
+        self.places_of = [[] for _ in self.requests]
+        for place, row in enumerate(self.live):
+            self.places_of[self.owner[row]].append(place)
         if self.route is not None:
             self.route([self.adapters[row] for row in self.live])
 
@@ -295,10 +302,7 @@ class _Decode:
         """Each row's next token drawn from its logits (a request for its rows still decoding,
         with its own generator), recorded with its logprobs; the requests whose rows are all
         done are answered, and `on_step` may stop others. The tokens chosen, by place."""
-        live, requests = self.live, self.requests
-        places_of: list[list[int]] = [[] for _ in requests]
-        for place, row in enumerate(live):
-            places_of[self.owner[row]].append(place)
+        live, requests, places_of = self.live, self.requests, self.places_of
         chosen = torch.empty(len(live), dtype=torch.int64, device=self.device)
         for r, request in enumerate(requests):
             if places_of[r]:  # a request draws for its rows still decoding, alone or not
