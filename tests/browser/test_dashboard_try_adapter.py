@@ -351,7 +351,10 @@ def test_stop_keeps_what_was_sampled_and_the_executor_stops_sampling(
     _box(page, live_url, services, tenant_a, executor, peft_adapter)
     page.fill("#try-message", MESSAGE)
     page.fill("#try-max-tokens", "512")
-    page.fill("#try-temperature", "1")  # the tiny base's draws: text from the first tokens on
+    # Greedy, so the reply cannot end before the stop: the tiny base's greedy reply to this
+    # chat is a few newlines, then text that never reaches a stop token in 512 tokens (a draw
+    # at temperature 1 ends on one now and then, before or just after its first text).
+    page.fill("#try-temperature", "0")
     page.uncheck("#try-compare")
     page.click("#try-button")
     expect(page.locator("#try-stop")).to_be_visible()
