@@ -26,7 +26,7 @@ from typing import Any
 
 from benchmarks.queue import cpu_model, emit_beside, progress
 from tests.fixtures.testbase import TEST_BASE_PATH
-from workers.interactive import sampling
+from workers.interactive import sample_batching
 from workers.interactive.engine import InteractiveEngine
 from workers.training.resident import ResidentBase
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if every * args.late + args.late_tokens > args.max_tokens:
         parser.error("the late calls must arrive and end within the batch: ask fewer or shorter")
     rows = args.calls * args.samples + args.late
-    if rows * (32 + args.max_tokens) > sampling.SAMPLE_TOKENS:
+    if rows * (32 + args.max_tokens) > sample_batching.SAMPLE_TOKENS:
         parser.error(f"{rows} rows of up to {32 + args.max_tokens} tokens pass SAMPLE_TOKENS")
     resident = ResidentBase.load(args.base_dir or TEST_BASE_PATH, args.precision)
     label = args.base_dir.name if args.base_dir else "tiny test base"

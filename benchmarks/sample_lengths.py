@@ -29,7 +29,7 @@ from typing import Any
 
 from benchmarks.queue import cpu_model, emit_beside, progress
 from tests.fixtures.testbase import TEST_BASE_PATH
-from workers.interactive import sampling
+from workers.interactive import sample_batching
 from workers.interactive.engine import InteractiveEngine
 from workers.training.resident import ResidentBase
 
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     longest_row = 16 + min(args.calls - 1, 31) + args.max_tokens  # prompt and reply
     padded = args.calls * args.samples * longest_row
-    if padded > sampling.SAMPLE_TOKENS:  # both sides must decode as one batch
+    if padded > sample_batching.SAMPLE_TOKENS:  # both sides must decode as one batch
         parser.error(
-            f"rows times the longest row is {padded}, over a batch's {sampling.SAMPLE_TOKENS}: "
+            f"rows times the longest row is {padded}, over a batch's {sample_batching.SAMPLE_TOKENS}: "
             "ask fewer calls, samples or tokens"
         )
     resident = ResidentBase.load(args.base_dir or TEST_BASE_PATH, args.precision)

@@ -24,7 +24,7 @@ from tests.unit.test_interactive_engine import (
     sample_request,
     train,
 )
-from workers.interactive import sample_run, sampling
+from workers.interactive import sample_batching, sample_run, sampling
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.training.resident import ResidentBase
 
@@ -36,7 +36,7 @@ def engine() -> InteractiveEngine:
 
 def _decoded_batches(monkeypatch: pytest.MonkeyPatch, budget: int) -> list[int]:
     """Set the batches' token budget; then how many requests each batch decoded held."""
-    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", budget)
+    monkeypatch.setattr(sample_batching, "SAMPLE_TOKENS", budget)
     held: list[int] = []
     generate = sampling.generate  # the engine's own, unwrapped
 
@@ -111,7 +111,7 @@ def _decoded_as_alone(
 ) -> None:
     """`asked` (its fifth request refused, saying `refusal`) decoded together answers `alone`,
     in one batch, and again in the batches `split` gives for a smaller token budget."""
-    for budget, batches in ((sampling.SAMPLE_TOKENS, [len(alone)]), split):
+    for budget, batches in ((sample_batching.SAMPLE_TOKENS, [len(alone)]), split):
         decoded = _decoded_batches(monkeypatch, budget)
         together = engine.sample_many(asked)
         assert decoded == batches

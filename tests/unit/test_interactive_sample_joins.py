@@ -23,7 +23,7 @@ from tests.unit.test_interactive_sample_batches import (
     engine,
     pass_sizes,
 )
-from workers.interactive import sampling
+from workers.interactive import sample_batching, sampling
 from workers.interactive.engine import InteractiveEngine, InteractiveError
 from workers.interactive.sample_requests import read_sample_request
 
@@ -87,7 +87,7 @@ def test_requests_that_join_a_running_batch_answer_as_alone(
     # Rows times the longest row within 120 tokens: the first offer's batch holds 3 rows, 6
     # positions and 11 tokens to go; with the joiner, 4 rows of 10 + 11 (84); with the third
     # request too, 6 rows of 10 + 11 (126). At the fifth offer a's row has 7 tokens to go.
-    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", 120)
+    monkeypatch.setattr(sample_batching, "SAMPLE_TOKENS", 120)
     alone = [engine.sample(m, r) for m, r in [*first, joining, later]]
     given: list[tuple[int, int]] = []  # (request, passes run by then)
     pass_sizes.clear()
@@ -126,7 +126,7 @@ def test_a_joiner_that_would_pass_the_token_budget_is_not_taken(
     narrow: Asked = (None, sample_request(SEQUENCE[:4], n=1, max_tokens=2, stop=[]))
     # Before the second pass: 1 row, a cache 5 wide, 9 tokens left: (1 + 4) * 14 = 70 > 40,
     # (1 + 1) * 14 = 28 <= 40.
-    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", 40)
+    monkeypatch.setattr(sample_batching, "SAMPLE_TOKENS", 40)
     more, taken = _offers({1: [wide], 2: [narrow]})
     together = engine.sample_many(first, more=more)
     assert taken[:2] == [[False], [True]]
@@ -159,17 +159,17 @@ def test_only_a_cache_of_plain_layers_is_offered_rows(build: Any, offered: int) 
         256,
         frozenset(),
     )
-    rooms: list[sampling.Room] = []
+    rooms: list[sample_batching.Room] = []
 
-    def join(room: sampling.Room) -> list[Any]:
+    def join(room: sample_batching.Room) -> list[Any]:
         rooms.append(room)
         return []
 
     sampling.generate(model, [request], tokenizer, torch.device("cpu"), join=join)
     assert len(rooms) == offered
     if offered:  # 2 rows, a cache as wide as the prompt and the tokens so far, the rest left
-        assert rooms[0] == sampling.Room(rows=2, width=6, tokens_left=9)
-        assert rooms[-1] == sampling.Room(rows=2, width=14, tokens_left=1)
+        assert rooms[0] == sample_batching.Room(rows=2, width=6, tokens_left=9)
+        assert rooms[-1] == sample_batching.Room(rows=2, width=14, tokens_left=1)
 
 
 def test_only_the_last_of_a_calls_batches_is_offered_requests(
@@ -182,7 +182,7 @@ def test_only_the_last_of_a_calls_batches_is_offered_requests(
         (None, sample_request(SEQUENCE[:4], n=2, max_tokens=6, stop=[])),
         (None, sample_request(OTHER[:4], n=2, max_tokens=6, stop=[])),
     ]
-    monkeypatch.setattr(sampling, "SAMPLE_TOKENS", 30)  # 2 rows of 4 + 6 a batch
+    monkeypatch.setattr(sample_batching, "SAMPLE_TOKENS", 30)  # 2 rows of 4 + 6 a batch
     offered_at: list[int] = []
 
     def more(take: Callable[[Asked], Callable[[], None] | None]) -> None:
@@ -211,7 +211,7 @@ def test_positions_no_row_reads_are_dropped_once_their_rows_leave(
     ]
     widths: list[int] = []
 
-    def join(room: sampling.Room) -> list[Any]:
+    def join(room: sample_batching.Room) -> list[Any]:
         widths.append(room.width)
         return []
 

@@ -335,7 +335,8 @@ class InteractiveEngine:
         more: More | None = None,
     ) -> list[dict[str, Any] | InteractiveError]:
         """SampleRequests, each of its model (None: the base alone), decoded together in
-        batches within SAMPLE_TOKENS (a request past it runs alone), each row
+        batches within SAMPLE_TOKENS (a request past it runs alone, as one reaching past
+        where the base's rope couples rows: `sample_batching`), each row
         through its own model's adapter in the same forward pass (peft's mixed batches): each
         its SampleResponse, or the reason it was refused (the others run). `on_answer` is
         given each one (by its index in `asked`) as soon as it is known: a refusal before any

@@ -27,8 +27,9 @@ from transformers import PreTrainedTokenizerBase
 
 from workers.interactive.chat import StreamSink, chat_answer, stream_steps
 from workers.interactive.losses import InteractiveError
+from workers.interactive.sample_batching import Room, rope_couples_past, sample_batches
 from workers.interactive.sample_requests import SamplingRequest
-from workers.interactive.sampling import Room, evaluating, generate, sample_batches
+from workers.interactive.sampling import evaluating, generate
 
 # A request asked: (its model, None for the base alone; the SampleRequest or chat, as JSON).
 Asked = tuple[str | None, dict[str, Any]]
@@ -74,7 +75,9 @@ class SampleRun:
             i: (request.num_samples, len(request.prompt) + request.max_tokens)
             for i, (_, request) in self.parsed.items()
         }
-        batches = list(sample_batches(sizes))
+        batches = list(
+            sample_batches(sizes, rope_couples_past(getattr(self.model, "config", None)))
+        )
         for n, batch in enumerate(batches):
             batch = sorted(batch, key=lambda i: self.parsed[i][0])  # each adapter's rows a slice
             # Only the last takes requests offered: those the executor has taken wait for none.

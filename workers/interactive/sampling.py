@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -43,26 +42,8 @@ from transformers.cache_utils import DynamicLayer
 
 from workers.interactive.prompt_scores import TopkRow, prompt_scores, seeded_generator, topk_rows
 from workers.interactive.routing import BASE, routed
+from workers.interactive.sample_batching import Room, reaches_past, rope_couples_past
 from workers.interactive.sample_requests import SamplingRequest
-
-# Most (padded) tokens decoded together: a batch's rows times its longest row (prompt and
-# max_tokens), which bounds its KV caches and logits; a request past it runs alone.
-SAMPLE_TOKENS = 32768
-
-
-def sample_batches(sizes: dict[int, tuple[int, int]]) -> Iterator[list[int]]:
-    """The requests' keys in order, each with its (rows, tokens a row), grouped while a group's
-    rows times its longest row stay within SAMPLE_TOKENS."""
-    group: list[int] = []
-    rows = longest = 0
-    for key, (request_rows, length) in sizes.items():
-        if group and (rows + request_rows) * max(longest, length) > SAMPLE_TOKENS:
-            yield group
-            group, rows, longest = [], 0, 0
-        group.append(key)
-        rows, longest = rows + request_rows, max(longest, length)
-    if group:
-        yield group
 
 
 @contextmanager
@@ -75,30 +56,6 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(training)
-
-
-@dataclass(frozen=True)
-class Room:
-    """How full a running batch is: its rows still decoding, its cache's width (its longest
-    prompt's padded positions and the tokens since), and the most tokens a row of it may still
-    sample, which its remaining passes need not outlast."""
-
-    rows: int
-    width: int
-    tokens_left: int
-
-    def taking(self, request: SamplingRequest) -> Room | None:
-        """The batch once `request`'s rows join, or None where they do not fit: they would
-        sample more tokens than any row of the batch may still sample (the batch would run
-        longer than it could have without them, and whatever waits for its end would wait
-        longer), or the rows times the longest row (the cache's width and the tokens left)
-        would pass SAMPLE_TOKENS."""
-        if request.max_tokens > self.tokens_left:
-            return None
-        rows, width = self.rows + request.num_samples, max(self.width, len(request.prompt))
-        if rows * (width + self.tokens_left) > SAMPLE_TOKENS:
-            return None
-        return Room(rows, width, self.tokens_left)
 
 
 # Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
@@ -138,7 +95,9 @@ def generate(
     batch's longest row. `join` is asked before each pass but the first, where the cache can
     take rows (`_joinable`), for requests that join the batch then: their prompts are read in a
     pass of their own and their rows decode with the batch's from then on, each answering what
-    it answers alone (places after the batch's, in the answers returned too)."""
+    it answers alone (places after the batch's, in the answers returned too). A request that
+    reaches past where the base's rope couples rows must come alone (`sample_batching`); none
+    joins a batch that holds one."""
     if adapters is None:
         return _Decode(model, tokenizer, device, None, on_step, on_done).run(requests, [], join)
     with routed(cast(PeftModel, model), list(adapters)) as route:
@@ -161,6 +120,7 @@ class _Decode:
     ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.route, self.on_step, self.on_done = route, on_step, on_done
+        self.couples_past = rope_couples_past(getattr(model, "config", None))
         self.requests: list[SamplingRequest] = []
         self.rows_of: list[list[int]] = []  # each request's rows
         self.scores: list[dict[str, Any]] = []  # each request's prompt scores
@@ -270,7 +230,9 @@ class _Decode:
         left = max(
             self.requests[self.owner[row]].max_tokens - len(self.tokens[row]) for row in self.live
         )
-        joining = join(Room(len(self.live), mask.shape[1], left))
+        live = [self.requests[self.owner[row]] for row in self.live]
+        apart = any(reaches_past(request, self.couples_past) for request in live)
+        joining = join(Room(len(self.live), mask.shape[1], left, self.couples_past, apart))
         if not joining:
             return logits, mask, positions
         new, (theirs, their_cache, their_mask, their_positions) = self._read(
