@@ -169,7 +169,12 @@ def test_a_chat_that_cannot_be_answered_is_refused_with_its_reason_and_nothing_a
         openai_client(live_url, tenant_a.reader).chat.completions.create(
             model=model, messages=MESSAGES
         )
-    for extra in ({"tools": [{"type": "function"}]}, {"logprobs": True}):
+    for extra in (
+        {"tools": [{"type": "function"}]},
+        {"logprobs": True, "stream": True},  # offered on a chat answered whole
+        {"top_logprobs": 2},  # without logprobs
+        {"top_logprobs": 21, "logprobs": True},
+    ):
         sent = httpx.post(
             f"{live_url}/v1/chat/completions",
             json={"model": model, "messages": MESSAGES, **extra},

@@ -111,7 +111,8 @@ class SampleRun:
         def done(k: int, answer: dict[str, Any]) -> None:
             i = batch[k]
             if i in self.chats:
-                answer = chat_answer(answer, self.parsed[i][1], self.tokenizer)
+                logprobs = self.asked[i][1].get("logprobs") is True
+                answer = chat_answer(answer, self.parsed[i][1], self.tokenizer, logprobs)
             self.answers[i] = answer
             if self.on_answer is not None:
                 self.on_answer(i, answer)

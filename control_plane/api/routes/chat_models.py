@@ -66,8 +66,14 @@ class ChatCompletionCreate(_Body):
         default=None, description="the reply as server-sent events, as it is sampled"
     )
     stream_options: StreamOptions | None = Field(default=None, description="with `stream`")
+    logprobs: bool | None = Field(
+        default=None,
+        description="each token of the reply's text with its logprob; not with `stream`",
+    )
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="with `logprobs`: each token's likeliest tokens"
+    )
     # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
-    logprobs: Literal[False] | None = Field(default=None, description="not offered")
     frequency_penalty: Literal[0] | None = Field(default=None, description="not offered")
     presence_penalty: Literal[0] | None = Field(default=None, description="not offered")
     parallel_tool_calls: bool | None = Field(default=None, description="taken, not used")
@@ -88,7 +94,15 @@ class ChatCompletionCreate(_Body):
         if self.stop is not None:
             params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
         messages = [m.plain() for m in self.messages]
-        asked = {"messages": messages, "num_samples": self.n, "sampling_params": params}
+        asked: dict[str, Any] = {
+            "messages": messages,
+            "num_samples": self.n,
+            "sampling_params": params,
+        }
+        if self.logprobs:
+            asked["logprobs"] = True
+            if self.top_logprobs:
+                asked["topk_sample_logprobs"] = self.top_logprobs
         return {**asked, "stream": True} if self.stream else asked
 
 
@@ -98,11 +112,26 @@ class ChatCompletionMessage(BaseModel):
     refusal: None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatCompletionMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatUsage(BaseModel):
