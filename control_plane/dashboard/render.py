@@ -4,6 +4,7 @@ templates share, and the not-found and sign-in redirects."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -82,6 +83,27 @@ def _size(value: int | None) -> str:
     return f"{value} B"
 
 
+def _chance(logprob: float) -> str:
+    """A token's logprob as the chance the model gave it, in percent (`83.1%`, `<0.1%`)."""
+    percent = 100 * math.exp(logprob)
+    return "<0.1%" if percent < 0.1 else f"{percent:.1f}%"
+
+
+def _likeliness(logprob: float) -> str:
+    """A token's band of likeliness, which its shade shows: `likely` (at least 90 %),
+    `plausible` (50 %), `doubtful` (20 %), `unlikely` (less)."""
+    chance = math.exp(logprob)
+    for floor, band in ((0.9, "likely"), (0.5, "plausible"), (0.2, "doubtful")):
+        if chance >= floor:
+            return band
+    return "unlikely"
+
+
+def _visible(token: str) -> str:
+    """A token's text with its whitespace shown (a space as ·, a line break as ↵)."""
+    return token.replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192")
+
+
 @cache
 def environment() -> Environment:
     env = Environment(
@@ -102,6 +124,9 @@ def environment() -> Environment:
         storage=human_size,
         size_field=exact_size,
         urlpart=lambda s: quote(s, ""),
+        chance=_chance,
+        likeliness=_likeliness,
+        visible=_visible,
     )
     env.globals.update(elapsed=_elapsed)
     return env

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -542,3 +543,85 @@ def test_the_box_answers_a_post_without_the_script_whole_and_its_stream_in_order
     assert all(e["side"] == "adapter" for e in events[1:-1])
     assert said in html.unescape(events[-2]["html"])
     assert 'class="finish"' in events[-2]["html"]
+
+
+def _api_logprobs(live_url: str, key: str, model: str, max_tokens: int) -> list[dict[str, Any]]:
+    """The content logprobs the API answers for the box's chat (no system message, greedy)
+    with its five likeliest tokens a place."""
+    answered = httpx.post(
+        f"{live_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": MESSAGE}],
+            "max_completion_tokens": max_tokens,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 5,
+        },
+        timeout=ASKED_MS / 1000,
+    )
+    assert answered.status_code == 200, answered.text
+    content: list[dict[str, Any]] = answered.json()["choices"][0]["logprobs"]["content"]
+    return content
+
+
+def _band(logprob: float) -> str:
+    chance = math.exp(logprob)
+    return next(
+        (
+            band
+            for floor, band in ((0.9, "likely"), (0.5, "plausible"), (0.2, "doubtful"))
+            if chance >= floor
+        ),
+        "unlikely",
+    )
+
+
+def test_token_probabilities_show_each_tokens_chance_as_the_api_answers_it(
+    live_url: str,
+    page: Page,
+    services: Services,
+    tenant_a: TenantKeys,
+    executor: str,
+    peft_adapter: Path,
+) -> None:
+    """Asked with "Token probabilities", each side shows each token of its reply, shaded by how
+    likely the model found it, its title the chance and the likeliest tokens in its place: the
+    logprobs the API answers for the same chat. Streamed by the page's script and answered
+    whole without it alike; not asked, none."""
+    model = _box(page, live_url, services, tenant_a, executor, peft_adapter)
+    page.fill("#try-message", MESSAGE)
+    page.fill("#try-max-tokens", "12")
+    page.check("#try-probabilities")
+    _ask(page)
+    for side, asked in (("adapter", model), ("base", executor)):
+        api = _api_logprobs(live_url, tenant_a.member, asked, 12)
+        shown = page.locator(f"#try-{side} .token-chances .tokens .token")
+        expect(shown).to_have_count(len(api))
+        logprobs = shown.evaluate_all("spans => spans.map(s => Number(s.dataset.logprob))")
+        assert logprobs == pytest.approx([entry["logprob"] for entry in api], abs=1e-4), side
+        classes = shown.evaluate_all("spans => spans.map(s => s.className)")
+        assert classes == [f"token {_band(entry['logprob'])}" for entry in api]
+        title = shown.first.get_attribute("title") or ""
+        chance = 100 * math.exp(api[0]["logprob"])
+        assert f"{chance:.1f}%" in title or (chance < 0.1 and "<0.1%" in title), title
+        assert title.count("%") == 1 + 5, title  # its own chance and its five likeliest
+        texts = shown.all_text_contents()
+        assert texts == [e["token"].replace(" ", "·").replace("\n", "↵") for e in api]
+
+    # Without the page's script, the whole fragment has them too; not asked, none.
+    form = {"csrf_token": _csrf(page), "version": "1", "message": MESSAGE, "max_tokens": "12"}
+    form |= {"temperature": "0", "probabilities": "on"}
+    whole = page.request.post(f"{live_url}/adapters/bot/try", form=form, timeout=ASKED_MS)
+    assert whole.status == 200
+    assert (
+        whole.text().count('class="token ')
+        == len(_api_logprobs(live_url, tenant_a.member, model, 12)) + 4
+    )  # and the four in the legend
+    del form["probabilities"]
+    plain = page.request.post(f"{live_url}/adapters/bot/try", form=form, timeout=ASKED_MS)
+    assert plain.status == 200 and "token-chances" not in plain.text()
+    page.uncheck("#try-probabilities")
+    _ask(page)
+    expect(page.locator(".token-chances")).to_have_count(0)

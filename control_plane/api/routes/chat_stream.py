@@ -7,7 +7,9 @@ first chunk gives each choice the assistant's role; then, as the executor writes
 far (`interactive_calls.partial`, every `chat_stream_every_seconds` while it samples, each
 write waking the stream), each choice's new text as a `delta`; at the end the rest of each
 choice's text, its `finish_reason`, and with `stream_options.include_usage` a last chunk with
-`usage` and no choices, as OpenAI sends them. A comment line every `KEEPALIVE_SECONDS` keeps the
+`usage` and no choices, as OpenAI sends them. (A chat asked with `logprobs`, which only the
+dashboard's "Try it" box streams, as the API refuses them on a stream, has each choice's
+logprobs in its `finish_reason` chunk.) A comment line every `KEEPALIVE_SECONDS` keeps the
 connection open while nothing is new, so a long reply is not bounded by a client's read timeout.
 A failure after the stream began is an `error` event (the SDK raises it as `APIError`). Once
 read, the chat's messages and text are let go, as a chat answered whole lets them go. A stream
@@ -247,7 +249,10 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
         for delta in _deltas(sent, [str(s.get("text", "")) for s in sequences], whole=True):
             yield chunk([delta])
         for i, s in enumerate(sequences):
-            yield chunk([_choice(i, {}, "stop" if s.get("stop_reason") == "stop" else "length")])
+            end = _choice(i, {}, "stop" if s.get("stop_reason") == "stop" else "length")
+            if "content_logprobs" in s:  # asked by the dashboard's box (the API refuses them here)
+                end["logprobs"] = {"content": s["content_logprobs"], "refusal": None}
+            yield chunk([end])
         if streamed.include_usage:
             prompt = int(result.get("prompt_tokens") or 0)
             completion = sum(len(s.get("tokens") or []) for s in sequences)

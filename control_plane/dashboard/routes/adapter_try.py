@@ -12,7 +12,10 @@ fragment's article for it, finish reason and tokens), and `end`; a blank line wh
 new. Its "Stop" closes the request, which stops the executor's sampling as a streamed chat's
 client leaving does. Without the script, the form's post answers the whole fragment at once.
 
-Each reply shows its text as the API answers it, its finish reason and its tokens. A refusal
+Each reply shows its text as the API answers it, its finish reason and its tokens; asked with
+"Token probabilities", also each token of its text with how likely the model found it and the
+likeliest tokens in its place (the chat's `logprobs`, `top_logprobs` 5; streamed, they come with
+each side's end: `chat_stream.pieces`). A refusal
 (no executor holds the base, the executor's own reason, a model gone) is its message in the
 fragment, as a form field the route cannot take is its label and why: nothing is asked then.
 Both are 200, as the new-job page's dataset panel is, so htmx swaps them in. A reader's post is
@@ -46,6 +49,7 @@ from control_plane.api.routes.chat_models import (
     ChatCompletionCreate,
     ChatCompletionMessage,
     ChatUsage,
+    ChoiceLogprobs,
 )
 from control_plane.dashboard.render import PageForbidden, PageNotFound, fragment, render
 from control_plane.dashboard.sessions import CheckedSession, stream_gone
@@ -56,6 +60,7 @@ router = APIRouter()
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 64
+TOP_LOGPROBS = 5  # the likeliest tokens shown beside each of a reply's, asked for probabilities
 MAX_TOKENS = 512
 TEXT_MAX = 20_000  # characters of a message or a system message
 
@@ -88,6 +93,7 @@ class TryForm(BaseModel):
     max_tokens: int = Field(ge=1, le=MAX_TOKENS)
     temperature: float = Field(ge=0, le=2, allow_inf_nan=False)
     compare: bool = False
+    probabilities: bool = False  # each reply's tokens with how likely each was
 
     @field_validator("message")
     @classmethod
@@ -128,6 +134,7 @@ def _read(form: FormData) -> tuple[TryForm | None, list[tuple[str, str]]]:
     for name in ("version", "max_tokens", "temperature"):
         fields[name] = fields[name].strip()
     fields["compare"] = form.get("compare") is not None
+    fields["probabilities"] = form.get("probabilities") is not None
     try:
         return TryForm.model_validate(fields), []
     except ValidationError as invalid:
@@ -210,6 +217,11 @@ async def try_adapter(
                         "max_completion_tokens": asked.max_tokens,
                         "temperature": asked.temperature,
                         **(
+                            {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+                            if asked.probabilities
+                            else {}
+                        ),
+                        **(
                             {"stream": True, "stream_options": {"include_usage": True}}
                             if streams
                             else {}
@@ -253,6 +265,7 @@ class _Reply:
         self.finish: str | None = None
         self.usage: dict[str, int] | None = None
         self.error: ApiError | None = None
+        self.logprobs: ChoiceLogprobs | None = None
 
     def read(self, piece: dict[str, Any]) -> str:
         """A chunk taken in: its new text."""
@@ -263,6 +276,8 @@ class _Reply:
         for choice in piece.get("choices") or []:
             new += str(choice.get("delta", {}).get("content") or "")
             self.finish = choice.get("finish_reason") or self.finish
+            if choice.get("logprobs"):
+                self.logprobs = ChoiceLogprobs.model_validate(choice["logprobs"])
         self.text += new
         return new
 
@@ -284,6 +299,7 @@ class _Reply:
                     index=0,
                     message=ChatCompletionMessage(content=self.text),
                     finish_reason="stop" if self.finish == "stop" else "length",
+                    logprobs=self.logprobs,
                 )
             ],
             usage=ChatUsage.model_validate(self.usage),
