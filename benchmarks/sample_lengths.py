@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     padded = args.calls * args.samples * longest_row
     if padded > sample_batching.SAMPLE_TOKENS:  # both sides must decode as one batch
         parser.error(
-            f"rows times the longest row is {padded}, over a batch's {sample_batching.SAMPLE_TOKENS}: "
+            f"rows times the longest row is {padded}, "
+            f"over a batch's {sample_batching.SAMPLE_TOKENS}: "
             "ask fewer calls, samples or tokens"
         )
     resident = ResidentBase.load(args.base_dir or TEST_BASE_PATH, args.precision)

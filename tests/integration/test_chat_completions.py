@@ -112,6 +112,7 @@ def test_the_openai_sdk_chats_with_a_fine_tuned_adapter_as_its_sampler_samples_i
             max_completion_tokens=4,
             temperature=0,
             logprobs=False,
+            top_logprobs=0,
             frequency_penalty=0,
             presence_penalty=0,
             seed=-1,

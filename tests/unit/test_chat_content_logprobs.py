@@ -1,33 +1,150 @@
-"""`content_logprobs` (a chat's OpenAI `logprobs.content`) on a reply whose character is split
-across byte-level tokens: the bytes join into it where each token's text cannot. The tiny test
-base's tokenizer."""
+"""A chat's `logprobs.content` (`chat_logprobs`), read off real tokenizers: the tiny test base's
+byte-level BPE, and a SentencePiece tokenizer with byte fallback (Llama 2's and Mistral's
+decoding) built here. The tokens' texts join into the content and their bytes into its bytes,
+a character split across tokens whole again; special tokens (the end of turn, and added ones
+the decoding skips) and a stop string's tokens are left out; U+0000, which no JSON column
+stores, is no token's text."""
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer
+import json
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, normalizers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tests.fixtures.testbase import TEST_BASE_PATH
-from workers.interactive.chat import content_logprobs
+from workers.interactive.chat import chat_answer
 from workers.interactive.sample_requests import read_sample_request
 
 
-def test_a_character_split_across_byte_level_tokens_is_whole_in_their_bytes() -> None:
-    """An emoji the tiny base's byte-level tokenizer writes in several tokens: no token's text
-    holds it (each shows U+FFFD), but their bytes joined are the content's, and the token that
-    ends the reply is left out."""
-    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
-    reply = "ok 🙂 done"
-    tokens = [*tokenizer.encode(reply, add_special_tokens=False), tokenizer.eos_token_id]
+def _answer(
+    tokens: list[int], tokenizer: PreTrainedTokenizerBase, stop: list[str] | None = None
+) -> dict[str, Any]:
+    """The chat's answer for a reply of `tokens` (logprobs -0.5, -1.5, ...; top-2 rows of the
+    token itself and token 3), its stop strings `stop`, asked with logprobs: its sequence."""
+    params: dict[str, Any] = {} if stop is None else {"stop": stop}
     parsed = read_sample_request(
-        {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [5]}]}, "sampling_params": {}},
+        {
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5]}]},
+            "sampling_params": params,
+        },
         len(tokenizer),
-        64,
+        256,
         frozenset([tokenizer.eos_token_id]),
     )
     logprobs = [-0.5 - k for k in range(len(tokens))]
-    entries = content_logprobs({"tokens": tokens, "logprobs": logprobs}, parsed, tokenizer)
-    assert len(entries) == len(tokens) - 1  # not the end of sequence
-    assert [entry["logprob"] for entry in entries] == logprobs[:-1]
-    assert any("\ufffd" in entry["token"] for entry in entries)
-    assert bytes(b for entry in entries for b in entry["bytes"]).decode() == reply
-    assert all(entry["top_logprobs"] == [] for entry in entries)
+    sequence = {
+        "tokens": tokens,
+        "logprobs": logprobs,
+        "stop_reason": "stop",
+        "topk_logprobs": [[(t, lp), (3, lp - 1)] for t, lp in zip(tokens, logprobs, strict=True)],
+    }
+    answer = {"type": "sample", "sequences": [sequence], "prompt_logprobs": None}
+    [read] = chat_answer(answer, parsed, tokenizer, logprobs=True)["sequences"]
+    assert "topk_logprobs" not in read  # held by the entries, not stored twice
+    return dict(read)
+
+
+def _joined(entries: list[dict[str, Any]]) -> tuple[str, bytes]:
+    return "".join(e["token"] for e in entries), bytes(b for e in entries for b in e["bytes"])
+
+
+def test_a_byte_level_reply_split_characters_and_its_end() -> None:
+    """An emoji the byte-level tokenizer writes in several tokens: the tokens before its last
+    add no text, the last adds it, and each one's bytes are its own; the end of turn has no
+    entry; every entry's alternatives are there."""
+    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    reply = "ok 🙂 done"
+    tokens = [*tokenizer.encode(reply, add_special_tokens=False), tokenizer.eos_token_id]
+    read = _answer(tokens, tokenizer)
+    entries = read["content_logprobs"]
+    assert read["text"] == reply
+    assert len(entries) == len(tokens) - 1
+    assert [e["logprob"] for e in entries] == [-0.5 - k for k in range(len(tokens) - 1)]
+    assert _joined(entries) == (reply, reply.encode())
+    split = [e for e in entries if e["token"] == ""]
+    assert split and all(len(e["bytes"]) < 4 for e in split)  # part of the emoji each
+    assert all(
+        [top["logprob"] for top in e["top_logprobs"]] == [e["logprob"], e["logprob"] - 1]
+        for e in entries
+    )
+
+
+def test_a_stop_string_after_a_split_character_keeps_the_whole_character() -> None:
+    """The content ends before the stop string; the entries are the tokens of that content,
+    the emoji's last byte included, none of the stop string's."""
+    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    tokens = tokenizer.encode("Hi 😀\n\nmore", add_special_tokens=False)
+    read = _answer(tokens, tokenizer, stop=["\n\n"])
+    assert read["text"] == "Hi 😀"
+    assert _joined(read["content_logprobs"]) == ("Hi 😀", "Hi 😀".encode())
+
+
+def test_special_tokens_the_decoding_skips_and_u0000_are_no_text() -> None:
+    """`<|im_start|>` (an added special token, not among `all_special_ids`) has no entry; the
+    byte-level token of byte 0 adds no text (the content drops it) but keeps its byte."""
+    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert start not in tokenizer.all_special_ids
+    nul = tokenizer.convert_tokens_to_ids("Ā")  # byte-level's stand-in for byte 0
+    h, i = (
+        tokenizer.encode("H", add_special_tokens=False),
+        tokenizer.encode("i", add_special_tokens=False),
+    )
+    read = _answer([*h, start, nul, *i], tokenizer)
+    entries = read["content_logprobs"]
+    assert read["text"] == "Hi"
+    assert [e["token"] for e in entries] == ["H", "", "i"]
+    assert entries[1]["bytes"] == [0]
+    assert "\\u0000" not in json.dumps(read)
+
+
+def _sentencepiece() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style tokenizer with byte fallback, decoded as Llama 2's: a word's
+    leading `▁` is its space, the first one dropped; an unknown character its UTF-8 bytes."""
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)]
+    pieces += [(f"<0x{b:02X}>", -20.0) for b in range(256)]
+    pieces += [("▁Hello", -1.0), ("▁world", -1.0), ("▁", -2.0), ("▁a", -1.0), ("!", -1.0)]
+    model = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    model.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    model.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def test_a_sentencepiece_reply_keeps_its_words_spaces_and_its_fallback_bytes() -> None:
+    """Decoded alone, `▁world` is "world" and `<0xF0>` is U+FFFD: the entries say " world" and
+    the emoji's bytes one a token, so they join into the content as it reads; an alternative
+    keeps its word's space too."""
+    tokenizer = _sentencepiece()
+    reply = "Hello world 😀!"
+    tokens = tokenizer.encode(reply, add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(tokens) == [
+        "▁Hello",
+        "▁world",
+        "▁",
+        "<0xF0>",
+        "<0x9F>",
+        "<0x98>",
+        "<0x80>",
+        "!",
+    ]
+    assert tokenizer.decode(tokens[1]) == "world"
+    read = _answer([*tokens, tokenizer.eos_token_id], tokenizer)
+    entries = read["content_logprobs"]
+    assert read["text"] == reply
+    assert [e["token"] for e in entries] == ["Hello", " world", " ", "", "", "", "😀", "!"]
+    assert [e["bytes"] for e in entries[3:7]] == [[0xF0], [0x9F], [0x98], [0x80]]
+    assert _joined(entries) == (reply, reply.encode())
+    assert entries[1]["top_logprobs"][0]["token"] == " world"

@@ -15,12 +15,20 @@ import pytest
 from transformers import Gemma3TextConfig, LlamaConfig, Phi3Config
 
 from tests.fixtures.testbase import TEST_BASE_PATH
-from tests.unit.test_interactive_engine import OTHER, SEQUENCE, sample_request, train
+from tests.unit.test_interactive_engine import (
+    OTHER,
+    SEQUENCE,
+    batch,
+    datum,
+    logprobs,
+    sample_request,
+    train,
+)
 from tests.unit.test_interactive_sample_batches import _decoded_batches, _same
 from tests.unit.test_interactive_sample_joins import _offers
-from workers.interactive import sampling
+from workers.interactive import forwarding, sampling
 from workers.interactive.engine import InteractiveEngine, InteractiveError
-from workers.interactive.sample_batching import SAMPLE_TOKENS, rope_couples_past
+from workers.interactive.sample_batching import SAMPLE_TOKENS, rope_couples_past, sample_batches
 from workers.interactive.sample_requests import read_sample_request
 from workers.training.resident import ResidentBase
 
@@ -81,14 +89,14 @@ def test_a_request_that_reaches_past_the_bound_decodes_in_a_batch_of_its_own(
     engine: InteractiveEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Of six requests (of a trained model and the base), the two that reach past 16 positions
-    (14 + 8, and 12 + 6 in two rows) each decode alone; those within it (3 + 13 at most, still
-    decoding when a long row would pass 16) decode together around them; every request
-    answers what it answers alone."""
+    (14 + 8, and 12 + 6 in two rows) each decode alone; those within it (3 + 13, still
+    decoding when a long row would pass 16, and 5 + 12, whose last token sampled is never read:
+    it reads 16) decode together around them; every request answers what it answers alone."""
     engine.create("m", rank=8, seed=0)
     train(engine, "m", 2)
     asked: list[Asked] = [
         ("m", _request(SEQUENCE[:3], 13)),
-        (None, _request(OTHER[:3], 12, n=2)),
+        (None, _request(OTHER[:5], 12, n=2)),  # reads 16 positions: the bound, not past it
         ("m", _request(OTHER[:14], 8)),
         (None, _request(SEQUENCE[:12], 6, n=2)),
         ("m", _request(SEQUENCE[3:5], 12)),
@@ -166,3 +174,41 @@ def test_the_bound_is_where_the_bases_rope_reads_the_batchs_positions() -> None:
         "sliding_attention": {"rope_type": "default", **theta},
     }
     assert rope_couples_past(gemma) == 64
+
+
+def test_the_bound_counts_the_positions_a_row_reads() -> None:
+    """A row's last sampled token is never read: a prompt and its tokens 17 long read 16
+    positions (at the bound, together), 18 long read 17 (past it, alone)."""
+    sizes = {0: (1, 10), 1: (2, 17), 2: (1, 18), 3: (1, 5), 4: (1, 17)}
+    assert list(sample_batches(sizes, BOUND)) == [[0, 1], [2], [3, 4]]
+    assert list(sample_batches(sizes, None)) == [[0, 1, 2, 3, 4]]
+
+
+def test_datums_longer_than_the_bound_run_in_passes_apart_and_score_as_alone(
+    engine: InteractiveEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward's datums of 20 tokens and of 11 (their padding within MAX_PADDING: one pass
+    where rows do not couple) run in two passes on this base, each scored as alone; in one
+    pass, the short one would not be."""
+    engine.create("m", rank=4, seed=0)
+    long, short = datum(SEQUENCE[:21]), datum(OTHER[:12])
+    alone = [logprobs(engine.forward("m", batch(one))).tolist() for one in (long, short)]
+    groups: list[int] = []
+    own = forwarding.micro_batches
+
+    def counted(*args: Any) -> Any:
+        for group in own(*args):
+            groups.append(len(group))
+            yield group
+
+    monkeypatch.setattr(forwarding, "micro_batches", counted)
+    together = engine.forward("m", batch(long, short))
+    assert groups == [1, 1]
+    for k in range(2):
+        assert logprobs(together, k).tolist() == pytest.approx(alone[k], abs=1e-5)
+
+    monkeypatch.setattr(forwarding, "rope_couples_past", lambda config: None)  # as before
+    groups.clear()
+    coupled = engine.forward("m", batch(long, short))
+    assert groups == [2]
+    assert logprobs(coupled, 1).tolist() != pytest.approx(alone[1], abs=1e-4)

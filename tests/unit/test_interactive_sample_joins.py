@@ -1,9 +1,10 @@
-"""Requests joining a batch that is already decoding (`sample_many`'s `more`, `generate`'s
-`join`): their prompts are read in a pass of their own, their rows decode with the batch's from
-the next pass, and each answers exactly what it answers alone; one that would sample longer
-than any row of the batch still may, or whose rows would pass SAMPLE_TOKENS, is not taken; a refusal is answered at once; only the last of a call's batches is offered requests; a
-cache that cannot take rows (a hybrid base's) is never offered any; the positions no row still
-reads are dropped. The tiny test base, real torch + peft, CPU, fp32."""
+"""Requests joining a batch that is already decoding (`sample_many`'s `more`, `generate`'s `join`):
+their prompts are read in a pass of their own, their rows decode with the batch's from the next
+pass, and each answers exactly what it answers alone; one that would sample longer than any row
+of the batch still may, or whose rows would pass SAMPLE_TOKENS, is not taken; a refusal is
+answered at once; only the last of a call's batches is offered requests; a cache that cannot
+take rows (a hybrid base's) is never offered any; the positions no row still reads are dropped.
+The tiny test base, real torch + peft, CPU, fp32."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ def test_requests_that_join_a_running_batch_answer_as_alone(
     request is refused and answered at once, and a request whose rows would take the batch past
     its token budget is not taken (the offer ends there); before a later pass a short request
     joins, and then one asking more tokens than any row of the batch has left is not taken
-    (the batch would run longer for it). Every request answers what it answers alone; the passes hold the rows still
-    decoding, the joiners' prompts each read in a pass of their own."""
+    (the batch would run longer for it). Every request answers what it answers alone; the
+    passes hold the rows still decoding, the joiners' prompts each read in a pass of their
+    own."""
     engine.create("a", rank=8, seed=0)
     train(engine, "a", 2)
     engine.create("b", rank=4, seed=1)

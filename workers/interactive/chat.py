@@ -1,17 +1,18 @@
 """A sample call asked as a chat (`POST /v1/chat/completions`): messages in, text out.
 
-The API has no tokenizer (the control plane imports no training library), so a chat call
-carries its `messages` and the executor, which holds the base's tokenizer, renders them into
-exactly the tokens a job's formatting puts before an assistant's reply to them
+The API has no tokenizer (the control plane imports no training library), so a chat call carries
+its `messages` and the executor, which holds the base's tokenizer, renders them into exactly the
+tokens a job's formatting puts before an assistant's reply to them
 (`workers.training.formatting.generation_prompt`): with the base's own chat template, or, for a
 base without one, as `role: content` lines followed by `assistant: `. (A job trained on
-`prompt`/`completion` records of a base without a template saw no such lines: a chat of it is
-not what it was trained on.) It samples as any sample call does, and answers each sequence's
-text beside its tokens: decoded without special tokens and cut before the first stop string, as
-OpenAI's content leaves it out, and, where the chat asked for `logprobs`, each token of that text
-with its logprob, bytes and likeliest alternatives (`content_logprobs`). A chat stops at the base's end-of-sequence tokens and at the token a job
-trains a reply to end with (`end_of_turn_tokens`: the template's end-of-turn marker, which is not
-the base's end of sequence on many bases), stop strings or not.
+`prompt`/`completion` records of a base without a template saw no such lines: a chat of it is not
+what it was trained on.) It samples as any sample call does, and answers each sequence's text
+beside its tokens: decoded without special tokens and cut before the first stop string, as OpenAI's
+content leaves it out, and, where the chat asked for `logprobs`, each token of that text with its
+logprob, bytes and likeliest alternatives (`chat_logprobs`). A chat stops at the base's
+end-of-sequence tokens and at the token a job trains a reply to end with (`end_of_turn_tokens`: the
+template's end-of-turn marker, which is not the base's end of sequence on many bases), stop strings
+or not.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import dataclasses
 import time
 from typing import Any, Protocol
 
-from tokenizers import decoders
 from transformers import PreTrainedTokenizerBase
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from workers.interactive.chat_logprobs import content_logprobs
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
 from workers.interactive.sampling import OnStep
@@ -133,66 +133,17 @@ def chat_answer(
     logprobs: bool = False,
 ) -> dict[str, Any]:
     """The sample's answer with each sequence's text and the prompt's length in tokens; with
-    `logprobs` (the chat asked for them), each sequence's `content_logprobs` too."""
-    sequences = [
-        {
-            **sequence,
-            "text": chat_text(sequence["tokens"], parsed, tokenizer),
-            **(
-                {"content_logprobs": content_logprobs(sequence, parsed, tokenizer)}
-                if logprobs
-                else {}
-            ),
-        }
-        for sequence in answer["sequences"]
-    ]
+    `logprobs` (the chat asked for them), each sequence's `content_logprobs` instead of its
+    top-k rows (which they hold)."""
+    sequences = []
+    for sequence in answer["sequences"]:
+        text, cut = _decoded(sequence["tokens"], parsed, tokenizer)
+        read = {**sequence, "text": text if cut is None else text[:cut]}
+        if logprobs:
+            read["content_logprobs"] = content_logprobs(sequence, cut, tokenizer)
+            read.pop("topk_logprobs", None)
+        sequences.append(read)
     return {**answer, "sequences": sequences, "prompt_tokens": len(parsed.prompt)}
-
-
-def content_logprobs(
-    sequence: dict[str, Any], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
-) -> list[dict[str, Any]]:
-    """OpenAI's `logprobs.content` of a chat's reply: one entry a token of its text (not a
-    special token, such as the one that ends it, nor the tokens from its stop string on), each
-    with the token's text, its logprob (the model's own, as `logprobs` in a SampleResponse),
-    its bytes and its `top_logprobs` (where the chat asked for them; else none)."""
-    tokens, top = sequence["tokens"], sequence.get("topk_logprobs")
-    _, cut = _decoded(tokens, parsed, tokenizer)
-    special, bytes_of = set(tokenizer.all_special_ids), _token_bytes(tokenizer)
-    content = []
-    for i, token in enumerate(tokens):
-        if token in special:
-            continue
-        if cut is not None and len(_decoded(tokens[:i], parsed, tokenizer)[0]) >= cut:
-            break  # the stop string's, left out of the text
-        entry = _entry(token, sequence["logprobs"][i], tokenizer, bytes_of)
-        rows = top[i] if top else []
-        content.append(
-            {**entry, "top_logprobs": [_entry(t, lp, tokenizer, bytes_of) for t, lp in rows]}
-        )
-    return content
-
-
-def _entry(
-    token: int, logprob: float, tokenizer: PreTrainedTokenizerBase, bytes_of: dict[str, int] | None
-) -> dict[str, Any]:
-    text = tokenizer.decode([token])
-    piece = tokenizer.convert_ids_to_tokens(token)
-    if bytes_of is not None and isinstance(piece, str) and all(c in bytes_of for c in piece):
-        raw = [bytes_of[c] for c in piece]  # a byte-level token's own bytes: part of a character
-    else:
-        raw = list(text.encode("utf-8"))
-    return {"token": text, "logprob": logprob, "bytes": raw}
-
-
-def _token_bytes(tokenizer: PreTrainedTokenizerBase) -> dict[str, int] | None:
-    """For a byte-level BPE tokenizer (GPT-2's, Llama 3's, SmolLM2's), the byte each character
-    of a token stands for: a token may hold part of a character (an emoji's first bytes), whose
-    own bytes its decoded text (U+FFFD) would lose. None for any other tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not isinstance(getattr(backend, "decoder", None), decoders.ByteLevel):
-        return None
-    return {character: byte for byte, character in bytes_to_unicode().items()}
 
 
 class StreamSink(Protocol):

@@ -28,6 +28,7 @@ from torch import nn
 
 from workers.interactive.losses import Datum, Loss, target_logprobs, tensor_data
 from workers.interactive.routing import routed
+from workers.interactive.sample_batching import rope_couples_past
 
 # The most of a micro-batch's tokens that may be padding: rows of very different lengths run in
 # passes of their own rather than pad the short ones to the long (an RL batch's lengths vary).
@@ -78,7 +79,8 @@ def run_together(
     metrics: list[dict[str, torch.Tensor]] = [{} for _ in asked]  # summed on the device
     trainable = {id(p): p for call in asked if call.backward for p in call.params}
     with kept_gradients(list(trainable.values())):
-        for group in micro_batches(rows, micro_batch_tokens):
+        bound = rope_couples_past(getattr(peft, "config", None))
+        for group in micro_batches(rows, micro_batch_tokens, bound):
             group.sort(key=lambda row: asked[row[0]].adapter)  # a slice a model
             backward = any(asked[i].backward for i, _, _ in group)
             routing = (
@@ -135,17 +137,20 @@ def _logits(model: nn.Module, group: list[Datum], device: torch.device) -> torch
 
 
 def micro_batches(
-    rows: list[tuple[int, int, Datum]], tokens: int
+    rows: list[tuple[int, int, Datum]], tokens: int, couples_past: int | None = None
 ) -> Iterator[list[tuple[int, int, Datum]]]:
     """Consecutive rows in groups whose padded size stays within `tokens` (a longer row alone)
-    and whose padding stays within MAX_PADDING of it (rows longest first pack best)."""
+    and whose padding stays within MAX_PADDING of it (rows longest first pack best); where the
+    base's rope couples rows past `couples_past` positions (`rope_couples_past`: its frequencies
+    follow the pass's longest row), the rows longer than that apart from the others."""
     group: list[tuple[int, int, Datum]] = []
     width = real = 0
     for row in rows:
         length = len(row[2].tokens)
         wider = max(width, length)
         padded = wider * (len(group) + 1)
-        if group and (padded > tokens or padded - real - length > MAX_PADDING * padded):
+        coupled = couples_past is not None and width > couples_past >= length
+        if group and (coupled or padded > tokens or padded - real - length > MAX_PADDING * padded):
             yield group
             group, wider, real = [], length, 0
         group.append(row)

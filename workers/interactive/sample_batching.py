@@ -32,12 +32,8 @@ def rope_couples_past(config: Any) -> int | None:
         return None
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     parameters = getattr(config, "rope_parameters", None) or {}
-    # One set for the model, or one a layer type (sliding and full attention layers).
-    kinds = (
-        list(parameters.values())
-        if all(isinstance(v, dict) for v in parameters.values())
-        else [parameters]
-    )
+    # One set for the model, or one a layer type (sliding and full attention layers), or both.
+    kinds = [parameters, *(v for v in parameters.values() if isinstance(v, dict))]
     bounds = []
     for kind in kinds:
         rope_type = str(kind.get("rope_type", "default"))
@@ -50,9 +46,15 @@ def rope_couples_past(config: Any) -> int | None:
 
 
 def reaches_past(request: SamplingRequest, bound: int | None) -> bool:
-    """Whether `request`'s positions (its prompt and `max_tokens`) reach past `bound`, where
-    rows couple: it decodes alone."""
-    return bound is not None and len(request.prompt) + request.max_tokens > bound
+    """Whether `request`'s positions reach past `bound`, where rows couple: it decodes alone."""
+    return past(len(request.prompt) + request.max_tokens, bound)
+
+
+def past(length: int, bound: int | None) -> bool:
+    """Whether a row of a prompt and its tokens to sample, `length` in all, reads past `bound`:
+    the last token it samples is never read, so the positions it reads are one fewer (the
+    rotary embedding's sequence length is the largest position read, plus one)."""
+    return bound is not None and length - 1 > bound
 
 
 def sample_batches(
@@ -65,7 +67,7 @@ def sample_batches(
     rows = longest = 0
     apart = False  # the group is one request that reaches past `couples_past`
     for key, (request_rows, length) in sizes.items():
-        alone = couples_past is not None and length > couples_past
+        alone = past(length, couples_past)
         if group and (
             apart or alone or (rows + request_rows) * max(longest, length) > SAMPLE_TOKENS
         ):

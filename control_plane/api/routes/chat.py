@@ -4,17 +4,17 @@ fine-tuned adapters, answered by the interactive executors holding its base
 `client.chat.completions.create(model=job.fine_tuned_model, messages=[...])` works unchanged.
 
 Offered: `messages` (system, developer, user and assistant; text content, or text parts),
-`max_completion_tokens` (or the older `max_tokens`; 256 unless sent), `temperature`, `top_p`,
-`n`, `seed`, `stop` (up to 4 strings, left out of the content as OpenAI leaves them), and
-`stream` (with `stream_options.include_usage`): the reply sent as it is sampled
-(`chat_stream`), and `logprobs` with `top_logprobs` (up to 20) on a chat answered whole: each
-token of the reply's text with its logprob (the model's own, before temperature and top_p, as
-vLLM gives them by default), its bytes and its likeliest alternatives. Not offered, and refused
-by name rather than ignored: tools, logprobs on a stream, and every other field. The request is held until the executor answers (or, streamed, until its
-first text): a chat no executor took within `TAKE_SECONDS` is withdrawn (503 `executor_busy`
-with `Retry-After`); one an executor runs is waited for up to `WAIT_SECONDS` in all, under the
-openai SDK's own timeout (a stream has no such bound: it sends a comment while nothing is
-new). Once read or withdrawn, the call's messages and answer are let go.
+`max_completion_tokens` (or the older `max_tokens`; 256 unless sent), `temperature`, `top_p`, `n`,
+`seed`, `stop` (up to 4 strings, left out of the content as OpenAI leaves them), and `stream` (with
+`stream_options.include_usage`): the reply sent as it is sampled (`chat_stream`), and `logprobs`
+with `top_logprobs` (up to 20) on a chat answered whole: each token of the reply's text with its
+logprob (the model's own, before temperature and top_p, as vLLM gives them by default), its bytes
+and its likeliest alternatives. Not offered, and refused by name rather than ignored: tools,
+logprobs on a stream, and every other field. The request is held until the executor answers (or,
+streamed, until its first text): a chat no executor took within `TAKE_SECONDS` is withdrawn (503
+`executor_busy` with `Retry-After`); one an executor runs is waited for up to `WAIT_SECONDS` in
+all, under the openai SDK's own timeout (a stream has no such bound: it sends a comment while
+nothing is new). Once read or withdrawn, the call's messages and answer are let go.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ async def create_chat_completion(
             "stream_options is taken only with stream: true",
             "stream_options",
         )
-    if body.top_logprobs is not None and not body.logprobs:
+    if body.top_logprobs and not body.logprobs:
         raise ApiError(
             400, "invalid_request", "top_logprobs is taken only with logprobs: true", "top_logprobs"
         )
@@ -270,9 +270,7 @@ async def complete(
                 message=ChatCompletionMessage(content=str(s.get("text", ""))),
                 finish_reason="stop" if s.get("stop_reason") == "stop" else "length",
                 logprobs=(
-                    ChoiceLogprobs(content=s.get("content_logprobs") or [])
-                    if body.logprobs
-                    else None
+                    ChoiceLogprobs(content=s.get("content_logprobs")) if body.logprobs else None
                 ),
             )
             for i, s in enumerate(sequences)

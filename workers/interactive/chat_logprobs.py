@@ -1,0 +1,132 @@
+"""A chat's OpenAI `logprobs` (`POST /v1/chat/completions` with `logprobs`): each token of its
+reply's text with its logprob (the model's own, as a SampleResponse's `logprobs`), its text, its
+bytes, and the likeliest tokens in its place (`top_logprobs`, where asked).
+
+Which tokens: those of the content, as `chat_text` decodes it. A special token (the end of
+sequence or of turn that ends the reply, or any other the decoding skips) has no entry, nor has
+a token from the stop string on, which the content leaves out.
+
+A token's text is what it adds to the content: the tokens' texts joined are the content. Where
+a character is split across tokens (an emoji a byte-level or byte-fallback tokenizer writes in
+several), the tokens before the last of it add nothing, and the last adds the character; a
+SentencePiece token's word-leading space is kept (decoded alone, it is dropped) except where
+the content itself begins. Each is read off a window of the tokens before it, so the texts of a
+reply of n tokens cost about 2n small decodes.
+
+A token's bytes are its own where the tokenizer has them: a byte-level BPE token's characters
+each stand for a byte (GPT-2's, Llama 3's, SmolLM2's), a byte-fallback token (`<0xF0>`) is its
+byte. So the bytes joined are the content's, a split character's bytes spread over its tokens
+as they came. Elsewhere (a word piece, an added token) they are its text's UTF-8.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+WINDOW = 8  # tokens read before each one: a character or a word's pieces are never longer
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def content_logprobs(
+    sequence: dict[str, Any], cut: int | None, tokenizer: PreTrainedTokenizerBase
+) -> list[dict[str, Any]]:
+    """OpenAI's `logprobs.content` of a chat reply's sequence (its tokens, their logprobs and,
+    where asked, `topk_logprobs`) whose text is cut at `cut` (a stop string's start; None: the
+    whole text)."""
+    pieces = _pieces(tokenizer)
+    tokens, top = sequence["tokens"], sequence.get("topk_logprobs")
+    content: list[dict[str, Any]] = []
+    length = 0  # of the content so far
+    for i, token in enumerate(tokens):
+        if cut is not None and length >= cut:
+            break  # the stop string's, left out of the text
+        if token in pieces.special:
+            continue
+        text = pieces.added(tokens, i)
+        length += len(text)
+        alternatives = [
+            {"token": pieces.alone(t), "logprob": lp, "bytes": pieces.bytes(t, pieces.alone(t))}
+            for t, lp in (top[i] if top else [])
+        ]
+        content.append(
+            {
+                "token": text,
+                "logprob": sequence["logprobs"][i],
+                "bytes": pieces.bytes(token, text),
+                "top_logprobs": alternatives,
+            }
+        )
+    return content
+
+
+class _Pieces:
+    """One tokenizer's reading of tokens as OpenAI's logprobs give them."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        described = json.loads(decoder.__getstate__()) if decoder is not None else {}
+        self.byte_level = _holds(described, "ByteLevel")
+        self.bytes_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        decoded = getattr(tokenizer, "added_tokens_decoder", {})
+        self.added_ids = set(decoded)
+        # What the content's decoding skips: the special tokens, and added tokens marked so.
+        self.special = set(tokenizer.all_special_ids) | {i for i, t in decoded.items() if t.special}
+        # A plain token to read another after, so that its word-leading space stays.
+        self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+        self.known: dict[int, str] = {}
+
+    def _decode(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return text.replace("\x00", "").rstrip("\ufffd")  # as the content; a character pending
+
+    def added(self, tokens: list[int], i: int) -> str:
+        """What token `i` adds to the text of the tokens before it."""
+        start = max(0, i - WINDOW)
+        before, after = self._decode(tokens[start:i]), self._decode(tokens[start : i + 1])
+        if after.startswith(before):
+            return after[len(before) :]
+        # A token that changes how the text before it reads: what differs from there on.
+        pairs = enumerate(zip(before, after, strict=False))
+        same = next((k for k, (a, b) in pairs if a != b), len(after))
+        return after[same:]
+
+    def alone(self, token: int) -> str:
+        """A token's text in no context (an alternative in its place), its leading space kept."""
+        if token not in self.known:
+            if self.byte_level or not self.anchor:
+                text = self.tokenizer.decode([token])
+            else:
+                anchor = self.tokenizer.decode(self.anchor)
+                text = self.tokenizer.decode([*self.anchor, token]).removeprefix(anchor)
+            self.known[token] = text.replace("\x00", "")
+        return self.known[token]
+
+    def bytes(self, token: int, text: str) -> list[int]:
+        """The token's own bytes where the tokenizer has them, else its text's."""
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if isinstance(piece, str) and token not in self.added_ids:
+            if self.byte_level and all(char in self.bytes_of for char in piece):
+                return [self.bytes_of[char] for char in piece]
+            byte = _BYTE_PIECE.fullmatch(piece)
+            if byte is not None:
+                return [int(byte.group(1), 16)]
+        return list(text.encode("utf-8"))
+
+
+def _holds(decoder: dict[str, Any], kind: str) -> bool:
+    """Whether a decoder (as the tokenizers library describes it) is or holds one of `kind`."""
+    if decoder.get("type") == kind:
+        return True
+    return any(_holds(inner, kind) for inner in decoder.get("decoders") or [])
+
+
+@lru_cache(maxsize=8)
+def _pieces(tokenizer: PreTrainedTokenizerBase) -> _Pieces:
+    return _Pieces(tokenizer)
