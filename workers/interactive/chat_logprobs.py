@@ -50,10 +50,7 @@ def content_logprobs(
             continue
         text = pieces.added(tokens, i)
         length += len(text)
-        alternatives = [
-            {"token": pieces.alone(t), "logprob": lp, "bytes": pieces.bytes(t, pieces.alone(t))}
-            for t, lp in (top[i] if top else [])
-        ]
+        alternatives = [{**pieces.alone(t), "logprob": lp} for t, lp in (top[i] if top else [])]
         content.append(
             {
                 "token": text,
@@ -80,7 +77,7 @@ class _Pieces:
         self.special = set(tokenizer.all_special_ids) | {i for i, t in decoded.items() if t.special}
         # A plain token to read another after, so that its word-leading space stays.
         self.anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
-        self.known: dict[int, str] = {}
+        self.known: dict[int, dict[str, Any]] = {}  # each alternative's text and bytes
 
     def _decode(self, tokens: list[int]) -> str:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -97,15 +94,17 @@ class _Pieces:
         same = next((k for k, (a, b) in pairs if a != b), len(after))
         return after[same:]
 
-    def alone(self, token: int) -> str:
-        """A token's text in no context (an alternative in its place), its leading space kept."""
+    def alone(self, token: int) -> dict[str, Any]:
+        """A token's text in no context (an alternative in its place: its leading space kept)
+        and its bytes."""
         if token not in self.known:
             if self.byte_level or not self.anchor:
                 text = self.tokenizer.decode([token])
             else:
                 anchor = self.tokenizer.decode(self.anchor)
                 text = self.tokenizer.decode([*self.anchor, token]).removeprefix(anchor)
-            self.known[token] = text.replace("\x00", "")
+            text = text.replace("\x00", "")
+            self.known[token] = {"token": text, "bytes": self.bytes(token, text)}
         return self.known[token]
 
     def bytes(self, token: int, text: str) -> list[int]:
