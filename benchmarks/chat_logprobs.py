@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     args = parser.parse_args(argv)
+    if args.rounds < 1 or not 0 < args.top <= 20 or args.tokens < 1:
+        parser.error("--rounds and --tokens must be at least 1, --top from 1 to 20")
     resident = ResidentBase.load(args.base_dir or TEST_BASE_PATH, args.precision)
     label = args.base_dir.name if args.base_dir else "tiny test base"
     engine = InteractiveEngine(resident)
@@ -82,8 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     # The answer's reading alone, from the tokens and their top-k rows the decode gave.
     tokenizer = resident.tokenizer
     vocab = len(tokenizer)
-    rows = [[((t + 97 * k) % vocab, -1.0 - k) for k in range(args.top)] for t in sequence["tokens"]]
-    raw = {"sequences": [{**sequence, "topk_logprobs": rows}]}
+
+    def raw(round_: int) -> dict[str, Any]:
+        """The answer with alternatives of its own each round (new to the tokenizer's cache,
+        as a new reply's mostly are)."""
+        rows = [
+            [((t + 97 * k + 7919 * round_) % vocab, -1.0 - k) for k in range(args.top)]
+            for t in sequence["tokens"]
+        ]
+        return {"sequences": [{**sequence, "topk_logprobs": rows}]}
+
     parsed = read_sample_request(
         {"prompt": {"chunks": [{"type": "encoded_text", "tokens": [0]}]}, "sampling_params": {}},
         len(tokenizer),
@@ -91,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         frozenset(),
     )
     read, bare = [], []
-    for _ in range(args.rounds):
+    for index in range(args.rounds):
+        sampled = raw(index)
         started = time.perf_counter()
-        chat_answer(raw, parsed, tokenizer, logprobs=True)
+        chat_answer(sampled, parsed, tokenizer, logprobs=True)
         read.append(time.perf_counter() - started)
         started = time.perf_counter()
-        chat_answer(raw, parsed, tokenizer)
+        chat_answer(sampled, parsed, tokenizer)
         bare.append(time.perf_counter() - started)
     emit_beside(
         "chat_logprobs_answer_read",

@@ -85,8 +85,8 @@ def _size(value: int | None) -> str:
 
 def _chance(logprob: float) -> str:
     """A token's logprob as the chance the model gave it, in percent (`83.1%`, `<0.1%`)."""
-    percent = 100 * math.exp(logprob)
-    return "<0.1%" if percent < 0.1 else f"{percent:.1f}%"
+    tenths = math.floor(1000 * math.exp(logprob) + 1e-6)  # down: 89.99 % reads 89.9 %
+    return "<0.1%" if tenths < 1 else f"{tenths / 10:.1f}%"
 
 
 def _likeliness(logprob: float) -> str:
@@ -100,8 +100,12 @@ def _likeliness(logprob: float) -> str:
 
 
 def _visible(token: str) -> str:
-    """A token's text with its whitespace shown (a space as ·, a line break as ↵)."""
-    return token.replace(" ", "\u00b7").replace("\n", "\u21b5").replace("\t", "\u2192")
+    """A token's text with its whitespace shown (a space as ·, a line break as ↵, a tab as →,
+    and ◌ for a token that adds no text: part of a character the next tokens finish)."""
+    if not token:
+        return "\u25cc"
+    shown = token.replace(" ", "\u00b7").replace("\u00a0", "\u00b7")
+    return shown.replace("\r", "\u240d").replace("\n", "\u21b5").replace("\t", "\u2192")
 
 
 @cache

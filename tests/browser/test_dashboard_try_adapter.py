@@ -79,19 +79,25 @@ def _ask(page: Page) -> Response:
     return answered.value
 
 
-def _api(live_url: str, key: str, model: str, max_tokens: int = 64) -> dict[str, Any]:
-    """What the openai-shaped API answers for the box's chat."""
+def _api(
+    live_url: str,
+    key: str,
+    model: str,
+    max_tokens: int = 64,
+    system: str | None = SYSTEM,
+    **asked: Any,
+) -> dict[str, Any]:
+    """What the openai-shaped API answers for the box's chat (greedy; `asked`: more fields)."""
+    said = [{"role": "user", "content": MESSAGE}]
     answered = httpx.post(
         f"{live_url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {key}"},
         json={
             "model": model,
-            "messages": [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": MESSAGE},
-            ],
+            "messages": said if system is None else [{"role": "system", "content": system}, *said],
             "max_completion_tokens": max_tokens,
             "temperature": 0,
+            **asked,
         },
         timeout=ASKED_MS / 1000,
     )
@@ -548,21 +554,8 @@ def test_the_box_answers_a_post_without_the_script_whole_and_its_stream_in_order
 def _api_logprobs(live_url: str, key: str, model: str, max_tokens: int) -> list[dict[str, Any]]:
     """The content logprobs the API answers for the box's chat (no system message, greedy)
     with its five likeliest tokens a place."""
-    answered = httpx.post(
-        f"{live_url}/v1/chat/completions",
-        headers={"Authorization": f"Bearer {key}"},
-        json={
-            "model": model,
-            "messages": [{"role": "user", "content": MESSAGE}],
-            "max_completion_tokens": max_tokens,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": 5,
-        },
-        timeout=ASKED_MS / 1000,
-    )
-    assert answered.status_code == 200, answered.text
-    content: list[dict[str, Any]] = answered.json()["choices"][0]["logprobs"]["content"]
+    body = _api(live_url, key, model, max_tokens, None, logprobs=True, top_logprobs=5)
+    content: list[dict[str, Any]] = body["choices"][0]["logprobs"]["content"]
     return content
 
 

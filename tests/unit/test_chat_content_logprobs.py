@@ -148,3 +148,29 @@ def test_a_sentencepiece_reply_keeps_its_words_spaces_and_its_fallback_bytes() -
     assert [e["bytes"] for e in entries[3:7]] == [[0xF0], [0x9F], [0x98], [0x80]]
     assert _joined(entries) == (reply, reply.encode())
     assert entries[1]["top_logprobs"][0]["token"] == " world"
+
+
+def test_characters_in_a_row_each_written_in_fallback_bytes_are_each_whole_once() -> None:
+    """The byte-fallback decoder reads a run of byte tokens at once (a character still open
+    turns the whole run to U+FFFD): each character is the text of its last byte's token, once,
+    however many come in a row."""
+    tokenizer = _sentencepiece()
+    entries = _answer(tokenizer.encode("你好", add_special_tokens=False), tokenizer)
+    # "▁" (its space the first, dropped), then three bytes a character
+    assert [e["token"] for e in entries["content_logprobs"]] == ["", "", "", "你", "", "", "好"]
+    for reply in ("你好", "Hello 😀😀", "Hello 你好世界!"):
+        tokens = tokenizer.encode(reply, add_special_tokens=False)
+        assert _joined(_answer(tokens, tokenizer)["content_logprobs"]) == (reply, reply.encode())
+
+
+def test_a_reply_cut_off_inside_a_character_ends_as_its_content_does() -> None:
+    """`max_tokens` ends the reply inside an emoji: the content ends in U+FFFD, and so do the
+    texts joined; the last tokens' bytes are the emoji's first ones, as sampled."""
+    tokenizer = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    tokens = tokenizer.encode("ok 😀", add_special_tokens=False)[:-1]
+    read = _answer(tokens, tokenizer)
+    assert read["text"].startswith("ok ") and read["text"].endswith("\ufffd")
+    entries = read["content_logprobs"]
+    text, raw = _joined(entries)
+    assert text == read["text"]
+    assert raw.startswith(b"ok ") and raw[3:] == "😀".encode()[: len(raw) - 3]

@@ -24,7 +24,7 @@ from control_plane.dashboard.routes.adapter_try import Answer
     [
         (1.0, "likely", "100.0%"),
         (0.9, "likely", "90.0%"),
-        (0.8999, "plausible", "90.0%"),
+        (0.8999, "plausible", "89.9%"),  # down, as its band
         (0.5, "plausible", "50.0%"),
         (0.49, "doubtful", "49.0%"),
         (0.2, "doubtful", "20.0%"),
@@ -71,8 +71,15 @@ def test_the_box_shows_each_token_with_its_chance_and_the_likeliest_in_its_place
     )
     html = render("_try_answer.html", a=Answer("adapter", "bot@1", completion=completion))
     assert (
-        '<span class="token likely" data-logprob="-0.05129329438755058" '
+        '<span class="token likely" tabindex="0" data-logprob="-0.05129329438755058" '
+        'aria-label="·&lt;b&gt;: 95.0%, likely" '
         'title="·&lt;b&gt;: 95.0% · likeliest: ·&lt;b&gt; 95.0%, ↵ 3.0%">·&lt;b&gt;</span>'
     ) in html
-    assert 'title="↵: 30.0%">↵</span>' in html
+    assert 'aria-label="↵: 30.0%, doubtful" title="↵: 30.0%">↵</span>' in html
     assert "<b>" not in html
+
+
+def test_a_token_that_adds_no_text_and_unseen_whitespace_are_shown() -> None:
+    visible = environment().filters["visible"]
+    assert visible("") == "◌"  # part of a character the next tokens finish
+    assert visible("a b\u00a0c\r\n\t") == "a·b·c␍↵→"

@@ -6,17 +6,22 @@ Which tokens: those of the content, as `chat_text` decodes it. A special token (
 sequence or of turn that ends the reply, or any other the decoding skips) has no entry, nor has
 a token from the stop string on, which the content leaves out.
 
-A token's text is what it adds to the content: the tokens' texts joined are the content. Where
-a character is split across tokens (an emoji a byte-level or byte-fallback tokenizer writes in
-several), the tokens before the last of it add nothing, and the last adds the character; a
-SentencePiece token's word-leading space is kept (decoded alone, it is dropped) except where
-the content itself begins. Each is read off a window of the tokens before it, so the texts of a
+A token's text is what it adds to the content, so the tokens' texts joined are the content
+(the last may run on into the stop string the content ends before, as OpenAI's does; and a
+tokenizer that cleans up spaces, " ." read as ".", is read as it goes, not as it ends). Where a
+character is split across tokens (an emoji or a CJK character a byte-level or byte-fallback
+tokenizer writes in several), the tokens before the last of it add nothing, and the last adds
+the character; a SentencePiece token's word-leading space is kept (decoded alone, it is
+dropped) except where the content itself begins. Each is read incrementally, as vLLM's
+detokenizer reads a stream: off a window from the text's step before last, so the texts of a
 reply of n tokens cost about 2n small decodes.
 
 A token's bytes are its own where the tokenizer has them: a byte-level BPE token's characters
 each stand for a byte (GPT-2's, Llama 3's, SmolLM2's), a byte-fallback token (`<0xF0>`) is its
 byte. So the bytes joined are the content's, a split character's bytes spread over its tokens
-as they came. Elsewhere (a word piece, an added token) they are its text's UTF-8.
+as they came (but for a byte the content cannot hold, U+0000, and a character the reply never
+finished, which the content shows as U+FFFD). Elsewhere (a word piece, an added token) they are
+its text's UTF-8.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-WINDOW = 8  # tokens read before each one: a character or a word's pieces are never longer
+PENDING = 4  # tokens a character may be written in (UTF-8's most bytes); past it, flushed
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
@@ -41,14 +46,13 @@ def content_logprobs(
     whole text)."""
     pieces = _pieces(tokenizer)
     tokens, top = sequence["tokens"], sequence.get("topk_logprobs")
+    kept = [i for i, token in enumerate(tokens) if token not in pieces.special]
     content: list[dict[str, Any]] = []
     length = 0  # of the content so far
-    for i, token in enumerate(tokens):
+    for i, text in zip(kept, pieces.texts([tokens[i] for i in kept]), strict=True):
         if cut is not None and length >= cut:
             break  # the stop string's, left out of the text
-        if token in pieces.special:
-            continue
-        text = pieces.added(tokens, i)
+        token = tokens[i]
         length += len(text)
         alternatives = [{**pieces.alone(t), "logprob": lp} for t, lp in (top[i] if top else [])]
         content.append(
@@ -68,8 +72,12 @@ class _Pieces:
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-        described = json.loads(decoder.__getstate__()) if decoder is not None else {}
+        try:
+            described = json.loads(decoder.__getstate__()) if decoder is not None else {}
+        except Exception:  # a decoder of the tokenizer's own: bytes from its texts
+            described = {}
         self.byte_level = _holds(described, "ByteLevel")
+        self.byte_fallback = _holds(described, "ByteFallback")
         self.bytes_of = {char: byte for byte, char in bytes_to_unicode().items()}
         decoded = getattr(tokenizer, "added_tokens_decoder", {})
         self.added_ids = set(decoded)
@@ -80,19 +88,24 @@ class _Pieces:
         self.known: dict[int, dict[str, Any]] = {}  # each alternative's text and bytes
 
     def _decode(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        return text.replace("\x00", "").rstrip("\ufffd")  # as the content; a character pending
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "")
 
-    def added(self, tokens: list[int], i: int) -> str:
-        """What token `i` adds to the text of the tokens before it."""
-        start = max(0, i - WINDOW)
-        before, after = self._decode(tokens[start:i]), self._decode(tokens[start : i + 1])
-        if after.startswith(before):
-            return after[len(before) :]
-        # A token that changes how the text before it reads: what differs from there on.
-        pairs = enumerate(zip(before, after, strict=False))
-        same = next((k for k, (a, b) in pairs if a != b), len(after))
-        return after[same:]
+    def texts(self, tokens: list[int]) -> list[str]:
+        """What each token (none special) adds to the text, read incrementally as vLLM's
+        detokenizer reads it: a window from the text's last step but one, a token that leaves
+        a character pending (U+FFFD last) adding nothing until the character is whole, or
+        PENDING tokens on, or the reply ends."""
+        texts: list[str] = []
+        start = read = 0  # the window's first token, and the first not yet read
+        for i in range(len(tokens)):
+            after = self._decode(tokens[start : i + 1])
+            pending = after.endswith("\ufffd") and i + 1 < len(tokens)
+            if pending and i + 1 - read < PENDING:
+                texts.append("")
+                continue
+            texts.append(_past(self._decode(tokens[start:read]), after))
+            start, read = read, i + 1
+        return texts
 
     def alone(self, token: int) -> dict[str, Any]:
         """A token's text in no context (an alternative in its place: its leading space kept)
@@ -113,10 +126,19 @@ class _Pieces:
         if isinstance(piece, str) and token not in self.added_ids:
             if self.byte_level and all(char in self.bytes_of for char in piece):
                 return [self.bytes_of[char] for char in piece]
-            byte = _BYTE_PIECE.fullmatch(piece)
+            byte = _BYTE_PIECE.fullmatch(piece) if self.byte_fallback else None
             if byte is not None:
                 return [int(byte.group(1), 16)]
         return list(text.encode("utf-8"))
+
+
+def _past(before: str, after: str) -> str:
+    """What `after` adds to `before`; where a token changes how the text before it reads (a
+    tokenizer's clean-up of spaces), what differs from there on."""
+    if after.startswith(before):
+        return after[len(before) :]
+    pairs = enumerate(zip(before, after, strict=False))
+    return after[next((k for k, (a, b) in pairs if a != b), len(after)) :]
 
 
 def _holds(decoder: dict[str, Any], kind: str) -> bool:

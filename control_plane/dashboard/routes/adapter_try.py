@@ -277,7 +277,10 @@ class _Reply:
             new += str(choice.get("delta", {}).get("content") or "")
             self.finish = choice.get("finish_reason") or self.finish
             if choice.get("logprobs"):
-                self.logprobs = ChoiceLogprobs.model_validate(choice["logprobs"])
+                try:
+                    self.logprobs = ChoiceLogprobs.model_validate(choice["logprobs"])
+                except ValidationError:  # the reply still shows, without them
+                    log.warning("a Try it reply's logprobs could not be read")
         self.text += new
         return new
 
