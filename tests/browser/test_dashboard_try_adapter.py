@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from control_plane import trainers
 from control_plane.api.routes import chat, chat_stream
+from control_plane.dashboard.render import environment
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
@@ -583,6 +584,7 @@ def test_token_probabilities_show_each_tokens_chance_as_the_api_answers_it(
     likely the model found it, its title the chance and the likeliest tokens in its place: the
     logprobs the API answers for the same chat. Streamed by the page's script and answered
     whole without it alike; not asked, none."""
+    visible = environment().filters["visible"]  # a token's text as shown: its whitespace seen
     model = _box(page, live_url, services, tenant_a, executor, peft_adapter)
     page.fill("#try-message", MESSAGE)
     page.fill("#try-max-tokens", "12")
@@ -597,11 +599,11 @@ def test_token_probabilities_show_each_tokens_chance_as_the_api_answers_it(
         classes = shown.evaluate_all("spans => spans.map(s => s.className)")
         assert classes == [f"token {_band(entry['logprob'])}" for entry in api]
         title = shown.first.get_attribute("title") or ""
-        chance = 100 * math.exp(api[0]["logprob"])
-        assert f"{chance:.1f}%" in title or (chance < 0.1 and "<0.1%" in title), title
+        tenths = math.floor(1000 * math.exp(api[0]["logprob"]) + 1e-6)  # rounded down
+        said = "<0.1%" if tenths < 1 else f"{tenths / 10:.1f}%"
+        assert title.startswith(f"{visible(api[0]['token'])}: {said}"), title
         assert title.count("%") == 1 + 5, title  # its own chance and its five likeliest
-        texts = shown.all_text_contents()
-        assert texts == [e["token"].replace(" ", "·").replace("\n", "↵") for e in api]
+        assert shown.all_text_contents() == [visible(e["token"]) for e in api]
 
     # Without the page's script, the whole fragment has them too; not asked, none.
     form = {"csrf_token": _csrf(page), "version": "1", "message": MESSAGE, "max_tokens": "12"}
