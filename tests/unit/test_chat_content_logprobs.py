@@ -8,6 +8,7 @@ stores, is no token's text."""
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers
@@ -174,3 +175,55 @@ def test_a_reply_cut_off_inside_a_character_ends_as_its_content_does() -> None:
     text, raw = _joined(entries)
     assert text == read["text"]
     assert raw.startswith(b"ok ") and raw[3:] == "😀".encode()[: len(raw) - 3]
+
+
+def _content(tokens: list[int], tokenizer: PreTrainedTokenizerBase) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "")
+
+
+def test_bytes_that_are_no_utf8_read_as_the_content_reads_them() -> None:
+    """A byte no character completes, or a character cut off: the texts still join into the
+    content, whichever decoder: byte-level bytes read one lossy stream (an invalid byte one
+    U+FFFD, the emoji after it whole once), a run of fallback bytes that is not UTF-8 read as
+    one (each of its bytes U+FFFD, the characters in it too, as the decoder reads them)."""
+    level = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    pieces = ["Ã", "ð", "Ł", "ĺ", "Ģ"]  # the byte-level stand-ins of C3 F0 9F 98 80
+    invalid = level.convert_tokens_to_ids(pieces)
+    space_hi = level.encode(" hi", add_special_tokens=False)
+    fallback = _sentencepiece()
+    byte = {b: fallback.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    nihao = fallback.encode("你好", add_special_tokens=False)
+    cases: list[tuple[PreTrainedTokenizerBase, list[int]]] = [
+        (level, invalid),
+        (level, [*invalid[1:], *space_hi]),  # a lone continuation byte first
+        (fallback, [*nihao, byte[0xF0], byte[0x9F]]),  # max_tokens inside a third character
+        (fallback, [*nihao[:4], byte[0x80], *fallback.encode("!", add_special_tokens=False)]),
+        (
+            fallback,
+            [*fallback.encode(" ", add_special_tokens=False), byte[0xC3], byte[0xA9], byte[0xC3]],
+        ),
+    ]
+    for tokenizer, tokens in cases:
+        read = _answer(tokens, tokenizer)
+        text = "".join(e["token"] for e in read["content_logprobs"])
+        assert text == read["text"] == _content(tokens, tokenizer), tokens
+    # The stop cut after them keeps the space before the stop string.
+    stopped = _answer([*invalid[1:], *space_hi], level, stop=["hi"])
+    assert "".join(e["token"] for e in stopped["content_logprobs"]) == stopped["text"]
+    assert stopped["text"].endswith(" ")
+
+
+def test_the_texts_join_into_the_content_of_random_replies() -> None:
+    """Random replies over words, spaces, line breaks, accents, CJK and emoji, and random token
+    slices of them (cut anywhere, inside a character too), on both tokenizers."""
+    alphabet = ["你", "好", "😀", "é", " ", "a", "\n", "!", "Hello", " world", "🙂", "\U0001d518"]
+    generator = random.Random(7)
+    for tokenizer in (AutoTokenizer.from_pretrained(TEST_BASE_PATH), _sentencepiece()):
+        for _ in range(150):
+            reply = "".join(generator.choice(alphabet) for _ in range(generator.randint(1, 12)))
+            tokens = tokenizer.encode(reply, add_special_tokens=False)
+            low = generator.randint(0, len(tokens) - 1)
+            tokens = tokens[low : generator.randint(low + 1, len(tokens))]
+            read = _answer(tokens, tokenizer)
+            text, _ = _joined(read["content_logprobs"])
+            assert text == read["text"] == _content(tokens, tokenizer), (reply, tokens)

@@ -14,7 +14,10 @@ tokenizer writes in several), the tokens before the last of it add nothing, and 
 the character; a SentencePiece token's word-leading space is kept (decoded alone, it is
 dropped) except where the content itself begins. Each is read incrementally, as vLLM's
 detokenizer reads a stream: off a window from the text's step before last, so the texts of a
-reply of n tokens cost about 2n small decodes.
+reply of n tokens cost about 2n small decodes. Whether a token leaves a character pending is
+read off the tokens' own bytes as the tokenizer's decoder reads them (`_held`), so bytes that
+are no UTF-8 read as the content reads them: one U+FFFD where a byte-level decoder puts one,
+a whole run of fallback bytes as U+FFFDs where the byte-fallback decoder turns it so.
 
 A token's bytes are its own where the tokenizer has them: a byte-level BPE token's characters
 each stand for a byte (GPT-2's, Llama 3's, SmolLM2's), a byte-fallback token (`<0xF0>`) is its
@@ -26,6 +29,7 @@ its text's UTF-8.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from functools import lru_cache
@@ -92,20 +96,65 @@ class _Pieces:
 
     def texts(self, tokens: list[int]) -> list[str]:
         """What each token (none special) adds to the text, read incrementally as vLLM's
-        detokenizer reads it: a window from the text's last step but one, a token that leaves
-        a character pending (U+FFFD last) adding nothing until the character is whole, or
-        PENDING tokens on, or the reply ends."""
+        detokenizer reads it: a window from the text's last step but one; a token that leaves
+        a character pending (`_held`) adds nothing until the character is whole (or the reply
+        ends)."""
+        held = self._held(tokens)
         texts: list[str] = []
         start = read = 0  # the window's first token, and the first not yet read
         for i in range(len(tokens)):
             after = self._decode(tokens[start : i + 1])
-            pending = after.endswith("\ufffd") and i + 1 < len(tokens)
-            if pending and i + 1 - read < PENDING:
+            last = i + 1 == len(tokens)
+            pending = held[i] if held is not None else after.endswith("\ufffd")
+            if pending and not last and (held is not None or i + 1 - read < PENDING):
                 texts.append("")
                 continue
             texts.append(_past(self._decode(tokens[start:read]), after))
             start, read = read, i + 1
         return texts
+
+    def _held(self, tokens: list[int]) -> list[bool] | None:
+        """Whether each token leaves a character pending, read off the tokens' own bytes as the
+        decoder reads them: byte-level bytes run through one lossy UTF-8 decoder; a run of
+        fallback bytes decoded at once, a run that is not UTF-8 (each of its bytes then U+FFFD)
+        held to its last byte. None where the tokenizer has no bytes of its own (a character
+        is then pending while the text ends in U+FFFD, for at most PENDING tokens)."""
+        if not (self.byte_level or self.byte_fallback):
+            return None
+        raw = [self._raw(token) for token in tokens]
+        held: list[bool] = []
+        reader = codecs.getincrementaldecoder("utf-8")("replace")
+        i = 0
+        while i < len(raw):
+            if raw[i] is None:  # a word piece or an added token: no character runs through it
+                reader.reset()
+                held.append(False)
+                i += 1
+                continue
+            end = next((k for k in range(i, len(raw)) if raw[k] is None), len(raw))
+            if not self.byte_fallback:
+                end = i + 1  # byte-level: one token at a time, through the one decoder
+            run = [own for own in raw[i:end] if own is not None]
+            if self.byte_fallback and not _utf8(b"".join(run)):
+                held += [True] * (len(run) - 1) + [False]  # the decoder reads it as one
+            else:
+                for own in run:
+                    reader.decode(own)
+                    held.append(bool(reader.getstate()[0]))
+            if self.byte_fallback:
+                reader.reset()
+            i = end
+        return held
+
+    def _raw(self, token: int) -> bytes | None:
+        """The token's own bytes (a byte-level token's, a fallback byte), else None."""
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if not isinstance(piece, str) or token in self.added_ids:
+            return None
+        if self.byte_level and all(char in self.bytes_of for char in piece):
+            return bytes(self.bytes_of[char] for char in piece)
+        byte = _BYTE_PIECE.fullmatch(piece) if self.byte_fallback else None
+        return bytes([int(byte.group(1), 16)]) if byte is not None else None
 
     def alone(self, token: int) -> dict[str, Any]:
         """A token's text in no context (an alternative in its place: its leading space kept)
@@ -122,14 +171,16 @@ class _Pieces:
 
     def bytes(self, token: int, text: str) -> list[int]:
         """The token's own bytes where the tokenizer has them, else its text's."""
-        piece = self.tokenizer.convert_ids_to_tokens(token)
-        if isinstance(piece, str) and token not in self.added_ids:
-            if self.byte_level and all(char in self.bytes_of for char in piece):
-                return [self.bytes_of[char] for char in piece]
-            byte = _BYTE_PIECE.fullmatch(piece) if self.byte_fallback else None
-            if byte is not None:
-                return [int(byte.group(1), 16)]
-        return list(text.encode("utf-8"))
+        own = self._raw(token)
+        return list(own if own is not None else text.encode("utf-8"))
+
+
+def _utf8(run: bytes) -> bool:
+    try:
+        run.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _past(before: str, after: str) -> str:
