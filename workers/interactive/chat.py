@@ -138,7 +138,7 @@ def chat_answer(
     sequences = []
     for sequence in answer["sequences"]:
         text, cut = _decoded(sequence["tokens"], parsed, tokenizer)
-        read = {**sequence, "text": text if cut is None else text[:cut]}
+        read = {**sequence, "text": text[:cut]}
         if logprobs:
             read["content_logprobs"] = content_logprobs(sequence, cut, tokenizer)
             read.pop("topk_logprobs", None)

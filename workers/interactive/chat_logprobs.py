@@ -30,6 +30,7 @@ its text's UTF-8.
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import re
 from functools import lru_cache
@@ -51,19 +52,19 @@ def content_logprobs(
     pieces = _pieces(tokenizer)
     tokens, top = sequence["tokens"], sequence.get("topk_logprobs")
     kept = [i for i, token in enumerate(tokens) if token not in pieces.special]
+    raw = [pieces.raw(tokens[i]) for i in kept]
     content: list[dict[str, Any]] = []
     length = 0  # of the content so far
-    for i, text in zip(kept, pieces.texts([tokens[i] for i in kept]), strict=True):
+    for i, own, text in zip(kept, raw, pieces.texts([tokens[i] for i in kept], raw), strict=True):
         if cut is not None and length >= cut:
             break  # the stop string's, left out of the text
-        token = tokens[i]
         length += len(text)
         alternatives = [{**pieces.alone(t), "logprob": lp} for t, lp in (top[i] if top else [])]
         content.append(
             {
                 "token": text,
                 "logprob": sequence["logprobs"][i],
-                "bytes": pieces.bytes(token, text),
+                "bytes": _bytes(own, text),
                 "top_logprobs": alternatives,
             }
         )
@@ -94,12 +95,12 @@ class _Pieces:
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "")
 
-    def texts(self, tokens: list[int]) -> list[str]:
-        """What each token (none special) adds to the text, read incrementally as vLLM's
-        detokenizer reads it: a window from the text's last step but one; a token that leaves
-        a character pending (`_held`) adds nothing until the character is whole (or the reply
-        ends)."""
-        held = self._held(tokens)
+    def texts(self, tokens: list[int], raw: list[bytes | None]) -> list[str]:
+        """What each token (none special; `raw`: each one's own bytes) adds to the text, read
+        incrementally as vLLM's detokenizer reads it: a window from the text's last step but
+        one; a token that leaves a character pending (`_held`) adds nothing until the character
+        is whole (or the reply ends)."""
+        held = self._held(raw)
         texts: list[str] = []
         start = read = 0  # the window's first token, and the first not yet read
         for i in range(len(tokens)):
@@ -113,40 +114,31 @@ class _Pieces:
             start, read = read, i + 1
         return texts
 
-    def _held(self, tokens: list[int]) -> list[bool] | None:
-        """Whether each token leaves a character pending, read off the tokens' own bytes as the
-        decoder reads them: byte-level bytes run through one lossy UTF-8 decoder; a run of
-        fallback bytes decoded at once, a run that is not UTF-8 (each of its bytes then U+FFFD)
-        held to its last byte. None where the tokenizer has no bytes of its own (a character
-        is then pending while the text ends in U+FFFD, for at most PENDING tokens)."""
+    def _held(self, raw: list[bytes | None]) -> list[bool] | None:
+        """Whether each token (by its own bytes, `raw`) leaves a character pending, read as
+        the decoder reads the bytes: byte-level bytes run through one lossy UTF-8 decoder; a
+        run of fallback bytes decoded at once, a run that is not UTF-8 (each of its bytes then
+        U+FFFD) held to its last byte. None where the tokenizer has no bytes of its own (a
+        character is then pending while the text ends in U+FFFD, for at most PENDING
+        tokens)."""
         if not (self.byte_level or self.byte_fallback):
             return None
-        raw = [self._raw(token) for token in tokens]
         held: list[bool] = []
-        reader = codecs.getincrementaldecoder("utf-8")("replace")
-        i = 0
-        while i < len(raw):
-            if raw[i] is None:  # a word piece or an added token: no character runs through it
-                reader.reset()
-                held.append(False)
-                i += 1
-                continue
-            end = next((k for k in range(i, len(raw)) if raw[k] is None), len(raw))
-            if not self.byte_fallback:
-                end = i + 1  # byte-level: one token at a time, through the one decoder
-            run = [own for own in raw[i:end] if own is not None]
-            if self.byte_fallback and not _utf8(b"".join(run)):
+        for has_bytes, grouped in itertools.groupby(raw, key=lambda own: own is not None):
+            tokens = list(grouped)
+            run = [own for own in tokens if own is not None]
+            if not has_bytes:  # word pieces or added tokens: no character runs through them
+                held += [False] * len(tokens)
+            elif self.byte_fallback and not _utf8(b"".join(run)):
                 held += [True] * (len(run) - 1) + [False]  # the decoder reads it as one
             else:
+                reader = codecs.getincrementaldecoder("utf-8")("replace")
                 for own in run:
                     reader.decode(own)
                     held.append(bool(reader.getstate()[0]))
-            if self.byte_fallback:
-                reader.reset()
-            i = end
         return held
 
-    def _raw(self, token: int) -> bytes | None:
+    def raw(self, token: int) -> bytes | None:
         """The token's own bytes (a byte-level token's, a fallback byte), else None."""
         piece = self.tokenizer.convert_ids_to_tokens(token)
         if not isinstance(piece, str) or token in self.added_ids:
@@ -166,13 +158,14 @@ class _Pieces:
                 anchor = self.tokenizer.decode(self.anchor)
                 text = self.tokenizer.decode([*self.anchor, token]).removeprefix(anchor)
             text = text.replace("\x00", "")
-            self.known[token] = {"token": text, "bytes": self.bytes(token, text)}
+            own = self.raw(token)
+            self.known[token] = {"token": text, "bytes": _bytes(own, text)}
         return self.known[token]
 
-    def bytes(self, token: int, text: str) -> list[int]:
-        """The token's own bytes where the tokenizer has them, else its text's."""
-        own = self._raw(token)
-        return list(own if own is not None else text.encode("utf-8"))
+
+def _bytes(own: bytes | None, text: str) -> list[int]:
+    """A token's bytes: its own where the tokenizer has them, else its text's."""
+    return list(own if own is not None else text.encode("utf-8"))
 
 
 def _utf8(run: bytes) -> bool:

@@ -149,9 +149,7 @@ def micro_batches(
         length = len(row[2].tokens)
         wider = max(width, length)
         padded = wider * (len(group) + 1)
-        coupled = (
-            couples_past is not None and group and (width > couples_past) != (length > couples_past)
-        )
+        coupled = couples_past is not None and (width > couples_past) != (length > couples_past)
         if group and (coupled or padded > tokens or padded - real - length > MAX_PADDING * padded):
             yield group
             group, wider, real = [], length, 0
