@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, func, insert, select, text, update
@@ -347,6 +348,33 @@ def retrieve(conn: Connection, tenant_id: str, future_id: str) -> CallRecord:
     if row is None:
         raise NotFound("future", future_id)
     return CallRecord.from_row(row)
+
+
+# A streamed chat's reply so far with each choice's logprobs entries past `:past` of them only.
+_PARTIAL_PAST = text(
+    """
+    SELECT c.*, CASE WHEN c.partial ? 'logprobs' THEN c.partial || jsonb_build_object(
+        'logprobs', (
+            SELECT coalesce(jsonb_agg(coalesce((
+                SELECT jsonb_agg(x.e ORDER BY x.j)
+                FROM jsonb_array_elements(l.entries) WITH ORDINALITY AS x(e, j)
+                WHERE x.j > coalesce((CAST(:past AS int[]))[l.i], 0)
+            ), '[]'::jsonb) ORDER BY l.i), '[]'::jsonb)
+            FROM jsonb_array_elements(c.partial -> 'logprobs') WITH ORDINALITY AS l(entries, i)
+        )) ELSE c.partial END AS partial_past
+    FROM interactive_calls c WHERE c.id = :id AND c.tenant_id = :tenant
+    """
+)
+
+
+def retrieve_past(conn: Connection, tenant_id: str, future_id: str, past: list[int]) -> CallRecord:
+    """The call, as `retrieve` reads it, but with a streamed chat's reply so far holding each
+    choice's logprobs entries past the first `past[i]` only (those its stream sent): a long
+    reply's entries are read once, not at every look."""
+    row = conn.execute(_PARTIAL_PAST, {"id": future_id, "tenant": tenant_id, "past": past}).first()
+    if row is None:
+        raise NotFound("future", future_id)
+    return CallRecord.from_row(SimpleNamespace(**{**row._mapping, "partial": row.partial_past}))
 
 
 def cancel(conn: Connection, tenant_id: str, future_id: str) -> bool:

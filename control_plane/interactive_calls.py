@@ -203,12 +203,42 @@ def finish(
     return True
 
 
-def progress(conn: Connection, executor_id: str, texts: dict[str, list[str]]) -> dict[str, bool]:
-    """A streamed chat's text so far, for each call (by id) this executor runs: written and
-    notified on the channel a finished call notifies, so the API's stream wakes (not
-    committed; its commit does not wait for the disk). For each call written, whether its
-    stream's client left (`leave_stream`): its sampling stops."""
-    if not texts:
+@dataclass(frozen=True)
+class Written:
+    """A streamed chat's reply so far, written: whether its stream's client left, and, where it
+    streams logprobs, how many entries each choice has stored."""
+
+    left: bool
+    entries: list[int] | None = None
+
+
+# A reply so far's logprobs: each choice's entries appended to those stored where they carry on
+# from them (`from`: how many the executor knows are stored), in place of them from 0 (a call
+# decoded again), else left as stored (what the executor then learns from what it returns).
+_ENTRIES = """
+    jsonb_build_object('logprobs', (
+        SELECT coalesce(jsonb_agg(CASE
+            WHEN n.start = 0 THEN n.entries
+            WHEN jsonb_array_length(n.stored) = n.start THEN n.stored || n.entries
+            ELSE n.stored END ORDER BY n.i), '[]'::jsonb)
+        FROM (
+            SELECT e.entries, e.i, (p.body -> 'from' ->> (e.i - 1)::int)::int AS start,
+                   coalesce(c.partial -> 'logprobs' -> (e.i - 1)::int, '[]'::jsonb) AS stored
+            FROM jsonb_array_elements(p.body -> 'logprobs') WITH ORDINALITY AS e(entries, i)
+        ) n
+    ))"""
+
+
+def progress(
+    conn: Connection, executor_id: str, replies: dict[str, dict[str, Any]]
+) -> dict[str, Written]:
+    """A streamed chat's reply so far, for each call (by id) this executor runs: its `texts`
+    (each choice's), and, streamed with logprobs, each choice's new entries (`logprobs`, from
+    the index `from`), written and notified on the channel a finished call notifies, so the
+    API's stream wakes (not committed; its commit does not wait for the disk). For each call
+    written, whether its stream's client left (`leave_stream`: its sampling stops) and how many
+    entries each choice has stored."""
+    if not replies:
         return {}
     # Not waited onto the disk (a crash loses only text the answer will hold whole), and never
     # waited on long: a write that cannot go at once is dropped, not queued behind.
@@ -220,15 +250,18 @@ def progress(conn: Connection, executor_id: str, texts: dict[str, list[str]]) ->
     )
     rows = conn.execute(
         text(
-            "UPDATE interactive_calls c SET partial = jsonb_build_object('texts', p.texts) "
-            "FROM jsonb_each(:texts) AS p(id, texts) "
+            "UPDATE interactive_calls c SET partial = jsonb_build_object('texts', p.body -> 'texts')"
+            f" || CASE WHEN p.body ? 'logprobs' THEN {_ENTRIES} ELSE '{{}}'::jsonb END "
+            "FROM jsonb_each(:replies) AS p(id, body) "
             "WHERE c.id = p.id AND c.status = 'running' AND c.claimed_by = :executor "
             "RETURNING c.id, c.stream_left_at IS NOT NULL AS left_, "
+            "(SELECT jsonb_agg(jsonb_array_length(x)) "
+            " FROM jsonb_array_elements(c.partial -> 'logprobs') x) AS stored, "
             "pg_notify('loraforge_interactive_done', c.model_id || ' ' || c.id)"
-        ).bindparams(bindparam("texts", type_=JSONB)),
-        {"texts": texts, "executor": executor_id},
+        ).bindparams(bindparam("replies", type_=JSONB)),
+        {"replies": replies, "executor": executor_id},
     ).all()
-    return {row.id: bool(row.left_) for row in rows}
+    return {row.id: Written(bool(row.left_), row.stored) for row in rows}
 
 
 def leave_stream(conn: Connection, tenant_id: str, call_id: str) -> bool:

@@ -172,7 +172,6 @@ def test_a_chat_that_cannot_be_answered_is_refused_with_its_reason_and_nothing_a
         )
     for extra in (
         {"tools": [{"type": "function"}]},
-        {"logprobs": True, "stream": True},  # offered on a chat answered whole
         {"top_logprobs": 2},  # without logprobs
         {"top_logprobs": 21, "logprobs": True},
     ):

@@ -35,6 +35,7 @@ from tests.tinker_harness import (
     tinker_settings,
 )
 from workers.interactive import streaming
+from workers.interactive.chat import SoFar
 from workers.interactive.runner import InteractiveRunner
 from workers.interactive.streaming import StreamWriter
 
@@ -268,18 +269,18 @@ def test_the_executors_writes_pause_through_a_database_outage_and_go_on_after_it
     cut_off = build_services(settings, database_url=proxied_url)
     try:
         writer = StreamWriter(cut_off, "exec-played")
-        writer({call.id: ["first"]})
+        writer({call.id: SoFar(["first"])})
         _partial_becomes(services, call.id, ["first"])
         proxy.cut()
         started = time.monotonic()
         for k in range(20):  # what the decoding loop hands over meanwhile
-            writer({call.id: [f"first {k}"]})
+            writer({call.id: SoFar([f"first {k}"])})
         assert time.monotonic() - started < 1.0  # handed over, never waited on
         time.sleep(1.0)
         proxy.restore()
         deadline = time.monotonic() + 30
         while True:  # the newest text, once the writer tries again
-            writer({call.id: ["first and last"]})
+            writer({call.id: SoFar(["first and last"])})
             try:
                 _partial_becomes(services, call.id, ["first and last"], wait=0.5)
                 break
@@ -289,7 +290,7 @@ def test_the_executors_writes_pause_through_a_database_outage_and_go_on_after_it
         # Stopped (the executor stops it when it stops serving), its thread ends.
         writer.close()
         assert not [t for t in threading.enumerate() if t.name == "stream-exec-played"]
-        writer({call.id: ["after"]})  # handed over after it stopped: dropped, not kept
+        writer({call.id: SoFar(["after"])})  # handed over after it stopped: dropped, not kept
         assert not [t for t in threading.enumerate() if t.name == "stream-exec-played"]
         assert writer._newest == {}
     finally:
@@ -360,9 +361,9 @@ class _PlayedExecutor:
     def write(self, call: calls.Call, so_far: str) -> bool:
         """The text so far written; whether the stream's client left."""
         with self.services.engine.begin() as conn:
-            written = calls.progress(conn, "exec-played", {call.id: [so_far]})
-        assert list(written) == [call.id]
-        return written[call.id]
+            written = calls.progress(conn, "exec-played", {call.id: {"texts": [so_far]}})
+        assert list(written) == [call.id] and written[call.id].entries is None
+        return written[call.id].left
 
     def finish(self, call: calls.Call, whole: str) -> None:
         answer = {"tokens": [5, 6, 7], "logprobs": [0.0] * 3, "stop_reason": "stop", "text": whole}

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from tests.fixtures.testbase import TEST_BASE_PATH
-from workers.interactive.chat import chat_answer
+from workers.interactive.chat import chat_answer, chat_text_so_far
+from workers.interactive.chat_logprobs import GrowingContent
 from workers.interactive.sample_requests import read_sample_request
 
 
@@ -227,3 +228,62 @@ def test_the_texts_join_into_the_content_of_random_replies() -> None:
             read = _answer(tokens, tokenizer)
             text, _ = _joined(read["content_logprobs"])
             assert text == read["text"] == _content(tokens, tokenizer), (reply, tokens)
+
+
+def test_a_streamed_replys_entries_so_far_are_always_the_whole_replys_first() -> None:
+    """`GrowingContent`, read after every token of random replies on both tokenizers (stop
+    strings, split characters, a fallback run no character completes): what it gives is always
+    the first of the entries the whole reply's answer holds, exactly, its texts joined a start of
+    the text so far (`chat_text_so_far`); on a reply of plain words, every entry but the last
+    token's as soon as the text so far holds its text."""
+    alphabet = ["你", "好", "😀", "é", " ", "a", "\n", "!", "Hello", " world", "🙂", " .", "END"]
+    generator = random.Random(11)
+    for tokenizer in (AutoTokenizer.from_pretrained(TEST_BASE_PATH), _sentencepiece()):
+        # F0 9F, a character begun and never finished: byte-level stand-ins, or fallback bytes
+        pieces = ["ð", "Ł"] if tokenizer.unk_token_id is None else ["<0xF0>", "<0x9F>"]
+        dangling = tokenizer.convert_tokens_to_ids(pieces)
+        assert tokenizer.decode(dangling) == "\ufffd" * (1 + (tokenizer.unk_token_id is not None))
+        for _ in range(120):
+            reply = "".join(generator.choice(alphabet) for _ in range(generator.randint(1, 14)))
+            tokens = tokenizer.encode(reply, add_special_tokens=False)
+            if generator.random() < 0.3:
+                k = generator.randint(0, len(tokens))
+                tokens[k:k] = dangling
+            stop = ["END"] if generator.random() < 0.5 else None
+            _growing_reads(tokens, tokenizer, stop)
+    level = AutoTokenizer.from_pretrained(TEST_BASE_PATH)
+    words = level.encode("Hello world, how are you today", add_special_tokens=False)
+    for length, given in enumerate(_growing_reads(words, level, None), start=1):
+        assert len(given) >= length - 2  # the last token, and a word's space held back
+
+
+def _growing_reads(
+    tokens: list[int], tokenizer: PreTrainedTokenizerBase, stop: list[str] | None
+) -> list[list[dict[str, Any]]]:
+    """What `GrowingContent` gives after each token of a reply, each checked against the whole
+    reply's entries."""
+    whole = _answer(tokens, tokenizer, stop)
+    final = whole["content_logprobs"]
+    parsed = read_sample_request(
+        {
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": [5]}]},
+            "sampling_params": {} if stop is None else {"stop": stop},
+        },
+        len(tokenizer),
+        256,
+        frozenset([tokenizer.eos_token_id]),
+    )
+    sequence = {key: whole[key] for key in ("tokens", "logprobs")}
+    sequence["topk_logprobs"] = [
+        [(t, lp), (3, lp - 1)] for t, lp in zip(tokens, whole["logprobs"], strict=True)
+    ]
+    growing = GrowingContent(tokenizer)
+    reads = []
+    for length in range(1, len(tokens) + 1):
+        so_far = {key: value[:length] for key, value in sequence.items()}
+        sure = chat_text_so_far(tokens[:length], parsed, tokenizer)
+        given = growing.read(so_far, len(sure))
+        assert given == final[: len(given)], (tokens, length)
+        assert sure.startswith("".join(e["token"] for e in given)), (tokens, length)
+        reads.append(given)
+    return reads

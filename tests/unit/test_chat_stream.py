@@ -97,6 +97,7 @@ def _played(looks: list[CallRecord], gone: bool) -> tuple[Streamed, list[str]]:
         choices=1,
         include_usage=True,
         look=look,
+        look_past=None,
         wake=lambda: contextlib.nullcontext(None),
         forget=forget,
         leave=leave,

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from tests.fixtures.testbase import TEST_BASE_PATH
 from workers.interactive.chat import (
+    SoFar,
     chat_answer,
     chat_prompt,
     chat_text,
@@ -157,7 +158,9 @@ def test_a_batchs_streamed_chats_are_handed_on_at_most_once_a_period_each_its_ow
         "sampling_params": {},
     }
     parsed = read_sample_request(request, len(tokenizer), 1024, frozenset())
-    words = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in ("Red sky", "Blue sea")]
+    words = [
+        _row(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in ("Red sky", "Blue sea")
+    ]
     sink = _Sink()
     # Rows of the batch's three requests; the first and the third are streamed.
     batch = [[words[0]], [words[1]], [words[1], words[0]]]
@@ -179,16 +182,41 @@ def test_a_batchs_streamed_chats_are_handed_on_at_most_once_a_period_each_its_ow
     assert stream_steps(None, 0.0, {0: "call-a"}, [parsed], tokenizer) is None
     assert stream_steps(sink, 0.0, {}, [parsed], tokenizer) is None
 
+    # The third asked with logprobs: each of its rows' entries so far is handed too, all but
+    # the last token's (which the whole reply may read otherwise), and only its.
+    sink = _Sink()
+    entries = stream_steps(
+        sink, 0.0, {0: "call-a", 2: "call-c"}, [parsed] * 3, tokenizer, logprobs={2}
+    )
+    assert entries is not None and entries(batch) == set()
+    [handed] = sink.entries
+    assert handed["call-a"] is None and handed["call-c"] is not None
+    rows = handed["call-c"]
+    assert [len(row) for row in rows] == [len(words[1]["tokens"]) - 1, len(words[0]["tokens"]) - 1]
+    assert ["".join(e["token"] for e in row) for row in rows] == [
+        tokenizer.decode(w["tokens"][:-1]) for w in (words[1], words[0])
+    ]
+    assert "".join(e["token"] for e in rows[0]).startswith("Blue ")
+    assert all(e["logprob"] == -1.0 for row in rows for e in row)
+
+
+def _row(tokens: list[int]) -> dict[str, Any]:
+    """A row of a batch as sampled so far (a SampledSequence)."""
+    return {"tokens": tokens, "logprobs": [-1.0] * len(tokens), "stop_reason": "length"}
+
 
 class _Sink:
-    """What a batch's streamed chats hand on, and the streams whose client left."""
+    """What a batch's streamed chats hand on (their texts; their entries apart), and the streams
+    whose client left."""
 
     def __init__(self) -> None:
         self.handed: list[dict[str, list[str]]] = []
+        self.entries: list[dict[str, list[list[dict[str, Any]]] | None]] = []
         self.gone: frozenset[str] = frozenset()
 
-    def __call__(self, texts: dict[str, list[str]]) -> None:
-        self.handed.append(texts)
+    def __call__(self, replies: dict[str, SoFar]) -> None:
+        self.handed.append({key: reply.texts for key, reply in replies.items()})
+        self.entries.append({key: reply.logprobs for key, reply in replies.items()})
 
     def left(self) -> frozenset[str]:
         return self.gone

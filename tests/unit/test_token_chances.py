@@ -83,3 +83,57 @@ def test_a_token_that_adds_no_text_and_unseen_whitespace_are_shown() -> None:
     visible = environment().filters["visible"]
     assert visible("") == "◌"  # part of a character the next tokens finish
     assert visible("a b\u00a0c\r\n\t") == "a·b·c␍↵→"
+
+
+def test_a_streamed_sides_entries_are_every_chunks_in_order_or_none() -> None:
+    """A side followed through the API's stream (`_Reply`): its reply's entries are those of
+    every chunk that carried some, in order; where one chunk's do not validate, none are shown
+    (a reply with some of its tokens' entries would shade the wrong tokens), the text still is."""
+    from control_plane.dashboard.routes.adapter_try import _Reply
+
+    def chunk(content: str, tokens: list[str] | None, finish: str | None = None) -> dict:
+        entries = [
+            {"token": t, "logprob": -0.1, "bytes": None, "top_logprobs": []} for t in tokens or []
+        ]
+        logprobs = None if tokens is None else {"content": entries, "refusal": None}
+        choice = {
+            "index": 0,
+            "delta": {"content": content},
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        }
+        return {"id": "chatcmpl-1", "choices": [choice]}
+
+    usage = {
+        "id": "chatcmpl-1",
+        "choices": [],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
+    }
+    reply = _Reply(Answer("adapter", "bot@1", sampling=True))
+    for piece in (
+        chunk("", None),
+        chunk("Hel", ["He", "l"]),
+        chunk("lo", ["lo"]),
+        chunk("", None, "stop"),
+        usage,
+    ):
+        reply.read(piece)
+    completion = reply.ended().completion
+    assert completion is not None and completion.choices[0].message.content == "Hello"
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and [e.token for e in logprobs.content or []] == ["He", "l", "lo"]
+
+    broken = _Reply(Answer("adapter", "bot@1", sampling=True))
+    unreadable = chunk("lo", ["lo"])
+    unreadable["choices"][0]["logprobs"]["content"][0]["logprob"] = "very likely"
+    for piece in (
+        chunk("Hel", ["He", "l"]),
+        unreadable,
+        chunk("!", ["!"]),
+        chunk("", None, "stop"),
+        usage,
+    ):
+        broken.read(piece)
+    completion = broken.ended().completion
+    assert completion is not None and completion.choices[0].message.content == "Hello!"
+    assert completion.choices[0].logprobs is None

@@ -18,12 +18,14 @@ or not.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from transformers import PreTrainedTokenizerBase
 
-from workers.interactive.chat_logprobs import content_logprobs
+from workers.interactive.chat_logprobs import GrowingContent, content_logprobs
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
 from workers.interactive.sampling import OnStep
@@ -146,10 +148,26 @@ def chat_answer(
     return {**answer, "sequences": sequences, "prompt_tokens": len(parsed.prompt)}
 
 
-class StreamSink(Protocol):
-    """Where a batch's streamed chats' text so far goes (`streaming.StreamWriter`)."""
+@dataclass(frozen=True)
+class SoFar:
+    """A streamed chat's reply so far, as its stream is handed it: each choice's text that the
+    whole text is sure to begin with (`chat_text_so_far`), and, asked with `logprobs`, each
+    choice's entries so far (`GrowingContent`: their texts join into at most that text). `run`
+    names the decoding they come from: a call decoded again (its batch run again a call at a
+    time) reads its entries from the start."""
 
-    def __call__(self, texts: dict[str, list[str]]) -> None: ...
+    texts: list[str]
+    logprobs: list[list[dict[str, Any]]] | None = None
+    run: int = 0
+
+
+_RUNS = itertools.count(1)
+
+
+class StreamSink(Protocol):
+    """Where a batch's streamed chats' replies so far go (`streaming.StreamWriter`)."""
+
+    def __call__(self, replies: dict[str, SoFar]) -> None: ...
 
     def left(self) -> frozenset[str]:
         """The streams (by key) whose client left: their chats stop sampling."""
@@ -163,26 +181,37 @@ def stream_steps(
     requests: list[SamplingRequest],
     tokenizer: PreTrainedTokenizerBase,
     *,
+    logprobs: set[int] | None = None,
     growing: bool = False,
 ) -> OnStep | None:
     """What a batch's streamed chats (their place in the batch: their key, the call's id) hand
-    `sink` as they sample: every `every_seconds`, each one's text so far, a text a row; and
-    the chats whose client left, stopped. `growing`: requests may join the batch (added to
-    `streamed` and `requests` as they do), so a batch with no streamed chat yet may have some."""
+    `sink` as they sample: every `every_seconds`, each one's reply so far (`SoFar`; with its
+    entries where its place is in `logprobs`); and the chats whose client left, stopped.
+    `growing`: requests may join the batch (added to `streamed`, `logprobs` and `requests` as
+    they do), so a batch with no streamed chat yet may have some."""
     if sink is None or not (streamed or growing):
         return None
     due = [0.0]
+    run = next(_RUNS)
+    asking = logprobs if logprobs is not None else set()
+    readers: dict[tuple[int, int], GrowingContent] = {}  # each streamed row's entries
 
-    def on_step(tokens: list[list[list[int]]]) -> set[int]:
+    def so_far(k: int, rows: list[dict[str, Any]]) -> SoFar:
+        texts = [chat_text_so_far(row["tokens"], requests[k], tokenizer) for row in rows]
+        if k not in asking:
+            return SoFar(texts)
+        entries = [
+            readers.setdefault((k, j), GrowingContent(tokenizer)).read(row, len(text))
+            for j, (row, text) in enumerate(zip(rows, texts, strict=True))
+        ]
+        return SoFar(texts, entries, run)
+
+    def on_step(rows: list[list[dict[str, Any]]]) -> set[int]:
         left = sink.left()
         if time.monotonic() >= due[0]:
-            texts = {
-                key: [chat_text_so_far(row, requests[k], tokenizer) for row in tokens[k]]
-                for k, key in streamed.items()
-                if key not in left
-            }
-            if texts:
-                sink(texts)
+            replies = {key: so_far(k, rows[k]) for k, key in streamed.items() if key not in left}
+            if replies:
+                sink(replies)
             due[0] = time.monotonic() + every_seconds
         return {k for k, key in streamed.items() if key in left}
 

@@ -29,10 +29,12 @@ its text's UTF-8.
 
 from __future__ import annotations
 
+import bisect
 import codecs
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -50,7 +52,7 @@ def content_logprobs(
     where asked, `topk_logprobs`) whose text is cut at `cut` (a stop string's start; None: the
     whole text)."""
     pieces = _pieces(tokenizer)
-    tokens, top = sequence["tokens"], sequence.get("topk_logprobs")
+    tokens = sequence["tokens"]
     kept = [i for i, token in enumerate(tokens) if token not in pieces.special]
     raw = [pieces.raw(tokens[i]) for i in kept]
     content: list[dict[str, Any]] = []
@@ -59,16 +61,85 @@ def content_logprobs(
         if cut is not None and length >= cut:
             break  # the stop string's, left out of the text
         length += len(text)
-        alternatives = [{**pieces.alone(t), "logprob": lp} for t, lp in (top[i] if top else [])]
-        content.append(
-            {
-                "token": text,
-                "logprob": sequence["logprobs"][i],
-                "bytes": _bytes(own, text),
-                "top_logprobs": alternatives,
-            }
-        )
+        content.append(_entry(pieces, sequence, i, own, text))
     return content
+
+
+def _entry(
+    pieces: _Pieces, sequence: dict[str, Any], i: int, own: bytes | None, text: str
+) -> dict[str, Any]:
+    """The entry of the sequence's `i`th token, which adds `text` (`own`: its own bytes)."""
+    top = sequence.get("topk_logprobs")
+    alternatives = [{**pieces.alone(t), "logprob": lp} for t, lp in (top[i] if top else [])]
+    return {
+        "token": text,
+        "logprob": sequence["logprobs"][i],
+        "bytes": _bytes(own, text),
+        "top_logprobs": alternatives,
+    }
+
+
+class GrowingContent:
+    """The `logprobs.content` of a streamed chat's reply while it is sampled (a row's): each
+    token read once, as `content_logprobs` reads it in the whole reply, as soon as nothing
+    sampled later can change it: every token but the last (which the whole reading flushes), and
+    where fallback bytes run on, none of the run (the decoder reads a run whole).
+    `read(sequence, sure)` gives the entries so far whose texts join into at most the first
+    `sure` characters of the text (`chat_text_so_far`'s, which the whole text begins with) and
+    none past them (an empty entry where they end may be a stop string's)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.pieces = _pieces(tokenizer)
+        self.seen = 0  # the sequence's tokens looked at
+        self.places: list[int] = []  # those not special: where each is in the sequence
+        self.ids: list[int] = []
+        self.raw: list[bytes | None] = []
+        self.held: list[bool] = []  # settled, for the first of them
+        self.run: list[bytes] = []  # fallback bytes whose run has not ended
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.reading = _Reading(self.pieces)
+        self.entries: list[dict[str, Any]] = []
+        self.starts: list[int] = []  # where each entry's text begins in the text, and ends
+        self.ends: list[int] = []
+
+    def read(self, sequence: dict[str, Any], sure: int) -> list[dict[str, Any]]:
+        tokens, pieces = sequence["tokens"], self.pieces
+        for place in range(self.seen, len(tokens)):
+            if tokens[place] not in pieces.special:
+                self.places.append(place)
+                self.ids.append(tokens[place])
+                self.raw.append(pieces.raw(tokens[place]))
+        self.seen = len(tokens)
+        bytewise = pieces.byte_level or pieces.byte_fallback
+        settled = self._settle() if bytewise else len(self.ids)
+        while len(self.entries) < min(settled, len(self.ids) - 1):
+            k = len(self.entries)
+            self.reading.step(self.ids, self.held[k] if bytewise else None, last=False)
+            text = self.reading.texts[k]
+            self.entries.append(_entry(pieces, sequence, self.places[k], self.raw[k], text))
+            start = self.ends[-1] if self.ends else 0
+            self.starts.append(start)
+            self.ends.append(start + len(text))
+        sent = min(bisect.bisect_right(self.ends, sure), bisect.bisect_left(self.starts, sure))
+        return self.entries[:sent]
+
+    def _settle(self) -> int:
+        """How many of the tokens have their `held` settled, read as `_Pieces._held` reads the
+        whole reply: byte-level bytes as they come, through one decoder a run; a run of fallback
+        bytes once it has ended."""
+        for own in self.raw[len(self.held) + len(self.run) :]:
+            if own is None:  # a run of bytes ends: `_held` reads each run apart
+                if self.run:
+                    self.held += self.pieces._held(self.run) or []
+                    self.run = []
+                self.decoder.reset()
+                self.held.append(False)
+            elif self.pieces.byte_fallback:
+                self.run.append(own)
+            else:
+                self.decoder.decode(own)
+                self.held.append(bool(self.decoder.getstate()[0]))
+        return len(self.held)
 
 
 class _Pieces:
@@ -96,25 +167,15 @@ class _Pieces:
         return self.tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "")
 
     def texts(self, tokens: list[int], raw: list[bytes | None]) -> list[str]:
-        """What each token (none special; `raw`: each one's own bytes) adds to the text, read
-        incrementally as vLLM's detokenizer reads it: a window from the text's last step but
-        one; a token that leaves a character pending (`_held`) adds nothing until the character
-        is whole (or the reply ends)."""
+        """What each token (none special; `raw`: each one's own bytes) adds to the text
+        (`_Reading`)."""
         held = self._held(raw)
-        texts: list[str] = []
-        start = read = 0  # the window's first token, and the first not yet read
+        reading = _Reading(self)
         for i in range(len(tokens)):
-            after = self._decode(tokens[start : i + 1])
-            last = i + 1 == len(tokens)
-            pending = held[i] if held is not None else after.endswith("\ufffd")
-            if pending and not last and (held is not None or i + 1 - read < PENDING):
-                texts.append("")
-                continue
-            texts.append(_past(self._decode(tokens[start:read]), after))
-            start, read = read, i + 1
-        return texts
+            reading.step(tokens, held[i] if held is not None else None, i + 1 == len(tokens))
+        return reading.texts
 
-    def _held(self, raw: list[bytes | None]) -> list[bool] | None:
+    def _held(self, raw: Sequence[bytes | None]) -> list[bool] | None:
         """Whether each token (by its own bytes, `raw`) leaves a character pending, read as
         the decoder reads the bytes: byte-level bytes run through one lossy UTF-8 decoder; a
         run of fallback bytes decoded at once, a run that is not UTF-8 (each of its bytes then
@@ -161,6 +222,29 @@ class _Pieces:
             own = self.raw(token)
             self.known[token] = {"token": text, "bytes": _bytes(own, text)}
         return self.known[token]
+
+
+class _Reading:
+    """A reply's tokens read one by one into what each adds to the text, as vLLM's detokenizer
+    reads a stream: off a window from the text's last step but one; a token that leaves a
+    character pending (`held`, else the window ends in U+FFFD for fewer than PENDING tokens)
+    adds nothing until the character is whole, or the reply ends (`last`)."""
+
+    def __init__(self, pieces: _Pieces) -> None:
+        self.pieces = pieces
+        self.texts: list[str] = []
+        self.start = self.read = 0  # the window's first token, and the first not yet read
+
+    def step(self, tokens: list[int], held: bool | None, last: bool) -> None:
+        """The next token's text (`tokens`: the reply's so far, that one among them)."""
+        i, decode = len(self.texts), self.pieces._decode
+        after = decode(tokens[self.start : i + 1])
+        pending = held if held is not None else after.endswith("\ufffd")
+        if pending and not last and (held is not None or i + 1 - self.read < PENDING):
+            self.texts.append("")
+            return
+        self.texts.append(_past(decode(tokens[self.start : self.read]), after))
+        self.start, self.read = self.read, i + 1
 
 
 def _bytes(own: bytes | None, text: str) -> list[int]:

@@ -5,8 +5,8 @@ runs joining it where it has room.
 A request is read against the base (`reader`: its adapter, the request, whether it was asked as
 a chat), or refused, and a refusal is answered at once. The requests read are decoded in
 batches (`sample_batches`), each adapter's rows a slice; a chat's answer is its text
-(`chat_answer`), and a streamed chat hands its text so far to the stream's sink as it samples.
-Between the passes of the last batch (the requests asked first wait for no request asked
+(`chat_answer`), and a streamed chat hands its reply so far (with its logprobs' entries, where it
+asked for them) to the stream's sink as it samples. Between the passes of the last batch (the requests asked first wait for no request asked
 later), `more` may offer requests (the executor's sample calls asked since): each one joins the
 batch if it fits (`Room.taking`: it samples no more tokens than a row of the batch still may,
 and the batch stays within SAMPLE_TOKENS), is refused and answered, or is left for a batch of
@@ -102,11 +102,14 @@ class SampleRun:
         """One batch decoded (`batch`: the indices of its requests, by place; joiners after)."""
         requests = [self.parsed[i][1] for i in batch]
         streamed: dict[int, str] = {}  # the streamed chats' places: their calls' ids
+        logprobs: set[int] = set()  # those asked with logprobs
 
         def stream(k: int) -> None:
             request = self.asked[batch[k]][1]
             if batch[k] in self.chats and isinstance(request.get("stream"), str):
                 streamed[k] = str(request["stream"])
+                if request.get("logprobs") is True:
+                    logprobs.add(k)
 
         def done(k: int, answer: dict[str, Any]) -> None:
             i = batch[k]
@@ -158,6 +161,7 @@ class SampleRun:
                     streamed,
                     requests,
                     self.tokenizer,
+                    logprobs=logprobs,
                     growing=more is not None,
                 ),
                 on_done=done,

@@ -58,9 +58,9 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-# Each request's rows' tokens so far (a list a request, in the order of its rows) in; the
-# requests to stop now out.
-OnStep = Callable[[list[list[list[int]]]], set[int]]
+# Each request's rows so far (a list a request, in the order of its rows; each a
+# SampledSequence: its tokens, their logprobs and top-k rows) in; the requests to stop now out.
+OnStep = Callable[[list[list[dict[str, Any]]]], set[int]]
 # A request's place in the batch and its SampleResponse, once every row of it is done.
 OnDone = Callable[[int, dict[str, Any]], None]
 # Between passes, the batch's room in; the requests that join it now out, each with its adapter
@@ -88,11 +88,11 @@ def generate(
     rows, the leading positions no row left reads: `_trimmed`), so the passes after it cost the
     rows still decoding, not the batch's first size. `adapters` (a peft model's
     adapter names, one a request) has each request's rows read through its own adapter.
-    `on_step` is given each request's rows' tokens so far after every token sampled but the
-    last, and answers the requests (by place) to stop sampling now (their rows end as at
-    `max_tokens`). `on_done` is given each request's SampleResponse (by place) as soon as its
-    rows are done, before the rows still decoding go on: its answer need not wait for the
-    batch's longest row. `join` is asked before each pass but the first, where the cache can
+    `on_step` is given each request's rows so far after every token sampled but the last, and
+    answers the requests (by place) to stop sampling now (their rows end as at `max_tokens`).
+    `on_done` is given each request's SampleResponse (by place) as soon as its rows are done,
+    before the rows still decoding go on: its answer need not wait for the batch's longest
+    row. `join` is asked before each pass but the first, where the cache can
     take rows (`_joinable`), for requests that join the batch then: their prompts are read in a
     pass of their own and their rows decode with the batch's from then on, each answering what
     it answers alone (places after the batch's, in the answers returned too). A request that
@@ -288,27 +288,34 @@ class _Decode:
             self.done[row] = self.stopped[row] or len(self.tokens[row]) == request.max_tokens
         self._answer_the_finished()
         if self.on_step is not None and not all(self.done):
-            for r in self.on_step([[self.tokens[row] for row in rows] for rows in self.rows_of]):
+            for r in self.on_step(self._so_far()):
                 for row in self.rows_of[r]:
                     self.done[row] = True
             self._answer_the_finished()
         return chosen
+
+    def _so_far(self) -> list[list[dict[str, Any]]]:
+        """Each request's rows as sampled so far (SampledSequences)."""
+        return [
+            [self._sequence(row, self.requests[r]) for row in rows]
+            for r, rows in enumerate(self.rows_of)
+        ]
+
+    def _sequence(self, row: int, request: SamplingRequest) -> dict[str, Any]:
+        return _sequence(
+            self.tokens[row],
+            self.logprobs[row],
+            self.stopped[row],
+            self.topk[row],
+            request.topk_sample_logprobs,
+        )
 
     def _answer_the_finished(self) -> None:
         """Each request answered once, as soon as its rows are done."""
         for r, rows in enumerate(self.rows_of):
             if self.answers[r] is None and all(self.done[row] for row in rows):
                 request = self.requests[r]
-                sequences = [
-                    _sequence(
-                        self.tokens[row],
-                        self.logprobs[row],
-                        self.stopped[row],
-                        self.topk[row],
-                        request.topk_sample_logprobs,
-                    )
-                    for row in rows
-                ]
+                sequences = [self._sequence(row, request) for row in rows]
                 answer = {"type": "sample", "sequences": sequences, **self.scores[r]}
                 self.answers[r] = answer
                 if self.on_done is not None:

@@ -1,10 +1,12 @@
-"""A streamed chat's text so far, written to its call while the executor samples it.
+"""A streamed chat's reply so far, written to its call while the executor samples it.
 
 A chat asked with `stream: true` (`POST /v1/chat/completions`) is sampled as any sample call
-is, batched with others; the engine hands `StreamWriter` each streamed chat's text so far
-every `chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes them to their
-calls (`interactive_calls.progress`, which notifies the API's stream) from a thread of its own,
-so the batch never waits on the database. A write is best effort: the whole text is the call's
+is, batched with others; the engine hands `StreamWriter` each streamed chat's reply so far
+(`chat.SoFar`) every `chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes
+them to their calls (`interactive_calls.progress`, which notifies the API's stream) from a
+thread of its own, so the batch never waits on the database. A chat streamed with `logprobs`
+has only its new entries written each time (appended to those its call stores), so a long
+reply's entries are written once, not at every write. A write is best effort: the whole text is the call's
 answer, recorded as every answer is, so a write the database refuses (an outage) is logged and
 streaming pauses a while. A write also learns which streams' clients left
 (`interactive_calls.leave_stream`): the engine stops sampling those chats.
@@ -19,7 +21,7 @@ from typing import Any
 
 from control_plane import interactive_calls as calls
 from control_plane.services import Services
-from workers.interactive.chat import is_streamed
+from workers.interactive.chat import SoFar, is_streamed
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,19 @@ class StreamWriter:
         self.written = 0
         self._left: frozenset[str] = frozenset()
         self._gone: deque[str] = deque(maxlen=LEFT_KEPT)
-        self._newest: dict[str, list[str]] = {}
+        self._newest: dict[str, SoFar] = {}
+        # Each call streaming logprobs: its decoding (`SoFar.run`) and each choice's entries
+        # its call stores, as the last write found them (the most recent LEFT_KEPT calls).
+        self._stored: dict[str, tuple[int, list[int]]] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def __call__(self, texts: dict[str, list[str]]) -> None:
+    def __call__(self, replies: dict[str, SoFar]) -> None:
         with self._changed:
             if self._closed:  # the executor stopped serving: its answers hold the text
                 return
-            self._newest.update(texts)
+            self._newest.update(replies)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._write_forever, name=f"stream-{self.executor_id}", daemon=True
@@ -88,12 +93,19 @@ class StreamWriter:
                     self._changed.wait()
                 if self._closed:
                     return
-                texts, self._newest = self._newest, {}
+                replies, self._newest = self._newest, {}
             try:
+                bodies = {call_id: self._body(call_id, reply) for call_id, reply in replies.items()}
                 with self.services.engine.begin() as conn:
-                    written = calls.progress(conn, self.executor_id, texts)
+                    written = calls.progress(conn, self.executor_id, bodies)
                 self.written += len(written)
-                gone = [call_id for call_id, left in written.items() if left]
+                for call_id, was in written.items():
+                    if was.entries is not None:
+                        self._stored.pop(call_id, None)  # the newest last
+                        self._stored[call_id] = (replies[call_id].run, was.entries)
+                while len(self._stored) > LEFT_KEPT:
+                    del self._stored[next(iter(self._stored))]
+                gone = [call_id for call_id, was in written.items() if was.left]
                 if gone:
                     self._gone.extend(c for c in gone if c not in self._left)
                     self._left = frozenset(self._gone)  # read by the decoding loop
@@ -102,3 +114,15 @@ class StreamWriter:
                 with self._changed:
                     self._changed.wait_for(lambda: self._closed, PAUSE_AFTER_FAILURE_S)
                     self._newest.clear()  # stale by now; the next token brings the newest
+
+    def _body(self, call_id: str, reply: SoFar) -> dict[str, Any]:
+        """What is written of a reply: its texts, and each choice's entries past those its call
+        stores (from the first where it stores another decoding's, or none)."""
+        body: dict[str, Any] = {"texts": reply.texts}
+        if reply.logprobs is not None:
+            run, stored = self._stored.get(call_id, (0, []))
+            if run != reply.run or len(stored) != len(reply.logprobs):
+                stored = [0] * len(reply.logprobs)
+            body["logprobs"] = [e[k:] for e, k in zip(reply.logprobs, stored, strict=True)]
+            body["from"] = stored
+        return body

@@ -7,10 +7,10 @@ Offered: `messages` (system, developer, user and assistant; text content, or tex
 `max_completion_tokens` (or the older `max_tokens`; 256 unless sent), `temperature`, `top_p`, `n`,
 `seed`, `stop` (up to 4 strings, left out of the content as OpenAI leaves them), and `stream` (with
 `stream_options.include_usage`): the reply sent as it is sampled (`chat_stream`), and `logprobs`
-with `top_logprobs` (up to 20) on a chat answered whole: each token of the reply's text with its
-logprob (the model's own, before temperature and top_p, as vLLM gives them by default), its bytes
-and its likeliest alternatives. Not offered, and refused by name rather than ignored: tools,
-logprobs on a stream, and every other field. The request is held until the executor answers (or,
+with `top_logprobs` (up to 20): each token of the reply's text with its logprob (the model's own,
+before temperature and top_p, as vLLM gives them by default), its bytes and its likeliest
+alternatives, streamed with the text they add. Not offered, and refused by name rather than
+ignored: tools, and every other field. The request is held until the executor answers (or,
 streamed, until its first text): a chat no executor took within `TAKE_SECONDS` is withdrawn (503
 `executor_busy` with `Retry-After`); one an executor runs is waited for up to `WAIT_SECONDS` in
 all, under the openai SDK's own timeout (a stream has no such bound: it sends a comment while
@@ -89,9 +89,14 @@ def _ask(
     return asked
 
 
-def _look(services: Services, tenant_id: str, call_id: str) -> interactive.CallRecord:
+def _look(
+    services: Services, tenant_id: str, call_id: str, past: list[int] | None = None
+) -> interactive.CallRecord:
+    """The chat's call; `past`: its reply so far's logprobs entries past those (`retrieve_past`)."""
     with services.engine.connect() as conn:
         try:
+            if past is not None:
+                return interactive.retrieve_past(conn, tenant_id, call_id, past)
             return interactive.retrieve(conn, tenant_id, call_id)
         except interactive.NotFound:  # its session's rows deleted meanwhile
             raise ApiError(503, "executor_failed", f"the chat's call {call_id} is gone") from None
@@ -152,13 +157,6 @@ async def create_chat_completion(
             400, "invalid_request", "top_logprobs is taken only with logprobs: true", "top_logprobs"
         )
     if body.stream:
-        if body.logprobs:
-            raise ApiError(
-                400,
-                "invalid_request",
-                "logprobs are offered on a chat answered whole: ask without stream for them",
-                "logprobs",
-            )
         return await _streamed(body, request, caller, services)
     return await complete(body, request, caller, services)
 
@@ -312,6 +310,9 @@ def _following(
     def look() -> interactive.CallRecord:
         return _look(services, tenant_id, asked.call_id)
 
+    def look_past(past: list[int]) -> interactive.CallRecord:
+        return _look(services, tenant_id, asked.call_id, past)
+
     async def forget(found: interactive.CallRecord) -> None:
         await run_in_threadpool(_forget, services, tenant_id, found)
 
@@ -324,6 +325,7 @@ def _following(
         choices=body.n,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         look=look,
+        look_past=look_past if body.logprobs else None,
         wake=lambda: call_wakeup(request, asked.call_id),
         forget=forget,
         leave=leave,

@@ -68,7 +68,7 @@ class ChatCompletionCreate(_Body):
     stream_options: StreamOptions | None = Field(default=None, description="with `stream`")
     logprobs: bool | None = Field(
         default=None,
-        description="each token of the reply's text with its logprob; not with `stream`",
+        description="each token of the reply's text with its logprob (streamed with its text)",
     )
     top_logprobs: int | None = Field(
         default=None, ge=0, le=20, description="with `logprobs`: each token's likeliest tokens"

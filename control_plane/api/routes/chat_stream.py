@@ -7,9 +7,11 @@ first chunk gives each choice the assistant's role; then, as the executor writes
 far (`interactive_calls.partial`, every `chat_stream_every_seconds` while it samples, each
 write waking the stream), each choice's new text as a `delta`; at the end the rest of each
 choice's text, its `finish_reason`, and with `stream_options.include_usage` a last chunk with
-`usage` and no choices, as OpenAI sends them. (A chat asked with `logprobs`, which only the
-dashboard's "Try it" box streams, as the API refuses them on a stream, has each choice's
-logprobs in its `finish_reason` chunk.) A comment line every `KEEPALIVE_SECONDS` keeps the
+`usage` and no choices, as OpenAI sends them. A chat asked with `logprobs` sends each choice's
+entries as vLLM and OpenAI do, with the text they add: a `delta` carries the entries the executor
+has read so far (`chat.SoFar`) and, as its content, exactly their texts joined, and the last one
+the rest of the whole answer's; so each chunk's entries are its delta's tokens, and the entries
+of every chunk joined are the whole answer's. A comment line every `KEEPALIVE_SECONDS` keeps the
 connection open while nothing is new, so a long reply is not bounded by a client's read timeout.
 A failure after the stream began is an `error` event (the SDK raises it as `APIError`). Once
 read, the chat's messages and text are let go, as a chat answered whole lets them go. A stream
@@ -49,6 +51,9 @@ class Streamed:
     choices: int
     include_usage: bool
     look: Callable[[], CallRecord]  # the call as it is now (run in a worker thread)
+    # Asked with logprobs: the call as it is now, its entries so far past the first of each
+    # choice's that many (those sent), else None.
+    look_past: Callable[[list[int]], CallRecord] | None
     wake: Callable[[], AbstractContextManager[asyncio.Event | None]]  # woken by its writes
     forget: Callable[[CallRecord], Awaitable[None]]  # let its payload go once read
     leave: Callable[[], Awaitable[None]]  # its client left: stop sampling it
@@ -86,8 +91,14 @@ class _Chunks:
         return body
 
 
-def _choice(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+def _choice(
+    index: int,
+    delta: dict[str, Any],
+    finish: str | None = None,
+    entries: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    logprobs = None if entries is None else {"content": entries, "refusal": None}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
 class _Resampled(Exception):
@@ -107,6 +118,42 @@ def _deltas(sent: list[str], texts: list[str], *, whole: bool = False) -> list[d
             continue
         if len(text) > len(sent[index]):
             deltas.append(_choice(index, {"content": text[len(sent[index]) :]}))
+            sent[index] = text
+    return deltas
+
+
+def _entry_deltas(
+    sent: list[str], counted: list[int], partial: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Each choice's new logprobs entries (the reply so far read past the `counted` sent) with
+    their texts joined as its content, where that carries on what was sent within the text so
+    far (`sent`, `counted` updated); a text so far that neither begins with what was sent nor
+    begins it was sampled again, differently."""
+    deltas = []
+    texts, entries = partial.get("texts") or [], partial.get("logprobs") or []
+    for index, (text, new) in enumerate(zip(texts[: len(sent)], entries, strict=False)):
+        if not text.startswith(sent[index]) and not sent[index].startswith(text):
+            raise _Resampled
+        added = "".join(str(e.get("token", "")) for e in new)
+        if new and text.startswith(sent[index] + added):
+            deltas.append(_choice(index, {"content": added}, entries=new))
+            sent[index] += added
+            counted[index] += len(new)
+    return deltas
+
+
+def _last_entries(
+    sent: list[str], counted: list[int], texts: list[str], sequences: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each choice's rest of its whole answer: its text past what was sent, with its entries
+    past those sent (`sent` updated)."""
+    deltas = []
+    for index, (text, sequence) in enumerate(zip(texts[: len(sent)], sequences, strict=False)):
+        if not text.startswith(sent[index]):
+            raise _Resampled
+        rest = list(sequence.get("content_logprobs") or [])[counted[index] :]
+        if rest or len(text) > len(sent[index]):
+            deltas.append(_choice(index, {"content": text[len(sent[index]) :]}, entries=rest))
             sent[index] = text
     return deltas
 
@@ -200,6 +247,9 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
     answered."""
     chunk = _Chunks(streamed)
     sent = [""] * streamed.choices
+    counted = [0] * streamed.choices  # each choice's logprobs entries sent
+    look_past = streamed.look_past
+    look = streamed.look if look_past is None else lambda: look_past(list(counted))
     deadline = time.monotonic() + STREAM_SECONDS
     seen: dict[str, Any] | None = None
     forgotten = False
@@ -212,7 +262,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
                 left = deadline - time.monotonic()
                 call = await hold_until(
                     max(min(KEEPALIVE_SECONDS, left), 0.0),
-                    streamed.look,
+                    look,
                     _new_since(seen),
                     streamed.wake(),
                 )
@@ -223,7 +273,11 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
             found, call = call, None
             if found.partial != seen:
                 seen = found.partial
-                for delta in _deltas(sent, list((seen or {}).get("texts") or [])):
+                if look_past is not None:
+                    deltas = _entry_deltas(sent, counted, seen or {})
+                else:
+                    deltas = _deltas(sent, list((seen or {}).get("texts") or []))
+                for delta in deltas:
                     yield chunk([delta])
             elif time.monotonic() >= deadline:
                 yield ApiError(
@@ -246,13 +300,14 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
             )
         result = call.result or {}
         sequences = list(result.get("sequences") or [])
-        for delta in _deltas(sent, [str(s.get("text", "")) for s in sequences], whole=True):
+        texts = [str(s.get("text", "")) for s in sequences]
+        if look_past is not None:
+            for delta in _last_entries(sent, counted, texts, sequences):
+                yield chunk([delta])
+        for delta in _deltas(sent, texts, whole=True):
             yield chunk([delta])
         for i, s in enumerate(sequences):
-            end = _choice(i, {}, "stop" if s.get("stop_reason") == "stop" else "length")
-            if "content_logprobs" in s:  # asked by the dashboard's box (the API refuses them here)
-                end["logprobs"] = {"content": s["content_logprobs"], "refusal": None}
-            yield chunk([end])
+            yield chunk([_choice(i, {}, "stop" if s.get("stop_reason") == "stop" else "length")])
         if streamed.include_usage:
             prompt = int(result.get("prompt_tokens") or 0)
             completion = sum(len(s.get("tokens") or []) for s in sequences)

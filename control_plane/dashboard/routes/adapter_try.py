@@ -15,7 +15,7 @@ client leaving does. Without the script, the form's post answers the whole fragm
 Each reply shows its text as the API answers it, its finish reason and its tokens; asked with
 "Token probabilities", also each token of its text with how likely the model found it and the
 likeliest tokens in its place (the chat's `logprobs`, `top_logprobs` 5; streamed, they come with
-each side's end: `chat_stream.pieces`). A refusal
+the text they add: `chat_stream.pieces`). A refusal
 (no executor holds the base, the executor's own reason, a model gone) is its message in the
 fragment, as a form field the route cannot take is its label and why: nothing is asked then.
 Both are 200, as the new-job page's dataset panel is, so htmx swaps them in. A reader's post is
@@ -265,7 +265,8 @@ class _Reply:
         self.finish: str | None = None
         self.usage: dict[str, int] | None = None
         self.error: ApiError | None = None
-        self.logprobs: ChoiceLogprobs | None = None
+        self.logprobs: ChoiceLogprobs | None = None  # the entries of every chunk, in order
+        self.unreadable = False  # a chunk's entries did not validate: none are shown
 
     def read(self, piece: dict[str, Any]) -> str:
         """A chunk taken in: its new text."""
@@ -276,11 +277,17 @@ class _Reply:
         for choice in piece.get("choices") or []:
             new += str(choice.get("delta", {}).get("content") or "")
             self.finish = choice.get("finish_reason") or self.finish
-            if choice.get("logprobs"):
+            if choice.get("logprobs") and not self.unreadable:
                 try:
-                    self.logprobs = ChoiceLogprobs.model_validate(choice["logprobs"])
-                except ValidationError:  # the reply still shows, without them
+                    read = ChoiceLogprobs.model_validate(choice["logprobs"])
+                except ValidationError:  # the reply still shows, without any of them
                     log.warning("a Try it reply's logprobs could not be read")
+                    self.logprobs, self.unreadable = None, True
+                    continue
+                if self.logprobs is None:
+                    self.logprobs = read
+                elif self.logprobs.content is not None:
+                    self.logprobs.content.extend(read.content or [])
         self.text += new
         return new
 
