@@ -12,10 +12,9 @@ checkpoints other tenants published); none commits.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
-from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import Connection, Table, func, insert, select, text, update
@@ -350,31 +349,35 @@ def retrieve(conn: Connection, tenant_id: str, future_id: str) -> CallRecord:
     return CallRecord.from_row(row)
 
 
-# A streamed chat's reply so far with each choice's logprobs entries past `:past` of them only.
-_PARTIAL_PAST = text(
-    """
-    SELECT c.*, CASE WHEN c.partial ? 'logprobs' THEN c.partial || jsonb_build_object(
+# A streamed chat's reply so far with each choice's logprobs entries past `:past[i]` of them only
+# (the array slice copied, not its elements read), and how many each choice stores (`stored`).
+_PAST = """
+    CASE WHEN c.partial ? 'logprobs' THEN (c.partial - 'logprobs') || jsonb_build_object(
         'logprobs', (
-            SELECT coalesce(jsonb_agg(coalesce((
-                SELECT jsonb_agg(x.e ORDER BY x.j)
-                FROM jsonb_array_elements(l.entries) WITH ORDINALITY AS x(e, j)
-                WHERE x.j > coalesce((CAST(:past AS int[]))[l.i], 0)
-            ), '[]'::jsonb) ORDER BY l.i), '[]'::jsonb)
+            SELECT coalesce(jsonb_agg(jsonb_path_query_array(l.entries, CAST(format(
+                '$[%s to last]', coalesce((CAST(:past AS int[]))[l.i], 0)) AS jsonpath))
+                ORDER BY l.i), '[]'::jsonb)
             FROM jsonb_array_elements(c.partial -> 'logprobs') WITH ORDINALITY AS l(entries, i)
-        )) ELSE c.partial END AS partial_past
-    FROM interactive_calls c WHERE c.id = :id AND c.tenant_id = :tenant
-    """
+        ),
+        'stored', (
+            SELECT coalesce(jsonb_agg(jsonb_array_length(l.entries) ORDER BY l.i), '[]'::jsonb)
+            FROM jsonb_array_elements(c.partial -> 'logprobs') WITH ORDINALITY AS l(entries, i)
+        )
+    ) ELSE c.partial END"""
+_PARTIAL_PAST = text(
+    f"SELECT {', '.join(f'c.{f.name}' for f in fields(CallRecord) if f.name != 'partial')}, "
+    f"{_PAST} AS partial FROM interactive_calls c WHERE c.id = :id AND c.tenant_id = :tenant"
 )
 
 
 def retrieve_past(conn: Connection, tenant_id: str, future_id: str, past: list[int]) -> CallRecord:
     """The call, as `retrieve` reads it, but with a streamed chat's reply so far holding each
-    choice's logprobs entries past the first `past[i]` only (those its stream sent): a long
-    reply's entries are read once, not at every look."""
+    choice's logprobs entries past the first `past[i]` only (those its stream sent) and how many
+    it stores (`stored`): a long reply's entries are sent to the API once, not at every look."""
     row = conn.execute(_PARTIAL_PAST, {"id": future_id, "tenant": tenant_id, "past": past}).first()
     if row is None:
         raise NotFound("future", future_id)
-    return CallRecord.from_row(SimpleNamespace(**{**row._mapping, "partial": row.partial_past}))
+    return CallRecord.from_row(row)
 
 
 def cancel(conn: Connection, tenant_id: str, future_id: str) -> bool:

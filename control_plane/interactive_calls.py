@@ -214,7 +214,8 @@ class Written:
 
 # A reply so far's logprobs: each choice's entries appended to those stored where they carry on
 # from them (`from`: how many the executor knows are stored), in place of them from 0 (a call
-# decoded again), else left as stored (what the executor then learns from what it returns).
+# decoded again), else left as stored (what the executor then learns from what it returns);
+# `run`, the decoding they come from (the stream sends no other decoding's mid-stream).
 _ENTRIES = """
     jsonb_build_object('logprobs', (
         SELECT coalesce(jsonb_agg(CASE
@@ -226,7 +227,7 @@ _ENTRIES = """
                    coalesce(c.partial -> 'logprobs' -> (e.i - 1)::int, '[]'::jsonb) AS stored
             FROM jsonb_array_elements(p.body -> 'logprobs') WITH ORDINALITY AS e(entries, i)
         ) n
-    ))"""
+    ), 'run', p.body -> 'run')"""
 
 
 def progress(
@@ -235,7 +236,8 @@ def progress(
     """A streamed chat's reply so far, for each call (by id) this executor runs: its `texts`
     (each choice's), and, streamed with logprobs, each choice's new entries (`logprobs`, from
     the index `from`), written and notified on the channel a finished call notifies, so the
-    API's stream wakes (not committed; its commit does not wait for the disk). For each call
+    API's stream wakes (not committed; its commit does not wait for the disk; the stored value
+    is rewritten whole, but only the new entries are sent). For each call
     written, whether its stream's client left (`leave_stream`: its sampling stops) and how many
     entries each choice has stored."""
     if not replies:

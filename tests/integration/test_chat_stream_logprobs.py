@@ -137,9 +137,13 @@ class _Played:
             time.sleep(0.05)
         raise AssertionError("no chat was asked")
 
-    def write(self, call: calls.Call, so_far: str, new: list[str], start: int) -> list[int]:
-        """The text so far and its new entries (from `start`) written: the entries stored."""
-        body = {"texts": [so_far], "logprobs": [[_entry(t) for t in new]], "from": [start]}
+    def write(
+        self, call: calls.Call, so_far: str, new: list[str], start: int, run: str = "r1"
+    ) -> list[int]:
+        """The text so far and its new entries (from `start`, of decoding `run`) written: the
+        entries stored."""
+        entries = [[_entry(t) for t in new]]
+        body = {"texts": [so_far], "logprobs": entries, "from": [start], "run": run}
         with self.services.engine.begin() as conn:
             written = calls.progress(conn, "exec-played", {call.id: body})
         stored = written[call.id].entries
@@ -188,25 +192,32 @@ def test_each_write_appends_its_new_entries_and_the_stream_sends_each_once(
     assert played.write(call, "Hello wor", ["lo", " wor"], 2) == [4]  # appended
     assert received.get(timeout=30) == ("lo wor", ["lo", " wor"])
     stored = [_entry(t) for t in ("He", "l", "lo", " wor")]
-    assert played.partial(call) == {"texts": ["Hello wor"], "logprobs": [stored]}
+    assert played.partial(call) == {"texts": ["Hello wor"], "logprobs": [stored], "run": "r1"}
     # A write that does not carry on from what is stored leaves it, and says what it holds.
     assert played.write(call, "Hello wor", ["x"], 1) == [4]
     assert played.partial(call)["logprobs"] == [stored]
 
-    # The stream reads only the entries past those it sent.
+    # The stream reads only the entries past those it sent, and how many are stored.
     with services.engine.connect() as conn:
-        for past, kept in (([0], stored), ([3], stored[3:]), ([4], []), ([9], [])):
+        for past, kept in (([0], stored), ([3], stored[3:]), ([4], []), ([9], []), ([], stored)):
             read = interactive.retrieve_past(conn, tenant_a.tenant_id, call.id, past)
-            assert read.partial == {"texts": ["Hello wor"], "logprobs": [kept]}
+            assert read.partial == {
+                "texts": ["Hello wor"],
+                "logprobs": [kept],
+                "stored": [4],
+                "run": "r1",
+            }
+            assert read.request == interactive.retrieve(conn, tenant_a.tenant_id, call.id).request
         whole = interactive.retrieve(conn, tenant_a.tenant_id, call.id)
-        assert whole.partial == {"texts": ["Hello wor"], "logprobs": [stored]}
+        assert whole.partial == {"texts": ["Hello wor"], "logprobs": [stored], "run": "r1"}
         with pytest.raises(interactive.NotFound):  # another tenant's call
             interactive.retrieve_past(conn, "another-tenant", call.id, [0])
 
     # Decoded again (a batch run again a call at a time): from 0, the entries are replaced, and
-    # the stream waits past what it sent rather than send it twice.
-    assert played.write(call, "Hel", ["He", "l"], 0) == [2]
-    assert played.partial(call) == {"texts": ["Hel"], "logprobs": [stored[:2]]}
+    # the stream sends none of that decoding's until the whole answer, rather than send any twice.
+    assert played.write(call, "Hel", ["He", "l"], 0, run="r2") == [2]
+    assert played.partial(call) == {"texts": ["Hel"], "logprobs": [stored[:2]], "run": "r2"}
+    assert played.write(call, "Hello world", ["lo", " wor", "ld"], 2, run="r2") == [5]
     time.sleep(0.5)  # the stream reads it
     assert received.empty()
     answer = {
@@ -249,14 +260,15 @@ def test_the_executors_writer_stores_each_entry_once_through_an_outage_and_a_new
     tokens = [f"t{k} " for k in range(40)]
     entries = [_entry(t) for t in tokens]
 
-    def hand(writer: StreamWriter, count: int, run: int) -> None:
+    def hand(writer: StreamWriter, count: int, run: str) -> None:
         writer({call.id: SoFar(["".join(tokens[:count])], [entries[:count]], run)})
 
-    def stored_becomes(count: int) -> None:
+    def stored_becomes(count: int, run: str) -> None:
         deadline = time.monotonic() + 30
         while played.partial(call) != {
             "texts": ["".join(tokens[:count])],
             "logprobs": [entries[:count]],
+            "run": run,
         }:
             assert time.monotonic() < deadline, played.partial(call)
             time.sleep(0.05)
@@ -273,27 +285,27 @@ def test_the_executors_writer_stores_each_entry_once_through_an_outage_and_a_new
     cut_off = build_services(settings, database_url=proxied_url)
     try:
         writer = StreamWriter(cut_off, "exec-played")
-        hand(writer, 3, run=1)
-        stored_becomes(3)
+        hand(writer, 3, run="r1")
+        stored_becomes(3, "r1")
         proxy.cut()
         for count in range(4, 20):  # handed over while no write can go
-            hand(writer, count, run=1)
+            hand(writer, count, run="r1")
         time.sleep(1.0)
         proxy.restore()
         deadline = time.monotonic() + 30
         while played.partial(call)["texts"] != ["".join(tokens[:20])]:
-            hand(writer, 20, run=1)  # the decoding loop goes on: the writer tries again
+            hand(writer, 20, run="r1")  # the decoding loop goes on: the writer tries again
             assert time.monotonic() < deadline, played.partial(call)
             time.sleep(0.2)
-        stored_becomes(20)
-        hand(writer, 30, run=1)
-        stored_becomes(30)
+        stored_becomes(20, "r1")
+        hand(writer, 30, run="r1")
+        stored_becomes(30, "r1")
         assert sum(written) == 30  # each entry written once, not at every write
         # The call decoded again: its entries from the start, in place of the old.
-        hand(writer, 2, run=2)
-        stored_becomes(2)
-        hand(writer, 5, run=2)
-        stored_becomes(5)
+        hand(writer, 2, run="r2")
+        stored_becomes(2, "r2")
+        hand(writer, 5, run="r2")
+        stored_becomes(5, "r2")
         assert sum(written) == 35
         writer.close()
     finally:
@@ -314,4 +326,36 @@ def test_the_executors_writer_stores_each_entry_once_through_an_outage_and_a_new
         assert "".join(given) == content
         sent += given
     assert sent == tokens  # each entry sent once, in order, though stored twice over
+    listener.join(30)
+
+
+def test_a_chat_decoded_again_in_other_tokens_ends_its_stream_rather_than_mismatch_them(
+    services: Services, live_url: str, tenant_a: TenantKeys
+) -> None:
+    """Entries sent of one decoding, then the whole answer of another that wrote the same text
+    in other tokens: the answer's first entries are not those sent, so the rest of them cannot
+    follow them; the stream ends with an error rather than send entries for text twice."""
+    base = register_test_base(services.engine, "tiny-played")
+    played = _Played(services, base.id)
+    received: queue.Queue[Any] = queue.Queue()
+    listener = threading.Thread(
+        target=_listen, args=(openai_client(live_url, tenant_a.member), received)
+    )
+    listener.start()
+    call = played.take()
+    assert played.write(call, "Hello", ["Hello"], 0) == [1]
+    assert received.get(timeout=30) == ("Hello", ["Hello"])
+    assert played.write(call, "Hel", ["H", "e", "l"], 0, run="r2") == [3]
+    other = [_entry(t) for t in ("H", "e", "l", "l", "o", " world")]
+    answer = {
+        "tokens": [5, 6, 7, 8, 9, 10],
+        "logprobs": [-0.5] * 6,
+        "stop_reason": "stop",
+        "text": "Hello world",
+        "content_logprobs": other,
+    }
+    with services.engine.begin() as conn:
+        assert calls.finish(conn, call, "exec-played", {"sequences": [answer], "prompt_tokens": 9})
+    error = received.get(timeout=30)
+    assert isinstance(error, openai.APIError) and "sampled again" in str(error), error
     listener.join(30)

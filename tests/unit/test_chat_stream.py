@@ -9,12 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from control_plane.api.errors import ApiError
-from control_plane.api.routes.chat_stream import Streamed, _deltas, _Resampled, events
+from control_plane.api.routes.chat_stream import (
+    Streamed,
+    _deltas,
+    _new_since,
+    _Resampled,
+    _written,
+    events,
+)
 from control_plane.interactive import CallRecord
 
 
@@ -127,3 +135,18 @@ def test_a_stream_whose_client_left_sends_nothing_more_and_stops_the_chat() -> N
     sent = asyncio.run(_sent(streamed, _call("running", partial="Hel")))
     assert [c["choices"][0]["delta"] for c in sent] == [{"role": "assistant", "content": ""}]
     assert did == ["leave", "forget"]  # stopped, then let go once answered
+
+
+def test_a_look_past_the_entries_sent_is_new_only_once_the_executor_wrote_again() -> None:
+    """A stream with logprobs looks past the entries it sent, so the same write reads otherwise
+    once they are sent: that is no new write (the stream would wake at once and look twice a
+    write); a new text or another count stored is."""
+    entry = {"token": "He", "logprob": -0.5, "bytes": [72, 101], "top_logprobs": []}
+    first = {"texts": ["He"], "logprobs": [[entry]], "stored": [1], "run": "r1"}
+    seen = _written(first)
+    assert seen == {"texts": ["He"], "stored": [1], "run": "r1"}
+    running = _call("running")
+    assert not _new_since(seen)(replace(running, partial={**first, "logprobs": [[]]}))
+    assert _new_since(seen)(replace(running, partial={**first, "stored": [2], "texts": ["Hel"]}))
+    assert _new_since(seen)(_call("completed", whole="Hello"))
+    assert _written(None) is None and _written({"texts": ["a"]}) == {"texts": ["a"]}

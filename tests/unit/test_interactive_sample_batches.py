@@ -245,7 +245,7 @@ def test_a_request_stopped_midway_ends_there_and_its_batch_mates_decode_as_alone
     base = engine.base
     steps: list[int] = []
 
-    def on_step(rows: list[list[dict[str, Any]]]) -> set[int]:
+    def on_step(rows: sampling.Rows) -> set[int]:
         steps.append(len(rows[0][0]["tokens"]))
         assert len(rows[0][0]["logprobs"]) == len(rows[0][0]["tokens"])
         return {0} if len(rows[0][0]["tokens"]) >= 4 else set()

@@ -18,8 +18,8 @@ or not.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from workers.interactive.chat_logprobs import GrowingContent, content_logprobs
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
-from workers.interactive.sampling import OnStep
+from workers.interactive.sampling import OnStep, Rows
 from workers.training.formatting import generation_prompt
 
 ROLES = ("system", "user", "assistant")
@@ -158,10 +158,7 @@ class SoFar:
 
     texts: list[str]
     logprobs: list[list[dict[str, Any]]] | None = None
-    run: int = 0
-
-
-_RUNS = itertools.count(1)
+    run: str = ""
 
 
 class StreamSink(Protocol):
@@ -192,7 +189,7 @@ def stream_steps(
     if sink is None or not (streamed or growing):
         return None
     due = [0.0]
-    run = next(_RUNS)
+    run = uuid.uuid4().hex  # no other executor's decoding of the call is named so
     asking = logprobs if logprobs is not None else set()
     readers: dict[tuple[int, int], GrowingContent] = {}  # each streamed row's entries
 
@@ -200,13 +197,14 @@ def stream_steps(
         texts = [chat_text_so_far(row["tokens"], requests[k], tokenizer) for row in rows]
         if k not in asking:
             return SoFar(texts)
-        entries = [
-            readers.setdefault((k, j), GrowingContent(tokenizer)).read(row, len(text))
-            for j, (row, text) in enumerate(zip(rows, texts, strict=True))
-        ]
+        entries = []
+        for j, (row, text) in enumerate(zip(rows, texts, strict=True)):
+            if (k, j) not in readers:
+                readers[k, j] = GrowingContent(tokenizer)
+            entries.append(readers[k, j].read(row, len(text)))
         return SoFar(texts, entries, run)
 
-    def on_step(rows: list[list[dict[str, Any]]]) -> set[int]:
+    def on_step(rows: Rows) -> set[int]:
         left = sink.left()
         if time.monotonic() >= due[0]:
             replies = {key: so_far(k, rows[k]) for k, key in streamed.items() if key not in left}

@@ -58,9 +58,9 @@ def evaluating(model: nn.Module) -> Iterator[None]:
         model.train(training)
 
 
-# Each request's rows so far (a list a request, in the order of its rows; each a
-# SampledSequence: its tokens, their logprobs and top-k rows) in; the requests to stop now out.
-OnStep = Callable[[list[list[dict[str, Any]]]], set[int]]
+# Each request's rows so far (`rows[r]`: request r's, in order, each a SampledSequence: its
+# tokens, their logprobs and top-k rows) in; the requests to stop now out.
+OnStep = Callable[["Rows"], set[int]]
 # A request's place in the batch and its SampleResponse, once every row of it is done.
 OnDone = Callable[[int, dict[str, Any]], None]
 # Between passes, the batch's room in; the requests that join it now out, each with its adapter
@@ -288,18 +288,11 @@ class _Decode:
             self.done[row] = self.stopped[row] or len(self.tokens[row]) == request.max_tokens
         self._answer_the_finished()
         if self.on_step is not None and not all(self.done):
-            for r in self.on_step(self._so_far()):
+            for r in self.on_step(Rows(self)):
                 for row in self.rows_of[r]:
                     self.done[row] = True
             self._answer_the_finished()
         return chosen
-
-    def _so_far(self) -> list[list[dict[str, Any]]]:
-        """Each request's rows as sampled so far (SampledSequences)."""
-        return [
-            [self._sequence(row, self.requests[r]) for row in rows]
-            for r, rows in enumerate(self.rows_of)
-        ]
 
     def _sequence(self, row: int, request: SamplingRequest) -> dict[str, Any]:
         return _sequence(
@@ -320,6 +313,18 @@ class _Decode:
                 self.answers[r] = answer
                 if self.on_done is not None:
                     self.on_done(r, answer)
+
+
+class Rows:
+    """A batch's requests' rows as sampled so far, read only where asked (`rows[r]`: request r's
+    SampledSequences; a step that writes nothing reads none)."""
+
+    def __init__(self, decode: _Decode) -> None:
+        self.decode = decode
+
+    def __getitem__(self, r: int) -> list[dict[str, Any]]:
+        decode = self.decode
+        return [decode._sequence(row, decode.requests[r]) for row in decode.rows_of[r]]
 
 
 def _joinable(cache: Any) -> bool:

@@ -55,7 +55,7 @@ class StreamWriter:
         self._newest: dict[str, SoFar] = {}
         # Each call streaming logprobs: its decoding (`SoFar.run`) and each choice's entries
         # its call stores, as the last write found them (the most recent LEFT_KEPT calls).
-        self._stored: dict[str, tuple[int, list[int]]] = {}
+        self._stored: dict[str, tuple[str, list[int]]] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -120,9 +120,10 @@ class StreamWriter:
         stores (from the first where it stores another decoding's, or none)."""
         body: dict[str, Any] = {"texts": reply.texts}
         if reply.logprobs is not None:
-            run, stored = self._stored.get(call_id, (0, []))
+            run, stored = self._stored.get(call_id, ("", []))
             if run != reply.run or len(stored) != len(reply.logprobs):
                 stored = [0] * len(reply.logprobs)
             body["logprobs"] = [e[k:] for e, k in zip(reply.logprobs, stored, strict=True)]
             body["from"] = stored
+            body["run"] = reply.run
         return body

@@ -122,14 +122,27 @@ def _deltas(sent: list[str], texts: list[str], *, whole: bool = False) -> list[d
     return deltas
 
 
+@dataclass
+class _Entries:
+    """What a stream sent of each choice's logprobs entries: how many, and from which decoding
+    of the chat (`run`; None before any)."""
+
+    counted: list[int]
+    run: str | None = None
+
+
 def _entry_deltas(
-    sent: list[str], counted: list[int], partial: dict[str, Any]
+    sent: list[str], given: _Entries, partial: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Each choice's new logprobs entries (the reply so far read past the `counted` sent) with
+    """Each choice's new logprobs entries (the reply so far read past the entries sent) with
     their texts joined as its content, where that carries on what was sent within the text so
-    far (`sent`, `counted` updated); a text so far that neither begins with what was sent nor
-    begins it was sampled again, differently."""
-    deltas = []
+    far (`sent`, `given` updated); a text so far that neither begins with what was sent nor
+    begins it was sampled again, differently. Another decoding's entries than those sent (the
+    chat decoded again) wait for the whole answer (`_last_entries`)."""
+    deltas: list[dict[str, Any]] = []
+    run = partial.get("run")
+    if given.run is not None and run != given.run:
+        return deltas
     texts, entries = partial.get("texts") or [], partial.get("logprobs") or []
     for index, (text, new) in enumerate(zip(texts[: len(sent)], entries, strict=False)):
         if not text.startswith(sent[index]) and not sent[index].startswith(text):
@@ -138,29 +151,41 @@ def _entry_deltas(
         if new and text.startswith(sent[index] + added):
             deltas.append(_choice(index, {"content": added}, entries=new))
             sent[index] += added
-            counted[index] += len(new)
+            given.counted[index] += len(new)
+            given.run = run
     return deltas
 
 
 def _last_entries(
-    sent: list[str], counted: list[int], texts: list[str], sequences: list[dict[str, Any]]
+    sent: list[str], given: _Entries, texts: list[str], sequences: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Each choice's rest of its whole answer: its text past what was sent, with its entries
-    past those sent (`sent` updated)."""
+    past those sent (`sent` updated), where the entries sent are the answer's first (their texts
+    joined, what was sent: a decoding the chat had again may write the same text in other
+    tokens)."""
     deltas = []
     for index, (text, sequence) in enumerate(zip(texts[: len(sent)], sequences, strict=False)):
-        if not text.startswith(sent[index]):
+        entries = list(sequence.get("content_logprobs") or [])
+        first = "".join(str(e.get("token", "")) for e in entries[: given.counted[index]])
+        if not text.startswith(sent[index]) or first != sent[index]:
             raise _Resampled
-        rest = list(sequence.get("content_logprobs") or [])[counted[index] :]
+        rest = entries[given.counted[index] :]
         if rest or len(text) > len(sent[index]):
             deltas.append(_choice(index, {"content": text[len(sent[index]) :]}, entries=rest))
             sent[index] = text
     return deltas
 
 
+def _written(partial: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What tells one write of a reply so far from another: all of it but the entries, which a
+    look past those sent reads in part (`stored` counts them)."""
+    return None if partial is None else {k: v for k, v in partial.items() if k != "logprobs"}
+
+
 def _new_since(seen: dict[str, Any] | None) -> Callable[[CallRecord], bool]:
-    """Whether a look at the call finds it finished, or with text so far other than `seen`."""
-    return lambda found: found.finished or found.partial != seen
+    """Whether a look at the call finds it finished, or with a reply so far other than `seen`
+    (`_written`)."""
+    return lambda found: found.finished or _written(found.partial) != seen
 
 
 # Streams whose client left before the end: each forgets its chat once it is answered (the
@@ -247,9 +272,9 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
     answered."""
     chunk = _Chunks(streamed)
     sent = [""] * streamed.choices
-    counted = [0] * streamed.choices  # each choice's logprobs entries sent
+    given = _Entries([0] * streamed.choices)  # each choice's logprobs entries sent
     look_past = streamed.look_past
-    look = streamed.look if look_past is None else lambda: look_past(list(counted))
+    look = streamed.look if look_past is None else lambda: look_past(list(given.counted))
     deadline = time.monotonic() + STREAM_SECONDS
     seen: dict[str, Any] | None = None
     forgotten = False
@@ -271,12 +296,13 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
             if await streamed.disconnected():  # what it sends goes nowhere: it stops here
                 return
             found, call = call, None
-            if found.partial != seen:
-                seen = found.partial
+            if _written(found.partial) != seen:
+                seen = _written(found.partial)
+                partial = found.partial or {}
                 if look_past is not None:
-                    deltas = _entry_deltas(sent, counted, seen or {})
+                    deltas = _entry_deltas(sent, given, partial)
                 else:
-                    deltas = _deltas(sent, list((seen or {}).get("texts") or []))
+                    deltas = _deltas(sent, list(partial.get("texts") or []))
                 for delta in deltas:
                     yield chunk([delta])
             elif time.monotonic() >= deadline:
@@ -302,7 +328,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
         sequences = list(result.get("sequences") or [])
         texts = [str(s.get("text", "")) for s in sequences]
         if look_past is not None:
-            for delta in _last_entries(sent, counted, texts, sequences):
+            for delta in _last_entries(sent, given, texts, sequences):
                 yield chunk([delta])
         for delta in _deltas(sent, texts, whole=True):
             yield chunk([delta])
