@@ -2,7 +2,7 @@
 `chat.completions.create` against the tinker SDK sampling the same tokens.
 
     python -m benchmarks.chat_completions [--chats 30] [--tokens 16] [--rounds 3]
-        [--base-dir DIR]
+        [--base-dir DIR] [--logprobs K]
 
 The API on a socket of its own, with the real executor (`workers.interactive.runner`, serving on
 connections of its own) on the tiny test base or the Hugging Face directory `--base-dir` (e.g.
@@ -15,7 +15,9 @@ sampling client of the same base, with the same parameters. Alternating sides in
 one JSON line: the chat's median seconds from the ask to the answer beside the sample's. Then
 the same chats streamed (`stream: true`, the executor writing the text so far every
 `chat_stream_every_seconds`): a line for the first text's median beside the awaited chat's
-answer, and one for the streamed chat's end beside it (what streaming costs).
+answer, and one for the streamed chat's end beside it (what streaming costs). With
+`--logprobs K`, the same chats streamed with `logprobs` and `top_logprobs` K too: a line for
+their end beside the plain stream's (what sending each token's entry with its text costs).
 """
 
 from __future__ import annotations
@@ -64,12 +66,16 @@ def _chats(url: str, key: str, base: str, chats: int, tokens: int, done: Any) ->
     done.put(_timed(ask, chats))
 
 
-def _streams(url: str, key: str, base: str, chats: int, tokens: int, done: Any) -> None:
-    """The same chats streamed: each one's seconds to its end and to its first text."""
+def _streams(
+    url: str, key: str, base: str, chats: int, tokens: int, done: Any, top: int | None = None
+) -> None:
+    """The same chats streamed (with `top`, with logprobs and that many alternatives): each
+    one's seconds to its end and to its first text."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
     firsts: list[float] = []
+    asked: dict[str, Any] = {} if top is None else {"logprobs": True, "top_logprobs": top}
 
     def ask() -> int:
         started, first = time.monotonic(), None
@@ -80,13 +86,16 @@ def _streams(url: str, key: str, base: str, chats: int, tokens: int, done: Any) 
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            **asked,
         )
-        usage = None
+        usage, entries = None, 0
         for chunk in chunks:
             if first is None and any(c.delta.content for c in chunk.choices):
                 first = time.monotonic() - started
             usage = chunk.usage or usage
+            entries += sum(len(c.logprobs.content or []) for c in chunk.choices if c.logprobs)
         assert usage is not None and first is not None
+        assert top is None or entries > 0  # each token's entry came with its text
         firsts.append(first)
         return usage.completion_tokens
 
@@ -130,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--base-dir", type=Path, default=None)
+    parser.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        help="also stream the chat with logprobs and this many top_logprobs (0 to 20)",
+    )
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
     base_dir = str(args.base_dir or TEST_BASE_PATH)
@@ -137,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "chat": ([], []),
         "sample": ([], []),
         "stream": ([], []),
+        "stream_logprobs": ([], []),
     }
     firsts: list[float] = []  # a streamed chat's seconds to its first text
     with sdk_bench(args.database_url, args.base_dir) as bench:
@@ -145,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             serving.set()
             progress(f"{machine}; {args.rounds} rounds a side")
             for index in range(args.rounds):  # alternating: the machine's load drifts
-                for side in ("chat", "sample", "stream"):
+                for side in ("chat", "sample", "stream", "stream_logprobs"):
+                    if side == "stream_logprobs" and args.logprobs is None:
+                        continue
                     if side == "chat":
                         found = in_own_process(
                             _chats, url, bench.key, base, args.chats, args.tokens
@@ -155,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                             _streams, url, bench.key, base, args.chats, args.tokens
                         )
                         firsts.extend(found[2])
+                    elif side == "stream_logprobs":
+                        found = in_own_process(
+                            _streams, url, bench.key, base, args.chats, args.tokens, args.logprobs
+                        )
                     else:
                         found = in_own_process(
                             _samples, url, bench.key, base, base_dir, args.chats, args.tokens
@@ -208,6 +230,24 @@ def main(argv: list[str] | None = None) -> int:
         baseline_p99_ms=round(percentile(ours[0], 99) * 1000, 3),
         statistic="median and p99 over every round's asks",
     )
+    with_entries = sides["stream_logprobs"]
+    if with_entries[0]:
+        emit_beside(
+            "chat_stream_logprobs_whole",
+            statistics.median(with_entries[0]) * 1000,
+            "the same chat streamed without logprobs",
+            statistics.median(streamed[0]) * 1000,
+            machine,
+            base=bench.label,
+            what=f"one chat streamed with logprobs, top_logprobs {args.logprobs}, greedy, "
+            f"at most {args.tokens} tokens: ms to its end",
+            chats=len(with_entries[0]),
+            tokens_sampled=statistics.median(with_entries[1]),
+            baseline_tokens_sampled=statistics.median(streamed[1]),
+            p99_ms=round(percentile(with_entries[0], 99) * 1000, 3),
+            baseline_p99_ms=round(percentile(streamed[0], 99) * 1000, 3),
+            statistic="median and p99 over every round's asks",
+        )
     return 0
 
 

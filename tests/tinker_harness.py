@@ -279,3 +279,74 @@ def publish_adapter_version(
     )
     assert published is not None
     return published.version.model_id
+
+
+class PlayedExecutor:
+    """The test in an interactive executor's place on a base no real executor serves
+    (`tiny-played`): it takes a chat's call and writes its reply so far and its end through
+    `interactive_calls`, as the executor does."""
+
+    def __init__(self, services: Services, base_id: str) -> None:
+        self.services = services
+        self.base_id = base_id
+        with services.engine.begin() as conn:
+            trainers.report(
+                conn,
+                trainers.TrainerReport(
+                    "exec-played", "h", 1, "cpu", resident_base="tiny-played", kind="interactive"
+                ),
+            )
+
+    def take(self) -> Any:
+        """The next chat asked (an `interactive_calls.Call`), once one is."""
+        from control_plane import interactive_calls as calls
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with self.services.engine.begin() as conn:
+                call = calls.claim_next(conn, "exec-played", self.base_id)
+            if call is not None:
+                return call
+            time.sleep(0.05)
+        raise AssertionError("no chat was asked")
+
+    def progress(self, call: Any, body: dict[str, Any]) -> Any:
+        """A reply so far written (`interactive_calls.progress`): what the write found."""
+        from control_plane import interactive_calls as calls
+
+        with self.services.engine.begin() as conn:
+            written = calls.progress(conn, "exec-played", {call.id: body})
+        assert list(written) == [call.id]
+        return written[call.id]
+
+    def write(self, call: Any, so_far: str) -> bool:
+        """The text so far written; whether the stream's client left."""
+        written = self.progress(call, {"texts": [so_far]})
+        assert written.entries is None
+        return bool(written.left)
+
+    def finish(self, call: Any, whole: str, **answer: Any) -> None:
+        """The chat answered `whole` (and `answer`'s fields: its tokens, its logprobs)."""
+        from control_plane import interactive_calls as calls
+
+        sequence = {"tokens": [5, 6, 7], "logprobs": [0.0] * 3, "stop_reason": "stop"}
+        sequence |= {"text": whole, **answer}
+        with self.services.engine.begin() as conn:
+            assert calls.finish(
+                conn, call, "exec-played", {"sequences": [sequence], "prompt_tokens": 9}
+            )
+
+    def fail(self, call: Any, message: str) -> None:
+        from control_plane import interactive_calls as calls
+
+        with self.services.engine.begin() as conn:
+            assert calls.fail(conn, call, "exec-played", message, category="server")
+
+    def partial(self, call: Any) -> Any:
+        """The call's reply so far, as stored."""
+        from sqlalchemy import text
+
+        with self.services.engine.connect() as conn:
+            return conn.execute(
+                text("SELECT partial FROM interactive_calls WHERE id = :id"), {"id": call.id}
+            ).scalar_one()

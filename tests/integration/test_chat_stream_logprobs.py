@@ -15,9 +15,8 @@ from typing import Any
 
 import openai
 import pytest
-from sqlalchemy import text
 
-from control_plane import interactive, trainers
+from control_plane import interactive
 from control_plane import interactive_calls as calls
 from control_plane.services import Services
 from control_plane.settings import Settings
@@ -26,6 +25,7 @@ from tests.factories import register_test_base
 from tests.faults.tcp_proxy import CuttableProxy
 from tests.tinker_harness import (
     CHAT_MESSAGES,
+    PlayedExecutor,
     openai_client,
     publish_adapter_version,
     tinker_settings,
@@ -114,47 +114,16 @@ def test_a_chat_streamed_with_logprobs_sends_each_tokens_entry_with_the_text_it_
         _same_entries([e for _, entries in streamed for e in entries], reply.logprobs.content)
 
 
-class _Played:
-    """The test in an executor's place on a base no real executor serves."""
-
-    def __init__(self, services: Services, base_id: str) -> None:
-        self.services, self.base_id = services, base_id
-        with services.engine.begin() as conn:
-            trainers.report(
-                conn,
-                trainers.TrainerReport(
-                    "exec-played", "h", 1, "cpu", resident_base="tiny-played", kind="interactive"
-                ),
-            )
-
-    def take(self) -> calls.Call:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with self.services.engine.begin() as conn:
-                call = calls.claim_next(conn, "exec-played", self.base_id)
-            if call is not None:
-                return call
-            time.sleep(0.05)
-        raise AssertionError("no chat was asked")
-
-    def write(
-        self, call: calls.Call, so_far: str, new: list[str], start: int, run: str = "r1"
-    ) -> list[int]:
-        """The text so far and its new entries (from `start`, of decoding `run`) written: the
-        entries stored."""
-        entries = [[_entry(t) for t in new]]
-        body = {"texts": [so_far], "logprobs": entries, "from": [start], "run": run}
-        with self.services.engine.begin() as conn:
-            written = calls.progress(conn, "exec-played", {call.id: body})
-        stored = written[call.id].entries
-        assert stored is not None
-        return stored
-
-    def partial(self, call: calls.Call) -> Any:
-        with self.services.engine.connect() as conn:
-            return conn.execute(
-                text("SELECT partial FROM interactive_calls WHERE id = :id"), {"id": call.id}
-            ).scalar_one()
+def _write(
+    played: PlayedExecutor, call: Any, so_far: str, new: list[str], start: int, run: str = "r1"
+) -> list[int]:
+    """The text so far and its new entries (from `start`, of decoding `run`) written: the
+    entries stored."""
+    entries = [[_entry(t) for t in new]]
+    body = {"texts": [so_far], "logprobs": entries, "from": [start], "run": run}
+    stored = played.progress(call, body).entries
+    assert stored is not None
+    return list(stored)
 
 
 def _entry(token: str) -> dict[str, Any]:
@@ -180,21 +149,21 @@ def test_each_write_appends_its_new_entries_and_the_stream_sends_each_once(
     services: Services, live_url: str, tenant_a: TenantKeys
 ) -> None:
     base = register_test_base(services.engine, "tiny-played")
-    played = _Played(services, base.id)
+    played = PlayedExecutor(services, base.id)
     client = openai_client(live_url, tenant_a.member)
     received: queue.Queue[Any] = queue.Queue()
     listener = threading.Thread(target=_listen, args=(client, received))
     listener.start()
     call = played.take()
 
-    assert played.write(call, "Hel", ["He", "l"], 0) == [2]
+    assert _write(played, call, "Hel", ["He", "l"], 0) == [2]
     assert received.get(timeout=30) == ("Hel", ["He", "l"])  # sent while the chat runs
-    assert played.write(call, "Hello wor", ["lo", " wor"], 2) == [4]  # appended
+    assert _write(played, call, "Hello wor", ["lo", " wor"], 2) == [4]  # appended
     assert received.get(timeout=30) == ("lo wor", ["lo", " wor"])
     stored = [_entry(t) for t in ("He", "l", "lo", " wor")]
     assert played.partial(call) == {"texts": ["Hello wor"], "logprobs": [stored], "run": "r1"}
     # A write that does not carry on from what is stored leaves it, and says what it holds.
-    assert played.write(call, "Hello wor", ["x"], 1) == [4]
+    assert _write(played, call, "Hello wor", ["x"], 1) == [4]
     assert played.partial(call)["logprobs"] == [stored]
 
     # The stream reads only the entries past those it sent, and how many are stored.
@@ -215,20 +184,18 @@ def test_each_write_appends_its_new_entries_and_the_stream_sends_each_once(
 
     # Decoded again (a batch run again a call at a time): from 0, the entries are replaced, and
     # the stream sends none of that decoding's until the whole answer, rather than send any twice.
-    assert played.write(call, "Hel", ["He", "l"], 0, run="r2") == [2]
+    assert _write(played, call, "Hel", ["He", "l"], 0, run="r2") == [2]
     assert played.partial(call) == {"texts": ["Hel"], "logprobs": [stored[:2]], "run": "r2"}
-    assert played.write(call, "Hello world", ["lo", " wor", "ld"], 2, run="r2") == [5]
+    assert _write(played, call, "Hello world", ["lo", " wor", "ld"], 2, run="r2") == [5]
     time.sleep(0.5)  # the stream reads it
     assert received.empty()
-    answer = {
-        "tokens": [5, 6, 7, 8, 9],
-        "logprobs": [-0.5] * 5,
-        "stop_reason": "stop",
-        "text": "Hello world",
-        "content_logprobs": [*stored, _entry("ld")],
-    }
-    with services.engine.begin() as conn:
-        assert calls.finish(conn, call, "exec-played", {"sequences": [answer], "prompt_tokens": 9})
+    played.finish(
+        call,
+        "Hello world",
+        tokens=[5, 6, 7, 8, 9],
+        logprobs=[-0.5] * 5,
+        content_logprobs=[*stored, _entry("ld")],
+    )
     assert received.get(timeout=30) == ("ld", ["ld"])  # the rest, each entry once
     assert received.get(timeout=30) == "end"
     listener.join(30)
@@ -250,7 +217,7 @@ def test_the_executors_writer_stores_each_entry_once_through_an_outage_and_a_new
 
     monkeypatch.setattr(streaming, "PAUSE_AFTER_FAILURE_S", 0.5)
     base = register_test_base(services.engine, "tiny-played")
-    played = _Played(services, base.id)
+    played = PlayedExecutor(services, base.id)
     received: queue.Queue[Any] = queue.Queue()
     listener = threading.Thread(
         target=_listen, args=(openai_client(live_url, tenant_a.member), received)
@@ -310,15 +277,9 @@ def test_the_executors_writer_stores_each_entry_once_through_an_outage_and_a_new
         writer.close()
     finally:
         cut_off.close()
-    answer = {
-        "tokens": [5] * 40,
-        "logprobs": [-0.5] * 40,
-        "stop_reason": "stop",
-        "text": "".join(tokens),
-        "content_logprobs": entries,
-    }
-    with services.engine.begin() as conn:
-        assert calls.finish(conn, call, "exec-played", {"sequences": [answer], "prompt_tokens": 9})
+    played.finish(
+        call, "".join(tokens), tokens=[5] * 40, logprobs=[-0.5] * 40, content_logprobs=entries
+    )
     sent: list[str] = []
     while (piece := received.get(timeout=30)) != "end":
         assert not isinstance(piece, Exception), piece
@@ -336,26 +297,20 @@ def test_a_chat_decoded_again_in_other_tokens_ends_its_stream_rather_than_mismat
     in other tokens: the answer's first entries are not those sent, so the rest of them cannot
     follow them; the stream ends with an error rather than send entries for text twice."""
     base = register_test_base(services.engine, "tiny-played")
-    played = _Played(services, base.id)
+    played = PlayedExecutor(services, base.id)
     received: queue.Queue[Any] = queue.Queue()
     listener = threading.Thread(
         target=_listen, args=(openai_client(live_url, tenant_a.member), received)
     )
     listener.start()
     call = played.take()
-    assert played.write(call, "Hello", ["Hello"], 0) == [1]
+    assert _write(played, call, "Hello", ["Hello"], 0) == [1]
     assert received.get(timeout=30) == ("Hello", ["Hello"])
-    assert played.write(call, "Hel", ["H", "e", "l"], 0, run="r2") == [3]
+    assert _write(played, call, "Hel", ["H", "e", "l"], 0, run="r2") == [3]
     other = [_entry(t) for t in ("H", "e", "l", "l", "o", " world")]
-    answer = {
-        "tokens": [5, 6, 7, 8, 9, 10],
-        "logprobs": [-0.5] * 6,
-        "stop_reason": "stop",
-        "text": "Hello world",
-        "content_logprobs": other,
-    }
-    with services.engine.begin() as conn:
-        assert calls.finish(conn, call, "exec-played", {"sequences": [answer], "prompt_tokens": 9})
+    played.finish(
+        call, "Hello world", tokens=[5, 6, 7, 8, 9, 10], logprobs=[-0.5] * 6, content_logprobs=other
+    )
     error = received.get(timeout=30)
     assert isinstance(error, openai.APIError) and "sampled again" in str(error), error
     listener.join(30)

@@ -18,8 +18,7 @@ import openai
 import pytest
 from sqlalchemy import text
 
-from control_plane import chat_completions, trainers
-from control_plane import interactive_calls as calls
+from control_plane import chat_completions
 from control_plane.api.routes import chat, chat_stream
 from control_plane.services import Services
 from control_plane.settings import Settings
@@ -28,6 +27,7 @@ from tests.factories import register_test_base
 from tests.faults.tcp_proxy import CuttableProxy
 from tests.tinker_harness import (
     CHAT_MESSAGES,
+    PlayedExecutor,
     chat_let_go,
     openai_client,
     pausable_executor,
@@ -260,7 +260,7 @@ def test_the_executors_writes_pause_through_a_database_outage_and_go_on_after_it
 
     monkeypatch.setattr(streaming, "PAUSE_AFTER_FAILURE_S", 0.5)
     base = register_test_base(services.engine, "tiny-played")
-    played = _PlayedExecutor(services, base.id)
+    played = PlayedExecutor(services, base.id)
     listener = threading.Thread(
         target=_listen, args=(openai_client(live_url, tenant_a.member), queue.Queue())
     )
@@ -333,50 +333,6 @@ def test_a_streamed_chat_refused_before_it_began_is_the_plain_error(
     assert sent.status_code == 400 and sent.json()["error"]["param"] == "stream_options"
 
 
-class _PlayedExecutor:
-    """The test in an executor's place on a base no real executor serves: it takes the chat's
-    call and writes its text so far and its end through `interactive_calls`."""
-
-    def __init__(self, services: Services, base_id: str) -> None:
-        self.services = services
-        self.base_id = base_id
-        with services.engine.begin() as conn:
-            trainers.report(
-                conn,
-                trainers.TrainerReport(
-                    "exec-played", "h", 1, "cpu", resident_base="tiny-played", kind="interactive"
-                ),
-            )
-
-    def take(self) -> calls.Call:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with self.services.engine.begin() as conn:
-                call = calls.claim_next(conn, "exec-played", self.base_id)
-            if call is not None:
-                return call
-            time.sleep(0.05)
-        raise AssertionError("no chat was asked")
-
-    def write(self, call: calls.Call, so_far: str) -> bool:
-        """The text so far written; whether the stream's client left."""
-        with self.services.engine.begin() as conn:
-            written = calls.progress(conn, "exec-played", {call.id: {"texts": [so_far]}})
-        assert list(written) == [call.id] and written[call.id].entries is None
-        return written[call.id].left
-
-    def finish(self, call: calls.Call, whole: str) -> None:
-        answer = {"tokens": [5, 6, 7], "logprobs": [0.0] * 3, "stop_reason": "stop", "text": whole}
-        with self.services.engine.begin() as conn:
-            assert calls.finish(
-                conn, call, "exec-played", {"sequences": [answer], "prompt_tokens": 9}
-            )
-
-    def fail(self, call: calls.Call, message: str) -> None:
-        with self.services.engine.begin() as conn:
-            assert calls.fail(conn, call, "exec-played", message, category="server")
-
-
 def _listen(client: openai.OpenAI, received: queue.Queue[Any]) -> None:
     """Stream a chat in a thread: each content delta as it comes, then "end" (or the error)."""
     try:
@@ -396,7 +352,7 @@ def test_each_write_of_the_executor_reaches_the_client_before_the_chat_ends(
     services: Services, live_url: str, tenant_a: TenantKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = register_test_base(services.engine, "tiny-played")
-    played = _PlayedExecutor(services, base.id)
+    played = PlayedExecutor(services, base.id)
     client = openai_client(live_url, tenant_a.member)
 
     received: queue.Queue[Any] = queue.Queue()
@@ -456,7 +412,7 @@ def test_a_stream_its_client_leaves_lets_the_chat_go_once_it_is_answered(
     services: Services, live_url: str, tenant_a: TenantKeys
 ) -> None:
     base = register_test_base(services.engine, "tiny-played")
-    played = _PlayedExecutor(services, base.id)
+    played = PlayedExecutor(services, base.id)
     lines: queue.Queue[str] = queue.Queue()
     leave = threading.Event()
 
@@ -520,7 +476,7 @@ def test_a_chat_no_executor_takes_is_withdrawn_before_its_stream_begins(
     services: Services, live_url: str, tenant_a: TenantKeys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = register_test_base(services.engine, "tiny-played")
-    _PlayedExecutor(services, base.id)  # reported, but never takes anything
+    PlayedExecutor(services, base.id)  # reported, but never takes anything
     monkeypatch.setattr(chat, "TAKE_SECONDS", 1.0)
     with pytest.raises(openai.InternalServerError) as busy:
         openai_client(live_url, tenant_a.member).chat.completions.create(
@@ -540,7 +496,7 @@ def test_a_chat_whose_client_leaves_before_an_executor_takes_it_is_withdrawn(
     than the chat's 300 s wait): the chat is withdrawn within seconds, not sampled for no one
     whenever an executor comes to it."""
     base = register_test_base(services.engine, "tiny-played")
-    _PlayedExecutor(services, base.id)  # reported, but never takes anything
+    PlayedExecutor(services, base.id)  # reported, but never takes anything
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{live_url}/v1/chat/completions",

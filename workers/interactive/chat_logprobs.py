@@ -65,6 +65,16 @@ def content_logprobs(
     return content
 
 
+def token_string(tokenizer: PreTrainedTokenizerBase, token: int) -> str:
+    """A token's text decoded alone (its leading space kept), as an alternative's."""
+    return str(_pieces(tokenizer).alone(token)["token"])
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The tokens a text's decoding skips: the special ones, and added tokens marked so."""
+    return _pieces(tokenizer).special
+
+
 def _entry(
     pieces: _Pieces, sequence: dict[str, Any], i: int, own: bytes | None, text: str
 ) -> dict[str, Any]:

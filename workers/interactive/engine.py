@@ -42,6 +42,10 @@ from workers.interactive.chat import (
     end_of_turn_tokens,
     is_chat,
 )
+from workers.interactive.completion import (
+    completion_prompt,
+    is_completion,
+)
 from workers.interactive.custom_input import read_custom_input
 from workers.interactive.forwarding import Forward, run_together
 from workers.interactive.losses import InteractiveError, Loss, read_forward_input
@@ -361,18 +365,23 @@ class InteractiveEngine:
 
     def _read_request(self, model_id: str | None, request: dict[str, Any]) -> Read:
         """A request of a model (None: the base alone) read against the base: its adapter, the
-        request, and whether it was asked as a chat; or the reason it is refused."""
+        request, and whether it was asked as text (a chat or a completion); or the reason it is
+        refused."""
         try:
             adapter = BASE if model_id is None else self._get(model_id).adapter
-            chat = is_chat(request)
+            chat, completion = is_chat(request), is_completion(request)
             if chat:
                 request = chat_prompt(request, self.base.tokenizer)
+            elif completion:
+                request = completion_prompt(request, self.base.tokenizer)
             read = read_sample_request(
                 request, self._vocab_size, self._context_length, self._eos_token_ids
             )
         except InteractiveError as refused:
             return refused
-        return adapter, chat_request(read, self._chat_stops) if chat else read, chat
+        if chat or completion:  # both end at the end of sequence, whatever stop strings
+            read = chat_request(read, self._chat_stops if chat else self._eos_token_ids)
+        return adapter, read, chat or completion
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.base.precision != "bf16":

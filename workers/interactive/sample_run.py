@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from workers.interactive.chat import StreamSink, chat_answer, stream_steps
+from workers.interactive.completion import completion_answer, is_completion
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_batching import Room, rope_couples_past, sample_batches
 from workers.interactive.sample_requests import SamplingRequest
@@ -33,7 +34,8 @@ from workers.interactive.sampling import evaluating, generate
 
 # A request asked: (its model, None for the base alone; the SampleRequest or chat, as JSON).
 Asked = tuple[str | None, dict[str, Any]]
-# A request read: (its adapter, the request, whether asked as a chat), or its refusal.
+# A request read: (its adapter, the request, whether asked as text: a chat or a completion), or
+# its refusal.
 Read = tuple[str, SamplingRequest, bool] | InteractiveError
 # Offers requests, each to `take`, which answers None where the batch has no room for it, else
 # the function that adds it (a refusal: answers it), to be called once it is the batch's (its
@@ -66,7 +68,7 @@ class SampleRun:
         self.asked: list[Asked] = []
         self.answers: list[dict[str, Any] | InteractiveError] = []
         self.parsed: dict[int, tuple[str, SamplingRequest]] = {}
-        self.chats: set[int] = set()  # asked as chats (`chat`): messages in, text out
+        self.chats: set[int] = set()  # asked as text (`chat`, `completion`): text out
 
     def run(self, asked: list[Asked], more: More | None) -> list[dict[str, Any] | InteractiveError]:
         for one in asked:
@@ -113,8 +115,11 @@ class SampleRun:
 
         def done(k: int, answer: dict[str, Any]) -> None:
             i = batch[k]
-            if i in self.chats:
-                logprobs = self.asked[i][1].get("logprobs") is True
+            asked = self.asked[i][1]
+            if i in self.chats and is_completion(asked):
+                answer = completion_answer(answer, self.parsed[i][1], self.tokenizer, asked)
+            elif i in self.chats:
+                logprobs = asked.get("logprobs") is True
                 answer = chat_answer(answer, self.parsed[i][1], self.tokenizer, logprobs)
             self.answers[i] = answer
             if self.on_answer is not None:

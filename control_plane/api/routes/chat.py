@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -66,26 +67,33 @@ FIRST_TEXT_SECONDS = 2.0
 CLIENT_CHECK_SECONDS = 1.0
 
 
-def _ask(
-    services: Services, caller: Principal, body: ChatCompletionCreate
-) -> chat_completions.Asked:
+def ask_all(
+    services: Services, caller: Principal, model: str, requests: list[dict[str, Any]]
+) -> list[chat_completions.Asked]:
+    """Each request (a chat's, a completion's prompt's) asked of `model` in one transaction."""
     with services.engine.begin() as conn:
         try:
-            asked = chat_completions.ask(
-                conn,
-                caller.tenant_id,
-                body.model,
-                body.sample_request(),
-                services.settings.lease_seconds,
-            )
+            asked = [
+                chat_completions.ask(
+                    conn, caller.tenant_id, model, one, services.settings.lease_seconds
+                )
+                for one in requests
+            ]
         except chat_completions.ModelUnknown as unknown:
             raise ApiError(404, "model_not_found", str(unknown), "model") from None
         except chat_completions.NoExecutor as unserved:
             # Retrying in seconds does not start an executor: the SDK is told not to.
             headers = {"Retry-After": "30", "x-should-retry": "false"}
             raise ApiError(503, "no_executor", str(unserved), "model", headers=headers) from None
-        if asked.weights is not None:
-            audit.checkpoint_read(conn, caller, asked.weights, "chat")
+        if asked[0].weights is not None:
+            audit.checkpoint_read(conn, caller, asked[0].weights, "chat")
+    return asked
+
+
+def _ask(
+    services: Services, caller: Principal, body: ChatCompletionCreate
+) -> chat_completions.Asked:
+    [asked] = ask_all(services, caller, body.model, [body.sample_request()])
     return asked
 
 
@@ -220,14 +228,17 @@ def _refusal(call: interactive.CallRecord) -> ApiError:
     return ApiError(503, "executor_failed", message, headers={"Retry-After": "5"})
 
 
-async def complete(
-    body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
-) -> ChatCompletion:
-    """The chat asked and its answer once the executor gave it (the dashboard's too); ApiError
-    with the refusal otherwise."""
-    tenant_id = caller.tenant_id
-    started = time.monotonic()
-    asked = await run_in_threadpool(_ask, services, caller, body)
+async def answer_of(
+    request: Request,
+    services: Services,
+    tenant_id: str,
+    asked: chat_completions.Asked,
+    started: float,
+    what: str = "chat",
+) -> interactive.CallRecord:
+    """An asked call (a `what`) once answered (at `started`, `time.monotonic()`), its payload
+    let go: held while its client waits (withdrawn if no executor took it within TAKE_SECONDS,
+    or its client left), up to WAIT_SECONDS in all; ApiError with its refusal otherwise."""
     call = await _held_while_connected(
         request,
         TAKE_SECONDS,
@@ -245,15 +256,38 @@ async def complete(
             raise ApiError(
                 503,
                 "executor_busy",
-                f"the chat still runs after {WAIT_SECONDS:.0f} s: its answer will not be sent "
+                f"the {what} still runs after {WAIT_SECONDS:.0f} s: its answer will not be sent "
                 "(ask for fewer tokens, or stream it)",
                 headers={"Retry-After": "30", "x-should-retry": "false"},
             )
     await run_in_threadpool(_forget, services, tenant_id, call)
     if call.payload_dropped_at is not None:
-        raise ApiError(503, "executor_failed", "the chat's answer was let go before it was read")
+        raise ApiError(503, "executor_failed", f"the {what}'s answer was let go before it was read")
     if call.status == CallStatus.FAILED:
         raise _refusal(call)
+    return call
+
+
+async def withdraw_all(
+    services: Services, tenant_id: str, asked: list[chat_completions.Asked]
+) -> None:
+    """Calls no longer waited for (another of their request's failed): each withdrawn if no
+    executor took it yet (else answered and let go by its retention)."""
+    for one in asked:
+        try:
+            await run_in_threadpool(_withdraw, services, tenant_id, one)
+        except ApiError:  # gone meanwhile
+            continue
+
+
+async def complete(
+    body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
+) -> ChatCompletion:
+    """The chat asked and its answer once the executor gave it (the dashboard's too); ApiError
+    with the refusal otherwise."""
+    started = time.monotonic()
+    asked = await run_in_threadpool(_ask, services, caller, body)
+    call = await answer_of(request, services, caller.tenant_id, asked, started)
     result = call.result or {}
     sequences = result.get("sequences") or []
     completion = sum(len(s.get("tokens") or []) for s in sequences)

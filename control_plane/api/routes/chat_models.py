@@ -82,17 +82,7 @@ class ChatCompletionCreate(_Body):
     def sample_request(self) -> dict[str, Any]:
         """The executor's chat call: the messages and SamplingParams of a sample."""
         limit = self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS
-        params: dict[str, Any] = {"max_tokens": limit}
-        if self.temperature is not None:
-            params["temperature"] = self.temperature
-        if self.top_p == 0:  # nothing but the likeliest token: greedy
-            params["temperature"] = 0.0
-        elif self.top_p is not None:
-            params["top_p"] = self.top_p
-        if self.seed is not None:  # a torch generator's seed: 0 to 2**64 - 1
-            params["seed"] = self.seed % 2**64
-        if self.stop is not None:
-            params["stop"] = [self.stop] if isinstance(self.stop, str) else self.stop
+        params = sampling_params(limit, self.temperature, self.top_p, self.seed, self.stop)
         messages = [m.plain() for m in self.messages]
         asked: dict[str, Any] = {
             "messages": messages,
@@ -104,6 +94,28 @@ class ChatCompletionCreate(_Body):
             if self.top_logprobs:
                 asked["topk_sample_logprobs"] = self.top_logprobs
         return {**asked, "stream": True} if self.stream else asked
+
+
+def sampling_params(
+    limit: int,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: str | list[str] | None,
+) -> dict[str, Any]:
+    """A sample's SamplingParams from OpenAI's fields (a chat's, a completion's)."""
+    params: dict[str, Any] = {"max_tokens": limit}
+    if temperature is not None:
+        params["temperature"] = temperature
+    if top_p == 0:  # nothing but the likeliest token: greedy
+        params["temperature"] = 0.0
+    elif top_p is not None:
+        params["top_p"] = top_p
+    if seed is not None:  # a torch generator's seed: 0 to 2**64 - 1
+        params["seed"] = seed % 2**64
+    if stop is not None:
+        params["stop"] = [stop] if isinstance(stop, str) else stop
+    return params
 
 
 class ChatCompletionMessage(BaseModel):

@@ -1,0 +1,96 @@
+"""`POST /v1/completions`: OpenAI's legacy text completions on a base or one of the tenant's
+fine-tuned adapters, as vLLM serves them, answered by the interactive executors that hold the
+base (`workers.interactive.completion`). The official `openai` SDK's
+`client.completions.create(model=job.fine_tuned_model, prompt=...)` works unchanged, and so does
+lm-evaluation-harness's `local-completions` model: its loglikelihood requests (token ids,
+`echo`, `max_tokens` 0 or 1, `logprobs` 1) score a prompt's tokens one by one.
+
+Offered: `prompt` (text, which the executor tokenizes with the base's tokenizer, or token ids;
+a batch of up to 32 of either, each a call of its own, asked at once, so the executors batch
+them), `max_tokens` (16 unless sent; 0 with `echo`: the prompt scored, nothing sampled),
+`temperature`, `top_p`, `n`, `seed`, `stop` (up to 16 strings: lm-evaluation-harness sends a
+task's and the base's end), `logprobs` (0 to 20) and `echo`. Choices come prompt by prompt, `n`
+each (`index` = prompt's place * n + the sample's). Not offered, and refused by name rather
+than ignored: `stream` (a chat completion streams), `suffix`, `best_of` above 1, `logit_bias`,
+penalties. A model is found and waited for as a chat's (`chat.answer_of`), and metered as one,
+in the tenant's chat session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from control_plane.api.deps import ServicesDep, Writer
+from control_plane.api.errors import ApiError
+from control_plane.api.openapi import refusals
+from control_plane.api.routes import chat
+from control_plane.api.routes.chat_models import ChatUsage
+from control_plane.api.routes.completion_models import (
+    Completion,
+    CompletionChoice,
+    CompletionCreate,
+    CompletionLogprobs,
+)
+
+router = APIRouter(prefix="/v1", tags=["chat"])
+
+
+@router.post(
+    "/completions",
+    response_model=Completion,
+    responses=refusals(404, 503),
+    summary="Complete text with a base or a fine-tuned adapter",
+)
+async def create_completion(
+    body: CompletionCreate, request: Request, caller: Writer, services: ServicesDep
+) -> Completion:
+    """OpenAI's legacy completion, sampled by the executors that hold the model's base."""
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "max_tokens 0 samples nothing: it is taken only with echo: true (the prompt scored)",
+            "max_tokens",
+        )
+    started = time.monotonic()
+    requests = body.sample_requests()
+    asked = await run_in_threadpool(chat.ask_all, services, caller, body.model, requests)
+    calls = []
+    try:
+        for one in asked:  # asked at once: the executors batch them; awaited in their order
+            calls.append(
+                await chat.answer_of(
+                    request, services, caller.tenant_id, one, started, what="completion"
+                )
+            )
+    except BaseException:  # a refusal, or its client left: the rest are not waited for
+        await asyncio.shield(chat.withdraw_all(services, caller.tenant_id, asked[len(calls) :]))
+        raise
+    choices, prompt, completion = [], 0, 0
+    for place, call in enumerate(calls):
+        result = call.result or {}
+        prompt += int(result.get("prompt_tokens") or 0)
+        completion += int(result.get("completion_tokens") or 0)
+        for k, sequence in enumerate(result.get("sequences") or []):
+            logprobs = sequence.get("logprobs")
+            choices.append(
+                CompletionChoice(
+                    index=place * body.n + k,
+                    text=str(sequence.get("text", "")),
+                    logprobs=None if logprobs is None else CompletionLogprobs(**logprobs),
+                    finish_reason=sequence.get("finish_reason") or "length",
+                )
+            )
+    return Completion(
+        id=f"cmpl-{asked[0].call_id}",
+        created=int(time.time()),
+        model=body.model,
+        choices=choices,
+        usage=ChatUsage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        ),
+    )

@@ -1,0 +1,133 @@
+"""A sample call asked as a text completion (`POST /v1/completions`: OpenAI's legacy completions,
+as vLLM serves them for base and fine-tuned models alike): a prompt in, text out.
+
+The prompt is text, which the executor tokenizes with the base's tokenizer as vLLM does (its
+special tokens added: a Llama base's BOS), or token ids, taken as they are (lm-evaluation-
+harness sends those). It samples as any sample call does, stopping at the base's end of sequence
+(and at the stop strings, left out of the text). Each sequence's answer is its `text` (decoded
+without special tokens, cut before the first stop string; with `echo`, the prompt's text first)
+and, where asked (`logprobs` k, 0 to 20), OpenAI's legacy `logprobs`: `tokens`, `token_logprobs`,
+`top_logprobs` (each position's k likeliest tokens, and the token itself, as vLLM gives them:
+what lm-evaluation-harness reads a greedy continuation off) and `text_offset`, one entry a token,
+every token (special ones too: lm-evaluation-harness counts positions), with `echo` the prompt's
+first (its first token has no logprob: None). A token's string is its text decoded alone (its
+leading space kept), as vLLM gives it. With `max_tokens` 0 (only with `echo`: scoring a prompt)
+one token is sampled and left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from workers.interactive.chat_logprobs import content_logprobs, special_tokens, token_string
+from workers.interactive.losses import InteractiveError
+from workers.interactive.sample_requests import SamplingRequest
+
+
+def is_completion(request: Any) -> bool:
+    return isinstance(request, dict) and isinstance(request.get("completion"), dict)
+
+
+def completion_prompt(
+    request: dict[str, Any], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, Any]:
+    """The completion call's request with its prompt as tokens, and the scores its `logprobs`
+    (with `echo`, of its prompt too) need."""
+    asked = request["completion"]
+    text, tokens = asked.get("text"), asked.get("tokens")
+    if isinstance(text, str):
+        tokens = tokenizer.encode(text)
+    if not isinstance(tokens, list) or not tokens:
+        raise InteractiveError("the prompt must be text or token ids, and hold at least 1 token")
+    top = asked.get("logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+        raise InteractiveError("logprobs must be an integer from 0 to 20")
+    out = {**request, "prompt": {"chunks": [{"type": "encoded_text", "tokens": tokens}]}}
+    if top is not None:
+        out["topk_sample_logprobs"] = top
+        if asked.get("echo"):
+            out["prompt_logprobs"] = True
+            out["topk_prompt_logprobs"] = top
+    return out
+
+
+def completion_answer(
+    answer: dict[str, Any],
+    parsed: SamplingRequest,
+    tokenizer: PreTrainedTokenizerBase,
+    request: dict[str, Any],
+) -> dict[str, Any]:
+    """The sample's answer as a completion's: each sequence's `text`, `finish_reason` and, where
+    asked, legacy `logprobs`; the prompt's and the completion's lengths in tokens."""
+    asked = request["completion"]
+    top, echo = asked.get("logprobs"), bool(asked.get("echo"))
+    scoring = asked.get("max_tokens") == 0  # the token sampled is left out
+    prompt, shown = list(parsed.prompt), ""
+    if echo:
+        text = asked.get("text")
+        shown = text if isinstance(text, str) else tokenizer.decode(prompt)
+    sequences, sampled = [], 0
+    for sequence in answer["sequences"]:
+        tokens = [] if scoring else list(sequence["tokens"])
+        text, kept = _cut(tokens, parsed, tokenizer)
+        finish = "stop" if sequence.get("stop_reason") == "stop" and not scoring else "length"
+        read: dict[str, Any] = {"text": (shown if echo else "") + text, "finish_reason": finish}
+        if top is not None:
+            rows: list[tuple[int, float | None, list[Any] | None]] = []
+            if echo:
+                scores = answer.get("prompt_logprobs") or [None] * len(prompt)
+                alternatives = answer.get("topk_prompt_logprobs") or [None] * len(prompt)
+                rows += zip(prompt, scores, alternatives, strict=True)
+            own = sequence.get("topk_logprobs") or [[] for _ in tokens]
+            rows += zip(tokens[:kept], sequence["logprobs"][:kept], own[:kept], strict=True)
+            read["logprobs"] = _legacy(rows, tokenizer)
+        sequences.append(read)
+        sampled += len(tokens)
+    return {"sequences": sequences, "prompt_tokens": len(prompt), "completion_tokens": sampled}
+
+
+def _cut(
+    tokens: list[int], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, int]:
+    """The tokens' text (without special tokens, U+0000, or the first stop string on), and how
+    many of the tokens it holds: through the one its last character comes from (the token the
+    text ends in may run on into the stop string, as a chat's last entry does)."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "")
+    cuts = [text.index(stop) for stop in parsed.stop_strings if stop in text]
+    if not cuts:
+        return text, len(tokens)
+    cut = min(cuts)
+    entries = content_logprobs({"tokens": tokens, "logprobs": [0.0] * len(tokens)}, cut, tokenizer)
+    special = special_tokens(tokenizer)
+    places = [i for i, token in enumerate(tokens) if token not in special]
+    return text[:cut], places[len(entries) - 1] + 1 if entries else 0
+
+
+def _legacy(
+    rows: list[tuple[int, float | None, list[Any] | None]], tokenizer: PreTrainedTokenizerBase
+) -> dict[str, Any]:
+    """OpenAI's legacy `logprobs` of (token, its logprob, its position's top-k) rows: a scored
+    position's top is its alternatives and the token itself, as vLLM gives it."""
+    tokens: list[str] = []
+    logprobs: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets, length = [], 0
+    for token, logprob, alternatives in rows:
+        string = token_string(tokenizer, token)
+        tokens.append(string)
+        logprobs.append(logprob)
+        offsets.append(length)
+        length += len(string)
+        if logprob is None:
+            tops.append(None)
+            continue
+        top = {token_string(tokenizer, t): lp for t, lp in alternatives or []}
+        tops.append({**top, string: logprob})
+    return {
+        "tokens": tokens,
+        "token_logprobs": logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
