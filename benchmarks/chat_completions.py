@@ -67,7 +67,7 @@ def _chats(url: str, key: str, base: str, chats: int, tokens: int, done: Any) ->
 
 
 def _streams(
-    url: str, key: str, base: str, chats: int, tokens: int, done: Any, top: int | None = None
+    url: str, key: str, base: str, chats: int, tokens: int, top: int | None, done: Any
 ) -> None:
     """The same chats streamed (with `top`, with logprobs and that many alternatives): each
     one's seconds to its end and to its first text."""
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     elif side == "stream":
                         found = in_own_process(
-                            _streams, url, bench.key, base, args.chats, args.tokens
+                            _streams, url, bench.key, base, args.chats, args.tokens, None
                         )
                         firsts.extend(found[2])
                     elif side == "stream_logprobs":

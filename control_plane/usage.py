@@ -48,11 +48,17 @@ def call_usage(
         return {"training_tokens": sum(_tokens(datum.get("model_input")) for datum in data)}
     if kind == "sample":
         sequences = result.get("sequences") or []
-        # A chat's prompt is rendered by the executor, which answers its length.
-        prompt = result.get("prompt_tokens") if "messages" in request else None
+        # A chat's prompt is rendered, and a completion's tokenized, by the executor, which
+        # answers its length; a completion answers its tokens sampled too (its sequences
+        # hold text), those left out of a prompt scored (`max_tokens` 0) not among them.
+        text = "messages" in request or "completion" in request
+        prompt = result.get("prompt_tokens") if text else None
+        sampled = result.get("completion_tokens") if "completion" in request else None
         return {
             "prefill_tokens": prompt if isinstance(prompt, int) else _tokens(request.get("prompt")),
-            "sampled_tokens": sum(len(seq.get("tokens") or []) for seq in sequences),
+            "sampled_tokens": sampled
+            if isinstance(sampled, int)
+            else sum(len(seq.get("tokens") or []) for seq in sequences),
         }
     if kind in _SAVES:
         return {"checkpoints": 1}

@@ -43,6 +43,14 @@ def _calls(services: Services) -> int:
         return int(conn.execute(text("SELECT count(*) FROM interactive_calls")).scalar_one())
 
 
+def _last_usage(services: Services) -> Any:
+    """What the call finished last was metered."""
+    with services.engine.connect() as conn:
+        return conn.execute(
+            text("SELECT usage FROM interactive_calls ORDER BY finished_at DESC NULLS LAST LIMIT 1")
+        ).scalar_one()
+
+
 def _parse_logprobs(choice: Any, ctxlen: int) -> tuple[float, bool]:
     """lm-evaluation-harness's reading of a loglikelihood answer (`openai_completions.py`'s
     `parse_logprobs`): the continuation's logprobs summed, and whether each of its tokens was
@@ -82,6 +90,11 @@ def test_the_openai_sdk_completes_text_with_an_adapter_as_its_sampler_samples_it
         len(prompt),
         len(sequence.tokens),
     )
+    # Metered as a chat is: the prompt's tokens and those sampled.
+    assert _last_usage(services) == {
+        "prefill_tokens": len(prompt),
+        "sampled_tokens": len(sequence.tokens),
+    }
     logprobs = choice.logprobs
     assert logprobs is not None
     assert logprobs.tokens == [tokenizer.decode([t]) for t in sequence.tokens]
@@ -121,6 +134,7 @@ def test_the_openai_sdk_completes_text_with_an_adapter_as_its_sampler_samples_it
     assert only_choice.logprobs is not None
     assert only_choice.logprobs.token_logprobs[1:] == pytest.approx(scored[1:], abs=1e-4)
     assert only.usage is not None and only.usage.completion_tokens == 0
+    assert _last_usage(services) == {"prefill_tokens": len(prompt), "sampled_tokens": 0}
 
     # A stop string is left out of the text, and the tokens after the one it ends in; a task's
     # stops and the base's end, as lm-evaluation-harness sends them, are more than OpenAI's 4.
@@ -191,4 +205,13 @@ def test_what_a_completion_does_not_offer_is_refused_by_name_and_nothing_asked(
     # The executor's own refusal (a prompt longer than the base's context) is a 400 with its
     # words, a batch's other prompts withdrawn or let go.
     with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model=executor, prompt=["word " * 5000, PROMPT])
+        client.completions.create(model=executor, prompt=[PROMPT, "word " * 5000, PROMPT])
+    with services.engine.connect() as conn:
+        refused = conn.execute(
+            text(
+                "SELECT count(*) FILTER (WHERE status = 'pending'), "
+                "count(*) FILTER (WHERE status = 'failed' AND payload_dropped_at IS NULL) "
+                "FROM interactive_calls"
+            )
+        ).one()
+    assert tuple(refused) == (0, 0)  # none waits for an executor; the refused one let go

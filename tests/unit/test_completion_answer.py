@@ -111,3 +111,39 @@ def test_a_stop_string_is_left_out_with_the_tokens_after_the_one_the_text_ends_i
 def test_a_prompt_with_nothing_to_complete_is_refused(completion: dict[str, Any]) -> None:
     with pytest.raises(InteractiveError):
         completion_prompt(_asked(completion), TOKENIZER)
+
+
+def test_tokens_that_read_alike_share_a_key_at_the_likeliest_so_greedy_reads_true() -> None:
+    """Bytes of a character each read U+FFFD alone: the top's key for them holds the likeliest,
+    so the token's own logprob is the top's greatest exactly where it was its position's
+    likeliest (lm-evaluation-harness's greedy check), never where a byte that reads the same
+    was likelier; and U+0000 in an echoed prompt of token ids is no text (no JSON holds it)."""
+    byte = {b: TOKENIZER.convert_tokens_to_ids(c) for b, c in ((0xE4, "ä"), (0xE5, "å"), (0, "Ā"))}
+    assert TOKENIZER.decode([byte[0xE4]]) == TOKENIZER.decode([byte[0xE5]]) == "\ufffd"
+    asked = _asked({"tokens": [5, byte[0], 6], "echo": True, "logprobs": 2, "max_tokens": 1})
+    request = completion_prompt(asked, TOKENIZER)
+    parsed = read_sample_request(request, len(TOKENIZER), 1024, frozenset())
+
+    def top(token: int, logprob: float, alternatives: list[tuple[int, float]]) -> Any:
+        sequence = {
+            "tokens": [token],
+            "logprobs": [logprob],
+            "stop_reason": "length",
+            "topk_logprobs": [alternatives],
+        }
+        answer = {"sequences": [sequence], "prompt_logprobs": [None, -1.0, -1.0]}
+        answer["topk_prompt_logprobs"] = [None, [(7, -0.5)], [(7, -0.5)]]
+        [read] = completion_answer(answer, parsed, TOKENIZER, asked)["sequences"]
+        assert "\x00" not in read["text"]
+        logprobs = read["logprobs"]
+        return logprobs["token_logprobs"][-1], logprobs["top_logprobs"][-1]
+
+    # The token a byte at -2.0, a byte that reads the same at -0.3 the likeliest: not greedy.
+    own, tops = top(byte[0xE4], -2.0, [(byte[0xE5], -0.3), (byte[0xE4], -2.0)])
+    assert tops == {"\ufffd": -0.3} and own != max(tops.values())
+    # The same token the likeliest: greedy.
+    own, tops = top(byte[0xE4], -0.3, [(byte[0xE4], -0.3), (byte[0xE5], -2.0)])
+    assert tops == {"\ufffd": -0.3} and own == max(tops.values())
+    # A plain token beside two bytes, one likelier than it: not greedy.
+    own, tops = top(6, -1.0, [(byte[0xE5], -0.3), (6, -1.0), (byte[0xE4], -3.0)])
+    assert own != max(tops.values()) and tops["\ufffd"] == -0.3

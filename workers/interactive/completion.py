@@ -67,7 +67,8 @@ def completion_answer(
     prompt, shown = list(parsed.prompt), ""
     if echo:
         text = asked.get("text")
-        shown = text if isinstance(text, str) else tokenizer.decode(prompt)
+        # Token ids' text as they read, special tokens and all (U+0000 is no JSON text).
+        shown = text if isinstance(text, str) else tokenizer.decode(prompt).replace("\x00", "")
     sequences, sampled = [], 0
     for sequence in answer["sequences"]:
         tokens = [] if scoring else list(sequence["tokens"])
@@ -109,7 +110,11 @@ def _legacy(
     rows: list[tuple[int, float | None, list[Any] | None]], tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, Any]:
     """OpenAI's legacy `logprobs` of (token, its logprob, its position's top-k) rows: a scored
-    position's top is its alternatives and the token itself, as vLLM gives it."""
+    position's top is its alternatives and the token itself, as vLLM gives it, tokens whose
+    strings read alike (bytes of a character, each U+FFFD alone) under one key at the likeliest
+    of them, so that the token's own is the top's greatest exactly where it is its position's
+    likeliest (lm-evaluation-harness's greedy check); `text_offset`, as vLLM's, each token's
+    start in the strings joined."""
     tokens: list[str] = []
     logprobs: list[float | None] = []
     tops: list[dict[str, float] | None] = []
@@ -123,8 +128,11 @@ def _legacy(
         if logprob is None:
             tops.append(None)
             continue
-        top = {token_string(tokenizer, t): lp for t, lp in alternatives or []}
-        tops.append({**top, string: logprob})
+        top: dict[str, float] = {}
+        for alternative, lp in [*(alternatives or []), (token, logprob)]:
+            key = token_string(tokenizer, alternative)  # tokens that read alike share one
+            top[key] = max(lp, top.get(key, lp))
+        tops.append(top)
     return {
         "tokens": tokens,
         "token_logprobs": logprobs,

@@ -3,14 +3,15 @@ SAMPLE_TOKENS, each answered as soon as its rows are done, and requests offered 
 runs joining it where it has room.
 
 A request is read against the base (`reader`: its adapter, the request, whether it was asked as
-a chat), or refused, and a refusal is answered at once. The requests read are decoded in
-batches (`sample_batches`), each adapter's rows a slice; a chat's answer is its text
-(`chat_answer`), and a streamed chat hands its reply so far (with its logprobs' entries, where it
-asked for them) to the stream's sink as it samples. Between the passes of the last batch (the requests asked first wait for no request asked
-later), `more` may offer requests (the executor's sample calls asked since): each one joins the
-batch if it fits (`Room.taking`: it samples no more tokens than a row of the batch still may,
-and the batch stays within SAMPLE_TOKENS), is refused and answered, or is left for a batch of
-its own (the offer stops there). Taking one is in two steps: whether it fits, and then, once
+text: a chat or a completion), or refused, and a refusal is answered at once. The requests read
+are decoded in batches (`sample_batches`), each adapter's rows a slice; a chat's answer is its
+text (`chat_answer`), a completion's its text and legacy logprobs (`completion_answer`), and a
+streamed chat hands its reply so far (with its logprobs' entries, where it asked for them) to
+the stream's sink as it samples. Between the passes of the last batch (the requests asked
+first wait for no request asked later), `more` may offer requests (the executor's sample calls
+asked since): each one joins the batch if it fits (`Room.taking`: it samples no more tokens
+than a row of the batch still may, and the batch stays within SAMPLE_TOKENS), is refused and
+answered, or is left for a batch of its own (the offer stops there). Taking one is in two steps: whether it fits, and then, once
 its call is the batch's (its claim committed), adding it, so that nothing is answered for a
 call the database does not yet give this executor.
 """

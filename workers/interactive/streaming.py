@@ -5,10 +5,10 @@ is, batched with others; the engine hands `StreamWriter` each streamed chat's re
 (`chat.SoFar`) every `chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes
 them to their calls (`interactive_calls.progress`, which notifies the API's stream) from a
 thread of its own, so the batch never waits on the database. A chat streamed with `logprobs`
-has only its new entries written each time (appended to those its call stores), so a long
-reply's entries are written once, not at every write. A write is best effort: the whole text is the call's
-answer, recorded as every answer is, so a write the database refuses (an outage) is logged and
-streaming pauses a while. A write also learns which streams' clients left
+has only its new entries sent each time (appended to those its call stores), so a long
+reply's entries are sent once, not at every write. A write is best effort: the whole text is
+the call's answer, recorded as every answer is, so a write the database refuses (an outage) is
+logged and streaming pauses a while. A write also learns which streams' clients left
 (`interactive_calls.leave_stream`): the engine stops sampling those chats.
 """
 

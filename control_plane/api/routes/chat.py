@@ -68,9 +68,14 @@ CLIENT_CHECK_SECONDS = 1.0
 
 
 def ask_all(
-    services: Services, caller: Principal, model: str, requests: list[dict[str, Any]]
+    services: Services,
+    caller: Principal,
+    model: str,
+    requests: list[dict[str, Any]],
+    purpose: str = "chat",
 ) -> list[chat_completions.Asked]:
-    """Each request (a chat's, a completion's prompt's) asked of `model` in one transaction."""
+    """Each request (a chat's, a completion's prompt's) asked of `model` in one transaction,
+    an adapter's read written to its owner's log for `purpose`."""
     with services.engine.begin() as conn:
         try:
             asked = [
@@ -86,7 +91,7 @@ def ask_all(
             headers = {"Retry-After": "30", "x-should-retry": "false"}
             raise ApiError(503, "no_executor", str(unserved), "model", headers=headers) from None
         if asked[0].weights is not None:
-            audit.checkpoint_read(conn, caller, asked[0].weights, "chat")
+            audit.checkpoint_read(conn, caller, asked[0].weights, purpose)
     return asked
 
 
@@ -268,16 +273,23 @@ async def answer_of(
     return call
 
 
+def _let_go(services: Services, tenant_id: str, asked: list[chat_completions.Asked]) -> None:
+    with services.engine.begin() as conn:
+        for one in asked:
+            try:
+                interactive.cancel(conn, tenant_id, one.call_id)
+            except interactive.NotFound:  # its session's rows deleted meanwhile
+                continue
+            interactive_polls.forget(conn, tenant_id, one.sampler_id, [one.call_id])
+
+
 async def withdraw_all(
     services: Services, tenant_id: str, asked: list[chat_completions.Asked]
 ) -> None:
-    """Calls no longer waited for (another of their request's failed): each withdrawn if no
-    executor took it yet (else answered and let go by its retention)."""
-    for one in asked:
-        try:
-            await run_in_threadpool(_withdraw, services, tenant_id, one)
-        except ApiError:  # gone meanwhile
-            continue
+    """Calls no longer waited for (another of their request's was refused, or their client
+    left): each withdrawn if no executor took it yet, and its payload let go if it is over (one
+    an executor still runs is let go by the retention)."""
+    await run_in_threadpool(_let_go, services, tenant_id, asked)
 
 
 async def complete(

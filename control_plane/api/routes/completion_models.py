@@ -32,6 +32,7 @@ class CompletionCreate(BaseModel):
     )
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1, description="0: greedy")
+    top_k: int | None = Field(default=None, ge=-1, description="vLLM's: -1 or 0, every token")
     n: int = Field(default=1, ge=1, le=8)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     # Up to 16, not OpenAI's 4: lm-evaluation-harness sends a task's stops and the base's end.
@@ -71,6 +72,8 @@ class CompletionCreate(BaseModel):
         limit = DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
         # max_tokens 0: one token sampled, and left out
         params = sampling_params(max(limit, 1), self.temperature, self.top_p, self.seed, self.stop)
+        if self.top_k:  # 0 and -1 narrow nothing, as vLLM takes them
+            params["top_k"] = self.top_k
         return [
             {
                 "completion": {

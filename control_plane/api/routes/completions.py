@@ -7,13 +7,14 @@ lm-evaluation-harness's `local-completions` model: its loglikelihood requests (t
 
 Offered: `prompt` (text, which the executor tokenizes with the base's tokenizer, or token ids;
 a batch of up to 32 of either, each a call of its own, asked at once, so the executors batch
-them), `max_tokens` (16 unless sent; 0 with `echo`: the prompt scored, nothing sampled),
-`temperature`, `top_p`, `n`, `seed`, `stop` (up to 16 strings: lm-evaluation-harness sends a
-task's and the base's end), `logprobs` (0 to 20) and `echo`. Choices come prompt by prompt, `n`
-each (`index` = prompt's place * n + the sample's). Not offered, and refused by name rather
-than ignored: `stream` (a chat completion streams), `suffix`, `best_of` above 1, `logit_bias`,
-penalties. A model is found and waited for as a chat's (`chat.answer_of`), and metered as one,
-in the tenant's chat session.
+them, and awaited together), `max_tokens` (16 unless sent; 0 with `echo`: the prompt scored,
+nothing sampled), `temperature`, `top_p`, `top_k` (vLLM's), `n`, `seed`, `stop` (up to 16
+strings: lm-evaluation-harness sends a task's and the base's end), `logprobs` (0 to 20) and
+`echo`. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the sample's).
+Not offered, and refused by name rather than ignored: `stream` (a chat completion streams),
+`suffix`, `best_of` above 1, `logit_bias`, penalties. A model is found and waited for as a
+chat's (`chat.answer_of`), and metered as one (the prompt's tokens and those sampled), in the
+tenant's chat session; a prompt refused withdraws the batch's others.
 """
 
 from __future__ import annotations
@@ -58,17 +59,24 @@ async def create_completion(
         )
     started = time.monotonic()
     requests = body.sample_requests()
-    asked = await run_in_threadpool(chat.ask_all, services, caller, body.model, requests)
-    calls = []
+    asked = await run_in_threadpool(
+        chat.ask_all, services, caller, body.model, requests, "completion"
+    )
+    # Asked at once (the executors batch them) and awaited together, each within the chat's
+    # bounds from the request's start; the first refusal ends the wait for the others.
+    waits = [
+        asyncio.ensure_future(
+            chat.answer_of(request, services, caller.tenant_id, one, started, what="completion")
+        )
+        for one in asked
+    ]
     try:
-        for one in asked:  # asked at once: the executors batch them; awaited in their order
-            calls.append(
-                await chat.answer_of(
-                    request, services, caller.tenant_id, one, started, what="completion"
-                )
-            )
+        calls = await asyncio.gather(*waits)
     except BaseException:  # a refusal, or its client left: the rest are not waited for
-        await asyncio.shield(chat.withdraw_all(services, caller.tenant_id, asked[len(calls) :]))
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        await asyncio.shield(chat.withdraw_all(services, caller.tenant_id, asked))
         raise
     choices, prompt, completion = [], 0, 0
     for place, call in enumerate(calls):
