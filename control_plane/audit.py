@@ -6,9 +6,9 @@ its checkpoints (its own keys, or another tenant's once it published them). The 
 Each entry is written in the transaction of what it records, so an action that rolls back
 leaves none and one that commits always has one. `event` is `<resource>_<action>`, as Tinker
 names them: `checkpoint_read` (with its `purpose`: `sample`, `load`, `weights_info`, `chat`,
-`completion` or `download`), `checkpoint_published`, `checkpoint_unpublished`, `checkpoint_ttl_set`,
-`checkpoint_deleted`, `checkpoint_expired`; `api_key_created`, `api_key_revoked`,
-`tenant_created`, `tenant_limits_changed` (the organization's events). `details` says who did
+`completion` or `download`), `checkpoint_published`, `checkpoint_unpublished`,
+`checkpoint_ttl_set`, `checkpoint_deleted`, `checkpoint_expired`; `api_key_created`,
+`api_key_revoked`, `tenant_created`, `tenant_limits_changed` (the organization's events). `details` says who did
 it (`actor`: its tenant's id and name, and the key and its role where the key is the tenant's
 own; absent for the platform's own passes and its command line) and what it was about. A read is recorded from the checkpoint the access
 check found (never looked up again by path), once an hour for each key, checkpoint and purpose:

@@ -237,9 +237,9 @@ def progress(
     (each choice's), and, streamed with logprobs, each choice's new entries (`logprobs`, from
     the index `from`), written and notified on the channel a finished call notifies, so the
     API's stream wakes (not committed; its commit does not wait for the disk; the stored value
-    is rewritten whole, but only the new entries are sent). For each call
-    written, whether its stream's client left (`leave_stream`: its sampling stops) and how many
-    entries each choice has stored."""
+    is rewritten whole, but only the new entries are sent). For each call written, whether its
+    stream's client left (`leave_stream`: its sampling stops) and how many entries each choice
+    has stored."""
     if not replies:
         return {}
     # Not waited onto the disk (a crash loses only text the answer will hold whole), and never

@@ -92,7 +92,7 @@ def chat_text(
     tokens: list[int], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
 ) -> str:
     """A sequence's text: decoded without special tokens, cut before the first stop string."""
-    text, cut = _decoded(tokens, parsed, tokenizer)
+    text, cut = decoded_text(tokens, parsed, tokenizer)
     return text if cut is None else text[:cut]
 
 
@@ -103,7 +103,7 @@ def chat_text_so_far(
     with it: without a trailing character still being decoded (U+FFFD), trailing whitespace
     (a later token may join it: " ." decodes as "."), or an ending that could begin a stop
     string (which the whole text leaves out)."""
-    text, cut = _decoded(tokens, parsed, tokenizer)
+    text, cut = decoded_text(tokens, parsed, tokenizer)
     if cut is not None:
         return text[:cut]  # its stop is sampled: this is the whole text
     while True:
@@ -118,7 +118,7 @@ def chat_text_so_far(
         text = kept
 
 
-def _decoded(
+def decoded_text(
     tokens: list[int], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[str, int | None]:
     """The tokens' text without special tokens, and where its first stop string begins."""
@@ -139,7 +139,7 @@ def chat_answer(
     top-k rows (which they hold)."""
     sequences = []
     for sequence in answer["sequences"]:
-        text, cut = _decoded(sequence["tokens"], parsed, tokenizer)
+        text, cut = decoded_text(sequence["tokens"], parsed, tokenizer)
         read = {**sequence, "text": text[:cut]}
         if logprobs:
             read["content_logprobs"] = content_logprobs(sequence, cut, tokenizer)

@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from workers.interactive.chat import decoded_text
 from workers.interactive.chat_logprobs import content_logprobs, special_tokens, token_string
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
@@ -95,11 +96,9 @@ def _cut(
     """The tokens' text (without special tokens, U+0000, or the first stop string on), and how
     many of the tokens it holds: through the one its last character comes from (the token the
     text ends in may run on into the stop string, as a chat's last entry does)."""
-    text = tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "")
-    cuts = [text.index(stop) for stop in parsed.stop_strings if stop in text]
-    if not cuts:
+    text, cut = decoded_text(tokens, parsed, tokenizer)
+    if cut is None:
         return text, len(tokens)
-    cut = min(cuts)
     entries = content_logprobs({"tokens": tokens, "logprobs": [0.0] * len(tokens)}, cut, tokenizer)
     special = special_tokens(tokenizer)
     places = [i for i, token in enumerate(tokens) if token not in special]

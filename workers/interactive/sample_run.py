@@ -11,9 +11,9 @@ the stream's sink as it samples. Between the passes of the last batch (the reque
 first wait for no request asked later), `more` may offer requests (the executor's sample calls
 asked since): each one joins the batch if it fits (`Room.taking`: it samples no more tokens
 than a row of the batch still may, and the batch stays within SAMPLE_TOKENS), is refused and
-answered, or is left for a batch of its own (the offer stops there). Taking one is in two steps: whether it fits, and then, once
-its call is the batch's (its claim committed), adding it, so that nothing is answered for a
-call the database does not yet give this executor.
+answered, or is left for a batch of its own (the offer stops there). Taking one is in two
+steps: whether it fits, and then, once its call is the batch's (its claim committed), adding
+it, so that nothing is answered for a call the database does not yet give this executor.
 """
 
 from __future__ import annotations

@@ -131,6 +131,11 @@ class _Entries:
     run: str | None = None
 
 
+def _joined(entries: list[dict[str, Any]]) -> str:
+    """The text logprobs entries add, joined."""
+    return "".join(str(e.get("token", "")) for e in entries)
+
+
 def _entry_deltas(
     sent: list[str], given: _Entries, partial: dict[str, Any]
 ) -> list[dict[str, Any]]:
@@ -147,7 +152,7 @@ def _entry_deltas(
     for index, (text, new) in enumerate(zip(texts[: len(sent)], entries, strict=False)):
         if not text.startswith(sent[index]) and not sent[index].startswith(text):
             raise _Resampled
-        added = "".join(str(e.get("token", "")) for e in new)
+        added = _joined(new)
         if new and text.startswith(sent[index] + added):
             deltas.append(_choice(index, {"content": added}, entries=new))
             sent[index] += added
@@ -166,7 +171,7 @@ def _last_entries(
     deltas = []
     for index, (text, sequence) in enumerate(zip(texts[: len(sent)], sequences, strict=False)):
         entries = list(sequence.get("content_logprobs") or [])
-        first = "".join(str(e.get("token", "")) for e in entries[: given.counted[index]])
+        first = _joined(entries[: given.counted[index]])
         if not text.startswith(sent[index]) or first != sent[index]:
             raise _Resampled
         rest = entries[given.counted[index] :]
@@ -296,8 +301,9 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
             if await streamed.disconnected():  # what it sends goes nowhere: it stops here
                 return
             found, call = call, None
-            if _written(found.partial) != seen:
-                seen = _written(found.partial)
+            written = _written(found.partial)
+            if written != seen:
+                seen = written
                 partial = found.partial or {}
                 if look_past is not None:
                     deltas = _entry_deltas(sent, given, partial)
