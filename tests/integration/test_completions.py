@@ -178,7 +178,6 @@ def test_what_a_completion_does_not_offer_is_refused_by_name_and_nothing_asked(
     client = openai_client(live_url, tenant_a.member)
     before = _calls(services)
     for extra, param in (
-        ({"stream": True}, "stream"),
         ({"suffix": "!"}, "suffix"),
         ({"best_of": 2}, "best_of"),
         ({"logit_bias": {"5": 1}}, "logit_bias"),

@@ -130,6 +130,27 @@ def test_a_whole_answer_ends_with_done() -> None:
     assert did == ["forget"]
 
 
+def test_a_text_completions_stream_sends_text_chunks_with_no_role_and_its_own_finish() -> None:
+    whole = _call("completed", whole="Hello")
+    assert whole.result is not None
+    # A completion's answer: each sequence's finish said, its tokens counted, not listed.
+    whole.result["sequences"] = [{"text": "Hello", "finish_reason": "length"}]
+    whole.result["completion_tokens"] = 4
+    streamed, did = _played([whole], gone=False)
+    streamed = replace(streamed, chunk_id="cmpl-fut-1", text=True)
+    sent = asyncio.run(_sent(streamed, _call("running", partial="Hel")))
+    assert all(c["object"] == "text_completion" for c in sent[:-1])
+    choices = [c["choices"][0] for c in sent[:-2]]
+    assert choices == [
+        {"index": 0, "text": "Hel", "logprobs": None, "finish_reason": None},
+        {"index": 0, "text": "lo", "logprobs": None, "finish_reason": None},
+        {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"},
+    ]
+    assert sent[-2]["choices"] == []
+    assert sent[-2]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    assert sent[-1] == "data: [DONE]\n\n" and did == ["forget"]
+
+
 def test_a_stream_whose_client_left_sends_nothing_more_and_stops_the_chat() -> None:
     streamed, did = _played([_call("completed", whole="Hello")], gone=True)
     sent = asyncio.run(_sent(streamed, _call("running", partial="Hel")))

@@ -199,6 +199,18 @@ def test_a_batchs_streamed_chats_are_handed_on_at_most_once_a_period_each_its_ow
     assert "".join(e["token"] for e in rows[0]).startswith("Blue ")
     assert all(e["logprob"] == -1.0 for row in rows for e in row)
 
+    # Streamed completions: each one's text begins with what `leading` gives it (its echoed
+    # prompt), and one scoring its prompt (max_tokens 0) hands that alone, not the token sampled.
+    sink = _Sink()
+    leading = {0: ("Say: ", True), 2: ("Score me", False)}
+    completing = stream_steps(
+        sink, 0.0, {0: "call-a", 1: "call-b", 2: "call-c"}, [parsed] * 3, tokenizer, leading=leading
+    )
+    assert completing is not None and completing(batch) == set()
+    assert sink.handed == [
+        {"call-a": ["Say: Red sky"], "call-b": ["Blue sea"], "call-c": ["Score me", "Score me"]}
+    ]
+
 
 def _row(tokens: list[int]) -> dict[str, Any]:
     """A row of a batch as sampled so far (a SampledSequence)."""

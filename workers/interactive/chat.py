@@ -84,8 +84,12 @@ def chat_request(parsed: SamplingRequest, stops: frozenset[int]) -> SamplingRequ
 
 
 def is_streamed(request: Any) -> bool:
-    """A chat asked with `stream: true`: its text so far is written while it samples."""
-    return is_chat(request) and bool(request.get("stream"))
+    """A chat or a completion asked with `stream: true`: its text so far is written while it
+    samples."""
+    asked_as_text = is_chat(request) or (
+        isinstance(request, dict) and isinstance(request.get("completion"), dict)
+    )
+    return asked_as_text and bool(request.get("stream"))
 
 
 def chat_text(
@@ -179,22 +183,30 @@ def stream_steps(
     tokenizer: PreTrainedTokenizerBase,
     *,
     logprobs: set[int] | None = None,
+    leading: dict[int, tuple[str, bool]] | None = None,
     growing: bool = False,
 ) -> OnStep | None:
     """What a batch's streamed chats (their place in the batch: their key, the call's id) hand
     `sink` as they sample: every `every_seconds`, each one's reply so far (`SoFar`; with its
-    entries where its place is in `logprobs`); and the chats whose client left, stopped.
-    `growing`: requests may join the batch (added to `streamed`, `logprobs` and `requests` as
-    they do), so a batch with no streamed chat yet may have some."""
+    entries where its place is in `logprobs`); and the chats whose client left, stopped. A
+    streamed completion's place is in `leading`: the text its own begins with (an echoed prompt)
+    and whether the text sampled follows (`completion.streamed_text`). `growing`: requests may
+    join the batch (added to `streamed`, `logprobs`, `leading` and `requests` as they do), so a
+    batch with no streamed chat yet may have some."""
     if sink is None or not (streamed or growing):
         return None
     due = [0.0]
     run = uuid.uuid4().hex  # no other executor's decoding of the call is named so
     asking = logprobs if logprobs is not None else set()
+    leads = leading if leading is not None else {}
     readers: dict[tuple[int, int], GrowingContent] = {}  # each streamed row's entries
 
+    def text_so_far(k: int, row: dict[str, Any]) -> str:
+        lead, sampled = leads.get(k, ("", True))
+        return lead + (chat_text_so_far(row["tokens"], requests[k], tokenizer) if sampled else "")
+
     def so_far(k: int, rows: list[dict[str, Any]]) -> SoFar:
-        texts = [chat_text_so_far(row["tokens"], requests[k], tokenizer) for row in rows]
+        texts = [text_so_far(k, row) for row in rows]
         if k not in asking:
             return SoFar(texts)
         entries = []

@@ -12,7 +12,8 @@ what lm-evaluation-harness reads a greedy continuation off) and `text_offset`, o
 every token (special ones too: lm-evaluation-harness counts positions), with `echo` the prompt's
 first (its first token has no logprob: None). A token's string is its text decoded alone (its
 leading space kept), as vLLM gives it. With `max_tokens` 0 (only with `echo`: scoring a prompt)
-one token is sampled and left out.
+one token is sampled and left out. Streamed (`stream`), its text so far is written as a chat's is
+(`chat.stream_steps`), after its echoed prompt (`streamed_text`).
 """
 
 from __future__ import annotations
@@ -65,17 +66,13 @@ def completion_answer(
     asked = request["completion"]
     top, echo = asked.get("logprobs"), bool(asked.get("echo"))
     scoring = asked.get("max_tokens") == 0  # the token sampled is left out
-    prompt, shown = list(parsed.prompt), ""
-    if echo:
-        text = asked.get("text")
-        # Token ids' text as they read, special tokens and all (U+0000 is no JSON text).
-        shown = text if isinstance(text, str) else tokenizer.decode(prompt).replace("\x00", "")
+    prompt, shown = list(parsed.prompt), echoed(request, parsed, tokenizer)
     sequences, sampled = [], 0
     for sequence in answer["sequences"]:
         tokens = [] if scoring else list(sequence["tokens"])
         text, kept = _cut(tokens, parsed, tokenizer)
         finish = "stop" if sequence.get("stop_reason") == "stop" and not scoring else "length"
-        read: dict[str, Any] = {"text": (shown if echo else "") + text, "finish_reason": finish}
+        read: dict[str, Any] = {"text": shown + text, "finish_reason": finish}
         if top is not None:
             rows: list[tuple[int, float | None, list[Any] | None]] = []
             if echo:
@@ -88,6 +85,29 @@ def completion_answer(
         sequences.append(read)
         sampled += len(tokens)
     return {"sequences": sequences, "prompt_tokens": len(prompt), "completion_tokens": sampled}
+
+
+def echoed(
+    request: dict[str, Any], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
+) -> str:
+    """What a completion's text begins with: with `echo`, its prompt's text (token ids' as they
+    read, special tokens and all; U+0000 is no JSON text), else nothing."""
+    asked = request["completion"]
+    if not asked.get("echo"):
+        return ""
+    text = asked.get("text")
+    return (
+        text if isinstance(text, str) else tokenizer.decode(list(parsed.prompt)).replace("\x00", "")
+    )
+
+
+def streamed_text(
+    request: dict[str, Any], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase
+) -> tuple[str, bool]:
+    """What a streamed completion's text so far begins with (`echoed`), and whether anything
+    sampled follows it (not for `max_tokens` 0: the token sampled to score a prompt is left
+    out)."""
+    return echoed(request, parsed, tokenizer), request["completion"].get("max_tokens") != 0
 
 
 def _cut(

@@ -7,7 +7,8 @@ text: a chat or a completion), or refused, and a refusal is answered at once. Th
 are decoded in batches (`sample_batches`), each adapter's rows a slice; a chat's answer is its
 text (`chat_answer`), a completion's its text and legacy logprobs (`completion_answer`), and a
 streamed chat hands its reply so far (with its logprobs' entries, where it asked for them) to
-the stream's sink as it samples. Between the passes of the last batch (the requests asked
+the stream's sink as it samples (a streamed completion its text so far, after its echoed
+prompt). Between the passes of the last batch (the requests asked
 first wait for no request asked later), `more` may offer requests (the executor's sample calls
 asked since): each one joins the batch if it fits (`Room.taking`: it samples no more tokens
 than a row of the batch still may, and the batch stays within SAMPLE_TOKENS), is refused and
@@ -27,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from workers.interactive.chat import StreamSink, chat_answer, stream_steps
-from workers.interactive.completion import completion_answer, is_completion
+from workers.interactive.completion import completion_answer, is_completion, streamed_text
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_batching import Room, rope_couples_past, sample_batches
 from workers.interactive.sample_requests import SamplingRequest
@@ -104,14 +105,17 @@ class SampleRun:
     def _decode(self, batch: list[int], more: More | None) -> None:
         """One batch decoded (`batch`: the indices of its requests, by place; joiners after)."""
         requests = [self.parsed[i][1] for i in batch]
-        streamed: dict[int, str] = {}  # the streamed chats' places: their calls' ids
+        streamed: dict[int, str] = {}  # the streamed chats' (and completions') places: call ids
         logprobs: set[int] = set()  # those asked with logprobs
+        leading: dict[int, tuple[str, bool]] = {}  # the streamed completions' (`stream_steps`)
 
         def stream(k: int) -> None:
             request = self.asked[batch[k]][1]
             if batch[k] in self.chats and isinstance(request.get("stream"), str):
                 streamed[k] = str(request["stream"])
-                if request.get("logprobs") is True:
+                if is_completion(request):
+                    leading[k] = streamed_text(request, requests[k], self.tokenizer)
+                elif request.get("logprobs") is True:
                     logprobs.add(k)
 
         def done(k: int, answer: dict[str, Any]) -> None:
@@ -168,6 +172,7 @@ class SampleRun:
                     requests,
                     self.tokenizer,
                     logprobs=logprobs,
+                    leading=leading,
                     growing=more is not None,
                 ),
                 on_done=done,

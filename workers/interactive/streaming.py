@@ -1,7 +1,7 @@
 """A streamed chat's reply so far, written to its call while the executor samples it.
 
-A chat asked with `stream: true` (`POST /v1/chat/completions`) is sampled as any sample call
-is, batched with others; the engine hands `StreamWriter` each streamed chat's reply so far
+A chat asked with `stream: true` (`POST /v1/chat/completions`; a completion too, `POST
+/v1/completions`) is sampled as any sample call is, batched with others; the engine hands `StreamWriter` each streamed chat's reply so far
 (`chat.SoFar`) every `chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes
 them to their calls (`interactive_calls.progress`, which notifies the API's stream) from a
 thread of its own, so the batch never waits on the database. A chat streamed with `logprobs`
@@ -34,8 +34,8 @@ PAUSE_AFTER_FAILURE_S = 10.0
 
 
 def streamed_request(call: calls.Call) -> dict[str, Any]:
-    """The call's request as the engine takes it: a streamed chat's `stream` names the call, the
-    key its text so far is handed back under."""
+    """The call's request as the engine takes it: a streamed chat's (or completion's) `stream`
+    names the call, the key its text so far is handed back under."""
     return {**call.request, "stream": call.id} if is_streamed(call.request) else call.request
 
 

@@ -48,6 +48,7 @@ from control_plane.api.routes.chat_models import (
     ChatUsage,
     ChoiceLogprobs,
 )
+from control_plane.api.routes.completion_models import CompletionCreate
 from control_plane.api.routes.tinker_futures import call_wakeup, hold_until
 from control_plane.interactive import CallStatus
 from control_plane.services import Services
@@ -95,11 +96,14 @@ def ask_all(
     return asked
 
 
-def _ask(
-    services: Services, caller: Principal, body: ChatCompletionCreate
-) -> chat_completions.Asked:
-    [asked] = ask_all(services, caller, body.model, [body.sample_request()])
-    return asked
+# What is asked as a stream: a chat, or a completion of one prompt.
+StreamedBody = ChatCompletionCreate | CompletionCreate
+
+
+def _ask(services: Services, caller: Principal, body: StreamedBody) -> chat_completions.Asked:
+    if isinstance(body, CompletionCreate):
+        return ask_all(services, caller, body.model, body.sample_requests(), "completion")[0]
+    return ask_all(services, caller, body.model, [body.sample_request()])[0]
 
 
 def _look(
@@ -170,7 +174,7 @@ async def create_chat_completion(
             400, "invalid_request", "top_logprobs is taken only with logprobs: true", "top_logprobs"
         )
     if body.stream:
-        return await _streamed(body, request, caller, services)
+        return await stream_response(body, request, caller, services)
     return await complete(body, request, caller, services)
 
 
@@ -207,27 +211,27 @@ async def _held_while_connected(
             return found
 
 
-def _busy() -> ApiError:
+def _busy(what: str = "chat") -> ApiError:
     return ApiError(
         503,
         "executor_busy",
-        f"no executor took the chat within {TAKE_SECONDS:.0f} s, so it was withdrawn: "
+        f"no executor took the {what} within {TAKE_SECONDS:.0f} s, so it was withdrawn: "
         "ask again later",
         headers={"Retry-After": "30"},
     )
 
 
-def _left() -> ApiError:
+def _left(what: str = "chat") -> ApiError:
     """A chat withdrawn because its reader left (or the dashboard's key was revoked)."""
     return ApiError(
-        503, "stream_ended", "the chat was withdrawn before an executor took it: its reader left"
+        503, "stream_ended", f"the {what} was withdrawn before an executor took it: its reader left"
     )
 
 
 def _refusal(call: interactive.CallRecord) -> ApiError:
-    """A failed chat's error: the executor's refusal (400), or the platform's (503)."""
+    """A failed call's error: the executor's refusal (400), or the platform's (503)."""
     error = call.error or {}
-    message = str(error.get("error") or "the chat failed")
+    message = str(error.get("error") or "the call failed")
     if error.get("category") == "user":
         return ApiError(400, "invalid_request", message)
     return ApiError(503, "executor_failed", message, headers={"Retry-After": "5"})
@@ -253,7 +257,7 @@ async def answer_of(
     )
     if not call.finished:  # not taken in time, or its client left: withdrawn if not taken
         if await run_in_threadpool(_withdraw, services, tenant_id, asked):
-            raise _busy()
+            raise _busy(what)
         # An executor runs it (or just answered): its answer, while the client still waits.
         left = WAIT_SECONDS - (time.monotonic() - started)
         call = await _answered(request, services, tenant_id, asked.call_id, max(left, 0.0))
@@ -325,11 +329,11 @@ async def complete(
     )
 
 
-async def _streamed(
-    body: ChatCompletionCreate, request: Request, caller: Principal, services: Services
+async def stream_response(
+    body: StreamedBody, request: Request, caller: Principal, services: Services
 ) -> Response:
-    """The chat asked, and once an executor took it, its chunks as they are sampled; what is
-    refused before its first text is the plain error (`begin_stream`)."""
+    """The chat (or completion) asked, and once an executor took it, its chunks as they are
+    sampled; what is refused before its first text is the plain error (`begin_stream`)."""
     streamed, call = await begin_stream(body, request, caller, services)
     return StreamingResponse(
         chat_stream.events(streamed, call),
@@ -345,7 +349,7 @@ def _began(found: interactive.CallRecord) -> bool:
 
 def _following(
     asked: chat_completions.Asked,
-    body: ChatCompletionCreate,
+    body: StreamedBody,
     request: Request,
     services: Services,
     tenant_id: str,
@@ -365,23 +369,25 @@ def _following(
     async def leave() -> None:
         await run_in_threadpool(_leave, services, tenant_id, asked.call_id)
 
+    text = isinstance(body, CompletionCreate)
     return chat_stream.Streamed(
-        chunk_id=f"chatcmpl-{asked.call_id}",
+        chunk_id=f"{'cmpl' if text else 'chatcmpl'}-{asked.call_id}",
         model=body.model,
         choices=body.n,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         look=look,
-        look_past=look_past if body.logprobs else None,
+        look_past=look_past if body.logprobs and not text else None,
         wake=lambda: call_wakeup(request, asked.call_id),
         forget=forget,
         leave=leave,
         disconnected=gone,
         refusal=_refusal,
+        text=text,
     )
 
 
 async def begin_stream(
-    body: ChatCompletionCreate,
+    body: StreamedBody,
     request: Request,
     caller: Principal,
     services: Services,
@@ -427,7 +433,7 @@ async def begin_stream(
         if call.status == CallStatus.PENDING and await run_in_threadpool(
             _withdraw, services, tenant_id, asked
         ):
-            raise _left() if await gone() else _busy()
+            raise _left(streamed.what) if await gone() else _busy(streamed.what)
         if not _began(call):
             call = await hold_until(
                 FIRST_TEXT_SECONDS, streamed.look, _began, call_wakeup(request, asked.call_id)

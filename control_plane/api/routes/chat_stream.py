@@ -16,7 +16,9 @@ connection open while nothing is new, so a long reply is not bounded by a client
 A failure after the stream began is an `error` event (the SDK raises it as `APIError`). Once
 read, the chat's messages and text are let go, as a chat answered whole lets them go. A stream
 that ends before its chat (its client left, or an error) tells the executor, which stops
-sampling the chat at its next write, and lets the chat go once it is answered.
+sampling the chat at its next write, and lets the chat go once it is answered. A text
+completion streams the same way (`Streamed.text`): `text_completion` chunks, each choice's new
+text its `text`, no role first.
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ class Streamed:
     leave: Callable[[], Awaitable[None]]  # its client left: stop sampling it
     disconnected: Callable[[], Awaitable[bool]]  # whether its client left
     refusal: Callable[[CallRecord], ApiError]  # what a failed call's error is
+    # A text completion's stream (`POST /v1/completions`): its chunks are `text_completion`s,
+    # each choice's new text its `text`, with no role first.
+    text: bool = False
+
+    @property
+    def what(self) -> str:
+        """What its errors call it."""
+        return "completion" if self.text else "chat"
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -80,11 +90,11 @@ class _Chunks:
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "id": self.streamed.chunk_id,
-            "object": "chat.completion.chunk",
+            "object": "text_completion" if self.streamed.text else "chat.completion.chunk",
             "created": self.created,
             "model": self.streamed.model,
             "system_fingerprint": None,
-            "choices": choices,
+            "choices": [_as_text(c) for c in choices] if self.streamed.text else choices,
         }
         if self.streamed.include_usage:
             body["usage"] = usage
@@ -99,6 +109,16 @@ def _choice(
 ) -> dict[str, Any]:
     logprobs = None if entries is None else {"content": entries, "refusal": None}
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _as_text(choice: dict[str, Any]) -> dict[str, Any]:
+    """A chunk's choice as a text completion's: its delta's content as its `text`."""
+    return {
+        "index": choice["index"],
+        "text": choice["delta"].get("content", ""),
+        "logprobs": None,
+        "finish_reason": choice["finish_reason"],
+    }
 
 
 class _Resampled(Exception):
@@ -250,7 +270,16 @@ async def _forget_when_answered(streamed: Streamed) -> None:
         log.exception("a chat whose stream ended early was not let go (its retention will)")
 
 
-# What a followed chat gives as it goes: a `chat.completion.chunk`, the error that ends it, None
+def _finish(sequence: dict[str, Any]) -> str:
+    """Why a sequence ended: a completion's says (`finish_reason`), a chat's is read off its
+    stop."""
+    finish = sequence.get("finish_reason")
+    if finish is not None:
+        return str(finish)
+    return "stop" if sequence.get("stop_reason") == "stop" else "length"
+
+
+# What a followed chat gives as it goes: a chunk (`chat.completion.chunk`, or `text_completion`), the error that ends it, None
 # while nothing is new (a keep-alive's turn), or DONE once every chunk was given.
 DONE = "[DONE]"
 Piece = dict[str, Any] | ApiError | str | None
@@ -285,7 +314,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
     forgotten = False
     call: CallRecord | None = first
     try:
-        for i in range(streamed.choices):
+        for i in range(0 if streamed.text else streamed.choices):
             yield chunk([_choice(i, {"role": "assistant", "content": ""})])
         while True:
             if call is None:
@@ -315,7 +344,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
                 yield ApiError(
                     503,
                     "executor_busy",
-                    f"the chat still runs after {STREAM_SECONDS:.0f} s: the rest of its "
+                    f"the {streamed.what} still runs after {STREAM_SECONDS:.0f} s: the rest of its "
                     "answer will not be sent (ask for fewer tokens)",
                 )
                 return
@@ -328,7 +357,9 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
             return
         if call.payload_dropped_at is not None:
             raise ApiError(
-                503, "executor_failed", "the chat's answer was let go before it was read"
+                503,
+                "executor_failed",
+                f"the {streamed.what}'s answer was let go before it was read",
             )
         result = call.result or {}
         sequences = list(result.get("sequences") or [])
@@ -339,10 +370,15 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
         for delta in _deltas(sent, texts, whole=True):
             yield chunk([delta])
         for i, s in enumerate(sequences):
-            yield chunk([_choice(i, {}, "stop" if s.get("stop_reason") == "stop" else "length")])
+            yield chunk([_choice(i, {}, _finish(s))])
         if streamed.include_usage:
             prompt = int(result.get("prompt_tokens") or 0)
-            completion = sum(len(s.get("tokens") or []) for s in sequences)
+            sampled = result.get("completion_tokens")  # a completion's (its tokens not kept)
+            completion = (
+                int(sampled)
+                if sampled is not None
+                else sum(len(s.get("tokens") or []) for s in sequences)
+            )
             usage = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
@@ -354,14 +390,16 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
         yield ApiError(
             503,
             "executor_failed",
-            "the chat was sampled again while it streamed and its text differs from what "
-            "was sent: ask again",
+            f"the {streamed.what} was sampled again while it streamed and its text differs "
+            "from what was sent: ask again",
         )
     except ApiError as error:
         yield error
     except Exception:  # the database away mid-stream: said, not a connection cut short
         log.exception("a streamed chat could not be followed")
-        yield ApiError(503, "unavailable", "the platform could not follow the chat: ask again")
+        yield ApiError(
+            503, "unavailable", f"the platform could not follow the {streamed.what}: ask again"
+        )
     finally:
         if not forgotten:  # ended early, or its client left: stopped, let go once answered
             _in_background(_forget_when_answered(streamed))

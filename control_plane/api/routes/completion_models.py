@@ -7,7 +7,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from control_plane.api.routes.chat_models import MAX_TOKENS, ChatUsage, sampling_params
+from control_plane.api.routes.chat_models import (
+    MAX_TOKENS,
+    ChatUsage,
+    StreamOptions,
+    sampling_params,
+)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for a completion
 MAX_PROMPTS = 32  # prompts one request may batch (each is a call of its own)
@@ -45,10 +50,11 @@ class CompletionCreate(BaseModel):
         default=None, ge=0, le=20, description="each token's logprob and its likeliest tokens"
     )
     echo: bool | None = Field(default=None, description="the prompt first, with its logprobs")
-    # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
-    stream: Literal[False] | None = Field(
-        default=None, description="not offered: stream a chat completion"
+    stream: bool | None = Field(
+        default=None, description="the text sent as it is sampled, as server-sent events"
     )
+    stream_options: StreamOptions | None = Field(default=None, description="with `stream`")
+    # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
     suffix: None = Field(default=None, description="not offered")
     best_of: Literal[1] | None = Field(default=None, description="not offered beyond 1")
     logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = Field(
@@ -84,6 +90,7 @@ class CompletionCreate(BaseModel):
                 },
                 "num_samples": self.n,
                 "sampling_params": params,
+                **({"stream": True} if self.stream else {}),
             }
             for prompt in self.prompts()
         ]

@@ -10,9 +10,12 @@ a batch of up to 32 of either, each a call of its own, asked at once, so the exe
 them, and awaited together), `max_tokens` (16 unless sent; 0 with `echo`: the prompt scored,
 nothing sampled), `temperature`, `top_p`, `top_k` (vLLM's), `n`, `seed`, `stop` (up to 16
 strings: lm-evaluation-harness sends a task's and the base's end), `logprobs` (0 to 20) and
-`echo`. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the sample's).
-Not offered, and refused by name rather than ignored: `stream` (a chat completion streams),
-`suffix`, `best_of` above 1, `logit_bias`, penalties. A model is found and waited for as a
+`echo`, and `stream` (with `stream_options.include_usage`; one prompt, without `logprobs`): the
+text sent as it is sampled, `text_completion` chunks as OpenAI and vLLM stream them (the echoed
+prompt first), the way load generators (vLLM's `benchmark_serving`, genai-perf) time the first
+token. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the sample's).
+Not offered, and refused by name rather than ignored: `suffix`, `best_of` above 1, `logit_bias`,
+penalties, and a stream of several prompts or with `logprobs`. A model is found and waited for as a
 chat's (`chat.answer_of`), and metered as one (the prompt's tokens and those sampled), in the
 tenant's chat session; a prompt refused withdraws the batch's others.
 """
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from control_plane.api.deps import ServicesDep, Writer
@@ -43,20 +46,23 @@ router = APIRouter(prefix="/v1", tags=["chat"])
 @router.post(
     "/completions",
     response_model=Completion,
-    responses=refusals(404, 503),
+    responses={
+        **refusals(404, 503),
+        200: {
+            "description": "The completion; with `stream`, its chunks as server-sent events",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
     summary="Complete text with a base or a fine-tuned adapter",
 )
 async def create_completion(
     body: CompletionCreate, request: Request, caller: Writer, services: ServicesDep
-) -> Completion:
-    """OpenAI's legacy completion, sampled by the executors that hold the model's base."""
-    if body.max_tokens == 0 and not body.echo:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "max_tokens 0 samples nothing: it is taken only with echo: true (the prompt scored)",
-            "max_tokens",
-        )
+) -> Response | Completion:
+    """OpenAI's legacy completion, sampled by the executors that hold the model's base; with
+    `stream`, sent as it is sampled (`chat_stream`)."""
+    _refuse_unoffered(body)
+    if body.stream:
+        return await chat.stream_response(body, request, caller, services)
     started = time.monotonic()
     requests = body.sample_requests()
     asked = await run_in_threadpool(
@@ -102,3 +108,39 @@ async def create_completion(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
         ),
     )
+
+
+def _refuse_unoffered(body: CompletionCreate) -> None:
+    """What the body's fields allow one by one but not together, refused by name."""
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "max_tokens 0 samples nothing: it is taken only with echo: true (the prompt scored)",
+            "max_tokens",
+        )
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "stream_options is taken only with stream: true",
+            "stream_options",
+        )
+    if not body.stream:
+        return
+    if body.logprobs is not None:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "logprobs is not offered on a streamed completion: ask without stream, or stream a "
+            "chat completion (its chunks carry logprobs)",
+            "logprobs",
+        )
+    if len(body.prompts()) > 1:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "a streamed completion takes one prompt: stream each prompt in a request of its "
+            "own, or ask for the batch without stream",
+            "prompt",
+        )

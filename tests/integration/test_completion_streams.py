@@ -1,0 +1,176 @@
+"""A text completion streamed (`POST /v1/completions` with `stream: true`) through the official
+`openai` SDK on the real interactive executor: `text_completion` chunks that join into exactly the
+text the same completion answers whole (the echoed prompt first), with its usage last where asked,
+as load generators that time the first token read them; what a stream does not offer is refused
+by name and nothing asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import text
+from transformers import AutoTokenizer
+
+from control_plane.services import Services
+from control_plane.settings import Settings
+from tests.api_harness import TenantKeys
+from tests.fixtures.testbase import TEST_BASE_PATH
+from tests.tinker_harness import openai_client, publish_adapter_version, tinker_settings
+
+pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
+
+PROMPT = "The sky over the harbour was"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    # The executor writes a streamed completion's text after every token.
+    return tinker_settings(tmp_path).model_copy(update={"chat_stream_every_seconds": 0.0})
+
+
+def _streamed(client: openai.OpenAI, **asked: Any) -> tuple[list[Any], dict[int, list[str]]]:
+    """Every chunk of a streamed completion, and each choice's texts in order."""
+    chunks = list(client.completions.create(stream=True, **asked))
+    texts: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.text:
+                texts.setdefault(choice.index, []).append(choice.text)
+    return chunks, texts
+
+
+@pytest.mark.usefixtures("paced")
+def test_a_streamed_completion_is_the_whole_text_sent_as_it_is_sampled(
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str, peft_adapter: Path
+) -> None:
+    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    client = openai_client(live_url, tenant_a.member)
+    asked: dict[str, Any] = {"model": model, "prompt": PROMPT, "temperature": 0, "max_tokens": 24}
+    whole = client.completions.create(**asked)
+    chunks, texts = _streamed(client, stream_options={"include_usage": True}, **asked)
+    [choice] = whole.choices
+    assert choice.text
+    # Sent as it was sampled, piece by piece, and the pieces are the whole text.
+    assert len(texts[0]) >= 2, texts
+    assert "".join(texts[0]) == choice.text
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("cmpl-")
+    assert all(c.object == "text_completion" and c.model == model for c in chunks)
+    assert all(len(c.choices) <= 1 for c in chunks)
+    finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+    assert finishes == [choice.finish_reason]
+    # With include_usage: a last chunk with no choices and the usage; none before it.
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+    # With echo, the prompt comes first, sent before the text sampled after it.
+    echoed = client.completions.create(echo=True, **asked)
+    _, echo_texts = _streamed(client, echo=True, **asked)
+    assert echoed.choices[0].text == PROMPT + choice.text
+    assert echo_texts[0][0].startswith(PROMPT) and len(echo_texts[0]) >= 2
+    assert "".join(echo_texts[0]) == echoed.choices[0].text
+
+    # A stop string: never sent, not even its first characters before it was whole.
+    middle = len(choice.text) // 2
+    stop = next(
+        choice.text[k : k + 2]
+        for k in range(middle, len(choice.text) - 1)
+        if choice.text[k].strip()
+    )
+    stopped = client.completions.create(stop=[stop], **asked)
+    _, stop_texts = _streamed(client, stop=[stop], **asked)
+    sent = ""
+    for piece in stop_texts.get(0, []):
+        sent += piece
+        assert stop not in sent and stopped.choices[0].text.startswith(sent)
+    assert sent == stopped.choices[0].text
+
+    # Several choices, seeded: each choice's pieces are that choice's whole text.
+    seeded: dict[str, Any] = {"temperature": 1.0, "seed": 5, "max_tokens": 12, "n": 2}
+    both = client.completions.create(model=model, prompt=PROMPT, **seeded)
+    _, by_choice = _streamed(client, model=model, prompt=PROMPT, **seeded)
+    assert all(c.text for c in both.choices)
+    for one in both.choices:
+        assert "".join(by_choice.get(one.index, [])) == one.text
+
+    # Token ids, echoed and scored (max_tokens 0): the prompt's text alone, nothing sampled.
+    ids = AutoTokenizer.from_pretrained(TEST_BASE_PATH).encode(PROMPT)
+    scoring: dict[str, Any] = {"model": model, "prompt": ids, "echo": True, "max_tokens": 0}
+    scored = client.completions.create(**scoring)
+    score_chunks, score_texts = _streamed(client, stream_options={"include_usage": True}, **scoring)
+    assert "".join(score_texts[0]) == scored.choices[0].text and PROMPT in scored.choices[0].text
+    assert score_chunks[-1].usage is not None and score_chunks[-1].usage.completion_tokens == 0
+    assert score_chunks[-1].usage == scored.usage
+
+    # On the wire, without include_usage: no usage at all, and the stream's end said.
+    with httpx.stream(
+        "POST",
+        f"{live_url}/v1/completions",
+        json={**asked, "max_tokens": 4, "stream": True},
+        headers=tenant_a.headers("member"),
+        timeout=60,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert all('"usage"' not in event for event in events)
+    assert all('"delta"' not in event and '"role"' not in event for event in events)
+
+    # Each streamed completion's prompt and text were let go once read; its usage stays, and
+    # its adapter's reads were audited as completions.
+    with services.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT request, partial, usage FROM interactive_calls WHERE request = '{}'")
+        ).all()
+        purposes = set(
+            conn.execute(
+                text(
+                    "SELECT DISTINCT details->>'purpose' FROM audit_events "
+                    "WHERE event = 'checkpoint_read'"
+                )
+            ).scalars()
+        )
+    assert "completion" in purposes and "chat" not in purposes, purposes
+    assert len(rows) == 11
+    assert all(r.partial is None and r.usage for r in rows)
+
+
+def test_what_a_streamed_completion_does_not_offer_is_refused_by_name_and_nothing_asked(
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    def calls() -> int:
+        with services.engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM interactive_calls")).scalar_one())
+
+    before = calls()
+    for extra, param in (
+        ({"stream": True, "logprobs": 1}, "logprobs"),
+        ({"stream": True, "logprobs": 0}, "logprobs"),
+        ({"stream": True, "prompt": [PROMPT, PROMPT]}, "prompt"),
+        ({"stream": True, "prompt": [[1, 2], [3]]}, "prompt"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "max_tokens": 0}, "max_tokens"),
+    ):
+        sent = httpx.post(
+            f"{live_url}/v1/completions",
+            json={"model": executor, "prompt": PROMPT, **extra},
+            headers=tenant_a.headers("member"),
+        )
+        assert sent.status_code == 400, (extra, sent.text)
+        assert sent.headers["content-type"].startswith("application/json")
+        assert sent.json()["error"]["param"].startswith(param), sent.text
+    with pytest.raises(openai.NotFoundError):
+        openai_client(live_url, tenant_a.member).completions.create(
+            model="nobody", prompt=PROMPT, stream=True
+        )
+    assert calls() == before
+    # The executor's own refusal (a prompt longer than the base's context) is the plain 400,
+    # before any chunk.
+    with pytest.raises(openai.BadRequestError, match="context"):
+        openai_client(live_url, tenant_a.member).completions.create(
+            model=executor, prompt="word " * 5000, stream=True
+        )
