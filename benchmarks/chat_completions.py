@@ -2,7 +2,7 @@
 `chat.completions.create` against the tinker SDK sampling the same tokens.
 
     python -m benchmarks.chat_completions [--chats 30] [--tokens 16] [--rounds 3]
-        [--base-dir DIR] [--logprobs K]
+        [--base-dir DIR] [--logprobs K] [--completions]
 
 The API on a socket of its own, with the real executor (`workers.interactive.runner`, serving on
 connections of its own) on the tiny test base or the Hugging Face directory `--base-dir` (e.g.
@@ -18,6 +18,10 @@ the same chats streamed (`stream: true`, the executor writing the text so far ev
 answer, and one for the streamed chat's end beside it (what streaming costs). With
 `--logprobs K`, the same chats streamed with `logprobs` and `top_logprobs` K too: a line for
 their end beside the plain stream's (what sending each token's entry with its text costs).
+With `--completions`, text completions (`POST /v1/completions`) of PROMPT too, awaited whole and
+streamed: a line for the streamed one's first text beside the awaited one's answer (what a load
+generator such as vLLM's `benchmark_serving` reads as the time to the first token), and one for
+its end beside it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write one sentence about the sea."},
 ]
+PROMPT = "The sea at night is"
 
 
 def _timed(ask: Callable[[], int], times: int) -> tuple[list[float], list[int]]:
@@ -105,6 +110,41 @@ def _streams(
     done.put((seconds, sampled, firsts))
 
 
+def _completions(
+    url: str, key: str, base: str, chats: int, tokens: int, stream: bool, done: Any
+) -> None:
+    """Text completions of PROMPT, awaited whole or streamed: each one's seconds to its end and,
+    streamed, to its first text."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+    firsts: list[float] = []
+    asked: dict[str, Any] = {"model": base, "prompt": PROMPT, "max_tokens": tokens}
+
+    def ask() -> int:
+        started = time.monotonic()
+        if not stream:
+            reply = client.completions.create(temperature=0, **asked)
+            assert reply.usage is not None and reply.choices[0].text
+            return reply.usage.completion_tokens
+        usage, first = None, None
+        chunks = client.completions.create(
+            temperature=0, stream=True, stream_options={"include_usage": True}, **asked
+        )
+        for chunk in chunks:
+            if first is None and any(c.text for c in chunk.choices):
+                first = time.monotonic() - started
+            usage = chunk.usage or usage
+        assert usage is not None and first is not None
+        firsts.append(first)
+        return usage.completion_tokens
+
+    ask()  # warm
+    firsts.clear()
+    seconds, sampled = _timed(ask, chats)
+    done.put((seconds, sampled, firsts))
+
+
 def _samples(
     url: str, key: str, base: str, base_dir: str, chats: int, tokens: int, done: Any
 ) -> None:
@@ -145,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also stream the chat with logprobs and this many top_logprobs (0 to 20)",
     )
+    parser.add_argument(
+        "--completions",
+        action="store_true",
+        help="also text completions of a prompt, awaited whole and streamed",
+    )
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
     base_dir = str(args.base_dir or TEST_BASE_PATH)
@@ -153,18 +198,29 @@ def main(argv: list[str] | None = None) -> int:
         "sample": ([], []),
         "stream": ([], []),
         "stream_logprobs": ([], []),
+        "completion": ([], []),
+        "completion_stream": ([], []),
     }
     firsts: list[float] = []  # a streamed chat's seconds to its first text
+    completion_firsts: list[float] = []  # a streamed completion's
     with sdk_bench(args.database_url, args.base_dir) as bench:
         machine, base = bench.machine, bench.base.name
         with pausable_executor(bench.runner) as serving, served_with(bench.services) as url:
             serving.set()
             progress(f"{machine}; {args.rounds} rounds a side")
             for index in range(args.rounds):  # alternating: the machine's load drifts
-                for side in ("chat", "sample", "stream", "stream_logprobs"):
+                for side in sides:
                     if side == "stream_logprobs" and args.logprobs is None:
                         continue
-                    if side == "chat":
+                    if side.startswith("completion") and not args.completions:
+                        continue
+                    if side.startswith("completion"):
+                        stream = side == "completion_stream"
+                        found = in_own_process(
+                            _completions, url, bench.key, base, args.chats, args.tokens, stream
+                        )
+                        completion_firsts.extend(found[2])
+                    elif side == "chat":
                         found = in_own_process(
                             _chats, url, bench.key, base, args.chats, args.tokens
                         )
@@ -248,6 +304,28 @@ def main(argv: list[str] | None = None) -> int:
             baseline_p99_ms=round(percentile(streamed[0], 99) * 1000, 3),
             statistic="median and p99 over every round's asks",
         )
+    if args.completions:
+        whole, streamed_text = sides["completion"], sides["completion_stream"]
+        for name, found, what in (
+            ("completion_stream_first_text", (completion_firsts, []), "its first text"),
+            ("completion_stream_whole", streamed_text, "its end"),
+        ):
+            emit_beside(
+                name,
+                statistics.median(found[0]) * 1000,
+                "the same completion awaited whole",
+                statistics.median(whole[0]) * 1000,
+                machine,
+                base=bench.label,
+                what=f"one text completion streamed, greedy, at most {args.tokens} tokens: ms "
+                f"to {what}",
+                asks=len(found[0]),
+                **({"tokens_sampled": statistics.median(found[1])} if found[1] else {}),
+                baseline_tokens_sampled=statistics.median(whole[1]),
+                p99_ms=round(percentile(found[0], 99) * 1000, 3),
+                baseline_p99_ms=round(percentile(whole[0], 99) * 1000, 3),
+                statistic="median and p99 over every round's asks",
+            )
     return 0
 
 
