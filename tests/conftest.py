@@ -213,7 +213,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist, modules holding a heavier tier's test run first, each module's tests
     together and in their own order.
 
-    `bash scripts/test.sh` runs the suite on two workers where the machine has two CPUs
+    `bash scripts/test.sh` runs the suite on two workers (where the machine has two CPUs)
     (pytest-xdist's `worksteal`: each takes half the list in order, and one that runs out takes
     from the other's tail). With the long tests first, the last minutes are short tests on both
     workers rather than one worker finishing a 100-second training job alone, and the heavy
