@@ -1,11 +1,14 @@
 """A text completion streamed (`POST /v1/completions` with `stream: true`) through the official
 `openai` SDK on the real interactive executor: `text_completion` chunks that join into exactly the
 text the same completion answers whole (the echoed prompt first), with its usage last where asked,
-as load generators that time the first token read them; what a stream does not offer is refused
-by name and nothing asked."""
+as load generators that time the first token read them; vLLM's `ignore_eos`, which they send for
+replies of a known length, samples past the base's end of sequence; what a stream does not offer
+is refused by name and nothing asked."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,17 @@ import pytest
 from sqlalchemy import text
 from transformers import AutoTokenizer
 
+from control_plane.base_catalog import NewBaseModel, register_base_model
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.fixtures.testbase import TEST_BASE_PATH
-from tests.tinker_harness import openai_client, publish_adapter_version, tinker_settings
+from tests.tinker_harness import (
+    openai_client,
+    publish_adapter_version,
+    serving_executor,
+    tinker_settings,
+)
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
@@ -174,3 +183,55 @@ def test_what_a_streamed_completion_does_not_offer_is_refused_by_name_and_nothin
         openai_client(live_url, tenant_a.member).completions.create(
             model=executor, prompt="word " * 5000, stream=True
         )
+
+
+def test_ignore_eos_samples_past_the_bases_end_of_sequence_in_a_completion_and_a_chat(
+    services: Services, live_url: str, tenant_a: TenantKeys, tmp_path: Path
+) -> None:
+    # A base whose every token ends a sequence: anything sampled ends after one token.
+    ending = tmp_path / "ending-base"
+    shutil.copytree(TEST_BASE_PATH, ending)
+    generation = json.loads((ending / "generation_config.json").read_text())
+    vocabulary = json.loads((ending / "config.json").read_text())["vocab_size"]
+    generation["eos_token_id"] = list(range(vocabulary))
+    (ending / "generation_config.json").write_text(json.dumps(generation))
+    with services.engine.begin() as conn:
+        base = register_base_model(
+            conn, NewBaseModel(name="ending", source=str(ending), source_kind="dir")
+        )
+    client = openai_client(live_url, tenant_a.member)
+    asked: dict[str, Any] = {"model": base.name, "max_tokens": 6, "temperature": 0}
+    with serving_executor(services, base.id, "executor-ending", tmp_path / "executor"):
+        ended = client.completions.create(prompt=PROMPT, **asked)
+        past = client.completions.create(prompt=PROMPT, extra_body={"ignore_eos": True}, **asked)
+        chunks = list(
+            client.completions.create(
+                prompt=PROMPT,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True, "repetition_penalty": 1.0},  # vLLM's client
+                **asked,
+            )
+        )
+        chat: dict[str, Any] = {
+            "model": base.name,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_completion_tokens": 6,
+        }
+        chat_ended = client.chat.completions.create(**chat)
+        chat_past = client.chat.completions.create(extra_body={"ignore_eos": True}, **chat)
+        refused = httpx.post(
+            f"{live_url}/v1/completions",
+            json={**asked, "prompt": PROMPT, "repetition_penalty": 1.2},
+            headers=tenant_a.headers("member"),
+        )
+    assert ended.usage is not None and ended.usage.completion_tokens == 1
+    assert ended.choices[0].finish_reason == "stop"
+    assert past.usage is not None and past.usage.completion_tokens == 6
+    assert past.choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == past.choices[0].text
+    assert chunks[-1].usage == past.usage
+    assert chat_ended.usage is not None and chat_ended.usage.completion_tokens == 1
+    assert chat_past.usage is not None and chat_past.usage.completion_tokens == 6
+    assert chat_past.choices[0].finish_reason == "length"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "repetition_penalty"

@@ -484,3 +484,48 @@ def test_a_bad_request_is_refused_with_what_to_change(engine, call, message):
     engine.create("m", rank=4, seed=0)
     with pytest.raises(InteractiveError, match=re.escape(message)):
         call(engine)
+
+
+def test_ignore_eos_samples_past_the_bases_end_of_sequence_as_many_tokens_as_asked(
+    base: ResidentBase,
+) -> None:
+    """vLLM's `ignore_eos` (load generators ask it for replies of a known length): a chat or a
+    completion that would end at the base's end of sequence samples every token it may."""
+    greedy = {"max_tokens": 6, "temperature": 0.0}
+    completion = {
+        "completion": {"text": "The sky is", "echo": False, "logprobs": None, "max_tokens": 6},
+        "num_samples": 1,
+        "sampling_params": greedy,
+    }
+    chat = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "num_samples": 1,
+        "sampling_params": greedy,
+    }
+    plain = InteractiveEngine(base)
+    assert plain.sample(None, completion)["completion_tokens"] == 6  # nothing ends it sooner
+    # A base whose end of sequence is the token each of them samples first.
+    prompt = {
+        "prompt": model_input(base.tokenizer.encode("The sky is")),
+        "num_samples": 1,
+        "sampling_params": greedy,
+    }
+    firsts = [plain.sample(None, asked)["sequences"][0]["tokens"][0] for asked in (prompt, chat)]
+    base.model.generation_config.eos_token_id = firsts
+    engine = InteractiveEngine(base)
+    ended = engine.sample(None, completion)
+    assert ended["completion_tokens"] == 1 and ended["sequences"][0]["finish_reason"] == "stop"
+    assert len(engine.sample(None, chat)["sequences"][0]["tokens"]) == 1
+    past = engine.sample(None, {**completion, "ignore_eos": True})
+    assert past["completion_tokens"] == 6 and past["sequences"][0]["finish_reason"] == "length"
+    chatted = engine.sample(None, {**chat, "ignore_eos": True})["sequences"][0]
+    assert len(chatted["tokens"]) == 6 and chatted["stop_reason"] == "length"
+    # Stop strings still end it.
+    text = past["sequences"][0]["text"]
+    assert text.strip()
+    stop = next(text[k : k + 2] for k in range(len(text) // 2, len(text)) if text[k].strip())
+    stopped = engine.sample(
+        None, {**completion, "ignore_eos": True, "sampling_params": {**greedy, "stop": [stop]}}
+    )
+    assert stopped["sequences"][0]["finish_reason"] == "stop"
+    assert stopped["sequences"][0]["text"] == text[: text.index(stop)]

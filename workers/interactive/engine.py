@@ -25,7 +25,7 @@ import itertools
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -379,7 +379,11 @@ class InteractiveEngine:
             )
         except InteractiveError as refused:
             return refused
-        if chat or completion:  # both end at the end of sequence, whatever stop strings
+        if (chat or completion) and request.get("ignore_eos") is True:
+            # vLLM's `ignore_eos`: every token up to the limit (load generators ask it, for
+            # replies of a known length); stop strings still end it.
+            read = replace(read, stop_tokens=frozenset())
+        elif chat or completion:  # both end at the end of sequence, whatever stop strings
             read = chat_request(read, self._chat_stops if chat else self._eos_token_ids)
         return adapter, read, chat or completion
 

@@ -73,9 +73,17 @@ class ChatCompletionCreate(_Body):
     top_logprobs: int | None = Field(
         default=None, ge=0, le=20, description="with `logprobs`: each token's likeliest tokens"
     )
-    # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
+    ignore_eos: bool | None = Field(
+        default=None,
+        description=(
+            "vLLM's: every token up to the limit, past the base's end of turn and of sequence"
+        ),
+    )
+    # OpenAI's (and vLLM's) fields for what is not offered, taken at the values that ask for
+    # nothing.
     frequency_penalty: Literal[0] | None = Field(default=None, description="not offered")
     presence_penalty: Literal[0] | None = Field(default=None, description="not offered")
+    repetition_penalty: Literal[1] | None = Field(default=None, description="not offered")
     parallel_tool_calls: bool | None = Field(default=None, description="taken, not used")
     user: str | None = Field(default=None, max_length=256, description="taken, not used")
 
@@ -93,6 +101,8 @@ class ChatCompletionCreate(_Body):
             asked["logprobs"] = True
             if self.top_logprobs:
                 asked["topk_sample_logprobs"] = self.top_logprobs
+        if self.ignore_eos:
+            asked["ignore_eos"] = True
         return {**asked, "stream": True} if self.stream else asked
 
 

@@ -54,7 +54,13 @@ class CompletionCreate(BaseModel):
         default=None, description="the text sent as it is sampled, as server-sent events"
     )
     stream_options: StreamOptions | None = Field(default=None, description="with `stream`")
-    # OpenAI's fields for what is not offered, taken at the values that ask for nothing.
+    ignore_eos: bool | None = Field(
+        default=None,
+        description="vLLM's: every token up to the limit, past the base's end of sequence",
+    )
+    # OpenAI's (and vLLM's) fields for what is not offered, taken at the values that ask for
+    # nothing (vLLM's benchmark client sends `repetition_penalty` 1).
+    repetition_penalty: Literal[1] | None = Field(default=None, description="not offered")
     suffix: None = Field(default=None, description="not offered")
     best_of: Literal[1] | None = Field(default=None, description="not offered beyond 1")
     logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = Field(
@@ -91,6 +97,7 @@ class CompletionCreate(BaseModel):
                 "num_samples": self.n,
                 "sampling_params": params,
                 **({"stream": True} if self.stream else {}),
+                **({"ignore_eos": True} if self.ignore_eos else {}),
             }
             for prompt in self.prompts()
         ]

@@ -9,13 +9,15 @@ Offered: `prompt` (text, which the executor tokenizes with the base's tokenizer,
 a batch of up to 32 of either, each a call of its own, asked at once, so the executors batch
 them, and awaited together), `max_tokens` (16 unless sent; 0 with `echo`: the prompt scored,
 nothing sampled), `temperature`, `top_p`, `top_k` (vLLM's), `n`, `seed`, `stop` (up to 16
-strings: lm-evaluation-harness sends a task's and the base's end), `logprobs` (0 to 20) and
-`echo`, and `stream` (with `stream_options.include_usage`; one prompt, without `logprobs`): the
-text sent as it is sampled, `text_completion` chunks as OpenAI and vLLM stream them (the echoed
-prompt first), the way load generators (vLLM's `benchmark_serving`, genai-perf) time the first
-token. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the sample's).
-Not offered, and refused by name rather than ignored: `suffix`, `best_of` above 1, `logit_bias`,
-penalties, and a stream of several prompts or with `logprobs`. A model is found and waited for as a
+strings: lm-evaluation-harness sends a task's and the base's end), `logprobs` (0 to 20), `echo`,
+vLLM's `ignore_eos` (every token up to `max_tokens`, past the base's end of sequence: replies of
+a known length, as load generators ask them) and `stream` (with `stream_options.include_usage`;
+one prompt, without `logprobs`): the text sent as it is sampled, `text_completion` chunks as
+OpenAI and vLLM stream them (the echoed prompt first), which vLLM's benchmark client times the
+first token by. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the
+sample's). Not offered, and refused by name rather than ignored: `suffix`, `best_of` above 1,
+`logit_bias`, penalties (vLLM's `repetition_penalty` taken at 1, as its benchmark client sends
+it), and a stream of several prompts or with `logprobs`. A model is found and waited for as a
 chat's (`chat.answer_of`), and metered as one (the prompt's tokens and those sampled), in the
 tenant's chat session; a prompt refused withdraws the batch's others.
 """
