@@ -163,13 +163,7 @@ async def create_chat_completion(
 ) -> Response | ChatCompletion:
     """OpenAI's chat completion, sampled by the executors that hold the model's base; with
     `stream`, sent as it is sampled (`chat_stream`)."""
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "stream_options is taken only with stream: true",
-            "stream_options",
-        )
+    chat_stream.refuse_options_without_stream(body.stream, body.stream_options)
     if body.top_logprobs and not body.logprobs:
         raise ApiError(
             400, "invalid_request", "top_logprobs is taken only with logprobs: true", "top_logprobs"

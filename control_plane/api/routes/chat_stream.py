@@ -71,6 +71,18 @@ class Streamed:
         return "completion" if self.text else "chat"
 
 
+def refuse_options_without_stream(stream: bool | None, options: object | None) -> None:
+    """A request (a chat's, a completion's) with `stream_options` and no `stream`: a 400 that
+    names it."""
+    if options is not None and not stream:
+        raise ApiError(
+            400,
+            "invalid_request",
+            "stream_options is taken only with stream: true",
+            "stream_options",
+        )
+
+
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 

@@ -33,7 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from control_plane.api.deps import ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
-from control_plane.api.routes import chat
+from control_plane.api.routes import chat, chat_stream
 from control_plane.api.routes.chat_models import ChatUsage
 from control_plane.api.routes.completion_models import (
     Completion,
@@ -121,13 +121,7 @@ def _refuse_unoffered(body: CompletionCreate) -> None:
             "max_tokens 0 samples nothing: it is taken only with echo: true (the prompt scored)",
             "max_tokens",
         )
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "stream_options is taken only with stream: true",
-            "stream_options",
-        )
+    chat_stream.refuse_options_without_stream(body.stream, body.stream_options)
     if not body.stream:
         return
     if body.logprobs is not None:
