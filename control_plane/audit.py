@@ -3,18 +3,19 @@ its checkpoints (its own keys, or another tenant's once it published them). The 
 `AdminClient.get_audit_log(event_type, day)` reads it a UTC day at a time
 (`GET /api/v1/audit`, a tenant admin's).
 
-Each entry is written in the transaction of what it records, so an action that rolls back
-leaves none and one that commits always has one. `event` is `<resource>_<action>`, as Tinker
-names them: `checkpoint_read` (with its `purpose`: `sample`, `load`, `weights_info`, `chat`,
+Each entry is written in the transaction of what it records, so an action that rolls back leaves
+none and one that commits always has one. `event` is `<resource>_<action>`, as Tinker names
+them: `checkpoint_read` (with its `purpose`: `sample`, `load`, `weights_info`, `chat`,
 `completion` or `download`), `checkpoint_published`, `checkpoint_unpublished`,
 `checkpoint_ttl_set`, `checkpoint_deleted`, `checkpoint_expired`; `api_key_created`,
-`api_key_revoked`, `tenant_created`, `tenant_limits_changed` (the organization's events). `details` says who did
-it (`actor`: its tenant's id and name, and the key and its role where the key is the tenant's
-own; absent for the platform's own passes and its command line) and what it was about. A read is recorded from the checkpoint the access
-check found (never looked up again by path), once an hour for each key, checkpoint and purpose:
-a retried request, or another tenant reading a published checkpoint in a loop, cannot flood the
-owner's log. A day's read answers at most `MAX_DAY_ENTRIES`. Entries older than the platform's
-retention (`LORAFORGE_AUDIT_RETENTION_DAYS`, a year by default) are deleted by a periodic task.
+`api_key_revoked`, `tenant_created`, `tenant_limits_changed` (the organization's events).
+`details` says who did it (`actor`: its tenant's id and name, and the key and its role where the
+key is the tenant's own; absent for the platform's own passes and its command line) and what it
+was about. A read is recorded from the checkpoint the access check found (never looked up again
+by path), once an hour for each key, checkpoint and purpose: a retried request, or another
+tenant reading a published checkpoint in a loop, cannot flood the owner's log. A day's read
+answers at most `MAX_DAY_ENTRIES`. Entries older than the platform's retention
+(`LORAFORGE_AUDIT_RETENTION_DAYS`, a year by default) are deleted by a periodic task.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.fixtures.testbase import TEST_BASE_PATH
-from workers.interactive.completion import completion_answer, completion_prompt, is_completion
+from workers.interactive.chat import is_completion
+from workers.interactive.completion import completion_answer, completion_prompt
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import read_sample_request
 

@@ -38,6 +38,11 @@ def is_chat(request: Any) -> bool:
     return isinstance(request, dict) and "messages" in request
 
 
+def is_completion(request: Any) -> bool:
+    """A text completion's request (`completion.completion_prompt` reads it)."""
+    return isinstance(request, dict) and isinstance(request.get("completion"), dict)
+
+
 def chat_prompt(request: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """The chat call's request with its messages rendered as the prompt's tokens."""
     messages = request["messages"]
@@ -86,10 +91,7 @@ def chat_request(parsed: SamplingRequest, stops: frozenset[int]) -> SamplingRequ
 def is_streamed(request: Any) -> bool:
     """A chat or a completion asked with `stream: true`: its text so far is written while it
     samples."""
-    asked_as_text = is_chat(request) or (
-        isinstance(request, dict) and isinstance(request.get("completion"), dict)
-    )
-    return asked_as_text and bool(request.get("stream"))
+    return (is_chat(request) or is_completion(request)) and bool(request.get("stream"))
 
 
 def chat_text(

@@ -28,10 +28,6 @@ from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
 
 
-def is_completion(request: Any) -> bool:
-    return isinstance(request, dict) and isinstance(request.get("completion"), dict)
-
-
 def completion_prompt(
     request: dict[str, Any], tokenizer: PreTrainedTokenizerBase
 ) -> dict[str, Any]:

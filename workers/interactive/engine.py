@@ -41,11 +41,9 @@ from workers.interactive.chat import (
     chat_request,
     end_of_turn_tokens,
     is_chat,
-)
-from workers.interactive.completion import (
-    completion_prompt,
     is_completion,
 )
+from workers.interactive.completion import completion_prompt
 from workers.interactive.custom_input import read_custom_input
 from workers.interactive.forwarding import Forward, run_together
 from workers.interactive.losses import InteractiveError, Loss, read_forward_input

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from workers.interactive.chat import StreamSink, chat_answer, stream_steps
-from workers.interactive.completion import completion_answer, is_completion, streamed_text
+from workers.interactive.chat import StreamSink, chat_answer, is_completion, stream_steps
+from workers.interactive.completion import completion_answer, streamed_text
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_batching import Room, rope_couples_past, sample_batches
 from workers.interactive.sample_requests import SamplingRequest

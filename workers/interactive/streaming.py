@@ -1,15 +1,16 @@
 """A streamed chat's reply so far, written to its call while the executor samples it.
 
 A chat asked with `stream: true` (`POST /v1/chat/completions`; a completion too, `POST
-/v1/completions`) is sampled as any sample call is, batched with others; the engine hands `StreamWriter` each streamed chat's reply so far
-(`chat.SoFar`) every `chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes
-them to their calls (`interactive_calls.progress`, which notifies the API's stream) from a
-thread of its own, so the batch never waits on the database. A chat streamed with `logprobs`
-has only its new entries sent each time (appended to those its call stores), so a long
-reply's entries are sent once, not at every write. A write is best effort: the whole text is
-the call's answer, recorded as every answer is, so a write the database refuses (an outage) is
-logged and streaming pauses a while. A write also learns which streams' clients left
-(`interactive_calls.leave_stream`): the engine stops sampling those chats.
+/v1/completions`) is sampled as any sample call is, batched with others; the engine hands
+`StreamWriter` each streamed chat's reply so far (`chat.SoFar`) every
+`chat_stream_every_seconds` (`InteractiveEngine.stream_to`), and it writes them to their calls
+(`interactive_calls.progress`, which notifies the API's stream) from a thread of its own, so the
+batch never waits on the database. A chat streamed with `logprobs` has only its new entries sent
+each time (appended to those its call stores), so a long reply's entries are sent once, not at
+every write. A write is best effort: the whole text is the call's answer, recorded as every
+answer is, so a write the database refuses (an outage) is logged and streaming pauses a while. A
+write also learns which streams' clients left (`interactive_calls.leave_stream`): the engine
+stops sampling those chats.
 """
 
 from __future__ import annotations

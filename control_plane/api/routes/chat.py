@@ -10,8 +10,8 @@ Offered: `messages` (system, developer, user and assistant; text content, or tex
 with `top_logprobs` (up to 20): each token of the reply's text with its logprob (the model's own,
 before temperature and top_p, as vLLM gives them by default), its bytes and its likeliest
 alternatives, streamed with the text they add; vLLM's `ignore_eos` (every token up to the
-limit, past the end of turn: as load generators ask). Not offered, and refused by name rather than
-ignored: tools, and every other field. The request is held until the executor answers (or,
+limit, past the end of turn: as load generators ask). Not offered, and refused by name rather
+than ignored: tools, and every other field. The request is held until the executor answers (or,
 streamed, until its first text): a chat no executor took within `TAKE_SECONDS` is withdrawn (503
 `executor_busy` with `Retry-After`); one an executor runs is waited for up to `WAIT_SECONDS` in
 all, under the openai SDK's own timeout (a stream has no such bound: it sends a comment while

@@ -291,8 +291,9 @@ def _finish(sequence: dict[str, Any]) -> str:
     return "stop" if sequence.get("stop_reason") == "stop" else "length"
 
 
-# What a followed chat gives as it goes: a chunk (`chat.completion.chunk`, or `text_completion`), the error that ends it, None
-# while nothing is new (a keep-alive's turn), or DONE once every chunk was given.
+# What a followed chat gives as it goes: a chunk (`chat.completion.chunk`, or `text_completion`),
+# the error that ends it, None while nothing is new (a keep-alive's turn), or DONE once every
+# chunk was given.
 DONE = "[DONE]"
 Piece = dict[str, Any] | ApiError | str | None
 
