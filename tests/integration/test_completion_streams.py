@@ -147,6 +147,90 @@ def test_a_streamed_completion_is_the_whole_text_sent_as_it_is_sampled(
     assert all(r.partial is None and r.usage for r in rows)
 
 
+def _lists(chunks: list[Any], index: int = 0) -> tuple[dict[str, list[Any]], int]:
+    """A streamed choice's legacy logprobs, every chunk's lists joined, and how many chunks
+    carried some."""
+    joined: dict[str, list[Any]] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    carrying = 0
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.index == index and choice.logprobs is not None:
+                carrying += 1
+                for key, values in joined.items():
+                    values += getattr(choice.logprobs, key)
+    return joined, carrying
+
+
+def _same_logprobs(streamed: dict[str, list[Any]], whole: Any) -> None:
+    """The lists joined are the whole answer's: the same tokens, offsets and alternatives, and
+    logprobs within float noise (each is its own call, batched otherwise)."""
+    assert streamed["tokens"] == whole.tokens and streamed["text_offset"] == whole.text_offset
+    assert [None if lp is None else pytest.approx(lp, abs=1e-4) for lp in whole.token_logprobs] == (
+        streamed["token_logprobs"]
+    )
+    assert [None if t is None else set(t) for t in streamed["top_logprobs"]] == [
+        None if t is None else set(t) for t in whole.top_logprobs
+    ]
+
+
+@pytest.mark.usefixtures("paced")
+def test_a_streamed_completions_logprobs_come_with_its_text_and_join_into_the_whole_answers(
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str, peft_adapter: Path
+) -> None:
+    """`logprobs` on a streamed completion (vLLM's `bench serve --logprobs` asks them): each
+    chunk carries the legacy lists of the tokens sampled since the last, and every chunk's
+    lists joined are the same completion's answered whole, echoed prompt, stop string and
+    several choices included."""
+    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    client = openai_client(live_url, tenant_a.member)
+    asked: dict[str, Any] = {
+        "model": model,
+        "prompt": PROMPT,
+        "temperature": 0,
+        "max_tokens": 24,
+        "logprobs": 2,
+    }
+    whole = client.completions.create(**asked)
+    chunks, texts = _streamed(client, **asked)
+    [choice] = whole.choices
+    assert choice.logprobs is not None and len(choice.logprobs.tokens) == 24
+    streamed, carrying = _lists(chunks)
+    assert carrying >= 3, carrying  # sent as they were sampled, not all at the end
+    assert "".join(texts[0]) == choice.text
+    _same_logprobs(streamed, choice.logprobs)
+
+    # With echo: the prompt's tokens first (the first with no logprob), in the first chunk.
+    echoed = client.completions.create(echo=True, **asked).choices[0].logprobs
+    echo_chunks, _ = _streamed(client, echo=True, **asked)
+    first = next(c.choices[0] for c in echo_chunks if c.choices and c.choices[0].logprobs)
+    assert first.text.startswith(PROMPT) and first.logprobs.token_logprobs[0] is None
+    _same_logprobs(_lists(echo_chunks)[0], echoed)
+
+    # A stop string: no token past the one the text ends in.
+    stop = choice.text[len(choice.text) // 2 :].strip()[:3]
+    stopped = client.completions.create(stop=[stop], **asked).choices[0].logprobs
+    stop_chunks, _ = _streamed(client, stop=[stop], **asked)
+    assert stopped is not None and len(stopped.tokens) < 24
+    _same_logprobs(_lists(stop_chunks)[0], stopped)
+
+    # Seeded choices, and a prompt scored (logprobs 0: each token's own alone).
+    seeded = {**asked, "temperature": 1.0, "seed": 9, "n": 2, "max_tokens": 10}
+    both = client.completions.create(**seeded)
+    both_chunks, _ = _streamed(client, **seeded)
+    for one in both.choices:
+        _same_logprobs(_lists(both_chunks, one.index)[0], one.logprobs)
+    scoring = {**asked, "echo": True, "max_tokens": 0, "logprobs": 0}
+    scored = client.completions.create(**scoring).choices[0].logprobs
+    score_chunks, _ = _streamed(client, **scoring)
+    assert scored is not None and all(len(t) == 1 for t in scored.top_logprobs[1:])
+    _same_logprobs(_lists(score_chunks)[0], scored)
+
+
 def test_what_a_streamed_completion_does_not_offer_is_refused_by_name_and_nothing_asked(
     services: Services, live_url: str, tenant_a: TenantKeys, executor: str
 ) -> None:
@@ -156,8 +240,6 @@ def test_what_a_streamed_completion_does_not_offer_is_refused_by_name_and_nothin
 
     before = calls()
     for extra, param in (
-        ({"stream": True, "logprobs": 1}, "logprobs"),
-        ({"stream": True, "logprobs": 0}, "logprobs"),
         ({"stream": True, "prompt": [PROMPT, PROMPT]}, "prompt"),
         ({"stream": True, "prompt": [[1, 2], [3]]}, "prompt"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),

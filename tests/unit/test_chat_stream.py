@@ -1,4 +1,4 @@
-"""What a streamed chat sends of each text the executor writes (`chat_stream._deltas`): only
+"""What a streamed chat sends of each text the executor writes (`stream_deltas.text_deltas`): only
 what is new past what was sent; a text written again from its start is waited past; a text
 that contradicts what was sent, or a whole answer that does not begin with it, ends the
 stream. And how a stream ends (`chat_stream.events`, a chat's looks played): `data: [DONE]`
@@ -14,15 +14,12 @@ from typing import Any
 
 import pytest
 
+from control_plane import legacy_logprobs
 from control_plane.api.errors import ApiError
-from control_plane.api.routes.chat_stream import (
-    Streamed,
-    _deltas,
-    _new_since,
-    _Resampled,
-    _written,
-    events,
-)
+from control_plane.api.routes.chat_stream import Streamed, _new_since, events
+from control_plane.api.routes.stream_deltas import Resampled as _Resampled
+from control_plane.api.routes.stream_deltas import text_deltas as _deltas
+from control_plane.api.routes.stream_deltas import written as _written
 from control_plane.interactive import CallRecord
 
 
@@ -171,3 +168,79 @@ def test_a_look_past_the_entries_sent_is_new_only_once_the_executor_wrote_again(
     assert _new_since(seen)(replace(running, partial={**first, "stored": [2], "texts": ["Hel"]}))
     assert _new_since(seen)(_call("completed", whole="Hello"))
     assert _written(None) is None and _written({"texts": ["a"]}) == {"texts": ["a"]}
+
+
+def _legacy(*tokens: str) -> list[dict[str, Any]]:
+    """A completion's legacy entries (`control_plane.legacy_logprobs`) of tokens' texts."""
+    return [
+        {"token": t, "logprob": -1.0 - k, "top_logprobs": {t: -1.0 - k}}
+        for k, t in enumerate(tokens)
+    ]
+
+
+def test_a_text_completions_logprobs_stream_with_its_text_and_join_into_the_whole_answers() -> None:
+    """A completion streamed with logprobs: each chunk carries the entries written since those
+    sent as OpenAI's legacy lists, `text_offset` carrying on from the entries before (a special
+    token's entry with no text of its own still goes, in a chunk with no text); the rest comes
+    with the whole answer, and the lists joined are its lists exactly."""
+    entries = _legacy("He", "llo", "<eos>", " you")
+    whole = _call("completed", whole="Hello you")
+    assert whole.result is not None
+    lists = legacy_logprobs.arrays(entries)
+    whole.result["sequences"] = [{"text": "Hello you", "finish_reason": "stop", "logprobs": lists}]
+    whole.result["completion_tokens"] = 4
+    running = _call("running")
+    looks = [
+        replace(running, partial={"texts": ["Hello"], "logprobs": [entries[2:3]], "run": "r1"}),
+        whole,
+    ]
+    streamed, did = _played(looks, gone=False)
+    past: list[list[int]] = []
+
+    def look_past(counted: list[int]) -> CallRecord:
+        past.append(counted)
+        return streamed.look()
+
+    streamed = replace(streamed, chunk_id="cmpl-fut-1", text=True, look_past=look_past)
+    first = replace(running, partial={"texts": ["Hel"], "logprobs": [entries[:2]], "run": "r1"})
+    sent = asyncio.run(_sent(streamed, first))
+    choices = [c["choices"][0] for c in sent[:-2]]
+    assert [c["text"] for c in choices] == ["Hel", "lo", " you", ""]
+    assert [c["logprobs"] and c["logprobs"]["tokens"] for c in choices] == [
+        ["He", "llo"],
+        ["<eos>"],
+        [" you"],
+        None,
+    ]
+    assert [c["logprobs"]["text_offset"] for c in choices[:3]] == [[0, 2], [5], [10]]
+    joined = {key: [v for c in choices[:3] for v in c["logprobs"][key]] for key in lists}
+    assert joined == lists
+    assert past[0] == [2]  # each look reads past the entries sent
+    assert choices[-1]["finish_reason"] == "stop" and did == ["forget"]
+
+
+@pytest.mark.parametrize("run", ["r1", "r2"], ids=["the same decoding", "another decoding"])
+def test_a_completions_entries_sent_that_the_whole_answer_does_not_begin_with_end_its_stream(
+    run: str,
+) -> None:
+    """Entries sent, then a whole answer whose first tokens are others (the call decoded again
+    and sampled otherwise): the stream ends with its error rather than send a contradiction.
+    Another decoding's entries written meanwhile are not sent."""
+    whole = _call("completed", whole="Hi")
+    assert whole.result is not None
+    other = legacy_logprobs.arrays(_legacy("H", "i"))
+    whole.result["sequences"] = [{"text": "Hi", "finish_reason": "stop", "logprobs": other}]
+    running = _call("running")
+    again = {"texts": ["H"], "logprobs": [_legacy("x")], "stored": [2], "run": run}
+    looks = [replace(running, partial=again)]
+    streamed, _ = _played([*looks, whole], gone=False)
+    streamed = replace(streamed, text=True, look_past=lambda counted: streamed.look())
+    once = {"texts": ["H"], "logprobs": [_legacy("Hx")], "stored": [1], "run": "r1"}
+    sent = asyncio.run(_sent(streamed, replace(running, partial=once)))
+    tokens = [
+        c["choices"][0]["logprobs"]["tokens"]
+        for c in sent
+        if isinstance(c, dict) and c.get("choices") and c["choices"][0].get("logprobs")
+    ]
+    assert tokens == ([["Hx"], ["x"]] if run == "r1" else [["Hx"]])
+    assert sent[-1]["error"]["code"] == "executor_failed" and "sampled again" in str(sent[-1])

@@ -16,6 +16,7 @@ from workers.interactive.chat import (
     chat_prompt,
     chat_text,
     chat_text_so_far,
+    content_reader,
     end_of_turn_tokens,
     stream_steps,
 )
@@ -186,7 +187,12 @@ def test_a_batchs_streamed_chats_are_handed_on_at_most_once_a_period_each_its_ow
     # the last token's (which the whole reply may read otherwise), and only its.
     sink = _Sink()
     entries = stream_steps(
-        sink, 0.0, {0: "call-a", 2: "call-c"}, [parsed] * 3, tokenizer, logprobs={2}
+        sink,
+        0.0,
+        {0: "call-a", 2: "call-c"},
+        [parsed] * 3,
+        tokenizer,
+        logprobs={2: content_reader(tokenizer)},
     )
     assert entries is not None and entries(batch) == set()
     [handed] = sink.entries

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -167,6 +168,25 @@ class SoFar:
     run: str = ""
 
 
+class EntryReader(Protocol):
+    """One streamed row's logprobs entries so far (`GrowingContent`; a completion's legacy ones,
+    `completion.GrowingLegacy`)."""
+
+    def read(self, sequence: dict[str, Any], sure: int) -> list[dict[str, Any]]:
+        """The row's entries so far, within the first `sure` characters of its sampled text."""
+        ...
+
+
+# A new reader of one row of the request at a place, given the batch's rows (`Rows`: their
+# prompt scores, which a completion echoing its prompt with logprobs begins with).
+NewReader = Callable[[Any], EntryReader]
+
+
+def content_reader(tokenizer: PreTrainedTokenizerBase) -> NewReader:
+    """A streamed chat's: each row's `logprobs.content` so far (`GrowingContent`)."""
+    return lambda rows: GrowingContent(tokenizer)
+
+
 class StreamSink(Protocol):
     """Where a batch's streamed chats' replies so far go (`streaming.StreamWriter`)."""
 
@@ -184,13 +204,14 @@ def stream_steps(
     requests: list[SamplingRequest],
     tokenizer: PreTrainedTokenizerBase,
     *,
-    logprobs: set[int] | None = None,
+    logprobs: dict[int, NewReader] | None = None,
     leading: dict[int, tuple[str, bool]] | None = None,
     growing: bool = False,
 ) -> OnStep | None:
     """What a batch's streamed chats (their place in the batch: their key, the call's id) hand
     `sink` as they sample: every `every_seconds`, each one's reply so far (`SoFar`; with its
-    entries where its place is in `logprobs`); and the chats whose client left, stopped. A
+    entries where its place is in `logprobs`, each row's read by a reader that place's function
+    makes); and the chats whose client left, stopped. A
     streamed completion's place is in `leading`: the text its own begins with (an echoed prompt)
     and whether the text sampled follows (`completion.streamed_text`). `growing`: requests may
     join the batch (added to `streamed`, `logprobs`, `leading` and `requests` as they do), so a
@@ -199,29 +220,33 @@ def stream_steps(
         return None
     due = [0.0]
     run = uuid.uuid4().hex  # no other executor's decoding of the call is named so
-    asking = logprobs if logprobs is not None else set()
+    asking = logprobs if logprobs is not None else {}
     leads = leading if leading is not None else {}
-    readers: dict[tuple[int, int], GrowingContent] = {}  # each streamed row's entries
+    readers: dict[tuple[int, int], EntryReader] = {}  # each streamed row's entries
 
-    def text_so_far(k: int, row: dict[str, Any]) -> str:
-        lead, sampled = leads.get(k, ("", True))
-        return lead + (chat_text_so_far(row["tokens"], requests[k], tokenizer) if sampled else "")
+    def sampled_so_far(k: int, row: dict[str, Any]) -> str:
+        if not leads.get(k, ("", True))[1]:
+            return ""
+        return chat_text_so_far(row["tokens"], requests[k], tokenizer)
 
-    def so_far(k: int, rows: list[dict[str, Any]]) -> SoFar:
-        texts = [text_so_far(k, row) for row in rows]
+    def so_far(k: int, batch: Rows) -> SoFar:
+        lead = leads.get(k, ("", True))[0]
+        rows = batch[k]
+        sampled = [sampled_so_far(k, row) for row in rows]
+        texts = [lead + text for text in sampled]
         if k not in asking:
             return SoFar(texts)
         entries = []
-        for j, (row, text) in enumerate(zip(rows, texts, strict=True)):
+        for j, (row, text) in enumerate(zip(rows, sampled, strict=True)):
             if (k, j) not in readers:
-                readers[k, j] = GrowingContent(tokenizer)
+                readers[k, j] = asking[k](batch)
             entries.append(readers[k, j].read(row, len(text)))
         return SoFar(texts, entries, run)
 
     def on_step(rows: Rows) -> set[int]:
         left = sink.left()
         if time.monotonic() >= due[0]:
-            replies = {key: so_far(k, rows[k]) for k, key in streamed.items() if key not in left}
+            replies = {key: so_far(k, rows) for k, key in streamed.items() if key not in left}
             if replies:
                 sink(replies)
             due[0] = time.monotonic() + every_seconds

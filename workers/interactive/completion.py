@@ -13,7 +13,8 @@ every token (special ones too: lm-evaluation-harness counts positions), with `ec
 first (its first token has no logprob: None). A token's string is its text decoded alone (its
 leading space kept), as vLLM gives it. With `max_tokens` 0 (only with `echo`: scoring a prompt)
 one token is sampled and left out. Streamed (`stream`), its text so far is written as a chat's is
-(`chat.stream_steps`), after its echoed prompt (`streamed_text`).
+(`chat.stream_steps`), after its echoed prompt (`streamed_text`), and with `logprobs` its entries
+so far (`GrowingLegacy`: the echoed prompt's, then each sampled token's once its text is sure).
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from workers.interactive.chat import decoded_text
-from workers.interactive.chat_logprobs import content_logprobs, special_tokens, token_string
+from control_plane import legacy_logprobs
+from workers.interactive.chat import NewReader, decoded_text
+from workers.interactive.chat_logprobs import (
+    GrowingContent,
+    content_logprobs,
+    special_tokens,
+    token_string,
+)
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import SamplingRequest
 
@@ -70,14 +77,9 @@ def completion_answer(
         finish = "stop" if sequence.get("stop_reason") == "stop" and not scoring else "length"
         read: dict[str, Any] = {"text": shown + text, "finish_reason": finish}
         if top is not None:
-            rows: list[tuple[int, float | None, list[Any] | None]] = []
-            if echo:
-                scores = answer.get("prompt_logprobs") or [None] * len(prompt)
-                alternatives = answer.get("topk_prompt_logprobs") or [None] * len(prompt)
-                rows += zip(prompt, scores, alternatives, strict=True)
-            own = sequence.get("topk_logprobs") or [[] for _ in tokens]
-            rows += zip(tokens[:kept], sequence["logprobs"][:kept], own[:kept], strict=True)
-            read["logprobs"] = _legacy(rows, tokenizer)
+            rows = prompt_rows(answer, prompt) if echo else []
+            rows += sampled_rows(sequence, tokens, kept)
+            read["logprobs"] = legacy_logprobs.arrays(legacy_entries(rows, tokenizer))
         sequences.append(read)
         sampled += len(tokens)
     return {"sequences": sequences, "prompt_tokens": len(prompt), "completion_tokens": sampled}
@@ -95,6 +97,49 @@ def echoed(
     return (
         text if isinstance(text, str) else tokenizer.decode(list(parsed.prompt)).replace("\x00", "")
     )
+
+
+class GrowingLegacy:
+    """A streamed completion's legacy `logprobs` entries while a row samples: with `echo`, the
+    prompt's first (`prompt`), then each sampled token's once its text is sure: through the token
+    the last sure content entry comes from (`GrowingContent`, as `_cut` counts the tokens the
+    whole text holds), so they are always the first of the whole answer's entries. Scoring a
+    prompt (`sampled` false), the prompt's alone."""
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, prompt: list[Row], sampled: bool = True
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.content = GrowingContent(tokenizer)
+        self.prompt = legacy_entries(prompt, tokenizer)
+        self.sampled = sampled
+        self.entries: list[dict[str, Any]] = []  # the sampled tokens' read so far
+
+    def read(self, sequence: dict[str, Any], sure: int) -> list[dict[str, Any]]:
+        if not self.sampled:
+            return self.prompt
+        content = len(self.content.read(sequence, sure))
+        through = self.content.places[content - 1] + 1 if content else 0
+        if len(self.entries) < through:
+            rows = sampled_rows(sequence, sequence["tokens"], through)[len(self.entries) :]
+            self.entries += legacy_entries(rows, self.tokenizer)
+        return self.prompt + self.entries[:through]
+
+
+def legacy_reader(
+    request: dict[str, Any], parsed: SamplingRequest, tokenizer: PreTrainedTokenizerBase, k: int
+) -> NewReader:
+    """A streamed completion's asked with `logprobs`, at place `k` of its batch: each row's
+    entries so far (`GrowingLegacy`), its prompt's first with `echo` (the batch's prompt
+    scores)."""
+    asked = request["completion"]
+    prompt = list(parsed.prompt)
+
+    def reader(rows: Any) -> GrowingLegacy:
+        scored = prompt_rows(rows.scores(k), prompt) if asked.get("echo") else []
+        return GrowingLegacy(tokenizer, scored, asked.get("max_tokens") != 0)
+
+    return reader
 
 
 def streamed_text(
@@ -121,36 +166,40 @@ def _cut(
     return text[:cut], places[len(entries) - 1] + 1 if entries else 0
 
 
-def _legacy(
-    rows: list[tuple[int, float | None, list[Any] | None]], tokenizer: PreTrainedTokenizerBase
-) -> dict[str, Any]:
-    """OpenAI's legacy `logprobs` of (token, its logprob, its position's top-k) rows: a scored
-    position's top is its alternatives and the token itself, as vLLM gives it, tokens whose
-    strings read alike (bytes of a character, each U+FFFD alone) under one key at the likeliest
-    of them, so that the token's own is the top's greatest exactly where it is its position's
-    likeliest (lm-evaluation-harness's greedy check); `text_offset`, as vLLM's, each token's
-    start in the strings joined."""
-    tokens: list[str] = []
-    logprobs: list[float | None] = []
-    tops: list[dict[str, float] | None] = []
-    offsets, length = [], 0
+# A token, its logprob (None: a prompt's first) and its position's top-k (token, logprob) pairs.
+Row = tuple[int, float | None, list[Any] | None]
+
+
+def prompt_rows(scores: dict[str, Any], prompt: list[int]) -> list[Row]:
+    """The prompt's rows, from a sample's prompt scores (`prompt_logprobs`,
+    `topk_prompt_logprobs`)."""
+    logprobs = scores.get("prompt_logprobs") or [None] * len(prompt)
+    alternatives = scores.get("topk_prompt_logprobs") or [None] * len(prompt)
+    return list(zip(prompt, logprobs, alternatives, strict=True))
+
+
+def sampled_rows(sequence: dict[str, Any], tokens: list[int], kept: int) -> list[Row]:
+    """The first `kept` sampled tokens' rows."""
+    own = sequence.get("topk_logprobs") or [[] for _ in tokens]
+    return list(zip(tokens[:kept], sequence["logprobs"][:kept], own[:kept], strict=True))
+
+
+def legacy_entries(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+    """OpenAI's legacy `logprobs` of (token, its logprob, its position's top-k) rows, an entry a
+    token (`control_plane.legacy_logprobs`): a scored position's top is its alternatives and the
+    token itself, as vLLM gives it, tokens whose strings read alike (bytes of a character, each
+    U+FFFD alone) under one key at the likeliest of them, so that the token's own is the top's
+    greatest exactly where it is its position's likeliest (lm-evaluation-harness's greedy
+    check)."""
+    entries: list[dict[str, Any]] = []
     for token, logprob, alternatives in rows:
-        string = token_string(tokenizer, token)
-        tokens.append(string)
-        logprobs.append(logprob)
-        offsets.append(length)
-        length += len(string)
-        if logprob is None:
-            tops.append(None)
-            continue
-        top: dict[str, float] = {}
-        for alternative, lp in [*(alternatives or []), (token, logprob)]:
-            key = token_string(tokenizer, alternative)  # tokens that read alike share one
-            top[key] = max(lp, top.get(key, lp))
-        tops.append(top)
-    return {
-        "tokens": tokens,
-        "token_logprobs": logprobs,
-        "top_logprobs": tops,
-        "text_offset": offsets,
-    }
+        top: dict[str, float] | None = None
+        if logprob is not None:
+            top = {}
+            for alternative, lp in [*(alternatives or []), (token, logprob)]:
+                key = token_string(tokenizer, alternative)  # tokens that read alike share one
+                top[key] = max(lp, top.get(key, lp))
+        entries.append(
+            {"token": token_string(tokenizer, token), "logprob": logprob, "top_logprobs": top}
+        )
+    return entries

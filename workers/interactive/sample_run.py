@@ -27,8 +27,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from workers.interactive.chat import StreamSink, chat_answer, is_completion, stream_steps
-from workers.interactive.completion import completion_answer, streamed_text
+from workers.interactive.chat import (
+    NewReader,
+    StreamSink,
+    chat_answer,
+    content_reader,
+    is_completion,
+    stream_steps,
+)
+from workers.interactive.completion import completion_answer, legacy_reader, streamed_text
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_batching import Room, rope_couples_past, sample_batches
 from workers.interactive.sample_requests import SamplingRequest
@@ -106,7 +113,7 @@ class SampleRun:
         """One batch decoded (`batch`: the indices of its requests, by place; joiners after)."""
         requests = [self.parsed[i][1] for i in batch]
         streamed: dict[int, str] = {}  # the streamed chats' (and completions') places: call ids
-        logprobs: set[int] = set()  # those asked with logprobs
+        logprobs: dict[int, NewReader] = {}  # those asked with logprobs: their entries' readers
         leading: dict[int, tuple[str, bool]] = {}  # the streamed completions' (`stream_steps`)
 
         def stream(k: int) -> None:
@@ -115,8 +122,10 @@ class SampleRun:
                 streamed[k] = str(request["stream"])
                 if is_completion(request):
                     leading[k] = streamed_text(request, requests[k], self.tokenizer)
+                    if request["completion"].get("logprobs") is not None:
+                        logprobs[k] = legacy_reader(request, requests[k], self.tokenizer, k)
                 elif request.get("logprobs") is True:
-                    logprobs.add(k)
+                    logprobs[k] = content_reader(self.tokenizer)
 
         def done(k: int, answer: dict[str, Any]) -> None:
             i = batch[k]

@@ -326,6 +326,10 @@ class Rows:
         decode = self.decode
         return [decode._sequence(row, decode.requests[r]) for row in decode.rows_of[r]]
 
+    def scores(self, r: int) -> dict[str, Any]:
+        """Request r's prompt scores (`prompt_scores`), read as its prompt was."""
+        return self.decode.scores[r]
+
 
 def _joinable(cache: Any) -> bool:
     """Whether rows can join a cache: a plain `DynamicCache` of full-attention layers, whose

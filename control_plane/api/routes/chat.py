@@ -365,13 +365,15 @@ def _following(
         await run_in_threadpool(_leave, services, tenant_id, asked.call_id)
 
     text = isinstance(body, CompletionCreate)
+    # A completion's `logprobs` is a count (0 asks too), a chat's a flag.
+    entries = body.logprobs is not None if text else bool(body.logprobs)
     return chat_stream.Streamed(
         chunk_id=f"{'cmpl' if text else 'chatcmpl'}-{asked.call_id}",
         model=body.model,
         choices=body.n,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         look=look,
-        look_past=look_past if body.logprobs and not text else None,
+        look_past=look_past if entries else None,
         wake=lambda: call_wakeup(request, asked.call_id),
         forget=forget,
         leave=leave,

@@ -18,7 +18,8 @@ read, the chat's messages and text are let go, as a chat answered whole lets the
 that ends before its chat (its client left, or an error) tells the executor, which stops
 sampling the chat at its next write, and lets the chat go once it is answered. A text
 completion streams the same way (`Streamed.text`): `text_completion` chunks, each choice's new
-text its `text`, no role first.
+text its `text`, no role first, and, asked with `logprobs`, beside it the legacy entries written
+since (`stream_deltas`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from control_plane.api.errors import ApiError, error_body
+from control_plane.api.routes.stream_deltas import (
+    Entries,
+    Resampled,
+    as_text,
+    choice,
+    entry_deltas,
+    last_entries,
+    last_text_entries,
+    text_deltas,
+    text_entry_deltas,
+    written,
+)
 from control_plane.api.routes.tinker_futures import hold_until
 from control_plane.interactive import CallRecord, CallStatus
 
@@ -106,123 +119,17 @@ class _Chunks:
             "created": self.created,
             "model": self.streamed.model,
             "system_fingerprint": None,
-            "choices": [_as_text(c) for c in choices] if self.streamed.text else choices,
+            "choices": [as_text(c) for c in choices] if self.streamed.text else choices,
         }
         if self.streamed.include_usage:
             body["usage"] = usage
         return body
 
 
-def _choice(
-    index: int,
-    delta: dict[str, Any],
-    finish: str | None = None,
-    entries: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    logprobs = None if entries is None else {"content": entries, "refusal": None}
-    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-
-
-def _as_text(choice: dict[str, Any]) -> dict[str, Any]:
-    """A chunk's choice as a text completion's: its delta's content as its `text`."""
-    return {
-        "index": choice["index"],
-        "text": choice["delta"].get("content", ""),
-        "logprobs": None,
-        "finish_reason": choice["finish_reason"],
-    }
-
-
-class _Resampled(Exception):
-    """A choice's text no longer begins with what was sent (the chat was sampled again, and
-    differently): what was sent cannot be taken back."""
-
-
-def _deltas(sent: list[str], texts: list[str], *, whole: bool = False) -> list[dict[str, Any]]:
-    """Each choice's text past what was sent of it (`sent` updated). Text so far that is
-    shorter than what was sent and begins it (a batch run again a call at a time writes its
-    text from the start) is waited past; `whole` texts must begin with what was sent."""
-    deltas = []
-    for index, text in enumerate(texts[: len(sent)]):
-        if not text.startswith(sent[index]):
-            if whole or not sent[index].startswith(text):
-                raise _Resampled
-            continue
-        if len(text) > len(sent[index]):
-            deltas.append(_choice(index, {"content": text[len(sent[index]) :]}))
-            sent[index] = text
-    return deltas
-
-
-@dataclass
-class _Entries:
-    """What a stream sent of each choice's logprobs entries: how many, and from which decoding
-    of the chat (`run`; None before any)."""
-
-    counted: list[int]
-    run: str | None = None
-
-
-def _joined(entries: list[dict[str, Any]]) -> str:
-    """The text logprobs entries add, joined."""
-    return "".join(str(e.get("token", "")) for e in entries)
-
-
-def _entry_deltas(
-    sent: list[str], given: _Entries, partial: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """Each choice's new logprobs entries (the reply so far read past the entries sent) with
-    their texts joined as its content, where that carries on what was sent within the text so
-    far (`sent`, `given` updated); a text so far that neither begins with what was sent nor
-    begins it was sampled again, differently. Another decoding's entries than those sent (the
-    chat decoded again) wait for the whole answer (`_last_entries`)."""
-    deltas: list[dict[str, Any]] = []
-    run = partial.get("run")
-    if given.run is not None and run != given.run:
-        return deltas
-    texts, entries = partial.get("texts") or [], partial.get("logprobs") or []
-    for index, (text, new) in enumerate(zip(texts[: len(sent)], entries, strict=False)):
-        if not text.startswith(sent[index]) and not sent[index].startswith(text):
-            raise _Resampled
-        added = _joined(new)
-        if new and text.startswith(sent[index] + added):
-            deltas.append(_choice(index, {"content": added}, entries=new))
-            sent[index] += added
-            given.counted[index] += len(new)
-            given.run = run
-    return deltas
-
-
-def _last_entries(
-    sent: list[str], given: _Entries, texts: list[str], sequences: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Each choice's rest of its whole answer: its text past what was sent, with its entries
-    past those sent (`sent` updated), where the entries sent are the answer's first (their texts
-    joined, what was sent: a decoding the chat had again may write the same text in other
-    tokens)."""
-    deltas = []
-    for index, (text, sequence) in enumerate(zip(texts[: len(sent)], sequences, strict=False)):
-        entries = list(sequence.get("content_logprobs") or [])
-        first = _joined(entries[: given.counted[index]])
-        if not text.startswith(sent[index]) or first != sent[index]:
-            raise _Resampled
-        rest = entries[given.counted[index] :]
-        if rest or len(text) > len(sent[index]):
-            deltas.append(_choice(index, {"content": text[len(sent[index]) :]}, entries=rest))
-            sent[index] = text
-    return deltas
-
-
-def _written(partial: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What tells one write of a reply so far from another: all of it but the entries, which a
-    look past those sent reads in part (`stored` counts them)."""
-    return None if partial is None else {k: v for k, v in partial.items() if k != "logprobs"}
-
-
 def _new_since(seen: dict[str, Any] | None) -> Callable[[CallRecord], bool]:
     """Whether a look at the call finds it finished, or with a reply so far other than `seen`
     (`_written`)."""
-    return lambda found: found.finished or _written(found.partial) != seen
+    return lambda found: found.finished or written(found.partial) != seen
 
 
 # Streams whose client left before the end: each forgets its chat once it is answered (the
@@ -319,7 +226,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
     answered."""
     chunk = _Chunks(streamed)
     sent = [""] * streamed.choices
-    given = _Entries([0] * streamed.choices)  # each choice's logprobs entries sent
+    given = Entries([0] * streamed.choices)  # each choice's logprobs entries sent
     look_past = streamed.look_past
     look = streamed.look if look_past is None else lambda: look_past(list(given.counted))
     deadline = time.monotonic() + STREAM_SECONDS
@@ -328,7 +235,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
     call: CallRecord | None = first
     try:
         for i in range(0 if streamed.text else streamed.choices):
-            yield chunk([_choice(i, {"role": "assistant", "content": ""})])
+            yield chunk([choice(i, {"role": "assistant", "content": ""})])
         while True:
             if call is None:
                 left = deadline - time.monotonic()
@@ -343,14 +250,16 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
             if await streamed.disconnected():  # what it sends goes nowhere: it stops here
                 return
             found, call = call, None
-            written = _written(found.partial)
-            if written != seen:
-                seen = written
+            now = written(found.partial)
+            if now != seen:
+                seen = now
                 partial = found.partial or {}
-                if look_past is not None:
-                    deltas = _entry_deltas(sent, given, partial)
+                if look_past is None:
+                    deltas = text_deltas(sent, list(partial.get("texts") or []))
+                elif streamed.text:
+                    deltas = text_entry_deltas(sent, given, partial)
                 else:
-                    deltas = _deltas(sent, list(partial.get("texts") or []))
+                    deltas = entry_deltas(sent, given, partial)
                 for delta in deltas:
                     yield chunk([delta])
             elif time.monotonic() >= deadline:
@@ -378,12 +287,13 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
         sequences = list(result.get("sequences") or [])
         texts = [str(s.get("text", "")) for s in sequences]
         if look_past is not None:
-            for delta in _last_entries(sent, given, texts, sequences):
+            last = last_text_entries if streamed.text else last_entries
+            for delta in last(sent, given, texts, sequences):
                 yield chunk([delta])
-        for delta in _deltas(sent, texts, whole=True):
+        for delta in text_deltas(sent, texts, whole=True):
             yield chunk([delta])
         for i, s in enumerate(sequences):
-            yield chunk([_choice(i, {}, _finish(s))])
+            yield chunk([choice(i, {}, _finish(s))])
         if streamed.include_usage:
             prompt = int(result.get("prompt_tokens") or 0)
             sampled = result.get("completion_tokens")  # a completion's (its tokens not kept)
@@ -399,7 +309,7 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
             }
             yield chunk([], usage)
         yield DONE
-    except _Resampled:
+    except Resampled:
         yield ApiError(
             503,
             "executor_failed",

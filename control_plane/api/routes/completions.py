@@ -12,12 +12,13 @@ nothing sampled), `temperature`, `top_p`, `top_k` (vLLM's), `n`, `seed`, `stop` 
 strings: lm-evaluation-harness sends a task's and the base's end), `logprobs` (0 to 20), `echo`,
 vLLM's `ignore_eos` (every token up to `max_tokens`, past the base's end of sequence: replies of
 a known length, as load generators ask them) and `stream` (with `stream_options.include_usage`;
-one prompt, without `logprobs`): the text sent as it is sampled, `text_completion` chunks as
-OpenAI and vLLM stream them (the echoed prompt first), which vLLM's benchmark client times the
-first token by. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the
+one prompt): the text sent as it is sampled, `text_completion` chunks as OpenAI and vLLM stream
+them (the echoed prompt first), which vLLM's benchmark client times the first token by; with
+`logprobs`, each chunk carries the legacy lists of the tokens sampled since the one before
+(`stream_deltas.text_entry_deltas`), and every chunk's lists joined are the answer's whole. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the
 sample's). Not offered, and refused by name rather than ignored: `suffix`, `best_of` above 1,
 `logit_bias`, penalties (vLLM's `repetition_penalty` taken at 1, as its benchmark client sends
-it), and a stream of several prompts or with `logprobs`. A model is found and waited for as a
+it), and a stream of several prompts. A model is found and waited for as a
 chat's (`chat.answer_of`), and metered as one (the prompt's tokens and those sampled), in the
 tenant's chat session; a prompt refused withdraws the batch's others.
 """
@@ -124,14 +125,6 @@ def _refuse_unoffered(body: CompletionCreate) -> None:
     chat_stream.refuse_options_without_stream(body.stream, body.stream_options)
     if not body.stream:
         return
-    if body.logprobs is not None:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "logprobs is not offered on a streamed completion: ask without stream, or stream a "
-            "chat completion (its chunks carry logprobs)",
-            "logprobs",
-        )
     if len(body.prompts()) > 1:
         raise ApiError(
             400,
