@@ -21,7 +21,8 @@ their end beside the plain stream's (what sending each token's entry with its te
 With `--completions`, text completions (`POST /v1/completions`) of PROMPT too, awaited whole and
 streamed: a line for the streamed one's first text beside the awaited one's answer (what a load
 generator such as vLLM's `benchmark_serving` reads as the time to the first token), and one for
-its end beside it.
+its end beside it; with `--logprobs K` too, the completion streamed with `logprobs` K: a line for
+its end beside the plain stream's (each chunk carrying its tokens' legacy lists).
 """
 
 from __future__ import annotations
@@ -111,15 +112,17 @@ def _streams(
 
 
 def _completions(
-    url: str, key: str, base: str, chats: int, tokens: int, stream: bool, done: Any
+    url: str, key: str, base: str, chats: int, tokens: int, stream: bool, top: int | None, done: Any
 ) -> None:
-    """Text completions of PROMPT, awaited whole or streamed: each one's seconds to its end and,
-    streamed, to its first text."""
+    """Text completions of PROMPT, awaited whole or streamed (with `top`, with `logprobs` that
+    many): each one's seconds to its end and, streamed, to its first text."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
     firsts: list[float] = []
     asked: dict[str, Any] = {"model": base, "prompt": PROMPT, "max_tokens": tokens}
+    if top is not None:
+        asked["logprobs"] = top
 
     def ask() -> int:
         started = time.monotonic()
@@ -127,7 +130,7 @@ def _completions(
             reply = client.completions.create(temperature=0, **asked)
             assert reply.usage is not None and reply.choices[0].text
             return reply.usage.completion_tokens
-        usage, first = None, None
+        usage, first, entries = None, None, 0
         chunks = client.completions.create(
             temperature=0, stream=True, stream_options={"include_usage": True}, **asked
         )
@@ -135,7 +138,9 @@ def _completions(
             if first is None and any(c.text for c in chunk.choices):
                 first = time.monotonic() - started
             usage = chunk.usage or usage
+            entries += sum(len(c.logprobs.tokens or []) for c in chunk.choices if c.logprobs)
         assert usage is not None and first is not None
+        assert top is None or entries == usage.completion_tokens  # every token's lists came
         firsts.append(first)
         return usage.completion_tokens
 
@@ -200,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "stream_logprobs": ([], []),
         "completion": ([], []),
         "completion_stream": ([], []),
+        "completion_stream_logprobs": ([], []),
     }
     firsts: list[float] = []  # a streamed chat's seconds to its first text
     completion_firsts: list[float] = []  # a streamed completion's
@@ -210,16 +216,18 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"{machine}; {args.rounds} rounds a side")
             for index in range(args.rounds):  # alternating: the machine's load drifts
                 for side in sides:
-                    if side == "stream_logprobs" and args.logprobs is None:
+                    if side.endswith("stream_logprobs") and args.logprobs is None:
                         continue
                     if side.startswith("completion") and not args.completions:
                         continue
                     if side.startswith("completion"):
-                        stream = side == "completion_stream"
+                        stream = side != "completion"
+                        top = args.logprobs if side == "completion_stream_logprobs" else None
                         found = in_own_process(
-                            _completions, url, bench.key, base, args.chats, args.tokens, stream
+                            _completions, url, bench.key, base, args.chats, args.tokens, stream, top
                         )
-                        completion_firsts.extend(found[2])
+                        if side == "completion_stream":
+                            completion_firsts.extend(found[2])
                     elif side == "chat":
                         found = in_own_process(
                             _chats, url, bench.key, base, args.chats, args.tokens
@@ -324,6 +332,24 @@ def main(argv: list[str] | None = None) -> int:
                 baseline_tokens_sampled=statistics.median(whole[1]),
                 p99_ms=round(percentile(found[0], 99) * 1000, 3),
                 baseline_p99_ms=round(percentile(whole[0], 99) * 1000, 3),
+                statistic="median and p99 over every round's asks",
+            )
+        with_lists = sides["completion_stream_logprobs"]
+        if with_lists[0]:
+            emit_beside(
+                "completion_stream_logprobs_whole",
+                statistics.median(with_lists[0]) * 1000,
+                "the same completion streamed without logprobs",
+                statistics.median(streamed_text[0]) * 1000,
+                machine,
+                base=bench.label,
+                what=f"one text completion streamed with logprobs {args.logprobs}, greedy, at "
+                f"most {args.tokens} tokens: ms to its end",
+                asks=len(with_lists[0]),
+                tokens_sampled=statistics.median(with_lists[1]),
+                baseline_tokens_sampled=statistics.median(streamed_text[1]),
+                p99_ms=round(percentile(with_lists[0], 99) * 1000, 3),
+                baseline_p99_ms=round(percentile(streamed_text[0], 99) * 1000, 3),
                 statistic="median and p99 over every round's asks",
             )
     return 0
