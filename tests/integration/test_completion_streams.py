@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,75 @@ def test_a_streamed_completions_logprobs_come_with_its_text_and_join_into_the_wh
     _same_logprobs(_lists(score_chunks)[0], scored)
 
 
+@pytest.mark.usefixtures("paced")
+def test_a_batch_of_prompts_streams_every_prompts_choices_numbered_as_answered_whole(
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str, peft_adapter: Path
+) -> None:
+    """Several prompts streamed in one request, as vLLM streams them: one id, each choice's
+    chunks under its index in the batch answered whole (prompt's place * n + its own), joining
+    into that choice's text (and legacy lists), one usage for all of them last, then [DONE]; a
+    prompt refused before any text is the plain 400, and the batch's other prompts are let go."""
+    model = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    client = openai_client(live_url, tenant_a.member)
+    prompts = [PROMPT, "Once upon a time", "The river ran"]
+    asked: dict[str, Any] = {"model": model, "prompt": prompts, "temperature": 0, "max_tokens": 16}
+    whole = client.completions.create(**asked)
+    chunks, texts = _streamed(client, stream_options={"include_usage": True}, **asked)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].id.startswith("cmpl-")
+    for choice in whole.choices:
+        assert "".join(texts[choice.index]) == choice.text and choice.text
+    finishes = [
+        (ch.index, ch.finish_reason) for c in chunks for ch in c.choices if ch.finish_reason
+    ]
+    assert sorted(finishes) == [(c.index, c.finish_reason) for c in whole.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+
+    # Two prompts, two seeded choices each, with logprobs: indexes 0 to 3, each its own.
+    seeded = {**asked, "prompt": prompts[:2], "temperature": 1.0, "seed": 3, "n": 2}
+    both = client.completions.create(logprobs=1, **seeded)
+    both_chunks, both_texts = _streamed(client, logprobs=1, **seeded)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    for choice in both.choices:
+        assert "".join(both_texts.get(choice.index, [])) == choice.text
+        _same_logprobs(_lists(both_chunks, choice.index)[0], choice.logprobs)
+
+    # On the wire, without include_usage: no usage, [DONE] once, last.
+    with httpx.stream(
+        "POST",
+        f"{live_url}/v1/completions",
+        json={**asked, "max_tokens": 4, "stream": True},
+        headers=tenant_a.headers("member"),
+        timeout=60,
+    ) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events.count("data: [DONE]") == 1 and events[-1] == "data: [DONE]"
+    assert all('"usage"' not in event for event in events)
+
+    # One prompt past the base's context: the plain 400 before any chunk, and the other prompt,
+    # asked beside it, withdrawn or stopped and let go.
+    with pytest.raises(openai.BadRequestError, match="context"):
+        list(
+            client.completions.create(
+                model=model, prompt=[PROMPT, "word " * 5000], max_tokens=200, stream=True
+            )
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        with services.engine.connect() as conn:
+            kept = conn.execute(
+                text(
+                    "SELECT count(*) FROM interactive_calls "
+                    "WHERE request <> '{}' OR partial IS NOT NULL"
+                )
+            ).scalar_one()
+        if kept == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert kept == 0
+
+
 def test_what_a_streamed_completion_does_not_offer_is_refused_by_name_and_nothing_asked(
     services: Services, live_url: str, tenant_a: TenantKeys, executor: str
 ) -> None:
@@ -240,8 +310,6 @@ def test_what_a_streamed_completion_does_not_offer_is_refused_by_name_and_nothin
 
     before = calls()
     for extra, param in (
-        ({"stream": True, "prompt": [PROMPT, PROMPT]}, "prompt"),
-        ({"stream": True, "prompt": [[1, 2], [3]]}, "prompt"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"stream": True, "max_tokens": 0}, "max_tokens"),

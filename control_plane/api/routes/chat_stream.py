@@ -175,6 +175,12 @@ def abandon(streamed: Streamed, withdraw: Callable[[], Awaitable[bool]]) -> None
     _in_background(give_up())
 
 
+def stop(streamed: Streamed) -> None:
+    """A stream that began and will not be followed (a refusal of another prompt of its
+    request): the executor stops sampling it, and it is let go once answered."""
+    _in_background(_forget_when_answered(streamed))
+
+
 async def _forget_when_answered(streamed: Streamed) -> None:
     """A stream that ended before its chat did: the executor is told to stop sampling it, and
     its payload is let go once it is answered."""

@@ -11,16 +11,17 @@ them, and awaited together), `max_tokens` (16 unless sent; 0 with `echo`: the pr
 nothing sampled), `temperature`, `top_p`, `top_k` (vLLM's), `n`, `seed`, `stop` (up to 16
 strings: lm-evaluation-harness sends a task's and the base's end), `logprobs` (0 to 20), `echo`,
 vLLM's `ignore_eos` (every token up to `max_tokens`, past the base's end of sequence: replies of
-a known length, as load generators ask them) and `stream` (with `stream_options.include_usage`;
-one prompt): the text sent as it is sampled, `text_completion` chunks as OpenAI and vLLM stream
-them (the echoed prompt first), which vLLM's benchmark client times the first token by; with
-`logprobs`, each chunk carries the legacy lists of the tokens sampled since the one before
-(`stream_deltas.text_entry_deltas`), and every chunk's lists joined are the answer's whole. Choices come prompt by prompt, `n` each (`index` = prompt's place * n + the
-sample's). Not offered, and refused by name rather than ignored: `suffix`, `best_of` above 1,
-`logit_bias`, penalties (vLLM's `repetition_penalty` taken at 1, as its benchmark client sends
-it), and a stream of several prompts. A model is found and waited for as a
-chat's (`chat.answer_of`), and metered as one (the prompt's tokens and those sampled), in the
-tenant's chat session; a prompt refused withdraws the batch's others.
+a known length, as load generators ask them) and `stream` (with `stream_options.include_usage`):
+the text sent as it is sampled, `text_completion` chunks as OpenAI and vLLM stream them (the
+echoed prompt first), which vLLM's benchmark client times the first token by; with `logprobs`,
+each chunk carries the legacy lists of the tokens sampled since the one before
+(`stream_deltas.text_entry_deltas`), and every chunk's lists joined are the answer's whole; a
+batch of prompts streams its prompts' chunks interleaved (`completion_streams`). Choices come
+prompt by prompt, `n` each (`index` = prompt's place * n + the sample's). Not offered, and
+refused by name rather than ignored: `suffix`, `best_of` above 1, `logit_bias`, penalties
+(vLLM's `repetition_penalty` taken at 1, as its benchmark client sends it). A model is found
+and waited for as a chat's (`chat.answer_of`), and metered as one (the prompt's tokens and those
+sampled), in the tenant's chat session; a prompt refused withdraws the batch's others.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fastapi.concurrency import run_in_threadpool
 from control_plane.api.deps import ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
-from control_plane.api.routes import chat, chat_stream
+from control_plane.api.routes import chat, chat_stream, completion_streams
 from control_plane.api.routes.chat_models import ChatUsage
 from control_plane.api.routes.completion_models import (
     Completion,
@@ -64,6 +65,8 @@ async def create_completion(
     """OpenAI's legacy completion, sampled by the executors that hold the model's base; with
     `stream`, sent as it is sampled (`chat_stream`)."""
     _refuse_unoffered(body)
+    if body.stream and len(body.prompts()) > 1:
+        return await completion_streams.stream_response(body, request, caller, services)
     if body.stream:
         return await chat.stream_response(body, request, caller, services)
     started = time.monotonic()
@@ -123,13 +126,3 @@ def _refuse_unoffered(body: CompletionCreate) -> None:
             "max_tokens",
         )
     chat_stream.refuse_options_without_stream(body.stream, body.stream_options)
-    if not body.stream:
-        return
-    if len(body.prompts()) > 1:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "a streamed completion takes one prompt: stream each prompt in a request of its "
-            "own, or ask for the batch without stream",
-            "prompt",
-        )

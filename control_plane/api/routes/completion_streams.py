@@ -1,0 +1,119 @@
+"""A text completion of several prompts streamed (`POST /v1/completions` with `stream: true` and a
+batch of prompts), as vLLM streams one: each prompt is a call of its own, asked at once so the
+executors batch them and followed as a single prompt's stream is (`chat.begin_stream`,
+`chat_stream.pieces`), and their chunks are sent as they come, interleaved, under one id, each
+choice's `index` its prompt's place * `n` + its own (as the batch answered whole numbers them).
+With `stream_options.include_usage`, one last chunk carries the usage of every prompt summed;
+`data: [DONE]` ends the stream once every prompt's has ended.
+
+What is refused before any prompt's first text (a prompt past the base's context, a model no
+executor holds) is the plain JSON error, and the batch's other prompts are withdrawn, or stopped
+and let go where an executor took them; an error after the stream began ends it for every prompt
+(the others stopped and let go as a stream whose client left is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from control_plane.api.errors import ApiError
+from control_plane.api.routes import chat, chat_stream
+from control_plane.api.routes.completion_models import CompletionCreate
+from control_plane.interactive import CallRecord
+from control_plane.services import Services
+from control_plane.tenants import Principal
+
+_ENDED = object()  # a prompt's pieces are over
+
+
+async def stream_response(
+    body: CompletionCreate, request: Request, caller: Principal, services: Services
+) -> Response:
+    """Each prompt asked and, once every one began, their chunks as they are sampled."""
+    prompts = body.prompts()
+    bodies = [
+        body.model_copy(update={"prompt": one.get("text", one.get("tokens"))}) for one in prompts
+    ]
+    begins = [
+        asyncio.ensure_future(chat.begin_stream(one, request, caller, services)) for one in bodies
+    ]
+    try:
+        begun = await asyncio.gather(*begins)
+    except BaseException:  # one refused (or its client left): the others are not followed
+        for begin in begins:
+            begin.cancel()  # one still waiting withdraws its prompt, or stops it once taken
+        for found in await asyncio.gather(*begins, return_exceptions=True):
+            if isinstance(found, tuple):
+                chat_stream.stop(found[0])
+        raise
+    chunk_id = begun[0][0].chunk_id
+    followed = [
+        (dataclasses.replace(streamed, chunk_id=chunk_id), call) for streamed, call in begun
+    ]
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return StreamingResponse(
+        _merged(followed, body.n, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _merged(
+    followed: list[tuple[chat_stream.Streamed, CallRecord]], n: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """Every prompt's chunks as server-sent events as they come, renumbered (prompt's place * n +
+    the choice's own), their usage summed in one last chunk, `data: [DONE]` once every prompt's
+    stream ended whole; an error from any ends them all."""
+    pieces: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    created = int(time.time())
+
+    async def pump(place: int, streamed: chat_stream.Streamed, first: CallRecord) -> None:
+        async with aclosing(chat_stream.pieces(streamed, first)) as given:
+            async for piece in given:
+                await pieces.put((place, piece))
+        await pieces.put((place, _ENDED))
+
+    pumps = [
+        asyncio.ensure_future(pump(place, streamed, first))
+        for place, (streamed, first) in enumerate(followed)
+    ]
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    last: dict[str, Any] | None = None  # the last usage chunk, for its shape
+    running, whole = len(pumps), 0
+    try:
+        while running:
+            place, piece = await pieces.get()
+            if piece is _ENDED:
+                running -= 1
+            elif piece is None:
+                yield ": keep-alive\n\n"
+            elif isinstance(piece, ApiError):
+                yield chat_stream.error_event(piece)
+                return
+            elif piece == chat_stream.DONE:
+                whole += 1
+            elif not piece["choices"] and piece.get("usage"):
+                last = piece
+                for key in usage:
+                    usage[key] += int(piece["usage"][key])
+            else:
+                for choice in piece["choices"]:
+                    choice["index"] += place * n
+                yield chat_stream.sse({**piece, "created": created})
+        if whole < len(pumps):  # a prompt's stream ended early (its client left)
+            return
+        if include_usage and last is not None:
+            yield chat_stream.sse({**last, "created": created, "usage": usage})
+        yield chat_stream.sse(chat_stream.DONE)
+    finally:  # ended, failed or left: the prompts still streaming are stopped and let go
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)

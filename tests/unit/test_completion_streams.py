@@ -1,0 +1,114 @@
+"""A batch of prompts streamed (`completion_streams`), each prompt's stream played from looks as
+`test_chat_stream` plays one: chunks interleaved under their batch index, one usage summed
+last, `[DONE]` once every prompt's stream ended whole; an error from one prompt ends them all,
+the others stopped and let go; a prompt refused before any text stops the prompts that began."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+
+from control_plane.api.errors import ApiError
+from control_plane.api.routes import completion_streams
+from control_plane.api.routes.chat_stream import Streamed
+from control_plane.api.routes.completion_models import CompletionCreate
+from control_plane.interactive import CallRecord
+from tests.unit.test_chat_stream import _call, _played
+
+
+def _completed(text: str, tokens: int) -> CallRecord:
+    whole = _call("completed", whole=text)
+    assert whole.result is not None
+    whole.result["sequences"] = [{"text": text, "finish_reason": "stop"}]
+    whole.result["completion_tokens"] = tokens
+    return whole
+
+
+def _prompt(text: str, tokens: int, gone: bool = False) -> tuple[Streamed, list[str]]:
+    streamed, did = _played([_completed(text, tokens)], gone=gone)
+    return dataclasses.replace(streamed, text=True), did
+
+
+async def _merged(followed: list[tuple[Streamed, CallRecord]], n: int = 1) -> list[Any]:
+    sent = [e async for e in completion_streams._merged(followed, n, include_usage=True)]
+    await asyncio.sleep(0.2)  # what a stream that ended early leaves to a task of the loop
+    return [json.loads(s.removeprefix("data: ")) if s.startswith("data: {") else s for s in sent]
+
+
+def test_every_prompts_chunks_come_under_their_batch_index_with_one_usage_and_done_last() -> None:
+    (first, did_first), (second, did_second) = _prompt("Hello", 2), _prompt("Bye", 3)
+    sent = asyncio.run(
+        _merged(
+            [(first, _call("running", partial="Hel")), (second, _call("running", partial="B"))],
+            n=2,
+        )
+    )
+    texts: dict[int, str] = {}
+    for chunk in sent[:-2]:
+        for choice in chunk["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert texts == {0: "Hello", 2: "Bye"}  # the second prompt's first choice: 1 * n + 0
+    assert [c["usage"] for c in sent[:-1]].count(None) == len(sent) - 2
+    assert sent[-2]["choices"] == [] and sent[-2]["usage"] == {
+        "prompt_tokens": 6,
+        "completion_tokens": 5,
+        "total_tokens": 11,
+    }
+    assert sent[-1] == "data: [DONE]\n\n"
+    assert did_first == did_second == ["forget"]
+
+
+def test_an_error_from_one_prompt_ends_the_stream_and_stops_the_others() -> None:
+    failing, _ = _prompt("x", 1)
+
+    def failed() -> CallRecord:
+        return dataclasses.replace(_call("failed"), error={"message": "boom"})
+
+    failing = dataclasses.replace(failing, look=failed)
+    waiting, did = _played([_call("running", partial="So")], gone=False)
+    waiting = dataclasses.replace(waiting, text=True)
+    sent = asyncio.run(
+        _merged([(waiting, _call("running", partial="S")), (failing, _call("running"))])
+    )
+    assert sent[-1]["error"]["code"] == "executor_failed"
+    assert "data: [DONE]\n\n" not in sent
+    assert did == ["leave"]  # stopped; let go once answered (it never is here)
+
+
+def test_a_stream_whose_client_left_ends_without_done() -> None:
+    (first, _), (second, _) = _prompt("Hello", 2, gone=True), _prompt("Bye", 3, gone=True)
+    sent = asyncio.run(
+        _merged([(first, _call("running", partial="H")), (second, _call("running", partial="B"))])
+    )
+    assert "data: [DONE]\n\n" not in sent and not any(
+        isinstance(c, dict) and c.get("usage") for c in sent
+    )
+
+
+def test_a_prompt_refused_before_any_text_stops_the_prompts_that_began(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    began, did = _prompt("Hello", 2)
+
+    async def begin_stream(
+        body: CompletionCreate, *args: Any, **kwargs: Any
+    ) -> tuple[Streamed, CallRecord]:
+        if body.prompt == "refused":
+            await asyncio.sleep(0.05)  # after the other prompt began
+            raise ApiError(400, "invalid_request", "the prompt is longer than the context")
+        return began, _call("running", partial="He")
+
+    monkeypatch.setattr(completion_streams.chat, "begin_stream", begin_stream)
+    body = CompletionCreate(model="m", prompt=["fine", "refused"], stream=True)
+
+    async def asked() -> None:
+        with pytest.raises(ApiError, match="context"):
+            await completion_streams.stream_response(body, None, None, None)  # type: ignore[arg-type]
+        await asyncio.sleep(0.2)
+
+    asyncio.run(asked())
+    assert did == ["leave", "forget"]  # stopped, then let go once answered
