@@ -161,7 +161,7 @@ def _lists(chunks: list[Any], index: int = 0) -> tuple[dict[str, list[Any]], int
     for chunk in chunks:
         for choice in chunk.choices:
             if choice.index == index and choice.logprobs is not None:
-                carrying += 1
+                carrying += bool(choice.logprobs.tokens)
                 for key, values in joined.items():
                     values += getattr(choice.logprobs, key)
     return joined, carrying
@@ -202,6 +202,9 @@ def test_a_streamed_completions_logprobs_come_with_its_text_and_join_into_the_wh
     assert choice.logprobs is not None and len(choice.logprobs.tokens) == 24
     streamed, carrying = _lists(chunks)
     assert carrying >= 3, carrying  # sent as they were sampled, not all at the end
+    # Asked with logprobs, every choice of every chunk has its lists, empty where it has none
+    # (its finish), as vLLM sends them.
+    assert all(ch.logprobs is not None for c in chunks for ch in c.choices)
     assert "".join(texts[0]) == choice.text
     _same_logprobs(streamed, choice.logprobs)
 

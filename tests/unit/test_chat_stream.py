@@ -210,7 +210,7 @@ def test_a_text_completions_logprobs_stream_with_its_text_and_join_into_the_whol
         ["He", "llo"],
         ["<eos>"],
         [" you"],
-        None,
+        [],  # its finish: no entries, and its lists still there, empty
     ]
     assert [c["logprobs"]["text_offset"] for c in choices[:3]] == [[0, 2], [5], [10]]
     joined = {key: [v for c in choices[:3] for v in c["logprobs"][key]] for key in lists}

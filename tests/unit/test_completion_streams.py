@@ -79,31 +79,52 @@ def test_an_error_from_one_prompt_ends_the_stream_and_stops_the_others() -> None
     assert did == ["leave"]  # stopped; let go once answered (it never is here)
 
 
-def test_a_stream_whose_client_left_ends_without_done() -> None:
-    (first, _), (second, _) = _prompt("Hello", 2, gone=True), _prompt("Bye", 3, gone=True)
+def test_a_stream_whose_client_left_ends_without_done_and_stops_every_prompt() -> None:
+    (first, did_first), (second, did_second) = (
+        _prompt("Hello", 2, gone=True),
+        _prompt("Bye", 3, gone=True),
+    )
     sent = asyncio.run(
         _merged([(first, _call("running", partial="H")), (second, _call("running", partial="B"))])
     )
     assert "data: [DONE]\n\n" not in sent and not any(
         isinstance(c, dict) and c.get("usage") for c in sent
     )
+    assert did_first == did_second == ["leave", "forget"]  # stopped, let go once answered
 
 
 def test_a_prompt_refused_before_any_text_stops_the_prompts_that_began(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Every prompt asked in one ask (`chat.ask_all`: the database's side, here a list of
+    names), each begun on its own call; one refused: a prompt that began is stopped and let go,
+    one still waiting for an executor is cancelled (which withdraws it)."""
     began, did = _prompt("Hello", 2)
+    asks: list[list[str]] = []
+    waiting: list[str] = []
+
+    def ask_all(services: Any, caller: Any, model: str, requests: Any, purpose: str) -> Any:
+        asks.append([r["completion"]["text"] for r in requests])
+        return [f"call-{r['completion']['text']}" for r in requests]
 
     async def begin_stream(
-        body: CompletionCreate, *args: Any, **kwargs: Any
+        body: CompletionCreate, *args: Any, asked: str, **kwargs: Any
     ) -> tuple[Streamed, CallRecord]:
+        assert asked == f"call-{body.prompt}"  # each follows its own call
         if body.prompt == "refused":
-            await asyncio.sleep(0.05)  # after the other prompt began
+            await asyncio.sleep(0.05)  # after the first prompt began
             raise ApiError(400, "invalid_request", "the prompt is longer than the context")
+        if body.prompt == "untaken":
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                waiting.append("cancelled")
+                raise
         return began, _call("running", partial="He")
 
+    monkeypatch.setattr(completion_streams.chat, "ask_all", ask_all)
     monkeypatch.setattr(completion_streams.chat, "begin_stream", begin_stream)
-    body = CompletionCreate(model="m", prompt=["fine", "refused"], stream=True)
+    body = CompletionCreate(model="m", prompt=["fine", "refused", "untaken"], stream=True)
 
     async def asked() -> None:
         with pytest.raises(ApiError, match="context"):
@@ -111,4 +132,6 @@ def test_a_prompt_refused_before_any_text_stops_the_prompts_that_began(
         await asyncio.sleep(0.2)
 
     asyncio.run(asked())
-    assert did == ["leave", "forget"]  # stopped, then let go once answered
+    assert asks == [["fine", "refused", "untaken"]]  # one ask for the batch
+    assert did == ["leave", "forget"]  # the prompt that began: stopped, let go once answered
+    assert waiting == ["cancelled"]

@@ -20,6 +20,7 @@ from workers.interactive.chat import (
     end_of_turn_tokens,
     stream_steps,
 )
+from workers.interactive.completion import legacy_reader, streamed_text
 from workers.interactive.losses import InteractiveError
 from workers.interactive.sample_requests import read_sample_request
 from workers.kernels.example import IGNORE_INDEX
@@ -216,6 +217,64 @@ def test_a_batchs_streamed_chats_are_handed_on_at_most_once_a_period_each_its_ow
     assert sink.handed == [
         {"call-a": ["Say: Red sky"], "call-b": ["Blue sea"], "call-c": ["Score me", "Score me"]}
     ]
+
+
+class _Scored(list[list[dict[str, Any]]]):
+    """A batch's rows as `Rows` gives them, with each place's prompt scores."""
+
+    def __init__(self, rows: list[list[dict[str, Any]]], scores: list[dict[str, Any]]) -> None:
+        super().__init__(rows)
+        self.scored = scores
+
+    def scores(self, r: int) -> dict[str, Any]:
+        return self.scored[r]
+
+
+def test_streamed_completions_with_logprobs_begin_with_their_own_places_prompt_entries() -> None:
+    """Completions echoing their prompts with logprobs, one joining the batch as it runs: each
+    call's entries so far begin with its own prompt's tokens and scores (its place's), then its
+    own sampled tokens'."""
+    tokenizer = _tokenizer(True)
+    prompts = [tokenizer.encode(t) for t in ("Red sky", "Blue sea at dawn", "Green")]
+    requests, parsed = [], []
+    for prompt in prompts:
+        request = {
+            "completion": {"tokens": prompt, "echo": True, "logprobs": 1, "max_tokens": 8},
+            "prompt": {"chunks": [{"type": "encoded_text", "tokens": prompt}]},
+            "sampling_params": {},
+        }
+        requests.append(request)
+        parsed.append(read_sample_request(request, len(tokenizer), 1024, frozenset()))
+    scores = [
+        {
+            "prompt_logprobs": [None] + [-(k + 1) * 0.5 - p for p in range(len(prompt) - 1)],
+            "topk_prompt_logprobs": None,
+        }
+        for k, prompt in enumerate(prompts)
+    ]
+    sampled = [_row(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in (" a b c",) * 3]
+    sink = _Sink()
+    streamed = {0: "call-a", 1: "call-b"}
+    readers = {k: legacy_reader(requests[k], parsed[k], tokenizer, k) for k in range(2)}
+    leading = {k: streamed_text(requests[k], parsed[k], tokenizer) for k in range(2)}
+    places = parsed[:2]
+    step = stream_steps(
+        sink, 0.0, streamed, places, tokenizer, logprobs=readers, leading=leading, growing=True
+    )
+    assert step is not None and step(_Scored([[sampled[0]], [sampled[1]]], scores[:2])) == set()
+    # The third joins the running batch at place 2.
+    streamed[2] = "call-c"
+    readers[2] = legacy_reader(requests[2], parsed[2], tokenizer, 2)
+    leading[2] = streamed_text(requests[2], parsed[2], tokenizer)
+    places.append(parsed[2])
+    assert step(_Scored([[row] for row in sampled], scores)) == set()
+    for k, key in enumerate(("call-a", "call-b", "call-c")):
+        [entries] = sink.entries[-1][key]
+        head = entries[: len(prompts[k])]
+        assert [e["logprob"] for e in head] == scores[k]["prompt_logprobs"], key
+        assert "".join(e["token"] for e in head) == tokenizer.decode(prompts[k])
+        assert len(entries) > len(prompts[k])  # sampled tokens' entries follow
+    assert sink.handed[-1]["call-c"] == ["Green a b c"]  # its echoed prompt first
 
 
 def _row(tokens: list[int]) -> dict[str, Any]:

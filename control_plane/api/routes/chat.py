@@ -390,15 +390,16 @@ async def begin_stream(
     services: Services,
     *,
     disconnected: Callable[[], Awaitable[bool]] | None = None,
+    asked: chat_completions.Asked | None = None,
 ) -> tuple[chat_stream.Streamed, interactive.CallRecord]:
-    """The chat asked and taken by an executor: how to follow it (`chat_stream.pieces`), and
-    the call as it is now. What is refused before its first text, or within
-    `FIRST_TEXT_SECONDS` of being taken (by the executor too, as it reads the request), is
-    raised as the plain ApiError. `disconnected` says whether the stream's reader left
-    (`request.is_disconnected` unless given). Cancelled (its reader went away: the
-    dashboard's "Stop"), or failing while it waits, the chat is withdrawn if no executor took
-    it yet, else stopped and let go once answered, the ask itself included (run to its end,
-    then withdrawn)."""
+    """The chat asked (unless `asked`: a batch's prompt) and taken by an executor: how to
+    follow it (`chat_stream.pieces`), and the call as it is now. What is refused before its
+    first text, or within `FIRST_TEXT_SECONDS` of being taken (by the executor too, as it reads
+    the request), is raised as the plain ApiError. `disconnected` says whether the stream's
+    reader left (`request.is_disconnected` unless given). Cancelled (its reader went away: the
+    dashboard's "Stop"), or failing while it waits, the chat is withdrawn if no executor took it
+    yet, else stopped and let go once answered, the ask itself included (run to its end, then
+    withdrawn)."""
     tenant_id = caller.tenant_id
     gone = disconnected or request.is_disconnected
 
@@ -409,14 +410,17 @@ async def begin_stream(
         withdraw = partial(run_in_threadpool, _withdraw, services, tenant_id, asked)
         chat_stream.abandon(follow(asked), withdraw)
 
-    asking = asyncio.ensure_future(run_in_threadpool(_ask, services, caller, body))
-    try:
-        asked = await asyncio.shield(asking)
-    except asyncio.CancelledError:
-        asking.add_done_callback(
-            lambda done: None if done.cancelled() or done.exception() else abandon(done.result())
-        )
-        raise
+    if asked is None:
+        asking = asyncio.ensure_future(run_in_threadpool(_ask, services, caller, body))
+        try:
+            asked = await asyncio.shield(asking)
+        except asyncio.CancelledError:
+            asking.add_done_callback(
+                lambda done: (
+                    None if done.cancelled() or done.exception() else abandon(done.result())
+                )
+            )
+            raise
     streamed = follow(asked)
     try:
         call = await _held_while_connected(

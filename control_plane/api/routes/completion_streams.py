@@ -1,10 +1,13 @@
 """A text completion of several prompts streamed (`POST /v1/completions` with `stream: true` and a
-batch of prompts), as vLLM streams one: each prompt is a call of its own, asked at once so the
-executors batch them and followed as a single prompt's stream is (`chat.begin_stream`,
-`chat_stream.pieces`), and their chunks are sent as they come, interleaved, under one id, each
-choice's `index` its prompt's place * `n` + its own (as the batch answered whole numbers them).
-With `stream_options.include_usage`, one last chunk carries the usage of every prompt summed;
-`data: [DONE]` ends the stream once every prompt's has ended.
+batch of prompts), as vLLM streams one: each prompt is a call of its own, all asked in one
+transaction so the executors batch them, and each followed as a single prompt's stream is
+(`chat.begin_stream`, `chat_stream.pieces`); their chunks are sent as they come, interleaved,
+under one id, each choice's `index` its prompt's place * `n` + its own (as the batch answered
+whole numbers them). The stream begins once every prompt began (an executor took it and it has
+text, or 2 s passed), so a prompt no executor takes within the chat's `TAKE_SECONDS` is the
+request's 503, as it is when the batch is answered whole. With `stream_options.include_usage`,
+one last chunk carries the usage of every prompt summed; `data: [DONE]` ends the stream once
+every prompt's has ended.
 
 What is refused before any prompt's first text (a prompt past the base's context, a model no
 executor holds) is the plain JSON error, and the batch's other prompts are withdrawn, or stopped
@@ -22,6 +25,7 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from control_plane.api.errors import ApiError
@@ -37,13 +41,32 @@ _ENDED = object()  # a prompt's pieces are over
 async def stream_response(
     body: CompletionCreate, request: Request, caller: Principal, services: Services
 ) -> Response:
-    """Each prompt asked and, once every one began, their chunks as they are sampled."""
-    prompts = body.prompts()
+    """Every prompt asked in one transaction (`chat.ask_all`, as the batch answered whole is) and,
+    once every one began, their chunks as they are sampled."""
     bodies = [
-        body.model_copy(update={"prompt": one.get("text", one.get("tokens"))}) for one in prompts
+        body.model_copy(update={"prompt": one.get("text", one.get("tokens"))})
+        for one in body.prompts()
     ]
+    requests = body.sample_requests()
+    asking = asyncio.ensure_future(
+        run_in_threadpool(chat.ask_all, services, caller, body.model, requests, "completion")
+    )
+    try:
+        asked = await asyncio.shield(asking)
+    except asyncio.CancelledError:  # its client left while they were asked: each withdrawn
+        asking.add_done_callback(
+            lambda done: (
+                None
+                if done.cancelled() or done.exception()
+                else chat_stream.in_background(
+                    chat.withdraw_all(services, caller.tenant_id, done.result())
+                )
+            )
+        )
+        raise
     begins = [
-        asyncio.ensure_future(chat.begin_stream(one, request, caller, services)) for one in bodies
+        asyncio.ensure_future(chat.begin_stream(one, request, caller, services, asked=call))
+        for one, call in zip(bodies, asked, strict=True)
     ]
     try:
         begun = await asyncio.gather(*begins)
@@ -76,10 +99,12 @@ async def _merged(
     created = int(time.time())
 
     async def pump(place: int, streamed: chat_stream.Streamed, first: CallRecord) -> None:
-        async with aclosing(chat_stream.pieces(streamed, first)) as given:
-            async for piece in given:
-                await pieces.put((place, piece))
-        await pieces.put((place, _ENDED))
+        try:
+            async with aclosing(chat_stream.pieces(streamed, first)) as given:
+                async for piece in given:
+                    pieces.put_nowait((place, piece))
+        finally:  # however it ended, the merge stops waiting on it
+            pieces.put_nowait((place, _ENDED))
 
     pumps = [
         asyncio.ensure_future(pump(place, streamed, first))

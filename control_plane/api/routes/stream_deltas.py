@@ -28,14 +28,17 @@ def choice(
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
-def as_text(one: dict[str, Any]) -> dict[str, Any]:
-    """A chunk's choice as a text completion's: its delta's content as its `text`, with its
-    legacy logprobs where it carries them (`text_entry_deltas`)."""
+def as_text(one: dict[str, Any], lists: bool = False) -> dict[str, Any]:
+    """A chunk's choice as a text completion's: its delta's content as its `text`; asked with
+    logprobs (`lists`), the legacy lists of the entries it carries (`text_entry_deltas`), empty
+    where it carries none, as vLLM sends them."""
     logprobs = one["logprobs"]
+    if logprobs is None or "text_offset" not in logprobs:
+        logprobs = legacy_logprobs.arrays([]) if lists else None
     return {
         "index": one["index"],
         "text": one["delta"].get("content", ""),
-        "logprobs": logprobs if logprobs is not None and "text_offset" in logprobs else None,
+        "logprobs": logprobs,
         "finish_reason": one["finish_reason"],
     }
 
@@ -68,7 +71,7 @@ class Entries:
 
     counted: list[int]
     run: str | None = None
-    tokens: list[list[str]] = field(default_factory=list)
+    tokens: list[list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
         self.tokens = [[] for _ in self.counted]
