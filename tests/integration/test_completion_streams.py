@@ -116,15 +116,7 @@ def test_a_streamed_completion_is_the_whole_text_sent_as_it_is_sampled(
     assert score_chunks[-1].usage == scored.usage
 
     # On the wire, without include_usage: no usage at all, and the stream's end said.
-    with httpx.stream(
-        "POST",
-        f"{live_url}/v1/completions",
-        json={**asked, "max_tokens": 4, "stream": True},
-        headers=tenant_a.headers("member"),
-        timeout=60,
-    ) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    events = _wire(live_url, tenant_a, {**asked, "max_tokens": 4, "stream": True})
     assert events[-1] == "data: [DONE]"
     assert all('"usage"' not in event for event in events)
     assert all('"delta"' not in event and '"role"' not in event for event in events)
@@ -146,6 +138,37 @@ def test_a_streamed_completion_is_the_whole_text_sent_as_it_is_sampled(
     assert "completion" in purposes and "chat" not in purposes, purposes
     assert len(rows) == 11
     assert all(r.partial is None and r.usage for r in rows)
+
+
+def _wire(live_url: str, tenant: TenantKeys, body: dict[str, Any]) -> list[str]:
+    """A streamed completion's `data:` lines as sent, over plain HTTP."""
+    with httpx.stream(
+        "POST",
+        f"{live_url}/v1/completions",
+        json=body,
+        headers=tenant.headers("member"),
+        timeout=60,
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def _all_let_go(services: Services, within_s: float = 30.0) -> bool:
+    """Whether every call's prompt and text are let go, within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        with services.engine.connect() as conn:
+            kept = conn.execute(
+                text(
+                    "SELECT count(*) FROM interactive_calls "
+                    "WHERE request <> '{}' OR partial IS NOT NULL"
+                )
+            ).scalar_one()
+        if kept == 0:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
 
 
 def _lists(chunks: list[Any], index: int = 0) -> tuple[dict[str, list[Any]], int]:
@@ -270,14 +293,7 @@ def test_a_batch_of_prompts_streams_every_prompts_choices_numbered_as_answered_w
         _same_logprobs(_lists(both_chunks, choice.index)[0], choice.logprobs)
 
     # On the wire, without include_usage: no usage, [DONE] once, last.
-    with httpx.stream(
-        "POST",
-        f"{live_url}/v1/completions",
-        json={**asked, "max_tokens": 4, "stream": True},
-        headers=tenant_a.headers("member"),
-        timeout=60,
-    ) as response:
-        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    events = _wire(live_url, tenant_a, {**asked, "max_tokens": 4, "stream": True})
     assert events.count("data: [DONE]") == 1 and events[-1] == "data: [DONE]"
     assert all('"usage"' not in event for event in events)
 
@@ -289,19 +305,7 @@ def test_a_batch_of_prompts_streams_every_prompts_choices_numbered_as_answered_w
                 model=model, prompt=[PROMPT, "word " * 5000], max_tokens=200, stream=True
             )
         )
-    deadline = time.monotonic() + 30
-    while True:
-        with services.engine.connect() as conn:
-            kept = conn.execute(
-                text(
-                    "SELECT count(*) FROM interactive_calls "
-                    "WHERE request <> '{}' OR partial IS NOT NULL"
-                )
-            ).scalar_one()
-        if kept == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert kept == 0
+    assert _all_let_go(services)
 
 
 def test_what_a_streamed_completion_does_not_offer_is_refused_by_name_and_nothing_asked(
