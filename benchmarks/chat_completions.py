@@ -2,7 +2,7 @@
 `chat.completions.create` against the tinker SDK sampling the same tokens.
 
     python -m benchmarks.chat_completions [--chats 30] [--tokens 16] [--rounds 3]
-        [--base-dir DIR] [--logprobs K] [--completions]
+        [--base-dir DIR] [--logprobs K] [--completions] [--batch K]
 
 The API on a socket of its own, with the real executor (`workers.interactive.runner`, serving on
 connections of its own) on the tiny test base or the Hugging Face directory `--base-dir` (e.g.
@@ -22,7 +22,9 @@ With `--completions`, text completions (`POST /v1/completions`) of PROMPT too, a
 streamed: a line for the streamed one's first text beside the awaited one's answer (what a load
 generator such as vLLM's `benchmark_serving` reads as the time to the first token), and one for
 its end beside it; with `--logprobs K` too, the completion streamed with `logprobs` K: a line for
-its end beside the plain stream's (each chunk carrying its tokens' legacy lists).
+its end beside the plain stream's (each chunk carrying its tokens' legacy lists); with `--batch K`
+too, a batch of K prompts in one request, awaited whole and streamed: a line for the stream's
+first text (any prompt's) beside the batch's answer, and one for its end beside it.
 """
 
 from __future__ import annotations
@@ -112,15 +114,25 @@ def _streams(
 
 
 def _completions(
-    url: str, key: str, base: str, chats: int, tokens: int, stream: bool, top: int | None, done: Any
+    url: str,
+    key: str,
+    base: str,
+    chats: int,
+    tokens: int,
+    stream: bool,
+    top: int | None,
+    batch: int,
+    done: Any,
 ) -> None:
-    """Text completions of PROMPT, awaited whole or streamed (with `top`, with `logprobs` that
-    many): each one's seconds to its end and, streamed, to its first text."""
+    """Text completions of PROMPT (with `batch` above 1, a batch of that many prompts in one
+    request), awaited whole or streamed (with `top`, with `logprobs` that many): each one's
+    seconds to its end and, streamed, to its first text."""
     import openai
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
     firsts: list[float] = []
-    asked: dict[str, Any] = {"model": base, "prompt": PROMPT, "max_tokens": tokens}
+    prompt: str | list[str] = PROMPT if batch == 1 else [f"{PROMPT} {k}" for k in range(batch)]
+    asked: dict[str, Any] = {"model": base, "prompt": prompt, "max_tokens": tokens}
     if top is not None:
         asked["logprobs"] = top
 
@@ -195,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also text completions of a prompt, awaited whole and streamed",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="with --completions, also a batch of this many prompts, awaited whole and streamed",
+    )
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
     base_dir = str(args.base_dir or TEST_BASE_PATH)
@@ -206,9 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         "completion": ([], []),
         "completion_stream": ([], []),
         "completion_stream_logprobs": ([], []),
+        "completion_batch": ([], []),
+        "completion_batch_stream": ([], []),
     }
     firsts: list[float] = []  # a streamed chat's seconds to its first text
     completion_firsts: list[float] = []  # a streamed completion's
+    batch_firsts: list[float] = []  # a streamed batch's
     with sdk_bench(args.database_url, args.base_dir) as bench:
         machine, base = bench.machine, bench.base.name
         with pausable_executor(bench.runner) as serving, served_with(bench.services) as url:
@@ -220,14 +241,27 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     if side.startswith("completion") and not args.completions:
                         continue
+                    if side.startswith("completion_batch") and args.batch is None:
+                        continue
                     if side.startswith("completion"):
-                        stream = side != "completion"
+                        stream = side.endswith(("stream", "stream_logprobs"))
                         top = args.logprobs if side == "completion_stream_logprobs" else None
+                        batch = args.batch if side.startswith("completion_batch") else 1
                         found = in_own_process(
-                            _completions, url, bench.key, base, args.chats, args.tokens, stream, top
+                            _completions,
+                            url,
+                            bench.key,
+                            base,
+                            args.chats,
+                            args.tokens,
+                            stream,
+                            top,
+                            batch,
                         )
                         if side == "completion_stream":
                             completion_firsts.extend(found[2])
+                        if side == "completion_batch_stream":
+                            batch_firsts.extend(found[2])
                     elif side == "chat":
                         found = in_own_process(
                             _chats, url, bench.key, base, args.chats, args.tokens
@@ -332,6 +366,29 @@ def main(argv: list[str] | None = None) -> int:
                 baseline_tokens_sampled=statistics.median(whole[1]),
                 p99_ms=round(percentile(found[0], 99) * 1000, 3),
                 baseline_p99_ms=round(percentile(whole[0], 99) * 1000, 3),
+                statistic="median and p99 over every round's asks",
+            )
+        whole_batch, streamed_batch = sides["completion_batch"], sides["completion_batch_stream"]
+        for name, found, what in (
+            ("completion_batch_stream_first_text", (batch_firsts, []), "its first text"),
+            ("completion_batch_stream_whole", streamed_batch, "its end"),
+        ):
+            if not found[0]:
+                continue
+            emit_beside(
+                name,
+                statistics.median(found[0]) * 1000,
+                "the same batch awaited whole",
+                statistics.median(whole_batch[0]) * 1000,
+                machine,
+                base=bench.label,
+                what=f"a batch of {args.batch} prompts in one request, streamed, greedy, at most "
+                f"{args.tokens} tokens each: ms to {what}",
+                asks=len(found[0]),
+                **({"tokens_sampled": statistics.median(found[1])} if found[1] else {}),
+                baseline_tokens_sampled=statistics.median(whole_batch[1]),
+                p99_ms=round(percentile(found[0], 99) * 1000, 3),
+                baseline_p99_ms=round(percentile(whole_batch[0], 99) * 1000, 3),
                 statistic="median and p99 over every round's asks",
             )
         with_lists = sides["completion_stream_logprobs"]
