@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_database_url_argument(parser)
     args = parser.parse_args(argv)
+    if args.batch is not None and (args.batch < 2 or not args.completions):
+        parser.error("--batch takes 2 prompts or more, with --completions")
     base_dir = str(args.base_dir or TEST_BASE_PATH)
     sides: dict[str, tuple[list[float], list[int]]] = {
         "chat": ([], []),

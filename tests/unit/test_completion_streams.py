@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -93,22 +95,29 @@ def test_a_stream_whose_client_left_ends_without_done_and_stops_every_prompt() -
     assert did_first == did_second == ["leave", "forget"]  # stopped, let go once answered
 
 
-def test_a_prompt_refused_before_any_text_stops_the_prompts_that_began(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Every prompt asked in one ask (`chat.ask_all`: the database's side, here a list of
-    names), each begun on its own call; one refused: a prompt that began is stopped and let go,
-    one still waiting for an executor is cancelled (which withdraws it)."""
-    began, did = _prompt("Hello", 2)
-    asks: list[list[str]] = []
-    waiting: list[str] = []
+class _Batch:
+    """`chat`'s side of a streamed batch, played: one ask for every prompt (`ask_all`, which
+    waits for `asking` to be set), each call's begin (`begin_stream`: "refused" is refused after
+    the first began, "untaken" waits for an executor until cancelled), and what each prompt no one
+    will follow went through (`withdraw`, through `chat_stream.abandon`)."""
 
-    def ask_all(services: Any, caller: Any, model: str, requests: Any, purpose: str) -> Any:
-        asks.append([r["completion"]["text"] for r in requests])
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.began, self.did = _prompt("Hello", 2)
+        self.asks: list[list[str]] = []
+        self.asking = threading.Event()
+        self.asking.set()
+        self.cancelled: list[str] = []
+        self.withdrawn: list[str] = []
+        for name in ("ask_all", "begin_stream", "following", "withdraw"):
+            monkeypatch.setattr(completion_streams.chat, name, getattr(self, name))
+
+    def ask_all(self, services: Any, caller: Any, model: str, requests: Any, purpose: str) -> Any:
+        assert self.asking.wait(10)
+        self.asks.append([r["completion"]["text"] for r in requests])
         return [f"call-{r['completion']['text']}" for r in requests]
 
     async def begin_stream(
-        body: CompletionCreate, *args: Any, asked: str, **kwargs: Any
+        self, body: CompletionCreate, *args: Any, asked: str, **kwargs: Any
     ) -> tuple[Streamed, CallRecord]:
         assert asked == f"call-{body.prompt}"  # each follows its own call
         if body.prompt == "refused":
@@ -118,20 +127,62 @@ def test_a_prompt_refused_before_any_text_stops_the_prompts_that_began(
             try:
                 await asyncio.sleep(60)
             except asyncio.CancelledError:
-                waiting.append("cancelled")
+                self.cancelled.append(asked)
                 raise
-        return began, _call("running", partial="He")
+        return self.began, _call("running", partial="He")
 
-    monkeypatch.setattr(completion_streams.chat, "ask_all", ask_all)
-    monkeypatch.setattr(completion_streams.chat, "begin_stream", begin_stream)
+    def following(self, call: str, *args: Any) -> Streamed:
+        return dataclasses.replace(self.began, chunk_id=call)
+
+    def withdraw(self, services: Any, tenant_id: str, call: str) -> bool:
+        self.withdrawn.append(call)
+        return True
+
+
+_CALLER = SimpleNamespace(tenant_id="t")
+_REQUEST = SimpleNamespace(is_disconnected=lambda: False)
+
+
+def test_a_prompt_refused_before_any_text_stops_the_prompts_that_began(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One ask for the batch, each prompt begun on its own call; one refused: a prompt that
+    began is stopped and let go, one still waiting for an executor is cancelled and withdrawn."""
+    batch = _Batch(monkeypatch)
     body = CompletionCreate(model="m", prompt=["fine", "refused", "untaken"], stream=True)
 
     async def asked() -> None:
         with pytest.raises(ApiError, match="context"):
-            await completion_streams.stream_response(body, None, None, None)  # type: ignore[arg-type]
+            await completion_streams.stream_response(body, _REQUEST, _CALLER, None)  # type: ignore[arg-type]
         await asyncio.sleep(0.2)
 
     asyncio.run(asked())
-    assert asks == [["fine", "refused", "untaken"]]  # one ask for the batch
-    assert did == ["leave", "forget"]  # the prompt that began: stopped, let go once answered
-    assert waiting == ["cancelled"]
+    assert batch.asks == [["fine", "refused", "untaken"]]  # one ask for the batch
+    assert batch.did == ["leave", "forget"]  # the prompt that began: stopped, let go once answered
+    assert batch.cancelled == ["call-untaken"] and batch.withdrawn == ["call-untaken"]
+
+
+def test_a_client_that_leaves_while_its_batch_is_asked_leaves_no_prompt_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request cancelled while its prompts are asked: once the ask commits, each prompt is
+    withdrawn (or stopped and let go, had an executor taken it)."""
+    batch = _Batch(monkeypatch)
+    batch.asking.clear()
+    body = CompletionCreate(model="m", prompt=["one", "two"], stream=True)
+
+    async def left() -> None:
+        task = asyncio.ensure_future(
+            completion_streams.stream_response(body, _REQUEST, _CALLER, None)  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert batch.withdrawn == []
+        batch.asking.set()
+        await asyncio.sleep(0.3)
+
+    asyncio.run(left())
+    assert batch.asks == [["one", "two"]]
+    assert sorted(batch.withdrawn) == ["call-one", "call-two"]

@@ -120,7 +120,7 @@ def _look(
             raise ApiError(503, "executor_failed", f"the chat's call {call_id} is gone") from None
 
 
-def _withdraw(services: Services, tenant_id: str, asked: chat_completions.Asked) -> bool:
+def withdraw(services: Services, tenant_id: str, asked: chat_completions.Asked) -> bool:
     """Fail the chat's call if no executor took it yet, its messages let go: whether it was."""
     call_id = asked.call_id
     with services.engine.begin() as conn:
@@ -251,7 +251,7 @@ async def answer_of(
         asked.call_id,
     )
     if not call.finished:  # not taken in time, or its client left: withdrawn if not taken
-        if await run_in_threadpool(_withdraw, services, tenant_id, asked):
+        if await run_in_threadpool(withdraw, services, tenant_id, asked):
             raise _busy(what)
         # An executor runs it (or just answered): its answer, while the client still waits.
         left = WAIT_SECONDS - (time.monotonic() - started)
@@ -342,7 +342,7 @@ def _began(found: interactive.CallRecord) -> bool:
     return found.finished or found.partial is not None
 
 
-def _following(
+def following(
     asked: chat_completions.Asked,
     body: StreamedBody,
     request: Request,
@@ -404,11 +404,11 @@ async def begin_stream(
     gone = disconnected or request.is_disconnected
 
     def follow(asked: chat_completions.Asked) -> chat_stream.Streamed:
-        return _following(asked, body, request, services, tenant_id, gone)
+        return following(asked, body, request, services, tenant_id, gone)
 
     def abandon(asked: chat_completions.Asked) -> None:
-        withdraw = partial(run_in_threadpool, _withdraw, services, tenant_id, asked)
-        chat_stream.abandon(follow(asked), withdraw)
+        take_back = partial(run_in_threadpool, withdraw, services, tenant_id, asked)
+        chat_stream.abandon(follow(asked), take_back)
 
     if asked is None:
         asking = asyncio.ensure_future(run_in_threadpool(_ask, services, caller, body))
@@ -432,7 +432,7 @@ async def begin_stream(
             gone,
         )
         if call.status == CallStatus.PENDING and await run_in_threadpool(
-            _withdraw, services, tenant_id, asked
+            withdraw, services, tenant_id, asked
         ):
             raise _left(streamed.what) if await gone() else _busy(streamed.what)
         if not _began(call):

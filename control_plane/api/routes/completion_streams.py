@@ -22,6 +22,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 from fastapi import Request, Response
@@ -31,6 +32,7 @@ from fastapi.responses import StreamingResponse
 from control_plane.api.errors import ApiError
 from control_plane.api.routes import chat, chat_stream
 from control_plane.api.routes.completion_models import CompletionCreate
+from control_plane.chat_completions import Asked
 from control_plane.interactive import CallRecord
 from control_plane.services import Services
 from control_plane.tenants import Principal
@@ -51,31 +53,47 @@ async def stream_response(
     asking = asyncio.ensure_future(
         run_in_threadpool(chat.ask_all, services, caller, body.model, requests, "completion")
     )
+
+    def abandon(one: CompletionCreate, call: Asked) -> None:
+        """A prompt asked that no one will follow: withdrawn if no executor took it, else
+        stopped and let go once answered."""
+        take_back = partial(run_in_threadpool, chat.withdraw, services, caller.tenant_id, call)
+        gone = request.is_disconnected
+        streamed = chat.following(call, one, request, services, caller.tenant_id, gone)
+        chat_stream.abandon(streamed, take_back)
+
+    def abandon_all(done: asyncio.Future[list[Asked]]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            for one, call in zip(bodies, done.result(), strict=True):
+                abandon(one, call)
+
     try:
         asked = await asyncio.shield(asking)
-    except asyncio.CancelledError:  # its client left while they were asked: each withdrawn
-        asking.add_done_callback(
-            lambda done: (
-                None
-                if done.cancelled() or done.exception()
-                else chat_stream.in_background(
-                    chat.withdraw_all(services, caller.tenant_id, done.result())
-                )
-            )
-        )
+    except asyncio.CancelledError:  # its client left while they were asked: each abandoned
+        asking.add_done_callback(abandon_all)
         raise
     begins = [
         asyncio.ensure_future(chat.begin_stream(one, request, caller, services, asked=call))
         for one, call in zip(bodies, asked, strict=True)
     ]
+
+    async def let_go() -> None:
+        """Every prompt, once one was refused (or the client left): those that began stopped,
+        those whose wait was cancelled (before it began too, when it could not) abandoned; a
+        refused one let itself go."""
+        for begin in begins:
+            begin.cancel()
+        found = await asyncio.gather(*begins, return_exceptions=True)
+        for one, call, outcome in zip(bodies, asked, found, strict=True):
+            if isinstance(outcome, tuple):
+                chat_stream.stop(outcome[0])
+            elif isinstance(outcome, asyncio.CancelledError):
+                abandon(one, call)  # abandoning twice withdraws or stops it once
+
     try:
         begun = await asyncio.gather(*begins)
-    except BaseException:  # one refused (or its client left): the others are not followed
-        for begin in begins:
-            begin.cancel()  # one still waiting withdraws its prompt, or stops it once taken
-        for found in await asyncio.gather(*begins, return_exceptions=True):
-            if isinstance(found, tuple):
-                chat_stream.stop(found[0])
+    except BaseException:
+        await asyncio.shield(let_go())  # done whole though this request is cancelled again
         raise
     chunk_id = begun[0][0].chunk_id
     followed = [
