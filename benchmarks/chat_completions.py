@@ -46,6 +46,8 @@ MESSAGES = [
     {"role": "user", "content": "Write one sentence about the sea."},
 ]
 PROMPT = "The sea at night is"
+# A side's asks: each one's seconds, and the tokens it sampled.
+Side = tuple[list[float], list[int]]
 
 
 def _timed(ask: Callable[[], int], times: int) -> tuple[list[float], list[int]]:
@@ -315,102 +317,84 @@ def main(argv: list[str] | None = None) -> int:
         p99_ms=round(percentile(firsts, 99) * 1000, 3),
         statistic="median and p99 over every round's asks",
     )
-    emit_beside(
+
+    def line(name: str, found: Side, beside: str, baseline: Side, what: str, **more: Any) -> None:
+        """A line of `found` beside `baseline`: their medians, p99s and tokens sampled."""
+        emit_beside(
+            name,
+            statistics.median(found[0]) * 1000,
+            beside,
+            statistics.median(baseline[0]) * 1000,
+            machine,
+            base=bench.label,
+            what=what,
+            **more,
+            **({"tokens_sampled": statistics.median(found[1])} if found[1] else {}),
+            baseline_tokens_sampled=statistics.median(baseline[1]),
+            p99_ms=round(percentile(found[0], 99) * 1000, 3),
+            baseline_p99_ms=round(percentile(baseline[0], 99) * 1000, 3),
+            statistic="median and p99 over every round's asks",
+        )
+
+    line(
         "chat_stream_whole",
-        statistics.median(streamed[0]) * 1000,
+        streamed,
         "the same chat awaited whole",
-        statistics.median(ours[0]) * 1000,
-        machine,
-        base=bench.label,
-        what=f"one chat streamed, greedy, at most {args.tokens} tokens: ms to its end",
+        ours,
+        f"one chat streamed, greedy, at most {args.tokens} tokens: ms to its end",
         chats=len(streamed[0]),
-        tokens_sampled=statistics.median(streamed[1]),
-        baseline_tokens_sampled=statistics.median(ours[1]),
-        p99_ms=round(percentile(streamed[0], 99) * 1000, 3),
-        baseline_p99_ms=round(percentile(ours[0], 99) * 1000, 3),
-        statistic="median and p99 over every round's asks",
     )
     with_entries = sides["stream_logprobs"]
     if with_entries[0]:
-        emit_beside(
+        line(
             "chat_stream_logprobs_whole",
-            statistics.median(with_entries[0]) * 1000,
+            with_entries,
             "the same chat streamed without logprobs",
-            statistics.median(streamed[0]) * 1000,
-            machine,
-            base=bench.label,
-            what=f"one chat streamed with logprobs, top_logprobs {args.logprobs}, greedy, "
+            streamed,
+            f"one chat streamed with logprobs, top_logprobs {args.logprobs}, greedy, "
             f"at most {args.tokens} tokens: ms to its end",
             chats=len(with_entries[0]),
-            tokens_sampled=statistics.median(with_entries[1]),
-            baseline_tokens_sampled=statistics.median(streamed[1]),
-            p99_ms=round(percentile(with_entries[0], 99) * 1000, 3),
-            baseline_p99_ms=round(percentile(streamed[0], 99) * 1000, 3),
-            statistic="median and p99 over every round's asks",
         )
-    if args.completions:
-        whole, streamed_text = sides["completion"], sides["completion_stream"]
-        for name, found, what in (
-            ("completion_stream_first_text", (completion_firsts, []), "its first text"),
-            ("completion_stream_whole", streamed_text, "its end"),
-        ):
-            emit_beside(
+    if not args.completions:
+        return 0
+    whole, streamed_text = sides["completion"], sides["completion_stream"]
+    whole_batch = sides["completion_batch"]
+    one = f"one text completion streamed, greedy, at most {args.tokens} tokens: ms to"
+    batch = f"a batch of {args.batch} prompts in one request, streamed, greedy, at most "
+    batch += f"{args.tokens} tokens each: ms to"
+    for name, found, beside, baseline, what in (
+        ("completion_stream_first_text", (completion_firsts, []), "completion", whole, one),
+        ("completion_stream_whole", streamed_text, "completion", whole, one),
+        ("completion_batch_stream_first_text", (batch_firsts, []), "batch", whole_batch, batch),
+        (
+            "completion_batch_stream_whole",
+            sides["completion_batch_stream"],
+            "batch",
+            whole_batch,
+            batch,
+        ),
+    ):
+        if found[0]:
+            end = "its first text" if name.endswith("first_text") else "its end"
+            line(
                 name,
-                statistics.median(found[0]) * 1000,
-                "the same completion awaited whole",
-                statistics.median(whole[0]) * 1000,
-                machine,
-                base=bench.label,
-                what=f"one text completion streamed, greedy, at most {args.tokens} tokens: ms "
-                f"to {what}",
+                found,
+                f"the same {beside} awaited whole",
+                baseline,
+                f"{what} {end}",
                 asks=len(found[0]),
-                **({"tokens_sampled": statistics.median(found[1])} if found[1] else {}),
-                baseline_tokens_sampled=statistics.median(whole[1]),
-                p99_ms=round(percentile(found[0], 99) * 1000, 3),
-                baseline_p99_ms=round(percentile(whole[0], 99) * 1000, 3),
-                statistic="median and p99 over every round's asks",
             )
-        whole_batch, streamed_batch = sides["completion_batch"], sides["completion_batch_stream"]
-        for name, found, what in (
-            ("completion_batch_stream_first_text", (batch_firsts, []), "its first text"),
-            ("completion_batch_stream_whole", streamed_batch, "its end"),
-        ):
-            if not found[0]:
-                continue
-            emit_beside(
-                name,
-                statistics.median(found[0]) * 1000,
-                "the same batch awaited whole",
-                statistics.median(whole_batch[0]) * 1000,
-                machine,
-                base=bench.label,
-                what=f"a batch of {args.batch} prompts in one request, streamed, greedy, at most "
-                f"{args.tokens} tokens each: ms to {what}",
-                asks=len(found[0]),
-                **({"tokens_sampled": statistics.median(found[1])} if found[1] else {}),
-                baseline_tokens_sampled=statistics.median(whole_batch[1]),
-                p99_ms=round(percentile(found[0], 99) * 1000, 3),
-                baseline_p99_ms=round(percentile(whole_batch[0], 99) * 1000, 3),
-                statistic="median and p99 over every round's asks",
-            )
-        with_lists = sides["completion_stream_logprobs"]
-        if with_lists[0]:
-            emit_beside(
-                "completion_stream_logprobs_whole",
-                statistics.median(with_lists[0]) * 1000,
-                "the same completion streamed without logprobs",
-                statistics.median(streamed_text[0]) * 1000,
-                machine,
-                base=bench.label,
-                what=f"one text completion streamed with logprobs {args.logprobs}, greedy, at "
-                f"most {args.tokens} tokens: ms to its end",
-                asks=len(with_lists[0]),
-                tokens_sampled=statistics.median(with_lists[1]),
-                baseline_tokens_sampled=statistics.median(streamed_text[1]),
-                p99_ms=round(percentile(with_lists[0], 99) * 1000, 3),
-                baseline_p99_ms=round(percentile(streamed_text[0], 99) * 1000, 3),
-                statistic="median and p99 over every round's asks",
-            )
+    with_lists = sides["completion_stream_logprobs"]
+    if with_lists[0]:
+        line(
+            "completion_stream_logprobs_whole",
+            with_lists,
+            "the same completion streamed without logprobs",
+            streamed_text,
+            f"one text completion streamed with logprobs {args.logprobs}, greedy, at "
+            f"most {args.tokens} tokens: ms to its end",
+            asks=len(with_lists[0]),
+        )
     return 0
 
 
