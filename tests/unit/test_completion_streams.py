@@ -99,7 +99,7 @@ class _Batch:
     """`chat`'s side of a streamed batch, played: one ask for every prompt (`ask_all`, which
     waits for `asking` to be set), each call's begin (`begin_stream`: "refused" is refused after
     the first began, "untaken" waits for an executor until cancelled), and what each prompt no one
-    will follow went through (`withdraw`, through `chat_stream.abandon`)."""
+    will follow went through (`withdraw`, through `chat.abandon_asked`)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.began, self.did = _prompt("Hello", 2)
@@ -108,8 +108,8 @@ class _Batch:
         self.asking.set()
         self.cancelled: list[str] = []
         self.withdrawn: list[str] = []
-        for name in ("ask_all", "begin_stream", "following", "withdraw"):
-            monkeypatch.setattr(completion_streams.chat, name, getattr(self, name))
+        for name in ("ask_all", "begin_stream", "_following", "_withdraw"):
+            monkeypatch.setattr(completion_streams.chat, name, getattr(self, name.lstrip("_")))
 
     def ask_all(self, services: Any, caller: Any, model: str, requests: Any, purpose: str) -> Any:
         assert self.asking.wait(10)

@@ -118,10 +118,12 @@ class GrowingLegacy:
     def read(self, sequence: dict[str, Any], sure: int) -> list[dict[str, Any]]:
         if not self.sampled:
             return self.prompt
-        content = len(self.content.read(sequence, sure))
+        # Only how many content entries are sure counts: read without their alternatives.
+        plain = {"tokens": sequence["tokens"], "logprobs": sequence["logprobs"]}
+        content = len(self.content.read(plain, sure))
         through = self.content.places[content - 1] + 1 if content else 0
         if len(self.entries) < through:
-            rows = sampled_rows(sequence, sequence["tokens"], through)[len(self.entries) :]
+            rows = sampled_rows(sequence, sequence["tokens"], through, len(self.entries))
             self.entries += legacy_entries(rows, self.tokenizer)
         return self.prompt + self.entries[:through]
 
@@ -178,10 +180,13 @@ def prompt_rows(scores: dict[str, Any], prompt: list[int]) -> list[Row]:
     return list(zip(prompt, logprobs, alternatives, strict=True))
 
 
-def sampled_rows(sequence: dict[str, Any], tokens: list[int], kept: int) -> list[Row]:
-    """The first `kept` sampled tokens' rows."""
+def sampled_rows(
+    sequence: dict[str, Any], tokens: list[int], kept: int, start: int = 0
+) -> list[Row]:
+    """The rows of the sampled tokens from `start` up to `kept`."""
     own = sequence.get("topk_logprobs") or [[] for _ in tokens]
-    return list(zip(tokens[:kept], sequence["logprobs"][:kept], own[:kept], strict=True))
+    cut = slice(start, kept)
+    return list(zip(tokens[cut], sequence["logprobs"][cut], own[cut], strict=True))
 
 
 def legacy_entries(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:

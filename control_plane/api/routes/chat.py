@@ -16,6 +16,8 @@ streamed, until its first text): a chat no executor took within `TAKE_SECONDS` i
 `executor_busy` with `Retry-After`); one an executor runs is waited for up to `WAIT_SECONDS` in
 all, under the openai SDK's own timeout (a stream has no such bound: it sends a comment while
 nothing is new). Once read or withdrawn, the call's messages and answer are let go.
+Past 450 lines: the calls' helpers here (ask, look, withdraw, abandon, begin a stream) are the
+completions' routes' too (`completions`, `completion_streams`), so they stay beside the chat's.
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _look(
             raise ApiError(503, "executor_failed", f"the chat's call {call_id} is gone") from None
 
 
-def withdraw(services: Services, tenant_id: str, asked: chat_completions.Asked) -> bool:
+def _withdraw(services: Services, tenant_id: str, asked: chat_completions.Asked) -> bool:
     """Fail the chat's call if no executor took it yet, its messages let go: whether it was."""
     call_id = asked.call_id
     with services.engine.begin() as conn:
@@ -251,7 +253,7 @@ async def answer_of(
         asked.call_id,
     )
     if not call.finished:  # not taken in time, or its client left: withdrawn if not taken
-        if await run_in_threadpool(withdraw, services, tenant_id, asked):
+        if await run_in_threadpool(_withdraw, services, tenant_id, asked):
             raise _busy(what)
         # An executor runs it (or just answered): its answer, while the client still waits.
         left = WAIT_SECONDS - (time.monotonic() - started)
@@ -342,7 +344,7 @@ def _began(found: interactive.CallRecord) -> bool:
     return found.finished or found.partial is not None
 
 
-def following(
+def _following(
     asked: chat_completions.Asked,
     body: StreamedBody,
     request: Request,
@@ -383,6 +385,21 @@ def following(
     )
 
 
+def abandon_asked(
+    body: StreamedBody,
+    request: Request,
+    caller: Principal,
+    services: Services,
+    asked: chat_completions.Asked,
+) -> None:
+    """An asked chat (or a batch's prompt) no one will follow: withdrawn if no executor took it
+    yet, else stopped and let go once answered (`chat_stream.abandon`)."""
+    tenant_id = caller.tenant_id
+    take_back = partial(run_in_threadpool, _withdraw, services, tenant_id, asked)
+    streamed = _following(asked, body, request, services, tenant_id, request.is_disconnected)
+    chat_stream.abandon(streamed, take_back)
+
+
 async def begin_stream(
     body: StreamedBody,
     request: Request,
@@ -397,19 +414,11 @@ async def begin_stream(
     first text, or within `FIRST_TEXT_SECONDS` of being taken (by the executor too, as it reads
     the request), is raised as the plain ApiError. `disconnected` says whether the stream's
     reader left (`request.is_disconnected` unless given). Cancelled (its reader went away: the
-    dashboard's "Stop"), or failing while it waits, the chat is withdrawn if no executor took it
-    yet, else stopped and let go once answered, the ask itself included (run to its end, then
-    withdrawn)."""
+    dashboard's "Stop"), or failing while it waits, the chat is abandoned (`abandon_asked`), the
+    ask itself included (run to its end, then abandoned)."""
     tenant_id = caller.tenant_id
     gone = disconnected or request.is_disconnected
-
-    def follow(asked: chat_completions.Asked) -> chat_stream.Streamed:
-        return following(asked, body, request, services, tenant_id, gone)
-
-    def abandon(asked: chat_completions.Asked) -> None:
-        take_back = partial(run_in_threadpool, withdraw, services, tenant_id, asked)
-        chat_stream.abandon(follow(asked), take_back)
-
+    abandon = partial(abandon_asked, body, request, caller, services)
     if asked is None:
         asking = asyncio.ensure_future(run_in_threadpool(_ask, services, caller, body))
         try:
@@ -421,7 +430,7 @@ async def begin_stream(
                 )
             )
             raise
-    streamed = follow(asked)
+    streamed = _following(asked, body, request, services, tenant_id, gone)
     try:
         call = await _held_while_connected(
             request,
@@ -432,7 +441,7 @@ async def begin_stream(
             gone,
         )
         if call.status == CallStatus.PENDING and await run_in_threadpool(
-            withdraw, services, tenant_id, asked
+            _withdraw, services, tenant_id, asked
         ):
             raise _left(streamed.what) if await gone() else _busy(streamed.what)
         if not _began(call):

@@ -150,7 +150,7 @@ async def cancel_left() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def in_background(work: Coroutine[Any, Any, None]) -> None:
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
     """`work` on the app's loop, past the request (cancelled at the app's end: `cancel_left`);
     with no loop left (shutting down), dropped: the chat's retention lets it go."""
     try:
@@ -176,13 +176,14 @@ def abandon(streamed: Streamed, withdraw: Callable[[], Awaitable[bool]]) -> None
             return
         await _forget_when_answered(streamed)
 
-    in_background(give_up())
+    _in_background(give_up())
 
 
 def stop(streamed: Streamed) -> None:
-    """A stream that began and will not be followed (a refusal of another prompt of its
-    request): the executor stops sampling it, and it is let go once answered."""
-    in_background(_forget_when_answered(streamed))
+    """A stream that began and will not be followed to its end (its client left, an error, a
+    refusal of another prompt of its request): the executor stops sampling it, and it is let go
+    once answered."""
+    _in_background(_forget_when_answered(streamed))
 
 
 async def _forget_when_answered(streamed: Streamed) -> None:
@@ -335,4 +336,4 @@ async def pieces(streamed: Streamed, first: CallRecord) -> AsyncGenerator[Piece]
         )
     finally:
         if not forgotten:  # ended early, or its client left: stopped, let go once answered
-            in_background(_forget_when_answered(streamed))
+            stop(streamed)

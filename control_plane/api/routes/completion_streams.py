@@ -22,7 +22,6 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from functools import partial
 from typing import Any
 
 from fastapi import Request, Response
@@ -55,12 +54,7 @@ async def stream_response(
     )
 
     def abandon(one: CompletionCreate, call: Asked) -> None:
-        """A prompt asked that no one will follow: withdrawn if no executor took it, else
-        stopped and let go once answered."""
-        take_back = partial(run_in_threadpool, chat.withdraw, services, caller.tenant_id, call)
-        gone = request.is_disconnected
-        streamed = chat.following(call, one, request, services, caller.tenant_id, gone)
-        chat_stream.abandon(streamed, take_back)
+        chat.abandon_asked(one, request, caller, services, call)
 
     def abandon_all(done: asyncio.Future[list[Asked]]) -> None:
         if not done.cancelled() and done.exception() is None:

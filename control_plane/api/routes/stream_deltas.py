@@ -33,8 +33,8 @@ def as_text(one: dict[str, Any], lists: bool = False) -> dict[str, Any]:
     logprobs (`lists`), the legacy lists of the entries it carries (`text_entry_deltas`), empty
     where it carries none, as vLLM sends them."""
     logprobs = one["logprobs"]
-    if logprobs is None or "text_offset" not in logprobs:
-        logprobs = legacy_logprobs.arrays([]) if lists else None
+    if logprobs is None and lists:
+        logprobs = legacy_logprobs.arrays([])
     return {
         "index": one["index"],
         "text": one["delta"].get("content", ""),
