@@ -12,7 +12,9 @@ from control_plane.records import FileRecord
 
 files = cast(Table, File.__table__)
 
-PURPOSES = ("fine-tune",)
+# What an upload may be for: a dataset, or a batch's requests (`control_plane.batches`); a
+# batch's output files (`batch_output`) are written by the platform alone.
+PURPOSES = ("fine-tune", "batch")
 
 
 def insert_file(

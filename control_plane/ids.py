@@ -19,6 +19,7 @@ PREFIXES = {
     "interactive_call": "fut",
     "interactive_checkpoint": "ickpt",
     "interactive_custom_loss": "closs",
+    "batch": "batch",
 }
 
 

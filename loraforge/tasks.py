@@ -27,6 +27,7 @@ from control_plane import (
     trainers,
     webhooks,
 )
+from control_plane.api import batch_runner
 from control_plane.services import Services, build_services
 from control_plane.settings import Settings
 from control_plane.validation import run_validation
@@ -44,6 +45,9 @@ INTERACTIVE_PASS_INTERVAL_S = 300.0
 # How often the beat does an executor's idle pass for every base (what waits on a lost executor
 # or a silent session is answered where no executor of its base runs any more).
 INTERACTIVE_TIDY_INTERVAL_S = 60.0
+
+# How often the batches' runner steps each batch still moving.
+BATCH_PASS_INTERVAL_S = 1.0
 
 celery_app = Celery("loraforge")
 celery_app.conf.update(
@@ -75,6 +79,12 @@ celery_app.conf.update(
             "task": "loraforge.deliver_webhooks",
             "schedule": WEBHOOK_PASS_INTERVAL_S,
             "options": {"expires": WEBHOOK_PASS_INTERVAL_S},
+        },
+        # A batch's requests asked and collected a window at a time (`api.batch_runner`).
+        "run-batches": {
+            "task": "loraforge.run_batches",
+            "schedule": BATCH_PASS_INTERVAL_S,
+            "options": {"expires": BATCH_PASS_INTERVAL_S},
         },
         "forget-gone-trainers": {"task": "loraforge.forget_gone_trainers", "schedule": 600.0},
         "forget-old-webhook-deliveries": {
@@ -194,6 +204,12 @@ def deliver_webhooks() -> int:
         timeout=settings.webhook_timeout_seconds,
         allow_private=settings.webhooks_may_post_privately,
     )
+
+
+@celery_app.task(name="loraforge.run_batches")
+def run_batches() -> int:
+    """Step every batch still moving (`control_plane.api.batch_runner`); how many were."""
+    return batch_runner.run_due(get_services())
 
 
 @celery_app.task(name="loraforge.forget_old_webhook_deliveries")

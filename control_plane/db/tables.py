@@ -924,3 +924,77 @@ class AuditEvent(Base):
     event: Mapped[str] = mapped_column(String(64), nullable=False)
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
     once: Mapped[str | None] = mapped_column(Text)
+
+
+class Batch(Base):
+    """A batch of chat or text completions (OpenAI's Batch API, revision 0043,
+    `control_plane.batches`): its input file's requests run by the interactive executors a few
+    at a time, their answers written to an output file and an error file once all are over."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+        # The runner's pass reads only the batches it still moves.
+        Index(
+            "ix_batches_moving",
+            "created_at",
+            postgresql_where=text("status IN ('in_progress', 'cancelling')"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    )
+    # The key that created it: the reader an adapter's owner's audit log names.
+    created_by: Mapped[str] = mapped_column(String(64), nullable=False)
+    endpoint: Mapped[str] = mapped_column(String(64), nullable=False)
+    input_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"), nullable=False)
+    completion_window: Mapped[str] = mapped_column(String(16), nullable=False)
+    model: Mapped[str] = mapped_column(String(255), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB)
+    output_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
+    error_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"))
+    total: Mapped[int] = mapped_column(Integer, nullable=False)
+    completed: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    created_at: Mapped[datetime] = _now()
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class BatchRequest(Base):
+    """One line of a batch's input file: `pending` (not asked yet), `asked` (its calls in
+    `calls`, `[[call_id, sampler_id], ...]`), then `done` (`response` its answer) or `failed`
+    (`response` a refusal's, or `error` why it never ran)."""
+
+    __tablename__ = "batch_requests"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "custom_id", name="uq_batch_requests_custom_id"),
+        # A pass reads a batch's unfinished lines in order.
+        Index(
+            "ix_batch_requests_unfinished",
+            "batch_id",
+            "line",
+            postgresql_where=text("status IN ('pending', 'asked')"),
+        ),
+    )
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(Text, nullable=False)
+    body: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, server_default="pending")
+    calls: Mapped[list[Any] | None] = mapped_column(JSONB)
+    # How many times it was asked: the platform's failures (an executor lost) ask it again.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONB)

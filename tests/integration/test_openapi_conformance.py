@@ -12,6 +12,7 @@ too, not only the 404s. Hypothesis runs derandomized: the same requests on every
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,21 @@ def real_parameters(
         "/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}, headers=tenant_a.headers()
     ).json()["id"]
     delivery = client.post(f"/v1/webhooks/{hook}/test", headers=tenant_a.headers()).json()["id"]
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions"}
+    line["body"] = {"model": base.name, "prompt": "Hi"}
+    upload = ("requests.jsonl", json.dumps(line).encode())
+    batch_file = client.post(
+        "/v1/files", files={"file": upload}, data={"purpose": "batch"}, headers=tenant_a.headers()
+    ).json()["id"]
+    batch = client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": batch_file,
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+        headers=tenant_a.headers(),
+    ).json()["id"]
     fuzzed = make_tenant(services.engine, "fuzzed")
     with services.engine.begin() as conn:
         fuzzed_key = tenants.create_api_key(conn, SECRET, fuzzed.id, role="member")[0].id
@@ -79,7 +95,8 @@ def real_parameters(
     }
     return {
         "/v1/adapters/": adapter,
-        "/v1/files/": {"file_id": [job.training_file_id]},
+        "/v1/files/": {"file_id": [job.training_file_id, batch_file]},
+        "/v1/batches/": {"batch_id": [batch]},
         "/v1/fine_tuning/jobs/": {"job_id": [job.id]},
         "/v1/base_models/": {"name": [base.name]},
         "/v1/models/": {"model_id": [base.name, version.model_id]},
@@ -190,7 +207,7 @@ def test_the_schema_documents_its_key_and_its_errors(client: TestClient) -> None
     patterns = {p["name"]: p["schema"].get("pattern") for p in put_alias["parameters"]}
     assert patterns == {"name": registry.NAME_SHAPE, "alias": registry.ALIAS_SHAPE}
     upload = spec["components"]["schemas"]["Body_upload_file_v1_files_post"]
-    assert upload["properties"]["purpose"]["enum"] == ["fine-tune"]
+    assert upload["properties"]["purpose"]["enum"] == ["batch", "fine-tune"]
 
 
 def test_a_reader_key_changes_nothing_through_any_write(

@@ -165,14 +165,19 @@ async def create_chat_completion(
 ) -> Response | ChatCompletion:
     """OpenAI's chat completion, sampled by the executors that hold the model's base; with
     `stream`, sent as it is sampled (`chat_stream`)."""
+    refuse_unoffered(body)
+    if body.stream:
+        return await stream_response(body, request, caller, services)
+    return await complete(body, request, caller, services)
+
+
+def refuse_unoffered(body: ChatCompletionCreate) -> None:
+    """What the body's fields allow one by one but not together, refused by name."""
     chat_stream.refuse_options_without_stream(body.stream, body.stream_options)
     if body.top_logprobs and not body.logprobs:
         raise ApiError(
             400, "invalid_request", "top_logprobs is taken only with logprobs: true", "top_logprobs"
         )
-    if body.stream:
-        return await stream_response(body, request, caller, services)
-    return await complete(body, request, caller, services)
 
 
 async def _answered(
@@ -301,6 +306,11 @@ async def complete(
     started = time.monotonic()
     asked = await run_in_threadpool(_ask, services, caller, body)
     call = await answer_of(request, services, caller.tenant_id, asked, started)
+    return answer(body, call)
+
+
+def answer(body: ChatCompletionCreate, call: interactive.CallRecord) -> ChatCompletion:
+    """OpenAI's `chat.completion` of the chat's answered call (a batch's request's too)."""
     result = call.result or {}
     sequences = result.get("sequences") or []
     completion = sum(len(s.get("tokens") or []) for s in sequences)

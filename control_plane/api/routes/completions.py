@@ -32,6 +32,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from control_plane import interactive
 from control_plane.api.deps import ServicesDep, Writer
 from control_plane.api.errors import ApiError
 from control_plane.api.openapi import refusals
@@ -64,7 +65,7 @@ async def create_completion(
 ) -> Response | Completion:
     """OpenAI's legacy completion, sampled by the executors that hold the model's base; with
     `stream`, sent as it is sampled (`chat_stream`)."""
-    _refuse_unoffered(body)
+    refuse_unoffered(body)
     if body.stream and len(body.prompts()) > 1:
         return await completion_streams.stream_response(body, request, caller, services)
     if body.stream:
@@ -90,6 +91,12 @@ async def create_completion(
         await asyncio.gather(*waits, return_exceptions=True)
         await asyncio.shield(chat.withdraw_all(services, caller.tenant_id, asked))
         raise
+    return answer(body, calls)
+
+
+def answer(body: CompletionCreate, calls: list[interactive.CallRecord]) -> Completion:
+    """OpenAI's `text_completion` of a completion's answered calls, one a prompt in the
+    prompts' order (a batch's request's too)."""
     choices, prompt, completion = [], 0, 0
     for place, call in enumerate(calls):
         result = call.result or {}
@@ -106,7 +113,7 @@ async def create_completion(
                 )
             )
     return Completion(
-        id=f"cmpl-{asked[0].call_id}",
+        id=f"cmpl-{calls[0].id}",
         created=int(time.time()),
         model=body.model,
         choices=choices,
@@ -116,7 +123,7 @@ async def create_completion(
     )
 
 
-def _refuse_unoffered(body: CompletionCreate) -> None:
+def refuse_unoffered(body: CompletionCreate) -> None:
     """What the body's fields allow one by one but not together, refused by name."""
     if body.max_tokens == 0 and not body.echo:
         raise ApiError(

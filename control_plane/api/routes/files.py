@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import Response
 
+from control_plane import batches, jobs
 from control_plane import files as file_repo
-from control_plane import jobs
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.downloads import verified_download
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.openapi import download, refusals
 from control_plane.api.schemas import FileDeleted, FilePublic, Page, page_of
-from control_plane.datasets import DatasetError, validate_jsonl
+from control_plane.datasets import DatasetError, DatasetStats, validate_jsonl
 from control_plane.ids import new_id
+from control_plane.settings import Settings
 from control_plane.storage import ObjectNotFoundError, file_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -28,22 +30,22 @@ def upload_file(
     file: UploadFile,
     purpose: Annotated[str, Form(json_schema_extra={"enum": sorted(file_repo.PURPOSES)})],
 ) -> FilePublic:
-    """Validate a JSONL dataset and store it; nothing is kept when it is refused."""
+    """Validate a JSONL dataset (or a batch's requests) and store it; nothing is kept when it
+    is refused."""
     if purpose not in file_repo.PURPOSES:
         raise ApiError(
-            400, "invalid_purpose", f"purpose must be 'fine-tune', not {purpose!r}", "purpose"
+            400,
+            "invalid_purpose",
+            f"purpose must be 'fine-tune' or 'batch', not {purpose!r}",
+            "purpose",
         )
     filename = (file.filename or "upload.jsonl").replace("/", "_").replace("\\", "_")[:255]
     settings = services.settings
-    try:
-        stats = validate_jsonl(
-            file.file,
-            max_bytes=settings.max_upload_bytes,
-            max_example_tokens=settings.max_example_tokens,
-        )
-    except DatasetError as exc:
-        status = 413 if exc.code == "file_too_large" else 400
-        raise ApiError(status, exc.code, f"{filename}: {exc.message}", "file") from exc
+    stats = (
+        _batch_stats(file, filename, settings.max_upload_bytes)
+        if purpose == "batch"
+        else _dataset_stats(file, filename, settings)
+    )
     file.file.seek(0)
     file_id = new_id("file")
     key = file_key(caller.tenant_id, file_id)
@@ -69,6 +71,40 @@ def upload_file(
         services.store.delete(key)
         raise
     return FilePublic.of(record)
+
+
+def _dataset_stats(file: UploadFile, filename: str, settings: Settings) -> DatasetStats:
+    try:
+        return validate_jsonl(
+            file.file,
+            max_bytes=settings.max_upload_bytes,
+            max_example_tokens=settings.max_example_tokens,
+        )
+    except DatasetError as exc:
+        status = 413 if exc.code == "file_too_large" else 400
+        raise ApiError(status, exc.code, f"{filename}: {exc.message}", "file") from exc
+
+
+def _batch_stats(file: UploadFile, filename: str, max_bytes: int) -> _Counted:
+    """A batch's requests, each line checked for its shape (`batches.read_input`; the bodies
+    are checked when a batch is created, against its endpoint)."""
+    data = file.file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ApiError(413, "file_too_large", f"{filename}: larger than {max_bytes} bytes", "file")
+    try:
+        lines = batches.read_input(data)
+    except batches.BatchInputError as bad:
+        raise ApiError(400, "invalid_batch_input", f"{filename}: {bad}", "file") from None
+    return _Counted(format="batch", examples=len(lines), tokens=None)
+
+
+@dataclass(frozen=True)
+class _Counted:
+    """What a file's row says of its contents."""
+
+    format: str
+    examples: int
+    tokens: int | None
 
 
 @router.get("", response_model=Page[FilePublic], responses=refusals(404))
