@@ -36,8 +36,9 @@ batch_requests = cast(Table, BatchRequest.__table__)
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 WINDOWS = {"24h": timedelta(hours=24)}
-# OpenAI's own bound on a batch's requests.
+# OpenAI's own bounds on a batch's requests and its file.
 MAX_REQUESTS = 50_000
+MAX_BYTES = 200 * 1024 * 1024
 # A custom_id's length, as the ids people put there (a dataset's row key) are.
 MAX_CUSTOM_ID = 512
 # States the runner's pass still moves, and those over.
@@ -72,10 +73,15 @@ def read_input(data: bytes) -> list[InputLine]:
             continue
         try:
             item = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            unstorable = _unstorable(item)
+        except RecursionError:
+            raise BatchInputError(number, "not a JSON object (nested too deeply)") from None
+        except ValueError as exc:  # not UTF-8, not JSON, an integer past Python's digit limit
             raise BatchInputError(number, f"not a JSON object ({exc})") from None
         if not isinstance(item, dict):
             raise BatchInputError(number, "not a JSON object")
+        if unstorable is not None:
+            raise BatchInputError(number, f"a string holds {unstorable}: remove it")
         unknown = sorted(set(item) - {"custom_id", "method", "url", "body"})
         if unknown:
             raise BatchInputError(number, f"unknown field(s) {', '.join(unknown)}")
@@ -99,6 +105,24 @@ def read_input(data: bytes) -> list[InputLine]:
     if not lines:
         raise BatchInputError(1, "the file holds no request")
     return lines
+
+
+def _unstorable(value: Any) -> str | None:
+    """What no text in PostgreSQL may hold, where a key or string of `value` holds it."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "a NUL character (U+0000)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON may escape half a surrogate pair: no character
+            return "a lone surrogate escape (\\ud800-\\udfff), half a character"
+        return None
+    items: list[Any] = []
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    return next((found for item in items if (found := _unstorable(item)) is not None), None)
 
 
 @dataclass(frozen=True)

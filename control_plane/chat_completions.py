@@ -160,6 +160,42 @@ def ask(
 ) -> Asked:
     """A chat of `model` (a ready base's name, or the tenant's adapter by `name[@version|
     alias]`) asked of its base's executors (not committed). ModelUnknown, NoExecutor."""
+    base, weights = _resolve(conn, tenant_id, model)
+    try:
+        require_served(conn, base.id, lease)
+    except Refused as unserved:
+        raise NoExecutor(str(unserved)) from None
+    session = session_id(tenant_id)
+    conn.execute(_SESSION, {"id": session, "tenant": tenant_id, "tags": [TAG]})
+    path = weights.path if weights is not None else None
+    sampler = _sampler(conn, tenant_id, session, base, path, lease)
+    call_id = enqueue(conn, tenant_id, sampler, CallKind.SAMPLE, request)
+    return Asked(call_id, sampler, weights)
+
+
+def keep_alive(conn: Connection, tenant_id: str) -> None:
+    """The tenant's chat session heartbeated, as a chat asked heartbeats it: its samplers are
+    kept while a batch waits on their calls, asking nothing new (not committed)."""
+    conn.execute(
+        text("UPDATE interactive_sessions SET last_heartbeat_at = now() WHERE id = :id"),
+        {"id": session_id(tenant_id)},
+    )
+
+
+def pinned(conn: Connection, tenant_id: str, model: str) -> str:
+    """`model` as it reads now, pinned: a base's name, or the adapter version an alias or
+    `name` (its latest) names now, `name@N`; ModelUnknown."""
+    base, weights = _resolve(conn, tenant_id, model)
+    if weights is None:
+        return base.name
+    return weights.path.removeprefix(session_weights.PREFIX)
+
+
+def _resolve(
+    conn: Connection, tenant_id: str, model: str
+) -> tuple[BaseModelRecord, CheckpointRecord | None]:
+    """The base a chat of `model` runs on, and the adapter version it reads (None: a base);
+    ModelUnknown."""
     base = get_base_model(conn, model)
     weights = None
     if base is not None and base.status != BaseStatus.READY:
@@ -177,13 +213,4 @@ def ask(
             ) from None
         base = get_base_model(conn, weights.base_model_id)
         assert base is not None  # a version's base is never deleted (lineage)
-    try:
-        require_served(conn, base.id, lease)
-    except Refused as unserved:
-        raise NoExecutor(str(unserved)) from None
-    session = session_id(tenant_id)
-    conn.execute(_SESSION, {"id": session, "tenant": tenant_id, "tags": [TAG]})
-    path = weights.path if weights is not None else None
-    sampler = _sampler(conn, tenant_id, session, base, path, lease)
-    call_id = enqueue(conn, tenant_id, sampler, CallKind.SAMPLE, request)
-    return Asked(call_id, sampler, weights)
+    return base, weights

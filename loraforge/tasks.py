@@ -46,8 +46,10 @@ INTERACTIVE_PASS_INTERVAL_S = 300.0
 # or a silent session is answered where no executor of its base runs any more).
 INTERACTIVE_TIDY_INTERVAL_S = 60.0
 
-# How often the batches' runner steps each batch still moving.
+# How often the beat starts the batches' runner, and how long one run steps them (woken by each
+# call's finish) before the next: one worker's slot, while batches move.
 BATCH_PASS_INTERVAL_S = 1.0
+BATCH_RUN_SECONDS = 5.0
 
 celery_app = Celery("loraforge")
 celery_app.conf.update(
@@ -208,8 +210,9 @@ def deliver_webhooks() -> int:
 
 @celery_app.task(name="loraforge.run_batches")
 def run_batches() -> int:
-    """Step every batch still moving (`control_plane.api.batch_runner`); how many were."""
-    return batch_runner.run_due(get_services())
+    """Step the batches still moving for up to BATCH_RUN_SECONDS
+    (`control_plane.api.batch_runner`); how many steps."""
+    return batch_runner.run_for(get_services(), BATCH_RUN_SECONDS)
 
 
 @celery_app.task(name="loraforge.forget_old_webhook_deliveries")

@@ -19,13 +19,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Connection, select, text, update
+from sqlalchemy import Connection, delete, select, text, update
 
 from control_plane import audit, chat_completions, interactive, interactive_polls
 from control_plane import files as file_repo
+from control_plane.api import call_wakeups
 from control_plane.api.errors import ApiError, error_body
 from control_plane.api.routes import chat, completions
 from control_plane.api.routes.chat_models import ChatCompletionCreate
@@ -33,6 +36,7 @@ from control_plane.api.routes.completion_models import CompletionCreate
 from control_plane.batches import MOVING, BatchRecord, batch_requests, batches
 from control_plane.ids import new_id
 from control_plane.interactive import CallRecord, CallStatus
+from control_plane.queue import QueueListener
 from control_plane.services import Services
 from control_plane.storage import file_key
 from control_plane.tenants import Principal
@@ -44,6 +48,10 @@ log = logging.getLogger(__name__)
 WINDOW = 16
 # Times a request is asked where the platform failed it (its executor lost).
 MAX_ATTEMPTS = 3
+# The runner's advisory lock (one runner steps the batches at a time), and how long it waits
+# for a call's finish between passes.
+LOCK_KEY = 0x6C66_6261_7463_68  # "lfbatch"
+WAKE_SECONDS = 0.5
 
 Body = ChatCompletionCreate | CompletionCreate
 
@@ -117,6 +125,32 @@ def run_due(services: Services, window: int = WINDOW) -> int:
     return stepped
 
 
+def run_for(services: Services, seconds: float, window: int = WINDOW) -> int:
+    """Passes for up to `seconds` while any batch moves, each as soon as a call finishes (its
+    notification) or every WAKE_SECONDS, by one runner of the platform at a time (an advisory
+    lock: a second returns at once, 0); how many steps it made. The beat's task runs this, so
+    a batch's next requests are asked as soon as the last ones are answered, not a beat later,
+    and one worker's slot, not all, steps the batches."""
+    steps = 0
+    deadline = time.monotonic() + seconds
+    with services.engine.connect() as held:
+        if not held.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar():
+            return 0
+        held.commit()  # the lock is the session's: no transaction held open meanwhile
+        try:
+            with QueueListener(services.database_url, (call_wakeups.CHANNEL,)) as woken:
+                while True:
+                    stepped = run_due(services, window)
+                    steps += stepped
+                    left = deadline - time.monotonic()
+                    if not stepped or left <= 0:
+                        return steps
+                    woken.wait(min(left, WAKE_SECONDS))
+        finally:
+            held.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+            held.commit()
+
+
 def _line_id(batch: BatchRecord, line: int) -> str:
     return f"batch_req-{batch.id.removeprefix('batch-')}-{line}"
 
@@ -141,9 +175,15 @@ class _Step:
             self.ending = "batch_cancelled"
         elif conn.execute(text("SELECT now() >= :at"), {"at": batch.expires_at}).scalar_one():
             self.ending = "batch_expired"
-        in_flight = sum(not self._collect(one) for one in self._requests("asked"))
+        asked = self._requests("asked")
+        if asked:  # its samplers kept while it waits on them (an executor's outage, a backlog)
+            chat_completions.keep_alive(conn, batch.tenant_id)
+        in_flight = 0
+        for request in asked:
+            if not self._guarded(request, self._collect):
+                in_flight += len(request.calls)
         if self.ending is None:
-            self._ask(window - in_flight)
+            self._ask(window, in_flight)
         else:
             self._end_pending()
         conn.execute(
@@ -156,6 +196,21 @@ class _Step:
         )
         if not self._requests("asked", 1) and not self._requests("pending", 1):
             self._finish()
+
+    def _guarded(self, request: Any, move: Callable[[Any], bool | None]) -> bool | None:
+        """`move(request)` in a savepoint; a request it fails on (a bug, or data no answer can
+        be made of) is failed alone (500), not the whole step every pass."""
+        counts = (self.completed, self.failed)
+        try:
+            with self.conn.begin_nested():
+                return move(request)
+        except Exception:
+            log.exception("batch %s, line %s: failed", self.batch.id, request.line)
+            self.completed, self.failed = counts
+            body = error_body(500, "internal_error", "the platform could not run this request")
+            response = {"status_code": 500, "request_id": None, "body": body}
+            self._settle(request.line, status="failed", response=response)
+            return True
 
     def _requests(self, status: str, limit: int | None = None) -> list[Any]:
         return list(
@@ -179,47 +234,60 @@ class _Step:
         elif values.get("status") == "failed":
             self.failed += 1
 
+    def _withdraw(self, call_ids: list[str]) -> bool:
+        """The calls no executor took yet withdrawn: whether any was."""
+        withdrawn = False
+        for call_id in call_ids:
+            try:
+                withdrawn |= interactive.cancel(self.conn, self.batch.tenant_id, call_id)
+            except interactive.NotFound:
+                continue
+        return withdrawn
+
     def _collect(self, request: Any) -> bool:
         """The asked request settled if its calls are over (or withdrawn, the batch ending):
         whether it no longer runs."""
         tenant = self.batch.tenant_id
-        calls: list[CallRecord] = []
-        for call_id, _ in request.calls:
-            try:
-                calls.append(interactive.retrieve(self.conn, tenant, call_id))
-            except interactive.NotFound:  # its session's rows deleted meanwhile
-                self._settle(request.line, status="failed", response=_failure("its call is gone"))
-                return True
+        ids = [call_id for call_id, _ in request.calls]
+        try:
+            calls = [interactive.retrieve(self.conn, tenant, call_id) for call_id in ids]
+        except interactive.NotFound:  # its session's rows deleted meanwhile
+            self._withdraw(ids)
+            self._settle(request.line, status="failed", response=_failure("its call is gone"))
+            return True
         withdrawn = request.error
-        if self.ending is not None:
-            for call in calls:
-                if not call.finished and interactive.cancel(self.conn, tenant, call.id):
-                    withdrawn = _ended(self.ending)
-            calls = [interactive.retrieve(self.conn, tenant, call.id) for call in calls]
+        refused = next((c for c in calls if _refused(c)), None)
+        if (self.ending is not None or refused is not None) and self._withdraw(ids):
+            # The batch ends, or a prompt of the request was refused: its others not run.
+            withdrawn = withdrawn or (_ended(self.ending) if self.ending else None)
+            calls = [interactive.retrieve(self.conn, tenant, call_id) for call_id in ids]
         if not all(call.finished for call in calls):
             if withdrawn is not None and request.error is None:  # remembered for later passes
                 self._settle(request.line, error=withdrawn)
             return False
         for call_id, sampler_id in request.calls:
             interactive_polls.forget(self.conn, tenant, sampler_id, [call_id])
+        request_id = calls[0].id
+        if refused is not None:
+            message = str((refused.error or {}).get("error") or "the request was refused")
+            body = error_body(400, "invalid_request", message)
+            response = {"status_code": 400, "request_id": request_id, "body": body}
+            self._settle(request.line, status="failed", response=response, error=None)
+            return True
         if withdrawn is not None:
             self._settle(request.line, status="failed", error=withdrawn)
             return True
-        request_id = calls[0].id
-        lost = next((c for c in calls if c.payload_dropped_at is not None), None)
-        failed = next((c for c in calls if c.status == CallStatus.FAILED), None)
-        if lost is not None:
-            message = "its answer was let go before it was read"
-            self._settle(request.line, status="failed", response=_failure(message, request_id))
-        elif failed is not None and (failed.error or {}).get("category") == "user":
-            message = str((failed.error or {}).get("error") or "the request was refused")
-            body = error_body(400, "invalid_request", message)
-            response = {"status_code": 400, "request_id": request_id, "body": body}
-            self._settle(request.line, status="failed", response=response)
-        elif failed is not None and request.attempts < MAX_ATTEMPTS and self.ending is None:
+        # The platform's failure: its executor lost, or its answer let go before it was read
+        # (the runner held up past the payloads' retention).
+        failed = next(
+            (c for c in calls if c.status == CallStatus.FAILED or c.payload_dropped_at), None
+        )
+        if failed is not None and request.attempts < MAX_ATTEMPTS and self.ending is None:
             self._settle(request.line, status="pending", calls=None)  # asked again
         elif failed is not None:
-            message = str((failed.error or {}).get("error") or "the executor failed")
+            message = str(
+                (failed.error or {}).get("error") or "its answer was let go before it was read"
+            )
             self._settle(request.line, status="failed", response=_failure(message, request_id))
         else:
             asked = parse(self.batch.endpoint, request.body)
@@ -227,44 +295,58 @@ class _Step:
             self._settle(request.line, status="done", response=response)
         return True
 
-    def _ask(self, room: int) -> None:
-        """Up to `room` pending requests asked, in their lines' order."""
-        if room <= 0:
-            return
+    def _ask(self, window: int, in_flight: int) -> None:
+        """The next pending requests asked, in their lines' order, while their calls fit in
+        `window` beside the `in_flight` ones (one request at least when none runs)."""
+        self._in_flight = in_flight
+        self._audited = False
+        for request in self._requests("pending", max(window - in_flight, 1)):
+            try:
+                calls = len(_sample_requests(parse(self.batch.endpoint, request.body)))
+            except ApiError:
+                calls = 1  # refused as it is asked
+            if self._in_flight and self._in_flight + calls > window:
+                return
+            if self._guarded(request, self._ask_one) is None:
+                return  # no live executor holds the base: asked by a later pass
+
+    def _ask_one(self, request: Any) -> bool | None:
+        """The request asked (or failed, refused as its endpoint refuses it): False, as it
+        runs now; True, as it is over; None where no executor holds the base."""
         batch, conn = self.batch, self.conn
         lease = self.services.settings.lease_seconds
-        audited = False
-        for request in self._requests("pending", room):
-            try:
-                body = parse(batch.endpoint, request.body)
-                with conn.begin_nested():
-                    asked = [
-                        chat_completions.ask(conn, batch.tenant_id, batch.model, one, lease)
-                        for one in _sample_requests(body)
-                    ]
-            except ApiError as refused:
-                body_of = error_body(refused.status, refused.code, refused.message, refused.param)
-                response = {"status_code": refused.status, "request_id": None, "body": body_of}
-                self._settle(request.line, status="failed", response=response)
-                continue
-            except chat_completions.ModelUnknown as unknown:
-                body_of = error_body(404, "model_not_found", str(unknown), "model")
-                response = {"status_code": 404, "request_id": None, "body": body_of}
-                self._settle(request.line, status="failed", response=response)
-                continue
-            except chat_completions.NoExecutor:  # asked by a later pass, once one runs
-                return
-            self._settle(
-                request.line,
-                status="asked",
-                calls=[[one.call_id, one.sampler_id] for one in asked],
-                attempts=request.attempts + 1,
-            )
-            weights = asked[0].weights
-            if weights is not None and not audited:
-                actor = Principal(batch.tenant_id, batch.created_by, "member")
-                audit.checkpoint_read(conn, actor, weights, "batch")
-                audited = True
+        try:
+            body = parse(batch.endpoint, request.body)
+            with conn.begin_nested():
+                asked = [
+                    chat_completions.ask(conn, batch.tenant_id, batch.model, one, lease)
+                    for one in _sample_requests(body)
+                ]
+        except ApiError as refused:
+            body_of = error_body(refused.status, refused.code, refused.message, refused.param)
+            response = {"status_code": refused.status, "request_id": None, "body": body_of}
+            self._settle(request.line, status="failed", response=response)
+            return True
+        except chat_completions.ModelUnknown as unknown:
+            body_of = error_body(404, "model_not_found", str(unknown), "model")
+            response = {"status_code": 404, "request_id": None, "body": body_of}
+            self._settle(request.line, status="failed", response=response)
+            return True
+        except chat_completions.NoExecutor:
+            return None
+        self._settle(
+            request.line,
+            status="asked",
+            calls=[[one.call_id, one.sampler_id] for one in asked],
+            attempts=request.attempts + 1,
+        )
+        self._in_flight += len(asked)
+        weights = asked[0].weights
+        if weights is not None and not self._audited:
+            actor = Principal(batch.tenant_id, batch.created_by, "member")
+            audit.checkpoint_read(conn, actor, weights, "batch")
+            self._audited = True
+        return False
 
     def _end_pending(self) -> None:
         assert self.ending is not None
@@ -277,7 +359,8 @@ class _Step:
         self.failed += ended.rowcount
 
     def _finish(self) -> None:
-        """The output and error files written and the batch over, in this transaction."""
+        """The output and error files written and the batch over, in this transaction; its
+        requests' rows, whose prompts and answers the files now hold, deleted."""
         batch, conn = self.batch, self.conn
         output, errors = io.BytesIO(), io.BytesIO()
         counts = {"output": 0, "error": 0}
@@ -332,6 +415,12 @@ class _Step:
                 **{f"{status}_at": text("now()")},
             )
         )
+        conn.execute(delete(batch_requests).where(batch_requests.c.batch_id == batch.id))
+
+
+def _refused(call: CallRecord) -> bool:
+    """The executor refused the call's request (the user's to change), not failed it."""
+    return call.status == CallStatus.FAILED and (call.error or {}).get("category") == "user"
 
 
 def _failure(message: str, request_id: str | None = None) -> dict[str, Any]:

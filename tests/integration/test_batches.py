@@ -17,12 +17,19 @@ import openai
 import pytest
 from sqlalchemy import text
 
+from control_plane import chat_completions
 from control_plane.api import batch_runner
 from control_plane.services import Services
 from control_plane.settings import Settings
 from tests.api_harness import TenantKeys
 from tests.factories import register_test_base
-from tests.tinker_harness import openai_client, serving_executor, tinker_settings
+from tests.tinker_harness import (
+    PlayedExecutor,
+    openai_client,
+    publish_adapter_version,
+    serving_executor,
+    tinker_settings,
+)
 
 pytestmark = pytest.mark.usefixtures("tinker_sdk_env")
 
@@ -45,13 +52,24 @@ def _chat_line(custom_id: str, model: str, prompt: str, **extra: Any) -> dict[st
 
 
 def _in_flight(services: Services, batch_id: str) -> int:
+    """The calls of the batch's requests asked and not yet collected."""
     with services.engine.connect() as conn:
         return int(
             conn.execute(
                 text(
-                    "SELECT count(*) FROM batch_requests WHERE batch_id = :b AND status = 'asked'"
+                    "SELECT coalesce(sum(jsonb_array_length(calls)), 0) FROM batch_requests "
+                    "WHERE batch_id = :b AND status = 'asked'"
                 ),
                 {"b": batch_id},
+            ).scalar_one()
+        )
+
+
+def _rows_left(services: Services, batch_id: str) -> int:
+    with services.engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM batch_requests WHERE batch_id = :b"), {"b": batch_id}
             ).scalar_one()
         )
 
@@ -144,37 +162,55 @@ def test_a_batch_of_chats_runs_a_window_at_a_time_and_answers_as_the_chats_asked
     assert len(entries[1]["response"]["body"]["choices"]) == 2  # n=2, seeded
     tokens = entries[2]["response"]["body"]["choices"][0]["logprobs"]["content"]
     assert [t["token"] for t in tokens] == [t.token for t in singles[2].choices[0].logprobs.content]
-    # Every call of the batch was read and its payload let go; it is listed.
-    assert _unfinished_calls(services) == 0
+    # Every call of the batch was read and its payload let go, its rows (which the files now
+    # hold) deleted; it is listed.
+    assert _unfinished_calls(services) == 0 and _rows_left(services, batch.id) == 0
     assert done.id in [b.id for b in client.batches.list()]
     with pytest.raises(openai.ConflictError, match="completed"):
         client.batches.cancel(done.id)
 
 
-def test_a_batch_of_completions_answers_refusals_in_its_error_file(
-    services: Services, live_url: str, tenant_a: TenantKeys, executor: str
+def test_a_batch_of_completions_counts_calls_in_its_window_and_pins_its_adapter(
+    services: Services,
+    live_url: str,
+    tenant_a: TenantKeys,
+    executor: str,
+    peft_adapter: Path,
 ) -> None:
+    first = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
     client = openai_client(live_url, tenant_a.member)
 
     def line(custom_id: str, prompt: Any) -> dict[str, Any]:
-        body = {"model": executor, "prompt": prompt, "max_tokens": 5, "temperature": 0}
+        body = {"model": "bot", "prompt": prompt, "max_tokens": 5, "temperature": 0}
         return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
 
-    lines = [line("two", PROMPTS[:2]), line("long", "word " * 5000), line("one", PROMPTS[2])]
-    file_id = _upload(client, lines)
+    lines = [
+        line("three", PROMPTS[:3]),
+        line("long", [PROMPTS[0], "word " * 5000]),
+        line("one", PROMPTS[3]),
+        line("two", PROMPTS[1:3]),
+    ]
     batch = client.batches.create(
-        input_file_id=file_id, endpoint="/v1/completions", completion_window="24h"
+        input_file_id=_upload(client, lines), endpoint="/v1/completions", completion_window="24h"
     )
-    done = _run(services, client, batch.id, window=8)
+    # `bot` (its latest version) pinned to the version it names now: a later one changes
+    # nothing for the batch.
+    assert batch.model == first
+    later = publish_adapter_version(services, tenant_a.tenant_id, executor, peft_adapter, 4)
+    assert later != first
+    # A window of 4 calls: the three prompts of the first line, then a line at a time.
+    done = _run(services, client, batch.id, window=4)
     assert done.status == "completed" and done.request_counts is not None
-    assert (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 1)
     answered = {
         e["custom_id"]: e["response"]["body"] for e in _entries(client, done.output_file_id)
     }
-    two = client.completions.create(model=executor, prompt=PROMPTS[:2], max_tokens=5, temperature=0)
-    assert [c["text"] for c in answered["two"]["choices"]] == [c.text for c in two.choices]
-    assert [c["index"] for c in answered["two"]["choices"]] == [0, 1]
-    assert answered["two"]["object"] == "text_completion"
+    assert list(answered) == ["three", "one", "two"]
+    three = client.completions.create(model=first, prompt=PROMPTS[:3], max_tokens=5, temperature=0)
+    assert [c["text"] for c in answered["three"]["choices"]] == [c.text for c in three.choices]
+    assert [c["index"] for c in answered["three"]["choices"]] == [0, 1, 2]
+    assert answered["three"]["object"] == "text_completion" and answered["three"]["model"] == "bot"
+    # A prompt past the context: the executor's refusal (400), its sibling not left running.
     [refused] = _entries(client, done.error_file_id)
     assert refused["custom_id"] == "long" and refused["error"] is None
     assert refused["response"]["status_code"] == 400
@@ -215,8 +251,8 @@ def test_a_cancelled_batch_ends_with_what_was_answered_and_withdraws_the_rest(
     assert client.batches.cancel(batch.id).status == "cancelled"
 
 
-def test_an_expired_batch_ends_and_a_model_unknown_fails_each_request(
-    services: Services, live_url: str, tenant_a: TenantKeys
+def test_an_expired_batch_ends_and_a_model_unknown_is_refused_at_create(
+    services: Services, live_url: str, tenant_a: TenantKeys, tenant_b: TenantKeys
 ) -> None:
     base = register_test_base(services.engine, "tiny-unserved")
     client = openai_client(live_url, tenant_a.member)
@@ -226,6 +262,13 @@ def test_an_expired_batch_ends_and_a_model_unknown_fails_each_request(
         endpoint="/v1/chat/completions",
         completion_window="24h",
     )
+    # Another tenant neither sees it nor cancels it.
+    theirs = openai_client(live_url, tenant_b.member)
+    with pytest.raises(openai.NotFoundError):
+        theirs.batches.retrieve(waiting.id)
+    with pytest.raises(openai.NotFoundError):
+        theirs.batches.cancel(waiting.id)
+    assert list(theirs.batches.list()) == []
     # No executor holds its base: it waits, then its window passes.
     batch_runner.run_due(services)
     with services.engine.begin() as conn:
@@ -240,18 +283,188 @@ def test_an_expired_batch_ends_and_a_model_unknown_fails_each_request(
     assert [e["error"]["code"] for e in errors] == ["batch_expired"] * 3
     assert expired.request_counts is not None and expired.request_counts.failed == 3
 
+    # A model the tenant may not chat with is refused when the batch is created.
     unknown = [_chat_line(f"row-{k}", "nobody@1", "Hello") for k in range(2)]
+    with pytest.raises(openai.NotFoundError, match="nobody@1") as refused:
+        client.batches.create(
+            input_file_id=_upload(client, unknown),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+    assert refused.value.code == "model_not_found"
+    assert [b.id for b in client.batches.list()] == [waiting.id]
+
+
+def test_the_beats_run_carries_a_batch_through_its_windows_one_runner_at_a_time(
+    services: Services, live_url: str, tenant_a: TenantKeys, executor: str
+) -> None:
+    client = openai_client(live_url, tenant_a.member)
+    lines = [_chat_line(f"row-{k}", executor, f"Count to {k}", max_tokens=3) for k in range(6)]
     batch = client.batches.create(
-        input_file_id=_upload(client, unknown),
+        input_file_id=_upload(client, lines),
         endpoint="/v1/chat/completions",
         completion_window="24h",
     )
-    done = _run(services, client, batch.id, window=16)
+    # Another runner holds the lock: this one returns at once, nothing asked.
+    with services.engine.connect() as other:
+        other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": batch_runner.LOCK_KEY})
+        assert batch_runner.run_for(services, 30, window=2) == 0
+        assert _in_flight(services, batch.id) == 0
+        other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": batch_runner.LOCK_KEY})
+        other.commit()
+    # One run steps it window after window until it is over, then returns.
+    steps = batch_runner.run_for(services, 120, window=2)
+    done = client.batches.retrieve(batch.id)
     assert done.status == "completed" and done.request_counts is not None
-    assert (done.request_counts.completed, done.request_counts.failed) == (0, 2)
-    errors = _entries(client, done.error_file_id)
-    assert [e["response"]["status_code"] for e in errors] == [404, 404]
-    assert errors[0]["response"]["body"]["error"]["code"] == "model_not_found"
+    assert done.request_counts.completed == 6 and steps >= 3
+    # The lock was let go: the next run takes it (and finds nothing to step).
+    with services.engine.connect() as conn:
+        assert conn.execute(
+            text("SELECT pg_try_advisory_lock(:k)"), {"k": batch_runner.LOCK_KEY}
+        ).scalar()
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": batch_runner.LOCK_KEY})
+
+
+def _status(services: Services, batch_id: str) -> list[tuple[str, int]]:
+    with services.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT status, attempts FROM batch_requests WHERE batch_id = :b ORDER BY line"),
+            {"b": batch_id},
+        ).all()
+    return [(row.status, row.attempts) for row in rows]
+
+
+def test_a_request_the_platform_failed_is_asked_again_and_a_cancel_waits_for_what_runs(
+    services: Services, live_url: str, tenant_a: TenantKeys
+) -> None:
+    base = register_test_base(services.engine, "tiny-played")
+    played = PlayedExecutor(services, base.id)
+    client = openai_client(live_url, tenant_a.member)
+    lines = [_chat_line(f"row-{k}", base.name, "Hello") for k in range(3)]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    batch_runner.run_due(services, window=1)
+    assert _status(services, batch.id) == [("asked", 1), ("pending", 0), ("pending", 0)]
+    # Its executor lost: the platform's failure, so the same pass asks it again.
+    played.fail(played.take(), "the executor stopped")
+    batch_runner.run_due(services, window=1)
+    assert _status(services, batch.id) == [("asked", 2), ("pending", 0), ("pending", 0)]
+    played.finish(played.take(), "first")
+    batch_runner.run_due(services, window=1)
+    assert _status(services, batch.id) == [("done", 2), ("asked", 1), ("pending", 0)]
+    running = played.take()
+    client.batches.cancel(batch.id)
+    # The call an executor runs is awaited, not dropped; the line never asked ends at once.
+    batch_runner.run_due(services, window=1)
+    assert _status(services, batch.id) == [("done", 2), ("asked", 1), ("failed", 0)]
+    assert client.batches.retrieve(batch.id).status == "cancelling"
+    played.finish(running, "second")
+    ended = _run(services, client, batch.id, window=1)
+    assert ended.status == "cancelled" and ended.request_counts is not None
+    assert (ended.request_counts.completed, ended.request_counts.failed) == (2, 1)
+    texts = [
+        e["response"]["body"]["choices"][0]["message"]["content"]
+        for e in _entries(client, ended.output_file_id)
+    ]
+    assert texts == ["first", "second"]
+    [unrun] = _entries(client, ended.error_file_id)
+    assert unrun["custom_id"] == "row-2" and unrun["error"]["code"] == "batch_cancelled"
+
+    # An answer let go before the runner read it (held up past the payloads' retention) is
+    # asked again; a cancel withdraws the calls no executor took, and awaits none.
+    dropped = client.batches.create(
+        input_file_id=_upload(client, lines[:2]),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    batch_runner.run_due(services, window=2)
+    assert _status(services, dropped.id) == [("asked", 1), ("asked", 1)]
+    answered = played.take()
+    played.finish(answered, "let go")
+    with services.engine.begin() as conn:
+        conn.execute(
+            text("UPDATE interactive_calls SET payload_dropped_at = now() WHERE id = :id"),
+            {"id": answered.id},
+        )
+    batch_runner.run_due(services, window=2)
+    assert _status(services, dropped.id) == [("asked", 2), ("asked", 1)]
+    client.batches.cancel(dropped.id)
+    batch_runner.run_due(services, window=2)
+    withdrawn = client.batches.retrieve(dropped.id)
+    assert withdrawn.status == "cancelled" and withdrawn.output_file_id is None
+    codes = [e["error"]["code"] for e in _entries(client, withdrawn.error_file_id)]
+    assert codes == ["batch_cancelled", "batch_cancelled"]
+    assert _unfinished_calls(services) == 0
+
+    # Failed by the platform MAX_ATTEMPTS times: its failure is its answer (503).
+    again = client.batches.create(
+        input_file_id=_upload(client, lines[:1]),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    for _ in range(batch_runner.MAX_ATTEMPTS):
+        batch_runner.run_due(services, window=1)
+        played.fail(played.take(), "the executor stopped")
+    assert _status(services, again.id) == [("asked", batch_runner.MAX_ATTEMPTS)]
+    done = _run(services, client, again.id, window=1)
+    [failed] = _entries(client, done.error_file_id)
+    assert failed["response"]["status_code"] == 503
+    assert failed["response"]["body"]["error"]["message"] == "the executor stopped"
+    assert _rows_left(services, again.id) == 0
+
+
+def test_a_request_no_answer_can_be_made_of_fails_alone_and_the_session_is_kept_alive(
+    services: Services, live_url: str, tenant_a: TenantKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = register_test_base(services.engine, "tiny-played")
+    played = PlayedExecutor(services, base.id)
+    client = openai_client(live_url, tenant_a.member)
+    lines = [_chat_line(f"row-{k}", base.name, "Hello") for k in range(2)]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    batch_runner.run_due(services, window=1)
+    # Waiting on its calls (an executor's outage), it heartbeats the chat session, so the
+    # session's expiry does not take the samplers its calls wait on.
+    session = chat_completions.session_id(tenant_a.tenant_id)
+    with services.engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE interactive_sessions SET last_heartbeat_at = now() - interval '1 hour' "
+                "WHERE id = :id"
+            ),
+            {"id": session},
+        )
+    batch_runner.run_due(services, window=1)
+    with services.engine.connect() as conn:
+        assert conn.execute(
+            text(
+                "SELECT last_heartbeat_at > now() - interval '1 minute' "
+                "FROM interactive_sessions WHERE id = :id"
+            ),
+            {"id": session},
+        ).scalar_one()
+    # An answer the runner cannot make (a bug): that request fails alone (500), the next runs.
+    played.finish(played.take(), "first")
+
+    def broken(body: Any, calls: Any) -> Any:
+        raise RuntimeError("no answer")
+
+    monkeypatch.setattr(batch_runner, "_answer", broken)
+    batch_runner.run_due(services, window=1)
+    assert _status(services, batch.id) == [("failed", 1), ("asked", 1)]
+    monkeypatch.undo()
+    played.finish(played.take(), "second")
+    done = _run(services, client, batch.id, window=1)
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (1, 1)
+    [failed] = _entries(client, done.error_file_id)
+    assert failed["custom_id"] == "row-0" and failed["response"]["status_code"] == 500
 
 
 def _nothing_written(services: Services) -> None:
@@ -306,8 +519,8 @@ def test_a_batch_a_line_of_which_would_be_refused_is_refused_whole_naming_the_li
     _nothing_written(services)
 
 
-def test_a_batch_file_is_checked_at_upload_and_a_batch_needs_one(
-    services: Services, live_url: str, tenant_a: TenantKeys
+def test_a_batch_file_is_checked_at_upload_and_a_batch_needs_one_of_its_tenant(
+    services: Services, live_url: str, tenant_a: TenantKeys, tenant_b: TenantKeys
 ) -> None:
     client = openai_client(live_url, tenant_a.member)
     good = _chat_line("a", "m", "Hello")
@@ -324,6 +537,21 @@ def test_a_batch_file_is_checked_at_upload_and_a_batch_needs_one(
         client.files.create(
             file=("x.jsonl", json.dumps(good).encode() + b"\n{oops\n"), purpose="batch"
         )
+    deep = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": ' + (
+        b"[" * 100_000
+    )
+    for data, message in [
+        (deep, "line 1: not a JSON object"),
+        (b'{"custom_id": "a", "body": ' + b"9" * 5000 + b"}", "line 1: not a JSON object"),
+        (json.dumps({**good, "custom_id": "a\u0000"}).encode(), "line 1: a string holds a NUL"),
+        (
+            json.dumps(_chat_line("a", "m", "\ud800")).encode(),
+            "line 1: a string holds a lone surrogate",
+        ),
+        (b"\xff\xfe{}", "line 1: not a JSON object"),
+    ]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.files.create(file=("x.jsonl", data), purpose="batch")
     assert list(client.files.list(purpose="batch")) == []
 
     dataset = (
@@ -340,6 +568,14 @@ def test_a_batch_file_is_checked_at_upload_and_a_batch_needs_one(
         )
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")
+    # Another tenant's file is as unknown as a made-up one, and so is its batch.
+    theirs = openai_client(live_url, tenant_b.member)
+    with pytest.raises(openai.NotFoundError):
+        theirs.batches.create(
+            input_file_id=_upload(client, [good]),
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
     with pytest.raises(openai.NotFoundError):
         client.batches.cancel("batch_nope")
     _nothing_written(services)

@@ -5,7 +5,9 @@ is read with `client.files.content(batch.output_file_id)`.
 
 A batch's file is checked whole when it is created: every line's body as its endpoint checks a
 request (so a line that would be refused is a 400 naming the line, before anything runs), one
-model for every line, as OpenAI asks. Its requests then run on the interactive executors, a
+model for every line, as OpenAI asks, which must be one the tenant may chat with (404
+otherwise); an alias (`bot@prod`), or an adapter's name alone, is pinned to the version it
+names then, so every answer of a batch comes from one version (the batch's `model` says which). Its requests then run on the interactive executors, a
 window at a time (`api.batch_runner`), beside the tenant's chats.
 """
 
@@ -17,7 +19,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from control_plane import batches
+from control_plane import batches, chat_completions
 from control_plane import files as file_repo
 from control_plane.api.batch_runner import parse
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
@@ -156,6 +158,10 @@ def create_batch(
             "input_file_id",
         )
     model, lines = _lines(services, record, body.endpoint)
+    try:  # an alias, or an adapter's name alone, pinned to the version it names now
+        pinned = chat_completions.pinned(conn, caller.tenant_id, model)
+    except chat_completions.ModelUnknown as unknown:
+        raise ApiError(404, "model_not_found", str(unknown), "input_file_id") from None
     created = batches.create(
         conn,
         tenant_id=caller.tenant_id,
@@ -163,7 +169,7 @@ def create_batch(
         endpoint=body.endpoint,
         input_file_id=record.id,
         window=body.completion_window,
-        model=model,
+        model=pinned,
         metadata=body.metadata,
         lines=lines,
     )

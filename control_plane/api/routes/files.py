@@ -42,7 +42,7 @@ def upload_file(
     filename = (file.filename or "upload.jsonl").replace("/", "_").replace("\\", "_")[:255]
     settings = services.settings
     stats = (
-        _batch_stats(file, filename, settings.max_upload_bytes)
+        _batch_stats(file, filename, min(settings.max_upload_bytes, batches.MAX_BYTES))
         if purpose == "batch"
         else _dataset_stats(file, filename, settings)
     )
