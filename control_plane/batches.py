@@ -10,8 +10,9 @@ calls finish, and once none is left writes the answers to an output file and the
 the lines never run to an error file (purpose `batch_output`), as OpenAI's are shaped.
 
 States, as OpenAI names them: `in_progress` (its lines checked when it was created: a file a
-line of which would be refused is refused whole, with the line), then `finalizing` for the
-pass that writes its files, then `completed`; `cancelling` then `cancelled` (the calls no
+line of which would be refused is refused whole, with the line), then `completed` (the step
+that writes its files sets `finalizing_at` and ends it in one transaction, so `finalizing` is
+never seen); `cancelling` then `cancelled` (the calls no
 executor took yet withdrawn, those running awaited); `expired` once past its completion
 window (24 h). `failed` is OpenAI's for a file refused after creation, which never happens
 here: it is refused at creation instead.
@@ -195,6 +196,17 @@ def create(
         ],
     )
     return BatchRecord.from_row(row)
+
+
+def has_asked(conn: Connection, batch_id: str) -> bool:
+    """Whether calls were asked for the batch and not yet collected."""
+    return bool(
+        conn.execute(
+            select(batch_requests.c.line)
+            .where(batch_requests.c.batch_id == batch_id, batch_requests.c.status == "asked")
+            .limit(1)
+        ).first()
+    )
 
 
 def get(conn: Connection, tenant_id: str, batch_id: str) -> BatchRecord | None:

@@ -174,10 +174,14 @@ def ask(
 
 
 def keep_alive(conn: Connection, tenant_id: str) -> None:
-    """The tenant's chat session heartbeated, as a chat asked heartbeats it: its samplers are
-    kept while a batch waits on their calls, asking nothing new (not committed)."""
+    """The tenant's chat session heartbeated, as a chat asked heartbeats it (unless it was in
+    the last 10 s): its samplers are kept while a batch waits on their calls, asking nothing
+    new (not committed)."""
     conn.execute(
-        text("UPDATE interactive_sessions SET last_heartbeat_at = now() WHERE id = :id"),
+        text(
+            "UPDATE interactive_sessions SET last_heartbeat_at = now() WHERE id = :id "
+            "AND last_heartbeat_at < now() - interval '10 seconds'"
+        ),
         {"id": session_id(tenant_id)},
     )
 

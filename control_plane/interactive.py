@@ -380,9 +380,13 @@ def retrieve_past(conn: Connection, tenant_id: str, future_id: str, past: list[i
     return CallRecord.from_row(row)
 
 
+# A withdrawn call's error: no executor refused it.
+WITHDRAWN = "cancelled by the client"
+
+
 def cancel(conn: Connection, tenant_id: str, future_id: str) -> bool:
     """Fail a call no executor took yet (`pending → failed`, a user error): True if it was."""
-    error = {"error": "cancelled by the client", "category": "user"}
+    error = {"error": WITHDRAWN, "category": "user"}
     cancelled = conn.execute(
         update(calls)
         .where(calls.c.id == future_id, calls.c.tenant_id == tenant_id)

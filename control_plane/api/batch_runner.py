@@ -3,12 +3,13 @@ transaction of its own that holds the batch's row (`SKIP LOCKED`: two passes nev
 batch at once, and a pass that fails leaves it as it was, its calls unasked).
 
 A step collects the requests whose calls are over (each call's payload let go once read), asks
-the next pending ones until `window` requests are in flight (in the tenant's chat session, as
+the next pending ones until `window` calls are in flight (in the tenant's chat session, as
 a chat or a completion is asked, so they are batched, metered and shown as chats are; a base no
 live executor holds leaves them pending, to be asked by a later pass), and once no request is
 left writes the output and error files in the same transaction. A request refused by the
 executor is answered as its endpoint would have refused it (400, in the error file); one the
-platform failed (its executor lost) is asked again, up to MAX_ATTEMPTS. A batch cancelling, or
+platform failed (its executor lost, its answer let go unread) is asked MAX_ATTEMPTS times in
+all. A batch cancelling, or
 past its window, withdraws what no executor took yet, waits for what runs, and ends with what
 was answered; each request never answered is in the error file with `batch_cancelled` or
 `batch_expired`.
@@ -16,24 +17,22 @@ was answered; each request never answered is in the error file with `batch_cance
 
 from __future__ import annotations
 
-import io
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO, cast
 
-from pydantic import ValidationError
 from sqlalchemy import Connection, delete, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from control_plane import audit, chat_completions, interactive, interactive_polls
 from control_plane import files as file_repo
 from control_plane.api import call_wakeups
+from control_plane.api.batch_bodies import answer, parse, sample_requests
 from control_plane.api.errors import ApiError, error_body
-from control_plane.api.routes import chat, completions
-from control_plane.api.routes.chat_models import ChatCompletionCreate
-from control_plane.api.routes.completion_models import CompletionCreate
-from control_plane.batches import MOVING, BatchRecord, batch_requests, batches
+from control_plane.batches import MOVING, BatchRecord, batch_requests, batches, has_asked
 from control_plane.ids import new_id
 from control_plane.interactive import CallRecord, CallStatus
 from control_plane.queue import QueueListener
@@ -52,62 +51,25 @@ MAX_ATTEMPTS = 3
 # for a call's finish between passes.
 LOCK_KEY = 0x6C66_6261_7463_68  # "lfbatch"
 WAKE_SECONDS = 0.5
-
-Body = ChatCompletionCreate | CompletionCreate
-
-
-def parse(endpoint: str, body: dict[str, Any]) -> Body:
-    """A request's body as its endpoint takes it; ApiError (400) naming what is refused."""
-    try:
-        if endpoint == "/v1/chat/completions":
-            chat_body = ChatCompletionCreate.model_validate(body)
-            chat.refuse_unoffered(chat_body)
-            parsed: Body = chat_body
-        else:
-            completion_body = CompletionCreate.model_validate(body)
-            completions.refuse_unoffered(completion_body)
-            parsed = completion_body
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise ApiError(400, "invalid_request", f"{where}: {first['msg']}", where) from None
-    if parsed.stream:
-        raise ApiError(
-            400,
-            "invalid_request",
-            "stream is not taken in a batch: its answers are written to its output file",
-            "stream",
-        )
-    return parsed
-
-
-def _sample_requests(body: Body) -> list[dict[str, Any]]:
-    if isinstance(body, CompletionCreate):
-        return body.sample_requests()
-    return [body.sample_request()]
-
-
-def _answer(body: Body, calls: list[CallRecord]) -> dict[str, Any]:
-    if isinstance(body, CompletionCreate):
-        return completions.answer(body, calls).model_dump(mode="json")
-    return chat.answer(body, calls[0]).model_dump(mode="json")
+PASS_GAP_SECONDS = 0.2
 
 
 def run_due(services: Services, window: int = WINDOW) -> int:
     """One pass over the batches still moving, each stepped once; how many were. A batch whose
     step fails is logged and left as it was for the next pass."""
     with services.engine.connect() as conn:
-        ids = list(
-            conn.execute(
-                select(batches.c.id)
-                .where(batches.c.status.in_(MOVING))
-                .order_by(batches.c.created_at)
-            ).scalars()
-        )
+        moving = conn.execute(
+            select(batches.c.id, batches.c.tenant_id)
+            .where(batches.c.status.in_(MOVING))
+            .order_by(batches.c.created_at)
+        ).all()
     stepped = 0
-    for batch_id in ids:
+    for batch_id, tenant_id in moving:
         written: list[str] = []
         try:
+            with services.engine.begin() as conn:  # apart: the step holds no session's row
+                if has_asked(conn, batch_id):
+                    chat_completions.keep_alive(conn, tenant_id)
             with services.engine.begin() as conn:
                 row = conn.execute(
                     select(batches)
@@ -126,26 +88,34 @@ def run_due(services: Services, window: int = WINDOW) -> int:
 
 
 def run_for(services: Services, seconds: float, window: int = WINDOW) -> int:
-    """Passes for up to `seconds` while any batch moves, each as soon as a call finishes (its
-    notification) or every WAKE_SECONDS, by one runner of the platform at a time (an advisory
-    lock: a second returns at once, 0); how many steps it made. The beat's task runs this, so
-    a batch's next requests are asked as soon as the last ones are answered, not a beat later,
-    and one worker's slot, not all, steps the batches."""
-    steps = 0
+    """Passes for up to `seconds` while any batch moves, the next once a call finishes (its
+    notification; streamed chats' writes notify too, so passes are PASS_GAP_SECONDS apart at
+    least) or WAKE_SECONDS passed, by one runner of the platform at a time (an advisory lock:
+    a second returns at once, 0); how many steps it made. The beat's task runs this, so a
+    batch's next requests are asked as soon as the last ones are answered, not a beat later,
+    and one worker's slot, not all, steps the batches. Behind a pooler that keeps no session
+    (`tinker_wake_on_finish` off: no LISTEN, and a session's lock would not hold), one pass."""
+    if not services.settings.tinker_wake_on_finish:
+        return run_due(services, window)
     deadline = time.monotonic() + seconds
     with services.engine.connect() as held:
         if not held.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY}).scalar():
             return 0
         held.commit()  # the lock is the session's: no transaction held open meanwhile
         try:
+            steps = run_due(services, window)
+            if not steps:  # nothing moves: no listener opened
+                return 0
             with QueueListener(services.database_url, (call_wakeups.CHANNEL,)) as woken:
-                while True:
+                while (left := deadline - time.monotonic()) > 0:
+                    began = time.monotonic()
+                    woken.wait(min(left, WAKE_SECONDS))
+                    time.sleep(max(PASS_GAP_SECONDS - (time.monotonic() - began), 0.0))
                     stepped = run_due(services, window)
                     steps += stepped
-                    left = deadline - time.monotonic()
-                    if not stepped or left <= 0:
-                        return steps
-                    woken.wait(min(left, WAKE_SECONDS))
+                    if not stepped:
+                        break
+            return steps
         finally:
             held.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
             held.commit()
@@ -176,8 +146,6 @@ class _Step:
         elif conn.execute(text("SELECT now() >= :at"), {"at": batch.expires_at}).scalar_one():
             self.ending = "batch_expired"
         asked = self._requests("asked")
-        if asked:  # its samplers kept while it waits on them (an executor's outage, a backlog)
-            chat_completions.keep_alive(conn, batch.tenant_id)
         in_flight = 0
         for request in asked:
             if not self._guarded(request, self._collect):
@@ -204,6 +172,8 @@ class _Step:
         try:
             with self.conn.begin_nested():
                 return move(request)
+        except DBAPIError:
+            raise  # the database's (a deadlock, a timeout, a lost connection): the step again
         except Exception:
             log.exception("batch %s, line %s: failed", self.batch.id, request.line)
             self.completed, self.failed = counts
@@ -291,7 +261,7 @@ class _Step:
             self._settle(request.line, status="failed", response=_failure(message, request_id))
         else:
             asked = parse(self.batch.endpoint, request.body)
-            response = {"status_code": 200, "request_id": request_id, "body": _answer(asked, calls)}
+            response = {"status_code": 200, "request_id": request_id, "body": answer(asked, calls)}
             self._settle(request.line, status="done", response=response)
         return True
 
@@ -302,7 +272,7 @@ class _Step:
         self._audited = False
         for request in self._requests("pending", max(window - in_flight, 1)):
             try:
-                calls = len(_sample_requests(parse(self.batch.endpoint, request.body)))
+                calls = len(sample_requests(parse(self.batch.endpoint, request.body)))
             except ApiError:
                 calls = 1  # refused as it is asked
             if self._in_flight and self._in_flight + calls > window:
@@ -320,7 +290,7 @@ class _Step:
             with conn.begin_nested():
                 asked = [
                     chat_completions.ask(conn, batch.tenant_id, batch.model, one, lease)
-                    for one in _sample_requests(body)
+                    for one in sample_requests(body)
                 ]
         except ApiError as refused:
             body_of = error_body(refused.status, refused.code, refused.message, refused.param)
@@ -362,45 +332,47 @@ class _Step:
         """The output and error files written and the batch over, in this transaction; its
         requests' rows, whose prompts and answers the files now hold, deleted."""
         batch, conn = self.batch, self.conn
-        output, errors = io.BytesIO(), io.BytesIO()
-        counts = {"output": 0, "error": 0}
-        rows = conn.execute(
-            select(batch_requests)
-            .where(batch_requests.c.batch_id == batch.id)
-            .order_by(batch_requests.c.line)
-        )
-        for row in rows:
-            entry = {
-                "id": _line_id(batch, row.line),
-                "custom_id": row.custom_id,
-                "response": row.response,
-                "error": row.error,
-            }
-            kind = "output" if row.status == "done" else "error"
-            (output if kind == "output" else errors).write(json.dumps(entry).encode() + b"\n")
-            counts[kind] += 1
-        made: dict[str, str | None] = {"output": None, "error": None}
-        for kind, data in (("output", output), ("error", errors)):
-            if not counts[kind]:
-                continue
-            file_id = new_id("file")
-            key = file_key(batch.tenant_id, file_id)
-            info = self.services.store.put_bytes(key, data.getvalue(), write_once=True)
-            self.written.append(key)
-            file_repo.insert_file(
-                conn,
-                file_id=file_id,
-                tenant_id=batch.tenant_id,
-                filename=f"{batch.id}_{kind}.jsonl",
-                purpose="batch_output",
-                size=info.size,
-                sha256=info.sha256,
-                object_key=key,
-                format="batch_output",
-                examples=counts[kind],
-                tokens=None,
+        with _spooled() as output, _spooled() as errors:
+            counts = {"output": 0, "error": 0}
+            rows = conn.execute(
+                select(batch_requests)
+                .where(batch_requests.c.batch_id == batch.id)
+                .order_by(batch_requests.c.line),
+                execution_options={"yield_per": 500},
             )
-            made[kind] = file_id
+            for row in rows:
+                entry = {
+                    "id": _line_id(batch, row.line),
+                    "custom_id": row.custom_id,
+                    "response": row.response,
+                    "error": row.error,
+                }
+                kind = "output" if row.status == "done" else "error"
+                (output if kind == "output" else errors).write(json.dumps(entry).encode() + b"\n")
+                counts[kind] += 1
+            made: dict[str, str | None] = {"output": None, "error": None}
+            for kind, data in (("output", output), ("error", errors)):
+                if not counts[kind]:
+                    continue
+                file_id = new_id("file")
+                key = file_key(batch.tenant_id, file_id)
+                data.seek(0)
+                info = self.services.store.put_stream(key, data, write_once=True)
+                self.written.append(key)
+                file_repo.insert_file(
+                    conn,
+                    file_id=file_id,
+                    tenant_id=batch.tenant_id,
+                    filename=f"{batch.id}_{kind}.jsonl",
+                    purpose="batch_output",
+                    size=info.size,
+                    sha256=info.sha256,
+                    object_key=key,
+                    format="batch_output",
+                    examples=counts[kind],
+                    tokens=None,
+                )
+                made[kind] = file_id
         status = {"batch_cancelled": "cancelled", "batch_expired": "expired"}.get(
             self.ending or "", "completed"
         )
@@ -419,8 +391,19 @@ class _Step:
 
 
 def _refused(call: CallRecord) -> bool:
-    """The executor refused the call's request (the user's to change), not failed it."""
-    return call.status == CallStatus.FAILED and (call.error or {}).get("category") == "user"
+    """The executor refused the call's request (the user's to change): not failed it, nor was
+    it withdrawn."""
+    error = call.error or {}
+    return (
+        call.status == CallStatus.FAILED
+        and error.get("category") == "user"
+        and error.get("error") != interactive.WITHDRAWN
+    )
+
+
+def _spooled() -> BinaryIO:
+    """Where a file is written before it is stored: memory up to 8 MB, then a temporary file."""
+    return cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024))
 
 
 def _failure(message: str, request_id: str | None = None) -> dict[str, Any]:

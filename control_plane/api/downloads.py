@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from control_plane.api.errors import ApiError, error_body
+from control_plane.records import FileRecord
 from control_plane.storage import (
     ChecksumMismatchError,
     ObjectStore,
@@ -25,6 +26,22 @@ from control_plane.storage import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def file_download(
+    store: ObjectStore, record: FileRecord, headers: dict[str, str] | None = None
+) -> Response:
+    """A file's bytes (a dataset, a batch's requests or answers: JSONL), as `verified_download`
+    sends them; `ObjectNotFoundError` propagates."""
+    return verified_download(
+        store,
+        record.object_key,
+        sha256=record.sha256,
+        size=record.bytes,
+        filename=record.filename,
+        media_type="application/jsonl",
+        headers=headers,
+    )
 
 
 def verified_download(

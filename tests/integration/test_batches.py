@@ -8,6 +8,7 @@ written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -44,6 +45,15 @@ def settings(tmp_path: Path) -> Settings:
 def _upload(client: Any, lines: list[dict[str, Any]]) -> str:
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     return str(client.files.create(file=("requests.jsonl", data), purpose="batch").id)
+
+
+def _create(client: Any, lines: list[dict[str, Any]]) -> Any:
+    """A batch of chat `lines`, uploaded and created through the SDK."""
+    return client.batches.create(
+        input_file_id=_upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
 
 
 def _chat_line(custom_id: str, model: str, prompt: str, **extra: Any) -> dict[str, Any]:
@@ -225,11 +235,7 @@ def test_a_cancelled_batch_ends_with_what_was_answered_and_withdraws_the_rest(
     lines = [
         _chat_line(f"row-{k}", executor, f"Count to {k}", max_completion_tokens=4) for k in range(8)
     ]
-    batch = client.batches.create(
-        input_file_id=_upload(client, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _create(client, lines)
     batch_runner.run_due(services, window=2)
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status == "cancelling" and cancelling.cancelling_at is not None
@@ -257,11 +263,7 @@ def test_an_expired_batch_ends_and_a_model_unknown_is_refused_at_create(
     base = register_test_base(services.engine, "tiny-unserved")
     client = openai_client(live_url, tenant_a.member)
     lines = [_chat_line(f"row-{k}", base.name, "Hello") for k in range(3)]
-    waiting = client.batches.create(
-        input_file_id=_upload(client, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    waiting = _create(client, lines)
     # Another tenant neither sees it nor cancels it.
     theirs = openai_client(live_url, tenant_b.member)
     with pytest.raises(openai.NotFoundError):
@@ -286,11 +288,7 @@ def test_an_expired_batch_ends_and_a_model_unknown_is_refused_at_create(
     # A model the tenant may not chat with is refused when the batch is created.
     unknown = [_chat_line(f"row-{k}", "nobody@1", "Hello") for k in range(2)]
     with pytest.raises(openai.NotFoundError, match="nobody@1") as refused:
-        client.batches.create(
-            input_file_id=_upload(client, unknown),
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-        )
+        _create(client, unknown)
     assert refused.value.code == "model_not_found"
     assert [b.id for b in client.batches.list()] == [waiting.id]
 
@@ -300,16 +298,18 @@ def test_the_beats_run_carries_a_batch_through_its_windows_one_runner_at_a_time(
 ) -> None:
     client = openai_client(live_url, tenant_a.member)
     lines = [_chat_line(f"row-{k}", executor, f"Count to {k}", max_tokens=3) for k in range(6)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _create(client, lines)
     # Another runner holds the lock: this one returns at once, nothing asked.
     with services.engine.connect() as other:
         other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": batch_runner.LOCK_KEY})
         assert batch_runner.run_for(services, 30, window=2) == 0
         assert _in_flight(services, batch.id) == 0
+        # Behind a pooler that keeps no session (no LISTEN, no session's lock): one pass.
+        pooled = dataclasses.replace(
+            services, settings=services.settings.model_copy(update={"tinker_wake_on_finish": False})
+        )
+        assert batch_runner.run_for(pooled, 30, window=2) == 1
+        assert _in_flight(services, batch.id) == 2
         other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": batch_runner.LOCK_KEY})
         other.commit()
     # One run steps it window after window until it is over, then returns.
@@ -317,12 +317,15 @@ def test_the_beats_run_carries_a_batch_through_its_windows_one_runner_at_a_time(
     done = client.batches.retrieve(batch.id)
     assert done.status == "completed" and done.request_counts is not None
     assert done.request_counts.completed == 6 and steps >= 3
-    # The lock was let go: the next run takes it (and finds nothing to step).
+    # The lock was let go: no session of this database holds an advisory lock.
     with services.engine.connect() as conn:
-        assert conn.execute(
-            text("SELECT pg_try_advisory_lock(:k)"), {"k": batch_runner.LOCK_KEY}
-        ).scalar()
-        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": batch_runner.LOCK_KEY})
+        held = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+        ).scalar_one()
+    assert held == 0
 
 
 def _status(services: Services, batch_id: str) -> list[tuple[str, int]]:
@@ -341,11 +344,7 @@ def test_a_request_the_platform_failed_is_asked_again_and_a_cancel_waits_for_wha
     played = PlayedExecutor(services, base.id)
     client = openai_client(live_url, tenant_a.member)
     lines = [_chat_line(f"row-{k}", base.name, "Hello") for k in range(3)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _create(client, lines)
     batch_runner.run_due(services, window=1)
     assert _status(services, batch.id) == [("asked", 1), ("pending", 0), ("pending", 0)]
     # Its executor lost: the platform's failure, so the same pass asks it again.
@@ -375,11 +374,7 @@ def test_a_request_the_platform_failed_is_asked_again_and_a_cancel_waits_for_wha
 
     # An answer let go before the runner read it (held up past the payloads' retention) is
     # asked again; a cancel withdraws the calls no executor took, and awaits none.
-    dropped = client.batches.create(
-        input_file_id=_upload(client, lines[:2]),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    dropped = _create(client, lines[:2])
     batch_runner.run_due(services, window=2)
     assert _status(services, dropped.id) == [("asked", 1), ("asked", 1)]
     answered = played.take()
@@ -399,12 +394,32 @@ def test_a_request_the_platform_failed_is_asked_again_and_a_cancel_waits_for_wha
     assert codes == ["batch_cancelled", "batch_cancelled"]
     assert _unfinished_calls(services) == 0
 
-    # Failed by the platform MAX_ATTEMPTS times: its failure is its answer (503).
-    again = client.batches.create(
-        input_file_id=_upload(client, lines[:1]),
-        endpoint="/v1/chat/completions",
+    # A completion of two prompts, the batch cancelled while one runs: the other is withdrawn
+    # (not taken for the executor's refusal), the running one awaited, and the line ends
+    # batch_cancelled.
+    body = {"model": base.name, "prompt": ["one", "two"], "max_tokens": 3}
+    pair = client.batches.create(
+        input_file_id=_upload(
+            client,
+            [{"custom_id": "pair", "method": "POST", "url": "/v1/completions", "body": body}],
+        ),
+        endpoint="/v1/completions",
         completion_window="24h",
     )
+    batch_runner.run_due(services, window=2)
+    first_prompt = played.take()
+    client.batches.cancel(pair.id)
+    batch_runner.run_due(services, window=2)
+    batch_runner.run_due(services, window=2)
+    assert _status(services, pair.id) == [("asked", 1)]
+    played.finish(first_prompt, "half")
+    ended_pair = _run(services, client, pair.id, window=2)
+    assert ended_pair.status == "cancelled" and ended_pair.output_file_id is None
+    [line] = _entries(client, ended_pair.error_file_id)
+    assert line["response"] is None and line["error"]["code"] == "batch_cancelled"
+
+    # Failed by the platform MAX_ATTEMPTS times: its failure is its answer (503).
+    again = _create(client, lines[:1])
     for _ in range(batch_runner.MAX_ATTEMPTS):
         batch_runner.run_due(services, window=1)
         played.fail(played.take(), "the executor stopped")
@@ -423,11 +438,7 @@ def test_a_request_no_answer_can_be_made_of_fails_alone_and_the_session_is_kept_
     played = PlayedExecutor(services, base.id)
     client = openai_client(live_url, tenant_a.member)
     lines = [_chat_line(f"row-{k}", base.name, "Hello") for k in range(2)]
-    batch = client.batches.create(
-        input_file_id=_upload(client, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
+    batch = _create(client, lines)
     batch_runner.run_due(services, window=1)
     # Waiting on its calls (an executor's outage), it heartbeats the chat session, so the
     # session's expiry does not take the samplers its calls wait on.
@@ -455,7 +466,7 @@ def test_a_request_no_answer_can_be_made_of_fails_alone_and_the_session_is_kept_
     def broken(body: Any, calls: Any) -> Any:
         raise RuntimeError("no answer")
 
-    monkeypatch.setattr(batch_runner, "_answer", broken)
+    monkeypatch.setattr(batch_runner, "answer", broken)
     batch_runner.run_due(services, window=1)
     assert _status(services, batch.id) == [("failed", 1), ("asked", 1)]
     monkeypatch.undo()

@@ -13,7 +13,6 @@ window at a time (`api.batch_runner`), beside the tenant's chats.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -21,11 +20,11 @@ from pydantic import BaseModel, Field
 
 from control_plane import batches, chat_completions
 from control_plane import files as file_repo
-from control_plane.api.batch_runner import parse
+from control_plane.api.batch_bodies import parse
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.openapi import refusals
-from control_plane.api.schemas import Page, page_of
+from control_plane.api.schemas import Page, _ts, page_of
 from control_plane.batches import BatchRecord
 from control_plane.storage import ObjectNotFoundError
 
@@ -46,10 +45,6 @@ class RequestCounts(BaseModel):
     total: int
     completed: int
     failed: int
-
-
-def _ts(value: datetime | None) -> int | None:
-    return int(value.timestamp()) if value is not None else None
 
 
 class BatchPublic(BaseModel):

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from control_plane import batches, jobs
 from control_plane import files as file_repo
 from control_plane.api.deps import Caller, ConnDep, ServicesDep, Writer
-from control_plane.api.downloads import verified_download
+from control_plane.api.downloads import file_download
 from control_plane.api.errors import ApiError, not_found
 from control_plane.api.openapi import download, refusals
 from control_plane.api.schemas import FileDeleted, FilePublic, Page, page_of
@@ -163,14 +163,7 @@ def file_content(file_id: str, conn: ConnDep, caller: Caller, services: Services
     if record is None:
         raise not_found("file", file_id)
     try:
-        return verified_download(
-            services.store,
-            record.object_key,
-            sha256=record.sha256,
-            size=record.bytes,
-            filename=record.filename,
-            media_type="application/jsonl",
-        )
+        return file_download(services.store, record)
     except ObjectNotFoundError:
         raise ApiError(
             410, "file_gone", f"File {file_id}: its bytes are missing from the object store"

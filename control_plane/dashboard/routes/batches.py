@@ -24,7 +24,7 @@ from sqlalchemy import Connection
 from control_plane import batches
 from control_plane import files as file_repo
 from control_plane.api.deps import ServicesDep, require_writer
-from control_plane.api.downloads import verified_download
+from control_plane.api.downloads import file_download
 from control_plane.api.errors import ApiError
 from control_plane.api.routes import batches as batches_api
 from control_plane.batches import BatchRecord
@@ -142,14 +142,7 @@ def batch_file(
     if record is None:
         raise PageNotFound()
     try:
-        return verified_download(
-            services.store,
-            record.object_key,
-            sha256=record.sha256,
-            size=record.bytes,
-            filename=record.filename,
-            media_type="application/jsonl",
-            headers={"Content-Disposition": f'attachment; filename="{record.filename}"'},
-        )
+        attachment = {"Content-Disposition": f'attachment; filename="{record.filename}"'}
+        return file_download(services.store, record, attachment)
     except ObjectNotFoundError:  # its bytes are gone from the object store
         raise PageNotFound() from None
