@@ -42,9 +42,8 @@ MAX_REQUESTS = 50_000
 MAX_BYTES = 200 * 1024 * 1024
 # A custom_id's length, as the ids people put there (a dataset's row key) are.
 MAX_CUSTOM_ID = 512
-# States the runner's pass still moves, and those over.
+# The states the runner's pass still moves.
 MOVING = ("in_progress", "cancelling")
-OVER = ("completed", "failed", "expired", "cancelled")
 
 
 class BatchInputError(Exception):
@@ -52,7 +51,6 @@ class BatchInputError(Exception):
 
     def __init__(self, line: int, message: str) -> None:
         super().__init__(f"line {line}: {message}")
-        self.line = line
 
 
 @dataclass(frozen=True)

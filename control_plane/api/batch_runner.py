@@ -22,9 +22,10 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, BinaryIO, cast
 
-from sqlalchemy import Connection, delete, select, text, update
+from sqlalchemy import Connection, delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from control_plane import audit, chat_completions, interactive, interactive_polls
@@ -72,13 +73,14 @@ def run_due(services: Services, window: int = WINDOW) -> int:
                     chat_completions.keep_alive(conn, tenant_id)
             with services.engine.begin() as conn:
                 row = conn.execute(
-                    select(batches)
+                    select(batches, (func.now() >= batches.c.expires_at).label("past_window"))
                     .where(batches.c.id == batch_id, batches.c.status.in_(MOVING))
-                    .with_for_update(skip_locked=True)
+                    .with_for_update(of=batches, skip_locked=True)
                 ).one_or_none()
                 if row is None:  # another pass steps it, or it ended meanwhile
                     continue
-                _Step(services, conn, BatchRecord.from_row(row), written).run(window)
+                batch = BatchRecord.from_row(row)
+                _Step(services, conn, batch, written, row.past_window).run(window)
             stepped += 1
         except Exception:
             for key in written:  # files of a finish that did not commit
@@ -129,7 +131,12 @@ class _Step:
     """One step of one batch, in the transaction holding its row."""
 
     def __init__(
-        self, services: Services, conn: Connection, batch: BatchRecord, written: list[str]
+        self,
+        services: Services,
+        conn: Connection,
+        batch: BatchRecord,
+        written: list[str],
+        past_window: bool,
     ) -> None:
         self.services = services
         self.conn = conn
@@ -137,21 +144,23 @@ class _Step:
         self.written = written
         self.completed = 0
         self.failed = 0
-        self.ending: str | None = None  # why it ends before its requests ran: an error's code
+        # Why it ends before its requests ran (an error's code), if it does.
+        self.ending: str | None = None
+        if batch.status == "cancelling":
+            self.ending = "batch_cancelled"
+        elif past_window:
+            self.ending = "batch_expired"
+        self.in_flight = 0  # calls asked and not yet collected
+        self.audited = False  # the adapter's read written to its owner's log this step
 
     def run(self, window: int) -> None:
         batch, conn = self.batch, self.conn
-        if batch.status == "cancelling":
-            self.ending = "batch_cancelled"
-        elif conn.execute(text("SELECT now() >= :at"), {"at": batch.expires_at}).scalar_one():
-            self.ending = "batch_expired"
         asked = self._requests("asked")
-        in_flight = 0
         for request in asked:
             if not self._guarded(request, self._collect):
-                in_flight += len(request.calls)
+                self.in_flight += len(request.calls)
         if self.ending is None:
-            self._ask(window, in_flight)
+            self._ask(window)
         else:
             self._end_pending()
         conn.execute(
@@ -162,7 +171,7 @@ class _Step:
                 failed=batches.c.failed + self.failed,
             )
         )
-        if not self._requests("asked", 1) and not self._requests("pending", 1):
+        if not self._requests("asked", "pending", limit=1):
             self._finish()
 
     def _guarded(self, request: Any, move: Callable[[Any], bool | None]) -> bool | None:
@@ -177,17 +186,16 @@ class _Step:
         except Exception:
             log.exception("batch %s, line %s: failed", self.batch.id, request.line)
             self.completed, self.failed = counts
-            body = error_body(500, "internal_error", "the platform could not run this request")
-            response = {"status_code": 500, "request_id": None, "body": body}
+            response = _response(500, "internal_error", "the platform could not run this request")
             self._settle(request.line, status="failed", response=response)
             return True
 
-    def _requests(self, status: str, limit: int | None = None) -> list[Any]:
+    def _requests(self, *statuses: str, limit: int | None = None) -> list[Any]:
         return list(
             self.conn.execute(
                 select(batch_requests)
                 .where(batch_requests.c.batch_id == self.batch.id)
-                .where(batch_requests.c.status == status)
+                .where(batch_requests.c.status.in_(statuses))
                 .order_by(batch_requests.c.line)
                 .limit(limit)
             ).all()
@@ -223,7 +231,8 @@ class _Step:
             calls = [interactive.retrieve(self.conn, tenant, call_id) for call_id in ids]
         except interactive.NotFound:  # its session's rows deleted meanwhile
             self._withdraw(ids)
-            self._settle(request.line, status="failed", response=_failure("its call is gone"))
+            response = _response(503, "executor_failed", "its call is gone")
+            self._settle(request.line, status="failed", response=response)
             return True
         withdrawn = request.error
         refused = next((c for c in calls if _refused(c)), None)
@@ -240,8 +249,7 @@ class _Step:
         request_id = calls[0].id
         if refused is not None:
             message = str((refused.error or {}).get("error") or "the request was refused")
-            body = error_body(400, "invalid_request", message)
-            response = {"status_code": 400, "request_id": request_id, "body": body}
+            response = _response(400, "invalid_request", message, request_id=request_id)
             self._settle(request.line, status="failed", response=response, error=None)
             return True
         if withdrawn is not None:
@@ -258,48 +266,43 @@ class _Step:
             message = str(
                 (failed.error or {}).get("error") or "its answer was let go before it was read"
             )
-            self._settle(request.line, status="failed", response=_failure(message, request_id))
+            response = _response(503, "executor_failed", message, request_id=request_id)
+            self._settle(request.line, status="failed", response=response)
         else:
             asked = parse(self.batch.endpoint, request.body)
             response = {"status_code": 200, "request_id": request_id, "body": answer(asked, calls)}
             self._settle(request.line, status="done", response=response)
         return True
 
-    def _ask(self, window: int, in_flight: int) -> None:
+    def _ask(self, window: int) -> None:
         """The next pending requests asked, in their lines' order, while their calls fit in
-        `window` beside the `in_flight` ones (one request at least when none runs)."""
-        self._in_flight = in_flight
-        self._audited = False
-        for request in self._requests("pending", max(window - in_flight, 1)):
+        `window` beside those in flight (one request at least when none runs)."""
+        for request in self._requests("pending", limit=max(window - self.in_flight, 1)):
             try:
-                calls = len(sample_requests(parse(self.batch.endpoint, request.body)))
-            except ApiError:
-                calls = 1  # refused as it is asked
-            if self._in_flight and self._in_flight + calls > window:
+                body = parse(self.batch.endpoint, request.body)
+            except ApiError as refused:  # its endpoint's refusal (the checks changed since)
+                response = _response(refused.status, refused.code, refused.message, refused.param)
+                self._settle(request.line, status="failed", response=response)
+                continue
+            asks = sample_requests(body)
+            if self.in_flight and self.in_flight + len(asks) > window:
                 return
-            if self._guarded(request, self._ask_one) is None:
+            if self._guarded(request, partial(self._ask_one, asks=asks)) is None:
                 return  # no live executor holds the base: asked by a later pass
 
-    def _ask_one(self, request: Any) -> bool | None:
-        """The request asked (or failed, refused as its endpoint refuses it): False, as it
+    def _ask_one(self, request: Any, asks: list[dict[str, Any]]) -> bool | None:
+        """The request's calls (`asks`) asked, or it failed (its model unknown): False, as it
         runs now; True, as it is over; None where no executor holds the base."""
         batch, conn = self.batch, self.conn
         lease = self.services.settings.lease_seconds
         try:
-            body = parse(batch.endpoint, request.body)
             with conn.begin_nested():
                 asked = [
                     chat_completions.ask(conn, batch.tenant_id, batch.model, one, lease)
-                    for one in sample_requests(body)
+                    for one in asks
                 ]
-        except ApiError as refused:
-            body_of = error_body(refused.status, refused.code, refused.message, refused.param)
-            response = {"status_code": refused.status, "request_id": None, "body": body_of}
-            self._settle(request.line, status="failed", response=response)
-            return True
         except chat_completions.ModelUnknown as unknown:
-            body_of = error_body(404, "model_not_found", str(unknown), "model")
-            response = {"status_code": 404, "request_id": None, "body": body_of}
+            response = _response(404, "model_not_found", str(unknown), "model")
             self._settle(request.line, status="failed", response=response)
             return True
         except chat_completions.NoExecutor:
@@ -310,12 +313,12 @@ class _Step:
             calls=[[one.call_id, one.sampler_id] for one in asked],
             attempts=request.attempts + 1,
         )
-        self._in_flight += len(asked)
+        self.in_flight += len(asked)
         weights = asked[0].weights
-        if weights is not None and not self._audited:
+        if weights is not None and not self.audited:
             actor = Principal(batch.tenant_id, batch.created_by, "member")
             audit.checkpoint_read(conn, actor, weights, "batch")
-            self._audited = True
+            self.audited = True
         return False
 
     def _end_pending(self) -> None:
@@ -406,10 +409,12 @@ def _spooled() -> BinaryIO:
     return cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024))
 
 
-def _failure(message: str, request_id: str | None = None) -> dict[str, Any]:
-    """The platform's failure of a request, as its endpoint answers one (503)."""
-    body = error_body(503, "executor_failed", message)
-    return {"status_code": 503, "request_id": request_id, "body": body}
+def _response(
+    status: int, code: str, message: str, param: str | None = None, request_id: str | None = None
+) -> dict[str, Any]:
+    """A request's refusal or failure, as its endpoint answers one (OpenAI's error body)."""
+    body = error_body(status, code, message, param)
+    return {"status_code": status, "request_id": request_id, "body": body}
 
 
 def _ended(code: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ window at a time (`api.batch_runner`), beside the tenant's chats.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
@@ -26,6 +26,8 @@ from control_plane.api.errors import ApiError, not_found
 from control_plane.api.openapi import refusals
 from control_plane.api.schemas import Page, _ts, page_of
 from control_plane.batches import BatchRecord
+from control_plane.records import FileRecord
+from control_plane.services import Services
 from control_plane.storage import ObjectNotFoundError
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -94,7 +96,9 @@ class BatchPublic(BaseModel):
         )
 
 
-def _lines(services: Any, record: Any, endpoint: str) -> tuple[str, list[batches.InputLine]]:
+def _lines(
+    services: Services, record: FileRecord, endpoint: str
+) -> tuple[str, list[batches.InputLine]]:
     """The file's requests, every one checked as its endpoint checks a request, and their one
     model; ApiError (400) naming the first line refused."""
     try:
